@@ -22,9 +22,10 @@ Shape letters used throughout the project:
 """
 import argparse
 import json
+import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import tiktoken
@@ -331,6 +332,185 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
         raise ValueError(f"{path}: vocab.json has no {ENDOFTEXT}")
     return tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=GPT2_PATTERN,
                              mergeable_ranks=ranks, special_tokens={ENDOFTEXT: vocab[ENDOFTEXT]})
+
+
+# -----------------------------------------------------------------------------
+# cross-layer transcoder
+#
+# Ameisen et al. 2025 ("Circuit Tracing"), sec. 2.1: features of layer l read mlp_in[l] and write to
+# the MLP outputs of every layer l' >= l:
+#     acts[l]        = σ(mlp_in[l] @ W_enc[l] + b_enc[l])                         (B, F)
+#     mlp_out_hat[l'] = Σ_{l <= l'} acts[l] @ W_dec[l][:, l' - l] + b_dec[l']    (B, d)
+# Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
+
+
+@dataclass
+class CLTConfig:
+    n_layers: int = 4  # L: the model's layers; one encoder each
+    d_model: int = 128  # d: the model's width
+    n_features: int = 1024  # F: features per layer (all ranks together)
+    activation: str = "jumprelu"  # jumprelu | topk | batchtopk | relu
+    k: int = 16  # topk/batchtopk: active features per token and layer
+    threshold_init: float = 0.03  # jumprelu: initial threshold θ (Anthropic's CLT recipe)
+    bandwidth: float = 1.0  # jumprelu: width ε of the straight-through rectangle kernel
+    model: str = ""  # the GPT this CLT was trained on (a path or hub id), for checks
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if min(self.n_layers, self.d_model, self.n_features) <= 0:
+            raise ValueError(f"n_layers, d_model, n_features must be positive, got {self}")
+        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
+            raise ValueError(f"k must be in 1..n_features={self.n_features}, got {self.k}")
+
+
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """a = z · H(z − θ), with the straight-through estimator of Rajamanoharan et al. 2024 (eq. 11).
+
+    forward:  exact.  backward:  ∂a/∂z = H(z − θ),  ∂a/∂θ = −(θ/ε) · K((z − θ)/ε)
+    with the rectangle kernel K(u) = 1{|u| < 1/2}: θ gets a gradient only from pre-activations
+    within ε/2 of it, which is what lets the threshold learn although H has zero derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):  # z (..., F), theta broadcastable to z
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        grad_z = grad * (z > theta)
+        kernel = ((z - theta).abs() < ctx.eps / 2).to(grad.dtype)
+        grad_theta = grad * (-(theta / ctx.eps) * kernel)
+        grad_theta = grad_theta.sum_to_size(theta.shape)  # sum over the batch dims θ was broadcast over
+        return grad_z, grad_theta, None
+
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, config: CLTConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        L, d, F_ = config.n_layers, config.d_model, config.n_features
+        # init as in Ameisen et al. 2025 (methods, "Training"): uniform encoders of scale 1/sqrt(F),
+        # decoders of scale 1/sqrt(L·d), zero biases. A seeded generator of the full shape makes the
+        # model independent of how its features are later split across ranks.
+        g = torch.Generator().manual_seed(seed)
+        uniform = lambda shape, bound: (torch.rand(shape, generator=g) * 2 - 1) * bound
+        self.W_enc = nn.Parameter(uniform((L, d, F_), F_ ** -0.5))  # (L, d, F)
+        self.b_enc = nn.Parameter(torch.zeros(L, F_))  # (L, F)
+        self.log_threshold = nn.Parameter(torch.full((L, F_), math.log(config.threshold_init)))  # (L, F)
+        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, L - l, d), (L * d) ** -0.5)) for l in range(L)])
+        self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d)
+        # per-layer scalars so that E||x|| = sqrt(d) during training (folded into the weights on export)
+        self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
+        self.register_buffer("output_scale", torch.ones(L))  # multiplies mlp_out[l] (the target)
+
+    @property
+    def threshold(self):  # (L, F) the JumpReLU threshold θ = exp(log θ), positive by construction
+        return self.log_threshold.exp()
+
+    def pre_acts(self, mlp_in):
+        """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F)."""
+        x = mlp_in * self.input_scale[:, None]
+        return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
+
+    def activate(self, pre):
+        """pre-activations (B, L, F) -> sparse feature activations (B, L, F)."""
+        c = self.config
+        if c.activation == "relu":
+            return F.relu(pre)
+        if c.activation == "jumprelu" or (c.activation == "batchtopk" and not self.training):
+            # batchtopk at inference: its learned per-layer threshold acts as a JumpReLU (Bussmann et al. 2024)
+            return JumpReLUFunction.apply(pre, self.threshold, c.bandwidth)
+        if c.activation == "topk":  # the k largest per token and layer (Gao et al. 2024)
+            vals, idx = F.relu(pre).topk(c.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, vals)
+        B, L, F_ = pre.shape  # batchtopk: the B·k largest per layer over the whole batch
+        flat = F.relu(pre).transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
+        vals, idx = flat.topk(B * c.k, dim=-1)
+        acts = torch.zeros_like(flat).scatter(-1, idx, vals)
+        return acts.view(L, B, F_).transpose(0, 1)  # (B, L, F)
+
+    def encode(self, mlp_in):
+        """mlp_in (B, L, d) -> acts (B, L, F)."""
+        return self.activate(self.pre_acts(mlp_in))
+
+    def decode(self, acts):
+        """acts (B, L, F) -> mlp_out_hat (B, L, d), in raw (unnormalized) units. Dense: cost ∝ F."""
+        B, L, _ = acts.shape
+        d = self.config.d_model
+        writes = [(acts[:, l] @ self.W_dec[l].flatten(1)).view(B, L - l, d) for l in range(L)]  # (B, L-l, d)
+        out = [sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)]
+        return (torch.stack(out, dim=1) + self.b_dec) / self.output_scale[:, None]  # (B, L, d)
+
+    def decode_sparse(self, acts):
+        """The same as decode, gathering only active features' decoder rows: cost ∝ L0, not F."""
+        B, L, _ = acts.shape
+        out = self.b_dec.expand(B, L, self.config.d_model).clone()  # (B, L, d)
+        for l in range(L):
+            b, f = acts[:, l].nonzero(as_tuple=True)  # the active (token, feature) pairs of layer l
+            rows = self.W_dec[l][f] * acts[b, l, f][:, None, None]  # (nnz, L-l, d)
+            out[:, l:].index_add_(0, b, rows)
+        return out / self.output_scale[:, None]
+
+    def forward(self, mlp_in):
+        """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d))."""
+        acts = self.encode(mlp_in)
+        return acts, self.decode(acts)
+
+    # -------------------------------------------------------------------------
+    # normalization folding, saving and loading (circuit-tracer's CLT layout)
+
+    @torch.no_grad()
+    def fold_normalization(self):
+        """Fold input/output scales into the weights so the CLT works on raw activations.
+
+        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec) / s_out  per target layer.
+        Pre-activations are unchanged, so thresholds and activations are too.
+        """
+        self.W_enc.mul_(self.input_scale[:, None, None])
+        for l, W in enumerate(self.W_dec):
+            W.div_(self.output_scale[l:][None, :, None])
+        self.b_dec.div_(self.output_scale[:, None])
+        self.input_scale.fill_(1.0)
+        self.output_scale.fill_(1.0)
+
+    def save_pretrained(self, path):
+        """config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, threshold_{l}, b_dec_{l})
+        + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d)). Normalization is folded in first."""
+        import copy
+        clt = copy.deepcopy(self).cpu()
+        clt.fold_normalization()
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        for l in range(self.config.n_layers):
+            enc = {f"W_enc_{l}": clt.W_enc[l].t(), f"b_enc_{l}": clt.b_enc[l],
+                   f"threshold_{l}": clt.threshold[l], f"b_dec_{l}": clt.b_dec[l]}
+            save_file({k: v.detach().contiguous() for k, v in enc.items()}, os.path.join(path, f"W_enc_{l}.safetensors"))
+            save_file({f"W_dec_{l}": clt.W_dec[l].detach().contiguous()}, os.path.join(path, f"W_dec_{l}.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: not a CLT saved by save_pretrained")
+        with open(os.path.join(path, "config.json")) as f:
+            config = CLTConfig(**json.load(f))
+        clt = cls(config)
+        with torch.no_grad():
+            for l in range(config.n_layers):
+                enc = load_file(os.path.join(path, f"W_enc_{l}.safetensors"))
+                clt.W_enc[l].copy_(enc[f"W_enc_{l}"].t())
+                clt.b_enc[l].copy_(enc[f"b_enc_{l}"])
+                clt.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
+                clt.b_dec[l].copy_(enc[f"b_dec_{l}"])
+                clt.W_dec[l].copy_(load_file(os.path.join(path, f"W_dec_{l}.safetensors"))[f"W_dec_{l}"])
+        return clt.eval()
 
 
 # -----------------------------------------------------------------------------
