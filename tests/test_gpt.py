@@ -1,0 +1,155 @@
+"""clt.GPT against transformers' GPT-2 (the reference), hub-layout loading, the tokenizer, bad input."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import clt
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random transformers GPT-2 saved as transformers writes it (`transformer.` key prefix)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=300,
+                                     bos_token_id=299, eos_token_id=299)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+def test_logits_and_acts_match_transformers(hf_dir):
+    path, ref = hf_dir
+    model = clt.GPT.from_pretrained(path)
+    mlp_in, mlp_out = [], []
+    hooks = [b.ln_2.register_forward_hook(lambda m, i, o: mlp_in.append(o)) for b in ref.transformer.h]
+    hooks += [b.mlp.register_forward_hook(lambda m, i, o: mlp_out.append(o)) for b in ref.transformer.h]
+    idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_logits = ref(idx).logits
+        logits, acts = model.run_with_acts(idx)
+    for h in hooks:
+        h.remove()
+    assert (logits - ref_logits).abs().max() <= 1e-5
+    assert (acts.mlp_in - torch.stack(mlp_in, dim=2)).abs().max() <= 1e-5
+    assert (acts.mlp_out - torch.stack(mlp_out, dim=2)).abs().max() <= 1e-5
+    assert acts.mlp_in.shape == (4, 32, 2, 64)
+
+
+def test_hub_style_keys_load_identically(hf_dir, tmp_path):
+    path, _ = hf_dir
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    hub_sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
+    hub_sd["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)  # the hub's gpt2 repo also stores the mask buffers
+    save_file(hub_sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    a, b = clt.GPT.from_pretrained(path), clt.GPT.from_pretrained(tmp_path)
+    idx = torch.randint(0, 300, (2, 16))
+    assert torch.equal(a(idx), b(idx))
+
+
+def test_save_pretrained_is_the_hub_layout(hf_dir, tmp_path):
+    model = clt.GPT.from_pretrained(hf_dir[0])
+    model.save_pretrained(tmp_path)
+    assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "model.safetensors"))
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert (ref(idx).logits - model(idx)).abs().max() <= 1e-5
+
+
+def test_splice_and_freeze(hf_dir):
+    model = clt.GPT.from_pretrained(hf_dir[0])
+    idx = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        logits, acts = model.run_with_acts(idx)
+        assert torch.equal(model(idx, mlp_out=acts.mlp_out), logits)
+        assert (model(idx, mlp_out=torch.zeros_like(acts.mlp_out)) - logits).abs().max() > 1e-2
+        assert torch.equal(model(idx, frozen=acts.frozen), logits)
+    # with everything frozen and the MLP outputs given, the logits are linear in the embeddings
+    x = model.embed(idx)
+    f = lambda r: model(idx, mlp_out=acts.mlp_out, frozen=acts.frozen, resid=r)
+    dx = torch.randn_like(x)
+    assert (f(x + dx) - f(x) - (f(x + 2 * dx) - f(x + dx))).abs().max() < 1e-3
+
+
+def write_small_bpe(path, merges):
+    """vocab.json + merges.txt in the gpt2 repo's format: 256 bytes, then one id per merge, then eot."""
+    chars = list(clt.bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[clt.ENDOFTEXT] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return vocab
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "c"), ("a", "p"), ("Ġc", "ap"), ("i", "t"), ("Ġcap", "it")]
+
+
+def test_tokenizer_round_trip_and_reference(tmp_path, monkeypatch):
+    vocab = write_small_bpe(tmp_path, MERGES)
+    enc = clt.load_tokenizer(tmp_path)
+    text = "the capital of the world is ünïcödé 東京 🙂\n\n  tabs\tand spaces  "
+    assert enc.decode(enc.encode(text)) == text
+    assert enc.encode(" the capit") == [vocab["Ġthe"], vocab["Ġcapit"]]
+    eot = enc.encode(clt.ENDOFTEXT, allowed_special="all")
+    assert eot == [vocab[clt.ENDOFTEXT]] and enc.eot_token == vocab[clt.ENDOFTEXT]
+    # tiktoken's own gpt2 loader builds the same ranks from the same two files
+    import tiktoken.load
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(tmp_path / "merges.txt"), str(tmp_path / "vocab.json"))
+    assert ranks == enc._mergeable_ranks
+    # and transformers' slow GPT-2 tokenizer (the reference BPE) splits text the same way
+    ref = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    sample = "the cat, the capital; capitals of the theme."
+    assert ref.encode(sample) == enc.encode(sample)
+
+
+def test_tokenizer_refuses_out_of_order_vocab(tmp_path):
+    write_small_bpe(tmp_path, MERGES)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    vocab["Ġt"], vocab["he"] = vocab["he"], vocab["Ġt"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match="merges.txt order"):
+        clt.load_tokenizer(tmp_path)
+
+
+def test_bad_input(hf_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        clt.GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((hf_dir[0] / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match="never unpickles"):
+        clt.GPT.from_pretrained(tmp_path)
+    sd = load_file(hf_dir[0] / "model.safetensors")
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:16]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"wpe.weight: \(16, 64\) != \(32, 64\)"):
+        clt.GPT.from_pretrained(tmp_path)
+    model = clt.GPT.from_pretrained(hf_dir[0])
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.tensor([[1, 300]]))
+    with pytest.raises(ValueError, match="n_ctx=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        clt.GPT.from_pretrained("./no/such/dir")
+
+
+def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(hf_dir[0])
+
+    monkeypatch.setattr(clt, "snapshot_download", fake_snapshot_download)
+    model = clt.GPT.from_pretrained("gpt2")
+    assert calls == [("gpt2", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])]
+    assert model.config.n_layer == 2
