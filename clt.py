@@ -342,6 +342,71 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
 #     acts[l]        = σ(mlp_in[l] @ W_enc[l] + b_enc[l])                         (B, F)
 #     mlp_out_hat[l'] = Σ_{l <= l'} acts[l] @ W_dec[l][:, l' - l] + b_dec[l']    (B, d)
 # Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
+#
+# Tensor parallelism (Megatron-style feature sharding, as in picotron's column/row-parallel pair):
+# TP rank r of T holds features [r·F/T, (r+1)·F/T) of every layer (W_enc columns, b_enc, thresholds,
+# W_dec rows). It encodes locally, decodes a partial reconstruction, and one all-reduce over the TP
+# group completes it; b_dec is replicated and added once, after the sum. TopK and BatchTopK select
+# globally: local top-k, all-gather of the candidate values, one global choice. With no group (or a
+# group of one) every collective below returns at once, so one process runs exactly the same math.
+
+import torch.distributed as dist  # noqa: E402 (kept in this section: the GPT part above does not need it)
+
+
+def group_size(group):
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def group_rank(group):
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+class AllReduceSum(torch.autograd.Function):
+    """forward: the sum of x over the ranks of `group`.  backward: identity.
+
+    The loss after this sum is computed identically on every TP rank, so each rank already holds
+    the whole gradient of the sum, which is also the gradient of its own addend. All-reducing it in
+    the backward as well would multiply every gradient by T (Megatron's "g" operator).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def tp_sum(x, group):
+    """Sum the TP ranks' partial tensors, identity backward (see AllReduceSum). One rank: x itself."""
+    return x if group_size(group) == 1 else AllReduceSum.apply(x, group)
+
+
+def all_gather_last(x, group):
+    """forward only (no gradient): concatenate x (..., c) over the ranks of `group` -> (..., T·c)."""
+    if group_size(group) == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def global_topk(vals, k, group):
+    """vals (..., c): this rank's candidates. Which of them are among the k largest of all ranks'?
+
+    Returns (keep (..., c) bool, kth (...) the k-th largest value over all ranks). Selecting by the
+    index into the gathered candidates (not by value >= kth) keeps exactly k winners under ties.
+    """
+    c = vals.size(-1)
+    top = all_gather_last(vals.detach(), group).topk(k, dim=-1)  # (..., k) over T·c candidates
+    local = top.indices - group_rank(group) * c
+    mine = (local >= 0) & (local < c)
+    keep = torch.zeros(*vals.shape[:-1], c + 1, dtype=torch.bool, device=vals.device)
+    keep.scatter_(-1, torch.where(mine, local, c), True)  # other ranks' winners land in column c
+    return keep[..., :c], top.values[..., -1]
 
 
 @dataclass
@@ -362,6 +427,8 @@ class CLTConfig:
             raise ValueError(f"n_layers, d_model, n_features must be positive, got {self}")
         if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
             raise ValueError(f"k must be in 1..n_features={self.n_features}, got {self.k}")
+        if self.threshold_init <= 0 or self.bandwidth <= 0:
+            raise ValueError(f"threshold_init and bandwidth must be positive, got {self}")
 
 
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
@@ -392,32 +459,59 @@ class JumpReLUFunction(torch.autograd.Function):
 
 
 class CrossLayerTranscoder(nn.Module):
-    def __init__(self, config: CLTConfig, seed: int = 0):
+    """A CLT, or this TP rank's F/T features of one. The defaults (tp_size=1) give the whole CLT."""
+
+    def __init__(self, config: CLTConfig, seed: int = 0, tp_rank: int = 0, tp_size: int = 1, tp_group=None):
         super().__init__()
-        self.config = config
         L, d, F_ = config.n_layers, config.d_model, config.n_features
+        if F_ % tp_size or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"n_features={F_} must split evenly over tp_size={tp_size} (tp_rank={tp_rank})")
+        self.config, self.tp_rank, self.tp_size, self.tp_group = config, tp_rank, tp_size, tp_group
+        self.F_local = F_ // tp_size
+        mine = slice(tp_rank * self.F_local, (tp_rank + 1) * self.F_local)  # this rank's features
         # init as in Ameisen et al. 2025 (methods, "Training"): uniform encoders of scale 1/sqrt(F),
-        # decoders of scale 1/sqrt(L·d), zero biases. A seeded generator of the full shape makes the
-        # model independent of how its features are later split across ranks.
+        # decoders of scale 1/sqrt(L·d), zero biases. The full tensors come from one seeded generator
+        # and each rank keeps its slice (picotron's reset_parameters), so the model does not depend on T.
         g = torch.Generator().manual_seed(seed)
         uniform = lambda shape, bound: (torch.rand(shape, generator=g) * 2 - 1) * bound
-        self.W_enc = nn.Parameter(uniform((L, d, F_), F_ ** -0.5))  # (L, d, F)
-        self.b_enc = nn.Parameter(torch.zeros(L, F_))  # (L, F)
-        self.log_threshold = nn.Parameter(torch.full((L, F_), math.log(config.threshold_init)))  # (L, F)
-        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, L - l, d), (L * d) ** -0.5)) for l in range(L)])
-        self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d)
+        self.W_enc = nn.Parameter(uniform((L, d, F_), F_ ** -0.5)[:, :, mine].contiguous())  # (L, d, F/T)
+        self.b_enc = nn.Parameter(torch.zeros(L, self.F_local))  # (L, F/T)
+        # JumpReLU thresholds are learned in log space so they stay positive (Anthropic's recipe);
+        # BatchTopK writes its inference threshold here too (see update_batchtopk_threshold)
+        self.log_threshold = nn.Parameter(torch.full((L, self.F_local), math.log(config.threshold_init)))
+        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, L - l, d), (L * d) ** -0.5)[mine].contiguous())
+                                       for l in range(L)])  # W_dec[l]: (F/T, L-l, d)
+        self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d), replicated on every TP rank
         # per-layer scalars so that E||x|| = sqrt(d) during training (folded into the weights on export)
         self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
         self.register_buffer("output_scale", torch.ones(L))  # multiplies mlp_out[l] (the target)
+        self.batch_threshold = None  # batchtopk, training: (L,) the last batch's global B·k-th value
 
     @property
     def threshold(self):  # (L, F) the JumpReLU threshold θ = exp(log θ), positive by construction
         return self.log_threshold.exp()
 
     def pre_acts(self, mlp_in):
-        """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F)."""
+        """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F) (this rank's F/T)."""
         x = mlp_in * self.input_scale[:, None]
         return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
+
+    def topk(self, pre, k):
+        """The k largest of relu(pre) per token and layer over all TP ranks' features (Gao et al. 2024)."""
+        vals, idx = F.relu(pre).topk(min(k, self.F_local), dim=-1)  # (B, L, c) local candidates
+        keep, _ = global_topk(vals, k, self.tp_group)
+        return torch.zeros_like(pre).scatter(-1, idx, vals * keep)  # (B, L, F)
+
+    def batchtopk(self, pre):
+        """The B·k largest of relu(pre) per layer over the batch and all TP ranks (Bussmann et al. 2024)."""
+        B, L, F_ = pre.shape
+        k = B * self.config.k
+        flat = F.relu(pre).transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
+        vals, idx = flat.topk(min(k, B * F_), dim=-1)  # (L, c)
+        keep, kth = global_topk(vals, k, self.tp_group)
+        self.batch_threshold = kth.detach().float()  # (L,) what a JumpReLU would need to fire alike
+        acts = torch.zeros_like(flat).scatter(-1, idx, vals * keep)
+        return acts.view(L, B, F_).transpose(0, 1)  # (B, L, F)
 
     def activate(self, pre):
         """pre-activations (B, L, F) -> sparse feature activations (B, L, F)."""
@@ -426,45 +520,57 @@ class CrossLayerTranscoder(nn.Module):
             return F.relu(pre)
         if c.activation == "jumprelu" or (c.activation == "batchtopk" and not self.training):
             # batchtopk at inference: its learned per-layer threshold acts as a JumpReLU (Bussmann et al. 2024)
-            return JumpReLUFunction.apply(pre, self.threshold, c.bandwidth)
-        if c.activation == "topk":  # the k largest per token and layer (Gao et al. 2024)
-            vals, idx = F.relu(pre).topk(c.k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, idx, vals)
-        B, L, F_ = pre.shape  # batchtopk: the B·k largest per layer over the whole batch
-        flat = F.relu(pre).transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
-        vals, idx = flat.topk(B * c.k, dim=-1)
-        acts = torch.zeros_like(flat).scatter(-1, idx, vals)
-        return acts.view(L, B, F_).transpose(0, 1)  # (B, L, F)
+            return JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), c.bandwidth)
+        return self.topk(pre, c.k) if c.activation == "topk" else self.batchtopk(pre)
+
+    @torch.no_grad()
+    def update_batchtopk_threshold(self, threshold, step, momentum=0.99):
+        """BatchTopK -> JumpReLU (Bussmann et al. 2024): θ is a running mean of the batches' B·k-th
+        values, threshold (L,). The first steps average plainly (momentum t/(t+1)), then an EMA."""
+        m = min(momentum, step / (step + 1))
+        theta = m * self.threshold + (1 - m) * threshold.clamp_min(1e-6)[:, None]  # (L, F)
+        self.log_threshold.copy_(theta.log())
 
     def encode(self, mlp_in):
         """mlp_in (B, L, d) -> acts (B, L, F)."""
         return self.activate(self.pre_acts(mlp_in))
 
-    def decode(self, acts):
-        """acts (B, L, F) -> mlp_out_hat (B, L, d), in raw (unnormalized) units. Dense: cost ∝ F."""
+    def decode_partial(self, acts):
+        """acts (B, L, F/T) -> this rank's share of the normalized reconstruction, no bias (B, L, d)."""
         B, L, _ = acts.shape
         d = self.config.d_model
         writes = [(acts[:, l] @ self.W_dec[l].flatten(1)).view(B, L - l, d) for l in range(L)]  # (B, L-l, d)
-        out = [sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)]
-        return (torch.stack(out, dim=1) + self.b_dec) / self.output_scale[:, None]  # (B, L, d)
+        return torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
+
+    def decode_normalized(self, acts):
+        """acts (B, L, F) -> mlp_out_hat (B, L, d) in the normalized units the CLT is trained in."""
+        return tp_sum(self.decode_partial(acts), self.tp_group) + self.b_dec
+
+    def decode(self, acts):
+        """acts (B, L, F) -> mlp_out_hat (B, L, d), in raw (unnormalized) units. Dense: cost ∝ F."""
+        return self.decode_normalized(acts) / self.output_scale[:, None]
 
     def decode_sparse(self, acts):
         """The same as decode, gathering only active features' decoder rows: cost ∝ L0, not F."""
         B, L, _ = acts.shape
-        out = self.b_dec.expand(B, L, self.config.d_model).clone()  # (B, L, d)
+        out = acts.new_zeros(B, L, self.config.d_model)  # (B, L, d)
         for l in range(L):
             b, f = acts[:, l].nonzero(as_tuple=True)  # the active (token, feature) pairs of layer l
             rows = self.W_dec[l][f] * acts[b, l, f][:, None, None]  # (nnz, L-l, d)
             out[:, l:].index_add_(0, b, rows)
-        return out / self.output_scale[:, None]
+        return (tp_sum(out, self.tp_group) + self.b_dec) / self.output_scale[:, None]
 
     def forward(self, mlp_in):
         """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d))."""
         acts = self.encode(mlp_in)
         return acts, self.decode(acts)
 
+    def decoder_norms(self):
+        """(L, F/T) each feature's decoder norm over every layer it writes to (Anthropic's ||W_dec||)."""
+        return torch.stack([W.flatten(1).norm(dim=1) for W in self.W_dec])
+
     # -------------------------------------------------------------------------
-    # normalization folding, saving and loading (circuit-tracer's CLT layout)
+    # normalization folding, consolidation over TP, saving and loading (circuit-tracer's CLT layout)
 
     @torch.no_grad()
     def fold_normalization(self):
@@ -480,9 +586,25 @@ class CrossLayerTranscoder(nn.Module):
         self.input_scale.fill_(1.0)
         self.output_scale.fill_(1.0)
 
+    @torch.no_grad()
+    def consolidated(self):
+        """The whole CLT (tp_size 1, on the CPU) from every TP rank's shard; all TP ranks must call it."""
+        full = CrossLayerTranscoder(self.config)
+        gather = lambda t, dim: all_gather_last(t.detach().transpose(dim, -1).contiguous(), self.tp_group).transpose(dim, -1)
+        full.W_enc.copy_(gather(self.W_enc, -1))
+        full.b_enc.copy_(gather(self.b_enc, -1))
+        full.log_threshold.copy_(gather(self.log_threshold, -1))
+        for l, W in enumerate(self.W_dec):
+            full.W_dec[l].copy_(gather(W, 0))
+        for name in ("b_dec", "input_scale", "output_scale"):
+            getattr(full, name).copy_(getattr(self, name))
+        return full.train(self.training)
+
     def save_pretrained(self, path):
         """config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, threshold_{l}, b_dec_{l})
         + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d)). Normalization is folded in first."""
+        if self.tp_size > 1:
+            raise ValueError(f"this is TP shard {self.tp_rank} of {self.tp_size}: save consolidated() instead")
         import copy
         clt = copy.deepcopy(self).cpu()
         clt.fold_normalization()
@@ -496,20 +618,22 @@ class CrossLayerTranscoder(nn.Module):
             save_file({f"W_dec_{l}": clt.W_dec[l].detach().contiguous()}, os.path.join(path, f"W_dec_{l}.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, tp_rank=0, tp_size=1, tp_group=None):
+        """Load a CLT saved by save_pretrained; with tp_size > 1, only this rank's slice of features."""
         if not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path} has no config.json: not a CLT saved by save_pretrained")
         with open(os.path.join(path, "config.json")) as f:
             config = CLTConfig(**json.load(f))
-        clt = cls(config)
+        clt = cls(config, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
+        mine = slice(tp_rank * clt.F_local, (tp_rank + 1) * clt.F_local)
         with torch.no_grad():
             for l in range(config.n_layers):
                 enc = load_file(os.path.join(path, f"W_enc_{l}.safetensors"))
-                clt.W_enc[l].copy_(enc[f"W_enc_{l}"].t())
-                clt.b_enc[l].copy_(enc[f"b_enc_{l}"])
-                clt.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
+                clt.W_enc[l].copy_(enc[f"W_enc_{l}"][mine].t())
+                clt.b_enc[l].copy_(enc[f"b_enc_{l}"][mine])
+                clt.log_threshold[l].copy_(enc[f"threshold_{l}"][mine].log())
                 clt.b_dec[l].copy_(enc[f"b_dec_{l}"])
-                clt.W_dec[l].copy_(load_file(os.path.join(path, f"W_dec_{l}.safetensors"))[f"W_dec_{l}"])
+                clt.W_dec[l].copy_(load_file(os.path.join(path, f"W_dec_{l}.safetensors"))[f"W_dec_{l}"][mine])
         return clt.eval()
 
 
