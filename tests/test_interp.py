@@ -1,0 +1,297 @@
+"""Tests of interp.py: streamed statistics against brute force, the scores on constructed features,
+logit effects against a direct computation, bad input, and the outputs of a run on a real small cache."""
+import json
+import os
+import random
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import cache
+import interp
+from clt import ENDOFTEXT, GPT, CLTConfig, CrossLayerTranscoder, GPTConfig, bytes_to_unicode, layer_norm, load_tokenizer
+
+L, D, F, CTX = 2, 32, 16, 16
+LETTERS = list(range(64, 84))  # the token ids of "a".."t": GPT-2's byte order puts "!" (33) at 0
+
+
+def byte_model(path, seed=0):
+    """A random 2-layer GPT with GPT-2's byte-level tokenizer and no merges (V = 257), saved in the hub layout."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=257))
+    model.save_pretrained(path)
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab[ENDOFTEXT] = 256
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return model.eval(), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    return byte_model(str(tmp_path_factory.mktemp("model")))
+
+
+class FakeCache:
+    """The part of cache.ActivationCache that interp reads, over in-memory rows."""
+
+    def __init__(self, mlp_in, tok, doc, pos, n_train):
+        self.rows, self.n_train, self.N = (mlp_in, tok, doc, pos), n_train, len(tok)
+
+    def split_range(self, split):
+        return {"train": (0, self.n_train), "heldout": (self.n_train, self.N), "all": (0, self.N)}[split]
+
+    def iter_chunks(self, chunk_size, split="all"):
+        lo, hi = self.split_range(split)
+        for a in range(lo, hi, chunk_size):
+            mlp_in, tok, doc, pos = (x[a:min(a + chunk_size, hi)] for x in self.rows)
+            yield mlp_in, mlp_in, tok, doc, pos
+
+
+def packed_rows(docs):
+    """Token lists -> (tok, doc, pos) rows as cache.py packs them: contexts of CTX, BOS dropped."""
+    stream = [(t, i) for i, d in enumerate(docs) for t in d]
+    n = len(stream) // (CTX - 1) * (CTX - 1)
+    tok, doc = (torch.tensor([s[j] for s in stream[:n]]) for j in (0, 1))
+    pos = torch.arange(n) % (CTX - 1) + 1
+    return tok, doc, pos
+
+
+def synthetic(n_docs=300, seed=0):
+    """Rows whose mlp_in is the token's one-hot (dims 0..19) plus Gaussian noise (dims 20..31)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [[LETTERS[i] for i in torch.randint(len(LETTERS), (int(torch.randint(5, 40, (1,), generator=g)),),
+                                               generator=g)] for _ in range(n_docs)]
+    tok, doc, pos = packed_rows(docs)
+    mlp_in = torch.zeros(len(tok), L, D)
+    mlp_in[:, :, :len(LETTERS)] = torch.nn.functional.one_hot(tok - LETTERS[0], len(LETTERS))[:, None].float()
+    mlp_in[:, :, len(LETTERS):] = torch.randn(len(tok), L, D - len(LETTERS), generator=g)
+    return FakeCache(mlp_in, tok, doc, pos, n_train=len(tok) * 3 // 4)
+
+
+def constructed_clt():
+    """A random CLT whose layer-0 feature 0 fires exactly on token "d" and feature 1 on a noise dim."""
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=0)
+    with torch.no_grad():
+        clt.W_enc[0, :, :2] = 0
+        clt.W_enc[0, 3, 0] = 1.0  # "d"  # one-hot input: act = 1 on "d", 0 elsewhere
+        clt.W_enc[0, len(LETTERS), 1] = 1.0  # pure noise: fires on ~20% of tokens, whatever the token
+        clt.log_threshold[0, :2] = torch.tensor([0.5, 0.8]).log()
+    return clt.eval()
+
+
+def small_cfg(**kw):
+    return interp.InterpConfig(chunk_size=128, top_k=5, n_sampled=6, min_count=3, **kw)
+
+
+# -----------------------------------------------------------------------------
+# streamed statistics == brute force
+
+
+def window(c, r, l, f, acts, before, after):
+    """Brute force: tokens and activations around row r, inside r's document."""
+    mlp_in, tok, doc, pos = c.rows
+    rows = [j for j in range(r - before, r + after + 1) if 0 <= j < c.n_train and doc[j] == doc[r]]
+    return [tok[j].item() for j in rows], [acts[j, l, f].item() for j in rows]
+
+
+def test_statistics_match_brute_force(gpt):
+    model, enc = gpt
+    c, clt, cfg = synthetic(), constructed_clt(), small_cfg()
+    stats, *_ = interp.analyze(model, enc, clt, c, cfg)
+    mlp_in, tok, doc, pos = (x[:c.n_train] for x in c.rows)
+    acts = clt.encode(mlp_in).detach()  # (N, L, F): affordable here, never in interp
+    fire = acts > 0
+    assert stats.n_rows == c.n_train
+    torch.testing.assert_close(stats.n_fires, fire.sum(0))
+    torch.testing.assert_close(stats.sum_act, acts.double().sum(0))
+    assert (stats.hist.sum(-1) == stats.n_fires).all()
+    grams_k, grams_c = stats.grams.merge()
+    found = dict(zip(grams_k.tolist(), grams_c.tolist()))
+    for l in range(L):
+        for f in range(F):
+            col = acts[:, l, f]
+            vals, rows = col.sort(descending=True)
+            n = min(cfg.top_k, int(fire[:, l, f].sum()))
+            top = stats.top[l]
+            got = top["act"][f][top["key"][f] >= 0]
+            torch.testing.assert_close(got, vals[:n])
+            if n and vals[:n + 1].unique().numel() == min(n + 1, len(vals)):  # no ties: the rows are determined
+                for i in range(n):
+                    t, a = window(c, rows[i].item(), l, f, acts, cfg.before, cfg.after)
+                    win = top["win_tok"][f, i]
+                    assert win[win >= 0].tolist() == t
+                    torch.testing.assert_close(top["win_act"][f, i][win >= 0], torch.tensor(a))
+            s = stats.sampled[l]  # the reservoir: distinct firings, each with its true activation
+            ok = s["key"][f] >= 0
+            assert int(ok.sum()) == min(cfg.n_sampled, int(fire[:, l, f].sum()))
+            for a_, d_, p_ in zip(s["act"][f][ok], s["doc"][f][ok], s["pos"][f][ok]):
+                r = ((doc == d_) & (pos == p_)).nonzero().flatten()
+                assert a_.item() > 0 and any(acts[j, l, f].item() == a_.item() for j in r)
+            # token and bigram counts where the feature fires, against Counter
+            m, G, base = l * F + f, stats.gram_space, stats.base
+            r = fire[:, l, f].nonzero().flatten()
+            uni = Counter(tok[r].tolist())
+            bi = Counter((tok[j - 1].item(), tok[j].item()) for j in r.tolist()
+                         if j > 0 and doc[j - 1] == doc[j] and pos[j - 1] == pos[j] - 1)
+            for t, k in uni.items():
+                assert found[m * G + t + 1] == k
+            for (a, b), k in bi.items():
+                assert found[m * G + (b + 1) + (a + 1) * base] == k
+            assert sum(v for k, v in found.items() if k // G == m) == sum(uni.values()) + sum(bi.values())
+
+
+def test_quantile_examples_and_histogram(gpt):
+    model, enc = gpt
+    c, clt, cfg = synthetic(), constructed_clt(), small_cfg()
+    stats, *_ = interp.analyze(model, enc, clt, c, cfg)
+    ex = interp.examples(stats.sampled[0], 1, enc, cfg.before, n=3)
+    assert len(ex) == 3 and [e["act"] for e in ex] == sorted((e["act"] for e in ex), reverse=True)
+    assert all(e["tokens"][e["center"]] and e["acts"][e["center"]] == e["act"] for e in ex)
+    h, qs = interp.hist_summary(stats.hist[0, 0], cfg)  # feature 0: every activation is exactly 1.0
+    assert sum(h["counts"]) == stats.n_fires[0, 0] and h["edges"][0] <= 1.0 < h["edges"][-1]
+    assert all(0.84 < v < 1.19 for v in qs.values())  # the bin of 1.0, to a quarter octave
+
+
+# -----------------------------------------------------------------------------
+# scores on constructed features
+
+
+class TokenLabels:
+    """A stand-in for ConceptLabels: one concept per letter, true on that letter's tokens."""
+
+    def __init__(self, c):
+        self.tok, self.names = c.rows[1][c.n_train:], [chr(t + 33) for t in LETTERS]
+
+    def rows(self, lo, hi, device):
+        t = self.tok[lo:hi] - LETTERS[0]
+        lab = torch.sparse_coo_tensor(torch.stack([t, torch.arange(hi - lo)]), torch.ones(hi - lo),
+                                      (len(self.names), hi - lo), check_invariants=False)
+        return lab, torch.ones(hi - lo, dtype=torch.bool)
+
+
+def test_detection_one_token_vs_random(gpt):
+    model, enc = gpt
+    c, clt, cfg = synthetic(n_docs=600), constructed_clt(), small_cfg()
+    stats, expl, _, scorer, _ = interp.analyze(model, enc, clt, c, cfg)
+    assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith('fires on "d" | promotes')
+    auroc, det_bacc, fuzz_bacc = scorer.results()
+    assert auroc[0, 0] > 0.99 and det_bacc[0, 0] > 0.99 and fuzz_bacc[0, 0] > 0.99
+    assert abs(auroc[0, 1] - 0.5) < 0.06 and abs(det_bacc[0, 1] - 0.5) < 0.06
+    assert 0.15 < scorer.n_fires[0, 1] / scorer.n_rows < 0.28  # held-out density of the noise feature
+    # concept scores against known labels: feature 0 is the concept "d" exactly
+    scorer = interp.Scorer(expl, L, F, stats.base, len(LETTERS), cfg)
+    labels, row = TokenLabels(c), 0
+    for p in interp.padded_chunks(clt, c, "heldout", cfg):
+        scorer.update(p, labels.rows(row, row + p.hi - p.lo, "cpu"))
+        row += p.hi - p.lo
+    per_feature, per_concept = interp.best_concepts(scorer, labels, cfg)
+    assert per_feature[0][0] == dict(concept="d", concept_precision=1.0, concept_recall=1.0, concept_f1=1.0)
+    assert per_concept["d"]["f1"] == 1.0 and (per_concept["d"]["layer"], per_concept["d"]["feature"]) == (0, 0)
+    assert per_feature[0][1]["concept_f1"] < 0.3
+
+
+def test_choose_ngrams_unions_nested_grams():
+    base = 10  # keys with digits: gram (a, b) = (b + 1) + (a + 1) * 10
+    grams = [2, 2 + 10 * 4, 5]  # "1", "3 1" (nested in "1"), "4"
+    c, C = [10, 8, 5], [10, 8, 100]
+    assert interp.union_counts([0, 1], grams, c, C, base) == (10, 10)  # "3 1" adds nothing to "1"
+    assert interp.choose_ngrams(torch.tensor(grams).numpy(), torch.tensor(c).numpy(), torch.tensor(C).numpy(),
+                                10, 4, base) == [0]  # "1" alone: F1 = 1
+
+
+# -----------------------------------------------------------------------------
+# logit effects == a direct computation through the model's ln_f and unembedding
+
+
+def test_logit_effects_direct(gpt):
+    model, _ = gpt
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=1)
+    clt.output_scale.copy_(torch.tensor([2.0, 0.5]))  # raw units = normalized / output_scale
+    scale = 0.7
+    for l in range(L):
+        (top_v, top_i), (bot_v, bot_i) = interp.logit_effects(clt, model, scale, l, n=5)
+        x = torch.randn(D)
+        for f in (0, 7):
+            v = sum(clt.W_dec[l][f, j] / clt.output_scale[l + j] for j in range(L - l))  # into the residual
+            s = torch.tensor([scale])
+            with torch.no_grad():
+                eff = (layer_norm(x + v, model.ln_f, s) - layer_norm(x, model.ln_f, s)) @ model.wte.weight.T
+            vals, ids = eff.sort(descending=True)
+            torch.testing.assert_close(top_v[f], vals[:5], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(bot_v[f], vals[-5:].flip(0), atol=1e-5, rtol=1e-4)
+            assert top_i[f].tolist() == ids[:5].tolist() and bot_i[f].tolist() == ids[-5:].flip(0).tolist()
+
+
+def test_no_language_model_client():
+    src = open(interp.__file__).read()
+    for name in ("openai", "anthropic", "litellm", "vllm", "requests", "httpx", "transformers", "delphi"):
+        assert f"import {name}" not in src and f"from {name}" not in src
+    banned = {"openai", "anthropic", "litellm", "httpx", "vllm"}
+    assert not banned & {m.split(".")[0] for m in sys.modules}
+
+
+# -----------------------------------------------------------------------------
+# a real run on a small cache.py cache; bad input
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    byte_model(str(root / "model"))
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", "Tarn", "capital", "of", "is", "dog"]
+    with open(root / "corpus.txt", "w") as f:
+        f.write(ENDOFTEXT.join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(200)))
+    cache.build_cache(cache.CacheConfig(model=str(root / "model"), corpus=str(root / "corpus.txt"), tokens=2048,
+                                        ctx=32, dtype="fp16", out=str(root / "cache"), heldout=0.25,
+                                        shard_tokens=1024, batch_size=8, device="cpu"))
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(root / "model")), seed=0)
+    clt.save_pretrained(str(root / "clt"))
+    return root
+
+
+def test_run_writes_features_and_summary(real):
+    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"),
+                    out=str(real / "interp"), time_read=True)
+    summary = interp.run(cfg)
+    lines = (real / "interp" / "features.jsonl").read_text().splitlines()
+    assert len(lines) == L * F
+    rec = json.loads(lines[F + 3])
+    assert (rec["layer"], rec["feature"]) == (1, 3)
+    for key in ("explanation", "density", "detection_auroc", "detection_bacc", "fuzzing_bacc", "top_examples",
+                "quantile_examples", "hist", "quantiles", "promoted", "suppressed", "input_ngrams", "mean_act"):
+        assert key in rec
+    assert len(rec["promoted"]) == cfg.n_logit and rec["promoted"][0]["logit"] >= rec["promoted"][-1]["logit"]
+    if rec["top_examples"]:
+        ex = rec["top_examples"][0]
+        assert len(ex["tokens"]) == len(ex["acts"]) and ex["acts"][ex["center"]] == ex["act"] == round(rec["max_act"], 4)
+    assert sum(layer["dead"] + layer["live"] for layer in summary["per_layer"]) == L * F
+    assert summary["n_train_tokens"] + summary["n_heldout_tokens"] == 2048 and summary["ratio_to_plain_read"] > 0
+    assert (real / "interp" / "summary.png").stat().st_size > 1000
+
+
+def test_bad_input(real, tmp_path):
+    base = dict(clt=str(real / "clt"), cache=str(real / "cache"), out=str(tmp_path / "o"))
+    byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
+    with pytest.raises(ValueError, match="not by the model given"):
+        interp.load_inputs(small_cfg(model=str(tmp_path / "other"), **base))
+    wrong = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(tmp_path / "other")))
+    wrong.save_pretrained(str(tmp_path / "clt_other"))
+    with pytest.raises(ValueError, match="trained on model"):
+        interp.load_inputs(small_cfg(**dict(base, clt=str(tmp_path / "clt_other"))))
+    model, enc = GPT.from_pretrained(str(real / "model")), load_tokenizer(str(real / "model"))
+    clt = CrossLayerTranscoder.from_pretrained(str(real / "clt"))
+    c = synthetic(n_docs=20)
+    empty = FakeCache(*(x[:0] for x in c.rows), n_train=0)
+    with pytest.raises(ValueError, match="train split is empty"):
+        interp.analyze(model, enc, clt, empty, small_cfg())
+    no_heldout = FakeCache(*c.rows, n_train=c.N)
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        interp.analyze(model, enc, clt, no_heldout, small_cfg())
+    with pytest.raises(ValueError, match="chunk_size"):
+        interp.InterpConfig(chunk_size=4)
