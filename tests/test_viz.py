@@ -1,0 +1,303 @@
+"""viz.py on hand-built inputs in the formats of graph.py, interp.py and train.py: the .dot's nodes,
+edges and ranks, the grid layout, self-contained and well-formed HTML, plots, and (with Chromium)
+screenshots that are not blank."""
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+import viz
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
+
+# -----------------------------------------------------------------------------
+# hand-built inputs
+
+
+def node(node_id, layer, pos, ft, **kw):
+    return dict(node_id=node_id, feature=kw.pop("feature", 0), layer=layer, ctx_idx=pos, feature_type=ft,
+                clerp=kw.pop("clerp", ""), activation=kw.pop("activation", None), **kw)
+
+
+def make_graph():
+    """2 layers, 3 tokens, as graph.py writes it: Cantor-paired "feature", cumulative "influence"."""
+    tokens = ["<|endoftext|>", "The", " capital"]
+    nodes = [node(f"E_{100 + p}_{p}", "E", p, "embedding", feature=p) for p in range(3)]
+    nodes += [node("0_5_1", "0", 1, "cross layer transcoder", feature=20, clerp="the word The", activation=2.0,
+                   influence=0.3, influence_raw=0.5),
+              node("0_7_2", "0", 2, "cross layer transcoder", feature=35, clerp="capital <cities> & co", activation=1.0,
+                   influence=0.6, influence_raw=0.2),
+              node("1_3_2", "1", 2, "cross layer transcoder", feature=13, clerp="says a city", activation=3.0,
+                   influence=0.1, influence_raw=0.9),
+              node("0_-1_2", "0", 2, "mlp reconstruction error", feature=-1, influence=0.7, influence_raw=0.1),
+              node("3_42_2", "3", 2, "logit", feature=42, clerp='Output " Paris" (p=0.700)', is_target_logit=True)]
+    links = [dict(source="E_101_1", target="0_5_1", weight=1.5), dict(source="0_5_1", target="1_3_2", weight=2.0),
+             dict(source="E_102_2", target="1_3_2", weight=-1.0), dict(source="0_-1_2", target="1_3_2", weight=0.5),
+             dict(source="0_7_2", target="1_3_2", weight=-0.25), dict(source="1_3_2", target="3_42_2", weight=4.0)]
+    meta = dict(slug="graph", prompt="<|endoftext|>The capital", prompt_tokens=tokens, node_threshold=0.8,
+                info=dict(replacement_score=0.8, completeness_score=0.9))
+    return dict(metadata=meta, qParams={}, nodes=nodes, links=links)
+
+
+def write_graph(tmp_path):
+    path = tmp_path / "graph" / "graph.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(make_graph()))
+    return path
+
+
+def feature(layer, f, n_fires=10):
+    ex = dict(act=3.0, doc=0, pos=4, tokens=["<b>", " Paris", " is", "\n", "&"], acts=[0.0, 3.0, 1.5, 0.0, 0.3],
+              center=1)
+    return dict(layer=layer, feature=f, density=n_fires / 1000, n_fires=n_fires, mean_act=1.2,
+                max_act=3.0 if n_fires else 0.0, quantiles={"q10": 0.5, "q50": 1.0}, hist=dict(
+                    edges=[0.25, 0.5, 1.0, 2.0, 4.0], counts=[1, 4, 3, 2] if n_fires else []),
+                top_examples=[ex] * (1 if n_fires else 0), quantile_examples=[dict(ex, quantile=0.5)],
+                input_ngrams=[dict(ngram='" Paris"', count=9, corpus_count=12, pmi=4.1)],
+                promoted=[dict(token=" Paris", logit=1.25), dict(token="<", logit=0.5)],
+                suppressed=[dict(token=" London", logit=-0.75)], detection_auroc=0.91, detection_bacc=0.8,
+                fuzzing_bacc=None, heldout_density=0.01, explanation='fires on " Paris" | promotes <cities>',
+                explanation_ngrams=['" Paris"'])
+
+
+def write_interp(tmp_path):
+    run = tmp_path / "interp"
+    run.mkdir()
+    rows = [feature(0, 5), feature(0, 6, n_fires=0), feature(1, 3)]
+    (run / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps(dict(n_train_tokens=1000, per_layer=[
+        dict(layer=0, features=2, dead=1, live=1), dict(layer=1, features=2, dead=1, live=1)],
+        detection_auroc={"q50": 0.9})))
+    fig = Figure(figsize=(2, 1))
+    fig.subplots().plot([0, 1], [1, 0])
+    fig.savefig(run / "summary.png")
+    return run
+
+
+def write_metrics(run, l0, fvu, steps=20):
+    """metrics.jsonl as train.py writes it: per-layer fvu, l0, dead; an "eval" dict every 10 steps."""
+    run.mkdir(parents=True)
+    rows = []
+    for s in range(steps):
+        r = dict(step=s, loss=2.0 / (s + 1), mse=1.0 / (s + 1), sparsity=0.1, preact=0.0, aux=0.0, lr=1e-3,
+                 grad_norm=1.0, fvu=[fvu, fvu], l0=[l0, l0], dead=[0, s], ms=1.0, tok_per_s=1.0)
+        if (s + 1) % 10 == 0:
+            r["eval"] = dict(ce_clean=3.0, ce_spliced=3.5, ce_open=3.2, ce_zero=7.0, recovered=0.875, recovered_open=0.95)
+        rows.append(r)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+# -----------------------------------------------------------------------------
+# checks shared by the tests
+
+
+class TagBalance(HTMLParser):
+    """Fails on an end tag that does not close the innermost open element."""
+    VOID = {"meta", "br", "img", "hr", "input", "link", "area", "base", "col", "source", "wbr"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-3:]}"
+        self.stack.pop()
+
+
+def check_page(path):
+    text = open(path, encoding="utf-8").read()
+    assert "http://" not in text and "https://" not in text, f"{path} refers to the network"
+    assert not re.search(r'(src|href)="(?!data:|[\w./-]+\.html")', text), f"{path} loads a non-local resource"
+    parser = TagBalance()
+    parser.feed(text)
+    parser.close()
+    assert parser.stack == [], f"{path}: unclosed {parser.stack}"
+    return text
+
+
+def parse_dot(source):
+    """(visible node ids -> attribute text, visible edges {(a, b): attrs}, {row subgraph: [node ids]})."""
+    nodes, edges, rows, row = {}, {}, {}, None
+    for line in source.splitlines():
+        if m := re.match(r"\s*subgraph (\w+) \{", line):
+            row = m.group(1)
+            rows[row] = []
+        elif line.strip() == "}":
+            row = None
+        elif m := re.match(r'\s*"?([\w-]+)"? -> "?([\w-]+)"? \[(.*)\]', line):
+            if "invis" not in m.group(3):
+                edges[m.group(1), m.group(2)] = m.group(3)
+        elif m := re.match(r'\s*"?([\w-]+)"? \[(.*)\]', line):
+            if row is not None:
+                rows[row].append(m.group(1))
+            if "invis" not in m.group(2) and not m.group(1).startswith(("rowlabel_", "legend", "cell_", "graph", "node", "edge")):
+                nodes[m.group(1)] = m.group(2)
+    return nodes, edges, rows
+
+
+# -----------------------------------------------------------------------------
+# graph
+
+
+def test_dot_nodes_edges_ranks():
+    graph = make_graph()
+    g = viz.build_dot(graph, viz.VizConfig())
+    nodes, edges, rows = parse_dot(g.source)
+    assert set(nodes) == {n["node_id"] for n in graph["nodes"]}
+    assert set(edges) == {(l["source"], l["target"]) for l in graph["links"]}
+    assert "rankdir=BT" in g.source and all("rank=same" in g.source.split(f"subgraph {r} {{")[1].split("}")[0]
+                                            for r in rows)
+    members = {r: {n for n in ids if n in nodes} for r, ids in rows.items()}  # bottom row first
+    assert list(members.values()) == [{"E_100_0", "E_101_1", "E_102_2"}, {"0_5_1", "0_7_2", "0_-1_2"}, {"1_3_2"},
+                                      {"3_42_2"}]
+    assert all(f"rowlabel_{i} -> rowlabel_{i + 1}" in g.source for i in range(3))  # rows stacked in order
+    # labels: layer/feature from node_id (not the Cantor-paired "feature"), escaped explanation, tokens
+    assert 'label="L0/5\\nthe word The"' in nodes["0_5_1"] and "L1/3" in nodes["1_3_2"]
+    assert "octagon" in nodes["0_-1_2"] and "dashed" in nodes["0_-1_2"]
+    assert 'label="␣capital"' in nodes["E_102_2"]
+    assert viz.POS_COLOR in edges["0_5_1", "1_3_2"] and viz.NEG_COLOR in edges["E_102_2", "1_3_2"]
+    widths = {e: float(re.search(r"penwidth=([\d.]+)", a).group(1)) for e, a in edges.items()}
+    assert max(widths, key=widths.get) == ("1_3_2", "3_42_2") and min(widths, key=widths.get) == ("0_7_2", "1_3_2")
+    size = lambda n: float(re.search(r"width=([\d.]+)", nodes[n]).group(1))
+    assert size("1_3_2") > size("0_5_1") > size("0_7_2") > size("0_-1_2")  # by influence_raw
+
+
+def test_max_nodes_and_edges_prune_the_weakest():
+    g = viz.build_dot(make_graph(), viz.VizConfig(max_nodes=2, max_edges=2))
+    nodes, edges, _ = parse_dot(g.source)
+    assert {n for n in nodes if not n.startswith(("E_", "3_"))} == {"1_3_2", "0_5_1"}  # embeddings/logits always
+    assert set(edges) == {("1_3_2", "3_42_2"), ("0_5_1", "1_3_2")}
+
+
+@needs_dot
+def test_dot_layout_is_a_grid():
+    """Rows bottom to top in layer order; within a row, x follows the token position; a position's
+    first node sits straight above the one below it (same x) in every row."""
+    graph = make_graph()
+    pos = viz.dot_positions(viz.build_dot(graph, viz.VizConfig(), links=False))
+    rows = [["E_100_0", "E_101_1", "E_102_2"], ["0_5_1", "0_-1_2"], ["cell_2_1", "1_3_2"], ["3_42_2"]]
+    ys = [pos[r[0]][1] for r in rows]
+    assert ys == sorted(ys) and len(set(ys)) == 4
+    for r in rows:
+        assert len({pos[n][1] for n in r}) == 1 and [pos[n][0] for n in r] == sorted(pos[n][0] for n in r)
+    x = lambda n: pos[n][0]
+    assert abs(x("E_101_1") - x("0_5_1")) < 1 and abs(x("0_5_1") - x("cell_2_1")) < 1
+    assert abs(x("E_102_2") - x("1_3_2")) < 1 and abs(x("1_3_2") - x("3_42_2")) < 1
+
+
+@needs_dot
+def test_graph_files_link_to_feature_pages(tmp_path):
+    path = write_graph(tmp_path)
+    pages = tmp_path / "interp" / "html"
+    pages.mkdir(parents=True)
+    (pages / "L1_F3.html").write_text("<p>page</p>")
+    viz.main(["graph", str(path)])
+    for ext in ("dot", "svg", "png", "html"):
+        assert (path.parent / f"graph.{ext}").stat().st_size > 100
+    text = check_page(path.parent / "graph.html")
+    assert 'href="../interp/html/L1_F3.html"' in text and "L0_F5.html" not in text  # only pages that exist
+    assert "replacement_score" in text and "<svg" in text and "&lt;|endoftext|&gt;" in text
+    assert "pos=" in (path.parent / "graph.dot").read_text()  # pinned by the dot pass, routed by neato -n2
+
+
+def test_graph_without_dot_writes_the_dot_file(tmp_path, monkeypatch, capsys):
+    path = write_graph(tmp_path)
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)
+    viz.main(["graph", str(path)])
+    assert (path.parent / "graph.dot").exists() and not (path.parent / "graph.svg").exists()
+    assert "apt-get install graphviz" in capsys.readouterr().out
+
+
+def test_bad_graph_input(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        viz.load_graph(str(tmp_path / "missing.json"))
+    (tmp_path / "g.json").write_text(json.dumps({"nodes": []}))
+    with pytest.raises(ValueError, match="links"):
+        viz.load_graph(str(tmp_path / "g.json"))
+
+
+# -----------------------------------------------------------------------------
+# feature pages
+
+
+def test_show_token():
+    assert viz.show_token(" Paris") == "␣Paris" and viz.show_token("  ") == "␣␣"
+    assert viz.show_token("a\n") == "a⏎" and viz.show_token("x ") == "x␣"
+
+
+def test_feature_pages(tmp_path):
+    run = write_interp(tmp_path)
+    viz.main(["features", str(run)])
+    out = run / "html"
+    assert sorted(os.listdir(out)) == ["L0_F5.html", "L1_F3.html", "index.html"]  # no page for the dead one
+    index = check_page(out / "index.html")
+    assert 'href="L0_F5.html"' in index and "1 dead" in index and 'src="data:image/png;base64,' in index
+    page = check_page(out / "L0_F5.html")
+    assert "<b>" not in page.replace("<b>Explanation:</b>", "") and "&lt;b&gt;" in page  # tokens escaped
+    assert "␣Paris" in page and "⏎" in page and "promotes &lt;cities&gt;" in page
+    assert "rgba(255,140,0,1.00)" in page and "rgba(255,140,0,0.50)" in page  # shade = act / max_act
+    assert "detection_auroc" in page and "0.91" in page and "␣London" in page and "<svg" in page
+
+
+def test_feature_pages_reject_mismatched_examples(tmp_path):
+    run = tmp_path / "interp"
+    run.mkdir()
+    bad = feature(0, 1)
+    bad["top_examples"][0] = dict(bad["top_examples"][0], acts=[1.0])
+    (run / "features.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match="5 tokens but 1 activations"):
+        viz.main(["features", str(run)])
+    with pytest.raises(FileNotFoundError):
+        viz.main(["features", str(tmp_path / "nowhere")])
+
+
+# -----------------------------------------------------------------------------
+# training curves
+
+
+def test_train_plots_and_frontier(tmp_path):
+    a, b = write_metrics(tmp_path / "a", l0=8.0, fvu=0.2), write_metrics(tmp_path / "b", l0=32.0, fvu=0.05)
+    written = viz.main(["train", str(a), str(b), "--out", str(tmp_path / "plots")])
+    names = {os.path.relpath(p, tmp_path / "plots") for p in written}
+    panels = {"loss", "fvu", "l0", "dead", "spliced", "recovered"}
+    assert names == {f"{r}/{p}.png" for r in "ab" for p in panels} | {"frontier.png"}
+    for p in written:
+        img = imread(p)
+        assert img.shape[0] > 200 and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 20
+    rows = viz.load_metrics(str(b))
+    assert viz._final(rows, "l0") == 32.0 and viz._final(rows, "fvu") == pytest.approx(0.05)
+    assert viz._final(rows, "dead") == pytest.approx(np.mean([s / 2 for s in range(10, 20)]))
+    assert viz._series(rows, "eval.ce_spliced") == ([9, 19], [3.5, 3.5])
+
+
+# -----------------------------------------------------------------------------
+# screenshots (Chromium, when installed)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("dot") is None,
+                    reason="needs chromium and graphviz `dot`")
+def test_screenshots_are_not_blank(tmp_path):
+    path, run = write_graph(tmp_path), write_interp(tmp_path)
+    viz.main(["features", str(run)])
+    viz.main(["graph", str(path)])
+    for page in (run / "html" / "L0_F5.html", path.parent / "graph.html"):
+        png = tmp_path / (page.stem + ".png")
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={png}", "--window-size=1200,900",
+                        f"file://{page}"], check=True, capture_output=True, timeout=120)
+        img = imread(png)
+        assert img.shape[:2] == (900, 1200)
+        assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50, f"{page} looks blank"

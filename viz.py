@@ -1,0 +1,543 @@
+"""
+viz.py: pictures of what the other scripts write: attribution graphs, feature pages, training curves.
+
+Data flow (each picture reads one script's output and writes static files beside it):
+
+    graph.py  -> runs/graph/graph.json       -> viz.py graph    -> graph.dot/.svg/.png/.html
+    interp.py -> runs/interp/features.jsonl  -> viz.py features -> runs/interp/html/index.html + a page a feature
+    train.py  -> runs/clt/metrics.jsonl      -> viz.py train    -> runs/clt/plots/*.png (+ frontier.png)
+
+    python viz.py --help
+    python viz.py features runs/interp                    # first, so the graph can link to the pages
+    python viz.py graph runs/graph/graph.json             # nodes link to runs/interp/html/ if it exists
+    python viz.py train runs/clt runs/clt2 --out runs     # L0-vs-FVU frontier across runs
+
+One CPU process; nothing here needs torch or torchrun. Every page is self-contained (inline SVG, CSS
+in the page, no network URLs), so the folders can be zipped and opened offline.
+
+References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
+frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
+"E_{token_id}_{pos}", logits at layer n_layers+1); feature pages follow Neuronpedia / SAEDashboard.
+Differences from them:
+- the graph is a static graphviz `dot` picture (rows = layers, columns = positions), not the D3 app;
+- feature pages are plain HTML with no JavaScript.
+"""
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field, fields
+
+import graphviz
+import matplotlib
+from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VizConfig:
+    kind: str = "graph"  # which picture: graph | features | train
+    inputs: list = field(default_factory=list)  # graph.json | interp run dir | one or more train run dirs
+    out: str = ""  # output folder; "" = beside the input (graph dir, <interp>/html, <run>/plots)
+    features: str = ""  # graph: folder of feature pages to link nodes to; "" = <graph dir>/../interp/html
+    max_nodes: int = 60  # graph: keep this many most influential nodes (+ all embeddings and logits)
+    max_edges: int = 150  # graph: keep this many strongest edges by |weight|
+    label_chars: int = 26  # graph: characters of the explanation shown in a feature node
+    max_examples: int = 20  # features: max-activating examples shown on a page
+    top_tokens: int = 10  # features: promoted / suppressed tokens shown on a page
+    dpi: int = 110  # train: resolution of the matplotlib PNGs
+
+
+def show_token(tok):
+    """A token with its whitespace made visible: leading/trailing spaces as '␣', newlines as '⏎'."""
+    tok = str(tok).replace("\n", "⏎").replace("\t", "⇥")
+    core = tok.strip(" ")
+    lead, trail = len(tok) - len(tok.lstrip(" ")), len(tok) - len(tok.rstrip(" "))
+    return "␣" * lead + core + ("␣" * trail if core else "")
+
+
+def feature_page_name(layer, feature):
+    return f"L{int(layer)}_F{int(feature)}.html"
+
+
+# -----------------------------------------------------------------------------
+# attribution graph -> dot / svg / png / html
+
+POS_COLOR, NEG_COLOR = "#2b6cb0", "#c53030"  # edge colour by the sign of its weight
+FILL = {"cross layer transcoder": "#fdebc8", "mlp reconstruction error": "#e2e2e2",
+        "embedding": "#d8ecd2", "logit": "#d3e3f6"}
+
+
+def load_graph(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no graph file at {path!r}; write one with `python graph.py`")
+    with open(path) as f:
+        graph = json.load(f)
+    missing = [k for k in ("nodes", "links") if k not in graph]
+    if missing:
+        raise ValueError(f"{path!r} is not a node-link graph: missing keys {missing}, has {sorted(graph)}")
+    return graph
+
+
+def _row(node):
+    """The picture's row of a node: -1 for embeddings, its layer for features/errors, big for logits."""
+    if node["feature_type"] == "embedding" or str(node["layer"]) == "E":
+        return -1
+    return 10**6 if node["feature_type"] == "logit" else int(node["layer"])
+
+
+def _feature_index(node):
+    """A feature's index in its layer. circuit-tracer stores a Cantor pairing in "feature", so the
+    node_id "{layer}_{feature}_{pos}" is the reliable source; fall back to "feature"."""
+    parts = str(node["node_id"]).split("_")
+    return int(parts[1]) if len(parts) == 3 and parts[1].lstrip("-").isdigit() else int(node["feature"])
+
+
+def _importance(nodes):
+    """Node size in [0, 1] for features and errors (embeddings and logits: 0.5), by rank. graph.py
+    writes "influence_raw" (bigger = more influential) and circuit-tracer's "influence", a
+    *cumulative* share (most influential first, so smaller = more); else we use |activation|."""
+    def key(n):
+        if n.get("influence_raw") is not None:
+            return -n["influence_raw"]
+        return n["influence"] if n.get("influence") is not None else -abs(n.get("activation") or 0)
+    order = sorted((n for n in nodes if n["feature_type"] not in ("embedding", "logit")), key=key)
+    imp = {n["node_id"]: 0.5 for n in nodes}
+    imp.update({n["node_id"]: 1 - i / max(len(order) - 1, 1) for i, n in enumerate(order)})
+    return imp
+
+
+def select_subgraph(graph, cfg):
+    """Keep all embeddings and logits, the `max_nodes` most influential other nodes, and the
+    `max_edges` strongest links between kept nodes."""
+    nodes = graph["nodes"]
+    imp = _importance(nodes)
+    always = [n for n in nodes if n["feature_type"] in ("embedding", "logit")]
+    rest = sorted((n for n in nodes if n not in always), key=lambda n: -imp[n["node_id"]])[: cfg.max_nodes]
+    keep = {n["node_id"] for n in always + rest}
+    links = [l for l in graph["links"] if l["source"] in keep and l["target"] in keep]
+    links = sorted(links, key=lambda l: -abs(l["weight"]))[: cfg.max_edges]
+    return [n for n in nodes if n["node_id"] in keep], links, imp
+
+
+def _text(s, n=None):
+    """User text for a dot label: cut to n characters, backslashes made literal (graphviz.escape)."""
+    s = str(s)
+    return graphviz.escape(s if n is None or len(s) <= n else s[: n - 1] + "…")
+
+
+def _node_attrs(node, s, tokens, cfg, href):
+    """Label, shape and size of one node; s in [0, 1] is its importance."""
+    ft, pos = node["feature_type"], node["ctx_idx"]
+    tip = f"{node['node_id']}  {node.get('clerp') or ''}  act={node.get('activation')}"
+    attrs = dict(style="filled,rounded", shape="box", fillcolor=FILL.get(ft, "white"), tooltip=_text(tip),
+                 width=f"{0.5 + 1.0 * s:.2f}", height=f"{0.3 + 0.35 * s:.2f}", fontsize=f"{9 + 4 * s:.1f}")
+    if ft == "embedding":
+        attrs["label"] = _text(show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}")
+    elif ft == "logit":
+        attrs["label"] = _text(node.get("clerp") or f"logit {node['feature']}")
+        attrs["penwidth"] = "2.5" if node.get("is_target_logit") else "1"
+    elif ft == "mlp reconstruction error":
+        attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
+    else:
+        clerp = node.get("clerp") or ""
+        attrs["label"] = f"L{node['layer']}/{_feature_index(node)}" + (f"\\n{_text(clerp, cfg.label_chars)}" if clerp else "")
+        if href:
+            attrs.update(URL=href, target="_top")
+    return attrs
+
+
+def _empty_cell(row, pos, tokens):
+    """An invisible grid placeholder; on the embedding row, the token itself in grey (axis label)."""
+    if row == -1 and pos < len(tokens):
+        return dict(label=_text(show_token(tokens[pos])), shape="plaintext", fontcolor="#888888")
+    return dict(label="", shape="point", style="invis")
+
+
+def _legend():
+    rows = "".join(f'<TR><TD BGCOLOR="{c}"> </TD><TD ALIGN="LEFT">{t}</TD></TR>' for t, c in FILL.items())
+    rows += f'<TR><TD><FONT COLOR="{POS_COLOR}">━━</FONT></TD><TD ALIGN="LEFT">positive edge</TD></TR>'
+    rows += f'<TR><TD><FONT COLOR="{NEG_COLOR}">━━</FONT></TD><TD ALIGN="LEFT">negative edge</TD></TR>'
+    rows += '<TR><TD COLSPAN="2" ALIGN="LEFT">width ∝ |weight|, node size ∝ influence</TD></TR>'
+    return f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="2">{rows}</TABLE>>'
+
+
+def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
+    """Rows and columns, the part of the picture `dot` lays out: one rank=same subgraph per row
+    (an invisible left-to-right chain orders it by position; empty cells get placeholders), a
+    row-label spine ordering the rows, and invisible same-group edges making each position a column."""
+    rows = sorted({-1} | {_row(n) for n in nodes})  # the embedding row is the token axis: always drawn
+    n_pos = max(len(tokens), 1 + max((n["ctx_idx"] for n in nodes), default=0))
+    at = lambda name: dict(pos=f"{pos_of[name][0]:.1f},{pos_of[name][1]:.1f}!") if name in pos_of else {}
+    heads = {}  # (row index, pos) -> the first node of that cell, or its placeholder
+    for i, r in enumerate(rows):
+        with g.subgraph(name=f"row_{i}") as sub:
+            sub.attr(rank="same")
+            chain = [f"rowlabel_{i}"]
+            sub.node(chain[0], label={-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}"), shape="plaintext",
+                     fontsize="14", **at(chain[0]))
+            for pos in range(n_pos):
+                cell = sorted((n for n in nodes if _row(n) == r and n["ctx_idx"] == pos), key=lambda n: -imp[n["node_id"]])
+                if not cell:  # keep the grid: an empty cell still takes a column slot
+                    chain.append(f"cell_{i}_{pos}")
+                    empty = _empty_cell(r, pos, tokens)
+                    if not pos_of or empty.get("style") != "invis":  # pinned: no obstacles for the router
+                        sub.node(chain[-1], group=f"pos{pos}", **empty, **at(chain[-1]))
+                for n in cell:
+                    link = href(int(n["layer"]), _feature_index(n)) if n["feature_type"] == "cross layer transcoder" else None
+                    sub.node(n["node_id"], group=f"pos{pos}", **_node_attrs(n, imp[n["node_id"]], tokens, cfg, link),
+                             **at(n["node_id"]))
+                    chain.append(n["node_id"])
+                heads[i, pos] = chain[-len(cell) or -1]
+            if i == len(rows) - 1:
+                sub.node("legend", label=_legend(), shape="plaintext", fontsize="10", **at("legend"))
+                chain.append("legend")
+            for a, b in zip(chain, chain[1:]) if not pos_of else []:  # pinned nodes need no layout edges
+                sub.edge(a, b, style="invis")
+        if i > 0 and not pos_of:
+            g.edge(f"rowlabel_{i - 1}", f"rowlabel_{i}", style="invis", weight="20")
+            for pos in range(n_pos):
+                g.edge(heads[i - 1, pos], heads[i, pos], style="invis", weight="8")
+
+
+def build_dot(graph, cfg, href=lambda layer, feature: None, pos_of=None, links=True):
+    """The picture as a graphviz Digraph. Two passes: `dot` lays out the grid alone (links=False),
+    then with `pos_of` (node -> (x, y) in points from that pass) every node is pinned and the
+    invisible layout edges are dropped, for `neato -n2` to route the real edges around the nodes
+    (`dot` itself routes edges that do not take part in ranking in wide loops)."""
+    nodes, kept, imp = select_subgraph(graph, cfg)
+    meta = graph.get("metadata", {})
+    g = graphviz.Digraph("attribution_graph", graph_attr=dict(
+        rankdir="BT", newrank="true", ranksep="0.55", nodesep="0.12", splines="true", fontname="Helvetica",
+        label=_text(f"Attribution graph: {meta.get('prompt', '')}"), labelloc="t", fontsize="16"),
+        node_attr=dict(fontname="Helvetica"), edge_attr=dict(arrowsize="0.5"))
+    _grid(g, nodes, imp, meta.get("prompt_tokens") or [], cfg, href, pos_of or {})
+    wmax = max((abs(l["weight"]) for l in kept), default=1.0) or 1.0
+    for l in kept if links else []:  # constraint=false: only the grid places nodes
+        g.edge(l["source"], l["target"], color=POS_COLOR if l["weight"] >= 0 else NEG_COLOR,
+               penwidth=f"{0.4 + 4.0 * abs(l['weight']) / wmax:.2f}", constraint="false",
+               tooltip=f"{l['source']} -> {l['target']}: {l['weight']:+.3g}")
+    return g
+
+
+def dot_positions(g):
+    """node name -> (x, y) in points, from laying out `g` with dot (its JSON output)."""
+    out = json.loads(g.pipe(format="json", engine="dot"))
+    return {o["name"]: tuple(map(float, o["pos"].split(","))) for o in out.get("objects", []) if "pos" in o}
+
+
+def _strip_svg(svg):
+    """Inline-able SVG: no XML prolog/DOCTYPE (they carry URLs) and no xmlns (HTML5 sets them)."""
+    svg = svg[svg.index("<svg"):]
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+
+
+def draw_graph(cfg):
+    path = cfg.inputs[0]
+    graph = load_graph(path)
+    out = cfg.out or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out, exist_ok=True)
+    feat_dir = cfg.features or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp", "html")
+
+    def href(layer, feature):
+        page = os.path.join(feat_dir, feature_page_name(layer, feature))
+        return os.path.relpath(page, out) if os.path.isfile(page) else None
+
+    stem = os.path.join(out, "graph")
+    if shutil.which("dot") is None:
+        with open(stem + ".dot", "w") as f:
+            f.write(build_dot(graph, cfg, href).source)
+        print(f"wrote {stem}.dot; graphviz's `dot` is not installed, so no SVG/PNG. Install it with "
+              "`apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS) or "
+              f"`conda install graphviz`, then rerun this command (or `dot -Tsvg {stem}.dot -o {stem}.svg`).")
+        return stem + ".dot"
+    g = build_dot(graph, cfg, href, pos_of=dot_positions(build_dot(graph, cfg, href, links=False)))
+    with open(stem + ".dot", "w") as f:
+        f.write(g.source)
+    for fmt in ("svg", "png"):
+        graphviz.render("neato", fmt, stem + ".dot", neato_no_op=2, outfile=f"{stem}.{fmt}", quiet=True)
+    with open(stem + ".svg") as f:
+        svg = _strip_svg(f.read())
+    meta = graph.get("metadata", {})
+    toks = " ".join(f"<code>{html.escape(show_token(t))}</code>" for t in meta.get("prompt_tokens", []))
+    info = {k: v for k, v in (meta.get("info") or {}).items() if isinstance(v, (int, float, str))}
+    body = (f"<h1>Attribution graph</h1><p>Prompt: {html.escape(str(meta.get('prompt', '')))}</p>"
+            f"<p>Tokens: {toks}</p>{_table(info) if info else ''}<p>{len(graph['nodes'])} nodes and "
+            f"{len(graph['links'])} links in the file; drawn: every embedding and logit, the {cfg.max_nodes} "
+            f"most influential other nodes, the {cfg.max_edges} strongest edges. Click a feature to open its "
+            "page; hover a node or edge for details.</p><div class='graph'>" + svg + "</div>")
+    _write_page(stem + ".html", "Attribution graph", body)
+    print(f"wrote {stem}.dot, .svg, .png, .html")
+    return stem + ".svg"
+
+
+# -----------------------------------------------------------------------------
+# feature pages (HTML)
+
+CSS = """body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}
+.ex{font-family:Menlo,Consolas,monospace;font-size:13px;line-height:1.9;margin:2px 0;white-space:nowrap;overflow-x:auto}
+.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}.graph{overflow-x:auto}
+.cols{display:flex;gap:40px;flex-wrap:wrap}h2{margin-top:28px;font-size:18px}"""
+INDEX_KEYS = ("density", "max_act", "detection_auroc", "fuzzing_bacc")  # columns of the index table
+
+
+def _write_page(path, title, body):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+                f"</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else html.escape(str(v))
+
+
+def _table(value, depth=0):
+    """Any JSON value as HTML: a list of dicts as a table with a header, a dict as key/value rows."""
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        keys = list(dict.fromkeys(k for r in value for k in r))
+        head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+        rows = "".join("<tr>" + "".join(f"<td>{_table(r.get(k), depth + 1)}</td>" for k in keys) + "</tr>" for r in value)
+        return f"<table><tr>{head}</tr>{rows}</table>"
+    if isinstance(value, dict) and depth < 3:
+        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_table(v, depth + 1)}</td></tr>" for k, v in value.items())
+        return f"<table>{rows}</table>"
+    if isinstance(value, (list, dict)):
+        return html.escape(json.dumps(value)[:200])
+    return _fmt(value)
+
+
+def _stats(feat):
+    """The scalar fields of a feature record (density, scores, ...), and its quantiles."""
+    skip = {"layer", "feature", "explanation"}
+    out = {k: v for k, v in feat.items() if k not in skip and (v is None or isinstance(v, (int, float, str)))}
+    out.update(feat.get("quantiles") or {})
+    return out
+
+
+def _example_html(ex, amax):
+    """One example: every token a span shaded by activation / the feature's max; the firing token boxed."""
+    toks, acts, center = ex["tokens"], ex["acts"], ex.get("center")
+    if len(toks) != len(acts):
+        raise ValueError(f"example has {len(toks)} tokens but {len(acts)} activations: {ex}")
+    spans = []
+    for i, (t, a) in enumerate(zip(toks, acts)):
+        alpha = max(0.0, min(1.0, a / amax)) if amax > 0 else 0.0
+        box = ' border:1px solid #333;' if i == center else ""
+        spans.append(f'<span class="tok" title="{a:.3g}" style="background:rgba(255,140,0,{alpha:.2f});{box}">'
+                     f"{html.escape(show_token(t))}</span>")
+    label = f"q{ex['quantile']:.2f} " if "quantile" in ex else ""
+    act = ex.get("act", max(acts, default=0.0))
+    return f'<div class="ex"><span class="muted">{label}{act:.3g}&nbsp;</span>{"".join(spans)}</div>'
+
+
+def _svg_histogram(counts, edges, width=420, height=140):
+    """A bar chart as inline SVG (no image file, no script); edges label the two ends."""
+    cmax, n = max(max(counts, default=0), 1), max(len(counts), 1)
+    bars = "".join(f'<rect x="{30 + i * (width - 40) / n:.1f}" y="{height - 20 - (height - 30) * c / cmax:.1f}" '
+                   f'width="{max((width - 40) / n - 1, 0.5):.1f}" height="{(height - 30) * c / cmax:.1f}" '
+                   f'fill="#e08a1e"><title>{c}</title></rect>' for i, c in enumerate(counts))
+    lo, hi = (edges[0], edges[-1]) if edges else (0, 0)
+    return (f'<svg width="{width}" height="{height}" role="img">{bars}'
+            f'<text x="30" y="{height - 4}" font-size="11">{lo:.3g}</text>'
+            f'<text x="{width - 10}" y="{height - 4}" font-size="11" text-anchor="end">{hi:.3g}</text>'
+            f'<text x="2" y="12" font-size="11">{cmax}</text></svg>')
+
+
+def _token_table(rows, title, k):
+    body = "".join(f"<tr><td><code>{html.escape(show_token(r['token']))}</code></td><td>{r['logit']:+.3f}</td></tr>"
+                   for r in rows[:k])
+    return f"<div><h2>{title}</h2><table><tr><th>token</th><th>logit</th></tr>{body}</table></div>"
+
+
+def feature_page(feat, cfg):
+    """One feature's page body, from one record of interp.py's features.jsonl."""
+    layer, idx = int(feat["layer"]), int(feat["feature"])
+    top = (feat.get("top_examples") or [])[: cfg.max_examples]
+    amax = feat.get("max_act") or max((max(e["acts"], default=0.0) for e in top), default=0.0)
+    hist = feat.get("hist") or {}
+    ngrams = [{k: r[k] for k in ("ngram", "count", "corpus_count", "pmi") if k in r}
+              for r in (feat.get("input_ngrams") or [])[: cfg.top_tokens]]
+    body = [f'<p><a href="index.html">all features</a></p><h1>Layer {layer} / feature {idx}</h1>',
+            f"<p><b>Explanation:</b> {html.escape(str(feat.get('explanation') or '(none)'))}</p>",
+            "<div class='cols'><div><h2>Statistics and scores</h2>", _table(_stats(feat)), "</div>",
+            "<div><h2>Activation histogram (when active; log-spaced bins)</h2>",
+            _svg_histogram(hist.get("counts", []), hist.get("edges", [])),
+            f"<p class='muted'>density {_fmt(feat.get('density'))}</p></div></div><div class='cols'>",
+            _token_table(feat.get("promoted") or [], "Promoted tokens", cfg.top_tokens),
+            _token_table(feat.get("suppressed") or [], "Suppressed tokens", cfg.top_tokens),
+            "<div><h2>Input n-grams</h2>", _table(ngrams) if ngrams else "-", "</div></div>",
+            f"<h2>Top activations (max {amax:.3g})</h2>"]
+    body += [_example_html(e, amax) for e in top]
+    quant = feat.get("quantile_examples") or []
+    body += ["<h2>Examples across the activation range</h2>"] + [_example_html(e, amax) for e in quant] if quant else []
+    return "".join(body)
+
+
+def _image_data_uri(path):
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def draw_features(cfg):
+    """Stream features.jsonl: a page per live feature (dead ones have nothing to show), then the index."""
+    run_dir = cfg.inputs[0]
+    path = os.path.join(run_dir, "features.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path!r}; write it with `python interp.py --out {run_dir}`")
+    out = cfg.out or os.path.join(run_dir, "html")
+    os.makedirs(out, exist_ok=True)
+    rows, n_dead = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in tqdm(filter(str.strip, f), desc="feature pages"):
+            feat = json.loads(line)
+            if not feat.get("n_fires", feat.get("density", 1)):
+                n_dead += 1
+                continue
+            name = feature_page_name(feat["layer"], feat["feature"])
+            _write_page(os.path.join(out, name), f"L{feat['layer']}/F{feat['feature']}", feature_page(feat, cfg))
+            cells = [f"<a href=\"{name}\">L{feat['layer']}/{feat['feature']}</a>", html.escape(str(feat.get("explanation") or ""))]
+            cells += [_fmt(feat.get(k)) for k in INDEX_KEYS]
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    body = [f"<h1>Features: {len(rows)} live, {n_dead} dead (no page)</h1>"]
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            body += ["<h2>Summary</h2>", _table(json.load(f))]
+    if os.path.isfile(os.path.join(run_dir, "summary.png")):
+        body.append(f'<p><img alt="summary" style="max-width:100%" src="{_image_data_uri(os.path.join(run_dir, "summary.png"))}"></p>')
+    head = "".join(f"<th>{k}</th>" for k in ("feature", "explanation") + INDEX_KEYS)
+    body += ["<h2>All live features</h2><table><tr>", head, "</tr>", *rows, "</table>"]
+    _write_page(os.path.join(out, "index.html"), "Features", "".join(body))
+    print(f"wrote {len(rows)} feature pages and index.html to {out}")
+    return os.path.join(out, "index.html")
+
+
+# -----------------------------------------------------------------------------
+# training curves (matplotlib)
+
+
+def load_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path!r}; write it with `python train.py --out {run_dir}`")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{path!r} has no rows")
+    return rows
+
+
+def _series(rows, key):
+    """(steps, values) of the rows that have `key` ("eval.ce_spliced" reads a nested dict)."""
+    get = lambda r: r.get(key) if "." not in key else (r.get(key.split(".")[0]) or {}).get(key.split(".")[1])
+    pts = [(r["step"], get(r)) for r in rows if get(r) is not None]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _panel(ax, rows, keys, title, logy=False):
+    """Scalar keys as one line each; a per-layer key (lists) as one line per layer. False if no data."""
+    drawn = False
+    for key, label in keys.items():
+        steps, vals = _series(rows, key)
+        if isinstance(vals[0] if vals else None, list):
+            cmap = matplotlib.colormaps["viridis"]
+            for l in range(len(vals[0])):
+                ax.plot(steps, [v[l] for v in vals], color=cmap(l / max(len(vals[0]) - 1, 1)), label=f"layer {l}")
+        elif any(v > 0 or not logy for v in vals):  # log axes cannot show zeros: skip all-zero terms
+            vals = [v if v > 0 or not logy else math.nan for v in vals]
+            ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, label=label)
+        else:
+            continue
+        drawn = True
+    if drawn:
+        ax.set(xlabel="step", title=title, yscale="log" if logy else "linear")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    return drawn
+
+
+TRAIN_PANELS = [  # (file, title, {metrics.jsonl key: legend label}, log y); "eval" holds train.py's spliced_loss
+    ("loss", "loss and its terms", {k: k for k in ("loss", "mse", "sparsity", "preact", "aux")}, True),
+    ("fvu", "FVU per layer", {"fvu": ""}, True),
+    ("l0", "L0 (active features per token) per layer", {"l0": ""}, False),
+    ("dead", "dead features per layer", {"dead": ""}, False),
+    ("spliced", "held-out cross-entropy", {"eval.ce_clean": "clean GPT", "eval.ce_spliced": "CLT spliced in",
+                                           "eval.ce_open": "CLT spliced, open loop", "eval.ce_zero": "MLPs zeroed"}, False),
+    ("recovered", "fraction of CE recovered: (zero - spliced) / (zero - clean)",
+     {"eval.recovered": "spliced", "eval.recovered_open": "open loop"}, False)]
+
+
+def _final(rows, key, last=10):
+    """Mean over layers of `key`, averaged over the last `last` logged steps (batch noise)."""
+    vals = _series(rows, key)[1][-last:]
+    per_row = [sum(v) / len(v) if isinstance(v, list) else v for v in vals]
+    return sum(per_row) / len(per_row) if per_row else math.nan
+
+
+def draw_train(cfg):
+    """Per run: one PNG per panel in <run>/plots (or --out/<run name>); then the L0-vs-FVU frontier."""
+    written, points = [], []
+    for run in cfg.inputs:
+        rows, name = load_metrics(run), os.path.basename(os.path.normpath(run))
+        out = os.path.join(cfg.out, name) if cfg.out else os.path.join(run, "plots")
+        os.makedirs(out, exist_ok=True)
+        for fname, title, keys, logy in TRAIN_PANELS:
+            fig = Figure(figsize=(6.4, 4), layout="tight")
+            if _panel(fig.subplots(), rows, keys, f"{title} ({name})", logy):
+                fig.savefig(os.path.join(out, f"{fname}.png"), dpi=cfg.dpi)
+                written.append(os.path.join(out, f"{fname}.png"))
+        points.append((name, _final(rows, "l0"), _final(rows, "fvu")))
+    pts = sorted((p for p in points if not math.isnan(p[1] + p[2])), key=lambda p: p[1])
+    fig = Figure(figsize=(6.4, 4.4), layout="tight")
+    ax = fig.subplots()
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-")
+    for name, l0, fvu in pts:
+        ax.annotate(name, (l0, fvu), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="L0 (mean over layers, last 10 steps)", ylabel="FVU (mean over layers, last 10 steps)",
+           title="sparsity vs reconstruction: lower left is better", xscale="log", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    frontier = os.path.join(cfg.out or os.path.join(cfg.inputs[0], "plots"), "frontier.png")
+    fig.savefig(frontier, dpi=cfg.dpi)
+    print(f"wrote {len(written)} plots and {frontier}")
+    return written + [frontier]
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    d = VizConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["graph", "features", "train"], help="which picture to draw")
+    parser.add_argument("inputs", nargs="+", help="graph: graph.json; features: interp run dir; train: run dir(s)")
+    parser.add_argument("--out", default=d.out, help="output folder; default beside the input")
+    # graph
+    parser.add_argument("--features", default=d.features, help="graph: folder of feature pages to link nodes to")
+    parser.add_argument("--max-nodes", type=int, default=d.max_nodes, help="graph: features/errors drawn, most influential first")
+    parser.add_argument("--max-edges", type=int, default=d.max_edges, help="graph: edges drawn, strongest |weight| first")
+    parser.add_argument("--label-chars", type=int, default=d.label_chars, help="graph: explanation characters in a node label")
+    # features
+    parser.add_argument("--max-examples", type=int, default=d.max_examples, help="features: examples shown per page")
+    parser.add_argument("--top-tokens", type=int, default=d.top_tokens, help="features: promoted/suppressed tokens shown")
+    # train
+    parser.add_argument("--dpi", type=int, default=d.dpi, help="train: PNG resolution")
+    args = parser.parse_args(argv)
+    print(vars(args))
+    cfg = VizConfig(**{f.name: getattr(args, f.name) for f in fields(VizConfig)})
+    if cfg.kind == "graph" and len(cfg.inputs) != 1:
+        raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
+    return {"graph": draw_graph, "features": draw_features, "train": draw_train}[cfg.kind](cfg)
+
+
+if __name__ == "__main__":
+    main()
