@@ -382,7 +382,7 @@ class _ShardBuffer:
                 if not torch.isfinite(q).all():
                     raise ValueError(f"activations overflow {self.dtype} (max |x| = {x.abs().max().item():.3g}): "
                                      "use --dtype int8 or fp32")
-                err = q.float().sub_(x)  # (n, L, d)
+                err = q.float() - x  # (n, L, d); not in place: for fp32, q is x itself
             dst[a:b] = q.cpu().numpy()
             self.sums["norm"][j] += norm.sum(0).cpu()
             self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
@@ -658,7 +658,7 @@ class ActivationCache:
         out = {k: np.empty((len(rows),) + first[k].shape[1:], first[k].dtype) for k in keys if first[k] is not None}
         shard_of = np.searchsorted(self.starts, rows, side="right") - 1
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]) if len(rows) else ():
             i = int(shard_of[a])
             local, src = rows[a:b] - self.starts[i], self._shard(i)
             contiguous = local[-1] - local[0] == b - a - 1
@@ -722,8 +722,9 @@ class ActivationCache:
                 p0 = j0 * B * W if e == e0 else 0
                 for s, size, rows in self._windows(lo, hi, seed, e, unit_rows, window_units):
                     p = np.arange(max(s, p0), min(s + size, nb * B * W))
+                    p = p[(p // B) % W == rank]
                     if len(p):
-                        yield rows()[p[(p // B) % W == rank] - s]
+                        yield rows()[p - s]
 
         def cpu_batches():
             for raw in self._gather(_ahead(self._load, selections()), B):

@@ -1,0 +1,312 @@
+"""cache.py: round trips per dtype, resume after kill -9, verify, rank shares, shuffling, norms, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import cache
+import clt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(tokens=3000, ctx=16, shard_tokens=512, batch_size=8, heldout=0.1)
+
+
+def make_model_dir(path, seed=0, n_ctx=32):
+    """A small random GPT-2 in the hub layout plus a tiny BPE tokenizer (bytes, 3 merges, <|endoftext|>)."""
+    torch.manual_seed(seed)
+    clt.GPT(clt.GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=n_ctx, vocab_size=300)).save_pretrained(path)
+    vocab = {c: i for i, c in enumerate(clt.bytes_to_unicode().values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[clt.ENDOFTEXT] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return path
+
+
+def make_docs(n, seed=0):
+    rng = random.Random(seed)
+    words = "the cat sat on a mat then the dog ran far away into hills where nobody went".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    model_dir = make_model_dir(root / "model")
+    corpus = root / "corpus.txt"
+    corpus.write_text(clt.ENDOFTEXT.join(make_docs(1500)))
+    return root, str(model_dir), str(corpus)
+
+
+def config(env, out, **kw):
+    root, model_dir, corpus = env
+    return cache.CacheConfig(**{**dict(model=model_dir, corpus=corpus, out=str(root / out), device="cpu"), **SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def int8_cache(env):
+    cfg = config(env, "int8")
+    cache.build_cache(cfg)
+    return cfg, cache.ActivationCache(cfg.out)
+
+
+def direct_acts(cfg):
+    """What the cache should hold, computed directly with the writer's batch grid."""
+    model, enc = clt.GPT.from_pretrained(cfg.model), clt.load_tokenizer(cfg.model)
+    x_in, x_out, metas = [], [], []
+    with torch.inference_mode():
+        for _, idx, meta in cache.iter_batches(cfg, enc, cfg.tokens):
+            _, acts = model.run_with_acts(idx)
+            x_in.append(acts.mlp_in[:, 1:].flatten(0, 1))
+            x_out.append(acts.mlp_out[:, 1:].flatten(0, 1))
+            metas.append(meta)
+    n = cfg.tokens
+    return torch.cat(x_in)[:n], torch.cat(x_out)[:n], np.concatenate(metas)[:n]
+
+
+# -----------------------------------------------------------------------------
+# round trips, norms, verify
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16", "fp32"])
+def test_round_trip_within_error_bound(env, int8_cache, dtype):
+    if dtype == "int8":
+        cfg, c = int8_cache
+    else:
+        cfg = config(env, dtype, dtype=dtype)
+        cache.build_cache(cfg)
+        c = cache.ActivationCache(cfg.out)
+    x_in, x_out, meta = direct_acts(cfg)
+    r_in, r_out, tok, doc, pos = c.read(0, c.n_tokens)
+    assert c.n_tokens == cfg.tokens and r_in.shape == (cfg.tokens, 2, 32) and r_in.dtype == torch.float32
+    assert np.array_equal(np.stack([tok, doc, pos], 1), meta)
+    assert pos.min() == 1 and pos.max() == cfg.ctx - 1  # the BOS (position 0) is dropped
+    for x, r in ((x_in, r_in), (x_out, r_out)):
+        if dtype == "fp32":
+            assert torch.equal(x, r)
+        elif dtype == "fp16":
+            assert ((x - r).abs() <= x.abs() * 2 ** -11 + 1e-7).all()
+        else:  # |x - x_hat| <= scale/2, scale = max|x|/127 up to bf16 rounding
+            bound = x.abs().amax(-1, keepdim=True) / 127 * 0.5 * (1 + 2 ** -7)
+            assert ((x - r).abs() <= bound + 1e-7).all()
+            nmse = ((x - r) ** 2).sum() / (x ** 2).sum()
+            assert nmse < 1e-4 and nmse > 0
+    m = c.manifest
+    want = (x_in - r_in).pow(2).sum() / x_in.pow(2).sum()
+    assert m["nmse_total"][0] == pytest.approx(want.item(), rel=1e-3, abs=1e-12)
+
+
+def test_manifest_norms_match_direct_computation(int8_cache):
+    cfg, c = int8_cache
+    x_in, x_out, _ = direct_acts(cfg)
+    torch.testing.assert_close(c.norm_in, x_in.norm(dim=-1).mean(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(c.norm_out, x_out.norm(dim=-1).mean(0), rtol=1e-5, atol=0)
+    m = c.manifest
+    assert m["splits"]["train"][1] % (cfg.ctx - 1) == 0 and m["splits"]["heldout"][1] == cfg.tokens
+    assert sum(s["rows"] for s in m["shards"]) == cfg.tokens and len(m["shards"]) == -(-cfg.tokens // 512)
+
+
+def test_verify_names_a_flipped_byte(env, tmp_path):
+    cfg = config(env, tmp_path / "flip")
+    cache.build_cache(cfg)
+    assert cache.verify(cfg.out) == []
+    shard = os.path.join(cfg.out, "shard_00002.bin")
+    with open(shard, "r+b") as f:
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 1]))
+    bad = cache.verify(cfg.out)
+    assert len(bad) == 1 and bad[0].startswith("shard_00002.bin: sha256")
+    assert cache.main(["verify", cfg.out]) == 1
+    with open(shard, "r+b") as f:  # a wrong magic number is caught cheaply, on opening
+        f.write(np.int64(7).tobytes())
+    with pytest.raises(ValueError, match="magic 7.*--overwrite"):
+        cache.ActivationCache(cfg.out)
+    with open(shard, "ab") as f:  # a size mismatch too
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="shard_00002.bin: .* bytes, manifest says"):
+        cache.ActivationCache(cfg.out)
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def run_cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "cache.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+
+def test_resume_after_kill_is_byte_identical(env, tmp_path):
+    root, model_dir, corpus = env
+    args = ["--model", model_dir, "--corpus", corpus, "--tokens", "12000", "--ctx", "16", "--shard-tokens", "400",
+            "--batch-size", "1", "--device", "cpu"]
+    ref = run_cli(args + ["--out", str(tmp_path / "ref")])
+    killed = run_cli(args + ["--out", str(tmp_path / "run")])
+    manifest = tmp_path / "run" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:  # wait for a finished shard, then kill -9
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert killed.wait() == -signal.SIGKILL, "the writer finished before it could be killed"
+    assert not json.loads(manifest.read_text())["complete"]
+    assert run_cli(args + ["--out", str(tmp_path / "run")]).wait() == 0
+    assert ref.wait() == 0, ref.stderr.read().decode()
+    names = sorted(os.listdir(tmp_path / "ref"))
+    assert names == sorted(os.listdir(tmp_path / "run")) and len(names) == 31  # 30 shards + manifest
+    for name in names:
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
+
+
+def test_rerun_same_args_is_a_no_op_and_other_args_are_refused(env, int8_cache):
+    cfg, _ = int8_cache
+    before = os.path.getmtime(os.path.join(cfg.out, "shard_00000.bin"))
+    assert cache.build_cache(cfg)["seconds"] == 0.0
+    assert os.path.getmtime(os.path.join(cfg.out, "shard_00000.bin")) == before
+    with pytest.raises(ValueError, match="other arguments.*'ctx': \\(16, 17\\).*--overwrite"):
+        cache.build_cache(config(env, cfg.out, ctx=17))
+
+
+def test_overwrite_and_a_different_model(env, tmp_path):
+    cfg = config(env, tmp_path / "c", tokens=600)
+    cache.build_cache(cfg)
+    other = str(make_model_dir(tmp_path / "other", seed=1))
+    with pytest.raises(ValueError, match="model_sha256"):
+        cache.build_cache(config(env, cfg.out, tokens=600, model=other))
+    with pytest.raises(ValueError, match="made by model"):
+        cache.ActivationCache(cfg.out, model=clt.GPT.from_pretrained(other))
+    cache.ActivationCache(cfg.out, model=clt.GPT.from_pretrained(cfg.model))  # the right model opens
+    cache.build_cache(config(env, cfg.out, tokens=600, model=other, overwrite=True))
+    cache.ActivationCache(cfg.out, model=clt.GPT.from_pretrained(other))
+
+
+# -----------------------------------------------------------------------------
+# reader: shuffling, rank shares, in-order chunks
+
+
+def rows_of(c, **kw):
+    return [r.numpy() for _, _, r in c.batches(return_rows=True, **kw)]
+
+
+SHUF = dict(batch_size=50, epochs=1, unit_rows=64, window_mb=0.02)  # 2 units (128 rows) per window
+
+
+def test_rank_shares_are_disjoint_equal_and_cover(int8_cache):
+    _, c = int8_cache
+    lo, hi = c.split_range("train")
+    W, B = 3, SHUF["batch_size"]
+    shares = [rows_of(c, seed=5, rank=r, world=W, **SHUF) for r in range(W)]
+    nb = c.batches_per_epoch(B, W)
+    assert nb == (hi - lo) // (B * W) and all(len(s) == nb for s in shares)
+    flat = np.concatenate([np.concatenate(s) for s in shares])
+    assert len(np.unique(flat)) == len(flat) == nb * B * W  # disjoint
+    assert flat.min() >= lo and flat.max() < hi and hi - lo - len(flat) < B * W  # cover all but the remainder
+    # the ranks' batches at step g are the one-rank batch of B*W at step g: world size changes nothing
+    single = rows_of(c, seed=5, **{**SHUF, "batch_size": B * W})
+    for g in range(nb):
+        assert np.array_equal(np.concatenate([s[g] for s in shares]), single[g])
+
+
+def test_shuffle_is_deterministic_per_seed_and_resumable(int8_cache):
+    _, c = int8_cache
+    a, b, other = rows_of(c, seed=1, **SHUF), rows_of(c, seed=1, **SHUF), rows_of(c, seed=2, **SHUF)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(other))
+    # shuffled across the whole split: consecutive rows of the cache rarely stay neighbours
+    flat = np.concatenate(a)
+    assert np.mean(np.abs(np.diff(flat)) == 1) < 0.05 and np.corrcoef(flat, np.arange(len(flat)))[0, 1] < 0.5
+    # a later epoch is a different order; start_step skips exactly to where step k starts
+    two = rows_of(c, seed=1, **{**SHUF, "epochs": 2})
+    nb = len(a)
+    assert len(two) == 2 * nb and not np.array_equal(np.concatenate(two[:nb]), np.concatenate(two[nb:]))
+    for k in (3, nb, nb + 2):
+        assert all(np.array_equal(x, y) for x, y in zip(rows_of(c, seed=1, start_step=k, **{**SHUF, "epochs": 2}),
+                                                         two[k:], strict=True))
+
+
+def test_batches_hold_the_rows_they_name(int8_cache):
+    _, c = int8_cache
+    x_in, x_out, rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02))
+    r_in, r_out, *_ = c.read(0, c.n_tokens)
+    assert x_in.shape == (32, 2, 32) and torch.equal(x_in, r_in[rows]) and torch.equal(x_out, r_out[rows])
+    assert c.batches_per_epoch(100, split="heldout") == 3
+    endless = c.batches(100, seed=0, split="heldout", return_rows=True)  # epochs=None: endless
+    rows = [r for _, (_, _, r) in zip(range(9), endless)]
+    assert len(rows) == 9 and all(np.array_equal(np.sort(np.concatenate(rows[i:i + 3])), np.arange(2700, 3000))
+                                  for i in (0, 3, 6))  # each epoch: every held-out row once
+
+
+def test_iter_chunks_streams_a_split_in_order(int8_cache):
+    _, c = int8_cache
+    lo, hi = c.split_range("heldout")
+    chunks = list(c.iter_chunks(100, split="heldout"))
+    assert [len(ch[2]) for ch in chunks][:-1] == [100] * (len(chunks) - 1)
+    r_in, _, tok, doc, pos = c.read(lo, hi)
+    assert torch.equal(torch.cat([ch[0] for ch in chunks]), r_in) and torch.equal(torch.cat([ch[2] for ch in chunks]), tok)
+    assert (np.diff(doc.numpy()) >= 0).all() and pos[0] == 1  # held out: whole contexts, in corpus order
+
+
+# -----------------------------------------------------------------------------
+# corpora and bad input
+
+
+def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
+    docs = make_docs(200, seed=3)
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    (tmp_path / "dir").mkdir()
+    for i in range(0, 200, 50):
+        (tmp_path / "dir" / f"{i:03d}.txt").write_text(clt.ENDOFTEXT.join(docs[i:i + 50]))
+    got = [list(cache.iter_documents(str(p))) for p in (tmp_path / "c.jsonl", tmp_path / "dir")]
+    assert got[0] == docs and got[1] == docs
+    cfg = config(env, tmp_path / "j", corpus=str(tmp_path / "c.jsonl"), tokens=500, keep_bos=True)
+    m = cache.build_cache(cfg)
+    assert m["n_tokens"] == 500
+    _, _, tok, doc, pos = cache.ActivationCache(cfg.out).read(0, 16)
+    assert pos.tolist() == list(range(16)) and tok[0] == 259 and doc[0] == 0  # BOS kept: <|endoftext|>
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ctx=64), "ctx=64 must be in 2..n_ctx=32"),
+    (dict(dtype="int4"), "unknown dtype 'int4'"),
+    (dict(tokens=10 ** 13), "needs .* GB more"),
+])
+def test_bad_arguments(env, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cache.build_cache(config(env, tmp_path / "bad", **kw))
+    assert not (tmp_path / "bad" / "shard_00000.bin").exists()
+
+
+def test_empty_corpus_unwritable_out_and_nan_model(env, tmp_path):
+    (tmp_path / "empty.txt").write_text(f"  {clt.ENDOFTEXT}\n")
+    with pytest.raises(ValueError, match="empty or too short"):
+        cache.build_cache(config(env, tmp_path / "e", corpus=str(tmp_path / "empty.txt")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot create the cache directory"):
+        cache.build_cache(config(env, tmp_path / "file" / "sub"))
+    with pytest.raises(FileNotFoundError, match="corpus .* does not exist"):
+        cache.build_cache(config(env, tmp_path / "nf", corpus=str(tmp_path / "missing.txt")))
+    nan_dir = make_model_dir(tmp_path / "nan")
+    model = clt.GPT.from_pretrained(nan_dir)
+    with torch.no_grad():
+        model.h[1].mlp.c_proj.bias[3] = float("nan")
+    model.save_pretrained(nan_dir)
+    cfg = config(env, tmp_path / "n", model=str(nan_dir))
+    with pytest.raises(ValueError, match="non-finite activations"):
+        cache.build_cache(cfg)
+    m = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert not m["complete"] and m["shards"] == [] and os.listdir(tmp_path / "n") == ["manifest.json"]
+    with pytest.raises(ValueError, match="unfinished"):
+        cache.ActivationCache(cfg.out)
