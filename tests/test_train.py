@@ -1,10 +1,15 @@
 """Tests for the CLT module (clt.py, cross-layer transcoder section) and single-process training (train.py)."""
-import math
+import json
+import os
+import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import cache as cache_lib
 import clt as C
+import train as T
 
 torch.set_num_threads(1)
 
@@ -128,3 +133,128 @@ def test_bad_config_is_refused():
         C.CLTConfig(activation="gelu")
     with pytest.raises(ValueError, match="positive"):
         C.CLTConfig(n_features=0)
+
+
+# -----------------------------------------------------------------------------
+# a small cache of a small random GPT (the tests' data; test_dist.py uses it too)
+
+
+def make_model_dir(path, n_layer=2, n_embd=16, seed=0):
+    """A seeded random GPT with a byte-level tokenizer (256 bytes + <|endoftext|>, no merges)."""
+    torch.manual_seed(seed)
+    C.GPT(C.GPTConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, n_ctx=32, vocab_size=257)).save_pretrained(path)
+    vocab = {ch: i for i, ch in enumerate(C.bytes_to_unicode().values())}
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump({**vocab, C.ENDOFTEXT: 256}, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return str(path)
+
+
+def make_cache(root, n_layer=2, n_embd=16, tokens=6000):
+    """root/model, root/corpus.txt (short documents of a 13-word language) and root/cache."""
+    model = make_model_dir(os.path.join(root, "model"), n_layer, n_embd)
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran far away big red sun".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(10, 40))) for _ in range(800)]
+    with open(os.path.join(root, "corpus.txt"), "w") as f:
+        f.write(C.ENDOFTEXT.join(docs))
+    out = os.path.join(root, "cache")
+    cache_lib.build_cache(cache_lib.CacheConfig(model=model, corpus=os.path.join(root, "corpus.txt"), tokens=tokens,
+                                                ctx=32, out=out, heldout=0.1, shard_tokens=2048, device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    return make_cache(str(tmp_path_factory.mktemp("small")))
+
+
+def config(cache, out, **kw):
+    base = dict(cache=cache, out=str(out), features=64, steps=20, batch_size=128, warmup=5, eval_every=10,
+                eval_contexts=8, ckpt_every=10, device="cpu")
+    return T.TrainConfig(**{**base, **kw})
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def test_resume_equals_an_uninterrupted_run(small_cache, tmp_path):
+    T.train(config(small_cache, tmp_path / "full", activation="topk", k=4, dead_tokens=300))
+    T.train(config(small_cache, tmp_path / "cut", activation="topk", k=4, dead_tokens=300, stop_at=10))
+    assert not os.path.exists(tmp_path / "cut" / "config.json")  # stopped early: no export yet
+    assert json.load(open(tmp_path / "cut" / "checkpoints" / "latest.json"))["step"] == 10
+    T.train(config(small_cache, tmp_path / "cut", steps=20, resume=True))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in cut] == list(range(20))
+    assert any(m["aux"] > 0 for m in full)  # AuxK and the dead-feature clocks took part
+    for a, b in zip(full, cut):
+        assert (a["loss"], a["grad_norm"], a["dead"]) == (b["loss"], b["grad_norm"], b["dead"]), a["step"]
+    for name in ("W_enc_1", "W_dec_0"):
+        a, b = (load_file(tmp_path / run / f"{name}.safetensors") for run in ("full", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_short_run_learns_a_good_clt(small_cache, tmp_path):
+    m = T.train(config(small_cache, tmp_path, features=128, steps=150, batch_size=256, lr=3e-3, sparsity=0.5,
+                       eval_every=150, eval_contexts=32))
+    first = read_metrics(tmp_path)[0]
+    assert max(m["fvu"]) < 0.15 and first["fvu"][0] > 0.5, (first["fvu"], m["fvu"])
+    assert max(m["l0"]) < 20, m["l0"]
+    assert {"ce_clean", "ce_spliced", "ce_zero", "recovered"} <= set(m["eval"])  # a random GPT: CE says little
+    clt = C.CrossLayerTranscoder.from_pretrained(tmp_path)  # the export works on raw activations
+    x, y, *_ = cache_lib.ActivationCache(small_cache).read(*cache_lib.ActivationCache(small_cache).split_range("heldout"))
+    fvu = (clt(x)[1] - y).pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))
+    assert fvu.max() < 0.2, fvu
+
+
+def test_spliced_loss_of_a_perfect_and_of_a_zero_reconstruction(small_cache):
+    cache = cache_lib.ActivationCache(small_cache)
+    gpt = C.GPT.from_pretrained(cache.manifest["model"])
+    contexts = T.heldout_contexts(cache, 4, bos=256)
+    assert contexts.shape == (4, 32) and (contexts[:, 0] == 256).all()
+
+    class Stub(torch.nn.Module):  # stands in for a CLT: the true MLPs, scaled by s
+        def __init__(self, s):
+            super().__init__()
+            self.s = s
+
+        def forward(self, mlp_in):  # (N, L, d)
+            out = torch.stack([gpt.h[l].mlp(mlp_in[:, l]) for l in range(mlp_in.size(1))], 1)
+            return None, self.s * out
+
+    perfect, zero = T.spliced_loss(gpt, Stub(1.0), contexts), T.spliced_loss(gpt, Stub(0.0), contexts)
+    assert abs(perfect["recovered"] - 1) < 1e-5 and abs(perfect["ce_spliced"] - perfect["ce_clean"]) < 1e-5
+    assert abs(zero["recovered"]) < 1e-5 and zero["ce_zero"] > zero["ce_clean"]
+
+
+def test_bad_input_gives_clear_errors(small_cache, tmp_path):
+    other = make_model_dir(tmp_path / "other", n_layer=3, n_embd=16)
+    with pytest.raises(ValueError, match="L=2, d=16 but the model"):
+        T.train(config(small_cache, tmp_path / "a", model=other))
+    with pytest.raises(ValueError, match="--k 65 must be"):
+        T.train(config(small_cache, tmp_path / "b", activation="topk", k=65))
+    with pytest.raises(ValueError, match="--features 0"):
+        T.train(config(small_cache, tmp_path / "c", features=0))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        T.train(config(small_cache, tmp_path / "d", batch_size=10 ** 6))
+    with pytest.raises(FileNotFoundError, match="python cache.py"):
+        T.train(config(str(tmp_path / "nowhere"), tmp_path / "e"))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        T.train(config(small_cache, tmp_path / "f", resume=True))
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(small_cache, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"at step (\d+) \(layers \[0"):
+        T.train(config(small_cache, tmp_path, lr=1e38, warmup=1, grad_clip=-1, ckpt_every=1, eval_every=-1))
+    latest = json.load(open(tmp_path / "checkpoints" / "latest.json"))
+    bad = read_metrics(tmp_path)[-1]["step"] + 1  # the step that failed logged nothing
+    assert latest["step"] == bad  # its checkpoint holds the weights from before the failing step
+    shard = load_file(tmp_path / "checkpoints" / latest["dir"] / "tp0-mesh1x1.safetensors")
+    assert all(torch.isfinite(v).all() for v in shard.values())
