@@ -1,0 +1,225 @@
+"""Attribution graphs: the replacement model is exact, every edge is a measured direct effect, the
+graph sums to its targets' inputs, pruning and scores behave, files open, interventions do what
+they say, and bad input fails clearly. Small random GPT + random CLT (b_enc raised so features fire)."""
+import functools
+import json
+import os
+
+import pytest
+import tiktoken
+import torch
+from safetensors.torch import load_file
+
+import clt as C
+import graph as G
+
+L, D, F_, V, T = 3, 32, 64, 300, 10
+
+
+def make(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = C.GPT(C.GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
+    clt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed).eval()
+    with torch.no_grad():
+        clt.b_enc.fill_(-0.2)  # a random CLT fires on a fifth of its features here: a few hundred nodes
+        clt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))  # unfolded normalization must be handled
+        clt.output_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    idx = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(seed))
+    return model, clt.to(dtype), idx
+
+
+@functools.lru_cache
+def build(dtype=torch.float32):
+    """(model, clt, replacement, graph), built once per dtype for the whole file."""
+    model, clt, idx = make(dtype)
+    rep = G.local_replacement(model, clt, idx)
+    return model, clt, rep, G.attribute(model, clt, rep, "random", batch_size=64)
+
+
+@pytest.fixture
+def built():
+    return build()
+
+
+def test_replacement_reproduces_logits(built):
+    model, clt, rep, _ = built
+    logits, acts = model.run_with_acts(rep.idx)
+    frozen = model(rep.idx, frozen=rep.frozen, resid=rep.embed[None], mlp_out=(rep.recon + rep.error)[None])
+    assert (frozen - logits).abs().max() <= 1e-5
+    assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
+    pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
+    l, p, f = rep.feats.T
+    torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_edges_sum_to_inputs(dtype):
+    model, clt, rep, graph = build(dtype)
+    err, scale = G.exactness(model, clt, rep, graph)
+    assert scale > 1 and err <= (1e-4 if dtype == torch.float32 else 1e-10)
+    fs, es, ts, ls = graph.slices()
+    assert not graph.adjacency[es.start:ls.start].any()  # errors and embeddings have no inputs
+    layer = graph.feats[:, 0]
+    same_or_later = layer[:, None] <= layer[None, :]  # a feature reads nothing from its own layer or above
+    assert not graph.adjacency[fs, fs][same_or_later].any()
+
+
+def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None):
+    """Every target's change when one source is scaled by (1 + eps) in the frozen replacement model,
+    measured with forward passes only (and the CLT's own decode)."""
+    resid, mlp_out = rep.embed.clone(), rep.recon + rep.error
+    if feature is not None:
+        (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
+        one = torch.zeros(T, L, F_, dtype=mlp_out.dtype)
+        one[p, l, f] = eps * a
+        mlp_out = mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))
+    if error is not None:
+        l, p = divmod(error, T)
+        mlp_out[p, l] += eps * rep.error[p, l]
+    if embed is not None:
+        resid[embed] *= 1 + eps
+    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids))
+    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids, resid, mlp_out))
+    return after - before
+
+
+@pytest.mark.parametrize("dtype,eps,tol", [(torch.float64, 1e-3, 1e-6), (torch.float32, 1e-2, 1e-3)])
+def test_edges_match_perturbations(dtype, eps, tol):
+    model, clt, rep, graph = build(dtype)
+    A, (fs, es, ts, ls) = graph.adjacency, graph.slices()
+    targets = torch.cat([A[fs], A[ls]])  # rows of every target: features, then logits
+    layer = graph.feats[:, 0]
+    cross = A[fs, fs] * (layer[:, None] >= layer[None, :] + 2)  # feature -> feature, across a whole layer
+    s_feat = cross.abs().max(0).values.argmax().item()
+    s_emb = A[ls, ts].abs().max(0).values.argmax().item()
+    s_err = A[fs, es].abs().max(0).values.argmax().item()
+    assert cross[:, s_feat].abs().max() > 1e-3 and A[ls, ts][:, s_emb].abs().max() > 1e-3
+    for kw, col in (dict(feature=s_feat), s_feat), (dict(embed=s_emb), ts.start + s_emb), (dict(error=s_err), es.start + s_err):
+        delta = perturbed(model, clt, rep, graph, eps, **kw)
+        expected = eps * targets[:, col]
+        rel = (delta - expected).abs().max() / expected.abs().max()
+        assert rel <= tol, (kw, rel.item())
+
+
+def test_prune_and_scores(built):
+    *_, graph = built
+    node_mask, edge_mask, cumulative, infl = G.prune(graph, 0.8, 0.98)
+    fs, es, ts, ls = graph.slices()
+    assert node_mask[ls].all() and node_mask[ts].all()
+    assert 0 < node_mask[fs].sum() < len(graph.feats)  # pruning kept some features, not all
+    assert not edge_mask[~node_mask].any() and not edge_mask[:, ~node_mask].any()
+    assert (edge_mask.sum(0)[:ts.start][node_mask[:ts.start]] > 0).all()  # kept features/errors have out-edges
+    assert ((cumulative >= 0) & (cumulative <= 1 + 1e-6)).all()
+    replacement, completeness = G.scores(graph)
+    assert 0 <= replacement < 1 and 0 <= completeness < 1  # random CLT: errors carry influence
+    with pytest.raises(ValueError, match="thresholds"):
+        G.prune(graph, 1.5, 0.98)
+
+
+def test_zero_error_gives_score_one():
+    model, clt, idx = make()
+    rep = G.local_replacement(model, clt, idx)
+    rep.mlp_out, rep.error = rep.recon, torch.zeros_like(rep.error)  # a model whose MLPs are exactly the CLT
+    graph = G.attribute(model, clt, rep, batch_size=64)
+    replacement, completeness = G.scores(graph)
+    assert replacement == pytest.approx(1, abs=1e-6) and completeness == pytest.approx(1, abs=1e-6)
+    assert G.exactness(model, clt, rep, graph)[0] <= 1e-4
+
+
+def test_max_features_keeps_the_most_influential(built):
+    model, clt, rep, full = built
+    capped = G.attribute(model, clt, rep, max_features=20, batch_size=5)
+    assert len(capped.feats) == 20 and capped.n_active == len(rep.feats)
+    keep = (capped.feats[:, None] == full.feats[None]).all(-1).nonzero()[:, 1]  # capped features in the full graph
+    n = len(full.feats)
+    nodes = torch.cat([keep, torch.arange(n, len(full.adjacency))])
+    torch.testing.assert_close(capped.adjacency, full.adjacency[nodes][:, nodes])  # same rows, same edges
+    infl = G.influence(G.normalized(full.adjacency), full.logit_weights())[:n]
+    top = infl.argsort(descending=True)[:5]
+    assert set(top.tolist()) <= set(keep.tolist())  # the strongest features survive the cap
+
+
+def byte_tokenizer():
+    return tiktoken.Encoding("bytes", pat_str=C.GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={C.ENDOFTEXT: 256})
+
+
+def test_bad_input():
+    enc = byte_tokenizer()
+    assert G.encode_prompt(enc, "hi", 32).tolist() == [[256, ord("h"), ord("i")]]
+    with pytest.raises(ValueError, match="empty"):
+        G.encode_prompt(enc, "  ", 32)
+    with pytest.raises(ValueError, match="n_ctx=32"):
+        G.encode_prompt(enc, "x" * 40, 32)
+    model, _, idx = make()
+    for n_layer, n_embd in ((2, D), (L, 16)):
+        other = C.CrossLayerTranscoder(C.CLTConfig(n_layers=n_layer, d_model=n_embd, n_features=8))
+        with pytest.raises(ValueError, match="another model"):
+            G.local_replacement(model, other, idx)
+
+
+def write_model(path, model):
+    """A checkpoint dir whose tokenizer is bytes only (vocab.json + an empty merges.txt)."""
+    model.save_pretrained(path)
+    vocab = {c: i for i, c in enumerate(C.bytes_to_unicode().values())} | {C.ENDOFTEXT: 256}
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+
+
+def test_command_line_writes_front_end_files(tmp_path, capsys):
+    model, clt, _ = make()
+    write_model(tmp_path / "model", model)
+    clt.save_pretrained(tmp_path / "clt")
+    (tmp_path / "interp").mkdir()
+    (tmp_path / "interp" / "features.jsonl").write_text(
+        "\n".join(json.dumps(dict(layer=l, feature=f, explanation=f"L{l}F{f}")) for l in range(L) for f in range(F_)))
+    args = ["--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"), "--prompt", "Tarn is in", "--device", "cpu"]
+    G.main(args + ["--interp", str(tmp_path / "interp"), "--out", str(tmp_path / "graph")])
+    assert "exactness" in capsys.readouterr().out
+    data = json.loads((tmp_path / "graph" / "graph.json").read_text())
+    assert data["metadata"]["prompt_tokens"][1:] == list("Tarn␣is␣in".replace("␣", " "))
+    assert data["metadata"]["pruning_settings"] == dict(node_threshold=0.8, edge_threshold=0.98)
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids)) and {l["source"] for l in data["links"]} | {l["target"] for l in data["links"]} <= set(ids)
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert kinds >= {"cross layer transcoder", "embedding", "logit"}
+    for n in data["nodes"]:
+        assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "activation", "influence", "clerp"} <= set(n)
+        if n["feature_type"] == "cross layer transcoder":
+            l, f, p = map(int, n["node_id"].split("_"))
+            assert n["clerp"] == f"L{l}F{f}" and n["layer"] == str(l) and n["ctx_idx"] == p
+    assert {n["layer"] for n in data["nodes"] if n["feature_type"] == "logit"} == {str(L + 1)}
+    assert json.loads((tmp_path / "graph" / "graph-metadata.json").read_text())["graphs"][0]["slug"] == "graph"
+    full = load_file(tmp_path / "graph" / "adjacency.safetensors")
+    table = json.loads((tmp_path / "graph" / "nodes.json").read_text())["nodes"]
+    assert full["adjacency"].shape == (len(table), len(table)) and sum(n["kept"] for n in table) == len(ids)
+    l, f, p = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")["node_id"].split("_")
+    G.main(["intervene"] + args + ["--feature", f"{l}/{p}/{f}", "--scale", "0"])
+    assert "p before" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="LAYER/POS/ID"):
+        G.main(["intervene"] + args + ["--feature", "1-2-3"])
+    with pytest.raises(FileNotFoundError, match="python train.py"):
+        G.main(args[:2] + ["--clt", str(tmp_path / "nothing")])
+
+
+def test_intervention_scales_the_decoder_writes(built):
+    model, clt, rep, _ = built
+    idx = rep.idx
+    last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[0, 0]  # writes only to the last MLP
+    (l, p, f), a = rep.feats[last].tolist(), rep.acts[last]
+    clean, same, _ = G.intervene(model, clt, idx, l, p, f, 1.0)
+    torch.testing.assert_close(same, clean, atol=0, rtol=0)
+    _, ablated, act = G.intervene(model, clt, idx, l, p, f, 0.0)
+    assert act == pytest.approx(a.item())
+    one = torch.zeros(T, L, F_)
+    one[p, l, f] = a
+    mlp_out = rep.mlp_out - (clt.decode(one) - clt.decode(torch.zeros_like(one)))  # the feature's write removed
+    expected = model(idx, mlp_out=mlp_out[None])[0, -1]
+    torch.testing.assert_close(ablated, expected, atol=1e-5, rtol=0)
+    assert (ablated - clean).abs().max() > 1e-4
+    inactive = (rep.acts.new_ones(F_).index_fill(0, rep.feats[(rep.feats[:, 0] == 0) & (rep.feats[:, 1] == 1), 2], 0)
+                .nonzero()[0, 0].item())
+    with pytest.raises(ValueError, match="does not fire"):
+        G.intervene(model, clt, idx, 0, 1, inactive, 0.0)
