@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 
 import graphviz
 import matplotlib
+import matplotlib.ticker
 from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
 from tqdm import tqdm
 
@@ -50,14 +51,20 @@ class VizConfig:
     max_nodes: int = 60  # graph: keep this many most influential nodes (+ all embeddings and logits)
     max_edges: int = 150  # graph: keep this many strongest edges by |weight|
     label_chars: int = 26  # graph: characters of the explanation shown in a feature node
+    cell_width: int = 3  # graph: nodes side by side in one (layer, position) cell before it wraps
     max_examples: int = 20  # features: max-activating examples shown on a page
     top_tokens: int = 10  # features: promoted / suppressed tokens shown on a page
     dpi: int = 110  # train: resolution of the matplotlib PNGs
 
 
+# control characters made visible: newline, tab, CR as circuit-tracer's process_token writes them,
+# the others as Unicode control pictures (a NUL would end a graphviz string, and is invalid HTML)
+VISIBLE = {**{i: 0x2400 + i for i in range(32)}, 127: 0x2421, 10: "⏎", 9: "→", 13: "↵"}
+
+
 def show_token(tok):
     """A token with its whitespace made visible: leading/trailing spaces as '␣', newlines as '⏎'."""
-    tok = str(tok).replace("\n", "⏎").replace("\t", "⇥")
+    tok = str(tok).translate(VISIBLE)
     core = tok.strip(" ")
     lead, trail = len(tok) - len(tok.lstrip(" ")), len(tok) - len(tok.rstrip(" "))
     return "␣" * lead + core + ("␣" * trail if core else "")
@@ -129,7 +136,7 @@ def select_subgraph(graph, cfg):
 
 def _text(s, n=None):
     """User text for a dot label: cut to n characters, backslashes made literal (graphviz.escape)."""
-    s = str(s)
+    s = str(s).translate(VISIBLE)
     return graphviz.escape(s if n is None or len(s) <= n else s[: n - 1] + "…")
 
 
@@ -139,8 +146,8 @@ def _node_attrs(node, s, tokens, cfg, href):
     tip = f"{node['node_id']}  {node.get('clerp') or ''}  act={node.get('activation')}"
     attrs = dict(style="filled,rounded", shape="box", fillcolor=FILL.get(ft, "white"), tooltip=_text(tip),
                  width=f"{0.5 + 1.0 * s:.2f}", height=f"{0.3 + 0.35 * s:.2f}", fontsize=f"{9 + 4 * s:.1f}")
-    if ft == "embedding":
-        attrs["label"] = _text(show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}")
+    if ft == "embedding":  # the token axis: as narrow as its token
+        attrs.update(label=_text(show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}"), width="0.3")
     elif ft == "logit":
         attrs["label"] = _text(node.get("clerp") or f"logit {node['feature']}")
         attrs["penwidth"] = "2.5" if node.get("is_target_logit") else "1"
@@ -148,7 +155,8 @@ def _node_attrs(node, s, tokens, cfg, href):
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
     else:
         clerp = node.get("clerp") or ""
-        attrs["label"] = f"L{node['layer']}/{_feature_index(node)}" + (f"\\n{_text(clerp, cfg.label_chars)}" if clerp else "")
+        name = f"L{node['layer']}/{_feature_index(node)}"
+        attrs["label"] = name + (f"\\n{_text(clerp, cfg.label_chars)}" if clerp else "")
         if href:
             attrs.update(URL=href, target="_top")
     return attrs
@@ -169,34 +177,49 @@ def _legend():
     return f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="2">{rows}</TABLE>>'
 
 
+def _ranks(nodes, imp, cell_width):
+    """[(row, {pos: nodes})], bottom to top: one rank per row (the embedding row, the token axis,
+    always), or several when a (row, position) cell holds more than cell_width nodes, the most
+    influential lowest."""
+    ranks = []
+    for r in sorted({-1} | {_row(n) for n in nodes}):
+        cells = {}
+        for n in sorted((n for n in nodes if _row(n) == r), key=lambda n: -imp[n["node_id"]]):
+            cells.setdefault(n["ctx_idx"], []).append(n)
+        depth = max([math.ceil(len(c) / cell_width) for c in cells.values()] + [1])
+        ranks += [(r, {p: c[k * cell_width:(k + 1) * cell_width] for p, c in cells.items()}) for k in range(depth)]
+    return ranks
+
+
 def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
-    """Rows and columns, the part of the picture `dot` lays out: one rank=same subgraph per row
-    (an invisible left-to-right chain orders it by position; empty cells get placeholders), a
-    row-label spine ordering the rows, and invisible same-group edges making each position a column."""
-    rows = sorted({-1} | {_row(n) for n in nodes})  # the embedding row is the token axis: always drawn
+    """Rows and columns, the part of the picture `dot` lays out: a rank=same subgraph per rank (an
+    invisible left-to-right chain orders it by position; empty cells get placeholders), a
+    row-label spine stacking the ranks, and invisible same-group edges making each position a column."""
     n_pos = max(len(tokens), 1 + max((n["ctx_idx"] for n in nodes), default=0))
     at = lambda name: dict(pos=f"{pos_of[name][0]:.1f},{pos_of[name][1]:.1f}!") if name in pos_of else {}
-    heads = {}  # (row index, pos) -> the first node of that cell, or its placeholder
-    for i, r in enumerate(rows):
+    heads, ranks = {}, _ranks(nodes, imp, cfg.cell_width)  # heads: (rank, pos) -> first node of the cell
+    for i, (r, cells) in enumerate(ranks):
         with g.subgraph(name=f"row_{i}") as sub:
             sub.attr(rank="same")
             chain = [f"rowlabel_{i}"]
-            sub.node(chain[0], label={-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}"), shape="plaintext",
-                     fontsize="14", **at(chain[0]))
+            more = i > 0 and ranks[i - 1][0] == r  # a wrapped row's continuation: its label in grey
+            sub.node(chain[0], label={-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}"), shape="plaintext", fontsize="14",
+                     fontcolor="#aaaaaa" if more else "black", **at(chain[0]))
             for pos in range(n_pos):
-                cell = sorted((n for n in nodes if _row(n) == r and n["ctx_idx"] == pos), key=lambda n: -imp[n["node_id"]])
+                cell = cells.get(pos, [])
                 if not cell:  # keep the grid: an empty cell still takes a column slot
                     chain.append(f"cell_{i}_{pos}")
                     empty = _empty_cell(r, pos, tokens)
                     if not pos_of or empty.get("style") != "invis":  # pinned: no obstacles for the router
                         sub.node(chain[-1], group=f"pos{pos}", **empty, **at(chain[-1]))
                 for n in cell:
-                    link = href(int(n["layer"]), _feature_index(n)) if n["feature_type"] == "cross layer transcoder" else None
+                    is_feature = n["feature_type"] == "cross layer transcoder"
+                    link = href(int(n["layer"]), _feature_index(n)) if is_feature else None
                     sub.node(n["node_id"], group=f"pos{pos}", **_node_attrs(n, imp[n["node_id"]], tokens, cfg, link),
                              **at(n["node_id"]))
                     chain.append(n["node_id"])
                 heads[i, pos] = chain[-len(cell) or -1]
-            if i == len(rows) - 1:
+            if i == len(ranks) - 1:
                 sub.node("legend", label=_legend(), shape="plaintext", fontsize="10", **at("legend"))
                 chain.append("legend")
             for a, b in zip(chain, chain[1:]) if not pos_of else []:  # pinned nodes need no layout edges
@@ -302,18 +325,22 @@ def _fmt(v):
 
 
 def _table(value, depth=0):
-    """Any JSON value as HTML: a list of dicts as a table with a header, a dict as key/value rows."""
+    """Any JSON value as HTML: a list of dicts, or a nested dict of scalars, as a table with a header
+    row; any other dict as key/value rows."""
+    scalar = lambda v: v is None or isinstance(v, (int, float, str))
+    if isinstance(value, dict) and depth > 0 and value and all(map(scalar, value.values())):
+        value = [value]  # e.g. quantiles {"q10": .., "q50": ..}: one row, not one row per key
     if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
         keys = list(dict.fromkeys(k for r in value for k in r))
         head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
-        rows = "".join("<tr>" + "".join(f"<td>{_table(r.get(k), depth + 1)}</td>" for k in keys) + "</tr>" for r in value)
+        rows = "".join("<tr>" + "".join(f"<td>{_table(r.get(k), depth + 1)}</td>" for k in keys) + "</tr>"
+                       for r in value)
         return f"<table><tr>{head}</tr>{rows}</table>"
     if isinstance(value, dict) and depth < 3:
-        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_table(v, depth + 1)}</td></tr>" for k, v in value.items())
+        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_table(v, depth + 1)}</td></tr>"
+                       for k, v in value.items())
         return f"<table>{rows}</table>"
-    if isinstance(value, (list, dict)):
-        return html.escape(json.dumps(value)[:200])
-    return _fmt(value)
+    return _fmt(value) if scalar(value) else html.escape(json.dumps(value)[:200])
 
 
 def _stats(feat):
@@ -365,8 +392,7 @@ def feature_page(feat, cfg):
     top = (feat.get("top_examples") or [])[: cfg.max_examples]
     amax = feat.get("max_act") or max((max(e["acts"], default=0.0) for e in top), default=0.0)
     hist = feat.get("hist") or {}
-    ngrams = [{k: r[k] for k in ("ngram", "count", "corpus_count", "pmi") if k in r}
-              for r in (feat.get("input_ngrams") or [])[: cfg.top_tokens]]
+    ngrams = [dict(r, ngram=show_token(r.get("ngram", ""))) for r in (feat.get("input_ngrams") or [])[: cfg.top_tokens]]
     body = [f'<p><a href="index.html">all features</a></p><h1>Layer {layer} / feature {idx}</h1>',
             f"<p><b>Explanation:</b> {html.escape(str(feat.get('explanation') or '(none)'))}</p>",
             "<div class='cols'><div><h2>Statistics and scores</h2>", _table(_stats(feat)), "</div>",
@@ -405,15 +431,16 @@ def draw_features(cfg):
                 continue
             name = feature_page_name(feat["layer"], feat["feature"])
             _write_page(os.path.join(out, name), f"L{feat['layer']}/F{feat['feature']}", feature_page(feat, cfg))
-            cells = [f"<a href=\"{name}\">L{feat['layer']}/{feat['feature']}</a>", html.escape(str(feat.get("explanation") or ""))]
-            cells += [_fmt(feat.get(k)) for k in INDEX_KEYS]
+            cells = [f"<a href=\"{name}\">L{feat['layer']}/{feat['feature']}</a>",
+                     html.escape(str(feat.get("explanation") or ""))] + [_fmt(feat.get(k)) for k in INDEX_KEYS]
             rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     body = [f"<h1>Features: {len(rows)} live, {n_dead} dead (no page)</h1>"]
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             body += ["<h2>Summary</h2>", _table(json.load(f))]
-    if os.path.isfile(os.path.join(run_dir, "summary.png")):
-        body.append(f'<p><img alt="summary" style="max-width:100%" src="{_image_data_uri(os.path.join(run_dir, "summary.png"))}"></p>')
+    if os.path.isfile(os.path.join(run_dir, "summary.png")):  # inline, so the page stays self-contained
+        uri = _image_data_uri(os.path.join(run_dir, "summary.png"))
+        body.append(f'<p><img alt="summary" style="max-width:100%" src="{uri}"></p>')
     head = "".join(f"<th>{k}</th>" for k in ("feature", "explanation") + INDEX_KEYS)
     body += ["<h2>All live features</h2><table><tr>", head, "</tr>", *rows, "</table>"]
     _write_page(os.path.join(out, "index.html"), "Features", "".join(body))
@@ -471,7 +498,8 @@ TRAIN_PANELS = [  # (file, title, {metrics.jsonl key: legend label}, log y); "ev
     ("l0", "L0 (active features per token) per layer", {"l0": ""}, False),
     ("dead", "dead features per layer", {"dead": ""}, False),
     ("spliced", "held-out cross-entropy", {"eval.ce_clean": "clean GPT", "eval.ce_spliced": "CLT spliced in",
-                                           "eval.ce_open": "CLT spliced, open loop", "eval.ce_zero": "MLPs zeroed"}, False),
+                                           "eval.ce_open": "CLT spliced, open loop",
+                                           "eval.ce_zero": "MLPs zeroed"}, False),
     ("recovered", "fraction of CE recovered: (zero - spliced) / (zero - clean)",
      {"eval.recovered": "spliced", "eval.recovered_open": "open loop"}, False)]
 
@@ -505,6 +533,9 @@ def draw_train(cfg):
     ax.set(xlabel="L0 (mean over layers, last 10 steps)", ylabel="FVU (mean over layers, last 10 steps)",
            title="sparsity vs reconstruction: lower left is better", xscale="log", yscale="log")
     ax.grid(alpha=0.3, which="both")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not 4x10^0
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     frontier = os.path.join(cfg.out or os.path.join(cfg.inputs[0], "plots"), "frontier.png")
     fig.savefig(frontier, dpi=cfg.dpi)
     print(f"wrote {len(written)} plots and {frontier}")
@@ -515,25 +546,28 @@ def draw_train(cfg):
 # main
 
 
+HELP = {  # --help text of every VizConfig field; the flag is the field name with dashes
+    "out": "output folder; default beside the input (graph dir, <interp>/html, <run>/plots)",
+    "features": "graph: folder of feature pages to link nodes to; default <graph dir>/../interp/html",
+    "max_nodes": "graph: feature and error nodes drawn, most influential first (+ every embedding, logit)",
+    "max_edges": "graph: edges drawn, strongest |weight| first",
+    "label_chars": "graph: characters of a feature's explanation shown in its node",
+    "cell_width": "graph: nodes side by side in one (layer, position) cell before it wraps",
+    "max_examples": "features: max-activating examples shown per page",
+    "top_tokens": "features: promoted / suppressed tokens and input n-grams shown per page",
+    "dpi": "train: resolution of the PNGs"}
+
+
 def main(argv=None):
-    d = VizConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["graph", "features", "train"], help="which picture to draw")
-    parser.add_argument("inputs", nargs="+", help="graph: graph.json; features: interp run dir; train: run dir(s)")
-    parser.add_argument("--out", default=d.out, help="output folder; default beside the input")
-    # graph
-    parser.add_argument("--features", default=d.features, help="graph: folder of feature pages to link nodes to")
-    parser.add_argument("--max-nodes", type=int, default=d.max_nodes, help="graph: features/errors drawn, most influential first")
-    parser.add_argument("--max-edges", type=int, default=d.max_edges, help="graph: edges drawn, strongest |weight| first")
-    parser.add_argument("--label-chars", type=int, default=d.label_chars, help="graph: explanation characters in a node label")
-    # features
-    parser.add_argument("--max-examples", type=int, default=d.max_examples, help="features: examples shown per page")
-    parser.add_argument("--top-tokens", type=int, default=d.top_tokens, help="features: promoted/suppressed tokens shown")
-    # train
-    parser.add_argument("--dpi", type=int, default=d.dpi, help="train: PNG resolution")
+    parser.add_argument("inputs", nargs="+", help="graph: a graph.json; features: interp's dir; train: run dir(s)")
+    for f in fields(VizConfig):
+        if f.name in HELP:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=HELP[f.name])
     args = parser.parse_args(argv)
     print(vars(args))
-    cfg = VizConfig(**{f.name: getattr(args, f.name) for f in fields(VizConfig)})
+    cfg = VizConfig(**vars(args))
     if cfg.kind == "graph" and len(cfg.inputs) != 1:
         raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
     return {"graph": draw_graph, "features": draw_features, "train": draw_train}[cfg.kind](cfg)

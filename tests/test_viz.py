@@ -181,6 +181,12 @@ def test_max_nodes_and_edges_prune_the_weakest():
     assert set(edges) == {("1_3_2", "3_42_2"), ("0_5_1", "1_3_2")}
 
 
+def test_crowded_cells_wrap_onto_more_ranks():
+    _, _, rows = parse_dot(viz.build_dot(make_graph(), viz.VizConfig(cell_width=1)).source)
+    members = [{n for n in ids if not n.startswith(("rowlabel_", "cell_", "legend"))} for ids in rows.values()]
+    assert members[1:3] == [{"0_5_1", "0_7_2"}, {"0_-1_2"}]  # layer 0, its most influential node per cell first
+
+
 @needs_dot
 def test_dot_layout_is_a_grid():
     """Rows bottom to top in layer order; within a row, x follows the token position; a position's
@@ -234,7 +240,7 @@ def test_bad_graph_input(tmp_path):
 
 def test_show_token():
     assert viz.show_token(" Paris") == "␣Paris" and viz.show_token("  ") == "␣␣"
-    assert viz.show_token("a\n") == "a⏎" and viz.show_token("x ") == "x␣"
+    assert viz.show_token("a\n") == "a⏎" and viz.show_token("x ") == "x␣" and viz.show_token("\x00\t") == "␀→"
 
 
 def test_feature_pages(tmp_path):
