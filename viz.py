@@ -295,7 +295,7 @@ def draw_graph(cfg):
             f"<p>Tokens: {toks}</p>{_table(info) if info else ''}<p>{len(graph['nodes'])} nodes and "
             f"{len(graph['links'])} links in the file; drawn: every embedding and logit, the {cfg.max_nodes} "
             f"most influential other nodes, the {cfg.max_edges} strongest edges. Click a feature to open its "
-            "page; hover a node or edge for details.</p><div class='graph'>" + svg + "</div>")
+            "page; hover a node or edge for details.</p><div class='scroll'><div>" + svg + "</div></div>")
     _write_page(stem + ".html", "Attribution graph", body)
     print(f"wrote {stem}.dot, .svg, .png, .html")
     return stem + ".svg"
@@ -304,10 +304,12 @@ def draw_graph(cfg):
 # -----------------------------------------------------------------------------
 # feature pages (HTML)
 
+# .scroll is right-to-left so that a graph wider than the window opens scrolled to its right end,
+# where the last position and the logits are
 CSS = """body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}
 .ex{font-family:Menlo,Consolas,monospace;font-size:13px;line-height:1.9;margin:2px 0;white-space:nowrap;overflow-x:auto}
-.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}.graph{overflow-x:auto}
+.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}.scroll{overflow-x:auto;direction:rtl}.scroll>div{direction:ltr;display:inline-block}
 .cols{display:flex;gap:40px;flex-wrap:wrap}h2{margin-top:28px;font-size:18px}"""
 INDEX_KEYS = ("density", "max_act", "detection_auroc", "fuzzing_bacc")  # columns of the index table
 
@@ -328,7 +330,7 @@ def _table(value, depth=0):
     """Any JSON value as HTML: a list of dicts, or a nested dict of scalars, as a table with a header
     row; any other dict as key/value rows."""
     scalar = lambda v: v is None or isinstance(v, (int, float, str))
-    if isinstance(value, dict) and depth > 0 and value and all(map(scalar, value.values())):
+    if isinstance(value, dict) and depth > 0 and 0 < len(value) <= 8 and all(map(scalar, value.values())):
         value = [value]  # e.g. quantiles {"q10": .., "q50": ..}: one row, not one row per key
     if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
         keys = list(dict.fromkeys(k for r in value for k in r))
