@@ -1,0 +1,190 @@
+"""Tensor and data parallelism of train.py with real processes: torchrun, gloo, CPU.
+
+Each test compares a multi-process run against single-process training from the same seed and data:
+per-step losses and gradient norms, the exported (consolidated) weights, and the gradients themselves.
+Run as a script, this file is the torchrun worker: `torchrun --nproc_per_node=2 tests/test_dist.py tasks.json`.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import clt as C
+import train as T
+from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATOL = 1e-5
+
+
+def argv(cache, out, **kw):
+    """train.py flags of test_train.config(...), for the workers."""
+    c = config(cache, out, **kw)
+    flags = []
+    for k, v in vars(c).items():
+        if isinstance(v, bool):
+            flags += [f"--{k.replace('_', '-')}"] if v else []
+        else:
+            flags += [f"--{k.replace('_', '-')}", str(v)]
+    return flags
+
+
+def torchrun(nproc, tasks, root, timeout=300):
+    path = os.path.join(root, f"tasks{nproc}.json")
+    with open(path, "w") as f:
+        json.dump(tasks, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__, path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+# -----------------------------------------------------------------------------
+# the worker (run by torchrun)
+
+
+def batch(seed, B=64, L=2, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, d, generator=g), torch.randn(B, L, d, generator=g) * 0.3
+
+
+def gradients(activation, mesh, seed=0, clip=0.5):
+    """One loss + backward + DP averaging + clipping on a fixed batch; this rank's gradients and the norm."""
+    cfg = T.TrainConfig(activation=activation, k=4, sparsity=0.3, preact=0.01, aux_k=6, steps=10)
+    clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), seed, mesh.tp_rank, mesh.tp, mesh.tp_group)
+    x, y = batch(seed)
+    rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)  # this DP rank's share
+    dead = torch.zeros(2, 64, dtype=torch.bool)
+    dead[:, ::3] = True  # every third feature counts as dead (AuxK)
+    dead = dead[:, mesh.tp_rank * clt.F_local:(mesh.tp_rank + 1) * clt.F_local]
+    loss, _, _ = T.clt_losses(clt, x[rows], y[rows], cfg, 5, dead, 2 * 22)
+    loss.backward()
+    T.average_gradients(list(clt.parameters()), mesh)
+    norm = T.clip_gradients(clt, clip, mesh)
+    return {n: p.grad for n, p in clt.named_parameters() if p.grad is not None}, norm
+
+
+def worker(tasks_path):
+    with open(tasks_path) as f:
+        tasks = json.load(f)
+    rank = int(os.environ["RANK"])
+    for task in tasks:
+        kind = task["kind"]
+        if kind == "train":
+            T.train(T.parse_args(task["argv"]))
+        elif kind == "stall":
+            if rank == 1:
+                T.compute_init(T.parse_args(task["argv"]))
+                time.sleep(60)
+            T.main(task["argv"])
+        else:
+            ddp, rank, _, world, device = T.compute_init(T.TrainConfig(device="cpu"))
+            mesh = T.make_mesh(ddp, world, task["tp"], device)
+            if kind == "grads":
+                grads, norm = gradients(task["activation"], mesh)
+                save_file({**grads, "norm": norm.view(1)}, task["out"].format(rank=rank))
+            elif kind == "reshard":  # the export, loaded at this TP size: outputs on a fixed input
+                clt = C.CrossLayerTranscoder.from_pretrained(task["path"], mesh.tp_rank, mesh.tp, mesh.tp_group)
+                acts, out = clt(batch(7)[0] * 4)
+                if rank == 0:
+                    save_file({"out": out}, task["out"])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# tests
+
+
+@pytest.fixture(scope="module")
+def runs(small_cache, tmp_path_factory):  # noqa: F811
+    """The 2-process runs (TP=2 and DP=2) in one torchrun launch, and their single-process references."""
+    root = str(tmp_path_factory.mktemp("dist"))
+    p = lambda name: os.path.join(root, name)
+    train = lambda out, **kw: dict(kind="train", argv=argv(small_cache, p(out), **kw))
+    bt = dict(activation="batchtopk", k=4)
+    tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("dp2"), train("tp2_cut", tp=2, stop_at=10),
+             train("tp2_cut", tp=2, resume=True), dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors"))]
+    tasks += [dict(kind="grads", tp=tp, activation=a, out=p(f"grads_{a}_tp{tp}_{{rank}}.safetensors"))
+              for a in ("jumprelu", "topk") for tp in (1, 2)]
+    r = torchrun(2, tasks, root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    T.train(config(small_cache, p("ref")))
+    T.train(config(small_cache, p("ref_bt"), **bt))
+    return p
+
+
+def assert_same_run(ref, other):
+    a, b = read_metrics(ref), read_metrics(other)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(20))
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= ATOL * max(1.0, abs(x[key])), (key, x["step"], x[key], y[key])
+    assert a[-1]["eval"]["recovered"] == pytest.approx(b[-1]["eval"]["recovered"], abs=1e-4)
+    full, dist = C.CrossLayerTranscoder.from_pretrained(ref), C.CrossLayerTranscoder.from_pretrained(other)
+    for (name, u), (_, v) in zip(full.state_dict().items(), dist.state_dict().items()):
+        torch.testing.assert_close(v, u, atol=ATOL, rtol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("run", ["tp2", "dp2", "tp2_cut"])
+def test_jumprelu_with_tp2_dp2_or_resumed_equals_one_process(runs, run):
+    assert_same_run(runs("ref"), runs(run))
+
+
+def test_batchtopk_with_tp2_equals_one_process(runs):
+    assert_same_run(runs("ref_bt"), runs("tp2_bt"))
+
+
+def test_the_export_reshards(runs):
+    """The consolidated TP=2 export, loaded again at TP=2, gives the outputs of the same export at TP=1."""
+    _, out = C.CrossLayerTranscoder.from_pretrained(runs("tp2"))(batch(7)[0] * 4)
+    torch.testing.assert_close(load_file(runs("reshard.safetensors"))["out"], out, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activation):
+    """After the global clip, each TP rank's gradients are its slice of the one-process gradients, and
+    each DP rank holds the one-process gradient of the whole batch. An all-reduce in the TP backward
+    would multiply them by 2; a norm of one rank's shard would clip them less."""
+    ref, ref_norm = gradients(activation, T.Mesh())
+    assert ref_norm > 0.5  # so the clip (to 0.5) is active
+    tp2 = [load_file(runs(f"grads_{activation}_tp2_{r}.safetensors")) for r in range(2)]
+    dp2 = [load_file(runs(f"grads_{activation}_tp1_{r}.safetensors")) for r in range(2)]
+    close = lambda a, b, name: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    for name, g in ref.items():
+        for shards in (tp2, dp2):
+            close(shards[0]["norm"], ref_norm.view(1), "norm")
+        for s in dp2:
+            close(s[name], g, name)
+        if name == "b_dec":  # replicated over TP
+            close(tp2[0][name], g, name)
+            close(tp2[1][name], g, name)
+        else:
+            close(torch.cat([s[name] for s in tp2], 0 if name.startswith("W_dec") else -1), g, name)
+
+
+def test_resuming_with_another_mesh_is_refused(runs):
+    with pytest.raises(ValueError, match=r"\(dp, tp\) = \(1, 2\) mesh, this run is \(1, 1\)"):
+        T.train(T.TrainConfig(**{**vars(config("", runs("tp2_cut"))), "cache": read_cache(runs), "resume": True}))
+
+
+def read_cache(runs):
+    with open(os.path.join(runs("ref"), "training.json")) as f:
+        return json.load(f)["train_config"]["cache"]
+
+
+def test_a_stuck_rank_times_out_with_a_clear_error(small_cache, tmp_path):  # noqa: F811
+    """Rank 1 stops answering; rank 0's next collective fails after --timeout-s with a message, and
+    torchrun ends the job. (A rank that crashes outright is ended by torchrun itself, which names it.)"""
+    t0 = time.time()
+    r = torchrun(2, [dict(kind="stall", argv=argv(small_cache, tmp_path, timeout_s=3, eval_every=-1))], str(tmp_path))
+    assert r.returncode != 0 and time.time() - t0 < 50
+    assert "a collective waited longer than --timeout-s 3" in r.stderr, r.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
