@@ -521,13 +521,15 @@ def draw_train(cfg):
         out = os.path.join(cfg.out, name) if cfg.out else os.path.join(run, "plots")
         os.makedirs(out, exist_ok=True)
         for fname, title, keys, logy in TRAIN_PANELS:
-            fig = Figure(figsize=(6.4, 4), layout="tight")
+            fig = Figure(figsize=(6.4, 4))
+            fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)  # fixed: "tight" draws twice
             if _panel(fig.subplots(), rows, keys, f"{title} ({name})", logy):
                 fig.savefig(os.path.join(out, f"{fname}.png"), dpi=cfg.dpi)
                 written.append(os.path.join(out, f"{fname}.png"))
         points.append((name, _final(rows, "l0"), _final(rows, "fvu")))
     pts = sorted((p for p in points if not math.isnan(p[1] + p[2])), key=lambda p: p[1])
-    fig = Figure(figsize=(6.4, 4.4), layout="tight")
+    fig = Figure(figsize=(6.4, 4.4))
+    fig.subplots_adjust(left=0.13, right=0.95, bottom=0.12, top=0.92)
     ax = fig.subplots()
     ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-")
     for name, l0, fvu in pts:
