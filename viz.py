@@ -3,14 +3,14 @@ viz.py: pictures of what the other scripts write: attribution graphs, feature pa
 
 Data flow (each picture reads one script's output and writes static files beside it):
 
-    graph.py  -> runs/graph/graph.json       -> viz.py graph    -> graph.dot/.svg/.png/.html
+    graph.py  -> runs/graph/{slug}.json      -> viz.py graph    -> {slug}.dot/.svg/.png/.html beside it
     interp.py -> runs/interp/features.jsonl  -> viz.py features -> runs/interp/html/index.html + a page a feature
     train.py  -> runs/clt/metrics.jsonl      -> viz.py train    -> runs/clt/plots/*.png (+ frontier.png)
 
     python viz.py --help
     python viz.py features runs/interp                    # first, so the graph can link to the pages
     python viz.py graph runs/graph/graph.json             # nodes link to runs/interp/html/ if it exists
-    python viz.py train runs/clt runs/clt2 --out runs     # L0-vs-FVU frontier across runs
+    python viz.py train runs/clt runs/clt2 --out runs/plots   # curves per run + the L0-vs-FVU frontier
 
 One CPU process; nothing here needs torch or torchrun. Every page is self-contained (inline SVG, CSS
 in the page, no network URLs), so the folders can be zipped and opened offline.
@@ -19,7 +19,8 @@ References: the graph JSON is circuit-tracer's Neuronpedia format (safety-resear
 frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
 "E_{token_id}_{pos}", logits at layer n_layers+1); feature pages follow Neuronpedia / SAEDashboard.
 Differences from them:
-- the graph is a static graphviz `dot` picture (rows = layers, columns = positions), not the D3 app;
+- the graph is a static graphviz picture, not the D3 app: `dot` lays out a grid (rows = layers,
+  columns = token positions), then `neato -n2` draws the edges around the pinned nodes;
 - feature pages are plain HTML with no JavaScript.
 """
 import argparse
@@ -273,7 +274,7 @@ def draw_graph(cfg):
         page = os.path.join(feat_dir, feature_page_name(layer, feature))
         return os.path.relpath(page, out) if os.path.isfile(page) else None
 
-    stem = os.path.join(out, "graph")
+    stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
     if shutil.which("dot") is None:
         with open(stem + ".dot", "w") as f:
             f.write(build_dot(graph, cfg, href).source)
@@ -309,7 +310,8 @@ def draw_graph(cfg):
 CSS = """body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}
 .ex{font-family:Menlo,Consolas,monospace;font-size:13px;line-height:1.9;margin:2px 0;white-space:nowrap;overflow-x:auto}
-.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}.scroll{overflow-x:auto;direction:rtl}.scroll>div{direction:ltr;display:inline-block}
+.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}
+.scroll{overflow-x:auto;direction:rtl}.scroll>div{direction:ltr;display:inline-block}
 .cols{display:flex;gap:40px;flex-wrap:wrap}h2{margin-top:28px;font-size:18px}"""
 INDEX_KEYS = ("density", "max_act", "detection_auroc", "fuzzing_bacc")  # columns of the index table
 

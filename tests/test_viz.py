@@ -89,7 +89,8 @@ def write_metrics(run, l0, fvu, steps=20):
         r = dict(step=s, loss=2.0 / (s + 1), mse=1.0 / (s + 1), sparsity=0.1, preact=0.0, aux=0.0, lr=1e-3,
                  grad_norm=1.0, fvu=[fvu, fvu], l0=[l0, l0], dead=[0, s], ms=1.0, tok_per_s=1.0)
         if (s + 1) % 10 == 0:
-            r["eval"] = dict(ce_clean=3.0, ce_spliced=3.5, ce_open=3.2, ce_zero=7.0, recovered=0.875, recovered_open=0.95)
+            r["eval"] = dict(ce_clean=3.0, ce_spliced=3.5, ce_open=3.2, ce_zero=7.0, recovered=0.875,
+                             recovered_open=0.95)
         rows.append(r)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
@@ -142,7 +143,8 @@ def parse_dot(source):
         elif m := re.match(r'\s*"?([\w-]+)"? \[(.*)\]', line):
             if row is not None:
                 rows[row].append(m.group(1))
-            if "invis" not in m.group(2) and not m.group(1).startswith(("rowlabel_", "legend", "cell_", "graph", "node", "edge")):
+            layout_only = ("rowlabel_", "legend", "cell_", "graph", "node", "edge")  # and dot's default statements
+            if "invis" not in m.group(2) and not m.group(1).startswith(layout_only):
                 nodes[m.group(1)] = m.group(2)
     return nodes, edges, rows
 
