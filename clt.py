@@ -551,13 +551,27 @@ class CrossLayerTranscoder(nn.Module):
         return self.decode_normalized(acts) / self.output_scale[:, None]
 
     def decode_sparse(self, acts):
-        """The same as decode, gathering only active features' decoder rows: cost ∝ L0, not F."""
+        """The same as decode, reading only the active features' decoder rows: cost ∝ L0, not F.
+
+        acts: dense (B, L, F), or a sparse COO tensor of that shape (then nothing of size F is
+        scanned). Each layer's rows are one embedding_bag: a sparse × dense product that sums
+        value · W_dec[l][f] per token without materializing the gathered rows.
+        """
         B, L, _ = acts.shape
-        out = acts.new_zeros(B, L, self.config.d_model)  # (B, L, d)
-        for l in range(L):
-            b, f = acts[:, l].nonzero(as_tuple=True)  # the active (token, feature) pairs of layer l
-            rows = self.W_dec[l][f] * acts[b, l, f][:, None, None]  # (nnz, L-l, d)
-            out[:, l:].index_add_(0, b, rows)
+        if acts.is_sparse:
+            acts = acts.coalesce()
+            (b, l, f), vals = acts.indices(), acts.values()  # sorted by (b, l, f)
+        else:
+            b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
+            vals = acts[b, l, f]
+        out = torch.zeros(B, L, self.config.d_model, dtype=vals.dtype, device=vals.device)  # (B, L, d)
+        tokens = torch.arange(B, device=vals.device)
+        for src in range(L):
+            mine = l == src
+            offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
+            rows = F.embedding_bag(f[mine], self.W_dec[src].flatten(1), offsets, mode="sum",
+                                   per_sample_weights=vals[mine].to(self.W_dec[src].dtype))  # (B, (L-src)·d)
+            out[:, src:] += rows.view(B, L - src, -1)
         return (tp_sum(out, self.tp_group) + self.b_dec) / self.output_scale[:, None]
 
     def forward(self, mlp_in):

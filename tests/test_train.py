@@ -51,7 +51,9 @@ def test_encode_decode_match_a_naive_loop_over_layer_pairs(activation):
                 for f in range(F):
                     y = y + acts[b, src, f] * clt.W_dec[src][f, dst - src]
             torch.testing.assert_close(out[b, dst], y / clt.output_scale[dst], atol=1e-5, rtol=1e-5)
+    assert (acts == 0).float().mean() > 0.2  # so the sparse path skips something
     torch.testing.assert_close(clt.decode_sparse(acts), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clt.decode_sparse(acts.to_sparse()), out, atol=1e-5, rtol=1e-5)
 
 
 def test_jumprelu_straight_through_gradients_follow_the_formula():
