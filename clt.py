@@ -452,9 +452,9 @@ class JumpReLUFunction(torch.autograd.Function):
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
         grad_z = grad * (z > theta)
-        kernel = ((z - theta).abs() < ctx.eps / 2).to(grad.dtype)
-        grad_theta = grad * (-(theta / ctx.eps) * kernel)
-        grad_theta = grad_theta.sum_to_size(theta.shape)  # sum over the batch dims θ was broadcast over
+        kernel = (z - theta).abs_() < ctx.eps / 2
+        # θ is constant over the batch dims it was broadcast over: sum grad·K first, scale by −θ/ε after
+        grad_theta = (grad * kernel).sum_to_size(theta.shape) * (-theta / ctx.eps)
         return grad_z, grad_theta, None
 
 

@@ -185,7 +185,8 @@ def lr_at(step, c):
 def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     """One rank's losses on its batch. mlp_in, mlp_out (B, L, d) raw; dead (L, F/T) bool; n_dead the
     number of dead features over all ranks. Terms over features (sparsity, preact) are this rank's
-    share; the reconstruction terms are complete (decode sums over TP). -> (loss to backward, parts)."""
+    share; the reconstruction terms are complete (decode sums over TP).
+    -> (loss to backward, parts: sums for the metrics, fired (L, F/T): which features fired)."""
     y = mlp_out * clt.output_scale[:, None]  # (B, L, d) the normalized target
     pre = clt.pre_acts(mlp_in)  # (B, L, F/T)
     acts = clt.activate(pre)  # (B, L, F/T)
@@ -196,7 +197,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     sparsity, preact, aux = zero, zero, zero
     if c.activation in ("jumprelu", "relu"):  # λ_S ramps up linearly over the whole run (Anthropic)
         lam = c.sparsity * min(1.0, (step + 1) / c.steps)
-        sparsity = lam * torch.tanh(c.sparsity_c * acts * dec).float().sum((1, 2)).mean()
+        sparsity = lam * torch.tanh(acts * (c.sparsity_c * dec)).float().sum((1, 2)).mean()
     if c.activation == "jumprelu":
         preact = c.preact * (F.relu(clt.threshold - pre) * dec).float().sum((1, 2)).mean()
     if c.activation in ("topk", "batchtopk"):  # AuxK: the dead features model the residual
@@ -207,10 +208,11 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
         aux = c.aux_coef * scale * (e_hat - err.detach()).float().pow(2).sum((1, 2)).mean()
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
     B, y32 = sse.size(0), y.float()
-    parts = dict(n=torch.tensor(float(B), device=y.device), l0=(acts > 0).sum((0, 2)), sse=sse.detach().sum(0),
+    active = acts.detach() > 0  # (B, L, F/T)
+    parts = dict(n=torch.tensor(float(B), device=y.device), l0=active.sum((0, 2)), sse=sse.detach().sum(0),
                  y_sum=y32.sum(0), y_sq=y32.pow(2).sum((0, 2)),  # sums over this rank's tokens
                  mse=mse.detach() * B, sparsity=sparsity.detach() * B, preact=preact.detach() * B, aux=aux.detach() * B)
-    return mse + sparsity + preact + aux, parts, acts
+    return mse + sparsity + preact + aux, parts, active.any(0)
 
 
 def reduce_sums(parts, group):
@@ -468,7 +470,7 @@ def train_step(c, clt, opt, batch, state, mesh, device):
     dead = state["since_fired"] >= c.dead_tokens  # (L, F/T)
     n_dead = all_reduce_sum(dead.sum(1).float(), mesh.tp_group)  # (L,) over all features
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # fp32 master weights
-        loss, parts, acts = clt_losses(clt, *batch, c, step, dead, n_dead.sum().item())
+        loss, parts, fired = clt_losses(clt, *batch, c, step, dead, n_dead.sum().item())
     loss.backward()
     average_gradients(list(clt.parameters()), mesh)
     m = reduce_metrics(parts, mesh)
@@ -482,7 +484,7 @@ def train_step(c, clt, opt, batch, state, mesh, device):
     opt.zero_grad(set_to_none=True)
     if c.activation == "batchtopk":  # its JumpReLU threshold for inference, averaged over DP
         clt.update_batchtopk_threshold(all_reduce_sum(clt.batch_threshold.clone(), mesh.dp_group) / mesh.dp, step)
-    fired = all_reduce_sum((acts > 0).any(0).float(), mesh.dp_group) > 0  # (L, F/T) on any DP rank
+    fired = all_reduce_sum(fired.float(), mesh.dp_group) > 0  # (L, F/T) on any DP rank
     state["since_fired"] = torch.where(fired, 0, state["since_fired"] + c.batch_size)
     state["step"] = step + 1
     return dict(m, lr=lr, dead=n_dead.tolist())
