@@ -233,7 +233,8 @@ def test_spliced_loss_of_a_perfect_and_of_a_zero_reconstruction(small_cache):
 
     perfect, zero = T.spliced_loss(gpt, Stub(1.0), contexts), T.spliced_loss(gpt, Stub(0.0), contexts)
     assert abs(perfect["recovered"] - 1) < 1e-5 and abs(perfect["ce_spliced"] - perfect["ce_clean"]) < 1e-5
-    assert abs(zero["recovered"]) < 1e-5 and zero["ce_zero"] > zero["ce_clean"]
+    assert abs(zero["recovered"]) < 1e-5 and abs(zero["ce_spliced"] - zero["ce_zero"]) < 1e-5
+    assert abs(zero["ce_zero"] - zero["ce_clean"]) > 0.01  # zeroing the MLPs changes the loss: the test has teeth
 
 
 def test_bad_input_gives_clear_errors(small_cache, tmp_path):
@@ -254,7 +255,7 @@ def test_bad_input_gives_clear_errors(small_cache, tmp_path):
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(small_cache, tmp_path):
     with pytest.raises(FloatingPointError, match=r"at step (\d+) \(layers \[0"):
-        T.train(config(small_cache, tmp_path, lr=1e38, warmup=1, grad_clip=-1, ckpt_every=1, eval_every=-1))
+        T.train(config(small_cache, tmp_path, lr=1e30, warmup=1, grad_clip=-1, ckpt_every=1, eval_every=-1))
     latest = json.load(open(tmp_path / "checkpoints" / "latest.json"))
     bad = read_metrics(tmp_path)[-1]["step"] + 1  # the step that failed logged nothing
     assert latest["step"] == bad  # its checkpoint holds the weights from before the failing step
