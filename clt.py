@@ -544,7 +544,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode_normalized(self, acts):
         """acts (B, L, F) -> mlp_out_hat (B, L, d) in the normalized units the CLT is trained in."""
-        return tp_sum(self.decode_partial(acts), self.tp_group) + self.b_dec
+        # the TP sum in fp32 even under bf16 autocast: it adds T partial sums of F/T features each
+        return tp_sum(self.decode_partial(acts).float(), self.tp_group) + self.b_dec
 
     def decode(self, acts):
         """acts (B, L, F) -> mlp_out_hat (B, L, d), in raw (unnormalized) units. Dense: cost ∝ F."""

@@ -203,7 +203,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     if c.activation in ("topk", "batchtopk"):  # AuxK: the dead features model the residual
         k_aux = min(clt.config.d_model // 2 if c.aux_k < 0 else c.aux_k, clt.config.n_features)
         aux_acts = clt.topk(pre.masked_fill(~dead, 0.0), k_aux)  # global top k_aux over TP
-        e_hat = C.tp_sum(clt.decode_partial(aux_acts), clt.tp_group)  # (B, L, d), no bias
+        e_hat = C.tp_sum(clt.decode_partial(aux_acts).float(), clt.tp_group)  # (B, L, d), no bias
         scale = min(n_dead / k_aux, 1.0)  # sparsify's scaling: no dead features, no AuxK
         aux = c.aux_coef * scale * (e_hat - err.detach()).float().pow(2).sum((1, 2)).mean()
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
