@@ -72,7 +72,7 @@ def shard_layout(dtype, rows, L, d):
                             off_meta, file bytes, 0...]
     mlp_in   (rows, L, d)  dtype; for int8 q = round(x / scale) in [-127, 127]
     mlp_out  (rows, L, d)  dtype
-    scales   (rows, 2, L)  uint16 = the bits of a bfloat16 scale; [:, 0] for mlp_in, [:, 1] for
+    scales   (rows, 2, L)  int16 = the bits of a bfloat16 scale; [:, 0] for mlp_in, [:, 1] for
                            mlp_out (int8 only; empty otherwise)
     meta     (rows, 3)     int32: token id, document id, position in its context
     """
@@ -123,18 +123,18 @@ def quantize(x):
 
 
 def bf16_bits(scale):
-    """(..) bfloat16 tensor -> its bits as a uint16 numpy array (numpy has no bfloat16)."""
-    return scale.cpu().view(torch.int16).numpy().view(np.uint16)
+    """(..) bfloat16 tensor -> its bits as an int16 numpy array (numpy has no bfloat16)."""
+    return scale.cpu().view(torch.int16).numpy()
 
 
-def dequantize(q, scale_bits, out=None):
-    """q (n, L, d) int8 and scale bits (n, L) uint16 (numpy or torch) -> (n, L, d) float32 torch.
+def dequantize(q, scale_bits):
+    """q (n, L, d) int8 and scale bits (n, L) int16 (numpy or torch) -> (n, L, d) float32 torch.
 
-    One fused pass: torch.mul reads int8 and writes float32 without an intermediate float copy.
+    Convert, then scale in place: two vectorized passes beat torch's one mixed-dtype int8*float pass 3x.
     """
     q = torch.as_tensor(q)
-    s = torch.as_tensor(np.ascontiguousarray(scale_bits).view(np.int16)).to(q.device).view(torch.bfloat16)
-    return torch.mul(q, s.float()[..., None], out=out)
+    s = torch.as_tensor(scale_bits).to(q.device).view(torch.bfloat16)  # (n, L)
+    return q.float().mul_(s.float()[..., None])
 
 
 def to_float(arr, scale_bits=None, device=None):
@@ -361,7 +361,7 @@ class _ShardBuffer:
         S, dt = cfg.shard_tokens, DTYPES[cfg.dtype][1]
         self.index, self.rows, self.dtype = index, 0, cfg.dtype
         self.mlp_in, self.mlp_out = np.empty((S, L, d), dt), np.empty((S, L, d), dt)  # (S, L, d)
-        self.scales = np.empty((S, 2, L), np.uint16) if cfg.dtype == "int8" else None  # (S, 2, L)
+        self.scales = np.empty((S, 2, L), np.int16) if cfg.dtype == "int8" else None  # (S, 2, L)
         self.meta = np.empty((S, 3), np.int32)  # (S, 3)
         self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in ("norm", "sq", "err")}
 
@@ -484,7 +484,7 @@ def build_cache(cfg: CacheConfig):
     enc = clt.load_tokenizer(model_dir)
     L, d = model.config.n_layer, model.config.n_embd
     identity = _identity(cfg, model_fingerprint(model), tokenizer_fingerprint(model_dir))
-    header = dict(model=str(cfg.model), model_config=asdict(model.config), n_layers=L, d_model=d,
+    header = dict(model=os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model, model_config=asdict(model.config), n_layers=L, d_model=d,
                   dtype=cfg.dtype, ctx=cfg.ctx, keep_bos=cfg.keep_bos, shard_tokens=cfg.shard_tokens)
     manifest = _open_out_dir(cfg, identity, header)
     if manifest.get("complete"):
@@ -648,7 +648,7 @@ class ActivationCache:
                 view = lambda k, dtype, shape: mm[off[k]:off[k] + int(np.prod(shape)) * np.dtype(dtype).itemsize] \
                     .view(dtype).reshape(shape)
                 self._maps[i] = dict(mlp_in=view("mlp_in", dt, (n, L, d)), mlp_out=view("mlp_out", dt, (n, L, d)),
-                                     scales=view("scales", np.uint16, (n, 2, L)) if self.dtype == "int8" else None,
+                                     scales=view("scales", np.int16, (n, 2, L)) if self.dtype == "int8" else None,
                                      meta=view("meta", np.int32, (n, 3)))
             return self._maps[i]
 
@@ -754,9 +754,9 @@ class ActivationCache:
         """Read the rows `ids` (stream order) sorted, for sequential disk access; `inv` maps back."""
         order = np.argsort(ids, kind="stable")
         data = self._take(ids[order], keys=("mlp_in", "mlp_out", "scales"))
-        data["rows"] = ids[order]
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
+        data = {k: torch.from_numpy(v) for k, v in data.items()} | {"rows": torch.from_numpy(ids[order])}
+        inv = torch.empty(len(order), dtype=torch.long)
+        inv[torch.from_numpy(order)] = torch.arange(len(order))
         return data, inv
 
     @staticmethod
@@ -767,7 +767,7 @@ class ActivationCache:
             i = 0
             while i < len(inv):
                 take = min(B - n_pending, len(inv) - i)
-                piece = {k: np.take(v, inv[i:i + take], axis=0) for k, v in data.items()}  # (take, ...)
+                piece = {k: v.index_select(0, inv[i:i + take]) for k, v in data.items()}  # (take, ...)
                 i += take
                 if take == B:
                     yield piece
@@ -775,7 +775,7 @@ class ActivationCache:
                 pending.append(piece)
                 n_pending += take
                 if n_pending == B:
-                    yield {k: np.concatenate([p[k] for p in pending]) for k in piece}
+                    yield {k: torch.cat([p[k] for p in pending]) for k in piece}
                     pending, n_pending = [], 0
 
     @staticmethod
@@ -783,7 +783,7 @@ class ActivationCache:
         s = raw.get("scales")
         x_in = to_float(raw["mlp_in"], None if s is None else s[:, 0], device)  # (B, L, d)
         x_out = to_float(raw["mlp_out"], None if s is None else s[:, 1], device)  # (B, L, d)
-        return x_in, x_out, torch.from_numpy(raw["rows"])
+        return x_in, x_out, raw["rows"]
 
 
 # -----------------------------------------------------------------------------

@@ -242,6 +242,10 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     x_in, x_out, rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02))
     r_in, r_out, *_ = c.read(0, c.n_tokens)
     assert x_in.shape == (32, 2, 32) and torch.equal(x_in, r_in[rows]) and torch.equal(x_out, r_out[rows])
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:  # device=...: the stored int8 rows move there and are dequantized there
+        y_in, y_out, y_rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02, device=dev))
+        assert y_in.device.type == dev and torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
     assert c.batches_per_epoch(100, split="heldout") == 3
     endless = c.batches(100, seed=0, split="heldout", return_rows=True)  # epochs=None: endless
     rows = [r for _, (_, _, r) in zip(range(9), endless)]

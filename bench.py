@@ -1,0 +1,210 @@
+"""
+bench.py: clt-forge's benchmarks, one subcommand each. Every figure that goes into the README's
+results table is a ratio measured within one run, because the machines are noisy: a baseline is
+timed in the same process, next to the thing it is compared with.
+
+    python bench.py --help
+    python bench.py cache              # activation cache on the tiny model and a random GPT-2-small shape
+    python bench.py cache --quick      # the same, small (a couple of minutes on a 2-core CPU)
+    python bench.py cache --device cuda
+
+Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
+its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
+<out>/<name>.json.
+
+The cache benchmark (issue 4) measures, per model and dtype:
+- bytes/token: all shard bytes / tokens (activations, scales, token/doc/position), and x fp32;
+- NMSE = ||x - x_hat||^2 / ||x||^2 of what was stored (from the manifest, summed over all rows);
+- writer overhead: (corpus -> shards loop) / (the same loop with only the forward pass) - 1;
+- read: an epoch of shuffled, dequantized batches (bytes of activations+scales per second) against
+  a raw sequential read of the shard files (file bytes per second), both from the page cache,
+  and against reading the cache in order with dequantization (iter_chunks).
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import cache
+import clt
+
+# -----------------------------------------------------------------------------
+# helpers shared by benchmarks
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def random_model_dir(path, n_layer, n_embd, n_head, n_ctx, vocab_size, seed=0):
+    """A random GPT-2 of the given shape in the hub layout, with a byte-level tokenizer (256 bytes +
+    <|endoftext|>, no merges): no download, and any shape (e.g. GPT-2 small's 12 x 768)."""
+    torch.manual_seed(seed)
+    model = clt.GPT(clt.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
+    model.save_pretrained(path)
+    vocab = {c: i for i, c in enumerate(clt.bytes_to_unicode().values())}
+    vocab[clt.ENDOFTEXT] = len(vocab)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return path
+
+
+def synthetic_corpus(path, n_docs, seed=0):
+    """Documents of random words, separated by <|endoftext|> (for models without their own corpus)."""
+    rng = random.Random(seed)
+    words = ("the of and to in is was for on that with as by at from his her it an were which are this be "
+             "city river capital north south language people old new market bridge road year king").split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 300))) for _ in range(n_docs)]
+    with open(path, "w") as f:
+        f.write(clt.ENDOFTEXT.join(docs))
+    return path
+
+
+def print_table(rows):
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+
+
+# -----------------------------------------------------------------------------
+# cache (issue 4)
+
+
+def add_cache_args(p):
+    p.add_argument("--tiny-tokens", type=int, default=200_000, help="tokens per cache on the tiny model")
+    p.add_argument("--gpt2-tokens", type=int, default=8192, help="tokens per cache on the GPT-2-small shape")
+    p.add_argument("--read-batch", type=int, default=4096, help="batch size of the shuffled read")
+
+
+def bare_forward_seconds(cfg):
+    """The writer's loop without the writer: the same contexts, batches and forward pass."""
+    model = clt.GPT.from_pretrained(cfg.model).to(cfg.device)
+    enc = clt.load_tokenizer(cfg.model)
+    sync(cfg.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _, idx, _ in cache.iter_batches(cfg, enc, cfg.tokens):
+            model.run_with_acts(idx.to(cfg.device))
+    sync(cfg.device)
+    return time.perf_counter() - t0
+
+
+def sequential_read_seconds(files):
+    """Read every file front to back into one reused buffer: the raw rate of the disk/page cache."""
+    buf = bytearray(max(os.path.getsize(f) for f in files))
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            fh.readinto(memoryview(buf)[:os.path.getsize(f)])
+    return time.perf_counter() - t0
+
+
+def read_rates(path, batch_size):
+    """(raw sequential, shuffled batches, in-order chunks) rates in MB/s, all from the page cache."""
+    c = cache.ActivationCache(path)
+    files = [os.path.join(path, s["file"]) for s in c.manifest["shards"]]
+    file_bytes = sum(os.path.getsize(f) for f in files)
+    sequential_read_seconds(files)  # warm the page cache: every rate below is then from RAM
+    t_seq = min(sequential_read_seconds(files) for _ in range(3))
+    t0, n = time.perf_counter(), 0
+    for x_in, _ in c.batches(batch_size, seed=0, split="all", epochs=1):
+        n += len(x_in)
+    t_shuf = time.perf_counter() - t0
+    t0, m = time.perf_counter(), 0
+    for x_in, *_ in c.iter_chunks(batch_size, split="all"):
+        m += len(x_in)
+    t_inorder = time.perf_counter() - t0
+    rb = c.row_bytes()
+    return file_bytes / t_seq / 1e6, n * rb / t_shuf / 1e6, m * rb / t_inorder / 1e6
+
+
+def bench_cache_model(name, cfg, read_batch):
+    """bytes/token, NMSE, writer overhead and read rates for each dtype on one model."""
+    results, bare = [], [bare_forward_seconds(cfg)]
+    for dtype in ("int8", "fp16", "fp32"):
+        out = f"{cfg.out}_{dtype}"
+        shutil.rmtree(out, ignore_errors=True)
+        m = cache.build_cache(replace(cfg, dtype=dtype, out=out))
+        bare.append(bare_forward_seconds(cfg))  # the baseline right before and after each build
+        fp32_bytes = 2 * m["n_layers"] * m["d_model"] * 4 + 12
+        per_token = sum(s["bytes"] for s in m["shards"]) / m["n_tokens"]
+        seq, shuf, inorder = read_rates(out, min(read_batch, m["n_tokens"] // 8))
+        results.append(dict(model=name, dtype=dtype, tokens=m["n_tokens"], bytes_per_token=per_token,
+                            x_fp32=per_token / fp32_bytes, nmse_in=m["nmse_total"][0], nmse_out=m["nmse_total"][1],
+                            writer_overhead=m["seconds"] / ((bare[-2] + bare[-1]) / 2) - 1,
+                            write_s=m["seconds"], bare_s=(bare[-2] + bare[-1]) / 2,
+                            seq_MBps=seq, shuffled_MBps=shuf, inorder_MBps=inorder, shuffled_vs_seq=shuf / seq))
+        shutil.rmtree(out)
+    return results
+
+
+def bench_cache(args):
+    os.makedirs(args.out, exist_ok=True)
+    device = args.device
+    setups = []
+    if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")):
+        setups.append(("tiny", clt.DEFAULT_MODEL, "toy", args.tiny_tokens))
+    else:
+        print(f"note: {clt.DEFAULT_MODEL} is missing: using a random model of the tiny shape (4 x 128)")
+        path = random_model_dir(os.path.join(args.out, "tiny_random"), 4, 128, 4, 128, 4096)
+        setups.append(("tiny-shape (random)", path, synthetic_corpus(os.path.join(args.out, "corpus.txt"), 4000), args.tiny_tokens))
+    gpt2 = random_model_dir(os.path.join(args.out, "gpt2_small_random"), 12, 768, 12, 1024, 50257)
+    corpus = synthetic_corpus(os.path.join(args.out, "corpus.txt"), 4000)
+    setups.append(("gpt2-small-shape (random)", gpt2, corpus, args.gpt2_tokens))
+    results = []
+    for name, model_dir, corpus, tokens in setups:
+        cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, ctx=64, device=device,
+                                out=os.path.join(args.out, name.split()[0]), heldout=0.0)
+        print(f"{name}: {tokens} tokens per cache on {device}, torch threads {torch.get_num_threads()}")
+        results += bench_cache_model(name, cfg, args.read_batch)
+    shutil.rmtree(gpt2)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# main
+
+BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate")}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="benchmark", required=True)
+    for name, (_, add_args, text) in BENCHMARKS.items():
+        b = sub.add_parser(name, help=text)
+        b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+        b.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+        b.add_argument("--out", default=os.path.join("runs", "bench"), help="scratch space and <name>.json")
+        b.add_argument("--quick", action="store_true", help="a small run: sizes divided by 4")
+        add_args(b)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        for k, v in vars(args).items():
+            if k.endswith("_tokens"):
+                setattr(args, k, v // 4)
+    fn = BENCHMARKS[args.benchmark][0]
+    print(vars(args))
+    results = fn(args)
+    print_table(results)
+    meta = dict(args=vars(args), torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name() if str(args.device).startswith("cuda") else None)
+    with open(os.path.join(args.out, f"{args.benchmark}.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
