@@ -128,6 +128,22 @@ def encode_prompt(enc, prompt, n_ctx):
     return torch.tensor([ids])
 
 
+def decoder_writes(clt, layer, ids, acts):
+    """What features ids of `layer` with activations acts (n,) write to mlp_out[layer:], raw units:
+    a·W_dec[layer][f] / output_scale, (n, L - layer, d)."""
+    return (clt.W_dec[layer][ids] / clt.output_scale[layer:, None] * acts[:, None, None]).detach()
+
+
+def reconstruct(clt, feats, acts, T):
+    """The CLT's output (T, L, d) from the active features (n, 3) with activations acts (n,),
+    summed in the working dtype (clt.decode sums in fp32, for bf16 training), b_dec included."""
+    out = (clt.b_dec / clt.output_scale[:, None]).detach().expand(T, -1, -1).clone()  # (T, L, d)
+    for l in range(clt.config.n_layers):
+        mine = feats[:, 0] == l
+        out[:, l:].index_add_(0, feats[mine, 1], decoder_writes(clt, l, feats[mine, 2], acts[mine]))
+    return out
+
+
 @torch.no_grad()
 def local_replacement(model, clt, idx):
     """Run the GPT once on idx (1, T); encode its MLP inputs with the CLT; split each MLP output
@@ -140,10 +156,11 @@ def local_replacement(model, clt, idx):
     mlp_in, mlp_out = acts.mlp_in[0], acts.mlp_out[0]  # (T, L, d)
     a = clt.encode(mlp_in)  # (T, L, F)
     a[0] = 0  # no features at BOS: its large, constant activations go to its error nodes (circuit-tracer)
-    recon = clt.decode(a)  # (T, L, d)
     l, p, f = a.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then position, then id
+    feats = torch.stack([l, p, f], 1)
+    recon = reconstruct(clt, feats, a[p, l, f], idx.size(1))  # (T, L, d)
     return Replacement(idx, acts.frozen, model.embed(idx)[0], mlp_out, recon, mlp_out - recon,
-                       torch.stack([l, p, f], 1), a[p, l, f], logits[0, -1])
+                       feats, a[p, l, f], logits[0, -1])
 
 
 @torch.no_grad()
@@ -191,8 +208,7 @@ class Attribution:
         self.groups = []  # per (layer, position): the features' decoder writes a·W_dec, (n_g, (L-l)·d)
         for l, p in torch.unique(rep.feats[:, :2], dim=0).tolist():
             ids = ((rep.feats[:, 0] == l) & (rep.feats[:, 1] == p)).nonzero()[:, 0]
-            dec = clt.W_dec[l][rep.feats[ids, 2]] / clt.output_scale[l:, None]  # (n_g, L-l, d)
-            self.groups.append((ids, p, l, (dec * rep.acts[ids, None, None]).flatten(1).detach()))
+            self.groups.append((ids, p, l, decoder_writes(clt, l, rep.feats[ids, 2], rep.acts[ids]).flatten(1)))
 
     def rows(self, objective, n):
         """objective = sum over rows b < n of target b's input -> (n, n_sources) rows of A."""
@@ -283,8 +299,8 @@ def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
     feats, logit_ids = graph.feats.to(rep.idx.device), graph.logit_ids.to(rep.idx.device)
     inputs = torch.cat(target_inputs(model, clt, rep, feats, logit_ids))
-    zero_acts = rep.mlp_out.new_zeros(*rep.mlp_out.shape[:2], clt.config.n_features)  # (T, L, F)
-    bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, torch.zeros_like(rep.embed), clt.decode(zero_acts)))
+    b_dec = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.embed))  # (T, L, d) no features: b_dec only
+    bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, torch.zeros_like(rep.embed), b_dec))
     fs, _, _, ls = graph.slices()
     A = graph.adjacency.to(inputs.device)
     total = torch.cat([A[fs].sum(1), A[ls].sum(1)]) + bias
@@ -468,8 +484,7 @@ def intervene(model, clt, idx, layer, pos, feature, scale):
     if a[feature] == 0:
         top = [f"{f} ({v:.3g})" for v, f in zip(*a.topk(min(5, int((a != 0).sum()))))] if a.any() else []
         raise ValueError(f"feature {layer}/{pos}/{feature} does not fire on this prompt; active there: {top or 'none'}")
-    dec = clt.W_dec[layer][feature] / clt.output_scale[layer:, None]  # (L - layer, d)
-    delta = (scale - 1) * a[feature] * dec
+    delta = decoder_writes(clt, layer, torch.tensor([feature]), (scale - 1) * a[feature:feature + 1])[0]  # (L - layer, d)
 
     def hook(l):
         def add(module, inputs, out):

@@ -16,6 +16,15 @@ import graph as G
 L, D, F_, V, T = 3, 32, 64, 300, 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a CPU shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     model = C.GPT(C.GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
@@ -50,6 +59,9 @@ def test_replacement_reproduces_logits(built):
     pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
     l, p, f = rep.feats.T
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
+    a = torch.zeros(T, L, F_)
+    a[p, l, f] = rep.acts
+    torch.testing.assert_close(rep.recon, clt.decode(a), atol=1e-5, rtol=0)  # the library's own decode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -68,11 +80,9 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None)
     """Every target's change when one source is scaled by (1 + eps) in the frozen replacement model,
     measured with forward passes only (and the CLT's own decode)."""
     resid, mlp_out = rep.embed.clone(), rep.recon + rep.error
-    if feature is not None:
+    if feature is not None:  # its decoder writes to every layer from its own up
         (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
-        one = torch.zeros(T, L, F_, dtype=mlp_out.dtype)
-        one[p, l, f] = eps * a
-        mlp_out = mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))
+        mlp_out[p, l:] += eps * a * clt.W_dec[l][f].detach() / clt.output_scale[l:, None]
     if error is not None:
         l, p = divmod(error, T)
         mlp_out[p, l] += eps * rep.error[p, l]
@@ -83,7 +93,7 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None)
     return after - before
 
 
-@pytest.mark.parametrize("dtype,eps,tol", [(torch.float64, 1e-3, 1e-6), (torch.float32, 1e-2, 1e-3)])
+@pytest.mark.parametrize("dtype,eps,tol", [(torch.float64, 1e-3, 1e-6), (torch.float32, 0.2, 1e-3)])
 def test_edges_match_perturbations(dtype, eps, tol):
     model, clt, rep, graph = build(dtype)
     A, (fs, es, ts, ls) = graph.adjacency, graph.slices()
