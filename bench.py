@@ -173,9 +173,101 @@ def bench_cache(args):
 
 
 # -----------------------------------------------------------------------------
+# graph (issue 7)
+
+
+def add_graph_args(p):
+    p.add_argument("--graph-features", default="250,500,1000,2000,4000", help="active-feature counts to time")
+    p.add_argument("--graph-prompt-len", type=int, default=32, help="prompt tokens, BOS included")
+    p.add_argument("--graph-batch", type=int, default=64, help="targets per backward pass")
+    p.add_argument("--graph-n-features", type=int, default=4096, help="features per layer of the random CLTs")
+
+
+def proc_status_kb(key):
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(key + ":")))
+
+
+def clt_with_n_active(model, idx, n_features, n_active, seed=0):
+    """A random CLT whose b_enc makes exactly n_active (position, layer, feature) fire on idx (BOS
+    excluded): the JumpReLU threshold falls between the n-th and (n+1)-th largest x·W_enc."""
+    c = model.config
+    t = clt.CrossLayerTranscoder(clt.CLTConfig(n_layers=c.n_layer, d_model=c.n_embd, n_features=n_features), seed)
+    t = t.to(idx.device).eval()
+    with torch.no_grad():
+        pre = t.pre_acts(model.run_with_acts(idx)[1].mlp_in[0])[1:]  # (T-1, L, F), b_enc = 0
+        top = pre.flatten().topk(n_active + 1).values
+        t.b_enc.fill_((t.threshold[0, 0] - (top[-2] + top[-1]) / 2).item())
+    return t
+
+
+def graph_point(name, n_active, args):
+    """Time and peak memory of one attribution graph. On CPU it runs in a fresh process (see
+    bench_graph), so the peak RSS above the setup's RSS is this graph's own memory."""
+    import graph
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096) if name.startswith("tiny") else \
+        dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
+    model = clt.GPT.from_pretrained() if name == "tiny" else clt.GPT(clt.GPTConfig(n_ctx=1024, **shape))
+    model = model.to(args.device).eval()
+    idx = torch.randint(0, model.config.vocab_size - 1, (1, args.graph_prompt_len), device=args.device)
+    idx[0, 0] = model.config.vocab_size - 1  # BOS: <|endoftext|> is the last id in GPT-2's layout
+    t = clt_with_n_active(model, idx, args.graph_n_features, n_active)
+    cuda = str(args.device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        base = proc_status_kb("VmRSS") * 1024
+    t0 = time.perf_counter()
+    rep = graph.local_replacement(model, t, idx)
+    g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
+    sync(args.device)
+    t1 = time.perf_counter()
+    graph.prune(g)
+    graph.scores(g)
+    t2 = time.perf_counter()
+    peak = (torch.cuda.max_memory_allocated() if cuda else proc_status_kb("VmHWM") * 1024) - base
+    err, scale = graph.exactness(model, t, rep, g)
+    return dict(model=name, n_active=len(rep.feats), nodes=len(g.adjacency), attribute_s=t1 - t0,
+                prune_s=t2 - t1, ms_per_feature=1e3 * (t1 - t0) / len(rep.feats), peak_MB=peak / 2**20,
+                adjacency_MB=g.adjacency.numel() * 4 / 2**20, rel_exactness=err / scale)
+
+
+def bench_graph(args):
+    """Attribution time and peak memory vs active features, on the tiny model (or its shape, random)
+    and on a random GPT-2-small shape, each with a random CLT tuned to fire on n features."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    os.makedirs(args.out, exist_ok=True)
+    counts = [int(n) for n in args.graph_features.split(",")][: 3 if args.quick else None]
+    tiny = "tiny" if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")) else "tiny-shape (random)"
+    results = []
+    for name in (tiny, "gpt2-small-shape (random)"):
+        for n in counts:
+            if str(args.device).startswith("cuda"):
+                results.append(graph_point(name, n, args))
+            else:
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process per graph
+                    results.append(pool.submit(graph_point, name, n, args).result())
+            print(results[-1])
+        rows = [r for r in results if r["model"] == name]
+        if len(rows) > 1:  # log-log slope of time vs active features: 1 = linear
+            slope = np.log(rows[-1]["attribute_s"] / rows[0]["attribute_s"]) / np.log(rows[-1]["n_active"] / rows[0]["n_active"])
+            print(f"{name}: attribution time ~ n_active^{slope:.2f} over {rows[0]['n_active']}..{rows[-1]['n_active']}")
+    return results
+
+
+# -----------------------------------------------------------------------------
 # main
 
-BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate")}
+BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
+              "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features")}
 
 
 def main(argv=None):
