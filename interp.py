@@ -111,7 +111,7 @@ class InterpConfig:
 
 @dataclass
 class Padded:
-    acts: torch.Tensor  # (E, L, F) feature activations of E consecutive cache rows
+    acts: torch.Tensor  # (E, M) activations of all M = L·F features (m = layer·F + f) on E consecutive rows
     tok: torch.Tensor  # (E,) token ids
     doc: torch.Tensor  # (E,) document ids
     pos: torch.Tensor  # (E,) positions in their context (they restart at each context)
@@ -124,10 +124,10 @@ def padded_chunks(clt, cache, split, cfg):
     cat = lambda *parts: [torch.cat(p) for p in zip(*parts)]
     ahead = max(cfg.after, cfg.fuzz_window)  # the future rows that examples and fuzzing contexts need
     tail = prev = None
-    for chunk in cache.iter_chunks(cfg.chunk_size, split=split):
+    for chunk in cache.iter_chunks(cfg.chunk_size, split=split, device=cfg.device):
         mlp_in, _, tok, doc, pos = chunk  # cache.ActivationCache.iter_chunks: rows in order
         with torch.no_grad():
-            acts = clt.encode(mlp_in.to(cfg.device, torch.float32))  # (N, L, F)
+            acts = clt.encode(mlp_in.to(cfg.device, torch.float32)).flatten(1)  # (N, L·F)
         cur = [acts, tok.to(cfg.device).long(), doc.to(cfg.device).long(), pos.to(cfg.device).long()]
         if prev is None:
             tail = [x[:0] for x in cur]
@@ -199,49 +199,69 @@ class SparseCounter:
         return self.keys, self.counts
 
 
-def merge_top(store, key, p, a_T, cfg):
-    """Keep, per feature, the k entries of largest `key` seen so far, with their context windows.
+def merge_top(store, m, r, key, p, cfg):
+    """Keep, per feature, the k firings of largest `key` seen so far, with their context windows.
 
-    store: dict of (F, k, ...) tensors (key, act, doc, pos, win_tok, win_act); key: (F, N) for the
-    chunk's own rows, -1 where the feature does not fire; a_T: (F, E) this layer's padded activations.
+    store: dict of (M, k, ...) tensors (key, act, doc, pos, win_tok, win_act) over all M = L·F features,
+    sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings (feature, row in [lo, hi), key > 0).
+    Only firings above their feature's k-th best are kept as candidates: after the first chunks they are
+    few, so this costs little more than reading the firings.
     """
-    F_, k = store["key"].shape
-    vals, idx = key.topk(min(k, key.size(1)), dim=1)  # (F, k')
-    center = idx + p.lo  # (F, k') rows of the padded chunk
-    rows = center[..., None] + torch.arange(-cfg.before, cfg.after + 1, device=key.device)  # (F, k', W)
+    k = store["key"].size(1)
+    ok = key > store["key"][m, -1]
+    m, r, key = m[ok], r[ok], key[ok]
+    if m.numel() == 0:
+        return
+    order = key.argsort(descending=True)
+    order = order[m[order].argsort(stable=True)]  # grouped by feature, best first within a feature
+    m, r, key = m[order], r[order], key[order]
+    need, counts = m.unique_consecutive(return_counts=True)  # (F',) the features with candidates
+    slot = torch.repeat_interleave(torch.arange(len(need), device=m.device), counts)  # (n,) into need
+    rank = torch.arange(len(m), device=m.device) - (counts.cumsum(0) - counts)[slot]
+    keep = rank < k
+    cand_key = torch.zeros(len(need), k, device=m.device)  # (F', k) 0 = no candidate
+    center = torch.zeros(len(need), k, dtype=torch.long, device=m.device) + p.lo  # rows of the padded chunk
+    cand_key[slot[keep], rank[keep]] = key[keep]
+    center[slot[keep], rank[keep]] = r[keep] + p.lo
+    rows = center[..., None] + torch.arange(-cfg.before, cfg.after + 1, device=m.device)  # (F', k, W)
     rows_c = rows.clamp(0, p.tok.numel() - 1)
     inside = (rows == rows_c) & (p.doc[rows_c] == p.doc[center][..., None])  # same document
-    new = dict(key=vals, act=a_T.gather(1, center), doc=p.doc[center], pos=p.pos[center],
-               win_tok=torch.where(inside, p.tok[rows_c], -1),
-               win_act=a_T.gather(1, rows_c.flatten(1)).view(rows.shape) * inside)
-    both = {n: torch.cat([store[n], new[n]], dim=1) for n in store}
-    top = both["key"].topk(k, dim=1).indices  # (F, k)
-    return {n: torch.take_along_dim(t, top.view(F_, k, *[1] * (t.dim() - 2)), dim=1) for n, t in both.items()}
+    new = dict(key=cand_key, act=torch.where(cand_key > 0, p.acts[center, need[:, None]], 0.0), doc=p.doc[center],
+               pos=p.pos[center], win_tok=torch.where(inside, p.tok[rows_c], -1),
+               win_act=torch.where(inside, p.acts[rows_c, need[:, None, None]], 0.0))
+    both = {n: torch.cat([store[n][need], new[n].to(store[n].dtype)], dim=1) for n in store}
+    top = both["key"].topk(k, dim=1).indices  # (F', k)
+    for n, t in both.items():
+        store[n][need] = torch.take_along_dim(t, top.view(*top.shape, *[1] * (t.dim() - 2)), dim=1)
 
 
-def empty_top(F_, k, W, device):
-    z = lambda *s: torch.zeros(*s, device=device)
-    return dict(key=z(F_, k) - 1, act=z(F_, k), doc=z(F_, k).long(), pos=z(F_, k).long(),
-                win_tok=z(F_, k, W).long() - 1, win_act=z(F_, k, W))
+def empty_top(M, k, W, device):
+    z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=device)
+    return dict(key=z(M, k), act=z(M, k), doc=z(M, k, dtype=torch.int32), pos=z(M, k, dtype=torch.int32),
+                win_tok=z(M, k, W, dtype=torch.int32) - 1, win_act=z(M, k, W))
 
 
 class FeatureStats:
-    """Everything the train pass accumulates, per layer: O(F·(k·W + bins)) plus the n-gram counter."""
+    """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter.
+
+    Each chunk is reduced to its firings (the nonzero activations, a few percent) right after encoding;
+    every statistic is then an index_add or a sort over those, never a dense (rows × features) pass.
+    """
 
     def __init__(self, L, F_, V, cfg):
-        dev, W = cfg.device, cfg.before + cfg.after + 1
+        dev, W, M = cfg.device, cfg.before + cfg.after + 1, L * F_
         self.cfg, self.L, self.F, self.base = cfg, L, F_, V + 1
         self.n_bins = 2 * cfg.log2_range * cfg.bins_per_octave
         self.gram_space = self.base ** cfg.max_ngram  # G: keys are feature * G + gram
-        if (L * F_ + 1) * self.gram_space >= 2 ** 63:
-            raise ValueError(f"(feature, {cfg.max_ngram}-gram) keys overflow int64 for L·F={L * F_}, V={V}: "
+        if (M + 1) * self.gram_space >= 2 ** 63:
+            raise ValueError(f"(feature, {cfg.max_ngram}-gram) keys overflow int64 for L·F={M}, V={V}: "
                              "lower --max-ngram")
         self.n_rows = 0
-        self.n_fires = torch.zeros(L, F_, dtype=torch.long, device=dev)
-        self.sum_act = torch.zeros(L, F_, dtype=torch.float64, device=dev)
-        self.hist = torch.zeros(L, F_, self.n_bins, dtype=torch.long, device=dev)
-        self.top = [empty_top(F_, cfg.top_k, W, dev) for _ in range(L)]
-        self.sampled = [empty_top(F_, cfg.n_sampled, W, dev) for _ in range(L)]
+        self.n_fires = torch.zeros(M, dtype=torch.long, device=dev)  # feature m = layer·F + f
+        self.sum_act = torch.zeros(M, dtype=torch.float64, device=dev)
+        self.hist = torch.zeros(M, self.n_bins, dtype=torch.long, device=dev)
+        self.top = empty_top(M, cfg.top_k, W, dev)  # max-activating examples
+        self.sampled = empty_top(M, cfg.n_sampled, W, dev)  # a uniform sample of each feature's firings
         self.grams = SparseCounter(cfg.max_pairs)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
@@ -251,21 +271,18 @@ class FeatureStats:
         self.n_rows += hi - lo
         corpus = self.L * self.F  # a pseudo-feature that fires everywhere: the corpus counts
         self.grams.add(corpus * self.gram_space + keys[keys >= 0])
-        for l in range(self.L):
-            a_T = p.acts[:, l].T.contiguous()  # (F, E)
-            a = a_T[:, lo:hi]  # (F, N)
-            fire = a > 0
-            self.n_fires[l] += fire.sum(1)
-            self.sum_act[l] += a.sum(1, dtype=torch.float64)
-            f, r = fire.nonzero(as_tuple=True)  # the firing (feature, row) pairs only: sparse
-            b = (a[f, r].log2() * cfg.bins_per_octave).floor().long() + self.n_bins // 2
-            self.hist[l].view(-1).index_add_(0, f * self.n_bins + b.clamp(0, self.n_bins - 1), torch.ones_like(b))
-            self.top[l] = merge_top(self.top[l], a.masked_fill(~fire, -1), p, a_T, cfg)
-            prio = torch.rand(a.shape, generator=self.gen, device=a.device).masked_fill(~fire, -1)
-            self.sampled[l] = merge_top(self.sampled[l], prio, p, a_T, cfg)  # uniform sample (priority)
-            g = keys[r]  # (nnz, n) the n-grams ending where each firing is
-            m = (l * self.F + f)[:, None].expand_as(g)
-            self.grams.add(m[g >= 0] * self.gram_space + g[g >= 0])
+        r, m = (p.acts[lo:hi] > 0).nonzero(as_tuple=True)  # the firings; sparse from here on
+        a = p.acts[lo:hi][r, m]  # (nnz,)
+        self.n_fires.index_add_(0, m, torch.ones_like(m))
+        self.sum_act.index_add_(0, m, a.double())
+        b = (a.log2() * cfg.bins_per_octave).floor().long().clamp(-self.n_bins // 2, self.n_bins // 2 - 1)
+        self.hist.view(-1).index_add_(0, m * self.n_bins + b + self.n_bins // 2, torch.ones_like(m))
+        merge_top(self.top, m, r, a, p, cfg)
+        prio = 1 - torch.rand(a.shape, generator=self.gen, device=a.device)  # in (0, 1]: the sample's keys
+        merge_top(self.sampled, m, r, prio, p, cfg)
+        g = keys[r]  # (nnz, n) the n-grams ending where each firing is
+        m = m[:, None].expand_as(g)
+        self.grams.add(m[g >= 0] * self.gram_space + g[g >= 0])
 
 
 # -----------------------------------------------------------------------------
@@ -279,78 +296,68 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
     Cache rows come from contexts [BOS, t1, ...] (the BOS row usually dropped): pos restarts at each.
     """
     starts = [0] + ((pos[1:] <= pos[:-1]).nonzero().flatten() + 1).tolist() + [len(pos)]
-    scales = []
-    for a, b in list(zip(starts[:-1], starts[1:]))[:max_contexts]:
-        k = int(pos[a])  # 1: the BOS was dropped, put it back; 0: it is the first row
-        if k <= 1:
-            idx = torch.cat([torch.full((k,), bos), tok[a:b].cpu()])[None, :model.config.n_ctx]
-            _, acts = model.run_with_acts(idx)
-            scales.append(acts.frozen.ln_f[0, 1:, 0])  # not the BOS: its activations are outliers
-    if not scales:
-        raise ValueError("no context starts in the cache's first chunk: cannot measure ln_f's scale")
-    return torch.cat(scales).mean().item()
+    spans = [(a, b) for a, b in zip(starts[:-1], starts[1:]) if pos[a] <= 1 and b - a == starts[1]]  # whole ones
+    if not spans:
+        raise ValueError("no whole context in the cache's first chunk: cannot measure ln_f's scale")
+    idx = torch.stack([tok[a:b].cpu() for a, b in spans[:max_contexts]])  # (B, T)
+    if pos[0] == 1:  # the BOS was dropped: put it back
+        idx = torch.cat([torch.full((len(idx), 1), bos), idx], 1)
+    _, acts = model.run_with_acts(idx[:, :model.config.n_ctx])
+    return acts.frozen.ln_f[:, 1:].mean().item()  # not the BOS: its activations are outliers
 
 
 @torch.no_grad()
-def logit_effects(clt, model, ln_scale, layer, n, batch=1024):
-    """Direct logit effect of each feature of `layer`: (top values, ids), (bottom values, ids), each (F, n).
+def logit_effects(clt, model, ln_scale, n, batch=1024):
+    """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids), each (M, n).
 
-    A feature writes W_dec[layer][f, j] into mlp_out[layer + j] (raw units: divided by output_scale), all
+    Feature f of layer l writes W_dec[l][f, j] into mlp_out[l + j] (raw units: divided by output_scale), all
     of which join the residual stream. Through ln_f with its scale frozen at the mean, adding v to the
     final residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T.
     """
-    W = clt.W_dec[layer] / clt.output_scale[layer:][None, :, None]  # (F, L-l, d)
-    v = W.sum(1).float().cpu()  # (F, d) everything the feature writes, summed over target layers
+    v = torch.cat([(W / clt.output_scale[l:][None, :, None]).sum(1) for l, W in enumerate(clt.W_dec)])  # (M, d)
+    v = v.float().cpu()
     v = (v - v.mean(-1, keepdim=True)) * ln_scale * model.ln_f.weight
-    tops, bots = [], []
-    for i in range(0, v.size(0), batch):
+    parts = []
+    for i in range(0, len(v), batch):
         eff = v[i:i + batch] @ model.wte.weight.T  # (b, V)
-        tops.append(eff.topk(n, dim=1))
-        bots.append((-eff).topk(n, dim=1))
-    cat = lambda parts, s: (torch.cat([p.values for p in parts]) * s, torch.cat([p.indices for p in parts]))
-    return cat(tops, 1), cat(bots, -1)
+        (tv, ti), (bv, bi) = eff.topk(n, dim=1), (-eff).topk(n, dim=1)
+        parts.append((tv, ti, -bv, bi))
+    return [torch.cat(x) for x in zip(*parts)]
 
 
 # -----------------------------------------------------------------------------
 # explanations: built from the train counts alone
 
 
-def gram_len(key, base):
-    n = 0
-    while key > 0:
-        key, n = key // base, n + 1
+def n_digits(keys, base):
+    """n-gram keys (numpy) -> n, their number of base-`base` digits."""
+    n, p = np.zeros_like(keys), 1
+    while (keys >= p).any():
+        n, p = n + (keys >= p), p * base
     return n
-
-
-def union_counts(chosen, grams, c, C, base):
-    """Firings and tokens matched by a set of n-grams ending at a token.
-
-    Two n-grams ending at the same token both match it only if one is a suffix of the other, so the
-    matched sets are nested or disjoint: sum the counts of the grams no other chosen gram contains.
-    """
-    lens = {i: gram_len(grams[i], base) for i in chosen}
-    keep = [i for i in chosen if not any(lens[j] < lens[i] and grams[i] % base ** lens[j] == grams[j]
-                                         for j in chosen)]
-    return sum(c[i] for i in keep), sum(C[i] for i in keep)
 
 
 def choose_ngrams(grams, c, C, n_fires, max_terms, base):
     """Greedily pick up to max_terms n-grams maximizing the train F1 of "fires iff one of them ends here".
 
-    grams, c, C: the candidates' keys, firings on them, corpus occurrences. Returns indices, most precise first.
+    grams, c, C: numpy arrays of the candidates' keys, firings on them and corpus occurrences. Two
+    n-grams ending at one token both match it only if one is a suffix of the other, so once a gram is
+    chosen the grams nested with it leave the pool: the chosen ones match disjoint tokens and their
+    counts add up. Returns indices into grams, most precise first.
     """
-    pool = list(np.argsort(-2 * c / (C + n_fires), kind="stable")[:8 * max_terms])  # best alone first
-    chosen, best = [], 0.0
-    for _ in range(max_terms):
-        trials = []
-        for i in pool:
-            tp, pp = union_counts(chosen + [i], grams, c, C, base)
-            trials.append((2 * tp / (pp + n_fires), -len(trials), i))
-        if not trials or max(trials)[0] <= best:
+    pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[:8 * max_terms]  # the best ones alone
+    chosen, tp, pp, best = [], 0, 0, 0.0
+    while pool.size and len(chosen) < max_terms:
+        f1 = 2 * (tp + c[pool]) / (pp + C[pool] + n_fires)
+        j = int(f1.argmax())
+        if f1[j] <= best:
             break
-        best, _, i = max(trials)
+        i, best = pool[j], f1[j]
         chosen.append(i)
-        pool.remove(i)
+        tp, pp = tp + c[i], pp + C[i]
+        g, h = grams[pool], grams[i]
+        nested = (g % base ** n_digits(h, base) == h) | (h % base ** n_digits(g, base) == g)  # a suffix either way
+        pool = pool[~nested]
     return sorted(chosen, key=lambda i: -c[i] / C[i])
 
 
@@ -372,7 +379,7 @@ def explain_all(stats, promoted_ids, enc):
     """Per feature: explanation string, chosen grams (keys, train precisions) and the input_ngrams list."""
     cfg, base = stats.cfg, stats.base
     g, c, C, bounds = gram_table(stats)
-    n_fires = stats.n_fires.flatten().cpu().numpy()
+    n_fires = stats.n_fires.cpu().numpy()
     quote = lambda s: json.dumps(s, ensure_ascii=False)
     out = []
     for m in range(stats.L * stats.F):
@@ -402,20 +409,18 @@ class Scorer:
     """Counts, per feature, how its explanation's n-grams predict firing on held-out tokens."""
 
     def __init__(self, explanations, L, F_, base, n_concepts, cfg):
-        dev, T = cfg.device, cfg.max_terms
+        dev, T, M = cfg.device, cfg.max_terms, L * F_
         self.cfg, self.L, self.F, self.T, self.base = cfg, L, F_, T, base
-        self.grams = torch.full((L * F_, T), -1, dtype=torch.long)  # sorted by train precision, -1 = none
+        self.grams = torch.full((M, T), -1, dtype=torch.long)  # sorted by train precision, -1 = none
         for m, e in enumerate(explanations):
             self.grams[m, :len(e["keys"])] = torch.tensor(e["keys"], dtype=torch.long)
-        self.grams = self.grams.view(L, F_, T).to(dev)
-        self.glen = torch.zeros_like(self.grams)  # n-gram lengths, to pick the row key of that length
-        for j in range(cfg.max_ngram):
-            self.glen += (self.grams >= base ** j).long()
-        self.det = torch.zeros(L, F_, T + 1, 2, dtype=torch.long, device=dev)  # (level, fires) counts
-        self.fuzz = torch.zeros(L, F_, 2, 2, dtype=torch.long, device=dev)  # (predicted, fires) near firings
-        self.n_fires = torch.zeros(L, F_, dtype=torch.long, device=dev)
-        self.tp = torch.zeros(L, F_, n_concepts, device=dev)  # firings on each concept's tokens
-        self.n_fires_labeled = torch.zeros(L, F_, device=dev)  # firings on rows the labeler could label
+        self.grams = self.grams.to(dev)
+        self.glen = sum((self.grams >= base ** j).long() for j in range(cfg.max_ngram))  # n of each n-gram
+        self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)  # (level, fires) counts
+        self.fuzz = torch.zeros(M, 2, 2, dtype=torch.long, device=dev)  # (predicted, fires) near firings
+        self.n_fires = torch.zeros(M, dtype=torch.long, device=dev)
+        self.tp = torch.zeros(M, n_concepts, device=dev)  # firings on each concept's tokens
+        self.n_fires_labeled = torch.zeros(M, device=dev)  # firings on rows the labeler could label
         self.concept_n = torch.zeros(n_concepts, device=dev)  # tokens of each concept
         self.n_rows = 0
 
@@ -424,46 +429,42 @@ class Scorer:
         lo, hi, T, F_ = p.lo, p.hi, self.T, self.F
         keys = ngram_keys(p, self.cfg.max_ngram, self.base)[lo:hi]  # (N, n)
         self.n_rows += hi - lo
-        f_idx = torch.arange(F_, device=keys.device)
-        for l in range(self.L):
-            fire_ext = p.acts[:, l] > 0  # (E, F)
+        for sl in (slice(l * F_, (l + 1) * F_) for l in range(self.L)):  # a layer at a time: (N, F) memory
+            fire_ext = p.acts[:, sl] > 0  # (E, F)
             fire = fire_ext[lo:hi]
             level = torch.full(fire.shape, T, dtype=torch.long, device=fire.device)  # T = no n-gram matches
             for t in reversed(range(T)):  # the most precise matching n-gram sets the level
-                g = self.grams[l, :, t]  # (F,)
-                match = (keys[:, (self.glen[l, :, t] - 1).clamp(min=0)] == g) & (g >= 0)  # (N, F)
-                level = torch.where(match, t, level)
-            fire_l = fire.long()
-            self.det[l].view(-1).index_add_(0, ((f_idx * (T + 1) + level) * 2 + fire_l).flatten(),
-                                            torch.ones(level.numel(), dtype=torch.long, device=level.device))
+                g = self.grams[sl, t]  # (F,)
+                level = torch.where((keys[:, (self.glen[sl, t] - 1).clamp(min=0)] == g) & (g >= 0), t, level)
+            f_idx, fire_l = torch.arange(F_, device=fire.device), fire.long()
+            self.det[sl].view(-1).index_add_(0, ((f_idx * (T + 1) + level) * 2 + fire_l).flatten(),
+                                             torch.ones_like(level).flatten())
             near = near_firing(fire_ext, p.doc, self.cfg.fuzz_window, lo, hi)  # (N, F)
-            pred = (level < T).long()
-            idx = ((f_idx * 2 + pred) * 2 + fire_l)[near]
-            self.fuzz[l].view(-1).index_add_(0, idx, torch.ones_like(idx))
-            self.n_fires[l] += fire.sum(0)
+            idx = ((f_idx * 2 + (level < T).long()) * 2 + fire_l)[near]
+            self.fuzz[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
+            self.n_fires[sl] += fire.sum(0)
             if labels is not None:  # (C, N) sparse: a few labels per token
                 fire_lab = (fire & labels[1][:, None]).float()  # (N, F)
-                self.tp[l] += torch.sparse.mm(labels[0], fire_lab).T
-                self.n_fires_labeled[l] += fire_lab.sum(0)
+                self.tp[sl] += torch.sparse.mm(labels[0], fire_lab).T
+                self.n_fires_labeled[sl] += fire_lab.sum(0)
         if labels is not None:
             self.concept_n += torch.sparse.sum(labels[0], 1).to_dense()
 
     def results(self):
-        """Per feature (L, F): detection AUROC, detection and fuzzing balanced accuracy (NaN where undefined)."""
-        neg, pos = self.det[..., 0].double(), self.det[..., 1].double()  # (L, F, T+1), levels by score desc
+        """Per feature (M,): detection AUROC, detection and fuzzing balanced accuracy (NaN where undefined)."""
+        neg, pos = self.det[..., 0].double(), self.det[..., 1].double()  # (M, T+1), levels by score desc
         P, N = pos.sum(-1), neg.sum(-1)
         neg_below = neg.flip(-1).cumsum(-1).flip(-1) - neg  # negatives scored strictly lower
         auroc = (pos * (neg_below + 0.5 * neg)).sum(-1) / (P * N)  # Mann-Whitney U, ties count half
-        det_bacc = 0.5 * ((P - pos[..., -1]) / P + neg[..., -1] / N)
+        det_bacc = 0.5 * ((P - pos[:, -1]) / P + neg[:, -1] / N)
         fz = self.fuzz.double()
-        fuzz_bacc = 0.5 * (fz[..., 1, 1] / fz[..., :, 1].sum(-1) + fz[..., 0, 0] / fz[..., :, 0].sum(-1))
-        return auroc, det_bacc, fuzz_bacc
+        fuzz_bacc = 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
+        return [x.cpu() for x in (auroc, det_bacc, fuzz_bacc)]
 
     def concepts(self):
-        """Per feature (L, F, C): precision, recall, F1 of "fires" against each concept's token labels."""
-        tp, nf = self.tp.double(), self.n_fires_labeled[..., None].double()
-        precision, recall = tp / nf.clamp(min=1), tp / self.concept_n.double().clamp(min=1)
-        return precision, recall, 2 * tp / (nf + self.concept_n.double()).clamp(min=1)
+        """Per feature and concept (M, C): precision, recall, F1 of "fires" against the concept's tokens."""
+        tp, nf, n = self.tp.double().cpu(), self.n_fires_labeled[:, None].double().cpu(), self.concept_n.double().cpu()
+        return tp / nf.clamp(min=1), tp / n.clamp(min=1), 2 * tp / (nf + n).clamp(min=1)
 
 
 def near_firing(fire_ext, doc, w, lo, hi):
@@ -488,7 +489,7 @@ def examples(store, f, enc, before, n=None):
     n: keep n of them at evenly spaced ranks (quantile examples), each with its rank as "quantile".
     """
     acts = store["act"][f].tolist()
-    keep = sorted((i for i, key in enumerate(store["key"][f].tolist()) if key >= 0), key=lambda i: -acts[i])
+    keep = sorted((i for i, key in enumerate(store["key"][f].tolist()) if key > 0), key=lambda i: -acts[i])
     ranks = range(len(keep))
     if n is not None:
         ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)}) if keep else []
@@ -497,8 +498,8 @@ def examples(store, f, enc, before, n=None):
         i = keep[r]
         toks, win = store["win_tok"][f, i].tolist(), store["win_act"][f, i].tolist()
         inside = [j for j, t in enumerate(toks) if t >= 0]
-        ex = dict(act=round(acts[i], 4), doc=store["doc"][f, i].item(), pos=store["pos"][f, i].item(),
-                  tokens=[enc.decode([toks[j]]) for j in inside], acts=[round(win[j], 4) for j in inside],
+        ex = dict(act=r4(acts[i]), doc=store["doc"][f, i].item(), pos=store["pos"][f, i].item(),
+                  tokens=[enc.decode([toks[j]]) for j in inside], acts=[r4(win[j]) for j in inside],
                   center=inside.index(before))
         if n is not None:
             ex["quantile"] = round(1 - (r + 0.5) / len(keep), 3)
@@ -519,36 +520,33 @@ def hist_summary(counts, cfg):
     return dict(edges=[round(edge(i), 5) for i in range(a, b + 1)], counts=counts[a:b].tolist()), qs
 
 
-def nan_to_none(x):
-    return None if x != x else round(float(x), 4)
+def r4(x):
+    """A JSON-ready float: 4 decimals, NaN -> None, -0.0 -> 0.0."""
+    x = float(x)
+    return None if x != x else round(x, 4) + 0.0
 
 
 def write_features(path, stats, expl, effects, scores, concepts, enc, cfg):
-    """One JSON object per feature (keys in the module docstring). Returns the per-feature score arrays."""
-    auroc, det_bacc, fuzz_bacc, heldout_density = (x.cpu() for x in scores)
-    n_fires, sum_act, hist = stats.n_fires.cpu(), stats.sum_act.cpu(), stats.hist.cpu()
-    top = [{k: v.cpu() for k, v in t.items()} for t in stats.top]
-    sampled = [{k: v.cpu() for k, v in t.items()} for t in stats.sampled]
+    """One JSON object per feature, keys as in the module docstring."""
+    pv, pi, sv, si = (x.tolist() for x in effects)
+    auroc, det_bacc, fuzz_bacc, heldout_density = (x.tolist() for x in scores)
+    n_fires, sum_act, hist = stats.n_fires.tolist(), stats.sum_act.tolist(), stats.hist.cpu()
+    top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
+    logits = lambda v, t: [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(v, t)]
     with open(path, "w") as fh:
-        for l in tqdm(range(stats.L), desc="features.jsonl"):
-            (pv, pi), (sv, si) = effects[l]
-            for f in range(stats.F):
-                n = n_fires[l, f].item()
-                h, qs = hist_summary(hist[l, f], cfg)
-                rec = dict(layer=l, feature=f, density=n / stats.n_rows, n_fires=n,
-                           mean_act=sum_act[l, f].item() / max(n, 1), max_act=max(top[l]["act"][f, 0].item(), 0.0),
-                           quantiles=qs, hist=h, top_examples=examples(top[l], f, enc, cfg.before),
-                           quantile_examples=examples(sampled[l], f, enc, cfg.before, cfg.n_quantile_examples),
-                           promoted=[dict(token=enc.decode([t]), logit=round(v, 4)) for v, t in zip(pv[f].tolist(), pi[f].tolist())],
-                           suppressed=[dict(token=enc.decode([t]), logit=round(v, 4)) for v, t in zip(sv[f].tolist(), si[f].tolist())],
-                           detection_auroc=nan_to_none(auroc[l, f]), detection_bacc=nan_to_none(det_bacc[l, f]),
-                           fuzzing_bacc=nan_to_none(fuzz_bacc[l, f]), heldout_density=heldout_density[l, f].item())
-                e = expl[l * stats.F + f]
-                rec.update(explanation=e["explanation"], explanation_ngrams=e["explanation_ngrams"],
-                           input_ngrams=e["input_ngrams"])
-                if concepts is not None:
-                    rec.update(concepts[l][f])
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
+            n, e = n_fires[m], expl[m]
+            h, qs = hist_summary(hist[m], cfg)
+            rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n,
+                       mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]), quantiles=qs, hist=h,
+                       top_examples=examples(top, m, enc, cfg.before),
+                       quantile_examples=examples(sampled, m, enc, cfg.before, cfg.n_quantile_examples),
+                       promoted=logits(pv[m], pi[m]), suppressed=logits(sv[m], si[m]),
+                       detection_auroc=r4(auroc[m]), detection_bacc=r4(det_bacc[m]), fuzzing_bacc=r4(fuzz_bacc[m]),
+                       heldout_density=heldout_density[m], explanation=e["explanation"],
+                       explanation_ngrams=e["explanation_ngrams"], input_ngrams=e["input_ngrams"])
+            rec.update(concepts[m] if concepts else {})
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -558,8 +556,9 @@ def write_features(path, stats, expl, effects, scores, concepts, enc, cfg):
 class ConceptLabels:
     """Per held-out row, the toy world's labels ("entity:Tarn", "concept:city", ...), stored sparsely.
 
-    Rows of one document are decoded back to text and relabeled; a document cut by the split's start,
-    whose re-encoding differs from its rows, is left unlabeled (excluded from concept scores).
+    Rows of one document are decoded back to text and relabeled. The split's first and last documents
+    may be cut by its ends, and their text then differs from what the labeler should see: they are
+    left unlabeled (excluded from concept scores), as is any document whose re-encoding differs.
     """
 
     def __init__(self, cache, world, enc, cfg):
@@ -572,7 +571,7 @@ class ConceptLabels:
         self.names, index, pairs = [], {}, []
         self.labeled = torch.zeros(len(tok), dtype=torch.bool)
         bounds = [0] + ((doc[1:] != doc[:-1]).nonzero().flatten() + 1).tolist() + [len(doc)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in list(zip(bounds[:-1], bounds[1:]))[1:-1]:
             ids = tok[a:b].tolist()
             text = enc.decode(ids)
             if enc.encode(text, allowed_special="all") != ids:
@@ -583,7 +582,7 @@ class ConceptLabels:
                     pairs.append((a + r, index.setdefault(name, len(index))))
         self.names = list(index)
         self.pairs = torch.tensor(pairs, dtype=torch.long).view(-1, 2)  # (row, concept), sorted by row
-        self.row_starts = torch.searchsorted(self.pairs[:, 0], torch.arange(len(tok) + 1))
+        self.row_starts = torch.searchsorted(self.pairs[:, 0].contiguous(), torch.arange(len(tok) + 1))
 
     def rows(self, lo, hi, device):
         """Rows [lo, hi) of the held-out split: (sparse labels (C, N), labeled mask (N,))."""
@@ -595,23 +594,18 @@ class ConceptLabels:
 
 
 def best_concepts(scorer, labels, cfg):
-    """Per feature its best concept by F1, and per concept (with >= min_support tokens) its best feature."""
-    precision, recall, f1 = scorer.concepts()  # (L, F, C)
-    best = f1.argmax(-1)  # (L, F)
-    take = lambda x: x.gather(-1, best[..., None])[..., 0].cpu()
-    p, r, f = take(precision), take(recall), take(f1)
-    per_feature = [[dict(concept=labels.names[best[l, i]], concept_precision=round(p[l, i].item(), 4),
-                         concept_recall=round(r[l, i].item(), 4), concept_f1=round(f[l, i].item(), 4))
-                    for i in range(scorer.F)] for l in range(scorer.L)]
-    flat = f1.flatten(0, 1)  # (L·F, C)
+    """Per feature its best concept by F1; per concept (with >= min_support tokens) its best feature."""
+    precision, recall, f1 = scorer.concepts()  # (M, C)
+    per_feature = []
+    for m, c in enumerate(f1.argmax(1).tolist()):
+        per_feature.append(dict(concept=labels.names[c], concept_precision=r4(precision[m, c]),
+                                concept_recall=r4(recall[m, c]), concept_f1=r4(f1[m, c])))
     per_concept = {}
-    for c, name in enumerate(labels.names):
-        n = int(scorer.concept_n[c].item())
+    for c, m in enumerate(f1.argmax(0).tolist()):
+        n = int(scorer.concept_n[c])
         if n >= cfg.min_support:
-            m = flat[:, c].argmax().item()
-            per_concept[name] = dict(support=n, layer=m // scorer.F, feature=m % scorer.F,
-                                     f1=round(flat[m, c].item(), 4), precision=round(precision.flatten(0, 1)[m, c].item(), 4),
-                                     recall=round(recall.flatten(0, 1)[m, c].item(), 4))
+            per_concept[labels.names[c]] = dict(support=n, layer=m // scorer.F, feature=m % scorer.F, f1=r4(f1[m, c]),
+                                                precision=r4(precision[m, c]), recall=r4(recall[m, c]))
     return per_feature, per_concept
 
 
@@ -621,20 +615,19 @@ def best_concepts(scorer, labels, cfg):
 
 def summarize(stats, scores, per_concept, cfg):
     """Counts per layer (dead / dense / interpretable), score distributions, toy-world recovery."""
-    auroc, det_bacc, fuzz_bacc = (x.cpu() for x in scores)
-    n_fires, density = stats.n_fires.cpu(), stats.n_fires.cpu() / stats.n_rows
-    live, dense = n_fires > 0, density > cfg.dense
+    auroc, det_bacc, fuzz_bacc = scores
+    density = stats.n_fires.cpu() / stats.n_rows  # (M,)
+    live, dense = density > 0, density > cfg.dense
     good = live & (auroc >= cfg.interpretable)  # NaN compares False
-    per_layer = [dict(layer=l, features=stats.F, dead=int((~live[l]).sum()), dense=int(dense[l].sum()),
-                      live=int(live[l].sum()), interpretable=int((good[l] & ~dense[l]).sum()))
+    per_layer = [dict(layer=l, features=stats.F, **{k: int(v.view(stats.L, -1)[l].sum()) for k, v in
+                      dict(dead=~live, dense=dense, live=live, interpretable=good & ~dense).items()})
                  for l in range(stats.L)]
-    dist = lambda x: {f"q{round(q * 100)}": round(float(x.quantile(q)), 4) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} \
-        if x.numel() else {}
-    valid = lambda x: x[live & ~x.isnan()]
+    dist = lambda x: {f"q{round(q * 100)}": r4(x.quantile(q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if x.numel() else {}
+    valid = lambda x: x[live & ~x.isnan()].double()
     out = dict(n_train_tokens=stats.n_rows, per_layer=per_layer, detection_threshold=cfg.interpretable,
-               share_live_detection_above=float(good.sum() / live.sum().clamp(min=1)),
+               share_live_detection_above=r4(good.sum() / live.sum().clamp(min=1)),
                detection_auroc=dist(valid(auroc)), detection_bacc=dist(valid(det_bacc)),
-               fuzzing_bacc=dist(valid(fuzz_bacc)), density=dist(density[live]))
+               fuzzing_bacc=dist(valid(fuzz_bacc)), density=dist(density[live].double()))
     if per_concept is not None:
         families = {}
         for name, c in per_concept.items():
@@ -643,7 +636,7 @@ def summarize(stats, scores, per_concept, cfg):
             fam["recovered"] += c["f1"] >= cfg.concept_f1
         n_rec = sum(f["recovered"] for f in families.values())
         out["concepts"] = dict(f1_threshold=cfg.concept_f1, min_support=cfg.min_support, n=len(per_concept),
-                               recovered=n_rec, share_recovered=n_rec / max(len(per_concept), 1),
+                               recovered=n_rec, share_recovered=r4(n_rec / max(len(per_concept), 1)),
                                by_family=families, per_concept=per_concept)
     return out
 
@@ -653,15 +646,15 @@ def plot_summary(path, stats, scores, per_concept):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    live = stats.n_fires.cpu() > 0
+    density = (stats.n_fires.cpu() / stats.n_rows).view(stats.L, -1)
+    live = density.flatten() > 0
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
     for l in range(stats.L):
-        d = stats.n_fires[l].cpu()[live[l]].double() / stats.n_rows
-        ax[0, 0].hist(d.log10().numpy(), bins=40, histtype="step", label=f"layer {l}")
+        ax[0, 0].hist(density[l][density[l] > 0].log10().numpy(), bins=40, histtype="step", label=f"layer {l}")
     ax[0, 0].set(title="firing density (live features)", xlabel="log10 density")
     ax[0, 0].legend(fontsize=7)
     for a, x, name in ((ax[0, 1], scores[0], "detection AUROC"), (ax[1, 0], scores[2], "fuzzing balanced accuracy")):
-        x = x.cpu()[live]
+        x = x[live]
         a.hist(x[~x.isnan()].numpy(), bins=40, range=(0, 1))
         a.set(title=f"{name} (live features)", xlabel=name)
     if per_concept:
@@ -711,8 +704,8 @@ def analyze(model, enc, clt, cache, cfg, world=None):
     if stats.n_rows == 0:
         raise ValueError("the cache's train split is empty: nothing to interpret")
     ln_scale = mean_ln_f_scale(model, *first, bos=enc.eot_token)
-    effects = [logit_effects(clt, model, ln_scale, l, cfg.n_logit) for l in range(L)]
-    expl = explain_all(stats, torch.cat([e[0][1] for e in effects]), enc)
+    effects = logit_effects(clt, model, ln_scale, cfg.n_logit)
+    expl = explain_all(stats, effects[1], enc)
     labels = ConceptLabels(cache, world, enc, cfg) if world is not None else None
     scorer, row = Scorer(expl, L, F_, stats.base, len(labels.names) if labels else 0, cfg), 0
     for p in tqdm(padded_chunks(clt, cache, "heldout", cfg), total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
@@ -743,7 +736,7 @@ def run(cfg: InterpConfig):
     per_feature, per_concept = best_concepts(scorer, labels, cfg) if labels else (None, None)
     os.makedirs(cfg.out, exist_ok=True)
     write_features(os.path.join(cfg.out, "features.jsonl"), stats, expl, effects,
-                   (*scores, scorer.n_fires / scorer.n_rows), per_feature, enc, cfg)
+                   (*scores, scorer.n_fires.cpu() / scorer.n_rows), per_feature, enc, cfg)
     summary = summarize(stats, scores, per_concept, cfg)
     summary.update(n_heldout_tokens=scorer.n_rows, seconds_passes=round(seconds, 3), config=asdict(cfg))
     if cfg.time_read:  # one plain read of the whole cache, for the cost ratio
