@@ -264,10 +264,64 @@ def bench_graph(args):
 
 
 # -----------------------------------------------------------------------------
+# interp (issue 8)
+
+
+def add_interp_args(p):
+    p.add_argument("--interp-tokens", type=int, default=200_000, help="tokens of the random-CLT cache (tiny shape)")
+    p.add_argument("--interp-chunk", type=int, default=4096, help="interp.py --chunk-size")
+
+
+def random_interp_setup(args):
+    """A random model of the tiny shape, a cache of it and a random CLT whose thresholds are each
+    feature's 97th percentile pre-activation (density ~3%, like a trained CLT's)."""
+    model_dir = random_model_dir(os.path.join(args.out, "interp_model"), 4, 128, 4, 128, 4096)
+    corpus = synthetic_corpus(os.path.join(args.out, "corpus.txt"), 4000)
+    cache_dir, clt_dir = os.path.join(args.out, "interp_cache"), os.path.join(args.out, "interp_clt")
+    cache.build_cache(cache.CacheConfig(model=model_dir, corpus=corpus, tokens=args.interp_tokens, ctx=64,
+                                        device=args.device, out=cache_dir, heldout=0.02, overwrite=True))
+    c = clt.CrossLayerTranscoder(clt.CLTConfig(n_layers=4, d_model=128, n_features=1024, model=model_dir))
+    with torch.no_grad():
+        pre = c.pre_acts(cache.ActivationCache(cache_dir).read(0, 4096)[0])  # (N, L, F)
+        c.log_threshold.copy_(pre.quantile(0.97, dim=0).clamp_min(1e-3).log())
+    c.save_pretrained(clt_dir)
+    return model_dir, clt_dir, cache_dir
+
+
+def bench_interp(args):
+    """interp.py's two passes (train + held-out, with explanations) against one plain in-order read."""
+    import interp
+    trained = os.path.join("runs", "clt"), os.path.join("runs", "cache")
+    if all(os.path.exists(os.path.join(p, f)) for p, f in zip(trained, ("config.json", "manifest.json"))):
+        name, (clt_dir, cache_dir), model_dir = "tiny, trained CLT", trained, ""
+    else:
+        print("note: runs/clt or runs/cache is missing: timing a random CLT on a random model of the tiny shape")
+        name, (model_dir, clt_dir, cache_dir) = "tiny-shape, random CLT", random_interp_setup(args)
+    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=args.device,
+                              chunk_size=args.interp_chunk, out=os.path.join(args.out, "interp"))
+    model_dir, model, enc, c, ca = interp.load_inputs(cfg)
+    reads = []
+    for _ in range(3):  # the first warms the page cache
+        t0 = time.perf_counter()
+        for _ in ca.iter_chunks(cfg.chunk_size, split="all"):
+            pass
+        reads.append(time.perf_counter() - t0)
+    sync(args.device)
+    t0 = time.perf_counter()
+    stats, *_ = interp.analyze(model, enc, c, ca, cfg)
+    sync(args.device)
+    t = time.perf_counter() - t0
+    read = min(reads[1:])
+    return [dict(setup=name, tokens=ca.n_tokens, features=stats.L * stats.F, chunk=cfg.chunk_size,
+                 plain_read_s=read, interp_s=t, ratio=t / read, tok_per_s=ca.n_tokens / t)]
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
-              "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features")}
+              "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features"),
+              "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read")}
 
 
 def main(argv=None):

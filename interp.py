@@ -307,19 +307,20 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
 
 
 @torch.no_grad()
-def logit_effects(clt, model, ln_scale, n, batch=1024):
+def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids), each (M, n).
 
     Feature f of layer l writes W_dec[l][f, j] into mlp_out[l + j] (raw units: divided by output_scale), all
     of which join the residual stream. Through ln_f with its scale frozen at the mean, adding v to the
-    final residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T.
+    final residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the
+    tokenizer's n_vocab tokens count (a model's vocabulary may be padded past them).
     """
     v = torch.cat([(W / clt.output_scale[l:][None, :, None]).sum(1) for l, W in enumerate(clt.W_dec)])  # (M, d)
     v = v.float().cpu()
     v = (v - v.mean(-1, keepdim=True)) * ln_scale * model.ln_f.weight
     parts = []
     for i in range(0, len(v), batch):
-        eff = v[i:i + batch] @ model.wte.weight.T  # (b, V)
+        eff = v[i:i + batch] @ model.wte.weight[:n_vocab].T  # (b, V)
         (tv, ti), (bv, bi) = eff.topk(n, dim=1), (-eff).topk(n, dim=1)
         parts.append((tv, ti, -bv, bi))
     return [torch.cat(x) for x in zip(*parts)]
@@ -704,7 +705,7 @@ def analyze(model, enc, clt, cache, cfg, world=None):
     if stats.n_rows == 0:
         raise ValueError("the cache's train split is empty: nothing to interpret")
     ln_scale = mean_ln_f_scale(model, *first, bos=enc.eot_token)
-    effects = logit_effects(clt, model, ln_scale, cfg.n_logit)
+    effects = logit_effects(clt, model, ln_scale, cfg.n_logit, enc.n_vocab)
     expl = explain_all(stats, effects[1], enc)
     labels = ConceptLabels(cache, world, enc, cfg) if world is not None else None
     scorer, row = Scorer(expl, L, F_, stats.base, len(labels.names) if labels else 0, cfg), 0

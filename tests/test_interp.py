@@ -215,7 +215,7 @@ def test_logit_effects_direct(gpt):
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=1)
     clt.output_scale.copy_(torch.tensor([2.0, 0.5]))  # raw units = normalized / output_scale
     scale = 0.7
-    top_v, top_i, bot_v, bot_i = interp.logit_effects(clt, model, scale, n=5)
+    top_v, top_i, bot_v, bot_i = interp.logit_effects(clt, model, scale, 5, model.config.vocab_size)
     x = torch.randn(D)
     for l in range(L):
         for f in (0, 7):
