@@ -493,8 +493,10 @@ class CrossLayerTranscoder(nn.Module):
 
     def pre_acts(self, mlp_in):
         """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F) (this rank's F/T)."""
-        x = mlp_in * self.input_scale[:, None]
-        return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
+        x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
+        # one batched matmul with the bias fused; the (B, L, F) result is a view of (L, B, F) memory,
+        # so each layer's (B, F) slice is contiguous for the decoder matmuls
+        return torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc).transpose(0, 1)  # (B, L, F)
 
     def topk(self, pre, k):
         """The k largest of relu(pre) per token and layer over all TP ranks' features (Gao et al. 2024)."""

@@ -150,6 +150,8 @@ def barrier():
 
 def average_gradients(params, mesh):
     """Mean of the gradients over DP: one flat all-reduce (the DDP bucket, without DDP)."""
+    if C.group_size(mesh.dp_group) == 1:
+        return
     grads = [p.grad for p in params if p.grad is not None]
     flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), mesh.dp_group) / mesh.dp
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
@@ -456,6 +458,7 @@ def train(config: TrainConfig):
         if c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0 or last:
             save_checkpoint(c, clt, opt, state, mesh, master)
     bar.close()
+    batches.close()  # stops the cache's reader threads now, not at interpreter exit
     if end == c.steps and metrics:  # the run is over (not stopped early, not already finished)
         export(c, clt, metrics, master)
     return metrics
