@@ -1,0 +1,741 @@
+"""
+tiny.py: the embedded default model. A generated "toy world" with known facts, a corpus written from
+it, a byte-level BPE tokenizer and a small GPT-2 trained on it, saved in the hub layout of gpt2.
+
+Data flow.  make_world(seed) -> World (countries, cities, people, objects, numbers; world.json)
+            -> make_corpus(world, n_docs, seed) -> documents (strings, several facts each)
+            -> train_bpe(docs) -> vocab.json + merges.txt (GPT-2's byte-level BPE, loaded by clt.load_tokenizer)
+            -> train_model(...) with clt.GPT -> config.json + model.safetensors (clt.GPT.save_pretrained)
+            -> evaluate(model, enc, world) on eval_prompts(world): the table of the README.
+
+    python tiny.py --help
+    python tiny.py --eval                       # evaluate the shipped models/tiny
+    python tiny.py --out models/tiny            # rebuild it all, deterministic (~20 min on 2 cores)
+    python tiny.py --out /tmp/t --steps 50 --n-docs 2000 --n-layer 1   # a one-minute smoke run
+
+Public API (stable: cache.py, interp.py, graph.py and the tests import it):
+    World, make_world(seed) / load_world(dir)    the world; World.facts() -> [(relation, subject, answer)]
+    make_corpus(world, n_docs, seed, heldout=False) -> [str]   documents; heldout=True uses only held-out
+                                                 templates and held-out people (never in training)
+    toy_corpus(n_docs=1000, seed=0) -> [str]     documents from the shipped world (models/tiny/world.json)
+    label_tokens(text, enc, world) -> [set[str]] per-token ground truth: "entity:Tarn", "concept:city",
+        "about:Veloria" (a country and its cities, language, currency), "relation:capital",
+        "template:capital/0", "role:subject|answer|bridge|io|s1|s2|filler|template|query"
+    eval_prompts(world, seed=0) -> [(prompt, answer, kind)]   answer starts with a space
+    TEMPLATES, HELDOUT                           relation -> paraphrases; index HELDOUT of each is never trained
+
+What "held-out" means here. Every relation has several paraphrases; the last one (TEMPLATES[r][HELDOUT])
+never occurs in training. A fifth of the people are held out of every two-hop document, so for them
+"The language Mira speaks is" is never trained: with the bridge in context ("Mira lives in Tarn. ...")
+the model has to compose; without it (kind two_hop_latent) it has to compose in its weights. IOI stories,
+counting sequences (held-out start numbers) and comparisons (held-out pairs) are new instances.
+One-hop facts are all trained (a fact never seen cannot be known); their eval prompts are bare.
+
+References: GPT-2 (Radford et al. 2019) for the tokenizer (byte-to-unicode map, pre-tokenization
+pattern, BPE of Sennrich et al. 2016) and the model; IOI from Wang et al. 2022; greater-than from
+Hanna et al. 2023; two-hop prompts after Ameisen et al. 2025 ("the capital of the state containing Dallas").
+Training follows nanoGPT (AdamW, warmup + cosine, GPT-2 init with scaled residual projections).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clt
+
+# -----------------------------------------------------------------------------
+# the world
+
+JOBS = ["baker", "farmer", "painter", "doctor", "teacher", "sailor", "miner", "potter", "singer", "tailor",
+        "weaver", "hunter", "builder", "dancer", "writer", "nurse", "pilot", "judge", "cook", "guard"]
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "grey", "brown"]
+OBJECTS = {"fruit": ["pear", "plum", "lemon", "cherry", "peach"],  # category -> objects (no vowel onsets: "a pear")
+           "tool": ["hammer", "saw", "drill", "spade", "chisel"],
+           "animal": ["horse", "goat", "mouse", "crow", "mole"],
+           "vehicle": ["cart", "boat", "sled", "wagon", "barge"],
+           "instrument": ["drum", "flute", "harp", "lute", "horn"]}
+PLACES = ["market", "river", "school", "garden", "harbour", "temple", "tavern", "station", "library", "bakery"]
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr", "st"]
+VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o"]
+CODAS = ["", "", "n", "r", "l", "s", "k", "m"]
+
+
+@dataclass
+class World:
+    """The facts of the toy world, exactly what world.json holds."""
+    seed: int
+    countries: list  # {"name", "capital", "language", "currency"}
+    cities: list  # {"name", "country"}; a country's capital comes first
+    people: list  # {"name", "home" (a city), "job", "friend" (a person)}
+    objects: list  # {"name", "colour", "category"}
+    heldout_people: list  # names never in a two-hop document
+    max_number: int = 99
+    lookup: dict = field(default_factory=dict, repr=False, compare=False)  # derived, not saved
+
+    def __post_init__(self):
+        self.lookup = {"country": {c["name"]: c for c in self.countries}, "city": {c["name"]: c for c in self.cities},
+                       "person": {p["name"]: p for p in self.people}, "object": {o["name"]: o for o in self.objects}}
+
+    def names(self):
+        """concept type -> list of names; the entities the labeler knows."""
+        c = self.countries
+        return {"country": [x["name"] for x in c], "city": [x["name"] for x in self.cities],
+                "language": [x["language"] for x in c], "currency": [x["currency"] for x in c],
+                "person": [p["name"] for p in self.people], "job": list(JOBS), "colour": list(COLOURS),
+                "object": [o["name"] for o in self.objects], "category": list(OBJECTS), "place": list(PLACES),
+                "number": [str(n) for n in range(self.max_number + 1)]}
+
+    def country_of(self, name):
+        """The country a country, city, language or currency belongs to (None otherwise)."""
+        for c in self.countries:
+            if name in (c["name"], c["language"], c["currency"]):
+                return c["name"]
+        return self.lookup["city"][name]["country"] if name in self.lookup["city"] else None
+
+    def facts(self):
+        """Every one-hop fact as (relation, subject, answer)."""
+        out = []
+        for c in self.countries:
+            out += [("capital", c["name"], c["capital"]), ("language", c["name"], c["language"]),
+                    ("currency", c["name"], c["currency"])]
+        for city in self.cities:
+            country = self.lookup["country"][city["country"]]
+            out += [("located", city["name"], city["country"]), ("city_language", city["name"], country["language"]),
+                    ("city_currency", city["name"], country["currency"])]
+        for p in self.people:
+            out += [("home", p["name"], p["home"]), ("job", p["name"], p["job"]), ("friend", p["name"], p["friend"])]
+        for o in self.objects:
+            out += [("colour", o["name"], o["colour"]), ("category", o["name"], o["category"])]
+        return out
+
+    def two_hop(self, person, relation):
+        """The answer of a two-hop relation (person_language, person_currency, person_country)."""
+        country = self.lookup["country"][self.lookup["city"][self.lookup["person"][person]["home"]]["country"]]
+        return {"person_language": country["language"], "person_currency": country["currency"],
+                "person_country": country["name"]}[relation]
+
+    def to_json(self):
+        d = {k: v for k, v in asdict(self).items() if k != "lookup"}
+        return dict(d, facts=[list(f) for f in self.facts()], templates=TEMPLATES, heldout_template=HELDOUT)
+
+
+def make_world(seed=0, n_countries=40, n_people=100, n_heldout_people=20):
+    """A deterministic world: invented names from syllables, facts drawn with random.Random(seed)."""
+    literal = " ".join(SLOT_RE.sub("", t) for ts in TEMPLATES.values() for t in ts)
+    used = {w.lower() for w in regex.findall(r"[a-zA-Z]+", literal)}
+    used |= set(JOBS + COLOURS + PLACES + [o for v in OBJECTS.values() for o in v])  # a name is never a template word
+    rng = random.Random(seed)
+
+    def name(n_syl, suffix="", lower=False):
+        while True:
+            s = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(n_syl)) + rng.choice(CODAS) + suffix
+            s = s if lower else s.capitalize()
+            if s.lower() not in used and len(s) <= 9:
+                used.add(s.lower())
+                return s
+    countries, cities = [], []
+    for _ in range(n_countries):
+        c = dict(name=name(2, rng.choice(["ia", "a", "and", "or", "en"])),
+                 language=name(2, rng.choice(["ic", "ish", "ese"])), currency=name(2, lower=True))
+        towns = [name(rng.choice([1, 2])) for _ in range(2)]
+        c["capital"] = towns[0]
+        countries.append(c)
+        cities += [dict(name=t, country=c["name"]) for t in towns]
+    names = [name(2) for _ in range(n_people)]
+    ring = rng.sample(names, len(names))  # each person's friend is the next on a random ring: never oneself
+    friend = {a: b for a, b in zip(ring, ring[1:] + ring[:1])}
+    people = [dict(name=n, home=rng.choice(cities)["name"], job=rng.choice(JOBS), friend=friend[n]) for n in names]
+    objects = [dict(name=o, colour=rng.choice(COLOURS), category=cat) for cat, objs in OBJECTS.items() for o in objs]
+    return World(seed, countries, cities, people, objects, sorted(rng.sample(names, n_heldout_people)))
+
+
+def load_world(path=clt.DEFAULT_MODEL):
+    """The World saved in path/world.json (make_world(0) if path has none: it is the same world)."""
+    f = os.path.join(path, "world.json")
+    if not os.path.exists(f):
+        if os.path.abspath(path) != os.path.abspath(clt.DEFAULT_MODEL):
+            raise FileNotFoundError(f"{path} has no world.json: not a tiny.py model directory")
+        return make_world(0)
+    with open(f) as fh:
+        d = json.load(fh)
+    keys = ("seed", "countries", "cities", "people", "objects", "heldout_people", "max_number")
+    return World(**{k: d[k] for k in keys})
+
+
+# -----------------------------------------------------------------------------
+# templates and the corpus
+# The last paraphrase of each relation (index HELDOUT) is never trained. {slot} names map to concept types
+# through SLOT_TYPES; the last slot of a template is its answer.
+
+TEMPLATES = {
+    "capital": ["The capital of {country} is {city}.", "{country}'s capital is {city}.",
+                "{country} is ruled from {city}.", "The capital city of {country} is {city}."],
+    "located": ["{city} is a city in {country}.", "{city} lies in {country}.", "The city of {city} is in {country}.",
+                "{city} is a city of {country}."],
+    "language": ["People in {country} speak {language}.", "The language of {country} is {language}.",
+                 "In {country}, most people speak {language}.", "Most people in {country} speak {language}."],
+    "currency": ["The currency of {country} is the {currency}.", "In {country}, people pay with the {currency}.",
+                 "{country} uses the {currency}.", "People in {country} pay with the {currency}."],
+    "city_language": ["In {city}, people speak {language}.", "People in {city} speak {language}.",
+                      "The language of {city} is {language}.", "Most people in {city} speak {language}."],
+    "city_currency": ["In {city}, people pay with the {currency}.", "The currency of {city} is the {currency}.",
+                      "The shops in {city} take the {currency}.", "People in {city} pay with the {currency}."],
+    "home": ["{person} lives in {city}.", "{person}'s home is in {city}.", "{person} has a house in {city}.",
+             "The home of {person} is in {city}."],
+    "job": ["{person} works as a {job}.", "{person} earns a living as a {job}.", "By trade, {person} is a {job}.",
+            "{person} has a job as a {job}."],
+    "friend": ["{person} is a friend of {friend}.", "{person}'s best friend is {friend}.",
+               "{person} often visits {friend}.", "The best friend of {person} is {friend}."],
+    "colour": ["The {object} is coloured {colour}.", "A {object} is always {colour}.",
+               "The colour of the {object} is {colour}.", "Every {object} is always {colour}."],
+    "category": ["The {object} is a kind of {category}.", "A {object} is a type of {category}.",
+                 "The {object} is one sort of {category}.", "Every {object} is a kind of {category}."],
+    "person_language": ["The language {person} speaks is {language}.", "{person} speaks {language}.",
+                        "So {person} speaks {language} at home.", "At home, {person} speaks {language}."],
+    "person_currency": ["{person} pays with the {currency}.", "The money {person} uses is the {currency}.",
+                        "So {person} pays with the {currency}.", "In the shops, {person} pays with the {currency}."],
+    "person_country": ["The country {person} lives in is {country}.", "So {person} is from {country}.",
+                       "{person} is a citizen of {country}.", "{person} comes from {country}."],
+    "ioi": ["When {io} and {s} went to the {place}, {s} gave a {object} to {io}.",
+            "When {s} and {io} went to the {place}, {s} gave a {object} to {io}.",
+            "After {io} and {s} met at the {place}, {s} handed the {object} to {io}.",
+            "After {s} and {io} met at the {place}, {s} handed the {object} to {io}.",
+            "{io} and {s} were at the {place}. {s} passed a {object} to {io}.",
+            "{s} and {io} were at the {place}. {s} passed a {object} to {io}.",
+            "When {s} and {io} were at the {place}, {s} handed a {object} to {io}."],
+    "greater": ["Of {a} and {b}, the larger is {max}.", "Between {a} and {b}, the bigger number is {max}.",
+                "{a} or {b}: the larger number is {max}.", "Of {a} and {b}, the bigger number is {max}."],
+    "successor": ["After {n} comes {succ}.", "The number after {n} is {succ}.", "{n} is followed by {succ}.",
+                  "Right after {n} comes {succ}."],
+    "category_list": ["Some {category}s: the {object1}, the {object2} and the {object3}."],
+}
+HELDOUT = -1
+TWO_HOP = ["person_language", "person_currency", "person_country"]
+SLOT_TYPES = {"country": "country", "city": "city", "language": "language", "currency": "currency",
+              "person": "person", "friend": "person", "io": "person", "s": "person", "job": "job", "colour": "colour",
+              "object": "object", "object1": "object", "object2": "object", "object3": "object",
+              "category": "category", "place": "place", "a": "number", "b": "number", "max": "number",
+              "n": "number", "succ": "number"}
+SLOT_RE = regex.compile(r"\{(\w+)\}")
+SUBJECT_SLOT = {"capital": "country", "language": "country", "currency": "country", "located": "city",
+                "city_language": "city", "city_currency": "city", "home": "person", "job": "person",
+                "friend": "person", "colour": "object", "category": "object"}
+
+
+def answer_slot(relation):
+    return SLOT_RE.findall(TEMPLATES[relation][0])[-1]
+
+
+def templates_for(relation, heldout):
+    """The training paraphrases of a relation, or (heldout=True) only its held-out one."""
+    ts = TEMPLATES[relation]
+    return [ts[HELDOUT]] if heldout and len(ts) > 1 else ts[:HELDOUT] if len(ts) > 1 else ts
+
+
+def fact_sentence(world, rng, fact, heldout=False):
+    relation, subject, answer = fact
+    template = rng.choice(templates_for(relation, heldout))
+    return template.format(**{SUBJECT_SLOT[relation]: subject, answer_slot(relation): answer})
+
+
+def doc_facts(world, rng, heldout):
+    """2-6 one-hop facts; half the time all about one entity (so 'about' features have something to learn)."""
+    facts = world.facts()
+    if rng.random() < 0.5:
+        subject = rng.choice(facts)[1]
+        facts = [f for f in facts if f[1] == subject or f[2] == subject]
+    picked = rng.sample(facts, min(len(facts), rng.randint(2, 6)))
+    return [fact_sentence(world, rng, f, heldout) for f in picked]
+
+
+def doc_two_hop(world, rng, heldout):
+    """A bridge ("Mira lives in Tarn.") and, after distractors, a two-hop question about the same person."""
+    held = set(world.heldout_people)
+    pool = world.heldout_people if heldout else [p["name"] for p in world.people if p["name"] not in held]
+    person, other = rng.sample(pool, 2)
+    relation = rng.choice(TWO_HOP)
+    before = [fact_sentence(world, rng, f) for f in rng.sample(world.facts(), rng.randint(0, 2))]
+    if rng.random() < 0.5:  # a distractor bridge about someone else
+        before.append(fact_sentence(world, rng, ("home", other, world.lookup["person"][other]["home"])))
+    rng.shuffle(before)
+    bridge = fact_sentence(world, rng, ("home", person, world.lookup["person"][person]["home"]))
+    middle = [bridge] if heldout or rng.random() < 0.8 else []  # no bridge: the two-hop fact must live in the weights
+    if middle and rng.random() < 0.5:
+        middle.append(fact_sentence(world, rng, rng.choice(world.facts())))
+    question = rng.choice(templates_for(relation, heldout))
+    answer = {answer_slot(relation): world.two_hop(person, relation)}
+    return before + middle + [question.format(person=person, **answer)]
+
+
+def doc_ioi(world, rng, heldout):
+    io, s = rng.sample([p["name"] for p in world.people], 2)
+    story = rng.choice(templates_for("ioi", heldout)).format(io=io, s=s, place=rng.choice(PLACES),
+                                                             object=rng.choice(world.objects)["name"])
+    extra = [fact_sentence(world, rng, rng.choice(world.facts()))] if rng.random() < 0.3 else []
+    return extra + [story]
+
+
+def doc_numbers(world, rng, heldout):
+    """Counting sequences (never starting at a held-out start), successors and comparisons."""
+    kind, top = rng.random(), world.max_number
+    if kind < 0.4:
+        length = rng.randint(3, 8)
+        start = rng.choice([n for n in range(top - length + 2) if is_heldout_start(n) == heldout])
+        return ["Counting: " + ", ".join(str(start + i) for i in range(length)) + "."]
+    out = []
+    for _ in range(rng.randint(2, 4)):
+        if kind < 0.7:
+            n = rng.randint(0, top - 1)
+            out.append(rng.choice(templates_for("successor", heldout)).format(n=n, succ=n + 1))
+        else:
+            a, b = rng.sample(range(top + 1), 2)
+            while is_heldout_pair(a, b) != heldout:
+                a, b = rng.sample(range(top + 1), 2)
+            out.append(rng.choice(templates_for("greater", heldout)).format(a=a, b=b, max=max(a, b)))
+    return out
+
+
+def is_heldout_start(n):
+    return n % 10 == 7
+
+
+def is_heldout_pair(a, b):
+    return (7 * a + 3 * b) % 10 == 0
+
+
+def doc_objects(world, rng, heldout):
+    category = rng.choice(list(OBJECTS))
+    listed = rng.sample(OBJECTS[category], 3)
+    objects = {f"object{i + 1}": o for i, o in enumerate(listed)}
+    out = [TEMPLATES["category_list"][0].format(category=category, **objects)]
+    facts = [f for f in world.facts() if f[0] in ("colour", "category")]
+    return out + [fact_sentence(world, rng, f, heldout) for f in rng.sample(facts, rng.randint(1, 4))]
+
+
+DOC_KINDS = [(doc_facts, 0.35), (doc_two_hop, 0.25), (doc_ioi, 0.2), (doc_numbers, 0.1), (doc_objects, 0.1)]
+
+
+def make_corpus(world, n_docs, seed=0, heldout=False):
+    """n_docs documents (strings), deterministic in (world, seed). heldout=True: only held-out templates/people."""
+    if n_docs < 0:
+        raise ValueError(f"n_docs must be >= 0, got {n_docs}")
+    rng = random.Random(seed)
+    makers, weights = zip(*DOC_KINDS)
+    return [" ".join(rng.choices(makers, weights)[0](world, rng, heldout)) for _ in range(n_docs)]
+
+
+def toy_corpus(n_docs=1000, seed=0):
+    """Documents from the shipped world (models/tiny/world.json): the "toy" corpus for cache.py."""
+    return make_corpus(load_world(clt.DEFAULT_MODEL), n_docs, seed)
+
+
+# -----------------------------------------------------------------------------
+# the labeler: per-token ground truth for autointerp scoring and graph checks
+
+
+def template_regex(template, world, prompt=False):
+    """A template as a regex: each slot occurrence its own group `slot__k` over that concept's names.
+
+    prompt=True keeps only the text before the answer (the last slot) and anchors it at the end.
+    """
+    names, parts, pos, k = world.names(), [], 0, Counter()
+    slots = list(SLOT_RE.finditer(template))
+    for m in slots[:-1] if prompt else slots:
+        parts.append(regex.escape(template[pos:m.start()]))
+        alts = sorted(names[SLOT_TYPES[m.group(1)]], key=len, reverse=True)
+        parts.append(f"(?P<{m.group(1)}__{k[m.group(1)]}>{'|'.join(map(regex.escape, alts))})")
+        k[m.group(1)] += 1
+        pos = m.end()
+    tail = template[pos:slots[-1].start()].rstrip() if prompt else template[pos:]
+    return regex.compile(r"(?<![\w])" + "".join(parts) + regex.escape(tail) + (r"\s*\Z" if prompt else r"(?![\w])"))
+
+
+def slot_role(relation, slot, k, is_last):
+    if relation == "ioi" and slot in ("io", "s"):
+        return ["role:io", "role:answer"] if is_last else ["role:io"] if slot == "io" else [f"role:s{k + 1}"]
+    if is_last:
+        return ["role:answer"]
+    subject = SUBJECT_SLOT.get(relation, "person" if relation in TWO_HOP else "n" if relation == "successor" else "")
+    return ["role:subject"] if slot == subject else ["role:filler"]
+
+
+def template_matches(text, world):
+    """(relation, tag, prompt, match) for every template matching text; compiled once per world."""
+    if "regex" not in world.lookup:
+        world.lookup["regex"] = [(r, f"template:{r}/{i if i < len(ts) - 1 or len(ts) == 1 else 'heldout'}", prompt,
+                                  template_regex(t, world, prompt))
+                                 for r, ts in TEMPLATES.items() for i, t in enumerate(ts) for prompt in (False, True)]
+    for relation, tag, prompt, rx in world.lookup["regex"]:
+        for m in rx.finditer(text, overlapped=True):
+            values = {}
+            for g, v in m.groupdict().items():  # a slot used twice (IOI's subject) must hold one name
+                values.setdefault(g.rsplit("__", 1)[0], set()).add(v)
+            if all(len(v) == 1 for v in values.values()):
+                yield relation, tag, prompt, m
+
+
+def template_spans(text, world):
+    """(start, end, label) char spans from every template that matches text (full, or as a final prompt)."""
+    spans, homes, questions = [], {}, []
+    for relation, tag, prompt, m in template_matches(text, world):
+        spans += [(m.start(), m.end(), t) for t in (f"relation:{relation}", tag, "role:template")]
+        groups = sorted((m.start(g), g) for g in m.groupdict())
+        for j, (start, g) in enumerate(groups):
+            slot, k = g.rsplit("__", 1)
+            roles = slot_role(relation, slot, int(k), j == len(groups) - 1 and not prompt)
+            spans += [(start, m.end(g), r) for r in roles]
+        if prompt:
+            spans.append((m.end() - 1, m.end(), "role:query"))
+        if relation == "home" and not prompt:
+            homes.setdefault(m.group("person__0"), []).append((m.start("city__0"), m.end("city__0"), m.start()))
+        if relation in TWO_HOP:
+            questions.append((m.group("person__0"), m.start()))
+    for person, q_start in questions:  # the bridge: the city, stated earlier, that a two-hop question needs
+        spans += [(s, e, "role:bridge") for s, e, start in homes.get(person, []) if start < q_start]
+    return spans
+
+
+def entity_spans(text, world):
+    if "names" not in world.lookup:
+        world.lookup["names"] = [(concept, regex.compile(r"(?<![\w])(" + "|".join(map(regex.escape, sorted(
+            items, key=len, reverse=True))) + r")(?![\w])")) for concept, items in world.names().items()]
+    spans = []
+    for concept, pattern in world.lookup["names"]:
+        for m in pattern.finditer(text):
+            spans += [(m.start(), m.end(), f"entity:{m.group(1)}"), (m.start(), m.end(), f"concept:{concept}")]
+            country = world.country_of(m.group(1)) if concept in ("country", "city", "language", "currency") else None
+            if country:
+                spans.append((m.start(), m.end(), f"about:{country}"))
+    for m in regex.finditer(r"Counting:(?: \d+,)* \d+(\.|,\s*\Z)?", text):  # a sequence, or a prompt ending in ","
+        spans += [(m.start(), m.end(), lab) for lab in ("relation:count", "template:count/0", "role:template")]
+        numbers = list(regex.finditer(r"\d+", m.group()))
+        for j, n in enumerate(numbers):
+            last = j == len(numbers) - 1 and m.group(1) == "."
+            spans.append((m.start() + n.start(), m.start() + n.end(), "role:answer" if last else "role:filler"))
+    return spans
+
+
+def label_tokens(text, enc, world):
+    """Per token of enc.encode(text): the set of ground-truth labels of every span the token overlaps."""
+    ids = enc.encode(text, allowed_special="all")
+    char_to_byte = [0]
+    for ch in text:
+        char_to_byte.append(char_to_byte[-1] + len(ch.encode("utf-8")))
+    spans = entity_spans(text, world) + template_spans(text, world)
+    spans = [(char_to_byte[s], char_to_byte[e], lab) for s, e, lab in spans]  # as byte offsets, like the tokens
+    labels, pos, raw = [], 0, text.encode("utf-8")
+    for i in ids:
+        end = pos + len(enc.decode_single_token_bytes(i))
+        labs = {lab for s, e, lab in spans if s < end and pos < e}
+        if not raw[pos:end].strip():  # a whitespace token only joins the spans, it plays no role in them
+            labs = {lab for lab in labs if not lab.startswith(("role:", "entity:", "concept:", "about:"))}
+        if any(lab.startswith("role:") and lab not in ("role:template", "role:query") for lab in labs):
+            labs.discard("role:template")  # template marks the literal words only
+        labels.append(labs)
+        pos = end
+    return labels
+
+
+# -----------------------------------------------------------------------------
+# evaluation prompts: (prompt, answer, kind); the answer starts with a space
+
+
+def split_prompt(sentence, answer):
+    i = sentence.rindex(answer)
+    return sentence[:i].rstrip(), " " + answer
+
+
+def eval_prompts(world, seed=0, n_random=200):
+    """Held-out evaluation prompts of every kind (see the module docstring for what is held out)."""
+    rng, out = random.Random(seed), []
+    for fact in world.facts():
+        for kind, heldout in (("one_hop", False), ("one_hop_paraphrase", True)):
+            out.append((*split_prompt(fact_sentence(world, rng, fact, heldout), fact[2]), kind))
+    people = {p["name"]: p for p in world.people}
+    for person in world.heldout_people:
+        bridge = TEMPLATES["home"][0].format(person=person, city=people[person]["home"])
+        for relation in TWO_HOP:
+            answer = world.two_hop(person, relation)
+            slot = answer_slot(relation)
+            for i, template in enumerate(TEMPLATES[relation]):
+                prompt, ans = split_prompt(template.format(person=person, **{slot: answer}), answer)
+                kind = "two_hop" if i < len(TEMPLATES[relation]) - 1 else "two_hop_paraphrase"
+                out.append((bridge + " " + prompt, ans, kind))
+                if kind == "two_hop":
+                    out.append((prompt, ans, "two_hop_latent"))
+    names = [p["name"] for p in world.people]
+    for kind, heldout in (("ioi", False), ("ioi_paraphrase", True)):
+        for _ in range(n_random):
+            io, s = rng.sample(names, 2)
+            story = rng.choice(templates_for("ioi", heldout)).format(io=io, s=s, place=rng.choice(PLACES),
+                                                                     object=rng.choice(world.objects)["name"])
+            out.append((story[:story.rindex(" " + io)], " " + io, kind))
+    for start in [n for n in range(world.max_number - 5) if is_heldout_start(n)]:
+        for length in (3, 4, 5):
+            prompt = "Counting: " + ", ".join(str(start + i) for i in range(length)) + ","
+            out.append((prompt, f" {start + length}", "counting"))
+    for _ in range(n_random):
+        a, b = rng.sample(range(world.max_number + 1), 2)
+        while not is_heldout_pair(a, b):
+            a, b = rng.sample(range(world.max_number + 1), 2)
+        out.append((TEMPLATES["greater"][0].format(a=a, b=b, max="")[:-2], f" {max(a, b)}", "greater_than"))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level BPE (Sennrich et al. 2016) over GPT-2's byte-to-unicode alphabet, trained on
+# word frequencies after GPT-2's pre-tokenization, written as the hub's vocab.json + merges.txt
+
+
+def train_bpe(docs, max_merges=3000, min_count=2):
+    """Merges (pairs of vocab.json strings) learned greedily: the most frequent adjacent pair each step.
+
+    Ties break on the pair itself, so training is deterministic. A pair whose merged string is already a
+    token is skipped: tiktoken ranks byte strings, so one string must come from exactly one merge.
+    """
+    b2u = clt.bytes_to_unicode()
+    counts = Counter(regex.findall(clt.GPT2_PATTERN, "\n".join(docs)))
+    words = {tuple(b2u[b] for b in w.encode("utf-8")): c for w, c in counts.items()}
+    vocab, merges = set(b2u.values()), []
+    for _ in tqdm(range(max_merges), desc="bpe", leave=False):
+        pairs = Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        best = max(((c, p) for p, c in pairs.items() if p[0] + p[1] not in vocab), default=(0, None))
+        if best[0] < min_count:
+            break
+        (a, b), merged = best[1], best[1][0] + best[1][1]
+        merges.append((a, b))
+        vocab.add(merged)
+        words = {merge_word(w, a, b, merged): c for w, c in words.items()}
+    return merges, {"".join(w): w for w in words}
+
+
+def merge_word(w, a, b, merged):
+    out, i = [], 0
+    while i < len(w):
+        if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return tuple(out)
+
+
+def save_tokenizer(path, merges):
+    """vocab.json (ids = merge order: 256 bytes, then one per merge, then <|endoftext|>) and merges.txt."""
+    os.makedirs(path, exist_ok=True)
+    symbols = list(clt.bytes_to_unicode().values()) + [a + b for a, b in merges] + [clt.ENDOFTEXT]
+    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({s: i for i, s in enumerate(symbols)}, f, ensure_ascii=False)
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def check_tokenizer(enc, segmented):
+    """tiktoken (ranks of byte strings) must segment every training word as BPE training did."""
+    byte_of = {c: b for b, c in clt.bytes_to_unicode().items()}
+    for word, pieces in segmented.items():
+        ids = enc.encode_ordinary(bytes(byte_of[c] for c in word).decode("utf-8", errors="replace"))
+        got = tuple(bytes(byte_of[c] for c in p) for p in pieces)
+        if [enc.decode_single_token_bytes(i) for i in ids] != list(got):
+            raise ValueError(f"tokenizer disagrees with BPE training on {word!r}: ids {ids}, pieces {pieces}")
+
+
+# -----------------------------------------------------------------------------
+# model training with clt.GPT
+
+
+@dataclass
+class TinyConfig:
+    out: str = clt.DEFAULT_MODEL  # where config.json, model.safetensors, vocab.json, merges.txt, world.json go
+    seed: int = 0  # seeds the world, the corpus, the init and the batches
+    n_docs: int = 200000  # training documents (~45 tokens each)
+    bpe_docs: int = 30000  # documents the tokenizer is trained on
+    max_merges: int = 3000  # BPE merges at most (vocab = 256 + merges + 1)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # residual width
+    n_ctx: int = 128  # context length (training sequences are this long)
+    batch_size: int = 32  # sequences per step
+    steps: int = 2500  # optimizer steps
+    lr: float = 6e-3  # peak learning rate (a sweep of 1e-3, 3e-3, 6e-3: 6e-3 composes two-hop best)
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on biases, LayerNorms)
+    grad_clip: float = 1.0  # global grad-norm clip; -1 = disable
+    threads: int = 2  # torch CPU threads
+    device: str = "cpu"  # cpu (the deterministic build), or e.g. cuda for quick experiments
+    corpus_file: str = ""  # also write the training corpus here as text ("" = don't)
+
+
+def init_weights(model, generator):
+    """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 L) (nanoGPT); clt.GPT leaves defaults."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "ln" in name:
+            nn.init.ones_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * model.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            nn.init.normal_(p, 0.0, std, generator=generator)
+
+
+def token_stream(docs, enc):
+    """All documents as one (N,) stream, <|endoftext|> between them, and the offset of each document."""
+    ids, starts, eot = [], [], enc.eot_token
+    for doc in enc.encode_ordinary_batch(docs):
+        starts.append(len(ids))
+        ids += doc + [eot]
+    return torch.tensor(ids), torch.tensor(starts)
+
+
+def get_batch(stream, starts, B, T, generator):
+    """B windows of T+1 tokens, each starting at a document start (so position 0 never needs a BOS)."""
+    ok = starts[starts + T + 1 <= len(stream)]
+    pick = ok[torch.randint(len(ok), (B,), generator=generator)]
+    rows = torch.stack([stream[s:s + T + 1] for s in pick.tolist()])  # (B, T+1)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def lr_at(step, cfg):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train_model(cfg, stream, starts, vocab_size):
+    """AdamW with warmup + cosine; returns the trained clt.GPT (eval mode)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = clt.GPT(clt.GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx,
+                                  vocab_size=vocab_size))
+    init_weights(model, gen)
+    model.to(cfg.device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="train")
+    for step in bar:
+        t0 = time.time()
+        x, y = (t.to(cfg.device) for t in get_batch(stream, starts, cfg.batch_size, cfg.n_ctx, gen))  # (B, T)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.step()
+        if step % 50 == 0 or step == cfg.steps - 1:
+            dt = time.time() - t0
+            bar.write(f"step {step:5d}/{cfg.steps} | loss {loss.item():.4f} | norm {norm.item():.3f} | "  # sync point
+                      f"lr {lr_at(step, cfg):.2e} | {dt * 1000:.0f} ms | {x.numel() / dt:.0f} tok/s")
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def greedy_match(model, enc, prompt, answer):
+    """Does greedy decoding after prompt produce exactly answer's tokens?"""
+    idx, target, device = enc.encode_ordinary(prompt), enc.encode_ordinary(answer), next(model.parameters()).device
+    for t in target:
+        nxt = model(torch.tensor([idx[-model.config.n_ctx:]], device=device))[0, -1].argmax().item()
+        if nxt != t:
+            return False
+        idx.append(nxt)
+    return True
+
+
+@torch.no_grad()
+def stream_loss(model, stream, starts, T, n_windows=64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = (t.to(next(model.parameters()).device) for t in get_batch(stream, starts, n_windows, T, gen))
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+
+
+def evaluate(model, enc, world, n_loss_docs=3000, seed=1):
+    """{row: value}: held-out next-token losses and exact-match accuracy per kind of eval_prompts."""
+    T = model.config.n_ctx
+    rows = {}
+    for name, held in (("fresh documents", False), ("held-out templates+people", True)):
+        docs = make_corpus(world, n_loss_docs, 10**6 + seed, heldout=held)  # seeds far from any training seed
+        rows[f"loss: {name}"] = stream_loss(model, *token_stream(docs, enc), T)
+    hits = {}
+    for prompt, answer, kind in tqdm(eval_prompts(world, seed), desc="eval", leave=False):
+        hits.setdefault(kind, []).append(greedy_match(model, enc, prompt, answer))
+    rows.update({f"acc: {k} (n={len(v)})": sum(v) / len(v) for k, v in hits.items()})
+    return rows
+
+
+def print_table(rows):
+    print("| metric | value |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.3f} |" if k.startswith("loss") else f"| {k} | {100 * v:.1f} % |")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def build(cfg):
+    """World -> corpus -> tokenizer -> model, all written to cfg.out; returns (model, enc, world)."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    world = make_world(cfg.seed)
+    docs = make_corpus(world, cfg.n_docs, cfg.seed)
+    if cfg.corpus_file:
+        with open(cfg.corpus_file, "w") as f:
+            f.write("\n".join(docs) + "\n")
+    merges, segmented = train_bpe(docs[:cfg.bpe_docs], cfg.max_merges)
+    save_tokenizer(cfg.out, merges)
+    enc = clt.load_tokenizer(cfg.out)
+    check_tokenizer(enc, segmented)
+    stream, starts = token_stream(docs, enc)
+    print(f"world + corpus + tokenizer: {time.time() - t0:.0f} s | vocab {enc.n_vocab} | "
+          f"{len(docs)} docs | {len(stream)} tokens")
+    model = train_model(cfg, stream, starts, enc.n_vocab)
+    model.cpu().save_pretrained(cfg.out)
+    with open(os.path.join(cfg.out, "world.json"), "w") as f:
+        json.dump(world.to_json(), f, indent=1)
+    print(f"built {cfg.out} in {time.time() - t0:.0f} s")
+    return model, enc, world
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval", action="store_true", help="only evaluate the model in --model and print the table")
+    parser.add_argument("--model", default=clt.DEFAULT_MODEL, help="model directory that --eval evaluates")
+    for f in TinyConfig.__dataclass_fields__.values():
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f"TinyConfig.{f.name} (default {f.default!r}); see the field comment in tiny.py")
+    args = parser.parse_args(argv)
+    cfg = TinyConfig(**{k: v for k, v in vars(args).items() if k in TinyConfig.__dataclass_fields__})
+    torch.set_num_threads(cfg.threads)
+    if args.eval:
+        model, enc = clt.GPT.from_pretrained(args.model), clt.load_tokenizer(args.model)
+        world = load_world(args.model)
+    else:
+        print(vars(args))
+        model, enc, world = build(cfg)
+    print_table(evaluate(model, enc, world, seed=cfg.seed + 1))
+
+
+if __name__ == "__main__":
+    main()
