@@ -9,41 +9,55 @@ Data flow.  make_world(seed) -> World (countries, cities, people, objects, numbe
             -> evaluate(model, enc, world) on eval_prompts(world): the table of the README.
 
     python tiny.py --help
-    python tiny.py --eval                       # evaluate the shipped models/tiny
-    python tiny.py --out models/tiny            # rebuild it all, deterministic (~20 min on 2 cores)
+    python tiny.py --eval                          # evaluate the shipped models/tiny (~1 min on a CPU)
+    python tiny.py --out runs/tiny                 # rebuild it all on the CPU, deterministic (~15-20 min, 2 cores)
+    python tiny.py --out models/tiny --device cuda # how models/tiny was built (~70 s on one H200)
     python tiny.py --out /tmp/t --steps 50 --n-docs 2000 --n-layer 1   # a one-minute smoke run
+
+The world (seed 0): 40 countries ("The capital of Zapokor is Tes.", "People in Zapokor speak Rigunish."),
+each with a capital and one more city; 100 people with a home city, a job and a best friend ("Batris lives
+in Fafes."); 25 objects with a colour and a category; the numbers 0..99. Every name is one token.
 
 Public API (stable: cache.py, interp.py, graph.py and the tests import it):
     World, make_world(seed) / load_world(dir)    the world; World.facts() -> [(relation, subject, answer)]
     make_corpus(world, n_docs, seed, heldout=False) -> [str]   documents; heldout=True uses only held-out
                                                  templates and held-out people (never in training)
     toy_corpus(n_docs=1000, seed=0) -> [str]     documents from the shipped world (models/tiny/world.json)
-    label_tokens(text, enc, world) -> [set[str]] per-token ground truth: "entity:Tarn", "concept:city",
-        "about:Veloria" (a country and its cities, language, currency), "relation:capital",
-        "template:capital/0", "role:subject|answer|bridge|io|s1|s2|filler|template|query"
-    eval_prompts(world, seed=0) -> [(prompt, answer, kind)]   answer starts with a space
+    label_tokens(text, enc, world) -> [set[str]] per-token ground truth: "entity:Tes", "concept:city",
+        "about:Zapokor" (a country and its cities, language, currency), "relation:capital",
+        "template:capital/0" ("/heldout" for the held-out paraphrase),
+        "role:subject|answer|bridge|io|s1|s2|filler|template|query" (bridge: the city a later two-hop
+        question needs; io/s1/s2: IOI's indirect object and subject mentions; query: a prompt's last token)
+    eval_prompts(world, seed=0) -> [(prompt, answer, kind)]   answer starts with a space; kinds: one_hop,
+        one_hop_paraphrase, two_hop, two_hop_latent, two_hop_paraphrase, ioi, ioi_paraphrase, counting,
+        greater_than
     TEMPLATES, HELDOUT                           relation -> paraphrases; index HELDOUT of each is never trained
 
 What "held-out" means here. Every relation has several paraphrases; the last one (TEMPLATES[r][HELDOUT])
-never occurs in training. A fifth of the people are held out of every two-hop document, so for them
-"The language Mira speaks is" is never trained: with the bridge in context ("Mira lives in Tarn. ...")
-the model has to compose; without it (kind two_hop_latent) it has to compose in its weights. IOI stories,
-counting sequences (held-out start numbers) and comparisons (held-out pairs) are new instances.
+never occurs in training (*_paraphrase kinds). A fifth of the people are held out of every two-hop
+document, so for them "The language Batris speaks is" is never trained: with the bridge in context
+("Batris lives in Fafes. ...", kind two_hop) the model composes the bridge with a city fact; without it
+(two_hop_latent) it has to compose its own one-hop facts in its weights. IOI stories are new random
+instances, counting sequences start at held-out numbers (7, 17, ...), comparisons use held-out pairs.
 One-hop facts are all trained (a fact never seen cannot be known); their eval prompts are bare.
 
 References: GPT-2 (Radford et al. 2019) for the tokenizer (byte-to-unicode map, pre-tokenization
 pattern, BPE of Sennrich et al. 2016) and the model; IOI from Wang et al. 2022; greater-than from
 Hanna et al. 2023; two-hop prompts after Ameisen et al. 2025 ("the capital of the state containing Dallas").
-Training follows nanoGPT (AdamW, warmup + cosine, GPT-2 init with scaled residual projections).
+Training follows nanoGPT (AdamW, warmup + cosine, GPT-2 init with scaled residual projections). Differences:
+- BPE stops when no pair occurs twice, so every word of the world is one token (vocab 1772, not 50257).
+- A merge whose string is already a token is skipped: tiktoken ranks byte strings, not pairs.
+- Training windows start at a document start, so prompts need no <|endoftext|> in front.
 """
 import argparse
+import inspect
 import json
 import math
 import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import regex
 import torch
@@ -103,7 +117,12 @@ class World:
         return self.lookup["city"][name]["country"] if name in self.lookup["city"] else None
 
     def facts(self):
-        """Every one-hop fact as (relation, subject, answer)."""
+        """Every one-hop fact as (relation, subject, answer); computed once (the corpus asks per document)."""
+        if "facts" not in self.lookup:
+            self.lookup["facts"] = self._facts()
+        return self.lookup["facts"]
+
+    def _facts(self):
         out = []
         for c in self.countries:
             out += [("capital", c["name"], c["capital"]), ("language", c["name"], c["language"]),
@@ -560,9 +579,9 @@ def check_tokenizer(enc, segmented):
 
 @dataclass
 class TinyConfig:
-    out: str = clt.DEFAULT_MODEL  # where config.json, model.safetensors, vocab.json, merges.txt, world.json go
+    out: str = "runs/tiny"  # where config.json, model.safetensors, vocab.json, merges.txt, world.json go
     seed: int = 0  # seeds the world, the corpus, the init and the batches
-    n_docs: int = 200000  # training documents (~45 tokens each)
+    n_docs: int = 200000  # training documents (~25 tokens each: ~4.9M tokens)
     bpe_docs: int = 30000  # documents the tokenizer is trained on
     max_merges: int = 3000  # BPE merges at most (vocab = 256 + merges + 1)
     n_layer: int = 4  # transformer blocks
@@ -577,7 +596,7 @@ class TinyConfig:
     weight_decay: float = 0.1  # AdamW decay on matrices (not on biases, LayerNorms)
     grad_clip: float = 1.0  # global grad-norm clip; -1 = disable
     threads: int = 2  # torch CPU threads
-    device: str = "cpu"  # cpu (the deterministic build), or e.g. cuda for quick experiments
+    device: str = "cpu"  # cpu or cuda (models/tiny was built with cuda: same recipe, ~70 s on an H200)
     corpus_file: str = ""  # also write the training corpus here as text ("" = don't)
 
 
@@ -722,11 +741,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", action="store_true", help="only evaluate the model in --model and print the table")
     parser.add_argument("--model", default=clt.DEFAULT_MODEL, help="model directory that --eval evaluates")
-    for f in TinyConfig.__dataclass_fields__.values():
+    comments = dict(regex.findall(r"(?m)^    (\w+): .*?# (.*)$", inspect.getsource(TinyConfig)))  # help = field comment
+    for f in fields(TinyConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"TinyConfig.{f.name} (default {f.default!r}); see the field comment in tiny.py")
+                            help=f"{comments[f.name]} (default {f.default!r})")
     args = parser.parse_args(argv)
-    cfg = TinyConfig(**{k: v for k, v in vars(args).items() if k in TinyConfig.__dataclass_fields__})
+    cfg = TinyConfig(**{f.name: getattr(args, f.name) for f in fields(TinyConfig)})
     torch.set_num_threads(cfg.threads)
     if args.eval:
         model, enc = clt.GPT.from_pretrained(args.model), clt.load_tokenizer(args.model)

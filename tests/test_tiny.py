@@ -10,7 +10,8 @@ import clt
 import tiny
 
 TINY = clt.DEFAULT_MODEL
-shipped = pytest.mark.skipif(not os.path.exists(os.path.join(TINY, "model.safetensors")), reason="models/tiny not built")
+shipped = pytest.mark.skipif(not os.path.exists(os.path.join(TINY, "model.safetensors")),
+                             reason="models/tiny not built")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,9 @@ def test_labels_ioi_and_two_hop(world, enc):
     city, country = person["home"], world.lookup["city"][person["home"]]["country"]
     text = f"{person['name']} lives in {city}. The language {person['name']} speaks is"
     c = text.index(city)
-    assert all({"role:bridge", f"about:{country}", "concept:city"} <= ls for ls in labels_of(text, enc, world, (c, c + len(city))))
+    for labs in labels_of(text, enc, world, (c, c + len(city))):
+        assert {"role:bridge", f"about:{country}", "concept:city", "role:answer"} <= labs, labs
+    assert "role:query" in tiny.label_tokens(text, enc, world)[-1]
 
 
 # -----------------------------------------------------------------------------
