@@ -660,8 +660,9 @@ def train_model(cfg, stream, starts, vocab_size):
             g["lr"] = lr_at(step, cfg)
         opt.step()
         if step % 50 == 0 or step == cfg.steps - 1:
+            lossf, normf = loss.item(), norm.item()  # sync point: read the clock after it
             dt = time.time() - t0
-            bar.write(f"step {step:5d}/{cfg.steps} | loss {loss.item():.4f} | norm {norm.item():.3f} | "  # sync point
+            bar.write(f"step {step:5d}/{cfg.steps} | loss {lossf:.4f} | norm {normf:.3f} | "
                       f"lr {lr_at(step, cfg):.2e} | {dt * 1000:.0f} ms | {x.numel() / dt:.0f} tok/s")
     return model.eval()
 
