@@ -179,7 +179,7 @@ def target_inputs(model, clt, rep, feats, logit_ids, resid=None, mlp_out=None):
 def salient_logits(logits, max_logits, logit_prob):
     """The most likely tokens until their cumulative probability reaches logit_prob, at most max_logits."""
     probs, ids = logits.softmax(-1).topk(min(max_logits, logits.numel()))
-    k = int(torch.searchsorted(probs.cumsum(0), torch.tensor(logit_prob, dtype=probs.dtype))) + 1
+    k = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
     return ids[:k], probs[:k]
 
 
@@ -266,32 +266,30 @@ def attribute(model, clt, rep, prompt="", max_features=-1, batch_size=64, max_lo
     cap = n if max_features < 0 else min(max_features, n)
     logit_ids, logit_probs = salient_logits(rep.logits, max_logits, logit_prob)
     k, n_src = len(logit_ids), n + L * T + T
-    rows = rep.embed.new_zeros(k + cap, n_src + k)  # rows of A: logits, then features as computed
-    row_node = torch.zeros(k + cap, dtype=torch.long)  # the target node of each row
-    rows[:k, :n_src] = Attribution(model, clt, rep, k).logit_rows(logit_ids)
-    row_node[:k] = torch.arange(n_src, n_src + k)
+    # A's rows in their final order (features, errors and embeddings: no inputs, logits); feature rows
+    # are filled in the order computed, which is feature order unless capped: then no copy is needed
+    rows = rep.embed.new_zeros(cap + L * T + T + k, n_src + k)
+    row_node = torch.cat([torch.zeros(cap, dtype=torch.long), torch.arange(n, n_src + k)])  # each row's node
+    att = Attribution(model, clt, rep, max(k, min(batch_size, cap)))
+    rows[-k:, :n_src] = att.logit_rows(logit_ids)
     weights = rows.new_zeros(n_src + k)
     weights[n_src:] = logit_probs.to(rows.dtype)
-    att = Attribution(model, clt, rep, max(1, min(batch_size, cap)))
-    todo, done = torch.ones(n, dtype=torch.bool), k
+    todo, done = torch.ones(n, dtype=torch.bool), 0
     for _ in tqdm(range(0, cap, att.batch), desc="feature rows", disable=cap <= att.batch):
-        if cap < n:  # circuit-tracer: rank the remaining features by influence through the rows so far
-            infl = influence(normalized(rows[:done]), weights, row_node[:done])[:n].cpu()
-            order = todo.nonzero()[:, 0][infl[todo].argsort(descending=True, stable=True)]
-        else:
-            order = todo.nonzero()[:, 0]
-        ids = order[:min(att.batch, k + cap - done)]
+        order = todo.nonzero()[:, 0]
+        if cap < n:  # circuit-tracer: the remaining features by influence through the rows so far
+            infl = influence(normalized(rows), weights, row_node)[:n].cpu()
+            order = order[infl[todo].argsort(descending=True, stable=True)]
+        ids = order[:min(att.batch, cap - done)]
         rows[done:done + len(ids), :n_src] = att.feature_rows(ids.to(rep.feats.device))
         row_node[done:done + len(ids)], todo[ids] = ids, False
         done += len(ids)
-    kept = row_node[k:].sort().values  # feature order: (layer, pos, id)
-    cols = torch.cat([kept, torch.arange(n, n_src + k)]).to(rows.device)
-    A = rows.new_zeros(len(cols), len(cols))
-    A[:cap] = rows[k:][row_node[k:].argsort()][:, cols]
-    A[-k:] = rows[:k][:, cols]
-    kept = kept.to(rep.feats.device)
-    return Graph(prompt, rep.idx[0].tolist(), rep.feats[kept].cpu(), rep.acts[kept].cpu(), logit_ids.cpu(),
-                 logit_probs.cpu(), A.cpu(), L, n)
+    kept = row_node[:cap].sort()
+    if cap < n:  # keep the computed features' rows and columns, in feature order
+        cols = torch.cat([kept.values, torch.arange(n, n_src + k)]).to(rows.device)
+        rows = rows[torch.cat([kept.indices, torch.arange(cap, len(rows))]).to(rows.device)][:, cols]
+    ids = kept.values.to(rep.feats.device)
+    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], logit_ids, logit_probs, rows, L, n)
 
 
 @torch.no_grad()
@@ -314,13 +312,13 @@ def exactness(model, clt, rep, graph):
 def normalized(A):
     """|A| with each row scaled to sum 1 (rows of zeros stay zero)."""
     a = A.abs()
-    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    return a.div_(a.sum(1, keepdim=True).clamp(min=1e-10))
 
 
 def influence(A_hat, w, row_node=None):
     """w (Â + Â² + ...) = w ((I - Â)^-1 - I), term by term. A_hat may hold only some rows: row i
     is then node row_node[i]'s (circuit-tracer's partial influence, for --max-features)."""
-    row_node = torch.arange(len(A_hat)) if row_node is None else row_node
+    row_node = torch.arange(len(A_hat), device=A_hat.device) if row_node is None else row_node
     total, cur = torch.zeros_like(w), w[row_node] @ A_hat
     for _ in range(len(w) + 1):  # nilpotent: ends after the longest path, at most L + 2 terms
         if not cur.any():
@@ -333,8 +331,10 @@ def influence(A_hat, w, row_node=None):
 def cumulative_threshold(scores, fraction):
     """The smallest score kept when keeping the largest scores up to `fraction` of their sum."""
     s = scores.flatten().sort(descending=True).values
+    if len(s) == 0:
+        return scores.new_tensor(float("inf"))
     cum = s.cumsum(0) / s.sum().clamp(min=1e-30)
-    return s[min(int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype))), len(s) - 1)]
+    return s[min(int(torch.searchsorted(cum, fraction)), len(s) - 1)]
 
 
 def prune(graph, node_threshold=0.8, edge_threshold=0.98):
@@ -346,11 +346,10 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     infl = influence(normalized(A), w)
     node_mask = infl >= cumulative_threshold(infl, node_threshold)
     node_mask[ts.start:] = True  # embeddings and logits always stay
-    pruned = A * node_mask[:, None] * node_mask[None, :]
-    A_hat = normalized(pruned)
-    edge_score = A_hat * (influence(A_hat, w) + w)[:, None]
-    edge_mask = edge_score >= cumulative_threshold(edge_score, edge_threshold)
-    edge_mask &= pruned != 0
+    edge_score = normalized(A * (node_mask[:, None] & node_mask[None, :]))  # Â of the pruned graph
+    edge_score *= (influence(edge_score, w) + w)[:, None]
+    edge_mask = edge_score > 0
+    edge_mask &= edge_score >= cumulative_threshold(edge_score[edge_mask], edge_threshold)  # the zeros add nothing
     while True:  # features and errors need an outgoing edge, features an incoming one
         old = node_mask.clone()
         edge_mask &= node_mask[:, None] & node_mask[None, :]
@@ -425,12 +424,13 @@ def node_records(graph, enc, explanations, cumulative, infl):
 
 def save_graph(graph, cfg, enc, model_name, clt_name):
     """Write {slug}.json + graph-metadata.json (the front end) and adjacency.safetensors + nodes.json."""
-    node_mask, edge_mask, cumulative, infl = prune(graph, cfg.node_threshold, cfg.edge_threshold)
+    node_mask, edge_mask, cumulative, infl = (x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold))
     replacement, completeness = scores(graph)
     nodes = node_records(graph, enc, load_explanations(cfg.interp), cumulative, infl)
+    A = graph.adjacency.cpu()
     dst, src = edge_mask.nonzero(as_tuple=True)
-    links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=graph.adjacency[t, s].item())
-             for s, t in zip(src.tolist(), dst.tolist())]
+    links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w)
+             for s, t, w in zip(src.tolist(), dst.tolist(), A[dst, src].tolist())]
     meta = dict(slug=cfg.slug, scan=os.path.basename(os.path.normpath(clt_name)), transcoder_list=[],
                 prompt_tokens=[token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens],
                 prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
@@ -448,10 +448,10 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     index["graphs"] = [g for g in index["graphs"] if g["slug"] != cfg.slug] + [meta]
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
-    save_file({"adjacency": graph.adjacency.float().contiguous(), "influence": infl.float(),
-               "node_mask": node_mask, "edge_mask": edge_mask, "features": graph.feats.contiguous(),
-               "activations": graph.acts.float(), "input_tokens": torch.tensor(graph.tokens),
-               "logit_tokens": graph.logit_ids, "logit_probabilities": graph.logit_probs.float()},
+    save_file({"adjacency": A.float().contiguous(), "influence": infl.float(), "node_mask": node_mask,
+               "edge_mask": edge_mask, "features": graph.feats.cpu().contiguous(), "activations": graph.acts.float().cpu(),
+               "input_tokens": torch.tensor(graph.tokens), "logit_tokens": graph.logit_ids.cpu(),
+               "logit_probabilities": graph.logit_probs.float().cpu()},
               os.path.join(cfg.out, "adjacency.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(cfg.out, "nodes.json"), "w") as f:
         json.dump(dict(metadata=meta, nodes=[nd | dict(index=i, kept=m) for i, (nd, m) in
