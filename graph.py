@@ -85,7 +85,7 @@ class GraphConfig:
     node_threshold: float = 0.8  # pruning: keep nodes up to this cumulative influence
     edge_threshold: float = 0.98  # pruning: keep edges up to this cumulative influence
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where to compute
-    feature: str = ""  # intervene: the feature LAYER/POS/ID
+    feature: str = ""  # intervene: the feature LAYER/POS/ID, or several comma-separated
     scale: float = 0.0  # intervene: multiply its decoder writes by this (0 ablate, -1 flip, >1 steer)
     top: int = 10  # intervene: rows of probability changes to print
 
@@ -134,10 +134,10 @@ def decoder_writes(clt, layer, ids, acts):
     return (clt.W_dec[layer][ids] / clt.output_scale[layer:, None] * acts[:, None, None]).detach()
 
 
-def reconstruct(clt, feats, acts, T):
+def reconstruct(clt, feats, acts, T, bias=True):
     """The CLT's output (T, L, d) from the active features (n, 3) with activations acts (n,),
-    summed in the working dtype (clt.decode sums in fp32, for bf16 training), b_dec included."""
-    out = (clt.b_dec / clt.output_scale[:, None]).detach().expand(T, -1, -1).clone()  # (T, L, d)
+    summed in the working dtype (clt.decode sums in fp32, for bf16 training), b_dec if bias."""
+    out = (clt.b_dec / clt.output_scale[:, None] * bias).detach().expand(T, -1, -1).clone()  # (T, L, d)
     for l in range(clt.config.n_layers):
         mine = feats[:, 0] == l
         out[:, l:].index_add_(0, feats[mine, 1], decoder_writes(clt, l, feats[mine, 2], acts[mine]))
@@ -463,42 +463,43 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
 # interventions: check a hypothesis read off a graph on the real model
 
 
-def parse_feature(spec, L, T, F_):
-    parts = spec.split("/")
-    if len(parts) != 3 or not all(x.lstrip("-").isdigit() for x in parts):
-        raise ValueError(f"--feature must be LAYER/POS/ID, e.g. 3/5/123, got {spec!r}")
-    l, p, f = map(int, parts)
-    if not (0 <= l < L and 0 <= p < T and 0 <= f < F_):
-        raise ValueError(f"--feature {spec}: need 0 <= layer < {L}, 0 <= pos < {T} (prompt tokens), 0 <= id < {F_}")
-    return l, p, f
+def parse_features(spec, L, T, F_):
+    """"LAYER/POS/ID[,LAYER/POS/ID...]" -> (n, 3) long tensor."""
+    out = []
+    for one in spec.split(","):
+        parts = one.strip().split("/")
+        if len(parts) != 3 or not all(x.lstrip("-").isdigit() for x in parts):
+            raise ValueError(f"--feature must be LAYER/POS/ID (comma-separated for several), e.g. 3/5/123, got {spec!r}")
+        l, p, f = map(int, parts)
+        if not (0 <= l < L and 0 <= p < T and 0 <= f < F_):
+            raise ValueError(f"--feature {one}: need 0 <= layer < {L}, 0 <= pos < {T} (prompt tokens), 0 <= id < {F_}")
+        out.append((l, p, f))
+    return torch.tensor(out)
 
 
 @torch.no_grad()
-def intervene(model, clt, idx, layer, pos, feature, scale):
-    """Run the real model with feature (layer, pos, feature)'s decoder writes multiplied by scale:
-    every MLP output l' >= layer at pos gets (scale - 1)·a·W_dec[layer][feature, l' - layer].
-    Later MLPs and attention respond as they do. -> (clean logits (V,), new logits (V,), a)."""
+def intervene(model, clt, idx, feats, scale):
+    """Run the real model with the decoder writes of features feats (n, 3) (layer, pos, id) times
+    scale: MLP output l' >= layer at pos gets (scale - 1)·a·W_dec[layer][id, l' - layer] more, its
+    activation a taken from the clean run. Later MLPs and attention respond as they do.
+    -> (clean logits (V,), new logits (V,), activations (n,))."""
     check_compatible(model, clt)
     logits, acts = model.run_with_acts(idx)
-    a = clt.encode(acts.mlp_in[0])[pos, layer]  # (F,)
-    if a[feature] == 0:
-        top = [f"{f} ({v:.3g})" for v, f in zip(*a.topk(min(5, int((a != 0).sum()))))] if a.any() else []
-        raise ValueError(f"feature {layer}/{pos}/{feature} does not fire on this prompt; active there: {top or 'none'}")
-    delta = decoder_writes(clt, layer, torch.tensor([feature]), (scale - 1) * a[feature:feature + 1])[0]  # (L - layer, d)
-
-    def hook(l):
-        def add(module, inputs, out):
-            out = out.clone()
-            out[:, pos] += delta[l - layer]
-            return out
-        return add
-    handles = [model.h[l].mlp.register_forward_hook(hook(l)) for l in range(layer, model.config.n_layer)]
+    a = clt.encode(acts.mlp_in[0])  # (T, L, F)
+    l, p, f = feats.to(a.device).T
+    for i in (a[p, l, f] == 0).nonzero()[:, 0].tolist():
+        here = a[p[i], l[i]]
+        top = [f"{j} ({v:.3g})" for v, j in zip(*here.topk(min(5, int((here != 0).sum()))))] if here.any() else []
+        raise ValueError(f"feature {l[i]}/{p[i]}/{f[i]} does not fire on this prompt; active there: {top or 'none'}")
+    delta = reconstruct(clt, feats.to(a.device), (scale - 1) * a[p, l, f], idx.size(1), bias=False)  # (T, L, d)
+    add = lambda layer: lambda module, inputs, out: out + delta[:, layer]
+    handles = [block.mlp.register_forward_hook(add(i)) for i, block in enumerate(model.h)]
     try:
         new = model(idx)
     finally:
         for h in handles:
             h.remove()
-    return logits[0, -1], new[0, -1], a[feature].item()
+    return logits[0, -1], new[0, -1], a[p, l, f]
 
 
 # -----------------------------------------------------------------------------
@@ -537,12 +538,13 @@ def run_intervene(cfg):
     model, clt, enc, idx = load(cfg)
     if not cfg.feature:
         raise ValueError("intervene needs --feature LAYER/POS/ID")
-    l, p, f = parse_feature(cfg.feature, clt.config.n_layers, idx.size(1), clt.config.n_features)
-    clean, new, a = intervene(model, clt, idx, l, p, f, cfg.scale)
+    feats = parse_features(cfg.feature, clt.config.n_layers, idx.size(1), clt.config.n_features)
+    clean, new, a = intervene(model, clt, idx, feats, cfg.scale)
     p0, p1 = clean.softmax(-1), new.softmax(-1)
-    print(f"feature {l}/{p}/{f} (activation {a:.3g} on {token_str(enc, idx[0, p].item())!r}) x {cfg.scale:g}")
+    for (l, p, f), act in zip(feats.tolist(), a.tolist()):
+        print(f"feature {l}/{p}/{f}: activation {act:.3g} on {token_str(enc, idx[0, p].item())!r}, decoder writes x {cfg.scale:g}")
     print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
-    for t in (p1 - p0).abs().topk(cfg.top).indices.tolist():
+    for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
         print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
 
 
@@ -559,7 +561,7 @@ def parse_args(argv):
              "logit_prob": "logit nodes up to this cumulative probability",
              "node_threshold": "pruning: keep nodes up to this cumulative influence",
              "edge_threshold": "pruning: keep edges up to this cumulative influence", "device": "cpu or cuda",
-             "feature": "intervene: the feature LAYER/POS/ID", "top": "intervene: rows of changes to print",
+             "feature": "intervene: the feature LAYER/POS/ID, or several, comma-separated", "top": "intervene: rows of changes to print",
              "scale": "intervene: multiply the feature's decoder writes by this (0 ablate, -1 flip, >1 steer)"}
     only = {"graph": {"out", "slug", "max_features", "batch_size", "max_logits", "logit_prob", "node_threshold",
                       "edge_threshold", "interp"}, "intervene": {"feature", "scale", "top"}}

@@ -219,10 +219,10 @@ def test_intervention_scales_the_decoder_writes(built):
     idx = rep.idx
     last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[0, 0]  # writes only to the last MLP
     (l, p, f), a = rep.feats[last].tolist(), rep.acts[last]
-    clean, same, _ = G.intervene(model, clt, idx, l, p, f, 1.0)
+    clean, same, _ = G.intervene(model, clt, idx, torch.tensor([[l, p, f]]), 1.0)
     torch.testing.assert_close(same, clean, atol=0, rtol=0)
-    _, ablated, act = G.intervene(model, clt, idx, l, p, f, 0.0)
-    assert act == pytest.approx(a.item())
+    _, ablated, act = G.intervene(model, clt, idx, torch.tensor([[l, p, f]]), 0.0)
+    assert act.item() == pytest.approx(a.item())
     one = torch.zeros(T, L, F_)
     one[p, l, f] = a
     mlp_out = rep.mlp_out - (clt.decode(one) - clt.decode(torch.zeros_like(one)))  # the feature's write removed
@@ -232,4 +232,4 @@ def test_intervention_scales_the_decoder_writes(built):
     inactive = (rep.acts.new_ones(F_).index_fill(0, rep.feats[(rep.feats[:, 0] == 0) & (rep.feats[:, 1] == 1), 2], 0)
                 .nonzero()[0, 0].item())
     with pytest.raises(ValueError, match="does not fire"):
-        G.intervene(model, clt, idx, 0, 1, inactive, 0.0)
+        G.intervene(model, clt, idx, torch.tensor([[L - 1, p, f], [0, 1, inactive]]), 0.0)
