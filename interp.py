@@ -73,7 +73,7 @@ class InterpConfig:
     cache: str = "runs/cache"  # activation cache directory (cache.py)
     out: str = "runs/interp"  # where features.jsonl, summary.json and summary.png go
     device: str = "cpu"  # cpu | cuda
-    chunk_size: int = 1024  # cache rows per streamed chunk
+    chunk_size: int = 4096  # cache rows per streamed chunk (memory ~ 3 x chunk_size x L·F floats)
     top_k: int = 16  # max-activating examples kept per feature
     n_sampled: int = 32  # uniform reservoir of firings per feature, the pool for quantile examples
     n_quantile_examples: int = 8  # quantile examples reported, at evenly spaced ranks of the reservoir
@@ -173,7 +173,7 @@ class SparseCounter:
     """Exact counts of int64 keys; chunk counts are merged lazily, so merging costs O(n log n) overall.
 
     Beyond max_pairs stored keys, the rarest are dropped (lossy counting, Manku & Motwani 2002): a
-    dropped key later restarts from zero, so counts may be low by at most the pruning threshold.
+    dropped key restarts from zero, so from then on counts are lower bounds (summary.json says when).
     """
 
     def __init__(self, max_pairs):
@@ -387,7 +387,7 @@ def explain_all(stats, promoted_ids, enc):
         gm, cm, Cm = (x[bounds[m]:bounds[m + 1]] for x in (g, c, C))
         chosen = choose_ngrams(gm, cm, Cm, n_fires[m], cfg.max_terms, base) if len(gm) else []
         pmi = np.log(cm * stats.n_rows / np.maximum(n_fires[m] * Cm, 1))
-        top = np.argsort(-pmi, kind="stable")[:cfg.n_input]
+        top = np.lexsort((-cm, -pmi))[:cfg.n_input]  # by PMI, ties (often: all of a gram's uses fire) by count
         inputs = [dict(ngram=decode_gram(int(gm[i]), base, enc), count=int(cm[i]), corpus_count=int(Cm[i]),
                        pmi=round(float(pmi[i]), 3)) for i in top]
         names = [decode_gram(int(gm[i]), base, enc) for i in chosen]
@@ -413,8 +413,10 @@ class Scorer:
         dev, T, M = cfg.device, cfg.max_terms, L * F_
         self.cfg, self.L, self.F, self.T, self.base = cfg, L, F_, T, base
         self.grams = torch.full((M, T), -1, dtype=torch.long)  # sorted by train precision, -1 = none
+        self.score = torch.zeros(M, T + 1, dtype=torch.float64)  # predictor's score per level: train precision
         for m, e in enumerate(explanations):
             self.grams[m, :len(e["keys"])] = torch.tensor(e["keys"], dtype=torch.long)
+            self.score[m, :len(e["keys"])] = torch.tensor(e["precision"], dtype=torch.float64)
         self.grams = self.grams.to(dev)
         self.glen = sum((self.grams >= base ** j).long() for j in range(cfg.max_ngram))  # n of each n-gram
         self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)  # (level, fires) counts
@@ -453,14 +455,14 @@ class Scorer:
 
     def results(self):
         """Per feature (M,): detection AUROC, detection and fuzzing balanced accuracy (NaN where undefined)."""
-        neg, pos = self.det[..., 0].double(), self.det[..., 1].double()  # (M, T+1), levels by score desc
-        P, N = pos.sum(-1), neg.sum(-1)
-        neg_below = neg.flip(-1).cumsum(-1).flip(-1) - neg  # negatives scored strictly lower
-        auroc = (pos * (neg_below + 0.5 * neg)).sum(-1) / (P * N)  # Mann-Whitney U, ties count half
+        neg, pos = self.det[..., 0].double().cpu(), self.det[..., 1].double().cpu()  # (M, T+1) per level
+        P, N, s = pos.sum(-1), neg.sum(-1), self.score
+        wins = (s[:, :, None] > s[:, None, :]).double() + 0.5 * (s[:, :, None] == s[:, None, :])  # (M, T+1, T+1)
+        auroc = torch.einsum("mi,mij,mj->m", pos, wins, neg) / (P * N)  # Mann-Whitney U, ties count half
         det_bacc = 0.5 * ((P - pos[:, -1]) / P + neg[:, -1] / N)
-        fz = self.fuzz.double()
+        fz = self.fuzz.double().cpu()
         fuzz_bacc = 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
-        return [x.cpu() for x in (auroc, det_bacc, fuzz_bacc)]
+        return auroc, det_bacc, fuzz_bacc
 
     def concepts(self):
         """Per feature and concept (M, C): precision, recall, F1 of "fires" against the concept's tokens."""
@@ -470,13 +472,11 @@ class Scorer:
 
 def near_firing(fire_ext, doc, w, lo, hi):
     """(N, F) bool: rows of [lo, hi) within w rows of a firing in the same document (activating contexts)."""
-    E = fire_ext.size(0)
-    rows = torch.arange(lo, hi, device=fire_ext.device)
     near = torch.zeros(hi - lo, fire_ext.size(1), dtype=torch.bool, device=fire_ext.device)
-    for o in range(-w, w + 1):
-        src = (rows + o).clamp(0, E - 1)
-        ok = (rows + o == src) & (doc[src] == doc[rows])
-        near |= fire_ext[src] & ok[:, None]
+    for o in range(-w, w + 1):  # row i looks at row i + o
+        a, b = max(lo + o, 0), min(hi + o, len(doc))  # source rows
+        same = doc[a:b] == doc[a - o:b - o]
+        near[a - o - lo:b - o - lo] |= fire_ext[a:b] & same[:, None]
     return near
 
 
@@ -484,27 +484,22 @@ def near_firing(fire_ext, doc, w, lo, hi):
 # output: features.jsonl, summary.json, summary.png
 
 
-def examples(store, f, enc, before, n=None):
-    """Feature f's valid entries of a top / sampled store as JSON-ready dicts, by decreasing activation.
+def examples(store, m, enc, before, n=None):
+    """Feature m's valid entries of a top / sampled store as JSON-ready dicts, by decreasing activation.
 
     n: keep n of them at evenly spaced ranks (quantile examples), each with its rank as "quantile".
     """
-    acts = store["act"][f].tolist()
-    keep = sorted((i for i, key in enumerate(store["key"][f].tolist()) if key > 0), key=lambda i: -acts[i])
-    ranks = range(len(keep))
-    if n is not None:
-        ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)}) if keep else []
+    key, act, doc, pos, win_tok, win_act = (store[k][m].tolist() for k in ("key", "act", "doc", "pos", "win_tok", "win_act"))
+    keep = sorted((i for i in range(len(key)) if key[i] > 0), key=lambda i: -act[i])
+    ranks = range(len(keep)) if n is None else sorted({int((j + 0.5) * len(keep) / n) for j in range(n)} if keep else [])
     out = []
     for r in ranks:
         i = keep[r]
-        toks, win = store["win_tok"][f, i].tolist(), store["win_act"][f, i].tolist()
-        inside = [j for j, t in enumerate(toks) if t >= 0]
-        ex = dict(act=r4(acts[i]), doc=store["doc"][f, i].item(), pos=store["pos"][f, i].item(),
-                  tokens=[enc.decode([toks[j]]) for j in inside], acts=[r4(win[j]) for j in inside],
-                  center=inside.index(before))
+        inside = [j for j, t in enumerate(win_tok[i]) if t >= 0]  # the window's rows in the same document
+        out.append(dict(act=r4(act[i]), doc=doc[i], pos=pos[i], tokens=[enc.decode([win_tok[i][j]]) for j in inside],
+                        acts=[r4(win_act[i][j]) for j in inside], center=inside.index(before)))
         if n is not None:
-            ex["quantile"] = round(1 - (r + 0.5) / len(keep), 3)
-        out.append(ex)
+            out[-1]["quantile"] = round(1 - (r + 0.5) / len(keep), 3)
     return out
 
 
@@ -628,7 +623,8 @@ def summarize(stats, scores, per_concept, cfg):
     out = dict(n_train_tokens=stats.n_rows, per_layer=per_layer, detection_threshold=cfg.interpretable,
                share_live_detection_above=r4(good.sum() / live.sum().clamp(min=1)),
                detection_auroc=dist(valid(auroc)), detection_bacc=dist(valid(det_bacc)),
-               fuzzing_bacc=dist(valid(fuzz_bacc)), density=dist(density[live].double()))
+               fuzzing_bacc=dist(valid(fuzz_bacc)), density=dist(density[live].double()),
+               ngram_counts_pruned_below=stats.grams.pruned_below)  # 0: every n-gram count is exact
     if per_concept is not None:
         families = {}
         for name, c in per_concept.items():

@@ -184,6 +184,18 @@ def test_detection_one_token_vs_random(gpt):
     assert auroc[0] > 0.99 and det_bacc[0] > 0.99 and fuzz_bacc[0] > 0.99
     assert abs(auroc[1] - 0.5) < 0.06 and abs(det_bacc[1] - 0.5) < 0.06
     assert 0.15 < scorer.n_fires[1] / scorer.n_rows < 0.28  # held-out density of the noise feature
+    # every feature's AUROC against Mann-Whitney by brute force over held-out tokens
+    mlp_in, tok, doc, pos = (x[c.n_train:] for x in c.rows)
+    fire = (clt.encode(mlp_in) > 0).flatten(1)  # (N, M)
+    keys = interp.ngram_keys(interp.Padded(None, tok, doc, pos, 0, len(tok)), cfg.max_ngram, stats.base)
+    for m in range(0, L * F, 5):
+        score = torch.zeros(len(tok))
+        for g, prec in reversed(list(zip(expl[m]["keys"], expl[m]["precision"]))):  # the most precise wins
+            score[(keys == g).any(1)] = prec
+        pos_s, neg_s = score[fire[:, m]], score[~fire[:, m]]
+        if len(pos_s) and len(neg_s):
+            u = (pos_s[:, None] > neg_s).double().mean() + 0.5 * (pos_s[:, None] == neg_s).double().mean()
+            assert abs(auroc[m] - u) < 1e-9
     # concept scores against known labels: feature 0 is the concept "d" exactly
     scorer = interp.Scorer(expl, L, F, stats.base, len(LETTERS), cfg)
     labels, row = TokenLabels(c), 0
@@ -320,3 +332,13 @@ def test_concept_labels_follow_the_labeler(gpt):
         want = tiny.label_tokens(enc.decode(docs[d]), enc, world)
         got = [{labels.names[j] for j in lab[r].nonzero().flatten().tolist()} for r in rows.tolist()]
         assert got == want and any(want)
+
+
+def test_near_firing_brute_force():
+    g = torch.Generator().manual_seed(0)
+    fire, doc = torch.rand(60, 5, generator=g) > 0.9, torch.arange(60) // 7
+    lo, hi, w = 6, 56, 3
+    near = interp.near_firing(fire, doc, w, lo, hi)
+    for i in range(lo, hi):
+        want = [any(fire[j, f] and doc[j] == doc[i] for j in range(i - w, i + w + 1) if 0 <= j < 60) for f in range(5)]
+        assert near[i - lo].tolist() == want
