@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -82,6 +82,11 @@ def shard_layout(dtype, rows, L, d):
     off_in = _pad(HEADER_INTS * 8)
     off = dict(mlp_in=off_in, mlp_out=off_in + acts, scales=off_in + 2 * acts, meta=off_in + 2 * acts + scales)
     return off, off["meta"] + _pad(rows * 3 * 4)
+
+
+def row_bytes(dtype, L, d):
+    """Stored bytes of one row's activations and scales (without its 12 bytes of token/doc/position)."""
+    return 2 * L * d * np.dtype(DTYPES[dtype][1]).itemsize + (4 * L if dtype == "int8" else 0)
 
 
 def _header(dtype, rows, L, d):
@@ -270,7 +275,7 @@ class CacheConfig:
     out: str = "runs/cache"  # output directory
     keep_bos: bool = False  # keep position 0 (the BOS) instead of dropping it
     heldout: float = 0.02  # fraction of rows (whole contexts, at the end) held out for evaluation
-    shard_tokens: int = 16384  # rows per shard file (~17 MB int8 on the tiny model)
+    shard_tokens: int = 0  # rows per shard file; 0 = about 64 MB of activations per shard
     batch_size: int = 64  # contexts per forward pass (part of the cache's identity: it fixes the floats)
     seed: int = 0  # seed of the toy corpus
     device: str = "auto"  # auto | cpu | cuda | ...; resume on the same device for byte-identical shards
@@ -290,7 +295,7 @@ def _check_config(cfg, model):
         raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {list(DTYPES)}")
     if not 2 <= cfg.ctx <= model.config.n_ctx:
         raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={model.config.n_ctx} of {cfg.model}")
-    if cfg.tokens <= 0 or cfg.shard_tokens <= 0 or cfg.batch_size <= 0:
+    if cfg.tokens <= 0 or cfg.shard_tokens < 0 or cfg.batch_size <= 0:
         raise ValueError(f"tokens, shard_tokens, batch_size must be positive, got {cfg.tokens}, "
                          f"{cfg.shard_tokens}, {cfg.batch_size}")
     if not 0 <= cfg.heldout < 1:
@@ -392,35 +397,29 @@ class _ShardBuffer:
 
 
 class _ShardWriter:
-    """Writes full shard buffers on a background thread (sha256 as it writes, fsync, rename, then the
-    manifest), so the forward pass of the next shard overlaps the disk."""
+    """Writes full shard buffers on background threads (sha256 as it writes, fsync, rename), so the
+    forward pass overlaps the disk; the main thread then lists each shard in the manifest, in order,
+    so a finished manifest entry always means shards 0..k are all on disk."""
 
-    def __init__(self, out, manifest):
-        self.out, self.manifest, self.error = out, manifest, None
-        self.queue = queue.Queue(maxsize=1)  # at most one full shard waits: bounded memory
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+    def __init__(self, out, manifest, threads=2):
+        self.out, self.manifest, self.threads = out, manifest, threads
+        self.pool, self.pending = ThreadPoolExecutor(threads), []
 
     def put(self, buf):
-        self._raise()
-        self.queue.put(buf)
+        self.pending.append(self.pool.submit(self._write, buf))
+        while self.pending and (self.pending[0].done() or len(self.pending) > self.threads):
+            self._commit(self.pending.pop(0).result())  # waits when all threads are busy: bounded memory
 
     def close(self):
-        self.queue.put(None)
-        self.thread.join()
-        self._raise()
+        try:
+            while self.pending:
+                self._commit(self.pending.pop(0).result())
+        finally:
+            self.pool.shutdown(cancel_futures=True)
 
-    def _raise(self):
-        if self.error is not None:
-            raise self.error
-
-    def _run(self):
-        while (buf := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self._write(buf)
-                except Exception as e:  # re-raised on the main thread at the next put/close
-                    self.error = e
+    def _commit(self, entry):
+        self.manifest["shards"].append(entry)
+        _write_json_atomic(os.path.join(self.out, MANIFEST), self.manifest)
 
     def _write(self, buf):
         m, n = self.manifest, buf.rows
@@ -451,8 +450,7 @@ class _ShardWriter:
             raise ValueError(f"writing {path} failed: {e} (disk full or unwritable?). Finished shards are "
                              "kept: free space and rerun the same command to resume") from e
         sums = {k: v.tolist() for k, v in buf.sums.items()}
-        m["shards"].append(dict(file=name, rows=n, bytes=size, sha256=h.hexdigest(), **sums))
-        _write_json_atomic(os.path.join(self.out, MANIFEST), m)
+        return dict(file=name, rows=n, bytes=size, sha256=h.hexdigest(), **sums)
 
 
 def _finalize(manifest, n_rows, cfg):
@@ -483,6 +481,8 @@ def build_cache(cfg: CacheConfig):
     _check_config(cfg, model)
     enc = clt.load_tokenizer(model_dir)
     L, d = model.config.n_layer, model.config.n_embd
+    if cfg.shard_tokens == 0:
+        cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes(cfg.dtype, L, d)))
     identity = _identity(cfg, model_fingerprint(model), tokenizer_fingerprint(model_dir))
     header = dict(model=os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model, model_config=asdict(model.config), n_layers=L, d_model=d,
                   dtype=cfg.dtype, ctx=cfg.ctx, keep_bos=cfg.keep_bos, shard_tokens=cfg.shard_tokens)
@@ -549,20 +549,24 @@ def _write_rows(cfg, model, enc, manifest, start):
 
 
 def _background(gen, depth):
-    """Run the generator `gen` on a daemon thread up to `depth` items ahead; re-raise its errors here."""
+    """Run the generator `gen` on a daemon thread up to `depth` items ahead; re-raise its errors here.
+    When the consumer stops early (break, close), the thread stops too and closes `gen`."""
     q, stop = queue.Queue(maxsize=depth), threading.Event()
 
-    def put(item):
+    def put(item):  # False once the consumer has gone
         while not stop.is_set():
             try:
-                return q.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
+                return True
             except queue.Full:
                 pass
+        return False
 
     def work():
         try:
             for item in gen:
-                put(("item", item))
+                if not put(("item", item)):
+                    return gen.close()
             put(("done", None))
         except BaseException as e:
             put(("error", e))
@@ -577,7 +581,7 @@ def _background(gen, depth):
                 raise item
             yield item
     finally:
-        stop.set()  # the consumer stopped early: let the thread end
+        stop.set()
 
 
 def _ahead(fn, items):
@@ -626,8 +630,7 @@ class ActivationCache:
 
     def row_bytes(self):
         """Stored bytes of one row's activations and scales (what a reader moves per token)."""
-        return 2 * self.n_layers * self.d_model * np.dtype(DTYPES[self.dtype][1]).itemsize + \
-            (4 * self.n_layers if self.dtype == "int8" else 0)
+        return row_bytes(self.dtype, self.n_layers, self.d_model)
 
     def split_range(self, split):
         """(lo, hi) rows of "train", "heldout" (the last contexts) or "all"."""
@@ -859,7 +862,7 @@ def parse_args(argv=None):
     b.add_argument("--dtype", default=c.dtype, choices=list(DTYPES), help="int8 (per-row absmax), fp16 or fp32")
     b.add_argument("--out", default=c.out, help="output directory")
     b.add_argument("--heldout", type=float, default=c.heldout, help="fraction held out for evaluation (last contexts)")
-    b.add_argument("--shard-tokens", type=int, default=c.shard_tokens, help="rows per shard file")
+    b.add_argument("--shard-tokens", type=int, default=c.shard_tokens, help="rows per shard file; 0 = about 64 MB each")
     b.add_argument("--batch-size", type=int, default=c.batch_size, help="contexts per forward pass")
     b.add_argument("--device", default=c.device, help="auto, cpu, cuda, ...")
     b.add_argument("--overwrite", action="store_true", help="replace a cache built with other arguments")

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -246,6 +247,15 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     for dev in devices:  # device=...: the stored int8 rows move there and are dequantized there
         y_in, y_out, y_rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02, device=dev))
         assert y_in.device.type == dev and torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
+    before = set(threading.enumerate())
+    stream = c.batches(32, seed=0, unit_rows=64, window_mb=0.02)  # endless; stopping it stops its threads
+    next(stream)
+    assert set(threading.enumerate()) - before
+    stream.close()
+    deadline = time.time() + 10
+    while any(t.is_alive() for t in set(threading.enumerate()) - before) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in set(threading.enumerate()) - before)
     assert c.batches_per_epoch(100, split="heldout") == 3
     endless = c.batches(100, seed=0, split="heldout", return_rows=True)  # epochs=None: endless
     rows = [r for _, (_, _, r) in zip(range(9), endless)]
