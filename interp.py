@@ -16,8 +16,8 @@ alone, and scores for that explanation, from one streaming pass over each split 
     python interp.py --help
     python interp.py                                  # models/tiny + runs/clt + runs/cache -> runs/interp
     python interp.py --model models/tiny --clt runs/clt --cache runs/cache --out runs/interp
-    python interp.py --device cuda --chunk-size 4096  # one process on a GPU (one pass: no torchrun)
-    python interp.py --chunk-size 256 --top-k 8       # a tiny CPU run
+    python interp.py --device cuda                    # one process on a GPU (streaming passes: no torchrun)
+    python interp.py --chunk-size 256 --top-k 8 --n-sampled 8   # a tiny CPU run
 
 References: the detection and fuzzing scores of EleutherAI's delphi (Paulo et al. 2024, "Automatically
 Interpreting Millions of Features in Large Language Models"); max-activating and quantile examples and
@@ -29,7 +29,11 @@ activation histograms as on Neuronpedia; direct logit effects as in Bricken et a
  - fuzzing keeps only tokens within ±fuzz_window of a firing in the same document (the activating
    contexts) and asks whether the explanation marks exactly the firing ones (balanced accuracy).
 Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned beyond
-max_pairs); activations live for two chunks at most, never O(tokens × features).
+max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk is cut down
+to its firings right after encoding, so the pass costs about twice a read + encode of the cache.
+On the toy world (a model directory with tiny.py's world.json) every held-out token carries the labeler's
+ground truth (tiny.label_tokens): each feature gets its best-matching label, each label its best feature,
+and summary.json counts the labels of --families recovered with F1 >= --concept-f1.
 
 features.jsonl keys, one line per feature in (layer, feature) order:
     layer, feature              the feature's layer and index
@@ -45,6 +49,8 @@ features.jsonl keys, one line per feature in (layer, feature) order:
     explanation, explanation_ngrams   the explanation string; its n-grams
     detection_auroc, detection_bacc, fuzzing_bacc, heldout_density   held-out scores (null when undefined)
     concept, concept_precision, concept_recall, concept_f1   best toy-world concept (with a world.json only)
+summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above (AUROC >=
+--interpretable), score quantiles, concepts (toy world), seconds_passes (and the plain-read ratio with --time-read).
 """
 import argparse
 import inspect
@@ -92,6 +98,7 @@ class InterpConfig:
     interpretable: float = 0.8  # detection AUROC from which a live, non-dense feature is interpretable
     concept_f1: float = 0.8  # a planted concept counts as recovered when a feature reaches this F1
     min_support: int = 20  # held-out tokens a toy-world concept needs to be scored
+    families: str = "concept,about,entity"  # label families whose recovery is the headline share (all are listed)
     max_pairs: int = 20_000_000  # stored (feature, n-gram) counts beyond which rare pairs are pruned
     seed: int = 0  # reservoir sampling
     time_read: bool = False  # also time one plain read of the cache and report the cost ratio
@@ -203,7 +210,7 @@ def merge_top(store, m, r, key, p, cfg):
     """Keep, per feature, the k firings of largest `key` seen so far, with their context windows.
 
     store: dict of (M, k, ...) tensors (key, act, doc, pos, win_tok, win_act) over all M = L·F features,
-    sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings (feature, row in [lo, hi), key > 0).
+    sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings: feature, row - lo, key > 0.
     Only firings above their feature's k-th best are kept as candidates: after the first chunks they are
     few, so this costs little more than reading the firings.
     """
@@ -631,10 +638,11 @@ def summarize(stats, scores, per_concept, cfg):
             fam = families.setdefault(name.split(":")[0], dict(concepts=0, recovered=0))
             fam["concepts"] += 1
             fam["recovered"] += c["f1"] >= cfg.concept_f1
-        n_rec = sum(f["recovered"] for f in families.values())
-        out["concepts"] = dict(f1_threshold=cfg.concept_f1, min_support=cfg.min_support, n=len(per_concept),
-                               recovered=n_rec, share_recovered=r4(n_rec / max(len(per_concept), 1)),
-                               by_family=families, per_concept=per_concept)
+        head = [f for name, f in families.items() if name in cfg.families.split(",")]
+        n, n_rec = sum(f["concepts"] for f in head), sum(f["recovered"] for f in head)
+        out["concepts"] = dict(f1_threshold=cfg.concept_f1, min_support=cfg.min_support, families=cfg.families, n=n,
+                               recovered=n_rec, share_recovered=r4(n_rec / max(n, 1)), by_family=families,
+                               per_concept=per_concept)
     return out
 
 
@@ -766,7 +774,8 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "concepts")}, indent=1))
     if "concepts" in summary:
         c = summary["concepts"]
-        print(f"concepts recovered (F1 >= {c['f1_threshold']}): {c['recovered']}/{c['n']} | by family: {c['by_family']}")
+        print(f"concepts ({c['families']}) recovered with F1 >= {c['f1_threshold']}: {c['recovered']}/{c['n']} | "
+              f"by family: {c['by_family']}")
 
 
 if __name__ == "__main__":
