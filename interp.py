@@ -393,7 +393,7 @@ def explain_all(stats, promoted_ids, enc):
     for m in range(stats.L * stats.F):
         gm, cm, Cm = (x[bounds[m]:bounds[m + 1]] for x in (g, c, C))
         chosen = choose_ngrams(gm, cm, Cm, n_fires[m], cfg.max_terms, base) if len(gm) else []
-        pmi = np.log(cm * stats.n_rows / np.maximum(n_fires[m] * Cm, 1))
+        pmi = np.log(cm / Cm * (stats.n_rows / max(n_fires[m], 1)))  # log P(gram | fires) / P(gram)
         top = np.lexsort((-cm, -pmi))[:cfg.n_input]  # by PMI, ties (often: all of a gram's uses fire) by count
         inputs = [dict(ngram=decode_gram(int(gm[i]), base, enc), count=int(cm[i]), corpus_count=int(Cm[i]),
                        pmi=round(float(pmi[i]), 3)) for i in top]
