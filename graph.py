@@ -15,7 +15,7 @@ Data flow:
       -> influence, pruning, scores -> {out}/{slug}.json, graph-metadata.json (front end),
          adjacency.safetensors + nodes.json (the full graph)
 
-    python graph.py --prompt "The capital of Veloria is" --out runs/graph
+    python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py intervene --feature 3/5/123 --scale 0 --prompt "..."  # 0 ablate, -1 flip, 4 steer
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
@@ -75,7 +75,7 @@ class GraphConfig:
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
     clt: str = "runs/clt"  # CLT directory (CrossLayerTranscoder.save_pretrained; train.py writes it)
     interp: str = "runs/interp"  # interp.py's output: features.jsonl gives the nodes' explanations
-    prompt: str = "The capital of Veloria is"  # text to attribute; BOS is prepended
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # BOS is prepended; a two-hop toy prompt
     out: str = "runs/graph"  # output directory
     slug: str = "graph"  # the graph's name in the front end: {out}/{slug}.json
     max_features: int = -1  # keep at most this many feature nodes, the weakest dropped; -1 = all
@@ -190,7 +190,9 @@ def salient_logits(logits, max_logits, logit_prob):
 class Attribution:
     """One forward of the frozen replacement model on `batch` copies of the prompt, kept for many
     backward passes. Row b of a backward carries target b, so each pass gives `batch` rows of A;
-    attention mixes positions only within a row. Cost: one backward per `batch` targets."""
+    attention mixes positions only within a row. Cost: (n + k) / batch backward passes of fixed
+    cost, so linear in the active features n; contracting the gradients with the n sources adds
+    n²·L·d in all (the adjacency is n²), smaller than the backward passes until n ~ 8·T·d."""
 
     def __init__(self, model, clt, rep, batch):
         T, L, d = rep.mlp_out.shape
