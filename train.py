@@ -32,6 +32,7 @@ Differences: one JSON + safetensors checkpoint per TP rank, never a pickle; a Ba
 batch of one DP rank (as in the references), so BatchTopK with DP > 1 is not the same as one process.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -353,6 +354,7 @@ def save_checkpoint(c, clt, opt, state, mesh, master):
         for name in os.listdir(root):
             if name.startswith("step_") and name != meta["dir"]:
                 shutil.rmtree(os.path.join(root, name))
+    barrier()  # every rank returns only once the checkpoint is complete
 
 
 def read_checkpoint_meta(out):
@@ -419,7 +421,7 @@ def check_config(c, cache, mesh):
 
 
 def train(config: TrainConfig):
-    """Train (or resume) a CLT as config says; returns the final metrics (every rank)."""
+    """Train (or resume) a CLT as config says; returns the last step's metrics (every rank)."""
     ddp, rank, local_rank, world, device = compute_init(config)
     mesh = make_mesh(ddp, world, config.tp, device)
     master = rank == 0
@@ -432,33 +434,31 @@ def train(config: TrainConfig):
     cache = open_cache(c, print0)
     check_config(c, cache, mesh)
     gpt = load_gpt(c, cache, device) if c.eval_every != -1 else None
+    contexts = heldout_contexts(cache, c.eval_contexts, C.load_tokenizer(gpt.name_or_path).eot_token) if gpt else None
     clt, opt = build(c, cache, mesh, device)
     state = dict(step=0, since_fired=torch.zeros(cache.n_layers, clt.F_local, dtype=torch.long, device=device))
     if c.resume:
         load_checkpoint(c, clt, opt, state, mesh, device)
     os.makedirs(c.out, exist_ok=True)
     log = open_log(c, state["step"], master)
-    contexts = heldout_contexts(cache, c.eval_contexts, C.load_tokenizer(gpt.name_or_path).eot_token) if gpt else None
-    batches = train_batches(cache, c, mesh, state["step"], device)
     end = c.steps if c.stop_at < 0 else min(c.stop_at, c.steps)
-    bar = tqdm(range(state["step"], end), initial=state["step"], total=c.steps, disable=not master, desc="train")
     metrics = {}
-    for step in bar:
-        t0 = time.perf_counter()
-        metrics = train_step(c, clt, opt, next(batches), state, mesh, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        metrics.update(step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
-        last = step + 1 == end
-        if gpt is not None and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
-            metrics["eval"] = spliced_loss(gpt, clt, contexts.to(device))
-        log(metrics)
-        bar.set_postfix_str(step_line(metrics), refresh=False)
-        if c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0 or last:
-            save_checkpoint(c, clt, opt, state, mesh, master)
-    bar.close()
-    batches.close()  # stops the cache's reader threads now, not at interpreter exit
+    # closing(): the cache's reader threads stop even when a step raises (a thread left reading at exit aborts)
+    bar = tqdm(range(state["step"], end), initial=state["step"], total=c.steps, disable=not master, desc="train")
+    with contextlib.closing(train_batches(cache, c, mesh, state["step"], device)) as batches:
+        for step in bar:
+            t0 = time.perf_counter()
+            metrics = train_step(c, clt, opt, next(batches), state, mesh, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            metrics.update(step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
+            if gpt is not None and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
+                metrics["eval"] = spliced_loss(gpt, clt, contexts.to(device))
+            log(metrics)
+            bar.set_postfix_str(step_line(metrics), refresh=False)
+            if c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0 or step + 1 == end:
+                save_checkpoint(c, clt, opt, state, mesh, master)
     if end == c.steps and metrics:  # the run is over (not stopped early, not already finished)
         export(c, clt, metrics, master)
     return metrics
