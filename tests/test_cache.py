@@ -91,19 +91,34 @@ def test_round_trip_within_error_bound(env, int8_cache, dtype):
     assert c.n_tokens == cfg.tokens and r_in.shape == (cfg.tokens, 2, 32) and r_in.dtype == torch.float32
     assert np.array_equal(np.stack([tok, doc, pos], 1), meta)
     assert pos.min() == 1 and pos.max() == cfg.ctx - 1  # the BOS (position 0) is dropped
-    for x, r in ((x_in, r_in), (x_out, r_out)):
+    assert (c.channel_scale is None) == (dtype != "int8")
+    for j, (x, r) in enumerate(((x_in, r_in), (x_out, r_out))):
         if dtype == "fp32":
             assert torch.equal(x, r)
         elif dtype == "fp16":
             assert ((x - r).abs() <= x.abs() * 2 ** -11 + 1e-7).all()
-        else:  # |x - x_hat| <= scale/2, scale = max|x|/127 up to bf16 rounding
-            bound = x.abs().amax(-1, keepdim=True) / 127 * 0.5 * (1 + 2 ** -7)
+        else:  # |x - x_hat| <= channel * scale/2, scale = max|x / channel|/127 up to bf16 rounding
+            ch = c.channel_scale[j]  # (L, d)
+            bound = (x / ch).abs().amax(-1, keepdim=True) / 127 * 0.5 * (1 + 2 ** -7) * ch
             assert ((x - r).abs() <= bound + 1e-7).all()
             nmse = ((x - r) ** 2).sum() / (x ** 2).sum()
             assert nmse < 1e-4 and nmse > 0
     m = c.manifest
     want = (x_in - r_in).pow(2).sum() / x_in.pow(2).sum()
     assert m["nmse_total"][0] == pytest.approx(want.item(), rel=1e-3, abs=1e-12)
+
+
+def test_channel_scales_tame_outlier_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 2, 64, generator=g)  # (n, L, d)
+    x[:, :, 7] *= 30  # one outlier channel, as trained models have
+    nmse = lambda xh: ((x - xh) ** 2).sum() / (x ** 2).sum()
+    q, s = cache.quantize(x)
+    plain = nmse(cache.dequantize(q, cache.bf16_bits(s), torch.ones(2, 64)))
+    c = cache.channel_scales(x[:1000])  # (L, d), calibrated on other rows than it is tested on
+    q, s = cache.quantize(x / c)
+    evened = nmse(cache.dequantize(q, cache.bf16_bits(s), c))
+    assert evened < 1e-4 < plain and evened < plain / 5
 
 
 def test_manifest_norms_match_direct_computation(int8_cache):
@@ -243,6 +258,9 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     x_in, x_out, rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02))
     r_in, r_out, *_ = c.read(0, c.n_tokens)
     assert x_in.shape == (32, 2, 32) and torch.equal(x_in, r_in[rows]) and torch.equal(x_out, r_out[rows])
+    raw = next(c.batches(32, seed=0, unit_rows=64, window_mb=0.02, raw=True))  # the stored rows themselves
+    assert raw["mlp_in"].dtype == torch.int8 and torch.equal(raw["rows"], rows)
+    assert all(torch.equal(a, b) for a, b in zip(c.dequantize_batch(raw), (x_in, x_out)))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:  # device=...: the stored int8 rows move there and are dequantized there
         y_in, y_out, y_rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02, device=dev))
