@@ -217,18 +217,19 @@ def test_command_line_writes_front_end_files(tmp_path, capsys):
 def test_intervention_scales_the_decoder_writes(built):
     model, clt, rep, _ = built
     idx = rep.idx
-    last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[0, 0]  # writes only to the last MLP
-    (l, p, f), a = rep.feats[last].tolist(), rep.acts[last]
-    clean, same, _ = G.intervene(model, clt, idx, torch.tensor([[l, p, f]]), 1.0)
+    last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[:2, 0]  # they write only to the last MLP
+    feats, a = rep.feats[last], rep.acts[last]
+    clean, same, _ = G.intervene(model, clt, idx, feats[:1], 1.0)
     torch.testing.assert_close(same, clean, atol=0, rtol=0)
-    _, ablated, act = G.intervene(model, clt, idx, torch.tensor([[l, p, f]]), 0.0)
-    assert act.item() == pytest.approx(a.item())
-    one = torch.zeros(T, L, F_)
-    one[p, l, f] = a
-    mlp_out = rep.mlp_out - (clt.decode(one) - clt.decode(torch.zeros_like(one)))  # the feature's write removed
-    expected = model(idx, mlp_out=mlp_out[None])[0, -1]
-    torch.testing.assert_close(ablated, expected, atol=1e-5, rtol=0)
-    assert (ablated - clean).abs().max() > 1e-4
+    for scale in (0.0, -1.0):  # ablate both, flip both
+        _, new, act = G.intervene(model, clt, idx, feats, scale)
+        torch.testing.assert_close(act, a)
+        one = torch.zeros(T, L, F_)
+        one[feats[:, 1], feats[:, 0], feats[:, 2]] = (scale - 1) * a
+        mlp_out = rep.mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))  # the features' writes rescaled
+        torch.testing.assert_close(new, model(idx, mlp_out=mlp_out[None])[0, -1], atol=1e-5, rtol=0)
+        assert (new - clean).abs().max() > 1e-4
+    l, p, f = feats[0].tolist()
     inactive = (rep.acts.new_ones(F_).index_fill(0, rep.feats[(rep.feats[:, 0] == 0) & (rep.feats[:, 1] == 1), 2], 0)
                 .nonzero()[0, 0].item())
     with pytest.raises(ValueError, match="does not fire"):
