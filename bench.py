@@ -15,10 +15,12 @@ its flags (if any) in `add_<name>_args`. Results print as a markdown table and g
 The cache benchmark (issue 4) measures, per model and dtype:
 - bytes/token: all shard bytes / tokens (activations, scales, token/doc/position), and x fp32;
 - NMSE = ||x - x_hat||^2 / ||x||^2 of what was stored (from the manifest, summed over all rows);
-- writer overhead: (corpus -> shards loop) / (the same loop with only the forward pass) - 1;
-- read: an epoch of shuffled, dequantized batches (bytes of activations+scales per second) against
-  a raw sequential read of the shard files (file bytes per second), both from the page cache,
-  and against reading the cache in order with dequantization (iter_chunks).
+- writer overhead: (corpus -> shards loop) / (the same loop with only the forward pass) - 1, in
+  wall time and in CPU time (all threads; on a shared machine the fairer of the two);
+- read: shuffled batches (steady state, bytes of activations+scales per second) against a raw
+  sequential read of the shard files (file bytes per second), both from the page cache; dequantized
+  to fp32 on the CPU, and raw (the stored rows, what a GPU run moves before dequantizing there);
+  and reading the cache in order with dequantization (iter_chunks).
 """
 import argparse
 import json
@@ -88,53 +90,62 @@ def add_cache_args(p):
 
 
 def bare_forward_seconds(cfg):
-    """The writer's loop without the writer: the same contexts, batches and forward pass."""
+    """The writer's loop without the writer: the same contexts, batches and forward pass.
+    Returns (wall seconds, CPU seconds of all threads)."""
     model = clt.GPT.from_pretrained(cfg.model).to(cfg.device)
     enc = clt.load_tokenizer(cfg.model)
     sync(cfg.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for _, idx, _ in cache.iter_batches(cfg, enc, cfg.tokens):
             model.run_with_acts(idx.to(cfg.device))
     sync(cfg.device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def sequential_read_seconds(files):
+def timed(fn):
+    """(wall seconds, CPU seconds of all threads) of fn(). On a shared machine the CPU time is the
+    fairer cost: other processes do not count in it."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def sequential_read(files):
     """Read every file front to back into one reused buffer: the raw rate of the disk/page cache."""
     buf = bytearray(max(os.path.getsize(f) for f in files))
-    t0 = time.perf_counter()
     for f in files:
         with open(f, "rb", buffering=0) as fh:
             fh.readinto(memoryview(buf)[:os.path.getsize(f)])
-    return time.perf_counter() - t0
 
 
-def read_rates(path, batch_size, epochs=3):
-    """(raw sequential, shuffled batches, in-order chunks) rates in MB/s, all from the page cache.
+def read_rates(path, batch_size, epochs=2):
+    """Rates in MB/s of stored bytes, all from the page cache, as (wall, cpu) pairs: a raw sequential
+    read of the shard files; shuffled batches dequantized to fp32 on the CPU; shuffled stored rows
+    (raw=True: what a GPU run moves, dequantizing on the device); in-order chunks, dequantized.
 
-    The shuffled rate is the steady state a training loop sees: `epochs` epochs of an endless
+    The shuffled rates are the steady state a training loop sees: `epochs` epochs of an endless
     stream, timed from the first batch on (the first window's load is a one-time start-up cost).
     """
     c = cache.ActivationCache(path)
     files = [os.path.join(path, s["file"]) for s in c.manifest["shards"]]
     file_bytes = sum(os.path.getsize(f) for f in files)
-    sequential_read_seconds(files)  # warm the page cache: every rate below is then from RAM
-    t_seq = min(sequential_read_seconds(files) for _ in range(3))
-    stream = c.batches(batch_size, seed=0, split="all")
-    next(stream)
+    sequential_read(files)  # warm the page cache: every rate below is then from RAM
+    seq = min(timed(lambda: sequential_read(files)) for _ in range(3))
     n_batches = epochs * c.batches_per_epoch(batch_size, split="all")
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
+
+    def shuffled(**kw):
+        stream = c.batches(batch_size, seed=0, split="all", **kw)
         next(stream)
-    t_shuf = time.perf_counter() - t0
-    stream.close()
-    t0, m = time.perf_counter(), 0
-    for x_in, *_ in c.iter_chunks(batch_size, split="all"):
-        m += len(x_in)
-    t_inorder = time.perf_counter() - t0
-    rb = c.row_bytes()
-    return file_bytes / t_seq / 1e6, n_batches * batch_size * rb / t_shuf / 1e6, m * rb / t_inorder / 1e6
+        t = timed(lambda: [next(stream) for _ in range(n_batches)])
+        stream.close()
+        return t
+    rate = lambda nbytes, t: (nbytes / t[0] / 1e6, nbytes / t[1] / 1e6)
+    shuffled_bytes = n_batches * batch_size * c.row_bytes()
+    inorder = timed(lambda: [None for _ in c.iter_chunks(batch_size, split="all")])
+    return dict(seq=rate(file_bytes, seq), shuffled=rate(shuffled_bytes, shuffled()),
+                shuffled_raw=rate(shuffled_bytes, shuffled(raw=True)),
+                inorder=rate(c.n_tokens * c.row_bytes(), inorder))
 
 
 def bench_cache_model(name, cfg, read_batch):
@@ -145,14 +156,20 @@ def bench_cache_model(name, cfg, read_batch):
         shutil.rmtree(out, ignore_errors=True)
         m = cache.build_cache(replace(cfg, dtype=dtype, out=out))
         bare.append(bare_forward_seconds(cfg))  # the baseline right before and after each build
+        wall, cpu = [(a + b) / 2 for a, b in zip(bare[-2], bare[-1])]
         fp32_bytes = 2 * m["n_layers"] * m["d_model"] * 4 + 12
         per_token = sum(s["bytes"] for s in m["shards"]) / m["n_tokens"]
-        seq, shuf, inorder = read_rates(out, min(read_batch, m["n_tokens"] // 8))
+        r = read_rates(out, min(read_batch, m["n_tokens"] // 8))
         results.append(dict(model=name, dtype=dtype, tokens=m["n_tokens"], bytes_per_token=per_token,
                             x_fp32=per_token / fp32_bytes, nmse_in=m["nmse_total"][0], nmse_out=m["nmse_total"][1],
-                            writer_overhead=m["seconds"] / ((bare[-2] + bare[-1]) / 2) - 1,
-                            write_s=m["seconds"], bare_s=(bare[-2] + bare[-1]) / 2,
-                            seq_MBps=seq, shuffled_MBps=shuf, inorder_MBps=inorder, shuffled_vs_seq=shuf / seq))
+                            nmse_worst_layer=max(m["nmse_in"] + m["nmse_out"]),
+                            write_overhead_wall=m["seconds"] / wall - 1, write_overhead_cpu=m["cpu_seconds"] / cpu - 1,
+                            seq_MBps=r["seq"][0], shuffled_MBps=r["shuffled"][0],
+                            shuffled_vs_seq_wall=r["shuffled"][0] / r["seq"][0],
+                            shuffled_vs_seq_cpu=r["shuffled"][1] / r["seq"][1],
+                            raw_vs_seq_wall=r["shuffled_raw"][0] / r["seq"][0],
+                            raw_vs_seq_cpu=r["shuffled_raw"][1] / r["seq"][1],
+                            inorder_vs_seq_wall=r["inorder"][0] / r["seq"][0]))
         shutil.rmtree(out)
     return results
 

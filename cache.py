@@ -124,11 +124,16 @@ def quantize(x):
     scale = max|x| / 127 rounded to bf16 (relative error <= 2^-8), and q = round(x / scale) with that
     rounded scale, clamped to +-127: |x - q*scale| <= scale/2 for every element.
     """
-    absmax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1)  # (n, L)
-    scale = (absmax / 127).to(torch.bfloat16)  # (n, L)
-    s = scale.float().clamp_min(1e-30)[..., None]  # an all-zero row has scale 0 and q = 0
-    q = torch.div(x, s).round_().clamp_(-127, 127).to(torch.int8)  # (n, L, d)
+    q, scale, _ = _quantize_(x.clone())
     return q, scale
+
+
+def _quantize_(y):
+    """quantize, overwriting y (n, L, d) with q as floats: one big temporary fewer, for the writer."""
+    scale = (torch.linalg.vector_norm(y, ord=float("inf"), dim=-1) / 127).to(torch.bfloat16)  # (n, L)
+    s = scale.float().clamp_min(1e-30)[..., None]  # an all-zero row has scale 0 and q = 0
+    y.div_(s).round_().clamp_(-127, 127)
+    return y.to(torch.int8), scale, s  # (n, L, d), (n, L), (n, L, 1)
 
 
 def channel_scales(x):
@@ -384,11 +389,12 @@ class _ShardBuffer:
             if not torch.isfinite(norm).all():
                 raise ValueError(f"non-finite activations (NaN/inf) in rows {a}.. of shard {self.index}: "
                                  "the model is broken; no shard holding them is written")
-            if self.dtype == "int8":
+            if self.dtype == "int8":  # in place where possible: big temporaries are what this costs
                 c = self.channel[j].to(x.device)  # (L, d)
-                q, scale = quantize(x / c)
+                y = x / c  # (n, L, d)
+                q, scale, s = _quantize_(y)
                 self.scales[a:b, j] = bf16_bits(scale)
-                err = dequantize(q, bf16_bits(scale), c).sub_(x)  # (n, L, d)
+                err = y.mul_(s).mul_(c).sub_(x)  # x_hat - x, computed as `dequantize` does
             else:
                 q = x.to(torch.float16 if self.dtype == "fp16" else torch.float32)
                 if not torch.isfinite(q).all():
@@ -481,7 +487,8 @@ def _resolve_device(device):
 def build_cache(cfg: CacheConfig):
     """Build (or resume, or confirm) the cache cfg describes; returns the finished manifest.
 
-    The returned dict also carries "seconds": the wall time of the corpus -> shards loop alone.
+    The returned dict also carries "seconds" and "cpu_seconds" (all threads): the wall and CPU time
+    of the corpus -> shards loop alone.
     """
     model_dir = clt.resolve_model_dir(cfg.model)
     model = clt.GPT.from_pretrained(model_dir).to(_resolve_device(cfg.device))
@@ -499,14 +506,14 @@ def build_cache(cfg: CacheConfig):
                          "started: the corpus or the device changed; resume where it began, or pass --overwrite")
     if manifest.get("complete"):
         print(f"{cfg.out} is already complete ({manifest['n_tokens']} tokens): nothing to do")
-        return dict(manifest, seconds=0.0)
+        return dict(manifest, seconds=0.0, cpu_seconds=0.0)
     start = len(manifest["shards"]) * cfg.shard_tokens  # resume at the first unfinished shard
     _check_disk(cfg, L, d, start)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n_rows = _write_rows(cfg, model, enc, manifest, start)
     _finalize(manifest, n_rows, cfg)
     _write_json_atomic(os.path.join(cfg.out, MANIFEST), manifest)
-    return dict(manifest, seconds=time.perf_counter() - t0)
+    return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
 
 @torch.inference_mode()
@@ -609,6 +616,18 @@ def _background(gen, depth):
         stop.set()
 
 
+def _ordered_map(fn, items, workers):
+    """Yield fn(item) in order, computed by `workers` threads at most 2*workers items ahead."""
+    with ThreadPoolExecutor(workers) as ex:
+        futures = []
+        for item in items:
+            futures.append(ex.submit(fn, item))
+            if len(futures) > 2 * workers:
+                yield futures.pop(0).result()
+        for f in futures:
+            yield f.result()
+
+
 def _ahead(fn, items):
     """Yield fn(item) for each item, computing the next one on a second thread meanwhile."""
     with ThreadPoolExecutor(1) as ex:
@@ -690,11 +709,13 @@ class ActivationCache:
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]) if len(rows) else ():
             i = int(shard_of[a])
             local, src = rows[a:b] - self.starts[i], self._shard(i)
-            contiguous = local[-1] - local[0] == b - a - 1
-            for k in out:
-                if contiguous:
-                    out[k][a:b] = src[k][local[0]:local[-1] + 1]  # a plain sequential copy
-                else:
+            runs = np.flatnonzero(np.diff(local) != 1) + 1  # where runs of consecutive rows break
+            if len(runs) <= (b - a) // 64:  # long runs (whole units): plain sequential copies
+                for ra, rb in zip(np.r_[0, runs], np.r_[runs, b - a]):
+                    for k in out:
+                        out[k][a + ra:a + rb] = src[k][local[ra]:local[rb - 1] + 1]
+            else:
+                for k in out:
                     np.take(src[k], local, axis=0, out=out[k][a:b])
         return out
 
@@ -726,7 +747,7 @@ class ActivationCache:
         return (hi - lo) // (batch_size * world)
 
     def batches(self, batch_size, seed=0, rank=0, world=1, split="train", epochs=None, start_step=0,
-                window_mb=512, unit_rows=1024, prefetch=4, device=None, return_rows=False, raw=False):
+                window_mb=512, unit_rows=1024, prefetch=4, workers=2, device=None, return_rows=False, raw=False):
         """Yield this rank's batches (mlp_in, mlp_out) float32 (batch_size, L, d) of a shuffled stream.
 
         The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
@@ -738,7 +759,8 @@ class ActivationCache:
         start_step=k starts at global step k (counting across epochs) without reading what it skips;
         epochs=None streams forever, else stops after `epochs` epochs in all.
         A rank reads only its rows (window_mb/W of RAM per window, one window read ahead) on a
-        background thread. device=None dequantizes there into CPU tensors; a device (e.g. "cuda")
+        background thread; `workers` threads cut and dequantize batches in parallel, `prefetch`
+        batches ahead. device=None dequantizes there into CPU tensors; a device (e.g. "cuda")
         moves the stored int8 rows there and dequantizes there instead (4x less to copy).
         return_rows=True also yields the global row ids (B,) of the batch. raw=True yields the stored
         rows instead, a dict of tensors mlp_in, mlp_out (B, L, d), scales (B, 2, L) (int8), rows (B,),
@@ -764,11 +786,13 @@ class ActivationCache:
                     if len(p):
                         yield rows()[p - s]
 
-        def cpu_batches():
-            for batch in self._gather(_ahead(self._load, selections()), B):
-                yield batch if raw or device is not None else (batch, self.dequantize_batch(batch))
+        def assemble(pieces):  # on a worker thread: gather the rows, dequantize on the CPU unless told not to
+            take = lambda k: [d[k].index_select(0, idx) for d, idx in pieces]
+            batch = {k: take(k)[0] if len(pieces) == 1 else torch.cat(take(k)) for k in pieces[0][0]}  # (B, ...)
+            return batch if raw or device is not None else (batch, self.dequantize_batch(batch))
 
-        for item in _background(cpu_batches(), prefetch):
+        batches = _ordered_map(assemble, self._batch_pieces(_ahead(self._load, selections()), B), workers)
+        for item in _background(batches, prefetch):
             if raw:
                 yield item
                 continue
@@ -801,22 +825,18 @@ class ActivationCache:
         return data, inv
 
     @staticmethod
-    def _gather(windows, B):
-        """Cut loaded windows into batches of exactly B rows (in stream order), carrying leftovers over."""
+    def _batch_pieces(windows, B):
+        """Cut loaded windows into batches of exactly B rows in stream order: per batch a list of
+        (window data, indices into it), two pieces where a batch straddles windows."""
         pending, n_pending = [], 0
         for data, inv in windows:
             i = 0
             while i < len(inv):
                 take = min(B - n_pending, len(inv) - i)
-                piece = {k: v.index_select(0, inv[i:i + take]) for k, v in data.items()}  # (take, ...)
-                i += take
-                if take == B:
-                    yield piece
-                    continue
-                pending.append(piece)
-                n_pending += take
+                pending.append((data, inv[i:i + take]))
+                n_pending, i = n_pending + take, i + take
                 if n_pending == B:
-                    yield {k: torch.cat([p[k] for p in pending]) for k in piece}
+                    yield pending
                     pending, n_pending = [], 0
 
 
