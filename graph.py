@@ -510,8 +510,8 @@ def intervene(model, clt, idx, feats, scale):
 
 def load(cfg):
     if not os.path.exists(os.path.join(cfg.clt, "config.json")):
-        raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first with `python train.py` "
-                                f"(it writes runs/clt), or pass --clt DIR")
+        raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
+                                f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
     model = GPT.from_pretrained(cfg.model).to(cfg.device)
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
     check_compatible(model, clt)
