@@ -206,6 +206,8 @@ def add_graph_args(p):
     p.add_argument("--graph-prompt-len", type=int, default=32, help="prompt tokens, BOS included")
     p.add_argument("--graph-batch", type=int, default=64, help="targets per backward pass")
     p.add_argument("--graph-n-features", type=int, default=4096, help="features per layer of the random CLTs")
+    p.add_argument("--graph-clt", default=os.path.join("runs", "clt"), help="a trained CLT of models/tiny: two-hop study")
+    p.add_argument("--graph-two-hop", type=int, default=30, help="two-hop prompts in the study; 0 = skip it")
 
 
 def proc_status_kb(key):
@@ -285,7 +287,83 @@ def bench_graph(args):
         if len(rows) > 1:  # log-log slope of time vs active features: 1 = linear
             slope = np.log(rows[-1]["attribute_s"] / rows[0]["attribute_s"]) / np.log(rows[-1]["n_active"] / rows[0]["n_active"])
             print(f"{name}: attribution time ~ n_active^{slope:.2f} over {rows[0]['n_active']}..{rows[-1]['n_active']}")
+    if tiny == "tiny" and args.graph_two_hop > 0 and os.path.exists(os.path.join(args.graph_clt, "config.json")):
+        study = two_hop_study(args)
+        done = [r for r in study if r["answer_in_logits"]]
+        print_table([{k: v for k, v in r.items() if k != "prompt"} for r in done])
+        means = {k: float(np.mean([r[k] for r in done])) for k in done[0] if k not in ("prompt", "answer_in_logits")}
+        print(f"two-hop study, {len(done)} of {len(study)} prompts with the answer among the logit nodes; means: {means}")
+        with open(os.path.join(args.out, "graph_two_hop.json"), "w") as f:
+            json.dump(dict(clt=args.graph_clt, means=means, prompts=study), f, indent=1)
     return results
+
+
+def strongest_path(A_hat, target, sources):
+    """The path into `target` with the largest product of normalized |edge| weights, starting at one of
+    `sources` (errors, embeddings): node indices from source to target (a DAG: relax until stable)."""
+    up = torch.zeros(len(A_hat), dtype=A_hat.dtype, device=A_hat.device)  # best product from a node to target
+    up[target] = 1
+    parent = torch.full_like(up, -1, dtype=torch.long)
+    while True:
+        val, arg = (up[:, None] * A_hat).max(0)  # through which target each source reaches `target` best
+        better = val > up
+        if not better.any():
+            break
+        up[better], parent[better] = val[better], arg[better]
+    path = [sources[up[sources].argmax()].item()]
+    while parent[path[-1]] >= 0:
+        path.append(parent[path[-1]].item())
+    return path
+
+
+def two_hop_study(args):
+    """Toy world, two-hop prompts ("Batris lives in Fafes. The language Batris speaks is" -> Zefekic, via
+    Fafes -> Gregruia): does the answer's path go through features at the bridge entity (tiny.label_tokens'
+    role:bridge)? Per prompt: the bridge features' share of the feature influence on the answer logit
+    (against their share of active features), whether the strongest path and the pruned graph go
+    through them, and the answer's log-probability change in the real model when the 3 most
+    influential bridge features are ablated, against 3 features elsewhere (not bridge, not last token)."""
+    import graph
+    import tiny
+    device = args.device
+    model, enc, world = clt.GPT.from_pretrained().to(device), clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
+    t = clt.CrossLayerTranscoder.from_pretrained(args.graph_clt).to(device)
+    rows = []
+    for prompt, answer, _ in [p for p in tiny.eval_prompts(world) if p[2] == "two_hop"][:args.graph_two_hop]:
+        idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
+        bridge = torch.tensor([i + 1 for i, lab in enumerate(tiny.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
+        rep = graph.local_replacement(model, t, idx)
+        g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
+        fs, es, ts, ls = g.slices()
+        hit = (g.logit_ids.cpu() == enc.encode(answer)[0]).nonzero()[:, 0]
+        if not len(hit):
+            rows.append(dict(prompt=prompt, answer_in_logits=False))
+            continue
+        w = torch.zeros(len(g.adjacency), dtype=g.adjacency.dtype, device=g.adjacency.device)
+        w[ls.start + hit[0]] = 1  # influence on the answer logit alone
+        A_hat = graph.normalized(g.adjacency)
+        infl = graph.influence(A_hat, w)[fs].cpu()
+        at_bridge = torch.isin(g.feats[:, 1].cpu(), bridge)
+        path = strongest_path(A_hat, ls.start + hit[0].item(), torch.arange(es.start, ts.stop, device=A_hat.device))
+        on_path = [i for i in path if i < fs.stop]
+        node_mask = graph.prune(g)[0].cpu()
+        ranked = infl.argsort(descending=True)
+        last = g.feats[:, 1].cpu() == idx.size(1) - 1
+        top_bridge, top_other = ranked[at_bridge[ranked]][:3], ranked[~at_bridge[ranked] & ~last[ranked]][:3]
+        ans = enc.encode(answer)[0]
+        dlogp = []
+        for chosen in (top_bridge, top_other):
+            clean, new, _ = graph.intervene(model, t, idx, g.feats[chosen.to(g.feats.device)], 0.0)
+            dlogp.append((new.log_softmax(-1)[ans] - clean.log_softmax(-1)[ans]).item())
+        rows.append(dict(prompt=prompt, answer_in_logits=True, p_answer=g.logit_probs[hit[0]].item(),
+                         replacement_score=graph.scores(g)[0],
+                         top1=hit[0].item() == 0, n_features=len(g.feats), bridge_feature_frac=at_bridge.float().mean().item(),
+                         bridge_influence_share=(infl[at_bridge].sum() / infl.sum()).item(),
+                         path_via_bridge=any(at_bridge[i].item() for i in on_path), path_len=len(path),
+                         pruned_bridge_nodes=int((node_mask[fs] & at_bridge).sum()),
+                         dlogp_ablate_bridge3=dlogp[0], dlogp_ablate_other3=dlogp[1]))
+        print(rows[-1])
+    return rows
 
 
 # -----------------------------------------------------------------------------
