@@ -420,11 +420,201 @@ def bench_interp(args):
 
 
 # -----------------------------------------------------------------------------
+# CLT training and decoding (issue 5)
+
+
+def clt_matmuls(B, L, d, F):
+    """The matmul shapes (m, k, n) of one CLT training step: per layer the encoder forward and its
+    weight gradient (mlp_in needs no gradient), the decoder forward, its weight and input gradients."""
+    shapes = []
+    for l in range(L):
+        w = (L - l) * d  # layer l's features write to L - l layers
+        shapes += [(B, d, F), (d, B, F), (B, F, w), (F, B, w), (B, w, F)]
+    return shapes
+
+
+def median_seconds(fn, device, reps):
+    fn()  # warm-up (allocator, autocast caches, lazy init)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
+
+
+def step_fixture(L, d, F, B, activation, device, tp=None):
+    """A CLT (or this rank's TP shard), its optimizer, a fixed batch and train.py's step on them."""
+    import train
+    mesh = tp or train.Mesh()
+    cfg = train.TrainConfig(activation=activation, features=F, k=16, steps=10 ** 6)
+    model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, activation, k=16), 0, mesh.tp_rank, mesh.tp, mesh.tp_group)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randn(B, L, d, generator=g).to(device) for _ in range(2)]
+    state = dict(step=0, since_fired=torch.zeros(L, model.F_local, dtype=torch.long, device=device))
+    return model, opt, lambda: train.train_step(cfg, model, opt, batch, state, mesh, torch.device(device))
+
+
+def step_vs_matmul(name, L, d, F, B, activation, device, reps):
+    """One optimizer step of train.py on a fixed batch, as a FLOP rate, over the FLOP rate of plain
+    torch.matmul at the step's own shapes and dtype, timed in the same run."""
+    _, _, step = step_fixture(L, d, F, B, activation, device)
+    t_step = median_seconds(step, device, reps)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # what autocast gives the step
+    shapes = clt_matmuls(B, L, d, F)
+    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+            for m, k, n in shapes]
+    t_mm = median_seconds(lambda: [a @ b for a, b in mats], device, reps)
+    tflops = sum(2 * m * k * n for m, k, n in shapes) / 1e12
+    return dict(bench=f"{activation} train step", shape=f"{name}: L{L} d{d} F{F} B{B}", ms=1e3 * t_step,
+                baseline="matmul, same shapes", baseline_ms=1e3 * t_mm, ratio=t_mm / t_step,
+                detail=f"{tflops / t_step:.3g} vs {tflops / t_mm:.3g} TFLOP/s")
+
+
+def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
+    """decode (dense, cost ∝ F) against decode_sparse from a sparse COO tensor and from dense acts."""
+    model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, "relu"), 0).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    acts = (torch.rand(B, L, F, generator=g) * (torch.rand(B, L, F, generator=g) < density)).to(device)
+    coo = acts.to_sparse()
+    shape = f"L{L} d{d} F{F} B{B}, {density:.0%} active"
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode_sparse(coo), model.decode(acts), atol=1e-4, rtol=1e-4)
+        t_dense = median_seconds(lambda: model.decode(acts), device, reps)
+        rows = []
+        for what, x in (("decode_sparse (COO acts)", coo), ("decode_sparse (dense acts)", acts)):
+            t = median_seconds(lambda: model.decode_sparse(x), device, reps)
+            rows.append(dict(bench=what, shape=shape, ms=1e3 * t, baseline="decode (dense)",
+                             baseline_ms=1e3 * t_dense, ratio=t_dense / t, detail=f"{int(acts.count_nonzero())} nonzeros"))
+    return rows
+
+
+def add_train_args(p):
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--decode-features", type=int, default=16384, help="F of the decode benchmark")
+    p.add_argument("--density", type=float, default=0.01, help="fraction of active features in the decode benchmark")
+
+
+def bench_train(args):
+    """Step FLOP rate over matmul's at the same shapes; sparse over dense decode (ratios > 1 = faster)."""
+    cuda = str(args.device).startswith("cuda")
+    shapes = [("tiny", 4, 128, 1024, 1024)]  # the default CLT of models/tiny (F = 8 d)
+    if not args.quick:
+        shapes += [("gpt2-small", 12, 768, 6144, 4096)] if cuda else [("mid", 6, 256, 2048, 1024)]
+    rows = [step_vs_matmul(*s, a, args.device, args.reps) for s in shapes for a in ("jumprelu", "topk")]
+    rows += sparse_vs_dense_decode(4, 128, args.decode_features, 256, args.density, args.device, args.reps)
+    if cuda and not args.quick:
+        rows += sparse_vs_dense_decode(12, 768, args.decode_features, 256, args.density, args.device, args.reps)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# tensor and data parallelism (issue 6)
+
+
+def clt_params_per_rank(L, d, F, T):
+    """Parameters on one TP rank: F/T features' encoders, b_enc, thresholds, decoders; b_dec replicated."""
+    f = F // T
+    return L * d * f + 2 * L * f + f * d * L * (L + 1) // 2 + L * d
+
+
+def per_step_traffic(L, d, F, B, T, D, activation="jumprelu", k=16):
+    """Per rank and step: bytes all-reduced over TP and over DP, bytes all-gathered over TP, matmul FLOPs.
+    TP: the fp32 partial reconstruction (B/D, L, d), twice with AuxK; TopK gathers k candidates per token
+    and layer, BatchTopK (B/D)·k per layer. DP: the fp32 gradient of this rank's shard."""
+    b = B // D
+    topk = activation in ("topk", "batchtopk")
+    tp_reduce = (4 * b * L * d * (2 if topk else 1)) if T > 1 else 0
+    tp_gather = (4 * b * L * k * T) if topk and T > 1 else 0
+    dp_reduce = 4 * clt_params_per_rank(L, d, F, T) if D > 1 else 0
+    flops = sum(2 * m * kk * n for m, kk, n in clt_matmuls(b, L, d, F // T))
+    return tp_reduce, tp_gather, dp_reduce, flops
+
+
+def _dist_worker(rank, world, port, shape, reps, out):
+    import train
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ddp, _, _, _, device = train.compute_init(train.TrainConfig(device="cpu"))
+    mesh = train.make_mesh(ddp, world, world, device)
+    _, _, step = step_fixture(*shape, "jumprelu", "cpu", mesh)
+    t = median_seconds(step, "cpu", reps)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(t, f)
+    torch.distributed.destroy_process_group()
+
+
+def measured_step_seconds(T, shape, reps, out_dir):
+    """Median step time with T TP ranks, each a process with one thread (gloo on CPU)."""
+    out = os.path.join(out_dir, f"dist_step_T{T}.json")
+    torch.multiprocessing.spawn(_dist_worker, args=(T, 29500 + random.randint(0, 5000), shape, reps, out), nprocs=T)
+    with open(out) as f:
+        return json.load(f)
+
+
+def add_dist_args(p):
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--busbw", type=float, default=300e9, help="paper model: all-reduce bus bandwidth per GPU, bytes/s")
+    p.add_argument("--tflops", type=float, default=400.0, help="paper model: sustained bf16 TFLOP/s per GPU")
+
+
+def dist_row(setting, mb=None, ms=None, comm_mb=None, flop_per_byte=None, note=""):
+    dash = lambda x, f: "-" if x is None else f(x)
+    return dict(setting=setting, MB_per_rank=dash(mb, lambda v: f"{v:.4g}"), step_ms=dash(ms, lambda v: f"{v:.4g}"),
+                comm_MB_per_step=dash(comm_mb, lambda v: f"{v:.4g}"),
+                FLOP_per_comm_byte=dash(flop_per_byte, lambda v: f"{v:.0f}"), note=note)
+
+
+def bench_dist(args):
+    """Memory per rank vs T (real shards), CPU step time T=2 over T=1, bytes communicated per FLOP,
+    and 8 GPUs on paper for GPT-2 small and xl CLTs. MB = fp32 parameters + gradients + Adam moments."""
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    L, d, F, B = 4, 128, 1024, 1024  # the default CLT of models/tiny
+    n1 = clt_params_per_rank(L, d, F, 1)
+    for T in (1, 2, 4):
+        shard = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F), 0, 0, T)
+        n = sum(p.numel() for p in shard.parameters())
+        assert n == clt_params_per_rank(L, d, F, T), (n, clt_params_per_rank(L, d, F, T))
+        rows.append(dist_row(f"tiny CLT L{L} d{d} F{F}, T={T} (measured shard)", mb=16 * n / 1e6,
+                             note=f"{n / n1:.3f} of T=1"))
+    t1, t2 = (measured_step_seconds(T, (L, d, F, B), args.reps, args.out) for T in (1, 2))
+    for T, t in ((1, t1), (2, t2)):
+        tp_reduce, _, _, flops = per_step_traffic(L, d, F, B, T, 1)
+        rows.append(dist_row(f"tiny CLT, B{B}, T={T}, CPU gloo, 1 thread/rank", ms=1e3 * t, comm_mb=tp_reduce / 1e6,
+                             flop_per_byte=flops / tp_reduce if tp_reduce else None,
+                             note=f"step time {t / t1:.2f} of T=1" if T > 1 else ""))
+    for name, (L, d, F, B) in (("gpt2-small", (12, 768, 32768, 4096)), ("gpt2-xl", (48, 1600, 8192, 4096))):
+        for T, D in ((1, 8), (2, 4), (4, 2), (8, 1)):
+            rows.append(paper_row(name, L, d, F, B, T, D, args))
+    return rows
+
+
+def paper_row(name, L, d, F, B, T, D, args):
+    """One 8-GPU mesh on paper: memory per GPU, and compute and ring all-reduce time per step."""
+    tp_reduce, _, dp_reduce, flops = per_step_traffic(L, d, F, B, T, D)
+    ring = lambda n, nbytes: 2 * (n - 1) / n * nbytes / args.busbw
+    t_flops, t_comm = flops / (args.tflops * 1e12), ring(T, tp_reduce) + ring(D, dp_reduce)
+    return dist_row(f"{name} CLT L{L} d{d} F{F}, B{B}: tp{T} x dp{D} (paper)",
+                    mb=16 * clt_params_per_rank(L, d, F, T) / 1e6, ms=1e3 * (t_flops + t_comm),
+                    comm_mb=(tp_reduce + dp_reduce) / 1e6, flop_per_byte=flops / (tp_reduce + dp_reduce),
+                    note=f"compute {1e3 * t_flops:.1f} ms + comm {1e3 * t_comm:.1f} ms")
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
               "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features"),
-              "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read")}
+              "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read"),
+              "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
+              "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper")}
 
 
 def main(argv=None):
