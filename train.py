@@ -246,7 +246,7 @@ def open_cache(c, print0):
     import cache as cache_lib
     if not os.path.exists(os.path.join(c.cache, cache_lib.MANIFEST)):
         if os.path.normpath(c.cache) != os.path.normpath(DEFAULT_CACHE) or dist.is_initialized():
-            raise FileNotFoundError(f"no activation cache at {c.cache}: build one first, e.g.\n  python cache.py "
+            raise FileNotFoundError(f"no activation cache at {c.cache}: build one first, e.g.\n  python cache.py build "
                                     f"--model models/tiny --corpus toy --tokens 1000000 --out {c.cache}")
         print0(f"no cache at {c.cache}: building the default one (cache.py, {cache_lib.CacheConfig().tokens} tokens)")
         cache_lib.build_cache(cache_lib.CacheConfig(out=c.cache))
