@@ -46,7 +46,7 @@ features.jsonl keys, one line per feature in (layer, feature) order:
     quantile_examples           the same plus "quantile": a uniform sample of firings at evenly spaced ranks
     input_ngrams                [{"ngram": str, "count", "corpus_count", "pmi"}] most over-represented where it fires
     promoted, suppressed        [{"token": str, "logit": float}] direct logit effect through ln_f and W_U
-    explanation, explanation_ngrams   the explanation string; its n-grams
+    explanation, explanation_ngrams   the explanation string; all its n-grams, most frequent first
     detection_auroc, detection_bacc, fuzzing_bacc, heldout_density   held-out scores (null when undefined)
     concept, concept_precision, concept_recall, concept_f1   best toy-world concept (with a world.json only)
 summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above (AUROC >=
@@ -88,7 +88,8 @@ class InterpConfig:
     max_ngram: int = 2  # longest input n-gram counted (1 = single tokens)
     min_count: int = 3  # firings an n-gram needs to be reported or to explain
     n_input: int = 10  # over-represented n-grams reported per feature
-    max_terms: int = 4  # n-grams at most in an explanation
+    max_terms: int = 64  # n-grams at most in an explanation (a feature of a whole category needs many)
+    show_terms: int = 6  # n-grams named in the explanation string, most frequent first; the rest are counted
     n_logit: int = 8  # promoted and suppressed tokens reported per feature
     n_explain_logit: int = 2  # promoted tokens named in the explanation
     bins_per_octave: int = 4  # histogram resolution: bins of width 2^(1/bins_per_octave)
@@ -353,20 +354,19 @@ def choose_ngrams(grams, c, C, n_fires, max_terms, base):
     chosen the grams nested with it leave the pool: the chosen ones match disjoint tokens and their
     counts add up. Returns indices into grams, most precise first.
     """
-    pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[:8 * max_terms]  # the best ones alone
-    chosen, tp, pp, best = [], 0, 0, 0.0
-    while pool.size and len(chosen) < max_terms:
-        f1 = 2 * (tp + c[pool]) / (pp + C[pool] + n_fires)
+    pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[:4 * max_terms]  # the best ones alone
+    g, c, C = grams[pool], c[pool], C[pool]
+    mod = base ** n_digits(g, base)  # g % mod[j] == grams[j] iff grams[j] is a suffix of g
+    left, chosen, tp, pp, best = np.ones(len(pool), dtype=bool), [], 0, 0, 0.0
+    while left.any() and len(chosen) < max_terms:
+        f1 = np.where(left, 2 * (tp + c) / (pp + C + n_fires), -1.0)
         j = int(f1.argmax())
         if f1[j] <= best:
             break
-        i, best = pool[j], f1[j]
-        chosen.append(i)
-        tp, pp = tp + c[i], pp + C[i]
-        g, h = grams[pool], grams[i]
-        nested = (g % base ** n_digits(h, base) == h) | (h % base ** n_digits(g, base) == g)  # a suffix either way
-        pool = pool[~nested]
-    return sorted(chosen, key=lambda i: -c[i] / C[i])
+        chosen.append(j)
+        tp, pp, best = tp + c[j], pp + C[j], f1[j]
+        left &= (g % mod[j] != g[j]) & (g[j] % mod != g)  # drop the grams nested with it, either way
+    return [int(pool[j]) for j in sorted(chosen, key=lambda j: -c[j] / C[j])]
 
 
 def gram_table(stats):
@@ -384,7 +384,7 @@ def gram_table(stats):
 
 
 def explain_all(stats, promoted_ids, enc):
-    """Per feature: explanation string, chosen grams (keys, train precisions) and the input_ngrams list."""
+    """Per feature: explanation string, its n-grams (as text, and as keys by train precision), input_ngrams."""
     cfg, base = stats.cfg, stats.base
     g, c, C, bounds = gram_table(stats)
     n_fires = stats.n_fires.cpu().numpy()
@@ -397,15 +397,16 @@ def explain_all(stats, promoted_ids, enc):
         top = np.lexsort((-cm, -pmi))[:cfg.n_input]  # by PMI, ties (often: all of a gram's uses fire) by count
         inputs = [dict(ngram=decode_gram(int(gm[i]), base, enc), count=int(cm[i]), corpus_count=int(Cm[i]),
                        pmi=round(float(pmi[i]), 3)) for i in top]
-        names = [decode_gram(int(gm[i]), base, enc) for i in chosen]
+        names = [decode_gram(int(gm[i]), base, enc) for i in sorted(chosen, key=lambda i: -cm[i])]
         promotes = [enc.decode([int(t)]) for t in promoted_ids[m][:cfg.n_explain_logit]]
         if n_fires[m] == 0:
             text = "dead"
         else:
-            text = "fires on " + (", ".join(map(quote, names)) if names else "no frequent n-gram")
+            more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
+            text = "fires on " + (", ".join(map(quote, names[:cfg.show_terms])) + more if names else "no frequent n-gram")
             text += " | promotes " + ", ".join(map(quote, promotes))
         out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs,
-                        keys=[int(gm[i]) for i in chosen], precision=[float(cm[i] / Cm[i]) for i in chosen]))
+                        keys=[int(gm[i]) for i in chosen]))  # keys: most precise first, the scorer's ranking
     return out
 
 
@@ -414,19 +415,19 @@ def explain_all(stats, promoted_ids, enc):
 
 
 class Scorer:
-    """Counts, per feature, how its explanation's n-grams predict firing on held-out tokens."""
+    """Counts, per feature, how its explanation's n-grams predict firing on held-out tokens.
 
-    def __init__(self, explanations, L, F_, base, n_concepts, cfg):
+    The predictor's score at a token is the rank of the n-gram of the explanation that ends there (the
+    most precise on train first); an explanation's n-grams are never nested, so at most one matches.
+    """
+
+    def __init__(self, explanations, L, F_, base, gram_space, n_concepts, cfg):
         dev, T, M = cfg.device, cfg.max_terms, L * F_
-        self.cfg, self.L, self.F, self.T, self.base = cfg, L, F_, T, base
-        self.grams = torch.full((M, T), -1, dtype=torch.long)  # sorted by train precision, -1 = none
-        self.score = torch.zeros(M, T + 1, dtype=torch.float64)  # predictor's score per level: train precision
-        for m, e in enumerate(explanations):
-            self.grams[m, :len(e["keys"])] = torch.tensor(e["keys"], dtype=torch.long)
-            self.score[m, :len(e["keys"])] = torch.tensor(e["precision"], dtype=torch.float64)
-        self.grams = self.grams.to(dev)
-        self.glen = sum((self.grams >= base ** j).long() for j in range(cfg.max_ngram))  # n of each n-gram
-        self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)  # (level, fires) counts
+        self.cfg, self.L, self.F, self.T, self.base, self.G = cfg, L, F_, T, base, gram_space
+        pairs = sorted((m * gram_space + k, t) for m, e in enumerate(explanations) for t, k in enumerate(e["keys"]))
+        self.ekeys = torch.tensor([k for k, _ in pairs] + [2 ** 63 - 1], dtype=torch.long, device=dev)  # (K+1,)
+        self.elevel = torch.tensor([t for _, t in pairs] + [T], dtype=torch.long, device=dev)  # rank in its list
+        self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)  # (level, fires); level T = no match
         self.fuzz = torch.zeros(M, 2, 2, dtype=torch.long, device=dev)  # (predicted, fires) near firings
         self.n_fires = torch.zeros(M, dtype=torch.long, device=dev)
         self.tp = torch.zeros(M, n_concepts, device=dev)  # firings on each concept's tokens
@@ -442,11 +443,13 @@ class Scorer:
         for sl in (slice(l * F_, (l + 1) * F_) for l in range(self.L)):  # a layer at a time: (N, F) memory
             fire_ext = p.acts[:, sl] > 0  # (E, F)
             fire = fire_ext[lo:hi]
-            level = torch.full(fire.shape, T, dtype=torch.long, device=fire.device)  # T = no n-gram matches
-            for t in reversed(range(T)):  # the most precise matching n-gram sets the level
-                g = self.grams[sl, t]  # (F,)
-                level = torch.where((keys[:, (self.glen[sl, t] - 1).clamp(min=0)] == g) & (g >= 0), t, level)
-            f_idx, fire_l = torch.arange(F_, device=fire.device), fire.long()
+            m = torch.arange(sl.start, sl.stop, device=fire.device)  # (F,)
+            level = torch.full(fire.shape, T, dtype=torch.long, device=fire.device)
+            for j in range(keys.size(1)):  # the n-gram of each length ending at each row
+                q = m * self.G + keys[:, j:j + 1]  # (N, F) (feature, n-gram) keys
+                i = torch.searchsorted(self.ekeys, q)
+                level = torch.where((self.ekeys[i] == q) & (keys[:, j:j + 1] >= 0), self.elevel[i], level)
+            f_idx, fire_l = m - sl.start, fire.long()
             self.det[sl].view(-1).index_add_(0, ((f_idx * (T + 1) + level) * 2 + fire_l).flatten(),
                                              torch.ones_like(level).flatten())
             near = near_firing(fire_ext, p.doc, self.cfg.fuzz_window, lo, hi)  # (N, F)
@@ -462,10 +465,10 @@ class Scorer:
 
     def results(self):
         """Per feature (M,): detection AUROC, detection and fuzzing balanced accuracy (NaN where undefined)."""
-        neg, pos = self.det[..., 0].double().cpu(), self.det[..., 1].double().cpu()  # (M, T+1) per level
-        P, N, s = pos.sum(-1), neg.sum(-1), self.score
-        wins = (s[:, :, None] > s[:, None, :]).double() + 0.5 * (s[:, :, None] == s[:, None, :])  # (M, T+1, T+1)
-        auroc = torch.einsum("mi,mij,mj->m", pos, wins, neg) / (P * N)  # Mann-Whitney U, ties count half
+        neg, pos = self.det[..., 0].double().cpu(), self.det[..., 1].double().cpu()  # (M, T+1), best level first
+        P, N = pos.sum(-1), neg.sum(-1)
+        neg_below = neg.flip(-1).cumsum(-1).flip(-1) - neg  # negatives at a lower-scored level
+        auroc = (pos * (neg_below + 0.5 * neg)).sum(-1) / (P * N)  # Mann-Whitney U, ties count half
         det_bacc = 0.5 * ((P - pos[:, -1]) / P + neg[:, -1] / N)
         fz = self.fuzz.double().cpu()
         fuzz_bacc = 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
@@ -712,7 +715,7 @@ def analyze(model, enc, clt, cache, cfg, world=None):
     effects = logit_effects(clt, model, ln_scale, cfg.n_logit, enc.n_vocab)
     expl = explain_all(stats, effects[1], enc)
     labels = ConceptLabels(cache, world, enc, cfg) if world is not None else None
-    scorer, row = Scorer(expl, L, F_, stats.base, len(labels.names) if labels else 0, cfg), 0
+    scorer, row = Scorer(expl, L, F_, stats.base, stats.gram_space, len(labels.names) if labels else 0, cfg), 0
     for p in tqdm(padded_chunks(clt, cache, "heldout", cfg), total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
         scorer.update(p, labels and labels.rows(row, row + p.hi - p.lo, cfg.device))
         row += p.hi - p.lo

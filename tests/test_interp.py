@@ -189,15 +189,15 @@ def test_detection_one_token_vs_random(gpt):
     fire = (clt.encode(mlp_in) > 0).flatten(1)  # (N, M)
     keys = interp.ngram_keys(interp.Padded(None, tok, doc, pos, 0, len(tok)), cfg.max_ngram, stats.base)
     for m in range(0, L * F, 5):
-        score = torch.zeros(len(tok))
-        for g, prec in reversed(list(zip(expl[m]["keys"], expl[m]["precision"]))):  # the most precise wins
-            score[(keys == g).any(1)] = prec
+        score = torch.zeros(len(tok))  # the predictor: rank of the matched n-gram, most precise first
+        for t, g in enumerate(expl[m]["keys"]):
+            score[(keys == g).any(1)] = len(expl[m]["keys"]) - t
         pos_s, neg_s = score[fire[:, m]], score[~fire[:, m]]
         if len(pos_s) and len(neg_s):
             u = (pos_s[:, None] > neg_s).double().mean() + 0.5 * (pos_s[:, None] == neg_s).double().mean()
             assert abs(auroc[m] - u) < 1e-9
     # concept scores against known labels: feature 0 is the concept "d" exactly
-    scorer = interp.Scorer(expl, L, F, stats.base, len(LETTERS), cfg)
+    scorer = interp.Scorer(expl, L, F, stats.base, stats.gram_space, len(LETTERS), cfg)
     labels, row = TokenLabels(c), 0
     for p in interp.padded_chunks(clt, c, "heldout", cfg):
         scorer.update(p, labels.rows(row, row + p.hi - p.lo, "cpu"))
