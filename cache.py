@@ -43,6 +43,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -62,6 +63,7 @@ HEADER_INTS = 32  # the header is 32 int64 = 256 bytes, see shard_layout
 ALIGN = 64  # every section starts on a 64-byte boundary
 DTYPES = {"fp32": (0, np.float32), "fp16": (1, np.float16), "int8": (2, np.int8)}
 MANIFEST = "manifest.json"
+MAX_OPEN_SHARDS = 256  # memmaps a reader keeps open at once
 
 
 def _pad(n):
@@ -151,13 +153,23 @@ def bf16_bits(scale):
     return scale.cpu().view(torch.int16).numpy()
 
 
+def empty(shape, dtype=torch.float32, device="cpu"):
+    """torch.empty, but on the CPU through numpy: numpy asks Linux for transparent huge pages for
+    large arrays (madvise), so first touching a fresh batch costs one page fault per 2 MB, not per
+    4 kB: 4x faster fresh batches on our VMs. Every big per-batch buffer of this file comes from here."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 def dequantize(q, scale_bits=None, channel=None):
     """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16 or fp32 (numpy or torch);
     for int8 also scale bits (n, L) int16 and channel scales (L, d): x = q * scale * channel.
 
     Convert, then scale in place: vectorized passes beat torch's mixed-dtype int8*float kernel 3x.
     """
-    x = torch.as_tensor(q).float()
+    q = torch.as_tensor(q)
+    x = q if q.dtype == torch.float32 else empty(q.shape, device=q.device).copy_(q)
     if scale_bits is None:
         return x
     s = torch.as_tensor(scale_bits).to(x.device).view(torch.bfloat16)  # (n, L)
@@ -281,7 +293,7 @@ def tokenizer_fingerprint(model_dir):
 class CacheConfig:
     model: str = clt.DEFAULT_MODEL  # model directory in the hub layout (or a hub id)
     corpus: str = "toy"  # .txt file, directory of .txt files, .jsonl with "text", or "toy" (tiny.py)
-    tokens: int = 1_000_000  # rows to store (tokens kept after dropping the BOS)
+    tokens: int = 200_000  # rows to store (tokens kept after dropping the BOS); ~30 s and 210 MB on the tiny model
     ctx: int = 64  # context length, BOS included; at most the model's n_ctx
     dtype: str = "int8"  # int8 | fp16 | fp32
     out: str = "runs/cache"  # output directory
@@ -392,7 +404,7 @@ class _ShardBuffer:
                                  "the model is broken; no shard holding them is written")
             if self.dtype == "int8":  # in place where possible: big temporaries are what this costs
                 c = self.channel[j].to(x.device)  # (L, d)
-                y = x / c  # (n, L, d)
+                y = torch.div(x, c, out=empty(x.shape, device=x.device))  # (n, L, d)
                 q, scale, s = _quantize_(y)
                 self.scales[a:b, j] = bf16_bits(scale)
                 err = y.mul_(s).mul_(c).sub_(x)  # x_hat - x, computed as `dequantize` does
@@ -499,8 +511,10 @@ def build_cache(cfg: CacheConfig):
     if cfg.shard_tokens == 0:
         cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes(cfg.dtype, L, d)))
     identity = _identity(cfg, model_fingerprint(model), tokenizer_fingerprint(model_dir))
-    header = dict(channel_scale=_first_batch_channel_scales(cfg, model, enc), model=os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model, model_config=asdict(model.config), n_layers=L, d_model=d,
-                  dtype=cfg.dtype, ctx=cfg.ctx, keep_bos=cfg.keep_bos, shard_tokens=cfg.shard_tokens)
+    name = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # what readers load
+    header = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d, dtype=cfg.dtype,
+                  ctx=cfg.ctx, keep_bos=cfg.keep_bos, shard_tokens=cfg.shard_tokens,
+                  channel_scale=_first_batch_channel_scales(cfg, model, enc))
     manifest = _open_out_dir(cfg, identity, header)
     if manifest["channel_scale"] != header["channel_scale"]:
         raise ValueError(f"{cfg.out}: the first batch now gives other int8 channel scales than when the cache was "
@@ -531,6 +545,18 @@ def _first_batch_channel_scales(cfg, model, enc):
     return torch.stack([channel_scales(x[0]), channel_scales(x[1])]).cpu().tolist()
 
 
+def _check_resume_tokens(cfg, manifest, meta):
+    """meta (n, 3): what the corpus now gives for the rows just before the resume point; compare it
+    with the end of the last finished shard."""
+    s = manifest["shards"][-1]
+    off, _ = shard_layout(cfg.dtype, s["rows"], manifest["n_layers"], manifest["d_model"])
+    stored = np.fromfile(os.path.join(cfg.out, s["file"]), np.int32, s["rows"] * 3, offset=off["meta"])
+    n = min(len(meta), s["rows"])
+    if not np.array_equal(stored.reshape(-1, 3)[-n:], meta[-n:]):
+        raise ValueError(f"{cfg.out}: the corpus {cfg.corpus} now gives other tokens than those stored in "
+                         f"{s['file']}: it changed since the cache was started; pass --overwrite to rebuild")
+
+
 def _check_disk(cfg, L, d, start):
     _, one = shard_layout(cfg.dtype, cfg.shard_tokens, L, d)
     need = -(-(cfg.tokens - start) // cfg.shard_tokens) * one
@@ -546,13 +572,16 @@ def _write_rows(cfg, model, enc, manifest, start):
     dev = next(model.parameters()).device
     writer = _ShardWriter(cfg.out, manifest)
     channel = torch.tensor(manifest["channel_scale"]) if manifest["channel_scale"] else None  # (2, L, d)
-    buf, row = _ShardBuffer(start // S, cfg, L, d, channel), start
+    buf, row, skipped = _ShardBuffer(start // S, cfg, L, d, channel), start, None
     pbar = tqdm(total=cfg.tokens, initial=start, unit="tok", desc="cache", disable=None)
     try:
         for row0, idx, meta in iter_batches(cfg, enc, cfg.tokens):
             hi = min(row0 + len(meta), cfg.tokens)
             if hi <= start:
-                continue  # before the resume point: only tokenized, never run
+                skipped = meta  # before the resume point: only tokenized, never run
+                continue
+            if start and row == start:  # resuming: the corpus must still give the finished shards' tokens
+                _check_resume_tokens(cfg, manifest, meta[:start - row0] if row0 < start else skipped)
             _, acts = model.run_with_acts(idx.to(dev))
             x_in = acts.mlp_in[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
             x_out = acts.mlp_out[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
@@ -617,6 +646,16 @@ def _background(gen, depth):
         stop.set()
 
 
+def _cut(id_arrays, B):
+    """Cut a stream of row-id arrays into batches of exactly B ids, carrying leftovers over."""
+    carry = np.empty(0, dtype=np.int64)
+    for ids in id_arrays:
+        ids = np.concatenate([carry, ids])
+        n = len(ids) // B * B
+        yield from ids[:n].reshape(-1, B)
+        carry = ids[n:]
+
+
 def _ordered_map(fn, items, workers):
     """Yield fn(item) in order, computed by `workers` threads at most 2*workers items ahead."""
     with ThreadPoolExecutor(workers) as ex:
@@ -627,19 +666,6 @@ def _ordered_map(fn, items, workers):
                 yield futures.pop(0).result()
         for f in futures:
             yield f.result()
-
-
-def _ahead(fn, items):
-    """Yield fn(item) for each item, computing the next one on a second thread meanwhile."""
-    with ThreadPoolExecutor(1) as ex:
-        pending = None
-        for item in items:
-            nxt = ex.submit(fn, item)
-            if pending is not None:
-                yield pending.result()
-            pending = nxt
-        if pending is not None:
-            yield pending.result()
 
 
 class ActivationCache:
@@ -672,7 +698,7 @@ class ActivationCache:
                 got = os.path.getsize(p) if os.path.exists(p) else "missing"
                 raise ValueError(f"{p}: {got} bytes, manifest says {s['bytes']}: run `python cache.py verify {path}`")
             check_header(p, self.dtype, s["rows"], self.n_layers, self.d_model)
-        self._maps, self._lock = {}, threading.Lock()
+        self._maps, self._lock = OrderedDict(), threading.Lock()
 
     def row_bytes(self):
         """Stored bytes of one row's activations and scales (what a reader moves per token)."""
@@ -687,9 +713,12 @@ class ActivationCache:
         return tuple(self.manifest["splits"][split])
 
     def _shard(self, i):
-        """The memmapped sections of shard i: dict of numpy views (opened once, shared by threads)."""
+        """The memmapped sections of shard i: dict of numpy views, shared by threads. At most
+        MAX_OPEN_SHARDS stay mapped (each mapping holds a file descriptor); views in use keep theirs."""
         with self._lock:
-            if i not in self._maps:
+            if i in self._maps:
+                self._maps.move_to_end(i)
+            else:
                 s, L, d = self.manifest["shards"][i], self.n_layers, self.d_model
                 mm = np.memmap(os.path.join(self.path, s["file"]), dtype=np.uint8, mode="r")
                 off, _ = shard_layout(self.dtype, s["rows"], L, d)
@@ -699,6 +728,8 @@ class ActivationCache:
                 self._maps[i] = dict(mlp_in=view("mlp_in", dt, (n, L, d)), mlp_out=view("mlp_out", dt, (n, L, d)),
                                      scales=view("scales", np.int16, (n, 2, L)) if self.dtype == "int8" else None,
                                      meta=view("meta", np.int32, (n, 3)))
+                if len(self._maps) > MAX_OPEN_SHARDS:
+                    self._maps.popitem(last=False)
             return self._maps[i]
 
     def _take(self, rows, keys=("mlp_in", "mlp_out", "scales", "meta")):
@@ -754,15 +785,16 @@ class ActivationCache:
         The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
         units in a random order (seed, e), consecutive units grouped into windows of ~window_mb
         stored MB, the rows of each window in a random order (seed, e, window). Global step g is
-        stream[g*B*W : (g+1)*B*W]; rank r gets its slice [r*B : (r+1)*B]: disjoint, equal shares, whose
-        union does not depend on the world size W. An epoch has `batches_per_epoch` steps (the last
-        < B*W rows are dropped), so no rank ever waits on another.
+        stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B] (in row order: a
+        batch is a set): disjoint, equal shares, whose union does not depend on the world size W.
+        An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped), so no rank ever
+        waits on another. Rows are read straight from the memmapped shards: the pages in use at
+        any time are a window's units (~window_mb), so the page cache serves most reads.
         start_step=k starts at global step k (counting across epochs) without reading what it skips;
         epochs=None streams forever, else stops after `epochs` epochs in all.
-        A rank reads only its rows (window_mb/W of RAM per window, one window read ahead) on a
-        background thread; `workers` threads cut and dequantize batches in parallel, `prefetch`
-        batches ahead. device=None dequantizes there into CPU tensors; a device (e.g. "cuda")
-        moves the stored int8 rows there and dequantizes there instead (4x less to copy).
+        A rank reads only its rows: `workers` threads read and dequantize batches in parallel,
+        `prefetch` batches ahead of the consumer. device=None dequantizes there into CPU tensors; a
+        device (e.g. "cuda") moves the stored int8 rows there and dequantizes there (4x less to copy).
         return_rows=True also yields the global row ids (B,) of the batch. raw=True yields the stored
         rows instead, a dict of tensors mlp_in, mlp_out (B, L, d), scales (B, 2, L) (int8), rows (B,),
         for a consumer that dequantizes them itself (`dequantize_batch`).
@@ -787,12 +819,13 @@ class ActivationCache:
                     if len(p):
                         yield rows()[p - s]
 
-        def assemble(pieces):  # on a worker thread: gather the rows, dequantize on the CPU unless told not to
-            take = lambda k: [d[k].index_select(0, idx) for d, idx in pieces]
-            batch = {k: take(k)[0] if len(pieces) == 1 else torch.cat(take(k)) for k in pieces[0][0]}  # (B, ...)
+        def assemble(ids):  # on a worker thread: read the rows, dequantize on the CPU unless told not to
+            rows = np.sort(ids)  # a batch is a set: sorted, its rows come off the memmaps in file order
+            batch = {k: torch.from_numpy(v) for k, v in self._take(rows, ("mlp_in", "mlp_out", "scales")).items()}
+            batch["rows"] = torch.from_numpy(rows)
             return batch if raw or device is not None else (batch, self.dequantize_batch(batch))
 
-        batches = _ordered_map(assemble, self._batch_pieces(_ahead(self._load, selections()), B), workers)
+        batches = _ordered_map(assemble, _cut(selections(), B), workers)
         for item in _background(batches, prefetch):
             if raw:
                 yield item
@@ -815,30 +848,6 @@ class ActivationCache:
                 return r[np.random.default_rng([seed, epoch, w]).permutation(len(r))]
             yield pos, size, rows
             pos += size
-
-    def _load(self, ids):
-        """Read the rows `ids` (stream order) sorted, for sequential disk access; `inv` maps back."""
-        order = np.argsort(ids, kind="stable")
-        data = self._take(ids[order], keys=("mlp_in", "mlp_out", "scales"))
-        data = {k: torch.from_numpy(v) for k, v in data.items()} | {"rows": torch.from_numpy(ids[order])}
-        inv = torch.empty(len(order), dtype=torch.long)
-        inv[torch.from_numpy(order)] = torch.arange(len(order))
-        return data, inv
-
-    @staticmethod
-    def _batch_pieces(windows, B):
-        """Cut loaded windows into batches of exactly B rows in stream order: per batch a list of
-        (window data, indices into it), two pieces where a batch straddles windows."""
-        pending, n_pending = [], 0
-        for data, inv in windows:
-            i = 0
-            while i < len(inv):
-                take = min(B - n_pending, len(inv) - i)
-                pending.append((data, inv[i:i + take]))
-                n_pending, i = n_pending + take, i + take
-                if n_pending == B:
-                    yield pending
-                    pending, n_pending = [], 0
 
 
 # -----------------------------------------------------------------------------

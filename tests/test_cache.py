@@ -187,6 +187,23 @@ def test_resume_after_kill_is_byte_identical(env, tmp_path):
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
 
 
+def test_resume_refuses_a_changed_corpus(env, tmp_path):
+    corpus = tmp_path / "c.txt"
+    text = clt.ENDOFTEXT.join(make_docs(300, seed=5))
+    corpus.write_text(text)
+    cfg = config(env, tmp_path / "r", corpus=str(corpus), tokens=2000, dtype="fp16")  # fp16: no channel scales
+    whole = cache.build_cache(cfg)
+    path = tmp_path / "r" / "manifest.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(m, complete=False, shards=m["shards"][:2])))  # as if killed after 2 shards
+    corpus.write_text(clt.ENDOFTEXT.join(make_docs(300, seed=6)))
+    with pytest.raises(ValueError, match="now gives other tokens than those stored in shard_00001.bin"):
+        cache.build_cache(cfg)
+    corpus.write_text(text)
+    resumed = cache.build_cache(cfg)  # resumes mid-batch (1024 rows = 8.5 batches of 120) and agrees
+    assert resumed["shards"] == whole["shards"] and cache.verify(cfg.out) == []
+
+
 def test_rerun_same_args_is_a_no_op_and_other_args_are_refused(env, int8_cache):
     cfg, _ = int8_cache
     before = os.path.getmtime(os.path.join(cfg.out, "shard_00000.bin"))
@@ -233,7 +250,7 @@ def test_rank_shares_are_disjoint_equal_and_cover(int8_cache):
     # the ranks' batches at step g are the one-rank batch of B*W at step g: world size changes nothing
     single = rows_of(c, seed=5, **{**SHUF, "batch_size": B * W})
     for g in range(nb):
-        assert np.array_equal(np.concatenate([s[g] for s in shares]), single[g])
+        assert np.array_equal(np.sort(np.concatenate([s[g] for s in shares])), single[g])
 
 
 def test_shuffle_is_deterministic_per_seed_and_resumable(int8_cache):
@@ -241,9 +258,10 @@ def test_shuffle_is_deterministic_per_seed_and_resumable(int8_cache):
     a, b, other = rows_of(c, seed=1, **SHUF), rows_of(c, seed=1, **SHUF), rows_of(c, seed=2, **SHUF)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(np.concatenate(a), np.concatenate(other))
-    # shuffled across the whole split: consecutive rows of the cache rarely stay neighbours
-    flat = np.concatenate(a)
-    assert np.mean(np.abs(np.diff(flat)) == 1) < 0.05 and np.corrcoef(flat, np.arange(len(flat)))[0, 1] < 0.5
+    # shuffled across the whole split: a batch mixes units from all over it, in no order
+    assert all((np.diff(b) > 0).all() for b in a)  # a batch is a set of rows, read in row order
+    assert np.mean([len(np.unique(b // 64)) >= 2 for b in a]) > 0.5
+    assert abs(np.corrcoef([b.mean() for b in a], np.arange(len(a)))[0, 1]) < 0.5
     # a later epoch is a different order; start_step skips exactly to where step k starts
     two = rows_of(c, seed=1, **{**SHUF, "epochs": 2})
     nb = len(a)
