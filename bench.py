@@ -207,7 +207,7 @@ def add_graph_args(p):
     p.add_argument("--graph-batch", type=int, default=64, help="targets per backward pass")
     p.add_argument("--graph-n-features", type=int, default=4096, help="features per layer of the random CLTs")
     p.add_argument("--graph-clt", default=os.path.join("runs", "clt"), help="a trained CLT of models/tiny: two-hop study")
-    p.add_argument("--graph-two-hop", type=int, default=30, help="two-hop prompts in the study; 0 = skip it")
+    p.add_argument("--graph-two-hop", type=int, default=60, help="two-hop prompts in the study; 0 = skip it")
 
 
 def proc_status_kb(key):
@@ -298,44 +298,55 @@ def bench_graph(args):
     return results
 
 
-def strongest_path(A_hat, target, sources):
-    """The path into `target` with the largest product of normalized |edge| weights, starting at one of
-    `sources` (errors, embeddings): node indices from source to target (a DAG: relax until stable)."""
-    up = torch.zeros(len(A_hat), dtype=A_hat.dtype, device=A_hat.device)  # best product from a node to target
-    up[target] = 1
-    parent = torch.full_like(up, -1, dtype=torch.long)
-    while True:
-        val, arg = (up[:, None] * A_hat).max(0)  # through which target each source reaches `target` best
-        better = val > up
-        if not better.any():
-            break
-        up[better], parent[better] = val[better], arg[better]
-    path = [sources[up[sources].argmax()].item()]
-    while parent[path[-1]] >= 0:
-        path.append(parent[path[-1]].item())
-    return path
+def two_hop_probes(world, people):
+    """(prompt, answer, relation, country, person): "{person} lives in {city}. The language {person}
+    speaks is" -> the language of the city's country; template 0 of each two-hop relation."""
+    import tiny
+    out = []
+    for person in people:
+        home = world.lookup["person"][person]["home"]
+        bridge = tiny.TEMPLATES["home"][0].format(person=person, city=home)
+        for relation in tiny.TWO_HOP:
+            answer = world.two_hop(person, relation)
+            slot = tiny.SLOT_RE.findall(tiny.TEMPLATES[relation][0])[-1]
+            prompt, answer = tiny.split_prompt(tiny.TEMPLATES[relation][0].format(person=person, **{slot: answer}), answer)
+            out.append((bridge + " " + prompt, answer, relation, world.country_of(home), person))
+    return out
 
 
 def two_hop_study(args):
-    """Toy world, two-hop prompts ("Batris lives in Fafes. The language Batris speaks is" -> Zefekic, via
-    Fafes -> Gregruia): does the answer's path go through features at the bridge entity (tiny.label_tokens'
-    role:bridge)? Per prompt: the bridge features' share of the feature influence on the answer logit
-    (against their share of active features), whether the strongest path and the pruned graph go
-    through them, and the answer's log-probability change in the real model when the 3 most
-    influential bridge features are ablated, against 3 features elsewhere (not bridge, not last token)."""
+    """Toy world, two-hop prompts of held-out people ("Batris lives in Fafes. The language Batris speaks
+    is" -> Zefekic, through Fafes -> Gregruia, never stated): does the answer's path go through a
+    feature of the intermediate entity? A last-token feature is *selective* for the country if it
+    fires on (rate same) − (rate other) >= 0.5 of the probes with the same relation: same = other
+    people living in that country, other = people of other countries (world labels, 100 people).
+    Per prompt: the feature influence share on the answer logit of selective features and of
+    features on the city token; how many of them the pruned graph keeps; in the real model, the
+    change of log p(answer) and of the answer's logit minus the mean logit of the other countries'
+    answers when the 3 most influential selective features, or 3 other last-token ones, are ablated."""
     import graph
     import tiny
     device = args.device
     model, enc, world = clt.GPT.from_pretrained().to(device), clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
     t = clt.CrossLayerTranscoder.from_pretrained(args.graph_clt).to(device)
+    probes = two_hop_probes(world, [p["name"] for p in world.people])
+    with torch.no_grad():  # last-token activations of every probe: (P, L, F)
+        last = torch.stack([t.encode(model.run_with_acts(graph.encode_prompt(enc, p[0], model.config.n_ctx).to(device))[1]
+                                     .mlp_in[0, -1:])[0] for p in probes]) > 0
     rows = []
-    for prompt, answer, _ in [p for p in tiny.eval_prompts(world) if p[2] == "two_hop"][:args.graph_two_hop]:
+    for prompt, answer, relation, country, person in two_hop_probes(world, world.heldout_people)[:args.graph_two_hop]:
+        same = torch.tensor([p[2] == relation and p[3] == country and p[4] != person for p in probes])
+        other = torch.tensor([p[2] == relation and p[3] != country for p in probes])
+        if not same.any():
+            continue  # nobody else lives in this country: selectivity is undefined
+        selective = last[same].float().mean(0) - last[other].float().mean(0) >= 0.5  # (L, F)
         idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
-        bridge = torch.tensor([i + 1 for i, lab in enumerate(tiny.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
+        city = torch.tensor([i + 1 for i, lab in enumerate(tiny.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
         rep = graph.local_replacement(model, t, idx)
         g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
         fs, es, ts, ls = g.slices()
-        hit = (g.logit_ids.cpu() == enc.encode(answer)[0]).nonzero()[:, 0]
+        ans = enc.encode(answer)[0]
+        hit = (g.logit_ids.cpu() == ans).nonzero()[:, 0]
         if not len(hit):
             rows.append(dict(prompt=prompt, answer_in_logits=False))
             continue
@@ -343,25 +354,25 @@ def two_hop_study(args):
         w[ls.start + hit[0]] = 1  # influence on the answer logit alone
         A_hat = graph.normalized(g.adjacency)
         infl = graph.influence(A_hat, w)[fs].cpu()
-        at_bridge = torch.isin(g.feats[:, 1].cpu(), bridge)
-        path = strongest_path(A_hat, ls.start + hit[0].item(), torch.arange(es.start, ts.stop, device=A_hat.device))
-        on_path = [i for i in path if i < fs.stop]
-        node_mask = graph.prune(g)[0].cpu()
+        l, p, f = g.feats.cpu().T
+        is_last, at_city = p == idx.size(1) - 1, torch.isin(p, city)
+        sel = is_last & selective[l, f].cpu()
+        kept = graph.prune(g)[0][fs].cpu()  # the pruned graph's feature nodes
+        rivals = torch.tensor(sorted({enc.encode(p[1])[0] for p in probes if p[2] == relation} - {ans}))
         ranked = infl.argsort(descending=True)
-        last = g.feats[:, 1].cpu() == idx.size(1) - 1
-        top_bridge, top_other = ranked[at_bridge[ranked]][:3], ranked[~at_bridge[ranked] & ~last[ranked]][:3]
-        ans = enc.encode(answer)[0]
-        dlogp = []
-        for chosen in (top_bridge, top_other):
+        dlogp, ddiff = [], []  # log p(answer); answer logit - mean logit of the other countries' answers
+        for chosen in (ranked[sel[ranked]][:3], ranked[is_last[ranked] & ~sel[ranked]][:3]):
             clean, new, _ = graph.intervene(model, t, idx, g.feats[chosen.to(g.feats.device)], 0.0)
             dlogp.append((new.log_softmax(-1)[ans] - clean.log_softmax(-1)[ans]).item())
+            ddiff.append(((new[ans] - new[rivals].mean()) - (clean[ans] - clean[rivals].mean())).item())
         rows.append(dict(prompt=prompt, answer_in_logits=True, p_answer=g.logit_probs[hit[0]].item(),
-                         replacement_score=graph.scores(g)[0],
-                         top1=hit[0].item() == 0, n_features=len(g.feats), bridge_feature_frac=at_bridge.float().mean().item(),
-                         bridge_influence_share=(infl[at_bridge].sum() / infl.sum()).item(),
-                         path_via_bridge=any(at_bridge[i].item() for i in on_path), path_len=len(path),
-                         pruned_bridge_nodes=int((node_mask[fs] & at_bridge).sum()),
-                         dlogp_ablate_bridge3=dlogp[0], dlogp_ablate_other3=dlogp[1]))
+                         replacement_score=graph.scores(g)[0], n_features=len(g.feats), n_selective=int(sel.sum()),
+                         selective_share=(infl[sel].sum() / infl.sum()).item(),
+                         city_token_share=(infl[at_city].sum() / infl.sum()).item(),
+                         pruned_selective=int((kept & sel).sum()), pruned_city_token=int((kept & at_city).sum()),
+                         pruned_features=int(kept.sum()),
+                         dlogp_ablate_selective3=dlogp[0], dlogp_ablate_other_last3=dlogp[1],
+                         ddiff_ablate_selective3=ddiff[0], ddiff_ablate_other_last3=ddiff[1]))
         print(rows[-1])
     return rows
 
