@@ -332,7 +332,7 @@ def two_hop_study(args):
     probes = two_hop_probes(world, [p["name"] for p in world.people])
     with torch.no_grad():  # last-token activations of every probe: (P, L, F)
         last = torch.stack([t.encode(model.run_with_acts(graph.encode_prompt(enc, p[0], model.config.n_ctx).to(device))[1]
-                                     .mlp_in[0, -1:])[0] for p in probes]) > 0
+                                     .mlp_in[0, -1:])[0] for p in probes]).cpu() > 0
     rows = []
     for prompt, answer, relation, country, person in two_hop_probes(world, world.heldout_people)[:args.graph_two_hop]:
         same = torch.tensor([p[2] == relation and p[3] == country and p[4] != person for p in probes])
@@ -356,7 +356,7 @@ def two_hop_study(args):
         infl = graph.influence(A_hat, w)[fs].cpu()
         l, p, f = g.feats.cpu().T
         is_last, at_city = p == idx.size(1) - 1, torch.isin(p, city)
-        sel = is_last & selective[l, f].cpu()
+        sel = is_last & selective[l, f]
         kept = graph.prune(g)[0][fs].cpu()  # the pruned graph's feature nodes
         rivals = torch.tensor(sorted({enc.encode(p[1])[0] for p in probes if p[2] == relation} - {ans}))
         ranked = infl.argsort(descending=True)

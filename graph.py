@@ -227,13 +227,13 @@ class Attribution:
 
     def feature_rows(self, ids):
         """Rows of A for the feature targets ids (at most `batch`): their pre-activations' inputs."""
-        n, b = len(ids), torch.arange(len(ids))
+        n, b = len(ids), torch.arange(len(ids), device=ids.device)
         l, p = self.rep.feats[ids, 0], self.rep.feats[ids, 1]
         return self.rows((self.mlp_in[b, p, l] * self.enc[ids]).sum(), n)
 
     def logit_rows(self, token_ids):
         n = len(token_ids)
-        return self.rows(self.logits[torch.arange(n), token_ids].sum(), n)
+        return self.rows(self.logits[torch.arange(n, device=token_ids.device), token_ids].sum(), n)
 
 
 @dataclass
