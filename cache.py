@@ -5,12 +5,13 @@ output for each token in memory-mapped shards, and serve them to CLT training sh
 Data flow.  corpus -> documents -> tokens, packed into contexts [<|endoftext|>, t1 .. t_{ctx-1}]
 -> GPT.run_with_acts -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS, whose
 activations are outliers) -> rows (N, L, d) -> int8 (x / channel scale, then one absmax scale per
-token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json  ==>  ActivationCache(path).batches(...)
--> (mlp_in, mlp_out) float32 (B, L, d), read and dequantized on a background thread.
+token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json
+==>  ActivationCache(path).batches(...) -> (mlp_in, mlp_out) float32 (B, L, d), read from the
+memmaps and dequantized on background threads; .iter_chunks(...) streams them in order.
 
     python cache.py --help
     python cache.py --model models/tiny --corpus toy --tokens 1000000 --out runs/cache   # ~1 GB int8
-    python cache.py --model models/tiny --corpus toy --tokens 20000 --out runs/cache_cpu  # seconds, CPU
+    python cache.py --tokens 20000 --out runs/cache_cpu   # the tiny model and its toy corpus, seconds
     python cache.py verify runs/cache       # sizes, headers and sha256 of every shard
     python cache.py stats runs/cache        # tokens, bytes/token, per-layer norms, quantization error
     torchrun: build once with one process; every training rank opens the same cache and reads
@@ -30,9 +31,10 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   error bound |x - q*s| <= s/2 holds exactly as with fp32 scales;
 - shards are numpy.memmap'd, each with a magic/version header (llm.c's `_peek_data_shard`) and a
   sha256 in the manifest; the manifest is rewritten atomically after every finished shard;
-- the reader shuffles globally (random unit order x random rows inside a window of units) and
-  stripes each global batch over ranks, so the union of the ranks' batches does not depend on the
-  world size, and every rank gets the same number of batches.
+- the reader shuffles globally (random unit order x random rows inside a window of units), reads
+  each batch's rows straight from the memmaps (no copy of the window), and stripes each global
+  batch over ranks: the union of the ranks' batches does not depend on the world size, and every
+  rank gets the same number of batches.
 """
 import argparse
 import hashlib
@@ -633,7 +635,8 @@ def _background(gen, depth):
         except BaseException as e:
             put(("error", e))
 
-    threading.Thread(target=work, daemon=True).start()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
     try:
         while True:
             kind, item = q.get()
@@ -644,6 +647,7 @@ def _background(gen, depth):
             yield item
     finally:
         stop.set()
+        thread.join()  # it ends within one item: put() gives up once stop is set
 
 
 def _cut(id_arrays, B):
