@@ -13,6 +13,7 @@ to --out in circuit-tracer's layout (clt.CrossLayerTranscoder.from_pretrained lo
     python train.py                                           # the default CLT of models/tiny (CPU, minutes)
     python train.py --activation topk --k 16 --out runs/clt-topk
     torchrun --nproc_per_node=4 train.py --tp 2 ...           # dp = 4 / 2 = 2, NCCL on GPUs, gloo on CPU
+    torchrun --nproc_per_node=2 train.py --tp 2 --device cpu --features 256 --steps 50   # TP on a CPU
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1   # a tiny CPU run
     python train.py --resume                                  # continue from --out/checkpoints/latest.json
 
@@ -69,7 +70,7 @@ class TrainConfig:
     threshold_init: float = 0.03  # jumprelu: initial threshold
     bandwidth: float = 1.0  # jumprelu: straight-through kernel width ε
     # optimization
-    steps: int = 2000  # optimizer steps in the whole run
+    steps: int = 1000  # optimizer steps in the whole run
     batch_size: int = 1024  # tokens per step, all DP ranks together
     lr: float = 1e-3  # peak learning rate (Adam)
     warmup: int = 100  # linear warmup steps
@@ -78,7 +79,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip over all shards; -1 = disable
     seed: int = 0  # CLT init and data order
     # losses
-    sparsity: float = 0.02  # λ_S, final value of the tanh sparsity penalty (jumprelu, relu)
+    sparsity: float = 0.5  # λ_S, final value of the tanh sparsity penalty (jumprelu, relu)
     sparsity_c: float = 4.0  # c inside tanh(c · a · ||W_dec||)
     preact: float = 3e-6  # λ_P of the pre-activation penalty (jumprelu)
     aux_coef: float = 1 / 32  # α of AuxK (topk, batchtopk)
@@ -127,6 +128,7 @@ class Mesh:
 
 
 def make_mesh(ddp, world, tp, device):
+    """The (dp, tp) device mesh of torchrun's processes; ranks r·tp .. r·tp + tp − 1 form TP group r."""
     if tp < 1 or world % tp:
         raise ValueError(f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)")
     if not ddp:

@@ -203,17 +203,29 @@ def test_resume_equals_an_uninterrupted_run(small_cache, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_short_run_learns_a_good_clt(small_cache, tmp_path):
-    m = T.train(config(small_cache, tmp_path, features=128, steps=150, batch_size=256, lr=3e-3, sparsity=0.5,
-                       eval_every=150, eval_contexts=32))
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    if not os.path.exists(os.path.join(C.DEFAULT_MODEL, "model.safetensors")):
+        pytest.skip("models/tiny is not in this checkout")
+    out = str(tmp_path_factory.mktemp("tiny") / "cache")
+    cache_lib.build_cache(cache_lib.CacheConfig(model=C.DEFAULT_MODEL, corpus="toy", tokens=12000, heldout=0.1,
+                                                out=out, device="cpu"))
+    return out
+
+
+def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
+    """150 steps on 12k tokens of models/tiny (the default recipe, smaller): FVU, L0 and the spliced loss."""
+    m = T.train(config(tiny_cache, tmp_path, features=512, steps=150, batch_size=256, lr=3e-3, warmup=20,
+                       eval_every=150, eval_contexts=16, ckpt_every=-1))
     first = read_metrics(tmp_path)[0]
-    assert max(m["fvu"]) < 0.15 and first["fvu"][0] > 0.5, (first["fvu"], m["fvu"])
-    assert max(m["l0"]) < 20, m["l0"]
-    assert {"ce_clean", "ce_spliced", "ce_zero", "recovered"} <= set(m["eval"])  # a random GPT: CE says little
+    assert min(first["fvu"]) > 0.5 and max(m["fvu"]) < 0.12, (first["fvu"], m["fvu"])
+    assert sum(m["l0"]) / 4 < 25, m["l0"]
+    assert m["eval"]["recovered"] > 0.9 and m["eval"]["ce_zero"] > m["eval"]["ce_clean"] + 2, m["eval"]
     clt = C.CrossLayerTranscoder.from_pretrained(tmp_path)  # the export works on raw activations
-    x, y, *_ = cache_lib.ActivationCache(small_cache).read(*cache_lib.ActivationCache(small_cache).split_range("heldout"))
+    cache = cache_lib.ActivationCache(tiny_cache)
+    x, y, *_ = cache.read(*cache.split_range("heldout"))
     fvu = (clt(x)[1] - y).pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))
-    assert fvu.max() < 0.2, fvu
+    assert fvu.max() < 0.15, fvu
 
 
 def test_spliced_loss_of_a_perfect_and_of_a_zero_reconstruction(small_cache):
