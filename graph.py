@@ -521,10 +521,10 @@ def load(cfg):
 
 def run_graph(cfg):
     model, clt, enc, idx = load(cfg)
-    t0 = time.time()
+    t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
     graph = attribute(model, clt, rep, cfg.prompt, cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob)
-    seconds = time.time() - t0
+    seconds = time.perf_counter() - t0
     err, scale = exactness(model, clt, rep, graph)
     replacement, completeness, n_nodes, n_links = save_graph(graph, cfg, enc, cfg.model, cfg.clt)
     top = ", ".join(f"{token_str(enc, t)!r} {p:.3f}" for t, p in zip(graph.logit_ids.tolist(), graph.logit_probs.tolist()))
