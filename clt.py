@@ -500,7 +500,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def topk(self, pre, k):
         """The k largest of relu(pre) per token and layer over all TP ranks' features (Gao et al. 2024)."""
-        vals, idx = F.relu(pre).topk(min(k, self.F_local), dim=-1)  # (B, L, c) local candidates
+        vals, idx = pre.topk(min(k, self.F_local), dim=-1)  # (B, L, c) local candidates
+        vals = F.relu(vals)  # relu after the selection: the same values, k of F elements to touch
         keep, _ = global_topk(vals, k, self.tp_group)
         return torch.zeros_like(pre).scatter(-1, idx, vals * keep)  # (B, L, F)
 
@@ -508,11 +509,12 @@ class CrossLayerTranscoder(nn.Module):
         """The B·k largest of relu(pre) per layer over the batch and all TP ranks (Bussmann et al. 2024)."""
         B, L, F_ = pre.shape
         k = B * self.config.k
-        flat = F.relu(pre).transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
+        flat = pre.transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
         vals, idx = flat.topk(min(k, B * F_), dim=-1)  # (L, c)
+        vals = F.relu(vals)
         keep, kth = global_topk(vals, k, self.tp_group)
         self.batch_threshold = kth.detach().float()  # (L,) what a JumpReLU would need to fire alike
-        acts = torch.zeros_like(flat).scatter(-1, idx, vals * keep)
+        acts = torch.zeros_like(flat).scatter(-1, idx, vals * keep)  # (L, B·F)
         return acts.view(L, B, F_).transpose(0, 1)  # (B, L, F)
 
     def activate(self, pre):
@@ -537,17 +539,39 @@ class CrossLayerTranscoder(nn.Module):
         """mlp_in (B, L, d) -> acts (B, L, F)."""
         return self.activate(self.pre_acts(mlp_in))
 
-    def decode_partial(self, acts):
-        """acts (B, L, F/T) -> this rank's share of the normalized reconstruction, no bias (B, L, d)."""
-        B, L, _ = acts.shape
-        d = self.config.d_model
-        writes = [(acts[:, l] @ self.W_dec[l].flatten(1)).view(B, L - l, d) for l in range(L)]  # (B, L-l, d)
-        return torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
+    def decode_partial(self, acts, sparse=False):
+        """acts (B, L, F/T) -> this rank's share of the normalized reconstruction, no bias (B, L, d).
 
-    def decode_normalized(self, acts):
+        Dense: one matmul per source layer, cost ∝ F. sparse=True reads only the active features'
+        decoder rows, cost ∝ L0: one embedding_bag per source layer (a sparse × dense product summing
+        value · W_dec[l][f] per token, no gathered copy); acts may then be a sparse COO tensor. Its
+        gradient reaches only the active entries of acts: exact for ReLU, TopK and BatchTopK, not for
+        a JumpReLU threshold, whose straight-through gradient also needs inactive entries near θ.
+        """
+        B, L, _ = acts.shape
+        if not sparse:
+            writes = [(acts[:, l] @ self.W_dec[l].flatten(1)).view(B, L - l, -1) for l in range(L)]  # (B, L-l, d)
+            return torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
+        if acts.is_sparse:
+            acts = acts.coalesce()
+            (b, l, f), vals = acts.indices(), acts.values()  # sorted by (b, l, f)
+        else:
+            b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
+            vals = acts[b, l, f]
+        out = torch.zeros(B, L, self.config.d_model, dtype=self.W_dec[0].dtype, device=vals.device)  # (B, L, d)
+        tokens = torch.arange(B, device=vals.device)
+        for src in range(L):
+            mine = l == src
+            offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
+            W = self.W_dec[src].flatten(1)  # (F/T, (L-src)·d)
+            rows = F.embedding_bag(f[mine], W, offsets, mode="sum", per_sample_weights=vals[mine].to(W.dtype))
+            out[:, src:] += rows.view(B, L - src, -1)
+        return out
+
+    def decode_normalized(self, acts, sparse=False):
         """acts (B, L, F) -> mlp_out_hat (B, L, d) in the normalized units the CLT is trained in."""
         # the TP sum in fp32 even under bf16 autocast: it adds T partial sums of F/T features each
-        return tp_sum(self.decode_partial(acts).float(), self.tp_group) + self.b_dec
+        return tp_sum(self.decode_partial(acts, sparse).float(), self.tp_group) + self.b_dec
 
     def decode(self, acts):
         """acts (B, L, F) -> mlp_out_hat (B, L, d), in raw (unnormalized) units. Dense: cost ∝ F."""
@@ -555,27 +579,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode_sparse(self, acts):
         """The same as decode, reading only the active features' decoder rows: cost ∝ L0, not F.
-
-        acts: dense (B, L, F), or a sparse COO tensor of that shape (then nothing of size F is
-        scanned). Each layer's rows are one embedding_bag: a sparse × dense product that sums
-        value · W_dec[l][f] per token without materializing the gathered rows.
-        """
-        B, L, _ = acts.shape
-        if acts.is_sparse:
-            acts = acts.coalesce()
-            (b, l, f), vals = acts.indices(), acts.values()  # sorted by (b, l, f)
-        else:
-            b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
-            vals = acts[b, l, f]
-        out = torch.zeros(B, L, self.config.d_model, dtype=vals.dtype, device=vals.device)  # (B, L, d)
-        tokens = torch.arange(B, device=vals.device)
-        for src in range(L):
-            mine = l == src
-            offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
-            rows = F.embedding_bag(f[mine], self.W_dec[src].flatten(1), offsets, mode="sum",
-                                   per_sample_weights=vals[mine].to(self.W_dec[src].dtype))  # (B, (L-src)·d)
-            out[:, src:] += rows.view(B, L - src, -1)
-        return (tp_sum(out, self.tp_group) + self.b_dec) / self.output_scale[:, None]
+        acts: dense (B, L, F), or a sparse COO tensor of that shape (then nothing of size F is scanned)."""
+        return self.decode_normalized(acts, sparse=True) / self.output_scale[:, None]
 
     def forward(self, mlp_in):
         """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d))."""

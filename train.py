@@ -195,7 +195,8 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     y = mlp_out * clt.output_scale[:, None]  # (B, L, d) the normalized target
     pre = clt.pre_acts(mlp_in)  # (B, L, F/T)
     acts = clt.activate(pre)  # (B, L, F/T)
-    err = clt.decode_normalized(acts) - y  # (B, L, d)
+    sparse = c.activation in ("topk", "batchtopk")  # k of F active by construction: decode ∝ k, not F
+    err = clt.decode_normalized(acts, sparse) - y  # (B, L, d)
     sse = err.float().pow(2).sum(-1)  # (B, L)
     dec = clt.decoder_norms()  # (L, F/T) over every layer a feature writes to
     zero = sse.new_zeros(())
@@ -205,10 +206,10 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
         sparsity = lam * torch.tanh(acts * (c.sparsity_c * dec)).float().sum((1, 2)).mean()
     if c.activation == "jumprelu":
         preact = c.preact * (F.relu(clt.threshold - pre) * dec).float().sum((1, 2)).mean()
-    if c.activation in ("topk", "batchtopk"):  # AuxK: the dead features model the residual
+    if sparse and n_dead > 0:  # AuxK: the dead features model the residual (n_dead is global: no rank skips alone)
         k_aux = min(clt.config.d_model // 2 if c.aux_k < 0 else c.aux_k, clt.config.n_features)
         aux_acts = clt.topk(pre.masked_fill(~dead, 0.0), k_aux)  # global top k_aux over TP
-        e_hat = C.tp_sum(clt.decode_partial(aux_acts).float(), clt.tp_group)  # (B, L, d), no bias
+        e_hat = C.tp_sum(clt.decode_partial(aux_acts, sparse=True).float(), clt.tp_group)  # (B, L, d), no bias
         scale = min(n_dead / k_aux, 1.0)  # sparsify's scaling: no dead features, no AuxK
         aux = c.aux_coef * scale * (e_hat - err.detach()).float().pow(2).sum((1, 2)).mean()
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
