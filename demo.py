@@ -26,9 +26,9 @@ from dataclasses import dataclass
 @dataclass
 class DemoConfig:
     out: str = "runs"  # every stage writes below this folder
-    tokens: int = 400_000  # activation-cache rows (tokens)
-    features: int = 1024  # CLT features per layer (8x the tiny model's d_model = 128)
-    steps: int = 2000  # CLT training steps
+    tokens: int = 400_000  # activation-cache rows (tokens); the CLT sees each about 2.5 times
+    features: int = -1  # CLT features per layer; -1 = train.py's default (8 x the tiny model's d_model)
+    steps: int = -1  # CLT training steps; -1 = train.py's default
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # a two-hop prompt of the toy world
     max_features: int = -1  # attribution-graph feature cap, weakest dropped first; -1 = all
 
@@ -41,8 +41,8 @@ def stages(c: DemoConfig):
     cache, clt, interp, graph = (os.path.join(c.out, x) for x in ("cache", "clt", "interp", "graph"))
     return [
         ("1/5 activation cache", ["cache.py", "--tokens", c.tokens, "--out", cache]),
-        ("2/5 train the CLT", ["train.py", "--cache", cache, "--out", clt, "--features", c.features,
-                               "--steps", c.steps, "--eval-every", c.steps]),
+        ("2/5 train the CLT", ["train.py", "--cache", cache, "--out", clt]
+         + (["--features", c.features] if c.features > 0 else []) + (["--steps", c.steps] if c.steps > 0 else [])),
         ("3/5 LLM-free autointerp", ["interp.py", "--clt", clt, "--cache", cache, "--out", interp]),
         ("4/5 attribution graph", ["graph.py", "--clt", clt, "--interp", interp, "--prompt", c.prompt,
                                    "--max-features", c.max_features, "--out", graph]),
