@@ -313,6 +313,14 @@ def test_iter_chunks_streams_a_split_in_order(int8_cache):
 # corpora and bad input
 
 
+def test_contexts_pack_documents_behind_a_bos(env):
+    enc = clt.load_tokenizer(env[1])
+    E, (a, b, c, d, e, f) = enc.eot_token, enc.encode_ordinary("abcdef")
+    ctxs = list(cache.iter_contexts(["ab", "cde", "f"], enc, 4))  # stream: a b E c d e E f E
+    assert [t.tolist() for t, _ in ctxs] == [[E, a, b, E], [E, c, d, e], [E, E, f, E]]
+    assert [i.tolist() for _, i in ctxs] == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 2, 2]]  # E ends its document
+
+
 def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
     docs = make_docs(200, seed=3)
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
