@@ -291,9 +291,12 @@ def heldout_contexts(cache, n, bos):
 
 
 @torch.no_grad()
-def spliced_loss(gpt, clt, contexts, batch=16):
-    """Next-token cross-entropy on held-out contexts (n, T) for the clean GPT, the GPT with its MLP
-    outputs replaced by the CLT's reconstructions, and with them zeroed (the baseline).
+def evaluate(gpt, clt, contexts, batch=16):
+    """Held-out contexts (n, T), the CLT in inference mode (BatchTopK then runs as its JumpReLU):
+    per-layer FVU and L0 of its reconstruction of the clean MLP outputs, and the spliced loss, the
+    next-token cross-entropy of the GPT with its MLP outputs replaced by the CLT's (ce_spliced),
+    against the clean GPT and the GPT with those MLP outputs zeroed (recovered = the fraction of the
+    zero-ablation loss gap closed).
 
     Spliced is the replacement model: each layer's CLT encoder reads the mlp_in of the spliced run
     itself, so errors compound across layers. One GPT pass gives only the clean mlp_in, so we iterate:
@@ -304,23 +307,36 @@ def spliced_loss(gpt, clt, contexts, batch=16):
     was_training = clt.training
     clt.eval()
     L, d = gpt.config.n_layer, gpt.config.n_embd
-    sums = torch.zeros(4, dtype=torch.float64)
+    dev = contexts.device
+    ce_sums = torch.zeros(4, dtype=torch.float64, device=dev)
+    rec = dict(l0=torch.zeros(L, device=dev), sse=torch.zeros(L, device=dev), y_sum=torch.zeros(L, d, device=dev),
+               y_sq=torch.zeros(L, device=dev))  # sums over the held-out tokens, as in reduce_metrics
     for idx in contexts.split(batch):
         B, T = idx.shape
         ce = lambda logits: F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), idx[:, 2:].flatten(), reduction="sum")
         logits, acts = gpt.run_with_acts(idx)
         bos = acts.mlp_out[:, :1]  # (B, 1, L, d)
-        splice = lambda mlp_in: torch.cat([bos, clt(mlp_in[:, 1:].flatten(0, 1))[1].view(B, T - 1, L, d)], 1)
-        hat = splice(acts.mlp_in)  # (B, T, L, d)
+        y = acts.mlp_out[:, 1:].flatten(0, 1)  # (B·(T-1), L, d) what the cache holds for these tokens
+        splice = lambda mlp_in: clt(mlp_in[:, 1:].flatten(0, 1))  # -> (acts, mlp_out_hat (B·(T-1), L, d))
+        with_bos = lambda y_hat: torch.cat([bos, y_hat.view(B, T - 1, L, d)], 1)  # (B, T, L, d)
+        a, y_hat = splice(acts.mlp_in)
+        for k, v in dict(l0=(a > 0).sum((0, 2)), sse=(y_hat - y).pow(2).sum((0, 2)), y_sum=y.sum(0),
+                         y_sq=y.pow(2).sum((0, 2))).items():
+            rec[k] += v
+        hat = with_bos(y_hat)
         open_ce = ce(gpt(idx, mlp_out=hat))
         for _ in range(L - 1):
-            hat = splice(gpt.run_with_acts(idx, mlp_out=hat)[1].mlp_in)
+            hat = with_bos(splice(gpt.run_with_acts(idx, mlp_out=hat)[1].mlp_in)[1])
         zero = torch.cat([bos, torch.zeros_like(hat[:, 1:])], 1)
-        sums += torch.stack([ce(logits), ce(gpt(idx, mlp_out=hat)), open_ce, ce(gpt(idx, mlp_out=zero))]).double().cpu()
+        ce_sums += torch.stack([ce(logits), ce(gpt(idx, mlp_out=hat)), open_ce, ce(gpt(idx, mlp_out=zero))]).double()
     clt.train(was_training)
-    clean, spliced, open_, zero = (sums / (contexts.size(0) * (contexts.size(1) - 2))).tolist()
-    return dict(ce_clean=clean, ce_spliced=spliced, ce_open=open_, ce_zero=zero,
-                recovered=(zero - spliced) / (zero - clean), recovered_open=(zero - open_) / (zero - clean))
+    N = contexts.size(0) * (contexts.size(1) - 1)
+    all_reduce_sum(rec["l0"], clt.tp_group)  # each TP rank counted its own features
+    sst = rec["y_sq"] - rec["y_sum"].pow(2).sum(-1) / N  # (L,)
+    clean, spliced, open_, zero = (ce_sums / (contexts.size(0) * (contexts.size(1) - 2))).tolist()
+    return dict(fvu=(rec["sse"] / sst).tolist(), l0=(rec["l0"] / N).tolist(), ce_clean=clean, ce_spliced=spliced,
+                ce_open=open_, ce_zero=zero, recovered=(zero - spliced) / (zero - clean),
+                recovered_open=(zero - open_) / (zero - clean))
 
 
 # -----------------------------------------------------------------------------
@@ -457,7 +473,7 @@ def train(config: TrainConfig):
             dt = time.perf_counter() - t0
             metrics.update(step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
             if gpt is not None and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
-                metrics["eval"] = spliced_loss(gpt, clt, contexts.to(device))
+                metrics["eval"] = evaluate(gpt, clt, contexts.to(device))
             log(metrics)
             bar.set_postfix_str(step_line(metrics), refresh=False)
             if c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0 or step + 1 == end:

@@ -228,23 +228,26 @@ def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
     assert fvu.max() < 0.15, fvu
 
 
-def test_spliced_loss_of_a_perfect_and_of_a_zero_reconstruction(small_cache):
+def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
     cache = cache_lib.ActivationCache(small_cache)
     gpt = C.GPT.from_pretrained(cache.manifest["model"])
     contexts = T.heldout_contexts(cache, 4, bos=256)
     assert contexts.shape == (4, 32) and (contexts[:, 0] == 256).all()
 
     class Stub(torch.nn.Module):  # stands in for a CLT: the true MLPs, scaled by s
+        tp_group = None
+
         def __init__(self, s):
             super().__init__()
             self.s = s
 
         def forward(self, mlp_in):  # (N, L, d)
             out = torch.stack([gpt.h[l].mlp(mlp_in[:, l]) for l in range(mlp_in.size(1))], 1)
-            return None, self.s * out
+            return torch.ones(len(mlp_in), 2, 3), self.s * out  # "3 active features per layer"
 
-    perfect, zero = T.spliced_loss(gpt, Stub(1.0), contexts), T.spliced_loss(gpt, Stub(0.0), contexts)
+    perfect, zero = T.evaluate(gpt, Stub(1.0), contexts), T.evaluate(gpt, Stub(0.0), contexts)
     assert abs(perfect["recovered"] - 1) < 1e-5 and abs(perfect["ce_spliced"] - perfect["ce_clean"]) < 1e-5
+    assert max(perfect["fvu"]) < 1e-10 and perfect["l0"] == [3, 3] and min(zero["fvu"]) > 1 - 1e-5
     assert abs(zero["recovered"]) < 1e-5 and abs(zero["ce_spliced"] - zero["ce_zero"]) < 1e-5
     assert abs(zero["ce_zero"] - zero["ce_clean"]) > 0.01  # zeroing the MLPs changes the loss: the test has teeth
 
