@@ -79,9 +79,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip over all shards; -1 = disable
     seed: int = 0  # CLT init and data order
     # losses
-    sparsity: float = 0.5  # λ_S, final value of the tanh sparsity penalty (jumprelu, relu)
+    sparsity: float = 0.7  # λ_S, final value of the tanh sparsity penalty (jumprelu, relu)
     sparsity_c: float = 4.0  # c inside tanh(c · a · ||W_dec||)
-    preact: float = 3e-6  # λ_P of the pre-activation penalty (jumprelu)
+    preact: float = 1e-3  # λ_P of the pre-activation penalty (jumprelu); 0 leaves ~40% of features dead here
     aux_coef: float = 1 / 32  # α of AuxK (topk, batchtopk)
     aux_k: int = -1  # k_aux dead features per token for AuxK; -1 = d_model / 2 (Gao et al. 2024)
     dead_tokens: int = 100_000  # a feature that has not fired in this many tokens counts as dead

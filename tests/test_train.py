@@ -221,6 +221,7 @@ def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
     assert min(first["fvu"]) > 0.5 and max(m["fvu"]) < 0.12, (first["fvu"], m["fvu"])
     assert sum(m["l0"]) / 4 < 25, m["l0"]
     assert m["eval"]["recovered"] > 0.9 and m["eval"]["ce_zero"] > m["eval"]["ce_clean"] + 2, m["eval"]
+    assert max(m["eval"]["fvu"]) < 0.15 and sum(m["eval"]["l0"]) / 4 < 25, m["eval"]  # held out, inference mode
     clt = C.CrossLayerTranscoder.from_pretrained(tmp_path)  # the export works on raw activations
     cache = cache_lib.ActivationCache(tiny_cache)
     x, y, *_ = cache.read(*cache.split_range("heldout"))
