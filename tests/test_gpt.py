@@ -145,11 +145,11 @@ def test_bad_input(hf_dir, tmp_path):
 def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
     calls = []
 
-    def fake_snapshot_download(repo_id, allow_patterns):
+    def offline_fetch(repo_id, allow_patterns):  # stands in for the hub: returns a local dir
         calls.append((repo_id, allow_patterns))
         return str(hf_dir[0])
 
-    monkeypatch.setattr(clt, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(clt, "snapshot_download", offline_fetch)
     model = clt.GPT.from_pretrained("gpt2")
     assert calls == [("gpt2", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])]
     assert model.config.n_layer == 2
