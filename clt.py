@@ -446,15 +446,15 @@ class JumpReLUFunction(torch.autograd.Function):
     def forward(ctx, z, theta, eps):  # z (..., F), theta broadcastable to z
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return z * (z > theta)
+        return torch.where(z > theta, z, 0.0)  # one pass; z * (z > θ) would also copy the mask to float
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        grad_z = grad * (z > theta)
+        grad_z = torch.where(z > theta, grad, 0.0)
         kernel = (z - theta).abs_() < ctx.eps / 2
         # θ is constant over the batch dims it was broadcast over: sum grad·K first, scale by −θ/ε after
-        grad_theta = (grad * kernel).sum_to_size(theta.shape) * (-theta / ctx.eps)
+        grad_theta = torch.where(kernel, grad, 0.0).sum_to_size(theta.shape) * (-theta / ctx.eps)
         return grad_z, grad_theta, None
 
 
@@ -549,8 +549,8 @@ class CrossLayerTranscoder(nn.Module):
         a JumpReLU threshold, whose straight-through gradient also needs inactive entries near θ.
         """
         B, L, _ = acts.shape
-        if not sparse:
-            writes = [(acts[:, l] @ self.W_dec[l].flatten(1)).view(B, L - l, -1) for l in range(L)]  # (B, L-l, d)
+        if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
+            writes = [(a @ self.W_dec[l].flatten(1)).view(B, L - l, -1) for l, a in enumerate(acts.unbind(1))]  # (B, L-l, d)
             return torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
         if acts.is_sparse:
             acts = acts.coalesce()

@@ -205,7 +205,8 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
         lam = c.sparsity * min(1.0, (step + 1) / c.steps)
         sparsity = lam * torch.tanh(acts * (c.sparsity_c * dec)).float().sum((1, 2)).mean()
     if c.activation == "jumprelu":
-        preact = c.preact * (F.relu(clt.threshold - pre) * dec).float().sum((1, 2)).mean()
+        # Σ_b Σ_lf relu(θ − h)·||W_dec|| = Σ_lf ||W_dec||·Σ_b relu(θ − h): the batch sum first saves full-size passes
+        preact = c.preact * (F.relu(clt.threshold - pre).float().sum(0) * dec).sum() / pre.size(0)
     if sparse and n_dead > 0:  # AuxK: the dead features model the residual (n_dead is global: no rank skips alone)
         k_aux = min(clt.config.d_model // 2 if c.aux_k < 0 else c.aux_k, clt.config.n_features)
         aux_acts = clt.topk(pre.masked_fill(~dead, 0.0), k_aux)  # global top k_aux over TP
@@ -214,11 +215,11 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
         aux = c.aux_coef * scale * (e_hat - err.detach()).float().pow(2).sum((1, 2)).mean()
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
     B, y32 = sse.size(0), y.float()
-    active = acts.detach() > 0  # (B, L, F/T)
-    parts = dict(n=torch.tensor(float(B), device=y.device), l0=active.sum((0, 2)), sse=sse.detach().sum(0),
+    a = acts.detach()  # (B, L, F/T), never negative
+    parts = dict(n=torch.tensor(float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)), sse=sse.detach().sum(0),
                  y_sum=y32.sum(0), y_sq=y32.pow(2).sum((0, 2)),  # sums over this rank's tokens
                  mse=mse.detach() * B, sparsity=sparsity.detach() * B, preact=preact.detach() * B, aux=aux.detach() * B)
-    return mse + sparsity + preact + aux, parts, active.any(0)
+    return mse + sparsity + preact + aux, parts, a.amax(0) > 0
 
 
 def reduce_sums(parts, group):
