@@ -550,7 +550,8 @@ class CrossLayerTranscoder(nn.Module):
         """
         B, L, _ = acts.shape
         if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
-            writes = [(a @ self.W_dec[l].flatten(1)).view(B, L - l, -1) for l, a in enumerate(acts.unbind(1))]  # (B, L-l, d)
+            writes = [(a @ self.W_dec[l].flatten(1)).view(B, L - l, -1)  # (B, L-l, d)
+                      for l, a in enumerate(acts.unbind(1))]
             return torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
         if acts.is_sparse:
             acts = acts.coalesce()
@@ -612,7 +613,8 @@ class CrossLayerTranscoder(nn.Module):
     def consolidated(self):
         """The whole CLT (tp_size 1, on the CPU) from every TP rank's shard; all TP ranks must call it."""
         full = CrossLayerTranscoder(self.config)
-        gather = lambda t, dim: all_gather_last(t.detach().transpose(dim, -1).contiguous(), self.tp_group).transpose(dim, -1)
+        gather = lambda t, dim: all_gather_last(t.detach().transpose(dim, -1).contiguous(),
+                                                self.tp_group).transpose(dim, -1)
         full.W_enc.copy_(gather(self.W_enc, -1))
         full.b_enc.copy_(gather(self.b_enc, -1))
         full.log_threshold.copy_(gather(self.log_threshold, -1))
@@ -636,7 +638,8 @@ class CrossLayerTranscoder(nn.Module):
         for l in range(self.config.n_layers):
             enc = {f"W_enc_{l}": clt.W_enc[l].t(), f"b_enc_{l}": clt.b_enc[l],
                    f"threshold_{l}": clt.threshold[l], f"b_dec_{l}": clt.b_dec[l]}
-            save_file({k: v.detach().contiguous() for k, v in enc.items()}, os.path.join(path, f"W_enc_{l}.safetensors"))
+            enc = {k: v.detach().contiguous() for k, v in enc.items()}
+            save_file(enc, os.path.join(path, f"W_enc_{l}.safetensors"))
             save_file({f"W_dec_{l}": clt.W_dec[l].detach().contiguous()}, os.path.join(path, f"W_dec_{l}.safetensors"))
 
     @classmethod

@@ -205,7 +205,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
         lam = c.sparsity * min(1.0, (step + 1) / c.steps)
         sparsity = lam * torch.tanh(acts * (c.sparsity_c * dec)).float().sum((1, 2)).mean()
     if c.activation == "jumprelu":
-        # Σ_b Σ_lf relu(θ − h)·||W_dec|| = Σ_lf ||W_dec||·Σ_b relu(θ − h): the batch sum first saves full-size passes
+        # Σ_b Σ_lf relu(θ − h)·||W_dec|| = Σ_lf ||W_dec||·Σ_b relu(θ − h): summing the batch first saves passes
         preact = c.preact * (F.relu(clt.threshold - pre).float().sum(0) * dec).sum() / pre.size(0)
     if sparse and n_dead > 0:  # AuxK: the dead features model the residual (n_dead is global: no rank skips alone)
         k_aux = min(clt.config.d_model // 2 if c.aux_k < 0 else c.aux_k, clt.config.n_features)
@@ -216,8 +216,8 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
     B, y32 = sse.size(0), y.float()
     a = acts.detach()  # (B, L, F/T), never negative
-    parts = dict(n=torch.tensor(float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)), sse=sse.detach().sum(0),
-                 y_sum=y32.sum(0), y_sq=y32.pow(2).sum((0, 2)),  # sums over this rank's tokens
+    parts = dict(n=torch.tensor(float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)),
+                 sse=sse.detach().sum(0), y_sum=y32.sum(0), y_sq=y32.pow(2).sum((0, 2)),  # sums over this rank's tokens
                  mse=mse.detach() * B, sparsity=sparsity.detach() * B, preact=preact.detach() * B, aux=aux.detach() * B)
     return mse + sparsity + preact + aux, parts, a.amax(0) > 0
 
@@ -230,7 +230,7 @@ def reduce_sums(parts, group):
 
 def reduce_metrics(parts, mesh):
     """Per-layer FVU and L0, and the loss terms, of the global batch: feature-local sums (L0 and the
-    penalties) over TP first, then everything over DP. The .cpu() is the step's one sync point."""
+    penalties) over TP first, then everything over DP. The .cpu() is its sync point."""
     local = ("l0", "sparsity", "preact")
     parts = {**parts, **reduce_sums({k: parts[k] for k in local}, mesh.tp_group)}
     s = {k: v.cpu() for k, v in reduce_sums(parts, mesh.dp_group).items()}
@@ -314,7 +314,8 @@ def evaluate(gpt, clt, contexts, batch=16):
                y_sq=torch.zeros(L, device=dev))  # sums over the held-out tokens, as in reduce_metrics
     for idx in contexts.split(batch):
         B, T = idx.shape
-        ce = lambda logits: F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), idx[:, 2:].flatten(), reduction="sum")
+        ce = lambda logits: F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), idx[:, 2:].flatten(),
+                                            reduction="sum")
         logits, acts = gpt.run_with_acts(idx)
         bos = acts.mlp_out[:, :1]  # (B, 1, L, d)
         y = acts.mlp_out[:, 1:].flatten(0, 1)  # (B·(T-1), L, d) what the cache holds for these tokens
@@ -362,7 +363,8 @@ def save_checkpoint(c, clt, opt, state, mesh, master):
         for name, p in clt.named_parameters():
             tensors.update({f"optim.{name}.{k}": v for k, v in opt.state.get(p, {}).items()})
         tensors["since_fired"] = state["since_fired"]
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(step_dir, shard_name(mesh)))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, os.path.join(step_dir, shard_name(mesh)))
     barrier()
     if master:
         meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir),
@@ -404,7 +406,8 @@ def load_checkpoint(c, clt, opt, state, mesh, device):
 # -----------------------------------------------------------------------------
 # the training loop
 
-RUN_FIELDS = ("steps", "stop_at", "eval_every", "eval_contexts", "ckpt_every", "resume", "timeout_s", "device", "cache", "model")
+RUN_FIELDS = ("steps", "stop_at", "eval_every", "eval_contexts", "ckpt_every", "resume", "timeout_s", "device",
+              "cache", "model")  # what a resumed run takes from the command line rather than the checkpoint
 
 
 def build(c, cache, mesh, device):
@@ -437,7 +440,8 @@ def check_config(c, cache, mesh):
     if c.batch_size <= 0 or c.batch_size % mesh.dp:
         raise ValueError(f"--batch-size {c.batch_size} must be positive and divisible by dp = {mesh.dp}")
     if c.steps <= 0 or c.lr <= 0 or not 0 <= c.decay_frac <= 1:
-        raise ValueError(f"need --steps > 0, --lr > 0 and 0 <= --decay-frac <= 1, got {c.steps}, {c.lr}, {c.decay_frac}")
+        raise ValueError(f"need --steps > 0, --lr > 0 and 0 <= --decay-frac <= 1, "
+                         f"got {c.steps}, {c.lr}, {c.decay_frac}")
 
 
 def train(config: TrainConfig):
@@ -567,7 +571,8 @@ def parse_args(argv=None):
         if f.type is bool or f.type == "bool":
             parser.add_argument(flag, action="store_true", help=comments[f.name])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default})")
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=f"{comments[f.name]} (default {f.default})")
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 

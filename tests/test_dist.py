@@ -108,7 +108,8 @@ def runs(small_cache, tmp_path_factory):  # noqa: F811
     train = lambda out, **kw: dict(kind="train", argv=argv(small_cache, p(out), **kw))
     bt = dict(activation="batchtopk", k=4)
     tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("dp2"), train("tp2_cut", tp=2, stop_at=10),
-             train("tp2_cut", tp=2, resume=True), dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors"))]
+             train("tp2_cut", tp=2, resume=True),
+             dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors"))]
     tasks += [dict(kind="grads", tp=tp, activation=a, out=p(f"grads_{a}_tp{tp}_{{rank}}.safetensors"))
               for a in ("jumprelu", "topk") for tp in (1, 2)]
     r = torchrun(2, tasks, root)
