@@ -459,9 +459,9 @@ def median_seconds(fn, device, reps):
 def step_fixture(L, d, F, B, activation, device, tp=None):
     """A CLT (or this rank's TP shard), its optimizer, a fixed batch and train.py's step on them."""
     import train
-    mesh = tp or train.Mesh()
+    mesh = tp or clt.Mesh()
     cfg = train.TrainConfig(activation=activation, features=F, k=16, steps=10 ** 6)
-    model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, activation, k=16), 0, mesh.tp_rank, mesh.tp, mesh.tp_group)
+    model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, activation, k=16), 0, mesh)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
@@ -494,11 +494,11 @@ def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
     coo = acts.to_sparse()
     shape = f"L{L} d{d} F{F} B{B}, {density:.0%} active"
     with torch.no_grad():
-        torch.testing.assert_close(model.decode_sparse(coo), model.decode(acts), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.decode(coo, sparse=True), model.decode(acts), atol=1e-4, rtol=1e-4)
         t_dense = median_seconds(lambda: model.decode(acts), device, reps)
         rows = []
         for what, x in (("decode_sparse (COO acts)", coo), ("decode_sparse (dense acts)", acts)):
-            t = median_seconds(lambda: model.decode_sparse(x), device, reps)
+            t = median_seconds(lambda: model.decode(x, sparse=True), device, reps)
             rows.append(dict(bench=what, shape=shape, ms=1e3 * t, baseline="decode (dense)",
                              baseline_ms=1e3 * t_dense, ratio=t_dense / t, detail=f"{int(acts.count_nonzero())} nonzeros"))
     return rows
@@ -547,12 +547,11 @@ def per_step_traffic(L, d, F, B, T, D, activation="jumprelu", k=16):
 
 
 def _dist_worker(rank, world, port, shape, reps, out):
-    import train
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    ddp, _, _, _, device = train.compute_init(train.TrainConfig(device="cpu"))
-    mesh = train.make_mesh(ddp, world, world, device)
+    ddp, _, _, _, device = clt.compute_init("cpu")
+    mesh = clt.make_mesh(ddp, world, world, device)
     _, _, step = step_fixture(*shape, "jumprelu", "cpu", mesh)
     t = median_seconds(step, "cpu", reps)
     if rank == 0:
@@ -590,7 +589,7 @@ def bench_dist(args):
     L, d, F, B = 4, 128, 1024, 1024  # the default CLT of models/tiny
     n1 = clt_params_per_rank(L, d, F, 1)
     for T in (1, 2, 4):
-        shard = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F), 0, 0, T)
+        shard = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F), 0, clt.Mesh(tp=T, tp_rank=0))
         n = sum(p.numel() for p in shard.parameters())
         assert n == clt_params_per_rank(L, d, F, T), (n, clt_params_per_rank(L, d, F, T))
         rows.append(dist_row(f"tiny CLT L{L} d{d} F{F}, T={T} (measured shard)", mb=16 * n / 1e6,

@@ -21,11 +21,18 @@ Shape letters used throughout the project:
     nh heads, hs head size, F features per layer (CLT), N rows (flattened tokens)
 """
 import argparse
+import contextlib
+import copy
+import hashlib
+import inspect
 import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+import sys
+import uuid
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import timedelta
 from typing import Optional
 
 import tiktoken
@@ -33,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny")
@@ -51,6 +59,22 @@ class GPTConfig:
     vocab_size: int = 50257  # V
     layer_norm_epsilon: float = 1e-5
 
+    def __post_init__(self):
+        """Checked before anything is allocated: a wrong config.json fails here, in one line."""
+        for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} (the head size is n_embd / n_head)")
+        if not 0 < self.layer_norm_epsilon < 1:
+            raise ValueError(f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
+        d = self.n_embd
+        n_params = (self.vocab_size + self.n_ctx) * d + self.n_layer * 12 * d * d
+        if n_params > 10 ** 10:  # gpt2-xl has 1.6e9
+            raise ValueError(f"this config has {n_params:.1e} parameters, far more than any GPT-2 (gpt2-xl: 1.6e9): "
+                             f"check n_layer, n_embd, n_ctx and vocab_size in config.json")
+
 
 @dataclass
 class Frozen:
@@ -62,7 +86,7 @@ class Frozen:
     attn: list = field(default_factory=list)  # per layer: (B, nh, T, T) attention probabilities
     ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) 1/sqrt(var + eps) of ln_1's input
     ln_2: list = field(default_factory=list)  # per layer: (B, T, 1) the same for ln_2
-    ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for the final LayerNorm
+    ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for the final LayerNorm (None without logits)
 
 
 @dataclass
@@ -73,8 +97,8 @@ class Acts:
     frozen: Frozen  # attention patterns and LayerNorm scales of this pass
 
 
-def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None, record=None):
-    """LayerNorm written out so its scale 1/sqrt(var + eps) can be recorded or frozen.
+def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None):
+    """LayerNorm written out so its scale 1/sqrt(var + eps) can be recorded or frozen: -> (y, scale).
 
     A frozen scale is a constant, so the map is then linear in x (the mean subtraction is linear).
     """
@@ -83,9 +107,7 @@ def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None, record=None):
         scale = torch.rsqrt(x_centered.pow(2).mean(-1, keepdim=True) + ln.eps)  # (B, T, 1)
     else:
         scale = frozen_scale.detach()
-    if record is not None:
-        record.append(scale.detach())
-    return x_centered * scale * ln.weight + ln.bias
+    return x_centered * scale * ln.weight + ln.bias, scale.detach()
 
 
 class CausalSelfAttention(nn.Module):
@@ -94,24 +116,23 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        mask = torch.tril(torch.ones(config.n_ctx, config.n_ctx, dtype=torch.bool))
-        self.register_buffer("mask", mask, persistent=False)  # not a weight: never saved or loaded
 
-    def forward(self, x, frozen_pattern=None, record=None):
+    def forward(self, x, frozen_pattern=None):
+        """x (B, T, C) -> (output (B, T, C), attention pattern (B, nh, T, T))."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if frozen_pattern is None:
+            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
             att = (q @ k.transpose(-2, -1)) * (k.size(-1) ** -0.5)  # (B, nh, T, T)
-            att = att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(dim=-1)
+            # the mask is made per call: a stored (n_ctx, n_ctx) buffer would be n_ctx² bytes at load
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
         else:
             att = frozen_pattern.detach()  # q and k no longer matter: only the OV path stays
-        if record is not None:
-            record.append(att.detach())
         y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y), att.detach()
 
 
 class MLP(nn.Module):
@@ -158,42 +179,49 @@ class GPT(nn.Module):
         pos = torch.arange(idx.size(1), device=idx.device)
         return self.wte(idx) + self.wpe(pos)
 
-    def forward(self, idx, mlp_out=None, frozen=None, record=None, resid=None):
-        """idx (B, T) -> logits (B, T, V).
+    def forward(self, idx, mlp_out=None, frozen=None, resid=None):
+        """idx (B, T) -> logits (B, T, V). The arguments are those of `run_with_acts`."""
+        logits, _ = self._run(idx, mlp_out, frozen, resid, logits=True, record=False)
+        return logits
+
+    def run_with_acts(self, idx, mlp_out=None, frozen=None, resid=None, logits=True):
+        """idx (B, T) -> (logits (B, T, V) or None, Acts): the one way activations come out of the model.
 
         mlp_out: (B, T, L, d) if given, replaces every MLP's output: this splices a CLT into the model.
         frozen:  a `Frozen` from an earlier pass: attention patterns and LayerNorm scales are taken
                  from it as constants (the local replacement model of attribution graphs).
-        record:  an empty dict; filled with "mlp_in", "mlp_out" (lists of L tensors (B, T, d)) and
-                 "frozen" (a `Frozen`). `run_with_acts` is the friendly wrapper.
         resid:   (B, T, d) used instead of `embed(idx)`, e.g. a leaf tensor to take gradients against.
+        logits:  False skips the final LayerNorm and the unembedding (a third of GPT-2-small's
+                 forward FLOPs and a (B, T, V) tensor) where only the activations are wanted.
         """
+        return self._run(idx, mlp_out, frozen, resid, logits, record=True)
+
+    def _run(self, idx, mlp_out, frozen, resid, logits, record):
         self.check_input(idx)
+        L = len(self.h)
         x = self.embed(idx) if resid is None else resid
-        fz = frozen if frozen is not None else Frozen(*([[None] * len(self.h)] * 3))
-        rec = Frozen() if record is not None else Frozen([], [], [])  # an unread record is dropped
+        fz = frozen if frozen is not None else Frozen([None] * L, [None] * L, [None] * L)
+        rec = Frozen()
         mlp_ins, mlp_outs = [], []
         for l, block in enumerate(self.h):
-            h = layer_norm(x, block.ln_1, fz.ln_1[l], rec.ln_1)
-            x = x + block.attn(h, fz.attn[l], rec.attn)
-            h = layer_norm(x, block.ln_2, fz.ln_2[l], rec.ln_2)
+            h, scale_1 = layer_norm(x, block.ln_1, fz.ln_1[l])
+            attn_out, pattern = block.attn(h, fz.attn[l])
+            x = x + attn_out
+            h, scale_2 = layer_norm(x, block.ln_2, fz.ln_2[l])
             out = block.mlp(h) if mlp_out is None else mlp_out[:, :, l]
-            mlp_ins.append(h)
-            mlp_outs.append(out)
             x = x + out
-        ln_f_scale = []
-        x = layer_norm(x, self.ln_f, fz.ln_f, ln_f_scale)
-        if record is not None:
-            rec.ln_f = ln_f_scale[0]
-            record.update(mlp_in=mlp_ins, mlp_out=mlp_outs, frozen=rec)
-        return x @ self.wte.weight.T  # (B, T, V)
-
-    def run_with_acts(self, idx, mlp_out=None, frozen=None):
-        """idx (B, T) -> (logits (B, T, V), Acts with mlp_in and mlp_out (B, T, L, d))."""
-        record = {}
-        logits = self(idx, mlp_out=mlp_out, frozen=frozen, record=record)
-        acts = Acts(torch.stack(record["mlp_in"], dim=2), torch.stack(record["mlp_out"], dim=2), record["frozen"])
-        return logits, acts
+            if record:  # a plain forward keeps nothing: (B, nh, T, T) patterns add up at long contexts
+                rec.attn.append(pattern)
+                rec.ln_1.append(scale_1)
+                rec.ln_2.append(scale_2)
+                mlp_ins.append(h)
+                mlp_outs.append(out)
+        y = None
+        if logits:
+            x, rec.ln_f = layer_norm(x, self.ln_f, fz.ln_f)
+            y = x @ self.wte.weight.T  # (B, T, V)
+        acts = Acts(torch.stack(mlp_ins, dim=2), torch.stack(mlp_outs, dim=2), rec) if record else None
+        return y, acts
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -206,6 +234,15 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    def fingerprint(self):
+        """sha256 of the config and every weight (name, shape, float32 bytes), in name order: what a
+        cache or a CLT records of the model it was made from. Reads every weight once (~1 s per GB)."""
+        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     # -------------------------------------------------------------------------
     # loading and saving in the Hugging Face hub layout
@@ -220,9 +257,12 @@ class GPT(nn.Module):
         path = resolve_model_dir(name_or_dir)
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
-        config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           n_ctx=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        hf.setdefault("n_positions", hf.get("n_ctx"))
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"{path}/config.json lacks {missing}: not a GPT-2 config (model_type gpt2)")
+        config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], n_ctx=hf["n_positions"],
+                           vocab_size=hf["vocab_size"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
         model = cls(config)
         model.load_hf_state_dict(load_file(os.path.join(path, "model.safetensors")), source=path)
         model.name_or_path = str(name_or_dir)
@@ -275,7 +315,12 @@ def resolve_model_dir(name_or_dir):
     elif name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1 or os.path.exists(name_or_dir):
         raise FileNotFoundError(f"model directory {name_or_dir} does not exist (and it is not a hub repo id)")
     else:
-        path = snapshot_download(repo_id=name_or_dir, allow_patterns=HUB_FILES)
+        try:
+            path = snapshot_download(repo_id=name_or_dir, allow_patterns=HUB_FILES)
+        except Exception as e:  # offline, no such repo, an invalid id: huggingface_hub raises many kinds
+            raise FileNotFoundError(f"{name_or_dir!r} is neither a local directory nor a model the hub gave us "
+                                    f"({type(e).__name__}): check the path, or use a hub id such as gpt2 "
+                                    "(online, or once downloaded into the hub cache)") from e
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: not a GPT-2 checkpoint in the hub layout")
     if not os.path.exists(os.path.join(path, "model.safetensors")):
@@ -317,7 +362,10 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
         if not os.path.exists(os.path.join(path, name)):
             raise FileNotFoundError(f"{path} has no {name}: the tokenizer needs vocab.json and merges.txt")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    to_bytes = lambda s: bytes(byte_of[c] for c in s)
+
+    def to_bytes(token):  # vocab.json's printable characters -> the token's bytes
+        return bytes(byte_of[c] for c in token)
+
     with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
@@ -335,22 +383,56 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
 
 
 # -----------------------------------------------------------------------------
-# cross-layer transcoder
-#
-# Ameisen et al. 2025 ("Circuit Tracing"), sec. 2.1: features of layer l read mlp_in[l] and write to
-# the MLP outputs of every layer l' >= l:
-#     acts[l]        = σ(mlp_in[l] @ W_enc[l] + b_enc[l])                         (B, F)
-#     mlp_out_hat[l'] = Σ_{l <= l'} acts[l] @ W_dec[l][:, l' - l] + b_dec[l']    (B, d)
-# Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
+# distributed: the (dp, tp) mesh and every collective the project uses
 #
 # Tensor parallelism (Megatron-style feature sharding, as in picotron's column/row-parallel pair):
-# TP rank r of T holds features [r·F/T, (r+1)·F/T) of every layer (W_enc columns, b_enc, thresholds,
-# W_dec rows). It encodes locally, decodes a partial reconstruction, and one all-reduce over the TP
-# group completes it; b_dec is replicated and added once, after the sum. TopK and BatchTopK select
-# globally: local top-k, all-gather of the candidate values, one global choice. With no group (or a
-# group of one) every collective below returns at once, so one process runs exactly the same math.
+# TP rank r of tp holds features [r·F/tp, (r+1)·F/tp) of every layer (W_enc columns, b_enc,
+# thresholds, W_dec rows). It encodes locally, decodes a partial reconstruction, and one all-reduce
+# over the TP group completes it; b_dec is replicated and added once, after the sum. TopK and
+# BatchTopK select globally: local top-k, all-gather of the candidate values, one global choice.
+# Data parallelism averages gradients over the DP group. Each collective below returns at once
+# when its group has one rank, so one process runs exactly the same code (picotron's
+# tp_communications.py keeps the same shortcut inside every op).
 
 import torch.distributed as dist  # noqa: E402 (kept in this section: the GPT part above does not need it)
+
+
+@dataclass
+class Mesh:
+    """Where this process sits in the (dp, tp) mesh, and the two process groups; Mesh() is one process."""
+    dp: int = 1  # data-parallel size
+    tp: int = 1  # tensor-parallel size: the ranks that share one CLT's features
+    dp_rank: int = 0
+    tp_rank: int = 0
+    dp_group: object = None  # torch.distributed process groups (None on one process)
+    tp_group: object = None
+
+
+def compute_init(device="auto", timeout_s=300):
+    """-> (ddp, rank, local_rank, world_size, device); (False, 0, 0, 1, device) without torchrun."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available() if device == "auto" else str(device).startswith("cuda")
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if not dist.is_initialized():  # the timeout turns a crashed or stuck peer into an error, not a hang
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return ddp, rank, local_rank, world, device
+
+
+def make_mesh(ddp, world, tp, device):
+    """The (dp, tp) device mesh of torchrun's processes; ranks r·tp .. r·tp + tp − 1 form TP group r."""
+    if tp < 1 or world % tp:
+        raise ValueError(f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)")
+    if not ddp:
+        return Mesh()
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return Mesh(world // tp, tp, mesh.get_local_rank("dp"), mesh.get_local_rank("tp"),
+                mesh.get_group("dp"), mesh.get_group("tp"))
 
 
 def group_size(group):
@@ -366,7 +448,7 @@ class AllReduceSum(torch.autograd.Function):
 
     The loss after this sum is computed identically on every TP rank, so each rank already holds
     the whole gradient of the sum, which is also the gradient of its own addend. All-reducing it in
-    the backward as well would multiply every gradient by T (Megatron's "g" operator).
+    the backward as well would multiply every gradient by tp (Megatron's "g" operator).
     """
 
     @staticmethod
@@ -385,8 +467,15 @@ def tp_sum(x, group):
     return x if group_size(group) == 1 else AllReduceSum.apply(x, group)
 
 
+def all_reduce_sum(x, group):
+    """In-place sum over `group` of a tensor that needs no gradient; one rank: a no-op."""
+    if group_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
 def all_gather_last(x, group):
-    """forward only (no gradient): concatenate x (..., c) over the ranks of `group` -> (..., T·c)."""
+    """forward only (no gradient): concatenate x (..., c) over the ranks of `group` -> (..., tp·c)."""
     if group_size(group) == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
@@ -401,12 +490,39 @@ def global_topk(vals, k, group):
     index into the gathered candidates (not by value >= kth) keeps exactly k winners under ties.
     """
     c = vals.size(-1)
-    top = all_gather_last(vals.detach(), group).topk(k, dim=-1)  # (..., k) over T·c candidates
+    top = all_gather_last(vals.detach(), group).topk(k, dim=-1)  # (..., k) over tp·c candidates
     local = top.indices - group_rank(group) * c
     mine = (local >= 0) & (local < c)
     keep = torch.zeros(*vals.shape[:-1], c + 1, dtype=torch.bool, device=vals.device)
     keep.scatter_(-1, torch.where(mine, local, c), True)  # other ranks' winners land in column c
     return keep[..., :c], top.values[..., -1]
+
+
+def average_gradients(params, group):
+    """Mean of the gradients over the DP `group`: one flat all-reduce (the DDP bucket, without DDP)."""
+    n = group_size(group)
+    if n == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), group) / n
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# cross-layer transcoder
+#
+# Ameisen et al. 2025 ("Circuit Tracing"), sec. 2.1: features of layer l read mlp_in[l] and write to
+# the MLP outputs of every layer l' >= l:
+#     acts[l]        = σ(mlp_in[l] @ W_enc[l] + b_enc[l])                         (B, F)
+#     mlp_out_hat[l'] = Σ_{l <= l'} acts[l] @ W_dec[l][:, l' - l] + b_dec[l']    (B, d)
+# Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
+# Under TP each rank holds F/tp of the F features (the mesh section above).
 
 
 @dataclass
@@ -418,7 +534,8 @@ class CLTConfig:
     k: int = 16  # topk/batchtopk: active features per token and layer
     threshold_init: float = 0.03  # jumprelu: initial threshold θ (Anthropic's CLT recipe)
     bandwidth: float = 1.0  # jumprelu: width ε of the straight-through rectangle kernel
-    model: str = ""  # the GPT this CLT was trained on (a path or hub id), for checks
+    model: str = ""  # the GPT this CLT was trained on (a path or hub id)
+    model_sha256: str = ""  # that GPT's fingerprint (GPT.fingerprint()): a CLT is refused by any other model
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -459,28 +576,33 @@ class JumpReLUFunction(torch.autograd.Function):
 
 
 class CrossLayerTranscoder(nn.Module):
-    """A CLT, or this TP rank's F/T features of one. The defaults (tp_size=1) give the whole CLT."""
+    """A CLT, or this TP rank's F/tp features of one. The default mesh (one process) gives the whole CLT."""
 
-    def __init__(self, config: CLTConfig, seed: int = 0, tp_rank: int = 0, tp_size: int = 1, tp_group=None):
+    def __init__(self, config: CLTConfig, seed: int = 0, mesh: Optional[Mesh] = None):
         super().__init__()
+        self.config = config
+        self.mesh = mesh if mesh is not None else Mesh()
         L, d, F_ = config.n_layers, config.d_model, config.n_features
-        if F_ % tp_size or not 0 <= tp_rank < tp_size:
-            raise ValueError(f"n_features={F_} must split evenly over tp_size={tp_size} (tp_rank={tp_rank})")
-        self.config, self.tp_rank, self.tp_size, self.tp_group = config, tp_rank, tp_size, tp_group
-        self.F_local = F_ // tp_size
+        tp, tp_rank = self.mesh.tp, self.mesh.tp_rank
+        if F_ % tp or not 0 <= tp_rank < tp:
+            raise ValueError(f"n_features={F_} must split evenly over tp={tp} (tp_rank={tp_rank})")
+        self.F_local = F_ // tp
         mine = slice(tp_rank * self.F_local, (tp_rank + 1) * self.F_local)  # this rank's features
         # init as in Ameisen et al. 2025 (methods, "Training"): uniform encoders of scale 1/sqrt(F),
         # decoders of scale 1/sqrt(L·d), zero biases. The full tensors come from one seeded generator
-        # and each rank keeps its slice (picotron's reset_parameters), so the model does not depend on T.
+        # and each rank keeps its slice (picotron's reset_parameters), so the model does not depend on tp.
         g = torch.Generator().manual_seed(seed)
-        uniform = lambda shape, bound: (torch.rand(shape, generator=g) * 2 - 1) * bound
-        self.W_enc = nn.Parameter(uniform((L, d, F_), F_ ** -0.5)[:, :, mine].contiguous())  # (L, d, F/T)
-        self.b_enc = nn.Parameter(torch.zeros(L, self.F_local))  # (L, F/T)
+
+        def uniform(shape, bound):
+            return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+        self.W_enc = nn.Parameter(uniform((L, d, F_), F_ ** -0.5)[:, :, mine].contiguous())  # (L, d, F/tp)
+        self.b_enc = nn.Parameter(torch.zeros(L, self.F_local))  # (L, F/tp)
         # JumpReLU thresholds are learned in log space so they stay positive (Anthropic's recipe);
         # BatchTopK writes its inference threshold here too (see update_batchtopk_threshold)
         self.log_threshold = nn.Parameter(torch.full((L, self.F_local), math.log(config.threshold_init)))
         self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, L - l, d), (L * d) ** -0.5)[mine].contiguous())
-                                       for l in range(L)])  # W_dec[l]: (F/T, L-l, d)
+                                       for l in range(L)])  # W_dec[l]: (F/tp, L-l, d)
         self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d), replicated on every TP rank
         # per-layer scalars so that E||x|| = sqrt(d) during training (folded into the weights on export)
         self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
@@ -502,7 +624,7 @@ class CrossLayerTranscoder(nn.Module):
         """The k largest of relu(pre) per token and layer over all TP ranks' features (Gao et al. 2024)."""
         vals, idx = pre.topk(min(k, self.F_local), dim=-1)  # (B, L, c) local candidates
         vals = F.relu(vals)  # relu after the selection: the same values, k of F elements to touch
-        keep, _ = global_topk(vals, k, self.tp_group)
+        keep, _ = global_topk(vals, k, self.mesh.tp_group)
         return torch.zeros_like(pre).scatter(-1, idx, vals * keep)  # (B, L, F)
 
     def batchtopk(self, pre):
@@ -512,7 +634,7 @@ class CrossLayerTranscoder(nn.Module):
         flat = pre.transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
         vals, idx = flat.topk(min(k, B * F_), dim=-1)  # (L, c)
         vals = F.relu(vals)
-        keep, kth = global_topk(vals, k, self.tp_group)
+        keep, kth = global_topk(vals, k, self.mesh.tp_group)
         self.batch_threshold = kth.detach().float()  # (L,) what a JumpReLU would need to fire alike
         acts = torch.zeros_like(flat).scatter(-1, idx, vals * keep)  # (L, B·F)
         return acts.view(L, B, F_).transpose(0, 1)  # (B, L, F)
@@ -539,49 +661,50 @@ class CrossLayerTranscoder(nn.Module):
         """mlp_in (B, L, d) -> acts (B, L, F)."""
         return self.activate(self.pre_acts(mlp_in))
 
-    def decode_partial(self, acts, sparse=False):
-        """acts (B, L, F/T) -> this rank's share of the normalized reconstruction, no bias (B, L, d).
+    def decode(self, acts, sparse=False, normalized=False, bias=True):
+        """acts (B, L, F/tp) -> the reconstruction mlp_out_hat (B, L, d): the one decoder of the project.
 
         Dense: one matmul per source layer, cost ∝ F. sparse=True reads only the active features'
         decoder rows, cost ∝ L0: one embedding_bag per source layer (a sparse × dense product summing
         value · W_dec[l][f] per token, no gathered copy); acts may then be a sparse COO tensor. Its
         gradient reaches only the active entries of acts: exact for ReLU, TopK and BatchTopK, not for
         a JumpReLU threshold, whose straight-through gradient also needs inactive entries near θ.
+        Each TP rank decodes its own features; the sum over ranks is taken in fp32 (it adds tp partial
+        sums, also under bf16 autocast). normalized=True stays in the units the CLT is trained in;
+        bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual).
         """
         B, L, _ = acts.shape
         if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
             writes = [(a @ self.W_dec[l].flatten(1)).view(B, L - l, -1)  # (B, L-l, d)
                       for l, a in enumerate(acts.unbind(1))]
-            return torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
-        if acts.is_sparse:
-            acts = acts.coalesce()
-            (b, l, f), vals = acts.indices(), acts.values()  # sorted by (b, l, f)
+            out = torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
         else:
-            b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
-            vals = acts[b, l, f]
-        out = torch.zeros(B, L, self.config.d_model, dtype=self.W_dec[0].dtype, device=vals.device)  # (B, L, d)
-        tokens = torch.arange(B, device=vals.device)
-        for src in range(L):
-            mine = l == src
-            offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
-            W = self.W_dec[src].flatten(1)  # (F/T, (L-src)·d)
-            rows = F.embedding_bag(f[mine], W, offsets, mode="sum", per_sample_weights=vals[mine].to(W.dtype))
-            out[:, src:] += rows.view(B, L - src, -1)
-        return out
+            if acts.is_sparse:
+                acts = acts.coalesce()
+                b, l, f = acts.indices()  # sorted by (b, l, f)
+                vals = acts.values()
+            else:
+                b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
+                vals = acts[b, l, f]
+            out = torch.zeros(B, L, self.config.d_model, dtype=self.W_dec[0].dtype, device=vals.device)  # (B, L, d)
+            tokens = torch.arange(B, device=vals.device)
+            for src in range(L):
+                mine = l == src
+                offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
+                W = self.W_dec[src].flatten(1)  # (F/tp, (L-src)·d)
+                rows = F.embedding_bag(f[mine], W, offsets, mode="sum", per_sample_weights=vals[mine].to(W.dtype))
+                out[:, src:] += rows.view(B, L - src, -1)
+        out = tp_sum(out.float(), self.mesh.tp_group)  # (B, L, d)
+        if bias:
+            out = out + self.b_dec
+        return out if normalized else out / self.output_scale[:, None]
 
-    def decode_normalized(self, acts, sparse=False):
-        """acts (B, L, F) -> mlp_out_hat (B, L, d) in the normalized units the CLT is trained in."""
-        # the TP sum in fp32 even under bf16 autocast: it adds T partial sums of F/T features each
-        return tp_sum(self.decode_partial(acts, sparse).float(), self.tp_group) + self.b_dec
-
-    def decode(self, acts):
-        """acts (B, L, F) -> mlp_out_hat (B, L, d), in raw (unnormalized) units. Dense: cost ∝ F."""
-        return self.decode_normalized(acts) / self.output_scale[:, None]
-
-    def decode_sparse(self, acts):
-        """The same as decode, reading only the active features' decoder rows: cost ∝ L0, not F.
-        acts: dense (B, L, F), or a sparse COO tensor of that shape (then nothing of size F is scanned)."""
-        return self.decode_normalized(acts, sparse=True) / self.output_scale[:, None]
+    def decoder_writes(self, layer, ids, acts):
+        """What features `ids` (n,) of `layer` with activations `acts` (n,) write to mlp_out[layer:],
+        in raw units: a · W_dec[layer][f] / output_scale, (n, L - layer, d). The same terms `decode`
+        sums, one feature at a time (attribution graphs and logit effects need them apart)."""
+        return self.W_dec[layer][ids] * acts[:, None, None].to(self.W_dec[layer].dtype) \
+            / self.output_scale[layer:, None]
 
     def forward(self, mlp_in):
         """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d))."""
@@ -611,10 +734,12 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def consolidated(self):
-        """The whole CLT (tp_size 1, on the CPU) from every TP rank's shard; all TP ranks must call it."""
+        """The whole CLT (one rank's worth, on the CPU) from every TP rank's shard; all TP ranks must call it."""
         full = CrossLayerTranscoder(self.config)
-        gather = lambda t, dim: all_gather_last(t.detach().transpose(dim, -1).contiguous(),
-                                                self.tp_group).transpose(dim, -1)
+
+        def gather(t, dim):  # concatenate the shards along the feature dimension `dim`
+            return all_gather_last(t.detach().transpose(dim, -1).contiguous(), self.mesh.tp_group).transpose(dim, -1)
+
         full.W_enc.copy_(gather(self.W_enc, -1))
         full.b_enc.copy_(gather(self.b_enc, -1))
         full.log_threshold.copy_(gather(self.log_threshold, -1))
@@ -626,63 +751,207 @@ class CrossLayerTranscoder(nn.Module):
 
     def save_pretrained(self, path):
         """config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, threshold_{l}, b_dec_{l})
-        + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d)). Normalization is folded in first."""
-        if self.tp_size > 1:
-            raise ValueError(f"this is TP shard {self.tp_rank} of {self.tp_size}: save consolidated() instead")
-        import copy
+        + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d)), circuit-tracer's layout. Normalization is folded
+        in first. Every file is written atomically and carries one export id, config.json last: a crash
+        mid-save leaves files of two ids, which from_pretrained refuses, never a silent mix."""
+        if self.mesh.tp > 1:
+            raise ValueError(f"this is TP shard {self.mesh.tp_rank} of {self.mesh.tp}: save consolidated() instead")
         clt = copy.deepcopy(self).cpu()
         clt.fold_normalization()
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(asdict(self.config), f, indent=2)
+        export_id = uuid.uuid4().hex
         for l in range(self.config.n_layers):
             enc = {f"W_enc_{l}": clt.W_enc[l].t(), f"b_enc_{l}": clt.b_enc[l],
                    f"threshold_{l}": clt.threshold[l], f"b_dec_{l}": clt.b_dec[l]}
-            enc = {k: v.detach().contiguous() for k, v in enc.items()}
-            save_file(enc, os.path.join(path, f"W_enc_{l}.safetensors"))
-            save_file({f"W_dec_{l}": clt.W_dec[l].detach().contiguous()}, os.path.join(path, f"W_dec_{l}.safetensors"))
+            dec = {f"W_dec_{l}": clt.W_dec[l]}
+            for name, tensors in ((f"W_enc_{l}", enc), (f"W_dec_{l}", dec)):
+                with atomic_path(os.path.join(path, f"{name}.safetensors")) as tmp:
+                    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp,
+                              metadata={"export_id": export_id})
+        write_json(os.path.join(path, "config.json"), dict(asdict(self.config), export_id=export_id))
 
     @classmethod
-    def from_pretrained(cls, path, tp_rank=0, tp_size=1, tp_group=None):
-        """Load a CLT saved by save_pretrained; with tp_size > 1, only this rank's slice of features."""
-        if not os.path.exists(os.path.join(path, "config.json")):
+    def from_pretrained(cls, path, mesh: Optional[Mesh] = None):
+        """Load a CLT saved by save_pretrained; on a TP mesh each rank reads only its slice of features."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.exists(config_path):
             raise FileNotFoundError(f"{path} has no config.json: not a CLT saved by save_pretrained")
-        with open(os.path.join(path, "config.json")) as f:
-            config = CLTConfig(**json.load(f))
-        clt = cls(config, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
-        mine = slice(tp_rank * clt.F_local, (tp_rank + 1) * clt.F_local)
+        with open(config_path) as f:
+            saved = json.load(f)
+        export_id = saved.pop("export_id", None)
+        unknown = sorted(set(saved) - {f.name for f in fields(CLTConfig)})
+        if unknown:
+            raise ValueError(f"{config_path} has fields {unknown} that CLTConfig does not know: not a clt-forge CLT")
+        clt = cls(CLTConfig(**saved), mesh=mesh)
+        mine = slice(clt.mesh.tp_rank * clt.F_local, (clt.mesh.tp_rank + 1) * clt.F_local)
         with torch.no_grad():
-            for l in range(config.n_layers):
-                enc = load_file(os.path.join(path, f"W_enc_{l}.safetensors"))
-                clt.W_enc[l].copy_(enc[f"W_enc_{l}"][mine].t())
-                clt.b_enc[l].copy_(enc[f"b_enc_{l}"][mine])
-                clt.log_threshold[l].copy_(enc[f"threshold_{l}"][mine].log())
+            for l in range(clt.config.n_layers):
+                enc = _read_export_file(path, f"W_enc_{l}", export_id, mine)
+                clt.W_enc[l].copy_(enc[f"W_enc_{l}"].t())
+                clt.b_enc[l].copy_(enc[f"b_enc_{l}"])
+                clt.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
                 clt.b_dec[l].copy_(enc[f"b_dec_{l}"])
-                clt.W_dec[l].copy_(load_file(os.path.join(path, f"W_dec_{l}.safetensors"))[f"W_dec_{l}"][mine])
+                clt.W_dec[l].copy_(_read_export_file(path, f"W_dec_{l}", export_id, mine)[f"W_dec_{l}"])
         return clt.eval()
 
 
+def _read_export_file(path, name, export_id, rows):
+    """The tensors of {path}/{name}.safetensors, `rows` of the per-feature ones (b_dec is per layer)."""
+    file = os.path.join(path, f"{name}.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} is missing: the CLT export in {path} is incomplete (re-export it, "
+                                "e.g. python train.py --resume --out DIR)")
+    with safe_open(file, "pt") as f:
+        found = (f.metadata() or {}).get("export_id")
+        if export_id is not None and found != export_id:
+            raise ValueError(f"{file} comes from another save than {path}/config.json (a crash during an "
+                             "export?): re-export it, e.g. python train.py --resume --out DIR")
+        return {k: f.get_tensor(k) if k.startswith("b_dec") else f.get_slice(k)[rows] for k in f.keys()}
+
+
+def check_same_model(model, sha256, what):
+    """Refuse `what` (a cache, a CLT) made from another model than `model`: sha256 is the fingerprint
+    recorded when it was made ("" for files from before fingerprints, which are let through)."""
+    if not sha256:
+        return
+    found = model.fingerprint()
+    if found != sha256:
+        name = getattr(model, "name_or_path", "this model")
+        raise ValueError(f"{what} was made from another model than {name} (sha256 {sha256[:12]}…, this model "
+                         f"{found[:12]}…): pass the --model it was made from, or rebuild it for this one")
+
+
 # -----------------------------------------------------------------------------
-# command line
+# files: every file another stage reads is written whole or not at all
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`. On success the temporary file is fsynced and renamed over
+    `path`, and the directory fsynced: a crash leaves the old file or the new one, never half of one.
+    On an exception the temporary file is removed."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path):
+    """Make a rename in directory `path` durable (POSIX: the directory entry is data of its own)."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj, indent=1):
+    """json.dump to `path` through atomic_path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+
+# -----------------------------------------------------------------------------
+# command lines: every script's flags come from one dataclass, its help from the field comments
+
+
+def _field_docs(cls):
+    """{field: its trailing `# comment`}, {field: the `# heading` line above it}, from the class source."""
+    helps, headings, heading = {}, {}, None
+    for line in inspect.getsource(cls).splitlines():
+        only_comment = re.match(r"^\s+#\s*(.+)$", line)
+        item = re.match(r"^\s+(\w+):[^=#]*=.*?#\s*(.*)$", line)
+        if only_comment:
+            heading = only_comment.group(1)
+        elif item:
+            helps[item.group(1)] = item.group(2)
+            headings[item.group(1)] = heading
+    return helps, headings
+
+
+def add_config_args(parser, cls):
+    """One --flag per field of dataclass `cls` (--batch-size for batch_size); bools as --x/--no-x; a
+    list field takes the positional arguments."""
+    helps, headings = _field_docs(cls)
+    groups = {}
+    for f in fields(cls):
+        if f.name not in helps:
+            raise TypeError(f"{cls.__name__}.{f.name} has no `# comment` on its line: its --help would be empty")
+        heading = headings[f.name]
+        if heading is not None and heading not in groups:
+            groups[heading] = parser.add_argument_group(heading)
+        target = groups.get(heading, parser)
+        default = f.default_factory() if f.default is MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        text = helps[f.name].replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool):
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{text} (default: %(default)s)")
+        elif isinstance(default, list):  # a list field is the positional arguments (e.g. input files)
+            target.add_argument(f.name, nargs="*", default=default, help=text)
+        else:
+            target.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
+
+
+def parse_config(doc, configs, argv=None, default=None):
+    """Parse the command line into a config dataclass.
+
+    configs: one dataclass -> returns an instance of it; or {command: dataclass} for subcommands ->
+    returns (command, instance); `default` names the command run when none is given.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if isinstance(configs, type):
+        add_config_args(parser, configs)
+        return configs(**vars(parser.parse_args(argv)))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls in configs.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        add_config_args(sub.add_parser(name, help=summary, description=cls.__doc__), cls)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if default is not None and (not argv or argv[0] not in (*configs, "-h", "--help")):
+        argv = [default, *argv]
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    return command, configs[command](**args)
+
+
+def run_main(main):
+    """Run a script's main(); bad input (ValueError, FileNotFoundError) ends it with its one-line
+    message and exit status 1 instead of a traceback. Tests call main(argv) and see the exception."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+@dataclass
+class GenerateConfig:
+    """continue a prompt with a GPT-2 checkpoint (a smoke test)"""
+    model: str = DEFAULT_MODEL  # directory in the hub layout, or a hub id such as gpt2
+    prompt: str = "The capital of"  # text to continue
+    max_new_tokens: int = 20  # tokens to generate
+    top_k: int = 1  # sample from the top k tokens; 1 = greedy
+    temperature: float = 1.0  # softmax temperature for sampling
+    seed: int = 0  # random seed for sampling
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="continue a prompt with a GPT-2 checkpoint (a smoke test)")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="directory in the hub layout, or a hub id such as gpt2")
-    gen.add_argument("--prompt", default="The capital of", help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate")
-    gen.add_argument("--top-k", type=int, default=1, help="sample from the top k tokens; 1 = greedy")
-    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature for sampling")
-    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    model, enc = GPT.from_pretrained(args.model), load_tokenizer(args.model)
-    idx = torch.tensor([enc.encode(args.prompt, allowed_special={ENDOFTEXT})])
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k)
+    _, cfg = parse_config(__doc__, {"generate": GenerateConfig}, argv)
+    torch.manual_seed(cfg.seed)
+    model = GPT.from_pretrained(cfg.model)
+    enc = load_tokenizer(cfg.model)
+    idx = torch.tensor([enc.encode(cfg.prompt, allowed_special={ENDOFTEXT})])
+    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
     print(enc.decode(out[0].tolist()))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -128,19 +128,13 @@ def encode_prompt(enc, prompt, n_ctx):
     return torch.tensor([ids])
 
 
-def decoder_writes(clt, layer, ids, acts):
-    """What features ids of `layer` with activations acts (n,) write to mlp_out[layer:], raw units:
-    a·W_dec[layer][f] / output_scale, (n, L - layer, d)."""
-    return (clt.W_dec[layer][ids] / clt.output_scale[layer:, None] * acts[:, None, None]).detach()
-
-
 def reconstruct(clt, feats, acts, T, bias=True):
     """The CLT's output (T, L, d) from the active features (n, 3) with activations acts (n,),
     summed in the working dtype (clt.decode sums in fp32, for bf16 training), b_dec if bias."""
     out = (clt.b_dec / clt.output_scale[:, None] * bias).detach().expand(T, -1, -1).clone()  # (T, L, d)
     for l in range(clt.config.n_layers):
         mine = feats[:, 0] == l
-        out[:, l:].index_add_(0, feats[mine, 1], decoder_writes(clt, l, feats[mine, 2], acts[mine]))
+        out[:, l:].index_add_(0, feats[mine, 1], clt.decoder_writes(l, feats[mine, 2], acts[mine]).detach())
     return out
 
 
@@ -169,9 +163,9 @@ def target_inputs(model, clt, rep, feats, logit_ids, resid=None, mlp_out=None):
     the prompt's): (n,) feature pre-activations and (k,) logits minus the mean logit."""
     resid = rep.embed if resid is None else resid  # (T, d)
     mlp_out = rep.recon + rep.error if mlp_out is None else mlp_out  # (T, L, d)
-    record = {}
-    logits = model(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, record=record, resid=resid[None])[0, -1]
-    pre = clt.pre_acts(torch.stack(record["mlp_in"], dim=2)[0])  # (T, L, F)
+    logits, acts = model.run_with_acts(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, resid=resid[None])
+    logits = logits[0, -1]
+    pre = clt.pre_acts(acts.mlp_in[0])  # (T, L, F)
     l, p, f = feats.T
     return pre[p, l, f], (logits - logits.mean())[logit_ids]
 
@@ -199,18 +193,18 @@ class Attribution:
         with torch.enable_grad():
             self.resid = rep.embed.expand(batch, T, d).clone().requires_grad_()  # (B, T, d)
             self.mlp_out = (rep.recon + rep.error).expand(batch, T, L, d).clone().requires_grad_()  # (B, T, L, d)
-            record = {}
-            logits = model(rep.idx.expand(batch, T), mlp_out=self.mlp_out, frozen=rep.frozen,
-                           record=record, resid=self.resid)[:, -1]  # (B, V)
+            logits, acts = model.run_with_acts(rep.idx.expand(batch, T), mlp_out=self.mlp_out, frozen=rep.frozen,
+                                               resid=self.resid)
+            logits = logits[:, -1]  # (B, V)
             self.logits = logits - logits.mean(-1, keepdim=True)  # the (B, T, V) logits are freed here
-            self.mlp_in = torch.stack(record["mlp_in"], dim=2)  # (B, T, L, d)
+            self.mlp_in = acts.mlp_in  # (B, T, L, d)
         self.rep, self.batch = rep, batch
         l, p, f = rep.feats.T
         self.enc = (clt.W_enc[l, :, f] * clt.input_scale[l, None]).detach()  # (n, d) encoder rows, raw units
         self.groups = []  # per (layer, position): the features' decoder writes a·W_dec, (n_g, (L-l)·d)
         for l, p in torch.unique(rep.feats[:, :2], dim=0).tolist():
             ids = ((rep.feats[:, 0] == l) & (rep.feats[:, 1] == p)).nonzero()[:, 0]
-            self.groups.append((ids, p, l, decoder_writes(clt, l, rep.feats[ids, 2], rep.acts[ids]).flatten(1)))
+            self.groups.append((ids, p, l, clt.decoder_writes(l, rep.feats[ids, 2], rep.acts[ids]).detach().flatten(1)))
 
     def rows(self, objective, n):
         """objective = sum over rows b < n of target b's input -> (n, n_sources) rows of A."""

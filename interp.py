@@ -52,19 +52,16 @@ features.jsonl keys, one line per feature in (layer, feature) order:
 summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above (AUROC >=
 --interpretable), score quantiles, concepts (toy world), seconds_passes (and the plain-read ratio with --time-read).
 """
-import argparse
-import inspect
 import json
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt import GPT, CrossLayerTranscoder, load_tokenizer
+from clt import GPT, CrossLayerTranscoder, load_tokenizer, parse_config, run_main
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -759,21 +756,8 @@ def run(cfg: InterpConfig):
     return summary
 
 
-def parse_args(argv=None):
-    """Every InterpConfig field is a flag (--chunk-size for chunk_size); the help is the field's comment."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(InterpConfig), re.M))
-    for f in fields(InterpConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=comments[f.name])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"{comments[f.name]} (default {f.default})")
-    return InterpConfig(**vars(parser.parse_args(argv)))
-
-
 def main(argv=None):
-    summary = run(parse_args(argv))
+    summary = run(parse_config(__doc__, InterpConfig, argv))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "concepts")}, indent=1))
     if "concepts" in summary:
         c = summary["concepts"]
@@ -782,4 +766,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

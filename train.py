@@ -32,15 +32,13 @@ tensor parallelism); the loop follows nanoGPT / llm.c, the distributed set-up na
 Differences: one JSON + safetensors checkpoint per TP rank, never a pickle; a BatchTopK batch is the
 batch of one DP rank (as in the references), so BatchTopK with DP > 1 is not the same as one process.
 """
-import argparse
 import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
-from datetime import timedelta
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -98,74 +96,14 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# distributed set-up: one code path for any world size
-
-
-def compute_init(config):
-    """-> (ddp, rank, local_rank, world_size, device); (False, 0, 0, 1, device) without torchrun."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if not dist.is_initialized():  # the timeout turns a crashed or stuck peer into an error, not a hang
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=config.timeout_s))
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return ddp, rank, local_rank, world, device
-
-
-@dataclass
-class Mesh:
-    """Where this process sits in the (dp, tp) mesh, and the two process groups (None on one process)."""
-    dp: int = 1
-    tp: int = 1
-    dp_rank: int = 0
-    tp_rank: int = 0
-    dp_group: object = None
-    tp_group: object = None
-
-
-def make_mesh(ddp, world, tp, device):
-    """The (dp, tp) device mesh of torchrun's processes; ranks r·tp .. r·tp + tp − 1 form TP group r."""
-    if tp < 1 or world % tp:
-        raise ValueError(f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)")
-    if not ddp:
-        return Mesh()
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return Mesh(world // tp, tp, mesh.get_local_rank("dp"), mesh.get_local_rank("tp"),
-                mesh.get_group("dp"), mesh.get_group("tp"))
-
-
-def all_reduce_sum(x, group):
-    """In-place sum over `group` of a tensor that needs no gradient; one rank: a no-op."""
-    if C.group_size(group) > 1:
-        dist.all_reduce(x, group=group)
-    return x
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def average_gradients(params, mesh):
-    """Mean of the gradients over DP: one flat all-reduce (the DDP bucket, without DDP)."""
-    if C.group_size(mesh.dp_group) == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), mesh.dp_group) / mesh.dp
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+# gradient clipping over the shards (the collectives themselves live in clt.py's mesh section)
 
 
 def clip_gradients(clt, max_norm, mesh):
     """Clip by the norm of the whole (unsharded) gradient: squared norms of the feature shards are
     summed over TP, the replicated b_dec counted once. After DP averaging every DP rank agrees."""
     sharded = [p.grad for p in clt.parameters() if p.grad is not None and p is not clt.b_dec]
-    sq = all_reduce_sum(torch.stack([g.float().pow(2).sum() for g in sharded]).sum(), mesh.tp_group)
+    sq = C.all_reduce_sum(torch.stack([g.float().pow(2).sum() for g in sharded]).sum(), mesh.tp_group)
     norm = (sq + clt.b_dec.grad.float().pow(2).sum()).sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -196,7 +134,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     pre = clt.pre_acts(mlp_in)  # (B, L, F/T)
     acts = clt.activate(pre)  # (B, L, F/T)
     sparse = c.activation in ("topk", "batchtopk")  # k of F active by construction: decode ∝ k, not F
-    err = clt.decode_normalized(acts, sparse) - y  # (B, L, d)
+    err = clt.decode(acts, sparse, normalized=True) - y  # (B, L, d)
     sse = err.float().pow(2).sum(-1)  # (B, L)
     dec = clt.decoder_norms()  # (L, F/T) over every layer a feature writes to
     zero = sse.new_zeros(())
@@ -210,7 +148,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     if sparse and n_dead > 0:  # AuxK: the dead features model the residual (n_dead is global: no rank skips alone)
         k_aux = min(clt.config.d_model // 2 if c.aux_k < 0 else c.aux_k, clt.config.n_features)
         aux_acts = clt.topk(pre.masked_fill(~dead, 0.0), k_aux)  # global top k_aux over TP
-        e_hat = C.tp_sum(clt.decode_partial(aux_acts, sparse=True).float(), clt.tp_group)  # (B, L, d), no bias
+        e_hat = clt.decode(aux_acts, sparse=True, normalized=True, bias=False)  # (B, L, d)
         scale = min(n_dead / k_aux, 1.0)  # sparsify's scaling: no dead features, no AuxK
         aux = c.aux_coef * scale * (e_hat - err.detach()).float().pow(2).sum((1, 2)).mean()
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
@@ -224,7 +162,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
 
 def reduce_sums(parts, group):
     """Sum a dict of tensors over `group` with one all-reduce."""
-    flat = all_reduce_sum(torch.cat([v.double().flatten() for v in parts.values()]), group)
+    flat = C.all_reduce_sum(torch.cat([v.double().flatten() for v in parts.values()]), group)
     return {k: t.view_as(v) for (k, v), t in zip(parts.items(), flat.split([v.numel() for v in parts.values()]))}
 
 
@@ -333,7 +271,7 @@ def evaluate(gpt, clt, contexts, batch=16):
         ce_sums += torch.stack([ce(logits), ce(gpt(idx, mlp_out=hat)), open_ce, ce(gpt(idx, mlp_out=zero))]).double()
     clt.train(was_training)
     N = contexts.size(0) * (contexts.size(1) - 1)
-    all_reduce_sum(rec["l0"], clt.tp_group)  # each TP rank counted its own features
+    C.all_reduce_sum(rec["l0"], clt.mesh.tp_group)  # each TP rank counted its own features
     sst = rec["y_sq"] - rec["y_sum"].pow(2).sum(-1) / N  # (L,)
     clean, spliced, open_, zero = (ce_sums / (contexts.size(0) * (contexts.size(1) - 2))).tolist()
     return dict(fvu=(rec["sse"] / sst).tolist(), l0=(rec["l0"] / N).tolist(), ce_clean=clean, ce_spliced=spliced,
@@ -365,7 +303,7 @@ def save_checkpoint(c, clt, opt, state, mesh, master):
         tensors["since_fired"] = state["since_fired"]
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(tensors, os.path.join(step_dir, shard_name(mesh)))
-    barrier()
+    C.barrier()
     if master:
         meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir),
                     train_config=asdict(c), clt_config=asdict(clt.config), rng=torch.get_rng_state().tolist(),
@@ -376,7 +314,7 @@ def save_checkpoint(c, clt, opt, state, mesh, master):
         for name in os.listdir(root):
             if name.startswith("step_") and name != meta["dir"]:
                 shutil.rmtree(os.path.join(root, name))
-    barrier()  # every rank returns only once the checkpoint is complete
+    C.barrier()  # every rank returns only once the checkpoint is complete
 
 
 def read_checkpoint_meta(out):
@@ -392,7 +330,7 @@ def load_checkpoint(c, clt, opt, state, mesh, device):
     if meta["mesh"] != [mesh.dp, mesh.tp]:
         raise ValueError(f"the checkpoint in {c.out} was written by a (dp, tp) = {tuple(meta['mesh'])} mesh, this run "
                          f"is {(mesh.dp, mesh.tp)}: resume with the same torchrun --nproc_per_node and --tp (to change "
-                         f"the TP size, load the exported CLT with CrossLayerTranscoder.from_pretrained(tp_size=...))")
+                         f"the TP size, load the exported CLT with CrossLayerTranscoder.from_pretrained(path, mesh))")
     tensors = load_file(os.path.join(c.out, CKPT_DIR, meta["dir"], shard_name(mesh)))
     clt.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     for name, p in clt.named_parameters():
@@ -415,7 +353,7 @@ def build(c, cache, mesh, device):
     m = cache.manifest
     config = C.CLTConfig(n_layers=cache.n_layers, d_model=cache.d_model, n_features=c.features, activation=c.activation,
                          k=c.k, threshold_init=c.threshold_init, bandwidth=c.bandwidth, model=c.model or m["model"])
-    clt = C.CrossLayerTranscoder(config, c.seed, mesh.tp_rank, mesh.tp, mesh.tp_group)
+    clt = C.CrossLayerTranscoder(config, c.seed, mesh)
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the manifest's mean norms
         clt.input_scale.copy_(cache.d_model ** 0.5 / cache.norm_in)
         clt.output_scale.copy_(cache.d_model ** 0.5 / cache.norm_out)
@@ -446,8 +384,8 @@ def check_config(c, cache, mesh):
 
 def train(config: TrainConfig):
     """Train (or resume) a CLT as config says; returns the last step's metrics (every rank)."""
-    ddp, rank, local_rank, world, device = compute_init(config)
-    mesh = make_mesh(ddp, world, config.tp, device)
+    ddp, rank, local_rank, world, device = C.compute_init(config.device, config.timeout_s)
+    mesh = C.make_mesh(ddp, world, config.tp, device)
     master = rank == 0
     print0 = lambda *a: print(*a, flush=True) if master else None
     c = config
@@ -495,11 +433,11 @@ def train_step(c, clt, opt, batch, state, mesh, device):
     for group in opt.param_groups:
         group["lr"] = lr
     dead = state["since_fired"] >= c.dead_tokens  # (L, F/T)
-    n_dead = all_reduce_sum(dead.sum(1).float(), mesh.tp_group)  # (L,) over all features
+    n_dead = C.all_reduce_sum(dead.sum(1).float(), mesh.tp_group)  # (L,) over all features
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # fp32 master weights
         loss, parts, fired = clt_losses(clt, *batch, c, step, dead, n_dead.sum().item())
     loss.backward()
-    average_gradients(list(clt.parameters()), mesh)
+    C.average_gradients(list(clt.parameters()), mesh.dp_group)
     m = reduce_metrics(parts, mesh)
     if not math.isfinite(m["loss"]):  # before the update: the weights and the last checkpoint stay good
         bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
@@ -510,8 +448,8 @@ def train_step(c, clt, opt, batch, state, mesh, device):
     opt.step()
     opt.zero_grad(set_to_none=True)
     if c.activation == "batchtopk":  # its JumpReLU threshold for inference, averaged over DP
-        clt.update_batchtopk_threshold(all_reduce_sum(clt.batch_threshold.clone(), mesh.dp_group) / mesh.dp, step)
-    fired = all_reduce_sum(fired.float(), mesh.dp_group) > 0  # (L, F/T) on any DP rank
+        clt.update_batchtopk_threshold(C.all_reduce_sum(clt.batch_threshold.clone(), mesh.dp_group) / mesh.dp, step)
+    fired = C.all_reduce_sum(fired.float(), mesh.dp_group) > 0  # (L, F/T) on any DP rank
     state["since_fired"] = torch.where(fired, 0, state["since_fired"] + c.batch_size)
     state["step"] = step + 1
     return dict(m, lr=lr, dead=n_dead.tolist())
@@ -553,32 +491,16 @@ def export(c, clt, metrics, master):
         with open(os.path.join(c.out, "training.json"), "w") as f:
             json.dump(dict(train_config=asdict(c), final=metrics), f, indent=1)
         print(f"saved the CLT to {c.out}: {step_line(metrics)}", flush=True)
-    barrier()
+    C.barrier()
 
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def parse_args(argv=None):
-    """Every TrainConfig field is a flag (--batch-size for batch_size); the help is the field's comment."""
-    import inspect
-    import re
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=comments[f.name])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=f"{comments[f.name]} (default {f.default})")
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
 @record  # torchrun's failure summary then shows the failing rank's traceback
 def main(argv=None):
-    config = parse_args(argv)
+    config = C.parse_config(__doc__, TrainConfig, argv)
     try:
         train(config)
     except RuntimeError as e:  # gloo says "Timed out waiting ...", NCCL's watchdog "timeout"
@@ -591,4 +513,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

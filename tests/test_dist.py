@@ -55,7 +55,7 @@ def batch(seed, B=64, L=2, d=16):
 def gradients(activation, mesh, seed=0, clip=0.5):
     """One loss + backward + DP averaging + clipping on a fixed batch; this rank's gradients and the norm."""
     cfg = T.TrainConfig(activation=activation, k=4, sparsity=0.3, preact=0.01, aux_k=6, steps=10)
-    clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), seed, mesh.tp_rank, mesh.tp, mesh.tp_group)
+    clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), seed, mesh)
     x, y = batch(seed)
     rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)  # this DP rank's share
     dead = torch.zeros(2, 64, dtype=torch.bool)
@@ -63,7 +63,7 @@ def gradients(activation, mesh, seed=0, clip=0.5):
     dead = dead[:, mesh.tp_rank * clt.F_local:(mesh.tp_rank + 1) * clt.F_local]
     loss, _, _ = T.clt_losses(clt, x[rows], y[rows], cfg, 5, dead, 2 * 22)
     loss.backward()
-    T.average_gradients(list(clt.parameters()), mesh)
+    C.average_gradients(list(clt.parameters()), mesh.dp_group)
     norm = T.clip_gradients(clt, clip, mesh)
     return {n: p.grad for n, p in clt.named_parameters() if p.grad is not None}, norm
 
@@ -75,20 +75,21 @@ def worker(tasks_path):
     for task in tasks:
         kind = task["kind"]
         if kind == "train":
-            T.train(T.parse_args(task["argv"]))
+            T.train(C.parse_config(T.__doc__, T.TrainConfig, task["argv"]))
         elif kind == "stall":
             if rank == 1:
-                T.compute_init(T.parse_args(task["argv"]))
+                cfg = C.parse_config(T.__doc__, T.TrainConfig, task["argv"])
+                C.compute_init(cfg.device, cfg.timeout_s)
                 time.sleep(60)
             T.main(task["argv"])
         else:
-            ddp, rank, _, world, device = T.compute_init(T.TrainConfig(device="cpu"))
-            mesh = T.make_mesh(ddp, world, task["tp"], device)
+            ddp, rank, _, world, device = C.compute_init("cpu")
+            mesh = C.make_mesh(ddp, world, task["tp"], device)
             if kind == "grads":
                 grads, norm = gradients(task["activation"], mesh)
                 save_file({**grads, "norm": norm.view(1)}, task["out"].format(rank=rank))
             elif kind == "reshard":  # the export, loaded at this TP size: outputs on a fixed input
-                clt = C.CrossLayerTranscoder.from_pretrained(task["path"], mesh.tp_rank, mesh.tp, mesh.tp_group)
+                clt = C.CrossLayerTranscoder.from_pretrained(task["path"], mesh)
                 acts, out = clt(batch(7)[0] * 4)
                 if rank == 0:
                     save_file({"out": out}, task["out"])
@@ -151,7 +152,7 @@ def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activatio
     """After the global clip, each TP rank's gradients are its slice of the one-process gradients, and
     each DP rank holds the one-process gradient of the whole batch. An all-reduce in the TP backward
     would multiply them by 2; a norm of one rank's shard would clip them less."""
-    ref, ref_norm = gradients(activation, T.Mesh())
+    ref, ref_norm = gradients(activation, C.Mesh())
     assert ref_norm > 0.5  # so the clip (to 0.5) is active
     tp2 = [load_file(runs(f"grads_{activation}_tp2_{r}.safetensors")) for r in range(2)]
     dp2 = [load_file(runs(f"grads_{activation}_tp1_{r}.safetensors")) for r in range(2)]

@@ -234,7 +234,7 @@ def test_logit_effects_direct(gpt):
             v = sum(clt.W_dec[l][f, j] / clt.output_scale[l + j] for j in range(L - l))  # into the residual
             s = torch.tensor([scale])
             with torch.no_grad():
-                eff = (layer_norm(x + v, model.ln_f, s) - layer_norm(x, model.ln_f, s)) @ model.wte.weight.T
+                eff = (layer_norm(x + v, model.ln_f, s)[0] - layer_norm(x, model.ln_f, s)[0]) @ model.wte.weight.T
             vals, ids = eff.sort(descending=True)
             m = l * F + f
             torch.testing.assert_close(top_v[m], vals[:5], atol=1e-5, rtol=1e-4)

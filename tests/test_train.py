@@ -52,8 +52,8 @@ def test_encode_decode_match_a_naive_loop_over_layer_pairs(activation):
                     y = y + acts[b, src, f] * clt.W_dec[src][f, dst - src]
             torch.testing.assert_close(out[b, dst], y / clt.output_scale[dst], atol=1e-5, rtol=1e-5)
     assert (acts == 0).float().mean() > 0.2  # so the sparse path skips something
-    torch.testing.assert_close(clt.decode_sparse(acts), out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(clt.decode_sparse(acts.to_sparse()), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clt.decode(acts, sparse=True), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clt.decode(acts.to_sparse(), sparse=True), out, atol=1e-5, rtol=1e-5)
 
 
 def test_jumprelu_straight_through_gradients_follow_the_formula():
@@ -115,17 +115,17 @@ def test_save_load_round_trip_is_exact(tmp_path, activation):
 
 def test_tp_shards_are_slices_of_the_full_model(tmp_path):
     full = small_clt("jumprelu", seed=3)
-    shards = [C.CrossLayerTranscoder(full.config, 3, tp_rank=r, tp_size=4) for r in range(4)]
+    shards = [C.CrossLayerTranscoder(full.config, 3, C.Mesh(tp=4, tp_rank=r)) for r in range(4)]
     torch.testing.assert_close(torch.cat([s.W_enc for s in shards], -1), full.W_enc, rtol=0, atol=0)
     for l in range(3):
         torch.testing.assert_close(torch.cat([s.W_dec[l] for s in shards], 0), full.W_dec[l], rtol=0, atol=0)
     perturb(full).fold_normalization()
     full.save_pretrained(tmp_path)
-    part = C.CrossLayerTranscoder.from_pretrained(tmp_path, tp_rank=1, tp_size=4)
+    part = C.CrossLayerTranscoder.from_pretrained(tmp_path, C.Mesh(tp=4, tp_rank=1))
     torch.testing.assert_close(part.W_enc, full.W_enc[:, :, 8:16], rtol=0, atol=0)
     torch.testing.assert_close(part.threshold, full.threshold[:, 8:16])
     with pytest.raises(ValueError, match="split evenly"):
-        C.CrossLayerTranscoder(full.config, tp_size=3)
+        C.CrossLayerTranscoder(full.config, mesh=C.Mesh(tp=3))
 
 
 def test_bad_config_is_refused():
@@ -236,7 +236,7 @@ def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
     assert contexts.shape == (4, 32) and (contexts[:, 0] == 256).all()
 
     class Stub(torch.nn.Module):  # stands in for a CLT: the true MLPs, scaled by s
-        tp_group = None
+        mesh = C.Mesh()
 
         def __init__(self, s):
             super().__init__()

@@ -1,0 +1,32 @@
+"""Shared fixtures: a small random GPT-2 in the hub layout with a byte-level tokenizer, made the way
+tiny.py makes the shipped one (tiny.save_tokenizer), so tests read as what they check."""
+import pytest
+import torch
+
+import clt
+import tiny
+
+
+def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merges=()):
+    """A random GPT-2 + tokenizer (256 bytes, `merges`, <|endoftext|> last) saved in the hub layout at
+    `path` -> (model in eval mode, tiktoken Encoding). The vocabulary is exactly the tokenizer's."""
+    torch.manual_seed(seed)
+    vocab_size = 256 + len(merges) + 1
+    model = clt.GPT(clt.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
+    model.save_pretrained(path)
+    tiny.save_tokenizer(path, list(merges))
+    return model.eval(), clt.load_tokenizer(str(path))
+
+
+@pytest.fixture
+def make_hub_model():
+    """The function write_hub_model, for tests that need several models (another seed, another shape)."""
+    return write_hub_model
+
+
+@pytest.fixture(scope="session")
+def hub_model(tmp_path_factory):
+    """(directory, model, tokenizer) of one random 2-layer, d = 32 GPT-2 in the hub layout, shared by tests."""
+    path = tmp_path_factory.mktemp("hub_model")
+    model, enc = write_hub_model(path)
+    return str(path), model, enc
