@@ -64,7 +64,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from clt import DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, load_tokenizer
+from clt import DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, check_same_model, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -509,6 +509,7 @@ def load(cfg):
     model = GPT.from_pretrained(cfg.model).to(cfg.device)
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
     check_compatible(model, clt)
+    check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(cfg.device)
 
