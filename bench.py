@@ -20,7 +20,9 @@ The cache benchmark (issue 4) measures, per model and dtype:
 - read: shuffled batches (steady state, bytes of activations+scales per second) against a raw
   sequential read of the shard files (file bytes per second), both from the page cache; dequantized
   to fp32 on the CPU, and raw (the stored rows, what a GPU run moves before dequantizing there);
-  and reading the cache in order with dequantization (iter_chunks).
+  and reading the cache in order with dequantization (iter_chunks);
+- the crc32 checks: a fresh reader's first epoch (it checks each chunk the first time it reads a
+  row of it) against its second (nothing left to check), and the rate of a plain crc32 pass.
 """
 import argparse
 import json
@@ -98,7 +100,7 @@ def bare_forward_seconds(cfg):
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for _, idx, _ in cache.iter_batches(cfg, enc, cfg.tokens):
-            model.run_with_acts(idx.to(cfg.device))
+            model.run_with_acts(idx.to(cfg.device), logits=False)
     sync(cfg.device)
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -122,7 +124,8 @@ def sequential_read(files):
 def read_rates(path, batch_size, epochs=2):
     """Rates in MB/s of stored bytes, all from the page cache, as (wall, cpu) pairs: a raw sequential
     read of the shard files; shuffled batches dequantized to fp32 on the CPU; shuffled stored rows
-    (raw=True: what a GPU run moves, dequantizing on the device); in-order chunks, dequantized.
+    (what a GPU run moves, dequantizing on the device); in-order chunks, dequantized; a fresh
+    reader's first epoch of stored rows (crc32 checks included) and its second; a crc32 pass.
 
     The shuffled rates are the steady state a training loop sees: `epochs` epochs of an endless
     stream, timed from the first batch on (the first window's load is a one-time start-up cost).
@@ -134,18 +137,33 @@ def read_rates(path, batch_size, epochs=2):
     seq = min(timed(lambda: sequential_read(files)) for _ in range(3))
     n_batches = epochs * c.batches_per_epoch(batch_size, split="all")
 
-    def shuffled(**kw):
-        stream = c.batches(batch_size, seed=0, split="all", **kw)
+    def shuffled(dequantize):
+        stream = c.batches(batch_size, seed=0, split="all")
         next(stream)
-        t = timed(lambda: all(next(stream) is not None for _ in range(n_batches)))  # keeps no batch alive
+        if dequantize:
+            t = timed(lambda: all(c.dequantize(next(stream)) is not None for _ in range(n_batches)))
+        else:
+            t = timed(lambda: all(next(stream) is not None for _ in range(n_batches)))  # keeps no batch alive
         stream.close()
         return t
+
+    def fresh_epochs():  # (first epoch, second epoch) of a reader that has checked nothing yet
+        fresh = cache.ActivationCache(path)
+        nb = fresh.batches_per_epoch(batch_size, split="all")
+        stream = fresh.batches(batch_size, seed=1, split="all")
+        first = timed(lambda: all(next(stream) is not None for _ in range(nb)))
+        second = timed(lambda: all(next(stream) is not None for _ in range(nb)))
+        stream.close()
+        return nb * batch_size * c.row_bytes(), first, second
     rate = lambda nbytes, t: (nbytes / t[0] / 1e6, nbytes / t[1] / 1e6)
     shuffled_bytes = n_batches * batch_size * c.row_bytes()
     inorder = timed(lambda: all(chunk is not None for chunk in c.iter_chunks(batch_size, split="all")))
-    return dict(seq=rate(file_bytes, seq), shuffled=rate(shuffled_bytes, shuffled()),
-                shuffled_raw=rate(shuffled_bytes, shuffled(raw=True)),
-                inorder=rate(c.n_tokens * c.row_bytes(), inorder))
+    epoch_bytes, first, second = fresh_epochs()
+    crc = timed(lambda: all(not cache._check_shard(path, c.manifest, i, "crc32") for i in range(len(files))))
+    return dict(seq=rate(file_bytes, seq), shuffled=rate(shuffled_bytes, shuffled(True)),
+                shuffled_raw=rate(shuffled_bytes, shuffled(False)),
+                inorder=rate(c.n_tokens * c.row_bytes(), inorder), first_epoch=rate(epoch_bytes, first),
+                second_epoch=rate(epoch_bytes, second), crc32=rate(file_bytes, crc))
 
 
 def bench_cache_model(name, cfg, read_batch):
@@ -169,7 +187,10 @@ def bench_cache_model(name, cfg, read_batch):
                             shuffled_vs_seq_cpu=r["shuffled"][1] / r["seq"][1],
                             raw_vs_seq_wall=r["shuffled_raw"][0] / r["seq"][0],
                             raw_vs_seq_cpu=r["shuffled_raw"][1] / r["seq"][1],
-                            inorder_vs_seq_wall=r["inorder"][0] / r["seq"][0]))
+                            inorder_vs_seq_wall=r["inorder"][0] / r["seq"][0],
+                            crc32_MBps=r["crc32"][0], raw_MBps=r["shuffled_raw"][0],
+                            crc_first_epoch_cost_cpu=r["second_epoch"][1] / r["first_epoch"][1] - 1,
+                            crc_first_epoch_cost_wall=r["second_epoch"][0] / r["first_epoch"][0] - 1))
         shutil.rmtree(out)
     return results
 

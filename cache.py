@@ -348,7 +348,7 @@ def _jsonl_documents(path, text_field):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {i}: not valid JSON ({e.msg} at column {e.colno}): "
+                    raise ValueError(f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
                                      "fix or delete that line") from None
                 yield _text_of(row, text_field, f"{path} line {i}")
         except UnicodeDecodeError:
@@ -364,7 +364,7 @@ def _json_documents(path, text_field):
         except UnicodeDecodeError:
             raise _bad_utf8(path) from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}): fix the file") from None
+            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): fix the file") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of documents: pass a JSON list of "
                          f"strings or of objects with a {text_field!r} field (or a .jsonl file)")
@@ -920,6 +920,7 @@ class ActivationCache:
                 raise ValueError(f"{path}: {problem}: repair it by rerunning its build, `{repair_command(path, m)}` "
                                  "(add --overwrite to rebuild it all)")
         self._checked = [np.zeros(len(s["crc32"]), bool) for s in m["shards"]]  # crc32 chunks read and found good
+        self._check_locks = [threading.Lock() for _ in m["shards"]]
         self._maps = OrderedDict()
         self._lock = threading.Lock()
 
@@ -1049,16 +1050,19 @@ class ActivationCache:
 
     def _check_chunks(self, i, src, local):
         """Check the crc32 of each chunk of shard i that rows `local` fall in and no read has checked
-        yet (two threads may check one chunk twice: harmless)."""
+        yet. One thread checks a shard at a time: the others wait rather than check it twice."""
         C = self.manifest["check_rows"]
         chunks = np.unique(local // C)
-        for j in chunks[~self._checked[i][chunks]]:
-            if _crc32(src, j * C, (j + 1) * C) != self.manifest["shards"][i]["crc32"][j]:
-                s = self.manifest["shards"][i]
-                raise ValueError(f"{self.path}: {s['file']} rows {j * C}..{min((j + 1) * C, s['rows']) - 1} fail "
-                                 f"their crc32 check (the file is damaged): repair it by rerunning its build, "
-                                 f"`{repair_command(self.path, self.manifest)}`")
-            self._checked[i][j] = True
+        if self._checked[i][chunks].all():
+            return
+        with self._check_locks[i]:
+            for j in chunks[~self._checked[i][chunks]]:
+                if _crc32(src, j * C, (j + 1) * C) != self.manifest["shards"][i]["crc32"][j]:
+                    s = self.manifest["shards"][i]
+                    raise ValueError(f"{self.path}: {s['file']} rows {j * C}..{min((j + 1) * C, s['rows']) - 1} "
+                                     "fail their crc32 check (the file is damaged): repair it by rerunning its "
+                                     f"build, `{repair_command(self.path, self.manifest)}`")
+                self._checked[i][j] = True
 
     def _shard(self, i):
         """The memmapped sections of shard i: dict of numpy views, shared by threads. At most
