@@ -364,7 +364,8 @@ def _json_documents(path, text_field):
         except UnicodeDecodeError:
             raise _bad_utf8(path) from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): fix the file") from None
+            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): "
+                             "fix the file") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of documents: pass a JSON list of "
                          f"strings or of objects with a {text_field!r} field (or a .jsonl file)")
@@ -612,8 +613,8 @@ def _open_out_dir(cfg, identity, header):
             raise ValueError(f"{cfg.out} holds a cache made with other arguments ({{field: (cache, now)}}: {diff}); "
                              "pass --overwrite to replace it, or choose another --out")
         if old["channel_scale"] != header["channel_scale"]:
-            raise ValueError(f"{cfg.out}: the first batch now gives other int8 channel scales than when the cache "
-                             "was started: the corpus or the device changed; resume where it began, or pass --overwrite")
+            raise ValueError(f"{cfg.out}: the first batch now gives other int8 channel scales than when the cache was "
+                             "started: the corpus or the device changed; resume where it began, or pass --overwrite")
         return old
     if not os.path.exists(path) and any(not _is_cache_file(n) for n in os.listdir(cfg.out)):
         raise ValueError(f"{cfg.out} exists, is not empty and has no {MANIFEST}: choose another --out")
@@ -685,10 +686,7 @@ def _write_rows(cfg, model, enc, manifest, repairs, resume):
                 continue
             if shards[0] == resume > 0 and resume - 1 not in repairs and row0 <= resume * S:
                 _check_resume_tokens(cfg, manifest, meta[:resume * S - row0] if row0 < resume * S else before)
-            _, acts = model.run_with_acts(idx.to(dev), logits=False)
-            x_in = acts.mlp_in[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
-            x_out = acts.mlp_out[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
-            del acts  # the full (B, T, L, d) tensors: the rows above are a copy without the BOS
+            x_in, x_out = _forward_rows(model, idx.to(dev), drop)
             for k in shards:  # the batch's rows, split at shard boundaries
                 a = max(k * S, row0) - row0
                 b = min((k + 1) * S, hi) - row0
@@ -699,6 +697,7 @@ def _write_rows(cfg, model, enc, manifest, repairs, resume):
                 if buf.rows == S:
                     writer.put(buf)
                     buf = None
+            del x_in, x_out  # before the next forward pass, not after it: memory is bounded by one batch
             before = meta
         if row == 0:
             raise ValueError(f"corpus {cfg.corpus} gave no context of {cfg.ctx - 1} tokens: it is empty or too short")
@@ -707,6 +706,20 @@ def _write_rows(cfg, model, enc, manifest, repairs, resume):
     finally:
         pbar.close()
         writer.close()
+
+
+def _forward_rows(model, idx, drop):
+    """idx (B, T) -> the rows to store, mlp_in and mlp_out (B*R, L, d), R = T - drop. Each source is let
+    go as soon as it is copied: three (B, T, L, d)-sized tensors at most live at once, not five."""
+    _, acts = model.run_with_acts(idx, logits=False)
+    mlp_in = acts.mlp_in
+    mlp_out = acts.mlp_out
+    del acts  # and with it the attention patterns (B, nh, T, T) of every layer
+    L, d = mlp_in.shape[2:]
+    x_in = mlp_in[:, drop:].reshape(-1, L, d)  # (B*R, L, d), a copy without the BOS
+    del mlp_in
+    x_out = mlp_out[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
+    return x_in, x_out
 
 
 def _check_resume_tokens(cfg, manifest, meta):

@@ -59,7 +59,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
     good = {".txt": b"a cat\nsat\n", ".jsonl": b'{"text": "a cat"}\n{"text": "sat"}\n', ".json": b'[\n"a",\n'}[suffix]
     path = tmp_path / f"bad{suffix}"
     path.write_bytes(good + b'"on a m\xffat"\n' + b"x" * (3 << 20))  # the bad byte on line 3, then more
-    with pytest.raises(ValueError, match=rf"bad{suffix} line 3: invalid UTF-8 \(byte 0xff\): re-encode the file as UTF-8"):
+    with pytest.raises(ValueError, match=rf"bad{suffix} line 3: invalid UTF-8 \(byte 0xff\): re-encode the file"):
         read(path)
 
 
