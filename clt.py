@@ -837,6 +837,109 @@ def _read_export_file(path, name, export_id, rows):
         return {k: f.get_tensor(k) if k.startswith(per_layer) else f.get_slice(k)[rows] for k in f.keys()}
 
 
+# -----------------------------------------------------------------------------
+# per-layer transcoders in SAELens's layout (as transcoders of gpt2-small are published)
+#
+# One folder per layer with cfg.json + sae_weights.safetensors: W_enc (d, F), b_enc (F,), W_dec (F, d),
+# b_dec (d,), threshold (F,) for JumpReLU, W_skip (d, d) with skip = x @ W_skip.T. The input hook is
+# TransformerLens's blocks.{l}.ln2.hook_normalized, taken *before* ln_2's affine map, where our mlp_in
+# is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded in on the way out,
+#     pre = (x̂ w + b) W_enc + b_enc = x̂ (w ⊙ W_enc) + (b W_enc + b_enc),   likewise W_skip into b_dec,
+# and taken out again on the way in.
+
+SAELENS_ARCHITECTURES = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                         ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+
+
+def save_saelens(transcoder, path, model, model_name="gpt2"):
+    """Write a per-layer transcoder of `model` (whose ln_2 is folded in) as SAELens publishes them:
+    {path}/blocks.{l}.ln2.hook_normalized/{cfg.json, sae_weights.safetensors}."""
+    c = transcoder.config
+    if c.decoder != "per-layer":
+        raise ValueError("SAELens's layout holds per-layer transcoders; this one is cross-layer "
+                         "(save_pretrained writes circuit-tracer's CLT layout)")
+    kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
+    if kind is None:  # batchtopk is a JumpReLU at inference; topk has no SAELens transcoder
+        raise ValueError(f"SAELens has no {c.activation} transcoder: export a relu, jumprelu or batchtopk one")
+    t = copy.deepcopy(transcoder).cpu()
+    t.fold_normalization()
+    for l, block in enumerate(model.h):
+        w = block.ln_2.weight.detach().float().cpu()  # (d,)
+        b = block.ln_2.bias.detach().float().cpu()  # (d,)
+        W_enc = t.W_enc[l].detach()  # (d, F)
+        tensors = {"W_enc": w[:, None] * W_enc, "b_enc": t.b_enc[l].detach() + b @ W_enc,
+                   "W_dec": t.W_dec[l][:, 0].detach(), "b_dec": t.b_dec[l].detach()}
+        if t.W_skip is not None:
+            W_skip = t.W_skip[l].detach()  # (d, d): x @ W_skip
+            tensors["W_skip"] = (w[:, None] * W_skip).t()
+            tensors["b_dec"] = tensors["b_dec"] + b @ W_skip
+        if kind == "jumprelu":
+            tensors["threshold"] = t.threshold[l].detach()
+        hook = f"blocks.{l}.ln2.hook_normalized"
+        hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=f"blocks.{l}.hook_mlp_out")
+        cfg = dict(architecture=SAELENS_ARCHITECTURES[kind, c.skip], d_in=c.d_model, d_sae=c.n_features,
+                   d_out=c.d_model, dtype="float32", apply_b_dec_to_input=False, normalize_activations="none",
+                   hook_layer=l, **hooks, metadata=hooks)  # hooks at the top (SAELens < 6) and in metadata (6)
+        folder = os.path.join(path, hook)
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        write_json(os.path.join(folder, "cfg.json"), cfg)
+
+
+def _saelens_layers(path, n_layers):
+    """{layer: folder} of the SAELens transcoders under `path`, read from each cfg.json's hooks."""
+    folders = {}
+    for root, _, files in os.walk(path):
+        if "cfg.json" not in files:
+            continue
+        with open(os.path.join(root, "cfg.json")) as f:
+            cfg = json.load(f)
+        hooks = {**cfg.get("metadata", {}), **{k: cfg[k] for k in ("hook_name", "hook_name_out") if k in cfg}}
+        found = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", hooks.get("hook_name", ""))
+        if found is None or not hooks.get("hook_name_out", "").endswith("hook_mlp_out"):
+            raise ValueError(f"{root}/cfg.json reads {hooks.get('hook_name')!r} and writes {hooks.get('hook_name_out')!r}: "
+                             "only MLP transcoders (ln2.hook_normalized -> hook_mlp_out) replace GPT-2's MLPs")
+        folders[int(found.group(1))] = (root, cfg)
+    if sorted(folders) != list(range(n_layers)):
+        raise ValueError(f"{path} has SAELens transcoders for layers {sorted(folders)}, the model has {n_layers}")
+    return folders
+
+
+def from_saelens(path, model):
+    """Load per-layer transcoders in SAELens's layout (one per layer of `model`) as one per-layer
+    CrossLayerTranscoder on our mlp_in (ln_2's affine map taken out of the encoder again)."""
+    L, d = model.config.n_layer, model.config.n_embd
+    folders = _saelens_layers(path, L)
+    arch = {v: k for k, v in SAELENS_ARCHITECTURES.items()}
+    kinds = {arch.get(cfg.get("architecture")) for _, cfg in folders.values()}
+    if len(kinds) != 1 or None in kinds:
+        raise ValueError(f"{path}: architectures {sorted(cfg.get('architecture') for _, cfg in folders.values())}; "
+                         f"one of {sorted(arch)} for every layer is needed")
+    (kind, skip), = kinds
+    n_features = folders[0][1]["d_sae"]
+    config = CLTConfig(n_layers=L, d_model=d, n_features=n_features, activation=kind, decoder="per-layer", skip=skip,
+                       model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
+    t = CrossLayerTranscoder(config)
+    with torch.no_grad():
+        for l, block in enumerate(model.h):
+            w = block.ln_2.weight.detach().float().cpu()
+            b = block.ln_2.bias.detach().float().cpu()
+            if (w == 0).any():
+                raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out")
+            p = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
+            t.W_enc[l].copy_(p["W_enc"] / w[:, None])
+            t.b_enc[l].copy_(p["b_enc"] - (b / w) @ p["W_enc"])
+            t.W_dec[l].copy_(p["W_dec"][:, None])
+            t.b_dec[l].copy_(p["b_dec"])
+            if skip:
+                t.W_skip[l].copy_(p["W_skip"].t() / w[:, None])
+                t.b_dec[l].sub_((b / w) @ p["W_skip"].t())
+            if kind == "jumprelu":
+                t.log_threshold[l].copy_(p["threshold"].log())
+    return t.eval()
+
+
 def check_same_model(model, sha256, what):
     """Refuse `what` (a cache, a CLT) made from another model than `model`: sha256 is the fingerprint
     recorded when it was made ("" for files from before fingerprints, which are let through)."""
