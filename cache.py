@@ -160,7 +160,11 @@ def _open_manifest(path):
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"{path} has no {MANIFEST}: not an activation cache (build one with cache.py)")
     with open(mpath) as f:
-        m = json.load(f)
+        try:
+            m = json.load(f)
+        except json.JSONDecodeError as e:  # manifests are written whole: this one was edited or damaged
+            raise ValueError(f"{mpath} is not valid JSON ({e}): rebuild the cache with "
+                             "`python cache.py ... --overwrite`") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ValueError(f"{mpath} is format {m.get('format')} version {m.get('version')}, this cache.py reads "
                          f"{FORMAT} version {VERSION}: rebuild the cache with `python cache.py ... --overwrite`")
@@ -315,25 +319,28 @@ def _toy_documents(seed):
 
 
 def _file_documents(path, text_field):
+    """The documents of one file, read by its suffix; a file that is not UTF-8 names its first bad line."""
     if path.endswith(".jsonl"):
-        return _jsonl_documents(path, text_field)
-    if path.endswith(".json"):
-        return _json_documents(path, text_field)
-    if path.endswith(".parquet"):
-        return _parquet_documents(path, text_field)
-    return _text_documents(path)
+        docs = _jsonl_documents(path, text_field)
+    elif path.endswith(".json"):
+        docs = _json_documents(path, text_field)
+    elif path.endswith(".parquet"):
+        docs = _parquet_documents(path, text_field)
+    else:
+        docs = _text_documents(path)
+    try:
+        yield from docs
+    except UnicodeDecodeError:
+        raise _bad_utf8(path) from None
 
 
 def _text_documents(path, block=1 << 20):
     """Documents of a text file separated by <|endoftext|>, read in 1 MB blocks (files may be huge)."""
     with open(path, encoding="utf-8") as f:
         tail = ""
-        try:
-            while block_text := f.read(block):
-                *docs, tail = (tail + block_text).split(clt.ENDOFTEXT)
-                yield from (d for d in docs if d.strip())
-        except UnicodeDecodeError:
-            raise _bad_utf8(path) from None
+        while block_text := f.read(block):
+            *docs, tail = (tail + block_text).split(clt.ENDOFTEXT)
+            yield from (d for d in docs if d.strip())
         if tail.strip():
             yield tail
 
@@ -341,18 +348,15 @@ def _text_documents(path, block=1 << 20):
 def _jsonl_documents(path, text_field):
     """One JSON object (or string) per line; blank lines are skipped."""
     with open(path, encoding="utf-8") as f:
-        try:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
-                                     "fix or delete that line") from None
-                yield _text_of(row, text_field, f"{path} line {i}")
-        except UnicodeDecodeError:
-            raise _bad_utf8(path) from None
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
+                                 "fix or delete that line") from None
+            yield _text_of(row, text_field, f"{path} line {i}")
 
 
 def _json_documents(path, text_field):
@@ -361,8 +365,6 @@ def _json_documents(path, text_field):
     with open(path, encoding="utf-8") as f:
         try:
             rows = json.load(f)
-        except UnicodeDecodeError:
-            raise _bad_utf8(path) from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): "
                              "fix the file") from None
@@ -678,9 +680,9 @@ def _write_rows(cfg, model, enc, manifest, repairs, resume):
         for row0, idx, meta in iter_batches(cfg, enc, cfg.tokens):
             hi = min(row0 + len(meta), cfg.tokens)
             row = hi
-            shards = [k for k in range(row0 // S, (hi - 1) // S + 1) if k in repairs or k >= resume]
             if row0 // S > last:
                 break
+            shards = [k for k in range(row0 // S, (hi - 1) // S + 1) if k in repairs or k >= resume]
             if not shards:
                 before = meta  # only tokenized, never run
                 continue
