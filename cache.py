@@ -8,8 +8,8 @@ whose activations are outliers) -> rows (N, L, d) -> int8 (x / channel scale, th
 per token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json (a sha256 per
 shard, a crc32 per chunk of rows)
 ==>  ActivationCache(path).batches(...) -> Rows: the stored rows of each shuffled batch and their
-row ids, read and crc-checked on background threads; cache.dequantize(rows, device) -> (mlp_in,
-mlp_out) float32 (B, L, d) on the consumer's device. read / iter_chunks give rows in order.
+row ids, read and crc-checked on background threads; ActivationCache.dequantize(rows, device) ->
+(mlp_in, mlp_out) float32 (B, L, d) on the consumer's device. read / iter_chunks give rows in order.
 
     python cache.py --help
     python cache.py --model models/tiny --corpus toy --tokens 1000000 --out runs/cache   # ~1 GB int8
@@ -43,7 +43,8 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   manifest, rewritten atomically after every finished shard, holds each shard's sha256 (`verify`
   reads whole files) and a crc32 per ~1 MB chunk of rows (the reader checks a chunk the first time
   it reads a row of it, on its worker threads: training never sees a damaged row, at the price of
-  one crc pass, ~2 GB/s per thread, over the chunks a process touches);
+  one crc32 pass, ~2 GB/s per thread, over the chunks a process touches; a rank touches nearly all
+  of them in its first epoch, whatever the world size, and nothing after);
 - the reader shuffles globally (random unit order x random rows inside a window of units), reads
   each batch's rows straight from the memmaps (no copy of the window), and stripes each global
   batch over ranks: the union of the ranks' batches does not depend on the world size, and every
