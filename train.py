@@ -33,15 +33,21 @@ A new run (no --resume) refuses an --out that holds another run's checkpoint or 
 another --out, or --overwrite, which removes that run's files before the new run starts (so a new run
 killed before its first checkpoint can never be resumed as the old one).
 
-Several machines. `torchrun --nnodes=N --node-rank=R --nproc-per-node=G --rdzv-backend=c10d
---rdzv-endpoint=HOST:PORT train.py ...` on every node (HOST: one of the nodes; the same PORT and flags
-everywhere). Every node must run the same train.py flags on the same cache; rank 0 checks this at
-start (a sha256 of the flags and of the cache's manifest, which lists each shard's sha256), and refuses
-if any rank differs. The cache must be on a filesystem every node sees, or hold the same bytes at the
-same path on every node (copy it; `python cache.py verify` checks the shards against the manifest).
---out must be shared (rank 0 and each TP rank of DP replica 0 write checkpoints there, and every rank
-reads them on --resume). Keep a TP group inside one node (tp <= G): ranks r·tp .. r·tp + tp − 1 form TP
-group r, and only DP's one gradient all-reduce per step then crosses the network.
+Logging. metrics.jsonl gets a row every --log-every steps and at every evaluation and checkpoint: the
+loop's only host syncs. --wandb PROJECT sends the same rows from rank 0 (per-layer lists as fvu/0, fvu/1,
+...; the evaluation as eval/...); a resumed run logs into the run id its checkpoint keeps (an offline
+run: `wandb sync OUT/wandb/offline-run-*`).
+
+Several machines. On every node run `torchrun --nnodes=N --nproc-per-node=G --rdzv-backend=c10d
+--rdzv-endpoint=HOST:PORT --rdzv-id=JOB train.py ...` (HOST:PORT on one of the nodes; c10d numbers the
+nodes: --node-rank is for the static --master-addr rendezvous). Every node must run the same flags on
+the same cache: each rank compares a sha256 of its flags and of the cache's manifest (which lists
+every shard's sha256) with the others' before anything is built, and all refuse if one differs. The
+cache must be on a filesystem every node sees, or be copied to the same path on every node (`python
+cache.py verify` checks a copy's shards against the manifest). --out must be shared: DP replica 0's TP
+ranks write the checkpoint shards there, rank 0 the rest, and every rank reads them on --resume. Keep
+each TP group inside a node (tp <= G; ranks r·tp .. r·tp + tp − 1 form TP group r): then only DP's
+gradient all-reduce and the bookkeeping all-reduce cross the network.
 
 Losses (all on normalized activations, E||x|| = sqrt(d) per layer; mean over tokens):
     mse       Σ_l ||ŷ_l − y_l||²                         summed over layers (Ameisen et al. 2025)
@@ -180,7 +186,7 @@ def claim_out(c, master):
     latest = os.path.join(c.out, CKPT_DIR, LATEST)
     found = [p for p in (latest, os.path.join(c.out, "config.json")) if os.path.exists(p)]
     if found and not c.overwrite:
-        raise ValueError(f"{c.out} holds another run ({found[0]}): pass --resume to continue it, another --out, "
+        raise ValueError(f"{c.out} holds a run ({found[0]}): pass --resume to continue it, another --out, "
                          "or --overwrite to replace it")
     if found and master:
         if os.path.exists(latest):
@@ -188,7 +194,7 @@ def claim_out(c, master):
         if os.path.isdir(os.path.join(c.out, CKPT_DIR)):
             shutil.rmtree(os.path.join(c.out, CKPT_DIR))
         for name in os.listdir(c.out):
-            if name in RUN_FILES or name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors"):
+            if name in RUN_FILES or (name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")):
                 os.remove(os.path.join(c.out, name))
         C.fsync_dir(c.out)
     C.barrier()  # no rank starts before the old run is gone
@@ -669,9 +675,9 @@ def train(config: TrainConfig, given=None):
     if meta is not None:
         check_same_cache(c, cache, meta)
     check_config(c, cache, mesh)
-    gpt = load_gpt(c, cache, device) if c.eval_every != -1 or c.model else None
+    gpt = load_gpt(c, cache, device) if c.eval_every > 0 or c.model else None
     contexts = None
-    if c.eval_every != -1:
+    if c.eval_every > 0:
         contexts = heldout_contexts(cache, c.eval_contexts, C.load_tokenizer(gpt.name_or_path).eot_token)
     clt, opt = build(c, cache, mesh, device)
     state = dict(step=0, since_fired=torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device),
@@ -693,7 +699,7 @@ def train(config: TrainConfig, given=None):
     bar = tqdm(range(state["step"], end), initial=state["step"], total=c.steps, disable=not master, desc="train")
     with contextlib.closing(train_batches(cache, c, mesh, state["step"], device)) as batches:
         for step in bar:
-            evaluating = gpt is not None and c.eval_every > 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps)
+            evaluating = c.eval_every > 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps)
             saving = (c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0) or step + 1 == end
             sync = step % c.log_every == 0 or evaluating or saving
             m = train_step(c, clt, opt, next(batches), state, mesh, device, sync)

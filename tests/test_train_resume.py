@@ -95,7 +95,7 @@ def test_resume_refuses_changed_shape_or_optimizer_flags(small_cache, tmp_path):
     with pytest.raises(ValueError, match=r"--features 128 \(checkpoint: 64\) differ from the run in .*: drop these "
                                          r"flags to resume it, or start a new run in another --out"):
         T.main(resume + ["--features", "128"])
-    with pytest.raises(ValueError, match=r"--activation topk \(checkpoint: jumprelu\), --lr 0.01 \(checkpoint: 0.001\)"):
+    with pytest.raises(ValueError, match=r"--activation topk \(checkpoint: jumprelu\), --lr 0.01 \(checkpoint: 0.001"):
         T.main(resume + ["--lr", "0.01", "--activation", "topk"])
     with pytest.raises(ValueError, match="pass one of them"):
         T.main(resume + ["--overwrite"])
@@ -135,7 +135,7 @@ def test_a_new_run_never_takes_over_another_runs_out(small_cache, tmp_path):  # 
     refused = run_train(flags(small_cache, out, "--seed", "1"))
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"error: {out} holds another run ({out}/checkpoints/latest.json): pass --resume to continue it, "
+        f"error: {out} holds a run ({out}/checkpoints/latest.json): pass --resume to continue it, "
         "another --out, or --overwrite to replace it")
     assert latest_step(out) == 20 and read_metrics(out) == rows
     # --overwrite, killed at its first step (before any checkpoint): the old run is gone, not resumable
