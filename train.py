@@ -222,7 +222,7 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     pre = clt.pre_acts(mlp_in)  # (B, L, F/tp)
     acts = clt.activate(pre)  # (B, L, F/tp)
     sparse = c.activation in ("topk", "batchtopk")  # k of F active by construction: decode ∝ k, not F
-    err = clt.decode(acts, sparse, normalized=True) - y  # (B, L, d)
+    err = clt.decode(acts, sparse, normalized=True, mlp_in=mlp_in) - y  # (B, L, d), a skip connection included
     sse = err.float().pow(2).sum(-1)  # (B, L)
     dec = clt.decoder_norms()  # (L, F/tp) over every layer a feature writes to
     zero = sse.new_zeros(())
@@ -259,17 +259,19 @@ FEATURE_SUMS = ("l0", "sparsity", "preact")  # over this rank's features: summed
 def reduce_step(clt, parts, fired, batchtopk):
     """Everything a step reports or keeps, over the mesh, in one all-reduce (clt.mesh_sum): the metric
     sums of the global batch; the squared gradient norm (the feature shards' summed over TP, after DP
-    averaging; b_dec, replicated, added once); per feature, on how many DP ranks it fired, fired (L, F)
-    for every feature (each rank keeps every feature's dead clock: n_dead needs no collective); the
-    BatchTopK thresholds summed over DP. -> {name: float64 tensor} with grad_norm instead of squares."""
-    sharded = [p.grad for p in clt.parameters() if p.grad is not None and p is not clt.b_dec]
-    grad_sq = torch.stack([g.float().pow(2).sum() for g in sharded]).sum()
+    averaging; b_dec and W_skip, replicated, added once); per feature, on how many DP ranks it fired,
+    fired (L, F) for every feature (each rank keeps every feature's dead clock: n_dead needs no
+    collective); the BatchTopK thresholds summed over DP. -> {name: float64 tensor}, grad_norm included."""
+    replicated = [p for p in (clt.b_dec, clt.W_skip) if p is not None and p.grad is not None]
+    sharded = [p for p in clt.parameters() if p.grad is not None and all(p is not r for r in replicated)]
+    grad_sq = torch.stack([p.grad.float().pow(2).sum() for p in sharded]).sum()
     todo = {k: (v, "all" if k in FEATURE_SUMS else "dp") for k, v in parts.items()}  # token sums: complete per TP rank
     todo.update(grad_sq=(grad_sq, "tp"), fired=(fired, "tp_slices"))
     if batchtopk:
         todo["batch_threshold"] = (clt.batch_threshold, "dp")  # (L,) the global B·k-th value, per DP rank
     sums = C.mesh_sum(todo, clt.mesh)
-    sums["grad_norm"] = (sums.pop("grad_sq") + clt.b_dec.grad.double().pow(2).sum()).sqrt()
+    once = sum(p.grad.double().pow(2).sum() for p in replicated)
+    sums["grad_norm"] = (sums.pop("grad_sq") + once).sqrt()
     return sums
 
 
