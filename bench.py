@@ -463,7 +463,7 @@ def step_fixture(L, d, F, B, activation, device, tp=None):
     cfg = train.TrainConfig(activation=activation, features=F, k=16, steps=10 ** 6)
     model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, activation, k=16), 0, mesh)
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = train.optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     batch = [torch.randn(B, L, d, generator=g).to(device) for _ in range(2)]
     state = dict(step=0, since_fired=torch.zeros(L, F, dtype=torch.long, device=device),
@@ -520,7 +520,7 @@ def bench_train(args):
     cuda = str(args.device).startswith("cuda")
     shapes = [("tiny", 4, 128, 1024, 1024)]  # the default CLT of models/tiny (F = 8 d)
     if not args.quick:
-        shapes += [("gpt2-small", 12, 768, 6144, 4096)] if cuda else [("mid", 6, 256, 2048, 1024)]
+        shapes += [("gpt2-small", 12, 768, 6144, 4096)] if cuda else [("gpt2-small", 12, 768, 3072, 512)]
     rows = [step_vs_matmul(*s, a, args.device, args.reps) for s in shapes for a in ("jumprelu", "topk")]
     rows += sparse_vs_dense_decode(4, 128, args.decode_features, 256, args.density, args.device, args.reps)
     if cuda and not args.quick:

@@ -738,9 +738,11 @@ class CrossLayerTranscoder(nn.Module):
         """
         B, L, _ = acts.shape
         if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
-            writes = [(a @ self.W_dec[l].flatten(1)).view(B, self.n_writes(l), -1)  # (B, L-l, d) or (B, 1, d)
+            # writes[src][j]: (B, d) what layer src's features write to layer src + j; unbind again, as a
+            # [:, j] slice's backward would zero-fill the whole (B, L-src, d) once per slice
+            writes = [(a @ self.W_dec[l].flatten(1)).view(B, self.n_writes(l), -1).unbind(1)
                       for l, a in enumerate(acts.unbind(1))]
-            out = torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1) if dst - src < self.n_writes(src))
+            out = torch.stack([sum(writes[src][dst - src] for src in range(dst + 1) if dst - src < len(writes[src]))
                                for dst in range(L)], dim=1)
         else:
             if acts.is_sparse:

@@ -244,7 +244,8 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     B = sse.size(0)
     y32 = y.float()
     a = acts.detach()  # (B, L, F/tp), never negative
-    parts = dict(n=torch.tensor(float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)),
+    # n by a fill kernel: torch.tensor(B, device="cuda") would copy from the host and wait for the GPU
+    parts = dict(n=torch.full((), float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)),
                  sse=sse.detach().sum(0), y_sum=y32.sum(0), y_sq=y32.pow(2).sum((0, 2)),  # sums over this rank's tokens
                  mse=mse.detach() * B, sparsity=sparsity.detach() * B, preact=preact.detach() * B, aux=aux.detach() * B)
     return mse + sparsity + preact + aux, parts, a.amax(0) > 0
@@ -264,13 +265,13 @@ def reduce_step(clt, parts, fired, batchtopk):
     collective); the BatchTopK thresholds summed over DP. -> {name: float64 tensor}, grad_norm included."""
     replicated = [p for p in (clt.b_dec, clt.W_skip) if p is not None and p.grad is not None]
     sharded = [p for p in clt.parameters() if p.grad is not None and all(p is not r for r in replicated)]
-    grad_sq = torch.stack([p.grad.float().pow(2).sum() for p in sharded]).sum()
+    grad_sq = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in sharded]).pow(2).sum()  # no (F, ...) temp
     todo = {k: (v, "all" if k in FEATURE_SUMS else "dp") for k, v in parts.items()}  # token sums: complete per TP rank
     todo.update(grad_sq=(grad_sq, "tp"), fired=(fired, "tp_slices"))
     if batchtopk:
         todo["batch_threshold"] = (clt.batch_threshold, "dp")  # (L,) the global B·k-th value, per DP rank
     sums = C.mesh_sum(todo, clt.mesh)
-    once = sum(p.grad.double().pow(2).sum() for p in replicated)
+    once = sum(torch.linalg.vector_norm(p.grad.double()).pow(2) for p in replicated)
     sums["grad_norm"] = (sums.pop("grad_sq") + once).sqrt()
     return sums
 
@@ -489,8 +490,8 @@ def load_checkpoint(c, meta, clt, opt, state, mesh, device):
     clt.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     for name, p in clt.named_parameters():
         moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.")}
-        if moments:  # Adam keeps its step count on the CPU, the moments beside the parameter
-            opt.state[p] = {k: v if k == "step" else v.to(device) for k, v in moments.items()}
+        if moments:  # fused Adam keeps its step count beside the parameter, like the moments
+            opt.state[p] = {k: v.to(device) for k, v in moments.items()}
     state.update(step=meta["step"], since_fired=tensors["since_fired"].to(device))
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
@@ -622,8 +623,12 @@ def build(c, cache, mesh, device):
         clt.input_scale.copy_(cache.d_model ** 0.5 / cache.norm_in)
         clt.output_scale.copy_(cache.d_model ** 0.5 / cache.norm_out)
     clt = clt.to(device).train()
-    opt = torch.optim.AdamW(clt.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
-    return clt, opt
+    return clt, optimizer(clt, c)
+
+
+def optimizer(clt, c):
+    """AdamW, fused: one pass over each parameter and its moments instead of about ten (CPU and CUDA)."""
+    return torch.optim.AdamW(clt.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay, fused=True)
 
 
 def load_gpt(c, cache, device):

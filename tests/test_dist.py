@@ -88,7 +88,7 @@ def count_collectives(activation, mesh, steps=3):
     """Collectives per train_step between log steps, by name, with AuxK active (dead features exist)."""
     cfg = T.TrainConfig(activation=activation, k=4, features=64, batch_size=64, steps=100, dead_tokens=64)
     clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), 0, mesh)
-    opt = torch.optim.AdamW(clt.parameters(), lr=1e-3)
+    opt = T.optimizer(clt, cfg)
     state = dict(step=10, since_fired=torch.zeros(2, 64, dtype=torch.long), first_bad=torch.tensor(-1))
     state["since_fired"][:, ::3] = 1000  # every third feature is dead
     x, y = batch(0)
@@ -161,8 +161,13 @@ def worker(tasks_path):
 def runs(small_cache, tmp_path_factory):  # noqa: F811
     """The 2-process runs (TP=2 and DP=2) in one torchrun launch, and their single-process references."""
     root = str(tmp_path_factory.mktemp("dist"))
-    p = lambda name: os.path.join(root, name)
-    train = lambda out, **kw: dict(kind="train", argv=argv(small_cache, p(out), **kw))
+
+    def p(name):
+        return os.path.join(root, name)
+
+    def train(out, **kw):
+        return dict(kind="train", argv=argv(small_cache, p(out), **kw))
+
     bt = dict(activation="batchtopk", k=4)
     tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("dp2"), train("tp2_cut", tp=2, stop_at=10),
              train("tp2_cut", tp=2, resume=True),
@@ -215,7 +220,9 @@ def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activatio
     assert ref_norm > 0.5  # so the clip (to 0.5) is active
     tp2 = [load_file(runs(f"grads_{activation}_tp2_{r}.safetensors")) for r in range(2)]
     dp2 = [load_file(runs(f"grads_{activation}_tp1_{r}.safetensors")) for r in range(2)]
-    close = lambda a, b, name: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    def close(a, b, name):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
     for name, g in ref.items():
         for shards in (tp2, dp2):
             close(shards[0]["norm"], ref_norm.view(1), "norm")
