@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt import GPT, CrossLayerTranscoder, load_tokenizer, parse_config, run_main
+from clt import GPT, CrossLayerTranscoder, atomic_path, check_same_model, load_tokenizer, parse_config, run_main, write_json
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -315,13 +315,16 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
 def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids), each (M, n).
 
-    Feature f of layer l writes W_dec[l][f, j] into mlp_out[l + j] (raw units: divided by output_scale), all
-    of which join the residual stream. Through ln_f with its scale frozen at the mean, adding v to the
-    final residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the
-    tokenizer's n_vocab tokens count (a model's vocabulary may be padded past them).
+    Feature f of layer l writes into mlp_out[l:] (clt.decoder_writes at activation 1), all of which joins
+    the residual stream. Through ln_f with its scale frozen at the mean, adding v to the final residual
+    moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the tokenizer's n_vocab
+    tokens count (a model's vocabulary may be padded past them).
     """
-    v = torch.cat([(W / clt.output_scale[l:][None, :, None]).sum(1) for l, W in enumerate(clt.W_dec)])  # (M, d)
-    v = v.float().cpu()
+    per_layer = []
+    for l, W in enumerate(clt.W_dec):
+        ids = torch.arange(W.size(0), device=W.device)
+        per_layer.append(clt.decoder_writes(l, ids, torch.ones(len(ids), device=W.device)).sum(1))  # (F, d)
+    v = torch.cat(per_layer).float().cpu()  # (M, d) each feature's total write into the residual stream
     v = (v - v.mean(-1, keepdim=True)) * ln_scale * model.ln_f.weight
     parts = []
     for i in range(0, len(v), batch):
@@ -536,7 +539,7 @@ def write_features(path, stats, expl, effects, scores, concepts, enc, cfg):
     n_fires, sum_act, hist = stats.n_fires.tolist(), stats.sum_act.tolist(), stats.hist.cpu()
     top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
     logits = lambda v, t: [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(v, t)]
-    with open(path, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:  # whole or not at all: viz.py and graph.py read it
         for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
             n, e = n_fires[m], expl[m]
             h, qs = hist_summary(hist[m], cfg)
@@ -668,7 +671,8 @@ def plot_summary(path, stats, scores, per_concept):
     else:
         ax[1, 1].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temporary name has no .png to infer the format from
     plt.close(fig)
 
 
@@ -676,23 +680,30 @@ def plot_summary(path, stats, scores, per_concept):
 # main
 
 
-def same_model(a, b):
-    norm = lambda x: os.path.realpath(x) if os.path.isdir(x) else x
-    return norm(str(a)) == norm(str(b))
+def same_path(a, b):
+    """Do two model names (paths or hub ids) name the same model? Directories compare by real path."""
+    return _real(str(a)) == _real(str(b))
+
+
+def _real(name):
+    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def load_inputs(cfg):
     """The GPT, its tokenizer, the CLT and the cache; refuses a CLT or cache made from another model."""
     from cache import ActivationCache
     model_dir = cfg.model or ActivationCache(cfg.cache).manifest["model"]
-    model, enc = GPT.from_pretrained(model_dir), load_tokenizer(model_dir)
+    model = GPT.from_pretrained(model_dir)
+    enc = load_tokenizer(model_dir)
     cache = ActivationCache(cfg.cache, model=model)  # checks the model's sha256 against the manifest
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
     c = clt.config
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
         raise ValueError(f"CLT {cfg.clt} has n_layers={c.n_layers}, d_model={c.d_model} but cache {cfg.cache} "
                          f"has n_layers={cache.n_layers}, d_model={cache.d_model}: they come from different models")
-    if c.model and not same_model(c.model, model_dir):
+    if c.model_sha256:  # the CLT records its model's fingerprint (train.py): the weights decide, not the path
+        check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
+    elif c.model and not same_path(c.model, model_dir):  # a CLT saved before fingerprints: its model's name
         raise ValueError(f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from "
                          f"{model_dir!r}: pass a CLT and a cache of the same model")
     return model_dir, model, enc, clt, cache
@@ -750,9 +761,8 @@ def run(cfg: InterpConfig):
             pass
         summary.update(seconds_plain_read=round(time.perf_counter() - t, 3))
         summary.update(ratio_to_plain_read=round(seconds / summary["seconds_plain_read"], 2))
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, per_concept)
+    write_json(os.path.join(cfg.out, "summary.json"), summary)  # last: a run with a summary.json is complete
     return summary
 
 

@@ -3,6 +3,7 @@ logit effects against a direct computation, bad input, and the outputs of a run 
 import json
 import os
 import random
+import subprocess
 import sys
 from collections import Counter
 
@@ -12,24 +13,17 @@ import torch
 
 import cache
 import interp
-from clt import ENDOFTEXT, GPT, CLTConfig, CrossLayerTranscoder, GPTConfig, bytes_to_unicode, layer_norm, load_tokenizer
+from clt import ENDOFTEXT, GPT, CLTConfig, CrossLayerTranscoder, layer_norm, load_tokenizer
+from conftest import write_hub_model
 
 L, D, F, CTX = 2, 32, 16, 16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = list(range(64, 84))  # the token ids of "a".."t": GPT-2's byte order puts "!" (33) at 0
 
 
 def byte_model(path, seed=0):
     """A random 2-layer GPT with GPT-2's byte-level tokenizer and no merges (V = 257), saved in the hub layout."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=257))
-    model.save_pretrained(path)
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    vocab[ENDOFTEXT] = 256
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return model.eval(), load_tokenizer(path)
+    return write_hub_model(path, seed=seed, n_layer=L, n_embd=D)
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +259,9 @@ def real(tmp_path_factory):
     cache.build_cache(cache.CacheConfig(model=str(root / "model"), corpus=str(root / "corpus.txt"), tokens=2048,
                                         ctx=32, dtype="fp16", out=str(root / "cache"), heldout=0.25,
                                         shard_tokens=1024, batch_size=8, device="cpu"))
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(root / "model")), seed=0)
-    clt.save_pretrained(str(root / "clt"))
+    sha = GPT.from_pretrained(str(root / "model")).fingerprint()  # recorded as train.py records it
+    config = CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(root / "model"), model_sha256=sha)
+    CrossLayerTranscoder(config, seed=0).save_pretrained(str(root / "clt"))
     return root
 
 
@@ -311,6 +306,44 @@ def test_bad_input(real, tmp_path):
         interp.analyze(model, enc, clt, no_heldout, small_cfg())
     with pytest.raises(ValueError, match="chunk_size"):
         interp.InterpConfig(chunk_size=4)
+
+
+def test_killed_run_leaves_the_old_outputs_whole(real, tmp_path, monkeypatch):
+    """A run that dies while writing features.jsonl leaves the previous file as it was, no partial one."""
+    out = tmp_path / "interp"
+    out.mkdir()
+    (out / "features.jsonl").write_text('{"old": 1}\n')
+    written = []
+
+    def dies_on_the_fifth_feature(*args, **kw):
+        written.append(1)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # what a kill during the write looks like from inside
+        return []
+
+    monkeypatch.setattr(interp, "examples", dies_on_the_fifth_feature)
+    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        interp.run(cfg)
+    assert (out / "features.jsonl").read_text() == '{"old": 1}\n'
+    assert sorted(os.listdir(out)) == ["features.jsonl"]  # no temporary file, no summary of a run that died
+
+
+def test_clt_of_another_model_is_refused(real, tmp_path):
+    """A CLT whose recorded fingerprint is another model's: exit status 1, one line naming the fix."""
+    other, _ = byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
+    config = CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(real / "model"),  # the name even matches
+                       model_sha256=other.fingerprint())
+    CrossLayerTranscoder(config).save_pretrained(str(tmp_path / "clt"))
+    out = tmp_path / "interp"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "interp.py"), "--model", str(real / "model"),
+                           "--clt", str(tmp_path / "clt"), "--cache", str(real / "cache"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("error: the CLT")
+    assert "made from another model" in message[0] and "pass the --model it was made from" in message[0]
+    assert not out.exists()  # refused before anything was written
 
 
 def test_concept_labels_follow_the_labeler(gpt):
