@@ -649,31 +649,42 @@ def summarize(stats, scores, per_concept, cfg):
     return out
 
 
-def plot_summary(path, stats, scores, per_concept):
-    """Score distributions as a PNG: density per layer, detection AUROC, fuzzing, concept F1."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    density = (stats.n_fires.cpu() / stats.n_rows).view(stats.L, -1)
-    live = density.flatten() > 0
-    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+def plot_summary(path, stats, scores, summary):
+    """The summary as four small plots in one PNG (viz.py's index shows it): detection AUROC and fuzzing
+    per layer, the firing-density histogram, and toy-world concept recovery per family (without a toy
+    world: each layer's dead / dense / interpretable counts)."""
+    from matplotlib.figure import Figure  # no pyplot: an Agg canvas, no window, no global backend
+    density = (stats.n_fires.cpu() / stats.n_rows).view(stats.L, -1)  # (L, F)
+    live = density > 0
+    fig = Figure(figsize=(10, 7))
+    ax = fig.subplots(2, 2)
+    for a, x, name in ((ax[0, 0], scores[0], "detection AUROC"), (ax[0, 1], scores[2], "fuzzing balanced accuracy")):
+        per_layer = [v[ok & ~v.isnan()].numpy() for v, ok in zip(x.view(stats.L, -1), live)]  # L arrays
+        a.boxplot([v if len(v) else [float("nan")] for v in per_layer])
+        a.set_xticks(range(1, stats.L + 1), [str(l) for l in range(stats.L)])
+        a.set(title=f"{name} per layer (live features)", xlabel="layer", ylim=(0, 1.02))
     for l in range(stats.L):
-        ax[0, 0].hist(density[l][density[l] > 0].log10().numpy(), bins=40, histtype="step", label=f"layer {l}")
-    ax[0, 0].set(title="firing density (live features)", xlabel="log10 density")
-    ax[0, 0].legend(fontsize=7)
-    for a, x, name in ((ax[0, 1], scores[0], "detection AUROC"), (ax[1, 0], scores[2], "fuzzing balanced accuracy")):
-        x = x[live]
-        a.hist(x[~x.isnan()].numpy(), bins=40, range=(0, 1))
-        a.set(title=f"{name} (live features)", xlabel=name)
-    if per_concept:
-        ax[1, 1].hist([c["f1"] for c in per_concept.values()], bins=40, range=(0, 1))
-        ax[1, 1].set(title="toy world: best feature F1 per concept", xlabel="F1")
+        ax[1, 0].hist(density[l][live[l]].log10().numpy(), bins=40, histtype="step", label=f"layer {l}")
+    ax[1, 0].set(title="firing density (live features)", xlabel="log10 density", ylabel="features")
+    ax[1, 0].legend(fontsize=7)
+    concepts = summary.get("concepts")
+    if concepts:
+        names = list(concepts["by_family"])
+        fams = [concepts["by_family"][n] for n in names]
+        ax[1, 1].bar(names, [f["concepts"] for f in fams], color="#dddddd", label="concepts")
+        ax[1, 1].bar(names, [f["recovered"] for f in fams], color="#2b6cb0", label=f"F1 >= {concepts['f1_threshold']}")
+        ax[1, 1].set(title="toy world: concepts recovered per family", ylabel="concepts")
+        ax[1, 1].legend(fontsize=7)
     else:
-        ax[1, 1].axis("off")
+        layers = summary["per_layer"]
+        ax[1, 1].bar(range(stats.L), [r["dead"] for r in layers], color="#c53030", label="dead")
+        ax[1, 1].bar(range(stats.L), [r["interpretable"] for r in layers], bottom=[r["dead"] for r in layers],
+                     color="#2b6cb0", label="interpretable")
+        ax[1, 1].set(title="features per layer", xlabel="layer", xticks=range(stats.L))
+        ax[1, 1].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")  # the temporary name has no .png to infer the format from
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -761,7 +772,7 @@ def run(cfg: InterpConfig):
             pass
         summary.update(seconds_plain_read=round(time.perf_counter() - t, 3))
         summary.update(ratio_to_plain_read=round(seconds / summary["seconds_plain_read"], 2))
-    plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, per_concept)
+    plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, summary)
     write_json(os.path.join(cfg.out, "summary.json"), summary)  # last: a run with a summary.json is complete
     return summary
 

@@ -155,7 +155,7 @@ def parse_dot(source):
 
 def test_dot_nodes_edges_ranks():
     graph = make_graph()
-    g = viz.build_dot(graph, viz.VizConfig())
+    g = viz.build_dot(graph, viz.GraphConfig())
     nodes, edges, rows = parse_dot(g.source)
     assert set(nodes) == {n["node_id"] for n in graph["nodes"]}
     assert set(edges) == {(l["source"], l["target"]) for l in graph["links"]}
@@ -177,14 +177,14 @@ def test_dot_nodes_edges_ranks():
 
 
 def test_max_nodes_and_edges_prune_the_weakest():
-    g = viz.build_dot(make_graph(), viz.VizConfig(max_nodes=2, max_edges=2))
+    g = viz.build_dot(make_graph(), viz.GraphConfig(max_nodes=2, max_edges=2))
     nodes, edges, _ = parse_dot(g.source)
     assert {n for n in nodes if not n.startswith(("E_", "3_"))} == {"1_3_2", "0_5_1"}  # embeddings/logits always
     assert set(edges) == {("1_3_2", "3_42_2"), ("0_5_1", "1_3_2")}
 
 
 def test_crowded_cells_wrap_onto_more_ranks():
-    _, _, rows = parse_dot(viz.build_dot(make_graph(), viz.VizConfig(cell_width=1)).source)
+    _, _, rows = parse_dot(viz.build_dot(make_graph(), viz.GraphConfig(cell_width=1)).source)
     members = [{n for n in ids if not n.startswith(("rowlabel_", "cell_", "legend"))} for ids in rows.values()]
     assert members[1:3] == [{"0_5_1", "0_7_2"}, {"0_-1_2"}]  # layer 0, its most influential node per cell first
 
@@ -194,7 +194,7 @@ def test_dot_layout_is_a_grid():
     """Rows bottom to top in layer order; within a row, x follows the token position; a position's
     first node sits straight above the one below it (same x) in every row."""
     graph = make_graph()
-    pos = viz.dot_positions(viz.build_dot(graph, viz.VizConfig(), links=False))
+    pos = viz.dot_positions(viz.build_dot(graph, viz.GraphConfig(), links=False))
     rows = [["E_100_0", "E_101_1", "E_102_2"], ["0_5_1", "0_-1_2"], ["cell_2_1", "1_3_2"], ["3_42_2"]]
     ys = [pos[r[0]][1] for r in rows]
     assert ys == sorted(ys) and len(set(ys)) == 4
