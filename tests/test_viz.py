@@ -130,7 +130,10 @@ def check_page(path):
 
 def parse_dot(source):
     """(visible node ids -> attribute text, visible edges {(a, b): attrs}, {row subgraph: [node ids]})."""
-    nodes, edges, rows, row = {}, {}, {}, None
+    nodes = {}
+    edges = {}
+    rows = {}
+    row = None
     for line in source.splitlines():
         if m := re.match(r"\s*subgraph (\w+) \{", line):
             row = m.group(1)
@@ -172,8 +175,8 @@ def test_dot_nodes_edges_ranks():
     assert viz.POS_COLOR in edges["0_5_1", "1_3_2"] and viz.NEG_COLOR in edges["E_102_2", "1_3_2"]
     widths = {e: float(re.search(r"penwidth=([\d.]+)", a).group(1)) for e, a in edges.items()}
     assert max(widths, key=widths.get) == ("1_3_2", "3_42_2") and min(widths, key=widths.get) == ("0_7_2", "1_3_2")
-    size = lambda n: float(re.search(r"width=([\d.]+)", nodes[n]).group(1))
-    assert size("1_3_2") > size("0_5_1") > size("0_7_2") > size("0_-1_2")  # by influence_raw
+    size = {n: float(re.search(r"width=([\d.]+)", a).group(1)) for n, a in nodes.items()}
+    assert size["1_3_2"] > size["0_5_1"] > size["0_7_2"] > size["0_-1_2"]  # by influence_raw
 
 
 def test_max_nodes_and_edges_prune_the_weakest():
@@ -200,9 +203,9 @@ def test_dot_layout_is_a_grid():
     assert ys == sorted(ys) and len(set(ys)) == 4
     for r in rows:
         assert len({pos[n][1] for n in r}) == 1 and [pos[n][0] for n in r] == sorted(pos[n][0] for n in r)
-    x = lambda n: pos[n][0]
-    assert abs(x("E_101_1") - x("0_5_1")) < 1 and abs(x("0_5_1") - x("cell_2_1")) < 1
-    assert abs(x("E_102_2") - x("1_3_2")) < 1 and abs(x("1_3_2") - x("3_42_2")) < 1
+    x = {n: p[0] for n, p in pos.items()}
+    assert abs(x["E_101_1"] - x["0_5_1"]) < 1 and abs(x["0_5_1"] - x["cell_2_1"]) < 1
+    assert abs(x["E_102_2"] - x["1_3_2"]) < 1 and abs(x["1_3_2"] - x["3_42_2"]) < 1
 
 
 @needs_dot
@@ -276,7 +279,8 @@ def test_feature_pages_reject_mismatched_examples(tmp_path):
 
 
 def test_train_plots_and_frontier(tmp_path):
-    a, b = write_metrics(tmp_path / "a", l0=8.0, fvu=0.2), write_metrics(tmp_path / "b", l0=32.0, fvu=0.05)
+    a = write_metrics(tmp_path / "a", l0=8.0, fvu=0.2)
+    b = write_metrics(tmp_path / "b", l0=32.0, fvu=0.05)
     written = viz.main(["train", str(a), str(b), "--out", str(tmp_path / "plots"), "--dpi", "50"])
     names = {os.path.relpath(p, tmp_path / "plots") for p in written}
     panels = {"loss", "fvu", "l0", "dead", "spliced", "recovered"}
@@ -297,7 +301,8 @@ def test_train_plots_and_frontier(tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("dot") is None,
                     reason="needs chromium and graphviz `dot`")
 def test_screenshots_are_not_blank(tmp_path):
-    path, run = write_graph(tmp_path), write_interp(tmp_path)
+    path = write_graph(tmp_path)
+    run = write_interp(tmp_path)
     viz.main(["features", str(run)])
     viz.main(["graph", str(path)])
     for page in (run / "html" / "L0_F5.html", path.parent / "graph.html"):
