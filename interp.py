@@ -61,7 +61,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt import GPT, CrossLayerTranscoder, atomic_path, check_same_model, load_tokenizer, parse_config, run_main, write_json
+from clt import (GPT, CrossLayerTranscoder, atomic_path, check_same_model, load_tokenizer, parse_config, run_main,
+                 write_json)
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -558,9 +559,13 @@ def examples(store, m, enc, before, n=None):
 
     n: keep n of them at evenly spaced ranks (quantile examples), each with its rank as "quantile".
     """
-    key, act, doc, pos, win_tok, win_act = (store[k][m].tolist() for k in ("key", "act", "doc", "pos", "win_tok", "win_act"))
+    key, act, doc, pos, win_tok, win_act = (store[k][m].tolist()
+                                            for k in ("key", "act", "doc", "pos", "win_tok", "win_act"))
     keep = sorted((i for i in range(len(key)) if key[i] > 0), key=lambda i: -act[i])
-    ranks = range(len(keep)) if n is None else sorted({int((j + 0.5) * len(keep) / n) for j in range(n)} if keep else [])
+    if n is None:
+        ranks = range(len(keep))
+    else:  # evenly spaced ranks; fewer when the reservoir holds fewer than n firings
+        ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)}) if keep else []
     out = []
     for r in ranks:
         i = keep[r]
@@ -819,7 +824,8 @@ def analyze(model, enc, clt, cache, cfg, world=None):
     labels = ConceptLabels(cache, world, enc, cfg) if world is not None else None
     scorer = Scorer(expl, L, F_, stats.base, stats.gram_space, len(labels.names) if labels else 0, cfg)
     row = 0
-    for p in tqdm(padded_chunks(clt, cache, "heldout", cfg), total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
+    chunks = padded_chunks(clt, cache, "heldout", cfg)
+    for p in tqdm(chunks, total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
         scorer.update(p, labels and labels.rows(row, row + p.hi - p.lo, cfg.device))
         row += p.hi - p.lo
     if scorer.n_rows == 0:

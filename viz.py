@@ -120,9 +120,9 @@ def feature_page_name(layer, feature):
 
 def write_file(path, data):
     """Write text or bytes to `path` whole or not at all."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w", encoding=None if isinstance(data, bytes) else "utf-8") as f:
-            f.write(data)
+    binary = isinstance(data, bytes)
+    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        f.write(data)
 
 
 def write_page(path, title, body):
@@ -248,7 +248,9 @@ def _tooltip(node):
     act = node.get("activation")
     head = f"{_node_name(node)} at position {node['ctx_idx']}" + (f", activation {act:.3g}" if act is not None else "")
     clerp = node.get("clerp") or ""
-    return _text(head) + (f"\\n{_text(clerp)}" if clerp and node["feature_type"] != "logit" else "")  # \n: dot's newline
+    if not clerp or node["feature_type"] == "logit":  # a logit's clerp is its name
+        return _text(head)
+    return f"{_text(head)}\\n{_text(clerp)}"  # \n: dot's line break
 
 
 def _node_attrs(node, s, tokens, cfg, href):

@@ -229,6 +229,22 @@ def test_graph_without_dot_writes_the_dot_file(tmp_path, monkeypatch, capsys):
     viz.main(["graph", str(path)])
     assert (path.parent / "graph.dot").exists() and not (path.parent / "graph.svg").exists()
     assert "apt-get install graphviz" in capsys.readouterr().out
+    page = check_page(path.parent / "graph.html")  # the nodes are still listed, and say how to get the picture
+    assert "<svg" not in page and "apt-get install graphviz" in page and "says a city" in page
+
+
+def test_graph_page_lists_nodes_by_influence(tmp_path, monkeypatch):
+    path = write_graph(tmp_path)
+    pages = tmp_path / "interp" / "html"
+    pages.mkdir(parents=True)
+    (pages / "L1_F3.html").write_text("<p>page</p>")
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)  # the table does not need graphviz
+    viz.main(["graph", str(path)])
+    page = check_page(path.parent / "graph.html")
+    table = page[page.index("<h2>Nodes"):]
+    order = [table.index(name) for name in ("L1/3", "L0/5", "L0/7", "err L0")]  # by influence_raw
+    assert order == sorted(order)
+    assert '<a href="../interp/html/L1_F3.html">L1/3</a>' in table and "L0_F5.html" not in table
 
 
 def test_bad_graph_input(tmp_path):
@@ -314,3 +330,124 @@ def test_screenshots_are_not_blank(tmp_path):
         img = imread(png)
         assert img.shape[:2] == (900, 1200)
         assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50, f"{page} looks blank"
+
+
+# -----------------------------------------------------------------------------
+# the feature browser (index.html) in a real browser, when Chromium is installed
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="headless Chromium is not installed (apt-get install chromium)")
+
+
+def write_browser_interp(tmp_path):
+    """Nine features over three layers: "capital" in some explanations, in one's top tokens only, in
+    another's case; one dead, one dense, one without an AUROC. Returns (run dir, their (layer, feature))."""
+    run = tmp_path / "interp"
+    run.mkdir()
+    spec = [  # layer, feature, explanation, detection AUROC, density
+        (0, 0, 'fires on " capital" | promotes " Tes"', 0.95, 0.02), (0, 1, "dead", None, 0.0),
+        (0, 2, 'fires on " the" | promotes " of"', 0.6, 0.05), (0, 3, 'fires on " city" | promotes " is"', 0.7, 0.01),
+        (1, 0, 'fires on " capital", " of" | promotes " Tes"', 0.99, 0.03),
+        (1, 1, 'fires on " capital" | promotes " Rig"', None, 0.001),
+        (1, 2, 'fires on no frequent n-gram | promotes " the"', 0.55, 0.5),
+        (2, 0, 'fires on " Capital" | promotes " Tes"', 0.8, 0.04),
+        (2, 1, 'fires on " sat" | promotes " on"', 0.9, 0.02)]
+    rows = []
+    for layer, f, text, auroc, density in spec:
+        rec = feature(layer, f, n_fires=int(density * 1000))
+        rec.update(explanation=text, detection_auroc=auroc, density=density)
+        if (layer, f) == (0, 3):  # "capital" only in its top tokens
+            rec["top_examples"] = [dict(rec["top_examples"][0], tokens=[" the", " capital", " of", "\n", "&"])]
+        rows.append(rec)
+    (run / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run, [(layer, f) for layer, f, *_ in spec]
+
+
+class IndexRows(HTMLParser):
+    """The rows of the index's table, in document order: (hidden, [cell texts])."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+        self.in_body = False
+        self.cell = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.in_body = dict(attrs).get("id") == "features"
+        elif tag == "tr" and self.in_body and any(k == "data-layer" for k, _ in attrs):
+            self.rows.append(("hidden" in dict(attrs), []))
+        elif tag == "td" and self.in_body and self.rows:
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cell is not None:
+            self.rows[-1][1].append(self.cell.strip())
+            self.cell = None
+        elif tag == "table":
+            self.in_body = False
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def chromium_dom(url, tmp_path):
+    """The page's DOM after its scripts ran, as headless Chromium dumps it."""
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", url],
+                          check=True, capture_output=True, text=True, timeout=120)
+    return proc.stdout
+
+
+def shown(dom):
+    """(layer, feature) of the rows the browser shows, top to bottom."""
+    parser = IndexRows()
+    parser.feed(dom)
+    return [(int(cells[0]), int(cells[1])) for hidden, cells in parser.rows if not hidden]
+
+
+def test_index_has_a_row_per_feature(tmp_path):
+    run, features = write_browser_interp(tmp_path)
+    viz.main(["features", str(run)])
+    index = check_page(run / "html" / "index.html")
+    assert shown(index) == features  # in the file, before any script: every feature, dead ones too
+    assert "<script>" in index and index.count("<script") == 1  # one inline script, nothing loaded
+    parser = IndexRows()
+    parser.feed(index)
+    flags = {(int(c[0]), int(c[1])): c[-1] for _, c in parser.rows}
+    assert flags[0, 1] == "dead" and flags[1, 2] == "dense" and flags[0, 0] == ""
+    assert 'href="L0_F1.html"' not in index and not (run / "html" / "L0_F1.html").exists()  # dead: no page
+
+
+@needs_chromium
+def test_browser_sorts_and_filters_from_the_url(tmp_path):
+    run, features = write_browser_interp(tmp_path)
+    index = viz.main(["features", str(run)])
+    assert shown(chromium_dom(f"file://{index}", tmp_path)) == features
+    capital = shown(chromium_dom(f"file://{index}#sort=auroc&q=capital", tmp_path))
+    assert capital == [(1, 0), (0, 0), (2, 0), (0, 3), (1, 1)]  # by AUROC, highest first; no AUROC last
+    layer0 = shown(chromium_dom(f"file://{index}#layer=0&sort=density&dir=asc", tmp_path))
+    assert layer0 == [(0, 1), (0, 3), (0, 0), (0, 2)]
+    by_id = shown(chromium_dom(f"file://{index}#q=capital&sort=feature&dir=desc", tmp_path))
+    assert by_id == [(0, 3), (1, 1), (0, 0), (1, 0), (2, 0)]  # ties keep the file's order
+    both = shown(chromium_dom(f"file://{index}#q=city+capital", tmp_path))
+    assert both == [(0, 3)]  # every word, in the explanation or the top tokens
+
+
+@needs_chromium
+def test_graph_page_links_resolve(tmp_path):
+    path = write_graph(tmp_path)
+    run = write_interp(tmp_path)
+    viz.main(["features", str(run)])
+    viz.main(["graph", str(path)])
+    dom = chromium_dom(f"file://{path.parent / 'graph.html'}", tmp_path)
+    links = re.findall(r'<a[^>]*?\shref="([^"]+)"', dom)
+    assert links, "no links on the graph page"
+    pages = {os.path.normpath(path.parent / link) for link in links}
+    assert all(os.path.isfile(p) for p in pages), pages
+    assert pages == {str(run / "html" / "L0_F5.html"), str(run / "html" / "L1_F3.html")}
+    if shutil.which("dot") is not None:  # the picture's nodes link too (SVG <a>), with the explanation to hover
+        svg = dom[dom.index("<svg"):dom.index("</svg>")]
+        assert re.search(r'<a[^>]*href="../interp/html/L1_F3.html"[^>]*title="L1/3 at position 2[^"]*says a city', svg)
