@@ -248,9 +248,9 @@ def _tooltip(node):
     act = node.get("activation")
     head = f"{_node_name(node)} at position {node['ctx_idx']}" + (f", activation {act:.3g}" if act is not None else "")
     clerp = node.get("clerp") or ""
-    if not clerp or node["feature_type"] == "logit":  # a logit's clerp is its name
+    if not clerp or node["feature_type"] != "cross layer transcoder":  # other nodes' clerp is their name
         return _text(head)
-    return f"{_text(head)}\\n{_text(clerp)}"  # \n: dot's line break
+    return graphviz.nohtml(f"{_text(head)}\\n{_text(clerp)}")  # \n: dot's line break; nohtml: "<|...|>" is text
 
 
 def _node_attrs(node, s, tokens, cfg, href):
@@ -656,8 +656,8 @@ def _image_data_uri(path):
 
 
 def summary_html(summary, run_dir):
-    """interp.py's summary as a few numbers, the per-layer counts and its plots (summary.png, inline)."""
-    body = []
+    """interp.py's summary beside its plots: a few numbers, the per-layer counts, summary.png (inline)."""
+    numbers = []
     if summary:
         heads = [("train tokens", summary.get("n_train_tokens")), ("held-out tokens", summary.get("n_heldout_tokens")),
                  (f"live features with detection AUROC >= {summary.get('detection_threshold')}",
@@ -666,15 +666,16 @@ def summary_html(summary, run_dir):
         if c:
             heads.append((f"toy-world concepts ({c['families']}) recovered with F1 >= {c['f1_threshold']}",
                           f"{c['recovered']} / {c['n']}"))
-        body += ["<h2>Summary</h2><table>"] + [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
-                                               for k, v in heads if v is not None] + ["</table>"]
+        numbers += ["<h2>Summary</h2><table>"] + [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+                                                  for k, v in heads if v is not None] + ["</table>"]
         if summary.get("per_layer"):
-            body += ["<h2>Per layer</h2>", _table(summary["per_layer"])]
+            numbers += ["<h2>Per layer</h2>", _table(summary["per_layer"])]
+    plots = ""
     if os.path.isfile(os.path.join(run_dir, "summary.png")):  # inline, so the page stays self-contained
         uri = _image_data_uri(os.path.join(run_dir, "summary.png"))
-        body.append(f'<p><img alt="score distributions, densities and concept recovery" style="max-width:100%" '
-                    f'src="{uri}"></p>')
-    return "".join(body)
+        plots = (f'<img alt="score distributions, densities and concept recovery" style="width:720px;max-width:100%" '
+                 f'src="{uri}">')
+    return f"<div class='cols'><div>{''.join(numbers)}</div><div>{plots}</div></div>"
 
 
 def index_page(rows, n_dead, n_dense, layers, summary, run_dir):

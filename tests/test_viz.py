@@ -209,6 +209,18 @@ def test_dot_layout_is_a_grid():
 
 
 @needs_dot
+def test_angle_brackets_in_text_stay_text():
+    """A token like <|endoftext|> in a label or tooltip is text, not one of graphviz's HTML-like labels."""
+    graph = make_graph()
+    nodes = {n["node_id"]: n for n in graph["nodes"]}
+    nodes["E_100_0"]["clerp"] = "<|endoftext|>"  # graph.py names an embedding node by its token
+    nodes["0_5_1"]["clerp"] = "<|endoftext|> then <b>"
+    g = viz.build_dot(graph, viz.GraphConfig(), links=False)
+    assert "E_100_0" in viz.dot_positions(g)  # dot parses it
+    assert 'tooltip="L0/5 at position 1, activation 2\\n<|endoftext|> then <b>"' in g.source
+
+
+@needs_dot
 def test_graph_files_link_to_feature_pages(tmp_path):
     path = write_graph(tmp_path)
     pages = tmp_path / "interp" / "html"
