@@ -57,7 +57,8 @@ class GraphConfig:
     """draw an attribution graph (graph.py's JSON): .dot, .svg, .png and a page with its nodes"""
     inputs: list = field(default_factory=list)  # the graph.json to draw (one)
     out: str = ""  # output folder; "" = beside the graph.json
-    features: str = ""  # folder of feature pages to link nodes to; "" = <graph dir>/../interp/html
+    interp: str = ""  # interp.py's output folder (features.jsonl, html/); "" = <graph dir>/../interp
+    features: str = ""  # folder of feature pages to link nodes to; "" = <interp>/html
     max_nodes: int = 60  # feature and error nodes drawn, most influential first (+ every embedding, logit)
     max_edges: int = 150  # edges drawn, strongest |weight| first
     label_chars: int = 26  # characters of a feature's explanation shown in its node
@@ -427,14 +428,15 @@ def draw_graph(cfg):
     graph = load_graph(path)
     out = cfg.out or os.path.dirname(os.path.abspath(path))
     os.makedirs(out, exist_ok=True)
-    feat_dir = cfg.features or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp", "html")
+    interp_dir = cfg.interp or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp")
+    feat_dir = cfg.features or os.path.join(interp_dir, "html")
 
     def href(layer, feature):
         page = os.path.join(feat_dir, feature_page_name(layer, feature))
         return os.path.relpath(page, out) if os.path.isfile(page) else None
 
     stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
-    written = [stem + ".dot", stem + ".html"]
+    written = [stem + ".dot", stem + ".html"] + write_frontend_features(graph, interp_dir, out)
     if shutil.which("dot") is None:
         write_file(stem + ".dot", build_dot(graph, cfg, href).source)
         write_page(stem + ".html", "Attribution graph", graph_page(graph, cfg, None, stem, href))
@@ -450,6 +452,90 @@ def draw_graph(cfg):
     write_page(stem + ".html", "Attribution graph", graph_page(graph, cfg, _strip_svg(svg), stem, href))
     print(f"wrote {stem}.dot, .svg, .png, .html")
     return written + [stem + ".svg", stem + ".png"]
+
+
+# -----------------------------------------------------------------------------
+# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server)
+
+FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan that makes the front end read {out}/features/
+FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
+
+
+def _percentiles(counts, edges, n=100):
+    """The 1st..n-th percentiles of a feature's activations, read off its log-spaced histogram (bin centres)."""
+    total = sum(counts)
+    if not total:
+        return []
+    out = []
+    cum = 0
+    i = -1
+    for p in range(1, n + 1):
+        while cum < p / n * total:
+            i += 1
+            cum += counts[i]
+        out.append(math.sqrt(edges[i] * edges[i + 1]))  # the geometric centre of the log-spaced bin
+    return out
+
+
+def _linear_histogram(counts, edges, act_max, n_bins=FRONTEND_BINS):
+    """interp's log-spaced histogram re-binned into n_bins linear bins over [0, act_max] (by bin centres)."""
+    out = [0.0] * n_bins
+    for i, c in enumerate(counts):
+        centre = math.sqrt(edges[i] * edges[i + 1])
+        i_bin = min(int(centre / act_max * n_bins), n_bins - 1) if act_max > 0 else 0
+        out[i_bin] += c
+    return out
+
+
+def _frontend_example(ex):
+    return dict(tokens_acts_list=ex["acts"], train_token_ind=ex["center"], is_repeated_datapoint=False,
+                tokens=ex["tokens"])
+
+
+def frontend_feature(feat, transcoder_id):
+    """One record of interp.py's features.jsonl in circuit-tracer's front-end schema (its
+    frontend/feature_models.py Model): the top examples, then the quantile examples in four bands of
+    their activation rank, top / bottom logits, the activation range, percentiles and histogram."""
+    hist = feat.get("hist") or {}
+    counts = hist.get("counts") or []
+    edges = hist.get("edges") or []
+    act_max = float(feat.get("max_act") or 0.0)
+    top = [_frontend_example(e) for e in feat.get("top_examples") or []]
+    groups = [dict(quantile_name="Top activations", examples=top)]
+    for lo in (0.75, 0.5, 0.25, 0.0):  # an example's "quantile" (in (0, 1)): the share of firings below it
+        band = [_frontend_example(e) for e in feat.get("quantile_examples") or [] if lo <= e["quantile"] < lo + 0.25]
+        if band:
+            groups.append(dict(quantile_name=f"Quantile {lo:.2f}-{lo + 0.25:.2f}", examples=band))
+    return dict(transcoder_id=transcoder_id, index=int(feat["feature"]), examples_quantiles=groups,
+                top_logits=[r["token"] for r in feat.get("promoted") or []],
+                bottom_logits=[r["token"] for r in feat.get("suppressed") or []],
+                act_min=0.0, act_max=act_max, quantile_values=_percentiles(counts, edges),
+                histogram=_linear_histogram(counts, edges, act_max),
+                activation_frequency=float(feat.get("density") or 0))
+
+
+def write_frontend_features(graph, interp_dir, out):
+    """{out}/features/{node "feature"}.json for every feature node of the graph that interp.py described,
+    the files circuit-tracer's front end fetches at {scan}/{featureIndex}.json; returns their paths."""
+    path = os.path.join(interp_dir, "features.jsonl")
+    wanted = {(int(n["layer"]), _feature_index(n)): n["feature"] for n in graph["nodes"]
+              if n["feature_type"] == "cross layer transcoder"}
+    if not wanted or not os.path.isfile(path):
+        return []
+    meta = graph.get("metadata", {})
+    transcoder_id = str(meta.get("scan") or "clt")
+    os.makedirs(os.path.join(out, "features"), exist_ok=True)
+    written = []
+    with open(path, encoding="utf-8") as f:
+        for line in filter(str.strip, f):
+            feat = json.loads(line)
+            key = (int(feat["layer"]), int(feat["feature"]))
+            if key in wanted:
+                written.append(os.path.join(out, "features", f"{wanted[key]}.json"))
+                write_file(written[-1], json.dumps(frontend_feature(feat, transcoder_id)))
+    note = "" if meta.get("scan") == FRONTEND_SCAN else f" (read when the graph's metadata.scan is {FRONTEND_SCAN!r})"
+    print(f"wrote {len(written)} feature files for circuit-tracer's front end to {out}/features{note}")
+    return written
 
 
 # -----------------------------------------------------------------------------

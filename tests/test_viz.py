@@ -463,3 +463,48 @@ def test_graph_page_links_resolve(tmp_path):
     if shutil.which("dot") is not None:  # the picture's nodes link too (SVG <a>), with the explanation to hover
         svg = dom[dom.index("<svg"):dom.index("</svg>")]
         assert re.search(r'<a[^>]*href="../interp/html/L1_F3.html"[^>]*title="L1/3 at position 2[^"]*says a city', svg)
+
+
+# -----------------------------------------------------------------------------
+# the graph's features for circuit-tracer's front end
+
+# circuit-tracer 0.5.0, frontend/feature_models.py: Model and its Example, field by field
+FRONTEND_MODEL = dict(transcoder_id=str, index=int, examples_quantiles=list, top_logits=list, bottom_logits=list,
+                      act_min=float, act_max=float, quantile_values=list, histogram=list, activation_frequency=float)
+FRONTEND_EXAMPLE = dict(tokens_acts_list=list, train_token_ind=int, is_repeated_datapoint=bool, tokens=list)
+
+
+def frontend_files(tmp_path, monkeypatch):
+    path = write_graph(tmp_path)
+    write_interp(tmp_path)
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)  # the feature files do not need graphviz
+    viz.main(["graph", str(path)])
+    return path.parent / "features"
+
+
+def test_frontend_feature_files_follow_circuit_tracers_schema(tmp_path, monkeypatch):
+    folder = frontend_files(tmp_path, monkeypatch)
+    # named by the node's "feature" (the Cantor pair the front end asks for); L0/7 has no interp record
+    assert sorted(os.listdir(folder)) == ["13.json", "20.json"]
+    data = json.loads((folder / "20.json").read_text())  # node 0_5_1: layer 0, feature 5
+    assert {k: type(v) for k, v in data.items()} == FRONTEND_MODEL
+    for group in data["examples_quantiles"]:
+        assert set(group) == {"quantile_name", "examples"} and isinstance(group["quantile_name"], str)
+        for ex in group["examples"]:
+            assert {k: type(v) for k, v in ex.items()} == FRONTEND_EXAMPLE
+            assert len(ex["tokens"]) == len(ex["tokens_acts_list"])
+    top = data["examples_quantiles"][0]
+    assert top["quantile_name"] == "Top activations" and top["examples"][0]["tokens"][1] == " Paris"
+    assert top["examples"][0]["train_token_ind"] == 1 and top["examples"][0]["tokens_acts_list"][1] == 3.0
+    assert data["index"] == 5 and data["top_logits"] == [" Paris", "<"] and data["bottom_logits"] == [" London"]
+    assert (data["act_min"], data["act_max"], data["activation_frequency"]) == (0.0, 3.0, 0.01)
+    q = data["quantile_values"]  # q[i] is the (i+1)-th percentile: the front end places a node's activation
+    assert len(q) == 100 and q == sorted(q) and 0.25 < q[0] < 0.5 and 2.0 < q[-1] < 4.0
+    assert sum(data["histogram"]) == 10 and len(data["histogram"]) == viz.FRONTEND_BINS
+
+
+def test_frontend_feature_files_load_in_circuit_tracer(tmp_path, monkeypatch):
+    feature_models = pytest.importorskip("circuit_tracer.frontend.feature_models",
+                                         reason="circuit-tracer is not installed (pip install circuit-tracer)")
+    for path in frontend_files(tmp_path, monkeypatch).iterdir():
+        feature_models.Model(**json.loads(path.read_text()))
