@@ -3,7 +3,8 @@ viz.py: pictures of what the other scripts write: attribution graphs, a feature 
 
 Data flow (each picture reads one script's output and writes static files beside it):
 
-    graph.py  -> runs/graph/{slug}.json      -> viz.py graph    -> {slug}.dot/.svg/.png/.html beside it
+    graph.py  -> runs/graph/{slug}.json      -> viz.py graph    -> {slug}.dot/.svg/.png/.html beside it,
+                                                                   features/{feature}.json (circuit-tracer's front end)
     interp.py -> runs/interp/features.jsonl  -> viz.py features -> runs/interp/html/index.html + a page a feature
     train.py  -> runs/clt/metrics.jsonl      -> viz.py train    -> runs/clt/plots/*.png (+ frontier.png)
 
@@ -21,6 +22,10 @@ filtered by layer and by words that must all occur in the explanation or the top
 lives in the URL's hash, so a link reopens it: index.html#sort=auroc&dir=desc&layer=2&q=capital
 (sort: layer, feature, explanation, tokens, density, max_act, auroc, fuzzing, concept, f1, flags).
 
+circuit-tracer's own front end (`python -m circuit_tracer start-server --graph_file_dir runs/graph`) shows a
+node's examples from features/{feature}.json when the graph's metadata.scan is "./data/features"; that page
+loads d3 and its other libraries from the network (circuit-tracer 0.5.0), unlike ours.
+
 References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
 frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
 "E_{token_id}_{pos}", logits at layer n_layers+1); feature pages follow Neuronpedia / SAEDashboard.
@@ -29,7 +34,8 @@ Differences from them:
   columns = token positions), then `neato -n2` draws the edges around the pinned nodes; without
   `dot` the page still lists the nodes;
 - feature pages are plain HTML; only the index has a script (sorting and filtering its rows, which
-  are in the HTML, so it reads without JavaScript too). It holds every feature: ~200 bytes each.
+  are in the HTML, so it reads without JavaScript too). It holds every feature, ~0.8 KB each (the
+  toy CLT's 1,024: 0.9 MB): fine up to ~10^5 features; a GPT-2-small CLT (~3·10^5) wants a paged index.
 """
 import base64
 import html
@@ -523,7 +529,8 @@ def write_frontend_features(graph, interp_dir, out):
     if not wanted or not os.path.isfile(path):
         return []
     meta = graph.get("metadata", {})
-    transcoder_id = str(meta.get("scan") or "clt")
+    clt_dir = (meta.get("info") or {}).get("clt")  # graph.py's info names the CLT; its scan may be a path
+    transcoder_id = os.path.basename(os.path.normpath(clt_dir)) if clt_dir else str(meta.get("scan") or "clt")
     os.makedirs(os.path.join(out, "features"), exist_ok=True)
     written = []
     with open(path, encoding="utf-8") as f:
