@@ -306,7 +306,7 @@ def test_run_writes_features_and_summary(real):
 def test_bad_input(real, tmp_path):
     base = dict(clt=str(real / "clt"), cache=str(real / "cache"), out=str(tmp_path / "o"))
     byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
-    with pytest.raises(ValueError, match="not by the model given"):
+    with pytest.raises(ValueError, match="made by model .* was made from another model than"):
         interp.load_inputs(small_cfg(model=str(tmp_path / "other"), **base))
     wrong = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(tmp_path / "other")))
     wrong.save_pretrained(str(tmp_path / "clt_other"))
