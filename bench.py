@@ -669,6 +669,7 @@ def main(argv=None):
                 setattr(args, k, v // 4)
     fn = BENCHMARKS[args.benchmark][0]
     print(vars(args))
+    os.makedirs(args.out, exist_ok=True)
     results = fn(args)
     print_table(results)
     meta = dict(args=vars(args), torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
