@@ -103,8 +103,8 @@ class WriteLayer(torch.autograd.Function):
     Forward: copies x (B, T, d) into slot l of buf (B, T, L, d). Backward: x gets grad[:, :, l] (a
     view, as torch.stack's backward gives) and buf's earlier version gets grad as it is. Autograd's
     own slice assignment (CopySlices) would clone the whole grad to zero slot l, once per layer: L
-    full copies per backward (~4x slower attribution graphs). Not zeroing is exact here because each
-    slot is written once and each write's backward reads only its own slot.
+    full copies per backward (3-6x slower at graph.py's (64, T) batches on CPU). Not zeroing is exact
+    here because each slot is written once and each write's backward reads only its own slot.
     """
 
     @staticmethod
