@@ -53,9 +53,11 @@ def built():
 def test_replacement_reproduces_logits(built):
     model, clt, rep, _ = built
     logits, acts = model.run_with_acts(rep.idx)
-    frozen = model(rep.idx, frozen=rep.frozen, resid=rep.embed[None], mlp_out=(rep.recon + rep.error)[None])
+    frozen = model(rep.idx, frozen=rep.frozen, resid=(rep.token + rep.position)[None], mlp_out=rep.mlp_out[None])
     assert (frozen - logits).abs().max() <= 1e-5
     assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
+    assert not rep.error[0].any()  # nor errors: the MLP outputs at BOS are bias
+    torch.testing.assert_close((rep.recon + rep.error)[1:], rep.mlp_out[1:], atol=1e-6, rtol=0)
     pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
     l, p, f = rep.feats.T
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
@@ -69,8 +71,9 @@ def test_edges_sum_to_inputs(dtype):
     model, clt, rep, graph = build(dtype)
     err, scale = G.exactness(model, clt, rep, graph)
     assert scale > 1 and err <= (1e-4 if dtype == torch.float32 else 1e-10)
-    fs, es, ts, ls = graph.slices()
+    fs, es, ts, _, ls = graph.slices()
     assert not graph.adjacency[es.start:ls.start].any()  # errors and embeddings have no inputs
+    assert not graph.adjacency[:, es].view(-1, L, T)[:, :, 0].any()  # the error nodes at BOS are zero
     layer = graph.feats[:, 0]
     same_or_later = layer[:, None] <= layer[None, :]  # a feature reads nothing from its own layer or above
     assert not graph.adjacency[fs, fs][same_or_later].any()
@@ -79,15 +82,15 @@ def test_edges_sum_to_inputs(dtype):
 def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None):
     """Every target's change when one source is scaled by (1 + eps) in the frozen replacement model,
     measured with forward passes only (and the CLT's own decode)."""
-    resid, mlp_out = rep.embed.clone(), rep.recon + rep.error
+    resid, mlp_out = rep.token + rep.position, rep.mlp_out.clone()
     if feature is not None:  # its decoder writes to every layer from its own up
         (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
         mlp_out[p, l:] += eps * a * clt.W_dec[l][f].detach() / clt.output_scale[l:, None]
     if error is not None:
         l, p = divmod(error, T)
         mlp_out[p, l] += eps * rep.error[p, l]
-    if embed is not None:
-        resid[embed] *= 1 + eps
+    if embed is not None:  # the token embedding only: the position embedding is bias
+        resid[embed] += eps * rep.token[embed]
     before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids))
     after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids, resid, mlp_out))
     return after - before
@@ -96,7 +99,7 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None)
 @pytest.mark.parametrize("dtype,eps,tol", [(torch.float64, 1e-3, 1e-6), (torch.float32, 0.2, 1e-3)])
 def test_edges_match_perturbations(dtype, eps, tol):
     model, clt, rep, graph = build(dtype)
-    A, (fs, es, ts, ls) = graph.adjacency, graph.slices()
+    A, (fs, es, ts, _, ls) = graph.adjacency, graph.slices()
     targets = torch.cat([A[fs], A[ls]])  # rows of every target: features, then logits
     layer = graph.feats[:, 0]
     cross = A[fs, fs] * (layer[:, None] >= layer[None, :] + 2)  # feature -> feature, across a whole layer
@@ -114,7 +117,7 @@ def test_edges_match_perturbations(dtype, eps, tol):
 def test_prune_and_scores(built):
     *_, graph = built
     node_mask, edge_mask, cumulative, infl = G.prune(graph, 0.8, 0.98)
-    fs, es, ts, ls = graph.slices()
+    fs, es, ts, _, ls = graph.slices()
     assert node_mask[ls].all() and node_mask[ts].all()
     assert 0 < node_mask[fs].sum() < len(graph.feats)  # pruning kept some features, not all
     assert not edge_mask[~node_mask].any() and not edge_mask[:, ~node_mask].any()
