@@ -213,10 +213,15 @@ def salient_logits(logits, max_logits, logit_prob):
 
 
 def ln_transposed(g, weight, scale):
-    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g:
+    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g (d, r):
     scale·(weight·g - mean(weight·g)) (the mean subtraction is a symmetric projection)."""
-    wg = g * weight
-    return (wg - wg.mean(-1, keepdim=True)) * scale
+    wg = g * weight[:, None]
+    return (wg - wg.mean(0)) * scale
+
+
+def dot_over_d(e, g):
+    """(T, d) vectors dotted with g (d, T, B) position by position -> (T, B); one batched matmul."""
+    return torch.bmm(e.view(len(e), 1, -1), g.permute(1, 0, 2))[:, 0]
 
 
 class Attribution:
@@ -227,7 +232,8 @@ class Attribution:
     encoder row at its mlp_in, a logit's unembedding minus the mean at ln_f's output), carry it
     down the residual stream (ln_2ᵀ, attentionᵀ through the frozen patterns and W_V, W_O only,
     ln_1ᵀ), and dot it with what each source wrote: the error and decoder vectors at mlp_out[l],
-    the embeddings at the bottom. Row b of a batch carries target b. Written out rather than taken
+    the embeddings at the bottom. Column b of a batch carries target b (the (d, T, B) layout makes
+    every weight product one matmul over all positions and targets). Written out rather than taken
     from autograd so that a batch's pass starts at its highest target layer and covers only the
     positions up to its last target (later ones get nothing: attention is causal); targets sorted
     by (layer, position) make both small. Memory: one batch's gradients at every mlp_out."""
@@ -237,10 +243,16 @@ class Attribution:
         n = len(rep.feats)
         self.model, self.rep, self.T, self.L = model, rep, T, L
         fz = rep.frozen
-        self.pattern = [a[0] for a in fz.attn]  # per layer (nh, T, T)
-        self.scale_1 = [s[0, :, :, None] for s in fz.ln_1]  # per layer (T, 1, 1), for the (T, B, d) layout
-        self.scale_2 = [s[0, :, :, None] for s in fz.ln_2]
-        self.scale_f = fz.ln_f[0, :, :, None]  # (T, 1, 1)
+        # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers, D_w is
+        # ln_1's weight): fold the constant parts once, scale_1 into the patterns, the rest into W_V
+        self.mix, self.W_O, self.W_V = [], [], []
+        for l, block in enumerate(model.h):
+            self.mix.append(fz.attn[l][0].transpose(1, 2) * fz.ln_1[l][0])  # (nh, T, T): scale_1 · patternᵀ
+            self.W_O.append(block.attn.c_proj.weight.detach())  # (C, C): out = y @ W_Oᵀ
+            M = block.ln_1.weight.detach()[:, None] * block.attn.c_attn.weight[2 * d:].detach().T  # (C, C) D_w W_Vᵀ
+            self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ
+        self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
+        self.scale_f = fz.ln_f[0]  # (T, 1)
         l, p, f = rep.feats.T.contiguous()  # searchsorted wants contiguous rows
         self.enc = (clt.W_enc[l, :, f] * clt.input_scale[l, None]).detach()  # (n, d) encoder rows, raw units
         layer_start = torch.searchsorted(l, torch.arange(L + 1, device=l.device)).tolist()
@@ -251,6 +263,7 @@ class Attribution:
             self.writes.append(clt.decoder_writes(layer, f[mine], rep.acts[mine]).detach())
             at = torch.searchsorted(p[mine], torch.arange(T + 1, device=p.device))
             self.starts.append((layer_start[layer] + at).tolist())
+        self.errors = rep.error.transpose(0, 1)  # (L, T, d)
         self.inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
         self.n_sources = n + L * T + len(self.inputs) * T
 
@@ -267,48 +280,65 @@ class Attribution:
         L = self.L
         top = int(layers.max())  # nothing above the highest target reaches any target
         T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
-        g = vectors.new_zeros(T, B, d)  # d(targets)/d(residual stream), position-major
-        G = vectors.new_empty(T, B, top, d)  # the same at each mlp_out[l] below the top layer
+        g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
+        G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
         errors = out[:, len(self.rep.feats):][:, :L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
-        self.inject(g, L, layers, positions, vectors)
+        if top == L:  # logits read ln_f's output at the last position
+            rows, u = self.injected(L, layers, positions, vectors)
+            g[:, -1, rows] = u
         for l in reversed(range(min(top + 1, L))):
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
-                G[:, :, l] = g
-                errors[:, l, :T] = torch.einsum("tbd,td->bt", g, self.rep.error[:T, l])
-            self.inject(g, l, layers, positions, vectors)
-            g += ln_transposed(self.attention_transposed(g, l), self.model.h[l].ln_1.weight, self.scale_1[l][:T])
+                G[l] = g
+                errors[:, l, :T] = dot_over_d(self.errors[l, :T], g).T
+                self.add_attention_transposed(g, l)
+            self.add_injected(g, l, layers, positions, vectors)
         self.contract_features(G, out)
         for i, e in enumerate(self.inputs):
             start = len(self.rep.feats) + L * self.T + i * self.T
-            out[:, start:start + T] = torch.einsum("tbd,td->bt", g, e[:T])
+            out[:, start:start + T] = dot_over_d(e[:T], g).T
 
-    def inject(self, g, l, layers, positions, vectors):
-        """Add the targets that read mlp_in[l] (l = L: ln_f's output) to g (T, B, d), through the
-        transpose of that LayerNorm: the gradient just below it."""
+    def injected(self, l, layers, positions, vectors):
+        """The targets that read mlp_in[l] (l = L: ln_f's output) -> (their rows (r,), their vectors
+        through the transpose of that LayerNorm (d, r): their gradient at the stream below it)."""
         rows = (layers == l).nonzero()[:, 0]
+        ln = self.model.ln_f if l == self.L else self.model.h[l].ln_2
+        scale = (self.scale_f if l == self.L else self.scale_2[l])[positions[rows]]  # (r, 1)
+        return rows, ln_transposed(vectors[rows].T, ln.weight, scale.T)
+
+    def add_attention_transposed(self, g, l):
+        """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g: through the frozen patterns'
+        OV path only, out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, so the transpose is W_Vᵀ patternᵀ_h W_Oᵀ."""
+        C, T, B = g.shape
+        mix = self.mix[l]
+        nh = len(mix)
+        y = (self.W_O[l].T @ g.view(C, T * B)).view(nh, C // nh, T, B)  # (nh, hs, T, B)
+        v = torch.empty_like(y)
+        for h in range(nh):  # back to the positions each head read
+            torch.matmul(mix[h, :T, :T], y[h], out=v[h])  # (hs, T, B)
+        g.view(C, T * B).addmm_(self.W_V[l], v.view(C, T * B))
+
+    def add_injected(self, g, l, layers, positions, vectors):
+        """g += the targets of layer l and what the attention of layer l passes down from them.
+
+        A fresh target is one vector u at one position p, so its attentionᵀ needs no pass over the
+        positions: position k gets sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), nh vectors per target."""
+        rows, u = self.injected(l, layers, positions, vectors)
         if len(rows) == 0:
             return
-        ln = self.model.ln_f if l == self.L else self.model.h[l].ln_2
-        scale = (self.scale_f if l == self.L else self.scale_2[l])[positions[rows], 0]  # (r, 1)
-        g.index_put_((positions[rows], rows), ln_transposed(vectors[rows], ln.weight, scale), accumulate=True)
-
-    def attention_transposed(self, g, l):
-        """g (T, B, C) at the attention's output -> at its input, the frozen patterns' OV path only:
-        out = (pattern @ (x W_Vᵀ)) W_Oᵀ per head, so the transpose is (patternᵀ @ (g W_O)) W_V."""
-        T, B, C = g.shape
-        attn = self.model.h[l].attn
-        nh = attn.n_head
-        W_V = attn.c_attn.weight[2 * C:].detach()  # (C, C): c_attn's rows are q, k, v
-        y = (g @ attn.c_proj.weight.detach()).view(T, B, nh, C // nh)  # (T, B, nh, hs)
-        y = y.permute(2, 0, 1, 3).reshape(nh, T, B * C // nh)  # (nh, T, B·hs): heads batched, B in the columns
-        v = self.pattern[l][:, :T, :T].transpose(1, 2) @ y  # (nh, T, B·hs)
-        v = v.view(nh, T, B, C // nh).permute(1, 2, 0, 3).reshape(T, B, C)  # (T, B, C)
-        return v @ W_V
+        C, T, B = g.shape
+        mix = self.mix[l]
+        nh = len(mix)
+        p = positions[rows]
+        y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
+        z = torch.bmm(self.W_V[l].view(C, nh, C // nh).transpose(0, 1), y)  # (nh, C, r): per head, back at ln_1
+        spread = torch.bmm(z.permute(2, 1, 0), mix[:, :T, p].permute(2, 0, 1))  # (r, C, T)
+        spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u itself at p
+        g.index_add_(2, rows, spread.permute(1, 2, 0))
 
     def contract_features(self, G, out):
-        """out[:, feature s] = sum over l' of G[p_s, :, l'] · (s's write to mlp_out[l']): one matmul
+        """out[:, feature s] = sum over l' of (s's write to mlp_out[l']) · G[l', :, p_s]: one matmul
         per (layer, position) block of features, over the layers from the block's up to the top."""
-        T, B, top, d = G.shape
+        top, d, T, B = G.shape
         for l in range(top):
             W = self.writes[l][:, :top - l]  # (n_l, top - l, d): its writes above the top reach nothing
             starts = self.starts[l]
@@ -316,7 +346,7 @@ class Attribution:
                 a, b = starts[p], starts[p + 1]
                 if a < b:
                     w = W[a - starts[0]:b - starts[0]].flatten(1)  # (n_lp, (top - l)·d)
-                    out[:, a:b] = G[p, :, l:].flatten(1) @ w.T
+                    out[:, a:b] = (w @ G[l:, :, p].flatten(0, 1)).T  # (B, n_lp)
 
 
 def shares(feats, world):
