@@ -359,6 +359,14 @@ def shares(feats, world):
     return [0, *ends.tolist(), len(feats)]
 
 
+def batches(layers, start, end, size):
+    """[start, end) of targets sorted by layer, cut into batches of at most `size` that never straddle
+    two layers: one that did would pay for the upper layer's depth and the lower one's last positions."""
+    cuts = (layers[start + 1:end] != layers[start:end - 1]).nonzero()[:, 0] + start + 1
+    edges = [start, *cuts.tolist(), end]
+    return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
+
+
 class Slices(NamedTuple):
     """Where each kind of node sits in the node order (positions: empty unless position_nodes)."""
     features: slice
@@ -440,12 +448,13 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
             queue = queue[infl[todo].argsort(descending=True, stable=True)][:min(update_interval * batch_size, cap - done)]
             queue = queue.sort().values  # node order: batches of one layer and a few positions
         bounds = shares(rep.feats[queue], mesh.dp)
-        for i in range(bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1], batch_size):
-            ids = queue[i:min(i + batch_size, bounds[mesh.dp_rank + 1])]
+        mine = (bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1])
+        for a, b in batches(rep.feats[queue, 0], *mine, batch_size):
+            ids = queue[a:b]
             l, p = rep.feats[ids, 0], rep.feats[ids, 1]
-            att.rows(l, p, att.enc[ids], rows[done + i:done + i + len(ids), :n_src])
-            bar.update(len(ids))
-        bar.update(len(queue) - (bounds[mesh.dp_rank + 1] - bounds[mesh.dp_rank]))
+            att.rows(l, p, att.enc[ids], rows[done + a:done + b, :n_src])
+            bar.update(b - a)
+        bar.update(len(queue) - (mine[1] - mine[0]))
         all_reduce_sum(rows[done:done + len(queue)], mesh.dp_group)  # other ranks' rows are zero here
         row_node[done:done + len(queue)] = queue
         todo[queue] = False
