@@ -253,19 +253,24 @@ class Attribution:
             self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ
         self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
         self.scale_f = fz.ln_f[0]  # (T, 1)
+        # the features' encoder and decoder rows are read from the CLT batch by batch: held for all
+        # active features they would be n·L·d numbers, more than the rows kept with --max-features
+        self.clt = clt
         l, p, f = rep.feats.T.contiguous()  # searchsorted wants contiguous rows
-        self.enc = (clt.W_enc[l, :, f] * clt.input_scale[l, None]).detach()  # (n, d) encoder rows, raw units
         layer_start = torch.searchsorted(l, torch.arange(L + 1, device=l.device)).tolist()
-        self.writes = []  # per layer: its active features' decoder writes a·W_dec, (n_l, L - l, d)
         self.starts = []  # per layer: node index where its features at position p begin, p = 0..T
         for layer in range(L):
             mine = slice(layer_start[layer], layer_start[layer + 1])
-            self.writes.append(clt.decoder_writes(layer, f[mine], rep.acts[mine]).detach())
             at = torch.searchsorted(p[mine], torch.arange(T + 1, device=p.device))
             self.starts.append((layer_start[layer] + at).tolist())
         self.errors = rep.error.transpose(0, 1)  # (L, T, d)
         self.inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
         self.n_sources = n + L * T + len(self.inputs) * T
+
+    def encoders(self, ids):
+        """(B, d) what the pre-activations of features ids read from mlp_in, in raw units."""
+        l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
+        return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
 
     def unembed(self, token_ids):
         """(k, d) what the logits minus the mean logit read from ln_f's output (W_U = wte, tied)."""
@@ -281,14 +286,14 @@ class Attribution:
         top = int(layers.max())  # nothing above the highest target reaches any target
         T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
         g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
-        G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
+        G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer, / output_scale
         errors = out[:, len(self.rep.feats):][:, :L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
         if top == L:  # logits read ln_f's output at the last position
             rows, u = self.injected(L, layers, positions, vectors)
             g[:, -1, rows] = u
         for l in reversed(range(min(top + 1, L))):
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
-                G[l] = g
+                torch.div(g, self.clt.output_scale[l], out=G[l])  # the CLT's writes are W_dec / output_scale
                 errors[:, l, :T] = dot_over_d(self.errors[l, :T], g).T
                 self.add_attention_transposed(g, l)
             self.add_injected(g, l, layers, positions, vectors)
@@ -336,17 +341,17 @@ class Attribution:
         g.index_add_(2, rows, spread.permute(1, 2, 0))
 
     def contract_features(self, G, out):
-        """out[:, feature s] = sum over l' of (s's write to mlp_out[l']) · G[l', :, p_s]: one matmul
+        """out[:, feature s] = a_s · sum over l' of W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one matmul
         per (layer, position) block of features, over the layers from the block's up to the top."""
         top, d, T, B = G.shape
-        for l in range(top):
-            W = self.writes[l][:, :top - l]  # (n_l, top - l, d): its writes above the top reach nothing
-            starts = self.starts[l]
-            for p in range(T):
-                a, b = starts[p], starts[p + 1]
+        feats, acts = self.rep.feats, self.rep.acts
+        for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (in cache)
+            for l in range(top):
+                a, b = self.starts[l][p], self.starts[l][p + 1]
                 if a < b:
-                    w = W[a - starts[0]:b - starts[0]].flatten(1)  # (n_lp, (top - l)·d)
-                    out[:, a:b] = (w @ G[l:, :, p].flatten(0, 1)).T  # (B, n_lp)
+                    # (n_lp, (top - l)·d): what the features write below the top layer (above it reaches nothing)
+                    w = self.clt.W_dec[l][feats[a:b, 2], :top - l].detach().flatten(1)
+                    out[:, a:b] = (w @ G[l:, :, p].flatten(0, 1)).T * acts[a:b]  # (B, n_lp)
 
 
 def shares(feats, world):
@@ -452,7 +457,7 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         for a, b in batches(rep.feats[queue, 0], *mine, batch_size):
             ids = queue[a:b]
             l, p = rep.feats[ids, 0], rep.feats[ids, 1]
-            att.rows(l, p, att.enc[ids], rows[done + a:done + b, :n_src])
+            att.rows(l, p, att.encoders(ids), rows[done + a:done + b, :n_src])
             bar.update(b - a)
         bar.update(len(queue) - (mine[1] - mine[0]))
         all_reduce_sum(rows[done:done + len(queue)], mesh.dp_group)  # other ranks' rows are zero here
