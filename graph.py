@@ -432,11 +432,15 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     logit_ids, logit_probs = salient_logits(rep.logits, max_logits, logit_prob)
     att = Attribution(model, clt, rep, position_nodes)
     k, n_src = len(logit_ids), att.n_sources
-    # A's rows in their final order (features, then the nodes without inputs, then logits); feature
-    # rows are filled in the order computed, which is node order unless capped: then no copy is needed
-    rows = rep.mlp_out.new_zeros(cap + n_src - n + k, n_src + k)
-    row_node = torch.cat([torch.zeros(cap, dtype=torch.long, device=device),
-                          torch.arange(n, n_src + k, device=device)])  # each row's node
+    # uncapped, A itself, filled in place: feature rows in node order, the zero rows of the nodes
+    # without inputs (errors, embeddings), the logit rows; capped, only the targets' rows, in the
+    # order computed, with every active feature's column (the ranking reads them all)
+    N = n_src + k
+    inputs = torch.arange(n, n_src, device=device)  # the nodes without inputs
+    logit_nodes = torch.arange(n_src, N, device=device)
+    middle = inputs if cap == n else inputs[:0]
+    rows = rep.mlp_out.new_zeros(cap + len(middle) + k, N)
+    row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
     # Phase 2: the logit rows, one pass (every rank: cheaper than sending them)
     last = torch.full((k,), T - 1, device=device)
     att.rows(torch.full((k,), L, device=device), last, att.unembed(logit_ids), rows[-k:, :n_src])
@@ -465,11 +469,14 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         todo[queue] = False
         done += len(queue)
     bar.close()
-    # Phase 4: the computed features' rows and columns, in node order
+    # Phase 4: capped, the kept features' rows and columns in node order, in a square A
     kept = row_node[:cap].sort()
     if cap < n:
-        cols = torch.cat([kept.values, torch.arange(n, n_src + k, device=device)])
-        rows = rows[torch.cat([kept.indices, torch.arange(cap, len(rows), device=device)])][:, cols]
+        cols = torch.cat([kept.values, inputs, logit_nodes])
+        A = rows.new_zeros(len(cols), len(cols))
+        A[:cap] = rows[kept.indices][:, cols]
+        A[-k:] = rows[-k:, cols]
+        rows = A
     ids = kept.values
     return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], logit_ids, logit_probs, rows, L, n,
                  position_nodes)
@@ -523,7 +530,8 @@ def cumulative_threshold(scores, fraction):
 
 
 def prune(graph, node_threshold=0.8, edge_threshold=0.98):
-    """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,))."""
+    """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,)).
+    The edges are scored in the graph of the kept nodes alone (K x K): nothing else of size N² but the mask."""
     if not (0 <= node_threshold <= 1 and 0 <= edge_threshold <= 1):
         raise ValueError(f"thresholds must lie in [0, 1], got {node_threshold}, {edge_threshold}")
     s = graph.slices()
@@ -532,17 +540,24 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     infl = influence(normalized(A), w)
     node_mask = infl >= cumulative_threshold(infl, node_threshold)
     node_mask[inputs:] = True
-    edge_score = normalized(A * (node_mask[:, None] & node_mask[None, :]))  # Â of the pruned graph
-    edge_score *= (influence(edge_score, w) + w)[:, None]
-    edge_mask = edge_score > 0
-    edge_mask &= edge_score >= cumulative_threshold(edge_score[edge_mask], edge_threshold)  # the zeros add nothing
-    while True:  # features and errors need an outgoing edge, features an incoming one
-        old = node_mask.clone()
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
-        node_mask[:inputs] &= edge_mask[:, :inputs].any(0)
-        node_mask[s.features] &= edge_mask[s.features].any(1)
-        if torch.equal(old, node_mask):
+    kept = node_mask.nonzero()[:, 0]  # (K,)
+    edge_score = normalized(A[kept][:, kept])  # Â of the pruned graph
+    edge_score *= (influence(edge_score, w[kept]) + w[kept])[:, None]
+    edges = edge_score > 0
+    edges &= edge_score >= cumulative_threshold(edge_score[edges], edge_threshold)  # the zeros add nothing
+    keep = torch.ones_like(kept, dtype=torch.bool)
+    inner = kept < inputs  # features and errors need an outgoing edge
+    feature = kept < s.features.stop  # features an incoming one too
+    while True:
+        old = keep.clone()
+        edges &= keep[:, None] & keep[None, :]
+        keep[inner] &= edges[:, inner].any(0)
+        keep[feature] &= edges[feature].any(1)
+        if torch.equal(old, keep):
             break
+    node_mask[kept] = keep
+    edge_mask = torch.zeros_like(A, dtype=torch.bool)
+    edge_mask[kept[:, None], kept[None, :]] = edges
     order = infl.argsort(descending=True)
     cumulative = torch.empty_like(infl)
     cumulative[order] = infl[order].cumsum(0) / infl.sum().clamp(min=1e-30)

@@ -320,6 +320,9 @@ def test_matches_circuit_tracer():
     torch.testing.assert_close(graph.acts, ref["activations"])
     assert_rows_match(graph, ref["rows"])
     assert G.scores(graph) == pytest.approx(meta["scores"], abs=1e-4)
+    node_mask, edge_mask, cumulative, _ = G.prune(graph, 0.8, 0.98)  # and the pruned graph is theirs
+    assert torch.equal(node_mask, ref["node_mask"]) and torch.equal(edge_mask, ref["edge_mask"])
+    torch.testing.assert_close(cumulative, ref["cumulative"], atol=1e-5, rtol=0)
     c = meta["capped"]  # circuit-tracer's rounds: the same features, in the same order of choosing
     capped = G.attribute(model, clt, rep, max_features=c["max_features"], batch_size=c["batch_size"],
                          update_interval=c["update_interval"])
