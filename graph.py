@@ -40,7 +40,9 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     nodes; influence = w (Â + Â² + ...) = w ((I - Â)^-1 - I); A is nilpotent (edges run up the
     layers) so the series ends after at most L + 2 terms.
     --max-features: features are taken in rounds of update_interval x batch_size, most influential
-    first, influence measured on the rows computed so far; the rest are dropped with their edges.
+    first, influence measured on the rows computed so far; the rest are dropped with their edges,
+    so a capped graph no longer sums exactly to its targets' inputs (the printed exactness check
+    shows by how much).
     Pruning: keep nodes up to cumulative influence 0.8 (tokens and logits always), then edges by
     Â[t, s] (influence_t + w_t) in the pruned graph up to 0.98, then drop features and errors
     without outgoing edges and features without incoming ones until nothing changes.
@@ -58,10 +60,13 @@ Differences from circuit-tracer:
   inputs beside the tokens. Off by default, so scores compare with published ones.
 - The rows come from a hand-written transpose of the frozen model (checked against forward
   passes by the exactness and perturbation tests), not from hooks injecting gradients into a
-  TransformerLens model: so a batch's pass starts at its highest target layer and ends at its last
-  position, and under torchrun each rank computes a share of the rows.
-- With --max-features, the dropped features' edges are gone (as in circuit-tracer), so a capped
-  graph no longer sums exactly to its targets' inputs; the printed exactness check shows by how much.
+  TransformerLens model: a batch's pass starts at its highest target layer and ends at its last
+  position, and under torchrun each rank computes a share of the rows (circuit-tracer: one device).
+  Memory: the kept rows (N x N; capped, (max_features + logits) x N) and one batch's gradients at
+  every layer (L·d·T·batch_size numbers), nothing per active feature beyond its rows.
+- Ties: with --max-features, features of equal influence are taken in node order (circuit-tracer's
+  unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
+  (circuit-tracer's threshold can fall to 0 there and keep them).
 """
 import json
 import os
@@ -456,6 +461,8 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
             infl = influence(normalized(rows), weights, row_node)[:n]
             queue = queue[infl[todo].argsort(descending=True, stable=True)][:min(update_interval * batch_size, cap - done)]
             queue = queue.sort().values  # node order: batches of one layer and a few positions
+            # rank 0's choice for all: two devices may round a sum differently and break a near-tie apart
+            queue = all_reduce_sum(queue * (mesh.dp_rank == 0), mesh.dp_group)
         bounds = shares(rep.feats[queue], mesh.dp)
         mine = (bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1])
         for a, b in batches(rep.feats[queue, 0], *mine, batch_size):
