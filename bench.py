@@ -7,6 +7,7 @@ timed in the same process, next to the thing it is compared with.
     python bench.py cache              # activation cache on the tiny model and a random GPT-2-small shape
     python bench.py cache --quick      # the same, small (a couple of minutes on a 2-core CPU)
     python bench.py cache --device cuda
+    python bench.py graph --vs-circuit-tracer --threads 1  # beside circuit-tracer's attribute() (installed)
 
 Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
 its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
