@@ -210,11 +210,10 @@ def add_graph_args(p):
     p.add_argument("--graph-clt", default=os.path.join("runs", "clt"), help="a trained CLT of models/tiny: two-hop study")
     p.add_argument("--graph-two-hop", type=int, default=60, help="two-hop prompts in the study; 0 = skip it")
     p.add_argument("--vs-circuit-tracer", action="store_true",
-                   help="instead: circuit-tracer's attribute() beside graph.py, same model, CLT and prompt, one process")
-    p.add_argument("--vs-points", default="tiny:64:3471,gpt2-small:32:18600",
-                   help="MODEL:TOKENS:ACTIVE,... for --vs-circuit-tracer: tiny (models/tiny) or gpt2-small (random)")
-    p.add_argument("--ct-batch", type=int, default=32,
-                   help="circuit-tracer's batch: each hook gathers batch x active features x d, so small is its fastest on a CPU")
+                   help="instead: circuit-tracer's attribute() beside graph.py (same model, CLT, prompt, process)")
+    p.add_argument("--vs-points", default="tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32",
+                   help="MODEL:TOKENS:ACTIVE:CT_BATCHES,... for --vs-circuit-tracer: tiny (models/tiny) or "
+                        "gpt2-small (random); circuit-tracer timed at each batch (slash-separated), the fastest counts")
 
 
 def proc_status_kb(key):
@@ -343,11 +342,11 @@ def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
     hf = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32)
     c = hf.config
-    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
-                                  n_heads=c.n_head, d_mlp=4 * c.n_embd, act_fn="gelu_new", d_vocab=c.vocab_size,
-                                  eps=c.layer_norm_epsilon, normalization_type="LN", positional_embedding_type="standard",
-                                  original_architecture="GPT2LMHeadModel", model_name="gpt2", device=device,
-                                  dtype=torch.float32, default_prepend_bos=False)
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head,
+                                  d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd, act_fn="gelu_new",
+                                  d_vocab=c.vocab_size, eps=c.layer_norm_epsilon, normalization_type="LN",
+                                  positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+                                  model_name="gpt2", device=device, dtype=torch.float32, default_prepend_bos=False)
     state = convert_gpt2_weights(hf, cfg)
     transcoder = load_clt(clt_dir, feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
                           dtype=torch.float32, device=torch.device(device), lazy_decoder=False)
@@ -377,9 +376,11 @@ def edge_blocks(graph):
             "error->logit": (s.logits, s.errors), "token->logit": (s.logits, s.tokens)}
 
 
-def vs_circuit_tracer_point(name, T, n_active, args):
+def vs_circuit_tracer_point(name, T, n_active, ct_batches, args):
     """graph.py and circuit-tracer's attribute() on one model, CLT and prompt, one after the other in
-    this process: wall time, peak memory above the setup's, and the edges compared node by node."""
+    this process: wall time, peak memory above the setup's, and the edges compared node by node.
+    circuit-tracer runs once per batch size in ct_batches: each of its hooks gathers batch x active
+    features x d numbers, so its best batch on a CPU is small, and the fastest run is the one compared."""
     import graph
     from circuit_tracer import attribute as ct_attribute
     from circuit_tracer.graph import compute_graph_scores
@@ -408,12 +409,15 @@ def vs_circuit_tracer_point(name, T, n_active, args):
     ours_s = time.perf_counter() - t0
     ours_peak = peak_bytes(device, base)
     del rep
-    base = peak_reset(device)
-    t0 = time.perf_counter()
-    theirs = ct_attribute(idx[0], ct, batch_size=args.ct_batch)
-    sync(device)
-    ct_s = time.perf_counter() - t0
-    ct_peak = peak_bytes(device, base)
+    ct_runs = {}  # batch -> (seconds, peak bytes)
+    for batch in ct_batches:
+        base = peak_reset(device)
+        t0 = time.perf_counter()
+        theirs = ct_attribute(idx[0], ct, batch_size=batch)
+        sync(device)
+        ct_runs[batch] = (time.perf_counter() - t0, peak_bytes(device, base))
+    ct_batch = min(ct_runs, key=lambda b: ct_runs[b][0])
+    ct_s, ct_peak = ct_runs[ct_batch]
     if not torch.equal(theirs.active_features.to(device), ours.feats) or \
             not torch.equal(theirs.logit_token_ids.to(device), ours.logit_ids):
         raise RuntimeError("circuit-tracer found other active features or logit nodes: the models differ")
@@ -424,9 +428,10 @@ def vs_circuit_tracer_point(name, T, n_active, args):
     ct_scores = compute_graph_scores(theirs)
     return dict(model=name, tokens=T, n_active=len(ours.feats), nodes=len(A), ours_s=ours_s, ct_s=ct_s,
                 ratio=ct_s / ours_s, ours_peak_MB=ours_peak / 2**20, ct_peak_MB=ct_peak / 2**20,
-                ours_batch=args.graph_batch, ct_batch=args.ct_batch, max_rel_edge_diff=worst,
+                ours_batch=args.graph_batch, ct_batch=ct_batch, max_rel_edge_diff=worst,
                 replacement=f"{ours_scores[0]:.4f} / {ct_scores[0]:.4f}",
-                completeness=f"{ours_scores[1]:.4f} / {ct_scores[1]:.4f}")
+                completeness=f"{ours_scores[1]:.4f} / {ct_scores[1]:.4f}",
+                ct_s_by_batch=", ".join(f"{b}: {t:.3g}" for b, (t, _) in ct_runs.items()))
 
 
 def bench_vs_circuit_tracer(args):
@@ -435,11 +440,13 @@ def bench_vs_circuit_tracer(args):
     from multiprocessing import get_context
     results = []
     for point in args.vs_points.split(","):
-        name, T, n_active = point.split(":")
+        name, T, n_active, ct_batches = point.split(":")
+        T, n_active = int(T), int(n_active)
         if args.quick:
-            T, n_active = max(8, int(T) // 4), max(100, int(n_active) // 16)
+            T, n_active = max(8, T // 4), max(100, n_active // 16)
+        batches = [int(b) for b in ct_batches.split("/")]
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            results.append(pool.submit(vs_circuit_tracer_point, name, int(T), int(n_active), args).result())
+            results.append(pool.submit(vs_circuit_tracer_point, name, T, n_active, batches, args).result())
         print(results[-1])
     return results
 

@@ -317,7 +317,8 @@ class Attribution:
 
     def add_attention_transposed(self, g, l):
         """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g: through the frozen patterns'
-        OV path only, out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, so the transpose is W_Vᵀ patternᵀ_h W_Oᵀ."""
+        OV path only, out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, so the transpose is
+        W_Vᵀ patternᵀ_h W_Oᵀ."""
         C, T, B = g.shape
         mix = self.mix[l]
         nh = len(mix)
@@ -459,7 +460,8 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         queue = todo.nonzero()[:, 0]
         if cap < n:  # the remaining features by influence through the rows so far
             infl = influence(normalized(rows), weights, row_node)[:n]
-            queue = queue[infl[todo].argsort(descending=True, stable=True)][:min(update_interval * batch_size, cap - done)]
+            ranked = queue[infl[todo].argsort(descending=True, stable=True)]
+            queue = ranked[:min(update_interval * batch_size, cap - done)]
             queue = queue.sort().values  # node order: batches of one layer and a few positions
             # rank 0's choice for all: two devices may round a sum differently and break a near-tie apart
             queue = all_reduce_sum(queue * (mesh.dp_rank == 0), mesh.dp_group)
