@@ -21,7 +21,10 @@ The cache benchmark (issue 4) measures, per model and dtype:
 - read: shuffled batches (steady state, bytes of activations+scales per second) against a raw
   sequential read of the shard files (file bytes per second), both from the page cache; dequantized
   to fp32 on the CPU, and raw (the stored rows, what a GPU run moves before dequantizing there);
-  and reading the cache in order with dequantization (iter_chunks).
+  and reading the cache in order with dequantization (iter_chunks);
+- the crc32 checks: the rate of a crc32 pass over the shards, and what it adds to the first epoch
+  of a reader (each chunk is checked the first time a row of it is read, never again): raw read
+  rate / crc32 rate, in CPU time.
 """
 import argparse
 import json
@@ -99,7 +102,7 @@ def bare_forward_seconds(cfg):
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for _, idx, _ in cache.iter_batches(cfg, enc, cfg.tokens):
-            model.run_with_acts(idx.to(cfg.device))
+            model.run_with_acts(idx.to(cfg.device), logits=False)
     sync(cfg.device)
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -123,7 +126,8 @@ def sequential_read(files):
 def read_rates(path, batch_size, epochs=2):
     """Rates in MB/s of stored bytes, all from the page cache, as (wall, cpu) pairs: a raw sequential
     read of the shard files; shuffled batches dequantized to fp32 on the CPU; shuffled stored rows
-    (raw=True: what a GPU run moves, dequantizing on the device); in-order chunks, dequantized.
+    (what a GPU run moves, dequantizing on the device); in-order chunks, dequantized; a crc32
+    pass over every shard (what a reader adds in its first epoch: each chunk is checked once).
 
     The shuffled rates are the steady state a training loop sees: `epochs` epochs of an endless
     stream, timed from the first batch on (the first window's load is a one-time start-up cost).
@@ -135,18 +139,22 @@ def read_rates(path, batch_size, epochs=2):
     seq = min(timed(lambda: sequential_read(files)) for _ in range(3))
     n_batches = epochs * c.batches_per_epoch(batch_size, split="all")
 
-    def shuffled(**kw):
-        stream = c.batches(batch_size, seed=0, split="all", **kw)
+    def shuffled(dequantize):
+        stream = c.batches(batch_size, seed=0, split="all")
         next(stream)
-        t = timed(lambda: all(next(stream) is not None for _ in range(n_batches)))  # keeps no batch alive
+        if dequantize:
+            t = timed(lambda: all(c.dequantize(next(stream)) is not None for _ in range(n_batches)))
+        else:
+            t = timed(lambda: all(next(stream) is not None for _ in range(n_batches)))  # keeps no batch alive
         stream.close()
         return t
     rate = lambda nbytes, t: (nbytes / t[0] / 1e6, nbytes / t[1] / 1e6)
     shuffled_bytes = n_batches * batch_size * c.row_bytes()
     inorder = timed(lambda: all(chunk is not None for chunk in c.iter_chunks(batch_size, split="all")))
-    return dict(seq=rate(file_bytes, seq), shuffled=rate(shuffled_bytes, shuffled()),
-                shuffled_raw=rate(shuffled_bytes, shuffled(raw=True)),
-                inorder=rate(c.n_tokens * c.row_bytes(), inorder))
+    crc = timed(lambda: all(not cache._check_shard(path, c.manifest, i, "crc32") for i in range(len(files))))
+    return dict(seq=rate(file_bytes, seq), shuffled=rate(shuffled_bytes, shuffled(True)),
+                shuffled_raw=rate(shuffled_bytes, shuffled(False)),
+                inorder=rate(c.n_tokens * c.row_bytes(), inorder), crc32=rate(file_bytes, crc))
 
 
 def bench_cache_model(name, cfg, read_batch):
@@ -170,7 +178,9 @@ def bench_cache_model(name, cfg, read_batch):
                             shuffled_vs_seq_cpu=r["shuffled"][1] / r["seq"][1],
                             raw_vs_seq_wall=r["shuffled_raw"][0] / r["seq"][0],
                             raw_vs_seq_cpu=r["shuffled_raw"][1] / r["seq"][1],
-                            inorder_vs_seq_wall=r["inorder"][0] / r["seq"][0]))
+                            inorder_vs_seq_wall=r["inorder"][0] / r["seq"][0],
+                            crc32_MBps=r["crc32"][0], raw_MBps=r["shuffled_raw"][0],
+                            crc_cost_first_epoch_cpu=r["shuffled_raw"][1] / r["crc32"][1]))
         shutil.rmtree(out)
     return results
 

@@ -3,23 +3,33 @@ cache.py: the activation cache. Run GPT-2 over a corpus once, store every layer'
 output for each token in memory-mapped shards, and serve them to CLT training shuffled, per rank.
 
 Data flow.  corpus -> documents -> tokens, packed into contexts [<|endoftext|>, t1 .. t_{ctx-1}]
--> GPT.run_with_acts -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS, whose
-activations are outliers) -> rows (N, L, d) -> int8 (x / channel scale, then one absmax scale per
-token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json
-==>  ActivationCache(path).batches(...) -> (mlp_in, mlp_out) float32 (B, L, d), read from the
-memmaps and dequantized on background threads; .iter_chunks(...) streams them in order.
+-> GPT.run_with_acts(logits=False) -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS,
+whose activations are outliers) -> rows (N, L, d) -> int8 (x / channel scale, then one absmax scale
+per token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json (a sha256 per
+shard, a crc32 per chunk of rows)
+==>  ActivationCache(path).batches(...) -> Rows: the stored rows of each shuffled batch and their
+row ids, read and crc-checked on background threads; ActivationCache.dequantize(rows, device) ->
+(mlp_in, mlp_out) float32 (B, L, d) on the consumer's device. read / iter_chunks give rows in order.
 
     python cache.py --help
     python cache.py --model models/tiny --corpus toy --tokens 1000000 --out runs/cache   # ~1 GB int8
     python cache.py --tokens 20000 --out runs/cache_cpu   # the tiny model and its toy corpus, seconds
+    python cache.py build --model gpt2 --corpus hf:HuggingFaceFW/fineweb:sample-10BT --tokens 10000000
     python cache.py verify runs/cache       # sizes, headers and sha256 of every shard
     python cache.py stats runs/cache        # tokens, bytes/token, per-layer norms, quantization error
     torchrun: build once with one process; every training rank opens the same cache and reads
     its own share: ActivationCache(path).batches(batch_size, seed, rank, world)
 
-Re-running the same command after a crash (even kill -9) resumes from the last finished shard and
-gives a byte-identical cache: every shard is a deterministic function of the arguments, because
-the contexts come in a fixed grid of forward batches (the same batch shapes give the same floats).
+Corpora (--corpus): "toy" (tiny.toy_corpus); a .txt file (documents separated by <|endoftext|>); a
+.jsonl (one object per line) or a .json list (of strings or objects); a .parquet file; a folder of
+.txt / .jsonl / .parquet files (sorted by path); hf:NAME[:config][:split], a Hugging Face dataset,
+streamed (split defaults to train). --text-field names the field or column holding the text.
+
+Re-running the same command resumes after a crash (even kill -9) from the last finished shard, and
+repairs: it first checks every finished shard (size, header, the crc32 of each chunk of rows) and
+rewrites the damaged ones. Both give a byte-identical cache: every shard is a deterministic function
+of the arguments, because the contexts come in a fixed grid of forward batches (the same batch
+shapes give the same floats). --overwrite starts again from nothing.
 
 Where we follow and where we differ. CLT-Forge (LLM-Interp/CLT-Forge) also caches and quantizes
 activations; it keeps one scale per layer per file and loads whole files into RAM. Here:
@@ -29,25 +39,33 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   2e-4 to ~4e-5;
 - scales are bfloat16 (the fp32 range, 2 bytes): q is computed with the rounded scale, so the
   error bound |x - q*s| <= s/2 holds exactly as with fp32 scales;
-- shards are numpy.memmap'd, each with a magic/version header (llm.c's `_peek_data_shard`) and a
-  sha256 in the manifest; the manifest is rewritten atomically after every finished shard;
+- shards are numpy.memmap'd, each with a magic/version header (llm.c's `_peek_data_shard`); the
+  manifest, rewritten atomically after every finished shard, holds each shard's sha256 (`verify`
+  reads whole files) and a crc32 per ~1 MB chunk of rows (the reader checks a chunk the first time
+  it reads a row of it, on its worker threads: training never sees a damaged row, at the price of
+  one crc32 pass, ~2 GB/s per thread, over the chunks a process touches; a rank touches nearly all
+  of them in its first epoch, whatever the world size, and nothing after);
 - the reader shuffles globally (random unit order x random rows inside a window of units), reads
   each batch's rows straight from the memmaps (no copy of the window), and stripes each global
   batch over ranks: the union of the ranks' batches does not depend on the world size, and every
-  rank gets the same number of batches.
+  rank gets the same number of batches. It yields stored rows; the consumer dequantizes them where
+  it computes (4x less to move to a GPU for int8).
 """
-import argparse
+import codecs
 import hashlib
 import json
 import os
 import queue
+import shlex
 import shutil
 import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -59,17 +77,23 @@ import clt
 # on-disk format
 
 FORMAT = "clt-forge-activation-cache"
-VERSION = 1
+VERSION = 2  # 2: a crc32 per chunk of rows in the manifest
 MAGIC = 20251126  # header[0] of every shard file
 HEADER_INTS = 32  # the header is 32 int64 = 256 bytes, see shard_layout
 ALIGN = 64  # every section starts on a 64-byte boundary
 DTYPES = {"fp32": (0, np.float32), "fp16": (1, np.float16), "int8": (2, np.int8)}
+SECTIONS = ("mlp_in", "mlp_out", "scales", "meta")  # after the header, in file order
 MANIFEST = "manifest.json"
+CHECK_BYTES = 1 << 20  # a crc32 covers about this many stored bytes of consecutive rows
 MAX_OPEN_SHARDS = 256  # memmaps a reader keeps open at once
 
 
 def _pad(n):
     return -(-n // ALIGN) * ALIGN
+
+
+def shard_name(i):
+    return f"shard_{i:05d}.bin"
 
 
 def shard_layout(dtype, rows, L, d):
@@ -105,17 +129,97 @@ def _header(dtype, rows, L, d):
     return h
 
 
-def check_header(path, dtype, rows, L, d):
-    """Read a shard's 256-byte header and compare it with what the manifest promises."""
-    h = np.fromfile(path, dtype=np.int64, count=HEADER_INTS)
-    if len(h) < HEADER_INTS or h[0] != MAGIC or h[1] != VERSION:
-        found = "a truncated header" if len(h) < 2 else f"magic {h[0]}, version {h[1]}"
-        raise ValueError(f"{path}: {found}, expected magic {MAGIC}, version {VERSION}. It was not written "
-                         f"by this cache.py (or is damaged): rebuild it with `python cache.py ... --overwrite`")
-    want = _header(dtype, rows, L, d)
+def _sections(buf, dtype, rows, L, d):
+    """The sections of one shard file's bytes (a uint8 memmap) as numpy views; scales None unless int8."""
+    off, _ = shard_layout(dtype, rows, L, d)
+    act = DTYPES[dtype][1]
+    specs = dict(mlp_in=(act, (rows, L, d)), mlp_out=(act, (rows, L, d)), scales=(np.int16, (rows, 2, L)),
+                 meta=(np.int32, (rows, 3)))
+    views = {}
+    for key, (kind, shape) in specs.items():
+        n = int(np.prod(shape)) * np.dtype(kind).itemsize
+        views[key] = buf[off[key]:off[key] + n].view(kind).reshape(shape)
+    if dtype != "int8":
+        views["scales"] = None
+    return views
+
+
+def _crc32(sections, a, b):
+    """crc32 of rows a..b-1 of one shard: their mlp_in, mlp_out, scales and meta, in that order.
+    The writer computes it from its buffers, the reader from the memmapped file."""
+    crc = 0
+    for key in SECTIONS:
+        if sections[key] is not None:
+            crc = zlib.crc32(sections[key][a:b], crc)
+    return crc
+
+
+def _open_manifest(path):
+    """Read path/manifest.json and check what every user of it relies on: format, version, and shard
+    names that stay inside the cache directory. Returns the manifest."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        raise FileNotFoundError(f"{path} has no {MANIFEST}: not an activation cache (build one with cache.py)")
+    with open(mpath) as f:
+        try:
+            m = json.load(f)
+        except json.JSONDecodeError as e:  # manifests are written whole: this one was edited or damaged
+            raise ValueError(f"{mpath} is not valid JSON ({e}): rebuild the cache with "
+                             "`python cache.py ... --overwrite`") from None
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise ValueError(f"{mpath} is format {m.get('format')} version {m.get('version')}, this cache.py reads "
+                         f"{FORMAT} version {VERSION}: rebuild the cache with `python cache.py ... --overwrite`")
+    for i, s in enumerate(m["shards"]):
+        if s.get("file") != shard_name(i):  # never open a path a manifest names: only our own files
+            raise ValueError(f"{mpath} lists shard {i} as {s.get('file')!r}, not {shard_name(i)!r}: the manifest "
+                             f"was edited or damaged; rebuild the cache with `python cache.py ... --overwrite`")
+    return m
+
+
+def _check_shard(path, m, i, content=""):
+    """What is wrong with shard i of manifest m ("" if nothing): missing, size, header (cheap);
+    content="crc32" also checks each chunk's crc32, content="sha256" the whole file's sha256."""
+    s = m["shards"][i]
+    p = os.path.join(path, s["file"])
+    if not os.path.exists(p):
+        return f"{s['file']}: missing"
+    if os.path.getsize(p) != s["bytes"]:
+        return f"{s['file']}: {os.path.getsize(p)} bytes, manifest says {s['bytes']}"
+    h = np.fromfile(p, dtype=np.int64, count=HEADER_INTS)
+    if h[0] != MAGIC or h[1] != VERSION:
+        return (f"{s['file']}: magic {h[0]}, version {h[1]}, expected magic {MAGIC}, version {VERSION}: "
+                "not written by this cache.py, or damaged")
+    want = _header(m["dtype"], s["rows"], m["n_layers"], m["d_model"])
     if not np.array_equal(h, want):
-        raise ValueError(f"{path}: header {h[:11].tolist()} disagrees with the manifest {want[:11].tolist()} "
-                         f"([magic, version, dtype, rows, L, d, offsets..., bytes]); rebuild with --overwrite")
+        return (f"{s['file']}: header {h[:11].tolist()} disagrees with the manifest {want[:11].tolist()} "
+                "([magic, version, dtype, rows, L, d, offsets..., bytes])")
+    if content == "sha256":
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != s["sha256"]:
+            return f"{s['file']}: sha256 {digest.hexdigest()[:16]}... != manifest {s['sha256'][:16]}..."
+    if content == "crc32":
+        views = _sections(np.memmap(p, dtype=np.uint8, mode="r"), m["dtype"], s["rows"], m["n_layers"], m["d_model"])
+        C = m["check_rows"]
+        for j, crc in enumerate(s["crc32"]):
+            if _crc32(views, j * C, (j + 1) * C) != crc:
+                return f"{s['file']}: rows {j * C}..{min((j + 1) * C, s['rows']) - 1} fail their crc32 check"
+    return ""
+
+
+def repair_command(path, m):
+    """The build command that made the cache at `path`: rerun, it rewrites damaged shards."""
+    made = dict(m["identity"], model=m["model"], device=m["device"], out=path)
+    args = ["python", "cache.py", "build"]
+    for f in fields(CacheConfig):
+        value = made.get(f.name, f.default)
+        if value != f.default and isinstance(value, bool):
+            args.append(f"--{'' if value else 'no-'}{f.name.replace('_', '-')}")
+        elif value != f.default:
+            args += [f"--{f.name.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(args)
 
 
 # -----------------------------------------------------------------------------
@@ -142,11 +246,11 @@ def _quantize_(y):
 
 
 def channel_scales(x):
-    """x (n, L, d) -> (L, d) float32 c = sqrt(rms over tokens of each channel), floored at 1e-3 of the
-    layer's mean: int8 stores x / c. Trained models have outlier channels (max|x| ~ 8 rms on the
+    """x (..., L, d) -> (L, d) float32 c = sqrt(rms over tokens of each channel), floored at 1e-3 of
+    the layer's mean: int8 stores x / c. Trained models have outlier channels (max|x| ~ 8 rms on the
     tiny model) that make one scale per row coarse for every other channel; dividing by c first
     evens them out, with SmoothQuant's migration strength 0.5 (Xiao et al. 2023)."""
-    rms = x.double().pow(2).mean(0).sqrt()  # (L, d)
+    rms = x.pow(2).mean(tuple(range(x.dim() - 2))).sqrt()  # (L, d); one float32 temporary of x's size
     return rms.clamp_min(1e-3 * rms.mean(-1, keepdim=True)).clamp_min(1e-30).sqrt().float()
 
 
@@ -182,38 +286,56 @@ def dequantize(q, scale_bits=None, channel=None):
 # corpus: documents -> packed contexts
 
 TOY_CHUNK = 1000  # the toy corpus is drawn in chunks of this many documents, each with its own seed
+FOLDER_FILES = (".txt", ".jsonl", ".parquet")  # what a folder corpus reads (not .json: folders hold metadata)
 
 
-def iter_documents(corpus, seed=0):
-    """Yield document strings: "toy" (tiny.toy_corpus), a .jsonl with a "text" field, a text file
-    whose documents are separated by <|endoftext|>, or a directory of such .txt files (sorted)."""
+def iter_documents(corpus, seed=0, text_field="text"):
+    """Yield the document strings of a corpus: "toy", hf:NAME[:config][:split], a folder of .txt /
+    .jsonl / .parquet files (sorted by path), or one .txt, .jsonl, .json or .parquet file."""
     if corpus == "toy":
-        try:
-            import tiny  # imported lazily: only the toy corpus needs it
-        except ModuleNotFoundError as e:
-            raise ValueError("--corpus toy needs tiny.py (tiny.toy_corpus), which this checkout lacks: "
-                             "pass --corpus PATH to a .txt file, a directory of .txt files or a .jsonl") from e
-        for chunk in range(sys.maxsize):  # endless: stops when the writer has enough tokens
-            yield from tiny.toy_corpus(TOY_CHUNK, seed * 1_000_003 + chunk)
+        yield from _toy_documents(seed)
+    elif corpus.startswith("hf:"):
+        yield from _hf_documents(corpus, text_field)
     elif os.path.isdir(corpus):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(corpus) for f in fs if f.endswith(".txt"))
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(corpus) for f in fs if f.endswith(FOLDER_FILES))
+        if not files:
+            raise ValueError(f"corpus folder {corpus} holds no .txt, .jsonl or .parquet file: pass a folder that does")
         for path in files:
-            yield from _split_text_file(path)
+            yield from _file_documents(path, text_field)
     elif not os.path.isfile(corpus):
-        raise FileNotFoundError(f"corpus {corpus} does not exist (a .txt file, a directory of .txt, a .jsonl or 'toy')")
-    elif corpus.endswith(".jsonl"):
-        with open(corpus, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise ValueError(f"{corpus} line {i + 1}: expected an object with a string 'text' field")
-                    yield row["text"]
+        raise FileNotFoundError(f"corpus {corpus} does not exist (a .txt, .jsonl, .json or .parquet file, a folder "
+                                "of them, hf:NAME or 'toy')")
     else:
-        yield from _split_text_file(corpus)
+        yield from _file_documents(corpus, text_field)
 
 
-def _split_text_file(path, block=1 << 20):
+def _toy_documents(seed):
+    try:
+        import tiny  # imported lazily: only the toy corpus needs it
+    except ModuleNotFoundError as e:
+        raise ValueError("--corpus toy needs tiny.py (tiny.toy_corpus), which this checkout lacks: "
+                         "pass --corpus PATH to a .txt, .jsonl or .parquet file or a folder of them") from e
+    for chunk in range(sys.maxsize):  # endless: stops when the writer has enough tokens
+        yield from tiny.toy_corpus(TOY_CHUNK, seed * 1_000_003 + chunk)
+
+
+def _file_documents(path, text_field):
+    """The documents of one file, read by its suffix; a file that is not UTF-8 names its first bad line."""
+    if path.endswith(".jsonl"):
+        docs = _jsonl_documents(path, text_field)
+    elif path.endswith(".json"):
+        docs = _json_documents(path, text_field)
+    elif path.endswith(".parquet"):
+        docs = _parquet_documents(path, text_field)
+    else:
+        docs = _text_documents(path)
+    try:
+        yield from docs
+    except UnicodeDecodeError:
+        raise _bad_utf8(path) from None
+
+
+def _text_documents(path, block=1 << 20):
     """Documents of a text file separated by <|endoftext|>, read in 1 MB blocks (files may be huge)."""
     with open(path, encoding="utf-8") as f:
         tail = ""
@@ -222,6 +344,107 @@ def _split_text_file(path, block=1 << 20):
             yield from (d for d in docs if d.strip())
         if tail.strip():
             yield tail
+
+
+def _jsonl_documents(path, text_field):
+    """One JSON object (or string) per line; blank lines are skipped."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
+                                 "fix or delete that line") from None
+            yield _text_of(row, text_field, f"{path} line {i}")
+
+
+def _json_documents(path, text_field):
+    """A JSON list of strings or of objects with the text field. It is read whole: for corpora that
+    do not fit in memory use .jsonl or .parquet."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): "
+                             "fix the file") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of documents: pass a JSON list of "
+                         f"strings or of objects with a {text_field!r} field (or a .jsonl file)")
+    for i, row in enumerate(rows):
+        yield _text_of(row, text_field, f"{path} item {i}")
+
+
+def _parquet_documents(path, text_field):
+    """The text column of a parquet file, read one row group batch at a time (pyarrow, imported only here)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not parquet
+        raise ValueError(f"{path}: not a readable parquet file ({e}): pass a parquet file or another corpus") from None
+    names = f.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path} has no column {text_field!r} (columns {names}): pass --text-field COLUMN")
+    row = 0
+    for batch in f.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise ValueError(f"{path} row {row}: column {text_field!r} holds {text!r}, not a string: "
+                                 "drop such rows or pass --text-field COLUMN")
+            row += 1
+            yield text
+
+
+def _hf_documents(corpus, text_field):
+    """Stream hf:NAME[:config][:split] with the datasets package (imported only here): NAME is a hub
+    id or a local folder of data files; split defaults to train. A resume streams it again from its start."""
+    name, config, split = (corpus[3:].split(":") + ["", ""])[:3]
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--corpus {corpus} needs the datasets package: pip install datasets "
+                         "(or pass a local .parquet / .jsonl file)") from None
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # offline, no such dataset / config / split: datasets raises many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot open the Hugging Face dataset of --corpus {corpus} ({first}): check NAME[:config]"
+                         "[:split] and the network (offline, only local folders and cached datasets load)") from None
+    for i, row in enumerate(stream):
+        yield _text_of(row, text_field, f"{corpus} row {i}")
+
+
+def _text_of(row, text_field, where):
+    """The text of one record: the record itself if it is a string, else its text field."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and isinstance(row.get(text_field), str):
+        return row[text_field]
+    keys = f" (fields {sorted(row)[:8]})" if isinstance(row, dict) else ""
+    raise ValueError(f"{where}: expected a string or an object with a string {text_field!r} field{keys}: "
+                     "pass --text-field NAME")
+
+
+def _bad_utf8(path):
+    """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(1 << 20)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.object: the bytes decoded, with a carried partial character
+                line += e.object[:e.start].count(b"\n")
+                return ValueError(f"{path} line {line}: invalid UTF-8 (byte 0x{e.object[e.start]:02x}): "
+                                  "re-encode the file as UTF-8")
+            if not data:
+                return ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8")
+            line += data.count(b"\n")
 
 
 def iter_contexts(docs, enc, ctx):
@@ -247,9 +470,10 @@ def iter_contexts(docs, enc, ctx):
 def iter_batches(cfg, enc, n_rows):
     """Yield (first row, idx (B, ctx) int64, meta (B*R, 3) int32) on a fixed grid of batch_size
     contexts, until n_rows rows; R = rows kept per context. The grid makes resume byte-exact."""
-    R, drop = rows_per_context(cfg), 0 if cfg.keep_bos else 1
+    R = rows_per_context(cfg)
+    drop = 0 if cfg.keep_bos else 1
     pos = np.arange(drop, cfg.ctx, dtype=np.int32)
-    contexts = iter_contexts(iter_documents(cfg.corpus, cfg.seed), enc, cfg.ctx)
+    contexts = iter_contexts(iter_documents(cfg.corpus, cfg.seed, cfg.text_field), enc, cfg.ctx)
     row = 0
     while row < n_rows:
         batch = [c for _, c in zip(range(cfg.batch_size), contexts)]
@@ -266,19 +490,6 @@ def rows_per_context(cfg):
     return cfg.ctx if cfg.keep_bos else cfg.ctx - 1
 
 
-# -----------------------------------------------------------------------------
-# fingerprints: which model and tokenizer made a cache
-
-
-def model_fingerprint(model):
-    """sha256 of the model's config and every weight (name, shape, float32 bytes), in name order."""
-    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def tokenizer_fingerprint(model_dir):
     h = hashlib.sha256()
     for name in ("vocab.json", "merges.txt"):
@@ -288,32 +499,72 @@ def tokenizer_fingerprint(model_dir):
 
 
 # -----------------------------------------------------------------------------
-# writer
+# writer: build_cache, then its helpers in the order it calls them
 
 
 @dataclass
 class CacheConfig:
+    """build or resume a cache, or repair a damaged one (the default when no subcommand is given)"""
+    # what to run
     model: str = clt.DEFAULT_MODEL  # model directory in the hub layout (or a hub id)
-    corpus: str = "toy"  # .txt file, directory of .txt files, .jsonl with "text", or "toy" (tiny.py)
+    corpus: str = "toy"  # toy | a .txt, .jsonl, .json or .parquet file | a folder of them | hf:NAME[:config][:split]
+    text_field: str = "text"  # the field (.jsonl, .json) or column (.parquet, hf:) that holds each document
+    seed: int = 0  # seed of the toy corpus
     tokens: int = 200_000  # rows to store (tokens kept after dropping the BOS); ~15 s, 210 MB on the tiny model
     ctx: int = 64  # context length, BOS included; at most the model's n_ctx
-    dtype: str = "int8"  # int8 | fp16 | fp32
-    out: str = "runs/cache"  # output directory
     keep_bos: bool = False  # keep position 0 (the BOS) instead of dropping it
+    # how to store it
+    dtype: str = "int8"  # int8 (per-row absmax) | fp16 | fp32
+    out: str = "runs/cache"  # output directory
     heldout: float = 0.02  # fraction of rows (whole contexts, at the end) held out for evaluation
     shard_tokens: int = 0  # rows per shard file; 0 = about 64 MB of activations per shard
     batch_size: int = 64  # contexts per forward pass (part of the cache's identity: it fixes the floats)
-    seed: int = 0  # seed of the toy corpus
     device: str = "auto"  # auto | cpu | cuda | ...; resume on the same device for byte-identical shards
-    overwrite: bool = False  # replace an existing cache made with other arguments
+    overwrite: bool = False  # delete the cache in --out (made with any arguments) and build it again
 
 
-def _identity(cfg, model_sha, tok_sha):
-    """What determines the cache's bytes: a rerun resumes only if all of these agree."""
-    corpus = cfg.corpus if cfg.corpus == "toy" else os.path.realpath(cfg.corpus)
-    return dict(model_sha256=model_sha, tokenizer_sha256=tok_sha, corpus=corpus, tokens=cfg.tokens,
-                ctx=cfg.ctx, dtype=cfg.dtype, keep_bos=cfg.keep_bos, heldout=cfg.heldout,
-                shard_tokens=cfg.shard_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+def build_cache(cfg: CacheConfig):
+    """Build, resume or repair the cache cfg describes; returns the finished manifest.
+
+    The returned dict also carries "seconds" and "cpu_seconds" (all threads): the wall and CPU time
+    of the corpus -> shards loop alone (0 when there was nothing to write).
+    """
+    model_dir = clt.resolve_model_dir(cfg.model)
+    device = _resolve_device(cfg.device)
+    model = clt.GPT.from_pretrained(model_dir).to(device)
+    _check_config(cfg, model)
+    enc = clt.load_tokenizer(model_dir)
+    L, d = model.config.n_layer, model.config.n_embd
+    if cfg.shard_tokens == 0:
+        cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes(cfg.dtype, L, d)))
+    identity = _identity(cfg, model.fingerprint(), tokenizer_fingerprint(model_dir))
+    name = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # what readers load
+    header = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d, dtype=cfg.dtype,
+                  ctx=cfg.ctx, keep_bos=cfg.keep_bos, shard_tokens=cfg.shard_tokens, device=device,
+                  check_rows=max(1, CHECK_BYTES // row_bytes(cfg.dtype, L, d)),
+                  channel_scale=_first_batch_channel_scales(cfg, model, enc))
+    manifest = _open_out_dir(cfg, identity, header)
+    repairs = _damaged_shards(cfg.out, manifest)
+    resume = sys.maxsize if manifest["complete"] else len(manifest["shards"])  # new shards start here
+    if manifest["complete"] and not repairs:
+        print(f"{cfg.out} is already complete ({manifest['n_tokens']} tokens; every shard's size, header and "
+              "crc32 checked): nothing to do")
+        return dict(manifest, seconds=0.0, cpu_seconds=0.0)
+    _check_disk(cfg, L, d, resume)
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    _write_rows(cfg, model, enc, manifest, set(repairs), resume)
+    _finalize(manifest, cfg)
+    clt.write_json(os.path.join(cfg.out, MANIFEST), manifest)
+    if manifest["n_tokens"] < cfg.tokens:
+        print(f"note: corpus {cfg.corpus} ran out after {manifest['n_tokens']} of the {cfg.tokens} tokens asked for")
+    return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+
+
+def _resolve_device(device):
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_config(cfg, model):
@@ -328,23 +579,27 @@ def _check_config(cfg, model):
         raise ValueError(f"heldout must be in [0, 1), got {cfg.heldout}")
 
 
-def _write_json_atomic(path, obj):
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file, never half."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+def _identity(cfg, model_sha, tok_sha):
+    """What determines the cache's bytes: a rerun resumes only if all of these agree."""
+    local = cfg.corpus != "toy" and not cfg.corpus.startswith("hf:")
+    return dict(model_sha256=model_sha, tokenizer_sha256=tok_sha,
+                corpus=os.path.realpath(cfg.corpus) if local else cfg.corpus, text_field=cfg.text_field,
+                tokens=cfg.tokens, ctx=cfg.ctx, dtype=cfg.dtype, keep_bos=cfg.keep_bos, heldout=cfg.heldout,
+                shard_tokens=cfg.shard_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
-def _fsync_dir(path):
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@torch.inference_mode()
+def _first_batch_channel_scales(cfg, model, enc):
+    """int8 only: channel scales (2, L, d) as nested lists, from the first forward batch of the grid."""
+    if cfg.dtype != "int8":
+        return None
+    _, idx, _ = next(iter_batches(cfg, enc, cfg.tokens), (None, None, None))
+    if idx is None:
+        raise ValueError(f"corpus {cfg.corpus} gave no context of {cfg.ctx - 1} tokens: it is empty or too short")
+    _, acts = model.run_with_acts(idx.to(next(model.parameters()).device), logits=False)
+    drop = 0 if cfg.keep_bos else 1
+    scales = [channel_scales(acts.mlp_in[:, drop:]), channel_scales(acts.mlp_out[:, drop:])]  # 2 x (L, d)
+    return torch.stack(scales).cpu().tolist()
 
 
 def _open_out_dir(cfg, identity, header):
@@ -354,22 +609,22 @@ def _open_out_dir(cfg, identity, header):
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the cache directory {cfg.out}: {e}") from e
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get("identity", {}).get(k), v) for k, v in identity.items()
-                if old.get("identity", {}).get(k) != v}
-        if not diff and old.get("version") == VERSION:
-            return old
-        if not cfg.overwrite:
+    if os.path.exists(path) and not cfg.overwrite:
+        old = _open_manifest(cfg.out)
+        diff = {k: (old["identity"].get(k), v) for k, v in identity.items() if old["identity"].get(k) != v}
+        if diff:
             raise ValueError(f"{cfg.out} holds a cache made with other arguments ({{field: (cache, now)}}: {diff}); "
                              "pass --overwrite to replace it, or choose another --out")
-        _remove_cache_files(cfg.out)
-    elif any(not _is_cache_file(n) for n in os.listdir(cfg.out)):
+        if old["channel_scale"] != header["channel_scale"]:
+            raise ValueError(f"{cfg.out}: the first batch now gives other int8 channel scales than when the cache was "
+                             "started: the corpus or the device changed; resume where it began, or pass --overwrite")
+        return old
+    if not os.path.exists(path) and any(not _is_cache_file(n) for n in os.listdir(cfg.out)):
         raise ValueError(f"{cfg.out} exists, is not empty and has no {MANIFEST}: choose another --out")
+    _remove_cache_files(cfg.out)  # --overwrite, or shards whose manifest was deleted
     manifest = dict(format=FORMAT, version=VERSION, complete=False, identity=identity, **header, shards=[])
     try:
-        _write_json_atomic(path, manifest)
+        clt.write_json(path, manifest)
     except OSError as e:
         raise ValueError(f"cannot write to {cfg.out}: {e}") from e
     return manifest
@@ -385,21 +640,129 @@ def _remove_cache_files(out):
             os.remove(os.path.join(out, name))
 
 
+def _damaged_shards(out, manifest):
+    """The finished shards that fail a check (size, header, crc32 of each chunk), to be rewritten.
+    This reads every finished shard once, at crc32 speed: far less than the forward passes that made them."""
+    listed = len(manifest["shards"])
+    damaged = []
+    for i in tqdm(range(listed), desc="check", unit="shard", disable=None if listed > 1 else True):
+        problem = _check_shard(out, manifest, i, "crc32")
+        if problem:
+            print(f"repairing {problem}")
+            damaged.append(i)
+    return damaged
+
+
+def _check_disk(cfg, L, d, resume):
+    _, one = shard_layout(cfg.dtype, cfg.shard_tokens, L, d)
+    need = max(0, -(-cfg.tokens // cfg.shard_tokens) - resume) * one
+    free = shutil.disk_usage(cfg.out).free
+    if need > free:
+        raise ValueError(f"the cache needs {need / 1e9:.2f} GB more but {cfg.out} has {free / 1e9:.2f} GB free")
+
+
+@torch.inference_mode()
+def _write_rows(cfg, model, enc, manifest, repairs, resume):
+    """The main loop: forward the batches that hold rows of the shards to write (those in `repairs`
+    and those from `resume` on; the other batches are only tokenized), drop the BOS, add the rows to
+    shard buffers; the writer lists each finished shard in the manifest."""
+    L, d, S = model.config.n_layer, model.config.n_embd, cfg.shard_tokens
+    drop = 0 if cfg.keep_bos else 1
+    dev = next(model.parameters()).device
+    last = max(repairs, default=-1) if resume == sys.maxsize else sys.maxsize  # the last shard to write
+    writer = _ShardWriter(cfg.out, manifest)
+    channel = torch.tensor(manifest["channel_scale"]) if manifest["channel_scale"] else None  # (2, L, d)
+    buf = None
+    row = 0
+    before = None  # the previous batch's meta
+    n_new = max(0, -(-cfg.tokens // S) - resume)
+    pbar = tqdm(total=min((len(repairs) + n_new) * S, cfg.tokens), unit="tok", desc="cache", disable=None)
+    try:
+        for row0, idx, meta in iter_batches(cfg, enc, cfg.tokens):
+            hi = min(row0 + len(meta), cfg.tokens)
+            row = hi
+            if row0 // S > last:
+                break
+            shards = [k for k in range(row0 // S, (hi - 1) // S + 1) if k in repairs or k >= resume]
+            if not shards:
+                before = meta  # only tokenized, never run
+                continue
+            if shards[0] == resume > 0 and resume - 1 not in repairs and row0 <= resume * S:
+                _check_resume_tokens(cfg, manifest, meta[:resume * S - row0] if row0 < resume * S else before)
+            x_in, x_out = _forward_rows(model, idx.to(dev), drop)
+            for k in shards:  # the batch's rows, split at shard boundaries
+                a = max(k * S, row0) - row0
+                b = min((k + 1) * S, hi) - row0
+                if buf is None:
+                    buf = writer.buffer(k, cfg, L, d, channel)
+                buf.add(x_in[a:b], x_out[a:b], meta[a:b])
+                pbar.update(b - a)
+                if buf.rows == S:
+                    writer.put(buf)
+                    buf = None
+            del x_in, x_out  # before the next forward pass, not after it: memory is bounded by one batch
+            before = meta
+        if row == 0:
+            raise ValueError(f"corpus {cfg.corpus} gave no context of {cfg.ctx - 1} tokens: it is empty or too short")
+        if buf is not None:
+            writer.put(buf)
+    finally:
+        pbar.close()
+        writer.close()
+
+
+def _forward_rows(model, idx, drop):
+    """idx (B, T) -> the rows to store, mlp_in and mlp_out (B*R, L, d), R = T - drop. Each source is let
+    go as soon as it is copied: three (B, T, L, d)-sized tensors at most live at once, not five."""
+    _, acts = model.run_with_acts(idx, logits=False)
+    mlp_in = acts.mlp_in
+    mlp_out = acts.mlp_out
+    del acts  # and with it the attention patterns (B, nh, T, T) of every layer
+    L, d = mlp_in.shape[2:]
+    x_in = mlp_in[:, drop:].reshape(-1, L, d)  # (B*R, L, d), a copy without the BOS
+    del mlp_in
+    x_out = mlp_out[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
+    return x_in, x_out
+
+
+def _check_resume_tokens(cfg, manifest, meta):
+    """meta (n, 3): what the corpus now gives for the rows just before the resume point; compare it
+    with the end of the last finished shard."""
+    s = manifest["shards"][-1]
+    path = os.path.join(cfg.out, s["file"])
+    views = _sections(np.memmap(path, dtype=np.uint8, mode="r"), cfg.dtype, s["rows"], manifest["n_layers"],
+                      manifest["d_model"])
+    n = min(len(meta), s["rows"])
+    if not np.array_equal(views["meta"][-n:], meta[-n:]):
+        raise ValueError(f"{cfg.out}: the corpus {cfg.corpus} now gives other tokens than those stored in "
+                         f"{s['file']}: it changed since the cache was started; pass --overwrite to rebuild")
+
+
 class _ShardBuffer:
     """One shard's rows being filled in RAM, plus float64 sums for the manifest's statistics."""
 
     def __init__(self, index, cfg, L, d, channel):
-        S, dt = cfg.shard_tokens, DTYPES[cfg.dtype][1]
-        self.dtype, self.channel = cfg.dtype, channel  # channel (2, L, d)
-        self.mlp_in, self.mlp_out = np.empty((S, L, d), dt), np.empty((S, L, d), dt)  # (S, L, d)
+        S = cfg.shard_tokens
+        dt = DTYPES[cfg.dtype][1]
+        self.dtype = cfg.dtype
+        self.channel = channel  # (2, L, d)
+        self.mlp_in = np.empty((S, L, d), dt)  # (S, L, d)
+        self.mlp_out = np.empty((S, L, d), dt)  # (S, L, d)
         self.scales = np.empty((S, 2, L), np.int16) if cfg.dtype == "int8" else None  # (S, 2, L)
         self.meta = np.empty((S, 3), np.int32)  # (S, 3)
         self.reset(index)
 
     def reset(self, index):
         """Start shard `index` in this buffer (buffers are recycled: fresh 64 MB costs page faults)."""
-        self.index, self.rows = index, 0
+        self.index = index
+        self.rows = 0
         self.sums = {k: torch.zeros(2, self.mlp_in.shape[1], dtype=torch.float64) for k in ("norm", "sq", "err")}
+
+    def sections(self):
+        """The filled rows, section by section in file order (as `_sections` reads them back)."""
+        n = self.rows
+        return dict(mlp_in=self.mlp_in[:n], mlp_out=self.mlp_out[:n],
+                    scales=None if self.scales is None else self.scales[:n], meta=self.meta[:n])
 
     def add(self, x_in, x_out, meta):
         """Append rows (n, L, d) float32 of mlp_in and mlp_out; quantize/convert, record statistics."""
@@ -433,74 +796,84 @@ class _ShardBuffer:
 
 
 class _ShardWriter:
-    """Writes full shard buffers on background threads (sha256 as it writes, fsync, rename), so the
-    forward pass overlaps the disk; the main thread then lists each shard in the manifest, in order,
-    so a finished manifest entry always means shards 0..k are all on disk."""
+    """Writes full shard buffers on background threads (sha256 and crc32s as it writes, then
+    clt.atomic_path: fsync, rename), so the forward pass overlaps the disk; the main thread then
+    lists each shard in the manifest, in order, so a listed shard is always whole on disk."""
 
     def __init__(self, out, manifest, threads=2):
-        self.out, self.manifest, self.threads = out, manifest, threads
-        self.pool, self.pending, self.free = ThreadPoolExecutor(threads), [], queue.SimpleQueue()
+        self.out = out
+        self.manifest = manifest
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads)
+        self.pending = []
+        self.free = queue.SimpleQueue()
 
-    def buffer(self, index, make):
-        """A written buffer reset for shard `index`, or make() when none is free yet."""
+    def buffer(self, index, cfg, L, d, channel):
+        """A written buffer reset for shard `index`, or a new one when none is free yet."""
         try:
             buf = self.free.get_nowait()
         except queue.Empty:
-            return make()
+            return _ShardBuffer(index, cfg, L, d, channel)
         buf.reset(index)
         return buf
 
     def put(self, buf):
         self.pending.append(self.pool.submit(self._write, buf))
         while self.pending and (self.pending[0].done() or len(self.pending) > self.threads):
-            self._commit(self.pending.pop(0).result())  # waits when all threads are busy: bounded memory
+            self._commit(*self.pending.pop(0).result())  # waits when all threads are busy: bounded memory
 
     def close(self):
         try:
             while self.pending:
-                self._commit(self.pending.pop(0).result())
+                self._commit(*self.pending.pop(0).result())
         finally:
             self.pool.shutdown(cancel_futures=True)
 
-    def _commit(self, entry):
-        self.manifest["shards"].append(entry)
-        _write_json_atomic(os.path.join(self.out, MANIFEST), self.manifest)
-
     def _write(self, buf):
-        m, n = self.manifest, buf.rows
-        name = f"shard_{buf.index:05d}.bin"
-        path, tmp = os.path.join(self.out, name), os.path.join(self.out, name + ".tmp")
-        off, size = shard_layout(m["dtype"], n, m["n_layers"], m["d_model"])
-        sections = [_header(m["dtype"], n, m["n_layers"], m["d_model"]), buf.mlp_in[:n], buf.mlp_out[:n]]
-        sections += [buf.scales[:n]] if buf.scales is not None else []
-        sections += [buf.meta[:n]]
-        h, written = hashlib.sha256(), 0
+        m = self.manifest
+        n = buf.rows
+        name = shard_name(buf.index)
+        path = os.path.join(self.out, name)
+        _, size = shard_layout(m["dtype"], n, m["n_layers"], m["d_model"])
+        sections = buf.sections()
+        C = m["check_rows"]
+        crc = [_crc32(sections, a, a + C) for a in range(0, n, C)]
+        arrays = [_header(m["dtype"], n, m["n_layers"], m["d_model"])] + [v for v in sections.values() if v is not None]
+        h = hashlib.sha256()
+        written = 0
         try:
-            with open(tmp, "wb") as f:
-                for arr in sections:
+            with clt.atomic_path(path) as tmp, open(tmp, "wb") as f:
+                for arr in arrays:
                     mv = memoryview(np.ascontiguousarray(arr)).cast("B")
                     pad = b"\0" * (_pad(written + len(mv)) - written - len(mv))
                     for chunk in (mv, pad):
                         h.update(chunk)
                         f.write(chunk)
                     written += len(mv) + len(pad)
-                f.flush()
-                os.fsync(f.fileno())
-            assert written == size, f"wrote {written} bytes, layout says {size}"
-            os.replace(tmp, path)
-            _fsync_dir(self.out)
+                assert written == size, f"wrote {written} bytes, layout says {size}"
         except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             raise ValueError(f"writing {path} failed: {e} (disk full or unwritable?). Finished shards are "
                              "kept: free space and rerun the same command to resume") from e
-        entry = dict(file=name, rows=n, bytes=size, sha256=h.hexdigest(), **{k: v.tolist() for k, v in buf.sums.items()})
+        entry = dict(file=name, rows=n, bytes=size, sha256=h.hexdigest(), crc32=crc,
+                     **{k: v.tolist() for k, v in buf.sums.items()})
         self.free.put(buf)
-        return entry
+        return buf.index, entry
+
+    def _commit(self, index, entry):
+        shards = self.manifest["shards"]
+        if index < len(shards):  # a repair: the shard must come out as it was first written
+            if entry["sha256"] != shards[index]["sha256"]:
+                raise ValueError(f"{entry['file']} was rebuilt with other bytes than when the cache was made: the "
+                                 "corpus, the device or torch changed; rebuild the cache with --overwrite")
+            shards[index] = entry
+        else:
+            shards.append(entry)
+        clt.write_json(os.path.join(self.out, MANIFEST), self.manifest)
 
 
-def _finalize(manifest, n_rows, cfg):
+def _finalize(manifest, cfg):
     """Totals for the manifest: token count, splits, per-layer mean norms and quantization NMSE."""
+    n_rows = sum(s["rows"] for s in manifest["shards"])
     R = rows_per_context(cfg)
     train = n_rows
     if cfg.heldout > 0:
@@ -513,127 +886,220 @@ def _finalize(manifest, n_rows, cfg):
                     nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)])
 
 
-def _resolve_device(device):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def build_cache(cfg: CacheConfig):
-    """Build (or resume, or confirm) the cache cfg describes; returns the finished manifest.
-
-    The returned dict also carries "seconds" and "cpu_seconds" (all threads): the wall and CPU time
-    of the corpus -> shards loop alone.
-    """
-    model_dir = clt.resolve_model_dir(cfg.model)
-    model = clt.GPT.from_pretrained(model_dir).to(_resolve_device(cfg.device))
-    _check_config(cfg, model)
-    enc = clt.load_tokenizer(model_dir)
-    L, d = model.config.n_layer, model.config.n_embd
-    if cfg.shard_tokens == 0:
-        cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes(cfg.dtype, L, d)))
-    identity = _identity(cfg, model_fingerprint(model), tokenizer_fingerprint(model_dir))
-    name = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # what readers load
-    header = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d, dtype=cfg.dtype,
-                  ctx=cfg.ctx, keep_bos=cfg.keep_bos, shard_tokens=cfg.shard_tokens,
-                  channel_scale=_first_batch_channel_scales(cfg, model, enc))
-    manifest = _open_out_dir(cfg, identity, header)
-    if manifest["channel_scale"] != header["channel_scale"]:
-        raise ValueError(f"{cfg.out}: the first batch now gives other int8 channel scales than when the cache was "
-                         "started: the corpus or the device changed; resume where it began, or pass --overwrite")
-    if manifest.get("complete"):
-        print(f"{cfg.out} is already complete ({manifest['n_tokens']} tokens): nothing to do")
-        return dict(manifest, seconds=0.0, cpu_seconds=0.0)
-    start = len(manifest["shards"]) * cfg.shard_tokens  # resume at the first unfinished shard
-    _check_disk(cfg, L, d, start)
-    t0, c0 = time.perf_counter(), time.process_time()
-    n_rows = _write_rows(cfg, model, enc, manifest, start)
-    _finalize(manifest, n_rows, cfg)
-    _write_json_atomic(os.path.join(cfg.out, MANIFEST), manifest)
-    return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
-
-
-@torch.inference_mode()
-def _first_batch_channel_scales(cfg, model, enc):
-    """int8 only: channel scales (2, L, d) as nested lists, from the first forward batch of the grid."""
-    if cfg.dtype != "int8":
-        return None
-    _, idx, _ = next(iter_batches(cfg, enc, cfg.tokens), (None, None, None))
-    if idx is None:
-        raise ValueError(f"corpus {cfg.corpus} gave no context of {cfg.ctx - 1} tokens: it is empty or too short")
-    _, acts = model.run_with_acts(idx.to(next(model.parameters()).device))
-    drop = 0 if cfg.keep_bos else 1
-    x = torch.stack([acts.mlp_in[:, drop:], acts.mlp_out[:, drop:]]).flatten(1, 2)  # (2, B*R, L, d)
-    return torch.stack([channel_scales(x[0]), channel_scales(x[1])]).cpu().tolist()
-
-
-def _check_resume_tokens(cfg, manifest, meta):
-    """meta (n, 3): what the corpus now gives for the rows just before the resume point; compare it
-    with the end of the last finished shard."""
-    s = manifest["shards"][-1]
-    off, _ = shard_layout(cfg.dtype, s["rows"], manifest["n_layers"], manifest["d_model"])
-    stored = np.fromfile(os.path.join(cfg.out, s["file"]), np.int32, s["rows"] * 3, offset=off["meta"])
-    n = min(len(meta), s["rows"])
-    if not np.array_equal(stored.reshape(-1, 3)[-n:], meta[-n:]):
-        raise ValueError(f"{cfg.out}: the corpus {cfg.corpus} now gives other tokens than those stored in "
-                         f"{s['file']}: it changed since the cache was started; pass --overwrite to rebuild")
-
-
-def _check_disk(cfg, L, d, start):
-    _, one = shard_layout(cfg.dtype, cfg.shard_tokens, L, d)
-    need = -(-(cfg.tokens - start) // cfg.shard_tokens) * one
-    free = shutil.disk_usage(cfg.out).free
-    if need > free:
-        raise ValueError(f"the cache needs {need / 1e9:.2f} GB more but {cfg.out} has {free / 1e9:.2f} GB free")
-
-
-@torch.inference_mode()
-def _write_rows(cfg, model, enc, manifest, start):
-    """The main loop: forward batches, drop the BOS, add rows to shards; returns the row count."""
-    L, d, S, drop = model.config.n_layer, model.config.n_embd, cfg.shard_tokens, 0 if cfg.keep_bos else 1
-    dev = next(model.parameters()).device
-    writer = _ShardWriter(cfg.out, manifest)
-    channel = torch.tensor(manifest["channel_scale"]) if manifest["channel_scale"] else None  # (2, L, d)
-    buf, row, skipped = _ShardBuffer(start // S, cfg, L, d, channel), start, None
-    pbar = tqdm(total=cfg.tokens, initial=start, unit="tok", desc="cache", disable=None)
-    try:
-        for row0, idx, meta in iter_batches(cfg, enc, cfg.tokens):
-            hi = min(row0 + len(meta), cfg.tokens)
-            if hi <= start:
-                skipped = meta  # before the resume point: only tokenized, never run
-                continue
-            if start and row == start:  # resuming: the corpus must still give the finished shards' tokens
-                _check_resume_tokens(cfg, manifest, meta[:start - row0] if row0 < start else skipped)
-            _, acts = model.run_with_acts(idx.to(dev))
-            x_in = acts.mlp_in[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
-            x_out = acts.mlp_out[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
-            a = max(start, row0) - row0
-            while row0 + a < hi:  # split the batch's rows at shard boundaries
-                b = min(hi - row0, a + S - buf.rows)
-                buf.add(x_in[a:b], x_out[a:b], meta[a:b])
-                a, row = b, row0 + b
-                if buf.rows == S:
-                    writer.put(buf)
-                    buf = writer.buffer(buf.index + 1, lambda: _ShardBuffer(buf.index + 1, cfg, L, d, channel))
-            pbar.update(row - pbar.n)
-        if row == 0:
-            raise ValueError(f"corpus {cfg.corpus} gave no context of {cfg.ctx - 1} tokens: it is empty or too short")
-        if buf.rows:
-            writer.put(buf)
-    finally:
-        pbar.close()
-        writer.close()
-    if row < cfg.tokens:
-        print(f"note: corpus {cfg.corpus} ran out after {row} of the {cfg.tokens} tokens asked for")
-    return row
-
-
 # -----------------------------------------------------------------------------
 # reader
+
+PREFETCH = 4  # batches a reader keeps ready ahead of the consumer
+
+
+@dataclass
+class Rows:
+    """Stored rows as they lie in the shards, and their global row ids: what `batches` yields.
+    `ActivationCache.dequantize(rows, device)` turns them into float32 on the consumer's device."""
+    mlp_in: torch.Tensor  # (n, L, d) int8 | float16 | float32, as stored
+    mlp_out: torch.Tensor  # (n, L, d)
+    scales: Optional[torch.Tensor]  # (n, 2, L) int16 bits of the bfloat16 row scales (int8 only)
+    ids: torch.Tensor  # (n,) int64 global row ids, ascending
+
+
+class ActivationCache:
+    """A finished cache, opened read-only. Opening checks the manifest and each shard's size and
+    header (cheap); reading checks each chunk's crc32 the first time a row of it is read; `verify`
+    checks whole files against their sha256. Pass model= to refuse a cache made by another model.
+
+    unit_rows, window_mb: the granularity of the shuffle (see `batches`); part of a training run's
+    data order, like the seed. workers: threads that read and check batches."""
+
+    def __init__(self, path, model=None, unit_rows=1024, window_mb=512, workers=2):
+        self.manifest = m = _open_manifest(path)
+        if not m.get("complete"):
+            raise ValueError(f"{path} is unfinished ({len(m['shards'])} shards): rerun the command that built it "
+                             f"to resume: {repair_command(path, m)}")
+        if model is not None:
+            clt.check_same_model(model, m["identity"]["model_sha256"], f"the cache {path} (made by model {m['model']})")
+        self.path = path
+        self.dtype = m["dtype"]
+        self.n_layers = m["n_layers"]
+        self.d_model = m["d_model"]
+        self.n_tokens = m["n_tokens"]
+        self.unit_rows = unit_rows
+        self.window_mb = window_mb
+        self.workers = workers
+        self.norm_in = torch.tensor(m["norm_in"])  # (L,)
+        self.norm_out = torch.tensor(m["norm_out"])  # (L,)
+        self.channel_scale = torch.tensor(m["channel_scale"]) if m["channel_scale"] else None  # (2, L, d)
+        self.starts = np.cumsum([0] + [s["rows"] for s in m["shards"]])  # first row of each shard
+        assert self.starts[-1] == self.n_tokens, f"shards hold {self.starts[-1]} rows, manifest says {self.n_tokens}"
+        for i in range(len(m["shards"])):
+            problem = _check_shard(path, m, i)
+            if problem:
+                raise ValueError(f"{path}: {problem}: repair it by rerunning its build, `{repair_command(path, m)}` "
+                                 "(add --overwrite to rebuild it all)")
+        self._checked = [np.zeros(len(s["crc32"]), bool) for s in m["shards"]]  # crc32 chunks read and found good
+        self._check_locks = [threading.Lock() for _ in m["shards"]]
+        self._maps = OrderedDict()
+        self._lock = threading.Lock()
+
+    def row_bytes(self):
+        """Stored bytes of one row's activations and scales (what a reader moves per token)."""
+        return row_bytes(self.dtype, self.n_layers, self.d_model)
+
+    def split_range(self, split):
+        """(lo, hi) rows of "train", "heldout" (the last contexts) or "all"."""
+        if split == "all":
+            return 0, self.n_tokens
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+        return tuple(self.manifest["splits"][split])
+
+    def dequantize(self, rows: Rows, device=None):
+        """Stored rows -> (mlp_in, mlp_out) float32 (n, L, d) on `device` (None: where they are). The
+        stored rows move first and are dequantized there: 4x less to copy for int8."""
+        x_in = rows.mlp_in.to(device)
+        x_out = rows.mlp_out.to(device)
+        if rows.scales is None:
+            return dequantize(x_in), dequantize(x_out)
+        s = rows.scales.to(device)  # (n, 2, L)
+        c = self.channel_scale  # (2, L, d)
+        return dequantize(x_in, s[:, 0], c[0]), dequantize(x_out, s[:, 1], c[1])
+
+    def read(self, lo, hi, device=None):
+        """Rows lo..hi in order: (mlp_in (n, L, d), mlp_out (n, L, d)) float32, (tokens, doc_ids,
+        positions) (n,) int64."""
+        ids = np.arange(lo, hi)
+        raw = {k: torch.from_numpy(v) for k, v in self._take(ids, SECTIONS).items()}
+        meta = raw.pop("meta").long()
+        rows = Rows(raw["mlp_in"], raw["mlp_out"], raw.get("scales"), torch.from_numpy(ids))
+        return *self.dequantize(rows, device), meta[:, 0], meta[:, 1], meta[:, 2]
+
+    def iter_chunks(self, chunk_size, split="all", device=None):
+        """Stream a split in order: yields (mlp_in, mlp_out, tokens, doc_ids, positions) as `read`."""
+        lo, hi = self.split_range(split)
+        gen = (self.read(a, min(a + chunk_size, hi), device) for a in range(lo, hi, chunk_size))
+        return _background(gen, depth=2)
+
+    def batches_per_epoch(self, batch_size, world=1, split="train"):
+        lo, hi = self.split_range(split)
+        return (hi - lo) // (batch_size * world)
+
+    def batches(self, batch_size, seed=0, rank=0, world=1, split="train", start_step=0, epochs=None):
+        """Yield this rank's batches of a shuffled stream: Rows of batch_size stored rows (dequantize
+        them with `dequantize(rows, device)` where they are used).
+
+        The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
+        units in a random order (seed, e), consecutive units grouped into windows of ~window_mb
+        stored MB, the rows of each window in a random order (seed, e, window). Global step g is
+        stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B] (in row order: a
+        batch is a set): disjoint, equal shares, whose union does not depend on the world size W.
+        An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped), so no rank ever
+        waits on another. Rows are read straight from the memmapped shards: the pages in use at
+        any time are a window's units (~window_mb), so the page cache serves most reads.
+        start_step=k starts at global step k (counting across epochs) without reading what it skips;
+        epochs=None streams forever, else stops after `epochs` epochs in all. A rank reads only its
+        rows, on `workers` threads, PREFETCH batches ahead of the consumer.
+        """
+        B, W = batch_size, world
+        if not 0 <= rank < W or B <= 0:
+            raise ValueError(f"need 0 <= rank < world and batch_size > 0, got rank={rank}, world={W}, B={B}")
+        lo, hi = self.split_range(split)
+        nb = self.batches_per_epoch(B, W, split)
+        if nb == 0:
+            raise ValueError(f"split {split!r} has {hi - lo} rows, fewer than one global batch of {B}x{W}")
+        window_units = max(1, int(self.window_mb * 2 ** 20) // (self.row_bytes() * self.unit_rows))
+        e0, j0 = divmod(start_step, nb)
+        epoch_ids = range(e0, sys.maxsize if epochs is None else epochs)
+
+        def selections():  # per window: this rank's global row ids, in stream order
+            for e in epoch_ids:
+                p0 = j0 * B * W if e == e0 else 0
+                for s, size, rows in self._windows(lo, hi, seed, e, window_units):
+                    p = np.arange(max(s, p0), min(s + size, nb * B * W))
+                    p = p[(p // B) % W == rank]
+                    if len(p):
+                        yield rows()[p - s]
+
+        def assemble(ids):  # on a worker thread
+            rows = np.sort(ids)  # a batch is a set: sorted, its rows come off the memmaps in file order
+            raw = {k: torch.from_numpy(v) for k, v in self._take(rows, ("mlp_in", "mlp_out", "scales")).items()}
+            return Rows(raw["mlp_in"], raw["mlp_out"], raw.get("scales"), torch.from_numpy(rows))
+
+        return _background(_ordered_map(assemble, _cut(selections(), B), self.workers), PREFETCH)
+
+    def _windows(self, lo, hi, seed, epoch, window_units):
+        """Yield (stream position, rows, rows()) per window of the epoch; rows() builds the window's
+        permuted global row ids only when asked (a skipped window costs nothing)."""
+        U = self.unit_rows
+        starts = np.arange(lo, hi, U)
+        order = np.random.default_rng([seed, epoch]).permutation(len(starts))
+        pos = 0
+        for w, g in enumerate(range(0, len(order), window_units)):
+            units = starts[order[g:g + window_units]]
+            size = int(np.minimum(units + U, hi).sum() - units.sum())
+
+            def rows(units=units, w=w):
+                r = np.concatenate([np.arange(u, min(u + U, hi)) for u in units])
+                return r[np.random.default_rng([seed, epoch, w]).permutation(len(r))]
+            yield pos, size, rows
+            pos += size
+
+    def _take(self, rows, keys):
+        """Stored arrays of the given rows (sorted global ids), read shard by shard from the memmaps;
+        each crc32 chunk is checked the first time one of its rows is read."""
+        first = self._shard(0)
+        out = {k: np.empty((len(rows),) + first[k].shape[1:], first[k].dtype) for k in keys if first[k] is not None}
+        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]) if len(rows) else ():
+            i = int(shard_of[a])
+            local = rows[a:b] - self.starts[i]
+            src = self._shard(i)
+            self._check_chunks(i, src, local)
+            runs = np.flatnonzero(np.diff(local) != 1) + 1  # where runs of consecutive rows break
+            if len(runs) <= (b - a) // 64:  # long runs (whole units): plain sequential copies
+                for ra, rb in zip(np.r_[0, runs], np.r_[runs, b - a]):
+                    for k in out:
+                        out[k][a + ra:a + rb] = src[k][local[ra]:local[rb - 1] + 1]
+            else:
+                for k in out:
+                    np.take(src[k], local, axis=0, out=out[k][a:b])
+        return out
+
+    def _check_chunks(self, i, src, local):
+        """Check the crc32 of each chunk of shard i that rows `local` fall in and no read has checked
+        yet. One thread checks a shard at a time: the others wait rather than check it twice."""
+        C = self.manifest["check_rows"]
+        chunks = np.unique(local // C)
+        if self._checked[i][chunks].all():
+            return
+        with self._check_locks[i]:
+            for j in chunks[~self._checked[i][chunks]]:
+                if _crc32(src, j * C, (j + 1) * C) != self.manifest["shards"][i]["crc32"][j]:
+                    s = self.manifest["shards"][i]
+                    raise ValueError(f"{self.path}: {s['file']} rows {j * C}..{min((j + 1) * C, s['rows']) - 1} "
+                                     "fail their crc32 check (the file is damaged): repair it by rerunning its "
+                                     f"build, `{repair_command(self.path, self.manifest)}`")
+                self._checked[i][j] = True
+
+    def _shard(self, i):
+        """The memmapped sections of shard i: dict of numpy views, shared by threads. At most
+        MAX_OPEN_SHARDS stay mapped (each mapping holds a file descriptor); views in use keep theirs."""
+        with self._lock:
+            if i in self._maps:
+                self._maps.move_to_end(i)
+            else:
+                s = self.manifest["shards"][i]
+                mm = np.memmap(os.path.join(self.path, s["file"]), dtype=np.uint8, mode="r")
+                self._maps[i] = _sections(mm, self.dtype, s["rows"], self.n_layers, self.d_model)
+                if len(self._maps) > MAX_OPEN_SHARDS:
+                    self._maps.popitem(last=False)
+            return self._maps[i]
 
 
 def _background(gen, depth):
     """Run the generator `gen` on a daemon thread up to `depth` items ahead; re-raise its errors here.
     When the consumer stops early (break, close), the thread stops too and closes `gen`."""
-    q, stop = queue.Queue(maxsize=depth), threading.Event()
+    q = queue.Queue(maxsize=depth)
+    stop = threading.Event()
 
     def put(item):  # False once the consumer has gone
         while not stop.is_set():
@@ -690,219 +1156,18 @@ def _ordered_map(fn, items, workers):
             yield f.result()
 
 
-class ActivationCache:
-    """A finished cache, opened read-only. Opening checks the manifest, each shard's size and header
-    (cheap); `verify` checks the hashes. Pass model= to refuse a cache made by another model."""
-
-    def __init__(self, path, model=None):
-        mpath = os.path.join(path, MANIFEST)
-        if not os.path.exists(mpath):
-            raise FileNotFoundError(f"{path} has no {MANIFEST}: not an activation cache (build one with cache.py)")
-        with open(mpath) as f:
-            self.manifest = m = json.load(f)
-        if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise ValueError(f"{mpath} is format {m.get('format')} version {m.get('version')}, this cache.py reads "
-                             f"{FORMAT} version {VERSION}: rebuild the cache with `python cache.py ... --overwrite`")
-        if not m.get("complete"):
-            raise ValueError(f"{path} is unfinished ({len(m['shards'])} shards): rerun the command that built it to resume")
-        if model is not None and model_fingerprint(model) != m["identity"]["model_sha256"]:
-            raise ValueError(f"{path} was made by model {m['model']} (sha256 {m['identity']['model_sha256'][:12]}...), "
-                             "not by the model given: rebuild the cache for this model")
-        self.path, self.dtype = path, m["dtype"]
-        self.n_layers, self.d_model, self.n_tokens = m["n_layers"], m["d_model"], m["n_tokens"]
-        self.norm_in, self.norm_out = torch.tensor(m["norm_in"]), torch.tensor(m["norm_out"])  # (L,)
-        self.channel_scale = torch.tensor(m["channel_scale"]) if m["channel_scale"] else None  # (2, L, d)
-        self.starts = np.cumsum([0] + [s["rows"] for s in m["shards"]])  # first row of each shard
-        assert self.starts[-1] == self.n_tokens, f"shards hold {self.starts[-1]} rows, manifest says {self.n_tokens}"
-        for s in m["shards"]:
-            p = os.path.join(path, s["file"])
-            if not os.path.exists(p) or os.path.getsize(p) != s["bytes"]:
-                got = os.path.getsize(p) if os.path.exists(p) else "missing"
-                raise ValueError(f"{p}: {got} bytes, manifest says {s['bytes']}: run `python cache.py verify {path}`")
-            check_header(p, self.dtype, s["rows"], self.n_layers, self.d_model)
-        self._maps, self._lock = OrderedDict(), threading.Lock()
-
-    def row_bytes(self):
-        """Stored bytes of one row's activations and scales (what a reader moves per token)."""
-        return row_bytes(self.dtype, self.n_layers, self.d_model)
-
-    def split_range(self, split):
-        """(lo, hi) rows of "train", "heldout" (the last contexts) or "all"."""
-        if split == "all":
-            return 0, self.n_tokens
-        if split not in self.manifest["splits"]:
-            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
-        return tuple(self.manifest["splits"][split])
-
-    def _shard(self, i):
-        """The memmapped sections of shard i: dict of numpy views, shared by threads. At most
-        MAX_OPEN_SHARDS stay mapped (each mapping holds a file descriptor); views in use keep theirs."""
-        with self._lock:
-            if i in self._maps:
-                self._maps.move_to_end(i)
-            else:
-                s, L, d = self.manifest["shards"][i], self.n_layers, self.d_model
-                mm = np.memmap(os.path.join(self.path, s["file"]), dtype=np.uint8, mode="r")
-                off, _ = shard_layout(self.dtype, s["rows"], L, d)
-                n, dt = s["rows"], DTYPES[self.dtype][1]
-                view = lambda k, dtype, shape: mm[off[k]:off[k] + int(np.prod(shape)) * np.dtype(dtype).itemsize] \
-                    .view(dtype).reshape(shape)
-                self._maps[i] = dict(mlp_in=view("mlp_in", dt, (n, L, d)), mlp_out=view("mlp_out", dt, (n, L, d)),
-                                     scales=view("scales", np.int16, (n, 2, L)) if self.dtype == "int8" else None,
-                                     meta=view("meta", np.int32, (n, 3)))
-                if len(self._maps) > MAX_OPEN_SHARDS:
-                    self._maps.popitem(last=False)
-            return self._maps[i]
-
-    def _take(self, rows, keys=("mlp_in", "mlp_out", "scales", "meta")):
-        """Stored arrays of the given rows (sorted global ids), read shard by shard from the memmaps."""
-        first = self._shard(0)
-        out = {k: np.empty((len(rows),) + first[k].shape[1:], first[k].dtype) for k in keys if first[k] is not None}
-        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
-        bounds = np.flatnonzero(np.diff(shard_of)) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]) if len(rows) else ():
-            i = int(shard_of[a])
-            local, src = rows[a:b] - self.starts[i], self._shard(i)
-            runs = np.flatnonzero(np.diff(local) != 1) + 1  # where runs of consecutive rows break
-            if len(runs) <= (b - a) // 64:  # long runs (whole units): plain sequential copies
-                for ra, rb in zip(np.r_[0, runs], np.r_[runs, b - a]):
-                    for k in out:
-                        out[k][a + ra:a + rb] = src[k][local[ra]:local[rb - 1] + 1]
-            else:
-                for k in out:
-                    np.take(src[k], local, axis=0, out=out[k][a:b])
-        return out
-
-    def read(self, lo, hi, device=None):
-        """Rows lo..hi in order: (mlp_in (n, L, d), mlp_out (n, L, d)) float32, (tokens, doc_ids,
-        positions) (n,) int64."""
-        raw = self._take(np.arange(lo, hi))
-        meta = torch.from_numpy(raw["meta"]).long()
-        return *self.dequantize_batch(raw, device), meta[:, 0], meta[:, 1], meta[:, 2]
-
-    def dequantize_batch(self, raw, device=None):
-        """Stored rows (a dict as `batches(raw=True)` yields) -> (mlp_in, mlp_out) float32 (n, L, d) on
-        `device`. The stored rows move first, then are dequantized there: 4x less to copy for int8."""
-        s, c = raw.get("scales"), self.channel_scale
-        to = lambda a: torch.as_tensor(a) if device is None else torch.as_tensor(a).to(device)
-        if s is None:
-            return dequantize(to(raw["mlp_in"])), dequantize(to(raw["mlp_out"]))
-        s = to(s)
-        return dequantize(to(raw["mlp_in"]), s[:, 0], c[0]), dequantize(to(raw["mlp_out"]), s[:, 1], c[1])
-
-    def iter_chunks(self, chunk_size, split="all", device=None):
-        """Stream a split in order: yields (mlp_in, mlp_out, tokens, doc_ids, positions) as `read`."""
-        lo, hi = self.split_range(split)
-        gen = (self.read(a, min(a + chunk_size, hi), device) for a in range(lo, hi, chunk_size))
-        return _background(gen, depth=2)
-
-    def batches_per_epoch(self, batch_size, world=1, split="train"):
-        lo, hi = self.split_range(split)
-        return (hi - lo) // (batch_size * world)
-
-    def batches(self, batch_size, seed=0, rank=0, world=1, split="train", epochs=None, start_step=0,
-                window_mb=512, unit_rows=1024, prefetch=4, workers=2, device=None, return_rows=False, raw=False):
-        """Yield this rank's batches (mlp_in, mlp_out) float32 (batch_size, L, d) of a shuffled stream.
-
-        The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
-        units in a random order (seed, e), consecutive units grouped into windows of ~window_mb
-        stored MB, the rows of each window in a random order (seed, e, window). Global step g is
-        stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B] (in row order: a
-        batch is a set): disjoint, equal shares, whose union does not depend on the world size W.
-        An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped), so no rank ever
-        waits on another. Rows are read straight from the memmapped shards: the pages in use at
-        any time are a window's units (~window_mb), so the page cache serves most reads.
-        start_step=k starts at global step k (counting across epochs) without reading what it skips;
-        epochs=None streams forever, else stops after `epochs` epochs in all.
-        A rank reads only its rows: `workers` threads read and dequantize batches in parallel,
-        `prefetch` batches ahead of the consumer. device=None dequantizes there into CPU tensors; a
-        device (e.g. "cuda") moves the stored int8 rows there and dequantizes there (4x less to copy).
-        return_rows=True also yields the global row ids (B,) of the batch. raw=True yields the stored
-        rows instead, a dict of tensors mlp_in, mlp_out (B, L, d), scales (B, 2, L) (int8), rows (B,),
-        for a consumer that dequantizes them itself (`dequantize_batch`).
-        """
-        B, W = batch_size, world
-        if not 0 <= rank < W or B <= 0:
-            raise ValueError(f"need 0 <= rank < world and batch_size > 0, got rank={rank}, world={W}, B={B}")
-        lo, hi = self.split_range(split)
-        nb = self.batches_per_epoch(B, W, split)
-        if nb == 0:
-            raise ValueError(f"split {split!r} has {hi - lo} rows, fewer than one global batch of {B}x{W}")
-        window_units = max(1, int(window_mb * 2 ** 20) // (self.row_bytes() * unit_rows))
-        e0, j0 = divmod(start_step, nb)
-        epoch_ids = range(e0, sys.maxsize if epochs is None else epochs)
-
-        def selections():  # per window: this rank's global row ids, in stream order
-            for e in epoch_ids:
-                p0 = j0 * B * W if e == e0 else 0
-                for s, size, rows in self._windows(lo, hi, seed, e, unit_rows, window_units):
-                    p = np.arange(max(s, p0), min(s + size, nb * B * W))
-                    p = p[(p // B) % W == rank]
-                    if len(p):
-                        yield rows()[p - s]
-
-        def assemble(ids):  # on a worker thread: read the rows, dequantize on the CPU unless told not to
-            rows = np.sort(ids)  # a batch is a set: sorted, its rows come off the memmaps in file order
-            batch = {k: torch.from_numpy(v) for k, v in self._take(rows, ("mlp_in", "mlp_out", "scales")).items()}
-            batch["rows"] = torch.from_numpy(rows)
-            return batch if raw or device is not None else (batch, self.dequantize_batch(batch))
-
-        batches = _ordered_map(assemble, _cut(selections(), B), workers)
-        for item in _background(batches, prefetch):
-            if raw:
-                yield item
-                continue
-            batch, (x_in, x_out) = (item, self.dequantize_batch(item, device)) if device is not None else item
-            yield (x_in, x_out, batch["rows"]) if return_rows else (x_in, x_out)
-
-    def _windows(self, lo, hi, seed, epoch, unit_rows, window_units):
-        """Yield (stream position, rows, rows()) per window of the epoch; rows() builds the window's
-        permuted global row ids only when asked (a skipped window costs nothing)."""
-        starts = np.arange(lo, hi, unit_rows)
-        order = np.random.default_rng([seed, epoch]).permutation(len(starts))
-        pos = 0
-        for w, g in enumerate(range(0, len(order), window_units)):
-            units = starts[order[g:g + window_units]]
-            size = int(np.minimum(units + unit_rows, hi).sum() - units.sum())
-
-            def rows(units=units, w=w):
-                r = np.concatenate([np.arange(u, min(u + unit_rows, hi)) for u in units])
-                return r[np.random.default_rng([seed, epoch, w]).permutation(len(r))]
-            yield pos, size, rows
-            pos += size
-
-
 # -----------------------------------------------------------------------------
 # verify and stats
 
 
 def verify(path):
     """Check every listed shard's size, header and sha256; returns the problems found (empty: all good)."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.exists(mpath):
-        raise FileNotFoundError(f"{path} has no {MANIFEST}: not an activation cache")
-    with open(mpath) as f:
-        m = json.load(f)
+    m = _open_manifest(path)
     bad = [] if m.get("complete") else [f"{MANIFEST}: unfinished (rerun the build command to resume)"]
-    for s in tqdm(m["shards"], desc="verify", unit="shard", disable=None):
-        p = os.path.join(path, s["file"])
-        if not os.path.exists(p):
-            bad.append(f"{s['file']}: missing")
-            continue
-        if os.path.getsize(p) != s["bytes"]:
-            bad.append(f"{s['file']}: {os.path.getsize(p)} bytes, manifest says {s['bytes']}")
-            continue
-        try:
-            check_header(p, m["dtype"], s["rows"], m["n_layers"], m["d_model"])
-        except ValueError as e:
-            bad.append(f"{s['file']}: bad header: {e}")
-            continue
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        if h.hexdigest() != s["sha256"]:
-            bad.append(f"{s['file']}: sha256 {h.hexdigest()[:16]}... != manifest {s['sha256'][:16]}...")
+    for i in tqdm(range(len(m["shards"])), desc="verify", unit="shard", disable=None):
+        problem = _check_shard(path, m, i, "sha256")
+        if problem:
+            bad.append(problem)
     return bad
 
 
@@ -928,52 +1193,41 @@ def stats(path):
 # command line
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build or resume a cache (the default when no subcommand is given)")
-    c = CacheConfig()
-    # what to run
-    b.add_argument("--model", default=c.model, help="GPT-2 directory in the hub layout (or a hub id)")
-    b.add_argument("--corpus", default=c.corpus, help="a .txt file (documents split by <|endoftext|>), "
-                   "a directory of .txt files, a .jsonl with a 'text' field, or 'toy' (tiny.toy_corpus)")
-    b.add_argument("--seed", type=int, default=c.seed, help="seed of the toy corpus")
-    b.add_argument("--tokens", type=int, default=c.tokens, help="rows (kept tokens) to store")
-    b.add_argument("--ctx", type=int, default=c.ctx, help="context length incl. the BOS; <= the model's n_ctx")
-    b.add_argument("--keep-bos", action="store_true", help="keep position 0 (the BOS); dropped by default")
-    # how to store it
-    b.add_argument("--dtype", default=c.dtype, choices=list(DTYPES), help="int8 (per-row absmax), fp16 or fp32")
-    b.add_argument("--out", default=c.out, help="output directory")
-    b.add_argument("--heldout", type=float, default=c.heldout, help="fraction held out for evaluation (last contexts)")
-    b.add_argument("--shard-tokens", type=int, default=c.shard_tokens, help="rows per shard file; 0 = about 64 MB each")
-    b.add_argument("--batch-size", type=int, default=c.batch_size, help="contexts per forward pass")
-    b.add_argument("--device", default=c.device, help="auto, cpu, cuda, ...")
-    b.add_argument("--overwrite", action="store_true", help="replace a cache built with other arguments")
-    for name, text in (("verify", "check sizes, headers and sha256 of every shard"),
-                       ("stats", "tokens, bytes/token, per-layer norms, quantization error")):
-        sub.add_parser(name, help=text).add_argument("path", help="cache directory")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("build", "verify", "stats", "-h", "--help"):
-        argv = ["build"] + argv  # `python cache.py --model ...` builds
-    return p.parse_args(argv)
+@dataclass
+class VerifyConfig:
+    """check sizes, headers and sha256 of every shard"""
+    paths: list = field(default_factory=list)  # cache directories
+
+
+@dataclass
+class StatsConfig:
+    """tokens, bytes/token, per-layer norms, quantization error"""
+    paths: list = field(default_factory=list)  # cache directories
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.command == "verify":
-        bad = verify(args.path)
-        print("\n".join(["BAD " + b for b in bad] or [f"{args.path}: all shards OK"]))
-        return 1 if bad else 0
-    if args.command == "stats":
-        print(stats(args.path))
+    commands = {"build": CacheConfig, "verify": VerifyConfig, "stats": StatsConfig}
+    command, cfg = clt.parse_config(__doc__, commands, argv, default="build")
+    if command == "build":
+        print(asdict(cfg))
+        m = build_cache(cfg)
+        print(f"{cfg.out}: {m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s | "
+              f"NMSE in {m['nmse_total'][0]:.3g} out {m['nmse_total'][1]:.3g}")
         return 0
-    cfg = CacheConfig(**{k: v for k, v in vars(args).items() if k != "command"})
-    print(vars(args))
-    m = build_cache(cfg)
-    print(f"{cfg.out}: {m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s | "
-          f"NMSE in {m['nmse_total'][0]:.3g} out {m['nmse_total'][1]:.3g}")
-    return 0
+    if not cfg.paths:
+        raise ValueError(f"`cache.py {command}` needs a cache directory, e.g. `python cache.py {command} runs/cache`")
+    failed = 0
+    for path in cfg.paths:
+        if command == "stats":
+            print(stats(path))
+            continue
+        bad = verify(path)
+        print("\n".join(["BAD " + b for b in bad] or [f"{path}: all shards OK"]))
+        if bad:
+            print(f"repair (rewrites only what is damaged or missing): {repair_command(path, _open_manifest(path))}")
+        failed += bool(bad)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    clt.run_main(lambda: sys.exit(main()))

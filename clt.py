@@ -71,7 +71,7 @@ class GPTConfig:
             raise ValueError(f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
         d = self.n_embd
         n_params = (self.vocab_size + self.n_ctx) * d + self.n_layer * 12 * d * d
-        if n_params > 10 ** 10:  # gpt2-xl has 1.6e9
+        if n_params > 5e9:  # gpt2-xl has 1.6e9; 5e9 fp32 weights are 20 GB
             raise ValueError(f"this config has {n_params:.1e} parameters, far more than any GPT-2 (gpt2-xl: 1.6e9): "
                              f"check n_layer, n_embd, n_ctx and vocab_size in config.json")
 
@@ -522,6 +522,9 @@ def barrier():
 #     acts[l]        = σ(mlp_in[l] @ W_enc[l] + b_enc[l])                         (B, F)
 #     mlp_out_hat[l'] = Σ_{l <= l'} acts[l] @ W_dec[l][:, l' - l] + b_dec[l']    (B, d)
 # Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
+# A per-layer transcoder (PLT; Dunefsky et al. 2024) is the special case where each feature writes to
+# its own layer only: W_dec[l] is (F, 1, d). Either may add a linear skip connection mlp_in[l] @ W_skip[l]
+# (Paulo et al. 2025, "Transcoders beat sparse autoencoders"), as circuit-tracer's transcoders do.
 # Under TP each rank holds F/tp of the F features (the mesh section above).
 
 
@@ -536,10 +539,14 @@ class CLTConfig:
     bandwidth: float = 1.0  # jumprelu: width ε of the straight-through rectangle kernel
     model: str = ""  # the GPT this CLT was trained on (a path or hub id)
     model_sha256: str = ""  # that GPT's fingerprint (GPT.fingerprint()): a CLT is refused by any other model
+    decoder: str = "cross-layer"  # cross-layer: a feature writes to its layer and every later one | per-layer (a PLT)
+    skip: bool = False  # an affine skip connection mlp_in[l] @ W_skip[l] into mlp_out_hat[l] (Paulo et al. 2025)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if min(self.n_layers, self.d_model, self.n_features) <= 0:
             raise ValueError(f"n_layers, d_model, n_features must be positive, got {self}")
         if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
@@ -549,6 +556,7 @@ class CLTConfig:
 
 
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
+DECODERS = ("cross-layer", "per-layer")
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -601,20 +609,27 @@ class CrossLayerTranscoder(nn.Module):
         # JumpReLU thresholds are learned in log space so they stay positive (Anthropic's recipe);
         # BatchTopK writes its inference threshold here too (see update_batchtopk_threshold)
         self.log_threshold = nn.Parameter(torch.full((L, self.F_local), math.log(config.threshold_init)))
-        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, L - l, d), (L * d) ** -0.5)[mine].contiguous())
-                                       for l in range(L)])  # W_dec[l]: (F/tp, L-l, d)
+        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, self.n_writes(l), d), (L * d) ** -0.5)[mine].contiguous())
+                                       for l in range(L)])  # W_dec[l]: (F/tp, L-l, d), or (F/tp, 1, d) per-layer
         self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d), replicated on every TP rank
+        # the skip connection is linear in mlp_in: zero at init, replicated on every TP rank like b_dec
+        self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if config.skip else None  # (L, d, d): x @ W_skip[l]
         # per-layer scalars so that E||x|| = sqrt(d) during training (folded into the weights on export)
         self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
         self.register_buffer("output_scale", torch.ones(L))  # multiplies mlp_out[l] (the target)
         self.batch_threshold = None  # batchtopk, training: (L,) the last batch's global B·k-th value
+
+    def n_writes(self, layer):
+        """How many MLP outputs a feature of `layer` writes to: layers layer .. layer + n_writes - 1.
+        A cross-layer transcoder writes to every later layer; a per-layer transcoder (PLT) to its own."""
+        return self.config.n_layers - layer if self.config.decoder == "cross-layer" else 1
 
     @property
     def threshold(self):  # (L, F) the JumpReLU threshold θ = exp(log θ), positive by construction
         return self.log_threshold.exp()
 
     def pre_acts(self, mlp_in):
-        """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F) (this rank's F/T)."""
+        """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F) (this rank's F/tp)."""
         x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
         # one batched matmul with the bias fused; the (B, L, F) result is a view of (L, B, F) memory,
         # so each layer's (B, F) slice is contiguous for the decoder matmuls
@@ -661,7 +676,7 @@ class CrossLayerTranscoder(nn.Module):
         """mlp_in (B, L, d) -> acts (B, L, F)."""
         return self.activate(self.pre_acts(mlp_in))
 
-    def decode(self, acts, sparse=False, normalized=False, bias=True):
+    def decode(self, acts, sparse=False, normalized=False, bias=True, mlp_in=None):
         """acts (B, L, F/tp) -> the reconstruction mlp_out_hat (B, L, d): the one decoder of the project.
 
         Dense: one matmul per source layer, cost ∝ F. sparse=True reads only the active features'
@@ -671,13 +686,15 @@ class CrossLayerTranscoder(nn.Module):
         a JumpReLU threshold, whose straight-through gradient also needs inactive entries near θ.
         Each TP rank decodes its own features; the sum over ranks is taken in fp32 (it adds tp partial
         sums, also under bf16 autocast). normalized=True stays in the units the CLT is trained in;
-        bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual).
+        bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual). With a skip connection,
+        pass mlp_in (B, L, d) to add it; without mlp_in the result is the features' part alone.
         """
         B, L, _ = acts.shape
         if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
-            writes = [(a @ self.W_dec[l].flatten(1)).view(B, L - l, -1)  # (B, L-l, d)
+            writes = [(a @ self.W_dec[l].flatten(1)).view(B, self.n_writes(l), -1)  # (B, L-l, d) or (B, 1, d)
                       for l, a in enumerate(acts.unbind(1))]
-            out = torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1)) for dst in range(L)], dim=1)
+            out = torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1) if dst - src < self.n_writes(src))
+                               for dst in range(L)], dim=1)
         else:
             if acts.is_sparse:
                 acts = acts.coalesce()
@@ -691,28 +708,31 @@ class CrossLayerTranscoder(nn.Module):
             for src in range(L):
                 mine = l == src
                 offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
-                W = self.W_dec[src].flatten(1)  # (F/tp, (L-src)·d)
+                W = self.W_dec[src].flatten(1)  # (F/tp, n_writes·d)
                 rows = F.embedding_bag(f[mine], W, offsets, mode="sum", per_sample_weights=vals[mine].to(W.dtype))
-                out[:, src:] += rows.view(B, L - src, -1)
+                out[:, src:src + self.n_writes(src)] += rows.view(B, self.n_writes(src), -1)
         out = tp_sum(out.float(), self.mesh.tp_group)  # (B, L, d)
         if bias:
             out = out + self.b_dec
+        if mlp_in is not None and self.W_skip is not None:  # replicated: added once, after the TP sum
+            x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
+            out = out + torch.bmm(x.to(self.W_skip.dtype), self.W_skip).transpose(0, 1).float()  # (B, L, d)
         return out if normalized else out / self.output_scale[:, None]
 
     def decoder_writes(self, layer, ids, acts):
-        """What features `ids` (n,) of `layer` with activations `acts` (n,) write to mlp_out[layer:],
-        in raw units: a · W_dec[layer][f] / output_scale, (n, L - layer, d). The same terms `decode`
-        sums, one feature at a time (attribution graphs and logit effects need them apart)."""
-        return self.W_dec[layer][ids] * acts[:, None, None].to(self.W_dec[layer].dtype) \
-            / self.output_scale[layer:, None]
+        """What features `ids` (n,) of `layer` with activations `acts` (n,) write to mlp_out[layer:layer
+        + n_writes(layer)], in raw units: a · W_dec[layer][f] / output_scale, (n, n_writes, d). The same
+        terms `decode` sums, one feature at a time (attribution graphs and logit effects need them apart)."""
+        W = self.W_dec[layer]
+        return W[ids] * acts[:, None, None].to(W.dtype) / self.output_scale[layer:layer + W.size(1), None]
 
     def forward(self, mlp_in):
-        """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d))."""
+        """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d)), the skip connection included."""
         acts = self.encode(mlp_in)
-        return acts, self.decode(acts)
+        return acts, self.decode(acts, mlp_in=mlp_in)
 
     def decoder_norms(self):
-        """(L, F/T) each feature's decoder norm over every layer it writes to (Anthropic's ||W_dec||)."""
+        """(L, F/tp) each feature's decoder norm over every layer it writes to (Anthropic's ||W_dec||)."""
         return torch.stack([W.flatten(1).norm(dim=1) for W in self.W_dec])
 
     # -------------------------------------------------------------------------
@@ -722,13 +742,15 @@ class CrossLayerTranscoder(nn.Module):
     def fold_normalization(self):
         """Fold input/output scales into the weights so the CLT works on raw activations.
 
-        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec) / s_out  per target layer.
-        Pre-activations are unchanged, so thresholds and activations are too.
+        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec + s_in x W_skip) / s_out  per
+        target layer. Pre-activations are unchanged, so thresholds and activations are too.
         """
         self.W_enc.mul_(self.input_scale[:, None, None])
         for l, W in enumerate(self.W_dec):
-            W.div_(self.output_scale[l:][None, :, None])
+            W.div_(self.output_scale[l:l + W.size(1)][None, :, None])
         self.b_dec.div_(self.output_scale[:, None])
+        if self.W_skip is not None:
+            self.W_skip.mul_((self.input_scale / self.output_scale)[:, None, None])
         self.input_scale.fill_(1.0)
         self.output_scale.fill_(1.0)
 
@@ -745,13 +767,14 @@ class CrossLayerTranscoder(nn.Module):
         full.log_threshold.copy_(gather(self.log_threshold, -1))
         for l, W in enumerate(self.W_dec):
             full.W_dec[l].copy_(gather(W, 0))
-        for name in ("b_dec", "input_scale", "output_scale"):
+        for name in ("b_dec", "input_scale", "output_scale") + (("W_skip",) if self.W_skip is not None else ()):
             getattr(full, name).copy_(getattr(self, name))
         return full.train(self.training)
 
     def save_pretrained(self, path):
-        """config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, threshold_{l}, b_dec_{l})
-        + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d)), circuit-tracer's layout. Normalization is folded
+        """config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, threshold_{l}, b_dec_{l}, and
+        W_skip_{l} (d, d) with a skip connection) + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d), or
+        (F, 1, d) per-layer), circuit-tracer's CLT layout. Normalization is folded
         in first. Every file is written atomically and carries one export id, config.json last: a crash
         mid-save leaves files of two ids, which from_pretrained refuses, never a silent mix."""
         if self.mesh.tp > 1:
@@ -763,6 +786,8 @@ class CrossLayerTranscoder(nn.Module):
         for l in range(self.config.n_layers):
             enc = {f"W_enc_{l}": clt.W_enc[l].t(), f"b_enc_{l}": clt.b_enc[l],
                    f"threshold_{l}": clt.threshold[l], f"b_dec_{l}": clt.b_dec[l]}
+            if clt.W_skip is not None:  # (d, d) as circuit-tracer stores it: skip = x @ W_skip.T
+                enc[f"W_skip_{l}"] = clt.W_skip[l].t()
             dec = {f"W_dec_{l}": clt.W_dec[l]}
             for name, tensors in ((f"W_enc_{l}", enc), (f"W_dec_{l}", dec)):
                 with atomic_path(os.path.join(path, f"{name}.safetensors")) as tmp:
@@ -791,12 +816,14 @@ class CrossLayerTranscoder(nn.Module):
                 clt.b_enc[l].copy_(enc[f"b_enc_{l}"])
                 clt.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
                 clt.b_dec[l].copy_(enc[f"b_dec_{l}"])
+                if clt.W_skip is not None:
+                    clt.W_skip[l].copy_(enc[f"W_skip_{l}"].t())
                 clt.W_dec[l].copy_(_read_export_file(path, f"W_dec_{l}", export_id, mine)[f"W_dec_{l}"])
         return clt.eval()
 
 
 def _read_export_file(path, name, export_id, rows):
-    """The tensors of {path}/{name}.safetensors, `rows` of the per-feature ones (b_dec is per layer)."""
+    """The tensors of {path}/{name}.safetensors, `rows` of the per-feature ones."""
     file = os.path.join(path, f"{name}.safetensors")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file} is missing: the CLT export in {path} is incomplete (re-export it, "
@@ -806,7 +833,111 @@ def _read_export_file(path, name, export_id, rows):
         if export_id is not None and found != export_id:
             raise ValueError(f"{file} comes from another save than {path}/config.json (a crash during an "
                              "export?): re-export it, e.g. python train.py --resume --out DIR")
-        return {k: f.get_tensor(k) if k.startswith("b_dec") else f.get_slice(k)[rows] for k in f.keys()}
+        per_layer = ("b_dec", "W_skip")  # one per layer, not per feature: every rank reads them whole
+        return {k: f.get_tensor(k) if k.startswith(per_layer) else f.get_slice(k)[rows] for k in f.keys()}
+
+
+# -----------------------------------------------------------------------------
+# per-layer transcoders in SAELens's layout (as transcoders of gpt2-small are published)
+#
+# One folder per layer with cfg.json + sae_weights.safetensors: W_enc (d, F), b_enc (F,), W_dec (F, d),
+# b_dec (d,), threshold (F,) for JumpReLU, W_skip (d, d) with skip = x @ W_skip.T. The input hook is
+# TransformerLens's blocks.{l}.ln2.hook_normalized, taken *before* ln_2's affine map, where our mlp_in
+# is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded in on the way out,
+#     pre = (x̂ w + b) W_enc + b_enc = x̂ (w ⊙ W_enc) + (b W_enc + b_enc),   likewise W_skip into b_dec,
+# and taken out again on the way in.
+
+SAELENS_ARCHITECTURES = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                         ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+
+
+def save_saelens(transcoder, path, model, model_name="gpt2"):
+    """Write a per-layer transcoder of `model` (whose ln_2 is folded in) as SAELens publishes them:
+    {path}/blocks.{l}.ln2.hook_normalized/{cfg.json, sae_weights.safetensors}."""
+    c = transcoder.config
+    if c.decoder != "per-layer":
+        raise ValueError("SAELens's layout holds per-layer transcoders; this one is cross-layer "
+                         "(save_pretrained writes circuit-tracer's CLT layout)")
+    kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
+    if kind is None:  # batchtopk is a JumpReLU at inference; topk has no SAELens transcoder
+        raise ValueError(f"SAELens has no {c.activation} transcoder: export a relu, jumprelu or batchtopk one")
+    t = copy.deepcopy(transcoder).cpu()
+    t.fold_normalization()
+    for l, block in enumerate(model.h):
+        w = block.ln_2.weight.detach().float().cpu()  # (d,)
+        b = block.ln_2.bias.detach().float().cpu()  # (d,)
+        W_enc = t.W_enc[l].detach()  # (d, F)
+        tensors = {"W_enc": w[:, None] * W_enc, "b_enc": t.b_enc[l].detach() + b @ W_enc,
+                   "W_dec": t.W_dec[l][:, 0].detach(), "b_dec": t.b_dec[l].detach()}
+        if t.W_skip is not None:
+            W_skip = t.W_skip[l].detach()  # (d, d): x @ W_skip
+            tensors["W_skip"] = (w[:, None] * W_skip).t()
+            tensors["b_dec"] = tensors["b_dec"] + b @ W_skip
+        if kind == "jumprelu":
+            tensors["threshold"] = t.threshold[l].detach()
+        hook = f"blocks.{l}.ln2.hook_normalized"
+        hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=f"blocks.{l}.hook_mlp_out")
+        cfg = dict(architecture=SAELENS_ARCHITECTURES[kind, c.skip], d_in=c.d_model, d_sae=c.n_features,
+                   d_out=c.d_model, dtype="float32", apply_b_dec_to_input=False, normalize_activations="none",
+                   hook_layer=l, **hooks, metadata=hooks)  # hooks at the top (SAELens < 6) and in metadata (6)
+        folder = os.path.join(path, hook)
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        write_json(os.path.join(folder, "cfg.json"), cfg)
+
+
+def _saelens_layers(path, n_layers):
+    """{layer: folder} of the SAELens transcoders under `path`, read from each cfg.json's hooks."""
+    folders = {}
+    for root, _, files in os.walk(path):
+        if "cfg.json" not in files:
+            continue
+        with open(os.path.join(root, "cfg.json")) as f:
+            cfg = json.load(f)
+        hooks = {**cfg.get("metadata", {}), **{k: cfg[k] for k in ("hook_name", "hook_name_out") if k in cfg}}
+        found = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", hooks.get("hook_name", ""))
+        if found is None or not hooks.get("hook_name_out", "").endswith("hook_mlp_out"):
+            raise ValueError(f"{root}/cfg.json reads {hooks.get('hook_name')!r} and writes {hooks.get('hook_name_out')!r}: "
+                             "only MLP transcoders (ln2.hook_normalized -> hook_mlp_out) replace GPT-2's MLPs")
+        folders[int(found.group(1))] = (root, cfg)
+    if sorted(folders) != list(range(n_layers)):
+        raise ValueError(f"{path} has SAELens transcoders for layers {sorted(folders)}, the model has {n_layers}")
+    return folders
+
+
+def from_saelens(path, model):
+    """Load per-layer transcoders in SAELens's layout (one per layer of `model`) as one per-layer
+    CrossLayerTranscoder on our mlp_in (ln_2's affine map taken out of the encoder again)."""
+    L, d = model.config.n_layer, model.config.n_embd
+    folders = _saelens_layers(path, L)
+    arch = {v: k for k, v in SAELENS_ARCHITECTURES.items()}
+    kinds = {arch.get(cfg.get("architecture")) for _, cfg in folders.values()}
+    if len(kinds) != 1 or None in kinds:
+        raise ValueError(f"{path}: architectures {sorted(cfg.get('architecture') for _, cfg in folders.values())}; "
+                         f"one of {sorted(arch)} for every layer is needed")
+    (kind, skip), = kinds
+    n_features = folders[0][1]["d_sae"]
+    config = CLTConfig(n_layers=L, d_model=d, n_features=n_features, activation=kind, decoder="per-layer", skip=skip,
+                       model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
+    t = CrossLayerTranscoder(config)
+    with torch.no_grad():
+        for l, block in enumerate(model.h):
+            w = block.ln_2.weight.detach().float().cpu()
+            b = block.ln_2.bias.detach().float().cpu()
+            if (w == 0).any():
+                raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out")
+            p = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
+            t.W_enc[l].copy_(p["W_enc"] / w[:, None])
+            t.b_enc[l].copy_(p["b_enc"] - (b / w) @ p["W_enc"])
+            t.W_dec[l].copy_(p["W_dec"][:, None])
+            t.b_dec[l].copy_(p["b_dec"])
+            if skip:
+                t.W_skip[l].copy_(p["W_skip"].t() / w[:, None])
+                t.b_dec[l].sub_((b / w) @ p["W_skip"].t())
+            if kind == "jumprelu":
+                t.log_threshold[l].copy_(p["threshold"].log())
+    return t.eval()
 
 
 def check_same_model(model, sha256, what):

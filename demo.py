@@ -5,7 +5,7 @@ demo.py: the whole clt-forge pipeline on the embedded default, in the order of t
     2. train   fit a cross-layer transcoder to those activations (and splice it back in to score it)
     3. interp  explain and score every feature from statistics alone (no language model)
     4. graph   attribution graph of a two-hop prompt through the local replacement model
-    5. viz     feature pages, the graph picture, training curves
+    5. viz     feature browser and pages, the graph picture, training curves
 
 Each stage is the very command a researcher would type, printed before it runs, so this file is
 also the tutorial for running the scripts one by one. It is a script rather than a Makefile target
@@ -15,17 +15,19 @@ because the stages pass paths and sizes to each other and should read as one pro
     python demo.py --small          # a reduced run (CI): ~1-2 minutes
     python demo.py --out runs/demo  # where everything goes (default runs/)
 """
-import argparse
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+
+from clt import parse_config, run_main
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs"  # every stage writes below this folder
+    small: bool = False  # a reduced run that only checks the plumbing (CI): SMALL's size for every size left as is
     tokens: int = 400_000  # activation-cache rows (tokens); the CLT sees each about 2.5 times
     features: int = -1  # CLT features per layer; -1 = train.py's default (8 x the tiny model's d_model)
     steps: int = -1  # CLT training steps; -1 = train.py's default
@@ -36,9 +38,20 @@ class DemoConfig:
 SMALL = dict(tokens=20_000, features=256, steps=60, max_features=300)  # --small: everything runs, nothing is good
 
 
+def sized(c: DemoConfig):
+    """With --small, SMALL's value for every size flag left at its default (an explicit flag wins)."""
+    if not c.small:
+        return c
+    default = DemoConfig()
+    return replace(c, **{k: v for k, v in SMALL.items() if getattr(c, k) == getattr(default, k)})
+
+
 def stages(c: DemoConfig):
     """(title, [script, args...]) in pipeline order."""
-    cache, clt, interp, graph = (os.path.join(c.out, x) for x in ("cache", "clt", "interp", "graph"))
+    cache = os.path.join(c.out, "cache")
+    clt = os.path.join(c.out, "clt")
+    interp = os.path.join(c.out, "interp")
+    graph = os.path.join(c.out, "graph")
     return [
         ("1/5 activation cache", ["cache.py", "--tokens", c.tokens, "--out", cache]),
         ("2/5 train the CLT", ["train.py", "--cache", cache, "--out", clt]
@@ -52,26 +65,39 @@ def stages(c: DemoConfig):
     ]
 
 
+def report(out):
+    """The lines that end the demo: the files to open, only those that were written."""
+    png = os.path.join(out, "graph", "graph.png")
+    page = os.path.join(out, "graph", "graph.html")
+    lines = []
+    if os.path.exists(png):
+        lines.append(f"attribution graph: {png} (linked page: {page})")
+    elif os.path.exists(page):
+        lines.append(f"attribution graph: {page} lists its nodes; no picture, because graphviz's `dot` is not "
+                     "installed: apt-get install graphviz (or brew install graphviz), then "
+                     f"python viz.py graph {os.path.join(out, 'graph', 'graph.json')}")
+    for label, path in (("feature pages:    ", os.path.join(out, "interp", "html", "index.html")),
+                        ("training curves:  ", os.path.join(out, "clt", "plots"))):
+        if os.path.exists(path):
+            lines.append(f"{label} {path}")
+    return lines
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=DemoConfig.out, help="folder every stage writes below")
-    parser.add_argument("--small", action="store_true", help="a reduced run that only checks the plumbing (CI)")
-    args = parser.parse_args(argv)
-    config = DemoConfig(out=args.out, **(SMALL if args.small else {}))
+    config = sized(parse_config(__doc__, DemoConfig, argv))
+    print(asdict(config))
     here = os.path.dirname(os.path.abspath(__file__))
     t_start = time.time()
     for title, cmd in stages(config):
         cmd = [sys.executable, os.path.join(here, cmd[0])] + [str(a) for a in cmd[1:]]
         print(f"\n=== {title}\n$ {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"error: stage {title} failed; its message is above. Fix that and rerun `python demo.py`")
         print(f"=== {title}: {time.time() - t0:.0f} s", flush=True)
     print(f"\ndone in {time.time() - t_start:.0f} s")
-    print(f"attribution graph: {os.path.join(config.out, 'graph', 'graph.png')} "
-          f"(linked page: {os.path.join(config.out, 'graph', 'graph.html')})")
-    print(f"feature pages:     {os.path.join(config.out, 'interp', 'html', 'index.html')}")
-    print(f"training curves:   {os.path.join(config.out, 'clt', 'plots')}")
+    print("\n".join(report(config.out)))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -61,7 +61,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt import GPT, CrossLayerTranscoder, load_tokenizer, parse_config, run_main
+from clt import (GPT, CrossLayerTranscoder, atomic_path, check_same_model, load_tokenizer, parse_config, run_main,
+                 write_json)
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -124,11 +125,16 @@ class Padded:
     hi: int
 
 
+def cat(*parts):
+    """Lists of tensors [acts, tok, doc, pos], one list per part -> one list of the parts concatenated."""
+    return [torch.cat(p) for p in zip(*parts)]
+
+
 def padded_chunks(clt, cache, split, cfg):
     """Encode each chunk once; yield it between the `before` rows before it and the rows just after it."""
-    cat = lambda *parts: [torch.cat(p) for p in zip(*parts)]
     ahead = max(cfg.after, cfg.fuzz_window)  # the future rows that examples and fuzzing contexts need
-    tail = prev = None
+    tail = None
+    prev = None
     for chunk in cache.iter_chunks(cfg.chunk_size, split=split, device=cfg.device):
         mlp_in, _, tok, doc, pos = chunk  # cache.ActivationCache.iter_chunks: rows in order
         with torch.no_grad():
@@ -182,8 +188,12 @@ class SparseCounter:
     """
 
     def __init__(self, max_pairs):
-        self.keys = self.counts = None
-        self.pending, self.n_pending, self.max_pairs, self.pruned_below = [], 0, max_pairs, 0
+        self.keys = None  # (K,) sorted keys, their counts: after the first merge
+        self.counts = None
+        self.pending = []
+        self.n_pending = 0
+        self.max_pairs = max_pairs
+        self.pruned_below = 0
 
     def add(self, keys):
         k, c = keys.unique(return_counts=True)
@@ -196,11 +206,14 @@ class SparseCounter:
         parts = self.pending + ([] if self.keys is None else [(self.keys, self.counts)])
         keys, inv = torch.cat([k for k, _ in parts]).unique(return_inverse=True)  # sorted
         self.counts = torch.zeros_like(keys).index_add_(0, inv, torch.cat([c for _, c in parts]))
-        self.keys, self.pending, self.n_pending = keys, [], 0
+        self.keys = keys
+        self.pending = []
+        self.n_pending = 0
         while self.keys.numel() > self.max_pairs:
             self.pruned_below += 1
             keep = self.counts > self.pruned_below
-            self.keys, self.counts = self.keys[keep], self.counts[keep]
+            self.keys = self.keys[keep]
+            self.counts = self.counts[keep]
         return self.keys, self.counts
 
 
@@ -214,12 +227,16 @@ def merge_top(store, m, r, key, p, cfg):
     """
     k = store["key"].size(1)
     ok = key > store["key"][m, -1]
-    m, r, key = m[ok], r[ok], key[ok]
+    m = m[ok]
+    r = r[ok]
+    key = key[ok]
     if m.numel() == 0:
         return
     order = key.argsort(descending=True)
     order = order[m[order].argsort(stable=True)]  # grouped by feature, best first within a feature
-    m, r, key = m[order], r[order], key[order]
+    m = m[order]
+    r = r[order]
+    key = key[order]
     need, counts = m.unique_consecutive(return_counts=True)  # (F',) the features with candidates
     slot = torch.repeat_interleave(torch.arange(len(need), device=m.device), counts)  # (n,) into need
     rank = torch.arange(len(m), device=m.device) - (counts.cumsum(0) - counts)[slot]
@@ -241,9 +258,12 @@ def merge_top(store, m, r, key, p, cfg):
 
 
 def empty_top(M, k, W, device):
-    z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=device)
-    return dict(key=z(M, k), act=z(M, k), doc=z(M, k, dtype=torch.int32), pos=z(M, k, dtype=torch.int32),
-                win_tok=z(M, k, W, dtype=torch.int32) - 1, win_act=z(M, k, W))
+    """An empty store for merge_top: k slots per feature, key 0 = empty, windows of W tokens (-1 = none)."""
+    i32 = torch.int32
+    return dict(key=torch.zeros(M, k, device=device), act=torch.zeros(M, k, device=device),
+                doc=torch.zeros(M, k, dtype=i32, device=device), pos=torch.zeros(M, k, dtype=i32, device=device),
+                win_tok=torch.full((M, k, W), -1, dtype=i32, device=device),
+                win_act=torch.zeros(M, k, W, device=device))
 
 
 class FeatureStats:
@@ -254,8 +274,13 @@ class FeatureStats:
     """
 
     def __init__(self, L, F_, V, cfg):
-        dev, W, M = cfg.device, cfg.before + cfg.after + 1, L * F_
-        self.cfg, self.L, self.F, self.base = cfg, L, F_, V + 1
+        dev = cfg.device
+        W = cfg.before + cfg.after + 1
+        M = L * F_
+        self.cfg = cfg
+        self.L = L
+        self.F = F_
+        self.base = V + 1
         self.n_bins = 2 * cfg.log2_range * cfg.bins_per_octave
         self.gram_space = self.base ** cfg.max_ngram  # G: keys are feature * G + gram
         if (M + 1) * self.gram_space >= 2 ** 63:
@@ -271,7 +296,9 @@ class FeatureStats:
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
     def update(self, p: Padded):
-        cfg, lo, hi = self.cfg, p.lo, p.hi
+        cfg = self.cfg
+        lo = p.lo
+        hi = p.hi
         keys = ngram_keys(p, cfg.max_ngram, self.base)[lo:hi]  # (N, n)
         self.n_rows += hi - lo
         corpus = self.L * self.F  # a pseudo-feature that fires everywhere: the corpus counts
@@ -315,18 +342,22 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
 def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids), each (M, n).
 
-    Feature f of layer l writes W_dec[l][f, j] into mlp_out[l + j] (raw units: divided by output_scale), all
-    of which join the residual stream. Through ln_f with its scale frozen at the mean, adding v to the
-    final residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the
-    tokenizer's n_vocab tokens count (a model's vocabulary may be padded past them).
+    Feature f of layer l writes into mlp_out[l:] (clt.decoder_writes at activation 1), all of which joins
+    the residual stream. Through ln_f with its scale frozen at the mean, adding v to the final residual
+    moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the tokenizer's n_vocab
+    tokens count (a model's vocabulary may be padded past them).
     """
-    v = torch.cat([(W / clt.output_scale[l:][None, :, None]).sum(1) for l, W in enumerate(clt.W_dec)])  # (M, d)
-    v = v.float().cpu()
+    per_layer = []
+    for l, W in enumerate(clt.W_dec):
+        ids = torch.arange(W.size(0), device=W.device)
+        per_layer.append(clt.decoder_writes(l, ids, torch.ones(len(ids), device=W.device)).sum(1))  # (F, d)
+    v = torch.cat(per_layer).float().cpu()  # (M, d) each feature's total write into the residual stream
     v = (v - v.mean(-1, keepdim=True)) * ln_scale * model.ln_f.weight
     parts = []
     for i in range(0, len(v), batch):
         eff = v[i:i + batch] @ model.wte.weight[:n_vocab].T  # (b, V)
-        (tv, ti), (bv, bi) = eff.topk(n, dim=1), (-eff).topk(n, dim=1)
+        tv, ti = eff.topk(n, dim=1)
+        bv, bi = (-eff).topk(n, dim=1)
         parts.append((tv, ti, -bv, bi))
     return [torch.cat(x) for x in zip(*parts)]
 
@@ -337,9 +368,11 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
 
 def n_digits(keys, base):
     """n-gram keys (numpy) -> n, their number of base-`base` digits."""
-    n, p = np.zeros_like(keys), 1
+    n = np.zeros_like(keys)
+    p = 1
     while (keys >= p).any():
-        n, p = n + (keys >= p), p * base
+        n = n + (keys >= p)
+        p = p * base
     return n
 
 
@@ -352,16 +385,24 @@ def choose_ngrams(grams, c, C, n_fires, max_terms, base):
     counts add up. Returns indices into grams, most precise first.
     """
     pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[:4 * max_terms]  # the best ones alone
-    g, c, C = grams[pool], c[pool], C[pool]
+    g = grams[pool]
+    c = c[pool]
+    C = C[pool]
     mod = base ** n_digits(g, base)  # g % mod[j] == grams[j] iff grams[j] is a suffix of g
-    left, chosen, tp, pp, best = np.ones(len(pool), dtype=bool), [], 0, 0, 0.0
+    left = np.ones(len(pool), dtype=bool)
+    chosen = []
+    tp = 0
+    pp = 0
+    best = 0.0
     while left.any() and len(chosen) < max_terms:
         f1 = np.where(left, 2 * (tp + c) / (pp + C + n_fires), -1.0)
         j = int(f1.argmax())
         if f1[j] <= best:
             break
         chosen.append(j)
-        tp, pp, best = tp + c[j], pp + C[j], f1[j]
+        tp = tp + c[j]
+        pp = pp + C[j]
+        best = f1[j]
         left &= (g % mod[j] != g[j]) & (g[j] % mod != g)  # drop the grams nested with it, either way
     return [int(pool[j]) for j in sorted(chosen, key=lambda j: -c[j] / C[j])]
 
@@ -369,12 +410,17 @@ def choose_ngrams(grams, c, C, n_fires, max_terms, base):
 def gram_table(stats):
     """The n-grams with at least min_count firings: numpy (feature, gram, count, corpus count) + bounds per feature."""
     keys, counts = stats.grams.merge()
-    G, M = stats.gram_space, stats.L * stats.F
-    m, g = keys // G, keys % G
+    G = stats.gram_space
+    M = stats.L * stats.F
+    m = keys // G
+    g = keys % G
     corpus = m == M
-    ck, cc = g[corpus], counts[corpus]  # sorted by gram
+    ck = g[corpus]  # sorted by gram
+    cc = counts[corpus]
     sel = ~corpus & (counts >= stats.cfg.min_count)
-    m, g, c = m[sel], g[sel], counts[sel]
+    m = m[sel]
+    g = g[sel]
+    c = counts[sel]
     C = cc[torch.searchsorted(ck, g)]  # a gram where a feature fires occurs in the corpus
     bounds = torch.searchsorted(m, torch.arange(M + 1, device=m.device))
     return [x.cpu().numpy() for x in (g, c, C, bounds)]
@@ -382,10 +428,10 @@ def gram_table(stats):
 
 def explain_all(stats, promoted_ids, enc):
     """Per feature: explanation string, its n-grams (as text, and as keys by train precision), input_ngrams."""
-    cfg, base = stats.cfg, stats.base
+    cfg = stats.cfg
+    base = stats.base
     g, c, C, bounds = gram_table(stats)
     n_fires = stats.n_fires.cpu().numpy()
-    quote = lambda s: json.dumps(s, ensure_ascii=False)
     out = []
     for m in range(stats.L * stats.F):
         gm, cm, Cm = (x[bounds[m]:bounds[m + 1]] for x in (g, c, C))
@@ -400,8 +446,9 @@ def explain_all(stats, promoted_ids, enc):
             text = "dead"
         else:
             more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
-            text = "fires on " + (", ".join(map(quote, names[:cfg.show_terms])) + more if names else "no frequent n-gram")
-            text += " | promotes " + ", ".join(map(quote, promotes))
+            quoted = [json.dumps(n, ensure_ascii=False) for n in names[:cfg.show_terms]]
+            text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
+            text += " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
         out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs,
                         keys=[int(gm[i]) for i in chosen]))  # keys: most precise first, the scorer's ranking
     return out
@@ -419,8 +466,15 @@ class Scorer:
     """
 
     def __init__(self, explanations, L, F_, base, gram_space, n_concepts, cfg):
-        dev, T, M = cfg.device, cfg.max_terms, L * F_
-        self.cfg, self.L, self.F, self.T, self.base, self.G = cfg, L, F_, T, base, gram_space
+        dev = cfg.device
+        T = cfg.max_terms
+        M = L * F_
+        self.cfg = cfg
+        self.L = L
+        self.F = F_
+        self.T = T
+        self.base = base
+        self.G = gram_space
         pairs = sorted((m * gram_space + k, t) for m, e in enumerate(explanations) for t, k in enumerate(e["keys"]))
         self.ekeys = torch.tensor([k for k, _ in pairs] + [2 ** 63 - 1], dtype=torch.long, device=dev)  # (K+1,)
         self.elevel = torch.tensor([t for _, t in pairs] + [T], dtype=torch.long, device=dev)  # rank in its list
@@ -434,7 +488,10 @@ class Scorer:
 
     def update(self, p: Padded, labels=None):
         """labels: None, or the toy world's (sparse labels (C, N), labeled mask (N,)) of the chunk's rows."""
-        lo, hi, T, F_ = p.lo, p.hi, self.T, self.F
+        lo = p.lo
+        hi = p.hi
+        T = self.T
+        F_ = self.F
         keys = ngram_keys(p, self.cfg.max_ngram, self.base)[lo:hi]  # (N, n)
         self.n_rows += hi - lo
         for sl in (slice(l * F_, (l + 1) * F_) for l in range(self.L)):  # a layer at a time: (N, F) memory
@@ -446,7 +503,8 @@ class Scorer:
                 q = m * self.G + keys[:, j:j + 1]  # (N, F) (feature, n-gram) keys
                 i = torch.searchsorted(self.ekeys, q)
                 level = torch.where((self.ekeys[i] == q) & (keys[:, j:j + 1] >= 0), self.elevel[i], level)
-            f_idx, fire_l = m - sl.start, fire.long()
+            f_idx = m - sl.start
+            fire_l = fire.long()
             self.det[sl].view(-1).index_add_(0, ((f_idx * (T + 1) + level) * 2 + fire_l).flatten(),
                                              torch.ones_like(level).flatten())
             near = near_firing(fire_ext, p.doc, self.cfg.fuzz_window, lo, hi)  # (N, F)
@@ -462,8 +520,10 @@ class Scorer:
 
     def results(self):
         """Per feature (M,): detection AUROC, detection and fuzzing balanced accuracy (NaN where undefined)."""
-        neg, pos = self.det[..., 0].double().cpu(), self.det[..., 1].double().cpu()  # (M, T+1), best level first
-        P, N = pos.sum(-1), neg.sum(-1)
+        neg = self.det[..., 0].double().cpu()  # (M, T+1), best level first
+        pos = self.det[..., 1].double().cpu()
+        P = pos.sum(-1)
+        N = neg.sum(-1)
         neg_below = neg.flip(-1).cumsum(-1).flip(-1) - neg  # negatives at a lower-scored level
         auroc = (pos * (neg_below + 0.5 * neg)).sum(-1) / (P * N)  # Mann-Whitney U, ties count half
         det_bacc = 0.5 * ((P - pos[:, -1]) / P + neg[:, -1] / N)
@@ -473,7 +533,9 @@ class Scorer:
 
     def concepts(self):
         """Per feature and concept (M, C): precision, recall, F1 of "fires" against the concept's tokens."""
-        tp, nf, n = self.tp.double().cpu(), self.n_fires_labeled[:, None].double().cpu(), self.concept_n.double().cpu()
+        tp = self.tp.double().cpu()
+        nf = self.n_fires_labeled[:, None].double().cpu()
+        n = self.concept_n.double().cpu()
         return tp / nf.clamp(min=1), tp / n.clamp(min=1), 2 * tp / (nf + n).clamp(min=1)
 
 
@@ -481,7 +543,8 @@ def near_firing(fire_ext, doc, w, lo, hi):
     """(N, F) bool: rows of [lo, hi) within w rows of a firing in the same document (activating contexts)."""
     near = torch.zeros(hi - lo, fire_ext.size(1), dtype=torch.bool, device=fire_ext.device)
     for o in range(-w, w + 1):  # row i looks at row i + o
-        a, b = max(lo + o, 0), min(hi + o, len(doc))  # source rows
+        a = max(lo + o, 0)  # source rows
+        b = min(hi + o, len(doc))
         same = doc[a:b] == doc[a - o:b - o]
         near[a - o - lo:b - o - lo] |= fire_ext[a:b] & same[:, None]
     return near
@@ -496,9 +559,13 @@ def examples(store, m, enc, before, n=None):
 
     n: keep n of them at evenly spaced ranks (quantile examples), each with its rank as "quantile".
     """
-    key, act, doc, pos, win_tok, win_act = (store[k][m].tolist() for k in ("key", "act", "doc", "pos", "win_tok", "win_act"))
+    key, act, doc, pos, win_tok, win_act = (store[k][m].tolist()
+                                            for k in ("key", "act", "doc", "pos", "win_tok", "win_act"))
     keep = sorted((i for i in range(len(key)) if key[i] > 0), key=lambda i: -act[i])
-    ranks = range(len(keep)) if n is None else sorted({int((j + 0.5) * len(keep) / n) for j in range(n)} if keep else [])
+    if n is None:
+        ranks = range(len(keep))
+    else:  # evenly spaced ranks; fewer when the reservoir holds fewer than n firings
+        ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)}) if keep else []
     out = []
     for r in ranks:
         i = keep[r]
@@ -512,15 +579,20 @@ def examples(store, m, enc, before, n=None):
 
 def hist_summary(counts, cfg):
     """Trimmed log2-spaced histogram of a feature's activations and quantiles read off it (bin centres)."""
-    nb, bpo = counts.numel(), cfg.bins_per_octave
+    nb = counts.numel()
+    bpo = cfg.bins_per_octave
     nz = counts.nonzero().flatten()
     if nz.numel() == 0:
         return dict(edges=[], counts=[]), {}
-    a, b = nz[0].item(), nz[-1].item() + 1
-    edge = lambda i: float(2 ** ((i - nb // 2) / bpo))
+    a = nz[0].item()
+    b = nz[-1].item() + 1
+    edges = [2 ** ((i - nb // 2) / bpo) for i in range(nb + 1)]  # bin i is [edges[i], edges[i + 1])
     cum = counts.cumsum(0).double()
-    qs = {f"q{round(q * 100)}": round(edge(torch.searchsorted(cum, q * cum[-1]).item() + 0.5), 4) for q in QUANTILES}
-    return dict(edges=[round(edge(i), 5) for i in range(a, b + 1)], counts=counts[a:b].tolist()), qs
+    qs = {}
+    for q in QUANTILES:
+        i = torch.searchsorted(cum, q * cum[-1]).item()
+        qs[f"q{round(q * 100)}"] = round(2 ** ((i + 0.5 - nb // 2) / bpo), 4)  # the bin's centre (log scale)
+    return dict(edges=[round(e, 5) for e in edges[a:b + 1]], counts=counts[a:b].tolist()), qs
 
 
 def r4(x):
@@ -529,22 +601,29 @@ def r4(x):
     return None if x != x else round(x, 4) + 0.0
 
 
+def token_logits(values, ids, enc):
+    """[{"token", "logit"}] of a feature's promoted or suppressed tokens."""
+    return [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(values, ids)]
+
+
 def write_features(path, stats, expl, effects, scores, concepts, enc, cfg):
     """One JSON object per feature, keys as in the module docstring."""
     pv, pi, sv, si = (x.tolist() for x in effects)
     auroc, det_bacc, fuzz_bacc, heldout_density = (x.tolist() for x in scores)
-    n_fires, sum_act, hist = stats.n_fires.tolist(), stats.sum_act.tolist(), stats.hist.cpu()
+    n_fires = stats.n_fires.tolist()
+    sum_act = stats.sum_act.tolist()
+    hist = stats.hist.cpu()
     top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
-    logits = lambda v, t: [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(v, t)]
-    with open(path, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:  # whole or not at all: viz.py and graph.py read it
         for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
-            n, e = n_fires[m], expl[m]
+            n = n_fires[m]
+            e = expl[m]
             h, qs = hist_summary(hist[m], cfg)
             rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n,
                        mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]), quantiles=qs, hist=h,
                        top_examples=examples(top, m, enc, cfg.before),
                        quantile_examples=examples(sampled, m, enc, cfg.before, cfg.n_quantile_examples),
-                       promoted=logits(pv[m], pi[m]), suppressed=logits(sv[m], si[m]),
+                       promoted=token_logits(pv[m], pi[m], enc), suppressed=token_logits(sv[m], si[m], enc),
                        detection_auroc=r4(auroc[m]), detection_bacc=r4(det_bacc[m]), fuzzing_bacc=r4(fuzz_bacc[m]),
                        heldout_density=heldout_density[m], explanation=e["explanation"],
                        explanation_ngrams=e["explanation_ngrams"], input_ngrams=e["input_ngrams"])
@@ -566,12 +645,15 @@ class ConceptLabels:
 
     def __init__(self, cache, world, enc, cfg):
         import tiny  # only the toy world needs it
-        tok, doc = [], []
+        tok = []
+        doc = []
         for _, _, t, d, _ in cache.iter_chunks(cfg.chunk_size, split="heldout"):
             tok.append(t)
             doc.append(d)
-        tok, doc = torch.cat(tok), torch.cat(doc)
-        self.names, index, pairs = [], {}, []
+        tok = torch.cat(tok)
+        doc = torch.cat(doc)
+        index = {}  # label -> its column
+        pairs = []
         self.labeled = torch.zeros(len(tok), dtype=torch.bool)
         bounds = [0] + ((doc[1:] != doc[:-1]).nonzero().flatten() + 1).tolist() + [len(doc)]
         for a, b in list(zip(bounds[:-1], bounds[1:]))[1:-1]:
@@ -589,7 +671,8 @@ class ConceptLabels:
 
     def rows(self, lo, hi, device):
         """Rows [lo, hi) of the held-out split: (sparse labels (C, N), labeled mask (N,))."""
-        a, b = self.row_starts[lo].item(), self.row_starts[hi].item()
+        a = self.row_starts[lo].item()
+        b = self.row_starts[hi].item()
         p = self.pairs[a:b]
         lab = torch.sparse_coo_tensor(torch.stack([p[:, 1], p[:, 0] - lo]), torch.ones(len(p)),
                                       (len(self.names), hi - lo), check_invariants=False)
@@ -616,21 +699,26 @@ def best_concepts(scorer, labels, cfg):
 # summary
 
 
+def quantiles(x):
+    """{"q10": ..., "q90": ...} of the defined (non-NaN) values of x; {} if there are none."""
+    x = x[~x.isnan()].double()
+    return {f"q{round(q * 100)}": r4(x.quantile(q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if x.numel() else {}
+
+
 def summarize(stats, scores, per_concept, cfg):
     """Counts per layer (dead / dense / interpretable), score distributions, toy-world recovery."""
     auroc, det_bacc, fuzz_bacc = scores
     density = stats.n_fires.cpu() / stats.n_rows  # (M,)
-    live, dense = density > 0, density > cfg.dense
+    live = density > 0
+    dense = density > cfg.dense
     good = live & (auroc >= cfg.interpretable)  # NaN compares False
     per_layer = [dict(layer=l, features=stats.F, **{k: int(v.view(stats.L, -1)[l].sum()) for k, v in
                       dict(dead=~live, dense=dense, live=live, interpretable=good & ~dense).items()})
                  for l in range(stats.L)]
-    dist = lambda x: {f"q{round(q * 100)}": r4(x.quantile(q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if x.numel() else {}
-    valid = lambda x: x[live & ~x.isnan()].double()
     out = dict(n_train_tokens=stats.n_rows, per_layer=per_layer, detection_threshold=cfg.interpretable,
                share_live_detection_above=r4(good.sum() / live.sum().clamp(min=1)),
-               detection_auroc=dist(valid(auroc)), detection_bacc=dist(valid(det_bacc)),
-               fuzzing_bacc=dist(valid(fuzz_bacc)), density=dist(density[live].double()),
+               detection_auroc=quantiles(auroc[live]), detection_bacc=quantiles(det_bacc[live]),
+               fuzzing_bacc=quantiles(fuzz_bacc[live]), density=quantiles(density[live]),
                ngram_counts_pruned_below=stats.grams.pruned_below)  # 0: every n-gram count is exact
     if per_concept is not None:
         families = {}
@@ -639,60 +727,80 @@ def summarize(stats, scores, per_concept, cfg):
             fam["concepts"] += 1
             fam["recovered"] += c["f1"] >= cfg.concept_f1
         head = [f for name, f in families.items() if name in cfg.families.split(",")]
-        n, n_rec = sum(f["concepts"] for f in head), sum(f["recovered"] for f in head)
+        n = sum(f["concepts"] for f in head)
+        n_rec = sum(f["recovered"] for f in head)
         out["concepts"] = dict(f1_threshold=cfg.concept_f1, min_support=cfg.min_support, families=cfg.families, n=n,
                                recovered=n_rec, share_recovered=r4(n_rec / max(n, 1)), by_family=families,
                                per_concept=per_concept)
     return out
 
 
-def plot_summary(path, stats, scores, per_concept):
-    """Score distributions as a PNG: density per layer, detection AUROC, fuzzing, concept F1."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    density = (stats.n_fires.cpu() / stats.n_rows).view(stats.L, -1)
-    live = density.flatten() > 0
-    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+def plot_summary(path, stats, scores, summary):
+    """The summary as four small plots in one PNG (viz.py's index shows it): detection AUROC and fuzzing
+    per layer, the firing-density histogram, and toy-world concept recovery per family (without a toy
+    world: each layer's dead / dense / interpretable counts)."""
+    from matplotlib.figure import Figure  # no pyplot: an Agg canvas, no window, no global backend
+    density = (stats.n_fires.cpu() / stats.n_rows).view(stats.L, -1)  # (L, F)
+    live = density > 0
+    fig = Figure(figsize=(10, 7))
+    ax = fig.subplots(2, 2)
+    for a, x, name in ((ax[0, 0], scores[0], "detection AUROC"), (ax[0, 1], scores[2], "fuzzing balanced accuracy")):
+        per_layer = [v[ok & ~v.isnan()].numpy() for v, ok in zip(x.view(stats.L, -1), live)]  # L arrays
+        a.boxplot([v if len(v) else [float("nan")] for v in per_layer])
+        a.set_xticks(range(1, stats.L + 1), [str(l) for l in range(stats.L)])
+        a.set(title=f"{name} per layer (live features)", xlabel="layer", ylim=(0, 1.02))
     for l in range(stats.L):
-        ax[0, 0].hist(density[l][density[l] > 0].log10().numpy(), bins=40, histtype="step", label=f"layer {l}")
-    ax[0, 0].set(title="firing density (live features)", xlabel="log10 density")
-    ax[0, 0].legend(fontsize=7)
-    for a, x, name in ((ax[0, 1], scores[0], "detection AUROC"), (ax[1, 0], scores[2], "fuzzing balanced accuracy")):
-        x = x[live]
-        a.hist(x[~x.isnan()].numpy(), bins=40, range=(0, 1))
-        a.set(title=f"{name} (live features)", xlabel=name)
-    if per_concept:
-        ax[1, 1].hist([c["f1"] for c in per_concept.values()], bins=40, range=(0, 1))
-        ax[1, 1].set(title="toy world: best feature F1 per concept", xlabel="F1")
+        ax[1, 0].hist(density[l][live[l]].log10().numpy(), bins=40, histtype="step", label=f"layer {l}")
+    ax[1, 0].set(title="firing density (live features)", xlabel="log10 density", ylabel="features")
+    ax[1, 0].legend(fontsize=7)
+    concepts = summary.get("concepts")
+    if concepts:
+        names = list(concepts["by_family"])
+        fams = [concepts["by_family"][n] for n in names]
+        ax[1, 1].bar(names, [f["concepts"] for f in fams], color="#dddddd", label="concepts")
+        ax[1, 1].bar(names, [f["recovered"] for f in fams], color="#2b6cb0", label=f"F1 >= {concepts['f1_threshold']}")
+        ax[1, 1].set(title="toy world: concepts recovered per family", ylabel="concepts")
+        ax[1, 1].legend(fontsize=7)
     else:
-        ax[1, 1].axis("off")
+        layers = summary["per_layer"]
+        ax[1, 1].bar(range(stats.L), [r["dead"] for r in layers], color="#c53030", label="dead")
+        ax[1, 1].bar(range(stats.L), [r["interpretable"] for r in layers], bottom=[r["dead"] for r in layers],
+                     color="#2b6cb0", label="interpretable")
+        ax[1, 1].set(title="features per layer", xlabel="layer", xticks=range(stats.L))
+        ax[1, 1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temporary name has no .png to infer the format from
 
 
 # -----------------------------------------------------------------------------
 # main
 
 
-def same_model(a, b):
-    norm = lambda x: os.path.realpath(x) if os.path.isdir(x) else x
-    return norm(str(a)) == norm(str(b))
+def same_path(a, b):
+    """Do two model names (paths or hub ids) name the same model? Directories compare by real path."""
+    return _real(str(a)) == _real(str(b))
+
+
+def _real(name):
+    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def load_inputs(cfg):
     """The GPT, its tokenizer, the CLT and the cache; refuses a CLT or cache made from another model."""
     from cache import ActivationCache
     model_dir = cfg.model or ActivationCache(cfg.cache).manifest["model"]
-    model, enc = GPT.from_pretrained(model_dir), load_tokenizer(model_dir)
+    model = GPT.from_pretrained(model_dir)
+    enc = load_tokenizer(model_dir)
     cache = ActivationCache(cfg.cache, model=model)  # checks the model's sha256 against the manifest
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
     c = clt.config
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
         raise ValueError(f"CLT {cfg.clt} has n_layers={c.n_layers}, d_model={c.d_model} but cache {cfg.cache} "
                          f"has n_layers={cache.n_layers}, d_model={cache.d_model}: they come from different models")
-    if c.model and not same_model(c.model, model_dir):
+    if c.model_sha256:  # the CLT records its model's fingerprint (train.py): the weights decide, not the path
+        check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
+    elif c.model and not same_path(c.model, model_dir):  # a CLT saved before fingerprints: its model's name
         raise ValueError(f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from "
                          f"{model_dir!r}: pass a CLT and a cache of the same model")
     return model_dir, model, enc, clt, cache
@@ -701,8 +809,10 @@ def load_inputs(cfg):
 def analyze(model, enc, clt, cache, cfg, world=None):
     """The train pass, logit effects, explanations and the held-out pass (scored against `world`, a
     tiny.World, if given). Returns (stats, explanations, effects, scorer, labels)."""
-    L, F_ = clt.config.n_layers, clt.config.n_features
-    stats, first = FeatureStats(L, F_, model.config.vocab_size, cfg), None
+    L = clt.config.n_layers
+    F_ = clt.config.n_features
+    stats = FeatureStats(L, F_, model.config.vocab_size, cfg)
+    first = None
     for p in tqdm(padded_chunks(clt, cache, "train", cfg), total=n_chunks(cache, "train", cfg), desc="train pass"):
         stats.update(p)
         first = first or (p.tok[p.lo:p.hi], p.pos[p.lo:p.hi])
@@ -712,8 +822,10 @@ def analyze(model, enc, clt, cache, cfg, world=None):
     effects = logit_effects(clt, model, ln_scale, cfg.n_logit, enc.n_vocab)
     expl = explain_all(stats, effects[1], enc)
     labels = ConceptLabels(cache, world, enc, cfg) if world is not None else None
-    scorer, row = Scorer(expl, L, F_, stats.base, stats.gram_space, len(labels.names) if labels else 0, cfg), 0
-    for p in tqdm(padded_chunks(clt, cache, "heldout", cfg), total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
+    scorer = Scorer(expl, L, F_, stats.base, stats.gram_space, len(labels.names) if labels else 0, cfg)
+    row = 0
+    chunks = padded_chunks(clt, cache, "heldout", cfg)
+    for p in tqdm(chunks, total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
         scorer.update(p, labels and labels.rows(row, row + p.hi - p.lo, cfg.device))
         row += p.hi - p.lo
     if scorer.n_rows == 0:
@@ -750,9 +862,8 @@ def run(cfg: InterpConfig):
             pass
         summary.update(seconds_plain_read=round(time.perf_counter() - t, 3))
         summary.update(ratio_to_plain_read=round(seconds / summary["seconds_plain_read"], 2))
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, per_concept)
+    plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, summary)
+    write_json(os.path.join(cfg.out, "summary.json"), summary)  # last: a run with a summary.json is complete
     return summary
 
 

@@ -49,15 +49,13 @@ Training follows nanoGPT (AdamW, warmup + cosine, GPT-2 init with scaled residua
 - A merge whose string is already a token is skipped: tiktoken ranks byte strings, not pairs.
 - Training windows start at a document start, so prompts need no <|endoftext|> in front.
 """
-import argparse
-import inspect
 import json
 import math
 import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import regex
 import torch
@@ -162,7 +160,8 @@ def make_world(seed=0, n_countries=40, n_people=100, n_heldout_people=20):
             if s.lower() not in used and len(s) <= 9:
                 used.add(s.lower())
                 return s
-    countries, cities = [], []
+    countries = []
+    cities = []
     for _ in range(n_countries):
         c = dict(name=name(2, rng.choice(["ia", "a", "and", "or", "en"])),
                  language=name(2, rng.choice(["ic", "ish", "ese"])), currency=name(2, lower=True))
@@ -306,7 +305,8 @@ def doc_ioi(world, rng, heldout):
 
 def doc_numbers(world, rng, heldout):
     """Counting sequences (never starting at a held-out start), successors and comparisons."""
-    kind, top = rng.random(), world.max_number
+    kind = rng.random()
+    top = world.max_number
     if kind < 0.4:
         length = rng.randint(3, 8)
         start = rng.choice([n for n in range(top - length + 2) if is_heldout_start(n) == heldout])
@@ -367,7 +367,10 @@ def template_regex(template, world, prompt=False):
 
     prompt=True keeps only the text before the answer (the last slot) and anchors it at the end.
     """
-    names, parts, pos, k = world.names(), [], 0, Counter()
+    names = world.names()
+    parts = []
+    pos = 0
+    k = Counter()
     slots = list(SLOT_RE.finditer(template))
     for m in slots[:-1] if prompt else slots:
         parts.append(regex.escape(template[pos:m.start()]))
@@ -405,7 +408,9 @@ def template_matches(text, world):
 
 def template_spans(text, world):
     """(start, end, label) char spans from every template that matches text (full, or as a final prompt)."""
-    spans, homes, questions = [], {}, []
+    spans = []
+    homes = {}
+    questions = []
     for relation, tag, prompt, m in template_matches(text, world):
         spans += [(m.start(), m.end(), t) for t in (f"relation:{relation}", tag, "role:template")]
         groups = sorted((m.start(g), g) for g in m.groupdict())
@@ -452,7 +457,9 @@ def label_tokens(text, enc, world):
         char_to_byte.append(char_to_byte[-1] + len(ch.encode("utf-8")))
     spans = entity_spans(text, world) + template_spans(text, world)
     spans = [(char_to_byte[s], char_to_byte[e], lab) for s, e, lab in spans]  # as byte offsets, like the tokens
-    labels, pos, raw = [], 0, text.encode("utf-8")
+    labels = []
+    pos = 0
+    raw = text.encode("utf-8")
     for i in ids:
         end = pos + len(enc.decode_single_token_bytes(i))
         labs = {lab for s, e, lab in spans if s < end and pos < e}
@@ -476,7 +483,8 @@ def split_prompt(sentence, answer):
 
 def eval_prompts(world, seed=0, n_random=200):
     """Held-out evaluation prompts of every kind (see the module docstring for what is held out)."""
-    rng, out = random.Random(seed), []
+    rng = random.Random(seed)
+    out = []
     for fact in world.facts():
         for kind, heldout in (("one_hop", False), ("one_hop_paraphrase", True)):
             out.append((*split_prompt(fact_sentence(world, rng, fact, heldout), fact[2]), kind))
@@ -525,7 +533,8 @@ def train_bpe(docs, max_merges=3000, min_count=2):
     b2u = clt.bytes_to_unicode()
     counts = Counter(regex.findall(clt.GPT2_PATTERN, "\n".join(docs)))
     words = {tuple(b2u[b] for b in w.encode("utf-8")): c for w, c in counts.items()}
-    vocab, merges = set(b2u.values()), []
+    vocab = set(b2u.values())
+    merges = []
     for _ in tqdm(range(max_merges), desc="bpe", leave=False):
         pairs = Counter()
         for w, c in words.items():
@@ -534,7 +543,8 @@ def train_bpe(docs, max_merges=3000, min_count=2):
         best = max(((c, p) for p, c in pairs.items() if p[0] + p[1] not in vocab), default=(0, None))
         if best[0] < min_count:
             break
-        (a, b), merged = best[1], best[1][0] + best[1][1]
+        a, b = best[1]
+        merged = a + b
         merges.append((a, b))
         vocab.add(merged)
         words = {merge_word(w, a, b, merged): c for w, c in words.items()}
@@ -542,7 +552,8 @@ def train_bpe(docs, max_merges=3000, min_count=2):
 
 
 def merge_word(w, a, b, merged):
-    out, i = [], 0
+    out = []
+    i = 0
     while i < len(w):
         if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
             out.append(merged)
@@ -557,9 +568,9 @@ def save_tokenizer(path, merges):
     """vocab.json (ids = merge order: 256 bytes, then one per merge, then <|endoftext|>) and merges.txt."""
     os.makedirs(path, exist_ok=True)
     symbols = list(clt.bytes_to_unicode().values()) + [a + b for a, b in merges] + [clt.ENDOFTEXT]
-    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
+    with clt.atomic_path(os.path.join(path, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump({s: i for i, s in enumerate(symbols)}, f, ensure_ascii=False)
-    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+    with clt.atomic_path(os.path.join(path, "merges.txt")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
@@ -579,6 +590,10 @@ def check_tokenizer(enc, segmented):
 
 @dataclass
 class TinyConfig:
+    # what to do
+    eval: bool = False  # only evaluate the model in --model and print the table (builds nothing)
+    model: str = clt.DEFAULT_MODEL  # the model directory that --eval evaluates
+    # the build: world, corpus, tokenizer, model
     out: str = "runs/tiny"  # where config.json, model.safetensors, vocab.json, merges.txt, world.json go
     seed: int = 0  # seeds the world, the corpus, the init and the batches
     n_docs: int = 200000  # training documents (~25 tokens each: ~4.9M tokens)
@@ -614,7 +629,9 @@ def init_weights(model, generator):
 
 def token_stream(docs, enc):
     """All documents as one (N,) stream, <|endoftext|> between them, and the offset of each document."""
-    ids, starts, eot = [], [], enc.eot_token
+    ids = []
+    starts = []
+    eot = enc.eot_token
     for doc in enc.encode_ordinary_batch(docs):
         starts.append(len(ids))
         ids += doc + [eot]
@@ -660,7 +677,8 @@ def train_model(cfg, stream, starts, vocab_size):
             g["lr"] = lr_at(step, cfg)
         opt.step()
         if step % 50 == 0 or step == cfg.steps - 1:
-            lossf, normf = loss.item(), norm.item()  # sync point: read the clock after it
+            lossf = loss.item()  # sync point: read the clock after it
+            normf = norm.item()
             dt = time.time() - t0
             bar.write(f"step {step:5d}/{cfg.steps} | loss {lossf:.4f} | norm {normf:.3f} | "
                       f"lr {lr_at(step, cfg):.2e} | {dt * 1000:.0f} ms | {x.numel() / dt:.0f} tok/s")
@@ -674,7 +692,9 @@ def train_model(cfg, stream, starts, vocab_size):
 @torch.no_grad()
 def greedy_match(model, enc, prompt, answer):
     """Does greedy decoding after prompt produce exactly answer's tokens?"""
-    idx, target, device = enc.encode_ordinary(prompt), enc.encode_ordinary(answer), next(model.parameters()).device
+    idx = enc.encode_ordinary(prompt)
+    target = enc.encode_ordinary(answer)
+    device = next(model.parameters()).device
     for t in target:
         nxt = model(torch.tensor([idx[-model.config.n_ctx:]], device=device))[0, -1].argmax().item()
         if nxt != t:
@@ -721,7 +741,7 @@ def build(cfg):
     world = make_world(cfg.seed)
     docs = make_corpus(world, cfg.n_docs, cfg.seed)
     if cfg.corpus_file:
-        with open(cfg.corpus_file, "w") as f:
+        with clt.atomic_path(cfg.corpus_file) as tmp, open(tmp, "w") as f:  # cache.py may read it
             f.write("\n".join(docs) + "\n")
     merges, segmented = train_bpe(docs[:cfg.bpe_docs], cfg.max_merges)
     save_tokenizer(cfg.out, merges)
@@ -732,31 +752,23 @@ def build(cfg):
           f"{len(docs)} docs | {len(stream)} tokens")
     model = train_model(cfg, stream, starts, enc.n_vocab)
     model.cpu().save_pretrained(cfg.out)
-    with open(os.path.join(cfg.out, "world.json"), "w") as f:
-        json.dump(world.to_json(), f, indent=1)
+    clt.write_json(os.path.join(cfg.out, "world.json"), world.to_json())
     print(f"built {cfg.out} in {time.time() - t0:.0f} s")
     return model, enc, world
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval", action="store_true", help="only evaluate the model in --model and print the table")
-    parser.add_argument("--model", default=clt.DEFAULT_MODEL, help="model directory that --eval evaluates")
-    comments = dict(regex.findall(r"(?m)^    (\w+): .*?# (.*)$", inspect.getsource(TinyConfig)))  # help = field comment
-    for f in fields(TinyConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"{comments[f.name]} (default {f.default!r})")
-    args = parser.parse_args(argv)
-    cfg = TinyConfig(**{f.name: getattr(args, f.name) for f in fields(TinyConfig)})
+    cfg = clt.parse_config(__doc__, TinyConfig, argv)
     torch.set_num_threads(cfg.threads)
-    if args.eval:
-        model, enc = clt.GPT.from_pretrained(args.model), clt.load_tokenizer(args.model)
-        world = load_world(args.model)
+    if cfg.eval:
+        model = clt.GPT.from_pretrained(cfg.model)
+        enc = clt.load_tokenizer(cfg.model)
+        world = load_world(cfg.model)
     else:
-        print(vars(args))
+        print(asdict(cfg))
         model, enc, world = build(cfg)
     print_table(evaluate(model, enc, world, seed=cfg.seed + 1))
 
 
 if __name__ == "__main__":
-    main()
+    clt.run_main(main)

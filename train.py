@@ -203,8 +203,13 @@ def train_batches(cache, c, mesh, start_step, device):
     if cache.batches_per_epoch(c.batch_size // mesh.dp, mesh.dp) == 0:
         lo, hi = cache.split_range("train")
         raise ValueError(f"the cache's train split has {hi - lo} rows, fewer than one global batch of {c.batch_size}")
-    return cache.batches(c.batch_size // mesh.dp, c.seed, mesh.dp_rank, mesh.dp, start_step=start_step,
-                         device=None if device.type == "cpu" else device)
+    stream = cache.batches(c.batch_size // mesh.dp, c.seed, mesh.dp_rank, mesh.dp, start_step=start_step)
+
+    def dequantized():  # on `device`: the stored rows move there, 4x less than float32 for int8
+        with contextlib.closing(stream):
+            for rows in stream:
+                yield cache.dequantize(rows, device)
+    return dequantized()
 
 
 def heldout_contexts(cache, n, bos):

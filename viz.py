@@ -1,9 +1,10 @@
 """
-viz.py: pictures of what the other scripts write: attribution graphs, feature pages, training curves.
+viz.py: pictures of what the other scripts write: attribution graphs, a feature browser, training curves.
 
 Data flow (each picture reads one script's output and writes static files beside it):
 
-    graph.py  -> runs/graph/{slug}.json      -> viz.py graph    -> {slug}.dot/.svg/.png/.html beside it
+    graph.py  -> runs/graph/{slug}.json      -> viz.py graph    -> {slug}.dot/.svg/.png/.html beside it,
+                                                                   features/{feature}.json (circuit-tracer's front end)
     interp.py -> runs/interp/features.jsonl  -> viz.py features -> runs/interp/html/index.html + a page a feature
     train.py  -> runs/clt/metrics.jsonl      -> viz.py train    -> runs/clt/plots/*.png (+ frontier.png)
 
@@ -13,17 +14,29 @@ Data flow (each picture reads one script's output and writes static files beside
     python viz.py train runs/clt runs/clt2 --out runs/plots   # curves per run + the L0-vs-FVU frontier
 
 One CPU process; nothing here needs torch or torchrun. Every page is self-contained (inline SVG, CSS
-in the page, no network URLs), so the folders can be zipped and opened offline.
+and plain JavaScript in the page, no network URLs), so the folders can be zipped and opened offline.
+Every file is written whole or not at all (clt.atomic_path).
+
+The feature index is a browser: one row per feature, sortable by any column (click its header),
+filtered by layer and by words that must all occur in the explanation or the top tokens. The view
+lives in the URL's hash, so a link reopens it: index.html#sort=auroc&dir=desc&layer=2&q=capital
+(sort: layer, feature, explanation, tokens, density, max_act, auroc, fuzzing, concept, f1, flags).
+
+circuit-tracer's own front end (`python -m circuit_tracer start-server --graph_file_dir runs/graph`) shows a
+node's examples from features/{feature}.json when the graph's metadata.scan is "./data/features"; that page
+loads d3 and its other libraries from the network (circuit-tracer 0.5.0), unlike ours.
 
 References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
 frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
 "E_{token_id}_{pos}", logits at layer n_layers+1); feature pages follow Neuronpedia / SAEDashboard.
 Differences from them:
 - the graph is a static graphviz picture, not the D3 app: `dot` lays out a grid (rows = layers,
-  columns = token positions), then `neato -n2` draws the edges around the pinned nodes;
-- feature pages are plain HTML with no JavaScript.
+  columns = token positions), then `neato -n2` draws the edges around the pinned nodes; without
+  `dot` the page still lists the nodes;
+- feature pages are plain HTML; only the index has a script (sorting and filtering its rows, which
+  are in the HTML, so it reads without JavaScript too). It holds every feature, ~0.8 KB each (the
+  toy CLT's 1,024: 0.9 MB): fine up to ~10^5 features; a GPT-2-small CLT (~3·10^5) wants a paged index.
 """
-import argparse
 import base64
 import html
 import json
@@ -31,7 +44,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import graphviz
 import matplotlib
@@ -39,35 +52,72 @@ import matplotlib.ticker
 from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
 from tqdm import tqdm
 
+from clt import atomic_path, parse_config, run_main
+
 # -----------------------------------------------------------------------------
-# config
+# config: one dataclass per subcommand; `inputs` (a list) takes the positional arguments
 
 
 @dataclass
-class VizConfig:
-    kind: str = "graph"  # which picture: graph | features | train
-    inputs: list = field(default_factory=list)  # graph.json | interp run dir | one or more train run dirs
-    out: str = ""  # output folder; "" = beside the input (graph dir, <interp>/html, <run>/plots)
-    features: str = ""  # graph: folder of feature pages to link nodes to; "" = <graph dir>/../interp/html
-    max_nodes: int = 60  # graph: keep this many most influential nodes (+ all embeddings and logits)
-    max_edges: int = 150  # graph: keep this many strongest edges by |weight|
-    label_chars: int = 26  # graph: characters of the explanation shown in a feature node
-    cell_width: int = 3  # graph: nodes side by side in one (layer, position) cell before it wraps
-    max_examples: int = 20  # features: max-activating examples shown on a page
-    top_tokens: int = 10  # features: promoted / suppressed tokens shown on a page
-    dpi: int = 110  # train: resolution of the matplotlib PNGs
+class GraphConfig:
+    """draw an attribution graph (graph.py's JSON): .dot, .svg, .png and a page with its nodes"""
+    inputs: list = field(default_factory=list)  # the graph.json to draw (one)
+    out: str = ""  # output folder; "" = beside the graph.json
+    interp: str = ""  # interp.py's output folder (features.jsonl, html/); "" = <graph dir>/../interp
+    features: str = ""  # folder of feature pages to link nodes to; "" = <interp>/html
+    max_nodes: int = 60  # feature and error nodes drawn, most influential first (+ every embedding, logit)
+    max_edges: int = 150  # edges drawn, strongest |weight| first
+    label_chars: int = 26  # characters of a feature's explanation shown in its node
+    cell_width: int = 3  # nodes side by side in one (layer, position) cell before it wraps
 
+
+@dataclass
+class FeaturesConfig:
+    """a page per live feature and the index, a sortable, searchable browser, from interp.py's output"""
+    inputs: list = field(default_factory=list)  # interp.py's output folder (one)
+    out: str = ""  # output folder; "" = <interp dir>/html
+    max_examples: int = 20  # max-activating examples shown per page
+    top_tokens: int = 10  # promoted / suppressed tokens and input n-grams shown per page
+    dense: float = -1.0  # flag features firing on more than this share of tokens; -1 = interp's --dense
+
+
+@dataclass
+class CurvesConfig:
+    """training curves of train.py runs, one PNG per panel, and the L0-vs-FVU frontier over the runs"""
+    inputs: list = field(default_factory=list)  # train.py run folders (one or more)
+    out: str = ""  # output folder; "" = <run>/plots for each run
+    dpi: int = 110  # resolution of the PNGs
+
+
+DENSE = 0.1  # interp.py's default --dense, for an interp folder without summary.json
+
+# -----------------------------------------------------------------------------
+# files and HTML shared by every picture
 
 # control characters made visible: newline, tab, CR as circuit-tracer's process_token writes them,
 # the others as Unicode control pictures (a NUL would end a graphviz string, and is invalid HTML)
 VISIBLE = {**{i: 0x2400 + i for i in range(32)}, 127: 0x2421, 10: "⏎", 9: "→", 13: "↵"}
+
+# .scroll is right-to-left so that a graph wider than the window opens scrolled to its right end,
+# where the last position and the logits are
+CSS = """body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}
+.ex{font-family:Menlo,Consolas,monospace;font-size:13px;line-height:1.9;margin:2px 0;white-space:nowrap;overflow-x:auto}
+.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}
+.scroll{overflow-x:auto;direction:rtl}.scroll>div{direction:ltr;display:inline-block}
+.cols{display:flex;gap:40px;flex-wrap:wrap}h2{margin-top:28px;font-size:18px}
+#features th{cursor:pointer;user-select:none;background:#f4f4f4;position:sticky;top:0}
+#features th.asc::after{content:" ▲"}#features th.desc::after{content:" ▼"}
+#features td.num{text-align:right;font-variant-numeric:tabular-nums}.flag{color:#c53030}
+.controls{margin:12px 0;display:flex;gap:16px;align-items:center}.controls input{width:320px}"""
 
 
 def show_token(tok):
     """A token with its whitespace made visible: leading/trailing spaces as '␣', newlines as '⏎'."""
     tok = str(tok).translate(VISIBLE)
     core = tok.strip(" ")
-    lead, trail = len(tok) - len(tok.lstrip(" ")), len(tok) - len(tok.rstrip(" "))
+    lead = len(tok) - len(tok.lstrip(" "))
+    trail = len(tok) - len(tok.rstrip(" "))
     return "␣" * lead + core + ("␣" * trail if core else "")
 
 
@@ -75,10 +125,56 @@ def feature_page_name(layer, feature):
     return f"L{int(layer)}_F{int(feature)}.html"
 
 
+def write_file(path, data):
+    """Write text or bytes to `path` whole or not at all."""
+    binary = isinstance(data, bytes)
+    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        f.write(data)
+
+
+def write_page(path, title, body):
+    write_file(path, f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+                     f"</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def save_figure(fig, path, dpi):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")  # the temporary name has no .png to infer the format from
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else html.escape(str(v))
+
+
+def _is_scalar(v):
+    return v is None or isinstance(v, (int, float, str))
+
+
+def _table(value, depth=0):
+    """Any JSON value as HTML: a list of dicts, or a nested dict of scalars, as a table with a header
+    row; any other dict as key/value rows."""
+    if isinstance(value, dict) and depth > 0 and 0 < len(value) <= 8 and all(map(_is_scalar, value.values())):
+        value = [value]  # e.g. quantiles {"q10": .., "q50": ..}: one row, not one row per key
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        keys = list(dict.fromkeys(k for r in value for k in r))
+        head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+        rows = "".join("<tr>" + "".join(f"<td>{_table(r.get(k), depth + 1)}</td>" for k in keys) + "</tr>"
+                       for r in value)
+        return f"<table><tr>{head}</tr>{rows}</table>"
+    if isinstance(value, dict) and depth < 3:
+        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_table(v, depth + 1)}</td></tr>"
+                       for k, v in value.items())
+        return f"<table>{rows}</table>"
+    return _fmt(value) if _is_scalar(value) else html.escape(json.dumps(value)[:200])
+
+
 # -----------------------------------------------------------------------------
 # attribution graph -> dot / svg / png / html
 
-POS_COLOR, NEG_COLOR = "#2b6cb0", "#c53030"  # edge colour by the sign of its weight
+POS_COLOR = "#2b6cb0"  # edge colour of a positive weight
+NEG_COLOR = "#c53030"  # and of a negative one
 FILL = {"cross layer transcoder": "#fdebc8", "mlp reconstruction error": "#e2e2e2",
         "embedding": "#d8ecd2", "logit": "#d3e3f6"}
 
@@ -108,15 +204,18 @@ def _feature_index(node):
     return int(parts[1]) if len(parts) == 3 and parts[1].lstrip("-").isdigit() else int(node["feature"])
 
 
+def _influence_order(node):
+    """Sort key, most influential first. graph.py writes "influence_raw" (bigger = more influential)
+    and circuit-tracer's "influence", a *cumulative* share (most influential first, so smaller = more);
+    without either, |activation|."""
+    if node.get("influence_raw") is not None:
+        return -node["influence_raw"]
+    return node["influence"] if node.get("influence") is not None else -abs(node.get("activation") or 0)
+
+
 def _importance(nodes):
-    """Node size in [0, 1] for features and errors (embeddings and logits: 0.5), by rank. graph.py
-    writes "influence_raw" (bigger = more influential) and circuit-tracer's "influence", a
-    *cumulative* share (most influential first, so smaller = more); else we use |activation|."""
-    def key(n):
-        if n.get("influence_raw") is not None:
-            return -n["influence_raw"]
-        return n["influence"] if n.get("influence") is not None else -abs(n.get("activation") or 0)
-    order = sorted((n for n in nodes if n["feature_type"] not in ("embedding", "logit")), key=key)
+    """Node size in [0, 1] for features and errors (embeddings and logits: 0.5), by influence rank."""
+    order = sorted((n for n in nodes if n["feature_type"] not in ("embedding", "logit")), key=_influence_order)
     imp = {n["node_id"]: 0.5 for n in nodes}
     imp.update({n["node_id"]: 1 - i / max(len(order) - 1, 1) for i, n in enumerate(order)})
     return imp
@@ -141,11 +240,31 @@ def _text(s, n=None):
     return graphviz.escape(s if n is None or len(s) <= n else s[: n - 1] + "…")
 
 
+def _node_name(node):
+    """How the page names a node: L1/3 for a feature, err L0, the token of an embedding, the logit's text."""
+    ft = node["feature_type"]
+    if ft == "cross layer transcoder":
+        return f"L{node['layer']}/{_feature_index(node)}"
+    if ft == "mlp reconstruction error":
+        return f"err L{node['layer']}"
+    return str(node.get("clerp") or node["node_id"])
+
+
+def _tooltip(node):
+    """Hover text: the node, where it is, its activation, then its explanation on a line of its own."""
+    act = node.get("activation")
+    head = f"{_node_name(node)} at position {node['ctx_idx']}" + (f", activation {act:.3g}" if act is not None else "")
+    clerp = node.get("clerp") or ""
+    if not clerp or node["feature_type"] != "cross layer transcoder":  # other nodes' clerp is their name
+        return _text(head)
+    return graphviz.nohtml(f"{_text(head)}\\n{_text(clerp)}")  # \n: dot's line break; nohtml: "<|...|>" is text
+
+
 def _node_attrs(node, s, tokens, cfg, href):
     """Label, shape and size of one node; s in [0, 1] is its importance."""
-    ft, pos = node["feature_type"], node["ctx_idx"]
-    tip = f"{node['node_id']}  {node.get('clerp') or ''}  act={node.get('activation')}"
-    attrs = dict(style="filled,rounded", shape="box", fillcolor=FILL.get(ft, "white"), tooltip=_text(tip),
+    ft = node["feature_type"]
+    pos = node["ctx_idx"]
+    attrs = dict(style="filled,rounded", shape="box", fillcolor=FILL.get(ft, "white"), tooltip=_tooltip(node),
                  width=f"{0.5 + 1.0 * s:.2f}", height=f"{0.3 + 0.35 * s:.2f}", fontsize=f"{9 + 4 * s:.1f}")
     if ft == "embedding":  # the token axis: as narrow as its token
         attrs.update(label=_text(show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}"), width="0.3")
@@ -156,8 +275,7 @@ def _node_attrs(node, s, tokens, cfg, href):
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
     else:
         clerp = node.get("clerp") or ""
-        name = f"L{node['layer']}/{_feature_index(node)}"
-        attrs["label"] = name + (f"\\n{_text(clerp, cfg.label_chars)}" if clerp else "")
+        attrs["label"] = _node_name(node) + (f"\\n{_text(clerp, cfg.label_chars)}" if clerp else "")
         if href:
             attrs.update(URL=href, target="_top")
     return attrs
@@ -192,36 +310,41 @@ def _ranks(nodes, imp, cell_width):
     return ranks
 
 
+def _pinned(pos_of, name):
+    """graphviz attributes pinning node `name` where the layout pass put it (none before that pass)."""
+    return dict(pos=f"{pos_of[name][0]:.1f},{pos_of[name][1]:.1f}!") if name in pos_of else {}
+
+
 def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
     """Rows and columns, the part of the picture `dot` lays out: a rank=same subgraph per rank (an
     invisible left-to-right chain orders it by position; empty cells get placeholders), a
     row-label spine stacking the ranks, and invisible same-group edges making each position a column."""
     n_pos = max(len(tokens), 1 + max((n["ctx_idx"] for n in nodes), default=0))
-    at = lambda name: dict(pos=f"{pos_of[name][0]:.1f},{pos_of[name][1]:.1f}!") if name in pos_of else {}
-    heads, ranks = {}, _ranks(nodes, imp, cfg.cell_width)  # heads: (rank, pos) -> first node of the cell
+    heads = {}  # (rank, pos) -> first node of the cell
+    ranks = _ranks(nodes, imp, cfg.cell_width)
     for i, (r, cells) in enumerate(ranks):
         with g.subgraph(name=f"row_{i}") as sub:
             sub.attr(rank="same")
             chain = [f"rowlabel_{i}"]
             more = i > 0 and ranks[i - 1][0] == r  # a wrapped row's continuation: its label in grey
             sub.node(chain[0], label={-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}"), shape="plaintext", fontsize="14",
-                     fontcolor="#aaaaaa" if more else "black", **at(chain[0]))
+                     fontcolor="#aaaaaa" if more else "black", **_pinned(pos_of, chain[0]))
             for pos in range(n_pos):
                 cell = cells.get(pos, [])
                 if not cell:  # keep the grid: an empty cell still takes a column slot
                     chain.append(f"cell_{i}_{pos}")
                     empty = _empty_cell(r, pos, tokens)
                     if not pos_of or empty.get("style") != "invis":  # pinned: no obstacles for the router
-                        sub.node(chain[-1], group=f"pos{pos}", **empty, **at(chain[-1]))
+                        sub.node(chain[-1], group=f"pos{pos}", **empty, **_pinned(pos_of, chain[-1]))
                 for n in cell:
                     is_feature = n["feature_type"] == "cross layer transcoder"
-                    link = href(int(n["layer"]), _feature_index(n)) if is_feature else None
+                    link = href(int(n["layer"]), _feature_index(n)) if is_feature and href else None
                     sub.node(n["node_id"], group=f"pos{pos}", **_node_attrs(n, imp[n["node_id"]], tokens, cfg, link),
-                             **at(n["node_id"]))
+                             **_pinned(pos_of, n["node_id"]))
                     chain.append(n["node_id"])
                 heads[i, pos] = chain[-len(cell) or -1]
             if i == len(ranks) - 1:
-                sub.node("legend", label=_legend(), shape="plaintext", fontsize="10", **at("legend"))
+                sub.node("legend", label=_legend(), shape="plaintext", fontsize="10", **_pinned(pos_of, "legend"))
                 chain.append("legend")
             for a, b in zip(chain, chain[1:]) if not pos_of else []:  # pinned nodes need no layout edges
                 sub.edge(a, b, style="invis")
@@ -231,11 +354,12 @@ def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
                 g.edge(heads[i - 1, pos], heads[i, pos], style="invis", weight="8")
 
 
-def build_dot(graph, cfg, href=lambda layer, feature: None, pos_of=None, links=True):
-    """The picture as a graphviz Digraph. Two passes: `dot` lays out the grid alone (links=False),
-    then with `pos_of` (node -> (x, y) in points from that pass) every node is pinned and the
-    invisible layout edges are dropped, for `neato -n2` to route the real edges around the nodes
-    (`dot` itself routes edges that do not take part in ranking in wide loops)."""
+def build_dot(graph, cfg, href=None, pos_of=None, links=True):
+    """The picture as a graphviz Digraph; href(layer, feature) gives a feature node's link (or None).
+    Two passes: `dot` lays out the grid alone (links=False), then with `pos_of` (node -> (x, y) in
+    points from that pass) every node is pinned and the invisible layout edges are dropped, for
+    `neato -n2` to route the real edges around the nodes (`dot` itself routes edges that do not take
+    part in ranking in wide loops)."""
     nodes, kept, imp = select_subgraph(graph, cfg)
     meta = graph.get("metadata", {})
     g = graphviz.Digraph("attribution_graph", graph_attr=dict(
@@ -263,107 +387,186 @@ def _strip_svg(svg):
     return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
 
 
+def node_table(graph, href):
+    """Every node of the (pruned) graph, most influential first, features linked to their pages."""
+    tokens = graph.get("metadata", {}).get("prompt_tokens") or []
+    rows = []
+    for n in sorted(graph["nodes"], key=_influence_order):
+        link = href(int(n["layer"]), _feature_index(n)) if n["feature_type"] == "cross layer transcoder" else None
+        name = html.escape(_node_name(n))
+        pos = n["ctx_idx"]
+        token = html.escape(show_token(tokens[pos])) if pos < len(tokens) else ""
+        cells = [f'<a href="{html.escape(link)}">{name}</a>' if link else name, html.escape(n["feature_type"]),
+                 html.escape(str(n["layer"])), f"{pos} <code>{token}</code>", _fmt(n.get("activation")),
+                 _fmt(n.get("influence_raw")), _fmt(n.get("influence")),
+                 html.escape(str(n.get("clerp") or "")) if n["feature_type"] != "logit" else ""]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("node", "type", "layer", "position", "activation", "influence",
+                                             "cumulative influence", "explanation"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def graph_page(graph, cfg, svg, stem, href):
+    """The page: prompt, scores, the picture (or how to get one), the table of every node."""
+    meta = graph.get("metadata", {})
+    toks = " ".join(f"<code>{html.escape(show_token(t))}</code>" for t in meta.get("prompt_tokens", []))
+    info = {k: v for k, v in (meta.get("info") or {}).items() if isinstance(v, (int, float, str))}
+    body = [f"<h1>Attribution graph</h1><p>Prompt: {html.escape(str(meta.get('prompt', '')))}</p>",
+            f"<p>Tokens: {toks}</p>", _table(info) if info else ""]
+    if svg is None:
+        body.append(f"<p><b>No picture:</b> graphviz's <code>dot</code> is not installed. Install it (apt-get "
+                    f"install graphviz, brew install graphviz or conda install graphviz), then rerun "
+                    f"<code>python viz.py graph {html.escape(stem)}.json</code>.</p>")
+    else:
+        body.append(f"<p>{len(graph['nodes'])} nodes and {len(graph['links'])} links in the file; drawn: every "
+                    f"embedding and logit, the {cfg.max_nodes} most influential other nodes, the {cfg.max_edges} "
+                    "strongest edges. Click a feature to open its page; hover a node for its explanation, an edge "
+                    f"for its weight.</p><div class='scroll'><div>{svg}</div></div>")
+    body += ["<h2>Nodes, most influential first</h2>", node_table(graph, href)]
+    return "".join(body)
+
+
 def draw_graph(cfg):
+    """graph.json -> {slug}.dot, .svg, .png (with graphviz's dot) and .html beside it; returns the paths."""
+    if len(cfg.inputs) != 1:
+        raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
     path = cfg.inputs[0]
     graph = load_graph(path)
     out = cfg.out or os.path.dirname(os.path.abspath(path))
     os.makedirs(out, exist_ok=True)
-    feat_dir = cfg.features or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp", "html")
+    interp_dir = cfg.interp or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp")
+    feat_dir = cfg.features or os.path.join(interp_dir, "html")
 
     def href(layer, feature):
         page = os.path.join(feat_dir, feature_page_name(layer, feature))
         return os.path.relpath(page, out) if os.path.isfile(page) else None
 
     stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
+    written = [stem + ".dot", stem + ".html"] + write_frontend_features(graph, interp_dir, out)
     if shutil.which("dot") is None:
-        with open(stem + ".dot", "w") as f:
-            f.write(build_dot(graph, cfg, href).source)
-        print(f"wrote {stem}.dot; graphviz's `dot` is not installed, so no SVG/PNG. Install it with "
-              "`apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS) or "
-              f"`conda install graphviz`, then rerun this command (or `dot -Tsvg {stem}.dot -o {stem}.svg`).")
-        return stem + ".dot"
+        write_file(stem + ".dot", build_dot(graph, cfg, href).source)
+        write_page(stem + ".html", "Attribution graph", graph_page(graph, cfg, None, stem, href))
+        print(f"wrote {stem}.dot and {stem}.html (the nodes, no picture); graphviz's `dot` is not installed, so no "
+              "SVG/PNG. Install it with `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS) "
+              f"or `conda install graphviz`, then rerun this command (or `dot -Tsvg {stem}.dot -o {stem}.svg`).")
+        return written
     g = build_dot(graph, cfg, href, pos_of=dot_positions(build_dot(graph, cfg, href, links=False)))
-    with open(stem + ".dot", "w") as f:
-        f.write(g.source)
-    for fmt in ("svg", "png"):
-        graphviz.render("neato", fmt, stem + ".dot", neato_no_op=2, outfile=f"{stem}.{fmt}", quiet=True)
-    with open(stem + ".svg") as f:
-        svg = _strip_svg(f.read())
-    meta = graph.get("metadata", {})
-    toks = " ".join(f"<code>{html.escape(show_token(t))}</code>" for t in meta.get("prompt_tokens", []))
-    info = {k: v for k, v in (meta.get("info") or {}).items() if isinstance(v, (int, float, str))}
-    body = (f"<h1>Attribution graph</h1><p>Prompt: {html.escape(str(meta.get('prompt', '')))}</p>"
-            f"<p>Tokens: {toks}</p>{_table(info) if info else ''}<p>{len(graph['nodes'])} nodes and "
-            f"{len(graph['links'])} links in the file; drawn: every embedding and logit, the {cfg.max_nodes} "
-            f"most influential other nodes, the {cfg.max_edges} strongest edges. Click a feature to open its "
-            "page; hover a node or edge for details.</p><div class='scroll'><div>" + svg + "</div></div>")
-    _write_page(stem + ".html", "Attribution graph", body)
+    write_file(stem + ".dot", g.source)
+    svg = g.pipe(format="svg", engine="neato", neato_no_op=2, encoding="utf-8")
+    write_file(stem + ".svg", svg)
+    write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
+    write_page(stem + ".html", "Attribution graph", graph_page(graph, cfg, _strip_svg(svg), stem, href))
     print(f"wrote {stem}.dot, .svg, .png, .html")
-    return stem + ".svg"
+    return written + [stem + ".svg", stem + ".png"]
+
+
+# -----------------------------------------------------------------------------
+# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server)
+
+FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan that makes the front end read {out}/features/
+FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
+
+
+def _percentiles(counts, edges, n=100):
+    """The 1st..n-th percentiles of a feature's activations, read off its log-spaced histogram (bin centres)."""
+    total = sum(counts)
+    if not total:
+        return []
+    out = []
+    cum = 0
+    i = -1
+    for p in range(1, n + 1):
+        while cum < p / n * total:
+            i += 1
+            cum += counts[i]
+        out.append(math.sqrt(edges[i] * edges[i + 1]))  # the geometric centre of the log-spaced bin
+    return out
+
+
+def _linear_histogram(counts, edges, act_max, n_bins=FRONTEND_BINS):
+    """interp's log-spaced histogram re-binned into n_bins linear bins over [0, act_max] (by bin centres)."""
+    out = [0.0] * n_bins
+    for i, c in enumerate(counts):
+        centre = math.sqrt(edges[i] * edges[i + 1])
+        i_bin = min(int(centre / act_max * n_bins), n_bins - 1) if act_max > 0 else 0
+        out[i_bin] += c
+    return out
+
+
+def _frontend_example(ex):
+    return dict(tokens_acts_list=ex["acts"], train_token_ind=ex["center"], is_repeated_datapoint=False,
+                tokens=ex["tokens"])
+
+
+def frontend_feature(feat, transcoder_id):
+    """One record of interp.py's features.jsonl in circuit-tracer's front-end schema (its
+    frontend/feature_models.py Model): the top examples, then the quantile examples in four bands of
+    their activation rank, top / bottom logits, the activation range, percentiles and histogram."""
+    hist = feat.get("hist") or {}
+    counts = hist.get("counts") or []
+    edges = hist.get("edges") or []
+    act_max = float(feat.get("max_act") or 0.0)
+    top = [_frontend_example(e) for e in feat.get("top_examples") or []]
+    groups = [dict(quantile_name="Top activations", examples=top)]
+    for lo in (0.75, 0.5, 0.25, 0.0):  # an example's "quantile" (in (0, 1)): the share of firings below it
+        band = [_frontend_example(e) for e in feat.get("quantile_examples") or [] if lo <= e["quantile"] < lo + 0.25]
+        if band:
+            groups.append(dict(quantile_name=f"Quantile {lo:.2f}-{lo + 0.25:.2f}", examples=band))
+    return dict(transcoder_id=transcoder_id, index=int(feat["feature"]), examples_quantiles=groups,
+                top_logits=[r["token"] for r in feat.get("promoted") or []],
+                bottom_logits=[r["token"] for r in feat.get("suppressed") or []],
+                act_min=0.0, act_max=act_max, quantile_values=_percentiles(counts, edges),
+                histogram=_linear_histogram(counts, edges, act_max),
+                activation_frequency=float(feat.get("density") or 0))
+
+
+def write_frontend_features(graph, interp_dir, out):
+    """{out}/features/{node "feature"}.json for every feature node of the graph that interp.py described,
+    the files circuit-tracer's front end fetches at {scan}/{featureIndex}.json; returns their paths."""
+    path = os.path.join(interp_dir, "features.jsonl")
+    wanted = {(int(n["layer"]), _feature_index(n)): n["feature"] for n in graph["nodes"]
+              if n["feature_type"] == "cross layer transcoder"}
+    if not wanted or not os.path.isfile(path):
+        return []
+    meta = graph.get("metadata", {})
+    clt_dir = (meta.get("info") or {}).get("clt")  # graph.py's info names the CLT; its scan may be a path
+    transcoder_id = os.path.basename(os.path.normpath(clt_dir)) if clt_dir else str(meta.get("scan") or "clt")
+    os.makedirs(os.path.join(out, "features"), exist_ok=True)
+    written = []
+    with open(path, encoding="utf-8") as f:
+        for line in filter(str.strip, f):
+            feat = json.loads(line)
+            key = (int(feat["layer"]), int(feat["feature"]))
+            if key in wanted:
+                written.append(os.path.join(out, "features", f"{wanted[key]}.json"))
+                write_file(written[-1], json.dumps(frontend_feature(feat, transcoder_id)))
+    note = "" if meta.get("scan") == FRONTEND_SCAN else f" (read when the graph's metadata.scan is {FRONTEND_SCAN!r})"
+    print(f"wrote {len(written)} feature files for circuit-tracer's front end to {out}/features{note}")
+    return written
 
 
 # -----------------------------------------------------------------------------
 # feature pages (HTML)
 
-# .scroll is right-to-left so that a graph wider than the window opens scrolled to its right end,
-# where the last position and the logits are
-CSS = """body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}
-.ex{font-family:Menlo,Consolas,monospace;font-size:13px;line-height:1.9;margin:2px 0;white-space:nowrap;overflow-x:auto}
-.tok{padding:1px 1px;margin:0 1px;border-radius:2px}.muted{color:#777}
-.scroll{overflow-x:auto;direction:rtl}.scroll>div{direction:ltr;display:inline-block}
-.cols{display:flex;gap:40px;flex-wrap:wrap}h2{margin-top:28px;font-size:18px}"""
-INDEX_KEYS = ("density", "max_act", "detection_auroc", "fuzzing_bacc")  # columns of the index table
-
-
-def _write_page(path, title, body):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
-                f"</title><style>{CSS}</style></head><body>{body}</body></html>\n")
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else html.escape(str(v))
-
-
-def _table(value, depth=0):
-    """Any JSON value as HTML: a list of dicts, or a nested dict of scalars, as a table with a header
-    row; any other dict as key/value rows."""
-    scalar = lambda v: v is None or isinstance(v, (int, float, str))
-    if isinstance(value, dict) and depth > 0 and 0 < len(value) <= 8 and all(map(scalar, value.values())):
-        value = [value]  # e.g. quantiles {"q10": .., "q50": ..}: one row, not one row per key
-    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-        keys = list(dict.fromkeys(k for r in value for k in r))
-        head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
-        rows = "".join("<tr>" + "".join(f"<td>{_table(r.get(k), depth + 1)}</td>" for k in keys) + "</tr>"
-                       for r in value)
-        return f"<table><tr>{head}</tr>{rows}</table>"
-    if isinstance(value, dict) and depth < 3:
-        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_table(v, depth + 1)}</td></tr>"
-                       for k, v in value.items())
-        return f"<table>{rows}</table>"
-    return _fmt(value) if scalar(value) else html.escape(json.dumps(value)[:200])
-
 
 def _stats(feat):
     """The scalar fields of a feature record (density, scores, ...), and its quantiles."""
     skip = {"layer", "feature", "explanation"}
-    out = {k: v for k, v in feat.items() if k not in skip and (v is None or isinstance(v, (int, float, str)))}
+    out = {k: v for k, v in feat.items() if k not in skip and _is_scalar(v)}
     out.update(feat.get("quantiles") or {})
     return out
 
 
 def _example_html(ex, amax):
     """One example: every token a span shaded by activation / the feature's max; the firing token boxed."""
-    toks, acts, center = ex["tokens"], ex["acts"], ex.get("center")
+    toks = ex["tokens"]
+    acts = ex["acts"]
     if len(toks) != len(acts):
         raise ValueError(f"example has {len(toks)} tokens but {len(acts)} activations: {ex}")
     spans = []
     for i, (t, a) in enumerate(zip(toks, acts)):
         alpha = max(0.0, min(1.0, a / amax)) if amax > 0 else 0.0
-        box = ' border:1px solid #333;' if i == center else ""
+        box = ' border:1px solid #333;' if i == ex.get("center") else ""
         spans.append(f'<span class="tok" title="{a:.3g}" style="background:rgba(255,140,0,{alpha:.2f});{box}">'
                      f"{html.escape(show_token(t))}</span>")
     label = f"q{ex['quantile']:.2f} " if "quantile" in ex else ""
@@ -373,11 +576,13 @@ def _example_html(ex, amax):
 
 def _svg_histogram(counts, edges, width=420, height=140):
     """A bar chart as inline SVG (no image file, no script); edges label the two ends."""
-    cmax, n = max(max(counts, default=0), 1), max(len(counts), 1)
+    cmax = max(max(counts, default=0), 1)
+    n = max(len(counts), 1)
     bars = "".join(f'<rect x="{30 + i * (width - 40) / n:.1f}" y="{height - 20 - (height - 30) * c / cmax:.1f}" '
                    f'width="{max((width - 40) / n - 1, 0.5):.1f}" height="{(height - 30) * c / cmax:.1f}" '
                    f'fill="#e08a1e"><title>{c}</title></rect>' for i, c in enumerate(counts))
-    lo, hi = (edges[0], edges[-1]) if edges else (0, 0)
+    lo = edges[0] if edges else 0
+    hi = edges[-1] if edges else 0
     return (f'<svg width="{width}" height="{height}" role="img">{bars}'
             f'<text x="30" y="{height - 4}" font-size="11">{lo:.3g}</text>'
             f'<text x="{width - 10}" y="{height - 4}" font-size="11" text-anchor="end">{hi:.3g}</text>'
@@ -392,7 +597,8 @@ def _token_table(rows, title, k):
 
 def feature_page(feat, cfg):
     """One feature's page body, from one record of interp.py's features.jsonl."""
-    layer, idx = int(feat["layer"]), int(feat["feature"])
+    layer = int(feat["layer"])
+    idx = int(feat["feature"])
     top = (feat.get("top_examples") or [])[: cfg.max_examples]
     amax = feat.get("max_act") or max((max(e["acts"], default=0.0) for e in top), default=0.0)
     hist = feat.get("hist") or {}
@@ -413,42 +619,208 @@ def feature_page(feat, cfg):
     return "".join(body)
 
 
+# -----------------------------------------------------------------------------
+# the feature index: a browser over every feature (rows in the HTML, a small script sorts and filters)
+
+# (key in the URL hash, header, "num" or "text": how it sorts, the direction of a first click)
+INDEX_COLUMNS = [("layer", "layer", "num", "asc"), ("feature", "feature", "num", "asc"),
+                 ("explanation", "explanation", "text", "asc"), ("tokens", "top tokens", "text", "asc"),
+                 ("density", "density", "num", "desc"), ("max_act", "max act", "num", "desc"),
+                 ("auroc", "detection AUROC", "num", "desc"), ("fuzzing", "fuzzing", "num", "desc"),
+                 ("concept", "best concept", "text", "asc"), ("f1", "concept F1", "num", "desc"),
+                 ("flags", "flags", "text", "desc")]
+
+INDEX_JS = """
+(function () {
+  var table = document.getElementById("features");
+  var body = table.tBodies[0];
+  var rows = Array.prototype.slice.call(body.rows);
+  var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  var layerBox = document.getElementById("layer");
+  var queryBox = document.getElementById("q");
+  var more = document.getElementById("more");
+  var PAGE = 1000;  // rows shown at once; "show more" adds as many
+  var limit = PAGE;
+
+  function state() {  // the view, from the URL's hash: sort, dir, layer, q
+    var p = new URLSearchParams(location.hash.slice(1));
+    return {sort: p.get("sort") || "", dir: p.get("dir") || "", layer: p.get("layer") || "", q: p.get("q") || ""};
+  }
+
+  function cellValue(row, i, numeric) {  // null sorts last whichever the direction
+    var text = row.cells[i].textContent.trim();
+    if (!numeric) return text === "" ? null : text.toLowerCase();
+    var v = parseFloat(text);
+    return isNaN(v) ? null : v;
+  }
+
+  function render() {
+    var s = state();
+    var col = heads.findIndex(function (th) { return th.dataset.key === s.sort; });
+    var dir = col < 0 ? "" : (s.dir || heads[col].dataset.dir);
+    var order = rows.slice();  // the file's order: layer, then feature
+    if (col >= 0) {
+      var numeric = heads[col].dataset.type === "num";
+      var sign = dir === "asc" ? 1 : -1;
+      var values = new Map(rows.map(function (r) { return [r, cellValue(r, col, numeric)]; }));
+      order.sort(function (a, b) {  // a stable sort: ties keep the file's order
+        var x = values.get(a);
+        var y = values.get(b);
+        if (x === y) return 0;
+        if (x === null) return 1;
+        if (y === null) return -1;
+        return x < y ? -sign : sign;
+      });
+    }
+    var words = s.q.toLowerCase().split(/\\s+/).filter(Boolean);
+    var matched = 0;
+    var fragment = document.createDocumentFragment();
+    order.forEach(function (r) {
+      var ok = (s.layer === "" || r.dataset.layer === s.layer) &&
+               words.every(function (w) { return r.dataset.q.indexOf(w) >= 0; });
+      r.hidden = !ok || matched >= limit;
+      matched += ok ? 1 : 0;
+      fragment.appendChild(r);
+    });
+    body.appendChild(fragment);
+    heads.forEach(function (th, i) { th.className = i === col ? dir : ""; });
+    if (layerBox.value !== s.layer) layerBox.value = s.layer;
+    if (queryBox.value !== s.q) queryBox.value = s.q;
+    document.getElementById("shown").textContent =
+      Math.min(matched, limit) + " of " + matched + " matching (" + rows.length + " features)";
+    more.hidden = matched <= limit;
+  }
+
+  function update(change) {  // a new view: into the hash (so a link reopens it), then drawn
+    var s = Object.assign(state(), change);
+    var p = new URLSearchParams();
+    Object.keys(s).forEach(function (k) { if (s[k] !== "") p.set(k, s[k]); });
+    history.replaceState(null, "", "#" + p.toString());
+    render();
+  }
+
+  heads.forEach(function (th) {
+    th.addEventListener("click", function () {
+      var s = state();
+      var current = s.dir || th.dataset.dir;
+      var dir = s.sort !== th.dataset.key ? th.dataset.dir : (current === "asc" ? "desc" : "asc");
+      update({sort: th.dataset.key, dir: dir});
+    });
+  });
+  layerBox.addEventListener("change", function () { update({layer: layerBox.value}); });
+  queryBox.addEventListener("input", function () { update({q: queryBox.value}); });
+  more.addEventListener("click", function () { limit += PAGE; render(); });
+  window.addEventListener("hashchange", render);
+  render();
+})();
+"""
+
+
+def _top_tokens(feat, n=5):
+    """The distinct firing tokens of a feature's max-activating examples, strongest first."""
+    seen = []
+    for ex in feat.get("top_examples") or []:
+        tok = ex["tokens"][ex["center"]] if ex.get("center") is not None else ""
+        if tok not in seen:
+            seen.append(tok)
+    return seen[:n]
+
+
+def index_row(feat, page, dense):
+    """One <tr> of the index: the columns of INDEX_COLUMNS; data-q holds the text the search looks in."""
+    tokens = _top_tokens(feat)
+    flags = " ".join(name for name, on in (("dead", not feat.get("n_fires", feat.get("density", 1))),
+                                           ("dense", (feat.get("density") or 0) > dense)) if on)
+    search = [str(feat.get("explanation") or "")] + tokens + [r["token"] for r in feat.get("promoted") or []]
+    name = f'<a href="{page}">{int(feat["feature"])}</a>' if page else str(int(feat["feature"]))
+    cells = [(str(int(feat["layer"])), "num"), (name, "num"), (html.escape(str(feat.get("explanation") or "")), ""),
+             (html.escape(" ".join(show_token(t) for t in tokens)), ""), (_fmt(feat.get("density")), "num"),
+             (_fmt(feat.get("max_act")), "num"), (_fmt(feat.get("detection_auroc")), "num"),
+             (_fmt(feat.get("fuzzing_bacc")), "num"), (_fmt(feat.get("concept")), ""),
+             (_fmt(feat.get("concept_f1")), "num"), (flags, "flag")]
+    tds = "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for v, c in cells)
+    query = html.escape(" ".join(search).lower(), quote=True)
+    return f'<tr data-layer="{int(feat["layer"])}" data-q="{query}">{tds}</tr>'
+
+
 def _image_data_uri(path):
     with open(path, "rb") as f:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
 
 
+def summary_html(summary, run_dir):
+    """interp.py's summary beside its plots: a few numbers, the per-layer counts, summary.png (inline)."""
+    numbers = []
+    if summary:
+        heads = [("train tokens", summary.get("n_train_tokens")), ("held-out tokens", summary.get("n_heldout_tokens")),
+                 (f"live features with detection AUROC >= {summary.get('detection_threshold')}",
+                  summary.get("share_live_detection_above"))]
+        c = summary.get("concepts")
+        if c:
+            heads.append((f"toy-world concepts ({c['families']}) recovered with F1 >= {c['f1_threshold']}",
+                          f"{c['recovered']} / {c['n']}"))
+        numbers += ["<h2>Summary</h2><table>"] + [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+                                                  for k, v in heads if v is not None] + ["</table>"]
+        if summary.get("per_layer"):
+            numbers += ["<h2>Per layer</h2>", _table(summary["per_layer"])]
+    plots = ""
+    if os.path.isfile(os.path.join(run_dir, "summary.png")):  # inline, so the page stays self-contained
+        uri = _image_data_uri(os.path.join(run_dir, "summary.png"))
+        plots = (f'<img alt="score distributions, densities and concept recovery" style="width:720px;max-width:100%" '
+                 f'src="{uri}">')
+    return f"<div class='cols'><div>{''.join(numbers)}</div><div>{plots}</div></div>"
+
+
+def index_page(rows, n_dead, n_dense, layers, summary, run_dir):
+    """The browser: headline, summary plots, the controls, the table of every feature, the script."""
+    head = "".join(f'<th data-key="{k}" data-type="{t}" data-dir="{d}">{html.escape(h)}</th>'
+                   for k, h, t, d in INDEX_COLUMNS)
+    options = "".join(f'<option value="{l}">layer {l}</option>' for l in layers)
+    return "".join([
+        f"<h1>Features: {len(rows) - n_dead} live, {n_dead} dead (no page), {n_dense} dense</h1>",
+        summary_html(summary, run_dir),
+        "<h2>All features</h2><p class='muted'>Click a column to sort by it (again to reverse); the search keeps "
+        "rows whose explanation or top tokens contain every word. The address bar keeps the view.</p>",
+        '<div class="controls"><select id="layer"><option value="">all layers</option>', options, "</select>",
+        '<input id="q" type="search" placeholder="search explanations and tokens">',
+        '<span id="shown" class="muted"></span></div>',
+        f'<table id="features"><thead><tr>{head}</tr></thead><tbody>', *rows, "</tbody></table>",
+        '<p><button id="more" hidden>show more</button></p>', f"<script>{INDEX_JS}</script>"])
+
+
 def draw_features(cfg):
     """Stream features.jsonl: a page per live feature (dead ones have nothing to show), then the index."""
+    if len(cfg.inputs) != 1:
+        raise ValueError(f"`viz.py features` takes interp.py's output folder, got {cfg.inputs}")
     run_dir = cfg.inputs[0]
     path = os.path.join(run_dir, "features.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path!r}; write it with `python interp.py --out {run_dir}`")
+    summary = {}
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    dense = cfg.dense if cfg.dense >= 0 else (summary.get("config") or {}).get("dense", DENSE)
     out = cfg.out or os.path.join(run_dir, "html")
     os.makedirs(out, exist_ok=True)
-    rows, n_dead = [], 0
+    rows = []
+    n_dead = 0
+    n_dense = 0
+    layers = set()
     with open(path, encoding="utf-8") as f:
         for line in tqdm(filter(str.strip, f), desc="feature pages"):
             feat = json.loads(line)
-            if not feat.get("n_fires", feat.get("density", 1)):
-                n_dead += 1
-                continue
-            name = feature_page_name(feat["layer"], feat["feature"])
-            _write_page(os.path.join(out, name), f"L{feat['layer']}/F{feat['feature']}", feature_page(feat, cfg))
-            cells = [f"<a href=\"{name}\">L{feat['layer']}/{feat['feature']}</a>",
-                     html.escape(str(feat.get("explanation") or ""))] + [_fmt(feat.get(k)) for k in INDEX_KEYS]
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    body = [f"<h1>Features: {len(rows)} live, {n_dead} dead (no page)</h1>"]
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            body += ["<h2>Summary</h2>", _table(json.load(f))]
-    if os.path.isfile(os.path.join(run_dir, "summary.png")):  # inline, so the page stays self-contained
-        uri = _image_data_uri(os.path.join(run_dir, "summary.png"))
-        body.append(f'<p><img alt="summary" style="max-width:100%" src="{uri}"></p>')
-    head = "".join(f"<th>{k}</th>" for k in ("feature", "explanation") + INDEX_KEYS)
-    body += ["<h2>All live features</h2><table><tr>", head, "</tr>", *rows, "</table>"]
-    _write_page(os.path.join(out, "index.html"), "Features", "".join(body))
-    print(f"wrote {len(rows)} feature pages and index.html to {out}")
+            layers.add(int(feat["layer"]))
+            page = None
+            if feat.get("n_fires", feat.get("density", 1)):
+                page = feature_page_name(feat["layer"], feat["feature"])
+                write_page(os.path.join(out, page), f"L{feat['layer']}/F{feat['feature']}", feature_page(feat, cfg))
+            n_dead += page is None
+            n_dense += (feat.get("density") or 0) > dense
+            rows.append(index_row(feat, page, dense))
+    write_page(os.path.join(out, "index.html"), "Features", index_page(rows, n_dead, n_dense, sorted(layers),
+                                                                       summary, run_dir))
+    print(f"wrote {len(rows) - n_dead} feature pages and index.html to {out}")
     return os.path.join(out, "index.html")
 
 
@@ -469,9 +841,16 @@ def load_metrics(run_dir):
 
 def _series(rows, key):
     """(steps, values) of the rows that have `key` ("eval.ce_spliced" reads a nested dict)."""
-    get = lambda r: r.get(key) if "." not in key else (r.get(key.split(".")[0]) or {}).get(key.split(".")[1])
-    pts = [(r["step"], get(r)) for r in rows if get(r) is not None]
+    pts = [(r["step"], _metric(r, key)) for r in rows if _metric(r, key) is not None]
     return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _metric(row, key):
+    """row[key], or row["eval"]["ce_spliced"] for the key "eval.ce_spliced"; None where it is missing."""
+    if "." not in key:
+        return row.get(key)
+    outer, inner = key.split(".")
+    return (row.get(outer) or {}).get(inner)
 
 
 def _panel(ax, rows, keys, title, logy=False):
@@ -517,16 +896,20 @@ def _final(rows, key, last=10):
 
 def draw_train(cfg):
     """Per run: one PNG per panel in <run>/plots (or --out/<run name>); then the L0-vs-FVU frontier."""
-    written, points = [], []
+    if not cfg.inputs:
+        raise ValueError("`viz.py train` takes one or more train.py run folders, e.g. python viz.py train runs/clt")
+    written = []
+    points = []  # (run name, final L0, final FVU)
     for run in cfg.inputs:
-        rows, name = load_metrics(run), os.path.basename(os.path.normpath(run))
+        rows = load_metrics(run)
+        name = os.path.basename(os.path.normpath(run))
         out = os.path.join(cfg.out, name) if cfg.out else os.path.join(run, "plots")
         os.makedirs(out, exist_ok=True)
         for fname, title, keys, logy in TRAIN_PANELS:
             fig = Figure(figsize=(6.4, 4))
             fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)  # fixed: "tight" draws twice
             if _panel(fig.subplots(), rows, keys, f"{title} ({name})", logy):
-                fig.savefig(os.path.join(out, f"{fname}.png"), dpi=cfg.dpi)
+                save_figure(fig, os.path.join(out, f"{fname}.png"), cfg.dpi)
                 written.append(os.path.join(out, f"{fname}.png"))
         points.append((name, _final(rows, "l0"), _final(rows, "fvu")))
     pts = sorted((p for p in points if not math.isnan(p[1] + p[2])), key=lambda p: p[1])
@@ -540,10 +923,10 @@ def draw_train(cfg):
            title="sparsity vs reconstruction: lower left is better", xscale="log", yscale="log")
     ax.grid(alpha=0.3, which="both")
     for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not 4x10^0
-        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
     frontier = os.path.join(cfg.out or os.path.join(cfg.inputs[0], "plots"), "frontier.png")
-    fig.savefig(frontier, dpi=cfg.dpi)
+    save_figure(fig, frontier, cfg.dpi)
     print(f"wrote {len(written)} plots and {frontier}")
     return written + [frontier]
 
@@ -551,33 +934,15 @@ def draw_train(cfg):
 # -----------------------------------------------------------------------------
 # main
 
-
-HELP = {  # --help text of every VizConfig field; the flag is the field name with dashes
-    "out": "output folder; default beside the input (graph dir, <interp>/html, <run>/plots)",
-    "features": "graph: folder of feature pages to link nodes to; default <graph dir>/../interp/html",
-    "max_nodes": "graph: feature and error nodes drawn, most influential first (+ every embedding, logit)",
-    "max_edges": "graph: edges drawn, strongest |weight| first",
-    "label_chars": "graph: characters of a feature's explanation shown in its node",
-    "cell_width": "graph: nodes side by side in one (layer, position) cell before it wraps",
-    "max_examples": "features: max-activating examples shown per page",
-    "top_tokens": "features: promoted / suppressed tokens and input n-grams shown per page",
-    "dpi": "train: resolution of the PNGs"}
+COMMANDS = {"graph": GraphConfig, "features": FeaturesConfig, "train": CurvesConfig}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["graph", "features", "train"], help="which picture to draw")
-    parser.add_argument("inputs", nargs="+", help="graph: a graph.json; features: interp's dir; train: run dir(s)")
-    for f in fields(VizConfig):
-        if f.name in HELP:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default, help=HELP[f.name])
-    args = parser.parse_args(argv)
-    print(vars(args))
-    cfg = VizConfig(**vars(args))
-    if cfg.kind == "graph" and len(cfg.inputs) != 1:
-        raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
-    return {"graph": draw_graph, "features": draw_features, "train": draw_train}[cfg.kind](cfg)
+    command, cfg = parse_config(__doc__, COMMANDS, argv)
+    print(command, asdict(cfg))
+    draw = {"graph": draw_graph, "features": draw_features, "train": draw_train}[command]
+    return draw(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

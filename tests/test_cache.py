@@ -230,11 +230,16 @@ def test_overwrite_and_a_different_model(env, tmp_path):
 # reader: shuffling, rank shares, in-order chunks
 
 
+def small_units(c):
+    """The same cache, read with 2 units of 64 rows (128 rows) per shuffle window."""
+    return cache.ActivationCache(c.path, unit_rows=64, window_mb=0.02)
+
+
 def rows_of(c, **kw):
-    return [r.numpy() for _, _, r in c.batches(return_rows=True, **kw)]
+    return [rows.ids.numpy() for rows in small_units(c).batches(**kw)]
 
 
-SHUF = dict(batch_size=50, epochs=1, unit_rows=64, window_mb=0.02)  # 2 units (128 rows) per window
+SHUF = dict(batch_size=50, epochs=1)
 
 
 def test_rank_shares_are_disjoint_equal_and_cover(int8_cache):
@@ -273,18 +278,21 @@ def test_shuffle_is_deterministic_per_seed_and_resumable(int8_cache):
 
 def test_batches_hold_the_rows_they_name(int8_cache):
     _, c = int8_cache
-    x_in, x_out, rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02))
+    raw = next(small_units(c).batches(32, seed=0))  # the stored rows themselves
+    x_in, x_out = c.dequantize(raw)
+    rows = raw.ids
     r_in, r_out, *_ = c.read(0, c.n_tokens)
     assert x_in.shape == (32, 2, 32) and torch.equal(x_in, r_in[rows]) and torch.equal(x_out, r_out[rows])
-    raw = next(c.batches(32, seed=0, unit_rows=64, window_mb=0.02, raw=True))  # the stored rows themselves
-    assert raw["mlp_in"].dtype == torch.int8 and torch.equal(raw["rows"], rows)
-    assert all(torch.equal(a, b) for a, b in zip(c.dequantize_batch(raw), (x_in, x_out)))
+    assert raw.mlp_in.dtype == torch.int8 and torch.equal(raw.ids, rows)
+    assert all(torch.equal(a, b) for a, b in zip(c.dequantize(raw), (x_in, x_out)))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:  # device=...: the stored int8 rows move there and are dequantized there
-        y_in, y_out, y_rows = next(c.batches(32, seed=0, return_rows=True, unit_rows=64, window_mb=0.02, device=dev))
+        y_raw = next(small_units(c).batches(32, seed=0))
+        y_in, y_out = c.dequantize(y_raw, dev)
+        y_rows = y_raw.ids
         assert y_in.device.type == dev and torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
     before = set(threading.enumerate())
-    stream = c.batches(32, seed=0, unit_rows=64, window_mb=0.02)  # endless; stopping it stops its threads
+    stream = small_units(c).batches(32, seed=0)  # endless; stopping it stops its threads
     next(stream)
     assert set(threading.enumerate()) - before
     stream.close()
@@ -293,8 +301,8 @@ def test_batches_hold_the_rows_they_name(int8_cache):
         time.sleep(0.05)
     assert not any(t.is_alive() for t in set(threading.enumerate()) - before)
     assert c.batches_per_epoch(100, split="heldout") == 3
-    endless = c.batches(100, seed=0, split="heldout", return_rows=True)  # epochs=None: endless
-    rows = [r for _, (_, _, r) in zip(range(9), endless)]
+    endless = c.batches(100, seed=0, split="heldout")  # epochs=None: endless
+    rows = [b.ids for _, b in zip(range(9), endless)]
     assert len(rows) == 9 and all(np.array_equal(np.sort(np.concatenate(rows[i:i + 3])), np.arange(2700, 3000))
                                   for i in (0, 3, 6))  # each epoch: every held-out row once
 

@@ -1,8 +1,12 @@
-"""The README's main job, end to end at reduced size: cache -> train -> interp -> graph -> pictures."""
+"""The README's main job, end to end at reduced size: cache -> train -> interp -> graph -> pictures;
+and the demo's last lines, which name only files that were written."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,6 +21,28 @@ def test_demo_small_runs_end_to_end(tmp_path):
         assert (out / path).exists(), path
     graph = json.loads((out / "graph" / "graph.json").read_text())
     assert any(n["feature_type"] == "logit" for n in graph["nodes"]) and graph["links"]
-    if subprocess.run(["which", "dot"], capture_output=True).returncode == 0:
+    if shutil.which("dot") is not None:
         assert (out / "graph" / "graph.png").stat().st_size > 10_000
     assert "feature pages:" in proc.stdout and "attribution graph:" in proc.stdout
+    for line in proc.stdout.splitlines()[-3:]:  # every path the demo ends with exists
+        assert os.path.exists(line.split()[2]), line
+
+
+def test_report_names_only_what_was_written(tmp_path):
+    (tmp_path / "graph").mkdir()
+    (tmp_path / "graph" / "graph.html").write_text("<p>nodes</p>")
+    (tmp_path / "interp" / "html").mkdir(parents=True)
+    (tmp_path / "interp" / "html" / "index.html").write_text("<p>index</p>")
+    without_dot = "\n".join(demo.report(str(tmp_path)))
+    assert "graph.png" not in without_dot and "apt-get install graphviz" in without_dot
+    assert "index.html" in without_dot and "plots" not in without_dot  # no training curves were drawn
+    (tmp_path / "graph" / "graph.png").write_bytes(b"png")
+    with_dot = demo.report(str(tmp_path))
+    assert with_dot[0] == f"attribution graph: {tmp_path / 'graph' / 'graph.png'} " \
+                          f"(linked page: {tmp_path / 'graph' / 'graph.html'})"
+
+
+def test_small_sizes_yield_to_explicit_flags():
+    assert demo.sized(demo.DemoConfig(small=True)).tokens == demo.SMALL["tokens"]
+    assert demo.sized(demo.DemoConfig(small=True, tokens=5000)).tokens == 5000
+    assert demo.sized(demo.DemoConfig()).tokens == demo.DemoConfig.tokens

@@ -153,3 +153,40 @@ def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
     model = clt.GPT.from_pretrained("gpt2")
     assert calls == [("gpt2", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])]
     assert model.config.n_layer == 2
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n_head=5), "n_head=5 must divide n_embd=64"),
+    (dict(n_positions=1e6), "n_ctx must be a positive integer, got 1000000.0"),
+    (dict(n_positions=10 ** 8), "parameters, far more than any GPT-2"),
+    (dict(n_layer=None), r"lacks \['n_layer'\]"),
+])
+def test_a_wrong_config_fails_in_one_line_before_allocating(hf_dir, tmp_path, change, match):
+    hf = json.loads((hf_dir[0] / "config.json").read_text())
+    hf.update(change)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+    (tmp_path / "model.safetensors").write_bytes((hf_dir[0] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=match):
+        clt.GPT.from_pretrained(tmp_path)
+
+
+def test_a_path_typo_names_the_path_not_a_hub_error(monkeypatch):
+    def unreachable_hub(repo_id, allow_patterns):  # what huggingface_hub raises offline for an unknown id
+        raise OSError("LocalEntryNotFoundError: cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(clt, "snapshot_download", unreachable_hub)
+    with pytest.raises(FileNotFoundError, match="'models/tinyx' is neither a local directory"):
+        clt.GPT.from_pretrained("models/tinyx")
+    with pytest.raises(FileNotFoundError, match="check the path"):
+        clt.load_tokenizer("models/tinyx")
+
+
+def test_forward_and_run_with_acts_agree_and_logits_false_gives_the_same_acts(hf_dir):
+    model = clt.GPT.from_pretrained(hf_dir[0])
+    idx = torch.randint(0, 300, (2, 12))
+    logits, acts = model.run_with_acts(idx)
+    none, acts_only = model.run_with_acts(idx, logits=False)
+    assert none is None and acts_only.frozen.ln_f is None and acts.frozen.ln_f.shape == (2, 12, 1)
+    torch.testing.assert_close(model(idx), logits, atol=0, rtol=0)
+    torch.testing.assert_close(acts_only.mlp_in, acts.mlp_in, atol=0, rtol=0)
+    torch.testing.assert_close(acts_only.mlp_out, acts.mlp_out, atol=0, rtol=0)

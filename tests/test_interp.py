@@ -3,6 +3,7 @@ logit effects against a direct computation, bad input, and the outputs of a run 
 import json
 import os
 import random
+import subprocess
 import sys
 from collections import Counter
 
@@ -12,24 +13,20 @@ import torch
 
 import cache
 import interp
-from clt import ENDOFTEXT, GPT, CLTConfig, CrossLayerTranscoder, GPTConfig, bytes_to_unicode, layer_norm, load_tokenizer
+from clt import ENDOFTEXT, GPT, CLTConfig, CrossLayerTranscoder, layer_norm, load_tokenizer
+from conftest import write_hub_model
 
-L, D, F, CTX = 2, 32, 16, 16
+L = 2
+D = 32
+F = 16
+CTX = 16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = list(range(64, 84))  # the token ids of "a".."t": GPT-2's byte order puts "!" (33) at 0
 
 
 def byte_model(path, seed=0):
     """A random 2-layer GPT with GPT-2's byte-level tokenizer and no merges (V = 257), saved in the hub layout."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=257))
-    model.save_pretrained(path)
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    vocab[ENDOFTEXT] = 256
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return model.eval(), load_tokenizer(path)
+    return write_hub_model(path, seed=seed, n_layer=L, n_embd=D)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,9 @@ class FakeCache:
     """The part of cache.ActivationCache that interp reads, over in-memory rows."""
 
     def __init__(self, mlp_in, tok, doc, pos, n_train):
-        self.rows, self.n_train, self.N = (mlp_in, tok, doc, pos), n_train, len(tok)
+        self.rows = (mlp_in, tok, doc, pos)
+        self.n_train = n_train
+        self.N = len(tok)
 
     def split_range(self, split):
         return {"train": (0, self.n_train), "heldout": (self.n_train, self.N), "all": (0, self.N)}[split]
@@ -102,7 +101,9 @@ def window(c, r, l, f, acts, before, after):
 
 def test_statistics_match_brute_force(gpt):
     model, enc = gpt
-    c, clt, cfg = synthetic(), constructed_clt(), small_cfg()
+    c = synthetic()
+    clt = constructed_clt()
+    cfg = small_cfg()
     stats, *_ = interp.analyze(model, enc, clt, c, cfg)
     mlp_in, tok, doc, pos = (x[:c.n_train] for x in c.rows)
     acts = clt.encode(mlp_in).detach()  # (N, L, F): affordable here, never in interp
@@ -118,7 +119,8 @@ def test_statistics_match_brute_force(gpt):
             col = acts[:, l, f]
             vals, rows = col.sort(descending=True)
             n = min(cfg.top_k, int(fire[:, l, f].sum()))
-            m, top = l * F + f, stats.top
+            m = l * F + f
+            top = stats.top
             got = top["act"][m][top["key"][m] > 0]
             torch.testing.assert_close(got, vals[:n])
             if n and vals[:n + 1].unique().numel() == min(n + 1, len(vals)):  # no ties: the rows are determined
@@ -134,7 +136,8 @@ def test_statistics_match_brute_force(gpt):
                 r = ((doc == d_) & (pos == p_)).nonzero().flatten()
                 assert a_.item() > 0 and any(acts[j, l, f].item() == a_.item() for j in r)
             # token and bigram counts where the feature fires, against Counter
-            G, base = stats.gram_space, stats.base
+            G = stats.gram_space
+            base = stats.base
             r = fire[:, l, f].nonzero().flatten()
             uni = Counter(tok[r].tolist())
             bi = Counter((tok[j - 1].item(), tok[j].item()) for j in r.tolist()
@@ -148,7 +151,9 @@ def test_statistics_match_brute_force(gpt):
 
 def test_quantile_examples_and_histogram(gpt):
     model, enc = gpt
-    c, clt, cfg = synthetic(), constructed_clt(), small_cfg()
+    c = synthetic()
+    clt = constructed_clt()
+    cfg = small_cfg()
     stats, *_ = interp.analyze(model, enc, clt, c, cfg)
     ex = interp.examples(stats.sampled, 1, enc, cfg.before, n=3)
     assert len(ex) == 3 and [e["act"] for e in ex] == sorted((e["act"] for e in ex), reverse=True)
@@ -166,7 +171,8 @@ class TokenLabels:
     """A stand-in for ConceptLabels: one concept per letter, true on that letter's tokens."""
 
     def __init__(self, c):
-        self.tok, self.names = c.rows[1][c.n_train:], [chr(t + 33) for t in LETTERS]
+        self.tok = c.rows[1][c.n_train:]
+        self.names = [chr(t + 33) for t in LETTERS]
 
     def rows(self, lo, hi, device):
         t = self.tok[lo:hi] - LETTERS[0]
@@ -177,7 +183,9 @@ class TokenLabels:
 
 def test_detection_one_token_vs_random(gpt):
     model, enc = gpt
-    c, clt, cfg = synthetic(n_docs=600), constructed_clt(), small_cfg()
+    c = synthetic(n_docs=600)
+    clt = constructed_clt()
+    cfg = small_cfg()
     stats, expl, _, scorer, _ = interp.analyze(model, enc, clt, c, cfg)
     assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith('fires on "d" | promotes')
     auroc, det_bacc, fuzz_bacc = scorer.results()
@@ -192,13 +200,15 @@ def test_detection_one_token_vs_random(gpt):
         score = torch.zeros(len(tok))  # the predictor: rank of the matched n-gram, most precise first
         for t, g in enumerate(expl[m]["keys"]):
             score[(keys == g).any(1)] = len(expl[m]["keys"]) - t
-        pos_s, neg_s = score[fire[:, m]], score[~fire[:, m]]
+        pos_s = score[fire[:, m]]
+        neg_s = score[~fire[:, m]]
         if len(pos_s) and len(neg_s):
             u = (pos_s[:, None] > neg_s).double().mean() + 0.5 * (pos_s[:, None] == neg_s).double().mean()
             assert abs(auroc[m] - u) < 1e-9
     # concept scores against known labels: feature 0 is the concept "d" exactly
     scorer = interp.Scorer(expl, L, F, stats.base, stats.gram_space, len(LETTERS), cfg)
-    labels, row = TokenLabels(c), 0
+    labels = TokenLabels(c)
+    row = 0
     for p in interp.padded_chunks(clt, c, "heldout", cfg):
         scorer.update(p, labels.rows(row, row + p.hi - p.lo, "cpu"))
         row += p.hi - p.lo
@@ -211,7 +221,8 @@ def test_detection_one_token_vs_random(gpt):
 def test_choose_ngrams_greedy_f1():
     base = 10  # keys with digits: gram (a, b) = (b + 1) + (a + 1) * 10
     grams = np.array([2, 2 + 10 * 4, 5, 7])  # "1", "3 1" (nested in "1"), "4", "6"
-    c, C = np.array([6, 6, 4, 1]), np.array([6, 6, 4, 50])
+    c = np.array([6, 6, 4, 1])
+    C = np.array([6, 6, 4, 50])
     # "1" (6 of 6) and "4" (4 of 4) cover all 10 firings exactly; "3 1" adds nothing; "6" only hurts
     assert interp.choose_ngrams(grams, c, C, 10, 4, base) == [0, 2]
     assert interp.choose_ngrams(grams, c, C, 10, 1, base) == [0]
@@ -265,8 +276,9 @@ def real(tmp_path_factory):
     cache.build_cache(cache.CacheConfig(model=str(root / "model"), corpus=str(root / "corpus.txt"), tokens=2048,
                                         ctx=32, dtype="fp16", out=str(root / "cache"), heldout=0.25,
                                         shard_tokens=1024, batch_size=8, device="cpu"))
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(root / "model")), seed=0)
-    clt.save_pretrained(str(root / "clt"))
+    sha = GPT.from_pretrained(str(root / "model")).fingerprint()  # recorded as train.py records it
+    config = CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(root / "model"), model_sha256=sha)
+    CrossLayerTranscoder(config, seed=0).save_pretrained(str(root / "clt"))
     return root
 
 
@@ -294,13 +306,14 @@ def test_run_writes_features_and_summary(real):
 def test_bad_input(real, tmp_path):
     base = dict(clt=str(real / "clt"), cache=str(real / "cache"), out=str(tmp_path / "o"))
     byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
-    with pytest.raises(ValueError, match="not by the model given"):
+    with pytest.raises(ValueError, match="made by model .* was made from another model than"):
         interp.load_inputs(small_cfg(model=str(tmp_path / "other"), **base))
     wrong = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(tmp_path / "other")))
     wrong.save_pretrained(str(tmp_path / "clt_other"))
     with pytest.raises(ValueError, match="trained on model"):
         interp.load_inputs(small_cfg(**dict(base, clt=str(tmp_path / "clt_other"))))
-    model, enc = GPT.from_pretrained(str(real / "model")), load_tokenizer(str(real / "model"))
+    model = GPT.from_pretrained(str(real / "model"))
+    enc = load_tokenizer(str(real / "model"))
     clt = CrossLayerTranscoder.from_pretrained(str(real / "clt"))
     c = synthetic(n_docs=20)
     empty = FakeCache(*(x[:0] for x in c.rows), n_train=0)
@@ -311,6 +324,44 @@ def test_bad_input(real, tmp_path):
         interp.analyze(model, enc, clt, no_heldout, small_cfg())
     with pytest.raises(ValueError, match="chunk_size"):
         interp.InterpConfig(chunk_size=4)
+
+
+def test_killed_run_leaves_the_old_outputs_whole(real, tmp_path, monkeypatch):
+    """A run that dies while writing features.jsonl leaves the previous file as it was, no partial one."""
+    out = tmp_path / "interp"
+    out.mkdir()
+    (out / "features.jsonl").write_text('{"old": 1}\n')
+    written = []
+
+    def dies_on_the_fifth_feature(*args, **kw):
+        written.append(1)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # what a kill during the write looks like from inside
+        return []
+
+    monkeypatch.setattr(interp, "examples", dies_on_the_fifth_feature)
+    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        interp.run(cfg)
+    assert (out / "features.jsonl").read_text() == '{"old": 1}\n'
+    assert sorted(os.listdir(out)) == ["features.jsonl"]  # no temporary file, no summary of a run that died
+
+
+def test_clt_of_another_model_is_refused(real, tmp_path):
+    """A CLT whose recorded fingerprint is another model's: exit status 1, one line naming the fix."""
+    other, _ = byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
+    config = CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(real / "model"),  # the name even matches
+                       model_sha256=other.fingerprint())
+    CrossLayerTranscoder(config).save_pretrained(str(tmp_path / "clt"))
+    out = tmp_path / "interp"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "interp.py"), "--model", str(real / "model"),
+                           "--clt", str(tmp_path / "clt"), "--cache", str(real / "cache"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("error: the CLT")
+    assert "made from another model" in message[0] and "pass the --model it was made from" in message[0]
+    assert not out.exists()  # refused before anything was written
 
 
 def test_concept_labels_follow_the_labeler(gpt):
@@ -336,8 +387,11 @@ def test_concept_labels_follow_the_labeler(gpt):
 
 def test_near_firing_brute_force():
     g = torch.Generator().manual_seed(0)
-    fire, doc = torch.rand(60, 5, generator=g) > 0.9, torch.arange(60) // 7
-    lo, hi, w = 6, 56, 3
+    fire = torch.rand(60, 5, generator=g) > 0.9
+    doc = torch.arange(60) // 7
+    lo = 6
+    hi = 56
+    w = 3
     near = interp.near_firing(fire, doc, w, lo, hi)
     for i in range(lo, hi):
         want = [any(fire[j, f] and doc[j] == doc[i] for j in range(i - w, i + w + 1) if 0 <= j < 60) for f in range(5)]

@@ -81,7 +81,8 @@ def test_shipped_world_is_the_generated_one(world):
 def labels_of(text, enc, world, span):
     """The union of the labels of the tokens that cover text[span]."""
     start, end = span
-    out, pos = [], 0
+    out = []
+    pos = 0
     for i, labs in zip(enc.encode(text), tiny.label_tokens(text, enc, world)):
         nxt = pos + len(enc.decode_single_token_bytes(i))
         if pos < end and start < nxt and text[pos:nxt].strip():
@@ -110,14 +111,16 @@ def test_labels_match_templates(world, enc):
 def test_labels_ioi_and_two_hop(world, enc):
     text = "When Mira and Joss went to the market, Joss gave a pear to Mira."
     text = text.replace("Mira", world.people[0]["name"]).replace("Joss", world.people[1]["name"])
-    io, subj = world.people[0]["name"], world.people[1]["name"]
+    io = world.people[0]["name"]
+    subj = world.people[1]["name"]
     starts = [text.index(io), text.index(subj), text.rindex(subj), text.rindex(io)]
     want = [{"role:io"}, {"role:s1"}, {"role:s2"}, {"role:io", "role:answer"}]
     for start, (name, roles) in zip(starts, zip([io, subj, subj, io], want)):
         for labs in labels_of(text, enc, world, (start, start + len(name))):
             assert {lab for lab in labs if lab.startswith("role:")} == roles, (name, labs)
     person = world.people[0]
-    city, country = person["home"], world.lookup["city"][person["home"]]["country"]
+    city = person["home"]
+    country = world.lookup["city"][person["home"]]["country"]
     text = f"{person['name']} lives in {city}. The language {person['name']} speaks is"
     c = text.index(city)
     for labs in labels_of(text, enc, world, (c, c + len(city))):

@@ -130,7 +130,10 @@ def check_page(path):
 
 def parse_dot(source):
     """(visible node ids -> attribute text, visible edges {(a, b): attrs}, {row subgraph: [node ids]})."""
-    nodes, edges, rows, row = {}, {}, {}, None
+    nodes = {}
+    edges = {}
+    rows = {}
+    row = None
     for line in source.splitlines():
         if m := re.match(r"\s*subgraph (\w+) \{", line):
             row = m.group(1)
@@ -155,7 +158,7 @@ def parse_dot(source):
 
 def test_dot_nodes_edges_ranks():
     graph = make_graph()
-    g = viz.build_dot(graph, viz.VizConfig())
+    g = viz.build_dot(graph, viz.GraphConfig())
     nodes, edges, rows = parse_dot(g.source)
     assert set(nodes) == {n["node_id"] for n in graph["nodes"]}
     assert set(edges) == {(l["source"], l["target"]) for l in graph["links"]}
@@ -172,19 +175,19 @@ def test_dot_nodes_edges_ranks():
     assert viz.POS_COLOR in edges["0_5_1", "1_3_2"] and viz.NEG_COLOR in edges["E_102_2", "1_3_2"]
     widths = {e: float(re.search(r"penwidth=([\d.]+)", a).group(1)) for e, a in edges.items()}
     assert max(widths, key=widths.get) == ("1_3_2", "3_42_2") and min(widths, key=widths.get) == ("0_7_2", "1_3_2")
-    size = lambda n: float(re.search(r"width=([\d.]+)", nodes[n]).group(1))
-    assert size("1_3_2") > size("0_5_1") > size("0_7_2") > size("0_-1_2")  # by influence_raw
+    size = {n: float(re.search(r"width=([\d.]+)", a).group(1)) for n, a in nodes.items()}
+    assert size["1_3_2"] > size["0_5_1"] > size["0_7_2"] > size["0_-1_2"]  # by influence_raw
 
 
 def test_max_nodes_and_edges_prune_the_weakest():
-    g = viz.build_dot(make_graph(), viz.VizConfig(max_nodes=2, max_edges=2))
+    g = viz.build_dot(make_graph(), viz.GraphConfig(max_nodes=2, max_edges=2))
     nodes, edges, _ = parse_dot(g.source)
     assert {n for n in nodes if not n.startswith(("E_", "3_"))} == {"1_3_2", "0_5_1"}  # embeddings/logits always
     assert set(edges) == {("1_3_2", "3_42_2"), ("0_5_1", "1_3_2")}
 
 
 def test_crowded_cells_wrap_onto_more_ranks():
-    _, _, rows = parse_dot(viz.build_dot(make_graph(), viz.VizConfig(cell_width=1)).source)
+    _, _, rows = parse_dot(viz.build_dot(make_graph(), viz.GraphConfig(cell_width=1)).source)
     members = [{n for n in ids if not n.startswith(("rowlabel_", "cell_", "legend"))} for ids in rows.values()]
     assert members[1:3] == [{"0_5_1", "0_7_2"}, {"0_-1_2"}]  # layer 0, its most influential node per cell first
 
@@ -194,15 +197,27 @@ def test_dot_layout_is_a_grid():
     """Rows bottom to top in layer order; within a row, x follows the token position; a position's
     first node sits straight above the one below it (same x) in every row."""
     graph = make_graph()
-    pos = viz.dot_positions(viz.build_dot(graph, viz.VizConfig(), links=False))
+    pos = viz.dot_positions(viz.build_dot(graph, viz.GraphConfig(), links=False))
     rows = [["E_100_0", "E_101_1", "E_102_2"], ["0_5_1", "0_-1_2"], ["cell_2_1", "1_3_2"], ["3_42_2"]]
     ys = [pos[r[0]][1] for r in rows]
     assert ys == sorted(ys) and len(set(ys)) == 4
     for r in rows:
         assert len({pos[n][1] for n in r}) == 1 and [pos[n][0] for n in r] == sorted(pos[n][0] for n in r)
-    x = lambda n: pos[n][0]
-    assert abs(x("E_101_1") - x("0_5_1")) < 1 and abs(x("0_5_1") - x("cell_2_1")) < 1
-    assert abs(x("E_102_2") - x("1_3_2")) < 1 and abs(x("1_3_2") - x("3_42_2")) < 1
+    x = {n: p[0] for n, p in pos.items()}
+    assert abs(x["E_101_1"] - x["0_5_1"]) < 1 and abs(x["0_5_1"] - x["cell_2_1"]) < 1
+    assert abs(x["E_102_2"] - x["1_3_2"]) < 1 and abs(x["1_3_2"] - x["3_42_2"]) < 1
+
+
+@needs_dot
+def test_angle_brackets_in_text_stay_text():
+    """A token like <|endoftext|> in a label or tooltip is text, not one of graphviz's HTML-like labels."""
+    graph = make_graph()
+    nodes = {n["node_id"]: n for n in graph["nodes"]}
+    nodes["E_100_0"]["clerp"] = "<|endoftext|>"  # graph.py names an embedding node by its token
+    nodes["0_5_1"]["clerp"] = "<|endoftext|> then <b>"
+    g = viz.build_dot(graph, viz.GraphConfig(), links=False)
+    assert "E_100_0" in viz.dot_positions(g)  # dot parses it
+    assert 'tooltip="L0/5 at position 1, activation 2\\n<|endoftext|> then <b>"' in g.source
 
 
 @needs_dot
@@ -226,6 +241,22 @@ def test_graph_without_dot_writes_the_dot_file(tmp_path, monkeypatch, capsys):
     viz.main(["graph", str(path)])
     assert (path.parent / "graph.dot").exists() and not (path.parent / "graph.svg").exists()
     assert "apt-get install graphviz" in capsys.readouterr().out
+    page = check_page(path.parent / "graph.html")  # the nodes are still listed, and say how to get the picture
+    assert "<svg" not in page and "apt-get install graphviz" in page and "says a city" in page
+
+
+def test_graph_page_lists_nodes_by_influence(tmp_path, monkeypatch):
+    path = write_graph(tmp_path)
+    pages = tmp_path / "interp" / "html"
+    pages.mkdir(parents=True)
+    (pages / "L1_F3.html").write_text("<p>page</p>")
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)  # the table does not need graphviz
+    viz.main(["graph", str(path)])
+    page = check_page(path.parent / "graph.html")
+    table = page[page.index("<h2>Nodes"):]
+    order = [table.index(name) for name in ("L1/3", "L0/5", "L0/7", "err L0")]  # by influence_raw
+    assert order == sorted(order)
+    assert '<a href="../interp/html/L1_F3.html">L1/3</a>' in table and "L0_F5.html" not in table
 
 
 def test_bad_graph_input(tmp_path):
@@ -276,7 +307,8 @@ def test_feature_pages_reject_mismatched_examples(tmp_path):
 
 
 def test_train_plots_and_frontier(tmp_path):
-    a, b = write_metrics(tmp_path / "a", l0=8.0, fvu=0.2), write_metrics(tmp_path / "b", l0=32.0, fvu=0.05)
+    a = write_metrics(tmp_path / "a", l0=8.0, fvu=0.2)
+    b = write_metrics(tmp_path / "b", l0=32.0, fvu=0.05)
     written = viz.main(["train", str(a), str(b), "--out", str(tmp_path / "plots"), "--dpi", "50"])
     names = {os.path.relpath(p, tmp_path / "plots") for p in written}
     panels = {"loss", "fvu", "l0", "dead", "spliced", "recovered"}
@@ -297,7 +329,8 @@ def test_train_plots_and_frontier(tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("dot") is None,
                     reason="needs chromium and graphviz `dot`")
 def test_screenshots_are_not_blank(tmp_path):
-    path, run = write_graph(tmp_path), write_interp(tmp_path)
+    path = write_graph(tmp_path)
+    run = write_interp(tmp_path)
     viz.main(["features", str(run)])
     viz.main(["graph", str(path)])
     for page in (run / "html" / "L0_F5.html", path.parent / "graph.html"):
@@ -309,3 +342,169 @@ def test_screenshots_are_not_blank(tmp_path):
         img = imread(png)
         assert img.shape[:2] == (900, 1200)
         assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50, f"{page} looks blank"
+
+
+# -----------------------------------------------------------------------------
+# the feature browser (index.html) in a real browser, when Chromium is installed
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="headless Chromium is not installed (apt-get install chromium)")
+
+
+def write_browser_interp(tmp_path):
+    """Nine features over three layers: "capital" in some explanations, in one's top tokens only, in
+    another's case; one dead, one dense, one without an AUROC. Returns (run dir, their (layer, feature))."""
+    run = tmp_path / "interp"
+    run.mkdir()
+    spec = [  # layer, feature, explanation, detection AUROC, density
+        (0, 0, 'fires on " capital" | promotes " Tes"', 0.95, 0.02), (0, 1, "dead", None, 0.0),
+        (0, 2, 'fires on " the" | promotes " of"', 0.6, 0.05), (0, 3, 'fires on " city" | promotes " is"', 0.7, 0.01),
+        (1, 0, 'fires on " capital", " of" | promotes " Tes"', 0.99, 0.03),
+        (1, 1, 'fires on " capital" | promotes " Rig"', None, 0.001),
+        (1, 2, 'fires on no frequent n-gram | promotes " the"', 0.55, 0.5),
+        (2, 0, 'fires on " Capital" | promotes " Tes"', 0.8, 0.04),
+        (2, 1, 'fires on " sat" | promotes " on"', 0.9, 0.02)]
+    rows = []
+    for layer, f, text, auroc, density in spec:
+        rec = feature(layer, f, n_fires=int(density * 1000))
+        rec.update(explanation=text, detection_auroc=auroc, density=density)
+        if (layer, f) == (0, 3):  # "capital" only in its top tokens
+            rec["top_examples"] = [dict(rec["top_examples"][0], tokens=[" the", " capital", " of", "\n", "&"])]
+        rows.append(rec)
+    (run / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run, [(layer, f) for layer, f, *_ in spec]
+
+
+class IndexRows(HTMLParser):
+    """The rows of the index's table, in document order: (hidden, [cell texts])."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+        self.in_body = False
+        self.cell = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.in_body = dict(attrs).get("id") == "features"
+        elif tag == "tr" and self.in_body and any(k == "data-layer" for k, _ in attrs):
+            self.rows.append(("hidden" in dict(attrs), []))
+        elif tag == "td" and self.in_body and self.rows:
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cell is not None:
+            self.rows[-1][1].append(self.cell.strip())
+            self.cell = None
+        elif tag == "table":
+            self.in_body = False
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def chromium_dom(url, tmp_path):
+    """The page's DOM after its scripts ran, as headless Chromium dumps it."""
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", url],
+                          check=True, capture_output=True, text=True, timeout=120)
+    return proc.stdout
+
+
+def shown(dom):
+    """(layer, feature) of the rows the browser shows, top to bottom."""
+    parser = IndexRows()
+    parser.feed(dom)
+    return [(int(cells[0]), int(cells[1])) for hidden, cells in parser.rows if not hidden]
+
+
+def test_index_has_a_row_per_feature(tmp_path):
+    run, features = write_browser_interp(tmp_path)
+    viz.main(["features", str(run)])
+    index = check_page(run / "html" / "index.html")
+    assert shown(index) == features  # in the file, before any script: every feature, dead ones too
+    assert "<script>" in index and index.count("<script") == 1  # one inline script, nothing loaded
+    parser = IndexRows()
+    parser.feed(index)
+    flags = {(int(c[0]), int(c[1])): c[-1] for _, c in parser.rows}
+    assert flags[0, 1] == "dead" and flags[1, 2] == "dense" and flags[0, 0] == ""
+    assert 'href="L0_F1.html"' not in index and not (run / "html" / "L0_F1.html").exists()  # dead: no page
+
+
+@needs_chromium
+def test_browser_sorts_and_filters_from_the_url(tmp_path):
+    run, features = write_browser_interp(tmp_path)
+    index = viz.main(["features", str(run)])
+    assert shown(chromium_dom(f"file://{index}", tmp_path)) == features
+    capital = shown(chromium_dom(f"file://{index}#sort=auroc&q=capital", tmp_path))
+    assert capital == [(1, 0), (0, 0), (2, 0), (0, 3), (1, 1)]  # by AUROC, highest first; no AUROC last
+    layer0 = shown(chromium_dom(f"file://{index}#layer=0&sort=density&dir=asc", tmp_path))
+    assert layer0 == [(0, 1), (0, 3), (0, 0), (0, 2)]
+    by_id = shown(chromium_dom(f"file://{index}#q=capital&sort=feature&dir=desc", tmp_path))
+    assert by_id == [(0, 3), (1, 1), (0, 0), (1, 0), (2, 0)]  # ties keep the file's order
+    both = shown(chromium_dom(f"file://{index}#q=city+capital", tmp_path))
+    assert both == [(0, 3)]  # every word, in the explanation or the top tokens
+
+
+@needs_chromium
+def test_graph_page_links_resolve(tmp_path):
+    path = write_graph(tmp_path)
+    run = write_interp(tmp_path)
+    viz.main(["features", str(run)])
+    viz.main(["graph", str(path)])
+    dom = chromium_dom(f"file://{path.parent / 'graph.html'}", tmp_path)
+    links = re.findall(r'<a[^>]*?\shref="([^"]+)"', dom)
+    assert links, "no links on the graph page"
+    pages = {os.path.normpath(path.parent / link) for link in links}
+    assert all(os.path.isfile(p) for p in pages), pages
+    assert pages == {str(run / "html" / "L0_F5.html"), str(run / "html" / "L1_F3.html")}
+    if shutil.which("dot") is not None:  # the picture's nodes link too (SVG <a>), with the explanation to hover
+        svg = dom[dom.index("<svg"):dom.index("</svg>")]
+        assert re.search(r'<a[^>]*href="../interp/html/L1_F3.html"[^>]*title="L1/3 at position 2[^"]*says a city', svg)
+
+
+# -----------------------------------------------------------------------------
+# the graph's features for circuit-tracer's front end
+
+# circuit-tracer 0.5.0, frontend/feature_models.py: Model and its Example, field by field
+FRONTEND_MODEL = dict(transcoder_id=str, index=int, examples_quantiles=list, top_logits=list, bottom_logits=list,
+                      act_min=float, act_max=float, quantile_values=list, histogram=list, activation_frequency=float)
+FRONTEND_EXAMPLE = dict(tokens_acts_list=list, train_token_ind=int, is_repeated_datapoint=bool, tokens=list)
+
+
+def frontend_files(tmp_path, monkeypatch):
+    path = write_graph(tmp_path)
+    write_interp(tmp_path)
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)  # the feature files do not need graphviz
+    viz.main(["graph", str(path)])
+    return path.parent / "features"
+
+
+def test_frontend_feature_files_follow_circuit_tracers_schema(tmp_path, monkeypatch):
+    folder = frontend_files(tmp_path, monkeypatch)
+    # named by the node's "feature" (the Cantor pair the front end asks for); L0/7 has no interp record
+    assert sorted(os.listdir(folder)) == ["13.json", "20.json"]
+    data = json.loads((folder / "20.json").read_text())  # node 0_5_1: layer 0, feature 5
+    assert {k: type(v) for k, v in data.items()} == FRONTEND_MODEL
+    for group in data["examples_quantiles"]:
+        assert set(group) == {"quantile_name", "examples"} and isinstance(group["quantile_name"], str)
+        for ex in group["examples"]:
+            assert {k: type(v) for k, v in ex.items()} == FRONTEND_EXAMPLE
+            assert len(ex["tokens"]) == len(ex["tokens_acts_list"])
+    top = data["examples_quantiles"][0]
+    assert top["quantile_name"] == "Top activations" and top["examples"][0]["tokens"][1] == " Paris"
+    assert top["examples"][0]["train_token_ind"] == 1 and top["examples"][0]["tokens_acts_list"][1] == 3.0
+    assert data["index"] == 5 and data["top_logits"] == [" Paris", "<"] and data["bottom_logits"] == [" London"]
+    assert (data["act_min"], data["act_max"], data["activation_frequency"]) == (0.0, 3.0, 0.01)
+    q = data["quantile_values"]  # q[i] is the (i+1)-th percentile: the front end places a node's activation
+    assert len(q) == 100 and q == sorted(q) and 0.25 < q[0] < 0.5 and 2.0 < q[-1] < 4.0
+    assert sum(data["histogram"]) == 10 and len(data["histogram"]) == viz.FRONTEND_BINS
+
+
+def test_frontend_feature_files_load_in_circuit_tracer(tmp_path, monkeypatch):
+    feature_models = pytest.importorskip("circuit_tracer.frontend.feature_models",
+                                         reason="circuit-tracer is not installed (pip install circuit-tracer)")
+    for path in frontend_files(tmp_path, monkeypatch).iterdir():
+        feature_models.Model(**json.loads(path.read_text()))

@@ -1,0 +1,126 @@
+"""Per-layer transcoders and skip connections: a PLT is a CLT without its cross-layer decoders."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clt as C
+
+
+def pair(skip=False, L=3, d=8, F=16, seed=0):
+    """A CLT and a PLT with the same encoders, same-layer decoders, biases, scales (and skip)."""
+    config = dict(n_layers=L, d_model=d, n_features=F, activation="relu", skip=skip)
+    cross = C.CrossLayerTranscoder(C.CLTConfig(**config), seed)
+    plt = C.CrossLayerTranscoder(C.CLTConfig(**config, decoder="per-layer"), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for t in (cross.b_enc, cross.b_dec, cross.input_scale, cross.output_scale):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        if skip:
+            cross.W_skip.copy_(torch.randn(cross.W_skip.shape, generator=g) / d)
+        for name in ("W_enc", "b_enc", "b_dec", "input_scale", "output_scale") + (("W_skip",) if skip else ()):
+            getattr(plt, name).copy_(getattr(cross, name))
+        for l in range(L):
+            plt.W_dec[l].copy_(cross.W_dec[l][:, :1])
+            cross.W_dec[l][:, 1:] = 0  # the cross-layer terms, zeroed
+    return cross, plt
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_plt_equals_a_clt_whose_cross_layer_decoders_are_zero(skip):
+    cross, plt = pair(skip)
+    assert [tuple(W.shape) for W in plt.W_dec] == [(16, 1, 8)] * 3
+    mlp_in = torch.randn(20, 3, 8)
+    acts, out = plt(mlp_in)
+    acts_ref, out_ref = cross(mlp_in)
+    torch.testing.assert_close(acts, acts_ref)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(plt.decode(acts, sparse=True, mlp_in=mlp_in), out, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([0, 5])
+    writes = plt.decoder_writes(1, ids, torch.tensor([1.0, 2.0]))  # (n, 1, d): its own layer only
+    torch.testing.assert_close(writes, cross.decoder_writes(1, ids, torch.tensor([1.0, 2.0]))[:, :1])
+
+
+def test_the_skip_connection_is_linear_in_mlp_in_and_folds_into_the_export(tmp_path):
+    _, plt = pair(skip=True)
+    mlp_in = torch.randn(10, 3, 8)
+    acts = plt.encode(mlp_in)
+    skip = plt.decode(acts, mlp_in=mlp_in) - plt.decode(acts)  # (B, L, d)
+    expected = torch.einsum("bld,lde->ble", mlp_in * plt.input_scale[:, None], plt.W_skip) / plt.output_scale[:, None]
+    torch.testing.assert_close(skip, expected, atol=1e-5, rtol=1e-5)
+    assert skip.abs().max() > 1e-3  # the skip path is not zero: the test has teeth
+    plt.save_pretrained(tmp_path)
+    back = C.CrossLayerTranscoder.from_pretrained(tmp_path)
+    assert back.config.decoder == "per-layer" and back.config.skip
+    torch.testing.assert_close(back(mlp_in)[1], plt(mlp_in)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_mixed_or_incomplete_export_is_refused(tmp_path):
+    cross, _ = pair()
+    cross.save_pretrained(tmp_path / "a")
+    cross.save_pretrained(tmp_path / "b")
+    (tmp_path / "a" / "W_dec_1.safetensors").write_bytes((tmp_path / "b" / "W_dec_1.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="another save.*re-export"):
+        C.CrossLayerTranscoder.from_pretrained(tmp_path / "a")
+    (tmp_path / "b" / "W_enc_2.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        C.CrossLayerTranscoder.from_pretrained(tmp_path / "b")
+
+
+def test_unknown_decoder_is_refused():
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        C.CLTConfig(decoder="per_layer")
+
+
+def perturbed_ln_2(model, seed=3):
+    """ln_2 with non-trivial weights and biases, so folding its affine map is tested, not assumed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.h:
+            block.ln_2.weight.copy_(torch.rand(block.ln_2.weight.shape, generator=g) + 0.5)
+            block.ln_2.bias.copy_(torch.randn(block.ln_2.bias.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("activation, skip", [("relu", False), ("jumprelu", True)])
+def test_saelens_layout_computes_our_transcoder_on_transformerlens_inputs(hub_model, tmp_path, activation, skip):
+    _, model, _ = hub_model
+    model = perturbed_ln_2(copy.deepcopy(model))  # the fixture's model is shared: change a copy
+    _, plt = pair(skip, L=2, d=32, F=24)
+    plt = C.CrossLayerTranscoder(dataclasses.replace(plt.config, activation=activation), 0).eval()
+    with torch.no_grad():
+        plt.b_enc.normal_(0, 0.5)
+        if skip:
+            plt.W_skip.normal_(0, 0.1)
+    C.save_saelens(plt, tmp_path, model)
+    idx = torch.randint(0, 257, (2, 9))
+    mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d) our MLP inputs
+    expected = plt(mlp_in)[1]
+    for l, block in enumerate(model.h):
+        folder = tmp_path / f"blocks.{l}.ln2.hook_normalized"
+        cfg = json.loads((folder / "cfg.json").read_text())
+        p = load_file(folder / "sae_weights.safetensors")
+        assert cfg["architecture"] == {"relu": "transcoder", "jumprelu": "jumprelu_skip_transcoder"}[activation]
+        x_hat = (mlp_in[:, l] - block.ln_2.bias) / block.ln_2.weight  # TransformerLens's ln2.hook_normalized
+        pre = x_hat @ p["W_enc"] + p["b_enc"]
+        acts = torch.relu(pre) * (pre > p["threshold"]) if "threshold" in p else torch.relu(pre)
+        out = acts @ p["W_dec"] + p["b_dec"] + (x_hat @ p["W_skip"].T if skip else 0)
+        torch.testing.assert_close(out, expected[:, l], atol=1e-4, rtol=1e-4)
+    back = C.from_saelens(tmp_path, model)
+    assert back.config.model_sha256 == model.fingerprint()
+    torch.testing.assert_close(back(mlp_in)[1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_saelens_refuses_what_it_cannot_hold(hub_model, tmp_path):
+    _, model, _ = hub_model
+    cross = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=8))
+    with pytest.raises(ValueError, match="per-layer transcoders; this one is cross-layer"):
+        C.save_saelens(cross, tmp_path, model)
+    plt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=8, decoder="per-layer"))
+    C.save_saelens(plt, tmp_path, model)
+    (tmp_path / "blocks.1.ln2.hook_normalized" / "cfg.json").unlink()
+    with pytest.raises(ValueError, match=r"layers \[0\], the model has 2"):
+        C.from_saelens(tmp_path, model)
