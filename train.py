@@ -107,6 +107,8 @@ class TrainConfig:
     k: int = 16  # topk / batchtopk: active features per token and layer
     threshold_init: float = 0.03  # jumprelu: initial threshold
     bandwidth: float = 1.0  # jumprelu: straight-through kernel width ε
+    decoder: str = "cross-layer"  # cross-layer (a CLT) | per-layer (a PLT: each feature writes to its own layer only)
+    skip: bool = False  # add an affine skip connection mlp_in[l] @ W_skip[l] to each layer's reconstruction
     # optimization
     steps: int = 1000  # optimizer steps in the whole run
     batch_size: int = 1024  # tokens per step, all DP ranks together
@@ -621,7 +623,8 @@ def build(c, cache, mesh, device):
     """The CLT shard of this rank, with the cache's normalization, and its optimizer."""
     m = cache.manifest
     config = C.CLTConfig(n_layers=cache.n_layers, d_model=cache.d_model, n_features=c.features, activation=c.activation,
-                         k=c.k, threshold_init=c.threshold_init, bandwidth=c.bandwidth, model=c.model or m["model"],
+                         k=c.k, threshold_init=c.threshold_init, bandwidth=c.bandwidth, decoder=c.decoder, skip=c.skip,
+                         model=c.model or m["model"],
                          model_sha256=m.get("identity", {}).get("model_sha256", ""))  # graph/interp refuse others
     clt = C.CrossLayerTranscoder(config, c.seed, mesh)
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the manifest's mean norms
