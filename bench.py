@@ -7,6 +7,7 @@ timed in the same process, next to the thing it is compared with.
     python bench.py cache              # activation cache on the tiny model and a random GPT-2-small shape
     python bench.py cache --quick      # the same, small (a couple of minutes on a 2-core CPU)
     python bench.py cache --device cuda
+    python bench.py graph --vs-circuit-tracer --threads 1  # beside circuit-tracer's attribute() (installed)
 
 Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
 its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
@@ -208,16 +209,21 @@ def bench_cache(args):
 
 
 # -----------------------------------------------------------------------------
-# graph (issue 7)
+# graph: attribution time and peak memory vs active features; circuit-tracer side by side
 
 
 def add_graph_args(p):
     p.add_argument("--graph-features", default="250,500,1000,2000,4000", help="active-feature counts to time")
     p.add_argument("--graph-prompt-len", type=int, default=32, help="prompt tokens, BOS included")
-    p.add_argument("--graph-batch", type=int, default=64, help="targets per backward pass")
+    p.add_argument("--graph-batch", type=int, default=256, help="targets per pass of graph.py's transposed model")
     p.add_argument("--graph-n-features", type=int, default=4096, help="features per layer of the random CLTs")
     p.add_argument("--graph-clt", default=os.path.join("runs", "clt"), help="a trained CLT of models/tiny: two-hop study")
     p.add_argument("--graph-two-hop", type=int, default=60, help="two-hop prompts in the study; 0 = skip it")
+    p.add_argument("--vs-circuit-tracer", action="store_true",
+                   help="instead: circuit-tracer's attribute() beside graph.py (same model, CLT, prompt, process)")
+    p.add_argument("--vs-points", default="tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32",
+                   help="MODEL:TOKENS:ACTIVE:CT_BATCHES,... for --vs-circuit-tracer: tiny (models/tiny) or "
+                        "gpt2-small (random); circuit-tracer timed at each batch (slash-separated), the fastest counts")
 
 
 def proc_status_kb(key):
@@ -252,15 +258,7 @@ def graph_point(name, n_active, args):
     idx = torch.randint(0, model.config.vocab_size - 1, (1, args.graph_prompt_len), device=args.device)
     idx[0, 0] = model.config.vocab_size - 1  # BOS: <|endoftext|> is the last id in GPT-2's layout
     t = clt_with_n_active(model, idx, args.graph_n_features, n_active)
-    cuda = str(args.device).startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-        base = proc_status_kb("VmRSS") * 1024
+    base = peak_reset(args.device)
     t0 = time.perf_counter()
     rep = graph.local_replacement(model, t, idx)
     g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
@@ -269,7 +267,7 @@ def graph_point(name, n_active, args):
     graph.prune(g)
     graph.scores(g)
     t2 = time.perf_counter()
-    peak = (torch.cuda.max_memory_allocated() if cuda else proc_status_kb("VmHWM") * 1024) - base
+    peak = peak_bytes(args.device, base)
     err, scale = graph.exactness(model, t, rep, g)
     return dict(model=name, n_active=len(rep.feats), nodes=len(g.adjacency), attribute_s=t1 - t0,
                 prune_s=t2 - t1, ms_per_feature=1e3 * (t1 - t0) / len(rep.feats), peak_MB=peak / 2**20,
@@ -282,6 +280,8 @@ def bench_graph(args):
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     os.makedirs(args.out, exist_ok=True)
+    if args.vs_circuit_tracer:
+        return bench_vs_circuit_tracer(args)
     counts = [int(n) for n in args.graph_features.split(",")][: 3 if args.quick else None]
     tiny = "tiny" if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")) else "tiny-shape (random)"
     results = []
@@ -305,6 +305,159 @@ def bench_graph(args):
         print(f"two-hop study, {len(done)} of {len(study)} prompts with the answer among the logit nodes; means: {means}")
         with open(os.path.join(args.out, "graph_two_hop.json"), "w") as f:
             json.dump(dict(clt=args.graph_clt, means=means, prompts=study), f, indent=1)
+    return results
+
+
+def peak_reset(device):
+    """Start a peak-memory window: -> the baseline bytes (CUDA: allocated; CPU: resident, Linux)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    return proc_status_kb("VmRSS") * 1024
+
+
+def peak_bytes(device, base):
+    """The peak since peak_reset, above its baseline."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() - base
+    return proc_status_kb("VmHWM") * 1024 - base
+
+
+def hf_random_model_dir(path, n_layer=12, n_head=12, n_embd=768, n_ctx=1024, vocab_size=50257, seed=0):
+    """A random GPT-2 made by transformers (its own init, N(0, 0.02) weights) in the hub layout, with a
+    byte-level tokenizer (256 bytes, <|endoftext|> = 256): the GPT-2-small shape without a download."""
+    import tiny
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_ctx, vocab_size=vocab_size)
+    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+    tiny.save_tokenizer(path, [])
+    return path
+
+
+def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
+    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and
+    a CLT saved by CrossLayerTranscoder.save_pretrained, in float32.
+
+    TransformerLens takes the CLT's input at ln2.hook_normalized, before ln_2's affine map, so its
+    weight w and bias b go into the encoder: (x̂·w + b) W_encᵀ + b_enc = x̂ (w·W_enc)ᵀ + (W_enc b + b_enc).
+    Its CLT loader defaults to bfloat16, hence dtype=float32."""
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    hf = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32)
+    c = hf.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head,
+                                  d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd, act_fn="gelu_new",
+                                  d_vocab=c.vocab_size, eps=c.layer_norm_epsilon, normalization_type="LN",
+                                  positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+                                  model_name="gpt2", device=device, dtype=torch.float32, default_prepend_bos=False)
+    state = convert_gpt2_weights(hf, cfg)
+    transcoder = load_clt(clt_dir, feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+                          dtype=torch.float32, device=torch.device(device), lazy_decoder=False)
+    with torch.no_grad():
+        for l in range(cfg.n_layers):
+            transcoder.b_enc[l] += transcoder.W_enc[l] @ state[f"blocks.{l}.ln2.b"]  # W_enc[l]: (F, d)
+            transcoder.W_enc[l] *= state[f"blocks.{l}.ln2.w"]
+    model = TransformerLensReplacementModel.from_config(cfg, transcoder)
+    model.tokenizer = GPT2TokenizerFast(vocab_file=os.path.join(model_dir, "vocab.json"),
+                                        merges_file=os.path.join(model_dir, "merges.txt"))
+    # the replacement model wraps each MLP and the unembedding: their weights sit one module deeper
+    wrapped = {}
+    for k, v in state.items():
+        wrapped[k.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed.")] = v
+    missing, unexpected = model.load_state_dict(wrapped, strict=False)
+    missing = [k for k in missing if not k.startswith("transcoders.") and not k.endswith(("IGNORE", "mask", "b_U"))]
+    if missing or unexpected:
+        raise ValueError(f"circuit-tracer's model did not take the weights: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def edge_blocks(graph):
+    """{edge type: (rows, columns)} of the targets' rows, in the node order both libraries share."""
+    s = graph.slices()
+    return {"feature->feature": (s.features, s.features), "error->feature": (s.features, s.errors),
+            "token->feature": (s.features, s.tokens), "feature->logit": (s.logits, s.features),
+            "error->logit": (s.logits, s.errors), "token->logit": (s.logits, s.tokens)}
+
+
+def vs_circuit_tracer_point(name, T, n_active, ct_batches, args):
+    """graph.py and circuit-tracer's attribute() on one model, CLT and prompt, one after the other in
+    this process: wall time, peak memory above the setup's, and the edges compared node by node.
+    circuit-tracer runs once per batch size in ct_batches: each of its hooks gathers batch x active
+    features x d numbers, so its best batch on a CPU is small, and the fastest run is the one compared."""
+    import graph
+    from circuit_tracer import attribute as ct_attribute
+    from circuit_tracer.graph import compute_graph_scores
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    model_dir = clt.DEFAULT_MODEL
+    if name != "tiny":
+        model_dir = os.path.join(args.out, "gpt2-small-random")
+        if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+            hf_random_model_dir(model_dir)
+    model = clt.GPT.from_pretrained(model_dir).to(device)
+    bos = clt.load_tokenizer(model_dir).encode_single_token(clt.ENDOFTEXT)
+    torch.manual_seed(0)
+    idx = torch.randint(0, bos, (1, T), device=device)  # tokens the tokenizer knows
+    idx[0, 0] = bos
+    clt_dir = os.path.join(args.out, f"clt-{name}-{T}-{n_active}")
+    clt_with_n_active(model, idx, args.graph_n_features, n_active).save_pretrained(clt_dir)
+    t = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
+    ct = circuit_tracer_model(model_dir, clt_dir, device)
+    base = peak_reset(device)
+    t0 = time.perf_counter()
+    rep = graph.local_replacement(model, t, idx)
+    ours = graph.attribute(model, t, rep, batch_size=args.graph_batch)
+    sync(device)
+    ours_s = time.perf_counter() - t0
+    ours_peak = peak_bytes(device, base)
+    del rep
+    ct_runs = {}  # batch -> (seconds, peak bytes)
+    for batch in ct_batches:
+        base = peak_reset(device)
+        t0 = time.perf_counter()
+        theirs = ct_attribute(idx[0], ct, batch_size=batch)
+        sync(device)
+        ct_runs[batch] = (time.perf_counter() - t0, peak_bytes(device, base))
+    ct_batch = min(ct_runs, key=lambda b: ct_runs[b][0])
+    ct_s, ct_peak = ct_runs[ct_batch]
+    if not torch.equal(theirs.active_features.to(device), ours.feats) or \
+            not torch.equal(theirs.logit_token_ids.to(device), ours.logit_ids):
+        raise RuntimeError("circuit-tracer found other active features or logit nodes: the models differ")
+    A, R = ours.adjacency, theirs.adjacency_matrix.to(device)
+    worst = max((A[r, c] - R[r, c]).abs().max().item() / R[r, c].abs().max().clamp(min=1e-30).item()
+                for r, c in edge_blocks(ours).values())
+    ours_scores = graph.scores(ours)
+    ct_scores = compute_graph_scores(theirs)
+    return dict(model=name, tokens=T, n_active=len(ours.feats), nodes=len(A), ours_s=ours_s, ct_s=ct_s,
+                ratio=ct_s / ours_s, ours_peak_MB=ours_peak / 2**20, ct_peak_MB=ct_peak / 2**20,
+                ours_batch=args.graph_batch, ct_batch=ct_batch, max_rel_edge_diff=worst,
+                replacement=f"{ours_scores[0]:.4f} / {ct_scores[0]:.4f}",
+                completeness=f"{ours_scores[1]:.4f} / {ct_scores[1]:.4f}",
+                ct_s_by_batch=", ".join(f"{b}: {t:.3g}" for b, (t, _) in ct_runs.items()))
+
+
+def bench_vs_circuit_tracer(args):
+    """Each point in a fresh process (peak memory of its own); both libraries fp32, same threads."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    results = []
+    for point in args.vs_points.split(","):
+        name, T, n_active, ct_batches = point.split(":")
+        T, n_active = int(T), int(n_active)
+        if args.quick:
+            T, n_active = max(8, T // 4), max(100, n_active // 16)
+        batches = [int(b) for b in ct_batches.split("/")]
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            results.append(pool.submit(vs_circuit_tracer_point, name, T, n_active, batches, args).result())
+        print(results[-1])
     return results
 
 
@@ -354,7 +507,7 @@ def two_hop_study(args):
         city = torch.tensor([i + 1 for i, lab in enumerate(tiny.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
         rep = graph.local_replacement(model, t, idx)
         g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
-        fs, es, ts, ls = g.slices()
+        fs, ls = g.slices().features, g.slices().logits
         ans = enc.encode(answer)[0]
         hit = (g.logit_ids.cpu() == ans).nonzero()[:, 0]
         if not len(hit):

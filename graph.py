@@ -10,31 +10,39 @@ Data flow:
     prompt -> token ids, BOS (<|endoftext|>) first
       -> GPT.run_with_acts: mlp_in, mlp_out (T, L, d) and Frozen (attention patterns, LN scales)
       -> CLT: active features (none at BOS), reconstruction, error = mlp_out - reconstruction
-      -> one frozen forward on batch_size copies of the prompt, kept; one backward per batch of
-         targets (row b of the batch holds target b) -> adjacency A (targets x sources)
+      -> rows of the adjacency A (targets x sources), one batch of targets at a time: the transpose
+         of the frozen model, run by hand from the batch's highest layer down and only over the
+         positions up to its last target, dotted with every source's write as it passes
       -> influence, pruning, scores -> {out}/{slug}.json, graph-metadata.json (front end),
          adjacency.safetensors + nodes.json (the full graph)
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py intervene --feature 3/5/123 --scale 0 --prompt "..."  # 0 ablate, -1 flip, 4 steer
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
+    torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."  # rows split over ranks
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
-    (one process: attribution is a sequence of backward passes, so there is no torchrun path)
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph (circuit-tracer installed)
 
-Definitions (circuit-tracer's: safety-research/circuit-tracer, circuit_tracer/graph.py):
-    Nodes, in order: active features sorted by (layer, position, id); error nodes, layer-major
-    (index layer*T + pos); one embedding node per position; logit nodes, most likely first: the
-    top tokens until cumulative probability 0.95, at most 10, each logit minus the mean logit.
+Definitions (circuit-tracer 0.5.0's: decoderesearch/circuit-tracer, circuit_tracer/graph.py and
+attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check them edge by edge):
+    Nodes, in order: active features sorted by (layer, position, id), none at BOS; error nodes,
+    layer-major (index layer*T + pos), those at BOS kept in the list and zero; one token-embedding
+    node per position (wte[token]); logit nodes, most likely first: the top tokens until cumulative
+    probability 0.95, at most 10, each logit minus the mean logit.
     Edge A[t, s]: the direct effect of source s on target t's input (a feature's pre-activation,
     or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
-    output (features, errors) held fixed, so only the frozen residual stream and the attention
-    OV paths carry it. A feature of layer l writes a·W_dec[l][f, l'-l] to every mlp_out[l'],
-    l' >= l; its edge sums all of them. t's input = sum_s A[t, s] + bias_t exactly, where bias_t
-    is t's input with every source at zero (b_dec, b_enc, attention and LayerNorm biases).
+    output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
+    feature of layer l writes a·W_dec[l][f, l'-l] to every mlp_out[l'], l' >= l; its edge sums
+    all of them. t's input = sum_s A[t, s] + bias_t exactly, where bias_t is t's input with every
+    source at zero: b_dec, b_enc, the attention and LayerNorm biases, the position embeddings, and
+    the whole MLP output at BOS (its features and errors are not nodes).
     Influence: Â = |A| with rows normalized to sum 1, w = the logit probabilities on the logit
     nodes; influence = w (Â + Â² + ...) = w ((I - Â)^-1 - I); A is nilpotent (edges run up the
     layers) so the series ends after at most L + 2 terms.
+    --max-features: features are taken in rounds of update_interval x batch_size, most influential
+    first, influence measured on the rows computed so far; the rest are dropped with their edges,
+    so a capped graph no longer sums exactly to its targets' inputs (the printed exactness check
+    shows by how much).
     Pruning: keep nodes up to cumulative influence 0.8 (tokens and logits always), then edges by
     Â[t, s] (influence_t + w_t) in the pruned graph up to 0.98, then drop features and errors
     without outgoing edges and features without incoming ones until nothing changes.
@@ -45,26 +53,33 @@ Definitions (circuit-tracer's: safety-research/circuit-tracer, circuit_tracer/gr
     Both lie in [0, 1] and are 1 when every error node is zero.
 
 Differences from circuit-tracer:
-- An embedding node is the token plus the position embedding (GPT-2 adds both before block 0).
-- Gradients are taken against the embeddings and the MLP outputs as leaf tensors of one frozen
-  forward (plain autograd), not injected by hooks into a TransformerLens model.
 - Error node ids are "{layer}_-1_{pos}" (the feature-node pattern with feature -1): circuit-tracer's
   "0_{layer}_{pos}" collides with the id of feature number `layer` of layer 0 at that position.
-- With --max-features, the dropped features' edges are gone (as in circuit-tracer), so a capped
-  graph no longer sums exactly to its targets' inputs; the printed exactness check shows by how much.
+- --position-nodes makes GPT-2's learned position embeddings nodes of their own (one per position,
+  after the token nodes; ids "E_-1_{pos}"), taken out of the biases; the scores then count them as
+  inputs beside the tokens. Off by default, so scores compare with published ones.
+- The rows come from a hand-written transpose of the frozen model (checked against forward
+  passes by the exactness and perturbation tests), not from hooks injecting gradients into a
+  TransformerLens model: a batch's pass starts at its highest target layer and ends at its last
+  position, and under torchrun each rank computes a share of the rows (circuit-tracer: one device).
+  Memory: the kept rows (N x N; capped, (max_features + logits) x N) and one batch's gradients at
+  every layer (L·d·T·batch_size numbers), nothing per active feature beyond its rows.
+- Ties: with --max-features, features of equal influence are taken in node order (circuit-tracer's
+  unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
+  (circuit-tracer's threshold can fall to 0 there and keep them).
 """
-import argparse
 import json
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from clt import DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, check_same_model, load_tokenizer
+from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
+                 check_same_model, compute_init, load_tokenizer, make_mesh, parse_config, run_main, write_json)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -72,22 +87,36 @@ from clt import DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, che
 
 @dataclass
 class GraphConfig:
+    """attribute a prompt: the graph files for the front end, and the full adjacency"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # CLT directory (CrossLayerTranscoder.save_pretrained; train.py writes it)
-    interp: str = "runs/interp"  # interp.py's output: features.jsonl gives the nodes' explanations
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # BOS is prepended; a two-hop toy prompt
+    clt: str = "runs/clt"  # CLT directory (train.py writes runs/clt)
+    interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
     out: str = "runs/graph"  # output directory
-    slug: str = "graph"  # the graph's name in the front end: {out}/{slug}.json
+    slug: str = "graph"  # the graph's name in the front end: OUT/SLUG.json
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda (torchrun: each rank its own GPU)
+    # attribution
     max_features: int = -1  # keep at most this many feature nodes, the weakest dropped; -1 = all
-    batch_size: int = 64  # targets per backward pass
+    batch_size: int = 256  # targets per pass of the transposed model
+    update_interval: int = 4  # with --max-features: re-rank the remaining features every this many batches
     max_logits: int = 10  # at most this many logit nodes
     logit_prob: float = 0.95  # logit nodes until this cumulative probability
-    node_threshold: float = 0.8  # pruning: keep nodes up to this cumulative influence
-    edge_threshold: float = 0.98  # pruning: keep edges up to this cumulative influence
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where to compute
-    feature: str = ""  # intervene: the feature LAYER/POS/ID, or several comma-separated
-    scale: float = 0.0  # intervene: multiply its decoder writes by this (0 ablate, -1 flip, >1 steer)
-    top: int = 10  # intervene: rows of probability changes to print
+    position_nodes: bool = False  # position embeddings as nodes of their own, not biases (not circuit-tracer's)
+    # pruning
+    node_threshold: float = 0.8  # keep nodes up to this cumulative influence
+    edge_threshold: float = 0.98  # keep edges up to this cumulative influence
+
+
+@dataclass
+class InterveneConfig:
+    """scale features' decoder writes in the real model and print how the prediction changes"""
+    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
+    clt: str = "runs/clt"  # CLT directory (train.py writes runs/clt)
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
+    feature: str = ""  # the feature LAYER/POS/ID, or several, comma-separated
+    scale: float = 0.0  # multiply its decoder writes by this (0 ablate, -1 flip, >1 steer)
+    top: int = 10  # rows of probability changes to print
 
 
 # -----------------------------------------------------------------------------
@@ -99,10 +128,11 @@ class Replacement:
     """The local replacement model of one prompt: the frozen GPT, the CLT features and errors."""
     idx: torch.Tensor  # (1, T) token ids, BOS first
     frozen: Frozen  # attention patterns and LayerNorm scales of the prompt's forward pass
-    embed: torch.Tensor  # (T, d) token + position embeddings: the embedding nodes
+    token: torch.Tensor  # (T, d) token embeddings wte[idx]: the embedding nodes
+    position: torch.Tensor  # (T, d) position embeddings wpe[:T]: biases, or nodes with position_nodes
     mlp_out: torch.Tensor  # (T, L, d) the true MLP outputs
     recon: torch.Tensor  # (T, L, d) the CLT's reconstruction from the active features, b_dec included
-    error: torch.Tensor  # (T, L, d) mlp_out - recon: the error nodes
+    error: torch.Tensor  # (T, L, d) mlp_out - recon: the error nodes; zero at BOS, whose MLP output is bias
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the active features, sorted
     acts: torch.Tensor  # (n,) their activations
     logits: torch.Tensor  # (V,) the next-token logits
@@ -141,28 +171,34 @@ def reconstruct(clt, feats, acts, T, bias=True):
 @torch.no_grad()
 def local_replacement(model, clt, idx):
     """Run the GPT once on idx (1, T); encode its MLP inputs with the CLT; split each MLP output
-    into the CLT's reconstruction and an error node, so recon + error gives back the model."""
+    into the CLT's reconstruction and an error node. At BOS nothing is a node (circuit-tracer):
+    no features, zero errors; its MLP outputs stay in the frozen forward as constants."""
     check_compatible(model, clt)
     model.check_input(idx)
     if idx.size(0) != 1:
         raise ValueError(f"attribute one prompt at a time, got a batch of {idx.size(0)}")
     logits, acts = model.run_with_acts(idx)
-    mlp_in, mlp_out = acts.mlp_in[0], acts.mlp_out[0]  # (T, L, d)
+    mlp_in = acts.mlp_in[0]  # (T, L, d)
+    mlp_out = acts.mlp_out[0]  # (T, L, d)
     a = clt.encode(mlp_in)  # (T, L, F)
-    a[0] = 0  # no features at BOS: its large, constant activations go to its error nodes (circuit-tracer)
+    a[0] = 0  # BOS: large, constant activations that explain nothing about the prompt
     l, p, f = a.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then position, then id
     feats = torch.stack([l, p, f], 1)
     recon = reconstruct(clt, feats, a[p, l, f], idx.size(1))  # (T, L, d)
-    return Replacement(idx, acts.frozen, model.embed(idx)[0], mlp_out, recon, mlp_out - recon,
-                       feats, a[p, l, f], logits[0, -1])
+    error = mlp_out - recon
+    error[0] = 0
+    T = idx.size(1)
+    token = model.wte.weight[idx[0]].detach()  # (T, d)
+    position = model.wpe.weight[:T].detach()  # (T, d)
+    return Replacement(idx, acts.frozen, token, position, mlp_out, recon, error, feats, a[p, l, f], logits[0, -1])
 
 
 @torch.no_grad()
 def target_inputs(model, clt, rep, feats, logit_ids, resid=None, mlp_out=None):
     """The targets' inputs in the frozen replacement model fed with the given sources (defaults:
     the prompt's): (n,) feature pre-activations and (k,) logits minus the mean logit."""
-    resid = rep.embed if resid is None else resid  # (T, d)
-    mlp_out = rep.recon + rep.error if mlp_out is None else mlp_out  # (T, L, d)
+    resid = rep.token + rep.position if resid is None else resid  # (T, d)
+    mlp_out = rep.mlp_out if mlp_out is None else mlp_out  # (T, L, d)
     logits, acts = model.run_with_acts(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, resid=resid[None])
     logits = logits[0, -1]
     pre = clt.pre_acts(acts.mlp_in[0])  # (T, L, F)
@@ -178,61 +214,182 @@ def salient_logits(logits, max_logits, logit_prob):
 
 
 # -----------------------------------------------------------------------------
-# edges: batched backward passes through the frozen replacement model
+# rows of A: the transpose of the frozen replacement model, contracted with the sources
+
+
+def ln_transposed(g, weight, scale):
+    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g (d, r):
+    scale·(weight·g - mean(weight·g)) (the mean subtraction is a symmetric projection)."""
+    wg = g * weight[:, None]
+    return (wg - wg.mean(0)) * scale
+
+
+def dot_over_d(e, g):
+    """(T, d) vectors dotted with g (d, T, B) position by position -> (T, B); one batched matmul."""
+    return torch.bmm(e.view(len(e), 1, -1), g.permute(1, 0, 2))[:, 0]
 
 
 class Attribution:
-    """One forward of the frozen replacement model on `batch` copies of the prompt, kept for many
-    backward passes. Row b of a backward carries target b, so each pass gives `batch` rows of A;
-    attention mixes positions only within a row. Cost: (n + k) / batch backward passes of fixed
-    cost, so linear in the active features n; contracting the gradients with the n sources adds
-    n²·L·d in all (the adjacency is n²), smaller than the backward passes until n ~ 8·T·d."""
+    """Rows of the adjacency A, one batch of targets at a time.
 
-    def __init__(self, model, clt, rep, batch):
+    In the local replacement model everything between the MLP outputs is linear, so a target's
+    row is one pass of the model's transpose: start from the vector its input reads (a feature's
+    encoder row at its mlp_in, a logit's unembedding minus the mean at ln_f's output), carry it
+    down the residual stream (ln_2ᵀ, attentionᵀ through the frozen patterns and W_V, W_O only,
+    ln_1ᵀ), and dot it with what each source wrote: the error and decoder vectors at mlp_out[l],
+    the embeddings at the bottom. Column b of a batch carries target b (the (d, T, B) layout makes
+    every weight product one matmul over all positions and targets). Written out rather than taken
+    from autograd so that a batch's pass starts at its highest target layer and covers only the
+    positions up to its last target (later ones get nothing: attention is causal); targets sorted
+    by (layer, position) make both small. Memory: one batch's gradients at every mlp_out."""
+
+    def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
-        with torch.enable_grad():
-            self.resid = rep.embed.expand(batch, T, d).clone().requires_grad_()  # (B, T, d)
-            self.mlp_out = (rep.recon + rep.error).expand(batch, T, L, d).clone().requires_grad_()  # (B, T, L, d)
-            logits, acts = model.run_with_acts(rep.idx.expand(batch, T), mlp_out=self.mlp_out, frozen=rep.frozen,
-                                               resid=self.resid)
-            logits = logits[:, -1]  # (B, V)
-            self.logits = logits - logits.mean(-1, keepdim=True)  # the (B, T, V) logits are freed here
-            self.mlp_in = acts.mlp_in  # (B, T, L, d)
-        self.rep, self.batch = rep, batch
-        l, p, f = rep.feats.T
-        self.enc = (clt.W_enc[l, :, f] * clt.input_scale[l, None]).detach()  # (n, d) encoder rows, raw units
-        self.groups = []  # per (layer, position): the features' decoder writes a·W_dec, (n_g, (L-l)·d)
-        for l, p in torch.unique(rep.feats[:, :2], dim=0).tolist():
-            ids = ((rep.feats[:, 0] == l) & (rep.feats[:, 1] == p)).nonzero()[:, 0]
-            self.groups.append((ids, p, l, clt.decoder_writes(l, rep.feats[ids, 2], rep.acts[ids]).detach().flatten(1)))
+        n = len(rep.feats)
+        self.model, self.rep, self.T, self.L = model, rep, T, L
+        fz = rep.frozen
+        # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers, D_w is
+        # ln_1's weight): fold the constant parts once, scale_1 into the patterns, the rest into W_V
+        self.mix, self.W_O, self.W_V = [], [], []
+        for l, block in enumerate(model.h):
+            self.mix.append(fz.attn[l][0].transpose(1, 2) * fz.ln_1[l][0])  # (nh, T, T): scale_1 · patternᵀ
+            self.W_O.append(block.attn.c_proj.weight.detach())  # (C, C): out = y @ W_Oᵀ
+            M = block.ln_1.weight.detach()[:, None] * block.attn.c_attn.weight[2 * d:].detach().T  # (C, C) D_w W_Vᵀ
+            self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ
+        self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
+        self.scale_f = fz.ln_f[0]  # (T, 1)
+        # the features' encoder and decoder rows are read from the CLT batch by batch: held for all
+        # active features they would be n·L·d numbers, more than the rows kept with --max-features
+        self.clt = clt
+        l, p, f = rep.feats.T.contiguous()  # searchsorted wants contiguous rows
+        layer_start = torch.searchsorted(l, torch.arange(L + 1, device=l.device)).tolist()
+        self.starts = []  # per layer: node index where its features at position p begin, p = 0..T
+        for layer in range(L):
+            mine = slice(layer_start[layer], layer_start[layer + 1])
+            at = torch.searchsorted(p[mine], torch.arange(T + 1, device=p.device))
+            self.starts.append((layer_start[layer] + at).tolist())
+        self.errors = rep.error.transpose(0, 1)  # (L, T, d)
+        self.inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
+        self.n_sources = n + L * T + len(self.inputs) * T
 
-    def rows(self, objective, n):
-        """objective = sum over rows b < n of target b's input -> (n, n_sources) rows of A."""
-        with torch.enable_grad():
-            g_resid, g_mlp = torch.autograd.grad(objective, [self.resid, self.mlp_out], retain_graph=True,
-                                                 allow_unused=True, materialize_grads=True)
-        g_resid, g_mlp = g_resid[:n], g_mlp[:n]  # (n, T, d), (n, T, L, d)
-        feat = g_mlp.new_zeros(n, len(self.rep.feats))
-        for ids, p, l, dec in self.groups:
-            feat[:, ids] = g_mlp[:, p, l:].flatten(1) @ dec.T  # every layer the feature writes to
-        err = torch.einsum("btld,tld->blt", g_mlp, self.rep.error).flatten(1)  # (n, L·T) layer-major
-        emb = torch.einsum("btd,td->bt", g_resid, self.rep.embed)  # (n, T)
-        return torch.cat([feat, err, emb], dim=1).detach()
+    def encoders(self, ids):
+        """(B, d) what the pre-activations of features ids read from mlp_in, in raw units."""
+        l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
+        return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
 
-    def feature_rows(self, ids):
-        """Rows of A for the feature targets ids (at most `batch`): their pre-activations' inputs."""
-        n, b = len(ids), torch.arange(len(ids), device=ids.device)
-        l, p = self.rep.feats[ids, 0], self.rep.feats[ids, 1]
-        return self.rows((self.mlp_in[b, p, l] * self.enc[ids]).sum(), n)
+    def unembed(self, token_ids):
+        """(k, d) what the logits minus the mean logit read from ln_f's output (W_U = wte, tied)."""
+        W = self.model.wte.weight.detach()
+        return W[token_ids] - W.mean(0)
 
-    def logit_rows(self, token_ids):
-        n = len(token_ids)
-        return self.rows(self.logits[torch.arange(n, device=token_ids.device), token_ids].sum(), n)
+    @torch.no_grad()
+    def rows(self, layers, positions, vectors, out):
+        """Fill out (B, n_sources) with the rows of B targets: target b reads vectors[b] (d,) at
+        position positions[b] of mlp_in[layers[b]] (layers[b] = L: of ln_f's output, a logit)."""
+        B, d = vectors.shape
+        L = self.L
+        top = int(layers.max())  # nothing above the highest target reaches any target
+        T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
+        g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
+        G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer, / output_scale
+        errors = out[:, len(self.rep.feats):][:, :L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
+        if top == L:  # logits read ln_f's output at the last position
+            rows, u = self.injected(L, layers, positions, vectors)
+            g[:, -1, rows] = u
+        for l in reversed(range(min(top + 1, L))):
+            if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
+                torch.div(g, self.clt.output_scale[l], out=G[l])  # the CLT's writes are W_dec / output_scale
+                errors[:, l, :T] = dot_over_d(self.errors[l, :T], g).T
+                self.add_attention_transposed(g, l)
+            self.add_injected(g, l, layers, positions, vectors)
+        self.contract_features(G, out)
+        for i, e in enumerate(self.inputs):
+            start = len(self.rep.feats) + L * self.T + i * self.T
+            out[:, start:start + T] = dot_over_d(e[:T], g).T
+
+    def injected(self, l, layers, positions, vectors):
+        """The targets that read mlp_in[l] (l = L: ln_f's output) -> (their rows (r,), their vectors
+        through the transpose of that LayerNorm (d, r): their gradient at the stream below it)."""
+        rows = (layers == l).nonzero()[:, 0]
+        ln = self.model.ln_f if l == self.L else self.model.h[l].ln_2
+        scale = (self.scale_f if l == self.L else self.scale_2[l])[positions[rows]]  # (r, 1)
+        return rows, ln_transposed(vectors[rows].T, ln.weight, scale.T)
+
+    def add_attention_transposed(self, g, l):
+        """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g: through the frozen patterns'
+        OV path only, out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, so the transpose is
+        W_Vᵀ patternᵀ_h W_Oᵀ."""
+        C, T, B = g.shape
+        mix = self.mix[l]
+        nh = len(mix)
+        y = (self.W_O[l].T @ g.view(C, T * B)).view(nh, C // nh, T, B)  # (nh, hs, T, B)
+        v = torch.empty_like(y)
+        for h in range(nh):  # back to the positions each head read
+            torch.matmul(mix[h, :T, :T], y[h], out=v[h])  # (hs, T, B)
+        g.view(C, T * B).addmm_(self.W_V[l], v.view(C, T * B))
+
+    def add_injected(self, g, l, layers, positions, vectors):
+        """g += the targets of layer l and what the attention of layer l passes down from them.
+
+        A fresh target is one vector u at one position p, so its attentionᵀ needs no pass over the
+        positions: position k gets sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), nh vectors per target."""
+        rows, u = self.injected(l, layers, positions, vectors)
+        if len(rows) == 0:
+            return
+        C, T, B = g.shape
+        mix = self.mix[l]
+        nh = len(mix)
+        p = positions[rows]
+        y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
+        z = torch.bmm(self.W_V[l].view(C, nh, C // nh).transpose(0, 1), y)  # (nh, C, r): per head, back at ln_1
+        spread = torch.bmm(z.permute(2, 1, 0), mix[:, :T, p].permute(2, 0, 1))  # (r, C, T)
+        spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u itself at p
+        g.index_add_(2, rows, spread.permute(1, 2, 0))
+
+    def contract_features(self, G, out):
+        """out[:, feature s] = a_s · sum over l' of W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one matmul
+        per (layer, position) block of features, over the layers from the block's up to the top."""
+        top, d, T, B = G.shape
+        feats, acts = self.rep.feats, self.rep.acts
+        for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (in cache)
+            for l in range(top):
+                a, b = self.starts[l][p], self.starts[l][p + 1]
+                if a < b:
+                    # (n_lp, (top - l)·d): what the features write below the top layer (above it reaches nothing)
+                    w = self.clt.W_dec[l][feats[a:b, 2], :top - l].detach().flatten(1)
+                    out[:, a:b] = (w @ G[l:, :, p].flatten(0, 1)).T * acts[a:b]  # (B, n_lp)
+
+
+def shares(feats, world):
+    """Split feature targets (sorted by node) into `world` contiguous shares of about equal work: a
+    row's pass costs about (layer + 1)·(position + 1) (it runs below its layer, up to its position)."""
+    cost = ((feats[:, 0] + 1) * (feats[:, 1] + 1)).double().cumsum(0)
+    if world == 1 or len(cost) == 0:
+        return [0, len(feats)]
+    ends = torch.searchsorted(cost, cost[-1] * torch.arange(1, world, device=cost.device) / world)
+    return [0, *ends.tolist(), len(feats)]
+
+
+def batches(layers, start, end, size):
+    """[start, end) of targets sorted by layer, cut into batches of at most `size` that never straddle
+    two layers: one that did would pay for the upper layer's depth and the lower one's last positions."""
+    cuts = (layers[start + 1:end] != layers[start:end - 1]).nonzero()[:, 0] + start + 1
+    edges = [start, *cuts.tolist(), end]
+    return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
+
+
+class Slices(NamedTuple):
+    """Where each kind of node sits in the node order (positions: empty unless position_nodes)."""
+    features: slice
+    errors: slice
+    tokens: slice
+    positions: slice
+    logits: slice
 
 
 @dataclass
 class Graph:
-    """A[target, source] over nodes [features, errors (L·T), embeddings (T), logits (k)]."""
+    """A[target, source] over nodes [features, errors (L·T), tokens (T), positions (T or 0), logits (k)]."""
     prompt: str
     tokens: list  # the T input token ids
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
@@ -242,50 +399,96 @@ class Graph:
     adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
     n_layers: int
     n_active: int  # active features before --max-features
+    position_nodes: bool = False  # the position embeddings are nodes (after the tokens), not biases
 
     def slices(self):
         n, T, L = len(self.feats), len(self.tokens), self.n_layers
         e = n + L * T
-        return slice(0, n), slice(n, e), slice(e, e + T), slice(e + T, e + T + len(self.logit_ids))
+        P = T if self.position_nodes else 0
+        return Slices(slice(0, n), slice(n, e), slice(e, e + T), slice(e + T, e + T + P),
+                      slice(e + T + P, e + T + P + len(self.logit_ids)))
 
     def logit_weights(self):
         w = self.adjacency.new_zeros(len(self.adjacency))
-        w[self.slices()[3]] = self.logit_probs.to(w.dtype)
+        w[self.slices().logits] = self.logit_probs.to(w.dtype)
         return w
 
 
-def attribute(model, clt, rep, prompt="", max_features=-1, batch_size=64, max_logits=10, logit_prob=0.95):
-    """The attribution graph of the replacement model rep: logit rows first, then feature rows.
-    With max_features, features are taken most influential first, influence being measured on
-    the rows computed so far (circuit-tracer's order); the rest are dropped."""
+def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: str = "", max_features: int = -1,
+              batch_size: int = 256, max_logits: int = 10, logit_prob: float = 0.95, update_interval: int = 4,
+              position_nodes: bool = False, mesh: Optional[Mesh] = None) -> Graph:
+    """The attribution graph of the replacement model rep (local_replacement's).
+
+    Args:
+        max_features: keep at most this many feature nodes (-1: all): rounds of update_interval x
+            batch_size features, most influential first by the rows computed so far (circuit-tracer).
+        batch_size: targets per pass of the transposed model.
+        max_logits, logit_prob: the logit nodes (salient_logits).
+        position_nodes: make the position embeddings nodes instead of biases.
+        mesh: under torchrun, each rank of mesh.dp_group computes a share of every round's rows and
+            one all-reduce gives every rank all of them (each rank runs local_replacement itself).
+    Returns:
+        Graph with the dense (N, N) adjacency, unpruned.
+    """
+    mesh = mesh or Mesh()
     n, (T, L, _) = len(rep.feats), rep.mlp_out.shape
     cap = n if max_features < 0 else min(max_features, n)
+    device = rep.feats.device
+    # Phase 1: the logit nodes and the sources' vectors
     logit_ids, logit_probs = salient_logits(rep.logits, max_logits, logit_prob)
-    k, n_src = len(logit_ids), n + L * T + T
-    # A's rows in their final order (features, errors and embeddings: no inputs, logits); feature rows
-    # are filled in the order computed, which is feature order unless capped: then no copy is needed
-    rows = rep.embed.new_zeros(cap + L * T + T + k, n_src + k)
-    row_node = torch.cat([torch.zeros(cap, dtype=torch.long), torch.arange(n, n_src + k)])  # each row's node
-    att = Attribution(model, clt, rep, max(k, min(batch_size, cap)))
-    rows[-k:, :n_src] = att.logit_rows(logit_ids)
+    att = Attribution(model, clt, rep, position_nodes)
+    k, n_src = len(logit_ids), att.n_sources
+    # uncapped, A itself, filled in place: feature rows in node order, the zero rows of the nodes
+    # without inputs (errors, embeddings), the logit rows; capped, only the targets' rows, in the
+    # order computed, with every active feature's column (the ranking reads them all)
+    N = n_src + k
+    inputs = torch.arange(n, n_src, device=device)  # the nodes without inputs
+    logit_nodes = torch.arange(n_src, N, device=device)
+    middle = inputs if cap == n else inputs[:0]
+    rows = rep.mlp_out.new_zeros(cap + len(middle) + k, N)
+    row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
+    # Phase 2: the logit rows, one pass (every rank: cheaper than sending them)
+    last = torch.full((k,), T - 1, device=device)
+    att.rows(torch.full((k,), L, device=device), last, att.unembed(logit_ids), rows[-k:, :n_src])
+    # Phase 3: the feature rows, in rounds; uncapped, one round of all features in node order
     weights = rows.new_zeros(n_src + k)
     weights[n_src:] = logit_probs.to(rows.dtype)
-    todo, done = torch.ones(n, dtype=torch.bool), 0
-    for _ in tqdm(range(0, cap, att.batch), desc="feature rows", disable=cap <= att.batch):
-        order = todo.nonzero()[:, 0]
-        if cap < n:  # circuit-tracer: the remaining features by influence through the rows so far
-            infl = influence(normalized(rows), weights, row_node)[:n].cpu()
-            order = order[infl[todo].argsort(descending=True, stable=True)]
-        ids = order[:min(att.batch, cap - done)]
-        rows[done:done + len(ids), :n_src] = att.feature_rows(ids.to(rep.feats.device))
-        row_node[done:done + len(ids)], todo[ids] = ids, False
-        done += len(ids)
+    todo = torch.ones(n, dtype=torch.bool, device=device)
+    done = 0
+    bar = tqdm(total=cap, desc="feature rows", disable=cap <= batch_size or mesh.dp_rank != 0)
+    while done < cap:
+        queue = todo.nonzero()[:, 0]
+        if cap < n:  # the remaining features by influence through the rows so far
+            infl = influence(normalized(rows), weights, row_node)[:n]
+            ranked = queue[infl[todo].argsort(descending=True, stable=True)]
+            queue = ranked[:min(update_interval * batch_size, cap - done)]
+            queue = queue.sort().values  # node order: batches of one layer and a few positions
+            # rank 0's choice for all: two devices may round a sum differently and break a near-tie apart
+            queue = all_reduce_sum(queue * (mesh.dp_rank == 0), mesh.dp_group)
+        bounds = shares(rep.feats[queue], mesh.dp)
+        mine = (bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1])
+        for a, b in batches(rep.feats[queue, 0], *mine, batch_size):
+            ids = queue[a:b]
+            l, p = rep.feats[ids, 0], rep.feats[ids, 1]
+            att.rows(l, p, att.encoders(ids), rows[done + a:done + b, :n_src])
+            bar.update(b - a)
+        bar.update(len(queue) - (mine[1] - mine[0]))
+        all_reduce_sum(rows[done:done + len(queue)], mesh.dp_group)  # other ranks' rows are zero here
+        row_node[done:done + len(queue)] = queue
+        todo[queue] = False
+        done += len(queue)
+    bar.close()
+    # Phase 4: capped, the kept features' rows and columns in node order, in a square A
     kept = row_node[:cap].sort()
-    if cap < n:  # keep the computed features' rows and columns, in feature order
-        cols = torch.cat([kept.values, torch.arange(n, n_src + k)]).to(rows.device)
-        rows = rows[torch.cat([kept.indices, torch.arange(cap, len(rows))]).to(rows.device)][:, cols]
-    ids = kept.values.to(rep.feats.device)
-    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], logit_ids, logit_probs, rows, L, n)
+    if cap < n:
+        cols = torch.cat([kept.values, inputs, logit_nodes])
+        A = rows.new_zeros(len(cols), len(cols))
+        A[:cap] = rows[kept.indices][:, cols]
+        A[-k:] = rows[-k:, cols]
+        rows = A
+    ids = kept.values
+    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], logit_ids, logit_probs, rows, L, n,
+                 position_nodes)
 
 
 @torch.no_grad()
@@ -293,11 +496,13 @@ def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
     feats, logit_ids = graph.feats.to(rep.idx.device), graph.logit_ids.to(rep.idx.device)
     inputs = torch.cat(target_inputs(model, clt, rep, feats, logit_ids))
-    b_dec = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.embed))  # (T, L, d) no features: b_dec only
-    bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, torch.zeros_like(rep.embed), b_dec))
-    fs, _, _, ls = graph.slices()
+    resid = rep.position * (not graph.position_nodes)  # (T, d) what the embedding keeps with every node at zero
+    mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) no features: b_dec only
+    mlp_out[0] = rep.mlp_out[0]  # BOS: its whole MLP output is bias
+    bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, resid, mlp_out))
+    s = graph.slices()
     A = graph.adjacency.to(inputs.device)
-    total = torch.cat([A[fs].sum(1), A[ls].sum(1)]) + bias
+    total = torch.cat([A[s.features].sum(1), A[s.logits].sum(1)]) + bias
     return (total - inputs).abs().max().item(), inputs.abs().max().item()
 
 
@@ -334,25 +539,34 @@ def cumulative_threshold(scores, fraction):
 
 
 def prune(graph, node_threshold=0.8, edge_threshold=0.98):
-    """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,))."""
+    """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,)).
+    The edges are scored in the graph of the kept nodes alone (K x K): nothing else of size N² but the mask."""
     if not (0 <= node_threshold <= 1 and 0 <= edge_threshold <= 1):
         raise ValueError(f"thresholds must lie in [0, 1], got {node_threshold}, {edge_threshold}")
-    fs, es, ts, ls = graph.slices()
+    s = graph.slices()
+    inputs = s.tokens.start  # tokens, positions and logits follow: they always stay
     A, w = graph.adjacency, graph.logit_weights()
     infl = influence(normalized(A), w)
     node_mask = infl >= cumulative_threshold(infl, node_threshold)
-    node_mask[ts.start:] = True  # embeddings and logits always stay
-    edge_score = normalized(A * (node_mask[:, None] & node_mask[None, :]))  # Â of the pruned graph
-    edge_score *= (influence(edge_score, w) + w)[:, None]
-    edge_mask = edge_score > 0
-    edge_mask &= edge_score >= cumulative_threshold(edge_score[edge_mask], edge_threshold)  # the zeros add nothing
-    while True:  # features and errors need an outgoing edge, features an incoming one
-        old = node_mask.clone()
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
-        node_mask[:ts.start] &= edge_mask[:, :ts.start].any(0)
-        node_mask[fs] &= edge_mask[fs].any(1)
-        if torch.equal(old, node_mask):
+    node_mask[inputs:] = True
+    kept = node_mask.nonzero()[:, 0]  # (K,)
+    edge_score = normalized(A[kept][:, kept])  # Â of the pruned graph
+    edge_score *= (influence(edge_score, w[kept]) + w[kept])[:, None]
+    edges = edge_score > 0
+    edges &= edge_score >= cumulative_threshold(edge_score[edges], edge_threshold)  # the zeros add nothing
+    keep = torch.ones_like(kept, dtype=torch.bool)
+    inner = kept < inputs  # features and errors need an outgoing edge
+    feature = kept < s.features.stop  # features an incoming one too
+    while True:
+        old = keep.clone()
+        edges &= keep[:, None] & keep[None, :]
+        keep[inner] &= edges[:, inner].any(0)
+        keep[feature] &= edges[feature].any(1)
+        if torch.equal(old, keep):
             break
+    node_mask[kept] = keep
+    edge_mask = torch.zeros_like(A, dtype=torch.bool)
+    edge_mask[kept[:, None], kept[None, :]] = edges
     order = infl.argsort(descending=True)
     cumulative = torch.empty_like(infl)
     cumulative[order] = infl[order].cumsum(0) / infl.sum().clamp(min=1e-30)
@@ -361,13 +575,14 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
 
 def scores(graph):
     """(replacement score, completeness score), circuit-tracer's definitions (module docstring)."""
-    _, es, ts, _ = graph.slices()
+    s = graph.slices()
     A_hat, w = normalized(graph.adjacency), graph.logit_weights()
     infl = influence(A_hat, w)
-    token, error = infl[ts].sum(), infl[es].sum()
-    replacement = token / (token + error).clamp(min=1e-30)
+    inputs = infl[s.tokens].sum() + infl[s.positions].sum()
+    error = infl[s.errors].sum()
+    replacement = inputs / (inputs + error).clamp(min=1e-30)
     out = infl + w
-    completeness = ((1 - A_hat[:, es].sum(1)) * out).sum() / out.sum()
+    completeness = ((1 - A_hat[:, s.errors].sum(1)) * out).sum() / out.sum()
     return replacement.item(), completeness.item()
 
 
@@ -392,34 +607,41 @@ def load_explanations(path):
     return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
 
 
+def node_record(**fields):
+    """A node in the fields of circuit-tracer's frontend/graph_models.py Node, defaults filled in."""
+    return dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="", activation=None) | fields
+
+
 def node_records(graph, enc, explanations, cumulative, infl):
-    """One dict per node, in the fields of circuit-tracer's frontend/graph_models.py Node."""
+    """One dict per node, in the node order of the adjacency."""
     T, L, nodes = len(graph.tokens), graph.n_layers, []
-    base = lambda **kw: dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="",
-                             activation=None, **kw)
     for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
-        nodes.append(base(node_id=f"{l}_{f}_{p}", feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l), ctx_idx=p,
-                          feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0") | dict(
-                          activation=a, clerp=explanations.get((l, f), "")))
+        nodes.append(node_record(node_id=f"{l}_{f}_{p}", feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l),
+                                 ctx_idx=p, feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
+                                 activation=a, clerp=explanations.get((l, f), "")))
     for l in range(L):
         for p in range(T):
-            nodes.append(base(node_id=f"{l}_-1_{p}", feature=-1, layer=str(l), ctx_idx=p,
-                              feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0"))
+            nodes.append(node_record(node_id=f"{l}_-1_{p}", feature=-1, layer=str(l), ctx_idx=p,
+                                     feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0"))
     for p, t in enumerate(graph.tokens):
-        nodes.append(base(node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
-                          jsNodeId=f"E_{t}-{p}") | dict(clerp=token_str(enc, t) if enc else ""))
+        nodes.append(node_record(node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
+                                 jsNodeId=f"E_{t}-{p}", clerp=token_str(enc, t) if enc else ""))
+    for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
+        nodes.append(node_record(node_id=f"E_-1_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
+                                 jsNodeId=f"E_-1-{p}", clerp=f"position {p}"))
     for i, (t, prob) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())):
         s = token_str(enc, t) if enc else str(t)
-        nodes.append(base(node_id=f"{L + 1}_{t}_{T - 1}", feature=t, layer=str(L + 1), ctx_idx=T - 1,
-                          feature_type="logit", jsNodeId=f"L_{t}-{T - 1}") | dict(
-                          token_prob=prob, is_target_logit=i == 0, clerp=f'Output "{s}" (p={prob:.3f})'))
+        nodes.append(node_record(node_id=f"{L + 1}_{t}_{T - 1}", feature=t, layer=str(L + 1), ctx_idx=T - 1,
+                                 feature_type="logit", jsNodeId=f"L_{t}-{T - 1}", token_prob=prob,
+                                 is_target_logit=i == 0, clerp=f'Output "{s}" (p={prob:.3f})'))
     for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
         node.update(influence=c, influence_raw=r)
     return nodes
 
 
 def save_graph(graph, cfg, enc, model_name, clt_name):
-    """Write {slug}.json + graph-metadata.json (the front end) and adjacency.safetensors + nodes.json."""
+    """Write {slug}.json + graph-metadata.json (the front end) and adjacency.safetensors + nodes.json,
+    each whole or not at all (atomic_path)."""
     node_mask, edge_mask, cumulative, infl = (x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold))
     replacement, completeness = scores(graph)
     nodes = node_records(graph, enc, load_explanations(cfg.interp), cumulative, infl)
@@ -427,31 +649,33 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     dst, src = edge_mask.nonzero(as_tuple=True)
     links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w)
              for s, t, w in zip(src.tolist(), dst.tolist(), A[dst, src].tolist())]
+    prompt_tokens = [token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens]
     meta = dict(slug=cfg.slug, scan=os.path.basename(os.path.normpath(clt_name)), transcoder_list=[],
-                prompt_tokens=[token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens],
-                prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
+                prompt_tokens=prompt_tokens, prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
                 pruning_settings=dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold),
                 info=dict(model=model_name, clt=clt_name, replacement_score=replacement,
                           completeness_score=completeness, n_active_features=graph.n_active,
-                          n_feature_nodes=len(graph.feats)))
+                          n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes))
     qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
     os.makedirs(cfg.out, exist_ok=True)
     kept = [nd for nd, m in zip(nodes, node_mask.tolist()) if m]
-    with open(os.path.join(cfg.out, f"{cfg.slug}.json"), "w") as f:
-        json.dump(dict(metadata=meta, qParams=qparams, nodes=kept, links=links), f)
+    write_json(os.path.join(cfg.out, f"{cfg.slug}.json"), dict(metadata=meta, qParams=qparams, nodes=kept, links=links),
+               indent=None)
     index_path = os.path.join(cfg.out, "graph-metadata.json")
-    index = json.load(open(index_path)) if os.path.exists(index_path) else {"graphs": []}
+    index = {"graphs": []}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
     index["graphs"] = [g for g in index["graphs"] if g["slug"] != cfg.slug] + [meta]
-    with open(index_path, "w") as f:
-        json.dump(index, f, indent=2)
-    save_file({"adjacency": A.float().contiguous(), "influence": infl.float(), "node_mask": node_mask,
-               "edge_mask": edge_mask, "features": graph.feats.cpu().contiguous(), "activations": graph.acts.float().cpu(),
-               "input_tokens": torch.tensor(graph.tokens), "logit_tokens": graph.logit_ids.cpu(),
-               "logit_probabilities": graph.logit_probs.float().cpu()},
-              os.path.join(cfg.out, "adjacency.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(cfg.out, "nodes.json"), "w") as f:
-        json.dump(dict(metadata=meta, nodes=[nd | dict(index=i, kept=m) for i, (nd, m) in
-                                             enumerate(zip(nodes, node_mask.tolist()))]), f)
+    write_json(index_path, index, indent=2)
+    tensors = {"adjacency": A.float().contiguous(), "influence": infl.float(), "node_mask": node_mask,
+               "edge_mask": edge_mask, "features": graph.feats.cpu().contiguous(),
+               "activations": graph.acts.float().cpu(), "input_tokens": torch.tensor(graph.tokens),
+               "logit_tokens": graph.logit_ids.cpu(), "logit_probabilities": graph.logit_probs.float().cpu()}
+    with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    table = [nd | dict(index=i, kept=m) for i, (nd, m) in enumerate(zip(nodes, node_mask.tolist()))]
+    write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     return replacement, completeness, int(node_mask.sum()), len(links)
 
 
@@ -488,8 +712,13 @@ def intervene(model, clt, idx, feats, scale):
         top = [f"{j} ({v:.3g})" for v, j in zip(*here.topk(min(5, int((here != 0).sum()))))] if here.any() else []
         raise ValueError(f"feature {l[i]}/{p[i]}/{f[i]} does not fire on this prompt; active there: {top or 'none'}")
     delta = reconstruct(clt, feats.to(a.device), (scale - 1) * a[p, l, f], idx.size(1), bias=False)  # (T, L, d)
-    add = lambda layer: lambda module, inputs, out: out + delta[:, layer]
-    handles = [block.mlp.register_forward_hook(add(i)) for i, block in enumerate(model.h)]
+
+    def adds(layer):  # a forward hook that adds the change of layer's MLP output
+        def hook(module, inputs, out):
+            return out + delta[:, layer]
+        return hook
+
+    handles = [block.mlp.register_forward_hook(adds(i)) for i, block in enumerate(model.h)]
     try:
         new = model(idx)
     finally:
@@ -502,78 +731,68 @@ def intervene(model, clt, idx, feats, scale):
 # command line
 
 
-def load(cfg):
+def load(cfg, device):
     if not os.path.exists(os.path.join(cfg.clt, "config.json")):
         raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
                                 f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
-    model = GPT.from_pretrained(cfg.model).to(cfg.device)
-    clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
+    model = GPT.from_pretrained(cfg.model).to(device)
+    clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(device)
     check_compatible(model, clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)
-    return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(cfg.device)
+    return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
 
 
 def run_graph(cfg):
-    model, clt, enc, idx = load(cfg)
+    """One process, or torchrun: every rank builds the replacement model and computes its share of
+    the rows; rank 0 checks exactness and writes the files."""
+    ddp, rank, _, world, device = compute_init(cfg.device)
+    mesh = make_mesh(ddp, world, 1, device)  # all ranks data-parallel: the rows split, the model is whole
+    if rank == 0:
+        print(asdict(cfg) | dict(world=world))
+    model, clt, enc, idx = load(cfg, device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
-    graph = attribute(model, clt, rep, cfg.prompt, cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob)
+    graph = attribute(model, clt, rep, cfg.prompt, cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob,
+                      cfg.update_interval, cfg.position_nodes, mesh)
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return
     err, scale = exactness(model, clt, rep, graph)
     replacement, completeness, n_nodes, n_links = save_graph(graph, cfg, enc, cfg.model, cfg.clt)
-    top = ", ".join(f"{token_str(enc, t)!r} {p:.3f}" for t, p in zip(graph.logit_ids.tolist(), graph.logit_probs.tolist()))
+    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())
+    top = ", ".join(f"{token_str(enc, t)!r} {p:.3f}" for t, p in probs)
+    capped = " [capped: dropped features' edges are missing]" if len(graph.feats) < graph.n_active else ""
     print(f"prompt: {len(graph.tokens)} tokens | active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
           f" | logits: {top}")
-    print(f"attribution: {seconds:.2f} s | exactness: max |sum A + bias - input| = {err:.2e} (inputs up to {scale:.2g})"
-          + (" [capped: dropped features' edges are missing]" if len(graph.feats) < graph.n_active else ""))
+    print(f"attribution: {seconds:.2f} s on {world} process(es) | exactness: max |sum A + bias - input| = {err:.2e} "
+          f"(inputs up to {scale:.2g}){capped}")
     print(f"replacement score {replacement:.3f} | completeness score {completeness:.3f} | pruned graph: "
           f"{n_nodes} nodes, {n_links} links -> {cfg.out}/{cfg.slug}.json")
 
 
 def run_intervene(cfg):
-    model, clt, enc, idx = load(cfg)
+    print(asdict(cfg))
+    model, clt, enc, idx = load(cfg, cfg.device)
     if not cfg.feature:
         raise ValueError("intervene needs --feature LAYER/POS/ID")
     feats = parse_features(cfg.feature, clt.config.n_layers, idx.size(1), clt.config.n_features)
     clean, new, a = intervene(model, clt, idx, feats, cfg.scale)
     p0, p1 = clean.softmax(-1), new.softmax(-1)
     for (l, p, f), act in zip(feats.tolist(), a.tolist()):
-        print(f"feature {l}/{p}/{f}: activation {act:.3g} on {token_str(enc, idx[0, p].item())!r}, decoder writes x {cfg.scale:g}")
+        print(f"feature {l}/{p}/{f}: activation {act:.3g} on {token_str(enc, idx[0, p].item())!r}, "
+              f"decoder writes x {cfg.scale:g}")
     print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
     for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
         print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
 
 
-def parse_args(argv):
-    command = "intervene" if argv[:1] == ["intervene"] else "graph"
-    argv = argv[1:] if command == "intervene" else argv
-    parser = argparse.ArgumentParser(prog=f"graph.py{' intervene' if command == 'intervene' else ''}",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {"model": "GPT-2 directory in the hub layout, or a hub id", "clt": "CLT directory (train.py writes runs/clt)",
-             "interp": "interp.py's output dir or features.jsonl (node explanations)", "prompt": "text to attribute",
-             "out": "output directory", "slug": "graph name in the front end: OUT/SLUG.json",
-             "max_features": "keep at most this many feature nodes, weakest dropped; -1 = all",
-             "batch_size": "targets per backward pass", "max_logits": "at most this many logit nodes",
-             "logit_prob": "logit nodes up to this cumulative probability",
-             "node_threshold": "pruning: keep nodes up to this cumulative influence",
-             "edge_threshold": "pruning: keep edges up to this cumulative influence", "device": "cpu or cuda",
-             "feature": "intervene: the feature LAYER/POS/ID, or several, comma-separated", "top": "intervene: rows of changes to print",
-             "scale": "intervene: multiply the feature's decoder writes by this (0 ablate, -1 flip, >1 steer)"}
-    only = {"graph": {"out", "slug", "max_features", "batch_size", "max_logits", "logit_prob", "node_threshold",
-                      "edge_threshold", "interp"}, "intervene": {"feature", "scale", "top"}}
-    for fd in fields(GraphConfig):
-        if fd.name not in only["intervene" if command == "graph" else "graph"]:
-            parser.add_argument("--" + fd.name.replace("_", "-"), type=type(fd.default), default=fd.default,
-                                help=helps[fd.name] + f" (default: {fd.default})")
-    return command, GraphConfig(**vars(parser.parse_args(argv)))
-
-
 def main(argv=None):
-    command, cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    print(asdict(cfg))
+    command, cfg = parse_config(__doc__, {"graph": GraphConfig, "intervene": InterveneConfig}, argv, default="graph")
     (run_intervene if command == "intervene" else run_graph)(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

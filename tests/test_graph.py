@@ -4,9 +4,10 @@ they say, and bad input fails clearly. Small random GPT + random CLT (b_enc rais
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-import tiktoken
 import torch
 from safetensors.torch import load_file
 
@@ -14,6 +15,7 @@ import clt as C
 import graph as G
 
 L, D, F_, V, T = 3, 32, 64, 300, 10
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,9 +55,11 @@ def built():
 def test_replacement_reproduces_logits(built):
     model, clt, rep, _ = built
     logits, acts = model.run_with_acts(rep.idx)
-    frozen = model(rep.idx, frozen=rep.frozen, resid=rep.embed[None], mlp_out=(rep.recon + rep.error)[None])
+    frozen = model(rep.idx, frozen=rep.frozen, resid=(rep.token + rep.position)[None], mlp_out=rep.mlp_out[None])
     assert (frozen - logits).abs().max() <= 1e-5
     assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
+    assert not rep.error[0].any()  # nor errors: the MLP outputs at BOS are bias
+    torch.testing.assert_close((rep.recon + rep.error)[1:], rep.mlp_out[1:], atol=1e-6, rtol=0)
     pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
     l, p, f = rep.feats.T
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
@@ -69,25 +73,28 @@ def test_edges_sum_to_inputs(dtype):
     model, clt, rep, graph = build(dtype)
     err, scale = G.exactness(model, clt, rep, graph)
     assert scale > 1 and err <= (1e-4 if dtype == torch.float32 else 1e-10)
-    fs, es, ts, ls = graph.slices()
+    fs, es, ts, _, ls = graph.slices()
     assert not graph.adjacency[es.start:ls.start].any()  # errors and embeddings have no inputs
+    assert not graph.adjacency[:, es].view(-1, L, T)[:, :, 0].any()  # the error nodes at BOS are zero
     layer = graph.feats[:, 0]
     same_or_later = layer[:, None] <= layer[None, :]  # a feature reads nothing from its own layer or above
     assert not graph.adjacency[fs, fs][same_or_later].any()
 
 
-def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None):
+def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None, position=None):
     """Every target's change when one source is scaled by (1 + eps) in the frozen replacement model,
     measured with forward passes only (and the CLT's own decode)."""
-    resid, mlp_out = rep.embed.clone(), rep.recon + rep.error
+    resid, mlp_out = rep.token + rep.position, rep.mlp_out.clone()
     if feature is not None:  # its decoder writes to every layer from its own up
         (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
         mlp_out[p, l:] += eps * a * clt.W_dec[l][f].detach() / clt.output_scale[l:, None]
     if error is not None:
         l, p = divmod(error, T)
         mlp_out[p, l] += eps * rep.error[p, l]
-    if embed is not None:
-        resid[embed] *= 1 + eps
+    if embed is not None:  # the token embedding only: the position embedding is bias
+        resid[embed] += eps * rep.token[embed]
+    if position is not None:
+        resid[position] += eps * rep.position[position]
     before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids))
     after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids, resid, mlp_out))
     return after - before
@@ -96,7 +103,7 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None)
 @pytest.mark.parametrize("dtype,eps,tol", [(torch.float64, 1e-3, 1e-6), (torch.float32, 0.2, 1e-3)])
 def test_edges_match_perturbations(dtype, eps, tol):
     model, clt, rep, graph = build(dtype)
-    A, (fs, es, ts, ls) = graph.adjacency, graph.slices()
+    A, (fs, es, ts, _, ls) = graph.adjacency, graph.slices()
     targets = torch.cat([A[fs], A[ls]])  # rows of every target: features, then logits
     layer = graph.feats[:, 0]
     cross = A[fs, fs] * (layer[:, None] >= layer[None, :] + 2)  # feature -> feature, across a whole layer
@@ -111,10 +118,30 @@ def test_edges_match_perturbations(dtype, eps, tol):
         assert rel <= tol, (kw, rel.item())
 
 
+def test_position_nodes():
+    """--position-nodes moves the position embeddings out of the biases into nodes of their own: the
+    other edges stay as they are, the new ones are measured direct effects, and the sums stay exact."""
+    model, clt, rep, graph = build()
+    with_pos = G.attribute(model, clt, rep, batch_size=64, position_nodes=True)
+    s = with_pos.slices()
+    assert s.positions.stop - s.positions.start == T and s.logits.stop == len(with_pos.adjacency)
+    others = torch.cat([torch.arange(s.positions.start), torch.arange(s.logits.start, s.logits.stop)])
+    torch.testing.assert_close(with_pos.adjacency[others][:, others], graph.adjacency, atol=0, rtol=0)
+    err, scale = G.exactness(model, clt, rep, with_pos)
+    assert err <= 1e-4 * scale
+    A = with_pos.adjacency
+    targets = torch.cat([A[s.features], A[s.logits]])
+    p = A[s.logits, s.positions].abs().max(0).values.argmax().item()
+    delta = perturbed(model, clt, rep, with_pos, 0.2, position=p)
+    expected = 0.2 * targets[:, s.positions.start + p]
+    assert (delta - expected).abs().max() <= 1e-3 * expected.abs().max()
+    assert G.scores(with_pos) != G.scores(graph)  # the positions count as inputs beside the tokens
+
+
 def test_prune_and_scores(built):
     *_, graph = built
     node_mask, edge_mask, cumulative, infl = G.prune(graph, 0.8, 0.98)
-    fs, es, ts, ls = graph.slices()
+    fs, es, ts, _, ls = graph.slices()
     assert node_mask[ls].all() and node_mask[ts].all()
     assert 0 < node_mask[fs].sum() < len(graph.feats)  # pruning kept some features, not all
     assert not edge_mask[~node_mask].any() and not edge_mask[:, ~node_mask].any()
@@ -149,14 +176,9 @@ def test_max_features_keeps_the_most_influential(built):
     assert set(top.tolist()) <= set(keep.tolist())  # the strongest features survive the cap
 
 
-def byte_tokenizer():
-    return tiktoken.Encoding("bytes", pat_str=C.GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={C.ENDOFTEXT: 256})
-
-
-def test_bad_input():
-    enc = byte_tokenizer()
-    assert G.encode_prompt(enc, "hi", 32).tolist() == [[256, ord("h"), ord("i")]]
+def test_bad_input(hub_model):
+    _, _, enc = hub_model  # 256 bytes, <|endoftext|> = 256
+    assert G.encode_prompt(enc, "hi", 32).tolist() == [[256, *enc.encode("hi")]]  # BOS first
     with pytest.raises(ValueError, match="empty"):
         G.encode_prompt(enc, "  ", 32)
     with pytest.raises(ValueError, match="n_ctx=32"):
@@ -168,24 +190,22 @@ def test_bad_input():
             G.local_replacement(model, other, idx)
 
 
-def write_model(path, model):
-    """A checkpoint dir whose tokenizer is bytes only (vocab.json + an empty merges.txt)."""
-    model.save_pretrained(path)
-    vocab = {c: i for i, c in enumerate(C.bytes_to_unicode().values())} | {C.ENDOFTEXT: 256}
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+def write_model_and_clt(path, make_hub_model, seed=0):
+    """A random GPT-2 in the hub layout (conftest) and a random CLT of it that fires -> (model dir, CLT dir)."""
+    model, _ = make_hub_model(path / "model", seed=seed, n_layer=L, n_embd=D)
+    clt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed)
+    with torch.no_grad():
+        clt.b_enc.fill_(0.0)  # dense enough that pruning keeps some features on a short prompt
+    clt.save_pretrained(path / "clt")
+    return str(path / "model"), str(path / "clt")
 
 
-def test_command_line_writes_front_end_files(tmp_path, capsys):
-    model, clt, _ = make()
-    write_model(tmp_path / "model", model)
-    clt.save_pretrained(tmp_path / "clt")
+def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
+    model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
     (tmp_path / "interp").mkdir()
     (tmp_path / "interp" / "features.jsonl").write_text(
         "\n".join(json.dumps(dict(layer=l, feature=f, explanation=f"L{l}F{f}")) for l in range(L) for f in range(F_)))
-    args = ["--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"), "--prompt", "Tarn is in", "--device", "cpu"]
+    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu"]
     G.main(args + ["--interp", str(tmp_path / "interp"), "--out", str(tmp_path / "graph")])
     assert "exactness" in capsys.readouterr().out
     data = json.loads((tmp_path / "graph" / "graph.json").read_text())
@@ -214,6 +234,30 @@ def test_command_line_writes_front_end_files(tmp_path, capsys):
         G.main(args[:2] + ["--clt", str(tmp_path / "nothing")])
 
 
+def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
+    """Two gloo ranks, each computing a share of every round's rows, write the graph one process writes:
+    uncapped (one round) and with --max-features (rounds of update_interval x batch_size). One torchrun
+    runs both: this file is its worker (see the end)."""
+    model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model, seed=1)
+    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in the north", "--device", "cpu",
+            "--interp", str(tmp_path / "none"), "--batch-size", "16", "--update-interval", "2"]
+    tasks = [args + ["--max-features", cap, "--out", str(tmp_path / f"two{cap}")] for cap in ("-1", "100")]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path / "tasks.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("on 2 process(es)") == 2
+    for cap in ("-1", "100"):
+        G.main(args + ["--max-features", cap, "--out", str(tmp_path / f"one{cap}")])
+        a, b = (load_file(tmp_path / f"{w}{cap}" / "adjacency.safetensors") for w in ("one", "two"))
+        assert torch.equal(a["features"], b["features"]) and torch.equal(a["logit_tokens"], b["logit_tokens"])
+        torch.testing.assert_close(b["adjacency"], a["adjacency"], atol=1e-6, rtol=0)
+    assert len(a["features"]) == 100 < json.loads((tmp_path / "one100" / "graph.json").read_text())["metadata"][
+        "info"]["n_active_features"]
+
+
 def test_intervention_scales_the_decoder_writes(built):
     model, clt, rep, _ = built
     idx = rep.idx
@@ -234,3 +278,60 @@ def test_intervention_scales_the_decoder_writes(built):
                 .nonzero()[0, 0].item())
     with pytest.raises(ValueError, match="does not fire"):
         G.intervene(model, clt, idx, torch.tensor([[L - 1, p, f], [0, 1, inactive]]), 0.0)
+
+
+# -----------------------------------------------------------------------------
+# circuit-tracer's graphs of the same model, CLT and prompt (tests/fixtures/make_graph_reference.py)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def circuit_tracer_reference():
+    """(model, clt, idx, reference tensors, reference JSON) of the committed circuit-tracer fixture."""
+    with open(os.path.join(FIXTURES, "graph_reference.json")) as f:
+        meta = json.load(f)
+    ref = load_file(os.path.join(FIXTURES, "graph_reference.safetensors"))
+    model = C.GPT(C.GPTConfig(**meta["gpt"]))
+    model.load_state_dict({k[6:]: v for k, v in ref.items() if k.startswith("model.")})
+    clt = C.CrossLayerTranscoder(C.CLTConfig(**meta["clt"]))
+    clt.load_state_dict({k[4:]: v for k, v in ref.items() if k.startswith("clt.")})
+    return model.eval(), clt.eval(), ref["tokens"][None], ref, meta
+
+
+def assert_rows_match(graph, rows, tol=1e-4):
+    """Every edge type, target by target: |ours - circuit-tracer's| <= tol x the row's largest |edge|."""
+    A = graph.adjacency
+    s = graph.slices()
+    ours = torch.cat([A[s.features], A[s.logits]])  # the targets' rows
+    n = len(graph.feats)
+    for name, (r, c) in {"feature": (slice(0, n), slice(None)), "logit": (slice(n, None), slice(None))}.items():
+        scale = rows[r, c].abs().amax(1, keepdim=True)
+        assert ((ours[r, c] - rows[r, c]).abs() <= tol * scale).all(), name
+    for r, c in [(s.features, s.features), (s.features, s.errors), (s.features, s.tokens), (s.logits, s.features),
+                 (s.logits, s.errors), (s.logits, s.tokens)]:
+        assert A[r, c].abs().max() > 1e-3  # every edge type is there to compare
+
+
+def test_matches_circuit_tracer():
+    model, clt, idx, ref, meta = circuit_tracer_reference()
+    rep = G.local_replacement(model, clt, idx)
+    graph = G.attribute(model, clt, rep, batch_size=7)  # a batch size that splits (layer, position) blocks
+    assert torch.equal(graph.feats, ref["features"]) and torch.equal(graph.logit_ids, ref["logit_tokens"])
+    torch.testing.assert_close(graph.acts, ref["activations"])
+    assert_rows_match(graph, ref["rows"])
+    assert G.scores(graph) == pytest.approx(meta["scores"], abs=1e-4)
+    node_mask, edge_mask, cumulative, _ = G.prune(graph, 0.8, 0.98)  # and the pruned graph is theirs
+    assert torch.equal(node_mask, ref["node_mask"]) and torch.equal(edge_mask, ref["edge_mask"])
+    torch.testing.assert_close(cumulative, ref["cumulative"], atol=1e-5, rtol=0)
+    c = meta["capped"]  # circuit-tracer's rounds: the same features, in the same order of choosing
+    capped = G.attribute(model, clt, rep, max_features=c["max_features"], batch_size=c["batch_size"],
+                         update_interval=c["update_interval"])
+    assert torch.equal(capped.feats, ref["features"][ref["capped_features"]])
+    assert_rows_match(capped, ref["capped_rows"])
+    assert G.scores(capped) == pytest.approx(meta["capped_scores"], abs=1e-4)
+
+
+if __name__ == "__main__":  # the torchrun worker: graph.py's graph command on each task's flags
+    for task in json.loads(open(sys.argv[1]).read()):
+        G.run_graph(C.parse_config(G.__doc__, {"graph": G.GraphConfig}, ["graph", *task])[1])
+    torch.distributed.destroy_process_group()
