@@ -33,7 +33,11 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
     output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
     feature of layer l writes a·W_dec[l][f, l'-l] to every mlp_out[l'], l' >= l; its edge sums
-    all of them. t's input = sum_s A[t, s] + bias_t exactly, where bias_t is t's input with every
+    all of them (a per-layer transcoder's, W_dec[l] (F, 1, d), only mlp_out[l]). A skip connection
+    (mlp_in[l] @ W_skip[l] added to mlp_out[l]) is linear in the MLP input, so it stays live in the
+    replacement model, a path like attention's OV: edges run through it, the error nodes hold
+    mlp_out - reconstruction - skip (circuit-tracer: skip + (acts - skip).detach()).
+    t's input = sum_s A[t, s] + bias_t exactly, where bias_t is t's input with every
     source at zero: b_dec, b_enc, the attention and LayerNorm biases, the position embeddings, and
     the whole MLP output at BOS (its features and errors are not nodes).
     Influence: Â = |A| with rows normalized to sum 1, w = the logit probabilities on the logit
@@ -172,10 +176,11 @@ def reconstruct(clt, feats, acts, T, bias=True):
 
 def skip_output(clt, mlp_in):
     """mlp_in (T, L, d) -> what the skip connection adds to each MLP output (T, L, d), in raw units
-    (zero without one): clt.decode's skip term alone, with no features and no b_dec."""
+    (zero without one): clt.decode's skip term, in the working dtype as reconstruct (decode's is fp32)."""
     if clt.W_skip is None:
         return torch.zeros_like(mlp_in)
-    return clt.decode(mlp_in.new_zeros(len(mlp_in), clt.config.n_layers, clt.F_local), bias=False, mlp_in=mlp_in)
+    x = mlp_in * clt.input_scale[:, None]  # (T, L, d) in the CLT's units
+    return (torch.einsum("tld,lde->tle", x, clt.W_skip) / clt.output_scale[:, None]).detach()
 
 
 @torch.no_grad()
