@@ -794,13 +794,193 @@ def paper_row(name, L, d, F, B, T, D, args):
 
 
 # -----------------------------------------------------------------------------
+# compactness: cross-layer vs per-layer transcoders, and how compact their graphs are
+
+
+TRANSCODERS = {"clt": dict(decoder="cross-layer", skip=False), "plt": dict(decoder="per-layer", skip=False),
+               "plt-skip": dict(decoder="per-layer", skip=True)}
+
+
+def add_compactness_args(p):
+    p.add_argument("--compactness-tokens", type=int, default=200_000, help="tokens of the models/tiny cache")
+    p.add_argument("--compactness-features", type=int, default=512, help="features per layer of every transcoder")
+    p.add_argument("--compactness-k", type=int, default=8, help="TopK k of every transcoder: the matched mean L0")
+    p.add_argument("--compactness-steps", type=int, default=400, help="training steps of each transcoder")
+    p.add_argument("--compactness-batch", type=int, default=1024, help="tokens per training step")
+    p.add_argument("--compactness-per-family", type=int, default=6, help="prompts of each tiny.eval_prompts kind")
+    p.add_argument("--compactness-kinds", default="clt,plt", help=f"transcoders to compare, of {list(TRANSCODERS)}")
+    p.add_argument("--compactness-figure", default=os.path.join("assets", "compactness.png"), help="the figure")
+
+
+def train_transcoders(args, root):
+    """One cache of models/tiny, then each transcoder trained on it with the same recipe: TopK with
+    the same k (so the mean L0 is matched by construction), the same features per layer, seed, steps.
+    -> {name: (transcoder, train.py's last metrics)}."""
+    import train
+    path = os.path.join(root, "cache")
+    cache.build_cache(cache.CacheConfig(model=clt.DEFAULT_MODEL, corpus="toy", tokens=args.compactness_tokens,
+                                        out=path, device=args.device))
+    out = {}
+    for name in args.compactness_kinds.split(","):
+        c = train.TrainConfig(cache=path, out=os.path.join(root, name), features=args.compactness_features,
+                              activation="topk", k=args.compactness_k, steps=args.compactness_steps,
+                              batch_size=args.compactness_batch, lr=3e-3, warmup=min(50, args.compactness_steps // 4),
+                              eval_every=args.compactness_steps, eval_contexts=32, ckpt_every=-1, log_every=50,
+                              overwrite=True, device=args.device, **TRANSCODERS[name])
+        m = train.train(c)
+        out[name] = (clt.CrossLayerTranscoder.from_pretrained(c.out).to(args.device).eval(), m)
+    return out
+
+
+def family_prompts(world, per_family):
+    """{kind: [(prompt, answer)]}: the first per_family held-out prompts of every kind of tiny.eval_prompts,
+    in a fixed shuffled order (seed 0) so each kind mixes relations, people and templates."""
+    import tiny
+    out = {}
+    for prompt, answer, kind in tiny.eval_prompts(world):
+        out.setdefault(kind, []).append((prompt, answer))
+    rng = random.Random(0)
+    return {kind: rng.sample(ps, min(per_family, len(ps))) for kind, ps in out.items()}
+
+
+def country_features(model, enc, t, world, device):
+    """{country: (L, F) bool}: the last-token features selective for each country, the planted latent
+    of the two-hop prompts. On two-hop probes of every person (with the bridge sentence and without),
+    a feature is selective for country c if it fires on (rate on people of c) − (rate on people of
+    other countries) >= 0.5 of the probes."""
+    import graph
+    probes = []
+    for prompt, _, _, country, _ in two_hop_probes(world, [p["name"] for p in world.people]):
+        probes += [(prompt, country), (prompt[prompt.index(". ") + 2:], country)]  # with and without the bridge
+    last = []
+    with torch.no_grad():
+        for prompt, _ in probes:
+            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
+            last.append(t.encode(model.run_with_acts(idx, logits=False)[1].mlp_in[0, -1:])[0].cpu() > 0)  # (L, F)
+    last = torch.stack(last).float()  # (P, L, F)
+    countries = sorted({c for _, c in probes})
+    which = torch.tensor([countries.index(c) for _, c in probes])
+    return {c: last[which == i].mean(0) - last[which != i].mean(0) >= 0.5 for i, c in enumerate(countries)}
+
+
+def path_length(A_hat, w, inputs):
+    """The influence-weighted mean number of edges on the paths from the input nodes to the logits:
+    the mass of w Â^k that reaches the inputs, over k."""
+    cur, total, weighted, k = w @ A_hat, 0.0, 0.0, 1
+    while cur.any():
+        m = cur[inputs].sum().item()
+        total, weighted = total + m, weighted + k * m
+        cur, k = cur @ A_hat, k + 1
+    return weighted / max(total, 1e-30)
+
+
+def graph_compactness(model, t, rep, selective):
+    """The compactness numbers of one prompt's graph under transcoder t (see bench_compactness)."""
+    import graph
+    g = graph.attribute(model, t, rep, batch_size=256)
+    s = g.slices()
+    A_hat, w = graph.normalized(g.adjacency), g.logit_weights()
+    infl = graph.influence(A_hat, w)
+    replacement, completeness = graph.scores(g)
+    nodes, edges, _, _ = graph.prune(g)
+    inner = infl[:s.tokens.start].sort(descending=True).values  # features and errors
+    cum = inner.cumsum(0) / inner.sum().clamp(min=1e-30)
+    row = dict(active=len(g.feats), replacement=replacement, completeness=completeness,
+               pruned_nodes=int(nodes[:s.tokens.start].sum()), pruned_edges=int(edges.sum()),
+               nodes_to_80=int(torch.searchsorted(cum, 0.8)) + 1,
+               path_length=path_length(A_hat, w, torch.arange(s.tokens.start, s.tokens.stop)))
+    if selective is not None:
+        l, _, f = g.feats.cpu().T
+        last = (g.feats[:, 1] == len(g.tokens) - 1).cpu()
+        feat = infl[s.features].cpu()
+        row["country_share"] = (feat[last & selective[l, f]].sum() / feat.sum().clamp(min=1e-30)).item()
+    return row
+
+
+def compactness_figure(rows, path, kinds):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = ["pruned_nodes", "pruned_edges", "nodes_to_80", "path_length", "replacement", "completeness"]
+    families = [r["family"] for r in rows if r["transcoder"] == kinds[0]]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    width = 0.8 / len(kinds)
+    for ax, metric in zip(axes.flat, metrics):
+        for i, kind in enumerate(kinds):
+            values = [next(r[metric] for r in rows if r["transcoder"] == kind and r["family"] == fam) for fam in families]
+            ax.bar(np.arange(len(families)) + i * width, values, width, label=kind)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xticks(np.arange(len(families)) + width * (len(kinds) - 1) / 2)
+        ax.set_xticklabels(families, rotation=60, ha="right", fontsize=8)
+    axes.flat[0].legend()
+    fig.suptitle("models/tiny: graphs of a CLT vs a PLT (same features per layer, TopK: same L0), per prompt family")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with clt.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def bench_compactness(args):
+    """Do cross-layer transcoders give more compact attribution graphs than per-layer ones? On
+    models/tiny: a CLT and a PLT (and a PLT with a skip connection) trained on one cache with the
+    same features per layer and TopK k (matched L0), then the graph of every prompt, per family:
+    replacement and completeness scores, feature + error nodes and edges of the pruned graph,
+    feature + error nodes needed for 80 % of the logit influence, the influence-weighted mean path
+    length from the token embeddings to the logits (in edges), and for two-hop prompts the share of
+    the feature influence carried by the last-token features selective for the latent country."""
+    import graph
+    import tiny
+    root = os.path.join(args.out, "compactness")
+    model = clt.GPT.from_pretrained().to(args.device).eval()
+    enc, world = clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
+    t0 = time.time()
+    print("phase 1: the cache and the transcoders")
+    trained = train_transcoders(args, root)
+    print(f"phase 2: per-country selective features ({time.time() - t0:.0f} s so far)")
+    selective = {name: country_features(model, enc, t, world, args.device) for name, (t, _) in trained.items()}
+    families = family_prompts(world, args.compactness_per_family)
+    print(f"phase 3: {sum(map(len, families.values()))} prompts x {len(trained)} graphs ({time.time() - t0:.0f} s so far)")
+    per_prompt = []
+    for kind, prompts in families.items():
+        for prompt, answer in prompts:
+            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(args.device)
+            country = world.country_of(answer.strip()) if kind.startswith("two_hop") else None
+            for name, (t, _) in trained.items():
+                rep = graph.local_replacement(model, t, idx)
+                sel = selective[name].get(country) if country else None
+                per_prompt.append(dict(transcoder=name, family=kind, prompt=prompt,
+                                       **graph_compactness(model, t, rep, sel)))
+    clt.write_json(os.path.join(root, "per_prompt.json"), per_prompt)
+    rows = []
+    for name, (_, m) in trained.items():
+        for fam in list(families) + ["all"]:
+            mine = [r for r in per_prompt if r["transcoder"] == name and fam in ("all", r["family"])]
+            row = dict(transcoder=name, family=fam, prompts=len(mine))
+            for key in ("active", "replacement", "completeness", "pruned_nodes", "pruned_edges", "nodes_to_80",
+                        "path_length", "country_share"):
+                vals = [r[key] for r in mine if key in r]
+                row[key] = round(sum(vals) / len(vals), 3) if vals else "-"
+            if fam == "all":  # the training run's numbers, on its held-out contexts
+                row.update(l0=round(sum(m["eval"]["l0"]) / len(m["eval"]["l0"]), 2),
+                           fvu=round(sum(m["eval"]["fvu"]) / len(m["eval"]["fvu"]), 4),
+                           recovered=round(m["eval"]["recovered"], 4))
+            rows.append(row)
+    compactness_figure([r for r in rows if r["family"] != "all"], args.compactness_figure, list(trained))
+    print(f"done in {time.time() - t0:.0f} s; figure: {args.compactness_figure}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
               "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features"),
               "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read"),
               "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
-              "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper")}
+              "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"),
+              "compactness": (bench_compactness, add_compactness_args,
+                              "CLT vs PLT on models/tiny: how compact their attribution graphs are")}
 
 
 def main(argv=None):
