@@ -8,6 +8,7 @@ timed in the same process, next to the thing it is compared with.
     python bench.py cache --quick      # the same, small (a couple of minutes on a 2-core CPU)
     python bench.py cache --device cuda
     python bench.py graph --vs-circuit-tracer --threads 1  # beside circuit-tracer's attribute() (installed)
+    python bench.py compactness        # CLT vs PLT graphs on models/tiny (~15 min on a loaded 2-core CPU)
 
 Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
 its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
