@@ -957,7 +957,7 @@ def bench_compactness(args):
     for name, (_, m) in trained.items():
         for fam in list(families) + ["all"]:
             mine = [r for r in per_prompt if r["transcoder"] == name and fam in ("all", r["family"])]
-            row = dict(transcoder=name, family=fam, prompts=len(mine))
+            row = dict(transcoder=name, family=fam, prompts=len(mine), l0="-", fvu="-", recovered="-")
             for key in ("active", "replacement", "completeness", "pruned_nodes", "pruned_edges", "nodes_to_80",
                         "path_length", "country_share"):
                 vals = [r[key] for r in mine if key in r]
