@@ -271,7 +271,10 @@ class Attribution:
     def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
         n = len(rep.feats)
-        self.model, self.rep, self.T, self.L = model, rep, T, L
+        self.model = model
+        self.rep = rep
+        self.T = T  # the prompt's length (a batch's pass may stop earlier)
+        self.L = L
         fz = rep.frozen
         # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers, D_w is
         # ln_1's weight): fold the constant parts once, scale_1 into the patterns, the rest into W_V
