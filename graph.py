@@ -83,7 +83,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
-                 check_same_model, compute_init, load_tokenizer, make_mesh, parse_config, run_main, write_json)
+                 check_same_model, compute_init, load_tokenizer, load_transcoder, make_mesh, parse_config, run_main, write_json)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -93,7 +93,7 @@ from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Me
 class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # CLT directory (train.py writes runs/clt)
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
     interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
     out: str = "runs/graph"  # output directory
@@ -115,7 +115,7 @@ class GraphConfig:
 class InterveneConfig:
     """scale features' decoder writes in the real model and print how the prediction changes"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # CLT directory (train.py writes runs/clt)
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
     feature: str = ""  # the feature LAYER/POS/ID, or several, comma-separated
@@ -775,11 +775,12 @@ def intervene(model, clt, idx, feats, scale):
 
 
 def load(cfg, device):
-    if not os.path.exists(os.path.join(cfg.clt, "config.json")):
+    if not os.path.exists(cfg.clt):
         raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
                                 f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
-    model = GPT.from_pretrained(cfg.model).to(device)
-    clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(device)
+    model = GPT.from_pretrained(cfg.model)
+    clt = load_transcoder(cfg.clt, model).to(device)  # ours, or SAELens's per-layer transcoders
+    model = model.to(device)
     check_compatible(model, clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)

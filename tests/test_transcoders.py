@@ -149,3 +149,23 @@ def test_a_short_plt_run_trains_exports_and_loads_back_identically(small_cache, 
     for (name, u), (_, v) in zip(plt.state_dict().items(), back.state_dict().items()):
         assert torch.equal(u, v), name
     torch.testing.assert_close(back(x)[1], plt(x)[1])
+
+
+def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
+    import graph
+
+    model_dir, model, _ = hub_model
+    plt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=24, activation="relu",
+                                             decoder="per-layer", skip=True), 0)
+    with torch.no_grad():
+        plt.b_enc.fill_(0.2)  # some features fire on every token
+        plt.W_skip.normal_(0, 0.1)
+    C.save_saelens(plt, tmp_path / "saelens", model)
+    graph.main(["--model", model_dir, "--clt", str(tmp_path / "saelens"), "--prompt", "the cat", "--device", "cpu",
+                "--interp", str(tmp_path / "none"), "--out", str(tmp_path / "graph")])
+    assert "exactness" in capsys.readouterr().out
+    nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
+    assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a CLT saved by train.py"):
+        C.load_transcoder(str(tmp_path / "empty"), model)
