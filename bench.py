@@ -9,6 +9,7 @@ timed in the same process, next to the thing it is compared with.
     python bench.py cache --device cuda
     python bench.py graph --vs-circuit-tracer --threads 1  # beside circuit-tracer's attribute() (installed)
     python bench.py compactness        # CLT vs PLT graphs on models/tiny (~15 min on a loaded 2-core CPU)
+    python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
 
 Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
 its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
@@ -977,6 +978,221 @@ def bench_compactness(args):
 
 
 # -----------------------------------------------------------------------------
+# scale: the whole pipeline at GPT-2-small shape
+#
+# Each stage runs in a fresh process, so the peak RSS it reports (VmHWM) is its own. The model is a
+# random GPT-2 small made and saved by transformers (its init, its save_pretrained), with a
+# byte-level tokenizer; the corpus is synthetic_corpus's random words. Memory per TP rank is
+# measured with gloo, one process per rank, and computed from clt_params_per_rank: fp32 Adam holds
+# 16 bytes per parameter (weight, gradient, two moments).
+
+SCALE_PROMPT = "the old market by the river bridge"  # 35 byte tokens + BOS for the capped graph
+
+
+def add_scale_args(p):
+    p.add_argument("--scale-tokens", type=int, default=8192, help="tokens in the GPT-2-small-shape cache")
+    p.add_argument("--scale-features", type=int, default=3072, help="CLT features per layer: training, interp, graph")
+    p.add_argument("--scale-batch", type=int, default=512, help="tokens per training step")
+    p.add_argument("--scale-reps", type=int, default=3, help="timed training steps (the median is reported)")
+    p.add_argument("--scale-max-features", type=int, default=256, help="graph.py --max-features of the capped graph")
+    p.add_argument("--scale-limit-depth", type=int, default=2, help="layers of the F = 32 d CLTs measured per rank")
+    p.add_argument("--scale-limit-tp", default="1,2,4", help="TP sizes measured at that depth (gloo, a process each)")
+
+
+def fresh_process(fn, *args):
+    """fn(*args) in a new process (spawned: nothing inherited), which returns fn's result."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def gib(key="VmRSS"):
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), GiB."""
+    return proc_status_kb(key) / 2**20
+
+
+def set_threads(threads):
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def hf_gpt2_small(path, seed=0):
+    """A random GPT-2 small, initialized and saved by transformers, plus a byte-level tokenizer."""
+    import tiny
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError("bench.py scale makes its model with transformers: pip install transformers") from e
+    torch.manual_seed(seed)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(path)
+    tiny.save_tokenizer(path, [])
+    return path
+
+
+def scale_cache(model_dir, corpus, out, tokens, threads):
+    """cache.py with its defaults (int8, 64-token contexts, 64 per forward): the rate of the corpus ->
+    shards loop, and the peak RSS of the whole build (model load, fingerprint, channel scales, writer)."""
+    set_threads(threads)
+    cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, out=out, device="cpu", overwrite=True)
+    m = cache.build_cache(cfg)
+    c = m["model_config"]
+    acts = 2 * cfg.batch_size * cfg.ctx * c["n_layer"] * c["n_embd"] * 4  # one forward's mlp_in + mlp_out, fp32
+    model = 4 * ((c["vocab_size"] + c["n_ctx"]) * c["n_embd"] + c["n_layer"] * 12 * c["n_embd"] ** 2)
+    manifest = os.path.getsize(os.path.join(out, cache.MANIFEST))
+    return dict(tokens=m["n_tokens"], seconds=m["seconds"], peak=gib("VmHWM"), model=model / 2**30, acts=acts / 2**30,
+                shards=len(m["shards"]), manifest=manifest)
+
+
+def scale_train(shape, reps, threads):
+    """bench.py train's step-vs-matmul measurement at one shape."""
+    set_threads(threads)
+    return step_vs_matmul("gpt2-small", *shape, "jumprelu", "cpu", reps)
+
+
+def _scale_rank(rank, world, port, shape, steps, out):
+    """One rank of a world-way TP mesh (gloo): its parameters and its peak RSS over `steps` training
+    steps above its RSS before the CLT existed (weights, gradients, Adam moments, activations)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ddp, _, _, _, device = clt.compute_init("cpu")
+    mesh = clt.make_mesh(ddp, world, world, device)
+    base = gib()
+    model, _, step = step_fixture(*shape, "jumprelu", "cpu", mesh)
+    for _ in range(steps):
+        step()
+    result = dict(params=sum(p.numel() for p in model.parameters()), above=gib("VmHWM") - base)
+    with open(out.format(rank=rank), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def rank_memory(shape, T, steps, out_dir):
+    """(max over ranks of the peak GiB above the start, parameters per rank) of a T-way TP mesh."""
+    out = os.path.join(out_dir, f"scale_T{T}_rank{{rank}}.json")
+    torch.multiprocessing.spawn(_scale_rank, args=(T, 29500 + random.randint(0, 5000), shape, steps, out), nprocs=T)
+    ranks = []
+    for r in range(T):
+        with open(out.format(rank=r)) as f:
+            ranks.append(json.load(f))
+    return max(r["above"] for r in ranks), ranks[0]["params"]
+
+
+def random_clt(model_dir, cache_dir, clt_dir, F, density=0.01):
+    """A random CLT of the model, thresholds at each feature's (1 - density) quantile of its
+    pre-activations on the cache's first rows: each feature fires on ~density of the tokens."""
+    ca = cache.ActivationCache(cache_dir)
+    model = clt.GPT.from_pretrained(model_dir)
+    config = clt.CLTConfig(ca.n_layers, ca.d_model, F, model=model_dir, model_sha256=model.fingerprint())
+    c = clt.CrossLayerTranscoder(config)
+    with torch.no_grad():
+        pre = c.pre_acts(ca.read(0, min(4096, ca.n_tokens))[0])  # (N, L, F)
+        # kthvalue, not quantile: torch.quantile refuses inputs over 2^24 elements
+        kth = pre.kthvalue(max(1, int(len(pre) * (1 - density))), dim=0).values  # (L, F)
+        c.log_threshold.copy_(kth.clamp_min(1e-3).log())
+    c.save_pretrained(clt_dir)
+
+
+def scale_interp(model_dir, cache_dir, clt_dir, out, F, threads):
+    """interp.py's two passes (train, held-out) over the cache with a random CLT of F per layer."""
+    import interp
+    set_threads(threads)
+    random_clt(model_dir, cache_dir, clt_dir, F)
+    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device="cpu", out=out)
+    _, model, enc, c, ca = interp.load_inputs(cfg)
+    base = gib()
+    t0 = time.perf_counter()
+    interp.analyze(model, enc, c, ca, cfg)
+    return dict(seconds=time.perf_counter() - t0, tokens=ca.n_tokens, features=c.config.n_layers * F,
+                above=gib("VmHWM") - base)
+
+
+def scale_graph(model_dir, clt_dir, max_features, threads):
+    """graph.py on SCALE_PROMPT with --max-features: replacement model, capped attribution, pruning."""
+    import graph
+    set_threads(threads)
+    model = clt.GPT.from_pretrained(model_dir)
+    c = clt.CrossLayerTranscoder.from_pretrained(clt_dir)
+    idx = graph.encode_prompt(clt.load_tokenizer(model_dir), SCALE_PROMPT, model.config.n_ctx)
+    base = gib()
+    t0 = time.perf_counter()
+    rep = graph.local_replacement(model, c, idx)
+    g = graph.attribute(model, c, rep, SCALE_PROMPT, max_features=max_features)
+    graph.prune(g)
+    return dict(seconds=time.perf_counter() - t0, tokens=idx.size(1), n_active=len(rep.feats), kept=len(g.feats),
+                above=gib("VmHWM") - base)
+
+
+def memory_limit_rows(L, d, F, Ts, depth, measured):
+    """Memory per TP rank of an F-per-layer CLT, computed: fp32 Adam (16 bytes per parameter: what
+    train.py keeps, bf16 autocast or not) and what bf16 storage would save; then `measured`
+    {T: (GiB, params per rank)} of the same CLT at `depth` layers, against the same formula."""
+    rows = []
+    for T in Ts:
+        n = clt_params_per_rank(L, d, F, T)
+        note = (f"computed: {n / 1e9:.3g}B params/rank x 16 B; bf16 weights + grads, fp32 moments (12 B): "
+                f"{12 * n / 2**30:.3g} GiB; all bf16 (8 B): {8 * n / 2**30:.3g} GiB")
+        rows.append(dict(stage="memory limit, F = 32 d", setting=f"L{L} d{d} F{F}, TP={T}", time_s="-", rate="-",
+                         GiB_per_rank=16 * n / 2**30, note=note))
+    for T, (above, n) in measured.items():
+        rows.append(dict(stage="memory limit, F = 32 d", setting=f"L{depth} d{d} F{F}, TP={T}, gloo", time_s="-",
+                         rate="-", GiB_per_rank=above,
+                         note=f"measured; {n / 1e6:.1f}M params/rank x 16 B = {16 * n / 2**30:.3g} GiB: "
+                              f"{above / (16 * n / 2**30):.2f}x of it (the rest: activations, gloo, allocator)"))
+    return rows
+
+
+def bench_scale(args):
+    """Cache build, training step, memory per TP rank, interp and a capped graph at GPT-2-small shape,
+    then the memory limit of an F = 32 d CLT. One markdown table; see the section comment."""
+    out = os.path.join(args.out, "scale")
+    os.makedirs(out, exist_ok=True)
+    load0 = os.getloadavg()[0]
+    model_dir = fresh_process(hf_gpt2_small, os.path.join(out, "gpt2_small_random"))
+    corpus = synthetic_corpus(os.path.join(out, "corpus.txt"), 4000)
+    cache_dir = os.path.join(out, "cache")
+    L, d, F, B = 12, 768, args.scale_features, args.scale_batch
+    rows = []
+
+    def row(stage, setting, time_s, rate, GiB, note=""):
+        rows.append(dict(stage=stage, setting=setting, time_s=time_s, rate=rate, GiB_per_rank=GiB, note=note))
+        print(rows[-1])
+
+    r = fresh_process(scale_cache, model_dir, corpus, cache_dir, args.scale_tokens, args.threads)
+    row("cache build (int8)", f"{r['tokens']} tokens, 64 x 64 per forward", r["seconds"],
+        f"{r['tokens'] / r['seconds']:.0f} tok/s", r["peak"],
+        f"peak RSS of the build; model {r['model']:.2f} GiB + one batch's mlp_in/out {r['acts']:.2f} GiB; "
+        f"{r['shards']} shards, manifest {r['manifest'] / 1e3:.0f} kB")
+    r = fresh_process(scale_train, (L, d, F, B), args.scale_reps, args.threads)
+    row("CLT train step (jumprelu)", r["shape"], r["ms"] / 1e3, "step vs matmul: " + r["detail"],
+        "-", f"{r['ratio']:.0%} of the same-run matmul FLOP rate at the step's shapes")
+    for T in (1, 2):
+        above, n = rank_memory((L, d, F, B), T, 1, out)
+        row("CLT memory per rank", f"L{L} d{d} F{F} B{B}, TP={T}, gloo", "-", "-", above,
+            f"measured; {n / 1e6:.1f}M params/rank, fp32 Adam 16 B each = {16 * n / 2**30:.2f} GiB")
+    n = clt_params_per_rank(L, d, F, 4)
+    row("CLT memory per rank", f"L{L} d{d} F{F}, TP=4", "-", "-", 16 * n / 2**30,
+        f"on paper: {n / 1e6:.1f}M params/rank x 16 B")
+    r = fresh_process(scale_interp, model_dir, cache_dir, os.path.join(out, "clt"), os.path.join(out, "interp"), F,
+                      args.threads)
+    row("interp (both passes)", f"{r['tokens']} tokens, {r['features']} features", r["seconds"],
+        f"{r['tokens'] / r['seconds']:.0f} tok/s", r["above"], "random CLT, ~1% density; GiB above the loaded inputs")
+    r = fresh_process(scale_graph, model_dir, os.path.join(out, "clt"), args.scale_max_features, args.threads)
+    row("graph (capped)", f"{r['tokens']} tokens, {r['n_active']} active, --max-features {args.scale_max_features}",
+        r["seconds"], f"{r['kept']} features kept", r["above"], "replacement + attribution + pruning")
+    F_limit = 32 * d
+    measured = {}
+    for T in (int(t) for t in args.scale_limit_tp.split(",")):
+        measured[T] = rank_memory((args.scale_limit_depth, d, F_limit, B), T, 1, out)
+    rows += memory_limit_rows(L, d, F_limit, (1, 2, 4, 8), args.scale_limit_depth, measured)
+    row("machine", f"{os.cpu_count()} cores, torch threads {args.threads or torch.get_num_threads()}", "-", "-", "-",
+        f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    shutil.rmtree(out)
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
@@ -985,7 +1201,8 @@ BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/to
               "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
               "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"),
               "compactness": (bench_compactness, add_compactness_args,
-                              "CLT vs PLT on models/tiny: how compact their attribution graphs are")}
+                              "CLT vs PLT on models/tiny: how compact their attribution graphs are"),
+              "scale": (bench_scale, add_scale_args, "the pipeline at GPT-2-small shape on CPU; memory at F = 32 d")}
 
 
 def main(argv=None):

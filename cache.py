@@ -25,11 +25,12 @@ Corpora (--corpus): "toy" (tiny.toy_corpus); a .txt file (documents separated by
 .txt / .jsonl / .parquet files (sorted by path); hf:NAME[:config][:split], a Hugging Face dataset,
 streamed (split defaults to train). --text-field names the field or column holding the text.
 
-Re-running the same command resumes after a crash (even kill -9) from the last finished shard, and
-repairs: it first checks every finished shard (size, header, the crc32 of each chunk of rows) and
-rewrites the damaged ones. Both give a byte-identical cache: every shard is a deterministic function
-of the arguments, because the contexts come in a fixed grid of forward batches (the same batch
-shapes give the same floats). --overwrite starts again from nothing.
+Re-running the same command resumes after a crash (even kill -9) from the last shard the manifest
+lists (a few shards back at most, see MANIFEST_RATIO), and repairs: it first checks every listed
+shard (size, header, the crc32 of each chunk of rows) and rewrites the damaged ones. Both give a
+byte-identical cache: every shard is a deterministic function of the arguments, because the
+contexts come in a fixed grid of forward batches (the same batch shapes give the same floats).
+--overwrite starts again from nothing.
 
 Where we follow and where we differ. CLT-Forge (LLM-Interp/CLT-Forge) also caches and quantizes
 activations; it keeps one scale per layer per file and loads whole files into RAM. Here:
@@ -40,11 +41,15 @@ activations; it keeps one scale per layer per file and loads whole files into RA
 - scales are bfloat16 (the fp32 range, 2 bytes): q is computed with the rounded scale, so the
   error bound |x - q*s| <= s/2 holds exactly as with fp32 scales;
 - shards are numpy.memmap'd, each with a magic/version header (llm.c's `_peek_data_shard`); the
-  manifest, rewritten atomically after every finished shard, holds each shard's sha256 (`verify`
-  reads whole files) and a crc32 per ~1 MB chunk of rows (the reader checks a chunk the first time
-  it reads a row of it, on its worker threads: training never sees a damaged row, at the price of
-  one crc32 pass, ~2 GB/s per thread, over the chunks a process touches; a rank touches nearly all
-  of them in its first epoch, whatever the world size, and nothing after);
+  manifest holds each shard's size, sha256 (`verify` reads whole files) and a crc32 per ~1 MB chunk
+  of rows, and running totals of the statistics (~1 KB per shard at GPT-2-small shape). It is
+  rewritten atomically after a finished shard once the shards since its last write hold
+  MANIFEST_RATIO times its size: rewriting stays a small share of the writes at any length (a
+  rewrite per shard would be quadratic: 27k shards at 100M tokens of GPT-2 small). The reader
+  checks a chunk's crc32 the first time it reads a row of it, on its worker threads: training
+  never sees a damaged row, at the price of one crc32 pass, ~2 GB/s per thread, over the chunks a
+  process touches (a rank touches nearly all of them in its first epoch, whatever the world size,
+  and nothing after);
 - the reader shuffles globally (random unit order x random rows inside a window of units), reads
   each batch's rows straight from the memmaps (no copy of the window), and stripes each global
   batch over ranks: the union of the ranks' batches does not depend on the world size, and every
@@ -86,6 +91,8 @@ SECTIONS = ("mlp_in", "mlp_out", "scales", "meta")  # after the header, in file 
 MANIFEST = "manifest.json"
 CHECK_BYTES = 1 << 20  # a crc32 covers about this many stored bytes of consecutive rows
 MAX_OPEN_SHARDS = 256  # memmaps a reader keeps open at once
+MANIFEST_RATIO = 64  # rewrite the manifest once the shards since its last write hold 64x its bytes
+STATS = ("norm", "sq", "err")  # the manifest's running totals, each (2, L) float64: see _ShardBuffer.add
 
 
 def _pad(n):
@@ -545,6 +552,7 @@ def build_cache(cfg: CacheConfig):
                   channel_scale=_first_batch_channel_scales(cfg, model, enc))
     manifest = _open_out_dir(cfg, identity, header)
     repairs = _damaged_shards(cfg.out, manifest)
+    uncounted = _uncounted_shards(manifest)
     resume = sys.maxsize if manifest["complete"] else len(manifest["shards"])  # new shards start here
     if manifest["complete"] and not repairs:
         print(f"{cfg.out} is already complete ({manifest['n_tokens']} tokens; every shard's size, header and "
@@ -553,7 +561,9 @@ def build_cache(cfg: CacheConfig):
     _check_disk(cfg, L, d, resume)
     t0 = time.perf_counter()
     c0 = time.process_time()
-    _write_rows(cfg, model, enc, manifest, set(repairs), resume)
+    _write_rows(cfg, model, enc, manifest, set(repairs), resume, uncounted)
+    if uncounted:  # listed shards whose statistics the totals lack: forward them again (same bytes, checked)
+        _write_rows(cfg, model, enc, manifest, set(uncounted), sys.maxsize, uncounted)
     _finalize(manifest, cfg)
     clt.write_json(os.path.join(cfg.out, MANIFEST), manifest)
     if manifest["n_tokens"] < cfg.tokens:
@@ -653,6 +663,17 @@ def _damaged_shards(out, manifest):
     return damaged
 
 
+def _uncounted_shards(manifest):
+    """The listed shards missing from the running totals: none, unless the manifest was cut or edited
+    by hand (its totals then cover other shards than it lists). The totals then restart from zero and
+    all listed shards are counted again."""
+    sums = manifest.get("sums")
+    if sums is not None and sums["shards"] == len(manifest["shards"]):
+        return set()
+    manifest["sums"] = dict(shards=0, **{k: np.zeros((2, manifest["n_layers"])).tolist() for k in STATS})  # (2, L)
+    return set(range(len(manifest["shards"])))
+
+
 def _check_disk(cfg, L, d, resume):
     _, one = shard_layout(cfg.dtype, cfg.shard_tokens, L, d)
     need = max(0, -(-cfg.tokens // cfg.shard_tokens) - resume) * one
@@ -662,15 +683,16 @@ def _check_disk(cfg, L, d, resume):
 
 
 @torch.inference_mode()
-def _write_rows(cfg, model, enc, manifest, repairs, resume):
+def _write_rows(cfg, model, enc, manifest, repairs, resume, uncounted):
     """The main loop: forward the batches that hold rows of the shards to write (those in `repairs`
     and those from `resume` on; the other batches are only tokenized), drop the BOS, add the rows to
-    shard buffers; the writer lists each finished shard in the manifest."""
+    shard buffers; the writer lists each finished shard in the manifest and adds the statistics of
+    new shards and `uncounted` ones to its totals."""
     L, d, S = model.config.n_layer, model.config.n_embd, cfg.shard_tokens
     drop = 0 if cfg.keep_bos else 1
     dev = next(model.parameters()).device
     last = max(repairs, default=-1) if resume == sys.maxsize else sys.maxsize  # the last shard to write
-    writer = _ShardWriter(cfg.out, manifest)
+    writer = _ShardWriter(cfg.out, manifest, uncounted)
     channel = torch.tensor(manifest["channel_scale"]) if manifest["channel_scale"] else None  # (2, L, d)
     buf = None
     row = 0
@@ -798,11 +820,16 @@ class _ShardBuffer:
 class _ShardWriter:
     """Writes full shard buffers on background threads (sha256 and crc32s as it writes, then
     clt.atomic_path: fsync, rename), so the forward pass overlaps the disk; the main thread then
-    lists each shard in the manifest, in order, so a listed shard is always whole on disk."""
+    lists each shard in the manifest, in order, so a listed shard is always whole on disk, and adds
+    its statistics to the manifest's totals (new shards, and `uncounted` ones: each once)."""
 
-    def __init__(self, out, manifest, threads=2):
+    def __init__(self, out, manifest, uncounted, threads=2):
         self.out = out
         self.manifest = manifest
+        self.uncounted = uncounted
+        self.path = os.path.join(out, MANIFEST)
+        self.saved_bytes = os.path.getsize(self.path)  # the manifest as last written
+        self.unsaved_bytes = 0  # shard bytes committed since then
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads)
         self.pending = []
@@ -828,6 +855,8 @@ class _ShardWriter:
                 self._commit(*self.pending.pop(0).result())
         finally:
             self.pool.shutdown(cancel_futures=True)
+            if self.unsaved_bytes:  # also after an error: the shards committed so far stay listed
+                self._save()
 
     def _write(self, buf):
         m = self.manifest
@@ -854,21 +883,36 @@ class _ShardWriter:
         except OSError as e:
             raise ValueError(f"writing {path} failed: {e} (disk full or unwritable?). Finished shards are "
                              "kept: free space and rerun the same command to resume") from e
-        entry = dict(file=name, rows=n, bytes=size, sha256=h.hexdigest(), crc32=crc,
-                     **{k: v.tolist() for k, v in buf.sums.items()})
+        entry = dict(file=name, rows=n, bytes=size, sha256=h.hexdigest(), crc32=crc)
+        sums = {k: v.numpy().copy() for k, v in buf.sums.items()}  # (2, L) each; buf is reused at once
         self.free.put(buf)
-        return buf.index, entry
+        return buf.index, entry, sums
 
-    def _commit(self, index, entry):
+    def _commit(self, index, entry, sums):
         shards = self.manifest["shards"]
-        if index < len(shards):  # a repair: the shard must come out as it was first written
+        new = index >= len(shards)
+        if new:
+            assert index == len(shards), f"shard {index} committed after {len(shards)} listed ones"
+            shards.append(entry)
+        else:  # a repair: the shard must come out as it was first written
             if entry["sha256"] != shards[index]["sha256"]:
                 raise ValueError(f"{entry['file']} was rebuilt with other bytes than when the cache was made: the "
                                  "corpus, the device or torch changed; rebuild the cache with --overwrite")
             shards[index] = entry
-        else:
-            shards.append(entry)
-        clt.write_json(os.path.join(self.out, MANIFEST), self.manifest)
+        if new or index in self.uncounted:
+            self.uncounted.discard(index)
+            totals = self.manifest["sums"]
+            for k in STATS:  # float64 sums in shard order: what JSON holds, it gives back exactly
+                totals[k] = (np.array(totals[k]) + sums[k]).tolist()
+            totals["shards"] += 1
+        self.unsaved_bytes += entry["bytes"]
+        if self.unsaved_bytes >= MANIFEST_RATIO * self.saved_bytes:
+            self._save()
+
+    def _save(self):
+        clt.write_json(self.path, self.manifest)
+        self.saved_bytes = os.path.getsize(self.path)
+        self.unsaved_bytes = 0
 
 
 def _finalize(manifest, cfg):
@@ -878,7 +922,7 @@ def _finalize(manifest, cfg):
     train = n_rows
     if cfg.heldout > 0:
         train = min(max(int(round(n_rows * (1 - cfg.heldout) / R)) * R, R), n_rows - 1)
-    tot = {k: np.sum([s[k] for s in manifest["shards"]], axis=0) for k in ("norm", "sq", "err")}  # (2, L)
+    tot = {k: np.array(manifest["sums"][k]) for k in STATS}  # (2, L)
     nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)
     manifest.update(complete=True, n_tokens=n_rows, splits=dict(train=[0, train], heldout=[train, n_rows]),
                     norm_in=(tot["norm"][0] / n_rows).tolist(), norm_out=(tot["norm"][1] / n_rows).tolist(),

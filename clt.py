@@ -97,6 +97,28 @@ class Acts:
     frozen: Frozen  # attention patterns and LayerNorm scales of this pass
 
 
+class WriteLayer(torch.autograd.Function):
+    """buf[:, :, l] = x in place, returning buf: how `run_with_acts` fills its (B, T, L, d) tensors.
+
+    Forward: copies x (B, T, d) into slot l of buf (B, T, L, d). Backward: x gets grad[:, :, l] (a
+    view, as torch.stack's backward gives) and buf's earlier version gets grad as it is. Autograd's
+    own slice assignment (CopySlices) would clone the whole grad to zero slot l, once per layer: L
+    full copies per backward (3-6x slower at graph.py's (64, T) batches on CPU). Not zeroing is exact
+    here because each slot is written once and each write's backward reads only its own slot.
+    """
+
+    @staticmethod
+    def forward(ctx, buf, x, l):
+        ctx.l = l
+        buf[:, :, l] = x
+        ctx.mark_dirty(buf)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad[:, :, ctx.l], None
+
+
 def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None):
     """LayerNorm written out so its scale 1/sqrt(var + eps) can be recorded or frozen: -> (y, scale).
 
@@ -201,8 +223,7 @@ class GPT(nn.Module):
         L = len(self.h)
         x = self.embed(idx) if resid is None else resid
         fz = frozen if frozen is not None else Frozen([None] * L, [None] * L, [None] * L)
-        rec = Frozen()
-        mlp_ins, mlp_outs = [], []
+        acts = None
         for l, block in enumerate(self.h):
             h, scale_1 = layer_norm(x, block.ln_1, fz.ln_1[l])
             attn_out, pattern = block.attn(h, fz.attn[l])
@@ -210,17 +231,24 @@ class GPT(nn.Module):
             h, scale_2 = layer_norm(x, block.ln_2, fz.ln_2[l])
             out = block.mlp(h) if mlp_out is None else mlp_out[:, :, l]
             x = x + out
-            if record:  # a plain forward keeps nothing: (B, nh, T, T) patterns add up at long contexts
-                rec.attn.append(pattern)
-                rec.ln_1.append(scale_1)
-                rec.ln_2.append(scale_2)
-                mlp_ins.append(h)
-                mlp_outs.append(out)
+            if not record:  # a plain forward keeps nothing: (B, nh, T, T) patterns add up at long contexts
+                continue
+            if acts is None:  # allocated at layer 0, where the dtypes show (autocast makes the MLP's bf16)
+                B, T, d = h.size()
+                acts = Acts(h.new_empty(B, T, L, d), out.new_empty(B, T, L, d), Frozen())
+            # each layer goes straight into its slot: stacking per-layer lists at the end held the
+            # activations twice for a moment (the cache writer's peak at GPT-2-small shape)
+            acts.mlp_in = WriteLayer.apply(acts.mlp_in, h, l)
+            acts.mlp_out = WriteLayer.apply(acts.mlp_out, out, l)
+            acts.frozen.attn.append(pattern)
+            acts.frozen.ln_1.append(scale_1)
+            acts.frozen.ln_2.append(scale_2)
         y = None
         if logits:
-            x, rec.ln_f = layer_norm(x, self.ln_f, fz.ln_f)
+            x, ln_f = layer_norm(x, self.ln_f, fz.ln_f)
+            if record:
+                acts.frozen.ln_f = ln_f
             y = x @ self.wte.weight.T  # (B, T, V)
-        acts = Acts(torch.stack(mlp_ins, dim=2), torch.stack(mlp_outs, dim=2), rec) if record else None
         return y, acts
 
     @torch.no_grad()

@@ -204,6 +204,30 @@ def test_resume_refuses_a_changed_corpus(env, tmp_path):
     assert resumed["shards"] == whole["shards"] and cache.verify(cfg.out) == []
 
 
+def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(env, tmp_path, monkeypatch):
+    """The manifest is rewritten once the shards since its last write hold MANIFEST_RATIO x its bytes,
+    not after every shard; a manifest cut by hand (its totals cover more shards than it lists) is
+    counted again, so its norms and NMSE come out as a whole build's."""
+    cfg = config(env, tmp_path / "m", shard_tokens=40, dtype="fp16")
+    sizes = []
+    write_json = clt.write_json
+
+    def counted(path, obj, **kw):
+        write_json(path, obj, **kw)
+        sizes.append(os.path.getsize(path))
+    monkeypatch.setattr(clt, "write_json", counted)
+    whole = cache.build_cache(cfg)
+    n = len(whole["shards"])
+    assert n == 75 and len(sizes) < n / 4, sizes
+    path = tmp_path / "m" / "manifest.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(m, complete=False, shards=m["shards"][:2])))
+    resumed = cache.build_cache(cfg)
+    assert resumed["shards"] == whole["shards"] and resumed["sums"]["shards"] == n
+    for key in ("norm_in", "norm_out", "nmse_in", "nmse_out", "nmse_total"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-12), key
+
+
 def test_rerun_same_args_is_a_no_op_and_other_args_are_refused(env, int8_cache):
     cfg, _ = int8_cache
     before = os.path.getmtime(os.path.join(cfg.out, "shard_00000.bin"))
