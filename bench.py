@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -628,13 +629,167 @@ def paper_row(name, L, d, F, B, T, D, args):
 
 
 # -----------------------------------------------------------------------------
+# recovery: how much of the planted world a CLT of size F finds (issue 16)
+
+
+def add_recovery_args(p):
+    p.add_argument("--recovery-tokens", type=int, default=150_000, help="rows (tokens) of the tiny model's training cache")
+    p.add_argument("--recovery-steps", type=int, default=300, help="CLT training steps of 1024 tokens (train.py: 1000)")
+    p.add_argument("--recovery-sizes", default="2,8,32", help="F per layer, as multiples of d_model, at the default sparsity")
+    p.add_argument("--recovery-sparsity", default="0.2,0.7,2.5", help="train.py --sparsity values swept at F = 8 d")
+    p.add_argument("--recovery-support", type=int, default=24, help="tiny.eval_corpus support of both evaluation sets")
+    p.add_argument("--recovery-seeds", default="1,2", help="evaluation-set seeds: pick the recipe on the first, report on the second")
+    p.add_argument("--recovery-plot", default=os.path.join("assets", "recovery.png"), help="where the plot goes")
+
+
+FAMILY_ORDER = ("category", "entity", "latent", "output")
+
+
+def recipes(args, d):
+    """{name: (features, sparsity, sweep)}: the size sweep at train.py's default sparsity, then the sparsity
+    sweep at 8 d (the default's point is shared)."""
+    import train
+    default = train.TrainConfig.sparsity
+    out = {f"F={m}d": (int(m) * d, default, "size") for m in args.recovery_sizes.split(",")}
+    for s in args.recovery_sparsity.split(","):
+        if float(s) != default:
+            out[f"F=8d, sparsity {s}"] = (8 * d, float(s), "sparsity")
+    return out
+
+
+def trained_clt(root, cache_dir, name, features, sparsity, args):
+    """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, final metrics)."""
+    import train
+    out = os.path.join(root, "clt_" + name.replace("=", "").replace(", ", "_").replace(" ", ""))
+    cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity, steps=args.recovery_steps,
+                            eval_every=-1, ckpt_every=-1, device=args.device)
+    marker = out + ".json"  # beside the run: what it was trained with and how long it took
+    if os.path.exists(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if done["config"] == vars(cfg):
+            return clt.CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    final = train.train(cfg)
+    seconds = time.perf_counter() - t0
+    clt.write_json(marker, dict(config=vars(cfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
+    return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
+
+
+def family_cells(table):
+    """{family: "share % / mean best F1"} of a family_table, in FAMILY_ORDER."""
+    cells = {}
+    for fam in FAMILY_ORDER:
+        f = table.get(fam) or {}
+        cells[fam] = f"{100 * (f.get('share') or 0):.1f} % / {f.get('mean_best_f1') or 0:.2f}"
+    return cells
+
+
+def bench_recovery(args):
+    """Recovery per label family vs dictionary size (F = 2d, 8d, 32d) and vs sparsity, with the MLP-neuron and
+    random-CLT baselines, on two generated evaluation sets: the recipe is chosen on the first, reported on
+    the second. Sized for a 2-core CPU: a small training cache and few steps (see the arguments)."""
+    import interp
+    import tiny
+    t_start = time.perf_counter()
+    root = os.path.join(args.out, "recovery")
+    model_dir = clt.DEFAULT_MODEL
+    model = clt.GPT.from_pretrained(model_dir).to(args.device)
+    enc = clt.load_tokenizer(model_dir)
+    world = tiny.load_world(model_dir)
+    d = model.config.n_embd
+    cache_dir = os.path.join(root, "cache")
+    cache.build_cache(cache.CacheConfig(tokens=args.recovery_tokens, out=cache_dir, device=args.device))
+    train_cache = cache.ActivationCache(cache_dir, model=model)
+    evals = {}
+    for seed in (int(s) for s in args.recovery_seeds.split(",")):
+        cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"), concept_seed=seed,
+                                  concept_support=args.recovery_support, device=args.device, chunk_size=2048)
+        ccache = interp.concept_cache(model_dir, model, world, train_cache, cfg)
+        evals[seed] = (cfg, ccache, interp.ConceptLabels(ccache, world, enc, cfg))
+    print(f"recovery: caches and labels in {time.perf_counter() - t_start:.0f} s")
+    sample = train_cache.read(0, 4096)[0].to(args.device)  # training rows: the random CLTs' thresholds
+    sets = {"MLP neurons (4d)": partial(interp.neuron_preacts, model)}
+    runs = {}
+    for name, (features, sparsity, sweep) in recipes(args, d).items():
+        t, seconds, final = trained_clt(root, cache_dir, name, features, sparsity, args)
+        t = t.to(args.device)
+        runs[name] = dict(features=features, sparsity=sparsity, sweep=sweep, seconds=seconds, fvu=final["fvu"])
+        sets[name] = partial(interp.clt_acts, t)
+        if sweep == "size":  # one random twin per size
+            sets[f"random {name}"] = partial(interp.clt_acts, interp.random_like(t, sample))
+    rows = []
+    heads = {}
+    for seed, (cfg, ccache, labels) in evals.items():
+        scores = interp.score_concepts(sets, ccache, labels, cfg)
+        n_labeled = int(labels.labeled.sum())
+        for name, s in scores.items():
+            F_ = runs[name]["features"] if name in runs else s.n_fires.numel() // model.config.n_layer
+            per_concept, _ = interp.best_features(s, labels, F_, cfg)
+            table = interp.family_table(per_concept, labels, s, cfg)
+            heads[name, seed] = dict(interp.headline(table, cfg), table=table,
+                                     l0=s.n_fires.sum().item() / n_labeled / model.config.n_layer)
+    select, report = list(evals)
+    chosen = max(runs, key=lambda name: (heads[name, select]["share_recovered"], heads[name, select]["mean_best_f1"]))
+    for name in sets:
+        r = runs.get(name, {})
+        h = heads[name, report]
+        rows.append(dict(features=name, F=r.get("features", ""), sparsity=r.get("sparsity", ""),
+                         l0_per_layer=round(h["l0"], 1), train_s=round(r["seconds"]) if r else "",
+                         **family_cells(h["table"]),
+                         headline_select=f"{100 * heads[name, select]['share_recovered']:.1f} %",
+                         headline_report=f"{100 * h['share_recovered']:.1f} % / {h['mean_best_f1']:.2f}",
+                         chosen="yes" if name == chosen else ""))
+    plot_recovery(args.recovery_plot, runs, sets, heads, report, d)
+    seconds = time.perf_counter() - t_start
+    print(f"recovery: chosen on evaluation set {select}: {chosen}; on set {report} it recovers "
+          f"{heads[chosen, report]['recovered']}/{heads[chosen, report]['n']} of the "
+          f"{evals[report][0].families} concepts with F1 >= {evals[report][0].concept_f1}; "
+          f"{seconds:.0f} s in all; plot: {args.recovery_plot}")
+    return rows
+
+
+def plot_recovery(path, runs, sets, heads, seed, d):
+    """Share recovered per family vs F/d (CLTs solid, their random twins dashed, the MLP neurons as points at
+    4d) and vs L0 (the sparsity sweep at 8d), on evaluation set `seed`."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4.2))
+    ax = fig.subplots(1, 2)
+    colours = dict(zip(FAMILY_ORDER, ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1")))
+    sizes = [n for n in runs if runs[n]["sweep"] == "size"]
+    sweep = sorted((n for n in runs if runs[n]["features"] == 8 * d), key=lambda n: heads[n, seed]["l0"])
+    for fam, colour in colours.items():
+        def share(name):
+            return (heads[name, seed]["table"].get(fam) or {}).get("share") or 0.0
+        x = [runs[n]["features"] / d for n in sizes]
+        ax[0].plot(x, [share(n) for n in sizes], "o-", color=colour, label=fam)
+        ax[0].plot(x, [share(f"random {n}") for n in sizes], "x--", color=colour, alpha=0.6)
+        ax[0].plot([4], [share("MLP neurons (4d)")], "s", color=colour, alpha=0.6)
+        ax[1].plot([heads[n, seed]["l0"] for n in sweep], [share(n) for n in sweep], "o-", color=colour, label=fam)
+    ax[0].set(xscale="log", xlabel="features per layer / d (dashed: random CLT; squares: MLP neurons)",
+              ylabel="share of concepts with a feature of F1 >= 0.8", ylim=(-0.02, 1.02),
+              title="recovery vs dictionary size")
+    ax[0].set_xticks([runs[n]["features"] / d for n in sizes] + [4])
+    ax[0].set_xticklabels([f"{runs[n]['features'] // d}" for n in sizes] + ["4"])
+    ax[1].set(xlabel="L0 per layer on the evaluation set (sparsity sweep, F = 8d)", ylim=(-0.02, 1.02),
+              title="recovery vs sparsity")
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with clt.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
               "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features"),
               "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read"),
               "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
-              "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper")}
+              "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"),
+              "recovery": (bench_recovery, add_recovery_args, "planted concepts recovered per family vs CLT size and sparsity")}
 
 
 def main(argv=None):
