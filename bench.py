@@ -474,11 +474,16 @@ def step_fixture(L, d, F, B, activation, device, tp=None):
     cfg = train.TrainConfig(activation=activation, features=F, k=16, steps=10 ** 6)
     model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, activation, k=16), 0, mesh)
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = train.optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     batch = [torch.randn(B, L, d, generator=g).to(device) for _ in range(2)]
-    state = dict(step=0, since_fired=torch.zeros(L, model.F_local, dtype=torch.long, device=device))
-    return model, opt, lambda: train.train_step(cfg, model, opt, batch, state, mesh, torch.device(device))
+    state = dict(step=0, since_fired=torch.zeros(L, F, dtype=torch.long, device=device),
+                 first_bad=torch.tensor(-1, device=device))
+
+    def step():  # a step between log steps: nothing read back to the host
+        train.train_step(cfg, model, opt, batch, state, mesh, torch.device(device), sync=False)
+
+    return model, opt, step
 
 
 def step_vs_matmul(name, L, d, F, B, activation, device, reps):
@@ -526,7 +531,7 @@ def bench_train(args):
     cuda = str(args.device).startswith("cuda")
     shapes = [("tiny", 4, 128, 1024, 1024)]  # the default CLT of models/tiny (F = 8 d)
     if not args.quick:
-        shapes += [("gpt2-small", 12, 768, 6144, 4096)] if cuda else [("mid", 6, 256, 2048, 1024)]
+        shapes += [("gpt2-small", 12, 768, 6144, 4096)] if cuda else [("gpt2-small", 12, 768, 3072, 512)]
     rows = [step_vs_matmul(*s, a, args.device, args.reps) for s in shapes for a in ("jumprelu", "topk")]
     rows += sparse_vs_dense_decode(4, 128, args.decode_features, 256, args.density, args.device, args.reps)
     if cuda and not args.quick:
@@ -545,16 +550,19 @@ def clt_params_per_rank(L, d, F, T):
 
 
 def per_step_traffic(L, d, F, B, T, D, activation="jumprelu", k=16):
-    """Per rank and step: bytes all-reduced over TP and over DP, bytes all-gathered over TP, matmul FLOPs.
-    TP: the fp32 partial reconstruction (B/D, L, d), twice with AuxK; TopK gathers k candidates per token
-    and layer, BatchTopK (B/D)·k per layer. DP: the fp32 gradient of this rank's shard."""
+    """Per rank and step: bytes all-reduced over TP and over DP, bytes all-gathered over TP, bytes of the
+    one bookkeeping all-reduce over the mesh, matmul FLOPs. TP: the fp32 partial reconstruction (B/D, L, d),
+    twice with AuxK; TopK gathers k candidates per token and layer, BatchTopK (B/D)·k per layer. DP: the
+    fp32 gradient of this rank's shard. Bookkeeping (train.reduce_step): float64 metric sums (~L·d) and
+    which of all L·F features fired."""
     b = B // D
     topk = activation in ("topk", "batchtopk")
     tp_reduce = (4 * b * L * d * (2 if topk else 1)) if T > 1 else 0
     tp_gather = (4 * b * L * k * T) if topk and T > 1 else 0
     dp_reduce = 4 * clt_params_per_rank(L, d, F, T) if D > 1 else 0
+    bookkeeping = 8 * (L * F + L * d + 5 * L + 8) if T * D > 1 else 0
     flops = sum(2 * m * kk * n for m, kk, n in clt_matmuls(b, L, d, F // T))
-    return tp_reduce, tp_gather, dp_reduce, flops
+    return tp_reduce, tp_gather, dp_reduce, bookkeeping, flops
 
 
 def _dist_worker(rank, world, port, shape, reps, out):
@@ -607,7 +615,7 @@ def bench_dist(args):
                              note=f"{n / n1:.3f} of T=1"))
     t1, t2 = (measured_step_seconds(T, (L, d, F, B), args.reps, args.out) for T in (1, 2))
     for T, t in ((1, t1), (2, t2)):
-        tp_reduce, _, _, flops = per_step_traffic(L, d, F, B, T, 1)
+        tp_reduce, _, _, _, flops = per_step_traffic(L, d, F, B, T, 1)
         rows.append(dist_row(f"tiny CLT, B{B}, T={T}, CPU gloo, 1 thread/rank", ms=1e3 * t, comm_mb=tp_reduce / 1e6,
                              flop_per_byte=flops / tp_reduce if tp_reduce else None,
                              note=f"step time {t / t1:.2f} of T=1" if T > 1 else ""))
@@ -619,12 +627,17 @@ def bench_dist(args):
 
 def paper_row(name, L, d, F, B, T, D, args):
     """One 8-GPU mesh on paper: memory per GPU, and compute and ring all-reduce time per step."""
-    tp_reduce, _, dp_reduce, flops = per_step_traffic(L, d, F, B, T, D)
-    ring = lambda n, nbytes: 2 * (n - 1) / n * nbytes / args.busbw
-    t_flops, t_comm = flops / (args.tflops * 1e12), ring(T, tp_reduce) + ring(D, dp_reduce)
+    tp_reduce, _, dp_reduce, bookkeeping, flops = per_step_traffic(L, d, F, B, T, D)
+
+    def ring(n, nbytes):  # seconds of a ring all-reduce of nbytes over n GPUs
+        return 2 * (n - 1) / n * nbytes / args.busbw
+
+    t_flops = flops / (args.tflops * 1e12)
+    t_comm = ring(T, tp_reduce) + ring(D, dp_reduce) + ring(T * D, bookkeeping)
+    comm = tp_reduce + dp_reduce + bookkeeping
     return dist_row(f"{name} CLT L{L} d{d} F{F}, B{B}: tp{T} x dp{D} (paper)",
                     mb=16 * clt_params_per_rank(L, d, F, T) / 1e6, ms=1e3 * (t_flops + t_comm),
-                    comm_mb=(tp_reduce + dp_reduce) / 1e6, flop_per_byte=flops / (tp_reduce + dp_reduce),
+                    comm_mb=comm / 1e6, flop_per_byte=flops / comm,
                     note=f"compute {1e3 * t_flops:.1f} ms + comm {1e3 * t_comm:.1f} ms")
 
 
@@ -811,6 +824,7 @@ def main(argv=None):
                 setattr(args, k, v // 4)
     fn = BENCHMARKS[args.benchmark][0]
     print(vars(args))
+    os.makedirs(args.out, exist_ok=True)
     results = fn(args)
     print_table(results)
     meta = dict(args=vars(args), torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),

@@ -509,6 +509,53 @@ def average_gradients(params, group):
         g.copy_(chunk.view_as(g))
 
 
+def mesh_sum(parts, mesh):
+    """Sum named tensors over the whole (dp, tp) mesh in ONE all-reduce, in float64 (no gradient): a
+    training step's bookkeeping in one collective instead of one per quantity.
+
+    parts: {name: (tensor, kind)}; the kind says how the copies on the ranks relate:
+      "all"        a partial sum on every rank (e.g. over this rank's features and tokens): Σ over all ranks
+      "dp"         the same on every TP rank of a replica (complete after a TP sum): Σ over dp
+      "tp"         the same on every DP replica (e.g. a shard's gradient after DP averaging): Σ over tp
+      "tp_slices"  this TP rank's slice (..., c) of a feature tensor: -> (..., tp·c) the slices side by
+                   side, each summed over dp
+    A rank whose copy duplicates another's sends zeros, so each copy is counted once (adding zeros is
+    exact). Returns {name: float64 tensor}; one process: the tensors themselves, as float64.
+    """
+    chunks = []
+    for t, kind in parts.values():
+        t = t.detach().double()
+        if kind == "tp_slices":
+            slots = t.new_zeros(mesh.tp, *t.shape)  # (tp, ..., c): this rank fills its own slot
+            slots[mesh.tp_rank] = t
+            t = slots
+        elif (kind == "dp" and mesh.tp_rank > 0) or (kind == "tp" and mesh.dp_rank > 0):
+            t = torch.zeros_like(t)
+        chunks.append(t)
+    flat = torch.cat([t.flatten() for t in chunks])
+    if mesh.dp * mesh.tp > 1 and dist.is_initialized():  # the mesh spans the world (make_mesh)
+        dist.all_reduce(flat)
+    out = {}
+    for (name, (_, kind)), t, piece in zip(parts.items(), chunks, flat.split([t.numel() for t in chunks])):
+        piece = piece.view(t.shape)
+        out[name] = piece.movedim(0, -2).flatten(-2) if kind == "tp_slices" else piece  # (..., tp·c)
+    return out
+
+
+def check_same_everywhere(text, what, device):
+    """Refuse to go on unless every rank holds the same `text` (its command line, its data's manifest):
+    one all-gather of sha256 digests. Every rank raises, naming the ranks that differ from rank 0."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8, device=device)
+    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(digests, digest)
+    differ = [r for r, other in enumerate(digests) if not torch.equal(other, digests[0])]
+    if differ:
+        raise ValueError(f"ranks {differ} have another {what} than rank 0: every node must run the same command "
+                         "on the same cache (a shared filesystem, or the same bytes at the same path)")
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -691,9 +738,11 @@ class CrossLayerTranscoder(nn.Module):
         """
         B, L, _ = acts.shape
         if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
-            writes = [(a @ self.W_dec[l].flatten(1)).view(B, self.n_writes(l), -1)  # (B, L-l, d) or (B, 1, d)
+            # writes[src][j]: (B, d) what layer src's features write to layer src + j; unbind again, as a
+            # [:, j] slice's backward would zero-fill the whole (B, L-src, d) once per slice
+            writes = [(a @ self.W_dec[l].flatten(1)).view(B, self.n_writes(l), -1).unbind(1)
                       for l, a in enumerate(acts.unbind(1))]
-            out = torch.stack([sum(writes[src][:, dst - src] for src in range(dst + 1) if dst - src < self.n_writes(src))
+            out = torch.stack([sum(writes[src][dst - src] for src in range(dst + 1) if dst - src < len(writes[src]))
                                for dst in range(L)], dim=1)
         else:
             if acts.is_sparse:

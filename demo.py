@@ -54,7 +54,8 @@ def stages(c: DemoConfig):
     graph = os.path.join(c.out, "graph")
     return [
         ("1/5 activation cache", ["cache.py", "--tokens", c.tokens, "--out", cache]),
-        ("2/5 train the CLT", ["train.py", "--cache", cache, "--out", clt]
+        # --overwrite: a rerun of the demo trains afresh instead of refusing the last run's folder
+        ("2/5 train the CLT", ["train.py", "--cache", cache, "--out", clt, "--overwrite"]
          + (["--features", c.features] if c.features > 0 else []) + (["--steps", c.steps] if c.steps > 0 else [])),
         ("3/5 LLM-free autointerp", ["interp.py", "--clt", clt, "--cache", cache, "--out", interp]),
         ("4/5 attribution graph", ["graph.py", "--clt", clt, "--interp", interp, "--prompt", c.prompt,

@@ -3,11 +3,13 @@ train.py: train a cross-layer transcoder on an activation cache, on one process 
 
 Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2 to disk. Each step, every DP rank
 reads its share of a global batch, normalizes it by the manifest's per-layer scales, encodes with
-its F/T features per layer (TP), decodes a partial reconstruction, and one all-reduce over TP sums
-the partials. Losses -> backward -> gradients averaged over DP -> global norm clipping -> Adam.
-Every --eval-every steps the CLT is spliced into the GPT on held-out contexts (the "replacement
-model"); at the end the TP shards are consolidated, the normalization folded in, and the CLT saved
-to --out in circuit-tracer's layout (clt.CrossLayerTranscoder.from_pretrained loads it).
+its F/tp features per layer (TP), decodes a partial reconstruction, and one all-reduce over TP sums
+the partials. Losses -> backward -> gradients averaged over DP -> one all-reduce over the whole mesh
+for the step's bookkeeping (metrics, gradient norm, which features fired) -> global norm clipping ->
+Adam. The metrics stay on the device; they reach the host only at log steps. Every --eval-every steps
+the CLT is spliced into the GPT on held-out contexts (the "replacement model"); at the end the TP
+shards are consolidated, the normalization folded in, and the CLT saved to --out in circuit-tracer's
+layout (clt.CrossLayerTranscoder.from_pretrained loads it).
 
     python train.py --help
     python train.py                                           # the default CLT of models/tiny (CPU, minutes)
@@ -15,7 +17,37 @@ to --out in circuit-tracer's layout (clt.CrossLayerTranscoder.from_pretrained lo
     torchrun --nproc_per_node=4 train.py --tp 2 ...           # dp = 4 / 2 = 2, NCCL on GPUs, gloo on CPU
     torchrun --nproc_per_node=2 train.py --tp 2 --device cpu --features 256 --steps 50   # TP on a CPU
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1   # a tiny CPU run
-    python train.py --resume                                  # continue from --out/checkpoints/latest.json
+    python train.py --resume --out runs/clt                   # continue the run in runs/clt
+    python train.py --wandb my-project                        # also log to Weights & Biases (pip install wandb)
+
+Resuming (--resume). A run is its --out folder: checkpoints/latest.json names the last complete
+checkpoint, and the folder may be moved or copied (the command line's --out is where it resumes and
+writes). The run's shape and optimizer (--features, --activation, --lr, --batch-size, --seed, --tp, ...)
+come from the checkpoint; giving one that differs is an error naming the flag. What may change:
+--steps, --eval-every, --eval-contexts, --ckpt-every, --log-every, --wandb, --cache and --model (a moved
+copy of the same cache and model: both are checked), and this invocation's --stop-at, --device,
+--timeout-s. A flag not given takes the checkpoint's value, except those of the invocation. A run at its
+last step whose export is missing, incomplete or mixed (a crash during the export) is exported again;
+the command exits 0 only once the export is whole. metrics.jsonl keeps the rows before the checkpoint.
+A new run (no --resume) refuses an --out that holds another run's checkpoint or export: pass --resume,
+another --out, or --overwrite, which removes that run's files before the new run starts (so a new run
+killed before its first checkpoint can never be resumed as the old one).
+
+Logging. metrics.jsonl gets a row every --log-every steps and at every evaluation and checkpoint: the
+loop's only host syncs. --wandb PROJECT sends the same rows from rank 0 (per-layer lists as fvu/0, fvu/1,
+...; the evaluation as eval/...); a resumed run logs into the run id its checkpoint keeps (an offline
+run: `wandb sync OUT/wandb/offline-run-*`).
+
+Several machines. On every node run `torchrun --nnodes=N --nproc-per-node=G --rdzv-backend=c10d
+--rdzv-endpoint=HOST:PORT --rdzv-id=JOB train.py ...` (HOST:PORT on one of the nodes; c10d numbers the
+nodes: --node-rank is for the static --master-addr rendezvous). Every node must run the same flags on
+the same cache: each rank compares a sha256 of its flags and of the cache's manifest (which lists
+every shard's sha256) with the others' before anything is built, and all refuse if one differs. The
+cache must be on a filesystem every node sees, or be copied to the same path on every node (`python
+cache.py verify` checks a copy's shards against the manifest). --out must be shared: DP replica 0's TP
+ranks write the checkpoint shards there, rank 0 the rest, and every rank reads them on --resume. Keep
+each TP group inside a node (tp <= G; ranks r·tp .. r·tp + tp − 1 form TP group r): then only DP's
+gradient all-reduce and the bookkeeping all-reduce cross the network.
 
 Losses (all on normalized activations, E||x|| = sqrt(d) per layer; mean over tokens):
     mse       Σ_l ||ŷ_l − y_l||²                         summed over layers (Ameisen et al. 2025)
@@ -29,16 +61,24 @@ Losses (all on normalized activations, E||x|| = sqrt(d) per layer; mean over tok
 References: Ameisen et al. 2025 ("Circuit Tracing") for the CLT and its losses; Rajamanoharan et al. 2024
 (JumpReLU); Gao et al. 2024 (TopK, AuxK); Bussmann et al. 2024 (BatchTopK); Shoeybi et al. 2019 (Megatron
 tensor parallelism); the loop follows nanoGPT / llm.c, the distributed set-up nanochat and picotron.
-Differences: one JSON + safetensors checkpoint per TP rank, never a pickle; a BatchTopK batch is the
-batch of one DP rank (as in the references), so BatchTopK with DP > 1 is not the same as one process.
+Differences:
+- one JSON + safetensors checkpoint per TP rank, never a pickle; every file written whole or not at all;
+- a BatchTopK batch is the batch of one DP rank (as in the references), so BatchTopK with DP > 1 is not
+  the same as one process;
+- the per-step bookkeeping is one all-reduce and no host sync (nanoGPT reads the loss every step):
+  a non-finite loss is caught at the next log step or checkpoint, whichever comes first, and no
+  checkpoint ever holds weights after it.
 """
+import argparse
 import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, fields
+from importlib.util import find_spec
 
 import torch
 import torch.distributed as dist
@@ -60,7 +100,7 @@ class TrainConfig:
     # data and model
     cache: str = DEFAULT_CACHE  # activation cache directory written by cache.py
     model: str = ""  # GPT for the spliced loss; "" = the model named in the cache manifest
-    out: str = "runs/clt"  # export (circuit-tracer layout), metrics.jsonl and checkpoints/
+    out: str = "runs/clt"  # the run's folder: export (circuit-tracer layout), metrics.jsonl and checkpoints/
     # the CLT
     features: int = 1024  # F: features per layer (all TP ranks together)
     activation: str = "jumprelu"  # jumprelu | topk | batchtopk | relu
@@ -86,8 +126,11 @@ class TrainConfig:
     # evaluation, logging and checkpoints
     eval_every: int = 500  # spliced-loss evaluation every this many steps (and at the end); -1 = never
     eval_contexts: int = 64  # held-out contexts for the spliced loss
+    log_every: int = 10  # metrics.jsonl row (the one host sync) every this many steps, and at eval and checkpoints
     ckpt_every: int = 500  # checkpoint every this many steps (and at the end); -1 = only at the end
-    resume: bool = False  # continue from out/checkpoints/latest.json
+    wandb: str = ""  # also log to this Weights & Biases project (rank 0; needs `pip install wandb`); "" = off
+    resume: bool = False  # continue the run in --out from its last checkpoint (see "Resuming" above)
+    overwrite: bool = False  # start a new run in an --out that holds another run, removing that run's files
     stop_at: int = -1  # end this invocation after this many steps, with a checkpoint (a job time limit); -1 = --steps
     # parallelism
     tp: int = 1  # tensor-parallel size; dp = world size / tp
@@ -95,22 +138,66 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
-# -----------------------------------------------------------------------------
-# gradient clipping over the shards (the collectives themselves live in clt.py's mesh section)
+# the resume contract: what a resumed run takes from where (see the module docstring)
+INVOCATION = ("out", "resume", "overwrite", "stop_at", "device", "timeout_s")  # always this command line's
+CHANGEABLE = ("cache", "model", "steps", "eval_every", "eval_contexts", "log_every", "ckpt_every", "wandb")
 
 
-def clip_gradients(clt, max_norm, mesh):
-    """Clip by the norm of the whole (unsharded) gradient: squared norms of the feature shards are
-    summed over TP, the replicated b_dec counted once. After DP averaging every DP rank agrees."""
-    sharded = [p.grad for p in clt.parameters() if p.grad is not None and p is not clt.b_dec]
-    sq = C.all_reduce_sum(torch.stack([g.float().pow(2).sum() for g in sharded]).sum(), mesh.tp_group)
-    norm = (sq + clt.b_dec.grad.float().pow(2).sum()).sqrt()
-    if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in clt.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
-    return norm
+def parse_args(argv=None):
+    """The command line -> (TrainConfig, the names of the flags given on it). --resume must tell a flag
+    the user typed from a default, which a plain parse (clt.parse_config) cannot."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_config_args(parser, TrainConfig)
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute: from a namespace
+    # prefilled with a sentinel, the sentinels that survive are the flags nobody typed
+    ns = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(TrainConfig)})))
+    given = {k for k, v in ns.items() if v is not unset}
+    return TrainConfig(**{k: ns[k] for k in given}), given
+
+
+def resolve_config(config, given, meta):
+    """The config the run goes on with. A new run: `config`. A resumed run (meta = its checkpoint's
+    latest.json): the checkpoint's config, with the invocation's fields and the changeable ones given."""
+    if config.resume and config.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if meta is None:
+        return config
+    saved = {f.name: meta["train_config"].get(f.name, f.default) for f in fields(TrainConfig)}
+    differ = sorted(k for k in given if k not in INVOCATION + CHANGEABLE and getattr(config, k) != saved[k])
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved[k]})" for k in differ)
+        raise ValueError(f"--resume: {flags} differ from the run in {config.out}, whose shape and optimizer come from "
+                         "its checkpoint: drop these flags to resume it, or start a new run in another --out")
+    chosen = INVOCATION + tuple(k for k in CHANGEABLE if k in given)
+    c = TrainConfig(**{**saved, **{k: getattr(config, k) for k in chosen}})
+    if c.steps < meta["step"]:
+        raise ValueError(f"--steps {c.steps} is below the checkpoint's step {meta['step']} in {c.out}: "
+                         f"pass --steps {meta['step']} or more")
+    return c
+
+
+RUN_FILES = ("metrics.jsonl", "training.json", "config.json")  # besides checkpoints/ and W_enc_/W_dec_ files
+
+
+def claim_out(c, master):
+    """A new run's --out must not hold another run (its checkpoint or its export): refused, or with
+    --overwrite that run's files are removed first, latest.json first, before any step of the new run."""
+    latest = os.path.join(c.out, CKPT_DIR, LATEST)
+    found = [p for p in (latest, os.path.join(c.out, "config.json")) if os.path.exists(p)]
+    if found and not c.overwrite:
+        raise ValueError(f"{c.out} holds a run ({found[0]}): pass --resume to continue it, another --out, "
+                         "or --overwrite to replace it")
+    if found and master:
+        if os.path.exists(latest):
+            os.remove(latest)  # from here on nothing can resume the old run
+        if os.path.isdir(os.path.join(c.out, CKPT_DIR)):
+            shutil.rmtree(os.path.join(c.out, CKPT_DIR))
+        for name in os.listdir(c.out):
+            if name in RUN_FILES or (name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")):
+                os.remove(os.path.join(c.out, name))
+        C.fsync_dir(c.out)
+    C.barrier()  # no rank starts before the old run is gone
 
 
 # -----------------------------------------------------------------------------
@@ -126,17 +213,18 @@ def lr_at(step, c):
 
 
 def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
-    """One rank's losses on its batch. mlp_in, mlp_out (B, L, d) raw; dead (L, F/T) bool; n_dead the
-    number of dead features over all ranks. Terms over features (sparsity, preact) are this rank's
-    share; the reconstruction terms are complete (decode sums over TP).
-    -> (loss to backward, parts: sums for the metrics, fired (L, F/T): which features fired)."""
+    """One rank's losses on its batch. mlp_in, mlp_out (B, L, d) raw; dead (L, F/tp) bool; n_dead the
+    number of dead features over all ranks, a 0-dim tensor, or None where none can be dead yet (AuxK is
+    skipped). Terms over features (sparsity, preact) are this rank's share; the reconstruction terms
+    are complete (decode sums over TP).
+    -> (loss to backward, parts: sums for the metrics, fired (L, F/tp): which features fired)."""
     y = mlp_out * clt.output_scale[:, None]  # (B, L, d) the normalized target
-    pre = clt.pre_acts(mlp_in)  # (B, L, F/T)
-    acts = clt.activate(pre)  # (B, L, F/T)
+    pre = clt.pre_acts(mlp_in)  # (B, L, F/tp)
+    acts = clt.activate(pre)  # (B, L, F/tp)
     sparse = c.activation in ("topk", "batchtopk")  # k of F active by construction: decode ∝ k, not F
-    err = clt.decode(acts, sparse, normalized=True) - y  # (B, L, d)
+    err = clt.decode(acts, sparse, normalized=True, mlp_in=mlp_in) - y  # (B, L, d), a skip connection included
     sse = err.float().pow(2).sum(-1)  # (B, L)
-    dec = clt.decoder_norms()  # (L, F/T) over every layer a feature writes to
+    dec = clt.decoder_norms()  # (L, F/tp) over every layer a feature writes to
     zero = sse.new_zeros(())
     sparsity, preact, aux = zero, zero, zero
     if c.activation in ("jumprelu", "relu"):  # λ_S ramps up linearly over the whole run (Anthropic)
@@ -145,38 +233,87 @@ def clt_losses(clt, mlp_in, mlp_out, c, step, dead, n_dead):
     if c.activation == "jumprelu":
         # Σ_b Σ_lf relu(θ − h)·||W_dec|| = Σ_lf ||W_dec||·Σ_b relu(θ − h): summing the batch first saves passes
         preact = c.preact * (F.relu(clt.threshold - pre).float().sum(0) * dec).sum() / pre.size(0)
-    if sparse and n_dead > 0:  # AuxK: the dead features model the residual (n_dead is global: no rank skips alone)
+    if sparse and n_dead is not None:  # AuxK: the dead features model the residual (n_dead is global)
         k_aux = min(clt.config.d_model // 2 if c.aux_k < 0 else c.aux_k, clt.config.n_features)
         aux_acts = clt.topk(pre.masked_fill(~dead, 0.0), k_aux)  # global top k_aux over TP
         e_hat = clt.decode(aux_acts, sparse=True, normalized=True, bias=False)  # (B, L, d)
-        scale = min(n_dead / k_aux, 1.0)  # sparsify's scaling: no dead features, no AuxK
+        # sparsify's scaling, on the device (no sync): no dead features, no AuxK (the term is exactly 0)
+        scale = (n_dead.float() / k_aux).clamp(max=1.0)
         aux = c.aux_coef * scale * (e_hat - err.detach()).float().pow(2).sum((1, 2)).mean()
     mse = sse.mean(0).sum()  # summed over layers, mean over tokens
-    B, y32 = sse.size(0), y.float()
-    a = acts.detach()  # (B, L, F/T), never negative
-    parts = dict(n=torch.tensor(float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)),
+    B = sse.size(0)
+    y32 = y.float()
+    a = acts.detach()  # (B, L, F/tp), never negative
+    # n by a fill kernel: torch.tensor(B, device="cuda") would copy from the host and wait for the GPU
+    parts = dict(n=torch.full((), float(B), device=y.device), l0=torch.count_nonzero(a, dim=(0, 2)),
                  sse=sse.detach().sum(0), y_sum=y32.sum(0), y_sq=y32.pow(2).sum((0, 2)),  # sums over this rank's tokens
                  mse=mse.detach() * B, sparsity=sparsity.detach() * B, preact=preact.detach() * B, aux=aux.detach() * B)
     return mse + sparsity + preact + aux, parts, a.amax(0) > 0
 
 
-def reduce_sums(parts, group):
-    """Sum a dict of tensors over `group` with one all-reduce."""
-    flat = C.all_reduce_sum(torch.cat([v.double().flatten() for v in parts.values()]), group)
-    return {k: t.view_as(v) for (k, v), t in zip(parts.items(), flat.split([v.numel() for v in parts.values()]))}
+# -----------------------------------------------------------------------------
+# a step's bookkeeping: one all-reduce, on the device; the host reads it at log steps only
+
+FEATURE_SUMS = ("l0", "sparsity", "preact")  # over this rank's features: summed over TP as well as DP
 
 
-def reduce_metrics(parts, mesh):
-    """Per-layer FVU and L0, and the loss terms, of the global batch: feature-local sums (L0 and the
-    penalties) over TP first, then everything over DP. The .cpu() is its sync point."""
-    local = ("l0", "sparsity", "preact")
-    parts = {**parts, **reduce_sums({k: parts[k] for k in local}, mesh.tp_group)}
-    s = {k: v.cpu() for k, v in reduce_sums(parts, mesh.dp_group).items()}
-    N = s["n"].item()
+def reduce_step(clt, parts, fired, batchtopk):
+    """Everything a step reports or keeps, over the mesh, in one all-reduce (clt.mesh_sum): the metric
+    sums of the global batch; the squared gradient norm (the feature shards' summed over TP, after DP
+    averaging; b_dec and W_skip, replicated, added once); per feature, on how many DP ranks it fired,
+    fired (L, F) for every feature (each rank keeps every feature's dead clock: n_dead needs no
+    collective); the BatchTopK thresholds summed over DP. -> {name: float64 tensor}, grad_norm included."""
+    replicated = [p for p in (clt.b_dec, clt.W_skip) if p is not None and p.grad is not None]
+    sharded = [p for p in clt.parameters() if p.grad is not None and all(p is not r for r in replicated)]
+    grad_sq = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in sharded]).pow(2).sum()  # no (F, ...) temp
+    todo = {k: (v, "all" if k in FEATURE_SUMS else "dp") for k, v in parts.items()}  # token sums: complete per TP rank
+    todo.update(grad_sq=(grad_sq, "tp"), fired=(fired, "tp_slices"))
+    if batchtopk:
+        todo["batch_threshold"] = (clt.batch_threshold, "dp")  # (L,) the global B·k-th value, per DP rank
+    sums = C.mesh_sum(todo, clt.mesh)
+    once = sum(torch.linalg.vector_norm(p.grad.double()).pow(2) for p in replicated)
+    sums["grad_norm"] = (sums.pop("grad_sq") + once).sqrt()
+    return sums
+
+
+def clip_gradients(clt, max_norm, norm):
+    """Scale every gradient by max_norm / norm where the global norm exceeds it (a device op, no sync)."""
+    if max_norm <= 0:
+        return
+    coef = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+    for p in clt.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef)
+
+
+def step_metrics(s):
+    """The global batch's metrics from the reduced sums, on the device: the loss and its terms (means
+    over tokens), per-layer FVU (of the normalized target) and L0."""
+    N = s["n"]
     sst = s["y_sq"] - s["y_sum"].pow(2).sum(-1) / N  # (L,) Σ ||y − ȳ||² per layer
-    m = {k: s[k].item() / N for k in ("mse", "sparsity", "preact", "aux")}
-    return dict(loss=sum(m.values()), **m, fvu=(s["sse"] / sst.clamp_min(1e-12)).tolist(),
-                l0=(s["l0"] / N).tolist(), sse=s["sse"].tolist())
+    terms = {k: s[k] / N for k in ("mse", "sparsity", "preact", "aux")}
+    return dict(loss=sum(terms.values()), **terms, fvu=s["sse"] / sst.clamp_min(1e-12), l0=s["l0"] / N, sse=s["sse"])
+
+
+def to_host(tensors):
+    """{name: tensor} -> {name: float or list}, in one device-to-host copy: the step's sync point."""
+    flat = torch.cat([t.detach().double().flatten() for t in tensors.values()]).cpu()
+    out = {}
+    for (name, t), v in zip(tensors.items(), flat.split([t.numel() for t in tensors.values()])):
+        out[name] = v.item() if t.dim() == 0 else v.view(t.shape).tolist()
+    return out
+
+
+def check_finite(m, step, c):
+    """Raise at a sync step if any step since the last one had a non-finite loss (m["first_bad"] >= 0).
+    This runs before the update and before every checkpoint: no checkpoint holds weights after it."""
+    if m["first_bad"] < 0:
+        return
+    bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
+    terms = {k: m[k] for k in ("loss", "mse", "sparsity", "preact", "aux")}
+    raise FloatingPointError(f"non-finite loss {m['loss']} at step {int(m['first_bad'])} (layers {bad or 'none'} have "
+                             f"a non-finite reconstruction error at step {step}; terms {terms}); the last good "
+                             f"checkpoint is in {os.path.join(c.out, CKPT_DIR)}: lower --lr or resume from it")
 
 
 # -----------------------------------------------------------------------------
@@ -254,16 +391,22 @@ def evaluate(gpt, clt, contexts, batch=16):
     dev = contexts.device
     ce_sums = torch.zeros(4, dtype=torch.float64, device=dev)
     rec = dict(l0=torch.zeros(L, device=dev), sse=torch.zeros(L, device=dev), y_sum=torch.zeros(L, d, device=dev),
-               y_sq=torch.zeros(L, device=dev))  # sums over the held-out tokens, as in reduce_metrics
+               y_sq=torch.zeros(L, device=dev))  # sums over the held-out tokens, as in clt_losses
     for idx in contexts.split(batch):
         B, T = idx.shape
-        ce = lambda logits: F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), idx[:, 2:].flatten(),
-                                            reduction="sum")
+
+        def ce(logits):  # summed next-token loss of positions 1..T-2 (the BOS is not scored)
+            return F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), idx[:, 2:].flatten(), reduction="sum")
+
+        def splice(mlp_in):  # -> (acts, mlp_out_hat (B·(T-1), L, d)) of the positions after the BOS
+            return clt(mlp_in[:, 1:].flatten(0, 1))
+
+        def with_bos(y_hat):  # (B·(T-1), L, d) -> (B, T, L, d), the BOS keeping its clean MLP outputs
+            return torch.cat([bos, y_hat.view(B, T - 1, L, d)], 1)
+
         logits, acts = gpt.run_with_acts(idx)
         bos = acts.mlp_out[:, :1]  # (B, 1, L, d)
         y = acts.mlp_out[:, 1:].flatten(0, 1)  # (B·(T-1), L, d) what the cache holds for these tokens
-        splice = lambda mlp_in: clt(mlp_in[:, 1:].flatten(0, 1))  # -> (acts, mlp_out_hat (B·(T-1), L, d))
-        with_bos = lambda y_hat: torch.cat([bos, y_hat.view(B, T - 1, L, d)], 1)  # (B, T, L, d)
         a, y_hat = splice(acts.mlp_in)
         for k, v in dict(l0=(a > 0).sum((0, 2)), sse=(y_hat - y).pow(2).sum((0, 2)), y_sum=y.sum(0),
                          y_sq=y.pow(2).sum((0, 2))).items():
@@ -294,10 +437,12 @@ def shard_name(mesh):
     return f"tp{mesh.tp_rank}-mesh{mesh.dp}x{mesh.tp}.safetensors"
 
 
-def save_checkpoint(c, clt, opt, state, mesh, master):
-    """Every TP rank of DP replica 0 writes its shard (weights, Adam moments, dead-feature clocks);
-    after a barrier rank 0 writes latest.json by an atomic rename: only then does the checkpoint
-    exist. Older step directories are removed after that, so a good checkpoint is always on disk."""
+def save_checkpoint(c, clt, opt, state, mesh, master, extra):
+    """Every TP rank of DP replica 0 writes its shard (weights, Adam moments, the dead-feature clocks);
+    after a barrier rank 0 writes latest.json (with `extra`: the last metrics, the wandb id, the
+    cache's identity). Every file is fsynced and renamed into place (clt.atomic_path): the checkpoint
+    exists once latest.json does. Older step directories are removed after that, so a good
+    checkpoint is always on disk."""
     root = os.path.join(c.out, CKPT_DIR)
     step_dir = os.path.join(root, f"step_{state['step']:06d}")
     if mesh.dp_rank == 0:  # the DP replicas hold identical copies
@@ -305,17 +450,20 @@ def save_checkpoint(c, clt, opt, state, mesh, master):
         tensors = {f"model.{k}": v for k, v in clt.state_dict().items()}
         for name, p in clt.named_parameters():
             tensors.update({f"optim.{name}.{k}": v for k, v in opt.state.get(p, {}).items()})
-        tensors["since_fired"] = state["since_fired"]
+        tensors["since_fired"] = state["since_fired"]  # (L, F) every feature's clock, the same on every rank
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, os.path.join(step_dir, shard_name(mesh)))
+        with C.atomic_path(os.path.join(step_dir, shard_name(mesh))) as tmp:
+            save_file(tensors, tmp)
     C.barrier()
     if master:
+        metrics_path = os.path.join(c.out, "metrics.jsonl")
+        if os.path.exists(metrics_path):  # the rows up to this step become durable with the checkpoint
+            with open(metrics_path, "a") as f:
+                os.fsync(f.fileno())
         meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir),
                     train_config=asdict(c), clt_config=asdict(clt.config), rng=torch.get_rng_state().tolist(),
-                    data=dict(next_step=state["step"], global_batch=c.batch_size, seed=c.seed))
-        with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
-            json.dump(meta, f)
-        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+                    data=dict(next_step=state["step"], global_batch=c.batch_size, seed=c.seed), **extra)
+        C.write_json(os.path.join(root, LATEST), meta, indent=None)
         for name in os.listdir(root):
             if name.startswith("step_") and name != meta["dir"]:
                 shutil.rmtree(os.path.join(root, name))
@@ -325,53 +473,176 @@ def save_checkpoint(c, clt, opt, state, mesh, master):
 def read_checkpoint_meta(out):
     path = os.path.join(out, CKPT_DIR, LATEST)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no complete checkpoint at {path}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint at {path}: start the run without --resume")
     with open(path) as f:
         return json.load(f)
 
 
-def load_checkpoint(c, clt, opt, state, mesh, device):
-    meta = read_checkpoint_meta(c.out)
-    if meta["mesh"] != [mesh.dp, mesh.tp]:
-        raise ValueError(f"the checkpoint in {c.out} was written by a (dp, tp) = {tuple(meta['mesh'])} mesh, this run "
-                         f"is {(mesh.dp, mesh.tp)}: resume with the same torchrun --nproc_per_node and --tp (to change "
+def check_same_mesh(c, meta, world):
+    """A checkpoint resumes on the mesh that wrote it (its --tp is the run's, its dp = world / tp)."""
+    dp, tp = meta["mesh"]
+    if dp * tp != world:
+        raise ValueError(f"the checkpoint in {c.out} was written by a (dp, tp) = {(dp, tp)} mesh of {dp * tp} "
+                         f"processes, this run has {world}: resume with torchrun --nproc_per_node={dp * tp} (to change "
                          f"the TP size, load the exported CLT with CrossLayerTranscoder.from_pretrained(path, mesh))")
+
+
+def load_checkpoint(c, meta, clt, opt, state, mesh, device):
     tensors = load_file(os.path.join(c.out, CKPT_DIR, meta["dir"], shard_name(mesh)))
+    if tensors["since_fired"].shape != state["since_fired"].shape:
+        raise ValueError(f"the checkpoint in {c.out} keeps one dead-feature clock per rank (an older train.py): "
+                         "start a new run in another --out")
     clt.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     for name, p in clt.named_parameters():
         moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.")}
-        if moments:  # Adam keeps its step count on the CPU, the moments beside the parameter
-            opt.state[p] = {k: v if k == "step" else v.to(device) for k, v in moments.items()}
+        if moments:  # fused Adam keeps its step count beside the parameter, like the moments
+            opt.state[p] = {k: v.to(device) for k, v in moments.items()}
     state.update(step=meta["step"], since_fired=tensors["since_fired"].to(device))
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
 
+def check_same_cache(c, cache, meta):
+    """A resumed run reads the cache it was trained on (which may have moved): same identity."""
+    saved = meta.get("cache_identity")
+    now = cache.manifest.get("identity")
+    if saved is not None and saved != now:
+        differ = sorted(k for k in set(saved) | set(now or {}) if saved.get(k) != (now or {}).get(k))
+        raise ValueError(f"--cache {c.cache} is not the cache the run in {c.out} was trained on (it differs in "
+                         f"{differ}): resume with that cache, or start a new run in another --out")
+
+
+# -----------------------------------------------------------------------------
+# the export: circuit-tracer's layout, training.json written last as its completion mark
+
+
+def export(c, clt, metrics, master):
+    """Consolidate the TP shards (every TP rank takes part) and save the CLT in circuit-tracer's layout;
+    training.json, written last, names the export id of that save and the step it holds."""
+    full = clt.consolidated()
+    if master:
+        full.save_pretrained(c.out)
+        with open(os.path.join(c.out, "config.json")) as f:
+            export_id = json.load(f)["export_id"]
+        C.write_json(os.path.join(c.out, "training.json"),
+                     dict(step=c.steps, export_id=export_id, train_config=asdict(c), final=metrics))
+        print(f"saved the CLT to {c.out}" + (f": {step_line(metrics)}" if metrics else ""), flush=True)
+    C.barrier()
+
+
+def export_is_whole(c, mesh):
+    """Is --out's export this run's, at its last step, and whole? training.json must name the export id
+    of config.json and the step; from_pretrained refuses a layer file that is missing or of another save."""
+    try:
+        with open(os.path.join(c.out, "training.json")) as f:
+            done = json.load(f)
+        with open(os.path.join(c.out, "config.json")) as f:
+            export_id = json.load(f).get("export_id")
+        C.CrossLayerTranscoder.from_pretrained(c.out, mesh)
+    except (FileNotFoundError, ValueError):  # a JSONDecodeError is a ValueError
+        return False
+    return export_id is not None and done.get("export_id") == export_id and done.get("step") == c.steps
+
+
+# -----------------------------------------------------------------------------
+# logging: metrics.jsonl, the progress bar and (optionally) Weights & Biases
+
+
+def step_line(m):
+    """The tqdm postfix: one line, fields split by |."""
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    line = (f"loss {m['loss']:.4f} | fvu {mean(m['fvu']):.3f} | l0 {mean(m['l0']):.1f} | dead {int(sum(m['dead']))} | "
+            f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | {m['tok_per_s']:.0f} tok/s")
+    if "eval" in m:
+        line += f" | recovered {m['eval']['recovered']:.3f}"
+    return line
+
+
+class DummyWandb:
+    """What train.py calls on a wandb run, doing nothing: without --wandb, and on every rank but 0."""
+
+    def log(self, row, step=None):
+        pass
+
+    def finish(self):
+        pass
+
+
+def open_wandb(c, run_id, master):
+    """The wandb run of --wandb PROJECT on rank 0, resumed under the checkpoint's run id; else a stub."""
+    if not (c.wandb and master):
+        return DummyWandb()
+    import wandb  # only when asked: wandb is optional
+    return wandb.init(project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out)
+
+
+def flat_row(m, prefix=""):
+    """A metrics row as wandb's flat keys: lists per layer as fvu/0, fvu/1, ...; the eval dict as eval/..."""
+    row = {}
+    for k, v in m.items():
+        if isinstance(v, dict):
+            row.update(flat_row(v, f"{prefix}{k}/"))
+        elif isinstance(v, list):
+            row.update({f"{prefix}{k}/{l}": x for l, x in enumerate(v)})
+        else:
+            row[f"{prefix}{k}"] = v
+    return row
+
+
+def open_log(c, start_step, master, run):
+    """The row writer: metrics.jsonl (and the wandb run). A resumed run keeps the rows of the steps
+    before its checkpoint (a torn last line, a kill mid-write, is dropped with the steps it redoes)."""
+    path = os.path.join(c.out, "metrics.jsonl")
+
+    def log(m):
+        row = {k: v for k, v in m.items() if k != "sse"}
+        if master:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            run.log(flat_row(row), step=m["step"])
+
+    if master:
+        lines = []
+        if start_step > 0 and os.path.exists(path):
+            with open(path) as f:
+                lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start_step]
+        with C.atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+    return log
+
+
 # -----------------------------------------------------------------------------
 # the training loop
-
-RUN_FIELDS = ("steps", "stop_at", "eval_every", "eval_contexts", "ckpt_every", "resume", "timeout_s", "device",
-              "cache", "model")  # what a resumed run takes from the command line rather than the checkpoint
 
 
 def build(c, cache, mesh, device):
     """The CLT shard of this rank, with the cache's normalization, and its optimizer."""
     m = cache.manifest
     config = C.CLTConfig(n_layers=cache.n_layers, d_model=cache.d_model, n_features=c.features, activation=c.activation,
-                         k=c.k, threshold_init=c.threshold_init, bandwidth=c.bandwidth, model=c.model or m["model"])
+                         k=c.k, threshold_init=c.threshold_init, bandwidth=c.bandwidth, model=c.model or m["model"],
+                         model_sha256=m.get("identity", {}).get("model_sha256", ""))  # graph/interp refuse others
     clt = C.CrossLayerTranscoder(config, c.seed, mesh)
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the manifest's mean norms
         clt.input_scale.copy_(cache.d_model ** 0.5 / cache.norm_in)
         clt.output_scale.copy_(cache.d_model ** 0.5 / cache.norm_out)
     clt = clt.to(device).train()
-    opt = torch.optim.AdamW(clt.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
-    return clt, opt
+    return clt, optimizer(clt, c)
+
+
+def optimizer(clt, c):
+    """AdamW, fused: one pass over each parameter and its moments instead of about ten (CPU and CUDA)."""
+    return torch.optim.AdamW(clt.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay, fused=True)
 
 
 def load_gpt(c, cache, device):
+    """The GPT of the spliced loss; refused unless it is the model the cache was made from."""
     gpt = C.GPT.from_pretrained(c.model or cache.manifest["model"]).to(device)
     if (gpt.config.n_layer, gpt.config.n_embd) != (cache.n_layers, cache.d_model):
         raise ValueError(f"the cache {c.cache} has L={cache.n_layers}, d={cache.d_model} but the model "
                          f"{c.model or cache.manifest['model']} has L={gpt.config.n_layer}, d={gpt.config.n_embd}")
+    C.check_same_model(gpt, cache.manifest.get("identity", {}).get("model_sha256", ""), f"the cache {c.cache}")
     return gpt
 
 
@@ -385,118 +656,123 @@ def check_config(c, cache, mesh):
     if c.steps <= 0 or c.lr <= 0 or not 0 <= c.decay_frac <= 1:
         raise ValueError(f"need --steps > 0, --lr > 0 and 0 <= --decay-frac <= 1, "
                          f"got {c.steps}, {c.lr}, {c.decay_frac}")
+    if c.log_every <= 0:
+        raise ValueError(f"--log-every {c.log_every} must be positive")
+    if c.wandb and find_spec("wandb") is None:  # every rank checks: rank 0 alone failing would hang the others
+        raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
 
 
-def train(config: TrainConfig):
-    """Train (or resume) a CLT as config says; returns the last step's metrics (every rank)."""
-    ddp, rank, local_rank, world, device = C.compute_init(config.device, config.timeout_s)
-    mesh = C.make_mesh(ddp, world, config.tp, device)
+def train(config: TrainConfig, given=None):
+    """Train (or resume) a CLT as config says; returns the last step's metrics (every rank).
+
+    given: the names of the fields the user chose (parse_args); None = those that differ from
+    TrainConfig's defaults. A resumed run checks them against its checkpoint."""
+    if given is None:
+        given = {f.name for f in fields(TrainConfig) if getattr(config, f.name) != f.default}
+    meta = read_checkpoint_meta(config.out) if config.resume else None
+    c = resolve_config(config, given, meta)
+    ddp, rank, local_rank, world, device = C.compute_init(c.device, c.timeout_s)
+    if meta is not None:
+        check_same_mesh(c, meta, world)
+    mesh = C.make_mesh(ddp, world, c.tp, device)
     master = rank == 0
-    print0 = lambda *a: print(*a, flush=True) if master else None
-    c = config
-    if c.resume:  # the shape of the run comes from the checkpoint; only the run-control fields from the command line
-        saved = read_checkpoint_meta(c.out)["train_config"]
-        c = TrainConfig(**{**saved, **{k: getattr(config, k) for k in RUN_FIELDS}})
+
+    def print0(*a):
+        if master:
+            print(*a, flush=True)
+
     print0(f"train.py | world {world} = dp {mesh.dp} x tp {mesh.tp} | device {device} | {asdict(c)}")
     cache = open_cache(c, print0)
+    C.check_same_everywhere(json.dumps([asdict(c), cache.manifest], sort_keys=True), "command line or cache", device)
+    if meta is not None:
+        check_same_cache(c, cache, meta)
     check_config(c, cache, mesh)
-    gpt = load_gpt(c, cache, device) if c.eval_every != -1 else None
-    contexts = heldout_contexts(cache, c.eval_contexts, C.load_tokenizer(gpt.name_or_path).eot_token) if gpt else None
+    gpt = load_gpt(c, cache, device) if c.eval_every > 0 or c.model else None
+    contexts = None
+    if c.eval_every > 0:
+        contexts = heldout_contexts(cache, c.eval_contexts, C.load_tokenizer(gpt.name_or_path).eot_token)
     clt, opt = build(c, cache, mesh, device)
-    state = dict(step=0, since_fired=torch.zeros(cache.n_layers, clt.F_local, dtype=torch.long, device=device))
-    if c.resume:
-        load_checkpoint(c, clt, opt, state, mesh, device)
-    os.makedirs(c.out, exist_ok=True)
-    log = open_log(c, state["step"], master)
-    end = c.steps if c.stop_at < 0 else min(c.stop_at, c.steps)
+    state = dict(step=0, since_fired=torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device),
+                 first_bad=torch.tensor(-1, device=device))  # (L, F) every feature's clock, on every rank
     metrics = {}
+    if meta is not None:
+        load_checkpoint(c, meta, clt, opt, state, mesh, device)
+        metrics = meta.get("metrics", {})
+    else:
+        os.makedirs(c.out, exist_ok=True)
+        claim_out(c, master)
+    run_id = (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]  # resumed runs log into the same wandb run
+    run = open_wandb(c, run_id, master)
+    log = open_log(c, state["step"], master, run)
+    extra = dict(wandb_id=run_id if c.wandb else None, cache_identity=cache.manifest.get("identity"))
+    end = c.steps if c.stop_at < 0 else min(c.stop_at, c.steps)
+    t_last, last_sync = time.perf_counter(), state["step"]
     # closing(): the cache's reader threads stop even when a step raises (a thread left reading at exit aborts)
     bar = tqdm(range(state["step"], end), initial=state["step"], total=c.steps, disable=not master, desc="train")
     with contextlib.closing(train_batches(cache, c, mesh, state["step"], device)) as batches:
         for step in bar:
-            t0 = time.perf_counter()
-            metrics = train_step(c, clt, opt, next(batches), state, mesh, device)
+            evaluating = c.eval_every > 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps)
+            saving = (c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0) or step + 1 == end
+            sync = step % c.log_every == 0 or evaluating or saving
+            m = train_step(c, clt, opt, next(batches), state, mesh, device, sync)
+            if not sync:
+                continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            metrics.update(step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
-            if gpt is not None and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
+            dt = (time.perf_counter() - t_last) / (step + 1 - last_sync)  # per step since the last sync
+            metrics = dict(m, step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
+            if evaluating:
                 metrics["eval"] = evaluate(gpt, clt, contexts.to(device))
             log(metrics)
             bar.set_postfix_str(step_line(metrics), refresh=False)
-            if c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0 or step + 1 == end:
-                save_checkpoint(c, clt, opt, state, mesh, master)
-    if end == c.steps and metrics:  # the run is over (not stopped early, not already finished)
+            if saving:
+                save_checkpoint(c, clt, opt, state, mesh, master, dict(extra, metrics=metrics))
+            t_last, last_sync = time.perf_counter(), step + 1
+    ran = end > (meta or {}).get("step", 0)
+    if end == c.steps and (ran or not export_is_whole(c, mesh)):  # the run is over: export it (again)
         export(c, clt, metrics, master)
+    elif end == c.steps:
+        print0(f"the run in {c.out} is complete (step {c.steps}) and its export is whole: nothing to do")
+    run.finish()
     return metrics
 
 
-def train_step(c, clt, opt, batch, state, mesh, device):
-    """One optimizer step on this rank's (mlp_in, mlp_out); returns the global batch's metrics."""
+def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
+    """One optimizer step on this rank's (mlp_in, mlp_out). Its collectives: the TP sums inside the
+    CLT, DP's gradient average, and one all-reduce of the bookkeeping (reduce_step). With sync=True the
+    global batch's metrics come to the host (the step's one sync point, before the update) and are
+    returned; else nothing leaves the device and None is returned."""
     step = state["step"]
     lr = lr_at(step, c)
     for group in opt.param_groups:
         group["lr"] = lr
-    dead = state["since_fired"] >= c.dead_tokens  # (L, F/T)
-    n_dead = C.all_reduce_sum(dead.sum(1).float(), mesh.tp_group)  # (L,) over all features
+    mine = slice(mesh.tp_rank * clt.F_local, (mesh.tp_rank + 1) * clt.F_local)
+    dead = state["since_fired"] >= c.dead_tokens  # (L, F) over all features, the same on every rank
+    n_dead = dead.sum(1)  # (L,)
+    # clocks start at 0 and grow by one batch a step: before this step none can have run out (a host fact)
+    maybe_dead = step * c.batch_size >= c.dead_tokens
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # fp32 master weights
-        loss, parts, fired = clt_losses(clt, *batch, c, step, dead, n_dead.sum().item())
+        loss, parts, fired = clt_losses(clt, *batch, c, step, dead[:, mine], n_dead.sum() if maybe_dead else None)
     loss.backward()
     C.average_gradients(list(clt.parameters()), mesh.dp_group)
-    m = reduce_metrics(parts, mesh)
-    if not math.isfinite(m["loss"]):  # before the update: the weights and the last checkpoint stay good
-        bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
-        raise FloatingPointError(f"non-finite loss {m['loss']} at step {step} (layers {bad or 'none'} have a "
-                                 f"non-finite reconstruction error; terms {m}); the last good checkpoint is in "
-                                 f"{os.path.join(c.out, CKPT_DIR)}: lower --lr or resume from it")
-    m["grad_norm"] = clip_gradients(clt, c.grad_clip, mesh).item()
+    sums = reduce_step(clt, parts, fired, c.activation == "batchtopk")
+    m = step_metrics(sums)
+    fine = torch.isfinite(m["loss"]) | (state["first_bad"] >= 0)
+    state["first_bad"] = torch.where(fine, state["first_bad"], step)  # the first non-finite step, on the device
+    host = None
+    if sync:
+        host = to_host(dict(m, grad_norm=sums["grad_norm"], dead=n_dead, first_bad=state["first_bad"]))
+        check_finite(host, step, c)
+        host = dict(host, lr=lr)
+        del host["first_bad"]
+    clip_gradients(clt, c.grad_clip, sums["grad_norm"])
     opt.step()
     opt.zero_grad(set_to_none=True)
     if c.activation == "batchtopk":  # its JumpReLU threshold for inference, averaged over DP
-        clt.update_batchtopk_threshold(C.all_reduce_sum(clt.batch_threshold.clone(), mesh.dp_group) / mesh.dp, step)
-    fired = C.all_reduce_sum(fired.float(), mesh.dp_group) > 0  # (L, F/T) on any DP rank
-    state["since_fired"] = torch.where(fired, 0, state["since_fired"] + c.batch_size)
+        clt.update_batchtopk_threshold((sums["batch_threshold"] / mesh.dp).float(), step)
+    state["since_fired"] = torch.where(sums["fired"] > 0, 0, state["since_fired"] + c.batch_size)
     state["step"] = step + 1
-    return dict(m, lr=lr, dead=n_dead.tolist())
-
-
-def step_line(m):
-    """The tqdm postfix: one line, fields split by |."""
-    mean = lambda xs: sum(xs) / len(xs)
-    line = (f"loss {m['loss']:.4f} | fvu {mean(m['fvu']):.3f} | l0 {mean(m['l0']):.1f} | dead {int(sum(m['dead']))} | "
-            f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | {m['tok_per_s']:.0f} tok/s")
-    if "eval" in m:
-        line += f" | recovered {m['eval']['recovered']:.3f}"
-    return line
-
-
-def open_log(c, start_step, master):
-    """metrics.jsonl writer; a resumed run drops the lines of steps it will redo."""
-    path = os.path.join(c.out, "metrics.jsonl")
-    if not master:
-        return lambda m: None
-    lines = []
-    if start_step > 0 and os.path.exists(path):
-        with open(path) as f:
-            lines = [ln for ln in f if json.loads(ln)["step"] < start_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-    def log(m):
-        with open(path, "a") as f:
-            f.write(json.dumps({k: v for k, v in m.items() if k != "sse"}) + "\n")
-    return log
-
-
-def export(c, clt, metrics, master):
-    """Consolidate the TP shards (every TP rank takes part) and save the CLT in circuit-tracer's layout."""
-    full = clt.consolidated()
-    if master:
-        full.save_pretrained(c.out)
-        with open(os.path.join(c.out, "training.json"), "w") as f:
-            json.dump(dict(train_config=asdict(c), final=metrics), f, indent=1)
-        print(f"saved the CLT to {c.out}: {step_line(metrics)}", flush=True)
-    C.barrier()
+    return host
 
 
 # -----------------------------------------------------------------------------
@@ -505,9 +781,9 @@ def export(c, clt, metrics, master):
 
 @record  # torchrun's failure summary then shows the failing rank's traceback
 def main(argv=None):
-    config = C.parse_config(__doc__, TrainConfig, argv)
+    config, given = parse_args(argv)
     try:
-        train(config)
+        train(config, given)
     except RuntimeError as e:  # gloo says "Timed out waiting ...", NCCL's watchdog "timeout"
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise

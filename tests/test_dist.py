@@ -6,6 +6,7 @@ Run as a script, this file is the torchrun worker: `torchrun --nproc_per_node=2 
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -34,13 +35,27 @@ def argv(cache, out, **kw):
     return flags
 
 
-def torchrun(nproc, tasks, root, timeout=300):
-    path = os.path.join(root, f"tasks{nproc}.json")
+def launcher(flags, tasks, root, name):
+    """A torchrun launcher (torch.distributed.run with `flags`) running this file's worker on `tasks`."""
+    path = os.path.join(root, f"tasks_{name}.json")
     with open(path, "w") as f:
         json.dump(tasks, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__, path]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, __file__, path]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+
+def torchrun(nproc, tasks, root, timeout=300):
+    """One machine, nproc processes: -> (returncode, stdout, stderr)."""
+    p = launcher(["--standalone", f"--nproc_per_node={nproc}"], tasks, root, f"{nproc}")
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------
@@ -61,11 +76,41 @@ def gradients(activation, mesh, seed=0, clip=0.5):
     dead = torch.zeros(2, 64, dtype=torch.bool)
     dead[:, ::3] = True  # every third feature counts as dead (AuxK)
     dead = dead[:, mesh.tp_rank * clt.F_local:(mesh.tp_rank + 1) * clt.F_local]
-    loss, _, _ = T.clt_losses(clt, x[rows], y[rows], cfg, 5, dead, 2 * 22)
+    loss, parts, fired = T.clt_losses(clt, x[rows], y[rows], cfg, 5, dead, torch.tensor(2 * 22))
     loss.backward()
     C.average_gradients(list(clt.parameters()), mesh.dp_group)
-    norm = T.clip_gradients(clt, clip, mesh)
+    norm = T.reduce_step(clt, parts, fired, batchtopk=False)["grad_norm"].float()
+    T.clip_gradients(clt, clip, norm)
     return {n: p.grad for n, p in clt.named_parameters() if p.grad is not None}, norm
+
+
+def count_collectives(activation, mesh, steps=3):
+    """Collectives per train_step between log steps, by name, with AuxK active (dead features exist)."""
+    cfg = T.TrainConfig(activation=activation, k=4, features=64, batch_size=64, steps=100, dead_tokens=64)
+    clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), 0, mesh)
+    opt = T.optimizer(clt, cfg)
+    state = dict(step=10, since_fired=torch.zeros(2, 64, dtype=torch.long), first_bad=torch.tensor(-1))
+    state["since_fired"][:, ::3] = 1000  # every third feature is dead
+    x, y = batch(0)
+    rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)
+    counts = {}
+    originals = {name: getattr(torch.distributed, name) for name in ("all_reduce", "all_gather", "broadcast")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(torch.distributed, name, counting(name))
+    try:
+        for _ in range(steps):
+            T.train_step(cfg, clt, opt, (x[rows], y[rows]), state, mesh, torch.device("cpu"), sync=False)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.distributed, name, fn)
+    return {k: v / steps for k, v in counts.items()}
 
 
 def worker(tasks_path):
@@ -75,7 +120,13 @@ def worker(tasks_path):
     for task in tasks:
         kind = task["kind"]
         if kind == "train":
-            T.train(C.parse_config(T.__doc__, T.TrainConfig, task["argv"]))
+            T.train(*T.parse_args(task["argv"]))
+        elif kind == "mismatch":  # rank 1 was given another --lr: every rank must refuse, naming it
+            try:
+                T.train(*T.parse_args(task["argv"] + (["--lr", "0.002"] if rank == 1 else [])))
+            except ValueError as e:
+                with open(task["out"].format(rank=rank), "w") as f:
+                    f.write(str(e))
         elif kind == "stall":
             if rank == 1:
                 cfg = C.parse_config(T.__doc__, T.TrainConfig, task["argv"])
@@ -88,6 +139,11 @@ def worker(tasks_path):
             if kind == "grads":
                 grads, norm = gradients(task["activation"], mesh)
                 save_file({**grads, "norm": norm.view(1)}, task["out"].format(rank=rank))
+            elif kind == "collectives":
+                counts = count_collectives(task["activation"], mesh)
+                if rank == 0:
+                    with open(task["out"], "w") as f:
+                        json.dump(counts, f)
             elif kind == "reshard":  # the export, loaded at this TP size: outputs on a fixed input
                 clt = C.CrossLayerTranscoder.from_pretrained(task["path"], mesh)
                 acts, out = clt(batch(7)[0] * 4)
@@ -105,16 +161,24 @@ def worker(tasks_path):
 def runs(small_cache, tmp_path_factory):  # noqa: F811
     """The 2-process runs (TP=2 and DP=2) in one torchrun launch, and their single-process references."""
     root = str(tmp_path_factory.mktemp("dist"))
-    p = lambda name: os.path.join(root, name)
-    train = lambda out, **kw: dict(kind="train", argv=argv(small_cache, p(out), **kw))
+
+    def p(name):
+        return os.path.join(root, name)
+
+    def train(out, **kw):
+        return dict(kind="train", argv=argv(small_cache, p(out), **kw))
+
     bt = dict(activation="batchtopk", k=4)
     tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("dp2"), train("tp2_cut", tp=2, stop_at=10),
              train("tp2_cut", tp=2, resume=True),
              dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors"))]
     tasks += [dict(kind="grads", tp=tp, activation=a, out=p(f"grads_{a}_tp{tp}_{{rank}}.safetensors"))
               for a in ("jumprelu", "topk") for tp in (1, 2)]
-    r = torchrun(2, tasks, root)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    tasks += [dict(kind="collectives", tp=tp, activation=a, out=p(f"collectives_{a}_tp{tp}.json"))
+              for a in ("jumprelu", "topk") for tp in (1, 2)]
+    tasks += [dict(kind="mismatch", argv=argv(small_cache, p("mismatch")), out=p("mismatch_{rank}.txt"))]
+    rc, out, err = torchrun(2, tasks, root)
+    assert rc == 0, out[-2000:] + err[-4000:]
     T.train(config(small_cache, p("ref")))
     T.train(config(small_cache, p("ref_bt"), **bt))
     return p
@@ -156,7 +220,9 @@ def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activatio
     assert ref_norm > 0.5  # so the clip (to 0.5) is active
     tp2 = [load_file(runs(f"grads_{activation}_tp2_{r}.safetensors")) for r in range(2)]
     dp2 = [load_file(runs(f"grads_{activation}_tp1_{r}.safetensors")) for r in range(2)]
-    close = lambda a, b, name: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    def close(a, b, name):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
     for name, g in ref.items():
         for shards in (tp2, dp2):
             close(shards[0]["norm"], ref_norm.view(1), "norm")
@@ -169,8 +235,65 @@ def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activatio
             close(torch.cat([s[name] for s in tp2], 0 if name.startswith("W_dec") else -1), g, name)
 
 
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_step_between_log_steps_has_one_bookkeeping_collective(runs, activation, tp):
+    """Per step: the TP sums of the decoders (AuxK's too) and TopK's candidate gathers, or DP's gradient
+    average, and ONE all-reduce for everything else (metrics, dead features, gradient norm)."""
+    with open(runs(f"collectives_{activation}_tp{tp}.json")) as f:
+        counts = json.load(f)
+    if tp == 2:  # dp = 1: no gradient average
+        expected = dict(all_reduce=2) if activation == "jumprelu" else dict(all_reduce=3, all_gather=2)
+    else:  # dp = 2: no TP collective
+        expected = dict(all_reduce=2)
+    assert counts == expected
+
+
+def test_every_rank_refuses_a_rank_with_other_flags(runs):
+    for rank in range(2):
+        with open(runs(f"mismatch_{rank}.txt")) as f:
+            assert "ranks [1] have another command line or cache than rank 0: every node must run" in f.read()
+    assert not os.path.exists(runs("mismatch"))  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def mesh4(small_cache, runs):  # noqa: F811
+    """TP = 2 x DP = 2, four processes (on 2 cores): a run cut at step 10 and resumed (the steps before
+    and after the cut both have to equal one process's)."""
+    def train(**kw):
+        return dict(kind="train", argv=argv(small_cache, runs("mesh4"), tp=2, **kw))
+
+    rc, out, err = torchrun(4, [train(stop_at=10), train(resume=True)], runs(""))
+    assert rc == 0, out[-2000:] + err[-4000:]
+    return runs
+
+
+def test_tp2_x_dp2_on_four_processes_resumed_equals_one_process(mesh4):
+    with open(mesh4("mesh4") + "/checkpoints/latest.json") as f:
+        assert json.load(f)["mesh"] == [2, 2]
+    assert_same_run(mesh4("ref"), mesh4("mesh4"))
+
+
+def test_two_launchers_on_one_machine_equal_one_process(small_cache, runs, tmp_path):  # noqa: F811
+    """Two "nodes" (torchrun --nnodes=2, one process each, c10d rendezvous on 127.0.0.1) train as DP = 2."""
+    port = free_port()
+    tasks = [dict(kind="train", argv=argv(small_cache, tmp_path / "nodes2"))]
+    nodes = []
+    for r in range(2):
+        flags = ["--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=clt-forge-test"]
+        nodes.append(launcher(flags, tasks, str(tmp_path), f"node{r}"))
+    for node in nodes:
+        out, err = node.communicate(timeout=300)
+        assert node.returncode == 0, out[-2000:] + err[-4000:]
+    with open(tmp_path / "nodes2" / "checkpoints" / "latest.json") as f:
+        assert json.load(f)["mesh"] == [2, 1]
+    assert_same_run(runs("ref"), tmp_path / "nodes2")
+
+
 def test_resuming_with_another_mesh_is_refused(runs):
-    with pytest.raises(ValueError, match=r"\(dp, tp\) = \(1, 2\) mesh, this run is \(1, 1\)"):
+    with pytest.raises(ValueError, match=r"\(dp, tp\) = \(1, 2\) mesh of 2 processes, this run has 1: resume with "
+                                         r"torchrun --nproc_per_node=2"):
         T.train(T.TrainConfig(**{**vars(config("", runs("tp2_cut"))), "cache": read_cache(runs), "resume": True}))
 
 
@@ -183,9 +306,10 @@ def test_a_stuck_rank_times_out_with_a_clear_error(small_cache, tmp_path):  # no
     """Rank 1 stops answering; rank 0's next collective fails after --timeout-s with a message, and
     torchrun ends the job. (A rank that crashes outright is ended by torchrun itself, which names it.)"""
     t0 = time.time()
-    r = torchrun(2, [dict(kind="stall", argv=argv(small_cache, tmp_path, timeout_s=3, eval_every=-1))], str(tmp_path))
-    assert r.returncode != 0 and time.time() - t0 < 50
-    assert "a collective waited longer than --timeout-s 3" in r.stderr, r.stderr[-3000:]
+    rc, _, err = torchrun(2, [dict(kind="stall", argv=argv(small_cache, tmp_path, timeout_s=3, eval_every=-1))],
+                          str(tmp_path))
+    assert rc != 0 and time.time() - t0 < 50
+    assert "a collective waited longer than --timeout-s 3" in err, err[-3000:]
 
 
 if __name__ == "__main__":

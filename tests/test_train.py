@@ -174,7 +174,7 @@ def small_cache(tmp_path_factory):
 
 def config(cache, out, **kw):
     base = dict(cache=cache, out=str(out), features=64, steps=20, batch_size=128, warmup=5, eval_every=10,
-                eval_contexts=8, ckpt_every=10, device="cpu")
+                eval_contexts=8, log_every=1, ckpt_every=10, device="cpu")
     return T.TrainConfig(**{**base, **kw})
 
 
