@@ -646,12 +646,13 @@ def paper_row(name, L, d, F, B, T, D, args):
 
 
 def add_recovery_args(p):
-    p.add_argument("--recovery-tokens", type=int, default=150_000, help="rows (tokens) of the tiny model's training cache")
+    p.add_argument("--recovery-tokens", type=int, default=150_000, help="rows of the tiny model's training cache")
     p.add_argument("--recovery-steps", type=int, default=300, help="CLT training steps of 1024 tokens (train.py: 1000)")
-    p.add_argument("--recovery-sizes", default="2,8,32", help="F per layer, as multiples of d_model, at the default sparsity")
+    p.add_argument("--recovery-sizes", default="2,8,32", help="F per layer / d_model, at the default sparsity")
     p.add_argument("--recovery-sparsity", default="0.2,0.7,2.5", help="train.py --sparsity values swept at F = 8 d")
     p.add_argument("--recovery-support", type=int, default=24, help="tiny.eval_corpus support of both evaluation sets")
-    p.add_argument("--recovery-seeds", default="1,2", help="evaluation-set seeds: pick the recipe on the first, report on the second")
+    p.add_argument("--recovery-seeds", default="1,2",
+                   help="evaluation-set seeds: pick the recipe on the first, report on the second")
     p.add_argument("--recovery-plot", default=os.path.join("assets", "recovery.png"), help="where the plot goes")
 
 
@@ -671,11 +672,11 @@ def recipes(args, d):
 
 
 def trained_clt(root, cache_dir, name, features, sparsity, args):
-    """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, final metrics)."""
+    """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, metrics)."""
     import train
     out = os.path.join(root, "clt_" + name.replace("=", "").replace(", ", "_").replace(" ", ""))
-    cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity, steps=args.recovery_steps,
-                            eval_every=-1, ckpt_every=-1, device=args.device)
+    cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
+                            steps=args.recovery_steps, eval_every=-1, ckpt_every=-1, device=args.device)
     marker = out + ".json"  # beside the run: what it was trained with and how long it took
     if os.path.exists(marker):
         with open(marker) as f:
@@ -688,15 +689,6 @@ def trained_clt(root, cache_dir, name, features, sparsity, args):
     seconds = time.perf_counter() - t0
     clt.write_json(marker, dict(config=vars(cfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
     return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
-
-
-def family_cells(table):
-    """{family: "share % / mean best F1"} of a family_table, in FAMILY_ORDER."""
-    cells = {}
-    for fam in FAMILY_ORDER:
-        f = table.get(fam) or {}
-        cells[fam] = f"{100 * (f.get('share') or 0):.1f} % / {f.get('mean_best_f1') or 0:.2f}"
-    return cells
 
 
 def bench_recovery(args):
@@ -717,8 +709,9 @@ def bench_recovery(args):
     train_cache = cache.ActivationCache(cache_dir, model=model)
     evals = {}
     for seed in (int(s) for s in args.recovery_seeds.split(",")):
-        cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"), concept_seed=seed,
-                                  concept_support=args.recovery_support, device=args.device, chunk_size=2048)
+        cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
+                                  concept_seed=seed, concept_support=args.recovery_support, device=args.device,
+                                  chunk_size=2048)
         ccache = interp.concept_cache(model_dir, model, world, train_cache, cfg)
         evals[seed] = (cfg, ccache, interp.ConceptLabels(ccache, world, enc, cfg))
     print(f"recovery: caches and labels in {time.perf_counter() - t_start:.0f} s")
@@ -744,15 +737,16 @@ def bench_recovery(args):
             heads[name, seed] = dict(interp.headline(table, cfg), table=table,
                                      l0=s.n_fires.sum().item() / n_labeled / model.config.n_layer)
     select, report = list(evals)
-    chosen = max(runs, key=lambda name: (heads[name, select]["share_recovered"], heads[name, select]["mean_best_f1"]))
+    chosen = max(runs, key=lambda n: (heads[n, select]["share_recovered"], heads[n, select]["mean_best_f1"]))
     for name in sets:
         r = runs.get(name, {})
         h = heads[name, report]
         rows.append(dict(features=name, F=r.get("features", ""), sparsity=r.get("sparsity", ""),
                          l0_per_layer=round(h["l0"], 1), train_s=round(r["seconds"]) if r else "",
-                         **family_cells(h["table"]),
+                         **{fam: interp.share_cell(h["table"].get(fam)) for fam in FAMILY_ORDER},
                          headline_select=f"{100 * heads[name, select]['share_recovered']:.1f} %",
-                         headline_report=f"{100 * h['share_recovered']:.1f} % / {h['mean_best_f1']:.2f}",
+                         headline_report=interp.share_cell(dict(share=h["share_recovered"],
+                                                                mean_best_f1=h["mean_best_f1"])),
                          chosen="yes" if name == chosen else ""))
     plot_recovery(args.recovery_plot, runs, sets, heads, report, d)
     seconds = time.perf_counter() - t_start
@@ -802,7 +796,8 @@ BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/to
               "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read"),
               "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
               "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"),
-              "recovery": (bench_recovery, add_recovery_args, "planted concepts recovered per family vs CLT size and sparsity")}
+              "recovery": (bench_recovery, add_recovery_args,
+                           "planted concepts recovered per family vs CLT size and sparsity")}
 
 
 def main(argv=None):

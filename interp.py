@@ -9,8 +9,9 @@ alone, and scores for that explanation, from one streaming pass over each split 
     weights:        decoder --ln_f (mean scale)--> W_U --> promoted / suppressed tokens (direct logit effect)
     explanation:    the n-grams whose presence best predicts firing (greedy F1 on the train counts)
                     + the top promoted tokens, e.g.  fires on " Tarn", " capital" | promotes " Velorian"
-    held-out split: detection and fuzzing scores of each explanation; on the toy world, the
-                    ground-truth concept each feature matches best (precision, recall, F1)
+    held-out split: detection and fuzzing scores of each explanation
+    toy world:      tiny.eval_corpus -> cache.py (as the training cache) -> OUT/concept_cache, labeled by
+                    tiny.label_tokens; per concept its best feature by F1, for the CLT and two baselines
     --> out/features.jsonl (one object per feature), out/summary.json, out/summary.png
 
     python interp.py --help
@@ -31,9 +32,18 @@ activation histograms as on Neuronpedia; direct logit effects as in Bricken et a
 Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned beyond
 max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk is cut down
 to its firings right after encoding, so the pass costs about twice a read + encode of the cache.
-On the toy world (a model directory with tiny.py's world.json) every held-out token carries the labeler's
-ground truth (tiny.label_tokens): each feature gets its best-matching label, each label its best feature,
-and summary.json counts the labels of --families recovered with F1 >= --concept-f1.
+On the toy world (a model directory with tiny.py's world.json) features are scored against ground truth
+on a dedicated evaluation set, not on the held-out split (a few thousand tokens there give most entities
+no support): tiny.eval_corpus generates documents until every concept of every label family has
+--concept-support labeled tokens (32: ~107k tokens, ~1000 concepts, each scored from --min-support 20
+on), and cache.py stores their activations exactly as it stored the training rows. A concept is
+recovered when some feature's "fires" (activation > 0) has F1 >= --concept-f1 against its tokens; the
+headline is the share recovered and the mean best F1 per family (tiny.label_tokens documents them:
+input = entity and category, output = the next token the model must say, latent = the country behind
+a two-hop question), the --families together, and the same numbers for two baselines scored the same
+way, since the best of thousands of features grows with their number: the model's MLP neurons (a neuron
+fires where its GELU input is > 0) and a CLT of the same size with random weights whose features fire
+as often as the trained ones of their layer.
 
 features.jsonl keys, one line per feature in (layer, feature) order:
     layer, feature              the feature's layer and index
@@ -50,7 +60,11 @@ features.jsonl keys, one line per feature in (layer, feature) order:
     detection_auroc, detection_bacc, fuzzing_bacc, heldout_density   held-out scores (null when undefined)
     concept, concept_precision, concept_recall, concept_f1   best toy-world concept (with a world.json only)
 summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above (AUROC >=
---interpretable), score quantiles, concepts (toy world), seconds_passes (and the plain-read ratio with --time-read).
+--interpretable), score quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy
+world "concepts": eval_set, f1_threshold, min_support, families, n / recovered / share_recovered /
+mean_best_f1 (the headline), by_family {family: kind, concepts, recovered, share, mean_best_f1, unscored},
+per_concept {label: support, layer, feature, f1, precision, recall}, baselines {mlp_neurons, random_clt:
+the headline and by_family}.
 """
 import contextlib
 import json
@@ -1037,22 +1051,36 @@ def main(argv=None):
         print(concept_table(summary["concepts"]))
 
 
-def concept_table(c):
-    """summary["concepts"] as a markdown table: per family, the CLT's and the baselines' share and mean best F1."""
+def share_cell(fam):
+    """A family_table row (or None) as "share recovered % / mean best F1"."""
+    f = fam or {}
+    return f"{100 * (f.get('share') or 0):.1f} % / {f.get('mean_best_f1') or 0:.2f}"
+
+
+def concept_rows(c):
+    """summary["concepts"] as rows, one per scored family and one for the headline: the CLT's and each
+    baseline's "share recovered / mean best F1" (the feature index shows them too: viz.py)."""
     sets = {"CLT": c, **c["baselines"]}
-    lines = [f"toy-world concepts recovered by a feature with F1 >= {c['f1_threshold']} (share, mean best F1); "
-             f"headline ({c['families']}): {c['recovered']}/{c['n']}",
-             "| family | kind | concepts | " + " | ".join(sets) + " |", "|---" * (3 + len(sets)) + "|"]
+    rows = []
     for name, fam in c["by_family"].items():
         if fam["kind"] == "structure" or not fam["concepts"]:
             continue
-        cells = []
-        for s in sets.values():
-            f = s["by_family"].get(name) or {}
-            cells.append(f"{100 * (f.get('share') or 0):.1f} % / {f.get('mean_best_f1') or 0:.2f}")
-        lines.append(f"| {name} | {fam['kind']} | {fam['concepts']} | " + " | ".join(cells) + " |")
-    cells = [f"{100 * s['share_recovered']:.1f} % / {s['mean_best_f1']:.2f}" for s in sets.values()]
-    lines.append(f"| **{c['families']}** | | {c['n']} | " + " | ".join(cells) + " |")
+        row = dict(family=name, kind=fam["kind"], concepts=fam["concepts"])
+        for label, s in sets.items():
+            row[label] = share_cell(s["by_family"].get(name))
+        rows.append(row)
+    head = dict(family=c["families"], kind="headline", concepts=c["n"])
+    for label, s in sets.items():
+        head[label] = share_cell(dict(share=s["share_recovered"], mean_best_f1=s["mean_best_f1"]))
+    return rows + [head]
+
+
+def concept_table(c):
+    """summary["concepts"] as a markdown table (concept_rows)."""
+    rows = concept_rows(c)
+    lines = [f"toy-world concepts recovered by a feature with F1 >= {c['f1_threshold']}: share / mean best F1",
+             "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
     return "\n".join(lines)
 
 

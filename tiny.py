@@ -464,7 +464,8 @@ def template_spans(text, world):
         if answer is not None:
             spans.append((*before, f"output:{answer}"))
         if relation in TWO_HOP:
-            spans.append((*before, f"latent:country={world.country_of(world.lookup['person'][values['person']]['home'])}"))
+            country = world.country_of(world.lookup["person"][values["person"]]["home"])
+            spans.append((*before, f"latent:country={country}"))
             questions.append((values["person"], m.start()))
         if relation == "home" and not prompt:
             homes.setdefault(values["person"], []).append((m.start("city__0"), m.end("city__0"), m.start()))
@@ -658,7 +659,8 @@ def _eval_numbers(world, rng, support, have):
     docs = []
     short = [0]
     while short:
-        short = [n for n in range(top + 1) if have[f"entity:{n}"] < support or (n > 0 and have[f"output:{n}"] < support)]
+        short = [n for n in range(top + 1)
+                 if have[f"entity:{n}"] < support or (n > 0 and have[f"output:{n}"] < support)]
         for n in short:
             kind = rng.random()
             if n == 0:  # 0 is never a next number: it only occurs as a name

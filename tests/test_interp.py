@@ -492,7 +492,8 @@ def test_concept_scores_equal_brute_force(gpt):
     # baselines: neurons fire where their GELU input is > 0; a random CLT fires as often as the CLT it copies
     x = torch.randn(2000, L, D, generator=g)
     pre = interp.neuron_preacts(model, x)
-    gelu = torch.cat([torch.nn.functional.gelu(b.mlp.c_fc(x[:, l]), approximate="tanh") for l, b in enumerate(model.h)], 1)
+    gelu = torch.cat([torch.nn.functional.gelu(b.mlp.c_fc(x[:, l]), approximate="tanh")
+                      for l, b in enumerate(model.h)], 1)
     assert torch.equal(pre > 0, gelu > 0) and pre.shape == (2000, L * 4 * D)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=0)
     with torch.no_grad():
