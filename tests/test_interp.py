@@ -364,11 +364,15 @@ def test_clt_of_another_model_is_refused(real, tmp_path):
     assert not out.exists()  # refused before anything was written
 
 
-def eval_cache(enc, world, n_docs, cut=True, seed=0):
-    """A FakeCache of documents of tiny.eval_corpus with zero activations: packed into contexts as
-    cache.py packs them (cut=True), or one document per context (cut=False: nothing is cut)."""
-    tiny = pytest.importorskip("tiny")
-    texts = tiny.eval_corpus(world, seed=seed, support=2)[:n_docs]
+@pytest.fixture(scope="module")
+def world():
+    """The toy world, one per module: its labeler compiles its regexes once."""
+    return pytest.importorskip("tiny").make_world(0)
+
+
+def eval_cache(enc, texts, cut=True):
+    """A FakeCache of documents with zero activations: packed into contexts as cache.py packs them
+    (cut=True), or one document per context (cut=False: nothing is cut)."""
     docs = [enc.encode_ordinary(d) + [enc.eot_token] for d in texts]
     if cut:
         tok, doc, pos = packed_rows(docs)
@@ -379,12 +383,11 @@ def eval_cache(enc, world, n_docs, cut=True, seed=0):
     return FakeCache(torch.zeros(len(tok), L, D), tok, doc, pos, 0), texts, docs
 
 
-def test_concept_labels_follow_the_labeler(gpt):
+def test_concept_labels_follow_the_labeler(gpt, world):
     """Each run of one document inside one context is labeled as the text the model saw there."""
     tiny = pytest.importorskip("tiny")
     _, enc = gpt
-    world = tiny.make_world(0)
-    c, _, _ = eval_cache(enc, world, 60)
+    c, _, _ = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:60])
     labels = interp.ConceptLabels(c, world, enc, small_cfg())
     lab, labeled = labels.rows(0, c.N, "cpu")
     lab = lab.to_dense().T.bool()  # (N, C)
@@ -427,18 +430,20 @@ class FeatureOnRows:
         return out
 
 
-def test_feature_on_a_latent_label_scores_f1_one(gpt):
+def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
     """A feature constructed to fire exactly on latent:country=K scores F1 = 1 on it; one that fires on
-    the two-hop answer of one relation (a "say X" feature) does not, and is an output feature."""
+    the answer of one relation (a "say X" feature) does not, and is an output feature."""
     tiny = pytest.importorskip("tiny")
     _, enc = gpt
-    world = tiny.make_world(0)
-    c, texts, docs = eval_cache(enc, world, 400, cut=False)
-    rows = labeled_rows(texts, docs, enc, world)
-    latent = Counter(lab for labs in rows for lab in labs if lab.startswith("latent:"))
-    target, _ = latent.most_common(1)[0]
-    country = target.split("=")[1]
+    lived_in = Counter(world.lookup["city"][p["home"]]["country"] for p in world.people)
+    country = lived_in.most_common(1)[0][0]
+    target = f"latent:country={country}"
     language = world.lookup["country"][country]["language"]
+    people = [p["name"] for p in world.people if world.lookup["city"][p["home"]]["country"] == country]
+    texts = tiny.eval_corpus(world, seed=0, support=2)
+    texts = [t for t in texts if language in t or any(p in t for p in people)][:80] + texts[:20]
+    c, texts, docs = eval_cache(enc, texts, cut=False)
+    rows = labeled_rows(texts, docs, enc, world)
     on = [{r for r, labs in enumerate(rows) if target in labs},
           {r for r, labs in enumerate(rows) if f"output:{language}" in labs}]  # one-hop facts say it too
     assert 0 < len(on[0] & on[1]) < len(on[0])
@@ -452,18 +457,19 @@ def test_feature_on_a_latent_label_scores_f1_one(gpt):
     assert f1[labels.names.index(target), 1] < 0.8  # it says the language: of one relation's questions only
 
 
-def test_concept_scores_equal_brute_force(gpt):
+def test_concept_scores_equal_brute_force(gpt, world):
     """score_concepts over several chunks == counts over every row, for random sparse features; the family
     table and the headline count what the per-concept bests say; the baselines fire as specified."""
     tiny = pytest.importorskip("tiny")
     model, enc = gpt
-    world = tiny.make_world(0)
-    c, texts, docs = eval_cache(enc, world, 150, cut=False)
+    c, texts, docs = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:80], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
     g = torch.Generator().manual_seed(0)
     acts = torch.rand(c.N, 12, generator=g) * (torch.rand(c.N, 12, generator=g) < 0.1)  # (N, M) 10 % density
     names = sorted({lab for labs in rows for lab in labs})
-    member = torch.tensor([[lab in labs for lab in names] for labs in rows])  # (N, C)
+    member = torch.zeros(c.N, len(names), dtype=torch.bool)  # (N, C)
+    for r, labs in enumerate(rows):
+        member[r, [names.index(lab) for lab in labs]] = True
     fire = acts > 0
     tp = (member[:, :, None] & fire[:, None, :]).sum(0).double()  # (C, M)
     nf = fire.sum(0).double()
