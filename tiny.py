@@ -23,11 +23,14 @@ Public API (stable: cache.py, interp.py, graph.py and the tests import it):
     make_corpus(world, n_docs, seed, heldout=False) -> [str]   documents; heldout=True uses only held-out
                                                  templates and held-out people (never in training)
     toy_corpus(n_docs=1000, seed=0) -> [str]     documents from the shipped world (models/tiny/world.json)
-    label_tokens(text, enc, world) -> [set[str]] per-token ground truth: "entity:Tes", "concept:city",
-        "about:Zapokor" (a country and its cities, language, currency), "relation:capital",
-        "template:capital/0" ("/heldout" for the held-out paraphrase),
-        "role:subject|answer|bridge|io|s1|s2|filler|template|query" (bridge: the city a later two-hop
-        question needs; io/s1/s2: IOI's indirect object and subject mentions; query: a prompt's last token)
+    label_tokens(text, enc, world) -> [set[str]] per-token ground truth in families (FAMILIES), each on the
+        token where a causal model can know it: input "entity:Tes", "category:city" (on the name); output
+        "output:Tes" (on the token before an answer the world forces); latent "latent:country=Zapokor" (on
+        the last token of a two-hop question); structure "role:subject|answer|bridge|io|s1|s2|filler|
+        template|query" (bridge: the city a later two-hop question needs; io/s1/s2: IOI's indirect object
+        and subject mentions; query: a prompt's last token)
+    eval_corpus(world, seed=0, support=20) -> [str]   documents in which every concept of every family is
+                                                 labeled >= support times (interp.py's evaluation set)
     eval_prompts(world, seed=0) -> [(prompt, answer, kind)]   answer starts with a space; kinds: one_hop,
         one_hop_paraphrase, two_hop, two_hop_latent, two_hop_paraphrase, ioi, ioi_paraphrase, counting,
         greater_than
@@ -376,6 +379,8 @@ FAMILIES = {"entity": "input", "category": "input", "output": "output", "latent"
 def family_of(label):
     """"latent:country=Zapokor" -> "latent": a label's family is what comes before its first colon."""
     return label.split(":", 1)[0]
+
+
 CATEGORY_OF = {"category": "kind"}  # names() type -> category label; "category:category" would say nothing
 
 
