@@ -8,13 +8,15 @@ timed in the same process, next to the thing it is compared with.
     python bench.py cache --quick      # the same, small (a couple of minutes on a 2-core CPU)
     python bench.py cache --device cuda
     python bench.py graph --vs-circuit-tracer --threads 1  # beside circuit-tracer's attribute() (installed)
+    python bench.py compactness        # CLT vs PLT graphs on models/tiny (~15 min on a loaded 2-core CPU)
     python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
+    python bench.py recovery           # planted concepts a CLT recovers vs its size and sparsity -> assets/recovery.png
 
 Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
 its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
 <out>/<name>.json.
 
-The cache benchmark (issue 4) measures, per model and dtype:
+The cache benchmark measures, per model and dtype:
 - bytes/token: all shard bytes / tokens (activations, scales, token/doc/position), and x fp32;
 - NMSE = ||x - x_hat||^2 / ||x||^2 of what was stored (from the manifest, summed over all rows);
 - writer overhead: (corpus -> shards loop) / (the same loop with only the forward pass) - 1, in
@@ -26,6 +28,15 @@ The cache benchmark (issue 4) measures, per model and dtype:
 - the crc32 checks: the rate of a crc32 pass over the shards, and what it adds to the first epoch
   of a reader (each chunk is checked the first time a row of it is read, never again): raw read
   rate / crc32 rate, in CPU time.
+
+The recovery benchmark trains CLTs of F = 2d, 8d, 32d per layer at train.py's default sparsity
+and a --sparsity sweep at 8d, each for --recovery-steps on one small cache of models/tiny, and scores them
+with interp.py's concept scores on two evaluation sets of tiny.eval_corpus (seeds 1 and 2): per label
+family the share of concepts some feature matches with F1 >= 0.8 and the mean best F1, beside the MLP
+neurons and a random CLT of each size. The recipe with the best headline (category, entity, latent) on
+the first set is named; every number in the table and the plot is from the second. Sized for a CPU: a
+150k-token cache and 300 steps of 1024 tokens, not the 1000 steps of the README's recipe; trained runs are
+reused by a rerun with the same flags.
 """
 import argparse
 import json
@@ -35,6 +46,7 @@ import shutil
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -85,7 +97,7 @@ def print_table(rows):
 
 
 # -----------------------------------------------------------------------------
-# cache (issue 4)
+# cache
 
 
 def add_cache_args(p):
@@ -546,7 +558,7 @@ def two_hop_study(args):
 
 
 # -----------------------------------------------------------------------------
-# interp (issue 8)
+# interp
 
 
 def add_interp_args(p):
@@ -599,7 +611,7 @@ def bench_interp(args):
 
 
 # -----------------------------------------------------------------------------
-# CLT training and decoding (issue 5)
+# CLT training and decoding
 
 
 def clt_matmuls(B, L, d, F):
@@ -697,7 +709,7 @@ def bench_train(args):
 
 
 # -----------------------------------------------------------------------------
-# tensor and data parallelism (issue 6)
+# tensor and data parallelism
 
 
 def clt_params_per_rank(L, d, F, T):
@@ -799,7 +811,185 @@ def paper_row(name, L, d, F, B, T, D, args):
 
 
 # -----------------------------------------------------------------------------
-# the whole pipeline at GPT-2-small shape (issue 14)
+# compactness: cross-layer vs per-layer transcoders, and how compact their graphs are
+
+
+TRANSCODERS = {"clt": dict(decoder="cross-layer", skip=False), "plt": dict(decoder="per-layer", skip=False),
+               "plt-skip": dict(decoder="per-layer", skip=True)}
+
+
+def add_compactness_args(p):
+    p.add_argument("--compactness-tokens", type=int, default=200_000, help="tokens of the models/tiny cache")
+    p.add_argument("--compactness-features", type=int, default=512, help="features per layer of every transcoder")
+    p.add_argument("--compactness-k", type=int, default=8, help="TopK k of every transcoder: the matched mean L0")
+    p.add_argument("--compactness-steps", type=int, default=400, help="training steps of each transcoder")
+    p.add_argument("--compactness-batch", type=int, default=1024, help="tokens per training step")
+    p.add_argument("--compactness-per-family", type=int, default=6, help="prompts of each tiny.eval_prompts kind")
+    p.add_argument("--compactness-kinds", default="clt,plt", help=f"transcoders to compare, of {list(TRANSCODERS)}")
+    p.add_argument("--compactness-figure", default=os.path.join("assets", "compactness.png"), help="the figure")
+
+
+def train_transcoders(args, root):
+    """One cache of models/tiny, then each transcoder trained on it with the same recipe: TopK with
+    the same k (so the mean L0 is matched by construction), the same features per layer, seed, steps.
+    -> {name: (transcoder, train.py's last metrics)}."""
+    import train
+    path = os.path.join(root, "cache")
+    cache.build_cache(cache.CacheConfig(model=clt.DEFAULT_MODEL, corpus="toy", tokens=args.compactness_tokens,
+                                        out=path, device=args.device))
+    out = {}
+    for name in args.compactness_kinds.split(","):
+        c = train.TrainConfig(cache=path, out=os.path.join(root, name), features=args.compactness_features,
+                              activation="topk", k=args.compactness_k, steps=args.compactness_steps,
+                              batch_size=args.compactness_batch, lr=3e-3, warmup=min(50, args.compactness_steps // 4),
+                              eval_every=args.compactness_steps, eval_contexts=32, ckpt_every=-1, log_every=50,
+                              overwrite=True, device=args.device, **TRANSCODERS[name])
+        m = train.train(c)
+        out[name] = (clt.CrossLayerTranscoder.from_pretrained(c.out).to(args.device).eval(), m)
+    return out
+
+
+def family_prompts(world, per_family):
+    """{kind: [(prompt, answer)]}: the first per_family held-out prompts of every kind of tiny.eval_prompts,
+    in a fixed shuffled order (seed 0) so each kind mixes relations, people and templates."""
+    import tiny
+    out = {}
+    for prompt, answer, kind in tiny.eval_prompts(world):
+        out.setdefault(kind, []).append((prompt, answer))
+    rng = random.Random(0)
+    return {kind: rng.sample(ps, min(per_family, len(ps))) for kind, ps in out.items()}
+
+
+def country_features(model, enc, t, world, device):
+    """{country: (L, F) bool}: the last-token features selective for each country, the planted latent
+    of the two-hop prompts. On two-hop probes of every person (with the bridge sentence and without),
+    a feature is selective for country c if it fires on (rate on people of c) − (rate on people of
+    other countries) >= 0.5 of the probes."""
+    import graph
+    probes = []
+    for prompt, _, _, country, _ in two_hop_probes(world, [p["name"] for p in world.people]):
+        probes += [(prompt, country), (prompt[prompt.index(". ") + 2:], country)]  # with and without the bridge
+    last = []
+    with torch.no_grad():
+        for prompt, _ in probes:
+            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
+            last.append(t.encode(model.run_with_acts(idx, logits=False)[1].mlp_in[0, -1:])[0].cpu() > 0)  # (L, F)
+    last = torch.stack(last).float()  # (P, L, F)
+    countries = sorted({c for _, c in probes})
+    which = torch.tensor([countries.index(c) for _, c in probes])
+    return {c: last[which == i].mean(0) - last[which != i].mean(0) >= 0.5 for i, c in enumerate(countries)}
+
+
+def path_length(A_hat, w, inputs):
+    """The influence-weighted mean number of edges on the paths from the input nodes to the logits:
+    the mass of w Â^k that reaches the inputs, over k."""
+    cur, total, weighted, k = w @ A_hat, 0.0, 0.0, 1
+    while cur.any():
+        m = cur[inputs].sum().item()
+        total, weighted = total + m, weighted + k * m
+        cur, k = cur @ A_hat, k + 1
+    return weighted / max(total, 1e-30)
+
+
+def graph_compactness(model, t, rep, selective):
+    """The compactness numbers of one prompt's graph under transcoder t (see bench_compactness)."""
+    import graph
+    g = graph.attribute(model, t, rep, batch_size=256)
+    s = g.slices()
+    A_hat, w = graph.normalized(g.adjacency), g.logit_weights()
+    infl = graph.influence(A_hat, w)
+    replacement, completeness = graph.scores(g)
+    nodes, edges, _, _ = graph.prune(g)
+    inner = infl[:s.tokens.start].sort(descending=True).values  # features and errors
+    cum = inner.cumsum(0) / inner.sum().clamp(min=1e-30)
+    row = dict(active=len(g.feats), replacement=replacement, completeness=completeness,
+               pruned_nodes=int(nodes[:s.tokens.start].sum()), pruned_edges=int(edges.sum()),
+               nodes_to_80=int(torch.searchsorted(cum, 0.8)) + 1,
+               path_length=path_length(A_hat, w, torch.arange(s.tokens.start, s.tokens.stop)))
+    if selective is not None:
+        l, _, f = g.feats.cpu().T
+        last = (g.feats[:, 1] == len(g.tokens) - 1).cpu()
+        feat = infl[s.features].cpu()
+        row["country_share"] = (feat[last & selective[l, f]].sum() / feat.sum().clamp(min=1e-30)).item()
+    return row
+
+
+def compactness_figure(rows, path, kinds):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = ["pruned_nodes", "pruned_edges", "nodes_to_80", "path_length", "replacement", "completeness"]
+    families = [r["family"] for r in rows if r["transcoder"] == kinds[0]]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    width = 0.8 / len(kinds)
+    for ax, metric in zip(axes.flat, metrics):
+        for i, kind in enumerate(kinds):
+            values = [next(r[metric] for r in rows if r["transcoder"] == kind and r["family"] == fam) for fam in families]
+            ax.bar(np.arange(len(families)) + i * width, values, width, label=kind)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xticks(np.arange(len(families)) + width * (len(kinds) - 1) / 2)
+        ax.set_xticklabels(families, rotation=60, ha="right", fontsize=8)
+    axes.flat[0].legend()
+    fig.suptitle("models/tiny: graphs of a CLT vs a PLT (same features per layer, TopK: same L0), per prompt family")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with clt.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def bench_compactness(args):
+    """Do cross-layer transcoders give more compact attribution graphs than per-layer ones? On
+    models/tiny: a CLT and a PLT (and a PLT with a skip connection) trained on one cache with the
+    same features per layer and TopK k (matched L0), then the graph of every prompt, per family:
+    replacement and completeness scores, feature + error nodes and edges of the pruned graph,
+    feature + error nodes needed for 80 % of the logit influence, the influence-weighted mean path
+    length from the token embeddings to the logits (in edges), and for two-hop prompts the share of
+    the feature influence carried by the last-token features selective for the latent country."""
+    import graph
+    import tiny
+    root = os.path.join(args.out, "compactness")
+    model = clt.GPT.from_pretrained().to(args.device).eval()
+    enc, world = clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
+    t0 = time.time()
+    print("phase 1: the cache and the transcoders")
+    trained = train_transcoders(args, root)
+    print(f"phase 2: per-country selective features ({time.time() - t0:.0f} s so far)")
+    selective = {name: country_features(model, enc, t, world, args.device) for name, (t, _) in trained.items()}
+    families = family_prompts(world, args.compactness_per_family)
+    print(f"phase 3: {sum(map(len, families.values()))} prompts x {len(trained)} graphs ({time.time() - t0:.0f} s so far)")
+    per_prompt = []
+    for kind, prompts in families.items():
+        for prompt, answer in prompts:
+            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(args.device)
+            country = world.country_of(answer.strip()) if kind.startswith("two_hop") else None
+            for name, (t, _) in trained.items():
+                rep = graph.local_replacement(model, t, idx)
+                sel = selective[name].get(country) if country else None
+                per_prompt.append(dict(transcoder=name, family=kind, prompt=prompt,
+                                       **graph_compactness(model, t, rep, sel)))
+    clt.write_json(os.path.join(root, "per_prompt.json"), per_prompt)
+    rows = []
+    for name, (_, m) in trained.items():
+        for fam in list(families) + ["all"]:
+            mine = [r for r in per_prompt if r["transcoder"] == name and fam in ("all", r["family"])]
+            row = dict(transcoder=name, family=fam, prompts=len(mine), l0="-", fvu="-", recovered="-")
+            for key in ("active", "replacement", "completeness", "pruned_nodes", "pruned_edges", "nodes_to_80",
+                        "path_length", "country_share"):
+                vals = [r[key] for r in mine if key in r]
+                row[key] = round(sum(vals) / len(vals), 3) if vals else "-"
+            if fam == "all":  # the training run's numbers, on its held-out contexts
+                row.update(l0=round(sum(m["eval"]["l0"]) / len(m["eval"]["l0"]), 2),
+                           fvu=round(sum(m["eval"]["fvu"]) / len(m["eval"]["fvu"]), 4),
+                           recovered=round(m["eval"]["recovered"], 4))
+            rows.append(row)
+    compactness_figure([r for r in rows if r["family"] != "all"], args.compactness_figure, list(trained))
+    print(f"done in {time.time() - t0:.0f} s; figure: {args.compactness_figure}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# scale: the whole pipeline at GPT-2-small shape
 #
 # Each stage runs in a fresh process, so the peak RSS it reports (VmHWM) is its own. The model is a
 # random GPT-2 small made and saved by transformers (its init, its save_pretrained), with a
@@ -1014,6 +1204,156 @@ def bench_scale(args):
 
 
 # -----------------------------------------------------------------------------
+# recovery: how much of the planted world a CLT of size F finds
+
+
+def add_recovery_args(p):
+    p.add_argument("--recovery-tokens", type=int, default=150_000, help="rows of the tiny model's training cache")
+    p.add_argument("--recovery-steps", type=int, default=300, help="CLT training steps of 1024 tokens (train.py: 1000)")
+    p.add_argument("--recovery-sizes", default="2,8,32", help="F per layer / d_model, at the default sparsity")
+    p.add_argument("--recovery-sparsity", default="0.2,0.7,2.5", help="train.py --sparsity values swept at F = 8 d")
+    p.add_argument("--recovery-support", type=int, default=24, help="tiny.eval_corpus support of both evaluation sets")
+    p.add_argument("--recovery-seeds", default="1,2",
+                   help="evaluation-set seeds: pick the recipe on the first, report on the second")
+    p.add_argument("--recovery-plot", default=os.path.join("assets", "recovery.png"), help="where the plot goes")
+
+
+FAMILY_ORDER = ("category", "entity", "latent", "output")
+
+
+def recipes(args, d):
+    """{name: (features, sparsity, sweep)}: the size sweep at train.py's default sparsity, then the sparsity
+    sweep at 8 d (the default's point is shared)."""
+    import train
+    default = train.TrainConfig.sparsity
+    out = {f"F={m}d": (int(m) * d, default, "size") for m in args.recovery_sizes.split(",")}
+    for s in args.recovery_sparsity.split(","):
+        if float(s) != default:
+            out[f"F=8d, sparsity {s}"] = (8 * d, float(s), "sparsity")
+    return out
+
+
+def trained_clt(root, cache_dir, name, features, sparsity, args):
+    """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, metrics)."""
+    import train
+    out = os.path.join(root, "clt_" + name.replace("=", "").replace(", ", "_").replace(" ", ""))
+    cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
+                            steps=args.recovery_steps, eval_every=-1, ckpt_every=-1, device=args.device)
+    marker = out + ".json"  # beside the run: what it was trained with and how long it took
+    if os.path.exists(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if done["config"] == vars(cfg):
+            return clt.CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    final = train.train(cfg)
+    seconds = time.perf_counter() - t0
+    clt.write_json(marker, dict(config=vars(cfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
+    return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
+
+
+def bench_recovery(args):
+    """Recovery per label family vs dictionary size (F = 2d, 8d, 32d) and vs sparsity, with the MLP-neuron and
+    random-CLT baselines, on two generated evaluation sets: the recipe is chosen on the first, reported on
+    the second. Sized for a 2-core CPU: a small training cache and few steps (see the arguments)."""
+    import interp
+    import tiny
+    t_start = time.perf_counter()
+    root = os.path.join(args.out, "recovery")
+    model_dir = clt.DEFAULT_MODEL
+    model = clt.GPT.from_pretrained(model_dir).to(args.device)
+    enc = clt.load_tokenizer(model_dir)
+    world = tiny.load_world(model_dir)
+    d = model.config.n_embd
+    cache_dir = os.path.join(root, "cache")
+    cache.build_cache(cache.CacheConfig(tokens=args.recovery_tokens, out=cache_dir, device=args.device))
+    train_cache = cache.ActivationCache(cache_dir, model=model)
+    evals = {}
+    for seed in (int(s) for s in args.recovery_seeds.split(",")):
+        cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
+                                  concept_seed=seed, concept_support=args.recovery_support, device=args.device,
+                                  chunk_size=2048)
+        ccache = interp.concept_cache(model_dir, model, world, train_cache, cfg)
+        evals[seed] = (cfg, ccache, interp.ConceptLabels(ccache, world, enc, cfg))
+    print(f"recovery: caches and labels in {time.perf_counter() - t_start:.0f} s")
+    sample = train_cache.read(0, 4096)[0].to(args.device)  # training rows: the random CLTs' thresholds
+    sets = {"MLP neurons (4d)": partial(interp.neuron_preacts, model)}
+    runs = {}
+    for name, (features, sparsity, sweep) in recipes(args, d).items():
+        t, seconds, final = trained_clt(root, cache_dir, name, features, sparsity, args)
+        t = t.to(args.device)
+        runs[name] = dict(features=features, sparsity=sparsity, sweep=sweep, seconds=seconds, fvu=final["fvu"])
+        sets[name] = partial(interp.clt_acts, t)
+        if sweep == "size":  # one random twin per size
+            sets[f"random {name}"] = partial(interp.clt_acts, interp.random_like(t, sample))
+    rows = []
+    heads = {}
+    for seed, (cfg, ccache, labels) in evals.items():
+        scores = interp.score_concepts(sets, ccache, labels, cfg)
+        n_labeled = int(labels.labeled.sum())
+        for name, s in scores.items():
+            F_ = runs[name]["features"] if name in runs else s.n_fires.numel() // model.config.n_layer
+            per_concept, _ = interp.best_features(s, labels, F_, cfg)
+            table = interp.family_table(per_concept, labels, s, cfg)
+            heads[name, seed] = dict(interp.headline(table, cfg), table=table,
+                                     l0=s.n_fires.sum().item() / n_labeled / model.config.n_layer)
+    select, report = list(evals)
+    chosen = max(runs, key=lambda n: (heads[n, select]["share_recovered"], heads[n, select]["mean_best_f1"]))
+    for name in sets:
+        r = runs.get(name, {})
+        h = heads[name, report]
+        rows.append(dict(features=name, F=r.get("features", ""), sparsity=r.get("sparsity", ""),
+                         l0_per_layer=round(h["l0"], 1), train_s=round(r["seconds"]) if r else "",
+                         **{fam: interp.share_cell(h["table"].get(fam)) for fam in FAMILY_ORDER},
+                         headline_select=f"{100 * heads[name, select]['share_recovered']:.1f} %",
+                         headline_report=interp.share_cell(dict(share=h["share_recovered"],
+                                                                mean_best_f1=h["mean_best_f1"])),
+                         chosen="yes" if name == chosen else ""))
+    plot_recovery(args.recovery_plot, runs, sets, heads, report, d)
+    seconds = time.perf_counter() - t_start
+    print(f"recovery: chosen on evaluation set {select}: {chosen}; on set {report} it recovers "
+          f"{heads[chosen, report]['recovered']}/{heads[chosen, report]['n']} of the "
+          f"{evals[report][0].families} concepts with F1 >= {evals[report][0].concept_f1}; "
+          f"{seconds:.0f} s in all; plot: {args.recovery_plot}")
+    return rows
+
+
+def plot_recovery(path, runs, sets, heads, seed, d):
+    """Per family, the share recovered (top) and the mean best F1 (bottom) vs F/d (CLTs solid, their random
+    twins dashed, the MLP neurons as squares at 4d) and vs L0 (the sparsity sweep at 8d), on set `seed`."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 7.5))
+    ax = fig.subplots(2, 2)
+    colours = dict(zip(FAMILY_ORDER, ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1")))
+    sizes = [n for n in runs if runs[n]["sweep"] == "size"]
+    sweep = sorted((n for n in runs if runs[n]["features"] == 8 * d), key=lambda n: heads[n, seed]["l0"])
+    x = [runs[n]["features"] / d for n in sizes]
+    for row, key in enumerate(("share", "mean_best_f1")):
+        for fam, colour in colours.items():
+            def value(name):
+                return (heads[name, seed]["table"].get(fam) or {}).get(key) or 0.0
+            ax[row, 0].plot(x, [value(n) for n in sizes], "o-", color=colour, label=fam)
+            ax[row, 0].plot(x, [value(f"random {n}") for n in sizes], "x--", color=colour, alpha=0.6)
+            ax[row, 0].plot([4], [value("MLP neurons (4d)")], "s", color=colour, alpha=0.6)
+            ax[row, 1].plot([heads[n, seed]["l0"] for n in sweep], [value(n) for n in sweep], "o-", color=colour)
+        label = "share of concepts with F1 >= 0.8" if key == "share" else "mean best F1"
+        ax[row, 0].set(xscale="log", ylabel=label, ylim=(-0.02, 1.02))
+        ax[row, 0].set_xticks(x + [4], [f"{v:g}" for v in x] + ["4"])
+        ax[row, 0].minorticks_off()
+        ax[row, 1].set(ylim=(-0.02, 1.02))
+    ax[0, 0].set_title("vs dictionary size (dashed: random CLT; squares: MLP neurons)", fontsize=10)
+    ax[0, 1].set_title("vs sparsity (train.py --sparsity sweep at F = 8d)", fontsize=10)
+    ax[1, 0].set_xlabel("features per layer / d")
+    ax[1, 1].set_xlabel("L0 per layer on the evaluation set")
+    ax[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with clt.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
@@ -1021,7 +1361,11 @@ BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/to
               "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read"),
               "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
               "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"),
-              "scale": (bench_scale, add_scale_args, "the pipeline at GPT-2-small shape on CPU; memory at F = 32 d")}
+              "compactness": (bench_compactness, add_compactness_args,
+                              "CLT vs PLT on models/tiny: how compact their attribution graphs are"),
+              "scale": (bench_scale, add_scale_args, "the pipeline at GPT-2-small shape on CPU; memory at F = 32 d"),
+              "recovery": (bench_recovery, add_recovery_args,
+                           "planted concepts recovered per family vs CLT size and sparsity")}
 
 
 def main(argv=None):

@@ -1017,6 +1017,17 @@ def from_saelens(path, model):
     return t.eval()
 
 
+def load_transcoder(path, model):
+    """A transcoder for `model` from `path`: our (circuit-tracer's) layout if it has config.json,
+    else per-layer transcoders in SAELens's layout (cfg.json folders below it)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return CrossLayerTranscoder.from_pretrained(path)
+    if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
+        return from_saelens(path, model)
+    raise FileNotFoundError(f"no transcoder at {path}: neither a CLT saved by train.py (config.json) nor "
+                            "per-layer transcoders in SAELens's layout (cfg.json + sae_weights.safetensors)")
+
+
 def check_same_model(model, sha256, what):
     """Refuse `what` (a cache, a CLT) made from another model than `model`: sha256 is the fingerprint
     recorded when it was made ("" for files from before fingerprints, which are let through)."""

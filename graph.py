@@ -33,7 +33,11 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
     output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
     feature of layer l writes a·W_dec[l][f, l'-l] to every mlp_out[l'], l' >= l; its edge sums
-    all of them. t's input = sum_s A[t, s] + bias_t exactly, where bias_t is t's input with every
+    all of them (a per-layer transcoder's, W_dec[l] (F, 1, d), only mlp_out[l]). A skip connection
+    (mlp_in[l] @ W_skip[l] added to mlp_out[l]) is linear in the MLP input, so it stays live in the
+    replacement model, a path like attention's OV: edges run through it, the error nodes hold
+    mlp_out - reconstruction - skip (circuit-tracer: skip + (acts - skip).detach()).
+    t's input = sum_s A[t, s] + bias_t exactly, where bias_t is t's input with every
     source at zero: b_dec, b_enc, the attention and LayerNorm biases, the position embeddings, and
     the whole MLP output at BOS (its features and errors are not nodes).
     Influence: Â = |A| with rows normalized to sum 1, w = the logit probabilities on the logit
@@ -79,7 +83,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
-                 check_same_model, compute_init, load_tokenizer, make_mesh, parse_config, run_main, write_json)
+                 check_same_model, compute_init, load_tokenizer, load_transcoder, make_mesh, parse_config, run_main, write_json)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -89,7 +93,7 @@ from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Me
 class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # CLT directory (train.py writes runs/clt)
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
     interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
     out: str = "runs/graph"  # output directory
@@ -111,7 +115,7 @@ class GraphConfig:
 class InterveneConfig:
     """scale features' decoder writes in the real model and print how the prediction changes"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # CLT directory (train.py writes runs/clt)
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
     feature: str = ""  # the feature LAYER/POS/ID, or several, comma-separated
@@ -132,7 +136,8 @@ class Replacement:
     position: torch.Tensor  # (T, d) position embeddings wpe[:T]: biases, or nodes with position_nodes
     mlp_out: torch.Tensor  # (T, L, d) the true MLP outputs
     recon: torch.Tensor  # (T, L, d) the CLT's reconstruction from the active features, b_dec included
-    error: torch.Tensor  # (T, L, d) mlp_out - recon: the error nodes; zero at BOS, whose MLP output is bias
+    skip: torch.Tensor  # (T, L, d) the skip connection's output mlp_in @ W_skip (zero without one): linear, no node
+    error: torch.Tensor  # (T, L, d) mlp_out - recon - skip: the error nodes; zero at BOS, whose MLP output is bias
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the active features, sorted
     acts: torch.Tensor  # (n,) their activations
     logits: torch.Tensor  # (V,) the next-token logits
@@ -164,8 +169,18 @@ def reconstruct(clt, feats, acts, T, bias=True):
     out = (clt.b_dec / clt.output_scale[:, None] * bias).detach().expand(T, -1, -1).clone()  # (T, L, d)
     for l in range(clt.config.n_layers):
         mine = feats[:, 0] == l
-        out[:, l:].index_add_(0, feats[mine, 1], clt.decoder_writes(l, feats[mine, 2], acts[mine]).detach())
+        writes = clt.decoder_writes(l, feats[mine, 2], acts[mine]).detach()  # (n_l, n_writes(l), d)
+        out[:, l:l + writes.size(1)].index_add_(0, feats[mine, 1], writes)
     return out
+
+
+def skip_output(clt, mlp_in):
+    """mlp_in (T, L, d) -> what the skip connection adds to each MLP output (T, L, d), in raw units
+    (zero without one): clt.decode's skip term, in the working dtype as reconstruct (decode's is fp32)."""
+    if clt.W_skip is None:
+        return torch.zeros_like(mlp_in)
+    x = mlp_in * clt.input_scale[:, None]  # (T, L, d) in the CLT's units
+    return (torch.einsum("tld,lde->tle", x, clt.W_skip) / clt.output_scale[:, None]).detach()
 
 
 @torch.no_grad()
@@ -185,20 +200,30 @@ def local_replacement(model, clt, idx):
     l, p, f = a.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then position, then id
     feats = torch.stack([l, p, f], 1)
     recon = reconstruct(clt, feats, a[p, l, f], idx.size(1))  # (T, L, d)
-    error = mlp_out - recon
+    skip = skip_output(clt, mlp_in)  # (T, L, d)
+    error = mlp_out - recon - skip
     error[0] = 0
     T = idx.size(1)
     token = model.wte.weight[idx[0]].detach()  # (T, d)
     position = model.wpe.weight[:T].detach()  # (T, d)
-    return Replacement(idx, acts.frozen, token, position, mlp_out, recon, error, feats, a[p, l, f], logits[0, -1])
+    return Replacement(idx, acts.frozen, token, position, mlp_out, recon, skip, error, feats, a[p, l, f],
+                       logits[0, -1])
 
 
 @torch.no_grad()
 def target_inputs(model, clt, rep, feats, logit_ids, resid=None, mlp_out=None):
     """The targets' inputs in the frozen replacement model fed with the given sources (defaults:
-    the prompt's): (n,) feature pre-activations and (k,) logits minus the mean logit."""
+    the prompt's): (n,) feature pre-activations and (k,) logits minus the mean logit. mlp_out holds
+    the fixed part of each MLP output (features, errors, b_dec); a skip connection adds its live term
+    mlp_in[l] @ W_skip[l], linear in the sources below: it is a path of the model, not a node."""
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
-    mlp_out = rep.mlp_out if mlp_out is None else mlp_out  # (T, L, d)
+    fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
+    mlp_out = fixed
+    # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
+    for _ in range(clt.config.n_layers if clt.W_skip is not None else 0):
+        mlp_in = model.run_with_acts(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, resid=resid[None],
+                                     logits=False)[1].mlp_in[0]  # (T, L, d)
+        mlp_out = fixed + skip_output(clt, mlp_in)  # at BOS too: the skip path is the model's, not a node's
     logits, acts = model.run_with_acts(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, resid=resid[None])
     logits = logits[0, -1]
     pre = clt.pre_acts(acts.mlp_in[0])  # (T, L, F)
@@ -246,7 +271,10 @@ class Attribution:
     def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
         n = len(rep.feats)
-        self.model, self.rep, self.T, self.L = model, rep, T, L
+        self.model = model
+        self.rep = rep
+        self.T = T  # the prompt's length (a batch's pass may stop earlier)
+        self.L = L
         fz = rep.frozen
         # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers, D_w is
         # ln_1's weight): fold the constant parts once, scale_1 into the patterns, the rest into W_V
@@ -300,6 +328,7 @@ class Attribution:
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
                 torch.div(g, self.clt.output_scale[l], out=G[l])  # the CLT's writes are W_dec / output_scale
                 errors[:, l, :T] = dot_over_d(self.errors[l, :T], g).T
+                self.add_skip_transposed(g, l)
                 self.add_attention_transposed(g, l)
             self.add_injected(g, l, layers, positions, vectors)
         self.contract_features(G, out)
@@ -314,6 +343,18 @@ class Attribution:
         ln = self.model.ln_f if l == self.L else self.model.h[l].ln_2
         scale = (self.scale_f if l == self.L else self.scale_2[l])[positions[rows]]  # (r, 1)
         return rows, ln_transposed(vectors[rows].T, ln.weight, scale.T)
+
+    def add_skip_transposed(self, g, l):
+        """g (C, T, B) += the transpose of x -> skip(ln_2(x)) applied to g: the skip connection reads the
+        MLP input, so the gradient at mlp_out[l] also flows back through ln_2 (circuit-tracer: skip +
+        (acts - skip).detach(), the skip path kept in the graph). In raw units skip(h) = (h·s_in) W_skip / s_out."""
+        if self.clt.W_skip is None:
+            return
+        C, T, B = g.shape
+        W = self.clt.W_skip[l].detach() * (self.clt.input_scale[l] / self.clt.output_scale[l])  # (C, C): h @ W
+        h = (W @ g.view(C, T * B)).view(C, T, B)  # d(targets)/d(mlp_in[l])
+        w = self.model.h[l].ln_2.weight.detach()[:, None, None] * h  # ln_2ᵀ: its weight, centring, scale
+        g += (w - w.mean(0)) * self.scale_2[l][:T]  # (T, 1) broadcast over (C, T, B)
 
     def add_attention_transposed(self, g, l):
         """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g: through the frozen patterns'
@@ -348,7 +389,8 @@ class Attribution:
 
     def contract_features(self, G, out):
         """out[:, feature s] = a_s · sum over l' of W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one matmul
-        per (layer, position) block of features, over the layers from the block's up to the top."""
+        per (layer, position) block of features, over the layers the block writes to below the top
+        (every later layer for a CLT, its own for a PLT)."""
         top, d, T, B = G.shape
         feats, acts = self.rep.feats, self.rep.acts
         for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (in cache)
@@ -356,8 +398,9 @@ class Attribution:
                 a, b = self.starts[l][p], self.starts[l][p + 1]
                 if a < b:
                     # (n_lp, (top - l)·d): what the features write below the top layer (above it reaches nothing)
-                    w = self.clt.W_dec[l][feats[a:b, 2], :top - l].detach().flatten(1)
-                    out[:, a:b] = (w @ G[l:, :, p].flatten(0, 1)).T * acts[a:b]  # (B, n_lp)
+                    n_w = min(self.clt.n_writes(l), top - l)
+                    w = self.clt.W_dec[l][feats[a:b, 2], :n_w].detach().flatten(1)
+                    out[:, a:b] = (w @ G[l:l + n_w, :, p].flatten(0, 1)).T * acts[a:b]  # (B, n_lp)
 
 
 def shares(feats, world):
@@ -498,7 +541,7 @@ def exactness(model, clt, rep, graph):
     inputs = torch.cat(target_inputs(model, clt, rep, feats, logit_ids))
     resid = rep.position * (not graph.position_nodes)  # (T, d) what the embedding keeps with every node at zero
     mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) no features: b_dec only
-    mlp_out[0] = rep.mlp_out[0]  # BOS: its whole MLP output is bias
+    mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its whole MLP output is bias, but for the live skip term
     bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, resid, mlp_out))
     s = graph.slices()
     A = graph.adjacency.to(inputs.device)
@@ -732,11 +775,12 @@ def intervene(model, clt, idx, feats, scale):
 
 
 def load(cfg, device):
-    if not os.path.exists(os.path.join(cfg.clt, "config.json")):
+    if not os.path.exists(cfg.clt):
         raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
                                 f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
-    model = GPT.from_pretrained(cfg.model).to(device)
-    clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(device)
+    model = GPT.from_pretrained(cfg.model)
+    clt = load_transcoder(cfg.clt, model).to(device)  # ours, or SAELens's per-layer transcoders
+    model = model.to(device)
     check_compatible(model, clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)

@@ -9,8 +9,9 @@ alone, and scores for that explanation, from one streaming pass over each split 
     weights:        decoder --ln_f (mean scale)--> W_U --> promoted / suppressed tokens (direct logit effect)
     explanation:    the n-grams whose presence best predicts firing (greedy F1 on the train counts)
                     + the top promoted tokens, e.g.  fires on " Tarn", " capital" | promotes " Velorian"
-    held-out split: detection and fuzzing scores of each explanation; on the toy world, the
-                    ground-truth concept each feature matches best (precision, recall, F1)
+    held-out split: detection and fuzzing scores of each explanation
+    toy world:      tiny.eval_corpus -> cache.py (as the training cache) -> OUT/concept_cache, labeled by
+                    tiny.label_tokens; per concept its best feature by F1, for the CLT and two baselines
     --> out/features.jsonl (one object per feature), out/summary.json, out/summary.png
 
     python interp.py --help
@@ -31,9 +32,18 @@ activation histograms as on Neuronpedia; direct logit effects as in Bricken et a
 Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned beyond
 max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk is cut down
 to its firings right after encoding, so the pass costs about twice a read + encode of the cache.
-On the toy world (a model directory with tiny.py's world.json) every held-out token carries the labeler's
-ground truth (tiny.label_tokens): each feature gets its best-matching label, each label its best feature,
-and summary.json counts the labels of --families recovered with F1 >= --concept-f1.
+On the toy world (a model directory with tiny.py's world.json) features are scored against ground truth
+on a dedicated evaluation set, not on the held-out split (a few thousand tokens there give most entities
+no support): tiny.eval_corpus generates documents until every concept of every label family has
+--concept-support labeled tokens (32: ~107k tokens, ~1000 concepts, each scored from --min-support 20
+on), and cache.py stores their activations exactly as it stored the training rows. A concept is
+recovered when some feature's "fires" (activation > 0) has F1 >= --concept-f1 against its tokens; the
+headline is the share recovered and the mean best F1 per family (tiny.label_tokens documents them:
+input = entity and category, output = the next token the model must say, latent = the country behind
+a two-hop question), the --families together, and the same numbers for two baselines scored the same
+way, since the best of thousands of features grows with their number: the model's MLP neurons (a neuron
+fires where its GELU input is > 0) and a CLT of the same size with random weights whose features fire
+as often as the trained ones of their layer.
 
 features.jsonl keys, one line per feature in (layer, feature) order:
     layer, feature              the feature's layer and index
@@ -50,12 +60,19 @@ features.jsonl keys, one line per feature in (layer, feature) order:
     detection_auroc, detection_bacc, fuzzing_bacc, heldout_density   held-out scores (null when undefined)
     concept, concept_precision, concept_recall, concept_f1   best toy-world concept (with a world.json only)
 summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above (AUROC >=
---interpretable), score quantiles, concepts (toy world), seconds_passes (and the plain-read ratio with --time-read).
+--interpretable), score quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy
+world "concepts": eval_set, f1_threshold, min_support, families, n / recovered / share_recovered /
+mean_best_f1 (the headline), by_family {family: kind, concepts, recovered, share, mean_best_f1, unscored},
+per_concept {label: support, layer, feature, f1, precision, recall}, baselines {mlp_neurons, random_clt:
+the headline and by_family}.
 """
+import contextlib
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -95,9 +112,14 @@ class InterpConfig:
     fuzz_window: int = 4  # fuzzing: tokens within this distance of a firing make its context
     dense: float = 0.1  # a feature firing on more than this share of tokens is dense
     interpretable: float = 0.8  # detection AUROC from which a live, non-dense feature is interpretable
+    # the toy world (a model directory with tiny.py's world.json): concept scores on a labeled evaluation set
+    concept_cache: str = ""  # where the evaluation set's activation cache goes; "" = OUT/concept_cache
+    concept_seed: int = 1  # seed of the evaluation set (tiny.eval_corpus); bench.py recovery picks on another
+    concept_support: int = 32  # labeled tokens the evaluation set gives every concept (tiny.eval_corpus)
     concept_f1: float = 0.8  # a planted concept counts as recovered when a feature reaches this F1
-    min_support: int = 20  # held-out tokens a toy-world concept needs to be scored
-    families: str = "concept,about,entity"  # label families whose recovery is the headline share (all are listed)
+    min_support: int = 20  # labeled tokens a concept needs to be scored
+    families: str = "category,entity,latent"  # label families whose recovery is the headline (all are listed)
+    baselines: bool = True  # also score the model's MLP neurons and a random CLT of the same size
     max_pairs: int = 20_000_000  # stored (feature, n-gram) counts beyond which rare pairs are pruned
     seed: int = 0  # reservoir sampling
     time_read: bool = False  # also time one plain read of the cache and report the cost ratio
@@ -465,7 +487,7 @@ class Scorer:
     most precise on train first); an explanation's n-grams are never nested, so at most one matches.
     """
 
-    def __init__(self, explanations, L, F_, base, gram_space, n_concepts, cfg):
+    def __init__(self, explanations, L, F_, base, gram_space, cfg):
         dev = cfg.device
         T = cfg.max_terms
         M = L * F_
@@ -481,13 +503,9 @@ class Scorer:
         self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)  # (level, fires); level T = no match
         self.fuzz = torch.zeros(M, 2, 2, dtype=torch.long, device=dev)  # (predicted, fires) near firings
         self.n_fires = torch.zeros(M, dtype=torch.long, device=dev)
-        self.tp = torch.zeros(M, n_concepts, device=dev)  # firings on each concept's tokens
-        self.n_fires_labeled = torch.zeros(M, device=dev)  # firings on rows the labeler could label
-        self.concept_n = torch.zeros(n_concepts, device=dev)  # tokens of each concept
         self.n_rows = 0
 
-    def update(self, p: Padded, labels=None):
-        """labels: None, or the toy world's (sparse labels (C, N), labeled mask (N,)) of the chunk's rows."""
+    def update(self, p: Padded):
         lo = p.lo
         hi = p.hi
         T = self.T
@@ -511,12 +529,6 @@ class Scorer:
             idx = ((f_idx * 2 + (level < T).long()) * 2 + fire_l)[near]
             self.fuzz[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
             self.n_fires[sl] += fire.sum(0)
-            if labels is not None:  # (C, N) sparse: a few labels per token
-                fire_lab = (fire & labels[1][:, None]).float()  # (N, F)
-                self.tp[sl] += torch.sparse.mm(labels[0], fire_lab).T
-                self.n_fires_labeled[sl] += fire_lab.sum(0)
-        if labels is not None:
-            self.concept_n += torch.sparse.sum(labels[0], 1).to_dense()
 
     def results(self):
         """Per feature (M,): detection AUROC, detection and fuzzing balanced accuracy (NaN where undefined)."""
@@ -530,13 +542,6 @@ class Scorer:
         fz = self.fuzz.double().cpu()
         fuzz_bacc = 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
         return auroc, det_bacc, fuzz_bacc
-
-    def concepts(self):
-        """Per feature and concept (M, C): precision, recall, F1 of "fires" against the concept's tokens."""
-        tp = self.tp.double().cpu()
-        nf = self.n_fires_labeled[:, None].double().cpu()
-        n = self.concept_n.double().cpu()
-        return tp / nf.clamp(min=1), tp / n.clamp(min=1), 2 * tp / (nf + n).clamp(min=1)
 
 
 def near_firing(fire_ext, doc, w, lo, hi):
@@ -632,31 +637,67 @@ def write_features(path, stats, expl, effects, scores, concepts, enc, cfg):
 
 
 # -----------------------------------------------------------------------------
-# the toy world: ground-truth labels of the held-out tokens (tiny.label_tokens)
+# the toy world: a labeled evaluation set, concept scores, and the baselines scored the same way
+
+
+def concept_cache(model_dir, model, world, train_cache, cfg):
+    """The evaluation set tiny.eval_corpus(world, concept_seed, concept_support) as an activation cache, made
+    by cache.py exactly as the training cache was (its ctx, dtype, BOS handling): --concept-cache, or
+    OUT/concept_cache. Reused while its documents, model and layout are the same; rebuilt otherwise."""
+    import tiny
+    from cache import ActivationCache, CacheConfig, build_cache
+    out = cfg.concept_cache or os.path.join(cfg.out, "concept_cache")
+    docs = tiny.eval_corpus(world, cfg.concept_seed, cfg.concept_support)
+    text = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    corpus = out.rstrip("/") + ".jsonl"  # beside the cache: cache.py refuses foreign files inside it
+    fresh = not os.path.exists(corpus) or open(corpus, encoding="utf-8").read() != text
+    if fresh:
+        os.makedirs(os.path.dirname(os.path.abspath(corpus)), exist_ok=True)
+        with atomic_path(corpus) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    m = train_cache.manifest
+    enc = load_tokenizer(model_dir)
+    stream = sum(len(t) + 1 for t in enc.encode_ordinary_batch(docs))  # + the <|endoftext|> after each
+    rows = stream // (m["ctx"] - 1) * (m["ctx"] - (0 if m["keep_bos"] else 1))  # whole contexts only
+    c = CacheConfig(model=model_dir, corpus=corpus, tokens=rows, ctx=m["ctx"], keep_bos=m["keep_bos"],
+                    dtype=m["dtype"], out=out, heldout=0.0, device=cfg.device)
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            old = json.load(f)["identity"]
+        want = dict(model_sha256=model.fingerprint(), tokens=rows, ctx=c.ctx, dtype=c.dtype, keep_bos=c.keep_bos)
+        fresh = fresh or any(old.get(k) != v for k, v in want.items())
+    build_cache(replace(c, overwrite=fresh))
+    return ActivationCache(out, model=model)
 
 
 class ConceptLabels:
-    """Per held-out row, the toy world's labels ("entity:Tarn", "concept:city", ...), stored sparsely.
+    """Per row of a cache split, the toy world's labels (tiny.label_tokens), stored sparsely.
 
-    Rows of one document are decoded back to text and relabeled. The split's first and last documents
-    may be cut by its ends, and their text then differs from what the labeler should see: they are
-    left unlabeled (excluded from concept scores), as is any document whose re-encoding differs.
+    The labeler sees what the model saw: each run of rows of one document inside one context (cache.py
+    packs documents into contexts, so a document cut by a context boundary gives two runs, the second
+    without the text before it) is decoded back to text and labeled alone. A run whose re-encoding
+    differs from its tokens is left unlabeled (not scored).
     """
 
-    def __init__(self, cache, world, enc, cfg):
+    def __init__(self, cache, world, enc, cfg, split="all"):
         import tiny  # only the toy world needs it
         tok = []
         doc = []
-        for _, _, t, d, _ in cache.iter_chunks(cfg.chunk_size, split="heldout"):
+        pos = []
+        for _, _, t, d, p in cache.iter_chunks(cfg.chunk_size, split=split):
             tok.append(t)
             doc.append(d)
+            pos.append(p)
         tok = torch.cat(tok)
         doc = torch.cat(doc)
+        pos = torch.cat(pos)
+        cut = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1] + 1)  # a new document or a new context
+        bounds = [0] + (cut.nonzero().flatten() + 1).tolist() + [len(tok)]
         index = {}  # label -> its column
         pairs = []
         self.labeled = torch.zeros(len(tok), dtype=torch.bool)
-        bounds = [0] + ((doc[1:] != doc[:-1]).nonzero().flatten() + 1).tolist() + [len(doc)]
-        for a, b in list(zip(bounds[:-1], bounds[1:]))[1:-1]:
+        for a, b in zip(bounds[:-1], bounds[1:]):
             ids = tok[a:b].tolist()
             text = enc.decode(ids)
             if enc.encode(text, allowed_special="all") != ids:
@@ -670,7 +711,7 @@ class ConceptLabels:
         self.row_starts = torch.searchsorted(self.pairs[:, 0].contiguous(), torch.arange(len(tok) + 1))
 
     def rows(self, lo, hi, device):
-        """Rows [lo, hi) of the held-out split: (sparse labels (C, N), labeled mask (N,))."""
+        """Rows [lo, hi) of the split: (sparse labels (C, N), labeled mask (N,))."""
         a = self.row_starts[lo].item()
         b = self.row_starts[hi].item()
         p = self.pairs[a:b]
@@ -679,20 +720,161 @@ class ConceptLabels:
         return lab.to(device), self.labeled[lo:hi].to(device)
 
 
-def best_concepts(scorer, labels, cfg):
-    """Per feature its best concept by F1; per concept (with >= min_support tokens) its best feature."""
-    precision, recall, f1 = scorer.concepts()  # (M, C)
-    per_feature = []
-    for m, c in enumerate(f1.argmax(1).tolist()):
-        per_feature.append(dict(concept=labels.names[c], concept_precision=r4(precision[m, c]),
-                                concept_recall=r4(recall[m, c]), concept_f1=r4(f1[m, c])))
+class ConceptScores:
+    """Per concept and feature, counts of "fires" (activation > 0) on labeled rows: on the concept's tokens
+    (tp, (C, M)), anywhere (n_fires, (M,)); and each concept's tokens (support, (C,))."""
+
+    def __init__(self, C, M, device):
+        self.tp = torch.zeros(C, M, device=device)  # exact: float32 counts below 2^24 rows
+        self.n_fires = torch.zeros(M, device=device)
+        self.support = torch.zeros(C, device=device)
+
+    def update(self, acts, labels, labeled):
+        """acts (N, M) of one chunk of rows; labels (C, N) sparse and labeled (N,) as ConceptLabels.rows."""
+        fire = ((acts > 0) & labeled[:, None]).float()  # (N, M)
+        self.tp += torch.sparse.mm(labels, fire)
+        self.n_fires += fire.sum(0)
+        self.support += torch.sparse.sum(labels, 1).to_dense()
+
+    def f1(self):
+        """(precision, recall, F1), each (C, M) float64 on the CPU."""
+        tp = self.tp.double().cpu()
+        nf = self.n_fires.double().cpu()
+        n = self.support.double().cpu()[:, None]
+        return tp / nf.clamp(min=1), tp / n.clamp(min=1), 2 * tp / (nf + n).clamp(min=1)
+
+
+def clt_acts(clt, mlp_in):
+    """A CLT's feature activations, mlp_in (N, L, d) -> (N, L·F); feature m = layer·F + f."""
+    return clt.encode(mlp_in).flatten(1)
+
+
+def neuron_preacts(model, mlp_in):
+    """The model's own MLP neurons as features, mlp_in (N, L, d) -> pre-activations (N, L·4d). A neuron
+    "fires" where its GELU input is > 0 (GELU is positive exactly there): the one threshold without a
+    choice; neurons are dense, which is what a dictionary of sparse features is meant to fix."""
+    return torch.cat([block.mlp.c_fc(mlp_in[:, l]) for l, block in enumerate(model.h)], 1)  # (N, L·4d)
+
+
+@torch.no_grad()
+def random_like(clt, mlp_in, seed=1):
+    """The random baseline: a CLT of the same size with its init's random weights (another seed), whose
+    features fire as often on mlp_in (N, L, d) as the trained CLT's features of their layer do on average
+    (each one's bias set at its own quantile). TopK stays TopK with the same k; every other activation
+    becomes a JumpReLU. The best F1 of many random features is far from 0: this is the floor."""
+    c = clt.config
+    rand = CrossLayerTranscoder(replace(c, activation="topk" if c.activation == "topk" else "jumprelu"), seed=seed)
+    rand = rand.to(mlp_in.device)
+    if c.activation == "topk":
+        return rand
+    N = len(mlp_in)
+    density = (clt.encode(mlp_in) > 0).float().mean((0, 2))  # (L,) the trained CLT's mean firing rate
+    pre = rand.pre_acts(mlp_in)  # (N, L, F)
+    eps = 1e-6
+    for l in range(c.n_layers):
+        k = int(N * (1 - density[l])) if density[l] > 0 else N  # fires above its k-th smallest value
+        rand.b_enc[l] += eps - pre[:, l].kthvalue(max(k, 1), dim=0).values
+    rand.log_threshold.fill_(math.log(eps / 2))
+    return rand
+
+
+def score_concepts(feature_sets, cache, labels, cfg):
+    """One pass over the labeled cache: {name: ConceptScores} of each feature set {name: fn(mlp_in) -> acts}."""
+    scores = {}
+    row = 0
+    lo, hi = cache.split_range("all")
+    for mlp_in, _, tok, _, _ in tqdm(cache.iter_chunks(cfg.chunk_size, split="all", device=cfg.device),
+                                     total=-(-(hi - lo) // cfg.chunk_size), desc="concept pass"):
+        lab, labeled = labels.rows(row, row + len(tok), cfg.device)
+        for name, fn in feature_sets.items():
+            with torch.no_grad():
+                acts = fn(mlp_in.float())  # (N, M)
+            if name not in scores:
+                scores[name] = ConceptScores(len(labels.names), acts.size(1), cfg.device)
+            scores[name].update(acts, lab, labeled)
+        row += len(tok)
+    return scores
+
+
+def best_features(scores: ConceptScores, labels, n_per_layer, cfg):
+    """Per concept with >= min_support tokens: its best feature by F1 {support, layer, feature, f1,
+    precision, recall}; and per feature its best concept (the features.jsonl keys)."""
+    precision, recall, f1 = scores.f1()  # (C, M)
     per_concept = {}
-    for c, m in enumerate(f1.argmax(0).tolist()):
-        n = int(scorer.concept_n[c])
+    best = f1.argmax(1).tolist()
+    for c, m in enumerate(best):
+        n = int(scores.support[c])
         if n >= cfg.min_support:
-            per_concept[labels.names[c]] = dict(support=n, layer=m // scorer.F, feature=m % scorer.F, f1=r4(f1[m, c]),
-                                                precision=r4(precision[m, c]), recall=r4(recall[m, c]))
-    return per_feature, per_concept
+            per_concept[labels.names[c]] = dict(support=n, layer=m // n_per_layer, feature=m % n_per_layer,
+                                                f1=r4(f1[c, m]), precision=r4(precision[c, m]),
+                                                recall=r4(recall[c, m]))
+    per_feature = []
+    for m, c in enumerate(f1.argmax(0).tolist()):
+        per_feature.append(dict(concept=labels.names[c], concept_precision=r4(precision[c, m]),
+                                concept_recall=r4(recall[c, m]), concept_f1=r4(f1[c, m])))
+    return per_concept, per_feature
+
+
+def family_table(per_concept, labels, scores, cfg):
+    """{family: {kind, concepts, recovered, share, mean_best_f1, unscored}}: recovered = best F1 >= concept_f1;
+    unscored = the family's labels with fewer than min_support tokens (not counted)."""
+    import tiny
+    out = {}
+    for name, n in zip(labels.names, scores.support.tolist()):
+        family = tiny.family_of(name)
+        fam = out.setdefault(family, dict(kind=tiny.FAMILIES.get(family, "other"), concepts=0, recovered=0,
+                                          share=None, mean_best_f1=None, unscored=0, f1s=[]))
+        if n < cfg.min_support:
+            fam["unscored"] += 1
+            continue
+        fam["concepts"] += 1
+        fam["recovered"] += per_concept[name]["f1"] >= cfg.concept_f1
+        fam["f1s"].append(per_concept[name]["f1"])
+    for fam in out.values():
+        f1s = fam.pop("f1s")
+        if f1s:
+            fam["share"] = r4(fam["recovered"] / len(f1s))
+            fam["mean_best_f1"] = r4(sum(f1s) / len(f1s))
+    return dict(sorted(out.items()))
+
+
+def headline(table, cfg):
+    """The share and mean best F1 over the concepts of --families together (each concept counts once)."""
+    fams = [table[f] for f in cfg.families.split(",") if f in table and table[f]["concepts"]]
+    n = sum(f["concepts"] for f in fams)
+    rec = sum(f["recovered"] for f in fams)
+    mean = sum(f["mean_best_f1"] * f["concepts"] for f in fams) / max(n, 1)
+    return dict(n=n, recovered=rec, share_recovered=r4(rec / max(n, 1)), mean_best_f1=r4(mean))
+
+
+def toy_world_concepts(model_dir, model, enc, clt, cache, world, cfg):
+    """Score the CLT, the model's MLP neurons and a random CLT of the same size on the labeled evaluation
+    set: (per_feature of the CLT, summary["concepts"])."""
+    ccache = concept_cache(model_dir, model, world, cache, cfg)
+    labels = ConceptLabels(ccache, world, enc, cfg)
+    sets = {"clt": partial(clt_acts, clt)}
+    if cfg.baselines:
+        with contextlib.closing(cache.iter_chunks(cfg.chunk_size, split="train", device=cfg.device)) as chunks:
+            sample = next(iter(chunks))[0].float()  # training rows: the random CLT's thresholds are set there
+        sets["mlp_neurons"] = partial(neuron_preacts, model.to(cfg.device))
+        sets["random_clt"] = partial(clt_acts, random_like(clt, sample))
+    scores = score_concepts(sets, ccache, labels, cfg)
+    out = dict(eval_set=dict(kind="tiny.eval_corpus", seed=cfg.concept_seed, support=cfg.concept_support,
+                             cache=ccache.path, tokens=ccache.n_tokens, labeled_tokens=int(labels.labeled.sum())),
+               f1_threshold=cfg.concept_f1, min_support=cfg.min_support, families=cfg.families)
+    per_feature = None
+    baselines = {}
+    for name, s in scores.items():
+        n_per_layer = clt.config.n_features if name != "mlp_neurons" else 4 * model.config.n_embd
+        per_concept, pf = best_features(s, labels, n_per_layer, cfg)
+        table = family_table(per_concept, labels, s, cfg)
+        if name == "clt":
+            per_feature = pf
+            out.update(headline(table, cfg), by_family=table, per_concept=per_concept)
+        else:
+            baselines[name] = dict(headline(table, cfg), features=s.n_fires.numel(), by_family=table)
+    out["baselines"] = baselines
+    return per_feature, out
 
 
 # -----------------------------------------------------------------------------
@@ -705,8 +887,9 @@ def quantiles(x):
     return {f"q{round(q * 100)}": r4(x.quantile(q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if x.numel() else {}
 
 
-def summarize(stats, scores, per_concept, cfg):
-    """Counts per layer (dead / dense / interpretable), score distributions, toy-world recovery."""
+def summarize(stats, scores, concepts, cfg):
+    """Counts per layer (dead / dense / interpretable), score distributions, toy-world recovery (concepts:
+    toy_world_concepts' summary, or None)."""
     auroc, det_bacc, fuzz_bacc = scores
     density = stats.n_fires.cpu() / stats.n_rows  # (M,)
     live = density > 0
@@ -720,18 +903,8 @@ def summarize(stats, scores, per_concept, cfg):
                detection_auroc=quantiles(auroc[live]), detection_bacc=quantiles(det_bacc[live]),
                fuzzing_bacc=quantiles(fuzz_bacc[live]), density=quantiles(density[live]),
                ngram_counts_pruned_below=stats.grams.pruned_below)  # 0: every n-gram count is exact
-    if per_concept is not None:
-        families = {}
-        for name, c in per_concept.items():
-            fam = families.setdefault(name.split(":")[0], dict(concepts=0, recovered=0))
-            fam["concepts"] += 1
-            fam["recovered"] += c["f1"] >= cfg.concept_f1
-        head = [f for name, f in families.items() if name in cfg.families.split(",")]
-        n = sum(f["concepts"] for f in head)
-        n_rec = sum(f["recovered"] for f in head)
-        out["concepts"] = dict(f1_threshold=cfg.concept_f1, min_support=cfg.min_support, families=cfg.families, n=n,
-                               recovered=n_rec, share_recovered=r4(n_rec / max(n, 1)), by_family=families,
-                               per_concept=per_concept)
+    if concepts is not None:
+        out["concepts"] = concepts
     return out
 
 
@@ -755,11 +928,15 @@ def plot_summary(path, stats, scores, summary):
     ax[1, 0].legend(fontsize=7)
     concepts = summary.get("concepts")
     if concepts:
-        names = list(concepts["by_family"])
-        fams = [concepts["by_family"][n] for n in names]
-        ax[1, 1].bar(names, [f["concepts"] for f in fams], color="#dddddd", label="concepts")
-        ax[1, 1].bar(names, [f["recovered"] for f in fams], color="#2b6cb0", label=f"F1 >= {concepts['f1_threshold']}")
-        ax[1, 1].set(title="toy world: concepts recovered per family", ylabel="concepts")
+        names = [n for n, f in concepts["by_family"].items() if f["kind"] != "structure" and f["concepts"]]
+        sets = {"CLT": concepts["by_family"], **{k: v["by_family"] for k, v in concepts["baselines"].items()}}
+        width = 0.8 / len(sets)
+        for i, (label, table) in enumerate(sets.items()):
+            shares = [(table.get(n) or {}).get("share") or 0.0 for n in names]
+            ax[1, 1].bar(np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width, shares, width, label=label)
+        ax[1, 1].set_xticks(range(len(names)), [f"{n}\n({concepts['by_family'][n]['concepts']})" for n in names])
+        ax[1, 1].set(title=f"toy world: share of concepts with a feature of F1 >= {concepts['f1_threshold']}",
+                     ylabel="share recovered", ylim=(0, 1.02))
         ax[1, 1].legend(fontsize=7)
     else:
         layers = summary["per_layer"]
@@ -806,9 +983,9 @@ def load_inputs(cfg):
     return model_dir, model, enc, clt, cache
 
 
-def analyze(model, enc, clt, cache, cfg, world=None):
-    """The train pass, logit effects, explanations and the held-out pass (scored against `world`, a
-    tiny.World, if given). Returns (stats, explanations, effects, scorer, labels)."""
+def analyze(model, enc, clt, cache, cfg):
+    """The train pass, logit effects, explanations and the held-out pass. Returns (stats, explanations,
+    effects, scorer)."""
     L = clt.config.n_layers
     F_ = clt.config.n_features
     stats = FeatureStats(L, F_, model.config.vocab_size, cfg)
@@ -821,16 +998,13 @@ def analyze(model, enc, clt, cache, cfg, world=None):
     ln_scale = mean_ln_f_scale(model, *first, bos=enc.eot_token)
     effects = logit_effects(clt, model, ln_scale, cfg.n_logit, enc.n_vocab)
     expl = explain_all(stats, effects[1], enc)
-    labels = ConceptLabels(cache, world, enc, cfg) if world is not None else None
-    scorer = Scorer(expl, L, F_, stats.base, stats.gram_space, len(labels.names) if labels else 0, cfg)
-    row = 0
-    chunks = padded_chunks(clt, cache, "heldout", cfg)
-    for p in tqdm(chunks, total=n_chunks(cache, "heldout", cfg), desc="held-out pass"):
-        scorer.update(p, labels and labels.rows(row, row + p.hi - p.lo, cfg.device))
-        row += p.hi - p.lo
+    scorer = Scorer(expl, L, F_, stats.base, stats.gram_space, cfg)
+    for p in tqdm(padded_chunks(clt, cache, "heldout", cfg), total=n_chunks(cache, "heldout", cfg),
+                  desc="held-out pass"):
+        scorer.update(p)
     if scorer.n_rows == 0:
         raise ValueError("the cache's held-out split is empty: rebuild it with cache.py --heldout > 0")
-    return stats, expl, effects, scorer, labels
+    return stats, expl, effects, scorer
 
 
 def n_chunks(cache, split, cfg):
@@ -847,14 +1021,17 @@ def run(cfg: InterpConfig):
         import tiny
         world = tiny.load_world(model_dir)
     t0 = time.perf_counter()
-    stats, expl, effects, scorer, labels = analyze(model, enc, clt, cache, cfg, world)
+    stats, expl, effects, scorer = analyze(model, enc, clt, cache, cfg)
     seconds = time.perf_counter() - t0
     scores = scorer.results()
-    per_feature, per_concept = best_concepts(scorer, labels, cfg) if labels else (None, None)
+    per_feature = None
+    concepts = None
+    if world is not None:
+        per_feature, concepts = toy_world_concepts(model_dir, model, enc, clt, cache, world, cfg)
     os.makedirs(cfg.out, exist_ok=True)
     write_features(os.path.join(cfg.out, "features.jsonl"), stats, expl, effects,
                    (*scores, scorer.n_fires.cpu() / scorer.n_rows), per_feature, enc, cfg)
-    summary = summarize(stats, scores, per_concept, cfg)
+    summary = summarize(stats, scores, concepts, cfg)
     summary.update(n_heldout_tokens=scorer.n_rows, seconds_passes=round(seconds, 3), config=asdict(cfg))
     if cfg.time_read:  # one plain read of the whole cache, for the cost ratio
         t = time.perf_counter()
@@ -871,9 +1048,40 @@ def main(argv=None):
     summary = run(parse_config(__doc__, InterpConfig, argv))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "concepts")}, indent=1))
     if "concepts" in summary:
-        c = summary["concepts"]
-        print(f"concepts ({c['families']}) recovered with F1 >= {c['f1_threshold']}: {c['recovered']}/{c['n']} | "
-              f"by family: {c['by_family']}")
+        print(concept_table(summary["concepts"]))
+
+
+def share_cell(fam):
+    """A family_table row (or None) as "share recovered % / mean best F1"."""
+    f = fam or {}
+    return f"{100 * (f.get('share') or 0):.1f} % / {f.get('mean_best_f1') or 0:.2f}"
+
+
+def concept_rows(c):
+    """summary["concepts"] as rows, one per scored family and one for the headline: the CLT's and each
+    baseline's "share recovered / mean best F1" (the feature index shows them too: viz.py)."""
+    sets = {"CLT": c, **c["baselines"]}
+    rows = []
+    for name, fam in c["by_family"].items():
+        if fam["kind"] == "structure" or not fam["concepts"]:
+            continue
+        row = dict(family=name, kind=fam["kind"], concepts=fam["concepts"])
+        for label, s in sets.items():
+            row[label] = share_cell(s["by_family"].get(name))
+        rows.append(row)
+    head = dict(family=c["families"], kind="headline", concepts=c["n"])
+    for label, s in sets.items():
+        head[label] = share_cell(dict(share=s["share_recovered"], mean_best_f1=s["mean_best_f1"]))
+    return rows + [head]
+
+
+def concept_table(c):
+    """summary["concepts"] as a markdown table (concept_rows)."""
+    rows = concept_rows(c)
+    lines = [f"toy-world concepts recovered by a feature with F1 >= {c['f1_threshold']}: share / mean best F1",
+             "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,14 @@ Public API (stable: cache.py, interp.py, graph.py and the tests import it):
     make_corpus(world, n_docs, seed, heldout=False) -> [str]   documents; heldout=True uses only held-out
                                                  templates and held-out people (never in training)
     toy_corpus(n_docs=1000, seed=0) -> [str]     documents from the shipped world (models/tiny/world.json)
-    label_tokens(text, enc, world) -> [set[str]] per-token ground truth: "entity:Tes", "concept:city",
-        "about:Zapokor" (a country and its cities, language, currency), "relation:capital",
-        "template:capital/0" ("/heldout" for the held-out paraphrase),
-        "role:subject|answer|bridge|io|s1|s2|filler|template|query" (bridge: the city a later two-hop
-        question needs; io/s1/s2: IOI's indirect object and subject mentions; query: a prompt's last token)
+    label_tokens(text, enc, world) -> [set[str]] per-token ground truth in families (FAMILIES), each on the
+        token where a causal model can know it: input "entity:Tes", "category:city" (on the name); output
+        "output:Tes" (on the token before an answer the world forces); latent "latent:country=Zapokor" (on
+        the last token of a two-hop question); structure "role:subject|answer|bridge|io|s1|s2|filler|
+        template|query" (bridge: the city a later two-hop question needs; io/s1/s2: IOI's indirect object
+        and subject mentions; query: a prompt's last token)
+    eval_corpus(world, seed=0, support=20) -> [str]   documents in which every concept of every family is
+                                                 labeled >= support times (interp.py's evaluation set)
     eval_prompts(world, seed=0) -> [(prompt, answer, kind)]   answer starts with a space; kinds: one_hop,
         one_hop_paraphrase, two_hop, two_hop_latent, two_hop_paraphrase, ioi, ioi_paraphrase, counting,
         greater_than
@@ -134,6 +137,12 @@ class World:
         for o in self.objects:
             out += [("colour", o["name"], o["colour"]), ("category", o["name"], o["category"])]
         return out
+
+    def answer(self, relation, subject):
+        """The answer of a one-hop fact (None if the world has no such fact)."""
+        if "answers" not in self.lookup:
+            self.lookup["answers"] = {(r, s): a for r, s, a in self.facts()}
+        return self.lookup["answers"].get((relation, subject))
 
     def two_hop(self, person, relation):
         """The answer of a two-hop relation (person_language, person_currency, person_country)."""
@@ -360,6 +369,19 @@ def toy_corpus(n_docs=1000, seed=0):
 
 # -----------------------------------------------------------------------------
 # the labeler: per-token ground truth for autointerp scoring and graph checks
+#
+# Label families, each on the token where a causal model can know it (the docstring of label_tokens says
+# what each one tests). FAMILIES maps a family to its kind; interp.py reports the kinds separately.
+
+FAMILIES = {"entity": "input", "category": "input", "output": "output", "latent": "latent", "role": "structure"}
+
+
+def family_of(label):
+    """"latent:country=Zapokor" -> "latent": a label's family is what comes before its first colon."""
+    return label.split(":", 1)[0]
+
+
+CATEGORY_OF = {"category": "kind"}  # names() type -> category label; "category:category" would say nothing
 
 
 def template_regex(template, world, prompt=False):
@@ -392,27 +414,49 @@ def slot_role(relation, slot, k, is_last):
 
 
 def template_matches(text, world):
-    """(relation, tag, prompt, match) for every template matching text; compiled once per world."""
+    """(relation, prompt, match, {slot: name}) for every template matching text; compiled once per world."""
     if "regex" not in world.lookup:
-        world.lookup["regex"] = [(r, f"template:{r}/{i if i < len(ts) - 1 or len(ts) == 1 else 'heldout'}", prompt,
-                                  template_regex(t, world, prompt))
-                                 for r, ts in TEMPLATES.items() for i, t in enumerate(ts) for prompt in (False, True)]
-    for relation, tag, prompt, rx in world.lookup["regex"]:
+        world.lookup["regex"] = [(r, prompt, template_regex(t, world, prompt))
+                                 for r, ts in TEMPLATES.items() for t in ts for prompt in (False, True)]
+    for relation, prompt, rx in world.lookup["regex"]:
         for m in rx.finditer(text, overlapped=True):
             values = {}
             for g, v in m.groupdict().items():  # a slot used twice (IOI's subject) must hold one name
                 values.setdefault(g.rsplit("__", 1)[0], set()).add(v)
             if all(len(v) == 1 for v in values.values()):
-                yield relation, tag, prompt, m
+                yield relation, prompt, m, {slot: v.pop() for slot, v in values.items()}
+
+
+def determined_answer(world, relation, values):
+    """The answer the world forces after a template's prompt, from its other slots (None: nothing forces it,
+    as for the last object of a category list). A stated answer that contradicts the world does not count."""
+    if relation in SUBJECT_SLOT:
+        return world.answer(relation, values[SUBJECT_SLOT[relation]])
+    if relation in TWO_HOP:
+        return world.two_hop(values["person"], relation)
+    if relation == "ioi":
+        return values["io"]
+    if relation == "successor":
+        return str(int(values["n"]) + 1)
+    if relation == "greater":
+        return str(max(int(values["a"]), int(values["b"])))
+    return None
+
+
+def last_char_before(text, i):
+    """(p, p + 1): the last non-space character before text[i], i.e. the token just before an answer."""
+    p = len(text[:i].rstrip()) - 1
+    return p, p + 1
 
 
 def template_spans(text, world):
-    """(start, end, label) char spans from every template that matches text (full, or as a final prompt)."""
+    """(start, end, label) char spans from every template that matches text (full, or as a final prompt):
+    the roles of its slots, and the output and latent labels on the token before its answer."""
     spans = []
     homes = {}
     questions = []
-    for relation, tag, prompt, m in template_matches(text, world):
-        spans += [(m.start(), m.end(), t) for t in (f"relation:{relation}", tag, "role:template")]
+    for relation, prompt, m, values in template_matches(text, world):
+        spans.append((m.start(), m.end(), "role:template"))
         groups = sorted((m.start(g), g) for g in m.groupdict())
         for j, (start, g) in enumerate(groups):
             slot, k = g.rsplit("__", 1)
@@ -420,37 +464,67 @@ def template_spans(text, world):
             spans += [(start, m.end(g), r) for r in roles]
         if prompt:
             spans.append((m.end() - 1, m.end(), "role:query"))
-        if relation == "home" and not prompt:
-            homes.setdefault(m.group("person__0"), []).append((m.start("city__0"), m.end("city__0"), m.start()))
+        before = last_char_before(text, m.end() if prompt else groups[-1][0])  # the token before the answer
+        answer = determined_answer(world, relation, values)
+        if answer is not None:
+            spans.append((*before, f"output:{answer}"))
         if relation in TWO_HOP:
-            questions.append((m.group("person__0"), m.start()))
+            country = world.country_of(world.lookup["person"][values["person"]]["home"])
+            spans.append((*before, f"latent:country={country}"))
+            questions.append((values["person"], m.start()))
+        if relation == "home" and not prompt:
+            homes.setdefault(values["person"], []).append((m.start("city__0"), m.end("city__0"), m.start()))
     for person, q_start in questions:  # the bridge: the city, stated earlier, that a two-hop question needs
         spans += [(s, e, "role:bridge") for s, e, start in homes.get(person, []) if start < q_start]
     return spans
 
 
 def entity_spans(text, world):
+    """Spans of every name (entity and category labels) and of counting sequences (roles, next numbers)."""
     if "names" not in world.lookup:
-        world.lookup["names"] = [(concept, regex.compile(r"(?<![\w])(" + "|".join(map(regex.escape, sorted(
-            items, key=len, reverse=True))) + r")(?![\w])")) for concept, items in world.names().items()]
+        world.lookup["names"] = [(CATEGORY_OF.get(concept, concept), regex.compile(
+            r"(?<![\w])(" + "|".join(map(regex.escape, sorted(items, key=len, reverse=True))) + r")(?![\w])"))
+            for concept, items in world.names().items()]
     spans = []
-    for concept, pattern in world.lookup["names"]:
+    for category, pattern in world.lookup["names"]:
         for m in pattern.finditer(text):
-            spans += [(m.start(), m.end(), f"entity:{m.group(1)}"), (m.start(), m.end(), f"concept:{concept}")]
-            country = world.country_of(m.group(1)) if concept in ("country", "city", "language", "currency") else None
-            if country:
-                spans.append((m.start(), m.end(), f"about:{country}"))
+            spans += [(m.start(), m.end(), f"entity:{m.group(1)}"), (m.start(), m.end(), f"category:{category}")]
     for m in regex.finditer(r"Counting:(?: \d+,)* \d+(\.|,\s*\Z)?", text):  # a sequence, or a prompt ending in ","
-        spans += [(m.start(), m.end(), lab) for lab in ("relation:count", "template:count/0", "role:template")]
+        spans.append((m.start(), m.end(), "role:template"))
         numbers = list(regex.finditer(r"\d+", m.group()))
         for j, n in enumerate(numbers):
-            last = j == len(numbers) - 1 and m.group(1) == "."
-            spans.append((m.start() + n.start(), m.start() + n.end(), "role:answer" if last else "role:filler"))
+            last = j == len(numbers) - 1
+            spans.append((m.start() + n.start(), m.start() + n.end(),
+                          "role:answer" if last and m.group(1) == "." else "role:filler"))
+            if not last or (m.group(1) or "").startswith(","):  # a comma follows: the next number is forced
+                spans.append((m.start() + n.end(), m.start() + n.end() + 1, f"output:{int(n.group()) + 1}"))
     return spans
 
 
 def label_tokens(text, enc, world):
-    """Per token of enc.encode(text): the set of ground-truth labels of every span the token overlaps."""
+    """Per token of enc.encode(text): the set of ground-truth labels of every span the token overlaps.
+
+    The families (FAMILIES), each placed on the token where it is determined:
+      entity:NAME     input. Every token of a name ("entity:Tes" on " Tes"). Every name is one token,
+                      so an entity feature is a token detector: it tests that a dictionary has one.
+      category:TYPE   input. Every token of a name of TYPE (country, city, language, currency, person,
+                      job, colour, object, kind (an object's category), place, number): a union of tokens.
+      output:X        output. The token after which the world forces the next token X: the last token
+                      before a fact's answer ("is" in "The capital of Zapokor is| Tes"), before a two-hop
+                      answer, before IOI's indirect object ("to" in "... gave a pear to| Mira"), before the
+                      next number (each comma of "Counting: 3, 4, 5"; "After 5 comes| 6"; greater-than).
+                      A feature that matches it says X: it is not evidence of a computation before it.
+      latent:country=K  latent. The last token of a two-hop question ("The language Batris speaks is|"):
+                      K is the country of the person's home city, the bridge that the answer needs but
+                      that is never said there (with the bridge sentence in context or not). The answer
+                      differs per relation (language, currency, country), so a "say X" feature matches
+                      at most the questions of one relation: only a country representation matches all.
+      role:...        structure, not scored: subject | answer | bridge | io | s1 | s2 | filler |
+                      template | query (bridge: the city a later two-hop question needs; io / s1 / s2:
+                      IOI's indirect object and subject mentions; query: a prompt's last token).
+    Labels come from the text alone, as a causal model sees it: a token's labels never depend on text
+    after it, except that a template must be complete (up to its answer) to be recognised.
+    """
     ids = enc.encode(text, allowed_special="all")
     char_to_byte = [0]
     for ch in text:
@@ -464,7 +538,7 @@ def label_tokens(text, enc, world):
         end = pos + len(enc.decode_single_token_bytes(i))
         labs = {lab for s, e, lab in spans if s < end and pos < e}
         if not raw[pos:end].strip():  # a whitespace token only joins the spans, it plays no role in them
-            labs = {lab for lab in labs if not lab.startswith(("role:", "entity:", "concept:", "about:"))}
+            labs = {lab for lab in labs if not lab.startswith(("role:", "entity:", "category:"))}
         if any(lab.startswith("role:") and lab not in ("role:template", "role:query") for lab in labs):
             labs.discard("role:template")  # template marks the literal words only
         labels.append(labs)
@@ -517,6 +591,123 @@ def eval_prompts(world, seed=0, n_random=200):
             a, b = rng.sample(range(world.max_number + 1), 2)
         out.append((TEMPLATES["greater"][0].format(a=a, b=b, max="")[:-2], f" {max(a, b)}", "greater_than"))
     return out
+
+
+# -----------------------------------------------------------------------------
+# the evaluation corpus: documents in which every concept is labeled often enough to be scored
+
+
+def eval_corpus(world, seed=0, support=20):
+    """Documents for scoring features against label_tokens (interp.py's concept scores): every concept the
+    world can produce, of every family, gets at least `support` labeled tokens, most not many more.
+
+    Built in rounds from the templates (held-out paraphrases included: this scores a dictionary, not the
+    model's generalization), each round adding a unit only for the concepts still short, in this order:
+      two-hop questions  per country K with residents, a question about one of them (relation and template
+                         at random; the bridge sentence before it half the time) until latent:country=K has
+                         `support`; countries nobody lives in have no latent label
+      IOI stories        each person the indirect object of support // 2 stories
+      numbers            counting sequences, successor and greater-than sentences until every number is an
+                         entity and (1..max) an output `support` times
+      facts              one-hop fact sentences, 2-4 a document, until every name (entity) and every answer
+                         (output) has `support`; the friend facts complete the people's outputs
+    The counts kept here are planned: the labeler's differ a little (a sentence may match more templates
+    than the one it was made from; one cut by a context boundary of cache.py matches none), so interp.py
+    scores a concept from --min-support tokens on. Deterministic in (world, seed, support).
+    """
+    rng = random.Random(seed)
+    have = Counter()  # planned labels so far
+    docs = _eval_two_hop(world, rng, support, have)
+    docs += _eval_ioi(world, rng, support // 2, have)
+    docs += _eval_numbers(world, rng, support, have)
+    docs += _eval_facts(world, rng, support, have)
+    rng.shuffle(docs)
+    return docs
+
+
+def _eval_two_hop(world, rng, support, have):
+    residents = {}
+    for p in world.people:
+        residents.setdefault(world.lookup["city"][p["home"]]["country"], []).append(p)
+    docs = []
+    for country, people in sorted(residents.items()):
+        while have[f"latent:country={country}"] < support:
+            p = rng.choice(people)
+            relation = rng.choice(TWO_HOP)
+            answer = world.two_hop(p["name"], relation)
+            question = rng.choice(TEMPLATES[relation]).format(person=p["name"], **{answer_slot(relation): answer})
+            have.update([f"latent:country={country}", f"output:{answer}", f"entity:{answer}", f"entity:{p['name']}"])
+            if rng.random() < 0.5:
+                question = fact_sentence(world, rng, ("home", p["name"], p["home"])) + " " + question
+                have.update([f"entity:{p['name']}", f"entity:{p['home']}", f"output:{p['home']}"])
+            docs.append(question)
+    return docs
+
+
+def _eval_ioi(world, rng, n_stories, have):
+    names = [p["name"] for p in world.people]
+    docs = []
+    for io in names:
+        for _ in range(n_stories):
+            s = rng.choice([n for n in names if n != io])
+            place = rng.choice(PLACES)
+            obj = rng.choice(world.objects)["name"]
+            docs.append(rng.choice(TEMPLATES["ioi"]).format(io=io, s=s, place=place, object=obj))
+            have.update([f"output:{io}", f"entity:{io}", f"entity:{io}", f"entity:{s}", f"entity:{s}",
+                         f"entity:{place}", f"entity:{obj}"])
+    return docs
+
+
+def _eval_numbers(world, rng, support, have):
+    """Each short number n gets a unit that has n as its next number (n >= 1) or as a name (n = 0)."""
+    top = world.max_number
+    docs = []
+    short = [0]
+    while short:
+        short = [n for n in range(top + 1)
+                 if have[f"entity:{n}"] < support or (n > 0 and have[f"output:{n}"] < support)]
+        for n in short:
+            kind = rng.random()
+            if n == 0:  # 0 is never a next number: it only occurs as a name
+                docs.append(rng.choice(TEMPLATES["successor"]).format(n=0, succ=1))
+                have.update(["entity:0", "entity:1", "output:1"])
+            elif kind < 0.5:
+                length = rng.randint(3, 8)
+                start = rng.randint(max(0, n - length + 1), min(n - 1, top - length + 1)) if n < top - 1 else n - 1
+                seq = list(range(start, min(start + length, top + 1)))
+                docs.append("Counting: " + ", ".join(map(str, seq)) + ".")
+                have.update([f"entity:{x}" for x in seq] + [f"output:{x}" for x in seq[1:]])
+            elif kind < 0.75:
+                docs.append(rng.choice(TEMPLATES["successor"]).format(n=n - 1, succ=n))
+                have.update([f"entity:{n - 1}", f"entity:{n}", f"output:{n}"])
+            else:
+                a, b = rng.sample([n, rng.randrange(n)], 2)
+                docs.append(rng.choice(TEMPLATES["greater"]).format(a=a, b=b, max=n))
+                have.update([f"entity:{a}", f"entity:{b}", f"entity:{n}", f"output:{n}"])
+    return docs
+
+
+def _eval_facts(world, rng, support, have):
+    facts = list(world.facts())
+    sentences = []
+    added = True
+    while added:
+        added = False
+        rng.shuffle(facts)
+        for fact in facts:
+            relation, subject, answer = fact
+            wanted = [f"entity:{subject}", f"entity:{answer}", f"output:{answer}"]
+            if min(have[w] for w in wanted) < support:
+                sentences.append(rng.choice(TEMPLATES[relation]).format(
+                    **{SUBJECT_SLOT[relation]: subject, answer_slot(relation): answer}))
+                have.update(wanted)
+                added = True
+    docs = []
+    while sentences:
+        k = rng.randint(2, 4)
+        docs.append(" ".join(sentences[:k]))
+        del sentences[:k]
+    return docs
 
 
 # -----------------------------------------------------------------------------

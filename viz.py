@@ -761,6 +761,10 @@ def summary_html(summary, run_dir):
                           f"{c['recovered']} / {c['n']}"))
         numbers += ["<h2>Summary</h2><table>"] + [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
                                                   for k, v in heads if v is not None] + ["</table>"]
+        if c and "baselines" in c:  # per family: the CLT, then the baselines scored the same way
+            from interp import concept_rows
+            numbers += [f"<h2>Toy-world concepts: share with F1 &gt;= {c['f1_threshold']} / mean best F1</h2>",
+                        _table(concept_rows(c))]
         if summary.get("per_layer"):
             numbers += ["<h2>Per layer</h2>", _table(summary["per_layer"])]
     plots = ""

@@ -84,7 +84,8 @@ def test_edges_sum_to_inputs(dtype):
 def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None, position=None):
     """Every target's change when one source is scaled by (1 + eps) in the frozen replacement model,
     measured with forward passes only (and the CLT's own decode)."""
-    resid, mlp_out = rep.token + rep.position, rep.mlp_out.clone()
+    resid = rep.token + rep.position
+    mlp_out = rep.mlp_out.clone()
     if feature is not None:  # its decoder writes to every layer from its own up
         (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
         mlp_out[p, l:] += eps * a * clt.W_dec[l][f].detach() / clt.output_scale[l:, None]

@@ -1,11 +1,13 @@
 """Tests of interp.py: streamed statistics against brute force, the scores on constructed features,
 logit effects against a direct computation, bad input, and the outputs of a run on a real small cache."""
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -186,7 +188,7 @@ def test_detection_one_token_vs_random(gpt):
     c = synthetic(n_docs=600)
     clt = constructed_clt()
     cfg = small_cfg()
-    stats, expl, _, scorer, _ = interp.analyze(model, enc, clt, c, cfg)
+    stats, expl, _, scorer = interp.analyze(model, enc, clt, c, cfg)
     assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith('fires on "d" | promotes')
     auroc, det_bacc, fuzz_bacc = scorer.results()
     assert auroc[0] > 0.99 and det_bacc[0] > 0.99 and fuzz_bacc[0] > 0.99
@@ -206,13 +208,11 @@ def test_detection_one_token_vs_random(gpt):
             u = (pos_s[:, None] > neg_s).double().mean() + 0.5 * (pos_s[:, None] == neg_s).double().mean()
             assert abs(auroc[m] - u) < 1e-9
     # concept scores against known labels: feature 0 is the concept "d" exactly
-    scorer = interp.Scorer(expl, L, F, stats.base, stats.gram_space, len(LETTERS), cfg)
     labels = TokenLabels(c)
-    row = 0
-    for p in interp.padded_chunks(clt, c, "heldout", cfg):
-        scorer.update(p, labels.rows(row, row + p.hi - p.lo, "cpu"))
-        row += p.hi - p.lo
-    per_feature, per_concept = interp.best_concepts(scorer, labels, cfg)
+    scores = interp.ConceptScores(len(labels.names), L * F, "cpu")
+    for a in range(0, len(tok), 100):
+        scores.update(interp.clt_acts(clt, mlp_in[a:a + 100]), *labels.rows(a, min(a + 100, len(tok)), "cpu"))
+    per_concept, per_feature = interp.best_features(scores, labels, F, cfg)
     assert per_feature[0] == dict(concept="d", concept_precision=1.0, concept_recall=1.0, concept_f1=1.0)
     assert per_concept["d"]["f1"] == 1.0 and (per_concept["d"]["layer"], per_concept["d"]["feature"]) == (0, 0)
     assert per_feature[1]["concept_f1"] < 0.3
@@ -364,25 +364,150 @@ def test_clt_of_another_model_is_refused(real, tmp_path):
     assert not out.exists()  # refused before anything was written
 
 
-def test_concept_labels_follow_the_labeler(gpt):
+@pytest.fixture(scope="module")
+def world():
+    """The toy world, one per module: its labeler compiles its regexes once."""
+    return pytest.importorskip("tiny").make_world(0)
+
+
+def eval_cache(enc, texts, cut=True):
+    """A FakeCache of documents with zero activations: packed into contexts as cache.py packs them
+    (cut=True), or one document per context (cut=False: nothing is cut)."""
+    docs = [enc.encode_ordinary(d) + [enc.eot_token] for d in texts]
+    if cut:
+        tok, doc, pos = packed_rows(docs)
+    else:
+        tok = torch.tensor([t for d in docs for t in d])
+        doc = torch.tensor([i for i, d in enumerate(docs) for _ in d])
+        pos = torch.tensor([p + 1 for d in docs for p in range(len(d))])
+    return FakeCache(torch.zeros(len(tok), L, D), tok, doc, pos, 0), texts, docs
+
+
+def test_concept_labels_follow_the_labeler(gpt, world):
+    """Each run of one document inside one context is labeled as the text the model saw there."""
     tiny = pytest.importorskip("tiny")
     _, enc = gpt
-    world = tiny.make_world(0)
-    docs = [enc.encode_ordinary(d) + [enc.eot_token] for d in tiny.make_corpus(world, 40, seed=0)]
-    tok, doc, pos = packed_rows(docs)
-    n_train = (len(tok) // 3 // (CTX - 1)) * (CTX - 1)  # at a context boundary, inside a document
-    c = FakeCache(torch.zeros(len(tok), L, D), tok, doc, pos, n_train)
+    c, _, _ = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:60])
     labels = interp.ConceptLabels(c, world, enc, small_cfg())
-    lab, labeled = labels.rows(0, len(tok) - n_train, "cpu")
+    lab, labeled = labels.rows(0, c.N, "cpu")
     lab = lab.to_dense().T.bool()  # (N, C)
-    ids = doc[n_train:]
-    inside = ids.unique()[1:-1]  # the first and last documents may be cut: unlabeled
-    assert not labeled[(ids == ids[0]) | (ids == ids[-1])].any() and labeled[torch.isin(ids, inside)].all()
-    for d in inside.tolist()[:5]:
-        rows = (ids == d).nonzero().flatten()
-        want = tiny.label_tokens(enc.decode(docs[d]), enc, world)
-        got = [{labels.names[j] for j in lab[r].nonzero().flatten().tolist()} for r in rows.tolist()]
-        assert got == want and any(want)
+    mlp_in, tok, doc, pos = c.rows
+    assert labeled.all()  # the byte-level tokenizer re-encodes every run as it was
+    runs = 0
+    a = 0
+    for b in range(1, c.N + 1):
+        if b < c.N and doc[b] == doc[b - 1] and pos[b] == pos[b - 1] + 1:
+            continue
+        want = tiny.label_tokens(enc.decode(tok[a:b].tolist()), enc, world)
+        got = [{labels.names[j] for j in lab[r].nonzero().flatten().tolist()} for r in range(a, b)]
+        assert got == want
+        runs += 1
+        a = b
+    assert runs > len(doc.unique())  # some documents were cut by a context boundary
+
+
+def labeled_rows(texts, docs, enc, world):
+    """Brute force: per row of an uncut eval_cache, the labeler's label set for its document."""
+    tiny = pytest.importorskip("tiny")
+    rows = []
+    for text, ids in zip(texts, docs):
+        rows += tiny.label_tokens(enc.decode(ids), enc, world)
+    return rows
+
+
+class FeatureOnRows:
+    """A feature set whose feature j fires exactly on the rows in rows[j] (acts read off a row counter)."""
+
+    def __init__(self, rows, n_rows):
+        self.fire = torch.zeros(n_rows, len(rows))
+        for j, r in enumerate(rows):
+            self.fire[sorted(r), j] = 1.0
+        self.next = 0
+
+    def __call__(self, mlp_in):
+        out = self.fire[self.next:self.next + len(mlp_in)]
+        self.next += len(mlp_in)
+        return out
+
+
+def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
+    """A feature constructed to fire exactly on latent:country=K scores F1 = 1 on it; one that fires on
+    the answer of one relation (a "say X" feature) does not, and is an output feature."""
+    tiny = pytest.importorskip("tiny")
+    _, enc = gpt
+    lived_in = Counter(world.lookup["city"][p["home"]]["country"] for p in world.people)
+    country = lived_in.most_common(1)[0][0]
+    target = f"latent:country={country}"
+    language = world.lookup["country"][country]["language"]
+    people = [p["name"] for p in world.people if world.lookup["city"][p["home"]]["country"] == country]
+    texts = tiny.eval_corpus(world, seed=0, support=2)
+    texts = [t for t in texts if language in t or any(p in t for p in people)][:80] + texts[:20]
+    c, texts, docs = eval_cache(enc, texts, cut=False)
+    rows = labeled_rows(texts, docs, enc, world)
+    on = [{r for r, labs in enumerate(rows) if target in labs},
+          {r for r, labs in enumerate(rows) if f"output:{language}" in labs}]  # one-hop facts say it too
+    assert 0 < len(on[0] & on[1]) < len(on[0])
+    cfg = small_cfg(min_support=1)
+    labels = interp.ConceptLabels(c, world, enc, cfg)
+    scores = interp.score_concepts({"probe": FeatureOnRows(on, c.N)}, c, labels, cfg)
+    per_concept, per_feature = interp.best_features(scores["probe"], labels, 2, cfg)
+    assert per_concept[target] == dict(support=len(on[0]), layer=0, feature=0, f1=1.0, precision=1.0, recall=1.0)
+    assert per_feature[1]["concept"] == f"output:{language}" and per_feature[1]["concept_f1"] == 1.0
+    precision, recall, f1 = scores["probe"].f1()
+    assert f1[labels.names.index(target), 1] < 0.8  # it says the language: of one relation's questions only
+
+
+def test_concept_scores_equal_brute_force(gpt, world):
+    """score_concepts over several chunks == counts over every row, for random sparse features; the family
+    table and the headline count what the per-concept bests say; the baselines fire as specified."""
+    tiny = pytest.importorskip("tiny")
+    model, enc = gpt
+    c, texts, docs = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:80], cut=False)
+    rows = labeled_rows(texts, docs, enc, world)
+    g = torch.Generator().manual_seed(0)
+    acts = torch.rand(c.N, 12, generator=g) * (torch.rand(c.N, 12, generator=g) < 0.1)  # (N, M) 10 % density
+    names = sorted({lab for labs in rows for lab in labs})
+    member = torch.zeros(c.N, len(names), dtype=torch.bool)  # (N, C)
+    for r, labs in enumerate(rows):
+        member[r, [names.index(lab) for lab in labs]] = True
+    fire = acts > 0
+    tp = (member[:, :, None] & fire[:, None, :]).sum(0).double()  # (C, M)
+    nf = fire.sum(0).double()
+    n = member.sum(0).double()[:, None]
+    cfg = replace(small_cfg(min_support=3), chunk_size=100)
+    labels = interp.ConceptLabels(c, world, enc, cfg)
+    scores = interp.score_concepts({"random": FeatureOnRows([set(fire[:, j].nonzero().flatten().tolist())
+                                                             for j in range(12)], c.N)}, c, labels, cfg)["random"]
+    order = [labels.names.index(x) for x in names]
+    p, r, f1 = (x[order] for x in scores.f1())
+    torch.testing.assert_close(p, tp / nf.clamp(min=1))
+    torch.testing.assert_close(r, tp / n)
+    torch.testing.assert_close(f1, 2 * tp / (nf + n))
+    per_concept, _ = interp.best_features(scores, labels, 4, cfg)
+    for name, best in per_concept.items():
+        i = names.index(name)
+        assert best["f1"] == round(f1[i].max().item(), 4) and best["support"] == n[i].item() >= 3
+        assert 4 * best["layer"] + best["feature"] == f1[i].argmax().item()
+    table = interp.family_table(per_concept, labels, scores, cfg)
+    for fam, row in table.items():
+        mine = [b["f1"] for x, b in per_concept.items() if tiny.family_of(x) == fam]
+        assert row["concepts"] == len(mine) and row["recovered"] == sum(x >= cfg.concept_f1 for x in mine)
+        assert row["unscored"] == sum(tiny.family_of(x) == fam and n[i] < 3 for i, x in enumerate(names))
+    head = interp.headline(table, cfg)
+    assert head["n"] == sum(table[f]["concepts"] for f in ("category", "entity", "latent") if f in table)
+    # baselines: neurons fire where their GELU input is > 0; a random CLT fires as often as the CLT it copies
+    x = torch.randn(2000, L, D, generator=g)
+    pre = interp.neuron_preacts(model, x)
+    gelu = torch.cat([torch.nn.functional.gelu(b.mlp.c_fc(x[:, l]), approximate="tanh")
+                      for l, b in enumerate(model.h)], 1)
+    assert torch.equal(pre > 0, gelu > 0) and pre.shape == (2000, L * 4 * D)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=0)
+    with torch.no_grad():
+        clt.log_threshold.fill_(math.log(0.05))
+    rand = interp.random_like(clt, x)
+    want = (clt.encode(x) > 0).float().mean((0, 2))
+    got = (rand.encode(x) > 0).float().mean(0)  # (L, F): every random feature at its layer's mean rate
+    assert (got - want[:, None]).abs().max() < 2 / 2000 and not torch.equal(rand.W_enc, clt.W_enc)
 
 
 def test_near_firing_brute_force():

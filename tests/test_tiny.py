@@ -2,6 +2,7 @@
 import json
 import os
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -94,21 +95,65 @@ def labels_of(text, enc, world, span):
 def test_labels_match_templates(world, enc):
     rng = random.Random(0)
     for relation, subject, answer in rng.sample(world.facts(), 60):
-        for i, template in enumerate(tiny.TEMPLATES[relation]):
+        for template in tiny.TEMPLATES[relation]:
             slot = tiny.SLOT_RE.findall(template)[-1]
             text = template.format(**{tiny.SUBJECT_SLOT[relation]: subject, slot: answer})
-            tag = f"template:{relation}/{'heldout' if i == len(tiny.TEMPLATES[relation]) - 1 else i}"
             a = text.rindex(answer)
             for labs in labels_of(text, enc, world, (a, a + len(answer))):
-                assert {f"entity:{answer}", "role:answer", f"relation:{relation}", tag} <= labs, (text, labs)
+                assert {f"entity:{answer}", "role:answer"} <= labs, (text, labs)
             s = text.index(subject)
             for labs in labels_of(text, enc, world, (s, s + len(subject))):
                 assert {f"entity:{subject}", "role:subject"} <= labs and "role:answer" not in labs, (text, labs)
             prompt, _ = tiny.split_prompt(text, answer)
-            assert "role:query" in tiny.label_tokens(prompt, enc, world)[-1], prompt
+            last = tiny.label_tokens(prompt, enc, world)[-1]
+            assert {"role:query", f"output:{answer}"} <= last, (prompt, last)
 
 
-def test_labels_ioi_and_two_hop(world, enc):
+def where(text, enc, world, family):
+    """[(token text, sorted labels of `family`)] for the tokens of text that carry any."""
+    out = []
+    for i, labs in zip(enc.encode(text), tiny.label_tokens(text, enc, world)):
+        mine = sorted(lab for lab in labs if tiny.family_of(lab) == family)
+        if mine:
+            out.append((enc.decode([i]), mine))
+    return out
+
+
+def test_each_family_sits_on_its_token(world, enc):
+    """Hand-checked examples: input labels on the name, output on the token before the forced answer,
+    latent on the last token of a two-hop question, with or without the bridge, and nowhere else."""
+    country = world.countries[0]  # Zapokor, capital Tes, in the shipped world
+    text = f"The capital of {country['name']} is {country['capital']}."
+    assert where(text, enc, world, "entity") == [(f" {country['name']}", [f"entity:{country['name']}"]),
+                                                 (f" {country['capital']}", [f"entity:{country['capital']}"])]
+    assert where(text, enc, world, "category") == [(f" {country['name']}", ["category:country"]),
+                                                   (f" {country['capital']}", ["category:city"])]
+    assert where(text, enc, world, "output") == [(" is", [f"output:{country['capital']}"])]
+    assert where("The pear is a kind of fruit.", enc, world, "category")[-1] == (" fruit", ["category:kind"])
+    io, s = world.people[0]["name"], world.people[1]["name"]
+    story = f"When {io} and {s} went to the market, {s} gave a pear to {io}."
+    assert where(story, enc, world, "output") == [(" to", [f"output:{io}"])]  # the second " to", before the answer
+    assert where(story[:story.rindex(" " + io)], enc, world, "output") == [(" to", [f"output:{io}"])]
+    assert where("Counting: 7, 8, 9,", enc, world, "output") == [(",", ["output:8"]), (",", ["output:9"]),
+                                                                 (",", ["output:10"])]
+    assert where("Counting: 3, 4, 5.", enc, world, "output") == [(",", ["output:4"]), (",", ["output:5"])]
+    assert where("After 5 comes 6.", enc, world, "output") == [(" comes", ["output:6"])]
+    person = world.people[0]
+    bridge_country = world.lookup["city"][person["home"]]["country"]
+    language = world.lookup["country"][bridge_country]["language"]
+    latent = [(" is", [f"latent:country={bridge_country}"])]
+    question = f"The language {person['name']} speaks is"
+    for text in (question, f"{person['name']} lives in {person['home']}. {question}", f"{question} {language}."):
+        assert where(text, enc, world, "latent") == latent, text
+        assert (" is", [f"output:{language}"]) in where(text, enc, world, "output"), text
+    currency = world.lookup["country"][bridge_country]["currency"]
+    text = f"{person['name']} pays with the {currency}."  # another relation: the same latent, another output
+    assert where(text, enc, world, "latent") == [(" the", [f"latent:country={bridge_country}"])]
+    assert where(text, enc, world, "output") == [(" the", [f"output:{currency}"])]
+    assert where(f"The language of {country['name']} is", enc, world, "latent") == []  # one hop: nothing latent
+
+
+def test_labels_ioi_and_two_hop_roles(world, enc):
     text = "When Mira and Joss went to the market, Joss gave a pear to Mira."
     text = text.replace("Mira", world.people[0]["name"]).replace("Joss", world.people[1]["name"])
     io = world.people[0]["name"]
@@ -120,12 +165,27 @@ def test_labels_ioi_and_two_hop(world, enc):
             assert {lab for lab in labs if lab.startswith("role:")} == roles, (name, labs)
     person = world.people[0]
     city = person["home"]
-    country = world.lookup["city"][person["home"]]["country"]
     text = f"{person['name']} lives in {city}. The language {person['name']} speaks is"
     c = text.index(city)
     for labs in labels_of(text, enc, world, (c, c + len(city))):
-        assert {"role:bridge", f"about:{country}", "concept:city", "role:answer"} <= labs, labs
+        assert {"role:bridge", "category:city", "role:answer"} <= labs, labs
     assert "role:query" in tiny.label_tokens(text, enc, world)[-1]
+
+
+def test_eval_corpus_supports_every_concept(world, enc):
+    """Every concept the world can produce reaches the support asked for, counted by the labeler."""
+    docs = tiny.eval_corpus(world, seed=3, support=4)
+    assert docs == tiny.eval_corpus(world, seed=3, support=4) != tiny.eval_corpus(world, seed=4, support=4)
+    counts = Counter(lab for d in docs for labs in tiny.label_tokens(d, enc, world) for lab in labs)
+    lived_in = {world.lookup["city"][p["home"]]["country"] for p in world.people}
+    want = [f"entity:{n}" for names in world.names().values() for n in names]
+    want += [f"category:{tiny.CATEGORY_OF.get(c, c)}" for c in world.names()]
+    want += [f"latent:country={c}" for c in lived_in] + [f"output:{p['name']}" for p in world.people]
+    want += [f"output:{n}" for n in range(1, world.max_number + 1)] + [f"output:{r[2]}" for r in world.facts()]
+    short = {w: counts[w] for w in want if counts[w] < 4}
+    assert not short, short
+    assert not any(tiny.family_of(lab) not in tiny.FAMILIES for lab in counts)
+    assert sum(len(enc.encode(d)) for d in docs) < 30_000  # support 4: small; interp's default 32 is ~107k tokens
 
 
 # -----------------------------------------------------------------------------

@@ -251,6 +251,8 @@ def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
     assert max(perfect["fvu"]) < 1e-10 and perfect["l0"] == [3, 3] and min(zero["fvu"]) > 1 - 1e-5
     assert abs(zero["recovered"]) < 1e-5 and abs(zero["ce_spliced"] - zero["ce_zero"]) < 1e-5
     assert abs(zero["ce_zero"] - zero["ce_clean"]) > 0.01  # zeroing the MLPs changes the loss: the test has teeth
+    assert abs(perfect["kl_spliced"]) < 1e-5 and abs(perfect["delta_ce"]) < 1e-5
+    assert zero["kl_spliced"] == pytest.approx(zero["kl_zero"]) and zero["kl_zero"] > 0.01
 
 
 def test_bad_input_gives_clear_errors(small_cache, tmp_path):

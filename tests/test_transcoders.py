@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import clt as C
+import train as T
+from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
 
 
 def pair(skip=False, L=3, d=8, F=16, seed=0):
@@ -124,3 +126,46 @@ def test_saelens_refuses_what_it_cannot_hold(hub_model, tmp_path):
     (tmp_path / "blocks.1.ln2.hook_normalized" / "cfg.json").unlink()
     with pytest.raises(ValueError, match=r"layers \[0\], the model has 2"):
         C.from_saelens(tmp_path, model)
+
+
+# -----------------------------------------------------------------------------
+# training a PLT: train.py's loop, evaluation and export, unchanged
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_short_plt_run_trains_exports_and_loads_back_identically(small_cache, tmp_path, skip):
+    m = T.train(config(small_cache, tmp_path, decoder="per-layer", skip=skip, steps=20, eval_every=20, ckpt_every=-1))
+    first = read_metrics(tmp_path)[0]
+    assert sum(m["fvu"]) < sum(first["fvu"]), (first["fvu"], m["fvu"])  # it learned
+    assert "recovered" in m["eval"]  # evaluated the same way: the spliced loss
+    plt = C.CrossLayerTranscoder.from_pretrained(tmp_path)
+    assert plt.config.decoder == "per-layer" and plt.config.skip == skip
+    assert [tuple(W.shape) for W in plt.W_dec] == [(64, 1, 16)] * 2
+    if skip:  # the skip connection trained too and went into the export
+        assert plt.W_skip.abs().max() > 0
+    x = torch.randn(10, 2, 16) * 4
+    plt.save_pretrained(tmp_path / "again")
+    back = C.CrossLayerTranscoder.from_pretrained(tmp_path / "again")
+    for (name, u), (_, v) in zip(plt.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(u, v), name
+    torch.testing.assert_close(back(x)[1], plt(x)[1])
+
+
+def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
+    import graph
+
+    model_dir, model, _ = hub_model
+    plt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=24, activation="relu",
+                                             decoder="per-layer", skip=True), 0)
+    with torch.no_grad():
+        plt.b_enc.fill_(0.2)  # some features fire on every token
+        plt.W_skip.normal_(0, 0.1)
+    C.save_saelens(plt, tmp_path / "saelens", model)
+    graph.main(["--model", model_dir, "--clt", str(tmp_path / "saelens"), "--prompt", "the cat", "--device", "cpu",
+                "--interp", str(tmp_path / "none"), "--out", str(tmp_path / "graph")])
+    assert "exactness" in capsys.readouterr().out
+    nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
+    assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a CLT saved by train.py"):
+        C.load_transcoder(str(tmp_path / "empty"), model)

@@ -1,0 +1,108 @@
+"""Attribution graphs of per-layer transcoders (PLTs), with and without a skip connection: a PLT's
+graph is a CLT's whose cross-layer decoders are zero, and the graph stays exact (edges + bias =
+every target's input) and measured (each edge is the target's change when its source is scaled),
+also when the skip path, linear in the MLP input, carries part of every edge."""
+import pytest
+import torch
+
+import clt as C
+import graph as G
+from test_graph import D, F_, L, T, V, one_thread  # noqa: F401 (one_thread is a fixture)
+
+
+def make(skip=False, dtype=torch.float64, seed=0):
+    """A random GPT, and a PLT of it with its twin CLT: the same encoders, same-layer decoders,
+    biases, scales (and skip), the CLT's decoders to later layers zero."""
+    torch.manual_seed(seed)
+    model = C.GPT(C.GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
+    config = dict(n_layers=L, d_model=D, n_features=F_, skip=skip)
+    plt = C.CrossLayerTranscoder(C.CLTConfig(**config, decoder="per-layer"), seed=seed).eval()
+    cross = C.CrossLayerTranscoder(C.CLTConfig(**config), seed=seed).eval()
+    with torch.no_grad():
+        plt.b_enc.fill_(-0.2)  # a random transcoder fires on a fifth of its features here
+        plt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))  # unfolded normalization must be handled
+        plt.output_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
+        if skip:  # large enough that the skip path carries a good share of every edge
+            plt.W_skip.normal_(0, 0.3 / D ** 0.5)
+        for name, t in plt.state_dict().items():
+            if not name.startswith("W_dec"):
+                cross.state_dict()[name].copy_(t)
+        for l in range(L):
+            cross.W_dec[l].zero_()
+            cross.W_dec[l][:, :1] = plt.W_dec[l]
+    idx = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(seed))
+    return model, plt.to(dtype), cross.to(dtype), idx
+
+
+def graph_of(model, transcoder, idx):
+    rep = G.local_replacement(model, transcoder, idx)
+    return rep, G.attribute(model, transcoder, rep, batch_size=32)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_plt_graph_is_the_graph_of_a_clt_without_cross_layer_decoders(skip):
+    model, plt, cross, idx = make(skip)
+    rep_p, g_p = graph_of(model, plt, idx)
+    rep_c, g_c = graph_of(model, cross, idx)
+    assert len(g_p.feats) > 30 and torch.equal(g_p.feats, g_c.feats)
+    torch.testing.assert_close(rep_p.error, rep_c.error)
+    torch.testing.assert_close(g_p.adjacency, g_c.adjacency, atol=1e-10, rtol=1e-8)
+    assert G.scores(g_p) == pytest.approx(G.scores(g_c), abs=1e-8)
+
+
+def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None):
+    """Every target's change when one source is scaled by (1 + eps), by forward passes alone; the
+    skip connection stays live in both (target_inputs), as it is in the replacement model."""
+    resid = rep.token + rep.position
+    fixed = rep.mlp_out - rep.skip  # (T, L, d) what the nodes and biases write; the skip term is added live
+    if feature is not None:  # a PLT feature writes to its own layer only
+        (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
+        fixed[p, l] += eps * a * plt.W_dec[l][f, 0].detach() / plt.output_scale[l]
+    if error is not None:
+        l, p = divmod(error, T)
+        fixed[p, l] += eps * rep.error[p, l]
+    if embed is not None:
+        resid[embed] += eps * rep.token[embed]
+    before = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.logit_ids))
+    after = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.logit_ids, resid, fixed))
+    return after - before
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_plt_graphs_are_exact_and_measured(skip):
+    model, plt, _, idx = make(skip)
+    rep, graph = graph_of(model, plt, idx)
+    if skip:  # the skip path matters here: the error nodes no longer hold the whole MLP output
+        assert rep.skip[1:].abs().max() > 0.1 * rep.mlp_out[1:].abs().max()
+    err, scale = G.exactness(model, plt, rep, graph)
+    assert scale > 1 and err <= 1e-10 * scale, (err, scale)
+    A, s = graph.adjacency, graph.slices()
+    targets = torch.cat([A[s.features], A[s.logits]])
+    layer = graph.feats[:, 0]
+    cross = A[s.features, s.features] * (layer[:, None] >= layer[None, :] + 2)  # across a whole layer
+    sources = dict(feature=cross.abs().max(0).values.argmax().item(),
+                   embed=A[s.logits, s.tokens].abs().max(0).values.argmax().item(),
+                   error=A[s.features, s.errors].abs().max(0).values.argmax().item())
+    columns = dict(feature=sources["feature"], embed=s.tokens.start + sources["embed"],
+                   error=s.errors.start + sources["error"])
+    for kind, i in sources.items():
+        expected = 1e-3 * targets[:, columns[kind]]
+        assert expected.abs().max() > 1e-7, kind  # the source reaches some target: the check has teeth
+        delta = perturbed(model, plt, rep, graph, 1e-3, **{kind: i})
+        assert (delta - expected).abs().max() <= 1e-6 * expected.abs().max(), kind
+
+
+def test_the_skip_path_carries_edges():
+    """With a skip connection, a token's edge to a logit also runs through every MLP's skip term: the
+    graph differs from the one where the skip output is frozen into the error nodes."""
+    model, plt, _, idx = make(skip=True)
+    rep, graph = graph_of(model, plt, idx)
+    frozen = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_, decoder="per-layer"))
+    frozen = frozen.to(torch.float64).eval()
+    frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
+    rep_f = G.local_replacement(model, frozen, idx)  # its error nodes hold the skip output, as constants
+    torch.testing.assert_close(rep_f.error[1:], (rep.error + rep.skip)[1:])
+    s = graph.slices()
+    no_skip = G.attribute(model, frozen, rep_f, batch_size=32)
+    difference = (graph.adjacency[s.logits, s.tokens] - no_skip.adjacency[s.logits, s.tokens]).abs().max()
+    assert difference > 1e-3 * graph.adjacency[s.logits, s.tokens].abs().max()
