@@ -114,7 +114,7 @@ class InterpConfig:
     interpretable: float = 0.8  # detection AUROC from which a live, non-dense feature is interpretable
     # the toy world (a model directory with tiny.py's world.json): concept scores on a labeled evaluation set
     concept_cache: str = ""  # where the evaluation set's activation cache goes; "" = OUT/concept_cache
-    concept_seed: int = 1  # seed of the evaluation set (tiny.eval_corpus); bench.py recovery picks on another
+    concept_seed: int = 2  # seed of the evaluation set (tiny.eval_corpus); bench.py recovery picks recipes on 1
     concept_support: int = 32  # labeled tokens the evaluation set gives every concept (tiny.eval_corpus)
     concept_f1: float = 0.8  # a planted concept counts as recovered when a feature reaches this F1
     min_support: int = 20  # labeled tokens a concept needs to be scored
