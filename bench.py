@@ -1374,6 +1374,217 @@ def plot_recovery(path, runs, sets, heads, seed, d):
 
 
 # -----------------------------------------------------------------------------
+# faithfulness: does a pruned graph predict what ablating its features does?
+#
+# A graph is a linear system: A[t, s] is what source s, at its activation a_s, adds to target t's input.
+# Removing feature s moves each target by -A[t, s]; a feature target passes its change on (an active
+# feature's activation moves one for one with its pre-activation under JumpReLU, ReLU and TopK alike),
+# so per unit of activation the system is M = A D^-1 (D = diag(a) on the feature columns), and the logit
+# node j moves by
+#     total:  -a_s [(I - M)^-1]_{j, s}   every path through the features: the graph's prediction
+#     direct: -A[j, s]                   the edge alone: every other MLP output held
+# graph.intervene measures the same removal: freeze="none" is the real model (attention, LayerNorm and
+# the later MLPs respond), freeze="all" holds every MLP output, the attention patterns and the LayerNorm
+# scales (the graph's own view: it must give the direct prediction to float precision).
+
+
+@dataclass
+class FaithfulnessBench(Bench):
+    """pruned graphs' predicted logit changes vs ablations in the real model"""
+    faithfulness_clt: str = ""  # a trained CLT of models/tiny (e.g. runs/clt); "" = train one as compactness does
+    faithfulness_tokens: int = 200_000  # tokens of the models/tiny cache that CLT is trained on
+    faithfulness_features: int = 512  # its features per layer (TopK, k = 8)
+    faithfulness_steps: int = 400  # its training steps of 1024 tokens
+    faithfulness_per_family: int = 6  # prompts of each tiny.eval_prompts kind
+    faithfulness_k: int = 5  # features per pruned graph: its k most influential, and k random active ones
+    faithfulness_floor: float = 0.05  # |measured| below this (logits) counts as this in relative errors
+    faithfulness_seed: int = 0  # seed of the random control features
+    faithfulness_figure: str = os.path.join("assets", "faithfulness.png")  # the scatter plot
+
+
+def removal_effects(g, target, edges=None):
+    """(n,) the change of logit node `target` (0: the most likely token) that the graph's linear system
+    predicts when each feature node is removed, through every path (the total effect above). edges: an
+    (N, N) bool mask, e.g. prune's, to predict from the pruned graph's edges alone."""
+    A = g.adjacency.double()
+    A = A if edges is None else A * edges
+    n = len(g.feats)
+    acts = g.acts.to(A.device, torch.float64)
+    per_unit = A[:, :n] / acts  # (N, n) M: what a unit of each feature's activation adds to each input
+    row = per_unit[g.slices().logits.start + target]  # (n,) d logit / d a over paths of one edge
+    total = row.clone()
+    for _ in range(g.n_layers):  # a feature feeds only higher layers: paths have at most L edges
+        row = row @ per_unit[:n]  # (n,) paths one edge longer
+        total += row
+    assert not row.any(), "the feature-to-feature edges have a cycle: is this an attribution graph?"
+    return -acts * total
+
+
+def ablation_changes(model, t, idx, feats, token, freeze):
+    """(m,) the measured change of `token`'s logit minus the mean logit (a logit node's quantity) at
+    the last position when each feature of feats (m, 3) (layer, pos, id) is ablated on its own."""
+    import graph
+    out = []
+    for l, p, f in feats.tolist():
+        clean, new = graph.intervene(model, t, idx, [graph.Intervention(l, p, f, "ablate")], freeze=freeze)
+        change = (new[-1, token] - new[-1].mean()) - (clean[-1, token] - clean[-1].mean())
+        out.append(change.item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def control_features(g, top, rng):
+    """For each node in top, a random other active feature of its layer (none of top, none twice)."""
+    taken = set(top.tolist())
+    out = []
+    for i in top.tolist():
+        pool = [j for j in (g.feats[:, 0] == g.feats[i, 0]).nonzero()[:, 0].tolist() if j not in taken]
+        if pool:
+            out.append(rng.choice(pool))
+            taken.add(out[-1])
+    return torch.tensor(out, dtype=torch.long, device=top.device)
+
+
+def faithfulness_points(model, t, idx, k, rng):
+    """One prompt: its graph and pruned graph, the k most influential feature nodes of the pruned graph
+    and as many random active ones of the same layers; per feature the predicted and measured changes
+    of the top logit node when it is removed -> ([dict per feature], the top logit node's token)."""
+    import graph
+    rep = graph.local_replacement(model, t, idx)
+    g = graph.attribute(model, t, rep, batch_size=1024)  # one batch per layer at this size: no progress bar
+    nodes, edges, _, infl = graph.prune(g)
+    n = len(g.feats)
+    kept = nodes[:n].nonzero()[:, 0]
+    top = kept[infl[kept].argsort(descending=True)[:k]]
+    predicted = dict(total=removal_effects(g, 0), pruned=removal_effects(g, 0, edges),
+                     direct=-g.adjacency[g.slices().logits.start, :n].double())
+    token = int(g.logit_ids[0])
+    points = []
+    for which, chosen in (("top", top), ("random", control_features(g, top, rng))):
+        measured = dict(real=ablation_changes(model, t, idx, g.feats[chosen], token, "none"),
+                        frozen=ablation_changes(model, t, idx, g.feats[chosen], token, "all"))
+        for j, i in enumerate(chosen.tolist()):
+            points.append(dict(features=which, feature="/".join(map(str, g.feats[i].tolist())),
+                               activation=g.acts[i].item(), influence=infl[i].item(),
+                               **{f"predicted_{key}": v[i].item() for key, v in predicted.items()},
+                               **{f"measured_{key}": v[j].item() for key, v in measured.items()}))
+    return points, token
+
+
+def agreement(predicted, measured, floor):
+    """(Pearson r, median |measured - predicted| / max(|measured|, floor), share of the changes with
+    |measured| >= floor whose predicted sign is right); nan where undefined (under 3 points, no spread)."""
+    p = np.asarray(predicted, dtype=np.float64)
+    m = np.asarray(measured, dtype=np.float64)
+    r = float(np.corrcoef(p, m)[0, 1]) if len(p) >= 3 and p.std() > 0 and m.std() > 0 else float("nan")
+    rel = float(np.median(np.abs(m - p) / np.maximum(np.abs(m), floor))) if len(p) else float("nan")
+    big = np.abs(m) >= floor
+    sign = float(np.mean(np.sign(p[big]) == np.sign(m[big]))) if big.any() else float("nan")
+    return r, rel, sign
+
+
+FAITHFULNESS_PAIRS = (("total", "real"), ("pruned", "real"), ("direct", "real"), ("total", "frozen"),
+                      ("direct", "frozen"))  # (prediction, measurement) pairs of the "all" rows
+
+
+def faithfulness_rows(points, families, floor):
+    """Per family and feature set: the graph's total prediction against the real model; over all
+    families also the pruned graph's and the direct edge's, and both against the frozen model."""
+    rows = []
+    for fam in list(families) + ["all"]:
+        for which in ("top", "random"):
+            mine = [q for q in points if q["features"] == which and fam in ("all", q["family"])]
+            for pred, meas in FAITHFULNESS_PAIRS if fam == "all" else FAITHFULNESS_PAIRS[:1]:
+                p = [q[f"predicted_{pred}"] for q in mine]
+                m = [q[f"measured_{meas}"] for q in mine]
+                r, rel, sign = agreement(p, m, floor)
+                rows.append(dict(family=fam, features=which, predicted=pred, measured=meas, n=len(mine),
+                                 mean_abs_measured=float(np.mean(np.abs(m))) if m else float("nan"),
+                                 pearson=r, median_rel_error=rel, sign_agreement=sign,
+                                 max_abs_error=float(np.max(np.abs(np.subtract(m, p)))) if m else float("nan")))
+    return rows
+
+
+def faithfulness_figure(points, families, path):
+    """Predicted (the graph's total effect) vs measured (the real model) change of the top logit, one
+    colour per family: the top-k features of the pruned graphs, and the random control."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 5))
+    axes = fig.subplots(1, 2)
+    colours = {fam: f"C{i}" for i, fam in enumerate(families)}
+    for ax, which, title in zip(axes, ("top", "random"), ("top-k features of each pruned graph",
+                                                         "random active features of the same layers")):
+        mine = [q for q in points if q["features"] == which]
+        for fam in families:
+            xs = [q["predicted_total"] for q in mine if q["family"] == fam]
+            ys = [q["measured_real"] for q in mine if q["family"] == fam]
+            ax.scatter(xs, ys, s=12, alpha=0.7, color=colours[fam], label=fam)
+        lim = max([abs(q[key]) for q in mine for key in ("predicted_total", "measured_real")] + [1e-3]) * 1.05
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_xlabel("predicted by the graph (total effect), logits")
+        ax.set_ylabel("measured: ablated in the real model, logits")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("models/tiny: change of the top logit (minus the mean) when one feature is removed")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with clt.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+
+
+def faithfulness_clt(cfg, model, root):
+    """The CLT under test: cfg.faithfulness_clt, or one trained here by train_transcoders (TopK) -> (CLT, what)."""
+    if cfg.faithfulness_clt:
+        t = clt.load_transcoder(cfg.faithfulness_clt, model)
+        clt.check_same_model(model, t.config.model_sha256, f"the CLT {cfg.faithfulness_clt}")
+        return t.to(cfg.device).eval(), cfg.faithfulness_clt
+    recipe = CompactnessBench(device=cfg.device, compactness_tokens=cfg.faithfulness_tokens,
+                              compactness_features=cfg.faithfulness_features, compactness_steps=cfg.faithfulness_steps,
+                              compactness_kinds="clt")
+    t, m = train_transcoders(recipe, root)["clt"]
+    fvu = sum(m["eval"]["fvu"]) / len(m["eval"]["fvu"])
+    return t, (f"TopK k={recipe.compactness_k}, F={cfg.faithfulness_features}, {cfg.faithfulness_steps} steps: "
+               f"held-out FVU {fvu:.3f}, loss recovered {m['eval']['recovered']:.3f}")
+
+
+def bench_faithfulness(cfg):
+    """Does a pruned graph predict what removing its features does? Over faithfulness_per_family prompts
+    of every toy-world family: per prompt the graph (unpruned, for the predictions) and the pruned graph
+    (for the choice of features), its faithfulness_k most influential feature nodes and as many random
+    active features of the same layers; for each, the change of the top logit node (the most likely
+    token's logit minus the mean logit: what the graph explains, the answer or not) predicted by the
+    graph and measured by ablating it (graph.intervene). Per family: Pearson r, median relative error
+    (|measured| floored at faithfulness_floor) and sign agreement (over |measured| >= the floor)."""
+    import graph
+    import tiny
+    t0 = time.time()
+    root = os.path.join(cfg.out, "faithfulness")
+    model = clt.GPT.from_pretrained().to(cfg.device).eval()
+    enc, world = clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
+    print("phase 1: the CLT")
+    t, what = faithfulness_clt(cfg, model, root)
+    families = family_prompts(world, cfg.faithfulness_per_family)
+    print(f"phase 2: {sum(map(len, families.values()))} prompts, CLT {what} ({time.time() - t0:.0f} s so far)")
+    rng = random.Random(cfg.faithfulness_seed)
+    points, top_is_answer = [], {}
+    for fam, prompts in families.items():
+        for prompt, answer in prompts:
+            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(cfg.device)
+            mine, token = faithfulness_points(model, t, idx, cfg.faithfulness_k, rng)
+            points += [dict(family=fam, prompt=prompt, **q) for q in mine]
+            top_is_answer.setdefault(fam, []).append(token == enc.encode(answer)[0])
+    clt.write_json(os.path.join(root, "points.json"), dict(clt=what, points=points))
+    rows = faithfulness_rows(points, families, cfg.faithfulness_floor)
+    for row in rows:
+        shares = top_is_answer.get(row["family"], sum(top_is_answer.values(), []))
+        row["top_is_answer"] = sum(shares) / len(shares)
+    faithfulness_figure(points, list(families), cfg.faithfulness_figure)
+    print(f"done in {time.time() - t0:.0f} s; CLT: {what}; figure: {cfg.faithfulness_figure}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # main
 
 BENCHMARKS = {"cache": (bench_cache, CacheBench),
@@ -1383,7 +1594,8 @@ BENCHMARKS = {"cache": (bench_cache, CacheBench),
               "dist": (bench_dist, DistBench),
               "compactness": (bench_compactness, CompactnessBench),
               "scale": (bench_scale, ScaleBench),
-              "recovery": (bench_recovery, RecoveryBench)}
+              "recovery": (bench_recovery, RecoveryBench),
+              "faithfulness": (bench_faithfulness, FaithfulnessBench)}
 
 
 def main(argv=None):
