@@ -76,7 +76,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -123,6 +123,23 @@ class InterveneConfig:
     freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model (patterns, LayerNorm, MLP outputs held)
     layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = every layer a feature writes to
     top: int = 10  # rows of probability changes to print
+
+
+@dataclass
+class GenerateConfig:
+    """continue a prompt with the plain model and under interventions, side by side"""
+    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate, comma-separated; POS -1 = last token
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model (patterns, LayerNorm, MLP outputs held)
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = every layer a feature writes to
+    every_token: bool = False  # also apply the interventions at POS -1 at every generated token
+    max_new_tokens: int = 20  # tokens to generate
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_k: int = 0  # sample from the top k tokens only; 0 = all
+    seed: int = 0  # random seed for sampling (both continuations draw alike)
 
 
 # -----------------------------------------------------------------------------
@@ -898,6 +915,55 @@ def intervene(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interven
     return out.clean_logits, out.logits
 
 
+def pick(logits, temperature, top_k, generator):
+    """The next token (1,) from logits (V,): the most likely at temperature 0, else sampled from
+    softmax(logits / temperature) over the top_k tokens (0: all of them)."""
+    if temperature <= 0:
+        return logits.argmax()[None]
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, len(logits))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0, every_token: bool = False, freeze: str = "none",
+             layers: Optional[tuple] = None) -> tuple:
+    """Continue the prompt idx (1, T) twice: with the plain model and under the interventions.
+
+    The interventions' positions refer to the prompt. Each new token of the intervened continuation
+    is read off intervene's logits on the sequence so far (freeze and layers as there, relative to
+    the clean run of that sequence). every_token: the interventions at the prompt's last position
+    (pos -1 or T - 1) are applied at every generated position as well, the same change of the same
+    feature: steering the whole continuation; those at other positions stay where they are.
+    Sampling (temperature > 0) draws both continuations from generators seeded alike, so an
+    intervention that changes nothing changes no token. No KV cache: each step re-runs the whole
+    sequence (one plain pass for the clean continuation, a clean and an intervened pass for the other),
+    3 forward passes of up to T + max_new_tokens positions per token: O(N (T + N)) token-positions
+    for N new tokens, cheap at the tiny model's size.
+    Returns:
+        (clean ids (1, T + N), intervened ids (1, T + N)).
+    """
+    T = idx.size(1)
+    if T + max_new_tokens > model.config.n_ctx:
+        raise ValueError(f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
+                         f"n_ctx={model.config.n_ctx}: generate fewer tokens or shorten the prompt")
+    feats = check_interventions(interventions, clt.config.n_layers, T, clt.config.n_features)
+    fixed = [replace(iv, pos=p) for iv, p in zip(interventions, feats[:, 1].tolist())]
+    repeated = [iv for iv in fixed if iv.pos == T - 1] if every_token else []
+    generators = [torch.Generator(device=idx.device).manual_seed(seed) for _ in range(2)]
+    clean, steered = idx, idx
+    for _ in range(max_new_tokens):
+        here = fixed + [replace(iv, pos=p) for iv in repeated for p in range(T, steered.size(1))]
+        logits = model(clean)[0, -1]  # (V,)
+        new = intervene(model, clt, steered, here, freeze, layers)[1][-1]  # (V,)
+        clean = torch.cat([clean, pick(logits, temperature, top_k, generators[0])[None]], 1)
+        steered = torch.cat([steered, pick(new, temperature, top_k, generators[1])[None]], 1)
+    return clean, steered
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -971,9 +1037,31 @@ def run_intervene(cfg):
         print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
 
 
+def run_generate(cfg):
+    print(asdict(cfg))
+    model, clt, enc, idx = load(cfg, cfg.device)
+    L = clt.config.n_layers
+    ivs = parse_interventions(cfg.intervene, L, idx.size(1), clt.config.n_features) if cfg.intervene.strip() else []
+    t0 = time.perf_counter()
+    clean, steered = generate(model, clt, idx, ivs, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
+                              cfg.every_token, cfg.freeze, parse_layers(cfg.layers, L))
+    seconds = time.perf_counter() - t0
+    T = idx.size(1)
+    print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
+    for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
+        print(f"{i + 1:4d} | {token_str(enc, a)!r:>16} | {token_str(enc, b)!r:>16}{'' if a == b else '  *'}")
+    print(f"prompt:     {cfg.prompt!r}")
+    print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
+    print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
+    print(f"{cfg.max_new_tokens} tokens in {seconds:.2f} s ({cfg.max_new_tokens / max(seconds, 1e-9):.1f} tok/s for "
+          f"both continuations, no KV cache: each step re-runs the whole sequence)")
+
+
 def main(argv=None):
-    command, cfg = parse_config(__doc__, {"graph": GraphConfig, "intervene": InterveneConfig}, argv, default="graph")
-    (run_intervene if command == "intervene" else run_graph)(cfg)
+    commands = {"graph": (GraphConfig, run_graph), "intervene": (InterveneConfig, run_intervene),
+                "generate": (GenerateConfig, run_generate)}
+    command, cfg = parse_config(__doc__, {name: c for name, (c, _) in commands.items()}, argv, default="graph")
+    commands[command][1](cfg)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -99,3 +99,42 @@ def test_parse_interventions():
     with pytest.raises(ValueError, match="START:END"):
         G.parse_layers("1-3", L)
     assert G.parse_layers("1:", L) == (1, L) and G.parse_layers("", L) is None
+
+
+# -----------------------------------------------------------------------------
+# generation under intervention
+
+
+def test_a_zero_intervention_generates_what_greedy_decoding_does():
+    model, clt, rep, _ = build()
+    l, p, f = rep.feats[rep.feats[:, 1] == T - 1][0].tolist()
+    greedy = model.generate(rep.idx, 8, top_k=1)  # plain greedy decoding (clt.py)
+    for ivs in ([], [G.Intervention(l, -1, f, "scale", 1.0)], [G.Intervention(l, p, f, "add", 0.0)]):
+        clean, steered = G.generate(model, clt, rep.idx, ivs, 8, every_token=True)
+        assert torch.equal(clean, greedy) and torch.equal(steered, greedy)
+    sampled = [G.generate(model, clt, rep.idx, [G.Intervention(l, -1, f, "scale", 1.0)], 8, temperature=1.0,
+                          top_k=20, seed=3) for _ in range(2)]
+    assert torch.equal(sampled[0][0], sampled[0][1]) and torch.equal(sampled[0][0], sampled[1][0])
+    steer = [G.Intervention(0, -1, silent_feature(rep, 0, T - 1), "set", 50.0)]
+    once = G.generate(model, clt, rep.idx, steer, 8)[1]
+    every = G.generate(model, clt, rep.idx, steer, 8, every_token=True)[1]
+    assert once[0, T] == every[0, T] and not torch.equal(once, every)  # the same first token, then it steers on
+    assert not torch.equal(every, greedy)
+    with pytest.raises(ValueError, match="n_ctx=32"):
+        G.generate(model, clt, rep.idx, [], 32 - T + 1)
+
+
+def test_command_lines_intervene_and_generate(tmp_path, capsys, make_hub_model):
+    from test_graph import write_model_and_clt
+    model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
+    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu"]
+    G.main(["intervene", *args, "--intervene", "1/-1/3=4,0/2/5*2", "--freeze", "all", "--layers", "1:"])
+    out = capsys.readouterr().out
+    assert "feature 1/-1/3" in out and "-> 4 (set 4)" in out and "p before" in out
+    G.main(["generate", *args, "--intervene", "2/-1/7+9", "--every-token", "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert "clean:" in out and "intervened:" in out and "5 tokens in" in out
+    with pytest.raises(ValueError, match="intervene needs --intervene"):
+        G.main(["intervene", *args])
+    with pytest.raises(ValueError, match="need 0 <= layer < 3"):
+        G.main(["generate", *args, "--intervene", "3/0/0=1"])
