@@ -550,7 +550,8 @@ def two_hop_study(cfg):
         ranked = infl.argsort(descending=True)
         dlogp, ddiff = [], []  # log p(answer); answer logit - mean logit of the other countries' answers
         for chosen in (ranked[sel[ranked]][:3], ranked[is_last[ranked] & ~sel[ranked]][:3]):
-            clean, new, _ = graph.intervene(model, t, idx, g.feats[chosen.to(g.feats.device)], 0.0)
+            ablate = [graph.Intervention(l, p, f, "ablate") for l, p, f in g.feats[chosen.to(g.feats.device)].tolist()]
+            clean, new = (x[-1] for x in graph.intervene(model, t, idx, ablate))
             dlogp.append((new.log_softmax(-1)[ans] - clean.log_softmax(-1)[ans]).item())
             ddiff.append(((new[ans] - new[rivals].mean()) - (clean[ans] - clean[rivals].mean())).item())
         rows.append(dict(prompt=prompt, answer_in_logits=True, p_answer=g.logit_probs[hit[0]].item(),

@@ -95,6 +95,7 @@ class Acts:
     mlp_in: torch.Tensor  # (B, T, L, d) each MLP's input, after ln_2
     mlp_out: torch.Tensor  # (B, T, L, d) each MLP's output, before it joins the residual stream
     frozen: Frozen  # attention patterns and LayerNorm scales of this pass
+    ln_f_out: Optional[torch.Tensor] = None  # (B, T, d) ln_f's output, what the unembedding reads (None without logits)
 
 
 class WriteLayer(torch.autograd.Function):
@@ -248,6 +249,7 @@ class GPT(nn.Module):
             x, ln_f = layer_norm(x, self.ln_f, fz.ln_f)
             if record:
                 acts.frozen.ln_f = ln_f
+                acts.ln_f_out = x
             y = x @ self.wte.weight.T  # (B, T, V)
         return y, acts
 
