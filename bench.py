@@ -1395,7 +1395,7 @@ class FaithfulnessBench(Bench):
     faithfulness_clt: str = ""  # a trained CLT of models/tiny (e.g. runs/clt); "" = train one as compactness does
     faithfulness_tokens: int = 200_000  # tokens of the models/tiny cache that CLT is trained on
     faithfulness_features: int = 512  # its features per layer (TopK, k = 8)
-    faithfulness_steps: int = 400  # its training steps of 1024 tokens
+    faithfulness_steps: int = 300  # its training steps of 1024 tokens
     faithfulness_per_family: int = 6  # prompts of each tiny.eval_prompts kind
     faithfulness_k: int = 5  # features per pruned graph: its k most influential, and k random active ones
     faithfulness_floor: float = 0.05  # |measured| below this (logits) counts as this in relative errors

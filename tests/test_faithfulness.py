@@ -1,0 +1,84 @@
+"""bench.py faithfulness: its predictions are the graph's own. On toy-world prompts of models/tiny
+with a random TopK CLT: ablating a feature in the replacement model's view (freeze="all") moves the
+top logit node by the graph's direct prediction, and the total prediction (every path through the
+features, removal_effects) equals the replacement model run with its features responding linearly."""
+import random
+
+import pytest
+import torch
+
+import bench
+import clt as C
+import graph as G
+import tiny
+
+FAMILIES = ("one_hop", "two_hop", "ioi")  # a prompt of each: a short, a long and a story
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a CPU shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(models/tiny, a random TopK CLT for it, [(family, token ids)] of a prompt of each of FAMILIES)."""
+    model = C.GPT.from_pretrained().eval()
+    g = model.config
+    t = C.CrossLayerTranscoder(C.CLTConfig(n_layers=g.n_layer, d_model=g.n_embd, n_features=64, activation="topk",
+                                           k=4), seed=0).eval()
+    with torch.no_grad():  # random decoders write little: scaled up, features carry the influence and pruning keeps them
+        for w in t.W_dec:
+            w.mul_(30)
+    enc, world = C.load_tokenizer(C.DEFAULT_MODEL), tiny.load_world()
+    families = bench.family_prompts(world, 1)
+    prompts = [(fam, G.encode_prompt(enc, families[fam][0][0], g.n_ctx)) for fam in FAMILIES]
+    return model, t, prompts
+
+
+def linear_replacement_change(model, t, rep, g, i):
+    """The change of logit node 0 when feature node i is removed, in the frozen replacement model whose
+    other features respond one for one to their pre-activations (errors held): run layer by layer,
+    independently of the adjacency."""
+    n_layers = g.n_layers
+    pre0, logits0 = G.target_inputs(model, t, rep, g.feats, g.logit_ids)
+    change = torch.zeros_like(g.acts)
+    for _ in range(n_layers + 1):  # layer l's features settle in pass l + 1; the last pass reads the logits
+        change[i] = -g.acts[i]
+        fixed = rep.mlp_out - rep.skip + G.reconstruct(t, g.feats, change, len(g.tokens), bias=False)  # (T, L, d)
+        pre, logits = G.target_inputs(model, t, rep, g.feats, g.logit_ids, mlp_out=fixed)
+        change = pre - pre0
+    return (logits - logits0)[0].item()
+
+
+def test_frozen_ablation_is_the_direct_prediction(setup):
+    model, t, prompts = setup
+    for fam, idx in prompts:
+        points, _ = bench.faithfulness_points(model, t, idx, 3, random.Random(0))
+        assert len(points) == 6, fam  # 3 top features and 3 random ones
+        measured = torch.tensor([q["measured_frozen"] for q in points])
+        predicted = torch.tensor([q["predicted_direct"] for q in points])
+        scale = predicted.abs().max().item()
+        assert scale > 1e-2, fam
+        torch.testing.assert_close(measured, predicted, rtol=1e-4, atol=1e-4 * scale, msg=fam)
+        # the real model is not the replacement model: its MLPs respond
+        assert max(abs(q["measured_real"] - q["measured_frozen"]) for q in points) > 1e-3, fam
+
+
+def test_total_prediction_is_the_linear_replacement_model(setup):
+    model, t, prompts = setup
+    fam, idx = prompts[1]  # the two-hop prompt: the longest, the most paths
+    rep = G.local_replacement(model, t, idx)
+    g = G.attribute(model, t, rep, batch_size=1024)
+    total = bench.removal_effects(g, 0)
+    direct = -g.adjacency[g.slices().logits.start, :len(g.feats)].double()
+    low = (g.feats[:, 0] == 0).nonzero()[:, 0]
+    chosen = low[(total[low] - direct[low]).abs().topk(3).indices]  # layer-0 features with the most indirect effect
+    assert (total[chosen] - direct[chosen]).abs().min() > 1e-3  # paths through features do matter here
+    for i in chosen.tolist():
+        expected = linear_replacement_change(model, t, rep, g, i)
+        assert abs(total[i].item() - expected) <= 1e-4 * max(abs(expected), 1e-2), (i, total[i].item(), expected)
