@@ -11,6 +11,7 @@ timed in the same process, next to the thing it is compared with.
     python bench.py compactness        # CLT vs PLT graphs on models/tiny (~15 min on a loaded 2-core CPU)
     python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
     python bench.py recovery           # planted concepts a CLT recovers vs its size and sparsity -> assets/recovery.png
+    python bench.py faithfulness       # pruned graphs' predicted logit changes vs ablations -> assets/faithfulness.png
 
 Adding a benchmark: write `bench_<name>(cfg) -> list of result dicts` and its flags as a dataclass
 `<Name>Bench(Bench)` (a `# comment` on each field is its --help), and put both in BENCHMARKS. Results
@@ -37,6 +38,14 @@ neurons and a random CLT of each size. The recipe with the best headline (catego
 the first set is named; every number in the table and the plot is from the second. Sized for a CPU: a
 150k-token cache and 300 steps of 1024 tokens, not the 1000 steps of the README's recipe; trained runs are
 reused by a rerun with the same flags.
+
+The faithfulness benchmark asks whether a pruned graph predicts what removing its features does. A CLT
+of models/tiny (--faithfulness-clt, or TopK trained here through the compactness trainer), then over
+--faithfulness-per-family prompts of every toy-world family: the k most influential feature nodes of
+each pruned graph and k random active features of the same layers; for each, the change of the top
+logit node (the most likely token's logit minus the mean logit) predicted by the graph's linear system
+(all paths, the pruned graph's edges, the direct edge) against graph.intervene's ablation in the real
+model (freeze="none") and in the replacement model's view (freeze="all": the direct edge, exactly).
 """
 import json
 import os
@@ -1395,7 +1404,7 @@ class FaithfulnessBench(Bench):
     faithfulness_clt: str = ""  # a trained CLT of models/tiny (e.g. runs/clt); "" = train one as compactness does
     faithfulness_tokens: int = 200_000  # tokens of the models/tiny cache that CLT is trained on
     faithfulness_features: int = 512  # its features per layer (TopK, k = 8)
-    faithfulness_steps: int = 300  # its training steps of 1024 tokens
+    faithfulness_steps: int = 200  # its training steps of 1024 tokens
     faithfulness_per_family: int = 6  # prompts of each tiny.eval_prompts kind
     faithfulness_k: int = 5  # features per pruned graph: its k most influential, and k random active ones
     faithfulness_floor: float = 0.05  # |measured| below this (logits) counts as this in relative errors
@@ -1403,22 +1412,24 @@ class FaithfulnessBench(Bench):
     faithfulness_figure: str = os.path.join("assets", "faithfulness.png")  # the scatter plot
 
 
-def removal_effects(g, target, edges=None):
-    """(n,) the change of logit node `target` (0: the most likely token) that the graph's linear system
-    predicts when each feature node is removed, through every path (the total effect above). edges: an
-    (N, N) bool mask, e.g. prune's, to predict from the pruned graph's edges alone."""
+def removal_effects(g, chosen, target=0, edges=None):
+    """What the graph's linear system predicts when each feature node of chosen (m,) is removed on its
+    own (the total effect above) -> (the change of logit node `target` (m,), 0: the most likely token;
+    the change of every feature node's activation (n, m)). edges: an (N, N) bool mask, e.g. prune's,
+    to predict from the pruned graph's edges alone."""
     A = g.adjacency.double()
     A = A if edges is None else A * edges
     n = len(g.feats)
     acts = g.acts.to(A.device, torch.float64)
     per_unit = A[:, :n] / acts  # (N, n) M: what a unit of each feature's activation adds to each input
-    row = per_unit[g.slices().logits.start + target]  # (n,) d logit / d a over paths of one edge
-    total = row.clone()
+    step = torch.zeros(n, len(chosen), dtype=torch.float64, device=A.device)  # (n, m)
+    step[chosen, torch.arange(len(chosen), device=A.device)] = -acts[chosen]
+    change = step.clone()
     for _ in range(g.n_layers):  # a feature feeds only higher layers: paths have at most L edges
-        row = row @ per_unit[:n]  # (n,) paths one edge longer
-        total += row
-    assert not row.any(), "the feature-to-feature edges have a cycle: is this an attribution graph?"
-    return -acts * total
+        step = per_unit[:n] @ step  # (n, m) the last step's changes passed on along one more edge
+        change += step
+    assert not step.any(), "the feature-to-feature edges have a cycle: is this an attribution graph?"
+    return per_unit[g.slices().logits.start + target] @ change, change
 
 
 def ablation_changes(model, t, idx, feats, token, freeze):
@@ -1456,17 +1467,20 @@ def faithfulness_points(model, t, idx, k, rng):
     n = len(g.feats)
     kept = nodes[:n].nonzero()[:, 0]
     top = kept[infl[kept].argsort(descending=True)[:k]]
-    predicted = dict(total=removal_effects(g, 0), pruned=removal_effects(g, 0, edges),
-                     direct=-g.adjacency[g.slices().logits.start, :n].double())
     token = int(g.logit_ids[0])
     points = []
     for which, chosen in (("top", top), ("random", control_features(g, top, rng))):
+        total, change = removal_effects(g, chosen)
+        # the linear response leaves the features' linear range where it drives an activation below zero
+        overshoot = (g.acts.to(change.device, change.dtype)[:, None] + change < 0).sum(0)  # (m,)
+        predicted = dict(total=total, pruned=removal_effects(g, chosen, edges=edges)[0],
+                         direct=-g.adjacency[g.slices().logits.start, chosen].double())
         measured = dict(real=ablation_changes(model, t, idx, g.feats[chosen], token, "none"),
                         frozen=ablation_changes(model, t, idx, g.feats[chosen], token, "all"))
         for j, i in enumerate(chosen.tolist()):
             points.append(dict(features=which, feature="/".join(map(str, g.feats[i].tolist())),
-                               activation=g.acts[i].item(), influence=infl[i].item(),
-                               **{f"predicted_{key}": v[i].item() for key, v in predicted.items()},
+                               activation=g.acts[i].item(), influence=infl[i].item(), overshoot=int(overshoot[j]),
+                               **{f"predicted_{key}": v[j].item() for key, v in predicted.items()},
                                **{f"measured_{key}": v[j].item() for key, v in measured.items()}))
     return points, token
 
@@ -1483,22 +1497,35 @@ def agreement(predicted, measured, floor):
     return r, rel, sign
 
 
-FAITHFULNESS_PAIRS = (("total", "real"), ("pruned", "real"), ("direct", "real"), ("total", "frozen"),
-                      ("direct", "frozen"))  # (prediction, measurement) pairs of the "all" rows
+FAITHFULNESS_PAIRS = (("total", "real"), ("direct", "real"), ("pruned", "real"), ("total", "frozen"),
+                      ("direct", "frozen"))  # (prediction, measurement) pairs of the "all" rows; the first two per family
+
+
+FAITHFULNESS_SETS = ("top", "random", "top, stays linear", "top, overshoots")  # feature sets of the rows
+
+
+def in_set(q, which):
+    """Whether point q is in feature set `which`: top or random; a top feature whose removal, in the
+    linear system, leaves every other feature's activation >= 0 (stays linear) or not (overshoots)."""
+    if which in ("top", "random"):
+        return q["features"] == which
+    return q["features"] == "top" and (q["overshoot"] > 0) == (which == "top, overshoots")
 
 
 def faithfulness_rows(points, families, floor):
-    """Per family and feature set: the graph's total prediction against the real model; over all
-    families also the pruned graph's and the direct edge's, and both against the frozen model."""
+    """Per family and feature set: the graph's total and direct predictions against the real model;
+    over all families also the top features split by whether their linear response stays linear,
+    the pruned graph's prediction, and the total and direct ones against the frozen model."""
     rows = []
     for fam in list(families) + ["all"]:
-        for which in ("top", "random"):
-            mine = [q for q in points if q["features"] == which and fam in ("all", q["family"])]
-            for pred, meas in FAITHFULNESS_PAIRS if fam == "all" else FAITHFULNESS_PAIRS[:1]:
+        for which in FAITHFULNESS_SETS if fam == "all" else FAITHFULNESS_SETS[:2]:
+            mine = [q for q in points if in_set(q, which) and fam in ("all", q["family"])]
+            for pred, meas in FAITHFULNESS_PAIRS if fam == "all" else FAITHFULNESS_PAIRS[:2]:
                 p = [q[f"predicted_{pred}"] for q in mine]
                 m = [q[f"measured_{meas}"] for q in mine]
                 r, rel, sign = agreement(p, m, floor)
                 rows.append(dict(family=fam, features=which, predicted=pred, measured=meas, n=len(mine),
+                                 overshoot_share=float(np.mean([q["overshoot"] > 0 for q in mine])) if mine else float("nan"),
                                  mean_abs_measured=float(np.mean(np.abs(m))) if m else float("nan"),
                                  pearson=r, median_rel_error=rel, sign_agreement=sign,
                                  max_abs_error=float(np.max(np.abs(np.subtract(m, p)))) if m else float("nan")))
@@ -1507,7 +1534,8 @@ def faithfulness_rows(points, families, floor):
 
 def faithfulness_figure(points, families, path):
     """Predicted (the graph's total effect) vs measured (the real model) change of the top logit, one
-    colour per family: the top-k features of the pruned graphs, and the random control."""
+    colour per family: the top-k features of the pruned graphs, and the random control; open circles
+    where the linear response drives some other feature's activation below zero."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 5))
     axes = fig.subplots(1, 2)
@@ -1516,9 +1544,11 @@ def faithfulness_figure(points, families, path):
                                                          "random active features of the same layers")):
         mine = [q for q in points if q["features"] == which]
         for fam in families:
-            xs = [q["predicted_total"] for q in mine if q["family"] == fam]
-            ys = [q["measured_real"] for q in mine if q["family"] == fam]
-            ax.scatter(xs, ys, s=12, alpha=0.7, color=colours[fam], label=fam)
+            for over in (False, True):  # open circles: the linear response overshoots (drives a feature below 0)
+                xs = [q["predicted_total"] for q in mine if q["family"] == fam and (q["overshoot"] > 0) == over]
+                ys = [q["measured_real"] for q in mine if q["family"] == fam and (q["overshoot"] > 0) == over]
+                ax.scatter(xs, ys, s=14, alpha=0.75, label=None if over else fam,
+                           facecolors="none" if over else colours[fam], edgecolors=colours[fam])
         lim = max([abs(q[key]) for q in mine for key in ("predicted_total", "measured_real")] + [1e-3]) * 1.05
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
         ax.set_xlim(-lim, lim)
@@ -1527,7 +1557,8 @@ def faithfulness_figure(points, families, path):
         ax.set_ylabel("measured: ablated in the real model, logits")
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("models/tiny: change of the top logit (minus the mean) when one feature is removed")
+    fig.suptitle("models/tiny: change of the top logit (minus the mean) when one feature is removed "
+                 "(open: the linear response drives another feature below 0)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with clt.atomic_path(path) as tmp:

@@ -74,11 +74,13 @@ def test_total_prediction_is_the_linear_replacement_model(setup):
     fam, idx = prompts[1]  # the two-hop prompt: the longest, the most paths
     rep = G.local_replacement(model, t, idx)
     g = G.attribute(model, t, rep, batch_size=1024)
-    total = bench.removal_effects(g, 0)
-    direct = -g.adjacency[g.slices().logits.start, :len(g.feats)].double()
-    low = (g.feats[:, 0] == 0).nonzero()[:, 0]
-    chosen = low[(total[low] - direct[low]).abs().topk(3).indices]  # layer-0 features with the most indirect effect
-    assert (total[chosen] - direct[chosen]).abs().min() > 1e-3  # paths through features do matter here
-    for i in chosen.tolist():
+    low = (g.feats[:, 0] == 0).nonzero()[:, 0]  # layer 0: the longest paths
+    total, change = bench.removal_effects(g, low)
+    direct = -g.adjacency[g.slices().logits.start, low].double()
+    most = (total - direct).abs().topk(3).indices  # the features with the most indirect effect
+    assert (total[most] - direct[most]).abs().min() > 1e-3  # paths through features do matter here
+    for j in most.tolist():
+        i = low[j].item()
+        assert change[i, j] == -g.acts[i] and change[:, j].count_nonzero() > 1  # removed, and others respond
         expected = linear_replacement_change(model, t, rep, g, i)
-        assert abs(total[i].item() - expected) <= 1e-4 * max(abs(expected), 1e-2), (i, total[i].item(), expected)
+        assert abs(total[j].item() - expected) <= 1e-4 * max(abs(expected), 1e-2), (i, total[j].item(), expected)
