@@ -11,6 +11,8 @@ timed in the same process, next to the thing it is compared with.
     python bench.py compactness        # CLT vs PLT graphs on models/tiny (~15 min on a loaded 2-core CPU)
     python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
     python bench.py recovery           # planted concepts a CLT recovers vs its size and sparsity -> assets/recovery.png
+    python bench.py gpu --out runs/bench    # the GPU path in one run, at most 8 minutes -> runs/bench/gpu.json
+    python bench.py gpu --device cpu --quick  # every line of it at the tiny shape on a CPU (~2 min on 2 cores)
 
 Adding a benchmark: write `bench_<name>(cfg) -> list of result dicts` and its flags as a dataclass
 `<Name>Bench(Bench)` (a `# comment` on each field is its --help), and put both in BENCHMARKS. Results
@@ -28,6 +30,19 @@ The cache benchmark measures, per model and dtype:
 - the crc32 checks: the rate of a crc32 pass over the shards, and what it adds to the first epoch
   of a reader (each chunk is checked the first time a row of it is read, never again): raw read
   rate / crc32 rate, in CPU time.
+
+The gpu benchmark is the script to run whenever a GPU is lent: cache.py on CUDA at GPT-2-small shape
+(tokens/s, peak CUDA memory), train.py with bf16 autocast and in fp32 over 200 steps from the same seed
+on the same batches (the largest loss gap in units of the fp32 curve's step-to-step noise, the median
+|loss[t] - loss[t-1]|; step time; MFU = the step's matmul FLOPs / step time / the GPU's dense bf16 peak,
+--peak-tflops or PEAK_TFLOPS by device name), the bf16 run's first 20 steps under `torchrun
+--nproc_per_node=1` with NCCL (its losses against the in-process ones), train.py's step alone against
+matmul, and graph.py (capped) and interp.py on CUDA with a random CLT. Each part runs in a fresh process
+with a time limit: a part that fails or hangs is its own row's error and the rest still run; no part
+starts in the last minute of --budget-s (480 s). The rows so far are in <out>/gpu_partial.json after
+every part, the loss curves in <out>/gpu_curves.json. Without a GPU its rows are unmeasured: on a CPU
+it runs at the tiny shape only as a test of itself (train.py --autocast always puts bf16 on the CPU,
+torchrun uses gloo).
 
 The recovery benchmark trains CLTs of F = 2d, 8d, 32d per layer at train.py's default sparsity
 and a --sparsity sweep at 8d, each for --recovery-steps on one small cache of models/tiny, and scores them
@@ -1254,15 +1269,10 @@ def bench_scale(cfg):
 # -----------------------------------------------------------------------------
 # gpu: the GPU path in one prepared run
 #
-# One command for a GPU session, sized to finish in 8 minutes on one H200 (python bench.py gpu --out
-# runs/bench): cache.py on CUDA at GPT-2-small shape (random weights made by transformers, as in
-# scale), train.py with bf16 autocast and in fp32 from the same seed on the same batches, the bf16 run
-# again under `torchrun --nproc_per_node=1` (NCCL), train.py's step against matmul, then graph.py and
-# interp.py on CUDA with a random CLT. Every part runs in a fresh process with a time limit, so a part
-# that fails (a CUDA error spoils its process) or hangs (an NCCL wait) is one row with its error and
-# the parts after it still run; no part starts in the last 60 s of --budget-s, a running one is killed
-# at it. `--device cpu --quick` runs every line at the tiny shape on a CPU in a minute or two
-# (tests/test_bench.py): bf16 autocast on the CPU (train.py --autocast always), torchrun with gloo.
+# What it measures is in the module docstring. How it runs: every part in a fresh process (spawned),
+# killed at the end of the budget, so a part that fails (a CUDA error spoils its process) or hangs (an
+# NCCL wait) is one row with its error and the parts after it still run. Parts that need an earlier
+# one's output (the cache, the bf16 curve) fail or say so in their own rows when it is missing.
 
 GPT2_SMALL_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, n_ctx=1024, vocab_size=50257)
 TINY_SHAPE = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128, vocab_size=4096)  # models/tiny's, larger vocab
@@ -1301,12 +1311,17 @@ def gpu_setup(path, shape, device):
 def gpu_model_dir(path, shape):
     """A random GPT-2 of `shape` in the hub layout with a byte-level tokenizer, no download: made by
     transformers (as bench.py scale makes it), or by random_model_dir (clt.GPT's init) where transformers
-    is not installed. -> which of the two made it."""
-    if find_spec("transformers") is None:
-        random_model_dir(path, shape["n_layer"], shape["n_embd"], shape["n_head"], shape["n_ctx"], shape["vocab_size"])
-        return "clt.GPT init (transformers is not installed)"
-    hf_random_model_dir(path, **shape)
-    return "transformers init"
+    is not installed or fails. -> which of the two made it, and why."""
+    why = "transformers is not installed"
+    if find_spec("transformers") is not None:
+        try:  # a GPU session may be the only one: an init that is not what is measured must not end it
+            hf_random_model_dir(path, **shape)
+            return "transformers init"
+        except Exception as e:
+            why = f"transformers failed: {type(e).__name__}: {e}".splitlines()[0][:200]
+            shutil.rmtree(path, ignore_errors=True)
+    random_model_dir(path, shape["n_layer"], shape["n_embd"], shape["n_head"], shape["n_ctx"], shape["vocab_size"])
+    return f"clt.GPT init ({why})"
 
 
 def gpu_train_config(cache_dir, out, cfg, autocast, stop_at=-1):
@@ -1566,15 +1581,13 @@ def bench_gpu(cfg):
     root = os.path.abspath(os.path.join(cfg.out, "gpu"))  # absolute: torchrun's train.py runs from the repository
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    partial = os.path.join(cfg.out, "gpu_partial.json")
-    parts = GpuParts(deadline, partial)
+    parts = GpuParts(deadline, os.path.join(cfg.out, "gpu_partial.json"))
     model_dir, cache_dir, peak = gpu_prepare(parts, cfg, shape, root)
     curves = gpu_training(parts, cfg, shape, root, cache_dir, peak)
     gpu_launch(parts, cfg, shape, root, cache_dir, peak, curves)
     clt.write_json(os.path.join(cfg.out, "gpu_curves.json"), curves)
     gpu_attribution(parts, cfg, root, model_dir, cache_dir)
     shutil.rmtree(root)
-    os.remove(partial)  # main() writes every row to <out>/gpu.json
     return parts.rows
 
 

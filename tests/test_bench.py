@@ -2,6 +2,7 @@
 process, bf16 autocast on the CPU, torchrun with gloo), and the pieces a GPU session relies on: the
 part runner's failure paths, torchrun's command line, the model without transformers."""
 import json
+import os
 import time
 from dataclasses import replace
 
@@ -37,7 +38,9 @@ def test_the_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     n = bench.QUICK_GPU["gpu_torchrun_steps"]
     assert curves["torchrun"] == pytest.approx(curves["bf16"][:n], rel=1e-5)
     assert rows["torchrun"]["note"].startswith("equal")
-    assert not (out / "gpu").exists() and not (out / "gpu_partial.json").exists()  # scratch space removed
+    assert not (out / "gpu").exists()  # the scratch space is removed
+    with open(out / "gpu_partial.json") as f:
+        assert [r["part"] for r in json.load(f)] == PARTS  # rewritten after every part
 
 
 def test_a_failing_a_hung_and_a_late_part_each_leave_a_row(tmp_path):
@@ -65,11 +68,26 @@ def test_torchruns_command_line_gives_the_in_process_config_back():
     assert train.parse_args(bench.config_argv(c))[0] == c
 
 
-def test_without_transformers_the_model_comes_from_random_model_dir(tmp_path, monkeypatch):
+def no_transformers(monkeypatch):
     real = bench.find_spec
     monkeypatch.setattr(bench, "find_spec", lambda name: None if name == "transformers" else real(name))
-    assert "not installed" in bench.gpu_model_dir(str(tmp_path), bench.TINY_SHAPE)
-    model = clt.GPT.from_pretrained(str(tmp_path))
+
+
+def failing_transformers(monkeypatch):
+    def fails(path, **shape):
+        os.makedirs(path)
+        open(os.path.join(path, "config.json"), "w").close()  # a half-written directory
+        raise TypeError("save_pretrained() got an unexpected keyword argument")
+    monkeypatch.setattr(bench, "hf_random_model_dir", fails)
+
+
+@pytest.mark.parametrize("case, why", [(no_transformers, "not installed"), (failing_transformers, "TypeError")])
+def test_without_working_transformers_the_model_comes_from_random_model_dir(tmp_path, monkeypatch, case, why):
+    case(monkeypatch)
+    path = str(tmp_path / "model")
+    made = bench.gpu_model_dir(path, bench.TINY_SHAPE)
+    assert made.startswith("clt.GPT init") and why in made, made
+    model = clt.GPT.from_pretrained(path)
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (4, 128, 4096)
-    enc = clt.load_tokenizer(str(tmp_path))
+    enc = clt.load_tokenizer(path)
     assert enc.eot_token < model.config.vocab_size and len(enc.encode("the old market")) == 14
