@@ -693,7 +693,9 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w)
              for s, t, w in zip(src.tolist(), dst.tolist(), A[dst, src].tolist())]
     prompt_tokens = [token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens]
-    meta = dict(slug=cfg.slug, scan=os.path.basename(os.path.normpath(clt_name)), transcoder_list=[],
+    # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its server
+    # reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
+    meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[],
                 prompt_tokens=prompt_tokens, prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
                 pruning_settings=dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold),
                 info=dict(model=model_name, clt=clt_name, replacement_score=replacement,
