@@ -25,7 +25,7 @@ lives in the URL's hash, so a link reopens it: index.html#sort=auroc&dir=desc&la
 circuit-tracer's own front end (`python -m circuit_tracer start-server --graph_file_dir runs/graph`) shows a
 node's examples from features/{feature}.json: its page fetches {scan}/{feature}.json for a scan that starts
 with "./", its server reads /data/... from the graph folder, and graph.py writes scan "./data/features".
-That page (circuit-tracer 0.5.0) loads d3, Adam Pearce's jetpack, dagre and pako from CDNs, unlike ours:
+That page (circuit-tracer 0.5.0) loads d3, a d3 jetpack, dagre and pako from CDNs, unlike ours:
 offline it stops after fetching graph-metadata.json ("d3 is not defined").
 
 References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
