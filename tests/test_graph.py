@@ -60,7 +60,7 @@ def test_replacement_reproduces_logits(built):
     assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
     assert not rep.error[0].any()  # nor errors: the MLP outputs at BOS are bias
     torch.testing.assert_close((rep.recon + rep.error)[1:], rep.mlp_out[1:], atol=1e-6, rtol=0)
-    pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
+    pre, _ = G.target_inputs(model, clt, rep, rep.feats, model.wte.weight[:1])
     l, p, f = rep.feats.T
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
     a = torch.zeros(T, L, F_)
@@ -96,8 +96,8 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None,
         resid[embed] += eps * rep.token[embed]
     if position is not None:
         resid[position] += eps * rep.position[position]
-    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids))
-    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids, resid, mlp_out))
+    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors))
+    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors, resid, mlp_out))
     return after - before
 
 

@@ -63,8 +63,8 @@ def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None)
         fixed[p, l] += eps * rep.error[p, l]
     if embed is not None:
         resid[embed] += eps * rep.token[embed]
-    before = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.logit_ids))
-    after = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.logit_ids, resid, fixed))
+    before = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors))
+    after = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors, resid, fixed))
     return after - before
 
 
