@@ -124,7 +124,7 @@ class GraphConfig:
     # output nodes: the most likely tokens unless one of these is given
     target_diff: str = ""  # attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"
     target_tokens: str = ""  # attribute these tokens' logits: "A|B|...", each one token
-    target_direction: str = ""  # attribute a direction read at ln_f's output: a .safetensors file holding one (d,) tensor
+    target_direction: str = ""  # attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor
     # pruning
     node_threshold: float = 0.8  # keep nodes up to this cumulative influence
     edge_threshold: float = 0.98  # keep edges up to this cumulative influence
@@ -137,9 +137,9 @@ class InterveneConfig:
     clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate, comma-separated; POS -1 = last token
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model (patterns, LayerNorm, MLP outputs held)
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = every layer a feature writes to
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     top: int = 10  # rows of probability changes to print
 
 
@@ -150,9 +150,9 @@ class GenerateConfig:
     clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate, comma-separated; POS -1 = last token
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model (patterns, LayerNorm, MLP outputs held)
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = every layer a feature writes to
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     every_token: bool = False  # also apply the interventions at POS -1 at every generated token
     max_new_tokens: int = 20  # tokens to generate
     temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
@@ -808,7 +808,7 @@ class Intervention:
     pos: int  # its position in the prompt, BOS = 0; negative counts from the end (-1: the last token)
     feature: int  # its id in the layer
     mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
-    value: float = 0.0
+    value: float = 0.0  # set: the new activation; scale: the factor; add: the shift; ablate: unused
 
     def new_activation(self, a):
         """The feature's activation after the change, from its clean activation a."""
@@ -1062,8 +1062,8 @@ def build_targets(cfg, model, enc, rep):
                                     f"safetensors.torch.save_file({{'direction': v}}, path), v of shape (n_embd,)")
         tensors = load_file(cfg.target_direction)
         if len(tensors) != 1:
-            raise ValueError(f"{cfg.target_direction} holds {len(tensors)} tensors {sorted(tensors)}: save exactly one, "
-                             f"of shape ({model.config.n_embd},)")
+            raise ValueError(f"{cfg.target_direction} holds {len(tensors)} tensors {sorted(tensors)}: "
+                             f"save exactly one, of shape ({model.config.n_embd},)")
         name, = tensors
         label = f"Output direction {os.path.basename(cfg.target_direction)}:{name} (at ln_f's output)"
         return custom_target(model, next(iter(tensors.values())).to(device), label)

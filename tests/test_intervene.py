@@ -3,6 +3,8 @@ feature adds exactly its decoder writes; in the replacement model's view (freeze
 move by exactly what the graph's edges predict; a zero intervention generates what plain greedy
 decoding generates; a logit-difference target's row is the difference of the two logit rows; bad
 specs fail with a message that names the fix. Small random GPT + random CLT (tests/test_graph.py's)."""
+import json
+
 import pytest
 import torch
 
@@ -173,9 +175,10 @@ def test_command_line_targets(tmp_path, capsys, make_hub_model):
             "--interp", str(tmp_path / "none")]
     G.main([*args, "--target-diff", "a|b", "--out", str(tmp_path / "diff")])
     assert 'Output "a" - "b" (logit difference)' in capsys.readouterr().out
-    data = G.json.loads((tmp_path / "diff" / "graph.json").read_text())
+    data = json.loads((tmp_path / "diff" / "graph.json").read_text())
     outputs = [n for n in data["nodes"] if n["feature_type"] == "logit"]
-    assert [n["clerp"] for n in outputs] == ['Output "a" - "b" (logit difference)'] == data["metadata"]["info"]["targets"]
+    label = 'Output "a" - "b" (logit difference)'
+    assert [n["clerp"] for n in outputs] == [label] == data["metadata"]["info"]["targets"]
     model, enc = G.GPT.from_pretrained(model_dir), G.load_tokenizer(model_dir)
     a, b, c = (enc.encode(x)[0] for x in "abc")
     W = model.wte.weight.detach()
