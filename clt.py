@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import uuid
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import timedelta
 from typing import Optional
 
@@ -1083,16 +1083,19 @@ def write_json(path, obj, indent=1):
 
 
 def _field_docs(cls):
-    """{field: its trailing `# comment`}, {field: the `# heading` line above it}, from the class source."""
-    helps, headings, heading = {}, {}, None
-    for line in inspect.getsource(cls).splitlines():
-        only_comment = re.match(r"^\s+#\s*(.+)$", line)
-        item = re.match(r"^\s+(\w+):[^=#]*=.*?#\s*(.*)$", line)
-        if only_comment:
-            heading = only_comment.group(1)
-        elif item:
-            helps[item.group(1)] = item.group(2)
-            headings[item.group(1)] = heading
+    """{field: its trailing `# comment`}, {field: the `# heading` line above it}, from the source of
+    the class and of the dataclasses it inherits fields from."""
+    helps, headings = {}, {}
+    for base in reversed([c for c in cls.__mro__ if is_dataclass(c)]):
+        heading = None
+        for line in inspect.getsource(base).splitlines():
+            only_comment = re.match(r"^\s+#\s*(.+)$", line)
+            item = re.match(r"^\s+(\w+):[^=#]*=.*?#\s*(.*)$", line)
+            if only_comment:
+                heading = only_comment.group(1)
+            elif item:
+                helps[item.group(1)] = item.group(2)
+                headings[item.group(1)] = heading
     return helps, headings
 
 
