@@ -956,12 +956,16 @@ def fold_ln_2(transcoder, model, inverse=False):
         pairs = [(transcoder.W_enc[l], transcoder.b_enc[l])]
         if transcoder.W_skip is not None:
             pairs.append((transcoder.W_skip[l], transcoder.b_dec[l]))
-        for W, bias in pairs:  # W (d, n), bias (n,)
+        for W, bias in pairs:  # W (d, n) applied as x @ W, bias (n,)
             if inverse:
                 W.div_(w[:, None])
-                bias.sub_(b @ W)
+            # b W summed as circuit-tracer's (n, d) weights sum it: the graph references in
+            # tests/fixtures, made through this fold, then regenerate bit for bit
+            shift = W.t().contiguous() @ b  # (n,)
+            if inverse:
+                bias.sub_(shift)
             else:
-                bias.add_(b @ W)
+                bias.add_(shift)
                 W.mul_(w[:, None])
 
 
