@@ -952,7 +952,7 @@ def fold_ln_2(transcoder, model, inverse=False):
         w = block.ln_2.weight.detach().to(transcoder.W_enc)  # (d,)
         b = block.ln_2.bias.detach().to(transcoder.W_enc)  # (d,)
         if inverse and (w == 0).any():
-            raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out of the transcoder")
+            raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out again")
         pairs = [(transcoder.W_enc[l], transcoder.b_enc[l])]
         if transcoder.W_skip is not None:
             pairs.append((transcoder.W_skip[l], transcoder.b_dec[l]))
@@ -995,7 +995,8 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
         raise ValueError("circuit-tracer 0.5.0's CLT loader reads no skip connection: export a per-layer "
                          "transcoder with --skip, or a CLT without")
     if transcoder.mesh.tp > 1:
-        raise ValueError(f"this is TP shard {transcoder.mesh.tp_rank} of {transcoder.mesh.tp}: export consolidated() instead")
+        raise ValueError(f"this is TP shard {transcoder.mesh.tp_rank} of {transcoder.mesh.tp}: "
+                         "export consolidated() instead")
     check_same_model(model, c.model_sha256, "this transcoder")  # the fold below is of this model's ln_2
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)

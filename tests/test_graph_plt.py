@@ -120,5 +120,6 @@ def test_a_plt_with_skip_matches_circuit_tracer():
     model, plt, idx, ref, _ = circuit_tracer_reference("graph_reference_plt", "plt")
     frozen = C.CrossLayerTranscoder(dataclasses.replace(plt.config, skip=False)).eval()
     frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
+    graph = G.attribute(model, frozen, G.local_replacement(model, frozen, idx), batch_size=16)
     with pytest.raises(AssertionError):
-        assert_rows_match(G.attribute(model, frozen, G.local_replacement(model, frozen, idx), batch_size=16), ref["rows"])
+        assert_rows_match(graph, ref["rows"])

@@ -143,7 +143,8 @@ def random_transcoder(decoder, activation, skip, L=2, d=32, F=24):
 
 
 @pytest.mark.parametrize("decoder, activation, skip", [("per-layer", "jumprelu", True), ("per-layer", "relu", False),
-                                                       ("per-layer", "batchtopk", True), ("cross-layer", "relu", False)])
+                                                       ("per-layer", "batchtopk", True),
+                                                       ("cross-layer", "relu", False)])
 def test_circuit_tracer_layout_loads_back_identically(hub_model, tmp_path, decoder, activation, skip):
     _, model, _ = hub_model
     model = perturbed_ln_2(copy.deepcopy(model))
