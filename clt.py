@@ -1146,10 +1146,11 @@ def parse_config(doc, configs, argv=None, default=None):
 
 
 def run_main(main):
-    """Run a script's main(); bad input (ValueError, FileNotFoundError) ends it with its one-line
-    message and exit status 1 instead of a traceback. Tests call main(argv) and see the exception."""
+    """Run a script's main() and return what it returns; bad input (ValueError, FileNotFoundError) ends
+    it with its one-line message and exit status 1 instead of a traceback. Tests call main(argv) and
+    see the exception."""
     try:
-        main()
+        return main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
