@@ -265,12 +265,19 @@ class GPT(nn.Module):
 
     def fingerprint(self):
         """sha256 of the config and every weight (name, shape, float32 bytes), in name order: what a
-        cache or a CLT records of the model it was made from. Reads every weight once (~1 s per GB)."""
-        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-        for name, t in sorted(self.state_dict().items()):
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        cache or a CLT records of the model it was made from. Reads every weight once (~1 s per GB), so
+        it is kept until a weight changes: each weight's storage and version counter (bumped by every
+        in-place write, e.g. load_state_dict or an optimizer step) say whether one did."""
+        config = json.dumps(asdict(self.config), sort_keys=True)
+        weights = sorted(self.state_dict().items())
+        key = (config, tuple((name, t.data_ptr(), t._version) for name, t in weights))
+        if getattr(self, "_fingerprint", (None, None))[0] != key:
+            h = hashlib.sha256(config.encode())
+            for name, t in weights:
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = (key, h.hexdigest())
+        return self._fingerprint[1]
 
     # -------------------------------------------------------------------------
     # loading and saving in the Hugging Face hub layout
@@ -1285,10 +1292,11 @@ def parse_config(doc, configs, argv=None, default=None):
 
 
 def run_main(main):
-    """Run a script's main(); bad input (ValueError, FileNotFoundError) ends it with its one-line
-    message and exit status 1 instead of a traceback. Tests call main(argv) and see the exception."""
+    """Run a script's main() and return what it returns; bad input (ValueError, FileNotFoundError) ends
+    it with its one-line message and exit status 1 instead of a traceback. Tests call main(argv) and
+    see the exception."""
     try:
-        main()
+        return main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
