@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import graph as G
+import test_graph_plt
 from test_graph import F_, L, T, build, one_thread  # noqa: F401 (one_thread is a fixture)
 
 
@@ -37,11 +38,16 @@ def test_steering_a_silent_feature_adds_its_decoder_writes(freeze):
     assert (out.logits - out.clean_logits)[p:].abs().max() > 1e-4
 
 
-def test_the_replacement_view_moves_the_logits_by_the_graphs_edges():
+@pytest.mark.parametrize("transcoder", ["clt", "plt with skip"])
+def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
     """Ablating graph features with attention, LayerNorm and MLP outputs frozen is linear: each logit
     node (logit minus the mean logit) and each feature node's pre-activation moves by minus the sum of
-    the ablated features' edges into it, to fp32 precision."""
-    model, clt, rep, graph = build()
+    the ablated features' edges into it, to fp32 precision (the skip connection stays live, as in the graph)."""
+    if transcoder == "clt":
+        model, clt, rep, graph = build()
+    else:
+        model, clt, _, idx = test_graph_plt.make(skip=True, dtype=torch.float32)
+        rep, graph = test_graph_plt.graph_of(model, clt, idx)
     s = graph.slices()
     A = graph.adjacency
     top = A[s.logits, s.features].abs().sum(0).topk(3).indices  # the 3 features with the largest logit edges
