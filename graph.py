@@ -108,7 +108,7 @@ from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, Acts, CrossLayerTranscoder, Froz
 class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
     out: str = "runs/graph"  # output directory
@@ -134,7 +134,7 @@ class GraphConfig:
 class InterveneConfig:
     """change CLT features' activations and print how the next-token prediction changes"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
     intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
@@ -147,7 +147,7 @@ class InterveneConfig:
 class GenerateConfig:
     """continue a prompt with the plain model and under interventions, side by side"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
     intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
@@ -727,7 +727,7 @@ def node_record(**fields):
 def node_records(graph, enc, explanations, cumulative, infl):
     """One dict per node, in the node order of the adjacency."""
     T, L, nodes = len(graph.tokens), graph.n_layers, []
-    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
+    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):  # circuit-tracer labels PLT features so too
         nodes.append(node_record(node_id=f"{l}_{f}_{p}", feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l),
                                  ctx_idx=p, feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
                                  activation=a, clerp=explanations.get((l, f), "")))
@@ -1019,7 +1019,7 @@ def load(cfg, device):
         raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
                                 f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
     model = GPT.from_pretrained(cfg.model)
-    clt = load_transcoder(cfg.clt, model).to(device)  # ours, or SAELens's per-layer transcoders
+    clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
     model = model.to(device)
     check_compatible(model, clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
