@@ -12,9 +12,9 @@ timed in the same process, next to the thing it is compared with.
     python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
     python bench.py recovery           # planted concepts a CLT recovers vs its size and sparsity -> assets/recovery.png
 
-Adding a benchmark: write `bench_<name>(args) -> list of result dicts`, put it in BENCHMARKS, and add
-its flags (if any) in `add_<name>_args`. Results print as a markdown table and go to
-<out>/<name>.json.
+Adding a benchmark: write `bench_<name>(cfg) -> list of result dicts` and its flags as a dataclass
+`<Name>Bench(Bench)` (a `# comment` on each field is its --help), and put both in BENCHMARKS. Results
+print as a markdown table and go to <out>/<name>.json.
 
 The cache benchmark measures, per model and dtype:
 - bytes/token: all shard bytes / tokens (activations, scales, token/doc/position), and x fp32;
@@ -38,14 +38,12 @@ the first set is named; every number in the table and the plot is from the secon
 150k-token cache and 300 steps of 1024 tokens, not the 1000 steps of the README's recipe; trained runs are
 reused by a rerun with the same flags.
 """
-import argparse
 import json
 import os
 import random
 import shutil
-import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 
 import numpy as np
@@ -56,6 +54,14 @@ import clt
 
 # -----------------------------------------------------------------------------
 # helpers shared by benchmarks
+
+@dataclass
+class Bench:
+    """the flags every benchmark has"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, ...
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    out: str = os.path.join("runs", "bench")  # scratch space and <name>.json
+    quick: bool = False  # a small run: every *_tokens size divided by 4
 
 
 def sync(device):
@@ -100,10 +106,12 @@ def print_table(rows):
 # cache
 
 
-def add_cache_args(p):
-    p.add_argument("--tiny-tokens", type=int, default=200_000, help="tokens per cache on the tiny model")
-    p.add_argument("--gpt2-tokens", type=int, default=8192, help="tokens per cache on the GPT-2-small shape")
-    p.add_argument("--read-batch", type=int, default=4096, help="batch size of the shuffled read")
+@dataclass
+class CacheBench(Bench):
+    """activation cache: bytes/token, NMSE, writer overhead, read rate"""
+    tiny_tokens: int = 200_000  # tokens per cache on the tiny model
+    gpt2_tokens: int = 8192  # tokens per cache on the GPT-2-small shape
+    read_batch: int = 4096  # batch size of the shuffled read
 
 
 def bare_forward_seconds(cfg):
@@ -161,7 +169,8 @@ def read_rates(path, batch_size, epochs=2):
             t = timed(lambda: all(next(stream) is not None for _ in range(n_batches)))  # keeps no batch alive
         stream.close()
         return t
-    rate = lambda nbytes, t: (nbytes / t[0] / 1e6, nbytes / t[1] / 1e6)
+    def rate(nbytes, t):  # MB/s in wall time and in CPU time
+        return nbytes / t[0] / 1e6, nbytes / t[1] / 1e6
     shuffled_bytes = n_batches * batch_size * c.row_bytes()
     inorder = timed(lambda: all(chunk is not None for chunk in c.iter_chunks(batch_size, split="all")))
     crc = timed(lambda: all(not cache._check_shard(path, c.manifest, i, "crc32") for i in range(len(files))))
@@ -198,25 +207,25 @@ def bench_cache_model(name, cfg, read_batch):
     return results
 
 
-def bench_cache(args):
-    os.makedirs(args.out, exist_ok=True)
-    device = args.device
+def bench_cache(cfg):
+    os.makedirs(cfg.out, exist_ok=True)
+    device = cfg.device
     setups = []
     if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")):
-        setups.append(("tiny", clt.DEFAULT_MODEL, "toy", args.tiny_tokens))
+        setups.append(("tiny", clt.DEFAULT_MODEL, "toy", cfg.tiny_tokens))
     else:
         print(f"note: {clt.DEFAULT_MODEL} is missing: using a random model of the tiny shape (4 x 128)")
-        path = random_model_dir(os.path.join(args.out, "tiny_random"), 4, 128, 4, 128, 4096)
-        setups.append(("tiny-shape (random)", path, synthetic_corpus(os.path.join(args.out, "corpus.txt"), 4000), args.tiny_tokens))
-    gpt2 = random_model_dir(os.path.join(args.out, "gpt2_small_random"), 12, 768, 12, 1024, 50257)
-    corpus = synthetic_corpus(os.path.join(args.out, "corpus.txt"), 4000)
-    setups.append(("gpt2-small-shape (random)", gpt2, corpus, args.gpt2_tokens))
+        path = random_model_dir(os.path.join(cfg.out, "tiny_random"), 4, 128, 4, 128, 4096)
+        setups.append(("tiny-shape (random)", path, synthetic_corpus(os.path.join(cfg.out, "corpus.txt"), 4000), cfg.tiny_tokens))
+    gpt2 = random_model_dir(os.path.join(cfg.out, "gpt2_small_random"), 12, 768, 12, 1024, 50257)
+    corpus = synthetic_corpus(os.path.join(cfg.out, "corpus.txt"), 4000)
+    setups.append(("gpt2-small-shape (random)", gpt2, corpus, cfg.gpt2_tokens))
     results = []
     for name, model_dir, corpus, tokens in setups:
         cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, ctx=64, device=device,
-                                out=os.path.join(args.out, name.split()[0]), heldout=0.0)
+                                out=os.path.join(cfg.out, name.split()[0]), heldout=0.0)
         print(f"{name}: {tokens} tokens per cache on {device}, torch threads {torch.get_num_threads()}")
-        results += bench_cache_model(name, cfg, args.read_batch)
+        results += bench_cache_model(name, cfg, cfg.read_batch)
     shutil.rmtree(gpt2)
     return results
 
@@ -225,18 +234,17 @@ def bench_cache(args):
 # graph: attribution time and peak memory vs active features; circuit-tracer side by side
 
 
-def add_graph_args(p):
-    p.add_argument("--graph-features", default="250,500,1000,2000,4000", help="active-feature counts to time")
-    p.add_argument("--graph-prompt-len", type=int, default=32, help="prompt tokens, BOS included")
-    p.add_argument("--graph-batch", type=int, default=256, help="targets per pass of graph.py's transposed model")
-    p.add_argument("--graph-n-features", type=int, default=4096, help="features per layer of the random CLTs")
-    p.add_argument("--graph-clt", default=os.path.join("runs", "clt"), help="a trained CLT of models/tiny: two-hop study")
-    p.add_argument("--graph-two-hop", type=int, default=60, help="two-hop prompts in the study; 0 = skip it")
-    p.add_argument("--vs-circuit-tracer", action="store_true",
-                   help="instead: circuit-tracer's attribute() beside graph.py (same model, CLT, prompt, process)")
-    p.add_argument("--vs-points", default="tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32",
-                   help="MODEL:TOKENS:ACTIVE:CT_BATCHES,... for --vs-circuit-tracer: tiny (models/tiny) or "
-                        "gpt2-small (random); circuit-tracer timed at each batch (slash-separated), the fastest counts")
+@dataclass
+class GraphBench(Bench):
+    """attribution graphs: time and peak memory vs active features"""
+    graph_features: str = "250,500,1000,2000,4000"  # active-feature counts to time
+    graph_prompt_len: int = 32  # prompt tokens, BOS included
+    graph_batch: int = 256  # targets per pass of graph.py's transposed model
+    graph_n_features: int = 4096  # features per layer of the random CLTs
+    graph_clt: str = os.path.join("runs", "clt")  # a trained CLT of models/tiny: two-hop study
+    graph_two_hop: int = 60  # two-hop prompts in the study; 0 = skip it
+    vs_circuit_tracer: bool = False  # instead: circuit-tracer's attribute() beside graph.py (same model, CLT, prompt, process)
+    vs_points: str = "tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32"  # MODEL:TOKENS:ACTIVE:CT_BATCHES,... for --vs-circuit-tracer (MODEL: tiny or gpt2-small, random); the fastest CT batch counts
 
 
 def proc_status_kb(key):
@@ -257,67 +265,67 @@ def clt_with_n_active(model, idx, n_features, n_active, seed=0):
     return t
 
 
-def graph_point(name, n_active, args):
+def graph_point(name, n_active, cfg):
     """Time and peak memory of one attribution graph. On CPU it runs in a fresh process (see
     bench_graph), so the peak RSS above the setup's RSS is this graph's own memory."""
     import graph
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
     shape = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096) if name.startswith("tiny") else \
         dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
     model = clt.GPT.from_pretrained() if name == "tiny" else clt.GPT(clt.GPTConfig(n_ctx=1024, **shape))
-    model = model.to(args.device).eval()
-    idx = torch.randint(0, model.config.vocab_size - 1, (1, args.graph_prompt_len), device=args.device)
+    model = model.to(cfg.device).eval()
+    idx = torch.randint(0, model.config.vocab_size - 1, (1, cfg.graph_prompt_len), device=cfg.device)
     idx[0, 0] = model.config.vocab_size - 1  # BOS: <|endoftext|> is the last id in GPT-2's layout
-    t = clt_with_n_active(model, idx, args.graph_n_features, n_active)
-    base = peak_reset(args.device)
+    t = clt_with_n_active(model, idx, cfg.graph_n_features, n_active)
+    base = peak_reset(cfg.device)
     t0 = time.perf_counter()
     rep = graph.local_replacement(model, t, idx)
-    g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
-    sync(args.device)
+    g = graph.attribute(model, t, rep, batch_size=cfg.graph_batch)
+    sync(cfg.device)
     t1 = time.perf_counter()
     graph.prune(g)
     graph.scores(g)
     t2 = time.perf_counter()
-    peak = peak_bytes(args.device, base)
+    peak = peak_bytes(cfg.device, base)
     err, scale = graph.exactness(model, t, rep, g)
     return dict(model=name, n_active=len(rep.feats), nodes=len(g.adjacency), attribute_s=t1 - t0,
                 prune_s=t2 - t1, ms_per_feature=1e3 * (t1 - t0) / len(rep.feats), peak_MB=peak / 2**20,
                 adjacency_MB=g.adjacency.numel() * 4 / 2**20, rel_exactness=err / scale)
 
 
-def bench_graph(args):
+def bench_graph(cfg):
     """Attribution time and peak memory vs active features, on the tiny model (or its shape, random)
     and on a random GPT-2-small shape, each with a random CLT tuned to fire on n features."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
-    os.makedirs(args.out, exist_ok=True)
-    if args.vs_circuit_tracer:
-        return bench_vs_circuit_tracer(args)
-    counts = [int(n) for n in args.graph_features.split(",")][: 3 if args.quick else None]
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.vs_circuit_tracer:
+        return bench_vs_circuit_tracer(cfg)
+    counts = [int(n) for n in cfg.graph_features.split(",")][: 3 if cfg.quick else None]
     tiny = "tiny" if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")) else "tiny-shape (random)"
     results = []
     for name in (tiny, "gpt2-small-shape (random)"):
         for n in counts:
-            if str(args.device).startswith("cuda"):
-                results.append(graph_point(name, n, args))
+            if str(cfg.device).startswith("cuda"):
+                results.append(graph_point(name, n, cfg))
             else:
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process per graph
-                    results.append(pool.submit(graph_point, name, n, args).result())
+                    results.append(pool.submit(graph_point, name, n, cfg).result())
             print(results[-1])
         rows = [r for r in results if r["model"] == name]
         if len(rows) > 1:  # log-log slope of time vs active features: 1 = linear
             slope = np.log(rows[-1]["attribute_s"] / rows[0]["attribute_s"]) / np.log(rows[-1]["n_active"] / rows[0]["n_active"])
             print(f"{name}: attribution time ~ n_active^{slope:.2f} over {rows[0]['n_active']}..{rows[-1]['n_active']}")
-    if tiny == "tiny" and args.graph_two_hop > 0 and os.path.exists(os.path.join(args.graph_clt, "config.json")):
-        study = two_hop_study(args)
+    if tiny == "tiny" and cfg.graph_two_hop > 0 and os.path.exists(os.path.join(cfg.graph_clt, "config.json")):
+        study = two_hop_study(cfg)
         done = [r for r in study if r["answer_in_logits"]]
         print_table([{k: v for k, v in r.items() if k != "prompt"} for r in done])
         means = {k: float(np.mean([r[k] for r in done])) for k in done[0] if k not in ("prompt", "answer_in_logits")}
         print(f"two-hop study, {len(done)} of {len(study)} prompts with the answer among the logit nodes; means: {means}")
-        with open(os.path.join(args.out, "graph_two_hop.json"), "w") as f:
-            json.dump(dict(clt=args.graph_clt, means=means, prompts=study), f, indent=1)
+        with open(os.path.join(cfg.out, "graph_two_hop.json"), "w") as f:
+            json.dump(dict(clt=cfg.graph_clt, means=means, prompts=study), f, indent=1)
     return results
 
 
@@ -352,14 +360,14 @@ def hf_random_model_dir(path, n_layer=12, n_head=12, n_embd=768, n_ctx=1024, voc
 
 
 def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
-    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and
-    a CLT saved by CrossLayerTranscoder.save_pretrained, in float32.
+    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and a
+    transcoder clt.load_transcoder reads (a CLT or a PLT), in float32: exported by clt.save_circuit_tracer
+    (ln_2's affine map folded in: TransformerLens's ln2.hook_normalized is taken before it) and read back
+    by circuit-tracer's own loader of that layout (whose default dtype is bfloat16, hence float32)."""
+    import tempfile
 
-    TransformerLens takes the CLT's input at ln2.hook_normalized, before ln_2's affine map, so its
-    weight w and bias b go into the encoder: (x̂·w + b) W_encᵀ + b_enc = x̂ (w·W_enc)ᵀ + (W_enc b + b_enc).
-    Its CLT loader defaults to bfloat16, hence dtype=float32."""
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from circuit_tracer.utils.caching import load_transcoders_from_cache
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
@@ -371,12 +379,11 @@ def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
                                   positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
                                   model_name="gpt2", device=device, dtype=torch.float32, default_prepend_bos=False)
     state = convert_gpt2_weights(hf, cfg)
-    transcoder = load_clt(clt_dir, feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                          dtype=torch.float32, device=torch.device(device), lazy_decoder=False)
-    with torch.no_grad():
-        for l in range(cfg.n_layers):
-            transcoder.b_enc[l] += transcoder.W_enc[l] @ state[f"blocks.{l}.ln2.b"]  # W_enc[l]: (F, d)
-            transcoder.W_enc[l] *= state[f"blocks.{l}.ln2.w"]
+    ours = clt.GPT.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        clt.save_circuit_tracer(clt.load_transcoder(clt_dir, ours), os.path.join(tmp, "transcoder"), ours)
+        transcoder, _ = load_transcoders_from_cache("transcoder", cache_dir=tmp, device=torch.device(device),
+                                                    dtype=torch.float32, lazy_decoder=False)
     model = TransformerLensReplacementModel.from_config(cfg, transcoder)
     model.tokenizer = GPT2TokenizerFast(vocab_file=os.path.join(model_dir, "vocab.json"),
                                         merges_file=os.path.join(model_dir, "merges.txt"))
@@ -399,7 +406,7 @@ def edge_blocks(graph):
             "error->logit": (s.logits, s.errors), "token->logit": (s.logits, s.tokens)}
 
 
-def vs_circuit_tracer_point(name, T, n_active, ct_batches, args):
+def vs_circuit_tracer_point(name, T, n_active, ct_batches, cfg):
     """graph.py and circuit-tracer's attribute() on one model, CLT and prompt, one after the other in
     this process: wall time, peak memory above the setup's, and the edges compared node by node.
     circuit-tracer runs once per batch size in ct_batches: each of its hooks gathers batch x active
@@ -407,12 +414,12 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, args):
     import graph
     from circuit_tracer import attribute as ct_attribute
     from circuit_tracer.graph import compute_graph_scores
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device
     model_dir = clt.DEFAULT_MODEL
     if name != "tiny":
-        model_dir = os.path.join(args.out, "gpt2-small-random")
+        model_dir = os.path.join(cfg.out, "gpt2-small-random")
         if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
             hf_random_model_dir(model_dir)
     model = clt.GPT.from_pretrained(model_dir).to(device)
@@ -420,15 +427,15 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, args):
     torch.manual_seed(0)
     idx = torch.randint(0, bos, (1, T), device=device)  # tokens the tokenizer knows
     idx[0, 0] = bos
-    clt_dir = os.path.join(args.out, f"clt-{name}-{T}-{n_active}")
-    clt_with_n_active(model, idx, args.graph_n_features, n_active).save_pretrained(clt_dir)
+    clt_dir = os.path.join(cfg.out, f"clt-{name}-{T}-{n_active}")
+    clt_with_n_active(model, idx, cfg.graph_n_features, n_active).save_pretrained(clt_dir)
     t = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
     ct = circuit_tracer_model(model_dir, clt_dir, device)
     base = peak_reset(device)
     t0 = time.perf_counter()
     c0 = time.process_time()  # CPU seconds: what a run costs on a machine shared with other jobs
     rep = graph.local_replacement(model, t, idx)
-    ours = graph.attribute(model, t, rep, batch_size=args.graph_batch)
+    ours = graph.attribute(model, t, rep, batch_size=cfg.graph_batch)
     sync(device)
     ours_s = time.perf_counter() - t0
     ours_cpu = time.process_time() - c0
@@ -455,25 +462,25 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, args):
     return dict(model=name, tokens=T, n_active=len(ours.feats), nodes=len(A), ours_s=ours_s, ct_s=ct_s,
                 ratio=ct_s / ours_s, ours_cpu_s=ours_cpu, ct_cpu_s=ct_cpu, cpu_ratio=ct_cpu / ours_cpu,
                 ours_peak_MB=ours_peak / 2**20, ct_peak_MB=ct_peak / 2**20,
-                ours_batch=args.graph_batch, ct_batch=ct_batch, max_rel_edge_diff=worst,
+                ours_batch=cfg.graph_batch, ct_batch=ct_batch, max_rel_edge_diff=worst,
                 replacement=f"{ours_scores[0]:.4f} / {ct_scores[0]:.4f}",
                 completeness=f"{ours_scores[1]:.4f} / {ct_scores[1]:.4f}",
                 ct_s_by_batch=", ".join(f"{b}: {t:.3g}" for b, (t, _, _) in ct_runs.items()))
 
 
-def bench_vs_circuit_tracer(args):
+def bench_vs_circuit_tracer(cfg):
     """Each point in a fresh process (peak memory of its own); both libraries fp32, same threads."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     results = []
-    for point in args.vs_points.split(","):
+    for point in cfg.vs_points.split(","):
         name, T, n_active, ct_batches = point.split(":")
         T, n_active = int(T), int(n_active)
-        if args.quick:
+        if cfg.quick:
             T, n_active = max(8, T // 4), max(100, n_active // 16)
         batches = [int(b) for b in ct_batches.split("/")]
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            results.append(pool.submit(vs_circuit_tracer_point, name, T, n_active, batches, args).result())
+            results.append(pool.submit(vs_circuit_tracer_point, name, T, n_active, batches, cfg).result())
         print(results[-1])
     return results
 
@@ -494,7 +501,7 @@ def two_hop_probes(world, people):
     return out
 
 
-def two_hop_study(args):
+def two_hop_study(cfg):
     """Toy world, two-hop prompts of held-out people ("Batris lives in Fafes. The language Batris speaks
     is" -> Zefekic, through Fafes -> Gregruia, never stated): does the answer's path go through a
     feature of the intermediate entity? A last-token feature is *selective* for the country if it
@@ -506,15 +513,15 @@ def two_hop_study(args):
     answers when the 3 most influential selective features, or 3 other last-token ones, are ablated."""
     import graph
     import tiny
-    device = args.device
+    device = cfg.device
     model, enc, world = clt.GPT.from_pretrained().to(device), clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
-    t = clt.CrossLayerTranscoder.from_pretrained(args.graph_clt).to(device)
+    t = clt.CrossLayerTranscoder.from_pretrained(cfg.graph_clt).to(device)
     probes = two_hop_probes(world, [p["name"] for p in world.people])
     with torch.no_grad():  # last-token activations of every probe: (P, L, F)
         last = torch.stack([t.encode(model.run_with_acts(graph.encode_prompt(enc, p[0], model.config.n_ctx).to(device))[1]
                                      .mlp_in[0, -1:])[0] for p in probes]).cpu() > 0
     rows = []
-    for prompt, answer, relation, country, person in two_hop_probes(world, world.heldout_people)[:args.graph_two_hop]:
+    for prompt, answer, relation, country, person in two_hop_probes(world, world.heldout_people)[:cfg.graph_two_hop]:
         same = torch.tensor([p[2] == relation and p[3] == country and p[4] != person for p in probes])
         other = torch.tensor([p[2] == relation and p[3] != country for p in probes])
         if not same.any():
@@ -523,7 +530,7 @@ def two_hop_study(args):
         idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
         city = torch.tensor([i + 1 for i, lab in enumerate(tiny.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
         rep = graph.local_replacement(model, t, idx)
-        g = graph.attribute(model, t, rep, batch_size=args.graph_batch)
+        g = graph.attribute(model, t, rep, batch_size=cfg.graph_batch)
         fs, ls = g.slices().features, g.slices().logits
         ans = enc.encode(answer)[0]
         hit = (g.logit_ids.cpu() == ans).nonzero()[:, 0]
@@ -542,7 +549,8 @@ def two_hop_study(args):
         ranked = infl.argsort(descending=True)
         dlogp, ddiff = [], []  # log p(answer); answer logit - mean logit of the other countries' answers
         for chosen in (ranked[sel[ranked]][:3], ranked[is_last[ranked] & ~sel[ranked]][:3]):
-            clean, new, _ = graph.intervene(model, t, idx, g.feats[chosen.to(g.feats.device)], 0.0)
+            ablate = [graph.Intervention(l, p, f, "ablate") for l, p, f in g.feats[chosen.to(g.feats.device)].tolist()]
+            clean, new = (x[-1] for x in graph.intervene(model, t, idx, ablate))
             dlogp.append((new.log_softmax(-1)[ans] - clean.log_softmax(-1)[ans]).item())
             ddiff.append(((new[ans] - new[rivals].mean()) - (clean[ans] - clean[rivals].mean())).item())
         rows.append(dict(prompt=prompt, answer_in_logits=True, p_answer=g.logit_probs[hit[0]].item(),
@@ -561,19 +569,21 @@ def two_hop_study(args):
 # interp
 
 
-def add_interp_args(p):
-    p.add_argument("--interp-tokens", type=int, default=200_000, help="tokens of the random-CLT cache (tiny shape)")
-    p.add_argument("--interp-chunk", type=int, default=4096, help="interp.py --chunk-size")
+@dataclass
+class InterpBench(Bench):
+    """autointerp: both passes over the cache vs one plain read"""
+    interp_tokens: int = 200_000  # tokens of the random-CLT cache (tiny shape)
+    interp_chunk: int = 4096  # interp.py --chunk-size
 
 
-def random_interp_setup(args):
+def random_interp_setup(cfg):
     """A random model of the tiny shape, a cache of it and a random CLT whose thresholds are each
     feature's 97th percentile pre-activation (density ~3%, like a trained CLT's)."""
-    model_dir = random_model_dir(os.path.join(args.out, "interp_model"), 4, 128, 4, 128, 4096)
-    corpus = synthetic_corpus(os.path.join(args.out, "corpus.txt"), 4000)
-    cache_dir, clt_dir = os.path.join(args.out, "interp_cache"), os.path.join(args.out, "interp_clt")
-    cache.build_cache(cache.CacheConfig(model=model_dir, corpus=corpus, tokens=args.interp_tokens, ctx=64,
-                                        device=args.device, out=cache_dir, heldout=0.02, overwrite=True))
+    model_dir = random_model_dir(os.path.join(cfg.out, "interp_model"), 4, 128, 4, 128, 4096)
+    corpus = synthetic_corpus(os.path.join(cfg.out, "corpus.txt"), 4000)
+    cache_dir, clt_dir = os.path.join(cfg.out, "interp_cache"), os.path.join(cfg.out, "interp_clt")
+    cache.build_cache(cache.CacheConfig(model=model_dir, corpus=corpus, tokens=cfg.interp_tokens, ctx=64,
+                                        device=cfg.device, out=cache_dir, heldout=0.02, overwrite=True))
     c = clt.CrossLayerTranscoder(clt.CLTConfig(n_layers=4, d_model=128, n_features=1024, model=model_dir))
     with torch.no_grad():
         pre = c.pre_acts(cache.ActivationCache(cache_dir).read(0, 4096)[0])  # (N, L, F)
@@ -582,7 +592,7 @@ def random_interp_setup(args):
     return model_dir, clt_dir, cache_dir
 
 
-def bench_interp(args):
+def bench_interp(cfg):
     """interp.py's two passes (train + held-out, with explanations) against one plain in-order read."""
     import interp
     trained = os.path.join("runs", "clt"), os.path.join("runs", "cache")
@@ -590,9 +600,9 @@ def bench_interp(args):
         name, (clt_dir, cache_dir), model_dir = "tiny, trained CLT", trained, ""
     else:
         print("note: runs/clt or runs/cache is missing: timing a random CLT on a random model of the tiny shape")
-        name, (model_dir, clt_dir, cache_dir) = "tiny-shape, random CLT", random_interp_setup(args)
-    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=args.device,
-                              chunk_size=args.interp_chunk, out=os.path.join(args.out, "interp"))
+        name, (model_dir, clt_dir, cache_dir) = "tiny-shape, random CLT", random_interp_setup(cfg)
+    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=cfg.device,
+                              chunk_size=cfg.interp_chunk, out=os.path.join(cfg.out, "interp"))
     model_dir, model, enc, c, ca = interp.load_inputs(cfg)
     reads = []
     for _ in range(3):  # the first warms the page cache
@@ -600,10 +610,10 @@ def bench_interp(args):
         for _ in ca.iter_chunks(cfg.chunk_size, split="all"):
             pass
         reads.append(time.perf_counter() - t0)
-    sync(args.device)
+    sync(cfg.device)
     t0 = time.perf_counter()
     stats, *_ = interp.analyze(model, enc, c, ca, cfg)
-    sync(args.device)
+    sync(cfg.device)
     t = time.perf_counter() - t0
     read = min(reads[1:])
     return [dict(setup=name, tokens=ca.n_tokens, features=stats.L * stats.F, chunk=cfg.chunk_size,
@@ -689,22 +699,24 @@ def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
     return rows
 
 
-def add_train_args(p):
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
-    p.add_argument("--decode-features", type=int, default=16384, help="F of the decode benchmark")
-    p.add_argument("--density", type=float, default=0.01, help="fraction of active features in the decode benchmark")
+@dataclass
+class TrainBench(Bench):
+    """CLT training step vs matmul FLOP rate; sparse vs dense decode"""
+    reps: int = 5  # timed repetitions (the median is reported)
+    decode_features: int = 16384  # F of the decode benchmark
+    density: float = 0.01  # fraction of active features in the decode benchmark
 
 
-def bench_train(args):
+def bench_train(cfg):
     """Step FLOP rate over matmul's at the same shapes; sparse over dense decode (ratios > 1 = faster)."""
-    cuda = str(args.device).startswith("cuda")
+    cuda = str(cfg.device).startswith("cuda")
     shapes = [("tiny", 4, 128, 1024, 1024)]  # the default CLT of models/tiny (F = 8 d)
-    if not args.quick:
+    if not cfg.quick:
         shapes += [("gpt2-small", 12, 768, 6144, 4096)] if cuda else [("gpt2-small", 12, 768, 3072, 512)]
-    rows = [step_vs_matmul(*s, a, args.device, args.reps) for s in shapes for a in ("jumprelu", "topk")]
-    rows += sparse_vs_dense_decode(4, 128, args.decode_features, 256, args.density, args.device, args.reps)
-    if cuda and not args.quick:
-        rows += sparse_vs_dense_decode(12, 768, args.decode_features, 256, args.density, args.device, args.reps)
+    rows = [step_vs_matmul(*s, a, cfg.device, cfg.reps) for s in shapes for a in ("jumprelu", "topk")]
+    rows += sparse_vs_dense_decode(4, 128, cfg.decode_features, 256, cfg.density, cfg.device, cfg.reps)
+    if cuda and not cfg.quick:
+        rows += sparse_vs_dense_decode(12, 768, cfg.decode_features, 256, cfg.density, cfg.device, cfg.reps)
     return rows
 
 
@@ -756,23 +768,26 @@ def measured_step_seconds(T, shape, reps, out_dir):
         return json.load(f)
 
 
-def add_dist_args(p):
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
-    p.add_argument("--busbw", type=float, default=300e9, help="paper model: all-reduce bus bandwidth per GPU, bytes/s")
-    p.add_argument("--tflops", type=float, default=400.0, help="paper model: sustained bf16 TFLOP/s per GPU")
+@dataclass
+class DistBench(Bench):
+    """TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"""
+    reps: int = 5  # timed repetitions (the median is reported)
+    busbw: float = 300e9  # paper model: all-reduce bus bandwidth per GPU, bytes/s
+    tflops: float = 400.0  # paper model: sustained bf16 TFLOP/s per GPU
 
 
 def dist_row(setting, mb=None, ms=None, comm_mb=None, flop_per_byte=None, note=""):
-    dash = lambda x, f: "-" if x is None else f(x)
-    return dict(setting=setting, MB_per_rank=dash(mb, lambda v: f"{v:.4g}"), step_ms=dash(ms, lambda v: f"{v:.4g}"),
-                comm_MB_per_step=dash(comm_mb, lambda v: f"{v:.4g}"),
-                FLOP_per_comm_byte=dash(flop_per_byte, lambda v: f"{v:.0f}"), note=note)
+    """One table row; a figure that does not apply to the setting is "-"."""
+    def fmt(x, spec=".4g"):
+        return "-" if x is None else format(x, spec)
+    return dict(setting=setting, MB_per_rank=fmt(mb), step_ms=fmt(ms), comm_MB_per_step=fmt(comm_mb),
+                FLOP_per_comm_byte=fmt(flop_per_byte, ".0f"), note=note)
 
 
-def bench_dist(args):
+def bench_dist(cfg):
     """Memory per rank vs T (real shards), CPU step time T=2 over T=1, bytes communicated per FLOP,
     and 8 GPUs on paper for GPT-2 small and xl CLTs. MB = fp32 parameters + gradients + Adam moments."""
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(cfg.out, exist_ok=True)
     rows = []
     L, d, F, B = 4, 128, 1024, 1024  # the default CLT of models/tiny
     n1 = clt_params_per_rank(L, d, F, 1)
@@ -782,7 +797,7 @@ def bench_dist(args):
         assert n == clt_params_per_rank(L, d, F, T), (n, clt_params_per_rank(L, d, F, T))
         rows.append(dist_row(f"tiny CLT L{L} d{d} F{F}, T={T} (measured shard)", mb=16 * n / 1e6,
                              note=f"{n / n1:.3f} of T=1"))
-    t1, t2 = (measured_step_seconds(T, (L, d, F, B), args.reps, args.out) for T in (1, 2))
+    t1, t2 = (measured_step_seconds(T, (L, d, F, B), cfg.reps, cfg.out) for T in (1, 2))
     for T, t in ((1, t1), (2, t2)):
         tp_reduce, _, _, _, flops = per_step_traffic(L, d, F, B, T, 1)
         rows.append(dist_row(f"tiny CLT, B{B}, T={T}, CPU gloo, 1 thread/rank", ms=1e3 * t, comm_mb=tp_reduce / 1e6,
@@ -790,18 +805,18 @@ def bench_dist(args):
                              note=f"step time {t / t1:.2f} of T=1" if T > 1 else ""))
     for name, (L, d, F, B) in (("gpt2-small", (12, 768, 32768, 4096)), ("gpt2-xl", (48, 1600, 8192, 4096))):
         for T, D in ((1, 8), (2, 4), (4, 2), (8, 1)):
-            rows.append(paper_row(name, L, d, F, B, T, D, args))
+            rows.append(paper_row(name, L, d, F, B, T, D, cfg))
     return rows
 
 
-def paper_row(name, L, d, F, B, T, D, args):
+def paper_row(name, L, d, F, B, T, D, cfg):
     """One 8-GPU mesh on paper: memory per GPU, and compute and ring all-reduce time per step."""
     tp_reduce, _, dp_reduce, bookkeeping, flops = per_step_traffic(L, d, F, B, T, D)
 
     def ring(n, nbytes):  # seconds of a ring all-reduce of nbytes over n GPUs
-        return 2 * (n - 1) / n * nbytes / args.busbw
+        return 2 * (n - 1) / n * nbytes / cfg.busbw
 
-    t_flops = flops / (args.tflops * 1e12)
+    t_flops = flops / (cfg.tflops * 1e12)
     t_comm = ring(T, tp_reduce) + ring(D, dp_reduce) + ring(T * D, bookkeeping)
     comm = tp_reduce + dp_reduce + bookkeeping
     return dist_row(f"{name} CLT L{L} d{d} F{F}, B{B}: tp{T} x dp{D} (paper)",
@@ -818,34 +833,36 @@ TRANSCODERS = {"clt": dict(decoder="cross-layer", skip=False), "plt": dict(decod
                "plt-skip": dict(decoder="per-layer", skip=True)}
 
 
-def add_compactness_args(p):
-    p.add_argument("--compactness-tokens", type=int, default=200_000, help="tokens of the models/tiny cache")
-    p.add_argument("--compactness-features", type=int, default=512, help="features per layer of every transcoder")
-    p.add_argument("--compactness-k", type=int, default=8, help="TopK k of every transcoder: the matched mean L0")
-    p.add_argument("--compactness-steps", type=int, default=400, help="training steps of each transcoder")
-    p.add_argument("--compactness-batch", type=int, default=1024, help="tokens per training step")
-    p.add_argument("--compactness-per-family", type=int, default=6, help="prompts of each tiny.eval_prompts kind")
-    p.add_argument("--compactness-kinds", default="clt,plt", help=f"transcoders to compare, of {list(TRANSCODERS)}")
-    p.add_argument("--compactness-figure", default=os.path.join("assets", "compactness.png"), help="the figure")
+@dataclass
+class CompactnessBench(Bench):
+    """CLT vs PLT on models/tiny: how compact their attribution graphs are"""
+    compactness_tokens: int = 200_000  # tokens of the models/tiny cache
+    compactness_features: int = 512  # features per layer of every transcoder
+    compactness_k: int = 8  # TopK k of every transcoder: the matched mean L0
+    compactness_steps: int = 400  # training steps of each transcoder
+    compactness_batch: int = 1024  # tokens per training step
+    compactness_per_family: int = 6  # prompts of each tiny.eval_prompts kind
+    compactness_kinds: str = "clt,plt"  # transcoders to compare: clt, plt and/or plt-skip (bench.TRANSCODERS)
+    compactness_figure: str = os.path.join("assets", "compactness.png")  # the figure
 
 
-def train_transcoders(args, root):
+def train_transcoders(cfg, root):
     """One cache of models/tiny, then each transcoder trained on it with the same recipe: TopK with
     the same k (so the mean L0 is matched by construction), the same features per layer, seed, steps.
     -> {name: (transcoder, train.py's last metrics)}."""
     import train
     path = os.path.join(root, "cache")
-    cache.build_cache(cache.CacheConfig(model=clt.DEFAULT_MODEL, corpus="toy", tokens=args.compactness_tokens,
-                                        out=path, device=args.device))
+    cache.build_cache(cache.CacheConfig(model=clt.DEFAULT_MODEL, corpus="toy", tokens=cfg.compactness_tokens,
+                                        out=path, device=cfg.device))
     out = {}
-    for name in args.compactness_kinds.split(","):
-        c = train.TrainConfig(cache=path, out=os.path.join(root, name), features=args.compactness_features,
-                              activation="topk", k=args.compactness_k, steps=args.compactness_steps,
-                              batch_size=args.compactness_batch, lr=3e-3, warmup=min(50, args.compactness_steps // 4),
-                              eval_every=args.compactness_steps, eval_contexts=32, ckpt_every=-1, log_every=50,
-                              overwrite=True, device=args.device, **TRANSCODERS[name])
+    for name in cfg.compactness_kinds.split(","):
+        c = train.TrainConfig(cache=path, out=os.path.join(root, name), features=cfg.compactness_features,
+                              activation="topk", k=cfg.compactness_k, steps=cfg.compactness_steps,
+                              batch_size=cfg.compactness_batch, lr=3e-3, warmup=min(50, cfg.compactness_steps // 4),
+                              eval_every=cfg.compactness_steps, eval_contexts=32, ckpt_every=-1, log_every=50,
+                              overwrite=True, device=cfg.device, **TRANSCODERS[name])
         m = train.train(c)
-        out[name] = (clt.CrossLayerTranscoder.from_pretrained(c.out).to(args.device).eval(), m)
+        out[name] = (clt.CrossLayerTranscoder.from_pretrained(c.out).to(cfg.device).eval(), m)
     return out
 
 
@@ -938,7 +955,7 @@ def compactness_figure(rows, path, kinds):
     plt.close(fig)
 
 
-def bench_compactness(args):
+def bench_compactness(cfg):
     """Do cross-layer transcoders give more compact attribution graphs than per-layer ones? On
     models/tiny: a CLT and a PLT (and a PLT with a skip connection) trained on one cache with the
     same features per layer and TopK k (matched L0), then the graph of every prompt, per family:
@@ -948,20 +965,20 @@ def bench_compactness(args):
     the feature influence carried by the last-token features selective for the latent country."""
     import graph
     import tiny
-    root = os.path.join(args.out, "compactness")
-    model = clt.GPT.from_pretrained().to(args.device).eval()
+    root = os.path.join(cfg.out, "compactness")
+    model = clt.GPT.from_pretrained().to(cfg.device).eval()
     enc, world = clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
     t0 = time.time()
     print("phase 1: the cache and the transcoders")
-    trained = train_transcoders(args, root)
+    trained = train_transcoders(cfg, root)
     print(f"phase 2: per-country selective features ({time.time() - t0:.0f} s so far)")
-    selective = {name: country_features(model, enc, t, world, args.device) for name, (t, _) in trained.items()}
-    families = family_prompts(world, args.compactness_per_family)
+    selective = {name: country_features(model, enc, t, world, cfg.device) for name, (t, _) in trained.items()}
+    families = family_prompts(world, cfg.compactness_per_family)
     print(f"phase 3: {sum(map(len, families.values()))} prompts x {len(trained)} graphs ({time.time() - t0:.0f} s so far)")
     per_prompt = []
     for kind, prompts in families.items():
         for prompt, answer in prompts:
-            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(args.device)
+            idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(cfg.device)
             country = world.country_of(answer.strip()) if kind.startswith("two_hop") else None
             for name, (t, _) in trained.items():
                 rep = graph.local_replacement(model, t, idx)
@@ -983,8 +1000,8 @@ def bench_compactness(args):
                            fvu=round(sum(m["eval"]["fvu"]) / len(m["eval"]["fvu"]), 4),
                            recovered=round(m["eval"]["recovered"], 4))
             rows.append(row)
-    compactness_figure([r for r in rows if r["family"] != "all"], args.compactness_figure, list(trained))
-    print(f"done in {time.time() - t0:.0f} s; figure: {args.compactness_figure}")
+    compactness_figure([r for r in rows if r["family"] != "all"], cfg.compactness_figure, list(trained))
+    print(f"done in {time.time() - t0:.0f} s; figure: {cfg.compactness_figure}")
     return rows
 
 
@@ -1000,14 +1017,16 @@ def bench_compactness(args):
 SCALE_PROMPT = "the old market by the river bridge"  # 35 byte tokens + BOS for the capped graph
 
 
-def add_scale_args(p):
-    p.add_argument("--scale-tokens", type=int, default=8192, help="tokens in the GPT-2-small-shape cache")
-    p.add_argument("--scale-features", type=int, default=3072, help="CLT features per layer: training, interp, graph")
-    p.add_argument("--scale-batch", type=int, default=512, help="tokens per training step")
-    p.add_argument("--scale-reps", type=int, default=3, help="timed training steps (the median is reported)")
-    p.add_argument("--scale-max-features", type=int, default=256, help="graph.py --max-features of the capped graph")
-    p.add_argument("--scale-limit-depth", type=int, default=2, help="layers of the F = 32 d CLTs measured per rank")
-    p.add_argument("--scale-limit-tp", default="1,2,4", help="TP sizes measured at that depth (gloo, a process each)")
+@dataclass
+class ScaleBench(Bench):
+    """the pipeline at GPT-2-small shape on CPU; memory at F = 32 d"""
+    scale_tokens: int = 8192  # tokens in the GPT-2-small-shape cache
+    scale_features: int = 3072  # CLT features per layer: training, interp, graph
+    scale_batch: int = 512  # tokens per training step
+    scale_reps: int = 3  # timed training steps (the median is reported)
+    scale_max_features: int = 256  # graph.py --max-features of the capped graph
+    scale_limit_depth: int = 2  # layers of the F = 32 d CLTs measured per rank
+    scale_limit_tp: str = "1,2,4"  # TP sizes measured at that depth (gloo, a process each)
 
 
 def fresh_process(fn, *args):
@@ -1154,28 +1173,28 @@ def memory_limit_rows(L, d, F, Ts, depth, measured):
     return rows
 
 
-def bench_scale(args):
+def bench_scale(cfg):
     """Cache build, training step, memory per TP rank, interp and a capped graph at GPT-2-small shape,
     then the memory limit of an F = 32 d CLT. One markdown table; see the section comment."""
-    out = os.path.join(args.out, "scale")
+    out = os.path.join(cfg.out, "scale")
     os.makedirs(out, exist_ok=True)
     load0 = os.getloadavg()[0]
     model_dir = fresh_process(hf_gpt2_small, os.path.join(out, "gpt2_small_random"))
     corpus = synthetic_corpus(os.path.join(out, "corpus.txt"), 4000)
     cache_dir = os.path.join(out, "cache")
-    L, d, F, B = 12, 768, args.scale_features, args.scale_batch
+    L, d, F, B = 12, 768, cfg.scale_features, cfg.scale_batch
     rows = []
 
     def row(stage, setting, time_s, rate, GiB, note=""):
         rows.append(dict(stage=stage, setting=setting, time_s=time_s, rate=rate, GiB_per_rank=GiB, note=note))
         print(rows[-1])
 
-    r = fresh_process(scale_cache, model_dir, corpus, cache_dir, args.scale_tokens, args.threads)
+    r = fresh_process(scale_cache, model_dir, corpus, cache_dir, cfg.scale_tokens, cfg.threads)
     row("cache build (int8)", f"{r['tokens']} tokens, 64 x 64 per forward", r["seconds"],
         f"{r['tokens'] / r['seconds']:.0f} tok/s", r["peak"],
         f"peak RSS of the build; model {r['model']:.2f} GiB + one batch's mlp_in/out {r['acts']:.2f} GiB; "
         f"{r['shards']} shards, manifest {r['manifest'] / 1e3:.0f} kB")
-    r = fresh_process(scale_train, (L, d, F, B), args.scale_reps, args.threads)
+    r = fresh_process(scale_train, (L, d, F, B), cfg.scale_reps, cfg.threads)
     row("CLT train step (jumprelu)", r["shape"], r["ms"] / 1e3, "step vs matmul: " + r["detail"],
         "-", f"{r['ratio']:.0%} of the same-run matmul FLOP rate at the step's shapes")
     for T in (1, 2):
@@ -1186,18 +1205,18 @@ def bench_scale(args):
     row("CLT memory per rank", f"L{L} d{d} F{F}, TP=4", "-", "-", 16 * n / 2**30,
         f"on paper: {n / 1e6:.1f}M params/rank x 16 B")
     r = fresh_process(scale_interp, model_dir, cache_dir, os.path.join(out, "clt"), os.path.join(out, "interp"), F,
-                      args.threads)
+                      cfg.threads)
     row("interp (both passes)", f"{r['tokens']} tokens, {r['features']} features", r["seconds"],
         f"{r['tokens'] / r['seconds']:.0f} tok/s", r["above"], "random CLT, ~1% density; GiB above the loaded inputs")
-    r = fresh_process(scale_graph, model_dir, os.path.join(out, "clt"), args.scale_max_features, args.threads)
-    row("graph (capped)", f"{r['tokens']} tokens, {r['n_active']} active, --max-features {args.scale_max_features}",
+    r = fresh_process(scale_graph, model_dir, os.path.join(out, "clt"), cfg.scale_max_features, cfg.threads)
+    row("graph (capped)", f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cfg.scale_max_features}",
         r["seconds"], f"{r['kept']} features kept", r["above"], "replacement + attribution + pruning")
     F_limit = 32 * d
     measured = {}
-    for T in (int(t) for t in args.scale_limit_tp.split(",")):
-        measured[T] = rank_memory((args.scale_limit_depth, d, F_limit, B), T, 1, out)
-    rows += memory_limit_rows(L, d, F_limit, (1, 2, 4, 8), args.scale_limit_depth, measured)
-    row("machine", f"{os.cpu_count()} cores, torch threads {args.threads or torch.get_num_threads()}", "-", "-", "-",
+    for T in (int(t) for t in cfg.scale_limit_tp.split(",")):
+        measured[T] = rank_memory((cfg.scale_limit_depth, d, F_limit, B), T, 1, out)
+    rows += memory_limit_rows(L, d, F_limit, (1, 2, 4, 8), cfg.scale_limit_depth, measured)
+    row("machine", f"{os.cpu_count()} cores, torch threads {cfg.threads or torch.get_num_threads()}", "-", "-", "-",
         f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     shutil.rmtree(out)
     return rows
@@ -1207,38 +1226,39 @@ def bench_scale(args):
 # recovery: how much of the planted world a CLT of size F finds
 
 
-def add_recovery_args(p):
-    p.add_argument("--recovery-tokens", type=int, default=150_000, help="rows of the tiny model's training cache")
-    p.add_argument("--recovery-steps", type=int, default=300, help="CLT training steps of 1024 tokens (train.py: 1000)")
-    p.add_argument("--recovery-sizes", default="2,8,32", help="F per layer / d_model, at the default sparsity")
-    p.add_argument("--recovery-sparsity", default="0.2,0.7,2.5", help="train.py --sparsity values swept at F = 8 d")
-    p.add_argument("--recovery-support", type=int, default=24, help="tiny.eval_corpus support of both evaluation sets")
-    p.add_argument("--recovery-seeds", default="1,2",
-                   help="evaluation-set seeds: pick the recipe on the first, report on the second")
-    p.add_argument("--recovery-plot", default=os.path.join("assets", "recovery.png"), help="where the plot goes")
+@dataclass
+class RecoveryBench(Bench):
+    """planted concepts recovered per family vs CLT size and sparsity"""
+    recovery_tokens: int = 150_000  # rows of the tiny model's training cache
+    recovery_steps: int = 300  # CLT training steps of 1024 tokens (train.py: 1000)
+    recovery_sizes: str = "2,8,32"  # F per layer / d_model, at the default sparsity
+    recovery_sparsity: str = "0.2,0.7,2.5"  # train.py --sparsity values swept at F = 8 d
+    recovery_support: int = 24  # tiny.eval_corpus support of both evaluation sets
+    recovery_seeds: str = "1,2"  # evaluation-set seeds: pick the recipe on the first, report on the second
+    recovery_plot: str = os.path.join("assets", "recovery.png")  # where the plot goes
 
 
 FAMILY_ORDER = ("category", "entity", "latent", "output")
 
 
-def recipes(args, d):
+def recipes(cfg, d):
     """{name: (features, sparsity, sweep)}: the size sweep at train.py's default sparsity, then the sparsity
     sweep at 8 d (the default's point is shared)."""
     import train
     default = train.TrainConfig.sparsity
-    out = {f"F={m}d": (int(m) * d, default, "size") for m in args.recovery_sizes.split(",")}
-    for s in args.recovery_sparsity.split(","):
+    out = {f"F={m}d": (int(m) * d, default, "size") for m in cfg.recovery_sizes.split(",")}
+    for s in cfg.recovery_sparsity.split(","):
         if float(s) != default:
             out[f"F=8d, sparsity {s}"] = (8 * d, float(s), "sparsity")
     return out
 
 
-def trained_clt(root, cache_dir, name, features, sparsity, args):
+def trained_clt(root, cache_dir, name, features, sparsity, cfg):
     """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, metrics)."""
     import train
     out = os.path.join(root, "clt_" + name.replace("=", "").replace(", ", "_").replace(" ", ""))
     cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
-                            steps=args.recovery_steps, eval_every=-1, ckpt_every=-1, device=args.device)
+                            steps=cfg.recovery_steps, eval_every=-1, ckpt_every=-1, device=cfg.device)
     marker = out + ".json"  # beside the run: what it was trained with and how long it took
     if os.path.exists(marker):
         with open(marker) as f:
@@ -1253,36 +1273,36 @@ def trained_clt(root, cache_dir, name, features, sparsity, args):
     return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
 
 
-def bench_recovery(args):
+def bench_recovery(cfg):
     """Recovery per label family vs dictionary size (F = 2d, 8d, 32d) and vs sparsity, with the MLP-neuron and
     random-CLT baselines, on two generated evaluation sets: the recipe is chosen on the first, reported on
     the second. Sized for a 2-core CPU: a small training cache and few steps (see the arguments)."""
     import interp
     import tiny
     t_start = time.perf_counter()
-    root = os.path.join(args.out, "recovery")
+    root = os.path.join(cfg.out, "recovery")
     model_dir = clt.DEFAULT_MODEL
-    model = clt.GPT.from_pretrained(model_dir).to(args.device)
+    model = clt.GPT.from_pretrained(model_dir).to(cfg.device)
     enc = clt.load_tokenizer(model_dir)
     world = tiny.load_world(model_dir)
     d = model.config.n_embd
     cache_dir = os.path.join(root, "cache")
-    cache.build_cache(cache.CacheConfig(tokens=args.recovery_tokens, out=cache_dir, device=args.device))
+    cache.build_cache(cache.CacheConfig(tokens=cfg.recovery_tokens, out=cache_dir, device=cfg.device))
     train_cache = cache.ActivationCache(cache_dir, model=model)
     evals = {}
-    for seed in (int(s) for s in args.recovery_seeds.split(",")):
+    for seed in (int(s) for s in cfg.recovery_seeds.split(",")):
         cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
-                                  concept_seed=seed, concept_support=args.recovery_support, device=args.device,
+                                  concept_seed=seed, concept_support=cfg.recovery_support, device=cfg.device,
                                   chunk_size=2048)
         ccache = interp.concept_cache(model_dir, model, world, train_cache, cfg)
         evals[seed] = (cfg, ccache, interp.ConceptLabels(ccache, world, enc, cfg))
     print(f"recovery: caches and labels in {time.perf_counter() - t_start:.0f} s")
-    sample = train_cache.read(0, 4096)[0].to(args.device)  # training rows: the random CLTs' thresholds
+    sample = train_cache.read(0, 4096)[0].to(cfg.device)  # training rows: the random CLTs' thresholds
     sets = {"MLP neurons (4d)": partial(interp.neuron_preacts, model)}
     runs = {}
-    for name, (features, sparsity, sweep) in recipes(args, d).items():
-        t, seconds, final = trained_clt(root, cache_dir, name, features, sparsity, args)
-        t = t.to(args.device)
+    for name, (features, sparsity, sweep) in recipes(cfg, d).items():
+        t, seconds, final = trained_clt(root, cache_dir, name, features, sparsity, cfg)
+        t = t.to(cfg.device)
         runs[name] = dict(features=features, sparsity=sparsity, sweep=sweep, seconds=seconds, fvu=final["fvu"])
         sets[name] = partial(interp.clt_acts, t)
         if sweep == "size":  # one random twin per size
@@ -1310,12 +1330,12 @@ def bench_recovery(args):
                          headline_report=interp.share_cell(dict(share=h["share_recovered"],
                                                                 mean_best_f1=h["mean_best_f1"])),
                          chosen="yes" if name == chosen else ""))
-    plot_recovery(args.recovery_plot, runs, sets, heads, report, d)
+    plot_recovery(cfg.recovery_plot, runs, sets, heads, report, d)
     seconds = time.perf_counter() - t_start
     print(f"recovery: chosen on evaluation set {select}: {chosen}; on set {report} it recovers "
           f"{heads[chosen, report]['recovered']}/{heads[chosen, report]['n']} of the "
           f"{evals[report][0].families} concepts with F1 >= {evals[report][0].concept_f1}; "
-          f"{seconds:.0f} s in all; plot: {args.recovery_plot}")
+          f"{seconds:.0f} s in all; plot: {cfg.recovery_plot}")
     return rows
 
 
@@ -1356,46 +1376,32 @@ def plot_recovery(path, runs, sets, heads, seed, d):
 # -----------------------------------------------------------------------------
 # main
 
-BENCHMARKS = {"cache": (bench_cache, add_cache_args, "activation cache: bytes/token, NMSE, writer overhead, read rate"),
-              "graph": (bench_graph, add_graph_args, "attribution graphs: time and peak memory vs active features"),
-              "interp": (bench_interp, add_interp_args, "autointerp: both passes over the cache vs one plain read"),
-              "train": (bench_train, add_train_args, "CLT training step vs matmul FLOP rate; sparse vs dense decode"),
-              "dist": (bench_dist, add_dist_args, "TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"),
-              "compactness": (bench_compactness, add_compactness_args,
-                              "CLT vs PLT on models/tiny: how compact their attribution graphs are"),
-              "scale": (bench_scale, add_scale_args, "the pipeline at GPT-2-small shape on CPU; memory at F = 32 d"),
-              "recovery": (bench_recovery, add_recovery_args,
-                           "planted concepts recovered per family vs CLT size and sparsity")}
+BENCHMARKS = {"cache": (bench_cache, CacheBench),
+              "graph": (bench_graph, GraphBench),
+              "interp": (bench_interp, InterpBench),
+              "train": (bench_train, TrainBench),
+              "dist": (bench_dist, DistBench),
+              "compactness": (bench_compactness, CompactnessBench),
+              "scale": (bench_scale, ScaleBench),
+              "recovery": (bench_recovery, RecoveryBench)}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="benchmark", required=True)
-    for name, (_, add_args, text) in BENCHMARKS.items():
-        b = sub.add_parser(name, help=text)
-        b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-        b.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-        b.add_argument("--out", default=os.path.join("runs", "bench"), help="scratch space and <name>.json")
-        b.add_argument("--quick", action="store_true", help="a small run: sizes divided by 4")
-        add_args(b)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        for k, v in vars(args).items():
-            if k.endswith("_tokens"):
-                setattr(args, k, v // 4)
-    fn = BENCHMARKS[args.benchmark][0]
-    print(vars(args))
-    os.makedirs(args.out, exist_ok=True)
-    results = fn(args)
+    name, cfg = clt.parse_config(__doc__, {name: config for name, (_, config) in BENCHMARKS.items()}, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.quick:
+        smaller = {f.name: getattr(cfg, f.name) // 4 for f in fields(cfg) if f.name.endswith("_tokens")}
+        cfg = replace(cfg, **smaller)
+    print(asdict(cfg))
+    os.makedirs(cfg.out, exist_ok=True)
+    results = BENCHMARKS[name][0](cfg)
     print_table(results)
-    meta = dict(args=vars(args), torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
-                cuda=torch.cuda.get_device_name() if str(args.device).startswith("cuda") else None)
-    with open(os.path.join(args.out, f"{args.benchmark}.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
+    meta = dict(args=asdict(cfg), torch=torch.__version__, device=cfg.device, threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name() if str(cfg.device).startswith("cuda") else None)
+    clt.write_json(os.path.join(cfg.out, f"{name}.json"), dict(meta=meta, results=results))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    clt.run_main(main)
