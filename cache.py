@@ -1274,4 +1274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    clt.run_main(lambda: sys.exit(main()))
+    sys.exit(clt.run_main(main))  # verify's status: 1 when a cache is damaged
