@@ -1275,8 +1275,9 @@ def trained_clt(root, cache_dir, name, features, sparsity, cfg):
 
 def bench_recovery(cfg):
     """Recovery per label family vs dictionary size (F = 2d, 8d, 32d) and vs sparsity, with the MLP-neuron and
-    random-CLT baselines, on two generated evaluation sets: the recipe is chosen on the first, reported on
-    the second. Sized for a 2-core CPU: a small training cache and few steps (see the arguments)."""
+    random-CLT baselines and the token-identity oracle (a ceiling for token detectors), on two generated
+    evaluation sets: the recipe is chosen on the first, reported on the second. Sized for a 2-core CPU: a
+    small training cache and few steps (see the arguments)."""
     import interp
     import tiny
     t_start = time.perf_counter()
@@ -1309,18 +1310,21 @@ def bench_recovery(cfg):
             sets[f"random {name}"] = partial(interp.clt_acts, interp.random_like(t, sample))
     rows = []
     heads = {}
+    oracle = "token identity (oracle)"  # feature t fires on token t: the ceiling of a token detector
     for seed, (cfg, ccache, labels) in evals.items():
         scores = interp.score_concepts(sets, ccache, labels, cfg)
+        scores[oracle] = interp.token_scores(ccache, labels, model.config.vocab_size, cfg)
         n_labeled = int(labels.labeled.sum())
         for name, s in scores.items():
-            F_ = runs[name]["features"] if name in runs else s.n_fires.numel() // model.config.n_layer
+            layers = 1 if name == oracle else model.config.n_layer
+            F_ = s.n_fires.numel() // layers
             per_concept, _ = interp.best_features(s, labels, F_, cfg)
             table = interp.family_table(per_concept, labels, s, cfg)
             heads[name, seed] = dict(interp.headline(table, cfg), table=table,
-                                     l0=s.n_fires.sum().item() / n_labeled / model.config.n_layer)
+                                     l0=s.n_fires.sum().item() / n_labeled / layers)
     select, report = list(evals)
     chosen = max(runs, key=lambda n: (heads[n, select]["share_recovered"], heads[n, select]["mean_best_f1"]))
-    for name in sets:
+    for name in [*sets, oracle]:
         r = runs.get(name, {})
         h = heads[name, report]
         rows.append(dict(features=name, F=r.get("features", ""), sparsity=r.get("sparsity", ""),
