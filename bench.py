@@ -360,14 +360,14 @@ def hf_random_model_dir(path, n_layer=12, n_head=12, n_embd=768, n_ctx=1024, voc
 
 
 def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
-    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and
-    a CLT saved by CrossLayerTranscoder.save_pretrained, in float32.
+    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and a
+    transcoder clt.load_transcoder reads (a CLT or a PLT), in float32: exported by clt.save_circuit_tracer
+    (ln_2's affine map folded in: TransformerLens's ln2.hook_normalized is taken before it) and read back
+    by circuit-tracer's own loader of that layout (whose default dtype is bfloat16, hence float32)."""
+    import tempfile
 
-    TransformerLens takes the CLT's input at ln2.hook_normalized, before ln_2's affine map, so its
-    weight w and bias b go into the encoder: (x̂·w + b) W_encᵀ + b_enc = x̂ (w·W_enc)ᵀ + (W_enc b + b_enc).
-    Its CLT loader defaults to bfloat16, hence dtype=float32."""
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from circuit_tracer.utils.caching import load_transcoders_from_cache
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
@@ -379,12 +379,11 @@ def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
                                   positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
                                   model_name="gpt2", device=device, dtype=torch.float32, default_prepend_bos=False)
     state = convert_gpt2_weights(hf, cfg)
-    transcoder = load_clt(clt_dir, feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                          dtype=torch.float32, device=torch.device(device), lazy_decoder=False)
-    with torch.no_grad():
-        for l in range(cfg.n_layers):
-            transcoder.b_enc[l] += transcoder.W_enc[l] @ state[f"blocks.{l}.ln2.b"]  # W_enc[l]: (F, d)
-            transcoder.W_enc[l] *= state[f"blocks.{l}.ln2.w"]
+    ours = clt.GPT.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        clt.save_circuit_tracer(clt.load_transcoder(clt_dir, ours), os.path.join(tmp, "transcoder"), ours)
+        transcoder, _ = load_transcoders_from_cache("transcoder", cache_dir=tmp, device=torch.device(device),
+                                                    dtype=torch.float32, lazy_decoder=False)
     model = TransformerLensReplacementModel.from_config(cfg, transcoder)
     model.tokenizer = GPT2TokenizerFast(vocab_file=os.path.join(model_dir, "vocab.json"),
                                         merges_file=os.path.join(model_dir, "merges.txt"))
@@ -550,7 +549,8 @@ def two_hop_study(cfg):
         ranked = infl.argsort(descending=True)
         dlogp, ddiff = [], []  # log p(answer); answer logit - mean logit of the other countries' answers
         for chosen in (ranked[sel[ranked]][:3], ranked[is_last[ranked] & ~sel[ranked]][:3]):
-            clean, new, _ = graph.intervene(model, t, idx, g.feats[chosen.to(g.feats.device)], 0.0)
+            ablate = [graph.Intervention(l, p, f, "ablate") for l, p, f in g.feats[chosen.to(g.feats.device)].tolist()]
+            clean, new = (x[-1] for x in graph.intervene(model, t, idx, ablate))
             dlogp.append((new.log_softmax(-1)[ans] - clean.log_softmax(-1)[ans]).item())
             ddiff.append(((new[ans] - new[rivals].mean()) - (clean[ans] - clean[rivals].mean())).item())
         rows.append(dict(prompt=prompt, answer_in_logits=True, p_answer=g.logit_probs[hit[0]].item(),

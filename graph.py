@@ -17,7 +17,9 @@ Data flow:
          adjacency.safetensors + nodes.json (the full graph)
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
-    python graph.py intervene --feature 3/5/123 --scale 0 --prompt "..."  # 0 ablate, -1 flip, 4 steer
+    python graph.py --target-diff " Zefekic| Bepaese"                     # output node: a logit difference
+    python graph.py intervene --intervene 3/-1/123=5,2/4/9:ablate --prompt "..."  # =set *scale +add :ablate
+    python graph.py generate --intervene 3/-1/123+4 --every-token --max-new-tokens 20  # clean | intervened
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
     torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."  # rows split over ranks
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
@@ -28,7 +30,11 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     Nodes, in order: active features sorted by (layer, position, id), none at BOS; error nodes,
     layer-major (index layer*T + pos), those at BOS kept in the list and zero; one token-embedding
     node per position (wte[token]); logit nodes, most likely first: the top tokens until cumulative
-    probability 0.95, at most 10, each logit minus the mean logit.
+    probability 0.95, at most 10, each logit minus the mean logit. Or the given targets (Targets):
+    every output node reads a vector from ln_f's output at the last position, W_U[t] - mean(W_U) for
+    a logit (--target-tokens), W_U[a] - W_U[b] for a logit difference (--target-diff), a file's vector
+    for a direction (--target-direction); weighted in the influence by the token's probability, by 1
+    for a custom target (id vocab_size, circuit-tracer's virtual index).
     Edge A[t, s]: the direct effect of source s on target t's input (a feature's pre-activation,
     or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
     output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
@@ -55,6 +61,11 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     Completeness score = sum_t (1 - sum_{s error} Â[t, s]) (infl_t + w_t) / sum_t (infl_t + w_t):
     the influence-weighted fraction of the nodes' inputs that comes from non-error nodes.
     Both lie in [0, 1] and are 1 when every error node is zero.
+    Interventions (intervene, generate): a feature's activation a at one position becomes a' (set,
+    scale, add, ablate; silent features too), and the MLP outputs change by (a' - a) x its decoder
+    writes; the rest of the model responds (freeze="none"), or its attention patterns are frozen
+    ("attention"), or it is the replacement model ("all": patterns, LayerNorm scales and every MLP
+    output held, so the logit nodes move by minus the ablated features' edges, exactly).
 
 Differences from circuit-tracer:
 - Error node ids are "{layer}_-1_{pos}" (the feature-node pattern with feature -1): circuit-tracer's
@@ -68,21 +79,25 @@ Differences from circuit-tracer:
   position, and under torchrun each rank computes a share of the rows (circuit-tracer: one device).
   Memory: the kept rows (N x N; capped, (max_features + logits) x N) and one batch's gradients at
   every layer (L·d·T·batch_size numbers), nothing per active feature beyond its rows.
+- Interventions: freeze="all" holds every layer's MLP output (circuit-tracer's constrained_layers
+  chooses which); `layers` instead limits which MLP outputs receive the change. generate keeps no KV
+  cache: each new token re-runs the whole sequence (3 passes: clean, and clean + intervened).
 - Ties: with --max-features, features of equal influence are taken in node order (circuit-tracer's
   unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
   (circuit-tracer's threshold can fall to 0 there and keep them).
 """
 import json
 import os
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
+from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, Acts, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
                  check_same_model, compute_init, load_tokenizer, load_transcoder, make_mesh, parse_config, run_main, write_json)
 
 # -----------------------------------------------------------------------------
@@ -93,7 +108,7 @@ from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, CrossLayerTranscoder, Frozen, Me
 class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
     out: str = "runs/graph"  # output directory
@@ -106,6 +121,10 @@ class GraphConfig:
     max_logits: int = 10  # at most this many logit nodes
     logit_prob: float = 0.95  # logit nodes until this cumulative probability
     position_nodes: bool = False  # position embeddings as nodes of their own, not biases (not circuit-tracer's)
+    # output nodes: the most likely tokens unless one of these is given
+    target_diff: str = ""  # attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"
+    target_tokens: str = ""  # attribute these tokens' logits: "A|B|...", each one token
+    target_direction: str = ""  # attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor
     # pruning
     node_threshold: float = 0.8  # keep nodes up to this cumulative influence
     edge_threshold: float = 0.98  # keep edges up to this cumulative influence
@@ -113,14 +132,32 @@ class GraphConfig:
 
 @dataclass
 class InterveneConfig:
-    """scale features' decoder writes in the real model and print how the prediction changes"""
+    """change CLT features' activations and print how the next-token prediction changes"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    feature: str = ""  # the feature LAYER/POS/ID, or several, comma-separated
-    scale: float = 0.0  # multiply its decoder writes by this (0 ablate, -1 flip, >1 steer)
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     top: int = 10  # rows of probability changes to print
+
+
+@dataclass
+class GenerateConfig:
+    """continue a prompt with the plain model and under interventions, side by side"""
+    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
+    every_token: bool = False  # also apply the interventions at POS -1 at every generated token
+    max_new_tokens: int = 20  # tokens to generate
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_k: int = 0  # sample from the top k tokens only; 0 = all
+    seed: int = 0  # random seed for sampling (both continuations draw alike)
 
 
 # -----------------------------------------------------------------------------
@@ -211,24 +248,31 @@ def local_replacement(model, clt, idx):
 
 
 @torch.no_grad()
-def target_inputs(model, clt, rep, feats, logit_ids, resid=None, mlp_out=None):
-    """The targets' inputs in the frozen replacement model fed with the given sources (defaults:
-    the prompt's): (n,) feature pre-activations and (k,) logits minus the mean logit. mlp_out holds
-    the fixed part of each MLP output (features, errors, b_dec); a skip connection adds its live term
-    mlp_in[l] @ W_skip[l], linear in the sources below: it is a path of the model, not a node."""
-    resid = rep.token + rep.position if resid is None else resid  # (T, d)
-    fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
+def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True):
+    """Run idx (1, T) through the frozen replacement model whose MLP outputs are fixed (T, L, d) (features,
+    errors, b_dec, changes) plus, with a skip connection, its live term mlp_in[l] @ W_skip[l]: linear in
+    the stream below, a path of the model, not a node (at BOS too). resid: (1, T, d) instead of the
+    embedding. -> (logits (1, T, V) or None, Acts)."""
     mlp_out = fixed
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
     for _ in range(clt.config.n_layers if clt.W_skip is not None else 0):
-        mlp_in = model.run_with_acts(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, resid=resid[None],
+        mlp_in = model.run_with_acts(idx, mlp_out=mlp_out[None], frozen=frozen, resid=resid,
                                      logits=False)[1].mlp_in[0]  # (T, L, d)
-        mlp_out = fixed + skip_output(clt, mlp_in)  # at BOS too: the skip path is the model's, not a node's
-    logits, acts = model.run_with_acts(rep.idx, mlp_out=mlp_out[None], frozen=rep.frozen, resid=resid[None])
-    logits = logits[0, -1]
+        mlp_out = fixed + skip_output(clt, mlp_in)
+    return model.run_with_acts(idx, mlp_out=mlp_out[None], frozen=frozen, resid=resid, logits=logits)
+
+
+def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
+    """The targets' inputs in the frozen replacement model fed with the given sources (defaults:
+    the prompt's): (n,) feature pre-activations and (k,) output targets, vectors (k, d) dotted with
+    ln_f's output at the last position (a logit minus the mean logit: W_U[t] - mean(W_U)). mlp_out
+    holds the fixed part of each MLP output (features, errors, b_dec); replacement_forward adds the skip term."""
+    resid = rep.token + rep.position if resid is None else resid  # (T, d)
+    fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
+    _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
     pre = clt.pre_acts(acts.mlp_in[0])  # (T, L, F)
     l, p, f = feats.T
-    return pre[p, l, f], (logits - logits.mean())[logit_ids]
+    return pre[p, l, f], vectors @ acts.ln_f_out[0, -1]
 
 
 def salient_logits(logits, max_logits, logit_prob):
@@ -236,6 +280,32 @@ def salient_logits(logits, max_logits, logit_prob):
     probs, ids = logits.softmax(-1).topk(min(max_logits, logits.numel()))
     k = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
     return ids[:k], probs[:k]
+
+
+@dataclass
+class Targets:
+    """A graph's output nodes: each reads a vector (d,) from ln_f's output at the last position, where
+    the unembedding reads (circuit-tracer's logit targets and custom targets)."""
+    ids: torch.Tensor  # (k,) token ids; a custom target gets vocab_size + i (circuit-tracer's virtual index)
+    vectors: torch.Tensor  # (k, d) what each reads: W_U[t] - mean(W_U) for a token's logit minus the mean logit
+    weights: torch.Tensor  # (k,) their weights in the influence: a token's probability, 1 for a custom target
+    labels: list  # (k,) the node's text in the front end; "" = the token's ('Output " x" (p=...)')
+
+
+def token_targets(model, logits, ids):
+    """The logits of tokens ids (k,) minus the mean logit, weighted by their probabilities under logits (V,)."""
+    W = model.wte.weight.detach()  # (V, d) the unembedding, tied
+    return Targets(ids, W[ids] - W.mean(0), logits.softmax(-1)[ids], [""] * len(ids))
+
+
+def custom_target(model, vector, label):
+    """One target reading vector (d,) (a logit difference: W_U[a] - W_U[b]), weight 1."""
+    d = model.config.n_embd
+    if vector.shape != (d,):
+        raise ValueError(f"a target direction must have shape ({d},) (the model's n_embd), got {tuple(vector.shape)}")
+    W = model.wte.weight
+    ids = torch.tensor([model.config.vocab_size], device=W.device)
+    return Targets(ids, vector.to(W.device, W.dtype)[None], torch.ones(1, device=W.device, dtype=W.dtype), [label])
 
 
 # -----------------------------------------------------------------------------
@@ -304,11 +374,6 @@ class Attribution:
         """(B, d) what the pre-activations of features ids read from mlp_in, in raw units."""
         l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
         return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
-
-    def unembed(self, token_ids):
-        """(k, d) what the logits minus the mean logit read from ln_f's output (W_U = wte, tied)."""
-        W = self.model.wte.weight.detach()
-        return W[token_ids] - W.mean(0)
 
     @torch.no_grad()
     def rows(self, layers, positions, vectors, out):
@@ -437,12 +502,14 @@ class Graph:
     tokens: list  # the T input token ids
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
     acts: torch.Tensor  # (n,) their activations
-    logit_ids: torch.Tensor  # (k,) the logit nodes' tokens
-    logit_probs: torch.Tensor  # (k,) their probabilities
+    logit_ids: torch.Tensor  # (k,) the output nodes' tokens (vocab_size + i: a custom target, see Targets)
+    logit_probs: torch.Tensor  # (k,) their weights: the tokens' probabilities, 1 for a custom target
     adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
     n_layers: int
     n_active: int  # active features before --max-features
     position_nodes: bool = False  # the position embeddings are nodes (after the tokens), not biases
+    target_vectors: Optional[torch.Tensor] = None  # (k, d) what each output node reads from ln_f's output
+    target_labels: list = field(default_factory=list)  # (k,) their front-end text, "" for a token's logit
 
     def slices(self):
         n, T, L = len(self.feats), len(self.tokens), self.n_layers
@@ -459,7 +526,7 @@ class Graph:
 
 def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: str = "", max_features: int = -1,
               batch_size: int = 256, max_logits: int = 10, logit_prob: float = 0.95, update_interval: int = 4,
-              position_nodes: bool = False, mesh: Optional[Mesh] = None) -> Graph:
+              position_nodes: bool = False, mesh: Optional[Mesh] = None, targets: Optional[Targets] = None) -> Graph:
     """The attribution graph of the replacement model rep (local_replacement's).
 
     Args:
@@ -470,6 +537,7 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         position_nodes: make the position embeddings nodes instead of biases.
         mesh: under torchrun, each rank of mesh.dp_group computes a share of every round's rows and
             one all-reduce gives every rank all of them (each rank runs local_replacement itself).
+        targets: the output nodes (token_targets, custom_target); None: the salient logits.
     Returns:
         Graph with the dense (N, N) adjacency, unpruned.
     """
@@ -477,10 +545,11 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     n, (T, L, _) = len(rep.feats), rep.mlp_out.shape
     cap = n if max_features < 0 else min(max_features, n)
     device = rep.feats.device
-    # Phase 1: the logit nodes and the sources' vectors
-    logit_ids, logit_probs = salient_logits(rep.logits, max_logits, logit_prob)
+    # Phase 1: the output nodes (the salient logits unless given) and the sources' vectors
+    if targets is None:
+        targets = token_targets(model, rep.logits, salient_logits(rep.logits, max_logits, logit_prob)[0])
     att = Attribution(model, clt, rep, position_nodes)
-    k, n_src = len(logit_ids), att.n_sources
+    k, n_src = len(targets.ids), att.n_sources
     # uncapped, A itself, filled in place: feature rows in node order, the zero rows of the nodes
     # without inputs (errors, embeddings), the logit rows; capped, only the targets' rows, in the
     # order computed, with every active feature's column (the ranking reads them all)
@@ -492,10 +561,10 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
     # Phase 2: the logit rows, one pass (every rank: cheaper than sending them)
     last = torch.full((k,), T - 1, device=device)
-    att.rows(torch.full((k,), L, device=device), last, att.unembed(logit_ids), rows[-k:, :n_src])
+    att.rows(torch.full((k,), L, device=device), last, targets.vectors, rows[-k:, :n_src])
     # Phase 3: the feature rows, in rounds; uncapped, one round of all features in node order
     weights = rows.new_zeros(n_src + k)
-    weights[n_src:] = logit_probs.to(rows.dtype)
+    weights[n_src:] = targets.weights.to(rows.dtype)
     todo = torch.ones(n, dtype=torch.bool, device=device)
     done = 0
     bar = tqdm(total=cap, desc="feature rows", disable=cap <= batch_size or mesh.dp_rank != 0)
@@ -530,19 +599,19 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         A[-k:] = rows[-k:, cols]
         rows = A
     ids = kept.values
-    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], logit_ids, logit_probs, rows, L, n,
-                 position_nodes)
+    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], targets.ids, targets.weights, rows, L, n,
+                 position_nodes, targets.vectors, targets.labels)
 
 
 @torch.no_grad()
 def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
-    feats, logit_ids = graph.feats.to(rep.idx.device), graph.logit_ids.to(rep.idx.device)
-    inputs = torch.cat(target_inputs(model, clt, rep, feats, logit_ids))
+    feats, vectors = graph.feats.to(rep.idx.device), graph.target_vectors.to(rep.idx.device)
+    inputs = torch.cat(target_inputs(model, clt, rep, feats, vectors))
     resid = rep.position * (not graph.position_nodes)  # (T, d) what the embedding keeps with every node at zero
     mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) no features: b_dec only
     mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its whole MLP output is bias, but for the live skip term
-    bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, resid, mlp_out))
+    bias = torch.cat(target_inputs(model, clt, rep, feats, vectors, resid, mlp_out))
     s = graph.slices()
     A = graph.adjacency.to(inputs.device)
     total = torch.cat([A[s.features].sum(1), A[s.logits].sum(1)]) + bias
@@ -658,7 +727,7 @@ def node_record(**fields):
 def node_records(graph, enc, explanations, cumulative, infl):
     """One dict per node, in the node order of the adjacency."""
     T, L, nodes = len(graph.tokens), graph.n_layers, []
-    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
+    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):  # circuit-tracer labels PLT features so too
         nodes.append(node_record(node_id=f"{l}_{f}_{p}", feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l),
                                  ctx_idx=p, feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
                                  activation=a, clerp=explanations.get((l, f), "")))
@@ -672,11 +741,12 @@ def node_records(graph, enc, explanations, cumulative, infl):
     for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
         nodes.append(node_record(node_id=f"E_-1_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
                                  jsNodeId=f"E_-1-{p}", clerp=f"position {p}"))
-    for i, (t, prob) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())):
+    labels = graph.target_labels or [""] * len(graph.logit_ids)
+    for i, (t, prob, label) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)):
         s = token_str(enc, t) if enc else str(t)
         nodes.append(node_record(node_id=f"{L + 1}_{t}_{T - 1}", feature=t, layer=str(L + 1), ctx_idx=T - 1,
                                  feature_type="logit", jsNodeId=f"L_{t}-{T - 1}", token_prob=prob,
-                                 is_target_logit=i == 0, clerp=f'Output "{s}" (p={prob:.3f})'))
+                                 is_target_logit=i == 0, clerp=label or f'Output "{s}" (p={prob:.3f})'))
     for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
         node.update(influence=c, influence_raw=r)
     return nodes
@@ -693,12 +763,15 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w)
              for s, t, w in zip(src.tolist(), dst.tolist(), A[dst, src].tolist())]
     prompt_tokens = [token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens]
-    meta = dict(slug=cfg.slug, scan=os.path.basename(os.path.normpath(clt_name)), transcoder_list=[],
+    # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its server
+    # reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
+    meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[],
                 prompt_tokens=prompt_tokens, prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
                 pruning_settings=dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold),
                 info=dict(model=model_name, clt=clt_name, replacement_score=replacement,
                           completeness_score=completeness, n_active_features=graph.n_active,
-                          n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes))
+                          n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes,
+                          targets=[nd["clerp"] for nd in nodes if nd["feature_type"] == "logit"]))
     qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
     os.makedirs(cfg.out, exist_ok=True)
     kept = [nd for nd, m in zip(nodes, node_mask.tolist()) if m]
@@ -714,7 +787,8 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     tensors = {"adjacency": A.float().contiguous(), "influence": infl.float(), "node_mask": node_mask,
                "edge_mask": edge_mask, "features": graph.feats.cpu().contiguous(),
                "activations": graph.acts.float().cpu(), "input_tokens": torch.tensor(graph.tokens),
-               "logit_tokens": graph.logit_ids.cpu(), "logit_probabilities": graph.logit_probs.float().cpu()}
+               "logit_tokens": graph.logit_ids.cpu(), "logit_probabilities": graph.logit_probs.float().cpu(),
+               "target_vectors": graph.target_vectors.float().cpu().contiguous()}
     with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     table = [nd | dict(index=i, kept=m) for i, (nd, m) in enumerate(zip(nodes, node_mask.tolist()))]
@@ -723,51 +797,219 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
 
 
 # -----------------------------------------------------------------------------
-# interventions: check a hypothesis read off a graph on the real model
+# interventions: check a hypothesis read off a graph, in the real model or in the replacement model
+
+MODES = ("set", "scale", "add", "ablate")
+FREEZE = ("none", "attention", "all")
 
 
-def parse_features(spec, L, T, F_):
-    """"LAYER/POS/ID[,LAYER/POS/ID...]" -> (n, 3) long tensor."""
+@dataclass
+class Intervention:
+    """One change to one CLT feature at one position of the prompt."""
+    layer: int  # the feature's layer
+    pos: int  # its position in the prompt, BOS = 0; negative counts from the end (-1: the last token)
+    feature: int  # its id in the layer
+    mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
+    value: float = 0.0  # set: the new activation; scale: the factor; add: the shift; ablate: unused
+
+    def new_activation(self, a):
+        """The feature's activation after the change, from its clean activation a."""
+        if self.mode == "set":
+            return torch.full_like(a, self.value)
+        if self.mode == "scale":
+            return a * self.value
+        if self.mode == "add":
+            return a + self.value
+        return torch.zeros_like(a)
+
+
+class Intervened(NamedTuple):
+    """What run_intervened returns: both runs of the prompt, and the changed features' activations."""
+    clean_logits: torch.Tensor  # (T, V)
+    logits: torch.Tensor  # (T, V) with the interventions
+    clean: Acts  # the clean run's activations (batch 1)
+    acts: Acts  # the intervened run's: its mlp_out holds the changed MLP outputs
+    old: torch.Tensor  # (n,) each changed feature's clean activation (the CLT encoder's)
+    new: torch.Tensor  # (n,) what it was set to
+
+
+def check_interventions(interventions, L, T, F_):
+    """-> (n, 3) long tensor of (layer, position in 0..T-1, feature); ValueError naming the fix on bad ones."""
+    out = []
+    for iv in interventions:
+        name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
+        if iv.mode not in MODES:
+            raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
+        if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
+            raise ValueError(f"{name}: need 0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS "
+                             f"included) and 0 <= feature < {F_}")
+        out.append((iv.layer, iv.pos % T, iv.feature))
+    if len(set(out)) < len(out):
+        raise ValueError(f"a feature is changed twice in {[f'{l}/{p}/{f}' for l, p, f in out]}: give each "
+                         f"(layer, pos, feature) once, with the value it should end up at")
+    return torch.tensor(out, dtype=torch.long).view(-1, 3)
+
+
+def parse_interventions(spec, n_layers=None, n_tokens=None, n_features=None):
+    """The command line's interventions -> [Intervention]: comma-separated LAYER/POS/FEATURE then
+    =VALUE (set), *X (scale), +X (add) or :ablate (=0 too), e.g. "3/-1/123=5,0/2/7:ablate". With the
+    sizes given, layers, positions and features out of range are refused as intervene refuses them."""
     out = []
     for one in spec.split(","):
-        parts = one.strip().split("/")
-        if len(parts) != 3 or not all(x.lstrip("-").isdigit() for x in parts):
-            raise ValueError(f"--feature must be LAYER/POS/ID (comma-separated for several), e.g. 3/5/123, got {spec!r}")
-        l, p, f = map(int, parts)
-        if not (0 <= l < L and 0 <= p < T and 0 <= f < F_):
-            raise ValueError(f"--feature {one}: need 0 <= layer < {L}, 0 <= pos < {T} (prompt tokens), 0 <= id < {F_}")
-        out.append((l, p, f))
-    return torch.tensor(out)
+        m = re.fullmatch(r"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*(\S+)|:\s*(ablate))\s*", one)
+        value = None
+        if m and m.group(5) is not None:
+            try:
+                value = float(m.group(5))
+            except ValueError:
+                value = None
+        if not m or (m.group(6) is None and value is None):
+            raise ValueError(f"--intervene {one.strip()!r}: write LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) "
+                             f"or :ablate, comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate")
+        l, p, f = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
+        out.append(Intervention(l, p, f, mode, 0.0 if mode == "ablate" else value))
+    if n_layers is not None:
+        check_interventions(out, n_layers, n_tokens, n_features)
+    return out
 
 
-@torch.no_grad()
-def intervene(model, clt, idx, feats, scale):
-    """Run the real model with the decoder writes of features feats (n, 3) (layer, pos, id) times
-    scale: MLP output l' >= layer at pos gets (scale - 1)·a·W_dec[layer][id, l' - layer] more, its
-    activation a taken from the clean run. Later MLPs and attention respond as they do.
-    -> (clean logits (V,), new logits (V,), activations (n,))."""
-    check_compatible(model, clt)
-    logits, acts = model.run_with_acts(idx)
-    a = clt.encode(acts.mlp_in[0])  # (T, L, F)
-    l, p, f = feats.to(a.device).T
-    for i in (a[p, l, f] == 0).nonzero()[:, 0].tolist():
-        here = a[p[i], l[i]]
-        top = [f"{j} ({v:.3g})" for v, j in zip(*here.topk(min(5, int((here != 0).sum()))))] if here.any() else []
-        raise ValueError(f"feature {l[i]}/{p[i]}/{f[i]} does not fire on this prompt; active there: {top or 'none'}")
-    delta = reconstruct(clt, feats.to(a.device), (scale - 1) * a[p, l, f], idx.size(1), bias=False)  # (T, L, d)
+def intervention_delta(clt, mlp_in, interventions, layers=None):
+    """The change of every MLP output (T, L, d) that the interventions make, from the clean run's MLP
+    inputs mlp_in (T, L, d) -> (delta, old activations (n,), new activations (n,)). A feature of layer l
+    at p with activation a -> a' adds (a' - a)·W_dec[l][f, l' - l] / output_scale[l'] to mlp_out[l'] at p
+    for every layer l' it writes to (only l' in layers = (start, end), start <= l' < end, if given)."""
+    T, L, _ = mlp_in.shape
+    feats = check_interventions(interventions, L, T, clt.config.n_features).to(mlp_in.device)
+    l, p, f = feats.T
+    start, end = (0, L) if layers is None else layers
+    if not 0 <= start < end <= L:
+        raise ValueError(f"layers={layers}: need 0 <= start < end <= {L} (the change reaches mlp_out[start:end])")
+    a = clt.encode(mlp_in[p])  # (n, L, F): only the changed features' positions (encoding is per token)
+    old = a[torch.arange(len(feats), device=a.device), l, f]  # (n,)
+    new = torch.stack([iv.new_activation(x) for iv, x in zip(interventions, old)]) if len(feats) else old
+    delta = reconstruct(clt, feats, new - old, T, bias=False)  # (T, L, d)
+    delta[:, :start] = 0
+    delta[:, end:] = 0
+    return delta, old, new
 
+
+def forward_with_mlp_change(model, idx, delta, frozen=None):
+    """Run idx (1, T) with delta[:, l] (T, L, d) added to the output of every MLP, which still computes
+    its output from its own input (frozen: attention patterns to reuse, or None) -> (logits, Acts)."""
     def adds(layer):  # a forward hook that adds the change of layer's MLP output
         def hook(module, inputs, out):
             return out + delta[:, layer]
         return hook
 
-    handles = [block.mlp.register_forward_hook(adds(i)) for i, block in enumerate(model.h)]
+    handles = [block.mlp.register_forward_hook(adds(l)) for l, block in enumerate(model.h)]
     try:
-        new = model(idx)
+        return model.run_with_acts(idx, frozen=frozen)
     finally:
         for h in handles:
             h.remove()
-    return logits[0, -1], new[0, -1], a[p, l, f]
+
+
+@torch.no_grad()
+def run_intervened(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list,
+                   freeze: str = "none", layers: Optional[tuple] = None) -> Intervened:
+    """intervene's two runs with their activations (see intervene)."""
+    check_compatible(model, clt)
+    model.check_input(idx)
+    if idx.size(0) != 1:
+        raise ValueError(f"intervene on one prompt at a time, got a batch of {idx.size(0)}")
+    if freeze not in FREEZE:
+        raise ValueError(f"freeze={freeze!r}: use one of {', '.join(FREEZE)}")
+    clean_logits, clean = model.run_with_acts(idx)
+    delta, old, new = intervention_delta(clt, clean.mlp_in[0], interventions, layers)
+    L = len(model.h)
+    if freeze == "all":  # the local replacement model: every MLP output held at the clean run's, plus the change
+        fixed = clean.mlp_out[0] - skip_output(clt, clean.mlp_in[0]) + delta  # (T, L, d)
+        logits, acts = replacement_forward(model, clt, idx, clean.frozen, fixed)
+    else:
+        frozen = Frozen(clean.frozen.attn, [None] * L, [None] * L) if freeze == "attention" else None
+        logits, acts = forward_with_mlp_change(model, idx, delta, frozen)
+    return Intervened(clean_logits[0], logits[0], clean, acts, old, new)
+
+
+def intervene(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list, freeze: str = "none",
+              layers: Optional[tuple] = None) -> tuple:
+    """Change CLT features' activations and run the model: the test of a hypothesis read off a graph.
+
+    Each Intervention moves the activation a of one feature at one position to a' (set: value, scale:
+    a·value, add: a + value, ablate: 0); a is the CLT encoder's on the clean run's MLP inputs (at BOS
+    too, where graphs have no features; a silent feature has a = 0, so set and add steer with it). The
+    MLP outputs then change by (a' - a) × the feature's decoder writes (clt.decoder_writes) at every
+    layer it writes to, or only at the layers in `layers`. Several interventions add their changes.
+
+    Args:
+        idx: (1, T) token ids, BOS first.
+        interventions: [Intervention], each (layer, pos, feature) at most once.
+        freeze: what stays as in the clean run.
+            "none": nothing, the real model's view. Attention, LayerNorm and every later MLP respond
+                to the change; each MLP output is the real MLP's output on its new input plus the change
+                (so the CLT's error is not held: later MLPs, not later CLT features, respond).
+            "attention": attention patterns frozen at the clean run's; LayerNorm and MLPs respond.
+            "all": the local replacement model's view, as circuit-tracer's feature_intervention with
+                freeze_attention and every layer constrained: attention patterns and LayerNorm scales
+                frozen, every MLP output held at the clean one plus the change (features and errors
+                held, none recomputed; a skip connection stays live, as in the graph). The model is
+                then linear: ablating a graph's feature moves each logit node by minus its edge.
+        layers: None (all), or (start, end): only mlp_out[start:end] get the change.
+    Returns:
+        (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
+    """
+    out = run_intervened(model, clt, idx, interventions, freeze, layers)
+    return out.clean_logits, out.logits
+
+
+def pick(logits, temperature, top_k, generator):
+    """The next token (1,) from logits (V,): the most likely at temperature 0, else sampled from
+    softmax(logits / temperature) over the top_k tokens (0: all of them)."""
+    if temperature <= 0:
+        return logits.argmax()[None]
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, len(logits))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0, every_token: bool = False, freeze: str = "none",
+             layers: Optional[tuple] = None) -> tuple:
+    """Continue the prompt idx (1, T) twice: with the plain model and under the interventions.
+
+    The interventions' positions refer to the prompt. Each new token of the intervened continuation
+    is read off intervene's logits on the sequence so far (freeze and layers as there, relative to
+    the clean run of that sequence). every_token: the interventions at the prompt's last position
+    (pos -1 or T - 1) are applied at every generated position as well, the same change of the same
+    feature: steering the whole continuation; those at other positions stay where they are.
+    Sampling (temperature > 0) draws both continuations from generators seeded alike, so an
+    intervention that changes nothing changes no token. No KV cache: each step re-runs the whole
+    sequence (one plain pass for the clean continuation, a clean and an intervened pass for the other),
+    3 forward passes of up to T + max_new_tokens positions per token: O(N (T + N)) token-positions
+    for N new tokens, cheap at the tiny model's size.
+    Returns:
+        (clean ids (1, T + N), intervened ids (1, T + N)).
+    """
+    T = idx.size(1)
+    if T + max_new_tokens > model.config.n_ctx:
+        raise ValueError(f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
+                         f"n_ctx={model.config.n_ctx}: generate fewer tokens or shorten the prompt")
+    feats = check_interventions(interventions, clt.config.n_layers, T, clt.config.n_features)
+    fixed = [replace(iv, pos=p) for iv, p in zip(interventions, feats[:, 1].tolist())]
+    repeated = [iv for iv in fixed if iv.pos == T - 1] if every_token else []
+    generators = [torch.Generator(device=idx.device).manual_seed(seed) for _ in range(2)]
+    clean, steered = idx, idx
+    for _ in range(max_new_tokens):
+        here = fixed + [replace(iv, pos=p) for iv in repeated for p in range(T, steered.size(1))]
+        logits = model(clean)[0, -1]  # (V,)
+        new = intervene(model, clt, steered, here, freeze, layers)[1][-1]  # (V,)
+        clean = torch.cat([clean, pick(logits, temperature, top_k, generators[0])[None]], 1)
+        steered = torch.cat([steered, pick(new, temperature, top_k, generators[1])[None]], 1)
+    return clean, steered
 
 
 # -----------------------------------------------------------------------------
@@ -779,12 +1021,55 @@ def load(cfg, device):
         raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
                                 f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
     model = GPT.from_pretrained(cfg.model)
-    clt = load_transcoder(cfg.clt, model).to(device)  # ours, or SAELens's per-layer transcoders
+    clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
     model = model.to(device)
     check_compatible(model, clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
+
+
+def one_token(enc, text, flag):
+    """The id of text, which must be exactly one token."""
+    ids = enc.encode(text, allowed_special={ENDOFTEXT})
+    if len(ids) != 1:
+        pieces = [token_str(enc, t) for t in ids]
+        raise ValueError(f"{flag}: {text!r} is {len(ids)} tokens {pieces}, not one: give tokens the tokenizer keeps "
+                         f"whole (mind the leading space: ' x' and 'x' are different tokens)")
+    return ids[0]
+
+
+def build_targets(cfg, model, enc, rep):
+    """The command line's output nodes -> Targets, or None for the salient logits."""
+    given = [name for name in ("target_diff", "target_tokens", "target_direction") if getattr(cfg, name)]
+    if len(given) > 1:
+        raise ValueError(f"give one of --target-diff, --target-tokens, --target-direction, not {given}")
+    device = rep.idx.device
+    if cfg.target_diff:
+        texts = cfg.target_diff.split("|")
+        if len(texts) != 2:
+            raise ValueError(f"--target-diff {cfg.target_diff!r}: give two tokens as A|B, e.g. ' Paris| London'")
+        a, b = (one_token(enc, x, "--target-diff") for x in texts)
+        W = model.wte.weight.detach()
+        label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
+        return custom_target(model, W[a] - W[b], label)  # the mean logit cancels
+    if cfg.target_tokens:
+        ids = [one_token(enc, x, "--target-tokens") for x in cfg.target_tokens.split("|")]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"--target-tokens {cfg.target_tokens!r} names a token twice: give each once")
+        return token_targets(model, rep.logits, torch.tensor(ids, device=device))
+    if cfg.target_direction:
+        if not os.path.exists(cfg.target_direction):
+            raise FileNotFoundError(f"no direction file {cfg.target_direction}: save one with "
+                                    f"safetensors.torch.save_file({{'direction': v}}, path), v of shape (n_embd,)")
+        tensors = load_file(cfg.target_direction)
+        if len(tensors) != 1:
+            raise ValueError(f"{cfg.target_direction} holds {len(tensors)} tensors {sorted(tensors)}: "
+                             f"save exactly one, of shape ({model.config.n_embd},)")
+        name, = tensors
+        label = f"Output direction {os.path.basename(cfg.target_direction)}:{name} (at ln_f's output)"
+        return custom_target(model, next(iter(tensors.values())).to(device), label)
+    return None
 
 
 def run_graph(cfg):
@@ -798,14 +1083,15 @@ def run_graph(cfg):
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
     graph = attribute(model, clt, rep, cfg.prompt, cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob,
-                      cfg.update_interval, cfg.position_nodes, mesh)
+                      cfg.update_interval, cfg.position_nodes, mesh, build_targets(cfg, model, enc, rep))
     seconds = time.perf_counter() - t0
     if rank != 0:
         return
     err, scale = exactness(model, clt, rep, graph)
     replacement, completeness, n_nodes, n_links = save_graph(graph, cfg, enc, cfg.model, cfg.clt)
-    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())
-    top = ", ".join(f"{token_str(enc, t)!r} {p:.3f}" for t, p in probs)
+    labels = graph.target_labels or [""] * len(graph.logit_ids)
+    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
+    top = ", ".join(label or f"{token_str(enc, t)!r} {p:.3f}" for t, p, label in probs)
     capped = " [capped: dropped features' edges are missing]" if len(graph.feats) < graph.n_active else ""
     print(f"prompt: {len(graph.tokens)} tokens | active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
           f" | logits: {top}")
@@ -815,25 +1101,59 @@ def run_graph(cfg):
           f"{n_nodes} nodes, {n_links} links -> {cfg.out}/{cfg.slug}.json")
 
 
+def parse_layers(text, L):
+    """"START:END" (either side may be empty) -> (start, end), or None for ""."""
+    if not text.strip():
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(x.strip().lstrip("-").isdigit() or not x.strip() for x in parts):
+        raise ValueError(f"--layers {text!r}: write START:END (mlp_out[START:END] get the change), e.g. 1:3 or 2:")
+    start = int(parts[0]) if parts[0].strip() else 0
+    end = int(parts[1]) if parts[1].strip() else L
+    return start, end
+
+
 def run_intervene(cfg):
     print(asdict(cfg))
     model, clt, enc, idx = load(cfg, cfg.device)
-    if not cfg.feature:
-        raise ValueError("intervene needs --feature LAYER/POS/ID")
-    feats = parse_features(cfg.feature, clt.config.n_layers, idx.size(1), clt.config.n_features)
-    clean, new, a = intervene(model, clt, idx, feats, cfg.scale)
-    p0, p1 = clean.softmax(-1), new.softmax(-1)
-    for (l, p, f), act in zip(feats.tolist(), a.tolist()):
-        print(f"feature {l}/{p}/{f}: activation {act:.3g} on {token_str(enc, idx[0, p].item())!r}, "
-              f"decoder writes x {cfg.scale:g}")
+    if not cfg.intervene.strip():
+        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate), e.g. 3/-1/123=5")
+    ivs = parse_interventions(cfg.intervene, clt.config.n_layers, idx.size(1), clt.config.n_features)
+    out = run_intervened(model, clt, idx, ivs, cfg.freeze, parse_layers(cfg.layers, clt.config.n_layers))
+    for iv, a, b in zip(ivs, out.old.tolist(), out.new.tolist()):
+        print(f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token_str(enc, idx[0, iv.pos].item())!r}: "
+              f"activation {a:.3g} -> {b:.3g} ({iv.mode} {iv.value:g}) | freeze {cfg.freeze}")
+    p0, p1 = out.clean_logits[-1].softmax(-1), out.logits[-1].softmax(-1)
     print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
     for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
         print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
 
 
+def run_generate(cfg):
+    print(asdict(cfg))
+    model, clt, enc, idx = load(cfg, cfg.device)
+    L = clt.config.n_layers
+    ivs = parse_interventions(cfg.intervene, L, idx.size(1), clt.config.n_features) if cfg.intervene.strip() else []
+    t0 = time.perf_counter()
+    clean, steered = generate(model, clt, idx, ivs, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
+                              cfg.every_token, cfg.freeze, parse_layers(cfg.layers, L))
+    seconds = time.perf_counter() - t0
+    T = idx.size(1)
+    print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
+    for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
+        print(f"{i + 1:4d} | {token_str(enc, a)!r:>16} | {token_str(enc, b)!r:>16}{'' if a == b else '  *'}")
+    print(f"prompt:     {cfg.prompt!r}")
+    print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
+    print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
+    print(f"{cfg.max_new_tokens} tokens in {seconds:.2f} s ({cfg.max_new_tokens / max(seconds, 1e-9):.1f} tok/s for "
+          f"both continuations, no KV cache: each step re-runs the whole sequence)")
+
+
 def main(argv=None):
-    command, cfg = parse_config(__doc__, {"graph": GraphConfig, "intervene": InterveneConfig}, argv, default="graph")
-    (run_intervene if command == "intervene" else run_graph)(cfg)
+    commands = {"graph": (GraphConfig, run_graph), "intervene": (InterveneConfig, run_intervene),
+                "generate": (GenerateConfig, run_generate)}
+    command, cfg = parse_config(__doc__, {name: c for name, (c, _) in commands.items()}, argv, default="graph")
+    commands[command][1](cfg)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

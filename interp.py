@@ -953,7 +953,7 @@ def plot_summary(path, stats, scores, summary):
             shares = [(table.get(n) or {}).get("share") or 0.0 for n in names]
             ax[1, 1].bar(np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width, shares, width, label=label)
         ax[1, 1].set_xticks(range(len(names)), [f"{n}\n({concepts['by_family'][n]['concepts']})" for n in names])
-        ax[1, 1].set(title=f"toy world: share of concepts with a feature of F1 >= {concepts['f1_threshold']}",
+        ax[1, 1].set(title=f"planted concepts with a feature of F1 >= {concepts['f1_threshold']}",
                      ylabel="share recovered", ylim=(0, 1.02))
         ax[1, 1].legend(fontsize=7)
     else:

@@ -60,7 +60,7 @@ def test_replacement_reproduces_logits(built):
     assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
     assert not rep.error[0].any()  # nor errors: the MLP outputs at BOS are bias
     torch.testing.assert_close((rep.recon + rep.error)[1:], rep.mlp_out[1:], atol=1e-6, rtol=0)
-    pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
+    pre, _ = G.target_inputs(model, clt, rep, rep.feats, model.wte.weight[:1])
     l, p, f = rep.feats.T
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
     a = torch.zeros(T, L, F_)
@@ -96,8 +96,8 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None,
         resid[embed] += eps * rep.token[embed]
     if position is not None:
         resid[position] += eps * rep.position[position]
-    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids))
-    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids, resid, mlp_out))
+    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors))
+    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors, resid, mlp_out))
     return after - before
 
 
@@ -227,10 +227,10 @@ def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
     table = json.loads((tmp_path / "graph" / "nodes.json").read_text())["nodes"]
     assert full["adjacency"].shape == (len(table), len(table)) and sum(n["kept"] for n in table) == len(ids)
     l, f, p = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")["node_id"].split("_")
-    G.main(["intervene"] + args + ["--feature", f"{l}/{p}/{f}", "--scale", "0"])
+    G.main(["intervene"] + args + ["--intervene", f"{l}/{p}/{f}:ablate"])
     assert "p before" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="LAYER/POS/ID"):
-        G.main(["intervene"] + args + ["--feature", "1-2-3"])
+    with pytest.raises(ValueError, match="LAYER/POS/FEATURE"):
+        G.main(["intervene"] + args + ["--intervene", "1-2-3"])
     with pytest.raises(FileNotFoundError, match="python train.py"):
         G.main(args[:2] + ["--clt", str(tmp_path / "nothing")])
 
@@ -264,21 +264,19 @@ def test_intervention_scales_the_decoder_writes(built):
     idx = rep.idx
     last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[:2, 0]  # they write only to the last MLP
     feats, a = rep.feats[last], rep.acts[last]
-    clean, same, _ = G.intervene(model, clt, idx, feats[:1], 1.0)
+    clean, same = G.intervene(model, clt, idx, [G.Intervention(*feats[0].tolist(), "scale", 1.0)])
     torch.testing.assert_close(same, clean, atol=0, rtol=0)
     for scale in (0.0, -1.0):  # ablate both, flip both
-        _, new, act = G.intervene(model, clt, idx, feats, scale)
-        torch.testing.assert_close(act, a)
+        out = G.run_intervened(model, clt, idx, [G.Intervention(*x, "scale", scale) for x in feats.tolist()])
+        torch.testing.assert_close(out.old, a)
         one = torch.zeros(T, L, F_)
         one[feats[:, 1], feats[:, 0], feats[:, 2]] = (scale - 1) * a
         mlp_out = rep.mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))  # the features' writes rescaled
-        torch.testing.assert_close(new, model(idx, mlp_out=mlp_out[None])[0, -1], atol=1e-5, rtol=0)
-        assert (new - clean).abs().max() > 1e-4
+        torch.testing.assert_close(out.logits[-1], model(idx, mlp_out=mlp_out[None])[0, -1], atol=1e-5, rtol=0)
+        assert (out.logits - out.clean_logits).abs().max() > 1e-4
     l, p, f = feats[0].tolist()
-    inactive = (rep.acts.new_ones(F_).index_fill(0, rep.feats[(rep.feats[:, 0] == 0) & (rep.feats[:, 1] == 1), 2], 0)
-                .nonzero()[0, 0].item())
-    with pytest.raises(ValueError, match="does not fire"):
-        G.intervene(model, clt, idx, torch.tensor([[L - 1, p, f], [0, 1, inactive]]), 0.0)
+    with pytest.raises(ValueError, match="changed twice"):
+        G.intervene(model, clt, idx, [G.Intervention(l, p, f), G.Intervention(l, p - T, f, "add", 1.0)])
 
 
 # -----------------------------------------------------------------------------
@@ -287,15 +285,15 @@ def test_intervention_scales_the_decoder_writes(built):
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-def circuit_tracer_reference():
-    """(model, clt, idx, reference tensors, reference JSON) of the committed circuit-tracer fixture."""
-    with open(os.path.join(FIXTURES, "graph_reference.json")) as f:
+def circuit_tracer_reference(name="graph_reference", key="clt"):
+    """(model, transcoder, idx, reference tensors, reference JSON) of a committed circuit-tracer fixture."""
+    with open(os.path.join(FIXTURES, f"{name}.json")) as f:
         meta = json.load(f)
-    ref = load_file(os.path.join(FIXTURES, "graph_reference.safetensors"))
+    ref = load_file(os.path.join(FIXTURES, f"{name}.safetensors"))
     model = C.GPT(C.GPTConfig(**meta["gpt"]))
     model.load_state_dict({k[6:]: v for k, v in ref.items() if k.startswith("model.")})
-    clt = C.CrossLayerTranscoder(C.CLTConfig(**meta["clt"]))
-    clt.load_state_dict({k[4:]: v for k, v in ref.items() if k.startswith("clt.")})
+    clt = C.CrossLayerTranscoder(C.CLTConfig(**meta[key]))
+    clt.load_state_dict({k[len(key) + 1:]: v for k, v in ref.items() if k.startswith(f"{key}.")})
     return model.eval(), clt.eval(), ref["tokens"][None], ref, meta
 
 
@@ -314,7 +312,12 @@ def assert_rows_match(graph, rows, tol=1e-4):
 
 
 def test_matches_circuit_tracer():
-    model, clt, idx, ref, meta = circuit_tracer_reference()
+    assert_matches_circuit_tracer("graph_reference", "clt")
+
+
+def assert_matches_circuit_tracer(name, key):
+    """Our full and capped graphs of fixture `name` are circuit-tracer's: nodes, edges, scores, pruning."""
+    model, clt, idx, ref, meta = circuit_tracer_reference(name, key)
     rep = G.local_replacement(model, clt, idx)
     graph = G.attribute(model, clt, rep, batch_size=7)  # a batch size that splits (layer, position) blocks
     assert torch.equal(graph.feats, ref["features"]) and torch.equal(graph.logit_ids, ref["logit_tokens"])
