@@ -1644,8 +1644,9 @@ def trained_clt(root, cache_dir, name, features, sparsity, cfg):
 
 def bench_recovery(cfg):
     """Recovery per label family vs dictionary size (F = 2d, 8d, 32d) and vs sparsity, with the MLP-neuron and
-    random-CLT baselines, on two generated evaluation sets: the recipe is chosen on the first, reported on
-    the second. Sized for a 2-core CPU: a small training cache and few steps (see the arguments)."""
+    random-CLT baselines and the token-identity oracle (a ceiling for token detectors), on two generated
+    evaluation sets: the recipe is chosen on the first, reported on the second. Sized for a 2-core CPU: a
+    small training cache and few steps (see the arguments)."""
     import interp
     import tiny
     t_start = time.perf_counter()
@@ -1660,11 +1661,11 @@ def bench_recovery(cfg):
     train_cache = cache.ActivationCache(cache_dir, model=model)
     evals = {}
     for seed in (int(s) for s in cfg.recovery_seeds.split(",")):
-        cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
-                                  concept_seed=seed, concept_support=cfg.recovery_support, device=cfg.device,
-                                  chunk_size=2048)
-        ccache = interp.concept_cache(model_dir, model, world, train_cache, cfg)
-        evals[seed] = (cfg, ccache, interp.ConceptLabels(ccache, world, enc, cfg))
+        icfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
+                                   concept_seed=seed, concept_support=cfg.recovery_support, device=cfg.device,
+                                   chunk_size=2048)  # its own name: cfg (the bench's) is read again below
+        ccache = interp.concept_cache(model_dir, model, world, train_cache, icfg)
+        evals[seed] = (icfg, ccache, interp.ConceptLabels(ccache, world, enc, icfg))
     print(f"recovery: caches and labels in {time.perf_counter() - t_start:.0f} s")
     sample = train_cache.read(0, 4096)[0].to(cfg.device)  # training rows: the random CLTs' thresholds
     sets = {"MLP neurons (4d)": partial(interp.neuron_preacts, model)}
@@ -1678,18 +1679,21 @@ def bench_recovery(cfg):
             sets[f"random {name}"] = partial(interp.clt_acts, interp.random_like(t, sample))
     rows = []
     heads = {}
-    for seed, (cfg, ccache, labels) in evals.items():
-        scores = interp.score_concepts(sets, ccache, labels, cfg)
+    oracle = "token identity (oracle)"  # feature t fires on token t: the ceiling of a token detector
+    for seed, (icfg, ccache, labels) in evals.items():
+        scores = interp.score_concepts(sets, ccache, labels, icfg)
+        scores[oracle] = interp.token_scores(ccache, labels, model.config.vocab_size, icfg)
         n_labeled = int(labels.labeled.sum())
         for name, s in scores.items():
-            F_ = runs[name]["features"] if name in runs else s.n_fires.numel() // model.config.n_layer
-            per_concept, _ = interp.best_features(s, labels, F_, cfg)
-            table = interp.family_table(per_concept, labels, s, cfg)
-            heads[name, seed] = dict(interp.headline(table, cfg), table=table,
-                                     l0=s.n_fires.sum().item() / n_labeled / model.config.n_layer)
+            layers = 1 if name == oracle else model.config.n_layer
+            F_ = s.n_fires.numel() // layers
+            per_concept, _ = interp.best_features(s, labels, F_, icfg)
+            table = interp.family_table(per_concept, labels, s, icfg)
+            heads[name, seed] = dict(interp.headline(table, icfg), table=table,
+                                     l0=s.n_fires.sum().item() / n_labeled / layers)
     select, report = list(evals)
     chosen = max(runs, key=lambda n: (heads[n, select]["share_recovered"], heads[n, select]["mean_best_f1"]))
-    for name in sets:
+    for name in [*sets, oracle]:
         r = runs.get(name, {})
         h = heads[name, report]
         rows.append(dict(features=name, F=r.get("features", ""), sparsity=r.get("sparsity", ""),
