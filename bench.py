@@ -244,10 +244,10 @@ def bench_cache(cfg):
     setups.append(("gpt2-small-shape (random)", gpt2, corpus, cfg.gpt2_tokens))
     results = []
     for name, model_dir, corpus, tokens in setups:
-        cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, ctx=64, device=device,
-                                out=os.path.join(cfg.out, name.split()[0]), heldout=0.0)
+        build = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, ctx=64, device=device,
+                                  out=os.path.join(cfg.out, name.split()[0]), heldout=0.0)
         print(f"{name}: {tokens} tokens per cache on {device}, torch threads {torch.get_num_threads()}")
-        results += bench_cache_model(name, cfg, cfg.read_batch)
+        results += bench_cache_model(name, build, cfg.read_batch)
     shutil.rmtree(gpt2)
     return results
 
@@ -623,22 +623,22 @@ def bench_interp(cfg):
     else:
         print("note: runs/clt or runs/cache is missing: timing a random CLT on a random model of the tiny shape")
         name, (model_dir, clt_dir, cache_dir) = "tiny-shape, random CLT", random_interp_setup(cfg)
-    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=cfg.device,
-                              chunk_size=cfg.interp_chunk, out=os.path.join(cfg.out, "interp"))
-    model_dir, model, enc, c, ca = interp.load_inputs(cfg)
+    icfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=cfg.device,
+                               chunk_size=cfg.interp_chunk, out=os.path.join(cfg.out, "interp"))
+    model_dir, model, enc, c, ca = interp.load_inputs(icfg)
     reads = []
     for _ in range(3):  # the first warms the page cache
         t0 = time.perf_counter()
-        for _ in ca.iter_chunks(cfg.chunk_size, split="all"):
+        for _ in ca.iter_chunks(icfg.chunk_size, split="all"):
             pass
         reads.append(time.perf_counter() - t0)
     sync(cfg.device)
     t0 = time.perf_counter()
-    stats, *_ = interp.analyze(model, enc, c, ca, cfg)
+    stats, *_ = interp.analyze(model, enc, c, ca, icfg)
     sync(cfg.device)
     t = time.perf_counter() - t0
     read = min(reads[1:])
-    return [dict(setup=name, tokens=ca.n_tokens, features=stats.L * stats.F, chunk=cfg.chunk_size,
+    return [dict(setup=name, tokens=ca.n_tokens, features=stats.L * stats.F, chunk=icfg.chunk_size,
                  plain_read_s=read, interp_s=t, ratio=t / read, tok_per_s=ca.n_tokens / t)]
 
 
@@ -1626,19 +1626,19 @@ def trained_clt(root, cache_dir, name, features, sparsity, cfg):
     """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, metrics)."""
     import train
     out = os.path.join(root, "clt_" + name.replace("=", "").replace(", ", "_").replace(" ", ""))
-    cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
-                            steps=cfg.recovery_steps, eval_every=-1, ckpt_every=-1, device=cfg.device)
+    tcfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
+                             steps=cfg.recovery_steps, eval_every=-1, ckpt_every=-1, device=cfg.device)
     marker = out + ".json"  # beside the run: what it was trained with and how long it took
     if os.path.exists(marker):
         with open(marker) as f:
             done = json.load(f)
-        if done["config"] == vars(cfg):
+        if done["config"] == vars(tcfg):
             return clt.CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    final = train.train(cfg)
+    final = train.train(tcfg)
     seconds = time.perf_counter() - t0
-    clt.write_json(marker, dict(config=vars(cfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
+    clt.write_json(marker, dict(config=vars(tcfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
     return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
 
 
