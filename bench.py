@@ -12,6 +12,8 @@ timed in the same process, next to the thing it is compared with.
     python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
     python bench.py recovery           # planted concepts a CLT recovers vs its size and sparsity -> assets/recovery.png
     python bench.py faithfulness       # pruned graphs' predicted logit changes vs ablations -> assets/faithfulness.png
+    python bench.py gpu --out runs/bench    # the GPU path in one run, at most 8 minutes -> runs/bench/gpu.json
+    python bench.py gpu --device cpu --quick  # every line of it at the tiny shape on a CPU (~2 min on 2 cores)
 
 Adding a benchmark: write `bench_<name>(cfg) -> list of result dicts` and its flags as a dataclass
 `<Name>Bench(Bench)` (a `# comment` on each field is its --help), and put both in BENCHMARKS. Results
@@ -29,6 +31,19 @@ The cache benchmark measures, per model and dtype:
 - the crc32 checks: the rate of a crc32 pass over the shards, and what it adds to the first epoch
   of a reader (each chunk is checked the first time a row of it is read, never again): raw read
   rate / crc32 rate, in CPU time.
+
+The gpu benchmark is the script to run whenever a GPU is lent: cache.py on CUDA at GPT-2-small shape
+(tokens/s, peak CUDA memory), train.py with bf16 autocast and in fp32 over 200 steps from the same seed
+on the same batches (the largest loss gap in units of the fp32 curve's step-to-step noise, the median
+|loss[t] - loss[t-1]|; step time; MFU = the step's matmul FLOPs / step time / the GPU's dense bf16 peak,
+--peak-tflops or PEAK_TFLOPS by device name), the bf16 run's first 20 steps under `torchrun
+--nproc_per_node=1` with NCCL (its losses against the in-process ones), train.py's step alone against
+matmul, and graph.py (capped) and interp.py on CUDA with a random CLT. Each part runs in a fresh process
+with a time limit: a part that fails or hangs is its own row's error and the rest still run; no part
+starts in the last minute of --budget-s (480 s). The rows so far are in <out>/gpu_partial.json after
+every part, the loss curves in <out>/gpu_curves.json. Without a GPU its rows are unmeasured: on a CPU
+it runs at the tiny shape only as a test of itself (train.py --autocast always puts bf16 on the CPU,
+torchrun uses gloo).
 
 The recovery benchmark trains CLTs of F = 2d, 8d, 32d per layer at train.py's default sparsity
 and a --sparsity sweep at 8d, each for --recovery-steps on one small cache of models/tiny, and scores them
@@ -48,12 +63,19 @@ logit node (the most likely token's logit minus the mean logit) predicted by the
 model (freeze="none") and in the replacement model's view (freeze="all": the direct edge, exactly).
 """
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
+from importlib.util import find_spec
 
 import numpy as np
 import torch
@@ -231,10 +253,10 @@ def bench_cache(cfg):
     setups.append(("gpt2-small-shape (random)", gpt2, corpus, cfg.gpt2_tokens))
     results = []
     for name, model_dir, corpus, tokens in setups:
-        cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, ctx=64, device=device,
-                                out=os.path.join(cfg.out, name.split()[0]), heldout=0.0)
+        build = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, ctx=64, device=device,
+                                  out=os.path.join(cfg.out, name.split()[0]), heldout=0.0)
         print(f"{name}: {tokens} tokens per cache on {device}, torch threads {torch.get_num_threads()}")
-        results += bench_cache_model(name, cfg, cfg.read_batch)
+        results += bench_cache_model(name, build, cfg.read_batch)
     shutil.rmtree(gpt2)
     return results
 
@@ -369,14 +391,14 @@ def hf_random_model_dir(path, n_layer=12, n_head=12, n_embd=768, n_ctx=1024, voc
 
 
 def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
-    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and
-    a CLT saved by CrossLayerTranscoder.save_pretrained, in float32.
+    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and a
+    transcoder clt.load_transcoder reads (a CLT or a PLT), in float32: exported by clt.save_circuit_tracer
+    (ln_2's affine map folded in: TransformerLens's ln2.hook_normalized is taken before it) and read back
+    by circuit-tracer's own loader of that layout (whose default dtype is bfloat16, hence float32)."""
+    import tempfile
 
-    TransformerLens takes the CLT's input at ln2.hook_normalized, before ln_2's affine map, so its
-    weight w and bias b go into the encoder: (x̂·w + b) W_encᵀ + b_enc = x̂ (w·W_enc)ᵀ + (W_enc b + b_enc).
-    Its CLT loader defaults to bfloat16, hence dtype=float32."""
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from circuit_tracer.utils.caching import load_transcoders_from_cache
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
@@ -388,12 +410,11 @@ def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
                                   positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
                                   model_name="gpt2", device=device, dtype=torch.float32, default_prepend_bos=False)
     state = convert_gpt2_weights(hf, cfg)
-    transcoder = load_clt(clt_dir, feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                          dtype=torch.float32, device=torch.device(device), lazy_decoder=False)
-    with torch.no_grad():
-        for l in range(cfg.n_layers):
-            transcoder.b_enc[l] += transcoder.W_enc[l] @ state[f"blocks.{l}.ln2.b"]  # W_enc[l]: (F, d)
-            transcoder.W_enc[l] *= state[f"blocks.{l}.ln2.w"]
+    ours = clt.GPT.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        clt.save_circuit_tracer(clt.load_transcoder(clt_dir, ours), os.path.join(tmp, "transcoder"), ours)
+        transcoder, _ = load_transcoders_from_cache("transcoder", cache_dir=tmp, device=torch.device(device),
+                                                    dtype=torch.float32, lazy_decoder=False)
     model = TransformerLensReplacementModel.from_config(cfg, transcoder)
     model.tokenizer = GPT2TokenizerFast(vocab_file=os.path.join(model_dir, "vocab.json"),
                                         merges_file=os.path.join(model_dir, "merges.txt"))
@@ -611,22 +632,22 @@ def bench_interp(cfg):
     else:
         print("note: runs/clt or runs/cache is missing: timing a random CLT on a random model of the tiny shape")
         name, (model_dir, clt_dir, cache_dir) = "tiny-shape, random CLT", random_interp_setup(cfg)
-    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=cfg.device,
-                              chunk_size=cfg.interp_chunk, out=os.path.join(cfg.out, "interp"))
-    model_dir, model, enc, c, ca = interp.load_inputs(cfg)
+    icfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=cfg.device,
+                               chunk_size=cfg.interp_chunk, out=os.path.join(cfg.out, "interp"))
+    model_dir, model, enc, c, ca = interp.load_inputs(icfg)
     reads = []
     for _ in range(3):  # the first warms the page cache
         t0 = time.perf_counter()
-        for _ in ca.iter_chunks(cfg.chunk_size, split="all"):
+        for _ in ca.iter_chunks(icfg.chunk_size, split="all"):
             pass
         reads.append(time.perf_counter() - t0)
     sync(cfg.device)
     t0 = time.perf_counter()
-    stats, *_ = interp.analyze(model, enc, c, ca, cfg)
+    stats, *_ = interp.analyze(model, enc, c, ca, icfg)
     sync(cfg.device)
     t = time.perf_counter() - t0
     read = min(reads[1:])
-    return [dict(setup=name, tokens=ca.n_tokens, features=stats.L * stats.F, chunk=cfg.chunk_size,
+    return [dict(setup=name, tokens=ca.n_tokens, features=stats.L * stats.F, chunk=icfg.chunk_size,
                  plain_read_s=read, interp_s=t, ratio=t / read, tok_per_s=ca.n_tokens / t)]
 
 
@@ -1039,12 +1060,26 @@ class ScaleBench(Bench):
     scale_limit_tp: str = "1,2,4"  # TP sizes measured at that depth (gloo, a process each)
 
 
-def fresh_process(fn, *args):
-    """fn(*args) in a new process (spawned: nothing inherited), which returns fn's result."""
+def fresh_process(fn, *args, timeout=None):
+    """fn(*args) in a new process (spawned: nothing inherited), which returns fn's result. With a
+    timeout (seconds) the process is killed once it runs past it, even inside a CUDA or NCCL wait, and
+    concurrent.futures.process.BrokenProcessPool is raised here."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+        if timeout is None:
+            return pool.submit(fn, *args).result()
+        return pool.submit(alarmed, max(1, math.ceil(timeout)), fn, *args).result()
+
+
+def alarmed(seconds, fn, *args):
+    """fn(*args), with SIGALRM due in `seconds`: its default action ends the process at once (no Python
+    handler has to run, so a C call that never returns is no refuge)."""
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
 
 
 def gib(key="VmRSS"):
@@ -1055,6 +1090,11 @@ def gib(key="VmRSS"):
 def set_threads(threads):
     if threads:
         torch.set_num_threads(threads)
+
+
+def cuda_peak_gib(device):
+    """The CUDA allocator's peak in this process so far, GiB (in a fresh process: the stage's own); None on a CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else None
 
 
 def hf_gpt2_small(path, seed=0):
@@ -1070,18 +1110,19 @@ def hf_gpt2_small(path, seed=0):
     return path
 
 
-def scale_cache(model_dir, corpus, out, tokens, threads):
+def scale_cache(model_dir, corpus, out, tokens, threads, device="cpu"):
     """cache.py with its defaults (int8, 64-token contexts, 64 per forward): the rate of the corpus ->
-    shards loop, and the peak RSS of the whole build (model load, fingerprint, channel scales, writer)."""
+    shards loop, and the peak RSS of the whole build (model load, fingerprint, channel scales, writer);
+    on CUDA also the allocator's peak (cuda_peak)."""
     set_threads(threads)
-    cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, out=out, device="cpu", overwrite=True)
+    cfg = cache.CacheConfig(model=model_dir, corpus=corpus, tokens=tokens, out=out, device=device, overwrite=True)
     m = cache.build_cache(cfg)
     c = m["model_config"]
     acts = 2 * cfg.batch_size * cfg.ctx * c["n_layer"] * c["n_embd"] * 4  # one forward's mlp_in + mlp_out, fp32
     model = 4 * ((c["vocab_size"] + c["n_ctx"]) * c["n_embd"] + c["n_layer"] * 12 * c["n_embd"] ** 2)
     manifest = os.path.getsize(os.path.join(out, cache.MANIFEST))
     return dict(tokens=m["n_tokens"], seconds=m["seconds"], peak=gib("VmHWM"), model=model / 2**30, acts=acts / 2**30,
-                shards=len(m["shards"]), manifest=manifest)
+                shards=len(m["shards"]), manifest=manifest, cuda_peak=cuda_peak_gib(device))
 
 
 def scale_train(shape, reps, threads):
@@ -1134,34 +1175,36 @@ def random_clt(model_dir, cache_dir, clt_dir, F, density=0.01):
     c.save_pretrained(clt_dir)
 
 
-def scale_interp(model_dir, cache_dir, clt_dir, out, F, threads):
+def scale_interp(model_dir, cache_dir, clt_dir, out, F, threads, device="cpu"):
     """interp.py's two passes (train, held-out) over the cache with a random CLT of F per layer."""
     import interp
     set_threads(threads)
     random_clt(model_dir, cache_dir, clt_dir, F)
-    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device="cpu", out=out)
+    cfg = interp.InterpConfig(model=model_dir, clt=clt_dir, cache=cache_dir, device=device, out=out)
     _, model, enc, c, ca = interp.load_inputs(cfg)
     base = gib()
     t0 = time.perf_counter()
     interp.analyze(model, enc, c, ca, cfg)
+    sync(device)
     return dict(seconds=time.perf_counter() - t0, tokens=ca.n_tokens, features=c.config.n_layers * F,
-                above=gib("VmHWM") - base)
+                above=gib("VmHWM") - base, cuda_peak=cuda_peak_gib(device))
 
 
-def scale_graph(model_dir, clt_dir, max_features, threads):
+def scale_graph(model_dir, clt_dir, max_features, threads, device="cpu"):
     """graph.py on SCALE_PROMPT with --max-features: replacement model, capped attribution, pruning."""
     import graph
     set_threads(threads)
-    model = clt.GPT.from_pretrained(model_dir)
-    c = clt.CrossLayerTranscoder.from_pretrained(clt_dir)
-    idx = graph.encode_prompt(clt.load_tokenizer(model_dir), SCALE_PROMPT, model.config.n_ctx)
+    model = clt.GPT.from_pretrained(model_dir).to(device)
+    c = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
+    idx = graph.encode_prompt(clt.load_tokenizer(model_dir), SCALE_PROMPT, model.config.n_ctx).to(device)
     base = gib()
     t0 = time.perf_counter()
     rep = graph.local_replacement(model, c, idx)
     g = graph.attribute(model, c, rep, SCALE_PROMPT, max_features=max_features)
     graph.prune(g)
+    sync(device)
     return dict(seconds=time.perf_counter() - t0, tokens=idx.size(1), n_active=len(rep.feats), kept=len(g.feats),
-                above=gib("VmHWM") - base)
+                above=gib("VmHWM") - base, cuda_peak=cuda_peak_gib(device))
 
 
 def memory_limit_rows(L, d, F, Ts, depth, measured):
@@ -1233,6 +1276,331 @@ def bench_scale(cfg):
 
 
 # -----------------------------------------------------------------------------
+# gpu: the GPU path in one prepared run
+#
+# What it measures is in the module docstring. How it runs: every part in a fresh process (spawned),
+# killed at the end of the budget, so a part that fails (a CUDA error spoils its process) or hangs (an
+# NCCL wait) is one row with its error and the parts after it still run. Parts that need an earlier
+# one's output (the cache, the bf16 curve) fail or say so in their own rows when it is missing.
+
+GPT2_SMALL_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, n_ctx=1024, vocab_size=50257)
+TINY_SHAPE = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128, vocab_size=4096)  # models/tiny's, larger vocab
+QUICK_GPU = dict(gpu_tokens=8192, gpu_features=256, gpu_batch=256, gpu_steps=20, gpu_torchrun_steps=5,
+                 gpu_max_features=64)  # --quick: the tiny shape and these sizes
+PART_MIN_S = 60  # no part starts with less of the budget left
+
+# Dense bf16 tensor-core peaks in TFLOP/s, first match in torch.cuda.get_device_name(): NVIDIA's
+# datasheets give twice these, "with sparsity" (H200 and H100 SXM: 1,979; H100 PCIe: 1,513; A100: 624).
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+
+
+@dataclass
+class GpuBench(Bench):
+    """the GPU path on one GPU in 8 minutes: cache, bf16 vs fp32 training, torchrun + NCCL, graph, interp"""
+    gpu_tokens: int = 65_536  # tokens in the GPT-2-small-shape cache (--quick: the tiny shape and QUICK_GPU's sizes)
+    gpu_features: int = 3072  # CLT features per layer: training, graph, interp
+    gpu_batch: int = 4096  # tokens per training step
+    gpu_steps: int = 200  # training steps of the bf16 run and of the fp32 run
+    gpu_torchrun_steps: int = 20  # steps of the torchrun run, compared with the bf16 run's first steps
+    gpu_max_features: int = 256  # graph.py --max-features of the capped graph
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU, TFLOP/s; 0 = PEAK_TFLOPS by GPU name (H200: 989)
+    budget_s: float = 480.0  # wall-time budget: no part starts in its last 60 s, a running part is killed at its end
+
+
+def gpu_setup(path, shape, device):
+    """What the parts run on (the device's name, torch, CUDA and NCCL versions, CPUs) and the random GPT-2
+    they share, in `path` (gpu_model_dir)."""
+    cuda = str(device).startswith("cuda")
+    nccl = torch.cuda.nccl.version() if cuda else None  # a tuple in recent torch, an int before
+    return dict(name=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
+                cuda=torch.version.cuda, nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+                cpus=os.cpu_count(), made=gpu_model_dir(path, shape))
+
+
+def gpu_model_dir(path, shape):
+    """A random GPT-2 of `shape` in the hub layout with a byte-level tokenizer, no download: made by
+    transformers (as bench.py scale makes it), or by random_model_dir (clt.GPT's init) where transformers
+    is not installed or fails. -> which of the two made it, and why."""
+    why = "transformers is not installed"
+    if find_spec("transformers") is not None:
+        try:  # a GPU session may be the only one: an init that is not what is measured must not end it
+            hf_random_model_dir(path, **shape)
+            return "transformers init"
+        except Exception as e:
+            why = f"transformers failed: {type(e).__name__}: {e}".splitlines()[0][:200]
+            shutil.rmtree(path, ignore_errors=True)
+    random_model_dir(path, shape["n_layer"], shape["n_embd"], shape["n_head"], shape["n_ctx"], shape["vocab_size"])
+    return f"clt.GPT init ({why})"
+
+
+def gpu_train_config(cache_dir, out, cfg, autocast, stop_at=-1):
+    """The training run every train part makes: every step logged, no evaluation, one checkpoint at the end."""
+    import train
+    return train.TrainConfig(cache=cache_dir, out=out, features=cfg.gpu_features, batch_size=cfg.gpu_batch,
+                             steps=cfg.gpu_steps, eval_every=-1, log_every=1, ckpt_every=-1, autocast=autocast,
+                             device=cfg.device, stop_at=stop_at, timeout_s=60, overwrite=True)
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def gpu_train(cache_dir, out, cfg, autocast):
+    """train.py in this process: -> the loss curve, the median step time after the first 10 steps, the
+    peak memory (CUDA allocator's, else RSS), the last step's FVU and L0. The run's files are removed."""
+    import train
+    set_threads(cfg.threads)
+    t0 = time.perf_counter()
+    last = train.train(gpu_train_config(cache_dir, out, cfg, autocast))
+    seconds = time.perf_counter() - t0
+    rows = read_metrics(out)
+    shutil.rmtree(out)  # a 3072-feature GPT-2-small CLT's checkpoint and export: 4 GB
+    peak = cuda_peak_gib(cfg.device)
+    return dict(loss=[r["loss"] for r in rows], ms=float(np.median([r["ms"] for r in rows[10:]])), seconds=seconds,
+                peak=gib("VmHWM") if peak is None else peak, fvu=float(np.mean(last["fvu"])),
+                l0=float(np.mean(last["l0"])))
+
+
+def config_argv(config):
+    """The command line that gives dataclass `config`: a flag per field that is not at its default."""
+    argv = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        flag = f.name.replace("_", "-")
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_torchrun(cache_dir, out, cfg, deadline):
+    """The bf16 run's first gpu_torchrun_steps under `torchrun --nproc_per_node=1` (NCCL on CUDA, gloo on a
+    CPU), ended by --stop-at so the schedules match: -> its losses, wall seconds, the NCCL version its log
+    names (NCCL_DEBUG=VERSION; None when NCCL never started). Killed with its workers before the deadline."""
+    c = gpu_train_config(cache_dir, out, cfg, "always", stop_at=cfg.gpu_torchrun_steps)
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", os.path.join(here, "train.py"), *config_argv(c)]
+    env = dict(os.environ, NCCL_DEBUG="VERSION")  # NCCL prints "NCCL version X" once it starts
+    t0 = time.perf_counter()
+    # its own session: on a timeout the launcher and its worker are killed together
+    p = subprocess.Popen(cmd, cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        log, _ = p.communicate(timeout=max(1.0, deadline - time.time() - 5))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise TimeoutError(f"torchrun ran past the budget: killed after {time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {p.returncode}: " + " / ".join(log.strip().splitlines()[-3:]))
+    nccl = [line.split("NCCL version", 1)[1].split()[0] for line in log.splitlines() if "NCCL version" in line]
+    losses = [r["loss"] for r in read_metrics(out)]
+    shutil.rmtree(out)
+    return dict(loss=losses, seconds=seconds, nccl=nccl[0] if nccl else None)
+
+
+def gpu_graph(model_dir, cache_dir, clt_dir, cfg):
+    """scale_graph on the device, with a random CLT of gpu_features per layer made for it."""
+    random_clt(model_dir, cache_dir, clt_dir, cfg.gpu_features)
+    return scale_graph(model_dir, clt_dir, cfg.gpu_max_features, cfg.threads, cfg.device)
+
+
+def loss_gap(curve, reference):
+    """max_t |curve[t] - reference[t]| over the shared steps, and the reference's step-to-step noise:
+    the median |reference[t] - reference[t - 1]| (every step sees a new batch, so consecutive losses
+    differ by batch-to-batch variation, plus the trend)."""
+    n = min(len(curve), len(reference))
+    gap = np.abs(np.array(curve[:n]) - np.array(reference[:n]))
+    return float(gap.max()), float(np.median(np.abs(np.diff(reference))))
+
+
+def step_flops(cfg, shape):
+    """Matmul FLOPs of one training step at the run's shape (clt_matmuls: what bench.py train counts)."""
+    shapes = clt_matmuls(cfg.gpu_batch, shape["n_layer"], shape["n_embd"], cfg.gpu_features)
+    return sum(2 * m * k * n for m, k, n in shapes)
+
+
+class GpuParts:
+    """bench.py gpu's rows, and its runner of parts: each in a fresh process, killed at the deadline;
+    a part that fails or is skipped leaves a row that says so, and the run goes on."""
+
+    def __init__(self, deadline, partial, min_left=PART_MIN_S):
+        self.deadline = deadline  # time.time() at the end of --budget-s
+        self.partial = partial  # the rows so far, rewritten after each row: what a kill from outside leaves
+        self.min_left = min_left  # seconds of the budget a part needs left to start
+        self.rows = []
+        self.spent = {}  # part -> wall seconds of its process, start-up included
+
+    def row(self, part, setting, time_s="-", rate="-", GiB_peak="-", note="", status="ok"):
+        self.rows.append(dict(part=part, status=status, setting=setting, time_s=time_s, rate=rate, GiB_peak=GiB_peak,
+                              part_s=self.spent.get(part, "-"), note=note))
+        print(self.rows[-1], flush=True)
+        clt.write_json(self.partial, self.rows)
+
+    def run(self, part, setting, fn, *args):
+        """fn(*args) in a fresh process -> its result, or None after a row saying why there is none."""
+        from concurrent.futures.process import BrokenProcessPool
+        left = self.deadline - time.time()
+        if left < self.min_left:
+            self.row(part, setting, status=f"skipped: {max(left, 0):.0f} s of --budget-s left")
+            return None
+        t0 = time.perf_counter()
+        try:  # any failure is this part's row, not the end of the run: the other parts still run
+            result = fresh_process(fn, *args, timeout=left)
+        except BrokenProcessPool:
+            waited = time.perf_counter() - t0
+            killed = waited >= left - 1
+            why = "killed at the end of --budget-s" if killed else "its process died (a signal, out of memory?)"
+            result = None
+            status = f"error: {why} after {waited:.0f} s"
+        except Exception as e:
+            traceback.print_exception(type(e), e, e.__traceback__)  # with the part's own: the pool chains it
+            result = None
+            status = "error: " + f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        self.spent[part] = round(time.perf_counter() - t0, 1)
+        if result is None:
+            self.row(part, setting, status=status)
+        return result
+
+
+def gpu_prepare(parts, cfg, shape, root):
+    """The machine, the random GPT-2 and its cache: -> (model dir, cache dir, the bf16 peak or None)."""
+    model_dir = os.path.join(root, "model")
+    cache_dir = os.path.join(root, "cache")
+    setting = f"random GPT-2, {shape['n_layer']} x {shape['n_embd']}, vocab {shape['vocab_size']}"
+    machine = parts.run("machine and model", setting, gpu_setup, model_dir, shape, cfg.device)
+    peak = cfg.peak_tflops or None
+    if machine is not None:
+        peak = peak or next((v for k, v in PEAK_TFLOPS.items() if k in machine["name"]), None)
+        parts.row("machine and model", f"{machine['name']}; {setting}",
+                  rate=f"bf16 peak {peak:g} TFLOP/s" if peak else "no bf16 peak: pass --peak-tflops",
+                  note=f"torch {machine['torch']}, CUDA {machine['cuda']}, NCCL {machine['nccl']}, "
+                       f"{machine['cpus']} CPUs; model: {machine['made']}")
+    corpus = synthetic_corpus(os.path.join(root, "corpus.txt"), 4000)
+    setting = f"{cfg.gpu_tokens} tokens, int8, 64 x 64 per forward, {cfg.device}"
+    r = parts.run("cache build", setting, scale_cache, model_dir, corpus, cache_dir, cfg.gpu_tokens, cfg.threads,
+                  cfg.device)
+    if r is not None:
+        what = f"CUDA allocator peak; peak RSS {r['peak']:.2f} GiB" if r["cuda_peak"] is not None else "peak RSS"
+        parts.row("cache build", setting, r["seconds"], f"{r['tokens'] / r['seconds']:.0f} tok/s",
+                  r["peak"] if r["cuda_peak"] is None else r["cuda_peak"],
+                  f"{what}; model {r['model']:.2f} GiB + one batch's mlp_in/out {r['acts']:.2f} GiB; "
+                  f"{r['shards']} shards")
+    return model_dir, cache_dir, peak
+
+
+def mfu_text(flops, seconds, peak):
+    return f"MFU {flops / seconds / (peak * 1e12):.1%}" if peak else "MFU - (no peak)"
+
+
+def gpu_training(parts, cfg, shape, root, cache_dir, peak):
+    """train.py with bf16 autocast and in fp32, and their loss curves compared: -> the curves."""
+    setting = f"L{shape['n_layer']} d{shape['n_embd']} F{cfg.gpu_features}, {cfg.gpu_batch} tokens/step, " \
+              f"{cfg.gpu_steps} steps"
+    curves = {}
+    for name, autocast in (("bf16", "always"), ("fp32", "never")):
+        part = f"train.py {name}" + (" autocast" if name == "bf16" else "")
+        r = parts.run(part, setting, gpu_train, cache_dir, os.path.join(root, f"train_{name}"), cfg, autocast)
+        if r is None:
+            continue
+        curves[name] = r["loss"]
+        s = r["ms"] / 1e3
+        parts.row(part, setting, s, f"{cfg.gpu_batch / s:.0f} tok/s, {mfu_text(step_flops(cfg, shape), s, peak)}",
+                  r["peak"], f"median step after 10; last loss {r['loss'][-1]:.5g}, FVU {r['fvu']:.3f}, "
+                  f"L0 {r['l0']:.1f}; run {r['seconds']:.0f} s with start-up, checkpoint, export; every step "
+                  "logged (a host sync each)")
+    if len(curves) < 2:
+        parts.row("bf16 vs fp32 loss", "-", status="skipped: needs both runs")
+        return curves
+    gap, noise = loss_gap(curves["bf16"], curves["fp32"])
+    verdict = "within" if gap <= noise else "beyond"
+    parts.row("bf16 vs fp32 loss", f"same seed and batches, {cfg.gpu_steps} steps",
+              rate=f"max |Δ| = {gap / noise if noise > 0 else math.inf:.3g} x noise",
+              note=f"{verdict} noise: max |Δ| {gap:.4g}; noise {noise:.4g} = median |Δ| between consecutive fp32 "
+                   f"steps; last {curves['bf16'][-1]:.6g} vs {curves['fp32'][-1]:.6g}")
+    return curves
+
+
+def gpu_launch(parts, cfg, shape, root, cache_dir, peak, curves):
+    """The bf16 run's first steps under torchrun (NCCL), against the in-process run; the step alone vs matmul."""
+    backend = "nccl" if str(cfg.device).startswith("cuda") else "gloo"
+    setting = f"torchrun --nproc_per_node=1, {backend}, first {cfg.gpu_torchrun_steps} steps of the bf16 run"
+    r = parts.run("torchrun", setting, gpu_torchrun, cache_dir, os.path.join(root, "torchrun"), cfg, parts.deadline)
+    if r is not None:
+        curves["torchrun"] = r["loss"]
+        seen = f"NCCL {r['nccl']} started" if r["nccl"] else "no NCCL version line in its log"
+        rate = "-"
+        note = f"no bf16 run to compare with; {seen}"
+        if "bf16" in curves:
+            n = len(r["loss"])
+            rel = max(abs(a - b) / abs(b) for a, b in zip(r["loss"], curves["bf16"][:n]))
+            rate = f"max rel |Δloss| {rel:.2g} vs in-process"
+            note = ("equal (<= 1e-5)" if rel <= 1e-5 else "DIFFERS (> 1e-5)") + f" over {n} steps; {seen}"
+        parts.row("torchrun", setting, r["seconds"], rate, note=note)
+    L = shape["n_layer"]
+    d = shape["n_embd"]
+    setting = f"L{L} d{d} F{cfg.gpu_features} B{cfg.gpu_batch}, jumprelu"
+    r = parts.run("train step alone", setting, step_vs_matmul, "gpu", L, d, cfg.gpu_features, cfg.gpu_batch,
+                  "jumprelu", cfg.device, 5)
+    if r is not None:
+        s = r["ms"] / 1e3
+        parts.row("train step alone", setting, s, f"{r['detail']}; {mfu_text(step_flops(cfg, shape), s, peak)}",
+                  note=f"{r['ratio']:.0%} of the same-run matmul FLOP rate (train.train_step on a fixed batch: "
+                       "no loader)")
+
+
+def gpu_attribution(parts, cfg, root, model_dir, cache_dir):
+    """graph.py (capped) and interp.py on the device, each with a random CLT of ~1 % density."""
+    setting = f"{SCALE_PROMPT!r}, --max-features {cfg.gpu_max_features}"
+    r = parts.run("graph.py", setting, gpu_graph, model_dir, cache_dir, os.path.join(root, "clt_graph"), cfg)
+    if r is not None:
+        parts.row("graph.py", f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cfg.gpu_max_features}",
+                  r["seconds"], f"{r['kept']} features kept", r["above"] if r["cuda_peak"] is None else r["cuda_peak"],
+                  "replacement + attribution + pruning; " + ("CUDA allocator peak" if r["cuda_peak"] is not None
+                                                             else "peak RSS above the loaded inputs"))
+    setting = f"cache of {cfg.gpu_tokens} tokens, {cfg.gpu_features} features per layer"
+    r = parts.run("interp.py", setting, scale_interp, model_dir, cache_dir, os.path.join(root, "clt_interp"),
+                  os.path.join(root, "interp"), cfg.gpu_features, cfg.threads, cfg.device)
+    if r is not None:
+        parts.row("interp.py", f"{r['tokens']} tokens, {r['features']} features", r["seconds"],
+                  f"{r['tokens'] / r['seconds']:.0f} tok/s", r["above"] if r["cuda_peak"] is None else r["cuda_peak"],
+                  "both passes; " + ("CUDA allocator peak" if r["cuda_peak"] is not None
+                                     else "peak RSS above the loaded inputs"))
+
+
+def bench_gpu(cfg):
+    """The GPU path (see the section comment): one row per part, a failure or a skip in its own row;
+    the loss curves (bf16, fp32, torchrun) go to <out>/gpu_curves.json."""
+    deadline = time.time() + cfg.budget_s
+    if cfg.quick:
+        cfg = replace(cfg, **QUICK_GPU)
+    shape = TINY_SHAPE if cfg.quick else GPT2_SMALL_SHAPE
+    root = os.path.abspath(os.path.join(cfg.out, "gpu"))  # absolute: torchrun's train.py runs from the repository
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    parts = GpuParts(deadline, os.path.join(cfg.out, "gpu_partial.json"))
+    model_dir, cache_dir, peak = gpu_prepare(parts, cfg, shape, root)
+    curves = gpu_training(parts, cfg, shape, root, cache_dir, peak)
+    gpu_launch(parts, cfg, shape, root, cache_dir, peak, curves)
+    clt.write_json(os.path.join(cfg.out, "gpu_curves.json"), curves)
+    gpu_attribution(parts, cfg, root, model_dir, cache_dir)
+    shutil.rmtree(root)
+    return parts.rows
+
+
+# -----------------------------------------------------------------------------
 # recovery: how much of the planted world a CLT of size F finds
 
 
@@ -1267,26 +1635,27 @@ def trained_clt(root, cache_dir, name, features, sparsity, cfg):
     """Train one recipe with train.py (or reuse the run a previous invocation left): (CLT, seconds, metrics)."""
     import train
     out = os.path.join(root, "clt_" + name.replace("=", "").replace(", ", "_").replace(" ", ""))
-    cfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
-                            steps=cfg.recovery_steps, eval_every=-1, ckpt_every=-1, device=cfg.device)
+    tcfg = train.TrainConfig(cache=cache_dir, out=out, features=features, sparsity=sparsity,
+                             steps=cfg.recovery_steps, eval_every=-1, ckpt_every=-1, device=cfg.device)
     marker = out + ".json"  # beside the run: what it was trained with and how long it took
     if os.path.exists(marker):
         with open(marker) as f:
             done = json.load(f)
-        if done["config"] == vars(cfg):
+        if done["config"] == vars(tcfg):
             return clt.CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    final = train.train(cfg)
+    final = train.train(tcfg)
     seconds = time.perf_counter() - t0
-    clt.write_json(marker, dict(config=vars(cfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
+    clt.write_json(marker, dict(config=vars(tcfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
     return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
 
 
 def bench_recovery(cfg):
     """Recovery per label family vs dictionary size (F = 2d, 8d, 32d) and vs sparsity, with the MLP-neuron and
-    random-CLT baselines, on two generated evaluation sets: the recipe is chosen on the first, reported on
-    the second. Sized for a 2-core CPU: a small training cache and few steps (see the arguments)."""
+    random-CLT baselines and the token-identity oracle (a ceiling for token detectors), on two generated
+    evaluation sets: the recipe is chosen on the first, reported on the second. Sized for a 2-core CPU: a
+    small training cache and few steps (see the arguments)."""
     import interp
     import tiny
     t_start = time.perf_counter()
@@ -1301,11 +1670,11 @@ def bench_recovery(cfg):
     train_cache = cache.ActivationCache(cache_dir, model=model)
     evals = {}
     for seed in (int(s) for s in cfg.recovery_seeds.split(",")):
-        cfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
-                                  concept_seed=seed, concept_support=cfg.recovery_support, device=cfg.device,
-                                  chunk_size=2048)
-        ccache = interp.concept_cache(model_dir, model, world, train_cache, cfg)
-        evals[seed] = (cfg, ccache, interp.ConceptLabels(ccache, world, enc, cfg))
+        icfg = interp.InterpConfig(out=root, concept_cache=os.path.join(root, f"concepts_seed{seed}"),
+                                   concept_seed=seed, concept_support=cfg.recovery_support, device=cfg.device,
+                                   chunk_size=2048)  # its own name: cfg (the bench's) is read again below
+        ccache = interp.concept_cache(model_dir, model, world, train_cache, icfg)
+        evals[seed] = (icfg, ccache, interp.ConceptLabels(ccache, world, enc, icfg))
     print(f"recovery: caches and labels in {time.perf_counter() - t_start:.0f} s")
     sample = train_cache.read(0, 4096)[0].to(cfg.device)  # training rows: the random CLTs' thresholds
     sets = {"MLP neurons (4d)": partial(interp.neuron_preacts, model)}
@@ -1319,18 +1688,21 @@ def bench_recovery(cfg):
             sets[f"random {name}"] = partial(interp.clt_acts, interp.random_like(t, sample))
     rows = []
     heads = {}
-    for seed, (cfg, ccache, labels) in evals.items():
-        scores = interp.score_concepts(sets, ccache, labels, cfg)
+    oracle = "token identity (oracle)"  # feature t fires on token t: the ceiling of a token detector
+    for seed, (icfg, ccache, labels) in evals.items():
+        scores = interp.score_concepts(sets, ccache, labels, icfg)
+        scores[oracle] = interp.token_scores(ccache, labels, model.config.vocab_size, icfg)
         n_labeled = int(labels.labeled.sum())
         for name, s in scores.items():
-            F_ = runs[name]["features"] if name in runs else s.n_fires.numel() // model.config.n_layer
-            per_concept, _ = interp.best_features(s, labels, F_, cfg)
-            table = interp.family_table(per_concept, labels, s, cfg)
-            heads[name, seed] = dict(interp.headline(table, cfg), table=table,
-                                     l0=s.n_fires.sum().item() / n_labeled / model.config.n_layer)
+            layers = 1 if name == oracle else model.config.n_layer
+            F_ = s.n_fires.numel() // layers
+            per_concept, _ = interp.best_features(s, labels, F_, icfg)
+            table = interp.family_table(per_concept, labels, s, icfg)
+            heads[name, seed] = dict(interp.headline(table, icfg), table=table,
+                                     l0=s.n_fires.sum().item() / n_labeled / layers)
     select, report = list(evals)
     chosen = max(runs, key=lambda n: (heads[n, select]["share_recovered"], heads[n, select]["mean_best_f1"]))
-    for name in sets:
+    for name in [*sets, oracle]:
         r = runs.get(name, {})
         h = heads[name, report]
         rows.append(dict(features=name, F=r.get("features", ""), sparsity=r.get("sparsity", ""),
@@ -1627,7 +1999,8 @@ BENCHMARKS = {"cache": (bench_cache, CacheBench),
               "compactness": (bench_compactness, CompactnessBench),
               "scale": (bench_scale, ScaleBench),
               "recovery": (bench_recovery, RecoveryBench),
-              "faithfulness": (bench_faithfulness, FaithfulnessBench)}
+              "faithfulness": (bench_faithfulness, FaithfulnessBench),
+              "gpu": (bench_gpu, GpuBench)}
 
 
 def main(argv=None):

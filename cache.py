@@ -140,14 +140,13 @@ def _sections(buf, dtype, rows, L, d):
     """The sections of one shard file's bytes (a uint8 memmap) as numpy views; scales None unless int8."""
     off, _ = shard_layout(dtype, rows, L, d)
     act = DTYPES[dtype][1]
-    specs = dict(mlp_in=(act, (rows, L, d)), mlp_out=(act, (rows, L, d)), scales=(np.int16, (rows, 2, L)),
-                 meta=(np.int32, (rows, 3)))
-    views = {}
+    specs = dict(mlp_in=(act, (rows, L, d)), mlp_out=(act, (rows, L, d)), meta=(np.int32, (rows, 3)))
+    if dtype == "int8":  # fp16 / fp32 shards have no scales section (it has 0 bytes)
+        specs["scales"] = (np.int16, (rows, 2, L))
+    views = dict(scales=None)
     for key, (kind, shape) in specs.items():
         n = int(np.prod(shape)) * np.dtype(kind).itemsize
         views[key] = buf[off[key]:off[key] + n].view(kind).reshape(shape)
-    if dtype != "int8":
-        views["scales"] = None
     return views
 
 
@@ -1274,4 +1273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    clt.run_main(lambda: sys.exit(main()))
+    sys.exit(clt.run_main(main))  # verify's status: 1 when a cache is damaged

@@ -267,12 +267,19 @@ class GPT(nn.Module):
 
     def fingerprint(self):
         """sha256 of the config and every weight (name, shape, float32 bytes), in name order: what a
-        cache or a CLT records of the model it was made from. Reads every weight once (~1 s per GB)."""
-        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-        for name, t in sorted(self.state_dict().items()):
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        cache or a CLT records of the model it was made from. Reads every weight once (~1 s per GB), so
+        it is kept until a weight changes: each weight's storage and version counter (bumped by every
+        in-place write, e.g. load_state_dict or an optimizer step) say whether one did."""
+        config = json.dumps(asdict(self.config), sort_keys=True)
+        weights = sorted(self.state_dict().items())
+        key = (config, tuple((name, t.data_ptr(), t._version) for name, t in weights))
+        if getattr(self, "_fingerprint", (None, None))[0] != key:
+            h = hashlib.sha256(config.encode())
+            for name, t in weights:
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = (key, h.hexdigest())
+        return self._fingerprint[1]
 
     # -------------------------------------------------------------------------
     # loading and saving in the Hugging Face hub layout
@@ -860,19 +867,24 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError(f"this is TP shard {self.mesh.tp_rank} of {self.mesh.tp}: save consolidated() instead")
         clt = copy.deepcopy(self).cpu()
         clt.fold_normalization()
-        os.makedirs(path, exist_ok=True)
         export_id = uuid.uuid4().hex
-        for l in range(self.config.n_layers):
-            enc = {f"W_enc_{l}": clt.W_enc[l].t(), f"b_enc_{l}": clt.b_enc[l],
-                   f"threshold_{l}": clt.threshold[l], f"b_dec_{l}": clt.b_dec[l]}
-            if clt.W_skip is not None:  # (d, d) as circuit-tracer stores it: skip = x @ W_skip.T
-                enc[f"W_skip_{l}"] = clt.W_skip[l].t()
-            dec = {f"W_dec_{l}": clt.W_dec[l]}
-            for name, tensors in ((f"W_enc_{l}", enc), (f"W_dec_{l}", dec)):
-                with atomic_path(os.path.join(path, f"{name}.safetensors")) as tmp:
-                    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp,
-                              metadata={"export_id": export_id})
+        clt.write_layer_files(path, export_id)
         write_json(os.path.join(path, "config.json"), dict(asdict(self.config), export_id=export_id))
+
+    def write_layer_files(self, path, export_id, threshold=True):
+        """The W_enc_{l} and W_dec_{l}.safetensors of save_pretrained, of this CLT as it is (scales folded
+        or not), each file atomic and tagged with export_id. threshold=False leaves threshold_{l} out
+        (circuit-tracer reads a CLT without thresholds as a ReLU one)."""
+        os.makedirs(path, exist_ok=True)
+        for l in range(self.config.n_layers):
+            enc = {f"W_enc_{l}": self.W_enc[l].t(), f"b_enc_{l}": self.b_enc[l], f"b_dec_{l}": self.b_dec[l]}
+            if threshold:
+                enc[f"threshold_{l}"] = self.threshold[l]
+            if self.W_skip is not None:  # (d, d) as circuit-tracer stores it: skip = x @ W_skip.T
+                enc[f"W_skip_{l}"] = self.W_skip[l].t()
+            dec = {f"W_dec_{l}": self.W_dec[l]}
+            for name, tensors in ((f"W_enc_{l}", enc), (f"W_dec_{l}", dec)):
+                save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
 
     @classmethod
     def from_pretrained(cls, path, mesh: Optional[Mesh] = None):
@@ -887,18 +899,30 @@ class CrossLayerTranscoder(nn.Module):
         if unknown:
             raise ValueError(f"{config_path} has fields {unknown} that CLTConfig does not know: not a clt-forge CLT")
         clt = cls(CLTConfig(**saved), mesh=mesh)
-        mine = slice(clt.mesh.tp_rank * clt.F_local, (clt.mesh.tp_rank + 1) * clt.F_local)
-        with torch.no_grad():
-            for l in range(clt.config.n_layers):
-                enc = _read_export_file(path, f"W_enc_{l}", export_id, mine)
-                clt.W_enc[l].copy_(enc[f"W_enc_{l}"].t())
-                clt.b_enc[l].copy_(enc[f"b_enc_{l}"])
-                clt.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
-                clt.b_dec[l].copy_(enc[f"b_dec_{l}"])
-                if clt.W_skip is not None:
-                    clt.W_skip[l].copy_(enc[f"W_skip_{l}"].t())
-                clt.W_dec[l].copy_(_read_export_file(path, f"W_dec_{l}", export_id, mine)[f"W_dec_{l}"])
+        clt.read_layer_files(path, export_id)
         return clt.eval()
+
+    @torch.no_grad()
+    def read_layer_files(self, path, export_id):
+        """Fill this CLT (this rank's features) from the files write_layer_files wrote (a missing
+        threshold_{l} leaves the threshold as it is)."""
+        mine = slice(self.mesh.tp_rank * self.F_local, (self.mesh.tp_rank + 1) * self.F_local)
+        for l in range(self.config.n_layers):
+            enc = _read_export_file(path, f"W_enc_{l}", export_id, mine)
+            self.W_enc[l].copy_(enc[f"W_enc_{l}"].t())
+            self.b_enc[l].copy_(enc[f"b_enc_{l}"])
+            if f"threshold_{l}" in enc:
+                self.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
+            self.b_dec[l].copy_(enc[f"b_dec_{l}"])
+            if self.W_skip is not None:
+                self.W_skip[l].copy_(enc[f"W_skip_{l}"].t())
+            self.W_dec[l].copy_(_read_export_file(path, f"W_dec_{l}", export_id, mine)[f"W_dec_{l}"])
+
+
+def save_safetensors(path, tensors, export_id):
+    """tensors -> the safetensors file `path`, atomically, tagged with the export id of its save."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"export_id": export_id})
 
 
 def _read_export_file(path, name, export_id, rows):
@@ -910,21 +934,150 @@ def _read_export_file(path, name, export_id, rows):
     with safe_open(file, "pt") as f:
         found = (f.metadata() or {}).get("export_id")
         if export_id is not None and found != export_id:
-            raise ValueError(f"{file} comes from another save than {path}/config.json (a crash during an "
+            raise ValueError(f"{file} comes from another save than the config in {path} (a crash during an "
                              "export?): re-export it, e.g. python train.py --resume --out DIR")
         per_layer = ("b_dec", "W_skip")  # one per layer, not per feature: every rank reads them whole
         return {k: f.get_tensor(k) if k.startswith(per_layer) else f.get_slice(k)[rows] for k in f.keys()}
 
 
 # -----------------------------------------------------------------------------
-# per-layer transcoders in SAELens's layout (as transcoders of gpt2-small are published)
+# transcoders in the layouts circuit-tracer and SAELens publish, read at TransformerLens's hooks
 #
-# One folder per layer with cfg.json + sae_weights.safetensors: W_enc (d, F), b_enc (F,), W_dec (F, d),
-# b_dec (d,), threshold (F,) for JumpReLU, W_skip (d, d) with skip = x @ W_skip.T. The input hook is
-# TransformerLens's blocks.{l}.ln2.hook_normalized, taken *before* ln_2's affine map, where our mlp_in
-# is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded in on the way out,
-#     pre = (x̂ w + b) W_enc + b_enc = x̂ (w ⊙ W_enc) + (b W_enc + b_enc),   likewise W_skip into b_dec,
-# and taken out again on the way in.
+# Both read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, taken *before* ln_2's affine map,
+# where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded into the
+# encoder (and the skip connection) on the way out, and taken out again on the way in: fold_ln_2.
+
+
+@torch.no_grad()
+def fold_ln_2(transcoder, model, inverse=False):
+    """In place: make `transcoder` read x̂ (before ln_2's affine map) instead of our mlp_in = x̂ w + b;
+    inverse=True: back again. Its input and output scales are folded first (fold_normalization).
+
+    With W = W_enc[l] (d, F) and S = W_skip[l] (d, d), both applied as x @ W:
+        (x̂ w + b) W + b_enc = x̂ (w ⊙ W) + (b W + b_enc),   (x̂ w + b) S + b_dec = x̂ (w ⊙ S) + (b S + b_dec)
+    """
+    transcoder.fold_normalization()
+    for l, block in enumerate(model.h):
+        w = block.ln_2.weight.detach().to(transcoder.W_enc)  # (d,)
+        b = block.ln_2.bias.detach().to(transcoder.W_enc)  # (d,)
+        if inverse and (w == 0).any():
+            raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out again")
+        pairs = [(transcoder.W_enc[l], transcoder.b_enc[l])]
+        if transcoder.W_skip is not None:
+            pairs.append((transcoder.W_skip[l], transcoder.b_dec[l]))
+        for W, bias in pairs:  # W (d, n) applied as x @ W, bias (n,)
+            if inverse:
+                W.div_(w[:, None])
+            # b W summed as circuit-tracer's (n, d) weights sum it: the graph references in
+            # tests/fixtures, made through this fold, then regenerate bit for bit
+            shift = W.t().contiguous() @ b  # (n,)
+            if inverse:
+                bias.sub_(shift)
+            else:
+                bias.add_(shift)
+                W.mul_(w[:, None])
+
+
+# circuit-tracer 0.5.0 (TransformerLens backend), as its transcoder cache and the hub hold transcoders:
+# {path}/config.yaml (model_kind, feature_input_hook, feature_output_hook, scan) beside the weights.
+# Per-layer, its TranscoderSet: layer_{l}.safetensors with W_enc (F, d), W_dec (F, d), b_enc (F,),
+# b_dec (d,), activation_function.threshold (F,) for JumpReLU, W_skip (d, d) with skip = x̂ @ W_skip.T.
+# Cross-layer: save_pretrained's W_enc_{l} and W_dec_{l}.safetensors. config.yaml is written as JSON
+# (YAML reads JSON) and carries our CLTConfig and export id under "clt_forge".
+
+CIRCUIT_TRACER_HOOKS = dict(feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out")
+CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
+
+
+def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
+    """Write a transcoder of `model` (ln_2 folded in) in the layout circuit-tracer 0.5.0 loads:
+    {path}/config.yaml + layer_{l}.safetensors (a PLT) or W_enc_{l}/W_dec_{l}.safetensors (a CLT).
+
+    circuit-tracer reads it from its cache directory, e.g. for path = runs/plt-ct:
+        load_transcoders_from_cache("plt-ct", cache_dir="runs")    # circuit_tracer.utils.caching
+    or CIRCUIT_TRACER_CACHE_DIR=runs and transcoder_set "plt-ct" in ReplacementModel.from_pretrained.
+    """
+    c = transcoder.config
+    if c.activation == "topk":  # circuit-tracer would read it as a ReLU transcoder
+        raise ValueError("circuit-tracer has no TopK transcoder: export a relu, jumprelu or batchtopk one")
+    if c.decoder == "cross-layer" and c.skip:
+        raise ValueError("circuit-tracer 0.5.0's CLT loader reads no skip connection: export a per-layer "
+                         "transcoder with --skip, or a CLT without")
+    if transcoder.mesh.tp > 1:
+        raise ValueError(f"this is TP shard {transcoder.mesh.tp_rank} of {transcoder.mesh.tp}: "
+                         "export consolidated() instead")
+    check_same_model(model, c.model_sha256, "this transcoder")  # the fold below is of this model's ln_2
+    t = copy.deepcopy(transcoder).cpu()
+    fold_ln_2(t, model)
+    export_id = uuid.uuid4().hex
+    threshold = c.activation != "relu"  # batchtopk is a JumpReLU at inference; without thresholds, a ReLU
+    os.makedirs(path, exist_ok=True)
+    if c.decoder == "cross-layer":
+        t.write_layer_files(path, export_id, threshold)
+    for l in range(c.n_layers if c.decoder == "per-layer" else 0):
+        tensors = {"W_enc": t.W_enc[l].t(), "W_dec": t.W_dec[l][:, 0], "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
+        if threshold:
+            tensors["activation_function.threshold"] = t.threshold[l]
+        if t.W_skip is not None:
+            tensors["W_skip"] = t.W_skip[l].t()
+        save_safetensors(os.path.join(path, f"layer_{l}.safetensors"), tensors, export_id)
+    config = dict(model_kind=CIRCUIT_TRACER_KINDS[c.decoder], model_name=model_name, **CIRCUIT_TRACER_HOOKS,
+                  scan=os.path.basename(os.path.normpath(path)),
+                  clt_forge=dict(asdict(c), model_sha256=model.fingerprint(), export_id=export_id))
+    write_json(os.path.join(path, "config.yaml"), config)  # last: a directory with it is complete
+
+
+def from_circuit_tracer(path, model):
+    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, or a cached transcoder set
+    whose config.yaml is JSON) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
+    config_path = os.path.join(path, "config.yaml")
+    with open(config_path) as f:
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not JSON ({e}): clt-forge reads the config.yaml that "
+                             "save_circuit_tracer writes; rewrite it as JSON (YAML reads JSON too)") from e
+    hooks = {k: saved.get(k) for k in CIRCUIT_TRACER_HOOKS}
+    kinds = {v: k for k, v in CIRCUIT_TRACER_KINDS.items()}
+    if hooks != CIRCUIT_TRACER_HOOKS or saved.get("model_kind") not in kinds:
+        raise ValueError(f"{config_path}: {saved.get('model_kind')} reading {hooks}; only MLP transcoders "
+                         f"({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS}) replace GPT-2's MLPs")
+    ours = dict(saved.get("clt_forge", {}))
+    export_id = ours.pop("export_id", None)
+    decoder = kinds[saved["model_kind"]]
+    L, d = model.config.n_layer, model.config.n_embd
+    if not ours:  # files circuit-tracer wrote: the shape and the activation are in layer 0's tensors
+        first = _read_export_file(path, "layer_0" if decoder == "per-layer" else "W_enc_0", None, slice(None))
+        names = " ".join(first)
+        ours = dict(n_layers=L, d_model=d, n_features=len(first.get("b_enc", first.get("b_enc_0"))),
+                    activation="jumprelu" if "threshold" in names else "relu", decoder=decoder,
+                    skip="W_skip" in names, model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
+    config = CLTConfig(**ours)
+    if (config.n_layers, config.d_model, config.decoder) != (L, d, decoder):
+        raise ValueError(f"{path} holds a {config.decoder} transcoder of {config.n_layers} layers of width "
+                         f"{config.d_model}, the model has {L} of width {d}: pass the --model it was made for")
+    check_same_model(model, config.model_sha256, f"the transcoder in {path}")
+    t = CrossLayerTranscoder(config)
+    with torch.no_grad():
+        if decoder == "cross-layer":
+            t.read_layer_files(path, export_id)
+        for l in range(L if decoder == "per-layer" else 0):
+            p = _read_export_file(path, f"layer_{l}", export_id, slice(None))
+            t.W_enc[l].copy_(p["W_enc"].t())
+            t.b_enc[l].copy_(p["b_enc"])
+            t.W_dec[l].copy_(p["W_dec"][:, None])
+            t.b_dec[l].copy_(p["b_dec"])
+            if "activation_function.threshold" in p:
+                t.log_threshold[l].copy_(p["activation_function.threshold"].log())
+            if t.W_skip is not None:
+                t.W_skip[l].copy_(p["W_skip"].t())
+    fold_ln_2(t, model, inverse=True)
+    return t.eval()
+
+
+# SAELens, as transcoders of gpt2-small are published: one folder per layer with cfg.json +
+# sae_weights.safetensors: W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,), threshold (F,) for
+# JumpReLU, W_skip (d, d) with skip = x̂ @ W_skip.T.
 
 SAELENS_ARCHITECTURES = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
                          ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
@@ -936,24 +1089,18 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
     c = transcoder.config
     if c.decoder != "per-layer":
         raise ValueError("SAELens's layout holds per-layer transcoders; this one is cross-layer "
-                         "(save_pretrained writes circuit-tracer's CLT layout)")
+                         "(save_circuit_tracer writes circuit-tracer's CLT layout)")
     kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
     if kind is None:  # batchtopk is a JumpReLU at inference; topk has no SAELens transcoder
         raise ValueError(f"SAELens has no {c.activation} transcoder: export a relu, jumprelu or batchtopk one")
     t = copy.deepcopy(transcoder).cpu()
-    t.fold_normalization()
-    for l, block in enumerate(model.h):
-        w = block.ln_2.weight.detach().float().cpu()  # (d,)
-        b = block.ln_2.bias.detach().float().cpu()  # (d,)
-        W_enc = t.W_enc[l].detach()  # (d, F)
-        tensors = {"W_enc": w[:, None] * W_enc, "b_enc": t.b_enc[l].detach() + b @ W_enc,
-                   "W_dec": t.W_dec[l][:, 0].detach(), "b_dec": t.b_dec[l].detach()}
+    fold_ln_2(t, model)
+    for l in range(c.n_layers):
+        tensors = {"W_enc": t.W_enc[l], "b_enc": t.b_enc[l], "W_dec": t.W_dec[l][:, 0], "b_dec": t.b_dec[l]}
         if t.W_skip is not None:
-            W_skip = t.W_skip[l].detach()  # (d, d): x @ W_skip
-            tensors["W_skip"] = (w[:, None] * W_skip).t()
-            tensors["b_dec"] = tensors["b_dec"] + b @ W_skip
+            tensors["W_skip"] = t.W_skip[l].t()
         if kind == "jumprelu":
-            tensors["threshold"] = t.threshold[l].detach()
+            tensors["threshold"] = t.threshold[l]
         hook = f"blocks.{l}.ln2.hook_normalized"
         hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=f"blocks.{l}.hook_mlp_out")
         cfg = dict(architecture=SAELENS_ARCHITECTURES[kind, c.skip], d_in=c.d_model, d_sae=c.n_features,
@@ -962,7 +1109,7 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
         folder = os.path.join(path, hook)
         os.makedirs(folder, exist_ok=True)
         with atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
         write_json(os.path.join(folder, "cfg.json"), cfg)
 
 
@@ -1001,33 +1148,32 @@ def from_saelens(path, model):
                        model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
     t = CrossLayerTranscoder(config)
     with torch.no_grad():
-        for l, block in enumerate(model.h):
-            w = block.ln_2.weight.detach().float().cpu()
-            b = block.ln_2.bias.detach().float().cpu()
-            if (w == 0).any():
-                raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out")
+        for l in range(L):
             p = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
-            t.W_enc[l].copy_(p["W_enc"] / w[:, None])
-            t.b_enc[l].copy_(p["b_enc"] - (b / w) @ p["W_enc"])
+            t.W_enc[l].copy_(p["W_enc"])
+            t.b_enc[l].copy_(p["b_enc"])
             t.W_dec[l].copy_(p["W_dec"][:, None])
             t.b_dec[l].copy_(p["b_dec"])
             if skip:
-                t.W_skip[l].copy_(p["W_skip"].t() / w[:, None])
-                t.b_dec[l].sub_((b / w) @ p["W_skip"].t())
+                t.W_skip[l].copy_(p["W_skip"].t())
             if kind == "jumprelu":
                 t.log_threshold[l].copy_(p["threshold"].log())
+    fold_ln_2(t, model, inverse=True)
     return t.eval()
 
 
 def load_transcoder(path, model):
-    """A transcoder for `model` from `path`: our (circuit-tracer's) layout if it has config.json,
-    else per-layer transcoders in SAELens's layout (cfg.json folders below it)."""
+    """A transcoder for `model` from `path`, whichever layout it is in: save_pretrained's (config.json),
+    circuit-tracer's (config.yaml, save_circuit_tracer) or SAELens's (cfg.json folders below it)."""
     if os.path.exists(os.path.join(path, "config.json")):
         return CrossLayerTranscoder.from_pretrained(path)
+    if os.path.exists(os.path.join(path, "config.yaml")):
+        return from_circuit_tracer(path, model)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model)
-    raise FileNotFoundError(f"no transcoder at {path}: neither a CLT saved by train.py (config.json) nor "
-                            "per-layer transcoders in SAELens's layout (cfg.json + sae_weights.safetensors)")
+    raise FileNotFoundError(f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one "
+                            "in circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's "
+                            "layout (cfg.json + sae_weights.safetensors)")
 
 
 def check_same_model(model, sha256, what):
@@ -1148,10 +1294,11 @@ def parse_config(doc, configs, argv=None, default=None):
 
 
 def run_main(main):
-    """Run a script's main(); bad input (ValueError, FileNotFoundError) ends it with its one-line
-    message and exit status 1 instead of a traceback. Tests call main(argv) and see the exception."""
+    """Run a script's main() and return what it returns; bad input (ValueError, FileNotFoundError) ends
+    it with its one-line message and exit status 1 instead of a traceback. Tests call main(argv) and
+    see the exception."""
     try:
-        main()
+        return main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

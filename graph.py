@@ -17,7 +17,9 @@ Data flow:
          adjacency.safetensors + nodes.json (the full graph)
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
-    python graph.py intervene --feature 3/5/123 --scale 0 --prompt "..."  # 0 ablate, -1 flip, 4 steer
+    python graph.py --target-diff " Zefekic| Bepaese"                     # output node: a logit difference
+    python graph.py intervene --intervene 3/-1/123=5,2/4/9:ablate --prompt "..."  # =set *scale +add :ablate
+    python graph.py generate --intervene 3/-1/123+4 --every-token --max-new-tokens 20  # clean | intervened
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
     torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."  # rows split over ranks
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
@@ -28,7 +30,11 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     Nodes, in order: active features sorted by (layer, position, id), none at BOS; error nodes,
     layer-major (index layer*T + pos), those at BOS kept in the list and zero; one token-embedding
     node per position (wte[token]); logit nodes, most likely first: the top tokens until cumulative
-    probability 0.95, at most 10, each logit minus the mean logit.
+    probability 0.95, at most 10, each logit minus the mean logit. Or the given targets (Targets):
+    every output node reads a vector from ln_f's output at the last position, W_U[t] - mean(W_U) for
+    a logit (--target-tokens), W_U[a] - W_U[b] for a logit difference (--target-diff), a file's vector
+    for a direction (--target-direction); weighted in the influence by the token's probability, by 1
+    for a custom target (id vocab_size, circuit-tracer's virtual index).
     Edge A[t, s]: the direct effect of source s on target t's input (a feature's pre-activation,
     or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
     output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
@@ -55,6 +61,11 @@ attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check t
     Completeness score = sum_t (1 - sum_{s error} Â[t, s]) (infl_t + w_t) / sum_t (infl_t + w_t):
     the influence-weighted fraction of the nodes' inputs that comes from non-error nodes.
     Both lie in [0, 1] and are 1 when every error node is zero.
+    Interventions (intervene, generate): a feature's activation a at one position becomes a' (set,
+    scale, add, ablate; silent features too), and the MLP outputs change by (a' - a) x its decoder
+    writes; the rest of the model responds (freeze="none"), or its attention patterns are frozen
+    ("attention"), or it is the replacement model ("all": patterns, LayerNorm scales and every MLP
+    output held, so the logit nodes move by minus the ablated features' edges, exactly).
 
 Differences from circuit-tracer:
 - Error node ids are "{layer}_-1_{pos}" (the feature-node pattern with feature -1): circuit-tracer's
@@ -68,6 +79,9 @@ Differences from circuit-tracer:
   position, and under torchrun each rank computes a share of the rows (circuit-tracer: one device).
   Memory: the kept rows (N x N; capped, (max_features + logits) x N) and one batch's gradients at
   every layer (L·d·T·batch_size numbers), nothing per active feature beyond its rows.
+- Interventions: freeze="all" holds every layer's MLP output (circuit-tracer's constrained_layers
+  chooses which); `layers` instead limits which MLP outputs receive the change. generate keeps no KV
+  cache: each new token re-runs the whole sequence (3 passes: clean, and clean + intervened).
 - Ties: with --max-features, features of equal influence are taken in node order (circuit-tracer's
   unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
   (circuit-tracer's threshold can fall to 0 there and keep them).
@@ -76,11 +90,11 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, Acts, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
@@ -94,7 +108,7 @@ from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, Acts, CrossLayerTranscoder, Froz
 class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
     out: str = "runs/graph"  # output directory
@@ -107,6 +121,10 @@ class GraphConfig:
     max_logits: int = 10  # at most this many logit nodes
     logit_prob: float = 0.95  # logit nodes until this cumulative probability
     position_nodes: bool = False  # position embeddings as nodes of their own, not biases (not circuit-tracer's)
+    # output nodes: the most likely tokens unless one of these is given
+    target_diff: str = ""  # attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"
+    target_tokens: str = ""  # attribute these tokens' logits: "A|B|...", each one token
+    target_direction: str = ""  # attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor
     # pruning
     node_threshold: float = 0.8  # keep nodes up to this cumulative influence
     edge_threshold: float = 0.98  # keep edges up to this cumulative influence
@@ -116,12 +134,12 @@ class GraphConfig:
 class InterveneConfig:
     """change CLT features' activations and print how the next-token prediction changes"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate, comma-separated; POS -1 = last token
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model (patterns, LayerNorm, MLP outputs held)
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = every layer a feature writes to
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     top: int = 10  # rows of probability changes to print
 
 
@@ -129,12 +147,12 @@ class InterveneConfig:
 class GenerateConfig:
     """continue a prompt with the plain model and under interventions, side by side"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), or SAELens per-layer transcoders
+    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
     prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate, comma-separated; POS -1 = last token
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model (patterns, LayerNorm, MLP outputs held)
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = every layer a feature writes to
+    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
+    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
+    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     every_token: bool = False  # also apply the interventions at POS -1 at every generated token
     max_new_tokens: int = 20  # tokens to generate
     temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
@@ -244,17 +262,17 @@ def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True)
     return model.run_with_acts(idx, mlp_out=mlp_out[None], frozen=frozen, resid=resid, logits=logits)
 
 
-def target_inputs(model, clt, rep, feats, logit_ids, resid=None, mlp_out=None):
+def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
     """The targets' inputs in the frozen replacement model fed with the given sources (defaults:
-    the prompt's): (n,) feature pre-activations and (k,) logits minus the mean logit. mlp_out holds
-    the fixed part of each MLP output (features, errors, b_dec); replacement_forward adds the skip term."""
+    the prompt's): (n,) feature pre-activations and (k,) output targets, vectors (k, d) dotted with
+    ln_f's output at the last position (a logit minus the mean logit: W_U[t] - mean(W_U)). mlp_out
+    holds the fixed part of each MLP output (features, errors, b_dec); replacement_forward adds the skip term."""
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
     fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
-    logits, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
-    logits = logits[0, -1]
+    _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
     pre = clt.pre_acts(acts.mlp_in[0])  # (T, L, F)
     l, p, f = feats.T
-    return pre[p, l, f], (logits - logits.mean())[logit_ids]
+    return pre[p, l, f], vectors @ acts.ln_f_out[0, -1]
 
 
 def salient_logits(logits, max_logits, logit_prob):
@@ -262,6 +280,32 @@ def salient_logits(logits, max_logits, logit_prob):
     probs, ids = logits.softmax(-1).topk(min(max_logits, logits.numel()))
     k = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
     return ids[:k], probs[:k]
+
+
+@dataclass
+class Targets:
+    """A graph's output nodes: each reads a vector (d,) from ln_f's output at the last position, where
+    the unembedding reads (circuit-tracer's logit targets and custom targets)."""
+    ids: torch.Tensor  # (k,) token ids; a custom target gets vocab_size + i (circuit-tracer's virtual index)
+    vectors: torch.Tensor  # (k, d) what each reads: W_U[t] - mean(W_U) for a token's logit minus the mean logit
+    weights: torch.Tensor  # (k,) their weights in the influence: a token's probability, 1 for a custom target
+    labels: list  # (k,) the node's text in the front end; "" = the token's ('Output " x" (p=...)')
+
+
+def token_targets(model, logits, ids):
+    """The logits of tokens ids (k,) minus the mean logit, weighted by their probabilities under logits (V,)."""
+    W = model.wte.weight.detach()  # (V, d) the unembedding, tied
+    return Targets(ids, W[ids] - W.mean(0), logits.softmax(-1)[ids], [""] * len(ids))
+
+
+def custom_target(model, vector, label):
+    """One target reading vector (d,) (a logit difference: W_U[a] - W_U[b]), weight 1."""
+    d = model.config.n_embd
+    if vector.shape != (d,):
+        raise ValueError(f"a target direction must have shape ({d},) (the model's n_embd), got {tuple(vector.shape)}")
+    W = model.wte.weight
+    ids = torch.tensor([model.config.vocab_size], device=W.device)
+    return Targets(ids, vector.to(W.device, W.dtype)[None], torch.ones(1, device=W.device, dtype=W.dtype), [label])
 
 
 # -----------------------------------------------------------------------------
@@ -330,11 +374,6 @@ class Attribution:
         """(B, d) what the pre-activations of features ids read from mlp_in, in raw units."""
         l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
         return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
-
-    def unembed(self, token_ids):
-        """(k, d) what the logits minus the mean logit read from ln_f's output (W_U = wte, tied)."""
-        W = self.model.wte.weight.detach()
-        return W[token_ids] - W.mean(0)
 
     @torch.no_grad()
     def rows(self, layers, positions, vectors, out):
@@ -463,12 +502,14 @@ class Graph:
     tokens: list  # the T input token ids
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
     acts: torch.Tensor  # (n,) their activations
-    logit_ids: torch.Tensor  # (k,) the logit nodes' tokens
-    logit_probs: torch.Tensor  # (k,) their probabilities
+    logit_ids: torch.Tensor  # (k,) the output nodes' tokens (vocab_size + i: a custom target, see Targets)
+    logit_probs: torch.Tensor  # (k,) their weights: the tokens' probabilities, 1 for a custom target
     adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
     n_layers: int
     n_active: int  # active features before --max-features
     position_nodes: bool = False  # the position embeddings are nodes (after the tokens), not biases
+    target_vectors: Optional[torch.Tensor] = None  # (k, d) what each output node reads from ln_f's output
+    target_labels: list = field(default_factory=list)  # (k,) their front-end text, "" for a token's logit
 
     def slices(self):
         n, T, L = len(self.feats), len(self.tokens), self.n_layers
@@ -485,7 +526,7 @@ class Graph:
 
 def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: str = "", max_features: int = -1,
               batch_size: int = 256, max_logits: int = 10, logit_prob: float = 0.95, update_interval: int = 4,
-              position_nodes: bool = False, mesh: Optional[Mesh] = None) -> Graph:
+              position_nodes: bool = False, mesh: Optional[Mesh] = None, targets: Optional[Targets] = None) -> Graph:
     """The attribution graph of the replacement model rep (local_replacement's).
 
     Args:
@@ -496,6 +537,7 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         position_nodes: make the position embeddings nodes instead of biases.
         mesh: under torchrun, each rank of mesh.dp_group computes a share of every round's rows and
             one all-reduce gives every rank all of them (each rank runs local_replacement itself).
+        targets: the output nodes (token_targets, custom_target); None: the salient logits.
     Returns:
         Graph with the dense (N, N) adjacency, unpruned.
     """
@@ -503,10 +545,11 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     n, (T, L, _) = len(rep.feats), rep.mlp_out.shape
     cap = n if max_features < 0 else min(max_features, n)
     device = rep.feats.device
-    # Phase 1: the logit nodes and the sources' vectors
-    logit_ids, logit_probs = salient_logits(rep.logits, max_logits, logit_prob)
+    # Phase 1: the output nodes (the salient logits unless given) and the sources' vectors
+    if targets is None:
+        targets = token_targets(model, rep.logits, salient_logits(rep.logits, max_logits, logit_prob)[0])
     att = Attribution(model, clt, rep, position_nodes)
-    k, n_src = len(logit_ids), att.n_sources
+    k, n_src = len(targets.ids), att.n_sources
     # uncapped, A itself, filled in place: feature rows in node order, the zero rows of the nodes
     # without inputs (errors, embeddings), the logit rows; capped, only the targets' rows, in the
     # order computed, with every active feature's column (the ranking reads them all)
@@ -518,10 +561,10 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
     # Phase 2: the logit rows, one pass (every rank: cheaper than sending them)
     last = torch.full((k,), T - 1, device=device)
-    att.rows(torch.full((k,), L, device=device), last, att.unembed(logit_ids), rows[-k:, :n_src])
+    att.rows(torch.full((k,), L, device=device), last, targets.vectors, rows[-k:, :n_src])
     # Phase 3: the feature rows, in rounds; uncapped, one round of all features in node order
     weights = rows.new_zeros(n_src + k)
-    weights[n_src:] = logit_probs.to(rows.dtype)
+    weights[n_src:] = targets.weights.to(rows.dtype)
     todo = torch.ones(n, dtype=torch.bool, device=device)
     done = 0
     bar = tqdm(total=cap, desc="feature rows", disable=cap <= batch_size or mesh.dp_rank != 0)
@@ -556,19 +599,19 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
         A[-k:] = rows[-k:, cols]
         rows = A
     ids = kept.values
-    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], logit_ids, logit_probs, rows, L, n,
-                 position_nodes)
+    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], targets.ids, targets.weights, rows, L, n,
+                 position_nodes, targets.vectors, targets.labels)
 
 
 @torch.no_grad()
 def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
-    feats, logit_ids = graph.feats.to(rep.idx.device), graph.logit_ids.to(rep.idx.device)
-    inputs = torch.cat(target_inputs(model, clt, rep, feats, logit_ids))
+    feats, vectors = graph.feats.to(rep.idx.device), graph.target_vectors.to(rep.idx.device)
+    inputs = torch.cat(target_inputs(model, clt, rep, feats, vectors))
     resid = rep.position * (not graph.position_nodes)  # (T, d) what the embedding keeps with every node at zero
     mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) no features: b_dec only
     mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its whole MLP output is bias, but for the live skip term
-    bias = torch.cat(target_inputs(model, clt, rep, feats, logit_ids, resid, mlp_out))
+    bias = torch.cat(target_inputs(model, clt, rep, feats, vectors, resid, mlp_out))
     s = graph.slices()
     A = graph.adjacency.to(inputs.device)
     total = torch.cat([A[s.features].sum(1), A[s.logits].sum(1)]) + bias
@@ -684,7 +727,7 @@ def node_record(**fields):
 def node_records(graph, enc, explanations, cumulative, infl):
     """One dict per node, in the node order of the adjacency."""
     T, L, nodes = len(graph.tokens), graph.n_layers, []
-    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
+    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):  # circuit-tracer labels PLT features so too
         nodes.append(node_record(node_id=f"{l}_{f}_{p}", feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l),
                                  ctx_idx=p, feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
                                  activation=a, clerp=explanations.get((l, f), "")))
@@ -698,11 +741,12 @@ def node_records(graph, enc, explanations, cumulative, infl):
     for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
         nodes.append(node_record(node_id=f"E_-1_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
                                  jsNodeId=f"E_-1-{p}", clerp=f"position {p}"))
-    for i, (t, prob) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())):
+    labels = graph.target_labels or [""] * len(graph.logit_ids)
+    for i, (t, prob, label) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)):
         s = token_str(enc, t) if enc else str(t)
         nodes.append(node_record(node_id=f"{L + 1}_{t}_{T - 1}", feature=t, layer=str(L + 1), ctx_idx=T - 1,
                                  feature_type="logit", jsNodeId=f"L_{t}-{T - 1}", token_prob=prob,
-                                 is_target_logit=i == 0, clerp=f'Output "{s}" (p={prob:.3f})'))
+                                 is_target_logit=i == 0, clerp=label or f'Output "{s}" (p={prob:.3f})'))
     for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
         node.update(influence=c, influence_raw=r)
     return nodes
@@ -719,12 +763,15 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w)
              for s, t, w in zip(src.tolist(), dst.tolist(), A[dst, src].tolist())]
     prompt_tokens = [token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens]
-    meta = dict(slug=cfg.slug, scan=os.path.basename(os.path.normpath(clt_name)), transcoder_list=[],
+    # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its server
+    # reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
+    meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[],
                 prompt_tokens=prompt_tokens, prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
                 pruning_settings=dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold),
                 info=dict(model=model_name, clt=clt_name, replacement_score=replacement,
                           completeness_score=completeness, n_active_features=graph.n_active,
-                          n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes))
+                          n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes,
+                          targets=[nd["clerp"] for nd in nodes if nd["feature_type"] == "logit"]))
     qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
     os.makedirs(cfg.out, exist_ok=True)
     kept = [nd for nd, m in zip(nodes, node_mask.tolist()) if m]
@@ -740,7 +787,8 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
     tensors = {"adjacency": A.float().contiguous(), "influence": infl.float(), "node_mask": node_mask,
                "edge_mask": edge_mask, "features": graph.feats.cpu().contiguous(),
                "activations": graph.acts.float().cpu(), "input_tokens": torch.tensor(graph.tokens),
-               "logit_tokens": graph.logit_ids.cpu(), "logit_probabilities": graph.logit_probs.float().cpu()}
+               "logit_tokens": graph.logit_ids.cpu(), "logit_probabilities": graph.logit_probs.float().cpu(),
+               "target_vectors": graph.target_vectors.float().cpu().contiguous()}
     with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     table = [nd | dict(index=i, kept=m) for i, (nd, m) in enumerate(zip(nodes, node_mask.tolist()))]
@@ -762,7 +810,7 @@ class Intervention:
     pos: int  # its position in the prompt, BOS = 0; negative counts from the end (-1: the last token)
     feature: int  # its id in the layer
     mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
-    value: float = 0.0
+    value: float = 0.0  # set: the new activation; scale: the factor; add: the shift; ablate: unused
 
     def new_activation(self, a):
         """The feature's activation after the change, from its clean activation a."""
@@ -973,12 +1021,55 @@ def load(cfg, device):
         raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
                                 f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
     model = GPT.from_pretrained(cfg.model)
-    clt = load_transcoder(cfg.clt, model).to(device)  # ours, or SAELens's per-layer transcoders
+    clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
     model = model.to(device)
     check_compatible(model, clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
+
+
+def one_token(enc, text, flag):
+    """The id of text, which must be exactly one token."""
+    ids = enc.encode(text, allowed_special={ENDOFTEXT})
+    if len(ids) != 1:
+        pieces = [token_str(enc, t) for t in ids]
+        raise ValueError(f"{flag}: {text!r} is {len(ids)} tokens {pieces}, not one: give tokens the tokenizer keeps "
+                         f"whole (mind the leading space: ' x' and 'x' are different tokens)")
+    return ids[0]
+
+
+def build_targets(cfg, model, enc, rep):
+    """The command line's output nodes -> Targets, or None for the salient logits."""
+    given = [name for name in ("target_diff", "target_tokens", "target_direction") if getattr(cfg, name)]
+    if len(given) > 1:
+        raise ValueError(f"give one of --target-diff, --target-tokens, --target-direction, not {given}")
+    device = rep.idx.device
+    if cfg.target_diff:
+        texts = cfg.target_diff.split("|")
+        if len(texts) != 2:
+            raise ValueError(f"--target-diff {cfg.target_diff!r}: give two tokens as A|B, e.g. ' Paris| London'")
+        a, b = (one_token(enc, x, "--target-diff") for x in texts)
+        W = model.wte.weight.detach()
+        label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
+        return custom_target(model, W[a] - W[b], label)  # the mean logit cancels
+    if cfg.target_tokens:
+        ids = [one_token(enc, x, "--target-tokens") for x in cfg.target_tokens.split("|")]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"--target-tokens {cfg.target_tokens!r} names a token twice: give each once")
+        return token_targets(model, rep.logits, torch.tensor(ids, device=device))
+    if cfg.target_direction:
+        if not os.path.exists(cfg.target_direction):
+            raise FileNotFoundError(f"no direction file {cfg.target_direction}: save one with "
+                                    f"safetensors.torch.save_file({{'direction': v}}, path), v of shape (n_embd,)")
+        tensors = load_file(cfg.target_direction)
+        if len(tensors) != 1:
+            raise ValueError(f"{cfg.target_direction} holds {len(tensors)} tensors {sorted(tensors)}: "
+                             f"save exactly one, of shape ({model.config.n_embd},)")
+        name, = tensors
+        label = f"Output direction {os.path.basename(cfg.target_direction)}:{name} (at ln_f's output)"
+        return custom_target(model, next(iter(tensors.values())).to(device), label)
+    return None
 
 
 def run_graph(cfg):
@@ -992,14 +1083,15 @@ def run_graph(cfg):
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
     graph = attribute(model, clt, rep, cfg.prompt, cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob,
-                      cfg.update_interval, cfg.position_nodes, mesh)
+                      cfg.update_interval, cfg.position_nodes, mesh, build_targets(cfg, model, enc, rep))
     seconds = time.perf_counter() - t0
     if rank != 0:
         return
     err, scale = exactness(model, clt, rep, graph)
     replacement, completeness, n_nodes, n_links = save_graph(graph, cfg, enc, cfg.model, cfg.clt)
-    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())
-    top = ", ".join(f"{token_str(enc, t)!r} {p:.3f}" for t, p in probs)
+    labels = graph.target_labels or [""] * len(graph.logit_ids)
+    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
+    top = ", ".join(label or f"{token_str(enc, t)!r} {p:.3f}" for t, p, label in probs)
     capped = " [capped: dropped features' edges are missing]" if len(graph.feats) < graph.n_active else ""
     print(f"prompt: {len(graph.tokens)} tokens | active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
           f" | logits: {top}")

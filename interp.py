@@ -43,7 +43,8 @@ input = entity and category, output = the next token the model must say, latent 
 a two-hop question), the --families together, and the same numbers for two baselines scored the same
 way, since the best of thousands of features grows with their number: the model's MLP neurons (a neuron
 fires where its GELU input is > 0) and a CLT of the same size with random weights whose features fire
-as often as the trained ones of their layer.
+as often as the trained ones of their layer; and a ceiling, the token-identity oracle (feature t fires
+on token t: F1 ~1 on entities, ~0 on latent and output concepts, which no token detector can match).
 
 features.jsonl keys, one line per feature in (layer, feature) order:
     layer, feature              the feature's layer and index
@@ -63,8 +64,8 @@ summary.json: per_layer dead / dense / live / interpretable counts, share_live_d
 --interpretable), score quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy
 world "concepts": eval_set, f1_threshold, min_support, families, n / recovered / share_recovered /
 mean_best_f1 (the headline), by_family {family: kind, concepts, recovered, share, mean_best_f1, unscored},
-per_concept {label: support, layer, feature, f1, precision, recall}, baselines {mlp_neurons, random_clt:
-the headline and by_family}.
+per_concept {label: support, layer, feature, f1, precision, recall}, baselines {mlp_neurons, random_clt,
+token_identity: the headline and by_family}.
 """
 import contextlib
 import json
@@ -119,7 +120,7 @@ class InterpConfig:
     concept_f1: float = 0.8  # a planted concept counts as recovered when a feature reaches this F1
     min_support: int = 20  # labeled tokens a concept needs to be scored
     families: str = "category,entity,latent"  # label families whose recovery is the headline (all are listed)
-    baselines: bool = True  # also score the model's MLP neurons and a random CLT of the same size
+    baselines: bool = True  # also score the MLP neurons, a random CLT of the same size and the token-identity oracle
     max_pairs: int = 20_000_000  # stored (feature, n-gram) counts beyond which rare pairs are pruned
     seed: int = 0  # reservoir sampling
     time_read: bool = False  # also time one plain read of the cache and report the cost ratio
@@ -796,6 +797,20 @@ def score_concepts(feature_sets, cache, labels, cfg):
     return scores
 
 
+def token_scores(cache, labels, n_vocab, cfg):
+    """The token-identity oracle, scored as a feature set: feature t fires exactly where the token is t
+    (ConceptScores with M = n_vocab, one "layer"). Its best F1 is the ceiling of a pure token detector:
+    ~1 for an entity (every name is one token), ~0 for a latent or output concept (their tokens, "is",
+    "speaks", "to", are shared by every answer): what no token-level feature can reach."""
+    scores = ConceptScores(len(labels.names), n_vocab, cfg.device)
+    row = 0
+    for _, _, tok, _, _ in cache.iter_chunks(cfg.chunk_size, split="all", device=cfg.device):
+        lab, labeled = labels.rows(row, row + len(tok), cfg.device)
+        scores.update(torch.nn.functional.one_hot(tok, n_vocab).float(), lab, labeled)  # (N, V)
+        row += len(tok)
+    return scores
+
+
 def best_features(scores: ConceptScores, labels, n_per_layer, cfg):
     """Per concept with >= min_support tokens: its best feature by F1 {support, layer, feature, f1,
     precision, recall}; and per feature its best concept (the features.jsonl keys)."""
@@ -859,13 +874,16 @@ def toy_world_concepts(model_dir, model, enc, clt, cache, world, cfg):
         sets["mlp_neurons"] = partial(neuron_preacts, model.to(cfg.device))
         sets["random_clt"] = partial(clt_acts, random_like(clt, sample))
     scores = score_concepts(sets, ccache, labels, cfg)
+    if cfg.baselines:
+        scores["token_identity"] = token_scores(ccache, labels, model.config.vocab_size, cfg)
     out = dict(eval_set=dict(kind="tiny.eval_corpus", seed=cfg.concept_seed, support=cfg.concept_support,
                              cache=ccache.path, tokens=ccache.n_tokens, labeled_tokens=int(labels.labeled.sum())),
                f1_threshold=cfg.concept_f1, min_support=cfg.min_support, families=cfg.families)
     per_feature = None
     baselines = {}
     for name, s in scores.items():
-        n_per_layer = clt.config.n_features if name != "mlp_neurons" else 4 * model.config.n_embd
+        n_per_layer = dict(mlp_neurons=4 * model.config.n_embd, token_identity=model.config.vocab_size)
+        n_per_layer = n_per_layer.get(name, clt.config.n_features)
         per_concept, pf = best_features(s, labels, n_per_layer, cfg)
         table = family_table(per_concept, labels, s, cfg)
         if name == "clt":
@@ -935,7 +953,7 @@ def plot_summary(path, stats, scores, summary):
             shares = [(table.get(n) or {}).get("share") or 0.0 for n in names]
             ax[1, 1].bar(np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width, shares, width, label=label)
         ax[1, 1].set_xticks(range(len(names)), [f"{n}\n({concepts['by_family'][n]['concepts']})" for n in names])
-        ax[1, 1].set(title=f"toy world: share of concepts with a feature of F1 >= {concepts['f1_threshold']}",
+        ax[1, 1].set(title=f"planted concepts with a feature of F1 >= {concepts['f1_threshold']}",
                      ylabel="share recovered", ylim=(0, 1.02))
         ax[1, 1].legend(fontsize=7)
     else:

@@ -138,6 +138,7 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel size; dp = world size / tp
     timeout_s: int = 300  # collective timeout: a crashed or stuck rank ends the run with an error
     device: str = "auto"  # auto | cpu | cuda
+    autocast: str = "cuda"  # bf16 autocast of the step, fp32 master weights: cuda (on CUDA only) | always (CPU too) | never
 
 
 # the resume contract: what a resumed run takes from where (see the module docstring)
@@ -673,6 +674,8 @@ def check_config(c, cache, mesh):
                          f"got {c.steps}, {c.lr}, {c.decay_frac}")
     if c.log_every <= 0:
         raise ValueError(f"--log-every {c.log_every} must be positive")
+    if c.autocast not in ("cuda", "always", "never"):
+        raise ValueError(f"--autocast {c.autocast} must be cuda, always or never")
     if c.wandb and find_spec("wandb") is None:  # every rank checks: rank 0 alone failing would hang the others
         raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
 
@@ -766,7 +769,8 @@ def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
     n_dead = dead.sum(1)  # (L,)
     # clocks start at 0 and grow by one batch a step: before this step none can have run out (a host fact)
     maybe_dead = step * c.batch_size >= c.dead_tokens
-    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # fp32 master weights
+    bf16 = c.autocast == "always" or (c.autocast == "cuda" and device.type == "cuda")
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):  # fp32 master weights
         loss, parts, fired = clt_losses(clt, *batch, c, step, dead[:, mine], n_dead.sum() if maybe_dead else None)
     loss.backward()
     C.average_gradients(list(clt.parameters()), mesh.dp_group)

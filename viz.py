@@ -23,8 +23,10 @@ lives in the URL's hash, so a link reopens it: index.html#sort=auroc&dir=desc&la
 (sort: layer, feature, explanation, tokens, density, max_act, auroc, fuzzing, concept, f1, flags).
 
 circuit-tracer's own front end (`python -m circuit_tracer start-server --graph_file_dir runs/graph`) shows a
-node's examples from features/{feature}.json when the graph's metadata.scan is "./data/features"; that page
-loads d3 and its other libraries from the network (circuit-tracer 0.5.0), unlike ours.
+node's examples from features/{feature}.json: its page fetches {scan}/{feature}.json for a scan that starts
+with "./", its server reads /data/... from the graph folder, and graph.py writes scan "./data/features".
+That page (circuit-tracer 0.5.0) loads d3, a d3 jetpack, dagre and pako from CDNs, unlike ours:
+offline it stops after fetching graph-metadata.json ("d3 is not defined").
 
 References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
 frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
@@ -530,7 +532,7 @@ def write_frontend_features(graph, interp_dir, out):
         return []
     meta = graph.get("metadata", {})
     clt_dir = (meta.get("info") or {}).get("clt")  # graph.py's info names the CLT; its scan may be a path
-    transcoder_id = os.path.basename(os.path.normpath(clt_dir)) if clt_dir else str(meta.get("scan") or "clt")
+    transcoder_id = os.path.basename(os.path.normpath(clt_dir)) if clt_dir else "clt"
     os.makedirs(os.path.join(out, "features"), exist_ok=True)
     written = []
     with open(path, encoding="utf-8") as f:
@@ -540,8 +542,13 @@ def write_frontend_features(graph, interp_dir, out):
             if key in wanted:
                 written.append(os.path.join(out, "features", f"{wanted[key]}.json"))
                 write_file(written[-1], json.dumps(frontend_feature(feat, transcoder_id)))
-    note = "" if meta.get("scan") == FRONTEND_SCAN else f" (read when the graph's metadata.scan is {FRONTEND_SCAN!r})"
-    print(f"wrote {len(written)} feature files for circuit-tracer's front end to {out}/features{note}")
+    print(f"wrote {len(written)} feature files for circuit-tracer's front end to {out}/features")
+    if meta.get("scan") == FRONTEND_SCAN:
+        print(f"  to browse: python -m circuit_tracer start-server --graph_file_dir {out}, then open "
+              f"http://localhost:8041/index.html?slug={meta.get('slug', 'graph')}")
+    else:
+        print(f"  circuit-tracer's front end reads them when the graph's metadata.scan is {FRONTEND_SCAN!r} "
+              f"(it is {meta.get('scan')!r}): rerun graph.py to get it")
     return written
 
 

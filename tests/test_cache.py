@@ -400,3 +400,17 @@ def test_empty_corpus_unwritable_out_and_nan_model(env, tmp_path):
     assert not m["complete"] and m["shards"] == [] and os.listdir(tmp_path / "n") == ["manifest.json"]
     with pytest.raises(ValueError, match="unfinished"):
         cache.ActivationCache(cfg.out)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_unscaled_caches_of_deeper_models_read_back(make_hub_model, tmp_path, dtype):
+    """fp16 / fp32 shards have no scales section: with L >= 3 a view of one would run past the file."""
+    make_hub_model(tmp_path / "model", n_layer=4)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    cfg = cache.CacheConfig(model=str(tmp_path / "model"), corpus=str(corpus), tokens=600, ctx=16, dtype=dtype,
+                            out=str(tmp_path / "cache"), heldout=0.0)
+    cache.build_cache(cfg)
+    r_in, r_out, *_ = cache.ActivationCache(cfg.out).read(0, 600)
+    assert r_in.shape == r_out.shape == (600, 4, 32) and torch.isfinite(r_in).all()
+    assert cache.verify(cfg.out) == []

@@ -169,7 +169,9 @@ def runs(small_cache, tmp_path_factory):  # noqa: F811
         return dict(kind="train", argv=argv(small_cache, p(out), **kw))
 
     bt = dict(activation="batchtopk", k=4)
-    tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("dp2"), train("tp2_cut", tp=2, stop_at=10),
+    plt = dict(decoder="per-layer", skip=True)
+    tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("tp2_plt", tp=2, **plt), train("dp2"),
+             train("tp2_cut", tp=2, stop_at=10),
              train("tp2_cut", tp=2, resume=True),
              dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors"))]
     tasks += [dict(kind="grads", tp=tp, activation=a, out=p(f"grads_{a}_tp{tp}_{{rank}}.safetensors"))
@@ -181,6 +183,7 @@ def runs(small_cache, tmp_path_factory):  # noqa: F811
     assert rc == 0, out[-2000:] + err[-4000:]
     T.train(config(small_cache, p("ref")))
     T.train(config(small_cache, p("ref_bt"), **bt))
+    T.train(config(small_cache, p("ref_plt"), **plt))
     return p
 
 
@@ -203,6 +206,14 @@ def test_jumprelu_with_tp2_dp2_or_resumed_equals_one_process(runs, run):
 
 def test_batchtopk_with_tp2_equals_one_process(runs):
     assert_same_run(runs("ref_bt"), runs("tp2_bt"))
+
+
+def test_a_per_layer_transcoder_with_skip_and_tp2_equals_one_process(runs):
+    """A PLT's features shard like a CLT's; its skip connection, replicated like b_dec, is added once
+    after the TP sum and its gradient counted once in the norm."""
+    assert_same_run(runs("ref_plt"), runs("tp2_plt"))
+    plt = C.CrossLayerTranscoder.from_pretrained(runs("tp2_plt"))
+    assert plt.config.decoder == "per-layer" and plt.W_skip.abs().max() > 0  # the skip path trained
 
 
 def test_the_export_reshards(runs):

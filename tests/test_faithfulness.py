@@ -45,12 +45,12 @@ def linear_replacement_change(model, t, rep, g, i):
     other features respond one for one to their pre-activations (errors held): run layer by layer,
     independently of the adjacency."""
     n_layers = g.n_layers
-    pre0, logits0 = G.target_inputs(model, t, rep, g.feats, g.logit_ids)
+    pre0, logits0 = G.target_inputs(model, t, rep, g.feats, g.target_vectors)
     change = torch.zeros_like(g.acts)
     for _ in range(n_layers + 1):  # layer l's features settle in pass l + 1; the last pass reads the logits
         change[i] = -g.acts[i]
         fixed = rep.mlp_out - rep.skip + G.reconstruct(t, g.feats, change, len(g.tokens), bias=False)  # (T, L, d)
-        pre, logits = G.target_inputs(model, t, rep, g.feats, g.logit_ids, mlp_out=fixed)
+        pre, logits = G.target_inputs(model, t, rep, g.feats, g.target_vectors, mlp_out=fixed)
         change = pre - pre0
     return (logits - logits0)[0].item()
 

@@ -1,4 +1,5 @@
 """clt.GPT against transformers' GPT-2 (the reference), hub-layout loading, the tokenizer, bad input."""
+import copy
 import json
 import os
 
@@ -190,3 +191,16 @@ def test_forward_and_run_with_acts_agree_and_logits_false_gives_the_same_acts(hf
     torch.testing.assert_close(model(idx), logits, atol=0, rtol=0)
     torch.testing.assert_close(acts_only.mlp_in, acts.mlp_in, atol=0, rtol=0)
     torch.testing.assert_close(acts_only.mlp_out, acts.mlp_out, atol=0, rtol=0)
+
+
+def test_fingerprint_is_kept_until_a_weight_changes(hf_dir):
+    """The kept fingerprint follows in-place writes, copies and a new config."""
+    model = clt.GPT.from_pretrained(str(hf_dir[0]))
+    first = model.fingerprint()
+    assert model.fingerprint() == first and copy.deepcopy(model).fingerprint() == first
+    with torch.no_grad():
+        model.h[1].mlp.c_proj.weight[0, 0] += 1.0
+    assert model.fingerprint() != first
+    changed = model.fingerprint()
+    model.config.n_ctx = model.config.n_ctx // 2
+    assert model.fingerprint() not in (first, changed)

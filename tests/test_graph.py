@@ -60,7 +60,7 @@ def test_replacement_reproduces_logits(built):
     assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
     assert not rep.error[0].any()  # nor errors: the MLP outputs at BOS are bias
     torch.testing.assert_close((rep.recon + rep.error)[1:], rep.mlp_out[1:], atol=1e-6, rtol=0)
-    pre, _ = G.target_inputs(model, clt, rep, rep.feats, torch.tensor([0]))
+    pre, _ = G.target_inputs(model, clt, rep, rep.feats, model.wte.weight[:1])
     l, p, f = rep.feats.T
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
     a = torch.zeros(T, L, F_)
@@ -96,8 +96,8 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None,
         resid[embed] += eps * rep.token[embed]
     if position is not None:
         resid[position] += eps * rep.position[position]
-    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids))
-    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.logit_ids, resid, mlp_out))
+    before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors))
+    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors, resid, mlp_out))
     return after - before
 
 
@@ -285,15 +285,15 @@ def test_intervention_scales_the_decoder_writes(built):
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-def circuit_tracer_reference():
-    """(model, clt, idx, reference tensors, reference JSON) of the committed circuit-tracer fixture."""
-    with open(os.path.join(FIXTURES, "graph_reference.json")) as f:
+def circuit_tracer_reference(name="graph_reference", key="clt"):
+    """(model, transcoder, idx, reference tensors, reference JSON) of a committed circuit-tracer fixture."""
+    with open(os.path.join(FIXTURES, f"{name}.json")) as f:
         meta = json.load(f)
-    ref = load_file(os.path.join(FIXTURES, "graph_reference.safetensors"))
+    ref = load_file(os.path.join(FIXTURES, f"{name}.safetensors"))
     model = C.GPT(C.GPTConfig(**meta["gpt"]))
     model.load_state_dict({k[6:]: v for k, v in ref.items() if k.startswith("model.")})
-    clt = C.CrossLayerTranscoder(C.CLTConfig(**meta["clt"]))
-    clt.load_state_dict({k[4:]: v for k, v in ref.items() if k.startswith("clt.")})
+    clt = C.CrossLayerTranscoder(C.CLTConfig(**meta[key]))
+    clt.load_state_dict({k[len(key) + 1:]: v for k, v in ref.items() if k.startswith(f"{key}.")})
     return model.eval(), clt.eval(), ref["tokens"][None], ref, meta
 
 
@@ -312,7 +312,12 @@ def assert_rows_match(graph, rows, tol=1e-4):
 
 
 def test_matches_circuit_tracer():
-    model, clt, idx, ref, meta = circuit_tracer_reference()
+    assert_matches_circuit_tracer("graph_reference", "clt")
+
+
+def assert_matches_circuit_tracer(name, key):
+    """Our full and capped graphs of fixture `name` are circuit-tracer's: nodes, edges, scores, pruning."""
+    model, clt, idx, ref, meta = circuit_tracer_reference(name, key)
     rep = G.local_replacement(model, clt, idx)
     graph = G.attribute(model, clt, rep, batch_size=7)  # a batch size that splits (layer, position) blocks
     assert torch.equal(graph.feats, ref["features"]) and torch.equal(graph.logit_ids, ref["logit_tokens"])

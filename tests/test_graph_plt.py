@@ -1,13 +1,17 @@
 """Attribution graphs of per-layer transcoders (PLTs), with and without a skip connection: a PLT's
 graph is a CLT's whose cross-layer decoders are zero, and the graph stays exact (edges + bias =
 every target's input) and measured (each edge is the target's change when its source is scaled),
-also when the skip path, linear in the MLP input, carries part of every edge."""
+also when the skip path, linear in the MLP input, carries part of every edge; and it is
+circuit-tracer's graph of the same PLT (tests/fixtures/graph_reference_plt.*)."""
+import dataclasses
+
 import pytest
 import torch
 
 import clt as C
 import graph as G
-from test_graph import D, F_, L, T, V, one_thread  # noqa: F401 (one_thread is a fixture)
+from test_graph import D, F_, L, T, V, assert_matches_circuit_tracer, assert_rows_match, circuit_tracer_reference
+from test_graph import one_thread  # noqa: F401 (a fixture)
 
 
 def make(skip=False, dtype=torch.float64, seed=0):
@@ -63,8 +67,8 @@ def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None)
         fixed[p, l] += eps * rep.error[p, l]
     if embed is not None:
         resid[embed] += eps * rep.token[embed]
-    before = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.logit_ids))
-    after = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.logit_ids, resid, fixed))
+    before = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors))
+    after = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors, resid, fixed))
     return after - before
 
 
@@ -106,3 +110,16 @@ def test_the_skip_path_carries_edges():
     no_skip = G.attribute(model, frozen, rep_f, batch_size=32)
     difference = (graph.adjacency[s.logits, s.tokens] - no_skip.adjacency[s.logits, s.tokens]).abs().max()
     assert difference > 1e-3 * graph.adjacency[s.logits, s.tokens].abs().max()
+
+
+def test_a_plt_with_skip_matches_circuit_tracer():
+    """circuit-tracer's graph of a PLT with a skip connection (tests/fixtures/make_graph_reference.py,
+    loaded through clt.save_circuit_tracer as its TranscoderSet) is ours, edge by edge; with the skip
+    output frozen into the error nodes instead, it would not be (edges off by ~10x their row's largest)."""
+    assert_matches_circuit_tracer("graph_reference_plt", "plt")
+    model, plt, idx, ref, _ = circuit_tracer_reference("graph_reference_plt", "plt")
+    frozen = C.CrossLayerTranscoder(dataclasses.replace(plt.config, skip=False)).eval()
+    frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
+    graph = G.attribute(model, frozen, G.local_replacement(model, frozen, idx), batch_size=16)
+    with pytest.raises(AssertionError):
+        assert_rows_match(graph, ref["rows"])

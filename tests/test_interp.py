@@ -510,6 +510,29 @@ def test_concept_scores_equal_brute_force(gpt, world):
     assert (got - want[:, None]).abs().max() < 2 / 2000 and not torch.equal(rand.W_enc, clt.W_enc)
 
 
+def test_token_oracle_equals_brute_force(gpt, world):
+    """token_scores: feature t fires exactly on token t, counted over every row like any feature set."""
+    tiny = pytest.importorskip("tiny")
+    _, enc = gpt
+    c, texts, docs = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:40], cut=False)
+    rows = labeled_rows(texts, docs, enc, world)
+    cfg = replace(small_cfg(min_support=3), chunk_size=100)
+    labels = interp.ConceptLabels(c, world, enc, cfg)
+    V = enc.n_vocab
+    scores = interp.token_scores(c, labels, V, cfg)
+    tok = c.rows[1]
+    for name in ("category:person", "entity:0", f"latent:country={world.people[0]['home']}", "role:query"):
+        if name not in labels.names:
+            continue
+        on = torch.tensor([name in labs for labs in rows])
+        tp = torch.bincount(tok[on], minlength=V).double()
+        nf = torch.bincount(tok, minlength=V).double()
+        f1 = 2 * tp / (nf + on.sum())
+        torch.testing.assert_close(scores.f1()[2][labels.names.index(name)], f1)
+    per_concept, _ = interp.best_features(scores, labels, V, cfg)
+    assert {b["layer"] for b in per_concept.values()} == {0}  # one "layer" of V token features
+
+
 def test_near_firing_brute_force():
     g = torch.Generator().manual_seed(0)
     fire = torch.rand(60, 5, generator=g) > 0.9

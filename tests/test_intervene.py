@@ -3,10 +3,13 @@ feature adds exactly its decoder writes; in the replacement model's view (freeze
 move by exactly what the graph's edges predict; a zero intervention generates what plain greedy
 decoding generates; a logit-difference target's row is the difference of the two logit rows; bad
 specs fail with a message that names the fix. Small random GPT + random CLT (tests/test_graph.py's)."""
+import json
+
 import pytest
 import torch
 
 import graph as G
+import test_graph_plt
 from test_graph import F_, L, T, build, one_thread  # noqa: F401 (one_thread is a fixture)
 
 
@@ -35,11 +38,16 @@ def test_steering_a_silent_feature_adds_its_decoder_writes(freeze):
     assert (out.logits - out.clean_logits)[p:].abs().max() > 1e-4
 
 
-def test_the_replacement_view_moves_the_logits_by_the_graphs_edges():
+@pytest.mark.parametrize("transcoder", ["clt", "plt with skip"])
+def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
     """Ablating graph features with attention, LayerNorm and MLP outputs frozen is linear: each logit
     node (logit minus the mean logit) and each feature node's pre-activation moves by minus the sum of
-    the ablated features' edges into it, to fp32 precision."""
-    model, clt, rep, graph = build()
+    the ablated features' edges into it, to fp32 precision (the skip connection stays live, as in the graph)."""
+    if transcoder == "clt":
+        model, clt, rep, graph = build()
+    else:
+        model, clt, _, idx = test_graph_plt.make(skip=True, dtype=torch.float32)
+        rep, graph = test_graph_plt.graph_of(model, clt, idx)
     s = graph.slices()
     A = graph.adjacency
     top = A[s.logits, s.features].abs().sum(0).topk(3).indices  # the 3 features with the largest logit edges
@@ -138,3 +146,62 @@ def test_command_lines_intervene_and_generate(tmp_path, capsys, make_hub_model):
         G.main(["intervene", *args])
     with pytest.raises(ValueError, match="need 0 <= layer < 3"):
         G.main(["generate", *args, "--intervene", "3/0/0=1"])
+
+
+# -----------------------------------------------------------------------------
+# custom attribution targets
+
+
+def test_a_logit_difference_row_is_the_difference_of_the_logit_rows():
+    model, clt, rep, graph = build()
+    a, b = graph.logit_ids[:2].tolist() if len(graph.logit_ids) > 1 else (graph.logit_ids[0].item(), 7)
+    both = G.attribute(model, clt, rep, batch_size=64, targets=G.token_targets(model, rep.logits, torch.tensor([a, b])))
+    W = model.wte.weight.detach()
+    diff = G.attribute(model, clt, rep, batch_size=64, targets=G.custom_target(model, W[a] - W[b], "a - b"))
+    s2, s1 = both.slices(), diff.slices()
+    rows2, row1 = both.adjacency[s2.logits, :s2.logits.start], diff.adjacency[s1.logits, :s1.logits.start]
+    assert torch.equal(both.feats, diff.feats) and row1.abs().max() > 1e-2
+    torch.testing.assert_close(row1[0], rows2[0] - rows2[1], atol=1e-5 * rows2.abs().max().item(), rtol=0)
+    assert diff.logit_ids.tolist() == [model.config.vocab_size] and diff.target_labels == ["a - b"]
+    err, scale = G.exactness(model, clt, rep, diff)  # its row + bias = its input, as for a logit
+    assert err <= 1e-4 * scale
+    replacement, completeness = G.scores(diff)
+    assert 0 < replacement < 1 and 0 < completeness < 1 and G.prune(diff)[0][s1.features].any()
+    same = G.attribute(model, clt, rep, batch_size=64, targets=G.token_targets(model, rep.logits, graph.logit_ids))
+    torch.testing.assert_close(same.adjacency, graph.adjacency, atol=0, rtol=0)  # the default is token targets
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        G.custom_target(model, torch.zeros(3), "bad")
+
+
+def test_command_line_targets(tmp_path, capsys, make_hub_model):
+    from safetensors.torch import load_file, save_file
+    from test_graph import write_model_and_clt
+    model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
+    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu",
+            "--interp", str(tmp_path / "none")]
+    G.main([*args, "--target-diff", "a|b", "--out", str(tmp_path / "diff")])
+    assert 'Output "a" - "b" (logit difference)' in capsys.readouterr().out
+    data = json.loads((tmp_path / "diff" / "graph.json").read_text())
+    outputs = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    label = 'Output "a" - "b" (logit difference)'
+    assert [n["clerp"] for n in outputs] == [label] == data["metadata"]["info"]["targets"]
+    model, enc = G.GPT.from_pretrained(model_dir), G.load_tokenizer(model_dir)
+    a, b, c = (enc.encode(x)[0] for x in "abc")
+    W = model.wte.weight.detach()
+    save_file({"direction": W[a] - W[b]}, str(tmp_path / "dir.safetensors"))
+    G.main([*args, "--target-direction", str(tmp_path / "dir.safetensors"), "--out", str(tmp_path / "dir")])
+    by_diff, by_file = (load_file(tmp_path / w / "adjacency.safetensors") for w in ("diff", "dir"))
+    torch.testing.assert_close(by_file["adjacency"], by_diff["adjacency"], atol=1e-6, rtol=0)
+    G.main([*args, "--target-tokens", "a|b|c", "--out", str(tmp_path / "set")])
+    assert load_file(tmp_path / "set" / "adjacency.safetensors")["logit_tokens"].tolist() == [a, b, c]
+    save_file({"x": W[0], "y": W[1]}, str(tmp_path / "two.safetensors"))
+    save_file({"x": W[:2]}, str(tmp_path / "wide.safetensors"))
+    for flags, message in ((["--target-diff", "ab|c"], "is 2 tokens"), (["--target-diff", "a"], "two tokens as A|B"),
+                           (["--target-tokens", "a|a"], "twice"), (["--target-diff", "a|b", "--target-tokens", "c"],
+                                                                   "give one of"),
+                           (["--target-direction", str(tmp_path / "two.safetensors")], "save exactly one"),
+                           (["--target-direction", str(tmp_path / "wide.safetensors")], r"shape \(32,\)")):
+        with pytest.raises(ValueError, match=message):
+            G.main([*args, *flags, "--out", str(tmp_path / "bad")])
+    with pytest.raises(FileNotFoundError, match="save_file"):
+        G.main([*args, "--target-direction", str(tmp_path / "none.safetensors")])

@@ -188,6 +188,39 @@ def test_eval_corpus_supports_every_concept(world, enc):
     assert sum(len(enc.encode(d)) for d in docs) < 30_000  # support 4: small; interp's default 32 is ~107k tokens
 
 
+@shipped
+def test_entity_labels_are_token_identities_latent_labels_are_not(world, enc):
+    """Well-posedness of the families on the shipped tokenizer: each entity label sits on one token (its
+    name after a space) that carries it wherever it occurs, so a token detector at layer 0 scores F1 ~1
+    (the rest of the label: a name opening a document, without its space); no single token marks a latent
+    country (the query's last token, "is" / "speaks" / "the" / "from", ends every two-hop question)."""
+    docs = tiny.eval_corpus(world, seed=3, support=4)
+    on = Counter()  # (label, token) -> rows
+    n_tok = Counter()
+    support = Counter()
+    opening = Counter()  # label -> rows among a document's first 3 tokens
+    for d in docs:
+        for i, (t, labs) in enumerate(zip(enc.encode(d), tiny.label_tokens(d, enc, world))):
+            n_tok[t] += 1
+            for lab in labs:
+                on[lab, t] += 1
+                support[lab] += 1
+                opening[lab] += i < 3
+    best = Counter()
+    for (lab, t), n in on.items():
+        best[lab] = max(best[lab], 2 * n / (n_tok[t] + support[lab]))  # F1 of "fires on token t"
+    for names in world.names().values():
+        for name in names:
+            t = enc.encode(" " + name)
+            assert len(t) == 1, name
+            lab = f"entity:{name}"
+            assert on[lab, t[0]] == n_tok[t[0]] > 0 and on[lab, t[0]] + opening[lab] >= support[lab], name
+    entity = [f for lab, f in best.items() if lab.startswith("entity:")]
+    latent = [f for lab, f in best.items() if lab.startswith("latent:")]
+    assert sum(entity) / len(entity) >= 0.95 and len(entity) == sum(len(v) for v in world.names().values())
+    assert latent and max(latent) < 0.3
+
+
 # -----------------------------------------------------------------------------
 # tokenizer
 

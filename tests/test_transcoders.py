@@ -128,6 +128,81 @@ def test_saelens_refuses_what_it_cannot_hold(hub_model, tmp_path):
         C.from_saelens(tmp_path, model)
 
 
+def random_transcoder(decoder, activation, skip, L=2, d=32, F=24):
+    """A transcoder that fires on about half its features, with scales other than 1 and a skip path."""
+    t = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation,
+                                           decoder=decoder, skip=skip), 0).eval()
+    with torch.no_grad():
+        t.b_enc.normal_(0, 0.5)
+        t.b_dec.normal_(0, 0.1)
+        t.input_scale.uniform_(0.5, 2)
+        t.output_scale.uniform_(0.5, 2)
+        if skip:
+            t.W_skip.normal_(0, 0.1)
+    return t
+
+
+@pytest.mark.parametrize("decoder, activation, skip", [("per-layer", "jumprelu", True), ("per-layer", "relu", False),
+                                                       ("per-layer", "batchtopk", True),
+                                                       ("cross-layer", "relu", False)])
+def test_circuit_tracer_layout_loads_back_identically(hub_model, tmp_path, decoder, activation, skip):
+    _, model, _ = hub_model
+    model = perturbed_ln_2(copy.deepcopy(model))
+    t = random_transcoder(decoder, activation, skip)
+    C.save_circuit_tracer(t, tmp_path / "ct", model)
+    config = json.loads((tmp_path / "ct" / "config.yaml").read_text())
+    assert config["model_kind"] == {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}[decoder]
+    assert config["feature_input_hook"] == "ln2.hook_normalized" and config["feature_output_hook"] == "hook_mlp_out"
+    back = C.load_transcoder(str(tmp_path / "ct"), model)
+    assert dataclasses.replace(back.config, model_sha256="") == t.config
+    idx = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(0))
+    mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d)
+    acts, out = t(mlp_in)
+    assert 0 < (acts > 0).float().mean() < 1  # some features fire, not all: thresholds matter
+    acts_back, out_back = back(mlp_in)  # float32 rounding of the folds alone: ~1e-7 here
+    torch.testing.assert_close(acts_back, acts, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_back, out, atol=1e-6, rtol=1e-6)
+    other = perturbed_ln_2(copy.deepcopy(model), seed=4)
+    with pytest.raises(ValueError, match="another model"):  # its ln_2 was folded in: no other model's
+        C.load_transcoder(str(tmp_path / "ct"), other)
+
+
+def test_circuit_tracer_layout_computes_our_plt_on_transformerlens_inputs(hub_model, tmp_path):
+    """The files, read as circuit-tracer's SingleLayerTranscoder reads them (F.linear(x̂, W_enc, b_enc),
+    JumpReLU x·(x > θ), acts @ W_dec + b_dec + x̂ @ W_skip.T), give our transcoder's output."""
+    _, model, _ = hub_model
+    model = perturbed_ln_2(copy.deepcopy(model))
+    t = random_transcoder("per-layer", "jumprelu", True)
+    C.save_circuit_tracer(t, tmp_path, model)
+    idx = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(0))
+    mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d)
+    expected = t(mlp_in)[1]
+    for l, block in enumerate(model.h):
+        p = load_file(tmp_path / f"layer_{l}.safetensors")
+        assert set(p) == {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold", "W_skip"}
+        x_hat = (mlp_in[:, l] - block.ln_2.bias) / block.ln_2.weight  # TransformerLens's ln2.hook_normalized
+        pre = torch.nn.functional.linear(x_hat, p["W_enc"], p["b_enc"])
+        acts = pre * (pre > p["activation_function.threshold"])
+        out = acts @ p["W_dec"] + p["b_dec"] + x_hat @ p["W_skip"].T
+        torch.testing.assert_close(out, expected[:, l], atol=1e-5, rtol=1e-5)
+
+
+def test_circuit_tracer_layout_refuses_what_it_cannot_hold(hub_model, tmp_path):
+    _, model, _ = hub_model
+    with pytest.raises(ValueError, match="no TopK transcoder"):
+        C.save_circuit_tracer(random_transcoder("per-layer", "topk", False), tmp_path, model)
+    with pytest.raises(ValueError, match="reads no skip connection"):
+        C.save_circuit_tracer(random_transcoder("cross-layer", "relu", True), tmp_path, model)
+    C.save_circuit_tracer(random_transcoder("per-layer", "relu", False), tmp_path, model)
+    config = json.loads((tmp_path / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(json.dumps({**config, "feature_input_hook": "hook_resid_mid"}))
+    with pytest.raises(ValueError, match="only MLP transcoders"):
+        C.load_transcoder(str(tmp_path), model)
+    (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")
+    with pytest.raises(ValueError, match="is not JSON"):
+        C.load_transcoder(str(tmp_path), model)
+
+
 # -----------------------------------------------------------------------------
 # training a PLT: train.py's loop, evaluation and export, unchanged
 
