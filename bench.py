@@ -1869,8 +1869,9 @@ def agreement(predicted, measured, floor):
     return r, rel, sign
 
 
+# (prediction, measurement) pairs of the "all" rows; each family's rows have the first two
 FAITHFULNESS_PAIRS = (("total", "real"), ("direct", "real"), ("pruned", "real"), ("total", "frozen"),
-                      ("direct", "frozen"))  # (prediction, measurement) pairs of the "all" rows; the first two per family
+                      ("direct", "frozen"))
 
 
 FAITHFULNESS_SETS = ("top", "random", "top, stays linear", "top, overshoots")  # feature sets of the rows
@@ -1896,8 +1897,9 @@ def faithfulness_rows(points, families, floor):
                 p = [q[f"predicted_{pred}"] for q in mine]
                 m = [q[f"measured_{meas}"] for q in mine]
                 r, rel, sign = agreement(p, m, floor)
+                overshoots = [q["overshoot"] > 0 for q in mine]
                 rows.append(dict(family=fam, features=which, predicted=pred, measured=meas, n=len(mine),
-                                 overshoot_share=float(np.mean([q["overshoot"] > 0 for q in mine])) if mine else float("nan"),
+                                 overshoot_share=float(np.mean(overshoots)) if mine else float("nan"),
                                  mean_abs_measured=float(np.mean(np.abs(m))) if m else float("nan"),
                                  pearson=r, median_rel_error=rel, sign_agreement=sign,
                                  max_abs_error=float(np.max(np.abs(np.subtract(m, p)))) if m else float("nan")))
@@ -1944,8 +1946,8 @@ def faithfulness_clt(cfg, model, root):
         clt.check_same_model(model, t.config.model_sha256, f"the CLT {cfg.faithfulness_clt}")
         return t.to(cfg.device).eval(), cfg.faithfulness_clt
     recipe = CompactnessBench(device=cfg.device, compactness_tokens=cfg.faithfulness_tokens,
-                              compactness_features=cfg.faithfulness_features, compactness_steps=cfg.faithfulness_steps,
-                              compactness_kinds="clt")
+                              compactness_features=cfg.faithfulness_features,
+                              compactness_steps=cfg.faithfulness_steps, compactness_kinds="clt")
     t, m = train_transcoders(recipe, root)["clt"]
     fvu = sum(m["eval"]["fvu"]) / len(m["eval"]["fvu"])
     return t, (f"TopK k={recipe.compactness_k}, F={cfg.faithfulness_features}, {cfg.faithfulness_steps} steps: "
@@ -1964,14 +1966,17 @@ def bench_faithfulness(cfg):
     import tiny
     t0 = time.time()
     root = os.path.join(cfg.out, "faithfulness")
+    os.makedirs(root, exist_ok=True)
     model = clt.GPT.from_pretrained().to(cfg.device).eval()
-    enc, world = clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
+    enc = clt.load_tokenizer(clt.DEFAULT_MODEL)
+    world = tiny.load_world()
     print("phase 1: the CLT")
     t, what = faithfulness_clt(cfg, model, root)
     families = family_prompts(world, cfg.faithfulness_per_family)
     print(f"phase 2: {sum(map(len, families.values()))} prompts, CLT {what} ({time.time() - t0:.0f} s so far)")
     rng = random.Random(cfg.faithfulness_seed)
-    points, top_is_answer = [], {}
+    points = []
+    top_is_answer = {}  # family -> [whether the top logit node is the prompt's answer]
     for fam, prompts in families.items():
         for prompt, answer in prompts:
             idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(cfg.device)
