@@ -685,15 +685,26 @@ class CrossLayerTranscoder(nn.Module):
         # and each rank keeps its slice (picotron's reset_parameters), so the model does not depend on tp.
         g = torch.Generator().manual_seed(seed)
 
-        def uniform(shape, bound):
-            return (torch.rand(shape, generator=g) * 2 - 1) * bound
+        def uniform(rows, cols, bound, keep_rows=slice(None), keep_cols=slice(None)):
+            """A uniform(-bound, bound) (rows, cols) tensor's kept rows and columns. It is drawn in
+            blocks of ~16 MB, each cut to what is kept before the next, so no rank holds the whole
+            tensor (a layer's decoder is 0.9 GB at GPT-2-small's F = 24,576); the numbers are those of
+            one draw, since the generator's stream does not depend on how it is split."""
+            start, stop, _ = keep_rows.indices(rows)
+            step = max(1, 2 ** 22 // cols)
+            blocks = []
+            for a in range(0, rows, step):
+                block = (torch.rand(min(step, rows - a), cols, generator=g) * 2 - 1) * bound
+                blocks.append(block[max(start - a, 0):max(stop - a, 0), keep_cols])
+            return torch.cat(blocks)
 
-        self.W_enc = nn.Parameter(uniform((L, d, F_), F_ ** -0.5)[:, :, mine].contiguous())  # (L, d, F/tp)
+        self.W_enc = nn.Parameter(uniform(L * d, F_, F_ ** -0.5, keep_cols=mine).view(L, d, self.F_local))  # (L, d, F/tp)
         self.b_enc = nn.Parameter(torch.zeros(L, self.F_local))  # (L, F/tp)
         # JumpReLU thresholds are learned in log space so they stay positive (Anthropic's recipe);
         # BatchTopK writes its inference threshold here too (see update_batchtopk_threshold)
         self.log_threshold = nn.Parameter(torch.full((L, self.F_local), math.log(config.threshold_init)))
-        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F_, self.n_writes(l), d), (L * d) ** -0.5)[mine].contiguous())
+        self.W_dec = nn.ParameterList([nn.Parameter(uniform(F_, self.n_writes(l) * d, (L * d) ** -0.5, keep_rows=mine)
+                                                    .view(self.F_local, self.n_writes(l), d))
                                        for l in range(L)])  # W_dec[l]: (F/tp, L-l, d), or (F/tp, 1, d) per-layer
         self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d), replicated on every TP rank
         # the skip connection is linear in mlp_in: zero at init, replicated on every TP rank like b_dec

@@ -128,6 +128,18 @@ def test_tp_shards_are_slices_of_the_full_model(tmp_path):
         C.CrossLayerTranscoder(full.config, mesh=C.Mesh(tp=3))
 
 
+def test_the_init_drawn_in_blocks_is_one_draw_sliced():
+    """At F = 2^16 the init is drawn in several blocks per tensor (each rank keeps only its part):
+    the same numbers as one draw from the seeded generator, sliced."""
+    config = C.CLTConfig(n_layers=2, d_model=64, n_features=2 ** 16, activation="relu")
+    shards = [C.CrossLayerTranscoder(config, 7, C.Mesh(tp=4, tp_rank=r)) for r in range(4)]
+    g = torch.Generator().manual_seed(7)
+    W_enc = (torch.rand(2 * 64, 2 ** 16, generator=g) * 2 - 1) * 2 ** -8  # (L·d, F), bound 1/sqrt(F)
+    W_dec0 = (torch.rand(2 ** 16, 2 * 64, generator=g) * 2 - 1) * 128 ** -0.5  # (F, 2·d), bound 1/sqrt(L·d)
+    assert torch.equal(torch.cat([s.W_enc for s in shards], -1), W_enc.view(2, 64, 2 ** 16))
+    assert torch.equal(torch.cat([s.W_dec[0] for s in shards], 0), W_dec0.view(2 ** 16, 2, 64))
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="k must be"):
         C.CLTConfig(n_features=8, activation="topk", k=9)
