@@ -539,7 +539,8 @@ def export(c, clt, metrics, master):
             export_id = json.load(f)["export_id"]
         C.write_json(os.path.join(c.out, "training.json"),
                      dict(step=c.steps, export_id=export_id, train_config=asdict(c), final=metrics))
-        print(f"saved the CLT to {c.out}" + (f": {step_line(metrics)}" if metrics else ""), flush=True)
+        kind = "CLT" if c.decoder == "cross-layer" else "per-layer transcoder"
+        print(f"saved the {kind} to {c.out}" + (f": {step_line(metrics)}" if metrics else ""), flush=True)
     C.barrier()
 
 
