@@ -302,6 +302,42 @@ def test_feature_pages_reject_mismatched_examples(tmp_path):
         viz.main(["features", str(tmp_path / "nowhere")])
 
 
+def test_pages_are_written_whole_or_not_at_all(tmp_path):
+    """A bad record in a chunk: the chunk's pages are neither renamed into place nor left half-written."""
+    run = tmp_path / "interp"
+    run.mkdir()
+    bad = feature(0, 2)
+    bad["top_examples"][0] = dict(bad["top_examples"][0], acts=[1.0])
+    (run / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (feature(0, 1), bad)))
+    with pytest.raises(ValueError, match="5 tokens but 1 activations"):
+        viz.main(["features", str(run)])
+    assert os.listdir(run / "html") == []
+    with viz.FileBatch(max_bytes=10) as batch:  # a flush every file
+        for i in range(3):
+            batch.add(str(tmp_path / f"{i}.html"), "<p>x</p>")
+    assert sorted(p.name for p in tmp_path.glob("*.html*")) == ["0.html", "1.html", "2.html"]
+
+
+def test_pages_in_worker_processes_keep_the_order(tmp_path, monkeypatch):
+    assert list(viz.map_in_order(abs, range(0, -9, -1), workers=2)) == list(range(9))
+    monkeypatch.setattr(viz, "PAGE_CHUNK", 16)  # 5 chunks of features.jsonl, for 2 workers
+    run = tmp_path / "interp"
+    write_synthetic_interp(run, 2, 40, n_top=1, n_quantile=0)
+    one = viz.main(["features", str(run), "--out", str(tmp_path / "one"), "--workers", "1"])
+    two = viz.main(["features", str(run), "--out", str(tmp_path / "two"), "--workers", "2"])
+    assert open(one).read() == open(two).read()
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
+
+
+def test_index_needs_the_layer_order(tmp_path):
+    run = tmp_path / "interp"
+    run.mkdir()
+    rows = [feature(0, 0), feature(1, 0), feature(0, 1)]
+    (run / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="layer 0 again"):
+        viz.main(["features", str(run), "--inline-rows", "0"])
+
+
 # -----------------------------------------------------------------------------
 # training curves
 
@@ -508,3 +544,129 @@ def test_frontend_feature_files_load_in_circuit_tracer(tmp_path, monkeypatch):
                                          reason="circuit-tracer is not installed (pip install circuit-tracer)")
     for path in frontend_files(tmp_path, monkeypatch).iterdir():
         feature_models.Model(**json.loads(path.read_text()))
+
+
+# -----------------------------------------------------------------------------
+# the feature browser at scale: a synthetic interp.py output of any size
+#
+# By hand, GPT-2-small's CLT (12 layers x 24,576 features, ~2.3 GB of features.jsonl):
+#     python -c "import tests.test_viz as t; t.write_synthetic_interp('/tmp/big/interp', 12, 24576)"
+#     time python viz.py features /tmp/big/interp
+
+SYLLABLES = ["ka", "lo", "mi", "ter", "an", "qu", "ros", "vel", "in", "ta", "bor", "se", "dun", "ph", "ex", "ul"]
+
+
+def write_synthetic_interp(run, n_layers, n_features, dead=0.01, seed=0, planted=None, n_top=16, n_quantile=8):
+    """features.jsonl and summary.json as interp.py writes them for n_layers x n_features features, by
+    default of the size of a real run's records (16 top and 8 quantile examples of 11 tokens, ~8.8 KB a
+    line), with random explanations and scores; a share `dead` never fires. planted: {(layer, feature):
+    {key: value}} fields to set, e.g. an explanation to search for. The examples are drawn from a pool
+    (fast to write; viz.py reads them all the same)."""
+    rng = np.random.default_rng(seed)
+    words = sorted({a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES[::3]})  # ~1,500
+    pool = []  # example JSON texts, spliced into the records: json.dumps of 24 examples is most of the time
+    for i in range(256):
+        acts = [round(float(a), 4) for a in rng.exponential(1.0, 11) * (rng.random(11) < 0.6)]
+        tokens = [" " + words[w] for w in rng.integers(0, len(words), 11)]
+        ex = dict(act=max(acts), doc=i, pos=8 + i % 50, tokens=tokens, acts=acts, center=int(np.argmax(acts)))
+        pool.append(json.dumps(ex, ensure_ascii=False))
+    edges = [round(2 ** (i / 4 - 5), 5) for i in range(29)]
+    planted = planted or {}
+    os.makedirs(run, exist_ok=True)
+    per_layer = []
+    with open(os.path.join(run, "features.jsonl"), "w", encoding="utf-8") as fh:
+        for layer in range(n_layers):
+            is_dead = rng.random(n_features) < dead
+            fires = (10 ** rng.uniform(1, 5, n_features)).astype(int) * ~is_dead
+            scores = np.round(rng.uniform(0.4, 1.0, (n_features, 4)), 4).tolist()
+            drawn = rng.integers(0, len(words), (n_features, 12)).tolist()
+            for f in range(n_features):
+                n_fires = int(fires[f])
+                grams = [" " + words[w] for w in drawn[f][:4]]
+                promotes = [" " + words[w] for w in drawn[f][4:]]
+                text = "fires on " + ", ".join(json.dumps(g) for g in grams[:1 + f % 3])
+                text += " | promotes " + ", ".join(json.dumps(t) for t in promotes[:3])
+                rec = dict(layer=layer, feature=f, density=n_fires / 10**6, n_fires=n_fires, mean_act=scores[f][0],
+                           max_act=round(3 * scores[f][0], 4) if n_fires else 0.0,
+                           quantiles={f"q{q}": round(q / 50, 4) for q in (10, 25, 50, 75, 90, 99)} if n_fires else {},
+                           hist=dict(edges=edges if n_fires else [], counts=[(f * k) % 500 for k in range(28)]
+                                     if n_fires else []),
+                           promoted=[dict(token=t, logit=round(1 - k / 10, 4)) for k, t in enumerate(promotes)],
+                           suppressed=[dict(token=t, logit=round(k / 10 - 1, 4)) for k, t in enumerate(grams * 2)],
+                           detection_auroc=scores[f][1] if n_fires else None,
+                           detection_bacc=scores[f][2] if n_fires else None,
+                           fuzzing_bacc=scores[f][3] if n_fires else None, heldout_density=n_fires / 10**6,
+                           explanation=text if n_fires else "dead",
+                           explanation_ngrams=grams if n_fires else [],
+                           input_ngrams=[dict(ngram=g, count=9, corpus_count=12, pmi=4.1) for g in grams * 2])
+                rec.update(planted.get((layer, f), {}))
+                picks = rng.integers(0, len(pool), n_top + n_quantile) if n_fires else []
+                top = ", ".join(pool[i] for i in picks[:n_top])
+                quantile = ", ".join(f'{pool[i][:-1]}, "quantile": {1 - j / n_quantile}}}'
+                                     for j, i in enumerate(picks[n_top:]))
+                line = json.dumps(rec, ensure_ascii=False)[:-1]
+                fh.write(f'{line}, "top_examples": [{top}], "quantile_examples": [{quantile}]}}\n')
+            per_layer.append(dict(layer=layer, features=n_features, dead=int(is_dead.sum()), dense=0,
+                                  live=int(n_features - is_dead.sum()), interpretable=0))
+    with open(os.path.join(run, "summary.json"), "w") as f:
+        json.dump(dict(n_train_tokens=10**6, per_layer=per_layer, detection_threshold=0.8,
+                       share_live_detection_above=0.5, detection_auroc={"q50": 0.7}), f)
+    return run
+
+
+def index_records(run):
+    """(layer, feature) -> viz.index_record of every feature of an interp folder, in the file's order."""
+    with open(run / "features.jsonl", encoding="utf-8") as f:
+        return {(r["layer"], r["feature"]): viz.index_record(r, viz.DENSE) for r in map(json.loads, f)}
+
+
+def first_rows(records, layer=None, key=None, reverse=False, n=200):
+    """(layer, feature) of the rows the browser shows first, as its script sorts them: nulls ("-") last
+    whichever the direction, ties in the file's order."""
+    rows = [k for k in records if layer is None or k[0] == layer]
+    if key is not None:
+        known = [k for k in rows if records[k][key] != "-"]
+        rows = sorted(known, key=lambda k: float(records[k][key]), reverse=reverse) + [k for k in rows
+                                                                                       if k not in set(known)]
+    return rows[:n]
+
+
+def browser_rows(dom):
+    """The cell texts of the rows the browser shows, by (layer, feature)."""
+    parser = IndexRows()
+    parser.feed(dom)
+    return {(int(c[0]), int(c[1])): c for hidden, c in parser.rows if not hidden}
+
+
+@needs_chromium
+def test_browser_at_scale_loads_layers_on_demand(tmp_path):
+    """12 layers x 1,024 features (GPT-2-small's CLT has 12 x 24,576): index.html holds the best 2,000
+    rows only; a layer's view, a search and a link's hash read the other rows from index/ on demand."""
+    planted = {(9, 1000): dict(explanation='fires on " zyxquartz" | promotes " Paris"', detection_auroc=0.41)}
+    run = tmp_path / "interp"
+    write_synthetic_interp(run, 12, 1024, planted=planted, n_top=2, n_quantile=0)
+    index = viz.main(["features", str(run)])
+    out = run / "html"
+    text = check_page(index)
+    records = index_records(run)
+    best = sorted(records, key=lambda k: -float(records[k][6]) if records[k][6] != "-" else 2)[:2000]
+    assert sorted(browser_rows(text)) == sorted(best)  # in the file: the best rows by AUROC, no others
+    assert os.path.getsize(index) < 2e6 and "zyxquartz" not in text  # every row inline: ~9 MB
+    assert sorted(os.listdir(out / "index")) == [f"layer_{l:02d}.js" for l in range(12)]
+    # no hash: the best rows in the file's order, the first 200 shown
+    assert shown(chromium_dom(f"file://{index}", tmp_path)) == sorted(best)[:200]
+    # a layer: its file is read, every row of it sorted; rows built by the script equal the file's rows
+    dom = chromium_dom(f"file://{index}#layer=7&sort=density&dir=asc", tmp_path)
+    assert 'data-pending="0"' in dom
+    assert shown(dom) == first_rows(records, layer=7, key=4)
+    cells = browser_rows(dom)
+    assert all(cells[k] == records[k][:11] for k in cells)
+    assert any(k not in best for k in cells) and any(k in best for k in cells)
+    # a search reads every layer: the planted feature is in none of the rows index.html holds
+    dom = chromium_dom(f"file://{index}#q=zyxquartz", tmp_path)
+    assert 'data-pending="0"' in dom and shown(dom) == [(9, 1000)]
+    assert 'href="L9_F1000.html"' in dom and (out / "L9_F1000.html").is_file()
+    # a link reopens its view: layer, sort and direction
+    dom = chromium_dom(f"file://{index}#sort=auroc&layer=3", tmp_path)
+    assert shown(dom) == first_rows(records, layer=3, key=6, reverse=True)
+    assert 'data-key="auroc" data-type="num" data-dir="desc" class="desc"' in dom
