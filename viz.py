@@ -24,17 +24,17 @@ lives in the URL's hash, so a link reopens it: index.html#sort=auroc&dir=desc&la
 (sort: layer, feature, explanation, tokens, density, max_act, auroc, fuzzing, concept, f1, flags;
 layer: a layer, "all", or none: the rows index.html holds).
 
-At scale: index.html holds the rows of the best 2,000 features by detection AUROC (--inline-rows; all
-of them when there are no more), and each layer's rows are in index/layer_XX.js, which the page loads
-with a script element when a view needs them (fetch() of a local file is blocked under file://): the
-layer picked, or every layer for a search, with a note of the progress. For GPT-2-small's CLT (12 x
-24,576 features, measured on synthetic interp output, 2 shared cores, headless Chromium): index.html
-is 1.1 MB and drawn ~1 s after it is opened (every row inline: 211 MB, not drawn after 5 min); a layer
-(7 MB) takes ~2 s, a first search over all 12 (83 MB) ~6 s, later ones no load. Feature pages stay one
-static HTML file per live feature, since the graph's links and a page read without a script need
-files: rendering is ~2x faster (cached token HTML, no style on the tokens at 0), pages are synced in
-batches instead of two fsyncs a file, and each core renders its own chunks: the 292k pages (7.6 GB)
-take 2.7 min (10.5 min before).
+At scale: index.html holds the rows of the best 5,000 features by detection AUROC (--inline-rows; all
+of them when there are no more, as for the toy CLT's 4,096), and each layer's rows are in
+index/layer_XX.js, which the page loads with a script element when a view needs them (fetch() of a
+local file is blocked under file://): the layer picked, or every layer for a search, with a note of
+the progress. For GPT-2-small's CLT (12 x 24,576 features; synthetic interp output, 2 shared cores,
+headless Chromium): index.html is 2.7 MB, drawn 0.6 s after it is opened (every row inline: 211 MB,
+not drawn after 5 min); a layer (7 MB) in ~1 s, a first search over all 12 (83 MB) in ~3.5 s, later
+ones without loading. Feature pages stay one static HTML file per live feature, since the graph's
+links and a page read without a script need files: rendering is ~2x faster (cached token HTML, no
+style on the tokens at 0), pages are synced in batches instead of two fsyncs a file, and each core
+renders its own chunks: the 292k pages (7.6 GB) take ~3 min, 5.7 CPU-minutes (10.5 min before).
 
 circuit-tracer's own front end (`python -m circuit_tracer start-server --graph_file_dir runs/graph`) shows a
 node's examples from features/{feature}.json: its page fetches {scan}/{feature}.json for a scan that starts
@@ -99,7 +99,7 @@ class FeaturesConfig:
     max_examples: int = 20  # max-activating examples shown per page
     top_tokens: int = 10  # promoted / suppressed tokens and input n-grams shown per page
     dense: float = -1.0  # flag features firing on more than this share of tokens; -1 = interp's --dense
-    inline_rows: int = 2000  # rows in index.html itself, the best by detection AUROC; the rest load per layer
+    inline_rows: int = 5000  # rows in index.html itself, the best by detection AUROC; the rest load per layer
     workers: int = 0  # processes writing feature pages; 0 = one per CPU core
 
 

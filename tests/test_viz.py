@@ -640,18 +640,18 @@ def browser_rows(dom):
 
 @needs_chromium
 def test_browser_at_scale_loads_layers_on_demand(tmp_path):
-    """12 layers x 1,024 features (GPT-2-small's CLT has 12 x 24,576): index.html holds the best 2,000
-    rows only; a layer's view, a search and a link's hash read the other rows from index/ on demand."""
+    """12 layers x 1,024 features (GPT-2-small's CLT has 12 x 24,576) with 1,000 rows in index.html, the
+    best; a layer's view, a search and a link's hash read the other rows from index/ on demand."""
     planted = {(9, 1000): dict(explanation='fires on " zyxquartz" | promotes " Paris"', detection_auroc=0.41)}
     run = tmp_path / "interp"
     write_synthetic_interp(run, 12, 1024, planted=planted, n_top=2, n_quantile=0)
-    index = viz.main(["features", str(run)])
+    index = viz.main(["features", str(run), "--inline-rows", "1000"])
     out = run / "html"
     text = check_page(index)
     records = index_records(run)
-    best = sorted(records, key=lambda k: -float(records[k][6]) if records[k][6] != "-" else 2)[:2000]
+    best = sorted(records, key=lambda k: -float(records[k][6]) if records[k][6] != "-" else 2)[:1000]
     assert sorted(browser_rows(text)) == sorted(best)  # in the file: the best rows by AUROC, no others
-    assert os.path.getsize(index) < 2e6 and "zyxquartz" not in text  # every row inline: ~9 MB
+    assert os.path.getsize(index) < 1e6 and "zyxquartz" not in text  # every row inline: ~9 MB
     assert sorted(os.listdir(out / "index")) == [f"layer_{l:02d}.js" for l in range(12)]
     # no hash: the best rows in the file's order, the first 200 shown
     assert shown(chromium_dom(f"file://{index}", tmp_path)) == sorted(best)[:200]
