@@ -131,28 +131,26 @@ class GraphConfig:
 
 
 @dataclass
-class InterveneConfig:
-    """change CLT features' activations and print how the next-token prediction changes"""
+class RunConfig:
+    """the flags `intervene` and `generate` share"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
     clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run or continue (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
     intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
     freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
     layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
+
+
+@dataclass
+class InterveneConfig(RunConfig):
+    """change CLT features' activations and print how the next-token prediction changes"""
     top: int = 10  # rows of probability changes to print
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(RunConfig):
     """continue a prompt with the plain model and under interventions, side by side"""
-    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     every_token: bool = False  # also apply the interventions at POS -1 at every generated token
     max_new_tokens: int = 20  # tokens to generate
     temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
