@@ -571,7 +571,7 @@ def two_hop_study(cfg):
         w = torch.zeros(len(g.adjacency), dtype=g.adjacency.dtype, device=g.adjacency.device)
         w[ls.start + hit[0]] = 1  # influence on the answer logit alone
         A_hat = graph.normalized(g.adjacency)
-        infl = graph.influence(A_hat, w)[fs].cpu()
+        infl = graph.influence(A_hat, w, normalize=False)[fs].cpu()
         l, p, f = g.feats.cpu().T
         is_last, at_city = p == idx.size(1) - 1, torch.isin(p, city)
         sel = is_last & selective[l, f]
@@ -945,7 +945,7 @@ def graph_compactness(model, t, rep, selective):
     g = graph.attribute(model, t, rep, batch_size=256)
     s = g.slices()
     A_hat, w = graph.normalized(g.adjacency), g.logit_weights()
-    infl = graph.influence(A_hat, w)
+    infl = graph.influence(A_hat, w, normalize=False)
     replacement, completeness = graph.scores(g)
     nodes, edges, _, _ = graph.prune(g)
     inner = infl[:s.tokens.start].sort(descending=True).values  # features and errors

@@ -131,28 +131,26 @@ class GraphConfig:
 
 
 @dataclass
-class InterveneConfig:
-    """change CLT features' activations and print how the next-token prediction changes"""
+class RunConfig:
+    """the flags `intervene` and `generate` share"""
     model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
     clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run (BOS is prepended)
+    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run or continue (BOS is prepended)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
     intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
     freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
     layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
+
+
+@dataclass
+class InterveneConfig(RunConfig):
+    """change CLT features' activations and print how the next-token prediction changes"""
     top: int = 10  # rows of probability changes to print
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(RunConfig):
     """continue a prompt with the plain model and under interventions, side by side"""
-    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to continue (BOS is prepended)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
     every_token: bool = False  # also apply the interventions at POS -1 at every generated token
     max_new_tokens: int = 20  # tokens to generate
     temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
@@ -571,7 +569,7 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     while done < cap:
         queue = todo.nonzero()[:, 0]
         if cap < n:  # the remaining features by influence through the rows so far
-            infl = influence(normalized(rows), weights, row_node)[:n]
+            infl = influence(rows, weights, row_node)[:n]
             ranked = queue[infl[todo].argsort(descending=True, stable=True)]
             queue = ranked[:min(update_interval * batch_size, cap - done)]
             queue = queue.sort().values  # node order: batches of one layer and a few positions
@@ -595,7 +593,7 @@ def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: s
     if cap < n:
         cols = torch.cat([kept.values, inputs, logit_nodes])
         A = rows.new_zeros(len(cols), len(cols))
-        A[:cap] = rows[kept.indices][:, cols]
+        A[:cap] = rows[kept.indices[:, None], cols]  # one gather: no (cap, N) copy of the rows
         A[-k:] = rows[-k:, cols]
         rows = A
     ids = kept.values
@@ -622,22 +620,35 @@ def exactness(model, clt, rep, graph):
 # influence, pruning, scores (circuit-tracer's definitions, see the module docstring)
 
 
+BLOCK_ELEMENTS = 2 ** 22  # influence's blocks of |A|: 16 MB of fp32
+
+
 def normalized(A):
     """|A| with each row scaled to sum 1 (rows of zeros stay zero)."""
     a = A.abs()
     return a.div_(a.sum(1, keepdim=True).clamp(min=1e-10))
 
 
-def influence(A_hat, w, row_node=None):
-    """w (Â + Â² + ...) = w ((I - Â)^-1 - I), term by term. A_hat may hold only some rows: row i
-    is then node row_node[i]'s (circuit-tracer's partial influence, for --max-features)."""
-    row_node = torch.arange(len(A_hat), device=A_hat.device) if row_node is None else row_node
-    total, cur = torch.zeros_like(w), w[row_node] @ A_hat
+def influence(A, w, row_node=None, normalize=True):
+    """w (Â + Â² + ...) = w ((I - Â)^-1 - I), term by term, with Â = normalized(A) (normalize=False:
+    A is Â already). Â is applied a block of rows at a time and never built whole: A can be the
+    largest tensor there is (the rows of a capped graph). A may hold only some rows: row i is then
+    node row_node[i]'s (circuit-tracer's partial influence, for --max-features)."""
+    row_node = torch.arange(len(A), device=A.device) if row_node is None else row_node
+    step = max(1, BLOCK_ELEMENTS // max(A.shape[1], 1))
+    blocks = [slice(a, a + step) for a in range(0, len(A), step)]
+
+    def times_A_hat(v):  # v over A's rows (R,) -> v Â (N,)
+        if not normalize:
+            return v @ A
+        return sum(v[b] @ normalized(A[b]) for b in blocks)
+
+    total, cur = torch.zeros_like(w), times_A_hat(w[row_node])
     for _ in range(len(w) + 1):  # nilpotent: ends after the longest path, at most L + 2 terms
         if not cur.any():
             return total
         total += cur
-        cur = cur[row_node] @ A_hat
+        cur = times_A_hat(cur[row_node])
     raise RuntimeError("influence did not converge: the adjacency matrix has a cycle")
 
 
@@ -658,12 +669,12 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     s = graph.slices()
     inputs = s.tokens.start  # tokens, positions and logits follow: they always stay
     A, w = graph.adjacency, graph.logit_weights()
-    infl = influence(normalized(A), w)
+    infl = influence(A, w)
     node_mask = infl >= cumulative_threshold(infl, node_threshold)
     node_mask[inputs:] = True
     kept = node_mask.nonzero()[:, 0]  # (K,)
     edge_score = normalized(A[kept][:, kept])  # Â of the pruned graph
-    edge_score *= (influence(edge_score, w[kept]) + w[kept])[:, None]
+    edge_score *= (influence(edge_score, w[kept], normalize=False) + w[kept])[:, None]
     edges = edge_score > 0
     edges &= edge_score >= cumulative_threshold(edge_score[edges], edge_threshold)  # the zeros add nothing
     keep = torch.ones_like(kept, dtype=torch.bool)
@@ -689,7 +700,7 @@ def scores(graph):
     """(replacement score, completeness score), circuit-tracer's definitions (module docstring)."""
     s = graph.slices()
     A_hat, w = normalized(graph.adjacency), graph.logit_weights()
-    infl = influence(A_hat, w)
+    infl = influence(A_hat, w, normalize=False)
     inputs = infl[s.tokens].sum() + infl[s.positions].sum()
     error = infl[s.errors].sum()
     replacement = inputs / (inputs + error).clamp(min=1e-30)

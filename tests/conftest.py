@@ -30,3 +30,13 @@ def hub_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("hub_model")
     model, enc = write_hub_model(path)
     return str(path), model, enc
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a CPU shared with other jobs. A module
+    takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

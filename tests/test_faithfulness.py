@@ -15,13 +15,7 @@ import tiny
 FAMILIES = ("one_hop", "two_hop", "ioi")  # a prompt of each: a short, a long and a story
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a CPU shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ L, D, F_, V, T = 3, 32, 64, 300, 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a CPU shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make(dtype=torch.float32, seed=0):
@@ -139,6 +133,23 @@ def test_position_nodes():
     assert G.scores(with_pos) != G.scores(graph)  # the positions count as inputs beside the tokens
 
 
+def test_influence_in_blocks_is_the_matrix_inverse(monkeypatch):
+    """influence applies Â a block of rows at a time (a capped graph's rows are its largest tensor):
+    with blocks of 3 rows it still equals w ((I - Â)^-1 - I) of a random acyclic graph, on all rows
+    or on some rows given with their nodes."""
+    monkeypatch.setattr(G, "BLOCK_ELEMENTS", 3 * 12)  # 3 rows of 12
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64).tril(-1)  # edges from earlier nodes only
+    w = torch.rand(12, generator=g, dtype=torch.float64)
+    A_hat = G.normalized(A)
+    exact = w @ (torch.linalg.inv(torch.eye(12, dtype=torch.float64) - A_hat) - torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(G.influence(A, w), exact)
+    torch.testing.assert_close(G.influence(A_hat, w, normalize=False), exact)
+    some = torch.tensor([1, 4, 5, 9, 11])  # the nodes whose rows are given: as if the others had none
+    has_row = torch.isin(torch.arange(12), some)[:, None]
+    torch.testing.assert_close(G.influence(A[some], w, some), G.influence(A * has_row, w))
+
+
 def test_prune_and_scores(built):
     *_, graph = built
     node_mask, edge_mask, cumulative, infl = G.prune(graph, 0.8, 0.98)
@@ -172,7 +183,7 @@ def test_max_features_keeps_the_most_influential(built):
     n = len(full.feats)
     nodes = torch.cat([keep, torch.arange(n, len(full.adjacency))])
     torch.testing.assert_close(capped.adjacency, full.adjacency[nodes][:, nodes])  # same rows, same edges
-    infl = G.influence(G.normalized(full.adjacency), full.logit_weights())[:n]
+    infl = G.influence(full.adjacency, full.logit_weights())[:n]
     top = infl.argsort(descending=True)[:5]
     assert set(top.tolist()) <= set(keep.tolist())  # the strongest features survive the cap
 

@@ -11,7 +11,8 @@ import torch
 import clt as C
 import graph as G
 from test_graph import D, F_, L, T, V, assert_matches_circuit_tracer, assert_rows_match, circuit_tracer_reference
-from test_graph import one_thread  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make(skip=False, dtype=torch.float64, seed=0):

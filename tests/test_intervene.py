@@ -10,7 +10,9 @@ import torch
 
 import graph as G
 import test_graph_plt
-from test_graph import F_, L, T, build, one_thread  # noqa: F401 (one_thread is a fixture)
+from test_graph import F_, L, T, build
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def silent_feature(rep, layer, pos):
