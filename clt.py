@@ -930,10 +930,11 @@ class CrossLayerTranscoder(nn.Module):
             self.W_dec[l].copy_(_read_export_file(path, f"W_dec_{l}", export_id, mine)[f"W_dec_{l}"])
 
 
-def save_safetensors(path, tensors, export_id):
-    """tensors -> the safetensors file `path`, atomically, tagged with the export id of its save."""
+def save_safetensors(path, tensors, export_id=None):
+    """tensors -> the safetensors file `path`, atomically, tagged with the export id of its save (if any)."""
+    metadata = None if export_id is None else {"export_id": export_id}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"export_id": export_id})
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def _read_export_file(path, name, export_id, rows):
@@ -989,6 +990,32 @@ def fold_ln_2(transcoder, model, inverse=False):
                 W.mul_(w[:, None])
 
 
+def per_layer_tensors(t, l, threshold_key, enc_by_feature):
+    """Layer l of a per-layer transcoder (ln_2 folded in) as circuit-tracer's and SAELens's files hold
+    it: W_enc (F, d) if enc_by_feature (circuit-tracer) else (d, F) (SAELens), W_dec (F, d), b_enc,
+    b_dec, W_skip (d, d) applied as x̂ @ W_skip.T, and the threshold under threshold_key (None: none)."""
+    tensors = {"W_enc": t.W_enc[l].t() if enc_by_feature else t.W_enc[l], "W_dec": t.W_dec[l][:, 0],
+               "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
+    if threshold_key is not None:
+        tensors[threshold_key] = t.threshold[l]
+    if t.W_skip is not None:
+        tensors["W_skip"] = t.W_skip[l].t()
+    return tensors
+
+
+@torch.no_grad()
+def load_per_layer_tensors(t, l, tensors, threshold_key, enc_by_feature):
+    """The inverse of per_layer_tensors: fill layer l of `t` (a missing threshold leaves it as it is)."""
+    t.W_enc[l].copy_(tensors["W_enc"].t() if enc_by_feature else tensors["W_enc"])
+    t.b_enc[l].copy_(tensors["b_enc"])
+    t.W_dec[l].copy_(tensors["W_dec"][:, None])
+    t.b_dec[l].copy_(tensors["b_dec"])
+    if threshold_key in tensors:
+        t.log_threshold[l].copy_(tensors[threshold_key].log())
+    if t.W_skip is not None:
+        t.W_skip[l].copy_(tensors["W_skip"].t())
+
+
 # circuit-tracer 0.5.0 (TransformerLens backend), as its transcoder cache and the hub hold transcoders:
 # {path}/config.yaml (model_kind, feature_input_hook, feature_output_hook, scan) beside the weights.
 # Per-layer, its TranscoderSet: layer_{l}.safetensors with W_enc (F, d), W_dec (F, d), b_enc (F,),
@@ -998,6 +1025,7 @@ def fold_ln_2(transcoder, model, inverse=False):
 
 CIRCUIT_TRACER_HOOKS = dict(feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out")
 CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
+CIRCUIT_TRACER_THRESHOLD = "activation_function.threshold"  # its JumpReLU's threshold in layer_{l}
 
 
 def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
@@ -1026,11 +1054,7 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     if c.decoder == "cross-layer":
         t.write_layer_files(path, export_id, threshold)
     for l in range(c.n_layers if c.decoder == "per-layer" else 0):
-        tensors = {"W_enc": t.W_enc[l].t(), "W_dec": t.W_dec[l][:, 0], "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
-        if threshold:
-            tensors["activation_function.threshold"] = t.threshold[l]
-        if t.W_skip is not None:
-            tensors["W_skip"] = t.W_skip[l].t()
+        tensors = per_layer_tensors(t, l, CIRCUIT_TRACER_THRESHOLD if threshold else None, enc_by_feature=True)
         save_safetensors(os.path.join(path, f"layer_{l}.safetensors"), tensors, export_id)
     config = dict(model_kind=CIRCUIT_TRACER_KINDS[c.decoder], model_name=model_name, **CIRCUIT_TRACER_HOOKS,
                   scan=os.path.basename(os.path.normpath(path)),
@@ -1069,19 +1093,11 @@ def from_circuit_tracer(path, model):
                          f"{config.d_model}, the model has {L} of width {d}: pass the --model it was made for")
     check_same_model(model, config.model_sha256, f"the transcoder in {path}")
     t = CrossLayerTranscoder(config)
-    with torch.no_grad():
-        if decoder == "cross-layer":
-            t.read_layer_files(path, export_id)
-        for l in range(L if decoder == "per-layer" else 0):
-            p = _read_export_file(path, f"layer_{l}", export_id, slice(None))
-            t.W_enc[l].copy_(p["W_enc"].t())
-            t.b_enc[l].copy_(p["b_enc"])
-            t.W_dec[l].copy_(p["W_dec"][:, None])
-            t.b_dec[l].copy_(p["b_dec"])
-            if "activation_function.threshold" in p:
-                t.log_threshold[l].copy_(p["activation_function.threshold"].log())
-            if t.W_skip is not None:
-                t.W_skip[l].copy_(p["W_skip"].t())
+    if decoder == "cross-layer":
+        t.read_layer_files(path, export_id)
+    for l in range(L if decoder == "per-layer" else 0):
+        tensors = _read_export_file(path, f"layer_{l}", export_id, slice(None))
+        load_per_layer_tensors(t, l, tensors, CIRCUIT_TRACER_THRESHOLD, enc_by_feature=True)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
@@ -1107,11 +1123,7 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)
     for l in range(c.n_layers):
-        tensors = {"W_enc": t.W_enc[l], "b_enc": t.b_enc[l], "W_dec": t.W_dec[l][:, 0], "b_dec": t.b_dec[l]}
-        if t.W_skip is not None:
-            tensors["W_skip"] = t.W_skip[l].t()
-        if kind == "jumprelu":
-            tensors["threshold"] = t.threshold[l]
+        tensors = per_layer_tensors(t, l, "threshold" if kind == "jumprelu" else None, enc_by_feature=False)
         hook = f"blocks.{l}.ln2.hook_normalized"
         hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=f"blocks.{l}.hook_mlp_out")
         cfg = dict(architecture=SAELENS_ARCHITECTURES[kind, c.skip], d_in=c.d_model, d_sae=c.n_features,
@@ -1119,8 +1131,7 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
                    hook_layer=l, **hooks, metadata=hooks)  # hooks at the top (SAELens < 6) and in metadata (6)
         folder = os.path.join(path, hook)
         os.makedirs(folder, exist_ok=True)
-        with atomic_path(os.path.join(folder, "sae_weights.safetensors")) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
+        save_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
         write_json(os.path.join(folder, "cfg.json"), cfg)
 
 
@@ -1158,17 +1169,9 @@ def from_saelens(path, model):
     config = CLTConfig(n_layers=L, d_model=d, n_features=n_features, activation=kind, decoder="per-layer", skip=skip,
                        model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
     t = CrossLayerTranscoder(config)
-    with torch.no_grad():
-        for l in range(L):
-            p = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
-            t.W_enc[l].copy_(p["W_enc"])
-            t.b_enc[l].copy_(p["b_enc"])
-            t.W_dec[l].copy_(p["W_dec"][:, None])
-            t.b_dec[l].copy_(p["b_dec"])
-            if skip:
-                t.W_skip[l].copy_(p["W_skip"].t())
-            if kind == "jumprelu":
-                t.log_threshold[l].copy_(p["threshold"].log())
+    for l in range(L):
+        tensors = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
+        load_per_layer_tensors(t, l, tensors, "threshold", enc_by_feature=False)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
