@@ -311,9 +311,10 @@ def custom_target(model, vector, label):
 
 
 def ln_transposed(g, weight, scale):
-    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g (d, r):
-    scale·(weight·g - mean(weight·g)) (the mean subtraction is a symmetric projection)."""
-    wg = g * weight[:, None]
+    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g (d, ...):
+    scale·(weight·g - mean(weight·g)) (the mean subtraction is a symmetric projection); scale
+    broadcasts over g's trailing dimensions."""
+    wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
     return (wg - wg.mean(0)) * scale
 
 
@@ -416,8 +417,7 @@ class Attribution:
         C, T, B = g.shape
         W = self.clt.W_skip[l].detach() * (self.clt.input_scale[l] / self.clt.output_scale[l])  # (C, C): h @ W
         h = (W @ g.view(C, T * B)).view(C, T, B)  # d(targets)/d(mlp_in[l])
-        w = self.model.h[l].ln_2.weight.detach()[:, None, None] * h  # ln_2ᵀ: its weight, centring, scale
-        g += (w - w.mean(0)) * self.scale_2[l][:T]  # (T, 1) broadcast over (C, T, B)
+        g += ln_transposed(h, self.model.h[l].ln_2.weight, self.scale_2[l][:T])  # scale (T, 1) over (C, T, B)
 
     def add_attention_transposed(self, g, l):
         """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g: through the frozen patterns'
