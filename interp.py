@@ -651,7 +651,10 @@ def concept_cache(model_dir, model, world, train_cache, cfg):
     docs = tiny.eval_corpus(world, cfg.concept_seed, cfg.concept_support)
     text = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
     corpus = out.rstrip("/") + ".jsonl"  # beside the cache: cache.py refuses foreign files inside it
-    fresh = not os.path.exists(corpus) or open(corpus, encoding="utf-8").read() != text
+    fresh = True
+    if os.path.exists(corpus):
+        with open(corpus, encoding="utf-8") as f:
+            fresh = f.read() != text
     if fresh:
         os.makedirs(os.path.dirname(os.path.abspath(corpus)), exist_ok=True)
         with atomic_path(corpus) as tmp, open(tmp, "w", encoding="utf-8") as f:
