@@ -734,6 +734,7 @@ INDEX_COLUMNS = [("layer", "layer", "num", "asc"), ("feature", "feature", "num",
                  ("concept", "best concept", "text", "asc"), ("f1", "concept F1", "num", "desc"),
                  ("flags", "flags", "text", "desc")]
 INDEX_CLASSES = ["num" if kind == "num" else "flag" if key == "flags" else "" for key, _, kind, _ in INDEX_COLUMNS]
+FLAGS = len(INDEX_COLUMNS) - 1  # a row's flags cell (dead, dense), the last
 
 INDEX_JS = """
 (function () {
@@ -933,7 +934,7 @@ def index_row(rec):
     cells = []
     for i, (cell, cls) in enumerate(zip(rec, INDEX_CLASSES)):
         value = html.escape(cell)
-        if i == 1 and "dead" not in rec[len(INDEX_CLASSES) - 1].split():
+        if i == 1 and "dead" not in rec[FLAGS].split():
             value = f'<a href="{feature_page_name(rec[0], rec[1])}">{value}</a>'
         cells.append(f'<td class="{cls}">{value}</td>' if cls else f"<td>{value}</td>")
     return f'<tr data-layer="{rec[0]}" data-q="{html.escape(rec[-1], quote=True)}">{"".join(cells)}</tr>'
@@ -1003,14 +1004,14 @@ class IndexRows:
         self.best = []  # a min-heap of (AUROC, -row number, record): the n_inline best rows so far
         self.held = {}  # layer -> its records, not in index/ yet
         self.files = {}  # layer -> bytes of its file in index/
-        self.layers = set()
+        self.layer = None  # the layer of the last row
         self.n = 0
         self.n_dead = 0
         self.n_dense = 0
 
     def add(self, rec, auroc):
         layer = int(rec[0])
-        if layer in self.files:
+        if self.layer is not None and layer < self.layer:
             raise ValueError(f"features.jsonl lists layer {layer} again after a later one; viz.py reads it in the "
                              "(layer, feature) order interp.py writes: rewrite it with interp.py")
         key = (-math.inf if auroc is None else auroc, -self.n, rec)  # ties: the earlier row wins
@@ -1018,13 +1019,14 @@ class IndexRows:
             heapq.heappush(self.best, key)
         else:
             heapq.heappushpop(self.best, key)
-        if layer not in self.held:  # a new layer: the ones before it are complete
+        if layer != self.layer:  # a new layer: the ones before it are complete
             self.write()
+            self.layer = layer
         self.held.setdefault(layer, []).append(rec)
-        self.layers.add(layer)
         self.n += 1
-        self.n_dead += "dead" in rec[len(INDEX_CLASSES) - 1].split()
-        self.n_dense += "dense" in rec[len(INDEX_CLASSES) - 1].split()
+        flags = rec[FLAGS].split()
+        self.n_dead += "dead" in flags
+        self.n_dense += "dense" in flags
 
     def write(self):
         """The held layers into index/, unless every row so far fits in index.html."""
@@ -1033,6 +1035,9 @@ class IndexRows:
         for layer, records in self.held.items():
             self.files[layer] = write_layer_file(self.out, layer, records)
         self.held = {}
+
+    def layers(self):
+        return sorted({*self.held, *self.files})
 
     def inline(self):
         """The records index.html holds, in the file's order."""
@@ -1044,8 +1049,8 @@ def index_page(index, summary, run_dir):
     rows = index.inline()
     head = "".join(f'<th data-key="{k}" data-type="{t}" data-dir="{d}">{html.escape(h)}</th>'
                    for k, h, t, d in INDEX_COLUMNS)
-    split = len(rows) < index.n  # some rows are only in index/
-    options = "".join(f'<option value="{l}">layer {l}</option>' for l in sorted(index.layers))
+    split = bool(index.files)  # some rows are only in index/
+    options = "".join(f'<option value="{l}">layer {l}</option>' for l in index.layers())
     if split:
         title = f"The best {len(rows):,} of {index.n:,} features by detection AUROC"
         hint = " Pick a layer or every layer, or search, to browse all of them (read from index/ as needed)."
@@ -1055,7 +1060,7 @@ def index_page(index, summary, run_dir):
         title = "All features"
         hint = ""
         first = '<option value="">all layers</option>'
-    config = dict(layers=sorted(index.layers), files={l: layer_file_name(l) for l in index.files}, total=index.n,
+    config = dict(layers=index.layers(), files={l: layer_file_name(l) for l in index.files}, total=index.n,
                   classes=INDEX_CLASSES, page=PAGE_NAME)
     return "".join([
         f"<h1>Features: {index.n - index.n_dead} live, {index.n_dead} dead (no page), {index.n_dense} dense</h1>",
