@@ -1285,8 +1285,8 @@ def bench_scale(cfg):
 
 GPT2_SMALL_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, n_ctx=1024, vocab_size=50257)
 TINY_SHAPE = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128, vocab_size=4096)  # models/tiny's, larger vocab
-QUICK_GPU = dict(gpu_tokens=8192, gpu_features=256, gpu_batch=256, gpu_steps=20, gpu_torchrun_steps=5,
-                 gpu_max_features=64)  # --quick: the tiny shape and these sizes
+QUICK_GPU = dict(gpu_features=256, gpu_batch=256, gpu_steps=20, gpu_torchrun_steps=5,
+                 gpu_max_features=64)  # --quick: the tiny shape and these sizes, where not given (tokens: / 4)
 PART_MIN_S = 60  # no part starts with less of the budget left
 
 # Dense bf16 tensor-core peaks in TFLOP/s, first match in torch.cuda.get_device_name(): NVIDIA's
@@ -1297,7 +1297,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 @dataclass
 class GpuBench(Bench):
     """the GPU path on one GPU in 8 minutes: cache, bf16 vs fp32 training, torchrun + NCCL, graph, interp"""
-    gpu_tokens: int = 65_536  # tokens in the GPT-2-small-shape cache (--quick: the tiny shape and QUICK_GPU's sizes)
+    gpu_tokens: int = 65_536  # tokens in the GPT-2-small-shape cache (--quick: a quarter, the tiny shape, QUICK_GPU's sizes)
     gpu_features: int = 3072  # CLT features per layer: training, graph, interp
     gpu_batch: int = 4096  # tokens per training step
     gpu_steps: int = 200  # training steps of the bf16 run and of the fp32 run
@@ -1584,8 +1584,9 @@ def bench_gpu(cfg):
     """The GPU path (see the section comment): one row per part, a failure or a skip in its own row;
     the loss curves (bf16, fp32, torchrun) go to <out>/gpu_curves.json."""
     deadline = time.time() + cfg.budget_s
-    if cfg.quick:
-        cfg = replace(cfg, **QUICK_GPU)
+    if cfg.quick:  # the quick sizes for the flags left at their defaults
+        default = GpuBench()
+        cfg = replace(cfg, **{k: v for k, v in QUICK_GPU.items() if getattr(cfg, k) == getattr(default, k)})
     shape = TINY_SHAPE if cfg.quick else GPT2_SMALL_SHAPE
     root = os.path.abspath(os.path.join(cfg.out, "gpu"))  # absolute: torchrun's train.py runs from the repository
     shutil.rmtree(root, ignore_errors=True)
@@ -1641,13 +1642,13 @@ def trained_clt(root, cache_dir, name, features, sparsity, cfg):
     if os.path.exists(marker):
         with open(marker) as f:
             done = json.load(f)
-        if done["config"] == vars(tcfg):
+        if done["config"] == asdict(tcfg):
             return clt.CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     final = train.train(tcfg)
     seconds = time.perf_counter() - t0
-    clt.write_json(marker, dict(config=vars(tcfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
+    clt.write_json(marker, dict(config=asdict(tcfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
     return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
 
 
