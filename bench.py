@@ -7,7 +7,7 @@ timed in the same process, next to the thing it is compared with.
     python bench.py cache              # activation cache on the tiny model and a random GPT-2-small shape
     python bench.py cache --quick      # the same, small (a couple of minutes on a 2-core CPU)
     python bench.py cache --device cuda
-    python bench.py graph --vs-circuit-tracer --threads 1  # beside circuit-tracer's attribute() (installed)
+    python bench.py vs-circuit-tracer --threads 1  # graph.py beside circuit-tracer's attribute() (installed)
     python bench.py compactness        # CLT vs PLT graphs on models/tiny (~15 min on a loaded 2-core CPU)
     python bench.py scale              # the pipeline at GPT-2-small shape on CPU (random weights), ~7 CPU-minutes
     python bench.py recovery           # planted concepts a CLT recovers vs its size and sparsity -> assets/recovery.png
@@ -274,8 +274,6 @@ class GraphBench(Bench):
     graph_n_features: int = 4096  # features per layer of the random CLTs
     graph_clt: str = os.path.join("runs", "clt")  # a trained CLT of models/tiny: two-hop study
     graph_two_hop: int = 60  # two-hop prompts in the study; 0 = skip it
-    vs_circuit_tracer: bool = False  # instead: circuit-tracer's attribute() beside graph.py (same model, CLT, prompt, process)
-    vs_points: str = "tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32"  # MODEL:TOKENS:ACTIVE:CT_BATCHES,... for --vs-circuit-tracer (MODEL: tiny or gpt2-small, random); the fastest CT batch counts
 
 
 def proc_status_kb(key):
@@ -331,9 +329,6 @@ def bench_graph(cfg):
     and on a random GPT-2-small shape, each with a random CLT tuned to fire on n features."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
-    os.makedirs(cfg.out, exist_ok=True)
-    if cfg.vs_circuit_tracer:
-        return bench_vs_circuit_tracer(cfg)
     counts = [int(n) for n in cfg.graph_features.split(",")][: 3 if cfg.quick else None]
     tiny = "tiny" if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")) else "tiny-shape (random)"
     results = []
@@ -499,10 +494,16 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, cfg):
                 ct_s_by_batch=", ".join(f"{b}: {t:.3g}" for b, (t, _, _) in ct_runs.items()))
 
 
+@dataclass
+class CircuitTracerBench(Bench):
+    """graph.py beside circuit-tracer's attribute() (installed): same model, CLT, prompt and process"""
+    vs_points: str = "tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32"  # MODEL:TOKENS:ACTIVE:CT_BATCHES,... (MODEL: tiny or gpt2-small, random); the fastest CT batch counts
+    graph_batch: int = 256  # targets per pass of graph.py's transposed model
+    graph_n_features: int = 4096  # features per layer of the random CLTs
+
+
 def bench_vs_circuit_tracer(cfg):
     """Each point in a fresh process (peak memory of its own); both libraries fp32, same threads."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     results = []
     for point in cfg.vs_points.split(","):
         name, T, n_active, ct_batches = point.split(":")
@@ -510,8 +511,7 @@ def bench_vs_circuit_tracer(cfg):
         if cfg.quick:
             T, n_active = max(8, T // 4), max(100, n_active // 16)
         batches = [int(b) for b in ct_batches.split("/")]
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            results.append(pool.submit(vs_circuit_tracer_point, name, T, n_active, batches, cfg).result())
+        results.append(fresh_process(vs_circuit_tracer_point, name, T, n_active, batches, cfg))
         print(results[-1])
     return results
 
@@ -1999,6 +1999,7 @@ def bench_faithfulness(cfg):
 
 BENCHMARKS = {"cache": (bench_cache, CacheBench),
               "graph": (bench_graph, GraphBench),
+              "vs-circuit-tracer": (bench_vs_circuit_tracer, CircuitTracerBench),
               "interp": (bench_interp, InterpBench),
               "train": (bench_train, TrainBench),
               "dist": (bench_dist, DistBench),

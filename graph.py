@@ -26,7 +26,7 @@ Data flow:
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph (circuit-tracer installed)
 
 Definitions (circuit-tracer 0.5.0's: decoderesearch/circuit-tracer, circuit_tracer/graph.py and
-attribution/; bench.py graph --vs-circuit-tracer and tests/test_graph.py check them edge by edge):
+attribution/; bench.py vs-circuit-tracer and tests/test_graph.py check them edge by edge):
     Nodes, in order: active features sorted by (layer, position, id), none at BOS; error nodes,
     layer-major (index layer*T + pos), those at BOS kept in the list and zero; one token-embedding
     node per position (wte[token]); logit nodes, most likely first: the top tokens until cumulative
