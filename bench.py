@@ -239,7 +239,6 @@ def bench_cache_model(name, cfg, read_batch):
 
 
 def bench_cache(cfg):
-    os.makedirs(cfg.out, exist_ok=True)
     device = cfg.device
     setups = []
     if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")):
@@ -298,8 +297,7 @@ def graph_point(name, n_active, cfg):
     """Time and peak memory of one attribution graph. On CPU it runs in a fresh process (see
     bench_graph), so the peak RSS above the setup's RSS is this graph's own memory."""
     import graph
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.manual_seed(0)
     shape = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096) if name.startswith("tiny") else \
         dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
@@ -440,8 +438,7 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, cfg):
     import graph
     from circuit_tracer import attribute as ct_attribute
     from circuit_tracer.graph import compute_graph_scores
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = cfg.device
     model_dir = clt.DEFAULT_MODEL
     if name != "tiny":
@@ -818,7 +815,6 @@ def dist_row(setting, mb=None, ms=None, comm_mb=None, flop_per_byte=None, note="
 def bench_dist(cfg):
     """Memory per rank vs T (real shards), CPU step time T=2 over T=1, bytes communicated per FLOP,
     and 8 GPUs on paper for GPT-2 small and xl CLTs. MB = fp32 parameters + gradients + Adam moments."""
-    os.makedirs(cfg.out, exist_ok=True)
     rows = []
     L, d, F, B = 4, 128, 1024, 1024  # the default CLT of models/tiny
     n1 = clt_params_per_rank(L, d, F, 1)
@@ -1894,13 +1890,13 @@ def faithfulness_rows(points, families, floor):
     for fam in list(families) + ["all"]:
         for which in FAITHFULNESS_SETS if fam == "all" else FAITHFULNESS_SETS[:2]:
             mine = [q for q in points if in_set(q, which) and fam in ("all", q["family"])]
+            overshoot_share = float(np.mean([q["overshoot"] > 0 for q in mine])) if mine else float("nan")
             for pred, meas in FAITHFULNESS_PAIRS if fam == "all" else FAITHFULNESS_PAIRS[:2]:
                 p = [q[f"predicted_{pred}"] for q in mine]
                 m = [q[f"measured_{meas}"] for q in mine]
                 r, rel, sign = agreement(p, m, floor)
-                overshoots = [q["overshoot"] > 0 for q in mine]
                 rows.append(dict(family=fam, features=which, predicted=pred, measured=meas, n=len(mine),
-                                 overshoot_share=float(np.mean(overshoots)) if mine else float("nan"),
+                                 overshoot_share=overshoot_share,
                                  mean_abs_measured=float(np.mean(np.abs(m))) if m else float("nan"),
                                  pearson=r, median_rel_error=rel, sign_agreement=sign,
                                  max_abs_error=float(np.max(np.abs(np.subtract(m, p)))) if m else float("nan")))
@@ -2012,8 +2008,7 @@ BENCHMARKS = {"cache": (bench_cache, CacheBench),
 
 def main(argv=None):
     name, cfg = clt.parse_config(__doc__, {name: config for name, (_, config) in BENCHMARKS.items()}, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if cfg.quick:
         smaller = {f.name: getattr(cfg, f.name) // 4 for f in fields(cfg) if f.name.endswith("_tokens")}
         cfg = replace(cfg, **smaller)

@@ -790,9 +790,10 @@ def score_concepts(feature_sets, cache, labels, cfg):
     for mlp_in, _, tok, _, _ in tqdm(cache.iter_chunks(cfg.chunk_size, split="all", device=cfg.device),
                                      total=-(-(hi - lo) // cfg.chunk_size), desc="concept pass"):
         lab, labeled = labels.rows(row, row + len(tok), cfg.device)
+        x = mlp_in.float()  # (N, L, d)
         for name, fn in feature_sets.items():
             with torch.no_grad():
-                acts = fn(mlp_in.float())  # (N, M)
+                acts = fn(x)  # (N, M)
             if name not in scores:
                 scores[name] = ConceptScores(len(labels.names), acts.size(1), cfg.device)
             scores[name].update(acts, lab, labeled)
