@@ -451,9 +451,7 @@ def chromium_dom(url, tmp_path):
 
 def shown(dom):
     """(layer, feature) of the rows the browser shows, top to bottom."""
-    parser = IndexRows()
-    parser.feed(dom)
-    return [(int(cells[0]), int(cells[1])) for hidden, cells in parser.rows if not hidden]
+    return list(browser_rows(dom))
 
 
 def test_index_has_a_row_per_feature(tmp_path):
@@ -626,8 +624,8 @@ def first_rows(records, layer=None, key=None, reverse=False, n=200):
     rows = [k for k in records if layer is None or k[0] == layer]
     if key is not None:
         known = [k for k in rows if records[k][key] != "-"]
-        rows = sorted(known, key=lambda k: float(records[k][key]), reverse=reverse) + [k for k in rows
-                                                                                       if k not in set(known)]
+        nulls = [k for k in rows if records[k][key] == "-"]
+        rows = sorted(known, key=lambda k: float(records[k][key]), reverse=reverse) + nulls
     return rows[:n]
 
 
