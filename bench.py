@@ -81,7 +81,13 @@ import numpy as np
 import torch
 
 import cache
-import clt
+from clt import CLTConfig, CrossLayerTranscoder, load_transcoder
+from forge.cli import arg, parse_config, run_main
+from forge.files import atomic_path, check_same_model, write_json
+from forge.formats import save_circuit_tracer
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, bytes_to_unicode, load_tokenizer
+from model import GPT, GPTConfig
+from parallel import Mesh, compute_init, make_mesh
 
 # -----------------------------------------------------------------------------
 # helpers shared by benchmarks
@@ -89,10 +95,10 @@ import clt
 @dataclass
 class Bench:
     """the flags every benchmark has"""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, ...
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    out: str = os.path.join("runs", "bench")  # scratch space and <name>.json
-    quick: bool = False  # a small run: every *_tokens size divided by 4
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", 'cpu, cuda, ...')
+    threads: int = arg(0, "torch CPU threads; 0 = torch's default")
+    out: str = arg(os.path.join("runs", "bench"), 'scratch space and <name>.json')
+    quick: bool = arg(False, 'a small run: every *_tokens size divided by 4')
 
 
 def sync(device):
@@ -104,10 +110,10 @@ def random_model_dir(path, n_layer, n_embd, n_head, n_ctx, vocab_size, seed=0):
     """A random GPT-2 of the given shape in the hub layout, with a byte-level tokenizer (256 bytes +
     <|endoftext|>, no merges): no download, and any shape (e.g. GPT-2 small's 12 x 768)."""
     torch.manual_seed(seed)
-    model = clt.GPT(clt.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
     model.save_pretrained(path)
-    vocab = {c: i for i, c in enumerate(clt.bytes_to_unicode().values())}
-    vocab[clt.ENDOFTEXT] = len(vocab)
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab[ENDOFTEXT] = len(vocab)
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(path, "merges.txt"), "w") as f:
@@ -122,7 +128,7 @@ def synthetic_corpus(path, n_docs, seed=0):
              "city river capital north south language people old new market bridge road year king").split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 300))) for _ in range(n_docs)]
     with open(path, "w") as f:
-        f.write(clt.ENDOFTEXT.join(docs))
+        f.write(ENDOFTEXT.join(docs))
     return path
 
 
@@ -140,16 +146,16 @@ def print_table(rows):
 @dataclass
 class CacheBench(Bench):
     """activation cache: bytes/token, NMSE, writer overhead, read rate"""
-    tiny_tokens: int = 200_000  # tokens per cache on the tiny model
-    gpt2_tokens: int = 8192  # tokens per cache on the GPT-2-small shape
-    read_batch: int = 4096  # batch size of the shuffled read
+    tiny_tokens: int = arg(200_000, 'tokens per cache on the tiny model')
+    gpt2_tokens: int = arg(8192, 'tokens per cache on the GPT-2-small shape')
+    read_batch: int = arg(4096, 'batch size of the shuffled read')
 
 
 def bare_forward_seconds(cfg):
     """The writer's loop without the writer: the same contexts, batches and forward pass.
     Returns (wall seconds, CPU seconds of all threads)."""
-    model = clt.GPT.from_pretrained(cfg.model).to(cfg.device)
-    enc = clt.load_tokenizer(cfg.model)
+    model = GPT.from_pretrained(cfg.model).to(cfg.device)
+    enc = load_tokenizer(cfg.model)
     sync(cfg.device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
@@ -241,10 +247,10 @@ def bench_cache_model(name, cfg, read_batch):
 def bench_cache(cfg):
     device = cfg.device
     setups = []
-    if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")):
-        setups.append(("tiny", clt.DEFAULT_MODEL, "toy", cfg.tiny_tokens))
+    if os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")):
+        setups.append(("tiny", DEFAULT_MODEL, "toy", cfg.tiny_tokens))
     else:
-        print(f"note: {clt.DEFAULT_MODEL} is missing: using a random model of the tiny shape (4 x 128)")
+        print(f"note: {DEFAULT_MODEL} is missing: using a random model of the tiny shape (4 x 128)")
         path = random_model_dir(os.path.join(cfg.out, "tiny_random"), 4, 128, 4, 128, 4096)
         setups.append(("tiny-shape (random)", path, synthetic_corpus(os.path.join(cfg.out, "corpus.txt"), 4000), cfg.tiny_tokens))
     gpt2 = random_model_dir(os.path.join(cfg.out, "gpt2_small_random"), 12, 768, 12, 1024, 50257)
@@ -267,12 +273,12 @@ def bench_cache(cfg):
 @dataclass
 class GraphBench(Bench):
     """attribution graphs: time and peak memory vs active features"""
-    graph_features: str = "250,500,1000,2000,4000"  # active-feature counts to time
-    graph_prompt_len: int = 32  # prompt tokens, BOS included
-    graph_batch: int = 256  # targets per pass of graph.py's transposed model
-    graph_n_features: int = 4096  # features per layer of the random CLTs
-    graph_clt: str = os.path.join("runs", "clt")  # a trained CLT of models/tiny: two-hop study
-    graph_two_hop: int = 60  # two-hop prompts in the study; 0 = skip it
+    graph_features: str = arg("250,500,1000,2000,4000", 'active-feature counts to time')
+    graph_prompt_len: int = arg(32, 'prompt tokens, BOS included')
+    graph_batch: int = arg(256, "targets per pass of graph.py's transposed model")
+    graph_n_features: int = arg(4096, 'features per layer of the random CLTs')
+    graph_clt: str = arg(os.path.join("runs", "clt"), 'a trained CLT of models/tiny: two-hop study')
+    graph_two_hop: int = arg(60, 'two-hop prompts in the study; 0 = skip it')
 
 
 def proc_status_kb(key):
@@ -284,7 +290,7 @@ def clt_with_n_active(model, idx, n_features, n_active, seed=0):
     """A random CLT whose b_enc makes exactly n_active (position, layer, feature) fire on idx (BOS
     excluded): the JumpReLU threshold falls between the n-th and (n+1)-th largest x·W_enc."""
     c = model.config
-    t = clt.CrossLayerTranscoder(clt.CLTConfig(n_layers=c.n_layer, d_model=c.n_embd, n_features=n_features), seed)
+    t = CrossLayerTranscoder(CLTConfig(n_layers=c.n_layer, d_model=c.n_embd, n_features=n_features), seed)
     t = t.to(idx.device).eval()
     with torch.no_grad():
         pre = t.pre_acts(model.run_with_acts(idx)[1].mlp_in[0])[1:]  # (T-1, L, F), b_enc = 0
@@ -301,7 +307,7 @@ def graph_point(name, n_active, cfg):
     torch.manual_seed(0)
     shape = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096) if name.startswith("tiny") else \
         dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
-    model = clt.GPT.from_pretrained() if name == "tiny" else clt.GPT(clt.GPTConfig(n_ctx=1024, **shape))
+    model = GPT.from_pretrained() if name == "tiny" else GPT(GPTConfig(n_ctx=1024, **shape))
     model = model.to(cfg.device).eval()
     idx = torch.randint(0, model.config.vocab_size - 1, (1, cfg.graph_prompt_len), device=cfg.device)
     idx[0, 0] = model.config.vocab_size - 1  # BOS: <|endoftext|> is the last id in GPT-2's layout
@@ -328,7 +334,7 @@ def bench_graph(cfg):
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     counts = [int(n) for n in cfg.graph_features.split(",")][: 3 if cfg.quick else None]
-    tiny = "tiny" if os.path.exists(os.path.join(clt.DEFAULT_MODEL, "model.safetensors")) else "tiny-shape (random)"
+    tiny = "tiny" if os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")) else "tiny-shape (random)"
     results = []
     for name in (tiny, "gpt2-small-shape (random)"):
         for n in counts:
@@ -385,7 +391,7 @@ def hf_random_model_dir(path, n_layer=12, n_head=12, n_embd=768, n_ctx=1024, voc
 
 def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
     """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of a hub-layout GPT-2 and a
-    transcoder clt.load_transcoder reads (a CLT or a PLT), in float32: exported by clt.save_circuit_tracer
+    transcoder load_transcoder reads (a CLT or a PLT), in float32: exported by save_circuit_tracer
     (ln_2's affine map folded in: TransformerLens's ln2.hook_normalized is taken before it) and read back
     by circuit-tracer's own loader of that layout (whose default dtype is bfloat16, hence float32)."""
     import tempfile
@@ -403,9 +409,9 @@ def circuit_tracer_model(model_dir, clt_dir, device="cpu"):
                                   positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
                                   model_name="gpt2", device=device, dtype=torch.float32, default_prepend_bos=False)
     state = convert_gpt2_weights(hf, cfg)
-    ours = clt.GPT.from_pretrained(model_dir)
+    ours = GPT.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        clt.save_circuit_tracer(clt.load_transcoder(clt_dir, ours), os.path.join(tmp, "transcoder"), ours)
+        save_circuit_tracer(load_transcoder(clt_dir, ours), os.path.join(tmp, "transcoder"), ours)
         transcoder, _ = load_transcoders_from_cache("transcoder", cache_dir=tmp, device=torch.device(device),
                                                     dtype=torch.float32, lazy_decoder=False)
     model = TransformerLensReplacementModel.from_config(cfg, transcoder)
@@ -440,19 +446,19 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, cfg):
     from circuit_tracer.graph import compute_graph_scores
     set_threads(cfg.threads)
     device = cfg.device
-    model_dir = clt.DEFAULT_MODEL
+    model_dir = DEFAULT_MODEL
     if name != "tiny":
         model_dir = os.path.join(cfg.out, "gpt2-small-random")
         if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
             hf_random_model_dir(model_dir)
-    model = clt.GPT.from_pretrained(model_dir).to(device)
-    bos = clt.load_tokenizer(model_dir).encode_single_token(clt.ENDOFTEXT)
+    model = GPT.from_pretrained(model_dir).to(device)
+    bos = load_tokenizer(model_dir).encode_single_token(ENDOFTEXT)
     torch.manual_seed(0)
     idx = torch.randint(0, bos, (1, T), device=device)  # tokens the tokenizer knows
     idx[0, 0] = bos
     clt_dir = os.path.join(cfg.out, f"clt-{name}-{T}-{n_active}")
     clt_with_n_active(model, idx, cfg.graph_n_features, n_active).save_pretrained(clt_dir)
-    t = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
+    t = CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
     ct = circuit_tracer_model(model_dir, clt_dir, device)
     base = peak_reset(device)
     t0 = time.perf_counter()
@@ -494,9 +500,9 @@ def vs_circuit_tracer_point(name, T, n_active, ct_batches, cfg):
 @dataclass
 class CircuitTracerBench(Bench):
     """graph.py beside circuit-tracer's attribute() (installed): same model, CLT, prompt and process"""
-    vs_points: str = "tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32"  # MODEL:TOKENS:ACTIVE:CT_BATCHES,... (MODEL: tiny or gpt2-small, random); the fastest CT batch counts
-    graph_batch: int = 256  # targets per pass of graph.py's transposed model
-    graph_n_features: int = 4096  # features per layer of the random CLTs
+    vs_points: str = arg("tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32", 'MODEL:TOKENS:ACTIVE:CT_BATCHES,... (MODEL: tiny or gpt2-small, random); the fastest CT batch counts')
+    graph_batch: int = arg(256, "targets per pass of graph.py's transposed model")
+    graph_n_features: int = arg(4096, 'features per layer of the random CLTs')
 
 
 def bench_vs_circuit_tracer(cfg):
@@ -542,8 +548,8 @@ def two_hop_study(cfg):
     import graph
     import tiny
     device = cfg.device
-    model, enc, world = clt.GPT.from_pretrained().to(device), clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
-    t = clt.CrossLayerTranscoder.from_pretrained(cfg.graph_clt).to(device)
+    model, enc, world = GPT.from_pretrained().to(device), load_tokenizer(DEFAULT_MODEL), tiny.load_world()
+    t = CrossLayerTranscoder.from_pretrained(cfg.graph_clt).to(device)
     probes = two_hop_probes(world, [p["name"] for p in world.people])
     with torch.no_grad():  # last-token activations of every probe: (P, L, F)
         last = torch.stack([t.encode(model.run_with_acts(graph.encode_prompt(enc, p[0], model.config.n_ctx).to(device))[1]
@@ -600,8 +606,8 @@ def two_hop_study(cfg):
 @dataclass
 class InterpBench(Bench):
     """autointerp: both passes over the cache vs one plain read"""
-    interp_tokens: int = 200_000  # tokens of the random-CLT cache (tiny shape)
-    interp_chunk: int = 4096  # interp.py --chunk-size
+    interp_tokens: int = arg(200_000, 'tokens of the random-CLT cache (tiny shape)')
+    interp_chunk: int = arg(4096, 'interp.py --chunk-size')
 
 
 def random_interp_setup(cfg):
@@ -612,7 +618,7 @@ def random_interp_setup(cfg):
     cache_dir, clt_dir = os.path.join(cfg.out, "interp_cache"), os.path.join(cfg.out, "interp_clt")
     cache.build_cache(cache.CacheConfig(model=model_dir, corpus=corpus, tokens=cfg.interp_tokens, ctx=64,
                                         device=cfg.device, out=cache_dir, heldout=0.02, overwrite=True))
-    c = clt.CrossLayerTranscoder(clt.CLTConfig(n_layers=4, d_model=128, n_features=1024, model=model_dir))
+    c = CrossLayerTranscoder(CLTConfig(n_layers=4, d_model=128, n_features=1024, model=model_dir))
     with torch.no_grad():
         pre = c.pre_acts(cache.ActivationCache(cache_dir).read(0, 4096)[0])  # (N, L, F)
         c.log_threshold.copy_(pre.quantile(0.97, dim=0).clamp_min(1e-3).log())
@@ -677,9 +683,9 @@ def median_seconds(fn, device, reps):
 def step_fixture(L, d, F, B, activation, device, tp=None):
     """A CLT (or this rank's TP shard), its optimizer, a fixed batch and train.py's step on them."""
     import train
-    mesh = tp or clt.Mesh()
+    mesh = tp or Mesh()
     cfg = train.TrainConfig(activation=activation, features=F, k=16, steps=10 ** 6)
-    model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, activation, k=16), 0, mesh)
+    model = CrossLayerTranscoder(CLTConfig(L, d, F, activation, k=16), 0, mesh)
     model = model.to(device).train()
     opt = train.optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
@@ -711,7 +717,7 @@ def step_vs_matmul(name, L, d, F, B, activation, device, reps):
 
 def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
     """decode (dense, cost ∝ F) against decode_sparse from a sparse COO tensor and from dense acts."""
-    model = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F, "relu"), 0).to(device).eval()
+    model = CrossLayerTranscoder(CLTConfig(L, d, F, "relu"), 0).to(device).eval()
     g = torch.Generator().manual_seed(0)
     acts = (torch.rand(B, L, F, generator=g) * (torch.rand(B, L, F, generator=g) < density)).to(device)
     coo = acts.to_sparse()
@@ -730,9 +736,9 @@ def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
 @dataclass
 class TrainBench(Bench):
     """CLT training step vs matmul FLOP rate; sparse vs dense decode"""
-    reps: int = 5  # timed repetitions (the median is reported)
-    decode_features: int = 16384  # F of the decode benchmark
-    density: float = 0.01  # fraction of active features in the decode benchmark
+    reps: int = arg(5, 'timed repetitions (the median is reported)')
+    decode_features: int = arg(16384, 'F of the decode benchmark')
+    density: float = arg(0.01, 'fraction of active features in the decode benchmark')
 
 
 def bench_train(cfg):
@@ -778,8 +784,8 @@ def _dist_worker(rank, world, port, shape, reps, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    ddp, _, _, _, device = clt.compute_init("cpu")
-    mesh = clt.make_mesh(ddp, world, world, device)
+    ddp, _, _, _, device = compute_init("cpu")
+    mesh = make_mesh(ddp, world, world, device)
     _, _, step = step_fixture(*shape, "jumprelu", "cpu", mesh)
     t = median_seconds(step, "cpu", reps)
     if rank == 0:
@@ -799,9 +805,9 @@ def measured_step_seconds(T, shape, reps, out_dir):
 @dataclass
 class DistBench(Bench):
     """TP/DP: memory per rank, step time T=2/T=1, bytes per FLOP, 8 GPUs on paper"""
-    reps: int = 5  # timed repetitions (the median is reported)
-    busbw: float = 300e9  # paper model: all-reduce bus bandwidth per GPU, bytes/s
-    tflops: float = 400.0  # paper model: sustained bf16 TFLOP/s per GPU
+    reps: int = arg(5, 'timed repetitions (the median is reported)')
+    busbw: float = arg(300e9, 'paper model: all-reduce bus bandwidth per GPU, bytes/s')
+    tflops: float = arg(400.0, 'paper model: sustained bf16 TFLOP/s per GPU')
 
 
 def dist_row(setting, mb=None, ms=None, comm_mb=None, flop_per_byte=None, note=""):
@@ -819,7 +825,7 @@ def bench_dist(cfg):
     L, d, F, B = 4, 128, 1024, 1024  # the default CLT of models/tiny
     n1 = clt_params_per_rank(L, d, F, 1)
     for T in (1, 2, 4):
-        shard = clt.CrossLayerTranscoder(clt.CLTConfig(L, d, F), 0, clt.Mesh(tp=T, tp_rank=0))
+        shard = CrossLayerTranscoder(CLTConfig(L, d, F), 0, Mesh(tp=T, tp_rank=0))
         n = sum(p.numel() for p in shard.parameters())
         assert n == clt_params_per_rank(L, d, F, T), (n, clt_params_per_rank(L, d, F, T))
         rows.append(dist_row(f"tiny CLT L{L} d{d} F{F}, T={T} (measured shard)", mb=16 * n / 1e6,
@@ -863,14 +869,14 @@ TRANSCODERS = {"clt": dict(decoder="cross-layer", skip=False), "plt": dict(decod
 @dataclass
 class CompactnessBench(Bench):
     """CLT vs PLT on models/tiny: how compact their attribution graphs are"""
-    compactness_tokens: int = 200_000  # tokens of the models/tiny cache
-    compactness_features: int = 512  # features per layer of every transcoder
-    compactness_k: int = 8  # TopK k of every transcoder: the matched mean L0
-    compactness_steps: int = 400  # training steps of each transcoder
-    compactness_batch: int = 1024  # tokens per training step
-    compactness_per_family: int = 6  # prompts of each tiny.eval_prompts kind
-    compactness_kinds: str = "clt,plt"  # transcoders to compare: clt, plt and/or plt-skip (bench.TRANSCODERS)
-    compactness_figure: str = os.path.join("assets", "compactness.png")  # the figure
+    compactness_tokens: int = arg(200_000, 'tokens of the models/tiny cache')
+    compactness_features: int = arg(512, 'features per layer of every transcoder')
+    compactness_k: int = arg(8, 'TopK k of every transcoder: the matched mean L0')
+    compactness_steps: int = arg(400, 'training steps of each transcoder')
+    compactness_batch: int = arg(1024, 'tokens per training step')
+    compactness_per_family: int = arg(6, 'prompts of each tiny.eval_prompts kind')
+    compactness_kinds: str = arg("clt,plt", 'transcoders to compare: clt, plt and/or plt-skip (bench.TRANSCODERS)')
+    compactness_figure: str = arg(os.path.join("assets", "compactness.png"), 'the figure')
 
 
 def train_transcoders(cfg, root):
@@ -879,7 +885,7 @@ def train_transcoders(cfg, root):
     -> {name: (transcoder, train.py's last metrics)}."""
     import train
     path = os.path.join(root, "cache")
-    cache.build_cache(cache.CacheConfig(model=clt.DEFAULT_MODEL, corpus="toy", tokens=cfg.compactness_tokens,
+    cache.build_cache(cache.CacheConfig(model=DEFAULT_MODEL, corpus="toy", tokens=cfg.compactness_tokens,
                                         out=path, device=cfg.device))
     out = {}
     for name in cfg.compactness_kinds.split(","):
@@ -889,7 +895,7 @@ def train_transcoders(cfg, root):
                               eval_every=cfg.compactness_steps, eval_contexts=32, ckpt_every=-1, log_every=50,
                               overwrite=True, device=cfg.device, **TRANSCODERS[name])
         m = train.train(c)
-        out[name] = (clt.CrossLayerTranscoder.from_pretrained(c.out).to(cfg.device).eval(), m)
+        out[name] = (CrossLayerTranscoder.from_pretrained(c.out).to(cfg.device).eval(), m)
     return out
 
 
@@ -977,7 +983,7 @@ def compactness_figure(rows, path, kinds):
     fig.suptitle("models/tiny: graphs of a CLT vs a PLT (same features per layer, TopK: same L0), per prompt family")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with clt.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
@@ -993,8 +999,8 @@ def bench_compactness(cfg):
     import graph
     import tiny
     root = os.path.join(cfg.out, "compactness")
-    model = clt.GPT.from_pretrained().to(cfg.device).eval()
-    enc, world = clt.load_tokenizer(clt.DEFAULT_MODEL), tiny.load_world()
+    model = GPT.from_pretrained().to(cfg.device).eval()
+    enc, world = load_tokenizer(DEFAULT_MODEL), tiny.load_world()
     t0 = time.time()
     print("phase 1: the cache and the transcoders")
     trained = train_transcoders(cfg, root)
@@ -1012,7 +1018,7 @@ def bench_compactness(cfg):
                 sel = selective[name].get(country) if country else None
                 per_prompt.append(dict(transcoder=name, family=kind, prompt=prompt,
                                        **graph_compactness(model, t, rep, sel)))
-    clt.write_json(os.path.join(root, "per_prompt.json"), per_prompt)
+    write_json(os.path.join(root, "per_prompt.json"), per_prompt)
     rows = []
     for name, (_, m) in trained.items():
         for fam in list(families) + ["all"]:
@@ -1047,13 +1053,13 @@ SCALE_PROMPT = "the old market by the river bridge"  # 35 byte tokens + BOS for 
 @dataclass
 class ScaleBench(Bench):
     """the pipeline at GPT-2-small shape on CPU; memory at F = 32 d"""
-    scale_tokens: int = 8192  # tokens in the GPT-2-small-shape cache
-    scale_features: int = 3072  # CLT features per layer: training, interp, graph
-    scale_batch: int = 512  # tokens per training step
-    scale_reps: int = 3  # timed training steps (the median is reported)
-    scale_max_features: int = 256  # graph.py --max-features of the capped graph
-    scale_limit_depth: int = 2  # layers of the F = 32 d CLTs measured per rank
-    scale_limit_tp: str = "1,2,4"  # TP sizes measured at that depth (gloo, a process each)
+    scale_tokens: int = arg(8192, 'tokens in the GPT-2-small-shape cache')
+    scale_features: int = arg(3072, 'CLT features per layer: training, interp, graph')
+    scale_batch: int = arg(512, 'tokens per training step')
+    scale_reps: int = arg(3, 'timed training steps (the median is reported)')
+    scale_max_features: int = arg(256, 'graph.py --max-features of the capped graph')
+    scale_limit_depth: int = arg(2, 'layers of the F = 32 d CLTs measured per rank')
+    scale_limit_tp: str = arg("1,2,4", 'TP sizes measured at that depth (gloo, a process each)')
 
 
 def fresh_process(fn, *args, timeout=None):
@@ -1133,8 +1139,8 @@ def _scale_rank(rank, world, port, shape, steps, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    ddp, _, _, _, device = clt.compute_init("cpu")
-    mesh = clt.make_mesh(ddp, world, world, device)
+    ddp, _, _, _, device = compute_init("cpu")
+    mesh = make_mesh(ddp, world, world, device)
     base = gib()
     model, _, step = step_fixture(*shape, "jumprelu", "cpu", mesh)
     for _ in range(steps):
@@ -1160,9 +1166,9 @@ def random_clt(model_dir, cache_dir, clt_dir, F, density=0.01):
     """A random CLT of the model, thresholds at each feature's (1 - density) quantile of its
     pre-activations on the cache's first rows: each feature fires on ~density of the tokens."""
     ca = cache.ActivationCache(cache_dir)
-    model = clt.GPT.from_pretrained(model_dir)
-    config = clt.CLTConfig(ca.n_layers, ca.d_model, F, model=model_dir, model_sha256=model.fingerprint())
-    c = clt.CrossLayerTranscoder(config)
+    model = GPT.from_pretrained(model_dir)
+    config = CLTConfig(ca.n_layers, ca.d_model, F, model=model_dir, model_sha256=model.fingerprint())
+    c = CrossLayerTranscoder(config)
     with torch.no_grad():
         pre = c.pre_acts(ca.read(0, min(4096, ca.n_tokens))[0])  # (N, L, F)
         # kthvalue, not quantile: torch.quantile refuses inputs over 2^24 elements
@@ -1190,9 +1196,9 @@ def scale_graph(model_dir, clt_dir, max_features, threads, device="cpu"):
     """graph.py on SCALE_PROMPT with --max-features: replacement model, capped attribution, pruning."""
     import graph
     set_threads(threads)
-    model = clt.GPT.from_pretrained(model_dir).to(device)
-    c = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
-    idx = graph.encode_prompt(clt.load_tokenizer(model_dir), SCALE_PROMPT, model.config.n_ctx).to(device)
+    model = GPT.from_pretrained(model_dir).to(device)
+    c = CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
+    idx = graph.encode_prompt(load_tokenizer(model_dir), SCALE_PROMPT, model.config.n_ctx).to(device)
     base = gib()
     t0 = time.perf_counter()
     rep = graph.local_replacement(model, c, idx)
@@ -1293,14 +1299,14 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 @dataclass
 class GpuBench(Bench):
     """the GPU path on one GPU in 8 minutes: cache, bf16 vs fp32 training, torchrun + NCCL, graph, interp"""
-    gpu_tokens: int = 65_536  # tokens in the GPT-2-small-shape cache (--quick: a quarter, the tiny shape, QUICK_GPU's sizes)
-    gpu_features: int = 3072  # CLT features per layer: training, graph, interp
-    gpu_batch: int = 4096  # tokens per training step
-    gpu_steps: int = 200  # training steps of the bf16 run and of the fp32 run
-    gpu_torchrun_steps: int = 20  # steps of the torchrun run, compared with the bf16 run's first steps
-    gpu_max_features: int = 256  # graph.py --max-features of the capped graph
-    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU, TFLOP/s; 0 = PEAK_TFLOPS by GPU name (H200: 989)
-    budget_s: float = 480.0  # wall-time budget: no part starts in its last 60 s, a running part is killed at its end
+    gpu_tokens: int = arg(65_536, "tokens in the GPT-2-small-shape cache (--quick: a quarter, the tiny shape, QUICK_GPU's sizes)")
+    gpu_features: int = arg(3072, 'CLT features per layer: training, graph, interp')
+    gpu_batch: int = arg(4096, 'tokens per training step')
+    gpu_steps: int = arg(200, 'training steps of the bf16 run and of the fp32 run')
+    gpu_torchrun_steps: int = arg(20, "steps of the torchrun run, compared with the bf16 run's first steps")
+    gpu_max_features: int = arg(256, 'graph.py --max-features of the capped graph')
+    peak_tflops: float = arg(0.0, "the GPU's dense bf16 peak for MFU, TFLOP/s; 0 = PEAK_TFLOPS by GPU name (H200: 989)")
+    budget_s: float = arg(480.0, 'wall-time budget: no part starts in its last 60 s, a running part is killed at its end')
 
 
 def gpu_setup(path, shape, device):
@@ -1315,7 +1321,7 @@ def gpu_setup(path, shape, device):
 
 def gpu_model_dir(path, shape):
     """A random GPT-2 of `shape` in the hub layout with a byte-level tokenizer, no download: made by
-    transformers (as bench.py scale makes it), or by random_model_dir (clt.GPT's init) where transformers
+    transformers (as bench.py scale makes it), or by random_model_dir (GPT's init) where transformers
     is not installed or fails. -> which of the two made it, and why."""
     why = "transformers is not installed"
     if find_spec("transformers") is not None:
@@ -1326,7 +1332,7 @@ def gpu_model_dir(path, shape):
             why = f"transformers failed: {type(e).__name__}: {e}".splitlines()[0][:200]
             shutil.rmtree(path, ignore_errors=True)
     random_model_dir(path, shape["n_layer"], shape["n_embd"], shape["n_head"], shape["n_ctx"], shape["vocab_size"])
-    return f"clt.GPT init ({why})"
+    return f"GPT init ({why})"
 
 
 def gpu_train_config(cache_dir, out, cfg, autocast, stop_at=-1):
@@ -1443,7 +1449,7 @@ class GpuParts:
         self.rows.append(dict(part=part, status=status, setting=setting, time_s=time_s, rate=rate, GiB_peak=GiB_peak,
                               part_s=self.spent.get(part, "-"), note=note))
         print(self.rows[-1], flush=True)
-        clt.write_json(self.partial, self.rows)
+        write_json(self.partial, self.rows)
 
     def run(self, part, setting, fn, *args):
         """fn(*args) in a fresh process -> its result, or None after a row saying why there is none."""
@@ -1591,7 +1597,7 @@ def bench_gpu(cfg):
     model_dir, cache_dir, peak = gpu_prepare(parts, cfg, shape, root)
     curves = gpu_training(parts, cfg, shape, root, cache_dir, peak)
     gpu_launch(parts, cfg, shape, root, cache_dir, peak, curves)
-    clt.write_json(os.path.join(cfg.out, "gpu_curves.json"), curves)
+    write_json(os.path.join(cfg.out, "gpu_curves.json"), curves)
     gpu_attribution(parts, cfg, root, model_dir, cache_dir)
     shutil.rmtree(root)
     return parts.rows
@@ -1604,13 +1610,13 @@ def bench_gpu(cfg):
 @dataclass
 class RecoveryBench(Bench):
     """planted concepts recovered per family vs CLT size and sparsity"""
-    recovery_tokens: int = 150_000  # rows of the tiny model's training cache
-    recovery_steps: int = 300  # CLT training steps of 1024 tokens (train.py: 1000)
-    recovery_sizes: str = "2,8,32"  # F per layer / d_model, at the default sparsity
-    recovery_sparsity: str = "0.2,0.7,2.5"  # train.py --sparsity values swept at F = 8 d
-    recovery_support: int = 24  # tiny.eval_corpus support of both evaluation sets
-    recovery_seeds: str = "1,2"  # evaluation-set seeds: pick the recipe on the first, report on the second
-    recovery_plot: str = os.path.join("assets", "recovery.png")  # where the plot goes
+    recovery_tokens: int = arg(150_000, "rows of the tiny model's training cache")
+    recovery_steps: int = arg(300, 'CLT training steps of 1024 tokens (train.py: 1000)')
+    recovery_sizes: str = arg("2,8,32", 'F per layer / d_model, at the default sparsity')
+    recovery_sparsity: str = arg("0.2,0.7,2.5", 'train.py --sparsity values swept at F = 8 d')
+    recovery_support: int = arg(24, 'tiny.eval_corpus support of both evaluation sets')
+    recovery_seeds: str = arg("1,2", 'evaluation-set seeds: pick the recipe on the first, report on the second')
+    recovery_plot: str = arg(os.path.join("assets", "recovery.png"), 'where the plot goes')
 
 
 FAMILY_ORDER = ("category", "entity", "latent", "output")
@@ -1639,13 +1645,13 @@ def trained_clt(root, cache_dir, name, features, sparsity, cfg):
         with open(marker) as f:
             done = json.load(f)
         if done["config"] == asdict(tcfg):
-            return clt.CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
+            return CrossLayerTranscoder.from_pretrained(out), done["seconds"], done["final"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     final = train.train(tcfg)
     seconds = time.perf_counter() - t0
-    clt.write_json(marker, dict(config=asdict(tcfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
-    return clt.CrossLayerTranscoder.from_pretrained(out), seconds, final
+    write_json(marker, dict(config=asdict(tcfg), seconds=seconds, final={k: final[k] for k in ("fvu", "l0")}))
+    return CrossLayerTranscoder.from_pretrained(out), seconds, final
 
 
 def bench_recovery(cfg):
@@ -1657,9 +1663,9 @@ def bench_recovery(cfg):
     import tiny
     t_start = time.perf_counter()
     root = os.path.join(cfg.out, "recovery")
-    model_dir = clt.DEFAULT_MODEL
-    model = clt.GPT.from_pretrained(model_dir).to(cfg.device)
-    enc = clt.load_tokenizer(model_dir)
+    model_dir = DEFAULT_MODEL
+    model = GPT.from_pretrained(model_dir).to(cfg.device)
+    enc = load_tokenizer(model_dir)
     world = tiny.load_world(model_dir)
     d = model.config.n_embd
     cache_dir = os.path.join(root, "cache")
@@ -1748,7 +1754,7 @@ def plot_recovery(path, runs, sets, heads, seed, d):
     ax[0, 0].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with clt.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
 
 
@@ -1770,15 +1776,15 @@ def plot_recovery(path, runs, sets, heads, seed, d):
 @dataclass
 class FaithfulnessBench(Bench):
     """pruned graphs' predicted logit changes vs ablations in the real model"""
-    faithfulness_clt: str = ""  # a trained CLT of models/tiny (e.g. runs/clt); "" = train one as compactness does
-    faithfulness_tokens: int = 200_000  # tokens of the models/tiny cache that CLT is trained on
-    faithfulness_features: int = 512  # its features per layer (TopK, k = 8)
-    faithfulness_steps: int = 200  # its training steps of 1024 tokens
-    faithfulness_per_family: int = 6  # prompts of each tiny.eval_prompts kind
-    faithfulness_k: int = 5  # features per pruned graph: its k most influential, and k random active ones
-    faithfulness_floor: float = 0.05  # |measured| below this (logits) counts as this in relative errors
-    faithfulness_seed: int = 0  # seed of the random control features
-    faithfulness_figure: str = os.path.join("assets", "faithfulness.png")  # the scatter plot
+    faithfulness_clt: str = arg("", 'a trained CLT of models/tiny (e.g. runs/clt); "" = train one as compactness does')
+    faithfulness_tokens: int = arg(200_000, 'tokens of the models/tiny cache that CLT is trained on')
+    faithfulness_features: int = arg(512, 'its features per layer (TopK, k = 8)')
+    faithfulness_steps: int = arg(200, 'its training steps of 1024 tokens')
+    faithfulness_per_family: int = arg(6, 'prompts of each tiny.eval_prompts kind')
+    faithfulness_k: int = arg(5, 'features per pruned graph: its k most influential, and k random active ones')
+    faithfulness_floor: float = arg(0.05, '|measured| below this (logits) counts as this in relative errors')
+    faithfulness_seed: int = arg(0, 'seed of the random control features')
+    faithfulness_figure: str = arg(os.path.join("assets", "faithfulness.png"), 'the scatter plot')
 
 
 def removal_effects(g, chosen, target=0, edges=None):
@@ -1932,15 +1938,15 @@ def faithfulness_figure(points, families, path):
                  "(open: the linear response drives another feature below 0)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with clt.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
 
 
 def faithfulness_clt(cfg, model, root):
     """The CLT under test: cfg.faithfulness_clt, or one trained here by train_transcoders (TopK) -> (CLT, what)."""
     if cfg.faithfulness_clt:
-        t = clt.load_transcoder(cfg.faithfulness_clt, model)
-        clt.check_same_model(model, t.config.model_sha256, f"the CLT {cfg.faithfulness_clt}")
+        t = load_transcoder(cfg.faithfulness_clt, model)
+        check_same_model(model, t.config.model_sha256, f"the CLT {cfg.faithfulness_clt}")
         return t.to(cfg.device).eval(), cfg.faithfulness_clt
     recipe = CompactnessBench(device=cfg.device, compactness_tokens=cfg.faithfulness_tokens,
                               compactness_features=cfg.faithfulness_features,
@@ -1964,8 +1970,8 @@ def bench_faithfulness(cfg):
     t0 = time.time()
     root = os.path.join(cfg.out, "faithfulness")
     os.makedirs(root, exist_ok=True)
-    model = clt.GPT.from_pretrained().to(cfg.device).eval()
-    enc = clt.load_tokenizer(clt.DEFAULT_MODEL)
+    model = GPT.from_pretrained().to(cfg.device).eval()
+    enc = load_tokenizer(DEFAULT_MODEL)
     world = tiny.load_world()
     print("phase 1: the CLT")
     t, what = faithfulness_clt(cfg, model, root)
@@ -1980,7 +1986,7 @@ def bench_faithfulness(cfg):
             mine, token = faithfulness_points(model, t, idx, cfg.faithfulness_k, rng)
             points += [dict(family=fam, prompt=prompt, **q) for q in mine]
             top_is_answer.setdefault(fam, []).append(token == enc.encode(answer)[0])
-    clt.write_json(os.path.join(root, "points.json"), dict(clt=what, points=points))
+    write_json(os.path.join(root, "points.json"), dict(clt=what, points=points))
     rows = faithfulness_rows(points, families, cfg.faithfulness_floor)
     for row in rows:
         shares = top_is_answer.get(row["family"], sum(top_is_answer.values(), []))
@@ -2007,7 +2013,7 @@ BENCHMARKS = {"cache": (bench_cache, CacheBench),
 
 
 def main(argv=None):
-    name, cfg = clt.parse_config(__doc__, {name: config for name, (_, config) in BENCHMARKS.items()}, argv)
+    name, cfg = parse_config(__doc__, {name: config for name, (_, config) in BENCHMARKS.items()}, argv)
     set_threads(cfg.threads)
     if cfg.quick:
         smaller = {f.name: getattr(cfg, f.name) // 4 for f in fields(cfg) if f.name.endswith("_tokens")}
@@ -2018,9 +2024,9 @@ def main(argv=None):
     print_table(results)
     meta = dict(args=asdict(cfg), torch=torch.__version__, device=cfg.device, threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name() if str(cfg.device).startswith("cuda") else None)
-    clt.write_json(os.path.join(cfg.out, f"{name}.json"), dict(meta=meta, results=results))
+    write_json(os.path.join(cfg.out, f"{name}.json"), dict(meta=meta, results=results))
     return 0
 
 
 if __name__ == "__main__":
-    clt.run_main(main)
+    run_main(main)

@@ -75,8 +75,11 @@ from typing import Optional
 import numpy as np
 import torch
 from tqdm import tqdm
+from forge.cli import arg, parse_config, run_main
+from forge.files import atomic_path, check_same_model, write_json
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer, resolve_model_dir
+from model import GPT
 
-import clt
 
 # -----------------------------------------------------------------------------
 # on-disk format
@@ -346,7 +349,7 @@ def _text_documents(path, block=1 << 20):
     with open(path, encoding="utf-8") as f:
         tail = ""
         while block_text := f.read(block):
-            *docs, tail = (tail + block_text).split(clt.ENDOFTEXT)
+            *docs, tail = (tail + block_text).split(ENDOFTEXT)
             yield from (d for d in docs if d.strip())
         if tail.strip():
             yield tail
@@ -511,22 +514,20 @@ def tokenizer_fingerprint(model_dir):
 @dataclass
 class CacheConfig:
     """build or resume a cache, or repair a damaged one (the default when no subcommand is given)"""
-    # what to run
-    model: str = clt.DEFAULT_MODEL  # model directory in the hub layout (or a hub id)
-    corpus: str = "toy"  # toy | a .txt, .jsonl, .json or .parquet file | a folder of them | hf:NAME[:config][:split]
-    text_field: str = "text"  # the field (.jsonl, .json) or column (.parquet, hf:) that holds each document
-    seed: int = 0  # seed of the toy corpus
-    tokens: int = 200_000  # rows to store (tokens kept after dropping the BOS); ~15 s, 210 MB on the tiny model
-    ctx: int = 64  # context length, BOS included; at most the model's n_ctx
-    keep_bos: bool = False  # keep position 0 (the BOS) instead of dropping it
-    # how to store it
-    dtype: str = "int8"  # int8 (per-row absmax) | fp16 | fp32
-    out: str = "runs/cache"  # output directory
-    heldout: float = 0.02  # fraction of rows (whole contexts, at the end) held out for evaluation
-    shard_tokens: int = 0  # rows per shard file; 0 = about 64 MB of activations per shard
-    batch_size: int = 64  # contexts per forward pass (part of the cache's identity: it fixes the floats)
-    device: str = "auto"  # auto | cpu | cuda | ...; resume on the same device for byte-identical shards
-    overwrite: bool = False  # delete the cache in --out (made with any arguments) and build it again
+    model: str = arg(DEFAULT_MODEL, 'model directory in the hub layout (or a hub id)', group='what to run')
+    corpus: str = arg("toy", 'toy | a .txt, .jsonl, .json or .parquet file | a folder of them | hf:NAME[:config][:split]')
+    text_field: str = arg("text", 'the field (.jsonl, .json) or column (.parquet, hf:) that holds each document')
+    seed: int = arg(0, 'seed of the toy corpus')
+    tokens: int = arg(200_000, 'rows to store (tokens kept after dropping the BOS); ~15 s, 210 MB on the tiny model')
+    ctx: int = arg(64, "context length, BOS included; at most the model's n_ctx")
+    keep_bos: bool = arg(False, 'keep position 0 (the BOS) instead of dropping it')
+    dtype: str = arg("int8", 'int8 (per-row absmax) | fp16 | fp32', group='how to store it')
+    out: str = arg("runs/cache", 'output directory')
+    heldout: float = arg(0.02, 'fraction of rows (whole contexts, at the end) held out for evaluation')
+    shard_tokens: int = arg(0, 'rows per shard file; 0 = about 64 MB of activations per shard')
+    batch_size: int = arg(64, "contexts per forward pass (part of the cache's identity: it fixes the floats)")
+    device: str = arg("auto", 'auto | cpu | cuda | ...; resume on the same device for byte-identical shards')
+    overwrite: bool = arg(False, 'delete the cache in --out (made with any arguments) and build it again')
 
 
 def build_cache(cfg: CacheConfig):
@@ -535,11 +536,11 @@ def build_cache(cfg: CacheConfig):
     The returned dict also carries "seconds" and "cpu_seconds" (all threads): the wall and CPU time
     of the corpus -> shards loop alone (0 when there was nothing to write).
     """
-    model_dir = clt.resolve_model_dir(cfg.model)
+    model_dir = resolve_model_dir(cfg.model)
     device = _resolve_device(cfg.device)
-    model = clt.GPT.from_pretrained(model_dir).to(device)
+    model = GPT.from_pretrained(model_dir).to(device)
     _check_config(cfg, model)
-    enc = clt.load_tokenizer(model_dir)
+    enc = load_tokenizer(model_dir)
     L, d = model.config.n_layer, model.config.n_embd
     if cfg.shard_tokens == 0:
         cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes(cfg.dtype, L, d)))
@@ -564,7 +565,7 @@ def build_cache(cfg: CacheConfig):
     if uncounted:  # listed shards whose statistics the totals lack: forward them again (same bytes, checked)
         _write_rows(cfg, model, enc, manifest, set(uncounted), sys.maxsize, uncounted)
     _finalize(manifest, cfg)
-    clt.write_json(os.path.join(cfg.out, MANIFEST), manifest)
+    write_json(os.path.join(cfg.out, MANIFEST), manifest)
     if manifest["n_tokens"] < cfg.tokens:
         print(f"note: corpus {cfg.corpus} ran out after {manifest['n_tokens']} of the {cfg.tokens} tokens asked for")
     return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
@@ -633,7 +634,7 @@ def _open_out_dir(cfg, identity, header):
     _remove_cache_files(cfg.out)  # --overwrite, or shards whose manifest was deleted
     manifest = dict(format=FORMAT, version=VERSION, complete=False, identity=identity, **header, shards=[])
     try:
-        clt.write_json(path, manifest)
+        write_json(path, manifest)
     except OSError as e:
         raise ValueError(f"cannot write to {cfg.out}: {e}") from e
     return manifest
@@ -818,7 +819,7 @@ class _ShardBuffer:
 
 class _ShardWriter:
     """Writes full shard buffers on background threads (sha256 and crc32s as it writes, then
-    clt.atomic_path: fsync, rename), so the forward pass overlaps the disk; the main thread then
+    atomic_path: fsync, rename), so the forward pass overlaps the disk; the main thread then
     lists each shard in the manifest, in order, so a listed shard is always whole on disk, and adds
     its statistics to the manifest's totals (new shards, and `uncounted` ones: each once)."""
 
@@ -870,7 +871,7 @@ class _ShardWriter:
         h = hashlib.sha256()
         written = 0
         try:
-            with clt.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 for arr in arrays:
                     mv = memoryview(np.ascontiguousarray(arr)).cast("B")
                     pad = b"\0" * (_pad(written + len(mv)) - written - len(mv))
@@ -909,7 +910,7 @@ class _ShardWriter:
             self._save()
 
     def _save(self):
-        clt.write_json(self.path, self.manifest)
+        write_json(self.path, self.manifest)
         self.saved_bytes = os.path.getsize(self.path)
         self.unsaved_bytes = 0
 
@@ -959,7 +960,7 @@ class ActivationCache:
             raise ValueError(f"{path} is unfinished ({len(m['shards'])} shards): rerun the command that built it "
                              f"to resume: {repair_command(path, m)}")
         if model is not None:
-            clt.check_same_model(model, m["identity"]["model_sha256"], f"the cache {path} (made by model {m['model']})")
+            check_same_model(model, m["identity"]["model_sha256"], f"the cache {path} (made by model {m['model']})")
         self.path = path
         self.dtype = m["dtype"]
         self.n_layers = m["n_layers"]
@@ -1239,18 +1240,18 @@ def stats(path):
 @dataclass
 class VerifyConfig:
     """check sizes, headers and sha256 of every shard"""
-    paths: list = field(default_factory=list)  # cache directories
+    paths: list = arg([], 'cache directories')
 
 
 @dataclass
 class StatsConfig:
     """tokens, bytes/token, per-layer norms, quantization error"""
-    paths: list = field(default_factory=list)  # cache directories
+    paths: list = arg([], 'cache directories')
 
 
 def main(argv=None):
     commands = {"build": CacheConfig, "verify": VerifyConfig, "stats": StatsConfig}
-    command, cfg = clt.parse_config(__doc__, commands, argv, default="build")
+    command, cfg = parse_config(__doc__, commands, argv, default="build")
     if command == "build":
         print(asdict(cfg))
         m = build_cache(cfg)
@@ -1273,4 +1274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(clt.run_main(main))  # verify's status: 1 when a cache is damaged
+    sys.exit(run_main(main))  # verify's status: 1 when a cache is damaged

@@ -21,18 +21,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from clt import parse_config, run_main
+from forge.cli import arg, parse_config, run_main
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs"  # every stage writes below this folder
-    small: bool = False  # a reduced run that only checks the plumbing (CI): SMALL's size for every size left as is
-    tokens: int = 400_000  # activation-cache rows (tokens); the CLT sees each about 2.5 times
-    features: int = -1  # CLT features per layer; -1 = train.py's default (8 x the tiny model's d_model)
-    steps: int = -1  # CLT training steps; -1 = train.py's default
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # a two-hop prompt of the toy world
-    max_features: int = -1  # attribution-graph feature cap, weakest dropped first; -1 = all
+    out: str = arg("runs", 'every stage writes below this folder')
+    small: bool = arg(False, "a reduced run that only checks the plumbing (CI): SMALL's size for every size left as is")
+    tokens: int = arg(400_000, 'activation-cache rows (tokens); the CLT sees each about 2.5 times')
+    features: int = arg(-1, "CLT features per layer; -1 = train.py's default (8 x the tiny model's d_model)")
+    steps: int = arg(-1, "CLT training steps; -1 = train.py's default")
+    prompt: str = arg("Batris lives in Fafes. The language Batris speaks is", 'a two-hop prompt of the toy world')
+    max_features: int = arg(-1, 'attribution-graph feature cap, weakest dropped first; -1 = all')
 
 
 SMALL = dict(tokens=20_000, features=256, steps=60, max_features=300)  # --small: everything runs, nothing is good

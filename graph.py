@@ -97,8 +97,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, Acts, CrossLayerTranscoder, Frozen, Mesh, all_reduce_sum, atomic_path,
-                 check_same_model, compute_init, load_tokenizer, load_transcoder, make_mesh, parse_config, run_main, write_json)
+from clt import CrossLayerTranscoder, load_transcoder
+from forge.cli import arg, parse_config, run_main
+from forge.files import atomic_path, check_same_model, write_json
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
+from model import Acts, Frozen, GPT
+from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -107,55 +111,52 @@ from clt import (DEFAULT_MODEL, ENDOFTEXT, GPT, Acts, CrossLayerTranscoder, Froz
 @dataclass
 class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
-    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
-    interp: str = "runs/interp"  # interp.py's output dir or features.jsonl: the nodes' explanations
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to attribute (BOS is prepended)
-    out: str = "runs/graph"  # output directory
-    slug: str = "graph"  # the graph's name in the front end: OUT/SLUG.json
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda (torchrun: each rank its own GPU)
-    # attribution
-    max_features: int = -1  # keep at most this many feature nodes, the weakest dropped; -1 = all
-    batch_size: int = 256  # targets per pass of the transposed model
-    update_interval: int = 4  # with --max-features: re-rank the remaining features every this many batches
-    max_logits: int = 10  # at most this many logit nodes
-    logit_prob: float = 0.95  # logit nodes until this cumulative probability
-    position_nodes: bool = False  # position embeddings as nodes of their own, not biases (not circuit-tracer's)
-    # output nodes: the most likely tokens unless one of these is given
-    target_diff: str = ""  # attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"
-    target_tokens: str = ""  # attribute these tokens' logits: "A|B|...", each one token
-    target_direction: str = ""  # attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor
-    # pruning
-    node_threshold: float = 0.8  # keep nodes up to this cumulative influence
-    edge_threshold: float = 0.98  # keep edges up to this cumulative influence
+    model: str = arg(DEFAULT_MODEL, 'GPT-2 directory in the hub layout, or a hub id such as gpt2')
+    clt: str = arg("runs/clt", "transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's")
+    interp: str = arg("runs/interp", "interp.py's output dir or features.jsonl: the nodes' explanations")
+    prompt: str = arg("Batris lives in Fafes. The language Batris speaks is", 'text to attribute (BOS is prepended)')
+    out: str = arg("runs/graph", 'output directory')
+    slug: str = arg("graph", "the graph's name in the front end: OUT/SLUG.json")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", 'cpu or cuda (torchrun: each rank its own GPU)')
+    max_features: int = arg(-1, 'keep at most this many feature nodes, the weakest dropped; -1 = all', group='attribution')
+    batch_size: int = arg(256, 'targets per pass of the transposed model')
+    update_interval: int = arg(4, 'with --max-features: re-rank the remaining features every this many batches')
+    max_logits: int = arg(10, 'at most this many logit nodes')
+    logit_prob: float = arg(0.95, 'logit nodes until this cumulative probability')
+    position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases (not circuit-tracer's)")
+    target_diff: str = arg("", 'attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"', group='output nodes: the most likely tokens unless one of these is given')
+    target_tokens: str = arg("", 'attribute these tokens\' logits: "A|B|...", each one token')
+    target_direction: str = arg("", "attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor")
+    node_threshold: float = arg(0.8, 'keep nodes up to this cumulative influence', group='pruning')
+    edge_threshold: float = arg(0.98, 'keep edges up to this cumulative influence')
 
 
 @dataclass
 class RunConfig:
     """the flags `intervene` and `generate` share"""
-    model: str = DEFAULT_MODEL  # GPT-2 directory in the hub layout, or a hub id such as gpt2
-    clt: str = "runs/clt"  # transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's
-    prompt: str = "Batris lives in Fafes. The language Batris speaks is"  # text to run or continue (BOS is prepended)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu or cuda
-    intervene: str = ""  # LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated
-    freeze: str = "none"  # none: the real model; attention: patterns frozen; all: the replacement model
-    layers: str = ""  # START:END: only mlp_out[START:END] get the change; empty = all
+    model: str = arg(DEFAULT_MODEL, 'GPT-2 directory in the hub layout, or a hub id such as gpt2')
+    clt: str = arg("runs/clt", "transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's")
+    prompt: str = arg("Batris lives in Fafes. The language Batris speaks is", 'text to run or continue (BOS is prepended)')
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", 'cpu or cuda')
+    intervene: str = arg("", 'LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated')
+    freeze: str = arg("none", 'none: the real model; attention: patterns frozen; all: the replacement model')
+    layers: str = arg("", 'START:END: only mlp_out[START:END] get the change; empty = all')
 
 
 @dataclass
 class InterveneConfig(RunConfig):
     """change CLT features' activations and print how the next-token prediction changes"""
-    top: int = 10  # rows of probability changes to print
+    top: int = arg(10, 'rows of probability changes to print')
 
 
 @dataclass
 class GenerateConfig(RunConfig):
     """continue a prompt with the plain model and under interventions, side by side"""
-    every_token: bool = False  # also apply the interventions at POS -1 at every generated token
-    max_new_tokens: int = 20  # tokens to generate
-    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
-    top_k: int = 0  # sample from the top k tokens only; 0 = all
-    seed: int = 0  # random seed for sampling (both continuations draw alike)
+    every_token: bool = arg(False, 'also apply the interventions at POS -1 at every generated token')
+    max_new_tokens: int = arg(20, 'tokens to generate')
+    temperature: float = arg(0.0, '0 = greedy; > 0 samples from softmax(logits / temperature)')
+    top_k: int = arg(0, 'sample from the top k tokens only; 0 = all')
+    seed: int = arg(0, 'random seed for sampling (both continuations draw alike)')
 
 
 # -----------------------------------------------------------------------------

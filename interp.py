@@ -79,8 +79,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt import (GPT, CrossLayerTranscoder, atomic_path, check_same_model, load_tokenizer, parse_config, run_main,
-                 write_json)
+from clt import CrossLayerTranscoder
+from forge.cli import arg, parse_config, run_main
+from forge.files import atomic_path, check_same_model, write_json
+from forge.hub import load_tokenizer
+from model import GPT
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -90,40 +93,39 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 @dataclass
 class InterpConfig:
-    model: str = ""  # the GPT (hub layout) of the CLT and the cache; "" = the model in the cache manifest
-    clt: str = "runs/clt"  # CLT directory (CrossLayerTranscoder.save_pretrained)
-    cache: str = "runs/cache"  # activation cache directory (cache.py)
-    out: str = "runs/interp"  # where features.jsonl, summary.json and summary.png go
-    device: str = "cpu"  # cpu | cuda
-    chunk_size: int = 4096  # cache rows per streamed chunk (memory ~ 3 x chunk_size x L·F floats)
-    top_k: int = 16  # max-activating examples kept per feature
-    n_sampled: int = 32  # uniform reservoir of firings per feature, the pool for quantile examples
-    n_quantile_examples: int = 8  # quantile examples reported, at evenly spaced ranks of the reservoir
-    before: int = 8  # context tokens shown before the firing token
-    after: int = 2  # context tokens shown after it (needs a one-chunk lookahead)
-    max_ngram: int = 2  # longest input n-gram counted (1 = single tokens)
-    min_count: int = 3  # firings an n-gram needs to be reported or to explain
-    n_input: int = 10  # over-represented n-grams reported per feature
-    max_terms: int = 64  # n-grams at most in an explanation (a feature of a whole category needs many)
-    show_terms: int = 6  # n-grams named in the explanation string, most frequent first; the rest are counted
-    n_logit: int = 8  # promoted and suppressed tokens reported per feature
-    n_explain_logit: int = 2  # promoted tokens named in the explanation
-    bins_per_octave: int = 4  # histogram resolution: bins of width 2^(1/bins_per_octave)
-    log2_range: int = 12  # histogram spans [2^-r, 2^r]; activations outside land in the end bins
-    fuzz_window: int = 4  # fuzzing: tokens within this distance of a firing make its context
-    dense: float = 0.1  # a feature firing on more than this share of tokens is dense
-    interpretable: float = 0.8  # detection AUROC from which a live, non-dense feature is interpretable
-    # the toy world (a model directory with tiny.py's world.json): concept scores on a labeled evaluation set
-    concept_cache: str = ""  # where the evaluation set's activation cache goes; "" = OUT/concept_cache
-    concept_seed: int = 2  # seed of the evaluation set (tiny.eval_corpus); bench.py recovery picks recipes on 1
-    concept_support: int = 32  # labeled tokens the evaluation set gives every concept (tiny.eval_corpus)
-    concept_f1: float = 0.8  # a planted concept counts as recovered when a feature reaches this F1
-    min_support: int = 20  # labeled tokens a concept needs to be scored
-    families: str = "category,entity,latent"  # label families whose recovery is the headline (all are listed)
-    baselines: bool = True  # also score the MLP neurons, a random CLT of the same size and the token-identity oracle
-    max_pairs: int = 20_000_000  # stored (feature, n-gram) counts beyond which rare pairs are pruned
-    seed: int = 0  # reservoir sampling
-    time_read: bool = False  # also time one plain read of the cache and report the cost ratio
+    model: str = arg("", 'the GPT (hub layout) of the CLT and the cache; "" = the model in the cache manifest')
+    clt: str = arg("runs/clt", 'CLT directory (CrossLayerTranscoder.save_pretrained)')
+    cache: str = arg("runs/cache", 'activation cache directory (cache.py)')
+    out: str = arg("runs/interp", 'where features.jsonl, summary.json and summary.png go')
+    device: str = arg("cpu", 'cpu | cuda')
+    chunk_size: int = arg(4096, 'cache rows per streamed chunk (memory ~ 3 x chunk_size x L·F floats)')
+    top_k: int = arg(16, 'max-activating examples kept per feature')
+    n_sampled: int = arg(32, 'uniform reservoir of firings per feature, the pool for quantile examples')
+    n_quantile_examples: int = arg(8, 'quantile examples reported, at evenly spaced ranks of the reservoir')
+    before: int = arg(8, 'context tokens shown before the firing token')
+    after: int = arg(2, 'context tokens shown after it (needs a one-chunk lookahead)')
+    max_ngram: int = arg(2, 'longest input n-gram counted (1 = single tokens)')
+    min_count: int = arg(3, 'firings an n-gram needs to be reported or to explain')
+    n_input: int = arg(10, 'over-represented n-grams reported per feature')
+    max_terms: int = arg(64, 'n-grams at most in an explanation (a feature of a whole category needs many)')
+    show_terms: int = arg(6, 'n-grams named in the explanation string, most frequent first; the rest are counted')
+    n_logit: int = arg(8, 'promoted and suppressed tokens reported per feature')
+    n_explain_logit: int = arg(2, 'promoted tokens named in the explanation')
+    bins_per_octave: int = arg(4, 'histogram resolution: bins of width 2^(1/bins_per_octave)')
+    log2_range: int = arg(12, 'histogram spans [2^-r, 2^r]; activations outside land in the end bins')
+    fuzz_window: int = arg(4, 'fuzzing: tokens within this distance of a firing make its context')
+    dense: float = arg(0.1, 'a feature firing on more than this share of tokens is dense')
+    interpretable: float = arg(0.8, 'detection AUROC from which a live, non-dense feature is interpretable')
+    concept_cache: str = arg("", 'where the evaluation set\'s activation cache goes; "" = OUT/concept_cache', group="the toy world (a model directory with tiny.py's world.json): concept scores on a labeled evaluation set")
+    concept_seed: int = arg(2, 'seed of the evaluation set (tiny.eval_corpus); bench.py recovery picks recipes on 1')
+    concept_support: int = arg(32, 'labeled tokens the evaluation set gives every concept (tiny.eval_corpus)')
+    concept_f1: float = arg(0.8, 'a planted concept counts as recovered when a feature reaches this F1')
+    min_support: int = arg(20, 'labeled tokens a concept needs to be scored')
+    families: str = arg("category,entity,latent", 'label families whose recovery is the headline (all are listed)')
+    baselines: bool = arg(True, 'also score the MLP neurons, a random CLT of the same size and the token-identity oracle')
+    max_pairs: int = arg(20_000_000, 'stored (feature, n-gram) counts beyond which rare pairs are pruned')
+    seed: int = arg(0, 'reservoir sampling')
+    time_read: bool = arg(False, 'also time one plain read of the cache and report the cost ratio')
 
     def __post_init__(self):
         if self.before < max(self.max_ngram - 1, self.fuzz_window) or self.after < 0:

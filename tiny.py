@@ -4,8 +4,8 @@ it, a byte-level BPE tokenizer and a small GPT-2 trained on it, saved in the hub
 
 Data flow.  make_world(seed) -> World (countries, cities, people, objects, numbers; world.json)
             -> make_corpus(world, n_docs, seed) -> documents (strings, several facts each)
-            -> train_bpe(docs) -> vocab.json + merges.txt (GPT-2's byte-level BPE, loaded by clt.load_tokenizer)
-            -> train_model(...) with clt.GPT -> config.json + model.safetensors (clt.GPT.save_pretrained)
+            -> train_bpe(docs) -> vocab.json + merges.txt (GPT-2's byte-level BPE, loaded by load_tokenizer)
+            -> train_model(...) with GPT -> config.json + model.safetensors (GPT.save_pretrained)
             -> evaluate(model, enc, world) on eval_prompts(world): the table of the README.
 
     python tiny.py --help
@@ -65,8 +65,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from forge.cli import arg, parse_config, run_main
+from forge.files import atomic_path, write_json
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, GPT2_PATTERN, bytes_to_unicode, load_tokenizer
+from model import GPT, GPTConfig
 
-import clt
 
 # -----------------------------------------------------------------------------
 # the world
@@ -186,11 +189,11 @@ def make_world(seed=0, n_countries=40, n_people=100, n_heldout_people=20):
     return World(seed, countries, cities, people, objects, sorted(rng.sample(names, n_heldout_people)))
 
 
-def load_world(path=clt.DEFAULT_MODEL):
+def load_world(path=DEFAULT_MODEL):
     """The World saved in path/world.json (make_world(0) if path has none: it is the same world)."""
     f = os.path.join(path, "world.json")
     if not os.path.exists(f):
-        if os.path.abspath(path) != os.path.abspath(clt.DEFAULT_MODEL):
+        if os.path.abspath(path) != os.path.abspath(DEFAULT_MODEL):
             raise FileNotFoundError(f"{path} has no world.json: not a tiny.py model directory")
         return make_world(0)
     with open(f) as fh:
@@ -364,7 +367,7 @@ def make_corpus(world, n_docs, seed=0, heldout=False):
 
 def toy_corpus(n_docs=1000, seed=0):
     """Documents from the shipped world (models/tiny/world.json): the "toy" corpus for cache.py."""
-    return make_corpus(load_world(clt.DEFAULT_MODEL), n_docs, seed)
+    return make_corpus(load_world(DEFAULT_MODEL), n_docs, seed)
 
 
 # -----------------------------------------------------------------------------
@@ -722,8 +725,8 @@ def train_bpe(docs, max_merges=3000, min_count=2):
     Ties break on the pair itself, so training is deterministic. A pair whose merged string is already a
     token is skipped: tiktoken ranks byte strings, so one string must come from exactly one merge.
     """
-    b2u = clt.bytes_to_unicode()
-    counts = Counter(regex.findall(clt.GPT2_PATTERN, "\n".join(docs)))
+    b2u = bytes_to_unicode()
+    counts = Counter(regex.findall(GPT2_PATTERN, "\n".join(docs)))
     words = {tuple(b2u[b] for b in w.encode("utf-8")): c for w, c in counts.items()}
     vocab = set(b2u.values())
     merges = []
@@ -759,16 +762,16 @@ def merge_word(w, a, b, merged):
 def save_tokenizer(path, merges):
     """vocab.json (ids = merge order: 256 bytes, then one per merge, then <|endoftext|>) and merges.txt."""
     os.makedirs(path, exist_ok=True)
-    symbols = list(clt.bytes_to_unicode().values()) + [a + b for a, b in merges] + [clt.ENDOFTEXT]
-    with clt.atomic_path(os.path.join(path, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    symbols = list(bytes_to_unicode().values()) + [a + b for a, b in merges] + [ENDOFTEXT]
+    with atomic_path(os.path.join(path, "vocab.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump({s: i for i, s in enumerate(symbols)}, f, ensure_ascii=False)
-    with clt.atomic_path(os.path.join(path, "merges.txt")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(os.path.join(path, "merges.txt")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 def check_tokenizer(enc, segmented):
     """tiktoken (ranks of byte strings) must segment every training word as BPE training did."""
-    byte_of = {c: b for b, c in clt.bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     for word, pieces in segmented.items():
         ids = enc.encode_ordinary(bytes(byte_of[c] for c in word).decode("utf-8", errors="replace"))
         got = tuple(bytes(byte_of[c] for c in p) for p in pieces)
@@ -777,38 +780,36 @@ def check_tokenizer(enc, segmented):
 
 
 # -----------------------------------------------------------------------------
-# model training with clt.GPT
+# model training with GPT
 
 
 @dataclass
 class TinyConfig:
-    # what to do
-    eval: bool = False  # only evaluate the model in --model and print the table (builds nothing)
-    model: str = clt.DEFAULT_MODEL  # the model directory that --eval evaluates
-    # the build: world, corpus, tokenizer, model
-    out: str = "runs/tiny"  # where config.json, model.safetensors, vocab.json, merges.txt, world.json go
-    seed: int = 0  # seeds the world, the corpus, the init and the batches
-    n_docs: int = 200000  # training documents (~25 tokens each: ~4.9M tokens)
-    bpe_docs: int = 30000  # documents the tokenizer is trained on
-    max_merges: int = 3000  # BPE merges at most (vocab = 256 + merges + 1)
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads
-    n_embd: int = 128  # residual width
-    n_ctx: int = 128  # context length (training sequences are this long)
-    batch_size: int = 32  # sequences per step
-    steps: int = 2500  # optimizer steps
-    lr: float = 6e-3  # peak learning rate (a sweep of 1e-3, 3e-3, 6e-3: 6e-3 composes two-hop best)
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup: int = 100  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW decay on matrices (not on biases, LayerNorms)
-    grad_clip: float = 1.0  # global grad-norm clip; -1 = disable
-    threads: int = 2  # torch CPU threads
-    device: str = "cpu"  # cpu or cuda (models/tiny was built with cuda: same recipe, ~70 s on an H200)
-    corpus_file: str = ""  # also write the training corpus here as text ("" = don't)
+    eval: bool = arg(False, 'only evaluate the model in --model and print the table (builds nothing)', group='what to do')
+    model: str = arg(DEFAULT_MODEL, 'the model directory that --eval evaluates')
+    out: str = arg("runs/tiny", 'where config.json, model.safetensors, vocab.json, merges.txt, world.json go', group='the build: world, corpus, tokenizer, model')
+    seed: int = arg(0, 'seeds the world, the corpus, the init and the batches')
+    n_docs: int = arg(200000, 'training documents (~25 tokens each: ~4.9M tokens)')
+    bpe_docs: int = arg(30000, 'documents the tokenizer is trained on')
+    max_merges: int = arg(3000, 'BPE merges at most (vocab = 256 + merges + 1)')
+    n_layer: int = arg(4, 'transformer blocks')
+    n_head: int = arg(4, 'attention heads')
+    n_embd: int = arg(128, 'residual width')
+    n_ctx: int = arg(128, 'context length (training sequences are this long)')
+    batch_size: int = arg(32, 'sequences per step')
+    steps: int = arg(2500, 'optimizer steps')
+    lr: float = arg(6e-3, 'peak learning rate (a sweep of 1e-3, 3e-3, 6e-3: 6e-3 composes two-hop best)')
+    min_lr_frac: float = arg(0.1, 'cosine decays to lr * min_lr_frac')
+    warmup: int = arg(100, 'linear warmup steps')
+    weight_decay: float = arg(0.1, 'AdamW decay on matrices (not on biases, LayerNorms)')
+    grad_clip: float = arg(1.0, 'global grad-norm clip; -1 = disable')
+    threads: int = arg(2, 'torch CPU threads')
+    device: str = arg("cpu", 'cpu or cuda (models/tiny was built with cuda: same recipe, ~70 s on an H200)')
+    corpus_file: str = arg("", 'also write the training corpus here as text ("" = don\'t)')
 
 
 def init_weights(model, generator):
-    """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 L) (nanoGPT); clt.GPT leaves defaults."""
+    """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 L) (nanoGPT); GPT leaves defaults."""
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             nn.init.zeros_(p)
@@ -846,9 +847,9 @@ def lr_at(step, cfg):
 
 
 def train_model(cfg, stream, starts, vocab_size):
-    """AdamW with warmup + cosine; returns the trained clt.GPT (eval mode)."""
+    """AdamW with warmup + cosine; returns the trained GPT (eval mode)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = clt.GPT(clt.GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx,
+    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx,
                                   vocab_size=vocab_size))
     init_weights(model, gen)
     model.to(cfg.device)
@@ -933,28 +934,28 @@ def build(cfg):
     world = make_world(cfg.seed)
     docs = make_corpus(world, cfg.n_docs, cfg.seed)
     if cfg.corpus_file:
-        with clt.atomic_path(cfg.corpus_file) as tmp, open(tmp, "w") as f:  # cache.py may read it
+        with atomic_path(cfg.corpus_file) as tmp, open(tmp, "w") as f:  # cache.py may read it
             f.write("\n".join(docs) + "\n")
     merges, segmented = train_bpe(docs[:cfg.bpe_docs], cfg.max_merges)
     save_tokenizer(cfg.out, merges)
-    enc = clt.load_tokenizer(cfg.out)
+    enc = load_tokenizer(cfg.out)
     check_tokenizer(enc, segmented)
     stream, starts = token_stream(docs, enc)
     print(f"world + corpus + tokenizer: {time.time() - t0:.0f} s | vocab {enc.n_vocab} | "
           f"{len(docs)} docs | {len(stream)} tokens")
     model = train_model(cfg, stream, starts, enc.n_vocab)
     model.cpu().save_pretrained(cfg.out)
-    clt.write_json(os.path.join(cfg.out, "world.json"), world.to_json())
+    write_json(os.path.join(cfg.out, "world.json"), world.to_json())
     print(f"built {cfg.out} in {time.time() - t0:.0f} s")
     return model, enc, world
 
 
 def main(argv=None):
-    cfg = clt.parse_config(__doc__, TinyConfig, argv)
+    cfg = parse_config(__doc__, TinyConfig, argv)
     torch.set_num_threads(cfg.threads)
     if cfg.eval:
-        model = clt.GPT.from_pretrained(cfg.model)
-        enc = clt.load_tokenizer(cfg.model)
+        model = GPT.from_pretrained(cfg.model)
+        enc = load_tokenizer(cfg.model)
         world = load_world(cfg.model)
     else:
         print(asdict(cfg))
@@ -963,4 +964,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    clt.run_main(main)
+    run_main(main)

@@ -9,7 +9,7 @@ for the step's bookkeeping (metrics, gradient norm, which features fired) -> glo
 Adam. The metrics stay on the device; they reach the host only at log steps. Every --eval-every steps
 the CLT is spliced into the GPT on held-out contexts (the "replacement model"); at the end the TP
 shards are consolidated, the normalization folded in, and the CLT saved to --out in circuit-tracer's
-layout (clt.CrossLayerTranscoder.from_pretrained loads it).
+layout (CrossLayerTranscoder.from_pretrained loads it).
 
     python train.py --help
     python train.py                                           # the default CLT of models/tiny (CPU, minutes)
@@ -86,8 +86,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
+from clt import CLTConfig, CrossLayerTranscoder
+from forge.cli import arg, add_config_args, parse_config, run_main
+from forge.files import atomic_path, check_same_model, fsync_dir, write_json
+from forge.hub import load_tokenizer
+from model import GPT
+from parallel import all_reduce_sum, average_gradients, barrier, check_same_everywhere, compute_init, make_mesh, mesh_sum
 
-import clt as C
 
 DEFAULT_CACHE = os.path.join("runs", "cache")
 
@@ -97,48 +102,42 @@ DEFAULT_CACHE = os.path.join("runs", "cache")
 
 @dataclass
 class TrainConfig:
-    # data and model
-    cache: str = DEFAULT_CACHE  # activation cache directory written by cache.py
-    model: str = ""  # GPT for the spliced loss; "" = the model named in the cache manifest
-    out: str = "runs/clt"  # the run's folder: export (circuit-tracer layout), metrics.jsonl and checkpoints/
-    # the CLT
-    features: int = 1024  # F: features per layer (all TP ranks together)
-    activation: str = "jumprelu"  # jumprelu | topk | batchtopk | relu
-    k: int = 16  # topk / batchtopk: active features per token and layer
-    threshold_init: float = 0.03  # jumprelu: initial threshold
-    bandwidth: float = 1.0  # jumprelu: straight-through kernel width ε
-    decoder: str = "cross-layer"  # cross-layer (a CLT) | per-layer (a PLT: each feature writes to its own layer only)
-    skip: bool = False  # add an affine skip connection mlp_in[l] @ W_skip[l] to each layer's reconstruction
-    # optimization
-    steps: int = 1000  # optimizer steps in the whole run
-    batch_size: int = 1024  # tokens per step, all DP ranks together
-    lr: float = 1e-3  # peak learning rate (Adam)
-    warmup: int = 100  # linear warmup steps
-    decay_frac: float = 0.2  # final fraction of the run over which the lr decays linearly to 0
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # global gradient-norm clip over all shards; -1 = disable
-    seed: int = 0  # CLT init and data order
-    # losses
-    sparsity: float = 0.7  # λ_S, final value of the tanh sparsity penalty (jumprelu, relu)
-    sparsity_c: float = 4.0  # c inside tanh(c · a · ||W_dec||)
-    preact: float = 1e-3  # λ_P of the pre-activation penalty (jumprelu); 0 leaves ~40% of features dead here
-    aux_coef: float = 1 / 32  # α of AuxK (topk, batchtopk)
-    aux_k: int = -1  # k_aux dead features per token for AuxK; -1 = d_model / 2 (Gao et al. 2024)
-    dead_tokens: int = 100_000  # a feature that has not fired in this many tokens counts as dead
-    # evaluation, logging and checkpoints
-    eval_every: int = 500  # spliced-loss evaluation every this many steps (and at the end); -1 = never
-    eval_contexts: int = 64  # held-out contexts for the spliced loss
-    log_every: int = 10  # metrics.jsonl row (the one host sync) every this many steps, and at eval and checkpoints
-    ckpt_every: int = 500  # checkpoint every this many steps (and at the end); -1 = only at the end
-    wandb: str = ""  # also log to this Weights & Biases project (rank 0; needs `pip install wandb`); "" = off
-    resume: bool = False  # continue the run in --out from its last checkpoint (see "Resuming" above)
-    overwrite: bool = False  # start a new run in an --out that holds another run, removing that run's files
-    stop_at: int = -1  # end this invocation after this many steps, with a checkpoint (a job time limit); -1 = --steps
-    # parallelism
-    tp: int = 1  # tensor-parallel size; dp = world size / tp
-    timeout_s: int = 300  # collective timeout: a crashed or stuck rank ends the run with an error
-    device: str = "auto"  # auto | cpu | cuda
-    autocast: str = "cuda"  # bf16 autocast of the step, fp32 master weights: cuda (on CUDA only) | always (CPU too) | never
+    cache: str = arg(DEFAULT_CACHE, 'activation cache directory written by cache.py', group='data and model')
+    model: str = arg("", 'GPT for the spliced loss; "" = the model named in the cache manifest')
+    out: str = arg("runs/clt", "the run's folder: export (circuit-tracer layout), metrics.jsonl and checkpoints/")
+    features: int = arg(1024, 'F: features per layer (all TP ranks together)', group='the CLT')
+    activation: str = arg("jumprelu", 'jumprelu | topk | batchtopk | relu')
+    k: int = arg(16, 'topk / batchtopk: active features per token and layer')
+    threshold_init: float = arg(0.03, 'jumprelu: initial threshold')
+    bandwidth: float = arg(1.0, 'jumprelu: straight-through kernel width ε')
+    decoder: str = arg("cross-layer", 'cross-layer (a CLT) | per-layer (a PLT: each feature writes to its own layer only)')
+    skip: bool = arg(False, "add an affine skip connection mlp_in[l] @ W_skip[l] to each layer's reconstruction")
+    steps: int = arg(1000, 'optimizer steps in the whole run', group='optimization')
+    batch_size: int = arg(1024, 'tokens per step, all DP ranks together')
+    lr: float = arg(1e-3, 'peak learning rate (Adam)')
+    warmup: int = arg(100, 'linear warmup steps')
+    decay_frac: float = arg(0.2, 'final fraction of the run over which the lr decays linearly to 0')
+    weight_decay: float = arg(0.0, 'AdamW decoupled weight decay')
+    grad_clip: float = arg(1.0, 'global gradient-norm clip over all shards; -1 = disable')
+    seed: int = arg(0, 'CLT init and data order')
+    sparsity: float = arg(0.7, 'λ_S, final value of the tanh sparsity penalty (jumprelu, relu)', group='losses')
+    sparsity_c: float = arg(4.0, 'c inside tanh(c · a · ||W_dec||)')
+    preact: float = arg(1e-3, 'λ_P of the pre-activation penalty (jumprelu); 0 leaves ~40% of features dead here')
+    aux_coef: float = arg(1 / 32, 'α of AuxK (topk, batchtopk)')
+    aux_k: int = arg(-1, 'k_aux dead features per token for AuxK; -1 = d_model / 2 (Gao et al. 2024)')
+    dead_tokens: int = arg(100_000, 'a feature that has not fired in this many tokens counts as dead')
+    eval_every: int = arg(500, 'spliced-loss evaluation every this many steps (and at the end); -1 = never', group='evaluation, logging and checkpoints')
+    eval_contexts: int = arg(64, 'held-out contexts for the spliced loss')
+    log_every: int = arg(10, 'metrics.jsonl row (the one host sync) every this many steps, and at eval and checkpoints')
+    ckpt_every: int = arg(500, 'checkpoint every this many steps (and at the end); -1 = only at the end')
+    wandb: str = arg("", 'also log to this Weights & Biases project (rank 0; needs `pip install wandb`); "" = off')
+    resume: bool = arg(False, 'continue the run in --out from its last checkpoint (see "Resuming" above)')
+    overwrite: bool = arg(False, "start a new run in an --out that holds another run, removing that run's files")
+    stop_at: int = arg(-1, 'end this invocation after this many steps, with a checkpoint (a job time limit); -1 = --steps')
+    tp: int = arg(1, 'tensor-parallel size; dp = world size / tp', group='parallelism')
+    timeout_s: int = arg(300, 'collective timeout: a crashed or stuck rank ends the run with an error')
+    device: str = arg("auto", 'auto | cpu | cuda')
+    autocast: str = arg("cuda", 'bf16 autocast of the step, fp32 master weights: cuda (on CUDA only) | always (CPU too) | never')
 
 
 # the resume contract: what a resumed run takes from where (see the module docstring)
@@ -148,9 +147,9 @@ CHANGEABLE = ("cache", "model", "steps", "eval_every", "eval_contexts", "log_eve
 
 def parse_args(argv=None):
     """The command line -> (TrainConfig, the names of the flags given on it). --resume must tell a flag
-    the user typed from a default, which a plain parse (clt.parse_config) cannot."""
+    the user typed from a default, which a plain parse (parse_config) cannot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_config_args(parser, TrainConfig)
+    add_config_args(parser, TrainConfig)
     unset = object()
     # argparse fills in a default only where the namespace lacks the attribute: from a namespace
     # prefilled with a sentinel, the sentinels that survive are the flags nobody typed
@@ -199,8 +198,8 @@ def claim_out(c, master):
         for name in os.listdir(c.out):
             if name in RUN_FILES or (name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")):
                 os.remove(os.path.join(c.out, name))
-        C.fsync_dir(c.out)
-    C.barrier()  # no rank starts before the old run is gone
+        fsync_dir(c.out)
+    barrier()  # no rank starts before the old run is gone
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +260,7 @@ FEATURE_SUMS = ("l0", "sparsity", "preact")  # over this rank's features: summed
 
 
 def reduce_step(clt, parts, fired, batchtopk):
-    """Everything a step reports or keeps, over the mesh, in one all-reduce (clt.mesh_sum): the metric
+    """Everything a step reports or keeps, over the mesh, in one all-reduce (mesh_sum): the metric
     sums of the global batch; the squared gradient norm (the feature shards' summed over TP, after DP
     averaging; b_dec and W_skip, replicated, added once); per feature, on how many DP ranks it fired,
     fired (L, F) for every feature (each rank keeps every feature's dead clock: n_dead needs no
@@ -273,7 +272,7 @@ def reduce_step(clt, parts, fired, batchtopk):
     todo.update(grad_sq=(grad_sq, "tp"), fired=(fired, "tp_slices"))
     if batchtopk:
         todo["batch_threshold"] = (clt.batch_threshold, "dp")  # (L,) the global B·k-th value, per DP rank
-    sums = C.mesh_sum(todo, clt.mesh)
+    sums = mesh_sum(todo, clt.mesh)
     once = sum(torch.linalg.vector_norm(p.grad.double()).pow(2) for p in replicated)
     sums["grad_norm"] = (sums.pop("grad_sq") + once).sqrt()
     return sums
@@ -431,7 +430,7 @@ def evaluate(gpt, clt, contexts, batch=16):
                                 kl(zero_logits)]).double()
     clt.train(was_training)
     N = contexts.size(0) * (contexts.size(1) - 1)
-    C.all_reduce_sum(rec["l0"], clt.mesh.tp_group)  # each TP rank counted its own features
+    all_reduce_sum(rec["l0"], clt.mesh.tp_group)  # each TP rank counted its own features
     sst = rec["y_sq"] - rec["y_sum"].pow(2).sum(-1) / N  # (L,)
     n_scored = contexts.size(0) * (contexts.size(1) - 2)
     clean, spliced, open_, zero, kl_spliced, kl_zero = (ce_sums / n_scored).tolist()
@@ -454,7 +453,7 @@ def shard_name(mesh):
 def save_checkpoint(c, clt, opt, state, mesh, master, extra):
     """Every TP rank of DP replica 0 writes its shard (weights, Adam moments, the dead-feature clocks);
     after a barrier rank 0 writes latest.json (with `extra`: the last metrics, the wandb id, the
-    cache's identity). Every file is fsynced and renamed into place (clt.atomic_path): the checkpoint
+    cache's identity). Every file is fsynced and renamed into place (atomic_path): the checkpoint
     exists once latest.json does. Older step directories are removed after that, so a good
     checkpoint is always on disk."""
     root = os.path.join(c.out, CKPT_DIR)
@@ -466,9 +465,9 @@ def save_checkpoint(c, clt, opt, state, mesh, master, extra):
             tensors.update({f"optim.{name}.{k}": v for k, v in opt.state.get(p, {}).items()})
         tensors["since_fired"] = state["since_fired"]  # (L, F) every feature's clock, the same on every rank
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        with C.atomic_path(os.path.join(step_dir, shard_name(mesh))) as tmp:
+        with atomic_path(os.path.join(step_dir, shard_name(mesh))) as tmp:
             save_file(tensors, tmp)
-    C.barrier()
+    barrier()
     if master:
         metrics_path = os.path.join(c.out, "metrics.jsonl")
         if os.path.exists(metrics_path):  # the rows up to this step become durable with the checkpoint
@@ -477,11 +476,11 @@ def save_checkpoint(c, clt, opt, state, mesh, master, extra):
         meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir),
                     train_config=asdict(c), clt_config=asdict(clt.config), rng=torch.get_rng_state().tolist(),
                     data=dict(next_step=state["step"], global_batch=c.batch_size, seed=c.seed), **extra)
-        C.write_json(os.path.join(root, LATEST), meta, indent=None)
+        write_json(os.path.join(root, LATEST), meta, indent=None)
         for name in os.listdir(root):
             if name.startswith("step_") and name != meta["dir"]:
                 shutil.rmtree(os.path.join(root, name))
-    C.barrier()  # every rank returns only once the checkpoint is complete
+    barrier()  # every rank returns only once the checkpoint is complete
 
 
 def read_checkpoint_meta(out):
@@ -537,11 +536,11 @@ def export(c, clt, metrics, master):
         full.save_pretrained(c.out)
         with open(os.path.join(c.out, "config.json")) as f:
             export_id = json.load(f)["export_id"]
-        C.write_json(os.path.join(c.out, "training.json"),
+        write_json(os.path.join(c.out, "training.json"),
                      dict(step=c.steps, export_id=export_id, train_config=asdict(c), final=metrics))
         kind = "CLT" if c.decoder == "cross-layer" else "per-layer transcoder"
         print(f"saved the {kind} to {c.out}" + (f": {step_line(metrics)}" if metrics else ""), flush=True)
-    C.barrier()
+    barrier()
 
 
 def export_is_whole(c, mesh):
@@ -552,7 +551,7 @@ def export_is_whole(c, mesh):
             done = json.load(f)
         with open(os.path.join(c.out, "config.json")) as f:
             export_id = json.load(f).get("export_id")
-        C.CrossLayerTranscoder.from_pretrained(c.out, mesh)
+        CrossLayerTranscoder.from_pretrained(c.out, mesh)
     except (FileNotFoundError, ValueError):  # a JSONDecodeError is a ValueError
         return False
     return export_id is not None and done.get("export_id") == export_id and done.get("step") == c.steps
@@ -623,7 +622,7 @@ def open_log(c, start_step, master, run):
         if start_step > 0 and os.path.exists(path):
             with open(path) as f:
                 lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start_step]
-        with C.atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             with open(tmp, "w") as f:
                 f.writelines(lines)
     return log
@@ -636,11 +635,11 @@ def open_log(c, start_step, master, run):
 def build(c, cache, mesh, device):
     """The CLT shard of this rank, with the cache's normalization, and its optimizer."""
     m = cache.manifest
-    config = C.CLTConfig(n_layers=cache.n_layers, d_model=cache.d_model, n_features=c.features, activation=c.activation,
+    config = CLTConfig(n_layers=cache.n_layers, d_model=cache.d_model, n_features=c.features, activation=c.activation,
                          k=c.k, threshold_init=c.threshold_init, bandwidth=c.bandwidth, decoder=c.decoder, skip=c.skip,
                          model=c.model or m["model"],
                          model_sha256=m.get("identity", {}).get("model_sha256", ""))  # graph/interp refuse others
-    clt = C.CrossLayerTranscoder(config, c.seed, mesh)
+    clt = CrossLayerTranscoder(config, c.seed, mesh)
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the manifest's mean norms
         clt.input_scale.copy_(cache.d_model ** 0.5 / cache.norm_in)
         clt.output_scale.copy_(cache.d_model ** 0.5 / cache.norm_out)
@@ -655,11 +654,11 @@ def optimizer(clt, c):
 
 def load_gpt(c, cache, device):
     """The GPT of the spliced loss; refused unless it is the model the cache was made from."""
-    gpt = C.GPT.from_pretrained(c.model or cache.manifest["model"]).to(device)
+    gpt = GPT.from_pretrained(c.model or cache.manifest["model"]).to(device)
     if (gpt.config.n_layer, gpt.config.n_embd) != (cache.n_layers, cache.d_model):
         raise ValueError(f"the cache {c.cache} has L={cache.n_layers}, d={cache.d_model} but the model "
                          f"{c.model or cache.manifest['model']} has L={gpt.config.n_layer}, d={gpt.config.n_embd}")
-    C.check_same_model(gpt, cache.manifest.get("identity", {}).get("model_sha256", ""), f"the cache {c.cache}")
+    check_same_model(gpt, cache.manifest.get("identity", {}).get("model_sha256", ""), f"the cache {c.cache}")
     return gpt
 
 
@@ -690,10 +689,10 @@ def train(config: TrainConfig, given=None):
         given = {f.name for f in fields(TrainConfig) if getattr(config, f.name) != f.default}
     meta = read_checkpoint_meta(config.out) if config.resume else None
     c = resolve_config(config, given, meta)
-    ddp, rank, local_rank, world, device = C.compute_init(c.device, c.timeout_s)
+    ddp, rank, local_rank, world, device = compute_init(c.device, c.timeout_s)
     if meta is not None:
         check_same_mesh(c, meta, world)
-    mesh = C.make_mesh(ddp, world, c.tp, device)
+    mesh = make_mesh(ddp, world, c.tp, device)
     master = rank == 0
 
     def print0(*a):
@@ -702,14 +701,14 @@ def train(config: TrainConfig, given=None):
 
     print0(f"train.py | world {world} = dp {mesh.dp} x tp {mesh.tp} | device {device} | {asdict(c)}")
     cache = open_cache(c, print0)
-    C.check_same_everywhere(json.dumps([asdict(c), cache.manifest], sort_keys=True), "command line or cache", device)
+    check_same_everywhere(json.dumps([asdict(c), cache.manifest], sort_keys=True), "command line or cache", device)
     if meta is not None:
         check_same_cache(c, cache, meta)
     check_config(c, cache, mesh)
     gpt = load_gpt(c, cache, device) if c.eval_every > 0 or c.model else None
     contexts = None
     if c.eval_every > 0:
-        contexts = heldout_contexts(cache, c.eval_contexts, C.load_tokenizer(gpt.name_or_path).eot_token)
+        contexts = heldout_contexts(cache, c.eval_contexts, load_tokenizer(gpt.name_or_path).eot_token)
     clt, opt = build(c, cache, mesh, device)
     state = dict(step=0, since_fired=torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device),
                  first_bad=torch.tensor(-1, device=device))  # (L, F) every feature's clock, on every rank
@@ -774,7 +773,7 @@ def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):  # fp32 master weights
         loss, parts, fired = clt_losses(clt, *batch, c, step, dead[:, mine], n_dead.sum() if maybe_dead else None)
     loss.backward()
-    C.average_gradients(list(clt.parameters()), mesh.dp_group)
+    average_gradients(list(clt.parameters()), mesh.dp_group)
     sums = reduce_step(clt, parts, fired, c.activation == "batchtopk")
     m = step_metrics(sums)
     fine = torch.isfinite(m["loss"]) | (state["first_bad"] >= 0)
@@ -814,4 +813,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    run_main(main)

@@ -72,7 +72,8 @@ import matplotlib.ticker
 from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
 from tqdm import tqdm
 
-from clt import atomic_path, fsync_dir, parse_config, run_main
+from forge.cli import arg, parse_config, run_main
+from forge.files import atomic_path, fsync_dir
 
 # -----------------------------------------------------------------------------
 # config: one dataclass per subcommand; `inputs` (a list) takes the positional arguments
@@ -81,34 +82,34 @@ from clt import atomic_path, fsync_dir, parse_config, run_main
 @dataclass
 class GraphConfig:
     """draw an attribution graph (graph.py's JSON): .dot, .svg, .png and a page with its nodes"""
-    inputs: list = field(default_factory=list)  # the graph.json to draw (one)
-    out: str = ""  # output folder; "" = beside the graph.json
-    interp: str = ""  # interp.py's output folder (features.jsonl, html/); "" = <graph dir>/../interp
-    features: str = ""  # folder of feature pages to link nodes to; "" = <interp>/html
-    max_nodes: int = 60  # feature and error nodes drawn, most influential first (+ every embedding, logit)
-    max_edges: int = 150  # edges drawn, strongest |weight| first
-    label_chars: int = 26  # characters of a feature's explanation shown in its node
-    cell_width: int = 3  # nodes side by side in one (layer, position) cell before it wraps
+    inputs: list = arg([], 'the graph.json to draw (one)')
+    out: str = arg("", 'output folder; "" = beside the graph.json')
+    interp: str = arg("", 'interp.py\'s output folder (features.jsonl, html/); "" = <graph dir>/../interp')
+    features: str = arg("", 'folder of feature pages to link nodes to; "" = <interp>/html')
+    max_nodes: int = arg(60, 'feature and error nodes drawn, most influential first (+ every embedding, logit)')
+    max_edges: int = arg(150, 'edges drawn, strongest |weight| first')
+    label_chars: int = arg(26, "characters of a feature's explanation shown in its node")
+    cell_width: int = arg(3, 'nodes side by side in one (layer, position) cell before it wraps')
 
 
 @dataclass
 class FeaturesConfig:
     """a page per live feature and the index, a sortable, searchable browser, from interp.py's output"""
-    inputs: list = field(default_factory=list)  # interp.py's output folder (one)
-    out: str = ""  # output folder; "" = <interp dir>/html
-    max_examples: int = 20  # max-activating examples shown per page
-    top_tokens: int = 10  # promoted / suppressed tokens and input n-grams shown per page
-    dense: float = -1.0  # flag features firing on more than this share of tokens; -1 = interp's --dense
-    inline_rows: int = 5000  # rows in index.html itself, the best by detection AUROC; the rest load per layer
-    workers: int = 0  # processes writing feature pages; 0 = one per CPU core
+    inputs: list = arg([], "interp.py's output folder (one)")
+    out: str = arg("", 'output folder; "" = <interp dir>/html')
+    max_examples: int = arg(20, 'max-activating examples shown per page')
+    top_tokens: int = arg(10, 'promoted / suppressed tokens and input n-grams shown per page')
+    dense: float = arg(-1.0, "flag features firing on more than this share of tokens; -1 = interp's --dense")
+    inline_rows: int = arg(5000, 'rows in index.html itself, the best by detection AUROC; the rest load per layer')
+    workers: int = arg(0, 'processes writing feature pages; 0 = one per CPU core')
 
 
 @dataclass
 class CurvesConfig:
     """training curves of train.py runs, one PNG per panel, and the L0-vs-FVU frontier over the runs"""
-    inputs: list = field(default_factory=list)  # train.py run folders (one or more)
-    out: str = ""  # output folder; "" = <run>/plots for each run
-    dpi: int = 110  # resolution of the PNGs
+    inputs: list = arg([], 'train.py run folders (one or more)')
+    out: str = arg("", 'output folder; "" = <run>/plots for each run')
+    dpi: int = arg(110, 'resolution of the PNGs')
 
 
 DENSE = 0.1  # interp.py's default --dense, for an interp folder without summary.json

@@ -3,8 +3,9 @@ tiny.py makes the shipped one (tiny.save_tokenizer), so tests read as what they 
 import pytest
 import torch
 
-import clt
 import tiny
+from forge.hub import load_tokenizer
+from model import GPT, GPTConfig
 
 
 def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merges=()):
@@ -12,10 +13,10 @@ def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merg
     `path` -> (model in eval mode, tiktoken Encoding). The vocabulary is exactly the tokenizer's."""
     torch.manual_seed(seed)
     vocab_size = 256 + len(merges) + 1
-    model = clt.GPT(clt.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
     model.save_pretrained(path)
     tiny.save_tokenizer(path, list(merges))
-    return model.eval(), clt.load_tokenizer(str(path))
+    return model.eval(), load_tokenizer(str(path))
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from dataclasses import replace
 import pytest
 
 import bench
-import clt
 import train
+from forge.hub import load_tokenizer
+from model import GPT
 
 PARTS = ["machine and model", "cache build", "train.py bf16 autocast", "train.py fp32", "bf16 vs fp32 loss",
          "torchrun", "train step alone", "graph.py", "interp.py"]
@@ -86,8 +87,8 @@ def test_without_working_transformers_the_model_comes_from_random_model_dir(tmp_
     case(monkeypatch)
     path = str(tmp_path / "model")
     made = bench.gpu_model_dir(path, bench.TINY_SHAPE)
-    assert made.startswith("clt.GPT init") and why in made, made
-    model = clt.GPT.from_pretrained(path)
+    assert made.startswith("GPT init") and why in made, made
+    model = GPT.from_pretrained(path)
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (4, 128, 4096)
-    enc = clt.load_tokenizer(path)
+    enc = load_tokenizer(path)
     assert enc.eot_token < model.config.vocab_size and len(enc.encode("the old market")) == 14

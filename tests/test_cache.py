@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import cache
-import clt
+from forge.files import write_json
+from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
+from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(tokens=3000, ctx=16, shard_tokens=512, batch_size=8, heldout=0.1)
@@ -22,12 +24,12 @@ SMALL = dict(tokens=3000, ctx=16, shard_tokens=512, batch_size=8, heldout=0.1)
 def make_model_dir(path, seed=0, n_ctx=32):
     """A small random GPT-2 in the hub layout plus a tiny BPE tokenizer (bytes, 3 merges, <|endoftext|>)."""
     torch.manual_seed(seed)
-    clt.GPT(clt.GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=n_ctx, vocab_size=300)).save_pretrained(path)
-    vocab = {c: i for i, c in enumerate(clt.bytes_to_unicode().values())}
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=n_ctx, vocab_size=300)).save_pretrained(path)
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
-    vocab[clt.ENDOFTEXT] = len(vocab)
+    vocab[ENDOFTEXT] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return path
@@ -44,7 +46,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     model_dir = make_model_dir(root / "model")
     corpus = root / "corpus.txt"
-    corpus.write_text(clt.ENDOFTEXT.join(make_docs(1500)))
+    corpus.write_text(ENDOFTEXT.join(make_docs(1500)))
     return root, str(model_dir), str(corpus)
 
 
@@ -62,7 +64,7 @@ def int8_cache(env):
 
 def direct_acts(cfg):
     """What the cache should hold, computed directly with the writer's batch grid."""
-    model, enc = clt.GPT.from_pretrained(cfg.model), clt.load_tokenizer(cfg.model)
+    model, enc = GPT.from_pretrained(cfg.model), load_tokenizer(cfg.model)
     x_in, x_out, metas = [], [], []
     with torch.inference_mode():
         for _, idx, meta in cache.iter_batches(cfg, enc, cfg.tokens):
@@ -189,14 +191,14 @@ def test_resume_after_kill_is_byte_identical(env, tmp_path):
 
 def test_resume_refuses_a_changed_corpus(env, tmp_path):
     corpus = tmp_path / "c.txt"
-    text = clt.ENDOFTEXT.join(make_docs(300, seed=5))
+    text = ENDOFTEXT.join(make_docs(300, seed=5))
     corpus.write_text(text)
     cfg = config(env, tmp_path / "r", corpus=str(corpus), tokens=2000, dtype="fp16")  # fp16: no channel scales
     whole = cache.build_cache(cfg)
     path = tmp_path / "r" / "manifest.json"
     m = json.loads(path.read_text())
     path.write_text(json.dumps(dict(m, complete=False, shards=m["shards"][:2])))  # as if killed after 2 shards
-    corpus.write_text(clt.ENDOFTEXT.join(make_docs(300, seed=6)))
+    corpus.write_text(ENDOFTEXT.join(make_docs(300, seed=6)))
     with pytest.raises(ValueError, match="now gives other tokens than those stored in shard_00001.bin"):
         cache.build_cache(cfg)
     corpus.write_text(text)
@@ -210,12 +212,12 @@ def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(env, t
     counted again, so its norms and NMSE come out as a whole build's."""
     cfg = config(env, tmp_path / "m", shard_tokens=40, dtype="fp16")
     sizes = []
-    write_json = clt.write_json
+    write_json = write_json
 
     def counted(path, obj, **kw):
         write_json(path, obj, **kw)
         sizes.append(os.path.getsize(path))
-    monkeypatch.setattr(clt, "write_json", counted)
+    monkeypatch.setattr(cache, "write_json", counted)
     whole = cache.build_cache(cfg)
     n = len(whole["shards"])
     assert n == 75 and len(sizes) < n / 4, sizes
@@ -244,10 +246,10 @@ def test_overwrite_and_a_different_model(env, tmp_path):
     with pytest.raises(ValueError, match="model_sha256"):
         cache.build_cache(config(env, cfg.out, tokens=600, model=other))
     with pytest.raises(ValueError, match="made by model"):
-        cache.ActivationCache(cfg.out, model=clt.GPT.from_pretrained(other))
-    cache.ActivationCache(cfg.out, model=clt.GPT.from_pretrained(cfg.model))  # the right model opens
+        cache.ActivationCache(cfg.out, model=GPT.from_pretrained(other))
+    cache.ActivationCache(cfg.out, model=GPT.from_pretrained(cfg.model))  # the right model opens
     cache.build_cache(config(env, cfg.out, tokens=600, model=other, overwrite=True))
-    cache.ActivationCache(cfg.out, model=clt.GPT.from_pretrained(other))
+    cache.ActivationCache(cfg.out, model=GPT.from_pretrained(other))
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def test_iter_chunks_streams_a_split_in_order(int8_cache):
 
 
 def test_contexts_pack_documents_behind_a_bos(env):
-    enc = clt.load_tokenizer(env[1])
+    enc = load_tokenizer(env[1])
     E, (a, b, c, d, e, f) = enc.eot_token, enc.encode_ordinary("abcdef")
     ctxs = list(cache.iter_contexts(["ab", "cde", "f"], enc, 4))  # stream: a b E c d e E f E
     assert [t.tolist() for t, _ in ctxs] == [[E, a, b, E], [E, c, d, e], [E, E, f, E]]
@@ -358,7 +360,7 @@ def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     (tmp_path / "dir").mkdir()
     for i in range(0, 200, 50):
-        (tmp_path / "dir" / f"{i:03d}.txt").write_text(clt.ENDOFTEXT.join(docs[i:i + 50]))
+        (tmp_path / "dir" / f"{i:03d}.txt").write_text(ENDOFTEXT.join(docs[i:i + 50]))
     got = [list(cache.iter_documents(str(p))) for p in (tmp_path / "c.jsonl", tmp_path / "dir")]
     assert got[0] == docs and got[1] == docs
     cfg = config(env, tmp_path / "j", corpus=str(tmp_path / "c.jsonl"), tokens=500, keep_bos=True)
@@ -380,7 +382,7 @@ def test_bad_arguments(env, tmp_path, kw, match):
 
 
 def test_empty_corpus_unwritable_out_and_nan_model(env, tmp_path):
-    (tmp_path / "empty.txt").write_text(f"  {clt.ENDOFTEXT}\n")
+    (tmp_path / "empty.txt").write_text(f"  {ENDOFTEXT}\n")
     with pytest.raises(ValueError, match="empty or too short"):
         cache.build_cache(config(env, tmp_path / "e", corpus=str(tmp_path / "empty.txt")))
     (tmp_path / "file").write_text("x")
@@ -389,7 +391,7 @@ def test_empty_corpus_unwritable_out_and_nan_model(env, tmp_path):
     with pytest.raises(FileNotFoundError, match="corpus .* does not exist"):
         cache.build_cache(config(env, tmp_path / "nf", corpus=str(tmp_path / "missing.txt")))
     nan_dir = make_model_dir(tmp_path / "nan")
-    model = clt.GPT.from_pretrained(nan_dir)
+    model = GPT.from_pretrained(nan_dir)
     with torch.no_grad():
         model.h[1].mlp.c_proj.bias[3] = float("nan")
     model.save_pretrained(nan_dir)

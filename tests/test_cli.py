@@ -8,8 +8,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["clt.py", "tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", "bench.py"]
-SUBCOMMANDS = ["clt.py generate", "graph.py intervene", "graph.py generate", "viz.py graph", "viz.py features", "viz.py train"]
+SCRIPTS = ["model.py", "tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", "bench.py"]
+SUBCOMMANDS = ["model.py generate", "graph.py intervene", "graph.py generate", "viz.py graph", "viz.py features", "viz.py train"]
 
 
 @pytest.mark.parametrize("command", SCRIPTS + SUBCOMMANDS)

@@ -23,13 +23,13 @@ from urllib.parse import urljoin
 import pytest
 import torch
 
-import clt as C
 import graph as G
 import viz
 
 local_server = pytest.importorskip("circuit_tracer.frontend.local_server",
                                    reason="circuit-tracer is not installed (pip install circuit-tracer)")
 from circuit_tracer.frontend import feature_models, graph_models  # noqa: E402 (after the skip)
+from clt import CLTConfig, CrossLayerTranscoder
 
 L, D, F_ = 3, 32, 64
 PROMPT = "Tarn is in"
@@ -51,7 +51,7 @@ def served(tmp_path, make_hub_model):
     127.0.0.1 -> (base URL, graph folder, the server's log lines)."""
     root = tmp_path / "run"
     make_hub_model(root / "model", n_layer=L, n_embd=D)
-    transcoder = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=0)
+    transcoder = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=0)
     with torch.no_grad():
         transcoder.b_enc.fill_(0.0)  # dense enough that pruning keeps some features on a short prompt
     transcoder.save_pretrained(root / "clt")

@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import clt as C
 import train as T
 from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
+from clt import CLTConfig, CrossLayerTranscoder
+from forge.cli import parse_config
+from parallel import Mesh, average_gradients, compute_init, make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
@@ -70,7 +72,7 @@ def batch(seed, B=64, L=2, d=16):
 def gradients(activation, mesh, seed=0, clip=0.5):
     """One loss + backward + DP averaging + clipping on a fixed batch; this rank's gradients and the norm."""
     cfg = T.TrainConfig(activation=activation, k=4, sparsity=0.3, preact=0.01, aux_k=6, steps=10)
-    clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), seed, mesh)
+    clt = CrossLayerTranscoder(CLTConfig(2, 16, 64, activation, k=4), seed, mesh)
     x, y = batch(seed)
     rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)  # this DP rank's share
     dead = torch.zeros(2, 64, dtype=torch.bool)
@@ -78,7 +80,7 @@ def gradients(activation, mesh, seed=0, clip=0.5):
     dead = dead[:, mesh.tp_rank * clt.F_local:(mesh.tp_rank + 1) * clt.F_local]
     loss, parts, fired = T.clt_losses(clt, x[rows], y[rows], cfg, 5, dead, torch.tensor(2 * 22))
     loss.backward()
-    C.average_gradients(list(clt.parameters()), mesh.dp_group)
+    average_gradients(list(clt.parameters()), mesh.dp_group)
     norm = T.reduce_step(clt, parts, fired, batchtopk=False)["grad_norm"].float()
     T.clip_gradients(clt, clip, norm)
     return {n: p.grad for n, p in clt.named_parameters() if p.grad is not None}, norm
@@ -87,7 +89,7 @@ def gradients(activation, mesh, seed=0, clip=0.5):
 def count_collectives(activation, mesh, steps=3):
     """Collectives per train_step between log steps, by name, with AuxK active (dead features exist)."""
     cfg = T.TrainConfig(activation=activation, k=4, features=64, batch_size=64, steps=100, dead_tokens=64)
-    clt = C.CrossLayerTranscoder(C.CLTConfig(2, 16, 64, activation, k=4), 0, mesh)
+    clt = CrossLayerTranscoder(CLTConfig(2, 16, 64, activation, k=4), 0, mesh)
     opt = T.optimizer(clt, cfg)
     state = dict(step=10, since_fired=torch.zeros(2, 64, dtype=torch.long), first_bad=torch.tensor(-1))
     state["since_fired"][:, ::3] = 1000  # every third feature is dead
@@ -129,13 +131,13 @@ def worker(tasks_path):
                     f.write(str(e))
         elif kind == "stall":
             if rank == 1:
-                cfg = C.parse_config(T.__doc__, T.TrainConfig, task["argv"])
-                C.compute_init(cfg.device, cfg.timeout_s)
+                cfg = parse_config(T.__doc__, T.TrainConfig, task["argv"])
+                compute_init(cfg.device, cfg.timeout_s)
                 time.sleep(60)
             T.main(task["argv"])
         else:
-            ddp, rank, _, world, device = C.compute_init("cpu")
-            mesh = C.make_mesh(ddp, world, task["tp"], device)
+            ddp, rank, _, world, device = compute_init("cpu")
+            mesh = make_mesh(ddp, world, task["tp"], device)
             if kind == "grads":
                 grads, norm = gradients(task["activation"], mesh)
                 save_file({**grads, "norm": norm.view(1)}, task["out"].format(rank=rank))
@@ -145,7 +147,7 @@ def worker(tasks_path):
                     with open(task["out"], "w") as f:
                         json.dump(counts, f)
             elif kind == "reshard":  # the export, loaded at this TP size: outputs on a fixed input
-                clt = C.CrossLayerTranscoder.from_pretrained(task["path"], mesh)
+                clt = CrossLayerTranscoder.from_pretrained(task["path"], mesh)
                 acts, out = clt(batch(7)[0] * 4)
                 if rank == 0:
                     save_file({"out": out}, task["out"])
@@ -194,7 +196,7 @@ def assert_same_run(ref, other):
         for key in ("loss", "grad_norm"):
             assert abs(x[key] - y[key]) <= ATOL * max(1.0, abs(x[key])), (key, x["step"], x[key], y[key])
     assert a[-1]["eval"]["recovered"] == pytest.approx(b[-1]["eval"]["recovered"], abs=1e-4)
-    full, dist = C.CrossLayerTranscoder.from_pretrained(ref), C.CrossLayerTranscoder.from_pretrained(other)
+    full, dist = CrossLayerTranscoder.from_pretrained(ref), CrossLayerTranscoder.from_pretrained(other)
     for (name, u), (_, v) in zip(full.state_dict().items(), dist.state_dict().items()):
         torch.testing.assert_close(v, u, atol=ATOL, rtol=ATOL, msg=name)
 
@@ -212,13 +214,13 @@ def test_a_per_layer_transcoder_with_skip_and_tp2_equals_one_process(runs):
     """A PLT's features shard like a CLT's; its skip connection, replicated like b_dec, is added once
     after the TP sum and its gradient counted once in the norm."""
     assert_same_run(runs("ref_plt"), runs("tp2_plt"))
-    plt = C.CrossLayerTranscoder.from_pretrained(runs("tp2_plt"))
+    plt = CrossLayerTranscoder.from_pretrained(runs("tp2_plt"))
     assert plt.config.decoder == "per-layer" and plt.W_skip.abs().max() > 0  # the skip path trained
 
 
 def test_the_export_reshards(runs):
     """The consolidated TP=2 export, loaded again at TP=2, gives the outputs of the same export at TP=1."""
-    _, out = C.CrossLayerTranscoder.from_pretrained(runs("tp2"))(batch(7)[0] * 4)
+    _, out = CrossLayerTranscoder.from_pretrained(runs("tp2"))(batch(7)[0] * 4)
     torch.testing.assert_close(load_file(runs("reshard.safetensors"))["out"], out, atol=1e-6, rtol=1e-6)
 
 
@@ -227,7 +229,7 @@ def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activatio
     """After the global clip, each TP rank's gradients are its slice of the one-process gradients, and
     each DP rank holds the one-process gradient of the whole batch. An all-reduce in the TP backward
     would multiply them by 2; a norm of one rank's shard would clip them less."""
-    ref, ref_norm = gradients(activation, C.Mesh())
+    ref, ref_norm = gradients(activation, Mesh())
     assert ref_norm > 0.5  # so the clip (to 0.5) is active
     tp2 = [load_file(runs(f"grads_{activation}_tp2_{r}.safetensors")) for r in range(2)]
     dp2 = [load_file(runs(f"grads_{activation}_tp1_{r}.safetensors")) for r in range(2)]

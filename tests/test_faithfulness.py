@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import bench
-import clt as C
 import graph as G
 import tiny
+from clt import CLTConfig, CrossLayerTranscoder
+from forge.hub import DEFAULT_MODEL, load_tokenizer
+from model import GPT
 
 FAMILIES = ("one_hop", "two_hop", "ioi")  # a prompt of each: a short, a long and a story
 
@@ -21,14 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def setup():
     """(models/tiny, a random TopK CLT for it, [(family, token ids)] of a prompt of each of FAMILIES)."""
-    model = C.GPT.from_pretrained().eval()
+    model = GPT.from_pretrained().eval()
     g = model.config
-    t = C.CrossLayerTranscoder(C.CLTConfig(n_layers=g.n_layer, d_model=g.n_embd, n_features=64, activation="topk",
+    t = CrossLayerTranscoder(CLTConfig(n_layers=g.n_layer, d_model=g.n_embd, n_features=64, activation="topk",
                                            k=4), seed=0).eval()
     with torch.no_grad():  # random decoders write little: scaled up, features carry the influence and pruning keeps them
         for w in t.W_dec:
             w.mul_(30)
-    enc, world = C.load_tokenizer(C.DEFAULT_MODEL), tiny.load_world()
+    enc, world = load_tokenizer(DEFAULT_MODEL), tiny.load_world()
     families = bench.family_prompts(world, 1)
     prompts = [(fam, G.encode_prompt(enc, families[fam][0][0], g.n_ctx)) for fam in FAMILIES]
     return model, t, prompts

@@ -1,4 +1,4 @@
-"""clt.GPT against transformers' GPT-2 (the reference), hub-layout loading, the tokenizer, bad input."""
+"""GPT against transformers' GPT-2 (the reference), hub-layout loading, the tokenizer, bad input."""
 import copy
 import json
 import os
@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+import forge.hub
+from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
+from model import GPT
 
-import clt
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +28,7 @@ def hf_dir(tmp_path_factory):
 
 def test_logits_and_acts_match_transformers(hf_dir):
     path, ref = hf_dir
-    model = clt.GPT.from_pretrained(path)
+    model = GPT.from_pretrained(path)
     mlp_in, mlp_out = [], []
     hooks = [b.ln_2.register_forward_hook(lambda m, i, o: mlp_in.append(o)) for b in ref.transformer.h]
     hooks += [b.mlp.register_forward_hook(lambda m, i, o: mlp_out.append(o)) for b in ref.transformer.h]
@@ -49,13 +51,13 @@ def test_hub_style_keys_load_identically(hf_dir, tmp_path):
     hub_sd["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)  # the hub's gpt2 repo also stores the mask buffers
     save_file(hub_sd, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    a, b = clt.GPT.from_pretrained(path), clt.GPT.from_pretrained(tmp_path)
+    a, b = GPT.from_pretrained(path), GPT.from_pretrained(tmp_path)
     idx = torch.randint(0, 300, (2, 16))
     assert torch.equal(a(idx), b(idx))
 
 
 def test_save_pretrained_is_the_hub_layout(hf_dir, tmp_path):
-    model = clt.GPT.from_pretrained(hf_dir[0])
+    model = GPT.from_pretrained(hf_dir[0])
     model.save_pretrained(tmp_path)
     assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "model.safetensors"))
     ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -65,7 +67,7 @@ def test_save_pretrained_is_the_hub_layout(hf_dir, tmp_path):
 
 
 def test_splice_and_freeze(hf_dir):
-    model = clt.GPT.from_pretrained(hf_dir[0])
+    model = GPT.from_pretrained(hf_dir[0])
     idx = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
         logits, acts = model.run_with_acts(idx)
@@ -81,11 +83,11 @@ def test_splice_and_freeze(hf_dir):
 
 def write_small_bpe(path, merges):
     """vocab.json + merges.txt in the gpt2 repo's format: 256 bytes, then one id per merge, then eot."""
-    chars = list(clt.bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     for a, b in merges:
         vocab[a + b] = len(vocab)
-    vocab[clt.ENDOFTEXT] = len(vocab)
+    vocab[ENDOFTEXT] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return vocab
@@ -96,12 +98,12 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "c"), ("a", "p"), ("Ġc
 
 def test_tokenizer_round_trip_and_reference(tmp_path, monkeypatch):
     vocab = write_small_bpe(tmp_path, MERGES)
-    enc = clt.load_tokenizer(tmp_path)
+    enc = load_tokenizer(tmp_path)
     text = "the capital of the world is ünïcödé 東京 🙂\n\n  tabs\tand spaces  "
     assert enc.decode(enc.encode(text)) == text
     assert enc.encode(" the capit") == [vocab["Ġthe"], vocab["Ġcapit"]]
-    eot = enc.encode(clt.ENDOFTEXT, allowed_special="all")
-    assert eot == [vocab[clt.ENDOFTEXT]] and enc.eot_token == vocab[clt.ENDOFTEXT]
+    eot = enc.encode(ENDOFTEXT, allowed_special="all")
+    assert eot == [vocab[ENDOFTEXT]] and enc.eot_token == vocab[ENDOFTEXT]
     # tiktoken's own gpt2 loader builds the same ranks from the same two files
     import tiktoken.load
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
@@ -119,28 +121,28 @@ def test_tokenizer_refuses_out_of_order_vocab(tmp_path):
     vocab["Ġt"], vocab["he"] = vocab["he"], vocab["Ġt"]
     (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     with pytest.raises(ValueError, match="merges.txt order"):
-        clt.load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 def test_bad_input(hf_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        clt.GPT.from_pretrained(tmp_path)
+        GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((hf_dir[0] / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(ValueError, match="never unpickles"):
-        clt.GPT.from_pretrained(tmp_path)
+        GPT.from_pretrained(tmp_path)
     sd = load_file(hf_dir[0] / "model.safetensors")
     sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:16]
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"wpe.weight: \(16, 64\) != \(32, 64\)"):
-        clt.GPT.from_pretrained(tmp_path)
-    model = clt.GPT.from_pretrained(hf_dir[0])
+        GPT.from_pretrained(tmp_path)
+    model = GPT.from_pretrained(hf_dir[0])
     with pytest.raises(ValueError, match="token ids must lie in"):
         model(torch.tensor([[1, 300]]))
     with pytest.raises(ValueError, match="n_ctx=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        clt.GPT.from_pretrained("./no/such/dir")
+        GPT.from_pretrained("./no/such/dir")
 
 
 def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
@@ -150,8 +152,8 @@ def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
         calls.append((repo_id, allow_patterns))
         return str(hf_dir[0])
 
-    monkeypatch.setattr(clt, "snapshot_download", offline_fetch)
-    model = clt.GPT.from_pretrained("gpt2")
+    monkeypatch.setattr(forge.hub, "snapshot_download", offline_fetch)
+    model = GPT.from_pretrained("gpt2")
     assert calls == [("gpt2", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])]
     assert model.config.n_layer == 2
 
@@ -168,22 +170,22 @@ def test_a_wrong_config_fails_in_one_line_before_allocating(hf_dir, tmp_path, ch
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
     (tmp_path / "model.safetensors").write_bytes((hf_dir[0] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=match):
-        clt.GPT.from_pretrained(tmp_path)
+        GPT.from_pretrained(tmp_path)
 
 
 def test_a_path_typo_names_the_path_not_a_hub_error(monkeypatch):
     def unreachable_hub(repo_id, allow_patterns):  # what huggingface_hub raises offline for an unknown id
         raise OSError("LocalEntryNotFoundError: cannot find the requested files in the local cache")
 
-    monkeypatch.setattr(clt, "snapshot_download", unreachable_hub)
+    monkeypatch.setattr(forge.hub, "snapshot_download", unreachable_hub)
     with pytest.raises(FileNotFoundError, match="'models/tinyx' is neither a local directory"):
-        clt.GPT.from_pretrained("models/tinyx")
+        GPT.from_pretrained("models/tinyx")
     with pytest.raises(FileNotFoundError, match="check the path"):
-        clt.load_tokenizer("models/tinyx")
+        load_tokenizer("models/tinyx")
 
 
 def test_forward_and_run_with_acts_agree_and_logits_false_gives_the_same_acts(hf_dir):
-    model = clt.GPT.from_pretrained(hf_dir[0])
+    model = GPT.from_pretrained(hf_dir[0])
     idx = torch.randint(0, 300, (2, 12))
     logits, acts = model.run_with_acts(idx)
     none, acts_only = model.run_with_acts(idx, logits=False)
@@ -195,7 +197,7 @@ def test_forward_and_run_with_acts_agree_and_logits_false_gives_the_same_acts(hf
 
 def test_fingerprint_is_kept_until_a_weight_changes(hf_dir):
     """The kept fingerprint follows in-place writes, copies and a new config."""
-    model = clt.GPT.from_pretrained(str(hf_dir[0]))
+    model = GPT.from_pretrained(str(hf_dir[0]))
     first = model.fingerprint()
     assert model.fingerprint() == first and copy.deepcopy(model).fingerprint() == first
     with torch.no_grad():

@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import clt as C
 import graph as G
+from clt import CLTConfig, CrossLayerTranscoder
+from forge.cli import parse_config
+from model import GPT, GPTConfig
 
 L, D, F_, V, T = 3, 32, 64, 300, 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def make(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    model = C.GPT(C.GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
-    clt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed).eval()
+    model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed).eval()
     with torch.no_grad():
         clt.b_enc.fill_(-0.2)  # a random CLT fires on a fifth of its features here: a few hundred nodes
         clt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))  # unfolded normalization must be handled
@@ -197,7 +199,7 @@ def test_bad_input(hub_model):
         G.encode_prompt(enc, "x" * 40, 32)
     model, _, idx = make()
     for n_layer, n_embd in ((2, D), (L, 16)):
-        other = C.CrossLayerTranscoder(C.CLTConfig(n_layers=n_layer, d_model=n_embd, n_features=8))
+        other = CrossLayerTranscoder(CLTConfig(n_layers=n_layer, d_model=n_embd, n_features=8))
         with pytest.raises(ValueError, match="another model"):
             G.local_replacement(model, other, idx)
 
@@ -205,7 +207,7 @@ def test_bad_input(hub_model):
 def write_model_and_clt(path, make_hub_model, seed=0):
     """A random GPT-2 in the hub layout (conftest) and a random CLT of it that fires -> (model dir, CLT dir)."""
     model, _ = make_hub_model(path / "model", seed=seed, n_layer=L, n_embd=D)
-    clt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed)
     with torch.no_grad():
         clt.b_enc.fill_(0.0)  # dense enough that pruning keeps some features on a short prompt
     clt.save_pretrained(path / "clt")
@@ -301,9 +303,9 @@ def circuit_tracer_reference(name="graph_reference", key="clt"):
     with open(os.path.join(FIXTURES, f"{name}.json")) as f:
         meta = json.load(f)
     ref = load_file(os.path.join(FIXTURES, f"{name}.safetensors"))
-    model = C.GPT(C.GPTConfig(**meta["gpt"]))
+    model = GPT(GPTConfig(**meta["gpt"]))
     model.load_state_dict({k[6:]: v for k, v in ref.items() if k.startswith("model.")})
-    clt = C.CrossLayerTranscoder(C.CLTConfig(**meta[key]))
+    clt = CrossLayerTranscoder(CLTConfig(**meta[key]))
     clt.load_state_dict({k[len(key) + 1:]: v for k, v in ref.items() if k.startswith(f"{key}.")})
     return model.eval(), clt.eval(), ref["tokens"][None], ref, meta
 
@@ -348,5 +350,5 @@ def assert_matches_circuit_tracer(name, key):
 
 if __name__ == "__main__":  # the torchrun worker: graph.py's graph command on each task's flags
     for task in json.loads(open(sys.argv[1]).read()):
-        G.run_graph(C.parse_config(G.__doc__, {"graph": G.GraphConfig}, ["graph", *task])[1])
+        G.run_graph(parse_config(G.__doc__, {"graph": G.GraphConfig}, ["graph", *task])[1])
     torch.distributed.destroy_process_group()

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-import clt as C
 import graph as G
 from test_graph import D, F_, L, T, V, assert_matches_circuit_tracer, assert_rows_match, circuit_tracer_reference
+from clt import CLTConfig, CrossLayerTranscoder
+from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -19,10 +20,10 @@ def make(skip=False, dtype=torch.float64, seed=0):
     """A random GPT, and a PLT of it with its twin CLT: the same encoders, same-layer decoders,
     biases, scales (and skip), the CLT's decoders to later layers zero."""
     torch.manual_seed(seed)
-    model = C.GPT(C.GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
+    model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
     config = dict(n_layers=L, d_model=D, n_features=F_, skip=skip)
-    plt = C.CrossLayerTranscoder(C.CLTConfig(**config, decoder="per-layer"), seed=seed).eval()
-    cross = C.CrossLayerTranscoder(C.CLTConfig(**config), seed=seed).eval()
+    plt = CrossLayerTranscoder(CLTConfig(**config, decoder="per-layer"), seed=seed).eval()
+    cross = CrossLayerTranscoder(CLTConfig(**config), seed=seed).eval()
     with torch.no_grad():
         plt.b_enc.fill_(-0.2)  # a random transcoder fires on a fifth of its features here
         plt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))  # unfolded normalization must be handled
@@ -102,7 +103,7 @@ def test_the_skip_path_carries_edges():
     graph differs from the one where the skip output is frozen into the error nodes."""
     model, plt, _, idx = make(skip=True)
     rep, graph = graph_of(model, plt, idx)
-    frozen = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=D, n_features=F_, decoder="per-layer"))
+    frozen = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_, decoder="per-layer"))
     frozen = frozen.to(torch.float64).eval()
     frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
     rep_f = G.local_replacement(model, frozen, idx)  # its error nodes hold the skip output, as constants
@@ -115,11 +116,11 @@ def test_the_skip_path_carries_edges():
 
 def test_a_plt_with_skip_matches_circuit_tracer():
     """circuit-tracer's graph of a PLT with a skip connection (tests/fixtures/make_graph_reference.py,
-    loaded through clt.save_circuit_tracer as its TranscoderSet) is ours, edge by edge; with the skip
+    loaded through save_circuit_tracer as its TranscoderSet) is ours, edge by edge; with the skip
     output frozen into the error nodes instead, it would not be (edges off by ~10x their row's largest)."""
     assert_matches_circuit_tracer("graph_reference_plt", "plt")
     model, plt, idx, ref, _ = circuit_tracer_reference("graph_reference_plt", "plt")
-    frozen = C.CrossLayerTranscoder(dataclasses.replace(plt.config, skip=False)).eval()
+    frozen = CrossLayerTranscoder(dataclasses.replace(plt.config, skip=False)).eval()
     frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
     graph = G.attribute(model, frozen, G.local_replacement(model, frozen, idx), batch_size=16)
     with pytest.raises(AssertionError):

@@ -15,7 +15,9 @@ import torch
 
 import cache
 import interp
-from clt import ENDOFTEXT, GPT, CLTConfig, CrossLayerTranscoder, layer_norm, load_tokenizer
+from clt import CLTConfig, CrossLayerTranscoder
+from forge.hub import ENDOFTEXT, load_tokenizer
+from model import GPT, layer_norm
 from conftest import write_hub_model
 
 L = 2

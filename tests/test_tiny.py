@@ -7,10 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-import clt
 import tiny
+from forge.hub import DEFAULT_MODEL, load_tokenizer
+from model import GPT
 
-TINY = clt.DEFAULT_MODEL
+TINY = DEFAULT_MODEL
 shipped = pytest.mark.skipif(not os.path.exists(os.path.join(TINY, "model.safetensors")),
                              reason="models/tiny not built")
 
@@ -24,10 +25,10 @@ def world():
 def enc(world, tmp_path_factory):
     """The shipped tokenizer; before models/tiny exists, a small one trained here."""
     if os.path.exists(os.path.join(TINY, "vocab.json")):
-        return clt.load_tokenizer(TINY)
+        return load_tokenizer(TINY)
     path = tmp_path_factory.mktemp("tok")
     tiny.save_tokenizer(path, tiny.train_bpe(tiny.make_corpus(world, 1000, seed=0), max_merges=500)[0])
-    return clt.load_tokenizer(path)
+    return load_tokenizer(path)
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def test_bpe_training_roundtrip(tmp_path, world):
     docs = tiny.make_corpus(world, 500, seed=1)
     merges, segmented = tiny.train_bpe(docs, max_merges=300)
     tiny.save_tokenizer(tmp_path, merges)
-    enc = clt.load_tokenizer(tmp_path)
+    enc = load_tokenizer(tmp_path)
     assert enc.n_vocab == 256 + len(merges) + 1 and enc.eot_token == enc.n_vocab - 1
     tiny.check_tokenizer(enc, segmented)
     assert all(enc.decode(enc.encode(d)) == d for d in docs)
@@ -238,7 +239,7 @@ def test_bpe_training_roundtrip(tmp_path, world):
 
 @shipped
 def test_tokenizer_matches_transformers_and_roundtrips(world):
-    enc = clt.load_tokenizer(TINY)
+    enc = load_tokenizer(TINY)
     transformers = pytest.importorskip("transformers")
     # from_pretrained reads vocab.json + merges.txt exactly as from a hub snapshot (in transformers 5 the fast
     # and slow names may be one class; both are checked so older versions test both implementations)
@@ -261,7 +262,7 @@ def test_tokenizer_matches_transformers_and_roundtrips(world):
 @shipped
 def test_shipped_model_loads_in_clt_and_transformers():
     transformers = pytest.importorskip("transformers")
-    model = clt.GPT.from_pretrained(TINY)
+    model = GPT.from_pretrained(TINY)
     ref = transformers.GPT2LMHeadModel.from_pretrained(TINY).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, model.config.n_ctx), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -272,8 +273,8 @@ def test_shipped_model_loads_in_clt_and_transformers():
 
 @shipped
 def test_shipped_model_answers_heldout_prompts():
-    enc = clt.load_tokenizer(TINY)
-    model = clt.GPT.from_pretrained(TINY)
+    enc = load_tokenizer(TINY)
+    model = GPT.from_pretrained(TINY)
     prompts = tiny.eval_prompts(tiny.load_world(TINY), seed=7)
     rng = random.Random(0)
     bounds = {"one_hop": 0.8, "ioi": 0.8, "two_hop": 0.5, "counting": 0.5}  # measured numbers are in the README

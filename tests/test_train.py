@@ -8,14 +8,17 @@ import torch
 from safetensors.torch import load_file
 
 import cache as cache_lib
-import clt as C
 import train as T
+from clt import CLTConfig, CrossLayerTranscoder, JumpReLUFunction
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, bytes_to_unicode
+from model import GPT, GPTConfig
+from parallel import Mesh
 
 torch.set_num_threads(1)
 
 
 def small_clt(activation="relu", L=3, d=8, F=32, k=4, seed=0):
-    return C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation, k=k), seed)
+    return CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation, k=k), seed)
 
 
 def perturb(clt, seed=1):
@@ -61,7 +64,7 @@ def test_jumprelu_straight_through_gradients_follow_the_formula():
     z = torch.tensor([[0.05, 0.2, 0.6, 1.4], [0.45, -0.3, 0.35, 0.9]], requires_grad=True)  # (B=2, F=4)
     theta = torch.tensor([0.1, 0.3, 0.5, 1.0], requires_grad=True)
     g = torch.tensor([[1.0, 2.0, -1.0, 0.5], [3.0, 1.0, 2.0, -2.0]])
-    (C.JumpReLUFunction.apply(z, theta, eps) * g).sum().backward()
+    (JumpReLUFunction.apply(z, theta, eps) * g).sum().backward()
     # ∂a/∂z = H(z − θ);  ∂a/∂θ = −(θ/ε)·1{|z − θ| < ε/2}, summed over the batch
     torch.testing.assert_close(z.grad, g * (z.detach() > theta.detach()))
     inside = ((z.detach() - theta.detach()).abs() < eps / 2).float()
@@ -105,7 +108,7 @@ def test_save_load_round_trip_is_exact(tmp_path, activation):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors", "W_enc_0.safetensors",
                      "W_enc_1.safetensors", "W_enc_2.safetensors", "config.json"]
-    back = C.CrossLayerTranscoder.from_pretrained(tmp_path)
+    back = CrossLayerTranscoder.from_pretrained(tmp_path)
     assert back.config == clt.config
     for (name, a), (_, b) in zip(clt.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), name
@@ -115,24 +118,24 @@ def test_save_load_round_trip_is_exact(tmp_path, activation):
 
 def test_tp_shards_are_slices_of_the_full_model(tmp_path):
     full = small_clt("jumprelu", seed=3)
-    shards = [C.CrossLayerTranscoder(full.config, 3, C.Mesh(tp=4, tp_rank=r)) for r in range(4)]
+    shards = [CrossLayerTranscoder(full.config, 3, Mesh(tp=4, tp_rank=r)) for r in range(4)]
     torch.testing.assert_close(torch.cat([s.W_enc for s in shards], -1), full.W_enc, rtol=0, atol=0)
     for l in range(3):
         torch.testing.assert_close(torch.cat([s.W_dec[l] for s in shards], 0), full.W_dec[l], rtol=0, atol=0)
     perturb(full).fold_normalization()
     full.save_pretrained(tmp_path)
-    part = C.CrossLayerTranscoder.from_pretrained(tmp_path, C.Mesh(tp=4, tp_rank=1))
+    part = CrossLayerTranscoder.from_pretrained(tmp_path, Mesh(tp=4, tp_rank=1))
     torch.testing.assert_close(part.W_enc, full.W_enc[:, :, 8:16], rtol=0, atol=0)
     torch.testing.assert_close(part.threshold, full.threshold[:, 8:16])
     with pytest.raises(ValueError, match="split evenly"):
-        C.CrossLayerTranscoder(full.config, mesh=C.Mesh(tp=3))
+        CrossLayerTranscoder(full.config, mesh=Mesh(tp=3))
 
 
 def test_the_init_drawn_in_blocks_is_one_draw_sliced():
     """At F = 2^16 the init is drawn in several blocks per tensor (each rank keeps only its part):
     the same numbers as one draw from the seeded generator, sliced."""
-    config = C.CLTConfig(n_layers=2, d_model=64, n_features=2 ** 16, activation="relu")
-    shards = [C.CrossLayerTranscoder(config, 7, C.Mesh(tp=4, tp_rank=r)) for r in range(4)]
+    config = CLTConfig(n_layers=2, d_model=64, n_features=2 ** 16, activation="relu")
+    shards = [CrossLayerTranscoder(config, 7, Mesh(tp=4, tp_rank=r)) for r in range(4)]
     g = torch.Generator().manual_seed(7)
     W_enc = (torch.rand(2 * 64, 2 ** 16, generator=g) * 2 - 1) * 2 ** -8  # (L·d, F), bound 1/sqrt(F)
     W_dec0 = (torch.rand(2 ** 16, 2 * 64, generator=g) * 2 - 1) * 128 ** -0.5  # (F, 2·d), bound 1/sqrt(L·d)
@@ -142,11 +145,11 @@ def test_the_init_drawn_in_blocks_is_one_draw_sliced():
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="k must be"):
-        C.CLTConfig(n_features=8, activation="topk", k=9)
+        CLTConfig(n_features=8, activation="topk", k=9)
     with pytest.raises(ValueError, match="activation"):
-        C.CLTConfig(activation="gelu")
+        CLTConfig(activation="gelu")
     with pytest.raises(ValueError, match="positive"):
-        C.CLTConfig(n_features=0)
+        CLTConfig(n_features=0)
 
 
 # -----------------------------------------------------------------------------
@@ -156,10 +159,10 @@ def test_bad_config_is_refused():
 def make_model_dir(path, n_layer=2, n_embd=16, seed=0):
     """A seeded random GPT with a byte-level tokenizer (256 bytes + <|endoftext|>, no merges)."""
     torch.manual_seed(seed)
-    C.GPT(C.GPTConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, n_ctx=32, vocab_size=257)).save_pretrained(path)
-    vocab = {ch: i for i, ch in enumerate(C.bytes_to_unicode().values())}
+    GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, n_ctx=32, vocab_size=257)).save_pretrained(path)
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump({**vocab, C.ENDOFTEXT: 256}, f)
+        json.dump({**vocab, ENDOFTEXT: 256}, f)
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     return str(path)
@@ -172,7 +175,7 @@ def make_cache(root, n_layer=2, n_embd=16, tokens=6000):
     words = "the cat sat on a mat dog ran far away big red sun".split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(10, 40))) for _ in range(800)]
     with open(os.path.join(root, "corpus.txt"), "w") as f:
-        f.write(C.ENDOFTEXT.join(docs))
+        f.write(ENDOFTEXT.join(docs))
     out = os.path.join(root, "cache")
     cache_lib.build_cache(cache_lib.CacheConfig(model=model, corpus=os.path.join(root, "corpus.txt"), tokens=tokens,
                                                 ctx=32, out=out, heldout=0.1, shard_tokens=2048, device="cpu"))
@@ -217,10 +220,10 @@ def test_resume_equals_an_uninterrupted_run(small_cache, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    if not os.path.exists(os.path.join(C.DEFAULT_MODEL, "model.safetensors")):
+    if not os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")):
         pytest.skip("models/tiny is not in this checkout")
     out = str(tmp_path_factory.mktemp("tiny") / "cache")
-    cache_lib.build_cache(cache_lib.CacheConfig(model=C.DEFAULT_MODEL, corpus="toy", tokens=12000, heldout=0.1,
+    cache_lib.build_cache(cache_lib.CacheConfig(model=DEFAULT_MODEL, corpus="toy", tokens=12000, heldout=0.1,
                                                 out=out, device="cpu"))
     return out
 
@@ -234,7 +237,7 @@ def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
     assert sum(m["l0"]) / 4 < 25, m["l0"]
     assert m["eval"]["recovered"] > 0.9 and m["eval"]["ce_zero"] > m["eval"]["ce_clean"] + 2, m["eval"]
     assert max(m["eval"]["fvu"]) < 0.15 and sum(m["eval"]["l0"]) / 4 < 25, m["eval"]  # held out, inference mode
-    clt = C.CrossLayerTranscoder.from_pretrained(tmp_path)  # the export works on raw activations
+    clt = CrossLayerTranscoder.from_pretrained(tmp_path)  # the export works on raw activations
     cache = cache_lib.ActivationCache(tiny_cache)
     x, y, *_ = cache.read(*cache.split_range("heldout"))
     fvu = (clt(x)[1] - y).pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))
@@ -243,12 +246,12 @@ def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
 
 def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
     cache = cache_lib.ActivationCache(small_cache)
-    gpt = C.GPT.from_pretrained(cache.manifest["model"])
+    gpt = GPT.from_pretrained(cache.manifest["model"])
     contexts = T.heldout_contexts(cache, 4, bos=256)
     assert contexts.shape == (4, 32) and (contexts[:, 0] == 256).all()
 
     class Stub(torch.nn.Module):  # stands in for a CLT: the true MLPs, scaled by s
-        mesh = C.Mesh()
+        mesh = Mesh()
 
         def __init__(self, s):
             super().__init__()

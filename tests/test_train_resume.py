@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import clt as C
 import train as T
+from clt import CrossLayerTranscoder
 from test_train import config, make_cache, make_model_dir, read_metrics, small_cache  # noqa: F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLED_AT = """
 import os, signal, sys
 import clt, train
+from forge.cli import run_main
 module, name, n = {"clt": clt, "train": train}[sys.argv[1]], sys.argv[2], int(sys.argv[3])
 real, calls = getattr(module, name), []
 
@@ -33,7 +34,7 @@ def dying(*args, **kwargs):
     return real(*args, **kwargs)
 
 setattr(module, name, dying)
-clt.run_main(lambda: train.main(sys.argv[4:]))
+run_main(lambda: train.main(sys.argv[4:]))
 """
 
 
@@ -83,7 +84,7 @@ def test_resume_continues_in_the_out_it_is_given(small_cache, tmp_path):  # noqa
     assert torch.equal(a["W_dec_0"], b["W_dec_0"])
     with open(os.path.join(small_cache, "manifest.json")) as f:
         model_sha = json.load(f)["identity"]["model_sha256"]
-    clt = C.CrossLayerTranscoder.from_pretrained(tmp_path / "copy")
+    clt = CrossLayerTranscoder.from_pretrained(tmp_path / "copy")
     assert clt.config.model_sha256 == model_sha  # the CLT names the model it belongs to
 
 
@@ -158,10 +159,10 @@ def test_a_kill_during_the_final_export_is_repaired_by_resume(small_cache, tmp_p
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert latest_step(out) == 30
     with pytest.raises(ValueError, match="comes from another save"):
-        C.CrossLayerTranscoder.from_pretrained(out)
+        CrossLayerTranscoder.from_pretrained(out)
     repaired = run_train(["--resume", "--out", str(out)])
     assert repaired.returncode == 0, repaired.stderr[-2000:]
-    C.CrossLayerTranscoder.from_pretrained(out)  # whole again
+    CrossLayerTranscoder.from_pretrained(out)  # whole again
     with open(out / "training.json") as f:
         done = json.load(f)
     with open(out / "config.json") as f:

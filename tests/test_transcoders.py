@@ -7,16 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import clt as C
 import train as T
 from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
+from clt import CLTConfig, CrossLayerTranscoder, load_transcoder, new_transcoder
+from forge.formats import from_saelens, save_circuit_tracer, save_saelens
 
 
 def pair(skip=False, L=3, d=8, F=16, seed=0):
     """A CLT and a PLT with the same encoders, same-layer decoders, biases, scales (and skip)."""
     config = dict(n_layers=L, d_model=d, n_features=F, activation="relu", skip=skip)
-    cross = C.CrossLayerTranscoder(C.CLTConfig(**config), seed)
-    plt = C.CrossLayerTranscoder(C.CLTConfig(**config, decoder="per-layer"), seed)
+    cross = CrossLayerTranscoder(CLTConfig(**config), seed)
+    plt = CrossLayerTranscoder(CLTConfig(**config, decoder="per-layer"), seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for t in (cross.b_enc, cross.b_dec, cross.input_scale, cross.output_scale):
@@ -55,7 +56,7 @@ def test_the_skip_connection_is_linear_in_mlp_in_and_folds_into_the_export(tmp_p
     torch.testing.assert_close(skip, expected, atol=1e-5, rtol=1e-5)
     assert skip.abs().max() > 1e-3  # the skip path is not zero: the test has teeth
     plt.save_pretrained(tmp_path)
-    back = C.CrossLayerTranscoder.from_pretrained(tmp_path)
+    back = CrossLayerTranscoder.from_pretrained(tmp_path)
     assert back.config.decoder == "per-layer" and back.config.skip
     torch.testing.assert_close(back(mlp_in)[1], plt(mlp_in)[1], atol=1e-5, rtol=1e-5)
 
@@ -66,15 +67,15 @@ def test_a_mixed_or_incomplete_export_is_refused(tmp_path):
     cross.save_pretrained(tmp_path / "b")
     (tmp_path / "a" / "W_dec_1.safetensors").write_bytes((tmp_path / "b" / "W_dec_1.safetensors").read_bytes())
     with pytest.raises(ValueError, match="another save.*re-export"):
-        C.CrossLayerTranscoder.from_pretrained(tmp_path / "a")
+        CrossLayerTranscoder.from_pretrained(tmp_path / "a")
     (tmp_path / "b" / "W_enc_2.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        C.CrossLayerTranscoder.from_pretrained(tmp_path / "b")
+        CrossLayerTranscoder.from_pretrained(tmp_path / "b")
 
 
 def test_unknown_decoder_is_refused():
     with pytest.raises(ValueError, match="decoder must be one of"):
-        C.CLTConfig(decoder="per_layer")
+        CLTConfig(decoder="per_layer")
 
 
 def perturbed_ln_2(model, seed=3):
@@ -92,12 +93,12 @@ def test_saelens_layout_computes_our_transcoder_on_transformerlens_inputs(hub_mo
     _, model, _ = hub_model
     model = perturbed_ln_2(copy.deepcopy(model))  # the fixture's model is shared: change a copy
     _, plt = pair(skip, L=2, d=32, F=24)
-    plt = C.CrossLayerTranscoder(dataclasses.replace(plt.config, activation=activation), 0).eval()
+    plt = CrossLayerTranscoder(dataclasses.replace(plt.config, activation=activation), 0).eval()
     with torch.no_grad():
         plt.b_enc.normal_(0, 0.5)
         if skip:
             plt.W_skip.normal_(0, 0.1)
-    C.save_saelens(plt, tmp_path, model)
+    save_saelens(plt, tmp_path, model)
     idx = torch.randint(0, 257, (2, 9))
     mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d) our MLP inputs
     expected = plt(mlp_in)[1]
@@ -111,26 +112,26 @@ def test_saelens_layout_computes_our_transcoder_on_transformerlens_inputs(hub_mo
         acts = torch.relu(pre) * (pre > p["threshold"]) if "threshold" in p else torch.relu(pre)
         out = acts @ p["W_dec"] + p["b_dec"] + (x_hat @ p["W_skip"].T if skip else 0)
         torch.testing.assert_close(out, expected[:, l], atol=1e-4, rtol=1e-4)
-    back = C.from_saelens(tmp_path, model)
+    back = from_saelens(tmp_path, model, new_transcoder)
     assert back.config.model_sha256 == model.fingerprint()
     torch.testing.assert_close(back(mlp_in)[1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_saelens_refuses_what_it_cannot_hold(hub_model, tmp_path):
     _, model, _ = hub_model
-    cross = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=8))
+    cross = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=32, n_features=8))
     with pytest.raises(ValueError, match="per-layer transcoders; this one is cross-layer"):
-        C.save_saelens(cross, tmp_path, model)
-    plt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=8, decoder="per-layer"))
-    C.save_saelens(plt, tmp_path, model)
+        save_saelens(cross, tmp_path, model)
+    plt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=32, n_features=8, decoder="per-layer"))
+    save_saelens(plt, tmp_path, model)
     (tmp_path / "blocks.1.ln2.hook_normalized" / "cfg.json").unlink()
     with pytest.raises(ValueError, match=r"layers \[0\], the model has 2"):
-        C.from_saelens(tmp_path, model)
+        from_saelens(tmp_path, model, new_transcoder)
 
 
 def random_transcoder(decoder, activation, skip, L=2, d=32, F=24):
     """A transcoder that fires on about half its features, with scales other than 1 and a skip path."""
-    t = C.CrossLayerTranscoder(C.CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation,
+    t = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation,
                                            decoder=decoder, skip=skip), 0).eval()
     with torch.no_grad():
         t.b_enc.normal_(0, 0.5)
@@ -149,11 +150,11 @@ def test_circuit_tracer_layout_loads_back_identically(hub_model, tmp_path, decod
     _, model, _ = hub_model
     model = perturbed_ln_2(copy.deepcopy(model))
     t = random_transcoder(decoder, activation, skip)
-    C.save_circuit_tracer(t, tmp_path / "ct", model)
+    save_circuit_tracer(t, tmp_path / "ct", model)
     config = json.loads((tmp_path / "ct" / "config.yaml").read_text())
     assert config["model_kind"] == {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}[decoder]
     assert config["feature_input_hook"] == "ln2.hook_normalized" and config["feature_output_hook"] == "hook_mlp_out"
-    back = C.load_transcoder(str(tmp_path / "ct"), model)
+    back = load_transcoder(str(tmp_path / "ct"), model)
     assert dataclasses.replace(back.config, model_sha256="") == t.config
     idx = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(0))
     mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d)
@@ -164,7 +165,7 @@ def test_circuit_tracer_layout_loads_back_identically(hub_model, tmp_path, decod
     torch.testing.assert_close(out_back, out, atol=1e-6, rtol=1e-6)
     other = perturbed_ln_2(copy.deepcopy(model), seed=4)
     with pytest.raises(ValueError, match="another model"):  # its ln_2 was folded in: no other model's
-        C.load_transcoder(str(tmp_path / "ct"), other)
+        load_transcoder(str(tmp_path / "ct"), other)
 
 
 def test_circuit_tracer_layout_computes_our_plt_on_transformerlens_inputs(hub_model, tmp_path):
@@ -173,7 +174,7 @@ def test_circuit_tracer_layout_computes_our_plt_on_transformerlens_inputs(hub_mo
     _, model, _ = hub_model
     model = perturbed_ln_2(copy.deepcopy(model))
     t = random_transcoder("per-layer", "jumprelu", True)
-    C.save_circuit_tracer(t, tmp_path, model)
+    save_circuit_tracer(t, tmp_path, model)
     idx = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(0))
     mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d)
     expected = t(mlp_in)[1]
@@ -190,17 +191,17 @@ def test_circuit_tracer_layout_computes_our_plt_on_transformerlens_inputs(hub_mo
 def test_circuit_tracer_layout_refuses_what_it_cannot_hold(hub_model, tmp_path):
     _, model, _ = hub_model
     with pytest.raises(ValueError, match="no TopK transcoder"):
-        C.save_circuit_tracer(random_transcoder("per-layer", "topk", False), tmp_path, model)
+        save_circuit_tracer(random_transcoder("per-layer", "topk", False), tmp_path, model)
     with pytest.raises(ValueError, match="reads no skip connection"):
-        C.save_circuit_tracer(random_transcoder("cross-layer", "relu", True), tmp_path, model)
-    C.save_circuit_tracer(random_transcoder("per-layer", "relu", False), tmp_path, model)
+        save_circuit_tracer(random_transcoder("cross-layer", "relu", True), tmp_path, model)
+    save_circuit_tracer(random_transcoder("per-layer", "relu", False), tmp_path, model)
     config = json.loads((tmp_path / "config.yaml").read_text())
     (tmp_path / "config.yaml").write_text(json.dumps({**config, "feature_input_hook": "hook_resid_mid"}))
     with pytest.raises(ValueError, match="only MLP transcoders"):
-        C.load_transcoder(str(tmp_path), model)
+        load_transcoder(str(tmp_path), model)
     (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")
     with pytest.raises(ValueError, match="is not JSON"):
-        C.load_transcoder(str(tmp_path), model)
+        load_transcoder(str(tmp_path), model)
 
 
 # -----------------------------------------------------------------------------
@@ -213,14 +214,14 @@ def test_a_short_plt_run_trains_exports_and_loads_back_identically(small_cache, 
     first = read_metrics(tmp_path)[0]
     assert sum(m["fvu"]) < sum(first["fvu"]), (first["fvu"], m["fvu"])  # it learned
     assert "recovered" in m["eval"]  # evaluated the same way: the spliced loss
-    plt = C.CrossLayerTranscoder.from_pretrained(tmp_path)
+    plt = CrossLayerTranscoder.from_pretrained(tmp_path)
     assert plt.config.decoder == "per-layer" and plt.config.skip == skip
     assert [tuple(W.shape) for W in plt.W_dec] == [(64, 1, 16)] * 2
     if skip:  # the skip connection trained too and went into the export
         assert plt.W_skip.abs().max() > 0
     x = torch.randn(10, 2, 16) * 4
     plt.save_pretrained(tmp_path / "again")
-    back = C.CrossLayerTranscoder.from_pretrained(tmp_path / "again")
+    back = CrossLayerTranscoder.from_pretrained(tmp_path / "again")
     for (name, u), (_, v) in zip(plt.state_dict().items(), back.state_dict().items()):
         assert torch.equal(u, v), name
     torch.testing.assert_close(back(x)[1], plt(x)[1])
@@ -230,12 +231,12 @@ def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
     import graph
 
     model_dir, model, _ = hub_model
-    plt = C.CrossLayerTranscoder(C.CLTConfig(n_layers=2, d_model=32, n_features=24, activation="relu",
+    plt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=32, n_features=24, activation="relu",
                                              decoder="per-layer", skip=True), 0)
     with torch.no_grad():
         plt.b_enc.fill_(0.2)  # some features fire on every token
         plt.W_skip.normal_(0, 0.1)
-    C.save_saelens(plt, tmp_path / "saelens", model)
+    save_saelens(plt, tmp_path / "saelens", model)
     graph.main(["--model", model_dir, "--clt", str(tmp_path / "saelens"), "--prompt", "the cat", "--device", "cpu",
                 "--interp", str(tmp_path / "none"), "--out", str(tmp_path / "graph")])
     assert "exactness" in capsys.readouterr().out
@@ -243,4 +244,4 @@ def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
     assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a CLT saved by train.py"):
-        C.load_transcoder(str(tmp_path / "empty"), model)
+        load_transcoder(str(tmp_path / "empty"), model)
