@@ -47,7 +47,7 @@ torchrun uses gloo).
 
 The recovery benchmark trains CLTs of F = 2d, 8d, 32d per layer at train.py's default sparsity
 and a --sparsity sweep at 8d, each for --recovery-steps on one small cache of models/tiny, and scores them
-with interp.py's concept scores on two evaluation sets of tiny.eval_corpus (seeds 1 and 2): per label
+with interp.py's concept scores on two evaluation sets of toyworld.eval_corpus (seeds 1 and 2): per label
 family the share of concepts some feature matches with F1 >= 0.8 and the mean best F1, beside the MLP
 neurons and a random CLT of each size. The recipe with the best headline (category, entity, latent) on
 the first set is named; every number in the table and the plot is from the second. Sized for a CPU: a
@@ -380,12 +380,12 @@ def peak_bytes(device, base):
 def hf_random_model_dir(path, n_layer=12, n_head=12, n_embd=768, n_ctx=1024, vocab_size=50257, seed=0):
     """A random GPT-2 made by transformers (its own init, N(0, 0.02) weights) in the hub layout, with a
     byte-level tokenizer (256 bytes, <|endoftext|> = 256): the GPT-2-small shape without a download."""
-    import tiny
+    from forge import toyworld
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_ctx, vocab_size=vocab_size)
     GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
-    tiny.save_tokenizer(path, [])
+    toyworld.save_tokenizer(path, [])
     return path
 
 
@@ -522,15 +522,15 @@ def bench_vs_circuit_tracer(cfg):
 def two_hop_probes(world, people):
     """(prompt, answer, relation, country, person): "{person} lives in {city}. The language {person}
     speaks is" -> the language of the city's country; template 0 of each two-hop relation."""
-    import tiny
+    from forge import toyworld
     out = []
     for person in people:
         home = world.lookup["person"][person]["home"]
-        bridge = tiny.TEMPLATES["home"][0].format(person=person, city=home)
-        for relation in tiny.TWO_HOP:
+        bridge = toyworld.TEMPLATES["home"][0].format(person=person, city=home)
+        for relation in toyworld.TWO_HOP:
             answer = world.two_hop(person, relation)
-            slot = tiny.SLOT_RE.findall(tiny.TEMPLATES[relation][0])[-1]
-            prompt, answer = tiny.split_prompt(tiny.TEMPLATES[relation][0].format(person=person, **{slot: answer}), answer)
+            slot = toyworld.SLOT_RE.findall(toyworld.TEMPLATES[relation][0])[-1]
+            prompt, answer = toyworld.split_prompt(toyworld.TEMPLATES[relation][0].format(person=person, **{slot: answer}), answer)
             out.append((bridge + " " + prompt, answer, relation, world.country_of(home), person))
     return out
 
@@ -546,9 +546,9 @@ def two_hop_study(cfg):
     change of log p(answer) and of the answer's logit minus the mean logit of the other countries'
     answers when the 3 most influential selective features, or 3 other last-token ones, are ablated."""
     import graph
-    import tiny
+    from forge import toyworld
     device = cfg.device
-    model, enc, world = GPT.from_pretrained().to(device), load_tokenizer(DEFAULT_MODEL), tiny.load_world()
+    model, enc, world = GPT.from_pretrained().to(device), load_tokenizer(DEFAULT_MODEL), toyworld.load_world()
     t = CrossLayerTranscoder.from_pretrained(cfg.graph_clt).to(device)
     probes = two_hop_probes(world, [p["name"] for p in world.people])
     with torch.no_grad():  # last-token activations of every probe: (P, L, F)
@@ -562,7 +562,7 @@ def two_hop_study(cfg):
             continue  # nobody else lives in this country: selectivity is undefined
         selective = last[same].float().mean(0) - last[other].float().mean(0) >= 0.5  # (L, F)
         idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
-        city = torch.tensor([i + 1 for i, lab in enumerate(tiny.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
+        city = torch.tensor([i + 1 for i, lab in enumerate(toyworld.label_tokens(prompt, enc, world)) if "role:bridge" in lab])
         rep = graph.local_replacement(model, t, idx)
         g = graph.attribute(model, t, rep, batch_size=cfg.graph_batch)
         fs, ls = g.slices().features, g.slices().logits
@@ -874,7 +874,7 @@ class CompactnessBench(Bench):
     compactness_k: int = arg(8, 'TopK k of every transcoder: the matched mean L0')
     compactness_steps: int = arg(400, 'training steps of each transcoder')
     compactness_batch: int = arg(1024, 'tokens per training step')
-    compactness_per_family: int = arg(6, 'prompts of each tiny.eval_prompts kind')
+    compactness_per_family: int = arg(6, 'prompts of each toyworld.eval_prompts kind')
     compactness_kinds: str = arg("clt,plt", 'transcoders to compare: clt, plt and/or plt-skip (bench.TRANSCODERS)')
     compactness_figure: str = arg(os.path.join("assets", "compactness.png"), 'the figure')
 
@@ -900,11 +900,11 @@ def train_transcoders(cfg, root):
 
 
 def family_prompts(world, per_family):
-    """{kind: [(prompt, answer)]}: the first per_family held-out prompts of every kind of tiny.eval_prompts,
+    """{kind: [(prompt, answer)]}: the first per_family held-out prompts of every kind of toyworld.eval_prompts,
     in a fixed shuffled order (seed 0) so each kind mixes relations, people and templates."""
-    import tiny
+    from forge import toyworld
     out = {}
-    for prompt, answer, kind in tiny.eval_prompts(world):
+    for prompt, answer, kind in toyworld.eval_prompts(world):
         out.setdefault(kind, []).append((prompt, answer))
     rng = random.Random(0)
     return {kind: rng.sample(ps, min(per_family, len(ps))) for kind, ps in out.items()}
@@ -997,10 +997,10 @@ def bench_compactness(cfg):
     length from the token embeddings to the logits (in edges), and for two-hop prompts the share of
     the feature influence carried by the last-token features selective for the latent country."""
     import graph
-    import tiny
+    from forge import toyworld
     root = os.path.join(cfg.out, "compactness")
     model = GPT.from_pretrained().to(cfg.device).eval()
-    enc, world = load_tokenizer(DEFAULT_MODEL), tiny.load_world()
+    enc, world = load_tokenizer(DEFAULT_MODEL), toyworld.load_world()
     t0 = time.time()
     print("phase 1: the cache and the transcoders")
     trained = train_transcoders(cfg, root)
@@ -1101,14 +1101,14 @@ def cuda_peak_gib(device):
 
 def hf_gpt2_small(path, seed=0):
     """A random GPT-2 small, initialized and saved by transformers, plus a byte-level tokenizer."""
-    import tiny
+    from forge import toyworld
     try:
         import transformers
     except ImportError as e:
         raise ValueError("bench.py scale makes its model with transformers: pip install transformers") from e
     torch.manual_seed(seed)
     transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(path)
-    tiny.save_tokenizer(path, [])
+    toyworld.save_tokenizer(path, [])
     return path
 
 
@@ -1614,7 +1614,7 @@ class RecoveryBench(Bench):
     recovery_steps: int = arg(300, 'CLT training steps of 1024 tokens (train.py: 1000)')
     recovery_sizes: str = arg("2,8,32", 'F per layer / d_model, at the default sparsity')
     recovery_sparsity: str = arg("0.2,0.7,2.5", 'train.py --sparsity values swept at F = 8 d')
-    recovery_support: int = arg(24, 'tiny.eval_corpus support of both evaluation sets')
+    recovery_support: int = arg(24, 'toyworld.eval_corpus support of both evaluation sets')
     recovery_seeds: str = arg("1,2", 'evaluation-set seeds: pick the recipe on the first, report on the second')
     recovery_plot: str = arg(os.path.join("assets", "recovery.png"), 'where the plot goes')
 
@@ -1660,13 +1660,13 @@ def bench_recovery(cfg):
     evaluation sets: the recipe is chosen on the first, reported on the second. Sized for a 2-core CPU: a
     small training cache and few steps (see the arguments)."""
     import interp
-    import tiny
+    from forge import toyworld
     t_start = time.perf_counter()
     root = os.path.join(cfg.out, "recovery")
     model_dir = DEFAULT_MODEL
     model = GPT.from_pretrained(model_dir).to(cfg.device)
     enc = load_tokenizer(model_dir)
-    world = tiny.load_world(model_dir)
+    world = toyworld.load_world(model_dir)
     d = model.config.n_embd
     cache_dir = os.path.join(root, "cache")
     cache.build_cache(cache.CacheConfig(tokens=cfg.recovery_tokens, out=cache_dir, device=cfg.device))
@@ -1780,7 +1780,7 @@ class FaithfulnessBench(Bench):
     faithfulness_tokens: int = arg(200_000, 'tokens of the models/tiny cache that CLT is trained on')
     faithfulness_features: int = arg(512, 'its features per layer (TopK, k = 8)')
     faithfulness_steps: int = arg(200, 'its training steps of 1024 tokens')
-    faithfulness_per_family: int = arg(6, 'prompts of each tiny.eval_prompts kind')
+    faithfulness_per_family: int = arg(6, 'prompts of each toyworld.eval_prompts kind')
     faithfulness_k: int = arg(5, 'features per pruned graph: its k most influential, and k random active ones')
     faithfulness_floor: float = arg(0.05, '|measured| below this (logits) counts as this in relative errors')
     faithfulness_seed: int = arg(0, 'seed of the random control features')
@@ -1966,13 +1966,13 @@ def bench_faithfulness(cfg):
     graph and measured by ablating it (graph.intervene). Per family: Pearson r, median relative error
     (|measured| floored at faithfulness_floor) and sign agreement (over |measured| >= the floor)."""
     import graph
-    import tiny
+    from forge import toyworld
     t0 = time.time()
     root = os.path.join(cfg.out, "faithfulness")
     os.makedirs(root, exist_ok=True)
     model = GPT.from_pretrained().to(cfg.device).eval()
     enc = load_tokenizer(DEFAULT_MODEL)
-    world = tiny.load_world()
+    world = toyworld.load_world()
     print("phase 1: the CLT")
     t, what = faithfulness_clt(cfg, model, root)
     families = family_prompts(world, cfg.faithfulness_per_family)

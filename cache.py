@@ -20,7 +20,7 @@ row ids, read and crc-checked on background threads; ActivationCache.dequantize(
     torchrun: build once with one process; every training rank opens the same cache and reads
     its own share: ActivationCache(path).batches(batch_size, seed, rank, world)
 
-Corpora (--corpus): "toy" (tiny.toy_corpus); a .txt file (documents separated by <|endoftext|>); a
+Corpora (--corpus): "toy" (toyworld.toy_corpus); a .txt file (documents separated by <|endoftext|>); a
 .jsonl (one object per line) or a .json list (of strings or objects); a .parquet file; a folder of
 .txt / .jsonl / .parquet files (sorted by path); hf:NAME[:config][:split], a Hugging Face dataset,
 streamed (split defaults to train). --text-field names the field or column holding the text.
@@ -320,12 +320,12 @@ def iter_documents(corpus, seed=0, text_field="text"):
 
 def _toy_documents(seed):
     try:
-        import tiny  # imported lazily: only the toy corpus needs it
+        from forge import toyworld  # imported lazily: only the toy corpus needs it
     except ModuleNotFoundError as e:
-        raise ValueError("--corpus toy needs tiny.py (tiny.toy_corpus), which this checkout lacks: "
+        raise ValueError("--corpus toy needs tiny.py (toyworld.toy_corpus), which this checkout lacks: "
                          "pass --corpus PATH to a .txt, .jsonl or .parquet file or a folder of them") from e
     for chunk in range(sys.maxsize):  # endless: stops when the writer has enough tokens
-        yield from tiny.toy_corpus(TOY_CHUNK, seed * 1_000_003 + chunk)
+        yield from toyworld.toy_corpus(TOY_CHUNK, seed * 1_000_003 + chunk)
 
 
 def _file_documents(path, text_field):

@@ -10,8 +10,8 @@ alone, and scores for that explanation, from one streaming pass over each split 
     explanation:    the n-grams whose presence best predicts firing (greedy F1 on the train counts)
                     + the top promoted tokens, e.g.  fires on " Tarn", " capital" | promotes " Velorian"
     held-out split: detection and fuzzing scores of each explanation
-    toy world:      tiny.eval_corpus -> cache.py (as the training cache) -> OUT/concept_cache, labeled by
-                    tiny.label_tokens; per concept its best feature by F1, for the CLT and two baselines
+    toy world:      toyworld.eval_corpus -> cache.py (as the training cache) -> OUT/concept_cache, labeled by
+                    toyworld.label_tokens; per concept its best feature by F1, for the CLT and two baselines
     --> out/features.jsonl (one object per feature), out/summary.json, out/summary.png
 
     python interp.py --help
@@ -32,13 +32,13 @@ activation histograms as on Neuronpedia; direct logit effects as in Bricken et a
 Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned beyond
 max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk is cut down
 to its firings right after encoding, so the pass costs about twice a read + encode of the cache.
-On the toy world (a model directory with tiny.py's world.json) features are scored against ground truth
+On the toy world (a model directory with forge/toyworld.py's world.json) features are scored against ground truth
 on a dedicated evaluation set, not on the held-out split (a few thousand tokens there give most entities
-no support): tiny.eval_corpus generates documents until every concept of every label family has
+no support): toyworld.eval_corpus generates documents until every concept of every label family has
 --concept-support labeled tokens (32: ~107k tokens, ~1000 concepts, each scored from --min-support 20
 on), and cache.py stores their activations exactly as it stored the training rows. A concept is
 recovered when some feature's "fires" (activation > 0) has F1 >= --concept-f1 against its tokens; the
-headline is the share recovered and the mean best F1 per family (tiny.label_tokens documents them:
+headline is the share recovered and the mean best F1 per family (toyworld.label_tokens documents them:
 input = entity and category, output = the next token the model must say, latent = the country behind
 a two-hop question), the --families together, and the same numbers for two baselines scored the same
 way, since the best of thousands of features grows with their number: the model's MLP neurons (a neuron
@@ -116,9 +116,9 @@ class InterpConfig:
     fuzz_window: int = arg(4, 'fuzzing: tokens within this distance of a firing make its context')
     dense: float = arg(0.1, 'a feature firing on more than this share of tokens is dense')
     interpretable: float = arg(0.8, 'detection AUROC from which a live, non-dense feature is interpretable')
-    concept_cache: str = arg("", 'where the evaluation set\'s activation cache goes; "" = OUT/concept_cache', group="the toy world (a model directory with tiny.py's world.json): concept scores on a labeled evaluation set")
-    concept_seed: int = arg(2, 'seed of the evaluation set (tiny.eval_corpus); bench.py recovery picks recipes on 1')
-    concept_support: int = arg(32, 'labeled tokens the evaluation set gives every concept (tiny.eval_corpus)')
+    concept_cache: str = arg("", 'where the evaluation set\'s activation cache goes; "" = OUT/concept_cache', group="the toy world (a model directory with forge/toyworld.py's world.json): concept scores on a labeled evaluation set")
+    concept_seed: int = arg(2, 'seed of the evaluation set (toyworld.eval_corpus); bench.py recovery picks recipes on 1')
+    concept_support: int = arg(32, 'labeled tokens the evaluation set gives every concept (toyworld.eval_corpus)')
     concept_f1: float = arg(0.8, 'a planted concept counts as recovered when a feature reaches this F1')
     min_support: int = arg(20, 'labeled tokens a concept needs to be scored')
     families: str = arg("category,entity,latent", 'label families whose recovery is the headline (all are listed)')
@@ -644,13 +644,13 @@ def write_features(path, stats, expl, effects, scores, concepts, enc, cfg):
 
 
 def concept_cache(model_dir, model, world, train_cache, cfg):
-    """The evaluation set tiny.eval_corpus(world, concept_seed, concept_support) as an activation cache, made
+    """The evaluation set toyworld.eval_corpus(world, concept_seed, concept_support) as an activation cache, made
     by cache.py exactly as the training cache was (its ctx, dtype, BOS handling): --concept-cache, or
     OUT/concept_cache. Reused while its documents, model and layout are the same; rebuilt otherwise."""
-    import tiny
+    from forge import toyworld
     from cache import ActivationCache, CacheConfig, build_cache
     out = cfg.concept_cache or os.path.join(cfg.out, "concept_cache")
-    docs = tiny.eval_corpus(world, cfg.concept_seed, cfg.concept_support)
+    docs = toyworld.eval_corpus(world, cfg.concept_seed, cfg.concept_support)
     text = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
     corpus = out.rstrip("/") + ".jsonl"  # beside the cache: cache.py refuses foreign files inside it
     fresh = True
@@ -678,7 +678,7 @@ def concept_cache(model_dir, model, world, train_cache, cfg):
 
 
 class ConceptLabels:
-    """Per row of a cache split, the toy world's labels (tiny.label_tokens), stored sparsely.
+    """Per row of a cache split, the toy world's labels (toyworld.label_tokens), stored sparsely.
 
     The labeler sees what the model saw: each run of rows of one document inside one context (cache.py
     packs documents into contexts, so a document cut by a context boundary gives two runs, the second
@@ -687,7 +687,7 @@ class ConceptLabels:
     """
 
     def __init__(self, cache, world, enc, cfg, split="all"):
-        import tiny  # only the toy world needs it
+        from forge import toyworld  # only the toy world needs it
         tok = []
         doc = []
         pos = []
@@ -709,7 +709,7 @@ class ConceptLabels:
             if enc.encode(text, allowed_special="all") != ids:
                 continue
             self.labeled[a:b] = True
-            for r, labels in enumerate(tiny.label_tokens(text, enc, world)):
+            for r, labels in enumerate(toyworld.label_tokens(text, enc, world)):
                 for name in labels:
                     pairs.append((a + r, index.setdefault(name, len(index))))
         self.names = list(index)
@@ -839,11 +839,11 @@ def best_features(scores: ConceptScores, labels, n_per_layer, cfg):
 def family_table(per_concept, labels, scores, cfg):
     """{family: {kind, concepts, recovered, share, mean_best_f1, unscored}}: recovered = best F1 >= concept_f1;
     unscored = the family's labels with fewer than min_support tokens (not counted)."""
-    import tiny
+    from forge import toyworld
     out = {}
     for name, n in zip(labels.names, scores.support.tolist()):
-        family = tiny.family_of(name)
-        fam = out.setdefault(family, dict(kind=tiny.FAMILIES.get(family, "other"), concepts=0, recovered=0,
+        family = toyworld.family_of(name)
+        fam = out.setdefault(family, dict(kind=toyworld.FAMILIES.get(family, "other"), concepts=0, recovered=0,
                                           share=None, mean_best_f1=None, unscored=0, f1s=[]))
         if n < cfg.min_support:
             fam["unscored"] += 1
@@ -882,7 +882,7 @@ def toy_world_concepts(model_dir, model, enc, clt, cache, world, cfg):
     scores = score_concepts(sets, ccache, labels, cfg)
     if cfg.baselines:
         scores["token_identity"] = token_scores(ccache, labels, model.config.vocab_size, cfg)
-    out = dict(eval_set=dict(kind="tiny.eval_corpus", seed=cfg.concept_seed, support=cfg.concept_support,
+    out = dict(eval_set=dict(kind="toyworld.eval_corpus", seed=cfg.concept_seed, support=cfg.concept_support,
                              cache=ccache.path, tokens=ccache.n_tokens, labeled_tokens=int(labels.labeled.sum())),
                f1_threshold=cfg.concept_f1, min_support=cfg.min_support, families=cfg.families)
     per_feature = None
@@ -1042,8 +1042,8 @@ def run(cfg: InterpConfig):
     model_dir, model, enc, clt, cache = load_inputs(cfg)
     world = None
     if os.path.exists(os.path.join(model_dir, "world.json")):  # the toy world: score against the truth
-        import tiny
-        world = tiny.load_world(model_dir)
+        from forge import toyworld
+        world = toyworld.load_world(model_dir)
     t0 = time.perf_counter()
     stats, expl, effects, scorer = analyze(model, enc, clt, cache, cfg)
     seconds = time.perf_counter() - t0

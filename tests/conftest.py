@@ -1,9 +1,9 @@
 """Shared fixtures: a small random GPT-2 in the hub layout with a byte-level tokenizer, made the way
-tiny.py makes the shipped one (tiny.save_tokenizer), so tests read as what they check."""
+tiny.py makes the shipped one (toyworld.save_tokenizer), so tests read as what they check."""
 import pytest
 import torch
 
-import tiny
+from forge import toyworld
 from forge.hub import load_tokenizer
 from model import GPT, GPTConfig
 
@@ -15,7 +15,7 @@ def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merg
     vocab_size = 256 + len(merges) + 1
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
     model.save_pretrained(path)
-    tiny.save_tokenizer(path, list(merges))
+    toyworld.save_tokenizer(path, list(merges))
     return model.eval(), load_tokenizer(str(path))
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["model.py", "tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", "bench.py"]
+SCRIPTS = ["model.py", "models/build_tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", "bench.py"]
 SUBCOMMANDS = ["model.py generate", "graph.py intervene", "graph.py generate", "viz.py graph", "viz.py features", "viz.py train"]
 
 

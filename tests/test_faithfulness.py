@@ -9,7 +9,7 @@ import torch
 
 import bench
 import graph as G
-import tiny
+from forge import toyworld
 from clt import CLTConfig, CrossLayerTranscoder
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
@@ -30,7 +30,7 @@ def setup():
     with torch.no_grad():  # random decoders write little: scaled up, features carry the influence and pruning keeps them
         for w in t.W_dec:
             w.mul_(30)
-    enc, world = load_tokenizer(DEFAULT_MODEL), tiny.load_world()
+    enc, world = load_tokenizer(DEFAULT_MODEL), toyworld.load_world()
     families = bench.family_prompts(world, 1)
     prompts = [(fam, G.encode_prompt(enc, families[fam][0][0], g.n_ctx)) for fam in FAMILIES]
     return model, t, prompts

@@ -4,7 +4,8 @@ code read from them (EXPECTED). A refactor that changes a file format, a loader'
 loader computes fails here.
 
 EXPECTED was recorded by this module's observe_* functions run with the old commit's code first on the
-path (PYTHONPATH=<old checkout> python tests/test_golden.py prints them). Do not re-record it with new
+path (PYTHONPATH=<old checkout> python tests/test_golden.py prints them, with the import lines of
+that commit: GPT was clt.GPT). Do not re-record it with new
 code: that would only compare the new code with itself. Every test works on tmp_path copies and never
 writes into tests/golden.
 """
@@ -23,6 +24,7 @@ import clt as C
 import graph as G
 import train as T
 import viz as V
+from model import GPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
@@ -40,7 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def gpt():
-    return C.GPT.from_pretrained(MODEL)
+    return GPT.from_pretrained(MODEL)
 
 
 def copy_golden(tmp, *names):
@@ -152,13 +154,7 @@ def observe_resume(run, cache_dir):
 # numbers the old code read from tests/golden (see the module docstring)
 
 MODEL_SHA = "09996dbcc56a731510792316b7d85acf9f07cad3fe4bf928c12699f2eaa062b1"
-EXPECTED = {'cache': '/tmp/tmpeesy2zrm/cache', 'model': '', 'out': '/tmp/tmpeesy2zrm/run', 'features': 16, 'activation': 'jumprelu', 'k': 16, 'threshold_init': 0.03, 'bandwidth': 1.0, 'decoder': 'cross-layer', 'skip': False, 'steps': 22, 'batch_size': 64, 'lr': 0.001, 'warmup': 5, 'decay_frac': 0.2, 'weight_decay': 0.0, 'grad_clip': 1.0, 'seed': 0, 'sparsity': 0.7, 'sparsity_c': 4.0, 'preact': 0.001, 'aux_coef': 0.03125, 'aux_k': -1, 'dead_tokens': 100000, 'eval_every': -1, 'eval_contexts': 64, 'log_every': 1, 'ckpt_every': 10, 'wandb': '', 'resume': True, 'overwrite': False, 'stop_at': -1, 'tp': 1, 'timeout_s': 300, 'device': 'cpu', 'autocast': 'cuda'}
-           saved the CLT to /tmp/tmpeesy2zrm/run: loss 923.1265 | fvu 1.067 | l0 7.5 | dead 0 | gnorm 85.13 | lr 2.27e-04 | 3 ms | 20855 tok/s
-           graph {'inputs': ['/tmp/tmpeesy2zrm/graph/graph.json'], 'out': '', 'interp': '', 'features': '', 'max_nodes': 60, 'max_edges': 150, 'label_chars': 26, 'cell_width': 3}
-           wrote 2 feature files for circuit-tracer's front end to /tmp/tmpeesy2zrm/graph/features
-             to browse: python -m circuit_tracer start-server --graph_file_dir /tmp/tmpeesy2zrm/graph, then open http://localhost:8041/index.html?slug=graph
-           wrote /tmp/tmpeesy2zrm/graph/graph.dot, .svg, .png, .html
-           {'cache': {'problems': [],
+EXPECTED = {'cache': {'problems': [],
                       'n_tokens': 320,
                       'dtype': 'int8',
                       'shape': [4, 128],
@@ -393,7 +389,7 @@ def test_interp_output_loads_and_draws(tmp_path):
 
 def record():
     torch.set_num_threads(1)
-    model = C.GPT.from_pretrained(MODEL)
+    model = GPT.from_pretrained(MODEL)
     out = dict(cache=observe_cache(os.path.join(GOLDEN, "cache"), model),
                clt=observe_transcoder(C.load_transcoder(os.path.join(GOLDEN, "run"), model)),
                circuit_tracer=observe_transcoder(C.load_transcoder(os.path.join(GOLDEN, "circuit_tracer"), model)),
@@ -409,7 +405,9 @@ def record():
 
 
 if __name__ == "__main__":
+    import contextlib
     import pprint
-    expected = record()
+    with contextlib.redirect_stdout(sys.stderr):  # the scripts' own prints
+        expected = record()
     print("recorded with", C.__file__, file=sys.stderr)
     pprint.pprint(expected, width=120, sort_dicts=False)

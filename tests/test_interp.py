@@ -389,7 +389,7 @@ def test_concept_labels_follow_the_labeler(gpt, world):
     """Each run of one document inside one context is labeled as the text the model saw there."""
     tiny = pytest.importorskip("tiny")
     _, enc = gpt
-    c, _, _ = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:60])
+    c, _, _ = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:60])
     labels = interp.ConceptLabels(c, world, enc, small_cfg())
     lab, labeled = labels.rows(0, c.N, "cpu")
     lab = lab.to_dense().T.bool()  # (N, C)
@@ -400,7 +400,7 @@ def test_concept_labels_follow_the_labeler(gpt, world):
     for b in range(1, c.N + 1):
         if b < c.N and doc[b] == doc[b - 1] and pos[b] == pos[b - 1] + 1:
             continue
-        want = tiny.label_tokens(enc.decode(tok[a:b].tolist()), enc, world)
+        want = toyworld.label_tokens(enc.decode(tok[a:b].tolist()), enc, world)
         got = [{labels.names[j] for j in lab[r].nonzero().flatten().tolist()} for r in range(a, b)]
         assert got == want
         runs += 1
@@ -413,7 +413,7 @@ def labeled_rows(texts, docs, enc, world):
     tiny = pytest.importorskip("tiny")
     rows = []
     for text, ids in zip(texts, docs):
-        rows += tiny.label_tokens(enc.decode(ids), enc, world)
+        rows += toyworld.label_tokens(enc.decode(ids), enc, world)
     return rows
 
 
@@ -442,7 +442,7 @@ def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
     target = f"latent:country={country}"
     language = world.lookup["country"][country]["language"]
     people = [p["name"] for p in world.people if world.lookup["city"][p["home"]]["country"] == country]
-    texts = tiny.eval_corpus(world, seed=0, support=2)
+    texts = toyworld.eval_corpus(world, seed=0, support=2)
     texts = [t for t in texts if language in t or any(p in t for p in people)][:80] + texts[:20]
     c, texts, docs = eval_cache(enc, texts, cut=False)
     rows = labeled_rows(texts, docs, enc, world)
@@ -464,7 +464,7 @@ def test_concept_scores_equal_brute_force(gpt, world):
     table and the headline count what the per-concept bests say; the baselines fire as specified."""
     tiny = pytest.importorskip("tiny")
     model, enc = gpt
-    c, texts, docs = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:80], cut=False)
+    c, texts, docs = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:80], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
     g = torch.Generator().manual_seed(0)
     acts = torch.rand(c.N, 12, generator=g) * (torch.rand(c.N, 12, generator=g) < 0.1)  # (N, M) 10 % density
@@ -492,9 +492,9 @@ def test_concept_scores_equal_brute_force(gpt, world):
         assert 4 * best["layer"] + best["feature"] == f1[i].argmax().item()
     table = interp.family_table(per_concept, labels, scores, cfg)
     for fam, row in table.items():
-        mine = [b["f1"] for x, b in per_concept.items() if tiny.family_of(x) == fam]
+        mine = [b["f1"] for x, b in per_concept.items() if toyworld.family_of(x) == fam]
         assert row["concepts"] == len(mine) and row["recovered"] == sum(x >= cfg.concept_f1 for x in mine)
-        assert row["unscored"] == sum(tiny.family_of(x) == fam and n[i] < 3 for i, x in enumerate(names))
+        assert row["unscored"] == sum(toyworld.family_of(x) == fam and n[i] < 3 for i, x in enumerate(names))
     head = interp.headline(table, cfg)
     assert head["n"] == sum(table[f]["concepts"] for f in ("category", "entity", "latent") if f in table)
     # baselines: neurons fire where their GELU input is > 0; a random CLT fires as often as the CLT it copies
@@ -516,7 +516,7 @@ def test_token_oracle_equals_brute_force(gpt, world):
     """token_scores: feature t fires exactly on token t, counted over every row like any feature set."""
     tiny = pytest.importorskip("tiny")
     _, enc = gpt
-    c, texts, docs = eval_cache(enc, tiny.eval_corpus(world, seed=0, support=2)[:40], cut=False)
+    c, texts, docs = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:40], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
     cfg = replace(small_cfg(min_support=3), chunk_size=100)
     labels = interp.ConceptLabels(c, world, enc, cfg)

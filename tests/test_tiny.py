@@ -1,4 +1,4 @@
-"""tiny.py: the toy world, its corpus and labels, the BPE tokenizer, and the shipped models/tiny."""
+"""forge/toyworld.py and models/build_tiny.py: the toy world, its corpus and labels, the BPE tokenizer, and the shipped models/tiny."""
 import json
 import os
 import random
@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-import tiny
+from forge import toyworld
+from models import build_tiny
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
 
@@ -18,7 +19,7 @@ shipped = pytest.mark.skipif(not os.path.exists(os.path.join(TINY, "model.safete
 
 @pytest.fixture(scope="module")
 def world():
-    return tiny.make_world(0)
+    return toyworld.make_world(0)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def enc(world, tmp_path_factory):
     if os.path.exists(os.path.join(TINY, "vocab.json")):
         return load_tokenizer(TINY)
     path = tmp_path_factory.mktemp("tok")
-    tiny.save_tokenizer(path, tiny.train_bpe(tiny.make_corpus(world, 1000, seed=0), max_merges=500)[0])
+    toyworld.save_tokenizer(path, toyworld.train_bpe(toyworld.make_corpus(world, 1000, seed=0), max_merges=500)[0])
     return load_tokenizer(path)
 
 
@@ -36,10 +37,10 @@ def enc(world, tmp_path_factory):
 
 
 def test_generator_is_deterministic(world):
-    assert tiny.make_world(0).to_json() == world.to_json()
-    assert tiny.make_world(1).to_json() != world.to_json()
-    assert tiny.make_corpus(world, 300, seed=5) == tiny.make_corpus(world, 300, seed=5)
-    assert tiny.make_corpus(world, 300, seed=5) != tiny.make_corpus(world, 300, seed=6)
+    assert toyworld.make_world(0).to_json() == world.to_json()
+    assert toyworld.make_world(1).to_json() != world.to_json()
+    assert toyworld.make_corpus(world, 300, seed=5) == toyworld.make_corpus(world, 300, seed=5)
+    assert toyworld.make_corpus(world, 300, seed=5) != toyworld.make_corpus(world, 300, seed=6)
 
 
 def test_world_is_consistent(world):
@@ -53,25 +54,25 @@ def test_world_is_consistent(world):
 
 
 def test_heldout_is_never_trained(world):
-    docs = tiny.make_corpus(world, 4000, seed=0)
+    docs = toyworld.make_corpus(world, 4000, seed=0)
     text = "\n".join(docs)
-    for relation, templates in tiny.TEMPLATES.items():
+    for relation, templates in toyworld.TEMPLATES.items():
         if len(templates) > 1:
-            held = tiny.template_regex(templates[tiny.HELDOUT], world)
+            held = toyworld.template_regex(templates[toyworld.HELDOUT], world)
             assert not held.search(text), f"held-out template of {relation} occurs in training"
-    two_hop = [tiny.template_regex(t, world) for r in tiny.TWO_HOP for t in tiny.TEMPLATES[r]]
+    two_hop = [toyworld.template_regex(t, world) for r in toyworld.TWO_HOP for t in toyworld.TEMPLATES[r]]
     for doc in docs:
         for rx in two_hop:
             for m in rx.finditer(doc):
                 assert m.group("person__0") not in world.heldout_people, doc
     counting = [d for d in docs if d.startswith("Counting:")]
-    assert counting and not any(tiny.is_heldout_start(int(d.split()[1].rstrip(","))) for d in counting)
+    assert counting and not any(toyworld.is_heldout_start(int(d.split()[1].rstrip(","))) for d in counting)
 
 
 def test_shipped_world_is_the_generated_one(world):
     if not os.path.exists(os.path.join(TINY, "world.json")):
         pytest.skip("models/tiny not built")
-    assert tiny.load_world(TINY).to_json() == world.to_json()
+    assert toyworld.load_world(TINY).to_json() == world.to_json()
     with open(os.path.join(TINY, "world.json")) as f:
         assert len(json.load(f)["facts"]) == len(world.facts())
 
@@ -85,7 +86,7 @@ def labels_of(text, enc, world, span):
     start, end = span
     out = []
     pos = 0
-    for i, labs in zip(enc.encode(text), tiny.label_tokens(text, enc, world)):
+    for i, labs in zip(enc.encode(text), toyworld.label_tokens(text, enc, world)):
         nxt = pos + len(enc.decode_single_token_bytes(i))
         if pos < end and start < nxt and text[pos:nxt].strip():
             out.append(labs)
@@ -96,25 +97,25 @@ def labels_of(text, enc, world, span):
 def test_labels_match_templates(world, enc):
     rng = random.Random(0)
     for relation, subject, answer in rng.sample(world.facts(), 60):
-        for template in tiny.TEMPLATES[relation]:
-            slot = tiny.SLOT_RE.findall(template)[-1]
-            text = template.format(**{tiny.SUBJECT_SLOT[relation]: subject, slot: answer})
+        for template in toyworld.TEMPLATES[relation]:
+            slot = toyworld.SLOT_RE.findall(template)[-1]
+            text = template.format(**{toyworld.SUBJECT_SLOT[relation]: subject, slot: answer})
             a = text.rindex(answer)
             for labs in labels_of(text, enc, world, (a, a + len(answer))):
                 assert {f"entity:{answer}", "role:answer"} <= labs, (text, labs)
             s = text.index(subject)
             for labs in labels_of(text, enc, world, (s, s + len(subject))):
                 assert {f"entity:{subject}", "role:subject"} <= labs and "role:answer" not in labs, (text, labs)
-            prompt, _ = tiny.split_prompt(text, answer)
-            last = tiny.label_tokens(prompt, enc, world)[-1]
+            prompt, _ = toyworld.split_prompt(text, answer)
+            last = toyworld.label_tokens(prompt, enc, world)[-1]
             assert {"role:query", f"output:{answer}"} <= last, (prompt, last)
 
 
 def where(text, enc, world, family):
     """[(token text, sorted labels of `family`)] for the tokens of text that carry any."""
     out = []
-    for i, labs in zip(enc.encode(text), tiny.label_tokens(text, enc, world)):
-        mine = sorted(lab for lab in labs if tiny.family_of(lab) == family)
+    for i, labs in zip(enc.encode(text), toyworld.label_tokens(text, enc, world)):
+        mine = sorted(lab for lab in labs if toyworld.family_of(lab) == family)
         if mine:
             out.append((enc.decode([i]), mine))
     return out
@@ -170,22 +171,22 @@ def test_labels_ioi_and_two_hop_roles(world, enc):
     c = text.index(city)
     for labs in labels_of(text, enc, world, (c, c + len(city))):
         assert {"role:bridge", "category:city", "role:answer"} <= labs, labs
-    assert "role:query" in tiny.label_tokens(text, enc, world)[-1]
+    assert "role:query" in toyworld.label_tokens(text, enc, world)[-1]
 
 
 def test_eval_corpus_supports_every_concept(world, enc):
     """Every concept the world can produce reaches the support asked for, counted by the labeler."""
-    docs = tiny.eval_corpus(world, seed=3, support=4)
-    assert docs == tiny.eval_corpus(world, seed=3, support=4) != tiny.eval_corpus(world, seed=4, support=4)
-    counts = Counter(lab for d in docs for labs in tiny.label_tokens(d, enc, world) for lab in labs)
+    docs = toyworld.eval_corpus(world, seed=3, support=4)
+    assert docs == toyworld.eval_corpus(world, seed=3, support=4) != toyworld.eval_corpus(world, seed=4, support=4)
+    counts = Counter(lab for d in docs for labs in toyworld.label_tokens(d, enc, world) for lab in labs)
     lived_in = {world.lookup["city"][p["home"]]["country"] for p in world.people}
     want = [f"entity:{n}" for names in world.names().values() for n in names]
-    want += [f"category:{tiny.CATEGORY_OF.get(c, c)}" for c in world.names()]
+    want += [f"category:{toyworld.CATEGORY_OF.get(c, c)}" for c in world.names()]
     want += [f"latent:country={c}" for c in lived_in] + [f"output:{p['name']}" for p in world.people]
     want += [f"output:{n}" for n in range(1, world.max_number + 1)] + [f"output:{r[2]}" for r in world.facts()]
     short = {w: counts[w] for w in want if counts[w] < 4}
     assert not short, short
-    assert not any(tiny.family_of(lab) not in tiny.FAMILIES for lab in counts)
+    assert not any(toyworld.family_of(lab) not in toyworld.FAMILIES for lab in counts)
     assert sum(len(enc.encode(d)) for d in docs) < 30_000  # support 4: small; interp's default 32 is ~107k tokens
 
 
@@ -195,13 +196,13 @@ def test_entity_labels_are_token_identities_latent_labels_are_not(world, enc):
     name after a space) that carries it wherever it occurs, so a token detector at layer 0 scores F1 ~1
     (the rest of the label: a name opening a document, without its space); no single token marks a latent
     country (the query's last token, "is" / "speaks" / "the" / "from", ends every two-hop question)."""
-    docs = tiny.eval_corpus(world, seed=3, support=4)
+    docs = toyworld.eval_corpus(world, seed=3, support=4)
     on = Counter()  # (label, token) -> rows
     n_tok = Counter()
     support = Counter()
     opening = Counter()  # label -> rows among a document's first 3 tokens
     for d in docs:
-        for i, (t, labs) in enumerate(zip(enc.encode(d), tiny.label_tokens(d, enc, world))):
+        for i, (t, labs) in enumerate(zip(enc.encode(d), toyworld.label_tokens(d, enc, world))):
             n_tok[t] += 1
             for lab in labs:
                 on[lab, t] += 1
@@ -227,12 +228,12 @@ def test_entity_labels_are_token_identities_latent_labels_are_not(world, enc):
 
 
 def test_bpe_training_roundtrip(tmp_path, world):
-    docs = tiny.make_corpus(world, 500, seed=1)
-    merges, segmented = tiny.train_bpe(docs, max_merges=300)
-    tiny.save_tokenizer(tmp_path, merges)
+    docs = toyworld.make_corpus(world, 500, seed=1)
+    merges, segmented = toyworld.train_bpe(docs, max_merges=300)
+    toyworld.save_tokenizer(tmp_path, merges)
     enc = load_tokenizer(tmp_path)
     assert enc.n_vocab == 256 + len(merges) + 1 and enc.eot_token == enc.n_vocab - 1
-    tiny.check_tokenizer(enc, segmented)
+    toyworld.check_tokenizer(enc, segmented)
     assert all(enc.decode(enc.encode(d)) == d for d in docs)
     assert sum(len(enc.encode(d)) for d in docs) < 0.5 * sum(len(d) for d in docs)  # merges actually compress
 
@@ -246,7 +247,7 @@ def test_tokenizer_matches_transformers_and_roundtrips(world):
     hf = transformers.GPT2TokenizerFast.from_pretrained(TINY)
     slow = transformers.GPT2Tokenizer.from_pretrained(TINY)
     assert hf.eos_token_id == slow.eos_token_id == enc.eot_token == enc.n_vocab - 1
-    docs = tiny.toy_corpus(200, seed=3) + [p for p, _, _ in tiny.eval_prompts(world)[::40]]
+    docs = toyworld.toy_corpus(200, seed=3) + [p for p, _, _ in toyworld.eval_prompts(world)[::40]]
     for d in docs:
         ids = enc.encode(d)
         assert enc.decode(ids) == d
@@ -275,10 +276,10 @@ def test_shipped_model_loads_in_clt_and_transformers():
 def test_shipped_model_answers_heldout_prompts():
     enc = load_tokenizer(TINY)
     model = GPT.from_pretrained(TINY)
-    prompts = tiny.eval_prompts(tiny.load_world(TINY), seed=7)
+    prompts = toyworld.eval_prompts(toyworld.load_world(TINY), seed=7)
     rng = random.Random(0)
     bounds = {"one_hop": 0.8, "ioi": 0.8, "two_hop": 0.5, "counting": 0.5}  # measured numbers are in the README
     for kind, bound in bounds.items():
         sample = rng.sample([p for p in prompts if p[2] == kind], 25)
-        acc = sum(tiny.greedy_match(model, enc, p, a) for p, a, _ in sample) / len(sample)
+        acc = sum(build_tiny.greedy_match(model, enc, p, a) for p, a, _ in sample) / len(sample)
         assert acc >= bound, f"{kind}: {acc:.2f} < {bound}"
