@@ -212,7 +212,7 @@ def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(env, t
     counted again, so its norms and NMSE come out as a whole build's."""
     cfg = config(env, tmp_path / "m", shard_tokens=40, dtype="fp16")
     sizes = []
-    write_json = write_json
+    write_json = cache.write_json
 
     def counted(path, obj, **kw):
         write_json(path, obj, **kw)

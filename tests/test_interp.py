@@ -16,6 +16,7 @@ import torch
 import cache
 import interp
 from clt import CLTConfig, CrossLayerTranscoder
+from forge import toyworld
 from forge.hub import ENDOFTEXT, load_tokenizer
 from model import GPT, layer_norm
 from conftest import write_hub_model
@@ -369,7 +370,7 @@ def test_clt_of_another_model_is_refused(real, tmp_path):
 @pytest.fixture(scope="module")
 def world():
     """The toy world, one per module: its labeler compiles its regexes once."""
-    return pytest.importorskip("tiny").make_world(0)
+    return toyworld.make_world(0)
 
 
 def eval_cache(enc, texts, cut=True):
@@ -387,7 +388,6 @@ def eval_cache(enc, texts, cut=True):
 
 def test_concept_labels_follow_the_labeler(gpt, world):
     """Each run of one document inside one context is labeled as the text the model saw there."""
-    tiny = pytest.importorskip("tiny")
     _, enc = gpt
     c, _, _ = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:60])
     labels = interp.ConceptLabels(c, world, enc, small_cfg())
@@ -410,7 +410,6 @@ def test_concept_labels_follow_the_labeler(gpt, world):
 
 def labeled_rows(texts, docs, enc, world):
     """Brute force: per row of an uncut eval_cache, the labeler's label set for its document."""
-    tiny = pytest.importorskip("tiny")
     rows = []
     for text, ids in zip(texts, docs):
         rows += toyworld.label_tokens(enc.decode(ids), enc, world)
@@ -435,7 +434,6 @@ class FeatureOnRows:
 def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
     """A feature constructed to fire exactly on latent:country=K scores F1 = 1 on it; one that fires on
     the answer of one relation (a "say X" feature) does not, and is an output feature."""
-    tiny = pytest.importorskip("tiny")
     _, enc = gpt
     lived_in = Counter(world.lookup["city"][p["home"]]["country"] for p in world.people)
     country = lived_in.most_common(1)[0][0]
@@ -462,7 +460,6 @@ def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
 def test_concept_scores_equal_brute_force(gpt, world):
     """score_concepts over several chunks == counts over every row, for random sparse features; the family
     table and the headline count what the per-concept bests say; the baselines fire as specified."""
-    tiny = pytest.importorskip("tiny")
     model, enc = gpt
     c, texts, docs = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:80], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
@@ -514,7 +511,6 @@ def test_concept_scores_equal_brute_force(gpt, world):
 
 def test_token_oracle_equals_brute_force(gpt, world):
     """token_scores: feature t fires exactly on token t, counted over every row like any feature set."""
-    tiny = pytest.importorskip("tiny")
     _, enc = gpt
     c, texts, docs = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:40], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
