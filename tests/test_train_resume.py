@@ -155,7 +155,7 @@ def test_a_kill_during_the_final_export_is_repaired_by_resume(small_cache, tmp_p
     out = tmp_path / "run"
     T.train(small(small_cache, out))  # a whole export at step 20
     # continued to step 30, killed while writing the 3rd of its 4 layer files: two saves mixed
-    killed = run_train(["--resume", "--out", str(out), "--steps", "30"], killed_at=("clt", "save_file", 3))
+    killed = run_train(["--resume", "--out", str(out), "--steps", "30"], killed_at=("clt", "save_safetensors", 3))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert latest_step(out) == 30
     with pytest.raises(ValueError, match="comes from another save"):
