@@ -38,6 +38,7 @@ from forge import formats
 from forge.files import read_export_file, save_safetensors, write_json
 from parallel import Mesh, all_gather_last, global_topk, tp_sum
 
+
 @dataclass
 class CLTConfig:
     n_layers: int = 4  # L: the model's layers; one encoder each
@@ -48,13 +49,18 @@ class CLTConfig:
     threshold_init: float = 0.03  # jumprelu: initial threshold θ (Anthropic's CLT recipe)
     bandwidth: float = 1.0  # jumprelu: width ε of the straight-through rectangle kernel
     model: str = ""  # the GPT this CLT was trained on (a path or hub id)
-    model_sha256: str = ""  # that GPT's fingerprint (GPT.fingerprint()): a CLT is refused by any other model
-    decoder: str = "cross-layer"  # cross-layer: a feature writes to its layer and every later one | per-layer (a PLT)
-    skip: bool = False  # an affine skip connection mlp_in[l] @ W_skip[l] into mlp_out_hat[l] (Paulo et al. 2025)
+    model_sha256: str = ""  # that GPT's GPT.fingerprint(): a CLT is refused by any other model
+    # cross-layer: a feature writes to its layer and every later one | per-layer (a PLT)
+    decoder: str = "cross-layer"
+    skip: bool = (
+        False  # a linear skip mlp_in[l] @ W_skip[l] into mlp_out_hat[l] (Paulo et al. 2025)
+    )
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if min(self.n_layers, self.d_model, self.n_features) <= 0:
@@ -65,7 +71,6 @@ class CLTConfig:
             raise ValueError(f"threshold_init and bandwidth must be positive, got {self}")
 
 
-ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
 DECODERS = ("cross-layer", "per-layer")
 
 
@@ -81,20 +86,21 @@ class JumpReLUFunction(torch.autograd.Function):
     def forward(ctx, z, theta, eps):  # z (..., F), theta broadcastable to z
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return torch.where(z > theta, z, 0.0)  # one pass; z * (z > θ) would also copy the mask to float
+        # one pass; z * (z > θ) would also copy the mask to float
+        return torch.where(z > theta, z, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
         grad_z = torch.where(z > theta, grad, 0.0)
         kernel = (z - theta).abs_() < ctx.eps / 2
-        # θ is constant over the batch dims it was broadcast over: sum grad·K first, scale by −θ/ε after
+        # θ is constant over the batch dims it was broadcast over: sum grad·K, then scale by −θ/ε
         grad_theta = torch.where(kernel, grad, 0.0).sum_to_size(theta.shape) * (-theta / ctx.eps)
         return grad_z, grad_theta, None
 
 
 class CrossLayerTranscoder(nn.Module):
-    """A CLT, or this TP rank's F/tp features of one. The default mesh (one process) gives the whole CLT."""
+    """A CLT, or this TP rank's F/tp features of one (the default mesh, one process: all)."""
 
     def __init__(self, config: CLTConfig, seed: int = 0, mesh: Optional[Mesh] = None):
         super().__init__()
@@ -107,42 +113,47 @@ class CrossLayerTranscoder(nn.Module):
         self.F_local = F_ // tp
         mine = slice(tp_rank * self.F_local, (tp_rank + 1) * self.F_local)  # this rank's features
         # init as in Ameisen et al. 2025 (methods, "Training"): uniform encoders of scale 1/sqrt(F),
-        # decoders of scale 1/sqrt(L·d), zero biases. The full tensors come from one seeded generator
-        # and each rank keeps its slice (picotron's reset_parameters), so the model does not depend on tp.
+        # decoders of scale 1/sqrt(L·d), zero biases. The full tensors come from one seeded
+        # generator and each rank keeps its slice (picotron's reset_parameters): tp changes nothing.
         g = torch.Generator().manual_seed(seed)
 
         def uniform(rows, cols, bound, keep_rows=slice(None), keep_cols=slice(None)):
             """A uniform(-bound, bound) (rows, cols) tensor's kept rows and columns. It is drawn in
             blocks of ~16 MB, each cut to what is kept before the next, so no rank holds the whole
-            tensor (a layer's decoder is 0.9 GB at GPT-2-small's F = 24,576); the numbers are those of
-            one draw, since the generator's stream does not depend on how it is split."""
+            tensor (a layer's decoder is 0.9 GB at GPT-2-small's F = 24,576); the numbers are those
+            of one draw, since the generator's stream does not depend on how it is split."""
             start, stop, _ = keep_rows.indices(rows)
-            step = max(1, 2 ** 22 // cols)
+            step = max(1, 2**22 // cols)
             blocks = []
             for a in range(0, rows, step):
                 block = (torch.rand(min(step, rows - a), cols, generator=g) * 2 - 1) * bound
-                blocks.append(block[max(start - a, 0):max(stop - a, 0), keep_cols])
+                blocks.append(block[max(start - a, 0) : max(stop - a, 0), keep_cols])
             return torch.cat(blocks)
 
-        self.W_enc = nn.Parameter(uniform(L * d, F_, F_ ** -0.5, keep_cols=mine).view(L, d, self.F_local))  # (L, d, F/tp)
+        W_enc = uniform(L * d, F_, F_**-0.5, keep_cols=mine)
+        self.W_enc = nn.Parameter(W_enc.view(L, d, self.F_local))  # (L, d, F/tp)
         self.b_enc = nn.Parameter(torch.zeros(L, self.F_local))  # (L, F/tp)
         # JumpReLU thresholds are learned in log space so they stay positive (Anthropic's recipe);
         # BatchTopK writes its inference threshold here too (see update_batchtopk_threshold)
-        self.log_threshold = nn.Parameter(torch.full((L, self.F_local), math.log(config.threshold_init)))
-        self.W_dec = nn.ParameterList([nn.Parameter(uniform(F_, self.n_writes(l) * d, (L * d) ** -0.5, keep_rows=mine)
-                                                    .view(self.F_local, self.n_writes(l), d))
-                                       for l in range(L)])  # W_dec[l]: (F/tp, L-l, d), or (F/tp, 1, d) per-layer
+        log_threshold = torch.full((L, self.F_local), math.log(config.threshold_init))
+        self.log_threshold = nn.Parameter(log_threshold)  # (L, F/tp)
+        self.W_dec = nn.ParameterList()  # W_dec[l]: (F/tp, L-l, d), or (F/tp, 1, d) per-layer
+        for l in range(L):
+            W_dec = uniform(F_, self.n_writes(l) * d, (L * d) ** -0.5, keep_rows=mine)
+            self.W_dec.append(nn.Parameter(W_dec.view(self.F_local, self.n_writes(l), d)))
         self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d), replicated on every TP rank
-        # the skip connection is linear in mlp_in: zero at init, replicated on every TP rank like b_dec
-        self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if config.skip else None  # (L, d, d): x @ W_skip[l]
-        # per-layer scalars so that E||x|| = sqrt(d) during training (folded into the weights on export)
+        # the skip connection is linear in mlp_in: zero at init, replicated on every TP rank
+        self.W_skip = nn.Parameter(torch.zeros(L, d, d)) if config.skip else None  # x @ W_skip[l]
+        # per-layer scalars so that E||x|| = sqrt(d) while training (folded in on export)
         self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
         self.register_buffer("output_scale", torch.ones(L))  # multiplies mlp_out[l] (the target)
-        self.batch_threshold = None  # batchtopk, training: (L,) the last batch's global B·k-th value
+        self.batch_threshold = (
+            None  # batchtopk, training: (L,) the last batch's global B·k-th value
+        )
 
     def n_writes(self, layer):
-        """How many MLP outputs a feature of `layer` writes to: layers layer .. layer + n_writes - 1.
-        A cross-layer transcoder writes to every later layer; a per-layer transcoder (PLT) to its own."""
+        """How many MLP outputs a feature of `layer` writes to: layers layer .. layer + n - 1.
+        A cross-layer transcoder writes to every later layer; a per-layer one (PLT) to its own."""
         return self.config.n_layers - layer if self.config.decoder == "cross-layer" else 1
 
     @property
@@ -152,19 +163,19 @@ class CrossLayerTranscoder(nn.Module):
     def pre_acts(self, mlp_in):
         """mlp_in (B, L, d) raw activations -> pre-activations (B, L, F) (this rank's F/tp)."""
         x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
-        # one batched matmul with the bias fused; the (B, L, F) result is a view of (L, B, F) memory,
-        # so each layer's (B, F) slice is contiguous for the decoder matmuls
+        # one batched matmul with the bias fused; the (B, L, F) result is a view of (L, B, F)
+        # memory, so each layer's (B, F) slice is contiguous for the decoder matmuls
         return torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc).transpose(0, 1)  # (B, L, F)
 
     def topk(self, pre, k):
-        """The k largest of relu(pre) per token and layer over all TP ranks' features (Gao et al. 2024)."""
+        """The k largest of relu(pre) per token and layer over all TP ranks' features."""
         vals, idx = pre.topk(min(k, self.F_local), dim=-1)  # (B, L, c) local candidates
         vals = F.relu(vals)  # relu after the selection: the same values, k of F elements to touch
         keep, _ = global_topk(vals, k, self.mesh.tp_group)
         return torch.zeros_like(pre).scatter(-1, idx, vals * keep)  # (B, L, F)
 
     def batchtopk(self, pre):
-        """The B·k largest of relu(pre) per layer over the batch and all TP ranks (Bussmann et al. 2024)."""
+        """The B·k largest of relu(pre) per layer over the batch and all TP ranks."""
         B, L, F_ = pre.shape
         k = B * self.config.k
         flat = pre.transpose(0, 1).reshape(L, B * F_)  # (L, B·F)
@@ -176,14 +187,8 @@ class CrossLayerTranscoder(nn.Module):
         return acts.view(L, B, F_).transpose(0, 1)  # (B, L, F)
 
     def activate(self, pre):
-        """pre-activations (B, L, F) -> sparse feature activations (B, L, F)."""
-        c = self.config
-        if c.activation == "relu":
-            return F.relu(pre)
-        if c.activation == "jumprelu" or (c.activation == "batchtopk" and not self.training):
-            # batchtopk at inference: its learned per-layer threshold acts as a JumpReLU (Bussmann et al. 2024)
-            return JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), c.bandwidth)
-        return self.topk(pre, c.k) if c.activation == "topk" else self.batchtopk(pre)
+        """pre-activations (B, L, F) -> sparse feature activations (B, L, F): σ, by name."""
+        return ACTIVATIONS[self.config.activation](self, pre)
 
     @torch.no_grad()
     def update_batchtopk_threshold(self, threshold, step, momentum=0.99):
@@ -198,79 +203,103 @@ class CrossLayerTranscoder(nn.Module):
         return self.activate(self.pre_acts(mlp_in))
 
     def decode(self, acts, sparse=False, normalized=False, bias=True, mlp_in=None):
-        """acts (B, L, F/tp) -> the reconstruction mlp_out_hat (B, L, d): the one decoder of the project.
+        """acts (B, L, F/tp) -> the reconstruction mlp_out_hat (B, L, d): the project's one decoder.
 
-        Dense: one matmul per source layer, cost ∝ F. sparse=True reads only the active features'
-        decoder rows, cost ∝ L0: one embedding_bag per source layer (a sparse × dense product summing
-        value · W_dec[l][f] per token, no gathered copy); acts may then be a sparse COO tensor. Its
-        gradient reaches only the active entries of acts: exact for ReLU, TopK and BatchTopK, not for
-        a JumpReLU threshold, whose straight-through gradient also needs inactive entries near θ.
-        Each TP rank decodes its own features; the sum over ranks is taken in fp32 (it adds tp partial
-        sums, also under bf16 autocast). normalized=True stays in the units the CLT is trained in;
-        bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual). With a skip connection,
-        pass mlp_in (B, L, d) to add it; without mlp_in the result is the features' part alone.
+        Each TP rank decodes its own features; the sum over ranks is taken in fp32 (it adds tp
+        partial sums, also under bf16 autocast). sparse=True reads only the active features'
+        decoder rows (decode_sparse). normalized=True stays in the units the CLT is trained in;
+        bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual). With a skip
+        connection, pass mlp_in (B, L, d) to add it; without, the result is the features' part.
         """
-        B, L, _ = acts.shape
-        if not sparse:  # unbind: its backward stacks L gradients once (L slices would each zero-fill (B, L, F))
-            # writes[src][j]: (B, d) what layer src's features write to layer src + j; unbind again, as a
-            # [:, j] slice's backward would zero-fill the whole (B, L-src, d) once per slice
-            writes = [(a @ self.W_dec[l].flatten(1)).view(B, self.n_writes(l), -1).unbind(1)
-                      for l, a in enumerate(acts.unbind(1))]
-            out = torch.stack([sum(writes[src][dst - src] for src in range(dst + 1) if dst - src < len(writes[src]))
-                               for dst in range(L)], dim=1)
-        else:
-            if acts.is_sparse:
-                acts = acts.coalesce()
-                b, l, f = acts.indices()  # sorted by (b, l, f)
-                vals = acts.values()
-            else:
-                b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
-                vals = acts[b, l, f]
-            out = torch.zeros(B, L, self.config.d_model, dtype=self.W_dec[0].dtype, device=vals.device)  # (B, L, d)
-            tokens = torch.arange(B, device=vals.device)
-            for src in range(L):
-                mine = l == src
-                offsets = torch.searchsorted(b[mine], tokens)  # where each token's active features start
-                W = self.W_dec[src].flatten(1)  # (F/tp, n_writes·d)
-                rows = F.embedding_bag(f[mine], W, offsets, mode="sum", per_sample_weights=vals[mine].to(W.dtype))
-                out[:, src:src + self.n_writes(src)] += rows.view(B, self.n_writes(src), -1)
+        out = self.decode_sparse(acts) if sparse else self.decode_dense(acts)  # (B, L, d)
         out = tp_sum(out.float(), self.mesh.tp_group)  # (B, L, d)
         if bias:
             out = out + self.b_dec
-        if mlp_in is not None and self.W_skip is not None:  # replicated: added once, after the TP sum
+        if mlp_in is not None and self.W_skip is not None:  # replicated: added after the TP sum
             x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
-            out = out + torch.bmm(x.to(self.W_skip.dtype), self.W_skip).transpose(0, 1).float()  # (B, L, d)
+            skip = torch.bmm(x.to(self.W_skip.dtype), self.W_skip)  # (L, B, d)
+            out = out + skip.transpose(0, 1).float()  # (B, L, d)
         return out if normalized else out / self.output_scale[:, None]
 
+    def decode_dense(self, acts):
+        """The paper's sum, mlp_out_hat[dst] = Σ_{src <= dst} acts[src] @ W_dec[src][dst - src].
+
+        The products are grouped by source layer: one (B, F) @ (F, n_writes·d) matmul per source
+        gives everything its features write, L matmuls instead of L²/2 small ones; the sum over
+        sources is then taken per destination, in the same order as the formula.
+        """
+        B, L, _ = acts.shape
+        writes = []  # writes[src][j]: (B, d), what layer src's features write to layer src + j
+        for src, a in enumerate(acts.unbind(1)):  # a: (B, F)
+            W = self.W_dec[src].flatten(1)  # (F, n_writes·d)
+            # unbind, not [:, j]: its backward stacks the gradients once instead of zero-filling
+            # the whole (B, n_writes, d) once per slice
+            writes.append((a @ W).view(B, self.n_writes(src), -1).unbind(1))
+        out = []
+        for dst in range(L):
+            sources = [src for src in range(dst + 1) if dst - src < self.n_writes(src)]
+            out.append(sum(writes[src][dst - src] for src in sources))  # (B, d)
+        return torch.stack(out, dim=1)  # (B, L, d)
+
+    def decode_sparse(self, acts):
+        """decode_dense's sum over the active features only, cost ∝ L0 instead of F.
+
+        One embedding_bag per source layer: a sparse × dense product summing value · W_dec[l][f]
+        per token, with no gathered copy of the rows; acts may be a sparse COO tensor. Its
+        gradient reaches only the active entries of acts: exact for ReLU, TopK and BatchTopK, not
+        for a JumpReLU threshold, whose straight-through gradient also needs inactive entries.
+        """
+        B, L, _ = acts.shape
+        if acts.is_sparse:
+            acts = acts.coalesce()
+            b, l, f = acts.indices()  # sorted by (b, l, f)
+            vals = acts.values()
+        else:
+            b, l, f = acts.nonzero(as_tuple=True)  # row-major, so sorted by token b
+            vals = acts[b, l, f]
+        dtype = self.W_dec[0].dtype
+        out = torch.zeros(B, L, self.config.d_model, dtype=dtype, device=vals.device)  # (B, L, d)
+        tokens = torch.arange(B, device=vals.device)
+        for src in range(L):
+            mine = l == src
+            offsets = torch.searchsorted(b[mine], tokens)  # where each token's features start
+            W = self.W_dec[src].flatten(1)  # (F/tp, n_writes·d)
+            weights = vals[mine].to(W.dtype)
+            rows = F.embedding_bag(f[mine], W, offsets, mode="sum", per_sample_weights=weights)
+            out[:, src : src + self.n_writes(src)] += rows.view(B, self.n_writes(src), -1)
+        return out
+
     def decoder_writes(self, layer, ids, acts):
-        """What features `ids` (n,) of `layer` with activations `acts` (n,) write to mlp_out[layer:layer
-        + n_writes(layer)], in raw units: a · W_dec[layer][f] / output_scale, (n, n_writes, d). The same
-        terms `decode` sums, one feature at a time (attribution graphs and logit effects need them apart)."""
+        """What features `ids` (n,) of `layer` with activations `acts` (n,) write to
+        mlp_out[layer : layer + n_writes(layer)] in raw units, a · W_dec[layer][f] / output_scale:
+        (n, n_writes, d). The terms `decode` sums, one feature at a time (attribution graphs and
+        logit effects need them apart)."""
         W = self.W_dec[layer]
-        return W[ids] * acts[:, None, None].to(W.dtype) / self.output_scale[layer:layer + W.size(1), None]
+        scale = self.output_scale[layer : layer + W.size(1), None]  # (n_writes, 1)
+        return W[ids] * acts[:, None, None].to(W.dtype) / scale
 
     def forward(self, mlp_in):
-        """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d)), the skip connection included."""
+        """mlp_in (B, L, d) -> (acts (B, L, F), mlp_out_hat (B, L, d)), with the skip connection."""
         acts = self.encode(mlp_in)
         return acts, self.decode(acts, mlp_in=mlp_in)
 
     def decoder_norms(self):
-        """(L, F/tp) each feature's decoder norm over every layer it writes to (Anthropic's ||W_dec||)."""
+        """(L, F/tp) each feature's decoder norm over all the layers it writes to (||W_dec||)."""
         return torch.stack([W.flatten(1).norm(dim=1) for W in self.W_dec])
 
     # -------------------------------------------------------------------------
-    # normalization folding, consolidation over TP, saving and loading (circuit-tracer's CLT layout)
+    # normalization folding, consolidation over TP, saving and loading (circuit-tracer's layout)
 
     @torch.no_grad()
     def fold_normalization(self):
         """Fold input/output scales into the weights so the CLT works on raw activations.
 
-        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec + s_in x W_skip) / s_out  per
-        target layer. Pre-activations are unchanged, so thresholds and activations are too.
+        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec + s_in x W_skip) / s_out
+        per target layer. Pre-activations are unchanged, so thresholds and activations are too.
         """
         self.W_enc.mul_(self.input_scale[:, None, None])
         for l, W in enumerate(self.W_dec):
-            W.div_(self.output_scale[l:l + W.size(1)][None, :, None])
+            W.div_(self.output_scale[l : l + W.size(1)][None, :, None])
         self.b_dec.div_(self.output_scale[:, None])
         if self.W_skip is not None:
             self.W_skip.mul_((self.input_scale / self.output_scale)[:, None, None])
@@ -279,42 +308,50 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def consolidated(self):
-        """The whole CLT (one rank's worth, on the CPU) from every TP rank's shard; all TP ranks must call it."""
+        """The whole CLT (on the CPU) from every TP rank's shard; all TP ranks call it."""
         full = CrossLayerTranscoder(self.config)
 
         def gather(t, dim):  # concatenate the shards along the feature dimension `dim`
-            return all_gather_last(t.detach().transpose(dim, -1).contiguous(), self.mesh.tp_group).transpose(dim, -1)
+            shard = t.detach().transpose(dim, -1).contiguous()
+            return all_gather_last(shard, self.mesh.tp_group).transpose(dim, -1)
 
         full.W_enc.copy_(gather(self.W_enc, -1))
         full.b_enc.copy_(gather(self.b_enc, -1))
         full.log_threshold.copy_(gather(self.log_threshold, -1))
         for l, W in enumerate(self.W_dec):
             full.W_dec[l].copy_(gather(W, 0))
-        for name in ("b_dec", "input_scale", "output_scale") + (("W_skip",) if self.W_skip is not None else ()):
+        replicated = ["b_dec", "input_scale", "output_scale"]
+        for name in replicated + (["W_skip"] if self.W_skip is not None else []):
             getattr(full, name).copy_(getattr(self, name))
         return full.train(self.training)
 
     def save_pretrained(self, path):
-        """config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, threshold_{l}, b_dec_{l}, and
-        W_skip_{l} (d, d) with a skip connection) + W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d), or
-        (F, 1, d) per-layer), circuit-tracer's CLT layout. Normalization is folded
-        in first. Every file is written atomically and carries one export id, config.json last: a crash
+        """circuit-tracer's CLT layout: config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d),
+        b_enc_{l}, threshold_{l}, b_dec_{l}, and W_skip_{l} (d, d) with a skip connection) +
+        W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d), or (F, 1, d) per-layer), normalization folded
+        in. Every file is written atomically and carries one export id, config.json last: a crash
         mid-save leaves files of two ids, which from_pretrained refuses, never a silent mix."""
         if self.mesh.tp > 1:
-            raise ValueError(f"this is TP shard {self.mesh.tp_rank} of {self.mesh.tp}: save consolidated() instead")
+            shard = f"TP shard {self.mesh.tp_rank} of {self.mesh.tp}"
+            raise ValueError(f"this is {shard}: save consolidated() instead")
         clt = copy.deepcopy(self).cpu()
         clt.fold_normalization()
         export_id = uuid.uuid4().hex
         clt.write_layer_files(path, export_id)
-        write_json(os.path.join(path, "config.json"), dict(asdict(self.config), export_id=export_id))
+        config = dict(asdict(self.config), export_id=export_id)
+        write_json(os.path.join(path, "config.json"), config)
 
     def write_layer_files(self, path, export_id, threshold=True):
-        """The W_enc_{l} and W_dec_{l}.safetensors of save_pretrained, of this CLT as it is (scales folded
-        or not), each file atomic and tagged with export_id. threshold=False leaves threshold_{l} out
-        (circuit-tracer reads a CLT without thresholds as a ReLU one)."""
+        """The W_enc_{l} and W_dec_{l}.safetensors of save_pretrained, of this CLT as it is (scales
+        folded or not), each file atomic and tagged with export_id. threshold=False leaves
+        threshold_{l} out (circuit-tracer reads a CLT without thresholds as a ReLU one)."""
         os.makedirs(path, exist_ok=True)
         for l in range(self.config.n_layers):
-            enc = {f"W_enc_{l}": self.W_enc[l].t(), f"b_enc_{l}": self.b_enc[l], f"b_dec_{l}": self.b_dec[l]}
+            enc = {
+                f"W_enc_{l}": self.W_enc[l].t(),
+                f"b_enc_{l}": self.b_enc[l],
+                f"b_dec_{l}": self.b_dec[l],
+            }
             if threshold:
                 enc[f"threshold_{l}"] = self.threshold[l]
             if self.W_skip is not None:  # (d, d) as circuit-tracer stores it: skip = x @ W_skip.T
@@ -325,16 +362,19 @@ class CrossLayerTranscoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, mesh: Optional[Mesh] = None):
-        """Load a CLT saved by save_pretrained; on a TP mesh each rank reads only its slice of features."""
+        """Load a CLT saved by save_pretrained; on a TP mesh each rank reads only its features."""
         config_path = os.path.join(path, "config.json")
         if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{path} has no config.json: not a CLT saved by save_pretrained")
+            raise FileNotFoundError(
+                f"{path} has no config.json: not a CLT saved by save_pretrained"
+            )
         with open(config_path) as f:
             saved = json.load(f)
         export_id = saved.pop("export_id", None)
         unknown = sorted(set(saved) - {f.name for f in fields(CLTConfig)})
         if unknown:
-            raise ValueError(f"{config_path} has fields {unknown} that CLTConfig does not know: not a clt-forge CLT")
+            known = "that CLTConfig does not know: not a clt-forge CLT"
+            raise ValueError(f"{config_path} has fields {unknown} {known}")
         clt = cls(CLTConfig(**saved), mesh=mesh)
         clt.read_layer_files(path, export_id)
         return clt.eval()
@@ -353,12 +393,45 @@ class CrossLayerTranscoder(nn.Module):
             self.b_dec[l].copy_(enc[f"b_dec_{l}"])
             if self.W_skip is not None:
                 self.W_skip[l].copy_(enc[f"W_skip_{l}"].t())
-            self.W_dec[l].copy_(read_export_file(path, f"W_dec_{l}", export_id, mine)[f"W_dec_{l}"])
+            dec = read_export_file(path, f"W_dec_{l}", export_id, mine)
+            self.W_dec[l].copy_(dec[f"W_dec_{l}"])
 
+
+# -----------------------------------------------------------------------------
+# activations: σ in acts = σ(mlp_in @ W_enc + b_enc), by name. A fork adds one in a line:
+#     ACTIVATIONS["myact"] = my_activation   # fn(clt, pre (B, L, F/tp)) -> acts (B, L, F/tp)
+# and trains it with `python train.py --activation myact`.
+
+
+def relu(clt, pre):
+    return F.relu(pre)
+
+
+def jumprelu(clt, pre):
+    """z · H(z − θ) with a learned per-feature θ (Rajamanoharan et al. 2024)."""
+    return JumpReLUFunction.apply(pre, clt.threshold.to(pre.dtype), clt.config.bandwidth)
+
+
+def topk(clt, pre):
+    """The k largest per token and layer (Gao et al. 2024)."""
+    return clt.topk(pre, clt.config.k)
+
+
+def batchtopk(clt, pre):
+    """The B·k largest per layer over the batch while training; at inference its learned
+    per-layer threshold acts as a JumpReLU (Bussmann et al. 2024)."""
+    return clt.batchtopk(pre) if clt.training else jumprelu(clt, pre)
+
+
+ACTIVATIONS = {"jumprelu": jumprelu, "topk": topk, "batchtopk": batchtopk, "relu": relu}
+
+
+# -----------------------------------------------------------------------------
+# loading any transcoder
 
 
 def load_transcoder(path, model):
-    """A transcoder for `model` from `path`, whichever layout it is in: save_pretrained's (config.json),
+    """A transcoder for `model` from `path`, in whichever layout: save_pretrained's (config.json),
     circuit-tracer's (config.yaml) or SAELens's (cfg.json folders below it)."""
     if os.path.exists(os.path.join(path, "config.json")):
         return CrossLayerTranscoder.from_pretrained(path)
@@ -366,5 +439,5 @@ def load_transcoder(path, model):
 
 
 def new_transcoder(**config):
-    """A freshly initialized CrossLayerTranscoder of CLTConfig(**config): how forge/formats.py builds one."""
+    """A new CrossLayerTranscoder of CLTConfig(**config): how forge/formats.py builds one."""
     return CrossLayerTranscoder(CLTConfig(**config))

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import train as T
 from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
+import clt as clt_module
 from clt import CLTConfig, CrossLayerTranscoder, load_transcoder, new_transcoder
 from forge.formats import from_saelens, save_circuit_tracer, save_saelens
 
@@ -245,3 +246,20 @@ def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a CLT saved by train.py"):
         load_transcoder(str(tmp_path / "empty"), model)
+
+
+def test_a_new_activation_is_one_registration(small_cache, tmp_path, monkeypatch):
+    """A fork adds σ with one line in clt.py (ACTIVATIONS); training, export and loading follow."""
+
+    def squared_relu(clt, pre):
+        return torch.relu(pre).square()
+
+    monkeypatch.setitem(clt_module.ACTIVATIONS, "squared_relu", squared_relu)
+    T.train(config(small_cache, tmp_path, activation="squared_relu", steps=4, eval_every=-1, ckpt_every=-1))
+    trained = CrossLayerTranscoder.from_pretrained(tmp_path)
+    assert trained.config.activation == "squared_relu"
+    x = torch.randn(3, trained.config.n_layers, trained.config.d_model)
+    torch.testing.assert_close(trained.encode(x), torch.relu(trained.pre_acts(x)).square())
+    monkeypatch.delitem(clt_module.ACTIVATIONS, "squared_relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        CLTConfig(activation="squared_relu")
