@@ -35,7 +35,19 @@ class DemoConfig:
     max_features: int = arg(-1, 'attribution-graph feature cap, weakest dropped first; -1 = all')
 
 
-SMALL = dict(tokens=20_000, features=256, steps=60, max_features=300)  # --small: everything runs, nothing is good
+# --small: everything runs, nothing is good
+SMALL = dict(tokens=20_000, features=256, steps=60, max_features=300)
+# seconds each stage takes on 2 idle CPU cores (python demo.py), for the ETA; --small takes a share
+SECONDS = {
+    "1/5 activation cache": 40,
+    "2/5 train the CLT": 120,
+    "3/5 LLM-free autointerp": 40,
+    "4/5 attribution graph": 10,
+    "5/5 pictures: feature pages": 10,
+    "5/5 pictures: graph": 2,
+    "5/5 pictures: training curves": 3,
+}
+SMALL_SHARE = 0.15
 
 
 def sized(c: DemoConfig):
@@ -88,13 +100,18 @@ def main(argv=None):
     config = sized(parse_config(__doc__, DemoConfig, argv))
     print(asdict(config))
     here = os.path.dirname(os.path.abspath(__file__))
+    plan = stages(config)
+    expected = [SECONDS[title] * (SMALL_SHARE if config.small else 1.0) for title, _ in plan]
     t_start = time.time()
-    for title, cmd in stages(config):
+    for i, (title, cmd) in enumerate(plan):
         cmd = [sys.executable, os.path.join(here, cmd[0])] + [str(a) for a in cmd[1:]]
-        print(f"\n=== {title}\n$ {' '.join(cmd[1:])}", flush=True)
+        # the ETA scales the stages' times on 2 idle cores by how fast this machine has been so far
+        pace = (time.time() - t_start) / sum(expected[:i]) if i else 1.0
+        eta = pace * sum(expected[i:])
+        print(f"\n=== {title} (demo ETA ~{eta:.0f} s)\n$ {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"error: stage {title} failed; its message is above. Fix that and rerun `python demo.py`")
+            sys.exit(f"error: stage {title} failed; its message is above. Fix it and rerun python demo.py")
         print(f"=== {title}: {time.time() - t0:.0f} s", flush=True)
     print(f"\ndone in {time.time() - t_start:.0f} s")
     print("\n".join(report(config.out)))
