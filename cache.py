@@ -56,7 +56,6 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   rank gets the same number of batches. It yields stored rows; the consumer dequantizes them where
   it computes (4x less to move to a GPU for int8).
 """
-import codecs
 import hashlib
 import json
 import os
@@ -69,15 +68,16 @@ import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
+from forge import corpora
 from forge.cli import arg, parse_config, run_main
 from forge.files import atomic_path, check_same_model, write_json
-from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer, resolve_model_dir
+from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 from model import GPT
 
 
@@ -294,167 +294,6 @@ def dequantize(q, scale_bits=None, channel=None):
 # -----------------------------------------------------------------------------
 # corpus: documents -> packed contexts
 
-TOY_CHUNK = 1000  # the toy corpus is drawn in chunks of this many documents, each with its own seed
-FOLDER_FILES = (".txt", ".jsonl", ".parquet")  # what a folder corpus reads (not .json: folders hold metadata)
-
-
-def iter_documents(corpus, seed=0, text_field="text"):
-    """Yield the document strings of a corpus: "toy", hf:NAME[:config][:split], a folder of .txt /
-    .jsonl / .parquet files (sorted by path), or one .txt, .jsonl, .json or .parquet file."""
-    if corpus == "toy":
-        yield from _toy_documents(seed)
-    elif corpus.startswith("hf:"):
-        yield from _hf_documents(corpus, text_field)
-    elif os.path.isdir(corpus):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(corpus) for f in fs if f.endswith(FOLDER_FILES))
-        if not files:
-            raise ValueError(f"corpus folder {corpus} holds no .txt, .jsonl or .parquet file: pass a folder that does")
-        for path in files:
-            yield from _file_documents(path, text_field)
-    elif not os.path.isfile(corpus):
-        raise FileNotFoundError(f"corpus {corpus} does not exist (a .txt, .jsonl, .json or .parquet file, a folder "
-                                "of them, hf:NAME or 'toy')")
-    else:
-        yield from _file_documents(corpus, text_field)
-
-
-def _toy_documents(seed):
-    try:
-        from forge import toyworld  # imported lazily: only the toy corpus needs it
-    except ModuleNotFoundError as e:
-        raise ValueError("--corpus toy needs tiny.py (toyworld.toy_corpus), which this checkout lacks: "
-                         "pass --corpus PATH to a .txt, .jsonl or .parquet file or a folder of them") from e
-    for chunk in range(sys.maxsize):  # endless: stops when the writer has enough tokens
-        yield from toyworld.toy_corpus(TOY_CHUNK, seed * 1_000_003 + chunk)
-
-
-def _file_documents(path, text_field):
-    """The documents of one file, read by its suffix; a file that is not UTF-8 names its first bad line."""
-    if path.endswith(".jsonl"):
-        docs = _jsonl_documents(path, text_field)
-    elif path.endswith(".json"):
-        docs = _json_documents(path, text_field)
-    elif path.endswith(".parquet"):
-        docs = _parquet_documents(path, text_field)
-    else:
-        docs = _text_documents(path)
-    try:
-        yield from docs
-    except UnicodeDecodeError:
-        raise _bad_utf8(path) from None
-
-
-def _text_documents(path, block=1 << 20):
-    """Documents of a text file separated by <|endoftext|>, read in 1 MB blocks (files may be huge)."""
-    with open(path, encoding="utf-8") as f:
-        tail = ""
-        while block_text := f.read(block):
-            *docs, tail = (tail + block_text).split(ENDOFTEXT)
-            yield from (d for d in docs if d.strip())
-        if tail.strip():
-            yield tail
-
-
-def _jsonl_documents(path, text_field):
-    """One JSON object (or string) per line; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
-                                 "fix or delete that line") from None
-            yield _text_of(row, text_field, f"{path} line {i}")
-
-
-def _json_documents(path, text_field):
-    """A JSON list of strings or of objects with the text field. It is read whole: for corpora that
-    do not fit in memory use .jsonl or .parquet."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): "
-                             "fix the file") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of documents: pass a JSON list of "
-                         f"strings or of objects with a {text_field!r} field (or a .jsonl file)")
-    for i, row in enumerate(rows):
-        yield _text_of(row, text_field, f"{path} item {i}")
-
-
-def _parquet_documents(path, text_field):
-    """The text column of a parquet file, read one row group batch at a time (pyarrow, imported only here)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
-    try:
-        f = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not parquet
-        raise ValueError(f"{path}: not a readable parquet file ({e}): pass a parquet file or another corpus") from None
-    names = f.schema_arrow.names
-    if text_field not in names:
-        raise ValueError(f"{path} has no column {text_field!r} (columns {names}): pass --text-field COLUMN")
-    row = 0
-    for batch in f.iter_batches(batch_size=1024, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str):
-                raise ValueError(f"{path} row {row}: column {text_field!r} holds {text!r}, not a string: "
-                                 "drop such rows or pass --text-field COLUMN")
-            row += 1
-            yield text
-
-
-def _hf_documents(corpus, text_field):
-    """Stream hf:NAME[:config][:split] with the datasets package (imported only here): NAME is a hub
-    id or a local folder of data files; split defaults to train. A resume streams it again from its start."""
-    name, config, split = (corpus[3:].split(":") + ["", ""])[:3]
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"--corpus {corpus} needs the datasets package: pip install datasets "
-                         "(or pass a local .parquet / .jsonl file)") from None
-    try:
-        stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-    except Exception as e:  # offline, no such dataset / config / split: datasets raises many kinds
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot open the Hugging Face dataset of --corpus {corpus} ({first}): check NAME[:config]"
-                         "[:split] and the network (offline, only local folders and cached datasets load)") from None
-    for i, row in enumerate(stream):
-        yield _text_of(row, text_field, f"{corpus} row {i}")
-
-
-def _text_of(row, text_field, where):
-    """The text of one record: the record itself if it is a string, else its text field."""
-    if isinstance(row, str):
-        return row
-    if isinstance(row, dict) and isinstance(row.get(text_field), str):
-        return row[text_field]
-    keys = f" (fields {sorted(row)[:8]})" if isinstance(row, dict) else ""
-    raise ValueError(f"{where}: expected a string or an object with a string {text_field!r} field{keys}: "
-                     "pass --text-field NAME")
-
-
-def _bad_utf8(path):
-    """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line = 1
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(1 << 20)
-            try:
-                decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:  # e.object: the bytes decoded, with a carried partial character
-                line += e.object[:e.start].count(b"\n")
-                return ValueError(f"{path} line {line}: invalid UTF-8 (byte 0x{e.object[e.start]:02x}): "
-                                  "re-encode the file as UTF-8")
-            if not data:
-                return ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8")
-            line += data.count(b"\n")
-
 
 def iter_contexts(docs, enc, ctx):
     """Pack documents into contexts: yield (tokens (ctx,), doc ids (ctx,)) int32.
@@ -482,7 +321,7 @@ def iter_batches(cfg, enc, n_rows):
     R = rows_per_context(cfg)
     drop = 0 if cfg.keep_bos else 1
     pos = np.arange(drop, cfg.ctx, dtype=np.int32)
-    contexts = iter_contexts(iter_documents(cfg.corpus, cfg.seed, cfg.text_field), enc, cfg.ctx)
+    contexts = iter_contexts(corpora.iter_documents(cfg.corpus, cfg.seed, cfg.text_field), enc, cfg.ctx)
     row = 0
     while row < n_rows:
         batch = [c for _, c in zip(range(cfg.batch_size), contexts)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cache
+from forge import corpora
 from forge.files import write_json
 from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
 from model import GPT, GPTConfig
@@ -361,7 +362,7 @@ def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
     (tmp_path / "dir").mkdir()
     for i in range(0, 200, 50):
         (tmp_path / "dir" / f"{i:03d}.txt").write_text(ENDOFTEXT.join(docs[i:i + 50]))
-    got = [list(cache.iter_documents(str(p))) for p in (tmp_path / "c.jsonl", tmp_path / "dir")]
+    got = [list(corpora.iter_documents(str(p))) for p in (tmp_path / "c.jsonl", tmp_path / "dir")]
     assert got[0] == docs and got[1] == docs
     cfg = config(env, tmp_path / "j", corpus=str(tmp_path / "c.jsonl"), tokens=500, keep_bos=True)
     m = cache.build_cache(cfg)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import cache
+from forge import corpora
 
 WORDS = "the cat sat on a mat then the dog ran far away into hills where nobody went".split()
 
@@ -18,7 +19,7 @@ def docs(n, seed=0):
 
 
 def read(corpus, **kw):
-    return list(cache.iter_documents(str(corpus), **kw))
+    return list(corpora.iter_documents(str(corpus), **kw))
 
 
 def write_parquet(path, texts, column="text"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cache
+from forge.hub import ENDOFTEXT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on a mat then the dog ran far away into hills where nobody went".split()
@@ -25,7 +26,7 @@ def docs(n, seed=0):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "c.txt"
-    path.write_text(cache.clt.ENDOFTEXT.join(docs(400)))
+    path.write_text(ENDOFTEXT.join(docs(400)))
     return str(path)
 
 

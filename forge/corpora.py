@@ -1,0 +1,192 @@
+"""Corpus readers: a corpus name -> its documents (strings), read lazily, in a fixed order.
+
+    "toy"                   the toy world's documents (toyworld.toy_corpus), endless
+    a .txt file             documents separated by <|endoftext|>, read in 1 MB blocks
+    a .jsonl / .json file   one string or object per line / a JSON list of them (read whole)
+    a .parquet file         one column, a row-group batch at a time (pyarrow)
+    a folder                its .txt, .jsonl and .parquet files, sorted by path
+    hf:NAME[:config][:split]  a Hugging Face dataset, streamed (split defaults to train)
+
+`text_field` names the field or column that holds each document. Bad input raises ValueError naming
+the file, the line (or row) and the fix: invalid UTF-8, broken JSON, a missing field or column, a
+missing optional package. The order is fixed so that a cache built from a corpus resumes
+byte-identically.
+"""
+
+import codecs
+import json
+import os
+import sys
+
+from forge import toyworld
+from forge.hub import ENDOFTEXT
+
+TOY_CHUNK = 1000  # the toy corpus is drawn in chunks of this many documents, each with its own seed
+FOLDER_FILES = (".txt", ".jsonl", ".parquet")  # not .json: folders hold metadata in .json files
+
+
+def iter_documents(corpus, seed=0, text_field="text"):
+    """Yield the document strings of a corpus (see the module docstring); seed: the toy corpus's."""
+    if corpus == "toy":
+        for chunk in range(sys.maxsize):  # endless: the writer stops when it has enough tokens
+            yield from toyworld.toy_corpus(TOY_CHUNK, seed * 1_000_003 + chunk)
+    elif corpus.startswith("hf:"):
+        yield from _hf_documents(corpus, text_field)
+    elif os.path.isdir(corpus):
+        files = [os.path.join(r, f) for r, _, fs in os.walk(corpus) for f in fs]
+        files = sorted(f for f in files if f.endswith(FOLDER_FILES))
+        if not files:
+            raise ValueError(
+                f"corpus folder {corpus} holds no .txt, .jsonl or .parquet file: "
+                "pass a folder that does"
+            )
+        for path in files:
+            yield from _file_documents(path, text_field)
+    elif not os.path.isfile(corpus):
+        raise FileNotFoundError(
+            f"corpus {corpus} does not exist (a .txt, .jsonl, .json or .parquet file, a folder "
+            "of them, hf:NAME or 'toy')"
+        )
+    else:
+        yield from _file_documents(corpus, text_field)
+
+
+def _file_documents(path, text_field):
+    """The documents of one file, read by its suffix; invalid UTF-8 names its first bad line."""
+    readers = {".jsonl": _jsonl_documents, ".json": _json_documents, ".parquet": _parquet_documents}
+    docs = readers.get(os.path.splitext(path)[1], _text_documents)(path, text_field)
+    try:
+        yield from docs
+    except UnicodeDecodeError:
+        raise _bad_utf8(path) from None
+
+
+def _text_documents(path, text_field, block=1 << 20):
+    """Documents separated by <|endoftext|>, read in 1 MB blocks (files may be huge)."""
+    with open(path, encoding="utf-8") as f:
+        tail = ""
+        while block_text := f.read(block):
+            *docs, tail = (tail + block_text).split(ENDOFTEXT)
+            yield from (d for d in docs if d.strip())
+        if tail.strip():
+            yield tail
+
+
+def _jsonl_documents(path, text_field):
+    """One JSON object (or string) per line; blank lines are skipped."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
+                    "fix or delete that line"
+                ) from None
+            yield _text_of(row, text_field, f"{path} line {i}")
+
+
+def _json_documents(path, text_field):
+    """A JSON list of strings or objects, read whole: a corpus larger than memory is a .jsonl."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): fix the file"
+            ) from None
+    if not isinstance(rows, list):
+        raise ValueError(
+            f"{path} holds a JSON {type(rows).__name__}, not a list of documents: pass a JSON list "
+            f"of strings or of objects with a {text_field!r} field (or a .jsonl file)"
+        )
+    for i, row in enumerate(rows):
+        yield _text_of(row, text_field, f"{path} item {i}")
+
+
+def _parquet_documents(path, text_field):
+    """The text column, one row-group batch at a time (pyarrow, imported only here)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path} needs the pyarrow package: pip install pyarrow") from None
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not parquet
+        raise ValueError(
+            f"{path}: not a readable parquet file ({e}): pass a parquet file or another corpus"
+        ) from None
+    names = f.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(
+            f"{path} has no column {text_field!r} (columns {names}): pass --text-field COLUMN"
+        )
+    row = 0
+    for batch in f.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{path} row {row}: column {text_field!r} holds {text!r}, not a string: "
+                    "drop such rows or pass --text-field COLUMN"
+                )
+            row += 1
+            yield text
+
+
+def _hf_documents(corpus, text_field):
+    """Stream hf:NAME[:config][:split] with the datasets package (imported only here): NAME is a hub
+    id or a local folder of data files. A resume streams it again from its start."""
+    name, config, split = (corpus[3:].split(":") + ["", ""])[:3]
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"--corpus {corpus} needs the datasets package: pip install datasets "
+            "(or pass a local .parquet / .jsonl file)"
+        ) from None
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # offline, no such dataset / config / split: datasets raises many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot open the Hugging Face dataset of --corpus {corpus} ({first}): check "
+            "NAME[:config][:split] and the network (offline, only local folders and cached "
+            "datasets load)"
+        ) from None
+    for i, row in enumerate(stream):
+        yield _text_of(row, text_field, f"{corpus} row {i}")
+
+
+def _text_of(row, text_field, where):
+    """The text of one record: the record itself if it is a string, else its text field."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and isinstance(row.get(text_field), str):
+        return row[text_field]
+    keys = f" (fields {sorted(row)[:8]})" if isinstance(row, dict) else ""
+    raise ValueError(
+        f"{where}: expected a string or an object with a string {text_field!r} field{keys}: "
+        "pass --text-field NAME"
+    )
+
+
+def _bad_utf8(path):
+    """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(1 << 20)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.object: the bytes decoded, with a partial char
+                line += e.object[: e.start].count(b"\n")
+                return ValueError(
+                    f"{path} line {line}: invalid UTF-8 (byte 0x{e.object[e.start]:02x}): "
+                    "re-encode the file as UTF-8"
+                )
+            if not data:
+                return ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8")
+            line += data.count(b"\n")
