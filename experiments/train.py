@@ -1,0 +1,148 @@
+"""
+experiments/train.py: train.py's step as a FLOP rate against plain matmul at the step's own shapes,
+and the sparse decode against the dense one, each timed in the same run (ratios > 1 = faster).
+
+    python experiments/train.py                  # models/tiny's CLT and a GPT-2-small-shape one
+    python experiments/train.py --quick          # the tiny shape only
+    python experiments/train.py --device cuda
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from clt import CLTConfig, CrossLayerTranscoder
+from experiments.common import Bench, median_seconds, run_study
+from forge.cli import arg, run_main
+from parallel import Mesh
+
+
+@dataclass
+class TrainBench(Bench):
+    """CLT training step vs matmul FLOP rate; sparse vs dense decode"""
+
+    reps: int = arg(5, "timed repetitions (the median is reported)")
+    decode_features: int = arg(16384, "F of the decode benchmark")
+    density: float = arg(0.01, "fraction of active features in the decode benchmark")
+
+
+def run(cfg):
+    """Step FLOP rate over matmul's at the same shapes; sparse over dense decode."""
+    cuda = str(cfg.device).startswith("cuda")
+    shapes = [("tiny", 4, 128, 1024, 1024)]  # the default CLT of models/tiny (F = 8 d)
+    if not cfg.quick:
+        big = (6144, 4096) if cuda else (3072, 512)
+        shapes += [("gpt2-small", 12, 768, *big)]
+    rows = [
+        step_vs_matmul(*s, a, cfg.device, cfg.reps) for s in shapes for a in ("jumprelu", "topk")
+    ]
+    rows += sparse_vs_dense_decode(
+        4, 128, cfg.decode_features, 256, cfg.density, cfg.device, cfg.reps
+    )
+    if cuda and not cfg.quick:
+        rows += sparse_vs_dense_decode(
+            12, 768, cfg.decode_features, 256, cfg.density, cfg.device, cfg.reps
+        )
+    return rows
+
+
+def clt_matmuls(B, L, d, F):
+    """The matmul shapes (m, k, n) of one CLT training step: per layer the encoder forward and its
+    weight gradient (mlp_in needs no gradient), the decoder forward, its weight and input gradients."""
+    shapes = []
+    for l in range(L):
+        w = (L - l) * d  # layer l's features write to L - l layers
+        shapes += [(B, d, F), (d, B, F), (B, F, w), (F, B, w), (B, w, F)]
+    return shapes
+
+
+def step_fixture(L, d, F, B, activation, device, mesh=None):
+    """A CLT (or this rank's TP shard), its optimizer, a fixed batch and train.py's step on them."""
+    import train
+
+    mesh = mesh or Mesh()
+    cfg = train.TrainConfig(activation=activation, features=F, k=16, steps=10**6)
+    model = CrossLayerTranscoder(CLTConfig(L, d, F, activation, k=16), 0, mesh)
+    model = model.to(device).train()
+    opt = train.optimizer(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randn(B, L, d, generator=g).to(device) for _ in range(2)]
+    state = dict(
+        step=0,
+        since_fired=torch.zeros(L, F, dtype=torch.long, device=device),
+        first_bad=torch.tensor(-1, device=device),
+    )
+
+    def step():  # a step between log steps: nothing read back to the host
+        train.train_step(cfg, model, opt, batch, state, mesh, torch.device(device), sync=False)
+
+    return model, opt, step
+
+
+def step_vs_matmul(name, L, d, F, B, activation, device, reps):
+    """One optimizer step of train.py on a fixed batch, as a FLOP rate, over the FLOP rate of plain
+    torch.matmul at the step's own shapes and dtype, timed in the same run."""
+    _, _, step = step_fixture(L, d, F, B, activation, device)
+    t_step = median_seconds(step, device, reps)
+    cuda = str(device).startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32  # what autocast gives the step
+    shapes = clt_matmuls(B, L, d, F)
+    mats = [
+        (
+            torch.randn(m, k, device=device, dtype=dtype),
+            torch.randn(k, n, device=device, dtype=dtype),
+        )
+        for m, k, n in shapes
+    ]
+    t_mm = median_seconds(lambda: [a @ b for a, b in mats], device, reps)
+    tflops = sum(2 * m * k * n for m, k, n in shapes) / 1e12
+    return dict(
+        bench=f"{activation} train step",
+        shape=f"{name}: L{L} d{d} F{F} B{B}",
+        ms=1e3 * t_step,
+        baseline="matmul, same shapes",
+        baseline_ms=1e3 * t_mm,
+        ratio=t_mm / t_step,
+        detail=f"{tflops / t_step:.3g} vs {tflops / t_mm:.3g} TFLOP/s",
+    )
+
+
+def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
+    """decode (dense, cost ∝ F) against decode_sparse from a sparse COO tensor and from dense acts."""
+    model = CrossLayerTranscoder(CLTConfig(L, d, F, "relu"), 0).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(B, L, F, generator=g)
+    acts = (values * (torch.rand(B, L, F, generator=g) < density)).to(device)
+    coo = acts.to_sparse()
+    shape = f"L{L} d{d} F{F} B{B}, {density:.0%} active"
+    with torch.no_grad():
+        dense = model.decode(acts)
+        torch.testing.assert_close(model.decode(coo, sparse=True), dense, atol=1e-4, rtol=1e-4)
+        t_dense = median_seconds(lambda: model.decode(acts), device, reps)
+        rows = []
+        for what, x in (("decode_sparse (COO acts)", coo), ("decode_sparse (dense acts)", acts)):
+            t = median_seconds(lambda: model.decode(x, sparse=True), device, reps)
+            rows.append(
+                dict(
+                    bench=what,
+                    shape=shape,
+                    ms=1e3 * t,
+                    baseline="decode (dense)",
+                    baseline_ms=1e3 * t_dense,
+                    ratio=t_dense / t,
+                    detail=f"{int(acts.count_nonzero())} nonzeros",
+                )
+            )
+    return rows
+
+
+def main(argv=None):
+    return run_study(__doc__, "train", run, TrainBench, argv)
+
+
+if __name__ == "__main__":
+    run_main(main)
