@@ -53,18 +53,14 @@ Differences from them:
   it holds are in the HTML, so it reads without JavaScript too).
 """
 import base64
-import collections
-import concurrent.futures
 import functools
-import heapq
 import html
-import itertools
 import json
 import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import graphviz
 import matplotlib
@@ -72,9 +68,11 @@ import matplotlib.ticker
 from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
 from tqdm import tqdm
 
-from forge.browser import CSS, INDEX_JS
+from forge.browser import (CSS, INDEX_CLASSES, INDEX_COLUMNS, INDEX_JS, PAGE_NAME, VISIBLE, FileBatch, IndexRows, chunks,
+                           feature_index, feature_page_name, index_record, index_row, is_dead, layer_file_name,
+                           map_in_order, plain, show_token, to_js, write_file, write_frontend_features)
 from forge.cli import arg, parse_config, run_main
-from forge.files import atomic_path, fsync_dir
+from forge.files import atomic_path
 
 # -----------------------------------------------------------------------------
 # config: one dataclass per subcommand; `inputs` (a list) takes the positional arguments
@@ -119,34 +117,6 @@ PAGE_CHUNK = 2048  # features.jsonl lines a worker turns into pages at a time (~
 # -----------------------------------------------------------------------------
 # files and HTML shared by every picture
 
-# control characters made visible: newline, tab, CR as circuit-tracer's process_token writes them,
-# the others as Unicode control pictures (a NUL would end a graphviz string, and is invalid HTML)
-VISIBLE = {**{i: 0x2400 + i for i in range(32)}, 127: 0x2421, 10: "⏎", 9: "→", 13: "↵"}
-
-
-def show_token(tok):
-    """A token with its whitespace made visible: leading/trailing spaces as '␣', newlines as '⏎'."""
-    tok = str(tok).translate(VISIBLE)
-    core = tok.strip(" ")
-    lead = len(tok) - len(tok.lstrip(" "))
-    trail = len(tok) - len(tok.rstrip(" "))
-    return "␣" * lead + core + ("␣" * trail if core else "")
-
-
-PAGE_NAME = "L{layer}_F{feature}.html"  # a feature's page; the index's script builds the same names
-
-
-def feature_page_name(layer, feature):
-    return PAGE_NAME.format(layer=int(layer), feature=int(feature))
-
-
-def write_file(path, data):
-    """Write text or bytes to `path` whole or not at all."""
-    binary = isinstance(data, bytes)
-    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-        f.write(data)
-
-
 def page_html(title, body):
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
             f"</title><style>{CSS}</style></head><body>{body}</body></html>\n")
@@ -156,64 +126,13 @@ def write_page(path, title, body):
     write_file(path, page_html(title, body))
 
 
-class FileBatch:
-    """Many small text files written whole or not at all, as clt.atomic_path writes one, but with one
-    sync for a batch instead of two fsyncs a file (0.3 ms each here: 80 s for the 292k pages of a
-    GPT-2-small CLT). add() writes a file under a temporary name; every `max_bytes` and on leaving the
-    `with` block, os.sync() puts them all on disk at once, then each is renamed over its path and the
-    directories are synced. A crash leaves the old file or the new one, never half of one; an
-    exception inside the block removes the temporary files not yet renamed."""
-
-    def __init__(self, max_bytes=64 << 20):
-        self.max_bytes = max_bytes
-        self.pending = []  # paths whose "{path}.tmp" is written, not yet renamed
-        self.size = 0
-
-    def add(self, path, text):
-        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        self.pending.append(path)
-        self.size += len(text)
-        if self.size >= self.max_bytes:
-            self.flush()
-
-    def flush(self):
-        if not self.pending:
-            return
-        os.sync()  # every temporary file's data on disk before any rename makes one visible
-        for path in self.pending:
-            os.replace(f"{path}.tmp", path)
-        for folder in {os.path.dirname(p) for p in self.pending}:
-            fsync_dir(folder)
-        self.pending = []
-        self.size = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        if kind is None:
-            self.flush()
-            return
-        for path in self.pending:
-            if os.path.exists(f"{path}.tmp"):
-                os.remove(f"{path}.tmp")
-
-
 def save_figure(fig, path, dpi):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")  # the temporary name has no .png to infer the format from
 
 
-def _plain(v):
-    """A value as a table shows it: 4 significant digits, "-" for None."""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else str(v)
-
-
 def _fmt(v):
-    return html.escape(_plain(v))
+    return html.escape(plain(v))
 
 
 def _is_scalar(v):
@@ -265,13 +184,6 @@ def _row(node):
     return 10**6 if node["feature_type"] == "logit" else int(node["layer"])
 
 
-def _feature_index(node):
-    """A feature's index in its layer. circuit-tracer stores a Cantor pairing in "feature", so the
-    node_id "{layer}_{feature}_{pos}" is the reliable source; fall back to "feature"."""
-    parts = str(node["node_id"]).split("_")
-    return int(parts[1]) if len(parts) == 3 and parts[1].lstrip("-").isdigit() else int(node["feature"])
-
-
 def _influence_order(node):
     """Sort key, most influential first. graph.py writes "influence_raw" (bigger = more influential)
     and circuit-tracer's "influence", a *cumulative* share (most influential first, so smaller = more);
@@ -312,7 +224,7 @@ def _node_name(node):
     """How the page names a node: L1/3 for a feature, err L0, the token of an embedding, the logit's text."""
     ft = node["feature_type"]
     if ft == "cross layer transcoder":
-        return f"L{node['layer']}/{_feature_index(node)}"
+        return f"L{node['layer']}/{feature_index(node)}"
     if ft == "mlp reconstruction error":
         return f"err L{node['layer']}"
     return str(node.get("clerp") or node["node_id"])
@@ -406,7 +318,7 @@ def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
                         sub.node(chain[-1], group=f"pos{pos}", **empty, **_pinned(pos_of, chain[-1]))
                 for n in cell:
                     is_feature = n["feature_type"] == "cross layer transcoder"
-                    link = href(int(n["layer"]), _feature_index(n)) if is_feature and href else None
+                    link = href(int(n["layer"]), feature_index(n)) if is_feature and href else None
                     sub.node(n["node_id"], group=f"pos{pos}", **_node_attrs(n, imp[n["node_id"]], tokens, cfg, link),
                              **_pinned(pos_of, n["node_id"]))
                     chain.append(n["node_id"])
@@ -460,7 +372,7 @@ def node_table(graph, href):
     tokens = graph.get("metadata", {}).get("prompt_tokens") or []
     rows = []
     for n in sorted(graph["nodes"], key=_influence_order):
-        link = href(int(n["layer"]), _feature_index(n)) if n["feature_type"] == "cross layer transcoder" else None
+        link = href(int(n["layer"]), feature_index(n)) if n["feature_type"] == "cross layer transcoder" else None
         name = html.escape(_node_name(n))
         pos = n["ctx_idx"]
         token = html.escape(show_token(tokens[pos])) if pos < len(tokens) else ""
@@ -529,95 +441,6 @@ def draw_graph(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server)
-
-FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan that makes the front end read {out}/features/
-FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
-
-
-def _percentiles(counts, edges, n=100):
-    """The 1st..n-th percentiles of a feature's activations, read off its log-spaced histogram (bin centres)."""
-    total = sum(counts)
-    if not total:
-        return []
-    out = []
-    cum = 0
-    i = -1
-    for p in range(1, n + 1):
-        while cum < p / n * total:
-            i += 1
-            cum += counts[i]
-        out.append(math.sqrt(edges[i] * edges[i + 1]))  # the geometric centre of the log-spaced bin
-    return out
-
-
-def _linear_histogram(counts, edges, act_max, n_bins=FRONTEND_BINS):
-    """interp's log-spaced histogram re-binned into n_bins linear bins over [0, act_max] (by bin centres)."""
-    out = [0.0] * n_bins
-    for i, c in enumerate(counts):
-        centre = math.sqrt(edges[i] * edges[i + 1])
-        i_bin = min(int(centre / act_max * n_bins), n_bins - 1) if act_max > 0 else 0
-        out[i_bin] += c
-    return out
-
-
-def _frontend_example(ex):
-    return dict(tokens_acts_list=ex["acts"], train_token_ind=ex["center"], is_repeated_datapoint=False,
-                tokens=ex["tokens"])
-
-
-def frontend_feature(feat, transcoder_id):
-    """One record of interp.py's features.jsonl in circuit-tracer's front-end schema (its
-    frontend/feature_models.py Model): the top examples, then the quantile examples in four bands of
-    their activation rank, top / bottom logits, the activation range, percentiles and histogram."""
-    hist = feat.get("hist") or {}
-    counts = hist.get("counts") or []
-    edges = hist.get("edges") or []
-    act_max = float(feat.get("max_act") or 0.0)
-    top = [_frontend_example(e) for e in feat.get("top_examples") or []]
-    groups = [dict(quantile_name="Top activations", examples=top)]
-    for lo in (0.75, 0.5, 0.25, 0.0):  # an example's "quantile" (in (0, 1)): the share of firings below it
-        band = [_frontend_example(e) for e in feat.get("quantile_examples") or [] if lo <= e["quantile"] < lo + 0.25]
-        if band:
-            groups.append(dict(quantile_name=f"Quantile {lo:.2f}-{lo + 0.25:.2f}", examples=band))
-    return dict(transcoder_id=transcoder_id, index=int(feat["feature"]), examples_quantiles=groups,
-                top_logits=[r["token"] for r in feat.get("promoted") or []],
-                bottom_logits=[r["token"] for r in feat.get("suppressed") or []],
-                act_min=0.0, act_max=act_max, quantile_values=_percentiles(counts, edges),
-                histogram=_linear_histogram(counts, edges, act_max),
-                activation_frequency=float(feat.get("density") or 0))
-
-
-def write_frontend_features(graph, interp_dir, out):
-    """{out}/features/{node "feature"}.json for every feature node of the graph that interp.py described,
-    the files circuit-tracer's front end fetches at {scan}/{featureIndex}.json; returns their paths."""
-    path = os.path.join(interp_dir, "features.jsonl")
-    wanted = {(int(n["layer"]), _feature_index(n)): n["feature"] for n in graph["nodes"]
-              if n["feature_type"] == "cross layer transcoder"}
-    if not wanted or not os.path.isfile(path):
-        return []
-    meta = graph.get("metadata", {})
-    clt_dir = (meta.get("info") or {}).get("clt")  # graph.py's info names the CLT; its scan may be a path
-    transcoder_id = os.path.basename(os.path.normpath(clt_dir)) if clt_dir else "clt"
-    os.makedirs(os.path.join(out, "features"), exist_ok=True)
-    written = []
-    with open(path, encoding="utf-8") as f:
-        for line in filter(str.strip, f):
-            feat = json.loads(line)
-            key = (int(feat["layer"]), int(feat["feature"]))
-            if key in wanted:
-                written.append(os.path.join(out, "features", f"{wanted[key]}.json"))
-                write_file(written[-1], json.dumps(frontend_feature(feat, transcoder_id)))
-    print(f"wrote {len(written)} feature files for circuit-tracer's front end to {out}/features")
-    if meta.get("scan") == FRONTEND_SCAN:
-        print(f"  to browse: python -m circuit_tracer start-server --graph_file_dir {out}, then open "
-              f"http://localhost:8041/index.html?slug={meta.get('slug', 'graph')}")
-    else:
-        print(f"  circuit-tracer's front end reads them when the graph's metadata.scan is {FRONTEND_SCAN!r} "
-              f"(it is {meta.get('scan')!r}): rerun graph.py to get it")
-    return written
-
-
 # -----------------------------------------------------------------------------
 # feature pages (HTML)
 
@@ -715,79 +538,6 @@ def feature_page(feat, cfg):
 # ...]) that the page's script loads with a <script> element when a view needs the layer: picked in the
 # menu, or every layer for a search (fetch() of a local file is blocked under file://, a script is not).
 
-# (key in the URL hash, header, "num" or "text": how it sorts, the direction of a first click)
-INDEX_COLUMNS = [("layer", "layer", "num", "asc"), ("feature", "feature", "num", "asc"),
-                 ("explanation", "explanation", "text", "asc"), ("tokens", "top tokens", "text", "asc"),
-                 ("density", "density", "num", "desc"), ("max_act", "max act", "num", "desc"),
-                 ("auroc", "detection AUROC", "num", "desc"), ("fuzzing", "fuzzing", "num", "desc"),
-                 ("concept", "best concept", "text", "asc"), ("f1", "concept F1", "num", "desc"),
-                 ("flags", "flags", "text", "desc")]
-INDEX_CLASSES = ["num" if kind == "num" else "flag" if key == "flags" else "" for key, _, kind, _ in INDEX_COLUMNS]
-FLAGS = len(INDEX_COLUMNS) - 1  # a row's flags cell (dead, dense), the last
-
-
-
-def _top_tokens(feat, n=5):
-    """The distinct firing tokens of a feature's max-activating examples, strongest first."""
-    seen = []
-    for ex in feat.get("top_examples") or []:
-        tok = ex["tokens"][ex["center"]] if ex.get("center") is not None else ""
-        if tok not in seen:
-            seen.append(tok)
-    return seen[:n]
-
-
-def _is_dead(feat):
-    """A feature that never fired: it has no page (nothing to show) and the flag "dead"."""
-    return not feat.get("n_fires", feat.get("density", 1))
-
-
-def index_record(feat, dense):
-    """A feature's row of the index as texts: the cells of INDEX_COLUMNS, then the extra words a search
-    looks in (its promoted tokens, lower case; it also looks in the explanation and the top tokens)."""
-    tokens = _top_tokens(feat)
-    flags = " ".join(name for name, on in (("dead", _is_dead(feat)), ("dense", (feat.get("density") or 0) > dense))
-                     if on)
-    promoted = " ".join(r["token"] for r in feat.get("promoted") or []).lower()
-    return [str(int(feat["layer"])), str(int(feat["feature"])), str(feat.get("explanation") or ""),
-            " ".join(show_token(t) for t in tokens), _plain(feat.get("density")), _plain(feat.get("max_act")),
-            _plain(feat.get("detection_auroc")), _plain(feat.get("fuzzing_bacc")), _plain(feat.get("concept")),
-            _plain(feat.get("concept_f1")), flags, promoted]
-
-
-def index_row(rec):
-    """One <tr> of the index from index_record's texts, the feature linked to its page unless it is dead;
-    data-q holds the search's extra words. The index's script builds the same rows from index/ files."""
-    cells = []
-    for i, (cell, cls) in enumerate(zip(rec, INDEX_CLASSES)):
-        value = html.escape(cell)
-        if i == 1 and "dead" not in rec[FLAGS].split():
-            value = f'<a href="{feature_page_name(rec[0], rec[1])}">{value}</a>'
-        cells.append(f'<td class="{cls}">{value}</td>' if cls else f"<td>{value}</td>")
-    return f'<tr data-layer="{rec[0]}" data-q="{html.escape(rec[-1], quote=True)}">{"".join(cells)}</tr>'
-
-
-def _js(value):
-    """A JSON value as JavaScript that can sit inside a <script> element ("</" would end it)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-
-
-def layer_file_name(layer):
-    return f"index/layer_{int(layer):02d}.js"
-
-
-def write_layer_file(out, layer, records):
-    """index/layer_XX.js: every row of one layer, for the index's script to load when a view needs it.
-    The rows are a string for JSON.parse, which Chromium reads ~2.5x faster than the same array literal
-    (0.4 s instead of 1.2 s for a layer of GPT-2-small's CLT, 7 MB)."""
-    path = os.path.join(out, layer_file_name(layer))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    quoted = _js(records).replace("\\", "\\\\").replace("'", "\\'")  # JSON inside '...': escape \ and '
-    text = f"featureIndex({int(layer)},JSON.parse('{quoted}'));\n"
-    write_file(path, text)
-    return len(text.encode("utf-8"))
-
-
 def _image_data_uri(path):
     with open(path, "rb") as f:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
@@ -807,7 +557,7 @@ def summary_html(summary, run_dir):
         numbers += ["<h2>Summary</h2><table>"] + [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
                                                   for k, v in heads if v is not None] + ["</table>"]
         if c and "baselines" in c:  # per family: the CLT, then the baselines scored the same way
-            from interp import concept_rows
+            from forge.concepts import concept_rows
             numbers += [f"<h2>Toy-world concepts: share with F1 &gt;= {c['f1_threshold']} / mean best F1</h2>",
                         _table(concept_rows(c))]
         if summary.get("per_layer"):
@@ -818,57 +568,6 @@ def summary_html(summary, run_dir):
         plots = (f'<img alt="score distributions, densities and concept recovery" style="width:720px;max-width:100%" '
                  f'src="{uri}">')
     return f"<div class='cols'><div>{''.join(numbers)}</div><div>{plots}</div></div>"
-
-
-class IndexRows:
-    """The index's rows, streamed in features.jsonl's (layer, feature) order: keeps the `n_inline` best
-    by detection AUROC for index.html and, once there are more rows than that, writes each layer to
-    index/ when the next one starts (so memory holds one layer, not every row)."""
-
-    def __init__(self, out, n_inline):
-        self.out = out
-        self.n_inline = n_inline
-        self.best = []  # a min-heap of (AUROC, -row number, record): the n_inline best rows so far
-        self.held = {}  # layer -> its records, not in index/ yet
-        self.files = {}  # layer -> bytes of its file in index/
-        self.layer = None  # the layer of the last row
-        self.n = 0
-        self.n_dead = 0
-        self.n_dense = 0
-
-    def add(self, rec, auroc):
-        layer = int(rec[0])
-        if self.layer is not None and layer < self.layer:
-            raise ValueError(f"features.jsonl lists layer {layer} again after a later one; viz.py reads it in the "
-                             "(layer, feature) order interp.py writes: rewrite it with interp.py")
-        key = (-math.inf if auroc is None else auroc, -self.n, rec)  # ties: the earlier row wins
-        if len(self.best) < self.n_inline:
-            heapq.heappush(self.best, key)
-        else:
-            heapq.heappushpop(self.best, key)
-        if layer != self.layer:  # a new layer: the ones before it are complete
-            self.write()
-            self.layer = layer
-        self.held.setdefault(layer, []).append(rec)
-        self.n += 1
-        flags = rec[FLAGS].split()
-        self.n_dead += "dead" in flags
-        self.n_dense += "dense" in flags
-
-    def write(self):
-        """The held layers into index/, unless every row so far fits in index.html."""
-        if self.n <= self.n_inline:
-            return
-        for layer, records in self.held.items():
-            self.files[layer] = write_layer_file(self.out, layer, records)
-        self.held = {}
-
-    def layers(self):
-        return sorted({*self.held, *self.files})
-
-    def inline(self):
-        """The records index.html holds, in the file's order."""
-        return [rec for _, _, rec in sorted(self.best, key=lambda key: -key[1])]
 
 
 def index_page(index, summary, run_dir):
@@ -900,7 +599,7 @@ def index_page(index, summary, run_dir):
         # hidden until the script has drawn it: a table laid out as it streams in costs ~0.5 ms a row
         "<noscript><style>#features{display:table}</style></noscript>",
         f'<table id="features" hidden><thead><tr>{head}</tr></thead><tbody>', *map(index_row, rows), "</tbody></table>",
-        '<p><button id="more" hidden>show more</button></p>', f"<script>var INDEX = {_js(config)};\n{INDEX_JS}</script>"])
+        '<p><button id="more" hidden>show more</button></p>', f"<script>var INDEX = {to_js(config)};\n{INDEX_JS}</script>"])
 
 
 def write_pages(lines, cfg, dense, out):
@@ -910,39 +609,12 @@ def write_pages(lines, cfg, dense, out):
     with FileBatch() as pages:
         for line in lines:
             feat = json.loads(line)
-            if not _is_dead(feat):
+            if not is_dead(feat):
                 title = f"L{feat['layer']}/F{feat['feature']}"
                 pages.add(os.path.join(out, feature_page_name(feat["layer"], feat["feature"])),
                           page_html(title, feature_page(feat, cfg)))
             rows.append((index_record(feat, dense), feat.get("detection_auroc")))
     return rows
-
-
-def chunks(f, n):
-    """The non-blank lines of a file, in lists of n."""
-    lines = filter(str.strip, f)
-    while chunk := list(itertools.islice(lines, n)):
-        yield chunk
-
-
-def map_in_order(fn, items, workers):
-    """fn(item) for each item, in `workers` processes, yielded in the items' order with at most
-    2 * workers items in flight (a Pool's imap would read all of features.jsonl ahead). One worker or
-    one item: in this process, without starting any."""
-    items = iter(items)
-    head = list(itertools.islice(items, 2))
-    if workers == 1 or len(head) < 2:
-        yield from map(fn, itertools.chain(head, items))
-        return
-    items = itertools.chain(head, items)
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        queue = collections.deque()
-        for item in items:
-            queue.append(pool.submit(fn, item))
-            if len(queue) >= 2 * workers:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
 
 
 def draw_features(cfg):

@@ -25,6 +25,7 @@ import torch
 
 import graph as G
 import viz
+from forge import browser
 
 local_server = pytest.importorskip("circuit_tracer.frontend.local_server",
                                    reason="circuit-tracer is not installed (pip install circuit-tracer)")
@@ -88,7 +89,7 @@ def test_page_code_reads_what_we_write():
     assert "d.featureIndex = d.feature" in (assets / "attribution_graph" / "util-cg.js").read_text()
     util = (assets / "util.js").read_text()
     assert "path.startsWith('./features/')" in util  # that prefix goes to a CDN: our scan must not use it
-    assert viz.FRONTEND_SCAN.startswith("./data/") and not viz.FRONTEND_SCAN.startswith("./features/")
+    assert browser.FRONTEND_SCAN.startswith("./data/") and not browser.FRONTEND_SCAN.startswith("./features/")
 
 
 def test_server_serves_our_graph_and_features(served):
@@ -96,7 +97,7 @@ def test_server_serves_our_graph_and_features(served):
     page = urljoin(base, "index.html")
     graphs = get_json(urljoin(page, "./data/graph-metadata.json"))["graphs"]
     meta = graph_models.Metadata(**next(g for g in graphs if g["slug"] == "graph"))
-    assert meta.scan == viz.FRONTEND_SCAN and meta.prompt == PROMPT
+    assert meta.scan == browser.FRONTEND_SCAN and meta.prompt == PROMPT
     data = get_json(urljoin(page, "./graph_data/graph.json"))
     nodes = [graph_models.Node(**n) for n in data["nodes"]]
     feats = [n for n in nodes if n.feature_type == "cross layer transcoder"]
@@ -127,6 +128,6 @@ def test_page_asks_our_server(served, tmp_path):
     if "GET /graph_data/graph.json" not in requests:  # offline: its CDN libraries did not load
         assert "d3 is not defined" in proc.stderr, proc.stderr[-2000:]
         return
-    assert f"GET {viz.FRONTEND_SCAN[1:]}/{node['feature']}.json" in requests, requests
+    assert f"GET {browser.FRONTEND_SCAN[1:]}/{node['feature']}.json" in requests, requests
     layer, index, _ = node["node_id"].split("_")
     assert f"L{layer}F{index}" in proc.stdout  # its examples, rendered

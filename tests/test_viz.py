@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 import viz
+from forge import browser
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
 
@@ -272,8 +273,8 @@ def test_bad_graph_input(tmp_path):
 
 
 def test_show_token():
-    assert viz.show_token(" Paris") == "␣Paris" and viz.show_token("  ") == "␣␣"
-    assert viz.show_token("a\n") == "a⏎" and viz.show_token("x ") == "x␣" and viz.show_token("\x00\t") == "␀→"
+    assert browser.show_token(" Paris") == "␣Paris" and browser.show_token("  ") == "␣␣"
+    assert browser.show_token("a\n") == "a⏎" and browser.show_token("x ") == "x␣" and browser.show_token("\x00\t") == "␀→"
 
 
 def test_feature_pages(tmp_path):
@@ -312,14 +313,14 @@ def test_pages_are_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError, match="5 tokens but 1 activations"):
         viz.main(["features", str(run)])
     assert os.listdir(run / "html") == []
-    with viz.FileBatch(max_bytes=10) as batch:  # a flush every file
+    with browser.FileBatch(max_bytes=10) as batch:  # a flush every file
         for i in range(3):
             batch.add(str(tmp_path / f"{i}.html"), "<p>x</p>")
     assert sorted(p.name for p in tmp_path.glob("*.html*")) == ["0.html", "1.html", "2.html"]
 
 
 def test_pages_in_worker_processes_keep_the_order(tmp_path, monkeypatch):
-    assert list(viz.map_in_order(abs, range(0, -9, -1), workers=2)) == list(range(9))
+    assert list(browser.map_in_order(abs, range(0, -9, -1), workers=2)) == list(range(9))
     monkeypatch.setattr(viz, "PAGE_CHUNK", 16)  # 5 chunks of features.jsonl, for 2 workers
     run = tmp_path / "interp"
     write_synthetic_interp(run, 2, 40, n_top=1, n_quantile=0)
@@ -534,7 +535,7 @@ def test_frontend_feature_files_follow_circuit_tracers_schema(tmp_path, monkeypa
     assert (data["act_min"], data["act_max"], data["activation_frequency"]) == (0.0, 3.0, 0.01)
     q = data["quantile_values"]  # q[i] is the (i+1)-th percentile: the front end places a node's activation
     assert len(q) == 100 and q == sorted(q) and 0.25 < q[0] < 0.5 and 2.0 < q[-1] < 4.0
-    assert sum(data["histogram"]) == 10 and len(data["histogram"]) == viz.FRONTEND_BINS
+    assert sum(data["histogram"]) == 10 and len(data["histogram"]) == browser.FRONTEND_BINS
 
 
 def test_frontend_feature_files_load_in_circuit_tracer(tmp_path, monkeypatch):
@@ -615,7 +616,7 @@ def write_synthetic_interp(run, n_layers, n_features, dead=0.01, seed=0, planted
 def index_records(run):
     """(layer, feature) -> viz.index_record of every feature of an interp folder, in the file's order."""
     with open(run / "features.jsonl", encoding="utf-8") as f:
-        return {(r["layer"], r["feature"]): viz.index_record(r, viz.DENSE) for r in map(json.loads, f)}
+        return {(r["layer"], r["feature"]): browser.index_record(r, viz.DENSE) for r in map(json.loads, f)}
 
 
 def first_rows(records, layer=None, key=None, reverse=False, n=200):
