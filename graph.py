@@ -18,9 +18,8 @@ Data flow:
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py --target-diff " Zefekic| Bepaese"                     # output node: a logit difference
-    python graph.py intervene --intervene 3/-1/123=5,2/4/9:ablate --prompt "..."  # =set *scale +add :ablate
-    python graph.py generate --intervene 3/-1/123+4 --every-token --max-new-tokens 20  # clean | intervened
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
+    python intervene.py intervene --intervene 3/-1/123:ablate   # test what a graph says (intervene.py)
     torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."  # rows split over ranks
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph (circuit-tracer installed)
@@ -61,11 +60,6 @@ attribution/; bench.py vs-circuit-tracer and tests/test_graph.py check them edge
     Completeness score = sum_t (1 - sum_{s error} Â[t, s]) (infl_t + w_t) / sum_t (infl_t + w_t):
     the influence-weighted fraction of the nodes' inputs that comes from non-error nodes.
     Both lie in [0, 1] and are 1 when every error node is zero.
-    Interventions (intervene, generate): a feature's activation a at one position becomes a' (set,
-    scale, add, ablate; silent features too), and the MLP outputs change by (a' - a) x its decoder
-    writes; the rest of the model responds (freeze="none"), or its attention patterns are frozen
-    ("attention"), or it is the replacement model ("all": patterns, LayerNorm scales and every MLP
-    output held, so the logit nodes move by minus the ablated features' edges, exactly).
 
 Differences from circuit-tracer:
 - Error node ids are "{layer}_-1_{pos}" (the feature-node pattern with feature -1): circuit-tracer's
@@ -79,18 +73,14 @@ Differences from circuit-tracer:
   position, and under torchrun each rank computes a share of the rows (circuit-tracer: one device).
   Memory: the kept rows (N x N; capped, (max_features + logits) x N) and one batch's gradients at
   every layer (L·d·T·batch_size numbers), nothing per active feature beyond its rows.
-- Interventions: freeze="all" holds every layer's MLP output (circuit-tracer's constrained_layers
-  chooses which); `layers` instead limits which MLP outputs receive the change. generate keeps no KV
-  cache: each new token re-runs the whole sequence (3 passes: clean, and clean + intervened).
 - Ties: with --max-features, features of equal influence are taken in node order (circuit-tracer's
   unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
   (circuit-tracer's threshold can fall to 0 there and keep them).
 """
 import json
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
@@ -101,7 +91,7 @@ from clt import CrossLayerTranscoder, load_transcoder
 from forge.cli import arg, parse_config, run_main
 from forge.files import atomic_path, check_same_model, write_json
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
-from model import Acts, Frozen, GPT
+from model import Frozen, GPT
 from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
 
 # -----------------------------------------------------------------------------
@@ -129,34 +119,6 @@ class GraphConfig:
     target_direction: str = arg("", "attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor")
     node_threshold: float = arg(0.8, 'keep nodes up to this cumulative influence', group='pruning')
     edge_threshold: float = arg(0.98, 'keep edges up to this cumulative influence')
-
-
-@dataclass
-class RunConfig:
-    """the flags `intervene` and `generate` share"""
-    model: str = arg(DEFAULT_MODEL, 'GPT-2 directory in the hub layout, or a hub id such as gpt2')
-    clt: str = arg("runs/clt", "transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's")
-    prompt: str = arg("Batris lives in Fafes. The language Batris speaks is", 'text to run or continue (BOS is prepended)')
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", 'cpu or cuda')
-    intervene: str = arg("", 'LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate; comma-separated')
-    freeze: str = arg("none", 'none: the real model; attention: patterns frozen; all: the replacement model')
-    layers: str = arg("", 'START:END: only mlp_out[START:END] get the change; empty = all')
-
-
-@dataclass
-class InterveneConfig(RunConfig):
-    """change CLT features' activations and print how the next-token prediction changes"""
-    top: int = arg(10, 'rows of probability changes to print')
-
-
-@dataclass
-class GenerateConfig(RunConfig):
-    """continue a prompt with the plain model and under interventions, side by side"""
-    every_token: bool = arg(False, 'also apply the interventions at POS -1 at every generated token')
-    max_new_tokens: int = arg(20, 'tokens to generate')
-    temperature: float = arg(0.0, '0 = greedy; > 0 samples from softmax(logits / temperature)')
-    top_k: int = arg(0, 'sample from the top k tokens only; 0 = all')
-    seed: int = arg(0, 'random seed for sampling (both continuations draw alike)')
 
 
 # -----------------------------------------------------------------------------
@@ -809,222 +771,6 @@ def save_graph(graph, cfg, enc, model_name, clt_name):
 
 
 # -----------------------------------------------------------------------------
-# interventions: check a hypothesis read off a graph, in the real model or in the replacement model
-
-MODES = ("set", "scale", "add", "ablate")
-FREEZE = ("none", "attention", "all")
-
-
-@dataclass
-class Intervention:
-    """One change to one CLT feature at one position of the prompt."""
-    layer: int  # the feature's layer
-    pos: int  # its position in the prompt, BOS = 0; negative counts from the end (-1: the last token)
-    feature: int  # its id in the layer
-    mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
-    value: float = 0.0  # set: the new activation; scale: the factor; add: the shift; ablate: unused
-
-    def new_activation(self, a):
-        """The feature's activation after the change, from its clean activation a."""
-        if self.mode == "set":
-            return torch.full_like(a, self.value)
-        if self.mode == "scale":
-            return a * self.value
-        if self.mode == "add":
-            return a + self.value
-        return torch.zeros_like(a)
-
-
-class Intervened(NamedTuple):
-    """What run_intervened returns: both runs of the prompt, and the changed features' activations."""
-    clean_logits: torch.Tensor  # (T, V)
-    logits: torch.Tensor  # (T, V) with the interventions
-    clean: Acts  # the clean run's activations (batch 1)
-    acts: Acts  # the intervened run's: its mlp_out holds the changed MLP outputs
-    old: torch.Tensor  # (n,) each changed feature's clean activation (the CLT encoder's)
-    new: torch.Tensor  # (n,) what it was set to
-
-
-def check_interventions(interventions, L, T, F_):
-    """-> (n, 3) long tensor of (layer, position in 0..T-1, feature); ValueError naming the fix on bad ones."""
-    out = []
-    for iv in interventions:
-        name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
-        if iv.mode not in MODES:
-            raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
-        if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
-            raise ValueError(f"{name}: need 0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS "
-                             f"included) and 0 <= feature < {F_}")
-        out.append((iv.layer, iv.pos % T, iv.feature))
-    if len(set(out)) < len(out):
-        raise ValueError(f"a feature is changed twice in {[f'{l}/{p}/{f}' for l, p, f in out]}: give each "
-                         f"(layer, pos, feature) once, with the value it should end up at")
-    return torch.tensor(out, dtype=torch.long).view(-1, 3)
-
-
-def parse_interventions(spec, n_layers=None, n_tokens=None, n_features=None):
-    """The command line's interventions -> [Intervention]: comma-separated LAYER/POS/FEATURE then
-    =VALUE (set), *X (scale), +X (add) or :ablate (=0 too), e.g. "3/-1/123=5,0/2/7:ablate". With the
-    sizes given, layers, positions and features out of range are refused as intervene refuses them."""
-    out = []
-    for one in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*(\S+)|:\s*(ablate))\s*", one)
-        value = None
-        if m and m.group(5) is not None:
-            try:
-                value = float(m.group(5))
-            except ValueError:
-                value = None
-        if not m or (m.group(6) is None and value is None):
-            raise ValueError(f"--intervene {one.strip()!r}: write LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) "
-                             f"or :ablate, comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate")
-        l, p, f = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
-        out.append(Intervention(l, p, f, mode, 0.0 if mode == "ablate" else value))
-    if n_layers is not None:
-        check_interventions(out, n_layers, n_tokens, n_features)
-    return out
-
-
-def intervention_delta(clt, mlp_in, interventions, layers=None):
-    """The change of every MLP output (T, L, d) that the interventions make, from the clean run's MLP
-    inputs mlp_in (T, L, d) -> (delta, old activations (n,), new activations (n,)). A feature of layer l
-    at p with activation a -> a' adds (a' - a)·W_dec[l][f, l' - l] / output_scale[l'] to mlp_out[l'] at p
-    for every layer l' it writes to (only l' in layers = (start, end), start <= l' < end, if given)."""
-    T, L, _ = mlp_in.shape
-    feats = check_interventions(interventions, L, T, clt.config.n_features).to(mlp_in.device)
-    l, p, f = feats.T
-    start, end = (0, L) if layers is None else layers
-    if not 0 <= start < end <= L:
-        raise ValueError(f"layers={layers}: need 0 <= start < end <= {L} (the change reaches mlp_out[start:end])")
-    a = clt.encode(mlp_in[p])  # (n, L, F): only the changed features' positions (encoding is per token)
-    old = a[torch.arange(len(feats), device=a.device), l, f]  # (n,)
-    new = torch.stack([iv.new_activation(x) for iv, x in zip(interventions, old)]) if len(feats) else old
-    delta = reconstruct(clt, feats, new - old, T, bias=False)  # (T, L, d)
-    delta[:, :start] = 0
-    delta[:, end:] = 0
-    return delta, old, new
-
-
-def forward_with_mlp_change(model, idx, delta, frozen=None):
-    """Run idx (1, T) with delta[:, l] (T, L, d) added to the output of every MLP, which still computes
-    its output from its own input (frozen: attention patterns to reuse, or None) -> (logits, Acts)."""
-    def adds(layer):  # a forward hook that adds the change of layer's MLP output
-        def hook(module, inputs, out):
-            return out + delta[:, layer]
-        return hook
-
-    handles = [block.mlp.register_forward_hook(adds(l)) for l, block in enumerate(model.h)]
-    try:
-        return model.run_with_acts(idx, frozen=frozen)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def run_intervened(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list,
-                   freeze: str = "none", layers: Optional[tuple] = None) -> Intervened:
-    """intervene's two runs with their activations (see intervene)."""
-    check_compatible(model, clt)
-    model.check_input(idx)
-    if idx.size(0) != 1:
-        raise ValueError(f"intervene on one prompt at a time, got a batch of {idx.size(0)}")
-    if freeze not in FREEZE:
-        raise ValueError(f"freeze={freeze!r}: use one of {', '.join(FREEZE)}")
-    clean_logits, clean = model.run_with_acts(idx)
-    delta, old, new = intervention_delta(clt, clean.mlp_in[0], interventions, layers)
-    L = len(model.h)
-    if freeze == "all":  # the local replacement model: every MLP output held at the clean run's, plus the change
-        fixed = clean.mlp_out[0] - skip_output(clt, clean.mlp_in[0]) + delta  # (T, L, d)
-        logits, acts = replacement_forward(model, clt, idx, clean.frozen, fixed)
-    else:
-        frozen = Frozen(clean.frozen.attn, [None] * L, [None] * L) if freeze == "attention" else None
-        logits, acts = forward_with_mlp_change(model, idx, delta, frozen)
-    return Intervened(clean_logits[0], logits[0], clean, acts, old, new)
-
-
-def intervene(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list, freeze: str = "none",
-              layers: Optional[tuple] = None) -> tuple:
-    """Change CLT features' activations and run the model: the test of a hypothesis read off a graph.
-
-    Each Intervention moves the activation a of one feature at one position to a' (set: value, scale:
-    a·value, add: a + value, ablate: 0); a is the CLT encoder's on the clean run's MLP inputs (at BOS
-    too, where graphs have no features; a silent feature has a = 0, so set and add steer with it). The
-    MLP outputs then change by (a' - a) × the feature's decoder writes (clt.decoder_writes) at every
-    layer it writes to, or only at the layers in `layers`. Several interventions add their changes.
-
-    Args:
-        idx: (1, T) token ids, BOS first.
-        interventions: [Intervention], each (layer, pos, feature) at most once.
-        freeze: what stays as in the clean run.
-            "none": nothing, the real model's view. Attention, LayerNorm and every later MLP respond
-                to the change; each MLP output is the real MLP's output on its new input plus the change
-                (so the CLT's error is not held: later MLPs, not later CLT features, respond).
-            "attention": attention patterns frozen at the clean run's; LayerNorm and MLPs respond.
-            "all": the local replacement model's view, as circuit-tracer's feature_intervention with
-                freeze_attention and every layer constrained: attention patterns and LayerNorm scales
-                frozen, every MLP output held at the clean one plus the change (features and errors
-                held, none recomputed; a skip connection stays live, as in the graph). The model is
-                then linear: ablating a graph's feature moves each logit node by minus its edge.
-        layers: None (all), or (start, end): only mlp_out[start:end] get the change.
-    Returns:
-        (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
-    """
-    out = run_intervened(model, clt, idx, interventions, freeze, layers)
-    return out.clean_logits, out.logits
-
-
-def pick(logits, temperature, top_k, generator):
-    """The next token (1,) from logits (V,): the most likely at temperature 0, else sampled from
-    softmax(logits / temperature) over the top_k tokens (0: all of them)."""
-    if temperature <= 0:
-        return logits.argmax()[None]
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, len(logits))).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
-
-
-@torch.no_grad()
-def generate(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor, interventions: list, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0, every_token: bool = False, freeze: str = "none",
-             layers: Optional[tuple] = None) -> tuple:
-    """Continue the prompt idx (1, T) twice: with the plain model and under the interventions.
-
-    The interventions' positions refer to the prompt. Each new token of the intervened continuation
-    is read off intervene's logits on the sequence so far (freeze and layers as there, relative to
-    the clean run of that sequence). every_token: the interventions at the prompt's last position
-    (pos -1 or T - 1) are applied at every generated position as well, the same change of the same
-    feature: steering the whole continuation; those at other positions stay where they are.
-    Sampling (temperature > 0) draws both continuations from generators seeded alike, so an
-    intervention that changes nothing changes no token. No KV cache: each step re-runs the whole
-    sequence (one plain pass for the clean continuation, a clean and an intervened pass for the other),
-    3 forward passes of up to T + max_new_tokens positions per token: O(N (T + N)) token-positions
-    for N new tokens, cheap at the tiny model's size.
-    Returns:
-        (clean ids (1, T + N), intervened ids (1, T + N)).
-    """
-    T = idx.size(1)
-    if T + max_new_tokens > model.config.n_ctx:
-        raise ValueError(f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
-                         f"n_ctx={model.config.n_ctx}: generate fewer tokens or shorten the prompt")
-    feats = check_interventions(interventions, clt.config.n_layers, T, clt.config.n_features)
-    fixed = [replace(iv, pos=p) for iv, p in zip(interventions, feats[:, 1].tolist())]
-    repeated = [iv for iv in fixed if iv.pos == T - 1] if every_token else []
-    generators = [torch.Generator(device=idx.device).manual_seed(seed) for _ in range(2)]
-    clean, steered = idx, idx
-    for _ in range(max_new_tokens):
-        here = fixed + [replace(iv, pos=p) for iv in repeated for p in range(T, steered.size(1))]
-        logits = model(clean)[0, -1]  # (V,)
-        new = intervene(model, clt, steered, here, freeze, layers)[1][-1]  # (V,)
-        clean = torch.cat([clean, pick(logits, temperature, top_k, generators[0])[None]], 1)
-        steered = torch.cat([steered, pick(new, temperature, top_k, generators[1])[None]], 1)
-    return clean, steered
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -1113,59 +859,8 @@ def run_graph(cfg):
           f"{n_nodes} nodes, {n_links} links -> {cfg.out}/{cfg.slug}.json")
 
 
-def parse_layers(text, L):
-    """"START:END" (either side may be empty) -> (start, end), or None for ""."""
-    if not text.strip():
-        return None
-    parts = text.split(":")
-    if len(parts) != 2 or not all(x.strip().lstrip("-").isdigit() or not x.strip() for x in parts):
-        raise ValueError(f"--layers {text!r}: write START:END (mlp_out[START:END] get the change), e.g. 1:3 or 2:")
-    start = int(parts[0]) if parts[0].strip() else 0
-    end = int(parts[1]) if parts[1].strip() else L
-    return start, end
-
-
-def run_intervene(cfg):
-    print(asdict(cfg))
-    model, clt, enc, idx = load(cfg, cfg.device)
-    if not cfg.intervene.strip():
-        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate), e.g. 3/-1/123=5")
-    ivs = parse_interventions(cfg.intervene, clt.config.n_layers, idx.size(1), clt.config.n_features)
-    out = run_intervened(model, clt, idx, ivs, cfg.freeze, parse_layers(cfg.layers, clt.config.n_layers))
-    for iv, a, b in zip(ivs, out.old.tolist(), out.new.tolist()):
-        print(f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token_str(enc, idx[0, iv.pos].item())!r}: "
-              f"activation {a:.3g} -> {b:.3g} ({iv.mode} {iv.value:g}) | freeze {cfg.freeze}")
-    p0, p1 = out.clean_logits[-1].softmax(-1), out.logits[-1].softmax(-1)
-    print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
-    for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
-        print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
-
-
-def run_generate(cfg):
-    print(asdict(cfg))
-    model, clt, enc, idx = load(cfg, cfg.device)
-    L = clt.config.n_layers
-    ivs = parse_interventions(cfg.intervene, L, idx.size(1), clt.config.n_features) if cfg.intervene.strip() else []
-    t0 = time.perf_counter()
-    clean, steered = generate(model, clt, idx, ivs, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                              cfg.every_token, cfg.freeze, parse_layers(cfg.layers, L))
-    seconds = time.perf_counter() - t0
-    T = idx.size(1)
-    print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
-    for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
-        print(f"{i + 1:4d} | {token_str(enc, a)!r:>16} | {token_str(enc, b)!r:>16}{'' if a == b else '  *'}")
-    print(f"prompt:     {cfg.prompt!r}")
-    print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
-    print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
-    print(f"{cfg.max_new_tokens} tokens in {seconds:.2f} s ({cfg.max_new_tokens / max(seconds, 1e-9):.1f} tok/s for "
-          f"both continuations, no KV cache: each step re-runs the whole sequence)")
-
-
 def main(argv=None):
-    commands = {"graph": (GraphConfig, run_graph), "intervene": (InterveneConfig, run_intervene),
-                "generate": (GenerateConfig, run_generate)}
-    command, cfg = parse_config(__doc__, {name: c for name, (c, _) in commands.items()}, argv, default="graph")
-    commands[command][1](cfg)
+    run_graph(parse_config(__doc__, GraphConfig, argv))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["model.py", "models/build_tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", "bench.py"]
-SUBCOMMANDS = ["model.py generate", "graph.py intervene", "graph.py generate", "viz.py graph", "viz.py features", "viz.py train"]
+SUBCOMMANDS = ["model.py generate", "intervene.py intervene", "intervene.py generate", "viz.py graph", "viz.py features", "viz.py train"]
 
 
 @pytest.mark.parametrize("command", SCRIPTS + SUBCOMMANDS)

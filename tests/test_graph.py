@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import graph as G
+from intervene import Intervention, intervene, run_intervened
+from intervene import main as intervene_main
 from clt import CLTConfig, CrossLayerTranscoder
 from forge.cli import parse_config
 from model import GPT, GPTConfig
@@ -240,10 +242,10 @@ def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
     table = json.loads((tmp_path / "graph" / "nodes.json").read_text())["nodes"]
     assert full["adjacency"].shape == (len(table), len(table)) and sum(n["kept"] for n in table) == len(ids)
     l, f, p = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")["node_id"].split("_")
-    G.main(["intervene"] + args + ["--intervene", f"{l}/{p}/{f}:ablate"])
+    intervene_main(["intervene"] + args + ["--intervene", f"{l}/{p}/{f}:ablate"])
     assert "p before" in capsys.readouterr().out
     with pytest.raises(ValueError, match="LAYER/POS/FEATURE"):
-        G.main(["intervene"] + args + ["--intervene", "1-2-3"])
+        intervene_main(["intervene"] + args + ["--intervene", "1-2-3"])
     with pytest.raises(FileNotFoundError, match="python train.py"):
         G.main(args[:2] + ["--clt", str(tmp_path / "nothing")])
 
@@ -277,10 +279,10 @@ def test_intervention_scales_the_decoder_writes(built):
     idx = rep.idx
     last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[:2, 0]  # they write only to the last MLP
     feats, a = rep.feats[last], rep.acts[last]
-    clean, same = G.intervene(model, clt, idx, [G.Intervention(*feats[0].tolist(), "scale", 1.0)])
+    clean, same = intervene(model, clt, idx, [Intervention(*feats[0].tolist(), "scale", 1.0)])
     torch.testing.assert_close(same, clean, atol=0, rtol=0)
     for scale in (0.0, -1.0):  # ablate both, flip both
-        out = G.run_intervened(model, clt, idx, [G.Intervention(*x, "scale", scale) for x in feats.tolist()])
+        out = run_intervened(model, clt, idx, [Intervention(*x, "scale", scale) for x in feats.tolist()])
         torch.testing.assert_close(out.old, a)
         one = torch.zeros(T, L, F_)
         one[feats[:, 1], feats[:, 0], feats[:, 2]] = (scale - 1) * a
@@ -289,7 +291,7 @@ def test_intervention_scales_the_decoder_writes(built):
         assert (out.logits - out.clean_logits).abs().max() > 1e-4
     l, p, f = feats[0].tolist()
     with pytest.raises(ValueError, match="changed twice"):
-        G.intervene(model, clt, idx, [G.Intervention(l, p, f), G.Intervention(l, p - T, f, "add", 1.0)])
+        intervene(model, clt, idx, [Intervention(l, p, f), Intervention(l, p - T, f, "add", 1.0)])
 
 
 # -----------------------------------------------------------------------------
@@ -350,5 +352,5 @@ def assert_matches_circuit_tracer(name, key):
 
 if __name__ == "__main__":  # the torchrun worker: graph.py's graph command on each task's flags
     for task in json.loads(open(sys.argv[1]).read()):
-        G.run_graph(parse_config(G.__doc__, {"graph": G.GraphConfig}, ["graph", *task])[1])
+        G.run_graph(parse_config(G.__doc__, G.GraphConfig, task))
     torch.distributed.destroy_process_group()

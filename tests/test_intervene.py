@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import graph as G
+from intervene import FREEZE, Intervention, generate, intervene, parse_interventions, parse_layers, run_intervened
+from intervene import main as intervene_main
 import test_graph_plt
 from test_graph import F_, L, T, build
 
@@ -26,7 +28,7 @@ def test_steering_a_silent_feature_adds_its_decoder_writes(freeze):
     model, clt, rep, _ = build()
     l, p, value = 1, 4, 3.0
     f = silent_feature(rep, l, p)
-    out = G.run_intervened(model, clt, rep.idx, [G.Intervention(l, p - T, f, "set", value)], freeze)
+    out = run_intervened(model, clt, rep.idx, [Intervention(l, p - T, f, "set", value)], freeze)
     assert out.old.tolist() == [0.0] and out.new.tolist() == [value]
     change = (out.acts.mlp_out - out.clean.mlp_out)[0]  # (T, L, d)
     writes = clt.decoder_writes(l, torch.tensor([f]), torch.tensor([value]))[0].detach()  # (L - l, d)
@@ -53,8 +55,8 @@ def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
     s = graph.slices()
     A = graph.adjacency
     top = A[s.logits, s.features].abs().sum(0).topk(3).indices  # the 3 features with the largest logit edges
-    ivs = [G.Intervention(*graph.feats[i].tolist(), "ablate") for i in top.tolist()]
-    out = G.run_intervened(model, clt, rep.idx, ivs, freeze="all")
+    ivs = [Intervention(*graph.feats[i].tolist(), "ablate") for i in top.tolist()]
+    out = run_intervened(model, clt, rep.idx, ivs, freeze="all")
     torch.testing.assert_close(out.old, graph.acts[top])
     new, clean = out.logits[-1], out.clean_logits[-1]
     moved = (new - new.mean() - clean + clean.mean())[graph.logit_ids]  # (k,)
@@ -64,51 +66,51 @@ def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
     l, p, f = graph.feats.T
     pre_change = (clt.pre_acts(out.acts.mlp_in[0]) - clt.pre_acts(out.clean.mlp_in[0]))[p, l, f]  # (n,)
     torch.testing.assert_close(pre_change, -A[s.features][:, top].sum(1), atol=1e-5, rtol=0)
-    real = G.intervene(model, clt, rep.idx, ivs, freeze="none")[1][-1]  # the real model's MLPs respond
+    real = intervene(model, clt, rep.idx, ivs, freeze="none")[1][-1]  # the real model's MLPs respond
     assert (real - new).abs().max() > 1e-4
 
 
 def test_freezing_and_layer_ranges():
     model, clt, rep, _ = build()
     l, p, f = rep.feats[(rep.feats[:, 0] == 0) & (rep.feats[:, 1] == 3)][0].tolist()
-    ivs = [G.Intervention(l, p, f, "scale", -2.0)]
-    runs = {freeze: G.run_intervened(model, clt, rep.idx, ivs, freeze) for freeze in G.FREEZE}
+    ivs = [Intervention(l, p, f, "scale", -2.0)]
+    runs = {freeze: run_intervened(model, clt, rep.idx, ivs, freeze) for freeze in FREEZE}
     for a, b in (("none", "attention"), ("attention", "all")):
         assert (runs[a].logits - runs[b].logits).abs().max() > 1e-5  # each frozen part matters
     for freeze, out in runs.items():  # the clean run is the plain forward pass, whatever is frozen
         torch.testing.assert_close(out.clean_logits, model(rep.idx)[0], atol=0, rtol=0)
-    later = G.run_intervened(model, clt, rep.idx, ivs, "all", layers=(1, L))  # not mlp_out[0]
+    later = run_intervened(model, clt, rep.idx, ivs, "all", layers=(1, L))  # not mlp_out[0]
     change = (later.acts.mlp_out - later.clean.mlp_out)[0, p]  # (L, d)
     assert not change[0].any()
     torch.testing.assert_close(change[1:], (runs["all"].acts.mlp_out - runs["all"].clean.mlp_out)[0, p, 1:],
                                atol=1e-6, rtol=0)
-    _, same = G.intervene(model, clt, rep.idx, [G.Intervention(l, p, f, "add", 0.0)], "attention")
+    _, same = intervene(model, clt, rep.idx, [Intervention(l, p, f, "add", 0.0)], "attention")
     torch.testing.assert_close(same, runs["none"].clean_logits, atol=0, rtol=0)
 
 
 def test_parse_interventions():
-    ivs = G.parse_interventions("2/-1/7=1.5, 0/3/9*-1,1/2/4+0.25,2/1/3:ablate,0/1/1=0", L, T, F_)
-    assert ivs == [G.Intervention(2, -1, 7, "set", 1.5), G.Intervention(0, 3, 9, "scale", -1.0),
-                   G.Intervention(1, 2, 4, "add", 0.25), G.Intervention(2, 1, 3, "ablate", 0.0),
-                   G.Intervention(0, 1, 1, "set", 0.0)]
+    ivs = parse_interventions("2/-1/7=1.5, 0/3/9*-1,1/2/4+0.25,2/1/3:ablate,0/1/1=0", L, T, F_)
+    assert ivs == [Intervention(2, -1, 7, "set", 1.5), Intervention(0, 3, 9, "scale", -1.0),
+                   Intervention(1, 2, 4, "add", 0.25), Intervention(2, 1, 3, "ablate", 0.0),
+                   Intervention(0, 1, 1, "set", 0.0)]
     for bad in ("1-2-3", "1/2/3", "1/2/3=x", "1/2/3:zero", "1/2/3=1,", "a/2/3=1"):
         with pytest.raises(ValueError, match="LAYER/POS/FEATURE=VALUE"):
-            G.parse_interventions(bad, L, T, F_)
+            parse_interventions(bad, L, T, F_)
     for bad in (f"{L}/0/0=1", f"0/{T}/0=1", f"0/{-T - 1}/0=1", f"0/0/{F_}=1"):
         with pytest.raises(ValueError, match=f"need 0 <= layer < {L}, -{T} <= pos < {T}"):
-            G.parse_interventions(bad, L, T, F_)
+            parse_interventions(bad, L, T, F_)
     model, clt, rep, _ = build()
     with pytest.raises(ValueError, match="changed twice"):
-        G.intervene(model, clt, rep.idx, G.parse_interventions(f"0/1/2=1,0/{1 - T}/2*2"))
+        intervene(model, clt, rep.idx, parse_interventions(f"0/1/2=1,0/{1 - T}/2*2"))
     with pytest.raises(ValueError, match="mode 'zero'"):
-        G.intervene(model, clt, rep.idx, [G.Intervention(0, 1, 2, "zero")])
+        intervene(model, clt, rep.idx, [Intervention(0, 1, 2, "zero")])
     with pytest.raises(ValueError, match="freeze='ln'"):
-        G.intervene(model, clt, rep.idx, [], freeze="ln")
+        intervene(model, clt, rep.idx, [], freeze="ln")
     with pytest.raises(ValueError, match="need 0 <= start < end"):
-        G.intervene(model, clt, rep.idx, [], layers=(2, 1))
+        intervene(model, clt, rep.idx, [], layers=(2, 1))
     with pytest.raises(ValueError, match="START:END"):
-        G.parse_layers("1-3", L)
-    assert G.parse_layers("1:", L) == (1, L) and G.parse_layers("", L) is None
+        parse_layers("1-3", L)
+    assert parse_layers("1:", L) == (1, L) and parse_layers("", L) is None
 
 
 # -----------------------------------------------------------------------------
@@ -119,35 +121,35 @@ def test_a_zero_intervention_generates_what_greedy_decoding_does():
     model, clt, rep, _ = build()
     l, p, f = rep.feats[rep.feats[:, 1] == T - 1][0].tolist()
     greedy = model.generate(rep.idx, 8, top_k=1)  # plain greedy decoding (clt.py)
-    for ivs in ([], [G.Intervention(l, -1, f, "scale", 1.0)], [G.Intervention(l, p, f, "add", 0.0)]):
-        clean, steered = G.generate(model, clt, rep.idx, ivs, 8, every_token=True)
+    for ivs in ([], [Intervention(l, -1, f, "scale", 1.0)], [Intervention(l, p, f, "add", 0.0)]):
+        clean, steered = generate(model, clt, rep.idx, ivs, 8, every_token=True)
         assert torch.equal(clean, greedy) and torch.equal(steered, greedy)
-    sampled = [G.generate(model, clt, rep.idx, [G.Intervention(l, -1, f, "scale", 1.0)], 8, temperature=1.0,
+    sampled = [generate(model, clt, rep.idx, [Intervention(l, -1, f, "scale", 1.0)], 8, temperature=1.0,
                           top_k=20, seed=3) for _ in range(2)]
     assert torch.equal(sampled[0][0], sampled[0][1]) and torch.equal(sampled[0][0], sampled[1][0])
-    steer = [G.Intervention(0, -1, silent_feature(rep, 0, T - 1), "set", 50.0)]
-    once = G.generate(model, clt, rep.idx, steer, 8)[1]
-    every = G.generate(model, clt, rep.idx, steer, 8, every_token=True)[1]
+    steer = [Intervention(0, -1, silent_feature(rep, 0, T - 1), "set", 50.0)]
+    once = generate(model, clt, rep.idx, steer, 8)[1]
+    every = generate(model, clt, rep.idx, steer, 8, every_token=True)[1]
     assert once[0, T] == every[0, T] and not torch.equal(once, every)  # the same first token, then it steers on
     assert not torch.equal(every, greedy)
     with pytest.raises(ValueError, match="n_ctx=32"):
-        G.generate(model, clt, rep.idx, [], 32 - T + 1)
+        generate(model, clt, rep.idx, [], 32 - T + 1)
 
 
 def test_command_lines_intervene_and_generate(tmp_path, capsys, make_hub_model):
     from test_graph import write_model_and_clt
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
     args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu"]
-    G.main(["intervene", *args, "--intervene", "1/-1/3=4,0/2/5*2", "--freeze", "all", "--layers", "1:"])
+    intervene_main(["intervene", *args, "--intervene", "1/-1/3=4,0/2/5*2", "--freeze", "all", "--layers", "1:"])
     out = capsys.readouterr().out
     assert "feature 1/-1/3" in out and "-> 4 (set 4)" in out and "p before" in out
-    G.main(["generate", *args, "--intervene", "2/-1/7+9", "--every-token", "--max-new-tokens", "5"])
+    intervene_main(["generate", *args, "--intervene", "2/-1/7+9", "--every-token", "--max-new-tokens", "5"])
     out = capsys.readouterr().out
     assert "clean:" in out and "intervened:" in out and "5 tokens in" in out
     with pytest.raises(ValueError, match="intervene needs --intervene"):
-        G.main(["intervene", *args])
+        intervene_main(["intervene", *args])
     with pytest.raises(ValueError, match="need 0 <= layer < 3"):
-        G.main(["generate", *args, "--intervene", "3/0/0=1"])
+        intervene_main(["generate", *args, "--intervene", "3/0/0=1"])
 
 
 # -----------------------------------------------------------------------------

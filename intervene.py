@@ -1,0 +1,410 @@
+"""
+intervene.py: test a hypothesis read off an attribution graph: change CLT features' activations,
+run the model, and see how the next-token prediction, or a whole continuation, changes.
+
+Data flow:
+    prompt -> token ids, BOS first (graph.py's encode_prompt)
+      -> the clean run: GPT.run_with_acts; the changed features' clean activations a from the
+         CLT encoder on its MLP inputs
+      -> each change a -> a' adds (a' - a) x the feature's decoder writes to the MLP outputs
+      -> the intervened run (freeze: none | attention | all) -> logits, or the next token
+
+    python intervene.py intervene --intervene 3/-1/123=5,2/4/9:ablate --prompt "..."
+        # LAYER/POS/FEATURE then =VALUE (set), *X (scale), +X (add) or :ablate
+    python intervene.py intervene --intervene 3/-1/123:ablate --freeze all  # replacement model
+    python intervene.py generate --intervene 3/-1/123+4 --every-token --max-new-tokens 20
+    tiny CPU run: python train.py (writes runs/clt), then python intervene.py intervene
+        --intervene 1/-1/3=4
+    one process only, no torchrun: a prompt's runs are a few forward passes
+
+Definitions (graph.py's replacement model):
+    An intervention moves the activation a of one feature at one position to a' (set, scale, add,
+    ablate; silent features too); the MLP outputs then change by (a' - a) x its decoder writes. The
+    rest of the model responds (freeze="none"), or its attention patterns are frozen ("attention"),
+    or it is the replacement model ("all": patterns, LayerNorm scales and every MLP output held, so
+    the logit nodes move by minus the ablated features' edges, exactly).
+
+Differences from circuit-tracer (its feature_intervention):
+- freeze="all" holds every layer's MLP output (circuit-tracer's constrained_layers chooses which);
+  `layers` instead limits which MLP outputs receive the change.
+- generate keeps no KV cache: each new token re-runs the whole sequence (3 passes: clean, and
+  clean + intervened).
+"""
+
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple, Optional
+
+import torch
+
+from clt import CrossLayerTranscoder
+from forge.cli import arg, parse_config, run_main
+from forge.hub import DEFAULT_MODEL
+from graph import check_compatible, load, reconstruct, replacement_forward, skip_output, token_str
+from model import Acts, Frozen, GPT
+
+MODES = ("set", "scale", "add", "ablate")
+FREEZE = ("none", "attention", "all")
+
+
+@dataclass
+class Intervention:
+    """One change to one CLT feature at one position of the prompt."""
+
+    layer: int  # the feature's layer
+    pos: int  # its position in the prompt, BOS = 0; negative counts from the end (-1: the last)
+    feature: int  # its id in the layer
+    mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
+    value: float = 0.0  # set: the new activation; scale: the factor; add: the shift
+
+    def new_activation(self, a):
+        """The feature's activation after the change, from its clean activation a."""
+        if self.mode == "set":
+            return torch.full_like(a, self.value)
+        if self.mode == "scale":
+            return a * self.value
+        if self.mode == "add":
+            return a + self.value
+        return torch.zeros_like(a)
+
+
+class Intervened(NamedTuple):
+    """What run_intervened returns: both runs of the prompt, the changed features' activations."""
+
+    clean_logits: torch.Tensor  # (T, V)
+    logits: torch.Tensor  # (T, V) with the interventions
+    clean: Acts  # the clean run's activations (batch 1)
+    acts: Acts  # the intervened run's: its mlp_out holds the changed MLP outputs
+    old: torch.Tensor  # (n,) each changed feature's clean activation (the CLT encoder's)
+    new: torch.Tensor  # (n,) what it was set to
+
+
+# -----------------------------------------------------------------------------
+# interventions: the real model's view, or the replacement model's
+
+
+def intervene(
+    model: GPT,
+    clt: CrossLayerTranscoder,
+    idx: torch.Tensor,
+    interventions: list,
+    freeze: str = "none",
+    layers: Optional[tuple] = None,
+) -> tuple:
+    """Change CLT features' activations and run the model: test a hypothesis read off a graph.
+
+    Each Intervention moves the activation a of one feature at one position to a' (set: value,
+    scale: a·value, add: a + value, ablate: 0); a is the CLT encoder's on the clean run's MLP
+    inputs (at BOS too, where graphs have no features; a silent feature has a = 0, so set and add
+    steer with it). The MLP outputs then change by (a' - a) × the feature's decoder writes
+    (clt.decoder_writes) at every layer it writes to, or only at the layers in `layers`. Several
+    interventions add their changes.
+
+    Args:
+        idx: (1, T) token ids, BOS first.
+        interventions: [Intervention], each (layer, pos, feature) at most once.
+        freeze: what stays as in the clean run.
+            "none": nothing, the real model's view. Attention, LayerNorm and every later MLP
+                respond to the change; each MLP output is the real MLP's output on its new input
+                plus the change (so the CLT's error is not held: later MLPs, not later CLT
+                features, respond).
+            "attention": attention patterns frozen at the clean run's; LayerNorm and MLPs respond.
+            "all": the local replacement model's view, as circuit-tracer's feature_intervention
+                with freeze_attention and every layer constrained: attention patterns and LayerNorm
+                scales frozen, every MLP output held at the clean one plus the change (features and
+                errors held, none recomputed; a skip connection stays live, as in the graph). The
+                model is then linear: ablating a graph's feature moves each logit node by minus its
+                edge.
+        layers: None (all), or (start, end): only mlp_out[start:end] get the change.
+    Returns:
+        (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
+    """
+    out = run_intervened(model, clt, idx, interventions, freeze, layers)
+    return out.clean_logits, out.logits
+
+
+@torch.no_grad()
+def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -> Intervened:
+    """intervene's two runs with their activations (see intervene)."""
+    check_compatible(model, clt)
+    model.check_input(idx)
+    if idx.size(0) != 1:
+        raise ValueError(f"intervene on one prompt at a time, got a batch of {idx.size(0)}")
+    if freeze not in FREEZE:
+        raise ValueError(f"freeze={freeze!r}: use one of {', '.join(FREEZE)}")
+    clean_logits, clean = model.run_with_acts(idx)
+    mlp_in = clean.mlp_in[0]  # (T, L, d)
+    delta, old, new = intervention_delta(clt, mlp_in, interventions, layers)
+    if freeze == "all":  # the replacement model: every MLP output held, plus the change
+        fixed = clean.mlp_out[0] - skip_output(clt, mlp_in) + delta  # (T, L, d)
+        logits, acts = replacement_forward(model, clt, idx, clean.frozen, fixed)
+    elif freeze == "attention":  # the clean run's attention patterns; LayerNorm and MLPs respond
+        L = len(model.h)
+        frozen = Frozen(clean.frozen.attn, [None] * L, [None] * L)
+        logits, acts = forward_with_mlp_change(model, idx, delta, frozen)
+    else:
+        logits, acts = forward_with_mlp_change(model, idx, delta)
+    return Intervened(clean_logits[0], logits[0], clean, acts, old, new)
+
+
+def intervention_delta(clt, mlp_in, interventions, layers=None):
+    """The change of every MLP output (T, L, d) that the interventions make, from the clean run's
+    MLP inputs mlp_in (T, L, d) -> (delta, old activations (n,), new activations (n,)). A feature
+    of layer l at p with activation a -> a' adds (a' - a)·W_dec[l][f, l' - l] / output_scale[l'] to
+    mlp_out[l'] at p for every layer l' it writes to (only start <= l' < end with layers given)."""
+    T, L, _ = mlp_in.shape
+    feats = check_interventions(interventions, L, T, clt.config.n_features).to(mlp_in.device)
+    l, p, f = feats.T
+    start, end = (0, L) if layers is None else layers
+    if not 0 <= start < end <= L:
+        raise ValueError(f"layers={layers}: need 0 <= start < end <= {L} (mlp_out[start:end])")
+    a = clt.encode(mlp_in[p])  # (n, L, F): only the changed features' positions (per token)
+    old = a[torch.arange(len(feats), device=a.device), l, f]  # (n,)
+    new = [iv.new_activation(x) for iv, x in zip(interventions, old)]
+    new = torch.stack(new) if new else old
+    delta = reconstruct(clt, feats, new - old, T, bias=False)  # (T, L, d)
+    delta[:, :start] = 0
+    delta[:, end:] = 0
+    return delta, old, new
+
+
+def forward_with_mlp_change(model, idx, delta, frozen=None):
+    """Run idx (1, T) with delta[:, l] (T, L, d) added to the output of every MLP, which still
+    computes its output from its own input (frozen: attention patterns to reuse).
+    -> (logits, Acts)"""
+
+    def adds(layer):  # a forward hook that adds the change of layer's MLP output
+        def hook(module, inputs, out):
+            return out + delta[:, layer]
+
+        return hook
+
+    handles = [block.mlp.register_forward_hook(adds(l)) for l, block in enumerate(model.h)]
+    try:
+        return model.run_with_acts(idx, frozen=frozen)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_interventions(interventions, L, T, F_):
+    """-> (n, 3) long tensor of (layer, position in 0..T-1, feature); ValueError naming the fix."""
+    out = []
+    for iv in interventions:
+        name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
+        if iv.mode not in MODES:
+            raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
+        if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
+            raise ValueError(
+                f"{name}: need 0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS "
+                f"included) and 0 <= feature < {F_}"
+            )
+        out.append((iv.layer, iv.pos % T, iv.feature))
+    if len(set(out)) < len(out):
+        names = [f"{l}/{p}/{f}" for l, p, f in out]
+        raise ValueError(
+            f"a feature is changed twice in {names}: give each (layer, pos, feature) once, with "
+            "the value it should end up at"
+        )
+    return torch.tensor(out, dtype=torch.long).view(-1, 3)
+
+
+def as_float(text):
+    """float(text), or None where text is None or not a number."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+SPEC = re.compile(r"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*(\S+)|:\s*(ablate))\s*")
+
+
+def parse_interventions(spec, n_layers=None, n_tokens=None, n_features=None):
+    """The command line's interventions -> [Intervention]: comma-separated LAYER/POS/FEATURE then
+    =VALUE (set), *X (scale), +X (add) or :ablate (=0 too), e.g. "3/-1/123=5,0/2/7:ablate". With
+    the sizes given, layers, positions and features out of range are refused as intervene does."""
+    out = []
+    for one in spec.split(","):
+        m = SPEC.fullmatch(one)
+        value = as_float(m and m.group(5))
+        if not m or (m.group(6) is None and value is None):
+            raise ValueError(
+                f"--intervene {one.strip()!r}: write LAYER/POS/FEATURE=VALUE (set), *X (scale), "
+                "+X (add) or :ablate, comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate"
+            )
+        mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
+        layer, pos, feature = (int(m.group(i)) for i in (1, 2, 3))
+        out.append(Intervention(layer, pos, feature, mode, 0.0 if mode == "ablate" else value))
+    if n_layers is not None:
+        check_interventions(out, n_layers, n_tokens, n_features)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# generation under intervention
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    clt: CrossLayerTranscoder,
+    idx: torch.Tensor,
+    interventions: list,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    every_token: bool = False,
+    freeze: str = "none",
+    layers: Optional[tuple] = None,
+) -> tuple:
+    """Continue the prompt idx (1, T) twice: with the plain model and under the interventions.
+
+    The interventions' positions refer to the prompt. Each new token of the intervened continuation
+    is read off intervene's logits on the sequence so far (freeze and layers as there, relative to
+    the clean run of that sequence). every_token: the interventions at the prompt's last position
+    (pos -1 or T - 1) are applied at every generated position as well, the same change of the same
+    feature: steering the whole continuation; those at other positions stay where they are.
+    Sampling (temperature > 0) draws both continuations from generators seeded alike, so an
+    intervention that changes nothing changes no token. No KV cache: each step re-runs the whole
+    sequence (one plain pass for the clean continuation, a clean and an intervened pass for the
+    other), 3 forward passes of up to T + max_new_tokens positions per token.
+    Returns:
+        (clean ids (1, T + N), intervened ids (1, T + N)).
+    """
+    T = idx.size(1)
+    if T + max_new_tokens > model.config.n_ctx:
+        raise ValueError(
+            f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
+            f"n_ctx={model.config.n_ctx}: generate fewer tokens or shorten the prompt"
+        )
+    feats = check_interventions(interventions, clt.config.n_layers, T, clt.config.n_features)
+    fixed = [replace(iv, pos=p) for iv, p in zip(interventions, feats[:, 1].tolist())]
+    repeated = [iv for iv in fixed if iv.pos == T - 1] if every_token else []
+    generators = [torch.Generator(device=idx.device).manual_seed(seed) for _ in range(2)]
+    clean, steered = idx, idx
+    for _ in range(max_new_tokens):
+        here = fixed + [replace(iv, pos=p) for iv in repeated for p in range(T, steered.size(1))]
+        logits = model(clean)[0, -1]  # (V,)
+        new = intervene(model, clt, steered, here, freeze, layers)[1][-1]  # (V,)
+        clean = torch.cat([clean, pick(logits, temperature, top_k, generators[0])[None]], 1)
+        steered = torch.cat([steered, pick(new, temperature, top_k, generators[1])[None]], 1)
+    return clean, steered
+
+
+def pick(logits, temperature, top_k, generator):
+    """The next token (1,) from logits (V,): the most likely at temperature 0, else sampled from
+    softmax(logits / temperature) over the top_k tokens (0: all of them)."""
+    if temperature <= 0:
+        return logits.argmax()[None]
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, len(logits))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@dataclass
+class RunConfig:
+    """the flags `intervene` and `generate` share"""
+
+    model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
+    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
+    prompt: str = arg(
+        "Batris lives in Fafes. The language Batris speaks is", "text to run (BOS is prepended)"
+    )
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
+    intervene: str = arg("", "LAYER/POS/FEATURE=VALUE (set), *X, +X or :ablate; comma-separated")
+    freeze: str = arg("none", "none: the real model; attention: patterns frozen; all: replacement")
+    layers: str = arg("", "START:END: only mlp_out[START:END] get the change; empty = all")
+
+
+@dataclass
+class InterveneConfig(RunConfig):
+    """change CLT features' activations and print how the next-token prediction changes"""
+
+    top: int = arg(10, "rows of probability changes to print")
+
+
+@dataclass
+class GenerateConfig(RunConfig):
+    """continue a prompt with the plain model and under interventions, side by side"""
+
+    every_token: bool = arg(False, "also apply the interventions at POS -1 at every new token")
+    max_new_tokens: int = arg(20, "tokens to generate")
+    temperature: float = arg(0.0, "0 = greedy; > 0 samples from softmax(logits / temperature)")
+    top_k: int = arg(0, "sample from the top k tokens only; 0 = all")
+    seed: int = arg(0, "random seed for sampling (both continuations draw alike)")
+
+
+def parse_layers(text, L):
+    """--layers START:END (either side may be empty) -> (start, end), or None if empty."""
+    if not text.strip():
+        return None
+    parts = [x.strip() for x in text.split(":")]
+    if len(parts) != 2 or not all(x.lstrip("-").isdigit() or not x for x in parts):
+        raise ValueError(f"--layers {text!r}: write START:END (mlp_out[START:END]), e.g. 1:3 or 2:")
+    return int(parts[0] or 0), int(parts[1] or L)
+
+
+def run_intervene(cfg):
+    print(asdict(cfg))
+    model, clt, enc, idx = load(cfg, cfg.device)
+    if not cfg.intervene.strip():
+        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
+    c = clt.config
+    ivs = parse_interventions(cfg.intervene, c.n_layers, idx.size(1), c.n_features)
+    out = run_intervened(model, clt, idx, ivs, cfg.freeze, parse_layers(cfg.layers, c.n_layers))
+    for iv, a, b in zip(ivs, out.old.tolist(), out.new.tolist()):
+        token = token_str(enc, idx[0, iv.pos].item())
+        print(
+            f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token!r}: activation {a:.3g} -> {b:.3g} "
+            f"({iv.mode} {iv.value:g}) | freeze {cfg.freeze}"
+        )
+    p0 = out.clean_logits[-1].softmax(-1)
+    p1 = out.logits[-1].softmax(-1)
+    print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
+    for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
+        print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
+
+
+def run_generate(cfg):
+    print(asdict(cfg))
+    model, clt, enc, idx = load(cfg, cfg.device)
+    T, L = idx.size(1), clt.config.n_layers
+    ivs = parse_interventions(cfg.intervene, L, T, clt.config.n_features) if cfg.intervene else []
+    n = cfg.max_new_tokens
+    sampling = (cfg.temperature, cfg.top_k, cfg.seed)
+    layers = parse_layers(cfg.layers, L)
+    t0 = time.perf_counter()
+    clean, steered = generate(
+        model, clt, idx, ivs, n, *sampling, cfg.every_token, cfg.freeze, layers
+    )
+    seconds = time.perf_counter() - t0
+    print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
+    for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
+        mark = "" if a == b else "  *"
+        print(f"{i + 1:4d} | {token_str(enc, a)!r:>16} | {token_str(enc, b)!r:>16}{mark}")
+    print(f"prompt:     {cfg.prompt!r}")
+    print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
+    print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
+    print(
+        f"{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tok/s for both continuations,"
+        " no KV cache: each step re-runs the whole sequence)"
+    )
+
+
+def main(argv=None):
+    configs = {"intervene": InterveneConfig, "generate": GenerateConfig}
+    command, cfg = parse_config(__doc__, configs, argv)
+    {"intervene": run_intervene, "generate": run_generate}[command](cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)
