@@ -15,6 +15,7 @@ import torch
 
 import cache
 import interp
+from forge import concepts
 from clt import CLTConfig, CrossLayerTranscoder
 from forge import toyworld
 from forge.hub import ENDOFTEXT, load_tokenizer
@@ -109,7 +110,7 @@ def test_statistics_match_brute_force(gpt):
     c = synthetic()
     clt = constructed_clt()
     cfg = small_cfg()
-    stats, *_ = interp.analyze(model, enc, clt, c, cfg)
+    stats, *_ = interp.interpret(model, enc, clt, c, cfg)
     mlp_in, tok, doc, pos = (x[:c.n_train] for x in c.rows)
     acts = clt.encode(mlp_in).detach()  # (N, L, F): affordable here, never in interp
     fire = acts > 0
@@ -159,7 +160,7 @@ def test_quantile_examples_and_histogram(gpt):
     c = synthetic()
     clt = constructed_clt()
     cfg = small_cfg()
-    stats, *_ = interp.analyze(model, enc, clt, c, cfg)
+    stats, *_ = interp.interpret(model, enc, clt, c, cfg)
     ex = interp.examples(stats.sampled, 1, enc, cfg.before, n=3)
     assert len(ex) == 3 and [e["act"] for e in ex] == sorted((e["act"] for e in ex), reverse=True)
     assert all(e["tokens"][e["center"]] and e["acts"][e["center"]] == e["act"] for e in ex)
@@ -191,9 +192,10 @@ def test_detection_one_token_vs_random(gpt):
     c = synthetic(n_docs=600)
     clt = constructed_clt()
     cfg = small_cfg()
-    stats, expl, _, scorer = interp.analyze(model, enc, clt, c, cfg)
+    stats, expl, _, scorer = interp.interpret(model, enc, clt, c, cfg)
     assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith('fires on "d" | promotes')
-    auroc, det_bacc, fuzz_bacc = scorer.results()
+    results = scorer.results()
+    auroc, det_bacc, fuzz_bacc = (results[k] for k in ("detection_auroc", "detection_bacc", "fuzzing_bacc"))
     assert auroc[0] > 0.99 and det_bacc[0] > 0.99 and fuzz_bacc[0] > 0.99
     assert abs(auroc[1] - 0.5) < 0.06 and abs(det_bacc[1] - 0.5) < 0.06
     assert 0.15 < scorer.n_fires[1] / scorer.n_rows < 0.28  # held-out density of the noise feature
@@ -212,10 +214,10 @@ def test_detection_one_token_vs_random(gpt):
             assert abs(auroc[m] - u) < 1e-9
     # concept scores against known labels: feature 0 is the concept "d" exactly
     labels = TokenLabels(c)
-    scores = interp.ConceptScores(len(labels.names), L * F, "cpu")
+    scores = concepts.ConceptScores(len(labels.names), L * F, "cpu")
     for a in range(0, len(tok), 100):
-        scores.update(interp.clt_acts(clt, mlp_in[a:a + 100]), *labels.rows(a, min(a + 100, len(tok)), "cpu"))
-    per_concept, per_feature = interp.best_features(scores, labels, F, cfg)
+        scores.update(concepts.clt_acts(clt, mlp_in[a:a + 100]), *labels.rows(a, min(a + 100, len(tok)), "cpu"))
+    per_concept, per_feature = concepts.best_features(scores, labels, F, cfg)
     assert per_feature[0] == dict(concept="d", concept_precision=1.0, concept_recall=1.0, concept_f1=1.0)
     assert per_concept["d"]["f1"] == 1.0 and (per_concept["d"]["layer"], per_concept["d"]["feature"]) == (0, 0)
     assert per_feature[1]["concept_f1"] < 0.3
@@ -321,10 +323,10 @@ def test_bad_input(real, tmp_path):
     c = synthetic(n_docs=20)
     empty = FakeCache(*(x[:0] for x in c.rows), n_train=0)
     with pytest.raises(ValueError, match="train split is empty"):
-        interp.analyze(model, enc, clt, empty, small_cfg())
+        interp.interpret(model, enc, clt, empty, small_cfg())
     no_heldout = FakeCache(*c.rows, n_train=c.N)
     with pytest.raises(ValueError, match="held-out split is empty"):
-        interp.analyze(model, enc, clt, no_heldout, small_cfg())
+        interp.interpret(model, enc, clt, no_heldout, small_cfg())
     with pytest.raises(ValueError, match="chunk_size"):
         interp.InterpConfig(chunk_size=4)
 
@@ -390,7 +392,7 @@ def test_concept_labels_follow_the_labeler(gpt, world):
     """Each run of one document inside one context is labeled as the text the model saw there."""
     _, enc = gpt
     c, _, _ = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:60])
-    labels = interp.ConceptLabels(c, world, enc, small_cfg())
+    labels = concepts.ConceptLabels(c, world, enc, small_cfg())
     lab, labeled = labels.rows(0, c.N, "cpu")
     lab = lab.to_dense().T.bool()  # (N, C)
     mlp_in, tok, doc, pos = c.rows
@@ -448,9 +450,9 @@ def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
           {r for r, labs in enumerate(rows) if f"output:{language}" in labs}]  # one-hop facts say it too
     assert 0 < len(on[0] & on[1]) < len(on[0])
     cfg = small_cfg(min_support=1)
-    labels = interp.ConceptLabels(c, world, enc, cfg)
-    scores = interp.score_concepts({"probe": FeatureOnRows(on, c.N)}, c, labels, cfg)
-    per_concept, per_feature = interp.best_features(scores["probe"], labels, 2, cfg)
+    labels = concepts.ConceptLabels(c, world, enc, cfg)
+    scores = concepts.score_concepts({"probe": FeatureOnRows(on, c.N)}, c, labels, cfg)
+    per_concept, per_feature = concepts.best_features(scores["probe"], labels, 2, cfg)
     assert per_concept[target] == dict(support=len(on[0]), layer=0, feature=0, f1=1.0, precision=1.0, recall=1.0)
     assert per_feature[1]["concept"] == f"output:{language}" and per_feature[1]["concept_f1"] == 1.0
     precision, recall, f1 = scores["probe"].f1()
@@ -474,50 +476,50 @@ def test_concept_scores_equal_brute_force(gpt, world):
     nf = fire.sum(0).double()
     n = member.sum(0).double()[:, None]
     cfg = replace(small_cfg(min_support=3), chunk_size=100)
-    labels = interp.ConceptLabels(c, world, enc, cfg)
-    scores = interp.score_concepts({"random": FeatureOnRows([set(fire[:, j].nonzero().flatten().tolist())
+    labels = concepts.ConceptLabels(c, world, enc, cfg)
+    scores = concepts.score_concepts({"random": FeatureOnRows([set(fire[:, j].nonzero().flatten().tolist())
                                                              for j in range(12)], c.N)}, c, labels, cfg)["random"]
     order = [labels.names.index(x) for x in names]
     p, r, f1 = (x[order] for x in scores.f1())
     torch.testing.assert_close(p, tp / nf.clamp(min=1))
     torch.testing.assert_close(r, tp / n)
     torch.testing.assert_close(f1, 2 * tp / (nf + n))
-    per_concept, _ = interp.best_features(scores, labels, 4, cfg)
+    per_concept, _ = concepts.best_features(scores, labels, 4, cfg)
     for name, best in per_concept.items():
         i = names.index(name)
         assert best["f1"] == round(f1[i].max().item(), 4) and best["support"] == n[i].item() >= 3
         assert 4 * best["layer"] + best["feature"] == f1[i].argmax().item()
-    table = interp.family_table(per_concept, labels, scores, cfg)
+    table = concepts.family_table(per_concept, labels, scores, cfg)
     for fam, row in table.items():
         mine = [b["f1"] for x, b in per_concept.items() if toyworld.family_of(x) == fam]
         assert row["concepts"] == len(mine) and row["recovered"] == sum(x >= cfg.concept_f1 for x in mine)
         assert row["unscored"] == sum(toyworld.family_of(x) == fam and n[i] < 3 for i, x in enumerate(names))
-    head = interp.headline(table, cfg)
+    head = concepts.headline(table, cfg)
     assert head["n"] == sum(table[f]["concepts"] for f in ("category", "entity", "latent") if f in table)
     # baselines: neurons fire where their GELU input is > 0; a random CLT fires as often as the CLT it copies
     x = torch.randn(2000, L, D, generator=g)
-    pre = interp.neuron_preacts(model, x)
+    pre = concepts.neuron_preacts(model, x)
     gelu = torch.cat([torch.nn.functional.gelu(b.mlp.c_fc(x[:, l]), approximate="tanh")
                       for l, b in enumerate(model.h)], 1)
     assert torch.equal(pre > 0, gelu > 0) and pre.shape == (2000, L * 4 * D)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=0)
     with torch.no_grad():
         clt.log_threshold.fill_(math.log(0.05))
-    rand = interp.random_like(clt, x)
+    rand = concepts.random_like(clt, x)
     want = (clt.encode(x) > 0).float().mean((0, 2))
     got = (rand.encode(x) > 0).float().mean(0)  # (L, F): every random feature at its layer's mean rate
     assert (got - want[:, None]).abs().max() < 2 / 2000 and not torch.equal(rand.W_enc, clt.W_enc)
 
 
 def test_token_oracle_equals_brute_force(gpt, world):
-    """token_scores: feature t fires exactly on token t, counted over every row like any feature set."""
+    """The token oracle (score_concepts with n_vocab): feature t fires exactly on token t, counted over every row like any feature set."""
     _, enc = gpt
     c, texts, docs = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:40], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
     cfg = replace(small_cfg(min_support=3), chunk_size=100)
-    labels = interp.ConceptLabels(c, world, enc, cfg)
+    labels = concepts.ConceptLabels(c, world, enc, cfg)
     V = enc.n_vocab
-    scores = interp.token_scores(c, labels, V, cfg)
+    scores = concepts.score_concepts({}, c, labels, cfg, n_vocab=V)["token_identity"]
     tok = c.rows[1]
     for name in ("category:person", "entity:0", f"latent:country={world.people[0]['home']}", "role:query"):
         if name not in labels.names:
@@ -527,7 +529,7 @@ def test_token_oracle_equals_brute_force(gpt, world):
         nf = torch.bincount(tok, minlength=V).double()
         f1 = 2 * tp / (nf + on.sum())
         torch.testing.assert_close(scores.f1()[2][labels.names.index(name)], f1)
-    per_concept, _ = interp.best_features(scores, labels, V, cfg)
+    per_concept, _ = concepts.best_features(scores, labels, V, cfg)
     assert {b["layer"] for b in per_concept.values()} == {0}  # one "layer" of V token features
 
 
