@@ -78,7 +78,6 @@ import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
-from importlib.util import find_spec
 
 import torch
 import torch.distributed as dist
@@ -90,6 +89,7 @@ from clt import CLTConfig, CrossLayerTranscoder
 from forge.cli import arg, add_config_args, parse_config, run_main
 from forge.files import atomic_path, check_same_model, fsync_dir, write_json
 from forge.hub import load_tokenizer
+from forge.runlog import RunLog, check_wandb, step_line
 from model import GPT
 from parallel import all_reduce_sum, average_gradients, barrier, check_same_everywhere, compute_init, make_mesh, mesh_sum
 
@@ -558,77 +558,6 @@ def export_is_whole(c, mesh):
 
 
 # -----------------------------------------------------------------------------
-# logging: metrics.jsonl, the progress bar and (optionally) Weights & Biases
-
-
-def step_line(m):
-    """The tqdm postfix: one line, fields split by |."""
-    def mean(xs):
-        return sum(xs) / len(xs)
-
-    line = (f"loss {m['loss']:.4f} | fvu {mean(m['fvu']):.3f} | l0 {mean(m['l0']):.1f} | dead {int(sum(m['dead']))} | "
-            f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | {m['tok_per_s']:.0f} tok/s")
-    if "eval" in m:
-        e = m["eval"]
-        line += f" | recovered {e['recovered']:.3f} | dCE {e['delta_ce']:.4f} | KL {e['kl_spliced']:.4f}"
-    return line
-
-
-class DummyWandb:
-    """What train.py calls on a wandb run, doing nothing: without --wandb, and on every rank but 0."""
-
-    def log(self, row, step=None):
-        pass
-
-    def finish(self):
-        pass
-
-
-def open_wandb(c, run_id, master):
-    """The wandb run of --wandb PROJECT on rank 0, resumed under the checkpoint's run id; else a stub."""
-    if not (c.wandb and master):
-        return DummyWandb()
-    import wandb  # only when asked: wandb is optional
-    return wandb.init(project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out)
-
-
-def flat_row(m, prefix=""):
-    """A metrics row as wandb's flat keys: lists per layer as fvu/0, fvu/1, ...; the eval dict as eval/..."""
-    row = {}
-    for k, v in m.items():
-        if isinstance(v, dict):
-            row.update(flat_row(v, f"{prefix}{k}/"))
-        elif isinstance(v, list):
-            row.update({f"{prefix}{k}/{l}": x for l, x in enumerate(v)})
-        else:
-            row[f"{prefix}{k}"] = v
-    return row
-
-
-def open_log(c, start_step, master, run):
-    """The row writer: metrics.jsonl (and the wandb run). A resumed run keeps the rows of the steps
-    before its checkpoint (a torn last line, a kill mid-write, is dropped with the steps it redoes)."""
-    path = os.path.join(c.out, "metrics.jsonl")
-
-    def log(m):
-        row = {k: v for k, v in m.items() if k != "sse"}
-        if master:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            run.log(flat_row(row), step=m["step"])
-
-    if master:
-        lines = []
-        if start_step > 0 and os.path.exists(path):
-            with open(path) as f:
-                lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start_step]
-        with atomic_path(path) as tmp:
-            with open(tmp, "w") as f:
-                f.writelines(lines)
-    return log
-
-
-# -----------------------------------------------------------------------------
 # the training loop
 
 
@@ -676,8 +605,7 @@ def check_config(c, cache, mesh):
         raise ValueError(f"--log-every {c.log_every} must be positive")
     if c.autocast not in ("cuda", "always", "never"):
         raise ValueError(f"--autocast {c.autocast} must be cuda, always or never")
-    if c.wandb and find_spec("wandb") is None:  # every rank checks: rank 0 alone failing would hang the others
-        raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
+    check_wandb(c.wandb)
 
 
 def train(config: TrainConfig, given=None):
@@ -720,8 +648,7 @@ def train(config: TrainConfig, given=None):
         os.makedirs(c.out, exist_ok=True)
         claim_out(c, master)
     run_id = (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]  # resumed runs log into the same wandb run
-    run = open_wandb(c, run_id, master)
-    log = open_log(c, state["step"], master, run)
+    log = RunLog(c, run_id, state["step"], master)
     extra = dict(wandb_id=run_id if c.wandb else None, cache_identity=cache.manifest.get("identity"))
     end = c.steps if c.stop_at < 0 else min(c.stop_at, c.steps)
     t_last, last_sync = time.perf_counter(), state["step"]
@@ -741,7 +668,7 @@ def train(config: TrainConfig, given=None):
             metrics = dict(m, step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
             if evaluating:
                 metrics["eval"] = evaluate(gpt, clt, contexts.to(device))
-            log(metrics)
+            log.log(metrics)
             bar.set_postfix_str(step_line(metrics), refresh=False)
             if saving:
                 save_checkpoint(c, clt, opt, state, mesh, master, dict(extra, metrics=metrics))
@@ -751,7 +678,7 @@ def train(config: TrainConfig, given=None):
         export(c, clt, metrics, master)
     elif end == c.steps:
         print0(f"the run in {c.out} is complete (step {c.steps}) and its export is whole: nothing to do")
-    run.finish()
+    log.finish()
     return metrics
 
 

@@ -1,0 +1,96 @@
+"""train.py's log: metrics.jsonl, Weights & Biases (optional) and the progress bar's step line.
+
+metrics.jsonl gets a row every --log-every steps and at every evaluation and checkpoint: the loop's
+only host syncs. --wandb PROJECT sends the same rows from rank 0 (per-layer lists as fvu/0, fvu/1,
+...; the evaluation as eval/...); a resumed run logs into the run id its checkpoint keeps (an offline
+run: `wandb sync OUT/wandb/offline-run-*`). Without --wandb, DummyWandb takes the calls.
+"""
+
+import json
+import os
+from dataclasses import asdict
+from importlib.util import find_spec
+
+from forge.files import atomic_path
+
+
+def step_line(m):
+    """The progress bar's postfix: one line, fields split by |."""
+    fvu = sum(m["fvu"]) / len(m["fvu"])
+    l0 = sum(m["l0"]) / len(m["l0"])
+    line = (
+        f"loss {m['loss']:.4f} | fvu {fvu:.3f} | l0 {l0:.1f} | dead {int(sum(m['dead']))} | "
+        f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | {m['tok_per_s']:.0f} tok/s"
+    )
+    if "eval" in m:
+        e = m["eval"]
+        line += f" | recovered {e['recovered']:.3f} | dCE {e['delta_ce']:.4f} | KL {e['kl_spliced']:.4f}"
+    return line
+
+
+class DummyWandb:
+    """What the log calls on a wandb run, doing nothing: without --wandb."""
+
+    def log(self, row, step=None):
+        pass
+
+    def finish(self):
+        pass
+
+
+def check_wandb(project):
+    """Every rank checks before anything is written: rank 0 alone failing would hang the others."""
+    if project and find_spec("wandb") is None:
+        raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
+
+
+def flat_row(m, prefix=""):
+    """A metrics row as wandb's flat keys: lists per layer as fvu/0, fvu/1, ...; the eval dict as eval/..."""
+    row = {}
+    for k, v in m.items():
+        if isinstance(v, dict):
+            row.update(flat_row(v, f"{prefix}{k}/"))
+        elif isinstance(v, list):
+            row.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v)})
+        else:
+            row[f"{prefix}{k}"] = v
+    return row
+
+
+class RunLog:
+    """metrics.jsonl and the wandb run, written by rank 0 (the other ranks' calls do nothing). A
+    resumed run keeps the rows of the steps before its checkpoint (a torn last line, a kill
+    mid-write, is dropped with the steps it redoes) and logs into the wandb run id it keeps."""
+
+    def __init__(self, c, run_id, start_step, master):
+        self.path = os.path.join(c.out, "metrics.jsonl")
+        self.master = master
+        self.wandb = DummyWandb()
+        if not master:
+            return
+        if c.wandb:
+            import wandb  # only when asked: wandb is optional
+
+            self.wandb = wandb.init(
+                project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out
+            )
+        lines = []
+        if start_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = [
+                    ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start_step
+                ]
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+
+    def log(self, m):
+        """One row: the metrics m without the per-layer error sums (sse)."""
+        if self.master:
+            row = {k: v for k, v in m.items() if k != "sse"}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.wandb.log(flat_row(row), step=m["step"])
+
+    def finish(self):
+        self.wandb.finish()
