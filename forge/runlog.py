@@ -1,9 +1,9 @@
 """train.py's log: metrics.jsonl, Weights & Biases (optional) and the progress bar's step line.
 
 metrics.jsonl gets a row every --log-every steps and at every evaluation and checkpoint: the loop's
-only host syncs. --wandb PROJECT sends the same rows from rank 0 (per-layer lists as fvu/0, fvu/1,
-...; the evaluation as eval/...); a resumed run logs into the run id its checkpoint keeps (an offline
-run: `wandb sync OUT/wandb/offline-run-*`). Without --wandb, DummyWandb takes the calls.
+only host syncs. --wandb PROJECT sends the same rows from rank 0 (per-layer lists as fvu/0,
+fvu/1, ...; the evaluation as eval/...); a resumed run logs into the run id its checkpoint keeps
+(an offline run: `wandb sync OUT/wandb/offline-run-*`). Without --wandb, DummyWandb takes the calls.
 """
 
 import json
@@ -20,11 +20,13 @@ def step_line(m):
     l0 = sum(m["l0"]) / len(m["l0"])
     line = (
         f"loss {m['loss']:.4f} | fvu {fvu:.3f} | l0 {l0:.1f} | dead {int(sum(m['dead']))} | "
-        f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | {m['tok_per_s']:.0f} tok/s"
+        f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | "
+        f"{m['tok_per_s']:.0f} tok/s"
     )
     if "eval" in m:
         e = m["eval"]
-        line += f" | recovered {e['recovered']:.3f} | dCE {e['delta_ce']:.4f} | KL {e['kl_spliced']:.4f}"
+        line += f" | recovered {e['recovered']:.3f} | dCE {e['delta_ce']:.4f}"
+        line += f" | KL {e['kl_spliced']:.4f}"
     return line
 
 
@@ -45,7 +47,7 @@ def check_wandb(project):
 
 
 def flat_row(m, prefix=""):
-    """A metrics row as wandb's flat keys: lists per layer as fvu/0, fvu/1, ...; the eval dict as eval/..."""
+    """A metrics row as wandb's flat keys: per-layer lists as fvu/0, fvu/1, ...; eval as eval/..."""
     row = {}
     for k, v in m.items():
         if isinstance(v, dict):
