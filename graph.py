@@ -77,19 +77,19 @@ Differences from circuit-tracer:
   unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
   (circuit-tracer's threshold can fall to 0 there and keep them).
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from clt import CrossLayerTranscoder, load_transcoder
 from forge.cli import arg, parse_config, run_main
-from forge.files import atomic_path, check_same_model, write_json
+from forge.files import check_same_model
+from forge.graphfile import load_explanations, save_graph, token_str
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
 from model import Frozen, GPT
 from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
@@ -673,101 +673,19 @@ def scores(graph):
 
 
 # -----------------------------------------------------------------------------
-# export: circuit-tracer's Neuronpedia JSON, and the full graph in safetensors + JSON
+# save: circuit-tracer's graph JSON for its front end, and the full graph (forge/graphfile.py)
 
 
-def token_str(enc, t):
-    if t >= enc.n_vocab:  # a model may pad its vocabulary beyond the tokenizer's (never predicted once trained)
-        return f"<{t}>"
-    s = enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
-    return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")  # as circuit-tracer's process_token
-
-
-def load_explanations(path):
-    """{(layer, feature): explanation} from interp.py's features.jsonl; {} if there is none."""
-    path = os.path.join(path, "features.jsonl") if os.path.isdir(path) else path
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
-
-
-def node_record(**fields):
-    """A node in the fields of circuit-tracer's frontend/graph_models.py Node, defaults filled in."""
-    return dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="", activation=None) | fields
-
-
-def node_records(graph, enc, explanations, cumulative, infl):
-    """One dict per node, in the node order of the adjacency."""
-    T, L, nodes = len(graph.tokens), graph.n_layers, []
-    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):  # circuit-tracer labels PLT features so too
-        nodes.append(node_record(node_id=f"{l}_{f}_{p}", feature=(l + f) * (l + f + 1) // 2 + f, layer=str(l),
-                                 ctx_idx=p, feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
-                                 activation=a, clerp=explanations.get((l, f), "")))
-    for l in range(L):
-        for p in range(T):
-            nodes.append(node_record(node_id=f"{l}_-1_{p}", feature=-1, layer=str(l), ctx_idx=p,
-                                     feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0"))
-    for p, t in enumerate(graph.tokens):
-        nodes.append(node_record(node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
-                                 jsNodeId=f"E_{t}-{p}", clerp=token_str(enc, t) if enc else ""))
-    for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
-        nodes.append(node_record(node_id=f"E_-1_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
-                                 jsNodeId=f"E_-1-{p}", clerp=f"position {p}"))
-    labels = graph.target_labels or [""] * len(graph.logit_ids)
-    for i, (t, prob, label) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)):
-        s = token_str(enc, t) if enc else str(t)
-        nodes.append(node_record(node_id=f"{L + 1}_{t}_{T - 1}", feature=t, layer=str(L + 1), ctx_idx=T - 1,
-                                 feature_type="logit", jsNodeId=f"L_{t}-{T - 1}", token_prob=prob,
-                                 is_target_logit=i == 0, clerp=label or f'Output "{s}" (p={prob:.3f})'))
-    for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
-        node.update(influence=c, influence_raw=r)
-    return nodes
-
-
-def save_graph(graph, cfg, enc, model_name, clt_name):
-    """Write {slug}.json + graph-metadata.json (the front end) and adjacency.safetensors + nodes.json,
-    each whole or not at all (atomic_path)."""
-    node_mask, edge_mask, cumulative, infl = (x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold))
+def save(graph, cfg, enc):
+    """Prune and score the graph, write its files -> (replacement, completeness, nodes, links)."""
+    pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
     replacement, completeness = scores(graph)
-    nodes = node_records(graph, enc, load_explanations(cfg.interp), cumulative, infl)
-    A = graph.adjacency.cpu()
-    dst, src = edge_mask.nonzero(as_tuple=True)
-    links = [dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w)
-             for s, t, w in zip(src.tolist(), dst.tolist(), A[dst, src].tolist())]
-    prompt_tokens = [token_str(enc, t) for t in graph.tokens] if enc else [str(t) for t in graph.tokens]
-    # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its server
-    # reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
-    meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[],
-                prompt_tokens=prompt_tokens, prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1,
-                pruning_settings=dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold),
-                info=dict(model=model_name, clt=clt_name, replacement_score=replacement,
-                          completeness_score=completeness, n_active_features=graph.n_active,
-                          n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes,
-                          targets=[nd["clerp"] for nd in nodes if nd["feature_type"] == "logit"]))
-    qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
-    os.makedirs(cfg.out, exist_ok=True)
-    kept = [nd for nd, m in zip(nodes, node_mask.tolist()) if m]
-    write_json(os.path.join(cfg.out, f"{cfg.slug}.json"), dict(metadata=meta, qParams=qparams, nodes=kept, links=links),
-               indent=None)
-    index_path = os.path.join(cfg.out, "graph-metadata.json")
-    index = {"graphs": []}
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-    index["graphs"] = [g for g in index["graphs"] if g["slug"] != cfg.slug] + [meta]
-    write_json(index_path, index, indent=2)
-    tensors = {"adjacency": A.float().contiguous(), "influence": infl.float(), "node_mask": node_mask,
-               "edge_mask": edge_mask, "features": graph.feats.cpu().contiguous(),
-               "activations": graph.acts.float().cpu(), "input_tokens": torch.tensor(graph.tokens),
-               "logit_tokens": graph.logit_ids.cpu(), "logit_probabilities": graph.logit_probs.float().cpu(),
-               "target_vectors": graph.target_vectors.float().cpu().contiguous()}
-    with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    table = [nd | dict(index=i, kept=m) for i, (nd, m) in enumerate(zip(nodes, node_mask.tolist()))]
-    write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
-    return replacement, completeness, int(node_mask.sum()), len(links)
+    info = dict(model=cfg.model, clt=cfg.clt, replacement_score=replacement)
+    info = info | dict(completeness_score=completeness)
+    thresholds = dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+    explanations = load_explanations(cfg.interp)
+    kept = save_graph(graph, enc, cfg.out, cfg.slug, pruned, thresholds, info, explanations)
+    return replacement, completeness, *kept
 
 
 # -----------------------------------------------------------------------------
@@ -846,7 +764,7 @@ def run_graph(cfg):
     if rank != 0:
         return
     err, scale = exactness(model, clt, rep, graph)
-    replacement, completeness, n_nodes, n_links = save_graph(graph, cfg, enc, cfg.model, cfg.clt)
+    replacement, completeness, n_nodes, n_links = save(graph, cfg, enc)
     labels = graph.target_labels or [""] * len(graph.logit_ids)
     probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
     top = ", ".join(label or f"{token_str(enc, t)!r} {p:.3f}" for t, p, label in probs)

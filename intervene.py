@@ -40,8 +40,9 @@ import torch
 
 from clt import CrossLayerTranscoder
 from forge.cli import arg, parse_config, run_main
+from forge.graphfile import token_str
 from forge.hub import DEFAULT_MODEL
-from graph import check_compatible, load, reconstruct, replacement_forward, skip_output, token_str
+from graph import check_compatible, load, reconstruct, replacement_forward, skip_output
 from model import Acts, Frozen, GPT
 
 MODES = ("set", "scale", "add", "ablate")

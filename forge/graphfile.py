@@ -1,0 +1,148 @@
+"""An attribution graph's files: circuit-tracer's graph JSON (the Neuronpedia format its front end
+opens) and the full graph beside it, all in one folder:
+
+    {slug}.json               the pruned graph: metadata, qParams, nodes, links (the front end's)
+    graph-metadata.json       the folder's graphs: {"graphs": [each graph's metadata]}
+    adjacency.safetensors     the unpruned adjacency with influence, masks, features and targets
+    nodes.json                every node of the adjacency, with its index and whether it was kept
+
+Nodes carry the fields of circuit-tracer's frontend/graph_models.py Node; token text is its
+process_token's. Each file is written whole or not at all (forge/files.py). graph.py passes in the
+graph (its feats, acts, tokens, logit_ids, ...) and what pruning found: nothing here imports it.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from forge.files import atomic_path, write_json
+
+
+def token_str(enc, t):
+    """Token t's text as circuit-tracer's front end shows it (process_token)."""
+    if t >= enc.n_vocab:  # a model may pad its vocabulary beyond the tokenizer's
+        return f"<{t}>"
+    s = enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+    return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+
+
+def load_explanations(path):
+    """{(layer, feature): explanation} from interp.py's features.jsonl; {} if there is none."""
+    path = os.path.join(path, "features.jsonl") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
+
+
+def node_record(node_id, feature, layer, ctx_idx, feature_type, js_id, **fields):
+    """A node in the fields of circuit-tracer's frontend/graph_models.py Node, defaults filled."""
+    record = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="")
+    record = record | dict(activation=None) | fields
+    ids = dict(node_id=node_id, feature=feature, layer=layer, ctx_idx=ctx_idx)
+    return record | ids | dict(feature_type=feature_type, jsNodeId=js_id)
+
+
+def node_records(graph, enc, explanations, cumulative, infl):
+    """One dict per node, in the node order of the adjacency."""
+    T, L = len(graph.tokens), graph.n_layers
+    nodes = []
+    for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
+        cantor = (l + f) * (l + f + 1) // 2 + f  # circuit-tracer's one number per (layer, id)
+        text = explanations.get((l, f), "")  # circuit-tracer labels PLT features so too
+        kind = "cross layer transcoder"
+        nodes.append(
+            node_record(
+                f"{l}_{f}_{p}", cantor, str(l), p, kind, f"{l}_{f}-0", activation=a, clerp=text
+            )
+        )
+    for l in range(L):
+        for p in range(T):
+            kind = "mlp reconstruction error"
+            nodes.append(node_record(f"{l}_-1_{p}", -1, str(l), p, kind, f"{l}_{p}-0"))
+    for p, t in enumerate(graph.tokens):
+        text = token_str(enc, t) if enc else ""
+        nodes.append(node_record(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}", clerp=text))
+    for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
+        text = f"position {p}"
+        nodes.append(node_record(f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}", clerp=text))
+    labels = graph.target_labels or [""] * len(graph.logit_ids)
+    for i, (t, prob, label) in enumerate(
+        zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
+    ):
+        text = label or f'Output "{token_str(enc, t) if enc else t}" (p={prob:.3f})'
+        node_id = f"{L + 1}_{t}_{T - 1}"
+        node = node_record(node_id, t, str(L + 1), T - 1, "logit", f"L_{t}-{T - 1}", clerp=text)
+        nodes.append(node | dict(token_prob=prob, is_target_logit=i == 0))
+    for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
+        node.update(influence=c, influence_raw=r)
+    return nodes
+
+
+def save_graph(graph, enc, out, slug, pruned, thresholds, info, explanations):
+    """Write {slug}.json and graph-metadata.json (the front end), adjacency.safetensors and
+    nodes.json (the full graph) into folder out -> (kept nodes, links).
+
+    pruned: prune's (node_mask, edge_mask, cumulative influence, influence), on the CPU;
+    thresholds: {node_threshold, edge_threshold}; info: {model, clt, replacement_score,
+    completeness_score}; explanations: {(layer, feature): text}, the feature nodes' labels."""
+    node_mask, edge_mask, cumulative, infl = pruned
+    nodes = node_records(graph, enc, explanations, cumulative, infl)
+    A = graph.adjacency.cpu()
+    dst, src = edge_mask.nonzero(as_tuple=True)
+    ends = zip(src.tolist(), dst.tolist(), A[dst, src].tolist())
+    links = [
+        dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w) for s, t, w in ends
+    ]
+    info = info | dict(n_active_features=graph.n_active, n_feature_nodes=len(graph.feats))
+    targets = [nd["clerp"] for nd in nodes if nd["feature_type"] == "logit"]
+    info = info | dict(position_nodes=graph.position_nodes, targets=targets)
+    # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its
+    # server reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
+    meta = dict(
+        slug=slug,
+        scan="./data/features",
+        transcoder_list=[],
+        prompt_tokens=[token_str(enc, t) if enc else str(t) for t in graph.tokens],
+        prompt=graph.prompt,
+        node_threshold=thresholds["node_threshold"],
+        schema_version=1,
+        pruning_settings=thresholds,
+        info=info,
+    )
+    qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
+    os.makedirs(out, exist_ok=True)
+    kept = [nd for nd, m in zip(nodes, node_mask.tolist()) if m]
+    front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
+    write_json(os.path.join(out, f"{slug}.json"), front_end, indent=None)
+    add_to_index(os.path.join(out, "graph-metadata.json"), meta)
+    tensors = {
+        "adjacency": A.float().contiguous(),
+        "influence": infl.float(),
+        "node_mask": node_mask,
+        "edge_mask": edge_mask,
+        "features": graph.feats.cpu().contiguous(),
+        "activations": graph.acts.float().cpu(),
+        "input_tokens": torch.tensor(graph.tokens),
+        "logit_tokens": graph.logit_ids.cpu(),
+        "logit_probabilities": graph.logit_probs.float().cpu(),
+        "target_vectors": graph.target_vectors.float().cpu().contiguous(),
+    }
+    with atomic_path(os.path.join(out, "adjacency.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    table = [nd | dict(index=i, kept=m) for i, (nd, m) in enumerate(zip(nodes, node_mask.tolist()))]
+    write_json(os.path.join(out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
+    return len(kept), len(links)
+
+
+def add_to_index(path, meta):
+    """graph-metadata.json: the folder's graphs; this one's metadata replaces any of its slug."""
+    index = {"graphs": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            index = json.load(f)
+    index["graphs"] = [g for g in index["graphs"] if g["slug"] != meta["slug"]] + [meta]
+    write_json(path, index, indent=2)
