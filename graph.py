@@ -83,13 +83,12 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from clt import CrossLayerTranscoder, load_transcoder
 from forge.cli import arg, parse_config, run_main
 from forge.files import check_same_model
-from forge.graphfile import load_explanations, save_graph, token_str
+from forge.graphfile import load_explanations, one_token, read_direction, save_graph, token_str
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
 from model import Frozen, GPT
 from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
@@ -114,7 +113,8 @@ class GraphConfig:
     max_logits: int = arg(10, 'at most this many logit nodes')
     logit_prob: float = arg(0.95, 'logit nodes until this cumulative probability')
     position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases (not circuit-tracer's)")
-    target_diff: str = arg("", 'attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"', group='output nodes: the most likely tokens unless one of these is given')
+    target: str = arg("", "NAME:SPEC: output nodes from TARGETS, e.g. diff:A|B", group="output nodes: the most likely tokens unless one of these is given")
+    target_diff: str = arg("", 'attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"')
     target_tokens: str = arg("", 'attribute these tokens\' logits: "A|B|...", each one token')
     target_direction: str = arg("", "attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor")
     node_threshold: float = arg(0.8, 'keep nodes up to this cumulative influence', group='pruning')
@@ -705,47 +705,51 @@ def load(cfg, device):
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
 
 
-def one_token(enc, text, flag):
-    """The id of text, which must be exactly one token."""
-    ids = enc.encode(text, allowed_special={ENDOFTEXT})
-    if len(ids) != 1:
-        pieces = [token_str(enc, t) for t in ids]
-        raise ValueError(f"{flag}: {text!r} is {len(ids)} tokens {pieces}, not one: give tokens the tokenizer keeps "
-                         f"whole (mind the leading space: ' x' and 'x' are different tokens)")
-    return ids[0]
+# Output nodes by name: --target NAME:SPEC, or --target-NAME SPEC for the three below. Each builder
+# takes (spec, model, enc, rep) and returns Targets; a fork adds a target with one entry here.
+
+
+def logit_difference(spec, model, enc, rep):
+    """ "A|B": logit(A) - logit(B), each one token (the mean logit cancels)."""
+    texts = spec.split("|")
+    if len(texts) != 2:
+        raise ValueError(f"--target-diff {spec!r}: give two tokens as A|B, e.g. ' Paris| London'")
+    a, b = (one_token(enc, x, "--target-diff") for x in texts)
+    W = model.wte.weight.detach()
+    label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
+    return custom_target(model, W[a] - W[b], label)
+
+
+def token_logits(spec, model, enc, rep):
+    """ "A|B|...": these tokens' logits, each one token."""
+    ids = [one_token(enc, x, "--target-tokens") for x in spec.split("|")]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"--target-tokens {spec!r} names a token twice: give each once")
+    return token_targets(model, rep.logits, torch.tensor(ids, device=rep.idx.device))
+
+
+def direction(spec, model, enc, rep):
+    """A .safetensors file of one (d,) tensor: that direction at ln_f's output."""
+    name, vector = read_direction(spec, model.config.n_embd)
+    label = f"Output direction {os.path.basename(spec)}:{name} (at ln_f's output)"
+    return custom_target(model, vector.to(rep.idx.device), label)
+
+
+TARGETS = {"diff": logit_difference, "tokens": token_logits, "direction": direction}
 
 
 def build_targets(cfg, model, enc, rep):
-    """The command line's output nodes -> Targets, or None for the salient logits."""
-    given = [name for name in ("target_diff", "target_tokens", "target_direction") if getattr(cfg, name)]
+    """The command line's output nodes (TARGETS) -> Targets, or None for the salient logits."""
+    named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
+    given = [x for x in named if not x.endswith(":")] + [cfg.target] * bool(cfg.target)
     if len(given) > 1:
-        raise ValueError(f"give one of --target-diff, --target-tokens, --target-direction, not {given}")
-    device = rep.idx.device
-    if cfg.target_diff:
-        texts = cfg.target_diff.split("|")
-        if len(texts) != 2:
-            raise ValueError(f"--target-diff {cfg.target_diff!r}: give two tokens as A|B, e.g. ' Paris| London'")
-        a, b = (one_token(enc, x, "--target-diff") for x in texts)
-        W = model.wte.weight.detach()
-        label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
-        return custom_target(model, W[a] - W[b], label)  # the mean logit cancels
-    if cfg.target_tokens:
-        ids = [one_token(enc, x, "--target-tokens") for x in cfg.target_tokens.split("|")]
-        if len(set(ids)) < len(ids):
-            raise ValueError(f"--target-tokens {cfg.target_tokens!r} names a token twice: give each once")
-        return token_targets(model, rep.logits, torch.tensor(ids, device=device))
-    if cfg.target_direction:
-        if not os.path.exists(cfg.target_direction):
-            raise FileNotFoundError(f"no direction file {cfg.target_direction}: save one with "
-                                    f"safetensors.torch.save_file({{'direction': v}}, path), v of shape (n_embd,)")
-        tensors = load_file(cfg.target_direction)
-        if len(tensors) != 1:
-            raise ValueError(f"{cfg.target_direction} holds {len(tensors)} tensors {sorted(tensors)}: "
-                             f"save exactly one, of shape ({model.config.n_embd},)")
-        name, = tensors
-        label = f"Output direction {os.path.basename(cfg.target_direction)}:{name} (at ln_f's output)"
-        return custom_target(model, next(iter(tensors.values())).to(device), label)
-    return None
+        raise ValueError(f"give one of --target, --target-diff, --target-tokens, --target-direction, not {given}")
+    if not given:
+        return None
+    name, colon, spec = given[0].partition(":")
+    if name not in TARGETS or not colon:
+        raise ValueError(f"--target {given[0]!r}: write NAME:SPEC with NAME one of {', '.join(TARGETS)}")
+    return TARGETS[name](spec, model, enc, rep)
 
 
 def run_graph(cfg):

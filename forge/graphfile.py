@@ -15,9 +15,10 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from forge.files import atomic_path, write_json
+from forge.hub import ENDOFTEXT
 
 
 def token_str(enc, t):
@@ -26,6 +27,33 @@ def token_str(enc, t):
         return f"<{t}>"
     s = enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
     return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+
+
+def one_token(enc, text, flag):
+    """The id of text, which must be exactly one token (flag: the option that gave it)."""
+    ids = enc.encode(text, allowed_special={ENDOFTEXT})
+    if len(ids) != 1:
+        pieces = [token_str(enc, t) for t in ids]
+        raise ValueError(
+            f"{flag}: {text!r} is {len(ids)} tokens {pieces}, not one: give tokens the tokenizer "
+            "keeps whole (mind the leading space: ' x' and 'x' are different tokens)"
+        )
+    return ids[0]
+
+
+def read_direction(path, d):
+    """A direction target's file: a .safetensors of one (d,) tensor -> (its name, the tensor)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no direction file {path}: save one with safetensors.torch.save_file("
+            "{'direction': v}, path), v of shape (n_embd,)"
+        )
+    tensors = load_file(path)
+    if len(tensors) != 1:
+        names = sorted(tensors)
+        raise ValueError(f"{path} holds {len(tensors)} tensors {names}: save exactly one, ({d},)")
+    ((name, vector),) = tensors.items()
+    return name, vector
 
 
 def load_explanations(path):

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import graph as G
+from forge.hub import load_tokenizer
 from intervene import FREEZE, Intervention, generate, intervene, parse_interventions, parse_layers, run_intervened
 from intervene import main as intervene_main
+from model import GPT
 import test_graph_plt
 from test_graph import F_, L, T, build
 
@@ -189,13 +191,16 @@ def test_command_line_targets(tmp_path, capsys, make_hub_model):
     outputs = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     label = 'Output "a" - "b" (logit difference)'
     assert [n["clerp"] for n in outputs] == [label] == data["metadata"]["info"]["targets"]
-    model, enc = G.GPT.from_pretrained(model_dir), G.load_tokenizer(model_dir)
+    model, enc = GPT.from_pretrained(model_dir), load_tokenizer(model_dir)
     a, b, c = (enc.encode(x)[0] for x in "abc")
     W = model.wte.weight.detach()
     save_file({"direction": W[a] - W[b]}, str(tmp_path / "dir.safetensors"))
     G.main([*args, "--target-direction", str(tmp_path / "dir.safetensors"), "--out", str(tmp_path / "dir")])
     by_diff, by_file = (load_file(tmp_path / w / "adjacency.safetensors") for w in ("diff", "dir"))
     torch.testing.assert_close(by_file["adjacency"], by_diff["adjacency"], atol=1e-6, rtol=0)
+    G.main([*args, "--target", "diff:a|b", "--out", str(tmp_path / "named")])  # --target-diff through TARGETS
+    by_name = load_file(tmp_path / "named" / "adjacency.safetensors")
+    torch.testing.assert_close(by_name["adjacency"], by_diff["adjacency"], atol=0, rtol=0)
     G.main([*args, "--target-tokens", "a|b|c", "--out", str(tmp_path / "set")])
     assert load_file(tmp_path / "set" / "adjacency.safetensors")["logit_tokens"].tolist() == [a, b, c]
     save_file({"x": W[0], "y": W[1]}, str(tmp_path / "two.safetensors"))
@@ -209,3 +214,28 @@ def test_command_line_targets(tmp_path, capsys, make_hub_model):
             G.main([*args, *flags, "--out", str(tmp_path / "bad")])
     with pytest.raises(FileNotFoundError, match="save_file"):
         G.main([*args, "--target-direction", str(tmp_path / "none.safetensors")])
+
+
+def test_a_target_registered_in_TARGETS_alone_is_a_command_line_target(tmp_path, make_hub_model, monkeypatch):
+    """A fork adds a kind of output node with one entry in graph.TARGETS; --target NAME:SPEC reaches it."""
+    from safetensors.torch import load_file, save_file
+    from test_graph import write_model_and_clt
+    model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
+
+    def unembedding_row(spec, model, enc, rep):  # a toy target: token spec's unembedding row, not centered
+        return G.custom_target(model, model.wte.weight[int(spec)].detach(), f"toy {spec}")
+
+    monkeypatch.setitem(G.TARGETS, "toy", unembedding_row)
+    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu",
+            "--interp", str(tmp_path / "none")]
+    G.main([*args, "--target", "toy:7", "--out", str(tmp_path / "toy")])
+    data = json.loads((tmp_path / "toy" / "graph.json").read_text())
+    assert [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"] == ["toy 7"] == data["metadata"]["info"]["targets"]
+    save_file({"row": GPT.from_pretrained(model_dir).wte.weight[7].detach()}, str(tmp_path / "row.safetensors"))
+    G.main([*args, "--target-direction", str(tmp_path / "row.safetensors"), "--out", str(tmp_path / "row")])
+    toy, by_file = (load_file(tmp_path / w / "adjacency.safetensors") for w in ("toy", "row"))
+    assert toy["adjacency"].abs().max() > 0
+    torch.testing.assert_close(toy["adjacency"], by_file["adjacency"], atol=0, rtol=0)
+    for bad in ("nothing:1", "toy"):
+        with pytest.raises(ValueError, match="NAME:SPEC"):
+            G.main([*args, "--target", bad, "--out", str(tmp_path / "bad")])
