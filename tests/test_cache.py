@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cache
-from forge import corpora
+from forge import corpora, shards
 from forge.files import write_json
 from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
 from model import GPT, GPTConfig
@@ -213,12 +213,12 @@ def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(env, t
     counted again, so its norms and NMSE come out as a whole build's."""
     cfg = config(env, tmp_path / "m", shard_tokens=40, dtype="fp16")
     sizes = []
-    write_json = cache.write_json
+    write_json = shards.write_json
 
     def counted(path, obj, **kw):
         write_json(path, obj, **kw)
         sizes.append(os.path.getsize(path))
-    monkeypatch.setattr(cache, "write_json", counted)
+    monkeypatch.setattr(shards, "write_json", counted)
     whole = cache.build_cache(cfg)
     n = len(whole["shards"])
     assert n == 75 and len(sizes) < n / 4, sizes

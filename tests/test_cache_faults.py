@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cache
+from forge import shards
 from forge.hub import ENDOFTEXT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +51,8 @@ def flip(path, offset):
 def inside_mlp_in(out, i=2):
     """A byte inside shard i's mlp_in section (the header stays intact: only a crc32 can tell)."""
     m = json.loads((out / "manifest.json").read_text())
-    off, _ = cache.shard_layout(m["dtype"], m["shards"][i]["rows"], m["n_layers"], m["d_model"])
-    return out / cache.shard_name(i), off["mlp_in"] + 1000
+    off, _ = shards.shard_layout(m["dtype"], m["shards"][i]["rows"], m["n_layers"], m["d_model"])
+    return out / shards.shard_name(i), off["mlp_in"] + 1000
 
 
 def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
@@ -59,12 +60,12 @@ def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
     cache.build_cache(cfg)
     flip(*inside_mlp_in(tmp_path / "c"))
     c = cache.ActivationCache(cfg.out)  # opening checks sizes and headers only: they are fine
-    with pytest.raises(ValueError, match=r"shard_00002.bin rows 0..\d+ fail their crc32 check .*python cache.py build"):
+    with pytest.raises(ValueError, match=r"shard_00002.bin: rows 0..\d+ fail their crc32 check .*python cache.py build"):
         all(rows is not None for rows in c.batches(64, epochs=1))  # on a worker thread, raised here
-    with pytest.raises(ValueError, match="shard_00002.bin rows .* crc32"):
+    with pytest.raises(ValueError, match="shard_00002.bin: rows .* crc32"):
         c.read(0, c.n_tokens)
     good = cache.ActivationCache(cfg.out)
-    lo = int(good.starts[3])
+    lo = int(good.files.starts[3])
     good.read(lo, good.n_tokens)  # the other shards still read
 
 
@@ -74,7 +75,7 @@ def test_build_repairs_damaged_and_missing_shards_byte_identical(hub_model, corp
     cache.build_cache(cfg)
     before = files(out)
     flip(*inside_mlp_in(out, 2))
-    os.remove(out / cache.shard_name(4))
+    os.remove(out / shards.shard_name(4))
     assert cache.build_cache(cfg)["seconds"] > 0  # not "already complete"
     said = capsys.readouterr().out
     assert "repairing shard_00002.bin: rows" in said and "repairing shard_00004.bin: missing" in said
