@@ -32,14 +32,14 @@ def add_config_args(parser, cls):
         default = f.default_factory() if f.default is MISSING else f.default
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        shown = f"{text} (default: %(default)s)"
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction
-            target.add_argument(flag, action=action, default=default, help=f"{text} (default: %(default)s)")
-        elif isinstance(default, list):  # a list field is the positional arguments (e.g. input files)
+            target.add_argument(flag, action=action, default=default, help=shown)
+        elif isinstance(default, list):  # a list takes the positional arguments (e.g. input files)
             target.add_argument(f.name, nargs="*", default=default, help=text)
         else:
-            kind = type(default)
-            target.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
+            target.add_argument(flag, type=type(default), default=default, help=shown)
 
 
 def parse_config(doc, configs, argv=None, default=None):

@@ -13,12 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`. On success the temporary file is fsynced and renamed over
-    `path`, and the directory fsynced: a crash leaves the old file or the new one, never half of one.
-    On an exception the temporary file is removed."""
+    """Yield a temporary path beside `path`. On success the temporary file is fsynced and renamed
+    over `path`, and the directory fsynced: a crash leaves the old file or the new one, never half
+    of one. On an exception the temporary file is removed."""
     tmp = f"{path}.tmp"
     try:
         yield tmp
@@ -47,8 +46,9 @@ def write_json(path, obj, indent=1):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent)
 
+
 def save_safetensors(path, tensors, export_id=None):
-    """tensors -> the safetensors file `path`, atomically, tagged with the export id of its save (if any)."""
+    """tensors -> the safetensors file `path`, atomically, with its save's export id (if any)."""
     metadata = None if export_id is None else {"export_id": export_id}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -57,24 +57,34 @@ def save_safetensors(path, tensors, export_id=None):
 def read_export_file(path, name, export_id, rows):
     """The tensors of {path}/{name}.safetensors, `rows` of the per-feature ones."""
     file = os.path.join(path, f"{name}.safetensors")
+    fix = "re-export it, e.g. python train.py --resume --out DIR"
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} is missing: the CLT export in {path} is incomplete (re-export it, "
-                                "e.g. python train.py --resume --out DIR)")
+        raise FileNotFoundError(
+            f"{file} is missing: the CLT export in {path} is incomplete ({fix})"
+        )
     with safe_open(file, "pt") as f:
         found = (f.metadata() or {}).get("export_id")
         if export_id is not None and found != export_id:
-            raise ValueError(f"{file} comes from another save than the config in {path} (a crash during an "
-                             "export?): re-export it, e.g. python train.py --resume --out DIR")
-        per_layer = ("b_dec", "W_skip")  # one per layer, not per feature: every rank reads them whole
-        return {k: f.get_tensor(k) if k.startswith(per_layer) else f.get_slice(k)[rows] for k in f.keys()}
+            crash = "(a crash during an export?)"
+            raise ValueError(
+                f"{file} comes from another save than the config in {path} {crash}: {fix}"
+            )
+        # one per layer, not per feature: every rank reads them whole
+        per_layer = ("b_dec", "W_skip")
+        tensors = {}
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k) if k.startswith(per_layer) else f.get_slice(k)[rows]
+        return tensors
+
 
 def check_same_model(model, sha256, what):
-    """Refuse `what` (a cache, a CLT) made from another model than `model`: sha256 is the fingerprint
-    recorded when it was made ("" for files from before fingerprints, which are let through)."""
+    """Refuse `what` (a cache, a CLT) made from another model than `model`: sha256 is the
+    fingerprint recorded when it was made ("" for files from before fingerprints: let through)."""
     if not sha256:
         return
     found = model.fingerprint()
     if found != sha256:
         name = getattr(model, "name_or_path", "this model")
-        raise ValueError(f"{what} was made from another model than {name} (sha256 {sha256[:12]}…, this model "
-                         f"{found[:12]}…): pass the --model it was made from, or rebuild it for this one")
+        ids = f"sha256 {sha256[:12]}…, this model {found[:12]}…"
+        fix = "pass the --model it was made from, or rebuild it for this one"
+        raise ValueError(f"{what} was made from another model than {name} ({ids}): {fix}")

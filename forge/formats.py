@@ -1,10 +1,10 @@
 """Transcoders in the layouts circuit-tracer and SAELens publish, read at TransformerLens's hooks.
 
 Both read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, taken *before* ln_2's affine map,
-where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded into the
-encoder (and the skip connection) on the way out, and taken out again on the way in: fold_ln_2.
-The loaders build the transcoder with `new_transcoder(**config)`, passed in by clt.py (this package
-never imports the spine).
+where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded into
+the encoder (and the skip connection) on the way out, and taken out again on the way in:
+fold_ln_2. The loaders build the transcoder with `new_transcoder(**config)`, passed in by clt.py
+(this package never imports the spine).
 """
 
 import copy
@@ -20,21 +20,21 @@ from safetensors.torch import load_file
 from forge.files import check_same_model, read_export_file, save_safetensors, write_json
 
 
-
 @torch.no_grad()
 def fold_ln_2(transcoder, model, inverse=False):
-    """In place: make `transcoder` read x̂ (before ln_2's affine map) instead of our mlp_in = x̂ w + b;
+    """In place: make `transcoder` read x̂ (before ln_2's affine map), not mlp_in = x̂ w + b;
     inverse=True: back again. Its input and output scales are folded first (fold_normalization).
 
     With W = W_enc[l] (d, F) and S = W_skip[l] (d, d), both applied as x @ W:
-        (x̂ w + b) W + b_enc = x̂ (w ⊙ W) + (b W + b_enc),   (x̂ w + b) S + b_dec = x̂ (w ⊙ S) + (b S + b_dec)
+        (x̂ w + b) W + b_enc = x̂ (w ⊙ W) + (b W + b_enc)
+        (x̂ w + b) S + b_dec = x̂ (w ⊙ S) + (b S + b_dec)
     """
     transcoder.fold_normalization()
     for l, block in enumerate(model.h):
         w = block.ln_2.weight.detach().to(transcoder.W_enc)  # (d,)
         b = block.ln_2.bias.detach().to(transcoder.W_enc)  # (d,)
         if inverse and (w == 0).any():
-            raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be taken out again")
+            raise ValueError(f"ln_2 of layer {l} has zero weights: its affine map cannot be undone")
         pairs = [(transcoder.W_enc[l], transcoder.b_enc[l])]
         if transcoder.W_skip is not None:
             pairs.append((transcoder.W_skip[l], transcoder.b_dec[l]))
@@ -52,11 +52,11 @@ def fold_ln_2(transcoder, model, inverse=False):
 
 
 def per_layer_tensors(t, l, threshold_key, enc_by_feature):
-    """Layer l of a per-layer transcoder (ln_2 folded in) as circuit-tracer's and SAELens's files hold
-    it: W_enc (F, d) if enc_by_feature (circuit-tracer) else (d, F) (SAELens), W_dec (F, d), b_enc,
-    b_dec, W_skip (d, d) applied as x̂ @ W_skip.T, and the threshold under threshold_key (None: none)."""
-    tensors = {"W_enc": t.W_enc[l].t() if enc_by_feature else t.W_enc[l], "W_dec": t.W_dec[l][:, 0],
-               "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
+    """Layer l of a per-layer transcoder (ln_2 folded in) as circuit-tracer's and SAELens's files
+    hold it: W_enc (F, d) if enc_by_feature (circuit-tracer) else (d, F) (SAELens), W_dec (F, d),
+    b_enc, b_dec, W_skip (d, d) as x̂ @ W_skip.T, the threshold under threshold_key (if any)."""
+    W_enc = t.W_enc[l].t() if enc_by_feature else t.W_enc[l]
+    tensors = {"W_enc": W_enc, "W_dec": t.W_dec[l][:, 0], "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
     if threshold_key is not None:
         tensors[threshold_key] = t.threshold[l]
     if t.W_skip is not None:
@@ -66,7 +66,7 @@ def per_layer_tensors(t, l, threshold_key, enc_by_feature):
 
 @torch.no_grad()
 def load_per_layer_tensors(t, l, tensors, threshold_key, enc_by_feature):
-    """The inverse of per_layer_tensors: fill layer l of `t` (a missing threshold leaves it as it is)."""
+    """per_layer_tensors' inverse: fill layer l of `t` (a missing threshold leaves it as it is)."""
     t.W_enc[l].copy_(tensors["W_enc"].t() if enc_by_feature else tensors["W_enc"])
     t.b_enc[l].copy_(tensors["b_enc"])
     t.W_dec[l].copy_(tensors["W_dec"][:, None])
@@ -77,14 +77,22 @@ def load_per_layer_tensors(t, l, tensors, threshold_key, enc_by_feature):
         t.W_skip[l].copy_(tensors["W_skip"].t())
 
 
-# circuit-tracer 0.5.0 (TransformerLens backend), as its transcoder cache and the hub hold transcoders:
+def provenance(model):
+    """The model a transcoder belongs to, as CLTConfig records it."""
+    return dict(model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
+
+
+# circuit-tracer 0.5.0 (TransformerLens backend), as its transcoder cache and the hub hold them:
 # {path}/config.yaml (model_kind, feature_input_hook, feature_output_hook, scan) beside the weights.
 # Per-layer, its TranscoderSet: layer_{l}.safetensors with W_enc (F, d), W_dec (F, d), b_enc (F,),
-# b_dec (d,), activation_function.threshold (F,) for JumpReLU, W_skip (d, d) with skip = x̂ @ W_skip.T.
-# Cross-layer: save_pretrained's W_enc_{l} and W_dec_{l}.safetensors. config.yaml is written as JSON
-# (YAML reads JSON) and carries our CLTConfig and export id under "clt_forge".
+# b_dec (d,), activation_function.threshold (F,) for JumpReLU, W_skip (d, d): skip = x̂ @ W_skip.T.
+# Cross-layer: save_pretrained's W_enc_{l} and W_dec_{l}.safetensors. config.yaml is written as
+# JSON (YAML reads JSON) and carries our CLTConfig and export id under "clt_forge".
 
-CIRCUIT_TRACER_HOOKS = dict(feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out")
+CIRCUIT_TRACER_HOOKS = {
+    "feature_input_hook": "ln2.hook_normalized",
+    "feature_output_hook": "hook_mlp_out",
+}
 CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
 CIRCUIT_TRACER_THRESHOLD = "activation_function.threshold"  # its JumpReLU's threshold in layer_{l}
 
@@ -94,64 +102,76 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     {path}/config.yaml + layer_{l}.safetensors (a PLT) or W_enc_{l}/W_dec_{l}.safetensors (a CLT).
 
     circuit-tracer reads it from its cache directory, e.g. for path = runs/plt-ct:
-        load_transcoders_from_cache("plt-ct", cache_dir="runs")    # circuit_tracer.utils.caching
-    or CIRCUIT_TRACER_CACHE_DIR=runs and transcoder_set "plt-ct" in ReplacementModel.from_pretrained.
+        load_transcoders_from_cache("plt-ct", cache_dir="runs")  # circuit_tracer.utils.caching
+    or CIRCUIT_TRACER_CACHE_DIR=runs, transcoder_set "plt-ct" in ReplacementModel.from_pretrained.
     """
     c = transcoder.config
     if c.activation == "topk":  # circuit-tracer would read it as a ReLU transcoder
-        raise ValueError("circuit-tracer has no TopK transcoder: export a relu, jumprelu or batchtopk one")
+        raise ValueError(
+            "circuit-tracer has no TopK transcoder: export a relu, jumprelu or batchtopk one"
+        )
     if c.decoder == "cross-layer" and c.skip:
-        raise ValueError("circuit-tracer 0.5.0's CLT loader reads no skip connection: export a per-layer "
-                         "transcoder with --skip, or a CLT without")
+        raise ValueError(
+            "circuit-tracer 0.5.0's CLT loader reads no skip connection: export a per-layer "
+            "transcoder with --skip, or a CLT without"
+        )
     if transcoder.mesh.tp > 1:
-        raise ValueError(f"this is TP shard {transcoder.mesh.tp_rank} of {transcoder.mesh.tp}: "
-                         "export consolidated() instead")
-    check_same_model(model, c.model_sha256, "this transcoder")  # the fold below is of this model's ln_2
+        shard = f"TP shard {transcoder.mesh.tp_rank} of {transcoder.mesh.tp}"
+        raise ValueError(f"this is {shard}: export consolidated() instead")
+    check_same_model(model, c.model_sha256, "this transcoder")  # the fold is of this model's ln_2
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)
     export_id = uuid.uuid4().hex
-    threshold = c.activation != "relu"  # batchtopk is a JumpReLU at inference; without thresholds, a ReLU
+    threshold = c.activation != "relu"  # batchtopk is a JumpReLU at inference; relu has none
+    threshold_key = CIRCUIT_TRACER_THRESHOLD if threshold else None
     os.makedirs(path, exist_ok=True)
     if c.decoder == "cross-layer":
         t.write_layer_files(path, export_id, threshold)
     for l in range(c.n_layers if c.decoder == "per-layer" else 0):
-        tensors = per_layer_tensors(t, l, CIRCUIT_TRACER_THRESHOLD if threshold else None, enc_by_feature=True)
+        tensors = per_layer_tensors(t, l, threshold_key, enc_by_feature=True)
         save_safetensors(os.path.join(path, f"layer_{l}.safetensors"), tensors, export_id)
-    config = dict(model_kind=CIRCUIT_TRACER_KINDS[c.decoder], model_name=model_name, **CIRCUIT_TRACER_HOOKS,
-                  scan=os.path.basename(os.path.normpath(path)),
-                  clt_forge=dict(asdict(c), model_sha256=model.fingerprint(), export_id=export_id))
+    kind = CIRCUIT_TRACER_KINDS[c.decoder]
+    scan = os.path.basename(os.path.normpath(path))
+    config = dict(model_kind=kind, model_name=model_name, **CIRCUIT_TRACER_HOOKS, scan=scan)
+    config["clt_forge"] = dict(asdict(c), model_sha256=model.fingerprint(), export_id=export_id)
     write_json(os.path.join(path, "config.yaml"), config)  # last: a directory with it is complete
 
 
 def from_circuit_tracer(path, model, new_transcoder):
-    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, or a cached transcoder set
-    whose config.yaml is JSON) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
+    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, or a cached set whose
+    config.yaml is JSON) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
     config_path = os.path.join(path, "config.yaml")
     with open(config_path) as f:
         try:
             saved = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not JSON ({e}): clt-forge reads the config.yaml that "
-                             "save_circuit_tracer writes; rewrite it as JSON (YAML reads JSON too)") from e
+            reads = "clt-forge reads the config.yaml that save_circuit_tracer writes"
+            fix = "rewrite it as JSON (YAML reads JSON too)"
+            raise ValueError(f"{config_path} is not JSON ({e}): {reads}; {fix}") from e
     hooks = {k: saved.get(k) for k in CIRCUIT_TRACER_HOOKS}
     kinds = {v: k for k, v in CIRCUIT_TRACER_KINDS.items()}
     if hooks != CIRCUIT_TRACER_HOOKS or saved.get("model_kind") not in kinds:
-        raise ValueError(f"{config_path}: {saved.get('model_kind')} reading {hooks}; only MLP transcoders "
-                         f"({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS}) replace GPT-2's MLPs")
+        found = f"{saved.get('model_kind')} reading {hooks}"
+        mlp = f"only MLP transcoders ({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS})"
+        raise ValueError(f"{config_path}: {found}; {mlp} replace GPT-2's MLPs")
     ours = dict(saved.get("clt_forge", {}))
     export_id = ours.pop("export_id", None)
     decoder = kinds[saved["model_kind"]]
     L, d = model.config.n_layer, model.config.n_embd
-    if not ours:  # files circuit-tracer wrote: the shape and the activation are in layer 0's tensors
-        first = read_export_file(path, "layer_0" if decoder == "per-layer" else "W_enc_0", None, slice(None))
+    if not ours:  # files circuit-tracer wrote: the shape and activation are in layer 0's tensors
+        name = "layer_0" if decoder == "per-layer" else "W_enc_0"
+        first = read_export_file(path, name, None, slice(None))
         names = " ".join(first)
-        ours = dict(n_layers=L, d_model=d, n_features=len(first.get("b_enc", first.get("b_enc_0"))),
-                    activation="jumprelu" if "threshold" in names else "relu", decoder=decoder,
-                    skip="W_skip" in names, model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
+        n_features = len(first.get("b_enc", first.get("b_enc_0")))
+        activation = "jumprelu" if "threshold" in names else "relu"
+        sizes = dict(n_layers=L, d_model=d, n_features=n_features, decoder=decoder)
+        ours = dict(**sizes, activation=activation, skip="W_skip" in names, **provenance(model))
     shape = (ours.get("n_layers"), ours.get("d_model"), ours.get("decoder", "cross-layer"))
     if shape != (L, d, decoder):
-        raise ValueError(f"{path} holds a {shape[2]} transcoder of {shape[0]} layers of width "
-                         f"{shape[1]}, the model has {L} of width {d}: pass the --model it was made for")
+        raise ValueError(
+            f"{path} holds a {shape[2]} transcoder of {shape[0]} layers of width {shape[1]}, "
+            f"the model has {L} of width {d}: pass the --model it was made for"
+        )
     check_same_model(model, ours.get("model_sha256", ""), f"the transcoder in {path}")
     t = new_transcoder(**ours)
     if decoder == "cross-layer":
@@ -167,8 +187,12 @@ def from_circuit_tracer(path, model, new_transcoder):
 # sae_weights.safetensors: W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,), threshold (F,) for
 # JumpReLU, W_skip (d, d) with skip = x̂ @ W_skip.T.
 
-SAELENS_ARCHITECTURES = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
-                         ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+SAELENS_ARCHITECTURES = {
+    ("relu", False): "transcoder",
+    ("relu", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
 
 
 def save_saelens(transcoder, path, model, model_name="gpt2"):
@@ -176,20 +200,27 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
     {path}/blocks.{l}.ln2.hook_normalized/{cfg.json, sae_weights.safetensors}."""
     c = transcoder.config
     if c.decoder != "per-layer":
-        raise ValueError("SAELens's layout holds per-layer transcoders; this one is cross-layer "
-                         "(save_circuit_tracer writes circuit-tracer's CLT layout)")
+        raise ValueError(
+            "SAELens's layout holds per-layer transcoders; this one is cross-layer "
+            "(save_circuit_tracer writes circuit-tracer's CLT layout)"
+        )
     kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
     if kind is None:  # batchtopk is a JumpReLU at inference; topk has no SAELens transcoder
-        raise ValueError(f"SAELens has no {c.activation} transcoder: export a relu, jumprelu or batchtopk one")
+        fix = "export a relu, jumprelu or batchtopk one"
+        raise ValueError(f"SAELens has no {c.activation} transcoder: {fix}")
+    architecture = SAELENS_ARCHITECTURES[kind, c.skip]
+    threshold_key = "threshold" if kind == "jumprelu" else None
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)
     for l in range(c.n_layers):
-        tensors = per_layer_tensors(t, l, "threshold" if kind == "jumprelu" else None, enc_by_feature=False)
+        tensors = per_layer_tensors(t, l, threshold_key, enc_by_feature=False)
         hook = f"blocks.{l}.ln2.hook_normalized"
-        hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=f"blocks.{l}.hook_mlp_out")
-        cfg = dict(architecture=SAELENS_ARCHITECTURES[kind, c.skip], d_in=c.d_model, d_sae=c.n_features,
-                   d_out=c.d_model, dtype="float32", apply_b_dec_to_input=False, normalize_activations="none",
-                   hook_layer=l, **hooks, metadata=hooks)  # hooks at the top (SAELens < 6) and in metadata (6)
+        hook_out = f"blocks.{l}.hook_mlp_out"
+        hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=hook_out)
+        cfg = dict(architecture=architecture, d_in=c.d_model, d_sae=c.n_features, d_out=c.d_model)
+        cfg.update(dtype="float32", apply_b_dec_to_input=False, normalize_activations="none")
+        # hooks at the top (SAELens < 6) and in metadata (6)
+        cfg.update(hook_layer=l, **hooks, metadata=hooks)
         folder = os.path.join(path, hook)
         os.makedirs(folder, exist_ok=True)
         save_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
@@ -204,14 +235,20 @@ def _saelens_layers(path, n_layers):
             continue
         with open(os.path.join(root, "cfg.json")) as f:
             cfg = json.load(f)
-        hooks = {**cfg.get("metadata", {}), **{k: cfg[k] for k in ("hook_name", "hook_name_out") if k in cfg}}
-        found = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", hooks.get("hook_name", ""))
-        if found is None or not hooks.get("hook_name_out", "").endswith("hook_mlp_out"):
-            raise ValueError(f"{root}/cfg.json reads {hooks.get('hook_name')!r} and writes {hooks.get('hook_name_out')!r}: "
-                             "only MLP transcoders (ln2.hook_normalized -> hook_mlp_out) replace GPT-2's MLPs")
+        top = {k: cfg[k] for k in ("hook_name", "hook_name_out") if k in cfg}  # SAELens < 6
+        hooks = {**cfg.get("metadata", {}), **top}
+        reads = hooks.get("hook_name")
+        writes = hooks.get("hook_name_out")
+        found = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", reads or "")
+        if found is None or not (writes or "").endswith("hook_mlp_out"):
+            raise ValueError(
+                f"{root}/cfg.json reads {reads!r} and writes {writes!r}: only MLP transcoders "
+                "(ln2.hook_normalized -> hook_mlp_out) replace GPT-2's MLPs"
+            )
         folders[int(found.group(1))] = (root, cfg)
     if sorted(folders) != list(range(n_layers)):
-        raise ValueError(f"{path} has SAELens transcoders for layers {sorted(folders)}, the model has {n_layers}")
+        found = f"SAELens transcoders for layers {sorted(folders)}"
+        raise ValueError(f"{path} has {found}, the model has {n_layers}")
     return folders
 
 
@@ -223,18 +260,17 @@ def from_saelens(path, model, new_transcoder):
     arch = {v: k for k, v in SAELENS_ARCHITECTURES.items()}
     kinds = {arch.get(cfg.get("architecture")) for _, cfg in folders.values()}
     if len(kinds) != 1 or None in kinds:
-        raise ValueError(f"{path}: architectures {sorted(cfg.get('architecture') for _, cfg in folders.values())}; "
-                         f"one of {sorted(arch)} for every layer is needed")
-    (kind, skip), = kinds
-    n_features = folders[0][1]["d_sae"]
-    t = new_transcoder(n_layers=L, d_model=d, n_features=n_features, activation=kind, decoder="per-layer",
-                       skip=skip, model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
+        found = sorted(cfg.get("architecture") for _, cfg in folders.values())
+        needed = f"one of {sorted(arch)} for every layer is needed"
+        raise ValueError(f"{path}: architectures {found}; {needed}")
+    kind, skip = kinds.pop()  # the one architecture of every layer
+    sizes = dict(n_layers=L, d_model=d, n_features=folders[0][1]["d_sae"], decoder="per-layer")
+    t = new_transcoder(**sizes, activation=kind, skip=skip, **provenance(model))
     for l in range(L):
         tensors = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
         load_per_layer_tensors(t, l, tensors, "threshold", enc_by_feature=False)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
-
 
 
 def load_published(path, model, new_transcoder):
@@ -244,6 +280,8 @@ def load_published(path, model, new_transcoder):
         return from_circuit_tracer(path, model, new_transcoder)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model, new_transcoder)
-    raise FileNotFoundError(f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one "
-                            "in circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's "
-                            "layout (cfg.json + sae_weights.safetensors)")
+    raise FileNotFoundError(
+        f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one in "
+        "circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's layout "
+        "(cfg.json + sae_weights.safetensors)"
+    )
