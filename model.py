@@ -59,14 +59,17 @@ class GPTConfig:
             if type(value) is not int or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} (the head size is n_embd / n_head)")
+            why = "the head size is n_embd / n_head"
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} ({why})")
         if not 0 < self.layer_norm_epsilon < 1:
             raise ValueError(f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
         d = self.n_embd
         n_params = (self.vocab_size + self.n_ctx) * d + self.n_layer * 12 * d * d
         if n_params > 5e9:  # gpt2-xl has 1.6e9; 5e9 fp32 weights are 20 GB
-            raise ValueError(f"this config has {n_params:.1e} parameters, far more than any GPT-2 (gpt2-xl: 1.6e9): "
-                             f"check n_layer, n_embd, n_ctx and vocab_size in config.json")
+            raise ValueError(
+                f"this config has {n_params:.1e} parameters, far more than any GPT-2 "
+                "(gpt2-xl: 1.6e9): check n_layer, n_embd, n_ctx and vocab_size in config.json"
+            )
 
 
 @dataclass
@@ -76,24 +79,25 @@ class Frozen:
     With attention patterns and LayerNorm scales frozen, everything between the MLPs is linear in
     the residual stream: this is the "local replacement model" of Ameisen et al. 2025, sec. 3.
     """
+
     attn: list = field(default_factory=list)  # per layer: (B, nh, T, T) attention probabilities
-    ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) 1/sqrt(var + eps) of ln_1's input
+    ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) ln_1's 1/sqrt(var + eps)
     ln_2: list = field(default_factory=list)  # per layer: (B, T, 1) the same for ln_2
-    ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for the final LayerNorm (None without logits)
+    ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for ln_f (None without logits)
 
 
 @dataclass
 class Acts:
     """What `run_with_acts` records: the tensors a CLT reads and writes."""
+
     mlp_in: torch.Tensor  # (B, T, L, d) each MLP's input, after ln_2
     mlp_out: torch.Tensor  # (B, T, L, d) each MLP's output, before it joins the residual stream
     frozen: Frozen  # attention patterns and LayerNorm scales of this pass
-    ln_f_out: Optional[torch.Tensor] = None  # (B, T, d) ln_f's output, what the unembedding reads (None without logits)
-
+    ln_f_out: Optional[torch.Tensor] = None  # (B, T, d) what the unembedding reads (or None)
 
 
 def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None):
-    """LayerNorm written out so its scale 1/sqrt(var + eps) can be recorded or frozen: -> (y, scale).
+    """LayerNorm written out so its scale 1/sqrt(var + eps) can be recorded or frozen: (y, scale).
 
     A frozen scale is a constant, so the map is then linear in x (the mean subtraction is linear).
     """
@@ -121,7 +125,7 @@ class CausalSelfAttention(nn.Module):
             q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
             k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
             att = (q @ k.transpose(-2, -1)) * (k.size(-1) ** -0.5)  # (B, nh, T, T)
-            # the mask is made per call: a stored (n_ctx, n_ctx) buffer would be n_ctx² bytes at load
+            # the mask is made per call: a stored (n_ctx, n_ctx) buffer is n_ctx² bytes at load
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
         else:
@@ -165,9 +169,10 @@ class GPT(nn.Module):
         T = idx.size(1)
         if not 0 < T <= self.config.n_ctx:
             raise ValueError(f"sequence length {T} must be in 1..n_ctx={self.config.n_ctx}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
-                             f"got [{idx.min().item()}, {idx.max().item()}]")
+        V = self.config.vocab_size
+        if idx.numel() and (idx.min() < 0 or idx.max() >= V):
+            found = f"[{idx.min().item()}, {idx.max().item()}]"
+            raise ValueError(f"token ids must lie in [0, {V}), got {found}")
 
     def embed(self, idx):
         """(B, T) token ids -> (B, T, d) the residual stream before block 0."""
@@ -180,12 +185,12 @@ class GPT(nn.Module):
         return logits
 
     def run_with_acts(self, idx, mlp_out=None, frozen=None, resid=None, logits=True):
-        """idx (B, T) -> (logits (B, T, V) or None, Acts): the one way activations come out of the model.
+        """idx (B, T) -> (logits (B, T, V) or None, Acts): the one way activations leave the model.
 
-        mlp_out: (B, T, L, d) if given, replaces every MLP's output: this splices a CLT into the model.
+        mlp_out: (B, T, L, d) if given, replaces every MLP's output: splices a CLT into the model.
         frozen:  a `Frozen` from an earlier pass: attention patterns and LayerNorm scales are taken
                  from it as constants (the local replacement model of attribution graphs).
-        resid:   (B, T, d) used instead of `embed(idx)`, e.g. a leaf tensor to take gradients against.
+        resid:   (B, T, d) used instead of `embed(idx)`, e.g. a leaf tensor to take gradients at.
         logits:  False skips the final LayerNorm and the unembedding (a third of GPT-2-small's
                  forward FLOPs and a (B, T, V) tensor) where only the activations are wanted.
         """
@@ -204,13 +209,14 @@ class GPT(nn.Module):
             h, scale_2 = layer_norm(x, block.ln_2, fz.ln_2[l])
             out = block.mlp(h) if mlp_out is None else mlp_out[:, :, l]
             x = x + out
-            if not record:  # a plain forward keeps nothing: (B, nh, T, T) patterns add up at long contexts
+            if not record:  # a plain forward keeps nothing: (B, nh, T, T) patterns grow with T²
                 continue
-            if acts is None:  # allocated at layer 0, where the dtypes show (autocast makes the MLP's bf16)
+            # allocated at layer 0, where the dtypes show (autocast makes the MLP's bf16)
+            if acts is None:
                 B, T, d = h.size()
                 acts = Acts(h.new_empty(B, T, L, d), out.new_empty(B, T, L, d), Frozen())
-            # each layer goes straight into its slot: stacking per-layer lists at the end would hold
-            # the activations twice for a moment (+0.28 GiB at the cache writer's 64 x 64 batches of GPT-2 small)
+            # each layer into its slot: stacking lists at the end would briefly hold them twice
+            # (+0.28 GiB at the cache writer's 64 x 64 batches of GPT-2 small)
             acts.mlp_in = WriteLayer.apply(acts.mlp_in, h, l)
             acts.mlp_out = WriteLayer.apply(acts.mlp_out, out, l)
             acts.frozen.attn.append(pattern)
@@ -228,8 +234,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Append max_new_tokens to idx (B, T): greedy with top_k=1, else sampled from the top_k."""
+        n_ctx = self.config.n_ctx
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.n_ctx:])[:, -1, :] / temperature  # (B, V)
+            logits = self(idx[:, -n_ctx:])[:, -1, :] / temperature  # (B, V)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = float("-inf")
@@ -238,10 +245,10 @@ class GPT(nn.Module):
         return idx
 
     def fingerprint(self):
-        """sha256 of the config and every weight (name, shape, float32 bytes), in name order: what a
-        cache or a CLT records of the model it was made from. Reads every weight once (~1 s per GB), so
-        it is kept until a weight changes: each weight's storage and version counter (bumped by every
-        in-place write, e.g. load_state_dict or an optimizer step) say whether one did."""
+        """sha256 of the config and every weight (name, shape, float32 bytes), in name order: what
+        a cache or a CLT records of the model it was made from. Reads every weight once (~1 s per
+        GB), so it is kept until a weight changes: each weight's storage and version counter (bumped
+        by every in-place write, e.g. load_state_dict or an optimizer step) say whether one did."""
         config = json.dumps(asdict(self.config), sort_keys=True)
         weights = sorted(self.state_dict().items())
         key = (config, tuple((name, t.data_ptr(), t._version) for name, t in weights))
@@ -256,9 +263,12 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # loading and saving in the Hugging Face hub layout
 
+    # HF's GPT-2 uses Conv1D, whose weight is stored (in, out): transposed to nn.Linear's (out, in)
+    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
     @classmethod
     def from_pretrained(cls, name_or_dir=DEFAULT_MODEL):
-        """Load GPT-2 from a local directory or a hub repo id (gpt2, gpt2-medium, gpt2-large, gpt2-xl).
+        """Load GPT-2 from a local directory or a hub repo id (gpt2, gpt2-medium, -large, -xl).
 
         Both key styles load: `h.0.attn.c_attn.weight` (the hub's gpt2 repo) and
         `transformer.h.0.attn.c_attn.weight` (transformers' save_pretrained).
@@ -267,21 +277,23 @@ class GPT(nn.Module):
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
         hf.setdefault("n_positions", hf.get("n_ctx"))
-        missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if hf.get(k) is None]
+        needed = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+        missing = [k for k in needed if hf.get(k) is None]
         if missing:
-            raise ValueError(f"{path}/config.json lacks {missing}: not a GPT-2 config (model_type gpt2)")
-        config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], n_ctx=hf["n_positions"],
-                           vocab_size=hf["vocab_size"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+            raise ValueError(
+                f"{path}/config.json lacks {missing}: not a GPT-2 config (model_type gpt2)"
+            )
+        shape = {k: hf[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        config = GPTConfig(**shape, n_ctx=hf["n_positions"], layer_norm_epsilon=eps)
         model = cls(config)
         model.load_hf_state_dict(load_file(os.path.join(path, "model.safetensors")), source=path)
         model.name_or_path = str(name_or_dir)
         return model.eval()
 
     def load_hf_state_dict(self, hf_sd, source="state dict"):
-        # HF's GPT-2 uses Conv1D, whose weight is stored (in, out): transpose into nn.Linear's (out, in)
-        conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-        ignored = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers, not weights
-        sd, unexpected = {}, []
+        ignored = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
+        sd = {}
         for k, v in hf_sd.items():
             k = k.removeprefix("transformer.")
             if ignored.search(k):
@@ -289,30 +301,35 @@ class GPT(nn.Module):
             if k == "lm_head.weight":  # tied to wte in GPT-2; transformers may save it anyway
                 if "wte.weight" in sd or any(x.endswith("wte.weight") for x in hf_sd):
                     continue
-            sd[k] = v.t() if k.endswith(conv1d) else v
+            sd[k] = v.t() if k.endswith(self.CONV1D) else v
         own = self.state_dict()
         unexpected = sorted(k for k in sd if k not in own)
         missing = sorted(k for k in own if k not in sd)
-        wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {tuple(own[k].shape)}"
-                       for k in own if k in sd and sd[k].shape != own[k].shape)
+        resized = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+        wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in resized)
         if missing or unexpected or wrong:
-            raise ValueError(f"{source} does not match GPTConfig {self.config}:\n"
-                             f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  wrong shapes: {wrong}")
+            raise ValueError(
+                f"{source} does not match GPTConfig {self.config}:\n"
+                f"  missing keys: {missing}\n"
+                f"  unexpected keys: {unexpected}\n"
+                f"  wrong shapes: {wrong}"
+            )
         self.load_state_dict({k: v.float() for k, v in sd.items()})
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors exactly as in the hub's gpt2 repo (no `transformer.` prefix)."""
+        """The hub's gpt2 layout: config.json + model.safetensors, keys without `transformer.`."""
         os.makedirs(path, exist_ok=True)
         c = self.config
-        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-                  n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_ctx, n_ctx=c.n_ctx,
-                  vocab_size=c.vocab_size, layer_norm_epsilon=c.layer_norm_epsilon,
-                  bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
-                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02)
+        eot = c.vocab_size - 1  # <|endoftext|> is GPT-2's last token
+        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        hf.update(activation_function="gelu_new", n_layer=c.n_layer, n_head=c.n_head)
+        hf.update(n_embd=c.n_embd, n_positions=c.n_ctx, n_ctx=c.n_ctx, vocab_size=c.vocab_size)
+        hf.update(layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=eot, eos_token_id=eot)
+        hf.update(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
-        conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-        sd = {k: (v.t() if k.endswith(conv1d) else v).contiguous() for k, v in self.state_dict().items()}
+        own = self.state_dict()
+        sd = {k: (v.t() if k.endswith(self.CONV1D) else v).contiguous() for k, v in own.items()}
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -322,8 +339,8 @@ class WriteLayer(torch.autograd.Function):
     Forward: copies x (B, T, d) into slot l of buf (B, T, L, d). Backward: x gets grad[:, :, l] (a
     view, as torch.stack's backward gives) and buf's earlier version gets grad as it is. Autograd's
     own slice assignment (CopySlices) would clone the whole grad to zero slot l, once per layer: L
-    full copies per backward (3-6x slower at graph.py's (64, T) batches on CPU). Not zeroing is exact
-    here because each slot is written once and each write's backward reads only its own slot.
+    full copies per backward (3-6x slower at graph.py's (64, T) batches on CPU). Not zeroing is
+    exact here because each slot is written once and each write's backward reads only its own slot.
     """
 
     @staticmethod
@@ -339,24 +356,47 @@ class WriteLayer(torch.autograd.Function):
 
 
 # -----------------------------------------------------------------------------
+# model families: config.json's model_type -> the class that loads it
+
+# A fork adds a family with one line, MODELS["llama"] = Llama: a class with from_pretrained,
+# run_with_acts, forward and fingerprint, as GPT has; load_model then finds it by model_type.
+MODELS = {"gpt2": GPT}
+
+
+def load_model(name_or_dir=DEFAULT_MODEL):
+    """The model in a directory in the hub layout (or a hub repo id), built by the class MODELS
+    holds for its config.json's model_type (missing in old GPT-2 configs: read as gpt2)."""
+    path = resolve_model_dir(name_or_dir)
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type", "gpt2")
+    if model_type not in MODELS:
+        raise ValueError(
+            f"{path}/config.json has model_type {model_type!r}; the known families are "
+            f"{sorted(MODELS)} (a new one is registered in model.MODELS)"
+        )
+    return MODELS[model_type].from_pretrained(name_or_dir)
+
+
+# -----------------------------------------------------------------------------
 # main: a smoke test
 
 
 @dataclass
 class GenerateConfig:
     """continue a prompt with a GPT-2 checkpoint (a smoke test)"""
-    model: str = arg(DEFAULT_MODEL, 'directory in the hub layout, or a hub id such as gpt2')
-    prompt: str = arg("The capital of", 'text to continue')
-    max_new_tokens: int = arg(20, 'tokens to generate')
-    top_k: int = arg(1, 'sample from the top k tokens; 1 = greedy')
-    temperature: float = arg(1.0, 'softmax temperature for sampling')
-    seed: int = arg(0, 'random seed for sampling')
+
+    model: str = arg(DEFAULT_MODEL, "directory in the hub layout, or a hub id such as gpt2")
+    prompt: str = arg("The capital of", "text to continue")
+    max_new_tokens: int = arg(20, "tokens to generate")
+    top_k: int = arg(1, "sample from the top k tokens; 1 = greedy")
+    temperature: float = arg(1.0, "softmax temperature for sampling")
+    seed: int = arg(0, "random seed for sampling")
 
 
 def main(argv=None):
     _, cfg = parse_config(__doc__, {"generate": GenerateConfig}, argv)
     torch.manual_seed(cfg.seed)
-    model = GPT.from_pretrained(cfg.model)
+    model = load_model(cfg.model)
     enc = load_tokenizer(cfg.model)
     idx = torch.tensor([enc.encode(cfg.prompt, allowed_special={ENDOFTEXT})])
     out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)

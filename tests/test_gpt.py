@@ -1,4 +1,5 @@
 """GPT against transformers' GPT-2 (the reference), hub-layout loading, the tokenizer, bad input."""
+
 import copy
 import json
 import os
@@ -6,9 +7,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 import forge.hub
 from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
-from model import GPT
+from model import GPT, MODELS, load_model
 
 
 transformers = pytest.importorskip("transformers")
@@ -18,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 def hf_dir(tmp_path_factory):
     """A random transformers GPT-2 saved as transformers writes it (`transformer.` key prefix)."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=300,
-                                     bos_token_id=299, eos_token_id=299)
+    shape = dict(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=300)
+    config = transformers.GPT2Config(**shape, bos_token_id=299, eos_token_id=299)
     model = transformers.GPT2LMHeadModel(config).eval()
     path = tmp_path_factory.mktemp("hf")
     model.save_pretrained(path, safe_serialization=True)
@@ -30,8 +32,9 @@ def test_logits_and_acts_match_transformers(hf_dir):
     path, ref = hf_dir
     model = GPT.from_pretrained(path)
     mlp_in, mlp_out = [], []
-    hooks = [b.ln_2.register_forward_hook(lambda m, i, o: mlp_in.append(o)) for b in ref.transformer.h]
-    hooks += [b.mlp.register_forward_hook(lambda m, i, o: mlp_out.append(o)) for b in ref.transformer.h]
+    blocks = ref.transformer.h
+    hooks = [b.ln_2.register_forward_hook(lambda m, i, o: mlp_in.append(o)) for b in blocks]
+    hooks += [b.mlp.register_forward_hook(lambda m, i, o: mlp_out.append(o)) for b in blocks]
     idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_logits = ref(idx).logits
@@ -48,7 +51,8 @@ def test_hub_style_keys_load_identically(hf_dir, tmp_path):
     path, _ = hf_dir
     sd = load_file(os.path.join(path, "model.safetensors"))
     hub_sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
-    hub_sd["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)  # the hub's gpt2 repo also stores the mask buffers
+    # the hub's gpt2 repo also stores the mask buffers
+    hub_sd["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
     save_file(hub_sd, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     a, b = GPT.from_pretrained(path), GPT.from_pretrained(tmp_path)
@@ -76,24 +80,30 @@ def test_splice_and_freeze(hf_dir):
         assert torch.equal(model(idx, frozen=acts.frozen), logits)
     # with everything frozen and the MLP outputs given, the logits are linear in the embeddings
     x = model.embed(idx)
-    f = lambda r: model(idx, mlp_out=acts.mlp_out, frozen=acts.frozen, resid=r)
+
+    def f(resid):
+        return model(idx, mlp_out=acts.mlp_out, frozen=acts.frozen, resid=resid)
+
     dx = torch.randn_like(x)
     assert (f(x + dx) - f(x) - (f(x + 2 * dx) - f(x + dx))).abs().max() < 1e-3
 
 
 def write_small_bpe(path, merges):
-    """vocab.json + merges.txt in the gpt2 repo's format: 256 bytes, then one id per merge, then eot."""
+    """vocab.json + merges.txt in the gpt2 repo's format: 256 bytes, one id per merge, then eot."""
     chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     for a, b in merges:
         vocab[a + b] = len(vocab)
     vocab[ENDOFTEXT] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    lines = "".join(f"{a} {b}\n" for a, b in merges)
+    (path / "merges.txt").write_text("#version: 0.2\n" + lines, encoding="utf-8")
     return vocab
 
 
-MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "c"), ("a", "p"), ("Ġc", "ap"), ("i", "t"), ("Ġcap", "it")]
+THE = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]  # " the"
+CAPIT = [("Ġ", "c"), ("a", "p"), ("Ġc", "ap"), ("i", "t"), ("Ġcap", "it")]  # " capit"
+MERGES = THE + CAPIT
 
 
 def test_tokenizer_round_trip_and_reference(tmp_path, monkeypatch):
@@ -106,11 +116,14 @@ def test_tokenizer_round_trip_and_reference(tmp_path, monkeypatch):
     assert eot == [vocab[ENDOFTEXT]] and enc.eot_token == vocab[ENDOFTEXT]
     # tiktoken's own gpt2 loader builds the same ranks from the same two files
     import tiktoken.load
+
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(tmp_path / "merges.txt"), str(tmp_path / "vocab.json"))
+    merges_txt = str(tmp_path / "merges.txt")
+    vocab_json = str(tmp_path / "vocab.json")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(merges_txt, vocab_json)
     assert ranks == enc._mergeable_ranks
     # and transformers' slow GPT-2 tokenizer (the reference BPE) splits text the same way
-    ref = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ref = transformers.GPT2Tokenizer(vocab_json, merges_txt)
     sample = "the cat, the capital; capitals of the theme."
     assert ref.encode(sample) == enc.encode(sample)
 
@@ -158,23 +171,54 @@ def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
     assert model.config.n_layer == 2
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(n_head=5), "n_head=5 must divide n_embd=64"),
-    (dict(n_positions=1e6), "n_ctx must be a positive integer, got 1000000.0"),
-    (dict(n_positions=10 ** 8), "parameters, far more than any GPT-2"),
-    (dict(n_layer=None), r"lacks \['n_layer'\]"),
-])
-def test_a_wrong_config_fails_in_one_line_before_allocating(hf_dir, tmp_path, change, match):
+def with_config(hf_dir, path, **change):
+    """hf_dir's weights in `path`, beside its config.json changed (a None value drops the key)."""
     hf = json.loads((hf_dir[0] / "config.json").read_text())
     hf.update(change)
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
-    (tmp_path / "model.safetensors").write_bytes((hf_dir[0] / "model.safetensors").read_bytes())
+    kept = {k: v for k, v in hf.items() if v is not None}
+    (path / "config.json").write_text(json.dumps(kept))
+    (path / "model.safetensors").write_bytes((hf_dir[0] / "model.safetensors").read_bytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(n_head=5), "n_head=5 must divide n_embd=64"),
+        (dict(n_positions=1e6), "n_ctx must be a positive integer, got 1000000.0"),
+        (dict(n_positions=10**8), "parameters, far more than any GPT-2"),
+        (dict(n_layer=None), r"lacks \['n_layer'\]"),
+    ],
+)
+def test_a_wrong_config_fails_in_one_line_before_allocating(hf_dir, tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
-        GPT.from_pretrained(tmp_path)
+        GPT.from_pretrained(with_config(hf_dir, tmp_path, **change))
+
+
+def test_a_model_family_is_one_line_in_MODELS(hf_dir, tmp_path, monkeypatch):
+    """A fork's family, registered in MODELS alone, loads by its config.json's model_type."""
+
+    class ToyGPT(GPT):
+        pass
+
+    monkeypatch.setitem(MODELS, "toy-gpt2", ToyGPT)
+    toy = load_model(with_config(hf_dir, tmp_path, model_type="toy-gpt2"))
+    gpt = load_model(hf_dir[0])
+    assert type(toy) is ToyGPT and type(gpt) is GPT
+    idx = torch.randint(0, 300, (2, 16))
+    assert torch.equal(toy(idx), gpt(idx))
+
+
+def test_load_model_reads_no_model_type_as_gpt2_and_refuses_an_unknown_one(hf_dir, tmp_path):
+    assert type(load_model(with_config(hf_dir, tmp_path, model_type=None))) is GPT
+    with_config(hf_dir, tmp_path, model_type="llama")
+    with pytest.raises(ValueError, match=r"model_type 'llama'; the known families are \['gpt2'\]"):
+        load_model(tmp_path)
 
 
 def test_a_path_typo_names_the_path_not_a_hub_error(monkeypatch):
-    def unreachable_hub(repo_id, allow_patterns):  # what huggingface_hub raises offline for an unknown id
+    # what huggingface_hub raises offline for an unknown id
+    def unreachable_hub(repo_id, allow_patterns):
         raise OSError("LocalEntryNotFoundError: cannot find the requested files in the local cache")
 
     monkeypatch.setattr(forge.hub, "snapshot_download", unreachable_hub)
