@@ -52,9 +52,8 @@ class CLTConfig:
     model_sha256: str = ""  # that GPT's GPT.fingerprint(): a CLT is refused by any other model
     # cross-layer: a feature writes to its layer and every later one | per-layer (a PLT)
     decoder: str = "cross-layer"
-    skip: bool = (
-        False  # a linear skip mlp_in[l] @ W_skip[l] into mlp_out_hat[l] (Paulo et al. 2025)
-    )
+    # a linear skip connection mlp_in[l] @ W_skip[l] into mlp_out_hat[l] (Paulo et al. 2025)
+    skip: bool = False
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
