@@ -146,9 +146,8 @@ class CrossLayerTranscoder(nn.Module):
         # per-layer scalars so that E||x|| = sqrt(d) while training (folded in on export)
         self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
         self.register_buffer("output_scale", torch.ones(L))  # multiplies mlp_out[l] (the target)
-        self.batch_threshold = (
-            None  # batchtopk, training: (L,) the last batch's global B·k-th value
-        )
+        # batchtopk, while training: (L,) the last batch's global B·k-th value
+        self.batch_threshold = None
 
     def n_writes(self, layer):
         """How many MLP outputs a feature of `layer` writes to: layers layer .. layer + n - 1.
