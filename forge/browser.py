@@ -1,21 +1,23 @@
-"""The feature browser's machinery, below viz.py: the static files its pages inline, the index's rows
-and layer files, the writing of many pages at once, and the graph's feature files for circuit-tracer's
-front end. viz.py says what the pages show; this module keeps how they scale and what formats they use.
+"""The feature browser's machinery, below viz.py: the static files its pages inline, the index's
+rows and layer files, the writing of many pages at once, and the graph's feature files for
+circuit-tracer's front end. viz.py says what the pages show; this module, how they scale and what
+formats they follow.
 
 At scale: index.html holds the rows of the best `inline_rows` features by detection AUROC (of every
 feature when there are no more), so that it opens at once and reads without JavaScript. When there
-are more, each layer's rows also go to index/layer_XX.js, a call featureIndex(layer, [[cell texts...,
-search words], ...]) that the page's script (static/index.js) loads with a <script> element when a
-view needs the layer: picked in the menu, or every layer for a search (fetch() of a local file is
-blocked under file://, a script is not). For GPT-2-small's CLT (12 x 24,576 features; synthetic
-interp output, 2 shared cores, headless Chromium): index.html is 2.7 MB, drawn 0.6 s after it is
-opened (every row inline: 211 MB, not drawn after 5 min); a layer (7 MB) in ~1 s, a first search over
-all 12 (83 MB) in ~3.5 s, later ones without loading. Feature pages stay one static HTML file per live
-feature, since the graph's links and a page read without a script need files: pages are synced in
-batches (FileBatch) and each core renders its own chunks (map_in_order): the 292k pages (7.6 GB)
-take ~3 min, 5.7 CPU-minutes.
+are more, each layer's rows also go to index/layer_XX.js, a call featureIndex(layer, [[cell texts
+..., search words], ...]) that the page's script (static/index.js) loads with a <script> element
+when a view needs the layer: picked in the menu, or every layer for a search (fetch() of a local
+file is blocked under file://, a script is not). For GPT-2-small's CLT (12 x 24,576 features;
+synthetic interp output, 2 shared cores, headless Chromium): index.html is 2.7 MB, drawn 0.6 s after
+it is opened (every row inline: 211 MB, not drawn after 5 min); a layer (7 MB) in ~1 s, a first
+search over all 12 (83 MB) in ~3.5 s, later ones without loading. Feature pages stay one static
+HTML file per live feature, since the graph's links and a page read without a script need files:
+pages are synced in batches (FileBatch) and each core renders its own chunks (map_in_order): the
+292k pages (7.6 GB) take ~3 min, 5.7 CPU-minutes.
 """
 
+import base64
 import collections
 import concurrent.futures
 import heapq
@@ -31,7 +33,7 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 def static_text(name):
-    """A file of forge/static/, which ships beside this module (there is no package data to install)."""
+    """A file of forge/static/, which ships beside this module (no package data to install)."""
     with open(os.path.join(STATIC, name), encoding="utf-8") as f:
         return f.read()
 
@@ -85,6 +87,50 @@ def feature_index(node):
 
 
 # -----------------------------------------------------------------------------
+# pages: the frame every page shares, tables of any JSON value
+
+
+def page_html(title, body):
+    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style>'
+    return f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head><body>{body}</body></html>\n'
+
+
+def write_page(path, title, body):
+    write_file(path, page_html(title, body))
+
+
+def fmt(v):
+    return html.escape(plain(v))
+
+
+def is_scalar(v):
+    return v is None or isinstance(v, (int, float, str))
+
+
+def table_html(value, depth=0):
+    """Any JSON value as HTML: a list of dicts, or a nested dict of scalars, as a table with a
+    header row; any other dict as key/value rows."""
+    small = isinstance(value, dict) and depth > 0 and 0 < len(value) <= 8
+    if small and all(map(is_scalar, value.values())):
+        value = [value]  # e.g. quantiles {"q10": .., "q50": ..}: one row, not one row per key
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        keys = list(dict.fromkeys(k for r in value for k in r))
+        head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{table_html(r.get(k), depth + 1)}</td>" for k in keys) + "</tr>"
+            for r in value
+        )
+        return f"<table><tr>{head}</tr>{rows}</table>"
+    if isinstance(value, dict) and depth < 3:
+        rows = "".join(
+            f"<tr><td>{html.escape(str(k))}</td><td>{table_html(v, depth + 1)}</td></tr>"
+            for k, v in value.items()
+        )
+        return f"<table>{rows}</table>"
+    return fmt(value) if is_scalar(value) else html.escape(json.dumps(value)[:200])
+
+
+# -----------------------------------------------------------------------------
 # writing many files
 
 
@@ -99,10 +145,10 @@ def write_file(path, data):
 class FileBatch:
     """Many small text files written whole or not at all, as atomic_path writes one, but with one
     sync for a batch instead of two fsyncs a file (0.3 ms each here: 80 s for the 292k pages of a
-    GPT-2-small CLT). add() writes a file under a temporary name; every `max_bytes` and on leaving the
-    `with` block, os.sync() puts them all on disk at once, then each is renamed over its path and the
-    directories are synced. A crash leaves the old file or the new one, never half of one; an
-    exception inside the block removes the temporary files not yet renamed."""
+    GPT-2-small CLT). add() writes a file under a temporary name; every `max_bytes` and on leaving
+    the `with` block, os.sync() puts them all on disk at once, then each is renamed over its path
+    and the directories are synced. A crash leaves the old file or the new one, never half of one;
+    an exception inside the block removes the temporary files not yet renamed."""
 
     def __init__(self, max_bytes=64 << 20):
         self.max_bytes = max_bytes
@@ -155,8 +201,8 @@ def chunks(f, n):
 
 def map_in_order(fn, items, workers):
     """fn(item) for each item, in `workers` processes, yielded in the items' order with at most
-    2 * workers items in flight (a Pool's imap would read all of features.jsonl ahead). One worker or
-    one item: in this process, without starting any."""
+    2 * workers items in flight (a Pool's imap would read all of features.jsonl ahead). One worker
+    or one item: in this process, without starting any."""
     items = iter(items)
     head = list(itertools.islice(items, 2))
     if workers == 1 or len(head) < 2:
@@ -254,8 +300,8 @@ def write_layer_file(out, layer, records):
 
 class IndexRows:
     """The index's rows, streamed in features.jsonl's (layer, feature) order: keeps the `n_inline`
-    best by detection AUROC for index.html and, once there are more rows than that, writes each layer
-    to index/ when the next one starts (so memory holds one layer, not every row)."""
+    best by detection AUROC for index.html and, once there are more rows than that, writes each
+    layer to index/ when the next one starts (so memory holds one layer, not every row)."""
 
     def __init__(self, out, n_inline):
         self.out = out
@@ -305,13 +351,93 @@ class IndexRows:
         return [rec for _, _, rec in sorted(self.best, key=lambda key: -key[1])]
 
 
+# the index's controls: the layer menu ({} its options), the search, what is shown and loading
+CONTROLS = (
+    '<div class="controls"><select id="layer">{}</select>'
+    '<input id="q" type="search" placeholder="search explanations and tokens">'
+    '<span id="shown" class="muted"></span><span id="loading" class="muted"></span></div>'
+    "<noscript><style>#features{{display:table}}</style></noscript>"
+)
+MORE = '<p><button id="more" hidden>show more</button></p>'
+
+
+def _image_data_uri(path):
+
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def summary_html(summary, run_dir):
+    """interp.py's summary beside its plots: a few numbers, the per-layer counts, summary.png."""
+    numbers = []
+    if summary:
+        heads = {"train tokens": summary.get("n_train_tokens")}
+        heads["held-out tokens"] = summary.get("n_heldout_tokens")
+        auroc = f"live features with detection AUROC >= {summary.get('detection_threshold')}"
+        heads[auroc] = summary.get("share_live_detection_above")
+        c = summary.get("concepts")
+        if c:
+            found = f"toy-world concepts ({c['families']}) recovered with F1 >= {c['f1_threshold']}"
+            heads[found] = f"{c['recovered']} / {c['n']}"
+        known = {k: v for k, v in heads.items() if v is not None}
+        numbers += ["<h2>Summary</h2>", table_html(known)]
+        if c and "baselines" in c:  # per family: the CLT, then the baselines scored the same way
+            from forge.concepts import concept_rows  # (it imports torch: only where needed)
+
+            f1 = c["f1_threshold"]
+            numbers.append(f"<h2>Toy-world concepts: share with F1 &gt;= {f1} / mean best F1</h2>")
+            numbers.append(table_html(concept_rows(c)))
+        if summary.get("per_layer"):
+            numbers += ["<h2>Per layer</h2>", table_html(summary["per_layer"])]
+    plots = ""
+    png = os.path.join(run_dir, "summary.png")
+    if os.path.isfile(png):  # inline, so that the page stays self-contained
+        uri = _image_data_uri(png)
+        alt = "score distributions, densities and concept recovery"
+        plots = f'<img alt="{alt}" style="width:720px;max-width:100%" src="{uri}">'
+    return f"<div class='cols'><div>{''.join(numbers)}</div><div>{plots}</div></div>"
+
+
+def index_page(index, summary_div):
+    """The browser: headline, summary, the controls, the table of the inline rows, the script."""
+    rows = index.inline()
+    th = '<th data-key="{}" data-type="{}" data-dir="{}">{}</th>'
+    head = "".join(th.format(k, t, d, html.escape(h)) for k, h, t, d in INDEX_COLUMNS)
+    options = "".join(f'<option value="{l}">layer {l}</option>' for l in index.layers())
+    title = "All features"
+    hint = ""
+    first = '<option value="">all layers</option>'
+    if index.files:  # some rows are only in index/
+        title = f"The best {len(rows):,} of {index.n:,} features by detection AUROC"
+        hint = " Pick a layer or every layer, or search, to browse all of them (read from index/"
+        hint += " as needed)."
+        mb = sum(index.files.values()) / 1e6
+        first = f'<option value="">the best {len(rows):,}</option>'
+        first += f'<option value="all">every layer ({mb:.0f} MB to read)</option>'
+    files = {l: layer_file_name(l) for l in index.files}
+    config = dict(layers=index.layers(), files=files, total=index.n, classes=INDEX_CLASSES)
+    config["page"] = PAGE_NAME
+    counts = f"{index.n - index.n_dead} live, {index.n_dead} dead (no page), {index.n_dense} dense"
+    intro = (
+        "Click a column to sort by it (again to reverse); the search keeps rows whose explanation "
+        f"or top tokens contain every word. The address bar keeps the view.{hint}"
+    )
+    body = [f"<h1>Features: {counts}</h1>", summary_div]
+    body += [f"<h2>{title}</h2><p class='muted'>{intro}</p>", CONTROLS.format(first + options)]
+    # hidden until the script has drawn it: a table laid out as it streams in costs ~0.5 ms a row
+    body += [f'<table id="features" hidden><thead><tr>{head}</tr></thead><tbody>']
+    body += [*map(index_row, rows), "</tbody></table>", MORE]
+    body += [f"<script>var INDEX = {to_js(config)};\n{INDEX_JS}</script>"]
+    return "".join(body)
+
+
 # -----------------------------------------------------------------------------
 # the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server)
 #
-# Its page fetches {scan}/{feature}.json for a scan that starts with "./", its server reads /data/...
-# from the graph folder, and graph.py writes scan "./data/features". That page (circuit-tracer 0.5.0)
-# loads d3, a d3 jetpack, dagre and pako from CDNs, unlike ours: offline it stops after fetching
-# graph-metadata.json ("d3 is not defined").
+# Its page fetches {scan}/{feature}.json for a scan that starts with "./", its server reads
+# /data/... from the graph folder, and graph.py writes scan "./data/features". That page
+# (circuit-tracer 0.5.0) loads d3, a d3 jetpack, dagre and pako from CDNs, unlike ours: offline it
+# stops after fetching graph-metadata.json ("d3 is not defined").
 
 FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan for the front end to read features/
 FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
@@ -362,7 +488,8 @@ def frontend_feature(feat, transcoder_id):
     act_max = float(feat.get("max_act") or 0.0)
     top = [_frontend_example(e) for e in feat.get("top_examples") or []]
     groups = [dict(quantile_name="Top activations", examples=top)]
-    for lo in (0.75, 0.5, 0.25, 0.0):  # an example's "quantile" in (0, 1): the share of firings below
+    # four bands of an example's "quantile" in (0, 1), the share of firings below it
+    for lo in (0.75, 0.5, 0.25, 0.0):
         band = feat.get("quantile_examples") or []
         band = [_frontend_example(e) for e in band if lo <= e["quantile"] < lo + 0.25]
         if band:
