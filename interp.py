@@ -9,47 +9,41 @@ cache. Data flow:
                     quantile-sampled examples with context windows, the n-grams where it fires
     weights:        decoder --ln_f (mean scale)--> W_U --> promoted / suppressed tokens
     explanation:    the n-grams whose presence best predicts firing (greedy F1 on the train counts)
-                    + the top promoted tokens, e.g.  fires on " Tarn", " capital" | promotes " Velorian"
+                    + the top promoted tokens: fires on " Tarn", " capital" | promotes " Velorian"
     held-out split: how each explanation predicts firing --> SCORES (detection, fuzzing)
     toy world:      forge/concepts.py: per planted concept its best feature by F1 on a labeled
                     evaluation set, for the CLT and for baselines scored the same way
     --> out/features.jsonl (one object per feature), out/summary.json, out/summary.png
 
     python interp.py --help
-    python interp.py                                  # models/tiny + runs/clt + runs/cache -> runs/interp
+    python interp.py                        # models/tiny + runs/clt + runs/cache -> runs/interp
     python interp.py --model models/tiny --clt runs/clt --cache runs/cache --out runs/interp
-    python interp.py --device cuda                    # one process on a GPU (streaming: no torchrun)
+    python interp.py --device cuda          # one process on a GPU (streaming passes: no torchrun)
     python interp.py --chunk-size 256 --top-k 8 --n-sampled 8   # a tiny CPU run
 
 References: the detection and fuzzing scores of EleutherAI's delphi (Paulo et al. 2024,
 "Automatically Interpreting Millions of Features in Large Language Models"); max-activating and
 quantile examples and activation histograms as on Neuronpedia; direct logit effects as in Bricken
 et al. 2023. Differences from EleutherAI's delphi:
- - explainer and scorer are one predictor, not a language model: "fires on g1, g2" means "one of the
-   n-grams g1, g2 ends at this token"; scores are exact counts over every held-out token;
+ - explainer and scorer are one predictor, not a language model: "fires on g1, g2" means "one of
+   the n-grams g1, g2 ends at this token"; scores are exact counts over every held-out token;
  - detection is per token: each held-out token (with its prefix as context) is a trial, positive
    when the feature fires there; AUROC ranks tokens by the train precision of the n-gram they match;
  - fuzzing keeps only tokens within ±fuzz_window of a firing in the same document (the activating
    contexts) and asks whether the explanation marks exactly the firing ones (balanced accuracy).
 Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned
-beyond max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk is
-cut down to its firings right after encoding, so the pass costs about twice a read + encode.
+beyond max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk
+is cut down to its firings right after encoding, so the pass costs about twice a read + encode.
 
-features.jsonl keys, one line per feature in (layer, feature) order:
-    layer, feature              the feature's layer and index
-    density, n_fires            firing frequency (acts > 0) and count on the train split
-    mean_act, max_act           mean activation when active; the largest activation
-    quantiles                   {"q10": a, "q25", "q50", "q75", "q90", "q99"} when active (histogram)
-    hist                        {"edges": [...], "counts": [...]}: log2-spaced bins when active
-    top_examples                [{"act", "doc", "pos", "tokens": [str], "acts": [float], "center": i}]
-                                 max-activating; tokens[center] is the firing token
-    quantile_examples           the same plus "quantile": firings sampled at evenly spaced ranks
-    input_ngrams                [{"ngram": str, "count", "corpus_count", "pmi"}] most over-represented
-    promoted, suppressed        [{"token": str, "logit": float}] direct logit effect through ln_f, W_U
-    explanation, explanation_ngrams   the explanation string; all its n-grams, most frequent first
-    detection_auroc, detection_bacc, fuzzing_bacc   the SCORES on the held-out split (null: undefined)
-    heldout_density             firing frequency on the held-out split
-    concept, concept_precision, concept_recall, concept_f1   best toy-world concept (with world.json)
+features.jsonl, one object per feature in (layer, feature) order: layer, feature, density and
+n_fires (acts > 0 on the train split), mean_act and max_act, quantiles {"q10", ..., "q99"} and
+hist {"edges", "counts"} (log2-spaced bins) of the activation when active, top_examples
+(max-activating) and quantile_examples (sampled at evenly spaced ranks, + "quantile") [{"act",
+"doc", "pos", "tokens": [str], "acts": [float], "center": i (the firing token)}], input_ngrams
+[{"ngram", "count", "corpus_count", "pmi"}] (most over-represented), promoted and suppressed
+[{"token", "logit"}] (direct logit effect through ln_f and W_U), explanation, explanation_ngrams
+(most frequent first), each score of SCORES (null: undefined), heldout_density; on the toy world
+concept, concept_precision, concept_recall, concept_f1 (its best concept).
 summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above
 (AUROC >= --interpretable), each score's quantiles, seconds_passes (and the plain-read ratio with
 --time-read); on the toy world "concepts" (forge/concepts.py lists its keys).
@@ -79,7 +73,7 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 # -----------------------------------------------------------------------------
 # config
 
-TOY_WORLD = "the toy world (a model with forge/toyworld.py's world.json): concepts on a labeled set"
+TOY_WORLD = "the toy world (a model directory with forge/toyworld.py's world.json)"
 
 
 @dataclass
@@ -91,9 +85,7 @@ class InterpConfig:
     device: str = arg("cpu", "cpu | cuda")
     chunk_size: int = arg(4096, "cache rows per streamed chunk (memory ~ 3 x chunk x L·F floats)")
     top_k: int = arg(16, "max-activating examples kept per feature")
-    n_sampled: int = arg(
-        32, "uniform reservoir of firings per feature: the quantile examples' pool"
-    )
+    n_sampled: int = arg(32, "a uniform reservoir of firings per feature: quantile examples")
     n_quantile_examples: int = arg(8, "quantile examples reported, at evenly spaced ranks")
     before: int = arg(8, "context tokens shown before the firing token")
     after: int = arg(2, "context tokens shown after it (needs a one-chunk lookahead)")
@@ -101,56 +93,41 @@ class InterpConfig:
     min_count: int = arg(3, "firings an n-gram needs to be reported or to explain")
     n_input: int = arg(10, "over-represented n-grams reported per feature")
     max_terms: int = arg(64, "n-grams at most in an explanation (a whole category needs many)")
-    show_terms: int = arg(
-        6, "n-grams named in the explanation, most frequent first; the rest counted"
-    )
+    show_terms: int = arg(6, "n-grams named in the explanation (most frequent); the rest counted")
     n_logit: int = arg(8, "promoted and suppressed tokens reported per feature")
     n_explain_logit: int = arg(2, "promoted tokens named in the explanation")
     bins_per_octave: int = arg(4, "histogram resolution: bins of width 2^(1/bins_per_octave)")
     log2_range: int = arg(12, "histogram spans [2^-r, 2^r]; values outside land in the end bins")
     fuzz_window: int = arg(4, "fuzzing: tokens within this distance of a firing make its context")
     dense: float = arg(0.1, "a feature firing on more than this share of tokens is dense")
-    interpretable: float = arg(
-        0.8, "detection AUROC from which a live, non-dense one is interpretable"
-    )
-    concept_cache: str = arg(
-        "", '"" = OUT/concept_cache: the evaluation set\'s cache', group=TOY_WORLD
-    )
+    interpretable: float = arg(0.8, "detection AUROC from which a feature is interpretable")
+    concept_cache: str = arg("", "evaluation set's cache; '' = OUT/concept_cache", group=TOY_WORLD)
     concept_seed: int = arg(2, "seed of the evaluation set (toyworld.eval_corpus)")
     concept_support: int = arg(32, "labeled tokens the evaluation set gives every concept")
     concept_f1: float = arg(0.8, "a planted concept is recovered when a feature reaches this F1")
     min_support: int = arg(20, "labeled tokens a concept needs to be scored")
     families: str = arg("category,entity,latent", "label families whose recovery is the headline")
-    baselines: bool = arg(
-        True, "also score MLP neurons, a random CLT and the token-identity oracle"
-    )
+    baselines: bool = arg(True, "also score MLP neurons, a random CLT and the token oracle")
     max_pairs: int = arg(20_000_000, "stored (feature, n-gram) counts beyond which rare ones go")
     seed: int = arg(0, "reservoir sampling")
     time_read: bool = arg(False, "also time one plain read of the cache and report the cost ratio")
 
     def __post_init__(self):
         if self.before < max(self.max_ngram - 1, self.fuzz_window) or self.after < 0:
-            raise ValueError(
-                f"before={self.before} must be >= max(max_ngram - 1, fuzz_window) and after >= 0"
-            )
+            raise ValueError(f"need before >= max(max_ngram - 1, fuzz_window), after >= 0: {self}")
         if self.chunk_size < self.before + self.after + self.fuzz_window:
-            raise ValueError(
-                f"chunk_size={self.chunk_size} must be >= before + after + fuzz_window"
-            )
+            raise ValueError(f"chunk_size={self.chunk_size} must be >= before+after+fuzz_window")
         if self.max_ngram < 1 or self.top_k < 1 or self.n_sampled < 1:
             raise ValueError(f"max_ngram, top_k and n_sampled must be >= 1, got {self}")
 
 
 # -----------------------------------------------------------------------------
 # the procedure: statistics, explanations, scores
-
-
 def interpret(model, enc, clt, cache, cfg: InterpConfig):
     """Statistics, an explanation and its scores for every feature of `clt` over `cache`.
 
     Returns (stats: FeatureStats of the train split, explanations: one dict per feature, effects:
-    (promoted values, ids, suppressed values, ids), scorer: the held-out Scorer).
-    """
+    (promoted values, ids, suppressed values, ids), scorer: the held-out Scorer)."""
     L = clt.config.n_layers
     F_ = clt.config.n_features
     # Phase 1: the train pass; each chunk's firings update densities, histograms, examples, n-grams
@@ -167,25 +144,22 @@ def interpret(model, enc, clt, cache, cfg: InterpConfig):
     # Phase 3: the explanations, from the train counts alone
     expl = explain_all(stats, effects[1], enc)
     # Phase 4: the held-out pass counts how each explanation predicts firing; SCORES read the counts
-    scorer = Scorer(expl, L, F_, stats.base, stats.gram_space, cfg)
+    scorer = Scorer(expl, stats)
     for p in padded_chunks(clt, cache, "heldout", cfg):
         scorer.update(p)
     if scorer.n_rows == 0:
-        raise ValueError(
-            "the cache's held-out split is empty: rebuild it with cache.py --heldout > 0"
-        )
+        raise ValueError("the cache's held-out split is empty: rebuild it with cache.py --heldout")
     return stats, expl, effects, scorer
 
 
 # -----------------------------------------------------------------------------
 # explanations: built from the train counts alone
-
-
 def explain_all(stats, promoted_ids, enc):
     """Per feature: the explanation string, its n-grams (as text, and as keys by train precision)
     and the input_ngrams."""
     cfg = stats.cfg
     base = stats.base
+    show = cfg.show_terms
     g, c, C, bounds = gram_table(stats)
     n_fires = stats.n_fires.cpu().numpy()
     out = []
@@ -201,29 +175,23 @@ def explain_all(stats, promoted_ids, enc):
             inputs.append(dict(ngram=gram, count=int(cm[i]), corpus_count=int(Cm[i]), pmi=pmi_i))
         names = [decode_gram(int(gm[i]), base, enc) for i in sorted(chosen, key=lambda i: -cm[i])]
         promotes = [enc.decode([int(t)]) for t in promoted_ids[m][: cfg.n_explain_logit]]
-        text = "dead" if n_fires[m] == 0 else explanation(names, promotes, cfg.show_terms)
+        more = f" (+{len(names) - show} more)" if len(names) > show else ""
+        quoted = [json.dumps(n, ensure_ascii=False) for n in names[:show]]
+        text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
+        text += " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
+        text = "dead" if n_fires[m] == 0 else text
         keys = [int(gm[i]) for i in chosen]  # most precise first: the scorer's ranking
         out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs, keys=keys))
     return out
 
 
-def explanation(names, promotes, show):
-    """'fires on "a", "b" (+3 more) | promotes "x", "y"'."""
-    more = f" (+{len(names) - show} more)" if len(names) > show else ""
-    quoted = [json.dumps(n, ensure_ascii=False) for n in names[:show]]
-    text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
-    return text + " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
-
-
 def choose_ngrams(grams, c, C, n_fires, max_terms, base):
-    """Greedily pick up to max_terms n-grams maximizing the train F1 of "fires iff one of them ends
-    here".
+    """Greedily pick up to max_terms n-grams maximizing the train F1 of "one of them ends here".
 
     grams, c, C: numpy arrays of the candidates' keys, firings on them and corpus occurrences. Two
     n-grams ending at one token both match it only if one is a suffix of the other, so once a gram
     is chosen the grams nested with it leave the pool: the chosen ones match disjoint tokens and
-    their counts add up. Returns indices into grams, most precise first.
-    """
+    their counts add up. Returns indices into grams, most precise first."""
     pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[: 4 * max_terms]  # the best alone
     g = grams[pool]
     c = c[pool]
@@ -243,9 +211,7 @@ def choose_ngrams(grams, c, C, n_fires, max_terms, base):
         tp = tp + c[j]
         pp = pp + C[j]
         best = f1[j]
-        left &= (g % mod[j] != g[j]) & (
-            g[j] % mod != g
-        )  # drop the grams nested with it, either way
+        left &= (g % mod[j] != g[j]) & (g[j] % mod != g)  # drop the grams nested with it
     return [int(pool[j]) for j in sorted(chosen, key=lambda j: -c[j] / C[j])]
 
 
@@ -291,8 +257,6 @@ def decode_gram(key, base, enc):
 # -----------------------------------------------------------------------------
 # scores: each reads the held-out counts of a Scorer -> (M,) float64, NaN where undefined.
 # A new score is one function and one line in SCORES; features.jsonl and summary.json follow.
-
-
 def detection_auroc(s):
     """AUROC of the explanation's rank (its matched n-gram's train precision) as a predictor of
     firing over every held-out token: Mann-Whitney U, ties count half."""
@@ -316,11 +280,9 @@ def fuzzing_bacc(s):
     return 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
 
 
-SCORES = {
-    "detection_auroc": detection_auroc,
-    "detection_bacc": detection_bacc,
-    "fuzzing_bacc": fuzzing_bacc,
-}
+SCORES = dict(
+    detection_auroc=detection_auroc, detection_bacc=detection_bacc, fuzzing_bacc=fuzzing_bacc
+)
 
 
 class Scorer:
@@ -329,20 +291,14 @@ class Scorer:
     The predictor's score at a token is the rank of the n-gram of the explanation that ends there
     (the most precise on train first); an explanation's n-grams are never nested, so at most one
     matches. det (M, T+1, 2): tokens per (level, fires), level T = no match; fuzz (M, 2, 2): tokens
-    near a firing per (predicted, fires).
-    """
+    near a firing per (predicted, fires)."""
 
-    def __init__(self, explanations, L, F_, base, gram_space, cfg):
-        dev = cfg.device
-        T = cfg.max_terms
-        M = L * F_
-        self.cfg = cfg
-        self.L = L
-        self.F = F_
-        self.T = T
-        self.base = base
-        self.G = gram_space
-        G = gram_space
+    def __init__(self, explanations, stats):
+        self.stats = stats  # the train pass's shapes and n-gram keys: L, F, base, gram_space, cfg
+        dev = stats.cfg.device
+        T = stats.cfg.max_terms
+        M = stats.L * stats.F
+        G = stats.gram_space
         expl = enumerate(explanations)
         pairs = sorted((m * G + k, t) for m, e in expl for t, k in enumerate(e["keys"]))
         end = 2**63 - 1  # a sentinel past every key
@@ -356,17 +312,19 @@ class Scorer:
     def update(self, p: "Padded"):
         lo = p.lo
         hi = p.hi
-        T = self.T
-        keys = ngram_keys(p, self.cfg.max_ngram, self.base)[lo:hi]  # (N, n)
+        cfg = self.stats.cfg
+        T = cfg.max_terms
+        F_ = self.stats.F
+        keys = ngram_keys(p, cfg.max_ngram, self.stats.base)[lo:hi]  # (N, n)
         self.n_rows += hi - lo
-        for l in range(self.L):  # a layer at a time: (N, F) memory
-            sl = slice(l * self.F, (l + 1) * self.F)
+        for l in range(self.stats.L):  # a layer at a time: (N, F) memory
+            sl = slice(l * F_, (l + 1) * F_)
             fire_ext = p.acts[:, sl] > 0  # (E, F)
             fire = fire_ext[lo:hi]
             m = torch.arange(sl.start, sl.stop, device=fire.device)  # (F,)
             level = torch.full(fire.shape, T, dtype=torch.long, device=fire.device)
             for j in range(keys.size(1)):  # the n-gram of each length ending at each row
-                q = m * self.G + keys[:, j : j + 1]  # (N, F) (feature, n-gram) keys
+                q = m * self.stats.gram_space + keys[:, j : j + 1]  # (N, F) (feature, gram) keys
                 i = torch.searchsorted(self.ekeys, q)
                 hit = (self.ekeys[i] == q) & (keys[:, j : j + 1] >= 0)
                 level = torch.where(hit, self.elevel[i], level)
@@ -374,7 +332,7 @@ class Scorer:
             fire_l = fire.long()
             idx = ((f_idx * (T + 1) + level) * 2 + fire_l).flatten()
             self.det[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
-            near = near_firing(fire_ext, p.doc, self.cfg.fuzz_window, lo, hi)  # (N, F)
+            near = near_firing(fire_ext, p.doc, cfg.fuzz_window, lo, hi)  # (N, F)
             idx = ((f_idx * 2 + (level < T).long()) * 2 + fire_l)[near]
             self.fuzz[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
             self.n_fires[sl] += fire.sum(0)
@@ -396,9 +354,7 @@ def near_firing(fire_ext, doc, w, lo, hi):
 
 
 # -----------------------------------------------------------------------------
-# streaming: each chunk of the cache, encoded, with `before` rows of the past and `after` of the future
-
-
+# streaming: each chunk of the cache, encoded, between `before` rows of the past and `after` ahead
 @dataclass
 class Padded:
     acts: torch.Tensor  # (E, M) activations of all M = L·F features (m = layer·F + f) on E rows
@@ -409,13 +365,14 @@ class Padded:
     hi: int
 
 
-def cat(*parts):
-    """Lists of tensors [acts, tok, doc, pos], one list per part -> one list of the parts joined."""
-    return [torch.cat(p) for p in zip(*parts)]
+def padded(past, own, ahead):
+    """[acts, tok, doc, pos] of the rows before a chunk, its own and those after -> Padded."""
+    lo = len(past[0])
+    return Padded(*[torch.cat(x) for x in zip(past, own, ahead)], lo, lo + len(own[0]))
 
 
 def padded_chunks(clt, cache, split, cfg):
-    """Encode each chunk once; yield it between the `before` rows before it and the rows after it."""
+    """Encode each chunk once; yield it between the `before` rows before it and the rows after."""
     ahead = max(cfg.after, cfg.fuzz_window)  # the future rows that examples and fuzzing need
     lo, hi = cache.split_range(split)
     chunks = cache.iter_chunks(cfg.chunk_size, split=split, device=cfg.device)
@@ -429,20 +386,18 @@ def padded_chunks(clt, cache, split, cfg):
         if prev is None:
             tail = [x[:0] for x in cur]
         else:
-            n = len(tail[0])
-            yield Padded(*cat(tail, prev, [x[:ahead] for x in cur]), n, n + len(prev[0]))
-            tail = [x[max(0, len(x) - cfg.before) :] for x in cat(tail, prev)]
+            yield padded(tail, prev, [x[:ahead] for x in cur])
+            tail = [x[max(0, len(x) - cfg.before) :] for x in map(torch.cat, zip(tail, prev))]
         prev = cur
     if prev is not None:
-        yield Padded(*cat(tail, prev), len(tail[0]), len(tail[0]) + len(prev[0]))
+        yield padded(tail, prev, [x[:0] for x in prev])
 
 
 def ngram_keys(p: Padded, n_max, base):
     """(E, n_max) key of the n-gram ending at each row (-1 where it would cross a document start).
 
     The key of tokens (t_{-n+1}, ..., t_0) is  sum_j (t_{-j} + 1) base^j  with base = V + 1, so
-    grams of every length share one integer space and a gram's suffixes are its low digits.
-    """
+    grams of every length share one integer space and a gram's suffixes are its low digits."""
     E = p.tok.numel()
     keys = torch.full((E, n_max), -1, dtype=torch.long, device=p.tok.device)
     keys[:, 0] = p.tok + 1
@@ -456,15 +411,10 @@ def ngram_keys(p: Padded, n_max, base):
 
 # -----------------------------------------------------------------------------
 # the train pass: densities, histograms, examples, n-gram counts
-
-
 class FeatureStats:
-    """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter.
-
-    Each chunk is reduced to its firings (the nonzero activations, a few percent) right after
-    encoding; every statistic is then an index_add or a sort over those, never a dense
-    (rows × features) pass.
-    """
+    """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter. Each
+    chunk is cut down to its firings (nonzero activations, a few percent) right after encoding:
+    every statistic is an index_add or a sort over those, never a dense (rows × features) pass."""
 
     def __init__(self, L, F_, V, cfg):
         dev = cfg.device
@@ -477,10 +427,7 @@ class FeatureStats:
         self.n_bins = 2 * cfg.log2_range * cfg.bins_per_octave
         self.gram_space = self.base**cfg.max_ngram  # G: keys are feature * G + gram
         if (M + 1) * self.gram_space >= 2**63:
-            raise ValueError(
-                f"(feature, {cfg.max_ngram}-gram) keys overflow int64 for L·F={M}, V={V}: "
-                "lower --max-ngram"
-            )
+            raise ValueError(f"n-gram keys overflow int64 at L·F={M}, V={V}: lower --max-ngram")
         self.n_rows = 0
         self.n_fires = torch.zeros(M, dtype=torch.long, device=dev)  # feature m = layer·F + f
         self.sum_act = torch.zeros(M, dtype=torch.float64, device=dev)
@@ -517,22 +464,21 @@ class SparseCounter:
     """Exact counts of int64 keys; chunk counts are merged lazily: O(n log n) merging overall.
 
     Beyond max_pairs stored keys, the rarest are dropped (lossy counting, Manku & Motwani 2002): a
-    dropped key restarts from zero, so from then on counts are lower bounds (summary.json says when).
+    dropped key restarts from zero, so from then on counts are lower bounds (summary.json says so).
     """
 
     def __init__(self, max_pairs):
         self.keys = None  # (K,) sorted keys, their counts: after the first merge
         self.counts = None
-        self.pending = []
-        self.n_pending = 0
+        self.pending = []  # (keys, counts) of chunks not merged yet
         self.max_pairs = max_pairs
         self.pruned_below = 0
 
     def add(self, keys):
         k, c = keys.unique(return_counts=True)
         self.pending.append((k, c))
-        self.n_pending += k.numel()
-        if self.n_pending > max(1 << 20, 0 if self.keys is None else self.keys.numel()):
+        n_pending = sum(len(k) for k, _ in self.pending)
+        if n_pending > max(1 << 20, 0 if self.keys is None else self.keys.numel()):
             self.merge()
 
     def merge(self):
@@ -541,7 +487,6 @@ class SparseCounter:
         self.counts = torch.zeros_like(keys).index_add_(0, inv, torch.cat([c for _, c in parts]))
         self.keys = keys
         self.pending = []
-        self.n_pending = 0
         while self.keys.numel() > self.max_pairs:
             self.pruned_below += 1
             keep = self.counts > self.pruned_below
@@ -556,8 +501,7 @@ def merge_top(store, m, r, key, p, cfg):
     store: dict of (M, k, ...) tensors (key, act, doc, pos, win_tok, win_act) over all M = L·F
     features, sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings: feature, row -
     lo, key > 0. Only firings above their feature's k-th best are kept as candidates: after the
-    first chunks they are few, so this costs little more than reading the firings.
-    """
+    first chunks they are few, so this costs little more than reading the firings."""
     k = store["key"].size(1)
     ok = key > store["key"][m, -1]
     order = key[ok].argsort(descending=True)
@@ -599,14 +543,10 @@ def empty_top(M, k, W, device):
 
 # -----------------------------------------------------------------------------
 # output side: direct logit effects
-
-
 @torch.no_grad()
 def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
-    """Mean over tokens of ln_f's 1/sqrt(var + eps), on the first whole contexts of the cache.
-
-    Cache rows come from contexts [BOS, t1, ...] (the BOS row usually dropped): pos restarts at each.
-    """
+    """Mean over tokens of ln_f's 1/sqrt(var + eps), on the first whole contexts of the cache (rows
+    of contexts [BOS, t1, ...], the BOS row often dropped: pos restarts at each)."""
     starts = [0] + ((pos[1:] <= pos[:-1]).nonzero().flatten() + 1).tolist() + [len(pos)]
     spans = [(a, b) for a, b in zip(starts[:-1], starts[1:]) if pos[a] <= 1]
     spans = [(a, b) for a, b in spans if b - a == starts[1]]  # whole contexts only
@@ -626,8 +566,7 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     Feature f of layer l writes into mlp_out[l:] (clt.decoder_writes at activation 1), all of which
     joins the residual stream. Through ln_f with its scale frozen at the mean, adding v to the final
     residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the
-    tokenizer's n_vocab tokens count (a model's vocabulary may be padded past them).
-    """
+    tokenizer's n_vocab tokens count (a model's vocabulary may be padded past them)."""
     per_layer = []
     for l, W in enumerate(clt.W_dec):
         ids = torch.arange(W.size(0), device=W.device)
@@ -646,8 +585,6 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
 
 # -----------------------------------------------------------------------------
 # output: features.jsonl, summary.json, summary.png
-
-
 def write_features(path, stats, expl, effects, scores, heldout_density, concepts, enc, cfg):
     """One JSON object per feature, keys as in the module docstring. scores: {name: (M,)}."""
     pv, pi, sv, si = (x.tolist() for x in effects)
@@ -657,6 +594,8 @@ def write_features(path, stats, expl, effects, scores, heldout_density, concepts
     sum_act = stats.sum_act.tolist()
     hist = stats.hist.cpu()
     top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
+    nq = cfg.n_quantile_examples
+    text_keys = ("explanation", "explanation_ngrams", "input_ngrams")
     with atomic_path(path) as tmp, open(tmp, "w") as fh:  # whole or not at all: viz.py reads it
         for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
             n = n_fires[m]
@@ -664,15 +603,12 @@ def write_features(path, stats, expl, effects, scores, heldout_density, concepts
             rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n)
             rec.update(mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]))
             rec.update(quantiles=qs, hist=h, top_examples=examples(top, m, enc, cfg.before))
-            quantile = examples(sampled, m, enc, cfg.before, cfg.n_quantile_examples)
-            promoted = token_logits(pv[m], pi[m], enc)
-            rec.update(quantile_examples=quantile, promoted=promoted)
+            rec.update(quantile_examples=examples(sampled, m, enc, cfg.before, nq))
+            rec.update(promoted=token_logits(pv[m], pi[m], enc))
             rec.update(suppressed=token_logits(sv[m], si[m], enc))
             rec.update({name: r4(x[m]) for name, x in scores.items()})
             rec.update(heldout_density=heldout_density[m])
-            rec.update(
-                (k, expl[m][k]) for k in ("explanation", "explanation_ngrams", "input_ngrams")
-            )
+            rec.update({k: expl[m][k] for k in text_keys})
             rec.update(concepts[m] if concepts else {})
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
@@ -734,8 +670,7 @@ def token_logits(values, ids, enc):
 def quantiles(x):
     """{"q10": ..., "q90": ...} of the defined (non-NaN) values of x; {} if there are none."""
     x = x[~x.isnan()].double()
-    qs = (0.1, 0.25, 0.5, 0.75, 0.9)
-    return {f"q{round(q * 100)}": r4(x.quantile(q)) for q in qs} if x.numel() else {}
+    return {f"q{round(q * 100)}": r4(x.quantile(q)) for q in QUANTILES[:-1]} if x.numel() else {}
 
 
 def summarize(stats, scores, cfg):
@@ -796,16 +731,12 @@ def plot_summary(path, stats, scores, summary):
 
 # -----------------------------------------------------------------------------
 # main
-
-
 def load_inputs(cfg):
     """The GPT, its tokenizer, the CLT and the cache; refuses a CLT or cache of another model."""
     model_dir = cfg.model or ActivationCache(cfg.cache).manifest["model"]
     model = GPT.from_pretrained(model_dir)
     enc = load_tokenizer(model_dir)
-    cache = ActivationCache(
-        cfg.cache, model=model
-    )  # checks the model's sha256 against the manifest
+    cache = ActivationCache(cfg.cache, model=model)  # checks the model's sha256 (manifest)
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
     c = clt.config
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
@@ -816,7 +747,7 @@ def load_inputs(cfg):
         )
     if c.model_sha256:  # the CLT records its model's fingerprint (train.py): the weights decide
         check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
-    elif c.model and not same_path(c.model, model_dir):  # a CLT saved before fingerprints
+    elif c.model and real_path(c.model) != real_path(model_dir):  # saved before fingerprints
         raise ValueError(
             f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from "
             f"{model_dir!r}: pass a CLT and a cache of the same model"
@@ -824,10 +755,9 @@ def load_inputs(cfg):
     return model_dir, model, enc, clt, cache
 
 
-def same_path(a, b):
-    """Do two model names (paths or hub ids) name the same model? Directories by real path."""
-    a, b = (os.path.realpath(x) if os.path.isdir(x) else x for x in (str(a), str(b)))
-    return a == b
+def real_path(name):
+    """A model's name (a path or a hub id) as compared: a directory by its real path."""
+    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def concept_cache(model_dir, model, cfg, fields, stale):
@@ -845,9 +775,8 @@ def run(cfg: InterpConfig):
     """Load, interpret, write every output; returns the summary dict (also out/summary.json)."""
     torch.manual_seed(cfg.seed)
     model_dir, model, enc, clt, cache = load_inputs(cfg)
-    world = None
-    if os.path.exists(os.path.join(model_dir, "world.json")):  # the toy world: the truth is known
-        world = toyworld.load_world(model_dir)
+    toy = os.path.exists(os.path.join(model_dir, "world.json"))  # the toy world: the truth is known
+    world = toyworld.load_world(model_dir) if toy else None
     t0 = time.perf_counter()
     stats, expl, effects, scorer = interpret(model, enc, clt, cache, cfg)
     seconds = time.perf_counter() - t0

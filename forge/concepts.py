@@ -2,30 +2,26 @@
 forge/concepts.py: interp.py's toy-world study, every feature scored against planted ground truth.
 
 On the toy world (a model directory with forge/toyworld.py's world.json) features are scored on a
-dedicated evaluation set, not on the held-out split (a few thousand tokens there give most
-entities no support): toyworld.eval_corpus generates documents until every concept of every label
-family has --concept-support labeled tokens (32: ~107k tokens, ~1000 concepts, each scored from
---min-support 20 on), and the spine's cache builder stores their activations exactly as it stored
-the training rows.
+labeled evaluation set, not on the held-out split (there most entities have no support):
+toyworld.eval_corpus generates documents until every concept of every label family has
+--concept-support labeled tokens (32: ~107k tokens, ~1000 concepts, each scored from --min-support
+20 on), stored by the spine's cache builder as the training rows were.
 
     eval_corpus -> OUT/concept_cache.jsonl -> build(...) -> OUT/concept_cache (activations)
       -> ConceptLabels (toyworld.label_tokens per row) -> score_concepts (one pass, every set)
       -> best_features, family_table, headline -> summary.json "concepts", features.jsonl concept_*
 
-A concept is recovered when some feature's "fires" (activation > 0) has F1 >= --concept-f1 against
-its tokens; the headline is the share recovered and the mean best F1 per family (input = entity and
-category, output = the next token the model must say, latent = the country behind a two-hop
-question), the --families together, and the same numbers for baselines scored the same way, since
-the best of thousands of features grows with their number: the model's MLP neurons (a neuron fires
-where its GELU input is > 0), a CLT of the same size with random weights whose features fire as
-often as the trained ones of their layer, and a ceiling, the token-identity oracle (feature t fires
-on token t: F1 ~1 on entities, ~0 on latent and output concepts, which no token detector can match).
+A concept is recovered when some feature's "fires" (activation > 0) has F1 >= --concept-f1 on its
+tokens. The headline: the share recovered and the mean best F1 over the --families (input = entity
+and category, output = the next token the model must say, latent = the country behind a two-hop
+question), also per family, and the same for baselines scored the same way (the best of thousands
+of features grows with their number): the model's MLP neurons, a random CLT of the same size and
+density, and a ceiling, the token-identity oracle (F1 ~1 on entities, ~0 on latent and output).
 
 summary.json "concepts": eval_set, f1_threshold, min_support, families, n / recovered /
 share_recovered / mean_best_f1 (the headline), by_family {family: kind, concepts, recovered, share,
 mean_best_f1, unscored}, per_concept {label: support, layer, feature, f1, precision, recall},
 baselines {mlp_neurons, random_clt, token_identity: the headline, features and by_family}.
-
 Nothing here imports the spine: interp.py passes in the model, the CLT, the cache and a builder.
 """
 
@@ -35,6 +31,7 @@ import math
 import os
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,8 +74,9 @@ def toy_world_concepts(model, enc, clt, cache, world, cfg, build):
             per_feature = pf
             out.update(headline(table, cfg), by_family=table, per_concept=per_concept)
         else:
-            features = s.n_fires.numel()
-            baselines[name] = dict(headline(table, cfg), features=features, by_family=table)
+            baselines[name] = dict(
+                headline(table, cfg), features=s.n_fires.numel(), by_family=table
+            )
     out["baselines"] = baselines
     return per_feature, out
 
@@ -91,10 +89,7 @@ def concept_cache(world, enc, train_manifest, cfg, build):
     docs = toyworld.eval_corpus(world, cfg.concept_seed, cfg.concept_support)
     text = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
     corpus = out.rstrip("/") + ".jsonl"  # beside the cache: cache.py refuses foreign files in it
-    stale = True
-    if os.path.exists(corpus):
-        with open(corpus, encoding="utf-8") as f:
-            stale = f.read() != text
+    stale = not os.path.exists(corpus) or Path(corpus).read_text(encoding="utf-8") != text
     if stale:
         os.makedirs(os.path.dirname(os.path.abspath(corpus)), exist_ok=True)
         with atomic_path(corpus) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -109,16 +104,13 @@ def concept_cache(world, enc, train_manifest, cfg, build):
 
 # -----------------------------------------------------------------------------
 # labels and counts
-
-
 class ConceptLabels:
     """Per row of a cache split, the toy world's labels (toyworld.label_tokens), stored sparsely.
 
     The labeler sees what the model saw: each run of rows of one document inside one context
     (cache.py packs documents into contexts, so a document cut by a context boundary gives two runs,
     the second without the text before it) is decoded back to text and labeled alone. A run whose
-    re-encoding differs from its tokens is left unlabeled (not scored).
-    """
+    re-encoding differs from its tokens is left unlabeled (not scored)."""
 
     def __init__(self, cache, world, enc, cfg, split="all"):
         rows = [chunk[2:] for chunk in cache.iter_chunks(cfg.chunk_size, split=split)]
@@ -210,8 +202,6 @@ def token_acts(tok, n_vocab, mlp_in):
 
 # -----------------------------------------------------------------------------
 # the feature sets: the CLT and its baselines
-
-
 def clt_acts(clt, mlp_in):
     """A CLT's feature activations, mlp_in (N, L, d) -> (N, L·F); feature m = layer·F + f."""
     return clt.encode(mlp_in).flatten(1)
@@ -250,8 +240,6 @@ def random_like(clt, mlp_in, seed=1):
 
 # -----------------------------------------------------------------------------
 # tables: best feature per concept, per family, the headline
-
-
 def r4(x):
     """A JSON-ready float, 4 decimals (counts and ratios here are never NaN)."""
     return round(float(x), 4)
@@ -321,12 +309,9 @@ def concept_rows(c):
     sets = {"CLT": c, **c["baselines"]}
     rows = []
     for name, fam in c["by_family"].items():
-        if fam["kind"] == "structure" or not fam["concepts"]:
-            continue
-        row = dict(family=name, kind=fam["kind"], concepts=fam["concepts"])
-        for label, s in sets.items():
-            row[label] = share_cell(s["by_family"].get(name))
-        rows.append(row)
+        if fam["kind"] != "structure" and fam["concepts"]:
+            cells = {label: share_cell(s["by_family"].get(name)) for label, s in sets.items()}
+            rows.append(dict(family=name, kind=fam["kind"], concepts=fam["concepts"], **cells))
     head = dict(family=c["families"], kind="headline", concepts=c["n"])
     for label, s in sets.items():
         head[label] = share_cell(dict(share=s["share_recovered"], mean_best_f1=s["mean_best_f1"]))

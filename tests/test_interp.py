@@ -308,6 +308,45 @@ def test_run_writes_features_and_summary(real):
     assert (real / "interp" / "summary.png").stat().st_size > 1000
 
 
+def test_a_score_registered_in_SCORES_reaches_both_outputs(real, tmp_path, monkeypatch):
+    """A fork adds an autointerp score by one entry in interp.SCORES, nothing else: features.jsonl
+    carries its value per feature, after the built-in scores, and summary.json its quantiles."""
+
+    def heldout_firing_share(s):  # a toy score: the share of held-out tokens where the feature fires
+        return s.det[..., 1].sum(-1).double().cpu() / s.n_rows
+
+    monkeypatch.setitem(interp.SCORES, "heldout_firing_share", heldout_firing_share)
+    out = tmp_path / "interp"
+    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out))
+    summary = interp.run(cfg)
+    recs = [json.loads(line) for line in (out / "features.jsonl").read_text().splitlines()]
+    assert len(recs) == L * F
+    for rec in recs:
+        keys = list(rec)
+        assert keys.index("fuzzing_bacc") + 1 == keys.index("heldout_firing_share") == keys.index("heldout_density") - 1
+        assert abs(rec["heldout_firing_share"] - rec["heldout_density"]) < 1e-4
+    assert set(summary["heldout_firing_share"]) == {"q10", "q25", "q50", "q75", "q90"}
+
+
+def test_concept_cache_is_rebuilt_when_any_identity_field_differs(real, tmp_path):
+    """The evaluation set's cache is reused while build_cache would resume it, and rebuilt, not
+    refused, when the cache on disk was made with other arguments (any of build_cache's identity)."""
+    model = GPT.from_pretrained(str(real / "model"))
+    fields = dict(corpus=str(real / "corpus.txt"), tokens=256, ctx=32, keep_bos=False, dtype="fp16",
+                  out=str(tmp_path / "concept_cache"))
+    first = interp.concept_cache(str(real / "model"), model, small_cfg(), fields, stale=False)
+    manifest = tmp_path / "concept_cache" / "manifest.json"
+    made = manifest.stat().st_mtime_ns
+    again = interp.concept_cache(str(real / "model"), model, small_cfg(), fields, stale=False)
+    assert manifest.stat().st_mtime_ns == made and again.n_tokens == first.n_tokens == 256  # reused
+    m = json.loads(manifest.read_text())
+    m["identity"]["batch_size"] += 1  # a field that is no shape of the cache, but fixes its floats
+    manifest.write_text(json.dumps(m))
+    rebuilt = interp.concept_cache(str(real / "model"), model, small_cfg(), fields, stale=False)
+    assert json.loads(manifest.read_text())["identity"] == first.manifest["identity"]
+    assert rebuilt.n_tokens == 256
+
+
 def test_bad_input(real, tmp_path):
     base = dict(clt=str(real / "clt"), cache=str(real / "cache"), out=str(tmp_path / "o"))
     byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
