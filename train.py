@@ -69,29 +69,25 @@ Differences:
   a non-finite loss is caught at the next log step or checkpoint, whichever comes first, and no
   checkpoint ever holds weights after it.
 """
-import argparse
 import contextlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 from clt import CLTConfig, CrossLayerTranscoder
-from forge.cli import arg, add_config_args, parse_config, run_main
-from forge.files import atomic_path, check_same_model, fsync_dir, write_json
+from forge.cli import arg, run_main
+from forge import checkpoint
 from forge.hub import load_tokenizer
 from forge.runlog import RunLog, check_wandb, step_line
 from model import GPT
-from parallel import all_reduce_sum, average_gradients, barrier, check_same_everywhere, compute_init, make_mesh, mesh_sum
+from parallel import all_reduce_sum, average_gradients, check_same_everywhere, compute_init, make_mesh, mesh_sum
 
 
 DEFAULT_CACHE = os.path.join("runs", "cache")
@@ -138,68 +134,6 @@ class TrainConfig:
     timeout_s: int = arg(300, 'collective timeout: a crashed or stuck rank ends the run with an error')
     device: str = arg("auto", 'auto | cpu | cuda')
     autocast: str = arg("cuda", 'bf16 autocast of the step, fp32 master weights: cuda (on CUDA only) | always (CPU too) | never')
-
-
-# the resume contract: what a resumed run takes from where (see the module docstring)
-INVOCATION = ("out", "resume", "overwrite", "stop_at", "device", "timeout_s")  # always this command line's
-CHANGEABLE = ("cache", "model", "steps", "eval_every", "eval_contexts", "log_every", "ckpt_every", "wandb")
-
-
-def parse_args(argv=None):
-    """The command line -> (TrainConfig, the names of the flags given on it). --resume must tell a flag
-    the user typed from a default, which a plain parse (parse_config) cannot."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, TrainConfig)
-    unset = object()
-    # argparse fills in a default only where the namespace lacks the attribute: from a namespace
-    # prefilled with a sentinel, the sentinels that survive are the flags nobody typed
-    ns = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(TrainConfig)})))
-    given = {k for k, v in ns.items() if v is not unset}
-    return TrainConfig(**{k: ns[k] for k in given}), given
-
-
-def resolve_config(config, given, meta):
-    """The config the run goes on with. A new run: `config`. A resumed run (meta = its checkpoint's
-    latest.json): the checkpoint's config, with the invocation's fields and the changeable ones given."""
-    if config.resume and config.overwrite:
-        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
-    if meta is None:
-        return config
-    saved = {f.name: meta["train_config"].get(f.name, f.default) for f in fields(TrainConfig)}
-    differ = sorted(k for k in given if k not in INVOCATION + CHANGEABLE and getattr(config, k) != saved[k])
-    if differ:
-        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved[k]})" for k in differ)
-        raise ValueError(f"--resume: {flags} differ from the run in {config.out}, whose shape and optimizer come from "
-                         "its checkpoint: drop these flags to resume it, or start a new run in another --out")
-    chosen = INVOCATION + tuple(k for k in CHANGEABLE if k in given)
-    c = TrainConfig(**{**saved, **{k: getattr(config, k) for k in chosen}})
-    if c.steps < meta["step"]:
-        raise ValueError(f"--steps {c.steps} is below the checkpoint's step {meta['step']} in {c.out}: "
-                         f"pass --steps {meta['step']} or more")
-    return c
-
-
-RUN_FILES = ("metrics.jsonl", "training.json", "config.json")  # besides checkpoints/ and W_enc_/W_dec_ files
-
-
-def claim_out(c, master):
-    """A new run's --out must not hold another run (its checkpoint or its export): refused, or with
-    --overwrite that run's files are removed first, latest.json first, before any step of the new run."""
-    latest = os.path.join(c.out, CKPT_DIR, LATEST)
-    found = [p for p in (latest, os.path.join(c.out, "config.json")) if os.path.exists(p)]
-    if found and not c.overwrite:
-        raise ValueError(f"{c.out} holds a run ({found[0]}): pass --resume to continue it, another --out, "
-                         "or --overwrite to replace it")
-    if found and master:
-        if os.path.exists(latest):
-            os.remove(latest)  # from here on nothing can resume the old run
-        if os.path.isdir(os.path.join(c.out, CKPT_DIR)):
-            shutil.rmtree(os.path.join(c.out, CKPT_DIR))
-        for name in os.listdir(c.out):
-            if name in RUN_FILES or (name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")):
-                os.remove(os.path.join(c.out, name))
-        fsync_dir(c.out)
-    barrier()  # no rank starts before the old run is gone
 
 
 # -----------------------------------------------------------------------------
@@ -315,7 +249,7 @@ def check_finite(m, step, c):
     terms = {k: m[k] for k in ("loss", "mse", "sparsity", "preact", "aux")}
     raise FloatingPointError(f"non-finite loss {m['loss']} at step {int(m['first_bad'])} (layers {bad or 'none'} have "
                              f"a non-finite reconstruction error at step {step}; terms {terms}); the last good "
-                             f"checkpoint is in {os.path.join(c.out, CKPT_DIR)}: lower --lr or resume from it")
+                             f"checkpoint is in {os.path.join(c.out, checkpoint.CKPT_DIR)}: lower --lr or resume from it")
 
 
 # -----------------------------------------------------------------------------
@@ -441,123 +375,6 @@ def evaluate(gpt, clt, contexts, batch=16):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one safetensors shard per TP rank + one JSON, marked complete by an atomic rename
-
-CKPT_DIR, LATEST = "checkpoints", "latest.json"
-
-
-def shard_name(mesh):
-    return f"tp{mesh.tp_rank}-mesh{mesh.dp}x{mesh.tp}.safetensors"
-
-
-def save_checkpoint(c, clt, opt, state, mesh, master, extra):
-    """Every TP rank of DP replica 0 writes its shard (weights, Adam moments, the dead-feature clocks);
-    after a barrier rank 0 writes latest.json (with `extra`: the last metrics, the wandb id, the
-    cache's identity). Every file is fsynced and renamed into place (atomic_path): the checkpoint
-    exists once latest.json does. Older step directories are removed after that, so a good
-    checkpoint is always on disk."""
-    root = os.path.join(c.out, CKPT_DIR)
-    step_dir = os.path.join(root, f"step_{state['step']:06d}")
-    if mesh.dp_rank == 0:  # the DP replicas hold identical copies
-        os.makedirs(step_dir, exist_ok=True)
-        tensors = {f"model.{k}": v for k, v in clt.state_dict().items()}
-        for name, p in clt.named_parameters():
-            tensors.update({f"optim.{name}.{k}": v for k, v in opt.state.get(p, {}).items()})
-        tensors["since_fired"] = state["since_fired"]  # (L, F) every feature's clock, the same on every rank
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        with atomic_path(os.path.join(step_dir, shard_name(mesh))) as tmp:
-            save_file(tensors, tmp)
-    barrier()
-    if master:
-        metrics_path = os.path.join(c.out, "metrics.jsonl")
-        if os.path.exists(metrics_path):  # the rows up to this step become durable with the checkpoint
-            with open(metrics_path, "a") as f:
-                os.fsync(f.fileno())
-        meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir),
-                    train_config=asdict(c), clt_config=asdict(clt.config), rng=torch.get_rng_state().tolist(),
-                    data=dict(next_step=state["step"], global_batch=c.batch_size, seed=c.seed), **extra)
-        write_json(os.path.join(root, LATEST), meta, indent=None)
-        for name in os.listdir(root):
-            if name.startswith("step_") and name != meta["dir"]:
-                shutil.rmtree(os.path.join(root, name))
-    barrier()  # every rank returns only once the checkpoint is complete
-
-
-def read_checkpoint_meta(out):
-    path = os.path.join(out, CKPT_DIR, LATEST)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no complete checkpoint at {path}: start the run without --resume")
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_same_mesh(c, meta, world):
-    """A checkpoint resumes on the mesh that wrote it (its --tp is the run's, its dp = world / tp)."""
-    dp, tp = meta["mesh"]
-    if dp * tp != world:
-        raise ValueError(f"the checkpoint in {c.out} was written by a (dp, tp) = {(dp, tp)} mesh of {dp * tp} "
-                         f"processes, this run has {world}: resume with torchrun --nproc_per_node={dp * tp} (to change "
-                         f"the TP size, load the exported CLT with CrossLayerTranscoder.from_pretrained(path, mesh))")
-
-
-def load_checkpoint(c, meta, clt, opt, state, mesh, device):
-    tensors = load_file(os.path.join(c.out, CKPT_DIR, meta["dir"], shard_name(mesh)))
-    if tensors["since_fired"].shape != state["since_fired"].shape:
-        raise ValueError(f"the checkpoint in {c.out} keeps one dead-feature clock per rank (an older train.py): "
-                         "start a new run in another --out")
-    clt.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    for name, p in clt.named_parameters():
-        moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.")}
-        if moments:  # fused Adam keeps its step count beside the parameter, like the moments
-            opt.state[p] = {k: v.to(device) for k, v in moments.items()}
-    state.update(step=meta["step"], since_fired=tensors["since_fired"].to(device))
-    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
-
-
-def check_same_cache(c, cache, meta):
-    """A resumed run reads the cache it was trained on (which may have moved): same identity."""
-    saved = meta.get("cache_identity")
-    now = cache.manifest.get("identity")
-    if saved is not None and saved != now:
-        differ = sorted(k for k in set(saved) | set(now or {}) if saved.get(k) != (now or {}).get(k))
-        raise ValueError(f"--cache {c.cache} is not the cache the run in {c.out} was trained on (it differs in "
-                         f"{differ}): resume with that cache, or start a new run in another --out")
-
-
-# -----------------------------------------------------------------------------
-# the export: circuit-tracer's layout, training.json written last as its completion mark
-
-
-def export(c, clt, metrics, master):
-    """Consolidate the TP shards (every TP rank takes part) and save the CLT in circuit-tracer's layout;
-    training.json, written last, names the export id of that save and the step it holds."""
-    full = clt.consolidated()
-    if master:
-        full.save_pretrained(c.out)
-        with open(os.path.join(c.out, "config.json")) as f:
-            export_id = json.load(f)["export_id"]
-        write_json(os.path.join(c.out, "training.json"),
-                     dict(step=c.steps, export_id=export_id, train_config=asdict(c), final=metrics))
-        kind = "CLT" if c.decoder == "cross-layer" else "per-layer transcoder"
-        print(f"saved the {kind} to {c.out}" + (f": {step_line(metrics)}" if metrics else ""), flush=True)
-    barrier()
-
-
-def export_is_whole(c, mesh):
-    """Is --out's export this run's, at its last step, and whole? training.json must name the export id
-    of config.json and the step; from_pretrained refuses a layer file that is missing or of another save."""
-    try:
-        with open(os.path.join(c.out, "training.json")) as f:
-            done = json.load(f)
-        with open(os.path.join(c.out, "config.json")) as f:
-            export_id = json.load(f).get("export_id")
-        CrossLayerTranscoder.from_pretrained(c.out, mesh)
-    except (FileNotFoundError, ValueError):  # a JSONDecodeError is a ValueError
-        return False
-    return export_id is not None and done.get("export_id") == export_id and done.get("step") == c.steps
-
-
-# -----------------------------------------------------------------------------
 # the training loop
 
 
@@ -584,10 +401,7 @@ def optimizer(clt, c):
 def load_gpt(c, cache, device):
     """The GPT of the spliced loss; refused unless it is the model the cache was made from."""
     gpt = GPT.from_pretrained(c.model or cache.manifest["model"]).to(device)
-    if (gpt.config.n_layer, gpt.config.n_embd) != (cache.n_layers, cache.d_model):
-        raise ValueError(f"the cache {c.cache} has L={cache.n_layers}, d={cache.d_model} but the model "
-                         f"{c.model or cache.manifest['model']} has L={gpt.config.n_layer}, d={gpt.config.n_embd}")
-    check_same_model(gpt, cache.manifest.get("identity", {}).get("model_sha256", ""), f"the cache {c.cache}")
+    checkpoint.check_cache_model(c, cache, gpt)
     return gpt
 
 
@@ -613,13 +427,9 @@ def train(config: TrainConfig, given=None):
 
     given: the names of the fields the user chose (parse_args); None = those that differ from
     TrainConfig's defaults. A resumed run checks them against its checkpoint."""
-    if given is None:
-        given = {f.name for f in fields(TrainConfig) if getattr(config, f.name) != f.default}
-    meta = read_checkpoint_meta(config.out) if config.resume else None
-    c = resolve_config(config, given, meta)
+    c, meta = checkpoint.resolve(config, given)  # meta: the checkpoint's latest.json on --resume
     ddp, rank, local_rank, world, device = compute_init(c.device, c.timeout_s)
-    if meta is not None:
-        check_same_mesh(c, meta, world)
+    checkpoint.check_same_mesh(c, meta, world)
     mesh = make_mesh(ddp, world, c.tp, device)
     master = rank == 0
 
@@ -630,8 +440,7 @@ def train(config: TrainConfig, given=None):
     print0(f"train.py | world {world} = dp {mesh.dp} x tp {mesh.tp} | device {device} | {asdict(c)}")
     cache = open_cache(c, print0)
     check_same_everywhere(json.dumps([asdict(c), cache.manifest], sort_keys=True), "command line or cache", device)
-    if meta is not None:
-        check_same_cache(c, cache, meta)
+    checkpoint.check_same_cache(c, cache.manifest, meta)
     check_config(c, cache, mesh)
     gpt = load_gpt(c, cache, device) if c.eval_every > 0 or c.model else None
     contexts = None
@@ -640,14 +449,8 @@ def train(config: TrainConfig, given=None):
     clt, opt = build(c, cache, mesh, device)
     state = dict(step=0, since_fired=torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device),
                  first_bad=torch.tensor(-1, device=device))  # (L, F) every feature's clock, on every rank
-    metrics = {}
-    if meta is not None:
-        load_checkpoint(c, meta, clt, opt, state, mesh, device)
-        metrics = meta.get("metrics", {})
-    else:
-        os.makedirs(c.out, exist_ok=True)
-        claim_out(c, master)
-    run_id = (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]  # resumed runs log into the same wandb run
+    metrics = checkpoint.resume_or_claim(c, meta, clt, opt, state, mesh, master)
+    run_id = checkpoint.run_id(meta)
     log = RunLog(c, run_id, state["step"], master)
     extra = dict(wandb_id=run_id if c.wandb else None, cache_identity=cache.manifest.get("identity"))
     end = c.steps if c.stop_at < 0 else min(c.stop_at, c.steps)
@@ -671,13 +474,9 @@ def train(config: TrainConfig, given=None):
             log.log(metrics)
             bar.set_postfix_str(step_line(metrics), refresh=False)
             if saving:
-                save_checkpoint(c, clt, opt, state, mesh, master, dict(extra, metrics=metrics))
+                checkpoint.save(c, clt, opt, state, mesh, master, dict(extra, metrics=metrics))
             t_last, last_sync = time.perf_counter(), step + 1
-    ran = end > (meta or {}).get("step", 0)
-    if end == c.steps and (ran or not export_is_whole(c, mesh)):  # the run is over: export it (again)
-        export(c, clt, metrics, master)
-    elif end == c.steps:
-        print0(f"the run in {c.out} is complete (step {c.steps}) and its export is whole: nothing to do")
+    checkpoint.finish(c, clt, metrics, meta, end, mesh, master)
     log.finish()
     return metrics
 
@@ -723,6 +522,11 @@ def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+def parse_args(argv=None):
+    """The command line -> (TrainConfig, the names of the flags typed: --resume checks them)."""
+    return checkpoint.parse_args(__doc__, TrainConfig, argv)
 
 
 @record  # torchrun's failure summary then shows the failing rank's traceback

@@ -1,0 +1,316 @@
+"""train.py's resume contract: its run folder, its checkpoints and its export.
+
+A run is its --out folder: checkpoints/latest.json names the last complete checkpoint, and the
+folder may be moved or copied (the command line's --out is where it resumes and writes). On
+--resume the run's shape and optimizer (--features, --activation, --lr, --batch-size, --seed,
+--tp, ...) come from the checkpoint; giving one that differs is an error naming the flag. What may
+change (CHANGEABLE): --steps, --eval-every, --eval-contexts, --ckpt-every, --log-every, --wandb,
+--cache and --model (a moved copy of the same cache and model: both are checked); the
+invocation's own flags (INVOCATION: --stop-at, --device, --timeout-s, ...) are always this command
+line's. A flag not given takes the checkpoint's value. The checkpoint resumes on the (dp, tp) mesh
+that wrote it. A run at its last step whose export is missing, incomplete or mixed (a crash during
+the export) is exported again; the command exits 0 only once the export is whole. metrics.jsonl
+keeps the rows before the checkpoint. A new run (no --resume) refuses an --out that holds another
+run's checkpoint or export: pass --resume, another --out, or --overwrite, which removes that run's
+files before the new run starts (so a new run killed before its first checkpoint can never be
+resumed as the old one).
+
+A checkpoint is one safetensors shard per TP rank (weights, Adam moments, the dead-feature clocks)
+and latest.json (configs, step, RNG, data position, the last metrics), every file fsynced and
+renamed into place: the checkpoint exists once latest.json does. The export is circuit-tracer's
+layout; training.json, written last, names its export id and marks it whole.
+
+The spine passes in what this needs (the config, the CLT, the mesh, the cache): nothing here
+imports train.py, clt.py or parallel.py.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, fields
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from forge.cli import add_config_args
+from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
+from forge.runlog import step_line
+
+INVOCATION = ("out", "resume", "overwrite", "stop_at", "device", "timeout_s")  # this command line's
+CHANGEABLE = (
+    "cache",
+    "model",
+    "steps",
+    "eval_every",
+    "eval_contexts",
+    "log_every",
+    "ckpt_every",
+    "wandb",
+)
+RUN_FILES = ("metrics.jsonl", "training.json", "config.json")  # and checkpoints/, W_enc_*, W_dec_*
+CKPT_DIR = "checkpoints"
+LATEST = "latest.json"
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# the command line and the config a run goes on with
+
+
+def parse_args(doc, cls, argv=None):
+    """The command line -> (a `cls` config, the names of the flags given on it). --resume must tell
+    a flag the user typed from a default, which a plain parse (forge.cli.parse_config) cannot."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=doc, formatter_class=formatter)
+    add_config_args(parser, cls)
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute: from a namespace
+    # prefilled with a sentinel, the sentinels that survive are the flags nobody typed
+    prefilled = argparse.Namespace(**{f.name: unset for f in fields(cls)})
+    ns = vars(parser.parse_args(argv, prefilled))
+    given = {k for k, v in ns.items() if v is not unset}
+    return cls(**{k: ns[k] for k in given}), given
+
+
+def resolve(config, given=None):
+    """-> (the config the run goes on with, its checkpoint's latest.json or None for a new run). A
+    resumed run takes the checkpoint's config, with the invocation's fields and the changeable ones
+    given. given: the flags typed (parse_args); None = the fields that differ from the defaults."""
+    cls = type(config)
+    if given is None:
+        given = {f.name for f in fields(cls) if getattr(config, f.name) != f.default}
+    meta = read_meta(config.out) if config.resume else None
+    if config.resume and config.overwrite:
+        msg = "--resume continues the run in --out, --overwrite replaces it: pass one of them"
+        raise ValueError(msg)
+    if meta is None:
+        return config, None
+    saved = {f.name: meta["train_config"].get(f.name, f.default) for f in fields(cls)}
+    fixed = [k for k in given if k not in INVOCATION + CHANGEABLE]
+    differ = sorted(k for k in fixed if getattr(config, k) != saved[k])
+    if differ:
+        flags = ", ".join(
+            f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved[k]})" for k in differ
+        )
+        raise ValueError(
+            f"--resume: {flags} differ from the run in {config.out}, whose shape and optimizer "
+            "come from its checkpoint: drop these flags to resume it, or start a new run in "
+            "another --out"
+        )
+    chosen = INVOCATION + tuple(k for k in CHANGEABLE if k in given)
+    c = cls(**{**saved, **{k: getattr(config, k) for k in chosen}})
+    if c.steps < meta["step"]:
+        raise ValueError(
+            f"--steps {c.steps} is below the checkpoint's step {meta['step']} in {c.out}: "
+            f"pass --steps {meta['step']} or more"
+        )
+    return c, meta
+
+
+def read_meta(out):
+    path = os.path.join(out, CKPT_DIR, LATEST)
+    if not os.path.exists(path):
+        msg = f"--resume: no complete checkpoint at {path}: start the run without --resume"
+        raise FileNotFoundError(msg)
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_id(meta):
+    """The wandb run id: the checkpoint's (a resumed run logs into the same run), else a new one."""
+    return (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]
+
+
+# -----------------------------------------------------------------------------
+# what a run is refused
+
+
+def check_same_mesh(c, meta, world):
+    """A checkpoint resumes on the mesh that wrote it (its --tp is the run's, dp = world / tp)."""
+    if meta is None:
+        return
+    dp, tp = meta["mesh"]
+    if dp * tp != world:
+        raise ValueError(
+            f"the checkpoint in {c.out} was written by a (dp, tp) = {(dp, tp)} mesh of {dp * tp} "
+            f"processes, this run has {world}: resume with torchrun --nproc_per_node={dp * tp} (to "
+            "change the TP size, load the exported CLT with "
+            "CrossLayerTranscoder.from_pretrained(path, mesh))"
+        )
+
+
+def check_same_cache(c, manifest, meta):
+    """A resumed run reads the cache it was trained on (which may have moved): same identity."""
+    saved = (meta or {}).get("cache_identity")
+    now = manifest.get("identity")
+    if saved is not None and saved != now:
+        now = now or {}
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ValueError(
+            f"--cache {c.cache} is not the cache the run in {c.out} was trained on (it differs in "
+            f"{differ}): resume with that cache, or start a new run in another --out"
+        )
+
+
+def check_cache_model(c, cache, gpt):
+    """The GPT of the spliced loss must be the model the cache was made from: shape and weights."""
+    L, d = gpt.config.n_layer, gpt.config.n_embd
+    if (L, d) != (cache.n_layers, cache.d_model):
+        raise ValueError(
+            f"the cache {c.cache} has L={cache.n_layers}, d={cache.d_model} but the model "
+            f"{c.model or cache.manifest['model']} has L={L}, d={d}"
+        )
+    sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")
+    check_same_model(gpt, sha256, f"the cache {c.cache}")
+
+
+def claim_out(c, master):
+    """A new run's --out must not hold another run (its checkpoint or its export): refused, or with
+    --overwrite that run's files are removed first, latest.json first, before any step of the new
+    run."""
+    os.makedirs(c.out, exist_ok=True)
+    latest = os.path.join(c.out, CKPT_DIR, LATEST)
+    found = [p for p in (latest, os.path.join(c.out, "config.json")) if os.path.exists(p)]
+    if found and not c.overwrite:
+        raise ValueError(
+            f"{c.out} holds a run ({found[0]}): pass --resume to continue it, another --out, "
+            "or --overwrite to replace it"
+        )
+    if found and master:
+        if os.path.exists(latest):
+            os.remove(latest)  # from here on nothing can resume the old run
+        if os.path.isdir(os.path.join(c.out, CKPT_DIR)):
+            shutil.rmtree(os.path.join(c.out, CKPT_DIR))
+        for name in os.listdir(c.out):
+            layer_file = name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")
+            if name in RUN_FILES or layer_file:
+                os.remove(os.path.join(c.out, name))
+        fsync_dir(c.out)
+    barrier()  # no rank starts before the old run is gone
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one safetensors shard per TP rank + one JSON, marked complete by an atomic rename
+
+
+def resume_or_claim(c, meta, clt, opt, state, mesh, master):
+    """A resumed run (meta): the checkpoint's weights, Adam moments and loop state into clt, opt and
+    state, and its last metrics returned. A new run: --out claimed (claim_out), {} returned."""
+    if meta is None:
+        claim_out(c, master)
+        return {}
+    load(c, meta, clt, opt, state, mesh)
+    return meta.get("metrics", {})
+
+
+def shard_name(mesh):
+    return f"tp{mesh.tp_rank}-mesh{mesh.dp}x{mesh.tp}.safetensors"
+
+
+def save(c, clt, opt, state, mesh, master, extra):
+    """Every TP rank of DP replica 0 writes its shard; after a barrier rank 0 writes latest.json
+    (with `extra`: the last metrics, the wandb id, the cache's identity). Older step directories are
+    removed after that, so a good checkpoint is always on disk."""
+    root = os.path.join(c.out, CKPT_DIR)
+    step_dir = os.path.join(root, f"step_{state['step']:06d}")
+    if mesh.dp_rank == 0:  # the DP replicas hold identical copies
+        os.makedirs(step_dir, exist_ok=True)
+        tensors = {f"model.{k}": v for k, v in clt.state_dict().items()}
+        for name, p in clt.named_parameters():
+            tensors.update({f"optim.{name}.{k}": v for k, v in opt.state.get(p, {}).items()})
+        tensors["since_fired"] = state["since_fired"]  # (L, F) every feature's clock, on every rank
+        tensors = {k: v.cpu() for k, v in tensors.items()}
+        save_safetensors(os.path.join(step_dir, shard_name(mesh)), tensors)
+    barrier()
+    if master:
+        metrics_path = os.path.join(c.out, "metrics.jsonl")
+        if os.path.exists(
+            metrics_path
+        ):  # its rows up to this step become durable with the checkpoint
+            with open(metrics_path, "a") as f:
+                os.fsync(f.fileno())
+        rng = torch.get_rng_state().tolist()
+        data = dict(next_step=state["step"], global_batch=c.batch_size, seed=c.seed)
+        meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir))
+        meta.update(
+            train_config=asdict(c), clt_config=asdict(clt.config), rng=rng, data=data, **extra
+        )
+        write_json(os.path.join(root, LATEST), meta, indent=None)
+        for name in os.listdir(root):
+            if name.startswith("step_") and name != meta["dir"]:
+                shutil.rmtree(os.path.join(root, name))
+    barrier()  # every rank returns only once the checkpoint is complete
+
+
+def load(c, meta, clt, opt, state, mesh):
+    tensors = load_file(os.path.join(c.out, CKPT_DIR, meta["dir"], shard_name(mesh)))
+    if tensors["since_fired"].shape != state["since_fired"].shape:
+        raise ValueError(
+            f"the checkpoint in {c.out} keeps one dead-feature clock per rank (an older "
+            "train.py): start a new run in another --out"
+        )
+    device = state["since_fired"].device
+    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    clt.load_state_dict(model)
+    for name, p in clt.named_parameters():
+        prefix = f"optim.{name}."
+        moments = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if moments:  # fused Adam keeps its step count beside the parameter, like the moments
+            opt.state[p] = {k: v.to(device) for k, v in moments.items()}
+    state.update(step=meta["step"], since_fired=tensors["since_fired"].to(device))
+    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+
+
+# -----------------------------------------------------------------------------
+# the export: circuit-tracer's layout, training.json written last as its completion mark
+
+
+def finish(c, clt, metrics, meta, end, mesh, master):
+    """At the run's last step: export it, again where the export is not whole (a crash during the
+    export); an invocation that ran no step and finds a whole export only says so."""
+    if end < c.steps:
+        return
+    if end > (meta or {}).get("step", 0) or not export_is_whole(c, clt, mesh):
+        export(c, clt, metrics, master)
+    elif master:
+        whole = f"is complete (step {c.steps}) and its export is whole: nothing to do"
+        print(f"the run in {c.out} {whole}")
+
+
+def export(c, clt, metrics, master):
+    """Consolidate the TP shards (every TP rank takes part) and save the CLT in circuit-tracer's
+    layout; training.json, written last, names the export id of that save and the step it holds."""
+    full = clt.consolidated()
+    if master:
+        full.save_pretrained(c.out)
+        with open(os.path.join(c.out, "config.json")) as f:
+            export_id = json.load(f)["export_id"]
+        done = dict(step=c.steps, export_id=export_id, train_config=asdict(c), final=metrics)
+        write_json(os.path.join(c.out, "training.json"), done)
+        kind = "CLT" if c.decoder == "cross-layer" else "per-layer transcoder"
+        line = f": {step_line(metrics)}" if metrics else ""
+        print(f"saved the {kind} to {c.out}{line}", flush=True)
+    barrier()
+
+
+def export_is_whole(c, clt, mesh):
+    """Is --out's export this run's, at its last step, and whole? training.json must name the export
+    id of config.json and the step; from_pretrained refuses a layer file missing or of another
+    save."""
+    try:
+        with open(os.path.join(c.out, "training.json")) as f:
+            done = json.load(f)
+        with open(os.path.join(c.out, "config.json")) as f:
+            export_id = json.load(f).get("export_id")
+        type(clt).from_pretrained(c.out, mesh)
+    except (FileNotFoundError, ValueError):  # a JSONDecodeError is a ValueError
+        return False
+    same_save = export_id is not None and done.get("export_id") == export_id
+    return same_save and done.get("step") == c.steps
