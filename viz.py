@@ -17,11 +17,10 @@ Data flow (each picture reads one script's output and writes static files beside
 
 CPU only; nothing here needs torch or torchrun (`viz.py features` renders pages in one process per
 core, --workers). Every page is self-contained (inline SVG, CSS and plain JavaScript, no network
-URLs), so the folders can be zipped and opened offline, from file:// (no server). Every file is
-written whole or not at all (atomic_path; the feature pages in batches with one sync for thousands).
-forge/browser.py holds the machinery: the index's rows and layer files, the script and CSS (in
-forge/static/), and the feature files for circuit-tracer's own front end
-(`python -m circuit_tracer start-server --graph_file_dir runs/graph`).
+URLs), so the folders can be zipped and opened offline, from file://. Every file is written whole or
+not at all. forge/browser.py holds the machinery: the index's rows and layer files, its script and
+CSS (forge/static/), the feature files for circuit-tracer's front end (`python -m circuit_tracer
+start-server --graph_file_dir runs/graph`).
 
 The feature index is a browser: one row per feature, sortable by any column (click its header),
 filtered by layer and by words that must all occur in the explanation or the top tokens. The view
@@ -111,8 +110,13 @@ PAGE_CHUNK = 2048  # features.jsonl lines a worker turns into pages at once (~60
 
 POS_COLOR = "#2b6cb0"  # edge colour of a positive weight
 NEG_COLOR = "#c53030"  # and of a negative one
-FILL = {"cross layer transcoder": "#fdebc8", "mlp reconstruction error": "#e2e2e2"}
-FILL.update({"embedding": "#d8ecd2", "logit": "#d3e3f6"})
+FILL = {  # a node's colour by its feature_type
+    "cross layer transcoder": "#fdebc8",
+    "mlp reconstruction error": "#e2e2e2",
+    "embedding": "#d8ecd2",
+    "logit": "#d3e3f6",
+}
+
 GRAPH = dict(rankdir="BT", newrank="true", ranksep="0.55", nodesep="0.12", splines="true")
 
 
@@ -127,31 +131,82 @@ def load_graph(path):
     return graph
 
 
-def _row(node):
-    """The picture's row of a node: -1 for embeddings, the layer of features/errors, big: logits."""
-    if node["feature_type"] == "embedding" or str(node["layer"]) == "E":
-        return -1
-    return 10**6 if node["feature_type"] == "logit" else int(node["layer"])
+def draw_graph(cfg):
+    """graph.json -> {slug}.dot, .svg, .png (with graphviz's dot) and .html beside it; returns the
+    paths."""
+    if len(cfg.inputs) != 1:
+        raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
+    path = cfg.inputs[0]
+    graph = load_graph(path)
+    out = cfg.out or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out, exist_ok=True)
+    interp_dir = cfg.interp or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp")
+    feat_dir = cfg.features or os.path.join(interp_dir, "html")
+
+    def href(layer, feature):
+        page = os.path.join(feat_dir, feature_page_name(layer, feature))
+        return os.path.relpath(page, out) if os.path.isfile(page) else None
+
+    stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
+    written = [stem + ".dot", stem + ".html"]
+    written += browser.write_frontend_features(graph, interp_dir, out)
+    if shutil.which("dot") is None:
+        write_file(stem + ".dot", build_dot(graph, cfg, href).source)
+        page = graph_page(graph, cfg, None, stem, href)
+        browser.write_page(stem + ".html", "Attribution graph", page)
+        print(
+            f"wrote {stem}.dot and {stem}.html (the nodes, no picture); graphviz's `dot` is not "
+            "installed, so no SVG/PNG. Install it with `apt-get install graphviz` (Debian/Ubuntu), "
+            "`brew install graphviz` (macOS) or `conda install graphviz`, then rerun this command "
+            f"(or `dot -Tsvg {stem}.dot -o {stem}.svg`)."
+        )
+        return written
+    layout = dot_positions(build_dot(graph, cfg, href, links=False))  # pass 1: dot places the grid
+    g = build_dot(graph, cfg, href, pos_of=layout)  # pass 2: pinned nodes, neato -n2 routes edges
+    write_file(stem + ".dot", g.source)
+    svg = g.pipe(format="svg", engine="neato", neato_no_op=2, encoding="utf-8")
+    write_file(stem + ".svg", svg)
+    write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
+    page = graph_page(graph, cfg, _strip_svg(svg), stem, href)
+    browser.write_page(stem + ".html", "Attribution graph", page)
+    print(f"wrote {stem}.dot, .svg, .png, .html")
+    return written + [stem + ".svg", stem + ".png"]
 
 
-def _influence_order(node):
-    """Sort key, most influential first. graph.py writes "influence_raw" (bigger = more influential)
-    and circuit-tracer's "influence", a *cumulative* share (most influential first, so smaller =
-    more); without either, |activation|."""
-    if node.get("influence_raw") is not None:
-        return -node["influence_raw"]
-    if node.get("influence") is not None:
-        return node["influence"]
-    return -abs(node.get("activation") or 0)
+def build_dot(graph, cfg, href=None, pos_of=None, links=True):
+    """The picture as a graphviz Digraph; href(layer, feature) gives a feature node's link or None.
+    Two passes: `dot` lays out the grid alone (links=False), then with `pos_of` (node -> (x, y) in
+    points from that pass) every node is pinned and the invisible layout edges are dropped, for
+    `neato -n2` to route the real edges around the nodes (`dot` itself routes edges that do not take
+    part in ranking in wide loops)."""
+    nodes, kept, imp = select_subgraph(graph, cfg)
+    meta = graph.get("metadata", {})
+    title = _text(f"Attribution graph: {meta.get('prompt', '')}")
+    attrs = dict(GRAPH, fontname="Helvetica", label=title, labelloc="t", fontsize="16")
+    styles = dict(node_attr=dict(fontname="Helvetica"), edge_attr=dict(arrowsize="0.5"))
+    g = graphviz.Digraph("attribution_graph", graph_attr=attrs, **styles)
+    _grid(g, nodes, imp, meta.get("prompt_tokens") or [], cfg, href, pos_of or {})
+    wmax = max((abs(l["weight"]) for l in kept), default=1.0) or 1.0
+    for l in kept if links else []:  # constraint=false: only the grid places nodes
+        w = l["weight"]
+        color = POS_COLOR if w >= 0 else NEG_COLOR
+        width = f"{0.4 + 4.0 * abs(w) / wmax:.2f}"
+        tip = f"{l['source']} -> {l['target']}: {w:+.3g}"
+        attrs = dict(color=color, penwidth=width, constraint="false", tooltip=tip)
+        g.edge(l["source"], l["target"], **attrs)
+    return g
 
 
-def _importance(nodes):
-    """Node size in [0, 1] for features and errors (embeddings, logits: 0.5), by influence rank."""
-    inner = [n for n in nodes if n["feature_type"] not in ("embedding", "logit")]
-    order = sorted(inner, key=_influence_order)
-    imp = {n["node_id"]: 0.5 for n in nodes}
-    imp.update({n["node_id"]: 1 - i / max(len(order) - 1, 1) for i, n in enumerate(order)})
-    return imp
+def dot_positions(g):
+    """node name -> (x, y) in points, from laying out `g` with dot (its JSON output)."""
+    objects = json.loads(g.pipe(format="json", engine="dot")).get("objects", [])
+    return {o["name"]: tuple(map(float, o["pos"].split(","))) for o in objects if "pos" in o}
+
+
+def _strip_svg(svg):
+    """Inline-able SVG: no XML prolog/DOCTYPE (they carry URLs) and no xmlns (HTML5 sets them)."""
+    svg = svg[svg.index("<svg") :]
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
 
 
 def select_subgraph(graph, cfg):
@@ -165,6 +220,33 @@ def select_subgraph(graph, cfg):
     links = [l for l in graph["links"] if l["source"] in keep and l["target"] in keep]
     links = sorted(links, key=lambda l: -abs(l["weight"]))[: cfg.max_edges]
     return [n for n in nodes if n["node_id"] in keep], links, imp
+
+
+def _importance(nodes):
+    """Node size in [0, 1] for features and errors (embeddings, logits: 0.5), by influence rank."""
+    inner = [n for n in nodes if n["feature_type"] not in ("embedding", "logit")]
+    order = sorted(inner, key=_influence_order)
+    imp = {n["node_id"]: 0.5 for n in nodes}
+    imp.update({n["node_id"]: 1 - i / max(len(order) - 1, 1) for i, n in enumerate(order)})
+    return imp
+
+
+def _influence_order(node):
+    """Sort key, most influential first. graph.py writes "influence_raw" (bigger = more influential)
+    and circuit-tracer's "influence", a *cumulative* share (most influential first, so smaller =
+    more); without either, |activation|."""
+    if node.get("influence_raw") is not None:
+        return -node["influence_raw"]
+    if node.get("influence") is not None:
+        return node["influence"]
+    return -abs(node.get("activation") or 0)
+
+
+def _row(node):
+    """The picture's row of a node: -1 for embeddings, the layer of features/errors, big: logits."""
+    if node["feature_type"] == "embedding" or str(node["layer"]) == "E":
+        return -1
+    return 10**6 if node["feature_type"] == "logit" else int(node["layer"])
 
 
 def _text(s, n=None):
@@ -306,63 +388,6 @@ def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
                 g.edge(heads[i - 1, pos], heads[i, pos], style="invis", weight="8")
 
 
-def build_dot(graph, cfg, href=None, pos_of=None, links=True):
-    """The picture as a graphviz Digraph; href(layer, feature) gives a feature node's link or None.
-    Two passes: `dot` lays out the grid alone (links=False), then with `pos_of` (node -> (x, y) in
-    points from that pass) every node is pinned and the invisible layout edges are dropped, for
-    `neato -n2` to route the real edges around the nodes (`dot` itself routes edges that do not take
-    part in ranking in wide loops)."""
-    nodes, kept, imp = select_subgraph(graph, cfg)
-    meta = graph.get("metadata", {})
-    title = _text(f"Attribution graph: {meta.get('prompt', '')}")
-    attrs = dict(GRAPH, fontname="Helvetica", label=title, labelloc="t", fontsize="16")
-    styles = dict(node_attr=dict(fontname="Helvetica"), edge_attr=dict(arrowsize="0.5"))
-    g = graphviz.Digraph("attribution_graph", graph_attr=attrs, **styles)
-    _grid(g, nodes, imp, meta.get("prompt_tokens") or [], cfg, href, pos_of or {})
-    wmax = max((abs(l["weight"]) for l in kept), default=1.0) or 1.0
-    for l in kept if links else []:  # constraint=false: only the grid places nodes
-        w = l["weight"]
-        color = POS_COLOR if w >= 0 else NEG_COLOR
-        width = f"{0.4 + 4.0 * abs(w) / wmax:.2f}"
-        tip = f"{l['source']} -> {l['target']}: {w:+.3g}"
-        attrs = dict(color=color, penwidth=width, constraint="false", tooltip=tip)
-        g.edge(l["source"], l["target"], **attrs)
-    return g
-
-
-def dot_positions(g):
-    """node name -> (x, y) in points, from laying out `g` with dot (its JSON output)."""
-    objects = json.loads(g.pipe(format="json", engine="dot")).get("objects", [])
-    return {o["name"]: tuple(map(float, o["pos"].split(","))) for o in objects if "pos" in o}
-
-
-def _strip_svg(svg):
-    """Inline-able SVG: no XML prolog/DOCTYPE (they carry URLs) and no xmlns (HTML5 sets them)."""
-    svg = svg[svg.index("<svg") :]
-    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
-
-
-def node_table(graph, href):
-    """Every node of the (pruned) graph, most influential first, features linked to their pages."""
-    tokens = graph.get("metadata", {}).get("prompt_tokens") or []
-    rows = []
-    for n in sorted(graph["nodes"], key=_influence_order):
-        link = _link(n, href)
-        name = html.escape(_node_name(n))
-        pos = n["ctx_idx"]
-        token = html.escape(show_token(tokens[pos])) if pos < len(tokens) else ""
-        cells = [f'<a href="{html.escape(link)}">{name}</a>' if link else name]
-        cells += [html.escape(n["feature_type"]), html.escape(str(n["layer"]))]
-        cells += [f"{pos} <code>{token}</code>"]
-        cells += [fmt(n.get(k)) for k in ("activation", "influence_raw", "influence")]
-        cells += [html.escape(str(n.get("clerp") or "")) if n["feature_type"] != "logit" else ""]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    heads = ["node", "type", "layer", "position", "activation", "influence"]
-    heads += ["cumulative influence", "explanation"]
-    head = "".join(f"<th>{h}</th>" for h in heads)
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
 def graph_page(graph, cfg, svg, stem, href):
     """The page: prompt, scores, the picture (or how to get one), the table of every node."""
     meta = graph.get("metadata", {})
@@ -388,46 +413,25 @@ def graph_page(graph, cfg, svg, stem, href):
     return "".join(body)
 
 
-def draw_graph(cfg):
-    """graph.json -> {slug}.dot, .svg, .png (with graphviz's dot) and .html beside it; returns the
-    paths."""
-    if len(cfg.inputs) != 1:
-        raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
-    path = cfg.inputs[0]
-    graph = load_graph(path)
-    out = cfg.out or os.path.dirname(os.path.abspath(path))
-    os.makedirs(out, exist_ok=True)
-    interp_dir = cfg.interp or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp")
-    feat_dir = cfg.features or os.path.join(interp_dir, "html")
-
-    def href(layer, feature):
-        page = os.path.join(feat_dir, feature_page_name(layer, feature))
-        return os.path.relpath(page, out) if os.path.isfile(page) else None
-
-    stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
-    written = [stem + ".dot", stem + ".html"]
-    written += browser.write_frontend_features(graph, interp_dir, out)
-    if shutil.which("dot") is None:
-        write_file(stem + ".dot", build_dot(graph, cfg, href).source)
-        page = graph_page(graph, cfg, None, stem, href)
-        browser.write_page(stem + ".html", "Attribution graph", page)
-        print(
-            f"wrote {stem}.dot and {stem}.html (the nodes, no picture); graphviz's `dot` is not "
-            "installed, so no SVG/PNG. Install it with `apt-get install graphviz` (Debian/Ubuntu), "
-            "`brew install graphviz` (macOS) or `conda install graphviz`, then rerun this command "
-            f"(or `dot -Tsvg {stem}.dot -o {stem}.svg`)."
-        )
-        return written
-    layout = dot_positions(build_dot(graph, cfg, href, links=False))
-    g = build_dot(graph, cfg, href, pos_of=layout)
-    write_file(stem + ".dot", g.source)
-    svg = g.pipe(format="svg", engine="neato", neato_no_op=2, encoding="utf-8")
-    write_file(stem + ".svg", svg)
-    write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
-    page = graph_page(graph, cfg, _strip_svg(svg), stem, href)
-    browser.write_page(stem + ".html", "Attribution graph", page)
-    print(f"wrote {stem}.dot, .svg, .png, .html")
-    return written + [stem + ".svg", stem + ".png"]
+def node_table(graph, href):
+    """Every node of the (pruned) graph, most influential first, features linked to their pages."""
+    tokens = graph.get("metadata", {}).get("prompt_tokens") or []
+    rows = []
+    for n in sorted(graph["nodes"], key=_influence_order):
+        link = _link(n, href)
+        name = html.escape(_node_name(n))
+        pos = n["ctx_idx"]
+        token = html.escape(show_token(tokens[pos])) if pos < len(tokens) else ""
+        cells = [f'<a href="{html.escape(link)}">{name}</a>' if link else name]
+        cells += [html.escape(n["feature_type"]), html.escape(str(n["layer"]))]
+        cells += [f"{pos} <code>{token}</code>"]
+        cells += [fmt(n.get(k)) for k in ("activation", "influence_raw", "influence")]
+        cells += [html.escape(str(n.get("clerp") or "")) if n["feature_type"] != "logit" else ""]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    heads = ["node", "type", "layer", "position", "activation", "influence"]
+    heads += ["cumulative influence", "explanation"]
+    head = "".join(f"<th>{h}</th>" for h in heads)
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 # -----------------------------------------------------------------------------

@@ -1,23 +1,20 @@
 """The feature browser's machinery, below viz.py: the static files its pages inline, the index's
 rows and layer files, the writing of many pages at once, and the graph's feature files for
-circuit-tracer's front end. viz.py says what the pages show; this module, how they scale and what
-formats they follow.
+circuit-tracer's front end. viz.py says what the pages show; this module, how they scale.
 
-At scale: index.html holds the rows of the best `inline_rows` features by detection AUROC (of every
-feature when there are no more), so that it opens at once and reads without JavaScript. When there
-are more, each layer's rows also go to index/layer_XX.js, a call featureIndex(layer, [[cell texts
-..., search words], ...]) that the page's script (static/index.js) loads with a <script> element
-when a view needs the layer: picked in the menu, or every layer for a search (fetch() of a local
-file is blocked under file://, a script is not). For GPT-2-small's CLT (12 x 24,576 features;
-synthetic interp output, 2 shared cores, headless Chromium): index.html is 2.7 MB, drawn 0.6 s after
-it is opened (every row inline: 211 MB, not drawn after 5 min); a layer (7 MB) in ~1 s, a first
-search over all 12 (83 MB) in ~3.5 s, later ones without loading. Feature pages stay one static
-HTML file per live feature, since the graph's links and a page read without a script need files:
-pages are synced in batches (FileBatch) and each core renders its own chunks (map_in_order): the
-292k pages (7.6 GB) take ~3 min, 5.7 CPU-minutes.
+index.html holds the rows of the best `inline_rows` features by detection AUROC (all of them when
+there are no more): it opens at once and reads without JavaScript. When there are more, each
+layer's rows also go to index/layer_XX.js, a call featureIndex(layer, rows) that static/index.js
+loads with a <script> element when a view needs the layer (under file:// a fetch() of a local file
+is blocked, a script is not). For GPT-2-small's CLT (12 x 24,576 features, headless Chromium):
+index.html is 2.7 MB, drawn in 0.6 s (every row inline: 211 MB, not drawn in 5 min); a layer (7 MB)
+loads in ~1 s, a first search over all 12 in ~3.5 s. Pages are synced in batches (FileBatch) and
+each core renders its own chunks (map_in_order): the 292k pages (7.6 GB) take ~3 min.
 """
 
 import base64
+import bisect
+
 import collections
 import concurrent.futures
 import heapq
@@ -445,18 +442,11 @@ FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over 
 
 def _percentiles(counts, edges, n=100):
     """The 1st..n-th percentiles of a feature's activations, read off its log-spaced histogram."""
-    total = sum(counts)
-    if not total:
+    cum = list(itertools.accumulate(counts))
+    if not cum or not cum[-1]:
         return []
-    out = []
-    cum = 0
-    i = -1
-    for p in range(1, n + 1):
-        while cum < p / n * total:
-            i += 1
-            cum += counts[i]
-        out.append(math.sqrt(edges[i] * edges[i + 1]))  # the geometric centre of the log-spaced bin
-    return out
+    bins = [bisect.bisect_left(cum, p / n * cum[-1]) for p in range(1, n + 1)]  # first bin past p %
+    return [math.sqrt(edges[i] * edges[i + 1]) for i in bins]  # each bin's geometric centre
 
 
 def _linear_histogram(counts, edges, act_max, n_bins=FRONTEND_BINS):
