@@ -36,17 +36,15 @@ beyond max_pairs); activations live for two chunks at most, never O(tokens × fe
 is cut down to its firings right after encoding, so the pass costs about twice a read + encode.
 
 features.jsonl, one object per feature in (layer, feature) order: layer, feature, density and
-n_fires (acts > 0 on the train split), mean_act and max_act, quantiles {"q10", ..., "q99"} and
-hist {"edges", "counts"} (log2-spaced bins) of the activation when active, top_examples
-(max-activating) and quantile_examples (sampled at evenly spaced ranks, + "quantile") [{"act",
-"doc", "pos", "tokens": [str], "acts": [float], "center": i (the firing token)}], input_ngrams
-[{"ngram", "count", "corpus_count", "pmi"}] (most over-represented), promoted and suppressed
-[{"token", "logit"}] (direct logit effect through ln_f and W_U), explanation, explanation_ngrams
-(most frequent first), each score of SCORES (null: undefined), heldout_density; on the toy world
-concept, concept_precision, concept_recall, concept_f1 (its best concept).
-summary.json: per_layer dead / dense / live / interpretable counts, share_live_detection_above
-(AUROC >= --interpretable), each score's quantiles, seconds_passes (and the plain-read ratio with
---time-read); on the toy world "concepts" (forge/concepts.py lists its keys).
+n_fires (acts > 0, train split), mean_act, max_act, quantiles {"q10", ..., "q99"} and hist {"edges",
+"counts"} (log2 bins) when active, top_examples and quantile_examples (+ "quantile") [{"act", "doc",
+"pos", "tokens", "acts", "center": the firing token's index}], input_ngrams [{"ngram", "count",
+"corpus_count", "pmi"}], promoted and suppressed [{"token", "logit"}], explanation,
+explanation_ngrams, each score of SCORES (null: undefined), heldout_density; on the toy world
+concept, concept_precision, concept_recall, concept_f1 (its best concept). summary.json: per_layer
+dead / dense / live / interpretable counts, share_live_detection_above (AUROC >= --interpretable),
+each score's quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy
+world "concepts" (forge/concepts.py lists its keys).
 """
 
 import json
@@ -61,8 +59,8 @@ from tqdm import tqdm
 
 from cache import ActivationCache, CacheConfig, build_cache
 from clt import CrossLayerTranscoder
-from forge import toyworld
 from forge.cli import arg, parse_config, run_main
+from forge import toyworld
 from forge.concepts import concept_table, plot_recovery, toy_world_concepts
 from forge.files import atomic_path, check_same_model, write_json
 from forge.hub import load_tokenizer
@@ -128,10 +126,8 @@ def interpret(model, enc, clt, cache, cfg: InterpConfig):
 
     Returns (stats: FeatureStats of the train split, explanations: one dict per feature, effects:
     (promoted values, ids, suppressed values, ids), scorer: the held-out Scorer)."""
-    L = clt.config.n_layers
-    F_ = clt.config.n_features
     # Phase 1: the train pass; each chunk's firings update densities, histograms, examples, n-grams
-    stats = FeatureStats(L, F_, model.config.vocab_size, cfg)
+    stats = FeatureStats(clt.config.n_layers, clt.config.n_features, model.config.vocab_size, cfg)
     first = None
     for p in padded_chunks(clt, cache, "train", cfg):
         stats.update(p)
@@ -159,7 +155,6 @@ def explain_all(stats, promoted_ids, enc):
     and the input_ngrams."""
     cfg = stats.cfg
     base = stats.base
-    show = cfg.show_terms
     g, c, C, bounds = gram_table(stats)
     n_fires = stats.n_fires.cpu().numpy()
     out = []
@@ -175,8 +170,8 @@ def explain_all(stats, promoted_ids, enc):
             inputs.append(dict(ngram=gram, count=int(cm[i]), corpus_count=int(Cm[i]), pmi=pmi_i))
         names = [decode_gram(int(gm[i]), base, enc) for i in sorted(chosen, key=lambda i: -cm[i])]
         promotes = [enc.decode([int(t)]) for t in promoted_ids[m][: cfg.n_explain_logit]]
-        more = f" (+{len(names) - show} more)" if len(names) > show else ""
-        quoted = [json.dumps(n, ensure_ascii=False) for n in names[:show]]
+        more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
+        quoted = [json.dumps(n, ensure_ascii=False) for n in names[: cfg.show_terms]]
         text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
         text += " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
         text = "dead" if n_fires[m] == 0 else text
@@ -306,7 +301,6 @@ class Scorer:
         self.elevel = torch.tensor([t for _, t in pairs] + [T], dtype=torch.long, device=dev)
         self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)
         self.fuzz = torch.zeros(M, 2, 2, dtype=torch.long, device=dev)
-        self.n_fires = torch.zeros(M, dtype=torch.long, device=dev)
         self.n_rows = 0
 
     def update(self, p: "Padded"):
@@ -335,7 +329,6 @@ class Scorer:
             near = near_firing(fire_ext, p.doc, cfg.fuzz_window, lo, hi)  # (N, F)
             idx = ((f_idx * 2 + (level < T).long()) * 2 + fire_l)[near]
             self.fuzz[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
-            self.n_fires[sl] += fire.sum(0)
 
     def results(self):
         """{name: (M,) values} of every score in SCORES."""
@@ -412,9 +405,8 @@ def ngram_keys(p: Padded, n_max, base):
 # -----------------------------------------------------------------------------
 # the train pass: densities, histograms, examples, n-gram counts
 class FeatureStats:
-    """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter. Each
-    chunk is cut down to its firings (nonzero activations, a few percent) right after encoding:
-    every statistic is an index_add or a sort over those, never a dense (rows × features) pass."""
+    """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter, each
+    statistic an index_add or a sort over the firings, never a dense (rows × features) pass."""
 
     def __init__(self, L, F_, V, cfg):
         dev = cfg.device
@@ -464,8 +456,7 @@ class SparseCounter:
     """Exact counts of int64 keys; chunk counts are merged lazily: O(n log n) merging overall.
 
     Beyond max_pairs stored keys, the rarest are dropped (lossy counting, Manku & Motwani 2002): a
-    dropped key restarts from zero, so from then on counts are lower bounds (summary.json says so).
-    """
+    dropped key restarts from zero, so its counts are lower bounds from then on (summary.json)."""
 
     def __init__(self, max_pairs):
         self.keys = None  # (K,) sorted keys, their counts: after the first merge
@@ -616,8 +607,7 @@ def write_features(path, stats, expl, effects, scores, heldout_density, concepts
 def examples(store, m, enc, before, n=None):
     """Feature m's valid entries of a top / sampled store as JSON-ready dicts, by activation.
 
-    n: keep n of them at evenly spaced ranks (quantile examples), each with its rank as "quantile".
-    """
+    n: keep n of them at evenly spaced ranks (quantile examples), each with its "quantile"."""
     names = ("key", "act", "doc", "pos", "win_tok", "win_act")
     key, act, doc, pos, win_tok, win_act = (store[k][m].tolist() for k in names)
     keep = sorted((i for i in range(len(key)) if key[i] > 0), key=lambda i: -act[i])
@@ -723,7 +713,7 @@ def plot_summary(path, stats, scores, summary):
         ax[1, 1].bar(range(stats.L), dead, color="#c53030", label="dead")
         ax[1, 1].bar(range(stats.L), good, bottom=dead, color="#2b6cb0", label="interpretable")
         ax[1, 1].set(title="features per layer", xlabel="layer", xticks=range(stats.L))
-        ax[1, 1].legend(fontsize=7)
+    ax[1, 1].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")  # the temporary name has no .png to infer it from
@@ -741,23 +731,17 @@ def load_inputs(cfg):
     c = clt.config
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
         raise ValueError(
-            f"CLT {cfg.clt} has n_layers={c.n_layers}, d_model={c.d_model} but cache {cfg.cache} "
-            f"has n_layers={cache.n_layers}, d_model={cache.d_model}: they come from different "
-            "models"
+            f"CLT {cfg.clt} (n_layers={c.n_layers}, d_model={c.d_model}) and cache {cfg.cache} "
+            f"(n_layers={cache.n_layers}, d_model={cache.d_model}) come from different models"
         )
     if c.model_sha256:  # the CLT records its model's fingerprint (train.py): the weights decide
         check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
-    elif c.model and real_path(c.model) != real_path(model_dir):  # saved before fingerprints
+    elif c.model and os.path.realpath(c.model) != os.path.realpath(model_dir):  # no fingerprint
         raise ValueError(
             f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from "
             f"{model_dir!r}: pass a CLT and a cache of the same model"
         )
     return model_dir, model, enc, clt, cache
-
-
-def real_path(name):
-    """A model's name (a path or a hub id) as compared: a directory by its real path."""
-    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def concept_cache(model_dir, model, cfg, fields, stale):
@@ -787,7 +771,7 @@ def run(cfg: InterpConfig):
         build = partial(concept_cache, model_dir, model, cfg)
         per_feature, concepts = toy_world_concepts(model, enc, clt, cache, world, cfg, build)
     os.makedirs(cfg.out, exist_ok=True)
-    density = scorer.n_fires.cpu() / scorer.n_rows
+    density = scorer.det[..., 1].sum(-1).cpu() / scorer.n_rows  # held-out firings / tokens
     path = os.path.join(cfg.out, "features.jsonl")
     write_features(path, stats, expl, effects, scores, density, per_feature, enc, cfg)
     summary = summarize(stats, scores, cfg)
@@ -808,9 +792,8 @@ def run(cfg: InterpConfig):
 
 def main(argv=None):
     summary = run(parse_config(__doc__, InterpConfig, argv))
-    print(
-        json.dumps({k: v for k, v in summary.items() if k not in ("config", "concepts")}, indent=1)
-    )
+    shown = {k: v for k, v in summary.items() if k not in ("config", "concepts")}
+    print(json.dumps(shown, indent=1))
     if "concepts" in summary:
         print(concept_table(summary["concepts"]))
 

@@ -2,22 +2,17 @@
 forge/concepts.py: interp.py's toy-world study, every feature scored against planted ground truth.
 
 On the toy world (a model directory with forge/toyworld.py's world.json) features are scored on a
-labeled evaluation set, not on the held-out split (there most entities have no support):
-toyworld.eval_corpus generates documents until every concept of every label family has
---concept-support labeled tokens (32: ~107k tokens, ~1000 concepts, each scored from --min-support
-20 on), stored by the spine's cache builder as the training rows were.
+labeled evaluation set in which every concept of every label family has --concept-support tokens
+(32: ~107k tokens, ~1000 concepts), stored by the spine's cache builder as the training rows were:
 
-    eval_corpus -> OUT/concept_cache.jsonl -> build(...) -> OUT/concept_cache (activations)
+    toyworld.eval_corpus -> OUT/concept_cache.jsonl -> build(...) -> OUT/concept_cache
       -> ConceptLabels (toyworld.label_tokens per row) -> score_concepts (one pass, every set)
       -> best_features, family_table, headline -> summary.json "concepts", features.jsonl concept_*
 
-A concept is recovered when some feature's "fires" (activation > 0) has F1 >= --concept-f1 on its
-tokens. The headline: the share recovered and the mean best F1 over the --families (input = entity
-and category, output = the next token the model must say, latent = the country behind a two-hop
-question), also per family, and the same for baselines scored the same way (the best of thousands
-of features grows with their number): the model's MLP neurons, a random CLT of the same size and
-density, and a ceiling, the token-identity oracle (F1 ~1 on entities, ~0 on latent and output).
-
+A concept (>= --min-support tokens) is recovered when a feature's "fires" (activation > 0) has F1
+>= --concept-f1 on its tokens. The headline is the share recovered and the mean best F1 over the
+--families; baselines are scored the same way (the best of thousands of features grows with their
+number): the model's MLP neurons, a random CLT as dense as the trained one, and the token oracle.
 summary.json "concepts": eval_set, f1_threshold, min_support, families, n / recovered /
 share_recovered / mean_best_f1 (the headline), by_family {family: kind, concepts, recovered, share,
 mean_best_f1, unscored}, per_concept {label: support, layer, feature, f1, precision, recall},
@@ -210,8 +205,7 @@ def clt_acts(clt, mlp_in):
 def neuron_preacts(model, mlp_in):
     """The model's own MLP neurons as features, mlp_in (N, L, d) -> pre-activations (N, L·4d). A
     neuron "fires" where its GELU input is > 0 (GELU is positive exactly there): the one threshold
-    without a choice; neurons are dense, which is what a dictionary of sparse features is meant to
-    fix."""
+    without a choice; neurons are dense, which a dictionary of sparse features is meant to fix."""
     return torch.cat([block.mlp.c_fc(mlp_in[:, l]) for l, block in enumerate(model.h)], 1)
 
 
@@ -220,8 +214,7 @@ def random_like(clt, mlp_in, seed=1):
     """The random baseline: a CLT of the same size with its init's random weights (another seed),
     whose features fire as often on mlp_in (N, L, d) as the trained CLT's features of their layer do
     on average (each one's bias set at its own quantile). TopK stays TopK with the same k; every
-    other activation becomes a JumpReLU. The best F1 of many random features is far from 0: this is
-    the floor."""
+    other activation becomes a JumpReLU. The best F1 of many random features is far from 0."""
     c = clt.config
     activation = "topk" if c.activation == "topk" else "jumprelu"
     rand = type(clt)(replace(c, activation=activation), seed=seed).to(mlp_in.device)
@@ -329,8 +322,7 @@ def concept_table(c):
 
 
 def plot_recovery(ax, c):
-    """summary["concepts"] as bars on a matplotlib axis: per family, the share recovered by the CLT
-    and by each baseline."""
+    """summary["concepts"] as bars on a matplotlib axis: per family, each set's share recovered."""
     names = [n for n, f in c["by_family"].items() if f["kind"] != "structure" and f["concepts"]]
     sets = {"CLT": c["by_family"], **{k: v["by_family"] for k, v in c["baselines"].items()}}
     width = 0.8 / len(sets)
@@ -341,4 +333,3 @@ def plot_recovery(ax, c):
     ax.set_xticks(range(len(names)), [f"{n}\n({c['by_family'][n]['concepts']})" for n in names])
     title = f"planted concepts with a feature of F1 >= {c['f1_threshold']}"
     ax.set(title=title, ylabel="share recovered", ylim=(0, 1.02))
-    ax.legend(fontsize=7)

@@ -198,7 +198,7 @@ def test_detection_one_token_vs_random(gpt):
     auroc, det_bacc, fuzz_bacc = (results[k] for k in ("detection_auroc", "detection_bacc", "fuzzing_bacc"))
     assert auroc[0] > 0.99 and det_bacc[0] > 0.99 and fuzz_bacc[0] > 0.99
     assert abs(auroc[1] - 0.5) < 0.06 and abs(det_bacc[1] - 0.5) < 0.06
-    assert 0.15 < scorer.n_fires[1] / scorer.n_rows < 0.28  # held-out density of the noise feature
+    assert 0.15 < scorer.det[1, :, 1].sum() / scorer.n_rows < 0.28  # held-out density of the noise feature
     # every feature's AUROC against Mann-Whitney by brute force over held-out tokens
     mlp_in, tok, doc, pos = (x[c.n_train:] for x in c.rows)
     fire = (clt.encode(mlp_in) > 0).flatten(1)  # (N, M)
