@@ -1,4 +1,4 @@
-"""bench.py gpu, the prepared GPU script, run whole on a CPU (the tiny shape, every part in its own
+"""experiments/gpu.py, the prepared GPU script, run whole on a CPU (the tiny shape, every part in its own
 process, bf16 autocast on the CPU, torchrun with gloo), and the pieces a GPU session relies on: the
 part runner's failure paths, torchrun's command line, the model without transformers."""
 import json
@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-import bench
 import train
+from experiments import gpu
 from forge.hub import load_tokenizer
 from model import GPT
 
@@ -20,7 +20,7 @@ PARTS = ["machine and model", "cache build", "train.py bf16 autocast", "train.py
 def test_the_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     out = tmp_path / "bench"
     # a made-up peak: the MFU arithmetic runs too
-    assert bench.main(["gpu", "--device", "cpu", "--quick", "--out", str(out), "--peak-tflops", "0.05"]) == 0
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(out), "--peak-tflops", "0.05"]) == 0
     with open(out / "gpu.json") as f:
         rows = {r["part"]: r for r in json.load(f)["results"]}
     assert list(rows) == PARTS
@@ -30,13 +30,13 @@ def test_the_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     assert "MFU" in rows["train.py fp32"]["rate"] and "%" in rows["train.py fp32"]["rate"]
     with open(out / "gpu_curves.json") as f:
         curves = json.load(f)
-    assert len(curves["bf16"]) == len(curves["fp32"]) == bench.QUICK_GPU["gpu_steps"]
+    assert len(curves["bf16"]) == len(curves["fp32"]) == gpu.QUICK_GPU["gpu_steps"]
     # --autocast always reached the step (the curves differ), and bf16 moves the loss by far less than the noise
-    gap, noise = bench.loss_gap(curves["bf16"], curves["fp32"])
+    gap, noise = gpu.loss_gap(curves["bf16"], curves["fp32"])
     assert 0 < gap < noise
     assert f"max |Δ| = {gap / noise:.3g} x noise" == rows["bf16 vs fp32 loss"]["rate"]
     # the torchrun launch trains the same run as the process itself
-    n = bench.QUICK_GPU["gpu_torchrun_steps"]
+    n = gpu.QUICK_GPU["gpu_torchrun_steps"]
     assert curves["torchrun"] == pytest.approx(curves["bf16"][:n], rel=1e-5)
     assert rows["torchrun"]["note"].startswith("equal")
     assert not (out / "gpu").exists()  # the scratch space is removed
@@ -46,14 +46,14 @@ def test_the_gpu_script_runs_every_part_on_a_cpu(tmp_path):
 
 def test_a_failing_a_hung_and_a_late_part_each_leave_a_row(tmp_path):
     partial = str(tmp_path / "partial.json")
-    parts = bench.GpuParts(time.time() + 600, partial, min_left=0)
+    parts = gpu.GpuParts(time.time() + 600, partial, min_left=0)
     assert parts.run("fails", "-", int, "x") is None  # ValueError in its process
     assert parts.run("works", "-", int, "7") == 7
-    hung = bench.GpuParts(time.time() + 2, partial, min_left=0)
+    hung = gpu.GpuParts(time.time() + 2, partial, min_left=0)
     t0 = time.perf_counter()
     assert hung.run("hangs", "-", time.sleep, 120) is None  # killed at the deadline
     assert time.perf_counter() - t0 < 60
-    late = bench.GpuParts(time.time() - 1, partial, min_left=0)
+    late = gpu.GpuParts(time.time() - 1, partial, min_left=0)
     assert late.run("late", "-", int, "7") is None  # never started
     statuses = [r["status"] for r in parts.rows + hung.rows + late.rows]
     assert statuses[0].startswith("error: ValueError: invalid literal"), statuses
@@ -64,14 +64,14 @@ def test_a_failing_a_hung_and_a_late_part_each_leave_a_row(tmp_path):
 
 
 def test_torchruns_command_line_gives_the_in_process_config_back():
-    cfg = replace(bench.GpuBench(device="cpu"), **bench.QUICK_GPU)
-    c = bench.gpu_train_config("/cache", "/out", cfg, "always", stop_at=5)
-    assert train.parse_args(bench.config_argv(c))[0] == c
+    cfg = replace(gpu.GpuBench(device="cpu"), **gpu.QUICK_GPU)
+    c = gpu.gpu_train_config("/cache", "/out", cfg, "always", stop_at=5)
+    assert train.parse_args(gpu.config_argv(c))[0] == c
 
 
 def no_transformers(monkeypatch):
-    real = bench.find_spec
-    monkeypatch.setattr(bench, "find_spec", lambda name: None if name == "transformers" else real(name))
+    real = gpu.find_spec
+    monkeypatch.setattr(gpu, "find_spec", lambda name: None if name == "transformers" else real(name))
 
 
 def failing_transformers(monkeypatch):
@@ -79,14 +79,14 @@ def failing_transformers(monkeypatch):
         os.makedirs(path)
         open(os.path.join(path, "config.json"), "w").close()  # a half-written directory
         raise TypeError("save_pretrained() got an unexpected keyword argument")
-    monkeypatch.setattr(bench, "hf_random_model_dir", fails)
+    monkeypatch.setattr(gpu, "hf_random_model_dir", fails)
 
 
 @pytest.mark.parametrize("case, why", [(no_transformers, "not installed"), (failing_transformers, "TypeError")])
 def test_without_working_transformers_the_model_comes_from_random_model_dir(tmp_path, monkeypatch, case, why):
     case(monkeypatch)
     path = str(tmp_path / "model")
-    made = bench.gpu_model_dir(path, bench.TINY_SHAPE)
+    made = gpu.gpu_model_dir(path, gpu.TINY_SHAPE)
     assert made.startswith("GPT init") and why in made, made
     model = GPT.from_pretrained(path)
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (4, 128, 4096)

@@ -1,4 +1,4 @@
-"""bench.py faithfulness: its predictions are the graph's own. On toy-world prompts of models/tiny
+"""experiments/faithfulness.py: its predictions are the graph's own. On toy-world prompts of models/tiny
 with a random TopK CLT: ablating a feature in the replacement model's view (freeze="all") moves the
 top logit node by the graph's direct prediction, and the total prediction (every path through the
 features, removal_effects) equals the replacement model run with its features responding linearly."""
@@ -7,10 +7,11 @@ import random
 import pytest
 import torch
 
-import bench
 import graph as G
 from forge import toyworld
 from clt import CLTConfig, CrossLayerTranscoder
+from experiments.compactness import family_prompts
+from experiments.faithfulness import faithfulness_points, removal_effects
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
 
@@ -31,7 +32,7 @@ def setup():
         for w in t.W_dec:
             w.mul_(30)
     enc, world = load_tokenizer(DEFAULT_MODEL), toyworld.load_world()
-    families = bench.family_prompts(world, 1)
+    families = family_prompts(world, 1)
     prompts = [(fam, G.encode_prompt(enc, families[fam][0][0], g.n_ctx)) for fam in FAMILIES]
     return model, t, prompts
 
@@ -54,7 +55,7 @@ def linear_replacement_change(model, t, rep, g, i):
 def test_frozen_ablation_is_the_direct_prediction(setup):
     model, t, prompts = setup
     for fam, idx in prompts:
-        points, _ = bench.faithfulness_points(model, t, idx, 3, random.Random(0))
+        points, _ = faithfulness_points(model, t, idx, 3, random.Random(0))
         assert len(points) == 6, fam  # 3 top features and 3 random ones
         measured = torch.tensor([q["measured_frozen"] for q in points])
         predicted = torch.tensor([q["predicted_direct"] for q in points])
@@ -71,7 +72,7 @@ def test_total_prediction_is_the_linear_replacement_model(setup):
     rep = G.local_replacement(model, t, idx)
     g = G.attribute(model, t, rep, batch_size=1024)
     low = (g.feats[:, 0] == 0).nonzero()[:, 0]  # layer 0: the longest paths
-    total, change = bench.removal_effects(g, low)
+    total, change = removal_effects(g, low)
     direct = -g.adjacency[g.slices().logits.start, low].double()
     most = (total - direct).abs().topk(3).indices  # the features with the most indirect effect
     assert (total[most] - direct[most]).abs().min() > 1e-3  # paths through features do matter here
