@@ -46,7 +46,6 @@ import html
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass
 
@@ -167,7 +166,7 @@ def draw_graph(cfg):
     svg = g.pipe(format="svg", engine="neato", neato_no_op=2, encoding="utf-8")
     write_file(stem + ".svg", svg)
     write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
-    page = graph_page(graph, cfg, _strip_svg(svg), stem, href)
+    page = graph_page(graph, cfg, browser.inline_svg(svg), stem, href)
     browser.write_page(stem + ".html", "Attribution graph", page)
     print(f"wrote {stem}.dot, .svg, .png, .html")
     return written + [stem + ".svg", stem + ".png"]
@@ -201,12 +200,6 @@ def dot_positions(g):
     """node name -> (x, y) in points, from laying out `g` with dot (its JSON output)."""
     objects = json.loads(g.pipe(format="json", engine="dot")).get("objects", [])
     return {o["name"]: tuple(map(float, o["pos"].split(","))) for o in objects if "pos" in o}
-
-
-def _strip_svg(svg):
-    """Inline-able SVG: no XML prolog/DOCTYPE (they carry URLs) and no xmlns (HTML5 sets them)."""
-    svg = svg[svg.index("<svg") :]
-    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
 
 
 def select_subgraph(graph, cfg):
@@ -479,27 +472,6 @@ def _example_html(ex, amax):
     return f'<div class="ex">{head}{"".join(spans)}</div>'
 
 
-def _svg_histogram(counts, edges, width=420, height=140):
-    """A bar chart as inline SVG (no image file, no script); edges label the two ends."""
-    cmax = max(max(counts, default=0), 1)
-    n = max(len(counts), 1)
-    bars = "".join(
-        f'<rect x="{30 + i * (width - 40) / n:.1f}" '
-        f'y="{height - 20 - (height - 30) * c / cmax:.1f}" '
-        f'width="{max((width - 40) / n - 1, 0.5):.1f}" height="{(height - 30) * c / cmax:.1f}" '
-        f'fill="#e08a1e"><title>{c}</title></rect>'
-        for i, c in enumerate(counts)
-    )
-    lo = edges[0] if edges else 0
-    hi = edges[-1] if edges else 0
-    return (
-        f'<svg width="{width}" height="{height}" role="img">{bars}'
-        f'<text x="30" y="{height - 4}" font-size="11">{lo:.3g}</text>'
-        f'<text x="{width - 10}" y="{height - 4}" font-size="11" text-anchor="end">{hi:.3g}</text>'
-        f'<text x="2" y="12" font-size="11">{cmax}</text></svg>'
-    )
-
-
 def _token_table(rows, title, k):
     row = "<tr><td><code>{}</code></td><td>{:+.3f}</td></tr>"
     body = "".join(row.format(_token_html(r["token"]), r["logit"]) for r in rows[:k])
@@ -519,7 +491,7 @@ def feature_page(feat, cfg):
         f"<p><b>Explanation:</b> {html.escape(str(feat.get('explanation') or '(none)'))}</p>",
         f"<div class='cols'><div><h2>Statistics and scores</h2>{table_html(_stats(feat))}</div>",
         "<div><h2>Activation histogram (when active; log-spaced bins)</h2>",
-        _svg_histogram(hist.get("counts", []), hist.get("edges", [])),
+        browser.svg_histogram(hist.get("counts", []), hist.get("edges", [])),
         f"<p class='muted'>density {fmt(feat.get('density'))}</p></div></div><div class='cols'>",
         _token_table(feat.get("promoted") or [], "Promoted tokens", cfg.top_tokens),
         _token_table(feat.get("suppressed") or [], "Suppressed tokens", cfg.top_tokens),

@@ -14,7 +14,6 @@ each core renders its own chunks (map_in_order): the 292k pages (7.6 GB) take ~3
 
 import base64
 import bisect
-
 import collections
 import concurrent.futures
 import heapq
@@ -23,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 from forge.files import atomic_path, fsync_dir
 
@@ -84,7 +84,7 @@ def feature_index(node):
 
 
 # -----------------------------------------------------------------------------
-# pages: the frame every page shares, tables of any JSON value
+# pages: the frame every page shares, tables of any JSON value, pictures inline
 
 
 def page_html(title, body):
@@ -125,6 +125,33 @@ def table_html(value, depth=0):
         )
         return f"<table>{rows}</table>"
     return fmt(value) if is_scalar(value) else html.escape(json.dumps(value)[:200])
+
+
+def inline_svg(svg):
+    """Inline-able SVG: no XML prolog/DOCTYPE (they carry URLs) and no xmlns (HTML5 sets them)."""
+    svg = svg[svg.index("<svg") :]
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+
+
+def svg_histogram(counts, edges, width=420, height=140):
+    """A bar chart as inline SVG (no image file, no script); edges label the two ends."""
+    cmax = max(max(counts, default=0), 1)
+    n = max(len(counts), 1)
+    bars = "".join(
+        f'<rect x="{30 + i * (width - 40) / n:.1f}" '
+        f'y="{height - 20 - (height - 30) * c / cmax:.1f}" '
+        f'width="{max((width - 40) / n - 1, 0.5):.1f}" height="{(height - 30) * c / cmax:.1f}" '
+        f'fill="#e08a1e"><title>{c}</title></rect>'
+        for i, c in enumerate(counts)
+    )
+    lo = edges[0] if edges else 0
+    hi = edges[-1] if edges else 0
+    return (
+        f'<svg width="{width}" height="{height}" role="img">{bars}'
+        f'<text x="30" y="{height - 4}" font-size="11">{lo:.3g}</text>'
+        f'<text x="{width - 10}" y="{height - 4}" font-size="11" text-anchor="end">{hi:.3g}</text>'
+        f'<text x="2" y="12" font-size="11">{cmax}</text></svg>'
+    )
 
 
 # -----------------------------------------------------------------------------
