@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["model.py", "models/build_tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", "bench.py"]
+SCRIPTS = ["model.py", "models/build_tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", *(f"experiments/{n}.py" for n in ("cache", "graph", "two_hop", "vs_circuit_tracer", "interp", "train", "dist", "compactness", "scale", "gpu", "recovery", "faithfulness"))]
 SUBCOMMANDS = ["model.py generate", "intervene.py intervene", "intervene.py generate", "viz.py graph", "viz.py features", "viz.py train"]
 
 
