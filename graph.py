@@ -14,26 +14,26 @@ Data flow:
          of the frozen model, run by hand from the batch's highest layer down and only over the
          positions up to its last target, dotted with every source's write as it passes
       -> influence, pruning, scores -> {out}/{slug}.json, graph-metadata.json (front end),
-         adjacency.safetensors + nodes.json (the full graph)
+         adjacency.safetensors + nodes.json (the full graph), written by forge/graphfile.py
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
-    python graph.py --target-diff " Zefekic| Bepaese"                     # output node: a logit difference
+    python graph.py --target-diff " Zefekic| Bepaese"     # output node: a logit difference
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
-    python intervene.py intervene --intervene 3/-1/123:ablate   # test what a graph says (intervene.py)
-    torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."  # rows split over ranks
+    torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2  # rows split over ranks
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
-    view: python -m circuit_tracer start-server --graph_file_dir runs/graph (circuit-tracer installed)
+    view: python -m circuit_tracer start-server --graph_file_dir runs/graph  # circuit-tracer's UI
+    test what a graph says by changing its features: intervene.py
 
 Definitions (circuit-tracer 0.5.0's: decoderesearch/circuit-tracer, circuit_tracer/graph.py and
-attribution/; bench.py vs-circuit-tracer and tests/test_graph.py check them edge by edge):
+attribution/; experiments/vs_circuit_tracer.py and tests/test_graph.py check them edge by edge):
     Nodes, in order: active features sorted by (layer, position, id), none at BOS; error nodes,
     layer-major (index layer*T + pos), those at BOS kept in the list and zero; one token-embedding
     node per position (wte[token]); logit nodes, most likely first: the top tokens until cumulative
-    probability 0.95, at most 10, each logit minus the mean logit. Or the given targets (Targets):
-    every output node reads a vector from ln_f's output at the last position, W_U[t] - mean(W_U) for
-    a logit (--target-tokens), W_U[a] - W_U[b] for a logit difference (--target-diff), a file's vector
-    for a direction (--target-direction); weighted in the influence by the token's probability, by 1
-    for a custom target (id vocab_size, circuit-tracer's virtual index).
+    probability 0.95, at most 10, each logit minus the mean logit. Or the given targets (TARGETS):
+    every output node reads a vector from ln_f's output at the last position, W_U[t] - mean(W_U)
+    for a logit (--target-tokens), W_U[a] - W_U[b] for a logit difference (--target-diff), a file's
+    vector for a direction (--target-direction); weighted in the influence by the token's
+    probability, by 1 for a custom target (id vocab_size, circuit-tracer's virtual index).
     Edge A[t, s]: the direct effect of source s on target t's input (a feature's pre-activation,
     or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
     output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
@@ -77,9 +77,11 @@ Differences from circuit-tracer:
   unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
   (circuit-tracer's threshold can fall to 0 there and keep them).
 """
+
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -94,95 +96,28 @@ from model import Frozen, GPT
 from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
 
 # -----------------------------------------------------------------------------
-# configuration
-
-
-@dataclass
-class GraphConfig:
-    """attribute a prompt: the graph files for the front end, and the full adjacency"""
-    model: str = arg(DEFAULT_MODEL, 'GPT-2 directory in the hub layout, or a hub id such as gpt2')
-    clt: str = arg("runs/clt", "transcoder directory: train.py's (runs/clt), circuit-tracer's (config.yaml), SAELens's")
-    interp: str = arg("runs/interp", "interp.py's output dir or features.jsonl: the nodes' explanations")
-    prompt: str = arg("Batris lives in Fafes. The language Batris speaks is", 'text to attribute (BOS is prepended)')
-    out: str = arg("runs/graph", 'output directory')
-    slug: str = arg("graph", "the graph's name in the front end: OUT/SLUG.json")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", 'cpu or cuda (torchrun: each rank its own GPU)')
-    max_features: int = arg(-1, 'keep at most this many feature nodes, the weakest dropped; -1 = all', group='attribution')
-    batch_size: int = arg(256, 'targets per pass of the transposed model')
-    update_interval: int = arg(4, 'with --max-features: re-rank the remaining features every this many batches')
-    max_logits: int = arg(10, 'at most this many logit nodes')
-    logit_prob: float = arg(0.95, 'logit nodes until this cumulative probability')
-    position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases (not circuit-tracer's)")
-    target: str = arg("", "NAME:SPEC: output nodes from TARGETS, e.g. diff:A|B", group="output nodes: the most likely tokens unless one of these is given")
-    target_diff: str = arg("", 'attribute logit(A) - logit(B): "A|B", each one token, e.g. " Paris| London"')
-    target_tokens: str = arg("", 'attribute these tokens\' logits: "A|B|...", each one token')
-    target_direction: str = arg("", "attribute a direction at ln_f's output: a .safetensors file of one (d,) tensor")
-    node_threshold: float = arg(0.8, 'keep nodes up to this cumulative influence', group='pruning')
-    edge_threshold: float = arg(0.98, 'keep edges up to this cumulative influence')
-
-
-# -----------------------------------------------------------------------------
-# the local replacement model
+# the local replacement model: the frozen GPT, the CLT's active features, the error nodes
 
 
 @dataclass
 class Replacement:
     """The local replacement model of one prompt: the frozen GPT, the CLT features and errors."""
+
     idx: torch.Tensor  # (1, T) token ids, BOS first
     frozen: Frozen  # attention patterns and LayerNorm scales of the prompt's forward pass
     token: torch.Tensor  # (T, d) token embeddings wte[idx]: the embedding nodes
-    position: torch.Tensor  # (T, d) position embeddings wpe[:T]: biases, or nodes with position_nodes
+    position: torch.Tensor  # (T, d) position embeddings wpe[:T]: biases, or nodes (position_nodes)
     mlp_out: torch.Tensor  # (T, L, d) the true MLP outputs
-    recon: torch.Tensor  # (T, L, d) the CLT's reconstruction from the active features, b_dec included
-    skip: torch.Tensor  # (T, L, d) the skip connection's output mlp_in @ W_skip (zero without one): linear, no node
-    error: torch.Tensor  # (T, L, d) mlp_out - recon - skip: the error nodes; zero at BOS, whose MLP output is bias
+    recon: torch.Tensor  # (T, L, d) the CLT's reconstruction from the active features, b_dec too
+    skip: torch.Tensor  # (T, L, d) the skip connection's output (zero without one): linear, no node
+    error: torch.Tensor  # (T, L, d) mlp_out - recon - skip: the error nodes; zero at BOS
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the active features, sorted
     acts: torch.Tensor  # (n,) their activations
     logits: torch.Tensor  # (V,) the next-token logits
 
 
-def check_compatible(model, clt):
-    c, g = clt.config, model.config
-    if (c.n_layers, c.d_model) != (g.n_layer, g.n_embd):
-        raise ValueError(f"the CLT was made for another model: it has n_layers={c.n_layers}, "
-                         f"d_model={c.d_model}, the GPT has n_layer={g.n_layer}, n_embd={g.n_embd} "
-                         f"(the CLT's config names model {c.model!r})")
-
-
-def encode_prompt(enc, prompt, n_ctx):
-    """Text -> (1, T) token ids with BOS first, as circuit-tracer's tokenizers give them."""
-    if not prompt.strip():
-        raise ValueError(f"the prompt is empty ({prompt!r}): give --prompt some text")
-    bos = enc.encode_single_token(ENDOFTEXT)
-    ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
-    ids = ids if ids[0] == bos else [bos] + ids
-    if len(ids) > n_ctx:
-        raise ValueError(f"the prompt is {len(ids)} tokens with BOS, longer than the model's n_ctx={n_ctx}")
-    return torch.tensor([ids])
-
-
-def reconstruct(clt, feats, acts, T, bias=True):
-    """The CLT's output (T, L, d) from the active features (n, 3) with activations acts (n,),
-    summed in the working dtype (clt.decode sums in fp32, for bf16 training), b_dec if bias."""
-    out = (clt.b_dec / clt.output_scale[:, None] * bias).detach().expand(T, -1, -1).clone()  # (T, L, d)
-    for l in range(clt.config.n_layers):
-        mine = feats[:, 0] == l
-        writes = clt.decoder_writes(l, feats[mine, 2], acts[mine]).detach()  # (n_l, n_writes(l), d)
-        out[:, l:l + writes.size(1)].index_add_(0, feats[mine, 1], writes)
-    return out
-
-
-def skip_output(clt, mlp_in):
-    """mlp_in (T, L, d) -> what the skip connection adds to each MLP output (T, L, d), in raw units
-    (zero without one): clt.decode's skip term, in the working dtype as reconstruct (decode's is fp32)."""
-    if clt.W_skip is None:
-        return torch.zeros_like(mlp_in)
-    x = mlp_in * clt.input_scale[:, None]  # (T, L, d) in the CLT's units
-    return (torch.einsum("tld,lde->tle", x, clt.W_skip) / clt.output_scale[:, None]).detach()
-
-
 @torch.no_grad()
-def local_replacement(model, clt, idx):
+def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) -> Replacement:
     """Run the GPT once on idx (1, T); encode its MLP inputs with the CLT; split each MLP output
     into the CLT's reconstruction and an error node. At BOS nothing is a node (circuit-tracer):
     no features, zero errors; its MLP outputs stay in the frozen forward as constants."""
@@ -190,44 +125,63 @@ def local_replacement(model, clt, idx):
     model.check_input(idx)
     if idx.size(0) != 1:
         raise ValueError(f"attribute one prompt at a time, got a batch of {idx.size(0)}")
+    T = idx.size(1)
     logits, acts = model.run_with_acts(idx)
     mlp_in = acts.mlp_in[0]  # (T, L, d)
     mlp_out = acts.mlp_out[0]  # (T, L, d)
     a = clt.encode(mlp_in)  # (T, L, F)
     a[0] = 0  # BOS: large, constant activations that explain nothing about the prompt
     l, p, f = a.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then position, then id
-    feats = torch.stack([l, p, f], 1)
-    recon = reconstruct(clt, feats, a[p, l, f], idx.size(1))  # (T, L, d)
+    feats = torch.stack([l, p, f], 1)  # (n, 3)
+    active = a[p, l, f]  # (n,)
+    recon = reconstruct(clt, feats, active, T)  # (T, L, d)
     skip = skip_output(clt, mlp_in)  # (T, L, d)
     error = mlp_out - recon - skip
     error[0] = 0
-    T = idx.size(1)
     token = model.wte.weight[idx[0]].detach()  # (T, d)
     position = model.wpe.weight[:T].detach()  # (T, d)
-    return Replacement(idx, acts.frozen, token, position, mlp_out, recon, skip, error, feats, a[p, l, f],
-                       logits[0, -1])
+    nodes = (recon, skip, error, feats, active)
+    return Replacement(idx, acts.frozen, token, position, mlp_out, *nodes, logits[0, -1])
 
 
-@torch.no_grad()
+def reconstruct(clt, feats, acts, T, bias=True):
+    """The CLT's output (T, L, d) from the features feats (n, 3) with activations acts (n,), plus
+    b_dec if bias: clt.decode's sum of clt.decoder_writes, kept in the working dtype."""
+    out = (clt.b_dec / clt.output_scale[:, None] * bias).detach().expand(T, -1, -1).clone()
+    for l in range(clt.config.n_layers):
+        mine = feats[:, 0] == l
+        writes = clt.decoder_writes(l, feats[mine, 2], acts[mine]).detach()  # (n_l, n_writes, d)
+        out[:, l : l + writes.size(1)].index_add_(0, feats[mine, 1], writes)
+    return out
+
+
+def skip_output(clt, mlp_in):
+    """mlp_in (T, L, d) -> what the skip connection adds to each MLP output (T, L, d), raw units
+    (zero without one): clt.decode's skip term, kept in the working dtype."""
+    if clt.W_skip is None:
+        return torch.zeros_like(mlp_in)
+    x = mlp_in * clt.input_scale[:, None]  # (T, L, d) in the CLT's units
+    return (torch.einsum("tld,lde->tle", x, clt.W_skip) / clt.output_scale[:, None]).detach()
+
+
 def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True):
-    """Run idx (1, T) through the frozen replacement model whose MLP outputs are fixed (T, L, d) (features,
-    errors, b_dec, changes) plus, with a skip connection, its live term mlp_in[l] @ W_skip[l]: linear in
-    the stream below, a path of the model, not a node (at BOS too). resid: (1, T, d) instead of the
-    embedding. -> (logits (1, T, V) or None, Acts)."""
+    """Run idx (1, T) through the frozen replacement model whose MLP outputs are fixed (T, L, d)
+    (features, errors, b_dec, changes) plus the skip connection's live term, a path of the model
+    (linear in the stream below), not a node. resid: (1, T, d) instead of the embedding.
+    -> (logits (1, T, V) or None, Acts)"""
+    run = partial(model.run_with_acts, idx, frozen=frozen, resid=resid)
     mlp_out = fixed
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
     for _ in range(clt.config.n_layers if clt.W_skip is not None else 0):
-        mlp_in = model.run_with_acts(idx, mlp_out=mlp_out[None], frozen=frozen, resid=resid,
-                                     logits=False)[1].mlp_in[0]  # (T, L, d)
+        mlp_in = run(mlp_out=mlp_out[None], logits=False)[1].mlp_in[0]  # (T, L, d)
         mlp_out = fixed + skip_output(clt, mlp_in)
-    return model.run_with_acts(idx, mlp_out=mlp_out[None], frozen=frozen, resid=resid, logits=logits)
+    return run(mlp_out=mlp_out[None], logits=logits)
 
 
 def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
-    """The targets' inputs in the frozen replacement model fed with the given sources (defaults:
-    the prompt's): (n,) feature pre-activations and (k,) output targets, vectors (k, d) dotted with
-    ln_f's output at the last position (a logit minus the mean logit: W_U[t] - mean(W_U)). mlp_out
-    holds the fixed part of each MLP output (features, errors, b_dec); replacement_forward adds the skip term."""
+    """The targets' inputs in the frozen replacement model fed with the given sources (default:
+    the prompt's): (n,) feature pre-activations and (k,) outputs, vectors (k, d) dotted with ln_f's
+    output at the last position. mlp_out: the fixed part of each MLP output (without the skip)."""
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
     fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
     _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
@@ -236,54 +190,204 @@ def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
     return pre[p, l, f], vectors @ acts.ln_f_out[0, -1]
 
 
+# -----------------------------------------------------------------------------
+# the output nodes: vectors read at ln_f's output (more kinds by name: TARGETS, below)
+
+
+@dataclass
+class Targets:
+    """A graph's output nodes: each reads a vector (d,) from ln_f's output at the last position,
+    where the unembedding reads (circuit-tracer's logit targets and custom targets)."""
+
+    ids: torch.Tensor  # (k,) token ids; a custom target gets vocab_size + i (circuit-tracer's)
+    vectors: torch.Tensor  # (k, d) what each reads: W_U[t] - mean(W_U) for a token's logit
+    weights: torch.Tensor  # (k,) their weights in the influence: a token's probability, or 1
+    labels: list  # (k,) the nodes' text in the front end; "" = the token's ('Output " x" (p=...)')
+
+
+def token_targets(model, logits, ids):
+    """The logits of tokens ids (k,) minus the mean logit, weighted by their probabilities."""
+    W = model.wte.weight.detach()  # (V, d) the unembedding, tied
+    return Targets(ids, W[ids] - W.mean(0), logits.softmax(-1)[ids], [""] * len(ids))
+
+
 def salient_logits(logits, max_logits, logit_prob):
-    """The most likely tokens until their cumulative probability reaches logit_prob, at most max_logits."""
+    """The most likely tokens until their cumulative probability reaches logit_prob, at most
+    max_logits of them -> (ids, probabilities)."""
     probs, ids = logits.softmax(-1).topk(min(max_logits, logits.numel()))
     k = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
     return ids[:k], probs[:k]
 
 
+# -----------------------------------------------------------------------------
+# attribution: the adjacency A, rows computed a batch of targets at a time
+
+
+def attribute(
+    model: GPT,
+    clt: CrossLayerTranscoder,
+    rep: Replacement,
+    prompt: str = "",
+    max_features: int = -1,
+    batch_size: int = 256,
+    max_logits: int = 10,
+    logit_prob: float = 0.95,
+    update_interval: int = 4,
+    position_nodes: bool = False,
+    mesh: Optional[Mesh] = None,
+    targets: Optional[Targets] = None,
+) -> "Graph":
+    """The attribution graph of the replacement model rep (local_replacement's): a Graph with
+    the dense (N, N) adjacency, unpruned.
+
+    Args:
+        max_features: keep at most this many feature nodes (-1: all), the most influential, chosen
+            in rounds of update_interval x batch_size (circuit-tracer's; the module docstring).
+        batch_size: targets per pass of the transposed model.
+        max_logits, logit_prob: the logit nodes (salient_logits), unless targets are given.
+        position_nodes: make the position embeddings nodes instead of biases.
+        mesh: under torchrun, the ranks of mesh.dp_group share every round's rows.
+        targets: the output nodes (token_targets, TARGETS); None: the salient logits.
+    """
+    mesh = mesh or Mesh()
+    n = len(rep.feats)
+    T, L, _ = rep.mlp_out.shape
+    cap = n if max_features < 0 else min(max_features, n)
+    device = rep.feats.device
+    # Phase 0: the output nodes (the salient logits unless given) and the transposed model
+    if targets is None:
+        ids, _ = salient_logits(rep.logits, max_logits, logit_prob)
+        targets = token_targets(model, rep.logits, ids)
+    att = Attribution(model, clt, rep, position_nodes)
+    k = len(targets.ids)
+    N = att.n_sources + k
+    # Phase 1: the logit rows, one pass on every rank. Uncapped, the rows are A itself: features in
+    # node order, the zero rows of the nodes without inputs, the logits; capped, only the targets'
+    # rows, in the order computed, with every active feature's column (the ranking reads them all)
+    inputs = torch.arange(n, N - k, device=device)  # errors and embeddings: no inputs, zero rows
+    middle = inputs if cap == n else inputs[:0]
+    rows = rep.mlp_out.new_zeros(cap + len(middle) + k, N)
+    logit_nodes = torch.arange(N - k, N, device=device)
+    row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
+    last = torch.full((k,), T - 1, device=device)
+    att.rows(torch.full((k,), L, device=device), last, targets.vectors, rows[-k:, : N - k])
+    # Phase 2: the feature rows, in rounds by influence; uncapped, one round in node order
+    weights = rows.new_zeros(N)
+    weights[-k:] = targets.weights.to(rows.dtype)
+    feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh)
+    # Phase 3: capped, the kept features' rows and columns in node order, in a square A
+    kept = row_node[:cap].sort()
+    A = rows if cap == n else square(rows, kept, n, k)
+    nodes = (rep.feats[kept.values], rep.acts[kept.values], targets.ids, targets.weights, A, L, n)
+    out = (position_nodes, targets.vectors, targets.labels)
+    return Graph(prompt, rep.idx[0].tolist(), *nodes, *out)
+
+
+def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh):
+    """Fill rows[:cap] with feature rows and row_node[:cap] with their nodes, in rounds of
+    update_interval x batch_size features, most influential first through the rows so far (weights
+    (N,) on the output nodes); uncapped, one round of all, in node order. Each rank computes a
+    share of a round; one all-reduce gives every rank all of it."""
+    feats = att.rep.feats
+    n = len(feats)
+    todo = torch.ones(n, dtype=torch.bool, device=feats.device)
+    done = 0
+    quiet = cap <= batch_size or mesh.dp_rank != 0
+    bar = tqdm(total=cap, desc="attribution: feature rows", unit="row", disable=quiet)
+    while done < cap:
+        queue = todo.nonzero()[:, 0]
+        if cap < n:  # the remaining features by influence through the rows so far
+            infl = influence(rows, weights, row_node)[:n]
+            ranked = queue[infl[todo].argsort(descending=True, stable=True)]
+            queue = ranked[: min(update_interval * batch_size, cap - done)]
+            queue = queue.sort().values  # node order: batches of one layer and a few positions
+            # rank 0's choice for all: two devices may round a sum differently and break a tie apart
+            queue = all_reduce_sum(queue * (mesh.dp_rank == 0), mesh.dp_group)
+        bounds = shares(feats[queue], mesh.dp)
+        mine = (bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1])
+        for a, b in batches(feats[queue, 0], *mine, batch_size):
+            ids = queue[a:b]
+            out = rows[done + a : done + b, : att.n_sources]
+            att.rows(feats[ids, 0], feats[ids, 1], att.encoders(ids), out)
+            bar.update(b - a)
+        bar.update(len(queue) - (mine[1] - mine[0]))  # the other ranks' share
+        all_reduce_sum(rows[done : done + len(queue)], mesh.dp_group)  # others' rows are zero here
+        row_node[done : done + len(queue)] = queue
+        todo[queue] = False
+        done += len(queue)
+    bar.close()
+
+
+def square(rows, kept, n, k):
+    """A capped graph's rows (cap + k, N) -> its square A: the kept features' rows and columns in
+    node order (kept: their sorted nodes, and their rows), the inputs' zero rows, the logits'."""
+    cols = torch.cat([kept.values, torch.arange(n, rows.size(1), device=rows.device)])
+    A = rows.new_zeros(len(cols), len(cols))
+    A[: len(kept.values)] = rows[kept.indices[:, None], cols]  # one gather: no (cap, N) copy
+    A[-k:] = rows[-k:, cols]
+    return A
+
+
+class Slices(NamedTuple):
+    """Where each kind of node sits in the node order (positions: empty unless position_nodes)."""
+
+    features: slice
+    errors: slice
+    tokens: slice
+    positions: slice
+    logits: slice
+
+
 @dataclass
-class Targets:
-    """A graph's output nodes: each reads a vector (d,) from ln_f's output at the last position, where
-    the unembedding reads (circuit-tracer's logit targets and custom targets)."""
-    ids: torch.Tensor  # (k,) token ids; a custom target gets vocab_size + i (circuit-tracer's virtual index)
-    vectors: torch.Tensor  # (k, d) what each reads: W_U[t] - mean(W_U) for a token's logit minus the mean logit
-    weights: torch.Tensor  # (k,) their weights in the influence: a token's probability, 1 for a custom target
-    labels: list  # (k,) the node's text in the front end; "" = the token's ('Output " x" (p=...)')
+class Graph:
+    """A[target, source] over nodes [features, errors (L·T), tokens, positions (T or 0), logits]."""
+
+    prompt: str
+    tokens: list  # the T input token ids
+    feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
+    acts: torch.Tensor  # (n,) their activations
+    logit_ids: torch.Tensor  # (k,) the output nodes' tokens (vocab_size + i: a custom target)
+    logit_probs: torch.Tensor  # (k,) their weights: the tokens' probabilities, 1 for a custom one
+    adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
+    n_layers: int
+    n_active: int  # active features before --max-features
+    position_nodes: bool = False  # the position embeddings are nodes (after the tokens)
+    target_vectors: Optional[torch.Tensor] = None  # (k, d) what each output node reads (ln_f)
+    target_labels: list = field(default_factory=list)  # (k,) front-end text, "" for a logit
+
+    def slices(self):
+        n, T, L = len(self.feats), len(self.tokens), self.n_layers
+        e = n + L * T  # where the tokens start
+        p = e + T + (T if self.position_nodes else 0)  # where the logits start
+        k = len(self.logit_ids)
+        return Slices(slice(0, n), slice(n, e), slice(e, e + T), slice(e + T, p), slice(p, p + k))
+
+    def logit_weights(self):
+        w = self.adjacency.new_zeros(len(self.adjacency))
+        w[self.slices().logits] = self.logit_probs.to(w.dtype)
+        return w
 
 
-def token_targets(model, logits, ids):
-    """The logits of tokens ids (k,) minus the mean logit, weighted by their probabilities under logits (V,)."""
-    W = model.wte.weight.detach()  # (V, d) the unembedding, tied
-    return Targets(ids, W[ids] - W.mean(0), logits.softmax(-1)[ids], [""] * len(ids))
+def shares(feats, world):
+    """Split feature targets (sorted by node) into `world` contiguous shares of about equal work:
+    a row's pass costs about (layer + 1)·(position + 1): below its layer, up to its position."""
+    cost = ((feats[:, 0] + 1) * (feats[:, 1] + 1)).double().cumsum(0)
+    if world == 1 or len(cost) == 0:
+        return [0, len(feats)]
+    ends = torch.searchsorted(cost, cost[-1] * torch.arange(1, world, device=cost.device) / world)
+    return [0, *ends.tolist(), len(feats)]
 
 
-def custom_target(model, vector, label):
-    """One target reading vector (d,) (a logit difference: W_U[a] - W_U[b]), weight 1."""
-    d = model.config.n_embd
-    if vector.shape != (d,):
-        raise ValueError(f"a target direction must have shape ({d},) (the model's n_embd), got {tuple(vector.shape)}")
-    W = model.wte.weight
-    ids = torch.tensor([model.config.vocab_size], device=W.device)
-    return Targets(ids, vector.to(W.device, W.dtype)[None], torch.ones(1, device=W.device, dtype=W.dtype), [label])
+def batches(layers, start, end, size):
+    """[start, end) of targets sorted by layer, cut into batches of at most `size` within a layer
+    (one across two would pay for the upper layer's depth and the lower one's last positions)."""
+    cuts = (layers[start + 1 : end] != layers[start : end - 1]).nonzero()[:, 0] + start + 1
+    edges = [start, *cuts.tolist(), end]
+    return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
 
 
 # -----------------------------------------------------------------------------
 # rows of A: the transpose of the frozen replacement model, contracted with the sources
-
-
-def ln_transposed(g, weight, scale):
-    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g (d, ...):
-    scale·(weight·g - mean(weight·g)) (the mean subtraction is a symmetric projection); scale
-    broadcasts over g's trailing dimensions."""
-    wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
-    return (wg - wg.mean(0)) * scale
-
-
-def dot_over_d(e, g):
-    """(T, d) vectors dotted with g (d, T, B) position by position -> (T, B); one batched matmul."""
-    return torch.bmm(e.view(len(e), 1, -1), g.permute(1, 0, 2))[:, 0]
 
 
 class Attribution:
@@ -295,33 +399,31 @@ class Attribution:
     down the residual stream (ln_2ᵀ, attentionᵀ through the frozen patterns and W_V, W_O only,
     ln_1ᵀ), and dot it with what each source wrote: the error and decoder vectors at mlp_out[l],
     the embeddings at the bottom. Column b of a batch carries target b (the (d, T, B) layout makes
-    every weight product one matmul over all positions and targets). Written out rather than taken
-    from autograd so that a batch's pass starts at its highest target layer and covers only the
-    positions up to its last target (later ones get nothing: attention is causal); targets sorted
-    by (layer, position) make both small. Memory: one batch's gradients at every mlp_out."""
+    every weight product one matmul over all positions and targets). Written out rather than
+    taken from autograd so that a batch's pass starts at its highest target layer and covers only
+    the positions up to its last target (later ones get nothing: attention is causal); targets
+    sorted by (layer, position) make both small. Memory: one batch's gradients at every mlp_out."""
 
     def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
-        n = len(rep.feats)
-        self.model = model
-        self.rep = rep
+        self.model, self.clt, self.rep = model, clt, rep
         self.T = T  # the prompt's length (a batch's pass may stop earlier)
         self.L = L
         fz = rep.frozen
-        # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers, D_w is
-        # ln_1's weight): fold the constant parts once, scale_1 into the patterns, the rest into W_V
+        # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers,
+        # D_w is ln_1's weight): the constant parts folded once, scale_1 into the patterns
         self.mix, self.W_O, self.W_V = [], [], []
         for l, block in enumerate(model.h):
-            self.mix.append(fz.attn[l][0].transpose(1, 2) * fz.ln_1[l][0])  # (nh, T, T): scale_1 · patternᵀ
+            self.mix.append(fz.attn[l][0].transpose(1, 2) * fz.ln_1[l][0])  # (nh, T, T)
             self.W_O.append(block.attn.c_proj.weight.detach())  # (C, C): out = y @ W_Oᵀ
-            M = block.ln_1.weight.detach()[:, None] * block.attn.c_attn.weight[2 * d:].detach().T  # (C, C) D_w W_Vᵀ
+            W_V = block.attn.c_attn.weight[2 * d :].detach().T  # (C, C)
+            M = block.ln_1.weight.detach()[:, None] * W_V  # D_w W_Vᵀ
             self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ
         self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
         self.scale_f = fz.ln_f[0]  # (T, 1)
         # the features' encoder and decoder rows are read from the CLT batch by batch: held for all
         # active features they would be n·L·d numbers, more than the rows kept with --max-features
-        self.clt = clt
-        l, p, f = rep.feats.T.contiguous()  # searchsorted wants contiguous rows
+        l, p, _ = rep.feats.T.contiguous()  # searchsorted wants contiguous rows
         layer_start = torch.searchsorted(l, torch.arange(L + 1, device=l.device)).tolist()
         self.starts = []  # per layer: node index where its features at position p begin, p = 0..T
         for layer in range(L):
@@ -330,7 +432,7 @@ class Attribution:
             self.starts.append((layer_start[layer] + at).tolist())
         self.errors = rep.error.transpose(0, 1)  # (L, T, d)
         self.inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
-        self.n_sources = n + L * T + len(self.inputs) * T
+        self.n_sources = len(rep.feats) + L * T + len(self.inputs) * T
 
     def encoders(self, ids):
         """(B, d) what the pre-activations of features ids read from mlp_in, in raw units."""
@@ -343,25 +445,26 @@ class Attribution:
         position positions[b] of mlp_in[layers[b]] (layers[b] = L: of ln_f's output, a logit)."""
         B, d = vectors.shape
         L = self.L
+        n = len(self.rep.feats)
         top = int(layers.max())  # nothing above the highest target reaches any target
         T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
         g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
-        G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer, / output_scale
-        errors = out[:, len(self.rep.feats):][:, :L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
+        G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
+        errors = out[:, n : n + L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
         if top == L:  # logits read ln_f's output at the last position
             rows, u = self.injected(L, layers, positions, vectors)
             g[:, -1, rows] = u
         for l in reversed(range(min(top + 1, L))):
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
-                torch.div(g, self.clt.output_scale[l], out=G[l])  # the CLT's writes are W_dec / output_scale
+                torch.div(g, self.clt.output_scale[l], out=G[l])  # the writes: W_dec / output_scale
                 errors[:, l, :T] = dot_over_d(self.errors[l, :T], g).T
                 self.add_skip_transposed(g, l)
                 self.add_attention_transposed(g, l)
             self.add_injected(g, l, layers, positions, vectors)
         self.contract_features(G, out)
         for i, e in enumerate(self.inputs):
-            start = len(self.rep.feats) + L * self.T + i * self.T
-            out[:, start:start + T] = dot_over_d(e[:T], g).T
+            start = n + L * self.T + i * self.T
+            out[:, start : start + T] = dot_over_d(e[:T], g).T
 
     def injected(self, l, layers, positions, vectors):
         """The targets that read mlp_in[l] (l = L: ln_f's output) -> (their rows (r,), their vectors
@@ -372,20 +475,20 @@ class Attribution:
         return rows, ln_transposed(vectors[rows].T, ln.weight, scale.T)
 
     def add_skip_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> skip(ln_2(x)) applied to g: the skip connection reads the
-        MLP input, so the gradient at mlp_out[l] also flows back through ln_2 (circuit-tracer: skip +
-        (acts - skip).detach(), the skip path kept in the graph). In raw units skip(h) = (h·s_in) W_skip / s_out."""
+        """g (C, T, B) += the transpose of x -> skip(ln_2(x)) applied to g: the skip connection
+        reads the MLP input, so the gradient at mlp_out[l] also flows back through ln_2
+        (circuit-tracer keeps the skip path in the graph too). skip(h) = (h·s_in) W_skip / s_out."""
         if self.clt.W_skip is None:
             return
         C, T, B = g.shape
-        W = self.clt.W_skip[l].detach() * (self.clt.input_scale[l] / self.clt.output_scale[l])  # (C, C): h @ W
+        scale = self.clt.input_scale[l] / self.clt.output_scale[l]
+        W = self.clt.W_skip[l].detach() * scale  # (C, C): h @ W
         h = (W @ g.view(C, T * B)).view(C, T, B)  # d(targets)/d(mlp_in[l])
-        g += ln_transposed(h, self.model.h[l].ln_2.weight, self.scale_2[l][:T])  # scale (T, 1) over (C, T, B)
+        g += ln_transposed(h, self.model.h[l].ln_2.weight, self.scale_2[l][:T])  # scale (T, 1)
 
     def add_attention_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g: through the frozen patterns'
-        OV path only, out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, so the transpose is
-        W_Vᵀ patternᵀ_h W_Oᵀ."""
+        """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g, through the frozen
+        patterns' OV path only: out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, transposed."""
         C, T, B = g.shape
         mix = self.mix[l]
         nh = len(mix)
@@ -408,182 +511,45 @@ class Attribution:
         nh = len(mix)
         p = positions[rows]
         y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
-        z = torch.bmm(self.W_V[l].view(C, nh, C // nh).transpose(0, 1), y)  # (nh, C, r): per head, back at ln_1
+        W_V = self.W_V[l].view(C, nh, C // nh).transpose(0, 1)  # (nh, C, hs)
+        z = torch.bmm(W_V, y)  # (nh, C, r): per head, back at ln_1
         spread = torch.bmm(z.permute(2, 1, 0), mix[:, :T, p].permute(2, 0, 1))  # (r, C, T)
-        spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u itself at p
+        spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u at p
         g.index_add_(2, rows, spread.permute(1, 2, 0))
 
     def contract_features(self, G, out):
-        """out[:, feature s] = a_s · sum over l' of W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one matmul
-        per (layer, position) block of features, over the layers the block writes to below the top
-        (every later layer for a CLT, its own for a PLT)."""
+        """out[:, feature s] = a_s · sum over l' of W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one
+        matmul per (layer, position) block of features, over the layers the block writes to below
+        the top (every later layer for a CLT, its own for a PLT; above it reaches nothing)."""
         top, d, T, B = G.shape
         feats, acts = self.rep.feats, self.rep.acts
-        for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (in cache)
+        for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (cache)
             for l in range(top):
                 a, b = self.starts[l][p], self.starts[l][p + 1]
                 if a < b:
-                    # (n_lp, (top - l)·d): what the features write below the top layer (above it reaches nothing)
                     n_w = min(self.clt.n_writes(l), top - l)
-                    w = self.clt.W_dec[l][feats[a:b, 2], :n_w].detach().flatten(1)
-                    out[:, a:b] = (w @ G[l:l + n_w, :, p].flatten(0, 1)).T * acts[a:b]  # (B, n_lp)
+                    w = self.clt.W_dec[l][feats[a:b, 2], :n_w].detach().flatten(1)  # (n_lp, n_w·d)
+                    written = w @ G[l : l + n_w, :, p].flatten(0, 1)  # (n_lp, B)
+                    out[:, a:b] = written.T * acts[a:b]
 
 
-def shares(feats, world):
-    """Split feature targets (sorted by node) into `world` contiguous shares of about equal work: a
-    row's pass costs about (layer + 1)·(position + 1) (it runs below its layer, up to its position)."""
-    cost = ((feats[:, 0] + 1) * (feats[:, 1] + 1)).double().cumsum(0)
-    if world == 1 or len(cost) == 0:
-        return [0, len(feats)]
-    ends = torch.searchsorted(cost, cost[-1] * torch.arange(1, world, device=cost.device) / world)
-    return [0, *ends.tolist(), len(feats)]
+def ln_transposed(g, weight, scale):
+    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g
+    (d, ...): scale·(weight·g - mean(weight·g)), the mean subtraction being a symmetric
+    projection; scale broadcasts over g's trailing dimensions."""
+    wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
+    return (wg - wg.mean(0)) * scale
 
 
-def batches(layers, start, end, size):
-    """[start, end) of targets sorted by layer, cut into batches of at most `size` that never straddle
-    two layers: one that did would pay for the upper layer's depth and the lower one's last positions."""
-    cuts = (layers[start + 1:end] != layers[start:end - 1]).nonzero()[:, 0] + start + 1
-    edges = [start, *cuts.tolist(), end]
-    return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
-
-
-class Slices(NamedTuple):
-    """Where each kind of node sits in the node order (positions: empty unless position_nodes)."""
-    features: slice
-    errors: slice
-    tokens: slice
-    positions: slice
-    logits: slice
-
-
-@dataclass
-class Graph:
-    """A[target, source] over nodes [features, errors (L·T), tokens (T), positions (T or 0), logits (k)]."""
-    prompt: str
-    tokens: list  # the T input token ids
-    feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
-    acts: torch.Tensor  # (n,) their activations
-    logit_ids: torch.Tensor  # (k,) the output nodes' tokens (vocab_size + i: a custom target, see Targets)
-    logit_probs: torch.Tensor  # (k,) their weights: the tokens' probabilities, 1 for a custom target
-    adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
-    n_layers: int
-    n_active: int  # active features before --max-features
-    position_nodes: bool = False  # the position embeddings are nodes (after the tokens), not biases
-    target_vectors: Optional[torch.Tensor] = None  # (k, d) what each output node reads from ln_f's output
-    target_labels: list = field(default_factory=list)  # (k,) their front-end text, "" for a token's logit
-
-    def slices(self):
-        n, T, L = len(self.feats), len(self.tokens), self.n_layers
-        e = n + L * T
-        P = T if self.position_nodes else 0
-        return Slices(slice(0, n), slice(n, e), slice(e, e + T), slice(e + T, e + T + P),
-                      slice(e + T + P, e + T + P + len(self.logit_ids)))
-
-    def logit_weights(self):
-        w = self.adjacency.new_zeros(len(self.adjacency))
-        w[self.slices().logits] = self.logit_probs.to(w.dtype)
-        return w
-
-
-def attribute(model: GPT, clt: CrossLayerTranscoder, rep: Replacement, prompt: str = "", max_features: int = -1,
-              batch_size: int = 256, max_logits: int = 10, logit_prob: float = 0.95, update_interval: int = 4,
-              position_nodes: bool = False, mesh: Optional[Mesh] = None, targets: Optional[Targets] = None) -> Graph:
-    """The attribution graph of the replacement model rep (local_replacement's).
-
-    Args:
-        max_features: keep at most this many feature nodes (-1: all): rounds of update_interval x
-            batch_size features, most influential first by the rows computed so far (circuit-tracer).
-        batch_size: targets per pass of the transposed model.
-        max_logits, logit_prob: the logit nodes (salient_logits).
-        position_nodes: make the position embeddings nodes instead of biases.
-        mesh: under torchrun, each rank of mesh.dp_group computes a share of every round's rows and
-            one all-reduce gives every rank all of them (each rank runs local_replacement itself).
-        targets: the output nodes (token_targets, custom_target); None: the salient logits.
-    Returns:
-        Graph with the dense (N, N) adjacency, unpruned.
-    """
-    mesh = mesh or Mesh()
-    n, (T, L, _) = len(rep.feats), rep.mlp_out.shape
-    cap = n if max_features < 0 else min(max_features, n)
-    device = rep.feats.device
-    # Phase 1: the output nodes (the salient logits unless given) and the sources' vectors
-    if targets is None:
-        targets = token_targets(model, rep.logits, salient_logits(rep.logits, max_logits, logit_prob)[0])
-    att = Attribution(model, clt, rep, position_nodes)
-    k, n_src = len(targets.ids), att.n_sources
-    # uncapped, A itself, filled in place: feature rows in node order, the zero rows of the nodes
-    # without inputs (errors, embeddings), the logit rows; capped, only the targets' rows, in the
-    # order computed, with every active feature's column (the ranking reads them all)
-    N = n_src + k
-    inputs = torch.arange(n, n_src, device=device)  # the nodes without inputs
-    logit_nodes = torch.arange(n_src, N, device=device)
-    middle = inputs if cap == n else inputs[:0]
-    rows = rep.mlp_out.new_zeros(cap + len(middle) + k, N)
-    row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
-    # Phase 2: the logit rows, one pass (every rank: cheaper than sending them)
-    last = torch.full((k,), T - 1, device=device)
-    att.rows(torch.full((k,), L, device=device), last, targets.vectors, rows[-k:, :n_src])
-    # Phase 3: the feature rows, in rounds; uncapped, one round of all features in node order
-    weights = rows.new_zeros(n_src + k)
-    weights[n_src:] = targets.weights.to(rows.dtype)
-    todo = torch.ones(n, dtype=torch.bool, device=device)
-    done = 0
-    bar = tqdm(total=cap, desc="feature rows", disable=cap <= batch_size or mesh.dp_rank != 0)
-    while done < cap:
-        queue = todo.nonzero()[:, 0]
-        if cap < n:  # the remaining features by influence through the rows so far
-            infl = influence(rows, weights, row_node)[:n]
-            ranked = queue[infl[todo].argsort(descending=True, stable=True)]
-            queue = ranked[:min(update_interval * batch_size, cap - done)]
-            queue = queue.sort().values  # node order: batches of one layer and a few positions
-            # rank 0's choice for all: two devices may round a sum differently and break a near-tie apart
-            queue = all_reduce_sum(queue * (mesh.dp_rank == 0), mesh.dp_group)
-        bounds = shares(rep.feats[queue], mesh.dp)
-        mine = (bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1])
-        for a, b in batches(rep.feats[queue, 0], *mine, batch_size):
-            ids = queue[a:b]
-            l, p = rep.feats[ids, 0], rep.feats[ids, 1]
-            att.rows(l, p, att.encoders(ids), rows[done + a:done + b, :n_src])
-            bar.update(b - a)
-        bar.update(len(queue) - (mine[1] - mine[0]))
-        all_reduce_sum(rows[done:done + len(queue)], mesh.dp_group)  # other ranks' rows are zero here
-        row_node[done:done + len(queue)] = queue
-        todo[queue] = False
-        done += len(queue)
-    bar.close()
-    # Phase 4: capped, the kept features' rows and columns in node order, in a square A
-    kept = row_node[:cap].sort()
-    if cap < n:
-        cols = torch.cat([kept.values, inputs, logit_nodes])
-        A = rows.new_zeros(len(cols), len(cols))
-        A[:cap] = rows[kept.indices[:, None], cols]  # one gather: no (cap, N) copy of the rows
-        A[-k:] = rows[-k:, cols]
-        rows = A
-    ids = kept.values
-    return Graph(prompt, rep.idx[0].tolist(), rep.feats[ids], rep.acts[ids], targets.ids, targets.weights, rows, L, n,
-                 position_nodes, targets.vectors, targets.labels)
-
-
-@torch.no_grad()
-def exactness(model, clt, rep, graph):
-    """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
-    feats, vectors = graph.feats.to(rep.idx.device), graph.target_vectors.to(rep.idx.device)
-    inputs = torch.cat(target_inputs(model, clt, rep, feats, vectors))
-    resid = rep.position * (not graph.position_nodes)  # (T, d) what the embedding keeps with every node at zero
-    mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) no features: b_dec only
-    mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its whole MLP output is bias, but for the live skip term
-    bias = torch.cat(target_inputs(model, clt, rep, feats, vectors, resid, mlp_out))
-    s = graph.slices()
-    A = graph.adjacency.to(inputs.device)
-    total = torch.cat([A[s.features].sum(1), A[s.logits].sum(1)]) + bias
-    return (total - inputs).abs().max().item(), inputs.abs().max().item()
+def dot_over_d(e, g):
+    """(T, d) vectors dotted with g (d, T, B) position by position -> (T, B); one batched matmul."""
+    return torch.bmm(e.view(len(e), 1, -1), g.permute(1, 0, 2))[:, 0]
 
 
 # -----------------------------------------------------------------------------
-# influence, pruning, scores (circuit-tracer's definitions, see the module docstring)
+# influence, pruning, scores (circuit-tracer's definitions, see the module docstring); exactness
 
-
-BLOCK_ELEMENTS = 2 ** 22  # influence's blocks of |A|: 16 MB of fp32
+BLOCK_ELEMENTS = 2**22  # influence's blocks of |A|: 16 MB of fp32
 
 
 def normalized(A):
@@ -594,9 +560,9 @@ def normalized(A):
 
 def influence(A, w, row_node=None, normalize=True):
     """w (Â + Â² + ...) = w ((I - Â)^-1 - I), term by term, with Â = normalized(A) (normalize=False:
-    A is Â already). Â is applied a block of rows at a time and never built whole: A can be the
-    largest tensor there is (the rows of a capped graph). A may hold only some rows: row i is then
-    node row_node[i]'s (circuit-tracer's partial influence, for --max-features)."""
+    A is Â already), applied a block of rows at a time: A can be the largest tensor there is (the
+    rows of a capped graph). If A holds only some rows, row i is node row_node[i]'s
+    (circuit-tracer's partial influence, for --max-features)."""
     row_node = torch.arange(len(A), device=A.device) if row_node is None else row_node
     step = max(1, BLOCK_ELEMENTS // max(A.shape[1], 1))
     blocks = [slice(a, a + step) for a in range(0, len(A), step)]
@@ -626,7 +592,7 @@ def cumulative_threshold(scores, fraction):
 
 def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,)).
-    The edges are scored in the graph of the kept nodes alone (K x K): nothing else of size N² but the mask."""
+    Edges are scored in the graph of the kept nodes alone (K x K): only the mask is N x N."""
     if not (0 <= node_threshold <= 1 and 0 <= edge_threshold <= 1):
         raise ValueError(f"thresholds must lie in [0, 1], got {node_threshold}, {edge_threshold}")
     s = graph.slices()
@@ -638,8 +604,8 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     kept = node_mask.nonzero()[:, 0]  # (K,)
     edge_score = normalized(A[kept][:, kept])  # Â of the pruned graph
     edge_score *= (influence(edge_score, w[kept], normalize=False) + w[kept])[:, None]
-    edges = edge_score > 0
-    edges &= edge_score >= cumulative_threshold(edge_score[edges], edge_threshold)  # the zeros add nothing
+    edges = edge_score > 0  # the zero edges add nothing: the threshold is over the others
+    edges &= edge_score >= cumulative_threshold(edge_score[edges], edge_threshold)
     keep = torch.ones_like(kept, dtype=torch.bool)
     inner = kept < inputs  # features and errors need an outgoing edge
     feature = kept < s.features.stop  # features an incoming one too
@@ -672,6 +638,22 @@ def scores(graph):
     return replacement.item(), completeness.item()
 
 
+@torch.no_grad()
+def exactness(model, clt, rep, graph):
+    """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
+    feats = graph.feats.to(rep.idx.device)
+    vectors = graph.target_vectors.to(rep.idx.device)
+    inputs = torch.cat(target_inputs(model, clt, rep, feats, vectors))
+    resid = rep.position * (not graph.position_nodes)  # (T, d) the embedding with no node on
+    mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) b_dec alone
+    mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its MLP output is bias, but for the skip term
+    bias = torch.cat(target_inputs(model, clt, rep, feats, vectors, resid, mlp_out))
+    s = graph.slices()
+    A = graph.adjacency.to(inputs.device)
+    total = torch.cat([A[s.features].sum(1), A[s.logits].sum(1)]) + bias
+    return (total - inputs).abs().max().item(), inputs.abs().max().item()
+
+
 # -----------------------------------------------------------------------------
 # save: circuit-tracer's graph JSON for its front end, and the full graph (forge/graphfile.py)
 
@@ -689,24 +671,20 @@ def save(graph, cfg, enc):
 
 
 # -----------------------------------------------------------------------------
-# command line
+# output nodes by name: `--target NAME:SPEC`, or `--target-NAME SPEC` for the three here. Each
+# builder takes (spec, model, enc, rep) and returns Targets: a fork adds one with one entry.
 
 
-def load(cfg, device):
-    if not os.path.exists(cfg.clt):
-        raise FileNotFoundError(f"no CLT at {cfg.clt}: train one first, `python cache.py --model models/tiny "
-                                f"--corpus toy --out runs/cache && python train.py` (writes runs/clt), or pass --clt DIR")
-    model = GPT.from_pretrained(cfg.model)
-    clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
-    model = model.to(device)
-    check_compatible(model, clt)
-    check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
-    enc = load_tokenizer(cfg.model)
-    return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
-
-
-# Output nodes by name: --target NAME:SPEC, or --target-NAME SPEC for the three below. Each builder
-# takes (spec, model, enc, rep) and returns Targets; a fork adds a target with one entry here.
+def custom_target(model, vector, label):
+    """One target reading vector (d,) (a logit difference: W_U[a] - W_U[b]), weight 1."""
+    d = model.config.n_embd
+    if vector.shape != (d,):
+        shape = tuple(vector.shape)
+        raise ValueError(f"a target direction must have shape ({d},) (the n_embd), got {shape}")
+    W = model.wte.weight
+    ids = torch.tensor([model.config.vocab_size], device=W.device)
+    weight = torch.ones(1, device=W.device, dtype=W.dtype)
+    return Targets(ids, vector.to(W.device, W.dtype)[None], weight, [label])
 
 
 def logit_difference(spec, model, enc, rep):
@@ -743,27 +721,103 @@ def build_targets(cfg, model, enc, rep):
     named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
     given = [x for x in named if not x.endswith(":")] + [cfg.target] * bool(cfg.target)
     if len(given) > 1:
-        raise ValueError(f"give one of --target, --target-diff, --target-tokens, --target-direction, not {given}")
+        flags = "--target, --target-diff, --target-tokens, --target-direction"
+        raise ValueError(f"give one of {flags}, not {given}")
     if not given:
         return None
     name, colon, spec = given[0].partition(":")
     if name not in TARGETS or not colon:
-        raise ValueError(f"--target {given[0]!r}: write NAME:SPEC with NAME one of {', '.join(TARGETS)}")
+        raise ValueError(
+            f"--target {given[0]!r}: write NAME:SPEC, NAME one of {', '.join(TARGETS)}"
+        )
     return TARGETS[name](spec, model, enc, rep)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+PROMPT = "Batris lives in Fafes. The language Batris speaks is"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class GraphConfig:
+    """attribute a prompt: the graph files for the front end, and the full adjacency"""
+
+    model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
+    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
+    interp: str = arg("runs/interp", "interp.py's output dir or features.jsonl: node explanations")
+    prompt: str = arg(PROMPT, "text to attribute (BOS is prepended)")
+    out: str = arg("runs/graph", "output directory")
+    slug: str = arg("graph", "the graph's name in the front end: OUT/SLUG.json")
+    device: str = arg(DEVICE, "cpu or cuda (torchrun: each rank its own GPU)")
+    max_features: int = arg(-1, "at most this many feature nodes; -1 = all", group="attribution")
+    batch_size: int = arg(256, "targets per pass of the transposed model")
+    update_interval: int = arg(4, "with --max-features: re-rank features every this many batches")
+    max_logits: int = arg(10, "at most this many logit nodes")
+    logit_prob: float = arg(0.95, "logit nodes until this cumulative probability")
+    position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases")
+    target: str = arg("", "NAME:SPEC: output nodes from TARGETS", group="output nodes (or logits)")
+    target_diff: str = arg("", 'logit(A) - logit(B): "A|B", one token each, e.g. " Paris| London"')
+    target_tokens: str = arg("", 'these tokens\' logits: "A|B|...", one token each')
+    target_direction: str = arg("", "a direction at ln_f's output: a .safetensors of one (d,)")
+    node_threshold: float = arg(0.8, "keep nodes up to this cumulative influence", group="pruning")
+    edge_threshold: float = arg(0.98, "keep edges up to this cumulative influence")
+
+
+def check_compatible(model, clt):
+    c, g = clt.config, model.config
+    if (c.n_layers, c.d_model) != (g.n_layer, g.n_embd):
+        ours = f"it has n_layers={c.n_layers}, d_model={c.d_model}"
+        gpt = f"the GPT has n_layer={g.n_layer}, n_embd={g.n_embd}"
+        named = f"(the CLT's config names model {c.model!r})"
+        raise ValueError(f"the CLT was made for another model: {ours}, {gpt} {named}")
+
+
+def encode_prompt(enc, prompt, n_ctx):
+    """Text -> (1, T) token ids with BOS first, as circuit-tracer's tokenizers give them."""
+    if not prompt.strip():
+        raise ValueError(f"the prompt is empty ({prompt!r}): give --prompt some text")
+    bos = enc.encode_single_token(ENDOFTEXT)
+    ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
+    ids = ids if ids[0] == bos else [bos] + ids
+    if len(ids) > n_ctx:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens with BOS, over the model's n_ctx={n_ctx}"
+        )
+    return torch.tensor([ids])
+
+
+def load(cfg, device):
+    """cfg.model, its transcoder cfg.clt (any layout), the tokenizer, the prompt's ids (1, T)."""
+    if not os.path.exists(cfg.clt):
+        first = (
+            "python cache.py --model models/tiny --corpus toy --out runs/cache && python train.py"
+        )
+        fix = f"train one first, `{first}` (writes runs/clt), or pass --clt DIR"
+        raise FileNotFoundError(f"no CLT at {cfg.clt}: {fix}")
+    model = GPT.from_pretrained(cfg.model)
+    clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
+    model = model.to(device)
+    check_compatible(model, clt)
+    check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
+    enc = load_tokenizer(cfg.model)
+    return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
 
 
 def run_graph(cfg):
     """One process, or torchrun: every rank builds the replacement model and computes its share of
     the rows; rank 0 checks exactness and writes the files."""
     ddp, rank, _, world, device = compute_init(cfg.device)
-    mesh = make_mesh(ddp, world, 1, device)  # all ranks data-parallel: the rows split, the model is whole
+    mesh = make_mesh(ddp, world, 1, device)  # all ranks data-parallel: rows split, model whole
     if rank == 0:
         print(asdict(cfg) | dict(world=world))
     model, clt, enc, idx = load(cfg, device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
-    graph = attribute(model, clt, rep, cfg.prompt, cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob,
-                      cfg.update_interval, cfg.position_nodes, mesh, build_targets(cfg, model, enc, rep))
+    targets = build_targets(cfg, model, enc, rep)
+    knobs = (cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob, cfg.update_interval)
+    graph = attribute(model, clt, rep, cfg.prompt, *knobs, cfg.position_nodes, mesh, targets)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return
@@ -772,13 +826,13 @@ def run_graph(cfg):
     labels = graph.target_labels or [""] * len(graph.logit_ids)
     probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
     top = ", ".join(label or f"{token_str(enc, t)!r} {p:.3f}" for t, p, label in probs)
-    capped = " [capped: dropped features' edges are missing]" if len(graph.feats) < graph.n_active else ""
-    print(f"prompt: {len(graph.tokens)} tokens | active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
-          f" | logits: {top}")
-    print(f"attribution: {seconds:.2f} s on {world} process(es) | exactness: max |sum A + bias - input| = {err:.2e} "
-          f"(inputs up to {scale:.2g}){capped}")
-    print(f"replacement score {replacement:.3f} | completeness score {completeness:.3f} | pruned graph: "
-          f"{n_nodes} nodes, {n_links} links -> {cfg.out}/{cfg.slug}.json")
+    capped = " [capped: dropped features' edges are missing]" * (len(graph.feats) < graph.n_active)
+    nodes = f"active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
+    print(f"prompt: {len(graph.tokens)} tokens | {nodes} | logits: {top}")
+    sums = f"max |sum A + bias - input| = {err:.2e} (inputs up to {scale:.2g}){capped}"
+    print(f"attribution: {seconds:.2f} s on {world} process(es) | exactness: {sums}")
+    pruned = f"pruned graph: {n_nodes} nodes, {n_links} links -> {cfg.out}/{cfg.slug}.json"
+    print(f"replacement score {replacement:.3f} | completeness score {completeness:.3f} | {pruned}")
 
 
 def main(argv=None):

@@ -4,25 +4,18 @@ run the model, and see how the next-token prediction, or a whole continuation, c
 
 Data flow:
     prompt -> token ids, BOS first (graph.py's encode_prompt)
-      -> the clean run: GPT.run_with_acts; the changed features' clean activations a from the
-         CLT encoder on its MLP inputs
+      -> the clean run: GPT.run_with_acts; the changed features' activations a from the CLT
+         encoder on its MLP inputs
       -> each change a -> a' adds (a' - a) x the feature's decoder writes to the MLP outputs
-      -> the intervened run (freeze: none | attention | all) -> logits, or the next token
+      -> the intervened run (freeze: none | attention | all, see intervene) -> logits, next token
 
     python intervene.py intervene --intervene 3/-1/123=5,2/4/9:ablate --prompt "..."
         # LAYER/POS/FEATURE then =VALUE (set), *X (scale), +X (add) or :ablate
     python intervene.py intervene --intervene 3/-1/123:ablate --freeze all  # replacement model
     python intervene.py generate --intervene 3/-1/123+4 --every-token --max-new-tokens 20
-    tiny CPU run: python train.py (writes runs/clt), then python intervene.py intervene
-        --intervene 1/-1/3=4
+    tiny CPU run: python train.py (writes runs/clt), then
+        python intervene.py intervene --intervene 1/-1/3=4
     one process only, no torchrun: a prompt's runs are a few forward passes
-
-Definitions (graph.py's replacement model):
-    An intervention moves the activation a of one feature at one position to a' (set, scale, add,
-    ablate; silent features too); the MLP outputs then change by (a' - a) x its decoder writes. The
-    rest of the model responds (freeze="none"), or its attention patterns are frozen ("attention"),
-    or it is the replacement model ("all": patterns, LayerNorm scales and every MLP output held, so
-    the logit nodes move by minus the ablated features' edges, exactly).
 
 Differences from circuit-tracer (its feature_intervention):
 - freeze="all" holds every layer's MLP output (circuit-tracer's constrained_layers chooses which);
@@ -42,7 +35,8 @@ from clt import CrossLayerTranscoder
 from forge.cli import arg, parse_config, run_main
 from forge.graphfile import token_str
 from forge.hub import DEFAULT_MODEL
-from graph import check_compatible, load, reconstruct, replacement_forward, skip_output
+from graph import DEVICE, PROMPT, check_compatible, load, reconstruct, replacement_forward
+from graph import skip_output
 from model import Acts, Frozen, GPT
 
 MODES = ("set", "scale", "add", "ablate")
@@ -61,13 +55,8 @@ class Intervention:
 
     def new_activation(self, a):
         """The feature's activation after the change, from its clean activation a."""
-        if self.mode == "set":
-            return torch.full_like(a, self.value)
-        if self.mode == "scale":
-            return a * self.value
-        if self.mode == "add":
-            return a + self.value
-        return torch.zeros_like(a)
+        new = dict(set=torch.full_like(a, self.value), scale=a * self.value, add=a + self.value)
+        return new.get(self.mode, torch.zeros_like(a))
 
 
 class Intervened(NamedTuple):
@@ -95,28 +84,24 @@ def intervene(
 ) -> tuple:
     """Change CLT features' activations and run the model: test a hypothesis read off a graph.
 
-    Each Intervention moves the activation a of one feature at one position to a' (set: value,
-    scale: a·value, add: a + value, ablate: 0); a is the CLT encoder's on the clean run's MLP
-    inputs (at BOS too, where graphs have no features; a silent feature has a = 0, so set and add
-    steer with it). The MLP outputs then change by (a' - a) × the feature's decoder writes
-    (clt.decoder_writes) at every layer it writes to, or only at the layers in `layers`. Several
-    interventions add their changes.
+    Each Intervention moves the activation a of one feature at one position to a'; a is the CLT
+    encoder's on the clean run's MLP inputs (at BOS too, where graphs have no features; a silent
+    feature has a = 0, so set and add steer with it). The MLP outputs then change by (a' - a) x
+    the feature's decoder writes (clt.decoder_writes) at every layer it writes to, or only at the
+    layers in `layers`. Several interventions add their changes.
 
     Args:
         idx: (1, T) token ids, BOS first.
         interventions: [Intervention], each (layer, pos, feature) at most once.
         freeze: what stays as in the clean run.
-            "none": nothing, the real model's view. Attention, LayerNorm and every later MLP
-                respond to the change; each MLP output is the real MLP's output on its new input
-                plus the change (so the CLT's error is not held: later MLPs, not later CLT
-                features, respond).
-            "attention": attention patterns frozen at the clean run's; LayerNorm and MLPs respond.
-            "all": the local replacement model's view, as circuit-tracer's feature_intervention
-                with freeze_attention and every layer constrained: attention patterns and LayerNorm
-                scales frozen, every MLP output held at the clean one plus the change (features and
-                errors held, none recomputed; a skip connection stays live, as in the graph). The
-                model is then linear: ablating a graph's feature moves each logit node by minus its
-                edge.
+            "none": nothing, the real model's view: attention, LayerNorm and every later MLP
+                respond, each MLP output is the real MLP's on its new input plus the change (the
+                CLT's error is not held: later MLPs, not later CLT features, respond).
+            "attention": the attention patterns; LayerNorm and MLPs respond.
+            "all": the local replacement model's view (circuit-tracer's feature_intervention with
+                freeze_attention and every layer constrained): attention patterns, LayerNorm scales
+                and every MLP output held, plus the change (a skip connection stays live, as in the
+                graph). Linear: ablating a graph's feature moves each logit node by minus its edge.
         layers: None (all), or (start, end): only mlp_out[start:end] get the change.
     Returns:
         (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
@@ -127,7 +112,7 @@ def intervene(
 
 @torch.no_grad()
 def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -> Intervened:
-    """intervene's two runs with their activations (see intervene)."""
+    """intervene's two runs with their activations."""
     check_compatible(model, clt)
     model.check_input(idx)
     if idx.size(0) != 1:
@@ -150,10 +135,9 @@ def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -
 
 
 def intervention_delta(clt, mlp_in, interventions, layers=None):
-    """The change of every MLP output (T, L, d) that the interventions make, from the clean run's
-    MLP inputs mlp_in (T, L, d) -> (delta, old activations (n,), new activations (n,)). A feature
-    of layer l at p with activation a -> a' adds (a' - a)·W_dec[l][f, l' - l] / output_scale[l'] to
-    mlp_out[l'] at p for every layer l' it writes to (only start <= l' < end with layers given)."""
+    """The change of every MLP output (T, L, d) the interventions make, from the clean run's MLP
+    inputs mlp_in (T, L, d) -> (delta, old activations (n,), new activations (n,)): a feature at
+    p going a -> a' adds (a' - a) x its decoder writes to mlp_out[l'] at p, start <= l' < end."""
     T, L, _ = mlp_in.shape
     feats = check_interventions(interventions, L, T, clt.config.n_features).to(mlp_in.device)
     l, p, f = feats.T
@@ -171,9 +155,8 @@ def intervention_delta(clt, mlp_in, interventions, layers=None):
 
 
 def forward_with_mlp_change(model, idx, delta, frozen=None):
-    """Run idx (1, T) with delta[:, l] (T, L, d) added to the output of every MLP, which still
-    computes its output from its own input (frozen: attention patterns to reuse).
-    -> (logits, Acts)"""
+    """Run idx (1, T) with delta[:, l] (T, L, d) added to every MLP's output, the MLP computing
+    its own output from its input (frozen: attention patterns to reuse) -> (logits, Acts)."""
 
     def adds(layer):  # a forward hook that adds the change of layer's MLP output
         def hook(module, inputs, out):
@@ -197,47 +180,35 @@ def check_interventions(interventions, L, T, F_):
         if iv.mode not in MODES:
             raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
         if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
-            raise ValueError(
-                f"{name}: need 0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS "
-                f"included) and 0 <= feature < {F_}"
-            )
+            sizes = f"0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS included)"
+            raise ValueError(f"{name}: need {sizes} and 0 <= feature < {F_}")
         out.append((iv.layer, iv.pos % T, iv.feature))
     if len(set(out)) < len(out):
         names = [f"{l}/{p}/{f}" for l, p, f in out]
-        raise ValueError(
-            f"a feature is changed twice in {names}: give each (layer, pos, feature) once, with "
-            "the value it should end up at"
-        )
+        fix = "give each (layer, pos, feature) once, with the value it should end up at"
+        raise ValueError(f"a feature is changed twice in {names}: {fix}")
     return torch.tensor(out, dtype=torch.long).view(-1, 3)
 
 
-def as_float(text):
-    """float(text), or None where text is None or not a number."""
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
-SPEC = re.compile(r"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*(\S+)|:\s*(ablate))\s*")
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+SPEC = re.compile(rf"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*({NUMBER})|:\s*(ablate))\s*")
 
 
 def parse_interventions(spec, n_layers=None, n_tokens=None, n_features=None):
     """The command line's interventions -> [Intervention]: comma-separated LAYER/POS/FEATURE then
-    =VALUE (set), *X (scale), +X (add) or :ablate (=0 too), e.g. "3/-1/123=5,0/2/7:ablate". With
-    the sizes given, layers, positions and features out of range are refused as intervene does."""
+    =VALUE (set), *X (scale), +X (add) or :ablate, e.g. "3/-1/123=5,0/2/7:ablate". Given the
+    sizes, layers, positions and features out of range are refused as intervene refuses them."""
     out = []
     for one in spec.split(","):
         m = SPEC.fullmatch(one)
-        value = as_float(m and m.group(5))
-        if not m or (m.group(6) is None and value is None):
+        if not m:
             raise ValueError(
                 f"--intervene {one.strip()!r}: write LAYER/POS/FEATURE=VALUE (set), *X (scale), "
                 "+X (add) or :ablate, comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate"
             )
         mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
         layer, pos, feature = (int(m.group(i)) for i in (1, 2, 3))
-        out.append(Intervention(layer, pos, feature, mode, 0.0 if mode == "ablate" else value))
+        out.append(Intervention(layer, pos, feature, mode, float(m.group(5) or 0)))
     if n_layers is not None:
         check_interventions(out, n_layers, n_tokens, n_features)
     return out
@@ -263,15 +234,12 @@ def generate(
 ) -> tuple:
     """Continue the prompt idx (1, T) twice: with the plain model and under the interventions.
 
-    The interventions' positions refer to the prompt. Each new token of the intervened continuation
-    is read off intervene's logits on the sequence so far (freeze and layers as there, relative to
-    the clean run of that sequence). every_token: the interventions at the prompt's last position
-    (pos -1 or T - 1) are applied at every generated position as well, the same change of the same
-    feature: steering the whole continuation; those at other positions stay where they are.
-    Sampling (temperature > 0) draws both continuations from generators seeded alike, so an
-    intervention that changes nothing changes no token. No KV cache: each step re-runs the whole
-    sequence (one plain pass for the clean continuation, a clean and an intervened pass for the
-    other), 3 forward passes of up to T + max_new_tokens positions per token.
+    Each new token of the intervened continuation is read off intervene's logits on the sequence
+    so far (positions refer to the prompt; freeze and layers as there). every_token: those at the
+    prompt's last position are applied at every generated position as well, steering the whole
+    continuation. Sampling (temperature > 0) draws both from generators seeded alike, so an
+    intervention that changes nothing changes no token. No KV cache: 3 forward passes of the
+    whole sequence per token (plain; clean and intervened).
     Returns:
         (clean ids (1, T + N), intervened ids (1, T + N)).
     """
@@ -317,10 +285,8 @@ class RunConfig:
 
     model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
     clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
-    prompt: str = arg(
-        "Batris lives in Fafes. The language Batris speaks is", "text to run (BOS is prepended)"
-    )
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
+    prompt: str = arg(PROMPT, "text to run or continue (BOS is prepended)")
+    device: str = arg(DEVICE, "cpu or cuda")
     intervene: str = arg("", "LAYER/POS/FEATURE=VALUE (set), *X, +X or :ablate; comma-separated")
     freeze: str = arg("none", "none: the real model; attention: patterns frozen; all: replacement")
     layers: str = arg("", "START:END: only mlp_out[START:END] get the change; empty = all")
@@ -359,14 +325,14 @@ def run_intervene(cfg):
     model, clt, enc, idx = load(cfg, cfg.device)
     if not cfg.intervene.strip():
         raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
-    c = clt.config
-    ivs = parse_interventions(cfg.intervene, c.n_layers, idx.size(1), c.n_features)
-    out = run_intervened(model, clt, idx, ivs, cfg.freeze, parse_layers(cfg.layers, c.n_layers))
+    L, F_ = clt.config.n_layers, clt.config.n_features
+    ivs = parse_interventions(cfg.intervene, L, idx.size(1), F_)
+    out = run_intervened(model, clt, idx, ivs, cfg.freeze, parse_layers(cfg.layers, L))
     for iv, a, b in zip(ivs, out.old.tolist(), out.new.tolist()):
         token = token_str(enc, idx[0, iv.pos].item())
+        change = f"activation {a:.3g} -> {b:.3g} ({iv.mode} {iv.value:g})"
         print(
-            f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token!r}: activation {a:.3g} -> {b:.3g} "
-            f"({iv.mode} {iv.value:g}) | freeze {cfg.freeze}"
+            f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token!r}: {change} | freeze {cfg.freeze}"
         )
     p0 = out.clean_logits[-1].softmax(-1)
     p1 = out.logits[-1].softmax(-1)
@@ -378,15 +344,11 @@ def run_intervene(cfg):
 def run_generate(cfg):
     print(asdict(cfg))
     model, clt, enc, idx = load(cfg, cfg.device)
-    T, L = idx.size(1), clt.config.n_layers
+    T, L, n = idx.size(1), clt.config.n_layers, cfg.max_new_tokens
     ivs = parse_interventions(cfg.intervene, L, T, clt.config.n_features) if cfg.intervene else []
-    n = cfg.max_new_tokens
-    sampling = (cfg.temperature, cfg.top_k, cfg.seed)
-    layers = parse_layers(cfg.layers, L)
+    how = (cfg.temperature, cfg.top_k, cfg.seed, cfg.every_token, cfg.freeze)
     t0 = time.perf_counter()
-    clean, steered = generate(
-        model, clt, idx, ivs, n, *sampling, cfg.every_token, cfg.freeze, layers
-    )
+    clean, steered = generate(model, clt, idx, ivs, n, *how, parse_layers(cfg.layers, L))
     seconds = time.perf_counter() - t0
     print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
     for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
@@ -395,10 +357,8 @@ def run_generate(cfg):
     print(f"prompt:     {cfg.prompt!r}")
     print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
     print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
-    print(
-        f"{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tok/s for both continuations,"
-        " no KV cache: each step re-runs the whole sequence)"
-    )
+    speed = f"{n / max(seconds, 1e-9):.1f} tok/s for both continuations, no KV cache"
+    print(f"{n} tokens in {seconds:.2f} s ({speed}: each step re-runs the whole sequence)")
 
 
 def main(argv=None):

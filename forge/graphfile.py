@@ -66,12 +66,11 @@ def load_explanations(path):
     return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
 
 
-def node_record(node_id, feature, layer, ctx_idx, feature_type, js_id, **fields):
+def node_record(node_id, feature, layer, ctx_idx, feature_type, js_id):
     """A node in the fields of circuit-tracer's frontend/graph_models.py Node, defaults filled."""
     record = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="")
-    record = record | dict(activation=None) | fields
     ids = dict(node_id=node_id, feature=feature, layer=layer, ctx_idx=ctx_idx)
-    return record | ids | dict(feature_type=feature_type, jsNodeId=js_id)
+    return record | dict(activation=None) | ids | dict(feature_type=feature_type, jsNodeId=js_id)
 
 
 def node_records(graph, enc, explanations, cumulative, infl):
@@ -80,31 +79,26 @@ def node_records(graph, enc, explanations, cumulative, infl):
     nodes = []
     for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
         cantor = (l + f) * (l + f + 1) // 2 + f  # circuit-tracer's one number per (layer, id)
-        text = explanations.get((l, f), "")  # circuit-tracer labels PLT features so too
-        kind = "cross layer transcoder"
-        nodes.append(
-            node_record(
-                f"{l}_{f}_{p}", cantor, str(l), p, kind, f"{l}_{f}-0", activation=a, clerp=text
-            )
+        node = node_record(
+            f"{l}_{f}_{p}", cantor, str(l), p, "cross layer transcoder", f"{l}_{f}-0"
         )
+        nodes.append(node | dict(activation=a, clerp=explanations.get((l, f), "")))  # PLTs too
     for l in range(L):
         for p in range(T):
             kind = "mlp reconstruction error"
             nodes.append(node_record(f"{l}_-1_{p}", -1, str(l), p, kind, f"{l}_{p}-0"))
     for p, t in enumerate(graph.tokens):
-        text = token_str(enc, t) if enc else ""
-        nodes.append(node_record(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}", clerp=text))
+        node = node_record(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}")
+        nodes.append(node | dict(clerp=token_str(enc, t) if enc else ""))
     for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
-        text = f"position {p}"
-        nodes.append(node_record(f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}", clerp=text))
+        node = node_record(f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}")
+        nodes.append(node | dict(clerp=f"position {p}"))
     labels = graph.target_labels or [""] * len(graph.logit_ids)
-    for i, (t, prob, label) in enumerate(
-        zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
-    ):
+    logits = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
+    for i, (t, prob, label) in enumerate(logits):
         text = label or f'Output "{token_str(enc, t) if enc else t}" (p={prob:.3f})'
-        node_id = f"{L + 1}_{t}_{T - 1}"
-        node = node_record(node_id, t, str(L + 1), T - 1, "logit", f"L_{t}-{T - 1}", clerp=text)
-        nodes.append(node | dict(token_prob=prob, is_target_logit=i == 0))
+        node = node_record(f"{L + 1}_{t}_{T - 1}", t, str(L + 1), T - 1, "logit", f"L_{t}-{T - 1}")
+        nodes.append(node | dict(token_prob=prob, is_target_logit=i == 0, clerp=text))
     for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
         node.update(influence=c, influence_raw=r)
     return nodes
@@ -119,49 +113,36 @@ def save_graph(graph, enc, out, slug, pruned, thresholds, info, explanations):
     completeness_score}; explanations: {(layer, feature): text}, the feature nodes' labels."""
     node_mask, edge_mask, cumulative, infl = pruned
     nodes = node_records(graph, enc, explanations, cumulative, infl)
+    ids = [node["node_id"] for node in nodes]
     A = graph.adjacency.cpu()
     dst, src = edge_mask.nonzero(as_tuple=True)
     ends = zip(src.tolist(), dst.tolist(), A[dst, src].tolist())
-    links = [
-        dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=w) for s, t, w in ends
-    ]
+    links = [dict(source=ids[s], target=ids[t], weight=w) for s, t, w in ends]
+    targets = [node["clerp"] for node in nodes if node["feature_type"] == "logit"]
     info = info | dict(n_active_features=graph.n_active, n_feature_nodes=len(graph.feats))
-    targets = [nd["clerp"] for nd in nodes if nd["feature_type"] == "logit"]
     info = info | dict(position_nodes=graph.position_nodes, targets=targets)
     # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its
     # server reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
-    meta = dict(
-        slug=slug,
-        scan="./data/features",
-        transcoder_list=[],
-        prompt_tokens=[token_str(enc, t) if enc else str(t) for t in graph.tokens],
-        prompt=graph.prompt,
-        node_threshold=thresholds["node_threshold"],
-        schema_version=1,
-        pruning_settings=thresholds,
-        info=info,
-    )
+    tokens = [token_str(enc, t) if enc else str(t) for t in graph.tokens]
+    meta = dict(slug=slug, scan="./data/features", transcoder_list=[], prompt_tokens=tokens)
+    meta |= dict(prompt=graph.prompt, node_threshold=thresholds["node_threshold"], schema_version=1)
+    meta |= dict(pruning_settings=thresholds, info=info)
     qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
     os.makedirs(out, exist_ok=True)
-    kept = [nd for nd, m in zip(nodes, node_mask.tolist()) if m]
+    mask = node_mask.tolist()
+    kept = [node for node, m in zip(nodes, mask) if m]
     front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
     write_json(os.path.join(out, f"{slug}.json"), front_end, indent=None)
     add_to_index(os.path.join(out, "graph-metadata.json"), meta)
-    tensors = {
-        "adjacency": A.float().contiguous(),
-        "influence": infl.float(),
-        "node_mask": node_mask,
-        "edge_mask": edge_mask,
-        "features": graph.feats.cpu().contiguous(),
-        "activations": graph.acts.float().cpu(),
-        "input_tokens": torch.tensor(graph.tokens),
-        "logit_tokens": graph.logit_ids.cpu(),
-        "logit_probabilities": graph.logit_probs.float().cpu(),
-        "target_vectors": graph.target_vectors.float().cpu().contiguous(),
-    }
+    tensors = dict(adjacency=A.float(), influence=infl.float(), node_mask=node_mask)
+    tensors |= dict(edge_mask=edge_mask, features=graph.feats, activations=graph.acts.float())
+    tensors |= dict(input_tokens=torch.tensor(graph.tokens), logit_tokens=graph.logit_ids)
+    probs, vectors = graph.logit_probs.float(), graph.target_vectors.float()
+    tensors |= dict(logit_probabilities=probs, target_vectors=vectors)
+    tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
     with atomic_path(os.path.join(out, "adjacency.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    table = [nd | dict(index=i, kept=m) for i, (nd, m) in enumerate(zip(nodes, node_mask.tolist()))]
+    table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
     write_json(os.path.join(out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     return len(kept), len(links)
 
