@@ -431,14 +431,13 @@ class FeatureStats:
 
     def update(self, p: Padded):
         cfg = self.cfg
-        lo = p.lo
-        hi = p.hi
-        keys = ngram_keys(p, cfg.max_ngram, self.base)[lo:hi]  # (N, n)
-        self.n_rows += hi - lo
+        own = slice(p.lo, p.hi)  # the chunk's own rows; the others are context
+        keys = ngram_keys(p, cfg.max_ngram, self.base)[own]  # (N, n)
+        self.n_rows += p.hi - p.lo
         corpus = self.L * self.F  # a pseudo-feature that fires everywhere: the corpus counts
         self.grams.add(corpus * self.gram_space + keys[keys >= 0])
-        r, m = (p.acts[lo:hi] > 0).nonzero(as_tuple=True)  # the firings; sparse from here on
-        a = p.acts[lo:hi][r, m]  # (nnz,)
+        r, m = (p.acts[own] > 0).nonzero(as_tuple=True)  # the firings; sparse from here on
+        a = p.acts[own][r, m]  # (nnz,)
         self.n_fires.index_add_(0, m, torch.ones_like(m))
         self.sum_act.index_add_(0, m, a.double())
         half = self.n_bins // 2

@@ -115,7 +115,8 @@ class ConceptLabels:
         index = {}  # label -> its column
         pairs = []
         self.labeled = torch.zeros(len(tok), dtype=torch.bool)
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        runs = tqdm(zip(bounds[:-1], bounds[1:]), total=len(bounds) - 1, desc="concept labels")
+        for a, b in runs:
             ids = tok[a:b].tolist()
             text = enc.decode(ids)
             if enc.encode(text, allowed_special="all") != ids:

@@ -1,5 +1,6 @@
 """Tests of interp.py: streamed statistics against brute force, the scores on constructed features,
 logit effects against a direct computation, bad input, and the outputs of a run on a real small cache."""
+
 import json
 import math
 import os
@@ -49,12 +50,14 @@ class FakeCache:
         self.N = len(tok)
 
     def split_range(self, split):
-        return {"train": (0, self.n_train), "heldout": (self.n_train, self.N), "all": (0, self.N)}[split]
+        return {"train": (0, self.n_train), "heldout": (self.n_train, self.N), "all": (0, self.N)}[
+            split
+        ]
 
     def iter_chunks(self, chunk_size, split="all", device=None):
         lo, hi = self.split_range(split)
         for a in range(lo, hi, chunk_size):
-            mlp_in, tok, doc, pos = (x[a:min(a + chunk_size, hi)] for x in self.rows)
+            mlp_in, tok, doc, pos = (x[a : min(a + chunk_size, hi)] for x in self.rows)
             yield mlp_in, mlp_in, tok, doc, pos
 
 
@@ -70,12 +73,21 @@ def packed_rows(docs):
 def synthetic(n_docs=300, seed=0):
     """Rows whose mlp_in is the token's one-hot (dims 0..19) plus Gaussian noise (dims 20..31)."""
     g = torch.Generator().manual_seed(seed)
-    docs = [[LETTERS[i] for i in torch.randint(len(LETTERS), (int(torch.randint(5, 40, (1,), generator=g)),),
-                                               generator=g)] for _ in range(n_docs)]
+    docs = [
+        [
+            LETTERS[i]
+            for i in torch.randint(
+                len(LETTERS), (int(torch.randint(5, 40, (1,), generator=g)),), generator=g
+            )
+        ]
+        for _ in range(n_docs)
+    ]
     tok, doc, pos = packed_rows(docs)
     mlp_in = torch.zeros(len(tok), L, D)
-    mlp_in[:, :, :len(LETTERS)] = torch.nn.functional.one_hot(tok - LETTERS[0], len(LETTERS))[:, None].float()
-    mlp_in[:, :, len(LETTERS):] = torch.randn(len(tok), L, D - len(LETTERS), generator=g)
+    mlp_in[:, :, : len(LETTERS)] = torch.nn.functional.one_hot(tok - LETTERS[0], len(LETTERS))[
+        :, None
+    ].float()
+    mlp_in[:, :, len(LETTERS) :] = torch.randn(len(tok), L, D - len(LETTERS), generator=g)
     return FakeCache(mlp_in, tok, doc, pos, n_train=len(tok) * 3 // 4)
 
 
@@ -85,7 +97,8 @@ def constructed_clt():
     with torch.no_grad():
         clt.W_enc[0, :, :2] = 0
         clt.W_enc[0, 3, 0] = 1.0  # "d"  # one-hot input: act = 1 on "d", 0 elsewhere
-        clt.W_enc[0, len(LETTERS), 1] = 1.0  # pure noise: fires on ~20% of tokens, whatever the token
+        # pure noise: fires on ~20% of tokens, whatever the token
+        clt.W_enc[0, len(LETTERS), 1] = 1.0
         clt.log_threshold[0, :2] = torch.tensor([0.5, 0.8]).log()
     return clt.eval()
 
@@ -111,7 +124,7 @@ def test_statistics_match_brute_force(gpt):
     clt = constructed_clt()
     cfg = small_cfg()
     stats, *_ = interp.interpret(model, enc, clt, c, cfg)
-    mlp_in, tok, doc, pos = (x[:c.n_train] for x in c.rows)
+    mlp_in, tok, doc, pos = (x[: c.n_train] for x in c.rows)
     acts = clt.encode(mlp_in).detach()  # (N, L, F): affordable here, never in interp
     fire = acts > 0
     assert stats.n_rows == c.n_train
@@ -129,7 +142,8 @@ def test_statistics_match_brute_force(gpt):
             top = stats.top
             got = top["act"][m][top["key"][m] > 0]
             torch.testing.assert_close(got, vals[:n])
-            if n and vals[:n + 1].unique().numel() == min(n + 1, len(vals)):  # no ties: the rows are determined
+            no_ties = vals[: n + 1].unique().numel() == min(n + 1, len(vals))
+            if n and no_ties:  # the rows are determined
                 for i in range(n):
                     t, a = window(c, rows[i].item(), l, f, acts, cfg.before, cfg.after)
                     win = top["win_tok"][m, i]
@@ -146,13 +160,18 @@ def test_statistics_match_brute_force(gpt):
             base = stats.base
             r = fire[:, l, f].nonzero().flatten()
             uni = Counter(tok[r].tolist())
-            bi = Counter((tok[j - 1].item(), tok[j].item()) for j in r.tolist()
-                         if j > 0 and doc[j - 1] == doc[j] and pos[j - 1] == pos[j] - 1)
+            bi = Counter(
+                (tok[j - 1].item(), tok[j].item())
+                for j in r.tolist()
+                if j > 0 and doc[j - 1] == doc[j] and pos[j - 1] == pos[j] - 1
+            )
             for t, k in uni.items():
                 assert found[m * G + t + 1] == k
             for (a, b), k in bi.items():
                 assert found[m * G + (b + 1) + (a + 1) * base] == k
-            assert sum(v for k, v in found.items() if k // G == m) == sum(uni.values()) + sum(bi.values())
+            assert sum(v for k, v in found.items() if k // G == m) == sum(uni.values()) + sum(
+                bi.values()
+            )
 
 
 def test_quantile_examples_and_histogram(gpt):
@@ -177,13 +196,17 @@ class TokenLabels:
     """A stand-in for ConceptLabels: one concept per letter, true on that letter's tokens."""
 
     def __init__(self, c):
-        self.tok = c.rows[1][c.n_train:]
+        self.tok = c.rows[1][c.n_train :]
         self.names = [chr(t + 33) for t in LETTERS]
 
     def rows(self, lo, hi, device):
         t = self.tok[lo:hi] - LETTERS[0]
-        lab = torch.sparse_coo_tensor(torch.stack([t, torch.arange(hi - lo)]), torch.ones(hi - lo),
-                                      (len(self.names), hi - lo), check_invariants=False)
+        lab = torch.sparse_coo_tensor(
+            torch.stack([t, torch.arange(hi - lo)]),
+            torch.ones(hi - lo),
+            (len(self.names), hi - lo),
+            check_invariants=False,
+        )
         return lab, torch.ones(hi - lo, dtype=torch.bool)
 
 
@@ -193,33 +216,51 @@ def test_detection_one_token_vs_random(gpt):
     clt = constructed_clt()
     cfg = small_cfg()
     stats, expl, _, scorer = interp.interpret(model, enc, clt, c, cfg)
-    assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith('fires on "d" | promotes')
+    assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith(
+        'fires on "d" | promotes'
+    )
     results = scorer.results()
-    auroc, det_bacc, fuzz_bacc = (results[k] for k in ("detection_auroc", "detection_bacc", "fuzzing_bacc"))
+    auroc, det_bacc, fuzz_bacc = (
+        results[k] for k in ("detection_auroc", "detection_bacc", "fuzzing_bacc")
+    )
     assert auroc[0] > 0.99 and det_bacc[0] > 0.99 and fuzz_bacc[0] > 0.99
     assert abs(auroc[1] - 0.5) < 0.06 and abs(det_bacc[1] - 0.5) < 0.06
-    assert 0.15 < scorer.det[1, :, 1].sum() / scorer.n_rows < 0.28  # held-out density of the noise feature
+    # held-out density of the noise feature
+    assert 0.15 < scorer.det[1, :, 1].sum() / scorer.n_rows < 0.28
     # every feature's AUROC against Mann-Whitney by brute force over held-out tokens
-    mlp_in, tok, doc, pos = (x[c.n_train:] for x in c.rows)
+    mlp_in, tok, doc, pos = (x[c.n_train :] for x in c.rows)
     fire = (clt.encode(mlp_in) > 0).flatten(1)  # (N, M)
-    keys = interp.ngram_keys(interp.Padded(None, tok, doc, pos, 0, len(tok)), cfg.max_ngram, stats.base)
+    keys = interp.ngram_keys(
+        interp.Padded(None, tok, doc, pos, 0, len(tok)), cfg.max_ngram, stats.base
+    )
     for m in range(0, L * F, 5):
-        score = torch.zeros(len(tok))  # the predictor: rank of the matched n-gram, most precise first
+        # the predictor: rank of the matched n-gram, most precise first
+        score = torch.zeros(len(tok))
         for t, g in enumerate(expl[m]["keys"]):
             score[(keys == g).any(1)] = len(expl[m]["keys"]) - t
         pos_s = score[fire[:, m]]
         neg_s = score[~fire[:, m]]
         if len(pos_s) and len(neg_s):
-            u = (pos_s[:, None] > neg_s).double().mean() + 0.5 * (pos_s[:, None] == neg_s).double().mean()
+            u = (pos_s[:, None] > neg_s).double().mean() + 0.5 * (
+                pos_s[:, None] == neg_s
+            ).double().mean()
             assert abs(auroc[m] - u) < 1e-9
     # concept scores against known labels: feature 0 is the concept "d" exactly
     labels = TokenLabels(c)
     scores = concepts.ConceptScores(len(labels.names), L * F, "cpu")
     for a in range(0, len(tok), 100):
-        scores.update(concepts.clt_acts(clt, mlp_in[a:a + 100]), *labels.rows(a, min(a + 100, len(tok)), "cpu"))
+        scores.update(
+            concepts.clt_acts(clt, mlp_in[a : a + 100]),
+            *labels.rows(a, min(a + 100, len(tok)), "cpu"),
+        )
     per_concept, per_feature = concepts.best_features(scores, labels, F, cfg)
-    assert per_feature[0] == dict(concept="d", concept_precision=1.0, concept_recall=1.0, concept_f1=1.0)
-    assert per_concept["d"]["f1"] == 1.0 and (per_concept["d"]["layer"], per_concept["d"]["feature"]) == (0, 0)
+    assert per_feature[0] == dict(
+        concept="d", concept_precision=1.0, concept_recall=1.0, concept_f1=1.0
+    )
+    assert per_concept["d"]["f1"] == 1.0 and (
+        per_concept["d"]["layer"],
+        per_concept["d"]["feature"],
+    ) == (0, 0)
     assert per_feature[1]["concept_f1"] < 0.3
 
 
@@ -247,20 +288,35 @@ def test_logit_effects_direct(gpt):
     x = torch.randn(D)
     for l in range(L):
         for f in (0, 7):
-            v = sum(clt.W_dec[l][f, j] / clt.output_scale[l + j] for j in range(L - l))  # into the residual
+            # into the residual
+            v = sum(clt.W_dec[l][f, j] / clt.output_scale[l + j] for j in range(L - l))
             s = torch.tensor([scale])
             with torch.no_grad():
-                eff = (layer_norm(x + v, model.ln_f, s)[0] - layer_norm(x, model.ln_f, s)[0]) @ model.wte.weight.T
+                eff = (
+                    layer_norm(x + v, model.ln_f, s)[0] - layer_norm(x, model.ln_f, s)[0]
+                ) @ model.wte.weight.T
             vals, ids = eff.sort(descending=True)
             m = l * F + f
             torch.testing.assert_close(top_v[m], vals[:5], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(bot_v[m], vals[-5:].flip(0), atol=1e-5, rtol=1e-4)
-            assert top_i[m].tolist() == ids[:5].tolist() and bot_i[m].tolist() == ids[-5:].flip(0).tolist()
+            assert (
+                top_i[m].tolist() == ids[:5].tolist()
+                and bot_i[m].tolist() == ids[-5:].flip(0).tolist()
+            )
 
 
 def test_no_language_model_client():
     src = open(interp.__file__).read()
-    for name in ("openai", "anthropic", "litellm", "vllm", "requests", "httpx", "transformers", "delphi"):
+    for name in (
+        "openai",
+        "anthropic",
+        "litellm",
+        "vllm",
+        "requests",
+        "httpx",
+        "transformers",
+        "delphi",
+    ):
         assert f"import {name}" not in src and f"from {name}" not in src
     banned = {"openai", "anthropic", "litellm", "httpx", "vllm"}
     assert not banned & {m.split(".")[0] for m in sys.modules}
@@ -277,34 +333,77 @@ def real(tmp_path_factory):
     rng = random.Random(0)
     words = ["the", "cat", "sat", "on", "mat", "Tarn", "capital", "of", "is", "dog"]
     with open(root / "corpus.txt", "w") as f:
-        f.write(ENDOFTEXT.join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(200)))
-    cache.build_cache(cache.CacheConfig(model=str(root / "model"), corpus=str(root / "corpus.txt"), tokens=2048,
-                                        ctx=32, dtype="fp16", out=str(root / "cache"), heldout=0.25,
-                                        shard_tokens=1024, batch_size=8, device="cpu"))
+        f.write(
+            ENDOFTEXT.join(
+                " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(200)
+            )
+        )
+    cache.build_cache(
+        cache.CacheConfig(
+            model=str(root / "model"),
+            corpus=str(root / "corpus.txt"),
+            tokens=2048,
+            ctx=32,
+            dtype="fp16",
+            out=str(root / "cache"),
+            heldout=0.25,
+            shard_tokens=1024,
+            batch_size=8,
+            device="cpu",
+        )
+    )
     sha = GPT.from_pretrained(str(root / "model")).fingerprint()  # recorded as train.py records it
-    config = CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(root / "model"), model_sha256=sha)
+    config = CLTConfig(
+        n_layers=L, d_model=D, n_features=F, model=str(root / "model"), model_sha256=sha
+    )
     CrossLayerTranscoder(config, seed=0).save_pretrained(str(root / "clt"))
     return root
 
 
 def test_run_writes_features_and_summary(real):
-    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"),
-                    out=str(real / "interp"), time_read=True)
+    cfg = small_cfg(
+        model=str(real / "model"),
+        clt=str(real / "clt"),
+        cache=str(real / "cache"),
+        out=str(real / "interp"),
+        time_read=True,
+    )
     summary = interp.run(cfg)
     lines = (real / "interp" / "features.jsonl").read_text().splitlines()
     assert len(lines) == L * F
     rec = json.loads(lines[F + 3])
     assert (rec["layer"], rec["feature"]) == (1, 3)
-    for key in ("explanation", "density", "detection_auroc", "detection_bacc", "fuzzing_bacc", "top_examples",
-                "quantile_examples", "hist", "quantiles", "promoted", "suppressed", "input_ngrams", "mean_act"):
+    for key in (
+        "explanation",
+        "density",
+        "detection_auroc",
+        "detection_bacc",
+        "fuzzing_bacc",
+        "top_examples",
+        "quantile_examples",
+        "hist",
+        "quantiles",
+        "promoted",
+        "suppressed",
+        "input_ngrams",
+        "mean_act",
+    ):
         assert key in rec
-    assert len(rec["promoted"]) == cfg.n_logit and rec["promoted"][0]["logit"] >= rec["promoted"][-1]["logit"] > 0
+    assert (
+        len(rec["promoted"]) == cfg.n_logit
+        and rec["promoted"][0]["logit"] >= rec["promoted"][-1]["logit"] > 0
+    )
     assert rec["suppressed"][0]["logit"] <= rec["suppressed"][-1]["logit"] < 0
     if rec["top_examples"]:
         ex = rec["top_examples"][0]
-        assert len(ex["tokens"]) == len(ex["acts"]) and ex["acts"][ex["center"]] == ex["act"] == round(rec["max_act"], 4)
+        assert len(ex["tokens"]) == len(ex["acts"]) and ex["acts"][ex["center"]] == ex[
+            "act"
+        ] == round(rec["max_act"], 4)
     assert sum(layer["dead"] + layer["live"] for layer in summary["per_layer"]) == L * F
-    assert summary["n_train_tokens"] + summary["n_heldout_tokens"] == 2048 and summary["ratio_to_plain_read"] > 0
+    assert (
+        summary["n_train_tokens"] + summary["n_heldout_tokens"] == 2048
+        and summary["ratio_to_plain_read"] > 0
+    )
     assert (real / "interp" / "summary.png").stat().st_size > 1000
 
 
@@ -312,18 +411,25 @@ def test_a_score_registered_in_SCORES_reaches_both_outputs(real, tmp_path, monke
     """A fork adds an autointerp score by one entry in interp.SCORES, nothing else: features.jsonl
     carries its value per feature, after the built-in scores, and summary.json its quantiles."""
 
-    def heldout_firing_share(s):  # a toy score: the share of held-out tokens where the feature fires
+    def heldout_firing_share(s):
+        """A toy score: the share of held-out tokens where the feature fires."""
         return s.det[..., 1].sum(-1).double().cpu() / s.n_rows
 
     monkeypatch.setitem(interp.SCORES, "heldout_firing_share", heldout_firing_share)
     out = tmp_path / "interp"
-    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out))
+    cfg = small_cfg(
+        model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out)
+    )
     summary = interp.run(cfg)
     recs = [json.loads(line) for line in (out / "features.jsonl").read_text().splitlines()]
     assert len(recs) == L * F
     for rec in recs:
         keys = list(rec)
-        assert keys.index("fuzzing_bacc") + 1 == keys.index("heldout_firing_share") == keys.index("heldout_density") - 1
+        assert (
+            keys.index("fuzzing_bacc") + 1
+            == keys.index("heldout_firing_share")
+            == keys.index("heldout_density") - 1
+        )
         assert abs(rec["heldout_firing_share"] - rec["heldout_density"]) < 1e-4
     assert set(summary["heldout_firing_share"]) == {"q10", "q25", "q50", "q75", "q90"}
 
@@ -332,8 +438,14 @@ def test_concept_cache_is_rebuilt_when_any_identity_field_differs(real, tmp_path
     """The evaluation set's cache is reused while build_cache would resume it, and rebuilt, not
     refused, when the cache on disk was made with other arguments (any of build_cache's identity)."""
     model = GPT.from_pretrained(str(real / "model"))
-    fields = dict(corpus=str(real / "corpus.txt"), tokens=256, ctx=32, keep_bos=False, dtype="fp16",
-                  out=str(tmp_path / "concept_cache"))
+    fields = dict(
+        corpus=str(real / "corpus.txt"),
+        tokens=256,
+        ctx=32,
+        keep_bos=False,
+        dtype="fp16",
+        out=str(tmp_path / "concept_cache"),
+    )
     first = interp.concept_cache(str(real / "model"), model, small_cfg(), fields, stale=False)
     manifest = tmp_path / "concept_cache" / "manifest.json"
     made = manifest.stat().st_mtime_ns
@@ -352,7 +464,9 @@ def test_bad_input(real, tmp_path):
     byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
     with pytest.raises(ValueError, match="made by model .* was made from another model than"):
         interp.load_inputs(small_cfg(model=str(tmp_path / "other"), **base))
-    wrong = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(tmp_path / "other")))
+    wrong = CrossLayerTranscoder(
+        CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(tmp_path / "other"))
+    )
     wrong.save_pretrained(str(tmp_path / "clt_other"))
     with pytest.raises(ValueError, match="trained on model"):
         interp.load_inputs(small_cfg(**dict(base, clt=str(tmp_path / "clt_other"))))
@@ -384,27 +498,52 @@ def test_killed_run_leaves_the_old_outputs_whole(real, tmp_path, monkeypatch):
         return []
 
     monkeypatch.setattr(interp, "examples", dies_on_the_fifth_feature)
-    cfg = small_cfg(model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out))
+    cfg = small_cfg(
+        model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out)
+    )
     with pytest.raises(KeyboardInterrupt):
         interp.run(cfg)
     assert (out / "features.jsonl").read_text() == '{"old": 1}\n'
-    assert sorted(os.listdir(out)) == ["features.jsonl"]  # no temporary file, no summary of a run that died
+    # no temporary file, no summary of a run that died
+    assert sorted(os.listdir(out)) == ["features.jsonl"]
 
 
 def test_clt_of_another_model_is_refused(real, tmp_path):
     """A CLT whose recorded fingerprint is another model's: exit status 1, one line naming the fix."""
     other, _ = byte_model(str(tmp_path / "other"), seed=1)  # same shapes, other weights
-    config = CLTConfig(n_layers=L, d_model=D, n_features=F, model=str(real / "model"),  # the name even matches
-                       model_sha256=other.fingerprint())
+    config = CLTConfig(
+        n_layers=L,
+        d_model=D,
+        n_features=F,
+        model=str(real / "model"),  # the name even matches
+        model_sha256=other.fingerprint(),
+    )
     CrossLayerTranscoder(config).save_pretrained(str(tmp_path / "clt"))
     out = tmp_path / "interp"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "interp.py"), "--model", str(real / "model"),
-                           "--clt", str(tmp_path / "clt"), "--cache", str(real / "cache"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "interp.py"),
+            "--model",
+            str(real / "model"),
+            "--clt",
+            str(tmp_path / "clt"),
+            "--cache",
+            str(real / "cache"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()
     assert len(message) == 1 and message[0].startswith("error: the CLT")
-    assert "made from another model" in message[0] and "pass the --model it was made from" in message[0]
+    assert (
+        "made from another model" in message[0]
+        and "pass the --model it was made from" in message[0]
+    )
     assert not out.exists()  # refused before anything was written
 
 
@@ -467,7 +606,7 @@ class FeatureOnRows:
         self.next = 0
 
     def __call__(self, mlp_in):
-        out = self.fire[self.next:self.next + len(mlp_in)]
+        out = self.fire[self.next : self.next + len(mlp_in)]
         self.next += len(mlp_in)
         return out
 
@@ -480,22 +619,31 @@ def test_feature_on_a_latent_label_scores_f1_one(gpt, world):
     country = lived_in.most_common(1)[0][0]
     target = f"latent:country={country}"
     language = world.lookup["country"][country]["language"]
-    people = [p["name"] for p in world.people if world.lookup["city"][p["home"]]["country"] == country]
+    people = [
+        p["name"] for p in world.people if world.lookup["city"][p["home"]]["country"] == country
+    ]
     texts = toyworld.eval_corpus(world, seed=0, support=2)
     texts = [t for t in texts if language in t or any(p in t for p in people)][:80] + texts[:20]
     c, texts, docs = eval_cache(enc, texts, cut=False)
     rows = labeled_rows(texts, docs, enc, world)
-    on = [{r for r, labs in enumerate(rows) if target in labs},
-          {r for r, labs in enumerate(rows) if f"output:{language}" in labs}]  # one-hop facts say it too
+    on = [
+        {r for r, labs in enumerate(rows) if target in labs},
+        {
+            r for r, labs in enumerate(rows) if f"output:{language}" in labs
+        },  # one-hop facts say it too
+    ]
     assert 0 < len(on[0] & on[1]) < len(on[0])
     cfg = small_cfg(min_support=1)
     labels = concepts.ConceptLabels(c, world, enc, cfg)
     scores = concepts.score_concepts({"probe": FeatureOnRows(on, c.N)}, c, labels, cfg)
     per_concept, per_feature = concepts.best_features(scores["probe"], labels, 2, cfg)
-    assert per_concept[target] == dict(support=len(on[0]), layer=0, feature=0, f1=1.0, precision=1.0, recall=1.0)
+    assert per_concept[target] == dict(
+        support=len(on[0]), layer=0, feature=0, f1=1.0, precision=1.0, recall=1.0
+    )
     assert per_feature[1]["concept"] == f"output:{language}" and per_feature[1]["concept_f1"] == 1.0
     precision, recall, f1 = scores["probe"].f1()
-    assert f1[labels.names.index(target), 1] < 0.8  # it says the language: of one relation's questions only
+    # it says the language: of one relation's questions only
+    assert f1[labels.names.index(target), 1] < 0.8
 
 
 def test_concept_scores_equal_brute_force(gpt, world):
@@ -505,7 +653,8 @@ def test_concept_scores_equal_brute_force(gpt, world):
     c, texts, docs = eval_cache(enc, toyworld.eval_corpus(world, seed=0, support=2)[:80], cut=False)
     rows = labeled_rows(texts, docs, enc, world)
     g = torch.Generator().manual_seed(0)
-    acts = torch.rand(c.N, 12, generator=g) * (torch.rand(c.N, 12, generator=g) < 0.1)  # (N, M) 10 % density
+    # (N, M) 10 % density
+    acts = torch.rand(c.N, 12, generator=g) * (torch.rand(c.N, 12, generator=g) < 0.1)
     names = sorted({lab for labs in rows for lab in labs})
     member = torch.zeros(c.N, len(names), dtype=torch.bool)  # (N, C)
     for r, labs in enumerate(rows):
@@ -516,8 +665,16 @@ def test_concept_scores_equal_brute_force(gpt, world):
     n = member.sum(0).double()[:, None]
     cfg = replace(small_cfg(min_support=3), chunk_size=100)
     labels = concepts.ConceptLabels(c, world, enc, cfg)
-    scores = concepts.score_concepts({"random": FeatureOnRows([set(fire[:, j].nonzero().flatten().tolist())
-                                                             for j in range(12)], c.N)}, c, labels, cfg)["random"]
+    scores = concepts.score_concepts(
+        {
+            "random": FeatureOnRows(
+                [set(fire[:, j].nonzero().flatten().tolist()) for j in range(12)], c.N
+            )
+        },
+        c,
+        labels,
+        cfg,
+    )["random"]
     order = [labels.names.index(x) for x in names]
     p, r, f1 = (x[order] for x in scores.f1())
     torch.testing.assert_close(p, tp / nf.clamp(min=1))
@@ -531,22 +688,34 @@ def test_concept_scores_equal_brute_force(gpt, world):
     table = concepts.family_table(per_concept, labels, scores, cfg)
     for fam, row in table.items():
         mine = [b["f1"] for x, b in per_concept.items() if toyworld.family_of(x) == fam]
-        assert row["concepts"] == len(mine) and row["recovered"] == sum(x >= cfg.concept_f1 for x in mine)
-        assert row["unscored"] == sum(toyworld.family_of(x) == fam and n[i] < 3 for i, x in enumerate(names))
+        assert row["concepts"] == len(mine) and row["recovered"] == sum(
+            x >= cfg.concept_f1 for x in mine
+        )
+        assert row["unscored"] == sum(
+            toyworld.family_of(x) == fam and n[i] < 3 for i, x in enumerate(names)
+        )
     head = concepts.headline(table, cfg)
-    assert head["n"] == sum(table[f]["concepts"] for f in ("category", "entity", "latent") if f in table)
+    assert head["n"] == sum(
+        table[f]["concepts"] for f in ("category", "entity", "latent") if f in table
+    )
     # baselines: neurons fire where their GELU input is > 0; a random CLT fires as often as the CLT it copies
     x = torch.randn(2000, L, D, generator=g)
     pre = concepts.neuron_preacts(model, x)
-    gelu = torch.cat([torch.nn.functional.gelu(b.mlp.c_fc(x[:, l]), approximate="tanh")
-                      for l, b in enumerate(model.h)], 1)
+    gelu = torch.cat(
+        [
+            torch.nn.functional.gelu(b.mlp.c_fc(x[:, l]), approximate="tanh")
+            for l, b in enumerate(model.h)
+        ],
+        1,
+    )
     assert torch.equal(pre > 0, gelu > 0) and pre.shape == (2000, L * 4 * D)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=0)
     with torch.no_grad():
         clt.log_threshold.fill_(math.log(0.05))
     rand = concepts.random_like(clt, x)
     want = (clt.encode(x) > 0).float().mean((0, 2))
-    got = (rand.encode(x) > 0).float().mean(0)  # (L, F): every random feature at its layer's mean rate
+    # (L, F): every random feature at its layer's mean rate
+    got = (rand.encode(x) > 0).float().mean(0)
     assert (got - want[:, None]).abs().max() < 2 / 2000 and not torch.equal(rand.W_enc, clt.W_enc)
 
 
@@ -560,7 +729,12 @@ def test_token_oracle_equals_brute_force(gpt, world):
     V = enc.n_vocab
     scores = concepts.score_concepts({}, c, labels, cfg, n_vocab=V)["token_identity"]
     tok = c.rows[1]
-    for name in ("category:person", "entity:0", f"latent:country={world.people[0]['home']}", "role:query"):
+    for name in (
+        "category:person",
+        "entity:0",
+        f"latent:country={world.people[0]['home']}",
+        "role:query",
+    ):
         if name not in labels.names:
             continue
         on = torch.tensor([name in labs for labs in rows])
@@ -581,5 +755,8 @@ def test_near_firing_brute_force():
     w = 3
     near = interp.near_firing(fire, doc, w, lo, hi)
     for i in range(lo, hi):
-        want = [any(fire[j, f] and doc[j] == doc[i] for j in range(i - w, i + w + 1) if 0 <= j < 60) for f in range(5)]
+        want = [
+            any(fire[j, f] and doc[j] == doc[i] for j in range(i - w, i + w + 1) if 0 <= j < 60)
+            for f in range(5)
+        ]
         assert near[i - lo].tolist() == want
