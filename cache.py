@@ -5,31 +5,26 @@ output for each token in memory-mapped shards, and serve them to CLT training sh
 Data flow.  corpus -> documents -> tokens, packed into contexts [<|endoftext|>, t1 .. t_{ctx-1}]
 -> GPT.run_with_acts(logits=False) -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS,
 whose activations are outliers) -> rows (N, L, d) -> int8 (x / channel scale, then one absmax scale
-per token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json (a sha256 per
-shard, a crc32 per chunk of rows)
+per token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json
 ==>  ActivationCache(path).batches(...) -> Rows: the stored rows of each shuffled batch and their
 row ids, read and crc-checked on background threads; ActivationCache.dequantize(rows, device) ->
 (mlp_in, mlp_out) float32 (B, L, d) on the consumer's device. read / iter_chunks give rows in order.
 
     python cache.py --help
-    python cache.py --model models/tiny --corpus toy --tokens 1000000 --out runs/cache   # ~1 GB int8
-    python cache.py --tokens 20000 --out runs/cache_cpu   # the tiny model and its toy corpus, seconds
-    python cache.py build --model gpt2 --corpus hf:HuggingFaceFW/fineweb:sample-10BT --tokens 10000000
-    python cache.py verify runs/cache       # sizes, headers and sha256 of every shard
-    python cache.py stats runs/cache        # tokens, bytes/token, per-layer norms, quantization error
+    python cache.py --model models/tiny --corpus toy --tokens 1000000 --out runs/cache  # ~1 GB
+    python cache.py --tokens 20000 --out runs/cache_cpu   # the tiny model, its toy corpus: seconds
+    python cache.py --model gpt2 --corpus hf:HuggingFaceFW/fineweb:sample-10BT --tokens 10000000
+    python cache.py verify runs/cache     # sizes, headers and sha256 of every shard
+    python cache.py stats runs/cache      # tokens, bytes/token, per-layer norms, quantization error
     torchrun: build once with one process; every training rank opens the same cache and reads
     its own share: ActivationCache(path).batches(batch_size, seed, rank, world)
 
-Corpora (--corpus; forge/corpora.py): "toy" (the toy world's documents); a .txt file (documents
-separated by <|endoftext|>); a .jsonl, a .json list or a .parquet file; a folder of .txt / .jsonl /
-.parquet files; hf:NAME[:config][:split], a Hugging Face dataset, streamed. --text-field names the
-field or column holding the text. The files, their format and every check on them: forge/shards.py.
-
-Re-running the same command resumes after a crash (even kill -9) from the last shard the manifest
-lists (a few shards back at most), and repairs: it first checks every listed shard (size, header,
-the crc32 of each chunk of rows) and rewrites the damaged ones. Both give a byte-identical cache:
-every shard is a deterministic function of the arguments, because the contexts come in a fixed grid
-of forward batches (the same batch shapes give the same floats). --overwrite starts again.
+Corpus readers (.txt, .jsonl, .json, .parquet, folders, hf:NAME, "toy"): forge/corpora.py; the
+shard format, the manifest and every check on them: forge/shards.py. Rerunning a command resumes
+after a crash (even kill -9) from the last shard the manifest lists, and repairs: it checks every
+listed shard (size, header, crc32s) and rewrites the damaged ones, byte-identical: each shard is a
+function of the arguments, as the contexts come in a fixed grid of forward batches (the same batch
+shapes give the same floats). --overwrite starts again from nothing.
 
 Where we follow and where we differ. CLT-Forge (LLM-Interp/CLT-Forge) also caches and quantizes
 activations; it keeps one scale per layer per file and loads whole files into RAM. Here:
@@ -39,27 +34,19 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   2e-4 to ~4e-5;
 - scales are bfloat16 (the fp32 range, 2 bytes): q is computed with the rounded scale, so the
   error bound |x - q*s| <= s/2 holds exactly as with fp32 scales;
-- shards are numpy.memmap'd, each with a magic/version header (llm.c's `_peek_data_shard`); the
-  manifest holds each shard's sha256 (`verify` reads whole files) and a crc32 per ~1 MB chunk of
-  rows, and is rewritten only once the shards written since hold 64x its size. The reader checks a
-  chunk's crc32 the first time it reads a row of it, on its worker threads: training never sees a
-  damaged row, at the price of one crc32 pass, ~2 GB/s per thread, over the chunks a process
-  touches (a rank touches nearly all of them in its first epoch, whatever the world size);
-- the reader shuffles globally (random unit order x random rows inside a window of units), reads
-  each batch's rows straight from the memmaps (no copy of the window), and stripes each global
-  batch over ranks: the union of the ranks' batches does not depend on the world size, and every
-  rank gets the same number of batches. It yields stored rows; the consumer dequantizes them where
-  it computes (4x less to move to a GPU for int8).
+- shards are numpy.memmap'd, with a magic/version header (llm.c's `_peek_data_shard`), a sha256
+  per file and a crc32 per ~1 MB chunk of rows, which the reader checks on its first read of the
+  chunk: training never sees a damaged row, for one crc32 pass (~2 GB/s per thread);
+- the reader shuffles globally, reads each batch's rows straight from the memmaps, and stripes
+  each global batch over ranks: what a step reads does not depend on the world size (`batches`).
+  It yields stored rows, dequantized where they are used (4x less to move to a GPU for int8).
 """
 
 import os
-import queue
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
 
 import numpy as np
 import torch
@@ -72,7 +59,7 @@ from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 from forge.shards import MANIFEST, verify
 from model import GPT
 
-PREFETCH = 4  # batches a reader keeps ready ahead of the consumer
+PREFETCH = 8  # batches a reader reads ahead of the consumer, on its worker threads
 
 
 # -----------------------------------------------------------------------------
@@ -83,38 +70,20 @@ PREFETCH = 4  # batches a reader keeps ready ahead of the consumer
 class CacheConfig:
     """build or resume a cache, or repair a damaged one (the default when no subcommand is given)"""
 
-    model: str = arg(
-        DEFAULT_MODEL, "model directory in the hub layout (or a hub id)", group="what to run"
-    )
-    corpus: str = arg(
-        "toy",
-        "toy | a .txt, .jsonl, .json or .parquet file | a folder of them | hf:NAME[:config][:split]",
-    )
-    text_field: str = arg(
-        "text", "the field (.jsonl, .json) or column (.parquet, hf:) that holds each document"
-    )
+    model: str = arg(DEFAULT_MODEL, "model directory (hub layout) or hub id", group="what to run")
+    corpus: str = arg("toy", "toy | a .txt, .jsonl, .json, .parquet file or folder | hf:NAME")
+    text_field: str = arg("text", "the field (.jsonl, .json) or column (.parquet, hf:) of the text")
     seed: int = arg(0, "seed of the toy corpus")
-    tokens: int = arg(
-        200_000,
-        "rows to store (tokens kept after dropping the BOS); ~15 s, 210 MB on the tiny model",
-    )
+    tokens: int = arg(200_000, "rows to store (tokens but the BOS); ~15 s, 210 MB on models/tiny")
     ctx: int = arg(64, "context length, BOS included; at most the model's n_ctx")
     keep_bos: bool = arg(False, "keep position 0 (the BOS) instead of dropping it")
     dtype: str = arg("int8", "int8 (per-row absmax) | fp16 | fp32", group="how to store it")
     out: str = arg("runs/cache", "output directory")
-    heldout: float = arg(
-        0.02, "fraction of rows (whole contexts, at the end) held out for evaluation"
-    )
+    heldout: float = arg(0.02, "share of rows (whole contexts, at the end) held out for evaluation")
     shard_tokens: int = arg(0, "rows per shard file; 0 = about 64 MB of activations per shard")
-    batch_size: int = arg(
-        64, "contexts per forward pass (part of the cache's identity: it fixes the floats)"
-    )
-    device: str = arg(
-        "auto", "auto | cpu | cuda | ...; resume on the same device for byte-identical shards"
-    )
-    overwrite: bool = arg(
-        False, "delete the cache in --out (made with any arguments) and build it again"
-    )
+    batch_size: int = arg(64, "contexts per forward pass (part of the identity: fixes the floats)")
+    device: str = arg("auto", "auto | cpu | cuda | ...; resume on the same device: the same bytes")
+    overwrite: bool = arg(False, "delete the cache in --out (any arguments) and build it again")
 
 
 def build_cache(cfg: CacheConfig):
@@ -137,48 +106,29 @@ def build_cache(cfg: CacheConfig):
         cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes))
     # Phase 1: the output directory, new or resumed (same identity), every listed shard checked
     identity = shards.identity(cfg, model.fingerprint(), model_dir)
-    name = (
-        os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model
-    )  # what readers load
-    header = dict(
-        model=name,
-        model_config=asdict(model.config),
-        n_layers=L,
-        d_model=d,
-        dtype=cfg.dtype,
-        ctx=cfg.ctx,
-        keep_bos=cfg.keep_bos,
-        shard_tokens=cfg.shard_tokens,
-        device=device,
-        check_rows=max(1, shards.CHECK_BYTES // row_bytes),
-        channel_scale=_first_batch_channel_scales(cfg, model, enc),
-    )
+    name = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # readers load it
+    header = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d)
+    header.update({k: getattr(cfg, k) for k in ("dtype", "ctx", "keep_bos", "shard_tokens")})
+    header.update(device=device, check_rows=max(1, shards.CHECK_BYTES // row_bytes))
+    header.update(channel_scale=_first_batch_channel_scales(cfg, model, enc))
     manifest = shards.open_out_dir(cfg.out, cfg.overwrite, identity, header)
     damaged = shards.damaged_shards(cfg.out, manifest)
     uncounted = shards.uncounted_shards(manifest)
     if manifest["complete"] and not damaged:
-        print(
-            f"{cfg.out} is already complete ({manifest['n_tokens']} tokens; every shard's size, "
-            "header and crc32 checked): nothing to do"
-        )
+        print(f"{cfg.out} is already complete: every shard's size, header and crc32 checked")
         return dict(manifest, seconds=0.0, cpu_seconds=0.0)
-    resume = (
-        sys.maxsize if manifest["complete"] else len(manifest["shards"])
-    )  # new shards from here
+    resume = len(manifest["shards"]) if not manifest["complete"] else sys.maxsize  # new shards
     n_new = max(0, -(-cfg.tokens // cfg.shard_tokens) - resume)
     shards.check_disk(cfg.out, n_new * shards.shard_layout(cfg.dtype, cfg.shard_tokens, L, d)[1])
     # Phase 2: forward the batches that hold rows of the shards to write; quantize; write
     t0 = time.perf_counter()
     c0 = time.process_time()
     _write_rows(cfg, model, enc, manifest, damaged, uncounted, resume)
-    # Phase 3: the totals; the manifest, complete
+    # Phase 3: the totals, and the manifest marked complete
     _finalize(manifest, cfg)
     write_json(os.path.join(cfg.out, MANIFEST), manifest)
     if manifest["n_tokens"] < cfg.tokens:
-        print(
-            f"note: corpus {cfg.corpus} ran out after {manifest['n_tokens']} of the {cfg.tokens} "
-            "tokens asked for"
-        )
+        print(f"note: corpus {cfg.corpus} ran out after {manifest['n_tokens']} tokens")
     return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
 
@@ -188,10 +138,8 @@ def _check_config(cfg, model):
     if not 2 <= cfg.ctx <= model.config.n_ctx:
         raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={model.config.n_ctx} of {cfg.model}")
     if cfg.tokens <= 0 or cfg.shard_tokens < 0 or cfg.batch_size <= 0:
-        raise ValueError(
-            f"tokens, shard_tokens, batch_size must be positive, got {cfg.tokens}, "
-            f"{cfg.shard_tokens}, {cfg.batch_size}"
-        )
+        got = f"{cfg.tokens}, {cfg.shard_tokens}, {cfg.batch_size}"
+        raise ValueError(f"tokens, shard_tokens, batch_size must be positive, got {got}")
     if not 0 <= cfg.heldout < 1:
         raise ValueError(f"heldout must be in [0, 1), got {cfg.heldout}")
 
@@ -231,8 +179,8 @@ def iter_contexts(docs, enc, ctx):
 def iter_batches(cfg, enc, n_rows):
     """Yield (first row, idx (B, ctx) int64, meta (B*R, 3) int32) on a fixed grid of batch_size
     contexts, until n_rows rows; R = rows kept per context. The grid makes resume byte-exact."""
-    R = rows_per_context(cfg)
     drop = 0 if cfg.keep_bos else 1
+    R = cfg.ctx - drop  # rows kept per context
     pos = np.arange(drop, cfg.ctx, dtype=np.int32)
     docs = corpora.iter_documents(cfg.corpus, cfg.seed, cfg.text_field)
     contexts = iter_contexts(docs, enc, cfg.ctx)
@@ -240,37 +188,27 @@ def iter_batches(cfg, enc, n_rows):
     while row < n_rows:
         batch = [c for _, c in zip(range(cfg.batch_size), contexts)]
         if not batch and row == 0:
-            raise ValueError(
-                f"corpus {cfg.corpus} gave no context of {cfg.ctx - 1} tokens: it is empty or too short"
-            )
+            too_short = f"gave no context of {cfg.ctx - 1} tokens: it is empty or too short"
+            raise ValueError(f"corpus {cfg.corpus} {too_short}")
         if not batch:
             return
         tok = np.stack([t for t, _ in batch])  # (B, ctx)
         doc = np.stack([i for _, i in batch])  # (B, ctx)
-        meta = np.stack(
-            [tok[:, drop:], doc[:, drop:], np.broadcast_to(pos, tok[:, drop:].shape)], -1
-        )
+        kept = tok[:, drop:]  # (B, R)
+        meta = np.stack([kept, doc[:, drop:], np.broadcast_to(pos, kept.shape)], -1)  # (B, R, 3)
         yield row, torch.from_numpy(tok).long(), meta.reshape(-1, 3)  # (B*R, 3)
         row += len(batch) * R
-
-
-def rows_per_context(cfg):
-    return cfg.ctx if cfg.keep_bos else cfg.ctx - 1
 
 
 @torch.inference_mode()
 def _write_rows(cfg, model, enc, manifest, damaged, uncounted, resume):
     """The main loop: forward the batches that hold rows of the shards to write (the damaged and
-    uncounted ones, and those from `resume` on; the other batches are only tokenized), drop the BOS,
-    quantize the rows into shard buffers and hand each full one to the writer, which lists it in
-    the manifest and adds its statistics to the totals (new shards and `uncounted` ones)."""
-    L = model.config.n_layer
-    d = model.config.n_embd
+    uncounted ones, and those from `resume` on; other batches are only tokenized), drop the BOS,
+    quantize the rows into shard buffers and hand each full one to the writer."""
     S = cfg.shard_tokens
     rewrite = set(damaged) | uncounted
     last = max(rewrite, default=-1) if resume == sys.maxsize else sys.maxsize  # last shard to write
     check = resume - 1 if 0 < resume < sys.maxsize and resume - 1 not in damaged else None
-    channel = torch.tensor(manifest["channel_scale"]) if manifest["channel_scale"] else None
     dev = next(model.parameters()).device
     n_new = max(0, -(-cfg.tokens // S) - resume)
     todo = min((len(rewrite) + n_new) * S, cfg.tokens)
@@ -292,7 +230,7 @@ def _write_rows(cfg, model, enc, manifest, damaged, uncounted, resume):
                 a = max(k * S, row0) - row0
                 b = min((k + 1) * S, hi) - row0
                 if buf is None:
-                    buf = writer.recycled() or _ShardBuffer(cfg, L, d, channel)
+                    buf = writer.recycled() or _ShardBuffer(cfg, manifest)
                     buf.reset(k)
                 buf.add(x_in[a:b], x_out[a:b], meta[a:b])
                 pbar.update(b - a)
@@ -308,8 +246,8 @@ def _write_rows(cfg, model, enc, manifest, damaged, uncounted, resume):
 
 
 def _forward_rows(model, idx, drop):
-    """idx (B, T) -> the rows to store, mlp_in and mlp_out (B*R, L, d), R = T - drop. Each source is let
-    go as soon as it is copied: three (B, T, L, d)-sized tensors at most live at once, not five."""
+    """idx (B, T) -> the rows to store, mlp_in and mlp_out (B*R, L, d), R = T - drop. Each source
+    is let go once copied: three (B, T, L, d)-sized tensors at most live at once, not five."""
     _, acts = model.run_with_acts(idx, logits=False)
     mlp_in = acts.mlp_in
     mlp_out = acts.mlp_out
@@ -325,11 +263,13 @@ class _ShardBuffer:
     """One shard's rows being filled in RAM, plus float64 sums for the manifest's statistics.
     Buffers are recycled (fresh 64 MB costs page faults): reset(index) starts shard `index`."""
 
-    def __init__(self, cfg, L, d, channel):
+    def __init__(self, cfg, m):
         S = cfg.shard_tokens
+        L = m["n_layers"]
+        d = m["d_model"]
         dt = shards.DTYPES[cfg.dtype][1]
         self.dtype = cfg.dtype
-        self.channel = channel  # (2, L, d)
+        self.channel = torch.tensor(m["channel_scale"]) if m["channel_scale"] else None  # (2, L, d)
         self.mlp_in = np.empty((S, L, d), dt)  # (S, L, d)
         self.mlp_out = np.empty((S, L, d), dt)  # (S, L, d)
         self.scales = np.empty((S, 2, L), np.int16) if cfg.dtype == "int8" else None  # (S, 2, L)
@@ -342,37 +282,30 @@ class _ShardBuffer:
         self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in shards.STATS}  # (2, L)
 
     def sections(self):
-        """The filled rows, section by section in file order (as `shards.sections` reads them back)."""
-        n = self.rows
-        return dict(
-            mlp_in=self.mlp_in[:n],
-            mlp_out=self.mlp_out[:n],
-            scales=None if self.scales is None else self.scales[:n],
-            meta=self.meta[:n],
-        )
+        """The filled rows of each section, as `shards.sections` reads them back."""
+        views = dict(mlp_in=self.mlp_in, mlp_out=self.mlp_out, scales=self.scales, meta=self.meta)
+        return {k: None if v is None else v[: self.rows] for k, v in views.items()}
 
     def add(self, x_in, x_out, meta):
-        """Append rows (n, L, d) float32 of mlp_in and mlp_out; quantize/convert, record statistics."""
+        """Append rows (n, L, d) float32 of mlp_in and mlp_out: quantize, sum the statistics."""
         a, b = self.rows, self.rows + len(meta)
         for j, (x, dst) in enumerate(((x_in, self.mlp_in), (x_out, self.mlp_out))):
             norm = torch.linalg.vector_norm(x, dim=-1).double()  # (n, L); inf/NaN if any element is
             if not torch.isfinite(norm).all():
-                raise ValueError(
-                    f"non-finite activations (NaN/inf) in rows {a}.. of shard {self.index}: "
-                    "the model is broken; no shard holding them is written"
-                )
+                where = f"in rows {a}.. of shard {self.index}"
+                fix = "the model is broken; no shard holding them is written"
+                raise ValueError(f"non-finite activations (NaN/inf) {where}: {fix}")
             if self.dtype == "int8":  # in place where possible: big temporaries are what this costs
                 c = self.channel[j].to(x.device)  # (L, d)
                 y = torch.div(x, c, out=empty(x.shape, device=x.device))  # (n, L, d)
-                q, scale, s = _quantize_(y)
+                q, scale, s = quantize_(y)
                 self.scales[a:b, j] = bf16_bits(scale)
                 err = y.mul_(s).mul_(c).sub_(x)  # x_hat - x, computed as `dequantize` does
             elif self.dtype == "fp16":
                 absmax = torch.maximum(x.amax(), -x.amin()).item()
                 if absmax > torch.finfo(torch.float16).max:
-                    raise ValueError(
-                        f"activations overflow fp16 (max |x| = {absmax:.3g}): use --dtype int8 or fp32"
-                    )
+                    too_big = f"activations overflow fp16 (max |x| = {absmax:.3g})"
+                    raise ValueError(f"{too_big}: use --dtype int8 or fp32")
                 q = x.half()
                 err = q.float().sub_(x)  # (n, L, d)
             else:
@@ -381,9 +314,8 @@ class _ShardBuffer:
             self.sums["norm"][j] += norm.sum(0).cpu()
             self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
             if err is not None:
-                self.sums["err"][j] += (
-                    torch.linalg.vector_norm(err, dim=-1).double().pow(2).sum(0).cpu()
-                )
+                err_sq = torch.linalg.vector_norm(err, dim=-1).double().pow(2)  # (n, L)
+                self.sums["err"][j] += err_sq.sum(0).cpu()
         self.meta[a:b] = meta
         self.rows = b
 
@@ -391,43 +323,31 @@ class _ShardBuffer:
 def _finalize(manifest, cfg):
     """Totals for the manifest: token count, splits, per-layer mean norms and quantization NMSE."""
     n_rows = sum(s["rows"] for s in manifest["shards"])
-    R = rows_per_context(cfg)
+    R = cfg.ctx if cfg.keep_bos else cfg.ctx - 1  # rows per context: held out whole
     train = n_rows
     if cfg.heldout > 0:
         train = min(max(int(round(n_rows * (1 - cfg.heldout) / R)) * R, R), n_rows - 1)
     tot = {k: np.array(manifest["sums"][k]) for k in shards.STATS}  # (2, L)
-    nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)
-    manifest.update(
-        complete=True,
-        n_tokens=n_rows,
-        splits=dict(train=[0, train], heldout=[train, n_rows]),
-        norm_in=(tot["norm"][0] / n_rows).tolist(),
-        norm_out=(tot["norm"][1] / n_rows).tolist(),
-        nmse_in=nmse[0].tolist(),
-        nmse_out=nmse[1].tolist(),
-        nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)],
-    )
+    norm = tot["norm"] / n_rows  # (2, L)
+    nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)  # (2, L)
+    manifest.update(complete=True, n_tokens=n_rows)
+    manifest.update(splits=dict(train=[0, train], heldout=[train, n_rows]))
+    manifest.update(norm_in=norm[0].tolist(), norm_out=norm[1].tolist())
+    manifest.update(nmse_in=nmse[0].tolist(), nmse_out=nmse[1].tolist())
+    manifest.update(nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)])
 
 
 # -----------------------------------------------------------------------------
 # quantization: symmetric absmax, one scale per (token, layer)
 
 
-def quantize(x):
-    """x (n, L, d) float32 -> q (n, L, d) int8, scale (n, L) bfloat16 with x ~ q * scale.
-
-    scale = max|x| / 127 rounded to bf16 (relative error <= 2^-8), and q = round(x / scale) with that
-    rounded scale, clamped to +-127: |x - q*scale| <= scale/2 for every element.
+def quantize_(y):
+    """y (n, L, d) float32 -> q (n, L, d) int8, scale (n, L) bfloat16 with y ~ q * scale, and the
+    scale as float32 (n, L, 1); y is overwritten with q as floats (one big temporary fewer).
+    scale = max|y| / 127 rounded to bf16 (relative error <= 2^-8), and q = round(y / scale) with
+    that rounded scale, clamped to +-127: |y - q*scale| <= scale/2 for every element.
     """
-    q, scale, _ = _quantize_(x.clone())
-    return q, scale
-
-
-def _quantize_(y):
-    """quantize, overwriting y (n, L, d) with q as floats: one big temporary fewer, for the writer."""
-    absmax = torch.maximum(
-        y.amax(-1), -y.amin(-1)
-    )  # (n, L); 25x faster than vector_norm(ord=inf) on CPU
+    absmax = torch.maximum(y.amax(-1), -y.amin(-1))  # (n, L); 25x vector_norm(ord=inf) on CPU
     scale = (absmax / 127).to(torch.bfloat16)  # (n, L)
     s = scale.float().clamp_min(1e-30)[..., None]  # an all-zero row has scale 0 and q = 0
     y.div_(s).round_().clamp_(-127, 127)
@@ -439,9 +359,7 @@ def channel_scales(x):
     the layer's mean: int8 stores x / c. Trained models have outlier channels (max|x| ~ 8 rms on the
     tiny model) that make one scale per row coarse for every other channel; dividing by c first
     evens them out, with SmoothQuant's migration strength 0.5 (Xiao et al. 2023)."""
-    rms = (
-        x.pow(2).mean(tuple(range(x.dim() - 2))).sqrt()
-    )  # (L, d); one float32 temporary of x's size
+    rms = x.pow(2).mean(tuple(range(x.dim() - 2))).sqrt()  # (L, d); one temporary of x's size
     return rms.clamp_min(1e-3 * rms.mean(-1, keepdim=True)).clamp_min(1e-30).sqrt().float()
 
 
@@ -451,9 +369,8 @@ def bf16_bits(scale):
 
 
 def empty(shape, dtype=torch.float32, device="cpu"):
-    """torch.empty, but on the CPU through numpy: numpy asks Linux for transparent huge pages for
-    large arrays (madvise), so first touching a fresh batch costs one page fault per 2 MB, not per
-    4 kB: 4x faster fresh batches on our VMs. Every big per-batch buffer of this file comes from here."""
+    """torch.empty, on the CPU through numpy: numpy asks Linux for transparent huge pages (madvise),
+    so first touching a fresh batch costs a page fault per 2 MB, not per 4 kB: 4x faster here."""
     if torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
@@ -462,9 +379,7 @@ def empty(shape, dtype=torch.float32, device="cpu"):
 def dequantize(q, scale_bits=None, channel=None):
     """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16 or fp32 (numpy or torch);
     for int8 also scale bits (n, L) int16 and channel scales (L, d): x = q * scale * channel.
-
-    Convert, then scale in place: vectorized passes beat torch's mixed-dtype int8*float kernel 3x.
-    """
+    Convert, then scale in place: vectorized passes beat torch's mixed int8*float kernel 3x."""
     q = torch.as_tensor(q)
     x = q if q.dtype == torch.float32 else empty(q.shape, device=q.device).copy_(q)
     if scale_bits is None:
@@ -479,22 +394,18 @@ def dequantize(q, scale_bits=None, channel=None):
 
 @dataclass
 class Rows:
-    """Stored rows as they lie in the shards, and their global row ids: what `batches` yields.
-    `ActivationCache.dequantize(rows, device)` turns them into float32 on the consumer's device."""
+    """What `batches` yields: stored rows as they lie in the shards, and their global row ids."""
 
     mlp_in: torch.Tensor  # (n, L, d) int8 | float16 | float32, as stored
     mlp_out: torch.Tensor  # (n, L, d)
-    scales: Optional[torch.Tensor]  # (n, 2, L) int16 bits of the bfloat16 row scales (int8 only)
+    scales: torch.Tensor | None  # (n, 2, L) int16 bits of the bfloat16 row scales (int8 only)
     ids: torch.Tensor  # (n,) int64 global row ids, ascending
 
 
 class ActivationCache:
-    """A finished cache, opened read-only. Opening checks the manifest and each shard's size and
-    header (cheap); reading checks each chunk's crc32 the first time a row of it is read; `verify`
-    checks whole files against their sha256. Pass model= to refuse a cache made by another model.
-
-    unit_rows, window_mb: the granularity of the shuffle (see `batches`); part of a training run's
-    data order, like the seed. workers: threads that read and check batches."""
+    """A finished cache, opened read-only (checked as shards.ShardFiles says). model=: refuse a
+    cache made by another model. unit_rows, window_mb: the granularity of the shuffle (see
+    `batches`), part of a run's data order like the seed. workers: threads that read batches."""
 
     def __init__(self, path, model=None, unit_rows=1024, window_mb=512, workers=2):
         self.files = shards.ShardFiles(path, asdict(CacheConfig()))  # the repair command's defaults
@@ -527,8 +438,8 @@ class ActivationCache:
         return tuple(self.manifest["splits"][split])
 
     def dequantize(self, rows: Rows, device=None):
-        """Stored rows -> (mlp_in, mlp_out) float32 (n, L, d) on `device` (None: where they are). The
-        stored rows move first and are dequantized there: 4x less to copy for int8."""
+        """Stored rows -> (mlp_in, mlp_out) float32 (n, L, d) on `device` (None: where they are).
+        The stored rows move first and are dequantized there: 4x less to copy for int8."""
         x_in = rows.mlp_in.to(device)
         x_out = rows.mlp_out.to(device)
         if rows.scales is None:
@@ -547,10 +458,10 @@ class ActivationCache:
         return *self.dequantize(rows, device), meta[:, 0], meta[:, 1], meta[:, 2]
 
     def iter_chunks(self, chunk_size, split="all", device=None):
-        """Stream a split in order: yields (mlp_in, mlp_out, tokens, doc_ids, positions) as `read`."""
+        """A split in order, read a chunk ahead: (mlp_in, mlp_out, tokens, doc_ids, positions)."""
         lo, hi = self.split_range(split)
-        gen = (self.read(a, min(a + chunk_size, hi), device) for a in range(lo, hi, chunk_size))
-        return _background(gen, depth=2)
+        starts = range(lo, hi, chunk_size)
+        return _ordered_map(lambda a: self.read(a, min(a + chunk_size, hi), device), starts, 1, 2)
 
     def batches_per_epoch(self, batch_size, world=1, split="train"):
         lo, hi = self.split_range(split)
@@ -559,32 +470,30 @@ class ActivationCache:
     def batches(
         self, batch_size, seed=0, rank=0, world=1, split="train", start_step=0, epochs=None
     ):
-        """Yield this rank's batches of a shuffled stream: Rows of batch_size stored rows (dequantize
-        them with `dequantize(rows, device)` where they are used).
+        """Yield this rank's batches of a shuffled stream: Rows of batch_size stored rows
+        (dequantize them with `dequantize(rows, device)` where they are used).
 
         The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
         units in a random order (seed, e), consecutive units grouped into windows of ~window_mb
         stored MB, the rows of each window in a random order (seed, e, window). Global step g is
-        stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B] (in row order: a
-        batch is a set): disjoint, equal shares, whose union does not depend on the world size W.
+        stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B] (in row order:
+        a batch is a set): disjoint, equal shares, whose union does not depend on the world size W.
         An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped), so no rank ever
-        waits on another. Rows are read straight from the memmapped shards: the pages in use at
-        any time are a window's units (~window_mb), so the page cache serves most reads.
-        start_step=k starts at global step k (counting across epochs) without reading what it skips;
-        epochs=None streams forever, else stops after `epochs` epochs in all. A rank reads only its
-        rows, on `workers` threads, PREFETCH batches ahead of the consumer.
+        waits on another. The pages in use at any time are a window's units (~window_mb): the page
+        cache serves most reads. start_step=k starts at global step k (counting across epochs)
+        without reading what it skips; epochs=None streams forever, else stops after `epochs`
+        epochs in all. A rank reads only its rows, on `workers` threads, PREFETCH batches ahead.
         """
-        B, W = batch_size, world
+        B = batch_size
+        W = world
         if not 0 <= rank < W or B <= 0:
-            raise ValueError(
-                f"need 0 <= rank < world and batch_size > 0, got rank={rank}, world={W}, B={B}"
-            )
+            got = f"rank={rank}, world={W}, B={B}"
+            raise ValueError(f"need 0 <= rank < world and batch_size > 0, got {got}")
         lo, hi = self.split_range(split)
         nb = self.batches_per_epoch(B, W, split)
         if nb == 0:
-            raise ValueError(
-                f"split {split!r} has {hi - lo} rows, fewer than one global batch of {B}x{W}"
-            )
+            few = f"{hi - lo} rows, fewer than one global batch of {B}x{W}"
+            raise ValueError(f"split {split!r} has {few}")
         window_units = max(1, int(self.window_mb * 2**20) // (self.row_bytes() * self.unit_rows))
         e0, j0 = divmod(start_step, nb)
         epoch_ids = range(e0, sys.maxsize if epochs is None else epochs)
@@ -599,16 +508,12 @@ class ActivationCache:
                         yield rows()[p - s]
 
         def assemble(ids):  # on a worker thread
-            rows = np.sort(
-                ids
-            )  # a batch is a set: sorted, its rows come off the memmaps in file order
-            raw = {
-                k: torch.from_numpy(v)
-                for k, v in self.files.take(rows, ("mlp_in", "mlp_out", "scales")).items()
-            }
+            rows = np.sort(ids)  # a batch is a set: sorted, its rows come off the memmaps in order
+            raw = self.files.take(rows, ("mlp_in", "mlp_out", "scales"))
+            raw = {k: torch.from_numpy(v) for k, v in raw.items()}
             return Rows(raw["mlp_in"], raw["mlp_out"], raw.get("scales"), torch.from_numpy(rows))
 
-        return _background(_ordered_map(assemble, _cut(selections(), B), self.workers), PREFETCH)
+        return _ordered_map(assemble, _cut(selections(), B), self.workers, PREFETCH)
 
     def _windows(self, lo, hi, seed, epoch, window_units):
         """Yield (stream position, rows, rows()) per window of the epoch; rows() builds the window's
@@ -629,45 +534,6 @@ class ActivationCache:
             pos += size
 
 
-def _background(gen, depth):
-    """Run the generator `gen` on a daemon thread up to `depth` items ahead; re-raise its errors here.
-    When the consumer stops early (break, close), the thread stops too and closes `gen`."""
-    q = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item):  # False once the consumer has gone
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            for item in gen:
-                if not put(("item", item)):
-                    return gen.close()
-            put(("done", None))
-        except BaseException as e:
-            put(("error", e))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()  # it ends within one item: put() gives up once stop is set
-
-
 def _cut(id_arrays, B):
     """Cut a stream of row-id arrays into batches of exactly B ids, carrying leftovers over."""
     carry = np.empty(0, dtype=np.int64)
@@ -678,13 +544,14 @@ def _cut(id_arrays, B):
         carry = ids[n:]
 
 
-def _ordered_map(fn, items, workers):
-    """Yield fn(item) in order, computed by `workers` threads at most 2*workers items ahead."""
+def _ordered_map(fn, items, workers, ahead):
+    """Yield fn(item) in order, computed by `workers` threads at most `ahead` items ahead; an
+    error on a thread is raised here. Stopping early (break, close) stops the threads."""
     with ThreadPoolExecutor(workers) as ex:
         futures = []
         for item in items:
             futures.append(ex.submit(fn, item))
-            if len(futures) > 2 * workers:
+            if len(futures) > ahead:
                 yield futures.pop(0).result()
         for f in futures:
             yield f.result()
@@ -701,11 +568,8 @@ class VerifyConfig:
     paths: list = arg([], "cache directories")
 
 
-@dataclass
-class StatsConfig:
+class StatsConfig(VerifyConfig):
     """tokens, bytes/token, per-layer norms, quantization error"""
-
-    paths: list = arg([], "cache directories")
 
 
 def main(argv=None):
@@ -714,15 +578,13 @@ def main(argv=None):
     if command == "build":
         print(asdict(cfg))
         m = build_cache(cfg)
-        print(
-            f"{cfg.out}: {m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s | "
-            f"NMSE in {m['nmse_total'][0]:.3g} out {m['nmse_total'][1]:.3g}"
-        )
+        nmse = m["nmse_total"]
+        made = f"{m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s"
+        print(f"{cfg.out}: {made} | NMSE in {nmse[0]:.3g} out {nmse[1]:.3g}")
         return 0
     if not cfg.paths:
-        raise ValueError(
-            f"`cache.py {command}` needs a cache directory, e.g. `python cache.py {command} runs/cache`"
-        )
+        example = f"python cache.py {command} runs/cache"
+        raise ValueError(f"`cache.py {command}` needs a cache directory, e.g. `{example}`")
     failed = 0
     for path in cfg.paths:
         if command == "stats":

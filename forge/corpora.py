@@ -7,10 +7,8 @@
     a folder                its .txt, .jsonl and .parquet files, sorted by path
     hf:NAME[:config][:split]  a Hugging Face dataset, streamed (split defaults to train)
 
-`text_field` names the field or column that holds each document. Bad input raises ValueError naming
-the file, the line (or row) and the fix: invalid UTF-8, broken JSON, a missing field or column, a
-missing optional package. The order is fixed so that a cache built from a corpus resumes
-byte-identically.
+`text_field` names the field or column of the text. Bad input raises ValueError naming the file,
+the line (or row) and the fix. The order is fixed: a cache built from a corpus resumes the same.
 """
 
 import codecs
@@ -36,17 +34,13 @@ def iter_documents(corpus, seed=0, text_field="text"):
         files = [os.path.join(r, f) for r, _, fs in os.walk(corpus) for f in fs]
         files = sorted(f for f in files if f.endswith(FOLDER_FILES))
         if not files:
-            raise ValueError(
-                f"corpus folder {corpus} holds no .txt, .jsonl or .parquet file: "
-                "pass a folder that does"
-            )
+            none = "holds no .txt, .jsonl or .parquet file: pass a folder that does"
+            raise ValueError(f"corpus folder {corpus} {none}")
         for path in files:
             yield from _file_documents(path, text_field)
     elif not os.path.isfile(corpus):
-        raise FileNotFoundError(
-            f"corpus {corpus} does not exist (a .txt, .jsonl, .json or .parquet file, a folder "
-            "of them, hf:NAME or 'toy')"
-        )
+        kinds = "a .txt, .jsonl, .json or .parquet file, a folder of them, hf:NAME or 'toy'"
+        raise FileNotFoundError(f"corpus {corpus} does not exist ({kinds})")
     else:
         yield from _file_documents(corpus, text_field)
 
@@ -81,10 +75,7 @@ def _jsonl_documents(path, text_field):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno}): "
-                    "fix or delete that line"
-                ) from None
+                raise _bad_json(f"{path} line {i}", e, "fix or delete that line") from None
             yield _text_of(row, text_field, f"{path} line {i}")
 
 
@@ -94,13 +85,12 @@ def _json_documents(path, text_field):
         try:
             rows = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}): fix the file"
-            ) from None
+            raise _bad_json(f"{path} line {e.lineno}", e, "fix the file") from None
     if not isinstance(rows, list):
+        fix = f"pass a JSON list of strings or of objects with a {text_field!r} field"
+        fix += " (or a .jsonl file)"
         raise ValueError(
-            f"{path} holds a JSON {type(rows).__name__}, not a list of documents: pass a JSON list "
-            f"of strings or of objects with a {text_field!r} field (or a .jsonl file)"
+            f"{path} holds a JSON {type(rows).__name__}, not a list of documents: {fix}"
         )
     for i, row in enumerate(rows):
         yield _text_of(row, text_field, f"{path} item {i}")
@@ -115,22 +105,19 @@ def _parquet_documents(path, text_field):
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not parquet
-        raise ValueError(
-            f"{path}: not a readable parquet file ({e}): pass a parquet file or another corpus"
-        ) from None
+        fix = "pass a parquet file or another corpus"
+        raise ValueError(f"{path}: not a readable parquet file ({e}): {fix}") from None
     names = f.schema_arrow.names
     if text_field not in names:
-        raise ValueError(
-            f"{path} has no column {text_field!r} (columns {names}): pass --text-field COLUMN"
-        )
+        fix = "pass --text-field COLUMN"
+        raise ValueError(f"{path} has no column {text_field!r} (columns {names}): {fix}")
     row = 0
     for batch in f.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
-                raise ValueError(
-                    f"{path} row {row}: column {text_field!r} holds {text!r}, not a string: "
-                    "drop such rows or pass --text-field COLUMN"
-                )
+                where = f"{path} row {row}: column {text_field!r}"
+                fix = "drop such rows or pass --text-field COLUMN"
+                raise ValueError(f"{where} holds {text!r}, not a string: {fix}")
             row += 1
             yield text
 
@@ -142,19 +129,16 @@ def _hf_documents(corpus, text_field):
     try:
         import datasets
     except ImportError:
-        raise ValueError(
-            f"--corpus {corpus} needs the datasets package: pip install datasets "
-            "(or pass a local .parquet / .jsonl file)"
-        ) from None
+        fix = "pip install datasets (or pass a local .parquet / .jsonl file)"
+        raise ValueError(f"--corpus {corpus} needs the datasets package: {fix}") from None
     try:
         stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as e:  # offline, no such dataset / config / split: datasets raises many kinds
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"cannot open the Hugging Face dataset of --corpus {corpus} ({first}): check "
-            "NAME[:config][:split] and the network (offline, only local folders and cached "
-            "datasets load)"
-        ) from None
+        fix = "check NAME[:config][:split] and the network (offline, only local folders and cached"
+        fix += " datasets load)"
+        dataset = f"the Hugging Face dataset of --corpus {corpus} ({first})"
+        raise ValueError(f"cannot open {dataset}: {fix}") from None
     for i, row in enumerate(stream):
         yield _text_of(row, text_field, f"{corpus} row {i}")
 
@@ -166,15 +150,18 @@ def _text_of(row, text_field, where):
     if isinstance(row, dict) and isinstance(row.get(text_field), str):
         return row[text_field]
     keys = f" (fields {sorted(row)[:8]})" if isinstance(row, dict) else ""
-    raise ValueError(
-        f"{where}: expected a string or an object with a string {text_field!r} field{keys}: "
-        "pass --text-field NAME"
-    )
+    expected = f"expected a string or an object with a string {text_field!r} field{keys}"
+    raise ValueError(f"{where}: {expected}: pass --text-field NAME")
+
+
+def _bad_json(where, e, fix):
+    return ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno}): {fix}")
 
 
 def _bad_utf8(path):
     """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    fix = "re-encode the file as UTF-8"
     line = 1
     with open(path, "rb") as f:
         while True:
@@ -183,10 +170,8 @@ def _bad_utf8(path):
                 decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:  # e.object: the bytes decoded, with a partial char
                 line += e.object[: e.start].count(b"\n")
-                return ValueError(
-                    f"{path} line {line}: invalid UTF-8 (byte 0x{e.object[e.start]:02x}): "
-                    "re-encode the file as UTF-8"
-                )
+                byte = e.object[e.start]
+                return ValueError(f"{path} line {line}: invalid UTF-8 (byte 0x{byte:02x}): {fix}")
             if not data:
-                return ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8")
+                return ValueError(f"{path}: invalid UTF-8: {fix}")
             line += data.count(b"\n")

@@ -1,29 +1,17 @@
 """The activation cache's files: the shard format, the manifest, and every check on them.
 
-A cache directory holds manifest.json and shard_00000.bin, shard_00001.bin, ... A shard file is, in
-order, each section starting on a 64-byte boundary (`shard_layout`; magic + version as in llm.c's
-`_peek_data_shard`):
-
+A shard file is a header and four sections, each on a 64-byte boundary (`shard_layout`):
     header   (32,) int64   [MAGIC, VERSION, dtype code, rows, L, d, off_in, off_out, off_scales,
-                            off_meta, file bytes, 0...]
-    mlp_in   (rows, L, d)  dtype; for int8 q = round(x / (channel * scale)) in [-127, 127], channel
-                           (L, d) = the manifest's channel_scale[0]
+                            off_meta, file bytes, 0...] (checked on read, as llm.c's data shards)
+    mlp_in   (rows, L, d)  dtype; int8: q = round(x / (channel * scale)), channel = the
+                           manifest's channel_scale[0] (L, d)
     mlp_out  (rows, L, d)  dtype
-    scales   (rows, 2, L)  int16 = the bits of a bfloat16 scale; [:, 0] for mlp_in, [:, 1] for
-                           mlp_out (int8 only; empty otherwise)
+    scales   (rows, 2, L)  int16 bits of bfloat16 scales, [:, 0] mlp_in, [:, 1] mlp_out (int8 only)
     meta     (rows, 3)     int32: token id, document id, position in its context
 
-The manifest (FORMAT, VERSION) holds the build's identity (what determines the bytes: a rerun
-resumes only if it agrees), the shapes and channel scales, and per shard its file, rows, bytes,
-sha256 and a crc32 per chunk of check_rows rows (~1 MB); running totals of the statistics ("sums");
-once complete, the token count, the train / heldout splits, per-layer norms and NMSE.
-
-Each check lives here once, and each message names the fix (the build command, which repairs, or
---overwrite): open_manifest (format, version, shard names inside the directory); check_shard (size
-and header; the crc32 of each chunk; the sha256 of the file); ShardFiles, the reader's memmaps (each
-chunk's crc32 checked on its first read); for a build, open_out_dir (resume only the same
-identity), damaged_shards, uncounted_shards, check_disk, check_tokens. ShardWriter writes shards on
-background threads, atomically, and lists a shard in the manifest only once it is whole on disk.
+manifest.json holds the build's identity (a rerun resumes only if it agrees), the shapes, per
+shard its rows, bytes, sha256 and a crc32 per chunk of check_rows rows (~1 MB), running totals of
+the statistics, then the splits, norms and NMSE. Each check lives here once, naming the fix.
 """
 
 import hashlib
@@ -36,6 +24,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -54,6 +43,7 @@ CHECK_BYTES = 1 << 20  # a crc32 covers about this many stored bytes of consecut
 STATS = ("norm", "sq", "err")  # the manifest's running totals, each (2, L) float64
 MANIFEST_RATIO = 64  # rewrite the manifest once the shards since its last write hold 64x its bytes
 MAX_OPEN_SHARDS = 256  # memmaps a reader keeps open at once
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # their sha256 is part of the identity
 OVERWRITE = "rebuild the cache with `python cache.py ... --overwrite`"
 
 
@@ -115,8 +105,7 @@ def map_shard(path, m, i):
 
 
 def crc32(views, a, b):
-    """crc32 of rows a..b-1 of one shard: their mlp_in, mlp_out, scales and meta, in that order.
-    The writer computes it from its buffers, the reader from the memmapped file."""
+    """crc32 of rows a..b-1 of one shard's sections (buffers or memmap), in file order."""
     crc = 0
     for key in SECTIONS:
         if views[key] is not None:
@@ -135,8 +124,7 @@ def chunk_problem(m, i, views, j):
 
 
 def write_shard(out, m, index, views):
-    """Write shard `index` from the rows of its sections (views), atomically; the sha256 and
-    crc32s are computed as it writes. Returns its manifest entry."""
+    """Write shard `index` from its sections' rows, atomically; returns its manifest entry."""
     n = len(views["meta"])
     name = shard_name(index)
     path = os.path.join(out, name)
@@ -158,10 +146,8 @@ def write_shard(out, m, index, views):
             size = shard_layout(m["dtype"], n, m["n_layers"], m["d_model"])[1]
             assert written == size, f"wrote {written} bytes, layout says {size}"
     except OSError as e:
-        raise ValueError(
-            f"writing {path} failed: {e} (disk full or unwritable?). Finished shards are "
-            "kept: free space and rerun the same command to resume"
-        ) from e
+        fix = "Finished shards are kept: free space and rerun the same command to resume"
+        raise ValueError(f"writing {path} failed: {e} (disk full or unwritable?). {fix}") from e
     return dict(file=name, rows=n, bytes=written, sha256=h.hexdigest(), crc32=crc)
 
 
@@ -170,29 +156,25 @@ def write_shard(out, m, index, views):
 
 
 def open_manifest(path):
-    """Read path/manifest.json and check what every user of it relies on: format, version, and
-    shard names that stay inside the cache directory. Returns the manifest."""
+    """path/manifest.json, checked: format, version, and shard names inside the directory."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
-        raise FileNotFoundError(
-            f"{path} has no {MANIFEST}: not an activation cache (build one with cache.py)"
-        )
+        not_one = "not an activation cache (build one with cache.py)"
+        raise FileNotFoundError(f"{path} has no {MANIFEST}: {not_one}")
     with open(mpath) as f:
         try:
             m = json.load(f)
         except json.JSONDecodeError as e:  # written whole: this one was edited or damaged
             raise ValueError(f"{mpath} is not valid JSON ({e}): {OVERWRITE}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
+        found = f"format {m.get('format')} version {m.get('version')}"
         raise ValueError(
-            f"{mpath} is format {m.get('format')} version {m.get('version')}, this cache.py reads "
-            f"{FORMAT} version {VERSION}: {OVERWRITE}"
+            f"{mpath} is {found}, this cache.py reads {FORMAT} version {VERSION}: {OVERWRITE}"
         )
     for i, s in enumerate(m["shards"]):
         if s.get("file") != shard_name(i):  # never open a path a manifest names: only our own
-            raise ValueError(
-                f"{mpath} lists shard {i} as {s.get('file')!r}, not {shard_name(i)!r}: the "
-                f"manifest was edited or damaged; {OVERWRITE}"
-            )
+            listed = f"lists shard {i} as {s.get('file')!r}, not {shard_name(i)!r}"
+            raise ValueError(f"{mpath} {listed}: the manifest was edited or damaged; {OVERWRITE}")
     return m
 
 
@@ -207,10 +189,10 @@ def check_shard(path, m, i, content=""):
         return f"{s['file']}: {os.path.getsize(p)} bytes, manifest says {s['bytes']}"
     h = np.fromfile(p, dtype=np.int64, count=HEADER_INTS)
     if h[0] != MAGIC or h[1] != VERSION:
-        return (
-            f"{s['file']}: magic {h[0]}, version {h[1]}, expected magic {MAGIC}, version "
-            f"{VERSION}: not written by this cache.py, or damaged"
+        want = (
+            f"expected magic {MAGIC}, version {VERSION}: not written by this cache.py, or damaged"
         )
+        return f"{s['file']}: magic {h[0]}, version {h[1]}, {want}"
     want = header(m["dtype"], s["rows"], m["n_layers"], m["d_model"])
     if not np.array_equal(h, want):
         return (
@@ -218,12 +200,10 @@ def check_shard(path, m, i, content=""):
             f"{want[:11].tolist()} ([magic, version, dtype, rows, L, d, offsets..., bytes])"
         )
     if content == "sha256":
-        digest = hashlib.sha256()
         with open(p, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != s["sha256"]:
-            return f"{s['file']}: sha256 {digest.hexdigest()[:16]}... != manifest {s['sha256'][:16]}..."
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != s["sha256"]:
+            return f"{s['file']}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}..."
     if content == "crc32":
         views = map_shard(path, m, i)
         problems = (chunk_problem(m, i, views, j) for j in range(len(s["crc32"])))
@@ -232,8 +212,7 @@ def check_shard(path, m, i, content=""):
 
 
 def repair_command(path, m, defaults):
-    """The build command that made the cache at `path`: rerun, it rewrites damaged shards.
-    defaults: the build's flags and their defaults ({name: default}); only others are spelt out."""
+    """The build command that made the cache at `path` (it repairs): the flags not at defaults."""
     made = dict(m["identity"], model=m["model"], device=m["device"], out=path)
     args = ["python", "cache.py", "build"]
     for name, default in defaults.items():
@@ -246,38 +225,41 @@ def repair_command(path, m, defaults):
     return " ".join(args)
 
 
+def problems(path, m, content):
+    """[(i, what is wrong)] for the listed shards that fail check_shard(..., content)."""
+    n = len(m["shards"])
+    bar = tqdm(range(n), desc=content, unit="shard", disable=None if n > 1 else True)
+    return [(i, p) for i in bar if (p := check_shard(path, m, i, content))]
+
+
 def verify(path):
     """Check every listed shard's size, header and sha256: the problems found (empty: all good)."""
     m = open_manifest(path)
-    bad = (
-        [] if m.get("complete") else [f"{MANIFEST}: unfinished (rerun the build command to resume)"]
-    )
-    for i in tqdm(range(len(m["shards"])), desc="verify", unit="shard", disable=None):
-        bad.append(check_shard(path, m, i, "sha256"))
-    return [b for b in bad if b]
+    bad = [p for _, p in problems(path, m, "sha256")]
+    if not m.get("complete"):
+        bad.insert(0, f"{MANIFEST}: unfinished (rerun the build command to resume)")
+    return bad
 
 
 def summary(path, m):
-    """A printable summary of a finished cache: tokens, bytes per token, per-layer norms and
-    quantization error."""
+    """A finished cache in a few lines: tokens, bytes per token, per-layer norms and NMSE."""
     n = m["n_tokens"]
     L = m["n_layers"]
+    d = m["d_model"]
     total = sum(s["bytes"] for s in m["shards"])
-    fp32 = 2 * L * m["d_model"] * 4
+    splits = f"train {m['splits']['train']} heldout {m['splits']['heldout']}"
+    fp32 = f"{total / n / (8 * L * d + 12):.4f}x fp32"  # fp32 rows: 2 L d floats, 12 meta bytes
+    nmse = m["nmse_total"]
     lines = [
-        f"{path}: {n} tokens | dtype {m['dtype']} | L={L} d={m['d_model']} | ctx {m['ctx']} | "
-        f"{len(m['shards'])} shards | train {m['splits']['train']} heldout {m['splits']['heldout']}",
-        f"bytes/token {total / n:.1f} (activations+scales {row_bytes(m['dtype'], L, m['d_model'])}"
-        f", +12 token/doc/pos) | {total / n / (fp32 + 12):.4f}x fp32 | total {total / 1e6:.1f} MB",
-        f"quantization NMSE ||x - x_hat||^2/||x||^2: mlp_in {m['nmse_total'][0]:.3g} | "
-        f"mlp_out {m['nmse_total'][1]:.3g}",
+        f"{path}: {n} tokens | dtype {m['dtype']} | L={L} d={d} | ctx {m['ctx']} | "
+        f"{len(m['shards'])} shards | {splits}",
+        f"bytes/token {total / n:.1f} (activations+scales {row_bytes(m['dtype'], L, d)}, +12 "
+        f"token/doc/pos) | {fp32} | total {total / 1e6:.1f} MB",
+        f"quantization NMSE ||x - x_hat||^2/||x||^2: mlp_in {nmse[0]:.3g} | mlp_out {nmse[1]:.3g}",
         "layer | mean ||mlp_in|| | mean ||mlp_out|| | NMSE in | NMSE out",
     ]
-    for i in range(L):
-        lines.append(
-            f"{i:5d} | {m['norm_in'][i]:15.4f} | {m['norm_out'][i]:16.4f} | "
-            f"{m['nmse_in'][i]:.3g} | {m['nmse_out'][i]:.3g}"
-        )
+    for i, row in enumerate(zip(m["norm_in"], m["norm_out"], m["nmse_in"], m["nmse_out"])):
+        lines.append(f"{i:5d} | {row[0]:15.4f} | {row[1]:16.4f} | {row[2]:.3g} | {row[3]:.3g}")
     return "\n".join(lines)
 
 
@@ -286,20 +268,17 @@ def summary(path, m):
 
 
 class ShardFiles:
-    """The shards of a finished cache, read-only and thread-safe. Opening checks the manifest and
-    each shard's size and header (cheap); `take` checks each chunk's crc32 the first time it reads
-    a row of it, so no damaged row is ever returned. defaults: the build's flags and their
-    defaults, for the repair command errors name."""
+    """A finished cache's shards, read-only, thread-safe. Opening checks each size and header;
+    `take` checks a chunk's crc32 the first time it reads a row of it: no damaged row is returned.
+    defaults: the build's {flag: default}, for the repair command errors name."""
 
     def __init__(self, path, defaults):
         self.path = path
         self.manifest = m = open_manifest(path)
         self.repair = repair_command(path, m, defaults)
         if not m.get("complete"):
-            raise ValueError(
-                f"{path} is unfinished ({len(m['shards'])} shards): rerun the command that built "
-                f"it to resume: {self.repair}"
-            )
+            fix = f"rerun the command that built it to resume: {self.repair}"
+            raise ValueError(f"{path} is unfinished ({len(m['shards'])} shards): {fix}")
         self.starts = np.cumsum([0] + [s["rows"] for s in m["shards"]])  # each shard's first row
         assert self.starts[-1] == m["n_tokens"], f"{self.starts[-1]} rows != {m['n_tokens']}"
         for i in range(len(m["shards"])):
@@ -311,10 +290,8 @@ class ShardFiles:
 
     def _refuse(self, problem):
         if problem:
-            raise ValueError(
-                f"{self.path}: {problem}: repair it by rerunning its build, "
-                f"`{self.repair}` (add --overwrite to rebuild it all)"
-            )
+            fix = f"rerunning its build, `{self.repair}` (add --overwrite to rebuild it all)"
+            raise ValueError(f"{self.path}: {problem}: repair it by {fix}")
 
     def take(self, rows, keys):
         """Stored arrays of the given rows (sorted global ids), read shard by shard."""
@@ -339,19 +316,15 @@ class ShardFiles:
         return out
 
     def _check_chunks(self, i, src, local):
-        """Check the crc32 of each chunk of shard i that rows `local` fall in and no read has
-        checked yet. One thread checks a shard at a time: the others wait, not check it twice."""
+        """The crc32 of each chunk rows `local` of shard i fall in, once (other threads wait)."""
         chunks = np.unique(local // self.manifest["check_rows"])
-        if self._checked[i][chunks].all():
-            return
         with self._check_locks[i]:
             for j in chunks[~self._checked[i][chunks]]:
                 self._refuse(chunk_problem(self.manifest, i, src, j))
                 self._checked[i][j] = True
 
     def _shard(self, i):
-        """The memmapped sections of shard i, shared by threads. At most MAX_OPEN_SHARDS stay
-        mapped (each holds a file descriptor); views in use keep theirs."""
+        """Shard i's memmapped sections; the MAX_OPEN_SHARDS last used stay mapped (fds)."""
         with self._lock:
             if i in self._maps:
                 self._maps.move_to_end(i)
@@ -368,10 +341,7 @@ class ShardFiles:
 
 def identity(cfg, model_sha, model_dir):
     """What determines the cache's bytes: a rerun resumes only if all of these agree."""
-    tok = hashlib.sha256()
-    for name in ("vocab.json", "merges.txt"):
-        with open(os.path.join(model_dir, name), "rb") as f:
-            tok.update(f.read())
+    tok = hashlib.sha256(b"".join(Path(model_dir, n).read_bytes() for n in TOKENIZER_FILES))
     local = cfg.corpus != "toy" and not cfg.corpus.startswith("hf:")
     corpus = os.path.realpath(cfg.corpus) if local else cfg.corpus
     keys = ("text_field", "tokens", "ctx", "dtype", "keep_bos", "heldout", "shard_tokens")
@@ -381,9 +351,8 @@ def identity(cfg, model_sha, model_dir):
 
 
 def open_out_dir(out, overwrite, identity, header):
-    """Create the cache directory `out`, or resume in it: returns the manifest to continue from.
-    A manifest of another identity (or other first-batch channel scales) is refused, unless
-    `overwrite`, which deletes the cache files (only those: never a user's)."""
+    """Create the cache directory `out`, or resume in it (the same identity, unless `overwrite`):
+    returns the manifest to continue from."""
     path = os.path.join(out, MANIFEST)
     try:
         os.makedirs(out, exist_ok=True)
@@ -394,16 +363,13 @@ def open_out_dir(out, overwrite, identity, header):
         was = old["identity"]
         diff = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
         if diff:
-            raise ValueError(
-                f"{out} holds a cache made with other arguments ({{field: (cache, now)}}: {diff}); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
+            other = f"a cache made with other arguments ({{field: (cache, now)}}: {diff})"
+            fix = "pass --overwrite to replace it, or choose another --out"
+            raise ValueError(f"{out} holds {other}; {fix}")
         if old["channel_scale"] != header["channel_scale"]:
-            raise ValueError(
-                f"{out}: the first batch now gives other int8 channel scales than when the cache "
-                "was started: the corpus or the device changed; resume where it began, or pass "
-                "--overwrite"
-            )
+            changed = "the first batch now gives other int8 channel scales than when it was started"
+            fix = "the corpus or the device changed; resume where it began, or pass --overwrite"
+            raise ValueError(f"{out}: {changed}: {fix}")
         return old
     ours = [n for n in os.listdir(out) if n.startswith(("shard_", MANIFEST))]  # never a user's
     if not os.path.exists(path) and len(ours) < len(os.listdir(out)):
@@ -419,24 +385,17 @@ def open_out_dir(out, overwrite, identity, header):
 
 
 def damaged_shards(out, m):
-    """The listed shards that fail a check (size, header, crc32 of each chunk), to be rewritten.
-    This reads every listed shard once, at crc32 speed: far less than the forward passes."""
-    damaged = []
-    n = len(m["shards"])
-    for i in tqdm(range(n), desc="check", unit="shard", disable=None if n > 1 else True):
-        problem = check_shard(out, m, i, "crc32")
-        if problem:
-            print(f"repairing {problem}")
-            damaged.append(i)
-    return damaged
+    """The listed shards that fail a check (size, header, crc32s), to be rewritten: one read of
+    each at crc32 speed, far less than the forward passes that made them."""
+    damaged = problems(out, m, "crc32")
+    print("".join(f"repairing {p}\n" for _, p in damaged), end="")
+    return [i for i, _ in damaged]
 
 
 def uncounted_shards(m):
     """The listed shards missing from the running totals: none, unless the manifest was cut or
-    edited by hand (its totals then cover other shards than it lists). The totals then restart
-    from zero and all listed shards are counted again."""
-    sums = m.get("sums")
-    if sums is not None and sums["shards"] == len(m["shards"]):
+    edited by hand; then the totals restart from zero and all listed shards are counted again."""
+    if (m.get("sums") or {}).get("shards") == len(m["shards"]):
         return set()
     m["sums"] = dict(shards=0, **{k: np.zeros((2, m["n_layers"])).tolist() for k in STATS})
     return set(range(len(m["shards"])))
@@ -445,9 +404,8 @@ def uncounted_shards(m):
 def check_disk(out, need):
     free = shutil.disk_usage(out).free
     if need > free:
-        raise ValueError(
-            f"the cache needs {need / 1e9:.2f} GB more but {out} has {free / 1e9:.2f} GB free"
-        )
+        short = f"{out} has {free / 1e9:.2f} GB free"
+        raise ValueError(f"the cache needs {need / 1e9:.2f} GB more but {short}")
 
 
 def check_tokens(out, m, k, row0, meta, corpus):
@@ -461,22 +419,16 @@ def check_tokens(out, m, k, row0, meta, corpus):
         return
     stored = map_shard(out, m, k)["meta"][a - first : b - first]
     if not np.array_equal(stored, meta[a - row0 : b - row0]):
-        raise ValueError(
-            f"{out}: the corpus {corpus} now gives other tokens than those stored in {s['file']}: "
-            "it changed since the cache was started; pass --overwrite to rebuild"
-        )
+        changed = f"the corpus {corpus} now gives other tokens than those stored in {s['file']}"
+        fix = "it changed since the cache was started; pass --overwrite to rebuild"
+        raise ValueError(f"{out}: {changed}: {fix}")
 
 
 class ShardWriter:
-    """Writes full shard buffers on background threads (write_shard), so the forward pass overlaps
-    the disk; the calling thread then lists each shard in the manifest, in order, so a listed shard
-    is always whole on disk, and adds its statistics to the manifest's totals (new shards, and
-    `uncounted` ones: each once). The manifest is rewritten once the shards since its last write
-    hold MANIFEST_RATIO times its bytes: a small share of the writes at any length (a rewrite per
-    shard would be quadratic: 27k shards at 100M tokens of GPT-2 small).
-
-    A buffer has .index, .rows, .sums ({STATS: (2, L) float64 tensors}) and .sections() (the
-    filled rows of each section); `recycled` hands written buffers back for reuse."""
+    """Writes full shard buffers (.index, .rows, .sums, .sections()) on background threads, then
+    lists each shard in the manifest, in order, once it is whole on disk, adding its statistics to
+    the totals (new and `uncounted` shards, each once). The manifest is rewritten once the shards
+    since its last write hold MANIFEST_RATIO x its bytes (a rewrite per shard is quadratic)."""
 
     def __init__(self, out, manifest, uncounted, threads=2):
         self.out = out
@@ -490,30 +442,30 @@ class ShardWriter:
         self.pending = []
         self.free = queue.SimpleQueue()
 
-    def recycled(self):
-        """A written buffer, or None when none is free yet."""
+    def recycled(self):  # a written buffer, or None
         return None if self.free.empty() else self.free.get()
 
     def put(self, buf):
         self.pending.append(self.pool.submit(self._write, buf))
-        while self.pending and (self.pending[0].done() or len(self.pending) > self.threads):
-            self._commit(*self.pending.pop(0).result())  # waits when all threads are busy
+        self._commit_done(self.threads)  # waits when all threads are busy: bounded memory
+
+    def _commit_done(self, keep):  # commit finished writes in order, and more while > keep pending
+        while self.pending and (self.pending[0].done() or len(self.pending) > keep):
+            self._commit(*self.pending.pop(0).result())
 
     def close(self):
         try:
-            while self.pending:
-                self._commit(*self.pending.pop(0).result())
+            self._commit_done(0)
         finally:
             self.pool.shutdown(cancel_futures=True)
             if self.unsaved_bytes:  # also after an error: the shards committed so far stay listed
                 self._save()
 
-    def _write(self, buf):
+    def _write(self, buf):  # on a thread; the sums are copied: buf is reused once put back
         entry = write_shard(self.out, self.manifest, buf.index, buf.sections())
-        sums = {k: v.numpy().copy() for k, v in buf.sums.items()}  # (2, L) each; buf is reused
-        index = buf.index
+        done = (buf.index, entry, {k: v.numpy().copy() for k, v in buf.sums.items()})
         self.free.put(buf)
-        return index, entry, sums
+        return done
 
     def _commit(self, index, entry, sums):
         listed = self.manifest["shards"]
@@ -522,10 +474,9 @@ class ShardWriter:
             assert index == len(listed), f"shard {index} committed after {len(listed)} listed ones"
             listed.append(entry)
         elif entry["sha256"] != listed[index]["sha256"]:  # a repair must give the same bytes
-            raise ValueError(
-                f"{entry['file']} was rebuilt with other bytes than when the cache was made: the "
-                "corpus, the device or torch changed; rebuild the cache with --overwrite"
-            )
+            fix = "the corpus, the device or torch changed; rebuild the cache with --overwrite"
+            rebuilt = f"{entry['file']} was rebuilt with other bytes than when the cache was made"
+            raise ValueError(f"{rebuilt}: {fix}")
         listed[index] = entry
         if new or index in self.uncounted:
             self.uncounted.discard(index)
