@@ -73,7 +73,6 @@ class GraphConfig:
     interp: str = arg("", 'interp.py\'s output (features.jsonl, html/); "" = <graph>/../interp')
     features: str = arg("", 'folder of feature pages to link nodes to; "" = <interp>/html')
     max_nodes: int = arg(60, "nodes drawn besides embeddings and logits, most influential first")
-
     max_edges: int = arg(150, "edges drawn, strongest |weight| first")
     label_chars: int = arg(26, "characters of a feature's explanation shown in its node")
     cell_width: int = arg(3, "nodes side by side in one (layer, position) cell before it wraps")
@@ -87,7 +86,7 @@ class FeaturesConfig:
     out: str = arg("", 'output folder; "" = <interp dir>/html')
     max_examples: int = arg(20, "max-activating examples shown per page")
     top_tokens: int = arg(10, "promoted / suppressed tokens and input n-grams shown per page")
-    dense: float = arg(-1.0, "flag features firing on more tokens than this; -1 = interp's --dense")
+    dense: float = arg(-1.0, "flag as dense above this share of tokens; -1 = interp's --dense")
     inline_rows: int = arg(5000, "rows in index.html, best detection AUROC first; more per layer")
     workers: int = arg(0, "processes writing feature pages; 0 = one per CPU core")
 
@@ -115,7 +114,6 @@ FILL = {  # a node's colour by its feature_type
     "embedding": "#d8ecd2",
     "logit": "#d3e3f6",
 }
-
 GRAPH = dict(rankdir="BT", newrank="true", ranksep="0.55", nodesep="0.12", splines="true")
 
 
@@ -131,8 +129,7 @@ def load_graph(path):
 
 
 def draw_graph(cfg):
-    """graph.json -> {slug}.dot, .svg, .png (with graphviz's dot) and .html beside it; returns the
-    paths."""
+    """graph.json -> {slug}.dot, .svg, .png (with graphviz's dot), .html beside it; the paths."""
     if len(cfg.inputs) != 1:
         raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
     path = cfg.inputs[0]
@@ -250,7 +247,6 @@ def _text(s, n=None):
 
 def _node_name(node):
     """How the page names a node: L1/3 for a feature, err L0, an embedding's token, a logit's."""
-
     ft = node["feature_type"]
     if ft == "cross layer transcoder":
         return f"L{node['layer']}/{feature_index(node)}"
@@ -330,7 +326,6 @@ def _ranks(nodes, imp, cell_width):
         for k in range(depth):
             rank = {p: c[k * cell_width : (k + 1) * cell_width] for p, c in cells.items()}
             ranks.append((r, rank))
-
     return ranks
 
 
@@ -353,11 +348,9 @@ def _grid(g, nodes, imp, tokens, cfg, href, pos_of):
             sub.attr(rank="same")
             chain = [f"rowlabel_{i}"]
             more = i > 0 and ranks[i - 1][0] == r  # a wrapped row's continuation: its label in grey
-            name = {-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}")
-            color = "#aaaaaa" if more else "black"
-            _node(
-                sub, chain[0], pos_of, label=name, shape="plaintext", fontsize="14", fontcolor=color
-            )
+            label = {-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}")
+            style = dict(shape="plaintext", fontsize="14", fontcolor="#aaaaaa" if more else "black")
+            _node(sub, chain[0], pos_of, label=label, **style)
             for pos in range(n_pos):
                 cell = cells.get(pos, [])
                 if not cell:  # keep the grid: an empty cell still takes a column slot
@@ -444,13 +437,13 @@ def _stats(feat):
 @functools.lru_cache(maxsize=1 << 17)
 def _token_html(tok):
     """A token of an example as the page shows it, escaped. Cached: the pages of a CLT show ~260
-    tokens each, out of a vocabulary of ~50k; this halves `viz.py features`' time."""
+    tokens each, out of a vocabulary of ~50k, and rendering them is most of `viz.py features`'
+    time."""
     return html.escape(show_token(tok))
 
 
 def _example_html(ex, amax):
-    """One example: every token a span shaded by activation / the feature's max; the firing token
-    boxed."""
+    """One example: each token a span shaded by activation / max; the firing token boxed."""
     toks = ex["tokens"]
     acts = ex["acts"]
     if len(toks) != len(acts):
@@ -610,8 +603,7 @@ def _final(rows, key, last=10):
 
 
 def _panel(ax, rows, keys, title, logy=False):
-    """Scalar keys as one line each; a per-layer key (lists) as one line per layer. False if no
-    data."""
+    """Scalar keys as a line each; a per-layer key (lists) as a line per layer. False if no data."""
     drawn = False
     for key, label in keys.items():
         steps, vals = _series(rows, key)
@@ -659,8 +651,7 @@ def _frontier(points, path, dpi):
 
 
 def draw_train(cfg):
-    """Per run: one PNG per panel in <run>/plots (or --out/<run name>); then the L0-vs-FVU
-    frontier."""
+    """Per run: a PNG per panel in <run>/plots (or --out/<run name>); then the L0-FVU frontier."""
     if not cfg.inputs:
         raise ValueError("`viz.py train` takes train.py run folders, e.g. `viz.py train runs/clt`")
     written = []
@@ -673,7 +664,6 @@ def draw_train(cfg):
         for fname, title, keys, logy in TRAIN_PANELS:
             fig = Figure(figsize=(6.4, 4))
             fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)  # "tight" draws twice
-
             if _panel(fig.subplots(), rows, keys, f"{title} ({name})", logy):
                 save_figure(fig, os.path.join(out, f"{fname}.png"), cfg.dpi)
                 written.append(os.path.join(out, f"{fname}.png"))

@@ -386,7 +386,6 @@ MORE = '<p><button id="more" hidden>show more</button></p>'
 
 
 def _image_data_uri(path):
-
     with open(path, "rb") as f:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
 

@@ -11,6 +11,7 @@ then ./graph_data/{slug}.json; a clicked feature node's examples come from loadF
 (frontend/local_server.py) answers /data/... and /graph_data/... from --graph_file_dir. The page loads
 d3, jetpack, dagre and pako from CDNs: offline it stops right after its first request, so the browser
 test checks that request and, only where those CDNs answer, the feature fetch too."""
+
 import functools
 import json
 import os
@@ -25,12 +26,14 @@ import torch
 
 import graph as G
 import viz
+from clt import CLTConfig, CrossLayerTranscoder
 from forge import browser
 
-local_server = pytest.importorskip("circuit_tracer.frontend.local_server",
-                                   reason="circuit-tracer is not installed (pip install circuit-tracer)")
+local_server = pytest.importorskip(
+    "circuit_tracer.frontend.local_server",
+    reason="circuit-tracer is not installed (pip install circuit-tracer)",
+)
 from circuit_tracer.frontend import feature_models, graph_models  # noqa: E402 (after the skip)
-from clt import CLTConfig, CrossLayerTranscoder
 
 L, D, F_ = 3, 32, 64
 PROMPT = "Tarn is in"
@@ -40,10 +43,18 @@ def interp_record(layer, f):
     """One features.jsonl record, as interp.py writes it, with a token that names the feature."""
     name = f" L{layer}F{f}"
     ex = dict(act=2.0, doc=0, pos=1, tokens=[" the", name, " is"], acts=[0.0, 2.0, 0.5], center=1)
-    return dict(layer=layer, feature=f, density=0.01, max_act=2.0, explanation=f"fires on{name}",
-                hist=dict(edges=[0.25, 0.5, 1.0, 2.0], counts=[2, 5, 3]), top_examples=[ex],
-                quantile_examples=[dict(ex, quantile=0.6)], promoted=[dict(token=" Paris", logit=1.0)],
-                suppressed=[dict(token=" London", logit=-1.0)])
+    return dict(
+        layer=layer,
+        feature=f,
+        density=0.01,
+        max_act=2.0,
+        explanation=f"fires on{name}",
+        hist=dict(edges=[0.25, 0.5, 1.0, 2.0], counts=[2, 5, 3]),
+        top_examples=[ex],
+        quantile_examples=[dict(ex, quantile=0.6)],
+        promoted=[dict(token=" Paris", logit=1.0)],
+        suppressed=[dict(token=" London", logit=-1.0)],
+    )
 
 
 @pytest.fixture
@@ -54,18 +65,38 @@ def served(tmp_path, make_hub_model):
     make_hub_model(root / "model", n_layer=L, n_embd=D)
     transcoder = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=0)
     with torch.no_grad():
-        transcoder.b_enc.fill_(0.0)  # dense enough that pruning keeps some features on a short prompt
+        transcoder.b_enc.fill_(
+            0.0
+        )  # dense enough that pruning keeps some features on a short prompt
     transcoder.save_pretrained(root / "clt")
     (root / "interp").mkdir()
     (root / "interp" / "features.jsonl").write_text(
-        "".join(json.dumps(interp_record(l, f)) + "\n" for l in range(L) for f in range(F_)))
+        "".join(json.dumps(interp_record(l, f)) + "\n" for l in range(L) for f in range(F_))
+    )
     out = root / "graph"
-    G.main(["--model", str(root / "model"), "--clt", str(root / "clt"), "--prompt", PROMPT, "--device", "cpu",
-            "--interp", str(root / "interp"), "--out", str(out)])
+    G.main(
+        [
+            "--model",
+            str(root / "model"),
+            "--clt",
+            str(root / "clt"),
+            "--prompt",
+            PROMPT,
+            "--device",
+            "cpu",
+            "--interp",
+            str(root / "interp"),
+            "--out",
+            str(out),
+        ]
+    )
     viz.main(["graph", str(out / "graph.json"), "--interp", str(root / "interp")])
     # local_server.serve() with its handler and Server, bound to 127.0.0.1 and a free port instead of ("", 8032)
-    handler = functools.partial(local_server.CircuitGraphHandler, frontend_dir=local_server.DEFAULT_FRONTEND_DIR,
-                                data_dir=str(out))
+    handler = functools.partial(
+        local_server.CircuitGraphHandler,
+        frontend_dir=local_server.DEFAULT_FRONTEND_DIR,
+        data_dir=str(out),
+    )
     httpd = local_server.ReusableTCPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -85,11 +116,18 @@ def test_page_code_reads_what_we_write():
     them fails here rather than silently."""
     assets = local_server.DEFAULT_FRONTEND_DIR
     examples = (assets / "feature_examples" / "init-feature-examples.js").read_text()
-    assert "if (scan.startsWith('./')) {" in examples and "util.getFile(`${scan}/${featureIndex}.json`)" in examples
+    assert (
+        "if (scan.startsWith('./')) {" in examples
+        and "util.getFile(`${scan}/${featureIndex}.json`)" in examples
+    )
     assert "d.featureIndex = d.feature" in (assets / "attribution_graph" / "util-cg.js").read_text()
     util = (assets / "util.js").read_text()
-    assert "path.startsWith('./features/')" in util  # that prefix goes to a CDN: our scan must not use it
-    assert browser.FRONTEND_SCAN.startswith("./data/") and not browser.FRONTEND_SCAN.startswith("./features/")
+    assert (
+        "path.startsWith('./features/')" in util
+    )  # that prefix goes to a CDN: our scan must not use it
+    assert browser.FRONTEND_SCAN.startswith("./data/") and not browser.FRONTEND_SCAN.startswith(
+        "./features/"
+    )
 
 
 def test_server_serves_our_graph_and_features(served):
@@ -109,22 +147,43 @@ def test_server_serves_our_graph_and_features(served):
         assert feat.examples_quantiles[0].examples[0].tokens[1] == f" L{layer}F{index}"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="headless Chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="headless Chromium is not installed (apt-get install chromium)",
+)
 def test_page_asks_our_server(served, tmp_path):
     base, out, logs = served
     graph = json.loads((out / "graph.json").read_text())
-    node = max((n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"),
-               key=lambda n: n["influence_raw"])
+    node = max(
+        (n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"),
+        key=lambda n: n["influence_raw"],
+    )
     start = len(logs)
-    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={tmp_path / 'chrome'}", "--enable-logging=stderr", "--v=0",
-                           "--virtual-time-budget=10000", "--dump-dom",
-                           f"{base}index.html?slug=graph&clickedId={node['node_id']}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            f"{base}index.html?slug=graph&clickedId={node['node_id']}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     requests = "\n".join(logs[start:])
-    assert "GET /data/graph-metadata.json" in requests, requests  # the page's own script asked our server
+    assert "GET /data/graph-metadata.json" in requests, (
+        requests
+    )  # the page's own script asked our server
     if "GET /graph_data/graph.json" not in requests:  # offline: its CDN libraries did not load
         assert "d3 is not defined" in proc.stderr, proc.stderr[-2000:]
         return
