@@ -927,7 +927,7 @@ def write_synthetic_interp(
 
 
 def index_records(run):
-    """(layer, feature) -> viz.index_record of every feature of an interp folder, in the file's order."""
+    """(layer, feature) -> browser.index_record of every feature of an interp folder, in the file's order."""
     with open(run / "features.jsonl", encoding="utf-8") as f:
         return {
             (r["layer"], r["feature"]): browser.index_record(r, viz.DENSE)
