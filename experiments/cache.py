@@ -39,6 +39,7 @@ from experiments.common import (
     synthetic_corpus,
     timed,
 )
+from forge import shards
 from forge.cli import arg, run_main
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
@@ -54,7 +55,7 @@ class CacheBench(Bench):
 
 
 def run(cfg):
-    """The rows of each model: models/tiny (or a random model of its shape), a random GPT-2 small."""
+    """The rows of models/tiny (or a random model of its shape) and of a random GPT-2 small."""
     corpus = synthetic_corpus(os.path.join(cfg.out, "corpus.txt"), 4000)
     if os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")):
         setups = [("tiny", DEFAULT_MODEL, "toy", cfg.tiny_tokens)]
@@ -177,7 +178,7 @@ def read_rates(path, batch_size, epochs=2):
         return nbytes / t[0] / 1e6, nbytes / t[1] / 1e6
 
     def crc32_pass():
-        return all(not cache._check_shard(path, c.manifest, i, "crc32") for i in range(len(files)))
+        return all(not shards.check_shard(path, c.manifest, i, "crc32") for i in range(len(files)))
 
     shuffled_bytes = n_batches * batch_size * c.row_bytes()
     chunks = c.iter_chunks(batch_size, split="all")

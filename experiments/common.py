@@ -1,10 +1,10 @@
 """
-experiments/common.py: what the studies share. Every figure a study reports is a ratio measured within
-one run, because the machines are noisy: a baseline is timed in the same process, next to the thing
-it is compared with.
+experiments/common.py: what the studies share. Every figure a study reports is a ratio measured
+within one run, because the machines are noisy: a baseline is timed in the same process, next to the
+thing it is compared with.
 
-Adding a study: a file experiments/<name>.py with its flags as a dataclass `<Name>Bench(Bench)` (each
-field an `arg(default, help)`) and `run(cfg) -> list of result dicts`, ending in
+Adding a study: a file experiments/<name>.py with its flags as a dataclass `<Name>Bench(Bench)`
+(each field an `arg(default, help)`) and `run(cfg) -> list of result dicts`, ending in
 
     def main(argv=None):
         return run_study(__doc__, "<name>", run, <Name>Bench, argv)
@@ -12,9 +12,10 @@ field an `arg(default, help)`) and `run(cfg) -> list of result dicts`, ending in
     if __name__ == "__main__":
         run_main(main)
 
-Its rows print as a markdown table and go to <out>/<name>.json with the machine they were measured on.
-Each study file puts the repository root first on sys.path, so `python experiments/<name>.py` finds
-the library (not installed) and `import cache` is the library's cache.py, not experiments/cache.py.
+Its rows print as a markdown table and go to <out>/<name>.json with the machine they were measured
+on. Each study file puts the repository root first on sys.path, so `python experiments/<name>.py`
+finds the library (not installed) and `import cache` is the library's cache.py, not
+experiments/cache.py.
 """
 
 import json
@@ -116,7 +117,7 @@ def timed(fn):
 
 
 def median_seconds(fn, device, reps):
-    """The median wall time of reps calls of fn(), after one warm-up (allocator, caches, lazy init)."""
+    """The median wall time of reps calls of fn() after a warm-up (allocator, caches, lazy init)."""
     fn()
     times = []
     for _ in range(reps):
@@ -145,8 +146,8 @@ def peak_reset(device="cpu"):
 
 
 def peak_bytes(device="cpu", base=0):
-    """The peak (CUDA: the allocator's; CPU: resident) since peak_reset, or since the process started
-    (in a fresh process: what it ran), above base."""
+    """The peak (CUDA: the allocator's; CPU: resident) since peak_reset, or since the process
+    started (in a fresh process: what it ran), above base."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() - base
     return proc_status_kb("VmHWM") * 1024 - base
@@ -251,11 +252,11 @@ def hf_random_model_dir(
 
 
 def synthetic_corpus(path, n_docs, seed=0):
-    """Documents of random words, separated by <|endoftext|> (for models without their own corpus)."""
+    """Documents of random words, separated by <|endoftext|> (for models without a corpus)."""
     rng = random.Random(seed)
     words = (
-        "the of and to in is was for on that with as by at from his her it an were which are this be "
-        "city river capital north south language people old new market bridge road year king"
+        "the of and to in is was for on that with as by at from his her it an were which are this "
+        "be city river capital north south language people old new market bridge road year king"
     ).split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 300))) for _ in range(n_docs)]
     with open(path, "w") as f:

@@ -7,7 +7,7 @@ graph, feature + error nodes needed for 80 % of the logit influence, the influen
 path length from the token embeddings to the logits (in edges), and for two-hop prompts the share of
 the feature influence carried by the last-token features selective for the latent country.
 
-    python experiments/compactness.py          # ~15 min on a loaded 2-core CPU -> assets/compactness.png
+    python experiments/compactness.py    # ~15 min on a loaded 2-core CPU -> assets/compactness.png
     python experiments/compactness.py --compactness-kinds clt,plt,plt-skip
 """
 
@@ -200,7 +200,7 @@ def path_length(A_hat, w, inputs):
 
 
 def graph_compactness(model, t, rep, selective):
-    """The compactness numbers of one prompt's graph under transcoder t (see the module docstring)."""
+    """The compactness numbers of one prompt's graph under transcoder t (the module docstring's)."""
     import graph
 
     g = graph.attribute(model, t, rep, batch_size=256)
@@ -250,8 +250,8 @@ def compactness_figure(rows, path, kinds):
         ax.set_xticklabels(families, rotation=60, ha="right", fontsize=8)
     axes.flat[0].legend()
     fig.suptitle(
-        "models/tiny: graphs of a CLT vs a PLT (same features per layer, TopK: same L0), per prompt "
-        "family"
+        "models/tiny: graphs of a CLT vs a PLT (same features per layer, TopK: same L0), "
+        "per prompt family"
     )
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

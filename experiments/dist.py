@@ -1,8 +1,8 @@
 """
 experiments/dist.py: tensor and data parallelism of the CLT. Memory per rank against the TP size
-(measured on real shards), the CPU step time with T = 2 TP ranks over T = 1 (gloo, a process per rank,
-one thread each), bytes communicated per FLOP, and 8-GPU meshes of GPT-2 small and xl CLTs on paper
-(--busbw, --tflops). MB = fp32 parameters + gradients + Adam moments (16 bytes per parameter).
+(measured on real shards), the CPU step time with T = 2 TP ranks over T = 1 (gloo, a process per
+rank, one thread each), bytes communicated per FLOP, and 8-GPU meshes of GPT-2 small and xl CLTs on
+paper (--busbw, --tflops). MB = fp32 parameters + gradients + Adam moments (16 bytes per parameter).
 
     python experiments/dist.py
 """
@@ -68,11 +68,11 @@ def clt_params_per_rank(L, d, F, T):
 
 
 def per_step_traffic(L, d, F, B, T, D, activation="jumprelu", k=16):
-    """Per rank and step: bytes all-reduced over TP and over DP, bytes all-gathered over TP, bytes of
-    the one bookkeeping all-reduce over the mesh, matmul FLOPs. TP: the fp32 partial reconstruction
-    (B/D, L, d), twice with AuxK; TopK gathers k candidates per token and layer, BatchTopK (B/D)·k per
-    layer. DP: the fp32 gradient of this rank's shard. Bookkeeping (train.py's one all-reduce of a
-    step): float64 metric sums (~L·d) and which of all L·F features fired."""
+    """Per rank and step: bytes all-reduced over TP and over DP, bytes all-gathered over TP, bytes
+    of the one bookkeeping all-reduce over the mesh, matmul FLOPs. TP: the fp32 partial
+    reconstruction (B/D, L, d), twice with AuxK; TopK gathers k candidates per token and layer,
+    BatchTopK (B/D)·k per layer. DP: the fp32 gradient of this rank's shard. Bookkeeping (train.py's
+    one all-reduce of a step): float64 metric sums (~L·d) and which of all L·F features fired."""
     b = B // D
     topk = activation in ("topk", "batchtopk")
     tp_reduce = (4 * b * L * d * (2 if topk else 1)) if T > 1 else 0

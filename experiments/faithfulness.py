@@ -1,13 +1,13 @@
 """
 experiments/faithfulness.py: does a pruned graph predict what removing its features does? A CLT of
 models/tiny (--faithfulness-clt, or TopK trained here through experiments/compactness.py's trainer),
-then over --faithfulness-per-family prompts of every toy-world family: the k most influential feature
-nodes of each pruned graph and k random active features of the same layers; for each, the change of
-the top logit node (the most likely token's logit minus the mean logit) predicted by the graph's
-linear system (all paths, the pruned graph's edges, the direct edge) against intervene.py's ablation
-in the real model (freeze="none") and in the replacement model's view (freeze="all": the direct
-edge, exactly). Per family: Pearson r, median relative error (|measured| floored at
---faithfulness-floor) and sign agreement (over |measured| >= the floor).
+then over --faithfulness-per-family prompts of every toy-world family: the k most influential
+feature nodes of each pruned graph and k random active features of the same layers; for each, the
+change of the top logit node (the most likely token's logit minus the mean logit) predicted by the
+graph's linear system (all paths, the pruned graph's edges, the direct edge) against
+intervene.py's ablation in the real model (freeze="none") and in the replacement model's view
+(freeze="all": the direct edge, exactly). Per family: Pearson r, median relative error (|measured|
+floored at --faithfulness-floor) and sign agreement (over |measured| >= the floor).
 
 A graph is a linear system: A[t, s] is what source s, at its activation a_s, adds to target t's
 input. Removing feature s moves each target by -A[t, s]; a feature target passes its change on (an
@@ -170,7 +170,7 @@ def ablation_changes(model, t, idx, feats, token, freeze):
 
 
 def control_features(g, top, rng):
-    """For each node in top, a random other active feature of its layer (none of top, none twice)."""
+    """For each node in top, a random other active feature of its layer (not in top, not twice)."""
     taken = set(top.tolist())
     out = []
     for i in top.tolist():
@@ -199,7 +199,7 @@ def faithfulness_points(model, t, idx, k, rng):
     points = []
     for which, chosen in (("top", top), ("random", control_features(g, top, rng))):
         total, change = removal_effects(g, chosen)
-        # the linear response leaves the features' linear range where it drives an activation below 0
+        # the linear response leaves the features' linear range where it drives one below 0
         overshoot = (g.acts.to(change.device, change.dtype)[:, None] + change < 0).sum(0)  # (m,)
         predicted = dict(
             total=total,
@@ -239,8 +239,9 @@ def agreement(predicted, measured, floor):
 
 
 def in_set(q, which):
-    """Whether point q is in feature set `which`: top or random; a top feature whose removal, in the
-    linear system, leaves every other feature's activation >= 0 (stays linear) or not (overshoots)."""
+    """Whether point q is in feature set `which`: top or random; a top feature whose removal, in
+    the linear system, leaves every other feature's activation >= 0 (stays linear) or not
+    (overshoots)."""
     if which in ("top", "random"):
         return q["features"] == which
     return q["features"] == "top" and (q["overshoot"] > 0) == (which == "top, overshoots")

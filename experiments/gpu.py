@@ -16,8 +16,8 @@ missing. The rows so far are in <out>/gpu_partial.json after every part, the los
 <out>/gpu_curves.json. Without a GPU its rows are unmeasured: on a CPU it runs at the tiny shape
 only as a test of itself (train.py --autocast always puts bf16 on the CPU, torchrun uses gloo).
 
-    python experiments/gpu.py --out runs/bench 2> runs/gpu.log   # table on stdout; runs/bench/gpu.json
-    python experiments/gpu.py --device cpu --quick               # every part at the tiny shape (~2 min)
+    python experiments/gpu.py --out runs/bench 2> runs/gpu.log   # the table; runs/bench/gpu.json
+    python experiments/gpu.py --device cpu --quick               # every part, tiny shape (~2 min)
 """
 
 import json
@@ -63,17 +63,19 @@ QUICK_GPU = dict(  # --quick: the tiny shape and these sizes, where not given (t
 PART_MIN_S = 60  # no part starts with less of the budget left
 
 # Dense bf16 tensor-core peaks in TFLOP/s, first match in torch.cuda.get_device_name(): NVIDIA's
-# datasheets give twice these, "with sparsity" (H200 and H100 SXM: 1,979; H100 PCIe: 1,513; A100: 624).
+# datasheets give twice these, "with sparsity" (H200 and H100 SXM: 1,979; H100 PCIe: 1,513;
+# A100: 624).
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
 
 @dataclass
 class GpuBench(Bench):
-    """the GPU path on one GPU in 8 minutes: cache, bf16 vs fp32 training, torchrun + NCCL, graph, interp"""
+    """the GPU path in 8 minutes: cache, bf16 vs fp32 training, torchrun + NCCL, graph, interp"""
 
     gpu_tokens: int = arg(
         65_536,
-        "tokens in the GPT-2-small-shape cache (--quick: a quarter, the tiny shape, QUICK_GPU's sizes)",
+        "tokens in the GPT-2-small-shape cache (--quick: a quarter, the tiny shape, QUICK_GPU's "
+        "sizes)",
     )
     gpu_features: int = arg(3072, "CLT features per layer: training, graph, interp")
     gpu_batch: int = arg(4096, "tokens per training step")
@@ -139,7 +141,7 @@ class GpuParts:
         write_json(self.partial, self.rows)
 
     def run(self, part, setting, fn, *args):
-        """fn(*args) in a fresh process -> its result, or None after a row saying why there is none."""
+        """fn(*args) in a fresh process -> its result, or None after a row saying why not."""
         from concurrent.futures.process import BrokenProcessPool
 
         left = self.deadline - time.time()
@@ -176,7 +178,7 @@ class GpuParts:
 
 
 def gpu_prepare(parts, cfg, shape, root):
-    """The machine, the random GPT-2 and its cache: -> (model dir, cache dir, the bf16 peak or None)."""
+    """The machine, the random GPT-2 and its cache -> (model dir, cache dir, bf16 peak or None)."""
     model_dir = os.path.join(root, "model")
     cache_dir = os.path.join(root, "cache")
     setting = f"random GPT-2, {shape['n_layer']} x {shape['n_embd']}, vocab {shape['vocab_size']}"
@@ -227,9 +229,9 @@ def gpu_training(parts, cfg, shape, root, cache_dir, peak):
         s = r["ms"] / 1e3
         rate = f"{cfg.gpu_batch / s:.0f} tok/s, {mfu_text(step_flops(cfg, shape), s, peak)}"
         note = (
-            f"median step after 10; last loss {r['loss'][-1]:.5g}, FVU {r['fvu']:.3f}, L0 {r['l0']:.1f}; "
-            f"run {r['seconds']:.0f} s with start-up, checkpoint, export; every step logged (a host "
-            "sync each)"
+            f"median step after 10; last loss {r['loss'][-1]:.5g}, FVU {r['fvu']:.3f}, "
+            f"L0 {r['l0']:.1f}; run {r['seconds']:.0f} s with start-up, checkpoint, export; every "
+            "step logged (a host sync each)"
         )
         parts.row(part, setting, s, rate, r["peak"], note)
     if len(curves) < 2:
@@ -242,8 +244,8 @@ def gpu_training(parts, cfg, shape, root, cache_dir, peak):
         "bf16 vs fp32 loss",
         f"same seed and batches, {cfg.gpu_steps} steps",
         rate=f"max |Δ| = {ratio:.3g} x noise",
-        note=f"{verdict} noise: max |Δ| {gap:.4g}; noise {noise:.4g} = median |Δ| between consecutive fp32 "
-        f"steps; last {curves['bf16'][-1]:.6g} vs {curves['fp32'][-1]:.6g}",
+        note=f"{verdict} noise: max |Δ| {gap:.4g}; noise {noise:.4g} = median |Δ| between "
+        f"consecutive fp32 steps; last {curves['bf16'][-1]:.6g} vs {curves['fp32'][-1]:.6g}",
     )
     return curves
 
@@ -252,7 +254,8 @@ def gpu_launch(parts, cfg, shape, root, cache_dir, peak, curves):
     """The bf16 run's first steps under torchrun (NCCL), against the in-process run; the step alone
     vs matmul."""
     backend = "nccl" if str(cfg.device).startswith("cuda") else "gloo"
-    setting = f"torchrun --nproc_per_node=1, {backend}, first {cfg.gpu_torchrun_steps} steps of the bf16 run"
+    steps = cfg.gpu_torchrun_steps
+    setting = f"torchrun --nproc_per_node=1, {backend}, first {steps} steps of the bf16 run"
     out = os.path.join(root, "torchrun")
     r = parts.run("torchrun", setting, gpu_torchrun, cache_dir, out, cfg, parts.deadline)
     if r is not None:
@@ -276,7 +279,10 @@ def gpu_launch(parts, cfg, shape, root, cache_dir, peak, curves):
     if r is not None:
         s = r["ms"] / 1e3
         rate = f"{r['detail']}; {mfu_text(step_flops(cfg, shape), s, peak)}"
-        note = f"{r['ratio']:.0%} of the same-run matmul FLOP rate (train.train_step on a fixed batch: no loader)"
+        note = (
+            f"{r['ratio']:.0%} of the same-run matmul FLOP rate (train.train_step on a fixed "
+            "batch: no loader)"
+        )
         parts.row("train step alone", setting, s, rate, note=note)
 
 
@@ -340,7 +346,8 @@ def gpu_model_dir(path, shape):
     transformers is not installed or fails. -> which of the two made it, and why."""
     why = "transformers is not installed"
     if find_spec("transformers") is not None:
-        try:  # a GPU session may be the only one: an init that is not what is measured must not end it
+        # a GPU session may be the only one: an init that is not what is measured must not end it
+        try:
             hf_random_model_dir(path, **shape)
             return "transformers init"
         except Exception as e:
@@ -400,7 +407,7 @@ def gpu_train(cache_dir, out, cfg, autocast):
 
 
 def config_argv(config):
-    """The command line that gives dataclass `config`: a flag per field that is not at its default."""
+    """The command line that gives dataclass `config`: a flag per field not at its default."""
     argv = []
     for f in fields(config):
         value = getattr(config, f.name)
@@ -459,9 +466,9 @@ def gpu_torchrun(cache_dir, out, cfg, deadline):
 
 
 def loss_gap(curve, reference):
-    """max_t |curve[t] - reference[t]| over the shared steps, and the reference's step-to-step noise:
-    the median |reference[t] - reference[t - 1]| (every step sees a new batch, so consecutive losses
-    differ by batch-to-batch variation, plus the trend)."""
+    """max_t |curve[t] - reference[t]| over the shared steps, and the reference's step-to-step
+    noise: the median |reference[t] - reference[t - 1]| (every step sees a new batch, so consecutive
+    losses differ by batch-to-batch variation, plus the trend)."""
     n = min(len(curve), len(reference))
     gap = np.abs(np.array(curve[:n]) - np.array(reference[:n]))
     return float(gap.max()), float(np.median(np.abs(np.diff(reference))))

@@ -1,8 +1,8 @@
 """
 experiments/graph.py: attribution time and peak memory against the number of active features, on the
-tiny model (or a random model of its shape) and on a random GPT-2-small shape, each with a random CLT
-tuned to fire on exactly n features. On a CPU each graph runs in a fresh process, so the peak RSS
-above the setup's is that graph's own memory. Prints the log-log slope of time against active
+tiny model (or a random model of its shape) and on a random GPT-2-small shape, each with a random
+CLT tuned to fire on exactly n features. On a CPU each graph runs in a fresh process, so the peak
+RSS above the setup's is that graph's own memory. Prints the log-log slope of time against active
 features (1 = linear).
 
     python experiments/graph.py

@@ -1,7 +1,7 @@
 """
-experiments/interp.py: interp.py's two passes (train + held-out, with explanations) against one plain
-in-order read of the same cache: runs/clt on runs/cache (after `python demo.py`), or else a random
-CLT (~3 % density) of a random model of the tiny shape on a cache of a generated corpus.
+experiments/interp.py: interp.py's two passes (train + held-out, with explanations) against one
+plain in-order read of the same cache: runs/clt on runs/cache (after `python demo.py`), or else a
+random CLT (~3 % density) of a random model of the tiny shape on a cache of a generated corpus.
 
     python experiments/interp.py
     python experiments/interp.py --quick --device cuda
@@ -44,9 +44,7 @@ def run(cfg):
     if all(os.path.exists(os.path.join(p, f)) for p, f in files):
         name, (clt_dir, cache_dir), model_dir = "tiny, trained CLT", trained, ""
     else:
-        print(
-            "note: runs/clt or runs/cache is missing: timing a random CLT on a random model of the tiny shape"
-        )
+        print("note: runs/clt or runs/cache is missing: timing a random CLT on a random model")
         name, (model_dir, clt_dir, cache_dir) = "tiny-shape, random CLT", random_setup(cfg)
     icfg = interp.InterpConfig(
         model=model_dir,

@@ -38,6 +38,7 @@ from experiments.common import (
 )
 from experiments.dist import clt_params_per_rank
 from experiments.train import step_fixture, step_vs_matmul
+from forge import shards
 from forge.cli import arg, run_main
 from forge.hub import load_tokenizer
 from model import GPT
@@ -65,82 +66,84 @@ def run(cfg):
     os.makedirs(out)
     load0 = os.getloadavg()[0]
     model_dir = fresh_process(hf_random_model_dir, os.path.join(out, "gpt2_small_random"))
-    corpus = synthetic_corpus(os.path.join(out, "corpus.txt"), 4000)
-    cache_dir = os.path.join(out, "cache")
-    clt_dir = os.path.join(out, "clt")
-    L, d, F, B = 12, 768, cfg.scale_features, cfg.scale_batch
-    rows = []
-
-    def row(stage, setting, time_s, rate, GiB_per_rank, note=""):
-        rows.append(
-            dict(
-                stage=stage,
-                setting=setting,
-                time_s=time_s,
-                rate=rate,
-                GiB_per_rank=GiB_per_rank,
-                note=note,
-            )
-        )
-        print(rows[-1])
-
-    r = fresh_process(scale_cache, model_dir, corpus, cache_dir, cfg.scale_tokens, cfg.threads)
-    row(
-        "cache build (int8)",
-        f"{r['tokens']} tokens, 64 x 64 per forward",
-        r["seconds"],
-        f"{r['tokens'] / r['seconds']:.0f} tok/s",
-        r["peak"],
-        f"peak RSS of the build; model {r['model']:.2f} GiB + one batch's mlp_in/out {r['acts']:.2f} GiB; "
-        f"{r['shards']} shards, manifest {r['manifest'] / 1e3:.0f} kB",
-    )
-    r = fresh_process(scale_train, (L, d, F, B), cfg.scale_reps, cfg.threads)
-    row(
-        "CLT train step (jumprelu)",
-        r["shape"],
-        r["ms"] / 1e3,
-        "step vs matmul: " + r["detail"],
-        "-",
-        f"{r['ratio']:.0%} of the same-run matmul FLOP rate at the step's shapes",
-    )
-    for T in (1, 2):
-        above, n = rank_memory((L, d, F, B), T, 1, out)
-        note = f"measured; {n / 1e6:.1f}M params/rank, fp32 Adam 16 B each = {16 * n / GiB:.2f} GiB"
-        row("CLT memory per rank", f"L{L} d{d} F{F} B{B}, TP={T}, gloo", "-", "-", above, note)
-    n = clt_params_per_rank(L, d, F, 4)
-    note = f"on paper: {n / 1e6:.1f}M params/rank x 16 B"
-    row("CLT memory per rank", f"L{L} d{d} F{F}, TP=4", "-", "-", 16 * n / GiB, note)
-    interp_out = os.path.join(out, "interp")
-    r = fresh_process(scale_interp, model_dir, cache_dir, clt_dir, interp_out, F, cfg.threads)
-    row(
-        "interp (both passes)",
-        f"{r['tokens']} tokens, {r['features']} features",
-        r["seconds"],
-        f"{r['tokens'] / r['seconds']:.0f} tok/s",
-        r["above"],
-        "random CLT, ~1% density; GiB above the loaded inputs",
-    )
-    r = fresh_process(
-        scale_graph, model_dir, cache_dir, clt_dir, F, cfg.scale_max_features, cfg.threads
-    )
-    row(
-        "graph (capped)",
-        f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cfg.scale_max_features}",
-        r["seconds"],
-        f"{r['kept']} features kept",
-        r["above"],
-        "replacement + attribution + pruning",
-    )
+    rows = cache_and_train_rows(cfg, out, model_dir)
+    rows += interp_and_graph_rows(cfg, out, model_dir)
+    d = 768
     F_limit = 32 * d
     measured = {}
     for T in (int(t) for t in cfg.scale_limit_tp.split(",")):
-        measured[T] = rank_memory((cfg.scale_limit_depth, d, F_limit, B), T, 1, out)
-    for r in memory_limit_rows(L, d, F_limit, (1, 2, 4, 8), cfg.scale_limit_depth, measured):
-        row(**r)
+        shape = (cfg.scale_limit_depth, d, F_limit, cfg.scale_batch)
+        measured[T] = rank_memory(shape, T, 1, out)
+    rows += memory_limit_rows(12, d, F_limit, (1, 2, 4, 8), cfg.scale_limit_depth, measured)
     threads = cfg.threads or torch.get_num_threads()
     load = f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    row("machine", f"{os.cpu_count()} cores, torch threads {threads}", "-", "-", "-", load)
+    setting = f"{os.cpu_count()} cores, torch threads {threads}"
+    rows.append(scale_row("machine", setting, "-", "-", "-", load))
     shutil.rmtree(out)
+    return rows
+
+
+def scale_row(stage, setting, time_s, rate, GiB_per_rank, note=""):
+    """One row of the table, printed as it comes."""
+    row = dict(stage=stage, setting=setting, time_s=time_s, rate=rate, GiB_per_rank=GiB_per_rank)
+    row["note"] = note
+    print(row)
+    return row
+
+
+def cache_and_train_rows(cfg, out, model_dir):
+    """The cache build, the training step against matmul, the CLT's memory per TP rank."""
+    corpus = synthetic_corpus(os.path.join(out, "corpus.txt"), 4000)
+    cache_dir = os.path.join(out, "cache")
+    L, d, F, B = 12, 768, cfg.scale_features, cfg.scale_batch
+    r = fresh_process(scale_cache, model_dir, corpus, cache_dir, cfg.scale_tokens, cfg.threads)
+    rows = [
+        scale_row(
+            "cache build (int8)",
+            f"{r['tokens']} tokens, 64 x 64 per forward",
+            r["seconds"],
+            f"{r['tokens'] / r['seconds']:.0f} tok/s",
+            r["peak"],
+            f"peak RSS of the build; model {r['model']:.2f} GiB + one batch's mlp_in/out "
+            f"{r['acts']:.2f} GiB; {r['shards']} shards, manifest {r['manifest'] / 1e3:.0f} kB",
+        )
+    ]
+    r = fresh_process(scale_train, (L, d, F, B), cfg.scale_reps, cfg.threads)
+    note = f"{r['ratio']:.0%} of the same-run matmul FLOP rate at the step's shapes"
+    rate = "step vs matmul: " + r["detail"]
+    rows.append(scale_row("CLT train step (jumprelu)", r["shape"], r["ms"] / 1e3, rate, "-", note))
+    for T in (1, 2):
+        above, n = rank_memory((L, d, F, B), T, 1, out)
+        note = f"measured; {n / 1e6:.1f}M params/rank, fp32 Adam 16 B each = {16 * n / GiB:.2f} GiB"
+        setting = f"L{L} d{d} F{F} B{B}, TP={T}, gloo"
+        rows.append(scale_row("CLT memory per rank", setting, "-", "-", above, note))
+    n = clt_params_per_rank(L, d, F, 4)
+    note = f"on paper: {n / 1e6:.1f}M params/rank x 16 B"
+    rows.append(
+        scale_row("CLT memory per rank", f"L{L} d{d} F{F}, TP=4", "-", "-", 16 * n / GiB, note)
+    )
+    return rows
+
+
+def interp_and_graph_rows(cfg, out, model_dir):
+    """interp.py's two passes and a capped graph, with one random CLT of ~1 % density."""
+    cache_dir = os.path.join(out, "cache")
+    clt_dir = os.path.join(out, "clt")
+    F = cfg.scale_features
+    interp_out = os.path.join(out, "interp")
+    r = fresh_process(scale_interp, model_dir, cache_dir, clt_dir, interp_out, F, cfg.threads)
+    setting = f"{r['tokens']} tokens, {r['features']} features"
+    rate = f"{r['tokens'] / r['seconds']:.0f} tok/s"
+    note = "random CLT, ~1% density; GiB above the loaded inputs"
+    rows = [scale_row("interp (both passes)", setting, r["seconds"], rate, r["above"], note)]
+    args = (model_dir, cache_dir, clt_dir, F, cfg.scale_max_features, cfg.threads)
+    r = fresh_process(scale_graph, *args)
+    setting = (
+        f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cfg.scale_max_features}"
+    )
+    rate = f"{r['kept']} features kept"
+    note = "replacement + attribution + pruning"
+    rows.append(scale_row("graph (capped)", setting, r["seconds"], rate, r["above"], note))
     return rows
 
 
@@ -149,8 +152,8 @@ def run(cfg):
 
 
 def scale_cache(model_dir, corpus, out, tokens, threads, device="cpu"):
-    """cache.py with its defaults (int8, 64-token contexts, 64 per forward): the rate of the corpus ->
-    shards loop, and the peak RSS of the whole build (model load, fingerprint, channel scales,
+    """cache.py with its defaults (int8, 64-token contexts, 64 per forward): the rate of the corpus
+    -> shards loop, and the peak RSS of the whole build (model load, fingerprint, channel scales,
     writer); on CUDA also the allocator's peak (cuda_peak)."""
     import cache
 
@@ -173,7 +176,7 @@ def scale_cache(model_dir, corpus, out, tokens, threads, device="cpu"):
         model=model / GiB,
         acts=acts / GiB,
         shards=len(m["shards"]),
-        manifest=os.path.getsize(os.path.join(out, cache.MANIFEST)),
+        manifest=os.path.getsize(os.path.join(out, shards.MANIFEST)),
         cuda_peak=cuda_peak_gib(device),
     )
 
@@ -262,29 +265,18 @@ def memory_limit_rows(L, d, F, Ts, depth, measured):
     for T in Ts:
         n = clt_params_per_rank(L, d, F, T)
         note = (
-            f"computed: {n / 1e9:.3g}B params/rank x 16 B; bf16 weights + grads, fp32 moments (12 B): "
-            f"{12 * n / GiB:.3g} GiB; all bf16 (8 B): {8 * n / GiB:.3g} GiB"
+            f"computed: {n / 1e9:.3g}B params/rank x 16 B; bf16 weights + grads, fp32 moments "
+            f"(12 B): {12 * n / GiB:.3g} GiB; all bf16 (8 B): {8 * n / GiB:.3g} GiB"
         )
         setting = f"L{L} d{d} F{F}, TP={T}"
-        rows.append(
-            dict(
-                stage=stage,
-                setting=setting,
-                time_s="-",
-                rate="-",
-                GiB_per_rank=16 * n / GiB,
-                note=note,
-            )
-        )
+        rows.append(scale_row(stage, setting, "-", "-", 16 * n / GiB, note))
     for T, (above, n) in measured.items():
         note = (
             f"measured; {n / 1e6:.1f}M params/rank x 16 B = {16 * n / GiB:.3g} GiB: "
             f"{above / (16 * n / GiB):.2f}x of it (the rest: activations, gloo, allocator)"
         )
         setting = f"L{depth} d{d} F{F}, TP={T}, gloo"
-        rows.append(
-            dict(stage=stage, setting=setting, time_s="-", rate="-", GiB_per_rank=above, note=note)
-        )
+        rows.append(scale_row(stage, setting, "-", "-", above, note))
     return rows
 
 

@@ -51,8 +51,9 @@ def run(cfg):
 
 
 def clt_matmuls(B, L, d, F):
-    """The matmul shapes (m, k, n) of one CLT training step: per layer the encoder forward and its
-    weight gradient (mlp_in needs no gradient), the decoder forward, its weight and input gradients."""
+    """The matmul shapes (m, k, n) of one CLT training step: per layer the encoder forward and
+    its weight gradient (mlp_in needs no gradient), the decoder forward, its weight and input
+    gradients."""
     shapes = []
     for l in range(L):
         w = (L - l) * d  # layer l's features write to L - l layers
@@ -112,7 +113,7 @@ def step_vs_matmul(name, L, d, F, B, activation, device, reps):
 
 
 def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
-    """decode (dense, cost ∝ F) against decode_sparse from a sparse COO tensor and from dense acts."""
+    """decode (dense, cost ∝ F) against decode_sparse from a sparse COO tensor and dense acts."""
     model = CrossLayerTranscoder(CLTConfig(L, d, F, "relu"), 0).to(device).eval()
     g = torch.Generator().manual_seed(0)
     values = torch.rand(B, L, F, generator=g)

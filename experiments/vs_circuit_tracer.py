@@ -6,7 +6,7 @@ above the setup's, the edges compared node by node and both libraries' scores. c
 once per batch size of the point; its fastest run is the one compared.
 
     python experiments/vs_circuit_tracer.py --threads 1
-    python experiments/vs_circuit_tracer.py --quick --threads 1     # smaller prompts, fewer features
+    python experiments/vs_circuit_tracer.py --quick --threads 1    # smaller prompts, fewer features
 """
 
 import os
@@ -39,7 +39,7 @@ from model import GPT
 
 @dataclass
 class CircuitTracerBench(Bench):
-    """graph.py beside circuit-tracer's attribute() (installed): same model, CLT, prompt and process"""
+    """graph.py beside circuit-tracer's attribute(): same model, CLT, prompt and process"""
 
     vs_points: str = arg(
         "tiny:64:3471:16/32/64/256,gpt2-small:32:18600:32",
@@ -67,8 +67,8 @@ def run(cfg):
 
 
 def circuit_tracer_model(model_dir, model, transcoder, device="cpu"):
-    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of the hub-layout GPT-2 in
-    model_dir (held as `model`) and `transcoder` (a CLT or a PLT), in float32: exported by
+    """circuit-tracer's ReplacementModel (TransformerLens backend, offline) of the hub-layout GPT-2
+    in model_dir (held as `model`) and `transcoder` (a CLT or a PLT), in float32: exported by
     save_circuit_tracer (ln_2's affine map folded in: TransformerLens's ln2.hook_normalized is taken
     before it) and read back by circuit-tracer's own loader of that layout (whose default dtype is
     bfloat16, hence float32)."""
@@ -102,7 +102,8 @@ def circuit_tracer_model(model_dir, model, transcoder, device="cpu"):
     missing = [k for k in missing if not k.startswith("transcoders.") and not k.endswith(ignored)]
     if missing or unexpected:
         raise ValueError(
-            f"circuit-tracer's model did not take the weights: missing {missing}, unexpected {unexpected}"
+            f"circuit-tracer's model did not take the weights: missing {missing}, "
+            f"unexpected {unexpected}"
         )
     return ct.eval()
 
@@ -150,8 +151,8 @@ def edge_blocks(graph):
 
 
 def timed_peak(fn, device):
-    """fn() -> (its result, wall seconds, CPU seconds, peak bytes above the start). CPU seconds: what a
-    run costs on a machine shared with other jobs."""
+    """fn() -> (its result, wall seconds, CPU seconds, peak bytes above the start). CPU seconds:
+    what a run costs on a machine shared with other jobs."""
     base = peak_reset(device)
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -178,9 +179,9 @@ def point_setup(name, T, n_active, cfg):
 
 
 def point_row(name, T, n_active, ct_batches, cfg):
-    """graph.py and circuit-tracer's attribute() on one model, CLT and prompt, one after the other in
-    this process. circuit-tracer runs once per batch size in ct_batches: each of its hooks gathers
-    batch x active features x d numbers, so its best batch on a CPU is small."""
+    """graph.py and circuit-tracer's attribute() on one model, CLT and prompt, one after the other
+    in this process. circuit-tracer runs once per batch size in ct_batches: each of its hooks
+    gathers batch x active features x d numbers, so its best batch on a CPU is small."""
     import graph
     from circuit_tracer import attribute as ct_attribute
     from circuit_tracer.graph import compute_graph_scores
