@@ -145,14 +145,12 @@ def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) 
 
 
 def reconstruct(clt, feats, acts, T, bias=True):
-    """The CLT's output (T, L, d) from the features feats (n, 3) with activations acts (n,), plus
-    b_dec if bias: clt.decode's sum of clt.decoder_writes, kept in the working dtype."""
-    out = (clt.b_dec / clt.output_scale[:, None] * bias).detach().expand(T, -1, -1).clone()
-    for l in range(clt.config.n_layers):
-        mine = feats[:, 0] == l
-        writes = clt.decoder_writes(l, feats[mine, 2], acts[mine]).detach()  # (n_l, n_writes, d)
-        out[:, l : l + writes.size(1)].index_add_(0, feats[mine, 1], writes)
-    return out
+    """The CLT's output (T, L, d) in raw units from the features feats (n, 3) with activations acts
+    (n,), plus b_dec if bias: clt.decode's sum (decode_sparse), kept in the working dtype."""
+    ids = feats[:, [1, 0, 2]].T  # (3, n): position, layer, feature
+    size = (T, clt.config.n_layers, clt.F_local)
+    acts = torch.sparse_coo_tensor(ids, acts, size, check_invariants=True)  # (T, L, F)
+    return ((clt.decode_sparse(acts) + clt.b_dec * bias) / clt.output_scale[:, None]).detach()
 
 
 def skip_output(clt, mlp_in):
