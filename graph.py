@@ -189,7 +189,9 @@ def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
 
 
 # -----------------------------------------------------------------------------
-# the output nodes: vectors read at ln_f's output (more kinds by name: TARGETS, below)
+# the output nodes: vectors read at ln_f's output. TARGETS names their kinds for the command line
+# (--target NAME:SPEC, or --target-NAME SPEC for the three here): a builder takes (spec, model,
+# enc, rep) and returns Targets, so a fork adds a kind of output node with one entry.
 
 
 @dataclass
@@ -215,6 +217,47 @@ def salient_logits(logits, max_logits, logit_prob):
     probs, ids = logits.softmax(-1).topk(min(max_logits, logits.numel()))
     k = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
     return ids[:k], probs[:k]
+
+
+def custom_target(model, vector, label):
+    """One target reading vector (d,) (a logit difference: W_U[a] - W_U[b]), weight 1."""
+    d = model.config.n_embd
+    if vector.shape != (d,):
+        shape = tuple(vector.shape)
+        raise ValueError(f"a target direction must have shape ({d},) (the n_embd), got {shape}")
+    W = model.wte.weight
+    ids = torch.tensor([model.config.vocab_size], device=W.device)
+    weight = torch.ones(1, device=W.device, dtype=W.dtype)
+    return Targets(ids, vector.to(W.device, W.dtype)[None], weight, [label])
+
+
+def logit_difference(spec, model, enc, rep):
+    """diff:A|B (--target-diff): logit(A) - logit(B), one token each (the mean logit cancels)."""
+    texts = spec.split("|")
+    if len(texts) != 2:
+        raise ValueError(f"--target-diff {spec!r}: give two tokens as A|B, e.g. ' Paris| London'")
+    a, b = (one_token(enc, x, "--target-diff") for x in texts)
+    W = model.wte.weight.detach()
+    label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
+    return custom_target(model, W[a] - W[b], label)
+
+
+def token_logits(spec, model, enc, rep):
+    """tokens:A|B|... (--target-tokens): these tokens' logits minus the mean, one token each."""
+    ids = [one_token(enc, x, "--target-tokens") for x in spec.split("|")]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"--target-tokens {spec!r} names a token twice: give each once")
+    return token_targets(model, rep.logits, torch.tensor(ids, device=rep.idx.device))
+
+
+def direction(spec, model, enc, rep):
+    """direction:FILE (--target-direction): a .safetensors of one (d,) tensor, at ln_f's output."""
+    name, vector = read_direction(spec, model.config.n_embd)
+    label = f"Output direction {os.path.basename(spec)}:{name} (at ln_f's output)"
+    return custom_target(model, vector.to(rep.idx.device), label)
+
+
+TARGETS = {"diff": logit_difference, "tokens": token_logits, "direction": direction}
 
 
 # -----------------------------------------------------------------------------
@@ -669,69 +712,6 @@ def save(graph, cfg, enc):
 
 
 # -----------------------------------------------------------------------------
-# output nodes by name: `--target NAME:SPEC`, or `--target-NAME SPEC` for the three here. Each
-# builder takes (spec, model, enc, rep) and returns Targets: a fork adds one with one entry.
-
-
-def custom_target(model, vector, label):
-    """One target reading vector (d,) (a logit difference: W_U[a] - W_U[b]), weight 1."""
-    d = model.config.n_embd
-    if vector.shape != (d,):
-        shape = tuple(vector.shape)
-        raise ValueError(f"a target direction must have shape ({d},) (the n_embd), got {shape}")
-    W = model.wte.weight
-    ids = torch.tensor([model.config.vocab_size], device=W.device)
-    weight = torch.ones(1, device=W.device, dtype=W.dtype)
-    return Targets(ids, vector.to(W.device, W.dtype)[None], weight, [label])
-
-
-def logit_difference(spec, model, enc, rep):
-    """ "A|B": logit(A) - logit(B), each one token (the mean logit cancels)."""
-    texts = spec.split("|")
-    if len(texts) != 2:
-        raise ValueError(f"--target-diff {spec!r}: give two tokens as A|B, e.g. ' Paris| London'")
-    a, b = (one_token(enc, x, "--target-diff") for x in texts)
-    W = model.wte.weight.detach()
-    label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
-    return custom_target(model, W[a] - W[b], label)
-
-
-def token_logits(spec, model, enc, rep):
-    """ "A|B|...": these tokens' logits, each one token."""
-    ids = [one_token(enc, x, "--target-tokens") for x in spec.split("|")]
-    if len(set(ids)) < len(ids):
-        raise ValueError(f"--target-tokens {spec!r} names a token twice: give each once")
-    return token_targets(model, rep.logits, torch.tensor(ids, device=rep.idx.device))
-
-
-def direction(spec, model, enc, rep):
-    """A .safetensors file of one (d,) tensor: that direction at ln_f's output."""
-    name, vector = read_direction(spec, model.config.n_embd)
-    label = f"Output direction {os.path.basename(spec)}:{name} (at ln_f's output)"
-    return custom_target(model, vector.to(rep.idx.device), label)
-
-
-TARGETS = {"diff": logit_difference, "tokens": token_logits, "direction": direction}
-
-
-def build_targets(cfg, model, enc, rep):
-    """The command line's output nodes (TARGETS) -> Targets, or None for the salient logits."""
-    named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
-    given = [x for x in named if not x.endswith(":")] + [cfg.target] * bool(cfg.target)
-    if len(given) > 1:
-        flags = "--target, --target-diff, --target-tokens, --target-direction"
-        raise ValueError(f"give one of {flags}, not {given}")
-    if not given:
-        return None
-    name, colon, spec = given[0].partition(":")
-    if name not in TARGETS or not colon:
-        raise ValueError(
-            f"--target {given[0]!r}: write NAME:SPEC, NAME one of {', '.join(TARGETS)}"
-        )
-    return TARGETS[name](spec, model, enc, rep)
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 PROMPT = "Batris lives in Fafes. The language Batris speaks is"
@@ -801,6 +781,23 @@ def load(cfg, device):
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
+
+
+def build_targets(cfg, model, enc, rep):
+    """The command line's output nodes (TARGETS) -> Targets, or None for the salient logits."""
+    named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
+    given = [x for x in named if not x.endswith(":")] + [cfg.target] * bool(cfg.target)
+    if len(given) > 1:
+        flags = "--target, --target-diff, --target-tokens, --target-direction"
+        raise ValueError(f"give one of {flags}, not {given}")
+    if not given:
+        return None
+    name, colon, spec = given[0].partition(":")
+    if name not in TARGETS or not colon:
+        raise ValueError(
+            f"--target {given[0]!r}: write NAME:SPEC, NAME one of {', '.join(TARGETS)}"
+        )
+    return TARGETS[name](spec, model, enc, rep)
 
 
 def run_graph(cfg):
