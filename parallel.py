@@ -21,9 +21,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+
 @dataclass
 class Mesh:
-    """Where this process sits in the (dp, tp) mesh, and the two process groups; Mesh() is one process."""
+    """Where this process sits in the (dp, tp) mesh, and the two process groups; Mesh() is one
+    process."""
+
     dp: int = 1  # data-parallel size
     tp: int = 1  # tensor-parallel size: the ranks that share one CLT's features
     dp_rank: int = 0
@@ -39,8 +42,9 @@ def compute_init(device="auto", timeout_s=300):
     rank, local_rank, world = 0, 0, 1
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if not dist.is_initialized():  # the timeout turns a crashed or stuck peer into an error, not a hang
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        if not dist.is_initialized():  # the timeout turns a crashed or stuck peer into an error
+            timeout = timedelta(seconds=timeout_s)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -50,21 +54,24 @@ def compute_init(device="auto", timeout_s=300):
 def make_mesh(ddp, world, tp, device):
     """The (dp, tp) device mesh of torchrun's processes; ranks r·tp .. r·tp + tp − 1 form TP group r."""
     if tp < 1 or world % tp:
-        raise ValueError(f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)")
+        raise ValueError(
+            f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)"
+        )
     if not ddp:
         return Mesh()
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return Mesh(world // tp, tp, mesh.get_local_rank("dp"), mesh.get_local_rank("tp"),
-                mesh.get_group("dp"), mesh.get_group("tp"))
+    dp_rank, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+    return Mesh(world // tp, tp, dp_rank, tp_rank, mesh.get_group("dp"), mesh.get_group("tp"))
 
 
 def group_size(group):
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
-def group_rank(group):
-    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+# -----------------------------------------------------------------------------
+# the collectives
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -87,19 +94,26 @@ class AllReduceSum(torch.autograd.Function):
 
 
 def tp_sum(x, group):
-    """Sum the TP ranks' partial tensors, identity backward (see AllReduceSum). One rank: x itself."""
+    """forward: the sum of the TP ranks' partial tensors x; backward: identity (AllReduceSum)."""
     return x if group_size(group) == 1 else AllReduceSum.apply(x, group)
 
 
 def all_reduce_sum(x, group):
-    """In-place sum over `group` of a tensor that needs no gradient; one rank: a no-op."""
+    """forward only (no gradient): x summed over `group`, in place."""
     if group_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x
 
 
+def broadcast(x, group):
+    """forward only (no gradient): the group's first rank's x on every rank of `group`, in place."""
+    if group_size(group) > 1:
+        dist.broadcast(x, src=dist.get_global_rank(group, 0), group=group)
+    return x
+
+
 def all_gather_last(x, group):
-    """forward only (no gradient): concatenate x (..., c) over the ranks of `group` -> (..., tp·c)."""
+    """forward only (no gradient): x (..., c) of every rank of `group`, side by side: (..., tp·c)."""
     if group_size(group) == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
@@ -108,14 +122,14 @@ def all_gather_last(x, group):
 
 
 def global_topk(vals, k, group):
-    """vals (..., c): this rank's candidates. Which of them are among the k largest of all ranks'?
-
-    Returns (keep (..., c) bool, kth (...) the k-th largest value over all ranks). Selecting by the
-    index into the gathered candidates (not by value >= kth) keeps exactly k winners under ties.
+    """forward only: which of this rank's candidates vals (..., c) are among the k largest of all
+    ranks'? -> (keep (..., c) bool, kth (...) the k-th largest value over all ranks). Selecting by
+    the index into the gathered candidates (not by value >= kth) keeps exactly k winners under ties.
     """
     c = vals.size(-1)
     top = all_gather_last(vals.detach(), group).topk(k, dim=-1)  # (..., k) over tp·c candidates
-    local = top.indices - group_rank(group) * c
+    rank = dist.get_rank(group) if group_size(group) > 1 else 0
+    local = top.indices - rank * c
     mine = (local >= 0) & (local < c)
     keep = torch.zeros(*vals.shape[:-1], c + 1, dtype=torch.bool, device=vals.device)
     keep.scatter_(-1, torch.where(mine, local, c), True)  # other ranks' winners land in column c
@@ -123,7 +137,8 @@ def global_topk(vals, k, group):
 
 
 def average_gradients(params, group):
-    """Mean of the gradients over the DP `group`: one flat all-reduce (the DDP bucket, without DDP)."""
+    """The gradients' mean over the DP `group`, in ONE flat all-reduce (DDP's bucket, without DDP);
+    runs after the backward."""
     n = group_size(group)
     if n == 1:
         return
@@ -133,54 +148,29 @@ def average_gradients(params, group):
         g.copy_(chunk.view_as(g))
 
 
-def mesh_sum(parts, mesh):
-    """Sum named tensors over the whole (dp, tp) mesh in ONE all-reduce, in float64 (no gradient): a
-    training step's bookkeeping in one collective instead of one per quantity.
-
-    parts: {name: (tensor, kind)}; the kind says how the copies on the ranks relate:
-      "all"        a partial sum on every rank (e.g. over this rank's features and tokens): Σ over all ranks
-      "dp"         the same on every TP rank of a replica (complete after a TP sum): Σ over dp
-      "tp"         the same on every DP replica (e.g. a shard's gradient after DP averaging): Σ over tp
-      "tp_slices"  this TP rank's slice (..., c) of a feature tensor: -> (..., tp·c) the slices side by
-                   side, each summed over dp
-    A rank whose copy duplicates another's sends zeros, so each copy is counted once (adding zeros is
-    exact). Returns {name: float64 tensor}; one process: the tensors themselves, as float64.
-    """
-    chunks = []
-    for t, kind in parts.values():
-        t = t.detach().double()
-        if kind == "tp_slices":
-            slots = t.new_zeros(mesh.tp, *t.shape)  # (tp, ..., c): this rank fills its own slot
-            slots[mesh.tp_rank] = t
-            t = slots
-        elif (kind == "dp" and mesh.tp_rank > 0) or (kind == "tp" and mesh.dp_rank > 0):
-            t = torch.zeros_like(t)
-        chunks.append(t)
-    flat = torch.cat([t.flatten() for t in chunks])
+def mesh_sum(tensors, mesh):
+    """forward only: {name: tensor} -> {name: float64 tensor}, each summed over every rank of the
+    (dp, tp) mesh in ONE flat all-reduce: a training step's bookkeeping in one collective."""
+    flat = torch.cat([t.detach().double().flatten() for t in tensors.values()])
     if mesh.dp * mesh.tp > 1 and dist.is_initialized():  # the mesh spans the world (make_mesh)
         dist.all_reduce(flat)
-    out = {}
-    for (name, (_, kind)), t, piece in zip(parts.items(), chunks, flat.split([t.numel() for t in chunks])):
-        piece = piece.view(t.shape)
-        out[name] = piece.movedim(0, -2).flatten(-2) if kind == "tp_slices" else piece  # (..., tp·c)
-    return out
+    pieces = flat.split([t.numel() for t in tensors.values()])
+    return {name: p.view(t.shape) for (name, t), p in zip(tensors.items(), pieces)}
 
 
 def check_same_everywhere(text, what, device):
-    """Refuse to go on unless every rank holds the same `text` (its command line, its data's manifest):
-    one all-gather of sha256 digests. Every rank raises, naming the ranks that differ from rank 0."""
+    """Refuse to go on unless every rank holds the same `text` (its command line, its data's
+    manifest): one all-gather of sha256 digests. Every rank raises, naming the ranks that differ."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8, device=device)
+    digest = torch.tensor(
+        list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8, device=device
+    )
     digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
     dist.all_gather(digests, digest)
     differ = [r for r, other in enumerate(digests) if not torch.equal(other, digests[0])]
     if differ:
-        raise ValueError(f"ranks {differ} have another {what} than rank 0: every node must run the same command "
-                         "on the same cache (a shared filesystem, or the same bytes at the same path)")
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
+        raise ValueError(
+            f"ranks {differ} have another {what} than rank 0: every node must run the same command "
+            "on the same cache (a shared filesystem, or the same bytes at the same path)"
+        )

@@ -26,6 +26,7 @@ imports train.py, clt.py or parallel.py.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import uuid
@@ -169,6 +170,20 @@ def check_cache_model(c, cache, gpt):
         )
     sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")
     check_same_model(gpt, sha256, f"the cache {c.cache}")
+
+
+def check_finite(m, step, out, terms):
+    """Raise at a sync step (before its update and before every checkpoint, so no checkpoint holds
+    weights after it) if any step since the last one had a non-finite loss (m["first_bad"] >= 0)."""
+    if m["first_bad"] < 0:
+        return
+    bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
+    values = {k: m[k] for k in terms}
+    raise FloatingPointError(
+        f"non-finite loss {m['loss']} at step {int(m['first_bad'])} (layers {bad or 'none'} have "
+        f"a non-finite reconstruction error at step {step}; terms {values}); the last good "
+        f"checkpoint is in {os.path.join(out, CKPT_DIR)}: lower --lr or resume from it"
+    )
 
 
 def claim_out(c, master):

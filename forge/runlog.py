@@ -11,7 +11,19 @@ import os
 from dataclasses import asdict
 from importlib.util import find_spec
 
+import torch
+
 from forge.files import atomic_path
+
+
+def to_host(tensors):
+    """{name: tensor} -> {name: float or list}, in one device-to-host copy: a step's sync point."""
+    flat = torch.cat([t.detach().double().flatten() for t in tensors.values()]).cpu()
+    pieces = flat.split([t.numel() for t in tensors.values()])
+    out = {}
+    for (name, t), v in zip(tensors.items(), pieces):
+        out[name] = v.item() if t.dim() == 0 else v.view(t.shape).tolist()
+    return out
 
 
 def step_line(m):

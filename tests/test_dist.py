@@ -69,21 +69,33 @@ def batch(seed, B=64, L=2, d=16):
     return torch.randn(B, L, d, generator=g), torch.randn(B, L, d, generator=g) * 0.3
 
 
+class KeepGradients:
+    """An optimizer that keeps the gradients it is given (after train_step's clip) instead of stepping."""
+
+    def __init__(self, clt):
+        self.clt, self.param_groups, self.grads = clt, [{}], None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.clt.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
 def gradients(activation, mesh, seed=0, clip=0.5):
-    """One loss + backward + DP averaging + clipping on a fixed batch; this rank's gradients and the norm."""
-    cfg = T.TrainConfig(activation=activation, k=4, sparsity=0.3, preact=0.01, aux_k=6, steps=10)
+    """train_step's loss + backward + DP averaging + bookkeeping + clipping on a fixed batch:
+    this rank's gradients as the optimizer gets them, and the global norm."""
+    cfg = T.TrainConfig(activation=activation, k=4, sparsity=0.3, preact=0.01, aux_k=6, steps=10,
+                        batch_size=64, dead_tokens=1, grad_clip=clip)
     clt = CrossLayerTranscoder(CLTConfig(2, 16, 64, activation, k=4), seed, mesh)
     x, y = batch(seed)
     rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)  # this DP rank's share
-    dead = torch.zeros(2, 64, dtype=torch.bool)
-    dead[:, ::3] = True  # every third feature counts as dead (AuxK)
-    dead = dead[:, mesh.tp_rank * clt.F_local:(mesh.tp_rank + 1) * clt.F_local]
-    loss, parts, fired = T.clt_losses(clt, x[rows], y[rows], cfg, 5, dead, torch.tensor(2 * 22))
-    loss.backward()
-    average_gradients(list(clt.parameters()), mesh.dp_group)
-    norm = T.reduce_step(clt, parts, fired, batchtopk=False)["grad_norm"].float()
-    T.clip_gradients(clt, clip, norm)
-    return {n: p.grad for n, p in clt.named_parameters() if p.grad is not None}, norm
+    since_fired = torch.zeros(2, 64, dtype=torch.long)
+    since_fired[:, ::3] = 1  # every third feature counts as dead (AuxK)
+    state = dict(step=5, since_fired=since_fired, first_bad=torch.tensor(-1))
+    opt = KeepGradients(clt)
+    m = T.train_step(cfg, clt, opt, (x[rows], y[rows]), state, mesh, torch.device("cpu"))
+    return opt.grads, torch.tensor(m["grad_norm"], dtype=torch.float32)
 
 
 def count_collectives(activation, mesh, steps=3):

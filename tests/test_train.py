@@ -244,6 +244,23 @@ def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
     assert fvu.max() < 0.15, fvu
 
 
+def test_a_loss_term_registered_in_LOSSES_alone_is_trained_and_logged(small_cache, tmp_path, monkeypatch):
+    """The fork point for a loss term: one entry in train.LOSSES, nothing else. It is logged under its
+    name, summed into the loss, and its gradient trains the CLT."""
+    def l1(f, c):  # a toy term over this rank's features: the mean L1 norm of the activations
+        return 0.01 * f.acts.float().abs().sum((1, 2)).mean()
+
+    T.train(config(small_cache, tmp_path / "base", steps=6, eval_every=-1, ckpt_every=-1))
+    monkeypatch.setitem(T.LOSSES, "l1", (l1, True))
+    T.train(config(small_cache, tmp_path / "l1", steps=6, eval_every=-1, ckpt_every=-1))
+    base, rows = read_metrics(tmp_path / "base"), read_metrics(tmp_path / "l1")
+    assert "l1" not in base[0] and all(r["l1"] > 0 for r in rows)
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["mse"] + r["sparsity"] + r["preact"] + r["aux"] + r["l1"])
+    assert rows[0]["mse"] == base[0]["mse"]  # the same first batch and init ...
+    assert rows[-1]["mse"] != base[-1]["mse"]  # ... then the term's gradient changed the weights
+
+
 def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
     cache = cache_lib.ActivationCache(small_cache)
     gpt = GPT.from_pretrained(cache.manifest["model"])
