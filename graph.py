@@ -735,10 +735,14 @@ class GraphConfig:
     max_logits: int = arg(10, "at most this many logit nodes")
     logit_prob: float = arg(0.95, "logit nodes until this cumulative probability")
     position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases")
-    target: str = arg("", "NAME:SPEC: output nodes from TARGETS", group="output nodes (or logits)")
+    target: str = arg(
+        "",
+        "NAME:SPEC: output nodes of a kind in TARGETS, e.g. diff:A|B",
+        group="output nodes: the most likely tokens unless one of these is given",
+    )
     target_diff: str = arg("", 'logit(A) - logit(B): "A|B", one token each, e.g. " Paris| London"')
     target_tokens: str = arg("", 'these tokens\' logits: "A|B|...", one token each')
-    target_direction: str = arg("", "a direction at ln_f's output: a .safetensors of one (d,)")
+    target_direction: str = arg("", "a direction at ln_f's output: .safetensors of one (d,) tensor")
     node_threshold: float = arg(0.8, "keep nodes up to this cumulative influence", group="pruning")
     edge_threshold: float = arg(0.98, "keep edges up to this cumulative influence")
 
