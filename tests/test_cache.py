@@ -1,4 +1,5 @@
 """cache.py: round trips per dtype, resume after kill -9, verify, rank shares, shuffling, norms, bad input."""
+
 import json
 import os
 import random
@@ -14,7 +15,6 @@ import torch
 
 import cache
 from forge import corpora, shards
-from forge.files import write_json
 from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
 from model import GPT, GPTConfig
 
@@ -25,7 +25,9 @@ SMALL = dict(tokens=3000, ctx=16, shard_tokens=512, batch_size=8, heldout=0.1)
 def make_model_dir(path, seed=0, n_ctx=32):
     """A small random GPT-2 in the hub layout plus a tiny BPE tokenizer (bytes, 3 merges, <|endoftext|>)."""
     torch.manual_seed(seed)
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=n_ctx, vocab_size=300)).save_pretrained(path)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=n_ctx, vocab_size=300)).save_pretrained(
+        path
+    )
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
     for a, b in merges:
@@ -53,7 +55,9 @@ def env(tmp_path_factory):
 
 def config(env, out, **kw):
     root, model_dir, corpus = env
-    return cache.CacheConfig(**{**dict(model=model_dir, corpus=corpus, out=str(root / out), device="cpu"), **SMALL, **kw})
+    return cache.CacheConfig(
+        **{**dict(model=model_dir, corpus=corpus, out=str(root / out), device="cpu"), **SMALL, **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,11 @@ def test_round_trip_within_error_bound(env, int8_cache, dtype):
         c = cache.ActivationCache(cfg.out)
     x_in, x_out, meta = direct_acts(cfg)
     r_in, r_out, tok, doc, pos = c.read(0, c.n_tokens)
-    assert c.n_tokens == cfg.tokens and r_in.shape == (cfg.tokens, 2, 32) and r_in.dtype == torch.float32
+    assert (
+        c.n_tokens == cfg.tokens
+        and r_in.shape == (cfg.tokens, 2, 32)
+        and r_in.dtype == torch.float32
+    )
     assert np.array_equal(np.stack([tok, doc, pos], 1), meta)
     assert pos.min() == 1 and pos.max() == cfg.ctx - 1  # the BOS (position 0) is dropped
     assert (c.channel_scale is None) == (dtype != "int8")
@@ -99,12 +107,12 @@ def test_round_trip_within_error_bound(env, int8_cache, dtype):
         if dtype == "fp32":
             assert torch.equal(x, r)
         elif dtype == "fp16":
-            assert ((x - r).abs() <= x.abs() * 2 ** -11 + 1e-7).all()
+            assert ((x - r).abs() <= x.abs() * 2**-11 + 1e-7).all()
         else:  # |x - x_hat| <= channel * scale/2, scale = max|x / channel|/127 up to bf16 rounding
             ch = c.channel_scale[j]  # (L, d)
-            bound = (x / ch).abs().amax(-1, keepdim=True) / 127 * 0.5 * (1 + 2 ** -7) * ch
+            bound = (x / ch).abs().amax(-1, keepdim=True) / 127 * 0.5 * (1 + 2**-7) * ch
             assert ((x - r).abs() <= bound + 1e-7).all()
-            nmse = ((x - r) ** 2).sum() / (x ** 2).sum()
+            nmse = ((x - r) ** 2).sum() / (x**2).sum()
             assert nmse < 1e-4 and nmse > 0
     m = c.manifest
     want = (x_in - r_in).pow(2).sum() / x_in.pow(2).sum()
@@ -115,7 +123,10 @@ def test_channel_scales_tame_outlier_channels():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 2, 64, generator=g)  # (n, L, d)
     x[:, :, 7] *= 30  # one outlier channel, as trained models have
-    nmse = lambda xh: ((x - xh) ** 2).sum() / (x ** 2).sum()
+
+    def nmse(xh):
+        return ((x - xh) ** 2).sum() / (x**2).sum()
+
     q, s, _ = cache.quantize_(x.clone())
     plain = nmse(cache.dequantize(q, cache.bf16_bits(s), torch.ones(2, 64)))
     c = cache.channel_scales(x[:1000])  # (L, d), calibrated on other rows than it is tested on
@@ -131,7 +142,9 @@ def test_manifest_norms_match_direct_computation(int8_cache):
     torch.testing.assert_close(c.norm_out, x_out.norm(dim=-1).mean(0), rtol=1e-5, atol=0)
     m = c.manifest
     assert m["splits"]["train"][1] % (cfg.ctx - 1) == 0 and m["splits"]["heldout"][1] == cfg.tokens
-    assert sum(s["rows"] for s in m["shards"]) == cfg.tokens and len(m["shards"]) == -(-cfg.tokens // 512)
+    assert sum(s["rows"] for s in m["shards"]) == cfg.tokens and len(m["shards"]) == -(
+        -cfg.tokens // 512
+    )
 
 
 def test_verify_names_a_flipped_byte(env, tmp_path):
@@ -163,19 +176,40 @@ def test_verify_names_a_flipped_byte(env, tmp_path):
 
 def run_cli(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "cache.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "cache.py"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def test_resume_after_kill_is_byte_identical(env, tmp_path):
     root, model_dir, corpus = env
-    args = ["--model", model_dir, "--corpus", corpus, "--tokens", "12000", "--ctx", "16", "--shard-tokens", "400",
-            "--batch-size", "1", "--device", "cpu"]
+    args = [
+        "--model",
+        model_dir,
+        "--corpus",
+        corpus,
+        "--tokens",
+        "12000",
+        "--ctx",
+        "16",
+        "--shard-tokens",
+        "400",
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
     ref = run_cli(args + ["--out", str(tmp_path / "ref")])
     killed = run_cli(args + ["--out", str(tmp_path / "run")])
     manifest = tmp_path / "run" / "manifest.json"
     deadline = time.time() + 120
-    while time.time() < deadline and killed.poll() is None:  # wait for a finished shard, then kill -9
+    while (
+        time.time() < deadline and killed.poll() is None
+    ):  # wait for a finished shard, then kill -9
         if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
             killed.send_signal(signal.SIGKILL)
             break
@@ -185,29 +219,43 @@ def test_resume_after_kill_is_byte_identical(env, tmp_path):
     assert run_cli(args + ["--out", str(tmp_path / "run")]).wait() == 0
     assert ref.wait() == 0, ref.stderr.read().decode()
     names = sorted(os.listdir(tmp_path / "ref"))
-    assert names == sorted(os.listdir(tmp_path / "run")) and len(names) == 31  # 30 shards + manifest
+    assert (
+        names == sorted(os.listdir(tmp_path / "run")) and len(names) == 31
+    )  # 30 shards + manifest
     for name in names:
-        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), (
+            name
+        )
 
 
 def test_resume_refuses_a_changed_corpus(env, tmp_path):
     corpus = tmp_path / "c.txt"
     text = ENDOFTEXT.join(make_docs(300, seed=5))
     corpus.write_text(text)
-    cfg = config(env, tmp_path / "r", corpus=str(corpus), tokens=2000, dtype="fp16")  # fp16: no channel scales
+    cfg = config(
+        env, tmp_path / "r", corpus=str(corpus), tokens=2000, dtype="fp16"
+    )  # fp16: no channel scales
     whole = cache.build_cache(cfg)
     path = tmp_path / "r" / "manifest.json"
     m = json.loads(path.read_text())
-    path.write_text(json.dumps(dict(m, complete=False, shards=m["shards"][:2])))  # as if killed after 2 shards
+    path.write_text(
+        json.dumps(dict(m, complete=False, shards=m["shards"][:2]))
+    )  # as if killed after 2 shards
     corpus.write_text(ENDOFTEXT.join(make_docs(300, seed=6)))
-    with pytest.raises(ValueError, match="now gives other tokens than those stored in shard_00001.bin"):
+    with pytest.raises(
+        ValueError, match="now gives other tokens than those stored in shard_00001.bin"
+    ):
         cache.build_cache(cfg)
     corpus.write_text(text)
-    resumed = cache.build_cache(cfg)  # resumes mid-batch (1024 rows = 8.5 batches of 120) and agrees
+    resumed = cache.build_cache(
+        cfg
+    )  # resumes mid-batch (1024 rows = 8.5 batches of 120) and agrees
     assert resumed["shards"] == whole["shards"] and cache.verify(cfg.out) == []
 
 
-def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(env, tmp_path, monkeypatch):
+def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(
+    env, tmp_path, monkeypatch
+):
     """The manifest is rewritten once the shards since its last write hold MANIFEST_RATIO x its bytes,
     not after every shard; a manifest cut by hand (its totals cover more shards than it lists) is
     counted again, so its norms and NMSE come out as a whole build's."""
@@ -218,6 +266,7 @@ def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(env, t
     def counted(path, obj, **kw):
         write_json(path, obj, **kw)
         sizes.append(os.path.getsize(path))
+
     monkeypatch.setattr(shards, "write_json", counted)
     whole = cache.build_cache(cfg)
     n = len(whole["shards"])
@@ -278,7 +327,9 @@ def test_rank_shares_are_disjoint_equal_and_cover(int8_cache):
     assert nb == (hi - lo) // (B * W) and all(len(s) == nb for s in shares)
     flat = np.concatenate([np.concatenate(s) for s in shares])
     assert len(np.unique(flat)) == len(flat) == nb * B * W  # disjoint
-    assert flat.min() >= lo and flat.max() < hi and hi - lo - len(flat) < B * W  # cover all but the remainder
+    assert (
+        flat.min() >= lo and flat.max() < hi and hi - lo - len(flat) < B * W
+    )  # cover all but the remainder
     # the ranks' batches at step g are the one-rank batch of B*W at step g: world size changes nothing
     single = rows_of(c, seed=5, **{**SHUF, "batch_size": B * W})
     for g in range(nb):
@@ -297,10 +348,16 @@ def test_shuffle_is_deterministic_per_seed_and_resumable(int8_cache):
     # a later epoch is a different order; start_step skips exactly to where step k starts
     two = rows_of(c, seed=1, **{**SHUF, "epochs": 2})
     nb = len(a)
-    assert len(two) == 2 * nb and not np.array_equal(np.concatenate(two[:nb]), np.concatenate(two[nb:]))
+    assert len(two) == 2 * nb and not np.array_equal(
+        np.concatenate(two[:nb]), np.concatenate(two[nb:])
+    )
     for k in (3, nb, nb + 2):
-        assert all(np.array_equal(x, y) for x, y in zip(rows_of(c, seed=1, start_step=k, **{**SHUF, "epochs": 2}),
-                                                         two[k:], strict=True))
+        assert all(
+            np.array_equal(x, y)
+            for x, y in zip(
+                rows_of(c, seed=1, start_step=k, **{**SHUF, "epochs": 2}), two[k:], strict=True
+            )
+        )
 
 
 def test_batches_hold_the_rows_they_name(int8_cache):
@@ -309,7 +366,11 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     x_in, x_out = c.dequantize(raw)
     rows = raw.ids
     r_in, r_out, *_ = c.read(0, c.n_tokens)
-    assert x_in.shape == (32, 2, 32) and torch.equal(x_in, r_in[rows]) and torch.equal(x_out, r_out[rows])
+    assert (
+        x_in.shape == (32, 2, 32)
+        and torch.equal(x_in, r_in[rows])
+        and torch.equal(x_out, r_out[rows])
+    )
     assert raw.mlp_in.dtype == torch.int8 and torch.equal(raw.ids, rows)
     assert all(torch.equal(a, b) for a, b in zip(c.dequantize(raw), (x_in, x_out)))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -317,7 +378,9 @@ def test_batches_hold_the_rows_they_name(int8_cache):
         y_raw = next(small_units(c).batches(32, seed=0))
         y_in, y_out = c.dequantize(y_raw, dev)
         y_rows = y_raw.ids
-        assert y_in.device.type == dev and torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
+        assert (
+            y_in.device.type == dev and torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
+        )
     before = set(threading.enumerate())
     stream = small_units(c).batches(32, seed=0)  # endless; stopping it stops its threads
     next(stream)
@@ -330,8 +393,10 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     assert c.batches_per_epoch(100, split="heldout") == 3
     endless = c.batches(100, seed=0, split="heldout")  # epochs=None: endless
     rows = [b.ids for _, b in zip(range(9), endless)]
-    assert len(rows) == 9 and all(np.array_equal(np.sort(np.concatenate(rows[i:i + 3])), np.arange(2700, 3000))
-                                  for i in (0, 3, 6))  # each epoch: every held-out row once
+    assert len(rows) == 9 and all(
+        np.array_equal(np.sort(np.concatenate(rows[i : i + 3])), np.arange(2700, 3000))
+        for i in (0, 3, 6)
+    )  # each epoch: every held-out row once
 
 
 def test_iter_chunks_streams_a_split_in_order(int8_cache):
@@ -340,8 +405,12 @@ def test_iter_chunks_streams_a_split_in_order(int8_cache):
     chunks = list(c.iter_chunks(100, split="heldout"))
     assert [len(ch[2]) for ch in chunks][:-1] == [100] * (len(chunks) - 1)
     r_in, _, tok, doc, pos = c.read(lo, hi)
-    assert torch.equal(torch.cat([ch[0] for ch in chunks]), r_in) and torch.equal(torch.cat([ch[2] for ch in chunks]), tok)
-    assert (np.diff(doc.numpy()) >= 0).all() and pos[0] == 1  # held out: whole contexts, in corpus order
+    assert torch.equal(torch.cat([ch[0] for ch in chunks]), r_in) and torch.equal(
+        torch.cat([ch[2] for ch in chunks]), tok
+    )
+    assert (np.diff(doc.numpy()) >= 0).all() and pos[
+        0
+    ] == 1  # held out: whole contexts, in corpus order
 
 
 # -----------------------------------------------------------------------------
@@ -353,7 +422,11 @@ def test_contexts_pack_documents_behind_a_bos(env):
     E, (a, b, c, d, e, f) = enc.eot_token, enc.encode_ordinary("abcdef")
     ctxs = list(cache.iter_contexts(["ab", "cde", "f"], enc, 4))  # stream: a b E c d e E f E
     assert [t.tolist() for t, _ in ctxs] == [[E, a, b, E], [E, c, d, e], [E, E, f, E]]
-    assert [i.tolist() for _, i in ctxs] == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 2, 2]]  # E ends its document
+    assert [i.tolist() for _, i in ctxs] == [
+        [0, 0, 0, 0],
+        [1, 1, 1, 1],
+        [1, 1, 2, 2],
+    ]  # E ends its document
 
 
 def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
@@ -361,21 +434,26 @@ def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     (tmp_path / "dir").mkdir()
     for i in range(0, 200, 50):
-        (tmp_path / "dir" / f"{i:03d}.txt").write_text(ENDOFTEXT.join(docs[i:i + 50]))
+        (tmp_path / "dir" / f"{i:03d}.txt").write_text(ENDOFTEXT.join(docs[i : i + 50]))
     got = [list(corpora.iter_documents(str(p))) for p in (tmp_path / "c.jsonl", tmp_path / "dir")]
     assert got[0] == docs and got[1] == docs
     cfg = config(env, tmp_path / "j", corpus=str(tmp_path / "c.jsonl"), tokens=500, keep_bos=True)
     m = cache.build_cache(cfg)
     assert m["n_tokens"] == 500
     _, _, tok, doc, pos = cache.ActivationCache(cfg.out).read(0, 16)
-    assert pos.tolist() == list(range(16)) and tok[0] == 259 and doc[0] == 0  # BOS kept: <|endoftext|>
+    assert (
+        pos.tolist() == list(range(16)) and tok[0] == 259 and doc[0] == 0
+    )  # BOS kept: <|endoftext|>
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(ctx=64), "ctx=64 must be in 2..n_ctx=32"),
-    (dict(dtype="int4"), "unknown dtype 'int4'"),
-    (dict(tokens=10 ** 13), "needs .* GB more"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(ctx=64), "ctx=64 must be in 2..n_ctx=32"),
+        (dict(dtype="int4"), "unknown dtype 'int4'"),
+        (dict(tokens=10**13), "needs .* GB more"),
+    ],
+)
 def test_bad_arguments(env, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         cache.build_cache(config(env, tmp_path / "bad", **kw))
@@ -400,7 +478,9 @@ def test_empty_corpus_unwritable_out_and_nan_model(env, tmp_path):
     with pytest.raises(ValueError, match="non-finite activations"):
         cache.build_cache(cfg)
     m = json.loads((tmp_path / "n" / "manifest.json").read_text())
-    assert not m["complete"] and m["shards"] == [] and os.listdir(tmp_path / "n") == ["manifest.json"]
+    assert (
+        not m["complete"] and m["shards"] == [] and os.listdir(tmp_path / "n") == ["manifest.json"]
+    )
     with pytest.raises(ValueError, match="unfinished"):
         cache.ActivationCache(cfg.out)
 
@@ -411,8 +491,15 @@ def test_unscaled_caches_of_deeper_models_read_back(make_hub_model, tmp_path, dt
     make_hub_model(tmp_path / "model", n_layer=4)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. " * 200)
-    cfg = cache.CacheConfig(model=str(tmp_path / "model"), corpus=str(corpus), tokens=600, ctx=16, dtype=dtype,
-                            out=str(tmp_path / "cache"), heldout=0.0)
+    cfg = cache.CacheConfig(
+        model=str(tmp_path / "model"),
+        corpus=str(corpus),
+        tokens=600,
+        ctx=16,
+        dtype=dtype,
+        out=str(tmp_path / "cache"),
+        heldout=0.0,
+    )
     cache.build_cache(cfg)
     r_in, r_out, *_ = cache.ActivationCache(cfg.out).read(0, 600)
     assert r_in.shape == r_out.shape == (600, 4, 32) and torch.isfinite(r_in).all()

@@ -1,5 +1,6 @@
 """cache.py under faults: damaged shards are never read and are repaired, advice is true, shard
 names stay in the cache, the command line fails in one line."""
+
 import json
 import os
 import re
@@ -32,8 +33,22 @@ def corpus(tmp_path_factory):
 
 
 def config(hub_model, corpus, out, **kw):
-    return cache.CacheConfig(**{**dict(model=hub_model[0], corpus=corpus, out=str(out), tokens=1500, ctx=16,
-                                       shard_tokens=256, batch_size=8, heldout=0.1, device="cpu"), **kw})
+    return cache.CacheConfig(
+        **{
+            **dict(
+                model=hub_model[0],
+                corpus=corpus,
+                out=str(out),
+                tokens=1500,
+                ctx=16,
+                shard_tokens=256,
+                batch_size=8,
+                heldout=0.1,
+                device="cpu",
+            ),
+            **kw,
+        }
+    )
 
 
 def files(out):
@@ -60,7 +75,10 @@ def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
     cache.build_cache(cfg)
     flip(*inside_mlp_in(tmp_path / "c"))
     c = cache.ActivationCache(cfg.out)  # opening checks sizes and headers only: they are fine
-    with pytest.raises(ValueError, match=r"shard_00002.bin: rows 0..\d+ fail their crc32 check .*python cache.py build"):
+    with pytest.raises(
+        ValueError,
+        match=r"shard_00002.bin: rows 0..\d+ fail their crc32 check .*python cache.py build",
+    ):
         all(rows is not None for rows in c.batches(64, epochs=1))  # on a worker thread, raised here
     with pytest.raises(ValueError, match="shard_00002.bin: rows .* crc32"):
         c.read(0, c.n_tokens)
@@ -69,7 +87,9 @@ def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
     good.read(lo, good.n_tokens)  # the other shards still read
 
 
-def test_build_repairs_damaged_and_missing_shards_byte_identical(hub_model, corpus, tmp_path, capsys):
+def test_build_repairs_damaged_and_missing_shards_byte_identical(
+    hub_model, corpus, tmp_path, capsys
+):
     out = tmp_path / "c"
     cfg = config(hub_model, corpus, out)
     cache.build_cache(cfg)
@@ -78,7 +98,9 @@ def test_build_repairs_damaged_and_missing_shards_byte_identical(hub_model, corp
     os.remove(out / shards.shard_name(4))
     assert cache.build_cache(cfg)["seconds"] > 0  # not "already complete"
     said = capsys.readouterr().out
-    assert "repairing shard_00002.bin: rows" in said and "repairing shard_00004.bin: missing" in said
+    assert (
+        "repairing shard_00002.bin: rows" in said and "repairing shard_00004.bin: missing" in said
+    )
     assert "already complete" not in said
     assert files(out) == before and cache.verify(cfg.out) == []
     assert cache.build_cache(cfg)["seconds"] == 0.0  # now it is complete
@@ -105,7 +127,9 @@ def test_verify_prints_the_repair_command(hub_model, corpus, tmp_path, capsys):
     flip(*inside_mlp_in(out, 3))
     assert cache.main(["verify", cfg.out]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("BAD shard_00003.bin: sha256") and "python cache.py build" in lines[-1]
+    assert (
+        lines[0].startswith("BAD shard_00003.bin: sha256") and "python cache.py build" in lines[-1]
+    )
 
 
 def test_overwrite_rebuilds_even_with_the_same_arguments(hub_model, corpus, tmp_path, capsys):
@@ -113,14 +137,18 @@ def test_overwrite_rebuilds_even_with_the_same_arguments(hub_model, corpus, tmp_
     cfg = config(hub_model, corpus, out)
     cache.build_cache(cfg)
     before = files(out)
-    (out / "shard_00099.bin").write_bytes(b"stale")  # a leftover of an older cache: --overwrite removes it
+    (out / "shard_00099.bin").write_bytes(
+        b"stale"
+    )  # a leftover of an older cache: --overwrite removes it
     (out / "notes.txt").write_text("mine")  # not a cache file: kept
     m = cache.build_cache(cache.CacheConfig(**{**vars(cfg), "overwrite": True}))
     assert m["seconds"] > 0 and "already complete" not in capsys.readouterr().out
     assert files(out) == {**before, "notes.txt": b"mine"}
 
 
-@pytest.mark.parametrize("name", ["../outside.bin", "/tmp/outside.bin", "sub/shard_00000.bin", "shard_00001.bin"])
+@pytest.mark.parametrize(
+    "name", ["../outside.bin", "/tmp/outside.bin", "sub/shard_00000.bin", "shard_00001.bin"]
+)
 def test_shard_names_outside_the_cache_are_refused(hub_model, corpus, tmp_path, name):
     out = tmp_path / "c"
     cfg = config(hub_model, corpus, out, tokens=600)
@@ -131,21 +159,27 @@ def test_shard_names_outside_the_cache_are_refused(hub_model, corpus, tmp_path, 
     m["shards"][0]["file"] = name
     (out / "manifest.json").write_text(json.dumps(m))
     for action in (cache.ActivationCache, cache.verify, lambda _: cache.build_cache(cfg)):
-        with pytest.raises(ValueError, match=r"lists shard 0 as .*, not 'shard_00000.bin'.*--overwrite"):
+        with pytest.raises(
+            ValueError, match=r"lists shard 0 as .*, not 'shard_00000.bin'.*--overwrite"
+        ):
             action(cfg.out)
     cache.build_cache(cache.CacheConfig(**{**vars(cfg), "overwrite": True}))  # the advice works
     cache.ActivationCache(cfg.out)
     assert outside.read_bytes() == b"not yours"
 
 
-def test_a_cache_of_another_format_version_is_refused_and_overwrite_rebuilds(hub_model, corpus, tmp_path):
+def test_a_cache_of_another_format_version_is_refused_and_overwrite_rebuilds(
+    hub_model, corpus, tmp_path
+):
     out = tmp_path / "c"
     cfg = config(hub_model, corpus, out, tokens=600)
     cache.build_cache(cfg)
     m = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps(dict(m, version=1)))
     for action in (cache.ActivationCache, lambda _: cache.build_cache(cfg)):
-        with pytest.raises(ValueError, match="version 1, this cache.py reads .* version 2: .*--overwrite"):
+        with pytest.raises(
+            ValueError, match="version 1, this cache.py reads .* version 2: .*--overwrite"
+        ):
             action(cfg.out)
     cache.build_cache(cache.CacheConfig(**{**vars(cfg), "overwrite": True}))
     assert cache.verify(cfg.out) == []
@@ -155,14 +189,39 @@ def test_a_bad_corpus_line_fails_the_command_line_in_one_line(hub_model, tmp_pat
     lines = [json.dumps({"text": d}) for d in docs(300)]
     lines[19] = '{"text": "cut off'
     (tmp_path / "c.jsonl").write_text("\n".join(lines))
-    args = ["--model", hub_model[0], "--corpus", str(tmp_path / "c.jsonl"), "--tokens", "3000", "--ctx", "16",
-            "--shard-tokens", "256", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "out")]
+    args = [
+        "--model",
+        hub_model[0],
+        "--corpus",
+        str(tmp_path / "c.jsonl"),
+        "--tokens",
+        "3000",
+        "--ctx",
+        "16",
+        "--shard-tokens",
+        "256",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "cache.py"), *args], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "cache.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
-    assert re.fullmatch(f"error: {tmp_path / 'c.jsonl'} line 20: not valid JSON \\(.*\\): fix or delete that line",
-                        r.stderr.strip())  # one line, no traceback
-    names = os.listdir(tmp_path / "out")  # the shards before the bad line are whole, and listed as unfinished
+    assert re.fullmatch(
+        f"error: {tmp_path / 'c.jsonl'} line 20: not valid JSON \\(.*\\): fix or delete that line",
+        r.stderr.strip(),
+    )  # one line, no traceback
+    names = os.listdir(
+        tmp_path / "out"
+    )  # the shards before the bad line are whole, and listed as unfinished
     assert not [n for n in names if n.endswith(".tmp")]
     assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
@@ -174,7 +233,9 @@ def test_help_and_subcommands(capsys):
         assert e.value.code == 0
     said = capsys.readouterr().out
     assert "--text-field" in said and "--overwrite" in said and "paths" in said
-    with pytest.raises(ValueError, match="needs a cache directory, e.g. `python cache.py verify runs/cache`"):
+    with pytest.raises(
+        ValueError, match="needs a cache directory, e.g. `python cache.py verify runs/cache`"
+    ):
         cache.main(["verify"])
 
 
@@ -183,7 +244,11 @@ def test_dequantize_moves_the_stored_rows(hub_model, corpus, tmp_path):
     cache.build_cache(cfg)
     c = cache.ActivationCache(cfg.out)
     rows = next(c.batches(100, epochs=1))
-    assert rows.mlp_in.dtype == torch.int8 and rows.scales.dtype == torch.int16 and rows.ids.shape == (100,)
+    assert (
+        rows.mlp_in.dtype == torch.int8
+        and rows.scales.dtype == torch.int16
+        and rows.ids.shape == (100,)
+    )
     x_in, _ = c.dequantize(rows, "cpu")
     r_in, *_ = c.read(0, c.n_tokens)
     assert torch.equal(x_in, r_in[rows.ids])
