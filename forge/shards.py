@@ -167,10 +167,8 @@ def open_manifest(path):
         except json.JSONDecodeError as e:  # written whole: this one was edited or damaged
             raise ValueError(f"{mpath} is not valid JSON ({e}): {OVERWRITE}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        found = f"format {m.get('format')} version {m.get('version')}"
-        raise ValueError(
-            f"{mpath} is {found}, this cache.py reads {FORMAT} version {VERSION}: {OVERWRITE}"
-        )
+        found = f"{mpath} is format {m.get('format')} version {m.get('version')}"
+        raise ValueError(f"{found}, this cache.py reads {FORMAT} version {VERSION}: {OVERWRITE}")
     for i, s in enumerate(m["shards"]):
         if s.get("file") != shard_name(i):  # never open a path a manifest names: only our own
             listed = f"lists shard {i} as {s.get('file')!r}, not {shard_name(i)!r}"
@@ -189,19 +187,18 @@ def check_shard(path, m, i, content=""):
         return f"{s['file']}: {os.path.getsize(p)} bytes, manifest says {s['bytes']}"
     h = np.fromfile(p, dtype=np.int64, count=HEADER_INTS)
     if h[0] != MAGIC or h[1] != VERSION:
-        want = (
-            f"expected magic {MAGIC}, version {VERSION}: not written by this cache.py, or damaged"
-        )
-        return f"{s['file']}: magic {h[0]}, version {h[1]}, {want}"
+        bad = f"magic {h[0]}, version {h[1]}, expected magic {MAGIC}, version {VERSION}"
+        return f"{s['file']}: {bad}: not written by this cache.py, or damaged"
     want = header(m["dtype"], s["rows"], m["n_layers"], m["d_model"])
     if not np.array_equal(h, want):
-        return (
-            f"{s['file']}: header {h[:11].tolist()} disagrees with the manifest "
-            f"{want[:11].tolist()} ([magic, version, dtype, rows, L, d, offsets..., bytes])"
-        )
+        found = f"{s['file']}: header {h[:11].tolist()} disagrees with the manifest"
+        return f"{found} {want[:11].tolist()} ([magic, version, dtype, rows, L, d, offsets, bytes])"
     if content == "sha256":
+        sha = hashlib.sha256()
         with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            while chunk := f.read(8 << 20):
+                sha.update(chunk)
+        digest = sha.hexdigest()
         if digest != s["sha256"]:
             return f"{s['file']}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}..."
     if content == "crc32":
