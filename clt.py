@@ -203,20 +203,28 @@ class CrossLayerTranscoder(nn.Module):
     def decode(self, acts, sparse=False, normalized=False, bias=True, mlp_in=None):
         """acts (B, L, F/tp) -> the reconstruction mlp_out_hat (B, L, d): the project's one decoder.
 
-        Each TP rank decodes its own features; the sum over ranks is taken in fp32 (it adds tp
-        partial sums, also under bf16 autocast). sparse=True reads only the active features'
-        decoder rows (decode_sparse). normalized=True stays in the units the CLT is trained in;
-        bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual). With a skip
-        connection, pass mlp_in (B, L, d) to add it; without, the result is the features' part.
+        Each TP rank decodes its own features and one all-reduce adds the tp partial sums, in
+        fp32 at least (also under bf16 autocast; fp64 stays fp64). sparse=True reads only the
+        active features' decoder rows (decode_sparse). normalized=True stays in the units the CLT
+        is trained in; bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual).
+        With a skip connection, pass mlp_in (B, L, d) to add it; without, the features' part.
         """
         out = self.decode_sparse(acts) if sparse else self.decode_dense(acts)  # (B, L, d)
-        out = tp_sum(out.float(), self.mesh.tp_group)  # (B, L, d)
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        out = tp_sum(out.to(dtype), self.mesh.tp_group)  # (B, L, d)
         if bias:
             out = out + self.b_dec
         if mlp_in is not None and self.W_skip is not None:  # replicated: added after the TP sum
-            x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
-            skip = torch.bmm(x.to(self.W_skip.dtype), self.W_skip)  # (L, B, d)
-            out = out + skip.transpose(0, 1).float()  # (B, L, d)
+            out = out + self.skip(mlp_in, normalized=True).to(dtype)
+        return out if normalized else out / self.output_scale[:, None]
+
+    def skip(self, mlp_in, normalized=False):
+        """mlp_in (B, L, d) -> what the skip connection adds to each MLP output (B, L, d), zero
+        without one: linear in mlp_in, a path of the replacement model rather than a node."""
+        if self.W_skip is None:
+            return torch.zeros_like(mlp_in)
+        x = (mlp_in * self.input_scale[:, None]).transpose(0, 1)  # (L, B, d)
+        out = torch.bmm(x.to(self.W_skip.dtype), self.W_skip).transpose(0, 1)  # (B, L, d)
         return out if normalized else out / self.output_scale[:, None]
 
     def decode_dense(self, acts):
