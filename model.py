@@ -26,16 +26,14 @@ Shape letters used throughout the project:
 
 import hashlib
 import json
-import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from forge import hub
 from forge.cli import arg, parse_config, run_main
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer, resolve_model_dir
 
@@ -74,11 +72,9 @@ class GPTConfig:
 
 @dataclass
 class Frozen:
-    """The nonlinear state of one forward pass, recorded so a later pass can reuse it.
-
-    With attention patterns and LayerNorm scales frozen, everything between the MLPs is linear in
-    the residual stream: this is the "local replacement model" of Ameisen et al. 2025, sec. 3.
-    """
+    """The nonlinear state of one forward pass, recorded so a later pass can reuse it. With it
+    frozen, everything between the MLPs is linear in the residual stream: the "local replacement
+    model" of Ameisen et al. 2025, sec. 3."""
 
     attn: list = field(default_factory=list)  # per layer: (B, nh, T, T) attention probabilities
     ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) ln_1's 1/sqrt(var + eps)
@@ -98,9 +94,7 @@ class Acts:
 
 def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None):
     """LayerNorm written out so its scale 1/sqrt(var + eps) can be recorded or frozen: (y, scale).
-
-    A frozen scale is a constant, so the map is then linear in x (the mean subtraction is linear).
-    """
+    A frozen scale is a constant: the map is then linear in x (the mean subtraction is linear)."""
     x_centered = x - x.mean(-1, keepdim=True)
     if frozen_scale is None:
         scale = torch.rsqrt(x_centered.pow(2).mean(-1, keepdim=True) + ln.eps)  # (B, T, 1)
@@ -119,11 +113,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, frozen_pattern=None):
         """x (B, T, C) -> (output (B, T, C), attention pattern (B, nh, T, T))."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         if frozen_pattern is None:
-            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-            k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
             att = (q @ k.transpose(-2, -1)) * (k.size(-1) ** -0.5)  # (B, nh, T, T)
             # the mask is made per call: a stored (n_ctx, n_ctx) buffer is n_ctx² bytes at load
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -261,87 +253,28 @@ class GPT(nn.Module):
         return self._fingerprint[1]
 
     # -------------------------------------------------------------------------
-    # loading and saving in the Hugging Face hub layout
-
-    # HF's GPT-2 uses Conv1D, whose weight is stored (in, out): transposed to nn.Linear's (out, in)
-    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # loading and saving in the Hugging Face hub layout (forge/hub.py)
 
     @classmethod
     def from_pretrained(cls, name_or_dir=DEFAULT_MODEL):
-        """Load GPT-2 from a local directory or a hub repo id (gpt2, gpt2-medium, -large, -xl).
-
-        Both key styles load: `h.0.attn.c_attn.weight` (the hub's gpt2 repo) and
-        `transformer.h.0.attn.c_attn.weight` (transformers' save_pretrained).
-        """
+        """GPT-2 from a directory in the hub layout or a hub id (gpt2, gpt2-medium, -large, -xl)."""
         path = resolve_model_dir(name_or_dir)
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        hf.setdefault("n_positions", hf.get("n_ctx"))
-        needed = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-        missing = [k for k in needed if hf.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"{path}/config.json lacks {missing}: not a GPT-2 config (model_type gpt2)"
-            )
-        shape = {k: hf[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
-        eps = hf.get("layer_norm_epsilon", 1e-5)
-        config = GPTConfig(**shape, n_ctx=hf["n_positions"], layer_norm_epsilon=eps)
-        model = cls(config)
-        model.load_hf_state_dict(load_file(os.path.join(path, "model.safetensors")), source=path)
+        model = cls(GPTConfig(**hub.gpt2_config(path)))
+        model.load_state_dict(hub.gpt2_weights(path, model.state_dict(), model.config))
         model.name_or_path = str(name_or_dir)
         return model.eval()
 
-    def load_hf_state_dict(self, hf_sd, source="state dict"):
-        ignored = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
-        sd = {}
-        for k, v in hf_sd.items():
-            k = k.removeprefix("transformer.")
-            if ignored.search(k):
-                continue
-            if k == "lm_head.weight":  # tied to wte in GPT-2; transformers may save it anyway
-                if "wte.weight" in sd or any(x.endswith("wte.weight") for x in hf_sd):
-                    continue
-            sd[k] = v.t() if k.endswith(self.CONV1D) else v
-        own = self.state_dict()
-        unexpected = sorted(k for k in sd if k not in own)
-        missing = sorted(k for k in own if k not in sd)
-        resized = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-        wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in resized)
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source} does not match GPTConfig {self.config}:\n"
-                f"  missing keys: {missing}\n"
-                f"  unexpected keys: {unexpected}\n"
-                f"  wrong shapes: {wrong}"
-            )
-        self.load_state_dict({k: v.float() for k, v in sd.items()})
-
     def save_pretrained(self, path):
         """The hub's gpt2 layout: config.json + model.safetensors, keys without `transformer.`."""
-        os.makedirs(path, exist_ok=True)
-        c = self.config
-        eot = c.vocab_size - 1  # <|endoftext|> is GPT-2's last token
-        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2")
-        hf.update(activation_function="gelu_new", n_layer=c.n_layer, n_head=c.n_head)
-        hf.update(n_embd=c.n_embd, n_positions=c.n_ctx, n_ctx=c.n_ctx, vocab_size=c.vocab_size)
-        hf.update(layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=eot, eos_token_id=eot)
-        hf.update(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        own = self.state_dict()
-        sd = {k: (v.t() if k.endswith(self.CONV1D) else v).contiguous() for k, v in own.items()}
-        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        hub.save_gpt2(path, asdict(self.config), self.state_dict())
 
 
 class WriteLayer(torch.autograd.Function):
     """buf[:, :, l] = x in place, returning buf: how `run_with_acts` fills its (B, T, L, d) tensors.
 
-    Forward: copies x (B, T, d) into slot l of buf (B, T, L, d). Backward: x gets grad[:, :, l] (a
-    view, as torch.stack's backward gives) and buf's earlier version gets grad as it is. Autograd's
-    own slice assignment (CopySlices) would clone the whole grad to zero slot l, once per layer: L
-    full copies per backward (3-6x slower at graph.py's (64, T) batches on CPU). Not zeroing is
-    exact here because each slot is written once and each write's backward reads only its own slot.
-    """
+    Backward: x gets grad[:, :, l] (a view, as torch.stack's gives), buf gets grad as it is.
+    Autograd's slice assignment would clone the whole grad to zero slot l, once per layer (3-6x
+    slower at graph.py's (64, T) batches on CPU); not zeroing is exact: each slot is set once."""
 
     @staticmethod
     def forward(ctx, buf, x, l):
@@ -367,13 +300,10 @@ def load_model(name_or_dir=DEFAULT_MODEL):
     """The model in a directory in the hub layout (or a hub repo id), built by the class MODELS
     holds for its config.json's model_type (missing in old GPT-2 configs: read as gpt2)."""
     path = resolve_model_dir(name_or_dir)
-    with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type", "gpt2")
+    model_type = hub.read_config(path).get("model_type", "gpt2")
     if model_type not in MODELS:
-        raise ValueError(
-            f"{path}/config.json has model_type {model_type!r}; the known families are "
-            f"{sorted(MODELS)} (a new one is registered in model.MODELS)"
-        )
+        known = f"the known families are {sorted(MODELS)} (a new one is registered in model.MODELS)"
+        raise ValueError(f"{path}/config.json has model_type {model_type!r}; {known}")
     return MODELS[model_type].from_pretrained(name_or_dir)
 
 

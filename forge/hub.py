@@ -1,11 +1,14 @@
-"""Models in the Hugging Face hub layout: where a model directory is, and GPT-2's tokenizer built
-from the checkpoint's own vocab.json + merges.txt (tiktoken does the merging)."""
+"""Models in the Hugging Face hub layout: where a model directory is, GPT-2's config.json and
+weights in the hub's keys and layouts, and its tokenizer built from the checkpoint's own
+vocab.json + merges.txt (tiktoken does the merging)."""
 
 import json
 import os
+import re
 
 import tiktoken
 from huggingface_hub import snapshot_download
+from safetensors.torch import load_file, save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(REPO, "models", "tiny")
@@ -43,6 +46,72 @@ def resolve_model_dir(name_or_dir):
             )
         raise FileNotFoundError(f"{path} has no model.safetensors")
     return path
+
+
+def read_config(path):
+    """{path}/config.json as a dict."""
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's config and weights: HF's GPT-2 uses Conv1D, whose weight is stored (in, out), transposed
+# here to nn.Linear's (out, in); the hub's gpt2 repo has no `transformer.` prefix, transformers'
+# save_pretrained has; both load.
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MASKS = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
+
+
+def gpt2_config(path):
+    """GPTConfig's fields from {path}/config.json (n_positions, or n_ctx in old configs)."""
+    hf = read_config(path)
+    hf.setdefault("n_positions", hf.get("n_ctx"))
+    needed = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    missing = [k for k in needed if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}/config.json lacks {missing}: not a GPT-2 config")
+    shape = {k: hf[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    return dict(shape, n_ctx=hf["n_positions"], layer_norm_epsilon=eps)
+
+
+def gpt2_weights(path, own, config):
+    """{path}/model.safetensors in the keys and layouts of `own` (the model's state_dict), float32;
+    any missing, unexpected or wrongly shaped weight is refused, naming `config`."""
+    hub_sd = load_file(os.path.join(path, "model.safetensors"))
+    tied = any(k.endswith("wte.weight") for k in hub_sd)  # transformers may save lm_head = wte
+    sd = {}
+    for k, v in hub_sd.items():
+        k = k.removeprefix("transformer.")
+        if not MASKS.search(k) and not (k == "lm_head.weight" and tied):
+            sd[k] = v.t() if k.endswith(CONV1D) else v
+    unexpected = sorted(k for k in sd if k not in own)
+    missing = sorted(k for k in own if k not in sd)
+    resized = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in resized)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not match {config}:\n  missing keys: {missing}\n"
+            f"  unexpected keys: {unexpected}\n  wrong shapes: {wrong}"
+        )
+    return {k: v.float() for k, v in sd.items()}
+
+
+def save_gpt2(path, c, state_dict):
+    """The hub's gpt2 layout of a model with GPTConfig fields `c` (a dict) and `state_dict`:
+    config.json + model.safetensors, keys without `transformer.`."""
+    os.makedirs(path, exist_ok=True)
+    eot = c["vocab_size"] - 1  # <|endoftext|> is GPT-2's last token
+    c = dict(c, n_positions=c["n_ctx"])
+    keys = "n_layer n_head n_embd n_positions n_ctx vocab_size layer_norm_epsilon".split()
+    hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new")
+    hf.update({k: c[k] for k in keys}, bos_token_id=eot, eos_token_id=eot)
+    hf.update(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    sd = {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state_dict.items()}
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 # -----------------------------------------------------------------------------
