@@ -24,8 +24,7 @@ import torch.distributed as dist
 
 @dataclass
 class Mesh:
-    """Where this process sits in the (dp, tp) mesh, and the two process groups; Mesh() is one
-    process."""
+    """Where this process sits in the (dp, tp) mesh, and its two groups; Mesh() is one process."""
 
     dp: int = 1  # data-parallel size
     tp: int = 1  # tensor-parallel size: the ranks that share one CLT's features
@@ -52,7 +51,7 @@ def compute_init(device="auto", timeout_s=300):
 
 
 def make_mesh(ddp, world, tp, device):
-    """The (dp, tp) device mesh of torchrun's processes; ranks r·tp .. r·tp + tp − 1 form TP group r."""
+    """The (dp, tp) mesh of torchrun's processes: ranks r·tp .. r·tp + tp − 1 form TP group r."""
     if tp < 1 or world % tp:
         raise ValueError(
             f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)"
@@ -113,7 +112,7 @@ def broadcast(x, group):
 
 
 def all_gather_last(x, group):
-    """forward only (no gradient): x (..., c) of every rank of `group`, side by side: (..., tp·c)."""
+    """forward only (no gradient): every rank's x (..., c) side by side: (..., tp·c)."""
     if group_size(group) == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(group_size(group))]

@@ -12,25 +12,20 @@ consolidated, the normalization folded in, and the CLT saved to --out in circuit
 
     python train.py --help
     python train.py                                  # the default CLT of models/tiny (CPU, minutes)
-    python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1   # tiny CPU run
+    python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1  # tiny CPU run
     python train.py --activation topk --k 16 --out runs/clt-topk
     python train.py --resume --out runs/clt          # continue the run in runs/clt
-    python train.py --wandb my-project               # also log to Weights & Biases (pip install wandb)
+    python train.py --wandb my-project               # also log to Weights & Biases
     torchrun --nproc_per_node=4 train.py --tp 2 ...  # one node: dp = 4 / 2 = 2 (NCCL; gloo on CPU)
-    torchrun --nproc_per_node=2 train.py --tp 2 --device cpu --features 256 --steps 50  # TP on a CPU
+    torchrun --nproc_per_node=2 train.py --tp 2 --device cpu --features 256 --steps 50  # TP, CPU
     torchrun --nnodes=N --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT \\
         --rdzv-id=JOB train.py ...                   # several nodes: the same command on each
 
-Several nodes: HOST:PORT is on one of them. Every rank compares a sha256 of its flags and of the
-cache's manifest with the others' before anything is built: the cache on a filesystem every node
-sees, or a copy at the same path (`python cache.py verify` checks it); --out shared. Keep each TP
-group inside a node (tp <= G; ranks r·tp .. r·tp + tp − 1 form TP group r): then only DP's
-gradient average and the bookkeeping all-reduce cross the network.
-
-Resuming: --resume continues the run in --out from its last checkpoint, whose shape and optimizer
-flags it keeps; a new run refuses an --out holding another run unless --overwrite (the contract:
-forge/checkpoint.py). metrics.jsonl gets a row every --log-every steps, the loop's only host
-syncs; --wandb PROJECT sends the same rows (forge/runlog.py).
+Several nodes (HOST:PORT on one of them) read one cache (a shared filesystem, or a copy at the same
+path: `python cache.py verify`) and write one shared --out; every rank's flags and cache manifest
+must hash the same. Keep each TP group (ranks r·tp .. r·tp + tp − 1) inside a node: then only DP's
+gradient average and the bookkeeping all-reduce cross the network. --resume continues the run in
+--out (forge/checkpoint.py: what resumes, what is refused); logging: forge/runlog.py.
 
 Losses (on normalized activations, E||x|| = sqrt(d) per layer; mean over tokens), the LOSSES
 registry: a term added there is trained, logged under its name and summed into the loss.
@@ -70,7 +65,7 @@ from clt import CLTConfig, CrossLayerTranscoder
 from forge import checkpoint
 from forge.cli import arg, run_main
 from forge.hub import load_tokenizer
-from forge.runlog import RunLog, check_wandb, step_line, to_host
+from forge.runlog import RunLog, step_line, to_host
 from model import GPT
 from parallel import all_reduce_sum, average_gradients, check_same_everywhere, compute_init
 from parallel import make_mesh, mesh_sum
@@ -169,7 +164,7 @@ def sparsity_loss(f, c):
 def preact_loss(f, c):
     if c.activation != "jumprelu":
         return f.sse.new_zeros(())
-    # Σ_b Σ_lf relu(θ − h)·||W_dec|| = Σ_lf ||W_dec||·Σ_b relu(θ − h): the batch sum first saves passes
+    # Σ_b Σ_lf relu(θ − h)·||W_dec|| = Σ_lf ||W_dec||·Σ_b relu(θ − h): the batch sum first: cheaper
     gap = F.relu(f.clt.threshold - f.pre).float().sum(0)  # (L, F/tp)
     return c.preact * (gap * f.dec).sum() / f.pre.size(0)
 
@@ -267,7 +262,7 @@ def once(t, here):
 
 
 def batch_sums(fwd, terms, mine, mesh):
-    """Sums over this rank's tokens and features; fired (L, F): its own slice set where they fired."""
+    """Sums over this rank's tokens and features; fired (L, F): its own slice set where it fired."""
     B = fwd.sse.size(0)
     y = fwd.y.float()
     acts = fwd.acts.detach()  # (B, L, F/tp), never negative
@@ -290,15 +285,12 @@ def grad_sums(clt, mesh):
     replicated = [p for p in (clt.b_dec, clt.W_skip) if p is not None and p.grad is not None]
     shards = [p for p in clt.parameters() if p.grad is not None]
     shards = [p for p in shards if all(p is not r for r in replicated)]
-    norms = torch.stack(
-        [torch.linalg.vector_norm(p.grad.float()) for p in shards]
-    )  # no (F, .) temp
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in shards])  # no (F,) temp
     zero = norms.new_zeros((), dtype=torch.float64)
     rep = sum((torch.linalg.vector_norm(p.grad.double()).pow(2) for p in replicated), zero)
-    first = mesh.tp_rank == 0 and mesh.dp_rank == 0
-    return dict(
-        grad_sq=once(norms.pow(2).sum(), mesh.dp_rank == 0), grad_sq_replicated=once(rep, first)
-    )
+    rank0 = mesh.tp_rank == 0 and mesh.dp_rank == 0
+    grad_sq = once(norms.pow(2).sum(), mesh.dp_rank == 0)
+    return dict(grad_sq=grad_sq, grad_sq_replicated=once(rep, rank0))
 
 
 # -----------------------------------------------------------------------------
@@ -306,13 +298,13 @@ def grad_sums(clt, mesh):
 
 
 def open_cache(c):
-    """The cache at c.cache; the default one is built first if it is missing (cache.py, tiny model)."""
+    """The cache at c.cache; the default one is built first if it is missing (the tiny model)."""
     if not os.path.exists(os.path.join(c.cache, MANIFEST)):
         if os.path.normpath(c.cache) != os.path.normpath(DEFAULT_CACHE) or dist.is_initialized():
-            build = f"python cache.py build --model models/tiny --corpus toy --tokens 1000000 --out {c.cache}"
-            raise FileNotFoundError(
-                f"no activation cache at {c.cache}: build one first, e.g.\n  {build}"
-            )
+            build = "python cache.py build --model models/tiny --corpus toy --tokens 1000000"
+            msg = f"no activation cache at {c.cache}: build one first, e.g.\n  {build}"
+            msg += f" --out {c.cache}"
+            raise FileNotFoundError(msg)
         print(f"no cache at {c.cache}: building the default one ({CacheConfig().tokens} tokens)")
         build_cache(CacheConfig(out=c.cache))
     return ActivationCache(c.cache)
@@ -337,17 +329,13 @@ def heldout_contexts(cache, n, bos):
     R = m["ctx"] - (0 if m["keep_bos"] else 1)
     n = min(n, (hi - lo) // R)
     if n == 0:
-        raise ValueError(
-            f"the cache has no held-out context (heldout rows {lo}..{hi}): build it "
-            "with --heldout > 0"
-        )
+        msg = f"the cache has no held-out context (heldout rows {lo}..{hi})"
+        raise ValueError(f"{msg}: build it with --heldout > 0")
     _, _, tokens, _, pos = cache.read(lo, lo + n * R)
     tokens, pos = tokens.view(n, R), pos.view(n, R)  # (n, R)
     if not (pos == pos[0]).all() or pos[0, -1] != m["ctx"] - 1:
-        raise ValueError(
-            f"held-out rows of {cache.path} are not whole contexts (positions "
-            f"{pos[0].tolist()[:8]}...)"
-        )
+        positions = f"(positions {pos[0].tolist()[:8]}...)"
+        raise ValueError(f"held-out rows of {cache.path} are not whole contexts {positions}")
     if m["keep_bos"]:
         return tokens
     return torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)  # (n, ctx)
@@ -359,18 +347,16 @@ def heldout_contexts(cache, n, bos):
 
 @torch.no_grad()
 def evaluate(gpt, clt, contexts, batch=16):
-    """Held-out contexts (n, T), the CLT in inference mode (BatchTopK runs as its JumpReLU): per-layer
-    FVU and L0 of its reconstruction of the MLP outputs, and the next-token cross-entropy with the
-    GPT's MLP outputs replaced by the CLT's (ce_spliced), against the clean GPT's and the zeroed
-    MLPs' (recovered: the share of the zero-ablation gap closed). recovered saturates near 1 on a
-    small model, so delta_ce = ce_spliced − ce_clean and kl_spliced = KL(clean ‖ spliced) come
-    beside it (kl_zero: the same for the zeroed MLPs, its scale).
+    """Held-out contexts (n, T), the CLT in inference mode (BatchTopK runs as its JumpReLU): FVU
+    and L0 per layer of its reconstruction of the MLP outputs, and the next-token cross-entropy with
+    the GPT's MLP outputs replaced by the CLT's (ce_spliced), against the clean GPT's and the zeroed
+    MLPs' (recovered: the share of the zero-ablation gap closed, near 1 on a small model, so
+    delta_ce = ce_spliced − ce_clean and kl_spliced = KL(clean ‖ spliced) come beside it).
 
-    Spliced is the replacement model: each layer's encoder reads the mlp_in of the spliced run
-    itself, so errors compound. One GPT pass gives only the clean mlp_in, so we iterate: pass i
-    reconstructs layers < i exactly; L − 1 passes reach the fixed point ("open" is the first pass).
-    The BOS keeps its clean MLP outputs (the cache drops it: the CLT never saw its outliers) and
-    is not scored."""
+    Spliced is the replacement model: each encoder reads the mlp_in of the spliced run itself, so
+    errors compound. One GPT pass gives only the clean mlp_in, so we iterate: pass i reconstructs
+    layers < i exactly; L − 1 passes reach the fixed point ("open": the first pass). The BOS keeps
+    its clean MLP outputs (the cache drops it: the CLT never saw its outliers); it is not scored."""
     was_training = clt.training
     clt.eval()
     L, d = gpt.config.n_layer, gpt.config.n_embd
@@ -405,18 +391,17 @@ def evaluate(gpt, clt, contexts, batch=16):
     sst = rec["y_sq"] - rec["y_sum"].pow(2).sum(-1) / N  # (L,)
     clean, spliced, open_, zero, kl_spliced, kl_zero = (sums / (N - contexts.size(0))).tolist()
     m = dict(fvu=(rec["sse"] / sst).tolist(), l0=(rec["l0"] / N).tolist(), ce_clean=clean)
+    m.update(ce_spliced=spliced, ce_open=open_, ce_zero=zero)
     m.update(
-        ce_spliced=spliced, ce_open=open_, ce_zero=zero, recovered=(zero - spliced) / (zero - clean)
+        recovered=(zero - spliced) / (zero - clean), recovered_open=(zero - open_) / (zero - clean)
     )
-    m.update(recovered_open=(zero - open_) / (zero - clean), delta_ce=spliced - clean)
-    return dict(m, kl_spliced=kl_spliced, kl_zero=kl_zero)
+    return dict(m, delta_ce=spliced - clean, kl_spliced=kl_spliced, kl_zero=kl_zero)
 
 
 def next_token_ce(logits, idx):
     """Summed next-token loss of positions 1..T-2 (the BOS is not scored)."""
-    return F.cross_entropy(
-        logits[:, 1:-1].flatten(0, 1).float(), idx[:, 2:].flatten(), reduction="sum"
-    )
+    targets = idx[:, 2:].flatten()
+    return F.cross_entropy(logits[:, 1:-1].flatten(0, 1).float(), targets, reduction="sum")
 
 
 def next_token_kl(logits, clean):
@@ -435,32 +420,24 @@ def train(config: TrainConfig, given=None):
     given: the flags the user typed (parse_args; None = those that differ from the defaults)."""
     c, meta = checkpoint.resolve(config, given)  # on --resume: the checkpoint's config and meta
     ddp, rank, local_rank, world, device = compute_init(c.device, c.timeout_s)
-    checkpoint.check_same_mesh(c, meta, world)
-    mesh = make_mesh(ddp, world, c.tp, device)
     master = rank == 0
-    if master:
-        print(
-            f"train.py | world {world} = dp {mesh.dp} x tp {mesh.tp} | device {device} | {asdict(c)}"
-        )
     cache = open_cache(c)
-    check_same_everywhere(
-        json.dumps([asdict(c), cache.manifest], sort_keys=True), "command line or cache", device
-    )
-    checkpoint.check_same_cache(c, cache.manifest, meta)
-    check_config(c, cache, mesh)
-    gpt = load_gpt(c, cache, device) if c.eval_every > 0 or c.model else None
-    if c.eval_every > 0:
-        bos = load_tokenizer(gpt.name_or_path).eot_token
-        contexts = heldout_contexts(cache, c.eval_contexts, bos).to(device)
+    same = json.dumps([asdict(c), cache.manifest], sort_keys=True)
+    check_same_everywhere(same, "command line or cache", device)
+    checkpoint.check_resume(c, meta, world, cache.manifest)  # the same mesh, the same cache
+    mesh = make_mesh(ddp, world, c.tp, device)
+    checkpoint.check_flags(c, cache, mesh)
+    if master:
+        print(f"train.py | world {world} = dp {mesh.dp} x tp {mesh.tp} | {device} | {asdict(c)}")
+    gpt, contexts = eval_set(c, cache, device)
     clt, opt = build(c, cache, mesh, device)
     clocks = torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device)  # (L, F)
     state = dict(step=0, since_fired=clocks, first_bad=torch.tensor(-1, device=device))
-    metrics = checkpoint.resume_or_claim(c, meta, clt, opt, state, mesh, master)
-    run_id = checkpoint.run_id(meta)
-    log = RunLog(c, run_id, state["step"], master)
-    extra = dict(
-        wandb_id=run_id if c.wandb else None, cache_identity=cache.manifest.get("identity")
+    # the run's identity, kept in every checkpoint: its wandb run id and its cache's identity
+    metrics, ids = checkpoint.resume_or_claim(
+        c, meta, clt, opt, state, mesh, master, cache.manifest
     )
+    log = RunLog(c, ids["wandb_id"], state["step"], master)
     start = state["step"]
     end = c.steps if c.stop_at < 0 else min(c.stop_at, c.steps)
     bar = tqdm(range(start, end), initial=start, total=c.steps, disable=not master, desc="train")
@@ -468,43 +445,47 @@ def train(config: TrainConfig, given=None):
     # closing(): the cache's reader threads stop even when a step raises (one left reading aborts)
     with contextlib.closing(train_batches(cache, c, mesh, start, device)) as batches:
         for step in bar:  # the bar shows the ETA, its postfix the last log step's line
-            evaluating = c.eval_every > 0 and (
-                (step + 1) % c.eval_every == 0 or step + 1 == c.steps
-            )
-            saving = (c.ckpt_every > 0 and (step + 1) % c.ckpt_every == 0) or step + 1 == end
+            done = step + 1
+            evaluating = c.eval_every > 0 and (done % c.eval_every == 0 or done == c.steps)
+            saving = (c.ckpt_every > 0 and done % c.ckpt_every == 0) or done == end
             sync = step % c.log_every == 0 or evaluating or saving
             m = train_step(c, clt, opt, next(batches), state, mesh, device, sync)
             if not sync:
                 continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = (time.perf_counter() - t_last) / (step + 1 - last_sync)  # per step since then
+            dt = (time.perf_counter() - t_last) / (done - last_sync)  # per step since the last sync
             metrics = dict(m, step=step, ms=1000 * dt, tok_per_s=c.batch_size / dt)
             if evaluating:
                 metrics["eval"] = evaluate(gpt, clt, contexts)
             log.log(metrics)
             bar.set_postfix_str(step_line(metrics), refresh=False)
             if saving:
-                checkpoint.save(c, clt, opt, state, mesh, master, dict(extra, metrics=metrics))
-            t_last, last_sync = time.perf_counter(), step + 1
+                checkpoint.save(c, clt, opt, state, mesh, master, dict(ids, metrics=metrics))
+            t_last, last_sync = time.perf_counter(), done
     checkpoint.finish(c, clt, metrics, meta, end, mesh, master)
     log.finish()
     return metrics
 
 
+def eval_set(c, cache, device):
+    """The GPT of the spliced loss (refused unless it made the cache) and the held-out contexts."""
+    if c.eval_every <= 0 and not c.model:
+        return None, None
+    gpt = GPT.from_pretrained(c.model or cache.manifest["model"]).to(device)
+    checkpoint.check_cache_model(c, cache, gpt)
+    if c.eval_every <= 0:
+        return gpt, None
+    bos = load_tokenizer(gpt.name_or_path).eot_token
+    return gpt, heldout_contexts(cache, c.eval_contexts, bos).to(device)
+
+
 def build(c, cache, mesh, device):
     """The CLT shard of this rank, with the cache's normalization, and its optimizer."""
-    shared = ("activation", "k", "threshold_init", "bandwidth", "decoder", "skip")
+    shared = {k: getattr(c, k) for k in ("activation", "k", "threshold_init", "bandwidth")}
+    shared.update(decoder=c.decoder, skip=c.skip, model=c.model or cache.manifest["model"])
     sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")  # graph.py refuses others
-    model = c.model or cache.manifest["model"]
-    config = CLTConfig(
-        cache.n_layers,
-        cache.d_model,
-        c.features,
-        model=model,
-        model_sha256=sha256,
-        **{k: getattr(c, k) for k in shared},
-    )
+    config = CLTConfig(cache.n_layers, cache.d_model, c.features, model_sha256=sha256, **shared)
     clt = CrossLayerTranscoder(config, c.seed, mesh)
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the mean norms
         clt.input_scale.copy_(cache.d_model**0.5 / cache.norm_in)
@@ -515,44 +496,8 @@ def build(c, cache, mesh, device):
 
 def optimizer(clt, c):
     """AdamW, fused: one pass over each parameter and its moments instead of ~ten (CPU and CUDA)."""
-    wd = c.weight_decay
-    return torch.optim.AdamW(
-        clt.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=wd, fused=True
-    )
-
-
-def load_gpt(c, cache, device):
-    """The GPT of the spliced loss; refused unless it is the model the cache was made from."""
-    gpt = GPT.from_pretrained(c.model or cache.manifest["model"]).to(device)
-    checkpoint.check_cache_model(c, cache, gpt)
-    return gpt
-
-
-def check_config(c, cache, mesh):
-    if c.features <= 0 or c.features % mesh.tp:
-        raise ValueError(
-            f"--features {c.features} must be positive and divisible by --tp {mesh.tp}"
-        )
-    if c.activation in ("topk", "batchtopk") and not 0 < c.k <= c.features:
-        raise ValueError(f"--k {c.k} must be in 1..--features {c.features}")
-    if c.batch_size <= 0 or c.batch_size % mesh.dp:
-        raise ValueError(
-            f"--batch-size {c.batch_size} must be positive and divisible by dp = {mesh.dp}"
-        )
-    if c.steps <= 0 or c.lr <= 0 or not 0 <= c.decay_frac <= 1:
-        got = f"got {c.steps}, {c.lr}, {c.decay_frac}"
-        raise ValueError(f"need --steps > 0, --lr > 0 and 0 <= --decay-frac <= 1, {got}")
-    if c.log_every <= 0:
-        raise ValueError(f"--log-every {c.log_every} must be positive")
-    if c.autocast not in ("cuda", "always", "never"):
-        raise ValueError(f"--autocast {c.autocast} must be cuda, always or never")
-    if cache.batches_per_epoch(c.batch_size // mesh.dp, mesh.dp) == 0:
-        lo, hi = cache.split_range("train")
-        raise ValueError(
-            f"the cache's train split has {hi - lo} rows, fewer than one global batch of "
-            f"{c.batch_size}"
-        )
-    check_wandb(c.wandb)
+    adam = dict(lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay, fused=True)
+    return torch.optim.AdamW(clt.parameters(), **adam)
 
 
 # -----------------------------------------------------------------------------
@@ -572,11 +517,9 @@ def main(argv=None):
     except RuntimeError as e:  # gloo says "Timed out waiting ...", NCCL's watchdog "timeout"
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise
-        rank = os.environ.get("RANK", 0)
-        raise RuntimeError(
-            f"rank {rank}: a collective waited longer than --timeout-s {config.timeout_s}: "
-            "another rank crashed or is stuck (torchrun names it below)"
-        ) from e
+        waited = f"a collective waited longer than --timeout-s {config.timeout_s}"
+        why = "another rank crashed or is stuck (torchrun names it below)"
+        raise RuntimeError(f"rank {os.environ.get('RANK', 0)}: {waited}: {why}") from e
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,27 +1,21 @@
-"""train.py's resume contract: its run folder, its checkpoints and its export.
+"""train.py's armour: the run folder, the resume contract, checkpoints, the export, refusals.
 
-A run is its --out folder: checkpoints/latest.json names the last complete checkpoint, and the
-folder may be moved or copied (the command line's --out is where it resumes and writes). On
---resume the run's shape and optimizer (--features, --activation, --lr, --batch-size, --seed,
---tp, ...) come from the checkpoint; giving one that differs is an error naming the flag. What may
-change (CHANGEABLE): --steps, --eval-every, --eval-contexts, --ckpt-every, --log-every, --wandb,
---cache and --model (a moved copy of the same cache and model: both are checked); the
-invocation's own flags (INVOCATION: --stop-at, --device, --timeout-s, ...) are always this command
-line's. A flag not given takes the checkpoint's value. The checkpoint resumes on the (dp, tp) mesh
-that wrote it. A run at its last step whose export is missing, incomplete or mixed (a crash during
-the export) is exported again; the command exits 0 only once the export is whole. metrics.jsonl
-keeps the rows before the checkpoint. A new run (no --resume) refuses an --out that holds another
-run's checkpoint or export: pass --resume, another --out, or --overwrite, which removes that run's
-files before the new run starts (so a new run killed before its first checkpoint can never be
-resumed as the old one).
+A run is its --out folder, which may be moved or copied (the command line's --out is where it
+resumes and writes): checkpoints/latest.json names the last complete checkpoint. On --resume the
+run's shape and optimizer (--features, --activation, --lr, --batch-size, --seed, --tp, ...) come
+from the checkpoint, and a flag given that differs is refused by name; CHANGEABLE flags (--steps,
+--eval-every, --log-every, --wandb, --cache and --model: a moved copy of the same cache and model,
+both checked, ...) may change, INVOCATION flags (--stop-at, --device, ...) are always this command
+line's, a flag not given takes the checkpoint's value. It resumes on the (dp, tp) mesh that wrote
+it. A run at its last step whose export is missing or mixed (a crash during the export) is exported
+again: the command exits 0 only once the export is whole. A new run refuses an --out that holds
+another run: pass --resume, another --out, or --overwrite, which removes that run's files before
+the first step (a new run killed before its first checkpoint can never resume as the old one).
 
-A checkpoint is one safetensors shard per TP rank (weights, Adam moments, the dead-feature clocks)
-and latest.json (configs, step, RNG, data position, the last metrics), every file fsynced and
-renamed into place: the checkpoint exists once latest.json does. The export is circuit-tracer's
-layout; training.json, written last, names its export id and marks it whole.
-
-The spine passes in what this needs (the config, the CLT, the mesh, the cache): nothing here
-imports train.py, clt.py or parallel.py.
+A checkpoint: a safetensors shard per TP rank (weights, Adam moments, the dead-feature clocks) and
+latest.json (configs, step, RNG, data position, last metrics), each fsynced and renamed into place:
+it exists once latest.json does. The export is circuit-tracer's layout; training.json, written
+last, names its export id. Nothing here imports the spine: train.py passes in what is needed.
 """
 
 import argparse
@@ -31,6 +25,7 @@ import os
 import shutil
 import uuid
 from dataclasses import asdict, fields
+from importlib.util import find_spec
 
 import torch
 import torch.distributed as dist
@@ -40,17 +35,8 @@ from forge.cli import add_config_args
 from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
 from forge.runlog import step_line
 
-INVOCATION = ("out", "resume", "overwrite", "stop_at", "device", "timeout_s")  # this command line's
-CHANGEABLE = (
-    "cache",
-    "model",
-    "steps",
-    "eval_every",
-    "eval_contexts",
-    "log_every",
-    "ckpt_every",
-    "wandb",
-)
+INVOCATION = "out resume overwrite stop_at device timeout_s".split()  # this command line's
+CHANGEABLE = "cache model steps eval_every eval_contexts log_every ckpt_every wandb".split()
 RUN_FILES = ("metrics.jsonl", "training.json", "config.json")  # and checkpoints/, W_enc_*, W_dec_*
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -62,7 +48,7 @@ def barrier():
 
 
 # -----------------------------------------------------------------------------
-# the command line and the config a run goes on with
+# the config a run goes on with
 
 
 def parse_args(doc, cls, argv=None):
@@ -74,15 +60,14 @@ def parse_args(doc, cls, argv=None):
     unset = object()
     # argparse fills in a default only where the namespace lacks the attribute: from a namespace
     # prefilled with a sentinel, the sentinels that survive are the flags nobody typed
-    prefilled = argparse.Namespace(**{f.name: unset for f in fields(cls)})
-    ns = vars(parser.parse_args(argv, prefilled))
+    ns = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(cls)})))
     given = {k for k, v in ns.items() if v is not unset}
     return cls(**{k: ns[k] for k in given}), given
 
 
 def resolve(config, given=None):
     """-> (the config the run goes on with, its checkpoint's latest.json or None for a new run). A
-    resumed run takes the checkpoint's config, with the invocation's fields and the changeable ones
+    resumed run takes the checkpoint's config, with the INVOCATION fields and the CHANGEABLE ones
     given. given: the flags typed (parse_args); None = the fields that differ from the defaults."""
     cls = type(config)
     if given is None:
@@ -95,23 +80,21 @@ def resolve(config, given=None):
         return config, None
     saved = {f.name: meta["train_config"].get(f.name, f.default) for f in fields(cls)}
     fixed = [k for k in given if k not in INVOCATION + CHANGEABLE]
-    differ = sorted(k for k in fixed if getattr(config, k) != saved[k])
-    if differ:
-        flags = ", ".join(
+    if differ := sorted(k for k in fixed if getattr(config, k) != saved[k]):
+        flags = [
             f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved[k]})" for k in differ
-        )
+        ]
         raise ValueError(
-            f"--resume: {flags} differ from the run in {config.out}, whose shape and optimizer "
-            "come from its checkpoint: drop these flags to resume it, or start a new run in "
-            "another --out"
+            f"--resume: {', '.join(flags)} differ from the run in {config.out}, whose shape and "
+            "optimizer come from its checkpoint: drop these flags to resume it, or start a new run "
+            "in another --out"
         )
-    chosen = INVOCATION + tuple(k for k in CHANGEABLE if k in given)
+    chosen = INVOCATION + [k for k in CHANGEABLE if k in given]
     c = cls(**{**saved, **{k: getattr(config, k) for k in chosen}})
     if c.steps < meta["step"]:
-        raise ValueError(
-            f"--steps {c.steps} is below the checkpoint's step {meta['step']} in {c.out}: "
-            f"pass --steps {meta['step']} or more"
-        )
+        step = meta["step"]
+        msg = f"--steps {c.steps} is below the checkpoint's step {step} in {c.out}"
+        raise ValueError(f"{msg}: pass --steps {step} or more")
     return c, meta
 
 
@@ -124,17 +107,13 @@ def read_meta(out):
         return json.load(f)
 
 
-def run_id(meta):
-    """The wandb run id: the checkpoint's (a resumed run logs into the same run), else a new one."""
-    return (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]
-
-
 # -----------------------------------------------------------------------------
-# what a run is refused
+# what a run refuses
 
 
-def check_same_mesh(c, meta, world):
-    """A checkpoint resumes on the mesh that wrote it (its --tp is the run's, dp = world / tp)."""
+def check_resume(c, meta, world, manifest):
+    """A checkpoint resumes on the mesh that wrote it (its --tp is the run's, dp = world / tp), and
+    reads the cache it was trained on (which may have moved): the same identity."""
     if meta is None:
         return
     dp, tp = meta["mesh"]
@@ -145,12 +124,7 @@ def check_same_mesh(c, meta, world):
             "change the TP size, load the exported CLT with "
             "CrossLayerTranscoder.from_pretrained(path, mesh))"
         )
-
-
-def check_same_cache(c, manifest, meta):
-    """A resumed run reads the cache it was trained on (which may have moved): same identity."""
-    saved = (meta or {}).get("cache_identity")
-    now = manifest.get("identity")
+    saved, now = meta.get("cache_identity"), manifest.get("identity")
     if saved is not None and saved != now:
         now = now or {}
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -158,6 +132,32 @@ def check_same_cache(c, manifest, meta):
             f"--cache {c.cache} is not the cache the run in {c.out} was trained on (it differs in "
             f"{differ}): resume with that cache, or start a new run in another --out"
         )
+
+
+def check_flags(c, cache, mesh):
+    """Flags that cannot work, refused on every rank before anything is written."""
+    if c.features <= 0 or c.features % mesh.tp:
+        raise ValueError(
+            f"--features {c.features} must be positive and divisible by --tp {mesh.tp}"
+        )
+    if c.activation in ("topk", "batchtopk") and not 0 < c.k <= c.features:
+        raise ValueError(f"--k {c.k} must be in 1..--features {c.features}")
+    if c.batch_size <= 0 or c.batch_size % mesh.dp:
+        msg = f"--batch-size {c.batch_size} must be positive and divisible by dp = {mesh.dp}"
+        raise ValueError(msg)
+    if c.steps <= 0 or c.lr <= 0 or not 0 <= c.decay_frac <= 1:
+        got = f"got {c.steps}, {c.lr}, {c.decay_frac}"
+        raise ValueError(f"need --steps > 0, --lr > 0 and 0 <= --decay-frac <= 1, {got}")
+    if c.log_every <= 0:
+        raise ValueError(f"--log-every {c.log_every} must be positive")
+    if c.autocast not in ("cuda", "always", "never"):
+        raise ValueError(f"--autocast {c.autocast} must be cuda, always or never")
+    if cache.batches_per_epoch(c.batch_size // mesh.dp, mesh.dp) == 0:
+        lo, hi = cache.split_range("train")
+        batch = f"fewer than one global batch of {c.batch_size}"
+        raise ValueError(f"the cache's train split has {hi - lo} rows, {batch}")
+    if c.wandb and find_spec("wandb") is None:  # rank 0 alone failing would hang the others
+        raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
 
 
 def check_cache_model(c, cache, gpt):
@@ -179,50 +179,64 @@ def check_finite(m, step, out, terms):
         return
     bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
     values = {k: m[k] for k in terms}
+    where = os.path.join(out, CKPT_DIR)
     raise FloatingPointError(
         f"non-finite loss {m['loss']} at step {int(m['first_bad'])} (layers {bad or 'none'} have "
         f"a non-finite reconstruction error at step {step}; terms {values}); the last good "
-        f"checkpoint is in {os.path.join(out, CKPT_DIR)}: lower --lr or resume from it"
+        f"checkpoint is in {where}: lower --lr or resume from it"
     )
+
+
+# -----------------------------------------------------------------------------
+# the run folder and its checkpoints: one safetensors shard per TP rank + latest.json
+
+
+def resume_or_claim(c, meta, clt, opt, state, mesh, master, manifest):
+    """-> (the last metrics, the run's identity: its wandb id and its cache's). A resumed run: the
+    checkpoint's weights, Adam moments and loop state into clt, opt and state. A new run: --out
+    claimed (claim_out)."""
+    run_id = (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]  # resumed: the same wandb run
+    ids = dict(wandb_id=run_id if c.wandb else None, cache_identity=manifest.get("identity"))
+    if meta is None:
+        claim_out(c, master)
+        return {}, ids
+    tensors = load_file(os.path.join(c.out, CKPT_DIR, meta["dir"], shard_name(mesh)))
+    if tensors["since_fired"].shape != state["since_fired"].shape:
+        old = "keeps one dead-feature clock per rank (an older train.py)"
+        raise ValueError(f"the checkpoint in {c.out} {old}: start a new run in another --out")
+    device = state["since_fired"].device
+    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    clt.load_state_dict(model)
+    for name, p in clt.named_parameters():
+        prefix = f"optim.{name}."
+        moments = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if moments:  # fused Adam keeps its step count beside the parameter, like the moments
+            opt.state[p] = {k: v.to(device) for k, v in moments.items()}
+    state.update(step=meta["step"], since_fired=tensors["since_fired"].to(device))
+    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    return meta.get("metrics", {}), ids
 
 
 def claim_out(c, master):
     """A new run's --out must not hold another run (its checkpoint or its export): refused, or with
-    --overwrite that run's files are removed first, latest.json first, before any step of the new
-    run."""
+    --overwrite that run's files are removed first, latest.json first."""
     os.makedirs(c.out, exist_ok=True)
     latest = os.path.join(c.out, CKPT_DIR, LATEST)
     found = [p for p in (latest, os.path.join(c.out, "config.json")) if os.path.exists(p)]
     if found and not c.overwrite:
-        raise ValueError(
-            f"{c.out} holds a run ({found[0]}): pass --resume to continue it, another --out, "
-            "or --overwrite to replace it"
-        )
+        fix = "pass --resume to continue it, another --out, or --overwrite to replace it"
+        raise ValueError(f"{c.out} holds a run ({found[0]}): {fix}")
     if found and master:
         if os.path.exists(latest):
             os.remove(latest)  # from here on nothing can resume the old run
         if os.path.isdir(os.path.join(c.out, CKPT_DIR)):
             shutil.rmtree(os.path.join(c.out, CKPT_DIR))
         for name in os.listdir(c.out):
-            layer_file = name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")
-            if name in RUN_FILES or layer_file:
+            layer = name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")
+            if name in RUN_FILES or layer:
                 os.remove(os.path.join(c.out, name))
         fsync_dir(c.out)
     barrier()  # no rank starts before the old run is gone
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: one safetensors shard per TP rank + one JSON, marked complete by an atomic rename
-
-
-def resume_or_claim(c, meta, clt, opt, state, mesh, master):
-    """A resumed run (meta): the checkpoint's weights, Adam moments and loop state into clt, opt and
-    state, and its last metrics returned. A new run: --out claimed (claim_out), {} returned."""
-    if meta is None:
-        claim_out(c, master)
-        return {}
-    load(c, meta, clt, opt, state, mesh)
-    return meta.get("metrics", {})
 
 
 def shard_name(mesh):
@@ -231,8 +245,8 @@ def shard_name(mesh):
 
 def save(c, clt, opt, state, mesh, master, extra):
     """Every TP rank of DP replica 0 writes its shard; after a barrier rank 0 writes latest.json
-    (with `extra`: the last metrics, the wandb id, the cache's identity). Older step directories are
-    removed after that, so a good checkpoint is always on disk."""
+    (with `extra`: the last metrics, the wandb id, the cache's identity), then removes the older
+    step directories: a good checkpoint is always on disk."""
     root = os.path.join(c.out, CKPT_DIR)
     step_dir = os.path.join(root, f"step_{state['step']:06d}")
     if mesh.dp_rank == 0:  # the DP replicas hold identical copies
@@ -245,18 +259,14 @@ def save(c, clt, opt, state, mesh, master, extra):
         save_safetensors(os.path.join(step_dir, shard_name(mesh)), tensors)
     barrier()
     if master:
-        metrics_path = os.path.join(c.out, "metrics.jsonl")
-        if os.path.exists(
-            metrics_path
-        ):  # its rows up to this step become durable with the checkpoint
-            with open(metrics_path, "a") as f:
+        metrics = os.path.join(c.out, "metrics.jsonl")
+        if os.path.exists(metrics):  # its rows up to this step become durable with the checkpoint
+            with open(metrics, "a") as f:
                 os.fsync(f.fileno())
-        rng = torch.get_rng_state().tolist()
         data = dict(next_step=state["step"], global_batch=c.batch_size, seed=c.seed)
         meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir))
-        meta.update(
-            train_config=asdict(c), clt_config=asdict(clt.config), rng=rng, data=data, **extra
-        )
+        meta.update(train_config=asdict(c), clt_config=asdict(clt.config))
+        meta.update(rng=torch.get_rng_state().tolist(), data=data, **extra)
         write_json(os.path.join(root, LATEST), meta, indent=None)
         for name in os.listdir(root):
             if name.startswith("step_") and name != meta["dir"]:
@@ -264,44 +274,21 @@ def save(c, clt, opt, state, mesh, master, extra):
     barrier()  # every rank returns only once the checkpoint is complete
 
 
-def load(c, meta, clt, opt, state, mesh):
-    tensors = load_file(os.path.join(c.out, CKPT_DIR, meta["dir"], shard_name(mesh)))
-    if tensors["since_fired"].shape != state["since_fired"].shape:
-        raise ValueError(
-            f"the checkpoint in {c.out} keeps one dead-feature clock per rank (an older "
-            "train.py): start a new run in another --out"
-        )
-    device = state["since_fired"].device
-    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    clt.load_state_dict(model)
-    for name, p in clt.named_parameters():
-        prefix = f"optim.{name}."
-        moments = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        if moments:  # fused Adam keeps its step count beside the parameter, like the moments
-            opt.state[p] = {k: v.to(device) for k, v in moments.items()}
-    state.update(step=meta["step"], since_fired=tensors["since_fired"].to(device))
-    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
-
-
 # -----------------------------------------------------------------------------
 # the export: circuit-tracer's layout, training.json written last as its completion mark
 
 
 def finish(c, clt, metrics, meta, end, mesh, master):
-    """At the run's last step: export it, again where the export is not whole (a crash during the
-    export); an invocation that ran no step and finds a whole export only says so."""
+    """At the run's last step, export it: the TP shards consolidated (every TP rank takes part),
+    saved, then training.json naming that save's export id and step. An invocation that ran no
+    step and finds a whole export (else: a crash during the export) only says so."""
     if end < c.steps:
         return
-    if end > (meta or {}).get("step", 0) or not export_is_whole(c, clt, mesh):
-        export(c, clt, metrics, master)
-    elif master:
-        whole = f"is complete (step {c.steps}) and its export is whole: nothing to do"
-        print(f"the run in {c.out} {whole}")
-
-
-def export(c, clt, metrics, master):
-    """Consolidate the TP shards (every TP rank takes part) and save the CLT in circuit-tracer's
-    layout; training.json, written last, names the export id of that save and the step it holds."""
+    if end <= (meta or {}).get("step", 0) and export_is_whole(c, clt, mesh):
+        if master:
+            whole = f"is complete (step {c.steps}) and its export is whole: nothing to do"
+            print(f"the run in {c.out} {whole}")
+        return
     full = clt.consolidated()
     if master:
         full.save_pretrained(c.out)
@@ -327,5 +314,5 @@ def export_is_whole(c, clt, mesh):
         type(clt).from_pretrained(c.out, mesh)
     except (FileNotFoundError, ValueError):  # a JSONDecodeError is a ValueError
         return False
-    same_save = export_id is not None and done.get("export_id") == export_id
-    return same_save and done.get("step") == c.steps
+    ours = export_id is not None and done.get("export_id") == export_id
+    return ours and done.get("step") == c.steps

@@ -9,7 +9,6 @@ fvu/1, ...; the evaluation as eval/...); a resumed run logs into the run id its 
 import json
 import os
 from dataclasses import asdict
-from importlib.util import find_spec
 
 import torch
 
@@ -52,12 +51,6 @@ class DummyWandb:
         pass
 
 
-def check_wandb(project):
-    """Every rank checks before anything is written: rank 0 alone failing would hang the others."""
-    if project and find_spec("wandb") is None:
-        raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
-
-
 def flat_row(m, prefix=""):
     """A metrics row as wandb's flat keys: per-layer lists as fvu/0, fvu/1, ...; eval as eval/..."""
     row = {}
@@ -85,12 +78,11 @@ class RunLog:
         if c.wandb:
             import wandb  # only when asked: wandb is optional
 
-            self.wandb = wandb.init(
-                project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out
-            )
+            run = dict(project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out)
+            self.wandb = wandb.init(**run)
         lines = []
         if start_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
+            with open(self.path) as f:  # whole lines only
                 lines = [
                     ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start_step
                 ]

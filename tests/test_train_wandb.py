@@ -66,9 +66,9 @@ def test_wandb_logs_the_metrics_rows_into_one_run_across_a_resume(small_cache, t
 
 def test_wandb_missing_is_a_clear_error(small_cache, tmp_path, monkeypatch):  # noqa: F811
     import train as T
-    from forge import runlog
+    from forge import checkpoint
     from test_train import config
-    monkeypatch.setattr(runlog, "find_spec", lambda name: None)
+    monkeypatch.setattr(checkpoint, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="--wandb needs the wandb package: pip install wandb, or drop --wandb"):
         T.train(config(small_cache, tmp_path, wandb="p"))
     assert not os.path.exists(tmp_path / "metrics.jsonl")
