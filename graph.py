@@ -135,7 +135,7 @@ def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) 
     feats = torch.stack([l, p, f], 1)  # (n, 3)
     active = a[p, l, f]  # (n,)
     recon = reconstruct(clt, feats, active, T)  # (T, L, d)
-    skip = skip_output(clt, mlp_in)  # (T, L, d)
+    skip = clt.skip(mlp_in)  # (T, L, d)
     error = mlp_out - recon - skip
     error[0] = 0
     token = model.wte.weight[idx[0]].detach()  # (T, d)
@@ -145,21 +145,12 @@ def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) 
 
 
 def reconstruct(clt, feats, acts, T, bias=True):
-    """The CLT's output (T, L, d) in raw units from the features feats (n, 3) with activations acts
-    (n,), plus b_dec if bias: clt.decode's sum (decode_sparse), kept in the working dtype."""
+    """The CLT's output (T, L, d), raw units, from the features feats (n, 3) with activations acts
+    (n,), b_dec too if bias: clt.decode over them as a sparse (T, L, F) tensor."""
     ids = feats[:, [1, 0, 2]].T  # (3, n): position, layer, feature
     size = (T, clt.config.n_layers, clt.F_local)
     acts = torch.sparse_coo_tensor(ids, acts, size, check_invariants=True)  # (T, L, F)
-    return ((clt.decode_sparse(acts) + clt.b_dec * bias) / clt.output_scale[:, None]).detach()
-
-
-def skip_output(clt, mlp_in):
-    """mlp_in (T, L, d) -> what the skip connection adds to each MLP output (T, L, d), raw units
-    (zero without one): clt.decode's skip term, kept in the working dtype."""
-    if clt.W_skip is None:
-        return torch.zeros_like(mlp_in)
-    x = mlp_in * clt.input_scale[:, None]  # (T, L, d) in the CLT's units
-    return (torch.einsum("tld,lde->tle", x, clt.W_skip) / clt.output_scale[:, None]).detach()
+    return clt.decode(acts, sparse=True, bias=bias).detach()
 
 
 def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True):
@@ -172,7 +163,7 @@ def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True)
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
     for _ in range(clt.config.n_layers if clt.W_skip is not None else 0):
         mlp_in = run(mlp_out=mlp_out[None], logits=False)[1].mlp_in[0]  # (T, L, d)
-        mlp_out = fixed + skip_output(clt, mlp_in)
+        mlp_out = fixed + clt.skip(mlp_in)
     return run(mlp_out=mlp_out[None], logits=logits)
 
 

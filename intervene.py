@@ -36,7 +36,6 @@ from forge.cli import arg, parse_config, run_main
 from forge.graphfile import token_str
 from forge.hub import DEFAULT_MODEL
 from graph import DEVICE, PROMPT, check_compatible, load, reconstruct, replacement_forward
-from graph import skip_output
 from model import Acts, Frozen, GPT
 
 MODES = ("set", "scale", "add", "ablate")
@@ -123,7 +122,7 @@ def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -
     mlp_in = clean.mlp_in[0]  # (T, L, d)
     delta, old, new = intervention_delta(clt, mlp_in, interventions, layers)
     if freeze == "all":  # the replacement model: every MLP output held, plus the change
-        fixed = clean.mlp_out[0] - skip_output(clt, mlp_in) + delta  # (T, L, d)
+        fixed = clean.mlp_out[0] - clt.skip(mlp_in) + delta  # (T, L, d)
         logits, acts = replacement_forward(model, clt, idx, clean.frozen, fixed)
     elif freeze == "attention":  # the clean run's attention patterns; LayerNorm and MLPs respond
         L = len(model.h)
