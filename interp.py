@@ -13,11 +13,10 @@ cache. Data flow:
     held-out split: how each explanation predicts firing --> SCORES (detection, fuzzing)
     toy world:      forge/concepts.py: per planted concept its best feature by F1 on a labeled
                     evaluation set, for the CLT and for baselines scored the same way
-    --> out/features.jsonl (one object per feature), out/summary.json, out/summary.png
+    --> out/features.jsonl, out/summary.json, out/summary.png (forge/interpfile.py: their keys)
 
     python interp.py --help
     python interp.py                        # models/tiny + runs/clt + runs/cache -> runs/interp
-    python interp.py --model models/tiny --clt runs/clt --cache runs/cache --out runs/interp
     python interp.py --device cuda          # one process on a GPU (streaming passes: no torchrun)
     python interp.py --chunk-size 256 --top-k 8 --n-sampled 8   # a tiny CPU run
 
@@ -32,41 +31,28 @@ et al. 2023. Differences from EleutherAI's delphi:
  - fuzzing keeps only tokens within ±fuzz_window of a firing in the same document (the activating
    contexts) and asks whether the explanation marks exactly the firing ones (balanced accuracy).
 Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned
-beyond max_pairs); activations live for two chunks at most, never O(tokens × features). Each chunk
-is cut down to its firings right after encoding, so the pass costs about twice a read + encode.
-
-features.jsonl, one object per feature in (layer, feature) order: layer, feature, density and
-n_fires (acts > 0, train split), mean_act, max_act, quantiles {"q10", ..., "q99"} and hist {"edges",
-"counts"} (log2 bins) when active, top_examples and quantile_examples (+ "quantile") [{"act", "doc",
-"pos", "tokens", "acts", "center": the firing token's index}], input_ngrams [{"ngram", "count",
-"corpus_count", "pmi"}], promoted and suppressed [{"token", "logit"}], explanation,
-explanation_ngrams, each score of SCORES (null: undefined), heldout_density; on the toy world
-concept, concept_precision, concept_recall, concept_f1 (its best concept). summary.json: per_layer
-dead / dense / live / interpretable counts, share_live_detection_above (AUROC >= --interpretable),
-each score's quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy
-world "concepts" (forge/concepts.py lists its keys).
+beyond max_pairs); activations live for two chunks at most (forge/featurestore.py), each cut down
+to its firings right after encoding, so a pass costs about twice a read + encode.
 """
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cache import ActivationCache, CacheConfig, build_cache
 from clt import CrossLayerTranscoder
-from forge.cli import arg, parse_config, run_main
 from forge import toyworld
-from forge.concepts import concept_table, plot_recovery, toy_world_concepts
-from forge.files import atomic_path, check_same_model, write_json
+from forge.cli import arg, parse_config, run_main
+from forge.concepts import concept_table, toy_world_concepts
+from forge.featurestore import Padded, SparseCounter, empty_top, merge_top, padded_chunks
+from forge.interpfile import check_clt, write_outputs
 from forge.hub import load_tokenizer
 from model import GPT
-
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 # -----------------------------------------------------------------------------
 # config
@@ -347,45 +333,7 @@ def near_firing(fire_ext, doc, w, lo, hi):
 
 
 # -----------------------------------------------------------------------------
-# streaming: each chunk of the cache, encoded, between `before` rows of the past and `after` ahead
-@dataclass
-class Padded:
-    acts: torch.Tensor  # (E, M) activations of all M = L·F features (m = layer·F + f) on E rows
-    tok: torch.Tensor  # (E,) token ids
-    doc: torch.Tensor  # (E,) document ids
-    pos: torch.Tensor  # (E,) positions in their context (they restart at each context)
-    lo: int  # this chunk's own rows are [lo, hi); the others are context
-    hi: int
-
-
-def padded(past, own, ahead):
-    """[acts, tok, doc, pos] of the rows before a chunk, its own and those after -> Padded."""
-    lo = len(past[0])
-    return Padded(*[torch.cat(x) for x in zip(past, own, ahead)], lo, lo + len(own[0]))
-
-
-def padded_chunks(clt, cache, split, cfg):
-    """Encode each chunk once; yield it between the `before` rows before it and the rows after."""
-    ahead = max(cfg.after, cfg.fuzz_window)  # the future rows that examples and fuzzing need
-    lo, hi = cache.split_range(split)
-    chunks = cache.iter_chunks(cfg.chunk_size, split=split, device=cfg.device)
-    tail = None
-    prev = None
-    for chunk in tqdm(chunks, total=-(-(hi - lo) // cfg.chunk_size), desc=f"{split} pass"):
-        mlp_in, _, tok, doc, pos = chunk  # cache.ActivationCache.iter_chunks: rows in order
-        with torch.no_grad():
-            acts = clt.encode(mlp_in.to(cfg.device, torch.float32)).flatten(1)  # (N, L·F)
-        cur = [acts] + [x.to(cfg.device).long() for x in (tok, doc, pos)]
-        if prev is None:
-            tail = [x[:0] for x in cur]
-        else:
-            yield padded(tail, prev, [x[:ahead] for x in cur])
-            tail = [x[max(0, len(x) - cfg.before) :] for x in map(torch.cat, zip(tail, prev))]
-        prev = cur
-    if prev is not None:
-        yield padded(tail, prev, [x[:0] for x in prev])
-
-
+# the train pass: densities, histograms, examples, n-gram counts
 def ngram_keys(p: Padded, n_max, base):
     """(E, n_max) key of the n-gram ending at each row (-1 where it would cross a document start).
 
@@ -402,8 +350,6 @@ def ngram_keys(p: Padded, n_max, base):
     return keys
 
 
-# -----------------------------------------------------------------------------
-# the train pass: densities, histograms, examples, n-gram counts
 class FeatureStats:
     """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter, each
     statistic an index_add or a sort over the firings, never a dense (rows × features) pass."""
@@ -451,86 +397,6 @@ class FeatureStats:
         self.grams.add(m[g >= 0] * self.gram_space + g[g >= 0])
 
 
-class SparseCounter:
-    """Exact counts of int64 keys; chunk counts are merged lazily: O(n log n) merging overall.
-
-    Beyond max_pairs stored keys, the rarest are dropped (lossy counting, Manku & Motwani 2002): a
-    dropped key restarts from zero, so its counts are lower bounds from then on (summary.json)."""
-
-    def __init__(self, max_pairs):
-        self.keys = None  # (K,) sorted keys, their counts: after the first merge
-        self.counts = None
-        self.pending = []  # (keys, counts) of chunks not merged yet
-        self.max_pairs = max_pairs
-        self.pruned_below = 0
-
-    def add(self, keys):
-        k, c = keys.unique(return_counts=True)
-        self.pending.append((k, c))
-        n_pending = sum(len(k) for k, _ in self.pending)
-        if n_pending > max(1 << 20, 0 if self.keys is None else self.keys.numel()):
-            self.merge()
-
-    def merge(self):
-        parts = self.pending + ([] if self.keys is None else [(self.keys, self.counts)])
-        keys, inv = torch.cat([k for k, _ in parts]).unique(return_inverse=True)  # sorted
-        self.counts = torch.zeros_like(keys).index_add_(0, inv, torch.cat([c for _, c in parts]))
-        self.keys = keys
-        self.pending = []
-        while self.keys.numel() > self.max_pairs:
-            self.pruned_below += 1
-            keep = self.counts > self.pruned_below
-            self.keys = self.keys[keep]
-            self.counts = self.counts[keep]
-        return self.keys, self.counts
-
-
-def merge_top(store, m, r, key, p, cfg):
-    """Keep, per feature, the k firings of largest `key` seen so far, with their context windows.
-
-    store: dict of (M, k, ...) tensors (key, act, doc, pos, win_tok, win_act) over all M = L·F
-    features, sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings: feature, row -
-    lo, key > 0. Only firings above their feature's k-th best are kept as candidates: after the
-    first chunks they are few, so this costs little more than reading the firings."""
-    k = store["key"].size(1)
-    ok = key > store["key"][m, -1]
-    order = key[ok].argsort(descending=True)
-    m, r, key = (x[ok][order] for x in (m, r, key))
-    if m.numel() == 0:
-        return
-    order = m.argsort(stable=True)  # grouped by feature, best first within a feature
-    m, r, key = (x[order] for x in (m, r, key))
-    need, counts = m.unique_consecutive(return_counts=True)  # (F',) the features with candidates
-    slot = torch.repeat_interleave(torch.arange(len(need), device=m.device), counts)  # into need
-    rank = torch.arange(len(m), device=m.device) - (counts.cumsum(0) - counts)[slot]
-    keep = rank < k
-    cand_key = torch.zeros(len(need), k, device=m.device)  # (F', k) 0 = no candidate
-    center = torch.full((len(need), k), p.lo, device=m.device)  # rows of the padded chunk
-    cand_key[slot[keep], rank[keep]] = key[keep]
-    center[slot[keep], rank[keep]] = r[keep] + p.lo
-    rows = center[..., None] + torch.arange(-cfg.before, cfg.after + 1, device=m.device)
-    rows_c = rows.clamp(0, p.tok.numel() - 1)  # (F', k, W)
-    inside = (rows == rows_c) & (p.doc[rows_c] == p.doc[center][..., None])  # same document
-    new = dict(key=cand_key, act=torch.where(cand_key > 0, p.acts[center, need[:, None]], 0.0))
-    new.update(doc=p.doc[center], pos=p.pos[center], win_tok=torch.where(inside, p.tok[rows_c], -1))
-    new.update(win_act=torch.where(inside, p.acts[rows_c, need[:, None, None]], 0.0))
-    both = {n: torch.cat([store[n][need], new[n].to(store[n].dtype)], dim=1) for n in store}
-    top = both["key"].topk(k, dim=1).indices  # (F', k)
-    for n, t in both.items():
-        store[n][need] = torch.take_along_dim(t, top.view(*top.shape, *[1] * (t.dim() - 2)), dim=1)
-
-
-def empty_top(M, k, W, device):
-    """An empty store for merge_top: k slots per feature, key 0 = empty, windows of W tokens."""
-    i32 = torch.int32
-    store = dict(key=torch.zeros(M, k, device=device), act=torch.zeros(M, k, device=device))
-    store.update(doc=torch.zeros(M, k, dtype=i32, device=device))
-    store.update(pos=torch.zeros(M, k, dtype=i32, device=device))
-    store.update(win_tok=torch.full((M, k, W), -1, dtype=i32, device=device))
-    store.update(win_act=torch.zeros(M, k, W, device=device))
-    return store
-
-
 # -----------------------------------------------------------------------------
 # output side: direct logit effects
 @torch.no_grad()
@@ -574,151 +440,6 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
 
 
 # -----------------------------------------------------------------------------
-# output: features.jsonl, summary.json, summary.png
-def write_features(path, stats, expl, effects, scores, heldout_density, concepts, enc, cfg):
-    """One JSON object per feature, keys as in the module docstring. scores: {name: (M,)}."""
-    pv, pi, sv, si = (x.tolist() for x in effects)
-    scores = {name: x.tolist() for name, x in scores.items()}
-    heldout_density = heldout_density.tolist()
-    n_fires = stats.n_fires.tolist()
-    sum_act = stats.sum_act.tolist()
-    hist = stats.hist.cpu()
-    top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
-    nq = cfg.n_quantile_examples
-    text_keys = ("explanation", "explanation_ngrams", "input_ngrams")
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:  # whole or not at all: viz.py reads it
-        for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
-            n = n_fires[m]
-            h, qs = hist_summary(hist[m], cfg)
-            rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n)
-            rec.update(mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]))
-            rec.update(quantiles=qs, hist=h, top_examples=examples(top, m, enc, cfg.before))
-            rec.update(quantile_examples=examples(sampled, m, enc, cfg.before, nq))
-            rec.update(promoted=token_logits(pv[m], pi[m], enc))
-            rec.update(suppressed=token_logits(sv[m], si[m], enc))
-            rec.update({name: r4(x[m]) for name, x in scores.items()})
-            rec.update(heldout_density=heldout_density[m])
-            rec.update({k: expl[m][k] for k in text_keys})
-            rec.update(concepts[m] if concepts else {})
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def examples(store, m, enc, before, n=None):
-    """Feature m's valid entries of a top / sampled store as JSON-ready dicts, by activation.
-
-    n: keep n of them at evenly spaced ranks (quantile examples), each with its "quantile"."""
-    names = ("key", "act", "doc", "pos", "win_tok", "win_act")
-    key, act, doc, pos, win_tok, win_act = (store[k][m].tolist() for k in names)
-    keep = sorted((i for i in range(len(key)) if key[i] > 0), key=lambda i: -act[i])
-    if n is None:
-        ranks = range(len(keep))
-    else:  # evenly spaced ranks; fewer when the reservoir holds fewer than n firings
-        ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)}) if keep else []
-    out = []
-    for r in ranks:
-        i = keep[r]
-        inside = [j for j, t in enumerate(win_tok[i]) if t >= 0]  # the window in the same document
-        tokens = [enc.decode([win_tok[i][j]]) for j in inside]
-        acts = [r4(win_act[i][j]) for j in inside]
-        ex = dict(act=r4(act[i]), doc=doc[i], pos=pos[i], tokens=tokens, acts=acts)
-        out.append(dict(ex, center=inside.index(before)))
-        if n is not None:
-            out[-1]["quantile"] = round(1 - (r + 0.5) / len(keep), 3)
-    return out
-
-
-def hist_summary(counts, cfg):
-    """Trimmed log2-spaced histogram of a feature's activations and quantiles read off it."""
-    nb = counts.numel()
-    bpo = cfg.bins_per_octave
-    nz = counts.nonzero().flatten()
-    if nz.numel() == 0:
-        return dict(edges=[], counts=[]), {}
-    a = nz[0].item()
-    b = nz[-1].item() + 1
-    edges = [2 ** ((i - nb // 2) / bpo) for i in range(nb + 1)]  # bin i is [edges[i], edges[i+1])
-    cum = counts.cumsum(0).double()
-    qs = {}
-    for q in QUANTILES:
-        i = torch.searchsorted(cum, q * cum[-1]).item()
-        qs[f"q{round(q * 100)}"] = round(2 ** ((i + 0.5 - nb // 2) / bpo), 4)  # the bin's centre
-    return dict(edges=[round(e, 5) for e in edges[a : b + 1]], counts=counts[a:b].tolist()), qs
-
-
-def r4(x):
-    """A JSON-ready float: 4 decimals, NaN -> None, -0.0 -> 0.0."""
-    x = float(x)
-    return None if x != x else round(x, 4) + 0.0
-
-
-def token_logits(values, ids, enc):
-    """[{"token", "logit"}] of a feature's promoted or suppressed tokens."""
-    return [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(values, ids)]
-
-
-def quantiles(x):
-    """{"q10": ..., "q90": ...} of the defined (non-NaN) values of x; {} if there are none."""
-    x = x[~x.isnan()].double()
-    return {f"q{round(q * 100)}": r4(x.quantile(q)) for q in QUANTILES[:-1]} if x.numel() else {}
-
-
-def summarize(stats, scores, cfg):
-    """Counts per layer (dead / dense / interpretable) and the distribution of every score."""
-    density = stats.n_fires.cpu() / stats.n_rows  # (M,)
-    live = density > 0
-    dense = density > cfg.dense
-    good = live & (scores["detection_auroc"] >= cfg.interpretable)  # NaN compares False
-    counts = dict(dead=~live, dense=dense, live=live, interpretable=good & ~dense)
-    per_layer = []
-    for l in range(stats.L):
-        row = {k: int(v.view(stats.L, -1)[l].sum()) for k, v in counts.items()}
-        per_layer.append(dict(layer=l, features=stats.F, **row))
-    out = dict(n_train_tokens=stats.n_rows, per_layer=per_layer)
-    out.update(detection_threshold=cfg.interpretable)
-    out.update(share_live_detection_above=r4(good.sum() / live.sum().clamp(min=1)))
-    out.update({name: quantiles(x[live]) for name, x in scores.items()})
-    out.update(density=quantiles(density[live]))
-    out.update(ngram_counts_pruned_below=stats.grams.pruned_below)  # 0: every count is exact
-    return out
-
-
-def plot_summary(path, stats, scores, summary):
-    """The summary as four small plots in one PNG (viz.py's index shows it): detection AUROC and
-    fuzzing per layer, the firing-density histogram, and toy-world concept recovery per family
-    (without a toy world: each layer's dead / dense / interpretable counts)."""
-    from matplotlib.figure import Figure  # no pyplot: an Agg canvas, no window, no global backend
-
-    density = (stats.n_fires.cpu() / stats.n_rows).view(stats.L, -1)  # (L, F)
-    live = density > 0
-    fig = Figure(figsize=(10, 7))
-    ax = fig.subplots(2, 2)
-    boxes = dict(detection_auroc="detection AUROC", fuzzing_bacc="fuzzing balanced accuracy")
-    for a, (key, name) in zip(ax[0], boxes.items()):
-        x = scores[key].view(stats.L, -1)
-        per_layer = [v[ok & ~v.isnan()].numpy() for v, ok in zip(x, live)]  # L arrays
-        a.boxplot([v if len(v) else [float("nan")] for v in per_layer])
-        a.set_xticks(range(1, stats.L + 1), [str(l) for l in range(stats.L)])
-        a.set(title=f"{name} per layer (live features)", xlabel="layer", ylim=(0, 1.02))
-    for l in range(stats.L):
-        x = density[l][live[l]].log10().numpy()
-        ax[1, 0].hist(x, bins=40, histtype="step", label=f"layer {l}")
-    ax[1, 0].set(title="firing density (live features)", xlabel="log10 density", ylabel="features")
-    ax[1, 0].legend(fontsize=7)
-    if summary.get("concepts"):
-        plot_recovery(ax[1, 1], summary["concepts"])
-    else:
-        dead = [r["dead"] for r in summary["per_layer"]]
-        good = [r["interpretable"] for r in summary["per_layer"]]
-        ax[1, 1].bar(range(stats.L), dead, color="#c53030", label="dead")
-        ax[1, 1].bar(range(stats.L), good, bottom=dead, color="#2b6cb0", label="interpretable")
-        ax[1, 1].set(title="features per layer", xlabel="layer", xticks=range(stats.L))
-    ax[1, 1].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")  # the temporary name has no .png to infer it from
-
-
-# -----------------------------------------------------------------------------
 # main
 def load_inputs(cfg):
     """The GPT, its tokenizer, the CLT and the cache; refuses a CLT or cache of another model."""
@@ -727,19 +448,7 @@ def load_inputs(cfg):
     enc = load_tokenizer(model_dir)
     cache = ActivationCache(cfg.cache, model=model)  # checks the model's sha256 (manifest)
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)
-    c = clt.config
-    if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
-        raise ValueError(
-            f"CLT {cfg.clt} (n_layers={c.n_layers}, d_model={c.d_model}) and cache {cfg.cache} "
-            f"(n_layers={cache.n_layers}, d_model={cache.d_model}) come from different models"
-        )
-    if c.model_sha256:  # the CLT records its model's fingerprint (train.py): the weights decide
-        check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
-    elif c.model and os.path.realpath(c.model) != os.path.realpath(model_dir):  # no fingerprint
-        raise ValueError(
-            f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from "
-            f"{model_dir!r}: pass a CLT and a cache of the same model"
-        )
+    check_clt(clt.config, cache, model, model_dir, cfg)
     return model_dir, model, enc, clt, cache
 
 
@@ -763,30 +472,11 @@ def run(cfg: InterpConfig):
     t0 = time.perf_counter()
     stats, expl, effects, scorer = interpret(model, enc, clt, cache, cfg)
     seconds = time.perf_counter() - t0
-    scores = scorer.results()
-    per_feature = None
-    concepts = None
+    concepts = (None, None)  # (per feature, summary["concepts"])
     if world is not None:
         build = partial(concept_cache, model_dir, model, cfg)
-        per_feature, concepts = toy_world_concepts(model, enc, clt, cache, world, cfg, build)
-    os.makedirs(cfg.out, exist_ok=True)
-    density = scorer.det[..., 1].sum(-1).cpu() / scorer.n_rows  # held-out firings / tokens
-    path = os.path.join(cfg.out, "features.jsonl")
-    write_features(path, stats, expl, effects, scores, density, per_feature, enc, cfg)
-    summary = summarize(stats, scores, cfg)
-    if concepts is not None:
-        summary["concepts"] = concepts
-    summary.update(n_heldout_tokens=scorer.n_rows, seconds_passes=round(seconds, 3))
-    summary.update(config=asdict(cfg))
-    if cfg.time_read:  # one plain read of the whole cache, for the cost ratio
-        t = time.perf_counter()
-        for _ in cache.iter_chunks(cfg.chunk_size, split="all"):
-            pass
-        summary.update(seconds_plain_read=round(time.perf_counter() - t, 3))
-        summary.update(ratio_to_plain_read=round(seconds / summary["seconds_plain_read"], 2))
-    plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, summary)
-    write_json(os.path.join(cfg.out, "summary.json"), summary)  # last: marks a complete run
-    return summary
+        concepts = toy_world_concepts(model, enc, clt, cache, world, cfg, build)
+    return write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, seconds)
 
 
 def main(argv=None):

@@ -28,7 +28,6 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -320,17 +319,3 @@ def concept_table(c):
     lines += ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def plot_recovery(ax, c):
-    """summary["concepts"] as bars on a matplotlib axis: per family, each set's share recovered."""
-    names = [n for n, f in c["by_family"].items() if f["kind"] != "structure" and f["concepts"]]
-    sets = {"CLT": c["by_family"], **{k: v["by_family"] for k, v in c["baselines"].items()}}
-    width = 0.8 / len(sets)
-    for i, (label, table) in enumerate(sets.items()):
-        shares = [(table.get(n) or {}).get("share") or 0.0 for n in names]
-        x = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
-        ax.bar(x, shares, width, label=label)
-    ax.set_xticks(range(len(names)), [f"{n}\n({c['by_family'][n]['concepts']})" for n in names])
-    title = f"planted concepts with a feature of F1 >= {c['f1_threshold']}"
-    ax.set(title=title, ylabel="share recovered", ylim=(0, 1.02))

@@ -16,7 +16,7 @@ import torch
 
 import cache
 import interp
-from forge import concepts
+from forge import concepts, interpfile
 from clt import CLTConfig, CrossLayerTranscoder
 from forge import toyworld
 from forge.hub import ENDOFTEXT, load_tokenizer
@@ -180,10 +180,12 @@ def test_quantile_examples_and_histogram(gpt):
     clt = constructed_clt()
     cfg = small_cfg()
     stats, *_ = interp.interpret(model, enc, clt, c, cfg)
-    ex = interp.examples(stats.sampled, 1, enc, cfg.before, n=3)
+    ex = interpfile.examples(stats.sampled, 1, enc, cfg.before, n=3)
     assert len(ex) == 3 and [e["act"] for e in ex] == sorted((e["act"] for e in ex), reverse=True)
     assert all(e["tokens"][e["center"]] and e["acts"][e["center"]] == e["act"] for e in ex)
-    h, qs = interp.hist_summary(stats.hist[0], cfg)  # feature 0: every activation is exactly 1.0
+    h, qs = interpfile.hist_summary(
+        stats.hist[0], cfg
+    )  # feature 0: every activation is exactly 1.0
     assert sum(h["counts"]) == stats.n_fires[0] and h["edges"][0] <= 1.0 < h["edges"][-1]
     assert all(0.84 < v < 1.19 for v in qs.values())  # the bin of 1.0, to a quarter octave
 
@@ -497,7 +499,7 @@ def test_killed_run_leaves_the_old_outputs_whole(real, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # what a kill during the write looks like from inside
         return []
 
-    monkeypatch.setattr(interp, "examples", dies_on_the_fifth_feature)
+    monkeypatch.setattr(interpfile, "examples", dies_on_the_fifth_feature)
     cfg = small_cfg(
         model=str(real / "model"), clt=str(real / "clt"), cache=str(real / "cache"), out=str(out)
     )
