@@ -16,6 +16,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import functools
 import heapq
 import html
 import itertools
@@ -152,6 +153,54 @@ def svg_histogram(counts, edges, width=420, height=140):
         f'<text x="{width - 10}" y="{height - 4}" font-size="11" text-anchor="end">{hi:.3g}</text>'
         f'<text x="2" y="12" font-size="11">{cmax}</text></svg>'
     )
+
+
+SHADES = [f"background:rgba(255,140,0,{k / 100:.2f});" for k in range(101)]  # act / max, in %
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def token_html(tok):
+    """A token of an example as a page shows it, escaped. Cached: the pages of a CLT show ~260
+    tokens each, out of a vocabulary of ~50k, and rendering them is most of `viz.py features`'
+    time."""
+    return html.escape(show_token(tok))
+
+
+def example_html(ex, amax):
+    """One example: each token a span shaded by activation / max; the firing token boxed."""
+    toks = ex["tokens"]
+    acts = ex["acts"]
+    if len(toks) != len(acts):
+        raise ValueError(f"example has {len(toks)} tokens but {len(acts)} activations: {ex}")
+    center = ex.get("center")
+    scale = 100 / amax if amax > 0 else 0.0
+    spans = []
+    for i, (t, a) in enumerate(zip(toks, acts)):
+        tok = token_html(t)
+        if a == 0 and i != center:  # most tokens around a firing: no shade, no box (the fast path)
+            spans.append(f'<span class="tok" title="0">{tok}</span>')
+            continue
+        shade = SHADES[max(0, min(int(a * scale + 0.5), 100))]
+        box = " border:1px solid #333;" if i == center else ""
+        spans.append(f'<span class="tok" title="{a:.3g}" style="{shade}{box}">{tok}</span>')
+    label = f"q{ex['quantile']:.2f} " if "quantile" in ex else ""
+    act = ex.get("act", max(acts, default=0.0))
+    head = f'<span class="muted">{label}{act:.3g}&nbsp;</span>'
+    return f'<div class="ex">{head}{"".join(spans)}</div>'
+
+
+def token_table(rows, title, k):
+    row = "<tr><td><code>{}</code></td><td>{:+.3f}</td></tr>"
+    body = "".join(row.format(token_html(r["token"]), r["logit"]) for r in rows[:k])
+    return f"<div><h2>{title}</h2><table><tr><th>token</th><th>logit</th></tr>{body}</table></div>"
+
+
+def feature_stats(feat):
+    """The scalar fields of a feature record (density, scores, ...), and its quantiles."""
+    skip = {"layer", "feature", "explanation"}
+    out = {k: v for k, v in feat.items() if k not in skip and is_scalar(v)}
+    out.update(feat.get("quantiles") or {})
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 import viz
-from forge import browser
+from forge import browser, plots
 
 needs_dot = pytest.mark.skipif(
     shutil.which("dot") is None, reason="graphviz `dot` is not installed"
@@ -302,7 +302,7 @@ def test_dot_nodes_edges_ranks():
     assert 'label="L0/5\\nthe word The"' in nodes["0_5_1"] and "L1/3" in nodes["1_3_2"]
     assert "octagon" in nodes["0_-1_2"] and "dashed" in nodes["0_-1_2"]
     assert 'label="␣capital"' in nodes["E_102_2"]
-    assert viz.POS_COLOR in edges["0_5_1", "1_3_2"] and viz.NEG_COLOR in edges["E_102_2", "1_3_2"]
+    assert plots.POS_COLOR in edges["0_5_1", "1_3_2"] and plots.NEG_COLOR in edges["E_102_2", "1_3_2"]
     widths = {e: float(re.search(r"penwidth=([\d.]+)", a).group(1)) for e, a in edges.items()}
     assert max(widths, key=widths.get) == ("1_3_2", "3_42_2") and min(widths, key=widths.get) == (
         "0_7_2",
@@ -524,9 +524,9 @@ def test_train_plots_and_frontier(tmp_path):
         img = imread(p)
         assert img.shape[0] >= 200 and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 20
     rows = viz.load_metrics(str(b))
-    assert viz._final(rows, "l0") == 32.0 and viz._final(rows, "fvu") == pytest.approx(0.05)
-    assert viz._final(rows, "dead") == pytest.approx(np.mean([s / 2 for s in range(10, 20)]))
-    assert viz._series(rows, "eval.ce_spliced") == ([9, 19], [3.5, 3.5])
+    assert plots.final(rows, "l0") == 32.0 and plots.final(rows, "fvu") == pytest.approx(0.05)
+    assert plots.final(rows, "dead") == pytest.approx(np.mean([s / 2 for s in range(10, 20)]))
+    assert plots.series(rows, "eval.ce_spliced") == ([9, 19], [3.5, 3.5])
 
 
 # -----------------------------------------------------------------------------

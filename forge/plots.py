@@ -1,0 +1,297 @@
+"""How viz.py's pictures look: the attribution graph in graphviz (colours, sizes, labels, the grid's
+invisible scaffolding, the legend) and its page; the training curves in matplotlib. viz.py says
+what goes where; this module, how it is drawn."""
+
+import html
+import math
+
+import graphviz
+import matplotlib
+import matplotlib.ticker
+from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
+
+from forge import browser
+from forge.browser import feature_index, fmt, show_token, table_html
+from forge.files import atomic_path
+
+# -----------------------------------------------------------------------------
+# the attribution graph in graphviz
+
+POS_COLOR = "#2b6cb0"  # edge colour of a positive weight
+NEG_COLOR = "#c53030"  # and of a negative one
+FILL = {  # a node's colour by its feature_type
+    "cross layer transcoder": "#fdebc8",
+    "mlp reconstruction error": "#e2e2e2",
+    "embedding": "#d8ecd2",
+    "logit": "#d3e3f6",
+}
+GRAPH = dict(rankdir="BT", newrank="true", ranksep="0.55", nodesep="0.12", splines="true")
+GRAPH.update(fontname="Helvetica", label="", labelloc="t", fontsize="16")
+NO_DOT = (
+    "graphviz's `dot` is not installed, so no SVG/PNG. Install it with `apt-get install graphviz` "
+    "(Debian/Ubuntu), `brew install graphviz` (macOS) or `conda install graphviz`, then rerun this "
+    "command (or `dot -Tsvg {stem}.dot -o {stem}.svg`)."
+)
+
+
+def digraph(title):
+    """An empty picture, titled."""
+    styles = dict(node_attr=dict(fontname="Helvetica"), edge_attr=dict(arrowsize="0.5"))
+    return graphviz.Digraph(
+        "attribution_graph", graph_attr=dict(GRAPH, label=text(title)), **styles
+    )
+
+
+def edge(g, link, wmax):
+    """A link as an edge, coloured by its sign, as wide as its |weight|; constraint=false: only the
+    grid places nodes."""
+    w = link["weight"]
+    width = f"{0.4 + 4.0 * abs(w) / wmax:.2f}"
+    tip = f"{link['source']} -> {link['target']}: {w:+.3g}"
+    color = POS_COLOR if w >= 0 else NEG_COLOR
+    g.edge(
+        link["source"], link["target"], color=color, penwidth=width, constraint="false", tooltip=tip
+    )
+
+
+def influence_order(node):
+    """Sort key, most influential first. graph.py writes "influence_raw" (bigger = more influential)
+    and circuit-tracer's "influence", a *cumulative* share (smaller = more); else |activation|."""
+    if node.get("influence_raw") is not None:
+        return -node["influence_raw"]
+    if node.get("influence") is not None:
+        return node["influence"]
+    return -abs(node.get("activation") or 0)
+
+
+def text(s, n=None):
+    """User text for a dot label: cut to n characters, backslashes made literal (graphviz.escape)"""
+    s = str(s).translate(browser.VISIBLE)
+    return graphviz.escape(s if n is None or len(s) <= n else s[: n - 1] + "…")
+
+
+def node_name(node):
+    """How the page names a node: L1/3 for a feature, err L0, an embedding's token, a logit's."""
+    ft = node["feature_type"]
+    if ft == "cross layer transcoder":
+        return f"L{node['layer']}/{feature_index(node)}"
+    if ft == "mlp reconstruction error":
+        return f"err L{node['layer']}"
+    return str(node.get("clerp") or node["node_id"])
+
+
+def link(node, href):
+    """A feature node's page, href(layer, feature) (None where there is none); other nodes: None."""
+    if href is None or node["feature_type"] != "cross layer transcoder":
+        return None
+    return href(int(node["layer"]), feature_index(node))
+
+
+def tooltip(node):
+    """Hover text: the node, where it is, its activation, then its explanation on its own line."""
+    act = node.get("activation")
+    head = f"{node_name(node)} at position {node['ctx_idx']}"
+    head += f", activation {act:.3g}" if act is not None else ""
+    clerp = node.get("clerp") or ""
+    if not clerp or node["feature_type"] != "cross layer transcoder":  # others: clerp is the name
+        return text(head)
+    return graphviz.nohtml(f"{text(head)}\\n{text(clerp)}")  # \n: dot's line break; "<|" is text
+
+
+def node_attrs(node, s, tokens, label_chars, href):
+    """Label, shape and size of one node; s in [0, 1] is its importance."""
+    ft = node["feature_type"]
+    pos = node["ctx_idx"]
+    attrs = dict(style="filled,rounded", shape="box", fillcolor=FILL.get(ft, "white"))
+    attrs.update(tooltip=tooltip(node), width=f"{0.5 + 1.0 * s:.2f}")
+    attrs.update(height=f"{0.3 + 0.35 * s:.2f}", fontsize=f"{9 + 4 * s:.1f}")
+    if ft == "embedding":  # the token axis: as narrow as its token
+        token = show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}"
+        attrs.update(label=text(token), width="0.3")
+    elif ft == "logit":
+        attrs["label"] = text(node.get("clerp") or f"logit {node['feature']}")
+        attrs["penwidth"] = "2.5" if node.get("is_target_logit") else "1"
+    elif ft == "mlp reconstruction error":
+        attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
+    else:
+        clerp = node.get("clerp") or ""
+        attrs["label"] = node_name(node) + (f"\\n{text(clerp, label_chars)}" if clerp else "")
+        if href:
+            attrs.update(URL=href, target="_top")
+    return attrs
+
+
+def legend():
+    """The key (a graphviz HTML-like label): node colours, edge colours, what the sizes say."""
+    line = '<TD><FONT COLOR="{}">━━</FONT></TD>'
+    keys = [(f'<TD BGCOLOR="{c}"> </TD>', t) for t, c in FILL.items()]
+    keys += [(line.format(POS_COLOR), "positive edge"), (line.format(NEG_COLOR), "negative edge")]
+    rows = "".join(f'<TR>{key}<TD ALIGN="LEFT">{words}</TD></TR>' for key, words in keys)
+    rows += '<TR><TD COLSPAN="2" ALIGN="LEFT">width ∝ |weight|, node size ∝ influence</TD></TR>'
+    return f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="2">{rows}</TABLE>>'
+
+
+def pin(sub, name, pos_of, **attrs):
+    """Add a node, pinned where the layout pass put it (pos_of is empty before that pass)."""
+    if name in pos_of:
+        attrs["pos"] = f"{pos_of[name][0]:.1f},{pos_of[name][1]:.1f}!"
+    sub.node(name, **attrs)
+
+
+def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
+    """The ranks as rows and columns, what `dot` lays out: a rank=same subgraph per rank (an
+    invisible left-to-right chain orders it by position; empty cells get placeholders, on the
+    embedding row the token in grey), a row-label spine stacking the ranks, invisible edges making
+    each position a column. Pinned (pos_of): no layout edges, no invisible router obstacles."""
+    n_pos = max(len(tokens), 1 + max((p for _, cells in ranks for p in cells), default=0))
+    heads = {}  # (rank, pos) -> first node of the cell
+    for i, (r, cells) in enumerate(ranks):
+        with g.subgraph(name=f"row_{i}") as sub:
+            sub.attr(rank="same")
+            chain = [f"rowlabel_{i}"]
+            more = i > 0 and ranks[i - 1][0] == r  # a wrapped row's continuation: its label in grey
+            label = {-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}")
+            style = dict(shape="plaintext", fontsize="14", fontcolor="#aaaaaa" if more else "black")
+            pin(sub, chain[0], pos_of, label=label, **style)
+            for pos in range(n_pos):
+                cell = cells.get(pos, [])
+                if not cell:  # keep the grid: an empty cell still takes a column slot
+                    chain.append(f"cell_{i}_{pos}")
+                    if r == -1 and pos < len(tokens):
+                        token = text(show_token(tokens[pos]))
+                        grey = dict(label=token, shape="plaintext", fontcolor="#888888")
+                        pin(sub, chain[-1], pos_of, group=f"pos{pos}", **grey)
+                    elif not pos_of:
+                        invisible = dict(label="", shape="point", style="invis")
+                        pin(sub, chain[-1], pos_of, group=f"pos{pos}", **invisible)
+                for n in cell:
+                    attrs = node_attrs(n, imp[n["node_id"]], tokens, label_chars, link(n, href))
+                    pin(sub, n["node_id"], pos_of, group=f"pos{pos}", **attrs)
+                    chain.append(n["node_id"])
+                heads[i, pos] = chain[-len(cell) or -1]
+            if i == len(ranks) - 1:
+                pin(sub, "legend", pos_of, label=legend(), shape="plaintext", fontsize="10")
+                chain.append("legend")
+            for a, b in zip(chain, chain[1:]) if not pos_of else []:
+                sub.edge(a, b, style="invis")
+        if i > 0 and not pos_of:
+            g.edge(f"rowlabel_{i - 1}", f"rowlabel_{i}", style="invis", weight="20")
+            for pos in range(n_pos):
+                g.edge(heads[i - 1, pos], heads[i, pos], style="invis", weight="8")
+
+
+def write_graph_page(stem, graph, cfg, svg, href):
+    """{stem}.html: prompt, scores, the picture (or how to get one), the table of every node."""
+    meta = graph.get("metadata", {})
+    toks = [f"<code>{html.escape(show_token(t))}</code>" for t in meta.get("prompt_tokens", [])]
+    info = {k: v for k, v in (meta.get("info") or {}).items() if isinstance(v, (int, float, str))}
+    body = [f"<h1>Attribution graph</h1><p>Prompt: {html.escape(str(meta.get('prompt', '')))}</p>"]
+    body += [f"<p>Tokens: {' '.join(toks)}</p>", table_html(info) if info else ""]
+    if svg is None:
+        body.append(
+            "<p><b>No picture:</b> graphviz's <code>dot</code> is not installed. Install it "
+            "(apt-get install graphviz, brew install graphviz or conda install graphviz), then "
+            f"rerun <code>python viz.py graph {html.escape(stem)}.json</code>.</p>"
+        )
+    else:
+        body.append(
+            f"<p>{len(graph['nodes'])} nodes and {len(graph['links'])} links in the file; drawn: "
+            f"every embedding and logit, the {cfg.max_nodes} most influential other nodes, the "
+            f"{cfg.max_edges} strongest edges. Click a feature to open its page; hover a node for "
+            "its explanation, an edge for its weight.</p>"
+            f"<div class='scroll'><div>{browser.inline_svg(svg)}</div></div>"
+        )
+    body += ["<h2>Nodes, most influential first</h2>", node_table(graph, href)]
+    browser.write_page(stem + ".html", "Attribution graph", "".join(body))
+
+
+def node_table(graph, href):
+    """Every node of the (pruned) graph, most influential first, features linked to their pages."""
+    tokens = graph.get("metadata", {}).get("prompt_tokens") or []
+    heads = ["node", "type", "layer", "position", "activation", "influence"]
+    rows = ["".join(f"<th>{h}</th>" for h in heads + ["cumulative influence", "explanation"])]
+    for n in sorted(graph["nodes"], key=influence_order):
+        url = link(n, href)
+        name = html.escape(node_name(n))
+        pos = n["ctx_idx"]
+        token = html.escape(show_token(tokens[pos])) if pos < len(tokens) else ""
+        cells = [f'<a href="{html.escape(url)}">{name}</a>' if url else name]
+        cells += [html.escape(n["feature_type"]), html.escape(str(n["layer"]))]
+        cells += [f"{pos} <code>{token}</code>"]
+        cells += [fmt(n.get(k)) for k in ("activation", "influence_raw", "influence")]
+        cells += [html.escape(str(n.get("clerp") or "")) if n["feature_type"] != "logit" else ""]
+        rows.append("".join(f"<td>{c}</td>" for c in cells))
+    return "<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>"
+
+
+# -----------------------------------------------------------------------------
+# training curves in matplotlib
+
+
+def series(rows, key):
+    """(steps, values) of the rows that have `key` ("eval.ce_spliced": row["eval"]["ce_spliced"])"""
+    outer, _, inner = key.partition(".")
+    values = [(r.get(outer) or {}).get(inner) if inner else r.get(outer) for r in rows]
+    pts = [(r["step"], v) for r, v in zip(rows, values) if v is not None]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def final(rows, key, last=10):
+    """Mean over layers of `key`, averaged over the last `last` logged steps (batch noise)."""
+    vals = series(rows, key)[1][-last:]
+    per_row = [sum(v) / len(v) if isinstance(v, list) else v for v in vals]
+    return sum(per_row) / len(per_row) if per_row else math.nan
+
+
+def save_figure(fig, path, dpi):
+    with atomic_path(path) as tmp:  # the temporary name has no .png to infer the format from
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def curves(path, rows, keys, title, logy, dpi):
+    """A PNG of the keys' curves: a line per scalar key, a line per layer for a per-layer key (a
+    list); log y: all-zero terms skipped. False, and no file, without data."""
+    fig = Figure(figsize=(6.4, 4))
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)  # "tight" draws twice
+    ax = fig.subplots()
+    drawn = False
+    for key, label in keys.items():
+        steps, vals = series(rows, key)
+        if isinstance(vals[0] if vals else None, list):
+            cmap = matplotlib.colormaps["viridis"]
+            n = len(vals[0])
+            for l in range(n):
+                ax.plot(
+                    steps, [v[l] for v in vals], color=cmap(l / max(n - 1, 1)), label=f"layer {l}"
+                )
+        elif any(v > 0 or not logy for v in vals):  # log axes show no zeros
+            vals = [v if v > 0 or not logy else math.nan for v in vals]
+            ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, label=label)
+        else:
+            continue
+        drawn = True
+    if drawn:
+        ax.set(xlabel="step", title=title, yscale="log" if logy else "linear")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        save_figure(fig, path, dpi)
+    return drawn
+
+
+def frontier(points, path, dpi):
+    """Final L0 against final FVU, a point per run, on log axes: lower left is better."""
+    pts = sorted((p for p in points if not math.isnan(p[1] + p[2])), key=lambda p: p[1])
+    fig = Figure(figsize=(6.4, 4.4))
+    fig.subplots_adjust(left=0.13, right=0.95, bottom=0.12, top=0.92)
+    ax = fig.subplots()
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-")
+    for name, l0, fvu in pts:
+        ax.annotate(name, (l0, fvu), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("L0 (mean over layers, last 10 steps)")
+    ax.set_ylabel("FVU (mean over layers, last 10 steps)")
+    ax.set(title="sparsity vs reconstruction: lower left is better", xscale="log", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not 4x10^0
+        axis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+    save_figure(fig, path, dpi)
