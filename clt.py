@@ -23,11 +23,10 @@ Other published layouts (circuit-tracer's transcoder sets, SAELens) load through
 """
 
 import copy
-import json
 import math
 import os
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from forge import formats
-from forge.files import read_export_file, save_safetensors, write_json
+from forge.files import save_safetensors, write_json
 from parallel import Mesh, all_gather_last, global_topk, tp_sum
 
 
@@ -50,27 +49,21 @@ class CLTConfig:
     bandwidth: float = 1.0  # jumprelu: width ε of the straight-through rectangle kernel
     model: str = ""  # the GPT this CLT was trained on (a path or hub id)
     model_sha256: str = ""  # that GPT's GPT.fingerprint(): a CLT is refused by any other model
-    # cross-layer: a feature writes to its layer and every later one | per-layer (a PLT)
-    decoder: str = "cross-layer"
-    # a linear skip connection mlp_in[l] @ W_skip[l] into mlp_out_hat[l] (Paulo et al. 2025)
-    skip: bool = False
+    decoder: str = "cross-layer"  # cross-layer | per-layer (a PLT: features write their layer only)
+    skip: bool = False  # a linear skip connection mlp_in[l] @ W_skip[l] (Paulo et al. 2025)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+            known = sorted(ACTIVATIONS)
+            raise ValueError(f"activation must be one of {known}, got {self.activation!r}")
+        if self.decoder not in ("cross-layer", "per-layer"):
+            raise ValueError(f"decoder must be one of cross-layer, per-layer, got {self.decoder!r}")
         if min(self.n_layers, self.d_model, self.n_features) <= 0:
             raise ValueError(f"n_layers, d_model, n_features must be positive, got {self}")
         if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
             raise ValueError(f"k must be in 1..n_features={self.n_features}, got {self.k}")
         if self.threshold_init <= 0 or self.bandwidth <= 0:
             raise ValueError(f"threshold_init and bandwidth must be positive, got {self}")
-
-
-DECODERS = ("cross-layer", "per-layer")
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -115,21 +108,7 @@ class CrossLayerTranscoder(nn.Module):
         # decoders of scale 1/sqrt(L·d), zero biases. The full tensors come from one seeded
         # generator and each rank keeps its slice (picotron's reset_parameters): tp changes nothing.
         g = torch.Generator().manual_seed(seed)
-
-        def uniform(rows, cols, bound, keep_rows=slice(None), keep_cols=slice(None)):
-            """A uniform(-bound, bound) (rows, cols) tensor's kept rows and columns. It is drawn in
-            blocks of ~16 MB, each cut to what is kept before the next, so no rank holds the whole
-            tensor (a layer's decoder is 0.9 GB at GPT-2-small's F = 24,576); the numbers are those
-            of one draw, since the generator's stream does not depend on how it is split."""
-            start, stop, _ = keep_rows.indices(rows)
-            step = max(1, 2**22 // cols)
-            blocks = []
-            for a in range(0, rows, step):
-                block = (torch.rand(min(step, rows - a), cols, generator=g) * 2 - 1) * bound
-                blocks.append(block[max(start - a, 0) : max(stop - a, 0), keep_cols])
-            return torch.cat(blocks)
-
-        W_enc = uniform(L * d, F_, F_**-0.5, keep_cols=mine)
+        W_enc = uniform(g, L * d, F_, F_**-0.5, keep_cols=mine)
         self.W_enc = nn.Parameter(W_enc.view(L, d, self.F_local))  # (L, d, F/tp)
         self.b_enc = nn.Parameter(torch.zeros(L, self.F_local))  # (L, F/tp)
         # JumpReLU thresholds are learned in log space so they stay positive (Anthropic's recipe);
@@ -138,7 +117,7 @@ class CrossLayerTranscoder(nn.Module):
         self.log_threshold = nn.Parameter(log_threshold)  # (L, F/tp)
         self.W_dec = nn.ParameterList()  # W_dec[l]: (F/tp, L-l, d), or (F/tp, 1, d) per-layer
         for l in range(L):
-            W_dec = uniform(F_, self.n_writes(l) * d, (L * d) ** -0.5, keep_rows=mine)
+            W_dec = uniform(g, F_, self.n_writes(l) * d, (L * d) ** -0.5, keep_rows=mine)
             self.W_dec.append(nn.Parameter(W_dec.view(self.F_local, self.n_writes(l), d)))
         self.b_dec = nn.Parameter(torch.zeros(L, d))  # (L, d), replicated on every TP rank
         # the skip connection is linear in mlp_in: zero at init, replicated on every TP rank
@@ -202,13 +181,9 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, acts, sparse=False, normalized=False, bias=True, mlp_in=None):
         """acts (B, L, F/tp) -> the reconstruction mlp_out_hat (B, L, d): the project's one decoder.
-
-        Each TP rank decodes its own features and one all-reduce adds the tp partial sums, in
-        fp32 at least (also under bf16 autocast; fp64 stays fp64). sparse=True reads only the
-        active features' decoder rows (decode_sparse). normalized=True stays in the units the CLT
-        is trained in; bias=False leaves out b_dec (e.g. AuxK's reconstruction of a residual).
-        With a skip connection, pass mlp_in (B, L, d) to add it; without, the features' part.
-        """
+        Each TP rank decodes its features, one all-reduce adds them in fp32 at least (fp64 stays).
+        sparse: only the active features' rows (decode_sparse); normalized: in the training units;
+        bias=False: without b_dec (AuxK); mlp_in (B, L, d): with the skip connection."""
         out = self.decode_sparse(acts) if sparse else self.decode_dense(acts)  # (B, L, d)
         dtype = torch.promote_types(out.dtype, torch.float32)
         out = tp_sum(out.to(dtype), self.mesh.tp_group)  # (B, L, d)
@@ -228,11 +203,9 @@ class CrossLayerTranscoder(nn.Module):
         return out if normalized else out / self.output_scale[:, None]
 
     def decode_dense(self, acts):
-        """The paper's sum, mlp_out_hat[dst] = Σ_{src <= dst} acts[src] @ W_dec[src][dst - src].
-
-        The products are grouped by source layer: one (B, F) @ (F, n_writes·d) matmul per source
-        gives everything its features write, L matmuls instead of L²/2 small ones; the sum over
-        sources is then taken per destination, in the same order as the formula.
+        """The paper's sum, mlp_out_hat[dst] = Σ_{src <= dst} acts[src] @ W_dec[src][dst - src],
+        its products grouped by source: one (B, F) @ (F, n_writes·d) matmul gives all a source
+        writes (L matmuls, not L²/2 small ones), then summed per destination in the formula's order.
         """
         B, L, _ = acts.shape
         writes = []  # writes[src][j]: (B, d), what layer src's features write to layer src + j
@@ -248,13 +221,9 @@ class CrossLayerTranscoder(nn.Module):
         return torch.stack(out, dim=1)  # (B, L, d)
 
     def decode_sparse(self, acts):
-        """decode_dense's sum over the active features only, cost ∝ L0 instead of F.
-
-        One embedding_bag per source layer: a sparse × dense product summing value · W_dec[l][f]
-        per token, with no gathered copy of the rows; acts may be a sparse COO tensor. Its
-        gradient reaches only the active entries of acts: exact for ReLU, TopK and BatchTopK, not
-        for a JumpReLU threshold, whose straight-through gradient also needs inactive entries.
-        """
+        """decode_dense's sum over the active features only, cost ∝ L0, not F: per source one
+        embedding_bag (value · W_dec[l][f] summed per token, no gathered rows); acts may be sparse
+        COO. Its gradient reaches only active entries: exact but for a JumpReLU threshold's STE."""
         B, L, _ = acts.shape
         if acts.is_sparse:
             acts = acts.coalesce()
@@ -276,10 +245,9 @@ class CrossLayerTranscoder(nn.Module):
         return out
 
     def decoder_writes(self, layer, ids, acts):
-        """What features `ids` (n,) of `layer` with activations `acts` (n,) write to
-        mlp_out[layer : layer + n_writes(layer)] in raw units, a · W_dec[layer][f] / output_scale:
-        (n, n_writes, d). The terms `decode` sums, one feature at a time (attribution graphs and
-        logit effects need them apart)."""
+        """What features `ids` (n,) of `layer` at `acts` (n,) write to the n_writes MLP outputs from
+        `layer` on, in raw units: a · W_dec[layer][f] / output_scale (n, n_writes, d), the terms
+        `decode` sums, one feature at a time (attribution graphs need them apart)."""
         W = self.W_dec[layer]
         scale = self.output_scale[layer : layer + W.size(1), None]  # (n_writes, 1)
         return W[ids] * acts[:, None, None].to(W.dtype) / scale
@@ -298,11 +266,9 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def fold_normalization(self):
-        """Fold input/output scales into the weights so the CLT works on raw activations.
-
-        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec + s_in x W_skip) / s_out
-        per target layer. Pre-activations are unchanged, so thresholds and activations are too.
-        """
+        """Fold input/output scales into the weights so the CLT works on raw activations: per layer
+        pre = (s_in x) W + b = x (s_in W) + b;  y_hat = (Σ a W_dec + b_dec + s_in x W_skip) / s_out.
+        Pre-activations are unchanged, so thresholds and activations are too."""
         self.W_enc.mul_(self.input_scale[:, None, None])
         for l, W in enumerate(self.W_dec):
             W.div_(self.output_scale[l : l + W.size(1)][None, :, None])
@@ -332,75 +298,40 @@ class CrossLayerTranscoder(nn.Module):
         return full.train(self.training)
 
     def save_pretrained(self, path):
-        """circuit-tracer's CLT layout: config.json + W_enc_{l}.safetensors (W_enc_{l} (F, d),
-        b_enc_{l}, threshold_{l}, b_dec_{l}, and W_skip_{l} (d, d) with a skip connection) +
-        W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d), or (F, 1, d) per-layer), normalization folded
-        in. Every file is written atomically and carries one export id, config.json last: a crash
-        mid-save leaves files of two ids, which from_pretrained refuses, never a silent mix."""
+        """circuit-tracer's CLT layout (forge/formats.py), normalization folded in: config.json +
+        W_enc_{l}, W_dec_{l}.safetensors, each file atomic, one export id, config.json last."""
         if self.mesh.tp > 1:
             shard = f"TP shard {self.mesh.tp_rank} of {self.mesh.tp}"
             raise ValueError(f"this is {shard}: save consolidated() instead")
         clt = copy.deepcopy(self).cpu()
         clt.fold_normalization()
         export_id = uuid.uuid4().hex
-        clt.write_layer_files(path, export_id)
+        os.makedirs(path, exist_ok=True)
+        for name, tensors in formats.clt_files(clt).items():
+            save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
         config = dict(asdict(self.config), export_id=export_id)
         write_json(os.path.join(path, "config.json"), config)
-
-    def write_layer_files(self, path, export_id, threshold=True):
-        """The W_enc_{l} and W_dec_{l}.safetensors of save_pretrained, of this CLT as it is (scales
-        folded or not), each file atomic and tagged with export_id. threshold=False leaves
-        threshold_{l} out (circuit-tracer reads a CLT without thresholds as a ReLU one)."""
-        os.makedirs(path, exist_ok=True)
-        for l in range(self.config.n_layers):
-            enc = {
-                f"W_enc_{l}": self.W_enc[l].t(),
-                f"b_enc_{l}": self.b_enc[l],
-                f"b_dec_{l}": self.b_dec[l],
-            }
-            if threshold:
-                enc[f"threshold_{l}"] = self.threshold[l]
-            if self.W_skip is not None:  # (d, d) as circuit-tracer stores it: skip = x @ W_skip.T
-                enc[f"W_skip_{l}"] = self.W_skip[l].t()
-            dec = {f"W_dec_{l}": self.W_dec[l]}
-            for name, tensors in ((f"W_enc_{l}", enc), (f"W_dec_{l}", dec)):
-                save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
 
     @classmethod
     def from_pretrained(cls, path, mesh: Optional[Mesh] = None):
         """Load a CLT saved by save_pretrained; on a TP mesh each rank reads only its features."""
-        config_path = os.path.join(path, "config.json")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(
-                f"{path} has no config.json: not a CLT saved by save_pretrained"
-            )
-        with open(config_path) as f:
-            saved = json.load(f)
-        export_id = saved.pop("export_id", None)
-        unknown = sorted(set(saved) - {f.name for f in fields(CLTConfig)})
-        if unknown:
-            known = "that CLTConfig does not know: not a clt-forge CLT"
-            raise ValueError(f"{config_path} has fields {unknown} {known}")
-        clt = cls(CLTConfig(**saved), mesh=mesh)
-        clt.read_layer_files(path, export_id)
+        config, export_id = formats.read_clt_config(path, CLTConfig)
+        clt = cls(config, mesh=mesh)
+        formats.read_clt_files(clt, path, export_id)
         return clt.eval()
 
-    @torch.no_grad()
-    def read_layer_files(self, path, export_id):
-        """Fill this CLT (this rank's features) from the files write_layer_files wrote (a missing
-        threshold_{l} leaves the threshold as it is)."""
-        mine = slice(self.mesh.tp_rank * self.F_local, (self.mesh.tp_rank + 1) * self.F_local)
-        for l in range(self.config.n_layers):
-            enc = read_export_file(path, f"W_enc_{l}", export_id, mine)
-            self.W_enc[l].copy_(enc[f"W_enc_{l}"].t())
-            self.b_enc[l].copy_(enc[f"b_enc_{l}"])
-            if f"threshold_{l}" in enc:
-                self.log_threshold[l].copy_(enc[f"threshold_{l}"].log())
-            self.b_dec[l].copy_(enc[f"b_dec_{l}"])
-            if self.W_skip is not None:
-                self.W_skip[l].copy_(enc[f"W_skip_{l}"].t())
-            dec = read_export_file(path, f"W_dec_{l}", export_id, mine)
-            self.W_dec[l].copy_(dec[f"W_dec_{l}"])
+
+def uniform(g, rows, cols, bound, keep_rows=slice(None), keep_cols=slice(None)):
+    """The kept rows and columns of a uniform(-bound, bound) (rows, cols) tensor drawn from `g`, in
+    blocks of ~16 MB cut to what is kept, so no rank holds it whole (a layer's decoder is 0.9 GB at
+    GPT-2-small's F = 24,576); the generator's stream does not depend on how it is split."""
+    start, stop, _ = keep_rows.indices(rows)
+    step = max(1, 2**22 // cols)
+    blocks = []
+    for a in range(0, rows, step):
+        block = (torch.rand(min(step, rows - a), cols, generator=g) * 2 - 1) * bound
+        blocks.append(block[max(start - a, 0) : max(stop - a, 0), keep_cols])
+    return torch.cat(blocks)
 
 
 # -----------------------------------------------------------------------------

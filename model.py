@@ -56,9 +56,8 @@ class GPTConfig:
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            why = "the head size is n_embd / n_head"
-            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} ({why})")
+        if self.n_embd % self.n_head:  # the head size is n_embd / n_head
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
         if not 0 < self.layer_norm_epsilon < 1:
             raise ValueError(f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
         d = self.n_embd
@@ -68,28 +67,6 @@ class GPTConfig:
                 f"this config has {n_params:.1e} parameters, far more than any GPT-2 "
                 "(gpt2-xl: 1.6e9): check n_layer, n_embd, n_ctx and vocab_size in config.json"
             )
-
-
-@dataclass
-class Frozen:
-    """The nonlinear state of one forward pass, recorded so a later pass can reuse it. With it
-    frozen, everything between the MLPs is linear in the residual stream: the "local replacement
-    model" of Ameisen et al. 2025, sec. 3."""
-
-    attn: list = field(default_factory=list)  # per layer: (B, nh, T, T) attention probabilities
-    ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) ln_1's 1/sqrt(var + eps)
-    ln_2: list = field(default_factory=list)  # per layer: (B, T, 1) the same for ln_2
-    ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for ln_f (None without logits)
-
-
-@dataclass
-class Acts:
-    """What `run_with_acts` records: the tensors a CLT reads and writes."""
-
-    mlp_in: torch.Tensor  # (B, T, L, d) each MLP's input, after ln_2
-    mlp_out: torch.Tensor  # (B, T, L, d) each MLP's output, before it joins the residual stream
-    frozen: Frozen  # attention patterns and LayerNorm scales of this pass
-    ln_f_out: Optional[torch.Tensor] = None  # (B, T, d) what the unembedding reads (or None)
 
 
 def layer_norm(x, ln: nn.LayerNorm, frozen_scale=None):
@@ -214,14 +191,12 @@ class GPT(nn.Module):
             acts.frozen.attn.append(pattern)
             acts.frozen.ln_1.append(scale_1)
             acts.frozen.ln_2.append(scale_2)
-        y = None
-        if logits:
-            x, ln_f = layer_norm(x, self.ln_f, fz.ln_f)
-            if record:
-                acts.frozen.ln_f = ln_f
-                acts.ln_f_out = x
-            y = x @ self.wte.weight.T  # (B, T, V)
-        return y, acts
+        if not logits:
+            return None, acts
+        x, ln_f = layer_norm(x, self.ln_f, fz.ln_f)
+        if record:
+            acts.frozen.ln_f, acts.ln_f_out = ln_f, x
+        return x @ self.wte.weight.T, acts  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -252,9 +227,7 @@ class GPT(nn.Module):
             self._fingerprint = (key, h.hexdigest())
         return self._fingerprint[1]
 
-    # -------------------------------------------------------------------------
     # loading and saving in the Hugging Face hub layout (forge/hub.py)
-
     @classmethod
     def from_pretrained(cls, name_or_dir=DEFAULT_MODEL):
         """GPT-2 from a directory in the hub layout or a hub id (gpt2, gpt2-medium, -large, -xl)."""
@@ -269,9 +242,34 @@ class GPT(nn.Module):
         hub.save_gpt2(path, asdict(self.config), self.state_dict())
 
 
+# -----------------------------------------------------------------------------
+# what run_with_acts records, and how it fills its tensors
+
+
+@dataclass
+class Frozen:
+    """The nonlinear state of one forward pass, recorded so a later pass can reuse it. With it
+    frozen, everything between the MLPs is linear in the residual stream: the "local replacement
+    model" of Ameisen et al. 2025, sec. 3."""
+
+    attn: list = field(default_factory=list)  # per layer: (B, nh, T, T) attention probabilities
+    ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) ln_1's 1/sqrt(var + eps)
+    ln_2: list = field(default_factory=list)  # per layer: (B, T, 1) the same for ln_2
+    ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for ln_f (None without logits)
+
+
+@dataclass
+class Acts:
+    """What `run_with_acts` records: the tensors a CLT reads and writes."""
+
+    mlp_in: torch.Tensor  # (B, T, L, d) each MLP's input, after ln_2
+    mlp_out: torch.Tensor  # (B, T, L, d) each MLP's output, before it joins the residual stream
+    frozen: Frozen  # attention patterns and LayerNorm scales of this pass
+    ln_f_out: Optional[torch.Tensor] = None  # (B, T, d) what the unembedding reads (or None)
+
+
 class WriteLayer(torch.autograd.Function):
     """buf[:, :, l] = x in place, returning buf: how `run_with_acts` fills its (B, T, L, d) tensors.
-
     Backward: x gets grad[:, :, l] (a view, as torch.stack's gives), buf gets grad as it is.
     Autograd's slice assignment would clone the whole grad to zero slot l, once per layer (3-6x
     slower at graph.py's (64, T) batches on CPU); not zeroing is exact: each slot is set once."""

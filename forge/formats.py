@@ -1,18 +1,17 @@
-"""Transcoders in the layouts circuit-tracer and SAELens publish, read at TransformerLens's hooks.
+"""Transcoders in files: clt.py's own layout, and those circuit-tracer and SAELens publish.
 
-Both read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, taken *before* ln_2's affine map,
-where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's weight w and bias b are folded into
-the encoder (and the skip connection) on the way out, and taken out again on the way in:
-fold_ln_2. The loaders build the transcoder with `new_transcoder(**config)`, passed in by clt.py
-(this package never imports the spine).
-"""
+The published ones read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, *before* ln_2's affine
+map, where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's w and b are folded into the
+encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2. The
+loaders build the transcoder with `new_transcoder(**config)`, passed in by clt.py (this package
+never imports the spine)."""
 
 import copy
 import json
 import os
 import re
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import load_file
@@ -44,19 +43,19 @@ def fold_ln_2(transcoder, model, inverse=False):
             # b W summed as circuit-tracer's (n, d) weights sum it: the graph references in
             # tests/fixtures, made through this fold, then regenerate bit for bit
             shift = W.t().contiguous() @ b  # (n,)
-            if inverse:
-                bias.sub_(shift)
-            else:
-                bias.add_(shift)
+            bias.add_(-shift if inverse else shift)
+            if not inverse:
                 W.mul_(w[:, None])
 
 
-def per_layer_tensors(t, l, threshold_key, enc_by_feature):
-    """Layer l of a per-layer transcoder (ln_2 folded in) as circuit-tracer's and SAELens's files
-    hold it: W_enc (F, d) if enc_by_feature (circuit-tracer) else (d, F) (SAELens), W_dec (F, d),
-    b_enc, b_dec, W_skip (d, d) as x̂ @ W_skip.T, the threshold under threshold_key (if any)."""
+def layer_tensors(t, l, threshold_key, enc_by_feature=True, per_layer=True):
+    """Layer l of transcoder `t` as the files hold it: W_enc (F, d) if enc_by_feature (circuit-
+    tracer) else (d, F) (SAELens), b_enc, b_dec, W_dec (F, d) if per_layer, W_skip (d, d) as
+    x @ W_skip.T, the threshold under threshold_key (None: left out, a ReLU to circuit-tracer)."""
     W_enc = t.W_enc[l].t() if enc_by_feature else t.W_enc[l]
-    tensors = {"W_enc": W_enc, "W_dec": t.W_dec[l][:, 0], "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
+    tensors = {"W_enc": W_enc, "b_enc": t.b_enc[l], "b_dec": t.b_dec[l]}
+    if per_layer:
+        tensors["W_dec"] = t.W_dec[l][:, 0]
     if threshold_key is not None:
         tensors[threshold_key] = t.threshold[l]
     if t.W_skip is not None:
@@ -65,16 +64,56 @@ def per_layer_tensors(t, l, threshold_key, enc_by_feature):
 
 
 @torch.no_grad()
-def load_per_layer_tensors(t, l, tensors, threshold_key, enc_by_feature):
-    """per_layer_tensors' inverse: fill layer l of `t` (a missing threshold leaves it as it is)."""
+def load_layer(t, l, tensors, threshold_key="threshold", enc_by_feature=True):
+    """layer_tensors' inverse, W_dec (F, d) or (F, n_writes, d) included: fill layer l of `t` (a
+    missing threshold leaves it as it is)."""
     t.W_enc[l].copy_(tensors["W_enc"].t() if enc_by_feature else tensors["W_enc"])
     t.b_enc[l].copy_(tensors["b_enc"])
-    t.W_dec[l].copy_(tensors["W_dec"][:, None])
+    t.W_dec[l].copy_(tensors["W_dec"].reshape_as(t.W_dec[l]))
     t.b_dec[l].copy_(tensors["b_dec"])
     if threshold_key in tensors:
         t.log_threshold[l].copy_(tensors[threshold_key].log())
     if t.W_skip is not None:
         t.W_skip[l].copy_(tensors["W_skip"].t())
+
+
+# clt.py's layout, circuit-tracer's for a CLT: config.json (CLTConfig + export id, written last)
+# beside W_enc_{l}.safetensors (W_enc_{l} (F, d), b_enc_{l}, b_dec_{l}, threshold_{l}, W_skip_{l}
+# (d, d)) and W_dec_{l}.safetensors (W_dec_{l} (F, L-l, d), or (F, 1, d) per-layer), every file
+# tagged with the export id: a crash mid-save leaves two ids, refused on load, never a silent mix.
+
+
+def clt_files(t, threshold=True):
+    """{file name: tensors} of transcoder `t` as it is (scales folded or not) in clt.py's layout."""
+    files = {}
+    for l in range(t.config.n_layers):
+        enc = layer_tensors(t, l, "threshold" if threshold else None, per_layer=False)
+        files[f"W_enc_{l}"] = {f"{k}_{l}": v for k, v in enc.items()}
+        files[f"W_dec_{l}"] = {f"W_dec_{l}": t.W_dec[l]}
+    return files
+
+
+def read_clt_config(path, config_class):
+    """(config_class(**fields), export id) from the config.json of a CLT in clt.py's layout."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{path} has no config.json: not a CLT saved by save_pretrained")
+    with open(config_path) as f:
+        saved = json.load(f)
+    export_id = saved.pop("export_id", None)
+    unknown = sorted(set(saved) - {f.name for f in fields(config_class)})
+    if unknown:
+        known = f"that {config_class.__name__} does not know: not a clt-forge CLT"
+        raise ValueError(f"{config_path} has fields {unknown} {known}")
+    return config_class(**saved), export_id
+
+
+def read_clt_files(t, path, export_id):
+    """Fill transcoder `t` (this TP rank's features) from clt_files' files in `path`."""
+    mine = slice(t.mesh.tp_rank * t.F_local, (t.mesh.tp_rank + 1) * t.F_local)
+    for l in range(t.config.n_layers):
+        files = [read_export_file(path, f"{n}_{l}", export_id, mine) for n in ("W_enc", "W_dec")]
+        load_layer(t, l, {k.removesuffix(f"_{l}"): v for f in files for k, v in f.items()})
 
 
 def provenance(model):
@@ -89,27 +128,24 @@ def provenance(model):
 # Cross-layer: save_pretrained's W_enc_{l} and W_dec_{l}.safetensors. config.yaml is written as
 # JSON (YAML reads JSON) and carries our CLTConfig and export id under "clt_forge".
 
-CIRCUIT_TRACER_HOOKS = {
-    "feature_input_hook": "ln2.hook_normalized",
-    "feature_output_hook": "hook_mlp_out",
-}
+CIRCUIT_TRACER_HOOKS = dict(
+    feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out"
+)
 CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
 CIRCUIT_TRACER_THRESHOLD = "activation_function.threshold"  # its JumpReLU's threshold in layer_{l}
+EXPORTABLE = "export a relu, jumprelu or batchtopk one"  # batchtopk is a JumpReLU at inference
 
 
 def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     """Write a transcoder of `model` (ln_2 folded in) in the layout circuit-tracer 0.5.0 loads:
     {path}/config.yaml + layer_{l}.safetensors (a PLT) or W_enc_{l}/W_dec_{l}.safetensors (a CLT).
-
     circuit-tracer reads it from its cache directory, e.g. for path = runs/plt-ct:
         load_transcoders_from_cache("plt-ct", cache_dir="runs")  # circuit_tracer.utils.caching
     or CIRCUIT_TRACER_CACHE_DIR=runs, transcoder_set "plt-ct" in ReplacementModel.from_pretrained.
     """
     c = transcoder.config
     if c.activation == "topk":  # circuit-tracer would read it as a ReLU transcoder
-        raise ValueError(
-            "circuit-tracer has no TopK transcoder: export a relu, jumprelu or batchtopk one"
-        )
+        raise ValueError(f"circuit-tracer has no TopK transcoder: {EXPORTABLE}")
     if c.decoder == "cross-layer" and c.skip:
         raise ValueError(
             "circuit-tracer 0.5.0's CLT loader reads no skip connection: export a per-layer "
@@ -122,14 +158,13 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)
     export_id = uuid.uuid4().hex
-    threshold = c.activation != "relu"  # batchtopk is a JumpReLU at inference; relu has none
-    threshold_key = CIRCUIT_TRACER_THRESHOLD if threshold else None
+    key = CIRCUIT_TRACER_THRESHOLD if c.activation != "relu" else None  # relu: no threshold
+    files = clt_files(t, key is not None)
+    if c.decoder == "per-layer":
+        files = {f"layer_{l}": layer_tensors(t, l, key) for l in range(c.n_layers)}
     os.makedirs(path, exist_ok=True)
-    if c.decoder == "cross-layer":
-        t.write_layer_files(path, export_id, threshold)
-    for l in range(c.n_layers if c.decoder == "per-layer" else 0):
-        tensors = per_layer_tensors(t, l, threshold_key, enc_by_feature=True)
-        save_safetensors(os.path.join(path, f"layer_{l}.safetensors"), tensors, export_id)
+    for name, tensors in files.items():
+        save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
     kind = CIRCUIT_TRACER_KINDS[c.decoder]
     scan = os.path.basename(os.path.normpath(path))
     config = dict(model_kind=kind, model_name=model_name, **CIRCUIT_TRACER_HOOKS, scan=scan)
@@ -175,10 +210,10 @@ def from_circuit_tracer(path, model, new_transcoder):
     check_same_model(model, ours.get("model_sha256", ""), f"the transcoder in {path}")
     t = new_transcoder(**ours)
     if decoder == "cross-layer":
-        t.read_layer_files(path, export_id)
+        read_clt_files(t, path, export_id)
     for l in range(L if decoder == "per-layer" else 0):
         tensors = read_export_file(path, f"layer_{l}", export_id, slice(None))
-        load_per_layer_tensors(t, l, tensors, CIRCUIT_TRACER_THRESHOLD, enc_by_feature=True)
+        load_layer(t, l, tensors, CIRCUIT_TRACER_THRESHOLD)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
@@ -205,15 +240,14 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
             "(save_circuit_tracer writes circuit-tracer's CLT layout)"
         )
     kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
-    if kind is None:  # batchtopk is a JumpReLU at inference; topk has no SAELens transcoder
-        fix = "export a relu, jumprelu or batchtopk one"
-        raise ValueError(f"SAELens has no {c.activation} transcoder: {fix}")
+    if kind is None:
+        raise ValueError(f"SAELens has no {c.activation} transcoder: {EXPORTABLE}")
     architecture = SAELENS_ARCHITECTURES[kind, c.skip]
     threshold_key = "threshold" if kind == "jumprelu" else None
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)
     for l in range(c.n_layers):
-        tensors = per_layer_tensors(t, l, threshold_key, enc_by_feature=False)
+        tensors = layer_tensors(t, l, threshold_key, enc_by_feature=False)
         hook = f"blocks.{l}.ln2.hook_normalized"
         hook_out = f"blocks.{l}.hook_mlp_out"
         hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=hook_out)
@@ -268,7 +302,7 @@ def from_saelens(path, model, new_transcoder):
     t = new_transcoder(**sizes, activation=kind, skip=skip, **provenance(model))
     for l in range(L):
         tensors = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
-        load_per_layer_tensors(t, l, tensors, "threshold", enc_by_feature=False)
+        load_layer(t, l, tensors, enc_by_feature=False)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
