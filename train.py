@@ -216,14 +216,17 @@ def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
     # clocks start at 0 and grow by one batch a step: before this step none can have run out
     maybe_dead = step * c.batch_size >= c.dead_tokens  # a host fact: no sync
     bf16 = c.autocast == "always" or (c.autocast == "cuda" and device.type == "cuda")
+    # 1. the losses: every term of LOSSES on this rank's forward pass
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):  # fp32 master weights
         n = n_dead.sum() if maybe_dead else None
         fwd, terms = clt_losses(clt, *batch, c, step, dead[:, mine], n)
     sums = batch_sums(fwd, terms, mine, mesh)  # small: fwd's activations go with the backward
     del fwd
+    # 2. backward, and DP's gradient average
     sum(terms.values()).backward()
     average_gradients(list(clt.parameters()), mesh.dp_group)
-    s = mesh_sum(dict(sums, **grad_sums(clt, mesh)), mesh)  # the ONE bookkeeping all-reduce
+    # 3. the bookkeeping: ONE all-reduce of a small named float64 vector over the whole mesh
+    s = mesh_sum(dict(sums, **grad_sums(clt, mesh)), mesh)
     grad_norm = (s["grad_sq"] + s["grad_sq_replicated"]).sqrt()
     N = s["n"]  # tokens in the global batch
     means = {name: s[name] / N for name in LOSSES}
@@ -238,7 +241,8 @@ def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
         checkpoint.check_finite(host, step, c.out, ["loss", *LOSSES])  # before the update
         del host["first_bad"]
         host["lr"] = lr
-    if c.grad_clip > 0:  # clip to the global norm, on the device
+    # 4. clip to the global norm (on the device), step
+    if c.grad_clip > 0:
         coef = (c.grad_clip / (grad_norm.float() + 1e-6)).clamp(max=1.0)
         for p in clt.parameters():
             if p.grad is not None:
