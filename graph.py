@@ -78,7 +78,6 @@ Differences from circuit-tracer:
   (circuit-tracer's threshold can fall to 0 there and keep them).
 """
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -90,8 +89,10 @@ from tqdm import tqdm
 from clt import CrossLayerTranscoder, load_transcoder
 from forge.cli import arg, parse_config, run_main
 from forge.files import check_same_model
-from forge.graphfile import load_explanations, one_token, read_direction, save_graph, token_str
-from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
+from forge.graphcli import check_compatible, check_transcoder_dir, encode_prompt, read_direction
+from forge.graphcli import print_graph, spec_tokens, target_spec
+from forge.graphfile import load_explanations, save_graph, token_str
+from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import Frozen, GPT
 from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
 
@@ -224,10 +225,7 @@ def custom_target(model, vector, label):
 
 def logit_difference(spec, model, enc, rep):
     """diff:A|B (--target-diff): logit(A) - logit(B), one token each (the mean logit cancels)."""
-    texts = spec.split("|")
-    if len(texts) != 2:
-        raise ValueError(f"--target-diff {spec!r}: give two tokens as A|B, e.g. ' Paris| London'")
-    a, b = (one_token(enc, x, "--target-diff") for x in texts)
+    a, b = spec_tokens(enc, spec, "--target-diff", pair=True)
     W = model.wte.weight.detach()
     label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
     return custom_target(model, W[a] - W[b], label)
@@ -235,16 +233,13 @@ def logit_difference(spec, model, enc, rep):
 
 def token_logits(spec, model, enc, rep):
     """tokens:A|B|... (--target-tokens): these tokens' logits minus the mean, one token each."""
-    ids = [one_token(enc, x, "--target-tokens") for x in spec.split("|")]
-    if len(set(ids)) < len(ids):
-        raise ValueError(f"--target-tokens {spec!r} names a token twice: give each once")
+    ids = spec_tokens(enc, spec, "--target-tokens")
     return token_targets(model, rep.logits, torch.tensor(ids, device=rep.idx.device))
 
 
 def direction(spec, model, enc, rep):
     """direction:FILE (--target-direction): a .safetensors of one (d,) tensor, at ln_f's output."""
-    name, vector = read_direction(spec, model.config.n_embd)
-    label = f"Output direction {os.path.basename(spec)}:{name} (at ln_f's output)"
+    label, vector = read_direction(spec, model.config.n_embd)
     return custom_target(model, vector.to(rep.idx.device), label)
 
 
@@ -687,22 +682,6 @@ def exactness(model, clt, rep, graph):
 
 
 # -----------------------------------------------------------------------------
-# save: circuit-tracer's graph JSON for its front end, and the full graph (forge/graphfile.py)
-
-
-def save(graph, cfg, enc):
-    """Prune and score the graph, write its files -> (replacement, completeness, nodes, links)."""
-    pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
-    replacement, completeness = scores(graph)
-    info = dict(model=cfg.model, clt=cfg.clt, replacement_score=replacement)
-    info = info | dict(completeness_score=completeness)
-    thresholds = dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
-    explanations = load_explanations(cfg.interp)
-    kept = save_graph(graph, enc, cfg.out, cfg.slug, pruned, thresholds, info, explanations)
-    return replacement, completeness, *kept
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 PROMPT = "Batris lives in Fafes. The language Batris speaks is"
@@ -738,37 +717,9 @@ class GraphConfig:
     edge_threshold: float = arg(0.98, "keep edges up to this cumulative influence")
 
 
-def check_compatible(model, clt):
-    c, g = clt.config, model.config
-    if (c.n_layers, c.d_model) != (g.n_layer, g.n_embd):
-        ours = f"it has n_layers={c.n_layers}, d_model={c.d_model}"
-        gpt = f"the GPT has n_layer={g.n_layer}, n_embd={g.n_embd}"
-        named = f"(the CLT's config names model {c.model!r})"
-        raise ValueError(f"the CLT was made for another model: {ours}, {gpt} {named}")
-
-
-def encode_prompt(enc, prompt, n_ctx):
-    """Text -> (1, T) token ids with BOS first, as circuit-tracer's tokenizers give them."""
-    if not prompt.strip():
-        raise ValueError(f"the prompt is empty ({prompt!r}): give --prompt some text")
-    bos = enc.encode_single_token(ENDOFTEXT)
-    ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
-    ids = ids if ids[0] == bos else [bos] + ids
-    if len(ids) > n_ctx:
-        raise ValueError(
-            f"the prompt is {len(ids)} tokens with BOS, over the model's n_ctx={n_ctx}"
-        )
-    return torch.tensor([ids])
-
-
 def load(cfg, device):
     """cfg.model, its transcoder cfg.clt (any layout), the tokenizer, the prompt's ids (1, T)."""
-    if not os.path.exists(cfg.clt):
-        first = (
-            "python cache.py --model models/tiny --corpus toy --out runs/cache && python train.py"
-        )
-        fix = f"train one first, `{first}` (writes runs/clt), or pass --clt DIR"
-        raise FileNotFoundError(f"no CLT at {cfg.clt}: {fix}")
+    check_transcoder_dir(cfg.clt)
     model = GPT.from_pretrained(cfg.model)
     clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
     model = model.to(device)
@@ -776,23 +727,6 @@ def load(cfg, device):
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
     enc = load_tokenizer(cfg.model)
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
-
-
-def build_targets(cfg, model, enc, rep):
-    """The command line's output nodes (TARGETS) -> Targets, or None for the salient logits."""
-    named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
-    given = [x for x in named if not x.endswith(":")] + [cfg.target] * bool(cfg.target)
-    if len(given) > 1:
-        flags = "--target, --target-diff, --target-tokens, --target-direction"
-        raise ValueError(f"give one of {flags}, not {given}")
-    if not given:
-        return None
-    name, colon, spec = given[0].partition(":")
-    if name not in TARGETS or not colon:
-        raise ValueError(
-            f"--target {given[0]!r}: write NAME:SPEC, NAME one of {', '.join(TARGETS)}"
-        )
-    return TARGETS[name](spec, model, enc, rep)
 
 
 def run_graph(cfg):
@@ -805,24 +739,17 @@ def run_graph(cfg):
     model, clt, enc, idx = load(cfg, device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
-    targets = build_targets(cfg, model, enc, rep)
+    name, spec = target_spec(cfg, TARGETS)  # the output nodes; none given: the salient logits
+    targets = TARGETS[name](spec, model, enc, rep) if name else None
     knobs = (cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob, cfg.update_interval)
     graph = attribute(model, clt, rep, cfg.prompt, *knobs, cfg.position_nodes, mesh, targets)
     seconds = time.perf_counter() - t0
-    if rank != 0:
-        return
-    err, scale = exactness(model, clt, rep, graph)
-    replacement, completeness, n_nodes, n_links = save(graph, cfg, enc)
-    labels = graph.target_labels or [""] * len(graph.logit_ids)
-    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
-    top = ", ".join(label or f"{token_str(enc, t)!r} {p:.3f}" for t, p, label in probs)
-    capped = " [capped: dropped features' edges are missing]" * (len(graph.feats) < graph.n_active)
-    nodes = f"active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
-    print(f"prompt: {len(graph.tokens)} tokens | {nodes} | logits: {top}")
-    sums = f"max |sum A + bias - input| = {err:.2e} (inputs up to {scale:.2g}){capped}"
-    print(f"attribution: {seconds:.2f} s on {world} process(es) | exactness: {sums}")
-    pruned = f"pruned graph: {n_nodes} nodes, {n_links} links -> {cfg.out}/{cfg.slug}.json"
-    print(f"replacement score {replacement:.3f} | completeness score {completeness:.3f} | {pruned}")
+    if rank == 0:
+        pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
+        ratios = scores(graph)
+        kept = save_graph(graph, enc, cfg, pruned, ratios, load_explanations(cfg.interp))
+        exact = exactness(model, clt, rep, graph)
+        print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
 
 
 def main(argv=None):

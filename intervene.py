@@ -24,7 +24,6 @@ Differences from circuit-tracer (its feature_intervention):
   clean + intervened).
 """
 
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
@@ -33,7 +32,8 @@ import torch
 
 from clt import CrossLayerTranscoder
 from forge.cli import arg, parse_config, run_main
-from forge.graphfile import token_str
+from forge.graphcli import check_interventions, parse_interventions, parse_layers
+from forge.graphcli import print_generation, print_intervention
 from forge.hub import DEFAULT_MODEL
 from graph import DEVICE, PROMPT, check_compatible, load, reconstruct, replacement_forward
 from model import Acts, Frozen, GPT
@@ -51,6 +51,11 @@ class Intervention:
     feature: int  # its id in the layer
     mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
     value: float = 0.0  # set: the new activation; scale: the factor; add: the shift
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            name = f"intervention {self.layer}/{self.pos}/{self.feature}"
+            raise ValueError(f"{name}: mode {self.mode!r} is not one of {', '.join(MODES)}")
 
     def new_activation(self, a):
         """The feature's activation after the change, from its clean activation a."""
@@ -171,48 +176,6 @@ def forward_with_mlp_change(model, idx, delta, frozen=None):
             h.remove()
 
 
-def check_interventions(interventions, L, T, F_):
-    """-> (n, 3) long tensor of (layer, position in 0..T-1, feature); ValueError naming the fix."""
-    out = []
-    for iv in interventions:
-        name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
-        if iv.mode not in MODES:
-            raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
-        if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
-            sizes = f"0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS included)"
-            raise ValueError(f"{name}: need {sizes} and 0 <= feature < {F_}")
-        out.append((iv.layer, iv.pos % T, iv.feature))
-    if len(set(out)) < len(out):
-        names = [f"{l}/{p}/{f}" for l, p, f in out]
-        fix = "give each (layer, pos, feature) once, with the value it should end up at"
-        raise ValueError(f"a feature is changed twice in {names}: {fix}")
-    return torch.tensor(out, dtype=torch.long).view(-1, 3)
-
-
-NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-SPEC = re.compile(rf"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*({NUMBER})|:\s*(ablate))\s*")
-
-
-def parse_interventions(spec, n_layers=None, n_tokens=None, n_features=None):
-    """The command line's interventions -> [Intervention]: comma-separated LAYER/POS/FEATURE then
-    =VALUE (set), *X (scale), +X (add) or :ablate, e.g. "3/-1/123=5,0/2/7:ablate". Given the
-    sizes, layers, positions and features out of range are refused as intervene refuses them."""
-    out = []
-    for one in spec.split(","):
-        m = SPEC.fullmatch(one)
-        if not m:
-            raise ValueError(
-                f"--intervene {one.strip()!r}: write LAYER/POS/FEATURE=VALUE (set), *X (scale), "
-                "+X (add) or :ablate, comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate"
-            )
-        mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
-        layer, pos, feature = (int(m.group(i)) for i in (1, 2, 3))
-        out.append(Intervention(layer, pos, feature, mode, float(m.group(5) or 0)))
-    if n_layers is not None:
-        check_interventions(out, n_layers, n_tokens, n_features)
-    return out
-
-
 # -----------------------------------------------------------------------------
 # generation under intervention
 
@@ -309,61 +272,23 @@ class GenerateConfig(RunConfig):
     seed: int = arg(0, "random seed for sampling (both continuations draw alike)")
 
 
-def parse_layers(text, L):
-    """--layers START:END (either side may be empty) -> (start, end), or None if empty."""
-    if not text.strip():
-        return None
-    parts = [x.strip() for x in text.split(":")]
-    if len(parts) != 2 or not all(x.lstrip("-").isdigit() or not x for x in parts):
-        raise ValueError(f"--layers {text!r}: write START:END (mlp_out[START:END]), e.g. 1:3 or 2:")
-    return int(parts[0] or 0), int(parts[1] or L)
-
-
-def run_intervene(cfg):
-    print(asdict(cfg))
-    model, clt, enc, idx = load(cfg, cfg.device)
-    if not cfg.intervene.strip():
-        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
-    L, F_ = clt.config.n_layers, clt.config.n_features
-    ivs = parse_interventions(cfg.intervene, L, idx.size(1), F_)
-    out = run_intervened(model, clt, idx, ivs, cfg.freeze, parse_layers(cfg.layers, L))
-    for iv, a, b in zip(ivs, out.old.tolist(), out.new.tolist()):
-        token = token_str(enc, idx[0, iv.pos].item())
-        change = f"activation {a:.3g} -> {b:.3g} ({iv.mode} {iv.value:g})"
-        print(
-            f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token!r}: {change} | freeze {cfg.freeze}"
-        )
-    p0 = out.clean_logits[-1].softmax(-1)
-    p1 = out.logits[-1].softmax(-1)
-    print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
-    for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
-        print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
-
-
-def run_generate(cfg):
-    print(asdict(cfg))
-    model, clt, enc, idx = load(cfg, cfg.device)
-    T, L, n = idx.size(1), clt.config.n_layers, cfg.max_new_tokens
-    ivs = parse_interventions(cfg.intervene, L, T, clt.config.n_features) if cfg.intervene else []
-    how = (cfg.temperature, cfg.top_k, cfg.seed, cfg.every_token, cfg.freeze)
-    t0 = time.perf_counter()
-    clean, steered = generate(model, clt, idx, ivs, n, *how, parse_layers(cfg.layers, L))
-    seconds = time.perf_counter() - t0
-    print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
-    for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
-        mark = "" if a == b else "  *"
-        print(f"{i + 1:4d} | {token_str(enc, a)!r:>16} | {token_str(enc, b)!r:>16}{mark}")
-    print(f"prompt:     {cfg.prompt!r}")
-    print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
-    print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
-    speed = f"{n / max(seconds, 1e-9):.1f} tok/s for both continuations, no KV cache"
-    print(f"{n} tokens in {seconds:.2f} s ({speed}: each step re-runs the whole sequence)")
-
-
 def main(argv=None):
     configs = {"intervene": InterveneConfig, "generate": GenerateConfig}
     command, cfg = parse_config(__doc__, configs, argv)
-    {"intervene": run_intervene, "generate": run_generate}[command](cfg)
+    print(asdict(cfg))
+    model, clt, enc, idx = load(cfg, cfg.device)
+    if command == "intervene" and not cfg.intervene.strip():
+        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
+    ivs = parse_interventions(cfg.intervene, Intervention) if cfg.intervene else []
+    layers = parse_layers(cfg.layers, clt.config.n_layers)
+    if command == "intervene":
+        out = run_intervened(model, clt, idx, ivs, cfg.freeze, layers)
+        print_intervention(enc, idx, ivs, out, cfg)
+        return
+    how = (cfg.temperature, cfg.top_k, cfg.seed, cfg.every_token, cfg.freeze, layers)
+    t0 = time.perf_counter()
+    clean, steered = generate(model, clt, idx, ivs, cfg.max_new_tokens, *how)
+    print_generation(enc, cfg, idx.size(1), clean, steered, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

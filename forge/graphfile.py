@@ -15,10 +15,9 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from forge.files import atomic_path, write_json
-from forge.hub import ENDOFTEXT
 
 
 def token_str(enc, t):
@@ -27,33 +26,6 @@ def token_str(enc, t):
         return f"<{t}>"
     s = enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
     return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
-
-
-def one_token(enc, text, flag):
-    """The id of text, which must be exactly one token (flag: the option that gave it)."""
-    ids = enc.encode(text, allowed_special={ENDOFTEXT})
-    if len(ids) != 1:
-        pieces = [token_str(enc, t) for t in ids]
-        raise ValueError(
-            f"{flag}: {text!r} is {len(ids)} tokens {pieces}, not one: give tokens the tokenizer "
-            "keeps whole (mind the leading space: ' x' and 'x' are different tokens)"
-        )
-    return ids[0]
-
-
-def read_direction(path, d):
-    """A direction target's file: a .safetensors of one (d,) tensor -> (its name, the tensor)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"no direction file {path}: save one with safetensors.torch.save_file("
-            "{'direction': v}, path), v of shape (n_embd,)"
-        )
-    tensors = load_file(path)
-    if len(tensors) != 1:
-        names = sorted(tensors)
-        raise ValueError(f"{path} holds {len(tensors)} tensors {names}: save exactly one, ({d},)")
-    ((name, vector),) = tensors.items()
-    return name, vector
 
 
 def load_explanations(path):
@@ -104,13 +76,11 @@ def node_records(graph, enc, explanations, cumulative, infl):
     return nodes
 
 
-def save_graph(graph, enc, out, slug, pruned, thresholds, info, explanations):
+def save_graph(graph, enc, cfg, pruned, scores, explanations):
     """Write {slug}.json and graph-metadata.json (the front end), adjacency.safetensors and
-    nodes.json (the full graph) into folder out -> (kept nodes, links).
-
-    pruned: prune's (node_mask, edge_mask, cumulative influence, influence), on the CPU;
-    thresholds: {node_threshold, edge_threshold}; info: {model, clt, replacement_score,
-    completeness_score}; explanations: {(layer, feature): text}, the feature nodes' labels."""
+    nodes.json (the full graph) into cfg.out -> (kept nodes, links). pruned: prune's (node_mask,
+    edge_mask, cumulative influence, influence) on the CPU; scores: (replacement, completeness);
+    explanations: {(layer, feature): text}, the feature nodes' labels."""
     node_mask, edge_mask, cumulative, infl = pruned
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]
@@ -119,31 +89,34 @@ def save_graph(graph, enc, out, slug, pruned, thresholds, info, explanations):
     ends = zip(src.tolist(), dst.tolist(), A[dst, src].tolist())
     links = [dict(source=ids[s], target=ids[t], weight=w) for s, t, w in ends]
     targets = [node["clerp"] for node in nodes if node["feature_type"] == "logit"]
-    info = info | dict(n_active_features=graph.n_active, n_feature_nodes=len(graph.feats))
-    info = info | dict(position_nodes=graph.position_nodes, targets=targets)
+    info = dict(model=cfg.model, clt=cfg.clt, replacement_score=scores[0])
+    info |= dict(completeness_score=scores[1], n_active_features=graph.n_active)
+    info |= dict(n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes)
+    thresholds = dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
     # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its
     # server reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
     tokens = [token_str(enc, t) if enc else str(t) for t in graph.tokens]
-    meta = dict(slug=slug, scan="./data/features", transcoder_list=[], prompt_tokens=tokens)
-    meta |= dict(prompt=graph.prompt, node_threshold=thresholds["node_threshold"], schema_version=1)
-    meta |= dict(pruning_settings=thresholds, info=info)
+    meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[], prompt_tokens=tokens)
+    meta |= dict(prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1)
+    meta |= dict(pruning_settings=thresholds, info=info | dict(targets=targets))
     qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(cfg.out, exist_ok=True)
     mask = node_mask.tolist()
     kept = [node for node, m in zip(nodes, mask) if m]
     front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
-    write_json(os.path.join(out, f"{slug}.json"), front_end, indent=None)
-    add_to_index(os.path.join(out, "graph-metadata.json"), meta)
-    tensors = dict(adjacency=A.float(), influence=infl.float(), node_mask=node_mask)
-    tensors |= dict(edge_mask=edge_mask, features=graph.feats, activations=graph.acts.float())
+    write_json(os.path.join(cfg.out, f"{cfg.slug}.json"), front_end, indent=None)
+    add_to_index(os.path.join(cfg.out, "graph-metadata.json"), meta)
+    tensors = dict(adjacency=A, influence=infl, node_mask=node_mask, edge_mask=edge_mask)
+    tensors |= dict(features=graph.feats, activations=graph.acts)
     tensors |= dict(input_tokens=torch.tensor(graph.tokens), logit_tokens=graph.logit_ids)
-    probs, vectors = graph.logit_probs.float(), graph.target_vectors.float()
-    tensors |= dict(logit_probabilities=probs, target_vectors=vectors)
-    tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
-    with atomic_path(os.path.join(out, "adjacency.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    tensors |= dict(logit_probabilities=graph.logit_probs, target_vectors=graph.target_vectors)
+    floats = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+    with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
+        save_file(
+            {k: t.cpu().contiguous() for k, t in floats.items()}, tmp, metadata={"format": "pt"}
+        )
     table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
-    write_json(os.path.join(out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
+    write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     return len(kept), len(links)
 
 

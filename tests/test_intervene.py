@@ -10,7 +10,8 @@ import torch
 
 import graph as G
 from forge.hub import load_tokenizer
-from intervene import FREEZE, Intervention, generate, intervene, parse_interventions, parse_layers, run_intervened
+from forge.graphcli import check_interventions, parse_interventions, parse_layers
+from intervene import FREEZE, Intervention, generate, intervene, run_intervened
 from intervene import main as intervene_main
 from model import GPT
 import test_graph_plt
@@ -91,19 +92,19 @@ def test_freezing_and_layer_ranges():
 
 
 def test_parse_interventions():
-    ivs = parse_interventions("2/-1/7=1.5, 0/3/9*-1,1/2/4+0.25,2/1/3:ablate,0/1/1=0", L, T, F_)
+    ivs = parse_interventions("2/-1/7=1.5, 0/3/9*-1,1/2/4+0.25,2/1/3:ablate,0/1/1=0", Intervention)
     assert ivs == [Intervention(2, -1, 7, "set", 1.5), Intervention(0, 3, 9, "scale", -1.0),
                    Intervention(1, 2, 4, "add", 0.25), Intervention(2, 1, 3, "ablate", 0.0),
                    Intervention(0, 1, 1, "set", 0.0)]
     for bad in ("1-2-3", "1/2/3", "1/2/3=x", "1/2/3:zero", "1/2/3=1,", "a/2/3=1"):
         with pytest.raises(ValueError, match="LAYER/POS/FEATURE=VALUE"):
-            parse_interventions(bad, L, T, F_)
+            parse_interventions(bad, Intervention)
     for bad in (f"{L}/0/0=1", f"0/{T}/0=1", f"0/{-T - 1}/0=1", f"0/0/{F_}=1"):
         with pytest.raises(ValueError, match=f"need 0 <= layer < {L}, -{T} <= pos < {T}"):
-            parse_interventions(bad, L, T, F_)
+            check_interventions(parse_interventions(bad, Intervention), L, T, F_)
     model, clt, rep, _ = build()
     with pytest.raises(ValueError, match="changed twice"):
-        intervene(model, clt, rep.idx, parse_interventions(f"0/1/2=1,0/{1 - T}/2*2"))
+        intervene(model, clt, rep.idx, parse_interventions(f"0/1/2=1,0/{1 - T}/2*2", Intervention))
     with pytest.raises(ValueError, match="mode 'zero'"):
         intervene(model, clt, rep.idx, [Intervention(0, 1, 2, "zero")])
     with pytest.raises(ValueError, match="freeze='ln'"):

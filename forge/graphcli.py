@@ -1,0 +1,192 @@
+"""The command lines of graph.py and intervene.py: the prompt's token ids, the checks that a model,
+its transcoder and the flags fit together (each refusal names the fix), the flags' small languages
+(output nodes, interventions, layer ranges) and the printed reports. The scripts pass in what they
+need (a class to build, the TARGETS names); nothing here imports them."""
+
+import os
+import re
+
+import torch
+from safetensors.torch import load_file
+
+from forge.graphfile import token_str
+from forge.hub import ENDOFTEXT
+
+
+def check_transcoder_dir(path):
+    """Refuse a transcoder directory that is not there, naming the commands that make one."""
+    if not os.path.exists(path):
+        first = (
+            "python cache.py --model models/tiny --corpus toy --out runs/cache && python train.py"
+        )
+        fix = f"train one first, `{first}` (writes runs/clt), or pass --clt DIR"
+        raise FileNotFoundError(f"no CLT at {path}: {fix}")
+
+
+def check_compatible(model, clt):
+    """Refuse a transcoder whose layers or width are not the model's."""
+    c, g = clt.config, model.config
+    if (c.n_layers, c.d_model) != (g.n_layer, g.n_embd):
+        ours = f"it has n_layers={c.n_layers}, d_model={c.d_model}"
+        gpt = f"the GPT has n_layer={g.n_layer}, n_embd={g.n_embd}"
+        named = f"(the CLT's config names model {c.model!r})"
+        raise ValueError(f"the CLT was made for another model: {ours}, {gpt} {named}")
+
+
+def encode_prompt(enc, prompt, n_ctx):
+    """Text -> (1, T) token ids with BOS first, as circuit-tracer's tokenizers give them."""
+    if not prompt.strip():
+        raise ValueError(f"the prompt is empty ({prompt!r}): give --prompt some text")
+    bos = enc.encode_single_token(ENDOFTEXT)
+    ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
+    ids = ids if ids[0] == bos else [bos] + ids
+    if len(ids) > n_ctx:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens with BOS, over the model's n_ctx={n_ctx}"
+        )
+    return torch.tensor([ids])
+
+
+# -----------------------------------------------------------------------------
+# output nodes: --target NAME:SPEC, --target-diff A|B, --target-tokens A|B|..., --target-direction
+
+
+def target_spec(cfg, names):
+    """The one output-node flag given -> (NAME, SPEC), NAME in names; ("", "") if none is."""
+    named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
+    given = [x for x in named if not x.endswith(":")] + [cfg.target] * bool(cfg.target)
+    if len(given) > 1:
+        flags = "--target, --target-diff, --target-tokens, --target-direction"
+        raise ValueError(f"give one of {flags}, not {given}")
+    name, colon, spec = (given or [":"])[0].partition(":")
+    if given and (name not in names or not colon):
+        raise ValueError(f"--target {given[0]!r}: write NAME:SPEC, NAME one of {', '.join(names)}")
+    return name, spec
+
+
+def spec_tokens(enc, spec, flag, pair=False):
+    """A|B|... -> their token ids: each text exactly one token, none twice (pair: two of them)."""
+    texts = spec.split("|")
+    if pair and len(texts) != 2:
+        raise ValueError(f"{flag} {spec!r}: give two tokens as A|B, e.g. ' Paris| London'")
+    ids = [enc.encode(text, allowed_special={ENDOFTEXT}) for text in texts]
+    space = "mind the leading space: ' x' and 'x' are different tokens"
+    for text, tokens in zip(texts, ids):
+        if len(tokens) != 1:
+            pieces = [token_str(enc, t) for t in tokens]
+            fix = f"give tokens the tokenizer keeps whole ({space})"
+            raise ValueError(f"{flag}: {text!r} is {len(tokens)} tokens {pieces}, not one: {fix}")
+    if len({t[0] for t in ids}) < len(ids):
+        raise ValueError(f"{flag} {spec!r} names a token twice: give each once")
+    return [t[0] for t in ids]
+
+
+def read_direction(path, d):
+    """A .safetensors of one (d,) tensor -> (its output node's label, the tensor)."""
+    if not os.path.exists(path):
+        example = "safetensors.torch.save_file({'direction': v}, path), v of shape (n_embd,)"
+        raise FileNotFoundError(f"no direction file {path}: save one with {example}")
+    tensors = load_file(path)
+    if len(tensors) != 1:
+        names = sorted(tensors)
+        raise ValueError(f"{path} holds {len(tensors)} tensors {names}: save exactly one, ({d},)")
+    ((name, vector),) = tensors.items()
+    return f"Output direction {os.path.basename(path)}:{name} (at ln_f's output)", vector
+
+
+# -----------------------------------------------------------------------------
+# interventions: --intervene LAYER/POS/FEATURE=VALUE,... and --layers START:END
+
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+SPEC = re.compile(rf"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*({NUMBER})|:\s*(ablate))\s*")
+
+
+def parse_interventions(spec, make):
+    """Comma-separated LAYER/POS/FEATURE then =VALUE (set), *X (scale), +X (add) or :ablate, e.g.
+    "3/-1/123=5,0/2/7:ablate" -> [make(layer, pos, feature, mode, value)]."""
+    out = []
+    for one in spec.split(","):
+        m = SPEC.fullmatch(one)
+        if not m:
+            forms = "LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate"
+            raise ValueError(
+                f"--intervene {one.strip()!r}: write {forms}, comma-separated for "
+                "several, e.g. 3/-1/123=5,0/2/7:ablate"
+            )
+        mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
+        layer, pos, feature = (int(m.group(i)) for i in (1, 2, 3))
+        out.append(make(layer, pos, feature, mode, float(m.group(5) or 0)))
+    return out
+
+
+def check_interventions(interventions, L, T, F_):
+    """-> (n, 3) long tensor of (layer, position in 0..T-1, feature); ValueError naming the fix."""
+    out = []
+    for iv in interventions:
+        if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
+            sizes = f"0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS included)"
+            name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
+            raise ValueError(f"{name}: need {sizes} and 0 <= feature < {F_}")
+        out.append((iv.layer, iv.pos % T, iv.feature))
+    if len(set(out)) < len(out):
+        names = [f"{l}/{p}/{f}" for l, p, f in out]
+        fix = "give each (layer, pos, feature) once, with the value it should end up at"
+        raise ValueError(f"a feature is changed twice in {names}: {fix}")
+    return torch.tensor(out, dtype=torch.long).view(-1, 3)
+
+
+def parse_layers(text, L):
+    """--layers START:END (either side may be empty) -> (start, end), or None if empty."""
+    if not text.strip():
+        return None
+    parts = [x.strip() for x in text.split(":")]
+    if len(parts) != 2 or not all(x.lstrip("-").isdigit() or not x for x in parts):
+        raise ValueError(f"--layers {text!r}: write START:END (mlp_out[START:END]), e.g. 1:3 or 2:")
+    return int(parts[0] or 0), int(parts[1] or L)
+
+
+# -----------------------------------------------------------------------------
+# the printed reports
+
+
+def print_graph(graph, enc, cfg, seconds, world, exact, scores, kept):
+    """graph.py's summary: nodes, outputs, time, exactness (err, scale), scores, pruned graph."""
+    labels = graph.target_labels or [""] * len(graph.logit_ids)
+    probs = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
+    top = ", ".join(label or f"{token_str(enc, t)!r} {p:.3f}" for t, p, label in probs)
+    capped = " [capped: dropped features' edges are missing]" * (len(graph.feats) < graph.n_active)
+    nodes = f"active features: {graph.n_active} | feature nodes: {len(graph.feats)}"
+    print(f"prompt: {len(graph.tokens)} tokens | {nodes} | logits: {top}")
+    sums = f"max |sum A + bias - input| = {exact[0]:.2e} (inputs up to {exact[1]:.2g}){capped}"
+    print(f"attribution: {seconds:.2f} s on {world} process(es) | exactness: {sums}")
+    pruned = f"pruned graph: {kept[0]} nodes, {kept[1]} links -> {cfg.out}/{cfg.slug}.json"
+    print(f"replacement score {scores[0]:.3f} | completeness score {scores[1]:.3f} | {pruned}")
+
+
+def print_intervention(enc, idx, interventions, out, cfg):
+    """Each change, then the cfg.top largest changes of the next token's probability."""
+    for iv, a, b in zip(interventions, out.old.tolist(), out.new.tolist()):
+        token = token_str(enc, idx[0, iv.pos].item())
+        change = f"activation {a:.3g} -> {b:.3g} ({iv.mode} {iv.value:g})"
+        print(
+            f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token!r}: {change} | freeze {cfg.freeze}"
+        )
+    p0 = out.clean_logits[-1].softmax(-1)
+    p1 = out.logits[-1].softmax(-1)
+    print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")
+    for t in (p1 - p0).abs().topk(min(cfg.top, len(p0))).indices.tolist():
+        print(f"{token_str(enc, t)!r:>16} | {p0[t]:8.4f} | {p1[t]:8.4f} | {p1[t] - p0[t]:+8.4f}")
+
+
+def print_generation(enc, cfg, T, clean, steered, seconds):
+    """The two continuations of the prompt (T tokens) side by side, then whole, and the speed."""
+    print(f"{'step':>4} | {'clean':>16} | {'intervened':>16}")
+    for i, (a, b) in enumerate(zip(clean[0, T:].tolist(), steered[0, T:].tolist())):
+        mark = "" if a == b else "  *"
+        print(f"{i + 1:4d} | {token_str(enc, a)!r:>16} | {token_str(enc, b)!r:>16}{mark}")
+    print(f"prompt:     {cfg.prompt!r}")
+    print(f"clean:      {enc.decode(clean[0, T:].tolist())!r}")
+    print(f"intervened: {enc.decode(steered[0, T:].tolist())!r}")
+    n = cfg.max_new_tokens
+    speed = f"{n / max(seconds, 1e-9):.1f} tok/s for both continuations, no KV cache"
+    print(f"{n} tokens in {seconds:.2f} s ({speed}: each step re-runs the whole sequence)")
