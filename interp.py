@@ -50,6 +50,7 @@ from forge import toyworld
 from forge.cli import arg, parse_config, run_main
 from forge.concepts import concept_table, toy_world_concepts
 from forge.featurestore import Padded, SparseCounter, empty_top, merge_top, padded_chunks
+from forge.featurestore import decode_gram, n_digits, ngram_keys
 from forge.interpfile import check_clt, write_outputs
 from forge.hub import load_tokenizer
 from model import GPT
@@ -135,221 +136,7 @@ def interpret(model, enc, clt, cache, cfg: InterpConfig):
 
 
 # -----------------------------------------------------------------------------
-# explanations: built from the train counts alone
-def explain_all(stats, promoted_ids, enc):
-    """Per feature: the explanation string, its n-grams (as text, and as keys by train precision)
-    and the input_ngrams."""
-    cfg = stats.cfg
-    base = stats.base
-    g, c, C, bounds = gram_table(stats)
-    n_fires = stats.n_fires.cpu().numpy()
-    out = []
-    for m in range(stats.L * stats.F):
-        gm, cm, Cm = (x[bounds[m] : bounds[m + 1]] for x in (g, c, C))
-        chosen = choose_ngrams(gm, cm, Cm, n_fires[m], cfg.max_terms, base) if len(gm) else []
-        pmi = np.log(cm / Cm * (stats.n_rows / max(n_fires[m], 1)))  # log P(gram | fires) / P(gram)
-        top = np.lexsort((-cm, -pmi))[: cfg.n_input]  # by PMI, ties (often) by count
-        inputs = []
-        for i in top:
-            gram = decode_gram(int(gm[i]), base, enc)
-            pmi_i = round(float(pmi[i]), 3)
-            inputs.append(dict(ngram=gram, count=int(cm[i]), corpus_count=int(Cm[i]), pmi=pmi_i))
-        names = [decode_gram(int(gm[i]), base, enc) for i in sorted(chosen, key=lambda i: -cm[i])]
-        promotes = [enc.decode([int(t)]) for t in promoted_ids[m][: cfg.n_explain_logit]]
-        more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
-        quoted = [json.dumps(n, ensure_ascii=False) for n in names[: cfg.show_terms]]
-        text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
-        text += " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
-        text = "dead" if n_fires[m] == 0 else text
-        keys = [int(gm[i]) for i in chosen]  # most precise first: the scorer's ranking
-        out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs, keys=keys))
-    return out
-
-
-def choose_ngrams(grams, c, C, n_fires, max_terms, base):
-    """Greedily pick up to max_terms n-grams maximizing the train F1 of "one of them ends here".
-
-    grams, c, C: numpy arrays of the candidates' keys, firings on them and corpus occurrences. Two
-    n-grams ending at one token both match it only if one is a suffix of the other, so once a gram
-    is chosen the grams nested with it leave the pool: the chosen ones match disjoint tokens and
-    their counts add up. Returns indices into grams, most precise first."""
-    pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[: 4 * max_terms]  # the best alone
-    g = grams[pool]
-    c = c[pool]
-    C = C[pool]
-    mod = base ** n_digits(g, base)  # g % mod[j] == grams[j] iff grams[j] is a suffix of g
-    left = np.ones(len(pool), dtype=bool)
-    chosen = []
-    tp = 0
-    pp = 0
-    best = 0.0
-    while left.any() and len(chosen) < max_terms:
-        f1 = np.where(left, 2 * (tp + c) / (pp + C + n_fires), -1.0)
-        j = int(f1.argmax())
-        if f1[j] <= best:
-            break
-        chosen.append(j)
-        tp = tp + c[j]
-        pp = pp + C[j]
-        best = f1[j]
-        left &= (g % mod[j] != g[j]) & (g[j] % mod != g)  # drop the grams nested with it
-    return [int(pool[j]) for j in sorted(chosen, key=lambda j: -c[j] / C[j])]
-
-
-def n_digits(keys, base):
-    """n-gram keys (numpy) -> n, their number of base-`base` digits."""
-    n = np.zeros_like(keys)
-    p = 1
-    while (keys >= p).any():
-        n = n + (keys >= p)
-        p = p * base
-    return n
-
-
-def gram_table(stats):
-    """The n-grams with at least min_count firings: numpy (gram, count, corpus count) sorted by
-    feature, and each feature's bounds in them."""
-    keys, counts = stats.grams.merge()
-    G = stats.gram_space
-    M = stats.L * stats.F
-    m = keys // G
-    g = keys % G
-    corpus = m == M
-    ck = g[corpus]  # sorted by gram
-    cc = counts[corpus]
-    sel = ~corpus & (counts >= stats.cfg.min_count)
-    m = m[sel]
-    g = g[sel]
-    c = counts[sel]
-    C = cc[torch.searchsorted(ck, g)]  # a gram where a feature fires occurs in the corpus
-    bounds = torch.searchsorted(m, torch.arange(M + 1, device=m.device))
-    return [x.cpu().numpy() for x in (g, c, C, bounds)]
-
-
-def decode_gram(key, base, enc):
-    """Inverse of ngram_keys: an n-gram key -> its text."""
-    toks = []
-    while key > 0:
-        toks.append(key % base - 1)
-        key //= base
-    return enc.decode(toks[::-1])
-
-
-# -----------------------------------------------------------------------------
-# scores: each reads the held-out counts of a Scorer -> (M,) float64, NaN where undefined.
-# A new score is one function and one line in SCORES; features.jsonl and summary.json follow.
-def detection_auroc(s):
-    """AUROC of the explanation's rank (its matched n-gram's train precision) as a predictor of
-    firing over every held-out token: Mann-Whitney U, ties count half."""
-    neg = s.det[..., 0].double().cpu()  # (M, T+1) tokens per matched level, best level first
-    pos = s.det[..., 1].double().cpu()
-    neg_below = neg.flip(-1).cumsum(-1).flip(-1) - neg  # negatives at a lower-scored level
-    return (pos * (neg_below + 0.5 * neg)).sum(-1) / (pos.sum(-1) * neg.sum(-1))
-
-
-def detection_bacc(s):
-    """Balanced accuracy of "fires iff an n-gram of the explanation ends here", every token."""
-    neg = s.det[..., 0].double().cpu()  # level T (the last): no n-gram matched
-    pos = s.det[..., 1].double().cpu()
-    P = pos.sum(-1)
-    return 0.5 * ((P - pos[:, -1]) / P + neg[:, -1] / neg.sum(-1))
-
-
-def fuzzing_bacc(s):
-    """The same balanced accuracy on the activating contexts only (tokens near a firing)."""
-    fz = s.fuzz.double().cpu()  # (M, predicted, fires)
-    return 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
-
-
-SCORES = dict(
-    detection_auroc=detection_auroc, detection_bacc=detection_bacc, fuzzing_bacc=fuzzing_bacc
-)
-
-
-class Scorer:
-    """Counts, per feature, how its explanation's n-grams predict firing on held-out tokens.
-
-    The predictor's score at a token is the rank of the n-gram of the explanation that ends there
-    (the most precise on train first); an explanation's n-grams are never nested, so at most one
-    matches. det (M, T+1, 2): tokens per (level, fires), level T = no match; fuzz (M, 2, 2): tokens
-    near a firing per (predicted, fires)."""
-
-    def __init__(self, explanations, stats):
-        self.stats = stats  # the train pass's shapes and n-gram keys: L, F, base, gram_space, cfg
-        dev = stats.cfg.device
-        T = stats.cfg.max_terms
-        M = stats.L * stats.F
-        G = stats.gram_space
-        expl = enumerate(explanations)
-        pairs = sorted((m * G + k, t) for m, e in expl for t, k in enumerate(e["keys"]))
-        end = 2**63 - 1  # a sentinel past every key
-        self.ekeys = torch.tensor([k for k, _ in pairs] + [end], dtype=torch.long, device=dev)
-        self.elevel = torch.tensor([t for _, t in pairs] + [T], dtype=torch.long, device=dev)
-        self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)
-        self.fuzz = torch.zeros(M, 2, 2, dtype=torch.long, device=dev)
-        self.n_rows = 0
-
-    def update(self, p: "Padded"):
-        lo = p.lo
-        hi = p.hi
-        cfg = self.stats.cfg
-        T = cfg.max_terms
-        F_ = self.stats.F
-        keys = ngram_keys(p, cfg.max_ngram, self.stats.base)[lo:hi]  # (N, n)
-        self.n_rows += hi - lo
-        for l in range(self.stats.L):  # a layer at a time: (N, F) memory
-            sl = slice(l * F_, (l + 1) * F_)
-            fire_ext = p.acts[:, sl] > 0  # (E, F)
-            fire = fire_ext[lo:hi]
-            m = torch.arange(sl.start, sl.stop, device=fire.device)  # (F,)
-            level = torch.full(fire.shape, T, dtype=torch.long, device=fire.device)
-            for j in range(keys.size(1)):  # the n-gram of each length ending at each row
-                q = m * self.stats.gram_space + keys[:, j : j + 1]  # (N, F) (feature, gram) keys
-                i = torch.searchsorted(self.ekeys, q)
-                hit = (self.ekeys[i] == q) & (keys[:, j : j + 1] >= 0)
-                level = torch.where(hit, self.elevel[i], level)
-            f_idx = m - sl.start
-            fire_l = fire.long()
-            idx = ((f_idx * (T + 1) + level) * 2 + fire_l).flatten()
-            self.det[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
-            near = near_firing(fire_ext, p.doc, cfg.fuzz_window, lo, hi)  # (N, F)
-            idx = ((f_idx * 2 + (level < T).long()) * 2 + fire_l)[near]
-            self.fuzz[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
-
-    def results(self):
-        """{name: (M,) values} of every score in SCORES."""
-        return {name: score(self) for name, score in SCORES.items()}
-
-
-def near_firing(fire_ext, doc, w, lo, hi):
-    """(N, F) bool: rows of [lo, hi) within w rows of a firing in the same document."""
-    near = torch.zeros(hi - lo, fire_ext.size(1), dtype=torch.bool, device=fire_ext.device)
-    for o in range(-w, w + 1):  # row i looks at row i + o
-        a = max(lo + o, 0)  # source rows
-        b = min(hi + o, len(doc))
-        same = doc[a:b] == doc[a - o : b - o]
-        near[a - o - lo : b - o - lo] |= fire_ext[a:b] & same[:, None]
-    return near
-
-
-# -----------------------------------------------------------------------------
 # the train pass: densities, histograms, examples, n-gram counts
-def ngram_keys(p: Padded, n_max, base):
-    """(E, n_max) key of the n-gram ending at each row (-1 where it would cross a document start).
-
-    The key of tokens (t_{-n+1}, ..., t_0) is  sum_j (t_{-j} + 1) base^j  with base = V + 1, so
-    grams of every length share one integer space and a gram's suffixes are its low digits."""
-    E = p.tok.numel()
-    keys = torch.full((E, n_max), -1, dtype=torch.long, device=p.tok.device)
-    keys[:, 0] = p.tok + 1
-    for j in range(1, n_max):
-        ok = torch.zeros(E, dtype=torch.bool, device=p.tok.device)
-        ok[j:] = (p.doc[j:] == p.doc[:-j]) & (p.pos[j:] == p.pos[:-j] + j) & (keys[j:, j - 1] >= 0)
-        keys[j:, j] = keys[j:, j - 1] + (p.tok[:-j] + 1) * base**j
-        keys[:, j] = torch.where(ok, keys[:, j], -1)
-    return keys
-
-
 class FeatureStats:
     """Everything the train pass accumulates: O(L·F·(k·W + bins)) plus the n-gram counter, each
     statistic an index_add or a sort over the firings, never a dense (rows × features) pass."""
@@ -419,10 +206,8 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
 def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids), (M, n).
 
-    Feature f of layer l writes into mlp_out[l:] (clt.decoder_writes at activation 1), all of which
-    joins the residual stream. Through ln_f with its scale frozen at the mean, adding v to the final
-    residual moves the logits by  ((v - mean(v)) · scale · γ) @ W_U, W_U = wte^T. Only the
-    tokenizer's n_vocab tokens count (a model's vocabulary may be padded past them)."""
+    v = the feature's writes into mlp_out[l:] at activation 1 (clt.decoder_writes), summed; through
+    ln_f at its mean scale it moves the logits by ((v - mean(v)) · scale · γ) @ wte[:n_vocab]^T."""
     per_layer = []
     for l, W in enumerate(clt.W_dec):
         ids = torch.arange(W.size(0), device=W.device)
@@ -437,6 +222,175 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
         bv, bi = (-eff).topk(n, dim=1)
         parts.append((tv, ti, -bv, bi))
     return [torch.cat(x) for x in zip(*parts)]
+
+
+# -----------------------------------------------------------------------------
+# explanations: built from the train counts alone
+def explain_all(stats, promoted_ids, enc):
+    """Per feature: the explanation string, its n-grams (as text, and as keys by train precision)
+    and the input_ngrams."""
+    cfg = stats.cfg
+    g, c, C, bounds = gram_table(stats)
+    n_fires = stats.n_fires.cpu().numpy()
+    out = []
+    for m in range(stats.L * stats.F):
+        gm, cm, Cm = (x[bounds[m] : bounds[m + 1]] for x in (g, c, C))
+        chosen = choose_ngrams(gm, cm, Cm, n_fires[m], cfg.max_terms, stats.base) if len(gm) else []
+        pmi = np.log(cm / Cm * (stats.n_rows / max(n_fires[m], 1)))  # log P(gram | fires) / P(gram)
+        top = np.lexsort((-cm, -pmi))[: cfg.n_input]  # by PMI, ties (often) by count
+        txt = {i: decode_gram(int(gm[i]), stats.base, enc) for i in [*top, *chosen]}
+        inputs = [
+            dict(
+                ngram=txt[i], count=int(cm[i]), corpus_count=int(Cm[i]), pmi=round(float(pmi[i]), 3)
+            )
+            for i in top
+        ]
+        names = [txt[i] for i in sorted(chosen, key=lambda i: -cm[i])]
+        promotes = [enc.decode([int(t)]) for t in promoted_ids[m][: cfg.n_explain_logit]]
+        more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
+        quoted = [json.dumps(n, ensure_ascii=False) for n in names[: cfg.show_terms]]
+        text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
+        text += " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
+        text = "dead" if n_fires[m] == 0 else text
+        keys = [int(gm[i]) for i in chosen]  # most precise first: the scorer's ranking
+        out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs, keys=keys))
+    return out
+
+
+def choose_ngrams(grams, c, C, n_fires, max_terms, base):
+    """Greedily pick up to max_terms n-grams maximizing the train F1 of "one of them ends here".
+
+    grams, c, C: numpy arrays of the candidates' keys, firings on them and corpus occurrences. Two
+    n-grams ending at one token both match it only if one is a suffix of the other, so once a gram
+    is chosen the grams nested with it leave the pool: the chosen ones match disjoint tokens and
+    their counts add up. Returns indices into grams, most precise first."""
+    pool = np.argsort(-2 * c / (C + n_fires), kind="stable")[: 4 * max_terms]  # the best alone
+    g, c, C = (x[pool] for x in (grams, c, C))
+    mod = base ** n_digits(g, base)  # g % mod[j] == grams[j] iff grams[j] is a suffix of g
+    left = np.ones(len(pool), dtype=bool)
+    chosen = []
+    tp = pp = 0  # firings on the chosen grams, their occurrences
+    best = 0.0
+    while left.any() and len(chosen) < max_terms:
+        f1 = np.where(left, 2 * (tp + c) / (pp + C + n_fires), -1.0)
+        j = int(f1.argmax())
+        if f1[j] <= best:
+            break
+        chosen.append(j)
+        tp += c[j]
+        pp += C[j]
+        best = f1[j]
+        left &= (g % mod[j] != g[j]) & (g[j] % mod != g)  # drop the grams nested with it
+    return [int(pool[j]) for j in sorted(chosen, key=lambda j: -c[j] / C[j])]
+
+
+def gram_table(stats):
+    """The n-grams with at least min_count firings: numpy (gram, count, corpus count) sorted by
+    feature, and each feature's bounds in them."""
+    keys, counts = stats.grams.merge()
+    M = stats.L * stats.F
+    m = keys // stats.gram_space
+    g = keys % stats.gram_space
+    corpus = m == M  # the pseudo-feature that counts every occurrence, sorted by gram
+    sel = ~corpus & (counts >= stats.cfg.min_count)
+    C = counts[corpus][torch.searchsorted(g[corpus], g[sel])]  # a gram a feature fires on occurs
+    m, g, c = (x[sel] for x in (m, g, counts))
+    bounds = torch.searchsorted(m, torch.arange(M + 1, device=m.device))
+    return [x.cpu().numpy() for x in (g, c, C, bounds)]
+
+
+# -----------------------------------------------------------------------------
+# scores: each reads the held-out counts of a Scorer -> (M,) float64, NaN where undefined.
+# A new score is one function and one line in SCORES; features.jsonl and summary.json follow.
+def detection_auroc(s):
+    """AUROC of the explanation's rank (its matched n-gram's train precision) as a predictor of
+    firing over every held-out token: Mann-Whitney U, ties count half."""
+    neg = s.det[..., 0].double().cpu()  # (M, T+1) tokens per matched level, best level first
+    pos = s.det[..., 1].double().cpu()
+    neg_below = neg.flip(-1).cumsum(-1).flip(-1) - neg  # negatives at a lower-scored level
+    return (pos * (neg_below + 0.5 * neg)).sum(-1) / (pos.sum(-1) * neg.sum(-1))
+
+
+def detection_bacc(s):
+    """Balanced accuracy of "fires iff an n-gram of the explanation ends here", every token."""
+    neg = s.det[..., 0].double().cpu()  # level T (the last): no n-gram matched
+    pos = s.det[..., 1].double().cpu()
+    P = pos.sum(-1)
+    return 0.5 * ((P - pos[:, -1]) / P + neg[:, -1] / neg.sum(-1))
+
+
+def fuzzing_bacc(s):
+    """The same balanced accuracy on the activating contexts only (tokens near a firing)."""
+    fz = s.fuzz.double().cpu()  # (M, predicted, fires)
+    return 0.5 * (fz[:, 1, 1] / fz[:, :, 1].sum(-1) + fz[:, 0, 0] / fz[:, :, 0].sum(-1))
+
+
+SCORES = dict(
+    detection_auroc=detection_auroc, detection_bacc=detection_bacc, fuzzing_bacc=fuzzing_bacc
+)
+
+
+class Scorer:
+    """Counts, per feature, how its explanation's n-grams predict firing on held-out tokens.
+
+    The predictor's score at a token is the rank of the n-gram of the explanation that ends there
+    (the most precise on train first); an explanation's n-grams are never nested, so at most one
+    matches. det (M, T+1, 2): tokens per (level, fires), level T = no match; fuzz (M, 2, 2): tokens
+    near a firing per (predicted, fires)."""
+
+    def __init__(self, explanations, stats):
+        self.stats = stats  # the train pass's shapes and n-gram keys: L, F, base, gram_space, cfg
+        dev = stats.cfg.device
+        T = stats.cfg.max_terms
+        M = stats.L * stats.F
+        G = stats.gram_space
+        expl = enumerate(explanations)
+        pairs = sorted((m * G + k, t) for m, e in expl for t, k in enumerate(e["keys"]))
+        end = 2**63 - 1  # a sentinel past every key
+        self.ekeys = torch.tensor([k for k, _ in pairs] + [end], dtype=torch.long, device=dev)
+        self.elevel = torch.tensor([t for _, t in pairs] + [T], dtype=torch.long, device=dev)
+        self.det = torch.zeros(M, T + 1, 2, dtype=torch.long, device=dev)
+        self.fuzz = torch.zeros(M, 2, 2, dtype=torch.long, device=dev)
+        self.n_rows = 0
+
+    def update(self, p: Padded):
+        cfg = self.stats.cfg
+        T = cfg.max_terms
+        F_ = self.stats.F
+        keys = ngram_keys(p, cfg.max_ngram, self.stats.base)[p.lo : p.hi]  # (N, n)
+        self.n_rows += p.hi - p.lo
+        for l in range(self.stats.L):  # a layer at a time: (N, F) memory
+            sl = slice(l * F_, (l + 1) * F_)
+            fire_ext = p.acts[:, sl] > 0  # (E, F)
+            fire = fire_ext[p.lo : p.hi].long()  # (N, F)
+            m = torch.arange(sl.start, sl.stop, device=fire.device)  # (F,)
+            level = torch.full(fire.shape, T, dtype=torch.long, device=fire.device)
+            for j in range(keys.size(1)):  # the n-gram of each length ending at each row
+                q = m * self.stats.gram_space + keys[:, j : j + 1]  # (N, F) (feature, gram) keys
+                i = torch.searchsorted(self.ekeys, q)
+                hit = (self.ekeys[i] == q) & (keys[:, j : j + 1] >= 0)
+                level = torch.where(hit, self.elevel[i], level)
+            f_idx = m - sl.start
+            idx = ((f_idx * (T + 1) + level) * 2 + fire).flatten()
+            self.det[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
+            near = near_firing(fire_ext, p.doc, cfg.fuzz_window, p.lo, p.hi)  # (N, F)
+            idx = ((f_idx * 2 + (level < T).long()) * 2 + fire)[near]
+            self.fuzz[sl].view(-1).index_add_(0, idx, torch.ones_like(idx))
+
+    def results(self):
+        """{name: (M,) values} of every score in SCORES."""
+        return {name: score(self) for name, score in SCORES.items()}
+
+
+def near_firing(fire_ext, doc, w, lo, hi):
+    """(N, F) bool: rows of [lo, hi) within w rows of a firing in the same document."""
+    near = torch.zeros(hi - lo, fire_ext.size(1), dtype=torch.bool, device=fire_ext.device)
+    for o in range(-w, w + 1):  # row i looks at row i + o
+        a = max(lo + o, 0)  # source rows
+        b = min(hi + o, len(doc))
+        same = doc[a:b] == doc[a - o : b - o]
+        near[a - o - lo : b - o - lo] |= fire_ext[a:b] & same[:, None]
+    return near
 
 
 # -----------------------------------------------------------------------------

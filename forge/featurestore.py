@@ -3,12 +3,14 @@ forge/featurestore.py: what interp.py's passes stream and keep, in bounded memor
 
 padded_chunks encodes each chunk of a cache once and yields it between `before` rows of the past
 and the rows ahead (Padded); merge_top keeps per feature the k firings of largest key with their
-context windows (top-k examples, and with random keys a uniform sample); SparseCounter counts the
-(feature, n-gram) keys. Nothing here imports the spine: interp.py passes in the CLT and the cache.
+context windows (top-k examples, and with random keys a uniform sample); ngram_keys gives every
+n-gram one int64 key (decode_gram reads it back) and SparseCounter counts (feature, n-gram) keys.
+Nothing here imports the spine: interp.py passes in the CLT and the cache.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -49,6 +51,41 @@ def padded_chunks(clt, cache, split, cfg):
         prev = cur
     if prev is not None:
         yield padded(tail, prev, [x[:0] for x in prev])
+
+
+def ngram_keys(p: Padded, n_max, base):
+    """(E, n_max) key of the n-gram ending at each row (-1 where it would cross a document start).
+
+    The key of tokens (t_{-n+1}, ..., t_0) is  sum_j (t_{-j} + 1) base^j  with base = V + 1, so
+    grams of every length share one integer space and a gram's suffixes are its low digits."""
+    E = p.tok.numel()
+    keys = torch.full((E, n_max), -1, dtype=torch.long, device=p.tok.device)
+    keys[:, 0] = p.tok + 1
+    for j in range(1, n_max):
+        ok = torch.zeros(E, dtype=torch.bool, device=p.tok.device)
+        ok[j:] = (p.doc[j:] == p.doc[:-j]) & (p.pos[j:] == p.pos[:-j] + j) & (keys[j:, j - 1] >= 0)
+        keys[j:, j] = keys[j:, j - 1] + (p.tok[:-j] + 1) * base**j
+        keys[:, j] = torch.where(ok, keys[:, j], -1)
+    return keys
+
+
+def decode_gram(key, base, enc):
+    """Inverse of ngram_keys: an n-gram key -> its text."""
+    toks = []
+    while key > 0:
+        toks.append(key % base - 1)
+        key //= base
+    return enc.decode(toks[::-1])
+
+
+def n_digits(keys, base):
+    """n-gram keys (numpy) -> n, their number of base-`base` digits."""
+    n = np.zeros_like(keys)
+    p = 1
+    while (keys >= p).any():
+        n = n + (keys >= p)
+        p = p * base
+    return n
 
 
 class SparseCounter:
