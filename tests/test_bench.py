@@ -1,6 +1,7 @@
-"""experiments/gpu.py, the prepared GPU script, run whole on a CPU (the tiny shape, every part in its own
-process, bf16 autocast on the CPU, torchrun with gloo), and the pieces a GPU session relies on: the
-part runner's failure paths, torchrun's command line, the model without transformers."""
+"""experiments/gpu.py, the prepared GPU script, run whole on a CPU (the tiny shape, every part in
+its own process, bf16 autocast on the CPU, torchrun with gloo), and the pieces a GPU session relies
+on: the part runner's failure paths, torchrun's command line, the model without transformers."""
+
 import json
 import os
 import time
@@ -13,8 +14,17 @@ from experiments import gpu
 from forge.hub import load_tokenizer
 from model import GPT
 
-PARTS = ["machine and model", "cache build", "train.py bf16 autocast", "train.py fp32", "bf16 vs fp32 loss",
-         "torchrun", "train step alone", "graph.py", "interp.py"]
+PARTS = [
+    "machine and model",
+    "cache build",
+    "train.py bf16 autocast",
+    "train.py fp32",
+    "bf16 vs fp32 loss",
+    "torchrun",
+    "train step alone",
+    "graph.py",
+    "interp.py",
+]
 
 
 def test_the_gpu_script_runs_every_part_on_a_cpu(tmp_path):
@@ -25,13 +35,15 @@ def test_the_gpu_script_runs_every_part_on_a_cpu(tmp_path):
         rows = {r["part"]: r for r in json.load(f)["results"]}
     assert list(rows) == PARTS
     assert {p: r["status"] for p, r in rows.items() if r["status"] != "ok"} == {}
-    for part in ("cache build", "train.py bf16 autocast", "train.py fp32", "torchrun", "graph.py", "interp.py"):
+    timed = ("cache build", "train.py bf16 autocast", "train.py fp32", "torchrun", "graph.py")
+    for part in (*timed, "interp.py"):
         assert isinstance(rows[part]["time_s"], float) and rows[part]["time_s"] > 0, rows[part]
     assert "MFU" in rows["train.py fp32"]["rate"] and "%" in rows["train.py fp32"]["rate"]
     with open(out / "gpu_curves.json") as f:
         curves = json.load(f)
     assert len(curves["bf16"]) == len(curves["fp32"]) == gpu.QUICK_GPU["gpu_steps"]
-    # --autocast always reached the step (the curves differ), and bf16 moves the loss by far less than the noise
+    # --autocast always reached the step (the curves differ), and bf16 moves the loss by far less
+    # than the noise
     gap, noise = gpu.loss_gap(curves["bf16"], curves["fp32"])
     assert 0 < gap < noise
     assert f"max |Δ| = {gap / noise:.3g} x noise" == rows["bf16 vs fp32 loss"]["rate"]
@@ -71,7 +83,11 @@ def test_torchruns_command_line_gives_the_in_process_config_back():
 
 def no_transformers(monkeypatch):
     real = gpu.find_spec
-    monkeypatch.setattr(gpu, "find_spec", lambda name: None if name == "transformers" else real(name))
+
+    def find_spec(name):
+        return None if name == "transformers" else real(name)
+
+    monkeypatch.setattr(gpu, "find_spec", find_spec)
 
 
 def failing_transformers(monkeypatch):
@@ -79,11 +95,17 @@ def failing_transformers(monkeypatch):
         os.makedirs(path)
         open(os.path.join(path, "config.json"), "w").close()  # a half-written directory
         raise TypeError("save_pretrained() got an unexpected keyword argument")
+
     monkeypatch.setattr(gpu, "hf_random_model_dir", fails)
 
 
-@pytest.mark.parametrize("case, why", [(no_transformers, "not installed"), (failing_transformers, "TypeError")])
-def test_without_working_transformers_the_model_comes_from_random_model_dir(tmp_path, monkeypatch, case, why):
+CASES = [(no_transformers, "not installed"), (failing_transformers, "TypeError")]
+
+
+@pytest.mark.parametrize("case, why", CASES)
+def test_without_working_transformers_the_model_comes_from_random_model_dir(
+    tmp_path, monkeypatch, case, why
+):
     case(monkeypatch)
     path = str(tmp_path / "model")
     made = gpu.gpu_model_dir(path, gpu.TINY_SHAPE)

@@ -1,13 +1,15 @@
-"""experiments/faithfulness.py: its predictions are the graph's own. On toy-world prompts of models/tiny
-with a random TopK CLT: ablating a feature in the replacement model's view (freeze="all") moves the
-top logit node by the graph's direct prediction, and the total prediction (every path through the
-features, removal_effects) equals the replacement model run with its features responding linearly."""
+"""experiments/faithfulness.py: its predictions are the graph's own. On toy-world prompts of
+models/tiny with a random TopK CLT: ablating a feature in the replacement model's view
+(freeze="all") moves the top logit node by the graph's direct prediction, and the total prediction
+(every path through the features, removal_effects) equals the replacement model run with its
+features responding linearly."""
+
 import random
 
 import pytest
 import torch
 
-import graph as G
+import graph
 from forge import toyworld
 from clt import CLTConfig, CrossLayerTranscoder
 from experiments.compactness import family_prompts
@@ -23,31 +25,37 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def setup():
-    """(models/tiny, a random TopK CLT for it, [(family, token ids)] of a prompt of each of FAMILIES)."""
+    """(models/tiny, a random TopK CLT for it, [(family, token ids)] of a prompt of each of
+    FAMILIES)."""
     model = GPT.from_pretrained().eval()
     g = model.config
-    t = CrossLayerTranscoder(CLTConfig(n_layers=g.n_layer, d_model=g.n_embd, n_features=64, activation="topk",
-                                           k=4), seed=0).eval()
-    with torch.no_grad():  # random decoders write little: scaled up, features carry the influence and pruning keeps them
+    t = CrossLayerTranscoder(
+        CLTConfig(n_layers=g.n_layer, d_model=g.n_embd, n_features=64, activation="topk", k=4),
+        seed=0,
+    ).eval()
+    # random decoders write little: scaled up, features carry the influence and pruning keeps them
+    with torch.no_grad():
         for w in t.W_dec:
             w.mul_(30)
     enc, world = load_tokenizer(DEFAULT_MODEL), toyworld.load_world()
     families = family_prompts(world, 1)
-    prompts = [(fam, G.encode_prompt(enc, families[fam][0][0], g.n_ctx)) for fam in FAMILIES]
+    prompts = [(fam, graph.encode_prompt(enc, families[fam][0][0], g.n_ctx)) for fam in FAMILIES]
     return model, t, prompts
 
 
 def linear_replacement_change(model, t, rep, g, i):
-    """The change of logit node 0 when feature node i is removed, in the frozen replacement model whose
-    other features respond one for one to their pre-activations (errors held): run layer by layer,
-    independently of the adjacency."""
+    """The change of logit node 0 when feature node i is removed, in the frozen replacement model
+    whose other features respond one for one to their pre-activations (errors held): run layer by
+    layer, independently of the adjacency."""
     n_layers = g.n_layers
-    pre0, logits0 = G.target_inputs(model, t, rep, g.feats, g.target_vectors)
+    pre0, logits0 = graph.target_inputs(model, t, rep, g.feats, g.target_vectors)
     change = torch.zeros_like(g.acts)
-    for _ in range(n_layers + 1):  # layer l's features settle in pass l + 1; the last pass reads the logits
+    # layer l's features settle in pass l + 1; the last pass reads the logits
+    for _ in range(n_layers + 1):
         change[i] = -g.acts[i]
-        fixed = rep.mlp_out - rep.skip + G.reconstruct(t, g.feats, change, len(g.tokens), bias=False)  # (T, L, d)
-        pre, logits = G.target_inputs(model, t, rep, g.feats, g.target_vectors, mlp_out=fixed)
+        written = graph.reconstruct(t, g.feats, change, len(g.tokens), bias=False)  # (T, L, d)
+        fixed = rep.mlp_out - rep.skip + written  # (T, L, d)
+        pre, logits = graph.target_inputs(model, t, rep, g.feats, g.target_vectors, mlp_out=fixed)
         change = pre - pre0
     return (logits - logits0)[0].item()
 
@@ -69,8 +77,8 @@ def test_frozen_ablation_is_the_direct_prediction(setup):
 def test_total_prediction_is_the_linear_replacement_model(setup):
     model, t, prompts = setup
     fam, idx = prompts[1]  # the two-hop prompt: the longest, the most paths
-    rep = G.local_replacement(model, t, idx)
-    g = G.attribute(model, t, rep, batch_size=1024)
+    rep = graph.local_replacement(model, t, idx)
+    g = graph.attribute(model, t, rep, batch_size=1024)
     low = (g.feats[:, 0] == 0).nonzero()[:, 0]  # layer 0: the longest paths
     total, change = removal_effects(g, low)
     direct = -g.adjacency[g.slices().logits.start, low].double()
@@ -78,6 +86,8 @@ def test_total_prediction_is_the_linear_replacement_model(setup):
     assert (total[most] - direct[most]).abs().min() > 1e-3  # paths through features do matter here
     for j in most.tolist():
         i = low[j].item()
-        assert change[i, j] == -g.acts[i] and change[:, j].count_nonzero() > 1  # removed, and others respond
+        # removed, and others respond
+        assert change[i, j] == -g.acts[i] and change[:, j].count_nonzero() > 1
         expected = linear_replacement_change(model, t, rep, g, i)
-        assert abs(total[j].item() - expected) <= 1e-4 * max(abs(expected), 1e-2), (i, total[j].item(), expected)
+        got = total[j].item()
+        assert abs(got - expected) <= 1e-4 * max(abs(expected), 1e-2), (i, got, expected)
