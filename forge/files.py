@@ -59,22 +59,14 @@ def read_export_file(path, name, export_id, rows):
     file = os.path.join(path, f"{name}.safetensors")
     fix = "re-export it, e.g. python train.py --resume --out DIR"
     if not os.path.exists(file):
-        raise FileNotFoundError(
-            f"{file} is missing: the CLT export in {path} is incomplete ({fix})"
-        )
+        raise FileNotFoundError(f"{file} is missing: the export in {path} is incomplete ({fix})")
     with safe_open(file, "pt") as f:
         found = (f.metadata() or {}).get("export_id")
         if export_id is not None and found != export_id:
-            crash = "(a crash during an export?)"
-            raise ValueError(
-                f"{file} comes from another save than the config in {path} {crash}: {fix}"
-            )
-        # one per layer, not per feature: every rank reads them whole
-        per_layer = ("b_dec", "W_skip")
-        tensors = {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k) if k.startswith(per_layer) else f.get_slice(k)[rows]
-        return tensors
+            other = "comes from another save than the config in"
+            raise ValueError(f"{file} {other} {path} (a crash during an export?): {fix}")
+        whole = ("b_dec", "W_skip")  # one per layer, not per feature: every rank reads them whole
+        return {k: f.get_slice(k)[slice(None) if k.startswith(whole) else rows] for k in f.keys()}
 
 
 def check_same_model(model, sha256, what):

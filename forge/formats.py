@@ -269,10 +269,8 @@ def _saelens_layers(path, n_layers):
             continue
         with open(os.path.join(root, "cfg.json")) as f:
             cfg = json.load(f)
-        top = {k: cfg[k] for k in ("hook_name", "hook_name_out") if k in cfg}  # SAELens < 6
-        hooks = {**cfg.get("metadata", {}), **top}
-        reads = hooks.get("hook_name")
-        writes = hooks.get("hook_name_out")
+        hooks = {**cfg.get("metadata", {}), **cfg}  # SAELens 6 has them in metadata, < 6 at the top
+        reads, writes = hooks.get("hook_name"), hooks.get("hook_name_out")
         found = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", reads or "")
         if found is None or not (writes or "").endswith("hook_mlp_out"):
             raise ValueError(

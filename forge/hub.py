@@ -22,14 +22,11 @@ def resolve_model_dir(name_or_dir):
     if os.path.isdir(name_or_dir):
         path = name_or_dir
     elif looks_like_path or os.path.exists(name_or_dir):
-        raise FileNotFoundError(
-            f"model directory {name_or_dir} does not exist (and it is not a hub repo id)"
-        )
+        raise FileNotFoundError(f"model directory {name_or_dir} does not exist (nor a hub id)")
     else:
         try:
             path = snapshot_download(repo_id=name_or_dir, allow_patterns=HUB_FILES)
-        except Exception as e:
-            # offline, no such repo, an invalid id: huggingface_hub raises many kinds
+        except Exception as e:  # offline, no such repo, an invalid id: the hub raises many kinds
             raise FileNotFoundError(
                 f"{name_or_dir!r} is neither a local directory nor a model the hub gave us "
                 f"({type(e).__name__}): check the path, or use a hub id such as gpt2 "
@@ -124,7 +121,6 @@ ENDOFTEXT = "<|endoftext|>"
 
 def bytes_to_unicode():
     """GPT-2's map from the 256 bytes to printable unicode characters (vocab.json's alphabet).
-
     Printable latin-1 bytes map to themselves; the other 68 go to 256, 257, ... in byte order.
     The dict is in GPT-2's rank order: the 188 printable bytes first, then the rest (ids 0..255).
     """
@@ -136,15 +132,9 @@ def bytes_to_unicode():
 
 def load_tokenizer(name_or_dir=DEFAULT_MODEL):
     """A tiktoken Encoding from vocab.json + merges.txt (for the gpt2 family: tiktoken's "gpt2").
-
     tiktoken merges by rank, so ranks must follow merge order: the 256 bytes first, then one token
-    per line of merges.txt. We check that vocab.json agrees, as tiktoken's own gpt2 loader does.
-    """
+    per line of merges.txt. We check that vocab.json agrees, as tiktoken's own gpt2 loader does."""
     path = name_or_dir if os.path.isdir(str(name_or_dir)) else resolve_model_dir(name_or_dir)
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.exists(os.path.join(path, name)):
-            needs = "the tokenizer needs vocab.json and merges.txt"
-            raise FileNotFoundError(f"{path} has no {name}: {needs}")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     def to_bytes(token):  # vocab.json's printable characters -> the token's bytes
@@ -152,8 +142,7 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
 
     with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
         vocab = json.load(f)
-    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-        # line 0 is "#version"
+    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:  # line 0: "#version"
         merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]
     ranks = {to_bytes(c): i for i, c in enumerate(bytes_to_unicode().values())}
     for a, b in merges:
@@ -164,9 +153,8 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
         raise ValueError(f"{path}: vocab.json ids do not follow merges.txt order; {needs}")
     if ENDOFTEXT not in vocab:
         raise ValueError(f"{path}: vocab.json has no {ENDOFTEXT}")
+    name = os.path.basename(os.path.normpath(path))
+    special = {ENDOFTEXT: vocab[ENDOFTEXT]}
     return tiktoken.Encoding(
-        name=os.path.basename(os.path.normpath(path)),
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: vocab[ENDOFTEXT]},
+        name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special
     )
