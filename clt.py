@@ -125,8 +125,7 @@ class CrossLayerTranscoder(nn.Module):
         # per-layer scalars so that E||x|| = sqrt(d) while training (folded in on export)
         self.register_buffer("input_scale", torch.ones(L))  # multiplies mlp_in[l]
         self.register_buffer("output_scale", torch.ones(L))  # multiplies mlp_out[l] (the target)
-        # batchtopk, while training: (L,) the last batch's global B·k-th value
-        self.batch_threshold = None
+        self.batch_threshold = None  # batchtopk, while training: (L,) the batch's global B·k-th
 
     def n_writes(self, layer):
         """How many MLP outputs a feature of `layer` writes to: layers layer .. layer + n - 1.
@@ -287,9 +286,8 @@ class CrossLayerTranscoder(nn.Module):
             shard = t.detach().transpose(dim, -1).contiguous()
             return all_gather_last(shard, self.mesh.tp_group).transpose(dim, -1)
 
-        full.W_enc.copy_(gather(self.W_enc, -1))
-        full.b_enc.copy_(gather(self.b_enc, -1))
-        full.log_threshold.copy_(gather(self.log_threshold, -1))
+        for name in ("W_enc", "b_enc", "log_threshold"):  # (L, d, F/tp), (L, F/tp), (L, F/tp)
+            getattr(full, name).copy_(gather(getattr(self, name), -1))
         for l, W in enumerate(self.W_dec):
             full.W_dec[l].copy_(gather(W, 0))
         replicated = ["b_dec", "input_scale", "output_scale"]

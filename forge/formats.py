@@ -96,9 +96,7 @@ def clt_files(t, threshold=True):
 def read_clt_config(path, config_class):
     """(config_class(**fields), export id) from the config.json of a CLT in clt.py's layout."""
     config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{path} has no config.json: not a CLT saved by save_pretrained")
-    with open(config_path) as f:
+    with open(config_path) as f:  # FileNotFoundError names it
         saved = json.load(f)
     export_id = saved.pop("export_id", None)
     unknown = sorted(set(saved) - {f.name for f in fields(config_class)})
@@ -253,8 +251,7 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
         hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=hook_out)
         cfg = dict(architecture=architecture, d_in=c.d_model, d_sae=c.n_features, d_out=c.d_model)
         cfg.update(dtype="float32", apply_b_dec_to_input=False, normalize_activations="none")
-        # hooks at the top (SAELens < 6) and in metadata (6)
-        cfg.update(hook_layer=l, **hooks, metadata=hooks)
+        cfg.update(hook_layer=l, **hooks, metadata=hooks)  # at the top for SAELens < 6
         folder = os.path.join(path, hook)
         os.makedirs(folder, exist_ok=True)
         save_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
