@@ -432,7 +432,8 @@ def train(config: TrainConfig, given=None):
     mesh = make_mesh(ddp, world, c.tp, device)
     checkpoint.check_flags(c, cache, mesh)
     if master:
-        print(f"train.py | world {world} = dp {mesh.dp} x tp {mesh.tp} | {device} | {asdict(c)}")
+        where = f"world {world} = dp {mesh.dp} x tp {mesh.tp} | device {device}"
+        print(f"train.py | {where} | {asdict(c)}")
     gpt, contexts = eval_set(c, cache, device)
     clt, opt = build(c, cache, mesh, device)
     clocks = torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device)  # (L, F)
