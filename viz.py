@@ -10,25 +10,20 @@ Data flow (each picture reads one script's output and writes static files beside
                                                                   index/, a page a feature
     train.py  -> runs/clt/metrics.jsonl     -> viz.py train    -> runs/clt/plots/*.png, frontier.png
 
-    python viz.py --help
     python viz.py features runs/interp             # first, so the graph can link to the pages
     python viz.py graph runs/graph/graph.json      # nodes link to runs/interp/html/ if it exists
     python viz.py train runs/clt runs/clt2 --out runs/plots   # curves per run + L0-vs-FVU frontier
 
-CPU only; nothing here needs torch or torchrun (`viz.py features` renders pages in one process per
-core, --workers). Every page is self-contained (inline SVG, CSS and plain JavaScript, no network
-URLs), so the folders can be zipped and opened offline, from file://. Every file is written whole or
-not at all. forge/browser.py holds the machinery: the index's rows and layer files, its script and
-CSS (forge/static/), the feature files for circuit-tracer's front end (`python -m circuit_tracer
-start-server --graph_file_dir runs/graph`).
+CPU only, no torch; `viz.py features` renders pages in one process per core (--workers). Pages are
+self-contained (inline SVG, CSS and plain JavaScript, no network URLs: they open offline, from
+file://); every file is written whole or not at all. How things look is in forge/plots.py (graphviz,
+matplotlib) and forge/browser.py (the pages' HTML, the index's rows and script).
 
-The feature index is a browser: one row per feature, sortable by any column (click its header),
-filtered by layer and by words that must all occur in the explanation or the top tokens. The view
-lives in the URL's hash, so a link reopens it: index.html#sort=auroc&dir=desc&layer=2&q=capital
-(sort: layer, feature, explanation, tokens, density, max_act, auroc, fuzzing, concept, f1, flags;
-layer: a layer, "all", or none: the rows index.html holds). index.html holds the best 5,000 rows
-by detection AUROC (--inline-rows); the page reads each layer's rows from index/ when a view needs
-them.
+The feature index: a row per feature, sorted by a click on a column's header, filtered by layer and
+by words of the explanation or top tokens. The URL's hash keeps the view, so a link reopens it:
+index.html#sort=auroc&dir=desc&layer=2&q=capital (sort: layer, feature, explanation, tokens,
+density, max_act, auroc, fuzzing, concept, f1, flags; layer: a layer, "all", or none: the best 5,000
+rows by detection AUROC that index.html holds, --inline-rows; the rest load from index/ as needed).
 
 References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
 frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
@@ -49,6 +44,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 
+import graphviz
 from tqdm import tqdm
 
 from forge import browser, plots
@@ -131,40 +127,40 @@ def draw_graph(cfg):
     stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
     written = [stem + ".dot", stem + ".html"]
     written += browser.write_frontend_features(graph, interp_dir, out)
-    if shutil.which("dot") is None:  # the .dot and the page's node table, no picture
-        write_file(stem + ".dot", build_dot(graph, cfg, href).source)
-        plots.write_graph_page(stem, graph, cfg, None, href)
-        print(
-            f"wrote {stem}.dot and {stem}.html (the nodes, no picture); "
-            + plots.NO_DOT.format(stem=stem)
-        )
-        return written
-    layout = dot_positions(build_dot(graph, cfg, href, links=False))  # pass 1: dot places the grid
-    g = build_dot(graph, cfg, href, pos_of=layout)  # pass 2: pinned nodes, neato -n2 routes edges
+    has_dot = shutil.which("dot") is not None  # without it: the .dot and the page's node table
+    # pass 1: `dot` places the grid; pass 2: the nodes pinned there, `neato -n2` routes the edges
+    layout = dot_positions(build_dot(graph, cfg, href, links=False)) if has_dot else {}
+    g = build_dot(graph, cfg, href, pos_of=layout)
     write_file(stem + ".dot", g.source)
-    svg = g.pipe(format="svg", engine="neato", neato_no_op=2, encoding="utf-8")
-    write_file(stem + ".svg", svg)
-    write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
+    svg = None
+    if has_dot:
+        svg = g.pipe(format="svg", engine="neato", neato_no_op=2, encoding="utf-8")
+        write_file(stem + ".svg", svg)
+        write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
+        written += [stem + ".svg", stem + ".png"]
     plots.write_graph_page(stem, graph, cfg, svg, href)
-    print(f"wrote {stem}.dot, .svg, .png, .html")
-    return written + [stem + ".svg", stem + ".png"]
+    print(f"wrote {stem}.dot, .svg, .png, .html" if has_dot else plots.NO_DOT.format(stem=stem))
+    return written
 
 
 def build_dot(graph, cfg, href=None, pos_of=None, links=True):
-    """The picture as a graphviz Digraph; href(layer, feature) gives a feature node's link or None.
-    Two passes: `dot` lays out the grid alone (links=False), then with `pos_of` (node -> (x, y) in
-    points from that pass) every node is pinned and the invisible layout edges are dropped, for
-    `neato -n2` to route the real edges around the nodes (`dot` itself routes edges that do not take
-    part in ranking in wide loops)."""
+    """The picture as a graphviz Digraph; href(layer, feature) is a feature node's link or None.
+    With `pos_of` (node -> (x, y) in points, from `dot` on the grid alone: links=False) every node
+    is pinned, for `neato -n2` to route the edges around them (`dot` routes them in wide loops)."""
     nodes, kept, imp = select_subgraph(graph, cfg)
     meta = graph.get("metadata", {})
-    g = plots.digraph(f"Attribution graph: {meta.get('prompt', '')}")
+    attrs = dict(plots.GRAPH, label=plots.text(f"Attribution graph: {meta.get('prompt', '')}"))
+    g = graphviz.Digraph("attribution_graph", graph_attr=attrs, **plots.STYLES)
     ranks = grid_ranks(nodes, imp, cfg.cell_width)
-    tokens = meta.get("prompt_tokens") or []
-    plots.grid(g, ranks, imp, tokens, cfg.label_chars, href, pos_of or {})
+    plots.grid(g, ranks, imp, meta.get("prompt_tokens") or [], cfg.label_chars, href, pos_of or {})
     wmax = max((abs(l["weight"]) for l in kept), default=1.0) or 1.0
-    for l in kept if links else []:
-        plots.edge(g, l, wmax)
+    for l in kept if links else []:  # constraint=false: only the grid places nodes
+        w = l["weight"]
+        color = plots.POS_COLOR if w >= 0 else plots.NEG_COLOR
+        width = f"{0.4 + 4.0 * abs(w) / wmax:.2f}"
+        tip = f"{l['source']} -> {l['target']}: {w:+.3g}"
+        attrs = dict(color=color, penwidth=width, constraint="false", tooltip=tip)
+        g.edge(l["source"], l["target"], **attrs)
     return g
 
 
@@ -214,9 +210,8 @@ def grid_ranks(nodes, imp, cell_width):
             cells.setdefault(n["ctx_idx"], []).append(n)
         depth = max([math.ceil(len(c) / cell_width) for c in cells.values()] + [1])
         for k in range(depth):
-            ranks.append(
-                (r, {p: c[k * cell_width : (k + 1) * cell_width] for p, c in cells.items()})
-            )
+            rank = {p: c[k * cell_width : (k + 1) * cell_width] for p, c in cells.items()}
+            ranks.append((r, rank))
     return ranks
 
 
@@ -232,11 +227,13 @@ def feature_page(feat, cfg):
     ngrams = (feat.get("input_ngrams") or [])[: cfg.top_tokens]
     ngrams = [dict(r, ngram=show_token(r.get("ngram", ""))) for r in ngrams]
     title = f"Layer {int(feat['layer'])} / feature {int(feat['feature'])}"
-    stats = table_html(browser.feature_stats(feat))
+    skip = ("layer", "feature", "explanation")
+    stats = {k: v for k, v in feat.items() if k not in skip and browser.is_scalar(v)}
+    stats.update(feat.get("quantiles") or {})  # the scalar fields (density, scores), the quantiles
     body = [
         f'<p><a href="index.html">all features</a></p><h1>{title}</h1>',
         f"<p><b>Explanation:</b> {html.escape(str(feat.get('explanation') or '(none)'))}</p>",
-        f"<div class='cols'><div><h2>Statistics and scores</h2>{stats}</div>",
+        f"<div class='cols'><div><h2>Statistics and scores</h2>{table_html(stats)}</div>",
         "<div><h2>Activation histogram (when active; log-spaced bins)</h2>",
         browser.svg_histogram(hist.get("counts", []), hist.get("edges", [])),
         f"<p class='muted'>density {fmt(feat.get('density'))}</p></div></div><div class='cols'>",
@@ -298,7 +295,7 @@ def draw_features(cfg):
             bar.update(len(rows))
     index.write()
     page = browser.index_page(index, browser.summary_html(summary, run_dir))
-    browser.write_page(os.path.join(out, "index.html"), "Features", page)
+    write_file(os.path.join(out, "index.html"), browser.page_html("Features", page))
     files = f" and {len(index.files)} layer files in index/" if index.files else ""
     print(f"wrote {index.n - index.n_dead} feature pages, index.html{files} to {out}")
     return os.path.join(out, "index.html")

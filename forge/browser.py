@@ -1,15 +1,10 @@
-"""The feature browser's machinery, below viz.py: the static files its pages inline, the index's
-rows and layer files, the writing of many pages at once, and the graph's feature files for
-circuit-tracer's front end. viz.py says what the pages show; this module, how they scale.
-
-index.html holds the rows of the best `inline_rows` features by detection AUROC (all of them when
-there are no more): it opens at once and reads without JavaScript. When there are more, each
-layer's rows also go to index/layer_XX.js, a call featureIndex(layer, rows) that static/index.js
-loads with a <script> element when a view needs the layer (under file:// a fetch() of a local file
-is blocked, a script is not). For GPT-2-small's CLT (12 x 24,576 features, headless Chromium):
-index.html is 2.7 MB, drawn in 0.6 s (every row inline: 211 MB, not drawn in 5 min); a layer (7 MB)
-loads in ~1 s, a first search over all 12 in ~3.5 s. Pages are synced in batches (FileBatch) and
-each core renders its own chunks (map_in_order): the 292k pages (7.6 GB) take ~3 min.
+"""The feature browser's machinery, below viz.py: the pages' HTML pieces and frame, the index's
+rows and layer files, writing many pages at once, the graph's feature files for circuit-tracer's
+front end. For GPT-2-small's CLT (12 x 24,576 features, headless Chromium): index.html holds the
+best `inline_rows` by detection AUROC, 2.7 MB, drawn in 0.6 s (every row inline: 211 MB, not drawn
+in 5 min); each layer's rows go to index/layer_XX.js (7 MB, loads in ~1 s), a script element the
+index's script adds when a view needs it (under file:// a fetch() of a local file is blocked). The
+292k pages (7.6 GB) take ~3 min: each core renders its own chunks, synced in batches (FileBatch).
 """
 
 import base64
@@ -27,17 +22,15 @@ import re
 
 from forge.files import atomic_path, fsync_dir
 
-STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-
 
 def static_text(name):
     """A file of forge/static/, which ships beside this module (no package data to install)."""
-    with open(os.path.join(STATIC, name), encoding="utf-8") as f:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", name)
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
-# every page's style; .scroll is right-to-left so that a graph wider than the window opens
-# scrolled to its right end, where the last position and the logits are
+# every page's style (.scroll is right-to-left: a wide graph opens at its right end, the logits)
 CSS = static_text("style.css").rstrip("\n")
 INDEX_JS = static_text("index.js")  # the index's script: sorting, filtering, loading index/ files
 
@@ -91,10 +84,6 @@ def feature_index(node):
 def page_html(title, body):
     head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style>'
     return f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head><body>{body}</body></html>\n'
-
-
-def write_page(path, title, body):
-    write_file(path, page_html(title, body))
 
 
 def fmt(v):
@@ -160,9 +149,8 @@ SHADES = [f"background:rgba(255,140,0,{k / 100:.2f});" for k in range(101)]  # a
 
 @functools.lru_cache(maxsize=1 << 17)
 def token_html(tok):
-    """A token of an example as a page shows it, escaped. Cached: the pages of a CLT show ~260
-    tokens each, out of a vocabulary of ~50k, and rendering them is most of `viz.py features`'
-    time."""
+    """A token as a page shows it, escaped. Cached: a CLT's pages show ~260 tokens each from a
+    vocabulary of ~50k, and rendering them is most of `viz.py features`' time."""
     return html.escape(show_token(tok))
 
 
@@ -195,14 +183,6 @@ def token_table(rows, title, k):
     return f"<div><h2>{title}</h2><table><tr><th>token</th><th>logit</th></tr>{body}</table></div>"
 
 
-def feature_stats(feat):
-    """The scalar fields of a feature record (density, scores, ...), and its quantiles."""
-    skip = {"layer", "feature", "explanation"}
-    out = {k: v for k, v in feat.items() if k not in skip and is_scalar(v)}
-    out.update(feat.get("quantiles") or {})
-    return out
-
-
 # -----------------------------------------------------------------------------
 # writing many files
 
@@ -216,12 +196,10 @@ def write_file(path, data):
 
 
 class FileBatch:
-    """Many small text files written whole or not at all, as atomic_path writes one, but with one
-    sync for a batch instead of two fsyncs a file (0.3 ms each here: 80 s for the 292k pages of a
-    GPT-2-small CLT). add() writes a file under a temporary name; every `max_bytes` and on leaving
-    the `with` block, os.sync() puts them all on disk at once, then each is renamed over its path
-    and the directories are synced. A crash leaves the old file or the new one, never half of one;
-    an exception inside the block removes the temporary files not yet renamed."""
+    """Many small text files written whole or not at all, as atomic_path writes one, but one sync a
+    batch instead of two fsyncs a file (80 s for GPT-2-small's 292k pages): add() writes a temporary
+    file; every `max_bytes` and at the block's end, os.sync(), then each is renamed into place. An
+    exception inside the block removes the temporary files not yet renamed."""
 
     def __init__(self, max_bytes=64 << 20):
         self.max_bytes = max_bytes
@@ -253,8 +231,7 @@ class FileBatch:
     def __exit__(self, kind, value, traceback):
         if kind is None:
             self.flush()
-            return
-        for path in self.pending:
+        for path in self.pending:  # an exception inside the block: the files not renamed
             if os.path.exists(f"{path}.tmp"):
                 os.remove(f"{path}.tmp")
 
@@ -281,10 +258,9 @@ def map_in_order(fn, items, workers):
     if workers == 1 or len(head) < 2:
         yield from map(fn, itertools.chain(head, items))
         return
-    items = itertools.chain(head, items)
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         queue = collections.deque()
-        for item in items:
+        for item in itertools.chain(head, items):
             queue.append(pool.submit(fn, item))
             if len(queue) >= 2 * workers:
                 yield queue.popleft().result()
@@ -313,28 +289,19 @@ INDEX_CLASSES = ["num" if kind == "num" else "" for _, _, kind, _ in INDEX_COLUM
 FLAGS = len(INDEX_COLUMNS) - 1  # a row's flags cell (dead, dense), the last
 
 
-def top_tokens(feat, n=5):
-    """The distinct firing tokens of a feature's max-activating examples, strongest first."""
-    seen = []
-    for ex in feat.get("top_examples") or []:
-        tok = ex["tokens"][ex["center"]] if ex.get("center") is not None else ""
-        if tok not in seen:
-            seen.append(tok)
-    return seen[:n]
-
-
 def is_dead(feat):
     """A feature that never fired: it has no page (nothing to show) and the flag "dead"."""
     return not feat.get("n_fires", feat.get("density", 1))
 
 
 def index_record(feat, dense):
-    """A feature's row of the index as texts: the cells of INDEX_COLUMNS, then the extra words a
-    search looks in (its promoted tokens, lower case; it also looks in the explanation and the top
-    tokens)."""
+    """A feature's row of the index as texts: the cells of INDEX_COLUMNS, then more words a search
+    looks in (its promoted tokens, lower case; besides the explanation and the top tokens)."""
     is_dense = (feat.get("density") or 0) > dense
     flags = " ".join(name for name, on in (("dead", is_dead(feat)), ("dense", is_dense)) if on)
-    tokens = " ".join(show_token(t) for t in top_tokens(feat))
+    top = feat.get("top_examples") or []
+    fired = [e["tokens"][e["center"]] if e.get("center") is not None else "" for e in top]
+    tokens = " ".join(show_token(t) for t in list(dict.fromkeys(fired))[:5])  # the 5 first distinct
     scores = ["density", "max_act", "detection_auroc", "fuzzing_bacc", "concept", "concept_f1"]
     promoted = " ".join(r["token"] for r in feat.get("promoted") or []).lower()
     head = [str(int(feat["layer"])), str(int(feat["feature"])), str(feat.get("explanation") or "")]
@@ -342,9 +309,8 @@ def index_record(feat, dense):
 
 
 def index_row(rec):
-    """One <tr> of the index from index_record's texts, the feature linked to its page unless it is
-    dead; data-q holds the search's extra words. The index's script builds the same rows from
-    index/ files."""
+    """One <tr> of the index from index_record's texts, the feature linked to its page unless dead;
+    data-q holds the search's extra words. The index's script builds the same from index/ files."""
     cells = []
     for i, (cell, cls) in enumerate(zip(rec, INDEX_CLASSES)):
         value = html.escape(cell)
@@ -434,11 +400,6 @@ CONTROLS = (
 MORE = '<p><button id="more" hidden>show more</button></p>'
 
 
-def _image_data_uri(path):
-    with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
-
-
 def summary_html(summary, run_dir):
     """interp.py's summary beside its plots: a few numbers, the per-layer counts, summary.png."""
     numbers = []
@@ -464,7 +425,8 @@ def summary_html(summary, run_dir):
     plots = ""
     png = os.path.join(run_dir, "summary.png")
     if os.path.isfile(png):  # inline, so that the page stays self-contained
-        uri = _image_data_uri(png)
+        with open(png, "rb") as f:
+            uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
         alt = "score distributions, densities and concept recovery"
         plots = f'<img alt="{alt}" style="width:720px;max-width:100%" src="{uri}">'
     return f"<div class='cols'><div>{''.join(numbers)}</div><div>{plots}</div></div>"

@@ -26,32 +26,14 @@ FILL = {  # a node's colour by its feature_type
     "logit": "#d3e3f6",
 }
 GRAPH = dict(rankdir="BT", newrank="true", ranksep="0.55", nodesep="0.12", splines="true")
-GRAPH.update(fontname="Helvetica", label="", labelloc="t", fontsize="16")
+GRAPH.update(fontname="Helvetica", label="", labelloc="t", fontsize="16")  # label: the title
+STYLES = dict(node_attr=dict(fontname="Helvetica"), edge_attr=dict(arrowsize="0.5"))
 NO_DOT = (
-    "graphviz's `dot` is not installed, so no SVG/PNG. Install it with `apt-get install graphviz` "
-    "(Debian/Ubuntu), `brew install graphviz` (macOS) or `conda install graphviz`, then rerun this "
-    "command (or `dot -Tsvg {stem}.dot -o {stem}.svg`)."
+    "wrote {stem}.dot and {stem}.html (the nodes, no picture); graphviz's `dot` is not installed, "
+    "so no SVG/PNG. Install it with `apt-get install graphviz` (Debian/Ubuntu), `brew install "
+    "graphviz` (macOS) or `conda install graphviz`, then rerun this command (or `dot -Tsvg "
+    "{stem}.dot -o {stem}.svg`)."
 )
-
-
-def digraph(title):
-    """An empty picture, titled."""
-    styles = dict(node_attr=dict(fontname="Helvetica"), edge_attr=dict(arrowsize="0.5"))
-    return graphviz.Digraph(
-        "attribution_graph", graph_attr=dict(GRAPH, label=text(title)), **styles
-    )
-
-
-def edge(g, link, wmax):
-    """A link as an edge, coloured by its sign, as wide as its |weight|; constraint=false: only the
-    grid places nodes."""
-    w = link["weight"]
-    width = f"{0.4 + 4.0 * abs(w) / wmax:.2f}"
-    tip = f"{link['source']} -> {link['target']}: {w:+.3g}"
-    color = POS_COLOR if w >= 0 else NEG_COLOR
-    g.edge(
-        link["source"], link["target"], color=color, penwidth=width, constraint="false", tooltip=tip
-    )
 
 
 def influence_order(node):
@@ -82,9 +64,8 @@ def node_name(node):
 
 def link(node, href):
     """A feature node's page, href(layer, feature) (None where there is none); other nodes: None."""
-    if href is None or node["feature_type"] != "cross layer transcoder":
-        return None
-    return href(int(node["layer"]), feature_index(node))
+    is_feature = node["feature_type"] == "cross layer transcoder"
+    return href(int(node["layer"]), feature_index(node)) if href and is_feature else None
 
 
 def tooltip(node):
@@ -202,7 +183,7 @@ def write_graph_page(stem, graph, cfg, svg, href):
             f"<div class='scroll'><div>{browser.inline_svg(svg)}</div></div>"
         )
     body += ["<h2>Nodes, most influential first</h2>", node_table(graph, href)]
-    browser.write_page(stem + ".html", "Attribution graph", "".join(body))
+    browser.write_file(stem + ".html", browser.page_html("Attribution graph", "".join(body)))
 
 
 def node_table(graph, href):
@@ -261,9 +242,8 @@ def curves(path, rows, keys, title, logy, dpi):
             cmap = matplotlib.colormaps["viridis"]
             n = len(vals[0])
             for l in range(n):
-                ax.plot(
-                    steps, [v[l] for v in vals], color=cmap(l / max(n - 1, 1)), label=f"layer {l}"
-                )
+                color = cmap(l / max(n - 1, 1))
+                ax.plot(steps, [v[l] for v in vals], color=color, label=f"layer {l}")
         elif any(v > 0 or not logy for v in vals):  # log axes show no zeros
             vals = [v if v > 0 or not logy else math.nan for v in vals]
             ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, label=label)
