@@ -1,4 +1,5 @@
 """Per-layer transcoders and skip connections: a PLT is a CLT without its cross-layer decoders."""
+
 import copy
 import dataclasses
 import json
@@ -25,7 +26,10 @@ def pair(skip=False, L=3, d=8, F=16, seed=0):
             t.copy_(torch.rand(t.shape, generator=g) + 0.5)
         if skip:
             cross.W_skip.copy_(torch.randn(cross.W_skip.shape, generator=g) / d)
-        for name in ("W_enc", "b_enc", "b_dec", "input_scale", "output_scale") + (("W_skip",) if skip else ()):
+        names = ["W_enc", "b_enc", "b_dec", "input_scale", "output_scale"] + (
+            ["W_skip"] if skip else []
+        )
+        for name in names:
             getattr(plt, name).copy_(getattr(cross, name))
         for l in range(L):
             plt.W_dec[l].copy_(cross.W_dec[l][:, :1])
@@ -42,10 +46,12 @@ def test_a_plt_equals_a_clt_whose_cross_layer_decoders_are_zero(skip):
     acts_ref, out_ref = cross(mlp_in)
     torch.testing.assert_close(acts, acts_ref)
     torch.testing.assert_close(out, out_ref)
-    torch.testing.assert_close(plt.decode(acts, sparse=True, mlp_in=mlp_in), out, atol=1e-5, rtol=1e-5)
+    sparse = plt.decode(acts, sparse=True, mlp_in=mlp_in)
+    torch.testing.assert_close(sparse, out, atol=1e-5, rtol=1e-5)
     ids = torch.tensor([0, 5])
     writes = plt.decoder_writes(1, ids, torch.tensor([1.0, 2.0]))  # (n, 1, d): its own layer only
-    torch.testing.assert_close(writes, cross.decoder_writes(1, ids, torch.tensor([1.0, 2.0]))[:, :1])
+    cross_writes = cross.decoder_writes(1, ids, torch.tensor([1.0, 2.0]))  # (n, 3, d)
+    torch.testing.assert_close(writes, cross_writes[:, :1])
 
 
 def test_the_skip_connection_is_linear_in_mlp_in_and_folds_into_the_export(tmp_path):
@@ -53,7 +59,8 @@ def test_the_skip_connection_is_linear_in_mlp_in_and_folds_into_the_export(tmp_p
     mlp_in = torch.randn(10, 3, 8)
     acts = plt.encode(mlp_in)
     skip = plt.decode(acts, mlp_in=mlp_in) - plt.decode(acts)  # (B, L, d)
-    expected = torch.einsum("bld,lde->ble", mlp_in * plt.input_scale[:, None], plt.W_skip) / plt.output_scale[:, None]
+    x = mlp_in * plt.input_scale[:, None]
+    expected = torch.einsum("bld,lde->ble", x, plt.W_skip) / plt.output_scale[:, None]
     torch.testing.assert_close(skip, expected, atol=1e-5, rtol=1e-5)
     assert skip.abs().max() > 1e-3  # the skip path is not zero: the test has teeth
     plt.save_pretrained(tmp_path)
@@ -66,7 +73,8 @@ def test_a_mixed_or_incomplete_export_is_refused(tmp_path):
     cross, _ = pair()
     cross.save_pretrained(tmp_path / "a")
     cross.save_pretrained(tmp_path / "b")
-    (tmp_path / "a" / "W_dec_1.safetensors").write_bytes((tmp_path / "b" / "W_dec_1.safetensors").read_bytes())
+    other = (tmp_path / "b" / "W_dec_1.safetensors").read_bytes()
+    (tmp_path / "a" / "W_dec_1.safetensors").write_bytes(other)
     with pytest.raises(ValueError, match="another save.*re-export"):
         CrossLayerTranscoder.from_pretrained(tmp_path / "a")
     (tmp_path / "b" / "W_enc_2.safetensors").unlink()
@@ -90,7 +98,9 @@ def perturbed_ln_2(model, seed=3):
 
 
 @pytest.mark.parametrize("activation, skip", [("relu", False), ("jumprelu", True)])
-def test_saelens_layout_computes_our_transcoder_on_transformerlens_inputs(hub_model, tmp_path, activation, skip):
+def test_saelens_layout_computes_our_transcoder_on_transformerlens_inputs(
+    hub_model, tmp_path, activation, skip
+):
     _, model, _ = hub_model
     model = perturbed_ln_2(copy.deepcopy(model))  # the fixture's model is shared: change a copy
     _, plt = pair(skip, L=2, d=32, F=24)
@@ -101,14 +111,17 @@ def test_saelens_layout_computes_our_transcoder_on_transformerlens_inputs(hub_mo
             plt.W_skip.normal_(0, 0.1)
     save_saelens(plt, tmp_path, model)
     idx = torch.randint(0, 257, (2, 9))
-    mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d) our MLP inputs
+    # (N, L, d) our MLP inputs
+    mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)
     expected = plt(mlp_in)[1]
     for l, block in enumerate(model.h):
         folder = tmp_path / f"blocks.{l}.ln2.hook_normalized"
         cfg = json.loads((folder / "cfg.json").read_text())
         p = load_file(folder / "sae_weights.safetensors")
-        assert cfg["architecture"] == {"relu": "transcoder", "jumprelu": "jumprelu_skip_transcoder"}[activation]
-        x_hat = (mlp_in[:, l] - block.ln_2.bias) / block.ln_2.weight  # TransformerLens's ln2.hook_normalized
+        architecture = {"relu": "transcoder", "jumprelu": "jumprelu_skip_transcoder"}[activation]
+        assert cfg["architecture"] == architecture
+        # TransformerLens's ln2.hook_normalized
+        x_hat = (mlp_in[:, l] - block.ln_2.bias) / block.ln_2.weight
         pre = x_hat @ p["W_enc"] + p["b_enc"]
         acts = torch.relu(pre) * (pre > p["threshold"]) if "threshold" in p else torch.relu(pre)
         out = acts @ p["W_dec"] + p["b_dec"] + (x_hat @ p["W_skip"].T if skip else 0)
@@ -132,8 +145,8 @@ def test_saelens_refuses_what_it_cannot_hold(hub_model, tmp_path):
 
 def random_transcoder(decoder, activation, skip, L=2, d=32, F=24):
     """A transcoder that fires on about half its features, with scales other than 1 and a skip path."""
-    t = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation,
-                                           decoder=decoder, skip=skip), 0).eval()
+    kind = dict(activation=activation, decoder=decoder, skip=skip)
+    t = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F, **kind), 0).eval()
     with torch.no_grad():
         t.b_enc.normal_(0, 0.5)
         t.b_dec.normal_(0, 0.1)
@@ -144,17 +157,27 @@ def random_transcoder(decoder, activation, skip, L=2, d=32, F=24):
     return t
 
 
-@pytest.mark.parametrize("decoder, activation, skip", [("per-layer", "jumprelu", True), ("per-layer", "relu", False),
-                                                       ("per-layer", "batchtopk", True),
-                                                       ("cross-layer", "relu", False)])
-def test_circuit_tracer_layout_loads_back_identically(hub_model, tmp_path, decoder, activation, skip):
+CIRCUIT_TRACER_CASES = [
+    ("per-layer", "jumprelu", True),
+    ("per-layer", "relu", False),
+    ("per-layer", "batchtopk", True),
+    ("cross-layer", "relu", False),
+]
+
+
+@pytest.mark.parametrize("decoder, activation, skip", CIRCUIT_TRACER_CASES)
+def test_circuit_tracer_layout_loads_back_identically(
+    hub_model, tmp_path, decoder, activation, skip
+):
     _, model, _ = hub_model
     model = perturbed_ln_2(copy.deepcopy(model))
     t = random_transcoder(decoder, activation, skip)
     save_circuit_tracer(t, tmp_path / "ct", model)
     config = json.loads((tmp_path / "ct" / "config.yaml").read_text())
-    assert config["model_kind"] == {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}[decoder]
-    assert config["feature_input_hook"] == "ln2.hook_normalized" and config["feature_output_hook"] == "hook_mlp_out"
+    kinds = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
+    assert config["model_kind"] == kinds[decoder]
+    assert config["feature_input_hook"] == "ln2.hook_normalized"
+    assert config["feature_output_hook"] == "hook_mlp_out"
     back = load_transcoder(str(tmp_path / "ct"), model)
     assert dataclasses.replace(back.config, model_sha256="") == t.config
     idx = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -165,7 +188,8 @@ def test_circuit_tracer_layout_loads_back_identically(hub_model, tmp_path, decod
     torch.testing.assert_close(acts_back, acts, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out_back, out, atol=1e-6, rtol=1e-6)
     other = perturbed_ln_2(copy.deepcopy(model), seed=4)
-    with pytest.raises(ValueError, match="another model"):  # its ln_2 was folded in: no other model's
+    # its ln_2 was folded in: no other model's
+    with pytest.raises(ValueError, match="another model"):
         load_transcoder(str(tmp_path / "ct"), other)
 
 
@@ -181,8 +205,10 @@ def test_circuit_tracer_layout_computes_our_plt_on_transformerlens_inputs(hub_mo
     expected = t(mlp_in)[1]
     for l, block in enumerate(model.h):
         p = load_file(tmp_path / f"layer_{l}.safetensors")
-        assert set(p) == {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold", "W_skip"}
-        x_hat = (mlp_in[:, l] - block.ln_2.bias) / block.ln_2.weight  # TransformerLens's ln2.hook_normalized
+        threshold = "activation_function.threshold"
+        assert set(p) == {"W_enc", "W_dec", "b_enc", "b_dec", threshold, "W_skip"}
+        # TransformerLens's ln2.hook_normalized
+        x_hat = (mlp_in[:, l] - block.ln_2.bias) / block.ln_2.weight
         pre = torch.nn.functional.linear(x_hat, p["W_enc"], p["b_enc"])
         acts = pre * (pre > p["activation_function.threshold"])
         out = acts @ p["W_dec"] + p["b_dec"] + x_hat @ p["W_skip"].T
@@ -197,7 +223,8 @@ def test_circuit_tracer_layout_refuses_what_it_cannot_hold(hub_model, tmp_path):
         save_circuit_tracer(random_transcoder("cross-layer", "relu", True), tmp_path, model)
     save_circuit_tracer(random_transcoder("per-layer", "relu", False), tmp_path, model)
     config = json.loads((tmp_path / "config.yaml").read_text())
-    (tmp_path / "config.yaml").write_text(json.dumps({**config, "feature_input_hook": "hook_resid_mid"}))
+    resid_mid = {**config, "feature_input_hook": "hook_resid_mid"}
+    (tmp_path / "config.yaml").write_text(json.dumps(resid_mid))
     with pytest.raises(ValueError, match="only MLP transcoders"):
         load_transcoder(str(tmp_path), model)
     (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")
@@ -210,8 +237,9 @@ def test_circuit_tracer_layout_refuses_what_it_cannot_hold(hub_model, tmp_path):
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_a_short_plt_run_trains_exports_and_loads_back_identically(small_cache, tmp_path, skip):
-    m = T.train(config(small_cache, tmp_path, decoder="per-layer", skip=skip, steps=20, eval_every=20, ckpt_every=-1))
+def test_a_short_plt_run_trains_exports_and_loads_back_identically(small_cache, tmp_path, skip):  # noqa: F811
+    flags = dict(decoder="per-layer", skip=skip, steps=20, eval_every=20, ckpt_every=-1)
+    m = T.train(config(small_cache, tmp_path, **flags))
     first = read_metrics(tmp_path)[0]
     assert sum(m["fvu"]) < sum(first["fvu"]), (first["fvu"], m["fvu"])  # it learned
     assert "recovered" in m["eval"]  # evaluated the same way: the spliced loss
@@ -232,14 +260,17 @@ def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
     import graph
 
     model_dir, model, _ = hub_model
-    plt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=32, n_features=24, activation="relu",
-                                             decoder="per-layer", skip=True), 0)
+    shape = dict(n_layers=2, d_model=32, n_features=24)
+    plt = CrossLayerTranscoder(
+        CLTConfig(**shape, activation="relu", decoder="per-layer", skip=True), 0
+    )
     with torch.no_grad():
         plt.b_enc.fill_(0.2)  # some features fire on every token
         plt.W_skip.normal_(0, 0.1)
     save_saelens(plt, tmp_path / "saelens", model)
-    graph.main(["--model", model_dir, "--clt", str(tmp_path / "saelens"), "--prompt", "the cat", "--device", "cpu",
-                "--interp", str(tmp_path / "none"), "--out", str(tmp_path / "graph")])
+    clt_dir, interp_dir, out = (str(tmp_path / name) for name in ("saelens", "none", "graph"))
+    flags = ["--model", model_dir, "--clt", clt_dir, "--prompt", "the cat", "--device", "cpu"]
+    graph.main(flags + ["--interp", interp_dir, "--out", out])
     assert "exactness" in capsys.readouterr().out
     nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
     assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
@@ -248,14 +279,15 @@ def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
         load_transcoder(str(tmp_path / "empty"), model)
 
 
-def test_a_new_activation_is_one_registration(small_cache, tmp_path, monkeypatch):
+def test_a_new_activation_is_one_registration(small_cache, tmp_path, monkeypatch):  # noqa: F811
     """A fork adds σ with one line in clt.py (ACTIVATIONS); training, export and loading follow."""
 
     def squared_relu(clt, pre):
         return torch.relu(pre).square()
 
     monkeypatch.setitem(clt_module.ACTIVATIONS, "squared_relu", squared_relu)
-    T.train(config(small_cache, tmp_path, activation="squared_relu", steps=4, eval_every=-1, ckpt_every=-1))
+    flags = dict(activation="squared_relu", steps=4, eval_every=-1, ckpt_every=-1)
+    T.train(config(small_cache, tmp_path, **flags))
     trained = CrossLayerTranscoder.from_pretrained(tmp_path)
     assert trained.config.activation == "squared_relu"
     x = torch.randn(3, trained.config.n_layers, trained.config.d_model)
