@@ -45,18 +45,16 @@ activations; it keeps one scale per layer per file and loads whole files into RA
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from forge import corpora, shards
 from forge.cli import arg, parse_config, run_main
-from forge.files import check_same_model, write_json
+from forge.files import check_same_model
 from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
-from forge.shards import MANIFEST, verify
+from forge.shards import MANIFEST, verify  # noqa: F401 (train.py and tests import them from here)
 from model import GPT
 
 PREFETCH = 8  # batches a reader reads ahead of the consumer, on its worker threads
@@ -87,73 +85,56 @@ class CacheConfig:
 
 
 def build_cache(cfg: CacheConfig):
-    """Build, resume or repair the cache cfg describes; returns the finished manifest.
-
-    The returned dict also carries "seconds" and "cpu_seconds" (all threads): the wall and CPU time
-    of the corpus -> shards loop alone (0 when there was nothing to write).
-    """
+    """Build, resume or repair the cache cfg describes; returns the finished manifest, with the wall
+    and CPU time (all threads) of its corpus -> shards loop as "seconds" and "cpu_seconds"."""
     model_dir = resolve_model_dir(cfg.model)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT.from_pretrained(model_dir).to(device)
-    _check_config(cfg, model)
+    shards.check_config(cfg, model.config.n_ctx)
     enc = load_tokenizer(model_dir)
     L = model.config.n_layer
     d = model.config.n_embd
-    row_bytes = shards.row_bytes(cfg.dtype, L, d)
     if cfg.shard_tokens == 0:  # about 64 MB of activations per shard
-        cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // row_bytes))
-    # Phase 1: the output directory, new or resumed (same identity), every listed shard checked
-    identity = shards.identity(cfg, model.fingerprint(), model_dir)
+        cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // shards.row_bytes(cfg.dtype, L, d)))
+    # Phase 1: the output directory, new or resumed (the same identity), every listed shard checked
+    channel = _first_batch_channel_scales(cfg, model, enc)  # (2, L, d), int8 only, else None
     name = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # readers load it
-    header = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d)
-    header.update({k: getattr(cfg, k) for k in ("dtype", "ctx", "keep_bos", "shard_tokens")})
-    header.update(device=device, check_rows=max(1, shards.CHECK_BYTES // row_bytes))
-    header.update(channel_scale=_first_batch_channel_scales(cfg, model, enc))
-    manifest = shards.open_out_dir(cfg.out, cfg.overwrite, identity, header)
-    damaged = shards.damaged_shards(cfg.out, manifest)
-    uncounted = shards.uncounted_shards(manifest)
-    if manifest["complete"] and not damaged:
-        print(f"{cfg.out} is already complete: every shard's size, header and crc32 checked")
-        return dict(manifest, seconds=0.0, cpu_seconds=0.0)
-    resume = len(manifest["shards"]) if not manifest["complete"] else sys.maxsize  # new shards
-    n_new = max(0, -(-cfg.tokens // cfg.shard_tokens) - resume)
-    shards.check_disk(cfg.out, n_new * shards.shard_layout(cfg.dtype, cfg.shard_tokens, L, d)[1])
-    # Phase 2: forward the batches that hold rows of the shards to write; quantize; write
+    made = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d, device=device)
+    made.update(channel_scale=None if channel is None else channel.tolist())
+    writer = shards.ShardWriter(cfg, made, model.fingerprint(), model_dir)
+    if writer.complete:
+        return dict(writer.manifest, seconds=0.0, cpu_seconds=0.0)
     t0 = time.perf_counter()
     c0 = time.process_time()
-    _write_rows(cfg, model, enc, manifest, damaged, uncounted, resume)
-    # Phase 3: the totals, and the manifest marked complete
-    _finalize(manifest, cfg)
-    write_json(os.path.join(cfg.out, MANIFEST), manifest)
-    if manifest["n_tokens"] < cfg.tokens:
-        print(f"note: corpus {cfg.corpus} ran out after {manifest['n_tokens']} tokens")
+    channel = [None, None] if channel is None else channel
+    # Phase 2: for each batch of contexts that holds rows of a shard to write (the damaged ones, the
+    # new ones; other batches are only tokenized): model forward -> quantize -> shard buffers
+    with torch.inference_mode(), writer:
+        for row0, idx, meta, pieces in writer.batches(iter_batches(cfg, enc, cfg.tokens)):
+            x_in, x_out = _forward_rows(model, idx.to(device), 0 if cfg.keep_bos else 1)
+            for a, b in pieces:  # rows a..b-1: one shard's share of the batch
+                stored = [
+                    quantize_rows(x[a:b], cfg.dtype, c) for x, c in zip((x_in, x_out), channel)
+                ]
+                writer.add(row0 + a, stored, meta[a:b])  # a full shard is written on a thread
+            del x_in, x_out  # before the next forward pass, not after it: one batch at a time
+    manifest = writer.finish()  # Phase 3: the totals, and the manifest marked complete
     return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
-
-
-def _check_config(cfg, model):
-    if cfg.dtype not in shards.DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {list(shards.DTYPES)}")
-    if not 2 <= cfg.ctx <= model.config.n_ctx:
-        raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={model.config.n_ctx} of {cfg.model}")
-    if cfg.tokens <= 0 or cfg.shard_tokens < 0 or cfg.batch_size <= 0:
-        got = f"{cfg.tokens}, {cfg.shard_tokens}, {cfg.batch_size}"
-        raise ValueError(f"tokens, shard_tokens, batch_size must be positive, got {got}")
-    if not 0 <= cfg.heldout < 1:
-        raise ValueError(f"heldout must be in [0, 1), got {cfg.heldout}")
 
 
 @torch.inference_mode()
 def _first_batch_channel_scales(cfg, model, enc):
-    """int8 only: channel scales (2, L, d) as nested lists, from the first forward batch."""
+    """int8 only: channel scales (2, L, d) from the first forward batch."""
     if cfg.dtype != "int8":
         return None
     _, idx, _ = next(iter_batches(cfg, enc, cfg.tokens))
     _, acts = model.run_with_acts(idx.to(next(model.parameters()).device), logits=False)
     drop = 0 if cfg.keep_bos else 1
-    scales = [channel_scales(acts.mlp_in[:, drop:]), channel_scales(acts.mlp_out[:, drop:])]
-    return torch.stack(scales).cpu().tolist()  # (2, L, d)
+    return torch.stack(
+        [channel_scales(acts.mlp_in[:, drop:]), channel_scales(acts.mlp_out[:, drop:])]
+    )
 
 
 def iter_contexts(docs, enc, ctx):
@@ -200,51 +181,6 @@ def iter_batches(cfg, enc, n_rows):
         row += len(batch) * R
 
 
-@torch.inference_mode()
-def _write_rows(cfg, model, enc, manifest, damaged, uncounted, resume):
-    """The main loop: forward the batches that hold rows of the shards to write (the damaged and
-    uncounted ones, and those from `resume` on; other batches are only tokenized), drop the BOS,
-    quantize the rows into shard buffers and hand each full one to the writer."""
-    S = cfg.shard_tokens
-    rewrite = set(damaged) | uncounted
-    last = max(rewrite, default=-1) if resume == sys.maxsize else sys.maxsize  # last shard to write
-    check = resume - 1 if 0 < resume < sys.maxsize and resume - 1 not in damaged else None
-    dev = next(model.parameters()).device
-    n_new = max(0, -(-cfg.tokens // S) - resume)
-    todo = min((len(rewrite) + n_new) * S, cfg.tokens)
-    pbar = tqdm(total=todo, unit="tok", desc="cache", disable=None)
-    writer = shards.ShardWriter(cfg.out, manifest, uncounted)
-    buf = None
-    try:
-        for row0, idx, meta in iter_batches(cfg, enc, cfg.tokens):
-            hi = min(row0 + len(meta), cfg.tokens)
-            if row0 // S > last:
-                break
-            if check is not None:  # resuming: the corpus must still give the tokens stored
-                shards.check_tokens(cfg.out, manifest, check, row0, meta, cfg.corpus)
-            ks = [k for k in range(row0 // S, (hi - 1) // S + 1) if k in rewrite or k >= resume]
-            if not ks:
-                continue  # only tokenized, never run
-            x_in, x_out = _forward_rows(model, idx.to(dev), 0 if cfg.keep_bos else 1)
-            for k in ks:  # the batch's rows, split at shard boundaries
-                a = max(k * S, row0) - row0
-                b = min((k + 1) * S, hi) - row0
-                if buf is None:
-                    buf = writer.recycled() or _ShardBuffer(cfg, manifest)
-                    buf.reset(k)
-                buf.add(x_in[a:b], x_out[a:b], meta[a:b])
-                pbar.update(b - a)
-                if buf.rows == S:
-                    writer.put(buf)
-                    buf = None
-            del x_in, x_out  # before the next forward pass, not after it: one batch at a time
-        if buf is not None:
-            writer.put(buf)
-    finally:
-        pbar.close()
-        writer.close()
-
-
 def _forward_rows(model, idx, drop):
     """idx (B, T) -> the rows to store, mlp_in and mlp_out (B*R, L, d), R = T - drop. Each source
     is let go once copied: three (B, T, L, d)-sized tensors at most live at once, not five."""
@@ -259,86 +195,34 @@ def _forward_rows(model, idx, drop):
     return x_in, x_out
 
 
-class _ShardBuffer:
-    """One shard's rows being filled in RAM, plus float64 sums for the manifest's statistics.
-    Buffers are recycled (fresh 64 MB costs page faults): reset(index) starts shard `index`."""
-
-    def __init__(self, cfg, m):
-        S = cfg.shard_tokens
-        L = m["n_layers"]
-        d = m["d_model"]
-        dt = shards.DTYPES[cfg.dtype][1]
-        self.dtype = cfg.dtype
-        self.channel = torch.tensor(m["channel_scale"]) if m["channel_scale"] else None  # (2, L, d)
-        self.mlp_in = np.empty((S, L, d), dt)  # (S, L, d)
-        self.mlp_out = np.empty((S, L, d), dt)  # (S, L, d)
-        self.scales = np.empty((S, 2, L), np.int16) if cfg.dtype == "int8" else None  # (S, 2, L)
-        self.meta = np.empty((S, 3), np.int32)  # (S, 3)
-
-    def reset(self, index):
-        self.index = index
-        self.rows = 0
-        L = self.mlp_in.shape[1]
-        self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in shards.STATS}  # (2, L)
-
-    def sections(self):
-        """The filled rows of each section, as `shards.sections` reads them back."""
-        views = dict(mlp_in=self.mlp_in, mlp_out=self.mlp_out, scales=self.scales, meta=self.meta)
-        return {k: None if v is None else v[: self.rows] for k, v in views.items()}
-
-    def add(self, x_in, x_out, meta):
-        """Append rows (n, L, d) float32 of mlp_in and mlp_out: quantize, sum the statistics."""
-        a, b = self.rows, self.rows + len(meta)
-        for j, (x, dst) in enumerate(((x_in, self.mlp_in), (x_out, self.mlp_out))):
-            norm = torch.linalg.vector_norm(x, dim=-1).double()  # (n, L); inf/NaN if any element is
-            if not torch.isfinite(norm).all():
-                where = f"in rows {a}.. of shard {self.index}"
-                fix = "the model is broken; no shard holding them is written"
-                raise ValueError(f"non-finite activations (NaN/inf) {where}: {fix}")
-            if self.dtype == "int8":  # in place where possible: big temporaries are what this costs
-                c = self.channel[j].to(x.device)  # (L, d)
-                y = torch.div(x, c, out=empty(x.shape, device=x.device))  # (n, L, d)
-                q, scale, s = quantize_(y)
-                self.scales[a:b, j] = bf16_bits(scale)
-                err = y.mul_(s).mul_(c).sub_(x)  # x_hat - x, computed as `dequantize` does
-            elif self.dtype == "fp16":
-                absmax = torch.maximum(x.amax(), -x.amin()).item()
-                if absmax > torch.finfo(torch.float16).max:
-                    too_big = f"activations overflow fp16 (max |x| = {absmax:.3g})"
-                    raise ValueError(f"{too_big}: use --dtype int8 or fp32")
-                q = x.half()
-                err = q.float().sub_(x)  # (n, L, d)
-            else:
-                q, err = x, None  # fp32 is exact
-            dst[a:b] = q.cpu().numpy()
-            self.sums["norm"][j] += norm.sum(0).cpu()
-            self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
-            if err is not None:
-                err_sq = torch.linalg.vector_norm(err, dim=-1).double().pow(2)  # (n, L)
-                self.sums["err"][j] += err_sq.sum(0).cpu()
-        self.meta[a:b] = meta
-        self.rows = b
-
-
-def _finalize(manifest, cfg):
-    """Totals for the manifest: token count, splits, per-layer mean norms and quantization NMSE."""
-    n_rows = sum(s["rows"] for s in manifest["shards"])
-    R = cfg.ctx if cfg.keep_bos else cfg.ctx - 1  # rows per context: held out whole
-    train = n_rows
-    if cfg.heldout > 0:
-        train = min(max(int(round(n_rows * (1 - cfg.heldout) / R)) * R, R), n_rows - 1)
-    tot = {k: np.array(manifest["sums"][k]) for k in shards.STATS}  # (2, L)
-    norm = tot["norm"] / n_rows  # (2, L)
-    nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)  # (2, L)
-    manifest.update(complete=True, n_tokens=n_rows)
-    manifest.update(splits=dict(train=[0, train], heldout=[train, n_rows]))
-    manifest.update(norm_in=norm[0].tolist(), norm_out=norm[1].tolist())
-    manifest.update(nmse_in=nmse[0].tolist(), nmse_out=nmse[1].tolist())
-    manifest.update(nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)])
-
-
 # -----------------------------------------------------------------------------
 # quantization: symmetric absmax, one scale per (token, layer)
+
+
+def quantize_rows(x, dtype, channel=None):
+    """x (n, L, d) float32 -> what a shard stores, q (n, L, d) and the int8 scales' bits (n, L)
+    int16 (else None), and per row ||x|| and ||x_hat - x||^2 (n, L) float64 (None: fp32 is exact)
+    for the manifest's statistics. channel (L, d): the int8 channel scales."""
+    norm = torch.linalg.vector_norm(x, dim=-1).double()  # (n, L); inf/NaN if any element is
+    if not torch.isfinite(norm).all():
+        fix = "the model is broken; no shard holding them is written"
+        raise ValueError(f"non-finite activations (NaN/inf) in a batch of rows: {fix}")
+    if dtype == "fp32":
+        return x, None, norm, None
+    if dtype == "int8":  # in place where possible: big temporaries are what this costs
+        y = torch.div(x, channel, out=shards.empty(x.shape, device=x.device))  # (n, L, d)
+        q, scale, s = quantize_(y)
+        bits = bf16_bits(scale)
+        err = y.mul_(s).mul_(channel).sub_(x)  # x_hat - x, computed as `dequantize` does
+    else:
+        absmax = torch.maximum(x.amax(), -x.amin()).item()
+        if absmax > torch.finfo(torch.float16).max:
+            too_big = f"activations overflow fp16 (max |x| = {absmax:.3g})"
+            raise ValueError(f"{too_big}: use --dtype int8 or fp32")
+        q = x.half()
+        bits = None
+        err = q.float().sub_(x)  # (n, L, d)
+    return q, bits, norm, torch.linalg.vector_norm(err, dim=-1).double().pow(2)
 
 
 def quantize_(y):
@@ -368,20 +252,12 @@ def bf16_bits(scale):
     return scale.cpu().view(torch.int16).numpy()
 
 
-def empty(shape, dtype=torch.float32, device="cpu"):
-    """torch.empty, on the CPU through numpy: numpy asks Linux for transparent huge pages (madvise),
-    so first touching a fresh batch costs a page fault per 2 MB, not per 4 kB: 4x faster here."""
-    if torch.device(device).type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
-
-
 def dequantize(q, scale_bits=None, channel=None):
     """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16 or fp32 (numpy or torch);
     for int8 also scale bits (n, L) int16 and channel scales (L, d): x = q * scale * channel.
     Convert, then scale in place: vectorized passes beat torch's mixed int8*float kernel 3x."""
     q = torch.as_tensor(q)
-    x = q if q.dtype == torch.float32 else empty(q.shape, device=q.device).copy_(q)
+    x = q if q.dtype == torch.float32 else shards.empty(q.shape, device=q.device).copy_(q)
     if scale_bits is None:
         return x
     s = torch.as_tensor(scale_bits).to(x.device).view(torch.bfloat16)  # (n, L)
@@ -461,7 +337,9 @@ class ActivationCache:
         """A split in order, read a chunk ahead: (mlp_in, mlp_out, tokens, doc_ids, positions)."""
         lo, hi = self.split_range(split)
         starts = range(lo, hi, chunk_size)
-        return _ordered_map(lambda a: self.read(a, min(a + chunk_size, hi), device), starts, 1, 2)
+        return shards.ordered_map(
+            lambda a: self.read(a, min(a + chunk_size, hi), device), starts, 1, 2
+        )
 
     def batches_per_epoch(self, batch_size, world=1, split="train"):
         lo, hi = self.split_range(split)
@@ -513,7 +391,7 @@ class ActivationCache:
             raw = {k: torch.from_numpy(v) for k, v in raw.items()}
             return Rows(raw["mlp_in"], raw["mlp_out"], raw.get("scales"), torch.from_numpy(rows))
 
-        return _ordered_map(assemble, _cut(selections(), B), self.workers, PREFETCH)
+        return shards.ordered_map(assemble, _cut(selections(), B), self.workers, PREFETCH)
 
     def _windows(self, lo, hi, seed, epoch, window_units):
         """Yield (stream position, rows, rows()) per window of the epoch; rows() builds the window's
@@ -544,19 +422,6 @@ def _cut(id_arrays, B):
         carry = ids[n:]
 
 
-def _ordered_map(fn, items, workers, ahead):
-    """Yield fn(item) in order, computed by `workers` threads at most `ahead` items ahead; an
-    error on a thread is raised here. Stopping early (break, close) stops the threads."""
-    with ThreadPoolExecutor(workers) as ex:
-        futures = []
-        for item in items:
-            futures.append(ex.submit(fn, item))
-            if len(futures) > ahead:
-                yield futures.pop(0).result()
-        for f in futures:
-            yield f.result()
-
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -575,28 +440,14 @@ class StatsConfig(VerifyConfig):
 def main(argv=None):
     commands = {"build": CacheConfig, "verify": VerifyConfig, "stats": StatsConfig}
     command, cfg = parse_config(__doc__, commands, argv, default="build")
-    if command == "build":
-        print(asdict(cfg))
-        m = build_cache(cfg)
-        nmse = m["nmse_total"]
-        made = f"{m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s"
-        print(f"{cfg.out}: {made} | NMSE in {nmse[0]:.3g} out {nmse[1]:.3g}")
-        return 0
-    if not cfg.paths:
-        example = f"python cache.py {command} runs/cache"
-        raise ValueError(f"`cache.py {command}` needs a cache directory, e.g. `{example}`")
-    failed = 0
-    for path in cfg.paths:
-        if command == "stats":
-            print(shards.summary(path, ActivationCache(path).manifest))
-            continue
-        bad = verify(path)
-        print("\n".join(["BAD " + b for b in bad] or [f"{path}: all shards OK"]))
-        if bad:
-            repair = shards.repair_command(path, shards.open_manifest(path), asdict(CacheConfig()))
-            print(f"repair (rewrites only what is damaged or missing): {repair}")
-        failed += bool(bad)
-    return 1 if failed else 0
+    if command != "build":
+        return shards.report(command, cfg.paths, asdict(CacheConfig()))  # 1: a cache is damaged
+    print(asdict(cfg))
+    m = build_cache(cfg)
+    nmse = m["nmse_total"]
+    made = f"{m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s"
+    print(f"{cfg.out}: {made} | NMSE in {nmse[0]:.3g} out {nmse[1]:.3g}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import os
 import queue
 import shlex
 import shutil
+import sys
 import threading
 import zlib
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from forge.files import atomic_path, write_json
@@ -260,6 +262,26 @@ def summary(path, m):
     return "\n".join(lines)
 
 
+def report(command, paths, defaults):
+    """`cache.py verify|stats PATH...`: print each cache's problems (with the command that repairs
+    them) or its summary; returns the exit status, 1 when a cache is damaged."""
+    if not paths:
+        example = f"python cache.py {command} runs/cache"
+        raise ValueError(f"`cache.py {command}` needs a cache directory, e.g. `{example}`")
+    failed = 0
+    for path in paths:
+        if command == "stats":
+            print(summary(path, ShardFiles(path, defaults).manifest))
+            continue
+        bad = verify(path)
+        print("\n".join(["BAD " + b for b in bad] or [f"{path}: all shards OK"]))
+        if bad:
+            repair = repair_command(path, open_manifest(path), defaults)
+            print(f"repair (rewrites only what is damaged or missing): {repair}")
+        failed += bool(bad)
+    return 1 if failed else 0
+
+
 # -----------------------------------------------------------------------------
 # reading: a finished cache's shards, each chunk checked on its first read
 
@@ -332,8 +354,42 @@ class ShardFiles:
             return self._maps[i]
 
 
+def ordered_map(fn, items, workers, ahead):
+    """Yield fn(item) in order, computed by `workers` threads at most `ahead` items ahead; an
+    error on a thread is raised here. Stopping early (break, close) stops the threads."""
+    with ThreadPoolExecutor(workers) as ex:
+        futures = []
+        for item in items:
+            futures.append(ex.submit(fn, item))
+            if len(futures) > ahead:
+                yield futures.pop(0).result()
+        for f in futures:
+            yield f.result()
+
+
+def empty(shape, dtype=torch.float32, device="cpu"):
+    """torch.empty, on the CPU through numpy: numpy asks Linux for transparent huge pages (madvise),
+    so first touching a fresh batch costs a page fault per 2 MB, not per 4 kB: 4x faster here."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 # -----------------------------------------------------------------------------
 # building: the output directory, resume checks, the writer
+
+
+def check_config(cfg, n_ctx):
+    """Refuse a build's arguments that cannot make a cache, before anything is written."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {list(DTYPES)}")
+    if not 2 <= cfg.ctx <= n_ctx:
+        raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={n_ctx} of {cfg.model}")
+    if cfg.tokens <= 0 or cfg.shard_tokens < 0 or cfg.batch_size <= 0:
+        got = f"{cfg.tokens}, {cfg.shard_tokens}, {cfg.batch_size}"
+        raise ValueError(f"tokens, shard_tokens, batch_size must be positive, got {got}")
+    if not 0 <= cfg.heldout < 1:
+        raise ValueError(f"heldout must be in [0, 1), got {cfg.heldout}")
 
 
 def identity(cfg, model_sha, model_dir):
@@ -347,15 +403,17 @@ def identity(cfg, model_sha, model_dir):
     return dict(made, **{k: getattr(cfg, k) for k in keys})
 
 
-def open_out_dir(out, overwrite, identity, header):
-    """Create the cache directory `out`, or resume in it (the same identity, unless `overwrite`):
-    returns the manifest to continue from."""
+def open_out_dir(cfg, identity, made):
+    """Create the cache directory cfg.out, or resume in it (the same identity, unless --overwrite):
+    returns the manifest to continue from. made: model, model_config, n_layers, d_model, device and
+    channel_scale, for the manifest's header."""
+    out = cfg.out
     path = os.path.join(out, MANIFEST)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the cache directory {out}: {e}") from e
-    if os.path.exists(path) and not overwrite:
+    if os.path.exists(path) and not cfg.overwrite:
         old = open_manifest(out)
         was = old["identity"]
         diff = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
@@ -363,7 +421,7 @@ def open_out_dir(out, overwrite, identity, header):
             other = f"a cache made with other arguments ({{field: (cache, now)}}: {diff})"
             fix = "pass --overwrite to replace it, or choose another --out"
             raise ValueError(f"{out} holds {other}; {fix}")
-        if old["channel_scale"] != header["channel_scale"]:
+        if old["channel_scale"] != made["channel_scale"]:
             changed = "the first batch now gives other int8 channel scales than when it was started"
             fix = "the corpus or the device changed; resume where it began, or pass --overwrite"
             raise ValueError(f"{out}: {changed}: {fix}")
@@ -373,7 +431,12 @@ def open_out_dir(out, overwrite, identity, header):
         raise ValueError(f"{out} exists, is not empty and has no {MANIFEST}: choose another --out")
     for name in ours:  # --overwrite, or shards whose manifest was deleted
         os.remove(os.path.join(out, name))
-    m = dict(format=FORMAT, version=VERSION, complete=False, identity=identity, **header, shards=[])
+    m = dict(format=FORMAT, version=VERSION, complete=False, identity=identity)
+    m.update({k: made[k] for k in ("model", "model_config", "n_layers", "d_model")})
+    m.update({k: getattr(cfg, k) for k in ("dtype", "ctx", "keep_bos", "shard_tokens")})
+    check_rows = max(1, CHECK_BYTES // row_bytes(cfg.dtype, made["n_layers"], made["d_model"]))
+    m.update(device=made["device"], check_rows=check_rows, channel_scale=made["channel_scale"])
+    m["shards"] = []
     try:
         write_json(path, m)
     except OSError as e:
@@ -421,45 +484,155 @@ def check_tokens(out, m, k, row0, meta, corpus):
         raise ValueError(f"{out}: {changed}: {fix}")
 
 
-class ShardWriter:
-    """Writes full shard buffers (.index, .rows, .sums, .sections()) on background threads, then
-    lists each shard in the manifest, in order, once it is whole on disk, adding its statistics to
-    the totals (new and `uncounted` shards, each once). The manifest is rewritten once the shards
-    since its last write hold MANIFEST_RATIO x its bytes (a rewrite per shard is quadratic)."""
+class ShardBuffer:
+    """One shard's rows being filled in RAM, plus float64 sums for the manifest's statistics.
+    Buffers are recycled (fresh 64 MB costs page faults): reset(index) starts shard `index`."""
 
-    def __init__(self, out, manifest, uncounted, threads=2):
-        self.out = out
-        self.manifest = manifest
-        self.uncounted = uncounted
-        self.path = os.path.join(out, MANIFEST)
+    def __init__(self, m):
+        S = m["shard_tokens"]
+        L = m["n_layers"]
+        d = m["d_model"]
+        act = DTYPES[m["dtype"]][1]
+        self.views = dict(mlp_in=np.empty((S, L, d), act), mlp_out=np.empty((S, L, d), act))
+        self.views["scales"] = np.empty((S, 2, L), np.int16) if m["dtype"] == "int8" else None
+        self.views["meta"] = np.empty((S, 3), np.int32)
+
+    def reset(self, index):
+        self.index = index
+        self.rows = 0
+        L = self.views["mlp_in"].shape[1]
+        self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in STATS}  # (2, L)
+
+    def sections(self):
+        """The filled rows of each section, as `sections` reads them back."""
+        return {k: None if v is None else v[: self.rows] for k, v in self.views.items()}
+
+    def add(self, stored, meta):
+        """Append rows: per section j (q, scale bits, ||x||, ||x_hat - x||^2) from quantize_rows."""
+        a = self.rows
+        b = a + len(meta)
+        for j, (q, bits, norm, err_sq) in enumerate(stored):
+            self.views[SECTIONS[j]][a:b] = q.cpu().numpy()
+            if bits is not None:
+                self.views["scales"][a:b, j] = bits
+            self.sums["norm"][j] += norm.sum(0).cpu()
+            self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
+            if err_sq is not None:  # fp32 is exact
+                self.sums["err"][j] += err_sq.sum(0).cpu()
+        self.views["meta"][a:b] = meta
+        self.rows = b
+
+
+class ShardWriter:
+    """A build's output. Opening creates cfg.out or resumes in it (the same identity), checks every
+    listed shard (size, header, crc32s) and plans what to write: the damaged and uncounted shards
+    and the new ones. `add` fills shard buffers; each full one is written on a background thread
+    and listed in the manifest, in order, once it is whole on disk, its statistics added to the
+    totals (new and uncounted shards, each once). The manifest is rewritten once the shards since
+    its last write hold MANIFEST_RATIO x its bytes (a rewrite per shard is quadratic). Leaving the
+    `with` block commits every finished write, after an error too."""
+
+    def __init__(self, cfg, made, model_sha, model_dir, threads=2):
+        self.cfg = cfg
+        self.path = os.path.join(cfg.out, MANIFEST)
+        self.manifest = m = open_out_dir(cfg, identity(cfg, model_sha, model_dir), made)
+        damaged = damaged_shards(cfg.out, m)
+        self.uncounted = uncounted_shards(m)
+        self.complete = m["complete"] and not damaged
+        if self.complete:
+            print(f"{cfg.out} is already complete: every shard's size, header and crc32 checked")
+            return
+        S = cfg.shard_tokens
+        self.rewrite = set(damaged) | self.uncounted
+        self.resume = sys.maxsize if m["complete"] else len(m["shards"])  # the first new shard
+        self.last = max(self.rewrite, default=-1) if m["complete"] else sys.maxsize
+        r = self.resume
+        self.check = r - 1 if 0 < r < sys.maxsize and r - 1 not in damaged else None
+        n_new = max(0, -(-cfg.tokens // S) - r)
+        check_disk(cfg.out, n_new * shard_layout(cfg.dtype, S, m["n_layers"], m["d_model"])[1])
+        todo = min((len(self.rewrite) + n_new) * S, cfg.tokens)
+        self.pbar = tqdm(total=todo, unit="tok", desc="cache", disable=None)
         self.saved_bytes = os.path.getsize(self.path)  # the manifest as last written
         self.unsaved_bytes = 0  # shard bytes committed since then
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads)
         self.pending = []
         self.free = queue.SimpleQueue()
+        self.buf = None
 
-    def recycled(self):  # a written buffer, or None
-        return None if self.free.empty() else self.free.get()
+    def batches(self, batches):
+        """(row0, idx, meta, pieces) for the batches holding rows of shards to write (the others
+        are only tokenized); pieces: (a, b) per shard, rows a..b-1 of the batch. Resuming, the
+        corpus must still give the tokens the last listed shard stores."""
+        S = self.cfg.shard_tokens
+        for row0, idx, meta in batches:
+            if row0 // S > self.last:
+                return
+            if self.check is not None:
+                check_tokens(self.cfg.out, self.manifest, self.check, row0, meta, self.cfg.corpus)
+            hi = min(row0 + len(meta), self.cfg.tokens)
+            ks = range(row0 // S, (hi - 1) // S + 1)
+            pieces = [(max(k * S, row0) - row0, min(k * S + S, hi) - row0) for k in ks]
+            pieces = [p for k, p in zip(ks, pieces) if k in self.rewrite or k >= self.resume]
+            if pieces:
+                yield row0, idx, meta, pieces
 
-    def put(self, buf):
-        self.pending.append(self.pool.submit(self._write, buf))
-        self._commit_done(self.threads)  # waits when all threads are busy: bounded memory
+    def add(self, row, stored, meta):
+        """Rows row.. of one shard, as quantize_rows stores them, and their meta (n, 3)."""
+        if self.buf is None:
+            self.buf = ShardBuffer(self.manifest) if self.free.empty() else self.free.get()
+            self.buf.reset(row // self.cfg.shard_tokens)
+        self.buf.add(stored, meta)
+        self.pbar.update(len(meta))
+        if self.buf.rows == self.cfg.shard_tokens:
+            self.pending.append(self.pool.submit(self._write, self.buf))
+            self.buf = None
+            self._commit_done(self.threads)  # waits when all threads are busy: bounded memory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *_):
+        """Write the last shard (not after an error), commit every write, save the manifest."""
+        try:
+            if self.buf is not None and error is None:
+                self.pending.append(self.pool.submit(self._write, self.buf))
+            self._commit_done(0)
+        finally:
+            self.pbar.close()
+            self.pool.shutdown(cancel_futures=True)
+            if self.unsaved_bytes:  # also after an error: the shards committed so far stay listed
+                self._save()
+
+    def finish(self):
+        """The totals: token count, splits, per-layer mean norms and quantization NMSE; the
+        manifest marked complete and written."""
+        m = self.manifest
+        n_rows = sum(s["rows"] for s in m["shards"])
+        R = self.cfg.ctx - (not self.cfg.keep_bos)  # rows per context: held out whole
+        train = n_rows
+        if self.cfg.heldout > 0:
+            train = min(max(int(round(n_rows * (1 - self.cfg.heldout) / R)) * R, R), n_rows - 1)
+        tot = {k: np.array(m["sums"][k]) for k in STATS}  # (2, L)
+        norm = tot["norm"] / n_rows  # (2, L)
+        nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)  # (2, L)
+        m.update(
+            complete=True, n_tokens=n_rows, splits=dict(train=[0, train], heldout=[train, n_rows])
+        )
+        m.update(norm_in=norm[0].tolist(), norm_out=norm[1].tolist())
+        m.update(nmse_in=nmse[0].tolist(), nmse_out=nmse[1].tolist())
+        m.update(nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)])
+        write_json(self.path, m)
+        if n_rows < self.cfg.tokens:
+            print(f"note: corpus {self.cfg.corpus} ran out after {n_rows} tokens")
+        return m
 
     def _commit_done(self, keep):  # commit finished writes in order, and more while > keep pending
         while self.pending and (self.pending[0].done() or len(self.pending) > keep):
             self._commit(*self.pending.pop(0).result())
 
-    def close(self):
-        try:
-            self._commit_done(0)
-        finally:
-            self.pool.shutdown(cancel_futures=True)
-            if self.unsaved_bytes:  # also after an error: the shards committed so far stay listed
-                self._save()
-
     def _write(self, buf):  # on a thread; the sums are copied: buf is reused once put back
-        entry = write_shard(self.out, self.manifest, buf.index, buf.sections())
+        entry = write_shard(self.cfg.out, self.manifest, buf.index, buf.sections())
         done = (buf.index, entry, {k: v.numpy().copy() for k, v in buf.sums.items()})
         self.free.put(buf)
         return done
