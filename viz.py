@@ -19,11 +19,10 @@ self-contained (inline SVG, CSS and plain JavaScript, no network URLs: they open
 file://); every file is written whole or not at all. How things look is in forge/plots.py (graphviz,
 matplotlib) and forge/browser.py (the pages' HTML, the index's rows and script).
 
-The feature index: a row per feature, sorted by a click on a column's header, filtered by layer and
-by words of the explanation or top tokens. The URL's hash keeps the view, so a link reopens it:
-index.html#sort=auroc&dir=desc&layer=2&q=capital (sort: layer, feature, explanation, tokens,
-density, max_act, auroc, fuzzing, concept, f1, flags; layer: a layer, "all", or none: the best 5,000
-rows by detection AUROC that index.html holds, --inline-rows; the rest load from index/ as needed).
+The feature index sorts by a click on a column's header and filters by layer and by words of the
+explanation or top tokens; the URL's hash keeps the view: index.html#sort=auroc&dir=desc&q=capital
+(sort: a column's key, as layer, auroc, f1, flags; layer=: a layer, "all", or none: the best 5,000
+rows by AUROC, those index.html holds, --inline-rows; the rest load from index/ as needed).
 
 References: the graph JSON is circuit-tracer's Neuronpedia format (safety-research/circuit-tracer,
 frontend/graph_models.py: node_id "{layer}_{feature}_{pos}", errors "{layer}_-1_{pos}", embeddings
@@ -200,9 +199,8 @@ def grid_row(node):
 
 
 def grid_ranks(nodes, imp, cell_width):
-    """[(row, {pos: nodes})], bottom to top: one rank per row (the embedding row, the token axis,
-    always), or several when a (row, position) cell holds more than cell_width nodes, the most
-    influential lowest."""
+    """[(row, {pos: nodes})], bottom to top: a rank per row (the embedding row always), more where a
+    (row, position) cell holds more than cell_width nodes, the most influential lowest."""
     ranks = []
     for r in sorted({-1} | {grid_row(n) for n in nodes}):
         cells = {}
@@ -216,7 +214,7 @@ def grid_ranks(nodes, imp, cell_width):
 
 
 # -----------------------------------------------------------------------------
-# feature pages (HTML)
+# the feature browser: a page per feature and the index, whatever their number
 
 
 def feature_page(feat, cfg):
@@ -248,10 +246,6 @@ def feature_page(feat, cfg):
         body.append("<h2>Examples across the activation range</h2>")
         body += [browser.example_html(e, amax) for e in quant]
     return "".join(body)
-
-
-# -----------------------------------------------------------------------------
-# the feature browser: every feature's page and the index, whatever their number
 
 
 def write_pages(lines, cfg, dense, out):

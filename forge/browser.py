@@ -54,9 +54,7 @@ def show_token(tok):
 
 def plain(v):
     """A value as a table shows it: 4 significant digits, "-" for None."""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def to_js(value):
@@ -250,9 +248,8 @@ def chunks(f, n):
 
 
 def map_in_order(fn, items, workers):
-    """fn(item) for each item, in `workers` processes, yielded in the items' order with at most
-    2 * workers items in flight (a Pool's imap would read all of features.jsonl ahead). One worker
-    or one item: in this process, without starting any."""
+    """fn(item) for each item in `workers` processes, in order, at most 2 * workers in flight (a
+    Pool's imap would read all of features.jsonl ahead); one worker or item: in this process."""
     items = iter(items)
     head = list(itertools.islice(items, 2))
     if workers == 1 or len(head) < 2:
@@ -326,9 +323,8 @@ def layer_file_name(layer):
 
 
 def write_layer_file(out, layer, records):
-    """index/layer_XX.js: every row of one layer, for the index's script to load when a view needs
-    it. The rows are a string for JSON.parse, which Chromium reads ~2.5x faster than the same array
-    literal (0.4 s instead of 1.2 s for a layer of GPT-2-small's CLT, 7 MB)."""
+    """index/layer_XX.js: one layer's rows for the index's script, a string for JSON.parse (Chromium
+    reads it in 0.4 s for a layer of GPT-2-small's CLT, 7 MB; the same array literal in 1.2 s)."""
     path = os.path.join(out, layer_file_name(layer))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     quoted = to_js(records).replace("\\", "\\\\").replace("'", "\\'")  # JSON inside '...'
@@ -338,9 +334,8 @@ def write_layer_file(out, layer, records):
 
 
 class IndexRows:
-    """The index's rows, streamed in features.jsonl's (layer, feature) order: keeps the `n_inline`
-    best by detection AUROC for index.html and, once there are more rows than that, writes each
-    layer to index/ when the next one starts (so memory holds one layer, not every row)."""
+    """The index's rows, in features.jsonl's (layer, feature) order: the `n_inline` best by AUROC
+    for index.html; past that many, each layer to index/ as the next starts (memory: one layer)."""
 
     def __init__(self, out, n_inline):
         self.out = out
@@ -397,7 +392,6 @@ CONTROLS = (
     '<span id="shown" class="muted"></span><span id="loading" class="muted"></span></div>'
     "<noscript><style>#features{{display:table}}</style></noscript>"
 )
-MORE = '<p><button id="more" hidden>show more</button></p>'
 
 
 def summary_html(summary, run_dir):
@@ -460,18 +454,17 @@ def index_page(index, summary_div):
     body += [f"<h2>{title}</h2><p class='muted'>{intro}</p>", CONTROLS.format(first + options)]
     # hidden until the script has drawn it: a table laid out as it streams in costs ~0.5 ms a row
     body += [f'<table id="features" hidden><thead><tr>{head}</tr></thead><tbody>']
-    body += [*map(index_row, rows), "</tbody></table>", MORE]
+    body += [*map(index_row, rows), "</tbody></table>"]
+    body += ['<p><button id="more" hidden>show more</button></p>']
     body += [f"<script>var INDEX = {to_js(config)};\n{INDEX_JS}</script>"]
     return "".join(body)
 
 
 # -----------------------------------------------------------------------------
-# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server)
-#
-# Its page fetches {scan}/{feature}.json for a scan that starts with "./", its server reads
-# /data/... from the graph folder, and graph.py writes scan "./data/features". That page
-# (circuit-tracer 0.5.0) loads d3, a d3 jetpack, dagre and pako from CDNs, unlike ours: offline it
-# stops after fetching graph-metadata.json ("d3 is not defined").
+# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server): its
+# page fetches {scan}/{feature}.json, its server reads /data/... from the graph folder, graph.py
+# writes scan "./data/features". Unlike ours, that page (circuit-tracer 0.5.0) loads d3, dagre and
+# pako from CDNs: offline it stops after graph-metadata.json ("d3 is not defined").
 
 FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan for the front end to read features/
 FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
@@ -506,9 +499,8 @@ def _frontend_example(ex):
 
 
 def frontend_feature(feat, transcoder_id):
-    """One record of interp.py's features.jsonl in circuit-tracer's front-end schema (its
-    frontend/feature_models.py Model): the top examples, then the quantile examples in four bands of
-    their activation rank, top / bottom logits, the activation range, percentiles and histogram."""
+    """A record of features.jsonl in circuit-tracer's front-end schema (frontend/feature_models.py):
+    examples (top, then four quantile bands), top / bottom logits, range, percentiles, histogram."""
     hist = feat.get("hist") or {}
     counts = hist.get("counts") or []
     edges = hist.get("edges") or []
@@ -536,9 +528,8 @@ def frontend_feature(feat, transcoder_id):
 
 
 def write_frontend_features(graph, interp_dir, out):
-    """{out}/features/{node "feature"}.json for every feature node of the graph that interp.py
-    described, the files circuit-tracer's front end fetches at {scan}/{featureIndex}.json; returns
-    their paths."""
+    """{out}/features/{node "feature"}.json, which circuit-tracer's front end fetches at
+    {scan}/{featureIndex}.json, for each feature node interp.py described; their paths."""
     path = os.path.join(interp_dir, "features.jsonl")
     features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
     wanted = {(int(n["layer"]), feature_index(n)): n["feature"] for n in features}

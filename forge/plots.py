@@ -120,10 +120,9 @@ def pin(sub, name, pos_of, **attrs):
 
 
 def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
-    """The ranks as rows and columns, what `dot` lays out: a rank=same subgraph per rank (an
-    invisible left-to-right chain orders it by position; empty cells get placeholders, on the
-    embedding row the token in grey), a row-label spine stacking the ranks, invisible edges making
-    each position a column. Pinned (pos_of): no layout edges, no invisible router obstacles."""
+    """The ranks as rows and columns for `dot`: a rank=same subgraph per rank, ordered by an
+    invisible chain (empty cells: placeholders; on the embedding row, the token in grey), a
+    row-label spine stacking them, invisible edges making columns. Pinned: no layout edges."""
     n_pos = max(len(tokens), 1 + max((p for _, cells in ranks for p in cells), default=0))
     heads = {}  # (rank, pos) -> first node of the cell
     for i, (r, cells) in enumerate(ranks):
