@@ -1,20 +1,18 @@
 """
 graph.py: attribution graphs: which CLT features, through which layers, produce a prediction.
 
-For one prompt we build the local replacement model of Ameisen et al. 2025 ("Circuit Tracing:
-Revealing Computational Graphs in Language Models", sec. 3), take the exact direct linear effect
-of every node on every other, prune by influence on the logits, and write files that
-circuit-tracer's front end (the Neuronpedia graph format) opens.
+For one prompt: the local replacement model of Ameisen et al. 2025 ("Circuit Tracing: Revealing
+Computational Graphs in Language Models", sec. 3), the exact direct effect of every node on every
+other, pruning by influence on the outputs, and the files circuit-tracer's front end opens.
 
 Data flow:
     prompt -> token ids, BOS (<|endoftext|>) first
       -> GPT.run_with_acts: mlp_in, mlp_out (T, L, d) and Frozen (attention patterns, LN scales)
       -> CLT: active features (none at BOS), reconstruction, error = mlp_out - reconstruction
-      -> rows of the adjacency A (targets x sources), one batch of targets at a time: the transpose
-         of the frozen model, run by hand from the batch's highest layer down and only over the
-         positions up to its last target, dotted with every source's write as it passes
-      -> influence, pruning, scores -> {out}/{slug}.json, graph-metadata.json (front end),
-         adjacency.safetensors + nodes.json (the full graph), written by forge/graphfile.py
+      -> rows of the adjacency A (targets x sources), a batch of targets at a time: the frozen
+         model's transpose, from the batch's top layer down and up to its last position
+      -> influence, pruning, scores -> {out}/{slug}.json, graph-metadata.json (the front end's),
+         adjacency.safetensors, nodes.json (the full graph): forge/graphfile.py
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py --target-diff " Zefekic| Bepaese"     # output node: a logit difference
@@ -24,75 +22,40 @@ Data flow:
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph  # circuit-tracer's UI
     test what a graph says by changing its features: intervene.py
 
-Definitions (circuit-tracer 0.5.0's: decoderesearch/circuit-tracer, circuit_tracer/graph.py and
-attribution/; experiments/vs_circuit_tracer.py and tests/test_graph.py check them edge by edge):
-    Nodes, in order: active features sorted by (layer, position, id), none at BOS; error nodes,
-    layer-major (index layer*T + pos), those at BOS kept in the list and zero; one token-embedding
-    node per position (wte[token]); logit nodes, most likely first: the top tokens until cumulative
-    probability 0.95, at most 10, each logit minus the mean logit. Or the given targets (TARGETS):
-    every output node reads a vector from ln_f's output at the last position, W_U[t] - mean(W_U)
-    for a logit (--target-tokens), W_U[a] - W_U[b] for a logit difference (--target-diff), a file's
-    vector for a direction (--target-direction); weighted in the influence by the token's
-    probability, by 1 for a custom target (id vocab_size, circuit-tracer's virtual index).
-    Edge A[t, s]: the direct effect of source s on target t's input (a feature's pre-activation,
-    or a logit): t's input changes by A[t, s] when s is scaled from 0 to its value with every MLP
-    output held fixed, so only the frozen residual stream and the attention OV paths carry it. A
-    feature of layer l writes a·W_dec[l][f, l'-l] to every mlp_out[l'], l' >= l; its edge sums
-    all of them (a per-layer transcoder's, W_dec[l] (F, 1, d), only mlp_out[l]). A skip connection
-    (mlp_in[l] @ W_skip[l] added to mlp_out[l]) is linear in the MLP input, so it stays live in the
-    replacement model, a path like attention's OV: edges run through it, the error nodes hold
-    mlp_out - reconstruction - skip (circuit-tracer: skip + (acts - skip).detach()).
-    t's input = sum_s A[t, s] + bias_t exactly, where bias_t is t's input with every
-    source at zero: b_dec, b_enc, the attention and LayerNorm biases, the position embeddings, and
-    the whole MLP output at BOS (its features and errors are not nodes).
-    Influence: Â = |A| with rows normalized to sum 1, w = the logit probabilities on the logit
-    nodes; influence = w (Â + Â² + ...) = w ((I - Â)^-1 - I); A is nilpotent (edges run up the
-    layers) so the series ends after at most L + 2 terms.
-    --max-features: features are taken in rounds of update_interval x batch_size, most influential
-    first, influence measured on the rows computed so far; the rest are dropped with their edges,
-    so a capped graph no longer sums exactly to its targets' inputs (the printed exactness check
-    shows by how much).
-    Pruning: keep nodes up to cumulative influence 0.8 (tokens and logits always), then edges by
-    Â[t, s] (influence_t + w_t) in the pruned graph up to 0.98, then drop features and errors
-    without outgoing edges and features without incoming ones until nothing changes.
-    Replacement score = infl(embeddings) / (infl(embeddings) + infl(errors)): the fraction of the
-    end-to-end influence of the tokens on the logits that avoids error nodes.
-    Completeness score = sum_t (1 - sum_{s error} Â[t, s]) (infl_t + w_t) / sum_t (infl_t + w_t):
-    the influence-weighted fraction of the nodes' inputs that comes from non-error nodes.
-    Both lie in [0, 1] and are 1 when every error node is zero.
+Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks them edge by edge):
+- Nodes: active features by (layer, position, id), none at BOS; errors, layer-major, zero at BOS;
+  token embeddings; outputs (TARGETS): vectors read at ln_f's last position, by default the top
+  logits to probability 0.95 (at most 10), each W_U[t] - mean(W_U) weighted by p; custom ones by 1.
+- Edge A[t, s]: how t's input moves as s goes from 0 to its value, every MLP output fixed. A
+  feature writes every later layer (a PLT's: its own); a skip connection stays live, the errors
+  are mlp_out - reconstruction - skip. Exact: t's input = sum_s A[t, s] + bias_t.
+- Influence: w (Â + Â² + ...), Â = |A| with rows normalized to sum 1, w the outputs' weights.
+- Pruning: nodes to cumulative influence 0.8, edges by Â[t, s] (infl_t + w_t) to 0.98, then
+  features and errors without outgoing edges, features without incoming ones, until none is left.
+- Replacement score: infl(tokens) / infl(tokens + errors); completeness: the influence-weighted
+  share of the nodes' inputs not from errors. --max-features: rounds by the influence so far.
 
 Differences from circuit-tracer:
-- Error node ids are "{layer}_-1_{pos}" (the feature-node pattern with feature -1): circuit-tracer's
-  "0_{layer}_{pos}" collides with the id of feature number `layer` of layer 0 at that position.
-- --position-nodes makes GPT-2's learned position embeddings nodes of their own (one per position,
-  after the token nodes; ids "E_-1_{pos}"), taken out of the biases; the scores then count them as
-  inputs beside the tokens. Off by default, so scores compare with published ones.
-- The rows come from a hand-written transpose of the frozen model (checked against forward
-  passes by the exactness and perturbation tests), not from hooks injecting gradients into a
-  TransformerLens model: a batch's pass starts at its highest target layer and ends at its last
-  position, and under torchrun each rank computes a share of the rows (circuit-tracer: one device).
-  Memory: the kept rows (N x N; capped, (max_features + logits) x N) and one batch's gradients at
-  every layer (L·d·T·batch_size numbers), nothing per active feature beyond its rows.
-- Ties: with --max-features, features of equal influence are taken in node order (circuit-tracer's
-  unstable argsort leaves it open); with --edge-threshold 1, zero-weight edges are not kept
-  (circuit-tracer's threshold can fall to 0 there and keep them).
+- Error ids "{layer}_-1_{pos}": its "0_{layer}_{pos}" collides with feature `layer` of layer 0.
+- --position-nodes: position embeddings as nodes ("E_-1_{pos}", after the tokens), not biases.
+- Rows from a hand-written transpose (Attribution), not gradients hooked into TransformerLens;
+  under torchrun each rank computes a share. Memory: the kept rows, a batch's gradients per layer.
+- Ties: --max-features takes equal influence in node order; --edge-threshold 1 keeps no zero edge.
 """
 
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from clt import CrossLayerTranscoder, load_transcoder
-from forge.cli import arg, parse_config, run_main
-from forge.files import check_same_model
-from forge.graphcli import check_compatible, check_transcoder_dir, encode_prompt, read_direction
-from forge.graphcli import print_graph, spec_tokens, target_spec
-from forge.graphfile import load_explanations, save_graph, token_str
-from forge.hub import DEFAULT_MODEL, load_tokenizer
+from forge import cli, files, graphcli, graphfile, hub
+from forge.graphcli import encode_prompt
+from forge.graphfile import load_explanations
 from model import Frozen, GPT
 from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
 
@@ -102,7 +65,7 @@ from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
 
 @dataclass
 class Replacement:
-    """The local replacement model of one prompt: the frozen GPT, the CLT features and errors."""
+    """The local replacement model of one prompt."""
 
     idx: torch.Tensor  # (1, T) token ids, BOS first
     frozen: Frozen  # attention patterns and LayerNorm scales of the prompt's forward pass
@@ -110,7 +73,7 @@ class Replacement:
     position: torch.Tensor  # (T, d) position embeddings wpe[:T]: biases, or nodes (position_nodes)
     mlp_out: torch.Tensor  # (T, L, d) the true MLP outputs
     recon: torch.Tensor  # (T, L, d) the CLT's reconstruction from the active features, b_dec too
-    skip: torch.Tensor  # (T, L, d) the skip connection's output (zero without one): linear, no node
+    skip: torch.Tensor  # (T, L, d) the skip connection's term (zero without one): a path, no node
     error: torch.Tensor  # (T, L, d) mlp_out - recon - skip: the error nodes; zero at BOS
     feats: torch.Tensor  # (n, 3) (layer, pos, id) of the active features, sorted
     acts: torch.Tensor  # (n,) their activations
@@ -119,34 +82,27 @@ class Replacement:
 
 @torch.no_grad()
 def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) -> Replacement:
-    """Run the GPT once on idx (1, T); encode its MLP inputs with the CLT; split each MLP output
-    into the CLT's reconstruction and an error node. At BOS nothing is a node (circuit-tracer):
-    no features, zero errors; its MLP outputs stay in the frozen forward as constants."""
-    check_compatible(model, clt)
-    model.check_input(idx)
-    if idx.size(0) != 1:
-        raise ValueError(f"attribute one prompt at a time, got a batch of {idx.size(0)}")
+    """Run the GPT on idx (1, T), encode its MLP inputs, split each MLP output into the CLT's
+    reconstruction and an error node. BOS holds no node: its MLP outputs are bias."""
+    graphcli.check_one_prompt(model, clt, idx, "attribute")
     T = idx.size(1)
     logits, acts = model.run_with_acts(idx)
     mlp_in = acts.mlp_in[0]  # (T, L, d)
-    mlp_out = acts.mlp_out[0]  # (T, L, d)
     a = clt.encode(mlp_in)  # (T, L, F)
     a[0] = 0  # BOS: large, constant activations that explain nothing about the prompt
     l, p, f = a.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then position, then id
     feats = torch.stack([l, p, f], 1)  # (n, 3)
-    active = a[p, l, f]  # (n,)
-    recon = reconstruct(clt, feats, active, T)  # (T, L, d)
+    recon = reconstruct(clt, feats, a[p, l, f], T)  # (T, L, d)
     skip = clt.skip(mlp_in)  # (T, L, d)
-    error = mlp_out - recon - skip
+    error = acts.mlp_out[0] - recon - skip
     error[0] = 0
-    token = model.wte.weight[idx[0]].detach()  # (T, d)
-    position = model.wpe.weight[:T].detach()  # (T, d)
-    nodes = (recon, skip, error, feats, active)
-    return Replacement(idx, acts.frozen, token, position, mlp_out, *nodes, logits[0, -1])
+    embeddings = (model.wte.weight[idx[0]].detach(), model.wpe.weight[:T].detach())  # (T, d) each
+    nodes = (acts.mlp_out[0], recon, skip, error, feats, a[p, l, f])
+    return Replacement(idx, acts.frozen, *embeddings, *nodes, logits[0, -1])
 
 
 def reconstruct(clt, feats, acts, T, bias=True):
-    """The CLT's output (T, L, d), raw units, from the features feats (n, 3) with activations acts
+    """The CLT's output (T, L, d) in raw units from features feats (n, 3) with activations acts
     (n,), b_dec too if bias: clt.decode over them as a sparse (T, L, F) tensor."""
     ids = feats[:, [1, 0, 2]].T  # (3, n): position, layer, feature
     size = (T, clt.config.n_layers, clt.F_local)
@@ -155,10 +111,8 @@ def reconstruct(clt, feats, acts, T, bias=True):
 
 
 def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True):
-    """Run idx (1, T) through the frozen replacement model whose MLP outputs are fixed (T, L, d)
-    (features, errors, b_dec, changes) plus the skip connection's live term, a path of the model
-    (linear in the stream below), not a node. resid: (1, T, d) instead of the embedding.
-    -> (logits (1, T, V) or None, Acts)"""
+    """Run idx (1, T) through the frozen replacement model: each MLP output is fixed (T, L, d) plus
+    the skip connection's live term. resid: (1, T, d) instead of the embedding -> (logits, Acts)."""
     run = partial(model.run_with_acts, idx, frozen=frozen, resid=resid)
     mlp_out = fixed
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
@@ -169,9 +123,9 @@ def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True)
 
 
 def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
-    """The targets' inputs in the frozen replacement model fed with the given sources (default:
-    the prompt's): (n,) feature pre-activations and (k,) outputs, vectors (k, d) dotted with ln_f's
-    output at the last position. mlp_out: the fixed part of each MLP output (without the skip)."""
+    """The inputs of targets feats (n, 3) and vectors (k, d) in the replacement model fed with the
+    given sources (default: the prompt's) -> ((n,) pre-activations, (k,) outputs). mlp_out: the
+    fixed part of the MLP outputs (without the skip)."""
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
     fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
     _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
@@ -181,15 +135,13 @@ def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
 
 
 # -----------------------------------------------------------------------------
-# the output nodes: vectors read at ln_f's output. TARGETS names their kinds for the command line
-# (--target NAME:SPEC, or --target-NAME SPEC for the three here): a builder takes (spec, model,
-# enc, rep) and returns Targets, so a fork adds a kind of output node with one entry.
+# the output nodes, vectors read at ln_f's output. TARGETS names their kinds for --target NAME:SPEC
+# (and --target-NAME SPEC): a builder (spec, model, enc, rep) -> Targets, one entry per kind.
 
 
 @dataclass
 class Targets:
-    """A graph's output nodes: each reads a vector (d,) from ln_f's output at the last position,
-    where the unembedding reads (circuit-tracer's logit targets and custom targets)."""
+    """A graph's output nodes: each reads a vector (d,) from ln_f's output at the last position."""
 
     ids: torch.Tensor  # (k,) token ids; a custom target gets vocab_size + i (circuit-tracer's)
     vectors: torch.Tensor  # (k, d) what each reads: W_U[t] - mean(W_U) for a token's logit
@@ -201,14 +153,6 @@ def token_targets(model, logits, ids):
     """The logits of tokens ids (k,) minus the mean logit, weighted by their probabilities."""
     W = model.wte.weight.detach()  # (V, d) the unembedding, tied
     return Targets(ids, W[ids] - W.mean(0), logits.softmax(-1)[ids], [""] * len(ids))
-
-
-def salient_logits(logits, max_logits, logit_prob):
-    """The most likely tokens until their cumulative probability reaches logit_prob, at most
-    max_logits of them -> (ids, probabilities)."""
-    probs, ids = logits.softmax(-1).topk(min(max_logits, logits.numel()))
-    k = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
-    return ids[:k], probs[:k]
 
 
 def custom_target(model, vector, label):
@@ -225,21 +169,21 @@ def custom_target(model, vector, label):
 
 def logit_difference(spec, model, enc, rep):
     """diff:A|B (--target-diff): logit(A) - logit(B), one token each (the mean logit cancels)."""
-    a, b = spec_tokens(enc, spec, "--target-diff", pair=True)
+    a, b = graphcli.spec_tokens(enc, spec, "--target-diff", pair=True)
     W = model.wte.weight.detach()
-    label = f'Output "{token_str(enc, a)}" - "{token_str(enc, b)}" (logit difference)'
-    return custom_target(model, W[a] - W[b], label)
+    text = [graphfile.token_str(enc, t) for t in (a, b)]
+    return custom_target(model, W[a] - W[b], 'Output "{}" - "{}" (logit difference)'.format(*text))
 
 
 def token_logits(spec, model, enc, rep):
     """tokens:A|B|... (--target-tokens): these tokens' logits minus the mean, one token each."""
-    ids = spec_tokens(enc, spec, "--target-tokens")
+    ids = graphcli.spec_tokens(enc, spec, "--target-tokens")
     return token_targets(model, rep.logits, torch.tensor(ids, device=rep.idx.device))
 
 
 def direction(spec, model, enc, rep):
     """direction:FILE (--target-direction): a .safetensors of one (d,) tensor, at ln_f's output."""
-    label, vector = read_direction(spec, model.config.n_embd)
+    label, vector = graphcli.read_direction(spec, model.config.n_embd)
     return custom_target(model, vector.to(rep.idx.device), label)
 
 
@@ -264,33 +208,32 @@ def attribute(
     mesh: Optional[Mesh] = None,
     targets: Optional[Targets] = None,
 ) -> "Graph":
-    """The attribution graph of the replacement model rep (local_replacement's): a Graph with
-    the dense (N, N) adjacency, unpruned.
+    """The attribution graph of the replacement model rep: a Graph with the (N, N) adjacency.
 
     Args:
-        max_features: keep at most this many feature nodes (-1: all), the most influential, chosen
-            in rounds of update_interval x batch_size (circuit-tracer's; the module docstring).
+        max_features: at most this many feature nodes (-1: all), the most influential, chosen in
+            rounds of update_interval x batch_size (circuit-tracer's).
         batch_size: targets per pass of the transposed model.
-        max_logits, logit_prob: the logit nodes (salient_logits), unless targets are given.
-        position_nodes: make the position embeddings nodes instead of biases.
+        max_logits, logit_prob: the output nodes when no targets are given: the top logits.
+        position_nodes: the position embeddings as nodes instead of biases.
         mesh: under torchrun, the ranks of mesh.dp_group share every round's rows.
-        targets: the output nodes (token_targets, TARGETS); None: the salient logits.
+        targets: the output nodes (token_targets, custom_target, TARGETS).
     """
     mesh = mesh or Mesh()
     n = len(rep.feats)
     T, L, _ = rep.mlp_out.shape
     cap = n if max_features < 0 else min(max_features, n)
     device = rep.feats.device
-    # Phase 0: the output nodes (the salient logits unless given) and the transposed model
+    # Phase 0: the output nodes (unless given, the top logits to probability logit_prob)
     if targets is None:
-        ids, _ = salient_logits(rep.logits, max_logits, logit_prob)
-        targets = token_targets(model, rep.logits, ids)
+        probs, ids = rep.logits.softmax(-1).topk(min(max_logits, rep.logits.numel()))
+        top = int(torch.searchsorted(probs.cumsum(0), logit_prob)) + 1
+        targets = token_targets(model, rep.logits, ids[:top])
     att = Attribution(model, clt, rep, position_nodes)
     k = len(targets.ids)
     N = att.n_sources + k
-    # Phase 1: the logit rows, one pass on every rank. Uncapped, the rows are A itself: features in
-    # node order, the zero rows of the nodes without inputs, the logits; capped, only the targets'
-    # rows, in the order computed, with every active feature's column (the ranking reads them all)
+    # Phase 1: the output rows, one pass on every rank. Uncapped, the rows are A itself (features,
+    # the inputs' zero rows, outputs); capped, the targets' rows alone, in the order computed
     inputs = torch.arange(n, N - k, device=device)  # errors and embeddings: no inputs, zero rows
     middle = inputs if cap == n else inputs[:0]
     rows = rep.mlp_out.new_zeros(cap + len(middle) + k, N)
@@ -311,10 +254,9 @@ def attribute(
 
 
 def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh):
-    """Fill rows[:cap] with feature rows and row_node[:cap] with their nodes, in rounds of
-    update_interval x batch_size features, most influential first through the rows so far (weights
-    (N,) on the output nodes); uncapped, one round of all, in node order. Each rank computes a
-    share of a round; one all-reduce gives every rank all of it."""
+    """Fill rows[:cap] with feature rows, row_node[:cap] with their nodes, in rounds of the most
+    influential features by the rows so far (uncapped: one round, node order). Each rank computes
+    a share of a round; one all-reduce gives every rank all of it."""
     feats = att.rep.feats
     n = len(feats)
     todo = torch.ones(n, dtype=torch.bool, device=feats.device)
@@ -346,8 +288,8 @@ def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval,
 
 
 def square(rows, kept, n, k):
-    """A capped graph's rows (cap + k, N) -> its square A: the kept features' rows and columns in
-    node order (kept: their sorted nodes, and their rows), the inputs' zero rows, the logits'."""
+    """A capped graph's rows (cap + k, N) -> its square A, the kept features (kept: their sorted
+    nodes, and their rows) in node order."""
     cols = torch.cat([kept.values, torch.arange(n, rows.size(1), device=rows.device)])
     A = rows.new_zeros(len(cols), len(cols))
     A[: len(kept.values)] = rows[kept.indices[:, None], cols]  # one gather: no (cap, N) copy
@@ -355,14 +297,8 @@ def square(rows, kept, n, k):
     return A
 
 
-class Slices(NamedTuple):
-    """Where each kind of node sits in the node order (positions: empty unless position_nodes)."""
-
-    features: slice
-    errors: slice
-    tokens: slice
-    positions: slice
-    logits: slice
+# where each kind of node sits in the node order (positions: empty unless position_nodes)
+Slices = namedtuple("Slices", "features errors tokens positions logits")
 
 
 @dataclass
@@ -396,8 +332,8 @@ class Graph:
 
 
 def shares(feats, world):
-    """Split feature targets (sorted by node) into `world` contiguous shares of about equal work:
-    a row's pass costs about (layer + 1)·(position + 1): below its layer, up to its position."""
+    """Split feature targets (sorted) into `world` contiguous shares of about equal work: a row's
+    pass costs about (layer + 1)·(position + 1)."""
     cost = ((feats[:, 0] + 1) * (feats[:, 1] + 1)).double().cumsum(0)
     if world == 1 or len(cost) == 0:
         return [0, len(feats)]
@@ -406,8 +342,8 @@ def shares(feats, world):
 
 
 def batches(layers, start, end, size):
-    """[start, end) of targets sorted by layer, cut into batches of at most `size` within a layer
-    (one across two would pay for the upper layer's depth and the lower one's last positions)."""
+    """[start, end) of targets sorted by layer -> batches of at most `size` within a layer (one
+    across two would pay for the upper layer's depth and the lower one's last positions)."""
     cuts = (layers[start + 1 : end] != layers[start : end - 1]).nonzero()[:, 0] + start + 1
     edges = [start, *cuts.tolist(), end]
     return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
@@ -418,18 +354,11 @@ def batches(layers, start, end, size):
 
 
 class Attribution:
-    """Rows of the adjacency A, one batch of targets at a time.
-
-    In the local replacement model everything between the MLP outputs is linear, so a target's
-    row is one pass of the model's transpose: start from the vector its input reads (a feature's
-    encoder row at its mlp_in, a logit's unembedding minus the mean at ln_f's output), carry it
-    down the residual stream (ln_2ᵀ, attentionᵀ through the frozen patterns and W_V, W_O only,
-    ln_1ᵀ), and dot it with what each source wrote: the error and decoder vectors at mlp_out[l],
-    the embeddings at the bottom. Column b of a batch carries target b (the (d, T, B) layout makes
-    every weight product one matmul over all positions and targets). Written out rather than
-    taken from autograd so that a batch's pass starts at its highest target layer and covers only
-    the positions up to its last target (later ones get nothing: attention is causal); targets
-    sorted by (layer, position) make both small. Memory: one batch's gradients at every mlp_out."""
+    """Rows of the adjacency A, a batch of targets at a time. Between the MLP outputs the
+    replacement model is linear: a target's row is one pass of its transpose, from the vector its
+    input reads down the residual stream (ln_2ᵀ, attentionᵀ through the frozen patterns' OV path,
+    ln_1ᵀ), dotted with each source's write. By hand, not autograd, so that a pass starts at the
+    batch's top layer and ends at its last position. Column b of (d, T, B) carries target b."""
 
     def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
@@ -448,21 +377,17 @@ class Attribution:
             self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ
         self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
         self.scale_f = fz.ln_f[0]  # (T, 1)
-        # the features' encoder and decoder rows are read from the CLT batch by batch: held for all
-        # active features they would be n·L·d numbers, more than the rows kept with --max-features
-        l, p, _ = rep.feats.T.contiguous()  # searchsorted wants contiguous rows
-        layer_start = torch.searchsorted(l, torch.arange(L + 1, device=l.device)).tolist()
-        self.starts = []  # per layer: node index where its features at position p begin, p = 0..T
-        for layer in range(L):
-            mine = slice(layer_start[layer], layer_start[layer + 1])
-            at = torch.searchsorted(p[mine], torch.arange(T + 1, device=p.device))
-            self.starts.append((layer_start[layer] + at).tolist())
+        # starts[l][p]: the first feature node at (layer l, position p); features are sorted so
+        key = rep.feats[:, 0] * (T + 1) + rep.feats[:, 1]
+        grid = torch.arange(L * (T + 1), device=key.device)
+        self.starts = torch.searchsorted(key, grid).view(L, T + 1).tolist()
         self.errors = rep.error.transpose(0, 1)  # (L, T, d)
         self.inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
         self.n_sources = len(rep.feats) + L * T + len(self.inputs) * T
 
     def encoders(self, ids):
-        """(B, d) what the pre-activations of features ids read from mlp_in, in raw units."""
+        """(B, d) what the pre-activations of features ids read from mlp_in, in raw units (read
+        batch by batch: for all features they would be n·L·d numbers)."""
         l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
         return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
 
@@ -478,9 +403,7 @@ class Attribution:
         g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
         G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
         errors = out[:, n : n + L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
-        if top == L:  # logits read ln_f's output at the last position
-            rows, u = self.injected(L, layers, positions, vectors)
-            g[:, -1, rows] = u
+        self.add_injected(g, L, layers, positions, vectors)  # the logits, if any
         for l in reversed(range(min(top + 1, L))):
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
                 torch.div(g, self.clt.output_scale[l], out=G[l])  # the writes: W_dec / output_scale
@@ -493,18 +416,31 @@ class Attribution:
             start = n + L * self.T + i * self.T
             out[:, start : start + T] = dot_over_d(e[:T], g).T
 
-    def injected(self, l, layers, positions, vectors):
-        """The targets that read mlp_in[l] (l = L: ln_f's output) -> (their rows (r,), their vectors
-        through the transpose of that LayerNorm (d, r): their gradient at the stream below it)."""
+    def add_injected(self, g, l, layers, positions, vectors):
+        """g += the targets that read mlp_in[l] (l = L: ln_f's output) through that LayerNorm's
+        transpose, and what layer l's attention passes down from them: u at position p gives
+        position k sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), no pass over the positions."""
         rows = (layers == l).nonzero()[:, 0]
+        p = positions[rows]
         ln = self.model.ln_f if l == self.L else self.model.h[l].ln_2
-        scale = (self.scale_f if l == self.L else self.scale_2[l])[positions[rows]]  # (r, 1)
-        return rows, ln_transposed(vectors[rows].T, ln.weight, scale.T)
+        scale = (self.scale_f if l == self.L else self.scale_2[l])[p]  # (r, 1)
+        u = ln_transposed(vectors[rows].T, ln.weight, scale.T)  # (C, r)
+        if l == self.L or len(rows) == 0:  # the logits: read at the last position, g is zero
+            g[:, p, rows] = u
+            return
+        C, T, B = g.shape
+        mix = self.mix[l]
+        nh = len(mix)
+        y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
+        W_V = self.W_V[l].view(C, nh, C // nh).transpose(0, 1)  # (nh, C, hs)
+        z = torch.bmm(W_V, y)  # (nh, C, r): per head, back at ln_1
+        spread = torch.bmm(z.permute(2, 1, 0), mix[:, :T, p].permute(2, 0, 1))  # (r, C, T)
+        spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u at p
+        g.index_add_(2, rows, spread.permute(1, 2, 0))
 
     def add_skip_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> skip(ln_2(x)) applied to g: the skip connection
-        reads the MLP input, so the gradient at mlp_out[l] also flows back through ln_2
-        (circuit-tracer keeps the skip path in the graph too). skip(h) = (h·s_in) W_skip / s_out."""
+        """g (C, T, B) += the transpose of x -> skip(ln_2(x)), skip(h) = (h·s_in) W_skip / s_out,
+        applied to g (circuit-tracer keeps the skip path in the graph too)."""
         if self.clt.W_skip is None:
             return
         C, T, B = g.shape
@@ -514,8 +450,8 @@ class Attribution:
         g += ln_transposed(h, self.model.h[l].ln_2.weight, self.scale_2[l][:T])  # scale (T, 1)
 
     def add_attention_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> attn(ln_1(x)) applied to g, through the frozen
-        patterns' OV path only: out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, transposed."""
+        """g (C, T, B) += the transpose of x -> attn(ln_1(x)), the frozen patterns' OV path only:
+        out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, applied to g."""
         C, T, B = g.shape
         mix = self.mix[l]
         nh = len(mix)
@@ -525,29 +461,9 @@ class Attribution:
             torch.matmul(mix[h, :T, :T], y[h], out=v[h])  # (hs, T, B)
         g.view(C, T * B).addmm_(self.W_V[l], v.view(C, T * B))
 
-    def add_injected(self, g, l, layers, positions, vectors):
-        """g += the targets of layer l and what the attention of layer l passes down from them.
-
-        A fresh target is one vector u at one position p, so its attentionᵀ needs no pass over the
-        positions: position k gets sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), nh vectors per target."""
-        rows, u = self.injected(l, layers, positions, vectors)
-        if len(rows) == 0:
-            return
-        C, T, B = g.shape
-        mix = self.mix[l]
-        nh = len(mix)
-        p = positions[rows]
-        y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
-        W_V = self.W_V[l].view(C, nh, C // nh).transpose(0, 1)  # (nh, C, hs)
-        z = torch.bmm(W_V, y)  # (nh, C, r): per head, back at ln_1
-        spread = torch.bmm(z.permute(2, 1, 0), mix[:, :T, p].permute(2, 0, 1))  # (r, C, T)
-        spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u at p
-        g.index_add_(2, rows, spread.permute(1, 2, 0))
-
     def contract_features(self, G, out):
-        """out[:, feature s] = a_s · sum over l' of W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one
-        matmul per (layer, position) block of features, over the layers the block writes to below
-        the top (every later layer for a CLT, its own for a PLT; above it reaches nothing)."""
+        """out[:, feature s] = a_s · sum_l' W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one matmul
+        per (layer, position) block of features, over the layers it writes to below the top."""
         top, d, T, B = G.shape
         feats, acts = self.rep.feats, self.rep.acts
         for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (cache)
@@ -561,9 +477,8 @@ class Attribution:
 
 
 def ln_transposed(g, weight, scale):
-    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias, applied to g
-    (d, ...): scale·(weight·g - mean(weight·g)), the mean subtraction being a symmetric
-    projection; scale broadcasts over g's trailing dimensions."""
+    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias applied to g
+    (d, ...): scale·(weight·g - mean(weight·g)); scale broadcasts over g's trailing dimensions."""
     wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
     return (wg - wg.mean(0)) * scale
 
@@ -586,10 +501,8 @@ def normalized(A):
 
 
 def influence(A, w, row_node=None, normalize=True):
-    """w (Â + Â² + ...) = w ((I - Â)^-1 - I), term by term, with Â = normalized(A) (normalize=False:
-    A is Â already), applied a block of rows at a time: A can be the largest tensor there is (the
-    rows of a capped graph). If A holds only some rows, row i is node row_node[i]'s
-    (circuit-tracer's partial influence, for --max-features)."""
+    """w (Â + Â² + ...), Â = normalized(A) (normalize=False: A is Â), a block of rows at a time (A
+    may be the largest tensor there is). Row i of A is node row_node[i]'s (for --max-features)."""
     row_node = torch.arange(len(A), device=A.device) if row_node is None else row_node
     step = max(1, BLOCK_ELEMENTS // max(A.shape[1], 1))
     blocks = [slice(a, a + step) for a in range(0, len(A), step)]
@@ -619,7 +532,7 @@ def cumulative_threshold(scores, fraction):
 
 def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,)).
-    Edges are scored in the graph of the kept nodes alone (K x K): only the mask is N x N."""
+    Edges are scored in the kept nodes' graph (K x K)."""
     if not (0 <= node_threshold <= 1 and 0 <= edge_threshold <= 1):
         raise ValueError(f"thresholds must lie in [0, 1], got {node_threshold}, {edge_threshold}")
     s = graph.slices()
@@ -653,7 +566,7 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
 
 
 def scores(graph):
-    """(replacement score, completeness score), circuit-tracer's definitions (module docstring)."""
+    """(replacement score, completeness score) (module docstring)."""
     s = graph.slices()
     A_hat, w = normalized(graph.adjacency), graph.logit_weights()
     infl = influence(A_hat, w, normalize=False)
@@ -682,50 +595,18 @@ def exactness(model, clt, rep, graph):
 
 
 # -----------------------------------------------------------------------------
-# command line
-
-PROMPT = "Batris lives in Fafes. The language Batris speaks is"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class GraphConfig:
-    """attribute a prompt: the graph files for the front end, and the full adjacency"""
-
-    model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
-    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
-    interp: str = arg("runs/interp", "interp.py's output dir or features.jsonl: node explanations")
-    prompt: str = arg(PROMPT, "text to attribute (BOS is prepended)")
-    out: str = arg("runs/graph", "output directory")
-    slug: str = arg("graph", "the graph's name in the front end: OUT/SLUG.json")
-    device: str = arg(DEVICE, "cpu or cuda (torchrun: each rank its own GPU)")
-    max_features: int = arg(-1, "at most this many feature nodes; -1 = all", group="attribution")
-    batch_size: int = arg(256, "targets per pass of the transposed model")
-    update_interval: int = arg(4, "with --max-features: re-rank features every this many batches")
-    max_logits: int = arg(10, "at most this many logit nodes")
-    logit_prob: float = arg(0.95, "logit nodes until this cumulative probability")
-    position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases")
-    target: str = arg(
-        "",
-        "NAME:SPEC: output nodes of a kind in TARGETS, e.g. diff:A|B",
-        group="output nodes: the most likely tokens unless one of these is given",
-    )
-    target_diff: str = arg("", 'logit(A) - logit(B): "A|B", one token each, e.g. " Paris| London"')
-    target_tokens: str = arg("", 'these tokens\' logits: "A|B|...", one token each')
-    target_direction: str = arg("", "a direction at ln_f's output: .safetensors of one (d,) tensor")
-    node_threshold: float = arg(0.8, "keep nodes up to this cumulative influence", group="pruning")
-    edge_threshold: float = arg(0.98, "keep edges up to this cumulative influence")
+# command line (the flags: forge/graphcli.py's GraphConfig)
 
 
 def load(cfg, device):
     """cfg.model, its transcoder cfg.clt (any layout), the tokenizer, the prompt's ids (1, T)."""
-    check_transcoder_dir(cfg.clt)
+    graphcli.check_transcoder_dir(cfg.clt)
     model = GPT.from_pretrained(cfg.model)
     clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
     model = model.to(device)
-    check_compatible(model, clt)
-    check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
-    enc = load_tokenizer(cfg.model)
+    graphcli.check_compatible(model, clt)
+    files.check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
+    enc = hub.load_tokenizer(cfg.model)
     return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
 
 
@@ -739,7 +620,7 @@ def run_graph(cfg):
     model, clt, enc, idx = load(cfg, device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
-    name, spec = target_spec(cfg, TARGETS)  # the output nodes; none given: the salient logits
+    name, spec = graphcli.target_spec(cfg, TARGETS)  # the output nodes; none: the top logits
     targets = TARGETS[name](spec, model, enc, rep) if name else None
     knobs = (cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob, cfg.update_interval)
     graph = attribute(model, clt, rep, cfg.prompt, *knobs, cfg.position_nodes, mesh, targets)
@@ -747,16 +628,17 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
         ratios = scores(graph)
-        kept = save_graph(graph, enc, cfg, pruned, ratios, load_explanations(cfg.interp))
+        explanations = load_explanations(cfg.interp)
+        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, explanations)
         exact = exactness(model, clt, rep, graph)
-        print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
+        graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
 
 
 def main(argv=None):
-    run_graph(parse_config(__doc__, GraphConfig, argv))
+    run_graph(cli.parse_config(__doc__, graphcli.GraphConfig, argv))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

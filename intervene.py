@@ -3,9 +3,8 @@ intervene.py: test a hypothesis read off an attribution graph: change CLT featur
 run the model, and see how the next-token prediction, or a whole continuation, changes.
 
 Data flow:
-    prompt -> token ids, BOS first (graph.py's encode_prompt)
-      -> the clean run: GPT.run_with_acts; the changed features' activations a from the CLT
-         encoder on its MLP inputs
+    prompt -> token ids, BOS first (graph.py's load)
+      -> the clean run: GPT.run_with_acts; the changed features' activations a: the CLT encoder's
       -> each change a -> a' adds (a' - a) x the feature's decoder writes to the MLP outputs
       -> the intervened run (freeze: none | attention | all, see intervene) -> logits, next token
 
@@ -20,8 +19,7 @@ Data flow:
 Differences from circuit-tracer (its feature_intervention):
 - freeze="all" holds every layer's MLP output (circuit-tracer's constrained_layers chooses which);
   `layers` instead limits which MLP outputs receive the change.
-- generate keeps no KV cache: each new token re-runs the whole sequence (3 passes: clean, and
-  clean + intervened).
+- generate keeps no KV cache: each new token re-runs the whole sequence (3 passes).
 """
 
 import time
@@ -31,11 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from clt import CrossLayerTranscoder
-from forge.cli import arg, parse_config, run_main
-from forge.graphcli import check_interventions, parse_interventions, parse_layers
-from forge.graphcli import print_generation, print_intervention
-from forge.hub import DEFAULT_MODEL
-from graph import DEVICE, PROMPT, check_compatible, load, reconstruct, replacement_forward
+from forge import cli, graphcli
+from graph import load, reconstruct, replacement_forward
 from model import Acts, Frozen, GPT
 
 MODES = ("set", "scale", "add", "ablate")
@@ -88,25 +83,18 @@ def intervene(
 ) -> tuple:
     """Change CLT features' activations and run the model: test a hypothesis read off a graph.
 
-    Each Intervention moves the activation a of one feature at one position to a'; a is the CLT
-    encoder's on the clean run's MLP inputs (at BOS too, where graphs have no features; a silent
-    feature has a = 0, so set and add steer with it). The MLP outputs then change by (a' - a) x
-    the feature's decoder writes (clt.decoder_writes) at every layer it writes to, or only at the
-    layers in `layers`. Several interventions add their changes.
+    Each Intervention moves a feature's activation a at one position to a' (a: the CLT encoder's on
+    the clean run, 0 for a silent feature, at BOS too); the MLP outputs it writes to change by
+    (a' - a) x its decoder writes (only mlp_out[start:end] if layers = (start, end)).
 
     Args:
         idx: (1, T) token ids, BOS first.
         interventions: [Intervention], each (layer, pos, feature) at most once.
-        freeze: what stays as in the clean run.
-            "none": nothing, the real model's view: attention, LayerNorm and every later MLP
-                respond, each MLP output is the real MLP's on its new input plus the change (the
-                CLT's error is not held: later MLPs, not later CLT features, respond).
-            "attention": the attention patterns; LayerNorm and MLPs respond.
-            "all": the local replacement model's view (circuit-tracer's feature_intervention with
-                freeze_attention and every layer constrained): attention patterns, LayerNorm scales
-                and every MLP output held, plus the change (a skip connection stays live, as in the
-                graph). Linear: ablating a graph's feature moves each logit node by minus its edge.
-        layers: None (all), or (start, end): only mlp_out[start:end] get the change.
+        freeze: what stays as in the clean run. "none": nothing, the real model's view (later MLPs
+            respond, not later CLT features); "attention": the attention patterns; "all": the
+            local replacement model's view (circuit-tracer's feature_intervention, every layer
+            constrained): patterns, LayerNorm scales and MLP outputs held, plus the change, the
+            skip connection live. Linear: ablating a feature moves each logit node by -its edge.
     Returns:
         (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
     """
@@ -117,10 +105,7 @@ def intervene(
 @torch.no_grad()
 def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -> Intervened:
     """intervene's two runs with their activations."""
-    check_compatible(model, clt)
-    model.check_input(idx)
-    if idx.size(0) != 1:
-        raise ValueError(f"intervene on one prompt at a time, got a batch of {idx.size(0)}")
+    graphcli.check_one_prompt(model, clt, idx, "intervene on")
     if freeze not in FREEZE:
         raise ValueError(f"freeze={freeze!r}: use one of {', '.join(FREEZE)}")
     clean_logits, clean = model.run_with_acts(idx)
@@ -139,11 +124,12 @@ def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -
 
 
 def intervention_delta(clt, mlp_in, interventions, layers=None):
-    """The change of every MLP output (T, L, d) the interventions make, from the clean run's MLP
-    inputs mlp_in (T, L, d) -> (delta, old activations (n,), new activations (n,)): a feature at
-    p going a -> a' adds (a' - a) x its decoder writes to mlp_out[l'] at p, start <= l' < end."""
+    """The interventions' change of the MLP outputs, from the clean run's mlp_in (T, L, d) ->
+    (delta (T, L, d), old activations (n,), new activations (n,))."""
     T, L, _ = mlp_in.shape
-    feats = check_interventions(interventions, L, T, clt.config.n_features).to(mlp_in.device)
+    feats = graphcli.check_interventions(interventions, L, T, clt.config.n_features).to(
+        mlp_in.device
+    )
     l, p, f = feats.T
     start, end = (0, L) if layers is None else layers
     if not 0 <= start < end <= L:
@@ -194,24 +180,17 @@ def generate(
     freeze: str = "none",
     layers: Optional[tuple] = None,
 ) -> tuple:
-    """Continue the prompt idx (1, T) twice: with the plain model and under the interventions.
-
-    Each new token of the intervened continuation is read off intervene's logits on the sequence
-    so far (positions refer to the prompt; freeze and layers as there). every_token: those at the
-    prompt's last position are applied at every generated position as well, steering the whole
-    continuation. Sampling (temperature > 0) draws both from generators seeded alike, so an
-    intervention that changes nothing changes no token. No KV cache: 3 forward passes of the
-    whole sequence per token (plain; clean and intervened).
-    Returns:
-        (clean ids (1, T + N), intervened ids (1, T + N)).
-    """
+    """Continue the prompt idx (1, T) twice, plainly and under the interventions (intervene's
+    logits on the sequence so far) -> (clean ids, intervened ids), (1, T + N) each. every_token:
+    those at the prompt's last position act at each new one too. Sampling draws both alike."""
     T = idx.size(1)
     if T + max_new_tokens > model.config.n_ctx:
-        raise ValueError(
-            f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
-            f"n_ctx={model.config.n_ctx}: generate fewer tokens or shorten the prompt"
-        )
-    feats = check_interventions(interventions, clt.config.n_layers, T, clt.config.n_features)
+        n = f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens}"
+        fix = "generate fewer tokens or shorten the prompt"
+        raise ValueError(f"{n} exceed the model's n_ctx={model.config.n_ctx}: {fix}")
+    feats = graphcli.check_interventions(
+        interventions, clt.config.n_layers, T, clt.config.n_features
+    )
     fixed = [replace(iv, pos=p) for iv, p in zip(interventions, feats[:, 1].tolist())]
     repeated = [iv for iv in fixed if iv.pos == T - 1] if every_token else []
     generators = [torch.Generator(device=idx.device).manual_seed(seed) for _ in range(2)]
@@ -241,55 +220,24 @@ def pick(logits, temperature, top_k, generator):
 # command line
 
 
-@dataclass
-class RunConfig:
-    """the flags `intervene` and `generate` share"""
-
-    model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
-    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
-    prompt: str = arg(PROMPT, "text to run or continue (BOS is prepended)")
-    device: str = arg(DEVICE, "cpu or cuda")
-    intervene: str = arg("", "LAYER/POS/FEATURE=VALUE (set), *X, +X or :ablate; comma-separated")
-    freeze: str = arg("none", "none: the real model; attention: patterns frozen; all: replacement")
-    layers: str = arg("", "START:END: only mlp_out[START:END] get the change; empty = all")
-
-
-@dataclass
-class InterveneConfig(RunConfig):
-    """change CLT features' activations and print how the next-token prediction changes"""
-
-    top: int = arg(10, "rows of probability changes to print")
-
-
-@dataclass
-class GenerateConfig(RunConfig):
-    """continue a prompt with the plain model and under interventions, side by side"""
-
-    every_token: bool = arg(False, "also apply the interventions at POS -1 at every new token")
-    max_new_tokens: int = arg(20, "tokens to generate")
-    temperature: float = arg(0.0, "0 = greedy; > 0 samples from softmax(logits / temperature)")
-    top_k: int = arg(0, "sample from the top k tokens only; 0 = all")
-    seed: int = arg(0, "random seed for sampling (both continuations draw alike)")
-
-
 def main(argv=None):
-    configs = {"intervene": InterveneConfig, "generate": GenerateConfig}
-    command, cfg = parse_config(__doc__, configs, argv)
+    configs = {"intervene": graphcli.InterveneConfig, "generate": graphcli.GenerateConfig}
+    command, cfg = cli.parse_config(__doc__, configs, argv)
     print(asdict(cfg))
     model, clt, enc, idx = load(cfg, cfg.device)
     if command == "intervene" and not cfg.intervene.strip():
         raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
-    ivs = parse_interventions(cfg.intervene, Intervention) if cfg.intervene else []
-    layers = parse_layers(cfg.layers, clt.config.n_layers)
+    ivs = graphcli.parse_interventions(cfg.intervene, Intervention) if cfg.intervene else []
+    layers = graphcli.parse_layers(cfg.layers, clt.config.n_layers)
     if command == "intervene":
         out = run_intervened(model, clt, idx, ivs, cfg.freeze, layers)
-        print_intervention(enc, idx, ivs, out, cfg)
+        graphcli.print_intervention(enc, idx, ivs, out, cfg)
         return
     how = (cfg.temperature, cfg.top_k, cfg.seed, cfg.every_token, cfg.freeze, layers)
     t0 = time.perf_counter()
     clean, steered = generate(model, clt, idx, ivs, cfg.max_new_tokens, *how)
-    print_generation(enc, cfg, idx.size(1), clean, steered, time.perf_counter() - t0)
+    graphcli.print_generation(enc, cfg, idx.size(1), clean, steered, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

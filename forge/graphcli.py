@@ -1,16 +1,82 @@
-"""The command lines of graph.py and intervene.py: the prompt's token ids, the checks that a model,
-its transcoder and the flags fit together (each refusal names the fix), the flags' small languages
-(output nodes, interventions, layer ranges) and the printed reports. The scripts pass in what they
-need (a class to build, the TARGETS names); nothing here imports them."""
+"""The command lines of graph.py and intervene.py: their flags, the checks that a model, its
+transcoder, a prompt and the flags fit together (each refusal names the fix), the prompt's token
+ids, the flags' small languages (output nodes, interventions, layer ranges) and the printed reports.
+The scripts pass in what they need (a class to build, the TARGETS names); nothing here imports
+them."""
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file
 
+from forge.cli import arg
 from forge.graphfile import token_str
-from forge.hub import ENDOFTEXT
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT
+
+PROMPT = "Batris lives in Fafes. The language Batris speaks is"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class GraphConfig:
+    """attribute a prompt: the graph files for the front end, and the full adjacency"""
+
+    model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
+    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
+    interp: str = arg("runs/interp", "interp.py's output dir or features.jsonl: node explanations")
+    prompt: str = arg(PROMPT, "text to attribute (BOS is prepended)")
+    out: str = arg("runs/graph", "output directory")
+    slug: str = arg("graph", "the graph's name in the front end: OUT/SLUG.json")
+    device: str = arg(DEVICE, "cpu or cuda (torchrun: each rank its own GPU)")
+    max_features: int = arg(-1, "at most this many feature nodes; -1 = all", group="attribution")
+    batch_size: int = arg(256, "targets per pass of the transposed model")
+    update_interval: int = arg(4, "with --max-features: re-rank features every this many batches")
+    max_logits: int = arg(10, "at most this many logit nodes")
+    logit_prob: float = arg(0.95, "logit nodes until this cumulative probability")
+    position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases")
+    target: str = arg(
+        "",
+        "NAME:SPEC: output nodes of a kind in TARGETS, e.g. diff:A|B",
+        group="output nodes: the most likely tokens unless one of these is given",
+    )
+    target_diff: str = arg("", 'logit(A) - logit(B): "A|B", one token each, e.g. " Paris| London"')
+    target_tokens: str = arg("", 'these tokens\' logits: "A|B|...", one token each')
+    target_direction: str = arg("", "a direction at ln_f's output: .safetensors of one (d,) tensor")
+    node_threshold: float = arg(0.8, "keep nodes up to this cumulative influence", group="pruning")
+    edge_threshold: float = arg(0.98, "keep edges up to this cumulative influence")
+
+
+@dataclass
+class RunConfig:
+    """the flags `intervene` and `generate` share"""
+
+    model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
+    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
+    prompt: str = arg(PROMPT, "text to run or continue (BOS is prepended)")
+    device: str = arg(DEVICE, "cpu or cuda")
+    intervene: str = arg("", "LAYER/POS/FEATURE=VALUE (set), *X, +X or :ablate; comma-separated")
+    freeze: str = arg("none", "none: the real model; attention: patterns frozen; all: replacement")
+    layers: str = arg("", "START:END: only mlp_out[START:END] get the change; empty = all")
+
+
+@dataclass
+class InterveneConfig(RunConfig):
+    """change CLT features' activations and print how the next-token prediction changes"""
+
+    top: int = arg(10, "rows of probability changes to print")
+
+
+@dataclass
+class GenerateConfig(RunConfig):
+    """continue a prompt with the plain model and under interventions, side by side"""
+
+    every_token: bool = arg(False, "also apply the interventions at POS -1 at every new token")
+    max_new_tokens: int = arg(20, "tokens to generate")
+    temperature: float = arg(0.0, "0 = greedy; > 0 samples from softmax(logits / temperature)")
+    top_k: int = arg(0, "sample from the top k tokens only; 0 = all")
+    seed: int = arg(0, "random seed for sampling (both continuations draw alike)")
 
 
 def check_transcoder_dir(path):
@@ -31,6 +97,14 @@ def check_compatible(model, clt):
         gpt = f"the GPT has n_layer={g.n_layer}, n_embd={g.n_embd}"
         named = f"(the CLT's config names model {c.model!r})"
         raise ValueError(f"the CLT was made for another model: {ours}, {gpt} {named}")
+
+
+def check_one_prompt(model, clt, idx, what):
+    """Refuse a transcoder of another shape, ids the model cannot take, a batch of prompts."""
+    check_compatible(model, clt)
+    model.check_input(idx)
+    if idx.size(0) != 1:
+        raise ValueError(f"{what} one prompt at a time, got a batch of {idx.size(0)}")
 
 
 def encode_prompt(enc, prompt, n_ctx):

@@ -16,6 +16,7 @@ from intervene import Intervention, intervene, run_intervened
 from intervene import main as intervene_main
 from clt import CLTConfig, CrossLayerTranscoder
 from forge.cli import parse_config
+from forge.graphcli import GraphConfig
 from model import GPT, GPTConfig
 
 L, D, F_, V, T = 3, 32, 64, 300, 10
@@ -352,5 +353,5 @@ def assert_matches_circuit_tracer(name, key):
 
 if __name__ == "__main__":  # the torchrun worker: graph.py's graph command on each task's flags
     for task in json.loads(open(sys.argv[1]).read()):
-        G.run_graph(parse_config(G.__doc__, G.GraphConfig, task))
+        G.run_graph(parse_config(G.__doc__, GraphConfig, task))
     torch.distributed.destroy_process_group()
