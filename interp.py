@@ -21,18 +21,17 @@ cache. Data flow:
     python interp.py --chunk-size 256 --top-k 8 --n-sampled 8   # a tiny CPU run
 
 References: the detection and fuzzing scores of EleutherAI's delphi (Paulo et al. 2024,
-"Automatically Interpreting Millions of Features in Large Language Models"); max-activating and
-quantile examples and activation histograms as on Neuronpedia; direct logit effects as in Bricken
-et al. 2023. Differences from EleutherAI's delphi:
+"Automatically Interpreting Millions of Features in Large Language Models"); examples and
+histograms as on Neuronpedia; direct logit effects as in Bricken et al. 2023. Unlike delphi:
  - explainer and scorer are one predictor, not a language model: "fires on g1, g2" means "one of
    the n-grams g1, g2 ends at this token"; scores are exact counts over every held-out token;
  - detection is per token: each held-out token (with its prefix as context) is a trial, positive
    when the feature fires there; AUROC ranks tokens by the train precision of the n-gram they match;
  - fuzzing keeps only tokens within ±fuzz_window of a firing in the same document (the activating
    contexts) and asks whether the explanation marks exactly the firing ones (balanced accuracy).
-Memory is O(L·F·k) for examples and histograms plus the sparse (feature, n-gram) counts (pruned
-beyond max_pairs); activations live for two chunks at most (forge/featurestore.py), each cut down
-to its firings right after encoding, so a pass costs about twice a read + encode.
+Memory: O(L·F·k) examples and histograms plus the (feature, n-gram) counts (pruned beyond
+max_pairs); activations live two chunks at most, cut to their firings once encoded (a pass costs
+about twice a read + encode).
 """
 
 import json
@@ -49,9 +48,8 @@ from clt import CrossLayerTranscoder
 from forge import toyworld
 from forge.cli import arg, parse_config, run_main
 from forge.concepts import concept_table, toy_world_concepts
-from forge.featurestore import Padded, SparseCounter, empty_top, merge_top, padded_chunks
-from forge.featurestore import decode_gram, n_digits, ngram_keys
-from forge.interpfile import check_clt, write_outputs
+from forge.interpfile import Padded, SparseCounter, check_clt, decode_gram, empty_top, merge_top
+from forge.interpfile import n_digits, ngram_keys, padded_chunks, write_outputs
 from forge.hub import load_tokenizer
 from model import GPT
 
@@ -191,8 +189,8 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
     """Mean over tokens of ln_f's 1/sqrt(var + eps), on the first whole contexts of the cache (rows
     of contexts [BOS, t1, ...], the BOS row often dropped: pos restarts at each)."""
     starts = [0] + ((pos[1:] <= pos[:-1]).nonzero().flatten() + 1).tolist() + [len(pos)]
-    spans = [(a, b) for a, b in zip(starts[:-1], starts[1:]) if pos[a] <= 1]
-    spans = [(a, b) for a, b in spans if b - a == starts[1]]  # whole contexts only
+    # whole contexts: from a BOS (or the row after it), as long as the first
+    spans = [(a, b) for a, b in zip(starts, starts[1:]) if pos[a] <= 1 and b - a == starts[1]]
     if not spans:
         raise ValueError("no whole context in the cache's first chunk: cannot measure ln_f's scale")
     idx = torch.stack([tok[a:b].cpu() for a, b in spans[:max_contexts]])  # (B, T)
@@ -208,11 +206,9 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
 
     v = the feature's writes into mlp_out[l:] at activation 1 (clt.decoder_writes), summed; through
     ln_f at its mean scale it moves the logits by ((v - mean(v)) · scale · γ) @ wte[:n_vocab]^T."""
-    per_layer = []
-    for l, W in enumerate(clt.W_dec):
-        ids = torch.arange(W.size(0), device=W.device)
-        write = clt.decoder_writes(l, ids, torch.ones(len(ids), device=W.device))
-        per_layer.append(write.sum(1))  # (F, d)
+    ids = torch.arange(clt.config.n_features, device=clt.W_dec[0].device)
+    ones = torch.ones(len(ids), device=ids.device)
+    per_layer = [clt.decoder_writes(l, ids, ones).sum(1) for l in range(clt.config.n_layers)]
     v = torch.cat(per_layer).float().cpu()  # (M, d) each feature's total write into the residual
     v = (v - v.mean(-1, keepdim=True)) * ln_scale * model.ln_f.weight
     parts = []

@@ -2,22 +2,21 @@
 forge/concepts.py: interp.py's toy-world study, every feature scored against planted ground truth.
 
 On the toy world (a model directory with forge/toyworld.py's world.json) features are scored on a
-labeled evaluation set in which every concept of every label family has --concept-support tokens
-(32: ~107k tokens, ~1000 concepts), stored by the spine's cache builder as the training rows were:
+labeled evaluation set that gives every concept of every label family --concept-support tokens,
+cached as the training rows were:
 
     toyworld.eval_corpus -> OUT/concept_cache.jsonl -> build(...) -> OUT/concept_cache
       -> ConceptLabels (toyworld.label_tokens per row) -> score_concepts (one pass, every set)
       -> best_features, family_table, headline -> summary.json "concepts", features.jsonl concept_*
 
 A concept (>= --min-support tokens) is recovered when a feature's "fires" (activation > 0) has F1
->= --concept-f1 on its tokens. The headline is the share recovered and the mean best F1 over the
---families; baselines are scored the same way (the best of thousands of features grows with their
-number): the model's MLP neurons, a random CLT as dense as the trained one, and the token oracle.
-summary.json "concepts": eval_set, f1_threshold, min_support, families, n / recovered /
-share_recovered / mean_best_f1 (the headline), by_family {family: kind, concepts, recovered, share,
-mean_best_f1, unscored}, per_concept {label: support, layer, feature, f1, precision, recall},
-baselines {mlp_neurons, random_clt, token_identity: the headline, features and by_family}.
-Nothing here imports the spine: interp.py passes in the model, the CLT, the cache and a builder.
+>= --concept-f1 on its tokens; the headline is the share recovered and the mean best F1 over
+--families. Baselines are scored the same way: the MLP neurons, a random CLT as dense as the
+trained one, the token oracle. summary.json "concepts": eval_set, f1_threshold, min_support,
+families, n, recovered, share_recovered, mean_best_f1 (the headline), by_family {family: kind,
+concepts, recovered, share, mean_best_f1, unscored}, per_concept {label: support, layer, feature,
+f1, precision, recall}, baselines {mlp_neurons, random_clt, token_identity: the headline, features,
+by_family}. Nothing here imports the spine: interp.py passes in the model, CLT, cache and a builder.
 """
 
 import contextlib
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from forge import toyworld
 from forge.files import atomic_path
+from forge.interpfile import r4
 
 
 def toy_world_concepts(model, enc, clt, cache, world, cfg, build):
@@ -58,21 +58,18 @@ def toy_world_concepts(model, enc, clt, cache, world, cfg, build):
     eval_set.update(cache=ccache.path, tokens=ccache.n_tokens, labeled_tokens=n_labeled)
     out = dict(eval_set=eval_set, f1_threshold=cfg.concept_f1, min_support=cfg.min_support)
     out.update(families=cfg.families)
-    per_feature = None
+    per_feature = {}
     baselines = {}
     for name, s in scores.items():
         n_features = n_per_layer.get(name, clt.config.n_features)
-        per_concept, pf = best_features(s, labels, n_features, cfg)
+        per_concept, per_feature[name] = best_features(s, labels, n_features, cfg)
         table = family_table(per_concept, labels, s, cfg)
         if name == "clt":
-            per_feature = pf
             out.update(headline(table, cfg), by_family=table, per_concept=per_concept)
         else:
-            baselines[name] = dict(
-                headline(table, cfg), features=s.n_fires.numel(), by_family=table
-            )
+            baselines[name] = dict(headline(table, cfg), features=len(s.n_fires), by_family=table)
     out["baselines"] = baselines
-    return per_feature, out
+    return per_feature["clt"], out
 
 
 def concept_cache(world, enc, train_manifest, cfg, build):
@@ -89,8 +86,8 @@ def concept_cache(world, enc, train_manifest, cfg, build):
         with atomic_path(corpus) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     m = train_manifest
-    ctx = m["ctx"]
     stream = sum(len(t) + 1 for t in enc.encode_ordinary_batch(docs))  # + <|endoftext|> after each
+    ctx = m["ctx"]
     rows = stream // (ctx - 1) * (ctx - (0 if m["keep_bos"] else 1))  # whole contexts only
     fields = dict(corpus=corpus, tokens=rows, ctx=ctx, keep_bos=m["keep_bos"], dtype=m["dtype"])
     return build(dict(fields, out=out), stale)
@@ -132,10 +129,9 @@ class ConceptLabels:
     def rows(self, lo, hi, device):
         """Rows [lo, hi) of the split: (sparse labels (C, N), labeled mask (N,))."""
         p = self.pairs[self.row_starts[lo].item() : self.row_starts[hi].item()]
+        idx = torch.stack([p[:, 1], p[:, 0] - lo])  # (2, nnz): concept, row
         shape = (len(self.names), hi - lo)
-        lab = torch.sparse_coo_tensor(
-            torch.stack([p[:, 1], p[:, 0] - lo]), torch.ones(len(p)), shape, check_invariants=False
-        )
+        lab = torch.sparse_coo_tensor(idx, torch.ones(len(p)), shape, check_invariants=False)
         return lab.to(device), self.labeled[lo:hi].to(device)
 
 
@@ -233,11 +229,6 @@ def random_like(clt, mlp_in, seed=1):
 
 # -----------------------------------------------------------------------------
 # tables: best feature per concept, per family, the headline
-def r4(x):
-    """A JSON-ready float, 4 decimals (counts and ratios here are never NaN)."""
-    return round(float(x), 4)
-
-
 def best_features(scores: ConceptScores, labels, n_per_layer, cfg):
     """Per concept with >= min_support tokens: its best feature by F1 {support, layer, feature, f1,
     precision, recall}; and per feature its best concept (the features.jsonl keys)."""

@@ -1,7 +1,10 @@
 """
-forge/interpfile.py: the files interp.py reads and writes.
+forge/interpfile.py: what interp.py streams in, keeps in bounded memory, and writes out.
 
-check_clt refuses a CLT and a cache of different models. write_outputs writes, into --out:
+In: padded_chunks yields each encoded chunk of a cache between `before` rows of the past and the
+rows ahead (Padded); check_clt refuses a CLT and a cache of different models. Kept: ngram_keys
+gives an n-gram one int64 key, SparseCounter counts (feature, n-gram) keys, merge_top keeps per
+feature the k firings of largest key with their context windows. Out (write_outputs, in --out):
 features.jsonl, one object per feature in (layer, feature) order: layer, feature, density and
 n_fires (acts > 0, train split), mean_act, max_act, quantiles {"q10", ..., "q99"} and hist {"edges",
 "counts"} (log2 bins) when active, top_examples and quantile_examples (+ "quantile") [{"act", "doc",
@@ -12,12 +15,13 @@ concept_precision, concept_recall, concept_f1 (its best concept). summary.json: 
 dense / live / interpretable counts, share_live_detection_above (AUROC >= --interpretable), each
 score's quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy world
 "concepts" (forge/concepts.py lists its keys). summary.png: four small plots of the summary.
+Nothing here imports the spine: interp.py passes in the model, the CLT and the cache.
 """
 
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -28,14 +32,163 @@ from forge.files import atomic_path, check_same_model, write_json
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
-def check_clt(clt_config, cache, model, model_dir, cfg):
-    """Refuse a CLT and a cache of different models: their shapes, then the model's fingerprint
-    the CLT records (train.py), or else the model directory it names."""
-    c = clt_config
+# -----------------------------------------------------------------------------
+# in: the cache, streamed with context
+@dataclass
+class Padded:
+    acts: torch.Tensor  # (E, M) activations of all M = L·F features (m = layer·F + f) on E rows
+    tok: torch.Tensor  # (E,) token ids
+    doc: torch.Tensor  # (E,) document ids
+    pos: torch.Tensor  # (E,) positions in their context (they restart at each context)
+    lo: int  # this chunk's own rows are [lo, hi); the others are context
+    hi: int
+
+
+def padded(past, own, ahead):
+    """[acts, tok, doc, pos] of the rows before a chunk, its own and those after -> Padded."""
+    lo = len(past[0])
+    return Padded(*[torch.cat(x) for x in zip(past, own, ahead)], lo, lo + len(own[0]))
+
+
+def padded_chunks(clt, cache, split, cfg):
+    """Encode each chunk once; yield it between the `before` rows before it and the rows after."""
+    ahead = max(cfg.after, cfg.fuzz_window)  # the future rows that examples and fuzzing need
+    lo, hi = cache.split_range(split)
+    chunks = cache.iter_chunks(cfg.chunk_size, split=split, device=cfg.device)
+    tail = prev = None
+    for chunk in tqdm(chunks, total=-(-(hi - lo) // cfg.chunk_size), desc=f"{split} pass"):
+        mlp_in, _, tok, doc, pos = chunk  # cache.ActivationCache.iter_chunks: rows in order
+        with torch.no_grad():
+            acts = clt.encode(mlp_in.to(cfg.device, torch.float32)).flatten(1)  # (N, L·F)
+        cur = [acts] + [x.to(cfg.device).long() for x in (tok, doc, pos)]
+        if prev is None:
+            tail = [x[:0] for x in cur]
+        else:
+            yield padded(tail, prev, [x[:ahead] for x in cur])
+            tail = [x[max(0, len(x) - cfg.before) :] for x in map(torch.cat, zip(tail, prev))]
+        prev = cur
+    if prev is not None:
+        yield padded(tail, prev, [x[:0] for x in prev])
+
+
+def ngram_keys(p: Padded, n_max, base):
+    """(E, n_max) key of the n-gram ending at each row (-1 where it would cross a document start).
+
+    The key of tokens (t_{-n+1}, ..., t_0) is  sum_j (t_{-j} + 1) base^j  with base = V + 1, so
+    grams of every length share one integer space and a gram's suffixes are its low digits."""
+    E = p.tok.numel()
+    keys = torch.full((E, n_max), -1, dtype=torch.long, device=p.tok.device)
+    keys[:, 0] = p.tok + 1
+    for j in range(1, n_max):
+        ok = torch.zeros(E, dtype=torch.bool, device=p.tok.device)
+        ok[j:] = (p.doc[j:] == p.doc[:-j]) & (p.pos[j:] == p.pos[:-j] + j) & (keys[j:, j - 1] >= 0)
+        keys[j:, j] = keys[j:, j - 1] + (p.tok[:-j] + 1) * base**j
+        keys[:, j] = torch.where(ok, keys[:, j], -1)
+    return keys
+
+
+def decode_gram(key, base, enc):
+    """Inverse of ngram_keys: an n-gram key -> its text."""
+    toks = []
+    while key > 0:
+        toks.append(key % base - 1)
+        key //= base
+    return enc.decode(toks[::-1])
+
+
+def n_digits(keys, base):
+    """n-gram keys (numpy) -> n, their number of base-`base` digits."""
+    n = np.zeros_like(keys)
+    p = 1
+    while (keys >= p).any():
+        n = n + (keys >= p)
+        p = p * base
+    return n
+
+
+class SparseCounter:
+    """Exact counts of int64 keys; chunk counts are merged lazily: O(n log n) merging overall.
+
+    Beyond max_pairs stored keys, the rarest are dropped (lossy counting, Manku & Motwani 2002): a
+    dropped key restarts from zero, so its counts are lower bounds from then on (summary.json)."""
+
+    def __init__(self, max_pairs):
+        self.parts = []  # (keys, counts) per chunk; after a merge the first is all merged so far
+        self.n_merged = 0
+        self.max_pairs = max_pairs
+        self.pruned_below = 0
+
+    def add(self, keys):
+        self.parts.append(keys.unique(return_counts=True))
+        if sum(len(k) for k, _ in self.parts) - self.n_merged > max(1 << 20, self.n_merged):
+            self.merge()
+
+    def merge(self):
+        """-> (keys (K,) sorted, counts (K,)) of everything added so far."""
+        keys, inv = torch.cat([k for k, _ in self.parts]).unique(return_inverse=True)  # sorted
+        counts = torch.zeros_like(keys).index_add_(0, inv, torch.cat([c for _, c in self.parts]))
+        while len(keys) > self.max_pairs:
+            self.pruned_below += 1
+            keys = keys[counts > self.pruned_below]
+            counts = counts[counts > self.pruned_below]
+        self.parts = [(keys, counts)]
+        self.n_merged = len(keys)
+        return keys, counts
+
+
+def empty_top(M, k, W, device):
+    """An empty store for merge_top: k slots per feature, key 0 = empty, windows of W tokens."""
+    store = {n: torch.zeros(M, k, device=device) for n in ("key", "act")}
+    store.update({n: torch.zeros(M, k, dtype=torch.int32, device=device) for n in ("doc", "pos")})
+    store.update(win_tok=torch.full((M, k, W), -1, dtype=torch.int32, device=device))
+    store.update(win_act=torch.zeros(M, k, W, device=device))
+    return store
+
+
+def merge_top(store, m, r, key, p, cfg):
+    """Keep, per feature, the k firings of largest `key` seen so far, with their context windows.
+
+    store: dict of (M, k, ...) tensors (key, act, doc, pos, win_tok, win_act) over all M = L·F
+    features, sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings: feature, row -
+    lo, key > 0. Only firings above their feature's k-th best are kept as candidates: after the
+    first chunks they are few, so this costs little more than reading the firings."""
+    k = store["key"].size(1)
+    ok = key > store["key"][m, -1]
+    order = key[ok].argsort(descending=True)
+    m, r, key = (x[ok][order] for x in (m, r, key))
+    if m.numel() == 0:
+        return
+    order = m.argsort(stable=True)  # grouped by feature, best first within a feature
+    m, r, key = (x[order] for x in (m, r, key))
+    need, counts = m.unique_consecutive(return_counts=True)  # (F',) the features with candidates
+    slot = torch.repeat_interleave(torch.arange(len(need), device=m.device), counts)  # into need
+    rank = torch.arange(len(m), device=m.device) - (counts.cumsum(0) - counts)[slot]
+    keep = rank < k
+    cand_key = torch.zeros(len(need), k, device=m.device)  # (F', k) 0 = no candidate
+    center = torch.full((len(need), k), p.lo, device=m.device)  # rows of the padded chunk
+    cand_key[slot[keep], rank[keep]] = key[keep]
+    center[slot[keep], rank[keep]] = r[keep] + p.lo
+    rows = center[..., None] + torch.arange(-cfg.before, cfg.after + 1, device=m.device)
+    rows_c = rows.clamp(0, p.tok.numel() - 1)  # (F', k, W)
+    inside = (rows == rows_c) & (p.doc[rows_c] == p.doc[center][..., None])  # same document
+    new = dict(key=cand_key, act=torch.where(cand_key > 0, p.acts[center, need[:, None]], 0.0))
+    new.update(doc=p.doc[center], pos=p.pos[center], win_tok=torch.where(inside, p.tok[rows_c], -1))
+    new.update(win_act=torch.where(inside, p.acts[rows_c, need[:, None, None]], 0.0))
+    both = {n: torch.cat([store[n][need], new[n].to(store[n].dtype)], dim=1) for n in store}
+    top = both["key"].topk(k, dim=1).indices  # (F', k)
+    for n, t in both.items():
+        store[n][need] = torch.take_along_dim(t, top.view(*top.shape, *[1] * (t.dim() - 2)), dim=1)
+
+
+# -----------------------------------------------------------------------------
+# out: the checks, features.jsonl
+def check_clt(c, cache, model, model_dir, cfg):
+    """Refuse a CLT (config c) and a cache of different models: by shapes, then by the fingerprint
+    the CLT records (train.py) or else by the model directory it names."""
+    shapes = f"n_layers, d_model = {c.n_layers}, {c.d_model} and {cache.n_layers}, {cache.d_model}"
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
         raise ValueError(
-            f"CLT {cfg.clt} (n_layers={c.n_layers}, d_model={c.d_model}) and cache {cfg.cache} "
-            f"(n_layers={cache.n_layers}, d_model={cache.d_model}) come from different models"
+            f"CLT {cfg.clt} and cache {cfg.cache} come from different models ({shapes})"
         )
     if c.model_sha256:
         check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
@@ -81,6 +234,8 @@ def write_features(path, stats, expl, effects, scores, heldout_density, concepts
     sum_act = stats.sum_act.tolist()
     hist = stats.hist.cpu()
     top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
+    nq = cfg.n_quantile_examples
+    text_keys = ("explanation", "explanation_ngrams", "input_ngrams")
     with atomic_path(path) as tmp, open(tmp, "w") as fh:  # whole or not at all: viz.py reads it
         for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
             n = n_fires[m]
@@ -88,16 +243,12 @@ def write_features(path, stats, expl, effects, scores, heldout_density, concepts
             rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n)
             rec.update(mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]))
             rec.update(quantiles=qs, hist=h, top_examples=examples(top, m, enc, cfg.before))
-            rec.update(
-                quantile_examples=examples(sampled, m, enc, cfg.before, cfg.n_quantile_examples)
-            )
+            rec.update(quantile_examples=examples(sampled, m, enc, cfg.before, nq))
             rec.update(promoted=token_logits(pv[m], pi[m], enc))
             rec.update(suppressed=token_logits(sv[m], si[m], enc))
             rec.update({name: r4(x[m]) for name, x in scores.items()})
             rec.update(heldout_density=heldout_density[m])
-            rec.update(
-                {k: expl[m][k] for k in ("explanation", "explanation_ngrams", "input_ngrams")}
-            )
+            rec.update({k: expl[m][k] for k in text_keys})
             rec.update(concepts[m] if concepts else {})
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
@@ -109,10 +260,9 @@ def examples(store, m, enc, before, n=None):
     names = ("key", "act", "doc", "pos", "win_tok", "win_act")
     key, act, doc, pos, win_tok, win_act = (store[k][m].tolist() for k in names)
     keep = sorted((i for i in range(len(key)) if key[i] > 0), key=lambda i: -act[i])
-    if n is None:
-        ranks = range(len(keep))
-    else:  # evenly spaced ranks; fewer when the reservoir holds fewer than n firings
-        ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)}) if keep else []
+    ranks = range(len(keep))
+    if n is not None and keep:  # evenly spaced ranks; fewer when the reservoir holds fewer than n
+        ranks = sorted({int((j + 0.5) * len(keep) / n) for j in range(n)})
     out = []
     for r in ranks:
         i = keep[r]
@@ -129,22 +279,19 @@ def examples(store, m, enc, before, n=None):
 def hist_summary(counts, cfg):
     """Trimmed log2-spaced histogram of a feature's activations and quantiles read off it."""
     nb = counts.numel()
+    bpo = cfg.bins_per_octave
     nz = counts.nonzero().flatten()
     if nz.numel() == 0:
         return dict(edges=[], counts=[]), {}
     a = nz[0].item()
     b = nz[-1].item() + 1
-    edges = [
-        2 ** ((i - nb // 2) / cfg.bins_per_octave) for i in range(a, b + 1)
-    ]  # bin i: [e_i, e_i+1)
+    edges = [2 ** ((i - nb // 2) / bpo) for i in range(nb + 1)]  # bin i is [edges[i], edges[i+1])
     cum = counts.cumsum(0).double()
     qs = {}
     for q in QUANTILES:
         i = torch.searchsorted(cum, q * cum[-1]).item()
-        qs[f"q{round(q * 100)}"] = round(
-            2 ** ((i + 0.5 - nb // 2) / cfg.bins_per_octave), 4
-        )  # centre
-    return dict(edges=[round(e, 5) for e in edges], counts=counts[a:b].tolist()), qs
+        qs[f"q{round(q * 100)}"] = round(2 ** ((i + 0.5 - nb // 2) / bpo), 4)  # the bin's centre
+    return dict(edges=[round(e, 5) for e in edges[a : b + 1]], counts=counts[a:b].tolist()), qs
 
 
 def r4(x):
@@ -173,10 +320,9 @@ def summarize(stats, scores, cfg):
     dense = density > cfg.dense
     good = live & (scores["detection_auroc"] >= cfg.interpretable)  # NaN compares False
     counts = dict(dead=~live, dense=dense, live=live, interpretable=good & ~dense)
-    per_layer = []
-    for l in range(stats.L):
-        row = {k: int(v.view(stats.L, -1)[l].sum()) for k, v in counts.items()}
-        per_layer.append(dict(layer=l, features=stats.F, **row))
+    by_layer = {k: v.view(stats.L, -1).sum(1).tolist() for k, v in counts.items()}  # L ints each
+    rows = [{k: n[l] for k, n in by_layer.items()} for l in range(stats.L)]
+    per_layer = [dict(layer=l, features=stats.F, **row) for l, row in enumerate(rows)]
     out = dict(n_train_tokens=stats.n_rows, per_layer=per_layer)
     out.update(detection_threshold=cfg.interpretable)
     out.update(share_live_detection_above=r4(good.sum() / live.sum().clamp(min=1)))
