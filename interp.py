@@ -235,11 +235,9 @@ def explain_all(stats, promoted_ids, enc):
         pmi = np.log(cm / Cm * (stats.n_rows / max(n_fires[m], 1)))  # log P(gram | fires) / P(gram)
         top = np.lexsort((-cm, -pmi))[: cfg.n_input]  # by PMI, ties (often) by count
         txt = {i: decode_gram(int(gm[i]), stats.base, enc) for i in [*top, *chosen]}
+        inp = zip(top, cm[top].tolist(), Cm[top].tolist(), pmi[top].tolist())  # n fires, N occurs
         inputs = [
-            dict(
-                ngram=txt[i], count=int(cm[i]), corpus_count=int(Cm[i]), pmi=round(float(pmi[i]), 3)
-            )
-            for i in top
+            dict(ngram=txt[i], count=n, corpus_count=N, pmi=round(x, 3)) for i, n, N, x in inp
         ]
         names = [txt[i] for i in sorted(chosen, key=lambda i: -cm[i])]
         promotes = [enc.decode([int(t)]) for t in promoted_ids[m][: cfg.n_explain_logit]]
