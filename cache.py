@@ -19,27 +19,21 @@ row ids, read and crc-checked on background threads; ActivationCache.dequantize(
     torchrun: build once with one process; every training rank opens the same cache and reads
     its own share: ActivationCache(path).batches(batch_size, seed, rank, world)
 
-Corpus readers (.txt, .jsonl, .json, .parquet, folders, hf:NAME, "toy"): forge/corpora.py; the
-shard format, the manifest and every check on them: forge/shards.py. Rerunning a command resumes
-after a crash (even kill -9) from the last shard the manifest lists, and repairs: it checks every
-listed shard (size, header, crc32s) and rewrites the damaged ones, byte-identical: each shard is a
-function of the arguments, as the contexts come in a fixed grid of forward batches (the same batch
-shapes give the same floats). --overwrite starts again from nothing.
+Rerunning a command resumes after a crash (even kill -9) and rewrites damaged shards, the same
+bytes: a shard is a function of the arguments (the contexts come in a fixed grid of forward
+batches). Corpus readers: forge/corpora.py; shard format, manifest and checks: forge/shards.py.
 
 Where we follow and where we differ. CLT-Forge (LLM-Interp/CLT-Forge) also caches and quantizes
 activations; it keeps one scale per layer per file and loads whole files into RAM. Here:
-- one int8 scale per (token, layer, in/out): NMSE ~ (max|x| / rms x)^2 / (12 * 127^2) per row;
-  outlier channels are first evened out by a fixed per-channel scale (SmoothQuant-style, computed
-  on the first batch and kept in the manifest): on the tiny model the worst layer's NMSE goes from
-  2e-4 to ~4e-5;
-- scales are bfloat16 (the fp32 range, 2 bytes): q is computed with the rounded scale, so the
-  error bound |x - q*s| <= s/2 holds exactly as with fp32 scales;
-- shards are numpy.memmap'd, with a magic/version header (llm.c's `_peek_data_shard`), a sha256
-  per file and a crc32 per ~1 MB chunk of rows, which the reader checks on its first read of the
-  chunk: training never sees a damaged row, for one crc32 pass (~2 GB/s per thread);
-- the reader shuffles globally, reads each batch's rows straight from the memmaps, and stripes
-  each global batch over ranks: what a step reads does not depend on the world size (`batches`).
-  It yields stored rows, dequantized where they are used (4x less to move to a GPU for int8).
+- one int8 scale per (token, layer, in/out): NMSE ~ (max|x| / rms x)^2 / (12 * 127^2) per row,
+  once a fixed per-channel scale (SmoothQuant-style, from the first batch) evens out outlier
+  channels (the tiny model's worst layer: NMSE 2e-4 -> ~4e-5);
+- scales are bfloat16 (fp32's range, 2 bytes); q uses the rounded scale: |x - q*s| <= s/2;
+- shards are memmapped, with a magic/version header (llm.c's `_peek_data_shard`), a sha256 per
+  file and a crc32 per ~1 MB chunk of rows, checked on its first read: no damaged row is trained on;
+- the reader shuffles globally, reads each batch's rows straight from the memmaps and stripes each
+  global batch over ranks: what a step reads does not depend on the world size (`batches`). It
+  yields stored rows, dequantized where they are used (4x less to move to a GPU for int8).
 """
 
 import os
@@ -113,13 +107,11 @@ def build_cache(cfg: CacheConfig):
     # new ones; other batches are only tokenized): model forward -> quantize -> shard buffers
     with torch.inference_mode(), writer:
         for row0, idx, meta, pieces in writer.batches(iter_batches(cfg, enc, cfg.tokens)):
-            x_in, x_out = _forward_rows(model, idx.to(device), 0 if cfg.keep_bos else 1)
+            xs = _forward_rows(model, idx.to(device), 0 if cfg.keep_bos else 1)  # in, out
             for a, b in pieces:  # rows a..b-1: one shard's share of the batch
-                stored = [
-                    quantize_rows(x[a:b], cfg.dtype, c) for x, c in zip((x_in, x_out), channel)
-                ]
+                stored = [quantize_rows(x[a:b], cfg.dtype, c) for x, c in zip(xs, channel)]
                 writer.add(row0 + a, stored, meta[a:b])  # a full shard is written on a thread
-            del x_in, x_out  # before the next forward pass, not after it: one batch at a time
+            del xs  # before the next forward pass, not after it: one batch at a time
     manifest = writer.finish()  # Phase 3: the totals, and the manifest marked complete
     return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
@@ -132,18 +124,13 @@ def _first_batch_channel_scales(cfg, model, enc):
     _, idx, _ = next(iter_batches(cfg, enc, cfg.tokens))
     _, acts = model.run_with_acts(idx.to(next(model.parameters()).device), logits=False)
     drop = 0 if cfg.keep_bos else 1
-    return torch.stack(
-        [channel_scales(acts.mlp_in[:, drop:]), channel_scales(acts.mlp_out[:, drop:])]
-    )
+    return torch.stack([channel_scales(x[:, drop:]) for x in (acts.mlp_in, acts.mlp_out)])
 
 
 def iter_contexts(docs, enc, ctx):
-    """Pack documents into contexts: yield (tokens (ctx,), doc ids (ctx,)) int32.
-
-    The token stream is doc0 <|eot|> doc1 <|eot|> ...; each context is [<|eot|>] + the next ctx-1
-    stream tokens, so every context starts with the same BOS. A separator belongs to the document
-    it ends; the BOS gets the document of the token after it.
-    """
+    """Pack documents into contexts: yield (tokens (ctx,), doc ids (ctx,)) int32. The stream
+    doc0 <|eot|> doc1 <|eot|> ... is cut into runs of ctx-1 tokens, each behind the same BOS
+    <|eot|>. A separator belongs to the document it ends, the BOS to that of the token after it."""
     eot = enc.eot_token
     toks, ids = [], []
     for doc_id, doc in enumerate(docs):
@@ -188,11 +175,9 @@ def _forward_rows(model, idx, drop):
     mlp_in = acts.mlp_in
     mlp_out = acts.mlp_out
     del acts  # and with it the attention patterns (B, nh, T, T) of every layer
-    L, d = mlp_in.shape[2:]
-    x_in = mlp_in[:, drop:].reshape(-1, L, d)  # (B*R, L, d), a copy without the BOS
+    x_in = mlp_in[:, drop:].flatten(0, 1)  # (B*R, L, d), a copy without the BOS
     del mlp_in
-    x_out = mlp_out[:, drop:].reshape(-1, L, d)  # (B*R, L, d)
-    return x_in, x_out
+    return x_in, mlp_out[:, drop:].flatten(0, 1)  # (B*R, L, d)
 
 
 # -----------------------------------------------------------------------------
@@ -201,28 +186,23 @@ def _forward_rows(model, idx, drop):
 
 def quantize_rows(x, dtype, channel=None):
     """x (n, L, d) float32 -> what a shard stores, q (n, L, d) and the int8 scales' bits (n, L)
-    int16 (else None), and per row ||x|| and ||x_hat - x||^2 (n, L) float64 (None: fp32 is exact)
-    for the manifest's statistics. channel (L, d): the int8 channel scales."""
-    norm = torch.linalg.vector_norm(x, dim=-1).double()  # (n, L); inf/NaN if any element is
-    if not torch.isfinite(norm).all():
-        fix = "the model is broken; no shard holding them is written"
-        raise ValueError(f"non-finite activations (NaN/inf) in a batch of rows: {fix}")
-    if dtype == "fp32":
-        return x, None, norm, None
+    int16 (else None), and per row ||x|| and ||x_hat - x||^2 (n, L) float64 for the manifest's
+    statistics. channel (L, d): the int8 channel scales."""
     if dtype == "int8":  # in place where possible: big temporaries are what this costs
         y = torch.div(x, channel, out=shards.empty(x.shape, device=x.device))  # (n, L, d)
         q, scale, s = quantize_(y)
         bits = bf16_bits(scale)
         err = y.mul_(s).mul_(channel).sub_(x)  # x_hat - x, computed as `dequantize` does
     else:
-        absmax = torch.maximum(x.amax(), -x.amin()).item()
-        if absmax > torch.finfo(torch.float16).max:
-            too_big = f"activations overflow fp16 (max |x| = {absmax:.3g})"
-            raise ValueError(f"{too_big}: use --dtype int8 or fp32")
-        q = x.half()
+        q = x.half() if dtype == "fp16" else x
         bits = None
-        err = q.float().sub_(x)  # (n, L, d)
-    return q, bits, norm, torch.linalg.vector_norm(err, dim=-1).double().pow(2)
+        err = q.float() - x  # (n, L, d); inf where x is beyond fp16's range
+    norm = torch.linalg.vector_norm(x, dim=-1).double()  # (n, L); inf/NaN if any element is
+    err_sq = torch.linalg.vector_norm(err, dim=-1).double().pow(2)  # (n, L)
+    if not (norm.isfinite().all() and err_sq.isfinite().all()):
+        fix = "no shard holding them is written: the model is broken (or use --dtype int8 or fp32)"
+        raise ValueError(f"non-finite activations (NaN/inf, or beyond fp16's range): {fix}")
+    return q, bits, norm, err_sq
 
 
 def quantize_(y):
@@ -316,30 +296,26 @@ class ActivationCache:
     def dequantize(self, rows: Rows, device=None):
         """Stored rows -> (mlp_in, mlp_out) float32 (n, L, d) on `device` (None: where they are).
         The stored rows move first and are dequantized there: 4x less to copy for int8."""
-        x_in = rows.mlp_in.to(device)
-        x_out = rows.mlp_out.to(device)
+        xs = (rows.mlp_in.to(device), rows.mlp_out.to(device))  # (n, L, d) each
         if rows.scales is None:
-            return dequantize(x_in), dequantize(x_out)
+            return tuple(dequantize(x) for x in xs)
         s = rows.scales.to(device)  # (n, 2, L)
-        c = self.channel_scale  # (2, L, d)
-        return dequantize(x_in, s[:, 0], c[0]), dequantize(x_out, s[:, 1], c[1])
+        return tuple(dequantize(x, s[:, j], self.channel_scale[j]) for j, x in enumerate(xs))
 
     def read(self, lo, hi, device=None):
         """Rows lo..hi in order: (mlp_in (n, L, d), mlp_out (n, L, d)) float32, (tokens, doc_ids,
         positions) (n,) int64."""
         ids = np.arange(lo, hi)
-        raw = {k: torch.from_numpy(v) for k, v in self.files.take(ids, shards.SECTIONS).items()}
-        meta = raw.pop("meta").long()
-        rows = Rows(raw["mlp_in"], raw["mlp_out"], raw.get("scales"), torch.from_numpy(ids))
+        stored = self.files.take(ids, shards.SECTIONS)
+        meta = stored.pop("meta").long()  # (n, 3)
+        rows = Rows(**stored, ids=torch.from_numpy(ids))
         return *self.dequantize(rows, device), meta[:, 0], meta[:, 1], meta[:, 2]
 
     def iter_chunks(self, chunk_size, split="all", device=None):
         """A split in order, read a chunk ahead: (mlp_in, mlp_out, tokens, doc_ids, positions)."""
         lo, hi = self.split_range(split)
-        starts = range(lo, hi, chunk_size)
-        return shards.ordered_map(
-            lambda a: self.read(a, min(a + chunk_size, hi), device), starts, 1, 2
-        )
+        spans = [(a, min(a + chunk_size, hi)) for a in range(lo, hi, chunk_size)]
+        return shards.ordered_map(lambda span: self.read(*span, device), spans, 1, 2)
 
     def batches_per_epoch(self, batch_size, world=1, split="train"):
         lo, hi = self.split_range(split)
@@ -348,25 +324,19 @@ class ActivationCache:
     def batches(
         self, batch_size, seed=0, rank=0, world=1, split="train", start_step=0, epochs=None
     ):
-        """Yield this rank's batches of a shuffled stream: Rows of batch_size stored rows
-        (dequantize them with `dequantize(rows, device)` where they are used).
+        """Yield this rank's batches of a shuffled stream: Rows of batch_size stored rows, to be
+        dequantized where they are used (`dequantize(rows, device)`).
 
         The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
-        units in a random order (seed, e), consecutive units grouped into windows of ~window_mb
-        stored MB, the rows of each window in a random order (seed, e, window). Global step g is
-        stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B] (in row order:
-        a batch is a set): disjoint, equal shares, whose union does not depend on the world size W.
-        An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped), so no rank ever
-        waits on another. The pages in use at any time are a window's units (~window_mb): the page
-        cache serves most reads. start_step=k starts at global step k (counting across epochs)
-        without reading what it skips; epochs=None streams forever, else stops after `epochs`
-        epochs in all. A rank reads only its rows, on `workers` threads, PREFETCH batches ahead.
+        units in a random order (seed, e), grouped into windows of ~window_mb stored MB (the pages
+        in use at once), the rows of each window in a random order (seed, e, window). Global step
+        g is stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B], sorted
+        (a batch is a set): disjoint, equal shares whose union does not depend on the world size.
+        An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped). start_step=k
+        starts at global step k without reading what it skips; epochs=None streams forever.
         """
         B = batch_size
         W = world
-        if not 0 <= rank < W or B <= 0:
-            got = f"rank={rank}, world={W}, B={B}"
-            raise ValueError(f"need 0 <= rank < world and batch_size > 0, got {got}")
         lo, hi = self.split_range(split)
         nb = self.batches_per_epoch(B, W, split)
         if nb == 0:
@@ -387,9 +357,8 @@ class ActivationCache:
 
         def assemble(ids):  # on a worker thread
             rows = np.sort(ids)  # a batch is a set: sorted, its rows come off the memmaps in order
-            raw = self.files.take(rows, ("mlp_in", "mlp_out", "scales"))
-            raw = {k: torch.from_numpy(v) for k, v in raw.items()}
-            return Rows(raw["mlp_in"], raw["mlp_out"], raw.get("scales"), torch.from_numpy(rows))
+            stored = self.files.take(rows, ("mlp_in", "mlp_out", "scales"))
+            return Rows(**stored, ids=torch.from_numpy(rows))
 
         return shards.ordered_map(assemble, _cut(selections(), B), self.workers, PREFETCH)
 
@@ -426,19 +395,8 @@ def _cut(id_arrays, B):
 # command line
 
 
-@dataclass
-class VerifyConfig:
-    """check sizes, headers and sha256 of every shard"""
-
-    paths: list = arg([], "cache directories")
-
-
-class StatsConfig(VerifyConfig):
-    """tokens, bytes/token, per-layer norms, quantization error"""
-
-
 def main(argv=None):
-    commands = {"build": CacheConfig, "verify": VerifyConfig, "stats": StatsConfig}
+    commands = dict(build=CacheConfig, verify=shards.VerifyConfig, stats=shards.StatsConfig)
     command, cfg = parse_config(__doc__, commands, argv, default="build")
     if command != "build":
         return shards.report(command, cfg.paths, asdict(CacheConfig()))  # 1: a cache is damaged

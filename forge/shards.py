@@ -25,12 +25,14 @@ import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from forge.cli import arg
 from forge.files import atomic_path, write_json
 
 FORMAT = "clt-forge-activation-cache"
@@ -246,20 +248,32 @@ def summary(path, m):
     L = m["n_layers"]
     d = m["d_model"]
     total = sum(s["bytes"] for s in m["shards"])
-    splits = f"train {m['splits']['train']} heldout {m['splits']['heldout']}"
-    fp32 = f"{total / n / (8 * L * d + 12):.4f}x fp32"  # fp32 rows: 2 L d floats, 12 meta bytes
+    splits = m["splits"]
     nmse = m["nmse_total"]
     lines = [
         f"{path}: {n} tokens | dtype {m['dtype']} | L={L} d={d} | ctx {m['ctx']} | "
-        f"{len(m['shards'])} shards | {splits}",
+        f"{len(m['shards'])} shards | train {splits['train']} heldout {splits['heldout']}",
         f"bytes/token {total / n:.1f} (activations+scales {row_bytes(m['dtype'], L, d)}, +12 "
-        f"token/doc/pos) | {fp32} | total {total / 1e6:.1f} MB",
+        f"token/doc/pos) | {total / n / (8 * L * d + 12):.4f}x fp32 | total {total / 1e6:.1f} MB",
         f"quantization NMSE ||x - x_hat||^2/||x||^2: mlp_in {nmse[0]:.3g} | mlp_out {nmse[1]:.3g}",
         "layer | mean ||mlp_in|| | mean ||mlp_out|| | NMSE in | NMSE out",
     ]
-    for i, row in enumerate(zip(m["norm_in"], m["norm_out"], m["nmse_in"], m["nmse_out"])):
-        lines.append(f"{i:5d} | {row[0]:15.4f} | {row[1]:16.4f} | {row[2]:.3g} | {row[3]:.3g}")
+    rows = zip(m["norm_in"], m["norm_out"], m["nmse_in"], m["nmse_out"])
+    lines += [
+        f"{i:5d} | {a:15.4f} | {b:16.4f} | {c:.3g} | {e:.3g}" for i, (a, b, c, e) in enumerate(rows)
+    ]
     return "\n".join(lines)
+
+
+@dataclass
+class VerifyConfig:
+    """check sizes, headers and sha256 of every shard"""
+
+    paths: list = arg([], "cache directories")
+
+
+class StatsConfig(VerifyConfig):
+    """tokens, bytes/token, per-layer norms, quantization error"""
 
 
 def report(command, paths, defaults):
@@ -313,10 +327,10 @@ class ShardFiles:
             raise ValueError(f"{self.path}: {problem}: repair it by {fix}")
 
     def take(self, rows, keys):
-        """Stored arrays of the given rows (sorted global ids), read shard by shard."""
-        first = self._shard(0)
-        keys = [k for k in keys if first[k] is not None]  # no scales in fp16 / fp32 shards
-        out = {k: np.empty((len(rows), *first[k].shape[1:]), first[k].dtype) for k in keys}
+        """The stored sections `keys` of the given rows (sorted global ids) as torch tensors, read
+        shard by shard; None for a section the shards lack (scales of fp16 / fp32)."""
+        first = {k: v for k in keys if (v := self._shard(0)[k]) is not None}
+        out = {k: np.empty((len(rows), *v.shape[1:]), v.dtype) for k, v in first.items()}
         shard_of = np.searchsorted(self.starts, rows, side="right") - 1
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]) if len(rows) else ():
@@ -332,7 +346,7 @@ class ShardFiles:
             else:
                 for k in out:
                     np.take(src[k], local, axis=0, out=out[k][a:b])
-        return out
+        return {k: torch.from_numpy(out[k]) if k in out else None for k in keys}
 
     def _check_chunks(self, i, src, local):
         """The crc32 of each chunk rows `local` of shard i fall in, once (other threads wait)."""
@@ -385,11 +399,11 @@ def check_config(cfg, n_ctx):
         raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {list(DTYPES)}")
     if not 2 <= cfg.ctx <= n_ctx:
         raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={n_ctx} of {cfg.model}")
-    if cfg.tokens <= 0 or cfg.shard_tokens < 0 or cfg.batch_size <= 0:
-        got = f"{cfg.tokens}, {cfg.shard_tokens}, {cfg.batch_size}"
-        raise ValueError(f"tokens, shard_tokens, batch_size must be positive, got {got}")
-    if not 0 <= cfg.heldout < 1:
-        raise ValueError(f"heldout must be in [0, 1), got {cfg.heldout}")
+    if min(cfg.tokens, cfg.batch_size) <= 0 or cfg.shard_tokens < 0 or not 0 <= cfg.heldout < 1:
+        got = f"{cfg.tokens}, {cfg.batch_size}, {cfg.shard_tokens}, {cfg.heldout}"
+        raise ValueError(
+            f"need tokens, batch_size > 0, shard_tokens >= 0, heldout in [0, 1): {got}"
+        )
 
 
 def identity(cfg, model_sha, model_dir):
@@ -444,30 +458,6 @@ def open_out_dir(cfg, identity, made):
     return m
 
 
-def damaged_shards(out, m):
-    """The listed shards that fail a check (size, header, crc32s), to be rewritten: one read of
-    each at crc32 speed, far less than the forward passes that made them."""
-    damaged = problems(out, m, "crc32")
-    print("".join(f"repairing {p}\n" for _, p in damaged), end="")
-    return [i for i, _ in damaged]
-
-
-def uncounted_shards(m):
-    """The listed shards missing from the running totals: none, unless the manifest was cut or
-    edited by hand; then the totals restart from zero and all listed shards are counted again."""
-    if (m.get("sums") or {}).get("shards") == len(m["shards"]):
-        return set()
-    m["sums"] = dict(shards=0, **{k: np.zeros((2, m["n_layers"])).tolist() for k in STATS})
-    return set(range(len(m["shards"])))
-
-
-def check_disk(out, need):
-    free = shutil.disk_usage(out).free
-    if need > free:
-        short = f"{out} has {free / 1e9:.2f} GB free"
-        raise ValueError(f"the cache needs {need / 1e9:.2f} GB more but {short}")
-
-
 def check_tokens(out, m, k, row0, meta, corpus):
     """Refuse to resume from a changed corpus: meta (n, 3), what the corpus now gives for rows
     row0.., must equal what the listed shard k stores for the rows both cover."""
@@ -517,39 +507,44 @@ class ShardBuffer:
                 self.views["scales"][a:b, j] = bits
             self.sums["norm"][j] += norm.sum(0).cpu()
             self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
-            if err_sq is not None:  # fp32 is exact
-                self.sums["err"][j] += err_sq.sum(0).cpu()
+            self.sums["err"][j] += err_sq.sum(0).cpu()
         self.views["meta"][a:b] = meta
         self.rows = b
 
 
 class ShardWriter:
     """A build's output. Opening creates cfg.out or resumes in it (the same identity), checks every
-    listed shard (size, header, crc32s) and plans what to write: the damaged and uncounted shards
-    and the new ones. `add` fills shard buffers; each full one is written on a background thread
-    and listed in the manifest, in order, once it is whole on disk, its statistics added to the
-    totals (new and uncounted shards, each once). The manifest is rewritten once the shards since
-    its last write hold MANIFEST_RATIO x its bytes (a rewrite per shard is quadratic). Leaving the
-    `with` block commits every finished write, after an error too."""
+    listed shard and plans what to write. `add` fills shard buffers; each full one is written on a
+    thread, then listed in the manifest in order, its statistics added to the totals (each shard
+    once). The manifest is rewritten once the shards since its last write hold MANIFEST_RATIO x its
+    bytes (a rewrite per shard is quadratic). Leaving `with` commits every finished write."""
 
     def __init__(self, cfg, made, model_sha, model_dir, threads=2):
         self.cfg = cfg
         self.path = os.path.join(cfg.out, MANIFEST)
         self.manifest = m = open_out_dir(cfg, identity(cfg, model_sha, model_dir), made)
-        damaged = damaged_shards(cfg.out, m)
-        self.uncounted = uncounted_shards(m)
+        bad = problems(cfg.out, m, "crc32")  # size, header, crc32s: one read at crc32 speed
+        print("".join(f"repairing {p}\n" for _, p in bad), end="")
+        damaged = {i for i, _ in bad}
+        self.uncounted = set()  # listed shards the totals miss: the manifest was cut or edited
+        if (m.get("sums") or {}).get("shards") != len(m["shards"]):  # count them all again
+            m["sums"] = dict(shards=0, **{k: np.zeros((2, m["n_layers"])).tolist() for k in STATS})
+            self.uncounted = set(range(len(m["shards"])))
         self.complete = m["complete"] and not damaged
         if self.complete:
             print(f"{cfg.out} is already complete: every shard's size, header and crc32 checked")
             return
         S = cfg.shard_tokens
-        self.rewrite = set(damaged) | self.uncounted
+        self.rewrite = damaged | self.uncounted
         self.resume = sys.maxsize if m["complete"] else len(m["shards"])  # the first new shard
         self.last = max(self.rewrite, default=-1) if m["complete"] else sys.maxsize
-        r = self.resume
+        r = self.resume  # resuming, the last listed shard's tokens are checked against the corpus
         self.check = r - 1 if 0 < r < sys.maxsize and r - 1 not in damaged else None
         n_new = max(0, -(-cfg.tokens // S) - r)
-        check_disk(cfg.out, n_new * shard_layout(cfg.dtype, S, m["n_layers"], m["d_model"])[1])
+        need = n_new * shard_layout(cfg.dtype, S, m["n_layers"], m["d_model"])[1]
+        if need > (free := shutil.disk_usage(cfg.out).free):
+            short = f"{cfg.out} has {free / 1e9:.2f} GB free"
+            raise ValueError(f"the cache needs {need / 1e9:.2f} GB more but {short}")
         todo = min((len(self.rewrite) + n_new) * S, cfg.tokens)
         self.pbar = tqdm(total=todo, unit="tok", desc="cache", disable=None)
         self.saved_bytes = os.path.getsize(self.path)  # the manifest as last written
