@@ -183,9 +183,8 @@ def test_quantile_examples_and_histogram(gpt):
     ex = interpfile.examples(stats.sampled, 1, enc, cfg.before, n=3)
     assert len(ex) == 3 and [e["act"] for e in ex] == sorted((e["act"] for e in ex), reverse=True)
     assert all(e["tokens"][e["center"]] and e["acts"][e["center"]] == e["act"] for e in ex)
-    h, qs = interpfile.hist_summary(
-        stats.hist[0], cfg
-    )  # feature 0: every activation is exactly 1.0
+    # feature 0: every activation is exactly 1.0
+    h, qs = interpfile.hist_summary(stats.hist[0], cfg)
     assert sum(h["counts"]) == stats.n_fires[0] and h["edges"][0] <= 1.0 < h["edges"][-1]
     assert all(0.84 < v < 1.19 for v in qs.values())  # the bin of 1.0, to a quarter octave
 
