@@ -36,9 +36,7 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   yields stored rows, dequantized where they are used (4x less to move to a GPU for int8).
 """
 
-import os
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -46,7 +44,6 @@ import torch
 
 from forge import corpora, shards
 from forge.cli import arg, parse_config, run_main
-from forge.files import check_same_model
 from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 from forge.shards import MANIFEST, verify  # noqa: F401 (train.py and tests import them from here)
 from model import GPT
@@ -80,7 +77,8 @@ class CacheConfig:
 
 def build_cache(cfg: CacheConfig):
     """Build, resume or repair the cache cfg describes; returns the finished manifest, with the wall
-    and CPU time (all threads) of its corpus -> shards loop as "seconds" and "cpu_seconds"."""
+    and CPU time (all threads) of its corpus -> shards loop as "seconds" and "cpu_seconds" (0 when
+    there was nothing to write)."""
     model_dir = resolve_model_dir(cfg.model)
     device = cfg.device
     if device == "auto":
@@ -93,15 +91,12 @@ def build_cache(cfg: CacheConfig):
     if cfg.shard_tokens == 0:  # about 64 MB of activations per shard
         cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // shards.row_bytes(cfg.dtype, L, d)))
     # Phase 1: the output directory, new or resumed (the same identity), every listed shard checked
-    channel = _first_batch_channel_scales(cfg, model, enc)  # (2, L, d), int8 only, else None
-    name = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # readers load it
-    made = dict(model=name, model_config=asdict(model.config), n_layers=L, d_model=d, device=device)
+    channel = _first_batch_channel_scales(cfg, model, enc) if cfg.dtype == "int8" else None
+    made = dict(model_config=asdict(model.config), n_layers=L, d_model=d, device=device)
     made.update(channel_scale=None if channel is None else channel.tolist())
     writer = shards.ShardWriter(cfg, made, model.fingerprint(), model_dir)
     if writer.complete:
-        return dict(writer.manifest, seconds=0.0, cpu_seconds=0.0)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
+        return writer.finish()  # nothing to write
     channel = [None, None] if channel is None else channel
     # Phase 2: for each batch of contexts that holds rows of a shard to write (the damaged ones, the
     # new ones; other batches are only tokenized): model forward -> quantize -> shard buffers
@@ -112,15 +107,12 @@ def build_cache(cfg: CacheConfig):
                 stored = [quantize_rows(x[a:b], cfg.dtype, c) for x, c in zip(xs, channel)]
                 writer.add(row0 + a, stored, meta[a:b])  # a full shard is written on a thread
             del xs  # before the next forward pass, not after it: one batch at a time
-    manifest = writer.finish()  # Phase 3: the totals, and the manifest marked complete
-    return dict(manifest, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+    return writer.finish()  # Phase 3: the totals, and the manifest marked complete
 
 
 @torch.inference_mode()
 def _first_batch_channel_scales(cfg, model, enc):
-    """int8 only: channel scales (2, L, d) from the first forward batch."""
-    if cfg.dtype != "int8":
-        return None
+    """The int8 channel scales (2, L, d), from the first forward batch."""
     _, idx, _ = next(iter_batches(cfg, enc, cfg.tokens))
     _, acts = model.run_with_acts(idx.to(next(model.parameters()).device), logits=False)
     drop = 0 if cfg.keep_bos else 1
@@ -160,8 +152,7 @@ def iter_batches(cfg, enc, n_rows):
             raise ValueError(f"corpus {cfg.corpus} {too_short}")
         if not batch:
             return
-        tok = np.stack([t for t, _ in batch])  # (B, ctx)
-        doc = np.stack([i for _, i in batch])  # (B, ctx)
+        tok, doc = np.stack(batch, axis=1)  # tokens, doc ids (B, ctx)
         kept = tok[:, drop:]  # (B, R)
         meta = np.stack([kept, doc[:, drop:], np.broadcast_to(pos, kept.shape)], -1)  # (B, R, 3)
         yield row, torch.from_numpy(tok).long(), meta.reshape(-1, 3)  # (B*R, 3)
@@ -264,11 +255,8 @@ class ActivationCache:
     `batches`), part of a run's data order like the seed. workers: threads that read batches."""
 
     def __init__(self, path, model=None, unit_rows=1024, window_mb=512, workers=2):
-        self.files = shards.ShardFiles(path, asdict(CacheConfig()))  # the repair command's defaults
+        self.files = shards.ShardFiles(path, asdict(CacheConfig()), model)  # checked; model= too
         self.manifest = m = self.files.manifest
-        if model is not None:
-            made = f"the cache {path} (made by model {m['model']})"
-            check_same_model(model, m["identity"]["model_sha256"], made)
         self.path = path
         self.dtype = m["dtype"]
         self.n_layers = m["n_layers"]
@@ -325,16 +313,14 @@ class ActivationCache:
         self, batch_size, seed=0, rank=0, world=1, split="train", start_step=0, epochs=None
     ):
         """Yield this rank's batches of a shuffled stream: Rows of batch_size stored rows, to be
-        dequantized where they are used (`dequantize(rows, device)`).
-
-        The stream of epoch e: the split's rows cut into units of `unit_rows` consecutive rows, the
-        units in a random order (seed, e), grouped into windows of ~window_mb stored MB (the pages
-        in use at once), the rows of each window in a random order (seed, e, window). Global step
-        g is stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its slice [r*B : (r+1)*B], sorted
-        (a batch is a set): disjoint, equal shares whose union does not depend on the world size.
-        An epoch has `batches_per_epoch` steps (the last < B*W rows are dropped). start_step=k
-        starts at global step k without reading what it skips; epochs=None streams forever.
-        """
+        dequantized where they are used. The stream of epoch e: the split's rows cut into units of
+        `unit_rows` consecutive rows, the units in a random order (seed, e), grouped into windows of
+        ~window_mb stored MB (the pages in use at once), the rows of each window in a random order
+        (seed, e, window). Global step g is stream[g*B*W : (g+1)*B*W]; rank r gets the rows of its
+        slice [r*B : (r+1)*B], sorted (a batch is a set): disjoint, equal shares whose union does
+        not depend on the world size. An epoch has `batches_per_epoch` steps (the last < B*W rows
+        are dropped). start_step=k starts at global step k without reading what it skips;
+        epochs=None streams forever."""
         B = batch_size
         W = world
         lo, hi = self.split_range(split)

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import sys
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from forge.cli import arg
-from forge.files import atomic_path, write_json
+from forge.files import atomic_path, check_same_model, write_json
 
 FORMAT = "clt-forge-activation-cache"
 VERSION = 2  # 2: a crc32 per chunk of rows in the manifest
@@ -303,11 +304,15 @@ def report(command, paths, defaults):
 class ShardFiles:
     """A finished cache's shards, read-only, thread-safe. Opening checks each size and header;
     `take` checks a chunk's crc32 the first time it reads a row of it: no damaged row is returned.
-    defaults: the build's {flag: default}, for the repair command errors name."""
+    defaults: the build's {flag: default}, for the repair command errors name. model: refuse a
+    cache made by another model."""
 
-    def __init__(self, path, defaults):
+    def __init__(self, path, defaults, model=None):
         self.path = path
         self.manifest = m = open_manifest(path)
+        if model is not None:
+            made = f"the cache {path} (made by model {m['model']})"
+            check_same_model(model, m["identity"]["model_sha256"], made)
         self.repair = repair_command(path, m, defaults)
         if not m.get("complete"):
             fix = f"rerun the command that built it to resume: {self.repair}"
@@ -419,7 +424,7 @@ def identity(cfg, model_sha, model_dir):
 
 def open_out_dir(cfg, identity, made):
     """Create the cache directory cfg.out, or resume in it (the same identity, unless --overwrite):
-    returns the manifest to continue from. made: model, model_config, n_layers, d_model, device and
+    returns the manifest to continue from. made: model_config, n_layers, d_model, device and
     channel_scale, for the manifest's header."""
     out = cfg.out
     path = os.path.join(out, MANIFEST)
@@ -446,7 +451,8 @@ def open_out_dir(cfg, identity, made):
     for name in ours:  # --overwrite, or shards whose manifest was deleted
         os.remove(os.path.join(out, name))
     m = dict(format=FORMAT, version=VERSION, complete=False, identity=identity)
-    m.update({k: made[k] for k in ("model", "model_config", "n_layers", "d_model")})
+    m["model"] = os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # loaded
+    m.update({k: made[k] for k in ("model_config", "n_layers", "d_model")})
     m.update({k: getattr(cfg, k) for k in ("dtype", "ctx", "keep_bos", "shard_tokens")})
     check_rows = max(1, CHECK_BYTES // row_bytes(cfg.dtype, made["n_layers"], made["d_model"]))
     m.update(device=made["device"], check_rows=check_rows, channel_scale=made["channel_scale"])
@@ -554,6 +560,7 @@ class ShardWriter:
         self.pending = []
         self.free = queue.SimpleQueue()
         self.buf = None
+        self.clock = (time.perf_counter(), time.process_time())  # wall, CPU (all threads)
 
     def batches(self, batches):
         """(row0, idx, meta, pieces) for the batches holding rows of shards to write (the others
@@ -601,8 +608,10 @@ class ShardWriter:
 
     def finish(self):
         """The totals: token count, splits, per-layer mean norms and quantization NMSE; the
-        manifest marked complete and written."""
+        manifest marked complete and written. Returns it with the writing's seconds, cpu_seconds."""
         m = self.manifest
+        if self.complete:
+            return dict(m, seconds=0.0, cpu_seconds=0.0)
         n_rows = sum(s["rows"] for s in m["shards"])
         R = self.cfg.ctx - (not self.cfg.keep_bos)  # rows per context: held out whole
         train = n_rows
@@ -620,7 +629,8 @@ class ShardWriter:
         write_json(self.path, m)
         if n_rows < self.cfg.tokens:
             print(f"note: corpus {self.cfg.corpus} ran out after {n_rows} tokens")
-        return m
+        wall = time.perf_counter() - self.clock[0]
+        return dict(m, seconds=wall, cpu_seconds=time.process_time() - self.clock[1])
 
     def _commit_done(self, keep):  # commit finished writes in order, and more while > keep pending
         while self.pending and (self.pending[0].done() or len(self.pending) > keep):
