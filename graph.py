@@ -1,11 +1,8 @@
 """
 graph.py: attribution graphs: which CLT features, through which layers, produce a prediction.
 
-For one prompt: the local replacement model of Ameisen et al. 2025 ("Circuit Tracing: Revealing
-Computational Graphs in Language Models", sec. 3), the exact direct effect of every node on every
-other, pruning by influence on the outputs, and the files circuit-tracer's front end opens.
-
-Data flow:
+Data flow (Ameisen et al. 2025, "Circuit Tracing: Revealing Computational Graphs in Language
+Models", sec. 3: the local replacement model, exact direct effects, pruning by influence):
     prompt -> token ids, BOS (<|endoftext|>) first
       -> GPT.run_with_acts: mlp_in, mlp_out (T, L, d) and Frozen (attention patterns, LN scales)
       -> CLT: active features (none at BOS), reconstruction, error = mlp_out - reconstruction
@@ -22,7 +19,7 @@ Data flow:
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph  # circuit-tracer's UI
     test what a graph says by changing its features: intervene.py
 
-Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks them edge by edge):
+Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edge):
 - Nodes: active features by (layer, position, id), none at BOS; errors, layer-major, zero at BOS;
   token embeddings; outputs (TARGETS): vectors read at ln_f's last position, by default the top
   logits to probability 0.95 (at most 10), each W_U[t] - mean(W_U) weighted by p; custom ones by 1.
@@ -44,8 +41,7 @@ Differences from circuit-tracer:
 """
 
 import time
-from collections import namedtuple
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Optional
 
@@ -53,11 +49,11 @@ import torch
 from tqdm import tqdm
 
 from clt import CrossLayerTranscoder, load_transcoder
-from forge import cli, files, graphcli, graphfile, hub
+from forge import cli, graphcli, graphfile
 from forge.graphcli import encode_prompt
-from forge.graphfile import load_explanations
+from forge.graphfile import Graph, load_explanations
 from model import Frozen, GPT
-from parallel import Mesh, all_reduce_sum, compute_init, make_mesh
+from parallel import Mesh, all_reduce_sum, broadcast, compute_init, make_mesh
 
 # -----------------------------------------------------------------------------
 # the local replacement model: the frozen GPT, the CLT's active features, the error nodes
@@ -111,8 +107,8 @@ def reconstruct(clt, feats, acts, T, bias=True):
 
 
 def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True):
-    """Run idx (1, T) through the frozen replacement model: each MLP output is fixed (T, L, d) plus
-    the skip connection's live term. resid: (1, T, d) instead of the embedding -> (logits, Acts)."""
+    """Run idx (1, T) through the frozen replacement model, MLP outputs fixed (T, L, d) plus the
+    live skip term; resid (1, T, d) instead of the embedding -> (logits, Acts)."""
     run = partial(model.run_with_acts, idx, frozen=frozen, resid=resid)
     mlp_out = fixed
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
@@ -124,8 +120,7 @@ def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True)
 
 def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
     """The inputs of targets feats (n, 3) and vectors (k, d) in the replacement model fed with the
-    given sources (default: the prompt's) -> ((n,) pre-activations, (k,) outputs). mlp_out: the
-    fixed part of the MLP outputs (without the skip)."""
+    given sources (default: the prompt's; mlp_out without the skip) -> ((n,), (k,))."""
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
     fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
     _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
@@ -163,8 +158,7 @@ def custom_target(model, vector, label):
         raise ValueError(f"a target direction must have shape ({d},) (the n_embd), got {shape}")
     W = model.wte.weight
     ids = torch.tensor([model.config.vocab_size], device=W.device)
-    weight = torch.ones(1, device=W.device, dtype=W.dtype)
-    return Targets(ids, vector.to(W.device, W.dtype)[None], weight, [label])
+    return Targets(ids, vector.to(W)[None], W.new_ones(1), [label])
 
 
 def logit_difference(spec, model, enc, rep):
@@ -207,17 +201,14 @@ def attribute(
     position_nodes: bool = False,
     mesh: Optional[Mesh] = None,
     targets: Optional[Targets] = None,
-) -> "Graph":
+) -> Graph:
     """The attribution graph of the replacement model rep: a Graph with the (N, N) adjacency.
 
     Args:
-        max_features: at most this many feature nodes (-1: all), the most influential, chosen in
-            rounds of update_interval x batch_size (circuit-tracer's).
-        batch_size: targets per pass of the transposed model.
-        max_logits, logit_prob: the output nodes when no targets are given: the top logits.
-        position_nodes: the position embeddings as nodes instead of biases.
-        mesh: under torchrun, the ranks of mesh.dp_group share every round's rows.
-        targets: the output nodes (token_targets, custom_target, TARGETS).
+        max_features: at most this many feature nodes (-1: all), chosen in rounds by influence.
+        batch_size: targets per pass of the transpose; update_interval: batches per round.
+        max_logits, logit_prob: the top logits as the output nodes, unless targets are given.
+        position_nodes: position embeddings as nodes; mesh: the ranks sharing every round's rows.
     """
     mesh = mesh or Mesh()
     n = len(rep.feats)
@@ -234,11 +225,9 @@ def attribute(
     N = att.n_sources + k
     # Phase 1: the output rows, one pass on every rank. Uncapped, the rows are A itself (features,
     # the inputs' zero rows, outputs); capped, the targets' rows alone, in the order computed
-    inputs = torch.arange(n, N - k, device=device)  # errors and embeddings: no inputs, zero rows
-    middle = inputs if cap == n else inputs[:0]
-    rows = rep.mlp_out.new_zeros(cap + len(middle) + k, N)
-    logit_nodes = torch.arange(N - k, N, device=device)
-    row_node = torch.cat([torch.arange(cap, device=device), middle, logit_nodes])  # each row's node
+    every = torch.arange(N, device=device)  # errors and embeddings have no inputs: zero rows
+    row_node = every if cap == n else torch.cat([every[:cap], every[-k:]])  # each row's node
+    rows = rep.mlp_out.new_zeros(len(row_node), N)
     last = torch.full((k,), T - 1, device=device)
     att.rows(torch.full((k,), L, device=device), last, targets.vectors, rows[-k:, : N - k])
     # Phase 2: the feature rows, in rounds by influence; uncapped, one round in node order
@@ -247,16 +236,20 @@ def attribute(
     feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh)
     # Phase 3: capped, the kept features' rows and columns in node order, in a square A
     kept = row_node[:cap].sort()
-    A = rows if cap == n else square(rows, kept, n, k)
+    A = rows
+    if cap < n:  # one gather per part: no (cap, N) copy
+        cols = torch.cat([kept.values, torch.arange(n, N, device=device)])
+        A = rows.new_zeros(len(cols), len(cols))
+        A[:cap] = rows[kept.indices[:, None], cols]
+        A[-k:] = rows[-k:, cols]
     nodes = (rep.feats[kept.values], rep.acts[kept.values], targets.ids, targets.weights, A, L, n)
     out = (position_nodes, targets.vectors, targets.labels)
     return Graph(prompt, rep.idx[0].tolist(), *nodes, *out)
 
 
 def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh):
-    """Fill rows[:cap] with feature rows, row_node[:cap] with their nodes, in rounds of the most
-    influential features by the rows so far (uncapped: one round, node order). Each rank computes
-    a share of a round; one all-reduce gives every rank all of it."""
+    """Fill rows[:cap] and row_node[:cap] in rounds of the most influential features by the rows
+    so far (uncapped: one round, node order), each rank a share, one all-reduce for all."""
     feats = att.rep.feats
     n = len(feats)
     todo = torch.ones(n, dtype=torch.bool, device=feats.device)
@@ -271,15 +264,14 @@ def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval,
             queue = ranked[: min(update_interval * batch_size, cap - done)]
             queue = queue.sort().values  # node order: batches of one layer and a few positions
             # rank 0's choice for all: two devices may round a sum differently and break a tie apart
-            queue = all_reduce_sum(queue * (mesh.dp_rank == 0), mesh.dp_group)
-        bounds = shares(feats[queue], mesh.dp)
-        mine = (bounds[mesh.dp_rank], bounds[mesh.dp_rank + 1])
-        for a, b in batches(feats[queue, 0], *mine, batch_size):
+            queue = broadcast(queue, mesh.dp_group)
+        mine = rank_batches(feats[queue], mesh, batch_size)
+        for a, b in mine:
             ids = queue[a:b]
             out = rows[done + a : done + b, : att.n_sources]
             att.rows(feats[ids, 0], feats[ids, 1], att.encoders(ids), out)
             bar.update(b - a)
-        bar.update(len(queue) - (mine[1] - mine[0]))  # the other ranks' share
+        bar.update(len(queue) - sum(b - a for a, b in mine))  # the other ranks' share
         all_reduce_sum(rows[done : done + len(queue)], mesh.dp_group)  # others' rows are zero here
         row_node[done : done + len(queue)] = queue
         todo[queue] = False
@@ -287,63 +279,17 @@ def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval,
     bar.close()
 
 
-def square(rows, kept, n, k):
-    """A capped graph's rows (cap + k, N) -> its square A, the kept features (kept: their sorted
-    nodes, and their rows) in node order."""
-    cols = torch.cat([kept.values, torch.arange(n, rows.size(1), device=rows.device)])
-    A = rows.new_zeros(len(cols), len(cols))
-    A[: len(kept.values)] = rows[kept.indices[:, None], cols]  # one gather: no (cap, N) copy
-    A[-k:] = rows[-k:, cols]
-    return A
-
-
-# where each kind of node sits in the node order (positions: empty unless position_nodes)
-Slices = namedtuple("Slices", "features errors tokens positions logits")
-
-
-@dataclass
-class Graph:
-    """A[target, source] over nodes [features, errors (L·T), tokens, positions (T or 0), logits]."""
-
-    prompt: str
-    tokens: list  # the T input token ids
-    feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
-    acts: torch.Tensor  # (n,) their activations
-    logit_ids: torch.Tensor  # (k,) the output nodes' tokens (vocab_size + i: a custom target)
-    logit_probs: torch.Tensor  # (k,) their weights: the tokens' probabilities, 1 for a custom one
-    adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
-    n_layers: int
-    n_active: int  # active features before --max-features
-    position_nodes: bool = False  # the position embeddings are nodes (after the tokens)
-    target_vectors: Optional[torch.Tensor] = None  # (k, d) what each output node reads (ln_f)
-    target_labels: list = field(default_factory=list)  # (k,) front-end text, "" for a logit
-
-    def slices(self):
-        n, T, L = len(self.feats), len(self.tokens), self.n_layers
-        e = n + L * T  # where the tokens start
-        p = e + T + (T if self.position_nodes else 0)  # where the logits start
-        k = len(self.logit_ids)
-        return Slices(slice(0, n), slice(n, e), slice(e, e + T), slice(e + T, p), slice(p, p + k))
-
-    def logit_weights(self):
-        w = self.adjacency.new_zeros(len(self.adjacency))
-        w[self.slices().logits] = self.logit_probs.to(w.dtype)
-        return w
-
-
-def shares(feats, world):
-    """Split feature targets (sorted) into `world` contiguous shares of about equal work: a row's
-    pass costs about (layer + 1)·(position + 1)."""
+def rank_batches(feats, mesh, size):
+    """This rank's batches [a, b) of the sorted feature targets feats (m, 3): a contiguous share of
+    about equal work (a row costs about (layer + 1)·(position + 1)), cut into batches of at most
+    `size` within a layer (across two, one would pay for the upper's depth, the lower's length)."""
     cost = ((feats[:, 0] + 1) * (feats[:, 1] + 1)).double().cumsum(0)
-    if world == 1 or len(cost) == 0:
-        return [0, len(feats)]
-    ends = torch.searchsorted(cost, cost[-1] * torch.arange(1, world, device=cost.device) / world)
-    return [0, *ends.tolist(), len(feats)]
-
-
-def batches(layers, start, end, size):
-    """[start, end) of targets sorted by layer -> batches of at most `size` within a layer (one
-    across two would pay for the upper layer's depth and the lower one's last positions)."""
+    ends = [0, len(feats)]
+    if mesh.dp > 1 and len(cost) > 0:
+        at = cost[-1] * torch.arange(1, mesh.dp, device=cost.device) / mesh.dp
+        ends = [0, *torch.searchsorted(cost, at).tolist(), len(feats)]
+    start, end = ends[mesh.dp_rank], ends[mesh.dp_rank + 1]
+    layers = feats[:, 0]
     cuts = (layers[start + 1 : end] != layers[start : end - 1]).nonzero()[:, 0] + start + 1
     edges = [start, *cuts.tolist(), end]
     return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
@@ -354,27 +300,25 @@ def batches(layers, start, end, size):
 
 
 class Attribution:
-    """Rows of the adjacency A, a batch of targets at a time. Between the MLP outputs the
-    replacement model is linear: a target's row is one pass of its transpose, from the vector its
-    input reads down the residual stream (ln_2ᵀ, attentionᵀ through the frozen patterns' OV path,
-    ln_1ᵀ), dotted with each source's write. By hand, not autograd, so that a pass starts at the
-    batch's top layer and ends at its last position. Column b of (d, T, B) carries target b."""
+    """Rows of the adjacency A, a batch of targets at a time: the replacement model is linear
+    between MLP outputs, so a row is one pass of its transpose (ln_2ᵀ, attentionᵀ's OV path, ln_1ᵀ)
+    from what the target reads, dotted with each source's write. By hand, not autograd, so a pass
+    starts at the batch's top layer and ends at its last position. Column b carries target b."""
 
     def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
         self.model, self.clt, self.rep = model, clt, rep
-        self.T = T  # the prompt's length (a batch's pass may stop earlier)
+        self.T = T  # the prompt's length (a pass may stop earlier)
         self.L = L
         fz = rep.frozen
         # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers,
         # D_w is ln_1's weight): the constant parts folded once, scale_1 into the patterns
-        self.mix, self.W_O, self.W_V = [], [], []
-        for l, block in enumerate(model.h):
-            self.mix.append(fz.attn[l][0].transpose(1, 2) * fz.ln_1[l][0])  # (nh, T, T)
-            self.W_O.append(block.attn.c_proj.weight.detach())  # (C, C): out = y @ W_Oᵀ
-            W_V = block.attn.c_attn.weight[2 * d :].detach().T  # (C, C)
-            M = block.ln_1.weight.detach()[:, None] * W_V  # D_w W_Vᵀ
-            self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ
+        self.mix = [a[0].transpose(1, 2) * s[0] for a, s in zip(fz.attn, fz.ln_1)]  # (nh, T, T)
+        self.W_O = [block.attn.c_proj.weight.detach() for block in model.h]  # (C, C): y @ W_Oᵀ
+        self.W_V = []
+        for block in model.h:
+            M = block.ln_1.weight.detach()[:, None] * block.attn.c_attn.weight[2 * d :].detach().T
+            self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ, W_V (C, C)
         self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
         self.scale_f = fz.ln_f[0]  # (T, 1)
         # starts[l][p]: the first feature node at (layer l, position p); features are sorted so
@@ -386,8 +330,7 @@ class Attribution:
         self.n_sources = len(rep.feats) + L * T + len(self.inputs) * T
 
     def encoders(self, ids):
-        """(B, d) what the pre-activations of features ids read from mlp_in, in raw units (read
-        batch by batch: for all features they would be n·L·d numbers)."""
+        """(B, d) what features ids read from mlp_in, raw units (per batch: n·L·d for all)."""
         l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
         return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
 
@@ -407,14 +350,14 @@ class Attribution:
         for l in reversed(range(min(top + 1, L))):
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
                 torch.div(g, self.clt.output_scale[l], out=G[l])  # the writes: W_dec / output_scale
-                errors[:, l, :T] = dot_over_d(self.errors[l, :T], g).T
+                errors[:, l, :T] = torch.einsum("td,dtb->bt", self.errors[l, :T], g)
                 self.add_skip_transposed(g, l)
                 self.add_attention_transposed(g, l)
             self.add_injected(g, l, layers, positions, vectors)
         self.contract_features(G, out)
         for i, e in enumerate(self.inputs):
             start = n + L * self.T + i * self.T
-            out[:, start : start + T] = dot_over_d(e[:T], g).T
+            out[:, start : start + T] = torch.einsum("td,dtb->bt", e[:T], g)  # e·g per position
 
     def add_injected(self, g, l, layers, positions, vectors):
         """g += the targets that read mlp_in[l] (l = L: ln_f's output) through that LayerNorm's
@@ -439,8 +382,7 @@ class Attribution:
         g.index_add_(2, rows, spread.permute(1, 2, 0))
 
     def add_skip_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> skip(ln_2(x)), skip(h) = (h·s_in) W_skip / s_out,
-        applied to g (circuit-tracer keeps the skip path in the graph too)."""
+        """g (C, T, B) += the transpose of x -> skip(ln_2(x)), skip(h) = (h·s_in) W_skip / s_out."""
         if self.clt.W_skip is None:
             return
         C, T, B = g.shape
@@ -450,8 +392,7 @@ class Attribution:
         g += ln_transposed(h, self.model.h[l].ln_2.weight, self.scale_2[l][:T])  # scale (T, 1)
 
     def add_attention_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> attn(ln_1(x)), the frozen patterns' OV path only:
-        out = sum_h (pattern_h @ (h W_V,hᵀ)) W_O,hᵀ, applied to g."""
+        """g (C, T, B) += the transpose of x -> attn(ln_1(x)), the frozen patterns' OV path only."""
         C, T, B = g.shape
         mix = self.mix[l]
         nh = len(mix)
@@ -477,15 +418,9 @@ class Attribution:
 
 
 def ln_transposed(g, weight, scale):
-    """The transpose of a frozen LayerNorm y = (x - mean(x))·scale·weight + bias applied to g
-    (d, ...): scale·(weight·g - mean(weight·g)); scale broadcasts over g's trailing dimensions."""
+    """A frozen LayerNorm's transpose applied to g (d, ...): scale·(weight·g - mean(weight·g))."""
     wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
     return (wg - wg.mean(0)) * scale
-
-
-def dot_over_d(e, g):
-    """(T, d) vectors dotted with g (d, T, B) position by position -> (T, B); one batched matmul."""
-    return torch.bmm(e.view(len(e), 1, -1), g.permute(1, 0, 2))[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -501,8 +436,8 @@ def normalized(A):
 
 
 def influence(A, w, row_node=None, normalize=True):
-    """w (Â + Â² + ...), Â = normalized(A) (normalize=False: A is Â), a block of rows at a time (A
-    may be the largest tensor there is). Row i of A is node row_node[i]'s (for --max-features)."""
+    """w (Â + Â² + ...), Â = normalized(A) (or A, normalize=False), a block of rows at a time; row
+    i of A is node row_node[i]'s (for --max-features)."""
     row_node = torch.arange(len(A), device=A.device) if row_node is None else row_node
     step = max(1, BLOCK_ELEMENTS // max(A.shape[1], 1))
     blocks = [slice(a, a + step) for a in range(0, len(A), step)]
@@ -531,8 +466,7 @@ def cumulative_threshold(scores, fraction):
 
 
 def prune(graph, node_threshold=0.8, edge_threshold=0.98):
-    """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,)).
-    Edges are scored in the kept nodes' graph (K x K)."""
+    """-> (node_mask (N,), edge_mask (N, N), cumulative influence rank (N,), raw influence (N,))."""
     if not (0 <= node_threshold <= 1 and 0 <= edge_threshold <= 1):
         raise ValueError(f"thresholds must lie in [0, 1], got {node_threshold}, {edge_threshold}")
     s = graph.slices()
@@ -595,29 +529,17 @@ def exactness(model, clt, rep, graph):
 
 
 # -----------------------------------------------------------------------------
-# command line (the flags: forge/graphcli.py's GraphConfig)
-
-
-def load(cfg, device):
-    """cfg.model, its transcoder cfg.clt (any layout), the tokenizer, the prompt's ids (1, T)."""
-    graphcli.check_transcoder_dir(cfg.clt)
-    model = GPT.from_pretrained(cfg.model)
-    clt = load_transcoder(cfg.clt, model).to(device)  # ours, circuit-tracer's or SAELens's layout
-    model = model.to(device)
-    graphcli.check_compatible(model, clt)
-    files.check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
-    enc = hub.load_tokenizer(cfg.model)
-    return model, clt, enc, encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
+# command line (the flags, loading and checks: forge/graphcli.py)
 
 
 def run_graph(cfg):
-    """One process, or torchrun: every rank builds the replacement model and computes its share of
-    the rows; rank 0 checks exactness and writes the files."""
+    """One process or torchrun: every rank computes a share of the rows, rank 0 writes the files."""
     ddp, rank, _, world, device = compute_init(cfg.device)
     mesh = make_mesh(ddp, world, 1, device)  # all ranks data-parallel: rows split, model whole
     if rank == 0:
         print(asdict(cfg) | dict(world=world))
-    model, clt, enc, idx = load(cfg, device)
+    model, clt, enc = graphcli.load(cfg, device, GPT.from_pretrained, load_transcoder)
+    idx = encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
     name, spec = graphcli.target_spec(cfg, TARGETS)  # the output nodes; none: the top logits

@@ -3,7 +3,7 @@ intervene.py: test a hypothesis read off an attribution graph: change CLT featur
 run the model, and see how the next-token prediction, or a whole continuation, changes.
 
 Data flow:
-    prompt -> token ids, BOS first (graph.py's load)
+    prompt -> token ids, BOS first (forge/graphcli.py's encode_prompt)
       -> the clean run: GPT.run_with_acts; the changed features' activations a: the CLT encoder's
       -> each change a -> a' adds (a' - a) x the feature's decoder writes to the MLP outputs
       -> the intervened run (freeze: none | attention | all, see intervene) -> logits, next token
@@ -28,9 +28,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from clt import CrossLayerTranscoder
+from clt import CrossLayerTranscoder, load_transcoder
 from forge import cli, graphcli
-from graph import load, reconstruct, replacement_forward
+from graph import reconstruct, replacement_forward
 from model import Acts, Frozen, GPT
 
 MODES = ("set", "scale", "add", "ablate")
@@ -224,7 +224,8 @@ def main(argv=None):
     configs = {"intervene": graphcli.InterveneConfig, "generate": graphcli.GenerateConfig}
     command, cfg = cli.parse_config(__doc__, configs, argv)
     print(asdict(cfg))
-    model, clt, enc, idx = load(cfg, cfg.device)
+    model, clt, enc = graphcli.load(cfg, cfg.device, GPT.from_pretrained, load_transcoder)
+    idx = graphcli.encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(cfg.device)
     if command == "intervene" and not cfg.intervene.strip():
         raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
     ivs = graphcli.parse_interventions(cfg.intervene, Intervention) if cfg.intervene else []

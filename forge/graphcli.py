@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from forge.cli import arg
+from forge.files import check_same_model
 from forge.graphfile import token_str
-from forge.hub import DEFAULT_MODEL, ENDOFTEXT
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
 
 PROMPT = "Batris lives in Fafes. The language Batris speaks is"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,14 +80,18 @@ class GenerateConfig(RunConfig):
     seed: int = arg(0, "random seed for sampling (both continuations draw alike)")
 
 
-def check_transcoder_dir(path):
-    """Refuse a transcoder directory that is not there, naming the commands that make one."""
-    if not os.path.exists(path):
-        first = (
-            "python cache.py --model models/tiny --corpus toy --out runs/cache && python train.py"
-        )
-        fix = f"train one first, `{first}` (writes runs/clt), or pass --clt DIR"
-        raise FileNotFoundError(f"no CLT at {path}: {fix}")
+def load(cfg, device, from_pretrained, load_transcoder):
+    """cfg.model and its transcoder cfg.clt in any layout, by the loaders passed in, refused if
+    made for another model (shapes, fingerprint), and the tokenizer -> (model, clt, enc)."""
+    if not os.path.exists(cfg.clt):
+        cache = "python cache.py --model models/tiny --corpus toy --out runs/cache"
+        fix = f"train one first, `{cache} && python train.py` (writes runs/clt), or pass --clt DIR"
+        raise FileNotFoundError(f"no CLT at {cfg.clt}: {fix}")
+    model = from_pretrained(cfg.model)
+    clt = load_transcoder(cfg.clt, model).to(device)
+    check_compatible(model.to(device), clt)
+    check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
+    return model, clt, load_tokenizer(cfg.model)
 
 
 def check_compatible(model, clt):

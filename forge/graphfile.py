@@ -1,5 +1,6 @@
-"""An attribution graph's files: circuit-tracer's graph JSON (the Neuronpedia format its front end
-opens) and the full graph beside it, all in one folder:
+"""An attribution graph as data (Graph: its adjacency and node order, which graph.py fills) and its
+files: circuit-tracer's graph JSON (the Neuronpedia format its front end opens) and the full graph
+beside it, all in one folder:
 
     {slug}.json               the pruned graph: metadata, qParams, nodes, links (the front end's)
     graph-metadata.json       the folder's graphs: {"graphs": [each graph's metadata]}
@@ -8,16 +9,52 @@ opens) and the full graph beside it, all in one folder:
 
 Nodes carry the fields of circuit-tracer's frontend/graph_models.py Node; token text is its
 process_token's. Each file is written whole or not at all (forge/files.py). graph.py passes in the
-graph (its feats, acts, tokens, logit_ids, ...) and what pruning found: nothing here imports it.
+graph and what pruning found: nothing here imports it.
 """
 
 import json
 import os
+from collections import namedtuple
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 
 from forge.files import atomic_path, write_json
+
+# where each kind of node sits in the node order (positions: empty unless position_nodes)
+Slices = namedtuple("Slices", "features errors tokens positions logits")
+
+
+@dataclass
+class Graph:
+    """A[target, source] over nodes [features, errors (L·T), tokens, positions (T or 0), logits]."""
+
+    prompt: str
+    tokens: list  # the T input token ids
+    feats: torch.Tensor  # (n, 3) (layer, pos, id) of the feature nodes
+    acts: torch.Tensor  # (n,) their activations
+    logit_ids: torch.Tensor  # (k,) the output nodes' tokens (vocab_size + i: a custom target)
+    logit_probs: torch.Tensor  # (k,) their weights: the tokens' probabilities, 1 for a custom one
+    adjacency: torch.Tensor  # (N, N) rows: targets, columns: sources
+    n_layers: int
+    n_active: int  # active features before --max-features
+    position_nodes: bool = False  # the position embeddings are nodes (after the tokens)
+    target_vectors: Optional[torch.Tensor] = None  # (k, d) what each output node reads (ln_f)
+    target_labels: list = field(default_factory=list)  # (k,) front-end text, "" for a logit
+
+    def slices(self):
+        n, T, L = len(self.feats), len(self.tokens), self.n_layers
+        e = n + L * T  # where the tokens start
+        p = e + T + (T if self.position_nodes else 0)  # where the logits start
+        k = len(self.logit_ids)
+        return Slices(slice(0, n), slice(n, e), slice(e, e + T), slice(e + T, p), slice(p, p + k))
+
+    def logit_weights(self):
+        w = self.adjacency.new_zeros(len(self.adjacency))
+        w[self.slices().logits] = self.logit_probs.to(w.dtype)
+        return w
 
 
 def token_str(enc, t):
@@ -61,14 +98,14 @@ def node_records(graph, enc, explanations, cumulative, infl):
             nodes.append(node_record(f"{l}_-1_{p}", -1, str(l), p, kind, f"{l}_{p}-0"))
     for p, t in enumerate(graph.tokens):
         node = node_record(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}")
-        nodes.append(node | dict(clerp=token_str(enc, t) if enc else ""))
+        nodes.append(node | dict(clerp=token_str(enc, t)))
     for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
         node = node_record(f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}")
         nodes.append(node | dict(clerp=f"position {p}"))
     labels = graph.target_labels or [""] * len(graph.logit_ids)
     logits = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
     for i, (t, prob, label) in enumerate(logits):
-        text = label or f'Output "{token_str(enc, t) if enc else t}" (p={prob:.3f})'
+        text = label or f'Output "{token_str(enc, t)}" (p={prob:.3f})'
         node = node_record(f"{L + 1}_{t}_{T - 1}", t, str(L + 1), T - 1, "logit", f"L_{t}-{T - 1}")
         nodes.append(node | dict(token_prob=prob, is_target_logit=i == 0, clerp=text))
     for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
@@ -95,7 +132,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     thresholds = dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
     # scan: where circuit-tracer's front end fetches a node's features, {scan}/{feature}.json, its
     # server reading ./data/ from this folder: the files `viz.py graph` writes to {out}/features/
-    tokens = [token_str(enc, t) if enc else str(t) for t in graph.tokens]
+    tokens = [token_str(enc, t) for t in graph.tokens]
     meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[], prompt_tokens=tokens)
     meta |= dict(prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1)
     meta |= dict(pruning_settings=thresholds, info=info | dict(targets=targets))
