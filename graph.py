@@ -441,18 +441,14 @@ def influence(A, w, row_node=None, normalize=True):
     row_node = torch.arange(len(A), device=A.device) if row_node is None else row_node
     step = max(1, BLOCK_ELEMENTS // max(A.shape[1], 1))
     blocks = [slice(a, a + step) for a in range(0, len(A), step)]
-
-    def times_A_hat(v):  # v over A's rows (R,) -> v Â (N,)
-        if not normalize:
-            return v @ A
-        return sum(v[b] @ normalized(A[b]) for b in blocks)
-
-    total, cur = torch.zeros_like(w), times_A_hat(w[row_node])
-    for _ in range(len(w) + 1):  # nilpotent: ends after the longest path, at most L + 2 terms
+    total = torch.zeros_like(w)
+    cur = w
+    for _ in range(len(w) + 2):  # nilpotent: ends after the longest path, at most L + 2 terms
+        v = cur[row_node]  # (R,) over A's rows
+        cur = sum(v[b] @ normalized(A[b]) for b in blocks) if normalize else v @ A  # v Â (N,)
         if not cur.any():
             return total
         total += cur
-        cur = times_A_hat(cur[row_node])
     raise RuntimeError("influence did not converge: the adjacency matrix has a cycle")
 
 

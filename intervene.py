@@ -24,6 +24,7 @@ Differences from circuit-tracer (its feature_intervention):
 
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,7 +34,6 @@ from forge import cli, graphcli
 from graph import reconstruct, replacement_forward
 from model import Acts, Frozen, GPT
 
-MODES = ("set", "scale", "add", "ablate")
 FREEZE = ("none", "attention", "all")
 
 
@@ -46,11 +46,6 @@ class Intervention:
     feature: int  # its id in the layer
     mode: str = "set"  # set: a -> value, scale: a -> a·value, add: a -> a + value, ablate: a -> 0
     value: float = 0.0  # set: the new activation; scale: the factor; add: the shift
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            name = f"intervention {self.layer}/{self.pos}/{self.feature}"
-            raise ValueError(f"{name}: mode {self.mode!r} is not one of {', '.join(MODES)}")
 
     def new_activation(self, a):
         """The feature's activation after the change, from its clean activation a."""
@@ -83,18 +78,15 @@ def intervene(
 ) -> tuple:
     """Change CLT features' activations and run the model: test a hypothesis read off a graph.
 
-    Each Intervention moves a feature's activation a at one position to a' (a: the CLT encoder's on
-    the clean run, 0 for a silent feature, at BOS too); the MLP outputs it writes to change by
-    (a' - a) x its decoder writes (only mlp_out[start:end] if layers = (start, end)).
+    Each Intervention moves a feature's activation a (the CLT encoder's on the clean run, 0 if
+    silent) to a'; the MLP outputs it writes change by (a' - a) x its decoder writes.
 
     Args:
-        idx: (1, T) token ids, BOS first.
-        interventions: [Intervention], each (layer, pos, feature) at most once.
-        freeze: what stays as in the clean run. "none": nothing, the real model's view (later MLPs
-            respond, not later CLT features); "attention": the attention patterns; "all": the
-            local replacement model's view (circuit-tracer's feature_intervention, every layer
-            constrained): patterns, LayerNorm scales and MLP outputs held, plus the change, the
-            skip connection live. Linear: ablating a feature moves each logit node by -its edge.
+        idx: (1, T) token ids, BOS first; interventions: [Intervention], each feature at most once.
+        freeze: what stays as in the clean run. "none": nothing (the real model: later MLPs, not
+            CLT features, respond); "attention": the patterns; "all": the replacement model's view
+            (patterns, LayerNorm scales, MLP outputs; the skip live): ablating a graph's feature
+            moves each logit node by minus its edge. layers: (start, end): only mlp_out[start:end].
     Returns:
         (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
     """
@@ -127,13 +119,9 @@ def intervention_delta(clt, mlp_in, interventions, layers=None):
     """The interventions' change of the MLP outputs, from the clean run's mlp_in (T, L, d) ->
     (delta (T, L, d), old activations (n,), new activations (n,))."""
     T, L, _ = mlp_in.shape
-    feats = graphcli.check_interventions(interventions, L, T, clt.config.n_features).to(
-        mlp_in.device
-    )
+    feats, (start, end) = graphcli.check_interventions(interventions, T, clt.config, layers)
+    feats = feats.to(mlp_in.device)
     l, p, f = feats.T
-    start, end = (0, L) if layers is None else layers
-    if not 0 <= start < end <= L:
-        raise ValueError(f"layers={layers}: need 0 <= start < end <= {L} (mlp_out[start:end])")
     a = clt.encode(mlp_in[p])  # (n, L, F): only the changed features' positions (per token)
     old = a[torch.arange(len(feats), device=a.device), l, f]  # (n,)
     new = [iv.new_activation(x) for iv, x in zip(interventions, old)]
@@ -145,21 +133,20 @@ def intervention_delta(clt, mlp_in, interventions, layers=None):
 
 
 def forward_with_mlp_change(model, idx, delta, frozen=None):
-    """Run idx (1, T) with delta[:, l] (T, L, d) added to every MLP's output, the MLP computing
-    its own output from its input (frozen: attention patterns to reuse) -> (logits, Acts)."""
-
-    def adds(layer):  # a forward hook that adds the change of layer's MLP output
-        def hook(module, inputs, out):
-            return out + delta[:, layer]
-
-        return hook
-
-    handles = [block.mlp.register_forward_hook(adds(l)) for l, block in enumerate(model.h)]
+    """Run idx (1, T) with delta[:, l] (T, L, d) added to each MLP's own output (frozen: attention
+    patterns to reuse) -> (logits, Acts)."""
+    adds = [partial(add_to_output, delta[:, l]) for l in range(len(model.h))]
+    handles = [block.mlp.register_forward_hook(hook) for block, hook in zip(model.h, adds)]
     try:
         return model.run_with_acts(idx, frozen=frozen)
     finally:
         for h in handles:
             h.remove()
+
+
+def add_to_output(change, module, inputs, out):
+    """A forward hook: the module's output plus change."""
+    return out + change
 
 
 # -----------------------------------------------------------------------------
@@ -188,9 +175,7 @@ def generate(
         n = f"the prompt ({T} tokens) + --max-new-tokens {max_new_tokens}"
         fix = "generate fewer tokens or shorten the prompt"
         raise ValueError(f"{n} exceed the model's n_ctx={model.config.n_ctx}: {fix}")
-    feats = graphcli.check_interventions(
-        interventions, clt.config.n_layers, T, clt.config.n_features
-    )
+    feats, _ = graphcli.check_interventions(interventions, T, clt.config)
     fixed = [replace(iv, pos=p) for iv, p in zip(interventions, feats[:, 1].tolist())]
     repeated = [iv for iv in fixed if iv.pos == T - 1] if every_token else []
     generators = [torch.Generator(device=idx.device).manual_seed(seed) for _ in range(2)]

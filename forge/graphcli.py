@@ -176,6 +176,7 @@ def read_direction(path, d):
 # -----------------------------------------------------------------------------
 # interventions: --intervene LAYER/POS/FEATURE=VALUE,... and --layers START:END
 
+MODES = ("set", "scale", "add", "ablate")
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 SPEC = re.compile(rf"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*({NUMBER})|:\s*(ablate))\s*")
 
@@ -198,20 +199,27 @@ def parse_interventions(spec, make):
     return out
 
 
-def check_interventions(interventions, L, T, F_):
-    """-> (n, 3) long tensor of (layer, position in 0..T-1, feature); ValueError naming the fix."""
+def check_interventions(interventions, T, config, layers=None):
+    """Refuse interventions out of a T-token prompt or the CLT (config), or twice on a feature, and
+    bad layers -> ((n, 3) long tensor of (layer, position in 0..T-1, feature), (start, end))."""
+    L, F_ = config.n_layers, config.n_features
+    start, end = (0, L) if layers is None else layers
+    if not 0 <= start < end <= L:
+        raise ValueError(f"layers={layers}: need 0 <= start < end <= {L} (mlp_out[start:end])")
     out = []
     for iv in interventions:
+        name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
+        if iv.mode not in MODES:
+            raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
         if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
             sizes = f"0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS included)"
-            name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
             raise ValueError(f"{name}: need {sizes} and 0 <= feature < {F_}")
         out.append((iv.layer, iv.pos % T, iv.feature))
     if len(set(out)) < len(out):
         names = [f"{l}/{p}/{f}" for l, p, f in out]
         fix = "give each (layer, pos, feature) once, with the value it should end up at"
         raise ValueError(f"a feature is changed twice in {names}: {fix}")
-    return torch.tensor(out, dtype=torch.long).view(-1, 3)
+    return torch.tensor(out, dtype=torch.long).view(-1, 3), (start, end)
 
 
 def parse_layers(text, L):

@@ -10,6 +10,7 @@ import torch
 
 import graph as G
 from forge.hub import load_tokenizer
+from clt import CLTConfig
 from forge.graphcli import check_interventions, parse_interventions, parse_layers
 from intervene import FREEZE, Intervention, generate, intervene, run_intervened
 from intervene import main as intervene_main
@@ -101,7 +102,7 @@ def test_parse_interventions():
             parse_interventions(bad, Intervention)
     for bad in (f"{L}/0/0=1", f"0/{T}/0=1", f"0/{-T - 1}/0=1", f"0/0/{F_}=1"):
         with pytest.raises(ValueError, match=f"need 0 <= layer < {L}, -{T} <= pos < {T}"):
-            check_interventions(parse_interventions(bad, Intervention), L, T, F_)
+            check_interventions(parse_interventions(bad, Intervention), T, CLTConfig(n_layers=L, n_features=F_))
     model, clt, rep, _ = build()
     with pytest.raises(ValueError, match="changed twice"):
         intervene(model, clt, rep.idx, parse_interventions(f"0/1/2=1,0/{1 - T}/2*2", Intervention))
