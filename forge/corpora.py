@@ -11,7 +11,6 @@
 the line (or row) and the fix. The order is fixed: a cache built from a corpus resumes the same.
 """
 
-import codecs
 import json
 import os
 import sys
@@ -87,11 +86,9 @@ def _json_documents(path, text_field):
         except json.JSONDecodeError as e:
             raise _bad_json(f"{path} line {e.lineno}", e, "fix the file") from None
     if not isinstance(rows, list):
-        fix = f"pass a JSON list of strings or of objects with a {text_field!r} field"
-        fix += " (or a .jsonl file)"
-        raise ValueError(
-            f"{path} holds a JSON {type(rows).__name__}, not a list of documents: {fix}"
-        )
+        what = f"{path} holds a JSON {type(rows).__name__}, not a list of documents"
+        fix = f"pass a JSON list of strings or of objects with a {text_field!r} field (or a .jsonl)"
+        raise ValueError(f"{what}: {fix}")
     for i, row in enumerate(rows):
         yield _text_of(row, text_field, f"{path} item {i}")
 
@@ -111,15 +108,13 @@ def _parquet_documents(path, text_field):
     if text_field not in names:
         fix = "pass --text-field COLUMN"
         raise ValueError(f"{path} has no column {text_field!r} (columns {names}): {fix}")
-    row = 0
-    for batch in f.iter_batches(batch_size=1024, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str):
-                where = f"{path} row {row}: column {text_field!r}"
-                fix = "drop such rows or pass --text-field COLUMN"
-                raise ValueError(f"{where} holds {text!r}, not a string: {fix}")
-            row += 1
-            yield text
+    batches = f.iter_batches(batch_size=1024, columns=[text_field])
+    for row, text in enumerate(t for batch in batches for t in batch.column(0).to_pylist()):
+        if not isinstance(text, str):
+            where = f"{path} row {row}: column {text_field!r}"
+            fix = "drop such rows or pass --text-field COLUMN"
+            raise ValueError(f"{where} holds {text!r}, not a string: {fix}")
+        yield text
 
 
 def _hf_documents(corpus, text_field):
@@ -135,8 +130,7 @@ def _hf_documents(corpus, text_field):
         stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as e:  # offline, no such dataset / config / split: datasets raises many kinds
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fix = "check NAME[:config][:split] and the network (offline, only local folders and cached"
-        fix += " datasets load)"
+        fix = "check NAME[:config][:split] and the network (offline: local folders, cached data)"
         dataset = f"the Hugging Face dataset of --corpus {corpus} ({first})"
         raise ValueError(f"cannot open {dataset}: {fix}") from None
     for i, row in enumerate(stream):
@@ -159,19 +153,13 @@ def _bad_json(where, e, fix):
 
 
 def _bad_utf8(path):
-    """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    fix = "re-encode the file as UTF-8"
-    line = 1
+    """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass:
+    line by line, as a newline byte is never inside a UTF-8 character)."""
     with open(path, "rb") as f:
-        while True:
-            data = f.read(1 << 20)
+        for i, line in enumerate(f, 1):
             try:
-                decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:  # e.object: the bytes decoded, with a partial char
-                line += e.object[: e.start].count(b"\n")
-                byte = e.object[e.start]
-                return ValueError(f"{path} line {line}: invalid UTF-8 (byte 0x{byte:02x}): {fix}")
-            if not data:
-                return ValueError(f"{path}: invalid UTF-8: {fix}")
-            line += data.count(b"\n")
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{path} line {i}: invalid UTF-8 (byte 0x{line[e.start]:02x})"
+                return ValueError(f"{where}: re-encode the file as UTF-8")
+    return ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8")

@@ -259,10 +259,8 @@ def summary(path, m):
         f"quantization NMSE ||x - x_hat||^2/||x||^2: mlp_in {nmse[0]:.3g} | mlp_out {nmse[1]:.3g}",
         "layer | mean ||mlp_in|| | mean ||mlp_out|| | NMSE in | NMSE out",
     ]
-    rows = zip(m["norm_in"], m["norm_out"], m["nmse_in"], m["nmse_out"])
-    lines += [
-        f"{i:5d} | {a:15.4f} | {b:16.4f} | {c:.3g} | {e:.3g}" for i, (a, b, c, e) in enumerate(rows)
-    ]
+    for i, row in enumerate(zip(m["norm_in"], m["norm_out"], m["nmse_in"], m["nmse_out"])):
+        lines.append(f"{i:5d} | {row[0]:15.4f} | {row[1]:16.4f} | {row[2]:.3g} | {row[3]:.3g}")
     return "\n".join(lines)
 
 
@@ -406,9 +404,7 @@ def check_config(cfg, n_ctx):
         raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={n_ctx} of {cfg.model}")
     if min(cfg.tokens, cfg.batch_size) <= 0 or cfg.shard_tokens < 0 or not 0 <= cfg.heldout < 1:
         got = f"{cfg.tokens}, {cfg.batch_size}, {cfg.shard_tokens}, {cfg.heldout}"
-        raise ValueError(
-            f"need tokens, batch_size > 0, shard_tokens >= 0, heldout in [0, 1): {got}"
-        )
+        raise ValueError(f"need tokens, batch_size > 0, shard_tokens >= 0, 0 <= heldout < 1: {got}")
 
 
 def identity(cfg, model_sha, model_dir):
@@ -620,9 +616,8 @@ class ShardWriter:
         tot = {k: np.array(m["sums"][k]) for k in STATS}  # (2, L)
         norm = tot["norm"] / n_rows  # (2, L)
         nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)  # (2, L)
-        m.update(
-            complete=True, n_tokens=n_rows, splits=dict(train=[0, train], heldout=[train, n_rows])
-        )
+        m.update(complete=True, n_tokens=n_rows)
+        m.update(splits=dict(train=[0, train], heldout=[train, n_rows]))
         m.update(norm_in=norm[0].tolist(), norm_out=norm[1].tolist())
         m.update(nmse_in=nmse[0].tolist(), nmse_out=nmse[1].tolist())
         m.update(nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)])
