@@ -476,44 +476,6 @@ def check_tokens(out, m, k, row0, meta, corpus):
         raise ValueError(f"{out}: {changed}: {fix}")
 
 
-class ShardBuffer:
-    """One shard's rows being filled in RAM, plus float64 sums for the manifest's statistics.
-    Buffers are recycled (fresh 64 MB costs page faults): reset(index) starts shard `index`."""
-
-    def __init__(self, m):
-        S = m["shard_tokens"]
-        L = m["n_layers"]
-        d = m["d_model"]
-        act = DTYPES[m["dtype"]][1]
-        self.views = dict(mlp_in=np.empty((S, L, d), act), mlp_out=np.empty((S, L, d), act))
-        self.views["scales"] = np.empty((S, 2, L), np.int16) if m["dtype"] == "int8" else None
-        self.views["meta"] = np.empty((S, 3), np.int32)
-
-    def reset(self, index):
-        self.index = index
-        self.rows = 0
-        L = self.views["mlp_in"].shape[1]
-        self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in STATS}  # (2, L)
-
-    def sections(self):
-        """The filled rows of each section, as `sections` reads them back."""
-        return {k: None if v is None else v[: self.rows] for k, v in self.views.items()}
-
-    def add(self, stored, meta):
-        """Append rows: per section j (q, scale bits, ||x||, ||x_hat - x||^2) from quantize_rows."""
-        a = self.rows
-        b = a + len(meta)
-        for j, (q, bits, norm, err_sq) in enumerate(stored):
-            self.views[SECTIONS[j]][a:b] = q.cpu().numpy()
-            if bits is not None:
-                self.views["scales"][a:b, j] = bits
-            self.sums["norm"][j] += norm.sum(0).cpu()
-            self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
-            self.sums["err"][j] += err_sq.sum(0).cpu()
-        self.views["meta"][a:b] = meta
-        self.rows = b
-
-
 class ShardWriter:
     """A build's output. Opening creates cfg.out or resumes in it (the same identity), checks every
     listed shard and plans what to write. `add` fills shard buffers; each full one is written on a
@@ -576,16 +538,44 @@ class ShardWriter:
                 yield row0, idx, meta, pieces
 
     def add(self, row, stored, meta):
-        """Rows row.. of one shard, as quantize_rows stores them, and their meta (n, 3)."""
-        if self.buf is None:
-            self.buf = ShardBuffer(self.manifest) if self.free.empty() else self.free.get()
-            self.buf.reset(row // self.cfg.shard_tokens)
-        self.buf.add(stored, meta)
+        """Rows row.. of one shard, and their meta (n, 3); stored: per section j (q, scale bits,
+        ||x||, ||x_hat - x||^2) from quantize_rows. Buffers are reused: fresh 64 MB costs faults."""
+        if self.buf is None:  # a new shard: float64 sums of its statistics
+            self.buf = self._new_buffer() if self.free.empty() else self.free.get()
+            self.index = row // self.cfg.shard_tokens
+            self.rows = 0
+            L = self.manifest["n_layers"]
+            self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in STATS}  # (2, L)
+        a = self.rows
+        self.rows += len(meta)
+        for j, (q, bits, norm, err_sq) in enumerate(stored):
+            self.buf[SECTIONS[j]][a : self.rows] = q.cpu().numpy()
+            if bits is not None:
+                self.buf["scales"][a : self.rows, j] = bits
+            self.sums["norm"][j] += norm.sum(0).cpu()
+            self.sums["sq"][j] += norm.pow(2).sum(0).cpu()
+            self.sums["err"][j] += err_sq.sum(0).cpu()
+        self.buf["meta"][a : self.rows] = meta
         self.pbar.update(len(meta))
-        if self.buf.rows == self.cfg.shard_tokens:
-            self.pending.append(self.pool.submit(self._write, self.buf))
-            self.buf = None
+        if self.rows == self.cfg.shard_tokens:
+            self._put()
             self._commit_done(self.threads)  # waits when all threads are busy: bounded memory
+
+    def _new_buffer(self):
+        """One shard's sections in RAM: (S, L, d) activations, (S, 2, L) scales, (S, 3) meta."""
+        S = self.cfg.shard_tokens
+        L = self.manifest["n_layers"]
+        d = self.manifest["d_model"]
+        act = DTYPES[self.cfg.dtype][1]
+        buf = dict(mlp_in=np.empty((S, L, d), act), mlp_out=np.empty((S, L, d), act))
+        buf["scales"] = np.empty((S, 2, L), np.int16) if self.cfg.dtype == "int8" else None
+        buf["meta"] = np.empty((S, 3), np.int32)
+        return buf
+
+    def _put(self):  # hand the shard being filled to a writer thread
+        shard = (self.index, self.buf, self.rows, self.sums)
+        self.pending.append(self.pool.submit(self._write, *shard))
+        self.buf = None
 
     def __enter__(self):
         return self
@@ -594,7 +584,7 @@ class ShardWriter:
         """Write the last shard (not after an error), commit every write, save the manifest."""
         try:
             if self.buf is not None and error is None:
-                self.pending.append(self.pool.submit(self._write, self.buf))
+                self._put()
             self._commit_done(0)
         finally:
             self.pbar.close()
@@ -631,11 +621,11 @@ class ShardWriter:
         while self.pending and (self.pending[0].done() or len(self.pending) > keep):
             self._commit(*self.pending.pop(0).result())
 
-    def _write(self, buf):  # on a thread; the sums are copied: buf is reused once put back
-        entry = write_shard(self.cfg.out, self.manifest, buf.index, buf.sections())
-        done = (buf.index, entry, {k: v.numpy().copy() for k, v in buf.sums.items()})
+    def _write(self, index, buf, rows, sums):  # on a thread; then buf is free to be reused
+        views = {k: None if v is None else v[:rows] for k, v in buf.items()}
+        entry = write_shard(self.cfg.out, self.manifest, index, views)
         self.free.put(buf)
-        return done
+        return index, entry, sums
 
     def _commit(self, index, entry, sums):
         listed = self.manifest["shards"]
@@ -652,7 +642,7 @@ class ShardWriter:
             self.uncounted.discard(index)
             totals = self.manifest["sums"]
             for k in STATS:  # float64 sums in shard order: what JSON holds, it gives back exactly
-                totals[k] = (np.array(totals[k]) + sums[k]).tolist()
+                totals[k] = (np.array(totals[k]) + sums[k].numpy()).tolist()
             totals["shards"] += 1
         self.unsaved_bytes += entry["bytes"]
         if self.unsaved_bytes >= MANIFEST_RATIO * self.saved_bytes:
