@@ -1,8 +1,6 @@
-"""The command lines of graph.py and intervene.py: their flags, the checks that a model, its
-transcoder, a prompt and the flags fit together (each refusal names the fix), the prompt's token
-ids, the flags' small languages (output nodes, interventions, layer ranges) and the printed reports.
-The scripts pass in what they need (a class to build, the TARGETS names); nothing here imports
-them."""
+"""graph.py's and intervene.py's command lines: flags, loading, the checks that model, transcoder,
+prompt and flags fit (each refusal names the fix), the flags' small languages (output nodes,
+interventions, layers), the printed reports. The scripts pass in what they need (the loaders)."""
 
 import os
 import re
@@ -18,6 +16,7 @@ from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
 
 PROMPT = "Batris lives in Fafes. The language Batris speaks is"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT = "output nodes: the most likely tokens unless one of these is given"
 
 
 @dataclass
@@ -37,11 +36,7 @@ class GraphConfig:
     max_logits: int = arg(10, "at most this many logit nodes")
     logit_prob: float = arg(0.95, "logit nodes until this cumulative probability")
     position_nodes: bool = arg(False, "position embeddings as nodes of their own, not biases")
-    target: str = arg(
-        "",
-        "NAME:SPEC: output nodes of a kind in TARGETS, e.g. diff:A|B",
-        group="output nodes: the most likely tokens unless one of these is given",
-    )
+    target: str = arg("", "NAME:SPEC: output nodes of a kind in TARGETS, e.g. diff:A|B", group=OUT)
     target_diff: str = arg("", 'logit(A) - logit(B): "A|B", one token each, e.g. " Paris| London"')
     target_tokens: str = arg("", 'these tokens\' logits: "A|B|...", one token each')
     target_direction: str = arg("", "a direction at ln_f's output: .safetensors of one (d,) tensor")
@@ -120,9 +115,8 @@ def encode_prompt(enc, prompt, n_ctx):
     ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
     ids = ids if ids[0] == bos else [bos] + ids
     if len(ids) > n_ctx:
-        raise ValueError(
-            f"the prompt is {len(ids)} tokens with BOS, over the model's n_ctx={n_ctx}"
-        )
+        over = f"over the model's n_ctx={n_ctx}"
+        raise ValueError(f"the prompt is {len(ids)} tokens with BOS, {over}")
     return torch.tensor([ids])
 
 
@@ -189,10 +183,8 @@ def parse_interventions(spec, make):
         m = SPEC.fullmatch(one)
         if not m:
             forms = "LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate"
-            raise ValueError(
-                f"--intervene {one.strip()!r}: write {forms}, comma-separated for "
-                "several, e.g. 3/-1/123=5,0/2/7:ablate"
-            )
+            example = "comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate"
+            raise ValueError(f"--intervene {one.strip()!r}: write {forms}, {example}")
         mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
         layer, pos, feature = (int(m.group(i)) for i in (1, 2, 3))
         out.append(make(layer, pos, feature, mode, float(m.group(5) or 0)))
@@ -255,9 +247,8 @@ def print_intervention(enc, idx, interventions, out, cfg):
     for iv, a, b in zip(interventions, out.old.tolist(), out.new.tolist()):
         token = token_str(enc, idx[0, iv.pos].item())
         change = f"activation {a:.3g} -> {b:.3g} ({iv.mode} {iv.value:g})"
-        print(
-            f"feature {iv.layer}/{iv.pos}/{iv.feature} on {token!r}: {change} | freeze {cfg.freeze}"
-        )
+        name = f"feature {iv.layer}/{iv.pos}/{iv.feature}"
+        print(f"{name} on {token!r}: {change} | freeze {cfg.freeze}")
     p0 = out.clean_logits[-1].softmax(-1)
     p1 = out.logits[-1].softmax(-1)
     print(f"{'token':>16} | {'p before':>8} | {'p after':>8} | {'change':>8}")

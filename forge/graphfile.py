@@ -1,16 +1,14 @@
-"""An attribution graph as data (Graph: its adjacency and node order, which graph.py fills) and its
-files: circuit-tracer's graph JSON (the Neuronpedia format its front end opens) and the full graph
-beside it, all in one folder:
+"""An attribution graph as data (Graph: the adjacency and its node order; graph.py fills it) and
+its files, written whole or not at all (forge/files.py), all in one folder:
 
-    {slug}.json               the pruned graph: metadata, qParams, nodes, links (the front end's)
+    {slug}.json               the pruned graph: metadata, qParams, nodes, links (circuit-tracer's
+                              front end opens it: the Neuronpedia format)
     graph-metadata.json       the folder's graphs: {"graphs": [each graph's metadata]}
     adjacency.safetensors     the unpruned adjacency with influence, masks, features and targets
     nodes.json                every node of the adjacency, with its index and whether it was kept
 
-Nodes carry the fields of circuit-tracer's frontend/graph_models.py Node; token text is its
-process_token's. Each file is written whole or not at all (forge/files.py). graph.py passes in the
-graph and what pruning found: nothing here imports it.
-"""
+Nodes carry the fields of circuit-tracer's frontend/graph_models.py Node, token text its
+process_token's."""
 
 import json
 import os
@@ -75,11 +73,11 @@ def load_explanations(path):
     return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
 
 
-def node_record(node_id, feature, layer, ctx_idx, feature_type, js_id):
+def node_record(node_id, feature, layer, ctx_idx, feature_type, js_id, **given):
     """A node in the fields of circuit-tracer's frontend/graph_models.py Node, defaults filled."""
     record = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="")
-    ids = dict(node_id=node_id, feature=feature, layer=layer, ctx_idx=ctx_idx)
-    return record | dict(activation=None) | ids | dict(feature_type=feature_type, jsNodeId=js_id)
+    ids = dict(activation=None, node_id=node_id, feature=feature, layer=layer, ctx_idx=ctx_idx)
+    return record | ids | dict(feature_type=feature_type, jsNodeId=js_id) | given
 
 
 def node_records(graph, enc, explanations, cumulative, infl):
@@ -88,36 +86,33 @@ def node_records(graph, enc, explanations, cumulative, infl):
     nodes = []
     for (l, p, f), a in zip(graph.feats.tolist(), graph.acts.tolist()):
         cantor = (l + f) * (l + f + 1) // 2 + f  # circuit-tracer's one number per (layer, id)
-        node = node_record(
-            f"{l}_{f}_{p}", cantor, str(l), p, "cross layer transcoder", f"{l}_{f}-0"
-        )
-        nodes.append(node | dict(activation=a, clerp=explanations.get((l, f), "")))  # PLTs too
-    for l in range(L):
-        for p in range(T):
-            kind = "mlp reconstruction error"
-            nodes.append(node_record(f"{l}_-1_{p}", -1, str(l), p, kind, f"{l}_{p}-0"))
+        kind = "cross layer transcoder"  # PLTs too: circuit-tracer's label
+        ids = (f"{l}_{f}_{p}", cantor, str(l), p, kind, f"{l}_{f}-0")
+        nodes.append(node_record(*ids, activation=a, clerp=explanations.get((l, f), "")))
+    kind = "mlp reconstruction error"
+    errors = [(l, p) for l in range(L) for p in range(T)]
+    nodes += [node_record(f"{l}_-1_{p}", -1, str(l), p, kind, f"{l}_{p}-0") for l, p in errors]
     for p, t in enumerate(graph.tokens):
-        node = node_record(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}")
-        nodes.append(node | dict(clerp=token_str(enc, t)))
+        ids = (f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}")
+        nodes.append(node_record(*ids, clerp=token_str(enc, t)))
     for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
-        node = node_record(f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}")
-        nodes.append(node | dict(clerp=f"position {p}"))
+        ids = (f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}")
+        nodes.append(node_record(*ids, clerp=f"position {p}"))
     labels = graph.target_labels or [""] * len(graph.logit_ids)
     logits = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
     for i, (t, prob, label) in enumerate(logits):
         text = label or f'Output "{token_str(enc, t)}" (p={prob:.3f})'
-        node = node_record(f"{L + 1}_{t}_{T - 1}", t, str(L + 1), T - 1, "logit", f"L_{t}-{T - 1}")
-        nodes.append(node | dict(token_prob=prob, is_target_logit=i == 0, clerp=text))
+        ids = (f"{L + 1}_{t}_{T - 1}", t, str(L + 1), T - 1, "logit", f"L_{t}-{T - 1}")
+        nodes.append(node_record(*ids, token_prob=prob, is_target_logit=i == 0, clerp=text))
     for node, c, r in zip(nodes, cumulative.tolist(), infl.tolist()):
         node.update(influence=c, influence_raw=r)
     return nodes
 
 
 def save_graph(graph, enc, cfg, pruned, scores, explanations):
-    """Write {slug}.json and graph-metadata.json (the front end), adjacency.safetensors and
-    nodes.json (the full graph) into cfg.out -> (kept nodes, links). pruned: prune's (node_mask,
-    edge_mask, cumulative influence, influence) on the CPU; scores: (replacement, completeness);
-    explanations: {(layer, feature): text}, the feature nodes' labels."""
+    """Write the folder cfg.out -> (kept nodes, links). pruned: prune's (node_mask, edge_mask,
+    cumulative, influence) on the CPU; scores: (replacement, completeness); explanations:
+    {(layer, feature): text}, the feature nodes' labels."""
     node_mask, edge_mask, cumulative, infl = pruned
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]
@@ -147,11 +142,9 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     tensors |= dict(features=graph.feats, activations=graph.acts)
     tensors |= dict(input_tokens=torch.tensor(graph.tokens), logit_tokens=graph.logit_ids)
     tensors |= dict(logit_probabilities=graph.logit_probs, target_vectors=graph.target_vectors)
-    floats = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+    tensors = {k: (t.float() if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
     with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
-        save_file(
-            {k: t.cpu().contiguous() for k, t in floats.items()}, tmp, metadata={"format": "pt"}
-        )
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=dict(format="pt"))
     table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
     write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     return len(kept), len(links)
