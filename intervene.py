@@ -12,8 +12,7 @@ Data flow:
         # LAYER/POS/FEATURE then =VALUE (set), *X (scale), +X (add) or :ablate
     python intervene.py intervene --intervene 3/-1/123:ablate --freeze all  # replacement model
     python intervene.py generate --intervene 3/-1/123+4 --every-token --max-new-tokens 20
-    tiny CPU run: python train.py (writes runs/clt), then
-        python intervene.py intervene --intervene 1/-1/3=4
+    tiny CPU run: python train.py, then python intervene.py intervene --intervene 1/-1/3=4
     one process only, no torchrun: a prompt's runs are a few forward passes
 
 Differences from circuit-tracer (its feature_intervention):
@@ -65,7 +64,7 @@ class Intervened(NamedTuple):
 
 
 # -----------------------------------------------------------------------------
-# interventions: the real model's view, or the replacement model's
+# interventions (the real model's view, or the replacement model's), and generation under them
 
 
 def intervene(
@@ -76,10 +75,10 @@ def intervene(
     freeze: str = "none",
     layers: Optional[tuple] = None,
 ) -> tuple:
-    """Change CLT features' activations and run the model: test a hypothesis read off a graph.
-
-    Each Intervention moves a feature's activation a (the CLT encoder's on the clean run, 0 if
-    silent) to a'; the MLP outputs it writes change by (a' - a) x its decoder writes.
+    """Change CLT features' activations and run the model -> (clean logits, intervened logits),
+    (T, V) each: test a hypothesis read off a graph. Each Intervention moves a feature's activation
+    a (the CLT encoder's on the clean run, 0 if silent) to a', changing the MLP outputs it writes
+    by (a' - a) x its decoder writes.
 
     Args:
         idx: (1, T) token ids, BOS first; interventions: [Intervention], each feature at most once.
@@ -87,8 +86,6 @@ def intervene(
             CLT features, respond); "attention": the patterns; "all": the replacement model's view
             (patterns, LayerNorm scales, MLP outputs; the skip live): ablating a graph's feature
             moves each logit node by minus its edge. layers: (start, end): only mlp_out[start:end].
-    Returns:
-        (clean logits (T, V), intervened logits (T, V)), every position of the prompt.
     """
     out = run_intervened(model, clt, idx, interventions, freeze, layers)
     return out.clean_logits, out.logits
@@ -106,12 +103,10 @@ def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -
     if freeze == "all":  # the replacement model: every MLP output held, plus the change
         fixed = clean.mlp_out[0] - clt.skip(mlp_in) + delta  # (T, L, d)
         logits, acts = replacement_forward(model, clt, idx, clean.frozen, fixed)
-    elif freeze == "attention":  # the clean run's attention patterns; LayerNorm and MLPs respond
-        L = len(model.h)
-        frozen = Frozen(clean.frozen.attn, [None] * L, [None] * L)
+    else:  # the real model, with the clean run's attention patterns if "attention"
+        none = [None] * len(model.h)
+        frozen = Frozen(clean.frozen.attn if freeze == "attention" else none, none, none)
         logits, acts = forward_with_mlp_change(model, idx, delta, frozen)
-    else:
-        logits, acts = forward_with_mlp_change(model, idx, delta)
     return Intervened(clean_logits[0], logits[0], clean, acts, old, new)
 
 
@@ -147,10 +142,6 @@ def forward_with_mlp_change(model, idx, delta, frozen=None):
 def add_to_output(change, module, inputs, out):
     """A forward hook: the module's output plus change."""
     return out + change
-
-
-# -----------------------------------------------------------------------------
-# generation under intervention
 
 
 @torch.no_grad()
@@ -211,9 +202,7 @@ def main(argv=None):
     print(asdict(cfg))
     model, clt, enc = graphcli.load(cfg, cfg.device, GPT.from_pretrained, load_transcoder)
     idx = graphcli.encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(cfg.device)
-    if command == "intervene" and not cfg.intervene.strip():
-        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
-    ivs = graphcli.parse_interventions(cfg.intervene, Intervention) if cfg.intervene else []
+    ivs = graphcli.parse_interventions(cfg.intervene, Intervention, command == "intervene")
     layers = graphcli.parse_layers(cfg.layers, clt.config.n_layers)
     if command == "intervene":
         out = run_intervened(model, clt, idx, ivs, cfg.freeze, layers)

@@ -175,11 +175,13 @@ NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 SPEC = re.compile(rf"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*({NUMBER})|:\s*(ablate))\s*")
 
 
-def parse_interventions(spec, make):
+def parse_interventions(spec, make, required=False):
     """Comma-separated LAYER/POS/FEATURE then =VALUE (set), *X (scale), +X (add) or :ablate, e.g.
-    "3/-1/123=5,0/2/7:ablate" -> [make(layer, pos, feature, mode, value)]."""
+    "3/-1/123=5,0/2/7:ablate" -> [make(layer, pos, feature, mode, value)] ([] for "")."""
+    if required and not spec.strip():
+        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
     out = []
-    for one in spec.split(","):
+    for one in spec.split(",") if spec else []:
         m = SPEC.fullmatch(one)
         if not m:
             forms = "LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate"
