@@ -187,12 +187,12 @@ def quantize_rows(x, dtype, channel=None):
     else:
         q = x.half() if dtype == "fp16" else x
         bits = None
-        err = q.float() - x  # (n, L, d); inf where x is beyond fp16's range
+        err = q.float() - x  # (n, L, d); 0 for fp32, inf where x is past fp16's range
     norm = torch.linalg.vector_norm(x, dim=-1).double()  # (n, L); inf/NaN if any element is
     err_sq = torch.linalg.vector_norm(err, dim=-1).double().pow(2)  # (n, L)
     if not (norm.isfinite().all() and err_sq.isfinite().all()):
-        fix = "no shard holding them is written: the model is broken (or use --dtype int8 or fp32)"
-        raise ValueError(f"non-finite activations (NaN/inf, or beyond fp16's range): {fix}")
+        fix = "the model is broken (fp16: use --dtype int8 or fp32); no shard with them is written"
+        raise ValueError(f"non-finite activations (NaN/inf, or past fp16's range): {fix}")
     return q, bits, norm, err_sq
 
 
