@@ -1,4 +1,6 @@
-"""The activation cache's files: the shard format, the manifest, and every check on them.
+"""The activation cache's files and the machinery around cache.py: the shard format, the manifest
+and every check on them, the verify/stats commands, the crc-checked shard reader, and the build's
+writer (what to rewrite on a resume, shard buffers, background writes, the manifest's totals).
 
 A shard file is a header and four sections, each on a 64-byte boundary (`shard_layout`):
     header   (32,) int64   [MAGIC, VERSION, dtype code, rows, L, d, off_in, off_out, off_scales,
