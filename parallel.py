@@ -1,25 +1,21 @@
 """
 parallel.py: the (dp, tp) mesh of torchrun's processes and every collective the project uses.
 
-Tensor parallelism (Megatron-style feature sharding, as in picotron's column/row-parallel pair):
-TP rank r of tp holds features [r·F/tp, (r+1)·F/tp) of every layer (W_enc columns, b_enc,
-thresholds, W_dec rows). It encodes locally, decodes a partial reconstruction, and one all-reduce
-over the TP group completes it; b_dec is replicated and added once, after the sum. TopK and
-BatchTopK select globally: local top-k, all-gather of the candidate values, one global choice.
-Data parallelism averages gradients over the DP group.
-
-Each collective returns at once when its group has one rank, so one process runs exactly the same
-code as many (picotron's tp_communications.py keeps the same shortcut inside every op). It is
-named parallel.py rather than dist.py because `dist` is everyone's alias of torch.distributed.
+Tensor parallelism (Megatron-style feature sharding, picotron's column/row-parallel pair): TP rank r
+holds features [r·F/tp, (r+1)·F/tp) of every layer (W_enc columns, b_enc, thresholds, W_dec rows),
+encodes them and decodes a partial reconstruction that one all-reduce over TP completes (b_dec,
+replicated, is added after the sum). TopK selects globally: local top-k, all-gather, one choice.
+DP averages gradients. Each collective returns at once on a one-rank group, so one process runs
+the same code as many (picotron's tp_communications.py). Not dist.py: `dist` is torch.distributed.
 """
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 
 @dataclass
@@ -38,12 +34,10 @@ def compute_init(device="auto", timeout_s=300):
     """-> (ddp, rank, local_rank, world_size, device); (False, 0, 0, 1, device) without torchrun."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available() if device == "auto" else str(device).startswith("cuda")
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if not dist.is_initialized():  # the timeout turns a crashed or stuck peer into an error
-            timeout = timedelta(seconds=timeout_s)
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    env = os.environ if ddp else dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1)
+    rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if ddp and not dist.is_initialized():  # the timeout turns a crashed or stuck peer into an error
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -53,13 +47,10 @@ def compute_init(device="auto", timeout_s=300):
 def make_mesh(ddp, world, tp, device):
     """The (dp, tp) mesh of torchrun's processes: ranks r·tp .. r·tp + tp − 1 form TP group r."""
     if tp < 1 or world % tp:
-        raise ValueError(
-            f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)"
-        )
+        msg = f"--tp {tp} must divide the world size {world} (torchrun --nproc_per_node)"
+        raise ValueError(msg)
     if not ddp:
         return Mesh()
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
     dp_rank, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
     return Mesh(world // tp, tp, dp_rank, tp_rank, mesh.get_group("dp"), mesh.get_group("tp"))
@@ -136,40 +127,19 @@ def global_topk(vals, k, group):
 
 
 def average_gradients(params, group):
-    """The gradients' mean over the DP `group`, in ONE flat all-reduce (DDP's bucket, without DDP);
-    runs after the backward."""
-    n = group_size(group)
-    if n == 1:
+    """After the backward: the mean gradient over `group` in ONE flat all-reduce (DDP's bucket)."""
+    if group_size(group) == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), group) / n
+    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), group) / group_size(group)
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(chunk.view_as(g))
 
 
-def mesh_sum(tensors, mesh):
+def mesh_sum(tensors):
     """forward only: {name: tensor} -> {name: float64 tensor}, each summed over every rank of the
     (dp, tp) mesh in ONE flat all-reduce: a training step's bookkeeping in one collective."""
     flat = torch.cat([t.detach().double().flatten() for t in tensors.values()])
-    if mesh.dp * mesh.tp > 1 and dist.is_initialized():  # the mesh spans the world (make_mesh)
-        dist.all_reduce(flat)
+    all_reduce_sum(flat, dist.group.WORLD)  # the (dp, tp) mesh spans the world (make_mesh)
     pieces = flat.split([t.numel() for t in tensors.values()])
     return {name: p.view(t.shape) for (name, t), p in zip(tensors.items(), pieces)}
-
-
-def check_same_everywhere(text, what, device):
-    """Refuse to go on unless every rank holds the same `text` (its command line, its data's
-    manifest): one all-gather of sha256 digests. Every rank raises, naming the ranks that differ."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    digest = torch.tensor(
-        list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8, device=device
-    )
-    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(digests, digest)
-    differ = [r for r, other in enumerate(digests) if not torch.equal(other, digests[0])]
-    if differ:
-        raise ValueError(
-            f"ranks {differ} have another {what} than rank 0: every node must run the same command "
-            "on the same cache (a shared filesystem, or the same bytes at the same path)"
-        )

@@ -1,4 +1,4 @@
-"""train.py's armour: the run folder, the resume contract, checkpoints, the export, refusals.
+"""train.py's armour: the run's inputs, the resume contract, checkpoints, the export, refusals.
 
 A run is its --out folder, which may be moved or copied (the command line's --out is where it
 resumes and writes): checkpoints/latest.json names the last complete checkpoint. On --resume the
@@ -15,10 +15,13 @@ the first step (a new run killed before its first checkpoint can never resume as
 A checkpoint: a safetensors shard per TP rank (weights, Adam moments, the dead-feature clocks) and
 latest.json (configs, step, RNG, data position, last metrics), each fsynced and renamed into place:
 it exists once latest.json does. The export is circuit-tracer's layout; training.json, written
-last, names its export id. Nothing here imports the spine: train.py passes in what is needed.
+last, names its export id. Every rank must be given the same flags and the same cache (a shared
+filesystem, or a copy at the same path). Nothing here imports the spine: train.py passes it in.
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -33,7 +36,9 @@ from safetensors.torch import load_file
 
 from forge.cli import add_config_args
 from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
+from forge.hub import load_tokenizer
 from forge.runlog import step_line
+from forge.shards import MANIFEST
 
 INVOCATION = "out resume overwrite stop_at device timeout_s".split()  # this command line's
 CHANGEABLE = "cache model steps eval_every eval_contexts log_every ckpt_every wandb".split()
@@ -108,12 +113,77 @@ def read_meta(out):
 
 
 # -----------------------------------------------------------------------------
+# the run's inputs: the cache, the GPT that made it, its held-out contexts
+
+
+def default_cache_missing(path, default):
+    """Is `path` the default cache, not built yet (then train.py builds it)? Another is refused."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return False
+    if os.path.normpath(path) != os.path.normpath(default) or dist.is_initialized():
+        build = f"python cache.py build --model models/tiny --corpus toy --out {path}"
+        raise FileNotFoundError(f"no activation cache at {path}: build one first, e.g.\n  {build}")
+    return True
+
+
+def eval_inputs(c, cache, load_gpt, device):
+    """The GPT of the spliced loss, refused unless it made the cache (shape and weights), and the
+    held-out contexts; (None, None) without evaluation or --model."""
+    if c.eval_every <= 0 and not c.model:
+        return None, None
+    name = c.model or cache.manifest["model"]
+    gpt = load_gpt(name).to(device)
+    L, d = gpt.config.n_layer, gpt.config.n_embd
+    if (L, d) != (cache.n_layers, cache.d_model):
+        shapes = f"has L={cache.n_layers}, d={cache.d_model} but the model {name} has L={L}, d={d}"
+        raise ValueError(f"the cache {c.cache} {shapes}")
+    sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")
+    check_same_model(gpt, sha256, f"the cache {c.cache}")
+    if c.eval_every <= 0:
+        return gpt, None
+    bos = load_tokenizer(gpt.name_or_path).eot_token
+    return gpt, heldout_contexts(cache, c.eval_contexts, bos).to(device)
+
+
+def heldout_contexts(cache, n, bos):
+    """Whole held-out contexts (n, ctx) rebuilt from the cache's held-out rows: each context stored
+    ctx − 1 consecutive rows (positions 1..ctx−1; its BOS was dropped), so we put the BOS back."""
+    m = cache.manifest
+    lo, hi = cache.split_range("heldout")
+    R = m["ctx"] - (0 if m["keep_bos"] else 1)
+    n = min(n, (hi - lo) // R)
+    if n == 0:
+        msg = f"the cache has no held-out context (heldout rows {lo}..{hi})"
+        raise ValueError(f"{msg}: build it with --heldout > 0")
+    _, _, tokens, _, pos = cache.read(lo, lo + n * R)
+    tokens, pos = tokens.view(n, R), pos.view(n, R)  # (n, R)
+    if not (pos == pos[0]).all() or pos[0, -1] != m["ctx"] - 1:
+        positions = f"(positions {pos[0].tolist()[:8]}...)"
+        raise ValueError(f"held-out rows of {cache.path} are not whole contexts {positions}")
+    if m["keep_bos"]:
+        return tokens
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)  # (n, ctx)
+
+
+# -----------------------------------------------------------------------------
 # what a run refuses
 
 
-def check_resume(c, meta, world, manifest):
-    """A checkpoint resumes on the mesh that wrote it (its --tp is the run's, dp = world / tp), and
-    reads the cache it was trained on (which may have moved): the same identity."""
+def check_resume(c, meta, world, manifest, device):
+    """Every rank holds the same flags and cache manifest (one all-gather of sha256 digests: every
+    rank raises, naming the ranks that differ); a checkpoint resumes on the mesh that wrote it (its
+    --tp, dp = world / tp) and on the cache it was trained on (maybe moved): the same identity."""
+    if dist.is_initialized():
+        text = json.dumps([asdict(c), manifest], sort_keys=True).encode()
+        digest = torch.tensor(list(hashlib.sha256(text).digest()), device=device)  # (32,)
+        digests = [torch.empty_like(digest) for _ in range(world)]
+        dist.all_gather(digests, digest)
+        if differ := [r for r, other in enumerate(digests) if not torch.equal(other, digests[0])]:
+            same = "the same cache (a shared filesystem, or the same bytes at the same path)"
+            raise ValueError(
+                f"ranks {differ} have another command line or cache than rank 0: every node must "
+                f"run the same command on {same}"
+            )
     if meta is None:
         return
     dp, tp = meta["mesh"]
@@ -160,28 +230,17 @@ def check_flags(c, cache, mesh):
         raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb")
 
 
-def check_cache_model(c, cache, gpt):
-    """The GPT of the spliced loss must be the model the cache was made from: shape and weights."""
-    L, d = gpt.config.n_layer, gpt.config.n_embd
-    if (L, d) != (cache.n_layers, cache.d_model):
-        raise ValueError(
-            f"the cache {c.cache} has L={cache.n_layers}, d={cache.d_model} but the model "
-            f"{c.model or cache.manifest['model']} has L={L}, d={d}"
-        )
-    sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")
-    check_same_model(gpt, sha256, f"the cache {c.cache}")
-
-
 def check_finite(m, step, out, terms):
     """Raise at a sync step (before its update and before every checkpoint, so no checkpoint holds
-    weights after it) if any step since the last one had a non-finite loss (m["first_bad"] >= 0)."""
-    if m["first_bad"] < 0:
+    weights after it) if any step since the last one had a non-finite loss; pops m["first_bad"]."""
+    first_bad = m.pop("first_bad")
+    if first_bad < 0:
         return
     bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
     values = {k: m[k] for k in terms}
     where = os.path.join(out, CKPT_DIR)
     raise FloatingPointError(
-        f"non-finite loss {m['loss']} at step {int(m['first_bad'])} (layers {bad or 'none'} have "
+        f"non-finite loss {m['loss']} at step {int(first_bad)} (layers {bad or 'none'} have "
         f"a non-finite reconstruction error at step {step}; terms {values}); the last good "
         f"checkpoint is in {where}: lower --lr or resume from it"
     )
@@ -191,12 +250,12 @@ def check_finite(m, step, out, terms):
 # the run folder and its checkpoints: one safetensors shard per TP rank + latest.json
 
 
-def resume_or_claim(c, meta, clt, opt, state, mesh, master, manifest):
+def resume_or_claim(c, meta, clt, opt, state, mesh, master, cache):
     """-> (the last metrics, the run's identity: its wandb id and its cache's). A resumed run: the
     checkpoint's weights, Adam moments and loop state into clt, opt and state. A new run: --out
     claimed (claim_out)."""
     run_id = (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]  # resumed: the same wandb run
-    ids = dict(wandb_id=run_id if c.wandb else None, cache_identity=manifest.get("identity"))
+    ids = dict(wandb_id=run_id if c.wandb else None, cache_identity=cache.manifest.get("identity"))
     if meta is None:
         claim_out(c, master)
         return {}, ids
@@ -316,3 +375,17 @@ def export_is_whole(c, clt, mesh):
         return False
     ours = export_id is not None and done.get("export_id") == export_id
     return ours and done.get("step") == c.steps
+
+
+@contextlib.contextmanager
+def explained_timeouts(timeout_s):
+    """A collective that timed out (gloo: "Timed out waiting ...", NCCL's watchdog: "timeout") is
+    re-raised saying what that means."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not any(w in str(e).lower() for w in ("timed out", "timeout")):
+            raise
+        waited = f"a collective waited longer than --timeout-s {timeout_s}"
+        why = "another rank crashed or is stuck (torchrun names it below)"
+        raise RuntimeError(f"rank {os.environ.get('RANK', 0)}: {waited}: {why}") from e

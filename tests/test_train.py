@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import cache as cache_lib
 import train as T
 from clt import CLTConfig, CrossLayerTranscoder, JumpReLUFunction
+from forge import checkpoint
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, bytes_to_unicode
 from model import GPT, GPTConfig
 from parallel import Mesh
@@ -264,7 +265,7 @@ def test_a_loss_term_registered_in_LOSSES_alone_is_trained_and_logged(small_cach
 def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
     cache = cache_lib.ActivationCache(small_cache)
     gpt = GPT.from_pretrained(cache.manifest["model"])
-    contexts = T.heldout_contexts(cache, 4, bos=256)
+    contexts = checkpoint.heldout_contexts(cache, 4, bos=256)
     assert contexts.shape == (4, 32) and (contexts[:, 0] == 256).all()
 
     class Stub(torch.nn.Module):  # stands in for a CLT: the true MLPs, scaled by s
