@@ -1,5 +1,7 @@
 """Shared fixtures: a small random GPT-2 in the hub layout with a byte-level tokenizer, made the way
-tiny.py makes the shipped one (toyworld.save_tokenizer), so tests read as what they check."""
+models/build_tiny.py makes the shipped one (toyworld.save_tokenizer), so tests read as what they
+check."""
+
 import pytest
 import torch
 
@@ -13,7 +15,8 @@ def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merg
     `path` -> (model in eval mode, tiktoken Encoding). The vocabulary is exactly the tokenizer's."""
     torch.manual_seed(seed)
     vocab_size = 256 + len(merges) + 1
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx, vocab_size=vocab_size))
+    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx)
+    model = GPT(GPTConfig(**shape, vocab_size=vocab_size))
     model.save_pretrained(path)
     toyworld.save_tokenizer(path, list(merges))
     return model.eval(), load_tokenizer(str(path))

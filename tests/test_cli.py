@@ -1,6 +1,7 @@
 """`python X.py --help` exits 0 and prints a usage for every script (and every subcommand): the first
 thing a new user types. Each script runs as __main__ in this process (runpy), as `python X.py` would run
 it, without paying a fresh interpreter and torch import per script."""
+
 import os
 import runpy
 import sys
@@ -8,8 +9,13 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["model.py", "models/build_tiny.py", "cache.py", "train.py", "interp.py", "graph.py", "viz.py", "demo.py", *(f"experiments/{n}.py" for n in ("cache", "graph", "two_hop", "vs_circuit_tracer", "interp", "train", "dist", "compactness", "scale", "gpu", "recovery", "faithfulness"))]
-SUBCOMMANDS = ["model.py generate", "intervene.py intervene", "intervene.py generate", "viz.py graph", "viz.py features", "viz.py train"]
+SCRIPTS = ["model.py", "models/build_tiny.py", "cache.py", "train.py", "interp.py", "graph.py"]
+SCRIPTS += ["viz.py", "demo.py"]
+EXPERIMENTS = ["cache", "graph", "two_hop", "vs_circuit_tracer", "interp", "train", "dist"]
+EXPERIMENTS += ["compactness", "scale", "gpu", "recovery", "faithfulness"]
+SCRIPTS += [f"experiments/{n}.py" for n in EXPERIMENTS]
+SUBCOMMANDS = ["model.py generate", "intervene.py intervene", "intervene.py generate"]
+SUBCOMMANDS += ["viz.py graph", "viz.py features", "viz.py train"]
 
 
 @pytest.mark.parametrize("command", SCRIPTS + SUBCOMMANDS)

@@ -1,5 +1,6 @@
 """The README's main job, end to end at reduced size: cache -> train -> interp -> graph -> pictures;
 and the demo's last lines, which name only files that were written."""
+
 import json
 import os
 import shutil
@@ -13,11 +14,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_small_runs_end_to_end(tmp_path):
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--small", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    command = [sys.executable, os.path.join(ROOT, "demo.py"), "--small", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for path in ["cache/manifest.json", "clt/config.json", "clt/metrics.jsonl", "interp/features.jsonl",
-                 "interp/html/index.html", "graph/graph.json", "graph/graph.html", "clt/plots/frontier.png"]:
+    for path in [
+        "cache/manifest.json",
+        "clt/config.json",
+        "clt/metrics.jsonl",
+        "interp/features.jsonl",
+        "interp/html/index.html",
+        "graph/graph.json",
+        "graph/graph.html",
+        "clt/plots/frontier.png",
+    ]:
         assert (out / path).exists(), path
     graph = json.loads((out / "graph" / "graph.json").read_text())
     assert any(n["feature_type"] == "logit" for n in graph["nodes"]) and graph["links"]
@@ -35,11 +44,13 @@ def test_report_names_only_what_was_written(tmp_path):
     (tmp_path / "interp" / "html" / "index.html").write_text("<p>index</p>")
     without_dot = "\n".join(demo.report(str(tmp_path)))
     assert "graph.png" not in without_dot and "apt-get install graphviz" in without_dot
-    assert "index.html" in without_dot and "plots" not in without_dot  # no training curves were drawn
+    # no training curves were drawn
+    assert "index.html" in without_dot and "plots" not in without_dot
     (tmp_path / "graph" / "graph.png").write_bytes(b"png")
     with_dot = demo.report(str(tmp_path))
-    assert with_dot[0] == f"attribution graph: {tmp_path / 'graph' / 'graph.png'} " \
-                          f"(linked page: {tmp_path / 'graph' / 'graph.html'})"
+    png = tmp_path / "graph" / "graph.png"
+    html = tmp_path / "graph" / "graph.html"
+    assert with_dot[0] == f"attribution graph: {png} (linked page: {html})"
 
 
 def test_small_sizes_yield_to_explicit_flags():

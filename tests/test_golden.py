@@ -9,6 +9,7 @@ that commit: GPT was clt.GPT). Do not re-record it with new
 code: that would only compare the new code with itself. Every test works on tmp_path copies and never
 writes into tests/golden.
 """
+
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ from model import GPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
-MODEL = os.path.join(os.path.dirname(HERE), "models", "tiny")  # the embedded model the artifacts were made of
+# the embedded model the artifacts were made of
+MODEL = os.path.join(os.path.dirname(HERE), "models", "tiny")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,9 +57,10 @@ def copy_golden(tmp, *names):
 
 
 def check(found, expected, rel=1e-5, abs_=1e-5, where=""):
-    """found == expected: ints, strings, bools and None exactly, floats (also in lists and dicts) to rel/abs."""
+    """found == expected: floats (also in lists and dicts) to rel/abs, anything else exactly."""
     if isinstance(expected, dict):
-        assert isinstance(found, dict) and sorted(found) == sorted(expected), f"{where}: keys {sorted(found)}"
+        assert isinstance(found, dict), f"{where}: {found!r} is not a dict"
+        assert sorted(found) == sorted(expected), f"{where}: keys {sorted(found)}"
         for k in expected:
             check(found[k], expected[k], rel, abs_, f"{where}.{k}")
     elif isinstance(expected, (list, tuple)):
@@ -65,9 +68,11 @@ def check(found, expected, rel=1e-5, abs_=1e-5, where=""):
         for i, (f, e) in enumerate(zip(found, expected)):
             check(f, e, rel, abs_, f"{where}[{i}]")
     elif isinstance(expected, float):
-        assert found == pytest.approx(expected, rel=rel, abs=abs_), f"{where}: {found} != {expected}"
+        approx = pytest.approx(expected, rel=rel, abs=abs_)
+        assert found == approx, f"{where}: {found} != {expected}"
     else:
-        assert found == expected and type(found) is type(expected), f"{where}: {found!r} != {expected!r}"
+        assert type(found) is type(expected), f"{where}: {found!r} != {expected!r}"
+        assert found == expected, f"{where}: {found!r} != {expected!r}"
 
 
 # -----------------------------------------------------------------------------
@@ -89,15 +94,27 @@ def observe_cache(path, model):
     held_in = torch.cat([ch[0] for ch in heldout])
     batches = list(c.batches(64, seed=0, epochs=1))
     return dict(
-        problems=K.verify(path), n_tokens=c.n_tokens, dtype=c.dtype, shape=[c.n_layers, c.d_model],
-        n_shards=len(c.manifest["shards"]), heldout=[int(lo), int(hi)],
+        problems=K.verify(path),
+        n_tokens=c.n_tokens,
+        dtype=c.dtype,
+        shape=[c.n_layers, c.d_model],
+        n_shards=len(c.manifest["shards"]),
+        heldout=[int(lo), int(hi)],
         heldout_same_as_read=bool(torch.equal(held_in, mlp_in[lo:hi])),
-        in_sum=float(mlp_in.double().sum()), in_abs=float(mlp_in.double().abs().sum()),
-        out_sum=float(mlp_out.double().sum()), out_abs=float(mlp_out.double().abs().sum()),
-        in_first=mlp_in[0, 0, :4].tolist(), out_last=mlp_out[-1, -1, -4:].tolist(),
-        tokens_head=tokens[:10].tolist(), tokens_sum=int(tokens.sum()), docs_sum=int(docs.sum()),
-        pos_sum=int(pos.sum()), norm_in=c.norm_in.tolist(),
-        batch_heads=[b.ids[:6].tolist() for b in batches], batch_sums=[int(b.ids.sum()) for b in batches])
+        in_sum=float(mlp_in.double().sum()),
+        in_abs=float(mlp_in.double().abs().sum()),
+        out_sum=float(mlp_out.double().sum()),
+        out_abs=float(mlp_out.double().abs().sum()),
+        in_first=mlp_in[0, 0, :4].tolist(),
+        out_last=mlp_out[-1, -1, -4:].tolist(),
+        tokens_head=tokens[:10].tolist(),
+        tokens_sum=int(tokens.sum()),
+        docs_sum=int(docs.sum()),
+        pos_sum=int(pos.sum()),
+        norm_in=c.norm_in.tolist(),
+        batch_heads=[b.ids[:6].tolist() for b in batches],
+        batch_sums=[int(b.ids.sum()) for b in batches],
+    )
 
 
 @torch.no_grad()
@@ -105,24 +122,35 @@ def observe_transcoder(t):
     c = t.config
     x = probe(c)
     acts, recon = t(x)
+    config = [c.n_layers, c.d_model, c.n_features, c.activation, c.decoder, c.skip, c.model_sha256]
     return dict(
-        config=[c.n_layers, c.d_model, c.n_features, c.activation, c.decoder, c.skip, c.model_sha256],
-        l0=int((acts > 0).sum()), acts_sum=float(acts.double().sum()), acts_max=float(acts.max()),
-        recon_sum=float(recon.double().sum()), recon_abs=float(recon.double().abs().sum()),
-        recon_first=recon[0, 0, :4].tolist(), recon_last=recon[-1, -1, -4:].tolist(),
-        decoder_norms=float(t.decoder_norms().double().sum()))
+        config=config,
+        l0=int((acts > 0).sum()),
+        acts_sum=float(acts.double().sum()),
+        acts_max=float(acts.max()),
+        recon_sum=float(recon.double().sum()),
+        recon_abs=float(recon.double().abs().sum()),
+        recon_first=recon[0, 0, :4].tolist(),
+        recon_last=recon[-1, -1, -4:].tolist(),
+        decoder_norms=float(t.decoder_norms().double().sum()),
+    )
 
 
 def observe_graph(path):
     g = V.load_graph(path)
     info = g["metadata"]["info"]
     return dict(
-        n_nodes=len(g["nodes"]), n_links=len(g["links"]), node_ids=sorted(n["node_id"] for n in g["nodes"]),
-        types=sorted(n["feature_type"] for n in g["nodes"]), prompt=g["metadata"]["prompt"],
-        prompt_tokens=g["metadata"]["prompt_tokens"], targets=info["targets"],
+        n_nodes=len(g["nodes"]),
+        n_links=len(g["links"]),
+        node_ids=sorted(n["node_id"] for n in g["nodes"]),
+        types=sorted(n["feature_type"] for n in g["nodes"]),
+        prompt=g["metadata"]["prompt"],
+        prompt_tokens=g["metadata"]["prompt_tokens"],
+        targets=info["targets"],
         scores=[info["replacement_score"], info["completeness_score"]],
         link_weights=float(sum(l["weight"] for l in g["links"])),
-        link_abs=float(sum(abs(l["weight"]) for l in g["links"])))
+        link_abs=float(sum(abs(l["weight"]) for l in g["links"])),
+    )
 
 
 def observe_interp(path):
@@ -133,10 +161,15 @@ def observe_interp(path):
     explanations = G.load_explanations(path)
     live = [r for r in rows if r["n_fires"] > 0]
     return dict(
-        n_features=len(rows), n_live=len(live), n_fires=sum(r["n_fires"] for r in rows),
-        n_explanations=len(explanations), first_live=[live[0]["layer"], live[0]["feature"]],
+        n_features=len(rows),
+        n_live=len(live),
+        n_fires=sum(r["n_fires"] for r in rows),
+        n_explanations=len(explanations),
+        first_live=[live[0]["layer"], live[0]["feature"]],
         first_explanation=explanations[live[0]["layer"], live[0]["feature"]],
-        per_layer=summary["per_layer"], headline=summary["concepts"]["share_recovered"])
+        per_layer=summary["per_layer"],
+        headline=summary["concepts"]["share_recovered"],
+    )
 
 
 def observe_resume(run, cache_dir):
@@ -146,14 +179,20 @@ def observe_resume(run, cache_dir):
         step = json.load(f)["step"]
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return dict(step=step, steps=[r["step"] for r in rows], loss=[r["loss"] for r in rows[-2:]],
-                fvu=rows[-1]["fvu"], export=observe_transcoder(C.CrossLayerTranscoder.from_pretrained(run)))
+    return dict(
+        step=step,
+        steps=[r["step"] for r in rows],
+        loss=[r["loss"] for r in rows[-2:]],
+        fvu=rows[-1]["fvu"],
+        export=observe_transcoder(C.CrossLayerTranscoder.from_pretrained(run)),
+    )
 
 
 # -----------------------------------------------------------------------------
 # numbers the old code read from tests/golden (see the module docstring)
 
 MODEL_SHA = "09996dbcc56a731510792316b7d85acf9f07cad3fe4bf928c12699f2eaa062b1"
+# fmt: off
 EXPECTED = {'cache': {'problems': [],
                       'n_tokens': 320,
                       'dtype': 'int8',
@@ -301,6 +340,7 @@ EXPECTED = {'cache': {'problems': [],
                                   'recon_last': [-5.518954277038574, 1.1498056650161743, 1.724505066871643, 2.1177620887756348],
                                   'decoder_norms': 188.80976343154907}},
             'graph_features': 2}
+# fmt: on
 
 # -----------------------------------------------------------------------------
 # the tests
@@ -309,7 +349,8 @@ EXPECTED = {'cache': {'problems': [],
 def test_activation_cache_opens_verifies_and_reads_the_same_rows(gpt, tmp_path):
     (path,) = copy_golden(tmp_path, "cache")
     check(observe_cache(path, gpt), EXPECTED["cache"], rel=1e-6, where="cache")
-    with open(os.path.join(path, "shard_00001.bin"), "r+b") as f:  # the checks still bite on old files
+    # the checks still bite on old files
+    with open(os.path.join(path, "shard_00001.bin"), "r+b") as f:
         f.seek(-100, os.SEEK_END)
         byte = f.read(1)
         f.seek(-100, os.SEEK_END)
@@ -325,7 +366,8 @@ def test_clt_export_loads_and_computes_the_same(gpt):
 
 
 def test_circuit_tracer_export_loads_and_matches_the_clt(gpt):
-    ct = C.load_transcoder(os.path.join(GOLDEN, "circuit_tracer"), gpt)  # config.yaml: from_circuit_tracer
+    # config.yaml: from_circuit_tracer
+    ct = C.load_transcoder(os.path.join(GOLDEN, "circuit_tracer"), gpt)
     check(observe_transcoder(ct), EXPECTED["circuit_tracer"], where="circuit_tracer")
     native = C.load_transcoder(os.path.join(GOLDEN, "run"), gpt)
     with torch.no_grad():
@@ -336,10 +378,12 @@ def test_circuit_tracer_export_loads_and_matches_the_clt(gpt):
 
 
 def test_checkpoint_resumes_two_more_steps_from_a_moved_copy(tmp_path):
-    run, cache_dir = copy_golden(tmp_path, "run", "cache")  # the checkpoint names runs/golden/cache: moved
+    # the checkpoint names runs/golden/cache: moved
+    run, cache_dir = copy_golden(tmp_path, "run", "cache")
     with open(os.path.join(run, "checkpoints", "latest.json")) as f:
         meta = json.load(f)
-    assert (meta["step"], meta["train_config"]["features"], meta["clt_config"]["model_sha256"]) == (20, 16, MODEL_SHA)
+    assert meta["step"] == 20 and meta["train_config"]["features"] == 16
+    assert meta["clt_config"]["model_sha256"] == MODEL_SHA
     assert [r["step"] for r in V.load_metrics(run)] == list(range(20))
     found = observe_resume(run, cache_dir)
     check(found, EXPECTED["resume"], rel=1e-4, abs_=1e-5, where="resume")
@@ -348,26 +392,29 @@ def test_checkpoint_resumes_two_more_steps_from_a_moved_copy(tmp_path):
 
 
 def test_graph_json_loads_and_draws(tmp_path):
-    check(observe_graph(os.path.join(GOLDEN, "graph", "graph.json")), EXPECTED["graph"], where="graph")
+    path = os.path.join(GOLDEN, "graph", "graph.json")
+    check(observe_graph(path), EXPECTED["graph"], where="graph")
     # the full adjacency and its node table agree with the pruned graph
-    g = V.load_graph(os.path.join(GOLDEN, "graph", "graph.json"))
+    g = V.load_graph(path)
     tensors = load_file(os.path.join(GOLDEN, "graph", "adjacency.safetensors"))
     with open(os.path.join(GOLDEN, "graph", "nodes.json")) as f:
         table = json.load(f)["nodes"]
     n = len(table)
     assert tensors["adjacency"].shape == (n, n) and tensors["node_mask"].shape == (n,)
-    assert sorted(r["node_id"] for r in table if r["kept"]) == sorted(nd["node_id"] for nd in g["nodes"])
+    kept = sorted(r["node_id"] for r in table if r["kept"])
+    assert kept == sorted(nd["node_id"] for nd in g["nodes"])
     assert int(tensors["node_mask"].sum()) == len(g["nodes"])
     # viz.py graph draws it (the interp folder beside it, as demo.py lays them out)
     graph_dir, _ = copy_golden(tmp_path, "graph", "interp")
     V.main(["graph", os.path.join(graph_dir, "graph.json")])
-    assert os.path.isfile(os.path.join(graph_dir, "graph.html")) and os.path.isfile(os.path.join(graph_dir, "graph.dot"))
+    assert os.path.isfile(os.path.join(graph_dir, "graph.html"))
+    assert os.path.isfile(os.path.join(graph_dir, "graph.dot"))
     features = sorted(os.listdir(os.path.join(graph_dir, "features")))
     assert len(features) == EXPECTED["graph_features"]
     if shutil.which("dot"):
         assert os.path.getsize(os.path.join(graph_dir, "graph.svg")) > 0
-    assert set(os.listdir(os.path.join(GOLDEN, "graph"))) == {"adjacency.safetensors", "graph-metadata.json",
-                                                              "graph.json", "nodes.json"}
+    files = {"adjacency.safetensors", "graph-metadata.json", "graph.json", "nodes.json"}
+    assert set(os.listdir(os.path.join(GOLDEN, "graph"))) == files
 
 
 def test_interp_output_loads_and_draws(tmp_path):
@@ -379,7 +426,8 @@ def test_interp_output_loads_and_draws(tmp_path):
     with open(os.path.join(interp, "features.jsonl")) as f:
         live = [(r["layer"], r["feature"]) for r in map(json.loads, f) if r["n_fires"] > 0]
     for layer, feature in live:
-        assert os.path.isfile(os.path.join(html, V.feature_page_name(layer, feature))), (layer, feature)
+        page = os.path.join(html, V.feature_page_name(layer, feature))
+        assert os.path.isfile(page), (layer, feature)
     assert not os.path.exists(os.path.join(GOLDEN, "interp", "html"))
 
 
@@ -390,11 +438,15 @@ def test_interp_output_loads_and_draws(tmp_path):
 def record():
     torch.set_num_threads(1)
     model = GPT.from_pretrained(MODEL)
-    out = dict(cache=observe_cache(os.path.join(GOLDEN, "cache"), model),
-               clt=observe_transcoder(C.load_transcoder(os.path.join(GOLDEN, "run"), model)),
-               circuit_tracer=observe_transcoder(C.load_transcoder(os.path.join(GOLDEN, "circuit_tracer"), model)),
-               graph=observe_graph(os.path.join(GOLDEN, "graph", "graph.json")),
-               interp=observe_interp(os.path.join(GOLDEN, "interp")))
+    clt = C.load_transcoder(os.path.join(GOLDEN, "run"), model)
+    circuit_tracer = C.load_transcoder(os.path.join(GOLDEN, "circuit_tracer"), model)
+    out = dict(
+        cache=observe_cache(os.path.join(GOLDEN, "cache"), model),
+        clt=observe_transcoder(clt),
+        circuit_tracer=observe_transcoder(circuit_tracer),
+        graph=observe_graph(os.path.join(GOLDEN, "graph", "graph.json")),
+        interp=observe_interp(os.path.join(GOLDEN, "interp")),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         run, cache_dir = copy_golden(tmp, "run", "cache")
         out["resume"] = observe_resume(run, cache_dir)
@@ -407,6 +459,7 @@ def record():
 if __name__ == "__main__":
     import contextlib
     import pprint
+
     with contextlib.redirect_stdout(sys.stderr):  # the scripts' own prints
         expected = record()
     print("recorded with", C.__file__, file=sys.stderr)

@@ -1,4 +1,6 @@
-"""forge/toyworld.py and models/build_tiny.py: the toy world, its corpus and labels, the BPE tokenizer, and the shipped models/tiny."""
+"""forge/toyworld.py and models/build_tiny.py: the toy world, its corpus and labels, the BPE
+tokenizer, and the shipped models/tiny."""
+
 import json
 import os
 import random
@@ -8,13 +10,13 @@ import pytest
 import torch
 
 from forge import toyworld
-from models import build_tiny
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
+from models import build_tiny
 
 TINY = DEFAULT_MODEL
-shipped = pytest.mark.skipif(not os.path.exists(os.path.join(TINY, "model.safetensors")),
-                             reason="models/tiny not built")
+built = os.path.exists(os.path.join(TINY, "model.safetensors"))
+shipped = pytest.mark.skipif(not built, reason="models/tiny not built")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,8 @@ def enc(world, tmp_path_factory):
     if os.path.exists(os.path.join(TINY, "vocab.json")):
         return load_tokenizer(TINY)
     path = tmp_path_factory.mktemp("tok")
-    toyworld.save_tokenizer(path, toyworld.train_bpe(toyworld.make_corpus(world, 1000, seed=0), max_merges=500)[0])
+    merges, _ = toyworld.train_bpe(toyworld.make_corpus(world, 1000, seed=0), max_merges=500)
+    toyworld.save_tokenizer(path, merges)
     return load_tokenizer(path)
 
 
@@ -47,10 +50,12 @@ def test_world_is_consistent(world):
     names = [n for items in world.names().values() for n in items]
     assert len(names) == len(set(names)), "a name stands for two things"
     for p in world.people:
-        assert p["home"] in world.lookup["city"] and p["friend"] in world.lookup["person"] and p["friend"] != p["name"]
+        assert p["home"] in world.lookup["city"] and p["friend"] in world.lookup["person"]
+        assert p["friend"] != p["name"]
     for c in world.countries:
         assert world.lookup["city"][c["capital"]]["country"] == c["name"]
-    assert len(world.heldout_people) == 20 and set(world.heldout_people) <= set(world.lookup["person"])
+    assert len(world.heldout_people) == 20
+    assert set(world.heldout_people) <= set(world.lookup["person"])
 
 
 def test_heldout_is_never_trained(world):
@@ -60,13 +65,15 @@ def test_heldout_is_never_trained(world):
         if len(templates) > 1:
             held = toyworld.template_regex(templates[toyworld.HELDOUT], world)
             assert not held.search(text), f"held-out template of {relation} occurs in training"
-    two_hop = [toyworld.template_regex(t, world) for r in toyworld.TWO_HOP for t in toyworld.TEMPLATES[r]]
+    templates = [t for r in toyworld.TWO_HOP for t in toyworld.TEMPLATES[r]]
+    two_hop = [toyworld.template_regex(t, world) for t in templates]
     for doc in docs:
         for rx in two_hop:
             for m in rx.finditer(doc):
                 assert m.group("person__0") not in world.heldout_people, doc
     counting = [d for d in docs if d.startswith("Counting:")]
-    assert counting and not any(toyworld.is_heldout_start(int(d.split()[1].rstrip(","))) for d in counting)
+    starts = [int(d.split()[1].rstrip(",")) for d in counting]
+    assert counting and not any(toyworld.is_heldout_start(n) for n in starts)
 
 
 def test_shipped_world_is_the_generated_one(world):
@@ -105,7 +112,8 @@ def test_labels_match_templates(world, enc):
                 assert {f"entity:{answer}", "role:answer"} <= labs, (text, labs)
             s = text.index(subject)
             for labs in labels_of(text, enc, world, (s, s + len(subject))):
-                assert {f"entity:{subject}", "role:subject"} <= labs and "role:answer" not in labs, (text, labs)
+                assert {f"entity:{subject}", "role:subject"} <= labs, (text, labs)
+                assert "role:answer" not in labs, (text, labs)
             prompt, _ = toyworld.split_prompt(text, answer)
             last = toyworld.label_tokens(prompt, enc, world)[-1]
             assert {"role:query", f"output:{answer}"} <= last, (prompt, last)
@@ -126,33 +134,46 @@ def test_each_family_sits_on_its_token(world, enc):
     latent on the last token of a two-hop question, with or without the bridge, and nowhere else."""
     country = world.countries[0]  # Zapokor, capital Tes, in the shipped world
     text = f"The capital of {country['name']} is {country['capital']}."
-    assert where(text, enc, world, "entity") == [(f" {country['name']}", [f"entity:{country['name']}"]),
-                                                 (f" {country['capital']}", [f"entity:{country['capital']}"])]
-    assert where(text, enc, world, "category") == [(f" {country['name']}", ["category:country"]),
-                                                   (f" {country['capital']}", ["category:city"])]
+    name = f" {country['name']}"
+    capital = f" {country['capital']}"
+    assert where(text, enc, world, "entity") == [
+        (name, [f"entity:{country['name']}"]),
+        (capital, [f"entity:{country['capital']}"]),
+    ]
+    assert where(text, enc, world, "category") == [
+        (name, ["category:country"]),
+        (capital, ["category:city"]),
+    ]
     assert where(text, enc, world, "output") == [(" is", [f"output:{country['capital']}"])]
-    assert where("The pear is a kind of fruit.", enc, world, "category")[-1] == (" fruit", ["category:kind"])
+    fruit = where("The pear is a kind of fruit.", enc, world, "category")[-1]
+    assert fruit == (" fruit", ["category:kind"])
     io, s = world.people[0]["name"], world.people[1]["name"]
     story = f"When {io} and {s} went to the market, {s} gave a pear to {io}."
-    assert where(story, enc, world, "output") == [(" to", [f"output:{io}"])]  # the second " to", before the answer
-    assert where(story[:story.rindex(" " + io)], enc, world, "output") == [(" to", [f"output:{io}"])]
-    assert where("Counting: 7, 8, 9,", enc, world, "output") == [(",", ["output:8"]), (",", ["output:9"]),
-                                                                 (",", ["output:10"])]
-    assert where("Counting: 3, 4, 5.", enc, world, "output") == [(",", ["output:4"]), (",", ["output:5"])]
+    # the second " to", before the answer
+    assert where(story, enc, world, "output") == [(" to", [f"output:{io}"])]
+    prompt = story[: story.rindex(" " + io)]
+    assert where(prompt, enc, world, "output") == [(" to", [f"output:{io}"])]
+    commas = [(",", ["output:8"]), (",", ["output:9"]), (",", ["output:10"])]
+    assert where("Counting: 7, 8, 9,", enc, world, "output") == commas
+    commas = [(",", ["output:4"]), (",", ["output:5"])]
+    assert where("Counting: 3, 4, 5.", enc, world, "output") == commas
     assert where("After 5 comes 6.", enc, world, "output") == [(" comes", ["output:6"])]
     person = world.people[0]
     bridge_country = world.lookup["city"][person["home"]]["country"]
     language = world.lookup["country"][bridge_country]["language"]
     latent = [(" is", [f"latent:country={bridge_country}"])]
     question = f"The language {person['name']} speaks is"
-    for text in (question, f"{person['name']} lives in {person['home']}. {question}", f"{question} {language}."):
+    bridged = f"{person['name']} lives in {person['home']}. {question}"
+    for text in (question, bridged, f"{question} {language}."):
         assert where(text, enc, world, "latent") == latent, text
         assert (" is", [f"output:{language}"]) in where(text, enc, world, "output"), text
     currency = world.lookup["country"][bridge_country]["currency"]
-    text = f"{person['name']} pays with the {currency}."  # another relation: the same latent, another output
+    # another relation: the same latent, another output
+    text = f"{person['name']} pays with the {currency}."
     assert where(text, enc, world, "latent") == [(" the", [f"latent:country={bridge_country}"])]
     assert where(text, enc, world, "output") == [(" the", [f"output:{currency}"])]
-    assert where(f"The language of {country['name']} is", enc, world, "latent") == []  # one hop: nothing latent
+    one_hop = f"The language of {country['name']} is"
+    assert where(one_hop, enc, world, "latent") == []  # one hop: nothing latent
 
 
 def test_labels_ioi_and_two_hop_roles(world, enc):
@@ -177,17 +198,22 @@ def test_labels_ioi_and_two_hop_roles(world, enc):
 def test_eval_corpus_supports_every_concept(world, enc):
     """Every concept the world can produce reaches the support asked for, counted by the labeler."""
     docs = toyworld.eval_corpus(world, seed=3, support=4)
-    assert docs == toyworld.eval_corpus(world, seed=3, support=4) != toyworld.eval_corpus(world, seed=4, support=4)
-    counts = Counter(lab for d in docs for labs in toyworld.label_tokens(d, enc, world) for lab in labs)
+    assert docs == toyworld.eval_corpus(world, seed=3, support=4)
+    assert docs != toyworld.eval_corpus(world, seed=4, support=4)
+    labels = [toyworld.label_tokens(d, enc, world) for d in docs]
+    counts = Counter(lab for doc in labels for labs in doc for lab in labs)
     lived_in = {world.lookup["city"][p["home"]]["country"] for p in world.people}
     want = [f"entity:{n}" for names in world.names().values() for n in names]
     want += [f"category:{toyworld.CATEGORY_OF.get(c, c)}" for c in world.names()]
-    want += [f"latent:country={c}" for c in lived_in] + [f"output:{p['name']}" for p in world.people]
-    want += [f"output:{n}" for n in range(1, world.max_number + 1)] + [f"output:{r[2]}" for r in world.facts()]
+    want += [f"latent:country={c}" for c in lived_in]
+    want += [f"output:{p['name']}" for p in world.people]
+    want += [f"output:{n}" for n in range(1, world.max_number + 1)]
+    want += [f"output:{r[2]}" for r in world.facts()]
     short = {w: counts[w] for w in want if counts[w] < 4}
     assert not short, short
     assert not any(toyworld.family_of(lab) not in toyworld.FAMILIES for lab in counts)
-    assert sum(len(enc.encode(d)) for d in docs) < 30_000  # support 4: small; interp's default 32 is ~107k tokens
+    # support 4: small; interp's default 32 is ~107k tokens
+    assert sum(len(enc.encode(d)) for d in docs) < 30_000
 
 
 @shipped
@@ -216,10 +242,12 @@ def test_entity_labels_are_token_identities_latent_labels_are_not(world, enc):
             t = enc.encode(" " + name)
             assert len(t) == 1, name
             lab = f"entity:{name}"
-            assert on[lab, t[0]] == n_tok[t[0]] > 0 and on[lab, t[0]] + opening[lab] >= support[lab], name
+            assert on[lab, t[0]] == n_tok[t[0]] > 0, name
+            assert on[lab, t[0]] + opening[lab] >= support[lab], name
     entity = [f for lab, f in best.items() if lab.startswith("entity:")]
     latent = [f for lab, f in best.items() if lab.startswith("latent:")]
-    assert sum(entity) / len(entity) >= 0.95 and len(entity) == sum(len(v) for v in world.names().values())
+    assert sum(entity) / len(entity) >= 0.95
+    assert len(entity) == sum(len(v) for v in world.names().values())
     assert latent and max(latent) < 0.3
 
 
@@ -235,7 +263,8 @@ def test_bpe_training_roundtrip(tmp_path, world):
     assert enc.n_vocab == 256 + len(merges) + 1 and enc.eot_token == enc.n_vocab - 1
     toyworld.check_tokenizer(enc, segmented)
     assert all(enc.decode(enc.encode(d)) == d for d in docs)
-    assert sum(len(enc.encode(d)) for d in docs) < 0.5 * sum(len(d) for d in docs)  # merges actually compress
+    # merges actually compress
+    assert sum(len(enc.encode(d)) for d in docs) < 0.5 * sum(len(d) for d in docs)
 
 
 @shipped
@@ -253,7 +282,8 @@ def test_tokenizer_matches_transformers_and_roundtrips(world):
         assert enc.decode(ids) == d
         assert hf(d)["input_ids"] == ids == slow(d)["input_ids"], d
     single = [n for items in world.names().values() for n in items if len(enc.encode(" " + n)) == 1]
-    assert len(single) >= 0.95 * sum(len(v) for v in world.names().values())  # names are (almost all) one token
+    # names are (almost all) one token
+    assert len(single) >= 0.95 * sum(len(v) for v in world.names().values())
 
 
 # -----------------------------------------------------------------------------
@@ -265,7 +295,8 @@ def test_shipped_model_loads_in_clt_and_transformers():
     transformers = pytest.importorskip("transformers")
     model = GPT.from_pretrained(TINY)
     ref = transformers.GPT2LMHeadModel.from_pretrained(TINY).eval()
-    idx = torch.randint(0, model.config.vocab_size, (2, model.config.n_ctx), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.n_ctx), generator=gen)
     with torch.no_grad():
         assert (model(idx) - ref(idx).logits).abs().max() <= 1e-4
     size = sum(os.path.getsize(os.path.join(TINY, f)) for f in os.listdir(TINY))
@@ -278,7 +309,8 @@ def test_shipped_model_answers_heldout_prompts():
     model = GPT.from_pretrained(TINY)
     prompts = toyworld.eval_prompts(toyworld.load_world(TINY), seed=7)
     rng = random.Random(0)
-    bounds = {"one_hop": 0.8, "ioi": 0.8, "two_hop": 0.5, "counting": 0.5}  # measured numbers are in the README
+    # measured numbers are in RESULTS.md
+    bounds = {"one_hop": 0.8, "ioi": 0.8, "two_hop": 0.5, "counting": 0.5}
     for kind, bound in bounds.items():
         sample = rng.sample([p for p in prompts if p[2] == kind], 25)
         acc = sum(build_tiny.greedy_match(model, enc, p, a) for p, a, _ in sample) / len(sample)
