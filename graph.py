@@ -8,16 +8,14 @@ Models", sec. 3: the local replacement model, exact direct effects, pruning by i
       -> CLT: active features (none at BOS), reconstruction, error = mlp_out - reconstruction
       -> rows of the adjacency A (targets x sources), a batch of targets at a time: the frozen
          model's transpose, from the batch's top layer down and up to its last position
-      -> influence, pruning, scores -> {out}/{slug}.json, graph-metadata.json (the front end's),
-         adjacency.safetensors, nodes.json (the full graph): forge/graphfile.py
+      -> influence, pruning, scores -> the front end's JSON, the full graph (forge/graphfile.py)
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py --target-diff " Zefekic| Bepaese"     # output node: a logit difference
     python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
     torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2  # rows split over ranks
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
-    view: python -m circuit_tracer start-server --graph_file_dir runs/graph  # circuit-tracer's UI
-    test what a graph says by changing its features: intervene.py
+    view: python -m circuit_tracer start-server --graph_file_dir runs/graph; test it: intervene.py
 
 Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edge):
 - Nodes: active features by (layer, position, id), none at BOS; errors, layer-major, zero at BOS;
@@ -78,8 +76,7 @@ class Replacement:
 
 @torch.no_grad()
 def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) -> Replacement:
-    """Run the GPT on idx (1, T), encode its MLP inputs, split each MLP output into the CLT's
-    reconstruction and an error node. BOS holds no node: its MLP outputs are bias."""
+    """Run the GPT on idx (1, T); each MLP output = the CLT's reconstruction + skip + error."""
     graphcli.check_one_prompt(model, clt, idx, "attribute")
     T = idx.size(1)
     logits, acts = model.run_with_acts(idx)
@@ -98,8 +95,7 @@ def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) 
 
 
 def reconstruct(clt, feats, acts, T, bias=True):
-    """The CLT's output (T, L, d) in raw units from features feats (n, 3) with activations acts
-    (n,), b_dec too if bias: clt.decode over them as a sparse (T, L, F) tensor."""
+    """clt.decode (T, L, d) of features feats (n, 3), activations acts (n,), as a sparse tensor."""
     ids = feats[:, [1, 0, 2]].T  # (3, n): position, layer, feature
     size = (T, clt.config.n_layers, clt.F_local)
     acts = torch.sparse_coo_tensor(ids, acts, size, check_invariants=True)  # (T, L, F)
@@ -107,8 +103,7 @@ def reconstruct(clt, feats, acts, T, bias=True):
 
 
 def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True):
-    """Run idx (1, T) through the frozen replacement model, MLP outputs fixed (T, L, d) plus the
-    live skip term; resid (1, T, d) instead of the embedding -> (logits, Acts)."""
+    """The frozen replacement model on idx: MLP outputs fixed (T, L, d) + skip -> (logits, Acts)."""
     run = partial(model.run_with_acts, idx, frozen=frozen, resid=resid)
     mlp_out = fixed
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
@@ -119,8 +114,7 @@ def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True)
 
 
 def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
-    """The inputs of targets feats (n, 3) and vectors (k, d) in the replacement model fed with the
-    given sources (default: the prompt's; mlp_out without the skip) -> ((n,), (k,))."""
+    """Targets' inputs in the replacement model -> feats' (n,) pre-activations, vectors' (k,)."""
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
     fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
     _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
@@ -130,8 +124,7 @@ def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
 
 
 # -----------------------------------------------------------------------------
-# the output nodes, vectors read at ln_f's output. TARGETS names their kinds for --target NAME:SPEC
-# (and --target-NAME SPEC): a builder (spec, model, enc, rep) -> Targets, one entry per kind.
+# the output nodes; TARGETS: their kinds for --target NAME:SPEC, a builder (spec, model, enc, rep)
 
 
 @dataclass
@@ -185,7 +178,7 @@ TARGETS = {"diff": logit_difference, "tokens": token_logits, "direction": direct
 
 
 # -----------------------------------------------------------------------------
-# attribution: the adjacency A, rows computed a batch of targets at a time
+# attribution: the adjacency A, a batch of rows at a time through the replacement model's transpose
 
 
 def attribute(
@@ -205,9 +198,9 @@ def attribute(
     """The attribution graph of the replacement model rep: a Graph with the (N, N) adjacency.
 
     Args:
-        max_features: at most this many feature nodes (-1: all), chosen in rounds by influence.
-        batch_size: targets per pass of the transpose; update_interval: batches per round.
-        max_logits, logit_prob: the top logits as the output nodes, unless targets are given.
+        max_features: at most this many feature nodes (-1: all), chosen by influence in rounds
+            of update_interval x batch_size (batch_size: targets per pass of the transpose).
+        max_logits, logit_prob: the top logits as output nodes, unless targets are given.
         position_nodes: position embeddings as nodes; mesh: the ranks sharing every round's rows.
     """
     mesh = mesh or Mesh()
@@ -223,8 +216,7 @@ def attribute(
     att = Attribution(model, clt, rep, position_nodes)
     k = len(targets.ids)
     N = att.n_sources + k
-    # Phase 1: the output rows, one pass on every rank. Uncapped, the rows are A itself (features,
-    # the inputs' zero rows, outputs); capped, the targets' rows alone, in the order computed
+    # Phase 1: the output rows, on every rank (uncapped, rows is A; capped, the targets' rows)
     every = torch.arange(N, device=device)  # errors and embeddings have no inputs: zero rows
     row_node = every if cap == n else torch.cat([every[:cap], every[-k:]])  # each row's node
     rows = rep.mlp_out.new_zeros(len(row_node), N)
@@ -248,8 +240,7 @@ def attribute(
 
 
 def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh):
-    """Fill rows[:cap] and row_node[:cap] in rounds of the most influential features by the rows
-    so far (uncapped: one round, node order), each rank a share, one all-reduce for all."""
+    """Fill rows[:cap], row_node[:cap] in rounds of the most influential features, ranks sharing."""
     feats = att.rep.feats
     n = len(feats)
     todo = torch.ones(n, dtype=torch.bool, device=feats.device)
@@ -267,9 +258,8 @@ def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval,
             queue = broadcast(queue, mesh.dp_group)
         mine = rank_batches(feats[queue], mesh, batch_size)
         for a, b in mine:
-            ids = queue[a:b]
-            out = rows[done + a : done + b, : att.n_sources]
-            att.rows(feats[ids, 0], feats[ids, 1], att.encoders(ids), out)
+            f = feats[queue[a:b]]  # (B, 3)
+            att.rows(f[:, 0], f[:, 1], att.encoders(f), rows[done + a : done + b, : att.n_sources])
             bar.update(b - a)
         bar.update(len(queue) - sum(b - a for a, b in mine))  # the other ranks' share
         all_reduce_sum(rows[done : done + len(queue)], mesh.dp_group)  # others' rows are zero here
@@ -280,104 +270,85 @@ def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval,
 
 
 def rank_batches(feats, mesh, size):
-    """This rank's batches [a, b) of the sorted feature targets feats (m, 3): a contiguous share of
-    about equal work (a row costs about (layer + 1)·(position + 1)), cut into batches of at most
-    `size` within a layer (across two, one would pay for the upper's depth, the lower's length)."""
+    """This rank's batches [a, b) of sorted feature targets feats (m, 3): a share of about equal
+    work (a row costs ~(layer + 1)·(position + 1)), cut within a layer, at most `size` each."""
     cost = ((feats[:, 0] + 1) * (feats[:, 1] + 1)).double().cumsum(0)
     ends = [0, len(feats)]
     if mesh.dp > 1 and len(cost) > 0:
         at = cost[-1] * torch.arange(1, mesh.dp, device=cost.device) / mesh.dp
         ends = [0, *torch.searchsorted(cost, at).tolist(), len(feats)]
     start, end = ends[mesh.dp_rank], ends[mesh.dp_rank + 1]
-    layers = feats[:, 0]
-    cuts = (layers[start + 1 : end] != layers[start : end - 1]).nonzero()[:, 0] + start + 1
+    cuts = (feats[start + 1 : end, 0] != feats[start : end - 1, 0]).nonzero()[:, 0] + start + 1
     edges = [start, *cuts.tolist(), end]
     return [(i, min(i + size, b)) for a, b in zip(edges, edges[1:]) for i in range(a, b, size)]
 
 
-# -----------------------------------------------------------------------------
-# rows of A: the transpose of the frozen replacement model, contracted with the sources
-
-
 class Attribution:
-    """Rows of the adjacency A, a batch of targets at a time: the replacement model is linear
-    between MLP outputs, so a row is one pass of its transpose (ln_2ᵀ, attentionᵀ's OV path, ln_1ᵀ)
-    from what the target reads, dotted with each source's write. By hand, not autograd, so a pass
-    starts at the batch's top layer and ends at its last position. Column b carries target b."""
+    """Rows of A: one pass of the linear replacement model's transpose per batch of targets, dotted
+    with each source's write; by hand, from the batch's top layer, to its last position."""
 
     def __init__(self, model, clt, rep, position_nodes=False):
         T, L, d = rep.mlp_out.shape
-        self.model, self.clt, self.rep = model, clt, rep
+        self.clt, self.rep = clt, rep
         self.T = T  # the prompt's length (a pass may stop earlier)
         self.L = L
         fz = rep.frozen
-        # attentionᵀ then ln_1ᵀ is  g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g  per head (P centers,
-        # D_w is ln_1's weight): the constant parts folded once, scale_1 into the patterns
+        # attentionᵀ, ln_1ᵀ: g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g per head (P centers)
         self.mix = [a[0].transpose(1, 2) * s[0] for a, s in zip(fz.attn, fz.ln_1)]  # (nh, T, T)
         self.W_O = [block.attn.c_proj.weight.detach() for block in model.h]  # (C, C): y @ W_Oᵀ
-        self.W_V = []
-        for block in model.h:
-            M = block.ln_1.weight.detach()[:, None] * block.attn.c_attn.weight[2 * d :].detach().T
-            self.W_V.append(M - M.mean(0))  # P D_w W_Vᵀ, W_V (C, C)
-        self.scale_2 = [s[0] for s in fz.ln_2]  # per layer (T, 1)
-        self.scale_f = fz.ln_f[0]  # (T, 1)
+        M = [b.ln_1.weight[:, None] * b.attn.c_attn.weight[2 * d :].T for b in model.h]  # D_w W_Vᵀ
+        self.W_V = [(m - m.mean(0)).detach() for m in M]  # P D_w W_Vᵀ, (C, C)
+        self.ln = [block.ln_2 for block in model.h] + [model.ln_f]  # what mlp_in[l] reads, l <= L
+        self.scale = [s[0] for s in fz.ln_2] + [fz.ln_f[0]]  # their scales, (T, 1) each
         # starts[l][p]: the first feature node at (layer l, position p); features are sorted so
         key = rep.feats[:, 0] * (T + 1) + rep.feats[:, 1]
         grid = torch.arange(L * (T + 1), device=key.device)
         self.starts = torch.searchsorted(key, grid).view(L, T + 1).tolist()
-        self.errors = rep.error.transpose(0, 1)  # (L, T, d)
-        self.inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
-        self.n_sources = len(rep.feats) + L * T + len(self.inputs) * T
+        inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
+        # what the other sources write, (L + 1|2, T, d): the errors, layer-major, then the inputs
+        self.written = torch.cat([rep.error.transpose(0, 1), torch.stack(inputs)])
+        self.n_sources = len(rep.feats) + len(self.written) * T
 
-    def encoders(self, ids):
-        """(B, d) what features ids read from mlp_in, raw units (per batch: n·L·d for all)."""
-        l, f = self.rep.feats[ids, 0], self.rep.feats[ids, 2]
+    def encoders(self, feats):
+        """(B, d) what features feats (B, 3) read from mlp_in, raw units (n·L·d numbers for all)."""
+        l, f = feats[:, 0], feats[:, 2]
         return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
 
     @torch.no_grad()
     def rows(self, layers, positions, vectors, out):
-        """Fill out (B, n_sources) with the rows of B targets: target b reads vectors[b] (d,) at
-        position positions[b] of mlp_in[layers[b]] (layers[b] = L: of ln_f's output, a logit)."""
+        """out (B, n_sources) = the rows of targets reading vectors (B, d) at (layer, position)."""
         B, d = vectors.shape
-        L = self.L
-        n = len(self.rep.feats)
         top = int(layers.max())  # nothing above the highest target reaches any target
         T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
         g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
         G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
-        errors = out[:, n : n + L * self.T].view(B, L, self.T)  # (B, L, T) layer-major
-        self.add_injected(g, L, layers, positions, vectors)  # the logits, if any
-        for l in reversed(range(min(top + 1, L))):
+        written = out[:, len(self.rep.feats) :].view(B, -1, self.T)  # (B, L + 1|2, T)
+        self.add_injected(g, self.L, layers, positions, vectors)  # the logits, if any
+        for l in reversed(range(min(top + 1, self.L))):
             if l < top:  # x_{l+1} = x_mid + mlp_out[l]: the gradient at mlp_out[l] is the stream's
                 torch.div(g, self.clt.output_scale[l], out=G[l])  # the writes: W_dec / output_scale
-                errors[:, l, :T] = torch.einsum("td,dtb->bt", self.errors[l, :T], g)
+                written[:, l, :T] = torch.einsum("td,dtb->bt", self.written[l, :T], g)
                 self.add_skip_transposed(g, l)
                 self.add_attention_transposed(g, l)
             self.add_injected(g, l, layers, positions, vectors)
         self.contract_features(G, out)
-        for i, e in enumerate(self.inputs):
-            start = n + L * self.T + i * self.T
-            out[:, start : start + T] = torch.einsum("td,dtb->bt", e[:T], g)  # e·g per position
+        for i in range(self.L, len(self.written)):  # e·g per position
+            written[:, i, :T] = torch.einsum("td,dtb->bt", self.written[i, :T], g)
 
     def add_injected(self, g, l, layers, positions, vectors):
-        """g += the targets that read mlp_in[l] (l = L: ln_f's output) through that LayerNorm's
-        transpose, and what layer l's attention passes down from them: u at position p gives
-        position k sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), no pass over the positions."""
+        """g += the targets at mlp_in[l] (l = L: ln_f's output) and what attention l passes down:
+        u at p gives position k sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), no pass over positions."""
         rows = (layers == l).nonzero()[:, 0]
         p = positions[rows]
-        ln = self.model.ln_f if l == self.L else self.model.h[l].ln_2
-        scale = (self.scale_f if l == self.L else self.scale_2[l])[p]  # (r, 1)
-        u = ln_transposed(vectors[rows].T, ln.weight, scale.T)  # (C, r)
+        u = ln_transposed(vectors[rows].T, self.ln[l].weight, self.scale[l][p].T)  # (C, r)
         if l == self.L or len(rows) == 0:  # the logits: read at the last position, g is zero
             g[:, p, rows] = u
             return
         C, T, B = g.shape
-        mix = self.mix[l]
-        nh = len(mix)
+        nh = len(self.mix[l])
         y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
-        W_V = self.W_V[l].view(C, nh, C // nh).transpose(0, 1)  # (nh, C, hs)
-        z = torch.bmm(W_V, y)  # (nh, C, r): per head, back at ln_1
-        spread = torch.bmm(z.permute(2, 1, 0), mix[:, :T, p].permute(2, 0, 1))  # (r, C, T)
+        z = torch.bmm(self.W_V[l].view(C, nh, -1).transpose(0, 1), y)  # (nh, C, r): at ln_1
+        spread = torch.bmm(z.permute(2, 1, 0), self.mix[l][:, :T, p].permute(2, 0, 1))  # (r, C, T)
         spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u at p
         g.index_add_(2, rows, spread.permute(1, 2, 0))
 
@@ -386,25 +357,22 @@ class Attribution:
         if self.clt.W_skip is None:
             return
         C, T, B = g.shape
-        scale = self.clt.input_scale[l] / self.clt.output_scale[l]
-        W = self.clt.W_skip[l].detach() * scale  # (C, C): h @ W
+        W = self.clt.W_skip[l].detach() * (self.clt.input_scale[l] / self.clt.output_scale[l])
         h = (W @ g.view(C, T * B)).view(C, T, B)  # d(targets)/d(mlp_in[l])
-        g += ln_transposed(h, self.model.h[l].ln_2.weight, self.scale_2[l][:T])  # scale (T, 1)
+        g += ln_transposed(h, self.ln[l].weight, self.scale[l][:T])  # scale (T, 1)
 
     def add_attention_transposed(self, g, l):
         """g (C, T, B) += the transpose of x -> attn(ln_1(x)), the frozen patterns' OV path only."""
         C, T, B = g.shape
-        mix = self.mix[l]
-        nh = len(mix)
+        nh = len(self.mix[l])
         y = (self.W_O[l].T @ g.view(C, T * B)).view(nh, C // nh, T, B)  # (nh, hs, T, B)
         v = torch.empty_like(y)
         for h in range(nh):  # back to the positions each head read
-            torch.matmul(mix[h, :T, :T], y[h], out=v[h])  # (hs, T, B)
+            torch.matmul(self.mix[l][h, :T, :T], y[h], out=v[h])  # (hs, T, B)
         g.view(C, T * B).addmm_(self.W_V[l], v.view(C, T * B))
 
     def contract_features(self, G, out):
-        """out[:, feature s] = a_s · sum_l' W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s]: one matmul
-        per (layer, position) block of features, over the layers it writes to below the top."""
+        """out[:, s] = a_s · sum_l' W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s], by (l, p) blocks."""
         top, d, T, B = G.shape
         feats, acts = self.rep.feats, self.rep.acts
         for p in range(T):  # position outer: the blocks of one position share G[:, :, p] (cache)
@@ -413,8 +381,7 @@ class Attribution:
                 if a < b:
                     n_w = min(self.clt.n_writes(l), top - l)
                     w = self.clt.W_dec[l][feats[a:b, 2], :n_w].detach().flatten(1)  # (n_lp, n_w·d)
-                    written = w @ G[l : l + n_w, :, p].flatten(0, 1)  # (n_lp, B)
-                    out[:, a:b] = written.T * acts[a:b]
+                    out[:, a:b] = (w @ G[l : l + n_w, :, p].flatten(0, 1)).T * acts[a:b]
 
 
 def ln_transposed(g, weight, scale):
@@ -436,8 +403,7 @@ def normalized(A):
 
 
 def influence(A, w, row_node=None, normalize=True):
-    """w (Â + Â² + ...), Â = normalized(A) (or A, normalize=False), a block of rows at a time; row
-    i of A is node row_node[i]'s (for --max-features)."""
+    """w (Â + Â² + ...), a block of A's rows at a time; row i of A is node row_node[i]'s."""
     row_node = torch.arange(len(A), device=A.device) if row_node is None else row_node
     step = max(1, BLOCK_ELEMENTS // max(A.shape[1], 1))
     blocks = [slice(a, a + step) for a in range(0, len(A), step)]
@@ -546,8 +512,7 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
         ratios = scores(graph)
-        explanations = load_explanations(cfg.interp)
-        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, explanations)
+        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, load_explanations(cfg.interp))
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
 
