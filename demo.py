@@ -1,5 +1,5 @@
 """
-demo.py: the whole clt-forge pipeline on the embedded default, in the order of the Circuit Tracing paper.
+demo.py: the whole clt-forge pipeline on the embedded default, in the Circuit Tracing paper's order.
 
     1. cache   run the tiny GPT-2 over its toy corpus once; store every layer's MLP input and output
     2. train   fit a cross-layer transcoder to those activations (and splice it back in to score it)
@@ -11,10 +11,11 @@ Each stage is the very command a researcher would type, printed before it runs, 
 also the tutorial for running the scripts one by one. It is a script rather than a Makefile target
 because the stages pass paths and sizes to each other and should read as one procedure.
 
-    python demo.py                  # the README's first command: ~10 minutes on 2 CPU cores
-    python demo.py --small          # a reduced run (CI): ~1-2 minutes
+    python demo.py                  # the README's first command: DEMO_TIME on 2 idle CPU cores
+    python demo.py --small          # a reduced run that checks the plumbing (CI): ~30 s
     python demo.py --out runs/demo  # where everything goes (default runs/)
 """
+
 import os
 import subprocess
 import sys
@@ -24,15 +25,20 @@ from dataclasses import asdict, dataclass, replace
 from forge.cli import arg, parse_config, run_main
 
 
+PROMPT = "Batris lives in Fafes. The language Batris speaks is"
+
+
 @dataclass
 class DemoConfig:
-    out: str = arg("runs", 'every stage writes below this folder')
-    small: bool = arg(False, "a reduced run that only checks the plumbing (CI): SMALL's size for every size left as is")
-    tokens: int = arg(400_000, 'activation-cache rows (tokens); the CLT sees each about 2.5 times')
-    features: int = arg(-1, "CLT features per layer; -1 = train.py's default (8 x the tiny model's d_model)")
+    out: str = arg("runs", "every stage writes below this folder")
+    small: bool = arg(
+        False, "a reduced run that checks the plumbing (CI): SMALL's sizes as defaults"
+    )
+    tokens: int = arg(400_000, "activation-cache rows (tokens); the CLT sees each about 2.5 times")
+    features: int = arg(-1, "CLT features per layer; -1 = train.py's default (8 x d_model)")
     steps: int = arg(-1, "CLT training steps; -1 = train.py's default")
-    prompt: str = arg("Batris lives in Fafes. The language Batris speaks is", 'a two-hop prompt of the toy world')
-    max_features: int = arg(-1, 'attribution-graph feature cap, weakest dropped first; -1 = all')
+    prompt: str = arg(PROMPT, "a two-hop prompt of the toy world")
+    max_features: int = arg(-1, "attribution-graph feature cap, weakest dropped first; -1 = all")
 
 
 # --small: everything runs, nothing is good
@@ -51,7 +57,7 @@ SMALL_SHARE = 0.15
 
 
 def sized(c: DemoConfig):
-    """With --small, SMALL's value for every size flag left at its default (an explicit flag wins)."""
+    """With --small, SMALL's value for every size left at its default (an explicit flag wins)."""
     if not c.small:
         return c
     default = DemoConfig()
@@ -64,14 +70,17 @@ def stages(c: DemoConfig):
     clt = os.path.join(c.out, "clt")
     interp = os.path.join(c.out, "interp")
     graph = os.path.join(c.out, "graph")
+    # --overwrite: a rerun of the demo trains afresh instead of refusing the last run's folder
+    train = ["train.py", "--cache", cache, "--out", clt, "--overwrite"]
+    train += ["--features", c.features] if c.features > 0 else []
+    train += ["--steps", c.steps] if c.steps > 0 else []
+    attribute = ["graph.py", "--clt", clt, "--interp", interp, "--prompt", c.prompt]
+    attribute += ["--max-features", c.max_features, "--out", graph]
     return [
         ("1/5 activation cache", ["cache.py", "--tokens", c.tokens, "--out", cache]),
-        # --overwrite: a rerun of the demo trains afresh instead of refusing the last run's folder
-        ("2/5 train the CLT", ["train.py", "--cache", cache, "--out", clt, "--overwrite"]
-         + (["--features", c.features] if c.features > 0 else []) + (["--steps", c.steps] if c.steps > 0 else [])),
+        ("2/5 train the CLT", train),
         ("3/5 LLM-free autointerp", ["interp.py", "--clt", clt, "--cache", cache, "--out", interp]),
-        ("4/5 attribution graph", ["graph.py", "--clt", clt, "--interp", interp, "--prompt", c.prompt,
-                                   "--max-features", c.max_features, "--out", graph]),
+        ("4/5 attribution graph", attribute),
         ("5/5 pictures: feature pages", ["viz.py", "features", interp]),
         ("5/5 pictures: graph", ["viz.py", "graph", os.path.join(graph, "graph.json")]),
         ("5/5 pictures: training curves", ["viz.py", "train", clt]),
@@ -86,11 +95,14 @@ def report(out):
     if os.path.exists(png):
         lines.append(f"attribution graph: {png} (linked page: {page})")
     elif os.path.exists(page):
-        lines.append(f"attribution graph: {page} lists its nodes; no picture, because graphviz's `dot` is not "
-                     "installed: apt-get install graphviz (or brew install graphviz), then "
-                     f"python viz.py graph {os.path.join(out, 'graph', 'graph.json')}")
-    for label, path in (("feature pages:    ", os.path.join(out, "interp", "html", "index.html")),
-                        ("training curves:  ", os.path.join(out, "clt", "plots"))):
+        redraw = f"python viz.py graph {os.path.join(out, 'graph', 'graph.json')}"
+        lines.append(
+            f"attribution graph: {page} lists its nodes; no picture, because graphviz's `dot` is "
+            f"not installed: apt-get install graphviz (or brew install graphviz), then {redraw}"
+        )
+    index = os.path.join(out, "interp", "html", "index.html")
+    plots = os.path.join(out, "clt", "plots")
+    for label, path in (("feature pages:    ", index), ("training curves:  ", plots)):
         if os.path.exists(path):
             lines.append(f"{label} {path}")
     return lines
@@ -111,7 +123,7 @@ def main(argv=None):
         print(f"\n=== {title} (demo ETA ~{eta:.0f} s)\n$ {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"error: stage {title} failed; its message is above. Fix it and rerun python demo.py")
+            sys.exit(f"error: stage {title} failed; its message is above. Fix it, then rerun")
         print(f"=== {title}: {time.time() - t0:.0f} s", flush=True)
     print(f"\ndone in {time.time() - t_start:.0f} s")
     print("\n".join(report(config.out)))
