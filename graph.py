@@ -6,14 +6,12 @@ Models", sec. 3: the local replacement model, exact direct effects, pruning by i
     prompt -> token ids, BOS (<|endoftext|>) first
       -> GPT.run_with_acts: mlp_in, mlp_out (T, L, d) and Frozen (attention patterns, LN scales)
       -> CLT: active features (none at BOS), reconstruction, error = mlp_out - reconstruction
-      -> rows of the adjacency A (targets x sources), a batch of targets at a time: the frozen
-         model's transpose, from the batch's top layer down and up to its last position
+      -> rows of the adjacency A (targets x sources), a batch at a time: the model's transpose
       -> influence, pruning, scores -> the front end's JSON, the full graph (forge/graphfile.py)
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py --target-diff " Zefekic| Bepaese"     # output node: a logit difference
-    python graph.py --model gpt2 --clt runs/clt-gpt2 --prompt "..."       # any GPT-2 and its CLT
-    torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2  # rows split over ranks
+    torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2  # any GPT-2, its CLT
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph; test it: intervene.py
 
@@ -223,8 +221,7 @@ def attribute(
     last = torch.full((k,), T - 1, device=device)
     att.rows(torch.full((k,), L, device=device), last, targets.vectors, rows[-k:, : N - k])
     # Phase 2: the feature rows, in rounds by influence; uncapped, one round in node order
-    weights = rows.new_zeros(N)
-    weights[-k:] = targets.weights.to(rows.dtype)
+    weights = torch.cat([rows.new_zeros(N - k), targets.weights.to(rows.dtype)])  # (N,)
     feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval, mesh)
     # Phase 3: capped, the kept features' rows and columns in node order, in a square A
     kept = row_node[:cap].sort()
@@ -249,11 +246,10 @@ def feature_rows(att, rows, row_node, weights, cap, batch_size, update_interval,
     bar = tqdm(total=cap, desc="attribution: feature rows", unit="row", disable=quiet)
     while done < cap:
         queue = todo.nonzero()[:, 0]
-        if cap < n:  # the remaining features by influence through the rows so far
+        if cap < n:  # the most influential left by the rows so far, in node order (for batches)
             infl = influence(rows, weights, row_node)[:n]
             ranked = queue[infl[todo].argsort(descending=True, stable=True)]
-            queue = ranked[: min(update_interval * batch_size, cap - done)]
-            queue = queue.sort().values  # node order: batches of one layer and a few positions
+            queue = ranked[: min(update_interval * batch_size, cap - done)].sort().values
             # rank 0's choice for all: two devices may round a sum differently and break a tie apart
             queue = broadcast(queue, mesh.dp_group)
         mine = rank_batches(feats[queue], mesh, batch_size)
@@ -300,13 +296,11 @@ class Attribution:
         self.W_V = [(m - m.mean(0)).detach() for m in M]  # P D_w W_Vᵀ, (C, C)
         self.ln = [block.ln_2 for block in model.h] + [model.ln_f]  # what mlp_in[l] reads, l <= L
         self.scale = [s[0] for s in fz.ln_2] + [fz.ln_f[0]]  # their scales, (T, 1) each
-        # starts[l][p]: the first feature node at (layer l, position p); features are sorted so
-        key = rep.feats[:, 0] * (T + 1) + rep.feats[:, 1]
+        key = rep.feats[:, 0] * (T + 1) + rep.feats[:, 1]  # sorted, as the features are
         grid = torch.arange(L * (T + 1), device=key.device)
-        self.starts = torch.searchsorted(key, grid).view(L, T + 1).tolist()
-        inputs = [rep.token, rep.position] if position_nodes else [rep.token]  # (T, d) each
-        # what the other sources write, (L + 1|2, T, d): the errors, layer-major, then the inputs
-        self.written = torch.cat([rep.error.transpose(0, 1), torch.stack(inputs)])
+        self.starts = torch.searchsorted(key, grid).view(L, T + 1).tolist()  # [l][p]: 1st node
+        inputs = torch.stack([rep.token, rep.position][: 1 + position_nodes])  # (1|2, T, d)
+        self.written = torch.cat([rep.error.transpose(0, 1), inputs])  # the others' writes
         self.n_sources = len(rep.feats) + len(self.written) * T
 
     def encoders(self, feats):
@@ -456,8 +450,7 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     edge_mask = torch.zeros_like(A, dtype=torch.bool)
     edge_mask[kept[:, None], kept[None, :]] = edges
     order = infl.argsort(descending=True)
-    cumulative = torch.empty_like(infl)
-    cumulative[order] = infl[order].cumsum(0) / infl.sum().clamp(min=1e-30)
+    cumulative = (infl[order].cumsum(0) / infl.sum().clamp(min=1e-30))[order.argsort()]
     return node_mask, edge_mask, cumulative, infl
 
 
