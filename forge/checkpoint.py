@@ -1,22 +1,20 @@
 """train.py's armour: the run's inputs, the resume contract, checkpoints, the export, refusals.
 
-A run is its --out folder, which may be moved or copied (the command line's --out is where it
-resumes and writes): checkpoints/latest.json names the last complete checkpoint. On --resume the
-run's shape and optimizer (--features, --activation, --lr, --batch-size, --seed, --tp, ...) come
-from the checkpoint, and a flag given that differs is refused by name; CHANGEABLE flags (--steps,
---eval-every, --log-every, --wandb, --cache and --model: a moved copy of the same cache and model,
-both checked, ...) may change, INVOCATION flags (--stop-at, --device, ...) are always this command
-line's, a flag not given takes the checkpoint's value. It resumes on the (dp, tp) mesh that wrote
-it. A run at its last step whose export is missing or mixed (a crash during the export) is exported
-again: the command exits 0 only once the export is whole. A new run refuses an --out that holds
-another run: pass --resume, another --out, or --overwrite, which removes that run's files before
-the first step (a new run killed before its first checkpoint can never resume as the old one).
+A run is its --out folder, which may be moved or copied: checkpoints/latest.json names its last
+complete checkpoint. On --resume the run's shape and optimizer (--features, --activation, --lr,
+--batch-size, --seed, --tp, ...) come from the checkpoint, and a flag given that differs is refused
+by name; CHANGEABLE flags (--steps, --eval-every, --wandb, --cache and --model: a moved copy of the
+same cache and model, both checked, ...) may change, INVOCATION flags (--out, --stop-at, --device,
+...) are this command line's. It resumes on the (dp, tp) mesh that wrote it. A run at its last step
+whose export is missing or mixed (a crash during the export) is exported again: the command exits 0
+only once the export is whole. A new run refuses an --out that holds another run: pass --resume,
+another --out, or --overwrite, which removes that run's files before the first step.
 
 A checkpoint: a safetensors shard per TP rank (weights, Adam moments, the dead-feature clocks) and
 latest.json (configs, step, RNG, data position, last metrics), each fsynced and renamed into place:
 it exists once latest.json does. The export is circuit-tracer's layout; training.json, written
-last, names its export id. Every rank must be given the same flags and the same cache (a shared
-filesystem, or a copy at the same path). Nothing here imports the spine: train.py passes it in.
+last, names its export id. Every rank must be given the same flags and cache. Nothing here imports
+the spine: train.py passes in what is needed.
 """
 
 import argparse
@@ -77,39 +75,32 @@ def resolve(config, given=None):
     cls = type(config)
     if given is None:
         given = {f.name for f in fields(cls) if getattr(config, f.name) != f.default}
-    meta = read_meta(config.out) if config.resume else None
     if config.resume and config.overwrite:
         msg = "--resume continues the run in --out, --overwrite replaces it: pass one of them"
         raise ValueError(msg)
-    if meta is None:
+    if not config.resume:
         return config, None
-    saved = {f.name: meta["train_config"].get(f.name, f.default) for f in fields(cls)}
-    fixed = [k for k in given if k not in INVOCATION + CHANGEABLE]
-    if differ := sorted(k for k in fixed if getattr(config, k) != saved[k]):
-        flags = [
-            f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved[k]})" for k in differ
-        ]
-        raise ValueError(
-            f"--resume: {', '.join(flags)} differ from the run in {config.out}, whose shape and "
-            "optimizer come from its checkpoint: drop these flags to resume it, or start a new run "
-            "in another --out"
-        )
-    chosen = INVOCATION + [k for k in CHANGEABLE if k in given]
-    c = cls(**{**saved, **{k: getattr(config, k) for k in chosen}})
-    if c.steps < meta["step"]:
-        step = meta["step"]
-        msg = f"--steps {c.steps} is below the checkpoint's step {step} in {c.out}"
-        raise ValueError(f"{msg}: pass --steps {step} or more")
-    return c, meta
-
-
-def read_meta(out):
-    path = os.path.join(out, CKPT_DIR, LATEST)
+    path = os.path.join(config.out, CKPT_DIR, LATEST)
     if not os.path.exists(path):
         msg = f"--resume: no complete checkpoint at {path}: start the run without --resume"
         raise FileNotFoundError(msg)
     with open(path) as f:
-        return json.load(f)
+        meta = json.load(f)
+    saved = {f.name: meta["train_config"].get(f.name, f.default) for f in fields(cls)}
+    fixed = [k for k in given if k not in INVOCATION + CHANGEABLE]
+    if differ := sorted(k for k in fixed if getattr(config, k) != saved[k]):
+        flags = ", ".join(
+            f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved[k]})" for k in differ
+        )
+        why = "whose shape and optimizer come from its checkpoint"
+        fix = "drop these flags to resume it, or start a new run in another --out"
+        raise ValueError(f"--resume: {flags} differ from the run in {config.out}, {why}: {fix}")
+    chosen = INVOCATION + [k for k in CHANGEABLE if k in given]
+    c = cls(**{**saved, **{k: getattr(config, k) for k in chosen}})
+    if c.steps < (step := meta["step"]):
+        msg = f"--steps {c.steps} is below the checkpoint's step {step} in {c.out}"
+        raise ValueError(f"{msg}: pass --steps {step} or more")
+    return c, meta
 
 
 # -----------------------------------------------------------------------------
@@ -155,14 +146,9 @@ def heldout_contexts(cache, n, bos):
     if n == 0:
         msg = f"the cache has no held-out context (heldout rows {lo}..{hi})"
         raise ValueError(f"{msg}: build it with --heldout > 0")
-    _, _, tokens, _, pos = cache.read(lo, lo + n * R)
-    tokens, pos = tokens.view(n, R), pos.view(n, R)  # (n, R)
-    if not (pos == pos[0]).all() or pos[0, -1] != m["ctx"] - 1:
-        positions = f"(positions {pos[0].tolist()[:8]}...)"
-        raise ValueError(f"held-out rows of {cache.path} are not whole contexts {positions}")
-    if m["keep_bos"]:
-        return tokens
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)  # (n, ctx)
+    tokens = cache.read(lo, lo + n * R)[2].view(n, R)  # (n, R) whole contexts (cache.py's layout)
+    bos = torch.full((n, 0 if m["keep_bos"] else 1), bos, dtype=torch.long)  # the BOS, if dropped
+    return torch.cat([bos, tokens], dim=1)  # (n, ctx)
 
 
 # -----------------------------------------------------------------------------
@@ -179,24 +165,20 @@ def check_resume(c, meta, world, manifest, device):
         digests = [torch.empty_like(digest) for _ in range(world)]
         dist.all_gather(digests, digest)
         if differ := [r for r, other in enumerate(digests) if not torch.equal(other, digests[0])]:
-            same = "the same cache (a shared filesystem, or the same bytes at the same path)"
-            raise ValueError(
-                f"ranks {differ} have another command line or cache than rank 0: every node must "
-                f"run the same command on {same}"
-            )
+            fix = "every node must run the same command on the same cache (a shared filesystem, "
+            fix += "or the same bytes at the same path)"
+            msg = f"ranks {differ} have another command line or cache than rank 0"
+            raise ValueError(f"{msg}: {fix}")
     if meta is None:
         return
     dp, tp = meta["mesh"]
     if dp * tp != world:
-        raise ValueError(
-            f"the checkpoint in {c.out} was written by a (dp, tp) = {(dp, tp)} mesh of {dp * tp} "
-            f"processes, this run has {world}: resume with torchrun --nproc_per_node={dp * tp} (to "
-            "change the TP size, load the exported CLT with "
-            "CrossLayerTranscoder.from_pretrained(path, mesh))"
-        )
-    saved, now = meta.get("cache_identity"), manifest.get("identity")
+        mesh = f"a (dp, tp) = {(dp, tp)} mesh of {dp * tp} processes, this run has {world}"
+        tp_size = "load the exported CLT with CrossLayerTranscoder.from_pretrained(path, mesh)"
+        fix = f"resume with torchrun --nproc_per_node={dp * tp} (to change the TP size, {tp_size})"
+        raise ValueError(f"the checkpoint in {c.out} was written by {mesh}: {fix}")
+    saved, now = meta.get("cache_identity"), manifest.get("identity") or {}
     if saved is not None and saved != now:
-        now = now or {}
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(
             f"--cache {c.cache} is not the cache the run in {c.out} was trained on (it differs in "
@@ -207,9 +189,8 @@ def check_resume(c, meta, world, manifest, device):
 def check_flags(c, cache, mesh):
     """Flags that cannot work, refused on every rank before anything is written."""
     if c.features <= 0 or c.features % mesh.tp:
-        raise ValueError(
-            f"--features {c.features} must be positive and divisible by --tp {mesh.tp}"
-        )
+        msg = f"--features {c.features} must be positive and divisible by --tp {mesh.tp}"
+        raise ValueError(msg)
     if c.activation in ("topk", "batchtopk") and not 0 < c.k <= c.features:
         raise ValueError(f"--k {c.k} must be in 1..--features {c.features}")
     if c.batch_size <= 0 or c.batch_size % mesh.dp:
@@ -251,9 +232,8 @@ def check_finite(m, step, out, terms):
 
 
 def resume_or_claim(c, meta, clt, opt, state, mesh, master, cache):
-    """-> (the last metrics, the run's identity: its wandb id and its cache's). A resumed run: the
-    checkpoint's weights, Adam moments and loop state into clt, opt and state. A new run: --out
-    claimed (claim_out)."""
+    """-> (the last metrics, the run's identity: its wandb id, its cache's). Resumed: the
+    checkpoint's weights, Adam moments, loop state go into clt, opt, state. New: --out claimed."""
     run_id = (meta or {}).get("wandb_id") or uuid.uuid4().hex[:8]  # resumed: the same wandb run
     ids = dict(wandb_id=run_id if c.wandb else None, cache_identity=cache.manifest.get("identity"))
     if meta is None:
@@ -362,9 +342,8 @@ def finish(c, clt, metrics, meta, end, mesh, master):
 
 
 def export_is_whole(c, clt, mesh):
-    """Is --out's export this run's, at its last step, and whole? training.json must name the export
-    id of config.json and the step; from_pretrained refuses a layer file missing or of another
-    save."""
+    """Is --out's export this run's, at its last step, and whole? training.json names config.json's
+    export id and the step; from_pretrained refuses a layer file missing or of another save."""
     try:
         with open(os.path.join(c.out, "training.json")) as f:
             done = json.load(f)
@@ -379,8 +358,7 @@ def export_is_whole(c, clt, mesh):
 
 @contextlib.contextmanager
 def explained_timeouts(timeout_s):
-    """A collective that timed out (gloo: "Timed out waiting ...", NCCL's watchdog: "timeout") is
-    re-raised saying what that means."""
+    """A collective's timeout (gloo: "Timed out waiting ...", NCCL: "timeout"), explained."""
     try:
         yield
     except RuntimeError as e:

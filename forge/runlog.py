@@ -1,9 +1,8 @@
 """train.py's log: the start line, metrics.jsonl, Weights & Biases (optional) and the progress bar.
 
 metrics.jsonl gets a row every --log-every steps and at every evaluation and checkpoint: the loop's
-only host syncs. --wandb PROJECT sends the same rows from rank 0 (per-layer lists as fvu/0,
-fvu/1, ...; the evaluation as eval/...); a resumed run logs into the run id its checkpoint keeps
-(an offline run: `wandb sync OUT/wandb/offline-run-*`). Without --wandb, DummyWandb takes the calls.
+only host syncs. --wandb PROJECT sends the same rows (per-layer lists as fvu/0, fvu/1, ...; the
+evaluation as eval/...) into the run id the checkpoint keeps (offline: `wandb sync OUT/wandb/*`).
 """
 
 import json
@@ -29,8 +28,7 @@ def to_host(tensors):
 
 def step_line(m):
     """The progress bar's postfix: one line, fields split by |."""
-    fvu = sum(m["fvu"]) / len(m["fvu"])
-    l0 = sum(m["l0"]) / len(m["l0"])
+    fvu, l0 = (sum(m[k]) / len(m[k]) for k in ("fvu", "l0"))  # means over the layers
     line = f"loss {m['loss']:.4f} | fvu {fvu:.3f} | l0 {l0:.1f} | dead {int(sum(m['dead']))} | "
     line += f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | "
     line += f"{m['tok_per_s']:.0f} tok/s"
@@ -61,9 +59,8 @@ def flat_row(m, prefix=""):
 
 
 class RunLog:
-    """The start line, metrics.jsonl, the wandb run and the bar, from rank 0 (the other ranks' calls
-    only keep the clock). A resumed run keeps the rows of the steps before its checkpoint (a torn
-    last line, a kill mid-write, is dropped with the steps it redoes) and logs into its wandb id."""
+    """Written by rank 0 (the other ranks only keep the clock). A resumed run keeps the rows of the
+    steps before its checkpoint (a torn last line, from a kill mid-write, goes: its step reruns)."""
 
     def __init__(self, c, run_id, start, end, mesh, device):
         self.path = os.path.join(c.out, "metrics.jsonl")
