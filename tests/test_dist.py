@@ -4,6 +4,7 @@ Each test compares a multi-process run against single-process training from the 
 per-step losses and gradient norms, the exported (consolidated) weights, and the gradients themselves.
 Run as a script, this file is the torchrun worker: `torchrun --nproc_per_node=2 tests/test_dist.py tasks.json`.
 """
+
 import json
 import os
 import socket
@@ -19,7 +20,7 @@ import train as T
 from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
 from clt import CLTConfig, CrossLayerTranscoder
 from forge.cli import parse_config
-from parallel import Mesh, average_gradients, compute_init, make_mesh
+from parallel import Mesh, compute_init, make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
@@ -44,7 +45,9 @@ def launcher(flags, tasks, root, name):
         json.dump(tasks, f)
     cmd = [sys.executable, "-m", "torch.distributed.run", *flags, __file__, path]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env
+    )
 
 
 def torchrun(nproc, tasks, root, timeout=300):
@@ -76,7 +79,9 @@ class KeepGradients:
         self.clt, self.param_groups, self.grads = clt, [{}], None
 
     def step(self):
-        self.grads = {n: p.grad.clone() for n, p in self.clt.named_parameters() if p.grad is not None}
+        self.grads = {
+            n: p.grad.clone() for n, p in self.clt.named_parameters() if p.grad is not None
+        }
 
     def zero_grad(self, set_to_none=True):
         pass
@@ -85,11 +90,21 @@ class KeepGradients:
 def gradients(activation, mesh, seed=0, clip=0.5):
     """train_step's loss + backward + DP averaging + bookkeeping + clipping on a fixed batch:
     this rank's gradients as the optimizer gets them, and the global norm."""
-    cfg = T.TrainConfig(activation=activation, k=4, sparsity=0.3, preact=0.01, aux_k=6, steps=10,
-                        batch_size=64, dead_tokens=1, grad_clip=clip)
+    cfg = T.TrainConfig(
+        activation=activation,
+        k=4,
+        sparsity=0.3,
+        preact=0.01,
+        aux_k=6,
+        steps=10,
+        batch_size=64,
+        dead_tokens=1,
+        grad_clip=clip,
+    )
     clt = CrossLayerTranscoder(CLTConfig(2, 16, 64, activation, k=4), seed, mesh)
     x, y = batch(seed)
-    rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)  # this DP rank's share
+    # this DP rank's share
+    rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)
     since_fired = torch.zeros(2, 64, dtype=torch.long)
     since_fired[:, ::3] = 1  # every third feature counts as dead (AuxK)
     state = dict(step=5, since_fired=since_fired, first_bad=torch.tensor(-1))
@@ -100,27 +115,36 @@ def gradients(activation, mesh, seed=0, clip=0.5):
 
 def count_collectives(activation, mesh, steps=3):
     """Collectives per train_step between log steps, by name, with AuxK active (dead features exist)."""
-    cfg = T.TrainConfig(activation=activation, k=4, features=64, batch_size=64, steps=100, dead_tokens=64)
+    cfg = T.TrainConfig(
+        activation=activation, k=4, features=64, batch_size=64, steps=100, dead_tokens=64
+    )
     clt = CrossLayerTranscoder(CLTConfig(2, 16, 64, activation, k=4), 0, mesh)
     opt = T.optimizer(clt, cfg)
-    state = dict(step=10, since_fired=torch.zeros(2, 64, dtype=torch.long), first_bad=torch.tensor(-1))
+    state = dict(
+        step=10, since_fired=torch.zeros(2, 64, dtype=torch.long), first_bad=torch.tensor(-1)
+    )
     state["since_fired"][:, ::3] = 1000  # every third feature is dead
     x, y = batch(0)
     rows = slice(mesh.dp_rank * 64 // mesh.dp, (mesh.dp_rank + 1) * 64 // mesh.dp)
     counts = {}
-    originals = {name: getattr(torch.distributed, name) for name in ("all_reduce", "all_gather", "broadcast")}
+    originals = {
+        name: getattr(torch.distributed, name) for name in ("all_reduce", "all_gather", "broadcast")
+    }
 
     def counting(name):
         def call(*args, **kwargs):
             counts[name] = counts.get(name, 0) + 1
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in originals:
         setattr(torch.distributed, name, counting(name))
     try:
         for _ in range(steps):
-            T.train_step(cfg, clt, opt, (x[rows], y[rows]), state, mesh, torch.device("cpu"), sync=False)
+            T.train_step(
+                cfg, clt, opt, (x[rows], y[rows]), state, mesh, torch.device("cpu"), sync=False
+            )
     finally:
         for name, fn in originals.items():
             setattr(torch.distributed, name, fn)
@@ -184,15 +208,28 @@ def runs(small_cache, tmp_path_factory):  # noqa: F811
 
     bt = dict(activation="batchtopk", k=4)
     plt = dict(decoder="per-layer", skip=True)
-    tasks = [train("tp2", tp=2), train("tp2_bt", tp=2, **bt), train("tp2_plt", tp=2, **plt), train("dp2"),
-             train("tp2_cut", tp=2, stop_at=10),
-             train("tp2_cut", tp=2, resume=True),
-             dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors"))]
-    tasks += [dict(kind="grads", tp=tp, activation=a, out=p(f"grads_{a}_tp{tp}_{{rank}}.safetensors"))
-              for a in ("jumprelu", "topk") for tp in (1, 2)]
-    tasks += [dict(kind="collectives", tp=tp, activation=a, out=p(f"collectives_{a}_tp{tp}.json"))
-              for a in ("jumprelu", "topk") for tp in (1, 2)]
-    tasks += [dict(kind="mismatch", argv=argv(small_cache, p("mismatch")), out=p("mismatch_{rank}.txt"))]
+    tasks = [
+        train("tp2", tp=2),
+        train("tp2_bt", tp=2, **bt),
+        train("tp2_plt", tp=2, **plt),
+        train("dp2"),
+        train("tp2_cut", tp=2, stop_at=10),
+        train("tp2_cut", tp=2, resume=True),
+        dict(kind="reshard", tp=2, path=p("tp2"), out=p("reshard.safetensors")),
+    ]
+    tasks += [
+        dict(kind="grads", tp=tp, activation=a, out=p(f"grads_{a}_tp{tp}_{{rank}}.safetensors"))
+        for a in ("jumprelu", "topk")
+        for tp in (1, 2)
+    ]
+    tasks += [
+        dict(kind="collectives", tp=tp, activation=a, out=p(f"collectives_{a}_tp{tp}.json"))
+        for a in ("jumprelu", "topk")
+        for tp in (1, 2)
+    ]
+    tasks += [
+        dict(kind="mismatch", argv=argv(small_cache, p("mismatch")), out=p("mismatch_{rank}.txt"))
+    ]
     rc, out, err = torchrun(2, tasks, root)
     assert rc == 0, out[-2000:] + err[-4000:]
     T.train(config(small_cache, p("ref")))
@@ -206,9 +243,11 @@ def assert_same_run(ref, other):
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(20))
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm"):
-            assert abs(x[key] - y[key]) <= ATOL * max(1.0, abs(x[key])), (key, x["step"], x[key], y[key])
+            why = (key, x["step"], x[key], y[key])
+            assert abs(x[key] - y[key]) <= ATOL * max(1.0, abs(x[key])), why
     assert a[-1]["eval"]["recovered"] == pytest.approx(b[-1]["eval"]["recovered"], abs=1e-4)
-    full, dist = CrossLayerTranscoder.from_pretrained(ref), CrossLayerTranscoder.from_pretrained(other)
+    full = CrossLayerTranscoder.from_pretrained(ref)
+    dist = CrossLayerTranscoder.from_pretrained(other)
     for (name, u), (_, v) in zip(full.state_dict().items(), dist.state_dict().items()):
         torch.testing.assert_close(v, u, atol=ATOL, rtol=ATOL, msg=name)
 
@@ -233,7 +272,9 @@ def test_a_per_layer_transcoder_with_skip_and_tp2_equals_one_process(runs):
 def test_the_export_reshards(runs):
     """The consolidated TP=2 export, loaded again at TP=2, gives the outputs of the same export at TP=1."""
     _, out = CrossLayerTranscoder.from_pretrained(runs("tp2"))(batch(7)[0] * 4)
-    torch.testing.assert_close(load_file(runs("reshard.safetensors"))["out"], out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        load_file(runs("reshard.safetensors"))["out"], out, atol=1e-6, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
@@ -245,6 +286,7 @@ def test_gradients_are_not_multiplied_by_tp_nor_clipped_per_rank(runs, activatio
     assert ref_norm > 0.5  # so the clip (to 0.5) is active
     tp2 = [load_file(runs(f"grads_{activation}_tp2_{r}.safetensors")) for r in range(2)]
     dp2 = [load_file(runs(f"grads_{activation}_tp1_{r}.safetensors")) for r in range(2)]
+
     def close(a, b, name):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -268,7 +310,8 @@ def test_a_step_between_log_steps_has_one_bookkeeping_collective(runs, activatio
     with open(runs(f"collectives_{activation}_tp{tp}.json")) as f:
         counts = json.load(f)
     if tp == 2:  # dp = 1: no gradient average
-        expected = dict(all_reduce=2) if activation == "jumprelu" else dict(all_reduce=3, all_gather=2)
+        topk = dict(all_reduce=3, all_gather=2)
+        expected = dict(all_reduce=2) if activation == "jumprelu" else topk
     else:  # dp = 2: no TP collective
         expected = dict(all_reduce=2)
     assert counts == expected
@@ -277,7 +320,10 @@ def test_a_step_between_log_steps_has_one_bookkeeping_collective(runs, activatio
 def test_every_rank_refuses_a_rank_with_other_flags(runs):
     for rank in range(2):
         with open(runs(f"mismatch_{rank}.txt")) as f:
-            assert "ranks [1] have another command line or cache than rank 0: every node must run" in f.read()
+            refused = (
+                "ranks [1] have another command line or cache than rank 0: every node must run"
+            )
+            assert refused in f.read()
     assert not os.path.exists(runs("mismatch"))  # refused before anything was written
 
 
@@ -285,6 +331,7 @@ def test_every_rank_refuses_a_rank_with_other_flags(runs):
 def mesh4(small_cache, runs):  # noqa: F811
     """TP = 2 x DP = 2, four processes (on 2 cores): a run cut at step 10 and resumed (the steps before
     and after the cut both have to equal one process's)."""
+
     def train(**kw):
         return dict(kind="train", argv=argv(small_cache, runs("mesh4"), tp=2, **kw))
 
@@ -305,8 +352,14 @@ def test_two_launchers_on_one_machine_equal_one_process(small_cache, runs, tmp_p
     tasks = [dict(kind="train", argv=argv(small_cache, tmp_path / "nodes2"))]
     nodes = []
     for r in range(2):
-        flags = ["--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=clt-forge-test"]
+        flags = [
+            "--nnodes=2",
+            f"--node-rank={r}",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=clt-forge-test",
+        ]
         nodes.append(launcher(flags, tasks, str(tmp_path), f"node{r}"))
     for node in nodes:
         out, err = node.communicate(timeout=300)
@@ -317,9 +370,13 @@ def test_two_launchers_on_one_machine_equal_one_process(small_cache, runs, tmp_p
 
 
 def test_resuming_with_another_mesh_is_refused(runs):
-    with pytest.raises(ValueError, match=r"\(dp, tp\) = \(1, 2\) mesh of 2 processes, this run has 1: resume with "
-                                         r"torchrun --nproc_per_node=2"):
-        T.train(T.TrainConfig(**{**vars(config("", runs("tp2_cut"))), "cache": read_cache(runs), "resume": True}))
+    with pytest.raises(
+        ValueError,
+        match=r"\(dp, tp\) = \(1, 2\) mesh of 2 processes, this run has 1: resume with "
+        r"torchrun --nproc_per_node=2",
+    ):
+        cfg = {**vars(config("", runs("tp2_cut"))), "cache": read_cache(runs), "resume": True}
+        T.train(T.TrainConfig(**cfg))
 
 
 def read_cache(runs):
@@ -331,8 +388,8 @@ def test_a_stuck_rank_times_out_with_a_clear_error(small_cache, tmp_path):  # no
     """Rank 1 stops answering; rank 0's next collective fails after --timeout-s with a message, and
     torchrun ends the job. (A rank that crashes outright is ended by torchrun itself, which names it.)"""
     t0 = time.time()
-    rc, _, err = torchrun(2, [dict(kind="stall", argv=argv(small_cache, tmp_path, timeout_s=3, eval_every=-1))],
-                          str(tmp_path))
+    stall = dict(kind="stall", argv=argv(small_cache, tmp_path, timeout_s=3, eval_every=-1))
+    rc, _, err = torchrun(2, [stall], str(tmp_path))
     assert rc != 0 and time.time() - t0 < 50
     assert "a collective waited longer than --timeout-s 3" in err, err[-3000:]
 

@@ -1,4 +1,5 @@
 """Tests for the CLT module (clt.py, cross-layer transcoder section) and single-process training (train.py)."""
+
 import json
 import os
 import random
@@ -19,7 +20,9 @@ torch.set_num_threads(1)
 
 
 def small_clt(activation="relu", L=3, d=8, F=32, k=4, seed=0):
-    return CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation, k=k), seed)
+    return CrossLayerTranscoder(
+        CLTConfig(n_layers=L, d_model=d, n_features=F, activation=activation, k=k), seed
+    )
 
 
 def perturb(clt, seed=1):
@@ -49,7 +52,8 @@ def test_encode_decode_match_a_naive_loop_over_layer_pairs(activation):
             z = (x[b, l] * clt.input_scale[l]) @ clt.W_enc[l] + clt.b_enc[l]
             a = torch.relu(z) if activation == "relu" else z * (z > clt.threshold[l])
             torch.testing.assert_close(acts[b, l], a, atol=1e-6, rtol=1e-5)
-        for dst in range(L):  # every source layer src <= dst writes to dst through W_dec[src][:, dst - src]
+        # every source layer src <= dst writes to dst through W_dec[src][:, dst - src]
+        for dst in range(L):
             y = clt.b_dec[dst].clone()
             for src in range(dst + 1):
                 for f in range(F):
@@ -62,7 +66,8 @@ def test_encode_decode_match_a_naive_loop_over_layer_pairs(activation):
 
 def test_jumprelu_straight_through_gradients_follow_the_formula():
     eps = 0.5
-    z = torch.tensor([[0.05, 0.2, 0.6, 1.4], [0.45, -0.3, 0.35, 0.9]], requires_grad=True)  # (B=2, F=4)
+    z = [[0.05, 0.2, 0.6, 1.4], [0.45, -0.3, 0.35, 0.9]]
+    z = torch.tensor(z, requires_grad=True)  # (B=2, F=4)
     theta = torch.tensor([0.1, 0.3, 0.5, 1.0], requires_grad=True)
     g = torch.tensor([[1.0, 2.0, -1.0, 0.5], [3.0, 1.0, 2.0, -2.0]])
     (JumpReLUFunction.apply(z, theta, eps) * g).sum().backward()
@@ -70,7 +75,8 @@ def test_jumprelu_straight_through_gradients_follow_the_formula():
     torch.testing.assert_close(z.grad, g * (z.detach() > theta.detach()))
     inside = ((z.detach() - theta.detach()).abs() < eps / 2).float()
     torch.testing.assert_close(theta.grad, (g * -(theta.detach() / eps) * inside).sum(0))
-    assert theta.grad.abs().sum() > 0 and (inside == 0).any()  # both branches of the kernel are exercised
+    # both branches of the kernel are exercised
+    assert theta.grad.abs().sum() > 0 and (inside == 0).any()
 
 
 def test_topk_and_batchtopk_give_exact_sparsity():
@@ -107,8 +113,15 @@ def test_save_load_round_trip_is_exact(tmp_path, activation):
     clt.fold_normalization()  # save_pretrained folds; with scales of one the round trip is bit-exact
     clt.save_pretrained(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors", "W_enc_0.safetensors",
-                     "W_enc_1.safetensors", "W_enc_2.safetensors", "config.json"]
+    assert names == [
+        "W_dec_0.safetensors",
+        "W_dec_1.safetensors",
+        "W_dec_2.safetensors",
+        "W_enc_0.safetensors",
+        "W_enc_1.safetensors",
+        "W_enc_2.safetensors",
+        "config.json",
+    ]
     back = CrossLayerTranscoder.from_pretrained(tmp_path)
     assert back.config == clt.config
     for (name, a), (_, b) in zip(clt.state_dict().items(), back.state_dict().items()):
@@ -122,7 +135,9 @@ def test_tp_shards_are_slices_of_the_full_model(tmp_path):
     shards = [CrossLayerTranscoder(full.config, 3, Mesh(tp=4, tp_rank=r)) for r in range(4)]
     torch.testing.assert_close(torch.cat([s.W_enc for s in shards], -1), full.W_enc, rtol=0, atol=0)
     for l in range(3):
-        torch.testing.assert_close(torch.cat([s.W_dec[l] for s in shards], 0), full.W_dec[l], rtol=0, atol=0)
+        torch.testing.assert_close(
+            torch.cat([s.W_dec[l] for s in shards], 0), full.W_dec[l], rtol=0, atol=0
+        )
     perturb(full).fold_normalization()
     full.save_pretrained(tmp_path)
     part = CrossLayerTranscoder.from_pretrained(tmp_path, Mesh(tp=4, tp_rank=1))
@@ -135,13 +150,14 @@ def test_tp_shards_are_slices_of_the_full_model(tmp_path):
 def test_the_init_drawn_in_blocks_is_one_draw_sliced():
     """At F = 2^16 the init is drawn in several blocks per tensor (each rank keeps only its part):
     the same numbers as one draw from the seeded generator, sliced."""
-    config = CLTConfig(n_layers=2, d_model=64, n_features=2 ** 16, activation="relu")
+    config = CLTConfig(n_layers=2, d_model=64, n_features=2**16, activation="relu")
     shards = [CrossLayerTranscoder(config, 7, Mesh(tp=4, tp_rank=r)) for r in range(4)]
     g = torch.Generator().manual_seed(7)
-    W_enc = (torch.rand(2 * 64, 2 ** 16, generator=g) * 2 - 1) * 2 ** -8  # (L·d, F), bound 1/sqrt(F)
-    W_dec0 = (torch.rand(2 ** 16, 2 * 64, generator=g) * 2 - 1) * 128 ** -0.5  # (F, 2·d), bound 1/sqrt(L·d)
-    assert torch.equal(torch.cat([s.W_enc for s in shards], -1), W_enc.view(2, 64, 2 ** 16))
-    assert torch.equal(torch.cat([s.W_dec[0] for s in shards], 0), W_dec0.view(2 ** 16, 2, 64))
+    W_enc = (torch.rand(2 * 64, 2**16, generator=g) * 2 - 1) * 2**-8  # (L·d, F), bound 1/sqrt(F)
+    # (F, 2·d), bound 1/sqrt(L·d)
+    W_dec0 = (torch.rand(2**16, 2 * 64, generator=g) * 2 - 1) * 128**-0.5
+    assert torch.equal(torch.cat([s.W_enc for s in shards], -1), W_enc.view(2, 64, 2**16))
+    assert torch.equal(torch.cat([s.W_dec[0] for s in shards], 0), W_dec0.view(2**16, 2, 64))
 
 
 def test_bad_config_is_refused():
@@ -160,7 +176,8 @@ def test_bad_config_is_refused():
 def make_model_dir(path, n_layer=2, n_embd=16, seed=0):
     """A seeded random GPT with a byte-level tokenizer (256 bytes + <|endoftext|>, no merges)."""
     torch.manual_seed(seed)
-    GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, n_ctx=32, vocab_size=257)).save_pretrained(path)
+    cfg = GPTConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, n_ctx=32, vocab_size=257)
+    GPT(cfg).save_pretrained(path)
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump({**vocab, ENDOFTEXT: 256}, f)
@@ -178,8 +195,18 @@ def make_cache(root, n_layer=2, n_embd=16, tokens=6000):
     with open(os.path.join(root, "corpus.txt"), "w") as f:
         f.write(ENDOFTEXT.join(docs))
     out = os.path.join(root, "cache")
-    cache_lib.build_cache(cache_lib.CacheConfig(model=model, corpus=os.path.join(root, "corpus.txt"), tokens=tokens,
-                                                ctx=32, out=out, heldout=0.1, shard_tokens=2048, device="cpu"))
+    cache_lib.build_cache(
+        cache_lib.CacheConfig(
+            model=model,
+            corpus=os.path.join(root, "corpus.txt"),
+            tokens=tokens,
+            ctx=32,
+            out=out,
+            heldout=0.1,
+            shard_tokens=2048,
+            device="cpu",
+        )
+    )
     return out
 
 
@@ -189,8 +216,19 @@ def small_cache(tmp_path_factory):
 
 
 def config(cache, out, **kw):
-    base = dict(cache=cache, out=str(out), features=64, steps=20, batch_size=128, warmup=5, eval_every=10,
-                eval_contexts=8, log_every=1, ckpt_every=10, device="cpu")
+    base = dict(
+        cache=cache,
+        out=str(out),
+        features=64,
+        steps=20,
+        batch_size=128,
+        warmup=5,
+        eval_every=10,
+        eval_contexts=8,
+        log_every=1,
+        ckpt_every=10,
+        device="cpu",
+    )
     return T.TrainConfig(**{**base, **kw})
 
 
@@ -205,7 +243,9 @@ def read_metrics(out):
 
 def test_resume_equals_an_uninterrupted_run(small_cache, tmp_path):
     T.train(config(small_cache, tmp_path / "full", activation="topk", k=4, dead_tokens=300))
-    T.train(config(small_cache, tmp_path / "cut", activation="topk", k=4, dead_tokens=300, stop_at=10))
+    T.train(
+        config(small_cache, tmp_path / "cut", activation="topk", k=4, dead_tokens=300, stop_at=10)
+    )
     assert not os.path.exists(tmp_path / "cut" / "config.json")  # stopped early: no export yet
     assert json.load(open(tmp_path / "cut" / "checkpoints" / "latest.json"))["step"] == 10
     T.train(config(small_cache, tmp_path / "cut", steps=20, resume=True))
@@ -213,7 +253,8 @@ def test_resume_equals_an_uninterrupted_run(small_cache, tmp_path):
     assert [m["step"] for m in cut] == list(range(20))
     assert any(m["aux"] > 0 for m in full)  # AuxK and the dead-feature clocks took part
     for a, b in zip(full, cut):
-        assert (a["loss"], a["grad_norm"], a["dead"]) == (b["loss"], b["grad_norm"], b["dead"]), a["step"]
+        same = ("loss", "grad_norm", "dead")
+        assert [a[k] for k in same] == [b[k] for k in same], a["step"]
     for name in ("W_enc_1", "W_dec_0"):
         a, b = (load_file(tmp_path / run / f"{name}.safetensors") for run in ("full", "cut"))
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -224,20 +265,36 @@ def tiny_cache(tmp_path_factory):
     if not os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")):
         pytest.skip("models/tiny is not in this checkout")
     out = str(tmp_path_factory.mktemp("tiny") / "cache")
-    cache_lib.build_cache(cache_lib.CacheConfig(model=DEFAULT_MODEL, corpus="toy", tokens=12000, heldout=0.1,
-                                                out=out, device="cpu"))
+    cache_lib.build_cache(
+        cache_lib.CacheConfig(
+            model=DEFAULT_MODEL, corpus="toy", tokens=12000, heldout=0.1, out=out, device="cpu"
+        )
+    )
     return out
 
 
 def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
     """150 steps on 12k tokens of models/tiny (the default recipe, smaller): FVU, L0 and the spliced loss."""
-    m = T.train(config(tiny_cache, tmp_path, features=512, steps=150, batch_size=256, lr=3e-3, warmup=20,
-                       eval_every=150, eval_contexts=16, ckpt_every=-1))
+    m = T.train(
+        config(
+            tiny_cache,
+            tmp_path,
+            features=512,
+            steps=150,
+            batch_size=256,
+            lr=3e-3,
+            warmup=20,
+            eval_every=150,
+            eval_contexts=16,
+            ckpt_every=-1,
+        )
+    )
     first = read_metrics(tmp_path)[0]
     assert min(first["fvu"]) > 0.5 and max(m["fvu"]) < 0.12, (first["fvu"], m["fvu"])
     assert sum(m["l0"]) / 4 < 25, m["l0"]
-    assert m["eval"]["recovered"] > 0.9 and m["eval"]["ce_zero"] > m["eval"]["ce_clean"] + 2, m["eval"]
-    assert max(m["eval"]["fvu"]) < 0.15 and sum(m["eval"]["l0"]) / 4 < 25, m["eval"]  # held out, inference mode
+    e = m["eval"]
+    assert e["recovered"] > 0.9 and e["ce_zero"] > e["ce_clean"] + 2, e
+    assert max(e["fvu"]) < 0.15 and sum(e["l0"]) / 4 < 25, e  # held out, inference mode
     clt = CrossLayerTranscoder.from_pretrained(tmp_path)  # the export works on raw activations
     cache = cache_lib.ActivationCache(tiny_cache)
     x, y, *_ = cache.read(*cache.split_range("heldout"))
@@ -245,9 +302,12 @@ def test_a_short_run_on_the_tiny_model_learns_a_good_clt(tiny_cache, tmp_path):
     assert fvu.max() < 0.15, fvu
 
 
-def test_a_loss_term_registered_in_LOSSES_alone_is_trained_and_logged(small_cache, tmp_path, monkeypatch):
+def test_a_loss_term_registered_in_LOSSES_alone_is_trained_and_logged(
+    small_cache, tmp_path, monkeypatch
+):
     """The fork point for a loss term: one entry in train.LOSSES, nothing else. It is logged under its
     name, summed into the loss, and its gradient trains the CLT."""
+
     def l1(f, c):  # a toy term over this rank's features: the mean L1 norm of the activations
         return 0.01 * f.acts.float().abs().sum((1, 2)).mean()
 
@@ -257,7 +317,9 @@ def test_a_loss_term_registered_in_LOSSES_alone_is_trained_and_logged(small_cach
     base, rows = read_metrics(tmp_path / "base"), read_metrics(tmp_path / "l1")
     assert "l1" not in base[0] and all(r["l1"] > 0 for r in rows)
     for r in rows:
-        assert r["loss"] == pytest.approx(r["mse"] + r["sparsity"] + r["preact"] + r["aux"] + r["l1"])
+        assert r["loss"] == pytest.approx(
+            r["mse"] + r["sparsity"] + r["preact"] + r["aux"] + r["l1"]
+        )
     assert rows[0]["mse"] == base[0]["mse"]  # the same first batch and init ...
     assert rows[-1]["mse"] != base[-1]["mse"]  # ... then the term's gradient changed the weights
 
@@ -280,10 +342,12 @@ def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
             return torch.ones(len(mlp_in), 2, 3), self.s * out  # "3 active features per layer"
 
     perfect, zero = T.evaluate(gpt, Stub(1.0), contexts), T.evaluate(gpt, Stub(0.0), contexts)
-    assert abs(perfect["recovered"] - 1) < 1e-5 and abs(perfect["ce_spliced"] - perfect["ce_clean"]) < 1e-5
+    assert abs(perfect["recovered"] - 1) < 1e-5
+    assert abs(perfect["ce_spliced"] - perfect["ce_clean"]) < 1e-5
     assert max(perfect["fvu"]) < 1e-10 and perfect["l0"] == [3, 3] and min(zero["fvu"]) > 1 - 1e-5
     assert abs(zero["recovered"]) < 1e-5 and abs(zero["ce_spliced"] - zero["ce_zero"]) < 1e-5
-    assert abs(zero["ce_zero"] - zero["ce_clean"]) > 0.01  # zeroing the MLPs changes the loss: the test has teeth
+    # zeroing the MLPs changes the loss: the test has teeth
+    assert abs(zero["ce_zero"] - zero["ce_clean"]) > 0.01
     assert abs(perfect["kl_spliced"]) < 1e-5 and abs(perfect["delta_ce"]) < 1e-5
     assert zero["kl_spliced"] == pytest.approx(zero["kl_zero"]) and zero["kl_zero"] > 0.01
 
@@ -297,7 +361,7 @@ def test_bad_input_gives_clear_errors(small_cache, tmp_path):
     with pytest.raises(ValueError, match="--features 0"):
         T.train(config(small_cache, tmp_path / "c", features=0))
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        T.train(config(small_cache, tmp_path / "d", batch_size=10 ** 6))
+        T.train(config(small_cache, tmp_path / "d", batch_size=10**6))
     with pytest.raises(FileNotFoundError, match="python cache.py"):
         T.train(config(str(tmp_path / "nowhere"), tmp_path / "e"))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -306,7 +370,11 @@ def test_bad_input_gives_clear_errors(small_cache, tmp_path):
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(small_cache, tmp_path):
     with pytest.raises(FloatingPointError, match=r"at step (\d+) \(layers \[0"):
-        T.train(config(small_cache, tmp_path, lr=1e30, warmup=1, grad_clip=-1, ckpt_every=1, eval_every=-1))
+        T.train(
+            config(
+                small_cache, tmp_path, lr=1e30, warmup=1, grad_clip=-1, ckpt_every=1, eval_every=-1
+            )
+        )
     latest = json.load(open(tmp_path / "checkpoints" / "latest.json"))
     bad = read_metrics(tmp_path)[-1]["step"] + 1  # the step that failed logged nothing
     assert latest["step"] == bad  # its checkpoint holds the weights from before the failing step

@@ -3,6 +3,7 @@
 Crashes are real: a subprocess kills itself with SIGKILL (kill -9: no exception handler, no cleanup)
 at the n-th call of a function, e.g. while the final export is being written.
 """
+
 import json
 import os
 import shutil
@@ -40,8 +41,9 @@ run_main(lambda: train.main(sys.argv[4:]))
 
 def flags(cache, out, *more):
     """train.py flags of a small CPU run (no spliced-loss evaluation, to stay fast)."""
-    return ["--cache", cache, "--out", str(out), "--features", "64", "--steps", "20", "--batch-size", "128",
-            "--warmup", "5", "--eval-every", "-1", "--log-every", "1", "--ckpt-every", "10", "--device", "cpu", *more]
+    run = "--features 64 --steps 20 --batch-size 128 --warmup 5 --eval-every -1 --log-every 1 "
+    run += "--ckpt-every 10 --device cpu"
+    return ["--cache", cache, "--out", str(out), *run.split(), *more]
 
 
 def run_train(argv, killed_at=None):
@@ -93,17 +95,26 @@ def test_resume_refuses_changed_shape_or_optimizer_flags(small_cache, tmp_path):
     T.train(small(small_cache, out, stop_at=10))
     rows = read_metrics(out)
     resume = ["--resume", "--out", str(out)]
-    with pytest.raises(ValueError, match=r"--features 128 \(checkpoint: 64\) differ from the run in .*: drop these "
-                                         r"flags to resume it, or start a new run in another --out"):
+    with pytest.raises(
+        ValueError,
+        match=r"--features 128 \(checkpoint: 64\) differ from the run in .*: drop these "
+        r"flags to resume it, or start a new run in another --out",
+    ):
         T.main(resume + ["--features", "128"])
-    with pytest.raises(ValueError, match=r"--activation topk \(checkpoint: jumprelu\), --lr 0.01 \(checkpoint: 0.001"):
+    with pytest.raises(
+        ValueError,
+        match=r"--activation topk \(checkpoint: jumprelu\), --lr 0.01 \(checkpoint: 0.001",
+    ):
         T.main(resume + ["--lr", "0.01", "--activation", "topk"])
     with pytest.raises(ValueError, match="pass one of them"):
         T.main(resume + ["--overwrite"])
-    with pytest.raises(ValueError, match="--steps 5 is below the checkpoint's step 10 .*: pass --steps 10 or more"):
+    with pytest.raises(
+        ValueError, match="--steps 5 is below the checkpoint's step 10 .*: pass --steps 10 or more"
+    ):
         T.main(resume + ["--steps", "5"])
-    assert latest_step(out) == 10 and read_metrics(out) == rows  # the refused commands wrote nothing
-    T.main(resume + ["--features", "64", "--steps", "30"])  # the same value is fine; --steps may change
+    assert latest_step(out) == 10 and read_metrics(out) == rows  # the refused ones wrote nothing
+    # the same value is fine; --steps may change
+    T.main(resume + ["--features", "64", "--steps", "30"])
     assert latest_step(out) == 30
     with open(out / "training.json") as f:
         assert json.load(f)["train_config"]["steps"] == 30
@@ -112,15 +123,20 @@ def test_resume_refuses_changed_shape_or_optimizer_flags(small_cache, tmp_path):
 def test_resume_refuses_another_cache(small_cache, tmp_path):  # noqa: F811
     T.train(small(small_cache, tmp_path / "run", stop_at=10))
     other = make_cache(str(tmp_path), tokens=3000)
-    with pytest.raises(ValueError, match=r"--cache .* is not the cache the run in .* was trained on \(it differs in "
-                                         r"\[.*'tokens'\]\): resume with that cache"):
+    with pytest.raises(
+        ValueError,
+        match=r"--cache .* is not the cache the run in .* was trained on \(it differs in "
+        r"\[.*'tokens'\]\): resume with that cache",
+    ):
         T.train(small(other, tmp_path / "run", resume=True))
 
 
 def test_a_cache_of_another_model_is_refused(small_cache, tmp_path):  # noqa: F811
     """Same shape, other weights: the spliced loss would silently be of the wrong model."""
     other = make_model_dir(tmp_path / "other", seed=1)
-    with pytest.raises(ValueError, match="was made from another model than .*: pass the --model it was made from"):
+    with pytest.raises(
+        ValueError, match="was made from another model than .*: pass the --model it was made from"
+    ):
         T.train(small(small_cache, tmp_path / "run", model=other))
     assert not os.path.exists(tmp_path / "run")
 
@@ -137,13 +153,18 @@ def test_a_new_run_never_takes_over_another_runs_out(small_cache, tmp_path):  # 
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {out} holds a run ({out}/checkpoints/latest.json): pass --resume to continue it, "
-        "another --out, or --overwrite to replace it")
+        "another --out, or --overwrite to replace it"
+    )
     assert latest_step(out) == 20 and read_metrics(out) == rows
     # --overwrite, killed at its first step (before any checkpoint): the old run is gone, not resumable
-    killed = run_train(flags(small_cache, out, "--seed", "1", "--overwrite"), killed_at=("train", "train_step", 1))
+    killed = run_train(
+        flags(small_cache, out, "--seed", "1", "--overwrite"), killed_at=("train", "train_step", 1)
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert read_metrics(out) == [] and not os.path.exists(out / "config.json")
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint .*: start the run without --resume"):
+    with pytest.raises(
+        FileNotFoundError, match="no complete checkpoint .*: start the run without --resume"
+    ):
         T.train(small(small_cache, out, resume=True))
 
 
@@ -155,7 +176,9 @@ def test_a_kill_during_the_final_export_is_repaired_by_resume(small_cache, tmp_p
     out = tmp_path / "run"
     T.train(small(small_cache, out))  # a whole export at step 20
     # continued to step 30, killed while writing the 3rd of its 4 layer files: two saves mixed
-    killed = run_train(["--resume", "--out", str(out), "--steps", "30"], killed_at=("clt", "save_safetensors", 3))
+    killed = run_train(
+        ["--resume", "--out", str(out), "--steps", "30"], killed_at=("clt", "save_safetensors", 3)
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert latest_step(out) == 30
     with pytest.raises(ValueError, match="comes from another save"):
@@ -185,5 +208,6 @@ def test_checkpoint_files_are_fsynced(small_cache, tmp_path, monkeypatch):  # no
         pytest.skip("needs /proc to name the fsynced files")
     monkeypatch.setattr(os, "fsync", recording)
     T.train(small(small_cache, tmp_path, steps=2, ckpt_every=1))
-    for name in ("tp0-mesh1x1.safetensors.tmp", "latest.json.tmp", "metrics.jsonl", "training.json.tmp"):
+    fsynced = ("tp0-mesh1x1.safetensors.tmp", "latest.json.tmp", "metrics.jsonl")
+    for name in (*fsynced, "training.json.tmp"):
         assert name in synced, (name, synced)
