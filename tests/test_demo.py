@@ -57,3 +57,20 @@ def test_small_sizes_yield_to_explicit_flags():
     assert demo.sized(demo.DemoConfig(small=True)).tokens == demo.SMALL["tokens"]
     assert demo.sized(demo.DemoConfig(small=True, tokens=5000)).tokens == 5000
     assert demo.sized(demo.DemoConfig()).tokens == demo.DemoConfig.tokens
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    """The README's ```python block, as printed, on a freshly initialized transcoder of models/tiny."""
+    from clt import CLTConfig, CrossLayerTranscoder
+    from model import load_model
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        example = f.read().split("```python\n")[1].split("```")[0]
+    config = load_model().config
+    fresh = CLTConfig(n_layers=config.n_layer, d_model=config.n_embd, n_features=64)
+    CrossLayerTranscoder(fresh).save_pretrained(str(tmp_path / "clt"))
+    code = example.replace('"runs/clt"', repr(str(tmp_path / "clt")))
+    assert code != example
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "replacement score" in proc.stdout and proc.stdout.count("layer ") == 5, proc.stdout
