@@ -46,7 +46,7 @@ from forge import corpora, shards
 from forge.cli import arg, parse_config, run_main
 from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 from forge.shards import MANIFEST, verify  # noqa: F401 (train.py and tests import them from here)
-from model import GPT
+from model import load_model
 
 PREFETCH = 8  # batches a reader reads ahead of the consumer, on its worker threads
 
@@ -83,7 +83,7 @@ def build_cache(cfg: CacheConfig):
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPT.from_pretrained(model_dir).to(device)
+    model = load_model(model_dir).to(device)
     shards.check_config(cfg, model.config.n_ctx)
     enc = load_tokenizer(model_dir)
     L = model.config.n_layer

@@ -48,7 +48,7 @@ from clt import CrossLayerTranscoder, load_transcoder
 from forge import cli, graphcli, graphfile
 from forge.graphcli import encode_prompt
 from forge.graphfile import Graph, load_explanations
-from model import Frozen, GPT
+from model import GPT, Frozen, load_model
 from parallel import Mesh, all_reduce_sum, broadcast, compute_init, make_mesh
 
 # -----------------------------------------------------------------------------
@@ -493,7 +493,7 @@ def run_graph(cfg):
     mesh = make_mesh(ddp, world, 1, device)  # all ranks data-parallel: rows split, model whole
     if rank == 0:
         print(asdict(cfg) | dict(world=world))
-    model, clt, enc = graphcli.load(cfg, device, GPT.from_pretrained, load_transcoder)
+    model, clt, enc = graphcli.load(cfg, device, load_model, load_transcoder)
     idx = encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)

@@ -51,7 +51,7 @@ from forge.concepts import concept_table, toy_world_concepts
 from forge.interpfile import Padded, SparseCounter, check_clt, decode_gram, empty_top, merge_top
 from forge.interpfile import n_digits, ngram_keys, padded_chunks, write_outputs
 from forge.hub import load_tokenizer
-from model import GPT
+from model import load_model
 
 # -----------------------------------------------------------------------------
 # config
@@ -392,7 +392,7 @@ def near_firing(fire_ext, doc, w, lo, hi):
 def load_inputs(cfg):
     """The GPT, its tokenizer, the CLT and the cache; refuses a CLT or cache of another model."""
     model_dir = cfg.model or ActivationCache(cfg.cache).manifest["model"]
-    model = GPT.from_pretrained(model_dir)
+    model = load_model(model_dir)
     enc = load_tokenizer(model_dir)
     cache = ActivationCache(cfg.cache, model=model)  # checks the model's sha256 (manifest)
     clt = CrossLayerTranscoder.from_pretrained(cfg.clt).to(cfg.device)

@@ -31,7 +31,7 @@ import torch
 from clt import CrossLayerTranscoder, load_transcoder
 from forge import cli, graphcli
 from graph import reconstruct, replacement_forward
-from model import Acts, Frozen, GPT
+from model import GPT, Acts, Frozen, load_model
 
 FREEZE = ("none", "attention", "all")
 
@@ -200,7 +200,7 @@ def main(argv=None):
     configs = {"intervene": graphcli.InterveneConfig, "generate": graphcli.GenerateConfig}
     command, cfg = cli.parse_config(__doc__, configs, argv)
     print(asdict(cfg))
-    model, clt, enc = graphcli.load(cfg, cfg.device, GPT.from_pretrained, load_transcoder)
+    model, clt, enc = graphcli.load(cfg, cfg.device, load_model, load_transcoder)
     idx = graphcli.encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(cfg.device)
     ivs = graphcli.parse_interventions(cfg.intervene, Intervention, command == "intervene")
     layers = graphcli.parse_layers(cfg.layers, clt.config.n_layers)

@@ -75,14 +75,14 @@ class GenerateConfig(RunConfig):
     seed: int = arg(0, "random seed for sampling (both continuations draw alike)")
 
 
-def load(cfg, device, from_pretrained, load_transcoder):
+def load(cfg, device, load_model, load_transcoder):
     """cfg.model and its transcoder cfg.clt in any layout, by the loaders passed in, refused if
     made for another model (shapes, fingerprint), and the tokenizer -> (model, clt, enc)."""
     if not os.path.exists(cfg.clt):
         cache = "python cache.py --model models/tiny --corpus toy --out runs/cache"
         fix = f"train one first, `{cache} && python train.py` (writes runs/clt), or pass --clt DIR"
         raise FileNotFoundError(f"no CLT at {cfg.clt}: {fix}")
-    model = from_pretrained(cfg.model)
+    model = load_model(cfg.model)
     clt = load_transcoder(cfg.clt, model).to(device)
     check_compatible(model.to(device), clt)
     check_same_model(model, clt.config.model_sha256, f"the CLT {cfg.clt}")
