@@ -289,14 +289,14 @@ def evaluate(gpt, clt, contexts, batch=16):
         rec["y_sum"] += y.sum(0)
         rec["y_sq"] += y.pow(2).sum((0, 2))
         hat = torch.cat([bos, y_hat.view(B, T - 1, L, d)], 1)  # (B, T, L, d)
-        runs = [logits, gpt(idx, mlp_out=hat)]  # the clean GPT, the first (open) pass
+        first = hat  # the open pass: every layer reads the clean run's mlp_in
         for _ in range(L - 1):
             mlp_in = gpt.run_with_acts(idx, mlp_out=hat)[1].mlp_in  # (B, T, L, d)
             hat = torch.cat([bos, clt(mlp_in[:, 1:].flatten(0, 1))[1].view(B, T - 1, L, d)], 1)
-        runs.append(gpt(idx, mlp_out=hat))  # spliced
-        runs.append(gpt(idx, mlp_out=torch.cat([bos, torch.zeros_like(hat[:, 1:])], 1)))  # zero
-        for i, x in enumerate(runs):  # summed next-token CE and KL(clean ‖ x), the BOS unscored
-            logp = x[:, 1:-1].float().log_softmax(-1)  # (B, T-2, V)
+        zero = torch.cat([bos, torch.zeros_like(hat[:, 1:])], 1)  # the MLPs zeroed, the BOS's kept
+        for i, h in enumerate([None, first, hat, zero]):  # clean, open, spliced, zero; BOS unscored
+            x = logits if h is None else gpt(idx, mlp_out=h)  # one run's logits at a time
+            logp = x[:, 1:-1].float().log_softmax(-1)  # (B, T-2, V): summed CE and KL(clean ‖ x)
             sums[2 * i] += F.nll_loss(logp.flatten(0, 1), idx[:, 2:].flatten(), reduction="sum")
             sums[2 * i + 1] += F.kl_div(logp, clean_logp, log_target=True, reduction="sum")
     clt.train()
