@@ -46,7 +46,7 @@ from clt import CLTConfig, CrossLayerTranscoder
 from forge import checkpoint
 from forge.cli import arg, run_main
 from forge.runlog import RunLog, to_host
-from model import GPT
+from model import load_model
 from parallel import all_reduce_sum, average_gradients, compute_init, make_mesh, mesh_sum
 
 
@@ -348,7 +348,7 @@ def train(config: TrainConfig, given=None):
     checkpoint.check_resume(c, meta, world, cache.manifest, device)  # and the same on every rank
     mesh = make_mesh(ddp, world, c.tp, device)
     checkpoint.check_flags(c, cache, mesh)
-    gpt, contexts = checkpoint.eval_inputs(c, cache, GPT.from_pretrained, device)
+    gpt, contexts = checkpoint.eval_inputs(c, cache, load_model, device)
     clt, opt = build(c, cache, mesh, device)
     clocks = torch.zeros(cache.n_layers, c.features, dtype=torch.long, device=device)  # (L, F)
     state = dict(step=0, since_fired=clocks, first_bad=torch.tensor(-1, device=device))
