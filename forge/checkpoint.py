@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from forge.cli import add_config_args
 from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
+from forge.formats import read_clt_config
 from forge.hub import load_tokenizer
 from forge.runlog import step_line
 from forge.shards import MANIFEST
@@ -219,11 +220,10 @@ def check_finite(m, step, out, terms):
         return
     bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
     values = {k: m[k] for k in terms}
-    where = os.path.join(out, CKPT_DIR)
     raise FloatingPointError(
         f"non-finite loss {m['loss']} at step {int(first_bad)} (layers {bad or 'none'} have "
         f"a non-finite reconstruction error at step {step}; terms {values}); the last good "
-        f"checkpoint is in {where}: lower --lr or resume from it"
+        f"checkpoint is in {os.path.join(out, CKPT_DIR)}: lower --lr or resume from it"
     )
 
 
@@ -268,8 +268,7 @@ def claim_out(c, master):
     if found and master:
         if os.path.exists(latest):
             os.remove(latest)  # from here on nothing can resume the old run
-        if os.path.isdir(os.path.join(c.out, CKPT_DIR)):
-            shutil.rmtree(os.path.join(c.out, CKPT_DIR))
+        shutil.rmtree(os.path.join(c.out, CKPT_DIR), ignore_errors=True)  # if there is one
         for name in os.listdir(c.out):
             layer = name.startswith(("W_enc_", "W_dec_")) and name.endswith(".safetensors")
             if name in RUN_FILES or layer:
@@ -331,8 +330,7 @@ def finish(c, clt, metrics, meta, end, mesh, master):
     full = clt.consolidated()
     if master:
         full.save_pretrained(c.out)
-        with open(os.path.join(c.out, "config.json")) as f:
-            export_id = json.load(f)["export_id"]
+        export_id = read_clt_config(c.out, type(clt.config))[1]
         done = dict(step=c.steps, export_id=export_id, train_config=asdict(c), final=metrics)
         write_json(os.path.join(c.out, "training.json"), done)
         kind = "CLT" if c.decoder == "cross-layer" else "per-layer transcoder"
@@ -347,8 +345,7 @@ def export_is_whole(c, clt, mesh):
     try:
         with open(os.path.join(c.out, "training.json")) as f:
             done = json.load(f)
-        with open(os.path.join(c.out, "config.json")) as f:
-            export_id = json.load(f).get("export_id")
+        export_id = read_clt_config(c.out, type(clt.config))[1]
         type(clt).from_pretrained(c.out, mesh)
     except (FileNotFoundError, ValueError):  # a JSONDecodeError is a ValueError
         return False
