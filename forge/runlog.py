@@ -68,25 +68,24 @@ class RunLog:
         self.tokens = c.batch_size
         self.device = device
         self.wandb = DummyWandb()
+        if self.master:
+            where = f"world {mesh.dp * mesh.tp} = dp {mesh.dp} x tp {mesh.tp} | device {device}"
+            print(f"train.py | {where} | {asdict(c)}")
+            if c.wandb:
+                import wandb  # only when asked: wandb is optional
+
+                run = dict(project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out)
+                self.wandb = wandb.init(**run)
+            kept = []
+            if start > 0 and os.path.exists(self.path):
+                with open(self.path) as f:  # whole lines only
+                    kept = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start]
+            with atomic_path(self.path) as tmp:
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
         steps = range(start, end)  # this invocation's; the bar shows the ETA, the last row's line
         self.bar = tqdm(steps, initial=start, total=c.steps, disable=not self.master, desc="train")
         self.lap(start)
-        if not self.master:
-            return
-        where = f"world {mesh.dp * mesh.tp} = dp {mesh.dp} x tp {mesh.tp} | device {device}"
-        print(f"train.py | {where} | {asdict(c)}")
-        if c.wandb:
-            import wandb  # only when asked: wandb is optional
-
-            run = dict(project=c.wandb, id=run_id, resume="allow", config=asdict(c), dir=c.out)
-            self.wandb = wandb.init(**run)
-        kept = []
-        if start > 0 and os.path.exists(self.path):
-            with open(self.path) as f:  # whole lines only
-                kept = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start]
-        with atomic_path(self.path) as tmp:
-            with open(tmp, "w") as f:
-                f.writelines(kept)
 
     def lap(self, done):
         """Restart the clock: the next row's time per step counts from here, `done` steps in."""
