@@ -78,8 +78,8 @@ class TrainConfig:
     dead_tokens: int = arg(100_000, "a feature not fired in this many tokens counts as dead")
     eval_every: int = arg(
         500,
-        "spliced-loss eval every this many steps (and at the end); -1 = never",
-        group="evaluation",
+        "spliced-loss evaluation every this many steps (and at the end); -1 = never",
+        group="evaluation, logging and checkpoints",
     )
     eval_contexts: int = arg(64, "held-out contexts for the spliced loss")
     log_every: int = arg(10, "metrics.jsonl row (a host sync) every this many steps, and at eval")
