@@ -45,7 +45,6 @@ import torch
 from forge import corpora, shards
 from forge.cli import arg, parse_config, run_main
 from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
-from forge.shards import MANIFEST, verify  # noqa: F401 (train.py and tests import them from here)
 from model import load_model
 
 PREFETCH = 8  # batches a reader reads ahead of the consumer, on its worker threads

@@ -150,14 +150,14 @@ def test_manifest_norms_match_direct_computation(int8_cache):
 def test_verify_names_a_flipped_byte(env, tmp_path):
     cfg = config(env, tmp_path / "flip")
     cache.build_cache(cfg)
-    assert cache.verify(cfg.out) == []
+    assert shards.verify(cfg.out) == []
     shard = os.path.join(cfg.out, "shard_00002.bin")
     with open(shard, "r+b") as f:
         f.seek(1000)
         b = f.read(1)
         f.seek(1000)
         f.write(bytes([b[0] ^ 1]))
-    bad = cache.verify(cfg.out)
+    bad = shards.verify(cfg.out)
     assert len(bad) == 1 and bad[0].startswith("shard_00002.bin: sha256")
     assert cache.main(["verify", cfg.out]) == 1
     with open(shard, "r+b") as f:  # a wrong magic number is caught cheaply, on opening
@@ -250,7 +250,7 @@ def test_resume_refuses_a_changed_corpus(env, tmp_path):
     resumed = cache.build_cache(
         cfg
     )  # resumes mid-batch (1024 rows = 8.5 batches of 120) and agrees
-    assert resumed["shards"] == whole["shards"] and cache.verify(cfg.out) == []
+    assert resumed["shards"] == whole["shards"] and shards.verify(cfg.out) == []
 
 
 def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(
@@ -503,4 +503,4 @@ def test_unscaled_caches_of_deeper_models_read_back(make_hub_model, tmp_path, dt
     cache.build_cache(cfg)
     r_in, r_out, *_ = cache.ActivationCache(cfg.out).read(0, 600)
     assert r_in.shape == r_out.shape == (600, 4, 32) and torch.isfinite(r_in).all()
-    assert cache.verify(cfg.out) == []
+    assert shards.verify(cfg.out) == []

@@ -102,7 +102,7 @@ def test_build_repairs_damaged_and_missing_shards_byte_identical(
         "repairing shard_00002.bin: rows" in said and "repairing shard_00004.bin: missing" in said
     )
     assert "already complete" not in said
-    assert files(out) == before and cache.verify(cfg.out) == []
+    assert files(out) == before and shards.verify(cfg.out) == []
     assert cache.build_cache(cfg)["seconds"] == 0.0  # now it is complete
     assert "already complete" in capsys.readouterr().out
 
@@ -158,7 +158,7 @@ def test_shard_names_outside_the_cache_are_refused(hub_model, corpus, tmp_path, 
     m = json.loads((out / "manifest.json").read_text())
     m["shards"][0]["file"] = name
     (out / "manifest.json").write_text(json.dumps(m))
-    for action in (cache.ActivationCache, cache.verify, lambda _: cache.build_cache(cfg)):
+    for action in (cache.ActivationCache, shards.verify, lambda _: cache.build_cache(cfg)):
         with pytest.raises(
             ValueError, match=r"lists shard 0 as .*, not 'shard_00000.bin'.*--overwrite"
         ):
@@ -182,7 +182,7 @@ def test_a_cache_of_another_format_version_is_refused_and_overwrite_rebuilds(
         ):
             action(cfg.out)
     cache.build_cache(cache.CacheConfig(**{**vars(cfg), "overwrite": True}))
-    assert cache.verify(cfg.out) == []
+    assert shards.verify(cfg.out) == []
 
 
 def test_a_bad_corpus_line_fails_the_command_line_in_one_line(hub_model, tmp_path):

@@ -25,6 +25,7 @@ import clt as C
 import graph as G
 import train as T
 import viz as V
+from forge import shards
 from model import GPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,7 +95,7 @@ def observe_cache(path, model):
     held_in = torch.cat([ch[0] for ch in heldout])
     batches = list(c.batches(64, seed=0, epochs=1))
     return dict(
-        problems=K.verify(path),
+        problems=shards.verify(path),
         n_tokens=c.n_tokens,
         dtype=c.dtype,
         shape=[c.n_layers, c.d_model],
@@ -355,7 +356,7 @@ def test_activation_cache_opens_verifies_and_reads_the_same_rows(gpt, tmp_path):
         byte = f.read(1)
         f.seek(-100, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert K.verify(path) and "shard_00001.bin" in " ".join(K.verify(path))
+    assert shards.verify(path) and "shard_00001.bin" in " ".join(shards.verify(path))
 
 
 def test_clt_export_loads_and_computes_the_same(gpt):
