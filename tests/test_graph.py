@@ -1,6 +1,7 @@
 """Attribution graphs: the replacement model is exact, every edge is a measured direct effect, the
 graph sums to its targets' inputs, pruning and scores behave, files open, interventions do what
 they say, and bad input fails clearly. Small random GPT + random CLT (b_enc raised so features fire)."""
+
 import functools
 import json
 import os
@@ -31,8 +32,12 @@ def make(dtype=torch.float32, seed=0):
     model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed).eval()
     with torch.no_grad():
-        clt.b_enc.fill_(-0.2)  # a random CLT fires on a fifth of its features here: a few hundred nodes
-        clt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))  # unfolded normalization must be handled
+        clt.b_enc.fill_(
+            -0.2
+        )  # a random CLT fires on a fifth of its features here: a few hundred nodes
+        clt.input_scale.copy_(
+            torch.tensor([1.0, 0.5, 2.0])
+        )  # unfolded normalization must be handled
         clt.output_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
     idx = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(seed))
     return model, clt.to(dtype), idx
@@ -54,7 +59,12 @@ def built():
 def test_replacement_reproduces_logits(built):
     model, clt, rep, _ = built
     logits, acts = model.run_with_acts(rep.idx)
-    frozen = model(rep.idx, frozen=rep.frozen, resid=(rep.token + rep.position)[None], mlp_out=rep.mlp_out[None])
+    frozen = model(
+        rep.idx,
+        frozen=rep.frozen,
+        resid=(rep.token + rep.position)[None],
+        mlp_out=rep.mlp_out[None],
+    )
     assert (frozen - logits).abs().max() <= 1e-5
     assert len(rep.feats) > 50 and (rep.feats[:, 1] > 0).all()  # features fire, none at BOS
     assert not rep.error[0].any()  # nor errors: the MLP outputs at BOS are bias
@@ -64,7 +74,9 @@ def test_replacement_reproduces_logits(built):
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
     a = torch.zeros(T, L, F_)
     a[p, l, f] = rep.acts
-    torch.testing.assert_close(rep.recon, clt.decode(a), atol=1e-5, rtol=0)  # the library's own decode
+    torch.testing.assert_close(
+        rep.recon, clt.decode(a), atol=1e-5, rtol=0
+    )  # the library's own decode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -73,10 +85,14 @@ def test_edges_sum_to_inputs(dtype):
     err, scale = G.exactness(model, clt, rep, graph)
     assert scale > 1 and err <= (1e-4 if dtype == torch.float32 else 1e-10)
     fs, es, ts, _, ls = graph.slices()
-    assert not graph.adjacency[es.start:ls.start].any()  # errors and embeddings have no inputs
-    assert not graph.adjacency[:, es].view(-1, L, T)[:, :, 0].any()  # the error nodes at BOS are zero
+    assert not graph.adjacency[es.start : ls.start].any()  # errors and embeddings have no inputs
+    assert (
+        not graph.adjacency[:, es].view(-1, L, T)[:, :, 0].any()
+    )  # the error nodes at BOS are zero
     layer = graph.feats[:, 0]
-    same_or_later = layer[:, None] <= layer[None, :]  # a feature reads nothing from its own layer or above
+    same_or_later = (
+        layer[:, None] <= layer[None, :]
+    )  # a feature reads nothing from its own layer or above
     assert not graph.adjacency[fs, fs][same_or_later].any()
 
 
@@ -96,7 +112,9 @@ def perturbed(model, clt, rep, graph, eps, feature=None, error=None, embed=None,
     if position is not None:
         resid[position] += eps * rep.position[position]
     before = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors))
-    after = torch.cat(G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors, resid, mlp_out))
+    after = torch.cat(
+        G.target_inputs(model, clt, rep, graph.feats, graph.target_vectors, resid, mlp_out)
+    )
     return after - before
 
 
@@ -106,12 +124,18 @@ def test_edges_match_perturbations(dtype, eps, tol):
     A, (fs, es, ts, _, ls) = graph.adjacency, graph.slices()
     targets = torch.cat([A[fs], A[ls]])  # rows of every target: features, then logits
     layer = graph.feats[:, 0]
-    cross = A[fs, fs] * (layer[:, None] >= layer[None, :] + 2)  # feature -> feature, across a whole layer
+    cross = A[fs, fs] * (
+        layer[:, None] >= layer[None, :] + 2
+    )  # feature -> feature, across a whole layer
     s_feat = cross.abs().max(0).values.argmax().item()
     s_emb = A[ls, ts].abs().max(0).values.argmax().item()
     s_err = A[fs, es].abs().max(0).values.argmax().item()
     assert cross[:, s_feat].abs().max() > 1e-3 and A[ls, ts][:, s_emb].abs().max() > 1e-3
-    for kw, col in (dict(feature=s_feat), s_feat), (dict(embed=s_emb), ts.start + s_emb), (dict(error=s_err), es.start + s_err):
+    for kw, col in (
+        (dict(feature=s_feat), s_feat),
+        (dict(embed=s_emb), ts.start + s_emb),
+        (dict(error=s_err), es.start + s_err),
+    ):
         delta = perturbed(model, clt, rep, graph, eps, **kw)
         expected = eps * targets[:, col]
         rel = (delta - expected).abs().max() / expected.abs().max()
@@ -125,8 +149,12 @@ def test_position_nodes():
     with_pos = G.attribute(model, clt, rep, batch_size=64, position_nodes=True)
     s = with_pos.slices()
     assert s.positions.stop - s.positions.start == T and s.logits.stop == len(with_pos.adjacency)
-    others = torch.cat([torch.arange(s.positions.start), torch.arange(s.logits.start, s.logits.stop)])
-    torch.testing.assert_close(with_pos.adjacency[others][:, others], graph.adjacency, atol=0, rtol=0)
+    others = torch.cat(
+        [torch.arange(s.positions.start), torch.arange(s.logits.start, s.logits.stop)]
+    )
+    torch.testing.assert_close(
+        with_pos.adjacency[others][:, others], graph.adjacency, atol=0, rtol=0
+    )
     err, scale = G.exactness(model, clt, rep, with_pos)
     assert err <= 1e-4 * scale
     A = with_pos.adjacency
@@ -144,13 +172,20 @@ def test_influence_in_blocks_is_the_matrix_inverse(monkeypatch):
     or on some rows given with their nodes."""
     monkeypatch.setattr(G, "BLOCK_ELEMENTS", 3 * 12)  # 3 rows of 12
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(12, 12, generator=g, dtype=torch.float64).tril(-1)  # edges from earlier nodes only
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64).tril(
+        -1
+    )  # edges from earlier nodes only
     w = torch.rand(12, generator=g, dtype=torch.float64)
     A_hat = G.normalized(A)
-    exact = w @ (torch.linalg.inv(torch.eye(12, dtype=torch.float64) - A_hat) - torch.eye(12, dtype=torch.float64))
+    exact = w @ (
+        torch.linalg.inv(torch.eye(12, dtype=torch.float64) - A_hat)
+        - torch.eye(12, dtype=torch.float64)
+    )
     torch.testing.assert_close(G.influence(A, w), exact)
     torch.testing.assert_close(G.influence(A_hat, w, normalize=False), exact)
-    some = torch.tensor([1, 4, 5, 9, 11])  # the nodes whose rows are given: as if the others had none
+    some = torch.tensor(
+        [1, 4, 5, 9, 11]
+    )  # the nodes whose rows are given: as if the others had none
     has_row = torch.isin(torch.arange(12), some)[:, None]
     torch.testing.assert_close(G.influence(A[some], w, some), G.influence(A * has_row, w))
 
@@ -162,7 +197,9 @@ def test_prune_and_scores(built):
     assert node_mask[ls].all() and node_mask[ts].all()
     assert 0 < node_mask[fs].sum() < len(graph.feats)  # pruning kept some features, not all
     assert not edge_mask[~node_mask].any() and not edge_mask[:, ~node_mask].any()
-    assert (edge_mask.sum(0)[:ts.start][node_mask[:ts.start]] > 0).all()  # kept features/errors have out-edges
+    assert (
+        edge_mask.sum(0)[: ts.start][node_mask[: ts.start]] > 0
+    ).all()  # kept features/errors have out-edges
     assert ((cumulative >= 0) & (cumulative <= 1 + 1e-6)).all()
     replacement, completeness = G.scores(graph)
     assert 0 <= replacement < 1 and 0 <= completeness < 1  # random CLT: errors carry influence
@@ -173,7 +210,10 @@ def test_prune_and_scores(built):
 def test_zero_error_gives_score_one():
     model, clt, idx = make()
     rep = G.local_replacement(model, clt, idx)
-    rep.mlp_out, rep.error = rep.recon, torch.zeros_like(rep.error)  # a model whose MLPs are exactly the CLT
+    rep.mlp_out, rep.error = (
+        rep.recon,
+        torch.zeros_like(rep.error),
+    )  # a model whose MLPs are exactly the CLT
     graph = G.attribute(model, clt, rep, batch_size=64)
     replacement, completeness = G.scores(graph)
     assert replacement == pytest.approx(1, abs=1e-6) and completeness == pytest.approx(1, abs=1e-6)
@@ -184,10 +224,14 @@ def test_max_features_keeps_the_most_influential(built):
     model, clt, rep, full = built
     capped = G.attribute(model, clt, rep, max_features=20, batch_size=5)
     assert len(capped.feats) == 20 and capped.n_active == len(rep.feats)
-    keep = (capped.feats[:, None] == full.feats[None]).all(-1).nonzero()[:, 1]  # capped features in the full graph
+    keep = (
+        (capped.feats[:, None] == full.feats[None]).all(-1).nonzero()[:, 1]
+    )  # capped features in the full graph
     n = len(full.feats)
     nodes = torch.cat([keep, torch.arange(n, len(full.adjacency))])
-    torch.testing.assert_close(capped.adjacency, full.adjacency[nodes][:, nodes])  # same rows, same edges
+    torch.testing.assert_close(
+        capped.adjacency, full.adjacency[nodes][:, nodes]
+    )  # same rows, same edges
     infl = G.influence(full.adjacency, full.logit_weights())[:n]
     top = infl.argsort(descending=True)[:5]
     assert set(top.tolist()) <= set(keep.tolist())  # the strongest features survive the cap
@@ -221,7 +265,12 @@ def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
     (tmp_path / "interp").mkdir()
     (tmp_path / "interp" / "features.jsonl").write_text(
-        "\n".join(json.dumps(dict(layer=l, feature=f, explanation=f"L{l}F{f}")) for l in range(L) for f in range(F_)))
+        "\n".join(
+            json.dumps(dict(layer=l, feature=f, explanation=f"L{l}F{f}"))
+            for l in range(L)
+            for f in range(F_)
+        )
+    )
     args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu"]
     G.main(args + ["--interp", str(tmp_path / "interp"), "--out", str(tmp_path / "graph")])
     assert "exactness" in capsys.readouterr().out
@@ -229,20 +278,38 @@ def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
     assert data["metadata"]["prompt_tokens"][1:] == list("Tarn␣is␣in".replace("␣", " "))
     assert data["metadata"]["pruning_settings"] == dict(node_threshold=0.8, edge_threshold=0.98)
     ids = [n["node_id"] for n in data["nodes"]]
-    assert len(ids) == len(set(ids)) and {l["source"] for l in data["links"]} | {l["target"] for l in data["links"]} <= set(ids)
+    assert len(ids) == len(set(ids)) and {l["source"] for l in data["links"]} | {
+        l["target"] for l in data["links"]
+    } <= set(ids)
     kinds = {n["feature_type"] for n in data["nodes"]}
     assert kinds >= {"cross layer transcoder", "embedding", "logit"}
     for n in data["nodes"]:
-        assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "activation", "influence", "clerp"} <= set(n)
+        assert {
+            "node_id",
+            "feature",
+            "layer",
+            "ctx_idx",
+            "feature_type",
+            "activation",
+            "influence",
+            "clerp",
+        } <= set(n)
         if n["feature_type"] == "cross layer transcoder":
             l, f, p = map(int, n["node_id"].split("_"))
             assert n["clerp"] == f"L{l}F{f}" and n["layer"] == str(l) and n["ctx_idx"] == p
     assert {n["layer"] for n in data["nodes"] if n["feature_type"] == "logit"} == {str(L + 1)}
-    assert json.loads((tmp_path / "graph" / "graph-metadata.json").read_text())["graphs"][0]["slug"] == "graph"
+    assert (
+        json.loads((tmp_path / "graph" / "graph-metadata.json").read_text())["graphs"][0]["slug"]
+        == "graph"
+    )
     full = load_file(tmp_path / "graph" / "adjacency.safetensors")
     table = json.loads((tmp_path / "graph" / "nodes.json").read_text())["nodes"]
-    assert full["adjacency"].shape == (len(table), len(table)) and sum(n["kept"] for n in table) == len(ids)
-    l, f, p = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")["node_id"].split("_")
+    assert full["adjacency"].shape == (len(table), len(table)) and sum(
+        n["kept"] for n in table
+    ) == len(ids)
+    l, f, p = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")[
+        "node_id"
+    ].split("_")
     intervene_main(["intervene"] + args + ["--intervene", f"{l}/{p}/{f}:ablate"])
     assert "p before" in capsys.readouterr().out
     with pytest.raises(ValueError, match="LAYER/POS/FEATURE"):
@@ -256,12 +323,36 @@ def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
     uncapped (one round) and with --max-features (rounds of update_interval x batch_size). One torchrun
     runs both: this file is its worker (see the end)."""
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model, seed=1)
-    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in the north", "--device", "cpu",
-            "--interp", str(tmp_path / "none"), "--batch-size", "16", "--update-interval", "2"]
-    tasks = [args + ["--max-features", cap, "--out", str(tmp_path / f"two{cap}")] for cap in ("-1", "100")]
+    args = [
+        "--model",
+        model_dir,
+        "--clt",
+        clt_dir,
+        "--prompt",
+        "Tarn is in the north",
+        "--device",
+        "cpu",
+        "--interp",
+        str(tmp_path / "none"),
+        "--batch-size",
+        "16",
+        "--update-interval",
+        "2",
+    ]
+    tasks = [
+        args + ["--max-features", cap, "--out", str(tmp_path / f"two{cap}")]
+        for cap in ("-1", "100")
+    ]
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(tmp_path / "tasks.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        str(tmp_path / "tasks.json"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -269,26 +360,41 @@ def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
     for cap in ("-1", "100"):
         G.main(args + ["--max-features", cap, "--out", str(tmp_path / f"one{cap}")])
         a, b = (load_file(tmp_path / f"{w}{cap}" / "adjacency.safetensors") for w in ("one", "two"))
-        assert torch.equal(a["features"], b["features"]) and torch.equal(a["logit_tokens"], b["logit_tokens"])
+        assert torch.equal(a["features"], b["features"]) and torch.equal(
+            a["logit_tokens"], b["logit_tokens"]
+        )
         torch.testing.assert_close(b["adjacency"], a["adjacency"], atol=1e-6, rtol=0)
-    assert len(a["features"]) == 100 < json.loads((tmp_path / "one100" / "graph.json").read_text())["metadata"][
-        "info"]["n_active_features"]
+    assert (
+        len(a["features"])
+        == 100
+        < json.loads((tmp_path / "one100" / "graph.json").read_text())["metadata"]["info"][
+            "n_active_features"
+        ]
+    )
 
 
 def test_intervention_scales_the_decoder_writes(built):
     model, clt, rep, _ = built
     idx = rep.idx
-    last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[:2, 0]  # they write only to the last MLP
+    last = ((rep.feats[:, 0] == L - 1) & (rep.feats[:, 1] == T - 1)).nonzero()[
+        :2, 0
+    ]  # they write only to the last MLP
     feats, a = rep.feats[last], rep.acts[last]
     clean, same = intervene(model, clt, idx, [Intervention(*feats[0].tolist(), "scale", 1.0)])
     torch.testing.assert_close(same, clean, atol=0, rtol=0)
     for scale in (0.0, -1.0):  # ablate both, flip both
-        out = run_intervened(model, clt, idx, [Intervention(*x, "scale", scale) for x in feats.tolist()])
+        out = run_intervened(
+            model, clt, idx, [Intervention(*x, "scale", scale) for x in feats.tolist()]
+        )
         torch.testing.assert_close(out.old, a)
         one = torch.zeros(T, L, F_)
         one[feats[:, 1], feats[:, 0], feats[:, 2]] = (scale - 1) * a
-        mlp_out = rep.mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))  # the features' writes rescaled
-        torch.testing.assert_close(out.logits[-1], model(idx, mlp_out=mlp_out[None])[0, -1], atol=1e-5, rtol=0)
+        mlp_out = (
+            rep.mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))
+        )  # the features' writes rescaled
+        torch.testing.assert_close(
+            out.logits[-1], model(idx, mlp_out=mlp_out[None])[0, -1], atol=1e-5, rtol=0
+        )
         assert (out.logits - out.clean_logits).abs().max() > 1e-4
     l, p, f = feats[0].tolist()
     with pytest.raises(ValueError, match="changed twice"):
@@ -309,7 +415,7 @@ def circuit_tracer_reference(name="graph_reference", key="clt"):
     model = GPT(GPTConfig(**meta["gpt"]))
     model.load_state_dict({k[6:]: v for k, v in ref.items() if k.startswith("model.")})
     clt = CrossLayerTranscoder(CLTConfig(**meta[key]))
-    clt.load_state_dict({k[len(key) + 1:]: v for k, v in ref.items() if k.startswith(f"{key}.")})
+    clt.load_state_dict({k[len(key) + 1 :]: v for k, v in ref.items() if k.startswith(f"{key}.")})
     return model.eval(), clt.eval(), ref["tokens"][None], ref, meta
 
 
@@ -319,11 +425,20 @@ def assert_rows_match(graph, rows, tol=1e-4):
     s = graph.slices()
     ours = torch.cat([A[s.features], A[s.logits]])  # the targets' rows
     n = len(graph.feats)
-    for name, (r, c) in {"feature": (slice(0, n), slice(None)), "logit": (slice(n, None), slice(None))}.items():
+    for name, (r, c) in {
+        "feature": (slice(0, n), slice(None)),
+        "logit": (slice(n, None), slice(None)),
+    }.items():
         scale = rows[r, c].abs().amax(1, keepdim=True)
         assert ((ours[r, c] - rows[r, c]).abs() <= tol * scale).all(), name
-    for r, c in [(s.features, s.features), (s.features, s.errors), (s.features, s.tokens), (s.logits, s.features),
-                 (s.logits, s.errors), (s.logits, s.tokens)]:
+    for r, c in [
+        (s.features, s.features),
+        (s.features, s.errors),
+        (s.features, s.tokens),
+        (s.logits, s.features),
+        (s.logits, s.errors),
+        (s.logits, s.tokens),
+    ]:
         assert A[r, c].abs().max() > 1e-3  # every edge type is there to compare
 
 
@@ -335,17 +450,29 @@ def assert_matches_circuit_tracer(name, key):
     """Our full and capped graphs of fixture `name` are circuit-tracer's: nodes, edges, scores, pruning."""
     model, clt, idx, ref, meta = circuit_tracer_reference(name, key)
     rep = G.local_replacement(model, clt, idx)
-    graph = G.attribute(model, clt, rep, batch_size=7)  # a batch size that splits (layer, position) blocks
-    assert torch.equal(graph.feats, ref["features"]) and torch.equal(graph.logit_ids, ref["logit_tokens"])
+    graph = G.attribute(
+        model, clt, rep, batch_size=7
+    )  # a batch size that splits (layer, position) blocks
+    assert torch.equal(graph.feats, ref["features"]) and torch.equal(
+        graph.logit_ids, ref["logit_tokens"]
+    )
     torch.testing.assert_close(graph.acts, ref["activations"])
     assert_rows_match(graph, ref["rows"])
     assert G.scores(graph) == pytest.approx(meta["scores"], abs=1e-4)
-    node_mask, edge_mask, cumulative, _ = G.prune(graph, 0.8, 0.98)  # and the pruned graph is theirs
+    node_mask, edge_mask, cumulative, _ = G.prune(
+        graph, 0.8, 0.98
+    )  # and the pruned graph is theirs
     assert torch.equal(node_mask, ref["node_mask"]) and torch.equal(edge_mask, ref["edge_mask"])
     torch.testing.assert_close(cumulative, ref["cumulative"], atol=1e-5, rtol=0)
     c = meta["capped"]  # circuit-tracer's rounds: the same features, in the same order of choosing
-    capped = G.attribute(model, clt, rep, max_features=c["max_features"], batch_size=c["batch_size"],
-                         update_interval=c["update_interval"])
+    capped = G.attribute(
+        model,
+        clt,
+        rep,
+        max_features=c["max_features"],
+        batch_size=c["batch_size"],
+        update_interval=c["update_interval"],
+    )
     assert torch.equal(capped.feats, ref["features"][ref["capped_features"]])
     assert_rows_match(capped, ref["capped_rows"])
     assert G.scores(capped) == pytest.approx(meta["capped_scores"], abs=1e-4)

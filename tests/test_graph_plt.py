@@ -3,13 +3,23 @@ graph is a CLT's whose cross-layer decoders are zero, and the graph stays exact 
 every target's input) and measured (each edge is the target's change when its source is scaled),
 also when the skip path, linear in the MLP input, carries part of every edge; and it is
 circuit-tracer's graph of the same PLT (tests/fixtures/graph_reference_plt.*)."""
+
 import dataclasses
 
 import pytest
 import torch
 
 import graph as G
-from test_graph import D, F_, L, T, V, assert_matches_circuit_tracer, assert_rows_match, circuit_tracer_reference
+from test_graph import (
+    D,
+    F_,
+    L,
+    T,
+    V,
+    assert_matches_circuit_tracer,
+    assert_rows_match,
+    circuit_tracer_reference,
+)
 from clt import CLTConfig, CrossLayerTranscoder
 from model import GPT, GPTConfig
 
@@ -26,10 +36,12 @@ def make(skip=False, dtype=torch.float64, seed=0):
     cross = CrossLayerTranscoder(CLTConfig(**config), seed=seed).eval()
     with torch.no_grad():
         plt.b_enc.fill_(-0.2)  # a random transcoder fires on a fifth of its features here
-        plt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))  # unfolded normalization must be handled
+        plt.input_scale.copy_(
+            torch.tensor([1.0, 0.5, 2.0])
+        )  # unfolded normalization must be handled
         plt.output_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
         if skip:  # large enough that the skip path carries a good share of every edge
-            plt.W_skip.normal_(0, 0.3 / D ** 0.5)
+            plt.W_skip.normal_(0, 0.3 / D**0.5)
         for name, t in plt.state_dict().items():
             if not name.startswith("W_dec"):
                 cross.state_dict()[name].copy_(t)
@@ -60,7 +72,9 @@ def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None)
     """Every target's change when one source is scaled by (1 + eps), by forward passes alone; the
     skip connection stays live in both (target_inputs), as it is in the replacement model."""
     resid = rep.token + rep.position
-    fixed = rep.mlp_out - rep.skip  # (T, L, d) what the nodes and biases write; the skip term is added live
+    fixed = (
+        rep.mlp_out - rep.skip
+    )  # (T, L, d) what the nodes and biases write; the skip term is added live
     if feature is not None:  # a PLT feature writes to its own layer only
         (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
         fixed[p, l] += eps * a * plt.W_dec[l][f, 0].detach() / plt.output_scale[l]
@@ -70,7 +84,9 @@ def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None)
     if embed is not None:
         resid[embed] += eps * rep.token[embed]
     before = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors))
-    after = torch.cat(G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors, resid, fixed))
+    after = torch.cat(
+        G.target_inputs(model, plt, rep, graph.feats, graph.target_vectors, resid, fixed)
+    )
     return after - before
 
 
@@ -85,15 +101,24 @@ def test_plt_graphs_are_exact_and_measured(skip):
     A, s = graph.adjacency, graph.slices()
     targets = torch.cat([A[s.features], A[s.logits]])
     layer = graph.feats[:, 0]
-    cross = A[s.features, s.features] * (layer[:, None] >= layer[None, :] + 2)  # across a whole layer
-    sources = dict(feature=cross.abs().max(0).values.argmax().item(),
-                   embed=A[s.logits, s.tokens].abs().max(0).values.argmax().item(),
-                   error=A[s.features, s.errors].abs().max(0).values.argmax().item())
-    columns = dict(feature=sources["feature"], embed=s.tokens.start + sources["embed"],
-                   error=s.errors.start + sources["error"])
+    cross = A[s.features, s.features] * (
+        layer[:, None] >= layer[None, :] + 2
+    )  # across a whole layer
+    sources = dict(
+        feature=cross.abs().max(0).values.argmax().item(),
+        embed=A[s.logits, s.tokens].abs().max(0).values.argmax().item(),
+        error=A[s.features, s.errors].abs().max(0).values.argmax().item(),
+    )
+    columns = dict(
+        feature=sources["feature"],
+        embed=s.tokens.start + sources["embed"],
+        error=s.errors.start + sources["error"],
+    )
     for kind, i in sources.items():
         expected = 1e-3 * targets[:, columns[kind]]
-        assert expected.abs().max() > 1e-7, kind  # the source reaches some target: the check has teeth
+        assert expected.abs().max() > 1e-7, (
+            kind
+        )  # the source reaches some target: the check has teeth
         delta = perturbed(model, plt, rep, graph, 1e-3, **{kind: i})
         assert (delta - expected).abs().max() <= 1e-6 * expected.abs().max(), kind
 
@@ -103,14 +128,20 @@ def test_the_skip_path_carries_edges():
     graph differs from the one where the skip output is frozen into the error nodes."""
     model, plt, _, idx = make(skip=True)
     rep, graph = graph_of(model, plt, idx)
-    frozen = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_, decoder="per-layer"))
+    frozen = CrossLayerTranscoder(
+        CLTConfig(n_layers=L, d_model=D, n_features=F_, decoder="per-layer")
+    )
     frozen = frozen.to(torch.float64).eval()
     frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
-    rep_f = G.local_replacement(model, frozen, idx)  # its error nodes hold the skip output, as constants
+    rep_f = G.local_replacement(
+        model, frozen, idx
+    )  # its error nodes hold the skip output, as constants
     torch.testing.assert_close(rep_f.error[1:], (rep.error + rep.skip)[1:])
     s = graph.slices()
     no_skip = G.attribute(model, frozen, rep_f, batch_size=32)
-    difference = (graph.adjacency[s.logits, s.tokens] - no_skip.adjacency[s.logits, s.tokens]).abs().max()
+    difference = (
+        (graph.adjacency[s.logits, s.tokens] - no_skip.adjacency[s.logits, s.tokens]).abs().max()
+    )
     assert difference > 1e-3 * graph.adjacency[s.logits, s.tokens].abs().max()
 
 

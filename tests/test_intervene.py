@@ -3,6 +3,7 @@ feature adds exactly its decoder writes; in the replacement model's view (freeze
 move by exactly what the graph's edges predict; a zero intervention generates what plain greedy
 decoding generates; a logit-difference target's row is the difference of the two logit rows; bad
 specs fail with a message that names the fix. Small random GPT + random CLT (tests/test_graph.py's)."""
+
 import json
 
 import pytest
@@ -35,14 +36,22 @@ def test_steering_a_silent_feature_adds_its_decoder_writes(freeze):
     out = run_intervened(model, clt, rep.idx, [Intervention(l, p - T, f, "set", value)], freeze)
     assert out.old.tolist() == [0.0] and out.new.tolist() == [value]
     change = (out.acts.mlp_out - out.clean.mlp_out)[0]  # (T, L, d)
-    writes = clt.decoder_writes(l, torch.tensor([f]), torch.tensor([value]))[0].detach()  # (L - l, d)
-    assert not change[:, :l].any() and not change[:p].any()  # nothing below the feature's layer or before it
-    torch.testing.assert_close(change[p, l], writes[0], atol=1e-6, rtol=0)  # its own layer's MLP input is clean
+    writes = clt.decoder_writes(l, torch.tensor([f]), torch.tensor([value]))[
+        0
+    ].detach()  # (L - l, d)
+    assert (
+        not change[:, :l].any() and not change[:p].any()
+    )  # nothing below the feature's layer or before it
+    torch.testing.assert_close(
+        change[p, l], writes[0], atol=1e-6, rtol=0
+    )  # its own layer's MLP input is clean
     if freeze == "all":  # every MLP output held: the change is the writes, exactly, everywhere
         torch.testing.assert_close(change[p, l:], writes, atol=1e-6, rtol=0)
-        assert not change[p + 1:].any()
+        assert not change[p + 1 :].any()
     else:  # the real model: later MLPs respond to the change, later positions too
-        assert (change[p, l + 1:] - writes[1:]).abs().max() > 1e-4 and change[p + 1:].abs().max() > 1e-4
+        assert (change[p, l + 1 :] - writes[1:]).abs().max() > 1e-4 and change[
+            p + 1 :
+        ].abs().max() > 1e-4
     assert (out.logits - out.clean_logits)[p:].abs().max() > 1e-4
 
 
@@ -58,7 +67,9 @@ def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
         rep, graph = test_graph_plt.graph_of(model, clt, idx)
     s = graph.slices()
     A = graph.adjacency
-    top = A[s.logits, s.features].abs().sum(0).topk(3).indices  # the 3 features with the largest logit edges
+    top = (
+        A[s.logits, s.features].abs().sum(0).topk(3).indices
+    )  # the 3 features with the largest logit edges
     ivs = [Intervention(*graph.feats[i].tolist(), "ablate") for i in top.tolist()]
     out = run_intervened(model, clt, rep.idx, ivs, freeze="all")
     torch.testing.assert_close(out.old, graph.acts[top])
@@ -68,9 +79,13 @@ def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
     assert predicted.abs().max() > 1e-2
     torch.testing.assert_close(moved, predicted, atol=1e-5, rtol=0)
     l, p, f = graph.feats.T
-    pre_change = (clt.pre_acts(out.acts.mlp_in[0]) - clt.pre_acts(out.clean.mlp_in[0]))[p, l, f]  # (n,)
+    pre_change = (clt.pre_acts(out.acts.mlp_in[0]) - clt.pre_acts(out.clean.mlp_in[0]))[
+        p, l, f
+    ]  # (n,)
     torch.testing.assert_close(pre_change, -A[s.features][:, top].sum(1), atol=1e-5, rtol=0)
-    real = intervene(model, clt, rep.idx, ivs, freeze="none")[1][-1]  # the real model's MLPs respond
+    real = intervene(model, clt, rep.idx, ivs, freeze="none")[1][
+        -1
+    ]  # the real model's MLPs respond
     assert (real - new).abs().max() > 1e-4
 
 
@@ -86,23 +101,33 @@ def test_freezing_and_layer_ranges():
     later = run_intervened(model, clt, rep.idx, ivs, "all", layers=(1, L))  # not mlp_out[0]
     change = (later.acts.mlp_out - later.clean.mlp_out)[0, p]  # (L, d)
     assert not change[0].any()
-    torch.testing.assert_close(change[1:], (runs["all"].acts.mlp_out - runs["all"].clean.mlp_out)[0, p, 1:],
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        change[1:],
+        (runs["all"].acts.mlp_out - runs["all"].clean.mlp_out)[0, p, 1:],
+        atol=1e-6,
+        rtol=0,
+    )
     _, same = intervene(model, clt, rep.idx, [Intervention(l, p, f, "add", 0.0)], "attention")
     torch.testing.assert_close(same, runs["none"].clean_logits, atol=0, rtol=0)
 
 
 def test_parse_interventions():
     ivs = parse_interventions("2/-1/7=1.5, 0/3/9*-1,1/2/4+0.25,2/1/3:ablate,0/1/1=0", Intervention)
-    assert ivs == [Intervention(2, -1, 7, "set", 1.5), Intervention(0, 3, 9, "scale", -1.0),
-                   Intervention(1, 2, 4, "add", 0.25), Intervention(2, 1, 3, "ablate", 0.0),
-                   Intervention(0, 1, 1, "set", 0.0)]
+    assert ivs == [
+        Intervention(2, -1, 7, "set", 1.5),
+        Intervention(0, 3, 9, "scale", -1.0),
+        Intervention(1, 2, 4, "add", 0.25),
+        Intervention(2, 1, 3, "ablate", 0.0),
+        Intervention(0, 1, 1, "set", 0.0),
+    ]
     for bad in ("1-2-3", "1/2/3", "1/2/3=x", "1/2/3:zero", "1/2/3=1,", "a/2/3=1"):
         with pytest.raises(ValueError, match="LAYER/POS/FEATURE=VALUE"):
             parse_interventions(bad, Intervention)
     for bad in (f"{L}/0/0=1", f"0/{T}/0=1", f"0/{-T - 1}/0=1", f"0/0/{F_}=1"):
         with pytest.raises(ValueError, match=f"need 0 <= layer < {L}, -{T} <= pos < {T}"):
-            check_interventions(parse_interventions(bad, Intervention), T, CLTConfig(n_layers=L, n_features=F_))
+            check_interventions(
+                parse_interventions(bad, Intervention), T, CLTConfig(n_layers=L, n_features=F_)
+            )
     model, clt, rep, _ = build()
     with pytest.raises(ValueError, match="changed twice"):
         intervene(model, clt, rep.idx, parse_interventions(f"0/1/2=1,0/{1 - T}/2*2", Intervention))
@@ -128,13 +153,26 @@ def test_a_zero_intervention_generates_what_greedy_decoding_does():
     for ivs in ([], [Intervention(l, -1, f, "scale", 1.0)], [Intervention(l, p, f, "add", 0.0)]):
         clean, steered = generate(model, clt, rep.idx, ivs, 8, every_token=True)
         assert torch.equal(clean, greedy) and torch.equal(steered, greedy)
-    sampled = [generate(model, clt, rep.idx, [Intervention(l, -1, f, "scale", 1.0)], 8, temperature=1.0,
-                          top_k=20, seed=3) for _ in range(2)]
+    sampled = [
+        generate(
+            model,
+            clt,
+            rep.idx,
+            [Intervention(l, -1, f, "scale", 1.0)],
+            8,
+            temperature=1.0,
+            top_k=20,
+            seed=3,
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(sampled[0][0], sampled[0][1]) and torch.equal(sampled[0][0], sampled[1][0])
     steer = [Intervention(0, -1, silent_feature(rep, 0, T - 1), "set", 50.0)]
     once = generate(model, clt, rep.idx, steer, 8)[1]
     every = generate(model, clt, rep.idx, steer, 8, every_token=True)[1]
-    assert once[0, T] == every[0, T] and not torch.equal(once, every)  # the same first token, then it steers on
+    assert once[0, T] == every[0, T] and not torch.equal(
+        once, every
+    )  # the same first token, then it steers on
     assert not torch.equal(every, greedy)
     with pytest.raises(ValueError, match="n_ctx=32"):
         generate(model, clt, rep.idx, [], 32 - T + 1)
@@ -142,12 +180,17 @@ def test_a_zero_intervention_generates_what_greedy_decoding_does():
 
 def test_command_lines_intervene_and_generate(tmp_path, capsys, make_hub_model):
     from test_graph import write_model_and_clt
+
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
     args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu"]
-    intervene_main(["intervene", *args, "--intervene", "1/-1/3=4,0/2/5*2", "--freeze", "all", "--layers", "1:"])
+    intervene_main(
+        ["intervene", *args, "--intervene", "1/-1/3=4,0/2/5*2", "--freeze", "all", "--layers", "1:"]
+    )
     out = capsys.readouterr().out
     assert "feature 1/-1/3" in out and "-> 4 (set 4)" in out and "p before" in out
-    intervene_main(["generate", *args, "--intervene", "2/-1/7+9", "--every-token", "--max-new-tokens", "5"])
+    intervene_main(
+        ["generate", *args, "--intervene", "2/-1/7+9", "--every-token", "--max-new-tokens", "5"]
+    )
     out = capsys.readouterr().out
     assert "clean:" in out and "intervened:" in out and "5 tokens in" in out
     with pytest.raises(ValueError, match="intervene needs --intervene"):
@@ -162,21 +205,40 @@ def test_command_lines_intervene_and_generate(tmp_path, capsys, make_hub_model):
 
 def test_a_logit_difference_row_is_the_difference_of_the_logit_rows():
     model, clt, rep, graph = build()
-    a, b = graph.logit_ids[:2].tolist() if len(graph.logit_ids) > 1 else (graph.logit_ids[0].item(), 7)
-    both = G.attribute(model, clt, rep, batch_size=64, targets=G.token_targets(model, rep.logits, torch.tensor([a, b])))
+    a, b = (
+        graph.logit_ids[:2].tolist() if len(graph.logit_ids) > 1 else (graph.logit_ids[0].item(), 7)
+    )
+    both = G.attribute(
+        model,
+        clt,
+        rep,
+        batch_size=64,
+        targets=G.token_targets(model, rep.logits, torch.tensor([a, b])),
+    )
     W = model.wte.weight.detach()
-    diff = G.attribute(model, clt, rep, batch_size=64, targets=G.custom_target(model, W[a] - W[b], "a - b"))
+    diff = G.attribute(
+        model, clt, rep, batch_size=64, targets=G.custom_target(model, W[a] - W[b], "a - b")
+    )
     s2, s1 = both.slices(), diff.slices()
-    rows2, row1 = both.adjacency[s2.logits, :s2.logits.start], diff.adjacency[s1.logits, :s1.logits.start]
+    rows2, row1 = (
+        both.adjacency[s2.logits, : s2.logits.start],
+        diff.adjacency[s1.logits, : s1.logits.start],
+    )
     assert torch.equal(both.feats, diff.feats) and row1.abs().max() > 1e-2
-    torch.testing.assert_close(row1[0], rows2[0] - rows2[1], atol=1e-5 * rows2.abs().max().item(), rtol=0)
+    torch.testing.assert_close(
+        row1[0], rows2[0] - rows2[1], atol=1e-5 * rows2.abs().max().item(), rtol=0
+    )
     assert diff.logit_ids.tolist() == [model.config.vocab_size] and diff.target_labels == ["a - b"]
     err, scale = G.exactness(model, clt, rep, diff)  # its row + bias = its input, as for a logit
     assert err <= 1e-4 * scale
     replacement, completeness = G.scores(diff)
     assert 0 < replacement < 1 and 0 < completeness < 1 and G.prune(diff)[0][s1.features].any()
-    same = G.attribute(model, clt, rep, batch_size=64, targets=G.token_targets(model, rep.logits, graph.logit_ids))
-    torch.testing.assert_close(same.adjacency, graph.adjacency, atol=0, rtol=0)  # the default is token targets
+    same = G.attribute(
+        model, clt, rep, batch_size=64, targets=G.token_targets(model, rep.logits, graph.logit_ids)
+    )
+    torch.testing.assert_close(
+        same.adjacency, graph.adjacency, atol=0, rtol=0
+    )  # the default is token targets
     with pytest.raises(ValueError, match=r"shape \(32,\)"):
         G.custom_target(model, torch.zeros(3), "bad")
 
@@ -184,9 +246,20 @@ def test_a_logit_difference_row_is_the_difference_of_the_logit_rows():
 def test_command_line_targets(tmp_path, capsys, make_hub_model):
     from safetensors.torch import load_file, save_file
     from test_graph import write_model_and_clt
+
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
-    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu",
-            "--interp", str(tmp_path / "none")]
+    args = [
+        "--model",
+        model_dir,
+        "--clt",
+        clt_dir,
+        "--prompt",
+        "Tarn is in",
+        "--device",
+        "cpu",
+        "--interp",
+        str(tmp_path / "none"),
+    ]
     G.main([*args, "--target-diff", "a|b", "--out", str(tmp_path / "diff")])
     assert 'Output "a" - "b" (logit difference)' in capsys.readouterr().out
     data = json.loads((tmp_path / "diff" / "graph.json").read_text())
@@ -197,44 +270,91 @@ def test_command_line_targets(tmp_path, capsys, make_hub_model):
     a, b, c = (enc.encode(x)[0] for x in "abc")
     W = model.wte.weight.detach()
     save_file({"direction": W[a] - W[b]}, str(tmp_path / "dir.safetensors"))
-    G.main([*args, "--target-direction", str(tmp_path / "dir.safetensors"), "--out", str(tmp_path / "dir")])
+    G.main(
+        [
+            *args,
+            "--target-direction",
+            str(tmp_path / "dir.safetensors"),
+            "--out",
+            str(tmp_path / "dir"),
+        ]
+    )
     by_diff, by_file = (load_file(tmp_path / w / "adjacency.safetensors") for w in ("diff", "dir"))
     torch.testing.assert_close(by_file["adjacency"], by_diff["adjacency"], atol=1e-6, rtol=0)
-    G.main([*args, "--target", "diff:a|b", "--out", str(tmp_path / "named")])  # --target-diff through TARGETS
+    G.main(
+        [*args, "--target", "diff:a|b", "--out", str(tmp_path / "named")]
+    )  # --target-diff through TARGETS
     by_name = load_file(tmp_path / "named" / "adjacency.safetensors")
     torch.testing.assert_close(by_name["adjacency"], by_diff["adjacency"], atol=0, rtol=0)
     G.main([*args, "--target-tokens", "a|b|c", "--out", str(tmp_path / "set")])
-    assert load_file(tmp_path / "set" / "adjacency.safetensors")["logit_tokens"].tolist() == [a, b, c]
+    assert load_file(tmp_path / "set" / "adjacency.safetensors")["logit_tokens"].tolist() == [
+        a,
+        b,
+        c,
+    ]
     save_file({"x": W[0], "y": W[1]}, str(tmp_path / "two.safetensors"))
     save_file({"x": W[:2]}, str(tmp_path / "wide.safetensors"))
-    for flags, message in ((["--target-diff", "ab|c"], "is 2 tokens"), (["--target-diff", "a"], "two tokens as A|B"),
-                           (["--target-tokens", "a|a"], "twice"), (["--target-diff", "a|b", "--target-tokens", "c"],
-                                                                   "give one of"),
-                           (["--target-direction", str(tmp_path / "two.safetensors")], "save exactly one"),
-                           (["--target-direction", str(tmp_path / "wide.safetensors")], r"shape \(32,\)")):
+    for flags, message in (
+        (["--target-diff", "ab|c"], "is 2 tokens"),
+        (["--target-diff", "a"], "two tokens as A|B"),
+        (["--target-tokens", "a|a"], "twice"),
+        (["--target-diff", "a|b", "--target-tokens", "c"], "give one of"),
+        (["--target-direction", str(tmp_path / "two.safetensors")], "save exactly one"),
+        (["--target-direction", str(tmp_path / "wide.safetensors")], r"shape \(32,\)"),
+    ):
         with pytest.raises(ValueError, match=message):
             G.main([*args, *flags, "--out", str(tmp_path / "bad")])
     with pytest.raises(FileNotFoundError, match="save_file"):
         G.main([*args, "--target-direction", str(tmp_path / "none.safetensors")])
 
 
-def test_a_target_registered_in_TARGETS_alone_is_a_command_line_target(tmp_path, make_hub_model, monkeypatch):
+def test_a_target_registered_in_TARGETS_alone_is_a_command_line_target(
+    tmp_path, make_hub_model, monkeypatch
+):
     """A fork adds a kind of output node with one entry in graph.TARGETS; --target NAME:SPEC reaches it."""
     from safetensors.torch import load_file, save_file
     from test_graph import write_model_and_clt
+
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
 
-    def unembedding_row(spec, model, enc, rep):  # a toy target: token spec's unembedding row, not centered
+    def unembedding_row(
+        spec, model, enc, rep
+    ):  # a toy target: token spec's unembedding row, not centered
         return G.custom_target(model, model.wte.weight[int(spec)].detach(), f"toy {spec}")
 
     monkeypatch.setitem(G.TARGETS, "toy", unembedding_row)
-    args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu",
-            "--interp", str(tmp_path / "none")]
+    args = [
+        "--model",
+        model_dir,
+        "--clt",
+        clt_dir,
+        "--prompt",
+        "Tarn is in",
+        "--device",
+        "cpu",
+        "--interp",
+        str(tmp_path / "none"),
+    ]
     G.main([*args, "--target", "toy:7", "--out", str(tmp_path / "toy")])
     data = json.loads((tmp_path / "toy" / "graph.json").read_text())
-    assert [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"] == ["toy 7"] == data["metadata"]["info"]["targets"]
-    save_file({"row": GPT.from_pretrained(model_dir).wte.weight[7].detach()}, str(tmp_path / "row.safetensors"))
-    G.main([*args, "--target-direction", str(tmp_path / "row.safetensors"), "--out", str(tmp_path / "row")])
+    assert (
+        [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"]
+        == ["toy 7"]
+        == data["metadata"]["info"]["targets"]
+    )
+    save_file(
+        {"row": GPT.from_pretrained(model_dir).wte.weight[7].detach()},
+        str(tmp_path / "row.safetensors"),
+    )
+    G.main(
+        [
+            *args,
+            "--target-direction",
+            str(tmp_path / "row.safetensors"),
+            "--out",
+            str(tmp_path / "row"),
+        ]
+    )
     toy, by_file = (load_file(tmp_path / w / "adjacency.safetensors") for w in ("toy", "row"))
     assert toy["adjacency"].abs().max() > 0
     torch.testing.assert_close(toy["adjacency"], by_file["adjacency"], atol=0, rtol=0)
