@@ -11,7 +11,7 @@ Each stage is the very command a researcher would type, printed before it runs, 
 also the tutorial for running the scripts one by one. It is a script rather than a Makefile target
 because the stages pass paths and sizes to each other and should read as one procedure.
 
-    python demo.py                  # the README's first command: DEMO_TIME on 2 idle CPU cores
+    python demo.py                  # the README's first command: 3 minutes (179 s) on 2 idle cores
     python demo.py --small          # a reduced run that checks the plumbing (CI): ~30 s
     python demo.py --out runs/demo  # where everything goes (default runs/)
 """
@@ -45,15 +45,15 @@ class DemoConfig:
 SMALL = dict(tokens=20_000, features=256, steps=60, max_features=300)
 # seconds each stage takes on 2 idle CPU cores (python demo.py), for the ETA; --small takes a share
 SECONDS = {
-    "1/5 activation cache": 40,
-    "2/5 train the CLT": 120,
-    "3/5 LLM-free autointerp": 40,
-    "4/5 attribution graph": 10,
-    "5/5 pictures: feature pages": 10,
-    "5/5 pictures: graph": 2,
+    "1/5 activation cache": 11,
+    "2/5 train the CLT": 114,
+    "3/5 LLM-free autointerp": 41,
+    "4/5 attribution graph": 3,
+    "5/5 pictures: feature pages": 4,
+    "5/5 pictures: graph": 3,
     "5/5 pictures: training curves": 3,
 }
-SMALL_SHARE = 0.15
+SMALL_SHARE = 0.18
 
 
 def sized(c: DemoConfig):
