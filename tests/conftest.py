@@ -1,7 +1,12 @@
 """Shared fixtures: a small random GPT-2 in the hub layout with a byte-level tokenizer, made the way
 models/build_tiny.py makes the shipped one (toyworld.save_tokenizer), so tests read as what they
-check."""
+check, and the helpers more than one test file uses."""
 
+import json
+import shutil
+import subprocess
+
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +49,49 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
+# corpora and caches
+
+WORDS = "the cat sat on a mat then the dog ran far away into hills where nobody went".split()
+
+
+def docs(n, seed=0):
+    """n random documents of 3 to 39 words from WORDS."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(3, 40))) for _ in range(n)]
+
+
+def mark_unfinished(cache_dir, n_shards=2):
+    """Rewrite a cache's manifest as if the build had been killed after `n_shards` shards."""
+    path = cache_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(m, complete=False, shards=m["shards"][:n_shards])))
+
+
+# -----------------------------------------------------------------------------
+# pages in a real browser, when Chromium is installed
+
+needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="headless Chromium is not installed (apt-get install chromium)",
+)
+HEADLESS = [
+    "chromium",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium(tmp_path, *flags, check=True):
+    """Headless Chromium with a fresh profile under tmp_path and `flags` -> the finished process."""
+    profile = f"--user-data-dir={tmp_path / 'chrome'}"
+    return subprocess.run(
+        [*HEADLESS, profile, *flags], check=check, capture_output=True, text=True, timeout=120
+    )

@@ -5,18 +5,11 @@ byte-identical for every source."""
 import json
 import sys
 
-import numpy as np
 import pytest
 
 import cache
+from conftest import docs, mark_unfinished
 from forge import corpora
-
-WORDS = "the cat sat on a mat then the dog ran far away into hills where nobody went".split()
-
-
-def docs(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, rng.integers(3, 40))) for _ in range(n)]
 
 
 def read(corpus, **kw):
@@ -57,9 +50,8 @@ def test_folder_of_jsonl_files(tmp_path):
     d = docs(90)
     for i in range(3):
         rows = [json.dumps({"content": t}) for t in d[30 * i : 30 * (i + 1)]]
-        (tmp_path / f"part{i}.jsonl").write_text(
-            "\n".join(rows) + "\n\n"
-        )  # blank lines are skipped
+        # blank lines are skipped
+        (tmp_path / f"part{i}.jsonl").write_text("\n".join(rows) + "\n\n")
     (tmp_path / "dataset_info.json").write_text("{}")  # metadata beside the data: not read
     assert read(tmp_path, text_field="content") == d
     (tmp_path / "empty").mkdir()
@@ -75,9 +67,8 @@ def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
         ".json": b'[\n"a",\n',
     }[suffix]
     path = tmp_path / f"bad{suffix}"
-    path.write_bytes(
-        good + b'"on a m\xffat"\n' + b"x" * (3 << 20)
-    )  # the bad byte on line 3, then more
+    # the bad byte on line 3, then more
+    path.write_bytes(good + b'"on a m\xffat"\n' + b"x" * (3 << 20))
     with pytest.raises(
         ValueError, match=rf"bad{suffix} line 3: invalid UTF-8 \(byte 0xff\): re-encode the file"
     ):
@@ -184,11 +175,7 @@ def test_resume_is_byte_identical(hub_model, tmp_path, source, monkeypatch):
     before = {
         p.name: p.read_bytes() for p in (tmp_path / "c").iterdir() if p.name != "manifest.json"
     }
-    manifest = tmp_path / "c" / "manifest.json"
-    m = json.loads(manifest.read_text())
-    manifest.write_text(
-        json.dumps(dict(m, complete=False, shards=m["shards"][:2]))
-    )  # as if killed after 2 shards
+    mark_unfinished(tmp_path / "c")
     for name in before:
         if name not in ("shard_00000.bin", "shard_00001.bin"):
             (tmp_path / "c" / name).unlink()
