@@ -8,21 +8,15 @@ import shlex
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import cache
+from conftest import docs
 from forge import shards
 from forge.hub import ENDOFTEXT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "the cat sat on a mat then the dog ran far away into hills where nobody went".split()
-
-
-def docs(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, rng.integers(3, 40))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +81,23 @@ def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
     good.read(lo, good.n_tokens)  # the other shards still read
 
 
-def test_build_repairs_damaged_and_missing_shards_byte_identical(
-    hub_model, corpus, tmp_path, capsys
-):
+@pytest.fixture
+def built(hub_model, corpus, tmp_path):
+    """A cache built at tmp_path/c -> (its config, its folder, its files' bytes)."""
     out = tmp_path / "c"
     cfg = config(hub_model, corpus, out)
     cache.build_cache(cfg)
-    before = files(out)
+    return cfg, out, files(out)
+
+
+def test_build_repairs_damaged_and_missing_shards_byte_identical(built, capsys):
+    cfg, out, before = built
     flip(*inside_mlp_in(out, 2))
     os.remove(out / shards.shard_name(4))
     assert cache.build_cache(cfg)["seconds"] > 0  # not "already complete"
     said = capsys.readouterr().out
-    assert (
-        "repairing shard_00002.bin: rows" in said and "repairing shard_00004.bin: missing" in said
-    )
+    assert "repairing shard_00002.bin: rows" in said
+    assert "repairing shard_00004.bin: missing" in said
     assert "already complete" not in said
     assert files(out) == before and shards.verify(cfg.out) == []
     assert cache.build_cache(cfg)["seconds"] == 0.0  # now it is complete
@@ -120,26 +117,19 @@ def test_the_repair_command_in_a_read_error_repairs(hub_model, corpus, tmp_path)
     assert files(out) == before
 
 
-def test_verify_prints_the_repair_command(hub_model, corpus, tmp_path, capsys):
-    out = tmp_path / "c"
-    cfg = config(hub_model, corpus, out)
-    cache.build_cache(cfg)
+def test_verify_prints_the_repair_command(built, capsys):
+    cfg, out, _ = built
     flip(*inside_mlp_in(out, 3))
     assert cache.main(["verify", cfg.out]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert (
-        lines[0].startswith("BAD shard_00003.bin: sha256") and "python cache.py build" in lines[-1]
-    )
+    assert lines[0].startswith("BAD shard_00003.bin: sha256")
+    assert "python cache.py build" in lines[-1]
 
 
-def test_overwrite_rebuilds_even_with_the_same_arguments(hub_model, corpus, tmp_path, capsys):
-    out = tmp_path / "c"
-    cfg = config(hub_model, corpus, out)
-    cache.build_cache(cfg)
-    before = files(out)
-    (out / "shard_00099.bin").write_bytes(
-        b"stale"
-    )  # a leftover of an older cache: --overwrite removes it
+def test_overwrite_rebuilds_even_with_the_same_arguments(built, capsys):
+    cfg, out, before = built
+    # a leftover of an older cache: --overwrite removes it
+    (out / "shard_00099.bin").write_bytes(b"stale")
     (out / "notes.txt").write_text("mine")  # not a cache file: kept
     m = cache.build_cache(cache.CacheConfig(**{**vars(cfg), "overwrite": True}))
     assert m["seconds"] > 0 and "already complete" not in capsys.readouterr().out
@@ -215,13 +205,12 @@ def test_a_bad_corpus_line_fails_the_command_line_in_one_line(hub_model, tmp_pat
         text=True,
     )
     assert r.returncode == 1
-    assert re.fullmatch(
-        f"error: {tmp_path / 'c.jsonl'} line 20: not valid JSON \\(.*\\): fix or delete that line",
-        r.stderr.strip(),
-    )  # one line, no traceback
-    names = os.listdir(
-        tmp_path / "out"
-    )  # the shards before the bad line are whole, and listed as unfinished
+    # one line, no traceback
+    bad = tmp_path / "c.jsonl"
+    said = f"error: {bad} line 20: not valid JSON \\(.*\\): fix or delete that line"
+    assert re.fullmatch(said, r.stderr.strip())
+    # the shards before the bad line are whole, and listed as unfinished
+    names = os.listdir(tmp_path / "out")
     assert not [n for n in names if n.endswith(".tmp")]
     assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
