@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cache
+from conftest import mark_unfinished
 from forge import corpora, shards
 from forge.hub import ENDOFTEXT, bytes_to_unicode, load_tokenizer
 from model import GPT, GPTConfig
@@ -219,9 +220,8 @@ def test_resume_after_kill_is_byte_identical(env, tmp_path):
     assert run_cli(args + ["--out", str(tmp_path / "run")]).wait() == 0
     assert ref.wait() == 0, ref.stderr.read().decode()
     names = sorted(os.listdir(tmp_path / "ref"))
-    assert (
-        names == sorted(os.listdir(tmp_path / "run")) and len(names) == 31
-    )  # 30 shards + manifest
+    assert names == sorted(os.listdir(tmp_path / "run"))
+    assert len(names) == 31  # 30 shards + manifest
     for name in names:
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), (
             name
@@ -232,24 +232,18 @@ def test_resume_refuses_a_changed_corpus(env, tmp_path):
     corpus = tmp_path / "c.txt"
     text = ENDOFTEXT.join(make_docs(300, seed=5))
     corpus.write_text(text)
-    cfg = config(
-        env, tmp_path / "r", corpus=str(corpus), tokens=2000, dtype="fp16"
-    )  # fp16: no channel scales
+    # fp16: no channel scales
+    cfg = config(env, tmp_path / "r", corpus=str(corpus), tokens=2000, dtype="fp16")
     whole = cache.build_cache(cfg)
-    path = tmp_path / "r" / "manifest.json"
-    m = json.loads(path.read_text())
-    path.write_text(
-        json.dumps(dict(m, complete=False, shards=m["shards"][:2]))
-    )  # as if killed after 2 shards
+    mark_unfinished(tmp_path / "r")
     corpus.write_text(ENDOFTEXT.join(make_docs(300, seed=6)))
     with pytest.raises(
         ValueError, match="now gives other tokens than those stored in shard_00001.bin"
     ):
         cache.build_cache(cfg)
     corpus.write_text(text)
-    resumed = cache.build_cache(
-        cfg
-    )  # resumes mid-batch (1024 rows = 8.5 batches of 120) and agrees
+    # resumes mid-batch (1024 rows = 8.5 batches of 120) and agrees
+    resumed = cache.build_cache(cfg)
     assert resumed["shards"] == whole["shards"] and shards.verify(cfg.out) == []
 
 
@@ -271,9 +265,7 @@ def test_manifest_rewrites_are_few_and_its_totals_cover_the_listed_shards(
     whole = cache.build_cache(cfg)
     n = len(whole["shards"])
     assert n == 75 and len(sizes) < n / 4, sizes
-    path = tmp_path / "m" / "manifest.json"
-    m = json.loads(path.read_text())
-    path.write_text(json.dumps(dict(m, complete=False, shards=m["shards"][:2])))
+    mark_unfinished(tmp_path / "m")
     resumed = cache.build_cache(cfg)
     assert resumed["shards"] == whole["shards"] and resumed["sums"]["shards"] == n
     for key in ("norm_in", "norm_out", "nmse_in", "nmse_out", "nmse_total"):
@@ -327,9 +319,10 @@ def test_rank_shares_are_disjoint_equal_and_cover(int8_cache):
     assert nb == (hi - lo) // (B * W) and all(len(s) == nb for s in shares)
     flat = np.concatenate([np.concatenate(s) for s in shares])
     assert len(np.unique(flat)) == len(flat) == nb * B * W  # disjoint
-    assert (
-        flat.min() >= lo and flat.max() < hi and hi - lo - len(flat) < B * W
-    )  # cover all but the remainder
+    # cover all but the remainder
+    assert flat.min() >= lo
+    assert flat.max() < hi
+    assert hi - lo - len(flat) < B * W
     # the ranks' batches at step g are the one-rank batch of B*W at step g: world size changes nothing
     single = rows_of(c, seed=5, **{**SHUF, "batch_size": B * W})
     for g in range(nb):
@@ -393,10 +386,10 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     assert c.batches_per_epoch(100, split="heldout") == 3
     endless = c.batches(100, seed=0, split="heldout")  # epochs=None: endless
     rows = [b.ids for _, b in zip(range(9), endless)]
-    assert len(rows) == 9 and all(
-        np.array_equal(np.sort(np.concatenate(rows[i : i + 3])), np.arange(2700, 3000))
-        for i in (0, 3, 6)
-    )  # each epoch: every held-out row once
+    assert len(rows) == 9
+    for i in (0, 3, 6):  # each epoch: every held-out row once
+        epoch = np.sort(np.concatenate(rows[i : i + 3]))
+        assert np.array_equal(epoch, np.arange(2700, 3000)), i
 
 
 def test_iter_chunks_streams_a_split_in_order(int8_cache):
@@ -441,9 +434,8 @@ def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
     m = cache.build_cache(cfg)
     assert m["n_tokens"] == 500
     _, _, tok, doc, pos = cache.ActivationCache(cfg.out).read(0, 16)
-    assert (
-        pos.tolist() == list(range(16)) and tok[0] == 259 and doc[0] == 0
-    )  # BOS kept: <|endoftext|>
+    assert pos.tolist() == list(range(16))
+    assert tok[0] == 259 and doc[0] == 0  # BOS kept: <|endoftext|>
 
 
 @pytest.mark.parametrize(
