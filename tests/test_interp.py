@@ -118,12 +118,19 @@ def window(c, r, l, f, acts, before, after):
     return [tok[j].item() for j in rows], [acts[j, l, f].item() for j in rows]
 
 
-def test_statistics_match_brute_force(gpt):
+@pytest.fixture
+def interpreted(gpt):
+    """interp.interpret of the synthetic cache with the constructed CLT -> (cache, CLT, config, stats)."""
     model, enc = gpt
     c = synthetic()
     clt = constructed_clt()
     cfg = small_cfg()
     stats, *_ = interp.interpret(model, enc, clt, c, cfg)
+    return c, clt, cfg, stats
+
+
+def test_statistics_match_brute_force(interpreted):
+    c, clt, cfg, stats = interpreted
     mlp_in, tok, doc, pos = (x[: c.n_train] for x in c.rows)
     acts = clt.encode(mlp_in).detach()  # (N, L, F): affordable here, never in interp
     fire = acts > 0
@@ -169,17 +176,13 @@ def test_statistics_match_brute_force(gpt):
                 assert found[m * G + t + 1] == k
             for (a, b), k in bi.items():
                 assert found[m * G + (b + 1) + (a + 1) * base] == k
-            assert sum(v for k, v in found.items() if k // G == m) == sum(uni.values()) + sum(
-                bi.values()
-            )
+            total = sum(v for k, v in found.items() if k // G == m)
+            assert total == sum(uni.values()) + sum(bi.values())
 
 
-def test_quantile_examples_and_histogram(gpt):
-    model, enc = gpt
-    c = synthetic()
-    clt = constructed_clt()
-    cfg = small_cfg()
-    stats, *_ = interp.interpret(model, enc, clt, c, cfg)
+def test_quantile_examples_and_histogram(gpt, interpreted):
+    _, enc = gpt
+    _, _, cfg, stats = interpreted
     ex = interpfile.examples(stats.sampled, 1, enc, cfg.before, n=3)
     assert len(ex) == 3 and [e["act"] for e in ex] == sorted((e["act"] for e in ex), reverse=True)
     assert all(e["tokens"][e["center"]] and e["acts"][e["center"]] == e["act"] for e in ex)
@@ -390,10 +393,8 @@ def test_run_writes_features_and_summary(real):
         "mean_act",
     ):
         assert key in rec
-    assert (
-        len(rec["promoted"]) == cfg.n_logit
-        and rec["promoted"][0]["logit"] >= rec["promoted"][-1]["logit"] > 0
-    )
+    assert len(rec["promoted"]) == cfg.n_logit
+    assert rec["promoted"][0]["logit"] >= rec["promoted"][-1]["logit"] > 0
     assert rec["suppressed"][0]["logit"] <= rec["suppressed"][-1]["logit"] < 0
     if rec["top_examples"]:
         ex = rec["top_examples"][0]
@@ -401,10 +402,8 @@ def test_run_writes_features_and_summary(real):
             "act"
         ] == round(rec["max_act"], 4)
     assert sum(layer["dead"] + layer["live"] for layer in summary["per_layer"]) == L * F
-    assert (
-        summary["n_train_tokens"] + summary["n_heldout_tokens"] == 2048
-        and summary["ratio_to_plain_read"] > 0
-    )
+    assert summary["n_train_tokens"] + summary["n_heldout_tokens"] == 2048
+    assert summary["ratio_to_plain_read"] > 0
     assert (real / "interp" / "summary.png").stat().st_size > 1000
 
 
@@ -541,10 +540,8 @@ def test_clt_of_another_model_is_refused(real, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()
     assert len(message) == 1 and message[0].startswith("error: the CLT")
-    assert (
-        "made from another model" in message[0]
-        and "pass the --model it was made from" in message[0]
-    )
+    assert "made from another model" in message[0]
+    assert "pass the --model it was made from" in message[0]
     assert not out.exists()  # refused before anything was written
 
 
