@@ -32,12 +32,10 @@ def make(dtype=torch.float32, seed=0):
     model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=seed).eval()
     with torch.no_grad():
-        clt.b_enc.fill_(
-            -0.2
-        )  # a random CLT fires on a fifth of its features here: a few hundred nodes
-        clt.input_scale.copy_(
-            torch.tensor([1.0, 0.5, 2.0])
-        )  # unfolded normalization must be handled
+        # a random CLT fires on a fifth of its features here: a few hundred nodes
+        clt.b_enc.fill_(-0.2)
+        # unfolded normalization must be handled
+        clt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))
         clt.output_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
     idx = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(seed))
     return model, clt.to(dtype), idx
@@ -74,9 +72,8 @@ def test_replacement_reproduces_logits(built):
     torch.testing.assert_close(pre, clt.pre_acts(acts.mlp_in[0])[p, l, f], atol=1e-5, rtol=0)
     a = torch.zeros(T, L, F_)
     a[p, l, f] = rep.acts
-    torch.testing.assert_close(
-        rep.recon, clt.decode(a), atol=1e-5, rtol=0
-    )  # the library's own decode
+    # the library's own decode
+    torch.testing.assert_close(rep.recon, clt.decode(a), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -86,13 +83,10 @@ def test_edges_sum_to_inputs(dtype):
     assert scale > 1 and err <= (1e-4 if dtype == torch.float32 else 1e-10)
     fs, es, ts, _, ls = graph.slices()
     assert not graph.adjacency[es.start : ls.start].any()  # errors and embeddings have no inputs
-    assert (
-        not graph.adjacency[:, es].view(-1, L, T)[:, :, 0].any()
-    )  # the error nodes at BOS are zero
+    assert not graph.adjacency[:, es].view(-1, L, T)[:, :, 0].any()  # error nodes at BOS are zero
     layer = graph.feats[:, 0]
-    same_or_later = (
-        layer[:, None] <= layer[None, :]
-    )  # a feature reads nothing from its own layer or above
+    # a feature reads nothing from its own layer or above
+    same_or_later = layer[:, None] <= layer[None, :]
     assert not graph.adjacency[fs, fs][same_or_later].any()
 
 
@@ -124,9 +118,8 @@ def test_edges_match_perturbations(dtype, eps, tol):
     A, (fs, es, ts, _, ls) = graph.adjacency, graph.slices()
     targets = torch.cat([A[fs], A[ls]])  # rows of every target: features, then logits
     layer = graph.feats[:, 0]
-    cross = A[fs, fs] * (
-        layer[:, None] >= layer[None, :] + 2
-    )  # feature -> feature, across a whole layer
+    # feature -> feature, across a whole layer
+    cross = A[fs, fs] * (layer[:, None] >= layer[None, :] + 2)
     s_feat = cross.abs().max(0).values.argmax().item()
     s_emb = A[ls, ts].abs().max(0).values.argmax().item()
     s_err = A[fs, es].abs().max(0).values.argmax().item()
@@ -172,9 +165,8 @@ def test_influence_in_blocks_is_the_matrix_inverse(monkeypatch):
     or on some rows given with their nodes."""
     monkeypatch.setattr(G, "BLOCK_ELEMENTS", 3 * 12)  # 3 rows of 12
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(12, 12, generator=g, dtype=torch.float64).tril(
-        -1
-    )  # edges from earlier nodes only
+    # edges from earlier nodes only
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64).tril(-1)
     w = torch.rand(12, generator=g, dtype=torch.float64)
     A_hat = G.normalized(A)
     exact = w @ (
@@ -183,9 +175,8 @@ def test_influence_in_blocks_is_the_matrix_inverse(monkeypatch):
     )
     torch.testing.assert_close(G.influence(A, w), exact)
     torch.testing.assert_close(G.influence(A_hat, w, normalize=False), exact)
-    some = torch.tensor(
-        [1, 4, 5, 9, 11]
-    )  # the nodes whose rows are given: as if the others had none
+    # the nodes whose rows are given: as if the others had none
+    some = torch.tensor([1, 4, 5, 9, 11])
     has_row = torch.isin(torch.arange(12), some)[:, None]
     torch.testing.assert_close(G.influence(A[some], w, some), G.influence(A * has_row, w))
 
@@ -197,9 +188,8 @@ def test_prune_and_scores(built):
     assert node_mask[ls].all() and node_mask[ts].all()
     assert 0 < node_mask[fs].sum() < len(graph.feats)  # pruning kept some features, not all
     assert not edge_mask[~node_mask].any() and not edge_mask[:, ~node_mask].any()
-    assert (
-        edge_mask.sum(0)[: ts.start][node_mask[: ts.start]] > 0
-    ).all()  # kept features/errors have out-edges
+    kept = node_mask[: ts.start]
+    assert (edge_mask.sum(0)[: ts.start][kept] > 0).all()  # kept features/errors have out-edges
     assert ((cumulative >= 0) & (cumulative <= 1 + 1e-6)).all()
     replacement, completeness = G.scores(graph)
     assert 0 <= replacement < 1 and 0 <= completeness < 1  # random CLT: errors carry influence
@@ -210,10 +200,9 @@ def test_prune_and_scores(built):
 def test_zero_error_gives_score_one():
     model, clt, idx = make()
     rep = G.local_replacement(model, clt, idx)
-    rep.mlp_out, rep.error = (
-        rep.recon,
-        torch.zeros_like(rep.error),
-    )  # a model whose MLPs are exactly the CLT
+    # a model whose MLPs are exactly the CLT
+    rep.mlp_out = rep.recon
+    rep.error = torch.zeros_like(rep.error)
     graph = G.attribute(model, clt, rep, batch_size=64)
     replacement, completeness = G.scores(graph)
     assert replacement == pytest.approx(1, abs=1e-6) and completeness == pytest.approx(1, abs=1e-6)
@@ -224,14 +213,12 @@ def test_max_features_keeps_the_most_influential(built):
     model, clt, rep, full = built
     capped = G.attribute(model, clt, rep, max_features=20, batch_size=5)
     assert len(capped.feats) == 20 and capped.n_active == len(rep.feats)
-    keep = (
-        (capped.feats[:, None] == full.feats[None]).all(-1).nonzero()[:, 1]
-    )  # capped features in the full graph
+    # capped features in the full graph
+    keep = (capped.feats[:, None] == full.feats[None]).all(-1).nonzero()[:, 1]
     n = len(full.feats)
     nodes = torch.cat([keep, torch.arange(n, len(full.adjacency))])
-    torch.testing.assert_close(
-        capped.adjacency, full.adjacency[nodes][:, nodes]
-    )  # same rows, same edges
+    # same rows, same edges
+    torch.testing.assert_close(capped.adjacency, full.adjacency[nodes][:, nodes])
     infl = G.influence(full.adjacency, full.logit_weights())[:n]
     top = infl.argsort(descending=True)[:5]
     assert set(top.tolist()) <= set(keep.tolist())  # the strongest features survive the cap
@@ -259,6 +246,12 @@ def write_model_and_clt(path, make_hub_model, seed=0):
         clt.b_enc.fill_(0.0)  # dense enough that pruning keeps some features on a short prompt
     clt.save_pretrained(path / "clt")
     return str(path / "model"), str(path / "clt")
+
+
+def graph_args(model_dir, clt_dir, tmp_path, prompt="Tarn is in"):
+    """graph.py's flags for a CPU run on `prompt` with no interp run."""
+    flags = ["--model", model_dir, "--clt", clt_dir, "--prompt", prompt, "--device", "cpu"]
+    return flags + ["--interp", str(tmp_path / "none")]
 
 
 def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
@@ -298,10 +291,8 @@ def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
             l, f, p = map(int, n["node_id"].split("_"))
             assert n["clerp"] == f"L{l}F{f}" and n["layer"] == str(l) and n["ctx_idx"] == p
     assert {n["layer"] for n in data["nodes"] if n["feature_type"] == "logit"} == {str(L + 1)}
-    assert (
-        json.loads((tmp_path / "graph" / "graph-metadata.json").read_text())["graphs"][0]["slug"]
-        == "graph"
-    )
+    metadata = json.loads((tmp_path / "graph" / "graph-metadata.json").read_text())
+    assert metadata["graphs"][0]["slug"] == "graph"
     full = load_file(tmp_path / "graph" / "adjacency.safetensors")
     table = json.loads((tmp_path / "graph" / "nodes.json").read_text())["nodes"]
     assert full["adjacency"].shape == (len(table), len(table)) and sum(
@@ -323,22 +314,8 @@ def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
     uncapped (one round) and with --max-features (rounds of update_interval x batch_size). One torchrun
     runs both: this file is its worker (see the end)."""
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model, seed=1)
-    args = [
-        "--model",
-        model_dir,
-        "--clt",
-        clt_dir,
-        "--prompt",
-        "Tarn is in the north",
-        "--device",
-        "cpu",
-        "--interp",
-        str(tmp_path / "none"),
-        "--batch-size",
-        "16",
-        "--update-interval",
-        "2",
-    ]
+    args = graph_args(model_dir, clt_dir, tmp_path, "Tarn is in the north")
+    args += ["--batch-size", "16", "--update-interval", "2"]
     tasks = [
         args + ["--max-features", cap, "--out", str(tmp_path / f"two{cap}")]
         for cap in ("-1", "100")
@@ -360,17 +337,11 @@ def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
     for cap in ("-1", "100"):
         G.main(args + ["--max-features", cap, "--out", str(tmp_path / f"one{cap}")])
         a, b = (load_file(tmp_path / f"{w}{cap}" / "adjacency.safetensors") for w in ("one", "two"))
-        assert torch.equal(a["features"], b["features"]) and torch.equal(
-            a["logit_tokens"], b["logit_tokens"]
-        )
+        assert torch.equal(a["features"], b["features"])
+        assert torch.equal(a["logit_tokens"], b["logit_tokens"])
         torch.testing.assert_close(b["adjacency"], a["adjacency"], atol=1e-6, rtol=0)
-    assert (
-        len(a["features"])
-        == 100
-        < json.loads((tmp_path / "one100" / "graph.json").read_text())["metadata"]["info"][
-            "n_active_features"
-        ]
-    )
+    info = json.loads((tmp_path / "one100" / "graph.json").read_text())["metadata"]["info"]
+    assert len(a["features"]) == 100 < info["n_active_features"]
 
 
 def test_intervention_scales_the_decoder_writes(built):
@@ -389,9 +360,8 @@ def test_intervention_scales_the_decoder_writes(built):
         torch.testing.assert_close(out.old, a)
         one = torch.zeros(T, L, F_)
         one[feats[:, 1], feats[:, 0], feats[:, 2]] = (scale - 1) * a
-        mlp_out = (
-            rep.mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))
-        )  # the features' writes rescaled
+        # the features' writes rescaled
+        mlp_out = rep.mlp_out + clt.decode(one) - clt.decode(torch.zeros_like(one))
         torch.testing.assert_close(
             out.logits[-1], model(idx, mlp_out=mlp_out[None])[0, -1], atol=1e-5, rtol=0
         )
@@ -450,18 +420,16 @@ def assert_matches_circuit_tracer(name, key):
     """Our full and capped graphs of fixture `name` are circuit-tracer's: nodes, edges, scores, pruning."""
     model, clt, idx, ref, meta = circuit_tracer_reference(name, key)
     rep = G.local_replacement(model, clt, idx)
-    graph = G.attribute(
-        model, clt, rep, batch_size=7
-    )  # a batch size that splits (layer, position) blocks
+    # a batch size that splits (layer, position) blocks
+    graph = G.attribute(model, clt, rep, batch_size=7)
     assert torch.equal(graph.feats, ref["features"]) and torch.equal(
         graph.logit_ids, ref["logit_tokens"]
     )
     torch.testing.assert_close(graph.acts, ref["activations"])
     assert_rows_match(graph, ref["rows"])
     assert G.scores(graph) == pytest.approx(meta["scores"], abs=1e-4)
-    node_mask, edge_mask, cumulative, _ = G.prune(
-        graph, 0.8, 0.98
-    )  # and the pruned graph is theirs
+    # and the pruned graph is theirs
+    node_mask, edge_mask, cumulative, _ = G.prune(graph, 0.8, 0.98)
     assert torch.equal(node_mask, ref["node_mask"]) and torch.equal(edge_mask, ref["edge_mask"])
     torch.testing.assert_close(cumulative, ref["cumulative"], atol=1e-5, rtol=0)
     c = meta["capped"]  # circuit-tracer's rounds: the same features, in the same order of choosing
