@@ -17,7 +17,7 @@ from intervene import FREEZE, Intervention, generate, intervene, run_intervened
 from intervene import main as intervene_main
 from model import GPT
 import test_graph_plt
-from test_graph import F_, L, T, build
+from test_graph import F_, L, T, build, graph_args, write_model_and_clt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -36,15 +36,13 @@ def test_steering_a_silent_feature_adds_its_decoder_writes(freeze):
     out = run_intervened(model, clt, rep.idx, [Intervention(l, p - T, f, "set", value)], freeze)
     assert out.old.tolist() == [0.0] and out.new.tolist() == [value]
     change = (out.acts.mlp_out - out.clean.mlp_out)[0]  # (T, L, d)
-    writes = clt.decoder_writes(l, torch.tensor([f]), torch.tensor([value]))[
-        0
-    ].detach()  # (L - l, d)
-    assert (
-        not change[:, :l].any() and not change[:p].any()
-    )  # nothing below the feature's layer or before it
-    torch.testing.assert_close(
-        change[p, l], writes[0], atol=1e-6, rtol=0
-    )  # its own layer's MLP input is clean
+    writes = clt.decoder_writes(l, torch.tensor([f]), torch.tensor([value]))
+    writes = writes[0].detach()  # (L - l, d)
+    # nothing below the feature's layer or before it
+    assert not change[:, :l].any()
+    assert not change[:p].any()
+    # its own layer's MLP input is clean
+    torch.testing.assert_close(change[p, l], writes[0], atol=1e-6, rtol=0)
     if freeze == "all":  # every MLP output held: the change is the writes, exactly, everywhere
         torch.testing.assert_close(change[p, l:], writes, atol=1e-6, rtol=0)
         assert not change[p + 1 :].any()
@@ -67,9 +65,8 @@ def test_the_replacement_view_moves_the_logits_by_the_graphs_edges(transcoder):
         rep, graph = test_graph_plt.graph_of(model, clt, idx)
     s = graph.slices()
     A = graph.adjacency
-    top = (
-        A[s.logits, s.features].abs().sum(0).topk(3).indices
-    )  # the 3 features with the largest logit edges
+    # the 3 features with the largest logit edges
+    top = A[s.logits, s.features].abs().sum(0).topk(3).indices
     ivs = [Intervention(*graph.feats[i].tolist(), "ablate") for i in top.tolist()]
     out = run_intervened(model, clt, rep.idx, ivs, freeze="all")
     torch.testing.assert_close(out.old, graph.acts[top])
@@ -170,17 +167,15 @@ def test_a_zero_intervention_generates_what_greedy_decoding_does():
     steer = [Intervention(0, -1, silent_feature(rep, 0, T - 1), "set", 50.0)]
     once = generate(model, clt, rep.idx, steer, 8)[1]
     every = generate(model, clt, rep.idx, steer, 8, every_token=True)[1]
-    assert once[0, T] == every[0, T] and not torch.equal(
-        once, every
-    )  # the same first token, then it steers on
+    # the same first token, then it steers on
+    assert once[0, T] == every[0, T]
+    assert not torch.equal(once, every)
     assert not torch.equal(every, greedy)
     with pytest.raises(ValueError, match="n_ctx=32"):
         generate(model, clt, rep.idx, [], 32 - T + 1)
 
 
 def test_command_lines_intervene_and_generate(tmp_path, capsys, make_hub_model):
-    from test_graph import write_model_and_clt
-
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
     args = ["--model", model_dir, "--clt", clt_dir, "--prompt", "Tarn is in", "--device", "cpu"]
     intervene_main(
@@ -236,30 +231,17 @@ def test_a_logit_difference_row_is_the_difference_of_the_logit_rows():
     same = G.attribute(
         model, clt, rep, batch_size=64, targets=G.token_targets(model, rep.logits, graph.logit_ids)
     )
-    torch.testing.assert_close(
-        same.adjacency, graph.adjacency, atol=0, rtol=0
-    )  # the default is token targets
+    # the default is token targets
+    torch.testing.assert_close(same.adjacency, graph.adjacency, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"shape \(32,\)"):
         G.custom_target(model, torch.zeros(3), "bad")
 
 
 def test_command_line_targets(tmp_path, capsys, make_hub_model):
     from safetensors.torch import load_file, save_file
-    from test_graph import write_model_and_clt
 
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
-    args = [
-        "--model",
-        model_dir,
-        "--clt",
-        clt_dir,
-        "--prompt",
-        "Tarn is in",
-        "--device",
-        "cpu",
-        "--interp",
-        str(tmp_path / "none"),
-    ]
+    args = graph_args(model_dir, clt_dir, tmp_path)
     G.main([*args, "--target-diff", "a|b", "--out", str(tmp_path / "diff")])
     assert 'Output "a" - "b" (logit difference)' in capsys.readouterr().out
     data = json.loads((tmp_path / "diff" / "graph.json").read_text())
@@ -281,17 +263,13 @@ def test_command_line_targets(tmp_path, capsys, make_hub_model):
     )
     by_diff, by_file = (load_file(tmp_path / w / "adjacency.safetensors") for w in ("diff", "dir"))
     torch.testing.assert_close(by_file["adjacency"], by_diff["adjacency"], atol=1e-6, rtol=0)
-    G.main(
-        [*args, "--target", "diff:a|b", "--out", str(tmp_path / "named")]
-    )  # --target-diff through TARGETS
+    # --target-diff through TARGETS
+    G.main([*args, "--target", "diff:a|b", "--out", str(tmp_path / "named")])
     by_name = load_file(tmp_path / "named" / "adjacency.safetensors")
     torch.testing.assert_close(by_name["adjacency"], by_diff["adjacency"], atol=0, rtol=0)
     G.main([*args, "--target-tokens", "a|b|c", "--out", str(tmp_path / "set")])
-    assert load_file(tmp_path / "set" / "adjacency.safetensors")["logit_tokens"].tolist() == [
-        a,
-        b,
-        c,
-    ]
+    logit_tokens = load_file(tmp_path / "set" / "adjacency.safetensors")["logit_tokens"]
+    assert logit_tokens.tolist() == [a, b, c]
     save_file({"x": W[0], "y": W[1]}, str(tmp_path / "two.safetensors"))
     save_file({"x": W[:2]}, str(tmp_path / "wide.safetensors"))
     for flags, message in (
@@ -313,35 +291,19 @@ def test_a_target_registered_in_TARGETS_alone_is_a_command_line_target(
 ):
     """A fork adds a kind of output node with one entry in graph.TARGETS; --target NAME:SPEC reaches it."""
     from safetensors.torch import load_file, save_file
-    from test_graph import write_model_and_clt
 
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
 
-    def unembedding_row(
-        spec, model, enc, rep
-    ):  # a toy target: token spec's unembedding row, not centered
+    # a toy target: token spec's unembedding row, not centered
+    def unembedding_row(spec, model, enc, rep):
         return G.custom_target(model, model.wte.weight[int(spec)].detach(), f"toy {spec}")
 
     monkeypatch.setitem(G.TARGETS, "toy", unembedding_row)
-    args = [
-        "--model",
-        model_dir,
-        "--clt",
-        clt_dir,
-        "--prompt",
-        "Tarn is in",
-        "--device",
-        "cpu",
-        "--interp",
-        str(tmp_path / "none"),
-    ]
+    args = graph_args(model_dir, clt_dir, tmp_path)
     G.main([*args, "--target", "toy:7", "--out", str(tmp_path / "toy")])
     data = json.loads((tmp_path / "toy" / "graph.json").read_text())
-    assert (
-        [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"]
-        == ["toy 7"]
-        == data["metadata"]["info"]["targets"]
-    )
+    outputs = [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert outputs == ["toy 7"] == data["metadata"]["info"]["targets"]
     save_file(
         {"row": GPT.from_pretrained(model_dir).wte.weight[7].detach()},
         str(tmp_path / "row.safetensors"),
