@@ -15,19 +15,17 @@ test checks that request and, only where those CDNs answer, the feature fetch to
 import functools
 import json
 import os
-import shutil
-import subprocess
 import threading
 import urllib.request
 from urllib.parse import urljoin
 
 import pytest
-import torch
 
 import graph as G
 import viz
-from clt import CLTConfig, CrossLayerTranscoder
+from conftest import chromium, needs_chromium
 from forge import browser
+from test_graph import write_model_and_clt
 
 local_server = pytest.importorskip(
     "circuit_tracer.frontend.local_server",
@@ -62,13 +60,7 @@ def served(tmp_path, make_hub_model):
     """graph.py + viz.py on a random model and CLT, served by circuit-tracer's own request handler on
     127.0.0.1 -> (base URL, graph folder, the server's log lines)."""
     root = tmp_path / "run"
-    make_hub_model(root / "model", n_layer=L, n_embd=D)
-    transcoder = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F_), seed=0)
-    with torch.no_grad():
-        transcoder.b_enc.fill_(
-            0.0
-        )  # dense enough that pruning keeps some features on a short prompt
-    transcoder.save_pretrained(root / "clt")
+    write_model_and_clt(root, make_hub_model)
     (root / "interp").mkdir()
     (root / "interp" / "features.jsonl").write_text(
         "".join(json.dumps(interp_record(l, f)) + "\n" for l in range(L) for f in range(F_))
@@ -122,9 +114,8 @@ def test_page_code_reads_what_we_write():
     )
     assert "d.featureIndex = d.feature" in (assets / "attribution_graph" / "util-cg.js").read_text()
     util = (assets / "util.js").read_text()
-    assert (
-        "path.startsWith('./features/')" in util
-    )  # that prefix goes to a CDN: our scan must not use it
+    # that prefix goes to a CDN: our scan must not use it
+    assert "path.startsWith('./features/')" in util
     assert browser.FRONTEND_SCAN.startswith("./data/") and not browser.FRONTEND_SCAN.startswith(
         "./features/"
     )
@@ -147,10 +138,7 @@ def test_server_serves_our_graph_and_features(served):
         assert feat.examples_quantiles[0].examples[0].tokens[1] == f" L{layer}F{index}"
 
 
-@pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="headless Chromium is not installed (apt-get install chromium)",
-)
+@needs_chromium
 def test_page_asks_our_server(served, tmp_path):
     base, out, logs = served
     graph = json.loads((out / "graph.json").read_text())
@@ -159,31 +147,12 @@ def test_page_asks_our_server(served, tmp_path):
         key=lambda n: n["influence_raw"],
     )
     start = len(logs)
-    proc = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chrome'}",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            f"{base}index.html?slug=graph&clickedId={node['node_id']}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    page = f"{base}index.html?slug=graph&clickedId={node['node_id']}"
+    logged = ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+    proc = chromium(tmp_path, *logged, "--dump-dom", page, check=False)
     requests = "\n".join(logs[start:])
-    assert "GET /data/graph-metadata.json" in requests, (
-        requests
-    )  # the page's own script asked our server
+    # the page's own script asked our server
+    assert "GET /data/graph-metadata.json" in requests, requests
     if "GET /graph_data/graph.json" not in requests:  # offline: its CDN libraries did not load
         assert "d3 is not defined" in proc.stderr, proc.stderr[-2000:]
         return
