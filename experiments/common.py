@@ -35,7 +35,7 @@ import torch
 from clt import CLTConfig, CrossLayerTranscoder
 from forge import toyworld
 from forge.cli import arg, parse_config
-from forge.files import write_json
+from forge.files import atomic_path, write_json
 from forge.hub import ENDOFTEXT
 from model import GPT, GPTConfig
 from parallel import compute_init, make_mesh
@@ -91,6 +91,14 @@ def print_table(rows):
     for r in rows:
         cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
         print("| " + " | ".join(cells) + " |")
+
+
+def save_png(fig, path, dpi):
+    """A matplotlib figure, laid out, as a PNG at path (its folder made; written atomically)."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:  # the temporary name has no .png to infer the format from
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 # -----------------------------------------------------------------------------

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from clt import CrossLayerTranscoder
-from experiments.common import Bench, run_study
+from experiments.common import Bench, run_study, save_png
 from experiments.two_hop import last_token_firing, two_hop_probes
 from forge import toyworld
 from forge.cli import arg, run_main
-from forge.files import atomic_path, write_json
+from forge.files import write_json
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
 
@@ -253,10 +253,7 @@ def compactness_figure(rows, path, kinds):
         "models/tiny: graphs of a CLT vs a PLT (same features per layer, TopK: same L0), "
         "per prompt family"
     )
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path, 110)
 
 
 def main(argv=None):

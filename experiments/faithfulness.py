@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from clt import load_transcoder
-from experiments.common import Bench, run_study
+from experiments.common import Bench, run_study, save_png
 from experiments.compactness import CompactnessBench, family_prompts, train_transcoders
 from forge import toyworld
 from forge.cli import arg, run_main
-from forge.files import atomic_path, check_same_model, write_json
+from forge.files import check_same_model, write_json
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from intervene import Intervention, intervene
 from model import GPT
@@ -314,10 +314,7 @@ def faithfulness_figure(points, families, path):
         "(open: the linear response drives another feature below 0)",
         fontsize=10,
     )
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+    save_png(fig, path, 90)
 
 
 def main(argv=None):

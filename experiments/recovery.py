@@ -24,10 +24,10 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clt import CrossLayerTranscoder
-from experiments.common import Bench, run_study
+from experiments.common import Bench, run_study, save_png
 from forge import concepts, toyworld
 from forge.cli import arg, run_main
-from forge.files import atomic_path, write_json
+from forge.files import write_json
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
 
@@ -243,10 +243,7 @@ def plot_recovery(path, runs, heads, seed, d):
     ax[1, 0].set_xlabel("features per layer / d")
     ax[1, 1].set_xlabel("L0 per layer on the evaluation set")
     ax[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    save_png(fig, path, 100)
 
 
 def main(argv=None):
