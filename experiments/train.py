@@ -101,14 +101,21 @@ def step_vs_matmul(name, L, d, F, B, activation, device, reps):
     ]
     t_mm = median_seconds(lambda: [a @ b for a, b in mats], device, reps)
     tflops = sum(2 * m * k * n for m, k, n in shapes) / 1e12
+    rates = f"{tflops / t_step:.3g} vs {tflops / t_mm:.3g} TFLOP/s"
+    shape = f"{name}: L{L} d{d} F{F} B{B}"
+    return versus(f"{activation} train step", shape, t_step, "matmul, same shapes", t_mm, rates)
+
+
+def versus(bench, shape, t, baseline, t_base, detail):
+    """A row: t seconds against a baseline's t_base, timed in the same run (ratio > 1: faster)."""
     return dict(
-        bench=f"{activation} train step",
-        shape=f"{name}: L{L} d{d} F{F} B{B}",
-        ms=1e3 * t_step,
-        baseline="matmul, same shapes",
-        baseline_ms=1e3 * t_mm,
-        ratio=t_mm / t_step,
-        detail=f"{tflops / t_step:.3g} vs {tflops / t_mm:.3g} TFLOP/s",
+        bench=bench,
+        shape=shape,
+        ms=1e3 * t,
+        baseline=baseline,
+        baseline_ms=1e3 * t_base,
+        ratio=t_base / t,
+        detail=detail,
     )
 
 
@@ -127,17 +134,8 @@ def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
         rows = []
         for what, x in (("decode_sparse (COO acts)", coo), ("decode_sparse (dense acts)", acts)):
             t = median_seconds(lambda: model.decode(x, sparse=True), device, reps)
-            rows.append(
-                dict(
-                    bench=what,
-                    shape=shape,
-                    ms=1e3 * t,
-                    baseline="decode (dense)",
-                    baseline_ms=1e3 * t_dense,
-                    ratio=t_dense / t,
-                    detail=f"{int(acts.count_nonzero())} nonzeros",
-                )
-            )
+            nonzeros = f"{int(acts.count_nonzero())} nonzeros"
+            rows.append(versus(what, shape, t, "decode (dense)", t_dense, nonzeros))
     return rows
 
 
