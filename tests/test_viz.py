@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -15,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 import viz
+from conftest import chromium, needs_chromium
 from forge import browser, plots
 
 needs_dot = pytest.mark.skipif(
@@ -262,14 +262,8 @@ def parse_dot(source):
         elif m := re.match(r'\s*"?([\w-]+)"? \[(.*)\]', line):
             if row is not None:
                 rows[row].append(m.group(1))
-            layout_only = (
-                "rowlabel_",
-                "legend",
-                "cell_",
-                "graph",
-                "node",
-                "edge",
-            )  # and dot's default statements
+            # and dot's default statements
+            layout_only = ("rowlabel_", "legend", "cell_", "graph", "node", "edge")
             if "invis" not in m.group(2) and not m.group(1).startswith(layout_only):
                 nodes[m.group(1)] = m.group(2)
     return nodes, edges, rows
@@ -285,9 +279,9 @@ def test_dot_nodes_edges_ranks():
     nodes, edges, rows = parse_dot(g.source)
     assert set(nodes) == {n["node_id"] for n in graph["nodes"]}
     assert set(edges) == {(l["source"], l["target"]) for l in graph["links"]}
-    assert "rankdir=BT" in g.source and all(
-        "rank=same" in g.source.split(f"subgraph {r} {{")[1].split("}")[0] for r in rows
-    )
+    assert "rankdir=BT" in g.source
+    for r in rows:
+        assert "rank=same" in g.source.split(f"subgraph {r} {{")[1].split("}")[0], r
     members = {r: {n for n in ids if n in nodes} for r, ids in rows.items()}  # bottom row first
     assert list(members.values()) == [
         {"E_100_0", "E_101_1", "E_102_2"},
@@ -295,9 +289,8 @@ def test_dot_nodes_edges_ranks():
         {"1_3_2"},
         {"3_42_2"},
     ]
-    assert all(
-        f"rowlabel_{i} -> rowlabel_{i + 1}" in g.source for i in range(3)
-    )  # rows stacked in order
+    for i in range(3):  # rows stacked in order
+        assert f"rowlabel_{i} -> rowlabel_{i + 1}" in g.source
     # labels: layer/feature from node_id (not the Cantor-paired "feature"), escaped explanation, tokens
     assert 'label="L0/5\\nthe word The"' in nodes["0_5_1"] and "L1/3" in nodes["1_3_2"]
     assert "octagon" in nodes["0_-1_2"] and "dashed" in nodes["0_-1_2"]
@@ -380,13 +373,12 @@ def test_graph_files_link_to_feature_pages(tmp_path):
     for ext in ("dot", "svg", "png", "html"):
         assert (path.parent / f"graph.{ext}").stat().st_size > 100
     text = check_page(path.parent / "graph.html")
-    assert (
-        'href="../interp/html/L1_F3.html"' in text and "L0_F5.html" not in text
-    )  # only pages that exist
+    # only pages that exist
+    assert 'href="../interp/html/L1_F3.html"' in text
+    assert "L0_F5.html" not in text
     assert "replacement_score" in text and "<svg" in text and "&lt;|endoftext|&gt;" in text
-    assert (
-        "pos=" in (path.parent / "graph.dot").read_text()
-    )  # pinned by the dot pass, routed by neato -n2
+    # pinned by the dot pass, routed by neato -n2
+    assert "pos=" in (path.parent / "graph.dot").read_text()
 
 
 def test_graph_without_dot_writes_the_dot_file(tmp_path, monkeypatch, capsys):
@@ -395,9 +387,8 @@ def test_graph_without_dot_writes_the_dot_file(tmp_path, monkeypatch, capsys):
     viz.main(["graph", str(path)])
     assert (path.parent / "graph.dot").exists() and not (path.parent / "graph.svg").exists()
     assert "apt-get install graphviz" in capsys.readouterr().out
-    page = check_page(
-        path.parent / "graph.html"
-    )  # the nodes are still listed, and say how to get the picture
+    # the nodes are still listed, and say how to get the picture
+    page = check_page(path.parent / "graph.html")
     assert "<svg" not in page and "apt-get install graphviz" in page and "says a city" in page
 
 
@@ -429,11 +420,9 @@ def test_bad_graph_input(tmp_path):
 
 def test_show_token():
     assert browser.show_token(" Paris") == "␣Paris" and browser.show_token("  ") == "␣␣"
-    assert (
-        browser.show_token("a\n") == "a⏎"
-        and browser.show_token("x ") == "x␣"
-        and browser.show_token("\x00\t") == "␀→"
-    )
+    assert browser.show_token("a\n") == "a⏎"
+    assert browser.show_token("x ") == "x␣"
+    assert browser.show_token("\x00\t") == "␀→"
 
 
 def test_feature_pages(tmp_path):
@@ -446,19 +435,15 @@ def test_feature_pages(tmp_path):
         "index.html",
     ]  # no page for the dead one
     index = check_page(out / "index.html")
-    assert (
-        'href="L0_F5.html"' in index
-        and "1 dead" in index
-        and 'src="data:image/png;base64,' in index
-    )
+    assert 'href="L0_F5.html"' in index and "1 dead" in index
+    assert 'src="data:image/png;base64,' in index
     page = check_page(out / "L0_F5.html")
-    assert (
-        "<b>" not in page.replace("<b>Explanation:</b>", "") and "&lt;b&gt;" in page
-    )  # tokens escaped
+    # tokens escaped
+    assert "<b>" not in page.replace("<b>Explanation:</b>", "")
+    assert "&lt;b&gt;" in page
     assert "␣Paris" in page and "⏎" in page and "promotes &lt;cities&gt;" in page
-    assert (
-        "rgba(255,140,0,1.00)" in page and "rgba(255,140,0,0.50)" in page
-    )  # shade = act / max_act
+    # shade = act / max_act
+    assert "rgba(255,140,0,1.00)" in page and "rgba(255,140,0,0.50)" in page
     assert "detection_auroc" in page and "0.91" in page and "␣London" in page and "<svg" in page
 
 
@@ -545,26 +530,8 @@ def test_screenshots_are_not_blank(tmp_path):
     viz.main(["graph", str(path)])
     for page in (run / "html" / "L0_F5.html", path.parent / "graph.html"):
         png = tmp_path / (page.stem + ".png")
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={tmp_path / 'chrome'}",
-                f"--screenshot={png}",
-                "--window-size=1200,900",
-                f"file://{page}",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        shot = [f"--screenshot={png}", "--window-size=1200,900"]
+        chromium(tmp_path, "--disable-quic", *shot, f"file://{page}")
         img = imread(png)
         assert img.shape[:2] == (900, 1200)
         assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50, f"{page} looks blank"
@@ -572,11 +539,6 @@ def test_screenshots_are_not_blank(tmp_path):
 
 # -----------------------------------------------------------------------------
 # the feature browser (index.html) in a real browser, when Chromium is installed
-
-needs_chromium = pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="headless Chromium is not installed (apt-get install chromium)",
-)
 
 
 def write_browser_interp(tmp_path):
@@ -639,26 +601,7 @@ class IndexRows(HTMLParser):
 
 def chromium_dom(url, tmp_path):
     """The page's DOM after its scripts ran, as headless Chromium dumps it."""
-    proc = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chrome'}",
-            "--dump-dom",
-            url,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return proc.stdout
+    return chromium(tmp_path, "--dump-dom", url).stdout
 
 
 def shown(dom):
@@ -676,9 +619,9 @@ def test_index_has_a_row_per_feature(tmp_path):
     parser.feed(index)
     flags = {(int(c[0]), int(c[1])): c[-1] for _, c in parser.rows}
     assert flags[0, 1] == "dead" and flags[1, 2] == "dense" and flags[0, 0] == ""
-    assert (
-        'href="L0_F1.html"' not in index and not (run / "html" / "L0_F1.html").exists()
-    )  # dead: no page
+    # dead: no page
+    assert 'href="L0_F1.html"' not in index
+    assert not (run / "html" / "L0_F1.html").exists()
 
 
 @needs_chromium
@@ -748,9 +691,8 @@ FRONTEND_EXAMPLE = dict(
 def frontend_files(tmp_path, monkeypatch):
     path = write_graph(tmp_path)
     write_interp(tmp_path)
-    monkeypatch.setattr(
-        viz.shutil, "which", lambda name: None
-    )  # the feature files do not need graphviz
+    # the feature files do not need graphviz
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)
     viz.main(["graph", str(path)])
     return path.parent / "features"
 
@@ -762,27 +704,21 @@ def test_frontend_feature_files_follow_circuit_tracers_schema(tmp_path, monkeypa
     data = json.loads((folder / "20.json").read_text())  # node 0_5_1: layer 0, feature 5
     assert {k: type(v) for k, v in data.items()} == FRONTEND_MODEL
     for group in data["examples_quantiles"]:
-        assert set(group) == {"quantile_name", "examples"} and isinstance(
-            group["quantile_name"], str
-        )
+        assert set(group) == {"quantile_name", "examples"}
+        assert isinstance(group["quantile_name"], str)
         for ex in group["examples"]:
             assert {k: type(v) for k, v in ex.items()} == FRONTEND_EXAMPLE
             assert len(ex["tokens"]) == len(ex["tokens_acts_list"])
     top = data["examples_quantiles"][0]
     assert top["quantile_name"] == "Top activations" and top["examples"][0]["tokens"][1] == " Paris"
-    assert (
-        top["examples"][0]["train_token_ind"] == 1
-        and top["examples"][0]["tokens_acts_list"][1] == 3.0
-    )
-    assert (
-        data["index"] == 5
-        and data["top_logits"] == [" Paris", "<"]
-        and data["bottom_logits"] == [" London"]
-    )
+    assert top["examples"][0]["train_token_ind"] == 1
+    assert top["examples"][0]["tokens_acts_list"][1] == 3.0
+    assert data["index"] == 5
+    assert data["top_logits"] == [" Paris", "<"]
+    assert data["bottom_logits"] == [" London"]
     assert (data["act_min"], data["act_max"], data["activation_frequency"]) == (0.0, 3.0, 0.01)
-    q = data[
-        "quantile_values"
-    ]  # q[i] is the (i+1)-th percentile: the front end places a node's activation
+    # q[i] is the (i+1)-th percentile: the front end places a node's activation
+    q = data["quantile_values"]
     assert len(q) == 100 and q == sorted(q) and 0.25 < q[0] < 0.5 and 2.0 < q[-1] < 4.0
     assert sum(data["histogram"]) == 10 and len(data["histogram"]) == browser.FRONTEND_BINS
 
@@ -832,9 +768,8 @@ def write_synthetic_interp(
     {key: value}} fields to set, e.g. an explanation to search for. The examples are drawn from a pool
     (fast to write; viz.py reads them all the same)."""
     rng = np.random.default_rng(seed)
-    words = sorted(
-        {a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES[::3]}
-    )  # ~1,500
+    # ~1,500 words
+    words = sorted({a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES[::3]})
     pool = []  # example JSON texts, spliced into the records: json.dumps of 24 examples is most of the time
     for i in range(256):
         acts = [round(float(a), 4) for a in rng.exponential(1.0, 11) * (rng.random(11) < 0.6)]
@@ -969,12 +904,10 @@ def test_browser_at_scale_loads_layers_on_demand(tmp_path):
     out = run / "html"
     text = check_page(index)
     records = index_records(run)
-    best = sorted(records, key=lambda k: -float(records[k][6]) if records[k][6] != "-" else 2)[
-        :1000
-    ]
-    assert sorted(browser_rows(text)) == sorted(
-        best
-    )  # in the file: the best rows by AUROC, no others
+    by_auroc = sorted(records, key=lambda k: -float(records[k][6]) if records[k][6] != "-" else 2)
+    best = by_auroc[:1000]
+    # in the file: the best rows by AUROC, no others
+    assert sorted(browser_rows(text)) == sorted(best)
     assert os.path.getsize(index) < 1e6 and "zyxquartz" not in text  # every row inline: ~9 MB
     assert sorted(os.listdir(out / "index")) == [f"layer_{l:02d}.js" for l in range(12)]
     # no hash: the best rows in the file's order, the first 200 shown
