@@ -34,13 +34,8 @@ GOLDEN = os.path.join(HERE, "golden")
 MODEL = os.path.join(os.path.dirname(HERE), "models", "tiny")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster on a shared CPU, and keeps the float sums reproducible."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# conftest.py's one thread: faster on a shared CPU, and it keeps the float sums reproducible
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
