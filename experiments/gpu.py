@@ -295,30 +295,26 @@ def gpu_attribution(parts, cfg, root, model_dir, cache_dir):
     args = (model_dir, cache_dir, clt_dir, F, cfg.gpu_max_features, cfg.threads, cfg.device)
     r = parts.run("graph.py", setting, scale_graph, *args)
     if r is not None:
-        cuda = r["cuda_peak"] is not None
-        parts.row(
-            "graph.py",
-            f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cfg.gpu_max_features}",
-            r["seconds"],
-            f"{r['kept']} features kept",
-            r["cuda_peak"] if cuda else r["above"],
-            "replacement + attribution + pruning; "
-            + ("CUDA allocator peak" if cuda else "peak RSS above the loaded inputs"),
+        done = (
+            f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cfg.gpu_max_features}"
         )
+        kept = f"{r['kept']} features kept"
+        peak_row(parts, "graph.py", done, r, kept, "replacement + attribution + pruning")
     setting = f"cache of {cfg.gpu_tokens} tokens, {F} features per layer"
     args = (model_dir, cache_dir, clt_dir, os.path.join(root, "interp"), F, cfg.threads, cfg.device)
     r = parts.run("interp.py", setting, scale_interp, *args)
     if r is not None:
-        cuda = r["cuda_peak"] is not None
-        parts.row(
-            "interp.py",
-            f"{r['tokens']} tokens, {r['features']} features",
-            r["seconds"],
-            f"{r['tokens'] / r['seconds']:.0f} tok/s",
-            r["cuda_peak"] if cuda else r["above"],
-            "both passes; "
-            + ("CUDA allocator peak" if cuda else "peak RSS above the loaded inputs"),
-        )
+        done = f"{r['tokens']} tokens, {r['features']} features"
+        rate = f"{r['tokens'] / r['seconds']:.0f} tok/s"
+        peak_row(parts, "interp.py", done, r, rate, "both passes")
+
+
+def peak_row(parts, part, setting, r, rate, note):
+    """A part's row with its peak: the CUDA allocator's on a GPU, else the RSS above its inputs."""
+    cuda = r["cuda_peak"] is not None
+    peak = r["cuda_peak"] if cuda else r["above"]
+    what = "CUDA allocator peak" if cuda else "peak RSS above the loaded inputs"
+    parts.row(part, setting, r["seconds"], rate, peak, f"{note}; {what}")
 
 
 # -----------------------------------------------------------------------------
