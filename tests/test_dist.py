@@ -7,7 +7,6 @@ Run as a script, this file is the torchrun worker: `torchrun --nproc_per_node=2 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train as T
+from experiments.common import free_port
 from test_train import config, read_metrics, small_cache  # noqa: F401 (small_cache is a fixture)
 from clt import CLTConfig, CrossLayerTranscoder
 from forge.cli import parse_config
@@ -55,12 +55,6 @@ def torchrun(nproc, tasks, root, timeout=300):
     p = launcher(["--standalone", f"--nproc_per_node={nproc}"], tasks, root, f"{nproc}")
     out, err = p.communicate(timeout=timeout)
     return p.returncode, out, err
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------
