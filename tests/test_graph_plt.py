@@ -36,9 +36,8 @@ def make(skip=False, dtype=torch.float64, seed=0):
     cross = CrossLayerTranscoder(CLTConfig(**config), seed=seed).eval()
     with torch.no_grad():
         plt.b_enc.fill_(-0.2)  # a random transcoder fires on a fifth of its features here
-        plt.input_scale.copy_(
-            torch.tensor([1.0, 0.5, 2.0])
-        )  # unfolded normalization must be handled
+        # unfolded normalization must be handled
+        plt.input_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))
         plt.output_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
         if skip:  # large enough that the skip path carries a good share of every edge
             plt.W_skip.normal_(0, 0.3 / D**0.5)
@@ -72,9 +71,8 @@ def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None)
     """Every target's change when one source is scaled by (1 + eps), by forward passes alone; the
     skip connection stays live in both (target_inputs), as it is in the replacement model."""
     resid = rep.token + rep.position
-    fixed = (
-        rep.mlp_out - rep.skip
-    )  # (T, L, d) what the nodes and biases write; the skip term is added live
+    # what the nodes and biases write; the skip term is added live
+    fixed = rep.mlp_out - rep.skip  # (T, L, d)
     if feature is not None:  # a PLT feature writes to its own layer only
         (l, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
         fixed[p, l] += eps * a * plt.W_dec[l][f, 0].detach() / plt.output_scale[l]
@@ -101,9 +99,8 @@ def test_plt_graphs_are_exact_and_measured(skip):
     A, s = graph.adjacency, graph.slices()
     targets = torch.cat([A[s.features], A[s.logits]])
     layer = graph.feats[:, 0]
-    cross = A[s.features, s.features] * (
-        layer[:, None] >= layer[None, :] + 2
-    )  # across a whole layer
+    # across a whole layer
+    cross = A[s.features, s.features] * (layer[:, None] >= layer[None, :] + 2)
     sources = dict(
         feature=cross.abs().max(0).values.argmax().item(),
         embed=A[s.logits, s.tokens].abs().max(0).values.argmax().item(),
@@ -116,9 +113,8 @@ def test_plt_graphs_are_exact_and_measured(skip):
     )
     for kind, i in sources.items():
         expected = 1e-3 * targets[:, columns[kind]]
-        assert expected.abs().max() > 1e-7, (
-            kind
-        )  # the source reaches some target: the check has teeth
+        # the source reaches some target: the check has teeth
+        assert expected.abs().max() > 1e-7, kind
         delta = perturbed(model, plt, rep, graph, 1e-3, **{kind: i})
         assert (delta - expected).abs().max() <= 1e-6 * expected.abs().max(), kind
 
@@ -133,9 +129,8 @@ def test_the_skip_path_carries_edges():
     )
     frozen = frozen.to(torch.float64).eval()
     frozen.load_state_dict({k: v for k, v in plt.state_dict().items() if k != "W_skip"})
-    rep_f = G.local_replacement(
-        model, frozen, idx
-    )  # its error nodes hold the skip output, as constants
+    # its error nodes hold the skip output, as constants
+    rep_f = G.local_replacement(model, frozen, idx)
     torch.testing.assert_close(rep_f.error[1:], (rep.error + rep.skip)[1:])
     s = graph.slices()
     no_skip = G.attribute(model, frozen, rep_f, batch_size=32)
