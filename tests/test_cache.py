@@ -96,11 +96,8 @@ def test_round_trip_within_error_bound(env, int8_cache, dtype):
         c = cache.ActivationCache(cfg.out)
     x_in, x_out, meta = direct_acts(cfg)
     r_in, r_out, tok, doc, pos = c.read(0, c.n_tokens)
-    assert (
-        c.n_tokens == cfg.tokens
-        and r_in.shape == (cfg.tokens, 2, 32)
-        and r_in.dtype == torch.float32
-    )
+    assert c.n_tokens == cfg.tokens
+    assert r_in.shape == (cfg.tokens, 2, 32) and r_in.dtype == torch.float32
     assert np.array_equal(np.stack([tok, doc, pos], 1), meta)
     assert pos.min() == 1 and pos.max() == cfg.ctx - 1  # the BOS (position 0) is dropped
     assert (c.channel_scale is None) == (dtype != "int8")
@@ -359,11 +356,8 @@ def test_batches_hold_the_rows_they_name(int8_cache):
     x_in, x_out = c.dequantize(raw)
     rows = raw.ids
     r_in, r_out, *_ = c.read(0, c.n_tokens)
-    assert (
-        x_in.shape == (32, 2, 32)
-        and torch.equal(x_in, r_in[rows])
-        and torch.equal(x_out, r_out[rows])
-    )
+    assert x_in.shape == (32, 2, 32)
+    assert torch.equal(x_in, r_in[rows]) and torch.equal(x_out, r_out[rows])
     assert raw.mlp_in.dtype == torch.int8 and torch.equal(raw.ids, rows)
     assert all(torch.equal(a, b) for a, b in zip(c.dequantize(raw), (x_in, x_out)))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -371,9 +365,8 @@ def test_batches_hold_the_rows_they_name(int8_cache):
         y_raw = next(small_units(c).batches(32, seed=0))
         y_in, y_out = c.dequantize(y_raw, dev)
         y_rows = y_raw.ids
-        assert (
-            y_in.device.type == dev and torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
-        )
+        assert y_in.device.type == dev
+        assert torch.equal(y_rows, rows) and torch.equal(y_in.cpu(), x_in)
     before = set(threading.enumerate())
     stream = small_units(c).batches(32, seed=0)  # endless; stopping it stops its threads
     next(stream)
@@ -470,9 +463,8 @@ def test_empty_corpus_unwritable_out_and_nan_model(env, tmp_path):
     with pytest.raises(ValueError, match="non-finite activations"):
         cache.build_cache(cfg)
     m = json.loads((tmp_path / "n" / "manifest.json").read_text())
-    assert (
-        not m["complete"] and m["shards"] == [] and os.listdir(tmp_path / "n") == ["manifest.json"]
-    )
+    assert not m["complete"] and m["shards"] == []
+    assert os.listdir(tmp_path / "n") == ["manifest.json"]
     with pytest.raises(ValueError, match="unfinished"):
         cache.ActivationCache(cfg.out)
 
