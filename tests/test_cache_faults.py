@@ -233,11 +233,8 @@ def test_dequantize_moves_the_stored_rows(hub_model, corpus, tmp_path):
     cache.build_cache(cfg)
     c = cache.ActivationCache(cfg.out)
     rows = next(c.batches(100, epochs=1))
-    assert (
-        rows.mlp_in.dtype == torch.int8
-        and rows.scales.dtype == torch.int16
-        and rows.ids.shape == (100,)
-    )
+    assert rows.mlp_in.dtype == torch.int8 and rows.scales.dtype == torch.int16
+    assert rows.ids.shape == (100,)
     x_in, _ = c.dequantize(rows, "cpu")
     r_in, *_ = c.read(0, c.n_tokens)
     assert torch.equal(x_in, r_in[rows.ids])
