@@ -108,10 +108,8 @@ def test_page_code_reads_what_we_write():
     them fails here rather than silently."""
     assets = local_server.DEFAULT_FRONTEND_DIR
     examples = (assets / "feature_examples" / "init-feature-examples.js").read_text()
-    assert (
-        "if (scan.startsWith('./')) {" in examples
-        and "util.getFile(`${scan}/${featureIndex}.json`)" in examples
-    )
+    assert "if (scan.startsWith('./')) {" in examples
+    assert "util.getFile(`${scan}/${featureIndex}.json`)" in examples
     assert "d.featureIndex = d.feature" in (assets / "attribution_graph" / "util-cg.js").read_text()
     util = (assets / "util.js").read_text()
     # that prefix goes to a CDN: our scan must not use it
