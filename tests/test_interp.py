@@ -303,10 +303,8 @@ def test_logit_effects_direct(gpt):
             m = l * F + f
             torch.testing.assert_close(top_v[m], vals[:5], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(bot_v[m], vals[-5:].flip(0), atol=1e-5, rtol=1e-4)
-            assert (
-                top_i[m].tolist() == ids[:5].tolist()
-                and bot_i[m].tolist() == ids[-5:].flip(0).tolist()
-            )
+            assert top_i[m].tolist() == ids[:5].tolist()
+            assert bot_i[m].tolist() == ids[-5:].flip(0).tolist()
 
 
 def test_no_language_model_client():
