@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 from forge import toyworld
 from forge.hub import load_tokenizer
 from model import GPT, GPTConfig
@@ -61,6 +62,12 @@ def docs(n, seed=0):
     """n random documents of 3 to 39 words from WORDS."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, rng.integers(3, 40))) for _ in range(n)]
+
+
+def cache_config(model_dir, corpus, out, **kw):
+    """A small cache.py build on the CPU: 1,500 tokens in contexts of 16, shards of 256 tokens."""
+    small = dict(tokens=1500, ctx=16, shard_tokens=256, batch_size=8, heldout=0.1, device="cpu")
+    return cache.CacheConfig(model=model_dir, corpus=corpus, out=str(out), **{**small, **kw})
 
 
 def mark_unfinished(cache_dir, n_shards=2):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import cache
-from conftest import docs, mark_unfinished
+from conftest import cache_config, docs, mark_unfinished
 from forge import corpora
 
 
@@ -161,16 +161,7 @@ def test_resume_is_byte_identical(hub_model, tmp_path, source, monkeypatch):
     if source == "hf":
         monkeypatch.setattr(pytest.importorskip("datasets").config, "HF_HUB_OFFLINE", True)
         corpus = f"hf:{tmp_path / 'ds'}"
-    cfg = cache.CacheConfig(
-        model=hub_model[0],
-        corpus=corpus,
-        out=str(tmp_path / "c"),
-        tokens=1500,
-        ctx=16,
-        shard_tokens=256,
-        batch_size=8,
-        device="cpu",
-    )
+    cfg = cache_config(hub_model[0], corpus, tmp_path / "c", heldout=0.02)
     whole = cache.build_cache(cfg)
     before = {
         p.name: p.read_bytes() for p in (tmp_path / "c").iterdir() if p.name != "manifest.json"

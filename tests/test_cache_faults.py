@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cache
-from conftest import docs
+from conftest import cache_config, docs
 from forge import shards
 from forge.hub import ENDOFTEXT
 
@@ -24,25 +24,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "c.txt"
     path.write_text(ENDOFTEXT.join(docs(400)))
     return str(path)
-
-
-def config(hub_model, corpus, out, **kw):
-    return cache.CacheConfig(
-        **{
-            **dict(
-                model=hub_model[0],
-                corpus=corpus,
-                out=str(out),
-                tokens=1500,
-                ctx=16,
-                shard_tokens=256,
-                batch_size=8,
-                heldout=0.1,
-                device="cpu",
-            ),
-            **kw,
-        }
-    )
 
 
 def files(out):
@@ -65,7 +46,7 @@ def inside_mlp_in(out, i=2):
 
 
 def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
-    cfg = config(hub_model, corpus, tmp_path / "c")
+    cfg = cache_config(hub_model[0], corpus, tmp_path / "c")
     cache.build_cache(cfg)
     flip(*inside_mlp_in(tmp_path / "c"))
     c = cache.ActivationCache(cfg.out)  # opening checks sizes and headers only: they are fine
@@ -85,7 +66,7 @@ def test_a_damaged_row_is_never_read(hub_model, corpus, tmp_path):
 def built(hub_model, corpus, tmp_path):
     """A cache built at tmp_path/c -> (its config, its folder, its files' bytes)."""
     out = tmp_path / "c"
-    cfg = config(hub_model, corpus, out)
+    cfg = cache_config(hub_model[0], corpus, out)
     cache.build_cache(cfg)
     return cfg, out, files(out)
 
@@ -106,7 +87,7 @@ def test_build_repairs_damaged_and_missing_shards_byte_identical(built, capsys):
 
 def test_the_repair_command_in_a_read_error_repairs(hub_model, corpus, tmp_path):
     out = tmp_path / "c"
-    cache.build_cache(config(hub_model, corpus, out, dtype="fp16"))
+    cache.build_cache(cache_config(hub_model[0], corpus, out, dtype="fp16"))
     before = files(out)
     flip(*inside_mlp_in(out, 1))
     with pytest.raises(ValueError) as e:
@@ -141,7 +122,7 @@ def test_overwrite_rebuilds_even_with_the_same_arguments(built, capsys):
 )
 def test_shard_names_outside_the_cache_are_refused(hub_model, corpus, tmp_path, name):
     out = tmp_path / "c"
-    cfg = config(hub_model, corpus, out, tokens=600)
+    cfg = cache_config(hub_model[0], corpus, out, tokens=600)
     cache.build_cache(cfg)
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"not yours")
@@ -162,7 +143,7 @@ def test_a_cache_of_another_format_version_is_refused_and_overwrite_rebuilds(
     hub_model, corpus, tmp_path
 ):
     out = tmp_path / "c"
-    cfg = config(hub_model, corpus, out, tokens=600)
+    cfg = cache_config(hub_model[0], corpus, out, tokens=600)
     cache.build_cache(cfg)
     m = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps(dict(m, version=1)))
@@ -229,7 +210,7 @@ def test_help_and_subcommands(capsys):
 
 
 def test_dequantize_moves_the_stored_rows(hub_model, corpus, tmp_path):
-    cfg = config(hub_model, corpus, tmp_path / "c", tokens=600)
+    cfg = cache_config(hub_model[0], corpus, tmp_path / "c", tokens=600)
     cache.build_cache(cfg)
     c = cache.ActivationCache(cfg.out)
     rows = next(c.batches(100, epochs=1))
