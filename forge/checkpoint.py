@@ -1,20 +1,18 @@
 """train.py's armour: the run's inputs, the resume contract, checkpoints, the export, refusals.
 
-A run is its --out folder, which may be moved or copied: checkpoints/latest.json names its last
-complete checkpoint. On --resume the run's shape and optimizer (--features, --activation, --lr,
---batch-size, --seed, --tp, ...) come from the checkpoint, and a flag given that differs is refused
-by name; CHANGEABLE flags (--steps, --eval-every, --wandb, --cache and --model: a moved copy of the
-same cache and model, both checked, ...) may change, INVOCATION flags (--out, --stop-at, --device,
-...) are this command line's. It resumes on the (dp, tp) mesh that wrote it. A run at its last step
-whose export is missing or mixed (a crash during the export) is exported again: the command exits 0
-only once the export is whole. A new run refuses an --out that holds another run: pass --resume,
-another --out, or --overwrite, which removes that run's files before the first step.
+A run is its --out folder (movable): checkpoints/latest.json names its last complete checkpoint. On
+--resume the shape and optimizer flags (--features, --lr, --seed, --tp, ...) come from the
+checkpoint and one given that differs is refused by name; CHANGEABLE flags (--steps, --wandb,
+--cache and --model: moved copies of the same ones, checked, ...) may change; INVOCATION flags
+(--out, --stop-at, --device, ...) are this command line's; the run resumes on the (dp, tp) mesh that
+wrote it. A run at its last step whose export is missing or mixed is exported again: the command
+exits 0 only once the export is whole. A new run refuses an --out that holds another run: pass
+--resume, another --out, or --overwrite (that run's files are removed before the first step).
 
-A checkpoint: a safetensors shard per TP rank (weights, Adam moments, the dead-feature clocks) and
-latest.json (configs, step, RNG, data position, last metrics), each fsynced and renamed into place:
-it exists once latest.json does. The export is circuit-tracer's layout; training.json, written
-last, names its export id. Every rank must be given the same flags and cache. Nothing here imports
-the spine: train.py passes in what is needed.
+A checkpoint, complete once its latest.json exists: a safetensors shard per TP rank (weights, Adam
+moments, dead-feature clocks) and latest.json (configs, step, RNG, data position, last metrics),
+each fsynced and renamed into place. The export is circuit-tracer's layout; training.json, written
+last, names its export id.
 """
 
 import argparse
@@ -53,8 +51,6 @@ def barrier():
 
 # -----------------------------------------------------------------------------
 # the config a run goes on with
-
-
 def parse_args(doc, cls, argv=None):
     """The command line -> (a `cls` config, the names of the flags given on it). --resume must tell
     a flag the user typed from a default, which a plain parse (forge.cli.parse_config) cannot."""
@@ -62,8 +58,7 @@ def parse_args(doc, cls, argv=None):
     parser = argparse.ArgumentParser(description=doc, formatter_class=formatter)
     add_config_args(parser, cls)
     unset = object()
-    # argparse fills in a default only where the namespace lacks the attribute: from a namespace
-    # prefilled with a sentinel, the sentinels that survive are the flags nobody typed
+    # argparse sets a default only where the namespace lacks it: sentinels left = flags not typed
     ns = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in fields(cls)})))
     given = {k for k, v in ns.items() if v is not unset}
     return cls(**{k: ns[k] for k in given}), given
@@ -106,8 +101,6 @@ def resolve(config, given=None):
 
 # -----------------------------------------------------------------------------
 # the run's inputs: the cache, the GPT that made it, its held-out contexts
-
-
 def default_cache_missing(path, default):
     """Is `path` the default cache, not built yet (then train.py builds it)? Another is refused."""
     if os.path.exists(os.path.join(path, MANIFEST)):
@@ -138,11 +131,10 @@ def eval_inputs(c, cache, load_gpt, device):
 
 
 def heldout_contexts(cache, n, bos):
-    """Whole held-out contexts (n, ctx) rebuilt from the cache's held-out rows: each context stored
-    ctx − 1 consecutive rows (positions 1..ctx−1; its BOS was dropped), so we put the BOS back."""
+    """Whole held-out contexts (n, ctx) from the cache's held-out rows, BOS put back if dropped."""
     m = cache.manifest
     lo, hi = cache.split_range("heldout")
-    R = m["ctx"] - (0 if m["keep_bos"] else 1)
+    R = m["ctx"] - (0 if m["keep_bos"] else 1)  # consecutive rows per context
     n = min(n, (hi - lo) // R)
     if n == 0:
         msg = f"the cache has no held-out context (heldout rows {lo}..{hi})"
@@ -154,22 +146,18 @@ def heldout_contexts(cache, n, bos):
 
 # -----------------------------------------------------------------------------
 # what a run refuses
-
-
 def check_resume(c, meta, world, manifest, device):
-    """Every rank holds the same flags and cache manifest (one all-gather of sha256 digests: every
-    rank raises, naming the ranks that differ); a checkpoint resumes on the mesh that wrote it (its
-    --tp, dp = world / tp) and on the cache it was trained on (maybe moved): the same identity."""
+    """Every rank has the same flags and cache manifest (all-gathered sha256 digests: all raise); a
+    checkpoint resumes on the (dp, tp) mesh that wrote it, on a cache of its training's identity."""
     if dist.is_initialized():
         text = json.dumps([asdict(c), manifest], sort_keys=True).encode()
         digest = torch.tensor(list(hashlib.sha256(text).digest()), device=device)  # (32,)
         digests = [torch.empty_like(digest) for _ in range(world)]
         dist.all_gather(digests, digest)
         if differ := [r for r, other in enumerate(digests) if not torch.equal(other, digests[0])]:
-            fix = "every node must run the same command on the same cache (a shared filesystem, "
-            fix += "or the same bytes at the same path)"
             msg = f"ranks {differ} have another command line or cache than rank 0"
-            raise ValueError(f"{msg}: {fix}")
+            fix = "run the same command on the same cache (shared, or the same bytes at one path)"
+            raise ValueError(f"{msg}: every node must {fix}")
     if meta is None:
         return
     dp, tp = meta["mesh"]
@@ -190,13 +178,11 @@ def check_resume(c, meta, world, manifest, device):
 def check_flags(c, cache, mesh):
     """Flags that cannot work, refused on every rank before anything is written."""
     if c.features <= 0 or c.features % mesh.tp:
-        msg = f"--features {c.features} must be positive and divisible by --tp {mesh.tp}"
-        raise ValueError(msg)
+        raise ValueError(f"--features {c.features} must be > 0 and divisible by --tp {mesh.tp}")
     if c.activation in ("topk", "batchtopk") and not 0 < c.k <= c.features:
         raise ValueError(f"--k {c.k} must be in 1..--features {c.features}")
     if c.batch_size <= 0 or c.batch_size % mesh.dp:
-        msg = f"--batch-size {c.batch_size} must be positive and divisible by dp = {mesh.dp}"
-        raise ValueError(msg)
+        raise ValueError(f"--batch-size {c.batch_size} must be > 0 and divisible by dp = {mesh.dp}")
     if c.steps <= 0 or c.lr <= 0 or not 0 <= c.decay_frac <= 1:
         got = f"got {c.steps}, {c.lr}, {c.decay_frac}"
         raise ValueError(f"need --steps > 0, --lr > 0 and 0 <= --decay-frac <= 1, {got}")
@@ -213,10 +199,9 @@ def check_flags(c, cache, mesh):
 
 
 def check_finite(m, step, out, terms):
-    """Raise at a sync step (before its update and before every checkpoint, so no checkpoint holds
-    weights after it) if any step since the last one had a non-finite loss; pops m["first_bad"]."""
-    first_bad = m.pop("first_bad")
-    if first_bad < 0:
+    """At a sync step, before its update and any checkpoint: raise if a step since the last sync had
+    a non-finite loss (m["first_bad"], popped)."""
+    if (first_bad := m.pop("first_bad")) < 0:
         return
     bad = [l for l, s in enumerate(m["sse"]) if not math.isfinite(s)]
     values = {k: m[k] for k in terms}
@@ -229,8 +214,6 @@ def check_finite(m, step, out, terms):
 
 # -----------------------------------------------------------------------------
 # the run folder and its checkpoints: one safetensors shard per TP rank + latest.json
-
-
 def resume_or_claim(c, meta, clt, opt, state, mesh, master, cache):
     """-> (the last metrics, the run's identity: its wandb id, its cache's). Resumed: the
     checkpoint's weights, Adam moments, loop state go into clt, opt, state. New: --out claimed."""
@@ -257,8 +240,7 @@ def resume_or_claim(c, meta, clt, opt, state, mesh, master, cache):
 
 
 def claim_out(c, master):
-    """A new run's --out must not hold another run (its checkpoint or its export): refused, or with
-    --overwrite that run's files are removed first, latest.json first."""
+    """Refuse an --out holding another run; --overwrite removes its files, latest.json first."""
     os.makedirs(c.out, exist_ok=True)
     latest = os.path.join(c.out, CKPT_DIR, LATEST)
     found = [p for p in (latest, os.path.join(c.out, "config.json")) if os.path.exists(p)]
@@ -282,9 +264,8 @@ def shard_name(mesh):
 
 
 def save(c, clt, opt, state, mesh, master, extra):
-    """Every TP rank of DP replica 0 writes its shard; after a barrier rank 0 writes latest.json
-    (with `extra`: the last metrics, the wandb id, the cache's identity), then removes the older
-    step directories: a good checkpoint is always on disk."""
+    """TP ranks of DP replica 0 write their shards, then rank 0 latest.json (with `extra`), then
+    removes the older step directories: a good checkpoint is always on disk."""
     root = os.path.join(c.out, CKPT_DIR)
     step_dir = os.path.join(root, f"step_{state['step']:06d}")
     if mesh.dp_rank == 0:  # the DP replicas hold identical copies
@@ -314,12 +295,9 @@ def save(c, clt, opt, state, mesh, master, extra):
 
 # -----------------------------------------------------------------------------
 # the export: circuit-tracer's layout, training.json written last as its completion mark
-
-
 def finish(c, clt, metrics, meta, end, mesh, master):
-    """At the run's last step, export it: the TP shards consolidated (every TP rank takes part),
-    saved, then training.json naming that save's export id and step. An invocation that ran no
-    step and finds a whole export (else: a crash during the export) only says so."""
+    """At the last step: export the consolidated CLT (every TP rank takes part), then training.json
+    naming its export id and step. Run with no step left, a whole export is only reported."""
     if end < c.steps:
         return
     if end <= (meta or {}).get("step", 0) and export_is_whole(c, clt, mesh):
@@ -340,8 +318,7 @@ def finish(c, clt, metrics, meta, end, mesh, master):
 
 
 def export_is_whole(c, clt, mesh):
-    """Is --out's export this run's, at its last step, and whole? training.json names config.json's
-    export id and the step; from_pretrained refuses a layer file missing or of another save."""
+    """Is --out's export this run's (training.json: export id, step) and whole (from_pretrained)?"""
     try:
         with open(os.path.join(c.out, "training.json")) as f:
             done = json.load(f)

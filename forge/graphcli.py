@@ -115,15 +115,12 @@ def encode_prompt(enc, prompt, n_ctx):
     ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
     ids = ids if ids[0] == bos else [bos] + ids
     if len(ids) > n_ctx:
-        over = f"over the model's n_ctx={n_ctx}"
-        raise ValueError(f"the prompt is {len(ids)} tokens with BOS, {over}")
+        raise ValueError(f"the prompt is {len(ids)} tokens with BOS, over the GPT's n_ctx={n_ctx}")
     return torch.tensor([ids])
 
 
 # -----------------------------------------------------------------------------
 # output nodes: --target NAME:SPEC, --target-diff A|B, --target-tokens A|B|..., --target-direction
-
-
 def target_spec(cfg, names):
     """The one output-node flag given -> (NAME, SPEC), NAME in names; ("", "") if none is."""
     named = [f"{name}:{getattr(cfg, 'target_' + name)}" for name in ("diff", "tokens", "direction")]
@@ -143,11 +140,10 @@ def spec_tokens(enc, spec, flag, pair=False):
     if pair and len(texts) != 2:
         raise ValueError(f"{flag} {spec!r}: give two tokens as A|B, e.g. ' Paris| London'")
     ids = [enc.encode(text, allowed_special={ENDOFTEXT}) for text in texts]
-    space = "mind the leading space: ' x' and 'x' are different tokens"
     for text, tokens in zip(texts, ids):
         if len(tokens) != 1:
             pieces = [token_str(enc, t) for t in tokens]
-            fix = f"give tokens the tokenizer keeps whole ({space})"
+            fix = "give tokens the tokenizer keeps whole (mind the leading space: ' x' is not 'x')"
             raise ValueError(f"{flag}: {text!r} is {len(tokens)} tokens {pieces}, not one: {fix}")
     if len({t[0] for t in ids}) < len(ids):
         raise ValueError(f"{flag} {spec!r} names a token twice: give each once")
@@ -171,6 +167,7 @@ def read_direction(path, d):
 # interventions: --intervene LAYER/POS/FEATURE=VALUE,... and --layers START:END
 
 MODES = ("set", "scale", "add", "ablate")
+FORMS = "LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate"
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 SPEC = re.compile(rf"\s*(\d+)/(-?\d+)/(\d+)\s*(?:([=*+])\s*({NUMBER})|:\s*(ablate))\s*")
 
@@ -179,17 +176,14 @@ def parse_interventions(spec, make, required=False):
     """Comma-separated LAYER/POS/FEATURE then =VALUE (set), *X (scale), +X (add) or :ablate, e.g.
     "3/-1/123=5,0/2/7:ablate" -> [make(layer, pos, feature, mode, value)] ([] for "")."""
     if required and not spec.strip():
-        raise ValueError("intervene needs --intervene LAYER/POS/FEATURE=VALUE (or *X, +X, :ablate)")
+        raise ValueError(f"intervene needs --intervene {FORMS}")
     out = []
     for one in spec.split(",") if spec else []:
-        m = SPEC.fullmatch(one)
-        if not m:
-            forms = "LAYER/POS/FEATURE=VALUE (set), *X (scale), +X (add) or :ablate"
+        if not (m := SPEC.fullmatch(one)):
             example = "comma-separated for several, e.g. 3/-1/123=5,0/2/7:ablate"
-            raise ValueError(f"--intervene {one.strip()!r}: write {forms}, {example}")
+            raise ValueError(f"--intervene {one.strip()!r}: write {FORMS}, {example}")
         mode = "ablate" if m.group(6) else {"=": "set", "*": "scale", "+": "add"}[m.group(4)]
-        layer, pos, feature = (int(m.group(i)) for i in (1, 2, 3))
-        out.append(make(layer, pos, feature, mode, float(m.group(5) or 0)))
+        out.append(make(*map(int, m.group(1, 2, 3)), mode, float(m.group(5) or 0)))
     return out
 
 
@@ -228,8 +222,6 @@ def parse_layers(text, L):
 
 # -----------------------------------------------------------------------------
 # the printed reports
-
-
 def print_graph(graph, enc, cfg, seconds, world, exact, scores, kept):
     """graph.py's summary: nodes, outputs, time, exactness (err, scale), scores, pruned graph."""
     labels = graph.target_labels or [""] * len(graph.logit_ids)

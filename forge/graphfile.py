@@ -1,14 +1,13 @@
 """An attribution graph as data (Graph: the adjacency and its node order; graph.py fills it) and
 its files, written whole or not at all (forge/files.py), all in one folder:
 
-    {slug}.json               the pruned graph: metadata, qParams, nodes, links (circuit-tracer's
-                              front end opens it: the Neuronpedia format)
-    graph-metadata.json       the folder's graphs: {"graphs": [each graph's metadata]}
-    adjacency.safetensors     the unpruned adjacency with influence, masks, features and targets
-    nodes.json                every node of the adjacency, with its index and whether it was kept
+    {slug}.json             the pruned graph for circuit-tracer's front end (Neuronpedia format)
+    graph-metadata.json     the folder's graphs: {"graphs": [each graph's metadata]}
+    adjacency.safetensors   the unpruned adjacency with influence, masks, features and targets
+    nodes.json              every node of the adjacency, with its index and whether it was kept
 
-Nodes carry the fields of circuit-tracer's frontend/graph_models.py Node, token text its
-process_token's."""
+Nodes carry circuit-tracer's frontend/graph_models.py Node fields; token text is process_token's.
+"""
 
 import json
 import os
@@ -92,12 +91,11 @@ def node_records(graph, enc, explanations, cumulative, infl):
     kind = "mlp reconstruction error"
     errors = [(l, p) for l in range(L) for p in range(T)]
     nodes += [node_record(f"{l}_-1_{p}", -1, str(l), p, kind, f"{l}_{p}-0") for l, p in errors]
-    for p, t in enumerate(graph.tokens):
-        ids = (f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}")
-        nodes.append(node_record(*ids, clerp=token_str(enc, t)))
-    for p in range(T if graph.position_nodes else 0):  # token -1: no token id collides with it
-        ids = (f"E_-1_{p}", p, "E", p, "embedding", f"E_-1-{p}")
-        nodes.append(node_record(*ids, clerp=f"position {p}"))
+    embeddings = [(t, p, token_str(enc, t)) for p, t in enumerate(graph.tokens)]
+    # the positions' nodes: token -1, which no token id collides with
+    embeddings += [(-1, p, f"position {p}") for p in range(T if graph.position_nodes else 0)]
+    for t, p, text in embeddings:
+        nodes.append(node_record(f"E_{t}_{p}", p, "E", p, "embedding", f"E_{t}-{p}", clerp=text))
     labels = graph.target_labels or [""] * len(graph.logit_ids)
     logits = zip(graph.logit_ids.tolist(), graph.logit_probs.tolist(), labels)
     for i, (t, prob, label) in enumerate(logits):
@@ -137,7 +135,13 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     kept = [node for node, m in zip(nodes, mask) if m]
     front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
     write_json(os.path.join(cfg.out, f"{cfg.slug}.json"), front_end, indent=None)
-    add_to_index(os.path.join(cfg.out, "graph-metadata.json"), meta)
+    index_path = os.path.join(cfg.out, "graph-metadata.json")  # the folder's graphs, this one last
+    index = {"graphs": []}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    index["graphs"] = [g for g in index["graphs"] if g["slug"] != cfg.slug] + [meta]
+    write_json(index_path, index, indent=2)
     tensors = dict(adjacency=A, influence=infl, node_mask=node_mask, edge_mask=edge_mask)
     tensors |= dict(features=graph.feats, activations=graph.acts)
     tensors |= dict(input_tokens=torch.tensor(graph.tokens), logit_tokens=graph.logit_ids)
@@ -148,13 +152,3 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
     write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     return len(kept), len(links)
-
-
-def add_to_index(path, meta):
-    """graph-metadata.json: the folder's graphs; this one's metadata replaces any of its slug."""
-    index = {"graphs": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            index = json.load(f)
-    index["graphs"] = [g for g in index["graphs"] if g["slug"] != meta["slug"]] + [meta]
-    write_json(path, index, indent=2)

@@ -20,10 +20,7 @@ def to_host(tensors):
     """{name: tensor} -> {name: float or list}, in one device-to-host copy: a step's sync point."""
     flat = torch.cat([t.detach().double().flatten() for t in tensors.values()]).cpu()
     pieces = flat.split([t.numel() for t in tensors.values()])
-    out = {}
-    for (name, t), v in zip(tensors.items(), pieces):
-        out[name] = v.item() if t.dim() == 0 else v.view(t.shape).tolist()
-    return out
+    return {name: v.view(t.shape).tolist() for (name, t), v in zip(tensors.items(), pieces)}
 
 
 def step_line(m):
@@ -32,8 +29,7 @@ def step_line(m):
     line = f"loss {m['loss']:.4f} | fvu {fvu:.3f} | l0 {l0:.1f} | dead {int(sum(m['dead']))} | "
     line += f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | {m['ms']:.0f} ms | "
     line += f"{m['tok_per_s']:.0f} tok/s"
-    if "eval" in m:
-        e = m["eval"]
+    if e := m.get("eval"):
         line += f" | recovered {e['recovered']:.3f} | dCE {e['delta_ce']:.4f}"
         line += f" | KL {e['kl_spliced']:.4f}"
     return line
@@ -80,9 +76,8 @@ class RunLog:
             if start > 0 and os.path.exists(self.path):
                 with open(self.path) as f:  # whole lines only
                     kept = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] < start]
-            with atomic_path(self.path) as tmp:
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+                f.writelines(kept)
         steps = range(start, end)  # this invocation's; the bar shows the ETA, the last row's line
         self.bar = tqdm(steps, initial=start, total=c.steps, disable=not self.master, desc="train")
         self.lap(start)
