@@ -1,11 +1,9 @@
-"""The feature browser's machinery, below viz.py: the pages' HTML pieces and frame, the index's
-rows and layer files, writing many pages at once, the graph's feature files for circuit-tracer's
-front end. For GPT-2-small's CLT (12 x 24,576 features, headless Chromium): index.html holds the
-best `inline_rows` by detection AUROC, 2.7 MB, drawn in 0.6 s (every row inline: 211 MB, not drawn
-in 5 min); each layer's rows go to index/layer_XX.js (7 MB, loads in ~1 s), a script element the
-index's script adds when a view needs it (under file:// a fetch() of a local file is blocked). The
-292k pages (7.6 GB) take ~3 min: each core renders its own chunks, synced in batches (FileBatch).
-"""
+"""The feature browser's machinery, below viz.py: page HTML, the index's rows and layer files,
+writing many pages at once, the graph's feature files for circuit-tracer's front end. For
+GPT-2-small's CLT (12 x 24,576 features, headless Chromium): index.html holds the best
+`inline_rows` by AUROC, 2.7 MB, drawn in 0.6 s (all rows: 211 MB, not drawn in 5 min); each
+layer's rows go to index/layer_XX.js (7 MB, ~1 s), a script element the index's script adds when a
+view needs it (file:// blocks fetch()). The 292k pages (7.6 GB) take ~3 min (FileBatch)."""
 
 import base64
 import bisect
@@ -18,21 +16,14 @@ import itertools
 import json
 import math
 import os
-import re
+import pathlib
 
 from forge.files import atomic_path, fsync_dir
 
-
-def static_text(name):
-    """A file of forge/static/, which ships beside this module (no package data to install)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", name)
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
+STATIC = pathlib.Path(os.path.abspath(__file__)).parent / "static"  # ships beside this module
 # every page's style (.scroll is right-to-left: a wide graph opens at its right end, the logits)
-CSS = static_text("style.css").rstrip("\n")
-INDEX_JS = static_text("index.js")  # the index's script: sorting, filtering, loading index/ files
+CSS = (STATIC / "style.css").read_text(encoding="utf-8").rstrip("\n")
+INDEX_JS = (STATIC / "index.js").read_text(encoding="utf-8")  # sorting, filtering, index/ files
 
 # -----------------------------------------------------------------------------
 # texts and names
@@ -115,12 +106,6 @@ def table_html(value, depth=0):
     return fmt(value) if is_scalar(value) else html.escape(json.dumps(value)[:200])
 
 
-def inline_svg(svg):
-    """Inline-able SVG: no XML prolog/DOCTYPE (they carry URLs) and no xmlns (HTML5 sets them)."""
-    svg = svg[svg.index("<svg") :]
-    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
-
-
 def svg_histogram(counts, edges, width=420, height=140):
     """A bar chart as inline SVG (no image file, no script); edges label the two ends."""
     cmax = max(max(counts, default=0), 1)
@@ -195,9 +180,8 @@ def write_file(path, data):
 
 class FileBatch:
     """Many small text files written whole or not at all, as atomic_path writes one, but one sync a
-    batch instead of two fsyncs a file (80 s for GPT-2-small's 292k pages): add() writes a temporary
-    file; every `max_bytes` and at the block's end, os.sync(), then each is renamed into place. An
-    exception inside the block removes the temporary files not yet renamed."""
+    batch instead of two fsyncs a file (80 s for GPT-2-small's 292k pages): os.sync() every
+    `max_bytes` and at the block's end, then renames; an exception removes the unrenamed files."""
 
     def __init__(self, max_bytes=64 << 20):
         self.max_bytes = max_bytes
@@ -308,29 +292,17 @@ def index_record(feat, dense):
 def index_row(rec):
     """One <tr> of the index from index_record's texts, the feature linked to its page unless dead;
     data-q holds the search's extra words. The index's script builds the same from index/ files."""
-    cells = []
-    for i, (cell, cls) in enumerate(zip(rec, INDEX_CLASSES)):
-        value = html.escape(cell)
-        if i == 1 and "dead" not in rec[FLAGS].split():
-            value = f'<a href="{feature_page_name(rec[0], rec[1])}">{value}</a>'
-        cells.append(f'<td class="{cls}">{value}</td>' if cls else f"<td>{value}</td>")
+    vals = [html.escape(cell) for cell in rec[: FLAGS + 1]]
+    if "dead" not in rec[FLAGS].split():
+        vals[1] = f'<a href="{feature_page_name(rec[0], rec[1])}">{vals[1]}</a>'
+    tds = [f'<td class="{c}">' if c else "<td>" for c in INDEX_CLASSES]
+    cells = "".join(f"{td}{v}</td>" for td, v in zip(tds, vals))
     q = html.escape(rec[-1], quote=True)
-    return f'<tr data-layer="{rec[0]}" data-q="{q}">{"".join(cells)}</tr>'
+    return f'<tr data-layer="{rec[0]}" data-q="{q}">{cells}</tr>'
 
 
 def layer_file_name(layer):
     return f"index/layer_{int(layer):02d}.js"
-
-
-def write_layer_file(out, layer, records):
-    """index/layer_XX.js: one layer's rows for the index's script, a string for JSON.parse (Chromium
-    reads it in 0.4 s for a layer of GPT-2-small's CLT, 7 MB; the same array literal in 1.2 s)."""
-    path = os.path.join(out, layer_file_name(layer))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    quoted = to_js(records).replace("\\", "\\\\").replace("'", "\\'")  # JSON inside '...'
-    text = f"featureIndex({int(layer)},JSON.parse('{quoted}'));\n"
-    write_file(path, text)
-    return len(text.encode("utf-8"))
 
 
 class IndexRows:
@@ -370,11 +342,17 @@ class IndexRows:
         self.n_dense += "dense" in flags
 
     def write(self):
-        """The held layers into index/, unless every row so far fits in index.html."""
+        """The held layers into index/, unless every row so far fits in index.html: a string for
+        JSON.parse (Chromium reads GPT-2-small's 7 MB layer in 0.4 s, an array literal in 1.2 s)."""
         if self.n <= self.n_inline:
             return
         for layer, records in self.held.items():
-            self.files[layer] = write_layer_file(self.out, layer, records)
+            path = os.path.join(self.out, layer_file_name(layer))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            quoted = to_js(records).replace("\\", "\\\\").replace("'", "\\'")  # JSON in '...'
+            text = f"featureIndex({int(layer)},JSON.parse('{quoted}'));\n"
+            write_file(path, text)
+            self.files[layer] = len(text.encode("utf-8"))
         self.held = {}
 
     def layers(self):
@@ -470,25 +448,6 @@ FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan for the front end
 FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
 
 
-def _percentiles(counts, edges, n=100):
-    """The 1st..n-th percentiles of a feature's activations, read off its log-spaced histogram."""
-    cum = list(itertools.accumulate(counts))
-    if not cum or not cum[-1]:
-        return []
-    bins = [bisect.bisect_left(cum, p / n * cum[-1]) for p in range(1, n + 1)]  # first bin past p %
-    return [math.sqrt(edges[i] * edges[i + 1]) for i in bins]  # each bin's geometric centre
-
-
-def _linear_histogram(counts, edges, act_max, n_bins=FRONTEND_BINS):
-    """interp's log-spaced histogram re-binned into n_bins linear bins over [0, act_max]."""
-    out = [0.0] * n_bins
-    for i, c in enumerate(counts):
-        centre = math.sqrt(edges[i] * edges[i + 1])  # the bin's geometric centre
-        i_bin = min(int(centre / act_max * n_bins), n_bins - 1) if act_max > 0 else 0
-        out[i_bin] += c
-    return out
-
-
 def _frontend_example(ex):
     return dict(
         tokens_acts_list=ex["acts"],
@@ -504,7 +463,14 @@ def frontend_feature(feat, transcoder_id):
     hist = feat.get("hist") or {}
     counts = hist.get("counts") or []
     edges = hist.get("edges") or []
+    centres = [math.sqrt(edges[i] * edges[i + 1]) for i in range(len(counts))]  # log-spaced bins
     act_max = float(feat.get("max_act") or 0.0)
+    histogram = [0.0] * FRONTEND_BINS  # re-binned into linear bins over [0, act_max]
+    for c, centre in zip(counts, centres):
+        i_bin = min(int(centre / act_max * FRONTEND_BINS), FRONTEND_BINS - 1) if act_max > 0 else 0
+        histogram[i_bin] += c
+    cum = list(itertools.accumulate(counts)) or [0]  # percentiles 1..100: the first bin past p %
+    bins = [bisect.bisect_left(cum, p / 100 * cum[-1]) for p in range(1, 101) if cum[-1]]
     top = [_frontend_example(e) for e in feat.get("top_examples") or []]
     groups = [dict(quantile_name="Top activations", examples=top)]
     # four bands of an example's "quantile" in (0, 1), the share of firings below it
@@ -521,8 +487,8 @@ def frontend_feature(feat, transcoder_id):
         bottom_logits=[r["token"] for r in feat.get("suppressed") or []],
         act_min=0.0,
         act_max=act_max,
-        quantile_values=_percentiles(counts, edges),
-        histogram=_linear_histogram(counts, edges, act_max),
+        quantile_values=[centres[i] for i in bins],
+        histogram=histogram,
         activation_frequency=float(feat.get("density") or 0),
     )
 

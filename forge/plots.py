@@ -4,6 +4,7 @@ what goes where; this module, how it is drawn."""
 
 import html
 import math
+import re
 
 import graphviz
 import matplotlib
@@ -68,23 +69,18 @@ def link(node, href):
     return href(int(node["layer"]), feature_index(node)) if href and is_feature else None
 
 
-def tooltip(node):
-    """Hover text: the node, where it is, its activation, then its explanation on its own line."""
-    act = node.get("activation")
-    head = f"{node_name(node)} at position {node['ctx_idx']}"
-    head += f", activation {act:.3g}" if act is not None else ""
-    clerp = node.get("clerp") or ""
-    if not clerp or node["feature_type"] != "cross layer transcoder":  # others: clerp is the name
-        return text(head)
-    return graphviz.nohtml(f"{text(head)}\\n{text(clerp)}")  # \n: dot's line break; "<|" is text
-
-
 def node_attrs(node, s, tokens, label_chars, href):
-    """Label, shape and size of one node; s in [0, 1] is its importance."""
+    """Label, shape, size and hover text of one node; s in [0, 1] is its importance."""
     ft = node["feature_type"]
     pos = node["ctx_idx"]
+    act = node.get("activation")
+    shown = f", activation {act:.3g}" if act is not None else ""
+    tip = text(f"{node_name(node)} at position {pos}{shown}")
+    clerp = node.get("clerp") or ""
+    if clerp and ft == "cross layer transcoder":  # others: clerp is the name
+        tip = graphviz.nohtml(f"{tip}\\n{text(clerp)}")  # \n: dot's line break; "<|" is text
     attrs = dict(style="filled,rounded", shape="box", fillcolor=FILL.get(ft, "white"))
-    attrs.update(tooltip=tooltip(node), width=f"{0.5 + 1.0 * s:.2f}")
+    attrs.update(tooltip=tip, width=f"{0.5 + 1.0 * s:.2f}")
     attrs.update(height=f"{0.3 + 0.35 * s:.2f}", fontsize=f"{9 + 4 * s:.1f}")
     if ft == "embedding":  # the token axis: as narrow as its token
         token = show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}"
@@ -95,7 +91,6 @@ def node_attrs(node, s, tokens, label_chars, href):
     elif ft == "mlp reconstruction error":
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
     else:
-        clerp = node.get("clerp") or ""
         attrs["label"] = node_name(node) + (f"\\n{text(clerp, label_chars)}" if clerp else "")
         if href:
             attrs.update(URL=href, target="_top")
@@ -173,21 +168,17 @@ def write_graph_page(stem, graph, cfg, svg, href):
             "(apt-get install graphviz, brew install graphviz or conda install graphviz), then "
             f"rerun <code>python viz.py graph {html.escape(stem)}.json</code>.</p>"
         )
-    else:
+    else:  # inline: no XML prolog/DOCTYPE (they carry URLs), no xmlns (HTML5 sets them)
+        inline_svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg[svg.index("<svg") :])
         body.append(
             f"<p>{len(graph['nodes'])} nodes and {len(graph['links'])} links in the file; drawn: "
             f"every embedding and logit, the {cfg.max_nodes} most influential other nodes, the "
             f"{cfg.max_edges} strongest edges. Click a feature to open its page; hover a node for "
             "its explanation, an edge for its weight.</p>"
-            f"<div class='scroll'><div>{browser.inline_svg(svg)}</div></div>"
+            f"<div class='scroll'><div>{inline_svg}</div></div>"
         )
-    body += ["<h2>Nodes, most influential first</h2>", node_table(graph, href)]
-    browser.write_file(stem + ".html", browser.page_html("Attribution graph", "".join(body)))
-
-
-def node_table(graph, href):
-    """Every node of the (pruned) graph, most influential first, features linked to their pages."""
-    tokens = graph.get("metadata", {}).get("prompt_tokens") or []
+    # every node of the (pruned) graph, most influential first, features linked to their pages
+    tokens = meta.get("prompt_tokens") or []
     heads = ["node", "type", "layer", "position", "activation", "influence"]
     rows = ["".join(f"<th>{h}</th>" for h in heads + ["cumulative influence", "explanation"])]
     for n in sorted(graph["nodes"], key=influence_order):
@@ -201,7 +192,9 @@ def node_table(graph, href):
         cells += [fmt(n.get(k)) for k in ("activation", "influence_raw", "influence")]
         cells += [html.escape(str(n.get("clerp") or "")) if n["feature_type"] != "logit" else ""]
         rows.append("".join(f"<td>{c}</td>" for c in cells))
-    return "<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>"
+    table = "<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>"
+    body += ["<h2>Nodes, most influential first</h2>", table]
+    browser.write_file(stem + ".html", browser.page_html("Attribution graph", "".join(body)))
 
 
 # -----------------------------------------------------------------------------
@@ -238,10 +231,9 @@ def curves(path, rows, keys, title, logy, dpi):
     for key, label in keys.items():
         steps, vals = series(rows, key)
         if isinstance(vals[0] if vals else None, list):
-            cmap = matplotlib.colormaps["viridis"]
             n = len(vals[0])
             for l in range(n):
-                color = cmap(l / max(n - 1, 1))
+                color = matplotlib.colormaps["viridis"](l / max(n - 1, 1))
                 ax.plot(steps, [v[l] for v in vals], color=color, label=f"layer {l}")
         elif any(v > 0 or not logy for v in vals):  # log axes show no zeros
             vals = [v if v > 0 or not logy else math.nan for v in vals]
