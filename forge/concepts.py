@@ -2,21 +2,20 @@
 forge/concepts.py: interp.py's toy-world study, every feature scored against planted ground truth.
 
 On the toy world (a model directory with forge/toyworld.py's world.json) features are scored on a
-labeled evaluation set that gives every concept of every label family --concept-support tokens,
-cached as the training rows were:
+labeled evaluation set giving every concept of every label family --concept-support tokens:
 
     toyworld.eval_corpus -> OUT/concept_cache.jsonl -> build(...) -> OUT/concept_cache
       -> ConceptLabels (toyworld.label_tokens per row) -> score_concepts (one pass, every set)
       -> best_features, family_table, headline -> summary.json "concepts", features.jsonl concept_*
 
 A concept (>= --min-support tokens) is recovered when a feature's "fires" (activation > 0) has F1
->= --concept-f1 on its tokens; the headline is the share recovered and the mean best F1 over
---families. Baselines are scored the same way: the MLP neurons, a random CLT as dense as the
-trained one, the token oracle. summary.json "concepts": eval_set, f1_threshold, min_support,
-families, n, recovered, share_recovered, mean_best_f1 (the headline), by_family {family: kind,
-concepts, recovered, share, mean_best_f1, unscored}, per_concept {label: support, layer, feature,
-f1, precision, recall}, baselines {mlp_neurons, random_clt, token_identity: the headline, features,
-by_family}. Nothing here imports the spine: interp.py passes in the model, CLT, cache and a builder.
+>= --concept-f1 on its tokens; the headline: the share recovered and the mean best F1 over
+--families. Baselines, scored the same way: the MLP neurons, a random CLT as dense as the trained
+one, the token oracle. summary.json "concepts": eval_set, f1_threshold, min_support, families, n,
+recovered, share_recovered, mean_best_f1 (the headline), by_family {family: kind, concepts,
+recovered, share, mean_best_f1, unscored}, per_concept {label: support, layer, feature, f1,
+precision, recall}, baselines {mlp_neurons, random_clt, token_identity: the headline, features,
+by_family}. Nothing here imports the spine: interp.py passes in the model, CLT, cache, a builder.
 """
 
 import contextlib
@@ -28,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.nn.functional import one_hot
 from tqdm import tqdm
 
 from forge import toyworld
@@ -36,11 +36,9 @@ from forge.interpfile import r4
 
 
 def toy_world_concepts(model, enc, clt, cache, world, cfg, build):
-    """Score the CLT, the model's MLP neurons, a random CLT of the same size and the token oracle on
-    the labeled evaluation set: (per_feature of the CLT, summary["concepts"]).
-
-    build(fields, stale) -> the evaluation set's activation cache, from CacheConfig fields (corpus,
-    tokens, ctx, keep_bos, dtype, out); stale: the corpus changed, so the cache must be rebuilt."""
+    """Score the CLT, the MLP neurons, a random CLT of its size and the token oracle on the labeled
+    evaluation set: (per_feature of the CLT, summary["concepts"]). build(fields, stale): the set's
+    cache from CacheConfig fields (corpus, tokens, ctx, keep_bos, dtype, out); stale: rebuild it."""
     ccache = concept_cache(world, enc, cache.manifest, cfg, build)
     labels = ConceptLabels(ccache, world, enc, cfg)
     sets = {"clt": partial(clt_acts, clt)}
@@ -72,10 +70,9 @@ def toy_world_concepts(model, enc, clt, cache, world, cfg, build):
     return per_feature["clt"], out
 
 
-def concept_cache(world, enc, train_manifest, cfg, build):
-    """The evaluation set toyworld.eval_corpus(world, concept_seed, concept_support) as an
-    activation cache made as the training cache was (its ctx, dtype, BOS handling): --concept-cache,
-    or OUT/concept_cache. The builder reuses it while its documents and identity are the same."""
+def concept_cache(world, enc, manifest, cfg, build):
+    """The evaluation set (toyworld.eval_corpus) cached as the training cache was (ctx, dtype, BOS):
+    --concept-cache or OUT/concept_cache, reused while its documents and identity are the same."""
     out = cfg.concept_cache or os.path.join(cfg.out, "concept_cache")
     docs = toyworld.eval_corpus(world, cfg.concept_seed, cfg.concept_support)
     text = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
@@ -85,23 +82,20 @@ def concept_cache(world, enc, train_manifest, cfg, build):
         os.makedirs(os.path.dirname(os.path.abspath(corpus)), exist_ok=True)
         with atomic_path(corpus) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    m = train_manifest
     stream = sum(len(t) + 1 for t in enc.encode_ordinary_batch(docs))  # + <|endoftext|> after each
-    ctx = m["ctx"]
-    rows = stream // (ctx - 1) * (ctx - (0 if m["keep_bos"] else 1))  # whole contexts only
-    fields = dict(corpus=corpus, tokens=rows, ctx=ctx, keep_bos=m["keep_bos"], dtype=m["dtype"])
-    return build(dict(fields, out=out), stale)
+    ctx = manifest["ctx"]
+    rows = stream // (ctx - 1) * (ctx - (0 if manifest["keep_bos"] else 1))  # whole contexts only
+    fields = {k: manifest[k] for k in ("ctx", "keep_bos", "dtype")}  # the training cache's
+    return build(dict(corpus=corpus, tokens=rows, **fields, out=out), stale)
 
 
 # -----------------------------------------------------------------------------
 # labels and counts
 class ConceptLabels:
     """Per row of a cache split, the toy world's labels (toyworld.label_tokens), stored sparsely.
-
-    The labeler sees what the model saw: each run of rows of one document inside one context
-    (cache.py packs documents into contexts, so a document cut by a context boundary gives two runs,
-    the second without the text before it) is decoded back to text and labeled alone. A run whose
-    re-encoding differs from its tokens is left unlabeled (not scored)."""
+    As the model saw it, each run of rows of one document inside one context (a document cut by a
+    context boundary gives two runs) is decoded and labeled alone; a run whose re-encoding differs
+    from its tokens is left unlabeled (not scored)."""
 
     def __init__(self, cache, world, enc, cfg, split="all"):
         rows = [chunk[2:] for chunk in cache.iter_chunks(cfg.chunk_size, split=split)]
@@ -119,8 +113,7 @@ class ConceptLabels:
                 continue
             self.labeled[a:b] = True
             for r, labels in enumerate(toyworld.label_tokens(text, enc, world)):
-                for name in labels:
-                    pairs.append((a + r, index.setdefault(name, len(index))))
+                pairs += [(a + r, index.setdefault(name, len(index))) for name in labels]
         self.names = list(index)
         self.pairs = torch.tensor(pairs, dtype=torch.long).view(-1, 2)  # (row, concept), by row
         first = self.pairs[:, 0].contiguous()
@@ -153,42 +146,32 @@ class ConceptScores:
 
     def f1(self):
         """(precision, recall, F1), each (C, M) float64 on the CPU."""
-        tp = self.tp.double().cpu()
-        nf = self.n_fires.double().cpu()
-        n = self.support.double().cpu()[:, None]
+        tp, nf, n = (x.double().cpu() for x in (self.tp, self.n_fires, self.support[:, None]))
         return tp / nf.clamp(min=1), tp / n.clamp(min=1), 2 * tp / (nf + n).clamp(min=1)
 
 
+@torch.no_grad()
 def score_concepts(feature_sets, cache, labels, cfg, n_vocab=0):
     """One pass over the labeled cache: {name: ConceptScores} of each feature set {name: fn(mlp_in)
-    -> acts (N, M)}, and with n_vocab > 0 of the token-identity oracle, "token_identity": feature t
-    fires exactly where the token is t (one "layer" of n_vocab features). The oracle's best F1 is
-    the ceiling of a pure token detector: ~1 for an entity (every name is one token), ~0 for a
-    latent or output concept (their tokens, "is", "speaks", "to", are shared by every answer)."""
+    -> acts (N, M)}, and with n_vocab > 0 of the token oracle "token_identity" (feature t fires on
+    token t). Its best F1 is a pure token detector's: ~1 for an entity (every name is one token),
+    ~0 for a latent or output concept (their tokens, "is", "speaks", "to", are shared by all)."""
     scores = {}
     row = 0
+    sets = dict(feature_sets, token_identity=None) if n_vocab else feature_sets
     lo, hi = cache.split_range("all")
     chunks = cache.iter_chunks(cfg.chunk_size, split="all", device=cfg.device)
     chunks = tqdm(chunks, total=-(-(hi - lo) // cfg.chunk_size), desc="concept pass")
     for mlp_in, _, tok, _, _ in chunks:
         lab, labeled = labels.rows(row, row + len(tok), cfg.device)
         x = mlp_in.float()  # (N, L, d)
-        sets = dict(feature_sets)
-        if n_vocab:
-            sets["token_identity"] = partial(token_acts, tok.long(), n_vocab)
         for name, fn in sets.items():
-            with torch.no_grad():
-                acts = fn(x)  # (N, M)
+            acts = one_hot(tok.long(), n_vocab).float() if fn is None else fn(x)  # (N, M)
             if name not in scores:
                 scores[name] = ConceptScores(len(labels.names), acts.size(1), cfg.device)
             scores[name].update(acts, lab, labeled)
         row += len(tok)
     return scores
-
-
-def token_acts(tok, n_vocab, mlp_in):
-    """The token oracle's activations: (N, V), 1 where the row's token is t."""
-    return torch.nn.functional.one_hot(tok, n_vocab).float()
 
 
 # -----------------------------------------------------------------------------
@@ -199,18 +182,16 @@ def clt_acts(clt, mlp_in):
 
 
 def neuron_preacts(model, mlp_in):
-    """The model's own MLP neurons as features, mlp_in (N, L, d) -> pre-activations (N, L·4d). A
-    neuron "fires" where its GELU input is > 0 (GELU is positive exactly there): the one threshold
-    without a choice; neurons are dense, which a dictionary of sparse features is meant to fix."""
+    """The model's MLP neurons as features, mlp_in (N, L, d) -> pre-activations (N, L·4d): one
+    "fires" where its GELU input is > 0 (GELU is positive exactly there), no threshold to choose."""
     return torch.cat([block.mlp.c_fc(mlp_in[:, l]) for l, block in enumerate(model.h)], 1)
 
 
 @torch.no_grad()
 def random_like(clt, mlp_in, seed=1):
-    """The random baseline: a CLT of the same size with its init's random weights (another seed),
-    whose features fire as often on mlp_in (N, L, d) as the trained CLT's features of their layer do
-    on average (each one's bias set at its own quantile). TopK stays TopK with the same k; every
-    other activation becomes a JumpReLU. The best F1 of many random features is far from 0."""
+    """The random baseline: a CLT of the same size, freshly initialised (another seed), whose
+    features fire on mlp_in (N, L, d) as often as the trained CLT's of their layer on average (each
+    bias at its own quantile). TopK keeps its k; any other activation becomes a JumpReLU."""
     c = clt.config
     activation = "topk" if c.activation == "topk" else "jumprelu"
     rand = type(clt)(replace(c, activation=activation), seed=seed).to(mlp_in.device)
@@ -267,8 +248,7 @@ def family_table(per_concept, labels, scores, cfg):
     for fam in out.values():
         f1s = fam.pop("f1s")
         if f1s:
-            fam["share"] = r4(fam["recovered"] / len(f1s))
-            fam["mean_best_f1"] = r4(sum(f1s) / len(f1s))
+            fam.update(share=r4(fam["recovered"] / len(f1s)), mean_best_f1=r4(sum(f1s) / len(f1s)))
     return dict(sorted(out.items()))
 
 

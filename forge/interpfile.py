@@ -1,21 +1,20 @@
 """
 forge/interpfile.py: what interp.py streams in, keeps in bounded memory, and writes out.
 
-In: padded_chunks yields each encoded chunk of a cache between `before` rows of the past and the
-rows ahead (Padded); check_clt refuses a CLT and a cache of different models. Kept: ngram_keys
-gives an n-gram one int64 key, SparseCounter counts (feature, n-gram) keys, merge_top keeps per
-feature the k firings of largest key with their context windows. Out (write_outputs, in --out):
-features.jsonl, one object per feature in (layer, feature) order: layer, feature, density and
-n_fires (acts > 0, train split), mean_act, max_act, quantiles {"q10", ..., "q99"} and hist {"edges",
-"counts"} (log2 bins) when active, top_examples and quantile_examples (+ "quantile") [{"act", "doc",
-"pos", "tokens", "acts", "center": the firing token's index}], promoted and suppressed [{"token",
-"logit"}], each score of SCORES (null: undefined), heldout_density, explanation, explanation_ngrams,
-input_ngrams [{"ngram", "count", "corpus_count", "pmi"}]; on the toy world concept,
-concept_precision, concept_recall, concept_f1 (its best concept). summary.json: per_layer dead /
-dense / live / interpretable counts, share_live_detection_above (AUROC >= --interpretable), each
-score's quantiles, seconds_passes (and the plain-read ratio with --time-read); on the toy world
-"concepts" (forge/concepts.py lists its keys). summary.png: four small plots of the summary.
-Nothing here imports the spine: interp.py passes in the model, the CLT and the cache.
+In: padded_chunks (each encoded chunk between `before` rows of the past and the rows ahead);
+check_clt refuses a CLT and a cache of different models. Kept: ngram_keys (an n-gram as one int64),
+SparseCounter ((feature, n-gram) counts), merge_top (per feature the k firings of largest key, with
+their context). Out (write_outputs, in --out): features.jsonl, one object per feature in (layer,
+feature) order: layer, feature, density and n_fires (acts > 0, train split), mean_act, max_act,
+quantiles {"q10", ..., "q99"} and hist {"edges", "counts"} (log2 bins) when active, top_examples
+and quantile_examples (+ "quantile") [{"act", "doc", "pos", "tokens", "acts", "center": the firing
+token's index}], promoted and suppressed [{"token", "logit"}], each score of SCORES (null:
+undefined), heldout_density, explanation, explanation_ngrams, input_ngrams [{"ngram", "count",
+"corpus_count", "pmi"}]; on the toy world concept, concept_precision, concept_recall, concept_f1
+(its best concept). summary.json: per_layer dead / dense / live / interpretable counts,
+share_live_detection_above (AUROC >= --interpretable), each score's quantiles, seconds_passes (and
+the plain-read ratio with --time-read); on the toy world "concepts" (forge/concepts.py lists its
+keys). summary.png: four small plots of the summary. Nothing here imports the spine.
 """
 
 import json
@@ -50,6 +49,7 @@ def padded(past, own, ahead):
     return Padded(*[torch.cat(x) for x in zip(past, own, ahead)], lo, lo + len(own[0]))
 
 
+@torch.no_grad()
 def padded_chunks(clt, cache, split, cfg):
     """Encode each chunk once; yield it between the `before` rows before it and the rows after."""
     ahead = max(cfg.after, cfg.fuzz_window)  # the future rows that examples and fuzzing need
@@ -58,8 +58,7 @@ def padded_chunks(clt, cache, split, cfg):
     tail = prev = None
     for chunk in tqdm(chunks, total=-(-(hi - lo) // cfg.chunk_size), desc=f"{split} pass"):
         mlp_in, _, tok, doc, pos = chunk  # cache.ActivationCache.iter_chunks: rows in order
-        with torch.no_grad():
-            acts = clt.encode(mlp_in.to(cfg.device, torch.float32)).flatten(1)  # (N, L·F)
+        acts = clt.encode(mlp_in.to(cfg.device, torch.float32)).flatten(1)  # (N, L·F)
         cur = [acts] + [x.to(cfg.device).long() for x in (tok, doc, pos)]
         if prev is None:
             tail = [x[:0] for x in cur]
@@ -80,10 +79,8 @@ def ngram_keys(p: Padded, n_max, base):
     keys = torch.full((E, n_max), -1, dtype=torch.long, device=p.tok.device)
     keys[:, 0] = p.tok + 1
     for j in range(1, n_max):
-        ok = torch.zeros(E, dtype=torch.bool, device=p.tok.device)
-        ok[j:] = (p.doc[j:] == p.doc[:-j]) & (p.pos[j:] == p.pos[:-j] + j) & (keys[j:, j - 1] >= 0)
-        keys[j:, j] = keys[j:, j - 1] + (p.tok[:-j] + 1) * base**j
-        keys[:, j] = torch.where(ok, keys[:, j], -1)
+        ok = (p.doc[j:] == p.doc[:-j]) & (p.pos[j:] == p.pos[:-j] + j) & (keys[j:, j - 1] >= 0)
+        keys[j:, j] = torch.where(ok, keys[j:, j - 1] + (p.tok[:-j] + 1) * base**j, -1)
     return keys
 
 
@@ -148,10 +145,8 @@ def empty_top(M, k, W, device):
 def merge_top(store, m, r, key, p, cfg):
     """Keep, per feature, the k firings of largest `key` seen so far, with their context windows.
 
-    store: dict of (M, k, ...) tensors (key, act, doc, pos, win_tok, win_act) over all M = L·F
-    features, sorted by key, key 0 = empty. m, r, key: (nnz,) the chunk's firings: feature, row -
-    lo, key > 0. Only firings above their feature's k-th best are kept as candidates: after the
-    first chunks they are few, so this costs little more than reading the firings."""
+    store: empty_top's (M, k, ...) tensors, sorted by key. m, r, key: (nnz,) the chunk's firings:
+    feature, row - lo, key > 0. Only those above their feature's k-th best are candidates."""
     k = store["key"].size(1)
     ok = key > store["key"][m, -1]
     order = key[ok].argsort(descending=True)
@@ -181,35 +176,53 @@ def merge_top(store, m, r, key, p, cfg):
 
 
 # -----------------------------------------------------------------------------
-# out: the checks, features.jsonl
+# out: the checks, features.jsonl, summary.json, summary.png
 def check_clt(c, cache, model, model_dir, cfg):
     """Refuse a CLT (config c) and a cache of different models: by shapes, then by the fingerprint
     the CLT records (train.py) or else by the model directory it names."""
-    shapes = f"n_layers, d_model = {c.n_layers}, {c.d_model} and {cache.n_layers}, {cache.d_model}"
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
-        raise ValueError(
-            f"CLT {cfg.clt} and cache {cfg.cache} come from different models ({shapes})"
-        )
+        shapes = f"{c.n_layers}, {c.d_model} and {cache.n_layers}, {cache.d_model}"
+        msg = f"CLT {cfg.clt} and cache {cfg.cache} come from different models"
+        raise ValueError(f"{msg} (n_layers, d_model = {shapes})")
     if c.model_sha256:
         check_same_model(model, c.model_sha256, f"the CLT {cfg.clt}")
     elif c.model and os.path.realpath(c.model) != os.path.realpath(model_dir):
-        raise ValueError(
-            f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from "
-            f"{model_dir!r}: pass a CLT and a cache of the same model"
-        )
+        msg = f"CLT {cfg.clt} was trained on model {c.model!r} but cache {cfg.cache} comes from"
+        raise ValueError(f"{msg} {model_dir!r}: pass a CLT and a cache of the same model")
 
 
 def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, seconds):
-    """features.jsonl, summary.png, then summary.json (it marks a complete run); returns the
-    summary. concepts: (per feature, summary["concepts"]) on the toy world, else (None, None)."""
-    scores = scorer.results()
+    """features.jsonl (whole or not at all: viz.py reads it), summary.png, then summary.json (it
+    marks a complete run); returns the summary. concepts: (per feature, summary["concepts"]), or
+    (None, None) off the toy world."""
+    scores = scorer.results()  # {name: (M,)}
     os.makedirs(cfg.out, exist_ok=True)
-    density = scorer.det[..., 1].sum(-1).cpu() / scorer.n_rows  # held-out firings / tokens
-    path = os.path.join(cfg.out, "features.jsonl")
-    write_features(path, stats, expl, effects, scores, density, concepts[0], enc, cfg)
+    heldout_density = (scorer.det[..., 1].sum(-1).cpu() / scorer.n_rows).tolist()  # firings/tokens
+    pv, pi, sv, si = (x.tolist() for x in effects)
+    logits = dict(promoted=(pv, pi), suppressed=(sv, si))
+    score_lists = {name: x.tolist() for name, x in scores.items()}
+    n_fires = stats.n_fires.tolist()
+    sum_act = stats.sum_act.tolist()
+    hist = stats.hist.cpu()
+    top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
+    nq = cfg.n_quantile_examples
+    text_keys = ("explanation", "explanation_ngrams", "input_ngrams")
+    with atomic_path(os.path.join(cfg.out, "features.jsonl")) as tmp, open(tmp, "w") as fh:
+        for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
+            n = n_fires[m]
+            h, qs = hist_summary(hist[m], cfg)
+            rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n)
+            rec.update(mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]))
+            rec.update(quantiles=qs, hist=h, top_examples=examples(top, m, enc, cfg.before))
+            rec.update(quantile_examples=examples(sampled, m, enc, cfg.before, nq))
+            for k, (v, ids) in logits.items():
+                rec[k] = [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(v[m], ids[m])]
+            rec.update({name: r4(x[m]) for name, x in score_lists.items()})
+            rec.update(heldout_density=heldout_density[m], **{k: expl[m][k] for k in text_keys})
+            rec.update(concepts[0][m] if concepts[0] else {})
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     summary = summarize(stats, scores, cfg)
-    if concepts[1] is not None:
-        summary["concepts"] = concepts[1]
+    summary.update({} if concepts[1] is None else dict(concepts=concepts[1]))
     summary.update(n_heldout_tokens=scorer.n_rows, seconds_passes=round(seconds, 3))
     summary.update(config=asdict(cfg))
     if cfg.time_read:  # one plain read of the whole cache, for the cost ratio
@@ -221,36 +234,6 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
     plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, summary)
     write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
-
-
-# -----------------------------------------------------------------------------
-# features.jsonl
-def write_features(path, stats, expl, effects, scores, heldout_density, concepts, enc, cfg):
-    """One JSON object per feature, keys as in the module docstring. scores: {name: (M,)}."""
-    pv, pi, sv, si = (x.tolist() for x in effects)
-    scores = {name: x.tolist() for name, x in scores.items()}
-    heldout_density = heldout_density.tolist()
-    n_fires = stats.n_fires.tolist()
-    sum_act = stats.sum_act.tolist()
-    hist = stats.hist.cpu()
-    top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
-    nq = cfg.n_quantile_examples
-    text_keys = ("explanation", "explanation_ngrams", "input_ngrams")
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:  # whole or not at all: viz.py reads it
-        for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
-            n = n_fires[m]
-            h, qs = hist_summary(hist[m], cfg)
-            rec = dict(layer=m // stats.F, feature=m % stats.F, density=n / stats.n_rows, n_fires=n)
-            rec.update(mean_act=r4(sum_act[m] / max(n, 1)), max_act=r4(top["act"][m, 0]))
-            rec.update(quantiles=qs, hist=h, top_examples=examples(top, m, enc, cfg.before))
-            rec.update(quantile_examples=examples(sampled, m, enc, cfg.before, nq))
-            rec.update(promoted=token_logits(pv[m], pi[m], enc))
-            rec.update(suppressed=token_logits(sv[m], si[m], enc))
-            rec.update({name: r4(x[m]) for name, x in scores.items()})
-            rec.update(heldout_density=heldout_density[m])
-            rec.update({k: expl[m][k] for k in text_keys})
-            rec.update(concepts[m] if concepts else {})
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def examples(store, m, enc, before, n=None):
@@ -270,9 +253,8 @@ def examples(store, m, enc, before, n=None):
         tokens = [enc.decode([win_tok[i][j]]) for j in inside]
         acts = [r4(win_act[i][j]) for j in inside]
         ex = dict(act=r4(act[i]), doc=doc[i], pos=pos[i], tokens=tokens, acts=acts)
-        out.append(dict(ex, center=inside.index(before)))
-        if n is not None:
-            out[-1]["quantile"] = round(1 - (r + 0.5) / len(keep), 3)
+        q = {} if n is None else dict(quantile=round(1 - (r + 0.5) / len(keep), 3))
+        out.append(dict(ex, center=inside.index(before), **q))
     return out
 
 
@@ -287,10 +269,8 @@ def hist_summary(counts, cfg):
     b = nz[-1].item() + 1
     edges = [2 ** ((i - nb // 2) / bpo) for i in range(nb + 1)]  # bin i is [edges[i], edges[i+1])
     cum = counts.cumsum(0).double()
-    qs = {}
-    for q in QUANTILES:
-        i = torch.searchsorted(cum, q * cum[-1]).item()
-        qs[f"q{round(q * 100)}"] = round(2 ** ((i + 0.5 - nb // 2) / bpo), 4)  # the bin's centre
+    bins = {q: torch.searchsorted(cum, q * cum[-1]).item() for q in QUANTILES}  # the q-th's bin
+    qs = {f"q{round(q * 100)}": round(2 ** ((i + 0.5 - nb // 2) / bpo), 4) for q, i in bins.items()}
     return dict(edges=[round(e, 5) for e in edges[a : b + 1]], counts=counts[a:b].tolist()), qs
 
 
@@ -300,19 +280,8 @@ def r4(x):
     return None if x != x else round(x, 4) + 0.0
 
 
-def token_logits(values, ids, enc):
-    """[{"token", "logit"}] of a feature's promoted or suppressed tokens."""
-    return [dict(token=enc.decode([i]), logit=r4(x)) for x, i in zip(values, ids)]
-
-
 # -----------------------------------------------------------------------------
 # summary.json and summary.png
-def quantiles(x):
-    """{"q10": ..., "q90": ...} of the defined (non-NaN) values of x; {} if there are none."""
-    x = x[~x.isnan()].double()
-    return {f"q{round(q * 100)}": r4(x.quantile(q)) for q in QUANTILES[:-1]} if x.numel() else {}
-
-
 def summarize(stats, scores, cfg):
     """Counts per layer (dead / dense / interpretable) and the distribution of every score."""
     density = stats.n_fires.cpu() / stats.n_rows  # (M,)
@@ -320,14 +289,14 @@ def summarize(stats, scores, cfg):
     dense = density > cfg.dense
     good = live & (scores["detection_auroc"] >= cfg.interpretable)  # NaN compares False
     counts = dict(dead=~live, dense=dense, live=live, interpretable=good & ~dense)
-    by_layer = {k: v.view(stats.L, -1).sum(1).tolist() for k, v in counts.items()}  # L ints each
-    rows = [{k: n[l] for k, n in by_layer.items()} for l in range(stats.L)]
-    per_layer = [dict(layer=l, features=stats.F, **row) for l, row in enumerate(rows)]
-    out = dict(n_train_tokens=stats.n_rows, per_layer=per_layer)
+    by_layer = torch.stack(list(counts.values()), 1).view(stats.L, stats.F, -1).sum(1).tolist()
+    rows = [dict(layer=l, features=stats.F, **dict(zip(counts, n))) for l, n in enumerate(by_layer)]
+    out = dict(n_train_tokens=stats.n_rows, per_layer=rows)
     out.update(detection_threshold=cfg.interpretable)
     out.update(share_live_detection_above=r4(good.sum() / live.sum().clamp(min=1)))
-    out.update({name: quantiles(x[live]) for name, x in scores.items()})
-    out.update(density=quantiles(density[live]))
+    for name, x in {**scores, "density": density}.items():  # the quantiles of the defined values
+        x = x[live & ~x.isnan()].double()
+        out[name] = {f"q{round(q * 100)}": r4(x.quantile(q)) for q in QUANTILES[:-1] if x.numel()}
     out.update(ngram_counts_pruned_below=stats.grams.pruned_below)  # 0: every count is exact
     return out
 
@@ -354,8 +323,19 @@ def plot_summary(path, stats, scores, summary):
         ax[1, 0].hist(x, bins=40, histtype="step", label=f"layer {l}")
     ax[1, 0].set(title="firing density (live features)", xlabel="log10 density", ylabel="features")
     ax[1, 0].legend(fontsize=7)
-    if summary.get("concepts"):
-        plot_recovery(ax[1, 1], summary["concepts"])
+    c = summary.get("concepts")
+    if c:  # per family, each feature set's share of the planted concepts recovered
+        names = [n for n, f in c["by_family"].items() if f["kind"] != "structure" and f["concepts"]]
+        sets = {"CLT": c["by_family"], **{k: v["by_family"] for k, v in c["baselines"].items()}}
+        width = 0.8 / len(sets)
+        for i, (label, table) in enumerate(sets.items()):
+            shares = [(table.get(n) or {}).get("share") or 0.0 for n in names]
+            x = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
+            ax[1, 1].bar(x, shares, width, label=label)
+        ticks = [f"{n}\n({c['by_family'][n]['concepts']})" for n in names]
+        ax[1, 1].set_xticks(range(len(names)), ticks)
+        title = f"planted concepts with a feature of F1 >= {c['f1_threshold']}"
+        ax[1, 1].set(title=title, ylabel="share recovered", ylim=(0, 1.02))
     else:
         dead = [r["dead"] for r in summary["per_layer"]]
         good = [r["interpretable"] for r in summary["per_layer"]]
@@ -366,17 +346,3 @@ def plot_summary(path, stats, scores, summary):
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")  # the temporary name has no .png to infer it from
-
-
-def plot_recovery(ax, c):
-    """summary["concepts"] as bars on a matplotlib axis: per family, each set's share recovered."""
-    names = [n for n, f in c["by_family"].items() if f["kind"] != "structure" and f["concepts"]]
-    sets = {"CLT": c["by_family"], **{k: v["by_family"] for k, v in c["baselines"].items()}}
-    width = 0.8 / len(sets)
-    for i, (label, table) in enumerate(sets.items()):
-        shares = [(table.get(n) or {}).get("share") or 0.0 for n in names]
-        x = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
-        ax.bar(x, shares, width, label=label)
-    ax.set_xticks(range(len(names)), [f"{n}\n({c['by_family'][n]['concepts']})" for n in names])
-    title = f"planted concepts with a feature of F1 >= {c['f1_threshold']}"
-    ax.set(title=title, ylabel="share recovered", ylim=(0, 1.02))
