@@ -68,14 +68,13 @@ def resolve(config, given=None):
     """-> (the config the run goes on with, its checkpoint's latest.json or None for a new run). A
     resumed run takes the checkpoint's config, with the INVOCATION fields and the CHANGEABLE ones
     given. given: the flags typed (parse_args); None = the fields that differ from the defaults."""
+    if not config.resume:
+        return config, None
+    if config.overwrite:
+        raise ValueError("--resume continues the run, --overwrite replaces it: pass one of them")
     cls = type(config)
     if given is None:
         given = {f.name for f in fields(cls) if getattr(config, f.name) != f.default}
-    if config.resume and config.overwrite:
-        msg = "--resume continues the run in --out, --overwrite replaces it: pass one of them"
-        raise ValueError(msg)
-    if not config.resume:
-        return config, None
     path = os.path.join(config.out, CKPT_DIR, LATEST)
     if not os.path.exists(path):
         msg = f"--resume: no complete checkpoint at {path}: start the run without --resume"

@@ -76,8 +76,7 @@ class GenerateConfig(RunConfig):
 
 
 def load(cfg, device, load_model, load_transcoder):
-    """cfg.model and its transcoder cfg.clt in any layout, by the loaders passed in, refused if
-    made for another model (shapes, fingerprint), and the tokenizer -> (model, clt, enc)."""
+    """-> (cfg.model, its transcoder cfg.clt refused if made for another model, the tokenizer)."""
     if not os.path.exists(cfg.clt):
         cache = "python cache.py --model models/tiny --corpus toy --out runs/cache"
         fix = f"train one first, `{cache} && python train.py` (writes runs/clt), or pass --clt DIR"
@@ -93,10 +92,9 @@ def check_compatible(model, clt):
     """Refuse a transcoder whose layers or width are not the model's."""
     c, g = clt.config, model.config
     if (c.n_layers, c.d_model) != (g.n_layer, g.n_embd):
-        ours = f"it has n_layers={c.n_layers}, d_model={c.d_model}"
+        ours = f"it has n_layers={c.n_layers}, d_model={c.d_model} (its config names {c.model!r})"
         gpt = f"the GPT has n_layer={g.n_layer}, n_embd={g.n_embd}"
-        named = f"(the CLT's config names model {c.model!r})"
-        raise ValueError(f"the CLT was made for another model: {ours}, {gpt} {named}")
+        raise ValueError(f"the CLT was made for another model: {ours}, {gpt}")
 
 
 def check_one_prompt(model, clt, idx, what):
@@ -157,8 +155,7 @@ def read_direction(path, d):
         raise FileNotFoundError(f"no direction file {path}: save one with {example}")
     tensors = load_file(path)
     if len(tensors) != 1:
-        names = sorted(tensors)
-        raise ValueError(f"{path} holds {len(tensors)} tensors {names}: save exactly one, ({d},)")
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}: save exactly one, ({d},)")
     ((name, vector),) = tensors.items()
     return f"Output direction {os.path.basename(path)}:{name} (at ln_f's output)", vector
 
@@ -204,8 +201,8 @@ def check_interventions(interventions, T, config, layers=None):
             raise ValueError(f"{name}: need {sizes} and 0 <= feature < {F_}")
         out.append((iv.layer, iv.pos % T, iv.feature))
     if len(set(out)) < len(out):
-        names = [f"{l}/{p}/{f}" for l, p, f in out]
         fix = "give each (layer, pos, feature) once, with the value it should end up at"
+        names = [f"{l}/{p}/{f}" for l, p, f in out]
         raise ValueError(f"a feature is changed twice in {names}: {fix}")
     return torch.tensor(out, dtype=torch.long).view(-1, 3), (start, end)
 

@@ -109,8 +109,7 @@ def node_records(graph, enc, explanations, cumulative, infl):
 
 def save_graph(graph, enc, cfg, pruned, scores, explanations):
     """Write the folder cfg.out -> (kept nodes, links). pruned: prune's (node_mask, edge_mask,
-    cumulative, influence) on the CPU; scores: (replacement, completeness); explanations:
-    {(layer, feature): text}, the feature nodes' labels."""
+    cumulative, influence) on the CPU; scores: (replacement, completeness)."""
     node_mask, edge_mask, cumulative, infl = pruned
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]

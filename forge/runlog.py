@@ -35,9 +35,7 @@ def step_line(m):
     return line
 
 
-class DummyWandb:
-    """What the log calls on a wandb run, doing nothing: without --wandb."""
-
+class DummyWandb:  # what the log calls on a wandb run, doing nothing: without --wandb
     def log(self, row, step=None):
         pass
 
