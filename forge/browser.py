@@ -1,14 +1,14 @@
 """The feature browser's machinery, below viz.py: page HTML, the index's rows and layer files,
 writing many pages at once, the graph's feature files for circuit-tracer's front end. For
-GPT-2-small's CLT (12 x 24,576 features, headless Chromium): index.html holds the best
-`inline_rows` by AUROC, 2.7 MB, drawn in 0.6 s (all rows: 211 MB, not drawn in 5 min); each
-layer's rows go to index/layer_XX.js (7 MB, ~1 s), a script element the index's script adds when a
-view needs it (file:// blocks fetch()). The 292k pages (7.6 GB) take ~3 min (FileBatch)."""
+GPT-2-small's CLT (12 x 24,576 features): index.html holds the best `inline_rows` by AUROC (2.7 MB,
+0.6 s to draw; all rows: 211 MB, not drawn in 5 min); the rest load per layer from index/ (7 MB,
+~1 s) as a script element (file:// blocks fetch()). 292k pages (7.6 GB) take ~3 min (FileBatch)."""
 
 import base64
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import heapq
 import html
@@ -28,10 +28,10 @@ INDEX_JS = (STATIC / "index.js").read_text(encoding="utf-8")  # sorting, filteri
 # -----------------------------------------------------------------------------
 # texts and names
 
-# control characters made visible: newline, tab, CR as circuit-tracer's process_token writes them,
-# the others as Unicode control pictures (a NUL would end a graphviz string, and is invalid HTML)
+# control characters made visible (a NUL ends a graphviz string); \n \t \r as circuit-tracer does
 VISIBLE = {**{i: 0x2400 + i for i in range(32)}, 127: 0x2421, 10: "⏎", 9: "→", 13: "↵"}
 PAGE_NAME = "L{layer}_F{feature}.html"  # a feature's page; the index's script builds the same names
+LAYER_FILE = "index/layer_{:02d}.js"  # a layer's rows for the index's script, when not all inline
 
 
 def show_token(tok):
@@ -58,8 +58,8 @@ def feature_page_name(layer, feature):
 
 
 def feature_index(node):
-    """A feature node's index in its layer. circuit-tracer stores a Cantor pairing in "feature", so
-    the node_id "{layer}_{feature}_{pos}" is the reliable source; fall back to "feature"."""
+    """A feature node's index in its layer, from node_id "{layer}_{feature}_{pos}" (circuit-tracer's
+    "feature" is a Cantor pairing), else "feature"."""
     parts = str(node["node_id"]).split("_")
     if len(parts) == 3 and parts[1].lstrip("-").isdigit():
         return int(parts[1])
@@ -84,8 +84,8 @@ def is_scalar(v):
 
 
 def table_html(value, depth=0):
-    """Any JSON value as HTML: a list of dicts, or a nested dict of scalars, as a table with a
-    header row; any other dict as key/value rows."""
+    """Any JSON value as HTML: a list of dicts or nested dict of scalars with a header row, a dict
+    as key/value rows."""
     small = isinstance(value, dict) and depth > 0 and 0 < len(value) <= 8
     if small and all(map(is_scalar, value.values())):
         value = [value]  # e.g. quantiles {"q10": .., "q50": ..}: one row, not one row per key
@@ -132,8 +132,7 @@ SHADES = [f"background:rgba(255,140,0,{k / 100:.2f});" for k in range(101)]  # a
 
 @functools.lru_cache(maxsize=1 << 17)
 def token_html(tok):
-    """A token as a page shows it, escaped. Cached: a CLT's pages show ~260 tokens each from a
-    vocabulary of ~50k, and rendering them is most of `viz.py features`' time."""
+    """A token as a page shows it, escaped; cached (most of `viz.py features`' time otherwise)."""
     return html.escape(show_token(tok))
 
 
@@ -172,16 +171,14 @@ def token_table(rows, title, k):
 
 def write_file(path, data):
     """Write text or bytes to `path` whole or not at all."""
-    binary = isinstance(data, bytes)
-    encoding = None if binary else "utf-8"
-    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=encoding) as f:
+    encoding = None if isinstance(data, bytes) else "utf-8"
+    with atomic_path(path) as tmp, open(tmp, "w" if encoding else "wb", encoding=encoding) as f:
         f.write(data)
 
 
-class FileBatch:
-    """Many small text files written whole or not at all, as atomic_path writes one, but one sync a
-    batch instead of two fsyncs a file (80 s for GPT-2-small's 292k pages): os.sync() every
-    `max_bytes` and at the block's end, then renames; an exception removes the unrenamed files."""
+class FileBatch(contextlib.AbstractContextManager):
+    """Small text files written whole or not at all, with one os.sync() a batch of `max_bytes` (not
+    two fsyncs a file: 80 s for 292k pages), then renames; an exception removes the unrenamed."""
 
     def __init__(self, max_bytes=64 << 20):
         self.max_bytes = max_bytes
@@ -207,15 +204,11 @@ class FileBatch:
         self.pending = []
         self.size = 0
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, kind, value, traceback):
         if kind is None:
             self.flush()
         for path in self.pending:  # an exception inside the block: the files not renamed
-            if os.path.exists(f"{path}.tmp"):
-                os.remove(f"{path}.tmp")
+            pathlib.Path(f"{path}.tmp").unlink(missing_ok=True)
 
 
 def count_lines(path):
@@ -232,8 +225,8 @@ def chunks(f, n):
 
 
 def map_in_order(fn, items, workers):
-    """fn(item) for each item in `workers` processes, in order, at most 2 * workers in flight (a
-    Pool's imap would read all of features.jsonl ahead); one worker or item: in this process."""
+    """fn(item) for each item in `workers` processes, in order, at most 2 * workers in flight (not
+    a Pool's imap, which reads ahead); one worker or item: in this process."""
     items = iter(items)
     head = list(itertools.islice(items, 2))
     if workers == 1 or len(head) < 2:
@@ -276,8 +269,8 @@ def is_dead(feat):
 
 
 def index_record(feat, dense):
-    """A feature's row of the index as texts: the cells of INDEX_COLUMNS, then more words a search
-    looks in (its promoted tokens, lower case; besides the explanation and the top tokens)."""
+    """A feature's row of the index as texts: the cells of INDEX_COLUMNS, then its promoted tokens
+    in lower case (the search looks in them too)."""
     is_dense = (feat.get("density") or 0) > dense
     flags = " ".join(name for name, on in (("dead", is_dead(feat)), ("dense", is_dense)) if on)
     top = feat.get("top_examples") or []
@@ -301,13 +294,9 @@ def index_row(rec):
     return f'<tr data-layer="{rec[0]}" data-q="{q}">{cells}</tr>'
 
 
-def layer_file_name(layer):
-    return f"index/layer_{int(layer):02d}.js"
-
-
 class IndexRows:
-    """The index's rows, in features.jsonl's (layer, feature) order: the `n_inline` best by AUROC
-    for index.html; past that many, each layer to index/ as the next starts (memory: one layer)."""
+    """The index's rows in (layer, feature) order: the `n_inline` best by AUROC for index.html;
+    past that many, each layer to index/ as the next starts (memory: one layer)."""
 
     def __init__(self, out, n_inline):
         self.out = out
@@ -328,10 +317,8 @@ class IndexRows:
                 "the (layer, feature) order interp.py writes: rewrite it with interp.py"
             )
         key = (-math.inf if auroc is None else auroc, -self.n, rec)  # ties: the earlier row wins
-        if len(self.best) < self.n_inline:
-            heapq.heappush(self.best, key)
-        else:
-            heapq.heappushpop(self.best, key)
+        push = heapq.heappush if len(self.best) < self.n_inline else heapq.heappushpop
+        push(self.best, key)
         if layer != self.layer:  # a new layer: the ones before it are complete
             self.write()
             self.layer = layer
@@ -347,7 +334,7 @@ class IndexRows:
         if self.n <= self.n_inline:
             return
         for layer, records in self.held.items():
-            path = os.path.join(self.out, layer_file_name(layer))
+            path = os.path.join(self.out, LAYER_FILE.format(int(layer)))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             quoted = to_js(records).replace("\\", "\\\\").replace("'", "\\'")  # JSON in '...'
             text = f"featureIndex({int(layer)},JSON.parse('{quoted}'));\n"
@@ -395,10 +382,9 @@ def summary_html(summary, run_dir):
         if summary.get("per_layer"):
             numbers += ["<h2>Per layer</h2>", table_html(summary["per_layer"])]
     plots = ""
-    png = os.path.join(run_dir, "summary.png")
-    if os.path.isfile(png):  # inline, so that the page stays self-contained
-        with open(png, "rb") as f:
-            uri = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+    png = pathlib.Path(run_dir, "summary.png")
+    if png.is_file():  # inline, so that the page stays self-contained
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
         alt = "score distributions, densities and concept recovery"
         plots = f'<img alt="{alt}" style="width:720px;max-width:100%" src="{uri}">'
     return f"<div class='cols'><div>{''.join(numbers)}</div><div>{plots}</div></div>"
@@ -411,23 +397,22 @@ def index_page(index, summary_div):
     head = "".join(th.format(k, t, d, html.escape(h)) for k, h, t, d in INDEX_COLUMNS)
     options = "".join(f'<option value="{l}">layer {l}</option>' for l in index.layers())
     title = "All features"
-    hint = ""
+    intro = (
+        "Click a column to sort by it (again to reverse); the search keeps rows whose explanation "
+        "or top tokens contain every word. The address bar keeps the view."
+    )
     first = '<option value="">all layers</option>'
     if index.files:  # some rows are only in index/
         title = f"The best {len(rows):,} of {index.n:,} features by detection AUROC"
-        hint = " Pick a layer or every layer, or search, to browse all of them (read from index/"
-        hint += " as needed)."
+        intro += " Pick a layer or every layer, or search, to browse all of them (read from index/"
+        intro += " as needed)."
         mb = sum(index.files.values()) / 1e6
         first = f'<option value="">the best {len(rows):,}</option>'
         first += f'<option value="all">every layer ({mb:.0f} MB to read)</option>'
-    files = {l: layer_file_name(l) for l in index.files}
+    files = {l: LAYER_FILE.format(int(l)) for l in index.files}
     config = dict(layers=index.layers(), files=files, total=index.n, classes=INDEX_CLASSES)
     config["page"] = PAGE_NAME
     counts = f"{index.n - index.n_dead} live, {index.n_dead} dead (no page), {index.n_dense} dense"
-    intro = (
-        "Click a column to sort by it (again to reverse); the search keeps rows whose explanation "
-        f"or top tokens contain every word. The address bar keeps the view.{hint}"
-    )
     body = [f"<h1>Features: {counts}</h1>", summary_div]
     body += [f"<h2>{title}</h2><p class='muted'>{intro}</p>", CONTROLS.format(first + options)]
     # hidden until the script has drawn it: a table laid out as it streams in costs ~0.5 ms a row
@@ -439,10 +424,8 @@ def index_page(index, summary_div):
 
 
 # -----------------------------------------------------------------------------
-# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server): its
-# page fetches {scan}/{feature}.json, its server reads /data/... from the graph folder, graph.py
-# writes scan "./data/features". Unlike ours, that page (circuit-tracer 0.5.0) loads d3, dagre and
-# pako from CDNs: offline it stops after graph-metadata.json ("d3 is not defined").
+# the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server): it
+# fetches {scan}/{feature}.json; unlike ours it loads d3 from CDNs (offline: "d3 is not defined")
 
 FRONTEND_SCAN = "./data/features"  # the graph's metadata.scan for the front end to read features/
 FRONTEND_BINS = 40  # bins of the front end's activation histogram, linear over [act_min, act_max]
@@ -458,8 +441,7 @@ def _frontend_example(ex):
 
 
 def frontend_feature(feat, transcoder_id):
-    """A record of features.jsonl in circuit-tracer's front-end schema (frontend/feature_models.py):
-    examples (top, then four quantile bands), top / bottom logits, range, percentiles, histogram."""
+    """A record of features.jsonl in circuit-tracer's front-end schema (feature_models.py)."""
     hist = feat.get("hist") or {}
     counts = hist.get("counts") or []
     edges = hist.get("edges") or []
@@ -494,8 +476,7 @@ def frontend_feature(feat, transcoder_id):
 
 
 def write_frontend_features(graph, interp_dir, out):
-    """{out}/features/{node "feature"}.json, which circuit-tracer's front end fetches at
-    {scan}/{featureIndex}.json, for each feature node interp.py described; their paths."""
+    """{out}/features/{node "feature"}.json for each feature node interp.py described; paths."""
     path = os.path.join(interp_dir, "features.jsonl")
     features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
     wanted = {(int(n["layer"]), feature_index(n)): n["feature"] for n in features}

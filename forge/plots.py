@@ -1,6 +1,5 @@
-"""How viz.py's pictures look: the attribution graph in graphviz (colours, sizes, labels, the grid's
-invisible scaffolding, the legend) and its page; the training curves in matplotlib. viz.py says
-what goes where; this module, how it is drawn."""
+"""How viz.py's pictures look: the attribution graph in graphviz (colours, sizes, labels, grid,
+legend) and its page; the training curves in matplotlib. viz.py says what goes where."""
 
 import html
 import math
@@ -12,7 +11,6 @@ import matplotlib.ticker
 from matplotlib.figure import Figure  # no pyplot: Agg canvases, no window, no global backend
 
 from forge import browser
-from forge.browser import feature_index, fmt, show_token, table_html
 from forge.files import atomic_path
 
 # -----------------------------------------------------------------------------
@@ -38,8 +36,8 @@ NO_DOT = (
 
 
 def influence_order(node):
-    """Sort key, most influential first. graph.py writes "influence_raw" (bigger = more influential)
-    and circuit-tracer's "influence", a *cumulative* share (smaller = more); else |activation|."""
+    """Sort key, most influential first: graph.py's "influence_raw" (bigger = more), else
+    circuit-tracer's *cumulative* "influence" (smaller = more), else |activation|."""
     if node.get("influence_raw") is not None:
         return -node["influence_raw"]
     if node.get("influence") is not None:
@@ -57,7 +55,7 @@ def node_name(node):
     """How the page names a node: L1/3 for a feature, err L0, an embedding's token, a logit's."""
     ft = node["feature_type"]
     if ft == "cross layer transcoder":
-        return f"L{node['layer']}/{feature_index(node)}"
+        return f"L{node['layer']}/{browser.feature_index(node)}"
     if ft == "mlp reconstruction error":
         return f"err L{node['layer']}"
     return str(node.get("clerp") or node["node_id"])
@@ -66,7 +64,7 @@ def node_name(node):
 def link(node, href):
     """A feature node's page, href(layer, feature) (None where there is none); other nodes: None."""
     is_feature = node["feature_type"] == "cross layer transcoder"
-    return href(int(node["layer"]), feature_index(node)) if href and is_feature else None
+    return href(int(node["layer"]), browser.feature_index(node)) if href and is_feature else None
 
 
 def node_attrs(node, s, tokens, label_chars, href):
@@ -83,7 +81,7 @@ def node_attrs(node, s, tokens, label_chars, href):
     attrs.update(tooltip=tip, width=f"{0.5 + 1.0 * s:.2f}")
     attrs.update(height=f"{0.3 + 0.35 * s:.2f}", fontsize=f"{9 + 4 * s:.1f}")
     if ft == "embedding":  # the token axis: as narrow as its token
-        token = show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}"
+        token = browser.show_token(tokens[pos]) if pos < len(tokens) else f"pos {pos}"
         attrs.update(label=text(token), width="0.3")
     elif ft == "logit":
         attrs["label"] = text(node.get("clerp") or f"logit {node['feature']}")
@@ -115,9 +113,8 @@ def pin(sub, name, pos_of, **attrs):
 
 
 def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
-    """The ranks as rows and columns for `dot`: a rank=same subgraph per rank, ordered by an
-    invisible chain (empty cells: placeholders; on the embedding row, the token in grey), a
-    row-label spine stacking them, invisible edges making columns. Pinned: no layout edges."""
+    """The ranks as rows for `dot`: a rank=same subgraph each, ordered by an invisible chain (empty
+    cells: placeholders), stacked by a row-label spine, columns by invisible edges; pinned: none."""
     n_pos = max(len(tokens), 1 + max((p for _, cells in ranks for p in cells), default=0))
     heads = {}  # (rank, pos) -> first node of the cell
     for i, (r, cells) in enumerate(ranks):
@@ -133,7 +130,7 @@ def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
                 if not cell:  # keep the grid: an empty cell still takes a column slot
                     chain.append(f"cell_{i}_{pos}")
                     if r == -1 and pos < len(tokens):
-                        token = text(show_token(tokens[pos]))
+                        token = text(browser.show_token(tokens[pos]))
                         grey = dict(label=token, shape="plaintext", fontcolor="#888888")
                         pin(sub, chain[-1], pos_of, group=f"pos{pos}", **grey)
                     elif not pos_of:
@@ -158,10 +155,10 @@ def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
 def write_graph_page(stem, graph, cfg, svg, href):
     """{stem}.html: prompt, scores, the picture (or how to get one), the table of every node."""
     meta = graph.get("metadata", {})
-    toks = [f"<code>{html.escape(show_token(t))}</code>" for t in meta.get("prompt_tokens", [])]
+    toks = [f"<code>{browser.token_html(t)}</code>" for t in meta.get("prompt_tokens", [])]
     info = {k: v for k, v in (meta.get("info") or {}).items() if isinstance(v, (int, float, str))}
     body = [f"<h1>Attribution graph</h1><p>Prompt: {html.escape(str(meta.get('prompt', '')))}</p>"]
-    body += [f"<p>Tokens: {' '.join(toks)}</p>", table_html(info) if info else ""]
+    body += [f"<p>Tokens: {' '.join(toks)}</p>", browser.table_html(info) if info else ""]
     if svg is None:
         body.append(
             "<p><b>No picture:</b> graphviz's <code>dot</code> is not installed. Install it "
@@ -185,11 +182,11 @@ def write_graph_page(stem, graph, cfg, svg, href):
         url = link(n, href)
         name = html.escape(node_name(n))
         pos = n["ctx_idx"]
-        token = html.escape(show_token(tokens[pos])) if pos < len(tokens) else ""
+        token = browser.token_html(tokens[pos]) if pos < len(tokens) else ""
         cells = [f'<a href="{html.escape(url)}">{name}</a>' if url else name]
         cells += [html.escape(n["feature_type"]), html.escape(str(n["layer"]))]
         cells += [f"{pos} <code>{token}</code>"]
-        cells += [fmt(n.get(k)) for k in ("activation", "influence_raw", "influence")]
+        cells += [browser.fmt(n.get(k)) for k in ("activation", "influence_raw", "influence")]
         cells += [html.escape(str(n.get("clerp") or "")) if n["feature_type"] != "logit" else ""]
         rows.append("".join(f"<td>{c}</td>" for c in cells))
     table = "<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>"
@@ -227,7 +224,6 @@ def curves(path, rows, keys, title, logy, dpi):
     fig = Figure(figsize=(6.4, 4))
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)  # "tight" draws twice
     ax = fig.subplots()
-    drawn = False
     for key, label in keys.items():
         steps, vals = series(rows, key)
         if isinstance(vals[0] if vals else None, list):
@@ -238,15 +234,12 @@ def curves(path, rows, keys, title, logy, dpi):
         elif any(v > 0 or not logy for v in vals):  # log axes show no zeros
             vals = [v if v > 0 or not logy else math.nan for v in vals]
             ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, label=label)
-        else:
-            continue
-        drawn = True
-    if drawn:
+    if ax.lines:
         ax.set(xlabel="step", title=title, yscale="log" if logy else "linear")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         save_figure(fig, path, dpi)
-    return drawn
+    return bool(ax.lines)
 
 
 def frontier(points, path, dpi):
