@@ -47,11 +47,17 @@ def iter_documents(corpus, seed=0, text_field="text"):
 def _file_documents(path, text_field):
     """The documents of one file, read by its suffix; invalid UTF-8 names its first bad line."""
     readers = {".jsonl": _jsonl_documents, ".json": _json_documents, ".parquet": _parquet_documents}
-    docs = readers.get(os.path.splitext(path)[1], _text_documents)(path, text_field)
     try:
-        yield from docs
+        yield from readers.get(os.path.splitext(path)[1], _text_documents)(path, text_field)
     except UnicodeDecodeError:
-        raise _bad_utf8(path) from None
+        with open(path, "rb") as f:  # line by line: a newline byte is never inside a character
+            for i, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    where = f"{path} line {i}: invalid UTF-8 (byte 0x{line[e.start]:02x})"
+                    raise ValueError(f"{where}: re-encode the file as UTF-8") from None
+        raise ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8") from None
 
 
 def _text_documents(path, text_field, block=1 << 20):
@@ -74,7 +80,8 @@ def _jsonl_documents(path, text_field):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise _bad_json(f"{path} line {i}", e, "fix or delete that line") from None
+                bad = f"{path} line {i}: not valid JSON ({e.msg}, column {e.colno})"
+                raise ValueError(f"{bad}: fix or delete that line") from None
             yield _text_of(row, text_field, f"{path} line {i}")
 
 
@@ -84,13 +91,13 @@ def _json_documents(path, text_field):
         try:
             rows = json.load(f)
         except json.JSONDecodeError as e:
-            raise _bad_json(f"{path} line {e.lineno}", e, "fix the file") from None
+            bad = f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+            raise ValueError(f"{bad}: fix the file") from None
     if not isinstance(rows, list):
         what = f"{path} holds a JSON {type(rows).__name__}, not a list of documents"
         fix = f"pass a JSON list of strings or of objects with a {text_field!r} field (or a .jsonl)"
         raise ValueError(f"{what}: {fix}")
-    for i, row in enumerate(rows):
-        yield _text_of(row, text_field, f"{path} item {i}")
+    yield from (_text_of(row, text_field, f"{path} item {i}") for i, row in enumerate(rows))
 
 
 def _parquet_documents(path, text_field):
@@ -104,10 +111,9 @@ def _parquet_documents(path, text_field):
     except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not parquet
         fix = "pass a parquet file or another corpus"
         raise ValueError(f"{path}: not a readable parquet file ({e}): {fix}") from None
-    names = f.schema_arrow.names
-    if text_field not in names:
-        fix = "pass --text-field COLUMN"
-        raise ValueError(f"{path} has no column {text_field!r} (columns {names}): {fix}")
+    if text_field not in f.schema_arrow.names:
+        fix = f"(columns {f.schema_arrow.names}): pass --text-field COLUMN"
+        raise ValueError(f"{path} has no column {text_field!r} {fix}")
     batches = f.iter_batches(batch_size=1024, columns=[text_field])
     for row, text in enumerate(t for batch in batches for t in batch.column(0).to_pylist()):
         if not isinstance(text, str):
@@ -133,8 +139,7 @@ def _hf_documents(corpus, text_field):
         fix = "check NAME[:config][:split] and the network (offline: local folders, cached data)"
         dataset = f"the Hugging Face dataset of --corpus {corpus} ({first})"
         raise ValueError(f"cannot open {dataset}: {fix}") from None
-    for i, row in enumerate(stream):
-        yield _text_of(row, text_field, f"{corpus} row {i}")
+    yield from (_text_of(row, text_field, f"{corpus} row {i}") for i, row in enumerate(stream))
 
 
 def _text_of(row, text_field, where):
@@ -146,20 +151,3 @@ def _text_of(row, text_field, where):
     keys = f" (fields {sorted(row)[:8]})" if isinstance(row, dict) else ""
     expected = f"expected a string or an object with a string {text_field!r} field{keys}"
     raise ValueError(f"{where}: {expected}: pass --text-field NAME")
-
-
-def _bad_json(where, e, fix):
-    return ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno}): {fix}")
-
-
-def _bad_utf8(path):
-    """The error for a file that is not UTF-8, naming its first bad line (a second, binary pass:
-    line by line, as a newline byte is never inside a UTF-8 character)."""
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                where = f"{path} line {i}: invalid UTF-8 (byte 0x{line[e.start]:02x})"
-                return ValueError(f"{where}: re-encode the file as UTF-8")
-    return ValueError(f"{path}: invalid UTF-8: re-encode the file as UTF-8")

@@ -1,12 +1,9 @@
-"""The activation cache's files and the machinery around cache.py: the shard format, the manifest
-and every check on them, the verify/stats commands, the crc-checked shard reader, and the build's
-writer (what to rewrite on a resume, shard buffers, background writes, the manifest's totals).
+"""Activation cache files: shard format, manifest, checks, verify/stats, ShardFiles, ShardWriter.
 
 A shard file is a header and four sections, each on a 64-byte boundary (`shard_layout`):
     header   (32,) int64   [MAGIC, VERSION, dtype code, rows, L, d, off_in, off_out, off_scales,
                             off_meta, file bytes, 0...] (checked on read, as llm.c's data shards)
-    mlp_in   (rows, L, d)  dtype; int8: q = round(x / (channel * scale)), channel = the
-                           manifest's channel_scale[0] (L, d)
+    mlp_in   (rows, L, d)  dtype; int8: q = round(x / (channel * scale)), channel: channel_scale[0]
     mlp_out  (rows, L, d)  dtype
     scales   (rows, 2, L)  int16 bits of bfloat16 scales, [:, 0] mlp_in, [:, 1] mlp_out (int8 only)
     meta     (rows, 3)     int32: token id, document id, position in its context
@@ -16,8 +13,10 @@ shard its rows, bytes, sha256 and a crc32 per chunk of check_rows rows (~1 MB), 
 the statistics, then the splits, norms and NMSE. Each check lives here once, naming the fix.
 """
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import shlex
@@ -26,9 +25,9 @@ import sys
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +83,8 @@ def row_bytes(dtype, L, d):
 
 def header(dtype, rows, L, d):
     off, size = shard_layout(dtype, rows, L, d)
-    h = np.zeros(HEADER_INTS, dtype=np.int64)
-    h[:11] = [MAGIC, VERSION, DTYPES[dtype][0], rows, L, d, *off.values(), size]
-    return h
+    h = [MAGIC, VERSION, DTYPES[dtype][0], rows, L, d, *off.values(), size]
+    return np.array(h + [0] * (HEADER_INTS - len(h)), dtype=np.int64)
 
 
 def sections(buf, dtype, rows, L, d):
@@ -99,8 +97,7 @@ def sections(buf, dtype, rows, L, d):
     specs["meta"] = (np.int32, (rows, 3))
     views = dict(scales=None)
     for key, (kind, shape) in specs.items():
-        n = int(np.prod(shape)) * np.dtype(kind).itemsize
-        views[key] = buf[off[key] : off[key] + n].view(kind).reshape(shape)
+        views[key] = buf[off[key] :].view(kind)[: math.prod(shape)].reshape(shape)
     return views
 
 
@@ -115,8 +112,7 @@ def crc32(views, a, b):
     """crc32 of rows a..b-1 of one shard's sections (buffers or memmap), in file order."""
     crc = 0
     for key in SECTIONS:
-        if views[key] is not None:
-            crc = zlib.crc32(views[key][a:b], crc)
+        crc = crc if views[key] is None else zlib.crc32(views[key][a:b], crc)
     return crc
 
 
@@ -130,34 +126,6 @@ def chunk_problem(m, i, views, j):
     return f"{s['file']}: {rows} fail their crc32 check (the file is damaged)"
 
 
-def write_shard(out, m, index, views):
-    """Write shard `index` from its sections' rows, atomically; returns its manifest entry."""
-    n = len(views["meta"])
-    name = shard_name(index)
-    path = os.path.join(out, name)
-    C = m["check_rows"]
-    crc = [crc32(views, a, a + C) for a in range(0, n, C)]
-    arrays = [header(m["dtype"], n, m["n_layers"], m["d_model"])]
-    arrays += [views[k] for k in SECTIONS if views[k] is not None]
-    h = hashlib.sha256()
-    written = 0
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            for arr in arrays:
-                mv = memoryview(np.ascontiguousarray(arr)).cast("B")
-                pad = b"\0" * (_pad(written + len(mv)) - written - len(mv))
-                for chunk in (mv, pad):
-                    h.update(chunk)
-                    f.write(chunk)
-                written += len(mv) + len(pad)
-            size = shard_layout(m["dtype"], n, m["n_layers"], m["d_model"])[1]
-            assert written == size, f"wrote {written} bytes, layout says {size}"
-    except OSError as e:
-        fix = "Finished shards are kept: free space and rerun the same command to resume"
-        raise ValueError(f"writing {path} failed: {e} (disk full or unwritable?). {fix}") from e
-    return dict(file=name, rows=n, bytes=written, sha256=h.hexdigest(), crc32=crc)
-
-
 # -----------------------------------------------------------------------------
 # the manifest and the checks on a finished cache
 
@@ -168,11 +136,10 @@ def open_manifest(path):
     if not os.path.exists(mpath):
         not_one = "not an activation cache (build one with cache.py)"
         raise FileNotFoundError(f"{path} has no {MANIFEST}: {not_one}")
-    with open(mpath) as f:
-        try:
-            m = json.load(f)
-        except json.JSONDecodeError as e:  # written whole: this one was edited or damaged
-            raise ValueError(f"{mpath} is not valid JSON ({e}): {OVERWRITE}") from None
+    try:
+        m = json.loads(Path(mpath).read_text())
+    except json.JSONDecodeError as e:  # written whole: this one was edited or damaged
+        raise ValueError(f"{mpath} is not valid JSON ({e}): {OVERWRITE}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         found = f"{mpath} is format {m.get('format')} version {m.get('version')}"
         raise ValueError(f"{found}, this cache.py reads {FORMAT} version {VERSION}: {OVERWRITE}")
@@ -201,11 +168,8 @@ def check_shard(path, m, i, content=""):
         found = f"{s['file']}: header {h[:11].tolist()} disagrees with the manifest"
         return f"{found} {want[:11].tolist()} ([magic, version, dtype, rows, L, d, offsets, bytes])"
     if content == "sha256":
-        sha = hashlib.sha256()
         with open(p, "rb") as f:
-            while chunk := f.read(8 << 20):
-                sha.update(chunk)
-        digest = sha.hexdigest()
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest != s["sha256"]:
             return f"{s['file']}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}..."
     if content == "crc32":
@@ -278,23 +242,22 @@ class StatsConfig(VerifyConfig):
 
 
 def report(command, paths, defaults):
-    """`cache.py verify|stats PATH...`: print each cache's problems (with the command that repairs
-    them) or its summary; returns the exit status, 1 when a cache is damaged."""
+    """`cache.py verify|stats PATH...`: problems and repair command, or summary; 1 if damaged."""
     if not paths:
         example = f"python cache.py {command} runs/cache"
         raise ValueError(f"`cache.py {command}` needs a cache directory, e.g. `{example}`")
-    failed = 0
+    status = 0
     for path in paths:
         if command == "stats":
             print(summary(path, ShardFiles(path, defaults).manifest))
-            continue
-        bad = verify(path)
-        print("\n".join(["BAD " + b for b in bad] or [f"{path}: all shards OK"]))
-        if bad:
+        elif bad := verify(path):
+            print("\n".join("BAD " + b for b in bad))
             repair = repair_command(path, open_manifest(path), defaults)
             print(f"repair (rewrites only what is damaged or missing): {repair}")
-        failed += bool(bad)
-    return 1 if failed else 0
+            status = 1
+        else:
+            print(f"{path}: all shards OK")
+    return status
 
 
 # -----------------------------------------------------------------------------
@@ -303,9 +266,8 @@ def report(command, paths, defaults):
 
 class ShardFiles:
     """A finished cache's shards, read-only, thread-safe. Opening checks each size and header;
-    `take` checks a chunk's crc32 the first time it reads a row of it: no damaged row is returned.
-    defaults: the build's {flag: default}, for the repair command errors name. model: refuse a
-    cache made by another model."""
+    `take` checks a chunk's crc32 the first time it reads a row of it. defaults: the build's
+    {flag: default}, for the repair command errors name. model: refuse another model's cache."""
 
     def __init__(self, path, defaults, model=None):
         self.path = path
@@ -323,8 +285,7 @@ class ShardFiles:
             self._refuse(check_shard(path, m, i))
         self._checked = [np.zeros(len(s["crc32"]), bool) for s in m["shards"]]  # chunks found good
         self._check_locks = [threading.Lock() for _ in m["shards"]]
-        self._maps = OrderedDict()
-        self._lock = threading.Lock()
+        self._shard = lru_cache(MAX_OPEN_SHARDS)(partial(map_shard, path, m))  # memmaps (fds)
 
     def _refuse(self, problem):
         if problem:
@@ -342,7 +303,11 @@ class ShardFiles:
             i = int(shard_of[a])
             local = rows[a:b] - self.starts[i]
             src = self._shard(i)
-            self._check_chunks(i, src, local)
+            chunks = np.unique(local // self.manifest["check_rows"])
+            with self._check_locks[i]:  # each chunk's crc32 on its first read; other threads wait
+                for j in chunks[~self._checked[i][chunks]]:
+                    self._refuse(chunk_problem(self.manifest, i, src, j))
+                    self._checked[i][j] = True
             runs = np.flatnonzero(np.diff(local) != 1) + 1  # where runs of consecutive rows break
             if len(runs) <= (b - a) // 64:  # long runs (whole units): plain sequential copies
                 for ra, rb in zip(np.r_[0, runs], np.r_[runs, b - a]):
@@ -353,37 +318,16 @@ class ShardFiles:
                     np.take(src[k], local, axis=0, out=out[k][a:b])
         return {k: torch.from_numpy(out[k]) if k in out else None for k in keys}
 
-    def _check_chunks(self, i, src, local):
-        """The crc32 of each chunk rows `local` of shard i fall in, once (other threads wait)."""
-        chunks = np.unique(local // self.manifest["check_rows"])
-        with self._check_locks[i]:
-            for j in chunks[~self._checked[i][chunks]]:
-                self._refuse(chunk_problem(self.manifest, i, src, j))
-                self._checked[i][j] = True
-
-    def _shard(self, i):
-        """Shard i's memmapped sections; the MAX_OPEN_SHARDS last used stay mapped (fds)."""
-        with self._lock:
-            if i in self._maps:
-                self._maps.move_to_end(i)
-            else:
-                self._maps[i] = map_shard(self.path, self.manifest, i)
-                if len(self._maps) > MAX_OPEN_SHARDS:
-                    self._maps.popitem(last=False)
-            return self._maps[i]
-
 
 def ordered_map(fn, items, workers, ahead):
-    """Yield fn(item) in order, computed by `workers` threads at most `ahead` items ahead; an
-    error on a thread is raised here. Stopping early (break, close) stops the threads."""
+    """Yield fn(item) in order from `workers` threads, at most `ahead` ahead; errors raise here."""
     with ThreadPoolExecutor(workers) as ex:
         futures = []
         for item in items:
             futures.append(ex.submit(fn, item))
             if len(futures) > ahead:
                 yield futures.pop(0).result()
-        for f in futures:
-            yield f.result()
+        yield from (f.result() for f in futures)
 
 
 def empty(shape, dtype=torch.float32, device="cpu"):
@@ -409,21 +353,15 @@ def check_config(cfg, n_ctx):
         raise ValueError(f"need tokens, batch_size > 0, shard_tokens >= 0, 0 <= heldout < 1: {got}")
 
 
-def identity(cfg, model_sha, model_dir):
-    """What determines the cache's bytes: a rerun resumes only if all of these agree."""
+def open_out_dir(cfg, made, model_sha, model_dir):
+    """Create the cache directory cfg.out, or resume in it (the same identity, unless --overwrite):
+    the manifest to continue from. made: model_config, n_layers, d_model, device, channel_scale."""
     tok = hashlib.sha256(b"".join(Path(model_dir, n).read_bytes() for n in TOKENIZER_FILES))
     local = cfg.corpus != "toy" and not cfg.corpus.startswith("hf:")
     corpus = os.path.realpath(cfg.corpus) if local else cfg.corpus
     keys = ("text_field", "tokens", "ctx", "dtype", "keep_bos", "heldout", "shard_tokens")
-    keys += ("batch_size", "seed")
-    made = dict(model_sha256=model_sha, tokenizer_sha256=tok.hexdigest(), corpus=corpus)
-    return dict(made, **{k: getattr(cfg, k) for k in keys})
-
-
-def open_out_dir(cfg, identity, made):
-    """Create the cache directory cfg.out, or resume in it (the same identity, unless --overwrite):
-    returns the manifest to continue from. made: model_config, n_layers, d_model, device and
-    channel_scale, for the manifest's header."""
+    identity = dict(model_sha256=model_sha, tokenizer_sha256=tok.hexdigest(), corpus=corpus)
+    identity.update({k: getattr(cfg, k) for k in (*keys, "batch_size", "seed")})  # makes the bytes
     out = cfg.out
     path = os.path.join(out, MANIFEST)
     try:
@@ -433,8 +371,7 @@ def open_out_dir(cfg, identity, made):
     if os.path.exists(path) and not cfg.overwrite:
         old = open_manifest(out)
         was = old["identity"]
-        diff = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
-        if diff:
+        if diff := {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}:
             other = f"a cache made with other arguments ({{field: (cache, now)}}: {diff})"
             fix = "pass --overwrite to replace it, or choose another --out"
             raise ValueError(f"{out} holds {other}; {fix}")
@@ -462,33 +399,15 @@ def open_out_dir(cfg, identity, made):
     return m
 
 
-def check_tokens(out, m, k, row0, meta, corpus):
-    """Refuse to resume from a changed corpus: meta (n, 3), what the corpus now gives for rows
-    row0.., must equal what the listed shard k stores for the rows both cover."""
-    s = m["shards"][k]
-    first = k * m["shard_tokens"]
-    a = max(first, row0)
-    b = min(first + s["rows"], row0 + len(meta))
-    if a >= b:
-        return
-    stored = map_shard(out, m, k)["meta"][a - first : b - first]
-    if not np.array_equal(stored, meta[a - row0 : b - row0]):
-        changed = f"the corpus {corpus} now gives other tokens than those stored in {s['file']}"
-        fix = "it changed since the cache was started; pass --overwrite to rebuild"
-        raise ValueError(f"{out}: {changed}: {fix}")
-
-
-class ShardWriter:
-    """A build's output. Opening creates cfg.out or resumes in it (the same identity), checks every
-    listed shard and plans what to write. `add` fills shard buffers; each full one is written on a
-    thread, then listed in the manifest in order, its statistics added to the totals (each shard
-    once). The manifest is rewritten once the shards since its last write hold MANIFEST_RATIO x its
-    bytes (a rewrite per shard is quadratic). Leaving `with` commits every finished write."""
+class ShardWriter(contextlib.AbstractContextManager):
+    """A build's output: opening creates cfg.out or resumes in it, checks every listed shard and
+    plans what to write; `add` fills shard buffers, each full one written on a thread and listed in
+    order. Leaving `with` commits every write (the manifest is saved now and then, see _commit)."""
 
     def __init__(self, cfg, made, model_sha, model_dir, threads=2):
         self.cfg = cfg
         self.path = os.path.join(cfg.out, MANIFEST)
-        self.manifest = m = open_out_dir(cfg, identity(cfg, model_sha, model_dir), made)
+        self.manifest = m = open_out_dir(cfg, made, model_sha, model_dir)
         bad = problems(cfg.out, m, "crc32")  # size, header, crc32s: one read at crc32 speed
         print("".join(f"repairing {p}\n" for _, p in bad), end="")
         damaged = {i for i, _ in bad}
@@ -523,15 +442,14 @@ class ShardWriter:
         self.clock = (time.perf_counter(), time.process_time())  # wall, CPU (all threads)
 
     def batches(self, batches):
-        """(row0, idx, meta, pieces) for the batches holding rows of shards to write (the others
-        are only tokenized); pieces: (a, b) per shard, rows a..b-1 of the batch. Resuming, the
-        corpus must still give the tokens the last listed shard stores."""
+        """(row0, idx, meta, pieces) for the batches holding rows of shards to write (others are
+        only tokenized); pieces: (a, b) per shard, rows a..b-1 of the batch."""
         S = self.cfg.shard_tokens
         for row0, idx, meta in batches:
             if row0 // S > self.last:
                 return
             if self.check is not None:
-                check_tokens(self.cfg.out, self.manifest, self.check, row0, meta, self.cfg.corpus)
+                self._check_tokens(row0, meta)
             hi = min(row0 + len(meta), self.cfg.tokens)
             ks = range(row0 // S, (hi - 1) // S + 1)
             pieces = [(max(k * S, row0) - row0, min(k * S + S, hi) - row0) for k in ks]
@@ -539,14 +457,32 @@ class ShardWriter:
             if pieces:
                 yield row0, idx, meta, pieces
 
+    def _check_tokens(self, row0, meta):
+        """Resuming, the corpus must still give the tokens stored in the last listed shard."""
+        k = self.check
+        s = self.manifest["shards"][k]
+        first = k * self.cfg.shard_tokens
+        a = max(first, row0)
+        b = min(first + s["rows"], row0 + len(meta))
+        if a >= b:
+            return
+        stored = map_shard(self.cfg.out, self.manifest, k)["meta"][a - first : b - first]
+        if not np.array_equal(stored, meta[a - row0 : b - row0]):
+            changed = f"now gives other tokens than those stored in {s['file']}"
+            fix = "it changed since the cache was started; pass --overwrite to rebuild"
+            raise ValueError(f"{self.cfg.out}: the corpus {self.cfg.corpus} {changed}: {fix}")
+
     def add(self, row, stored, meta):
         """Rows row.. of one shard, and their meta (n, 3); stored: per section j (q, scale bits,
         ||x||, ||x_hat - x||^2) from quantize_rows. Buffers are reused: fresh 64 MB costs faults."""
-        if self.buf is None:  # a new shard: float64 sums of its statistics
-            self.buf = self._new_buffer() if self.free.empty() else self.free.get()
+        if self.buf is None:  # a new shard: a buffer, float64 sums of its statistics
+            L = self.manifest["n_layers"]
+            args = (self.cfg.dtype, self.cfg.shard_tokens, L, self.manifest["d_model"])
+            if self.free.empty():  # a shard file's bytes in RAM, viewed as its sections
+                self.free.put(sections(np.empty(shard_layout(*args)[1], np.uint8), *args))
+            self.buf = self.free.get()
             self.index = row // self.cfg.shard_tokens
             self.rows = 0
-            L = self.manifest["n_layers"]
             self.sums = {k: torch.zeros(2, L, dtype=torch.float64) for k in STATS}  # (2, L)
         a = self.rows
         self.rows += len(meta)
@@ -563,24 +499,11 @@ class ShardWriter:
             self._put()
             self._commit_done(self.threads)  # waits when all threads are busy: bounded memory
 
-    def _new_buffer(self):
-        """One shard's sections in RAM: (S, L, d) activations, (S, 2, L) scales, (S, 3) meta."""
-        S = self.cfg.shard_tokens
-        L = self.manifest["n_layers"]
-        d = self.manifest["d_model"]
-        act = DTYPES[self.cfg.dtype][1]
-        buf = dict(mlp_in=np.empty((S, L, d), act), mlp_out=np.empty((S, L, d), act))
-        buf["scales"] = np.empty((S, 2, L), np.int16) if self.cfg.dtype == "int8" else None
-        buf["meta"] = np.empty((S, 3), np.int32)
-        return buf
-
     def _put(self):  # hand the shard being filled to a writer thread
-        shard = (self.index, self.buf, self.rows, self.sums)
-        self.pending.append(self.pool.submit(self._write, *shard))
+        self.pending.append(
+            self.pool.submit(self._write, self.index, self.buf, self.rows, self.sums)
+        )
         self.buf = None
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, error, *_):
         """Write the last shard (not after an error), commit every write, save the manifest."""
@@ -595,8 +518,8 @@ class ShardWriter:
                 self._save()
 
     def finish(self):
-        """The totals: token count, splits, per-layer mean norms and quantization NMSE; the
-        manifest marked complete and written. Returns it with the writing's seconds, cpu_seconds."""
+        """The manifest with its totals (tokens, splits, mean norms, NMSE), marked complete and
+        written; returned with the writing's seconds and cpu_seconds."""
         m = self.manifest
         if self.complete:
             return dict(m, seconds=0.0, cpu_seconds=0.0)
@@ -608,8 +531,9 @@ class ShardWriter:
         tot = {k: np.array(m["sums"][k]) for k in STATS}  # (2, L)
         norm = tot["norm"] / n_rows  # (2, L)
         nmse = tot["err"] / np.maximum(tot["sq"], 1e-300)  # (2, L)
-        m.update(complete=True, n_tokens=n_rows)
-        m.update(splits=dict(train=[0, train], heldout=[train, n_rows]))
+        m.update(
+            complete=True, n_tokens=n_rows, splits=dict(train=[0, train], heldout=[train, n_rows])
+        )
         m.update(norm_in=norm[0].tolist(), norm_out=norm[1].tolist())
         m.update(nmse_in=nmse[0].tolist(), nmse_out=nmse[1].tolist())
         m.update(nmse_total=[float(tot["err"][j].sum() / tot["sq"][j].sum()) for j in (0, 1)])
@@ -622,12 +546,6 @@ class ShardWriter:
     def _commit_done(self, keep):  # commit finished writes in order, and more while > keep pending
         while self.pending and (self.pending[0].done() or len(self.pending) > keep):
             self._commit(*self.pending.pop(0).result())
-
-    def _write(self, index, buf, rows, sums):  # on a thread; then buf is free to be reused
-        views = {k: None if v is None else v[:rows] for k, v in buf.items()}
-        entry = write_shard(self.cfg.out, self.manifest, index, views)
-        self.free.put(buf)
-        return index, entry, sums
 
     def _commit(self, index, entry, sums):
         listed = self.manifest["shards"]
@@ -649,6 +567,34 @@ class ShardWriter:
         self.unsaved_bytes += entry["bytes"]
         if self.unsaved_bytes >= MANIFEST_RATIO * self.saved_bytes:
             self._save()
+
+    def _write(self, index, buf, n, sums):
+        """On a thread: write rows ..n of buf as shard `index`, atomically; then buf is free."""
+        m = self.manifest
+        views = {k: None if v is None else v[:n] for k, v in buf.items()}
+        crc = [crc32(views, a, a + m["check_rows"]) for a in range(0, n, m["check_rows"])]
+        arrays = [header(m["dtype"], n, m["n_layers"], m["d_model"])]
+        arrays += [views[k] for k in SECTIONS if views[k] is not None]
+        path = os.path.join(self.cfg.out, shard_name(index))
+        h = hashlib.sha256()
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                for arr in arrays:  # each padded to ALIGN bytes
+                    mv = memoryview(np.ascontiguousarray(arr)).cast("B")
+                    for chunk in (mv, b"\0" * (_pad(len(mv)) - len(mv))):
+                        h.update(chunk)
+                        f.write(chunk)
+                size = shard_layout(m["dtype"], n, m["n_layers"], m["d_model"])[1]
+                assert f.tell() == size, f"wrote {f.tell()} bytes, layout says {size}"
+        except OSError as e:
+            fix = "Finished shards are kept: free space and rerun the same command to resume"
+            raise ValueError(f"writing {path} failed: {e} (disk full or unwritable?). {fix}") from e
+        self.free.put(buf)
+        return (
+            index,
+            dict(file=shard_name(index), rows=n, bytes=size, sha256=h.hexdigest(), crc32=crc),
+            sums,
+        )
 
     def _save(self):
         write_json(self.path, self.manifest)
