@@ -25,7 +25,6 @@ Other published layouts (circuit-tracer's transcoder sets, SAELens) load through
 import copy
 import math
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -34,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from forge import formats
-from forge.files import save_safetensors, write_json
+from forge.files import write_json
 from parallel import Mesh, all_gather_last, global_topk, tp_sum
 
 
@@ -303,10 +302,7 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError(f"this is {shard}: save consolidated() instead")
         clt = copy.deepcopy(self).cpu()
         clt.fold_normalization()
-        export_id = uuid.uuid4().hex
-        os.makedirs(path, exist_ok=True)
-        for name, tensors in formats.clt_files(clt).items():
-            save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
+        export_id = formats.save_export(path, formats.clt_files(clt))
         config = dict(asdict(self.config), export_id=export_id)
         write_json(os.path.join(path, "config.json"), config)
 

@@ -93,6 +93,16 @@ def clt_files(t, threshold=True):
     return files
 
 
+def save_export(path, files):
+    """{name: tensors} -> {path}/{name}.safetensors, each atomic, all tagged with one new export id,
+    returned for the config that is written after them (a directory with it is complete)."""
+    export_id = uuid.uuid4().hex
+    os.makedirs(path, exist_ok=True)
+    for name, tensors in files.items():
+        save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
+    return export_id
+
+
 def read_clt_config(path, config_class):
     """(config_class(**fields), export id) from the config.json of a CLT in clt.py's layout."""
     config_path = os.path.join(path, "config.json")
@@ -155,14 +165,12 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     check_same_model(model, c.model_sha256, "this transcoder")  # the fold is of this model's ln_2
     t = copy.deepcopy(transcoder).cpu()
     fold_ln_2(t, model)
-    export_id = uuid.uuid4().hex
     key = CIRCUIT_TRACER_THRESHOLD if c.activation != "relu" else None  # relu: no threshold
-    files = clt_files(t, key is not None)
     if c.decoder == "per-layer":
         files = {f"layer_{l}": layer_tensors(t, l, key) for l in range(c.n_layers)}
-    os.makedirs(path, exist_ok=True)
-    for name, tensors in files.items():
-        save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
+    else:
+        files = clt_files(t, threshold=key is not None)
+    export_id = save_export(path, files)
     kind = CIRCUIT_TRACER_KINDS[c.decoder]
     scan = os.path.basename(os.path.normpath(path))
     config = dict(model_kind=kind, model_name=model_name, **CIRCUIT_TRACER_HOOKS, scan=scan)
