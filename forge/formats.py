@@ -217,9 +217,10 @@ def from_circuit_tracer(path, model, new_transcoder):
     t = new_transcoder(**ours)
     if decoder == "cross-layer":
         read_clt_files(t, path, export_id)
-    for l in range(L if decoder == "per-layer" else 0):
-        tensors = read_export_file(path, f"layer_{l}", export_id, slice(None))
-        load_layer(t, l, tensors, CIRCUIT_TRACER_THRESHOLD)
+    else:
+        for l in range(L):
+            tensors = read_export_file(path, f"layer_{l}", export_id, slice(None))
+            load_layer(t, l, tensors, CIRCUIT_TRACER_THRESHOLD)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
