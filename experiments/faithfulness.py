@@ -143,9 +143,8 @@ def removal_effects(g, chosen, target=0, edges=None):
     A = A if edges is None else A * edges
     n = len(g.feats)
     acts = g.acts.to(A.device, torch.float64)
-    per_unit = (
-        A[:, :n] / acts
-    )  # (N, n) M: what a unit of each feature's activation adds to each input
+    # (N, n) M: what a unit of each feature's activation adds to each input
+    per_unit = A[:, :n] / acts
     step = torch.zeros(n, len(chosen), dtype=torch.float64, device=A.device)  # (n, m)
     step[chosen, torch.arange(len(chosen), device=A.device)] = -acts[chosen]
     change = step.clone()

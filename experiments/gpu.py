@@ -103,9 +103,8 @@ def run(cfg):
             cfg, **{k: v for k, v in QUICK_GPU.items() if getattr(cfg, k) == getattr(default, k)}
         )
     shape = TINY_SHAPE if cfg.quick else GPT2_SMALL_SHAPE
-    root = os.path.abspath(
-        os.path.join(cfg.out, "gpu")
-    )  # absolute: torchrun's train.py runs from ROOT
+    # absolute: torchrun's train.py runs from ROOT
+    root = os.path.abspath(os.path.join(cfg.out, "gpu"))
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     parts = GpuParts(deadline, os.path.join(cfg.out, "gpu_partial.json"))
@@ -163,9 +162,8 @@ class GpuParts:
             )
             status = f"error: {why} after {waited:.0f} s"
         except Exception as e:
-            traceback.print_exception(
-                type(e), e, e.__traceback__
-            )  # with the part's own: the pool chains it
+            # with the part's own: the pool chains it
+            traceback.print_exception(type(e), e, e.__traceback__)
             status = "error: " + f"{type(e).__name__}: {e}".splitlines()[0][:300]
         self.spent[part] = round(time.perf_counter() - t0, 1)
         if result is None:

@@ -112,9 +112,8 @@ def evaluation_sets(cfg, root, model, train_cache):
 def feature_sets(cfg, root, model, train_cache, cache_dir):
     """{name: fn(mlp_in) -> acts} of the MLP neurons, every recipe's CLT and a random twin of each
     size; {recipe: what its run was}."""
-    sample = train_cache.read(0, 4096)[0].to(
-        cfg.device
-    )  # training rows: the random CLTs' thresholds
+    # training rows: the random CLTs' thresholds
+    sample = train_cache.read(0, 4096)[0].to(cfg.device)
     sets = {"MLP neurons (4d)": partial(concepts.neuron_preacts, model)}
     runs = {}
     for name, (features, sparsity, sweep) in recipes(cfg, model.config.n_embd).items():

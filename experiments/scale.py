@@ -163,9 +163,8 @@ def scale_cache(model_dir, corpus, out, tokens, threads, device="cpu"):
     )
     m = cache.build_cache(cfg)
     c = m["model_config"]
-    acts = (
-        2 * cfg.batch_size * cfg.ctx * c["n_layer"] * c["n_embd"] * 4
-    )  # one forward's mlp_in + mlp_out, fp32
+    # one forward's mlp_in + mlp_out, fp32
+    acts = 2 * cfg.batch_size * cfg.ctx * c["n_layer"] * c["n_embd"] * 4
     model = 4 * (
         (c["vocab_size"] + c["n_ctx"]) * c["n_embd"] + c["n_layer"] * 12 * c["n_embd"] ** 2
     )
@@ -237,9 +236,8 @@ def scale_graph(model_dir, cache_dir, clt_dir, F, max_features, threads, device=
     random_clt(model_dir, cache_dir, clt_dir, F)
     model = GPT.from_pretrained(model_dir).to(device)
     c = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
-    idx = graph.encode_prompt(load_tokenizer(model_dir), SCALE_PROMPT, model.config.n_ctx).to(
-        device
-    )
+    enc = load_tokenizer(model_dir)
+    idx = graph.encode_prompt(enc, SCALE_PROMPT, model.config.n_ctx).to(device)
     base = peak_reset()
     t0 = time.perf_counter()
     rep = graph.local_replacement(model, c, idx)

@@ -143,10 +143,8 @@ def prompt_row(model, enc, t, world, prompt, answer, selective, rivals, cfg):
     kept = graph.prune(g)[0][fs].cpu()  # the pruned graph's feature nodes
     rivals = torch.tensor([r for r in rivals if r != ans])
     ranked = infl.argsort(descending=True)
-    dlogp, ddiff = (
-        [],
-        [],
-    )  # log p(answer); answer logit - mean logit of the other countries' answers
+    # log p(answer); answer logit - mean logit of the other countries' answers
+    dlogp, ddiff = [], []
     for chosen in (ranked[sel[ranked]][:3], ranked[is_last[ranked] & ~sel[ranked]][:3]):
         feats = g.feats[chosen.to(g.feats.device)].tolist()
         clean, new = (
