@@ -73,9 +73,8 @@ def two_hop_probes(world, people):
         bridge = toyworld.TEMPLATES["home"][0].format(person=person, city=home)
         for relation in toyworld.TWO_HOP:
             answer = world.two_hop(person, relation)
-            template = toyworld.TEMPLATES[relation][0]
-            slot = toyworld.SLOT_RE.findall(template)[-1]
-            sentence = template.format(person=person, **{slot: answer})
+            slot = toyworld.answer_slot(relation)
+            sentence = toyworld.TEMPLATES[relation][0].format(person=person, **{slot: answer})
             prompt, answer = toyworld.split_prompt(sentence, answer)
             out.append((bridge + " " + prompt, answer, relation, world.country_of(home), person))
     return out
