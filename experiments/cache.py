@@ -21,7 +21,6 @@ per dtype (int8, fp16, fp32):
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,14 +129,15 @@ def bare_forward_seconds(cfg):
     Returns (wall seconds, CPU seconds of all threads)."""
     model = GPT.from_pretrained(cfg.model).to(cfg.device)
     enc = load_tokenizer(cfg.model)
-    sync(cfg.device)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    with torch.inference_mode():
+
+    @torch.inference_mode()
+    def forward_loop():
         for _, idx, _ in cache.iter_batches(cfg, enc, cfg.tokens):
             model.run_with_acts(idx.to(cfg.device), logits=False)
+        sync(cfg.device)
+
     sync(cfg.device)
-    return time.perf_counter() - t0, time.process_time() - c0
+    return timed(forward_loop)
 
 
 def sequential_read(files):
