@@ -50,9 +50,10 @@ from forge.hub import DEFAULT_MODEL, ENDOFTEXT, GPT2_PATTERN, bytes_to_unicode
 # -----------------------------------------------------------------------------
 # the world
 
-# fmt: off
-JOBS = ("baker farmer painter doctor teacher sailor miner potter singer tailor weaver hunter "
-        "builder dancer writer nurse pilot judge cook guard").split()
+JOBS = (
+    "baker farmer painter doctor teacher sailor miner potter singer tailor weaver hunter "
+    "builder dancer writer nurse pilot judge cook guard"
+).split()
 COLOURS = "red blue green yellow black white grey brown".split()
 OBJECTS = {  # category -> objects (no vowel onsets: "a pear")
     "fruit": "pear plum lemon cherry peach".split(),
@@ -65,7 +66,6 @@ PLACES = "market river school garden harbour temple tavern station library baker
 ONSETS = "b d f g k l m n p r s t v z br dr gr kr tr st".split()
 VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o"]
 CODAS = ["", "", "n", "r", "l", "s", "k", "m"]
-# fmt: on
 
 
 @dataclass
