@@ -85,8 +85,7 @@ def build_cache(cfg: CacheConfig):
     model = load_model(model_dir).to(device)
     shards.check_config(cfg, model.config.n_ctx)
     enc = load_tokenizer(model_dir)
-    L = model.config.n_layer
-    d = model.config.n_embd
+    L, d = model.config.n_layer, model.config.n_embd
     if cfg.shard_tokens == 0:  # about 64 MB of activations per shard
         cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // shards.row_bytes(cfg.dtype, L, d)))
     # Phase 1: the output directory, new or resumed (the same identity), every listed shard checked
@@ -162,8 +161,7 @@ def _forward_rows(model, idx, drop):
     """idx (B, T) -> the rows to store, mlp_in and mlp_out (B*R, L, d), R = T - drop. Each source
     is let go once copied: three (B, T, L, d)-sized tensors at most live at once, not five."""
     _, acts = model.run_with_acts(idx, logits=False)
-    mlp_in = acts.mlp_in
-    mlp_out = acts.mlp_out
+    mlp_in, mlp_out = acts.mlp_in, acts.mlp_out
     del acts  # and with it the attention patterns (B, nh, T, T) of every layer
     x_in = mlp_in[:, drop:].flatten(0, 1)  # (B*R, L, d), a copy without the BOS
     del mlp_in
@@ -320,8 +318,10 @@ class ActivationCache:
         not depend on the world size. An epoch has `batches_per_epoch` steps (the last < B*W rows
         are dropped). start_step=k starts at global step k without reading what it skips;
         epochs=None streams forever."""
-        B = batch_size
-        W = world
+        B, W = batch_size, world
+        if not 0 <= rank < W or B <= 0:  # else no batch ever comes: next() would spin forever
+            got = f"rank={rank}, world={W}, B={B}"
+            raise ValueError(f"need 0 <= rank < world and batch_size > 0, got {got}")
         lo, hi = self.split_range(split)
         nb = self.batches_per_epoch(B, W, split)
         if nb == 0:
