@@ -295,8 +295,8 @@ def evaluate(gpt, clt, contexts, batch=16):
             hat = torch.cat([bos, clt(mlp_in[:, 1:].flatten(0, 1))[1].view(B, T - 1, L, d)], 1)
         zero = torch.cat([bos, torch.zeros_like(hat[:, 1:])], 1)  # the MLPs zeroed, the BOS's kept
         for i, h in enumerate([None, first, hat, zero]):  # clean, open, spliced, zero; BOS unscored
-            x = logits if h is None else gpt(idx, mlp_out=h)  # one run's logits at a time
-            logp = x[:, 1:-1].float().log_softmax(-1)  # (B, T-2, V): summed CE and KL(clean ‖ x)
+            # (B, T-2, V), one run at a time (clean: already at hand): summed CE and KL(clean ‖ it)
+            logp = clean_logp if h is None else gpt(idx, mlp_out=h)[:, 1:-1].float().log_softmax(-1)
             sums[2 * i] += F.nll_loss(logp.flatten(0, 1), idx[:, 2:].flatten(), reduction="sum")
             sums[2 * i + 1] += F.kl_div(logp, clean_logp, log_target=True, reduction="sum")
     clt.train()
