@@ -23,9 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py's main, killed by SIGKILL at the n-th call of module.function (argv: module function n flags...)
 KILLED_AT = """
 import os, signal, sys
-import clt, train
+import train
+from forge import formats
 from forge.cli import run_main
-module, name, n = {"clt": clt, "train": train}[sys.argv[1]], sys.argv[2], int(sys.argv[3])
+module, name, n = {"formats": formats, "train": train}[sys.argv[1]], sys.argv[2], int(sys.argv[3])
 real, calls = getattr(module, name), []
 
 def dying(*args, **kwargs):
@@ -177,7 +178,8 @@ def test_a_kill_during_the_final_export_is_repaired_by_resume(small_cache, tmp_p
     T.train(small(small_cache, out))  # a whole export at step 20
     # continued to step 30, killed while writing the 3rd of its 4 layer files: two saves mixed
     killed = run_train(
-        ["--resume", "--out", str(out), "--steps", "30"], killed_at=("clt", "save_safetensors", 3)
+        ["--resume", "--out", str(out), "--steps", "30"],
+        killed_at=("formats", "save_safetensors", 3),
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert latest_step(out) == 30
