@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from forge import corpora, shards
+from forge import corpora, files, shards
 from forge.cli import arg, parse_config, run_main
 from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 from model import load_model
@@ -386,7 +386,8 @@ def main(argv=None):
     if command != "build":
         return shards.report(command, cfg.paths, asdict(CacheConfig()))  # 1: a cache is damaged
     print(asdict(cfg))
-    m = build_cache(cfg)
+    with files.one_writer(cfg.out, "cache.py"):  # one run at a time in a folder (forge/files.py)
+        m = build_cache(cfg)
     nmse = m["nmse_total"]
     made = f"{m['n_tokens']} tokens in {len(m['shards'])} shards | {m['seconds']:.1f} s"
     print(f"{cfg.out}: {made} | NMSE in {nmse[0]:.3g} out {nmse[1]:.3g}")

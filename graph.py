@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from clt import CrossLayerTranscoder, load_transcoder
-from forge import cli, graphcli, graphfile
+from forge import cli, files, graphcli, graphfile
 from forge.graphcli import encode_prompt
 from forge.graphfile import Graph, load_explanations
 from model import GPT, Frozen, load_model
@@ -511,7 +511,9 @@ def run_graph(cfg):
 
 
 def main(argv=None):
-    run_graph(cli.parse_config(__doc__, graphcli.GraphConfig, argv))
+    cfg = cli.parse_config(__doc__, graphcli.GraphConfig, argv)
+    with files.one_writer(cfg.out, "graph.py"):  # one run at a time in a folder (forge/files.py)
+        run_graph(cfg)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -45,7 +45,7 @@ import torch
 
 from cache import ActivationCache, CacheConfig, build_cache
 from clt import CrossLayerTranscoder
-from forge import toyworld
+from forge import files, toyworld
 from forge.cli import arg, parse_config, run_main
 from forge.concepts import concept_table, toy_world_concepts
 from forge.interpfile import Padded, SparseCounter, check_clt, decode_gram, empty_top, merge_top
@@ -428,7 +428,9 @@ def run(cfg: InterpConfig):
 
 
 def main(argv=None):
-    summary = run(parse_config(__doc__, InterpConfig, argv))
+    cfg = parse_config(__doc__, InterpConfig, argv)
+    with files.one_writer(cfg.out, "interp.py"):  # one run at a time in a folder (forge/files.py)
+        summary = run(cfg)
     shown = {k: v for k, v in summary.items() if k not in ("config", "concepts")}
     print(json.dumps(shown, indent=1))
     if "concepts" in summary:

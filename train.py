@@ -43,7 +43,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from cache import ActivationCache, CacheConfig, build_cache
 from clt import CLTConfig, CrossLayerTranscoder
-from forge import checkpoint
+from forge import checkpoint, files
 from forge.cli import arg, run_main
 from forge.runlog import RunLog, to_host
 from model import load_model
@@ -389,7 +389,8 @@ def parse_args(argv=None):
 def main(argv=None):
     config, given = parse_args(argv)
     with checkpoint.explained_timeouts(config.timeout_s):  # a crashed or stuck rank
-        train(config, given)
+        with files.one_writer(config.out, "train.py"):  # global rank 0 holds --out's lock
+            train(config, given)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 import graphviz
 from tqdm import tqdm
 
-from forge import browser, plots
+from forge import browser, files, plots
 from forge.browser import feature_page_name, fmt, show_token, table_html, write_file
 from forge.cli import arg, parse_config, run_main
 
@@ -114,7 +114,7 @@ def draw_graph(cfg):
         raise ValueError(f"`viz.py graph` takes one graph.json, got {cfg.inputs}")
     path = cfg.inputs[0]
     graph = load_graph(path)
-    out = cfg.out or os.path.dirname(os.path.abspath(path))
+    out = out_dir("graph", cfg)
     os.makedirs(out, exist_ok=True)
     interp_dir = cfg.interp or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp")
     feat_dir = cfg.features or os.path.join(interp_dir, "html")
@@ -276,7 +276,7 @@ def draw_features(cfg):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
     dense = cfg.dense if cfg.dense >= 0 else (summary.get("config") or {}).get("dense", DENSE)
-    out = cfg.out or os.path.join(run_dir, "html")
+    out = out_dir("features", cfg)
     os.makedirs(out, exist_ok=True)
     workers = cfg.workers if cfg.workers > 0 else os.cpu_count() or 1
     index = browser.IndexRows(out, cfg.inline_rows)
@@ -352,13 +352,21 @@ def draw_train(cfg):
 # main
 
 COMMANDS = {"graph": GraphConfig, "features": FeaturesConfig, "train": CurvesConfig}
+DEFAULT_OUT = {"graph": "..", "features": "html", "train": "plots"}  # from the (first) input
+
+
+def out_dir(command, cfg):
+    """The folder a command writes: --out, else DEFAULT_OUT of its (first) input; None: no input."""
+    default = cfg.inputs and os.path.join(os.path.abspath(cfg.inputs[0]), DEFAULT_OUT[command])
+    return cfg.out or (os.path.normpath(default) if default else None)
 
 
 def main(argv=None):
     command, cfg = parse_config(__doc__, COMMANDS, argv)
     print(command, asdict(cfg))
     draw = {"graph": draw_graph, "features": draw_features, "train": draw_train}[command]
-    return draw(cfg)
+    with files.one_writer(out_dir(command, cfg), f"viz.py {command}"):  # one run in a folder
+        return draw(cfg)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from forge.cli import add_config_args
+from forge.cli import DEBUG_HELP, add_config_args
 from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
 from forge.formats import read_clt_config
 from forge.hub import load_tokenizer
@@ -55,7 +55,7 @@ def parse_args(doc, cls, argv=None):
     """The command line -> (a `cls` config, the names of the flags given on it). --resume must tell
     a flag the user typed from a default, which a plain parse (forge.cli.parse_config) cannot."""
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=doc, formatter_class=formatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=formatter, epilog=DEBUG_HELP)
     add_config_args(parser, cls)
     unset = object()
     # argparse sets a default only where the namespace lacks it: sentinels left = flags not typed
@@ -106,7 +106,7 @@ def default_cache_missing(path, default):
         return False
     if os.path.normpath(path) != os.path.normpath(default) or dist.is_initialized():
         build = f"python cache.py build --model models/tiny --corpus toy --out {path}"
-        raise FileNotFoundError(f"no activation cache at {path}: build one first, e.g.\n  {build}")
+        raise FileNotFoundError(f"no activation cache at {path}: build one first, e.g. `{build}`")
     return True
 
 

@@ -9,6 +9,9 @@ gives `--steps` (default 1000) under the heading "optimization" in `--help`; boo
 """
 
 import argparse
+import errno
+import os
+import signal
 import sys
 from dataclasses import MISSING, field, fields
 
@@ -49,7 +52,7 @@ def parse_config(doc, configs, argv=None, default=None):
     returns (command, instance); `default` names the command run when none is given.
     """
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=doc, formatter_class=formatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=formatter, epilog=DEBUG_HELP)
     if isinstance(configs, type):
         add_config_args(parser, configs)
         return configs(**vars(parser.parse_args(argv)))
@@ -65,11 +68,54 @@ def parse_config(doc, configs, argv=None, default=None):
     return command, configs[command](**args)
 
 
+# -----------------------------------------------------------------------------
+# errors: bad input and a faulty environment in one line; a bug in the library with its traceback
+
+DEBUG = "CLT_FORGE_DEBUG"
+DEBUG_HELP = f"--debug (or {DEBUG}=1): show the traceback of any error"
+FULL = "free space (or raise the limit) and rerun: the files written whole are kept"
+ENVIRONMENT = {  # errno -> what it means for a user, and the fix
+    errno.ENOSPC: ("the disk is full", FULL),
+    errno.EDQUOT: ("the disk quota is used up", FULL),
+    errno.EFBIG: ("the file size limit is reached (ulimit -f)", FULL),
+    errno.EACCES: ("permission denied", "fix its permissions or choose another path"),
+    errno.EPERM: ("operation not permitted", "fix its permissions or choose another path"),
+    errno.EROFS: ("the file system is read-only", "choose a writable path"),
+    errno.ELOOP: ("a loop of symbolic links", "fix the link or choose another path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another path"),
+    errno.EISDIR: ("it is a folder, not a file", "give the file's path"),
+    errno.EEXIST: ("it exists already and is in the way", "remove it or choose another path"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+    errno.EIO: ("an input/output error of the device", "check the disk, then rerun"),
+}
+
+
+def one_line(e):
+    """The one line that ends a run on exception e, or None: a bug, shown with its traceback."""
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT:
+        what, fix = ENVIRONMENT[e.errno]
+        where = f" at {e.filename}" if e.filename else ""
+        return f"{what}{where} ({errno.errorcode[e.errno]}): {fix}"
+    return None
+
+
 def run_main(main):
-    """Run a script's main() and return what it returns; bad input (ValueError, FileNotFoundError)
-    ends it with its one-line message and exit status 1 instead of a traceback. Tests call
-    main(argv) and see the exception."""
+    """Run a script's main() and return what it returns. Bad input (ValueError, FileNotFoundError)
+    and a faulty environment (a full disk, a permission, a path: ENVIRONMENT) end it with one line
+    and exit status 1 instead of a traceback; any other exception is a bug and keeps its
+    traceback, as every error does with --debug or CLT_FORGE_DEBUG=1. Tests call main(argv) and
+    see the exception."""
+    # a file grown past `ulimit -f` raises SIGXFSZ, which kills the process unless ignored: then
+    # the write fails with OSError(EFBIG) like any other full disk (inherited by worker processes)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    debug = "--debug" in sys.argv or os.environ.get(DEBUG, "") not in ("", "0")
+    sys.argv = [a for a in sys.argv if a != "--debug"]
     try:
         return main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except Exception as e:
+        message = None if debug else one_line(e)
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")

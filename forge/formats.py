@@ -14,9 +14,9 @@ import uuid
 from dataclasses import asdict, fields
 
 import torch
-from safetensors.torch import load_file
 
-from forge.files import check_same_model, read_export_file, save_safetensors, write_json
+from forge.files import check_finite, check_same_model, read_export_file, read_json
+from forge.files import read_safetensors, save_safetensors, write_json
 
 
 @torch.no_grad()
@@ -64,9 +64,11 @@ def layer_tensors(t, l, threshold_key, enc_by_feature=True, per_layer=True):
 
 
 @torch.no_grad()
-def load_layer(t, l, tensors, threshold_key="threshold", enc_by_feature=True):
+def load_layer(t, l, tensors, threshold_key="threshold", enc_by_feature=True, where=""):
     """layer_tensors' inverse, W_dec (F, d) or (F, n_writes, d) included: fill layer l of `t` (a
-    missing threshold leaves it as it is)."""
+    missing threshold leaves it as it is). Refuses tensors of another size or not finite, naming
+    `where` they come from."""
+    check_layer(t, l, tensors, threshold_key, where or f"layer {l}")
     t.W_enc[l].copy_(tensors["W_enc"].t() if enc_by_feature else tensors["W_enc"])
     t.b_enc[l].copy_(tensors["b_enc"])
     t.W_dec[l].copy_(tensors["W_dec"].reshape_as(t.W_dec[l]))
@@ -75,6 +77,22 @@ def load_layer(t, l, tensors, threshold_key="threshold", enc_by_feature=True):
         t.log_threshold[l].copy_(tensors[threshold_key].log())
     if t.W_skip is not None:
         t.W_skip[l].copy_(tensors["W_skip"].t())
+
+
+def check_layer(t, l, tensors, threshold_key, where):
+    """Refuse layer l's tensors whose sizes are not `t`'s (its config's) or that are not finite."""
+    ours = dict(W_enc=t.W_enc[l], b_enc=t.b_enc[l], W_dec=t.W_dec[l], b_dec=t.b_dec[l])
+    ours[threshold_key] = t.log_threshold[l]  # the threshold's size
+    ours["W_skip"] = t.W_skip[l] if t.W_skip is not None else None
+    for name, x in tensors.items():
+        want = ours.get(name)
+        if isinstance(want, torch.Tensor) and x.numel() != want.numel():
+            c = t.config
+            sizes = f"n_features={c.n_features}, d_model={c.d_model}, n_layers={c.n_layers}"
+            fix = "the config and the weights come from different transcoders: re-export it"
+            shape = f"{name} has shape {tuple(x.shape)}, not that of {sizes}"
+            raise ValueError(f"{where}: {shape} ({fix})")
+    check_finite(tensors, where)
 
 
 # clt.py's layout, circuit-tracer's for a CLT: config.json (CLTConfig + export id, written last)
@@ -98,6 +116,8 @@ def save_export(path, files):
     returned for the config that is written after them (a directory with it is complete)."""
     export_id = uuid.uuid4().hex
     os.makedirs(path, exist_ok=True)
+    for name, tensors in files.items():  # checked before any is written: a NaN is never exported
+        check_finite(tensors, f"the export to {path}/{name}.safetensors")
     for name, tensors in files.items():
         save_safetensors(os.path.join(path, f"{name}.safetensors"), tensors, export_id)
     return export_id
@@ -106,8 +126,9 @@ def save_export(path, files):
 def read_clt_config(path, config_class):
     """(config_class(**fields), export id) from the config.json of a CLT in clt.py's layout."""
     config_path = os.path.join(path, "config.json")
-    with open(config_path) as f:  # FileNotFoundError names it
-        saved = json.load(f)
+    saved = read_json(config_path, "re-export the CLT, e.g. python train.py --resume --out DIR")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_path} is not a JSON object of CLTConfig's fields: not a CLT")
     export_id = saved.pop("export_id", None)
     unknown = sorted(set(saved) - {f.name for f in fields(config_class)})
     if unknown:
@@ -120,8 +141,10 @@ def read_clt_files(t, path, export_id):
     """Fill transcoder `t` (this TP rank's features) from clt_files' files in `path`."""
     mine = slice(t.mesh.tp_rank * t.F_local, (t.mesh.tp_rank + 1) * t.F_local)
     for l in range(t.config.n_layers):
-        files = [read_export_file(path, f"{n}_{l}", export_id, mine) for n in ("W_enc", "W_dec")]
-        load_layer(t, l, {k.removesuffix(f"_{l}"): v for f in files for k, v in f.items()})
+        F = t.config.n_features
+        files = [read_export_file(path, f"{n}_{l}", export_id, mine, F) for n in ("W_enc", "W_dec")]
+        tensors = {k.removesuffix(f"_{l}"): v for f in files for k, v in f.items()}
+        load_layer(t, l, tensors, where=f"{path}/W_enc_{l}, W_dec_{l}.safetensors")
 
 
 def provenance(model):
@@ -220,7 +243,9 @@ def from_circuit_tracer(path, model, new_transcoder):
     else:
         for l in range(L):
             tensors = read_export_file(path, f"layer_{l}", export_id, slice(None))
-            load_layer(t, l, tensors, CIRCUIT_TRACER_THRESHOLD)
+            load_layer(
+                t, l, tensors, CIRCUIT_TRACER_THRESHOLD, where=f"{path}/layer_{l}.safetensors"
+            )
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
@@ -255,6 +280,7 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
     fold_ln_2(t, model)
     for l in range(c.n_layers):
         tensors = layer_tensors(t, l, threshold_key, enc_by_feature=False)
+        check_finite(tensors, f"the export of layer {l} to {path}")
         hook = f"blocks.{l}.ln2.hook_normalized"
         hook_out = f"blocks.{l}.hook_mlp_out"
         hooks = dict(model_name=model_name, hook_name=hook, hook_name_out=hook_out)
@@ -273,8 +299,7 @@ def _saelens_layers(path, n_layers):
     for root, _, files in os.walk(path):
         if "cfg.json" not in files:
             continue
-        with open(os.path.join(root, "cfg.json")) as f:
-            cfg = json.load(f)
+        cfg = read_json(os.path.join(root, "cfg.json"), "restore it from where it was published")
         hooks = {**cfg.get("metadata", {}), **cfg}  # SAELens 6 has them in metadata, < 6 at the top
         reads, writes = hooks.get("hook_name"), hooks.get("hook_name_out")
         found = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", reads or "")
@@ -305,8 +330,8 @@ def from_saelens(path, model, new_transcoder):
     sizes = dict(n_layers=L, d_model=d, n_features=folders[0][1]["d_sae"], decoder="per-layer")
     t = new_transcoder(**sizes, activation=kind, skip=skip, **provenance(model))
     for l in range(L):
-        tensors = load_file(os.path.join(folders[l][0], "sae_weights.safetensors"))
-        load_layer(t, l, tensors, enc_by_feature=False)
+        file = os.path.join(folders[l][0], "sae_weights.safetensors")
+        load_layer(t, l, read_safetensors(file), enc_by_feature=False, where=file)
     fold_ln_2(t, model, inverse=True)
     return t.eval()
 
@@ -318,6 +343,9 @@ def load_published(path, model, new_transcoder):
         return from_circuit_tracer(path, model, new_transcoder)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model, new_transcoder)
+    if os.path.exists(os.path.join(path, "W_enc_0.safetensors")):  # config.json is written last
+        fix = f"finish it with `python train.py --resume --out {path}`"
+        raise FileNotFoundError(f"{path} holds an export cut short (no config.json): {fix}")
     raise FileNotFoundError(
         f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one in "
         "circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's layout "

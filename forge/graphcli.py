@@ -2,15 +2,15 @@
 prompt and flags fit (each refusal names the fix), the flags' small languages (output nodes,
 interventions, layers), the printed reports. The scripts pass in what they need (the loaders)."""
 
+import math
 import os
 import re
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
 from forge.cli import arg
-from forge.files import check_same_model
+from forge.files import check_same_model, read_safetensors
 from forge.graphfile import token_str
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
 
@@ -94,7 +94,8 @@ def check_compatible(model, clt):
     if (c.n_layers, c.d_model) != (g.n_layer, g.n_embd):
         ours = f"it has n_layers={c.n_layers}, d_model={c.d_model} (its config names {c.model!r})"
         gpt = f"the GPT has n_layer={g.n_layer}, n_embd={g.n_embd}"
-        raise ValueError(f"the CLT was made for another model: {ours}, {gpt}")
+        fix = "pass the --model it was made for"
+        raise ValueError(f"the CLT was made for another model: {ours}, {gpt}: {fix}")
 
 
 def check_one_prompt(model, clt, idx, what):
@@ -153,7 +154,7 @@ def read_direction(path, d):
     if not os.path.exists(path):
         example = "safetensors.torch.save_file({'direction': v}, path), v of shape (n_embd,)"
         raise FileNotFoundError(f"no direction file {path}: save one with {example}")
-    tensors = load_file(path)
+    tensors = read_safetensors(path)
     if len(tensors) != 1:
         raise ValueError(f"{path} holds tensors {sorted(tensors)}: save exactly one, ({d},)")
     ((name, vector),) = tensors.items()
@@ -196,6 +197,8 @@ def check_interventions(interventions, T, config, layers=None):
         name = f"intervention {iv.layer}/{iv.pos}/{iv.feature}"
         if iv.mode not in MODES:
             raise ValueError(f"{name}: mode {iv.mode!r} is not one of {', '.join(MODES)}")
+        if not math.isfinite(iv.value):
+            raise ValueError(f"{name}: the value {iv.value} is not finite: give a finite number")
         if not (0 <= iv.layer < L and -T <= iv.pos < T and 0 <= iv.feature < F_):
             sizes = f"0 <= layer < {L}, -{T} <= pos < {T} (the prompt's tokens, BOS included)"
             raise ValueError(f"{name}: need {sizes} and 0 <= feature < {F_}")

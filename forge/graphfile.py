@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
+from forge.files import save_safetensors, write_json
 
-from forge.files import atomic_path, write_json
-
+PT = dict(format="pt")  # adjacency.safetensors' metadata
 # where each kind of node sits in the node order (positions: empty unless position_nodes)
 Slices = namedtuple("Slices", "features errors tokens positions logits")
 
@@ -146,8 +145,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     tensors |= dict(input_tokens=torch.tensor(graph.tokens), logit_tokens=graph.logit_ids)
     tensors |= dict(logit_probabilities=graph.logit_probs, target_vectors=graph.target_vectors)
     tensors = {k: (t.float() if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
-    with atomic_path(os.path.join(cfg.out, "adjacency.safetensors")) as tmp:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=dict(format="pt"))
+    save_safetensors(os.path.join(cfg.out, "adjacency.safetensors"), tensors, metadata=PT)
     table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
     write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     return len(kept), len(links)

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from forge.cli import arg
-from forge.files import atomic_path, check_same_model, write_json
+from forge.files import LOCK, atomic_path, check_same_model, write_json
 
 FORMAT = "clt-forge-activation-cache"
 VERSION = 2  # 2: a crc32 per chunk of rows in the manifest
@@ -385,7 +385,7 @@ def open_out_dir(cfg, made, model_sha, model_dir):
             raise ValueError(f"{out}: {changed}: {fix}")
         return old
     ours = [n for n in os.listdir(out) if n.startswith(("shard_", MANIFEST))]  # never a user's
-    if not os.path.exists(path) and len(ours) < len(os.listdir(out)):
+    if not os.path.exists(path) and len(ours) < len(set(os.listdir(out)) - {LOCK}):
         raise ValueError(f"{out} exists, is not empty and has no {MANIFEST}: choose another --out")
     for name in ours:  # --overwrite, or shards whose manifest was deleted
         os.remove(os.path.join(out, name))

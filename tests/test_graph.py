@@ -251,7 +251,7 @@ def write_model_and_clt(path, make_hub_model, seed=0):
 def graph_args(model_dir, clt_dir, tmp_path, prompt="Tarn is in"):
     """graph.py's flags for a CPU run on `prompt` with no interp run."""
     flags = ["--model", model_dir, "--clt", clt_dir, "--prompt", prompt, "--device", "cpu"]
-    return flags + ["--interp", str(tmp_path / "none")]
+    return flags + ["--interp", ""]
 
 
 def test_command_line_writes_front_end_files(tmp_path, capsys, make_hub_model):
