@@ -47,7 +47,7 @@ from tqdm import tqdm
 from clt import CrossLayerTranscoder, load_transcoder
 from forge import cli, files, graphcli, graphfile
 from forge.graphcli import encode_prompt
-from forge.graphfile import Graph, load_explanations
+from forge.graphfile import Graph
 from model import GPT, Frozen, load_model
 from parallel import Mesh, all_reduce_sum, broadcast, compute_init, make_mesh
 
@@ -505,7 +505,8 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
         ratios = scores(graph)
-        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, load_explanations(cfg.interp))
+        labels = graphcli.explanations(cfg)  # --interp's, if it explains this CLT
+        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
 

@@ -46,9 +46,10 @@ from dataclasses import asdict, dataclass
 import graphviz
 from tqdm import tqdm
 
-from forge import browser, files, plots
+from forge import browser, interpfile, plots
 from forge.browser import feature_page_name, fmt, show_token, table_html, write_file
 from forge.cli import arg, parse_config, run_main
+from forge.files import check_committed, one_writer, read_json, read_jsonl
 
 # -----------------------------------------------------------------------------
 # config: one dataclass per subcommand; `inputs` (a list) takes the positional arguments
@@ -100,11 +101,12 @@ PAGE_CHUNK = 2048  # features.jsonl lines a worker turns into pages at once (~60
 def load_graph(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no graph file at {path!r}; write one with `python graph.py`")
-    with open(path) as f:
-        graph = json.load(f)
+    graph = read_json(path, "rerun graph.py")
     missing = [k for k in ("nodes", "links") if k not in graph]
     if missing:
         raise ValueError(f"{path!r} is not a node-link graph: no {missing}, has {sorted(graph)}")
+    rerun = f"python graph.py --out {os.path.dirname(path) or '.'}"
+    check_committed(path, graph.get("metadata", {}).get("run_id"), rerun)  # not half a run
     return graph
 
 
@@ -117,6 +119,7 @@ def draw_graph(cfg):
     out = out_dir("graph", cfg)
     os.makedirs(out, exist_ok=True)
     interp_dir = cfg.interp or os.path.join(os.path.dirname(os.path.abspath(path)), "..", "interp")
+    interpfile.check_for_graph(interp_dir, bool(cfg.interp), graph.get("metadata", {}))
     feat_dir = cfg.features or os.path.join(interp_dir, "html")
 
     def href(layer, feature):
@@ -225,7 +228,7 @@ def feature_page(feat, cfg):
     ngrams = (feat.get("input_ngrams") or [])[: cfg.top_tokens]
     ngrams = [dict(r, ngram=show_token(r.get("ngram", ""))) for r in ngrams]
     title = f"Layer {int(feat['layer'])} / feature {int(feat['feature'])}"
-    skip = ("layer", "feature", "explanation")
+    skip = ("layer", "feature", "explanation", "run_id")
     stats = {k: v for k, v in feat.items() if k not in skip and browser.is_scalar(v)}
     stats.update(feat.get("quantiles") or {})  # the scalar fields (density, scores), the quantiles
     body = [
@@ -268,13 +271,10 @@ def draw_features(cfg):
     if len(cfg.inputs) != 1:
         raise ValueError(f"`viz.py features` takes interp.py's output folder, got {cfg.inputs}")
     run_dir = cfg.inputs[0]
-    path = os.path.join(run_dir, "features.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {path!r}; write it with `python interp.py --out {run_dir}`")
+    path = interpfile.open_features(run_dir)  # refused if a killed run left it
     summary = {}
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
+        summary = read_json(os.path.join(run_dir, "summary.json"), "rerun interp.py")
     dense = cfg.dense if cfg.dense >= 0 else (summary.get("config") or {}).get("dense", DENSE)
     out = out_dir("features", cfg)
     os.makedirs(out, exist_ok=True)
@@ -319,8 +319,7 @@ def load_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path!r}; write it with `python train.py --out {run_dir}`")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = list(read_jsonl(path, f"resume or rerun `python train.py --out {run_dir}`"))
     if not rows:
         raise ValueError(f"{path!r} has no rows")
     return rows
@@ -365,7 +364,7 @@ def main(argv=None):
     command, cfg = parse_config(__doc__, COMMANDS, argv)
     print(command, asdict(cfg))
     draw = {"graph": draw_graph, "features": draw_features, "train": draw_train}[command]
-    with files.one_writer(out_dir(command, cfg), f"viz.py {command}"):  # one run in a folder
+    with one_writer(out_dir(command, cfg), f"viz.py {command}"):  # one run in a folder
         return draw(cfg)
 
 

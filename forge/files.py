@@ -163,6 +163,18 @@ def check_finite(tensors, where):
             raise ValueError(f"{where}: tensor {name} holds {bad} NaN or infinite values ({fix})")
 
 
+def transcoder_id(path):
+    """The export id of the transcoder clt-forge saved in `path` (config.json, or circuit-tracer's
+    config.yaml): what interp's and graph's outputs record of the CLT they describe, or None."""
+    for name in ("config.json", "config.yaml"):
+        config = os.path.join(path, name)
+        if os.path.isfile(config):
+            saved = read_json(config, "re-export the transcoder")
+            saved = saved.get("clt_forge", saved) if isinstance(saved, dict) else {}
+            return saved.get("export_id")
+    return None
+
+
 def check_same_model(model, sha256, what):
     """Refuse `what` (a cache, a CLT) made from another model than `model`: sha256 is the
     fingerprint recorded when it was made ("" for files from before fingerprints: let through)."""

@@ -11,7 +11,7 @@ import torch
 
 from forge.cli import arg
 from forge.files import check_same_model, read_safetensors
-from forge.graphfile import token_str
+from forge.graphfile import load_explanations, token_str
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
 
 PROMPT = "Batris lives in Fafes. The language Batris speaks is"
@@ -88,6 +88,17 @@ def load(cfg, device, load_model, load_transcoder):
     return model, clt, load_tokenizer(cfg.model)
 
 
+def explanations(cfg):
+    """The node labels from --interp, refused if it explains another CLT than --clt; none if it
+    is "" or the default folder that is not there. A folder named that is not there is an error."""
+    if cfg.interp == GraphConfig.interp and not os.path.exists(cfg.interp):
+        return {}
+    if cfg.interp and not os.path.exists(cfg.interp):
+        fix = 'pass interp.py\'s --out, or --interp "" for a graph without labels'
+        raise FileNotFoundError(f"no interp output at --interp {cfg.interp}: {fix}")
+    return load_explanations(cfg.interp, cfg.clt)
+
+
 def check_compatible(model, clt):
     """Refuse a transcoder whose layers or width are not the model's."""
     c, g = clt.config, model.config
@@ -110,6 +121,11 @@ def encode_prompt(enc, prompt, n_ctx):
     """Text -> (1, T) token ids with BOS first, as circuit-tracer's tokenizers give them."""
     if not prompt.strip():
         raise ValueError(f"the prompt is empty ({prompt!r}): give --prompt some text")
+    try:  # bytes that are not UTF-8 reach Python as lone surrogates, which no JSON reader takes
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start : e.end].encode("utf-8", "surrogateescape")
+        raise ValueError(f"the prompt is not valid UTF-8 ({bad!r} at {e.start}): pass UTF-8 text")
     bos = enc.encode_single_token(ENDOFTEXT)
     ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
     ids = ids if ids[0] == bos else [bos] + ids

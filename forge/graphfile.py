@@ -9,16 +9,18 @@ its files, written whole or not at all (forge/files.py), all in one folder:
 Nodes carry circuit-tracer's frontend/graph_models.py Node fields; token text is process_token's.
 """
 
-import json
 import os
 from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from forge.files import save_safetensors, write_json
+from forge.files import check_finite, commit, new_run_id, read_json, read_jsonl, save_safetensors
+from forge.files import transcoder_id, write_json
+from forge.interpfile import open_features
 
-PT = dict(format="pt")  # adjacency.safetensors' metadata
+ADJACENCY = "adjacency.safetensors"
+PT = dict(format="pt")  # its metadata, with the run id
 # where each kind of node sits in the node order (positions: empty unless position_nodes)
 Slices = namedtuple("Slices", "features errors tokens positions logits")
 
@@ -61,13 +63,13 @@ def token_str(enc, t):
     return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
 
 
-def load_explanations(path):
-    """{(layer, feature): explanation} from interp.py's features.jsonl; {} if there is none."""
-    path = os.path.join(path, "features.jsonl") if os.path.isdir(path) else path
-    if not os.path.exists(path):
+def load_explanations(path, clt=""):
+    """{(layer, feature): explanation} from interp.py's output `path` (a folder or its
+    features.jsonl), refused if it explains another transcoder than the one in `clt`; {} for ""."""
+    if not path:
         return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    path = open_features(path, transcoder_id(clt) if clt else None, clt)
+    rows = read_jsonl(path, f"rerun `python interp.py --out {os.path.dirname(path) or '.'}`")
     return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
 
 
@@ -110,6 +112,8 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     """Write the folder cfg.out -> (kept nodes, links). pruned: prune's (node_mask, edge_mask,
     cumulative, influence) on the CPU; scores: (replacement, completeness)."""
     node_mask, edge_mask, cumulative, infl = pruned
+    check_finite(dict(adjacency=graph.adjacency, activations=graph.acts), f"the graph of {cfg.clt}")
+    run_id = new_run_id()  # every file of this folder's graph carries it; manifest.json lists it
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]
     A = graph.adjacency.cpu()
@@ -117,7 +121,8 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     ends = zip(src.tolist(), dst.tolist(), A[dst, src].tolist())
     links = [dict(source=ids[s], target=ids[t], weight=w) for s, t, w in ends]
     targets = [node["clerp"] for node in nodes if node["feature_type"] == "logit"]
-    info = dict(model=cfg.model, clt=cfg.clt, replacement_score=scores[0])
+    info = dict(model=cfg.model, clt=cfg.clt, clt_export_id=transcoder_id(cfg.clt))
+    info |= dict(replacement_score=scores[0])
     info |= dict(completeness_score=scores[1], n_active_features=graph.n_active)
     info |= dict(n_feature_nodes=len(graph.feats), position_nodes=graph.position_nodes)
     thresholds = dict(node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
@@ -126,6 +131,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     tokens = [token_str(enc, t) for t in graph.tokens]
     meta = dict(slug=cfg.slug, scan="./data/features", transcoder_list=[], prompt_tokens=tokens)
     meta |= dict(prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1)
+    meta |= dict(run_id=run_id)
     meta |= dict(pruning_settings=thresholds, info=info | dict(targets=targets))
     qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
     os.makedirs(cfg.out, exist_ok=True)
@@ -136,8 +142,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     index_path = os.path.join(cfg.out, "graph-metadata.json")  # the folder's graphs, this one last
     index = {"graphs": []}
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
+        index = read_json(index_path, f"delete it and rerun graph.py --out {cfg.out}")
     index["graphs"] = [g for g in index["graphs"] if g["slug"] != cfg.slug] + [meta]
     write_json(index_path, index, indent=2)
     tensors = dict(adjacency=A, influence=infl, node_mask=node_mask, edge_mask=edge_mask)
@@ -145,7 +150,8 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     tensors |= dict(input_tokens=torch.tensor(graph.tokens), logit_tokens=graph.logit_ids)
     tensors |= dict(logit_probabilities=graph.logit_probs, target_vectors=graph.target_vectors)
     tensors = {k: (t.float() if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
-    save_safetensors(os.path.join(cfg.out, "adjacency.safetensors"), tensors, metadata=PT)
+    save_safetensors(os.path.join(cfg.out, ADJACENCY), tensors, metadata=PT | dict(run_id=run_id))
     table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
     write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
+    commit(cfg.out, run_id, [f"{cfg.slug}.json", "graph-metadata.json", ADJACENCY, "nodes.json"])
     return len(kept), len(links)

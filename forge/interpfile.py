@@ -19,6 +19,7 @@ keys). summary.png: four small plots of the summary. Nothing here imports the sp
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from forge.files import atomic_path, check_same_model, write_json
+from forge.files import atomic_path, check_committed, check_finite, check_same_model, commit
+from forge.files import new_run_id, read_manifest, transcoder_id, write_json
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -196,6 +198,9 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
     marks a complete run); returns the summary. concepts: (per feature, summary["concepts"]), or
     (None, None) off the toy world."""
     scores = scorer.results()  # {name: (M,)}
+    where = f"interp's statistics of the CLT {cfg.clt} on the cache {cfg.cache}"
+    check_finite(dict(activations=stats.sum_act, logits=effects[0]), where)  # no NaN explained
+    run_id = new_run_id()
     os.makedirs(cfg.out, exist_ok=True)
     heldout_density = (scorer.det[..., 1].sum(-1).cpu() / scorer.n_rows).tolist()  # firings/tokens
     pv, pi, sv, si = (x.tolist() for x in effects)
@@ -220,6 +225,7 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
             rec.update({name: r4(x[m]) for name, x in score_lists.items()})
             rec.update(heldout_density=heldout_density[m], **{k: expl[m][k] for k in text_keys})
             rec.update(concepts[0][m] if concepts[0] else {})
+            rec.update(run_id=run_id)
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     summary = summarize(stats, scores, cfg)
     summary.update({} if concepts[1] is None else dict(concepts=concepts[1]))
@@ -232,8 +238,53 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
         summary.update(seconds_plain_read=round(time.perf_counter() - t, 3))
         summary.update(ratio_to_plain_read=round(seconds / summary["seconds_plain_read"], 2))
     plot_summary(os.path.join(cfg.out, "summary.png"), stats, scores, summary)
+    clt = dict(path=cfg.clt, export_id=transcoder_id(cfg.clt))  # which CLT this explains
+    summary.update(run_id=run_id, clt=clt)
     write_json(os.path.join(cfg.out, "summary.json"), summary)
+    commit(cfg.out, run_id, ["features.jsonl", "summary.json", "summary.png"], clt=clt)  # last
     return summary
+
+
+# -----------------------------------------------------------------------------
+# reading the outputs back: the run that wrote them, the transcoder they explain
+
+
+def open_features(path, clt_id=None, clt=""):
+    """The features.jsonl of interp output `path` (its folder or the file), checked: it is the one
+    its folder's manifest.json commits, not a killed run's; and, given the export id of the CLT it
+    should explain (clt_id, of the CLT at `clt`), it explains that one. Output written before
+    manifests passes, with a one-line warning when there was a CLT to check."""
+    file = os.path.join(path, "features.jsonl") if os.path.isdir(path) else path
+    folder = os.path.dirname(file) or "."
+    rerun = f"python interp.py --out {folder}"
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no interp output {file}: write it with `{rerun}`")
+    with open(file, "rb") as f:
+        first = f.readline()
+    run_id = json.loads(first).get("run_id") if first.strip().startswith(b"{") else None
+    check_committed(file, run_id, rerun)
+    made = (read_manifest(folder) or {}).get("clt")
+    if made is None and clt_id:
+        old = "was written before interp.py recorded its CLT"
+        print(f"warning: {file} {old}: not checked against {clt}", file=sys.stderr)
+    elif made and clt_id and made.get("export_id") not in (None, clt_id):
+        theirs = f"the CLT {made['path']} (export {made['export_id'][:8]})"
+        ours = f"{clt} (export {clt_id[:8]})"
+        fix = f"pass the interp output of {clt}, or make it: python interp.py --clt {clt}"
+        raise ValueError(f"{file} explains {theirs}, not {ours}: {fix}")
+    return file
+
+
+def check_for_graph(path, given, meta):
+    """Refuse interp output `path` named on purpose (given) but not there, or of another CLT than
+    the graph's (graph.py's metadata `meta` records its export id); a default one may be absent."""
+    if not os.path.exists(path):
+        if given:
+            raise FileNotFoundError(f"no interp output at --interp {path}: pass interp.py's --out")
+        return
+    info = meta.get("info") or {}
+    if os.path.exists(os.path.join(path, "features.jsonl")):
+        open_features(path, info.get("clt_export_id"), f"the graph's CLT {info.get('clt')}")
 
 
 def examples(store, m, enc, before, n=None):

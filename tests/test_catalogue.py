@@ -24,7 +24,7 @@ import train
 import viz
 from clt import CLTConfig, CrossLayerTranscoder
 from conftest import cache_config, docs, write_hub_model
-from forge import cli, files
+from forge import cli, files, graphfile, interpfile
 from forge.hub import ENDOFTEXT
 from model import GPT
 
@@ -549,6 +549,185 @@ def viz_train_no_inputs(w, tmp):
     return viz.main, ["train"]
 
 
+# every output folder is one unit; its readers check which run and which CLT made it
+
+
+def killed(module, name, main, argv):
+    """main(argv) with `module.name` raising KeyboardInterrupt: a kill -9 at that point, as far as
+    the files are concerned (the kernel releases the lock either way)."""
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, name, dies)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+
+
+@row("graph.json is from run", "manifest.json lists run", "killed", "rerun `python graph.py")
+def graph_killed_between_its_files(w, tmp):
+    out = copy(w, "graph", tmp)
+    killed(graphfile, "save_safetensors", graph.main, graph_argv(w, out, prompt="the dog ran"))
+    return viz.main, ["graph", str(out / "graph.json")]
+
+
+@row("features.jsonl is from run", "killed", "python interp.py --out")
+def interp_killed_before_its_manifest_graph_reads_it(w, tmp):
+    out = copy(w, "interp", tmp)
+    killed(interpfile, "plot_summary", interp.main, interp_argv(w, out))
+    return graph.main, graph_argv(w, tmp / "g", interp_dir=out)
+
+
+@row("features.jsonl is from run", "killed")
+def interp_killed_before_its_manifest_viz_reads_it(w, tmp):
+    out = copy(w, "interp", tmp)
+    killed(interpfile, "commit", interp.main, interp_argv(w, out))
+    return viz.main, ["features", str(out)]
+
+
+@row("explains the CLT", "not", "pass the interp output of")
+def graph_interp_of_another_clt(w, tmp):
+    CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F)).save_pretrained(tmp / "c")
+    return graph.main, graph_argv(w, tmp / "g", clt=tmp / "c")
+
+
+@row("explains the CLT", "the graph's CLT")
+def viz_graph_interp_of_another_clt(w, tmp):
+    out = copy(w, "graph", tmp)
+    graph_json = json.loads((out / "graph.json").read_text())
+    graph_json["metadata"]["info"]["clt_export_id"] = "0" * 32  # as graph.py records another CLT
+    graph_json["metadata"].pop("run_id")  # (an edited file: its run id no longer applies)
+    (out / "graph.json").write_text(json.dumps(graph_json))
+    return viz.main, ["graph", str(out / "graph.json"), "--interp", str(w / "interp")]
+
+
+@row("no interp output at --interp", '--interp ""')
+def graph_interp_missing(w, tmp):
+    return graph.main, graph_argv(w, tmp / "g", interp_dir=tmp / "nowhere")
+
+
+@row("no interp output at --interp")
+def viz_graph_interp_missing(w, tmp):
+    return viz.main, ["graph", str(w / "graph" / "graph.json"), "--interp", str(tmp / "nowhere")]
+
+
+@row("features.jsonl line 16 is not JSON", "cut short")
+def graph_interp_cut_mid_line(w, tmp):
+    out = copy(w, "interp", tmp)
+    cut(out / "features.jsonl", -100)
+    return graph.main, graph_argv(w, tmp / "g", interp_dir=out)
+
+
+@row("graph.json is damaged or cut short", "rerun graph.py")
+def viz_graph_json_cut_short(w, tmp):
+    out = copy(w, "graph", tmp)
+    cut(out / "graph.json", 500)
+    return viz.main, ["graph", str(out / "graph.json")]
+
+
+@row("manifest.json is damaged or cut short")
+def viz_graph_manifest_damaged(w, tmp):
+    out = copy(w, "graph", tmp)
+    (out / "manifest.json").write_text("{")
+    return viz.main, ["graph", str(out / "graph.json")]
+
+
+@row("graph-metadata.json is damaged or cut short")
+def graph_index_damaged(w, tmp):
+    out = copy(w, "graph", tmp)
+    cut(out / "graph-metadata.json", 30)
+    return graph.main, graph_argv(w, out), functools.partial(no_tmp_files, out)
+
+
+@row("summary.json is damaged or cut short")
+def viz_features_summary_damaged(w, tmp):
+    out = copy(w, "interp", tmp)
+    cut(out / "summary.json", 30)
+    return viz.main, ["features", str(out)]
+
+
+@row("metrics.jsonl line 3 is not JSON", "cut short", "train.py --out")
+def viz_train_metrics_cut_mid_line(w, tmp):
+    (tmp / "run").mkdir()
+    rows = [json.dumps(dict(step=i, loss=1.0)) for i in range(3)]
+    (tmp / "run" / "metrics.jsonl").write_text("\n".join(rows)[:-5])
+    return viz.main, ["train", str(tmp / "run")]
+
+
+@row("the prompt is not valid UTF-8", "\\xff", "pass UTF-8 text")
+def graph_prompt_not_utf8(w, tmp):
+    prompt = b"the \xffcat".decode("utf-8", "surrogateescape")  # as Python hands argv over
+    return graph.main, graph_argv(w, tmp / "g", prompt=prompt), lambda: not (tmp / "g").exists()
+
+
+@row("the prompt is not valid UTF-8")
+def intervene_prompt_not_utf8(w, tmp):
+    argv = run_argv(w)
+    argv[argv.index("--prompt") + 1] = b"caf\xe9".decode("utf-8", "surrogateescape")
+    return intervene.main, argv
+
+
+# one writer per folder: another process holds the folder's lock
+
+
+def held(folder):
+    """Hold `folder`'s lock from another process, as a running stage does -> its pid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = "import fcntl, os, sys, time\nf = open(sys.argv[1], 'w')\n"
+    code += "fcntl.flock(f, fcntl.LOCK_EX)\nf.write(f'train.py on host h, pid {os.getpid()}')\n"
+    code += "f.flush()\nprint('held', flush=True)\ntime.sleep(60)"
+    lock = folder / files.LOCK
+    p = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"held"
+    HOLDERS.append(p)
+    return p.pid
+
+
+HOLDERS = []
+
+
+@pytest.fixture(autouse=True)
+def release_holders():
+    yield
+    while HOLDERS:
+        p = HOLDERS.pop()
+        p.kill()
+        p.wait()
+
+
+@row("is being written by train.py on host h, pid", "wait until it ends")
+def graph_into_a_held_folder(w, tmp):
+    before = snapshot(copy(w, "graph", tmp))
+    held(tmp / "graph")
+    return graph.main, graph_argv(w, tmp / "graph"), same_bytes(before)
+
+
+@row("is being written by", "pid")
+def interp_into_a_held_folder(w, tmp):
+    held(tmp / "i")
+    return interp.main, interp_argv(w, tmp / "i")
+
+
+@row("is being written by", "pid")
+def train_into_a_held_folder(w, tmp):
+    held(tmp / "t")
+    return train.main, train_argv(w, tmp / "t"), lambda: not (tmp / "t" / "metrics.jsonl").exists()
+
+
+@row("is being written by", "pid")
+def cache_into_a_held_folder(w, tmp):
+    held(tmp / "c")
+    argv = ["--corpus", str(w / "corpus.txt"), "--model", str(w / "model"), "--out", str(tmp / "c")]
+    return cache.main, argv + SMALL
+
+
+@row("is being written by", "pid")
+def viz_features_into_a_held_folder(w, tmp):
+    held(tmp / "h")
+    return viz.main, ["features", str(w / "interp"), "--out", str(tmp / "h")]
+
+
 # environment faults: a full disk in each form it arrives, while the output folder is written
 
 
@@ -652,7 +831,7 @@ def test_catalogue(case, words, world, tmp_path, monkeypatch):
     missing = [w for w in words if w not in message]
     assert not missing, f"{missing} not in {message!r}"
     for check in checks:
-        check()
+        assert check() is not False, check
 
 
 def test_the_catalogue_is_long():

@@ -22,10 +22,9 @@ from safetensors.torch import load_file
 
 import cache as K
 import clt as C
-import graph as G
 import train as T
 import viz as V
-from forge import shards
+from forge import graphfile, shards
 from model import GPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -154,7 +153,7 @@ def observe_interp(path):
         rows = [json.loads(line) for line in f]
     with open(os.path.join(path, "summary.json")) as f:
         summary = json.load(f)
-    explanations = G.load_explanations(path)
+    explanations = graphfile.load_explanations(path)
     live = [r for r in rows if r["n_fires"] > 0]
     return dict(
         n_features=len(rows),

@@ -268,9 +268,9 @@ def test_graph_py_attributes_saelens_transcoders(hub_model, tmp_path, capsys):
         plt.b_enc.fill_(0.2)  # some features fire on every token
         plt.W_skip.normal_(0, 0.1)
     save_saelens(plt, tmp_path / "saelens", model)
-    clt_dir, interp_dir, out = (str(tmp_path / name) for name in ("saelens", "none", "graph"))
+    clt_dir, out = (str(tmp_path / name) for name in ("saelens", "graph"))
     flags = ["--model", model_dir, "--clt", clt_dir, "--prompt", "the cat", "--device", "cpu"]
-    graph.main(flags + ["--interp", interp_dir, "--out", out])
+    graph.main(flags + ["--interp", "", "--out", out])  # no interp output: no labels
     assert "exactness" in capsys.readouterr().out
     nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
     assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
