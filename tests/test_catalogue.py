@@ -860,6 +860,50 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(monkeypatch):
     assert sys.argv == ["x.py"]  # the script's parser never sees --debug
 
 
+def test_interp_output_from_before_manifests_loads_with_a_warning(world, tmp_path, capsys):
+    out = copy(world, "interp", tmp_path)
+    os.remove(out / "manifest.json")
+    rows = [json.loads(line) for line in (out / "features.jsonl").read_text().splitlines()]
+    old = "".join(json.dumps({k: v for k, v in r.items() if k != "run_id"}) + "\n" for r in rows)
+    (out / "features.jsonl").write_text(old)
+    graph.main(graph_argv(world, tmp_path / "g", interp_dir=out))
+    said = capsys.readouterr().err
+    assert "warning:" in said and "written before interp.py recorded its CLT" in said
+    nodes = json.loads((tmp_path / "g" / "graph.json").read_text())["nodes"]
+    assert any(n["clerp"] for n in nodes if n["feature_type"] == "cross layer transcoder")
+
+
+def test_outputs_record_the_run_and_the_clt(world):
+    manifest = json.loads((world / "interp" / "manifest.json").read_text())
+    clt_id = json.loads((world / "clt" / "config.json").read_text())["export_id"]
+    assert manifest["clt"]["export_id"] == clt_id
+    first = json.loads((world / "interp" / "features.jsonl").read_text().splitlines()[0])
+    assert first["run_id"] == manifest["files"]["features.jsonl"] == manifest["run_id"]
+    meta = json.loads((world / "graph" / "graph.json").read_text())["metadata"]
+    assert meta["info"]["clt_export_id"] == clt_id
+    listed = json.loads((world / "graph" / "manifest.json").read_text())["files"]
+    assert set(listed) == {
+        "graph.json",
+        "graph-metadata.json",
+        "adjacency.safetensors",
+        "nodes.json",
+    }
+    assert set(listed.values()) == {meta["run_id"]}
+    from safetensors import safe_open
+
+    with safe_open(str(world / "graph" / "adjacency.safetensors"), "pt") as f:
+        assert f.metadata()["run_id"] == meta["run_id"]
+
+
+def test_the_finite_check_counts_only_when_a_sum_is_not_finite():
+    huge = torch.full((1000,), 3e38)  # finite, but its sum overflows to inf
+    files.check_finite({"W": huge}, "here")
+    huge[7] = float("-inf")
+    with pytest.raises(ValueError, match="here: tensor W holds 1 NaN or infinite values"):
+        files.check_finite({"W": huge}, "here")
+    files.check_finite({"ids": torch.arange(3)}, "integers pass")
+
+
 def test_output_files_get_the_umask_mode(world):
     mode = files.FILE_MODE
     for name in ("adjacency.safetensors", "graph.json", "nodes.json"):
