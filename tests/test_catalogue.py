@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -904,6 +905,18 @@ def test_the_finite_check_counts_only_when_a_sum_is_not_finite():
     files.check_finite({"ids": torch.arange(3)}, "integers pass")
 
 
+def test_a_killed_holders_lock_is_released_by_the_kernel(world, tmp_path):
+    """kill -9 of a run holding the folder: its .lock file stays, its flock does not."""
+    pid = held(tmp_path / "g")
+    os.kill(pid, signal.SIGKILL)
+    HOLDERS.pop().wait()
+    assert (tmp_path / "g" / files.LOCK).exists()
+    graph.main(graph_argv(world, tmp_path / "g"))
+    assert (tmp_path / "g" / "manifest.json").exists() and not (
+        tmp_path / "g" / files.LOCK
+    ).exists()
+
+
 def test_output_files_get_the_umask_mode(world):
     mode = files.FILE_MODE
     for name in ("adjacency.safetensors", "graph.json", "nodes.json"):
@@ -965,29 +978,6 @@ def train_export_over_ulimit(w, tmp):
 
 def no_check():
     pass
-
-
-@process_row("is being written by", "pid", "wait until it ends")
-def graph_while_another_holds_the_folder(w, tmp):
-    holder = hold(tmp / "g")
-    return script("graph.py", graph_argv(w, tmp / "g")), holder
-
-
-def hold(folder):
-    """Another process holding `folder`'s lock for a few seconds -> a check that it is still there."""
-    code = "import sys, time; from forge import files\nwith files.one_writer(sys.argv[1], 'x'):\n"
-    code += "    print('held', flush=True); time.sleep(60)"
-    p = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE
-    )
-    assert p.stdout.readline().strip() == b"held"
-
-    def check():
-        assert p.poll() is None  # the holder was not disturbed
-        p.kill()
-        p.wait()
-
-    return check
 
 
 @pytest.mark.parametrize("case, words", PROCESS_ROWS)
