@@ -494,6 +494,7 @@ def run_graph(cfg):
     if rank == 0:
         print(asdict(cfg) | dict(world=world))
     model, clt, enc = graphcli.load(cfg, device, load_model, load_transcoder)
+    labels = graphcli.explanations(cfg) if rank == 0 else {}  # --interp's, if it explains this CLT
     idx = encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
@@ -505,7 +506,6 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
         ratios = scores(graph)
-        labels = graphcli.explanations(cfg)  # --interp's, if it explains this CLT
         kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)

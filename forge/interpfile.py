@@ -261,6 +261,9 @@ def open_features(path, clt_id=None, clt=""):
         raise FileNotFoundError(f"no interp output {file}: write it with `{rerun}`")
     with open(file, "rb") as f:
         first = f.readline()
+        f.seek(max(f.seek(0, os.SEEK_END) - 1, 0))
+        if f.read(1) not in (b"\n", b""):  # written whole, it ends a line: a copy cut short
+            raise ValueError(f"{file} is cut short (its last line has no end): rerun `{rerun}`")
     run_id = json.loads(first).get("run_id") if first.strip().startswith(b"{") else None
     check_committed(file, run_id, rerun)
     made = (read_manifest(folder) or {}).get("clt")

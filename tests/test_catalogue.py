@@ -613,11 +613,27 @@ def viz_graph_interp_missing(w, tmp):
     return viz.main, ["graph", str(w / "graph" / "graph.json"), "--interp", str(tmp / "nowhere")]
 
 
-@row("features.jsonl line 16 is not JSON", "cut short")
+@row("features.jsonl is cut short", "python interp.py --out")
 def graph_interp_cut_mid_line(w, tmp):
     out = copy(w, "interp", tmp)
     cut(out / "features.jsonl", -100)
     return graph.main, graph_argv(w, tmp / "g", interp_dir=out)
+
+
+@row("features.jsonl line 3 is not JSON")
+def graph_interp_damaged_line(w, tmp):
+    out = copy(w, "interp", tmp)
+    lines = (out / "features.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:40] + "\n"  # a line cut inside the file
+    (out / "features.jsonl").write_text("".join(lines))
+    return graph.main, graph_argv(w, tmp / "g", interp_dir=out)
+
+
+@row("features.jsonl is cut short")
+def viz_features_cut_mid_line(w, tmp):
+    out = copy(w, "interp", tmp)
+    cut(out / "features.jsonl", -100)
+    return viz.main, ["features", str(out)]
 
 
 @row("graph.json is damaged or cut short", "rerun graph.py")
