@@ -126,6 +126,8 @@ def save_export(path, files):
 def read_clt_config(path, config_class):
     """(config_class(**fields), export id) from the config.json of a CLT in clt.py's layout."""
     config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise no_clt_config(path)
     saved = read_json(config_path, "re-export the CLT, e.g. python train.py --resume --out DIR")
     if not isinstance(saved, dict):
         raise ValueError(f"{config_path} is not a JSON object of CLTConfig's fields: not a CLT")
@@ -135,6 +137,15 @@ def read_clt_config(path, config_class):
         known = f"that {config_class.__name__} does not know: not a clt-forge CLT"
         raise ValueError(f"{config_path} has fields {unknown} {known}")
     return config_class(**saved), export_id
+
+
+def no_clt_config(path):
+    """The error for a folder without a CLT's config.json: an export cut short, or no CLT."""
+    if os.path.exists(os.path.join(path, "W_enc_0.safetensors")):  # config.json is written last
+        fix = f"finish it with `python train.py --resume --out {path}`"
+        return FileNotFoundError(f"{path} holds an export cut short (no config.json): {fix}")
+    fix = f"train one with `python train.py --out {path}`, or pass the --clt train.py wrote"
+    return FileNotFoundError(f"no CLT at {path} (no config.json): {fix}")
 
 
 def read_clt_files(t, path, export_id):
@@ -343,9 +354,8 @@ def load_published(path, model, new_transcoder):
         return from_circuit_tracer(path, model, new_transcoder)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model, new_transcoder)
-    if os.path.exists(os.path.join(path, "W_enc_0.safetensors")):  # config.json is written last
-        fix = f"finish it with `python train.py --resume --out {path}`"
-        raise FileNotFoundError(f"{path} holds an export cut short (no config.json): {fix}")
+    if os.path.exists(os.path.join(path, "W_enc_0.safetensors")):
+        raise no_clt_config(path)
     raise FileNotFoundError(
         f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one in "
         "circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's layout "

@@ -130,7 +130,8 @@ def encode_prompt(enc, prompt, n_ctx):
     ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
     ids = ids if ids[0] == bos else [bos] + ids
     if len(ids) > n_ctx:
-        raise ValueError(f"the prompt is {len(ids)} tokens with BOS, over the GPT's n_ctx={n_ctx}")
+        over = f"the prompt is {len(ids)} tokens with BOS, over the GPT's n_ctx={n_ctx}"
+        raise ValueError(f"{over}: shorten it")
     return torch.tensor([ids])
 
 

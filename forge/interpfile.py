@@ -272,7 +272,7 @@ def open_features(path, clt_id=None, clt=""):
         print(f"warning: {file} {old}: not checked against {clt}", file=sys.stderr)
     elif made and clt_id and made.get("export_id") not in (None, clt_id):
         theirs = f"the CLT {made['path']} (export {made['export_id'][:8]})"
-        ours = f"{clt} (export {clt_id[:8]})"
+        ours = f"the CLT {clt} (export {clt_id[:8]})"
         fix = f"pass the interp output of {clt}, or make it: python interp.py --clt {clt}"
         raise ValueError(f"{file} explains {theirs}, not {ours}: {fix}")
     return file
@@ -287,7 +287,7 @@ def check_for_graph(path, given, meta):
         return
     info = meta.get("info") or {}
     if os.path.exists(os.path.join(path, "features.jsonl")):
-        open_features(path, info.get("clt_export_id"), f"the graph's CLT {info.get('clt')}")
+        open_features(path, info.get("clt_export_id"), info.get("clt"))  # the graph's CLT
 
 
 def examples(store, m, enc, before, n=None):

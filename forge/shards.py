@@ -399,7 +399,7 @@ def open_out_dir(cfg, made, model_sha, model_dir):
     try:
         write_json(path, m)
     except OSError as e:
-        raise ValueError(f"cannot write to {out}: {e}") from e
+        raise ValueError(f"cannot write to {out}: {e}: free space, or choose another --out") from e
     return m
 
 

@@ -389,7 +389,7 @@ def prompt_empty(w, tmp):
     return graph.main, graph_argv(w, tmp / "g", prompt="  ")
 
 
-@row("over the GPT's n_ctx")
+@row("over the GPT's n_ctx", "shorten it")
 def prompt_too_long(w, tmp):
     return graph.main, graph_argv(w, tmp / "g", prompt="the cat " * 40)
 
@@ -522,7 +522,7 @@ def interp_cache_missing(w, tmp):
     return interp.main, argv
 
 
-@row("config.json")
+@row("no CLT at", "(no config.json)", "python train.py --out")
 def interp_clt_missing(w, tmp):
     return interp.main, interp_argv(w, tmp / "i", tmp / "noclt")
 
@@ -593,7 +593,7 @@ def graph_interp_of_another_clt(w, tmp):
     return graph.main, graph_argv(w, tmp / "g", clt=tmp / "c")
 
 
-@row("explains the CLT", "the graph's CLT")
+@row("explains the CLT", "(export 00000000)", "python interp.py --clt")
 def viz_graph_interp_of_another_clt(w, tmp):
     out = copy(w, "graph", tmp)
     graph_json = json.loads((out / "graph.json").read_text())
@@ -800,7 +800,7 @@ def train_disk_full(w, tmp, monkeypatch):
     return train.main, train_argv(w, tmp / "t")
 
 
-@row("cannot write to", "Disk quota exceeded")
+@row("cannot write to", "Disk quota exceeded", "free space")
 def cache_quota_exceeded(w, tmp, monkeypatch):
     failing_fsync(errno.EDQUOT, monkeypatch, after=1)
     argv = [
