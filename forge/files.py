@@ -173,7 +173,11 @@ def transcoder_id(path):
     for name in ("config.json", "config.yaml"):
         config = os.path.join(path, name)
         if os.path.isfile(config):
-            saved = read_json(config, "re-export the transcoder")
+            with open(config, "rb") as f:
+                try:
+                    saved = json.load(f)
+                except ValueError:  # a YAML config.yaml: no id (the loaders judge the files)
+                    return None
             saved = saved.get("clt_forge", saved) if isinstance(saved, dict) else {}
             return saved.get("export_id")
     return None
@@ -209,8 +213,8 @@ def one_writer(out, script):
     """Hold an exclusive flock on {out}/.lock while the block runs: a second run into `out` is
     refused at once, naming this one's host and pid. The kernel drops a dead process's flock, so a
     killed run leaves no stale lock; the file is removed on the way out (and `out`, if this made
-    it and it stays empty). Under torchrun only
-    global rank 0 takes it; out=None takes none. Temporary files a killed run left are removed."""
+    it and it stays empty). Temporary files a killed run left in `out` are removed. Under torchrun
+    only global rank 0 takes the lock; out=None takes none."""
     if out is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
@@ -224,9 +228,10 @@ def one_writer(out, script):
             os.remove(tmp)  # a killed run's: ours now, as the lock is
         yield
     finally:
-        os.remove(path)  # before the flock goes: a waiting opener sees the inode change (lock)
+        with contextlib.suppress(FileNotFoundError):  # before the flock goes: see lock()
+            os.remove(path)
         os.close(fd)
-        if created and not os.listdir(out):  # a run refused before it wrote leaves no trace
+        if created and os.path.isdir(out) and not os.listdir(out):  # a refused run: no trace
             os.rmdir(out)
 
 
