@@ -5,7 +5,7 @@ transcoder export share one export id, so a crash mid-export is refused on load 
 two saves; a cache or a CLT made from another model than the one given is refused by fingerprint.
 
 An output folder is one unit: one run writes it at a time (`one_writer`: an flock, the leftovers of
-a killed run removed), each file carries its run's id, and manifest.json, written last, lists the
+a killed run removed), each file carries its run's id, and commit.json, written last, lists the
 run id of every file the folder holds complete (`commit`); a reader checks a file against it
 (`check_committed`), so a run killed halfway through a folder is refused, never mixed.
 """
@@ -24,7 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 LOCK = ".lock"  # in a stage's --out while a run writes it (one_writer)
-MANIFEST = "manifest.json"  # the commit marker of an output folder (commit)
+STAGES = {  # script -> the files that mark a folder as its output: no other stage writes there
+    "cache.py": ("manifest.json",),
+    "train.py": ("metrics.jsonl", "checkpoints"),
+    "interp.py": ("features.jsonl",),
+    "graph.py": ("graph-metadata.json",),
+}
+MANIFEST = "commit.json"  # the commit marker of an output folder (commit): the files and run ids
 
 
 def umask():
@@ -220,6 +226,7 @@ def one_writer(out, script):
         return
     created = not os.path.isdir(out)
     path = os.path.join(out_folder(out), LOCK)
+    check_not_foreign(out, script)
     fd = lock(path)
     try:
         os.ftruncate(fd, 0)
@@ -233,6 +240,16 @@ def one_writer(out, script):
         os.close(fd)
         if created and os.path.isdir(out) and not os.listdir(out):  # a refused run: no trace
             os.rmdir(out)
+
+
+def check_not_foreign(out, script):
+    """Refuse to write `script`'s outputs into a folder of another stage's (STAGES)."""
+    for other, marks in STAGES.items():
+        found = [m for m in marks if other != script and os.path.exists(os.path.join(out, m))]
+        if script in STAGES and found:
+            what = f"{other}'s output ({found[0]})"
+            fix = f"{script} writes a folder of its own: choose another --out"
+            raise ValueError(f"{out} holds {what}: {fix}")
 
 
 def lock(path):
@@ -265,7 +282,7 @@ def read_manifest(folder):
 
 
 def commit(folder, run_id, names, **info):
-    """Write {folder}/manifest.json, last: the files `names` are run_id's, complete. Files of
+    """Write {folder}/commit.json, last: the files `names` are run_id's, complete. Files of
     earlier runs it listed stay listed (graph.py keeps one {slug}.json per prompt)."""
     files = (read_manifest(folder) or {}).get("files", {}) | {name: run_id for name in names}
     write_json(os.path.join(folder, MANIFEST), dict(run_id=run_id, files=files, **info))

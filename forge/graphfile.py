@@ -113,7 +113,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     cumulative, influence) on the CPU; scores: (replacement, completeness)."""
     node_mask, edge_mask, cumulative, infl = pruned
     check_finite(dict(adjacency=graph.adjacency, activations=graph.acts), f"the graph of {cfg.clt}")
-    run_id = new_run_id()  # every file of this folder's graph carries it; manifest.json lists it
+    run_id = new_run_id()  # every file of this folder's graph carries it; commit.json lists it
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]
     A = graph.adjacency.cpu()

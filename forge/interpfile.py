@@ -251,7 +251,7 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
 
 def open_features(path, clt_id=None, clt=""):
     """The features.jsonl of interp output `path` (its folder or the file), checked: it is the one
-    its folder's manifest.json commits, not a killed run's; and, given the export id of the CLT it
+    its folder's commit.json commits, not a killed run's; and, given the export id of the CLT it
     should explain (clt_id, of the CLT at `clt`), it explains that one. Output written before
     manifests passes, with a one-line warning when there was a CLT to check."""
     file = os.path.join(path, "features.jsonl") if os.path.isdir(path) else path
@@ -261,9 +261,10 @@ def open_features(path, clt_id=None, clt=""):
         raise FileNotFoundError(f"no interp output {file}: write it with `{rerun}`")
     with open(file, "rb") as f:
         first = f.readline()
-        f.seek(max(f.seek(0, os.SEEK_END) - 1, 0))
-        if f.read(1) not in (b"\n", b""):  # written whole, it ends a line: a copy cut short
-            raise ValueError(f"{file} is cut short (its last line has no end): rerun `{rerun}`")
+        f.seek(max(f.seek(0, os.SEEK_END) - 2**20, 0))
+        last = f.read().rsplit(b"\n", 1)[-1]  # "" when the file ends a line, as interp.py's does
+    if last.strip() and not is_json(last):  # a copy cut short
+        raise ValueError(f"{file} is cut short (its last line is not whole): rerun `{rerun}`")
     run_id = json.loads(first).get("run_id") if first.strip().startswith(b"{") else None
     check_committed(file, run_id, rerun)
     made = (read_manifest(folder) or {}).get("clt")
@@ -276,6 +277,14 @@ def open_features(path, clt_id=None, clt=""):
         fix = f"pass the interp output of {clt}, or make it: python interp.py --clt {clt}"
         raise ValueError(f"{file} explains {theirs}, not {ours}: {fix}")
     return file
+
+
+def is_json(text):
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_for_graph(path, given, meta):

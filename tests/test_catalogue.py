@@ -314,6 +314,37 @@ def viz_features_out_is_a_file(w, tmp):
     return viz.main, ["features", str(w / "interp"), "--out", str(tmp / "h")]
 
 
+@row("holds cache.py's output (manifest.json)", "interp.py writes a folder of its own")
+def interp_into_the_cache_folder(w, tmp):
+    out = copy(w, "cache", tmp)
+    return interp.main, interp_argv(w, out), same_bytes(snapshot(out))
+
+
+@row("holds interp.py's output (features.jsonl)", "choose another --out")
+def graph_into_the_interp_folder(w, tmp):
+    out = copy(w, "interp", tmp)
+    return graph.main, graph_argv(w, out), same_bytes(snapshot(out))
+
+
+@row("holds graph.py's output (graph-metadata.json)")
+def interp_into_the_graph_folder(w, tmp):
+    out = copy(w, "graph", tmp)
+    return interp.main, interp_argv(w, out), same_bytes(snapshot(out))
+
+
+@row("holds cache.py's output (manifest.json)", "train.py writes a folder of its own")
+def train_into_the_cache_folder(w, tmp):
+    out = copy(w, "cache", tmp)
+    return train.main, train_argv(w, out), same_bytes(snapshot(out))
+
+
+@row("holds interp.py's output (features.jsonl)", "cache.py writes a folder of its own")
+def cache_into_the_interp_folder(w, tmp):
+    out = copy(w, "interp", tmp)
+    argv = ["--corpus", str(w / "corpus.txt"), "--model", str(w / "model"), "--out", str(out)]
+    return cache.main, argv + SMALL, same_bytes(snapshot(out))
+
+
 @row("a loop of symbolic links", "ELOOP", "fix the link")
 def graph_out_through_a_symlink_loop(w, tmp):
     os.symlink(tmp / "b", tmp / "a")
@@ -566,7 +597,7 @@ def killed(module, name, main, argv):
             main(argv)
 
 
-@row("graph.json is from run", "manifest.json lists run", "killed", "rerun `python graph.py")
+@row("graph.json is from run", "commit.json lists run", "killed", "rerun `python graph.py")
 def graph_killed_between_its_files(w, tmp):
     out = copy(w, "graph", tmp)
     killed(graphfile, "save_safetensors", graph.main, graph_argv(w, out, prompt="the dog ran"))
@@ -613,7 +644,7 @@ def viz_graph_interp_missing(w, tmp):
     return viz.main, ["graph", str(w / "graph" / "graph.json"), "--interp", str(tmp / "nowhere")]
 
 
-@row("features.jsonl is cut short", "python interp.py --out")
+@row("features.jsonl is cut short", "not whole", "python interp.py --out")
 def graph_interp_cut_mid_line(w, tmp):
     out = copy(w, "interp", tmp)
     cut(out / "features.jsonl", -100)
@@ -643,10 +674,10 @@ def viz_graph_json_cut_short(w, tmp):
     return viz.main, ["graph", str(out / "graph.json")]
 
 
-@row("manifest.json is damaged or cut short")
+@row("commit.json is damaged or cut short")
 def viz_graph_manifest_damaged(w, tmp):
     out = copy(w, "graph", tmp)
-    (out / "manifest.json").write_text("{")
+    (out / "commit.json").write_text("{")
     return viz.main, ["graph", str(out / "graph.json")]
 
 
@@ -879,7 +910,7 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(monkeypatch):
 
 def test_interp_output_from_before_manifests_loads_with_a_warning(world, tmp_path, capsys):
     out = copy(world, "interp", tmp_path)
-    os.remove(out / "manifest.json")
+    os.remove(out / "commit.json")
     rows = [json.loads(line) for line in (out / "features.jsonl").read_text().splitlines()]
     old = "".join(json.dumps({k: v for k, v in r.items() if k != "run_id"}) + "\n" for r in rows)
     (out / "features.jsonl").write_text(old)
@@ -891,14 +922,14 @@ def test_interp_output_from_before_manifests_loads_with_a_warning(world, tmp_pat
 
 
 def test_outputs_record_the_run_and_the_clt(world):
-    manifest = json.loads((world / "interp" / "manifest.json").read_text())
+    manifest = json.loads((world / "interp" / "commit.json").read_text())
     clt_id = json.loads((world / "clt" / "config.json").read_text())["export_id"]
     assert manifest["clt"]["export_id"] == clt_id
     first = json.loads((world / "interp" / "features.jsonl").read_text().splitlines()[0])
     assert first["run_id"] == manifest["files"]["features.jsonl"] == manifest["run_id"]
     meta = json.loads((world / "graph" / "graph.json").read_text())["metadata"]
     assert meta["info"]["clt_export_id"] == clt_id
-    listed = json.loads((world / "graph" / "manifest.json").read_text())["files"]
+    listed = json.loads((world / "graph" / "commit.json").read_text())["files"]
     assert set(listed) == {
         "graph.json",
         "graph-metadata.json",
@@ -928,9 +959,7 @@ def test_a_killed_holders_lock_is_released_by_the_kernel(world, tmp_path):
     HOLDERS.pop().wait()
     assert (tmp_path / "g" / files.LOCK).exists()
     graph.main(graph_argv(world, tmp_path / "g"))
-    assert (tmp_path / "g" / "manifest.json").exists() and not (
-        tmp_path / "g" / files.LOCK
-    ).exists()
+    assert (tmp_path / "g" / "commit.json").exists() and not (tmp_path / "g" / files.LOCK).exists()
 
 
 def test_output_files_get_the_umask_mode(world):
