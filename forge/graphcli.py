@@ -92,6 +92,7 @@ def explanations(cfg):
     """The node labels from --interp, refused if it explains another CLT than --clt; none if it
     is "" or the default folder that is not there. A folder named that is not there is an error."""
     if cfg.interp == GraphConfig.interp and not os.path.exists(cfg.interp):
+        print(f"no interp output at {cfg.interp}: the nodes get no labels (run interp.py first)")
         return {}
     if cfg.interp and not os.path.exists(cfg.interp):
         fix = 'pass interp.py\'s --out, or --interp "" for a graph without labels'
