@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from forge import formats
 from forge.files import write_json
+from forge.hub import resolve_transcoder_dir
 from parallel import Mesh, all_gather_last, global_topk, tp_sum
 
 
@@ -361,9 +362,11 @@ ACTIVATIONS = {"jumprelu": jumprelu, "topk": topk, "batchtopk": batchtopk, "relu
 # loading any transcoder
 
 
-def load_transcoder(path, model):
-    """A transcoder for `model` from `path`, in whichever layout: save_pretrained's (config.json),
-    circuit-tracer's (config.yaml) or SAELens's (cfg.json folders below it)."""
+def load_transcoder(path_or_hub_id, model):
+    """A transcoder for `model` from a directory or a hub id (owner/name[/subfolder][@revision],
+    downloaded: forge/hub.py), in whichever layout: save_pretrained's (config.json), circuit-
+    tracer's (config.yaml), sparsify's (h.N.mlp/sae.safetensors) or SAELens's (cfg.json folders)."""
+    path = resolve_transcoder_dir(path_or_hub_id)
     if os.path.exists(os.path.join(path, "config.json")):
         return CrossLayerTranscoder.from_pretrained(path)
     return formats.load_published(path, model, new_transcoder)

@@ -16,6 +16,7 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import load_file
 
+from forge import sparsify
 from forge.files import check_same_model, read_export_file, save_safetensors, write_json
 
 
@@ -316,10 +317,12 @@ def load_published(path, model, new_transcoder):
     folders below `path`), built by new_transcoder(**config) on our mlp_in."""
     if os.path.exists(os.path.join(path, "config.yaml")):
         return from_circuit_tracer(path, model, new_transcoder)
+    if sparsify.is_sparsify(path):  # h.N.mlp/{cfg.json, sae.safetensors}: EleutherAI's
+        return sparsify.from_sparsify(path, model, new_transcoder)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model, new_transcoder)
     raise FileNotFoundError(
         f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one in "
         "circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's layout "
-        "(cfg.json + sae_weights.safetensors)"
+        "(cfg.json + sae_weights.safetensors), nor in sparsify's (h.N.mlp/sae.safetensors)"
     )

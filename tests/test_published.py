@@ -1,0 +1,204 @@
+"""Published transcoders: EleutherAI's sparsify / clt-training layout, hub ids, graph.py on them.
+
+The reference below recomputes what sparsify's CrossLayerRunner.decode computes (clt-training,
+branch clt, cf9821f2, sparsify/runner.py and sparse_coder.py), written out per target and source
+as that code loops, independently of forge/sparsify.py's mapping onto our CLT."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from clt import load_transcoder
+from conftest import write_hub_model
+from forge import hub
+
+L, D, F, K = 3, 32, 24, 6  # three layers: divide_cross_layer's 1/(sources - 1) is then not 1
+
+
+@pytest.fixture(scope="module")
+def model3(tmp_path_factory):
+    """(directory, model) of a random 3-layer GPT-2 in the hub layout."""
+    path = tmp_path_factory.mktemp("model3")
+    return str(path), write_hub_model(path, n_layer=L)[0]
+
+
+def sparsify_config(**kw):
+    """cfg.json as SparseCoder.save_to_disk writes it: SparseCoderConfig.to_dict() | d_in."""
+    cfg = dict(activation="topk", expansion_factor=32, normalize_decoder=True, num_latents=F, k=K)
+    cfg.update(skip_connection=False, transcode=True, n_targets=0, n_sources=0)
+    cfg.update(normalize_io=False, divide_cross_layer=False, train_post_encoder=True)
+    cfg.update(post_encoder_scale=False, per_source_tied=False, secondary_target_tied=False)
+    cfg.update(coalesce_topk="none", topk_coalesced=False, dtype="none", d_in=D)
+    return {**cfg, **kw}
+
+
+def write_sparsify(path, layers, prefix="h"):
+    """[(cfg, tensors)] -> {path}/{prefix}.{l}.mlp/{cfg.json, sae.safetensors}."""
+    for l, (cfg, tensors) in enumerate(layers):
+        folder = os.path.join(path, f"{prefix}.{l}.mlp")
+        os.makedirs(folder, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, f"{folder}/sae.safetensors")
+        with open(f"{folder}/cfg.json", "w") as f:
+            json.dump(cfg, f)
+    return str(path)
+
+
+def random_layers(kind, skip=False, seed=0):
+    """Random sparsify transcoders of L layers: kind per-layer (a PLT), none, per-layer-coalesced,
+    concat (CLTs in the runner's three storages)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g) * scale
+
+    layers = []
+    for l in range(L):
+        n_targets = 0 if kind == "plt" else L - l
+        coalesce = {"plt": "none", "none": "none"}.get(kind, kind)
+        cfg = sparsify_config(n_targets=n_targets, n_sources=l + 1, coalesce_topk=coalesce)
+        cfg.update(skip_connection=skip)
+        p = {"encoder.weight": rand(F, D), "encoder.bias": rand(F, scale=0.5)}
+        if kind in ("plt", "concat"):
+            p.update(W_dec=rand(F, D), b_dec=rand(D))
+        elif kind == "per-layer":
+            p.update(W_dec=rand((l + 1) * F, D), b_dec=rand(D))
+        else:  # each source stores its decoders, one per target; scaled, divided, normalized
+            cfg.update(divide_cross_layer=True, post_encoder_scale=True, normalize_io=True)
+            for j in range(n_targets):
+                p.update({f"W_decs.{j}": rand(F, D), f"b_decs.{j}": rand(D)})
+                p[f"post_encs.{j}"] = torch.zeros(F)
+                p[f"post_enc_scales.{j}"] = rand(F).abs() + 0.5
+            p.update(in_norm=torch.tensor([3.0 + l]), out_norm=torch.tensor([2.0 + l]))
+        if skip:
+            p["W_skip"] = rand(D, D, scale=0.1)
+        layers.append((cfg, p))
+    return layers
+
+
+def reference(layers, mlp_in):
+    """mlp_in (N, L, d) -> the runner's output per target (N, L, d), as its code computes it."""
+    d = mlp_in.shape[-1]
+    x, mids = [], []
+    for l, (cfg, p) in enumerate(layers):
+        xl = mlp_in[:, l]
+        if cfg["normalize_io"]:  # SparseCoder.normalize_input
+            xl = xl * (d**0.5 / p["in_norm"])
+        pre = torch.relu(xl @ p["encoder.weight"].T + p["encoder.bias"])  # fused_encoder, topk
+        vals, idx = pre.topk(cfg["k"], dim=-1)
+        x.append(xl)
+        mids.append((vals, idx))
+    outs = []
+    for t, (cfg_t, p_t) in enumerate(layers):
+        active = [s for s in range(t + 1) if t - s < max(1, layers[s][0]["n_targets"])]
+        out = 0
+        if cfg_t["coalesce_topk"] == "none" or cfg_t["n_targets"] == 0:
+            earlier = 0
+            for s in active:
+                cfg_s, p_s = layers[s]
+                j, multi = t - s, cfg_s["n_targets"] > 0
+                vals, idx = mids[s]
+                if cfg_s["post_encoder_scale"]:  # MidDecoder.current_latent_acts
+                    vals = vals * p_s[f"post_enc_scales.{j}" if multi else "post_enc_scale"][idx]
+                W = p_s[f"W_decs.{j}" if multi else "W_dec"]
+                y = (vals[..., None] * W[idx]).sum(1) + p_s[f"b_decs.{j}" if multi else "b_dec"]
+                if "W_skip" in p_s and j == 0:
+                    y = y + x[s] @ p_s["W_skip"].mT
+                if s < t:
+                    earlier = earlier + y
+                else:
+                    divide = max(1, len(active) - 1) if cfg_t["divide_cross_layer"] else 1
+                    out = y + earlier / divide
+        else:  # coalesced: one decode of every source's latents with the target's W_dec
+            for i, s in enumerate(active):
+                vals, idx = mids[s]
+                offset = i * F if cfg_t["coalesce_topk"] == "per-layer" else 0
+                out = out + (vals[..., None] * p_t["W_dec"][idx + offset]).sum(1)
+            out = out + p_t["b_dec"] + (x[t] @ p_t["W_skip"].mT if "W_skip" in p_t else 0)
+        if cfg_t["normalize_io"]:  # SparseCoder.denormalize_output
+            out = out * (p_t["out_norm"] / d**0.5)
+        outs.append(out)
+    return torch.stack(outs, 1)
+
+
+CASES = [("plt", True), ("plt", False), ("none", False), ("per-layer", True), ("concat", False)]
+
+
+@pytest.mark.parametrize("kind, skip", CASES)
+def test_sparsify_layouts_compute_what_their_runner_computes(model3, tmp_path, kind, skip):
+    _, model = model3
+    layers = random_layers(kind, skip)
+    t = load_transcoder(write_sparsify(tmp_path, layers), model)
+    assert t.config.decoder == ("per-layer" if kind == "plt" else "cross-layer")
+    assert (t.config.activation, t.config.k, t.config.skip) == ("topk", K, skip)
+    idx = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(0))
+    mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d)
+    acts, out = t(mlp_in)
+    assert ((acts > 0).sum(-1) <= K).all() and (acts > 0).any()
+    torch.testing.assert_close(out, reference(layers, mlp_in), atol=1e-5, rtol=1e-5)
+
+
+def test_sparsify_llama_style_folders_load_too(model3, tmp_path):
+    _, model = model3
+    t = load_transcoder(write_sparsify(tmp_path, random_layers("plt"), "layers"), model)
+    assert t.config.decoder == "per-layer"
+
+
+def refused(tmp_path, model, layers, match, name="sparse"):
+    with pytest.raises(ValueError, match=match):
+        load_transcoder(write_sparsify(tmp_path / name, layers), model)
+
+
+def test_sparsify_refuses_what_our_transcoder_cannot_compute(model3, tmp_path):
+    _, model = model3
+    layers = random_layers("none")
+    layers[0][1]["post_encs.1"] = torch.ones(F)
+    refused(tmp_path, model, layers, r"post-encoder bias \(post_encs.1\)", "bias")
+    layers = random_layers("none")
+    layers[0][1]["W_skips.1"] = torch.ones(D, D)
+    refused(tmp_path, model, layers, r"skip connection to layer 1 \(W_skips.1\)", "skip")
+    layers = random_layers("plt")
+    layers[1][0]["activation"] = "groupmax"
+    refused(tmp_path, model, layers, "activation='groupmax'; clt-forge computes 'topk'", "gm")
+    layers = random_layers("plt")
+    layers[0][0]["transcode"] = False
+    refused(tmp_path, model, layers, "a sparse autoencoder", "sae")
+    refused(tmp_path, model, random_layers("plt"), "reads ln_2's input", "gpt2-mntss-x")
+    write_sparsify(tmp_path / "resid", random_layers("plt"))
+    os.rename(tmp_path / "resid" / "h.2.mlp", tmp_path / "resid" / "h.2")
+    with pytest.raises(ValueError, match="hooks 'h.2': clt-forge exposes each MLP's"):
+        load_transcoder(str(tmp_path / "resid"), model)
+
+
+def test_hub_ids_resolve_to_the_downloaded_folder(tmp_path, monkeypatch):
+    """The id -> path resolution, the download itself replaced by a local folder in its place."""
+    calls = []
+
+    def download(repo_id, revision, allow_patterns):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path)
+
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert hub.resolve_transcoder_dir("owner/name/sub@v1", download) == str(tmp_path / "sub")
+    assert calls == [("owner/name", "v1", ["sub/*.safetensors", "sub/*.json", "sub/*.yaml"])]
+    assert hub.resolve_transcoder_dir("owner/name", download) == str(tmp_path)
+    assert not hub.is_hub_id("sub/x") and not hub.is_hub_id("./a/b") and hub.is_hub_id("a/b")
+    with pytest.raises(FileNotFoundError, match="no folder 'nope'"):
+        hub.resolve_transcoder_dir("owner/name/nope", download)
+    with pytest.raises(FileNotFoundError, match="not a directory, nor a hub id"):
+        hub.resolve_transcoder_dir("sub/missing", download)
+
+
+def test_graph_py_attributes_sparsify_transcoders(model3, tmp_path, capsys):
+    import graph
+
+    model_dir, _ = model3
+    clt_dir = write_sparsify(tmp_path / "clt", random_layers("per-layer", skip=True))
+    flags = ["--model", model_dir, "--clt", clt_dir, "--prompt", "the cat", "--device", "cpu"]
+    graph.main(flags + ["--interp", str(tmp_path / "none"), "--out", str(tmp_path / "graph")])
+    assert "exactness" in capsys.readouterr().out
+    nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
+    assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
