@@ -14,6 +14,7 @@ import uuid
 from dataclasses import asdict, fields
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from forge import sparsify
@@ -73,7 +74,7 @@ def load_layer(t, l, tensors, threshold_key="threshold", enc_by_feature=True):
     t.W_dec[l].copy_(tensors["W_dec"].reshape_as(t.W_dec[l]))
     t.b_dec[l].copy_(tensors["b_dec"])
     if threshold_key in tensors:
-        t.log_threshold[l].copy_(tensors[threshold_key].log())
+        t.log_threshold[l].copy_(tensors[threshold_key].log().flatten())  # (F,), or ct's (1, F)
     if t.W_skip is not None:
         t.W_skip[l].copy_(tensors["W_skip"].t())
 
@@ -180,16 +181,17 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
 
 
 def from_circuit_tracer(path, model, new_transcoder):
-    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, or a cached set whose
-    config.yaml is JSON) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
+    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, its cache's or a hub
+    repo's) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
     config_path = os.path.join(path, "config.yaml")
     with open(config_path) as f:
-        try:
-            saved = json.load(f)
-        except json.JSONDecodeError as e:
-            reads = "clt-forge reads the config.yaml that save_circuit_tracer writes"
-            fix = "rewrite it as JSON (YAML reads JSON too)"
-            raise ValueError(f"{config_path} is not JSON ({e}): {reads}; {fix}") from e
+        try:  # circuit-tracer writes it with yaml.dump (utils/caching.py), we as JSON (YAML too)
+            saved = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{config_path} is not YAML ({type(e).__name__})") from e
+    if not isinstance(saved, dict) or "transcoders" in saved:  # hf:// paths, Gemma Scope's npz
+        fetch = "fetch them with circuit_tracer.utils.caching.save_transcoders_to_cache"
+        raise ValueError(f"{config_path} lists transcoders in other files: {fetch}, pass its dir")
     hooks = {k: saved.get(k) for k in CIRCUIT_TRACER_HOOKS}
     kinds = {v: k for k, v in CIRCUIT_TRACER_KINDS.items()}
     if hooks != CIRCUIT_TRACER_HOOKS or saved.get("model_kind") not in kinds:

@@ -4,16 +4,18 @@ The reference below recomputes what sparsify's CrossLayerRunner.decode computes 
 branch clt, cf9821f2, sparsify/runner.py and sparse_coder.py), written out per target and source
 as that code loops, independently of forge/sparsify.py's mapping onto our CLT."""
 
+import copy
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from clt import load_transcoder
 from conftest import write_hub_model
 from forge import hub
+from test_transcoders import perturbed_ln_2
 
 L, D, F, K = 3, 32, 24, 6  # three layers: divide_cross_layer's 1/(sources - 1) is then not 1
 
@@ -202,3 +204,45 @@ def test_graph_py_attributes_sparsify_transcoders(model3, tmp_path, capsys):
     assert "exactness" in capsys.readouterr().out
     nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
     assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
+
+
+# -----------------------------------------------------------------------------
+# files the anchors' own code wrote, and what their loaders computed on them
+# (tests/fixtures/make_published.py: circuit-tracer 0.5.0, SAELens 6, eai-sparsify 1.3.3,
+# EleutherAI/clt-training at 0a0fea24)
+
+PUBLISHED = os.path.join(os.path.dirname(__file__), "fixtures", "published")
+READS_X_HAT = ["ct_clt", "ct_plt", "saelens"]  # TransformerLens's ln2.hook_normalized
+READS_MLP_IN = ["eai_plt", "clt_plt", "clt_none", "clt_per_layer", "clt_concat"]
+
+
+@pytest.fixture(scope="module")
+def theirs():
+    return load_file(os.path.join(PUBLISHED, "reference.safetensors"))
+
+
+@pytest.mark.parametrize("name", READS_X_HAT)
+def test_our_load_equals_the_anchors_on_x_hat_layouts(model3, theirs, name):
+    """circuit-tracer's and SAELens's loaders read x̂ (before ln_2's affine map); ours reads
+    mlp_in = x̂ · w + b of the model's ln_2 (perturbed, so the unfolding is tested)."""
+    model = perturbed_ln_2(copy.deepcopy(model3[1]))
+    t = load_transcoder(os.path.join(PUBLISHED, name), model)
+    x_hat = theirs[f"{name}.x_hat"]  # (L, N, d)
+    w = torch.stack([b.ln_2.weight for b in model.h]).detach()[:, None]  # (L, 1, d)
+    b = torch.stack([b.ln_2.bias for b in model.h]).detach()[:, None]
+    acts, out = t((x_hat * w + b).transpose(0, 1))  # (N, L, F), (N, L, d)
+    assert (theirs[f"{name}.acts"] > 0).float().mean().item() > 0.1  # thresholds let some fire
+    torch.testing.assert_close(acts.transpose(0, 1), theirs[f"{name}.acts"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.transpose(0, 1), theirs[f"{name}.out"], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", READS_MLP_IN)
+def test_our_load_equals_the_anchors_on_sparsify_layouts(model3, theirs, name):
+    t = load_transcoder(os.path.join(PUBLISHED, name), model3[1])
+    _, out = t(theirs[f"{name}.mlp_in"].transpose(0, 1))  # (N, L, d)
+    torch.testing.assert_close(out.transpose(0, 1), theirs[f"{name}.out"], atol=2e-5, rtol=1e-4)
+
+
+def test_the_published_fixtures_stay_small():
+    size = sum(e.stat().st_size for r, _, fs in os.walk(PUBLISHED) for e in os.scandir(r))
+    assert size < 1_000_000, size

@@ -227,8 +227,14 @@ def test_circuit_tracer_layout_refuses_what_it_cannot_hold(hub_model, tmp_path):
     (tmp_path / "config.yaml").write_text(json.dumps(resid_mid))
     with pytest.raises(ValueError, match="only MLP transcoders"):
         load_transcoder(str(tmp_path), model)
-    (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")
-    with pytest.raises(ValueError, match="is not JSON"):
+    (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")  # YAML, as theirs
+    with pytest.raises(ValueError, match="only MLP transcoders"):  # read, and its hooks refused
+        load_transcoder(str(tmp_path), model)
+    (tmp_path / "config.yaml").write_text("model_kind: [transcoder_set\n")
+    with pytest.raises(ValueError, match="is not YAML"):
+        load_transcoder(str(tmp_path), model)
+    (tmp_path / "config.yaml").write_text("transcoders: [hf://a/b/layer_0.npz]\n")
+    with pytest.raises(ValueError, match="lists transcoders in other files"):
         load_transcoder(str(tmp_path), model)
 
 
