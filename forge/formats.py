@@ -305,6 +305,9 @@ def from_saelens(path, model, new_transcoder):
         needed = f"one of {sorted(arch)} for every layer is needed"
         raise ValueError(f"{path}: architectures {found}; {needed}")
     kind, skip = kinds.pop()  # the one architecture of every layer
+    norms = sorted({cfg.get("normalize_activations") or "none" for _, cfg in folders.values()})
+    if norms != ["none"]:  # SAELens's Transcoder.process_sae_in rescales x̂ per token: not linear
+        raise ValueError(f"{path}: normalize_activations {norms}; clt-forge reads only 'none'")
     sizes = dict(n_layers=L, d_model=d, n_features=folders[0][1]["d_sae"], decoder="per-layer")
     t = new_transcoder(**sizes, activation=kind, skip=skip, **provenance(model))
     for l in range(L):

@@ -7,6 +7,8 @@ as that code loops, independently of forge/sparsify.py's mapping onto our CLT.""
 import copy
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -194,18 +196,6 @@ def test_hub_ids_resolve_to_the_downloaded_folder(tmp_path, monkeypatch):
         hub.resolve_transcoder_dir("sub/missing", download)
 
 
-def test_graph_py_attributes_sparsify_transcoders(model3, tmp_path, capsys):
-    import graph
-
-    model_dir, _ = model3
-    clt_dir = write_sparsify(tmp_path / "clt", random_layers("per-layer", skip=True))
-    flags = ["--model", model_dir, "--clt", clt_dir, "--prompt", "the cat", "--device", "cpu"]
-    graph.main(flags + ["--interp", str(tmp_path / "none"), "--out", str(tmp_path / "graph")])
-    assert "exactness" in capsys.readouterr().out
-    nodes = json.loads((tmp_path / "graph" / "graph.json").read_text())["nodes"]
-    assert any(n["feature_type"] == "cross layer transcoder" for n in nodes)
-
-
 # -----------------------------------------------------------------------------
 # files the anchors' own code wrote, and what their loaders computed on them
 # (tests/fixtures/make_published.py: circuit-tracer 0.5.0, SAELens 6, eai-sparsify 1.3.3,
@@ -243,6 +233,54 @@ def test_our_load_equals_the_anchors_on_sparsify_layouts(model3, theirs, name):
     torch.testing.assert_close(out.transpose(0, 1), theirs[f"{name}.out"], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", READS_X_HAT + READS_MLP_IN)
+def test_graph_py_attributes_every_published_layout(model3, tmp_path, capsys, name):
+    import graph
+
+    flags = ["--model", model3[0], "--clt", os.path.join(PUBLISHED, name), "--device", "cpu"]
+    flags += ["--prompt", "the cat", "--interp", str(tmp_path / "none")]
+    graph.main(flags + ["--out", str(tmp_path / "graph")])
+    out = capsys.readouterr().out
+    assert int(re.search(r"feature nodes: (\d+)", out).group(1)) > 0, out
+    exactness = float(re.search(r"exactness: [^=]+= (\S+)", out).group(1))
+    assert exactness < 1e-4, out  # the graph's edges sum to each node's input
+    assert os.path.exists(tmp_path / "graph" / "graph.json")
+
+
 def test_the_published_fixtures_stay_small():
     size = sum(e.stat().st_size for r, _, fs in os.walk(PUBLISHED) for e in os.scandir(r))
     assert size < 1_000_000, size
+
+
+def test_saelens_input_normalization_is_refused(model3, tmp_path):
+    folder = tmp_path / "saelens"
+    shutil.copytree(os.path.join(PUBLISHED, "saelens"), folder)
+    cfg_path = folder / "blocks.1.ln2.hook_normalized" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, normalize_activations="layer_norm")))
+    with pytest.raises(ValueError, match=r"normalize_activations \['layer_norm', 'none'\]"):
+        load_transcoder(str(folder), model3[1])
+
+
+def test_check_published_measures_a_local_hub_layout_dir(model3, tmp_path, capsys):
+    """experiments/check_published.py offline: a transcoder directory in sparsify's layout, the
+    model's hub-layout directory and a local corpus."""
+    from experiments import check_published
+
+    clt_dir = write_sparsify(tmp_path / "clt", random_layers("per-layer", skip=True))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat and then the dog ran far away " * 40)
+    flags = ["--model", model3[0], "--corpus", str(corpus), "--contexts", "4", "--ctx", "16"]
+    flags += ["--prompts", "the cat|a dog ran", "--max-features", "40", "--device", "cpu"]
+    check_published.main([clt_dir, *flags, "--out", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "check_published.json").read_text())["results"]
+    figures = {r["figure"]: r["ours"] for r in rows}
+    assert set(figures) == {
+        "fvu",
+        "l0",
+        "recovered",
+        *(f"{s} {i}" for s in ("replacement", "completeness") for i in (0, 1)),
+    }
+    assert 0 < figures["l0"] <= L * K and figures["fvu"] > 0
+    assert all(0 <= figures[f"completeness {i}"] <= 1 for i in (0, 1))
+    assert "| completeness 1 |" in capsys.readouterr().out
