@@ -19,7 +19,7 @@ Differences from circuit-tracer's CLT:
   folded into the weights when saved (`save_pretrained`): the files are circuit-tracer's layout;
 - TopK, BatchTopK and ReLU besides JumpReLU (ACTIVATIONS: one registration adds another);
 - a sparse decode path (embedding_bag over the active features) for attribution graphs.
-Other published layouts (circuit-tracer's transcoder sets, SAELens) load through forge/formats.py.
+Published layouts (circuit-tracer's, SAELens's, sparsify's; hub ids) load through load_transcoder.
 """
 
 import copy
