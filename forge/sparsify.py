@@ -26,20 +26,50 @@ Where we differ, or cannot follow (a one-line error says which):
 - EleutherAI's conversions of mntss's and utahnlp's transcoders ("-mntss-", "-curt-" in the name)
   read ln_2's input (EleutherAI/attribute runs them with pre_ln_hook=True, experiments/
   convert_relu_clt.py and convert_curt.py at c2e751d6), a hook point clt-forge does not expose.
+Files are read a block at a time (Tensors): a big CLT never sits in memory twice. Checked against
+the anchors' own code, in all three storages: tests/fixtures/make_published.py (clt-training at
+0a0fea24, whose runner.py is cf9821f2's; cf9821f2 itself cannot decode the "none" storage).
 """
 
 import json
 import os
 import re
+from collections.abc import Mapping
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 HOOKPOINT = re.compile(r"(?:transformer\.|model\.)?(?:h|layers)\.(\d+)\.mlp")  # GPT-2, Llama
 READS_LN_2_INPUT = re.compile(r"-(mntss|curt)-")  # converted with pre_ln_hook=True
 UNSUPPORTED = dict(  # cfg field -> the value we can express
     per_source_tied=False, secondary_target_tied=False, topk_coalesced=False, activation="topk"
 )
+
+
+class Tensors(Mapping):
+    """One sae.safetensors as a mapping whose tensors are read (as float32) when asked for, rows
+    by rows if need be: a big CLT is filled one block at a time, its files never all in memory."""
+
+    def __init__(self, file):
+        self.file = file
+        with safe_open(file, "pt") as f:
+            self.names = {name: f.get_slice(name).get_shape() for name in f.keys()}
+
+    def __getitem__(self, name):
+        return self.rows(name, 0, None)
+
+    def rows(self, name, start, stop):
+        """Rows start:stop of tensor `name`, read alone."""
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(self.file, "pt") as f:
+            return f.get_slice(name)[start:stop].float()
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
 
 
 def is_sparsify(path):
@@ -69,8 +99,7 @@ def read_layers(path, n_layers):
             )
         with open(os.path.join(path, name, "cfg.json")) as f:
             cfg = json.load(f)
-        tensors = load_file(os.path.join(path, name, "sae.safetensors"))
-        layers[int(found.group(1))] = (cfg, {k: v.float() for k, v in tensors.items()})
+        layers[int(found.group(1))] = (cfg, Tensors(os.path.join(path, name, "sae.safetensors")))
     if sorted(layers) != list(range(n_layers)):
         raise ValueError(f"{path} has transcoders of layers {sorted(layers)}, the model {n_layers}")
     return [layers[l] for l in range(n_layers)]
@@ -111,13 +140,17 @@ def decoder_block(layers, s, t, active):
             f"{t}: not linear in them, so clt-forge's transcoder cannot hold it"
         )
     mode = cfg_t.get("coalesce_topk", "none") if cfg_t.get("n_targets", 0) > 0 else "none"
+    F, d = p_s.names["encoder.weight"]
     if mode == "per-layer":  # the target's rows of source s: one block per active source
-        W = p_t["W_dec"].unflatten(0, (len(active), -1))[active.index(s)]  # (F, d)
+        if p_t.names["W_dec"][0] != len(active) * F:
+            raise ValueError(f"layer {t}'s W_dec has not {len(active)} sources' rows of {F}")
+        i = active.index(s)
+        W = p_t.rows("W_dec", i * F, (i + 1) * F)  # (F, d)
     elif mode == "concat":  # tied: the target's rows serve every source
         W = p_t["W_dec"]  # (F, d)
     else:
         W = per_target(p_s, "W_dec", j, multi)  # load_state imputes zeros for missing targets
-        W = torch.zeros_like(p_s["encoder.weight"]) if W is None else W
+        W = torch.zeros(F, d) if W is None else W
     if not cfg_s.get("post_encoder_scale"):
         return W
     scale = per_target(p_s, "post_enc_scale", j, multi)
@@ -132,7 +165,7 @@ def target_bias_and_skip(layers, t, active):
     cfg_t, p_t = layers[t]
     if cfg_t.get("n_targets", 0) > 0 and cfg_t.get("coalesce_topk", "none") != "none":
         return p_t["b_dec"], p_t.get("W_skip")
-    b = torch.zeros_like(p_t["encoder.weight"][0])  # (d,)
+    b = torch.zeros(p_t.names["encoder.weight"][1])  # (d,)
     for s in active:
         cfg_s, p_s = layers[s]
         multi = cfg_s.get("n_targets", 0) > 0
@@ -167,7 +200,7 @@ def from_sparsify(path, model, new_transcoder):
     for l, (cfg, _) in enumerate(layers):
         check_config(path, l, cfg, d)
     ks = sorted({cfg.get("k", 32) for cfg, _ in layers})  # SparseCoderConfig's default k
-    widths = sorted({len(p["encoder.weight"]) for _, p in layers})
+    widths = sorted({p.names["encoder.weight"][0] for _, p in layers})
     if len(ks) > 1 or len(widths) > 1:
         raise ValueError(f"{path}: layers differ in k {ks} or width {widths}; ours share them")
     n_targets = [max(1, cfg.get("n_targets", 0)) for cfg, _ in layers]
