@@ -202,7 +202,12 @@ def test_hub_ids_resolve_to_the_downloaded_folder(tmp_path, monkeypatch):
 # EleutherAI/clt-training at 0a0fea24)
 
 PUBLISHED = os.path.join(os.path.dirname(__file__), "fixtures", "published")
-READS_X_HAT = ["ct_clt", "ct_plt", "saelens"]  # TransformerLens's ln2.hook_normalized
+READS_X_HAT = [
+    "ct_clt",
+    "ct_plt",
+    "saelens",
+    "saelens_relu",
+]  # TransformerLens's ln2.hook_normalized
 READS_MLP_IN = ["eai_plt", "clt_plt", "clt_none", "clt_per_layer", "clt_concat"]
 
 
