@@ -51,6 +51,9 @@ class CLTConfig:
     model_sha256: str = ""  # that GPT's GPT.fingerprint(): a CLT is refused by any other model
     decoder: str = "cross-layer"  # cross-layer | per-layer (a PLT: features write their layer only)
     skip: bool = False  # a linear skip connection mlp_in[l] @ W_skip[l] (Paulo et al. 2025)
+    # what "mlp_in" above is: ln_2's output (trained here), or resid_mid, the residual stream before
+    # ln_2 (EleutherAI's conversions of mntss's transcoders; circuit-tracer's hook_resid_mid)
+    input_hook: str = "mlp_in"  # mlp_in | resid_mid
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -58,6 +61,8 @@ class CLTConfig:
             raise ValueError(f"activation must be one of {known}, got {self.activation!r}")
         if self.decoder not in ("cross-layer", "per-layer"):
             raise ValueError(f"decoder must be one of cross-layer, per-layer, got {self.decoder!r}")
+        if self.input_hook not in ("mlp_in", "resid_mid"):
+            raise ValueError(f"input_hook must be mlp_in or resid_mid, got {self.input_hook!r}")
         if min(self.n_layers, self.d_model, self.n_features) <= 0:
             raise ValueError(f"n_layers, d_model, n_features must be positive, got {self}")
         if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
@@ -173,6 +178,10 @@ class CrossLayerTranscoder(nn.Module):
         m = min(momentum, step / (step + 1))
         theta = m * self.threshold + (1 - m) * threshold.clamp_min(1e-6)[:, None]  # (L, F)
         self.log_threshold.copy_(theta.log())
+
+    def input_of(self, acts):
+        """What this CLT reads from a run's Acts (model.py): (B, T, L, d), by config.input_hook."""
+        return getattr(acts, self.config.input_hook)
 
     def encode(self, mlp_in):
         """mlp_in (B, L, d) -> acts (B, L, F)."""
@@ -362,14 +371,15 @@ ACTIVATIONS = {"jumprelu": jumprelu, "topk": topk, "batchtopk": batchtopk, "relu
 # loading any transcoder
 
 
-def load_transcoder(path_or_hub_id, model):
+def load_transcoder(path_or_hub_id, model, pre_ln_hook=None):
     """A transcoder for `model` from a directory or a hub id (owner/name[/subfolder][@revision],
     downloaded: forge/hub.py), in whichever layout: save_pretrained's (config.json), circuit-
-    tracer's (config.yaml), sparsify's (h.N.mlp/sae.safetensors) or SAELens's (cfg.json folders)."""
+    tracer's (config.yaml), sparsify's (h.N.mlp/sae.safetensors) or SAELens's (cfg.json folders).
+    pre_ln_hook: whether sparsify-layout files read ln_2's input (None: forge/sparsify.py says)."""
     path = resolve_transcoder_dir(path_or_hub_id)
     if os.path.exists(os.path.join(path, "config.json")):
         return CrossLayerTranscoder.from_pretrained(path)
-    return formats.load_published(path, model, new_transcoder)
+    return formats.load_published(path, model, new_transcoder, pre_ln_hook)
 
 
 def new_transcoder(**config):

@@ -2,9 +2,10 @@
 
 The published ones read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, *before* ln_2's affine
 map, where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's w and b are folded into the
-encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2. The
-loaders build the transcoder with `new_transcoder(**config)`, passed in by clt.py (this package
-never imports the spine)."""
+encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2.
+circuit-tracer's reading hook_resid_mid (ln_2's input) are read as they are (input_hook
+"resid_mid"). The loaders build the transcoder with `new_transcoder(**config)`, passed in by
+clt.py (this package never imports the spine)."""
 
 import copy
 import json
@@ -31,6 +32,8 @@ def fold_ln_2(transcoder, model, inverse=False):
         (x̂ w + b) S + b_dec = x̂ (w ⊙ S) + (b S + b_dec)
     """
     transcoder.fold_normalization()
+    if transcoder.config.input_hook == "resid_mid":  # it reads ln_2's input: no affine map to fold
+        return
     for l, block in enumerate(model.h):
         w = block.ln_2.weight.detach().to(transcoder.W_enc)  # (d,)
         b = block.ln_2.bias.detach().to(transcoder.W_enc)  # (d,)
@@ -141,6 +144,7 @@ def provenance(model):
 CIRCUIT_TRACER_HOOKS = dict(
     feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out"
 )
+RESID_MID = "hook_resid_mid"  # circuit-tracer's default input: ln_2's input, our resid_mid as is
 CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
 CIRCUIT_TRACER_THRESHOLD = "activation_function.threshold"  # its JumpReLU's threshold in layer_{l}
 EXPORTABLE = "export a relu, jumprelu or batchtopk one"  # batchtopk is a JumpReLU at inference
@@ -176,6 +180,8 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     kind = CIRCUIT_TRACER_KINDS[c.decoder]
     scan = os.path.basename(os.path.normpath(path))
     config = dict(model_kind=kind, model_name=model_name, **CIRCUIT_TRACER_HOOKS, scan=scan)
+    if c.input_hook == "resid_mid":
+        config["feature_input_hook"] = RESID_MID
     config["clt_forge"] = dict(asdict(c), model_sha256=model.fingerprint(), export_id=export_id)
     write_json(os.path.join(path, "config.yaml"), config)  # last: a directory with it is complete
 
@@ -193,10 +199,14 @@ def from_circuit_tracer(path, model, new_transcoder):
         fetch = "fetch them with circuit_tracer.utils.caching.save_transcoders_to_cache"
         raise ValueError(f"{config_path} lists transcoders in other files: {fetch}, pass its dir")
     hooks = {k: saved.get(k) for k in CIRCUIT_TRACER_HOOKS}
+    resid_mid = hooks["feature_input_hook"] == RESID_MID
+    if resid_mid:  # read as is, no ln_2 folded (fold_ln_2 leaves a resid_mid transcoder alone)
+        hooks["feature_input_hook"] = CIRCUIT_TRACER_HOOKS["feature_input_hook"]
     kinds = {v: k for k, v in CIRCUIT_TRACER_KINDS.items()}
     if hooks != CIRCUIT_TRACER_HOOKS or saved.get("model_kind") not in kinds:
         found = f"{saved.get('model_kind')} reading {hooks}"
-        mlp = f"only MLP transcoders ({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS})"
+        mlp = f"only MLP transcoders ({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS}"
+        mlp += f", or {RESID_MID})"
         raise ValueError(f"{config_path}: {found}; {mlp} replace GPT-2's MLPs")
     ours = dict(saved.get("clt_forge", {}))
     export_id = ours.pop("export_id", None)
@@ -210,6 +220,7 @@ def from_circuit_tracer(path, model, new_transcoder):
         activation = "jumprelu" if "threshold" in names else "relu"
         sizes = dict(n_layers=L, d_model=d, n_features=n_features, decoder=decoder)
         ours = dict(**sizes, activation=activation, skip="W_skip" in names, **provenance(model))
+    ours["input_hook"] = "resid_mid" if resid_mid else "mlp_in"  # what circuit-tracer feeds it
     shape = (ours.get("n_layers"), ours.get("d_model"), ours.get("decoder", "cross-layer"))
     if shape != (L, d, decoder):
         raise ValueError(
@@ -252,6 +263,8 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
     kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
     if kind is None:
         raise ValueError(f"SAELens has no {c.activation} transcoder: {EXPORTABLE}")
+    if c.input_hook != "mlp_in":
+        raise ValueError("this transcoder reads resid_mid: export it with save_circuit_tracer")
     architecture = SAELENS_ARCHITECTURES[kind, c.skip]
     threshold_key = "threshold" if kind == "jumprelu" else None
     t = copy.deepcopy(transcoder).cpu()
@@ -317,13 +330,14 @@ def from_saelens(path, model, new_transcoder):
     return t.eval()
 
 
-def load_published(path, model, new_transcoder):
-    """A transcoder for `model` in circuit-tracer's layout (config.yaml) or SAELens's (cfg.json
-    folders below `path`), built by new_transcoder(**config) on our mlp_in."""
+def load_published(path, model, new_transcoder, pre_ln_hook=None):
+    """A transcoder for `model` in circuit-tracer's layout (config.yaml), sparsify's (h.N.mlp
+    folders; pre_ln_hook: see forge/sparsify.py) or SAELens's (cfg.json folders below `path`),
+    built by new_transcoder(**config)."""
     if os.path.exists(os.path.join(path, "config.yaml")):
         return from_circuit_tracer(path, model, new_transcoder)
     if sparsify.is_sparsify(path):  # h.N.mlp/{cfg.json, sae.safetensors}: EleutherAI's
-        return sparsify.from_sparsify(path, model, new_transcoder)
+        return sparsify.from_sparsify(path, model, new_transcoder, pre_ln_hook)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model, new_transcoder)
     raise FileNotFoundError(

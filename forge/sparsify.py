@@ -23,9 +23,16 @@ Where we differ, or cannot follow (a one-line error says which):
   post-encoder scale post_enc_scales.{j} multiplies them, so it folds into W_dec;
 - normalize_io's in_norm / out_norm become our input_scale / output_scale, then are folded;
 - a skip connection from an earlier layer (W_skips.{j}, j > 0) must be zero: ours is per layer;
-- EleutherAI's conversions of mntss's and utahnlp's transcoders ("-mntss-", "-curt-" in the name)
-  read ln_2's input (EleutherAI/attribute runs them with pre_ln_hook=True, experiments/
-  convert_relu_clt.py and convert_curt.py at c2e751d6), a hook point clt-forge does not expose.
+- EleutherAI's conversions of mntss's and utahnlp's transcoders (gpt2-mntss-transcoder-*,
+  gpt2-curt-clt-*) read ln_2's input, the residual stream resid_mid, not its output: EleutherAI/
+  attribute runs them with pre_ln_hook=True (experiments/convert_relu_clt.py:86, convert_relu.py:52,
+  convert_curt.py:128 at c2e751d6), whose TranscodedModel then hooks ln_2's input and feeds it to
+  the runner's encode, the skip connection included (attribute/caching.py:232-238 and 266-267).
+  Their cfg.json cannot say so (SparseCoderConfig has no such field), so `input_hook` reads it from
+  the caller's pre_ln_hook, else a "pre_ln_hook" field we add to cfg.json (sparsify's loader drops
+  unknown fields: SparseCoderConfig.from_dict(drop_extra_fields=True)), else the name: "-mntss-" or
+  "-curt-" in the path (hub snapshots keep the repo id in theirs). The CLT then has input_hook
+  "resid_mid" (clt.py), which graph.py, intervene.py and train.evaluate read instead of mlp_in.
 Files are read a block at a time (Tensors): a big CLT never sits in memory twice. Checked against
 the anchors' own code, in all three storages: tests/fixtures/make_published.py (clt-training at
 0a0fea24, whose runner.py is cf9821f2's; cf9821f2 itself cannot decode the "none" storage).
@@ -40,7 +47,7 @@ import torch
 from safetensors import safe_open
 
 HOOKPOINT = re.compile(r"(?:transformer\.|model\.)?(?:h|layers)\.(\d+)\.mlp")  # GPT-2, Llama
-READS_LN_2_INPUT = re.compile(r"-(mntss|curt)-")  # converted with pre_ln_hook=True
+READS_LN_2_INPUT = re.compile(r"-(mntss|curt)-")  # EleutherAI's, converted with pre_ln_hook=True
 UNSUPPORTED = dict(  # cfg field -> the value we can express
     per_source_tied=False, secondary_target_tied=False, topk_coalesced=False, activation="topk"
 )
@@ -81,12 +88,6 @@ def is_sparsify(path):
 
 def read_layers(path, n_layers):
     """[(cfg, tensors) per layer] of the transcoders in `path`, found by their folders' names."""
-    if READS_LN_2_INPUT.search(os.path.abspath(path)):
-        raise ValueError(
-            f"{path} reads ln_2's input (the residual stream before it: EleutherAI's conversions "
-            "of mntss's and utahnlp's transcoders run with pre_ln_hook=True), a hook point "
-            "clt-forge does not expose: its transcoders read ln_2's output (mlp_in)"
-        )
     layers = {}
     for name in sorted(os.listdir(path)):
         if not os.path.exists(os.path.join(path, name, "sae.safetensors")):
@@ -103,6 +104,16 @@ def read_layers(path, n_layers):
     if sorted(layers) != list(range(n_layers)):
         raise ValueError(f"{path} has transcoders of layers {sorted(layers)}, the model {n_layers}")
     return [layers[l] for l in range(n_layers)]
+
+
+def input_hook(path, layers, pre_ln_hook=None):
+    """resid_mid (ln_2's input) or mlp_in (its output): what the transcoders in `path` read, from
+    pre_ln_hook if given, else layer 0's cfg.json "pre_ln_hook", else the path's name."""
+    if pre_ln_hook is None:
+        pre_ln_hook = layers[0][0].get("pre_ln_hook")
+    if pre_ln_hook is None:
+        pre_ln_hook = READS_LN_2_INPUT.search(os.path.abspath(path)) is not None
+    return "resid_mid" if pre_ln_hook else "mlp_in"
 
 
 def check_config(path, l, cfg, d):
@@ -193,8 +204,9 @@ def divide(layers, s, t, active):
 
 
 @torch.no_grad()
-def from_sparsify(path, model, new_transcoder):
-    """Load the transcoders in `path` (sparsify's layout) as one CrossLayerTranscoder of `model`."""
+def from_sparsify(path, model, new_transcoder, pre_ln_hook=None):
+    """Load the transcoders in `path` (sparsify's layout) as one CrossLayerTranscoder of `model`;
+    pre_ln_hook: whether they read ln_2's input (None: from cfg.json or the name, `input_hook`)."""
     L, d = model.config.n_layer, model.config.n_embd
     layers = read_layers(path, L)
     for l, (cfg, _) in enumerate(layers):
@@ -207,6 +219,7 @@ def from_sparsify(path, model, new_transcoder):
     decoder = "cross-layer" if max(n_targets) > 1 else "per-layer"
     skip = any(k.startswith("W_skip") for _, p in layers for k in p)
     shape = dict(n_layers=L, d_model=d, n_features=widths[0], decoder=decoder, skip=skip)
+    shape["input_hook"] = input_hook(path, layers, pre_ln_hook)
     made_for = dict(model=getattr(model, "name_or_path", ""), model_sha256=model.fingerprint())
     t = new_transcoder(**shape, activation="topk", k=ks[0], **made_for)
     for l, (cfg, p) in enumerate(layers):
