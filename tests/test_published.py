@@ -169,11 +169,25 @@ def test_sparsify_refuses_what_our_transcoder_cannot_compute(model3, tmp_path):
     layers = random_layers("plt")
     layers[0][0]["transcode"] = False
     refused(tmp_path, model, layers, "a sparse autoencoder", "sae")
-    refused(tmp_path, model, random_layers("plt"), "reads ln_2's input", "gpt2-mntss-x")
     write_sparsify(tmp_path / "resid", random_layers("plt"))
     os.rename(tmp_path / "resid" / "h.2.mlp", tmp_path / "resid" / "h.2")
     with pytest.raises(ValueError, match="hooks 'h.2': clt-forge exposes each MLP's"):
         load_transcoder(str(tmp_path / "resid"), model)
+
+
+def test_what_sparsify_files_read_comes_from_the_caller_cfg_json_or_the_name(model3, tmp_path):
+    """EleutherAI's conversions of mntss's transcoders read ln_2's input (pre_ln_hook=True); their
+    files cannot say so: the name says it unless cfg.json's pre_ln_hook or the caller does."""
+    _, model = model3
+    named = write_sparsify(tmp_path / "gpt2-mntss-transcoder-x", random_layers("plt"))
+    plain = write_sparsify(tmp_path / "plain", random_layers("plt"))
+    assert load_transcoder(named, model).config.input_hook == "resid_mid"
+    assert load_transcoder(plain, model).config.input_hook == "mlp_in"
+    assert load_transcoder(named, model, pre_ln_hook=False).config.input_hook == "mlp_in"
+    assert load_transcoder(plain, model, pre_ln_hook=True).config.input_hook == "resid_mid"
+    cfg_path = tmp_path / "plain" / "h.0.mlp" / "cfg.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), pre_ln_hook=True)))
+    assert load_transcoder(plain, model).config.input_hook == "resid_mid"
 
 
 def test_hub_ids_resolve_to_the_downloaded_folder(tmp_path, monkeypatch):
@@ -209,6 +223,7 @@ READS_X_HAT = [
     "saelens_relu",
 ]  # TransformerLens's ln2.hook_normalized
 READS_MLP_IN = ["eai_plt", "clt_plt", "clt_none", "clt_per_layer", "clt_concat"]
+READS_RESID_MID = ["gpt2-mntss-transcoder-clt", "gpt2-mntss-transcoder-skip"]  # ln_2's input
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +253,41 @@ def test_our_load_equals_the_anchors_on_sparsify_layouts(model3, theirs, name):
     torch.testing.assert_close(out.transpose(0, 1), theirs[f"{name}.out"], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", READS_X_HAT + READS_MLP_IN)
+@pytest.mark.parametrize("name", READS_RESID_MID)
+def test_our_load_equals_the_anchors_on_pre_ln_layouts(model3, theirs, name):
+    """EleutherAI's conversions, which attribute runs on ln_2's input: ours reads resid_mid."""
+    t = load_transcoder(os.path.join(PUBLISHED, name), model3[1])
+    assert t.config.input_hook == "resid_mid"
+    _, out = t(theirs[f"{name}.resid_mid"].transpose(0, 1))  # (N, L, d)
+    torch.testing.assert_close(out.transpose(0, 1), theirs[f"{name}.out"], atol=2e-5, rtol=1e-4)
+
+
+def test_a_pre_ln_transcoder_reads_resid_mid_in_graphs_interventions_and_evaluation(model3):
+    """graph.py's nodes, intervene.py's clean activations, train.evaluate's FVU: all from
+    resid_mid (each would differ from mlp_in's)."""
+    import graph
+    import train
+    from intervene import Intervention, run_intervened
+
+    _, model = model3
+    t = load_transcoder(os.path.join(PUBLISHED, READS_RESID_MID[1]), model)  # a skip transcoder
+    idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    acts = model.run_with_acts(idx)[1]
+    a = t.encode(acts.resid_mid[0])  # (T, L, F)
+    a[0] = 0  # none at BOS
+    rep = graph.local_replacement(model, t, idx[:1])
+    l, p, f = rep.feats.T
+    assert len(rep.feats) == (a > 0).sum() > 0
+    torch.testing.assert_close(rep.acts, a[p, l, f])
+    old = run_intervened(model, t, idx[:1], [Intervention(*rep.feats[-1].tolist())]).old
+    torch.testing.assert_close(old, rep.acts[-1:])
+    y = acts.mlp_out[:, 1:].flatten(0, 1)  # (N, L, d)
+    err = t(acts.resid_mid[:, 1:].flatten(0, 1))[1] - y
+    fvu = err.pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))  # (L,)
+    torch.testing.assert_close(torch.tensor(train.evaluate(model, t, idx)["fvu"]), fvu)
+
+
+@pytest.mark.parametrize("name", READS_X_HAT + READS_MLP_IN + READS_RESID_MID)
 def test_graph_py_attributes_every_published_layout(model3, tmp_path, capsys, name):
     import graph
 
