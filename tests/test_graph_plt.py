@@ -144,6 +144,18 @@ def test_the_skip_path_carries_edges():
     assert difference > 1e-3 * graph.adjacency[s.logits, s.tokens].abs().max()
 
 
+def test_a_resid_mid_plt_with_skip_matches_circuit_tracer():
+    """The same PLT reading ln_2's input, as circuit-tracer's hook_resid_mid transcoders do
+    (EleutherAI's conversions of mntss's): circuit-tracer's graph of it is ours, edge by edge."""
+    assert_matches_circuit_tracer("graph_reference_resid", "plt")
+    model, plt, idx, ref, _ = circuit_tracer_reference("graph_reference_resid", "plt")
+    assert plt.config.input_hook == "resid_mid"
+    as_mlp_in = CrossLayerTranscoder(dataclasses.replace(plt.config, input_hook="mlp_in")).eval()
+    as_mlp_in.load_state_dict(plt.state_dict())  # the same weights reading ln_2's output instead
+    rep = G.local_replacement(model, as_mlp_in, idx)
+    assert not torch.equal(rep.feats, ref["features"])
+
+
 def test_a_plt_with_skip_matches_circuit_tracer():
     """circuit-tracer's graph of a PLT with a skip connection (tests/fixtures/make_graph_reference.py,
     loaded through save_circuit_tracer as its TranscoderSet) is ours, edge by edge; with the skip
