@@ -9,7 +9,8 @@ Data flow (Ameisen et al. 2025, "Circuit Tracing", sec. 2.1): features of layer 
 Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
 A per-layer transcoder (PLT; Dunefsky et al. 2024) is the special case where each feature writes
 to its own layer only: W_dec[l] is (F, 1, d). Either may add a linear skip connection
-mlp_in[l] @ W_skip[l] (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
+mlp_in[l] @ W_skip[l] (Paulo et al. 2025, "Transcoders beat sparse autoencoders"). Some published
+ones read resid_mid[l], ln_2's input, in place of mlp_in[l] (CLTConfig.input_hook).
 Under tensor parallelism each rank holds F/tp of the F features (parallel.py).
 
     python train.py                 # trains one (see train.py); this file is the model alone

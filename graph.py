@@ -21,7 +21,8 @@ Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edg
   logits to probability 0.95 (at most 10), each W_U[t] - mean(W_U) weighted by p; custom ones by 1.
 - Edge A[t, s]: how t's input moves as s goes from 0 to its value, every MLP output fixed. A
   feature writes every later layer (a PLT's: its own); a skip connection stays live, the errors
-  are mlp_out - reconstruction - skip. Exact: t's input = sum_s A[t, s] + bias_t.
+  are mlp_out - reconstruction - skip. Exact: t's input = sum_s A[t, s] + bias_t. A transcoder
+  reading resid_mid (ln_2's input; circuit-tracer's hook_resid_mid) reads the stream as it is.
 - Influence: w (Â + Â² + ...), Â = |A| with rows normalized to sum 1, w the outputs' weights.
 - Pruning: nodes to cumulative influence 0.8, edges by Â[t, s] (infl_t + w_t) to 0.98, then
   features and errors without outgoing edges, features without incoming ones, until none is left.

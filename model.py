@@ -4,8 +4,9 @@ model.py: GPT-2 written out by hand, exposing exactly the activations a transcod
 Data flow. A GPT-2 block is  x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)).  A cross-layer transcoder
 (CLT, clt.py) reads each layer's MLP input  mlp_in[l] = ln_2(x)  and predicts every MLP output
 mlp_out[l] = mlp(mlp_in[l])  from sparse features of the layers at or below l. So the model exposes
-exactly those two tensors (`GPT.run_with_acts`), and can run with its MLP outputs replaced by
-given ones (`GPT.forward(idx, mlp_out=...)`), which splices a CLT into the model.
+exactly those two tensors (`GPT.run_with_acts`; and resid_mid[l] = x, ln_2's input, which some
+published transcoders read), and can run with its MLP outputs replaced by given ones
+(`GPT.forward(idx, mlp_out=...)`), which splices a CLT into the model.
 
     python model.py --help
     python model.py generate --model models/tiny --prompt "The capital of Veloria is"

@@ -10,8 +10,9 @@ replacement and completeness scores of the attribution graph of each of --prompt
 
 Each row: the figure, ours, the publisher's (PUBLISHED: what a card states) and the range
 expected of a GPT-2 CLT (EXPECTED). A figure far from both means a reading to doubt before a result:
-a transcoder that reads another hook point than ours is refused when it loads, but one whose files
-do not say so (forge/sparsify.py's READS_LN_2_INPUT) shows here as an FVU near or above 1.
+a sparsify-layout transcoder read at the wrong side of ln_2 (its files cannot say which: forge/
+sparsify.py's input_hook guesses from the name) shows here as an FVU near or above 1; load_transcoder's
+pre_ln_hook, or "pre_ln_hook" in its cfg.json, sets it.
 """
 
 import os
