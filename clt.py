@@ -182,7 +182,10 @@ class CrossLayerTranscoder(nn.Module):
 
     def input_of(self, acts):
         """What this CLT reads from a run's Acts (model.py): (B, T, L, d), by config.input_hook."""
-        return getattr(acts, self.config.input_hook)
+        x = getattr(acts, self.config.input_hook)
+        if x is None:  # a model family that records only mlp_in (model.MODELS)
+            raise ValueError(f"the model records no {self.config.input_hook}, which this CLT reads")
+        return x
 
     def encode(self, mlp_in):
         """mlp_in (B, L, d) -> acts (B, L, F)."""

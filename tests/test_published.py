@@ -5,6 +5,7 @@ branch clt, cf9821f2, sparsify/runner.py and sparse_coder.py), written out per t
 as that code loops, independently of forge/sparsify.py's mapping onto our CLT."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -285,6 +286,8 @@ def test_a_pre_ln_transcoder_reads_resid_mid_in_graphs_interventions_and_evaluat
     err = t(acts.resid_mid[:, 1:].flatten(0, 1))[1] - y
     fvu = err.pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))  # (L,)
     torch.testing.assert_close(torch.tensor(train.evaluate(model, t, idx)["fvu"]), fvu)
+    with pytest.raises(ValueError, match="the model records no resid_mid, which this CLT reads"):
+        t.input_of(dataclasses.replace(acts, resid_mid=None))  # a family recording mlp_in only
 
 
 @pytest.mark.parametrize("name", READS_X_HAT + READS_MLP_IN + READS_RESID_MID)
