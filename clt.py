@@ -9,7 +9,8 @@ Data flow (Ameisen et al. 2025, "Circuit Tracing", sec. 2.1): features of layer 
 Storage follows circuit-tracer: W_dec[l] is (F, L - l, d), the decoders of layer l's features.
 A per-layer transcoder (PLT; Dunefsky et al. 2024) is the special case where each feature writes
 to its own layer only: W_dec[l] is (F, 1, d). Either may add a linear skip connection
-mlp_in[l] @ W_skip[l] (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
+mlp_in[l] @ W_skip[l] (Paulo et al. 2025, "Transcoders beat sparse autoencoders"). Some published
+ones read resid_mid[l], ln_2's input, in place of mlp_in[l] (CLTConfig.input_hook).
 Under tensor parallelism each rank holds F/tp of the F features (parallel.py).
 
     python train.py                 # trains one (see train.py); this file is the model alone
@@ -19,7 +20,7 @@ Differences from circuit-tracer's CLT:
   folded into the weights when saved (`save_pretrained`): the files are circuit-tracer's layout;
 - TopK, BatchTopK and ReLU besides JumpReLU (ACTIVATIONS: one registration adds another);
 - a sparse decode path (embedding_bag over the active features) for attribution graphs.
-Other published layouts (circuit-tracer's transcoder sets, SAELens) load through forge/formats.py.
+Published layouts (circuit-tracer's, SAELens's, sparsify's; hub ids) load through load_transcoder.
 """
 
 import copy
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from forge import formats
 from forge.files import write_json
+from forge.hub import resolve_transcoder_dir
 from parallel import Mesh, all_gather_last, global_topk, tp_sum
 
 
@@ -50,6 +52,9 @@ class CLTConfig:
     model_sha256: str = ""  # that GPT's GPT.fingerprint(): a CLT is refused by any other model
     decoder: str = "cross-layer"  # cross-layer | per-layer (a PLT: features write their layer only)
     skip: bool = False  # a linear skip connection mlp_in[l] @ W_skip[l] (Paulo et al. 2025)
+    # what "mlp_in" above is: ln_2's output (trained here), or resid_mid, the residual stream before
+    # ln_2 (EleutherAI's conversions of mntss's transcoders; circuit-tracer's hook_resid_mid)
+    input_hook: str = "mlp_in"  # mlp_in | resid_mid
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -57,6 +62,8 @@ class CLTConfig:
             raise ValueError(f"activation must be one of {known}, got {self.activation!r}")
         if self.decoder not in ("cross-layer", "per-layer"):
             raise ValueError(f"decoder must be one of cross-layer, per-layer, got {self.decoder!r}")
+        if self.input_hook not in ("mlp_in", "resid_mid"):
+            raise ValueError(f"input_hook must be mlp_in or resid_mid, got {self.input_hook!r}")
         if min(self.n_layers, self.d_model, self.n_features) <= 0:
             raise ValueError(f"n_layers, d_model, n_features must be positive, got {self}")
         if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
@@ -172,6 +179,13 @@ class CrossLayerTranscoder(nn.Module):
         m = min(momentum, step / (step + 1))
         theta = m * self.threshold + (1 - m) * threshold.clamp_min(1e-6)[:, None]  # (L, F)
         self.log_threshold.copy_(theta.log())
+
+    def input_of(self, acts):
+        """What this CLT reads from a run's Acts (model.py): (B, T, L, d), by config.input_hook."""
+        x = getattr(acts, self.config.input_hook)
+        if x is None:  # a model family that records only mlp_in (model.MODELS)
+            raise ValueError(f"the model records no {self.config.input_hook}, which this CLT reads")
+        return x
 
     def encode(self, mlp_in):
         """mlp_in (B, L, d) -> acts (B, L, F)."""
@@ -361,12 +375,15 @@ ACTIVATIONS = {"jumprelu": jumprelu, "topk": topk, "batchtopk": batchtopk, "relu
 # loading any transcoder
 
 
-def load_transcoder(path, model):
-    """A transcoder for `model` from `path`, in whichever layout: save_pretrained's (config.json),
-    circuit-tracer's (config.yaml) or SAELens's (cfg.json folders below it)."""
+def load_transcoder(path_or_hub_id, model, pre_ln_hook=None):
+    """A transcoder for `model` from a directory or a hub id (owner/name[/subfolder][@revision],
+    downloaded: forge/hub.py), in whichever layout: save_pretrained's (config.json), circuit-
+    tracer's (config.yaml), sparsify's (h.N.mlp/sae.safetensors) or SAELens's (cfg.json folders).
+    pre_ln_hook: whether sparsify-layout files read ln_2's input (None: forge/sparsify.py says)."""
+    path = resolve_transcoder_dir(path_or_hub_id)
     if os.path.exists(os.path.join(path, "config.json")):
         return CrossLayerTranscoder.from_pretrained(path)
-    return formats.load_published(path, model, new_transcoder)
+    return formats.load_published(path, model, new_transcoder, pre_ln_hook)
 
 
 def new_transcoder(**config):

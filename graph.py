@@ -21,7 +21,8 @@ Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edg
   logits to probability 0.95 (at most 10), each W_U[t] - mean(W_U) weighted by p; custom ones by 1.
 - Edge A[t, s]: how t's input moves as s goes from 0 to its value, every MLP output fixed. A
   feature writes every later layer (a PLT's: its own); a skip connection stays live, the errors
-  are mlp_out - reconstruction - skip. Exact: t's input = sum_s A[t, s] + bias_t.
+  are mlp_out - reconstruction - skip. Exact: t's input = sum_s A[t, s] + bias_t. A transcoder
+  reading resid_mid (ln_2's input; circuit-tracer's hook_resid_mid) reads the stream as it is.
 - Influence: w (Â + Â² + ...), Â = |A| with rows normalized to sum 1, w the outputs' weights.
 - Pruning: nodes to cumulative influence 0.8, edges by Â[t, s] (infl_t + w_t) to 0.98, then
   features and errors without outgoing edges, features without incoming ones, until none is left.
@@ -78,7 +79,7 @@ def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) 
     graphcli.check_one_prompt(model, clt, idx, "attribute")
     T = idx.size(1)
     logits, acts = model.run_with_acts(idx)
-    mlp_in = acts.mlp_in[0]  # (T, L, d)
+    mlp_in = clt.input_of(acts)[0]  # (T, L, d) what the CLT reads (CLTConfig.input_hook)
     a = clt.encode(mlp_in)  # (T, L, F)
     a[0] = 0  # BOS: large, constant activations that explain nothing about the prompt
     l, p, f = a.transpose(0, 1).nonzero(as_tuple=True)  # sorted by layer, then position, then id
@@ -106,7 +107,7 @@ def replacement_forward(model, clt, idx, frozen, fixed, resid=None, logits=True)
     mlp_out = fixed
     # mlp_in[l] depends only on the MLP outputs below l, so L passes settle every layer's skip term
     for _ in range(clt.config.n_layers if clt.W_skip is not None else 0):
-        mlp_in = run(mlp_out=mlp_out[None], logits=False)[1].mlp_in[0]  # (T, L, d)
+        mlp_in = clt.input_of(run(mlp_out=mlp_out[None], logits=False)[1])[0]  # (T, L, d)
         mlp_out = fixed + clt.skip(mlp_in)
     return run(mlp_out=mlp_out[None], logits=logits)
 
@@ -116,7 +117,7 @@ def target_inputs(model, clt, rep, feats, vectors, resid=None, mlp_out=None):
     resid = rep.token + rep.position if resid is None else resid  # (T, d)
     fixed = rep.mlp_out - rep.skip if mlp_out is None else mlp_out  # (T, L, d)
     _, acts = replacement_forward(model, clt, rep.idx, rep.frozen, fixed, resid[None])
-    pre = clt.pre_acts(acts.mlp_in[0])  # (T, L, F)
+    pre = clt.pre_acts(clt.input_of(acts)[0])  # (T, L, F)
     l, p, f = feats.T
     return pre[p, l, f], vectors @ acts.ln_f_out[0, -1]
 
@@ -334,7 +335,7 @@ class Attribution:
         u at p gives position k sum_h mix_h[k, p] · (W_V,hᵀ W_O,hᵀ u), no pass over positions."""
         rows = (layers == l).nonzero()[:, 0]
         p = positions[rows]
-        u = ln_transposed(vectors[rows].T, self.ln[l].weight, self.scale[l][p].T)  # (C, r)
+        u = self.read_transposed(vectors[rows].T, l, self.scale[l][p].T)  # (C, r)
         if l == self.L or len(rows) == 0:  # the logits: read at the last position, g is zero
             g[:, p, rows] = u
             return
@@ -347,13 +348,22 @@ class Attribution:
         g.index_add_(2, rows, spread.permute(1, 2, 0))
 
     def add_skip_transposed(self, g, l):
-        """g (C, T, B) += the transpose of x -> skip(ln_2(x)), skip(h) = (h·s_in) W_skip / s_out."""
+        """g (C, T, B) += the transpose of x -> skip(ln_2(x)), skip(h) = (h·s_in) W_skip / s_out
+        (skip(x) where the CLT reads resid_mid)."""
         if self.clt.W_skip is None:
             return
         C, T, B = g.shape
         W = self.clt.W_skip[l].detach() * (self.clt.input_scale[l] / self.clt.output_scale[l])
         h = (W @ g.view(C, T * B)).view(C, T, B)  # d(targets)/d(mlp_in[l])
-        g += ln_transposed(h, self.ln[l].weight, self.scale[l][:T])  # scale (T, 1)
+        g += self.read_transposed(h, l, self.scale[l][:T])  # scale (T, 1)
+
+    def read_transposed(self, u, l, scale):
+        """u (C, ...) at what layer l's targets read -> at the residual stream: ln_2's transpose
+        (ln_f's at l = L), or u itself where the CLT reads resid_mid, the stream before ln_2 (as
+        circuit-tracer's hook_resid_mid transcoders do: LayerNorm frozen, none between)."""
+        if l < self.L and self.clt.config.input_hook == "resid_mid":
+            return u
+        return ln_transposed(u, self.ln[l].weight, scale)
 
     def add_attention_transposed(self, g, l):
         """g (C, T, B) += the transpose of x -> attn(ln_1(x)), the frozen patterns' OV path only."""

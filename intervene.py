@@ -98,7 +98,7 @@ def run_intervened(model, clt, idx, interventions, freeze="none", layers=None) -
     if freeze not in FREEZE:
         raise ValueError(f"freeze={freeze!r}: use one of {', '.join(FREEZE)}")
     clean_logits, clean = model.run_with_acts(idx)
-    mlp_in = clean.mlp_in[0]  # (T, L, d)
+    mlp_in = clt.input_of(clean)[0]  # (T, L, d) what the CLT reads
     delta, old, new = intervention_delta(clt, mlp_in, interventions, layers)
     if freeze == "all":  # the replacement model: every MLP output held, plus the change
         fixed = clean.mlp_out[0] - clt.skip(mlp_in) + delta  # (T, L, d)

@@ -4,8 +4,9 @@ model.py: GPT-2 written out by hand, exposing exactly the activations a transcod
 Data flow. A GPT-2 block is  x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)).  A cross-layer transcoder
 (CLT, clt.py) reads each layer's MLP input  mlp_in[l] = ln_2(x)  and predicts every MLP output
 mlp_out[l] = mlp(mlp_in[l])  from sparse features of the layers at or below l. So the model exposes
-exactly those two tensors (`GPT.run_with_acts`), and can run with its MLP outputs replaced by
-given ones (`GPT.forward(idx, mlp_out=...)`), which splices a CLT into the model.
+exactly those two tensors (`GPT.run_with_acts`; and resid_mid[l] = x, ln_2's input, which some
+published transcoders read), and can run with its MLP outputs replaced by given ones
+(`GPT.forward(idx, mlp_out=...)`), which splices a CLT into the model.
 
     python model.py --help
     python model.py generate --model models/tiny --prompt "The capital of Veloria is"
@@ -175,6 +176,7 @@ class GPT(nn.Module):
             h, scale_1 = layer_norm(x, block.ln_1, fz.ln_1[l])
             attn_out, pattern = block.attn(h, fz.attn[l])
             x = x + attn_out
+            mid = x  # (B, T, d) resid_mid: what ln_2 reads
             h, scale_2 = layer_norm(x, block.ln_2, fz.ln_2[l])
             out = block.mlp(h) if mlp_out is None else mlp_out[:, :, l]
             x = x + out
@@ -184,8 +186,10 @@ class GPT(nn.Module):
             if acts is None:
                 B, T, d = h.size()
                 acts = Acts(h.new_empty(B, T, L, d), out.new_empty(B, T, L, d), Frozen())
+                acts.resid_mid = mid.new_empty(B, T, L, d)
             # each layer into its slot: stacking lists at the end would briefly hold them twice
             # (+0.28 GiB at the cache writer's 64 x 64 batches of GPT-2 small)
+            acts.resid_mid = WriteLayer.apply(acts.resid_mid, mid, l)
             acts.mlp_in = WriteLayer.apply(acts.mlp_in, h, l)
             acts.mlp_out = WriteLayer.apply(acts.mlp_out, out, l)
             acts.frozen.attn.append(pattern)
@@ -266,6 +270,7 @@ class Acts:
     mlp_out: torch.Tensor  # (B, T, L, d) each MLP's output, before it joins the residual stream
     frozen: Frozen  # attention patterns and LayerNorm scales of this pass
     ln_f_out: Optional[torch.Tensor] = None  # (B, T, d) what the unembedding reads (or None)
+    resid_mid: Optional[torch.Tensor] = None  # (B, T, L, d) the residual stream ln_2 reads
 
 
 class WriteLayer(torch.autograd.Function):

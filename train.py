@@ -283,7 +283,7 @@ def evaluate(gpt, clt, contexts, batch=16):
         clean_logp = logits[:, 1:-1].float().log_softmax(-1)  # (B, T-2, V) the scored positions
         bos = acts.mlp_out[:, :1]  # (B, 1, L, d)
         y = acts.mlp_out[:, 1:].flatten(0, 1)  # (B·(T-1), L, d) what the cache holds
-        a, y_hat = clt(acts.mlp_in[:, 1:].flatten(0, 1))
+        a, y_hat = clt(clt.input_of(acts)[:, 1:].flatten(0, 1))
         rec["l0"] += (a > 0).sum((0, 2))
         rec["sse"] += (y_hat - y).pow(2).sum((0, 2))
         rec["y_sum"] += y.sum(0)
@@ -291,7 +291,7 @@ def evaluate(gpt, clt, contexts, batch=16):
         hat = torch.cat([bos, y_hat.view(B, T - 1, L, d)], 1)  # (B, T, L, d)
         first = hat  # the open pass: every layer reads the clean run's mlp_in
         for _ in range(L - 1):
-            mlp_in = gpt.run_with_acts(idx, mlp_out=hat)[1].mlp_in  # (B, T, L, d)
+            mlp_in = clt.input_of(gpt.run_with_acts(idx, mlp_out=hat)[1])  # (B, T, L, d)
             hat = torch.cat([bos, clt(mlp_in[:, 1:].flatten(0, 1))[1].view(B, T - 1, L, d)], 1)
         zero = torch.cat([bos, torch.zeros_like(hat[:, 1:])], 1)  # the MLPs zeroed, the BOS's kept
         for i, h in enumerate([None, first, hat, zero]):  # clean, open, spliced, zero; BOS unscored

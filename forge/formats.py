@@ -2,19 +2,21 @@
 
 The published ones read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, *before* ln_2's affine
 map, where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's w and b are folded into the
-encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2. The
-loaders build the transcoder with `new_transcoder(**config)`, passed in by clt.py (this package
-never imports the spine)."""
+encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2.
+circuit-tracer's reading hook_resid_mid (ln_2's input) are read as they are (input_hook
+"resid_mid"). The loaders build the transcoder with `new_transcoder(**config)`, passed in by
+clt.py (this package never imports the spine)."""
 
 import copy
-import json
 import os
 import re
 import uuid
 from dataclasses import asdict, fields
 
 import torch
+import yaml
 
+from forge import sparsify
 from forge.files import check_finite, check_same_model, read_export_file, read_json
 from forge.files import read_safetensors, save_safetensors, write_json
 
@@ -29,6 +31,8 @@ def fold_ln_2(transcoder, model, inverse=False):
         (x̂ w + b) S + b_dec = x̂ (w ⊙ S) + (b S + b_dec)
     """
     transcoder.fold_normalization()
+    if transcoder.config.input_hook == "resid_mid":  # it reads ln_2's input: no affine map to fold
+        return
     for l, block in enumerate(model.h):
         w = block.ln_2.weight.detach().to(transcoder.W_enc)  # (d,)
         b = block.ln_2.bias.detach().to(transcoder.W_enc)  # (d,)
@@ -74,7 +78,7 @@ def load_layer(t, l, tensors, threshold_key="threshold", enc_by_feature=True, wh
     t.W_dec[l].copy_(tensors["W_dec"].reshape_as(t.W_dec[l]))
     t.b_dec[l].copy_(tensors["b_dec"])
     if threshold_key in tensors:
-        t.log_threshold[l].copy_(tensors[threshold_key].log())
+        t.log_threshold[l].copy_(tensors[threshold_key].log().flatten())  # (F,), or ct's (1, F)
     if t.W_skip is not None:
         t.W_skip[l].copy_(tensors["W_skip"].t())
 
@@ -173,6 +177,7 @@ def provenance(model):
 CIRCUIT_TRACER_HOOKS = dict(
     feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out"
 )
+RESID_MID = "hook_resid_mid"  # circuit-tracer's default input: ln_2's input, our resid_mid as is
 CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
 CIRCUIT_TRACER_THRESHOLD = "activation_function.threshold"  # its JumpReLU's threshold in layer_{l}
 EXPORTABLE = "export a relu, jumprelu or batchtopk one"  # batchtopk is a JumpReLU at inference
@@ -208,26 +213,33 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     kind = CIRCUIT_TRACER_KINDS[c.decoder]
     scan = os.path.basename(os.path.normpath(path))
     config = dict(model_kind=kind, model_name=model_name, **CIRCUIT_TRACER_HOOKS, scan=scan)
+    if c.input_hook == "resid_mid":
+        config["feature_input_hook"] = RESID_MID
     config["clt_forge"] = dict(asdict(c), model_sha256=model.fingerprint(), export_id=export_id)
     write_json(os.path.join(path, "config.yaml"), config)  # last: a directory with it is complete
 
 
 def from_circuit_tracer(path, model, new_transcoder):
-    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, or a cached set whose
-    config.yaml is JSON) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
+    """Load a transcoder in circuit-tracer's layout (save_circuit_tracer's, its cache's or a hub
+    repo's) as a CrossLayerTranscoder on our mlp_in, ln_2's affine map taken out."""
     config_path = os.path.join(path, "config.yaml")
     with open(config_path) as f:
-        try:
-            saved = json.load(f)
-        except json.JSONDecodeError as e:
-            reads = "clt-forge reads the config.yaml that save_circuit_tracer writes"
-            fix = "rewrite it as JSON (YAML reads JSON too)"
-            raise ValueError(f"{config_path} is not JSON ({e}): {reads}; {fix}") from e
+        try:  # circuit-tracer writes it with yaml.dump (utils/caching.py), we as JSON (YAML too)
+            saved = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{config_path} is not YAML ({type(e).__name__})") from e
+    if not isinstance(saved, dict) or "transcoders" in saved:  # hf:// paths, Gemma Scope's npz
+        fetch = "fetch them with circuit_tracer.utils.caching.save_transcoders_to_cache"
+        raise ValueError(f"{config_path} lists transcoders in other files: {fetch}, pass its dir")
     hooks = {k: saved.get(k) for k in CIRCUIT_TRACER_HOOKS}
+    resid_mid = hooks["feature_input_hook"] == RESID_MID
+    if resid_mid:  # read as is, no ln_2 folded (fold_ln_2 leaves a resid_mid transcoder alone)
+        hooks["feature_input_hook"] = CIRCUIT_TRACER_HOOKS["feature_input_hook"]
     kinds = {v: k for k, v in CIRCUIT_TRACER_KINDS.items()}
     if hooks != CIRCUIT_TRACER_HOOKS or saved.get("model_kind") not in kinds:
         found = f"{saved.get('model_kind')} reading {hooks}"
-        mlp = f"only MLP transcoders ({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS})"
+        mlp = f"only MLP transcoders ({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS}"
+        mlp += f", or {RESID_MID})"
         raise ValueError(f"{config_path}: {found}; {mlp} replace GPT-2's MLPs")
     ours = dict(saved.get("clt_forge", {}))
     export_id = ours.pop("export_id", None)
@@ -241,6 +253,7 @@ def from_circuit_tracer(path, model, new_transcoder):
         activation = "jumprelu" if "threshold" in names else "relu"
         sizes = dict(n_layers=L, d_model=d, n_features=n_features, decoder=decoder)
         ours = dict(**sizes, activation=activation, skip="W_skip" in names, **provenance(model))
+    ours["input_hook"] = "resid_mid" if resid_mid else "mlp_in"  # what circuit-tracer feeds it
     shape = (ours.get("n_layers"), ours.get("d_model"), ours.get("decoder", "cross-layer"))
     if shape != (L, d, decoder):
         raise ValueError(
@@ -285,6 +298,8 @@ def save_saelens(transcoder, path, model, model_name="gpt2"):
     kind = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(c.activation)
     if kind is None:
         raise ValueError(f"SAELens has no {c.activation} transcoder: {EXPORTABLE}")
+    if c.input_hook != "mlp_in":
+        raise ValueError("this transcoder reads resid_mid: export it with save_circuit_tracer")
     architecture = SAELENS_ARCHITECTURES[kind, c.skip]
     threshold_key = "threshold" if kind == "jumprelu" else None
     t = copy.deepcopy(transcoder).cpu()
@@ -338,6 +353,9 @@ def from_saelens(path, model, new_transcoder):
         needed = f"one of {sorted(arch)} for every layer is needed"
         raise ValueError(f"{path}: architectures {found}; {needed}")
     kind, skip = kinds.pop()  # the one architecture of every layer
+    norms = sorted({cfg.get("normalize_activations") or "none" for _, cfg in folders.values()})
+    if norms != ["none"]:  # SAELens's Transcoder.process_sae_in rescales x̂ per token: not linear
+        raise ValueError(f"{path}: normalize_activations {norms}; clt-forge reads only 'none'")
     sizes = dict(n_layers=L, d_model=d, n_features=folders[0][1]["d_sae"], decoder="per-layer")
     t = new_transcoder(**sizes, activation=kind, skip=skip, **provenance(model))
     for l in range(L):
@@ -347,11 +365,14 @@ def from_saelens(path, model, new_transcoder):
     return t.eval()
 
 
-def load_published(path, model, new_transcoder):
-    """A transcoder for `model` in circuit-tracer's layout (config.yaml) or SAELens's (cfg.json
-    folders below `path`), built by new_transcoder(**config) on our mlp_in."""
+def load_published(path, model, new_transcoder, pre_ln_hook=None):
+    """A transcoder for `model` in circuit-tracer's layout (config.yaml), sparsify's (h.N.mlp
+    folders; pre_ln_hook: see forge/sparsify.py) or SAELens's (cfg.json folders below `path`),
+    built by new_transcoder(**config)."""
     if os.path.exists(os.path.join(path, "config.yaml")):
         return from_circuit_tracer(path, model, new_transcoder)
+    if sparsify.is_sparsify(path):  # h.N.mlp/{cfg.json, sae.safetensors}: EleutherAI's
+        return sparsify.from_sparsify(path, model, new_transcoder, pre_ln_hook)
     if os.path.isdir(path) and any("cfg.json" in files for _, _, files in os.walk(path)):
         return from_saelens(path, model, new_transcoder)
     if os.path.exists(os.path.join(path, "W_enc_0.safetensors")):
@@ -359,5 +380,5 @@ def load_published(path, model, new_transcoder):
     raise FileNotFoundError(
         f"no transcoder at {path}: neither a CLT saved by train.py (config.json), nor one in "
         "circuit-tracer's layout (config.yaml), nor per-layer transcoders in SAELens's layout "
-        "(cfg.json + sae_weights.safetensors)"
+        "(cfg.json + sae_weights.safetensors), nor in sparsify's (h.N.mlp/sae.safetensors)"
     )

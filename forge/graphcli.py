@@ -12,9 +12,10 @@ import torch
 from forge.cli import arg
 from forge.files import check_same_model, read_safetensors
 from forge.graphfile import load_explanations, token_str
-from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer
+from forge.hub import DEFAULT_MODEL, ENDOFTEXT, is_hub_id, load_tokenizer
 
 PROMPT = "Batris lives in Fafes. The language Batris speaks is"
+CLT = "runs/clt"  # train.py's default output, never read as a hub id
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT = "output nodes: the most likely tokens unless one of these is given"
 
@@ -24,7 +25,7 @@ class GraphConfig:
     """attribute a prompt: the graph files for the front end, and the full adjacency"""
 
     model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
-    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
+    clt: str = arg(CLT, "transcoder dir (any layout load_transcoder reads) or hub id")
     interp: str = arg("runs/interp", "interp.py's output dir or features.jsonl: node explanations")
     prompt: str = arg(PROMPT, "text to attribute (BOS is prepended)")
     out: str = arg("runs/graph", "output directory")
@@ -49,7 +50,7 @@ class RunConfig:
     """the flags `intervene` and `generate` share"""
 
     model: str = arg(DEFAULT_MODEL, "GPT-2 directory in the hub layout, or a hub id such as gpt2")
-    clt: str = arg("runs/clt", "transcoder directory: train.py's, circuit-tracer's, SAELens's")
+    clt: str = arg(CLT, "transcoder dir (any layout load_transcoder reads) or hub id")
     prompt: str = arg(PROMPT, "text to run or continue (BOS is prepended)")
     device: str = arg(DEVICE, "cpu or cuda")
     intervene: str = arg("", "LAYER/POS/FEATURE=VALUE (set), *X, +X or :ablate; comma-separated")
@@ -77,7 +78,7 @@ class GenerateConfig(RunConfig):
 
 def load(cfg, device, load_model, load_transcoder):
     """-> (cfg.model, its transcoder cfg.clt refused if made for another model, the tokenizer)."""
-    if not os.path.exists(cfg.clt):
+    if not os.path.exists(cfg.clt) and (cfg.clt == CLT or not is_hub_id(cfg.clt)):
         cache = "python cache.py --model models/tiny --corpus toy --out runs/cache"
         fix = f"train one first, `{cache} && python train.py` (writes runs/clt), or pass --clt DIR"
         raise FileNotFoundError(f"no CLT at {cfg.clt}: {fix}")

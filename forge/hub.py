@@ -158,3 +158,43 @@ def load_tokenizer(name_or_dir=DEFAULT_MODEL):
     return tiktoken.Encoding(
         name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special
     )
+
+
+# -----------------------------------------------------------------------------
+# transcoders on the hub: owner/name, owner/name/subfolder, either @revision (a branch, a commit)
+
+HUB_ID = re.compile(r"([\w.-]+/[\w.-]+)((?:/[\w.-]+)*)(?:@([\w./-]+))?")
+TRANSCODER_FILES = ["*.safetensors", "*.json", "*.yaml"]  # never a pickle
+
+
+def is_hub_id(path_or_id):
+    """Whether `path_or_id` names a hub repo rather than a local path: owner/name[/sub][@rev],
+    not a path that exists, whose first folder exists, or that starts with '.', '/' or '~'."""
+    s = str(path_or_id)
+    local = s.startswith((".", "/", "~")) or os.path.exists(s) or os.path.isdir(s.split("/")[0])
+    return not local and HUB_ID.fullmatch(s) is not None
+
+
+def resolve_transcoder_dir(path_or_id, download=snapshot_download):
+    """A local transcoder directory, or a hub id's files (safetensors, json, yaml: no pickles)
+    downloaded into the hub cache with huggingface_hub's progress bars -> the directory."""
+    s = str(path_or_id)
+    if not is_hub_id(s):
+        if not os.path.isdir(s):
+            raise FileNotFoundError(f"no transcoder at {s}: not a directory, nor a hub id")
+        return s
+    repo_id, sub, revision = HUB_ID.fullmatch(s).groups()
+    sub = sub.strip("/")
+    patterns = [f"{sub}/{p}" if sub else p for p in TRANSCODER_FILES]
+    print(f"downloading {s} from the hub ({', '.join(patterns)})")
+    try:
+        path = download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, no such repo, a gated one: the hub raises many kinds
+        raise FileNotFoundError(
+            f"{s!r} is neither a local directory nor a transcoder the hub gave us "
+            f"({type(e).__name__}): check the path, or the hub id owner/name[/subfolder][@rev]"
+        ) from e
+    path = os.path.join(path, sub) if sub else path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"the hub repo {repo_id} has no folder {sub!r} of transcoder files")
+    return path

@@ -182,6 +182,8 @@ def merge_top(store, m, r, key, p, cfg):
 def check_clt(c, cache, model, model_dir, cfg):
     """Refuse a CLT (config c) and a cache of different models: by shapes, then by the fingerprint
     the CLT records (train.py) or else by the model directory it names."""
+    if c.input_hook != "mlp_in":  # cache.py stores mlp_in (ln_2's output) only
+        raise ValueError(f"CLT {cfg.clt} reads {c.input_hook}, the cache holds mlp_in only")
     if (c.n_layers, c.d_model) != (cache.n_layers, cache.d_model):
         shapes = f"{c.n_layers}, {c.d_model} and {cache.n_layers}, {cache.d_model}"
         msg = f"CLT {cfg.clt} and cache {cfg.cache} come from different models"

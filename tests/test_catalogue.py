@@ -245,7 +245,7 @@ def clt_missing(w, tmp):
     return graph.main, graph_argv(w, tmp / "g", tmp / "nothing")
 
 
-@row("no transcoder at", "config.json")
+@row("no transcoder at", "not a directory")
 def clt_is_a_file(w, tmp):
     (tmp / "clt.txt").write_text("hello")
     return graph.main, graph_argv(w, tmp / "g", tmp / "clt.txt")
@@ -257,8 +257,8 @@ def clt_of_another_width(w, tmp):
     return graph.main, graph_argv(w, tmp / "g", tmp / "c")
 
 
-@row("config.yaml", "not JSON")
-def circuit_tracer_config_not_json(w, tmp):
+@row("config.yaml", "not YAML")
+def circuit_tracer_config_not_yaml(w, tmp):
     (tmp / "ct").mkdir()
     (tmp / "ct" / "config.yaml").write_text("model_kind: cross_layer_transcoder\n  - x: [")
     return graph.main, graph_argv(w, tmp / "g", tmp / "ct")

@@ -31,9 +31,11 @@ def hf_dir(tmp_path_factory):
 def test_logits_and_acts_match_transformers(hf_dir):
     path, ref = hf_dir
     model = GPT.from_pretrained(path)
-    mlp_in, mlp_out = [], []
+    mlp_in, mlp_out, resid_mid = [], [], []
     blocks = ref.transformer.h
     hooks = [b.ln_2.register_forward_hook(lambda m, i, o: mlp_in.append(o)) for b in blocks]
+    # ln_2's input, hooked as EleutherAI/attribute's pre_ln_hook does (attribute/caching.py:233)
+    hooks += [b.ln_2.register_forward_hook(lambda m, i, o: resid_mid.append(i[0])) for b in blocks]
     hooks += [b.mlp.register_forward_hook(lambda m, i, o: mlp_out.append(o)) for b in blocks]
     idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -44,6 +46,7 @@ def test_logits_and_acts_match_transformers(hf_dir):
     assert (logits - ref_logits).abs().max() <= 1e-5
     assert (acts.mlp_in - torch.stack(mlp_in, dim=2)).abs().max() <= 1e-5
     assert (acts.mlp_out - torch.stack(mlp_out, dim=2)).abs().max() <= 1e-5
+    assert (acts.resid_mid - torch.stack(resid_mid, dim=2)).abs().max() <= 1e-5
     assert acts.mlp_in.shape == (4, 32, 2, 64)
 
 

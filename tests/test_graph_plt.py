@@ -26,12 +26,12 @@ from model import GPT, GPTConfig
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def make(skip=False, dtype=torch.float64, seed=0):
+def make(skip=False, dtype=torch.float64, seed=0, input_hook="mlp_in"):
     """A random GPT, and a PLT of it with its twin CLT: the same encoders, same-layer decoders,
-    biases, scales (and skip), the CLT's decoders to later layers zero."""
+    biases, scales (and skip), the CLT's decoders to later layers zero; both read input_hook."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=D, n_ctx=32, vocab_size=V)).eval().to(dtype)
-    config = dict(n_layers=L, d_model=D, n_features=F_, skip=skip)
+    config = dict(n_layers=L, d_model=D, n_features=F_, skip=skip, input_hook=input_hook)
     plt = CrossLayerTranscoder(CLTConfig(**config, decoder="per-layer"), seed=seed).eval()
     cross = CrossLayerTranscoder(CLTConfig(**config), seed=seed).eval()
     with torch.no_grad():
@@ -88,9 +88,13 @@ def perturbed(model, plt, rep, graph, eps, feature=None, error=None, embed=None)
     return after - before
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_plt_graphs_are_exact_and_measured(skip):
-    model, plt, _, idx = make(skip)
+# resid_mid: a transcoder that reads ln_2's input (EleutherAI's pre_ln_hook conversions): its
+# encoder and skip read the residual stream itself, no ln_2 transposed between
+@pytest.mark.parametrize(
+    "skip, input_hook", [(False, "mlp_in"), (True, "mlp_in"), (True, "resid_mid")]
+)
+def test_plt_graphs_are_exact_and_measured(skip, input_hook):
+    model, plt, _, idx = make(skip, input_hook=input_hook)
     rep, graph = graph_of(model, plt, idx)
     if skip:  # the skip path matters here: the error nodes no longer hold the whole MLP output
         assert rep.skip[1:].abs().max() > 0.1 * rep.mlp_out[1:].abs().max()
@@ -138,6 +142,18 @@ def test_the_skip_path_carries_edges():
         (graph.adjacency[s.logits, s.tokens] - no_skip.adjacency[s.logits, s.tokens]).abs().max()
     )
     assert difference > 1e-3 * graph.adjacency[s.logits, s.tokens].abs().max()
+
+
+def test_a_resid_mid_plt_with_skip_matches_circuit_tracer():
+    """The same PLT reading ln_2's input, as circuit-tracer's hook_resid_mid transcoders do
+    (EleutherAI's conversions of mntss's): circuit-tracer's graph of it is ours, edge by edge."""
+    assert_matches_circuit_tracer("graph_reference_resid", "plt")
+    model, plt, idx, ref, _ = circuit_tracer_reference("graph_reference_resid", "plt")
+    assert plt.config.input_hook == "resid_mid"
+    as_mlp_in = CrossLayerTranscoder(dataclasses.replace(plt.config, input_hook="mlp_in")).eval()
+    as_mlp_in.load_state_dict(plt.state_dict())  # the same weights reading ln_2's output instead
+    rep = G.local_replacement(model, as_mlp_in, idx)
+    assert not torch.equal(rep.feats, ref["features"])
 
 
 def test_a_plt_with_skip_matches_circuit_tracer():

@@ -756,3 +756,12 @@ def test_near_firing_brute_force():
             for f in range(5)
         ]
         assert near[i - lo].tolist() == want
+
+
+def test_a_clt_reading_resid_mid_is_refused(real):
+    """The cache holds mlp_in (ln_2's output): a transcoder reading ln_2's input cannot be fed."""
+    config = CLTConfig(n_layers=L, d_model=D, n_features=F, input_hook="resid_mid")
+    store = cache.ActivationCache(str(real / "cache"))
+    cfg = interp.InterpConfig(clt="published", cache=str(real / "cache"))
+    with pytest.raises(ValueError, match="reads resid_mid, the cache holds mlp_in only"):
+        interpfile.check_clt(config, store, None, str(real / "model"), cfg)

@@ -337,6 +337,9 @@ def test_evaluate_a_perfect_and_a_zero_reconstruction(small_cache):
             super().__init__()
             self.s = s
 
+        def input_of(self, acts):  # what it reads, as CrossLayerTranscoder.input_of
+            return acts.mlp_in
+
         def forward(self, mlp_in):  # (N, L, d)
             out = torch.stack([gpt.h[l].mlp(mlp_in[:, l]) for l in range(mlp_in.size(1))], 1)
             return torch.ones(len(mlp_in), 2, 3), self.s * out  # "3 active features per layer"

@@ -223,12 +223,21 @@ def test_circuit_tracer_layout_refuses_what_it_cannot_hold(hub_model, tmp_path):
         save_circuit_tracer(random_transcoder("cross-layer", "relu", True), tmp_path, model)
     save_circuit_tracer(random_transcoder("per-layer", "relu", False), tmp_path, model)
     config = json.loads((tmp_path / "config.yaml").read_text())
-    resid_mid = {**config, "feature_input_hook": "hook_resid_mid"}
+    resid_mid = {**config, "feature_input_hook": "hook_resid_mid"}  # ln_2's input: read as is
     (tmp_path / "config.yaml").write_text(json.dumps(resid_mid))
+    assert load_transcoder(str(tmp_path), model).config.input_hook == "resid_mid"
+    resid_pre = {**config, "feature_input_hook": "hook_resid_pre"}  # ln_1's: not an MLP's
+    (tmp_path / "config.yaml").write_text(json.dumps(resid_pre))
     with pytest.raises(ValueError, match="only MLP transcoders"):
         load_transcoder(str(tmp_path), model)
-    (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")
-    with pytest.raises(ValueError, match="is not JSON"):
+    (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\n")  # YAML, as theirs
+    with pytest.raises(ValueError, match="only MLP transcoders"):  # read, and its hooks refused
+        load_transcoder(str(tmp_path), model)
+    (tmp_path / "config.yaml").write_text("model_kind: [transcoder_set\n")
+    with pytest.raises(ValueError, match="is not YAML"):
+        load_transcoder(str(tmp_path), model)
+    (tmp_path / "config.yaml").write_text("transcoders: [hf://a/b/layer_0.npz]\n")
+    with pytest.raises(ValueError, match="lists transcoders in other files"):
         load_transcoder(str(tmp_path), model)
 
 
