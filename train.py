@@ -1,8 +1,9 @@
 """
 train.py: train a cross-layer transcoder on an activation cache, on one process or many.
 
-Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2. Every DP rank reads its share
-of each global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
+Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2, or with --corpus and no cache
+they are computed as training goes (cache.ActivationStream). Every DP rank reads its share of each
+global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
 and decodes a partial reconstruction that one all-reduce over TP completes. Losses -> backward ->
 DP's gradient average -> ONE all-reduce of the bookkeeping (metrics, gradient norm, fired features)
 -> global-norm clip -> Adam; metrics reach the host at log steps only. Every --eval-every steps the
@@ -10,6 +11,7 @@ CLT is spliced into the GPT on held-out contexts; the end saves it in circuit-tr
 
     python train.py                                  # the default CLT of models/tiny (CPU, minutes)
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1  # tiny CPU run
+    python train.py --corpus toy --steps 50 --features 256 --eval-every -1  # no cache: streamed
     python train.py --resume --out runs/clt          # continue it (forge/checkpoint.py: the rules)
     torchrun --nproc_per_node=4 train.py --tp 2      # one node: dp = 4 / 2 = 2 (NCCL; gloo on CPU)
     torchrun --nnodes=N --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT \\
@@ -41,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from cache import ActivationCache, CacheConfig, build_cache
+from cache import ActivationCache, ActivationStream, CacheConfig, build_cache
 from clt import CLTConfig, CrossLayerTranscoder
 from forge import checkpoint
 from forge.cli import arg, run_main
@@ -55,6 +57,12 @@ class TrainConfig:
     cache: str = arg("runs/cache", "activation cache written by cache.py", group="data and model")
     model: str = arg("", 'GPT of the spliced loss; "" = the model named in the cache manifest')
     out: str = arg("runs/clt", "the run's folder: the export, metrics.jsonl and checkpoints/")
+    shuffle: bool = arg(True, "shuffle the rows (--no-shuffle: in their order, e.g. to compare)")
+    corpus: str = arg("", "no cache: stream --model's activations over this corpus", group="stream")
+    text_field: str = arg("text", "its text field or column (cache.py's --corpus and --text-field)")
+    ctx: int = arg(64, "context length, BOS included")
+    contexts: int = arg(64, "contexts per forward pass of the model")
+    buffer_tokens: int = arg(65536, "rows in each DP rank's shuffle buffer, drained, then refilled")
     features: int = arg(1024, "F: features per layer (all TP ranks together)", group="the CLT")
     activation: str = arg("jumprelu", "jumprelu | topk | batchtopk | relu")
     k: int = arg(16, "topk / batchtopk: active features per token and layer")
@@ -315,6 +323,20 @@ def evaluate(gpt, clt, contexts, batch=16):
 # the run
 
 
+def open_data(c, meta, device):
+    """The activations to train on: the cache (the default one built first if missing); or, given
+    --corpus, the model's computed as training goes (cache.ActivationStream)."""
+    if c.corpus:  # what a cache of these activations would say, and where to begin
+        model = c.model or CacheConfig.model
+        cfg = CacheConfig(model, c.corpus, c.text_field, ctx=c.ctx, batch_size=c.contexts)
+        at = meta and meta["stream"]  # resumed: where the checkpoint's fill began
+        return ActivationStream(cfg, c.buffer_tokens, c.eval_contexts, at, device, c.shuffle)
+    if checkpoint.default_cache_missing(c.cache, TrainConfig.cache):  # another missing one: refused
+        print(f"no cache at {c.cache}: building the default one ({CacheConfig().tokens} tokens)")
+        build_cache(CacheConfig(out=c.cache))
+    return ActivationCache(c.cache, shuffle=c.shuffle)
+
+
 def build(c, cache, mesh, device):
     """The CLT shard of this rank, with the cache's normalization, and its optimizer."""
     keys = ("activation", "k", "threshold_init", "bandwidth", "decoder", "skip")
@@ -322,9 +344,10 @@ def build(c, cache, mesh, device):
     sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")  # graph.py refuses others
     config = CLTConfig(cache.n_layers, cache.d_model, c.features, model_sha256=sha256, **shared)
     clt = CrossLayerTranscoder(config, c.seed, mesh)
+    norm_in, norm_out = cache.norms(mesh)  # (L,) each; a stream's: from its first fill
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the mean norms
-        clt.input_scale.copy_(cache.d_model**0.5 / cache.norm_in)
-        clt.output_scale.copy_(cache.d_model**0.5 / cache.norm_out)
+        clt.input_scale.copy_(cache.d_model**0.5 / norm_in)
+        clt.output_scale.copy_(cache.d_model**0.5 / norm_out)
     clt.to(device).train()
     return clt, optimizer(clt, c)
 
@@ -341,10 +364,7 @@ def train(config: TrainConfig, given=None):
     c, meta = checkpoint.resolve(config, given)  # on --resume: the checkpoint's config and meta
     ddp, rank, local_rank, world, device = compute_init(c.device, c.timeout_s)
     master = rank == 0
-    if checkpoint.default_cache_missing(c.cache, TrainConfig.cache):  # another missing one: refused
-        print(f"no cache at {c.cache}: building the default one ({CacheConfig().tokens} tokens)")
-        build_cache(CacheConfig(out=c.cache))
-    cache = ActivationCache(c.cache)
+    cache = open_data(c, meta, device)  # a cache, or with --corpus activations streamed
     checkpoint.check_resume(c, meta, world, cache.manifest, device)  # and the same on every rank
     mesh = make_mesh(ddp, world, c.tp, device)
     checkpoint.check_flags(c, cache, mesh)
@@ -372,8 +392,9 @@ def train(config: TrainConfig, given=None):
             if evaluating:
                 metrics["eval"] = evaluate(gpt, clt, contexts)
             log.log(metrics)
-            if saving:
-                checkpoint.save(c, clt, opt, state, mesh, master, dict(ids, metrics=metrics))
+            if saving:  # and a stream's position (checkpoint.stream_position)
+                extra = dict(ids, metrics=metrics)
+                checkpoint.save(c, clt, opt, state, mesh, master, extra, cache)
             log.lap(done)  # the next row's clock starts after the evaluation and the checkpoint
     checkpoint.finish(c, clt, metrics, meta, end, mesh, master)
     log.finish()
