@@ -128,8 +128,7 @@ def iter_contexts(docs, enc, ctx, skip=0):
     eot = enc.eot_token
     toks, ids = [], []
     for doc_id, doc in enumerate(docs):
-        t = (enc.encode_ordinary(doc) + [eot])[skip:]
-        skip = 0
+        t = (enc.encode_ordinary(doc) + [eot])[0 if doc_id else skip :]
         toks += t
         ids += [doc_id] * len(t)
         while len(toks) >= ctx - 1:
@@ -253,9 +252,8 @@ class Rows:
 
 class ActivationCache:
     """A finished cache, opened read-only (checked as shards.ShardFiles says). model=: refuse a
-    cache made by another model. unit_rows, window_mb: the granularity of the shuffle (see
-    `batches`), part of a run's data order like the seed; shuffle=False: every order is the rows'
-    own. workers: threads that read batches."""
+    cache made by another model. unit_rows, window_mb, shuffle (False: the rows in order): the
+    shuffle (see `batches`), part of a run's data order like the seed. workers: reader threads."""
 
     def __init__(self, path, model=None, unit_rows=1024, window_mb=512, workers=2, shuffle=True):
         self.files = shards.ShardFiles(path, asdict(CacheConfig()), model)  # checked; model= too
@@ -397,17 +395,15 @@ def _cut(id_arrays, B):
 
 class ActivationStream:
     """ActivationCache's interface to training (norms, batches, dequantize) over rows the model
-    computes as training goes: no disk. The corpus's first `heldout` contexts are held out for
-    evaluation; DP rank r of dp packs documents h + r, h + r + dp, ... (h: the first after them) as
+    computes as training goes: no disk. The corpus's first contexts are held out for evaluation
+    (`heldout`); DP rank r of dp packs documents h + r, h + r + dp, ... (h: the first after them) as
     build_cache does. A fill runs the model over the rank's next contexts, cfg.batch_size a pass,
     into a buffer of buffer_tokens rows, which batches drain in a random order (seed, rank, fill).
     A rank's position is the corpus cursor (document, token) where its fill began: a resumed fill
     is computed again in the same shapes, the same floats on a CPU (on a GPU: with deterministic
     kernels). TP rank 0 of each group computes a fill, and broadcasts it."""
 
-    dequantize = ActivationCache.dequantize  # the rows are float32 already: given back as they are
-
-    def __init__(self, cfg: CacheConfig, buffer_tokens, heldout, position, device, shuffle=True):
+    def __init__(self, cfg: CacheConfig, buffer_tokens, n_heldout, position, device, shuffle=True):
         model_dir = resolve_model_dir(cfg.model)
         self.model = load_model(model_dir).to(device)
         shards.check_config(cfg, self.model.config.n_ctx)  # cache.py's refusals, word for word
@@ -419,12 +415,12 @@ class ActivationStream:
         self.shuffle = shuffle
         self.n_layers = self.model.config.n_layer
         self.d_model = self.model.config.n_embd
-        self.ready = None  # the fill in self.buf
-        self.H = position["heldout"] if position else heldout  # fixed when the run began
+        self.H = position["heldout"] if position else n_heldout  # fixed when the run began
         self.manifest = checkpoint.stream_manifest(cfg, self.model, model_dir, self.N, self.H)
-        docs = corpora.iter_documents(cfg.corpus, cfg.seed, cfg.text_field)
-        contexts = itertools.islice(iter_contexts(docs, self.enc, cfg.ctx), self.H)
-        self.heldout_contexts, self.first_doc = checkpoint.held_out(contexts, self.H, cfg)
+        self.heldout, self.first_doc = checkpoint.held_out(iter_contexts, self.enc, cfg, self.H)
+
+    def dequantize(self, rows, device=None):  # the rows are float32, on the device already
+        return rows.mlp_in, rows.mlp_out
 
     def norms(self, mesh):
         """(norm_in, norm_out) (L,): the mean ||x|| per layer of the first fill over all DP ranks,
@@ -449,7 +445,7 @@ class ActivationStream:
         self.P = P = self.N // batch_size  # whole batches (checkpoint.check_flags)
         f0, j0 = divmod(start_step, P)
         for f in itertools.count(f0):
-            if self.ready != f:
+            if f > f0 or self.position is not None:  # a new run's fill 0: made by norms
                 self.fill(f)
             order = shuffled(self.N, self.shuffle, [seed, rank, f])
             for j in range(j0 if f == f0 else 0, P):
@@ -475,7 +471,6 @@ class ActivationStream:
             self.starts[f + 1] = batch[-1][1]
         for x in self.buf:
             broadcast(x, self.mesh.tp_group)
-        self.ready = f
 
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """
 train.py: train a cross-layer transcoder on an activation cache, on one process or many.
 
-Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2, or with --corpus and no cache
-they are computed as training goes (cache.ActivationStream). Every DP rank reads its share of each
-global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
-and decodes a partial reconstruction that one all-reduce over TP completes. Losses -> backward ->
-DP's gradient average -> ONE all-reduce of the bookkeeping (metrics, gradient norm, fired features)
--> global-norm clip -> Adam; metrics reach the host at log steps only. Every --eval-every steps the
-CLT is spliced into the GPT on held-out contexts; the end saves it in circuit-tracer's layout.
+Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2 (--corpus: no cache, the GPT
+computes them as training goes). Every DP rank reads its share of each global batch, normalized per
+layer; each TP rank encodes it with its F/tp features per layer and decodes a partial
+reconstruction that one all-reduce over TP completes. Losses -> backward -> DP's gradient average
+-> ONE all-reduce of the bookkeeping (metrics, gradient norm, fired features) -> global-norm clip ->
+Adam; metrics reach the host at log steps only. Every --eval-every steps the CLT is spliced into the
+GPT on held-out contexts; the end saves it in circuit-tracer's layout.
 
     python train.py                                  # the default CLT of models/tiny (CPU, minutes)
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1  # tiny CPU run
@@ -324,8 +324,7 @@ def evaluate(gpt, clt, contexts, batch=16):
 
 
 def open_data(c, meta, device):
-    """The activations to train on: the cache (the default one built first if missing); or, given
-    --corpus, the model's computed as training goes (cache.ActivationStream)."""
+    """The activations: the cache (the default built if missing), or --corpus's, streamed."""
     if c.corpus:  # what a cache of these activations would say, and where to begin
         model = c.model or CacheConfig.model
         cfg = CacheConfig(model, c.corpus, c.text_field, ctx=c.ctx, batch_size=c.contexts)
@@ -392,9 +391,8 @@ def train(config: TrainConfig, given=None):
             if evaluating:
                 metrics["eval"] = evaluate(gpt, clt, contexts)
             log.log(metrics)
-            if saving:  # and a stream's position (checkpoint.stream_position)
-                extra = dict(ids, metrics=metrics)
-                checkpoint.save(c, clt, opt, state, mesh, master, extra, cache)
+            if saving:
+                checkpoint.save(c, clt, opt, state, mesh, cache, dict(ids, metrics=metrics))
             log.lap(done)  # the next row's clock starts after the evaluation and the checkpoint
     checkpoint.finish(c, clt, metrics, meta, end, mesh, master)
     log.finish()

@@ -18,6 +18,7 @@ last, names its export id.
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from forge import corpora
 from forge.cli import add_config_args
 from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
 from forge.formats import read_clt_config
@@ -132,7 +134,7 @@ def eval_inputs(c, cache, load_gpt, device):
 def heldout_contexts(cache, n, bos):
     """Whole held-out contexts (n, ctx) from the cache's held-out rows, BOS put back if dropped; a
     stream's are its corpus's first contexts (cache.ActivationStream)."""
-    streamed = getattr(cache, "heldout_contexts", None)
+    streamed = getattr(cache, "heldout", None)  # (H, ctx): an ActivationStream's
     if streamed is not None:
         if min(n, len(streamed)) == 0:
             raise ValueError("the stream holds out no context: pass --eval-contexts > 0")
@@ -161,10 +163,11 @@ def stream_manifest(cfg, model, model_dir, buffer_tokens, heldout):
     return dict(model=model_dir, identity=identity, ctx=cfg.ctx, keep_bos=cfg.keep_bos)
 
 
-def held_out(contexts, n, cfg):
-    """A stream's first n contexts ((tokens, doc ids) from cache.iter_contexts) -> their tokens
-    (n, ctx) int64 and the first document after them (where training begins)."""
-    held = list(contexts)
+def held_out(pack, enc, cfg, n):
+    """A stream's held-out part: the first n contexts of cfg.corpus packed by pack (cache's
+    iter_contexts) -> their tokens (n, ctx) int64 and the first document after them."""
+    docs = corpora.iter_documents(cfg.corpus, cfg.seed, cfg.text_field)
+    held = list(itertools.islice(pack(docs, enc, cfg.ctx), n))
     if len(held) < n:
         few = f"gave {len(held)} contexts of {cfg.ctx - 1} tokens, fewer than the {n} held out"
         fix = "pass a larger corpus or a smaller --eval-contexts"
@@ -320,11 +323,12 @@ def shard_name(mesh):
     return f"tp{mesh.tp_rank}-mesh{mesh.dp}x{mesh.tp}.safetensors"
 
 
-def save(c, clt, opt, state, mesh, master, extra, source=None):
+def save(c, clt, opt, state, mesh, source, extra):
     """TP ranks of DP replica 0 write their shards, then rank 0 latest.json (with `extra`, and the
     position of a stream `source`), then removes the older step directories: a good checkpoint is
     always on disk."""
     stream = stream_position(source, state["step"]) if c.corpus else None  # on every rank
+    master = mesh.dp_rank == 0 and mesh.tp_rank == 0  # global rank 0 (parallel.make_mesh)
     root = os.path.join(c.out, CKPT_DIR)
     step_dir = os.path.join(root, f"step_{state['step']:06d}")
     if mesh.dp_rank == 0:  # the DP replicas hold identical copies
