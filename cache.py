@@ -1,7 +1,6 @@
 """
 cache.py: the activation cache. Run GPT-2 over a corpus once, store every layer's MLP input and
-output for each token in memory-mapped shards, and serve them to CLT training shuffled, per rank;
-or no cache at all: ActivationStream serves them as the model computes them, through a buffer.
+output per token in memory-mapped shards, serve them to training shuffled (or stream them: no disk).
 
 Data flow.  corpus -> documents -> tokens, packed into contexts [<|endoftext|>, t1 .. t_{ctx-1}]
 -> GPT.run_with_acts(logits=False) -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS,
@@ -394,14 +393,13 @@ def _cut(id_arrays, B):
 
 
 class ActivationStream:
-    """ActivationCache's interface to training (norms, batches, dequantize) over rows the model
-    computes as training goes: no disk. The corpus's first contexts are held out for evaluation
-    (`heldout`); DP rank r of dp packs documents h + r, h + r + dp, ... (h: the first after them) as
-    build_cache does. A fill runs the model over the rank's next contexts, cfg.batch_size a pass,
-    into a buffer of buffer_tokens rows, which batches drain in a random order (seed, rank, fill).
-    A rank's position is the corpus cursor (document, token) where its fill began: a resumed fill
-    is computed again in the same shapes, the same floats on a CPU (on a GPU: with deterministic
-    kernels). TP rank 0 of each group computes a fill, and broadcasts it."""
+    """ActivationCache's interface to training over rows the model computes as training goes. The
+    corpus's first contexts are held out (`heldout`); DP rank r of dp packs documents h + r,
+    h + r + dp, ... (h: the first after them) as build_cache does. A fill runs the model over its
+    next contexts, cfg.batch_size a pass, into a buffer of buffer_tokens rows that batches drain in
+    a random order (seed, rank, fill). A rank's position: the corpus cursor (document, token) where
+    its fill began; a resumed fill is computed again in the same shapes, the same floats on a CPU
+    (on a GPU: with deterministic kernels). TP rank 0 of a group computes a fill, broadcasts it."""
 
     def __init__(self, cfg: CacheConfig, buffer_tokens, n_heldout, position, device, shuffle=True):
         model_dir = resolve_model_dir(cfg.model)
@@ -423,8 +421,8 @@ class ActivationStream:
         return rows.mlp_in, rows.mlp_out
 
     def norms(self, mesh):
-        """(norm_in, norm_out) (L,): the mean ||x|| per layer of the first fill over all DP ranks,
-        or the checkpoint's. The stream runs on `mesh` from here on."""
+        """(norm_in, norm_out) (L,): the first fill's mean ||x|| over the DP ranks (or the
+        checkpoint's), per layer. The stream runs on `mesh` from here on."""
         self.mesh = mesh
         shape = (self.N, self.n_layers, self.d_model)
         self.buf = [torch.empty(shape, device=self.device) for _ in range(2)]  # the fill's in, out
@@ -455,8 +453,7 @@ class ActivationStream:
 
     @torch.no_grad()
     def fill(self, f):
-        """Fill f: TP rank 0 runs the model over its next contexts and broadcasts the rows to its
-        TP group; the cursor after them is where fill f + 1 begins."""
+        """Fill f: TP rank 0 runs the model over its next contexts, broadcasts the rows (TP)."""
         R = self.cfg.ctx - 1  # rows per context: the BOS is dropped, as in the cache
         row = 0
         while self.mesh.tp_rank == 0 and row < self.N:
@@ -468,7 +465,7 @@ class ActivationStream:
             for buf, x in zip(self.buf, xs):
                 buf[row : row + k] = x[:k]
             row += k
-            self.starts[f + 1] = batch[-1][1]
+            self.starts[f + 1] = batch[-1][1]  # the cursor after them: where fill f + 1 begins
         for x in self.buf:
             broadcast(x, self.mesh.tp_group)
 

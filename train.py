@@ -1,13 +1,13 @@
 """
-train.py: train a cross-layer transcoder on an activation cache, on one process or many.
+train.py: train a cross-layer transcoder on cached or streamed activations, on one process or many.
 
-Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2 (--corpus: no cache, the GPT
-computes them as training goes). Every DP rank reads its share of each global batch, normalized per
-layer; each TP rank encodes it with its F/tp features per layer and decodes a partial
-reconstruction that one all-reduce over TP completes. Losses -> backward -> DP's gradient average
--> ONE all-reduce of the bookkeeping (metrics, gradient norm, fired features) -> global-norm clip ->
-Adam; metrics reach the host at log steps only. Every --eval-every steps the CLT is spliced into the
-GPT on held-out contexts; the end saves it in circuit-tracer's layout.
+Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2, or --corpus streams them.
+Every DP rank reads its share of each global batch, normalized per layer; each TP rank encodes it
+with its F/tp features per layer and decodes a partial reconstruction that one all-reduce over TP
+completes. Losses -> backward -> DP's gradient average -> ONE all-reduce of the bookkeeping
+(metrics, gradient norm, fired features) -> global-norm clip -> Adam; metrics reach the host at log
+steps only. Every --eval-every steps the CLT is spliced into the GPT on held-out contexts; the end
+saves it in circuit-tracer's layout.
 
     python train.py                                  # the default CLT of models/tiny (CPU, minutes)
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1  # tiny CPU run

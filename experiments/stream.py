@@ -4,12 +4,12 @@ runs in every fill of the shuffle buffer) against cached (an int8 cache of the s
 same flags, on a random GPT-2 small; and, at TP = 2, a fill computed by TP rank 0 and broadcast
 (train.py's way) against each TP rank computing it (gloo, a process and one thread per rank).
 
-    python experiments/stream.py              # GPT-2-small shape, F = 3072: ~10 minutes on 2 cores
+    python experiments/stream.py              # GPT-2-small shape, F = 3072: ~15 min on 2 busy cores
     python experiments/stream.py --quick      # the tiny shape (L4 d128), F = 1024: a minute
 
 tokens/s is over the whole train() call, after a one-step warm-up of each: the streamed run also
-loads the GPT and reads its held-out contexts, the cached one opens its cache (built beforehand). "predicted" is what FLOPs
-alone say: step / (step + forward), with the forward at 2 FLOPs per weight (attention aside).
+loads the GPT and reads its held-out contexts, the cached one opens its cache (built beforehand).
+"FLOPs predict": step / (step + forward), the forward at 2 FLOPs per weight (attention aside).
 """
 
 import os
