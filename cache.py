@@ -401,19 +401,19 @@ class ActivationStream:
     its fill began; a resumed fill is computed again in the same shapes, the same floats on a CPU
     (on a GPU: with deterministic kernels). TP rank 0 of a group computes a fill, broadcasts it."""
 
-    def __init__(self, cfg: CacheConfig, buffer_tokens, n_heldout, position, device, shuffle=True):
+    def __init__(self, cfg: CacheConfig, buffer_tokens, n_heldout, meta, device, shuffle=True):
         model_dir = resolve_model_dir(cfg.model)
         self.model = load_model(model_dir).to(device)
         shards.check_config(cfg, self.model.config.n_ctx)  # cache.py's refusals, word for word
         self.enc = load_tokenizer(model_dir)
         self.cfg = cfg
         self.N = buffer_tokens  # rows per fill, per DP rank
-        self.position = position  # the checkpoint's (checkpoint.stream_position), None: new
+        self.position = meta and meta["stream"]  # meta: a checkpoint's (checkpoint.stream_position)
         self.device = device
         self.shuffle = shuffle
         self.n_layers = self.model.config.n_layer
         self.d_model = self.model.config.n_embd
-        self.H = position["heldout"] if position else n_heldout  # fixed when the run began
+        self.H = self.position["heldout"] if self.position else n_heldout  # fixed at the start
         self.manifest = checkpoint.stream_manifest(cfg, self.model, model_dir, self.N, self.H)
         self.heldout, self.first_doc = checkpoint.held_out(iter_contexts, self.enc, cfg, self.H)
 
@@ -454,10 +454,9 @@ class ActivationStream:
     @torch.no_grad()
     def fill(self, f):
         """Fill f: TP rank 0 runs the model over its next contexts, broadcasts the rows (TP)."""
-        R = self.cfg.ctx - 1  # rows per context: the BOS is dropped, as in the cache
         row = 0
-        while self.mesh.tp_rank == 0 and row < self.N:
-            n = min(self.cfg.batch_size, -(-(self.N - row) // R))  # contexts in this pass
+        while self.mesh.tp_rank == 0 and row < self.N:  # ctx - 1 rows a context: no BOS's
+            n = min(self.cfg.batch_size, -(-(self.N - row) // (self.cfg.ctx - 1)))  # contexts
             batch = list(itertools.islice(self.reader, n))  # (tokens (ctx,), the cursor after)
             idx = torch.from_numpy(np.stack([t for t, _ in batch])).long().to(self.device)
             xs = _forward_rows(self.model, idx, 1)  # mlp_in, mlp_out (n·R, L, d)

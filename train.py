@@ -1,13 +1,12 @@
 """
 train.py: train a cross-layer transcoder on cached or streamed activations, on one process or many.
 
-Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2, or --corpus streams them.
-Every DP rank reads its share of each global batch, normalized per layer; each TP rank encodes it
-with its F/tp features per layer and decodes a partial reconstruction that one all-reduce over TP
-completes. Losses -> backward -> DP's gradient average -> ONE all-reduce of the bookkeeping
-(metrics, gradient norm, fired features) -> global-norm clip -> Adam; metrics reach the host at log
-steps only. Every --eval-every steps the CLT is spliced into the GPT on held-out contexts; the end
-saves it in circuit-tracer's layout.
+Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2. Every DP rank reads its share
+of each global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
+and decodes a partial reconstruction that one all-reduce over TP completes. Losses -> backward ->
+DP's gradient average -> ONE all-reduce of the bookkeeping (metrics, gradient norm, fired features)
+-> global-norm clip -> Adam; metrics reach the host at log steps only. Every --eval-every steps the
+CLT is spliced into the GPT on held-out contexts; the end saves it in circuit-tracer's layout.
 
     python train.py                                  # the default CLT of models/tiny (CPU, minutes)
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1  # tiny CPU run
@@ -328,8 +327,7 @@ def open_data(c, meta, device):
     if c.corpus:  # what a cache of these activations would say, and where to begin
         model = c.model or CacheConfig.model
         cfg = CacheConfig(model, c.corpus, c.text_field, ctx=c.ctx, batch_size=c.contexts)
-        at = meta and meta["stream"]  # resumed: where the checkpoint's fill began
-        return ActivationStream(cfg, c.buffer_tokens, c.eval_contexts, at, device, c.shuffle)
+        return ActivationStream(cfg, c.buffer_tokens, c.eval_contexts, meta, device, c.shuffle)
     if checkpoint.default_cache_missing(c.cache, TrainConfig.cache):  # another missing one: refused
         print(f"no cache at {c.cache}: building the default one ({CacheConfig().tokens} tokens)")
         build_cache(CacheConfig(out=c.cache))
