@@ -459,7 +459,7 @@ class ActivationStream:
             n = min(self.cfg.batch_size, -(-(self.N - row) // (self.cfg.ctx - 1)))  # contexts
             batch = list(itertools.islice(self.reader, n))  # (tokens (ctx,), the cursor after)
             idx = torch.from_numpy(np.stack([t for t, _ in batch])).long().to(self.device)
-            xs = _forward_rows(self.model, idx, 1)  # mlp_in, mlp_out (n·R, L, d)
+            xs = _forward_rows(self.model, idx, 1)  # mlp_in, mlp_out (n·(ctx − 1), L, d)
             k = min(len(xs[0]), self.N - row)
             for buf, x in zip(self.buf, xs):
                 buf[row : row + k] = x[:k]
