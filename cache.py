@@ -1,6 +1,6 @@
 """
 cache.py: the activation cache. Run GPT-2 over a corpus once, store every layer's MLP input and
-output for each token in memory-mapped shards, and serve them to CLT training shuffled, per rank.
+output per token in memory-mapped shards, serve them to training shuffled (or stream them: no disk).
 
 Data flow.  corpus -> documents -> tokens, packed into contexts [<|endoftext|>, t1 .. t_{ctx-1}]
 -> GPT.run_with_acts(logits=False) -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS,
@@ -36,16 +36,18 @@ activations; it keeps one scale per layer per file and loads whole files into RA
   yields stored rows, dequantized where they are used (4x less to move to a GPU for int8).
 """
 
+import itertools
 import sys
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
-from forge import corpora, files, shards
+from forge import checkpoint, corpora, files, shards
 from forge.cli import arg, parse_config, run_main
 from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 from model import load_model
+from parallel import all_reduce_sum, broadcast
 
 PREFETCH = 8  # batches a reader reads ahead of the consumer, on its worker threads
 
@@ -117,14 +119,15 @@ def _first_batch_channel_scales(cfg, model, enc):
     return torch.stack([channel_scales(x[:, drop:]) for x in (acts.mlp_in, acts.mlp_out)])
 
 
-def iter_contexts(docs, enc, ctx):
+def iter_contexts(docs, enc, ctx, skip=0):
     """Pack documents into contexts: yield (tokens (ctx,), doc ids (ctx,)) int32. The stream
     doc0 <|eot|> doc1 <|eot|> ... is cut into runs of ctx-1 tokens, each behind the same BOS
-    <|eot|>. A separator belongs to the document it ends, the BOS to that of the token after it."""
+    <|eot|>. A separator belongs to the document it ends, the BOS to that of the token after it.
+    skip: tokens of the first document used already (where a resumed ActivationStream goes on)."""
     eot = enc.eot_token
     toks, ids = [], []
     for doc_id, doc in enumerate(docs):
-        t = enc.encode_ordinary(doc) + [eot]
+        t = (enc.encode_ordinary(doc) + [eot])[0 if doc_id else skip :]
         toks += t
         ids += [doc_id] * len(t)
         while len(toks) >= ctx - 1:
@@ -248,10 +251,10 @@ class Rows:
 
 class ActivationCache:
     """A finished cache, opened read-only (checked as shards.ShardFiles says). model=: refuse a
-    cache made by another model. unit_rows, window_mb: the granularity of the shuffle (see
-    `batches`), part of a run's data order like the seed. workers: threads that read batches."""
+    cache made by another model. unit_rows, window_mb, shuffle (False: the rows in order): the
+    shuffle (see `batches`), part of a run's data order like the seed. workers: reader threads."""
 
-    def __init__(self, path, model=None, unit_rows=1024, window_mb=512, workers=2):
+    def __init__(self, path, model=None, unit_rows=1024, window_mb=512, workers=2, shuffle=True):
         self.files = shards.ShardFiles(path, asdict(CacheConfig()), model)  # checked; model= too
         self.manifest = m = self.files.manifest
         self.path = path
@@ -262,9 +265,13 @@ class ActivationCache:
         self.unit_rows = unit_rows
         self.window_mb = window_mb
         self.workers = workers
+        self.shuffle = shuffle
         self.norm_in = torch.tensor(m["norm_in"])  # (L,)
         self.norm_out = torch.tensor(m["norm_out"])  # (L,)
         self.channel_scale = torch.tensor(m["channel_scale"]) if m["channel_scale"] else None
+
+    def norms(self, mesh=None):  # the mean ||x|| per layer over the cache's rows, in and out
+        return self.norm_in, self.norm_out
 
     def row_bytes(self):
         """Stored bytes of one row's activations and scales (what a reader moves per token)."""
@@ -352,7 +359,7 @@ class ActivationCache:
         permuted global row ids only when asked (a skipped window costs nothing)."""
         U = self.unit_rows
         starts = np.arange(lo, hi, U)
-        order = np.random.default_rng([seed, epoch]).permutation(len(starts))
+        order = shuffled(len(starts), self.shuffle, [seed, epoch])
         pos = 0
         for w, g in enumerate(range(0, len(order), window_units)):
             units = starts[order[g : g + window_units]]
@@ -360,10 +367,15 @@ class ActivationCache:
 
             def rows(units=units, w=w):
                 r = np.concatenate([np.arange(u, min(u + U, hi)) for u in units])
-                return r[np.random.default_rng([seed, epoch, w]).permutation(len(r))]
+                return r[shuffled(len(r), self.shuffle, [seed, epoch, w])]
 
             yield pos, size, rows
             pos += size
+
+
+def shuffled(n, shuffle, seed):
+    """A random order of range(n) drawn from seed (a list of ints); range(n) without shuffle."""
+    return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
 
 
 def _cut(id_arrays, B):
@@ -374,6 +386,87 @@ def _cut(id_arrays, B):
         n = len(ids) // B * B
         yield from ids[:n].reshape(-1, B)
         carry = ids[n:]
+
+
+# -----------------------------------------------------------------------------
+# no cache: activations streamed from the model through a shuffle buffer
+
+
+class ActivationStream:
+    """ActivationCache's interface to training over rows the model computes as training goes. The
+    corpus's first contexts are held out (`heldout`); DP rank r of dp packs documents h + r,
+    h + r + dp, ... (h: the first after them) as build_cache does. A fill runs the model over its
+    next contexts, cfg.batch_size a pass, into a buffer of buffer_tokens rows that batches drain in
+    a random order (seed, rank, fill). A rank's position: the corpus cursor (document, token) where
+    its fill began; a resumed fill is computed again in the same shapes, the same floats on a CPU
+    (on a GPU: with deterministic kernels). TP rank 0 of a group computes a fill, broadcasts it."""
+
+    def __init__(self, cfg: CacheConfig, buffer_tokens, n_heldout, meta, device, shuffle=True):
+        model_dir = resolve_model_dir(cfg.model)
+        self.model = load_model(model_dir).to(device)
+        shards.check_config(cfg, self.model.config.n_ctx)  # cache.py's refusals, word for word
+        self.enc = load_tokenizer(model_dir)
+        self.cfg = cfg
+        self.N = buffer_tokens  # rows per fill, per DP rank
+        self.position = meta and meta["stream"]  # meta: a checkpoint's (checkpoint.stream_position)
+        self.device = device
+        self.shuffle = shuffle
+        self.n_layers = self.model.config.n_layer
+        self.d_model = self.model.config.n_embd
+        self.H = self.position["heldout"] if self.position else n_heldout  # fixed at the start
+        self.manifest = checkpoint.stream_manifest(cfg, self.model, model_dir, self.N, self.H)
+        self.heldout, self.first_doc = checkpoint.held_out(iter_contexts, self.enc, cfg, self.H)
+
+    def dequantize(self, rows, device=None):  # the rows are float32, on the device already
+        return rows.mlp_in, rows.mlp_out
+
+    def norms(self, mesh):
+        """(norm_in, norm_out) (L,): the first fill's mean ||x|| over the DP ranks (or the
+        checkpoint's), per layer. The stream runs on `mesh` from here on."""
+        self.mesh = mesh
+        shape = (self.N, self.n_layers, self.d_model)
+        self.buf = [torch.empty(shape, device=self.device) for _ in range(2)]  # the fill's in, out
+        f, doc, token = checkpoint.stream_start(self.position, self.first_doc, mesh)
+        self.starts = {f: (doc, token)}  # this rank's cursor where each fill begins
+        self.reader = corpora.contexts_from(iter_contexts, self.enc, self.cfg, doc, token, mesh.dp)
+        self.norm = torch.tensor(self.position["norm"]) if self.position else None  # (2, L)
+        if self.norm is None:
+            self.fill(0)
+            norms = [torch.linalg.vector_norm(x, dim=-1).double().sum(0) for x in self.buf]
+            sums = all_reduce_sum(torch.stack(norms), mesh.dp_group)  # (2, L) over DP ranks
+            self.norm = (sums / (self.N * mesh.dp)).float().cpu()
+        return tuple(self.norm)
+
+    def batches(self, batch_size, seed=0, rank=0, world=1, start_step=0):
+        """Yield this DP rank's batches (Rows) from global step start_step on: fill f holds the
+        steps f·P .. f·P + P − 1 (P = buffer_tokens / batch_size), batch_size rows each, sorted."""
+        self.P = P = self.N // batch_size  # whole batches (checkpoint.check_flags)
+        f0, j0 = divmod(start_step, P)
+        for f in itertools.count(f0):
+            if f > f0 or self.position is not None:  # a new run's fill 0: made by norms
+                self.fill(f)
+            order = shuffled(self.N, self.shuffle, [seed, rank, f])
+            for j in range(j0 if f == f0 else 0, P):
+                ids = torch.from_numpy(np.sort(order[j * batch_size : (j + 1) * batch_size]))
+                rows = [x.index_select(0, ids.to(self.device)) for x in self.buf]  # (B, L, d)
+                yield Rows(*rows, None, ids + f * self.N)
+
+    @torch.no_grad()
+    def fill(self, f):
+        """Fill f: TP rank 0 runs the model over its next contexts, broadcasts the rows (TP)."""
+        row = 0
+        while self.mesh.tp_rank == 0 and row < self.N:  # ctx - 1 rows a context: no BOS's
+            n = min(self.cfg.batch_size, -(-(self.N - row) // (self.cfg.ctx - 1)))  # contexts
+            batch = list(itertools.islice(self.reader, n))  # (tokens (ctx,), the cursor after)
+            idx = torch.from_numpy(np.stack([t for t, _ in batch])).long().to(self.device)
+            xs = _forward_rows(self.model, idx, 1)  # mlp_in, mlp_out (n·(ctx − 1), L, d)
+            k = min(len(xs[0]), self.N - row)
+            for buf, x in zip(self.buf, xs):
+                buf[row : row + k] = x[:k]
+            row += k
+            self.starts[f + 1] = batch[-1][1]  # the cursor after them: where fill f + 1 begins
+        for x in self.buf:
+            broadcast(x, self.mesh.tp_group)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-train.py: train a cross-layer transcoder on an activation cache, on one process or many.
+train.py: train a cross-layer transcoder on cached or streamed activations, on one process or many.
 
 Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2. Every DP rank reads its share
 of each global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
@@ -10,6 +10,7 @@ CLT is spliced into the GPT on held-out contexts; the end saves it in circuit-tr
 
     python train.py                                  # the default CLT of models/tiny (CPU, minutes)
     python train.py --cache runs/cache --steps 50 --features 256 --eval-every -1  # tiny CPU run
+    python train.py --corpus toy --steps 50 --features 256 --eval-every -1  # no cache: streamed
     python train.py --resume --out runs/clt          # continue it (forge/checkpoint.py: the rules)
     torchrun --nproc_per_node=4 train.py --tp 2      # one node: dp = 4 / 2 = 2 (NCCL; gloo on CPU)
     torchrun --nnodes=N --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT \\
@@ -41,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from cache import ActivationCache, CacheConfig, build_cache
+from cache import ActivationCache, ActivationStream, CacheConfig, build_cache
 from clt import CLTConfig, CrossLayerTranscoder
 from forge import checkpoint, files
 from forge.cli import arg, run_main
@@ -55,6 +56,12 @@ class TrainConfig:
     cache: str = arg("runs/cache", "activation cache written by cache.py", group="data and model")
     model: str = arg("", 'GPT of the spliced loss; "" = the model named in the cache manifest')
     out: str = arg("runs/clt", "the run's folder: the export, metrics.jsonl and checkpoints/")
+    shuffle: bool = arg(True, "shuffle the rows (--no-shuffle: in their order, e.g. to compare)")
+    corpus: str = arg("", "no cache: stream --model's activations over this corpus", group="stream")
+    text_field: str = arg("text", "its text field or column (cache.py's --corpus and --text-field)")
+    ctx: int = arg(64, "context length, BOS included")
+    contexts: int = arg(64, "contexts per forward pass of the model")
+    buffer_tokens: int = arg(65536, "rows in each DP rank's shuffle buffer, drained, then refilled")
     features: int = arg(1024, "F: features per layer (all TP ranks together)", group="the CLT")
     activation: str = arg("jumprelu", "jumprelu | topk | batchtopk | relu")
     k: int = arg(16, "topk / batchtopk: active features per token and layer")
@@ -315,6 +322,18 @@ def evaluate(gpt, clt, contexts, batch=16):
 # the run
 
 
+def open_data(c, meta, device):
+    """The activations: the cache (the default built if missing), or --corpus's, streamed."""
+    if c.corpus:  # what a cache of these activations would say, and where to begin
+        model = c.model or CacheConfig.model
+        cfg = CacheConfig(model, c.corpus, c.text_field, ctx=c.ctx, batch_size=c.contexts)
+        return ActivationStream(cfg, c.buffer_tokens, c.eval_contexts, meta, device, c.shuffle)
+    if checkpoint.default_cache_missing(c.cache, TrainConfig.cache):  # another missing one: refused
+        print(f"no cache at {c.cache}: building the default one ({CacheConfig().tokens} tokens)")
+        build_cache(CacheConfig(out=c.cache))
+    return ActivationCache(c.cache, shuffle=c.shuffle)
+
+
 def build(c, cache, mesh, device):
     """The CLT shard of this rank, with the cache's normalization, and its optimizer."""
     keys = ("activation", "k", "threshold_init", "bandwidth", "decoder", "skip")
@@ -322,9 +341,10 @@ def build(c, cache, mesh, device):
     sha256 = cache.manifest.get("identity", {}).get("model_sha256", "")  # graph.py refuses others
     config = CLTConfig(cache.n_layers, cache.d_model, c.features, model_sha256=sha256, **shared)
     clt = CrossLayerTranscoder(config, c.seed, mesh)
+    norm_in, norm_out = cache.norms(mesh)  # (L,) each; a stream's: from its first fill
     with torch.no_grad():  # E||x|| = sqrt(d) per layer (Ameisen et al. 2025), from the mean norms
-        clt.input_scale.copy_(cache.d_model**0.5 / cache.norm_in)
-        clt.output_scale.copy_(cache.d_model**0.5 / cache.norm_out)
+        clt.input_scale.copy_(cache.d_model**0.5 / norm_in)
+        clt.output_scale.copy_(cache.d_model**0.5 / norm_out)
     clt.to(device).train()
     return clt, optimizer(clt, c)
 
@@ -341,10 +361,7 @@ def train(config: TrainConfig, given=None):
     c, meta = checkpoint.resolve(config, given)  # on --resume: the checkpoint's config and meta
     ddp, rank, local_rank, world, device = compute_init(c.device, c.timeout_s)
     master = rank == 0
-    if checkpoint.default_cache_missing(c.cache, TrainConfig.cache):  # another missing one: refused
-        print(f"no cache at {c.cache}: building the default one ({CacheConfig().tokens} tokens)")
-        build_cache(CacheConfig(out=c.cache))
-    cache = ActivationCache(c.cache)
+    cache = open_data(c, meta, device)  # a cache, or with --corpus activations streamed
     checkpoint.check_resume(c, meta, world, cache.manifest, device)  # and the same on every rank
     mesh = make_mesh(ddp, world, c.tp, device)
     checkpoint.check_flags(c, cache, mesh)
@@ -373,7 +390,7 @@ def train(config: TrainConfig, given=None):
                 metrics["eval"] = evaluate(gpt, clt, contexts)
             log.log(metrics)
             if saving:
-                checkpoint.save(c, clt, opt, state, mesh, master, dict(ids, metrics=metrics))
+                checkpoint.save(c, clt, opt, state, mesh, cache, dict(ids, metrics=metrics))
             log.lap(done)  # the next row's clock starts after the evaluation and the checkpoint
     checkpoint.finish(c, clt, metrics, meta, end, mesh, master)
     log.finish()

@@ -18,6 +18,7 @@ last, names its export id.
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from forge import corpora
 from forge.cli import DEBUG_HELP, add_config_args
 from forge.files import check_same_model, fsync_dir, save_safetensors, write_json
 from forge.formats import read_clt_config
@@ -130,7 +132,13 @@ def eval_inputs(c, cache, load_gpt, device):
 
 
 def heldout_contexts(cache, n, bos):
-    """Whole held-out contexts (n, ctx) from the cache's held-out rows, BOS put back if dropped."""
+    """Whole held-out contexts (n, ctx) from the cache's held-out rows, BOS put back if dropped; a
+    stream's are its corpus's first contexts (cache.ActivationStream)."""
+    streamed = getattr(cache, "heldout", None)  # (H, ctx): an ActivationStream's
+    if streamed is not None:
+        if min(n, len(streamed)) == 0:
+            raise ValueError("the stream holds out no context: pass --eval-contexts > 0")
+        return streamed[:n]
     m = cache.manifest
     lo, hi = cache.split_range("heldout")
     R = m["ctx"] - (0 if m["keep_bos"] else 1)  # consecutive rows per context
@@ -141,6 +149,53 @@ def heldout_contexts(cache, n, bos):
     tokens = cache.read(lo, lo + n * R)[2].view(n, R)  # (n, R) whole contexts (cache.py's layout)
     bos = torch.full((n, 0 if m["keep_bos"] else 1), bos, dtype=torch.long)  # the BOS, if dropped
     return torch.cat([bos, tokens], dim=1)  # (n, ctx)
+
+
+# -----------------------------------------------------------------------------
+# a stream's bookkeeping (cache.ActivationStream): its identity, held-out part, position
+def stream_manifest(cfg, model, model_dir, buffer_tokens, heldout):
+    """What a stream's run is trained on, checked like a cache's manifest: on every rank before
+    anything is built, and on --resume against the checkpoint's (the model's weights among it)."""
+    corpus = os.path.realpath(cfg.corpus) if os.path.exists(cfg.corpus) else cfg.corpus
+    keys = ("text_field", "seed", "ctx", "keep_bos", "batch_size")
+    identity = dict(model_sha256=model.fingerprint(), corpus=corpus, heldout=heldout)
+    identity.update(buffer_tokens=buffer_tokens, **{k: getattr(cfg, k) for k in keys})
+    return dict(model=model_dir, identity=identity, ctx=cfg.ctx, keep_bos=cfg.keep_bos)
+
+
+def held_out(pack, enc, cfg, n):
+    """A stream's held-out part: the first n contexts of cfg.corpus packed by pack (cache's
+    iter_contexts) -> their tokens (n, ctx) int64 and the first document after them."""
+    docs = corpora.iter_documents(cfg.corpus, cfg.seed, cfg.text_field)
+    held = list(itertools.islice(pack(docs, enc, cfg.ctx), n))
+    if len(held) < n:
+        few = f"gave {len(held)} contexts of {cfg.ctx - 1} tokens, fewer than the {n} held out"
+        fix = "pass a larger corpus or a smaller --eval-contexts"
+        raise ValueError(f"corpus {cfg.corpus} {few} for evaluation (--eval-contexts): {fix}")
+    tokens = torch.tensor([t.tolist() for t, _ in held], dtype=torch.long).view(-1, cfg.ctx)
+    return tokens, int(held[-1][1][-1]) + 1 if held else 0
+
+
+def stream_start(position, first_doc, mesh):
+    """-> (fill, document, token): where this DP rank's stream begins, a checkpoint's position (a
+    fill's start, see stream_position) or a new run's: its rank-th document after the held-out."""
+    if position is None:
+        return 0, first_doc + mesh.dp_rank, 0
+    return position["fill"], *position["cursors"][mesh.dp_rank]
+
+
+def stream_position(stream, step):
+    """Where a stream goes on from at global step `step` (every rank calls it at a checkpoint): the
+    fill holding that step, each DP rank's cursor (document, token) where that fill began (TP rank 0
+    of each group read it), the normalization and the held-out count."""
+    f = step // stream.P  # this fill, or the next at the boundary
+    cursors = [torch.tensor(stream.starts.get(f, (0, 0)), device=stream.device)]  # this rank's
+    if stream.mesh.dp > 1:
+        mine = cursors[0]
+        cursors = [torch.empty_like(mine) for _ in range(stream.mesh.dp)]
+        dist.all_gather(cursors, mine, group=stream.mesh.dp_group)
+    cursors = torch.stack(cursors).tolist()  # (dp, 2)
+    return dict(fill=f, cursors=cursors, norm=stream.norm.tolist(), heldout=stream.H)
 
 
 # -----------------------------------------------------------------------------
@@ -168,8 +223,9 @@ def check_resume(c, meta, world, manifest, device):
     saved, now = meta.get("cache_identity"), manifest.get("identity") or {}
     if saved is not None and saved != now:
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        data = f"--corpus {c.corpus} streamed" if c.corpus else f"--cache {c.cache}"
         raise ValueError(
-            f"--cache {c.cache} is not the cache the run in {c.out} was trained on (it differs in "
+            f"{data} is not the cache the run in {c.out} was trained on (it differs in "
             f"{differ}): resume with that cache, or start a new run in another --out"
         )
 
@@ -189,7 +245,12 @@ def check_flags(c, cache, mesh):
         raise ValueError(f"--log-every {c.log_every} must be positive")
     if c.autocast not in ("cuda", "always", "never"):
         raise ValueError(f"--autocast {c.autocast} must be cuda, always or never")
-    if cache.batches_per_epoch(c.batch_size // mesh.dp, mesh.dp) == 0:
+    if c.corpus and c.cache != next(f.default for f in fields(c) if f.name == "cache"):
+        raise ValueError("pass --cache (train from a cache) or --corpus (stream), not both")
+    if c.corpus and (c.buffer_tokens <= 0 or c.buffer_tokens % (c.batch_size // mesh.dp)):
+        rows = f"a positive multiple of each DP rank's batch ({c.batch_size // mesh.dp} rows)"
+        raise ValueError(f"--buffer-tokens {c.buffer_tokens} must be {rows}")
+    if not c.corpus and cache.batches_per_epoch(c.batch_size // mesh.dp, mesh.dp) == 0:
         lo, hi = cache.split_range("train")
         batch = f"fewer than one global batch of {c.batch_size}"
         raise ValueError(f"the cache's train split has {hi - lo} rows, {batch}")
@@ -262,9 +323,12 @@ def shard_name(mesh):
     return f"tp{mesh.tp_rank}-mesh{mesh.dp}x{mesh.tp}.safetensors"
 
 
-def save(c, clt, opt, state, mesh, master, extra):
-    """TP ranks of DP replica 0 write their shards, then rank 0 latest.json (with `extra`), then
-    removes the older step directories: a good checkpoint is always on disk."""
+def save(c, clt, opt, state, mesh, source, extra):
+    """TP ranks of DP replica 0 write their shards, then rank 0 latest.json (with `extra`, and the
+    position of a stream `source`), then removes the older step directories: a good checkpoint is
+    always on disk."""
+    stream = stream_position(source, state["step"]) if c.corpus else None  # on every rank
+    master = mesh.dp_rank == 0 and mesh.tp_rank == 0  # global rank 0 (parallel.make_mesh)
     root = os.path.join(c.out, CKPT_DIR)
     step_dir = os.path.join(root, f"step_{state['step']:06d}")
     if mesh.dp_rank == 0:  # the DP replicas hold identical copies
@@ -285,6 +349,8 @@ def save(c, clt, opt, state, mesh, master, extra):
         meta = dict(step=state["step"], mesh=[mesh.dp, mesh.tp], dir=os.path.basename(step_dir))
         meta.update(train_config=asdict(c), clt_config=asdict(clt.config))
         meta.update(rng=torch.get_rng_state().tolist(), data=data, **extra)
+        if stream is not None:
+            meta["stream"] = stream
         write_json(os.path.join(root, LATEST), meta, indent=None)
         for name in os.listdir(root):
             if name.startswith("step_") and name != meta["dir"]:

@@ -11,6 +11,7 @@
 the line (or row) and the fix. The order is fixed: a cache built from a corpus resumes the same.
 """
 
+import itertools
 import json
 import os
 import sys
@@ -151,3 +152,20 @@ def _text_of(row, text_field, where):
     keys = f" (fields {sorted(row)[:8]})" if isinstance(row, dict) else ""
     expected = f"expected a string or an object with a string {text_field!r} field{keys}"
     raise ValueError(f"{where}: {expected}: pass --text-field NAME")
+
+
+def contexts_from(pack, enc, cfg, doc, token, step):
+    """A streaming DP rank's contexts: documents doc, doc + step, doc + 2·step, ... of cfg.corpus
+    (the others read and skipped), packed by pack (cache.iter_contexts) from token `token` of the
+    first on. Yield (tokens (ctx,), the cursor after them): the (document, token) to start from to
+    get the contexts that follow. The corpus running out is refused, naming the fix."""
+    docs = itertools.islice(iter_documents(cfg.corpus, cfg.seed, cfg.text_field), doc, None, step)
+    rel = 0  # the document of the last token yielded, counted in this rank's documents
+    for tokens, ids in pack(docs, enc, cfg.ctx, token):
+        last = int(ids[-1])
+        n = int((ids[1:] == last).sum())  # that document's tokens in this context
+        token = token + n if last == rel else n
+        rel = last
+        yield tokens, (doc + rel * step, token)
+    fix = "pass a larger corpus or fewer --steps, or train from a cache (its reader repeats)"
+    raise ValueError(f"corpus {cfg.corpus} ran out for a DP rank (document {doc} on): {fix}")
