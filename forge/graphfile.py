@@ -107,9 +107,28 @@ def node_records(graph, enc, explanations, cumulative, infl):
     return nodes
 
 
-def save_graph(graph, enc, cfg, pruned, scores, explanations):
+def qk_records(steps, feats, tokens, n_layers):
+    """graph.explain_heads' entries as the JSON's "qk" list: sources named as in nodes.json, the
+    features by feats (n, 3) (all active ones), position embeddings "pos@{p}", the bias "bias"."""
+    T = len(tokens)
+    ids = [f"{l}_{f}_{p}" for l, p, f in feats.tolist()]
+    ids += [f"{l}_-1_{p}" for l in range(n_layers) for p in range(T)]
+    ids += [f"E_{t}_{p}" for p, t in enumerate(tokens)] + [f"pos@{p}" for p in range(T)] + ["bias"]
+    keys = ("layer", "head", "query_pos", "key_pos", "pattern", "score", "contrast")
+    out = []
+    for step in steps:
+        record = {k: step[k] for k in keys}
+        for name in ("", "contrast_"):
+            pairs = step[name + "pairs"]
+            record[name + "pairs"] = [dict(query=ids[s], key=ids[t], value=v) for s, t, v in pairs]
+            record[name + "rest"] = step[name + "rest"]
+        out.append(record)
+    return out
+
+
+def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=()):
     """Write the folder cfg.out -> (kept nodes, links). pruned: prune's (node_mask, edge_mask,
-    cumulative, influence) on the CPU; scores: (replacement, completeness)."""
+    cumulative, influence) on the CPU; scores: (replacement, completeness); qk: qk_records'."""
     node_mask, edge_mask, cumulative, infl = pruned
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]
@@ -133,6 +152,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     mask = node_mask.tolist()
     kept = [node for node, m in zip(nodes, mask) if m]
     front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
+    front_end |= dict(qk=list(qk)) if qk else {}  # circuit-tracer's reader ignores the key
     write_json(os.path.join(cfg.out, f"{cfg.slug}.json"), front_end, indent=None)
     index_path = os.path.join(cfg.out, "graph-metadata.json")  # the folder's graphs, this one last
     index = {"graphs": []}
