@@ -323,6 +323,7 @@ class Attribution:
         top = int(layers.max())  # nothing above the highest target reaches any target
         T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
         g = vectors.new_zeros(d, T, B) if start is None else start  # d(targets)/d(residual)
+        layers = layers if start is None else torch.full_like(layers, -1)  # QK: none injected
         G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
         written = out[:, len(self.rep.feats) :].view(B, -1, self.T)  # (B, L + 1|2, T)
         self.add_injected(g, self.L, layers, positions, vectors)  # the logits, if any
@@ -413,10 +414,10 @@ def explain_heads(model, clt, rep, steps, n_pairs=20, batch_size=256, mesh=None)
     for step, (Q, K, M, measured) in zip(steps, qk_terms(model, clt, rep, steps, batch_size, mesh)):
         rec = dict(zip(("layer", "head", "query_pos", "key_pos"), step), **measured)
         for name, keys in (("", K), ("contrast_", K - M)):  # c_ij: q_i · (k_j - mean key)
-            values, pairs, total = top_pairs(Q, keys, n_pairs)
+            values, pairs = graphfile.top_pairs(Q, keys, n_pairs, BLOCK_ELEMENTS)
+            total = Q.double().sum(1) @ keys.double().sum(1)  # every pair's term: bilinear
             rec[name + "pairs"] = [(*st, v) for st, v in zip(pairs.tolist(), values.tolist())]
-            rec[name + "rest"] = total[0].item() - values.double().sum().item()
-            rec[name + "terms"] = total.tolist()  # (the sum of every term, the sum of |terms|)
+            rec[name + "rest"] = total.item() - values.double().sum().item()
         out.append(rec)
     return out
 
@@ -427,9 +428,9 @@ def qk_terms(model, clt, rep, steps, batch_size=256, mesh=None):
     att = Attribution(model, clt, rep, position_nodes=True)  # pos@j: a term of its own
     rows = qk_rows(att, model, steps, batch_size, mesh or Mesh())  # {(l, h, kind, pos): (hs, S)}
     off = (rep.feats[:0], rep.token[:0], *bias_inputs(clt, rep, True))  # every node off
-    layers = {l for l, *_ in steps}
-    real = {l: heads_qk(model, l, model, rep.idx) for l in layers}  # (nh, T, hs) q and k
-    bias = {l: heads_qk(model, l, target_inputs, model, clt, rep, *off) for l in layers}
+    layers = sorted({l for l, *_ in steps})
+    real = heads_qk(model, layers, model, rep.idx)  # {l: (nh, T, hs) q and k}
+    bias = heads_qk(model, layers, target_inputs, model, clt, rep, *off)
     out = []
     for l, h, i, j in steps:
         (q, k), (qb, kb) = real[l], bias[l]
@@ -439,10 +440,8 @@ def qk_terms(model, clt, rep, steps, batch_size=256, mesh=None):
         K = torch.cat([rows[l, h, "k", j], kb[h, j, :, None]], 1)
         M = torch.cat([rows[l, h, "m", i], (A[i] @ kb[h])[:, None]], 1)
         s = k[h] @ q[h, i] / hs**0.5  # (T,) every key's score at query i (A is 0 after i)
-        measured = dict(
-            pattern=A[i, j].item(), score=s[j].item(), contrast=(s[j] - A[i] @ s).item()
-        )
-        out.append((Q, K, M, measured))
+        c = s[j] - A[i] @ s  # the contrast: s_ij minus the pattern-weighted mean score
+        out.append((Q, K, M, dict(pattern=A[i, j].item(), score=s[j].item(), contrast=c.item())))
     return out
 
 
@@ -482,52 +481,37 @@ def qk_read(model, rep, layer, head, kind, pos):
     return torch.einsum("ch,t->cth", u, at * rep.frozen.ln_1[layer][0, :, 0])
 
 
-def heads_qk(model, layer, run, *args):
-    """q, k (nh, T, hs) of block layer's heads in run(*args), a forward pass of model on one prompt:
-    attention's input ln_1(x) seen by a hook (a measurement: the transpose never reads it)."""
-    seen = []
+def heads_qk(model, layers, run, *args):
+    """{layer: q, k (nh, T, hs)} of the layers' heads in run(*args), a forward pass of model on a
+    prompt: attention's input ln_1(x), seen by hooks (measured: the transpose never reads it)."""
+    seen = {}
 
     def grab(module, inputs):
-        seen.append(inputs[0][0])  # (T, C): the last pass's is the settled one
+        seen[module] = inputs[0][0]  # (T, C): the last pass's, the settled one
 
-    hook = model.h[layer].attn.register_forward_pre_hook(grab)
+    hooks = [model.h[l].attn.register_forward_pre_hook(grab) for l in layers]
     try:
         run(*args)
     finally:
-        hook.remove()
-    T, C = seen[-1].shape
-    qkv = model.h[layer].attn.c_attn(seen[-1]).view(T, 3, model.config.n_head, -1)
-    return qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1)
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    for l in layers:
+        x = seen[model.h[l].attn]
+        qkv = model.h[l].attn.c_attn(x).view(len(x), 3, model.config.n_head, -1)  # (T, 3, nh, hs)
+        out[l] = (qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1))
+    return out
 
 
-def top_pairs(Q, K, n):
-    """The n largest |Q[:, s] · K[:, t]| over pairs (s, t), a block of s at a time (S² terms do not
-    fit in memory for 10k nodes) -> (values (n,), (s, t) (n, 2), (sum of all, sum of |all|))."""
-    qs = Q.any(0).nonzero()[:, 0]  # the sources that reach q at all: lower layers, positions <= i
-    ks = K.any(0).nonzero()[:, 0]
-    step = max(1, BLOCK_ELEMENTS // max(len(ks), 1))
-    values = Q.new_zeros(0)
-    pairs = qs.new_zeros(0, 2)
-    total = Q.new_zeros(2, dtype=torch.float64)
-    for a in range(0, len(qs), step):
-        block = Q[:, qs[a : a + step]].T @ K[:, ks]  # (b, |ks|)
-        total += torch.stack([block.sum(), block.abs().sum()]).double()
-        top = block.flatten().abs().topk(min(n, block.numel())).indices
-        values = torch.cat([values, block.flatten()[top]])
-        pairs = torch.cat([pairs, torch.stack([qs[a + top // len(ks)], ks[top % len(ks)]], 1)])
-        keep = values.abs().topk(min(n, len(values))).indices
-        values, pairs = values[keep], pairs[keep]
-    return values, pairs, total
-
-
-def qk_auto(model, clt, rep, graph, n, mesh=None):
+def qk_auto(model, clt, rep, graph, infl, n, mesh=None):
     """The n pattern entries (layer, head, i, j) with the largest |A_ij dT/dA_ij|, T = sum_t (w_t +
     infl_t) input_t over the graph's targets (the weights pruning gives their edges), in the frozen
-    replacement model (MLP outputs fixed: the OV paths' direct effects). One backward pass."""
+    replacement model (MLP outputs fixed: the OV paths' direct effects); infl: prune's (N,). One
+    backward pass."""
     leaves = [a.detach().clone().requires_grad_() for a in rep.frozen.attn]  # (1, nh, T, T) each
     free = replace(rep, frozen=replace(rep.frozen, attn=leaves))
     w = graph.logit_weights()
-    c = influence(graph.adjacency, w) + w  # (N,)
+    c = infl + w  # (N,)
     s = graph.slices()
     with torch.enable_grad():
         pre, out = target_inputs(model, clt, free, graph.feats, graph.target_vectors)
@@ -535,7 +519,8 @@ def qk_auto(model, clt, rep, graph, n, mesh=None):
     score = torch.cat([a * g for a, g in zip(leaves, grads)]).abs()  # (L, nh, T, T)
     score[:, :, 0] = 0  # BOS's query: its one key has pattern 1 whatever the score
     top = broadcast(score.flatten().topk(min(n, score.numel())).indices, (mesh or Mesh()).dp_group)
-    return [tuple(x.tolist()) for x in torch.stack(torch.unravel_index(top, score.shape), 1)]
+    L, nh, T, _ = score.shape
+    return [(t // (nh * T * T), t // (T * T) % nh, t // T % T, t % T) for t in top.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -657,19 +642,20 @@ def run_graph(cfg):
     knobs = (cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob, cfg.update_interval)
     graph = attribute(model, clt, rep, cfg.prompt, *knobs, cfg.position_nodes, mesh, targets)
     seconds = time.perf_counter() - t0
-    steps = qk_auto(model, clt, rep, graph, n_auto, mesh) if n_auto else steps
+    pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold)  # every rank: qk_auto reads it
+    t1 = time.perf_counter()
+    steps = qk_auto(model, clt, rep, graph, pruned[3], n_auto, mesh) if n_auto else steps
     qk = explain_heads(model, clt, rep, steps, cfg.qk_pairs, cfg.batch_size, mesh) if steps else []
     qk = graphfile.qk_records(qk, rep.feats, graph.tokens, graph.n_layers)
-    qk_seconds = time.perf_counter() - t0 - seconds
+    qk_seconds = time.perf_counter() - t1
     if rank == 0:
-        pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
+        pruned = [x.cpu() for x in pruned]
         ratios = scores(graph)
         explained = load_explanations(cfg.interp)
         kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, explained, qk)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
-        if qk:
-            graphcli.print_qk(qk, qk_seconds)
+        graphcli.print_qk(qk, qk_seconds)
 
 
 def main(argv=None):

@@ -196,7 +196,9 @@ def parse_qk(spec, n_layer, n_head, T):
 
 
 def print_qk(records, seconds):
-    """One line per explained entry: pattern, score, contrast, its top pair by |value|."""
+    """One line per explained entry (none without --qk): pattern, score, contrast, its top pair."""
+    if not records:
+        return
     for r in records:
         top = r["pairs"][0] if r["pairs"] else dict(query="-", key="-", value=0.0)
         step = f"L{r['layer']}.H{r['head']}@{r['query_pos']}:{r['key_pos']}"

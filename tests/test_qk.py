@@ -7,15 +7,19 @@ trained CLT of tests/golden/run."""
 import functools
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
 
 import graph as G
+import viz
 from clt import load_transcoder
 from forge.graphcli import parse_qk
 from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
+from conftest import chromium
 from test_graph import L, graph_args, make, write_model_and_clt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -44,15 +48,24 @@ def tiny_setup():
 
 
 def assert_exact(model, clt, rep, steps, tol):
-    for step, r in zip(steps, G.explain_heads(model, clt, rep, steps, n_pairs=5, batch_size=64)):
-        for name in ("", "contrast_"):
-            value = r[name.rstrip("_") or "score"]
-            total, size = r[name + "terms"]
-            assert abs(total - value) <= tol * (abs(value) + size), (step, name, total, value)
-            pairs = sum(v for *_, v in r[name + "pairs"])
-            assert pairs + r[name + "rest"] == pytest.approx(total, rel=1e-9, abs=1e-9 * size)
-            assert len(r[name + "pairs"]) == 5 and size > 10 * abs(total - value)
-        assert 0 < r["pattern"] <= 1, step
+    """Every decomposition's terms add up to the model's value within tol x (|value| + sum |terms|);
+    explain_heads' pairs are the largest |terms| (found in blocks and by bounds), with the rest."""
+    terms = G.qk_terms(model, clt, rep, steps, batch_size=64)
+    records = G.explain_heads(model, clt, rep, steps, n_pairs=5, batch_size=64)
+    for step, (Q, K, M, measured), r in zip(steps, terms, records):
+        assert r["pattern"] == measured["pattern"] and 0 < r["pattern"] <= 1, step
+        for name, keys in (("score", K), ("contrast", K - M)):
+            P = Q.T @ keys  # (S + 1, S + 1) every (query source, key source) term, the bias last
+            value = measured[name]
+            total = P.sum().item()
+            assert abs(total - value) <= tol * (abs(value) + P.abs().sum().item()), (step, name)
+            assert P.abs().sum() > 100 * abs(total - value)  # and there is something to add up
+            prefix = "" if name == "score" else "contrast_"
+            pairs = r[prefix + "pairs"]
+            expected = P.abs().flatten().topk(5).values
+            torch.testing.assert_close(torch.tensor([abs(v) for *_, v in pairs]).to(P), expected)
+            assert [P[s, t].item() for s, t, _ in pairs] == pytest.approx([v for *_, v in pairs])
+            assert sum(v for *_, v in pairs) + r[prefix + "rest"] == pytest.approx(total, abs=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -61,9 +74,10 @@ def test_terms_add_up_to_the_models_score_and_contrast(dtype, tol):
     assert_exact(model, clt, rep, STEPS, tol)
 
 
-def test_terms_add_up_on_the_tiny_model_with_a_trained_clt():
+def test_terms_add_up_on_the_tiny_model_with_a_trained_clt(monkeypatch):
     model, clt, rep, steps = tiny_setup()
     assert len(rep.feats) > 20
+    monkeypatch.setattr(G, "BLOCK_ELEMENTS", 1000)  # graphfile.top_pairs in many blocks of rows
     assert_exact(model, clt, rep, steps, 1e-5)
 
 
@@ -75,7 +89,7 @@ def scaled_scores(model, clt, rep, step, feature, eps):
     mlp_out = rep.mlp_out - rep.skip
     mlp_out[p, lf:] += eps * a * clt.W_dec[lf][f].detach() / clt.output_scale[lf:, None]
     run = (model, clt, rep, rep.feats[:0], rep.token[:0], None, mlp_out)
-    q, k = G.heads_qk(model, l, G.target_inputs, *run)
+    q, k = G.heads_qk(model, [l], G.target_inputs, *run)[l]
     s = k[h] @ q[h, i] / q.size(-1) ** 0.5  # (T,)
     return s[j], s[j] - rep.frozen.attn[l][0, h, i] @ s
 
@@ -122,9 +136,10 @@ def test_auto_ranks_entries_by_pattern_times_gradient():
     a finite difference gives it exactly; the chosen entries are the largest, in order."""
     model, clt, rep = random_setup(torch.float64)
     graph = G.attribute(model, clt, rep, batch_size=64)
-    steps = G.qk_auto(model, clt, rep, graph, 5)
     w = graph.logit_weights()
-    c = G.influence(graph.adjacency, w) + w
+    infl = G.influence(graph.adjacency, w)
+    steps = G.qk_auto(model, clt, rep, graph, infl, 5)
+    c = infl + w
     s = graph.slices()
 
     def objective(attn):
@@ -199,3 +214,26 @@ def test_command_line_writes_the_qk_section(tmp_path, make_hub_model, capsys):
     assert len(json.loads((tmp_path / "g" / "graph.json").read_text())["qk"]) == 3
     with pytest.raises(ValueError, match="heads 0..1"):
         G.main(args + ["--qk", "0.5@-1:0"])
+
+
+def test_graph_page_marks_explained_heads_and_shows_their_pairs(tmp_path, make_hub_model):
+    """viz.py graph: each explained head is a node at its layer and query, with a dashed edge from
+    its key's token; the page's script fills the panel with the pairs, named, for a clicked head
+    (here the link page.html#qk=0) or edge."""
+    model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model)
+    out = tmp_path / "g"
+    args = graph_args(model_dir, clt_dir, tmp_path, "Tarn is in the north")
+    G.main(args + ["--out", str(out), "--qk", "2.1@-1:3"])
+    viz.main(["graph", str(out / "graph.json"), "--interp", str(tmp_path / "none")])
+    svg = (out / "graph.svg").read_text()
+    assert "<title>qk_0</title>" in svg and "L2.H1 ← 3" in svg
+    assert re.search(r"<title>E_\d+_3&#45;&gt;qk_0</title>", svg)  # from the key's token
+    page = (out / "graph.html").read_text()
+    assert "var QK = " in page and "id='qk-panel'" in page
+    if shutil.which("chromium") is None:
+        return
+    url = f"file://{out / 'graph.html'}#qk=0"
+    dom = chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", url).stdout
+    panel = dom[dom.index('<div id="qk-panel">') :]
+    assert "L2.H1: query 20" in panel and "attends to key 3" in panel and "all other pairs" in panel
+    assert "error L" in panel or "token " in panel  # the pairs, with their names
