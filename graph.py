@@ -46,6 +46,7 @@ Differences from circuit-tracer:
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -449,7 +450,9 @@ def qk_rows(att, model, steps, batch_size, mesh):
     """{(layer, head, kind, pos): (hs, S)}: the sources' parts of q at pos (kind "q"), of k at pos
     ("k") and of the mean key at query pos ("m"), in passes of the transpose; ranks share them."""
     kinds = [(l, h, kind, p) for l, h, i, j in steps for kind, p in (("q", i), ("k", j), ("m", i))]
-    reads = sorted(set(kinds))  # layer first: a pass starts at one block
+    # by layer (a pass starts at one block), then position (a pass reads positions up to its last
+    # read's: causal attention); a total order, the same on every rank (a set's order is not)
+    reads = sorted(set(kinds), key=itemgetter(0, 3, 1, 2))
     C = model.config.n_embd
     hs = C // model.config.n_head
     rows = att.rep.mlp_out.new_zeros(len(reads), hs, att.n_sources)
@@ -458,8 +461,9 @@ def qk_rows(att, model, steps, batch_size, mesh):
     edges = [0, *cuts, len(reads)]
     passes = [(a, min(a + per, b)) for a, b in zip(edges, edges[1:]) for a in range(a, b, per)]
     for a, b in passes[mesh.dp_rank :: mesh.dp]:
-        start = torch.cat([qk_read(model, att.rep, *read) for read in reads[a:b]], 2)  # (C, T, B)
-        C, T, B = start.shape
+        T = reads[b - 1][3] + 1
+        start = torch.cat([qk_read(model, att.rep, *read)[:, :T] for read in reads[a:b]], 2)
+        B = start.size(2)  # start: (C, T, B)
         layer = torch.full((B,), reads[a][0], device=start.device)
         att.rows(layer, layer * 0 + T - 1, start.new_zeros(B, C), rows[a:b].flatten(0, 1), start)
     all_reduce_sum(rows, mesh.dp_group)  # others' reads are zero here

@@ -5,8 +5,8 @@ a trained CLT of models/tiny (--qk-clt): what `--qk auto:20` costs next to the g
 head that copies the answer attends where it does.
 
 Per prompt:
-- time: the graph (local replacement + attribute) and the QK step (qk_auto + explain_heads), the
-  median of --qk-reps runs each, one process;
+- cost: the graph's (local replacement + attribute) and the QK step's (qk_auto + explain_heads +
+  naming the pairs), the median CPU seconds of --qk-reps runs each, one thread (--threads 1);
 - the answer head: the (layer, head, key j) at the last query i with the largest A_ij dlogit/dA_ij,
   logit = the answer's minus the mean (the frozen replacement model: MLP outputs fixed);
 - its contrast c_ij in (query node, key node) pairs: the top query-side node (largest |Q_s · k~|,
@@ -18,7 +18,7 @@ Per prompt:
   frozen replacement model with that one pattern row live (the prediction's own setting) and in
   the real model (intervene.py's ablation, nothing frozen).
 
-    python experiments/qk.py --qk-clt runs/clt --qk-interp runs/interp    # after python demo.py
+    python experiments/qk.py --threads 1 --qk-clt runs/clt --qk-interp runs/interp  # after demo.py
 """
 
 import math
@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 import graph
 from clt import load_transcoder
-from experiments.common import Bench, median_seconds, run_study, save_png
+from experiments.common import Bench, run_study, save_png, timed
 from experiments.compactness import family_prompts
 from forge import graphfile, toyworld
 from forge.cli import arg, run_main
@@ -53,7 +53,7 @@ class QKBench(Bench):
     qk_clt: str = arg(os.path.join("runs", "clt"), "a trained CLT of models/tiny")
     qk_interp: str = arg(os.path.join("runs", "interp"), "its interp.py output: feature labels")
     qk_prompts: int = arg(10, "prompts per family (ioi, two_hop)")
-    qk_reps: int = arg(3, "timed runs of each step per prompt (the median)")
+    qk_reps: int = arg(5, "timed runs of each step per prompt (the median)")
     qk_figure: str = arg(os.path.join("assets", "qk.png"), "predicted vs measured, a PNG")
 
 
@@ -109,9 +109,16 @@ def timings(model, clt, idx, cfg):
     rep = graph.local_replacement(model, clt, idx)
     g = graph.attribute(model, clt, rep)
     infl = graph.prune(g)[3]  # pruning runs with or without --qk
-    graph_s = median_seconds(partial(attribution, model, clt, idx), cfg.device, cfg.qk_reps)
-    qk_s = median_seconds(partial(qk_auto_20, model, clt, rep, g, infl), cfg.device, cfg.qk_reps)
+    graph_s = median_cpu_seconds(partial(attribution, model, clt, idx), cfg.qk_reps)
+    qk_s = median_cpu_seconds(partial(qk_auto_20, model, clt, rep, g, infl), cfg.qk_reps)
     return dict(n_active=len(rep.feats), graph_s=graph_s, qk_s=qk_s, qk_over_graph=qk_s / graph_s)
+
+
+def median_cpu_seconds(fn, reps):
+    """The median CPU time of reps calls of fn() after a warm-up: on a shared machine the fairer
+    cost (other processes do not count in it); the study runs with --threads 1."""
+    fn()
+    return sorted(timed(fn)[1] for _ in range(reps))[reps // 2]
 
 
 def attribution(model, clt, idx):
@@ -147,7 +154,8 @@ def answer_head(model, clt, enc, labels, idx, answer):
     i = T - 1
     score = (A * dA)[:, :, i]  # (L, nh, T): each key's attribution to the answer's logit
     score[:, :, 0] = -math.inf  # BOS as a key is the sink, not a copy
-    named_keys = answer_positions(idx, enc.encode(answer))  # IOI: the name; two-hop: none
+    spellings = (enc.encode(answer), enc.encode(answer.strip()))  # mid-sentence, first word
+    named_keys = [p for ids in spellings for p in answer_positions(idx, ids)]  # two-hop: none
     allowed = score.clone()
     if named_keys:
         allowed[:, :, [p for p in range(T) if p not in named_keys]] = -math.inf
