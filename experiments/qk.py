@@ -10,8 +10,9 @@ Per prompt:
 - the answer head: the (layer, head, key j) at the last query i with the largest A_ij dlogit/dA_ij,
   logit = the answer's minus the mean (the frozen replacement model: MLP outputs fixed);
 - its contrast c_ij in (query node, key node) pairs: the top query-side node (largest |Q_s · k~|,
-  k~ = k_j - the pattern-weighted mean key) and key-side node (|q · K~_t|), the share of those pulls
-  that features carry (the rest: errors, tokens, positions, bias);
+  k~ = k_j - the pattern-weighted mean key) and key-side node (|q · K~_t|), the top feature of each
+  side (its share: of the features' pulls), the share of the pulls that features carry (the rest:
+  errors, tokens, positions, bias);
 - ablating the top key-side *feature* t: predicted from the pairs at every key j' (the softmax
   needs them all), s'_j' = (q - Q_t) · (k_j' - K_t,j'), A' = softmax(s'), and the answer's logit
   change = t's direct effect (its edge) + sum_j' (A'_j' - A_j') dlogit/dA_j'; measured in the
@@ -176,6 +177,9 @@ def answer_head(model, clt, enc, labels, idx, answer):
     row |= dict(pattern=measured["pattern"], contrast=measured["contrast"])
     row |= dict(top_query=named(ids, labels, q_side), top_key=named(ids, labels, k_side))
     row |= dict(query_feature_share=share(q_side, n), key_feature_share=share(k_side, n))
+    row |= dict(
+        query_feature=named(ids, labels, q_side[:n]), key_feature=named(ids, labels, k_side[:n])
+    )
     row |= dict(p_answer=model(idx)[0, -1].softmax(-1)[a].item())
     t = k_side[:n].abs().argmax().item()  # the top key-side feature
     if k_side[t] == 0:  # no feature reaches the key (a head of layer 0): nothing to ablate
@@ -234,6 +238,8 @@ def real_change(model, clt, rep, a, t, step):
 
 def named(ids, labels, pulls):
     """The source with the largest |pull|: its id, pull, share of sum |pulls|, label if any."""
+    if not pulls.any():  # a head of layer 0 reads no feature
+        return "-"
     s = pulls.abs().argmax().item()
     parts = ids[s].split("_")
     is_feature = len(parts) == 3 and parts[1] != "-1" and parts[0] != "E"
