@@ -232,8 +232,26 @@ def test_graph_page_marks_explained_heads_and_shows_their_pairs(tmp_path, make_h
     assert "var QK = " in page and "id='qk-panel'" in page
     if shutil.which("chromium") is None:
         return
-    url = f"file://{out / 'graph.html'}#qk=0"
+    # the page as it opens at #qk=0, then a click on an edge between two positions
+    (out / "clicked.html").write_text(page.replace("</body>", CLICK_AN_EDGE + "</body>"))
+    url = f"file://{out / 'clicked.html'}#qk=0"
     dom = chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", url).stdout
+    opened = re.search(r'data-opened="([^"]*)"', dom).group(1)
+    assert (
+        "L2.H1: query 20" in opened and "attends to key 3" in opened and "all other pairs" in opened
+    )
+    assert "error L" in opened or "token " in opened  # the pairs, with their names
     panel = dom[dom.index('<div id="qk-panel">') :]
-    assert "L2.H1: query 20" in panel and "attends to key 3" in panel and "all other pairs" in panel
-    assert "error L" in panel or "token " in panel  # the pairs, with their names
+    assert (
+        "Why the head attends: edge " in panel
+    )  # an explained head on its path, or how to add one
+
+
+# a click on the first edge between two positions, after the panel's first text is kept aside
+CLICK_AN_EDGE = """<script>
+var panel = document.getElementById("qk-panel");
+document.body.setAttribute("data-opened", panel.textContent);
+var edges = Array.from(document.querySelectorAll("svg g.edge"));
+var hit = edges.filter(function (g) { return g.style.cursor === "pointer"; })[0];
+hit.dispatchEvent(new MouseEvent("click", {bubbles: true}));
+</script>"""
