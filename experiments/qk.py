@@ -200,9 +200,10 @@ def ablation(model, clt, rep, step, Q, keys, dA, vector, logit, t):
     s = keys.sum(2) @ Q.sum(1)  # (T,) the scores from the terms (the model's within 1e-5)
     s_new = (keys.sum(2) - keys[:, :, t]) @ (Q.sum(1) - Q[:, t])  # the pairs without t's
     before, predicted = s.softmax(0), s_new.softmax(0)
-    (lt, p, f), act = rep.feats[t].tolist(), rep.acts[t]
-    mlp_out = rep.mlp_out - rep.skip
-    mlp_out[p, lt:] -= act * clt.W_dec[lt][f].detach() / clt.output_scale[lt:, None]
+    lt, p, f = rep.feats[t].tolist()
+    one = slice(t, t + 1)
+    writes = graph.reconstruct(clt, rep.feats[one], rep.acts[one], len(rep.token), bias=False)
+    mlp_out = rep.mlp_out - rep.skip - writes  # (T, L, d) feature t's writes removed
     off = (rep.feats[:0], vector[None], None, mlp_out)
     with torch.no_grad():
         edge = graph.target_inputs(model, clt, rep, *off)[1][0].item() - logit  # t's direct effect

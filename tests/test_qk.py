@@ -21,6 +21,7 @@ from forge.hub import DEFAULT_MODEL, load_tokenizer
 from model import GPT
 from conftest import chromium
 from test_graph import L, graph_args, make, write_model_and_clt
+from test_graph_plt import make as make_plt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 GOLDEN_CLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "run")
@@ -83,11 +84,11 @@ def test_terms_add_up_on_the_tiny_model_with_a_trained_clt(monkeypatch):
 
 def scaled_scores(model, clt, rep, step, feature, eps):
     """(s_ij, c_ij) of step with feature node `feature` scaled by (1 + eps) in the frozen
-    replacement model, every other node held (its decoder writes to every layer from its own up)."""
+    replacement model, every other node held (its decoder writes: the library's own decode)."""
     l, h, i, j = step
-    (lf, p, f), a = rep.feats[feature].tolist(), rep.acts[feature]
-    mlp_out = rep.mlp_out - rep.skip
-    mlp_out[p, lf:] += eps * a * clt.W_dec[lf][f].detach() / clt.output_scale[lf:, None]
+    one = slice(feature, feature + 1)
+    writes = G.reconstruct(clt, rep.feats[one], rep.acts[one], len(rep.token), bias=False)
+    mlp_out = rep.mlp_out - rep.skip + eps * writes  # (T, L, d)
     run = (model, clt, rep, rep.feats[:0], rep.token[:0], None, mlp_out)
     q, k = G.heads_qk(model, [l], G.target_inputs, *run)[l]
     s = k[h] @ q[h, i] / q.size(-1) ** 0.5  # (T,)
@@ -255,3 +256,13 @@ var edges = Array.from(document.querySelectorAll("svg g.edge"));
 var hit = edges.filter(function (g) { return g.style.cursor === "pointer"; })[0];
 hit.dispatchEvent(new MouseEvent("click", {bubbles: true}));
 </script>"""
+
+
+def test_terms_add_up_through_a_skip_connection():
+    """A per-layer transcoder with a skip path (a path, no node: its share goes to the nodes that
+    feed it) decomposes as exactly; its features' pairs still predict their perturbations."""
+    model, plt, _, idx = make_plt(skip=True)
+    rep = G.local_replacement(model, plt, idx)
+    steps = [(2, 0, 9, 3), (1, 1, 6, 6)]
+    assert_exact(model, plt, rep, steps, 1e-12)
+    assert_pairs_predict_perturbations(model, plt, rep, steps)
