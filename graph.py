@@ -636,9 +636,7 @@ def run_graph(cfg):
         print(asdict(cfg) | dict(world=world))
     model, clt, enc = graphcli.load(cfg, device, load_model, load_transcoder)
     idx = encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
-    n_auto, steps = graphcli.parse_qk(
-        cfg.qk, model.config.n_layer, model.config.n_head, idx.size(1)
-    )
+    n_auto, steps = graphcli.parse_qk(cfg.qk, model.config, idx.size(1))  # entries to explain
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
     name, spec = graphcli.target_spec(cfg, TARGETS)  # the output nodes; none: the top logits
@@ -646,7 +644,7 @@ def run_graph(cfg):
     knobs = (cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob, cfg.update_interval)
     graph = attribute(model, clt, rep, cfg.prompt, *knobs, cfg.position_nodes, mesh, targets)
     seconds = time.perf_counter() - t0
-    pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold)  # every rank: qk_auto reads it
+    pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold) if rank == 0 or n_auto else None
     t1 = time.perf_counter()
     steps = qk_auto(model, clt, rep, graph, pruned[3], n_auto, mesh) if n_auto else steps
     qk = explain_heads(model, clt, rep, steps, cfg.qk_pairs, cfg.batch_size, mesh) if steps else []

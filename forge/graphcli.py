@@ -170,8 +170,9 @@ def read_direction(path, d):
 QK = re.compile(r"\s*(\d+)\.(\d+)@(-?\d+):(-?\d+)\s*")
 
 
-def parse_qk(spec, n_layer, n_head, T):
-    """--qk -> (N, []) for auto[:N] (20 by default), else (0, [(layer, head, i, j)]) in range."""
+def parse_qk(spec, config, T):
+    """--qk -> (N, []) for auto[:N] (20 by default), else (0, [(layer, head, i, j)]) in range of
+    the model's config (n_layer, n_head) and a T-token prompt."""
     name, colon, n = spec.strip().partition(":")
     if name == "auto":
         if not (n.isdigit() and int(n) > 0) and (colon or n):
@@ -183,10 +184,9 @@ def parse_qk(spec, n_layer, n_head, T):
             raise ValueError(f"--qk {one.strip()!r}: write {QK_FORMS}, e.g. 1.2@-1:3")
         l, h, i, j = map(int, m.groups())
         where = f"--qk {one.strip()!r}"
-        if l >= n_layer or h >= n_head:
-            raise ValueError(
-                f"{where}: the model has layers 0..{n_layer - 1}, heads 0..{n_head - 1}"
-            )
+        if l >= config.n_layer or h >= config.n_head:
+            heads = f"layers 0..{config.n_layer - 1}, heads 0..{config.n_head - 1}"
+            raise ValueError(f"{where}: the model has {heads}")
         if not (-T <= i < T and -T <= j < T):
             raise ValueError(f"{where}: positions lie in -{T}..{T - 1} (the prompt's {T} tokens)")
         if j % T > i % T:

@@ -18,13 +18,14 @@ import viz
 from clt import load_transcoder
 from forge.graphcli import parse_qk
 from forge.hub import DEFAULT_MODEL, load_tokenizer
-from model import GPT
+from model import GPT, GPTConfig
 from conftest import chromium
 from test_graph import L, graph_args, make, write_model_and_clt
 from test_graph_plt import make as make_plt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 GOLDEN_CLT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "run")
+SHAPE = GPTConfig(n_layer=3, n_head=2, n_embd=32)  # for --qk's specs
 STEPS = [(1, 0, 9, 3), (2, 1, 5, 5), (0, 1, 7, 0), (2, 0, 9, 2)]  # layer 0, j = i, BOS as key
 
 
@@ -176,14 +177,14 @@ def test_auto_ranks_entries_by_pattern_times_gradient():
 )
 def test_bad_qk_specs_fail_in_one_line(spec, match):
     with pytest.raises(ValueError, match=match) as e:
-        parse_qk(spec, 3, 2, 10)
+        parse_qk(spec, SHAPE, 10)
     assert "\n" not in str(e.value)
 
 
 def test_qk_specs():
-    assert parse_qk("", 3, 2, 10) == (0, [])
-    assert parse_qk("auto", 3, 2, 10) == (20, []) and parse_qk("auto:7", 3, 2, 10) == (7, [])
-    assert parse_qk("2.1@-1:-2, 0.0@4:0", 3, 2, 10) == (0, [(2, 1, 9, 8), (0, 0, 4, 0)])
+    assert parse_qk("", SHAPE, 10) == (0, [])
+    assert parse_qk("auto", SHAPE, 10) == (20, []) and parse_qk("auto:7", SHAPE, 10) == (7, [])
+    assert parse_qk("2.1@-1:-2, 0.0@4:0", SHAPE, 10) == (0, [(2, 1, 9, 8), (0, 0, 4, 0)])
 
 
 def test_command_line_writes_the_qk_section(tmp_path, make_hub_model, capsys):
