@@ -11,6 +11,7 @@ Models", sec. 3: the local replacement model, exact direct effects, pruning by i
 
     python graph.py --prompt "Batris lives in Fafes. The language Batris speaks is" --out runs/graph
     python graph.py --target-diff " Zefekic| Bepaese"     # output node: a logit difference
+    python graph.py --qk auto:10     # why the 10 most important attention entries attend there
     torchrun --nproc_per_node=4 graph.py --model gpt2 --clt runs/clt-gpt2  # any GPT-2, its CLT
     tiny CPU run: python train.py (writes runs/clt), then python graph.py --max-features 300
     view: python -m circuit_tracer start-server --graph_file_dir runs/graph; test it: intervene.py
@@ -28,6 +29,12 @@ Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edg
   features and errors without outgoing edges, features without incoming ones, until none is left.
 - Replacement score: infl(tokens) / infl(tokens + errors); completeness: the influence-weighted
   share of the nodes' inputs not from errors. --max-features: rounds by the influence so far.
+- QK (--qk): with ln_1 frozen too, head h's score s_ij = q_i·k_j / sqrt(hs) is bilinear in the
+  nodes: q_i = sum_s Q_s + q_bias, Q_s from hs rows of the same transpose read at ln_1's input
+  (k_j likewise), so s_ij = sum over (query node, key node) pairs of Q_s·K_t / sqrt(hs), "bias" a
+  node and each position embedding one ("pos@j"); the contrast c_ij = s_ij - sum_j' A_ij' s_ij'
+  (what the softmax sees) is q_i·(k_j - sum_j' A_ij' k_j') / sqrt(hs). auto:N picks the entries
+  with the largest |A_ij dT/dA_ij|, T = sum_t (w_t + infl_t)·input_t over the graph's targets.
 
 Differences from circuit-tracer:
 - Error ids "{layer}_-1_{pos}": its "0_{layer}_{pos}" collides with feature `layer` of layer 0.
@@ -38,8 +45,9 @@ Differences from circuit-tracer:
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -310,12 +318,14 @@ class Attribution:
         return (self.clt.W_enc[l, :, f] * self.clt.input_scale[l, None]).detach()
 
     @torch.no_grad()
-    def rows(self, layers, positions, vectors, out):
-        """out (B, n_sources) = the rows of targets reading vectors (B, d) at (layer, position)."""
+    def rows(self, layers, positions, vectors, out, start=None):
+        """out (B, n_sources) = the rows of targets reading vectors (B, d) at (layer, position);
+        start (d, T, B): reads of the residual stream before block layers.max() added (QK's)."""
         B, d = vectors.shape
         top = int(layers.max())  # nothing above the highest target reaches any target
         T = int(positions.max()) + 1  # nor any position after the last one (causal attention)
-        g = vectors.new_zeros(d, T, B)  # d(targets)/d(residual stream)
+        g = vectors.new_zeros(d, T, B) if start is None else start  # d(targets)/d(residual)
+        layers = layers if start is None else torch.full_like(layers, -1)  # QK: none injected
         G = vectors.new_empty(top, d, T, B)  # the same at each mlp_out[l] below the top layer
         written = out[:, len(self.rep.feats) :].view(B, -1, self.T)  # (B, L + 1|2, T)
         self.add_injected(g, self.L, layers, positions, vectors)  # the logits, if any
@@ -392,6 +402,139 @@ def ln_transposed(g, weight, scale):
     """A frozen LayerNorm's transpose applied to g (d, ...): scale·(weight·g - mean(weight·g))."""
     wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
     return (wg - wg.mean(0)) * scale
+
+
+def bias_inputs(clt, rep, position_nodes):
+    """(resid (T, d), mlp_out (T, L, d)) of the replacement model with every node off: its bias."""
+    resid = rep.position * (not position_nodes)  # the position embeddings, unless they are nodes
+    mlp_out = reconstruct(clt, rep.feats[:0], rep.acts[:0], len(rep.token))  # b_dec alone
+    mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its MLP output is bias, but for the skip term
+    return resid, mlp_out
+
+
+# -----------------------------------------------------------------------------
+# QK attributions: why a head attends where it does, from the same transpose read at ln_1's input
+
+
+@torch.no_grad()
+def explain_heads(model, clt, rep, steps, n_pairs=20, batch_size=256, mesh=None):
+    """Per pattern entry (layer, head, i, j) of steps: the model's pattern A_ij, score s_ij and
+    contrast c_ij, and of each the n_pairs largest (query source, key source) terms with the sum of
+    the rest; sources: Attribution(position_nodes=True)'s, then the bias (graphfile names them)."""
+    out = []
+    for step, (Q, K, M, measured) in zip(steps, qk_terms(model, clt, rep, steps, batch_size, mesh)):
+        rec = dict(zip(("layer", "head", "query_pos", "key_pos"), step), **measured)
+        for name, keys in (("", K), ("contrast_", K - M)):  # c_ij: q_i · (k_j - mean key)
+            values, pairs = graphfile.top_pairs(Q, keys, n_pairs, BLOCK_ELEMENTS)
+            total = Q.double().sum(1) @ keys.double().sum(1)  # every pair's term: bilinear
+            rec[name + "pairs"] = [(*st, v) for st, v in zip(pairs.tolist(), values.tolist())]
+            rec[name + "rest"] = total.item() - values.double().sum().item()
+        out.append(rec)
+    return out
+
+
+def qk_terms(model, clt, rep, steps, batch_size=256, mesh=None):
+    """Per step (layer, head, i, j): Q, K, M (hs, S + 1), each source's part of q_i / sqrt(hs), of
+    k_j and of the mean key sum_j' A_ij' k_j', the bias last; and the model's A_ij, s_ij, c_ij."""
+    att = Attribution(model, clt, rep, position_nodes=True)  # pos@j: a term of its own
+    rows = qk_rows(att, model, steps, batch_size, mesh or Mesh())  # {(l, h, kind, pos): (hs, S)}
+    off = (rep.feats[:0], rep.token[:0], *bias_inputs(clt, rep, True))  # every node off
+    layers = sorted({l for l, *_ in steps})
+    real = heads_qk(model, layers, model, rep.idx)  # {l: (nh, T, hs) q and k}
+    bias = heads_qk(model, layers, target_inputs, model, clt, rep, *off)
+    out = []
+    for l, h, i, j in steps:
+        (q, k), (qb, kb) = real[l], bias[l]
+        A = rep.frozen.attn[l][0, h]  # (T, T)
+        hs = q.size(-1)
+        Q = torch.cat([rows[l, h, "q", i], qb[h, i, :, None]], 1) / hs**0.5  # (hs, S + 1)
+        K = torch.cat([rows[l, h, "k", j], kb[h, j, :, None]], 1)
+        M = torch.cat([rows[l, h, "m", i], (A[i] @ kb[h])[:, None]], 1)
+        s = k[h] @ q[h, i] / hs**0.5  # (T,) every key's score at query i (A is 0 after i)
+        c = s[j] - A[i] @ s  # the contrast: s_ij minus the pattern-weighted mean score
+        out.append((Q, K, M, dict(pattern=A[i, j].item(), score=s[j].item(), contrast=c.item())))
+    return out
+
+
+def qk_rows(att, model, steps, batch_size, mesh):
+    """{(layer, head, kind, pos): (hs, S)}: the sources' parts of q at pos (kind "q"), of k at pos
+    ("k") and of the mean key at query pos ("m"), in passes of the transpose; ranks share them."""
+    kinds = [(l, h, kind, p) for l, h, i, j in steps for kind, p in (("q", i), ("k", j), ("m", i))]
+    # by layer (a pass starts at one block), then position (a pass reads positions up to its last
+    # read's: causal attention); a total order, the same on every rank (a set's order is not)
+    reads = sorted(set(kinds), key=itemgetter(0, 3, 1, 2))
+    C = model.config.n_embd
+    hs = C // model.config.n_head
+    rows = att.rep.mlp_out.new_zeros(len(reads), hs, att.n_sources)
+    per = max(1, batch_size // hs)  # reads per pass
+    cuts = [n for n in range(1, len(reads)) if reads[n][0] != reads[n - 1][0]]
+    edges = [0, *cuts, len(reads)]
+    passes = [(a, min(a + per, b)) for a, b in zip(edges, edges[1:]) for a in range(a, b, per)]
+    for a, b in passes[mesh.dp_rank :: mesh.dp]:
+        T = reads[b - 1][3] + 1
+        start = torch.cat([qk_read(model, att.rep, *read)[:, :T] for read in reads[a:b]], 2)
+        B = start.size(2)  # start: (C, T, B)
+        layer = torch.full((B,), reads[a][0], device=start.device)
+        att.rows(layer, layer * 0 + T - 1, start.new_zeros(B, C), rows[a:b].flatten(0, 1), start)
+    all_reduce_sum(rows, mesh.dp_group)  # others' reads are zero here
+    return dict(zip(reads, rows))
+
+
+def qk_read(model, rep, layer, head, kind, pos):
+    """(d, T, hs): how head's q (kind "q") or k ("k") at pos, or its mean key at query pos
+    (sum_j A[pos, j] k_j, "m"), reads the residual stream before block layer: ln_1 frozen."""
+    block = model.h[layer]
+    C = model.config.n_embd
+    hs = C // model.config.n_head
+    first = (kind != "q") * C + head * hs  # c_attn's rows: q, k, v, (C, C) each
+    W = block.attn.c_attn.weight[first : first + hs].detach()  # (hs, C)
+    u = ln_transposed(W.T, block.ln_1.weight, 1)  # (C, hs)
+    at = rep.token.new_zeros(len(rep.token))  # (T,) the positions read: one,
+    at[pos] = 1
+    at = rep.frozen.attn[layer][0, head, pos] if kind == "m" else at  # or the pattern's row
+    return torch.einsum("ch,t->cth", u, at * rep.frozen.ln_1[layer][0, :, 0])
+
+
+def heads_qk(model, layers, run, *args):
+    """{layer: q, k (nh, T, hs)} of the layers' heads in run(*args), a forward pass of model on a
+    prompt: attention's input ln_1(x), seen by hooks (measured: the transpose never reads it)."""
+    seen = {}
+
+    def grab(module, inputs):
+        seen[module] = inputs[0][0]  # (T, C): the last pass's, the settled one
+
+    hooks = [model.h[l].attn.register_forward_pre_hook(grab) for l in layers]
+    try:
+        run(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    for l in layers:
+        x = seen[model.h[l].attn]
+        qkv = model.h[l].attn.c_attn(x).view(len(x), 3, model.config.n_head, -1)  # (T, 3, nh, hs)
+        out[l] = (qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1))
+    return out
+
+
+def qk_auto(model, clt, rep, graph, infl, n, mesh=None):
+    """The n pattern entries (layer, head, i, j) with the largest |A_ij dT/dA_ij|, T = sum_t (w_t +
+    infl_t) input_t over the graph's targets (the weights pruning gives their edges), in the frozen
+    replacement model (MLP outputs fixed: the OV paths' direct effects); infl: prune's (N,). One
+    backward pass."""
+    leaves = [a.detach().clone().requires_grad_() for a in rep.frozen.attn]  # (1, nh, T, T) each
+    free = replace(rep, frozen=replace(rep.frozen, attn=leaves))
+    w = graph.logit_weights()
+    c = infl + w  # (N,)
+    s = graph.slices()
+    with torch.enable_grad():
+        pre, out = target_inputs(model, clt, free, graph.feats, graph.target_vectors)
+        grads = torch.autograd.grad(pre @ c[s.features] + out @ c[s.logits], leaves)
+    score = torch.cat([a * g for a, g in zip(leaves, grads)]).abs()  # (L, nh, T, T)
+    score[:, :, 0] = 0  # BOS's query: its one key has pattern 1 whatever the score
+    top = broadcast(score.flatten().topk(min(n, score.numel())).indices, (mesh or Mesh()).dp_group)
+    L, nh, T, _ = score.shape
+    return [(t // (nh * T * T), t // (T * T) % nh, t // T % T, t % T) for t in top.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -483,10 +626,8 @@ def exactness(model, clt, rep, graph):
     feats = graph.feats.to(rep.idx.device)
     vectors = graph.target_vectors.to(rep.idx.device)
     inputs = torch.cat(target_inputs(model, clt, rep, feats, vectors))
-    resid = rep.position * (not graph.position_nodes)  # (T, d) the embedding with no node on
-    mlp_out = reconstruct(clt, feats[:0], rep.acts[:0], len(rep.token))  # (T, L, d) b_dec alone
-    mlp_out[0] = rep.mlp_out[0] - rep.skip[0]  # BOS: its MLP output is bias, but for the skip term
-    bias = torch.cat(target_inputs(model, clt, rep, feats, vectors, resid, mlp_out))
+    off = bias_inputs(clt, rep, graph.position_nodes)
+    bias = torch.cat(target_inputs(model, clt, rep, feats, vectors, *off))
     s = graph.slices()
     A = graph.adjacency.to(inputs.device)
     total = torch.cat([A[s.features].sum(1), A[s.logits].sum(1)]) + bias
@@ -506,6 +647,7 @@ def run_graph(cfg):
     model, clt, enc = graphcli.load(cfg, device, load_model, load_transcoder)
     labels = graphcli.explanations(cfg) if rank == 0 else {}  # --interp's, if it explains this CLT
     idx = encode_prompt(enc, cfg.prompt, model.config.n_ctx).to(device)
+    n_auto, steps = graphcli.parse_qk(cfg.qk, model.config, idx.size(1))  # entries to explain
     t0 = time.perf_counter()
     rep = local_replacement(model, clt, idx)
     name, spec = graphcli.target_spec(cfg, TARGETS)  # the output nodes; none: the top logits
@@ -513,12 +655,19 @@ def run_graph(cfg):
     knobs = (cfg.max_features, cfg.batch_size, cfg.max_logits, cfg.logit_prob, cfg.update_interval)
     graph = attribute(model, clt, rep, cfg.prompt, *knobs, cfg.position_nodes, mesh, targets)
     seconds = time.perf_counter() - t0
+    pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold) if rank == 0 or n_auto else None
+    t1 = time.perf_counter()
+    steps = qk_auto(model, clt, rep, graph, pruned[3], n_auto, mesh) if n_auto else steps
+    qk = explain_heads(model, clt, rep, steps, cfg.qk_pairs, cfg.batch_size, mesh) if steps else []
+    qk = graphfile.qk_records(qk, rep.feats, graph.tokens, graph.n_layers)
+    qk_seconds = time.perf_counter() - t1
     if rank == 0:
-        pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
+        pruned = [x.cpu() for x in pruned]
         ratios = scores(graph)
-        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels)
+        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels, qk)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
+        graphcli.print_qk(qk, qk_seconds)
 
 
 def main(argv=None):

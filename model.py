@@ -99,7 +99,7 @@ class CausalSelfAttention(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
         else:
-            att = frozen_pattern.detach()  # q and k no longer matter: only the OV path stays
+            att = frozen_pattern  # q and k no longer matter: only the OV path (a gradient if asked)
         y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y), att.detach()
 

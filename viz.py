@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 import graphviz
 from tqdm import tqdm
 
-from forge import browser, interpfile, plots
+from forge import browser, graphfile, interpfile, plots
 from forge.browser import feature_page_name, fmt, show_token, table_html, write_file
 from forge.cli import arg, parse_config, run_main
 from forge.files import check_committed, one_writer, read_json, read_jsonl
@@ -140,7 +140,9 @@ def draw_graph(cfg):
         write_file(stem + ".svg", svg)
         write_file(stem + ".png", g.pipe(format="png", engine="neato", neato_no_op=2))
         written += [stem + ".svg", stem + ".png"]
-    plots.write_graph_page(stem, graph, cfg, svg, href)
+    labelled = graph.get("qk") and os.path.isfile(os.path.join(interp_dir, "features.jsonl"))
+    explanations = graphfile.load_explanations(interp_dir) if labelled else {}  # the pairs' labels
+    plots.write_graph_page(stem, graph, cfg, svg, href, explanations)
     print(f"wrote {stem}.dot, .svg, .png, .html" if has_dot else plots.NO_DOT.format(stem=stem))
     return written
 
@@ -150,6 +152,9 @@ def build_dot(graph, cfg, href=None, pos_of=None, links=True):
     With `pos_of` (node -> (x, y) in points, from `dot` on the grid alone: links=False) every node
     is pinned, for `neato -n2` to route the edges around them (`dot` routes them in wide loops)."""
     nodes, kept, imp = select_subgraph(graph, cfg)
+    heads, head_edges = plots.qk_heads(graph)  # graph.py --qk's explained heads, at their queries
+    nodes += heads
+    imp |= dict.fromkeys((n["node_id"] for n in heads), 0.5)
     meta = graph.get("metadata", {})
     attrs = dict(plots.GRAPH, label=plots.text(f"Attribution graph: {meta.get('prompt', '')}"))
     g = graphviz.Digraph("attribution_graph", graph_attr=attrs, **plots.STYLES)
@@ -163,6 +168,8 @@ def build_dot(graph, cfg, href=None, pos_of=None, links=True):
         tip = f"{l['source']} -> {l['target']}: {w:+.3g}"
         attrs = dict(color=color, penwidth=width, constraint="false", tooltip=tip)
         g.edge(l["source"], l["target"], **attrs)
+    for key, head, attrs in head_edges if links else []:
+        g.edge(key, head, **attrs)
     return g
 
 

@@ -18,6 +18,8 @@ PROMPT = "Batris lives in Fafes. The language Batris speaks is"
 CLT = "runs/clt"  # train.py's default output, never read as a hub id
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT = "output nodes: the most likely tokens unless one of these is given"
+QK_FORMS = "auto, auto:N or LAYER.HEAD@I:J,... (positions 0-based, BOS at 0, negative from the end)"
+QK_HELP = f"pattern entries to explain: {QK_FORMS}; auto: the 20 with the largest attribution"
 
 
 @dataclass
@@ -43,6 +45,8 @@ class GraphConfig:
     target_direction: str = arg("", "a direction at ln_f's output: .safetensors of one (d,) tensor")
     node_threshold: float = arg(0.8, "keep nodes up to this cumulative influence", group="pruning")
     edge_threshold: float = arg(0.98, "keep edges up to this cumulative influence")
+    qk: str = arg("", QK_HELP, group="QK attributions: why a head attends where it does")
+    qk_pairs: int = arg(20, "(query node, key node) pairs kept per explained entry")
 
 
 @dataclass
@@ -178,6 +182,49 @@ def read_direction(path, d):
         raise ValueError(f"{path} holds tensors {sorted(tensors)}: save exactly one, ({d},)")
     ((name, vector),) = tensors.items()
     return f"Output direction {os.path.basename(path)}:{name} (at ln_f's output)", vector
+
+
+# -----------------------------------------------------------------------------
+# QK attributions: --qk auto[:N] or LAYER.HEAD@I:J,...
+
+QK = re.compile(r"\s*(\d+)\.(\d+)@(-?\d+):(-?\d+)\s*")
+
+
+def parse_qk(spec, config, T):
+    """--qk -> (N, []) for auto[:N] (20 by default), else (0, [(layer, head, i, j)]) in range of
+    the model's config (n_layer, n_head) and a T-token prompt."""
+    name, colon, n = spec.strip().partition(":")
+    if name == "auto":
+        if not (n.isdigit() and int(n) > 0) and (colon or n):
+            raise ValueError(f"--qk {spec!r}: write auto or auto:N with N >= 1, e.g. auto:10")
+        return int(n or 20), []
+    steps = []
+    for one in spec.split(",") if spec.strip() else []:
+        if not (m := QK.fullmatch(one)):
+            raise ValueError(f"--qk {one.strip()!r}: write {QK_FORMS}, e.g. 1.2@-1:3")
+        l, h, i, j = map(int, m.groups())
+        where = f"--qk {one.strip()!r}"
+        if l >= config.n_layer or h >= config.n_head:
+            heads = f"layers 0..{config.n_layer - 1}, heads 0..{config.n_head - 1}"
+            raise ValueError(f"{where}: the model has {heads}")
+        if not (-T <= i < T and -T <= j < T):
+            raise ValueError(f"{where}: positions lie in -{T}..{T - 1} (the prompt's {T} tokens)")
+        if j % T > i % T:
+            raise ValueError(f"{where}: key {j % T} comes after query {i % T}: its pattern is 0")
+        steps.append((l, h, i % T, j % T))
+    return 0, steps
+
+
+def print_qk(records, seconds):
+    """One line per explained entry (none without --qk): pattern, score, contrast, its top pair."""
+    if not records:
+        return
+    for r in records:
+        top = r["pairs"][0] if r["pairs"] else dict(query="-", key="-", value=0.0)
+        step = f"L{r['layer']}.H{r['head']}@{r['query_pos']}:{r['key_pos']}"
+        numbers = f"A {r['pattern']:.3f} | score {r['score']:+.3f} | contrast {r['contrast']:+.3f}"
+        print(f"qk {step}: {numbers} | top pair {top['query']} x {top['key']} {top['value']:+.3f}")
+    print(f"qk: {len(records)} entries explained in {seconds:.2f} s")
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """An attribution graph as data (Graph: the adjacency and its node order; graph.py fills it) and
 its files, written whole or not at all (forge/files.py), all in one folder:
 
-    {slug}.json             the pruned graph for circuit-tracer's front end (Neuronpedia format)
+    {slug}.json             the pruned graph for circuit-tracer's front end (Neuronpedia format),
+                            with graph.py --qk: a "qk" list (its reader ignores the key)
     graph-metadata.json     the folder's graphs: {"graphs": [each graph's metadata]}
     adjacency.safetensors   the unpruned adjacency with influence, masks, features and targets
     nodes.json              every node of the adjacency, with its index and whether it was kept
@@ -108,9 +109,63 @@ def node_records(graph, enc, explanations, cumulative, infl):
     return nodes
 
 
-def save_graph(graph, enc, cfg, pruned, scores, explanations):
+def top_pairs(Q, K, n, block_elements):
+    """graph.explain_heads' n largest |Q[:, s] · K[:, t]| over pairs (s, t) of sources (columns of
+    Q, K (hs, S)) -> (values (n,), (s, t) (n, 2)). S² terms do not fit in memory for 10k nodes:
+    |Q_s · K_t| <= |Q_s| |K_t| bounds which rows and columns can beat the n-th largest of a first
+    guess, and those go at most block_elements terms at a time."""
+    qn = Q.square().sum(0).sqrt()  # (S,)
+    kn = K.square().sum(0).sqrt()
+    m = min(4 * n, len(qn))
+    guess = (Q[:, qn.topk(m).indices].T @ K[:, kn.topk(m).indices]).abs().flatten()
+    bar = guess.topk(min(n, len(guess))).values[-1] * 0.999  # the n largest reach it (rounding)
+    qs = ((qn * kn.max() >= bar) & (qn > 0)).nonzero()[:, 0]  # (zero: fewer than n nonzero terms)
+    ks = ((kn * qn.max() >= bar) & (kn > 0)).nonzero()[:, 0]
+    step = max(1, block_elements // max(len(ks), 1))  # rows of Q a block
+    values = Q.new_zeros(0)
+    pairs = qs.new_zeros(0, 2)
+    for a in range(0, len(qs), step):
+        block = (Q[:, qs[a : a + step]].T @ K[:, ks]).flatten()  # (b·|ks|,)
+        top = block.abs().topk(min(n, len(block))).indices
+        values = torch.cat([values, block[top]])
+        pairs = torch.cat([pairs, torch.stack([qs[a + top // len(ks)], ks[top % len(ks)]], 1)])
+        keep = values.abs().topk(min(n, len(values))).indices
+        values, pairs = values[keep], pairs[keep]
+    return values, pairs
+
+
+def source_ids(feats, tokens, n_layers):
+    """The names of QK's sources (graph.qk_terms' columns), as in nodes.json: the features feats
+    (n, 3) (all active ones), errors, tokens; then the position embeddings "pos@{p}", "bias"."""
+    T = len(tokens)
+    ids = [f"{l}_{f}_{p}" for l, p, f in feats.tolist()]
+    ids += [f"{l}_-1_{p}" for l in range(n_layers) for p in range(T)]
+    return (
+        ids
+        + [f"E_{t}_{p}" for p, t in enumerate(tokens)]
+        + [f"pos@{p}" for p in range(T)]
+        + ["bias"]
+    )
+
+
+def qk_records(steps, feats, tokens, n_layers):
+    """graph.explain_heads' entries as the JSON's "qk" list, sources named by source_ids."""
+    ids = source_ids(feats, tokens, n_layers)
+    keys = ("layer", "head", "query_pos", "key_pos", "pattern", "score", "contrast")
+    out = []
+    for step in steps:
+        record = {k: step[k] for k in keys}
+        for name in ("", "contrast_"):
+            pairs = step[name + "pairs"]
+            record[name + "pairs"] = [dict(query=ids[s], key=ids[t], value=v) for s, t, v in pairs]
+            record[name + "rest"] = step[name + "rest"]
+        out.append(record)
+    return out
+
+
+def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=()):
     """Write the folder cfg.out -> (kept nodes, links). pruned: prune's (node_mask, edge_mask,
-    cumulative, influence) on the CPU; scores: (replacement, completeness)."""
+    cumulative, influence) on the CPU; scores: (replacement, completeness); qk: qk_records'."""
     node_mask, edge_mask, cumulative, infl = pruned
     check_finite(dict(adjacency=graph.adjacency, activations=graph.acts), f"the graph of {cfg.clt}")
     run_id = new_run_id()  # every file of this folder's graph carries it; commit.json lists it
@@ -138,6 +193,7 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations):
     mask = node_mask.tolist()
     kept = [node for node, m in zip(nodes, mask) if m]
     front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
+    front_end |= dict(qk=list(qk)) if qk else {}  # circuit-tracer's reader ignores the key
     write_json(os.path.join(cfg.out, f"{cfg.slug}.json"), front_end, indent=None)
     index_path = os.path.join(cfg.out, "graph-metadata.json")  # the folder's graphs, this one last
     index = {"graphs": []}

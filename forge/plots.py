@@ -86,6 +86,8 @@ def node_attrs(node, s, tokens, label_chars, href):
     elif ft == "logit":
         attrs["label"] = text(node.get("clerp") or f"logit {node['feature']}")
         attrs["penwidth"] = "2.5" if node.get("is_target_logit") else "1"
+    elif ft == "attention head":  # graph.py --qk: an explained head, at its query
+        attrs.update(label=text(clerp), shape="hexagon", fillcolor=HEAD_COLOR, width="0.3")
     elif ft == "mlp reconstruction error":
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
     else:
@@ -152,8 +154,9 @@ def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
                 g.edge(heads[i - 1, pos], heads[i, pos], style="invis", weight="8")
 
 
-def write_graph_page(stem, graph, cfg, svg, href):
-    """{stem}.html: prompt, scores, the picture (or how to get one), the table of every node."""
+def write_graph_page(stem, graph, cfg, svg, href, explanations=None):
+    """{stem}.html: prompt, scores, the picture (or how to get one), the table of every node; with
+    graph.py --qk, a panel its script (static/qk.js) fills when a head or an edge is clicked."""
     meta = graph.get("metadata", {})
     toks = [f"<code>{browser.token_html(t)}</code>" for t in meta.get("prompt_tokens", [])]
     info = {k: v for k, v in (meta.get("info") or {}).items() if isinstance(v, (int, float, str))}
@@ -191,7 +194,61 @@ def write_graph_page(stem, graph, cfg, svg, href):
         rows.append("".join(f"<td>{c}</td>" for c in cells))
     table = "<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>"
     body += ["<h2>Nodes, most influential first</h2>", table]
+    if graph.get("qk"):
+        data = dict(qk=graph["qk"], labels=qk_labels(graph, explanations or {}), tokens=tokens)
+        body += ["<div id='qk-panel'></div>", f"<script>var QK = {browser.to_js(data)};\n{QK_JS}"]
+        body += ["</script>"]
     browser.write_file(stem + ".html", browser.page_html("Attribution graph", "".join(body)))
+
+
+# -----------------------------------------------------------------------------
+# QK attributions (graph.py --qk): explained heads in the picture, their pairs on the page
+
+HEAD_COLOR = "#e9d8fd"  # an explained head's node, and its dashed edge from the key it reads
+HEAD_EDGE = "#805ad5"
+QK_JS = (browser.STATIC / "qk.js").read_text(encoding="utf-8")
+
+
+def qk_heads(graph):
+    """graph.py --qk's entries as grid nodes (row: the head's layer, column: the query) and edges
+    from the key's token embedding -> ([node], [(key node id, node id, edge attrs)])."""
+    embeddings = [n for n in graph["nodes"] if n["feature_type"] == "embedding"]
+    tokens = {n["ctx_idx"]: n["node_id"] for n in embeddings if n["node_id"][:3] != "E_-"}
+    nodes = []
+    edges = []
+    for k, q in enumerate(graph.get("qk", [])):
+        head = f"L{q['layer']}.H{q['head']}"
+        node = dict(node_id=f"qk_{k}", feature_type="attention head", layer=str(q["layer"]))
+        node |= dict(ctx_idx=q["query_pos"], clerp=f"{head} ← {q['key_pos']}")
+        numbers = (
+            f"pattern {q['pattern']:.3f}, score {q['score']:+.3g}, contrast {q['contrast']:+.3g}"
+        )
+        tip = text(f"{head}: query {q['query_pos']} attends to key {q['key_pos']} ({numbers})")
+        attrs = dict(color=HEAD_EDGE, style="dashed", constraint="false", tooltip=tip)
+        nodes.append(node)
+        edges += [(tokens[q["key_pos"]], node["node_id"], attrs)] if q["key_pos"] in tokens else []
+    return nodes, edges
+
+
+def qk_labels(graph, explanations):
+    """{node id: text} of every node in the qk pairs: a feature's explanation (interp's, else its
+    clerp), a token's text, an error's layer, a position embedding, the bias."""
+    tokens = graph.get("metadata", {}).get("prompt_tokens") or []
+    clerps = {n["node_id"]: n.get("clerp") or "" for n in graph["nodes"]}
+    pairs = [p for q in graph["qk"] for p in q["pairs"] + q["contrast_pairs"]]
+    out = {}
+    for i in {p["query"] for p in pairs} | {p["key"] for p in pairs}:
+        layer, what, pos = (i.split("_") + ["", ""])[:3]
+        if i == "bias" or i.startswith("pos@"):
+            out[i] = i.replace("pos@", "position ")
+        elif layer == "E":  # the prompt's token at pos
+            out[i] = f"token {browser.show_token(tokens[int(pos)])}"
+        elif what == "-1":
+            out[i] = f"error L{layer} @{pos}"
+        else:
+            label = explanations.get((int(layer), int(what))) or clerps.get(i, "")
+            out[i] = f"L{layer}/{what} @{pos} {label[:60]}".strip()
+    return out
 
 
 # -----------------------------------------------------------------------------

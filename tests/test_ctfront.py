@@ -80,6 +80,8 @@ def served(tmp_path, make_hub_model):
             str(root / "interp"),
             "--out",
             str(out),
+            "--qk",
+            "auto:3",
         ]
     )
     viz.main(["graph", str(out / "graph.json"), "--interp", str(root / "interp")])
@@ -126,6 +128,8 @@ def test_server_serves_our_graph_and_features(served):
     meta = graph_models.Metadata(**next(g for g in graphs if g["slug"] == "graph"))
     assert meta.scan == browser.FRONTEND_SCAN and meta.prompt == PROMPT
     data = get_json(urljoin(page, "./graph_data/graph.json"))
+    assert len(data["qk"]) == 3  # the QK section: the front end's model takes the file as it is
+    assert graph_models.Model(**data).nodes and "qk" not in graph_models.Model(**data).model_dump()
     nodes = [graph_models.Node(**n) for n in data["nodes"]]
     feats = [n for n in nodes if n.feature_type == "cross layer transcoder"]
     assert feats and len(os.listdir(out / "features")) == len({n.feature for n in feats})

@@ -315,7 +315,7 @@ def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
     runs both: this file is its worker (see the end)."""
     model_dir, clt_dir = write_model_and_clt(tmp_path, make_hub_model, seed=1)
     args = graph_args(model_dir, clt_dir, tmp_path, "Tarn is in the north")
-    args += ["--batch-size", "16", "--update-interval", "2"]
+    args += ["--batch-size", "16", "--update-interval", "2", "--qk", "auto:3"]  # QK rows shared too
     tasks = [
         args + ["--max-features", cap, "--out", str(tmp_path / f"two{cap}")]
         for cap in ("-1", "100")
@@ -340,6 +340,17 @@ def test_torchrun_gives_the_one_process_graph(tmp_path, make_hub_model):
         assert torch.equal(a["features"], b["features"])
         assert torch.equal(a["logit_tokens"], b["logit_tokens"])
         torch.testing.assert_close(b["adjacency"], a["adjacency"], atol=1e-6, rtol=0)
+        one, two = (
+            json.loads((tmp_path / f"{w}{cap}" / "graph.json").read_text()) for w in ("one", "two")
+        )
+        assert len(one["qk"]) == 3
+        for x, y in zip(one["qk"], two["qk"]):
+            step = ("layer", "head", "query_pos", "key_pos")
+            assert [x[k] for k in step] == [y[k] for k in step]
+            assert [(p["query"], p["key"]) for p in x["pairs"]] == [
+                (p["query"], p["key"]) for p in y["pairs"]
+            ]
+            assert (x["score"], x["rest"]) == pytest.approx((y["score"], y["rest"]), abs=1e-5)
     info = json.loads((tmp_path / "one100" / "graph.json").read_text())["metadata"]["info"]
     assert len(a["features"]) == 100 < info["n_active_features"]
 
