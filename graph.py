@@ -467,6 +467,39 @@ def scores(graph):
     return replacement.item(), completeness.item()
 
 
+def supernodes(graph, node_mask, edge_mask, decoders=None, threshold=0.5):
+    """Group the pruned graph's feature nodes into supernodes, each a hypothesis that its members
+    play one role: features at one position are alike when the cosine similarity of their edge
+    profiles (the kept edges' weights into them, then out of them, each half of unit norm), averaged
+    with that of their decoder directions decoders (n, d) when given, is at least threshold. Groups
+    merge by complete linkage (every pair of members alike), the most alike pair first, ties in node
+    order: deterministic. A supernode's influence is the sum of its members' in the full graph
+    (summed edges would not keep the row-normalized influence). -> [node indices (m,)], singletons
+    too, by first member."""
+    n = len(graph.feats)
+    A = graph.adjacency * edge_mask.to(graph.adjacency.device)
+    kept = node_mask[:n].nonzero()[:, 0].to(A.device)  # (k,)
+    unit = partial(torch.nn.functional.normalize, dim=1)
+    profile = torch.cat([unit(A[kept]), unit(A[:, kept].T)], 1)  # (k, 2N) reads, then writes
+    sim = profile @ profile.T / 2  # (k, k) in [-1, 1]
+    if decoders is not None:
+        d = unit(decoders[kept].to(sim))
+        sim = (sim + d @ d.T) / 2
+    pos = graph.feats[kept, 1]
+    sim = sim.masked_fill(pos[:, None] != pos[None, :], -2).fill_diagonal_(-2)
+    groups = [[i] for i in range(len(kept))]
+    while len(kept) > 1 and sim.max() >= threshold:
+        a, b = sorted(divmod(int(sim.argmax()), len(kept)))  # the first most alike pair
+        sim[a] = torch.minimum(sim[a], sim[b])  # complete linkage: the least alike pair counts
+        sim[:, a] = sim[a]
+        sim[a, a] = -2
+        sim[b] = -2  # b is gone
+        sim[:, b] = -2
+        groups[a] += groups[b]
+        groups[b] = []
+    return [kept[sorted(g)] for g in groups if g]
+
+
 @torch.no_grad()
 def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
@@ -505,7 +538,11 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in prune(graph, cfg.node_threshold, cfg.edge_threshold)]
         ratios = scores(graph)
-        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, load_explanations(cfg.interp))
+        one = torch.ones(1, device=device)  # each feature's decoder direction: its total write
+        writes = [clt.decoder_writes(l, f[None], one).sum(1) for l, _, f in graph.feats.to(device)]
+        groups = supernodes(graph, *pruned[:2], torch.cat(writes))
+        expl = load_explanations(cfg.interp)
+        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, expl, groups)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
 
