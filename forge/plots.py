@@ -93,13 +93,18 @@ def node_attrs(node, s, tokens, label_chars, href):
     elif ft == "mlp reconstruction error":
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
     elif ft == "supernode":  # one box for its members: their count, layers and shared label
-        attrs.update(label=f"{text(clerp, label_chars)}\\n{node_name(node)}", penwidth="2")
-        attrs["tooltip"] = text(f"{clerp}: {', '.join(node['members'])}")
+        attrs.update(label="\\n".join(label_lines(clerp, label_chars) + [node_name(node)]))
+        attrs.update(tooltip=text(f"{clerp}: {', '.join(node['members'])}"), penwidth="2")
     else:
-        attrs["label"] = node_name(node) + (f"\\n{text(clerp, label_chars)}" if clerp else "")
+        attrs["label"] = "\\n".join([node_name(node)] + label_lines(clerp, label_chars))
         if href:
             attrs.update(URL=href, target="_top")
     return attrs
+
+
+def label_lines(label, n):
+    """A label's lines in a node, each cut to n characters: what it reads, then "→ what it says"."""
+    return [text(part, n) for part in re.split(r" (?=→ )", label)] if label else []
 
 
 def legend():
