@@ -209,8 +209,10 @@ def write_graph_page(stem, graph, cfg, svg, href):
         body.append(
             f"<p>{len(graph['nodes'])} nodes and {len(graph['links'])} links in the file; drawn: "
             f"every embedding and logit, the {cfg.max_nodes} most influential other nodes, the "
-            f"{cfg.max_edges} strongest edges. Click a feature to open its page; hover a node for "
-            "its explanation, an edge for its weight.</p>"
+            f"{cfg.max_edges} strongest edges"
+            + (", graph.py's supernodes as one box each" if cfg.supernodes else "")
+            + ". Click a feature to open its page; hover a node for its label (a supernode: its "
+            "members), an edge for its weight.</p>"
             f"<div class='scroll'><div>{inline_svg}</div></div>"
         )
     # every node of the (pruned) graph, most influential first, features linked to their pages

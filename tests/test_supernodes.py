@@ -165,3 +165,17 @@ def test_svg_keeps_positions_left_to_right_and_layers_bottom_up(
     # each row labelled once: a crowded layer's extra rows carry no label
     row_labels = re.findall(r"<title>rowlabel_\d+</title>\s*<text[^>]*>([^<]*)</text>", svg)
     assert "Emb" in row_labels and len(row_labels) == len(set(row_labels))
+
+
+def test_front_end_reads_supernodes_from_the_url():
+    """The lines of circuit-tracer 0.5.0's init-cg.js that frontend_url follows: supernodes come
+    from the URL alone (qParams' are replaced, by [] without one), pinned ids from either."""
+    server = pytest.importorskip("circuit_tracer.frontend.local_server")
+    code = (server.DEFAULT_FRONTEND_DIR / "attribution_graph" / "init-cg.js").read_text()
+    assert "const supernodesParam = util.params.get('supernodes');" in code
+    assert "let urlSupernodes = [];" in code and "visState.supernodes = urlSupernodes" in code
+    assert "var urlPinnedIds = util.params.get('pinnedIds');" in code
+    subgraph = (
+        server.DEFAULT_FRONTEND_DIR / "attribution_graph" / "init-cg-subgraph.js"
+    ).read_text()
+    assert ".map(([label, ...nodeIds], i) => {" in subgraph  # [label, member ids...]
