@@ -165,6 +165,9 @@ def test_svg_keeps_positions_left_to_right_and_layers_bottom_up(
     # each row labelled once: a crowded layer's extra rows carry no label
     row_labels = re.findall(r"<title>rowlabel_\d+</title>\s*<text[^>]*>([^<]*)</text>", svg)
     assert "Emb" in row_labels and len(row_labels) == len(set(row_labels))
+    # the page opens the picture at its left edge (the tokens' start) at any window width
+    page = (out / "graph.html").read_text()
+    assert "<div class='scroll'>" in page and "rtl" not in page
 
 
 def test_front_end_reads_supernodes_from_the_url():
