@@ -34,6 +34,8 @@ Differences from circuit-tracer:
 - Rows from a hand-written transpose (Attribution), not gradients hooked into TransformerLens;
   under torchrun each rank computes a share. Memory: the kept rows, a batch's gradients per layer.
 - Ties: --max-features takes equal influence in node order; --edge-threshold 1 keeps no zero edge.
+- Supernodes (supernodes): grouped automatically, one position and one role each, for our picture
+  and its front end's URL; circuit-tracer leaves the grouping to hand (its issue #20).
 """
 
 import time
@@ -470,7 +472,7 @@ def scores(graph):
 def supernodes(graph, node_mask, edge_mask, decoders=None, threshold=0.5):
     """Group the pruned graph's feature nodes into supernodes, each a hypothesis that its members
     play one role: features at one position are alike when the cosine similarity of their edge
-    profiles (the kept edges' weights into them, then out of them, each half of unit norm), averaged
+    profiles (the kept edges' weights into them, then out of them, each half at unit norm), averaged
     with that of their decoder directions decoders (n, d) when given, is at least threshold. Groups
     merge by complete linkage (every pair of members alike), the most alike pair first, ties in node
     order: deterministic. A supernode's influence is the sum of its members' in the full graph

@@ -10,8 +10,8 @@ cache. Data flow:
     weights:        decoder --ln_f (mean scale)--> W_U --> promoted / suppressed tokens
     explanation:    the n-grams whose presence best predicts firing (greedy F1 on the train counts)
                     + the top promoted tokens: fires on " Tarn", " capital" | promotes " Velorian"
-    short label:    the n-grams it fires on more than the corpus does (smoothed log-odds weighted
-                    by support) -> the tokens it clearly promotes: " Tarn", " capital" → " Velorian"
+    short label:    the n-grams it fires on more than the corpus does (smoothed lift, weighted by
+                    support) -> the tokens it clearly promotes: " Tarn", " capital" → " Velorian"
     held-out split: how each explanation predicts firing --> SCORES (detection, fuzzing)
     toy world:      forge/concepts.py: per planted concept its best feature by F1 on a labeled
                     evaluation set, for the CLT and for baselines scored the same way

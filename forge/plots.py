@@ -218,7 +218,7 @@ def write_graph_page(stem, graph, cfg, svg, href):
     # every node of the (pruned) graph, most influential first, features linked to their pages
     tokens = meta.get("prompt_tokens") or []
     heads = ["node", "type", "layer", "position", "activation", "influence"]
-    rows = ["".join(f"<th>{h}</th>" for h in heads + ["cumulative influence", "explanation"])]
+    rows = ["".join(f"<th>{h}</th>" for h in heads + ["cumulative influence", "label"])]
     for n in sorted(graph["nodes"], key=influence_order):
         url = link(n, href)
         name = html.escape(node_name(n))
