@@ -81,7 +81,7 @@ class InterpConfig:
     show_terms: int = arg(6, "n-grams named in the explanation (most frequent); the rest counted")
     n_logit: int = arg(8, "promoted and suppressed tokens reported per feature")
     n_explain_logit: int = arg(2, "promoted tokens named in the explanation")
-    n_label: int = arg(3, "n-grams named in the short label: the most over-represented")
+    n_label: int = arg(6, "n-grams named in the short label: the most over-represented")
     clear_logit: float = arg(4.0, "the label names a promoted token this many std above the mean")
     bins_per_octave: int = arg(4, "histogram resolution: bins of width 2^(1/bins_per_octave)")
     log2_range: int = arg(12, "histogram spans [2^-r, 2^r]; values outside land in the end bins")
@@ -266,11 +266,11 @@ def explain_all(stats, effects, enc):
 def distinctive(grams, c, C, rate, k, base):
     """Up to k n-grams, none nested in another, that the feature fires on more than the corpus
     does: the precision p = (c + 1) / (C + 1 / rate), shrunk toward the base rate by one
-    pseudo-firing (smoothed, so a rare n-gram needs support), at least sqrt(rate) (halfway from the
-    base rate to always, in log-lift), ranked by support-weighted log-lift c·log(p / rate) (a KL
-    term; Monroe et al. 2008's smoothed log-odds). Indices, best first."""
+    pseudo-firing (smoothed, so a rare n-gram needs support), at least rate^(1/3) (two thirds of
+    the way from the base rate to always, in log-lift), ranked by support-weighted log-lift
+    c·log(p / rate) (a KL term; Monroe et al. 2008's smoothed log-odds). Indices, best first."""
     lift = np.log((c + 1) / (C + 1 / rate) / rate)
-    score = np.where(lift >= 0.5 * np.log(1 / rate), c * lift, 0.0)
+    score = np.where(lift >= 2 / 3 * np.log(1 / rate), c * lift, 0.0)
     mod = base ** n_digits(grams, base)
     out = []
     for j in np.argsort(-score, kind="stable")[: 4 * k]:
