@@ -487,19 +487,28 @@ def supernodes(graph, node_mask, edge_mask, decoders=None, threshold=0.5):
     if decoders is not None:
         d = unit(decoders[kept].to(sim))
         sim = (sim + d @ d.T) / 2
-    pos = graph.feats[kept, 1]
-    sim = sim.masked_fill(pos[:, None] != pos[None, :], -2).fill_diagonal_(-2)
-    groups = [[i] for i in range(len(kept))]
-    while len(kept) > 1 and sim.max() >= threshold:
-        a, b = sorted(divmod(int(sim.argmax()), len(kept)))  # the first most alike pair
-        sim[a] = torch.minimum(sim[a], sim[b])  # complete linkage: the least alike pair counts
+    groups = []
+    for p in graph.feats[kept, 1].unique():  # features at one position only
+        here = (graph.feats[kept, 1] == p).nonzero()[:, 0]
+        groups += [kept[here[g]] for g in complete_linkage(sim[here][:, here], threshold)]
+    return sorted(groups, key=lambda g: int(g[0]))
+
+
+def complete_linkage(sim, threshold):
+    """Groups of sim's (k, k) rows: merge the most alike pair of groups (ties: the first) while the
+    least alike pair of members across them is at least threshold -> [sorted indices]."""
+    sim = sim.clone().fill_diagonal_(-2)
+    groups = [[i] for i in range(len(sim))]
+    while len(sim) > 1 and sim.max() >= threshold:
+        a, b = sorted(divmod(int(sim.argmax()), len(sim)))
+        sim[a] = torch.minimum(sim[a], sim[b])  # the least alike pair counts
         sim[:, a] = sim[a]
         sim[a, a] = -2
         sim[b] = -2  # b is gone
         sim[:, b] = -2
         groups[a] += groups[b]
         groups[b] = []
-    return [kept[sorted(g)] for g in groups if g]
+    return [sorted(g) for g in groups if g]
 
 
 @torch.no_grad()
