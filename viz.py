@@ -233,6 +233,7 @@ def feature_page(feat, cfg):
     body = [
         f'<p><a href="index.html">all features</a></p><h1>{title}</h1>',
         f"<p><b>Explanation:</b> {html.escape(str(feat.get('explanation') or '(none)'))}</p>",
+        f"<p>What sets it apart: {html.escape(str(feat.get('label') or '(none)'))}</p>",
         f"<div class='cols'><div><h2>Statistics and scores</h2>{table_html(stats)}</div>",
         "<div><h2>Activation histogram (when active; log-spaced bins)</h2>",
         browser.svg_histogram(hist.get("counts", []), hist.get("edges", [])),

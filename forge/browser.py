@@ -281,6 +281,7 @@ def index_record(feat, dense):
     tokens = " ".join(show_token(t) for t in list(dict.fromkeys(fired))[:5])  # the 5 first distinct
     scores = ["density", "max_act", "detection_auroc", "fuzzing_bacc", "concept", "concept_f1"]
     promoted = " ".join(r["token"] for r in feat.get("promoted") or []).lower()
+    promoted += " " + str(feat.get("label") or "").lower()  # the search looks in the label too
     head = [str(int(feat["layer"])), str(int(feat["feature"])), str(feat.get("explanation") or "")]
     cells = [plain(feat.get(k)) for k in scores]
     if (feat.get("concept_f1") or 0) < CONCEPT_F1:  # a best concept at F1 0.01 names nothing
