@@ -94,7 +94,8 @@ def node_attrs(node, s, tokens, label_chars, href):
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
     elif ft == "supernode":  # one box for its members: their count, layers and shared label
         attrs.update(label="\\n".join(label_lines(clerp, label_chars) + [node_name(node)]))
-        attrs.update(tooltip=text(f"{clerp}: {', '.join(node['members'])}"), penwidth="2")
+        infl = f"influence {node['influence_raw']:.3g}, its members' sum"
+        attrs.update(tooltip=text(f"{clerp}: {', '.join(node['members'])} ({infl})"), penwidth="2")
     else:
         attrs["label"] = "\\n".join([node_name(node)] + label_lines(clerp, label_chars))
         if href:

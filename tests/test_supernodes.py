@@ -152,8 +152,9 @@ def test_svg_keeps_positions_left_to_right_and_layers_bottom_up(
     nodes = [n for n in drawn["nodes"] if n["node_id"] in at]
     boxes = [n for n in nodes if n["feature_type"] == "supernode"]
     assert bool(boxes) == supernodes
-    for b in boxes:
+    for b in boxes:  # its member count in the box, their summed influence in its tooltip
         assert f"{len(b['members'])} features" in svg
+        assert f"influence {b['influence_raw']:.3g}, its members&#39; sum" in svg
     row = {n["node_id"]: viz.grid_row(n) for n in nodes}
     for a in nodes:
         for b in nodes:
