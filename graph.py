@@ -42,6 +42,8 @@ Differences from circuit-tracer:
 - Rows from a hand-written transpose (Attribution), not gradients hooked into TransformerLens;
   under torchrun each rank computes a share. Memory: the kept rows, a batch's gradients per layer.
 - Ties: --max-features takes equal influence in node order; --edge-threshold 1 keeps no zero edge.
+- Supernodes (supernodes): grouped automatically, one position and one role each, for our picture
+  and its front end's URL; circuit-tracer leaves the grouping to hand (its issue #20).
 """
 
 import time
@@ -620,6 +622,48 @@ def scores(graph):
     return replacement.item(), completeness.item()
 
 
+def supernodes(graph, node_mask, edge_mask, decoders=None, threshold=0.5):
+    """Group the pruned graph's feature nodes into supernodes, each a hypothesis that its members
+    play one role: features at one position are alike when the cosine similarity of their edge
+    profiles (the kept edges' weights into them, then out of them, each half at unit norm), averaged
+    with that of their decoder directions decoders (n, d) when given, is at least threshold. Groups
+    merge by complete linkage (every pair of members alike), the most alike pair first, ties in node
+    order: deterministic. A supernode's influence is the sum of its members' in the full graph
+    (summed edges would not keep the row-normalized influence). -> [node indices (m,)], singletons
+    too, by first member."""
+    n = len(graph.feats)
+    A = graph.adjacency * edge_mask.to(graph.adjacency.device)
+    kept = node_mask[:n].nonzero()[:, 0].to(A.device)  # (k,)
+    unit = partial(torch.nn.functional.normalize, dim=1)
+    profile = torch.cat([unit(A[kept]), unit(A[:, kept].T)], 1)  # (k, 2N) reads, then writes
+    sim = profile @ profile.T / 2  # (k, k) in [-1, 1]
+    if decoders is not None:
+        d = unit(decoders[kept].to(sim))
+        sim = (sim + d @ d.T) / 2
+    groups = []
+    for p in graph.feats[kept, 1].unique():  # features at one position only
+        here = (graph.feats[kept, 1] == p).nonzero()[:, 0]
+        groups += [kept[here[g]] for g in complete_linkage(sim[here][:, here], threshold)]
+    return sorted(groups, key=lambda g: int(g[0]))
+
+
+def complete_linkage(sim, threshold):
+    """Groups of sim's (k, k) rows: merge the most alike pair of groups (ties: the first) while the
+    least alike pair of members across them is at least threshold -> [sorted indices]."""
+    sim = sim.clone().fill_diagonal_(-2)
+    groups = [[i] for i in range(len(sim))]
+    while len(sim) > 1 and sim.max() >= threshold:
+        a, b = sorted(divmod(int(sim.argmax()), len(sim)))
+        sim[a] = torch.minimum(sim[a], sim[b])  # the least alike pair counts
+        sim[:, a] = sim[a]
+        sim[a, a] = -2
+        sim[b] = -2  # b is gone
+        sim[:, b] = -2
+        groups[a] += groups[b]
+        groups[b] = []
+    return [sorted(g) for g in groups if g]
+
+
 @torch.no_grad()
 def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
@@ -664,7 +708,10 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in pruned]
         ratios = scores(graph)
-        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels, qk)
+        one = torch.ones(1, device=device)  # each feature's decoder direction: its total write
+        writes = [clt.decoder_writes(l, f[None], one).sum(1) for l, _, f in graph.feats.to(device)]
+        groups = supernodes(graph, *pruned[:2], torch.cat(writes))
+        kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels, qk, groups)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)
         graphcli.print_qk(qk, qk_seconds)

@@ -10,6 +10,8 @@ cache. Data flow:
     weights:        decoder --ln_f (mean scale)--> W_U --> promoted / suppressed tokens
     explanation:    the n-grams whose presence best predicts firing (greedy F1 on the train counts)
                     + the top promoted tokens: fires on " Tarn", " capital" | promotes " Velorian"
+    short label:    the n-grams it fires on more than the corpus does (smoothed lift, weighted by
+                    support) -> the tokens it clearly promotes: " Tarn", " capital" → " Velorian"
     held-out split: how each explanation predicts firing --> SCORES (detection, fuzzing)
     toy world:      forge/concepts.py: per planted concept its best feature by F1 on a labeled
                     evaluation set, for the CLT and for baselines scored the same way
@@ -49,7 +51,7 @@ from forge import files, toyworld
 from forge.cli import arg, parse_config, run_main
 from forge.concepts import concept_table, toy_world_concepts
 from forge.interpfile import Padded, SparseCounter, check_clt, decode_gram, empty_top, merge_top
-from forge.interpfile import n_digits, ngram_keys, padded_chunks, write_outputs
+from forge.interpfile import label_text, n_digits, ngram_keys, padded_chunks, write_outputs
 from forge.hub import load_tokenizer
 from model import load_model
 
@@ -79,6 +81,8 @@ class InterpConfig:
     show_terms: int = arg(6, "n-grams named in the explanation (most frequent); the rest counted")
     n_logit: int = arg(8, "promoted and suppressed tokens reported per feature")
     n_explain_logit: int = arg(2, "promoted tokens named in the explanation")
+    n_label: int = arg(6, "n-grams named in the short label: the most over-represented")
+    clear_logit: float = arg(4.0, "the label names a promoted token this many std above the mean")
     bins_per_octave: int = arg(4, "histogram resolution: bins of width 2^(1/bins_per_octave)")
     log2_range: int = arg(12, "histogram spans [2^-r, 2^r]; values outside land in the end bins")
     fuzz_window: int = arg(4, "fuzzing: tokens within this distance of a firing make its context")
@@ -110,7 +114,7 @@ def interpret(model, enc, clt, cache, cfg: InterpConfig):
     """Statistics, an explanation and its scores for every feature of `clt` over `cache`.
 
     Returns (stats: FeatureStats of the train split, explanations: one dict per feature, effects:
-    (promoted values, ids, suppressed values, ids), scorer: the held-out Scorer)."""
+    (promoted values, ids, suppressed values, ids, z-scores), scorer: the held-out Scorer)."""
     # Phase 1: the train pass; each chunk's firings update densities, histograms, examples, n-grams
     stats = FeatureStats(clt.config.n_layers, clt.config.n_features, model.config.vocab_size, cfg)
     first = None
@@ -123,7 +127,7 @@ def interpret(model, enc, clt, cache, cfg: InterpConfig):
     ln_scale = mean_ln_f_scale(model, *first, bos=enc.eot_token)
     effects = logit_effects(clt, model, ln_scale, cfg.n_logit, enc.n_vocab)
     # Phase 3: the explanations, from the train counts alone
-    expl = explain_all(stats, effects[1], enc)
+    expl = explain_all(stats, effects, enc)
     # Phase 4: the held-out pass counts how each explanation predicts firing; SCORES read the counts
     scorer = Scorer(expl, stats)
     for p in padded_chunks(clt, cache, "heldout", cfg):
@@ -202,7 +206,8 @@ def mean_ln_f_scale(model, tok, pos, bos, max_contexts=8):
 
 @torch.no_grad()
 def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
-    """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids), (M, n).
+    """Direct logit effect of every feature: (promoted values, ids, suppressed values, ids, the
+    promoted values' z-scores over the vocabulary), (M, n) each.
 
     v = the feature's writes into mlp_out[l:] at activation 1 (clt.decoder_writes), summed; through
     ln_f at its mean scale it moves the logits by ((v - mean(v)) · scale · γ) @ wte[:n_vocab]^T."""
@@ -216,15 +221,16 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
         eff = v[i : i + batch] @ model.wte.weight[:n_vocab].T  # (b, V)
         tv, ti = eff.topk(n, dim=1)
         bv, bi = (-eff).topk(n, dim=1)
-        parts.append((tv, ti, -bv, bi))
+        z = (tv - eff.mean(1, keepdim=True)) / eff.std(1, keepdim=True)  # over the vocabulary
+        parts.append((tv, ti, -bv, bi, z))
     return [torch.cat(x) for x in zip(*parts)]
 
 
 # -----------------------------------------------------------------------------
 # explanations: built from the train counts alone
-def explain_all(stats, promoted_ids, enc):
-    """Per feature: the explanation string, its n-grams (as text, and as keys by train precision)
-    and the input_ngrams."""
+def explain_all(stats, effects, enc):
+    """Per feature: the explanation string, its n-grams (as text, and as keys by train precision),
+    the input_ngrams, and the short label: what tells it apart (distinctive) -> clearly promoted."""
     cfg = stats.cfg
     g, c, C, bounds = gram_table(stats)
     n_fires = stats.n_fires.cpu().numpy()
@@ -240,15 +246,38 @@ def explain_all(stats, promoted_ids, enc):
             dict(ngram=txt[i], count=n, corpus_count=N, pmi=round(x, 3)) for i, n, N, x in inp
         ]
         names = [txt[i] for i in sorted(chosen, key=lambda i: -cm[i])]
-        promotes = [enc.decode([int(t)]) for t in promoted_ids[m][: cfg.n_explain_logit]]
+        promotes = [enc.decode([int(t)]) for t in effects[1][m][: cfg.n_explain_logit]]
         more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
         quoted = [json.dumps(n, ensure_ascii=False) for n in names[: cfg.show_terms]]
         text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
         text += " | promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t in promotes)
         text = "dead" if n_fires[m] == 0 else text
         keys = [int(gm[i]) for i in chosen]  # most precise first: the scorer's ranking
+        rate = n_fires[m] / stats.n_rows
+        said = distinctive(gm, cm, Cm, rate, cfg.n_label, stats.base) if len(gm) else []
+        clear = effects[1][m][effects[4][m] >= cfg.clear_logit][: cfg.n_explain_logit]
+        grams = [decode_gram(int(gm[i]), stats.base, enc) for i in said]
+        label = "dead" if n_fires[m] == 0 else label_text(grams, clear.tolist(), enc)
         out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs, keys=keys))
+        out[-1].update(label=label, label_ngrams=grams)
     return out
+
+
+def distinctive(grams, c, C, rate, k, base):
+    """Up to k n-grams, none nested in another, that the feature fires on more than the corpus
+    does: the precision p = (c + 1) / (C + 1 / rate), shrunk toward the base rate by one
+    pseudo-firing (smoothed, so a rare n-gram needs support), at least rate^(1/3) (two thirds of
+    the way from the base rate to always, in log-lift), ranked by support-weighted log-lift
+    c·log(p / rate) (a KL term; Monroe et al. 2008's smoothed log-odds). Indices, best first."""
+    lift = np.log((c + 1) / (C + 1 / rate) / rate)
+    score = np.where(lift >= 2 / 3 * np.log(1 / rate), c * lift, 0.0)
+    mod = base ** n_digits(grams, base)
+    out = []
+    for j in np.argsort(-score, kind="stable")[: 4 * k]:
+        nested = [(grams[j] % mod[i] == grams[i]) | (grams[i] % mod[j] == grams[j]) for i in out]
+        if score[j] > 0 and not any(nested):
+            out.append(int(j))
+    return out[:k]
 
 
 def choose_ngrams(grams, c, C, n_fires, max_terms, base):

@@ -65,8 +65,9 @@ class GraphConfig:
     features: str = arg("", 'folder of feature pages to link nodes to; "" = <interp>/html')
     max_nodes: int = arg(60, "nodes drawn besides embeddings and logits, most influential first")
     max_edges: int = arg(150, "edges drawn, strongest |weight| first")
-    label_chars: int = arg(26, "characters of a feature's explanation shown in its node")
+    label_chars: int = arg(36, "characters of a feature's label shown in its node")
     cell_width: int = arg(3, "nodes side by side in one (layer, position) cell before it wraps")
+    supernodes: bool = arg(True, "graph.py's supernodes drawn as one box each; else features")
 
 
 @dataclass
@@ -131,8 +132,9 @@ def draw_graph(cfg):
     written += browser.write_frontend_features(graph, interp_dir, out)
     has_dot = shutil.which("dot") is not None  # without it: the .dot and the page's node table
     # pass 1: `dot` places the grid; pass 2: the nodes pinned there, `neato -n2` routes the edges
-    layout = dot_positions(build_dot(graph, cfg, href, links=False)) if has_dot else {}
-    g = build_dot(graph, cfg, href, pos_of=layout)
+    drawn = plots.collapse_supernodes(graph) if cfg.supernodes else graph
+    layout = dot_positions(build_dot(drawn, cfg, href, links=False)) if has_dot else {}
+    g = build_dot(drawn, cfg, href, pos_of=layout)
     write_file(stem + ".dot", g.source)
     svg = None
     if has_dot:
@@ -241,6 +243,7 @@ def feature_page(feat, cfg):
     body = [
         f'<p><a href="index.html">all features</a></p><h1>{title}</h1>',
         f"<p><b>Explanation:</b> {html.escape(str(feat.get('explanation') or '(none)'))}</p>",
+        f"<p>What sets it apart: {html.escape(str(feat.get('label') or '(none)'))}</p>",
         f"<div class='cols'><div><h2>Statistics and scores</h2>{table_html(stats)}</div>",
         "<div><h2>Activation histogram (when active; log-spaced bins)</h2>",
         browser.svg_histogram(hist.get("counts", []), hist.get("edges", [])),

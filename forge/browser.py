@@ -21,7 +21,7 @@ import pathlib
 from forge.files import atomic_path, fsync_dir
 
 STATIC = pathlib.Path(os.path.abspath(__file__)).parent / "static"  # ships beside this module
-# every page's style (.scroll is right-to-left: a wide graph opens at its right end, the logits)
+# every page's style (.scroll: a wide graph scrolls sideways, opening at its left edge, the tokens)
 CSS = (STATIC / "style.css").read_text(encoding="utf-8").rstrip("\n")
 INDEX_JS = (STATIC / "index.js").read_text(encoding="utf-8")  # sorting, filtering, index/ files
 
@@ -263,6 +263,9 @@ INDEX_CLASSES = ["num" if kind == "num" else "" for _, _, kind, _ in INDEX_COLUM
 FLAGS = len(INDEX_COLUMNS) - 1  # a row's flags cell (dead, dense), the last
 
 
+CONCEPT_F1 = 0.5  # the index names a feature's best planted concept from this F1 on
+
+
 def is_dead(feat):
     """A feature that never fired: it has no page (nothing to show) and the flag "dead"."""
     return not feat.get("n_fires", feat.get("density", 1))
@@ -278,8 +281,12 @@ def index_record(feat, dense):
     tokens = " ".join(show_token(t) for t in list(dict.fromkeys(fired))[:5])  # the 5 first distinct
     scores = ["density", "max_act", "detection_auroc", "fuzzing_bacc", "concept", "concept_f1"]
     promoted = " ".join(r["token"] for r in feat.get("promoted") or []).lower()
+    promoted += " " + str(feat.get("label") or "").lower()  # the search looks in the label too
     head = [str(int(feat["layer"])), str(int(feat["feature"])), str(feat.get("explanation") or "")]
-    return [*head, tokens, *(plain(feat.get(k)) for k in scores), flags, promoted]
+    cells = [plain(feat.get(k)) for k in scores]
+    if (feat.get("concept_f1") or 0) < CONCEPT_F1:  # a best concept at F1 0.01 names nothing
+        cells[-2] = ""
+    return [*head, tokens, *cells, flags, promoted]
 
 
 def index_row(rec):
@@ -391,7 +398,8 @@ def summary_html(summary, run_dir):
 
 
 def index_page(index, summary_div):
-    """The browser: headline, summary, the controls, the table of the inline rows, the script."""
+    """The browser: headline, the controls, the table of the inline rows first; the summary and
+    its plots below it; the script."""
     rows = index.inline()
     th = '<th data-key="{}" data-type="{}" data-dir="{}">{}</th>'
     head = "".join(th.format(k, t, d, html.escape(h)) for k, h, t, d in INDEX_COLUMNS)
@@ -413,12 +421,14 @@ def index_page(index, summary_div):
     config = dict(layers=index.layers(), files=files, total=index.n, classes=INDEX_CLASSES)
     config["page"] = PAGE_NAME
     counts = f"{index.n - index.n_dead} live, {index.n_dead} dead (no page), {index.n_dense} dense"
-    body = [f"<h1>Features: {counts}</h1>", summary_div]
-    body += [f"<h2>{title}</h2><p class='muted'>{intro}</p>", CONTROLS.format(first + options)]
+    summary = "<a href='#summary'>summary and plots below</a>"
+    body = [f"<h1>Features: {counts}</h1>", CONTROLS.format(first + options)]
+    body += [f"<p class='muted'><b>{title}.</b> {intro} The {summary}.</p>"]
     # hidden until the script has drawn it: a table laid out as it streams in costs ~0.5 ms a row
     body += [f'<table id="features" hidden><thead><tr>{head}</tr></thead><tbody>']
     body += [*map(index_row, rows), "</tbody></table>"]
     body += ['<p><button id="more" hidden>show more</button></p>']
+    body += [f"<div id='summary'>{summary_div}</div>"]
     body += [f"<script>var INDEX = {to_js(config)};\n{INDEX_JS}</script>"]
     return "".join(body)
 

@@ -300,6 +300,9 @@ def print_graph(graph, enc, cfg, seconds, world, exact, scores, kept):
     print(f"attribution: {seconds:.2f} s on {world} process(es) | exactness: {sums}")
     pruned = f"pruned graph: {kept[0]} nodes, {kept[1]} links -> {cfg.out}/{cfg.slug}.json"
     print(f"replacement score {scores[0]:.3f} | completeness score {scores[1]:.3f} | {pruned}")
+    if len(kept) > 2:
+        serve = f"python -m circuit_tracer start-server --graph_file_dir {cfg.out}"
+        print(f"circuit-tracer's front end with the supernodes: {serve}, then open {kept[2]}")
 
 
 def print_intervention(enc, idx, interventions, out, cfg):

@@ -10,12 +10,16 @@ its files, written whole or not at all (forge/files.py), all in one folder:
 Nodes carry circuit-tracer's frontend/graph_models.py Node fields; token text is process_token's.
 """
 
+import json
 import os
-from collections import namedtuple
+import re
+from collections import Counter, namedtuple
 from dataclasses import dataclass, field
 from typing import Optional
+from urllib.parse import urlencode
 
 import torch
+
 from forge.files import check_finite, commit, new_run_id, read_json, read_jsonl, save_safetensors
 from forge.files import transcoder_id, write_json
 from forge.interpfile import open_features
@@ -71,7 +75,10 @@ def load_explanations(path, clt=""):
         return {}
     path = open_features(path, transcoder_id(clt) if clt else None, clt)
     rows = read_jsonl(path, f"rerun `python interp.py --out {os.path.dirname(path) or '.'}`")
-    return {(int(r["layer"]), int(r["feature"])): r.get("explanation", "") for r in rows}
+    return {
+        (int(r["layer"]), int(r["feature"])): r.get("label") or r.get("explanation", "")
+        for r in rows
+    }
 
 
 def node_record(node_id, feature, layer, ctx_idx, feature_type, js_id, **given):
@@ -163,9 +170,47 @@ def qk_records(steps, feats, tokens, n_layers):
     return out
 
 
-def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=()):
-    """Write the folder cfg.out -> (kept nodes, links). pruned: prune's (node_mask, edge_mask,
-    cumulative, influence) on the CPU; scores: (replacement, completeness); qk: qk_records'."""
+QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # a JSON string in a label
+FRONTEND_PORT = 8041  # `python -m circuit_tracer start-server`'s default --port
+
+
+def group_label(labels, n_terms=2):
+    """A supernode's label from its members' (most influential first): on each side of the arrow
+    (interp.py's label_text; " | promotes " in an explanation) the n_terms most common terms."""
+    sides = [re.split(r" → | \| promotes ", label, maxsplit=1) + [""] for label in labels]
+    common = []
+    for k in range(2):  # input side, output side; ties: the most influential member's first
+        terms = Counter(t for s in sides for t in dict.fromkeys(QUOTED.findall(s[k])))
+        common.append(", ".join(t for t, _ in terms.most_common(n_terms)))
+    return f"{common[0]} → {common[1]}" if common[1] else common[0]
+
+
+def frontend_qparams(nodes, mask, groups):
+    """qParams for circuit-tracer's front end: the kept nodes pinned, each group of two or more
+    as a supernode [label, member node ids...]; its page reads supernodes from the URL alone
+    (init-cg.js replaces qParams.supernodes with the URL's, [] without one): frontend_url."""
+    pinned = [node["node_id"] for node, m in zip(nodes, mask) if m]
+    supers = []
+    for g in (g for g in groups if len(g) > 1):
+        members = sorted(g, key=lambda i: -nodes[i]["influence_raw"])
+        label = group_label([nodes[i]["clerp"] for i in members]) or f"{len(g)} features"
+        while label in (s[0] for s in supers):  # the page names a supernode by its label
+            label += "'"
+        supers.append([label] + [nodes[i]["node_id"] for i in members])
+    return dict(pinnedIds=pinned, supernodes=supers, linkType="both", clickedId="", sg_pos="")
+
+
+def frontend_url(slug, qparams, port=FRONTEND_PORT):
+    """The page with the graph's supernodes, for `python -m circuit_tracer start-server`."""
+    query = dict(slug=slug, pinnedIds=",".join(qparams["pinnedIds"]))
+    query.update(supernodes=json.dumps(qparams["supernodes"], ensure_ascii=False))
+    return f"http://localhost:{port}/index.html?{urlencode(query)}"
+
+
+def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=(), groups=()):
+    """Write the folder cfg.out -> (kept nodes, links, the front end's URL). pruned: prune's
+    (node_mask, edge_mask, cumulative, influence) on the CPU; scores: (replacement, completeness);
+    qk: qk_records'; groups: graph.py's supernodes, lists of feature node indices."""
     node_mask, edge_mask, cumulative, infl = pruned
     check_finite(dict(adjacency=graph.adjacency, activations=graph.acts), f"the graph of {cfg.clt}")
     run_id = new_run_id()  # every file of this folder's graph carries it; commit.json lists it
@@ -188,9 +233,9 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=()):
     meta |= dict(prompt=graph.prompt, node_threshold=cfg.node_threshold, schema_version=1)
     meta |= dict(run_id=run_id)
     meta |= dict(pruning_settings=thresholds, info=info | dict(targets=targets))
-    qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
-    os.makedirs(cfg.out, exist_ok=True)
     mask = node_mask.tolist()
+    qparams = frontend_qparams(nodes, mask, [g.tolist() for g in groups])
+    os.makedirs(cfg.out, exist_ok=True)
     kept = [node for node, m in zip(nodes, mask) if m]
     front_end = dict(metadata=meta, qParams=qparams, nodes=kept, links=links)
     front_end |= dict(qk=list(qk)) if qk else {}  # circuit-tracer's reader ignores the key
@@ -210,4 +255,4 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=()):
     table = [node | dict(index=i, kept=m) for i, (node, m) in enumerate(zip(nodes, mask))]
     write_json(os.path.join(cfg.out, "nodes.json"), dict(metadata=meta, nodes=table), indent=None)
     commit(cfg.out, run_id, [f"{cfg.slug}.json", "graph-metadata.json", ADJACENCY, "nodes.json"])
-    return len(kept), len(links)
+    return len(kept), len(links), frontend_url(cfg.slug, qparams)

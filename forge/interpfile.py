@@ -15,6 +15,7 @@ undefined), heldout_density, explanation, explanation_ngrams, input_ngrams [{"ng
 share_live_detection_above (AUROC >= --interpretable), each score's quantiles, seconds_passes (and
 the plain-read ratio with --time-read); on the toy world "concepts" (forge/concepts.py lists its
 keys). summary.png: four small plots of the summary. Nothing here imports the spine.
+features.jsonl also holds each feature's short label and label_ngrams (its input side): label_text.
 """
 
 import json
@@ -205,7 +206,7 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
     run_id = new_run_id()
     os.makedirs(cfg.out, exist_ok=True)
     heldout_density = (scorer.det[..., 1].sum(-1).cpu() / scorer.n_rows).tolist()  # firings/tokens
-    pv, pi, sv, si = (x.tolist() for x in effects)
+    pv, pi, sv, si = (x.tolist() for x in effects[:4])
     logits = dict(promoted=(pv, pi), suppressed=(sv, si))
     score_lists = {name: x.tolist() for name, x in scores.items()}
     n_fires = stats.n_fires.tolist()
@@ -213,7 +214,7 @@ def write_outputs(cfg, enc, stats, expl, effects, scorer, concepts, cache, secon
     hist = stats.hist.cpu()
     top, sampled = ({k: v.cpu() for k, v in t.items()} for t in (stats.top, stats.sampled))
     nq = cfg.n_quantile_examples
-    text_keys = ("explanation", "explanation_ngrams", "input_ngrams")
+    text_keys = ("explanation", "explanation_ngrams", "input_ngrams", "label", "label_ngrams")
     with atomic_path(os.path.join(cfg.out, "features.jsonl")) as tmp, open(tmp, "w") as fh:
         for m in tqdm(range(stats.L * stats.F), desc="features.jsonl"):
             n = n_fires[m]
@@ -299,6 +300,14 @@ def check_for_graph(path, given, meta):
     info = meta.get("info") or {}
     if os.path.exists(os.path.join(path, "features.jsonl")):
         open_features(path, info.get("clt_export_id"), info.get("clt"))  # the graph's CLT
+
+
+def label_text(grams, promoted, enc):
+    """A feature's short label: the n-grams it fires on more than the corpus does -> the tokens it
+    clearly promotes, e.g. '" Fafes", " Nu" → " Zefekic"' (either side may be empty)."""
+    quoted = ", ".join(json.dumps(g, ensure_ascii=False) for g in grams)
+    said = ", ".join(json.dumps(enc.decode([t]), ensure_ascii=False) for t in promoted)
+    return f"{quoted} → {said}" if said else quoted or "(no distinctive n-gram)"
 
 
 def examples(store, m, enc, before, n=None):

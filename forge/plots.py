@@ -23,6 +23,7 @@ FILL = {  # a node's colour by its feature_type
     "mlp reconstruction error": "#e2e2e2",
     "embedding": "#d8ecd2",
     "logit": "#d3e3f6",
+    "supernode": "#f6d2a2",
 }
 GRAPH = dict(rankdir="BT", newrank="true", ranksep="0.55", nodesep="0.12", splines="true")
 GRAPH.update(fontname="Helvetica", label="", labelloc="t", fontsize="16")  # label: the title
@@ -52,8 +53,11 @@ def text(s, n=None):
 
 
 def node_name(node):
-    """How the page names a node: L1/3 for a feature, err L0, an embedding's token, a logit's."""
+    """How the page names a node: L1/3 for a feature, err L0, an embedding's token, a logit's, a
+    supernode's member count and layers."""
     ft = node["feature_type"]
+    if ft == "supernode":
+        return f"{len(node['members'])} features, L{node['layer_span']}"
     if ft == "cross layer transcoder":
         return f"L{node['layer']}/{browser.feature_index(node)}"
     if ft == "mlp reconstruction error":
@@ -90,11 +94,20 @@ def node_attrs(node, s, tokens, label_chars, href):
         attrs.update(label=text(clerp), shape="hexagon", fillcolor=HEAD_COLOR, width="0.3")
     elif ft == "mlp reconstruction error":
         attrs.update(label=f"err L{node['layer']}", style="filled,dashed", shape="octagon")
+    elif ft == "supernode":  # one box for its members: their count, layers and shared label
+        attrs.update(label="\\n".join(label_lines(clerp, label_chars) + [node_name(node)]))
+        infl = f"influence {node['influence_raw']:.3g}, its members' sum"
+        attrs.update(tooltip=text(f"{clerp}: {', '.join(node['members'])} ({infl})"), penwidth="2")
     else:
-        attrs["label"] = node_name(node) + (f"\\n{text(clerp, label_chars)}" if clerp else "")
+        attrs["label"] = "\\n".join([node_name(node)] + label_lines(clerp, label_chars))
         if href:
             attrs.update(URL=href, target="_top")
     return attrs
+
+
+def label_lines(label, n):
+    """A label's lines in a node, each cut to n characters: what it reads, then "→ what it says"."""
+    return [text(part, n) for part in re.split(r" (?=→ )", label)] if label else []
 
 
 def legend():
@@ -123,10 +136,9 @@ def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
         with g.subgraph(name=f"row_{i}") as sub:
             sub.attr(rank="same")
             chain = [f"rowlabel_{i}"]
-            more = i > 0 and ranks[i - 1][0] == r  # a wrapped row's continuation: its label in grey
-            label = {-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}")
-            style = dict(shape="plaintext", fontsize="14", fontcolor="#aaaaaa" if more else "black")
-            pin(sub, chain[0], pos_of, label=label, **style)
+            more = i > 0 and ranks[i - 1][0] == r  # a wrapped row's continuation: no label
+            label = "" if more else {-1: "Emb", 10**6: "Logits"}.get(r, f"L{r}")
+            pin(sub, chain[0], pos_of, label=label, shape="plaintext", fontsize="14")
             for pos in range(n_pos):
                 cell = cells.get(pos, [])
                 if not cell:  # keep the grid: an empty cell still takes a column slot
@@ -154,6 +166,34 @@ def grid(g, ranks, imp, tokens, label_chars, href, pos_of):
                 g.edge(heads[i - 1, pos], heads[i, pos], style="invis", weight="8")
 
 
+def collapse_supernodes(graph):
+    """The graph with each of qParams' supernodes [label, member ids...] as one node: at its
+    members' position and mean layer, its influence the sum of theirs (graph.py: that is a
+    supernode's influence), its edges the sums of theirs, those inside it dropped."""
+    nodes = {n["node_id"]: n for n in graph["nodes"]}
+    owner = {}
+    for i, (label, *ids) in enumerate((graph.get("qParams") or {}).get("supernodes") or []):
+        members = [nodes[m] for m in ids if m in nodes]
+        if len(members) < 2:
+            continue
+        layers = sorted(int(m["layer"]) for m in members)
+        node = dict(node_id=f"supernode-{i}", feature_type="supernode", clerp=label)
+        node.update(layer=str(round(sum(layers) / len(layers))), ctx_idx=members[0]["ctx_idx"])
+        node.update(layer_span=f"{layers[0]}–{layers[-1]}" if layers[0] < layers[-1] else layers[0])
+        node.update(members=[m["node_id"] for m in members])
+        node.update(influence_raw=sum(m.get("influence_raw") or 0 for m in members))
+        owner.update({m["node_id"]: node for m in members})
+    kept = [n for n in graph["nodes"] if n["node_id"] not in owner]
+    kept += list({id(n): n for n in owner.values()}.values())
+    weights = {}
+    for l in graph["links"]:
+        ends = tuple(owner[e]["node_id"] if e in owner else e for e in (l["source"], l["target"]))
+        if ends[0] != ends[1]:  # an edge inside a supernode is no edge of the picture
+            weights[ends] = weights.get(ends, 0.0) + l["weight"]
+    links = [dict(source=a, target=b, weight=w) for (a, b), w in weights.items()]
+    return dict(graph, nodes=kept, links=links)
+
+
 def write_graph_page(stem, graph, cfg, svg, href, explanations=None):
     """{stem}.html: prompt, scores, the picture (or how to get one), the table of every node; with
     graph.py --qk, a panel its script (static/qk.js) fills when a head or an edge is clicked."""
@@ -173,14 +213,16 @@ def write_graph_page(stem, graph, cfg, svg, href, explanations=None):
         body.append(
             f"<p>{len(graph['nodes'])} nodes and {len(graph['links'])} links in the file; drawn: "
             f"every embedding and logit, the {cfg.max_nodes} most influential other nodes, the "
-            f"{cfg.max_edges} strongest edges. Click a feature to open its page; hover a node for "
-            "its explanation, an edge for its weight.</p>"
+            f"{cfg.max_edges} strongest edges"
+            + (", graph.py's supernodes as one box each" if cfg.supernodes else "")
+            + ". Click a feature to open its page; hover a node for its label (a supernode: its "
+            "members), an edge for its weight.</p>"
             f"<div class='scroll'><div>{inline_svg}</div></div>"
         )
     # every node of the (pruned) graph, most influential first, features linked to their pages
     tokens = meta.get("prompt_tokens") or []
     heads = ["node", "type", "layer", "position", "activation", "influence"]
-    rows = ["".join(f"<th>{h}</th>" for h in heads + ["cumulative influence", "explanation"])]
+    rows = ["".join(f"<th>{h}</th>" for h in heads + ["cumulative influence", "label"])]
     for n in sorted(graph["nodes"], key=influence_order):
         url = link(n, href)
         name = html.escape(node_name(n))

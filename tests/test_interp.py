@@ -220,6 +220,7 @@ def test_detection_one_token_vs_random(gpt):
     clt = constructed_clt()
     cfg = small_cfg()
     stats, expl, _, scorer = interp.interpret(model, enc, clt, c, cfg)
+    assert expl[0]["label_ngrams"] == ["d"] and expl[0]["label"].startswith('"d"')  # its own token
     assert expl[0]["explanation_ngrams"] == ["d"] and expl[0]["explanation"].startswith(
         'fires on "d" | promotes'
     )
@@ -288,7 +289,9 @@ def test_logit_effects_direct(gpt):
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=F), seed=1)
     clt.output_scale.copy_(torch.tensor([2.0, 0.5]))  # raw units = normalized / output_scale
     scale = 0.7
-    top_v, top_i, bot_v, bot_i = interp.logit_effects(clt, model, scale, 5, model.config.vocab_size)
+    top_v, top_i, bot_v, bot_i, top_z = interp.logit_effects(
+        clt, model, scale, 5, model.config.vocab_size
+    )
     x = torch.randn(D)
     for l in range(L):
         for f in (0, 7):
@@ -305,6 +308,8 @@ def test_logit_effects_direct(gpt):
             torch.testing.assert_close(bot_v[m], vals[-5:].flip(0), atol=1e-5, rtol=1e-4)
             assert top_i[m].tolist() == ids[:5].tolist()
             assert bot_i[m].tolist() == ids[-5:].flip(0).tolist()
+            z = (vals[:5] - eff.mean()) / eff.std()  # how clearly it promotes: the label's rule
+            torch.testing.assert_close(top_z[m], z, atol=1e-4, rtol=1e-4)
 
 
 def test_no_language_model_client():

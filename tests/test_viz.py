@@ -927,3 +927,19 @@ def test_browser_at_scale_loads_layers_on_demand(tmp_path):
     dom = chromium_dom(f"file://{index}#sort=auroc&layer=3", tmp_path)
     assert shown(dom) == first_rows(records, layer=3, key=6, reverse=True)
     assert 'data-key="auroc" data-type="num" data-dir="desc" class="desc"' in dom
+
+
+def test_browser_opens_on_its_table(tmp_path):
+    """The search box, the layer filter and the feature table come first, the summary and its plots
+    below; a best concept under F1 0.5 is left blank (it names nothing)."""
+    run = tmp_path / "interp"
+    run.mkdir()
+    rows = [dict(feature(0, 5), concept="country=Fafes", concept_f1=0.9)]
+    rows += [dict(feature(1, 3), concept="language=Nu", concept_f1=0.01)]
+    (run / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps(dict(n_train_tokens=1000)))
+    viz.main(["features", str(run)])
+    index = check_page(run / "html" / "index.html")
+    at = [index.index(s) for s in ('id="q"', 'id="layer"', 'id="features"', "<h2>Summary")]
+    assert at[:2] < [at[2]] * 2 and at[2] < at[3]
+    assert "country=Fafes" in index and "language=Nu" not in index
