@@ -109,7 +109,7 @@ def encode_prompt(enc, prompt, n_ctx):
     """Text -> (1, T) token ids with BOS first, as circuit-tracer's tokenizers give them."""
     if not prompt.strip():
         raise ValueError(f"the prompt is empty ({prompt!r}): give --prompt some text")
-    bos = enc.encode_single_token(ENDOFTEXT)
+    bos = enc.eot_token  # GPT-2's <|endoftext|>; other families': hub.HubTokenizer's BOS
     ids = enc.encode(prompt, allowed_special={ENDOFTEXT})
     ids = ids if ids[0] == bos else [bos] + ids
     if len(ids) > n_ctx:

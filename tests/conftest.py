@@ -2,6 +2,7 @@
 models/build_tiny.py makes the shipped one (toyworld.save_tokenizer), so tests read as what they
 check, and the helpers more than one test file uses."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import cache
 from forge import toyworld
 from forge.hub import load_tokenizer
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Llama, LlamaConfig
 
 
 def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merges=()):
@@ -25,6 +26,56 @@ def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merg
     model = GPT(GPTConfig(**shape, vocab_size=vocab_size))
     model.save_pretrained(path)
     toyworld.save_tokenizer(path, list(merges))
+    return model.eval(), load_tokenizer(str(path))
+
+
+# the Llama family: a byte-level BPE tokenizer.json (the tokenizers package) and a random model
+SPECIALS = {  # the special tokens, first = what tokenizer_config.json names bos/pad/eos
+    "llama": dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
+    "qwen3": dict(bos_token=None, pad_token="<|endoftext|>", eos_token="<|im_end|>"),
+}
+LLAMA3_ROPE = dict(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+
+
+def write_hub_tokenizer(path, model_type="llama", vocab_size=300):
+    """A byte-level BPE trained on docs() as the Llama 3 / Qwen3 repositories ship theirs:
+    tokenizer.json + tokenizer_config.json, their special tokens first -> its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = {k: v for k, v in SPECIALS[model_type].items() if v}
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials.values()), initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(docs(200), trainer)
+    tok.save(str(path / "tokenizer.json"))
+    config = dict(SPECIALS[model_type], tokenizer_class="PreTrainedTokenizerFast")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.get_vocab_size()
+
+
+def write_llama_model(path, model_type="llama", tied=True, seed=0, **shape):
+    """A random Llama (Llama 3's rope scaling, GQA 4/2) or Qwen3 (q/k norms, head_dim 16 != d/nh)
+    in the hub layout with write_hub_tokenizer's tokenizer -> (model in eval mode, tokenizer)."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_hub_tokenizer(path, model_type)
+    qwen = model_type == "qwen3"
+    small = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=16 if qwen else 8)
+    small.update(n_inner=64, n_ctx=32, rope_theta=10000.0 if qwen else 500000.0, **shape)
+    rope = None if qwen else LLAMA3_ROPE
+    config = LlamaConfig(**small, vocab_size=vocab_size, rope_scaling=rope, qk_norm=qwen)
+    config = dataclasses.replace(config, tie_word_embeddings=tied, model_type=model_type)
+    torch.manual_seed(seed)
+    model = Llama(config)
+    with torch.no_grad():  # norms' weights away from 1, so a misplaced one shows
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.2 if "ln_" in name or "norm" in name else 0)
+    model.save_pretrained(path)
     return model.eval(), load_tokenizer(str(path))
 
 
