@@ -1,5 +1,6 @@
 """
-model.py: GPT-2 written out by hand, exposing exactly the activations a transcoder reads and writes.
+model.py: GPT-2 and the Llama family (Llama 3.x, Qwen3) written out by hand, exposing exactly the
+activations a transcoder reads and writes.
 
 Data flow. A GPT-2 block is  x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)).  A cross-layer transcoder
 (CLT, clt.py) reads each layer's MLP input  mlp_in[l] = ln_2(x)  and predicts every MLP output
@@ -10,9 +11,13 @@ given ones (`GPT.forward(idx, mlp_out=...)`), which splices a CLT into the model
     python model.py --help
     python model.py generate --model models/tiny --prompt "The capital of Veloria is"
     python model.py generate --model gpt2 --prompt "Hello, my name is"      # needs the hub
+    python model.py generate --model meta-llama/Llama-3.2-1B --prompt "Hello"  # or Qwen/Qwen3-0.6B
 
 References: GPT-2 (Radford et al. 2019); the layout of nanoGPT's model.py; weights in the Hugging
 Face hub layout (config.json + model.safetensors + vocab.json + merges.txt, read by forge/hub.py).
+`Llama` (after GPT) runs GPT's forward with another block: RMSNorm, rotary q and k with Llama 3's
+frequency scaling, grouped-query attention, SwiGLU, Qwen3's q/k norms; checked against transformers'
+LlamaForCausalLM / Qwen3ForCausalLM (tests/test_llama.py), loaded by forge/llama_hub.py.
 Differences from nanoGPT:
 - no dropout, no flash attention: attention patterns are a first-class tensor here, because
   attribution graphs freeze them;
@@ -154,6 +159,12 @@ class GPT(nn.Module):
     def unembedding(self):
         """(V, d) W_U: the logits are ln_f's output @ W_Uᵀ (GPT-2's is tied to wte)."""
         return self.wte.weight
+
+    def ov(self, l):
+        """Layer l's value and output maps, what a frozen pattern leaves of attention:
+        W_V (nh·hs, d) reading ln_1's output h, W_O (d, nh·hs): out = (pattern @ h W_Vᵀ) W_Oᵀ."""
+        d = self.config.n_embd
+        return self.h[l].attn.c_attn.weight[2 * d :], self.h[l].attn.c_proj.weight
 
     def forward(self, idx, mlp_out=None, frozen=None, resid=None):
         """idx (B, T) -> logits (B, T, V). The arguments are those of `run_with_acts`."""
@@ -459,6 +470,13 @@ class Llama(GPT):
 
     def unembedding(self):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
+
+    def ov(self, l):
+        """GPT.ov's W_V (nh·hs, d), W_O (d, nh·hs), a key/value head's W_V repeated per group."""
+        c = self.config
+        W_V = self.h[l].attn.v_proj.weight.view(c.n_kv_head, c.head_dim, c.n_embd)
+        group = c.n_head // c.n_kv_head
+        return W_V.repeat_interleave(group, 0).flatten(0, 1), self.h[l].attn.o_proj.weight
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):
