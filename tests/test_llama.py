@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from conftest import LLAMA3_ROPE, docs, write_hub_tokenizer, write_llama_model
+from safetensors.torch import load_file
+
+from clt import load_transcoder
+from forge.formats import save_circuit_tracer
 from forge.hub import load_tokenizer
 from model import Llama, load_model
 
@@ -157,3 +161,40 @@ def test_unknown_model_type_is_one_line_naming_the_known(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, attention_bias=True)))
     with pytest.raises(ValueError, match="attention_bias"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "decoder, activation, skip", [("cross-layer", "jumprelu", False), ("per-layer", "relu", True)]
+)
+def test_circuit_tracer_layout_of_a_llama_transcoder_reads_mlp_hook_in(
+    tmp_path, decoder, activation, skip
+):
+    """The published Llama-3.2-1B CLT / PLT and Qwen3 PLTs read mlp.hook_in (post_attention_layernorm's
+    output, our mlp_in) and write mlp.hook_out: no norm folded in, the scales only."""
+    from test_transcoders import random_transcoder
+
+    model, _ = write_llama_model(tmp_path / "model", "qwen3", tied=True)
+    t = random_transcoder(decoder, activation, skip, d=model.config.n_embd)
+    save_circuit_tracer(t, tmp_path / "ct", model, model_name="Qwen/Qwen3-0.6B")
+    config = json.loads((tmp_path / "ct" / "config.yaml").read_text())
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == (
+        "mlp.hook_in",
+        "mlp.hook_out",
+    )
+    back = load_transcoder(str(tmp_path / "ct"), model)
+    idx = torch.randint(
+        0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        mlp_in = model.run_with_acts(idx, logits=False)[1].mlp_in.flatten(0, 1)  # (N, L, d)
+        acts, out = t(mlp_in)
+        acts_back, out_back = back(mlp_in)
+    assert 0 < (acts > 0).float().mean() < 1
+    torch.testing.assert_close(acts_back, acts, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_back, out, atol=1e-6, rtol=1e-6)
+    # the files hold the transcoder on mlp_in itself: layer 0's pre-activations from them alone
+    cross = decoder == "cross-layer"
+    W = load_file(tmp_path / "ct" / ("W_enc_0.safetensors" if cross else "layer_0.safetensors"))
+    W_enc, b_enc = (W["W_enc_0"], W["b_enc_0"]) if cross else (W["W_enc"], W["b_enc"])
+    pre = mlp_in[:, 0] @ W_enc.T + b_enc
+    torch.testing.assert_close(pre.relu() * (acts[:, 0] > 0), acts[:, 0], atol=1e-5, rtol=1e-5)
