@@ -21,7 +21,7 @@ from clt import CLTConfig, CrossLayerTranscoder
 from conftest import docs, write_llama_model
 from forge.hub import ENDOFTEXT
 from intervene import main as intervene_main
-from test_graph import T, perturbed
+from test_graph import T, assert_matches_circuit_tracer, perturbed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +63,11 @@ def test_graph_edges_sum_to_inputs_and_match_perturbations(tmp_path, model_type)
         expected = eps * targets[:, col]
         assert expected.abs().max() > 1e-8
         assert (delta - expected).abs().max() / expected.abs().max() <= 1e-6, kw
+
+
+def test_matches_circuit_tracer():
+    """circuit-tracer 0.5.0's graph of a Llama (tests/fixtures/make_llama_graph_reference.py)."""
+    assert_matches_circuit_tracer("graph_reference_llama", "clt")
 
 
 def run_torchrun(script, args, nproc=2):
