@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cache
+from experiments import common
 from forge import toyworld
 from forge.hub import load_tokenizer
 from model import GPT, GPTConfig, Llama, LlamaConfig
@@ -30,33 +31,14 @@ def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merg
 
 
 # the Llama family: a byte-level BPE tokenizer.json (the tokenizers package) and a random model
-SPECIALS = {  # the special tokens, first = what tokenizer_config.json names bos/pad/eos
-    "llama": dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
-    "qwen3": dict(bos_token=None, pad_token="<|endoftext|>", eos_token="<|im_end|>"),
-}
 LLAMA3_ROPE = dict(
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
 )
 
 
-def write_hub_tokenizer(path, model_type="llama", vocab_size=300):
-    """A byte-level BPE trained on docs() as the Llama 3 / Qwen3 repositories ship theirs:
-    tokenizer.json + tokenizer_config.json, their special tokens first -> its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = {k: v for k, v in SPECIALS[model_type].items() if v}
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(specials.values()), initial_alphabet=alphabet
-    )
-    tok.train_from_iterator(docs(200), trainer)
-    tok.save(str(path / "tokenizer.json"))
-    config = dict(SPECIALS[model_type], tokenizer_class="PreTrainedTokenizerFast")
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return tok.get_vocab_size()
+def write_hub_tokenizer(path, model_type="llama"):
+    """experiments/common.py's tokenizer.json (300 tokens) trained on docs(200) -> its size."""
+    return common.write_hub_tokenizer(str(path), docs(200), model_type)
 
 
 def write_llama_model(path, model_type="llama", tied=True, seed=0, **shape):
