@@ -288,7 +288,7 @@ class Attribution:
     with each source's write; by hand, from the batch's top layer, to its last position."""
 
     def __init__(self, model, clt, rep, position_nodes=False):
-        T, L, d = rep.mlp_out.shape
+        T, L, _ = rep.mlp_out.shape
         self.clt, self.rep = clt, rep
         self.T = T  # the prompt's length (a pass may stop earlier)
         self.L = L
