@@ -35,16 +35,16 @@ def resolve_model_dir(name_or_dir):
                 "(online, or once downloaded into the hub cache)"
             ) from e
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json: not a GPT-2 checkpoint in hub layout")
+        raise FileNotFoundError(f"{path} has no config.json: not a model in the hub layout")
     weights = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
     if not any(os.path.exists(os.path.join(path, name)) for name in weights):
         if os.path.exists(os.path.join(path, "pytorch_model.bin")):
             raise ValueError(
                 f"{path} has only pytorch_model.bin: clt-forge never unpickles files. Convert it "
-                "once where you trust it: GPT2LMHeadModel.from_pretrained(p).save_pretrained(p, "
-                "safe_serialization=True)"
+                "once where you trust it: AutoModelForCausalLM.from_pretrained(p)"
+                ".save_pretrained(p, safe_serialization=True)"
             )
-        raise FileNotFoundError(f"{path} has no model.safetensors")
+        raise FileNotFoundError(f"{path} has no model.safetensors (nor a sharded index)")
     return path
 
 
