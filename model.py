@@ -456,7 +456,7 @@ class Llama(GPT):
     norm = staticmethod(rms_norm)
 
     def __init__(self, config: LlamaConfig):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not GPT's: it builds GPT-2's modules
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.h = nn.ModuleList([LlamaBlock(config) for _ in range(config.n_layer)])
