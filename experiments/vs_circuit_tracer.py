@@ -139,15 +139,20 @@ def transformer_lens_gpt2(model_dir, device):
 
 
 def transformer_lens_llama(model_dir, device):
-    """TransformerLens's config and state dict of the hub-layout Llama in model_dir (float32), as
-    its loading_from_pretrained sets up Llama-3.2-1B: RMS norms, rotary (not adjacent pairs), GQA,
-    gated SiLU MLP, Llama 3's "NTK-by-parts" frequency scaling."""
+    """TransformerLens's config and state dict of the hub-layout Llama or Qwen3 in model_dir
+    (float32), as its loading_from_pretrained sets up Llama-3.2-1B and Qwen3: RMS norms, rotary
+    (not adjacent pairs), GQA, gated SiLU MLP, Llama 3's "NTK-by-parts" frequency scaling, Qwen3's
+    q/k norms."""
     from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    from transformers import LlamaForCausalLM
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_llama_weights,
+        convert_qwen3_weights,
+    )
+    from transformers import AutoModelForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     c = hf.config
+    qwen3 = c.model_type == "qwen3"
     rope = c.rope_scaling or {}
     cfg = HookedTransformerConfig(
         n_layers=c.num_hidden_layers,
@@ -172,13 +177,14 @@ def transformer_lens_llama(model_dir, device):
         NTK_by_parts_low_freq_factor=rope.get("low_freq_factor", 1.0),
         NTK_by_parts_high_freq_factor=rope.get("high_freq_factor", 4.0),
         NTK_original_ctx_len=rope.get("original_max_position_embeddings", 8192),
-        original_architecture="LlamaForCausalLM",
-        model_name="llama",
+        use_qk_norm=qwen3,
+        original_architecture=c.architectures[0],
+        model_name=c.model_type,
         device=device,
         dtype=torch.float32,
         default_prepend_bos=False,
     )
-    return cfg, convert_llama_weights(hf, cfg)
+    return cfg, (convert_qwen3_weights if qwen3 else convert_llama_weights)(hf, cfg)
 
 
 def edge_blocks(graph):

@@ -65,9 +65,11 @@ def test_graph_edges_sum_to_inputs_and_match_perturbations(tmp_path, model_type)
         assert (delta - expected).abs().max() / expected.abs().max() <= 1e-6, kw
 
 
-def test_matches_circuit_tracer():
-    """circuit-tracer 0.5.0's graph of a Llama (tests/fixtures/make_llama_graph_reference.py)."""
-    assert_matches_circuit_tracer("graph_reference_llama", "clt")
+@pytest.mark.parametrize("name, key", [("llama", "clt"), ("qwen3", "plt")])
+def test_matches_circuit_tracer(name, key):
+    """circuit-tracer 0.5.0's graphs of a Llama with a CLT and a Qwen3 with a PLT and skip
+    connection (tests/fixtures/make_llama_graph_reference.py): nodes, edges, scores, pruning."""
+    assert_matches_circuit_tracer(f"graph_reference_{name}", key)
 
 
 def run_torchrun(script, args, nproc=2):
