@@ -32,6 +32,11 @@ def llama_config(path):
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     kind = hf.get("model_type")
+    needed = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+    needed += ("max_position_embeddings", "vocab_size")
+    missing = [k for k in needed if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}/config.json lacks {missing}: not a {kind} config")
     unsupported = dict(
         attention_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),

@@ -161,6 +161,9 @@ def test_unknown_model_type_is_one_line_naming_the_known(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, attention_bias=True)))
     with pytest.raises(ValueError, match="attention_bias"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, vocab_size=None)))
+    with pytest.raises(ValueError, match=r"lacks \['vocab_size'\]: not a llama config"):
+        load_model(tmp_path)
 
 
 @pytest.mark.parametrize(
