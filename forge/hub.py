@@ -192,10 +192,9 @@ class HubTokenizer:
         if os.path.exists(config):
             with open(config, encoding="utf-8") as f:
                 c = json.load(f)
-            for name in ("bos_token", "pad_token", "eos_token"):  # a str, or {"content": str}
-                names.append(
-                    c[name].get("content") if isinstance(c.get(name), dict) else c.get(name)
-                )
+            for name in ("bos_token", "pad_token", "eos_token"):
+                token = c.get(name)  # a str, or {"content": str} in older files
+                names.append(token.get("content") if isinstance(token, dict) else token)
         added = sorted(self.tokenizer.get_added_tokens_decoder().items())
         names += [t.content for _, t in added if t.special]
         ids = [self.tokenizer.token_to_id(n) for n in names if n]
