@@ -35,6 +35,8 @@ Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edg
   node and each position embedding one ("pos@j"); the contrast c_ij = s_ij - sum_j' A_ij' s_ij'
   (what the softmax sees) is q_i·(k_j - sum_j' A_ij' k_j') / sqrt(hs). auto:N picks the entries
   with the largest |A_ij dT/dA_ij|, T = sum_t (w_t + infl_t)·input_t over the graph's targets.
+- Llama / Qwen3: as circuit-tracer's (mlp_in after post_attention_layernorm, patterns and RMSNorm
+  scales frozen); no position embedding, so --position-nodes adds zero nodes.
 
 Differences from circuit-tracer:
 - Error ids "{layer}_-1_{pos}": its "0_{layer}_{pos}" collides with feature `layer` of layer 0.
@@ -98,9 +100,11 @@ def local_replacement(model: GPT, clt: CrossLayerTranscoder, idx: torch.Tensor) 
     skip = clt.skip(mlp_in)  # (T, L, d)
     error = acts.mlp_out[0] - recon - skip
     error[0] = 0
-    embeddings = (model.wte.weight[idx[0]].detach(), model.wpe.weight[:T].detach())  # (T, d) each
+    token = model.wte.weight[idx[0]].detach()  # (T, d)
+    wpe = getattr(model, "wpe", None)  # Llama has none: positions turn its queries and keys
+    position = torch.zeros_like(token) if wpe is None else wpe.weight[:T].detach()  # (T, d)
     nodes = (acts.mlp_out[0], recon, skip, error, feats, a[p, l, f])
-    return Replacement(idx, acts.frozen, *embeddings, *nodes, logits[0, -1])
+    return Replacement(idx, acts.frozen, token, position, *nodes, logits[0, -1])
 
 
 def reconstruct(clt, feats, acts, T, bias=True):
@@ -148,7 +152,7 @@ class Targets:
 
 def token_targets(model, logits, ids):
     """The logits of tokens ids (k,) minus the mean logit, weighted by their probabilities."""
-    W = model.wte.weight.detach()  # (V, d) the unembedding, tied
+    W = model.unembedding().detach()  # (V, d)
     return Targets(ids, W[ids] - W.mean(0), logits.softmax(-1)[ids], [""] * len(ids))
 
 
@@ -158,7 +162,7 @@ def custom_target(model, vector, label):
     if vector.shape != (d,):
         shape = tuple(vector.shape)
         raise ValueError(f"a target direction must have shape ({d},) (the n_embd), got {shape}")
-    W = model.wte.weight
+    W = model.unembedding()
     ids = torch.tensor([model.config.vocab_size], device=W.device)
     return Targets(ids, vector.to(W)[None], W.new_ones(1), [label])
 
@@ -166,7 +170,7 @@ def custom_target(model, vector, label):
 def logit_difference(spec, model, enc, rep):
     """diff:A|B (--target-diff): logit(A) - logit(B), one token each (the mean logit cancels)."""
     a, b = graphcli.spec_tokens(enc, spec, "--target-diff", pair=True)
-    W = model.wte.weight.detach()
+    W = model.unembedding().detach()
     text = [graphfile.token_str(enc, t) for t in (a, b)]
     return custom_target(model, W[a] - W[b], 'Output "{}" - "{}" (logit difference)'.format(*text))
 
@@ -295,16 +299,18 @@ class Attribution:
     with each source's write; by hand, from the batch's top layer, to its last position."""
 
     def __init__(self, model, clt, rep, position_nodes=False):
-        T, L, d = rep.mlp_out.shape
+        T, L, _ = rep.mlp_out.shape
         self.clt, self.rep = clt, rep
         self.T = T  # the prompt's length (a pass may stop earlier)
         self.L = L
         fz = rep.frozen
         # attentionᵀ, ln_1ᵀ: g -> scale_1 · P D_w W_Vᵀ patternᵀ W_Oᵀ g per head (P centers)
         self.mix = [a[0].transpose(1, 2) * s[0] for a, s in zip(fz.attn, fz.ln_1)]  # (nh, T, T)
-        self.W_O = [block.attn.c_proj.weight.detach() for block in model.h]  # (C, C): y @ W_Oᵀ
-        M = [b.ln_1.weight[:, None] * b.attn.c_attn.weight[2 * d :].T for b in model.h]  # D_w W_Vᵀ
-        self.W_V = [(m - m.mean(0)).detach() for m in M]  # P D_w W_Vᵀ, (C, C)
+        ov = [model.ov(l) for l in range(L)]  # W_V (nh·hs, C), W_O (C, nh·hs) per layer
+        self.W_O = [W_O.detach() for _, W_O in ov]  # y @ W_Oᵀ
+        M = [b.ln_1.weight[:, None] * W_V.T for b, (W_V, _) in zip(model.h, ov)]  # D_w W_Vᵀ
+        self.center = isinstance(model.ln_f, torch.nn.LayerNorm)  # RMSNorm (Llama) does not
+        self.W_V = [(m - m.mean(0) if self.center else m).detach() for m in M]  # P D_w W_Vᵀ
         self.ln = [block.ln_2 for block in model.h] + [model.ln_f]  # what mlp_in[l] reads, l <= L
         self.scale = [s[0] for s in fz.ln_2] + [fz.ln_f[0]]  # their scales, (T, 1) each
         key = rep.feats[:, 0] * (T + 1) + rep.feats[:, 1]  # sorted, as the features are
@@ -353,7 +359,7 @@ class Attribution:
             return
         C, T, B = g.shape
         nh = len(self.mix[l])
-        y = (self.W_O[l].T @ u).view(nh, C // nh, -1)  # (nh, hs, r)
+        y = (self.W_O[l].T @ u).view(nh, -1, u.size(1))  # (nh, hs, r)
         z = torch.bmm(self.W_V[l].view(C, nh, -1).transpose(0, 1), y)  # (nh, C, r): at ln_1
         spread = torch.bmm(z.permute(2, 1, 0), self.mix[l][:, :T, p].permute(2, 0, 1))  # (r, C, T)
         spread[torch.arange(len(rows), device=p.device), :, p] += u.T  # the residual path: u at p
@@ -375,17 +381,17 @@ class Attribution:
         circuit-tracer's hook_resid_mid transcoders do: LayerNorm frozen, none between)."""
         if l < self.L and self.clt.config.input_hook == "resid_mid":
             return u
-        return ln_transposed(u, self.ln[l].weight, scale)
+        return ln_transposed(u, self.ln[l].weight, scale, self.center)
 
     def add_attention_transposed(self, g, l):
         """g (C, T, B) += the transpose of x -> attn(ln_1(x)), the frozen patterns' OV path only."""
         C, T, B = g.shape
         nh = len(self.mix[l])
-        y = (self.W_O[l].T @ g.view(C, T * B)).view(nh, C // nh, T, B)  # (nh, hs, T, B)
+        y = (self.W_O[l].T @ g.view(C, T * B)).view(nh, -1, T, B)  # (nh, hs, T, B)
         v = torch.empty_like(y)
         for h in range(nh):  # back to the positions each head read
             torch.matmul(self.mix[l][h, :T, :T], y[h], out=v[h])  # (hs, T, B)
-        g.view(C, T * B).addmm_(self.W_V[l], v.view(C, T * B))
+        g.view(C, T * B).addmm_(self.W_V[l], v.view(-1, T * B))
 
     def contract_features(self, G, out):
         """out[:, s] = a_s · sum_l' W_dec[l_s][f_s, l' - l_s] · G[l', :, p_s], by (l, p) blocks."""
@@ -400,10 +406,11 @@ class Attribution:
                     out[:, a:b] = (w @ G[l : l + n_w, :, p].flatten(0, 1)).T * acts[a:b]
 
 
-def ln_transposed(g, weight, scale):
-    """A frozen LayerNorm's transpose applied to g (d, ...): scale·(weight·g - mean(weight·g))."""
+def ln_transposed(g, weight, scale, center=True):
+    """A frozen LayerNorm's transpose applied to g (d, ...): scale·(weight·g - mean(weight·g));
+    a frozen RMSNorm's (center=False): scale·weight·g."""
     wg = g * weight.detach().view(-1, *(1,) * (g.dim() - 1))
-    return (wg - wg.mean(0)) * scale
+    return (wg - wg.mean(0) if center else wg) * scale
 
 
 def bias_inputs(clt, rep, position_nodes):

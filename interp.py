@@ -210,15 +210,18 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     promoted values' z-scores over the vocabulary), (M, n) each.
 
     v = the feature's writes into mlp_out[l:] at activation 1 (clt.decoder_writes), summed; through
-    ln_f at its mean scale it moves the logits by ((v - mean(v)) · scale · γ) @ wte[:n_vocab]^T."""
+    ln_f at its mean scale it moves the logits by ((v - mean(v)) · scale · γ) @ W_U[:n_vocab]^T
+    (Llama's RMSNorm: v · scale · γ)."""
     ids = torch.arange(clt.config.n_features, device=clt.W_dec[0].device)
     ones = torch.ones(len(ids), device=ids.device)
     per_layer = [clt.decoder_writes(l, ids, ones).sum(1) for l in range(clt.config.n_layers)]
     v = torch.cat(per_layer).float().cpu()  # (M, d) each feature's total write into the residual
-    v = (v - v.mean(-1, keepdim=True)) * ln_scale * model.ln_f.weight
+    if isinstance(model.ln_f, torch.nn.LayerNorm):  # Llama's RMSNorm does not center
+        v = v - v.mean(-1, keepdim=True)
+    v = v * ln_scale * model.ln_f.weight
     parts = []
     for i in range(0, len(v), batch):
-        eff = v[i : i + batch] @ model.wte.weight[:n_vocab].T  # (b, V)
+        eff = v[i : i + batch] @ model.unembedding()[:n_vocab].T  # (b, V)
         tv, ti = eff.topk(n, dim=1)
         bv, bi = (-eff).topk(n, dim=1)
         z = (tv - eff.mean(1, keepdim=True)) / eff.std(1, keepdim=True)  # over the vocabulary

@@ -1,5 +1,6 @@
 """
-model.py: GPT-2 written out by hand, exposing exactly the activations a transcoder reads and writes.
+model.py: GPT-2 and the Llama family (Llama 3.x, Qwen3) written out by hand, exposing exactly the
+activations a transcoder reads and writes.
 
 Data flow. A GPT-2 block is  x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)).  A cross-layer transcoder
 (CLT, clt.py) reads each layer's MLP input  mlp_in[l] = ln_2(x)  and predicts every MLP output
@@ -11,9 +12,13 @@ published transcoders read), and can run with its MLP outputs replaced by given 
     python model.py --help
     python model.py generate --model models/tiny --prompt "The capital of Veloria is"
     python model.py generate --model gpt2 --prompt "Hello, my name is"      # needs the hub
+    python model.py generate --model meta-llama/Llama-3.2-1B --prompt "Hello"  # or Qwen/Qwen3-0.6B
 
 References: GPT-2 (Radford et al. 2019); the layout of nanoGPT's model.py; weights in the Hugging
 Face hub layout (config.json + model.safetensors + vocab.json + merges.txt, read by forge/hub.py).
+`Llama` (after GPT) runs GPT's forward with another block: RMSNorm, rotary q and k with Llama 3's
+frequency scaling, grouped-query attention, SwiGLU, Qwen3's q/k norms; checked against transformers'
+LlamaForCausalLM / Qwen3ForCausalLM (tests/test_llama.py), loaded by forge/llama_hub.py.
 Differences from nanoGPT:
 - no dropout, no flash attention: attention patterns are a first-class tensor here, because
   attribution graphs freeze them;
@@ -27,6 +32,7 @@ Shape letters used throughout the project:
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -34,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge import hub
+from forge import hub, llama_hub
 from forge.cli import arg, parse_config, run_main
 from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer, resolve_model_dir
 
@@ -133,6 +139,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         # the unembedding is tied to the token embedding (W_U = wte.weight^T), as in GPT-2
 
+    norm = staticmethod(layer_norm)  # how _run applies ln_1, ln_2, ln_f (Llama: rms_norm)
+
     def check_input(self, idx):
         if idx.dim() != 2:
             raise ValueError(f"token ids must be (B, T), got shape {tuple(idx.shape)}")
@@ -148,6 +156,16 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, d) the residual stream before block 0."""
         pos = torch.arange(idx.size(1), device=idx.device)
         return self.wte(idx) + self.wpe(pos)
+
+    def unembedding(self):
+        """(V, d) W_U: the logits are ln_f's output @ W_Uᵀ (GPT-2's is tied to wte)."""
+        return self.wte.weight
+
+    def ov(self, l):
+        """Layer l's value and output maps, what a frozen pattern leaves of attention:
+        W_V (nh·hs, d) reading ln_1's output h, W_O (d, nh·hs): out = (pattern @ h W_Vᵀ) W_Oᵀ."""
+        d = self.config.n_embd
+        return self.h[l].attn.c_attn.weight[2 * d :], self.h[l].attn.c_proj.weight
 
     def forward(self, idx, mlp_out=None, frozen=None, resid=None):
         """idx (B, T) -> logits (B, T, V). The arguments are those of `run_with_acts`."""
@@ -173,11 +191,11 @@ class GPT(nn.Module):
         fz = frozen if frozen is not None else Frozen([None] * L, [None] * L, [None] * L)
         acts = None
         for l, block in enumerate(self.h):
-            h, scale_1 = layer_norm(x, block.ln_1, fz.ln_1[l])
+            h, scale_1 = self.norm(x, block.ln_1, fz.ln_1[l])
             attn_out, pattern = block.attn(h, fz.attn[l])
             x = x + attn_out
             mid = x  # (B, T, d) resid_mid: what ln_2 reads
-            h, scale_2 = layer_norm(x, block.ln_2, fz.ln_2[l])
+            h, scale_2 = self.norm(x, block.ln_2, fz.ln_2[l])
             out = block.mlp(h) if mlp_out is None else mlp_out[:, :, l]
             x = x + out
             if not record:  # a plain forward keeps nothing: (B, nh, T, T) patterns grow with T²
@@ -197,10 +215,10 @@ class GPT(nn.Module):
             acts.frozen.ln_2.append(scale_2)
         if not logits:
             return None, acts
-        x, ln_f = layer_norm(x, self.ln_f, fz.ln_f)
+        x, ln_f = self.norm(x, self.ln_f, fz.ln_f)
         if record:
             acts.frozen.ln_f, acts.ln_f_out = ln_f, x
-        return x @ self.wte.weight.T, acts  # (B, T, V)
+        return x @ self.unembedding().T, acts  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -233,13 +251,13 @@ class GPT(nn.Module):
 
     # loading and saving in the Hugging Face hub layout (forge/hub.py)
     @classmethod
-    def from_pretrained(cls, name_or_dir=DEFAULT_MODEL):
+    def from_pretrained(cls, name_or_dir=DEFAULT_MODEL, dtype=torch.float32):
         """GPT-2 from a directory in the hub layout or a hub id (gpt2, gpt2-medium, -large, -xl)."""
         path = resolve_model_dir(name_or_dir)
         model = cls(GPTConfig(**hub.gpt2_config(path)))
         model.load_state_dict(hub.gpt2_weights(path, model.state_dict(), model.config))
         model.name_or_path = str(name_or_dir)
-        return model.eval()
+        return model.to(dtype).eval()
 
     def save_pretrained(self, path):
         """The hub's gpt2 layout: config.json + model.safetensors, keys without `transformer.`."""
@@ -292,22 +310,214 @@ class WriteLayer(torch.autograd.Function):
 
 
 # -----------------------------------------------------------------------------
+# the Llama family (Llama 3.x, Qwen3): GPT's forward and activation API, another block
+
+
+@dataclass
+class LlamaConfig:  # the defaults: Llama-3.2-1B's shape
+    n_layer: int = 16  # number of transformer blocks (L)
+    n_head: int = 32  # query heads (nh)
+    n_kv_head: int = 8  # key/value heads, each shared by n_head / n_kv_head query heads (GQA)
+    n_embd: int = 2048  # residual stream width (d)
+    head_dim: int = 64  # hs: Qwen3's is its own, not n_embd / n_head
+    n_inner: int = 8192  # the SwiGLU MLP's hidden width
+    n_ctx: int = 131072  # longest sequence (max_position_embeddings)
+    vocab_size: int = 128256  # V
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0  # RoPE's base: frequency i is rope_theta^(-2i / hs)
+    # Llama 3's frequency scaling (transformers' rope_type "llama3"), None = plain RoPE: factor,
+    # low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: Optional[dict] = None
+    tie_word_embeddings: bool = True  # W_U = wte (Llama-3.2-1B, Qwen3-0.6B), else lm_head
+    qk_norm: bool = False  # Qwen3: an RMSNorm on each head's q and k before the rotation
+    model_type: str = "llama"  # config.json's: "llama" or "qwen3"
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "n_inner", "n_ctx"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_head % self.n_kv_head:  # each key/value head serves a group of query heads
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.head_dim % 2:  # RoPE turns pairs of dimensions
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+class RMSNorm(nn.Module):
+    """Llama's norm: LayerNorm without the centering and the bias (Zhang & Sennrich 2019)."""
+
+    def __init__(self, d, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+
+def rms_norm(x, norm: RMSNorm, frozen_scale=None):
+    """x · 1/sqrt(mean(x²) + eps) · weight, its scale recorded or frozen as in layer_norm."""
+    if frozen_scale is None:
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)  # (..., 1)
+    else:
+        scale = frozen_scale.detach()
+    return x * scale * norm.weight, scale.detach()
+
+
+def rope_frequencies(c: LlamaConfig, device=None):
+    """(hs/2,) RoPE's angle per position for each pair of dimensions (Su et al. 2021), with Llama
+    3's scaling: wavelengths above original/low_freq_factor slowed by factor, those below
+    original/high_freq_factor kept, a blend between (transformers' _compute_llama3_parameters)."""
+    i = torch.arange(0, c.head_dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (c.rope_theta ** (i / c.head_dim))
+    if not c.rope_scaling:
+        return inv_freq
+    s = c.rope_scaling
+    factor = s["factor"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]  # the context Llama 3 was pretrained at
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)  # 0 at old/low, 1 at old/high
+    blend = (1 - smooth) * slowed / factor + smooth * slowed
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blend, slowed)
+
+
+def rotate(x, cos, sin):
+    """RoPE on x (B, n, T, hs): dimension i turned with i + hs/2 by angle position · freq_i."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        nh, nkv, hs, d = config.n_head, config.n_kv_head, config.head_dim, config.n_embd
+        self.q_proj = nn.Linear(d, nh * hs, bias=False)
+        self.k_proj = nn.Linear(d, nkv * hs, bias=False)
+        self.v_proj = nn.Linear(d, nkv * hs, bias=False)
+        self.o_proj = nn.Linear(nh * hs, d, bias=False)
+        self.q_norm = RMSNorm(hs, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hs, config.rms_norm_eps) if config.qk_norm else None
+
+    def qk(self, x):
+        """x (B, T, d) -> q (B, nh, T, hs), k (B, nkv, T, hs): normed per head (Qwen3), then
+        rotated by their positions 0..T-1. With the positions fixed both steps are fixed maps."""
+        B, T, _ = x.size()
+        hs = self.config.head_dim
+        q = self.q_proj(x).view(B, T, -1, hs)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, -1, hs)  # (B, T, nkv, hs)
+        if self.config.qk_norm:
+            q, _ = rms_norm(q, self.q_norm)
+            k, _ = rms_norm(k, self.k_norm)
+        pos = torch.arange(T, device=x.device).float()
+        angle = torch.outer(pos, rope_frequencies(self.config, x.device))  # (T, hs/2)
+        angle = torch.cat((angle, angle), dim=-1)  # (T, hs): pair i and i + hs/2 share an angle
+        cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
+        return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
+
+    def forward(self, x, frozen_pattern=None):
+        """x (B, T, d) -> (output (B, T, d), attention pattern (B, nh, T, T)), as GPT's."""
+        B, T, _ = x.size()
+        group = self.config.n_head // self.config.n_kv_head  # query heads per key/value head
+        v = self.v_proj(x).view(B, T, -1, self.config.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if frozen_pattern is None:
+            q, k = self.qk(x)
+            k = k.repeat_interleave(group, dim=1)  # (B, nh, T, hs): key heads shared
+            att = (q @ k.transpose(-2, -1)) * (k.size(-1) ** -0.5)  # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        else:
+            att = frozen_pattern.detach()  # q and k no longer matter: only the OV path stays
+        y = att @ v.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), att.detach()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # Shazeer 2020
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.rms_norm_eps)  # input_layernorm
+        self.attn = LlamaAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd, config.rms_norm_eps)  # post_attention_layernorm
+        self.mlp = SwiGLU(config)
+
+
+class Llama(GPT):
+    """Llama 3.x and Qwen3 with GPT's `_run`, `run_with_acts`, `generate`, `fingerprint`: the same
+    activations (mlp_in = ln_2's output, mlp_out) and the same Frozen. Differences from GPT-2:
+    RMSNorm for LayerNorm, rotary q and k for the position embedding, grouped-query attention,
+    a SwiGLU MLP without biases, and an unembedding of its own unless tied (lm_head)."""
+
+    norm = staticmethod(rms_norm)
+
+    def __init__(self, config: LlamaConfig):
+        nn.Module.__init__(self)  # not GPT's: it builds GPT-2's modules
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList([LlamaBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = RMSNorm(config.n_embd, config.rms_norm_eps)
+        tied = config.tie_word_embeddings
+        self.lm_head = None if tied else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def embed(self, idx):
+        """(B, T) -> (B, T, d): no position embedding (positions turn q and k in the attention)."""
+        return self.wte(idx)
+
+    def unembedding(self):
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
+
+    def ov(self, l):
+        """GPT.ov's W_V (nh·hs, d), W_O (d, nh·hs), a key/value head's W_V repeated per group."""
+        c = self.config
+        W_V = self.h[l].attn.v_proj.weight.view(c.n_kv_head, c.head_dim, c.n_embd)
+        group = c.n_head // c.n_kv_head
+        return W_V.repeat_interleave(group, 0).flatten(0, 1), self.h[l].attn.o_proj.weight
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype=torch.float32):
+        """A Llama or Qwen3 from a hub-layout directory or hub id, its weights cast to dtype."""
+        path = resolve_model_dir(name_or_dir)
+        config = LlamaConfig(**llama_hub.llama_config(path))
+        with torch.device("meta"):  # no random init: the weights come from the files
+            model = cls(config)
+        weights = llama_hub.llama_weights(path, model.state_dict(), config, dtype)
+        model.load_state_dict(weights, assign=True)
+        model.name_or_path = str(name_or_dir)
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """The hub layout transformers reads: config.json + model.safetensors in its keys."""
+        llama_hub.save_llama(path, asdict(self.config), self.state_dict())
+
+
+# -----------------------------------------------------------------------------
 # model families: config.json's model_type -> the class that loads it
 
-# A fork adds a family with one line, MODELS["llama"] = Llama: a class with from_pretrained,
+# A fork adds a family with one line, MODELS["name"] = Class: a class with from_pretrained,
 # run_with_acts, forward and fingerprint, as GPT has; load_model then finds it by model_type.
-MODELS = {"gpt2": GPT}
+MODELS = {"gpt2": GPT, "llama": Llama, "qwen3": Llama}
 
 
-def load_model(name_or_dir=DEFAULT_MODEL):
+def load_model(name_or_dir=DEFAULT_MODEL, dtype=torch.float32):
     """The model in a directory in the hub layout (or a hub repo id), built by the class MODELS
-    holds for its config.json's model_type (missing in old GPT-2 configs: read as gpt2)."""
+    holds for its config.json's model_type (missing in old GPT-2 configs: read as gpt2), its
+    weights cast to dtype (bf16/fp16 checkpoints are read as float32 unless asked)."""
     path = resolve_model_dir(name_or_dir)
     model_type = hub.read_config(path).get("model_type", "gpt2")
     if model_type not in MODELS:
         known = f"the known families are {sorted(MODELS)} (a new one is registered in model.MODELS)"
         raise ValueError(f"{path}/config.json has model_type {model_type!r}; {known}")
-    return MODELS[model_type].from_pretrained(name_or_dir)
+    return MODELS[model_type].from_pretrained(name_or_dir, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------

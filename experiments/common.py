@@ -37,7 +37,7 @@ from forge import toyworld
 from forge.cli import arg, parse_config
 from forge.files import atomic_path, write_json
 from forge.hub import ENDOFTEXT
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Llama, LlamaConfig, load_model
 from parallel import compute_init, make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -259,6 +259,43 @@ def hf_random_model_dir(
     return path
 
 
+# the Llama family: a byte-level BPE tokenizer.json and a random model in the hub layout
+SPECIALS = {  # the special tokens, first = what tokenizer_config.json names bos/pad/eos
+    "llama": dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
+    "qwen3": dict(bos_token=None, pad_token="<|endoftext|>", eos_token="<|im_end|>"),
+}
+
+
+def write_hub_tokenizer(path, docs, model_type="llama", vocab_size=300):
+    """A byte-level BPE trained on docs as the Llama 3 / Qwen3 repositories ship theirs:
+    tokenizer.json + tokenizer_config.json, their special tokens first -> its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = {k: v for k, v in SPECIALS[model_type].items() if v}
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials.values()), initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(docs, trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = dict(SPECIALS[model_type], tokenizer_class="PreTrainedTokenizerFast")
+    write_json(os.path.join(path, "tokenizer_config.json"), config)
+    return tok.get_vocab_size()
+
+
+def random_llama_dir(path, docs, n_layer=16, seed=0):
+    """A random Llama of Llama-3.2-1B's shape (LlamaConfig's defaults, model.Llama's init) but
+    n_layer, in the hub layout, with write_hub_tokenizer's tokenizer trained on docs."""
+    write_hub_tokenizer(path, docs)
+    torch.manual_seed(seed)
+    Llama(LlamaConfig(n_layer=n_layer)).save_pretrained(path)
+    return path
+
+
 def synthetic_corpus(path, n_docs, seed=0):
     """Documents of random words, separated by <|endoftext|> (for models without a corpus)."""
     rng = random.Random(seed)
@@ -281,7 +318,7 @@ def random_clt(model_dir, cache_dir, clt_dir, F, density=0.01):
     if os.path.exists(os.path.join(clt_dir, "config.json")):
         return
     ca = cache.ActivationCache(cache_dir)
-    model = GPT.from_pretrained(model_dir)
+    model = load_model(model_dir)
     config = CLTConfig(
         ca.n_layers, ca.d_model, F, model=model_dir, model_sha256=model.fingerprint()
     )

@@ -78,7 +78,8 @@ def circuit_tracer_model(model_dir, model, transcoder, device="cpu"):
     from circuit_tracer.utils.caching import load_transcoders_from_cache
     from transformers import GPT2TokenizerFast
 
-    cfg, state = transformer_lens_gpt2(model_dir, device)
+    llama = getattr(model.config, "model_type", "gpt2") != "gpt2"
+    cfg, state = (transformer_lens_llama if llama else transformer_lens_gpt2)(model_dir, device)
     with tempfile.TemporaryDirectory() as tmp:
         save_circuit_tracer(transcoder, os.path.join(tmp, "transcoder"), model)
         theirs, _ = load_transcoders_from_cache(
@@ -98,7 +99,7 @@ def circuit_tracer_model(model_dir, model, transcoder, device="cpu"):
     for k, v in state.items():
         wrapped[k.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed.")] = v
     missing, unexpected = ct.load_state_dict(wrapped, strict=False)
-    ignored = ("IGNORE", "mask", "b_U")
+    ignored = ("IGNORE", "mask", "b_U", "rotary_sin", "rotary_cos")  # TL computes the last two
     missing = [k for k in missing if not k.startswith("transcoders.") and not k.endswith(ignored)]
     if missing or unexpected:
         raise ValueError(
@@ -135,6 +136,55 @@ def transformer_lens_gpt2(model_dir, device):
         default_prepend_bos=False,
     )
     return cfg, convert_gpt2_weights(hf, cfg)
+
+
+def transformer_lens_llama(model_dir, device):
+    """TransformerLens's config and state dict of the hub-layout Llama or Qwen3 in model_dir
+    (float32), as its loading_from_pretrained sets up Llama-3.2-1B and Qwen3: RMS norms, rotary
+    (not adjacent pairs), GQA, gated SiLU MLP, Llama 3's "NTK-by-parts" frequency scaling, Qwen3's
+    q/k norms."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_llama_weights,
+        convert_qwen3_weights,
+    )
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    c = hf.config
+    qwen3 = c.model_type == "qwen3"
+    rope = c.rope_scaling or {}
+    cfg = HookedTransformerConfig(
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_ctx=c.max_position_embeddings,
+        n_heads=c.num_attention_heads,
+        n_key_value_heads=c.num_key_value_heads,
+        d_head=c.head_dim,
+        d_mlp=c.intermediate_size,
+        act_fn="silu",
+        d_vocab=c.vocab_size,
+        eps=c.rms_norm_eps,
+        normalization_type="RMS",
+        final_rms=True,
+        gated_mlp=True,
+        positional_embedding_type="rotary",
+        rotary_dim=c.head_dim,
+        rotary_adjacent_pairs=False,
+        rotary_base=c.rope_theta,
+        use_NTK_by_parts_rope=bool(rope),
+        NTK_by_parts_factor=rope.get("factor", 1.0),
+        NTK_by_parts_low_freq_factor=rope.get("low_freq_factor", 1.0),
+        NTK_by_parts_high_freq_factor=rope.get("high_freq_factor", 4.0),
+        NTK_original_ctx_len=rope.get("original_max_position_embeddings", 8192),
+        use_qk_norm=qwen3,
+        original_architecture=c.architectures[0],
+        model_name=c.model_type,
+        device=device,
+        dtype=torch.float32,
+        default_prepend_bos=False,
+    )
+    return cfg, (convert_qwen3_weights if qwen3 else convert_llama_weights)(hf, cfg)
 
 
 def edge_blocks(graph):

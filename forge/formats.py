@@ -1,11 +1,12 @@
 """Transcoders in files: clt.py's own layout, and those circuit-tracer and SAELens publish.
 
-The published ones read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, *before* ln_2's affine
-map, where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's w and b are folded into the
-encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2.
-circuit-tracer's reading hook_resid_mid (ln_2's input) are read as they are (input_hook
-"resid_mid"). The loaders build the transcoder with `new_transcoder(**config)`, passed in by
-clt.py (this package never imports the spine)."""
+The published ones of GPT-2 read TransformerLens's blocks.{l}.ln2.hook_normalized x̂, *before*
+ln_2's affine map, where our mlp_in is after it: mlp_in = x̂ · w + b. So ln_2's w and b are folded
+into the encoder (and the skip connection) on the way out, and taken out on the way in: fold_ln_2.
+The Llama family's read circuit-tracer's mlp.hook_in, post_attention_layernorm's output: our mlp_in
+itself, nothing to fold (fold_hooks). circuit-tracer's reading hook_resid_mid (ln_2's input) are
+read as they are (input_hook "resid_mid"). The loaders build the transcoder with
+`new_transcoder(**config)`, passed in by clt.py (this package never imports the spine)."""
 
 import copy
 import os
@@ -178,9 +179,28 @@ CIRCUIT_TRACER_HOOKS = dict(
     feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out"
 )
 RESID_MID = "hook_resid_mid"  # circuit-tracer's default input: ln_2's input, our resid_mid as is
+# the Llama family's (mntss/clt-llama-3.2-1b-524k, mntss/transcoder-Llama-3.2-1B, the Qwen3 PLTs):
+# circuit-tracer's mlp.hook_in is post_attention_layernorm's output, our mlp_in: nothing to fold
+LLAMA_HOOKS = dict(feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out")
 CIRCUIT_TRACER_KINDS = {"per-layer": "transcoder_set", "cross-layer": "cross_layer_transcoder"}
 CIRCUIT_TRACER_THRESHOLD = "activation_function.threshold"  # its JumpReLU's threshold in layer_{l}
 EXPORTABLE = "export a relu, jumprelu or batchtopk one"  # batchtopk is a JumpReLU at inference
+
+
+def circuit_tracer_hooks(model):
+    """Where circuit-tracer's transcoders of `model` read and write: GPT-2's, or the Llama family's
+    (a config with a model_type other than gpt2, as model.LlamaConfig has)."""
+    llama = getattr(model.config, "model_type", "gpt2") != "gpt2"
+    return LLAMA_HOOKS if llama else CIRCUIT_TRACER_HOOKS
+
+
+def fold_hooks(transcoder, model, inverse=False):
+    """fold_ln_2 where circuit-tracer reads before ln_2's affine map (GPT-2); only the input and
+    output scales where it reads ln_2's output (the Llama family's mlp.hook_in)."""
+    if circuit_tracer_hooks(model) is CIRCUIT_TRACER_HOOKS:
+        fold_ln_2(transcoder, model, inverse)
+    else:
+        transcoder.fold_normalization()
 
 
 def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
@@ -203,7 +223,7 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
         raise ValueError(f"this is {shard}: export consolidated() instead")
     check_same_model(model, c.model_sha256, "this transcoder")  # the fold is of this model's ln_2
     t = copy.deepcopy(transcoder).cpu()
-    fold_ln_2(t, model)
+    fold_hooks(t, model)
     key = CIRCUIT_TRACER_THRESHOLD if c.activation != "relu" else None  # relu: no threshold
     if c.decoder == "per-layer":
         files = {f"layer_{l}": layer_tensors(t, l, key) for l in range(c.n_layers)}
@@ -212,7 +232,7 @@ def save_circuit_tracer(transcoder, path, model, model_name="gpt2"):
     export_id = save_export(path, files)
     kind = CIRCUIT_TRACER_KINDS[c.decoder]
     scan = os.path.basename(os.path.normpath(path))
-    config = dict(model_kind=kind, model_name=model_name, **CIRCUIT_TRACER_HOOKS, scan=scan)
+    config = dict(model_kind=kind, model_name=model_name, **circuit_tracer_hooks(model), scan=scan)
     if c.input_hook == "resid_mid":
         config["feature_input_hook"] = RESID_MID
     config["clt_forge"] = dict(asdict(c), model_sha256=model.fingerprint(), export_id=export_id)
@@ -231,16 +251,16 @@ def from_circuit_tracer(path, model, new_transcoder):
     if not isinstance(saved, dict) or "transcoders" in saved:  # hf:// paths, Gemma Scope's npz
         fetch = "fetch them with circuit_tracer.utils.caching.save_transcoders_to_cache"
         raise ValueError(f"{config_path} lists transcoders in other files: {fetch}, pass its dir")
-    hooks = {k: saved.get(k) for k in CIRCUIT_TRACER_HOOKS}
+    expected = circuit_tracer_hooks(model)
+    hooks = {k: saved.get(k) for k in expected}
     resid_mid = hooks["feature_input_hook"] == RESID_MID
     if resid_mid:  # read as is, no ln_2 folded (fold_ln_2 leaves a resid_mid transcoder alone)
-        hooks["feature_input_hook"] = CIRCUIT_TRACER_HOOKS["feature_input_hook"]
+        hooks["feature_input_hook"] = expected["feature_input_hook"]
     kinds = {v: k for k, v in CIRCUIT_TRACER_KINDS.items()}
-    if hooks != CIRCUIT_TRACER_HOOKS or saved.get("model_kind") not in kinds:
+    if hooks != expected or saved.get("model_kind") not in kinds:
         found = f"{saved.get('model_kind')} reading {hooks}"
-        mlp = f"only MLP transcoders ({sorted(kinds)} with {CIRCUIT_TRACER_HOOKS}"
-        mlp += f", or {RESID_MID})"
-        raise ValueError(f"{config_path}: {found}; {mlp} replace GPT-2's MLPs")
+        mlp = f"only MLP transcoders ({sorted(kinds)} with {expected}, or {RESID_MID})"
+        raise ValueError(f"{config_path}: {found}; {mlp} replace the model's MLPs")
     ours = dict(saved.get("clt_forge", {}))
     export_id = ours.pop("export_id", None)
     decoder = kinds[saved["model_kind"]]
@@ -270,7 +290,7 @@ def from_circuit_tracer(path, model, new_transcoder):
             load_layer(
                 t, l, tensors, CIRCUIT_TRACER_THRESHOLD, where=f"{path}/layer_{l}.safetensors"
             )
-    fold_ln_2(t, model, inverse=True)
+    fold_hooks(t, model, inverse=True)
     return t.eval()
 
 

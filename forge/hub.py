@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(REPO, "models", "tiny")
 HUB_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+# the Llama family's: sharded weights and the tokenizers package's tokenizer.json
+HUB_FILES += ["model-*.safetensors", "model.safetensors.index.json", "tokenizer*.json"]
 
 
 def resolve_model_dir(name_or_dir):
@@ -33,15 +35,16 @@ def resolve_model_dir(name_or_dir):
                 "(online, or once downloaded into the hub cache)"
             ) from e
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json: not a GPT-2 checkpoint in hub layout")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"{path} has no config.json: not a model in the hub layout")
+    weights = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+    if not any(os.path.exists(os.path.join(path, name)) for name in weights):
         if os.path.exists(os.path.join(path, "pytorch_model.bin")):
             raise ValueError(
                 f"{path} has only pytorch_model.bin: clt-forge never unpickles files. Convert it "
-                "once where you trust it: GPT2LMHeadModel.from_pretrained(p).save_pretrained(p, "
-                "safe_serialization=True)"
+                "once where you trust it: AutoModelForCausalLM.from_pretrained(p)"
+                ".save_pretrained(p, safe_serialization=True)"
             )
-        raise FileNotFoundError(f"{path} has no model.safetensors")
+        raise FileNotFoundError(f"{path} has no model.safetensors (nor a sharded index)")
     return path
 
 
@@ -131,10 +134,13 @@ def bytes_to_unicode():
 
 
 def load_tokenizer(name_or_dir=DEFAULT_MODEL):
-    """A tiktoken Encoding from vocab.json + merges.txt (for the gpt2 family: tiktoken's "gpt2").
+    """A tiktoken Encoding from vocab.json + merges.txt (for the gpt2 family: tiktoken's "gpt2");
+    other families' tokenizer.json through the tokenizers package (HubTokenizer).
     tiktoken merges by rank, so ranks must follow merge order: the 256 bytes first, then one token
     per line of merges.txt. We check that vocab.json agrees, as tiktoken's own gpt2 loader does."""
     path = name_or_dir if os.path.isdir(str(name_or_dir)) else resolve_model_dir(name_or_dir)
+    if not os.path.exists(os.path.join(path, "merges.txt")):  # Llama 3, Qwen3: tokenizer.json
+        return HubTokenizer(path)
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     def to_bytes(token):  # vocab.json's printable characters -> the token's bytes
@@ -198,3 +204,63 @@ def resolve_transcoder_dir(path_or_id, download=snapshot_download):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"the hub repo {repo_id} has no folder {sub!r} of transcoder files")
     return path
+
+
+class HubTokenizer:
+    """A tokenizer.json (Llama 3, Qwen3) through the `tokenizers` package, with the part of
+    tiktoken's Encoding this library calls. Ids equal transformers' AutoTokenizer's with
+    add_special_tokens=False: the spine puts the BOS in front itself. eot_token is that BOS, the
+    token circuit-tracer 0.5.0's `ensure_tokenized` (replacement_model/common.py) prepends: the
+    tokenizer's bos, else pad, else eos, else its first special token (Qwen3 has no bos: its pad,
+    <|endoftext|>). Unlike tiktoken's encode_ordinary, special tokens in the text stay special."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer  # the Llama family's only: GPT-2 needs tiktoken alone
+
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path} has no tokenizer.json, nor vocab.json + merges.txt")
+        self.tokenizer = Tokenizer.from_file(file)
+        self.n_vocab = self.tokenizer.get_vocab_size()
+        self.eot_token = self.bos_id(path)
+        self.byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+    def bos_id(self, path):
+        """ensure_tokenized's rule: bos_token, pad_token, eos_token, the first special token."""
+        names = []
+        config = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(config):
+            with open(config, encoding="utf-8") as f:
+                c = json.load(f)
+            for name in ("bos_token", "pad_token", "eos_token"):
+                token = c.get(name)  # a str, or {"content": str} in older files
+                names.append(token.get("content") if isinstance(token, dict) else token)
+        added = sorted(self.tokenizer.get_added_tokens_decoder().items())
+        names += [t.content for _, t in added if t.special]
+        ids = [self.tokenizer.token_to_id(n) for n in names if n]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ValueError(f"{path}: the tokenizer has no special token to put first (BOS)")
+        return ids[0]
+
+    def encode_ordinary(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text, allowed_special=()):
+        return self.encode_ordinary(text)
+
+    def encode_single_token(self, text):
+        i = self.tokenizer.token_to_id(text)
+        if i is None:
+            raise KeyError(f"{text!r} is not one token of this tokenizer")
+        return i
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def decode_single_token_bytes(self, t):
+        """The token's bytes: byte-level BPE tokens map back through GPT-2's byte alphabet."""
+        token = self.tokenizer.id_to_token(int(t))
+        if all(c in self.byte_of for c in token):
+            return bytes(self.byte_of[c] for c in token)
+        return token.encode("utf-8")  # special tokens, non-byte-level vocabularies

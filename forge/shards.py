@@ -360,7 +360,9 @@ def check_config(cfg, n_ctx):
 def open_out_dir(cfg, made, model_sha, model_dir):
     """Create the cache directory cfg.out, or resume in it (the same identity, unless --overwrite):
     the manifest to continue from. made: model_config, n_layers, d_model, device, channel_scale."""
-    tok = hashlib.sha256(b"".join(Path(model_dir, n).read_bytes() for n in TOKENIZER_FILES))
+    gpt2 = os.path.exists(os.path.join(model_dir, "merges.txt"))
+    names = TOKENIZER_FILES if gpt2 else ("tokenizer.json",)  # the Llama family's tokenizer
+    tok = hashlib.sha256(b"".join(Path(model_dir, n).read_bytes() for n in names))
     local = cfg.corpus != "toy" and not cfg.corpus.startswith("hf:")
     corpus = os.path.realpath(cfg.corpus) if local else cfg.corpus
     keys = ("text_field", "tokens", "ctx", "dtype", "keep_bos", "heldout", "shard_tokens")

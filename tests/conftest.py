@@ -2,6 +2,7 @@
 models/build_tiny.py makes the shipped one (toyworld.save_tokenizer), so tests read as what they
 check, and the helpers more than one test file uses."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 import cache
+from experiments import common
 from forge import toyworld
 from forge.hub import load_tokenizer
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Llama, LlamaConfig
 
 
 def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merges=()):
@@ -25,6 +27,37 @@ def write_hub_model(path, seed=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32, merg
     model = GPT(GPTConfig(**shape, vocab_size=vocab_size))
     model.save_pretrained(path)
     toyworld.save_tokenizer(path, list(merges))
+    return model.eval(), load_tokenizer(str(path))
+
+
+# the Llama family: a byte-level BPE tokenizer.json (the tokenizers package) and a random model
+LLAMA3_ROPE = dict(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+
+
+def write_hub_tokenizer(path, model_type="llama"):
+    """experiments/common.py's tokenizer.json (300 tokens) trained on docs(200) -> its size."""
+    return common.write_hub_tokenizer(str(path), docs(200), model_type)
+
+
+def write_llama_model(path, model_type="llama", tied=True, seed=0, **shape):
+    """A random Llama (Llama 3's rope scaling, GQA 4/2) or Qwen3 (q/k norms, head_dim 16 != d/nh)
+    in the hub layout with write_hub_tokenizer's tokenizer -> (model in eval mode, tokenizer)."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_hub_tokenizer(path, model_type)
+    qwen = model_type == "qwen3"
+    small = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=16 if qwen else 8)
+    small.update(n_inner=64, n_ctx=32, rope_theta=10000.0 if qwen else 500000.0, **shape)
+    rope = None if qwen else LLAMA3_ROPE
+    config = LlamaConfig(**small, vocab_size=vocab_size, rope_scaling=rope, qk_norm=qwen)
+    config = dataclasses.replace(config, tie_word_embeddings=tied, model_type=model_type)
+    torch.manual_seed(seed)
+    model = Llama(config)
+    with torch.no_grad():  # norms' weights away from 1, so a misplaced one shows
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.2 if "ln_" in name or "norm" in name else 0)
+    model.save_pretrained(path)
     return model.eval(), load_tokenizer(str(path))
 
 

@@ -170,7 +170,9 @@ def test_hub_download_asks_for_safetensors_only(hf_dir, monkeypatch):
 
     monkeypatch.setattr(forge.hub, "snapshot_download", offline_fetch)
     model = GPT.from_pretrained("gpt2")
-    assert calls == [("gpt2", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])]
+    gpt2 = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+    llama = ["model-*.safetensors", "model.safetensors.index.json", "tokenizer*.json"]
+    assert calls == [("gpt2", gpt2 + llama)]
     assert model.config.n_layer == 2
 
 
@@ -214,8 +216,9 @@ def test_a_model_family_is_one_line_in_MODELS(hf_dir, tmp_path, monkeypatch):
 
 def test_load_model_reads_no_model_type_as_gpt2_and_refuses_an_unknown_one(hf_dir, tmp_path):
     assert type(load_model(with_config(hf_dir, tmp_path, model_type=None))) is GPT
-    with_config(hf_dir, tmp_path, model_type="llama")
-    with pytest.raises(ValueError, match=r"model_type 'llama'; the known families are \['gpt2'\]"):
+    with_config(hf_dir, tmp_path, model_type="mistral")
+    known = r"\['gpt2', 'llama', 'qwen3'\]"
+    with pytest.raises(ValueError, match=rf"model_type 'mistral'; the known families are {known}"):
         load_model(tmp_path)
 
 

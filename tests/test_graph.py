@@ -18,7 +18,7 @@ from intervene import main as intervene_main
 from clt import CLTConfig, CrossLayerTranscoder
 from forge.cli import parse_config
 from forge.graphcli import GraphConfig
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Llama, LlamaConfig
 
 L, D, F_, V, T = 3, 32, 64, 300, 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -393,7 +393,8 @@ def circuit_tracer_reference(name="graph_reference", key="clt"):
     with open(os.path.join(FIXTURES, f"{name}.json")) as f:
         meta = json.load(f)
     ref = load_file(os.path.join(FIXTURES, f"{name}.safetensors"))
-    model = GPT(GPTConfig(**meta["gpt"]))
+    llama = "model_type" in meta["gpt"]  # a LlamaConfig (graph_reference_llama)
+    model = Llama(LlamaConfig(**meta["gpt"])) if llama else GPT(GPTConfig(**meta["gpt"]))
     model.load_state_dict({k[6:]: v for k, v in ref.items() if k.startswith("model.")})
     clt = CrossLayerTranscoder(CLTConfig(**meta[key]))
     clt.load_state_dict({k[len(key) + 1 :]: v for k, v in ref.items() if k.startswith(f"{key}.")})
