@@ -36,7 +36,9 @@ Definitions (circuit-tracer 0.5.0's; tests/test_graph.py checks ours edge by edg
   (what the softmax sees) is q_i·(k_j - sum_j' A_ij' k_j') / sqrt(hs). auto:N picks the entries
   with the largest |A_ij dT/dA_ij|, T = sum_t (w_t + infl_t)·input_t over the graph's targets.
 - Llama / Qwen3: as circuit-tracer's (mlp_in after post_attention_layernorm, patterns and RMSNorm
-  scales frozen); no position embedding, so --position-nodes adds zero nodes.
+  scales frozen); no position embedding, so --position-nodes adds zero nodes. QK: RoPE at fixed
+  positions and Qwen3's q/k norms with frozen scales (Frozen.qk_norm) are linear maps per position,
+  q_i = turn_i(W_q x_i); GQA: a head reads its key head; pos@j terms are zero (RoPE is in pairs).
 
 Differences from circuit-tracer:
 - Error ids "{layer}_-1_{pos}": its "0_{layer}_{pos}" collides with feature `layer` of layer 0.
@@ -473,7 +475,7 @@ def qk_rows(att, model, steps, batch_size, mesh):
     # read's: causal attention); a total order, the same on every rank (a set's order is not)
     reads = sorted(set(kinds), key=itemgetter(0, 3, 1, 2))
     C = model.config.n_embd
-    hs = C // model.config.n_head
+    hs = len(model.qk_weights(0, 0)[0])  # head size (Qwen3's is not C / nh)
     rows = att.rep.mlp_out.new_zeros(len(reads), hs, att.n_sources)
     per = max(1, batch_size // hs)  # reads per pass
     cuts = [n for n in range(1, len(reads)) if reads[n][0] != reads[n - 1][0]]
@@ -481,7 +483,7 @@ def qk_rows(att, model, steps, batch_size, mesh):
     passes = [(a, min(a + per, b)) for a, b in zip(edges, edges[1:]) for a in range(a, b, per)]
     for a, b in passes[mesh.dp_rank :: mesh.dp]:
         T = reads[b - 1][3] + 1
-        start = torch.cat([qk_read(model, att.rep, *read)[:, :T] for read in reads[a:b]], 2)
+        start = torch.cat([qk_read(model, att, *read)[:, :T] for read in reads[a:b]], 2)
         B = start.size(2)  # start: (C, T, B)
         layer = torch.full((B,), reads[a][0], device=start.device)
         att.rows(layer, layer * 0 + T - 1, start.new_zeros(B, C), rows[a:b].flatten(0, 1), start)
@@ -489,28 +491,28 @@ def qk_rows(att, model, steps, batch_size, mesh):
     return dict(zip(reads, rows))
 
 
-def qk_read(model, rep, layer, head, kind, pos):
+def qk_read(model, att, layer, head, kind, pos):
     """(d, T, hs): how head's q (kind "q") or k ("k") at pos, or its mean key at query pos
-    (sum_j A[pos, j] k_j, "m"), reads the residual stream before block layer: ln_1 frozen."""
-    block = model.h[layer]
-    C = model.config.n_embd
-    hs = C // model.config.n_head
-    first = (kind != "q") * C + head * hs  # c_attn's rows: q, k, v, (C, C) each
-    W = block.attn.c_attn.weight[first : first + hs].detach()  # (hs, C)
-    u = ln_transposed(W.T, block.ln_1.weight, 1)  # (C, hs)
+    (sum_j A[pos, j] k_j, "m"), reads the residual stream before block layer: ln_1 frozen, and
+    the model's turn at each position t (Llama: RoPE, Qwen3's q/k norms frozen), a fixed map."""
+    rep, key = att.rep, int(kind != "q")  # 0: q, 1: k
+    W = model.qk_weights(layer, head)[key].detach()  # (hs, C)
+    u = ln_transposed(W.T, model.h[layer].ln_1.weight, 1, att.center)  # (C, hs)
     at = rep.token.new_zeros(len(rep.token))  # (T,) the positions read: one,
     at[pos] = 1
     at = rep.frozen.attn[layer][0, head, pos] if kind == "m" else at  # or the pattern's row
-    return torch.einsum("ch,t->cth", u, at * rep.frozen.ln_1[layer][0, :, 0])
+    read = torch.einsum("ch,t->cth", u, at * rep.frozen.ln_1[layer][0, :, 0])
+    return model.qk_turn(layer, head, key, read, rep.frozen)
 
 
 def heads_qk(model, layers, run, *args):
     """{layer: q, k (nh, T, hs)} of the layers' heads in run(*args), a forward pass of model on a
-    prompt: attention's input ln_1(x), seen by hooks (measured: the transpose never reads it)."""
+    prompt: attention's input ln_1(x) and the q/k norms' frozen scales if given (Qwen3), seen by
+    hooks; model.qk of those (measured: the transpose never reads them)."""
     seen = {}
 
     def grab(module, inputs):
-        seen[module] = inputs[0][0]  # (T, C): the last pass's, the settled one
+        seen[module] = inputs[0][0], inputs[2]  # (T, C): the last pass's, the settled one; norms
 
     hooks = [model.h[l].attn.register_forward_pre_hook(grab) for l in layers]
     try:
@@ -518,12 +520,7 @@ def heads_qk(model, layers, run, *args):
     finally:
         for hook in hooks:
             hook.remove()
-    out = {}
-    for l in layers:
-        x = seen[model.h[l].attn]
-        qkv = model.h[l].attn.c_attn(x).view(len(x), 3, model.config.n_head, -1)  # (T, 3, nh, hs)
-        out[l] = (qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1))
-    return out
+    return {l: model.qk(l, *seen[model.h[l].attn]) for l in layers}
 
 
 def qk_auto(model, clt, rep, graph, infl, n, mesh=None):

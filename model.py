@@ -94,8 +94,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, frozen_pattern=None):
-        """x (B, T, C) -> (output (B, T, C), attention pattern (B, nh, T, T))."""
+    def forward(self, x, frozen_pattern=None, frozen_norms=None):
+        """x (B, T, C) -> (output (B, T, C), attention pattern (B, nh, T, T), None: no q/k norm)."""
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
@@ -107,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         else:
             att = frozen_pattern  # q and k no longer matter: only the OV path (a gradient if asked)
         y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.c_proj(y), att.detach()
+        return self.c_proj(y), att.detach(), None
 
 
 class MLP(nn.Module):
@@ -167,6 +167,20 @@ class GPT(nn.Module):
         d = self.config.n_embd
         return self.h[l].attn.c_attn.weight[2 * d :], self.h[l].attn.c_proj.weight
 
+    def qk(self, l, h, norms=None):
+        """Layer l's q, k (nh, T, hs) of ln_1's output h (T, d) (graph.py's QK; a key head each)."""
+        qkv = self.h[l].attn.c_attn(h).view(len(h), 3, self.config.n_head, -1)  # (T, 3, nh, hs)
+        return qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1)
+
+    def qk_weights(self, l, head):
+        """(W_q, W_k) (hs, d): the rows of ln_1's output that head's q and k read."""
+        d, nh = self.config.n_embd, self.config.n_head
+        return self.h[l].attn.c_attn.weight.view(3, nh, d // nh, d)[:2, head]
+
+    def qk_turn(self, l, head, key, y, frozen):
+        """y (..., T, hs) = W h_t (qk_weights) at each position t -> head's q_t (k_t if key): y."""
+        return y
+
     def forward(self, idx, mlp_out=None, frozen=None, resid=None):
         """idx (B, T) -> logits (B, T, V). The arguments are those of `run_with_acts`."""
         logits, _ = self._run(idx, mlp_out, frozen, resid, logits=True, record=False)
@@ -192,7 +206,8 @@ class GPT(nn.Module):
         acts = None
         for l, block in enumerate(self.h):
             h, scale_1 = self.norm(x, block.ln_1, fz.ln_1[l])
-            attn_out, pattern = block.attn(h, fz.attn[l])
+            norms = fz.qk_norm[l] if fz.qk_norm else None  # Qwen3's, if frozen (heads_qk reads)
+            attn_out, pattern, norms = block.attn(h, fz.attn[l], norms)
             x = x + attn_out
             mid = x  # (B, T, d) resid_mid: what ln_2 reads
             h, scale_2 = self.norm(x, block.ln_2, fz.ln_2[l])
@@ -213,6 +228,7 @@ class GPT(nn.Module):
             acts.frozen.attn.append(pattern)
             acts.frozen.ln_1.append(scale_1)
             acts.frozen.ln_2.append(scale_2)
+            acts.frozen.qk_norm.append(norms)
         if not logits:
             return None, acts
         x, ln_f = self.norm(x, self.ln_f, fz.ln_f)
@@ -278,6 +294,7 @@ class Frozen:
     ln_1: list = field(default_factory=list)  # per layer: (B, T, 1) ln_1's 1/sqrt(var + eps)
     ln_2: list = field(default_factory=list)  # per layer: (B, T, 1) the same for ln_2
     ln_f: Optional[torch.Tensor] = None  # (B, T, 1) the same for ln_f (None without logits)
+    qk_norm: list = field(default_factory=list)  # per layer: Qwen3's q, k norms' scales or None
 
 
 @dataclass
@@ -399,37 +416,45 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(hs, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hs, config.rms_norm_eps) if config.qk_norm else None
 
-    def qk(self, x):
-        """x (B, T, d) -> q (B, nh, T, hs), k (B, nkv, T, hs): normed per head (Qwen3), then
-        rotated by their positions 0..T-1. With the positions fixed both steps are fixed maps."""
+    def qk(self, x, frozen_norms=None):
+        """x (B, T, d) -> q (B, nh, T, hs), k (B, nkv, T, hs), their norms' scales (Qwen3's;
+        frozen_norms' if given): projected, then turned at each position (turn)."""
         B, T, _ = x.size()
         hs = self.config.head_dim
-        q = self.q_proj(x).view(B, T, -1, hs)  # (B, T, nh, hs)
-        k = self.k_proj(x).view(B, T, -1, hs)  # (B, T, nkv, hs)
-        if self.config.qk_norm:
-            q, _ = rms_norm(q, self.q_norm)
-            k, _ = rms_norm(k, self.k_norm)
-        pos = torch.arange(T, device=x.device).float()
-        angle = torch.outer(pos, rope_frequencies(self.config, x.device))  # (T, hs/2)
-        angle = torch.cat((angle, angle), dim=-1)  # (T, hs): pair i and i + hs/2 share an angle
-        cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
-        return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
+        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q_scale, k_scale = frozen_norms or (None, None)
+        q, q_scale = self.turn(q, self.q_norm, q_scale)
+        k, k_scale = self.turn(k, self.k_norm, k_scale)
+        return q, k, (q_scale, k_scale)
 
-    def forward(self, x, frozen_pattern=None):
-        """x (B, T, d) -> (output (B, T, d), attention pattern (B, nh, T, T)), as GPT's."""
+    def turn(self, y, norm, frozen_scale=None):
+        """y (..., T, hs) at positions 0..T-1 -> (normed per head (Qwen3), then rotated by position,
+        the norm's scale (..., T, 1) or None): frozen (as in rms_norm) a linear map per position."""
+        scale = None
+        if norm is not None:
+            y, scale = rms_norm(y, norm, frozen_scale)
+        pos = torch.arange(y.size(-2), device=y.device).float()
+        angle = torch.outer(pos, rope_frequencies(self.config, y.device))  # (T, hs/2)
+        angle = torch.cat((angle, angle), dim=-1)  # (T, hs): pair i and i + hs/2 share an angle
+        return rotate(y, angle.cos().to(y.dtype), angle.sin().to(y.dtype)), scale
+
+    def forward(self, x, frozen_pattern=None, frozen_norms=None):
+        """x (B, T, d) -> (output (B, T, d), attention pattern (B, nh, T, T), q/k norms' scales
+        (Qwen3's, else None: recorded, or frozen_norms passed on)), as GPT's."""
         B, T, _ = x.size()
         group = self.config.n_head // self.config.n_kv_head  # query heads per key/value head
         v = self.v_proj(x).view(B, T, -1, self.config.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if frozen_pattern is None:
-            q, k = self.qk(x)
+            q, k, frozen_norms = self.qk(x, frozen_norms)  # recorded, or passed on
             k = k.repeat_interleave(group, dim=1)  # (B, nh, T, hs): key heads shared
             att = (q @ k.transpose(-2, -1)) * (k.size(-1) ** -0.5)  # (B, nh, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
         else:
-            att = frozen_pattern.detach()  # q and k no longer matter: only the OV path stays
+            att = frozen_pattern  # q and k no longer matter: only the OV path (as GPT's)
         y = att @ v.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), att.detach()
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), att.detach(), frozen_norms
 
 
 class SwiGLU(nn.Module):
@@ -482,6 +507,24 @@ class Llama(GPT):
         W_V = self.h[l].attn.v_proj.weight.view(c.n_kv_head, c.head_dim, c.n_embd)
         group = c.n_head // c.n_kv_head
         return W_V.repeat_interleave(group, 0).flatten(0, 1), self.h[l].attn.o_proj.weight
+
+    def qk(self, l, h, norms=None):
+        """GPT.qk: LlamaAttention.qk's, norms (Qwen3's scales) frozen if given, key heads shared."""
+        q, k, _ = self.h[l].attn.qk(h[None], norms)
+        return q[0], k[0].repeat_interleave(self.config.n_head // self.config.n_kv_head, 0)
+
+    def qk_weights(self, l, head):
+        """GPT.qk_weights: q_proj's rows of head, k_proj's of its key head (GQA)."""
+        attn, c = self.h[l].attn, self.config
+        kv = head * c.n_kv_head // c.n_head
+        return attn.q_proj.weight.split(c.head_dim)[head], attn.k_proj.weight.split(c.head_dim)[kv]
+
+    def qk_turn(self, l, head, key, y, frozen):
+        """GPT.qk_turn: Qwen3's q or k norm, its scale frozen's, then RoPE (LlamaAttention.turn)."""
+        attn, c = self.h[l].attn, self.config
+        scale = (frozen.qk_norm[l] or (None, None))[key]  # (1, nh or nkv, T, 1) or None
+        scale = None if scale is None else scale[0, head * c.n_kv_head // c.n_head if key else head]
+        return attn.turn(y, (attn.q_norm, attn.k_norm)[key], scale)[0]
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):

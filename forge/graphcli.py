@@ -194,9 +194,6 @@ def parse_qk(spec, config, T):
     """--qk -> (N, []) for auto[:N] (20 by default), else (0, [(layer, head, i, j)]) in range of
     the model's config (n_layer, n_head) and a T-token prompt."""
     name, colon, n = spec.strip().partition(":")
-    family = getattr(config, "model_type", "gpt2")
-    if spec.strip() and family != "gpt2":  # RoPE, GQA and q/k norms are not in its transpose yet
-        raise ValueError(f"--qk explains GPT-2's heads only, not {family}'s yet: leave out --qk")
     if name == "auto":
         if not (n.isdigit() and int(n) > 0) and (colon or n):
             raise ValueError(f"--qk {spec!r}: write auto or auto:N with N >= 1, e.g. auto:10")

@@ -1,7 +1,8 @@
 """Every stage on the Llama family: a random Llama 3 (rope scaling, GQA) and Qwen3 (q/k norms, its
 own head_dim) in the hub layout through cache.py, train.py (two TP ranks for Llama), interp.py,
-graph.py, intervene.py and viz.py; and the attribution graph's exactness on them (RMSNorm's
-transpose does not center, GQA's value heads are shared, no position embedding)."""
+graph.py (--qk too), intervene.py and viz.py; and the attribution graph's exactness on them
+(RMSNorm's transpose does not center, GQA's value heads are shared, no position embedding), and
+its QK terms' (RoPE, GQA's key heads, Qwen3's q/k norms frozen)."""
 
 import json
 import os
@@ -22,13 +23,14 @@ from conftest import docs, write_llama_model
 from forge.hub import ENDOFTEXT
 from intervene import main as intervene_main
 from test_graph import T, assert_matches_circuit_tracer, perturbed
+from test_qk import assert_exact, assert_pairs_predict_perturbations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def llama_graph(tmp_path, model_type, dtype=torch.float64):
-    """A random model of the family, a random CLT that fires, the graph of one prompt."""
+def llama_replacement(tmp_path, model_type, dtype=torch.float64):
+    """A random model of the family, a random CLT that fires, the local replacement of a prompt."""
     model, enc = write_llama_model(tmp_path, model_type, tied=model_type == "llama", n_layer=3)
     model = model.to(dtype)
     c = model.config
@@ -38,7 +40,12 @@ def llama_graph(tmp_path, model_type, dtype=torch.float64):
     clt = clt.to(dtype).eval()
     ids = [enc.eot_token] + enc.encode(docs(1, seed=3)[0] + " the cat sat on a mat then")
     idx = torch.tensor([ids[:T]])  # test_graph's perturbed counts error nodes in prompts of T
-    rep = G.local_replacement(model, clt, idx)
+    return model, clt, G.local_replacement(model, clt, idx)
+
+
+def llama_graph(tmp_path, model_type, dtype=torch.float64):
+    """llama_replacement's model, CLT and replacement, and the graph of its prompt."""
+    model, clt, rep = llama_replacement(tmp_path, model_type, dtype)
     return model, clt, rep, G.attribute(model, clt, rep, "p", batch_size=32, position_nodes=True)
 
 
@@ -63,6 +70,24 @@ def test_graph_edges_sum_to_inputs_and_match_perturbations(tmp_path, model_type)
         expected = eps * targets[:, col]
         assert expected.abs().max() > 1e-8
         assert (delta - expected).abs().max() / expected.abs().max() <= 1e-6, kw
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_qk_terms_add_up_and_predict_perturbations(tmp_path, model_type):
+    """QK attributions on the family: RoPE a fixed map at each position, a query head's key head
+    shared (GQA 4/2: heads 2, 3 read key head 1), Qwen3's q/k norms frozen (Frozen.qk_norm) as
+    RMSNorm's scales are: the terms add up to the model's score and contrast (fp32 and fp64), and
+    each feature's pairs predict its perturbation in the frozen replacement model, to 2nd order."""
+    # layer 0's only pair is token x token (no position embedding, no bias): from layer 1 on
+    steps = [(1, 3, T - 1, 2), (2, 1, 6, 6), (1, 2, T - 2, 0), (2, 2, T - 1, 4), (1, 0, 5, 1)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model, clt, rep = llama_replacement(tmp_path / str(dtype), model_type, dtype)
+        assert_exact(model, clt, rep, steps, tol)
+    for l in range(model.config.n_layer):  # the measured q, k are the forward's: its pattern
+        q, k = G.heads_qk(model, [l], model, rep.idx)[l]  # (nh, T, hs) each
+        s = (q @ k.transpose(1, 2) / q.size(-1) ** 0.5).tril() - torch.ones(T, T).triu(1) * 1e9
+        torch.testing.assert_close(s.softmax(-1), rep.frozen.attn[l][0], rtol=0, atol=1e-12)
+    assert_pairs_predict_perturbations(model, clt, rep, steps)
 
 
 @pytest.mark.parametrize("name, key", [("llama", "clt"), ("qwen3", "plt")])
@@ -110,11 +135,17 @@ def test_every_stage_runs_on_a_hub_layout_model(tmp_path, capsys, model_type):
     assert (runs / "interp" / "features.jsonl").exists()
     prompt = ["--model", model_dir, "--clt", str(runs / "clt"), "--prompt", "the cat sat on"]
     prompt += ["--device", "cpu"]
-    G.main(prompt + ["--interp", str(runs / "interp"), "--out", str(runs / "graph")])
+    G.main(
+        prompt + ["--interp", str(runs / "interp"), "--out", str(runs / "graph"), "--qk", "auto:3"]
+    )
     out = capsys.readouterr().out
     error = float(out.split("- input| = ")[1].split()[0])
     assert error < 1e-3, out[-2000:]
     data = json.loads((runs / "graph" / "graph.json").read_text())
+    assert len(data["qk"]) == 3 and "qk: 3 entries explained" in out  # why heads attend there
+    for q in data["qk"]:
+        total = sum(p["value"] for p in q["pairs"]) + q["rest"]
+        assert total == pytest.approx(q["score"], rel=1e-4, abs=1e-5)
     assert data["metadata"]["prompt_tokens"][0] == enc.decode([enc.eot_token])
     viz.main(["features", str(runs / "interp")])
     viz.main(["graph", str(runs / "graph" / "graph.json")])
