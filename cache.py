@@ -184,7 +184,7 @@ def quantize_rows(x, dtype, channel=None):
         q, scale, s = quantize_(groups, 127 if dtype == "int8" else 7)
         bits = bf16_bits(scale if dtype == "int4" else scale.squeeze(-1))  # (n, L, d/g) | (n, L)
         err = groups.mul_(s).view_as(x).mul_(channel).sub_(x)  # x_hat - x, as `dequantize` does
-        q = q.view_as(x) if dtype == "int8" else pack_int4(q.view_as(x))
+        q = q.view_as(x) if dtype == "int8" else shards.pack_int4(q.view_as(x))
     else:
         q = x.half() if dtype == "fp16" else x
         bits = None
@@ -210,12 +210,6 @@ def quantize_(y, levels=127):
     return y.to(torch.int8), scale, s  # (..., g), (...), (..., 1)
 
 
-def pack_int4(q):
-    """q (..., d) int8 in -7..7 -> (..., d/2) uint8: q + 8 in two nibbles, the even channel low."""
-    u = (q + 8).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
 def channel_scales(x):
     """x (..., L, d) -> (L, d) float32 c = sqrt(rms over tokens of each channel), floored at 1e-3 of
     the layer's mean: int8 stores x / c. Trained models have outlier channels (max|x| ~ 8 rms on the
@@ -231,13 +225,11 @@ def bf16_bits(scale):
 
 
 def dequantize(q, scale_bits=None, channel=None):
-    """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16 or fp32 (numpy or torch),
-    or (n, L, d/2) uint8 (int4); int8 / int4 also scale bits (n, L) / (n, L, d/g) int16 and channel
-    scales (L, d): x = q * scale * channel. Convert, then scale in place: vectorized passes beat
-    torch's mixed int8*float kernel 3x."""
+    """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16, fp32 or packed int4; int8
+    / int4 also scale bits (n, L) / (n, L, d/g) and channel scales (L, d): x = q * scale * channel.
+    Convert, then scale in place: vectorized passes beat torch's mixed int8*float kernel 3x."""
     q = torch.as_tensor(q)
-    if q.dtype == torch.uint8:  # int4: unpack the nibbles (low first), back to -7..7
-        q = torch.stack([q & 15, q >> 4], -1).flatten(-2).view(torch.int8) - 8  # (n, L, d)
+    q = shards.unpack_int4(q) if q.dtype == torch.uint8 else q  # (n, L, d)
     x = q if q.dtype == torch.float32 else shards.empty(q.shape, device=q.device).copy_(q)
     if scale_bits is None:
         return x

@@ -305,10 +305,9 @@ class CrossLayerTranscoder(nn.Module):
 
 class DenseDecode(torch.autograd.Function):
     """decode_dense's sum, one matmul per source adding into the output slice it writes (β = 1):
-    out[:, src : src + n] += acts[:, src] @ W_dec[src], n = n_writes(src); backward, with g_src =
-    grad_out[:, src : src + n]: grad acts[:, src] = g_src @ W_dec[src]ᵀ, grad W_dec[src] =
-    acts[:, src]ᵀ @ g_src. Autograd's slicing stacked and summed the per-layer pieces apart (~10 %
-    of a step at GPT-2-small shape, RESULTS.md). In acts' dtype (bf16 under autocast)."""
+    out[:, src : src + n] += acts[:, src] @ W_dec[src], n = n_writes(src); the backward reads each
+    slice g of grad_out in place (g @ W_dec[src]ᵀ, acts[:, src]ᵀ @ g), where autograd's slicing
+    stacked and summed pieces (~10 % of a GPT-2-small step). In acts' dtype (autocast: bf16)."""
 
     @staticmethod
     def forward(ctx, acts, *W_dec):  # acts (B, L, F/tp), W_dec[src] (F/tp, n_writes, d)

@@ -181,9 +181,8 @@ def train_step(c, clt, opt, batch, state, mesh, device, sync=True):
 
 
 def decoder_norm_backward(clt, dec):
-    """W_dec's gradient through its norms dec (L, F/tp): + ∂L/∂||w|| · w / ||w||, in place, one
-    pass per layer, where autograd's div, mul and add of decoder-sized tensors took ~20 % of a step
-    at GPT-2-small shape (RESULTS.md). Zero norms get no gradient, as in autograd's."""
+    """W_dec.grad += ∂L/∂||w|| · w / ||w|| (dec (L, F/tp)) in one pass: autograd's div, mul, add
+    of decoder-sized tensors took ~20 % of a GPT-2-small step. A zero norm: no gradient."""
     if dec.grad is None:  # no term read the norms (topk, batchtopk)
         return
     coef = torch.where(dec > 0, dec.grad / dec, 0.0)  # (L, F/tp)

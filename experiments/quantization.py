@@ -121,17 +121,14 @@ def ours_int8(x, channel):
 
 
 def int4(x, channel, group):
-    """x / channel (as int8), one bf16 absmax scale per `group` channels of a (token, layer),
-    q = round(y / s) in -7..7, two per byte."""
+    """cache.py's int4 at any group size (shards.INT4_GROUP: what --dtype int4 stores): x / channel,
+    one bf16 absmax scale per `group` channels of a (token, layer), q in -7..7, two per byte."""
     n, L, d = x.shape
     y = (x / channel).view(n, L, d // group, group)
-    scale = (y.abs().amax(-1, keepdim=True) / 7).to(torch.bfloat16)  # (n, L, d/g, 1)
-    s = scale.float().clamp_min(1e-30)
-    q = (y / s).round_().clamp_(-7, 7)
-    x_hat = (q * s).view(n, L, d) * channel
-    nibbles = (q + 8).to(torch.uint8).view(n, L, d // 2, 2)
-    packed = nibbles[..., 0] | (nibbles[..., 1] << 4)  # (n, L, d/2)
-    return x_hat, [packed.numpy(), scale.view(torch.int16).numpy()]
+    q, scale, s = K.quantize_(y, 7)  # y now holds q as floats
+    x_hat = y.mul_(s).view(n, L, d) * channel
+    packed = shards.pack_int4(q.view(n, L, d))  # (n, L, d/2)
+    return x_hat, [packed.numpy(), scale[..., None].view(torch.int16).numpy()]
 
 
 def int4_bytes(L, d, group):
@@ -147,10 +144,7 @@ def forge(x, channel, bits, file_rows):
         q = (chunk / s).round_().clamp_(-levels, levels)
         x_hat.append(q * s)
         q8 = q.to(torch.int8)
-        if bits == 4:  # two per byte
-            nib = (q8 + 8).to(torch.uint8).view(*q.shape[:2], -1, 2)
-            q8 = nib[..., 0] | (nib[..., 1] << 4)
-        stored.append(q8.numpy())
+        stored.append((shards.pack_int4(q8) if bits == 4 else q8).numpy())
     return torch.cat(x_hat), [np.concatenate(stored)]
 
 
@@ -211,9 +205,7 @@ def read_rate(cache, coded, name, batches=20):
 def decode(arrays):
     """Stored arrays of one split's rows -> float32 (as a reader would): unpack nibbles, scale."""
     q = torch.from_numpy(arrays[0])
-    if q.dtype == torch.uint8:  # two 4-bit values per byte
-        q = torch.stack([(q & 15), (q >> 4)], -1).flatten(-2).to(torch.int8) - 8
-    x = q.float()
+    x = (shards.unpack_int4(q) if q.dtype == torch.uint8 else q).float()
     if len(arrays) > 1:  # per-group bf16 scales
         s = torch.from_numpy(arrays[1]).view(torch.bfloat16).float()  # (n, L, d/g, 1)
         x = (x.view(*s.shape[:-1], -1) * s).flatten(-2)

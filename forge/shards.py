@@ -79,6 +79,17 @@ def row_sections(dtype, L, d):
     return out
 
 
+def pack_int4(q):
+    """q (..., d) int8 in -7..7 -> (..., d/2) uint8: q + 8 in two nibbles, the even channel low."""
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """pack_int4's inverse: (..., d/2) uint8 -> (..., d) int8."""
+    return torch.stack([packed & 15, packed >> 4], -1).flatten(-2).view(torch.int8) - 8
+
+
 def shard_layout(dtype, rows, L, d):
     """Byte offsets of the sections of one shard file, and the file's size."""
     size = {
