@@ -80,9 +80,12 @@ def run(cfg):
     seconds = N * flops / (mfu * H100_BF16)
     how = (
         f"MFU {mfu:.0%} = step/matmul {step['ratio']:.0%} (train.json, CPU) x GEMM efficiency "
-        f"{cfg.bill_gemm_efficiency:.0%} (assumed) of 989 TFLOP/s; TP=T: / T per rank"
+        f"{cfg.bill_gemm_efficiency:.0%} (assumed) of 989 TFLOP/s"
     )
     rows.append(line("time, one H100", f"{seconds / 3600:.1f} h", seconds, how))
+    hours = " / ".join(f"{seconds / 3600 / T:.2g}" for T in (2, 4, 8))
+    how = "the FLOPs split over the ranks (total: H100-seconds, any TP), communication not counted"
+    rows.append(line("time per rank, TP=2 / 4 / 8 H100s", f"{hours} h", seconds, how))
     rows.append(
         line("streamed vs cached tok/s", "(the streaming helper's row)", 0, "not measured here")
     )
