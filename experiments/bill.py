@@ -58,7 +58,7 @@ def run(cfg):
         ),
     ]
     meta = 12  # token id, document id, position (int32 each)
-    for dtype in ("fp32", "fp16", "int8"):
+    for dtype in ("fp32", "fp16", "int8", "int4"):
         b = shards.row_bytes(dtype, L, D) + meta
         rows.append(line(f"disk, {dtype} cache", f"{b} B/token", N * b, "shards.row_bytes + meta"))
     b = shards.row_bytes("int8", L, D) + meta

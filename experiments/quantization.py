@@ -13,7 +13,7 @@ Read rate: shuffled batches of 1024 rows -> float32, tok/s: fp32 and int8 from t
 (ActivationCache.batches + dequantize); the others' decode of stored bytes held in memory (what
 they add to a read), zstd's decompression included.
 
-    python experiments/quantization.py             # ~15 CPU-minutes: 150k tokens, 5 CLTs
+    python experiments/quantization.py             # 75k tokens, 5 CLTs: ~30 min on 2 shared cores
     python experiments/quantization.py --quick     # a smaller cache and fewer steps
 zstd needs `pip install zstandard` (a study-only dependency; its rows say so when missing).
 """
@@ -44,8 +44,8 @@ from parallel import Mesh
 class QuantizationBench(Bench):
     """fp32 / int8 / int4 / CLT-Forge's scheme / zstd caches, judged by the CLT trained from each"""
 
-    quant_tokens: int = arg(150_000, "tokens of the tiny model's caches (fp32 and int8)")
-    quant_steps: int = arg(500, "training steps of each CLT (1024 tokens each)")
+    quant_tokens: int = arg(75_000, "tokens of the tiny model's caches (fp32 and int8)")
+    quant_steps: int = arg(250, "training steps of each CLT (1024 tokens each)")
     quant_features: int = arg(1024, "CLT features per layer (train.py's default)")
     quant_groups: str = arg("8,16,32,64,128", "int4 group sizes measured (NMSE, bytes)")
     quant_group: int = arg(32, "the int4 group size trained (chosen from the measured ones)")
