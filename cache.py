@@ -67,7 +67,7 @@ class CacheConfig:
     tokens: int = arg(200_000, "rows to store (tokens but the BOS); ~15 s, 210 MB on models/tiny")
     ctx: int = arg(64, "context length, BOS included; at most the model's n_ctx")
     keep_bos: bool = arg(False, "keep position 0 (the BOS) instead of dropping it")
-    dtype: str = arg("int8", "int8 (per-row absmax) | fp16 | fp32", group="how to store it")
+    dtype: str = arg("int8", "int8 (per-row absmax) | int4 | fp16 | fp32", group="how to store it")
     out: str = arg("runs/cache", "output directory")
     heldout: float = arg(0.02, "share of rows (whole contexts, at the end) held out for evaluation")
     shard_tokens: int = arg(0, "rows per shard file; 0 = about 64 MB of activations per shard")
@@ -85,13 +85,13 @@ def build_cache(cfg: CacheConfig):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir).to(device)
-    shards.check_config(cfg, model.config.n_ctx)
+    shards.check_config(cfg, model.config.n_ctx, model.config.n_embd)
     enc = load_tokenizer(model_dir)
     L, d = model.config.n_layer, model.config.n_embd
     if cfg.shard_tokens == 0:  # about 64 MB of activations per shard
         cfg = replace(cfg, shard_tokens=max(1, (64 << 20) // shards.row_bytes(cfg.dtype, L, d)))
     # Phase 1: the output directory, new or resumed (the same identity), every listed shard checked
-    channel = _first_batch_channel_scales(cfg, model, enc) if cfg.dtype == "int8" else None
+    channel = _first_batch_channel_scales(cfg, model, enc) if cfg.dtype[:3] == "int" else None
     made = dict(model_config=asdict(model.config), n_layers=L, d_model=d, device=device)
     made.update(channel_scale=None if channel is None else channel.tolist())
     writer = shards.ShardWriter(cfg, made, model.fingerprint(), model_dir)
@@ -178,12 +178,16 @@ def _forward_rows(model, idx, drop):
 def quantize_rows(x, dtype, channel=None):
     """x (n, L, d) float32 -> what a shard stores, q (n, L, d) and the int8 scales' bits (n, L)
     int16 (else None), and per row ||x|| and ||x_hat - x||^2 (n, L) float64 for the manifest's
-    statistics. channel (L, d): the int8 channel scales."""
-    if dtype == "int8":  # in place where possible: big temporaries are what this costs
+    statistics. channel (L, d): the int8 / int4 channel scales. int4: as int8 but a scale per
+    shards.INT4_GROUP channels (bits (n, L, d/g)), q in -7..7, two per byte (n, L, d/2)."""
+    if dtype in ("int8", "int4"):  # in place where possible: big temporaries are what this costs
         y = torch.div(x, channel, out=shards.empty(x.shape, device=x.device))  # (n, L, d)
-        q, scale, s = quantize_(y)
-        bits = bf16_bits(scale)
-        err = y.mul_(s).mul_(channel).sub_(x)  # x_hat - x, computed as `dequantize` does
+        g = shards.INT4_GROUP if dtype == "int4" else x.size(-1)  # channels per scale
+        groups = y.view(*x.shape[:2], -1, g)  # (n, L, d/g, g)
+        q, scale, s = quantize_(groups, 127 if dtype == "int8" else 7)
+        bits = bf16_bits(scale if dtype == "int4" else scale.squeeze(-1))  # (n, L, d/g) | (n, L)
+        err = groups.mul_(s).view_as(x).mul_(channel).sub_(x)  # x_hat - x, as `dequantize` does
+        q = q.view_as(x) if dtype == "int8" else shards.pack_int4(q.view_as(x))
     else:
         q = x.half() if dtype == "fp16" else x
         bits = None
@@ -196,17 +200,17 @@ def quantize_rows(x, dtype, channel=None):
     return q, bits, norm, err_sq
 
 
-def quantize_(y):
-    """y (n, L, d) float32 -> q (n, L, d) int8, scale (n, L) bfloat16 with y ~ q * scale, and the
-    scale as float32 (n, L, 1); y is overwritten with q as floats (one big temporary fewer).
-    scale = max|y| / 127 rounded to bf16 (relative error <= 2^-8), and q = round(y / scale) with
-    that rounded scale, clamped to +-127: |y - q*scale| <= scale/2 for every element.
+def quantize_(y, levels=127):
+    """y (..., g) float32 -> q (..., g) int8, scale (...) bfloat16 with y ~ q * scale, and the
+    scale as float32 (..., 1); y is overwritten with q as floats (one big temporary fewer).
+    scale = max|y| / levels rounded to bf16 (relative error <= 2^-8), and q = round(y / scale) with
+    that rounded scale, clamped to +-levels: |y - q*scale| <= scale/2 for every element.
     """
-    absmax = torch.maximum(y.amax(-1), -y.amin(-1))  # (n, L); 25x vector_norm(ord=inf) on CPU
-    scale = (absmax / 127).to(torch.bfloat16)  # (n, L)
-    s = scale.float().clamp_min(1e-30)[..., None]  # an all-zero row has scale 0 and q = 0
-    y.div_(s).round_().clamp_(-127, 127)
-    return y.to(torch.int8), scale, s  # (n, L, d), (n, L), (n, L, 1)
+    absmax = torch.maximum(y.amax(-1), -y.amin(-1))  # (...); 25x vector_norm(ord=inf) on CPU
+    scale = (absmax / levels).to(torch.bfloat16)  # (...)
+    s = scale.float().clamp_min(1e-30)[..., None]  # an all-zero group has scale 0 and q = 0
+    y.div_(s).round_().clamp_(-levels, levels)
+    return y.to(torch.int8), scale, s  # (..., g), (...), (..., 1)
 
 
 def channel_scales(x):
@@ -224,15 +228,17 @@ def bf16_bits(scale):
 
 
 def dequantize(q, scale_bits=None, channel=None):
-    """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16 or fp32 (numpy or torch);
-    for int8 also scale bits (n, L) int16 and channel scales (L, d): x = q * scale * channel.
+    """Stored rows -> float32 torch on q's device. q (n, L, d) int8, fp16, fp32 or packed int4; int8
+    / int4 also scale bits (n, L) / (n, L, d/g) and channel scales (L, d): x = q * scale * channel.
     Convert, then scale in place: vectorized passes beat torch's mixed int8*float kernel 3x."""
     q = torch.as_tensor(q)
+    q = shards.unpack_int4(q) if q.dtype == torch.uint8 else q  # (n, L, d)
     x = q if q.dtype == torch.float32 else shards.empty(q.shape, device=q.device).copy_(q)
     if scale_bits is None:
         return x
-    s = torch.as_tensor(scale_bits).to(x.device).view(torch.bfloat16)  # (n, L)
-    return x.mul_(s.float()[..., None]).mul_(channel.to(x.device))  # (n, L, d)
+    s = torch.as_tensor(scale_bits).to(x.device).view(torch.bfloat16)  # (n, L) | (n, L, d/g)
+    x.view(*s.shape, -1).mul_(s.float()[..., None])  # per row (int8) or per group (int4)
+    return x.mul_(channel.to(x.device))  # (n, L, d)
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +251,7 @@ class Rows:
 
     mlp_in: torch.Tensor  # (n, L, d) int8 | float16 | float32, as stored
     mlp_out: torch.Tensor  # (n, L, d)
-    scales: torch.Tensor | None  # (n, 2, L) int16 bits of the bfloat16 row scales (int8 only)
+    scales: torch.Tensor | None  # (n, 2, L) int16 bits of bfloat16 scales; int4: (n, 2, L, d/g)
     ids: torch.Tensor  # (n,) int64 global row ids, ascending
 
 
@@ -404,7 +410,8 @@ class ActivationStream:
     def __init__(self, cfg: CacheConfig, buffer_tokens, n_heldout, meta, device, shuffle=True):
         model_dir = resolve_model_dir(cfg.model)
         self.model = load_model(model_dir).to(device)
-        shards.check_config(cfg, self.model.config.n_ctx)  # cache.py's refusals, word for word
+        mc = self.model.config
+        shards.check_config(cfg, mc.n_ctx, mc.n_embd)  # cache.py's refusals, word for word
         self.enc = load_tokenizer(model_dir)
         self.cfg = cfg
         self.N = buffer_tokens  # rows per fill, per DP rank

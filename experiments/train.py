@@ -7,8 +7,10 @@ and the sparse decode against the dense one, each timed in the same run (ratios 
     python experiments/train.py --device cuda
 """
 
+import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from clt import CLTConfig, CrossLayerTranscoder
-from experiments.common import Bench, median_seconds, run_study
+from experiments.common import Bench, median_seconds, run_study, sync
 from forge.cli import arg, run_main
 from parallel import Mesh
 
@@ -28,6 +30,11 @@ class TrainBench(Bench):
     reps: int = arg(5, "timed repetitions (the median is reported)")
     decode_features: int = arg(16384, "F of the decode benchmark")
     density: float = arg(0.01, "fraction of active features in the decode benchmark")
+    topk_features: int = arg(
+        24576, "F of the TopK/BatchTopK decode benchmark (32 d at GPT-2 small)"
+    )
+    topk_k: int = arg(32, "k of the TopK/BatchTopK decode benchmark")
+    topk_depth: int = arg(2, "layers of the TopK/BatchTopK decode benchmark (reduced: memory)")
 
 
 def run(cfg):
@@ -43,6 +50,9 @@ def run(cfg):
     rows += sparse_vs_dense_decode(
         4, 128, cfg.decode_features, 256, cfg.density, cfg.device, cfg.reps
     )
+    topk_shape = (4, 128, 1024) if cfg.quick else (cfg.topk_depth, 768, cfg.topk_features)
+    for activation in ("topk", "batchtopk"):
+        rows += sparse_vs_dense_topk(*topk_shape, 512, cfg.topk_k, activation, cfg.device, cfg.reps)
     if cuda and not cfg.quick:
         rows += sparse_vs_dense_decode(
             12, 768, cfg.decode_features, 256, cfg.density, cfg.device, cfg.reps
@@ -85,10 +95,11 @@ def step_fixture(L, d, F, B, activation, device, mesh=None):
 
 
 def step_vs_matmul(name, L, d, F, B, activation, device, reps):
-    """One optimizer step of train.py on a fixed batch, as a FLOP rate, over the FLOP rate of plain
-    torch.matmul at the step's own shapes and dtype, timed in the same run."""
+    """One optimizer step of train.py on a fixed batch against plain torch.matmul at the step's own
+    shapes and dtype, timed as reps interleaved (step, matmul) pairs in one run: the ratio is the
+    median of the pairs' (so a load spike hits both of a pair), its FLOPs 3 × the forward's
+    matmuls; plus one profiled step's share of time outside the matmuls (profile_share)."""
     _, _, step = step_fixture(L, d, F, B, activation, device)
-    t_step = median_seconds(step, device, reps)
     cuda = str(device).startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32  # what autocast gives the step
     shapes = clt_matmuls(B, L, d, F)
@@ -99,11 +110,64 @@ def step_vs_matmul(name, L, d, F, B, activation, device, reps):
         )
         for m, k, n in shapes
     ]
-    t_mm = median_seconds(lambda: [a @ b for a, b in mats], device, reps)
-    tflops = sum(2 * m * k * n for m, k, n in shapes) / 1e12
-    rates = f"{tflops / t_step:.3g} vs {tflops / t_mm:.3g} TFLOP/s"
+
+    def matmuls():
+        return [a @ b for a, b in mats]
+
+    step()  # warm-ups: the allocator, lazy inits
+    matmuls()
+    pairs = [(wall(step, device), wall(matmuls, device)) for _ in range(reps)]
+    flops = 3 * forward_flops(B, L, d, F)  # what the step is credited with
+    mm_flops = sum(2 * m * k * n for m, k, n in shapes)  # what the matmuls do (no encoder dx)
+    ratios = sorted(flops / t_step / (mm_flops / t_mm) for t_step, t_mm in pairs)
+    t_step = sorted(p[0] for p in pairs)[reps // 2]
+    t_mm = sorted(p[1] for p in pairs)[reps // 2]
+    outside = profile_share(step, device)
+    rates = (
+        f"{flops / 1e12 / t_step:.3g} vs {mm_flops / 1e12 / t_mm:.3g} TFLOP/s (medians); "
+        f"pair ratios {min(ratios):.0%}..{max(ratios):.0%}; {outside:.0%} of the profiled step "
+        f"outside matmuls; load {os.getloadavg()[0]:.1f}"
+    )
     shape = f"{name}: L{L} d{d} F{F} B{B}"
-    return versus(f"{activation} train step", shape, t_step, "matmul, same shapes", t_mm, rates)
+    row = versus(f"{activation} train step", shape, t_step, "matmul, same shapes", t_mm, rates)
+    return dict(row, ratio=ratios[reps // 2])
+
+
+def forward_flops(B, L, d, F):
+    """The CLT forward's matmul FLOPs: 2BLdF for the encoder, 2BdF·L(L+1)/2 for the decoder."""
+    return 2 * B * L * d * F + 2 * B * d * F * L * (L + 1) // 2
+
+
+def wall(fn, device):
+    """Wall seconds of one fn() call, the device synchronized before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
+
+
+def profile_share(step, device):
+    """The share of one step's time (torch.profiler: self time of every op, the device's on a GPU)
+    spent outside matmul ops or kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.key_averages()
+    if cuda:  # kernels: cuBLAS / CUTLASS GEMMs by name
+        times = {e.key: e.self_device_time_total for e in events}
+        is_mm = [k for k in times if any(s in k.lower() for s in ("gemm", "xmma", "cutlass"))]
+    else:
+        times = {e.key: e.self_cpu_time_total for e in events}
+        is_mm = [k for k in times if k in MATMUL_OPS]
+    return 1 - sum(times[k] for k in is_mm) / sum(times.values())
 
 
 def versus(bench, shape, t, baseline, t_base, detail):
@@ -136,6 +200,34 @@ def sparse_vs_dense_decode(L, d, F, B, density, device, reps):
             t = median_seconds(lambda: model.decode(x, sparse=True), device, reps)
             nonzeros = f"{int(acts.count_nonzero())} nonzeros"
             rows.append(versus(what, shape, t, "decode (dense)", t_dense, nonzeros))
+    return rows
+
+
+def sparse_vs_dense_topk(L, d, F, B, k, activation, device, reps):
+    """train.py's decode of TopK / BatchTopK activations, sparse (decode_sparse, cost ∝ k: what
+    training uses for them) against dense, forward alone and forward + backward (the gradients of
+    W_dec and of the activations)."""
+    model = CrossLayerTranscoder(CLTConfig(L, d, F, activation, k=k), 0).to(device).train()
+    mlp_in = torch.randn(B, L, d, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        acts = model.activate(model.pre_acts(mlp_in))  # (B, L, F), k per token and layer (topk)
+
+    def decode(sparse, backward):
+        a = acts.clone().requires_grad_(backward)
+        out = model.decode(a, sparse, normalized=True)
+        if backward:
+            out.pow(2).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+    rows = []
+    shape = f"L{L} d{d} F{F} B{B} k{k}, {activation}"
+    nonzeros = f"{int(acts.count_nonzero()) / (B * L):.0f} active per token and layer"
+    for backward in (False, True):
+        with torch.set_grad_enabled(backward):
+            t_dense = median_seconds(functools.partial(decode, False, backward), device, reps)
+            t_sparse = median_seconds(functools.partial(decode, True, backward), device, reps)
+        what = "forward + backward" if backward else "forward"
+        rows.append(versus(f"decode_sparse, {what}", shape, t_sparse, "dense", t_dense, nonzeros))
     return rows
 
 

@@ -4,8 +4,9 @@ A shard file is a header and four sections, each on a 64-byte boundary (`shard_l
     header   (32,) int64   [MAGIC, VERSION, dtype code, rows, L, d, off_in, off_out, off_scales,
                             off_meta, file bytes, 0...] (checked on read, as llm.c's data shards)
     mlp_in   (rows, L, d)  dtype; int8: q = round(x / (channel * scale)), channel: channel_scale[0]
-    mlp_out  (rows, L, d)  dtype
-    scales   (rows, 2, L)  int16 bits of bfloat16 scales, [:, 0] mlp_in, [:, 1] mlp_out (int8 only)
+    mlp_out  (rows, L, d)  dtype (int4: (rows, L, d/2) uint8, q + 8 in two nibbles, low first)
+    scales   (rows, 2, L)  int16 bits of bfloat16 scales, [:, 0] mlp_in, [:, 1] mlp_out (int8 only;
+                           int4: (rows, 2, L, d/INT4_GROUP), one per group of INT4_GROUP channels)
     meta     (rows, 3)     int32: token id, document id, position in its context
 
 manifest.json holds the build's identity (a rerun resumes only if it agrees), the shapes, per
@@ -44,6 +45,8 @@ MAGIC = 20251126  # header[0] of every shard file
 HEADER_INTS = 32  # the header is 32 int64 = 256 bytes
 ALIGN = 64  # every section starts on a 64-byte boundary
 DTYPES = {"fp32": (0, np.float32), "fp16": (1, np.float16), "int8": (2, np.int8)}
+DTYPES["int4"] = (3, np.uint8)  # two values per byte
+INT4_GROUP = 32  # channels per int4 scale: experiments/quantization.py measured the trade-off
 SECTIONS = ("mlp_in", "mlp_out", "scales", "meta")  # after the header, in file order
 MANIFEST = "manifest.json"
 CHECK_BYTES = 1 << 20  # a crc32 covers about this many stored bytes of consecutive rows
@@ -66,20 +69,44 @@ def shard_name(i):
     return f"shard_{i:05d}.bin"
 
 
+def row_sections(dtype, L, d):
+    """{section: (numpy dtype, shape of one row)} of the stored sections but meta."""
+    act = DTYPES[dtype][1]
+    width = d // 2 if dtype == "int4" else d  # int4: two values per byte
+    out = dict(mlp_in=(act, (L, width)), mlp_out=(act, (L, width)))
+    if dtype in ("int8", "int4"):  # fp16 / fp32 shards have no scales section (it has 0 bytes)
+        out["scales"] = (np.int16, (2, L) if dtype == "int8" else (2, L, d // INT4_GROUP))
+    return out
+
+
+def pack_int4(q):
+    """q (..., d) int8 in -7..7 -> (..., d/2) uint8: q + 8 in two nibbles, the even channel low."""
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """pack_int4's inverse: (..., d/2) uint8 -> (..., d) int8."""
+    return torch.stack([packed & 15, packed >> 4], -1).flatten(-2).view(torch.int8) - 8
+
+
 def shard_layout(dtype, rows, L, d):
     """Byte offsets of the sections of one shard file, and the file's size."""
-    acts = _pad(rows * L * d * np.dtype(DTYPES[dtype][1]).itemsize)
-    scales = _pad(rows * 2 * L * 2) if dtype == "int8" else 0
+    size = {
+        k: _pad(rows * math.prod(shape) * np.dtype(kind).itemsize)
+        for k, (kind, shape) in row_sections(dtype, L, d).items()
+    }
     off = dict(mlp_in=_pad(HEADER_INTS * 8))
-    off["mlp_out"] = off["mlp_in"] + acts
-    off["scales"] = off["mlp_out"] + acts
-    off["meta"] = off["scales"] + scales
+    off["mlp_out"] = off["mlp_in"] + size["mlp_in"]
+    off["scales"] = off["mlp_out"] + size["mlp_out"]
+    off["meta"] = off["scales"] + size.get("scales", 0)
     return off, off["meta"] + _pad(rows * 3 * 4)
 
 
 def row_bytes(dtype, L, d):
     """Stored bytes of one row's activations and scales (without its 12 bytes of meta)."""
-    return 2 * L * d * np.dtype(DTYPES[dtype][1]).itemsize + (4 * L if dtype == "int8" else 0)
+    sections = row_sections(dtype, L, d).values()
+    return sum(math.prod(shape) * np.dtype(kind).itemsize for kind, shape in sections)
 
 
 def header(dtype, rows, L, d):
@@ -89,12 +116,9 @@ def header(dtype, rows, L, d):
 
 
 def sections(buf, dtype, rows, L, d):
-    """One shard's bytes (uint8) as a numpy view per section; scales None unless int8."""
+    """One shard's bytes (uint8) as a numpy view per section; scales None unless int8 / int4."""
     off, _ = shard_layout(dtype, rows, L, d)
-    act = DTYPES[dtype][1]
-    specs = dict(mlp_in=(act, (rows, L, d)), mlp_out=(act, (rows, L, d)))
-    if dtype == "int8":  # fp16 / fp32 shards have no scales section (it has 0 bytes)
-        specs["scales"] = (np.int16, (rows, 2, L))
+    specs = {k: (kind, (rows, *shape)) for k, (kind, shape) in row_sections(dtype, L, d).items()}
     specs["meta"] = (np.int32, (rows, 3))
     views = dict(scales=None)
     for key, (kind, shape) in specs.items():
@@ -346,10 +370,12 @@ def empty(shape, dtype=torch.float32, device="cpu"):
 # building: the output directory, resume checks, the writer
 
 
-def check_config(cfg, n_ctx):
+def check_config(cfg, n_ctx, d):
     """Refuse a build's arguments that cannot make a cache, before anything is written."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}: choose one of {list(DTYPES)}")
+    if cfg.dtype == "int4" and d % INT4_GROUP:
+        raise ValueError(f"int4 needs d_model divisible by {INT4_GROUP}, got {d}: use --dtype int8")
     if not 2 <= cfg.ctx <= n_ctx:
         raise ValueError(f"ctx={cfg.ctx} must be in 2..n_ctx={n_ctx} of {cfg.model}")
     if min(cfg.tokens, cfg.batch_size) <= 0 or cfg.shard_tokens < 0 or not 0 <= cfg.heldout < 1:

@@ -86,7 +86,7 @@ def direct_acts(cfg):
 # round trips, norms, verify
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp16", "fp32"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16", "fp32"])
 def test_round_trip_within_error_bound(env, int8_cache, dtype):
     if dtype == "int8":
         cfg, c = int8_cache
@@ -100,18 +100,23 @@ def test_round_trip_within_error_bound(env, int8_cache, dtype):
     assert r_in.shape == (cfg.tokens, 2, 32) and r_in.dtype == torch.float32
     assert np.array_equal(np.stack([tok, doc, pos], 1), meta)
     assert pos.min() == 1 and pos.max() == cfg.ctx - 1  # the BOS (position 0) is dropped
-    assert (c.channel_scale is None) == (dtype != "int8")
+    assert (c.channel_scale is None) == (dtype not in ("int8", "int4"))
     for j, (x, r) in enumerate(((x_in, r_in), (x_out, r_out))):
         if dtype == "fp32":
             assert torch.equal(x, r)
         elif dtype == "fp16":
             assert ((x - r).abs() <= x.abs() * 2**-11 + 1e-7).all()
-        else:  # |x - x_hat| <= channel * scale/2, scale = max|x / channel|/127 up to bf16 rounding
+        else:  # |x - x_hat| <= channel * scale/2, scale = max|x / channel| / levels over a row
+            # (int8) or a group of INT4_GROUP channels (int4), up to bf16 rounding
             ch = c.channel_scale[j]  # (L, d)
-            bound = (x / ch).abs().amax(-1, keepdim=True) / 127 * 0.5 * (1 + 2**-7) * ch
+            g = shards.INT4_GROUP if dtype == "int4" else x.size(-1)
+            levels = 7 if dtype == "int4" else 127
+            y = (x / ch).unflatten(-1, (-1, g))  # (n, L, d/g, g)
+            half_step = y.abs().amax(-1, keepdim=True) / levels * 0.5 * (1 + 2**-7)
+            bound = half_step.expand_as(y).flatten(-2) * ch
             assert ((x - r).abs() <= bound + 1e-7).all()
             nmse = ((x - r) ** 2).sum() / (x**2).sum()
-            assert nmse < 1e-4 and nmse > 0
+            assert 0 < nmse < (2e-2 if dtype == "int4" else 1e-4)
     m = c.manifest
     want = (x_in - r_in).pow(2).sum() / x_in.pow(2).sum()
     assert m["nmse_total"][0] == pytest.approx(want.item(), rel=1e-3, abs=1e-12)
@@ -435,7 +440,7 @@ def test_jsonl_and_directory_corpora_match_the_text_file(env, tmp_path):
     "kw, match",
     [
         (dict(ctx=64), "ctx=64 must be in 2..n_ctx=32"),
-        (dict(dtype="int4"), "unknown dtype 'int4'"),
+        (dict(dtype="int2"), "unknown dtype 'int2'"),
         (dict(tokens=10**13), "needs .* GB more"),
     ],
 )

@@ -64,6 +64,43 @@ def test_encode_decode_match_a_naive_loop_over_layer_pairs(activation):
     torch.testing.assert_close(clt.decode(acts.to_sparse(), sparse=True), out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decoder", ["cross-layer", "per-layer"])
+def test_dense_decode_gradients_are_the_papers_sums(decoder):
+    """DenseDecode's hand-written backward (acts and every W_dec) = autograd through the sum."""
+    clt = CrossLayerTranscoder(CLTConfig(3, 8, 16, "relu", decoder=decoder), 0).double()
+    acts = torch.rand(5, 3, 16, dtype=torch.float64, requires_grad=True)
+    W = list(clt.W_dec)
+    out = clt.decode_dense(acts)  # (B, L, d)
+    want = torch.stack(  # Σ_{src <= dst} acts[src] @ W_dec[src][dst - src]
+        [
+            sum(acts[:, s] @ W[s][:, t - s] for s in range(t + 1) if t - s < clt.n_writes(s))
+            for t in range(3)
+        ],
+        1,
+    )
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, [acts, *W], g), torch.autograd.grad(want, [acts, *W], g)
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_decoder_norm_gradient_added_after_backward_is_autograds():
+    clt = perturb(small_clt("jumprelu"))
+    coef = torch.rand(3, 32)
+    (clt.decoder_norms() * coef).sum().backward()  # autograd through ||W_dec||
+    want = [W.grad.clone() for W in clt.W_dec]
+    clt.zero_grad()
+    for W in clt.W_dec:
+        W.grad = torch.zeros_like(W)
+    dec = clt.decoder_norms().detach().requires_grad_()
+    (dec * coef).sum().backward()
+    T.decoder_norm_backward(clt, dec)
+    for W, w in zip(clt.W_dec, want):
+        torch.testing.assert_close(W.grad, w)
+
+
 def test_jumprelu_straight_through_gradients_follow_the_formula():
     eps = 0.5
     z = [[0.05, 0.2, 0.6, 1.4], [0.45, -0.3, 0.35, 0.9]]
