@@ -3,10 +3,12 @@ experiments/bill.py: what a GPT-2-small CLT of F = 32 d = 24,576 per layer train
 costs: FLOPs, disk per cache format (and streaming's 0), memory per TP rank, H100 time. Every row is
 a formula over its inputs, each input a constant named here or a measurement: the step's share of
 matmul speed (experiments/train.py's <out>/train.json), zstd's saving on int8 shards
-(experiments/quantization.py's <out>/quantization.json) and the activation bytes of a step per
-(token, layer, feature) (measured here, one step at reduced depth in a fresh process).
+(experiments/quantization.py's <out>/quantization.json), streamed vs cached tokens/s
+(experiments/stream.py's <out>/stream.json) and the activation bytes of a step per (token, layer,
+feature) (measured here, one step at reduced depth in a fresh process).
 
-    python experiments/train.py && python experiments/quantization.py && python experiments/bill.py
+    python experiments/train.py && python experiments/quantization.py && python experiments/stream.py
+    python experiments/bill.py
 """
 
 import json
@@ -86,9 +88,11 @@ def run(cfg):
     hours = " / ".join(f"{seconds / 3600 / T:.2g}" for T in (2, 4, 8))
     how = "the FLOPs split over the ranks (total: H100-seconds, any TP), communication not counted"
     rows.append(line("time per rank, TP=2 / 4 / 8 H100s", f"{hours} h", seconds, how))
-    rows.append(
-        line("streamed vs cached tok/s", "(the streaming helper's row)", 0, "not measured here")
-    )
+    streamed = measured(cfg.out, "stream.json", bench="train.py, streamed")
+    cached = measured(cfg.out, "stream.json", bench="train.py, cached")
+    value = f"{streamed['tok_per_s']:.1f} vs {cached['tok_per_s']:.1f}"
+    how = f"stream.json (CPU, F = 3072): {streamed['detail']}"
+    rows.append(line("streamed vs cached tok/s", value, 0, how))
     return rows
 
 
