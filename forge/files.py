@@ -13,6 +13,7 @@ run id of every file the folder holds complete (`commit`); a reader checks a fil
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
@@ -273,6 +274,13 @@ def new_run_id():
     return uuid.uuid4().hex
 
 
+def derived_run_id(*parts):
+    """A run id made from what the run reads (its inputs' run ids) and the flags that shape its
+    files, not drawn at random: runs with one id write the same bytes, so their files cannot mix
+    into something neither wrote, and a rerun rewrites its files byte for byte (viz.py's pages)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def read_manifest(folder):
     """{"files": {name: run id}, ...} of an output folder, or None if it has none."""
     path = os.path.join(folder, MANIFEST)
@@ -286,6 +294,21 @@ def commit(folder, run_id, names, **info):
     earlier runs it listed stay listed (graph.py keeps one {slug}.json per prompt)."""
     files = (read_manifest(folder) or {}).get("files", {}) | {name: run_id for name in names}
     write_json(os.path.join(folder, MANIFEST), dict(run_id=run_id, files=files, **info))
+
+
+def uncommit(folder, names=None):
+    """Before a run rewrites the files `names` of `folder` (None: all of them), take them off its
+    commit.json: a run killed halfway leaves them listed under no run, not under the old one."""
+    path = os.path.join(folder, MANIFEST)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    if names is None:
+        os.remove(path)
+        fsync_dir(folder)
+        return
+    manifest["files"] = {k: v for k, v in manifest.get("files", {}).items() if k not in names}
+    write_json(path, manifest)
 
 
 def check_committed(path, run_id, rerun):
