@@ -30,6 +30,7 @@ STAGES = {  # script -> the files that mark a folder as its output: no other sta
     "train.py": ("metrics.jsonl", "checkpoints"),
     "interp.py": ("features.jsonl",),
     "graph.py": ("graph-metadata.json",),
+    "viz.py features": (),  # its pages mark nothing; it must not take another stage's commit.json
 }
 MANIFEST = "commit.json"  # the commit marker of an output folder (commit): the files and run ids
 
@@ -307,8 +308,10 @@ def uncommit(folder, names=None):
         os.remove(path)
         fsync_dir(folder)
         return
-    manifest["files"] = {k: v for k, v in manifest.get("files", {}).items() if k not in names}
-    write_json(path, manifest)
+    files = manifest.get("files", {})
+    if any(name in files for name in names):
+        manifest["files"] = {k: v for k, v in files.items() if k not in names}
+        write_json(path, manifest)
 
 
 def check_committed(path, run_id, rerun):
