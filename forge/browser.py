@@ -10,7 +10,8 @@ writes its files, each page and layer file marked with its run id at its start, 
 pages no longer of this run, and writes commit.json last. The run id is derived from the inputs'
 run ids and the flags that shape the pages (files.derived_run_id), not drawn at random: a rerun
 writes the same bytes, with one worker or many, and pages of two runs with different inputs or
-flags carry different ids, so `check_pages` finds a folder that a killed run left mixed."""
+flags carry different ids, so `check_pages` finds a folder that a killed run left mixed (two
+versions of viz.py that draw one input differently share an id: rerun into a fresh folder)."""
 
 import base64
 import bisect
@@ -558,7 +559,7 @@ def check_graph_files(out, slug, rerun=None):
         marked = run_id is not None and RUN_MARK.format(run_id).encode() in f.read(MARK_BYTES)
     if unlisted or not marked:
         what = ", ".join(unlisted) or f"{slug}.html"
-        why = f"not committed by one run: a viz.py run was killed while writing {out}"
+        why = f"not of one committed run (one killed while writing {out}, or a graph since redone)"
         raise ValueError(f"{what}: {why}: rerun `{rerun}`")
 
 

@@ -7,7 +7,9 @@ two saves; a cache or a CLT made from another model than the one given is refuse
 An output folder is one unit: one run writes it at a time (`one_writer`: an flock, the leftovers of
 a killed run removed), each file carries its run's id, and commit.json, written last, lists the
 run id of every file the folder holds complete (`commit`); a reader checks a file against it
-(`check_committed`), so a run killed halfway through a folder is refused, never mixed.
+(`check_committed`), so a run killed halfway through a folder is refused, never mixed. A rerun
+takes the files it rewrites off commit.json first (`uncommit`); viz.py's pages carry an id derived
+from their inputs (`derived_run_id`), so that a rerun writes the same bytes.
 """
 
 import contextlib

@@ -352,7 +352,7 @@ def viz_features_into_the_interp_folder(w, tmp):
     return viz.main, ["features", str(out), "--out", str(out)], same_bytes(snapshot(out))
 
 
-@row("graph.html", "not committed by one run", "rerun `python viz.py graph")
+@row("graph.html", "not of one committed run", "graph since redone", "rerun `python viz.py graph")
 def viz_graph_drawing_of_a_graph_since_replaced(w, tmp):
     out = copy(w, "graph", tmp)
     viz.main(["graph", str(out / "graph.json")])
@@ -776,7 +776,7 @@ def viz_features_folder_of_two_runs(w, tmp):
     return check_pages, [str(tmp / "a")]
 
 
-@row("graph.html", "not committed by one run", "killed while writing", "rerun `python viz.py graph")
+@row("graph.html", "not of one committed run", "killed while writing", "rerun `python viz.py graph")
 def viz_graph_killed_while_drawing(w, tmp):
     out = copy(w, "graph", tmp)
     viz.main(["graph", str(out / "graph.json")])
