@@ -49,7 +49,7 @@ from tqdm import tqdm
 from forge import browser, graphfile, interpfile, plots
 from forge.browser import feature_page_name, fmt, show_token, table_html, write_file
 from forge.cli import arg, parse_config, run_main
-from forge.files import check_committed, one_writer, read_json, read_jsonl
+from forge.files import check_committed, commit, one_writer, read_json, read_jsonl
 
 # -----------------------------------------------------------------------------
 # config: one dataclass per subcommand; `inputs` (a list) takes the positional arguments
@@ -128,6 +128,7 @@ def draw_graph(cfg):
         return os.path.relpath(page, out) if os.path.isfile(page) else None
 
     stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])  # graph.py's {slug}.json
+    run_id = browser.begin_graph(out, stem, graph, interp_dir, feat_dir, cfg)  # off commit.json
     written = [stem + ".dot", stem + ".html"]
     written += browser.write_frontend_features(graph, interp_dir, out)
     has_dot = shutil.which("dot") is not None  # without it: the .dot and the page's node table
@@ -144,7 +145,8 @@ def draw_graph(cfg):
         written += [stem + ".svg", stem + ".png"]
     labelled = graph.get("qk") and os.path.isfile(os.path.join(interp_dir, "features.jsonl"))
     explanations = graphfile.load_explanations(interp_dir) if labelled else {}  # the pairs' labels
-    plots.write_graph_page(stem, graph, cfg, svg, href, explanations)
+    plots.write_graph_page(stem, graph, cfg, svg, href, explanations, run_id)
+    commit(out, run_id, [os.path.relpath(p, out) for p in written])  # last: one run's drawing
     print(f"wrote {stem}.dot, .svg, .png, .html" if has_dot else plots.NO_DOT.format(stem=stem))
     return written
 
@@ -261,7 +263,7 @@ def feature_page(feat, cfg):
     return "".join(body)
 
 
-def write_pages(lines, cfg, dense, out):
+def write_pages(lines, cfg, dense, out, run_id):
     """One chunk of features.jsonl's lines: the pages of its live features, on disk when this
     returns, and [(index record, detection AUROC)] of all its features. What each worker does."""
     rows = []
@@ -270,7 +272,7 @@ def write_pages(lines, cfg, dense, out):
             if not browser.is_dead(feat):  # a dead feature has nothing to show
                 title = f"L{feat['layer']}/F{feat['feature']}"
                 page = os.path.join(out, feature_page_name(feat["layer"], feat["feature"]))
-                pages.add(page, browser.page_html(title, feature_page(feat, cfg)))
+                pages.add(page, browser.page_html(title, feature_page(feat, cfg), run_id))
             rows.append((browser.index_record(feat, dense), feat.get("detection_auroc")))
     return rows
 
@@ -288,9 +290,10 @@ def draw_features(cfg):
     dense = cfg.dense if cfg.dense >= 0 else (summary.get("config") or {}).get("dense", DENSE)
     out = out_dir("features", cfg)
     os.makedirs(out, exist_ok=True)
+    run_id = browser.begin_pages(out, run_dir, cfg)  # off commit.json until commit_pages
     workers = cfg.workers if cfg.workers > 0 else os.cpu_count() or 1
-    index = browser.IndexRows(out, cfg.inline_rows)
-    pages = functools.partial(write_pages, cfg=cfg, dense=dense, out=out)
+    index = browser.IndexRows(out, cfg.inline_rows, run_id)
+    pages = functools.partial(write_pages, cfg=cfg, dense=dense, out=out, run_id=run_id)
     bar = tqdm(total=browser.count_lines(path), desc="feature pages", unit=" features")
     with open(path, encoding="utf-8") as f, bar:
         for rows in browser.map_in_order(pages, browser.chunks(f, PAGE_CHUNK), workers):
@@ -299,7 +302,8 @@ def draw_features(cfg):
             bar.update(len(rows))
     index.write()
     page = browser.index_page(index, browser.summary_html(summary, run_dir))
-    write_file(os.path.join(out, "index.html"), browser.page_html("Features", page))
+    write_file(os.path.join(out, "index.html"), browser.page_html("Features", page, run_id))
+    browser.commit_pages(out, run_id, index)  # last: the folder is one run's, strays removed
     files = f" and {len(index.files)} layer files in index/" if index.files else ""
     print(f"wrote {index.n - index.n_dead} feature pages, index.html{files} to {out}")
     return os.path.join(out, "index.html")

@@ -2,7 +2,16 @@
 writing many pages at once, the graph's feature files for circuit-tracer's front end. For
 GPT-2-small's CLT (12 x 24,576 features): index.html holds the best `inline_rows` by AUROC (2.7 MB,
 0.6 s to draw; all rows: 211 MB, not drawn in 5 min); the rest load per layer from index/ (7 MB,
-~1 s) as a script element (file:// blocks fetch()). 292k pages (7.6 GB) take ~3 min (FileBatch)."""
+~1 s) as a script element (file:// blocks fetch()). 292k pages (7.6 GB) take ~3 min (FileBatch).
+
+A folder of pages is one unit, as every stage's output folder is (forge/files.py): a run takes it
+off commit.json first and puts a page saying so in place of an index.html (or graph page), then
+writes its files, each page and layer file marked with its run id at its start, removes the
+pages no longer of this run, and writes commit.json last. The run id is derived from the inputs'
+run ids and the flags that shape the pages (files.derived_run_id), not drawn at random: a rerun
+writes the same bytes, with one worker or many, and pages of two runs with different inputs or
+flags carry different ids, so `check_pages` finds a folder that a killed run left mixed (two
+versions of viz.py that draw one input differently share an id: rerun into a fresh folder)."""
 
 import base64
 import bisect
@@ -17,8 +26,10 @@ import json
 import math
 import os
 import pathlib
+import re
 
-from forge.files import atomic_path, fsync_dir
+from forge.files import MANIFEST, atomic_path, commit, derived_run_id, fsync_dir, read_manifest
+from forge.files import uncommit
 
 STATIC = pathlib.Path(os.path.abspath(__file__)).parent / "static"  # ships beside this module
 # every page's style (.scroll: a wide graph scrolls sideways, opening at its left edge, the tokens)
@@ -32,6 +43,9 @@ INDEX_JS = (STATIC / "index.js").read_text(encoding="utf-8")  # sorting, filteri
 VISIBLE = {**{i: 0x2400 + i for i in range(32)}, 127: 0x2421, 10: "⏎", 9: "→", 13: "↵"}
 PAGE_NAME = "L{layer}_F{feature}.html"  # a feature's page; the index's script builds the same names
 LAYER_FILE = "index/layer_{:02d}.js"  # a layer's rows for the index's script, when not all inline
+PAGE_RE = re.compile(r"L\d+_F\d+\.html")  # PAGE_NAME's files: the ones a rerun may remove
+RUN_MARK = "clt-forge-run {}"  # at the start of each page and layer file: the run that wrote it
+MARK_BYTES = 128  # a page's mark is in these (its second line: a first before <!DOCTYPE> = quirks)
 
 
 def show_token(tok):
@@ -70,9 +84,11 @@ def feature_index(node):
 # pages: the frame every page shares, tables of any JSON value, pictures inline
 
 
-def page_html(title, body):
+def page_html(title, body, run_id=None):
+    """A page; with run_id, marked as that run's in its second line (check_pages reads it)."""
+    mark = f"<!-- {RUN_MARK.format(run_id)} -->\n" if run_id else ""
     head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style>'
-    return f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head><body>{body}</body></html>\n'
+    return f'<!DOCTYPE html>\n{mark}<html lang="en"><head>{head}</head><body>{body}</body></html>\n'
 
 
 def fmt(v):
@@ -305,9 +321,11 @@ class IndexRows:
     """The index's rows in (layer, feature) order: the `n_inline` best by AUROC for index.html;
     past that many, each layer to index/ as the next starts (memory: one layer)."""
 
-    def __init__(self, out, n_inline):
+    def __init__(self, out, n_inline, run_id=None):
         self.out = out
         self.n_inline = n_inline
+        self.run_id = run_id  # marks each layer file (check_pages)
+        self.pages = set()  # the page names of the live features: what commit_pages keeps
         self.best = []  # a min-heap of (AUROC, -row number, record): the n_inline best rows so far
         self.held = {}  # layer -> its records, not in index/ yet
         self.files = {}  # layer -> bytes of its file in index/
@@ -332,6 +350,8 @@ class IndexRows:
         self.held.setdefault(layer, []).append(rec)
         self.n += 1
         flags = rec[FLAGS].split()
+        if "dead" not in flags:
+            self.pages.add(feature_page_name(rec[0], rec[1]))
         self.n_dead += "dead" in flags
         self.n_dense += "dense" in flags
 
@@ -344,7 +364,8 @@ class IndexRows:
             path = os.path.join(self.out, LAYER_FILE.format(int(layer)))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             quoted = to_js(records).replace("\\", "\\\\").replace("'", "\\'")  # JSON in '...'
-            text = f"featureIndex({int(layer)},JSON.parse('{quoted}'));\n"
+            text = f"/* {RUN_MARK.format(self.run_id)} */\n" if self.run_id else ""
+            text += f"featureIndex({int(layer)},JSON.parse('{quoted}'));\n"
             write_file(path, text)
             self.files[layer] = len(text.encode("utf-8"))
         self.held = {}
@@ -434,6 +455,115 @@ def index_page(index, summary_div):
 
 
 # -----------------------------------------------------------------------------
+# a folder of pages as one unit: taken off commit.json first, committed last, checked by its marks
+
+NOT_A_RUN = ("inputs", "out", "interp", "features", "workers")  # flags that do not shape the files
+GRAPH_FILES = (".html", ".dot", ".svg", ".png")  # `viz.py graph`'s files of a graph, {slug}{ext}
+
+
+def input_id(folder, name):
+    """What names the input {folder}/{name} in a derived run id: the run id its folder's commit.json
+    lists for it, else (a file from before run ids) its size and time; None: there is none."""
+    listed = ((read_manifest(folder) or {}).get("files") or {}).get(name)
+    path = os.path.join(folder, name)
+    if listed or not os.path.isfile(path):
+        return listed
+    return [os.path.getsize(path), os.stat(path).st_mtime_ns]
+
+
+def being_written(path, run_id, rerun):
+    """The page at `path` while a run writes its folder: if no run is going on, one was killed."""
+    body = (
+        f"<h1>Being written</h1><p>viz.py run {run_id[:8]} is writing this folder. If it is not "
+        "running any more, it was killed halfway: the pages here may be of two runs. Rerun "
+        f"<code>{html.escape(rerun)}</code>.</p>"
+    )
+    write_file(path, page_html("Being written", body))
+
+
+def begin_pages(out, run_dir, cfg):
+    """Start `viz.py features` into `out`: its run id (interp's run and cfg's flags), the folder
+    taken off commit.json and an earlier index.html saying so until the run ends. -> run id"""
+    flags = {k: v for k, v in vars(cfg).items() if k not in NOT_A_RUN}
+    run_id = derived_run_id(input_id(run_dir, "features.jsonl"), flags)
+    index = os.path.join(out, "index.html")
+    if os.path.isfile(index) and read_manifest(out) is None:
+        print(f"{out} was not committed (a killed run's or from before commit.json): rewriting it")
+    uncommit(out)
+    if os.path.isfile(index):  # an earlier run's: it would show this one's pages as its own
+        being_written(index, run_id, f"python viz.py features {run_dir} --out {out}")
+    return run_id
+
+
+def commit_pages(out, run_id, index):
+    """End `viz.py features`: remove the pages and layer files not of this run (features dead now,
+    layers gone), then write commit.json, last: index.html, the layer files, the number of pages."""
+    strays = [n for n in os.listdir(out) if PAGE_RE.fullmatch(n) and n not in index.pages]
+    layers = {LAYER_FILE.format(int(layer)) for layer in index.files}
+    if os.path.isdir(os.path.join(out, "index")):
+        found = (f"index/{n}" for n in os.listdir(os.path.join(out, "index")))
+        strays += [n for n in found if n.endswith(".js") and n not in layers]
+    for name in strays:
+        os.remove(os.path.join(out, name))
+    commit(out, run_id, ["index.html", *sorted(layers)], pages=len(index.pages))
+
+
+def check_pages(out, rerun=None):
+    """Refuse a folder of feature pages that is not one committed run's: no commit.json (a run
+    was killed while writing it, or is writing it), or a page or layer file without its run's mark
+    (pages of two runs), or pages missing. Reads the first bytes of every page."""
+    rerun = rerun or f"python viz.py features <interp.py's output> --out {out}"
+    manifest = read_manifest(out)
+    if manifest is None:
+        why = "a viz.py run was killed while writing it, or is writing it"
+        raise ValueError(f"{out} is not committed: no {MANIFEST} ({why}): rerun `{rerun}`")
+    mark = RUN_MARK.format(manifest["run_id"]).encode()
+    pages = [n for n in os.listdir(out) if PAGE_RE.fullmatch(n)]
+    for name in [*manifest["files"], *pages]:
+        with open(os.path.join(out, name), "rb") as f:  # FileNotFoundError names a missing one
+            if mark not in f.read(MARK_BYTES):
+                other = f"not of run {manifest['run_id'][:8]}, the one {MANIFEST} commits"
+                raise ValueError(f"{out}/{name} is {other} (a folder of two runs): rerun `{rerun}`")
+    if len(pages) != manifest.get("pages"):
+        found = f"holds {len(pages)} pages, {MANIFEST} says {manifest.get('pages')}"
+        raise ValueError(f"{out} {found} (pages removed or added by hand?): rerun `{rerun}`")
+
+
+def begin_graph(out, stem, graph, interp_dir, feat_dir, cfg):
+    """Start `viz.py graph` writing {stem}.*: its run id (the graph's, interp's and the pages' runs
+    and cfg's flags), the graph's files taken off commit.json, {stem}.html saying so. -> run id"""
+    graph_file = cfg.inputs[0]
+    flags = {k: v for k, v in vars(cfg).items() if k not in NOT_A_RUN}
+    ids = [input_id(os.path.dirname(graph_file), os.path.basename(graph_file))]
+    ids += [input_id(interp_dir, "features.jsonl"), input_id(feat_dir, "index.html")]
+    run_id = derived_run_id(*ids, flags)
+    slug = os.path.basename(stem)
+    names = [slug + ext for ext in GRAPH_FILES]
+    uncommit(out, names + [f"features/{f}.json" for f in frontend_wanted(graph).values()])
+    if os.path.isfile(stem + ".html"):
+        being_written(stem + ".html", run_id, f"python viz.py graph {graph_file} --out {out}")
+    return run_id
+
+
+def check_graph_files(out, slug, rerun=None):
+    """Refuse `viz.py graph`'s files of {slug} unless commit.json lists them with one run id, the
+    page carries its mark and the front end's feature files it drew are listed."""
+    rerun = rerun or f"python viz.py graph <graph.py's {slug}.json> --out {out}"
+    files = (read_manifest(out) or {}).get("files") or {}
+    run_id = files.get(f"{slug}.html")
+    drawn = [slug + ext for ext in GRAPH_FILES if os.path.exists(os.path.join(out, slug + ext))]
+    front = os.path.join(out, "features")
+    drawn += [f"features/{n}" for n in os.listdir(front)] if os.path.isdir(front) else []
+    unlisted = [n for n in drawn if n not in files or (files[n] != run_id and "/" not in n)]
+    with open(os.path.join(out, f"{slug}.html"), "rb") as f:
+        marked = run_id is not None and RUN_MARK.format(run_id).encode() in f.read(MARK_BYTES)
+    if unlisted or not marked:
+        what = ", ".join(unlisted) or f"{slug}.html"
+        why = f"not of one committed run (one killed while writing {out}, or a graph since redone)"
+        raise ValueError(f"{what}: {why}: rerun `{rerun}`")
+
+
+# -----------------------------------------------------------------------------
 # the graph's features for circuit-tracer's front end (python -m circuit_tracer start-server): it
 # fetches {scan}/{feature}.json; unlike ours it loads d3 from CDNs (offline: "d3 is not defined")
 
@@ -485,11 +615,16 @@ def frontend_feature(feat, transcoder_id):
     )
 
 
+def frontend_wanted(graph):
+    """{(layer, feature index): node "feature"} of the graph's transcoder features."""
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    return {(int(n["layer"]), feature_index(n)): n["feature"] for n in features}
+
+
 def write_frontend_features(graph, interp_dir, out):
     """{out}/features/{node "feature"}.json for each feature node interp.py described; paths."""
     path = os.path.join(interp_dir, "features.jsonl")
-    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
-    wanted = {(int(n["layer"]), feature_index(n)): n["feature"] for n in features}
+    wanted = frontend_wanted(graph)
     if not wanted or not os.path.isfile(path):
         return []
     meta = graph.get("metadata", {})

@@ -7,12 +7,15 @@ two saves; a cache or a CLT made from another model than the one given is refuse
 An output folder is one unit: one run writes it at a time (`one_writer`: an flock, the leftovers of
 a killed run removed), each file carries its run's id, and commit.json, written last, lists the
 run id of every file the folder holds complete (`commit`); a reader checks a file against it
-(`check_committed`), so a run killed halfway through a folder is refused, never mixed.
+(`check_committed`), so a run killed halfway through a folder is refused, never mixed. A rerun
+takes the files it rewrites off commit.json first (`uncommit`); viz.py's pages carry an id derived
+from their inputs (`derived_run_id`), so that a rerun writes the same bytes.
 """
 
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
@@ -29,6 +32,7 @@ STAGES = {  # script -> the files that mark a folder as its output: no other sta
     "train.py": ("metrics.jsonl", "checkpoints"),
     "interp.py": ("features.jsonl",),
     "graph.py": ("graph-metadata.json",),
+    "viz.py features": (),  # its pages mark nothing; it must not take another stage's commit.json
 }
 MANIFEST = "commit.json"  # the commit marker of an output folder (commit): the files and run ids
 
@@ -273,6 +277,13 @@ def new_run_id():
     return uuid.uuid4().hex
 
 
+def derived_run_id(*parts):
+    """A run id made from what the run reads (its inputs' run ids) and the flags that shape its
+    files, not drawn at random: runs with one id write the same bytes, so their files cannot mix
+    into something neither wrote, and a rerun rewrites its files byte for byte (viz.py's pages)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def read_manifest(folder):
     """{"files": {name: run id}, ...} of an output folder, or None if it has none."""
     path = os.path.join(folder, MANIFEST)
@@ -286,6 +297,23 @@ def commit(folder, run_id, names, **info):
     earlier runs it listed stay listed (graph.py keeps one {slug}.json per prompt)."""
     files = (read_manifest(folder) or {}).get("files", {}) | {name: run_id for name in names}
     write_json(os.path.join(folder, MANIFEST), dict(run_id=run_id, files=files, **info))
+
+
+def uncommit(folder, names=None):
+    """Before a run rewrites the files `names` of `folder` (None: all of them), take them off its
+    commit.json: a run killed halfway leaves them listed under no run, not under the old one."""
+    path = os.path.join(folder, MANIFEST)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    if names is None:
+        os.remove(path)
+        fsync_dir(folder)
+        return
+    files = manifest.get("files", {})
+    if any(name in files for name in names):
+        manifest["files"] = {k: v for k, v in files.items() if k not in names}
+        write_json(path, manifest)
 
 
 def check_committed(path, run_id, rerun):

@@ -20,8 +20,9 @@ from urllib.parse import urlencode
 
 import torch
 
+from forge.browser import GRAPH_FILES
 from forge.files import check_finite, commit, new_run_id, read_json, read_jsonl, save_safetensors
-from forge.files import transcoder_id, write_json
+from forge.files import transcoder_id, uncommit, write_json
 from forge.interpfile import open_features
 
 ADJACENCY = "adjacency.safetensors"
@@ -214,6 +215,8 @@ def save_graph(graph, enc, cfg, pruned, scores, explanations, qk=(), groups=()):
     node_mask, edge_mask, cumulative, infl = pruned
     check_finite(dict(adjacency=graph.adjacency, activations=graph.acts), f"the graph of {cfg.clt}")
     run_id = new_run_id()  # every file of this folder's graph carries it; commit.json lists it
+    if os.path.isdir(cfg.out):  # viz.py's drawing of the graph this run replaces: no longer its
+        uncommit(cfg.out, [cfg.slug + ext for ext in GRAPH_FILES])
     nodes = node_records(graph, enc, explanations, cumulative, infl)
     ids = [node["node_id"] for node in nodes]
     A = graph.adjacency.cpu()

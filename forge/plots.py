@@ -194,7 +194,7 @@ def collapse_supernodes(graph):
     return dict(graph, nodes=kept, links=links)
 
 
-def write_graph_page(stem, graph, cfg, svg, href, explanations=None):
+def write_graph_page(stem, graph, cfg, svg, href, explanations=None, run_id=None):
     """{stem}.html: prompt, scores, the picture (or how to get one), the table of every node; with
     graph.py --qk, a panel its script (static/qk.js) fills when a head or an edge is clicked."""
     meta = graph.get("metadata", {})
@@ -240,7 +240,9 @@ def write_graph_page(stem, graph, cfg, svg, href, explanations=None):
         data = dict(qk=graph["qk"], labels=qk_labels(graph, explanations or {}), tokens=tokens)
         body += ["<div id='qk-panel'></div>", f"<script>var QK = {browser.to_js(data)};\n{QK_JS}"]
         body += ["</script>"]
-    browser.write_file(stem + ".html", browser.page_html("Attribution graph", "".join(body)))
+    browser.write_file(
+        stem + ".html", browser.page_html("Attribution graph", "".join(body), run_id)
+    )
 
 
 # -----------------------------------------------------------------------------

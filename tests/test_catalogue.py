@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import train
 import viz
 from clt import CLTConfig, CrossLayerTranscoder
 from conftest import cache_config, docs, write_hub_model
-from forge import cli, files, graphfile, interpfile
+from forge import browser, cli, files, graphfile, interpfile, plots
 from forge.hub import ENDOFTEXT
 from model import GPT
 
@@ -343,6 +344,20 @@ def cache_into_the_interp_folder(w, tmp):
     out = copy(w, "interp", tmp)
     argv = ["--corpus", str(w / "corpus.txt"), "--model", str(w / "model"), "--out", str(out)]
     return cache.main, argv + SMALL, same_bytes(snapshot(out))
+
+
+@row("holds interp.py's output (features.jsonl)", "viz.py features writes a folder of its own")
+def viz_features_into_the_interp_folder(w, tmp):
+    out = copy(w, "interp", tmp)
+    return viz.main, ["features", str(out), "--out", str(out)], same_bytes(snapshot(out))
+
+
+@row("graph.html", "not of one committed run", "graph since redone", "rerun `python viz.py graph")
+def viz_graph_drawing_of_a_graph_since_replaced(w, tmp):
+    out = copy(w, "graph", tmp)
+    viz.main(["graph", str(out / "graph.json")])
+    graph.main(graph_argv(w, out, prompt="the dog ran"))  # graph.json anew: the picture is stale
+    return check_graph_files, [str(out), "graph"], graph_still_loads(out)
 
 
 @row("a loop of symbolic links", "ELOOP", "fix the link")
@@ -716,6 +731,66 @@ def intervene_prompt_not_utf8(w, tmp):
     return intervene.main, argv
 
 
+def check_pages(argv):
+    """A reader of a folder of feature pages: refuses it unless it is one committed run's."""
+    browser.check_pages(*argv)
+
+
+def check_graph_files(argv):
+    browser.check_graph_files(*argv)
+
+
+def rerun_commits(main, argv, check, *args):
+    """A check that a rerun into the folder removes the killed run's leftovers and commits it."""
+
+    def rerun():
+        main(argv)
+        check([str(a) for a in args])
+        no_tmp_files(pathlib.Path(args[0]))
+
+    return rerun
+
+
+@row("is not committed", "killed while writing it", "rerun `python viz.py features")
+def viz_features_killed_while_writing(w, tmp):
+    out = copy(w, "interp", tmp)
+    viz.main(["features", str(out), "--workers", "1"])  # a committed browser, then a killed rerun
+    again = ["features", str(out), "--workers", "1", "--max-examples", "1"]
+    killed(browser, "index_page", viz.main, again)  # its pages written, index.html not
+    stub = (out / "html" / "index.html").read_text()
+    assert "Being written" in stub and "was killed halfway" in stub  # what a browser shows
+    return (
+        check_pages,
+        [str(out / "html")],
+        rerun_commits(viz.main, again, check_pages, out / "html"),
+    )
+
+
+@row("L0_F", "is not of run", "the one commit.json commits", "a folder of two runs")
+def viz_features_folder_of_two_runs(w, tmp):
+    viz.main(["features", str(w / "interp"), "--out", str(tmp / "a"), "--workers", "1"])
+    other = ["--out", str(tmp / "b"), "--workers", "1", "--top-tokens", "2"]
+    viz.main(["features", str(w / "interp"), *other])
+    page = sorted((tmp / "b").glob("L0_F*.html"))[0]
+    shutil.copy(page, tmp / "a" / page.name)  # one page of another run, the commit left as it was
+    return check_pages, [str(tmp / "a")]
+
+
+@row("graph.html", "not of one committed run", "killed while writing", "rerun `python viz.py graph")
+def viz_graph_killed_while_drawing(w, tmp):
+    out = copy(w, "graph", tmp)
+    viz.main(["graph", str(out / "graph.json")])
+    again = ["graph", str(out / "graph.json"), "--max-nodes", "3"]
+    killed(plots, "write_graph_page", viz.main, again)  # its .dot, .svg, .png written, the page not
+    rerun = rerun_commits(viz.main, again, check_graph_files, out, "graph")
+    return check_graph_files, [str(out), "graph"], rerun, graph_still_loads(out)
+
+
+def graph_still_loads(out):
+    """A check that graph.py's files in the folder stay committed beside viz.py's."""
+    return functools.partial(viz.load_graph, str(out / "graph.json"))
+
+
 # one writer per folder: another process holds the folder's lock
 
 
@@ -1023,6 +1098,47 @@ def train_export_over_ulimit(w, tmp):
 
 def no_check():
     pass
+
+
+KILL_AFTER_PAGES = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import viz
+from forge import browser
+browser.FileBatch.__init__.__defaults__ = (1,)  # a flush (fsync, renames) after every page
+flush = browser.FileBatch.flush
+flushed = []
+def flush_then_die(self):
+    flush(self)
+    flushed.append(1)
+    if len(flushed) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+browser.FileBatch.flush = flush_then_die
+viz.main(sys.argv[1:])
+"""
+
+
+def test_viz_features_killed_by_sigkill_is_flagged_and_a_rerun_commits(world, tmp_path):
+    """kill -9 of `viz.py features` after 3 of its pages: the folder is refused as not committed
+    (and, were its old commit.json and index.html put back, as pages of two runs); a rerun makes
+    it whole."""
+    out = tmp_path / "h"
+    viz.main(["features", str(world / "interp"), "--out", str(out), "--workers", "1"])
+    old = {out / name: (out / name).read_bytes() for name in (files.MANIFEST, "index.html")}
+    argv = ["features", str(world / "interp"), "--out", str(out), "--workers", "1"]
+    argv += ["--max-examples", "2"]
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_PAGES, *argv], cwd=ROOT, timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    assert "Being written" in (out / "index.html").read_text()
+    with pytest.raises(ValueError, match="is not committed: no commit.json .* killed"):
+        browser.check_pages(str(out))
+    for path, data in old.items():  # as if the killed run had left the old commit and index
+        path.write_bytes(data)
+    with pytest.raises(ValueError, match="L0_F.* is not of run .*a folder of two runs"):
+        browser.check_pages(str(out))
+    viz.main(argv)
+    browser.check_pages(str(out))
+    no_tmp_files(out)
 
 
 @pytest.mark.parametrize("case, words", PROCESS_ROWS)

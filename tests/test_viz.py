@@ -432,8 +432,10 @@ def test_feature_pages(tmp_path):
     assert sorted(os.listdir(out)) == [
         "L0_F5.html",
         "L1_F3.html",
+        "commit.json",
         "index.html",
     ]  # no page for the dead one
+    browser.check_pages(out)  # one run's, committed
     index = check_page(out / "index.html")
     assert 'href="L0_F5.html"' in index and "1 dead" in index
     assert 'src="data:image/png;base64,' in index
