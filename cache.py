@@ -1,14 +1,17 @@
 """
-cache.py: the activation cache. Run GPT-2 over a corpus once, store every layer's MLP input and
-output per token in memory-mapped shards, serve them to training shuffled (or stream them: no disk).
+cache.py: the activation cache. Run the model (GPT-2, Llama, Qwen3) over a corpus once, store every
+layer's MLP input and output per token in memory-mapped shards, serve them to training shuffled.
 
 Data flow.  corpus -> documents -> tokens, packed into contexts [<|endoftext|>, t1 .. t_{ctx-1}]
 -> GPT.run_with_acts(logits=False) -> mlp_in, mlp_out (B, T, L, d) -> drop position 0 (the BOS,
 whose activations are outliers) -> rows (N, L, d) -> int8 (x / channel scale, then one absmax scale
-per token, layer and in/out) or fp16 / fp32 -> fixed-size shard files + manifest.json
+per token, layer and in/out; int4: one per 32 channels, two values a byte) or fp16 / fp32
+-> fixed-size shard files + manifest.json
 ==>  ActivationCache(path).batches(...) -> Rows: the stored rows of each shuffled batch and their
 row ids, read and crc-checked on background threads; ActivationCache.dequantize(rows, device) ->
 (mlp_in, mlp_out) float32 (B, L, d) on the consumer's device. read / iter_chunks give rows in order.
+No disk (train.py --corpus): ActivationStream runs the model as training goes, the same Rows from
+a shuffle buffer it refills.
 
     python cache.py --help
     python cache.py --model models/tiny --corpus toy --tokens 1000000 --out runs/cache  # ~1 GB

@@ -668,6 +668,13 @@ def complete_linkage(sim, threshold):
     return [sorted(g) for g in groups if g]
 
 
+def decoder_directions(clt, feats):
+    """(n, d) each feature of feats (n, 3) (layer, position, id): its total write, summed over the
+    layers it writes to (supernodes' decoder directions)."""
+    one = torch.ones(1, device=feats.device)
+    return torch.cat([clt.decoder_writes(l, f[None], one).sum(1) for l, _, f in feats])
+
+
 @torch.no_grad()
 def exactness(model, clt, rep, graph):
     """max over targets of |sum_s A[t, s] + bias_t - input_t|, and the largest |input_t|."""
@@ -712,9 +719,7 @@ def run_graph(cfg):
     if rank == 0:
         pruned = [x.cpu() for x in pruned]
         ratios = scores(graph)
-        one = torch.ones(1, device=device)  # each feature's decoder direction: its total write
-        writes = [clt.decoder_writes(l, f[None], one).sum(1) for l, _, f in graph.feats.to(device)]
-        groups = supernodes(graph, *pruned[:2], torch.cat(writes))
+        groups = supernodes(graph, *pruned[:2], decoder_directions(clt, graph.feats.to(device)))
         kept = graphfile.save_graph(graph, enc, cfg, pruned, ratios, labels, qk, groups)
         exact = exactness(model, clt, rep, graph)
         graphcli.print_graph(graph, enc, cfg, seconds, world, exact, ratios, kept)

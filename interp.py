@@ -237,6 +237,7 @@ def explain_all(stats, effects, enc):
     cfg = stats.cfg
     g, c, C, bounds = gram_table(stats)
     n_fires = stats.n_fires.cpu().numpy()
+    promoted, z = effects[1], effects[4]  # (M, n) each: logit_effects' promoted ids, z-scores
     out = []
     for m in range(stats.L * stats.F):
         gm, cm, Cm = (x[bounds[m] : bounds[m + 1]] for x in (g, c, C))
@@ -249,7 +250,7 @@ def explain_all(stats, effects, enc):
             dict(ngram=txt[i], count=n, corpus_count=N, pmi=round(x, 3)) for i, n, N, x in inp
         ]
         names = [txt[i] for i in sorted(chosen, key=lambda i: -cm[i])]
-        promotes = [enc.decode([int(t)]) for t in effects[1][m][: cfg.n_explain_logit]]
+        promotes = [enc.decode([int(t)]) for t in promoted[m][: cfg.n_explain_logit]]
         more = f" (+{len(names) - cfg.show_terms} more)" if len(names) > cfg.show_terms else ""
         quoted = [json.dumps(n, ensure_ascii=False) for n in names[: cfg.show_terms]]
         text = "fires on " + (", ".join(quoted) + more if names else "no frequent n-gram")
@@ -258,7 +259,7 @@ def explain_all(stats, effects, enc):
         keys = [int(gm[i]) for i in chosen]  # most precise first: the scorer's ranking
         rate = n_fires[m] / stats.n_rows
         said = distinctive(gm, cm, Cm, rate, cfg.n_label, stats.base) if len(gm) else []
-        clear = effects[1][m][effects[4][m] >= cfg.clear_logit][: cfg.n_explain_logit]
+        clear = promoted[m][z[m] >= cfg.clear_logit][: cfg.n_explain_logit]
         grams = [decode_gram(int(gm[i]), stats.base, enc) for i in said]
         label = "dead" if n_fires[m] == 0 else label_text(grams, clear.tolist(), enc)
         out.append(dict(explanation=text, explanation_ngrams=names, input_ngrams=inputs, keys=keys))

@@ -1,8 +1,9 @@
 """
 train.py: train a cross-layer transcoder on cached or streamed activations, on one process or many.
 
-Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a GPT-2. Every DP rank reads its share
-of each global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
+Data flow. cache.py wrote mlp_in / mlp_out rows (N, L, d) of a model (with --corpus, no cache:
+cache.ActivationStream computes them as training goes). Every DP rank reads its share of each
+global batch, normalized per layer; each TP rank encodes it with its F/tp features per layer
 and decodes a partial reconstruction that one all-reduce over TP completes. Losses -> backward ->
 DP's gradient average -> ONE all-reduce of the bookkeeping (metrics, gradient norm, fired features)
 -> global-norm clip -> Adam; metrics reach the host at log steps only. Every --eval-every steps the

@@ -15,7 +15,6 @@ fresh process, so the peak RSS it reports is its own.
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,19 +26,16 @@ from experiments.common import (
     Bench,
     fresh_process,
     peak_bytes,
-    peak_reset,
-    random_clt,
     random_llama_dir,
     run_study,
     set_threads,
     synthetic_corpus,
 )
 from experiments.dist import clt_params_per_rank
-from experiments.scale import SCALE_PROMPT, scale_row
+from experiments.scale import SCALE_PROMPT, scale_graph, scale_row
 from experiments.train import step_vs_matmul
 from forge.cli import arg, run_main
-from forge.hub import load_tokenizer
-from model import LlamaConfig, load_model
+from model import LlamaConfig
 
 PUBLISHED = dict(L=16, F=32768)  # mntss/clt-llama-3.2-1b-524k: 524,288 features in all
 
@@ -80,9 +76,10 @@ def run(cfg):
     rate = "step vs matmul: " + r["detail"]
     rows.append(scale_row("CLT train step (jumprelu)", r["shape"], r["ms"] / 1e3, rate, "-", note))
     clt_dir = os.path.join(out, "clt")
-    args = (model_dir, cache_dir, clt_dir, F, cfg.llama_max_features, cfg.threads)
-    r = fresh_process(llama_graph, *args)
-    setting = f"{r['tokens']} tokens, {r['n_active']} active, --max-features {r['cap']}"
+    args = (model_dir, cache_dir, clt_dir, F, cfg.llama_max_features, cfg.threads, "cpu")
+    r = fresh_process(scale_graph, *args, SCALE_PROMPT * 4)
+    cap = cfg.llama_max_features
+    setting = f"{r['tokens']} tokens, {r['n_active']} active, --max-features {cap}"
     note = "replacement + attribution + pruning; GiB above the loaded model and CLT"
     rows.append(scale_row("graph (capped)", setting, r["seconds"], "-", r["above"], note))
     rows += published_clt_rows()
@@ -107,32 +104,6 @@ def llama_cache(model_dir, corpus, out, tokens, threads):
     model = 4 * (c.vocab_size * c.n_embd + c.n_layer * per_layer)
     return dict(
         tokens=m["n_tokens"], seconds=m["seconds"], peak=peak_bytes() / GiB, model=model / GiB
-    )
-
-
-def llama_graph(model_dir, cache_dir, clt_dir, F, max_features, threads):
-    """graph.py on SCALE_PROMPT with --max-features, a random CLT of ~1 % density."""
-    import clt
-    import graph
-
-    set_threads(threads)
-    random_clt(model_dir, cache_dir, clt_dir, F)
-    model = load_model(model_dir)
-    c = clt.CrossLayerTranscoder.from_pretrained(clt_dir)
-    enc = load_tokenizer(model_dir)
-    idx = graph.encode_prompt(enc, SCALE_PROMPT * 4, model.config.n_ctx)
-    base = peak_reset()
-    t0 = time.perf_counter()
-    rep = graph.local_replacement(model, c, idx)
-    g = graph.attribute(model, c, rep, SCALE_PROMPT, max_features=max_features)
-    graph.prune(g)
-    seconds = time.perf_counter() - t0
-    return dict(
-        seconds=seconds,
-        tokens=idx.size(1),
-        n_active=len(rep.feats),
-        cap=max_features,
-        above=peak_bytes("cpu", base) / GiB,
     )
 
 

@@ -41,7 +41,7 @@ from experiments.train import step_fixture, step_vs_matmul
 from forge import shards
 from forge.cli import arg, run_main
 from forge.hub import load_tokenizer
-from model import GPT
+from model import load_model
 
 SCALE_PROMPT = "the old market by the river bridge"  # 35 byte tokens + BOS for the capped graph
 
@@ -226,22 +226,24 @@ def scale_interp(model_dir, cache_dir, clt_dir, out, F, threads, device="cpu"):
     )
 
 
-def scale_graph(model_dir, cache_dir, clt_dir, F, max_features, threads, device="cpu"):
-    """graph.py on SCALE_PROMPT with --max-features: replacement model, capped attribution, pruning,
-    with a random CLT of F per layer."""
+def scale_graph(
+    model_dir, cache_dir, clt_dir, F, max_features, threads, device="cpu", prompt=SCALE_PROMPT
+):
+    """graph.py on `prompt` with --max-features: replacement model, capped attribution, pruning,
+    with a random CLT of F per layer (experiments/llama.py's too)."""
     import clt
     import graph
 
     set_threads(threads)
     random_clt(model_dir, cache_dir, clt_dir, F)
-    model = GPT.from_pretrained(model_dir).to(device)
+    model = load_model(model_dir).to(device)
     c = clt.CrossLayerTranscoder.from_pretrained(clt_dir).to(device)
     enc = load_tokenizer(model_dir)
-    idx = graph.encode_prompt(enc, SCALE_PROMPT, model.config.n_ctx).to(device)
+    idx = graph.encode_prompt(enc, prompt, model.config.n_ctx).to(device)
     base = peak_reset()
     t0 = time.perf_counter()
     rep = graph.local_replacement(model, c, idx)
-    g = graph.attribute(model, c, rep, SCALE_PROMPT, max_features=max_features)
+    g = graph.attribute(model, c, rep, prompt, max_features=max_features)
     graph.prune(g)
     sync(device)
     return dict(

@@ -54,12 +54,6 @@ class SupernodesBench(Bench):
     supernodes_seed: int = arg(0, "seed of the random control groups")
 
 
-def decoder_directions(clt, feats):
-    """(n, d) each feature's total write, as graph.py's run_graph passes to supernodes."""
-    one = torch.ones(1, device=feats.device)
-    return torch.cat([clt.decoder_writes(l, f[None], one).sum(1) for l, _, f in feats])
-
-
 def cell_groups(g, node_mask):
     """The baseline: the kept features grouped by (layer, position)."""
     kept = node_mask[: len(g.feats)].nonzero()[:, 0]
@@ -113,7 +107,7 @@ def run(cfg):
         model, clt, enc, cfg.supernodes_per_family, cfg.device
     ):
         g.adjacency = g.adjacency.cpu()
-        decoders = decoder_directions(clt, g.feats.to(cfg.device)).cpu()
+        decoders = graph.decoder_directions(clt, g.feats.to(cfg.device)).cpu()
         groups = graph.supernodes(g, mask, edges, decoders)
         groupings = {
             "supernodes": groups,

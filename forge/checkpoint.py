@@ -245,7 +245,7 @@ def check_flags(c, cache, mesh):
         raise ValueError(f"--log-every {c.log_every} must be positive")
     if c.autocast not in ("cuda", "always", "never"):
         raise ValueError(f"--autocast {c.autocast} must be cuda, always or never")
-    if c.corpus and c.cache != next(f.default for f in fields(c) if f.name == "cache"):
+    if c.corpus and c.cache != type(c).cache:  # --cache given too (not its default)
         raise ValueError("pass --cache (train from a cache) or --corpus (stream), not both")
     if c.corpus and (c.buffer_tokens <= 0 or c.buffer_tokens % (c.batch_size // mesh.dp)):
         rows = f"a positive multiple of each DP rank's batch ({c.batch_size // mesh.dp} rows)"

@@ -86,6 +86,13 @@ def gpt2_weights(path, own, config):
         k = k.removeprefix("transformer.")
         if not MASKS.search(k) and not (k == "lm_head.weight" and tied):
             sd[k] = v.t() if k.endswith(CONV1D) else v
+    check_keys(path, config, sd, own)
+    return {k: v.float() for k, v in sd.items()}
+
+
+def check_keys(path, config, sd, own):
+    """Refuse a checkpoint `sd` (read from `path`) whose keys or shapes differ from `own`
+    (the model's state_dict), naming `config`: every difference in one message."""
     unexpected = sorted(k for k in sd if k not in own)
     missing = sorted(k for k in own if k not in sd)
     resized = [k for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -95,7 +102,6 @@ def gpt2_weights(path, own, config):
             f"{path} does not match {config}:\n  missing keys: {missing}\n"
             f"  unexpected keys: {unexpected}\n  wrong shapes: {wrong}"
         )
-    return {k: v.float() for k, v in sd.items()}
 
 
 def save_gpt2(path, c, state_dict):

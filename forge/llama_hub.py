@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from forge.hub import check_keys, read_config
+
 FAMILIES = ("llama", "qwen3")  # config.json model_type values read here
 # transformers' prefix -> ours (applied in order; a layer's own names keep HF's: q_proj, gate_proj)
 RENAMES = (
@@ -29,8 +31,7 @@ ROPE_LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 def llama_config(path):
     """LlamaConfig's fields from {path}/config.json (transformers 4's rope_scaling or 5's
     rope_parameters); what model.py does not implement is refused in one line."""
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
+    hf = read_config(path)
     kind = hf.get("model_type")
     needed = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
     needed += ("max_position_embeddings", "vocab_size")
@@ -101,15 +102,7 @@ def llama_weights(path, own, config, dtype=torch.float32):
                 if ours == "lm_head.weight" and config.tie_word_embeddings:
                     continue
                 sd[ours] = f.get_tensor(key).to(dtype)
-    unexpected = sorted(k for k in sd if k not in own)
-    missing = sorted(k for k in own if k not in sd)
-    resized = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in resized)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path} does not match {config}:\n  missing keys: {missing}\n"
-            f"  unexpected keys: {unexpected}\n  wrong shapes: {wrong}"
-        )
+    check_keys(path, config, sd, own)
     return sd
 
 
