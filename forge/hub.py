@@ -8,7 +8,9 @@ import re
 
 import tiktoken
 from huggingface_hub import snapshot_download
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from forge.files import save_safetensors, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(REPO, "models", "tiny")
@@ -114,10 +116,10 @@ def save_gpt2(path, c, state_dict):
     hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new")
     hf.update({k: c[k] for k in keys}, bos_token_id=eot, eos_token_id=eot)
     hf.update(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
     sd = {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state_dict.items()}
-    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    # each file whole or not at all, config.json last: a directory with it holds its weights
+    save_safetensors(os.path.join(path, "model.safetensors"), sd, metadata={"format": "pt"})
+    write_json(os.path.join(path, "config.json"), hf, indent=2)
 
 
 # -----------------------------------------------------------------------------

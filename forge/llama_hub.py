@@ -11,8 +11,8 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from forge.files import save_safetensors, write_json
 from forge.hub import check_keys, read_config
 
 FAMILIES = ("llama", "qwen3")  # config.json model_type values read here
@@ -129,8 +129,8 @@ def save_llama(path, c, state_dict):
         tie_word_embeddings=c["tie_word_embeddings"],
         hidden_act="silu",
     )
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
     back = [(ours, theirs) for theirs, ours in RENAMES]
     sd = {rename(key, back): v.contiguous() for key, v in state_dict.items()}
-    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    # each file whole or not at all, config.json last: a directory with it holds its weights
+    save_safetensors(os.path.join(path, "model.safetensors"), sd, metadata={"format": "pt"})
+    write_json(os.path.join(path, "config.json"), hf, indent=2)
