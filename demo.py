@@ -11,7 +11,7 @@ Each stage is the very command a researcher would type, printed before it runs, 
 also the tutorial for running the scripts one by one. It is a script rather than a Makefile target
 because the stages pass paths and sizes to each other and should read as one procedure.
 
-    python demo.py                  # the README's first command: 3 minutes (179 s) on 2 idle cores
+    python demo.py                  # the README's first command: 3 minutes (186 s) on 2 idle cores
     python demo.py --small          # a reduced run that checks the plumbing (CI): ~30 s
     python demo.py --out runs/demo  # where everything goes (default runs/)
 """
