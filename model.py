@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from forge import hub, llama_hub
 from forge.cli import arg, parse_config, run_main
-from forge.hub import DEFAULT_MODEL, ENDOFTEXT, load_tokenizer, resolve_model_dir
+from forge.graphcli import encode_prompt
+from forge.hub import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -569,7 +570,7 @@ def load_model(name_or_dir=DEFAULT_MODEL, dtype=torch.float32):
 
 @dataclass
 class GenerateConfig:
-    """continue a prompt with a GPT-2 checkpoint (a smoke test)"""
+    """continue a prompt, BOS first, with a GPT-2 or Llama-family checkpoint (a smoke test)"""
 
     model: str = arg(DEFAULT_MODEL, "directory in the hub layout, or a hub id such as gpt2")
     prompt: str = arg("The capital of", "text to continue")
@@ -584,9 +585,9 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model)
     enc = load_tokenizer(cfg.model)
-    idx = torch.tensor([enc.encode(cfg.prompt, allowed_special={ENDOFTEXT})])
+    idx = encode_prompt(enc, cfg.prompt, model.config.n_ctx)  # (1, T), BOS first as graph.py's
     out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
-    print(enc.decode(out[0].tolist()))
+    print(cfg.prompt + enc.decode(out[0, idx.size(1) :].tolist()))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from clt import load_transcoder
 from forge.formats import save_circuit_tracer
 from forge.hub import load_tokenizer
 from model import Llama, load_model
+from model import main as model_main
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,6 +151,19 @@ def test_tokenizer_ids_equal_autotokenizer_and_bos_is_circuit_tracers(tmp_path, 
     assert enc.eot_token == next(i for i in candidates if i is not None)
     expected = "<|begin_of_text|>" if model_type == "llama" else "<|endoftext|>"
     assert enc.eot_token == ref.convert_tokens_to_ids(expected)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen3"])
+def test_model_py_generate_puts_the_bos_first(tmp_path, model_type, make_hub_model, capsys):
+    """`python model.py generate` continues BOS + prompt, as graph.py and intervene.py encode it."""
+    gpt2 = model_type == "gpt2"
+    model, enc = make_hub_model(tmp_path) if gpt2 else write_llama_model(tmp_path, model_type)
+    prompt = "the cat sat on"
+    model_main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "8"])
+    idx = torch.tensor([[enc.eot_token] + enc.encode(prompt)])
+    with torch.no_grad():
+        new = model.generate(idx, 8, top_k=1)[0, idx.size(1) :].tolist()
+    assert capsys.readouterr().out == prompt + enc.decode(new) + "\n"
 
 
 def test_unknown_model_type_is_one_line_naming_the_known(tmp_path):
