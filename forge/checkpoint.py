@@ -223,10 +223,12 @@ def check_resume(c, meta, world, manifest, device):
     saved, now = meta.get("cache_identity"), manifest.get("identity") or {}
     if saved is not None and saved != now:
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        data = f"--corpus {c.corpus} streamed" if c.corpus else f"--cache {c.cache}"
+        stream = f"--corpus {c.corpus} streamed through {manifest.get('model')}"
+        stream = (stream, "data", "that corpus and model")  # a stream's data: corpus x model
+        data, what, fix = stream if c.corpus else (f"--cache {c.cache}", "cache", "that cache")
         raise ValueError(
-            f"{data} is not the cache the run in {c.out} was trained on (it differs in "
-            f"{differ}): resume with that cache, or start a new run in another --out"
+            f"{data} is not the {what} the run in {c.out} was trained on (it differs in "
+            f"{differ}): resume with {fix}, or start a new run in another --out"
         )
 
 

@@ -153,7 +153,8 @@ def test_bad_streaming_input_is_refused_with_one_line(stream_inputs, tmp_path):
             T.train(stream_config(model, out=tmp_path / "run", eval_every=-1, **given))
     T.train(stream_config(model, corpus, tmp_path / "ok", steps=4, eval_every=-1))
     other = make_model_dir(tmp_path / "other", seed=1)  # the same shape, other weights
-    with pytest.raises(ValueError, match=r"--corpus .* streamed is not the cache .*model_sha256"):
+    wrong = r"--corpus .* streamed through .*other is not the data .*model_sha256.*: resume with"
+    with pytest.raises(ValueError, match=wrong + " that corpus and model"):
         T.main(["--resume", "--out", str(tmp_path / "ok"), "--model", other, "--steps", "8"])
 
 
