@@ -113,12 +113,13 @@ def default_cache_missing(path, default):
 
 
 def eval_inputs(c, cache, load_gpt, device):
-    """The GPT of the spliced loss, refused unless it made the cache (shape and weights), and the
-    held-out contexts; (None, None) without evaluation or --model."""
+    """The GPT of the spliced loss (a stream's own), refused unless it made the cache (shape and
+    weights), and the held-out contexts; (None, None) without evaluation or --model."""
     if c.eval_every <= 0 and not c.model:
         return None, None
     name = c.model or cache.manifest["model"]
-    gpt = load_gpt(name).to(device)
+    gpt = getattr(cache, "model", None)  # a stream's (cache.ActivationStream): on the device
+    gpt = load_gpt(name).to(device) if gpt is None else gpt  # not loaded a second time
     L, d = gpt.config.n_layer, gpt.config.n_embd
     if (L, d) != (cache.n_layers, cache.d_model):
         shapes = f"has L={cache.n_layers}, d={cache.d_model} but the model {name} has L={L}, d={d}"

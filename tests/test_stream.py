@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 import cache as cache_lib
 import train as T
+from forge import checkpoint
 from forge.hub import ENDOFTEXT
+from model import load_model
 from test_dist import argv, assert_same_run, torchrun
 from test_train import make_model_dir, read_metrics
 from test_train_resume import latest_step, run_train
@@ -184,3 +186,12 @@ def test_tp2_streams_as_one_process_and_dp2_resumes_exactly(stream_inputs, tmp_p
     assert [(x["loss"], x["grad_norm"]) for x in a] == [(x["loss"], x["grad_norm"]) for x in b]
     u, v = (load_file(tmp_path / r / "W_dec_0.safetensors") for r in ("dp2", "dp2_cut"))
     assert all(torch.equal(u[k], v[k]) for k in u)
+
+
+def test_evaluation_runs_the_streams_own_model(stream_inputs, tmp_path):
+    """The GPT the stream runs is the one evaluation splices into: loaded once, not twice."""
+    model, corpus = stream_inputs
+    c = stream_config(model, corpus, tmp_path / "run")
+    stream = T.open_data(c, None, "cpu")
+    gpt, contexts = checkpoint.eval_inputs(c, stream, load_model, "cpu")
+    assert gpt is stream.model and torch.equal(contexts, stream.heldout[:8])
