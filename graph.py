@@ -311,7 +311,7 @@ class Attribution:
         ov = [model.ov(l) for l in range(L)]  # W_V (nh·hs, C), W_O (C, nh·hs) per layer
         self.W_O = [W_O.detach() for _, W_O in ov]  # y @ W_Oᵀ
         M = [b.ln_1.weight[:, None] * W_V.T for b, (W_V, _) in zip(model.h, ov)]  # D_w W_Vᵀ
-        self.center = isinstance(model.ln_f, torch.nn.LayerNorm)  # RMSNorm (Llama) does not
+        self.center = model.centers  # LayerNorm centers, RMSNorm (Llama) does not
         self.W_V = [(m - m.mean(0) if self.center else m).detach() for m in M]  # P D_w W_Vᵀ
         self.ln = [block.ln_2 for block in model.h] + [model.ln_f]  # what mlp_in[l] reads, l <= L
         self.scale = [s[0] for s in fz.ln_2] + [fz.ln_f[0]]  # their scales, (T, 1) each

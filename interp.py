@@ -216,7 +216,7 @@ def logit_effects(clt, model, ln_scale, n, n_vocab, batch=1024):
     ones = torch.ones(len(ids), device=ids.device)
     per_layer = [clt.decoder_writes(l, ids, ones).sum(1) for l in range(clt.config.n_layers)]
     v = torch.cat(per_layer).float().cpu()  # (M, d) each feature's total write into the residual
-    if isinstance(model.ln_f, torch.nn.LayerNorm):  # Llama's RMSNorm does not center
+    if model.centers:  # LayerNorm centers, Llama's RMSNorm does not
         v = v - v.mean(-1, keepdim=True)
     v = v * ln_scale * model.ln_f.weight
     parts = []

@@ -141,6 +141,7 @@ class GPT(nn.Module):
         # the unembedding is tied to the token embedding (W_U = wte.weight^T), as in GPT-2
 
     norm = staticmethod(layer_norm)  # how _run applies ln_1, ln_2, ln_f (Llama: rms_norm)
+    centers = True  # norm subtracts the mean (graph.py, interp.py project it out of writes)
 
     def check_input(self, idx):
         if idx.dim() != 2:
@@ -485,6 +486,7 @@ class Llama(GPT):
     a SwiGLU MLP without biases, and an unembedding of its own unless tied (lm_head)."""
 
     norm = staticmethod(rms_norm)
+    centers = False  # RMSNorm scales x, subtracts no mean
 
     def __init__(self, config: LlamaConfig):
         nn.Module.__init__(self)  # not GPT's: it builds GPT-2's modules
